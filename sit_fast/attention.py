@@ -1,0 +1,174 @@
+"""Attention backends for SiT blocks.
+
+Every backend computes the same function, softmax(Q K^T / sqrt(d)) V over all tokens (no mask, no
+dropout), on q, k, v of shape (B, H, T, d) and returns (B, H, T, d). Each backend declares what it
+supports; selection and the tests read those declarations instead of an if-chain.
+
+    "math"        explicit matmul + softmax in the input dtype: the parity reference.
+    "sdpa"        torch.nn.functional.scaled_dot_product_attention. PyTorch picks flash, cuDNN or
+                  memory-efficient kernels itself; set SIT_FAST_SDPA_BACKEND=flash|cudnn|efficient|math
+                  (or pass sdpa_backend=) to force one, e.g. cuDNN on Hopper.
+    "flash_attn"  the flash-attn package (CUDA, fp16/bf16, head dim <= 256, multiple of 8).
+    "auto"        the first available of flash_attn, sdpa, math for the device and dtype.
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import logging
+import math
+import os
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger(__name__)
+
+ATTN_BACKENDS = ("math", "sdpa", "flash_attn", "auto")
+SDPA_BACKENDS = ("flash", "cudnn", "efficient", "math")
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(Q K^T / sqrt(d)) V, written out. q, k, v: (B, H, T, d)."""
+    scale = 1.0 / math.sqrt(q.shape[-1])
+    attn = (q * scale) @ k.transpose(-2, -1)  # (B, H, T, T)
+    attn = attn.softmax(dim=-1)
+    return attn @ v  # (B, H, T, d)
+
+
+def _sdpa_backend_enum(name: str):
+    from torch.nn.attention import SDPBackend
+
+    return {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+
+
+def make_sdpa_attention(sdpa_backend: str | None = None) -> Callable:
+    sdpa_backend = sdpa_backend or os.environ.get("SIT_FAST_SDPA_BACKEND") or None
+    if sdpa_backend is None:
+        return F.scaled_dot_product_attention
+    if sdpa_backend not in SDPA_BACKENDS:
+        raise ValueError(
+            f"unknown SDPA backend {sdpa_backend!r}; choose one of {', '.join(SDPA_BACKENDS)}"
+        )
+    from torch.nn.attention import sdpa_kernel
+
+    backend = _sdpa_backend_enum(sdpa_backend)
+
+    def sdpa_forced(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    return sdpa_forced
+
+
+def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    from flash_attn import flash_attn_func
+
+    # flash-attn takes (B, T, H, d).
+    out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionBackend:
+    name: str
+    devices: tuple[str, ...]
+    dtypes: tuple[torch.dtype, ...]
+    max_head_dim: int | None = None
+    head_dim_multiple: int = 1
+    needs_module: str | None = None
+
+    def unsupported_reason(self, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str | None:
+        """None when this backend can run these inputs, else a short reason."""
+        device_type = torch.device(device).type
+        if self.needs_module and not _module_available(self.needs_module):
+            return f"the {self.needs_module} package is not installed (pip install sit_fast[flash])"
+        if device_type not in self.devices:
+            return f"needs a {' or '.join(self.devices)} device, got {device_type}"
+        if dtype not in self.dtypes:
+            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
+            return f"supports dtypes {names}, got {str(dtype).replace('torch.', '')}"
+        if self.max_head_dim is not None and head_dim > self.max_head_dim:
+            return f"supports head dim <= {self.max_head_dim}, got {head_dim}"
+        if head_dim % self.head_dim_multiple:
+            return f"needs a head dim multiple of {self.head_dim_multiple}, got {head_dim}"
+        return None
+
+
+# Looked up once at import, so that selection inside a compiled region is pure Python.
+_OPTIONAL_MODULES = {"flash_attn": importlib.util.find_spec("flash_attn") is not None}
+
+
+def _module_available(name: str) -> bool:
+    return _OPTIONAL_MODULES.get(name, False)
+
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+BACKENDS: dict[str, AttentionBackend] = {
+    "flash_attn": AttentionBackend(
+        "flash_attn", devices=("cuda",), dtypes=(torch.float16, torch.bfloat16),
+        max_head_dim=256, head_dim_multiple=8, needs_module="flash_attn",
+    ),
+    "sdpa": AttentionBackend("sdpa", devices=("cuda", "cpu"), dtypes=_FLOATS),
+    "math": AttentionBackend("math", devices=("cuda", "cpu"), dtypes=_FLOATS),
+}
+AUTO_ORDER = ("flash_attn", "sdpa", "math")
+
+
+_RESOLVED: dict[tuple, str] = {}
+
+
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
+    """select_backend, memoised per (name, device type, dtype, head dim); logs what "auto" chose.
+
+    Plain Python over constants, so torch.compile traces it without a graph break.
+    """
+    key = (name, torch.device(device).type, dtype, head_dim)
+    chosen = _RESOLVED.get(key)
+    if chosen is None:
+        chosen = select_backend(name, key[1], dtype, head_dim)
+        if not torch.compiler.is_compiling():
+            _RESOLVED[key] = chosen
+            if name == "auto":
+                logger.info("attention backend auto -> %s (%s, %s, head dim %d)", chosen, key[1], dtype, head_dim)
+    return chosen
+
+
+def select_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+    """Resolve a backend name for inputs on `device` of `dtype` and `head_dim`.
+
+    "auto" returns the first supported backend of AUTO_ORDER; an explicit name that cannot run
+    raises ValueError saying why and which backends can.
+    """
+    if name not in ATTN_BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+    if name == "auto":
+        for candidate in AUTO_ORDER:
+            if BACKENDS[candidate].unsupported_reason(device, dtype, head_dim) is None:
+                return candidate
+        raise AssertionError("the math backend supports every float dtype")
+    reason = BACKENDS[name].unsupported_reason(device, dtype, head_dim)
+    if reason is not None:
+        usable = [n for n in AUTO_ORDER if BACKENDS[n].unsupported_reason(device, dtype, head_dim) is None]
+        raise ValueError(
+            f"attention backend {name!r} cannot run here: {reason}; usable: {', '.join(usable)}"
+        )
+    return name
+
+
+def attention_fn(backend: str, sdpa_backend: str | None = None) -> Callable:
+    """The attention function of a resolved (non-"auto") backend."""
+    if backend == "math":
+        return math_attention
+    if backend == "sdpa":
+        return make_sdpa_attention(sdpa_backend)
+    if backend == "flash_attn":
+        return flash_attn_attention
+    raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")

@@ -1,0 +1,175 @@
+"""Reading SiT checkpoints safely and loading them into a model.
+
+Formats: an upstream release file (a raw state_dict), a train.py checkpoint (a dict with "model",
+"ema", "opt", "args", ...; EMA weights preferred) and a .safetensors file. Pickled files are always
+read with torch.load(weights_only=True): a checkpoint can never run code.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import pickle
+import zipfile
+
+import torch
+
+logger = logging.getLogger("sit_fast")
+
+LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
+
+
+def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
+    """Return (state_dict, info) from any supported checkpoint file.
+
+    prefer: "ema" takes a train.py checkpoint's EMA weights when present, "model" its raw weights.
+    info: {"format", "weights" ("ema" | "model" | "raw"), "args", "step"} (None where unknown).
+    """
+    if prefer not in ("ema", "model"):
+        raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    info = {"format": "pickle", "weights": "raw", "args": None, "step": None}
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        try:
+            obj = load_file(path, device="cpu")
+        except Exception as err:  # safetensors raises its own error types
+            raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt or not a safetensors file)") from None
+        info["format"] = "safetensors"
+    else:
+        try:
+            obj = torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise CheckpointError(
+                f"refused to read {path}: it holds objects other than tensors and plain containers, "
+                f"which could run code ({_first_line(err)})"
+            ) from None
+        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+            raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt or truncated file?)") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
+
+    if "model" in obj or "ema" in obj:
+        key = "ema" if (prefer == "ema" and "ema" in obj) else "model"
+        if key not in obj:
+            raise CheckpointError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(obj))})")
+        info.update(weights=key, args=obj.get("args"), step=obj.get("step"))
+        obj = obj[key]
+    state_dict = {_strip_prefixes(k): v for k, v in obj.items()}
+    bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(bad[:5])}")
+    return state_dict, info
+
+
+def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Model constructor arguments that the weights determine.
+
+    input_size, patch_size, in_channels, hidden_size, depth, learn_sigma, and num_classes assuming
+    the label table has the extra "null" row that class dropout adds (as every released SiT has).
+    """
+    try:
+        proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
+        final = state_dict["final_layer.linear.weight"]  # (p * p * out_channels, D)
+        pos = state_dict["pos_embed"]  # (1, T, D)
+        table = state_dict[LABEL_TABLE_KEY]  # (num_classes + 1, D)
+    except KeyError as err:
+        raise CheckpointError(f"not a SiT state_dict: key {err.args[0]!r} is missing") from None
+    hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
+    out_channels = final.shape[0] // (patch_size * patch_size)
+    grid = math.isqrt(pos.shape[1])
+    depth = 1 + max(
+        (int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1
+    )
+    return dict(
+        input_size=grid * patch_size,
+        patch_size=patch_size,
+        in_channels=in_channels,
+        hidden_size=hidden_size,
+        depth=depth,
+        learn_sigma=out_channels == 2 * in_channels,
+        num_classes=table.shape[0] - 1,
+    )
+
+
+def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
+    """Load strictly; when only the class count differs, keep the model's fresh label table.
+
+    Any other difference raises CheckpointError naming the keys and shapes and the likely fix.
+    Returns {"label_table_reinitialised": bool}.
+    """
+    own = model.state_dict()
+    missing = sorted(own.keys() - state_dict.keys())
+    unexpected = sorted(state_dict.keys() - own.keys())
+    mismatched = sorted(k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
+    reinit = False
+    if not missing and not unexpected and mismatched == [LABEL_TABLE_KEY]:
+        rows_ckpt, rows_model = state_dict[LABEL_TABLE_KEY].shape[0], own[LABEL_TABLE_KEY].shape[0]
+        logger.warning(
+            "%s has a label table of %d rows, the model %d (num_classes=%d): the label table is "
+            "re-initialised; class-conditional outputs are meaningless until it is trained",
+            source, rows_ckpt, rows_model, getattr(model, "num_classes", rows_model),
+        )
+        state_dict = dict(state_dict)
+        state_dict[LABEL_TABLE_KEY] = own[LABEL_TABLE_KEY]
+        reinit = True
+    elif missing or unexpected or mismatched:
+        raise CheckpointError(_mismatch_message(model, state_dict, own, missing, unexpected, mismatched, source))
+    model.load_state_dict(state_dict, strict=True)
+    return {"label_table_reinitialised": reinit}
+
+
+def _mismatch_message(model, state_dict, own, missing, unexpected, mismatched, source) -> str:
+    parts = [f"{source} does not fit the model"]
+    if missing:
+        parts.append(f"missing keys {_abbrev(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys {_abbrev(unexpected)}")
+    if mismatched:
+        shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:4]]
+        parts.append("shape mismatch: " + "; ".join(shapes) + (" ..." if len(mismatched) > 4 else ""))
+    hint = "wrong --model or --image-size?"
+    try:
+        cfg = infer_config(state_dict)
+        hint = (
+            f"the checkpoint looks like depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch "
+            f"{cfg['patch_size']}, input size {cfg['input_size']} (image size {cfg['input_size'] * 8} "
+            f"with a VAE), learn_sigma={cfg['learn_sigma']}: wrong --model or --image-size?"
+        )
+    except CheckpointError:
+        pass
+    return ": ".join(parts[:1]) + ": " + ", ".join(parts[1:]) + f" ({hint})"
+
+
+def _abbrev(keys: list[str], n: int = 4) -> str:
+    return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0] if text else type(err).__name__
+
+
+def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefer: str = "ema") -> dict:
+    """read_checkpoint + load_into_model; returns the info dict of both."""
+    state_dict, info = read_checkpoint(path, prefer=prefer)
+    info.update(load_into_model(model, state_dict, source=os.fspath(path)))
+    return info

@@ -1,0 +1,496 @@
+"""SiT: Scalable Interpolant Transformers (Ma et al. 2024), the DiT backbone of arXiv 2401.08740.
+
+The parameters and state_dict are upstream SiT's, key for key and shape for shape, so released
+checkpoints load with strict=True. The maths is upstream's; only the route through it can change:
+
+    attn_backend   "math" (reference), "sdpa", "flash_attn" or "auto"    (sit_fast.attention)
+    fused_kernels  False (reference), True, or "auto"                    (kernels/, Triton)
+
+A block computes, with c = t_emb + y_emb and (shift, scale, gate) = Linear(SiLU(c)):
+
+    x = x + gate_msa * Attn(LN(x) * (1 + scale_msa) + shift_msa)
+    x = x + gate_mlp * MLP(LN(x) * (1 + scale_mlp) + shift_mlp)
+
+The forward loop is written around the seams between sublayers: "gated residual, then LayerNorm +
+modulate for the next sublayer" is one step (`gated_residual_layernorm_modulate`), the same maths
+whether the step runs as plain PyTorch ops or as one fused kernel.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from sit_fast.attention import ATTN_BACKENDS, attention_fn, resolve_backend
+
+LN_EPS = 1e-6
+
+
+#################################################################################
+#                 Reference adaLN ops (plain PyTorch, upstream maths)            #
+#################################################################################
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale.unsqueeze(1)) + shift.unsqueeze(1)
+
+
+def layernorm_modulate_ref(x, shift, scale, eps: float = LN_EPS):
+    """modulate(LayerNorm(x)), LayerNorm without affine parameters."""
+    return modulate(F.layer_norm(x, (x.shape[-1],), eps=eps), shift, scale)
+
+
+def gated_residual_ref(x, gate, y):
+    return x + gate.unsqueeze(1) * y
+
+
+def gated_residual_layernorm_modulate_ref(x, gate, y, shift, scale, eps: float = LN_EPS):
+    x = gated_residual_ref(x, gate, y)
+    return x, layernorm_modulate_ref(x, shift, scale, eps)
+
+
+REFERENCE_OPS = {
+    "layernorm_modulate": layernorm_modulate_ref,
+    "gated_residual": gated_residual_ref,
+    "gated_residual_layernorm_modulate": gated_residual_layernorm_modulate_ref,
+}
+
+
+def fused_ops() -> dict[str, Callable]:
+    """The fused Triton kernels, under the same names and signatures as REFERENCE_OPS."""
+    return {
+        "layernorm_modulate": kernels.layernorm_modulate,
+        "gated_residual": kernels.gated_residual,
+        "gated_residual_layernorm_modulate": kernels.gated_residual_layernorm_modulate,
+    }
+
+
+# Triton reads TRITON_INTERPRET once, when it is imported; so do we.
+_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def triton_interpreter_enabled() -> bool:
+    return _TRITON_INTERPRET
+
+
+def resolve_fused_kernels(fused_kernels: bool | str, device: torch.device) -> bool:
+    """"auto": on for CUDA, off on the CPU unless the Triton interpreter is enabled."""
+    if fused_kernels == "auto":
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+    if fused_kernels is True and device.type == "cpu" and not triton_interpreter_enabled():
+        raise ValueError(
+            "fused_kernels=True on the CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "before triton is imported, or use fused_kernels=False"
+        )
+    return bool(fused_kernels)
+
+
+#################################################################################
+#               Embedding Layers for Timesteps and Class Labels                 #
+#################################################################################
+
+class PatchEmbed(nn.Module):
+    """(N, C, H, W) -> (N, H*W/p^2, D) by a stride-p convolution (state_dict: proj.weight, proj.bias)."""
+
+    def __init__(self, input_size: int, patch_size: int, in_channels: int, hidden_size: int):
+        super().__init__()
+        self.img_size = (input_size, input_size)
+        self.patch_size = (patch_size, patch_size)
+        self.grid_size = (input_size // patch_size, input_size // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-2:] != self.img_size:
+            raise ValueError(
+                f"input of spatial size {tuple(x.shape[-2:])} does not match the model's input_size "
+                f"{self.img_size}; build the model with input_size={x.shape[-1]}"
+            )
+        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+
+
+class TimestepEmbedder(nn.Module):
+    """Scalar timesteps -> vectors: sinusoidal frequencies, then a two-layer MLP."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.mlp = nn.Sequential(
+            nn.Linear(frequency_embedding_size, hidden_size, bias=True),
+            nn.SiLU(),
+            nn.Linear(hidden_size, hidden_size, bias=True),
+        )
+        self.frequency_embedding_size = frequency_embedding_size
+
+    @staticmethod
+    def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000) -> torch.Tensor:
+        """(N,) -> (N, dim): [cos(t * f_i), sin(t * f_i)], f_i = max_period^(-i / (dim/2))."""
+        half = dim // 2
+        freqs = torch.exp(
+            -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half
+        )
+        args = t[:, None].float() * freqs[None]
+        embedding = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+        if dim % 2:
+            embedding = torch.cat([embedding, torch.zeros_like(embedding[:, :1])], dim=-1)
+        return embedding
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        t_freq = self.timestep_embedding(t, self.frequency_embedding_size)  # (N, 256), fp32
+        return self.mlp(t_freq.to(self.mlp[0].weight.dtype))  # (N, D)
+
+
+class LabelEmbedder(nn.Module):
+    """Class labels -> vectors, with label dropout for classifier-free guidance.
+
+    With dropout, row `num_classes` of the table is the "null" class used for the unconditional pass.
+    """
+
+    def __init__(self, num_classes: int, hidden_size: int, dropout_prob: float):
+        super().__init__()
+        use_cfg_embedding = dropout_prob > 0
+        self.embedding_table = nn.Embedding(num_classes + int(use_cfg_embedding), hidden_size)
+        self.num_classes = num_classes
+        self.dropout_prob = dropout_prob
+
+    def token_drop(self, labels: torch.Tensor, force_drop_ids: torch.Tensor | None = None) -> torch.Tensor:
+        if force_drop_ids is None:
+            drop_ids = torch.rand(labels.shape[0], device=labels.device) < self.dropout_prob
+        else:
+            drop_ids = force_drop_ids == 1
+        return torch.where(drop_ids, self.num_classes, labels)
+
+    def forward(self, labels: torch.Tensor, train: bool, force_drop_ids: torch.Tensor | None = None):
+        if (train and self.dropout_prob > 0) or force_drop_ids is not None:
+            labels = self.token_drop(labels, force_drop_ids)
+        return self.embedding_table(labels)
+
+
+#################################################################################
+#                                 Core SiT Model                                #
+#################################################################################
+
+class Attention(nn.Module):
+    """Multi-head self-attention (state_dict: qkv.*, proj.*), backend chosen per call."""
+
+    def __init__(self, dim: int, num_heads: int, attn_backend: str = "math"):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"hidden_size {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=True)
+        self.proj = nn.Linear(dim, dim)
+        self.attn_backend = attn_backend
+        self.sdpa_backend: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, D = x.shape
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)  # (B, H, T, d) each
+        backend = resolve_backend(self.attn_backend, q.device, q.dtype, self.head_dim)
+        x = attention_fn(backend, self.sdpa_backend)(q, k, v)  # (B, H, T, d)
+        x = x.transpose(1, 2).reshape(B, T, D)
+        return self.proj(x)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU(tanh) -> fc2 (state_dict: fc1.*, fc2.*)."""
+
+    def __init__(self, in_features: int, hidden_features: int):
+        super().__init__()
+        self.fc1 = nn.Linear(in_features, hidden_features)
+        self.act = nn.GELU(approximate="tanh")
+        self.fc2 = nn.Linear(hidden_features, in_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class SiTBlock(nn.Module):
+    """A SiT block with adaptive layer norm zero (adaLN-Zero) conditioning."""
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, attn_backend: str = "math"):
+        super().__init__()
+        self.attn = Attention(hidden_size, num_heads, attn_backend)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio))
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Upstream's block, op for op (the model's own loop fuses across blocks instead)."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = gated_residual_ref(x, gate_msa, self.attn(layernorm_modulate_ref(x, shift_msa, scale_msa)))
+        x = gated_residual_ref(x, gate_mlp, self.mlp(layernorm_modulate_ref(x, shift_mlp, scale_mlp)))
+        return x
+
+
+class FinalLayer(nn.Module):
+    """LayerNorm + modulate, then a linear map to patch_size^2 * out_channels per token."""
+
+    def __init__(self, hidden_size: int, patch_size: int, out_channels: int):
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, patch_size * patch_size * out_channels, bias=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size, bias=True))
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.adaLN_modulation(c).chunk(2, dim=1)
+        return self.linear(layernorm_modulate_ref(x, shift, scale))
+
+
+class SiT(nn.Module):
+    """Diffusion/interpolant model with a Transformer backbone.
+
+    Args (upstream's, with upstream defaults):
+        input_size: latent (or image) height = width.
+        patch_size, in_channels, hidden_size, depth, num_heads, mlp_ratio: the transformer.
+        class_dropout_prob: label dropout for classifier-free guidance (adds a "null" class row).
+        num_classes: number of class labels.
+        learn_sigma: the final layer predicts 2 x in_channels; forward returns the first half.
+    Speed options (no effect on the maths or the state_dict):
+        attn_backend: "math" | "sdpa" | "flash_attn" | "auto".
+        fused_kernels: False | True | "auto" (Triton adaLN kernels from `kernels`).
+        grad_checkpointing: recompute each block in backward instead of storing activations.
+    """
+
+    def __init__(
+        self,
+        input_size: int = 32,
+        patch_size: int = 2,
+        in_channels: int = 4,
+        hidden_size: int = 1152,
+        depth: int = 28,
+        num_heads: int = 16,
+        mlp_ratio: float = 4.0,
+        class_dropout_prob: float = 0.1,
+        num_classes: int = 1000,
+        learn_sigma: bool = True,
+        attn_backend: str = "math",
+        fused_kernels: bool | str = False,
+        grad_checkpointing: bool = False,
+    ):
+        super().__init__()
+        if input_size % patch_size:
+            raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+        if fused_kernels not in (True, False, "auto"):
+            raise ValueError(f"fused_kernels must be True, False or 'auto', got {fused_kernels!r}")
+        self.learn_sigma = learn_sigma
+        self.in_channels = in_channels
+        self.out_channels = in_channels * 2 if learn_sigma else in_channels
+        self.patch_size = patch_size
+        self.num_heads = num_heads
+        self.num_classes = num_classes
+        self.hidden_size = hidden_size
+        self.depth = depth
+        self.mlp_ratio = mlp_ratio
+        self.input_size = input_size
+        self.fused_kernels = fused_kernels
+        self.grad_checkpointing = grad_checkpointing
+
+        self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
+        self.t_embedder = TimestepEmbedder(hidden_size)
+        self.y_embedder = LabelEmbedder(num_classes, hidden_size, class_dropout_prob)
+        num_patches = self.x_embedder.num_patches
+        # Fixed sin-cos embedding, stored as a frozen parameter as upstream does.
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches, hidden_size), requires_grad=False)
+
+        self.blocks = nn.ModuleList(
+            [SiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
+        )
+        self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self.initialize_weights()
+
+    # ------------------------------------------------------------------ options
+    @property
+    def attn_backend(self) -> str:
+        return self.blocks[0].attn.attn_backend if len(self.blocks) else "math"
+
+    def set_attn_backend(self, attn_backend: str, sdpa_backend: str | None = None) -> None:
+        if attn_backend not in ATTN_BACKENDS:
+            raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+        for block in self.blocks:
+            block.attn.attn_backend = attn_backend
+            block.attn.sdpa_backend = sdpa_backend
+
+    # ------------------------------------------------------------------ init
+    def initialize_weights(self) -> None:
+        def _basic_init(module):
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                if module.bias is not None:
+                    nn.init.constant_(module.bias, 0)
+
+        self.apply(_basic_init)
+
+        grid = int(self.x_embedder.num_patches ** 0.5)
+        pos_embed = get_2d_sincos_pos_embed(self.pos_embed.shape[-1], grid)
+        self.pos_embed.data.copy_(torch.from_numpy(pos_embed).float().unsqueeze(0))
+
+        # Patch embedding initialised like nn.Linear rather than nn.Conv2d.
+        w = self.x_embedder.proj.weight.data
+        nn.init.xavier_uniform_(w.view([w.shape[0], -1]))
+        nn.init.constant_(self.x_embedder.proj.bias, 0)
+
+        nn.init.normal_(self.y_embedder.embedding_table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+
+        # adaLN-Zero: every block starts as the identity.
+        for block in self.blocks:
+            nn.init.constant_(block.adaLN_modulation[-1].weight, 0)
+            nn.init.constant_(block.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].weight, 0)
+        nn.init.constant_(self.final_layer.adaLN_modulation[-1].bias, 0)
+        nn.init.constant_(self.final_layer.linear.weight, 0)
+        nn.init.constant_(self.final_layer.linear.bias, 0)
+
+    # ------------------------------------------------------------------ forward
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, p*p*C) -> (N, C, H, W)."""
+        c = self.out_channels
+        p = self.patch_size
+        h = w = int(x.shape[1] ** 0.5)
+        x = x.reshape(x.shape[0], h, w, p, p, c)
+        x = torch.einsum("nhwpqc->nchpwq", x)
+        return x.reshape(x.shape[0], c, h * p, w * p)
+
+    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+        """All adaLN vectors of all blocks and the final layer in one GEMM.
+
+        Returns (N, depth * 6 + 2, D): per block shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
+        gate_mlp, then the final layer's shift, scale. Same maths as each block's adaLN_modulation(c);
+        the weights stay stored per block.
+        """
+        linears = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+        weight = torch.cat([lin.weight for lin in linears], dim=0)  # ((6 * depth + 2) * D, D)
+        bias = torch.cat([lin.bias for lin in linears], dim=0)
+        mods = F.linear(F.silu(c), weight, bias)  # (N, (6 * depth + 2) * D)
+        return mods.view(c.shape[0], -1, self.hidden_size)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W)."""
+        fused = resolve_fused_kernels(self.fused_kernels, x.device)
+        ops = fused_ops() if fused else REFERENCE_OPS
+        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
+        mods = self.modulation(c)  # (N, 6 * depth + 2, D)
+
+        h = ops["layernorm_modulate"](x, mods[:, 0], mods[:, 1])  # (N, T, D): input of block 0's attention
+        for i, block in enumerate(self.blocks):
+            block_mods = mods[:, 6 * i: 6 * i + 8]  # this block's six vectors + the next shift, scale
+            if self.grad_checkpointing and self.training and torch.is_grad_enabled():
+                x, h = torch.utils.checkpoint.checkpoint(
+                    _block_step, block, ops, x, h, block_mods, use_reentrant=False
+                )
+            else:
+                x, h = _block_step(block, ops, x, h, block_mods)
+        x = self.final_layer.linear(h)  # (N, T, p * p * out_channels)
+        x = self.unpatchify(x)  # (N, out_channels, H, W)
+        if self.learn_sigma:
+            x, _ = x.chunk(2, dim=1)
+        return x
+
+    def forward_with_cfg(
+        self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | str = 3
+    ) -> torch.Tensor:
+        """Conditional and unconditional passes in one batch, mixed by classifier-free guidance.
+
+        x holds the same latents twice: [x, x] with labels [y, null]. Upstream guides only the first
+        3 channels (cfg_channels=3, kept so published numbers reproduce); cfg_channels="all" guides
+        every channel, the standard formulation.
+        """
+        half = x[: len(x) // 2]
+        combined = torch.cat([half, half], dim=0)
+        model_out = self.forward(combined, t, y)
+        n_guided = model_out.shape[1] if cfg_channels == "all" else int(cfg_channels)
+        eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
+        cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+        half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
+        eps = torch.cat([half_eps, half_eps], dim=0)
+        return torch.cat([eps, rest], dim=1)
+
+
+def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: torch.Tensor):
+    """One block from the modulated attention input h to the next sublayer's modulated input.
+
+    mods: (N, 8, D) = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp of this block,
+    then the shift and scale of whatever LayerNorm comes next (next block's attention or final layer).
+    """
+    gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_next, scale_next = mods[:, 2:].unbind(1)
+    x, h = ops["gated_residual_layernorm_modulate"](x, gate_msa, block.attn(h), shift_mlp, scale_mlp)
+    x, h = ops["gated_residual_layernorm_modulate"](x, gate_mlp, block.mlp(h), shift_next, scale_next)
+    return x, h  # (N, T, D) residual stream, (N, T, D) next sublayer input
+
+
+#################################################################################
+#                   Sine/Cosine Positional Embedding Functions                  #
+#################################################################################
+
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
+    """(grid_size^2, embed_dim): the first half of the channels encodes the column, the second the row.
+
+    (Upstream/MAE build the grid with meshgrid(w, h), so their "emb_h" half is the column index.)
+    """
+    grid_h = np.arange(grid_size, dtype=np.float32)
+    grid_w = np.arange(grid_size, dtype=np.float32)
+    grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)  # w first
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (H*W, D/2)
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # (H*W, D/2)
+    return np.concatenate([emb_h, emb_w], axis=1)
+
+
+def get_1d_sincos_pos_embed_from_grid(embed_dim: int, pos: np.ndarray) -> np.ndarray:
+    """(M,) positions -> (M, embed_dim): [sin(pos * w_i), cos(pos * w_i)], w_i = 10000^(-2i/embed_dim)."""
+    if embed_dim % 2:
+        raise ValueError(f"sin-cos embedding needs an even dimension, got {embed_dim}")
+    omega = np.arange(embed_dim // 2, dtype=np.float64) / (embed_dim / 2.0)
+    omega = 1.0 / 10000 ** omega  # (D/2,)
+    out = np.einsum("m,d->md", pos.reshape(-1), omega)  # (M, D/2)
+    return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+
+#################################################################################
+#                                   SiT Configs                                 #
+#################################################################################
+
+SIT_CONFIGS = {
+    # name: (depth, hidden_size, num_heads)
+    "XL": (28, 1152, 16),
+    "L": (24, 1024, 16),
+    "B": (12, 768, 12),
+    "S": (12, 384, 6),
+    # Not an upstream size: a tiny model for tests and CPU demos.
+    "T": (4, 128, 4),
+}
+
+
+def _make_config(size: str, patch_size: int):
+    depth, hidden_size, num_heads = SIT_CONFIGS[size]
+
+    def build(**kwargs) -> SiT:
+        return SiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
+
+    build.__name__ = f"SiT_{size}_{patch_size}"
+    build.__doc__ = f"SiT-{size}/{patch_size}: depth {depth}, hidden {hidden_size}, {num_heads} heads."
+    return build
+
+
+UPSTREAM_MODELS = [f"SiT-{s}/{p}" for s in ("XL", "L", "B", "S") for p in (2, 4, 8)]
+SiT_models: dict[str, Callable[..., SiT]] = {
+    f"SiT-{s}/{p}": _make_config(s, p) for s in ("XL", "L", "B", "S", "T") for p in (2, 4, 8)
+}
+SiT_models.update({f"SiT-T/{p}": _make_config("T", p) for p in (1,)})
+
+
+def model_config(name: str) -> dict:
+    """depth, hidden_size, num_heads, patch_size of a registry entry."""
+    if name not in SiT_models:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(SiT_models)}")
+    size, patch = name[len("SiT-"):].split("/")
+    depth, hidden_size, num_heads = SIT_CONFIGS[size]
+    return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(patch))

@@ -1,0 +1,134 @@
+"""Loading upstream and our own checkpoints: strict, safe, and with errors that say what to do."""
+import logging
+
+import pytest
+import torch
+
+from sit_fast.checkpoint import CheckpointError, infer_config, load_checkpoint, load_into_model, read_checkpoint
+from sit_fast.models import SiT
+from tests.test_models import expected_keys
+
+
+def upstream_state_dict(depth, hidden, patch, learn_sigma, num_classes=10, input_size=16, in_ch=4):
+    """A checkpoint in upstream's layout, built from the key list alone (not from our model)."""
+    keys = expected_keys(depth, hidden, patch, in_ch, learn_sigma, num_classes, input_size)
+    return {k: torch.randn(shape) for k, shape in keys.items()}
+
+
+def model_for(depth, hidden, patch, learn_sigma, num_classes=10, input_size=16, heads=4):
+    return SiT(input_size=input_size, patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads,
+               num_classes=num_classes, learn_sigma=learn_sigma)
+
+
+CONFIGS = [(2, 32, 2), (3, 48, 4), (1, 64, 8)]
+
+
+@pytest.mark.parametrize("depth,hidden,patch", CONFIGS)
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_upstream_layout_loads_strict_and_round_trips(tmp_path, depth, hidden, patch, learn_sigma):
+    sd = upstream_state_dict(depth, hidden, patch, learn_sigma)
+    path = tmp_path / "upstream.pt"
+    torch.save(sd, path)
+    model = model_for(depth, hidden, patch, learn_sigma)
+    info = load_checkpoint(model, path)
+    assert info["weights"] == "raw" and not info["label_table_reinitialised"]
+    out = model.state_dict()
+    assert out.keys() == sd.keys()
+    for k in sd:
+        assert torch.equal(out[k], sd[k]), k
+    cfg = infer_config(sd)
+    assert cfg == dict(input_size=16, patch_size=patch, in_channels=4, hidden_size=hidden, depth=depth,
+                       learn_sigma=learn_sigma, num_classes=10)
+
+
+def test_train_checkpoint_prefers_ema_and_strips_wrappers(tmp_path):
+    model = model_for(2, 32, 2, True)
+    raw = {"module." + k: torch.zeros_like(v) for k, v in model.state_dict().items()}
+    ema = {"_orig_mod." + k: torch.ones_like(v) for k, v in model.state_dict().items()}
+    path = tmp_path / "0000100.pt"
+    torch.save({"model": raw, "ema": ema, "opt": {}, "args": {"model": "SiT-T/2"}, "step": 100}, path)
+    info = load_checkpoint(model, path)
+    assert info["weights"] == "ema" and info["step"] == 100 and info["args"] == {"model": "SiT-T/2"}
+    assert all(torch.all(v == 1) for v in model.state_dict().values())
+    load_checkpoint(model, path, prefer="model")
+    assert all(torch.all(v == 0) for v in model.state_dict().values())
+
+
+def test_safetensors(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = upstream_state_dict(2, 32, 2, False)
+    save_file(sd, str(tmp_path / "w.safetensors"))
+    model = model_for(2, 32, 2, False)
+    info = load_checkpoint(model, tmp_path / "w.safetensors")
+    assert info["format"] == "safetensors"
+    assert torch.equal(model.state_dict()["pos_embed"], sd["pos_embed"])
+
+
+def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
+    sd = upstream_state_dict(2, 32, 2, True, num_classes=1000)
+    torch.save(sd, tmp_path / "c.pt")
+    model = model_for(2, 32, 2, True, num_classes=10)
+    fresh_table = model.y_embedder.embedding_table.weight.detach().clone()
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        info = load_checkpoint(model, tmp_path / "c.pt")
+    assert info["label_table_reinitialised"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "\n" not in messages[0]
+    assert "1001 rows" in messages[0] and "11" in messages[0] and "re-initialised" in messages[0]
+    assert torch.equal(model.y_embedder.embedding_table.weight, fresh_table)
+    assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+
+
+@pytest.mark.parametrize("change,expect", [
+    (dict(learn_sigma=False), "final_layer.linear.weight"),
+    (dict(depth=3), "missing keys blocks.2"),
+    (dict(patch=4), "x_embedder.proj.weight"),
+    (dict(input_size=32), "pos_embed"),
+])
+def test_other_mismatches_name_keys_and_fix(tmp_path, change, expect):
+    torch.save(upstream_state_dict(2, 32, 2, True), tmp_path / "m.pt")
+    args = dict(depth=2, hidden=32, patch=2, learn_sigma=True)
+    args.update(change)
+    model = model_for(**args)
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(model, tmp_path / "m.pt")
+    message = str(err.value)
+    assert "\n" not in message
+    assert expect in message and "--model" in message and "--image-size" in message
+
+
+def test_corrupt_and_missing_files(tmp_path):
+    torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "ok.pt")
+    data = (tmp_path / "ok.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read .*cut.pt"):
+        read_checkpoint(tmp_path / "cut.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        read_checkpoint(tmp_path / "nope.pt")
+
+
+class _RunsCode:
+    def __reduce__(self):
+        return (print, ("this would have run",))
+
+
+def test_checkpoint_cannot_run_code(tmp_path, capsys):
+    torch.save({"model": {"w": torch.zeros(1)}, "evil": _RunsCode()}, tmp_path / "evil.pt")
+    with pytest.raises(CheckpointError, match="refused"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert "this would have run" not in capsys.readouterr().out
+
+
+def test_not_a_state_dict(tmp_path):
+    torch.save([torch.zeros(1)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a state_dict"):
+        read_checkpoint(tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match="not a SiT state_dict"):
+        infer_config({"w": torch.zeros(1)})
+
+
+def test_load_into_model_accepts_exact_state_dict():
+    model = model_for(2, 32, 2, True)
+    other = model_for(2, 32, 2, True)
+    assert load_into_model(other, model.state_dict()) == {"label_table_reinitialised": False}

@@ -1,0 +1,230 @@
+"""The SiT model: upstream maths, upstream state_dict, attention backends."""
+import math
+
+import pytest
+import torch
+
+from sit_fast.attention import math_attention, select_backend
+from sit_fast.models import SiT, SiT_models, UPSTREAM_MODELS, get_2d_sincos_pos_embed, model_config
+
+
+def tiny_sit(**kwargs):
+    cfg = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=48, depth=2, num_heads=4, num_classes=10)
+    cfg.update(kwargs)
+    return SiT(**cfg)
+
+
+def randomize_(model: torch.nn.Module, std: float = 0.1):
+    """Random weights everywhere (adaLN-Zero init would make most of the network the identity)."""
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name != "pos_embed":
+                p.normal_(0, std)
+    return model
+
+
+def upstream_forward(model: SiT, x, t, y):
+    """Upstream SiT.forward, op for op: each block's own forward, then the final layer."""
+    h = model.x_embedder(x) + model.pos_embed
+    c = model.t_embedder(t) + model.y_embedder(y, model.training)
+    for block in model.blocks:
+        h = block(h, c)
+    h = model.final_layer(h, c)
+    out = model.unpatchify(h)
+    if model.learn_sigma:
+        out, _ = out.chunk(2, dim=1)
+    return out
+
+
+def inputs(model, n=3):
+    x = torch.randn(n, model.in_channels, model.input_size, model.input_size)
+    t = torch.rand(n)
+    y = torch.randint(0, model.num_classes, (n,))
+    return x, t, y
+
+
+def expected_keys(depth, hidden, patch, in_ch, learn_sigma, num_classes, input_size, dropout=0.1, mlp_ratio=4.0):
+    """Upstream SiT's state_dict, key by key and shape by shape (written from its layout)."""
+    out_ch = 2 * in_ch if learn_sigma else in_ch
+    mlp = int(hidden * mlp_ratio)
+    keys = {
+        "pos_embed": (1, (input_size // patch) ** 2, hidden),
+        "x_embedder.proj.weight": (hidden, in_ch, patch, patch),
+        "x_embedder.proj.bias": (hidden,),
+        "t_embedder.mlp.0.weight": (hidden, 256),
+        "t_embedder.mlp.0.bias": (hidden,),
+        "t_embedder.mlp.2.weight": (hidden, hidden),
+        "t_embedder.mlp.2.bias": (hidden,),
+        "y_embedder.embedding_table.weight": (num_classes + int(dropout > 0), hidden),
+        "final_layer.linear.weight": (patch * patch * out_ch, hidden),
+        "final_layer.linear.bias": (patch * patch * out_ch,),
+        "final_layer.adaLN_modulation.1.weight": (2 * hidden, hidden),
+        "final_layer.adaLN_modulation.1.bias": (2 * hidden,),
+    }
+    for i in range(depth):
+        b = f"blocks.{i}."
+        keys.update({
+            b + "attn.qkv.weight": (3 * hidden, hidden),
+            b + "attn.qkv.bias": (3 * hidden,),
+            b + "attn.proj.weight": (hidden, hidden),
+            b + "attn.proj.bias": (hidden,),
+            b + "mlp.fc1.weight": (mlp, hidden),
+            b + "mlp.fc1.bias": (mlp,),
+            b + "mlp.fc2.weight": (hidden, mlp),
+            b + "mlp.fc2.bias": (hidden,),
+            b + "adaLN_modulation.1.weight": (6 * hidden, hidden),
+            b + "adaLN_modulation.1.bias": (6 * hidden,),
+        })
+    return keys
+
+
+def test_registry_has_the_twelve_upstream_configs():
+    assert set(UPSTREAM_MODELS) <= set(SiT_models)
+    assert len(UPSTREAM_MODELS) == 12
+    assert model_config("SiT-XL/2") == dict(depth=28, hidden_size=1152, num_heads=16, patch_size=2)
+    assert model_config("SiT-S/8") == dict(depth=12, hidden_size=384, num_heads=6, patch_size=8)
+    with pytest.raises(ValueError, match="unknown model"):
+        model_config("SiT-XXL/2")
+
+
+@pytest.mark.parametrize("name", ["SiT-S/2", "SiT-B/4", "SiT-L/8", "SiT-XL/2"])
+@pytest.mark.parametrize("learn_sigma", [True, False])
+def test_state_dict_is_upstream_layout(name, learn_sigma):
+    cfg = model_config(name)
+    with torch.device("meta"):
+        model = SiT_models[name](learn_sigma=learn_sigma)
+    want = expected_keys(cfg["depth"], cfg["hidden_size"], cfg["patch_size"], 4, learn_sigma, 1000, 32)
+    got = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    assert got == want
+
+
+def test_constructor_defaults_match_upstream():
+    import inspect
+
+    params = inspect.signature(SiT).parameters
+    defaults = {k: params[k].default for k in (
+        "input_size", "patch_size", "in_channels", "hidden_size", "depth", "num_heads", "mlp_ratio",
+        "class_dropout_prob", "num_classes", "learn_sigma")}
+    assert defaults == dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16,
+                            mlp_ratio=4.0, class_dropout_prob=0.1, num_classes=1000, learn_sigma=True)
+
+
+def test_label_table_rows_follow_class_dropout():
+    assert tiny_sit(class_dropout_prob=0.1).y_embedder.embedding_table.weight.shape[0] == 11
+    assert tiny_sit(class_dropout_prob=0.0).y_embedder.embedding_table.weight.shape[0] == 10
+
+
+def test_initialisation_is_adaln_zero():
+    model = tiny_sit()
+    for block in model.blocks:
+        assert block.adaLN_modulation[1].weight.abs().max() == 0
+        assert block.adaLN_modulation[1].bias.abs().max() == 0
+    assert model.final_layer.linear.weight.abs().max() == 0
+    x, t, y = inputs(model)
+    assert model(x, t, y).abs().max() == 0  # zero output layer
+    assert not model.pos_embed.requires_grad
+    # xavier-uniform bound for the qkv projection
+    w = model.blocks[0].attn.qkv.weight
+    bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+    assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound
+
+
+def test_pos_embed_is_2d_sincos():
+    # (9, 8); as upstream (meshgrid with w first), the first half encodes the column, the second the row
+    emb = get_2d_sincos_pos_embed(8, 3)
+    assert emb.shape == (9, 8)
+    # token 5 is (row 1, col 2); channel 0 of each half is sin(position * 1)
+    assert emb[5, 0] == pytest.approx(math.sin(2.0))
+    assert emb[5, 4] == pytest.approx(math.sin(1.0))
+    assert emb[0, 2] == pytest.approx(1.0) and emb[0, 0] == 0
+
+
+@pytest.mark.parametrize("learn_sigma", [True, False])
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_equals_upstream_op_order(learn_sigma, train):
+    model = randomize_(tiny_sit(learn_sigma=learn_sigma)).double()
+    model.train(train)
+    x, t, y = (v.double() if v.is_floating_point() else v for v in inputs(model))
+    torch.manual_seed(0)
+    ours = model(x, t, y)
+    torch.manual_seed(0)
+    ref = upstream_forward(model, x, t, y)
+    assert ours.shape == (3, 4, 8, 8)
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_one_gemm_modulation_equals_per_block():
+    model = randomize_(tiny_sit()).double()
+    c = torch.randn(3, model.hidden_size, dtype=torch.float64)
+    mods = model.modulation(c)
+    for i, block in enumerate(model.blocks):
+        torch.testing.assert_close(mods[:, 6 * i: 6 * i + 6].reshape(3, -1), block.adaLN_modulation(c))
+    torch.testing.assert_close(mods[:, -2:].reshape(3, -1), model.final_layer.adaLN_modulation(c))
+
+
+@pytest.mark.parametrize("cfg_channels", [3, "all"])
+def test_forward_with_cfg(cfg_channels):
+    model = randomize_(tiny_sit()).double().eval()
+    x, t, _ = inputs(model, 2)
+    x = torch.cat([x, x]).double()
+    t = torch.cat([t, t]).double()
+    y = torch.tensor([1, 2, 10, 10])  # conditional labels, then the null class
+    scale = 4.0
+    out = model.forward_with_cfg(x, t, y, scale, cfg_channels=cfg_channels)
+    raw = model(x, t, y)
+    n = 4 if cfg_channels == "all" else 3
+    guided = raw[2:, :n] + scale * (raw[:2, :n] - raw[2:, :n])
+    torch.testing.assert_close(out[:2, :n], guided)
+    torch.testing.assert_close(out[2:, :n], guided)
+    torch.testing.assert_close(out[:, n:], raw[:, n:])
+    # upstream's default: only 3 channels are guided
+    default = model.forward_with_cfg(x, t, y, scale)
+    torch.testing.assert_close(default[:, 3:], raw[:, 3:])
+
+
+def test_grad_checkpointing_gives_same_gradients():
+    torch.manual_seed(1)
+    model = randomize_(tiny_sit(class_dropout_prob=0.0)).train()
+    x, t, y = inputs(model)
+    model(x, t, y).square().mean().backward()
+    grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    model.grad_checkpointing = True
+    model(x, t, y).square().mean().backward()
+    for k, p in model.named_parameters():
+        if k in grads:
+            torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_math_attention_is_softmax_qkt_v():
+    q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
+    weights = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(8))
+    ref = (weights / weights.sum(-1, keepdim=True)) @ v
+    torch.testing.assert_close(math_attention(q, k, v), ref)
+
+
+def test_sdpa_backend_matches_math():
+    model = randomize_(tiny_sit(num_heads=2, hidden_size=144))  # head dim 72, as SiT-XL
+    x, t, y = inputs(model)
+    model.eval()
+    ref = model(x, t, y)
+    model.set_attn_backend("sdpa")
+    torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
+    model.set_attn_backend("auto")
+    torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_backend_selection_explains_itself():
+    assert select_backend("auto", "cpu", torch.float32, 72) in ("sdpa", "math")
+    with pytest.raises(ValueError, match="flash_attn.*cannot run here.*usable: sdpa, math"):
+        select_backend("flash_attn", "cpu", torch.float32, 72)
+    with pytest.raises(ValueError, match="unknown attention backend 'flash'; choose one of"):
+        select_backend("flash", "cpu", torch.float32, 72)
+    with pytest.raises(ValueError, match="unknown attention backend"):
+        tiny_sit(attn_backend="fast")
+
+
+def test_wrong_input_size_is_a_clear_error():
+    model = tiny_sit()
+    with pytest.raises(ValueError, match="input_size=16"):
+        model(torch.randn(1, 4, 16, 16), torch.rand(1), torch.zeros(1, dtype=torch.long))
