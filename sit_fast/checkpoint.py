@@ -14,13 +14,15 @@ import zipfile
 
 import torch
 
+from sit_fast.errors import UserError
+
 logger = logging.getLogger("sit_fast")
 
 LABEL_TABLE_KEY = "y_embedder.embedding_table.weight"
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
