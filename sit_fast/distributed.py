@@ -1,0 +1,89 @@
+"""Process-group setup for torchrun (several processes) and plain `python` (one process).
+
+Under torchrun the environment holds RANK, WORLD_SIZE and LOCAL_RANK; the group uses nccl on CUDA and
+gloo on the CPU, and each process takes GPU `LOCAL_RANK`. Without those variables nothing is
+initialised and every helper here is a no-op, so the same code runs in both settings.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int
+    """Global rank of this process (0 without torchrun)."""
+    world_size: int
+    """Number of processes in the job (1 without torchrun)."""
+    local_rank: int
+    """Rank on this node; the CUDA device index on a GPU machine."""
+    device: torch.device
+    """Where this process computes: cuda:<local_rank> when CUDA is available, else cpu."""
+    is_main: bool
+    """rank == 0: the process that logs and writes files."""
+
+
+def _env_int(name: str) -> int | None:
+    value = os.environ.get(name)
+    return int(value) if value not in (None, "") else None
+
+
+def init_distributed() -> DistInfo:
+    """Join the torchrun process group if there is one; return who and where this process is."""
+    rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
+    use_cuda = torch.cuda.is_available()
+    if rank is None or world_size is None:
+        device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
+
+    local_rank = rank if local_rank is None else local_rank
+    if use_cuda:
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        kwargs = {"device_id": device} if use_cuda else {}
+        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def cleanup() -> None:
+    """Leave the process group (no-op without one)."""
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    """Wait for every rank (no-op without a process group)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Average `tensor` over ranks in place and return it (unchanged without a process group)."""
+    if is_distributed() and dist.get_world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        tensor.div_(dist.get_world_size())
+    return tensor
+
+
+def broadcast_object(obj, src: int = 0):
+    """Rank `src`'s Python object on every rank (the object itself without a process group)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]

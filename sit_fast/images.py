@@ -1,0 +1,61 @@
+"""Image helpers shared by training and sampling: the ADM center crop, uint8 conversion, PNG grids."""
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
+    """ADM's center crop (guided-diffusion image_datasets.py), as upstream DiT/SiT train.py uses it.
+
+    Halve with a box filter while the short side is at least twice the target, resize the short side
+    to `image_size` with a bicubic filter, then crop the center square.
+    """
+    while min(*pil_image.size) >= 2 * image_size:
+        pil_image = pil_image.resize(tuple(x // 2 for x in pil_image.size), resample=Image.BOX)
+    scale = image_size / min(*pil_image.size)
+    pil_image = pil_image.resize(tuple(round(x * scale) for x in pil_image.size), resample=Image.BICUBIC)
+    arr = np.array(pil_image)
+    crop_y = (arr.shape[0] - image_size) // 2
+    crop_x = (arr.shape[1] - image_size) // 2
+    return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounding as torchvision's save_image does."""
+    if images.dim() != 4:
+        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
+    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).add(0.5).clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> one (rows * H', nrow * W', C) uint8 array, nrow images per row."""
+    arr = to_uint8(images)  # (N, H, W, C)
+    n, h, w, c = arr.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / nrow)
+    grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, nrow)
+        y0, x0 = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y0: y0 + h, x0: x0 + w] = arr[i]
+    return grid
+
+
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> str:
+    """Write (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid; returns the path."""
+    if images.dim() != 4 or images.shape[1] not in (1, 3):
+        raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
+    grid = make_grid(images, nrow=nrow)
+    mode_array = grid[..., 0] if grid.shape[-1] == 1 else grid
+    path = os.fspath(path)
+    parent = os.path.dirname(path)
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    Image.fromarray(np.ascontiguousarray(mode_array)).save(path)
+    return path

@@ -1,0 +1,139 @@
+"""The latent codec: a frozen diffusers AutoencoderKL behind a small, explicit interface.
+
+diffusers is imported here only, and only when a VAE is actually loaded. Latents follow the upstream
+convention: encode multiplies by the VAE's scaling factor (0.18215 for the SD VAEs), decode divides
+by it. `encode` returns the posterior's mean and standard deviation so that callers (the latent
+cache, train.py) can store the posterior once and draw a fresh sample each time it is used.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+from contextlib import nullcontext
+
+import torch
+
+from sit_fast.errors import UserError
+
+VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
+DEFAULT_SCALING_FACTOR = 0.18215
+
+_WAYS_OUT = (
+    "pass a local directory with the VAE (--vae /path/to/vae, a diffusers AutoencoderKL saved with "
+    "save_pretrained), train from a latent cache (--latent-cache DIR, made by python -m "
+    "sit_fast.latent_cache), or train in pixel space (--vae none)"
+)
+
+
+class VAEError(UserError):
+    """The VAE cannot be found or loaded; the message lists the ways out."""
+
+
+class LatentCodec:
+    """Images in [-1, 1] <-> scaled latents, through a frozen AutoencoderKL.
+
+    Attributes:
+        scaling_factor: latents = scaling_factor * (posterior - shift_factor), from the VAE config.
+        shift_factor: 0 for the SD VAEs.
+        latent_channels: channels of a latent (4 for the SD VAEs).
+        downsample: image size / latent size (8 for the SD VAEs).
+        dtype: the autocast dtype the VAE runs under (float32: no autocast).
+        batch_size: the largest batch passed through the VAE at once.
+    """
+
+    def __init__(self, vae: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32, batch_size: int = 64):
+        config = vae.config
+        self.vae = vae
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.batch_size = batch_size
+        self.scaling_factor = float(getattr(config, "scaling_factor", None) or DEFAULT_SCALING_FACTOR)
+        self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
+        self.latent_channels = int(config.latent_channels)
+        self.downsample = 2 ** (len(config.block_out_channels) - 1)
+
+    def _autocast(self):
+        if self.dtype == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 3, H, W) in [-1, 1] -> posterior (mean, std), each (N, C, H/d, W/d), fp32, scaled."""
+        means, stds = [], []
+        for chunk in images.split(self.batch_size):
+            with self._autocast():
+                posterior = self.vae.encode(chunk.to(self.device)).latent_dist
+            means.append((posterior.mean.float() - self.shift_factor) * self.scaling_factor)
+            stds.append(posterior.std.float() * self.scaling_factor)
+        return torch.cat(means), torch.cat(stds)
+
+    @staticmethod
+    def sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """One draw from the (scaled) posterior: mean + std * noise."""
+        noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        return mean + std * noise
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) scaled latents -> (N, 3, h*d, w*d) images in [-1, 1], fp32."""
+        images = []
+        for chunk in latents.split(self.batch_size):
+            z = chunk.to(self.device).float() / self.scaling_factor + self.shift_factor
+            with self._autocast():
+                images.append(self.vae.decode(z).sample.float().clamp(-1, 1))
+        return torch.cat(images)
+
+
+def resolve_vae_spec(spec: str) -> tuple[str, bool]:
+    """(what to pass to from_pretrained, is_local_directory) for an alias, a directory or a hub id."""
+    if spec in VAE_ALIASES:
+        return VAE_ALIASES[spec], False
+    expanded = os.path.expanduser(spec)
+    if os.path.isdir(expanded):
+        return expanded, True
+    looks_like_path = spec.startswith((os.sep, ".", "~")) or os.path.exists(expanded) or spec.count("/") != 1
+    if looks_like_path:
+        raise VAEError(f"--vae {spec!r} is neither an alias ({', '.join(VAE_ALIASES)}), an existing directory "
+                       f"nor a hub id (owner/name): {_WAYS_OUT}")
+    return spec, False
+
+
+def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LatentCodec | None:
+    """A frozen, eval-mode LatentCodec for `spec` ("ema", "mse", a hub id or a local directory).
+
+    "none" returns None (pixel-space training). A hub id is read from the local cache first and
+    downloaded only when it is not there. Raises VAEError with one line when it cannot be loaded.
+    """
+    if spec is None or spec == "none":
+        return None
+    source, is_local = resolve_vae_spec(spec)
+    try:
+        from diffusers.models import AutoencoderKL
+    except ImportError as err:
+        raise VAEError(f"--vae {spec!r} needs the diffusers package ({err}); install it, or {_WAYS_OUT}") from None
+
+    vae = None
+    errors = []
+    attempts = [dict(local_files_only=True)] if is_local else [dict(local_files_only=True), {}]
+    extra = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
+    for kwargs in attempts:
+        try:
+            vae = AutoencoderKL.from_pretrained(source, **kwargs, **extra)
+            break
+        except Exception as err:  # diffusers/huggingface_hub raise many types (OSError, HTTP, ValueError)
+            errors.append(_first_line(err))
+    if vae is None:
+        if is_local:
+            reason = f"the directory {source} holds no loadable AutoencoderKL ({errors[-1]})"
+        else:
+            reason = (f"{source} is not in the local hub cache and the hub could not be reached or has no "
+                      f"such model ({errors[-1]})")
+        raise VAEError(f"cannot load the VAE: {reason}; {_WAYS_OUT}")
+    vae = vae.to(torch.device(device)).eval().requires_grad_(False)
+    return LatentCodec(vae, device, dtype=dtype)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    return (lines[0] if lines else type(err).__name__)[:300]
