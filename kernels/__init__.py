@@ -1,0 +1,113 @@
+"""Fused Triton kernels for SiT's adaLN sublayer seams, registered as torch custom ops.
+
+    layernorm_modulate(x, shift, scale, eps=1e-6) -> y
+        y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :]          op sit_fast::layernorm_modulate
+    gated_residual(x, gate, y) -> out
+        out = x + gate[:, None, :] * y                                    op sit_fast::gated_residual
+    gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps=1e-6) -> (x_out, h)
+        x_out = x + gate * y; h = layernorm_modulate(x_out, shift, scale)
+                                                    op sit_fast::gated_residual_layernorm_modulate
+
+Each backward is its own custom op (`sit_fast::<name>_backward`), so `torch.compile(fullgraph=True)`
+traces models that use these without a graph break.
+
+Dtypes: activations (x, y) float32, bfloat16 or float16, y in x's dtype; per-sample vectors
+(shift, scale, gate) in x's dtype or float32 (the autocast case). Every output has x's dtype;
+every gradient has its own input's dtype. Arithmetic and LayerNorm statistics are float32.
+
+Devices: CUDA, or CPU through the Triton interpreter (TRITON_INTERPRET=1 set before triton and this
+package are imported). Importing this package never requires triton; without it the ops raise.
+
+`reference` holds the plain PyTorch versions that tests and benchmarks compare against.
+
+Naming note: each op lives in a submodule of the same name, and the package attribute is the
+function (`kernels.layernorm_modulate` is the op, not the module); reach a submodule with
+`importlib.import_module("kernels.layernorm_modulate")`.
+"""
+import os
+
+import torch
+
+from . import reference
+
+try:
+    import triton  # noqa: F401
+except ImportError as error:
+    _TRITON_IMPORT_ERROR: ImportError | None = error
+else:
+    _TRITON_IMPORT_ERROR = None
+
+if _TRITON_IMPORT_ERROR is None:
+    from .gated_residual import gated_residual
+    from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
+    from .layernorm_modulate import layernorm_modulate
+else:
+
+    def _triton_missing(*args, **kwargs):
+        raise RuntimeError(
+            f"sit_fast kernels need triton, which failed to import ({_TRITON_IMPORT_ERROR}); "
+            "install triton or use fused_kernels=False"
+        )
+
+    layernorm_modulate = gated_residual = gated_residual_layernorm_modulate = _triton_missing
+
+__all__ = [
+    "gated_residual",
+    "gated_residual_layernorm_modulate",
+    "kernels_available",
+    "layernorm_modulate",
+    "reference",
+    "saved_bytes_per_token",
+]
+
+
+def kernels_available(device: torch.device | str) -> bool:
+    """Whether the fused ops can run on `device`.
+
+    True on a CUDA device when triton imports; on CPU only when TRITON_INTERPRET=1 and the kernels
+    were built by the interpreter (that is, the variable was set before this package was imported).
+    """
+    if _TRITON_IMPORT_ERROR is not None:
+        return False
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available()
+    if device.type == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            return False
+        from triton.runtime.interpreter import InterpretedFunction
+
+        from .layernorm_modulate import _layernorm_modulate_fwd_kernel
+
+        return isinstance(_layernorm_modulate_fwd_kernel, InterpretedFunction)
+    return False
+
+
+def saved_bytes_per_token(op_name: str, D: int, dtype: torch.dtype) -> dict[str, int]:
+    """Bytes each op keeps alive for backward per token, {"ours": ..., "reference": ...}.
+
+    Counts tensors of size T per sample (the (B, D) modulation vectors are per sample, not per
+    token, and are left out). e = bytes per element of `dtype`; the eager reference computes in
+    float32, so the tensors autograd saves there are float32 whatever the activation dtype:
+
+        op                                   ours          reference (eager, kernels.reference)
+        layernorm_modulate                   e*D + 8       8*D + 8   (fp32 x copy, fp32 x_hat, mean, rstd)
+        gated_residual                       e*D           4*D       (fp32 y copy)
+        gated_residual_layernorm_modulate    2*e*D + 8     12*D + 8  (fp32 y, x_out, x_hat; mean, rstd)
+
+    Ours saves the input x (or x_out, y) in its own dtype plus a float32 mean and rstd per row.
+    At D = 1152: bfloat16  layernorm_modulate 2312 vs 9224, gated_residual 2304 vs 4608,
+    gated_residual_layernorm_modulate 4616 vs 13832; float32  4616 vs 9224, 4608 vs 4608,
+    9224 vs 13832. tests/test_kernels.py checks these against what autograd actually saves.
+    """
+    e = torch.empty((), dtype=dtype).element_size()
+    stats = 8  # fp32 mean and rstd per row
+    table = {
+        "layernorm_modulate": (e * D + stats, 8 * D + stats),
+        "gated_residual": (e * D, 4 * D),
+        "gated_residual_layernorm_modulate": (2 * e * D + stats, 12 * D + stats),
+    }
+    if op_name not in table:
+        raise ValueError(f"saved_bytes_per_token: unknown op {op_name!r}, expected one of {sorted(table)}")
+    ours, ref = table[op_name]
+    return {"ours": ours, "reference": ref}

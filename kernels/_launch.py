@@ -1,0 +1,130 @@
+"""Host-side helpers shared by the fused adaLN launchers.
+
+Nothing here is a kernel: input validation with messages that quote shapes, the choice of
+BLOCK_D / num_warps / token tiling, the check that a CPU tensor can actually run (Triton
+interpreter), and the output allocator with the test-only NaN poisoning switch.
+"""
+import contextlib
+import math
+import os
+from collections.abc import Iterator
+
+import torch
+
+ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_D = 16384  # BLOCK_D holds a whole row in registers; beyond this it would spill heavily.
+
+INTERPRETER_HINT = (
+    "set TRITON_INTERPRET=1 before importing triton (and before importing kernels), "
+    "or use fused_kernels=False"
+)
+
+# Test-only: when True, every buffer a launcher allocates for a kernel to write is filled with NaN
+# first, so an element the kernel forgets to write shows up as a NaN instead of stale memory.
+_poison_outputs = False
+
+
+@contextlib.contextmanager
+def poison_outputs(enabled: bool = True) -> Iterator[None]:
+    """Fill kernel output buffers with NaN before launch while the context is active (tests)."""
+    global _poison_outputs
+    previous, _poison_outputs = _poison_outputs, enabled
+    try:
+        yield
+    finally:
+        _poison_outputs = previous
+
+
+def empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.empty for a buffer the kernel writes completely (NaN-filled under poison_outputs)."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    if _poison_outputs:
+        out.fill_(float("nan"))
+    return out
+
+
+def check_activation(op: str, name: str, t: torch.Tensor, ref_shape: torch.Size | None = None) -> None:
+    """A (B, T, D) activation: 3-D, fp32/bf16/fp16, and the same shape as `ref_shape` if given."""
+    if t.dim() != 3:
+        raise ValueError(f"{op}: {name} must be 3-D (B, T, D), got shape {tuple(t.shape)}")
+    if ref_shape is not None and t.shape != ref_shape:
+        raise ValueError(f"{op}: {name} must have the shape of x {tuple(ref_shape)}, got {tuple(t.shape)}")
+    if t.dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{op}: {name} must be float32, bfloat16 or float16, got {t.dtype} "
+                         f"(shape {tuple(t.shape)})")
+    D = t.shape[-1]
+    if not 1 <= D <= MAX_D:
+        raise ValueError(f"{op}: feature size D must be in [1, {MAX_D}], got {name} shape {tuple(t.shape)}")
+
+
+def check_modulation(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
+    """A per-sample (B, D) modulation vector: in x's dtype or in float32 (the autocast case)."""
+    B, _, D = x.shape
+    if t.dim() != 2 or t.shape[0] != B or t.shape[1] != D:
+        raise ValueError(f"{op}: {name} must have shape (B, D) = ({B}, {D}) to match x {tuple(x.shape)}, "
+                         f"got {tuple(t.shape)}")
+    if t.dtype not in (x.dtype, torch.float32):
+        raise ValueError(f"{op}: {name} must be {x.dtype} (x's dtype) or torch.float32, got {t.dtype} "
+                         f"(x {tuple(x.shape)} {x.dtype}, {name} {tuple(t.shape)})")
+
+
+def check_same_device(op: str, **tensors: torch.Tensor) -> None:
+    devices = {name: t.device for name, t in tensors.items()}
+    if len(set(devices.values())) > 1:
+        listing = ", ".join(f"{n} {tuple(tensors[n].shape)} on {d}" for n, d in devices.items())
+        raise ValueError(f"{op}: all tensors must be on one device, got {listing}")
+
+
+def check_runnable(op: str, device: torch.device, kernel: object) -> None:
+    """The kernels run on CUDA, or on CPU when they were built by the Triton interpreter."""
+    if device.type == "cuda":
+        return
+    if device.type != "cpu":
+        raise ValueError(f"{op}: tensors must be on a CUDA device (or CPU under the Triton interpreter), "
+                         f"got {device}")
+    from triton.runtime.interpreter import InterpretedFunction
+
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        raise RuntimeError(f"{op}: got CPU tensors but the Triton interpreter is not enabled; {INTERPRETER_HINT}")
+    if not isinstance(kernel, InterpretedFunction):
+        raise RuntimeError(f"{op}: got CPU tensors and TRITON_INTERPRET=1, but the kernels were compiled before "
+                           f"it was set, so they cannot run on the CPU; {INTERPRETER_HINT}")
+
+
+def block_config(D: int) -> tuple[int, int]:
+    """(BLOCK_D, num_warps): one whole row per block, masked up to the next power of two."""
+    block_d = next_power_of_2(D)
+    if block_d <= 1024:
+        num_warps = 4
+    elif block_d <= 4096:
+        num_warps = 8
+    else:
+        num_warps = 16
+    return block_d, num_warps
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else 1
+
+
+def _program_slots(device: torch.device) -> int:
+    """How many programs keep the device busy: streaming multiprocessors on CUDA, a few on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def token_tiling(B: int, T: int, device: torch.device, programs_per_slot: int) -> tuple[int, int]:
+    """Split each sample's T tokens into tiles, one program per (sample, tile).
+
+    Returns (rows_per_program, n_tiles) with n_tiles * rows_per_program >= T and every tile non-empty.
+    A program loads its sample's modulation vectors once and loops over its rows; backward kernels
+    also keep one fp32 partial sum per tile, so fewer, longer tiles mean less partial traffic.
+    """
+    if T == 0:
+        return 1, 0
+    target_programs = _program_slots(device) * programs_per_slot
+    n_tiles = min(T, max(1, math.ceil(target_programs / max(B, 1))))
+    rows_per_program = math.ceil(T / n_tiles)
+    n_tiles = math.ceil(T / rows_per_program)
+    return rows_per_program, n_tiles

@@ -1,0 +1,184 @@
+"""Fused gated residual: out = x + gate[:, None, :] * y.
+
+x, y: (B, T, D); gate: (B, D), broadcast over the T tokens of each sample.
+
+Layers: Triton kernels, host launchers, then the `sit_fast::gated_residual` custom op (with a fake
+and an autograd formula whose backward is the `sit_fast::gated_residual_backward` op).
+Saved for backward: y and gate (x is not needed: d out / d x is the identity).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+OP = "gated_residual"
+
+
+@triton.jit
+def _gated_residual_fwd_kernel(
+    out_ptr,  # (B, T, D) out, x's dtype
+    x_ptr,  # (B, T, D)
+    gate_ptr,  # (B, D)
+    y_ptr,  # (B, T, D)
+    stride_out_b, stride_out_t, stride_out_d,
+    stride_x_b, stride_x_t, stride_x_d,
+    stride_gate_b, stride_gate_d,
+    stride_y_b, stride_y_t, stride_y_d,
+    T, D, rows_per_program, n_tiles,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    t_start = (pid % n_tiles) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
+    for t in range(t_start, t_end):
+        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
+        out = x + gate * y
+        tl.store(out_ptr + b * stride_out_b + t * stride_out_t + cols * stride_out_d,
+                 out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# Gated residual VJP, per row, with out = x + gate * y:
+#   dx    = dout                          (returned as is by the autograd formula, no kernel)
+#   dy    = dout * gate
+#   dgate = sum over tokens of dout * y
+# Each program sums dgate over its own token tile in fp32 and writes one partial row; the launcher
+# reduces the (B, n_tiles, D) partials over tiles afterwards (deterministic, no atomics).
+@triton.jit
+def _gated_residual_bwd_kernel(
+    dy_ptr,  # (B, T, D) out, y's dtype
+    dgate_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dout_ptr,  # (B, T, D) incoming gradient
+    gate_ptr,  # (B, D)
+    y_ptr,  # (B, T, D) saved input
+    stride_dy_b, stride_dy_t, stride_dy_d,
+    stride_part_b, stride_part_tile, stride_part_d,
+    stride_dout_b, stride_dout_t, stride_dout_d,
+    stride_gate_b, stride_gate_d,
+    stride_y_b, stride_y_t, stride_y_d,
+    T, D, rows_per_program, n_tiles,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    tile = pid % n_tiles
+    t_start = tile * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
+    dgate_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for t in range(t_start, t_end):
+        dout = tl.load(dout_ptr + b * stride_dout_b + t * stride_dout_t + cols * stride_dout_d,
+                       mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
+        dgate_acc += dout * y
+        dy = dout * gate
+        tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+
+    part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
+    tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
+
+
+def check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
+    _launch.check_activation(OP, "x", x)
+    _launch.check_activation(OP, "y", y, x.shape)
+    if y.dtype != x.dtype:
+        raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} (x {tuple(x.shape)}, y {tuple(y.shape)})")
+    _launch.check_modulation(OP, "gate", gate, x)
+    _launch.check_same_device(OP, x=x, gate=gate, y=y)
+
+
+def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Launch the forward kernel: returns x + gate * y in x's dtype."""
+    check_inputs(x, gate, y)
+    _launch.check_runnable(OP, x.device, _gated_residual_fwd_kernel)
+    B, T, D = x.shape
+    out = _launch.empty((B, T, D), x.dtype, x.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
+    if B * n_tiles == 0:
+        return out
+    block_d, num_warps = _launch.block_config(D)
+    _gated_residual_fwd_kernel[(B * n_tiles,)](
+        out, x, gate, y,
+        *out.stride(), *x.stride(), *gate.stride(), *y.stride(),
+        T, D, rows_per_program, n_tiles,
+        BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return out
+
+
+def gated_residual_backward(
+    grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: returns dgate (gate's dtype) and dy (y's dtype)."""
+    _launch.check_runnable(OP, y.device, _gated_residual_bwd_kernel)
+    B, T, D = y.shape
+    dy = _launch.empty((B, T, D), y.dtype, y.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, y.device, programs_per_slot=8)
+    dgate_partial = _launch.empty((B, n_tiles, D), torch.float32, y.device)
+    if B * n_tiles > 0:
+        block_d, num_warps = _launch.block_config(D)
+        _gated_residual_bwd_kernel[(B * n_tiles,)](
+            dy, dgate_partial, grad_out, gate, y,
+            *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y.stride(),
+            T, D, rows_per_program, n_tiles,
+            BLOCK_D=block_d, num_warps=num_warps,
+        )
+    dgate = dgate_partial.sum(dim=1).to(gate.dtype)
+    return dgate, dy
+
+
+@torch.library.custom_op("sit_fast::gated_residual", mutates_args=())
+def gated_residual_op(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return gated_residual_forward(x, gate, y)
+
+
+@gated_residual_op.register_fake
+def _(x, gate, y):
+    check_inputs(x, gate, y)
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op("sit_fast::gated_residual_backward", mutates_args=())
+def gated_residual_backward_op(
+    grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return gated_residual_backward(grad_out, gate, y)
+
+
+@gated_residual_backward_op.register_fake
+def _(grad_out, gate, y):
+    B, _, D = y.shape
+    return gate.new_empty((B, D)), y.new_empty(y.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    _x, gate, y = inputs
+    ctx.save_for_backward(gate, y)
+
+
+def _backward(ctx, grad_out):
+    gate, y = ctx.saved_tensors
+    dgate, dy = gated_residual_backward_op(grad_out, gate, y)
+    return grad_out, dgate, dy
+
+
+gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + gate[:, None, :] * y in one pass; the result has x's dtype.
+
+    x, y: (B, T, D) of one dtype (float32/bfloat16/float16); gate: (B, D) in x's dtype or float32.
+    Gradients come back in each input's own dtype.
+    """
+    return gated_residual_op(x, gate, y)

@@ -1,0 +1,312 @@
+"""Fused gated residual + LayerNorm (no affine) + adaLN modulation, in one pass over the row:
+
+    x_out = x + gate * y
+    h     = LN(x_out) * (1 + scale) + shift
+
+x, y: (B, T, D); gate, shift, scale: (B, D), broadcast over the T tokens of each sample. This is the
+seam between two SiT sublayers: the attention branch's residual update feeding the MLP's norm.
+
+Layers: Triton kernels, host launchers, then the `sit_fast::gated_residual_layernorm_modulate`
+custom op (with a fake and an autograd formula whose backward is the
+`sit_fast::gated_residual_layernorm_modulate_backward` op).
+
+Saved for backward: x_out, y, gate, scale and the per-row fp32 mean and rstd. x_out rather than x:
+both cost one (B, T, D) tensor, but x_out lets the backward read x_hat directly instead of
+recomputing x + gate * y, and y is needed either way for dgate. The normalised tensor is not saved.
+"""
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+OP = "gated_residual_layernorm_modulate"
+
+
+@triton.jit
+def _gated_residual_layernorm_modulate_fwd_kernel(
+    x_out_ptr,  # (B, T, D) out, x's dtype
+    h_ptr,  # (B, T, D) out, x's dtype
+    mean_ptr,  # (B, T) out, fp32
+    rstd_ptr,  # (B, T) out, fp32
+    x_ptr,  # (B, T, D)
+    gate_ptr,  # (B, D)
+    y_ptr,  # (B, T, D)
+    shift_ptr,  # (B, D)
+    scale_ptr,  # (B, D)
+    stride_x_out_b, stride_x_out_t, stride_x_out_d,
+    stride_h_b, stride_h_t, stride_h_d,
+    stride_stat_b, stride_stat_t,
+    stride_x_b, stride_x_t, stride_x_d,
+    stride_gate_b, stride_gate_d,
+    stride_y_b, stride_y_t, stride_y_d,
+    stride_shift_b, stride_shift_d,
+    stride_scale_b, stride_scale_d,
+    T, D, rows_per_program, n_tiles, eps,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    t_start = (pid % n_tiles) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
+    shift = tl.load(shift_ptr + b * stride_shift_b + cols * stride_shift_d, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
+    one_plus_scale = 1.0 + scale
+
+    for t in range(t_start, t_end):
+        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
+        # x_out is normalised as stored (rounded to x's dtype), so backward's x_hat matches these stats.
+        x_out = (x + gate * y).to(x_out_ptr.dtype.element_ty)
+        tl.store(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d, x_out, mask=mask)
+        x_res = x_out.to(tl.float32)
+        mean = tl.sum(x_res, axis=0) / D
+        centred = tl.where(mask, x_res - mean, 0.0)
+        var = tl.sum(centred * centred, axis=0) / D
+        rstd = tl.rsqrt(var + eps)
+        h = centred * rstd * one_plus_scale + shift  # x_hat * (1 + scale) + shift
+        tl.store(h_ptr + b * stride_h_b + t * stride_h_t + cols * stride_h_d, h.to(h_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + b * stride_stat_b + t * stride_stat_t, mean)
+        tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
+
+
+# VJP, per row, with x_hat = (x_out - mean) * rstd, h = x_hat * (1 + scale) + shift, x_out = x + gate * y:
+#   g        = dh * (1 + scale)                                        (gradient reaching x_hat)
+#   dx_out   = d_ext + rstd * (g - mean(g) - x_hat * mean(g * x_hat))   (d_ext: gradient of x_out from
+#                                                                       later layers; means over D)
+#   dx       = dx_out
+#   dy       = dx_out * gate
+#   dshift   = sum over tokens of dh
+#   dscale   = sum over tokens of dh * x_hat
+#   dgate    = sum over tokens of dx_out * y
+# Each program sums dshift/dscale/dgate over its own token tile in fp32 and writes one partial row;
+# the launcher reduces the (B, n_tiles, D) partials over tiles afterwards (deterministic, no atomics).
+@triton.jit
+def _gated_residual_layernorm_modulate_bwd_kernel(
+    dx_ptr,  # (B, T, D) out, x's dtype
+    dy_ptr,  # (B, T, D) out, y's dtype
+    dgate_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dshift_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dscale_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dx_out_ptr,  # (B, T, D) incoming gradient of x_out (unused when HAS_DX_OUT is False)
+    dh_ptr,  # (B, T, D) incoming gradient of h
+    x_out_ptr,  # (B, T, D) saved output
+    y_ptr,  # (B, T, D) saved input
+    gate_ptr,  # (B, D)
+    scale_ptr,  # (B, D)
+    mean_ptr,  # (B, T) fp32
+    rstd_ptr,  # (B, T) fp32
+    stride_dx_b, stride_dx_t, stride_dx_d,
+    stride_dy_b, stride_dy_t, stride_dy_d,
+    stride_part_b, stride_part_tile, stride_part_d,
+    stride_dx_out_b, stride_dx_out_t, stride_dx_out_d,
+    stride_dh_b, stride_dh_t, stride_dh_d,
+    stride_x_out_b, stride_x_out_t, stride_x_out_d,
+    stride_y_b, stride_y_t, stride_y_d,
+    stride_gate_b, stride_gate_d,
+    stride_scale_b, stride_scale_d,
+    stride_stat_b, stride_stat_t,
+    T, D, rows_per_program, n_tiles,
+    HAS_DX_OUT: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    tile = pid % n_tiles
+    t_start = tile * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
+    one_plus_scale = 1.0 + scale
+    dgate_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    for t in range(t_start, t_end):
+        dh = tl.load(dh_ptr + b * stride_dh_b + t * stride_dh_t + cols * stride_dh_d, mask=mask, other=0.0).to(tl.float32)
+        x_out = tl.load(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d,
+                        mask=mask, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + b * stride_stat_b + t * stride_stat_t)
+        rstd = tl.load(rstd_ptr + b * stride_stat_b + t * stride_stat_t)
+        x_hat = tl.where(mask, (x_out - mean) * rstd, 0.0)
+        dshift_acc += dh
+        dscale_acc += dh * x_hat
+        g = dh * one_plus_scale
+        mean_g = tl.sum(g, axis=0) / D
+        mean_g_xhat = tl.sum(g * x_hat, axis=0) / D
+        d_res = rstd * (g - mean_g - x_hat * mean_g_xhat)
+        if HAS_DX_OUT:
+            d_res += tl.load(dx_out_ptr + b * stride_dx_out_b + t * stride_dx_out_t + cols * stride_dx_out_d,
+                             mask=mask, other=0.0).to(tl.float32)
+        dgate_acc += d_res * y
+        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d, d_res.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
+                 (d_res * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+
+    part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
+    tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
+    tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
+    tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
+
+
+def check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    _launch.check_activation(OP, "x", x)
+    _launch.check_activation(OP, "y", y, x.shape)
+    if y.dtype != x.dtype:
+        raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} (x {tuple(x.shape)}, y {tuple(y.shape)})")
+    _launch.check_modulation(OP, "gate", gate, x)
+    _launch.check_modulation(OP, "shift", shift, x)
+    _launch.check_modulation(OP, "scale", scale, x)
+    _launch.check_same_device(OP, x=x, gate=gate, y=y, shift=shift, scale=scale)
+
+
+def gated_residual_layernorm_modulate_forward(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: returns x_out, h (both x's dtype) and the fp32 per-row mean, rstd (B, T)."""
+    check_inputs(x, gate, y, shift, scale)
+    _launch.check_runnable(OP, x.device, _gated_residual_layernorm_modulate_fwd_kernel)
+    B, T, D = x.shape
+    x_out = _launch.empty((B, T, D), x.dtype, x.device)
+    h = _launch.empty((B, T, D), x.dtype, x.device)
+    mean = _launch.empty((B, T), torch.float32, x.device)
+    rstd = _launch.empty((B, T), torch.float32, x.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
+    if B * n_tiles == 0:
+        return x_out, h, mean, rstd
+    block_d, num_warps = _launch.block_config(D)
+    _gated_residual_layernorm_modulate_fwd_kernel[(B * n_tiles,)](
+        x_out, h, mean, rstd, x, gate, y, shift, scale,
+        *x_out.stride(), *h.stride(), *mean.stride(), *x.stride(), *gate.stride(), *y.stride(),
+        *shift.stride(), *scale.stride(),
+        T, D, rows_per_program, n_tiles, eps,
+        BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return x_out, h, mean, rstd
+
+
+def gated_residual_layernorm_modulate_backward(
+    grad_x_out: Optional[torch.Tensor],
+    grad_h: torch.Tensor,
+    x_out: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: returns dx, dgate, dy, dshift, dscale, each in its input's dtype."""
+    _launch.check_runnable(OP, x_out.device, _gated_residual_layernorm_modulate_bwd_kernel)
+    B, T, D = x_out.shape
+    dx = _launch.empty((B, T, D), x_out.dtype, x_out.device)
+    dy = _launch.empty((B, T, D), y.dtype, y.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_out.device, programs_per_slot=8)
+    partials = [_launch.empty((B, n_tiles, D), torch.float32, x_out.device) for _ in range(3)]
+    dgate_partial, dshift_partial, dscale_partial = partials
+    if B * n_tiles > 0:
+        has_dx_out = grad_x_out is not None
+        dx_out_arg = grad_x_out if has_dx_out else grad_h  # a placeholder the kernel never reads
+        block_d, num_warps = _launch.block_config(D)
+        _gated_residual_layernorm_modulate_bwd_kernel[(B * n_tiles,)](
+            dx, dy, dgate_partial, dshift_partial, dscale_partial,
+            dx_out_arg, grad_h, x_out, y, gate, scale, mean, rstd,
+            *dx.stride(), *dy.stride(), *dgate_partial.stride(), *dx_out_arg.stride(), *grad_h.stride(),
+            *x_out.stride(), *y.stride(), *gate.stride(), *scale.stride(), *mean.stride(),
+            T, D, rows_per_program, n_tiles,
+            HAS_DX_OUT=has_dx_out, BLOCK_D=block_d, num_warps=num_warps,
+        )
+    dgate = dgate_partial.sum(dim=1).to(gate.dtype)
+    dshift = dshift_partial.sum(dim=1).to(shift_dtype)
+    dscale = dscale_partial.sum(dim=1).to(scale.dtype)
+    return dx, dgate, dy, dshift, dscale
+
+
+@torch.library.custom_op("sit_fast::gated_residual_layernorm_modulate", mutates_args=())
+def gated_residual_layernorm_modulate_op(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_layernorm_modulate_forward(x, gate, y, shift, scale, eps)
+
+
+@gated_residual_layernorm_modulate_op.register_fake
+def _(x, gate, y, shift, scale, eps):
+    check_inputs(x, gate, y, shift, scale)
+    B, T, D = x.shape
+    stats = x.new_empty((B, T), dtype=torch.float32)
+    return x.new_empty((B, T, D)), x.new_empty((B, T, D)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("sit_fast::gated_residual_layernorm_modulate_backward", mutates_args=())
+def gated_residual_layernorm_modulate_backward_op(
+    grad_x_out: Optional[torch.Tensor],
+    grad_h: torch.Tensor,
+    x_out: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gated_residual_layernorm_modulate_backward(grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, shift_dtype)
+
+
+@gated_residual_layernorm_modulate_backward_op.register_fake
+def _(grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, shift_dtype):
+    B, T, D = x_out.shape
+    return (
+        x_out.new_empty((B, T, D)),
+        gate.new_empty((B, D)),
+        y.new_empty((B, T, D)),
+        scale.new_empty((B, D), dtype=shift_dtype),
+        scale.new_empty((B, D)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    _x, gate, y, shift, scale, _eps = inputs
+    x_out, _h, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x_out, y, gate, scale, mean, rstd)
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, grad_x_out, grad_h, _grad_mean, _grad_rstd):
+    x_out, y, gate, scale, mean, rstd = ctx.saved_tensors
+    dx, dgate, dy, dshift, dscale = gated_residual_layernorm_modulate_backward_op(
+        grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, ctx.shift_dtype
+    )
+    return dx, dgate, dy, dshift, dscale, None
+
+
+gated_residual_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def gated_residual_layernorm_modulate(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_out, h): x_out = x + gate * y, h = LN(x_out) * (1 + scale) + shift, in one pass.
+
+    x, y: (B, T, D) of one dtype (float32/bfloat16/float16); gate, shift, scale: (B, D) in x's dtype
+    or float32. x_out and h have x's dtype; h normalises x_out as stored. Gradients come back in
+    each input's own dtype.
+    """
+    x_out, h, _mean, _rstd = gated_residual_layernorm_modulate_op(x, gate, y, shift, scale, eps)
+    return x_out, h

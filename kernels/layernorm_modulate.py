@@ -1,0 +1,231 @@
+"""Fused LayerNorm (no affine) + adaLN modulation: y = LN(x) * (1 + scale) + shift.
+
+x: (B, T, D); shift, scale: (B, D), broadcast over the T tokens of each sample.
+
+Layers: Triton kernels, host launchers, then the `sit_fast::layernorm_modulate` custom op (with a
+fake and an autograd formula whose backward is the `sit_fast::layernorm_modulate_backward` op).
+Saved for backward: x, scale and the per-row fp32 mean and rstd; never the normalised tensor.
+"""
+import torch
+import triton
+import triton.language as tl
+
+from . import _launch
+
+OP = "layernorm_modulate"
+
+
+@triton.jit
+def _layernorm_modulate_fwd_kernel(
+    y_ptr,  # (B, T, D) out, x's dtype
+    mean_ptr,  # (B, T) out, fp32
+    rstd_ptr,  # (B, T) out, fp32
+    x_ptr,  # (B, T, D)
+    shift_ptr,  # (B, D)
+    scale_ptr,  # (B, D)
+    stride_y_b, stride_y_t, stride_y_d,
+    stride_stat_b, stride_stat_t,
+    stride_x_b, stride_x_t, stride_x_d,
+    stride_shift_b, stride_shift_d,
+    stride_scale_b, stride_scale_d,
+    T, D, rows_per_program, n_tiles, eps,
+    BLOCK_D: tl.constexpr,
+):
+    # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    t_start = (pid % n_tiles) * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    shift = tl.load(shift_ptr + b * stride_shift_b + cols * stride_shift_d, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
+    one_plus_scale = 1.0 + scale
+
+    for t in range(t_start, t_end):
+        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.sum(x, axis=0) / D
+        centred = tl.where(mask, x - mean, 0.0)
+        var = tl.sum(centred * centred, axis=0) / D
+        rstd = tl.rsqrt(var + eps)
+        y = centred * rstd * one_plus_scale + shift  # x_hat * (1 + scale) + shift
+        tl.store(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(mean_ptr + b * stride_stat_b + t * stride_stat_t, mean)
+        tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
+
+
+# LayerNorm + modulation VJP, per row, with x_hat = (x - mean) * rstd and y = x_hat * (1 + scale) + shift:
+#   g       = dy * (1 + scale)                                   (gradient reaching x_hat)
+#   dx      = rstd * (g - mean(g) - x_hat * mean(g * x_hat))     (means over the D features)
+#   dshift  = sum over tokens of dy
+#   dscale  = sum over tokens of dy * x_hat
+# Each program sums dshift/dscale over its own token tile in fp32 and writes one partial row;
+# the launcher reduces the (B, n_tiles, D) partials over tiles afterwards (deterministic, no atomics).
+@triton.jit
+def _layernorm_modulate_bwd_kernel(
+    dx_ptr,  # (B, T, D) out, x's dtype
+    dshift_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dscale_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dy_ptr,  # (B, T, D) incoming gradient
+    x_ptr,  # (B, T, D) saved input
+    scale_ptr,  # (B, D)
+    mean_ptr,  # (B, T) fp32
+    rstd_ptr,  # (B, T) fp32
+    stride_dx_b, stride_dx_t, stride_dx_d,
+    stride_part_b, stride_part_tile, stride_part_d,
+    stride_dy_b, stride_dy_t, stride_dy_d,
+    stride_x_b, stride_x_t, stride_x_d,
+    stride_scale_b, stride_scale_d,
+    stride_stat_b, stride_stat_t,
+    T, D, rows_per_program, n_tiles,
+    BLOCK_D: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    tile = pid % n_tiles
+    t_start = tile * rows_per_program
+    t_end = tl.minimum(t_start + rows_per_program, T)
+    cols = tl.arange(0, BLOCK_D)
+    mask = cols < D
+
+    scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
+    one_plus_scale = 1.0 + scale
+    dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+
+    for t in range(t_start, t_end):
+        dy = tl.load(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + b * stride_stat_b + t * stride_stat_t)
+        rstd = tl.load(rstd_ptr + b * stride_stat_b + t * stride_stat_t)
+        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
+        dshift_acc += dy
+        dscale_acc += dy * x_hat
+        g = dy * one_plus_scale
+        mean_g = tl.sum(g, axis=0) / D
+        mean_g_xhat = tl.sum(g * x_hat, axis=0) / D
+        dx = rstd * (g - mean_g - x_hat * mean_g_xhat)
+        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+
+    part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
+    tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
+    tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
+
+
+def check_inputs(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+    _launch.check_activation(OP, "x", x)
+    _launch.check_modulation(OP, "shift", shift, x)
+    _launch.check_modulation(OP, "scale", scale, x)
+    _launch.check_same_device(OP, x=x, shift=shift, scale=scale)
+
+
+def layernorm_modulate_forward(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel: returns y (x's dtype) and the fp32 per-row mean and rstd (B, T)."""
+    check_inputs(x, shift, scale)
+    _launch.check_runnable(OP, x.device, _layernorm_modulate_fwd_kernel)
+    B, T, D = x.shape
+    y = _launch.empty((B, T, D), x.dtype, x.device)
+    mean = _launch.empty((B, T), torch.float32, x.device)
+    rstd = _launch.empty((B, T), torch.float32, x.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
+    if B * n_tiles == 0:
+        return y, mean, rstd
+    block_d, num_warps = _launch.block_config(D)
+    _layernorm_modulate_fwd_kernel[(B * n_tiles,)](
+        y, mean, rstd, x, shift, scale,
+        *y.stride(), *mean.stride(), *x.stride(), *shift.stride(), *scale.stride(),
+        T, D, rows_per_program, n_tiles, eps,
+        BLOCK_D=block_d, num_warps=num_warps,
+    )
+    return y, mean, rstd
+
+
+def layernorm_modulate_backward(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernel: returns dx (x's dtype), dshift (shift_dtype), dscale (scale's dtype)."""
+    _launch.check_runnable(OP, x.device, _layernorm_modulate_bwd_kernel)
+    B, T, D = x.shape
+    dx = _launch.empty((B, T, D), x.dtype, x.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=8)
+    dshift_partial = _launch.empty((B, n_tiles, D), torch.float32, x.device)
+    dscale_partial = _launch.empty((B, n_tiles, D), torch.float32, x.device)
+    if B * n_tiles > 0:
+        block_d, num_warps = _launch.block_config(D)
+        _layernorm_modulate_bwd_kernel[(B * n_tiles,)](
+            dx, dshift_partial, dscale_partial, grad_y, x, scale, mean, rstd,
+            *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x.stride(), *scale.stride(), *mean.stride(),
+            T, D, rows_per_program, n_tiles,
+            BLOCK_D=block_d, num_warps=num_warps,
+        )
+    dshift = dshift_partial.sum(dim=1).to(shift_dtype)
+    dscale = dscale_partial.sum(dim=1).to(scale.dtype)
+    return dx, dshift, dscale
+
+
+@torch.library.custom_op("sit_fast::layernorm_modulate", mutates_args=())
+def layernorm_modulate_op(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layernorm_modulate_forward(x, shift, scale, eps)
+
+
+@layernorm_modulate_op.register_fake
+def _(x, shift, scale, eps):
+    check_inputs(x, shift, scale)
+    B, T, D = x.shape
+    stats = x.new_empty((B, T), dtype=torch.float32)
+    return x.new_empty((B, T, D)), stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("sit_fast::layernorm_modulate_backward", mutates_args=())
+def layernorm_modulate_backward_op(
+    grad_y: torch.Tensor,
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return layernorm_modulate_backward(grad_y, x, scale, mean, rstd, shift_dtype)
+
+
+@layernorm_modulate_backward_op.register_fake
+def _(grad_y, x, scale, mean, rstd, shift_dtype):
+    B, T, D = x.shape
+    return x.new_empty((B, T, D)), scale.new_empty((B, D), dtype=shift_dtype), scale.new_empty((B, D))
+
+
+def _setup_context(ctx, inputs, output):
+    x, shift, scale, _eps = inputs
+    _y, mean, rstd = output
+    ctx.mark_non_differentiable(mean, rstd)
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.shift_dtype = shift.dtype
+
+
+def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dshift, dscale = layernorm_modulate_backward_op(grad_y, x, scale, mean, rstd, ctx.shift_dtype)
+    return dx, dshift, dscale, None
+
+
+layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :] in one pass; y has x's dtype.
+
+    x: (B, T, D) float32/bfloat16/float16; shift, scale: (B, D) in x's dtype or float32.
+    Gradients come back in each input's own dtype.
+    """
+    y, _mean, _rstd = layernorm_modulate_op(x, shift, scale, eps)
+    return y

@@ -1,0 +1,374 @@
+"""Fused adaLN kernels vs a float64 reference: forward, every gradient, strides, errors, compile.
+
+Runs natively on CUDA when present, else on the CPU through the Triton interpreter (the root
+conftest sets TRITON_INTERPRET=1). Inputs are fresh random numbers each run (no fixed seed), and
+every buffer a launcher allocates for a kernel is NaN-filled first, so an element a kernel fails
+to write fails the comparison.
+"""
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+
+import kernels
+from kernels import _launch, reference
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(
+    not kernels.kernels_available(DEVICE),
+    reason=f"fused kernels cannot run on {DEVICE} (no triton, or CPU without TRITON_INTERPRET=1)",
+)
+
+
+@dataclass(frozen=True)
+class Tol:
+    atol: float
+    rtol: float
+
+
+@dataclass(frozen=True)
+class DtypeCase:
+    dtype: torch.dtype  # activations x, y
+    param_dtype: torch.dtype  # shift, scale, gate
+    fwd: Tol
+    bwd: Tol
+
+
+# The kernels compute in fp32 and round once on store, so against float64 the error is one rounding
+# of the output dtype plus fp32 noise. fp16 rounds to nearest (2**-11 relative); bf16 is given two
+# ulps (2**-7 each) because the Triton interpreter truncates fp32 -> bf16 instead of rounding.
+DTYPE_CASES = [
+    pytest.param(DtypeCase(torch.float32, torch.float32, Tol(1e-5, 1e-5), Tol(2e-5, 2e-5)), id="fp32"),
+    pytest.param(DtypeCase(torch.bfloat16, torch.bfloat16, Tol(1e-3, 1.6e-2), Tol(2e-3, 1.6e-2)), id="bf16"),
+    pytest.param(DtypeCase(torch.float16, torch.float16, Tol(2e-4, 2e-3), Tol(5e-4, 2e-3)), id="fp16"),
+    pytest.param(DtypeCase(torch.bfloat16, torch.float32, Tol(1e-3, 1.6e-2), Tol(2e-3, 1.6e-2)), id="bf16-fp32vec"),
+]
+
+# (B, T, D): B = 1, T = 1, prime T, D = 72 / 1152 (SiT sizes) and a prime D.
+SHAPES = [(1, 1, 72), (2, 13, 72), (1, 7, 97), (3, 1, 97), (2, 5, 1152)]
+
+# Positional argument names of each op, in order.
+OP_ARGS = {
+    "layernorm_modulate": ("x", "shift", "scale"),
+    "gated_residual": ("x", "gate", "y"),
+    "gated_residual_layernorm_modulate": ("x", "gate", "y", "shift", "scale"),
+}
+OPS = list(OP_ARGS)
+
+
+@pytest.fixture(autouse=True)
+def _poison_kernel_outputs():
+    with _launch.poison_outputs():
+        yield
+
+
+def make_inputs(op: str, B: int, T: int, D: int, case: DtypeCase) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for name in OP_ARGS[op]:
+        if name in ("x", "y"):
+            tensors[name] = torch.randn(B, T, D, device=DEVICE, dtype=case.dtype)
+        else:
+            tensors[name] = 0.5 * torch.randn(B, D, device=DEVICE, dtype=case.param_dtype)
+    return tensors
+
+
+def run_ours(op: str, inputs: dict[str, torch.Tensor], eps: float | None = None) -> tuple[torch.Tensor, ...]:
+    fn = getattr(kernels, op)
+    args = [inputs[name] for name in OP_ARGS[op]]
+    out = fn(*args) if eps is None else fn(*args, eps=eps)
+    return out if isinstance(out, tuple) else (out,)
+
+
+def run_reference64(op: str, inputs: dict[str, torch.Tensor], ours: tuple[torch.Tensor, ...], eps: float = 1e-6):
+    """The op in float64 from the same inputs.
+
+    The fused op defines h as the normalisation of x_out as stored (rounded to x's dtype), so the
+    reference normalises our stored x_out; that rounding enters as a constant (straight-through)
+    term, leaving the gradients those of the exact function. x_out itself is compared exactly.
+    """
+    if op == "layernorm_modulate":
+        return (reference.layernorm_modulate(inputs["x"], inputs["shift"], inputs["scale"], eps),)
+    if op == "gated_residual":
+        return (reference.gated_residual(inputs["x"], inputs["gate"], inputs["y"]),)
+    x_out = reference.gated_residual(inputs["x"], inputs["gate"], inputs["y"])
+    x_out_stored = x_out + (ours[0].detach().to(torch.float64) - x_out).detach()
+    return x_out, reference.layernorm_modulate(x_out_stored, inputs["shift"], inputs["scale"], eps)
+
+
+def assert_close(what: str, ours: torch.Tensor, ref: torch.Tensor, tol: Tol) -> None:
+    """Elementwise |ours - ref| <= atol + rtol * |ref|; on failure say where and by how much."""
+    assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
+    ours64 = ours.detach().to(torch.float64)
+    ref64 = ref.detach().to(torch.float64)
+    err = (ours64 - ref64).abs()
+    allowed = tol.atol + tol.rtol * ref64.abs()
+    bad = ~(err <= allowed)  # NaN counts as bad
+    if bad.any():
+        excess = torch.where(bad, torch.nan_to_num(err - allowed, nan=float("inf")), torch.zeros_like(err))
+        flat = int(excess.flatten().argmax())
+        index = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), err.shape))
+        max_err = float(torch.nan_to_num(err, nan=float("inf")).max())
+        raise AssertionError(
+            f"{what}: {int(bad.sum())}/{err.numel()} elements out of tolerance (atol={tol.atol}, rtol={tol.rtol}); "
+            f"max abs err {max_err:.3e}; worst at index {index}: ours {float(ours64[index]):.6g} vs "
+            f"reference {float(ref64[index]):.6g} (abs err {float(err[index]):.3e})"
+        )
+
+
+def check_against_reference(
+    op: str,
+    inputs: dict[str, torch.Tensor],
+    case: DtypeCase,
+    grads_out: list[torch.Tensor] | None = None,
+    eps: float | None = None,
+) -> None:
+    """Forward and every input gradient of our op vs the float64 reference from the same inputs."""
+    names = OP_ARGS[op]
+    ours_in = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+    outs = run_ours(op, ours_in, eps)
+    x_dtype = inputs["x"].dtype
+    for i, out in enumerate(outs):
+        assert out.dtype == x_dtype, f"{op} output {i}: dtype {out.dtype}, expected x's dtype {x_dtype}"
+    if grads_out is None:
+        grads_out = [torch.randn_like(out) for out in outs]
+    grads = torch.autograd.grad(outs, [ours_in[n] for n in names], grads_out)
+
+    ref_in = {n: t.detach().to(torch.float64).requires_grad_() for n, t in inputs.items()}
+    ref_outs = run_reference64(op, ref_in, outs, 1e-6 if eps is None else eps)
+    ref_grads = torch.autograd.grad(ref_outs, [ref_in[n] for n in names], [g.to(torch.float64) for g in grads_out])
+
+    shapes = {n: tuple(t.shape) for n, t in inputs.items()}
+    for i, (out, ref_out) in enumerate(zip(outs, ref_outs)):
+        assert_close(f"{op} {case.dtype} output {i} {shapes}", out, ref_out, case.fwd)
+    for name, grad, ref_grad in zip(names, grads, ref_grads):
+        assert grad.dtype == inputs[name].dtype, f"{op} d{name}: dtype {grad.dtype}, expected {inputs[name].dtype}"
+        assert_close(f"{op} {case.dtype} d{name} {shapes}", grad, ref_grad, case.bwd)
+
+
+@pytest.mark.parametrize("B,T,D", SHAPES)
+@pytest.mark.parametrize("case", DTYPE_CASES)
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_matches_reference(op, case, B, T, D):
+    check_against_reference(op, make_inputs(op, B, T, D, case), case)
+
+
+@pytest.mark.parametrize("D", [4099, 8192])
+@pytest.mark.parametrize("case", [DTYPE_CASES[0], DTYPE_CASES[1]])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_wide_rows(op, case, D):
+    check_against_reference(op, make_inputs(op, 1, 2, D, case), case)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", DTYPE_CASES)
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_many_tokens(op, case):
+    check_against_reference(op, make_inputs(op, 3, 257, 1152, case), case)
+
+
+@pytest.mark.parametrize("case", [DTYPE_CASES[0], DTYPE_CASES[1]])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_non_contiguous_inputs(op, case):
+    """Transposed activations, strided vectors (as from .chunk) and a stride-0 upstream gradient."""
+    B, T, D = 2, 5, 72
+    inputs = {}
+    for name in OP_ARGS[op]:
+        if name == "x":
+            inputs[name] = torch.randn(B, D, T, device=DEVICE, dtype=case.dtype).transpose(1, 2)
+        elif name == "y":
+            inputs[name] = torch.randn(B, T, 2 * D, device=DEVICE, dtype=case.dtype)[..., ::2]
+        else:
+            inputs[name] = (0.5 * torch.randn(B, 3 * D, device=DEVICE, dtype=case.param_dtype)).chunk(3, dim=-1)[1]
+    assert not any(t.is_contiguous() for t in inputs.values())
+    n_outputs = 2 if op == "gated_residual_layernorm_modulate" else 1
+    grads_out = [torch.randn(1, 1, D, device=DEVICE, dtype=case.dtype).expand(B, T, D) for _ in range(n_outputs)]
+    check_against_reference(op, inputs, case, grads_out=grads_out)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_eps_and_constant_rows(op):
+    """Rows with zero variance normalise to 0 with rstd = eps**-0.5, and eps is honoured."""
+    case = DTYPE_CASES[0].values[0]
+    inputs = make_inputs(op, 2, 3, 97, case)
+    inputs["x"][0, 1] = 0.75
+    if "y" in inputs:
+        inputs["y"][0, 1] = 0.0
+    check_against_reference(op, inputs, case, eps=1e-2)
+
+
+def test_kernel_outputs_are_poisoned_in_tests():
+    """The test-only NaN fill really happens, so unwritten output elements cannot pass."""
+    buffer = _launch.empty((4, 8), torch.float32, DEVICE)
+    assert torch.isnan(buffer).all()
+    with _launch.poison_outputs(False):
+        assert not _launch._poison_outputs
+
+
+def _vectors(B, D, dtype=torch.float32, device=DEVICE):
+    return torch.randn(B, D, device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda: kernels.layernorm_modulate(torch.randn(8, 72, device=DEVICE), _vectors(8, 72), _vectors(8, 72)),
+         r"x must be 3-D \(B, T, D\), got shape \(8, 72\)"),
+        (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 73), _vectors(2, 72)),
+         r"shift must have shape \(B, D\) = \(2, 72\) to match x \(2, 3, 72\), got \(2, 73\)"),
+        (lambda: kernels.gated_residual(torch.randn(2, 3, 72, device=DEVICE), _vectors(3, 72),
+                                        torch.randn(2, 3, 72, device=DEVICE)),
+         r"gate must have shape \(B, D\) = \(2, 72\)"),
+        (lambda: kernels.gated_residual(torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72),
+                                        torch.randn(2, 4, 72, device=DEVICE)),
+         r"y must have the shape of x \(2, 3, 72\), got \(2, 4, 72\)"),
+        (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE, dtype=torch.float64),
+                                            _vectors(2, 72), _vectors(2, 72)),
+         r"x must be float32, bfloat16 or float16, got torch.float64"),
+        (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE, dtype=torch.bfloat16),
+                                            _vectors(2, 72, torch.float16), _vectors(2, 72)),
+         r"shift must be torch.bfloat16 \(x's dtype\) or torch.float32, got torch.float16"),
+        (lambda: kernels.gated_residual_layernorm_modulate(
+            torch.randn(2, 3, 72, device=DEVICE, dtype=torch.bfloat16), _vectors(2, 72),
+            torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72), _vectors(2, 72)),
+         r"y must have x's dtype torch.bfloat16, got torch.float32"),
+        (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72, device="meta"),
+                                            _vectors(2, 72)),
+         r"all tensors must be on one device"),
+        (lambda: kernels.gated_residual(torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72),
+                                        torch.randn(2, 3, 72, device="meta")),
+         r"all tensors must be on one device"),
+        (lambda: kernels.layernorm_modulate(torch.randn(1, 2, _launch.MAX_D + 1, device=DEVICE),
+                                            _vectors(1, _launch.MAX_D + 1), _vectors(1, _launch.MAX_D + 1)),
+         r"feature size D must be in \[1, 16384\]"),
+    ],
+    ids=["x-2d", "shift-shape", "gate-batch", "y-shape", "x-float64", "shift-fp16-with-bf16",
+         "y-dtype", "device-mismatch", "y-device", "D-too-large"],
+)
+def test_kernel_rejects_bad_inputs(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
+                          cwd=REPO_ROOT, timeout=300)
+
+
+def test_kernel_cpu_without_interpreter_raises_clear_error():
+    code = (
+        "import torch, kernels\n"
+        "assert not kernels.kernels_available('cpu')\n"
+        "x = torch.randn(1, 2, 8); v = torch.randn(1, 8)\n"
+        "try:\n"
+        "    kernels.layernorm_modulate(x, v, v)\n"
+        "except RuntimeError as error:\n"
+        "    print('ERROR:', error)\n"
+    )
+    result = _run_python(code, TRITON_INTERPRET="0")
+    assert result.returncode == 0, result.stderr
+    assert "set TRITON_INTERPRET=1 before importing triton" in result.stdout, result.stdout
+    assert "fused_kernels=False" in result.stdout, result.stdout
+
+
+def test_kernel_package_imports_without_triton():
+    code = (
+        "import sys\n"
+        "sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, kernels\n"
+        "assert not kernels.kernels_available('cpu') and not kernels.kernels_available('cuda')\n"
+        "y = kernels.reference.layernorm_modulate(torch.randn(1, 2, 8), torch.zeros(1, 8), torch.zeros(1, 8))\n"
+        "try:\n"
+        "    kernels.gated_residual(torch.randn(1, 2, 8), torch.zeros(1, 8), torch.randn(1, 2, 8))\n"
+        "except RuntimeError as error:\n"
+        "    print('ERROR:', error)\n"
+    )
+    result = _run_python(code, TRITON_INTERPRET="1")
+    assert result.returncode == 0, result.stderr
+    assert "need triton" in result.stdout, result.stdout
+
+
+def test_kernels_available_reports_devices():
+    assert kernels.kernels_available(DEVICE)
+    assert kernels.kernels_available(str(DEVICE))
+    assert not kernels.kernels_available("meta")
+
+
+def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype) -> float:
+    """Bytes autograd keeps for backward per token, measured: distinct storages at T=3 minus T=2."""
+    B = 2
+
+    def saved_bytes(T):
+        storages = {}
+
+        def pack(t):
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        inputs = {name: t.requires_grad_() for name, t in make_inputs(op, B, T, D, DtypeCase(
+            dtype, dtype, Tol(0, 0), Tol(0, 0))).items()}
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(*[inputs[name] for name in OP_ARGS[op]])
+        return sum(storages.values())
+
+    return (saved_bytes(3) - saved_bytes(2)) / B
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_saved_bytes_per_token(op, dtype):
+    D = 72
+    claimed = kernels.saved_bytes_per_token(op, D, dtype)
+    assert _saved_bytes_per_token(getattr(kernels, op), op, D, dtype) == claimed["ours"]
+    assert _saved_bytes_per_token(getattr(reference, op), op, D, dtype) == claimed["reference"]
+    assert claimed["ours"] <= claimed["reference"]
+
+
+class TinySiTBlock(nn.Module):
+    """Both adaLN sublayer seams of a SiT block, with linear layers standing in for attention/MLP."""
+
+    def __init__(self, dim: int, ops):
+        super().__init__()
+        self.ops = ops
+        self.adaLN_modulation = nn.Linear(dim, 6 * dim)
+        self.attn = nn.Linear(dim, dim)
+        self.mlp = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=-1)
+        h = self.ops.layernorm_modulate(x, shift_msa, scale_msa)  # (B, T, D)
+        x, h = self.ops.gated_residual_layernorm_modulate(x, gate_msa, self.attn(h), shift_mlp, scale_mlp)
+        return self.ops.gated_residual(x, gate_mlp, self.mlp(h))  # (B, T, D)
+
+
+def test_kernel_torch_compile_fullgraph_forward_backward():
+    torch._dynamo.reset()
+    B, T, D = 2, 7, 72
+    fused = TinySiTBlock(D, kernels).to(DEVICE)
+    eager = TinySiTBlock(D, reference).to(DEVICE)
+    eager.load_state_dict(fused.state_dict())
+    compiled = torch.compile(fused, fullgraph=True)
+
+    x = torch.randn(B, T, D, device=DEVICE)
+    c = torch.randn(B, D, device=DEVICE)
+    grad = torch.randn(B, T, D, device=DEVICE)
+
+    x_fused = x.clone().requires_grad_()
+    out = compiled(x_fused, c)
+    out.backward(grad)
+    x_eager = x.clone().requires_grad_()
+    out_ref = eager(x_eager, c)
+    out_ref.backward(grad)
+
+    tol = Tol(1e-5, 1e-5)
+    assert_close("compiled block output", out, out_ref, tol)
+    assert_close("compiled block dx", x_fused.grad, x_eager.grad, Tol(3e-5, 3e-5))
+    for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
+        assert_close(f"compiled block d{name}", p.grad, p_ref.grad, Tol(1e-4, 3e-5))
