@@ -198,8 +198,37 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
+class GeluLinear(torch.autograd.Function):
+    """fc2(GELU_tanh(a)) that saves only a for backward and recomputes the GELU there.
+
+    The eager reference saves both a (for the GELU) and GELU(a) (for fc2), 2 x 4D values per token;
+    this saves one. Weights are cast to a's dtype (what autocast would do), gradients returned in
+    the parameters' own dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        w = weight.to(a.dtype)
+        ctx.save_for_backward(a, w)
+        ctx.param_dtypes = (weight.dtype, bias.dtype)
+        return F.linear(F.gelu(a, approximate="tanh"), w, bias.to(a.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):
+        a, w = ctx.saved_tensors
+        g = F.gelu(a, approximate="tanh")  # recomputed
+        grad_g = grad_out @ w  # (..., hidden)
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
+        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        grad_a = torch.ops.aten.gelu_backward(grad_g, a, approximate="tanh")
+        return grad_a, grad_w.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1])
+
+
 class Mlp(nn.Module):
-    """fc1 -> GELU(tanh) -> fc2 (state_dict: fc1.*, fc2.*)."""
+    """fc1 -> GELU(tanh) -> fc2 (state_dict: fc1.*, fc2.*).
+
+    recompute_gelu: the fast path's memory saving (GeluLinear); same maths.
+    """
 
     def __init__(self, in_features: int, hidden_features: int):
         super().__init__()
@@ -207,7 +236,9 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, recompute_gelu: bool = False) -> torch.Tensor:
+        if recompute_gelu:
+            return GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -303,9 +334,18 @@ class SiT(nn.Module):
             [SiTBlock(hidden_size, num_heads, mlp_ratio, attn_backend) for _ in range(depth)]
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
+        self._compiled_step: Callable | None = None
         self.initialize_weights()
 
     # ------------------------------------------------------------------ options
+    def compile_blocks(self, **compile_kwargs) -> "SiT":
+        """torch.compile the block step (fullgraph=True), shared by all blocks: one graph, compiled
+        once, which composes with DDP, autocast and gradient checkpointing. For the whole model use
+        torch.compile(model, fullgraph=True) instead. Returns self."""
+        compile_kwargs.setdefault("fullgraph", True)
+        self._compiled_step = torch.compile(_block_step, **compile_kwargs)
+        return self
+
     @property
     def attn_backend(self) -> str:
         return self.blocks[0].attn.attn_backend if len(self.blocks) else "math"
@@ -379,16 +419,19 @@ class SiT(nn.Module):
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         mods = self.modulation(c)  # (N, 6 * depth + 2, D)
+        if fused:
+            # The fused kernels take one activation dtype: under autocast the residual stream is
+            # carried in the autocast dtype (the reference keeps it in fp32, as autocast leaves it).
+            x = x.to(mods.dtype)
 
+        step = self._compiled_step or _block_step
         h = ops["layernorm_modulate"](x, mods[:, 0], mods[:, 1])  # (N, T, D): input of block 0's attention
         for i, block in enumerate(self.blocks):
             block_mods = mods[:, 6 * i: 6 * i + 8]  # this block's six vectors + the next shift, scale
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
-                x, h = torch.utils.checkpoint.checkpoint(
-                    _block_step, block, ops, x, h, block_mods, use_reentrant=False
-                )
+                x, h = torch.utils.checkpoint.checkpoint(step, block, ops, x, h, block_mods, fused, use_reentrant=False)
             else:
-                x, h = _block_step(block, ops, x, h, block_mods)
+                x, h = step(block, ops, x, h, block_mods, fused)
         x = self.final_layer.linear(h)  # (N, T, p * p * out_channels)
         x = self.unpatchify(x)  # (N, out_channels, H, W)
         if self.learn_sigma:
@@ -415,15 +458,16 @@ class SiT(nn.Module):
         return torch.cat([eps, rest], dim=1)
 
 
-def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: torch.Tensor):
+def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: torch.Tensor, fast: bool = False):
     """One block from the modulated attention input h to the next sublayer's modulated input.
 
     mods: (N, 8, D) = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp of this block,
     then the shift and scale of whatever LayerNorm comes next (next block's attention or final layer).
+    fast: recompute the MLP's GELU in backward instead of saving its output.
     """
     gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_next, scale_next = mods[:, 2:].unbind(1)
     x, h = ops["gated_residual_layernorm_modulate"](x, gate_msa, block.attn(h), shift_mlp, scale_mlp)
-    x, h = ops["gated_residual_layernorm_modulate"](x, gate_mlp, block.mlp(h), shift_next, scale_next)
+    x, h = ops["gated_residual_layernorm_modulate"](x, gate_mlp, block.mlp(h, fast), shift_next, scale_next)
     return x, h  # (N, T, D) residual stream, (N, T, D) next sublayer input
 
 

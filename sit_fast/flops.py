@@ -1,0 +1,72 @@
+"""Analytic FLOP counts for SiT and the peak-throughput table used for MFU.
+
+FLOPs are 2 x multiply-adds of the matrix products (linear layers, the patch-embedding convolution,
+Q K^T and attention x V); element-wise work is not counted, as is customary for MFU. A training step
+costs 3 x forward (the backward pass computes two products per forward product).
+
+SiT-XL/2 at 256px (latent 32x32, T = 256 tokens, D = 1152) comes to about 237 GFLOP per image
+forward, twice the 118.6 "Gflops" (multiply-adds) reported in the DiT and SiT papers.
+"""
+from __future__ import annotations
+
+import torch
+
+# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets (SXM parts).
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+}
+_DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def forward_flops(model) -> int:
+    """FLOPs of one forward pass for one image (2 x multiply-adds of every matrix product)."""
+    D = model.hidden_size
+    p = model.patch_size
+    T = model.x_embedder.num_patches
+    C = model.in_channels
+    mlp = int(D * model.mlp_ratio)
+    freq = model.t_embedder.frequency_embedding_size
+
+    per_block = (
+        T * D * 3 * D  # qkv projection
+        + 2 * T * T * D  # Q K^T and attention x V, all heads
+        + T * D * D  # output projection
+        + 2 * T * D * mlp  # fc1, fc2
+        + D * 6 * D  # adaLN modulation (once per image)
+    )
+    macs = (
+        T * C * p * p * D  # patch embedding
+        + freq * D + D * D  # timestep MLP
+        + model.depth * per_block
+        + D * 2 * D  # final adaLN modulation
+        + T * D * p * p * model.out_channels  # final linear
+    )
+    return 2 * macs
+
+
+def train_step_flops(model) -> int:
+    """FLOPs of one training step per image: forward + backward = 3 x forward."""
+    return 3 * forward_flops(model)
+
+
+def peak_tflops(device_name: str, dtype: torch.dtype | str, tf32: bool = False) -> float | None:
+    """Dense peak TFLOP/s of a device from PEAK_TFLOPS (None when the device is not listed).
+
+    device_name: e.g. torch.cuda.get_device_name() ("NVIDIA H100 80GB HBM3").
+    dtype: the matmul dtype; fp32 with tf32=True looks up the TF32 peak.
+    """
+    name = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
+    if name == "fp32" and tf32:
+        name = "tf32"
+    for key, peaks in PEAK_TFLOPS.items():
+        if key in device_name:
+            return peaks.get(name)
+    return None
+
+
+def mfu(flops_per_second: float, device_name: str, dtype: torch.dtype | str, tf32: bool = False) -> float | None:
+    """Model FLOPs utilisation: achieved / peak (None when the peak is unknown, e.g. on a CPU)."""
+    peak = peak_tflops(device_name, dtype, tf32)
+    return None if peak is None else flops_per_second / (peak * 1e12)

@@ -1,0 +1,198 @@
+"""Parity harness: the same weights, inputs and loss through two model configurations.
+
+Compares the outputs, the loss and every parameter's gradient and returns a table. The tests and
+the benchmark suite both use it, with the tolerances in TOLERANCES. Errors are norm-wise relative:
+||candidate - reference|| / ||reference||, plus the max absolute difference.
+
+    python -m sit_fast.parity --model SiT-S/2 --image-size 64 --dtype bf16 --compile
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import math
+
+import torch
+import torch.nn.functional as F
+
+# Relative-error bounds of a candidate against the fp32 eager reference ("fp32": the candidate in
+# fp32; "bf16": the candidate under bf16 autocast).
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"output": 1e-5, "output_compiled": 1e-4, "loss": 1e-5, "grad": 1e-4},
+    "bf16": {"output": 2e-2, "output_compiled": 2e-2, "loss": 2e-2, "grad": 1e-1},
+}
+
+
+@dataclasses.dataclass
+class ParityReport:
+    rows: list[dict]  # {"tensor", "max_abs", "rel_err"}, outputs and loss first, then gradients
+    dtype: str
+    compiled: bool
+
+    def _row(self, name: str) -> dict:
+        return next(r for r in self.rows if r["tensor"] == name)
+
+    @property
+    def output_rel_err(self) -> float:
+        return self._row("output")["rel_err"]
+
+    @property
+    def loss_rel_err(self) -> float:
+        return self._row("loss")["rel_err"]
+
+    @property
+    def grad_rel_err_max(self) -> float:
+        grads = [r["rel_err"] for r in self.rows if r["tensor"].startswith("grad:")]
+        return max(grads) if grads else 0.0
+
+    @property
+    def worst(self) -> dict:
+        """The gradient row with the largest relative error."""
+        grads = [r for r in self.rows if r["tensor"].startswith("grad:")]
+        return max(grads, key=lambda r: r["rel_err"]) if grads else self._row("output")
+
+    def tolerances(self) -> dict[str, float]:
+        tol = dict(TOLERANCES[self.dtype])
+        if self.compiled:
+            tol["output"] = tol["output_compiled"]
+        return tol
+
+    def failures(self) -> list[str]:
+        """One line per figure over its tolerance (empty when the candidate passes)."""
+        tol = self.tolerances()
+        out = []
+        for name, value in (("output", self.output_rel_err), ("loss", self.loss_rel_err),
+                            ("grad", self.grad_rel_err_max)):
+            if not value <= tol[name]:  # NaN fails too
+                where = f" (worst: {self.worst['tensor']})" if name == "grad" else ""
+                out.append(f"{name} relative error {value:.3g} > {tol[name]:.0e}{where}")
+        return out
+
+    def ok(self) -> bool:
+        return not self.failures()
+
+    def to_markdown(self, max_rows: int = 12) -> str:
+        tol = self.tolerances()
+        lines = [
+            f"parity ({self.dtype}{', compiled' if self.compiled else ''}): output {self.output_rel_err:.3g} "
+            f"(tol {tol['output']:.0e}), loss {self.loss_rel_err:.3g} (tol {tol['loss']:.0e}), "
+            f"max grad {self.grad_rel_err_max:.3g} (tol {tol['grad']:.0e}), worst {self.worst['tensor']}: "
+            + ("PASS" if self.ok() else "FAIL"),
+            "",
+            "| tensor | max abs err | rel err |",
+            "| --- | --- | --- |",
+        ]
+        ordered = self.rows[:2] + sorted(self.rows[2:], key=lambda r: -r["rel_err"])
+        for r in ordered[:max_rows]:
+            lines.append(f"| {r['tensor']} | {r['max_abs']:.3g} | {r['rel_err']:.3g} |")
+        if len(ordered) > max_rows:
+            lines.append(f"| ... {len(ordered) - max_rows} more | | |")
+        return "\n".join(lines)
+
+
+def _errors(name: str, candidate: torch.Tensor, reference: torch.Tensor) -> dict:
+    c, r = candidate.detach().double(), reference.detach().double()
+    diff = (c - r).norm().item()
+    norm = r.norm().item()
+    rel = diff / norm if norm > 0 else (0.0 if diff == 0 else math.inf)
+    max_abs = (c - r).abs().max().item() if c.numel() else 0.0
+    return {"tensor": name, "max_abs": max_abs, "rel_err": rel}
+
+
+def randomize_zero_init_(model: torch.nn.Module, std: float = 0.02, seed: int | None = None) -> torch.nn.Module:
+    """Fill the parameters that adaLN-Zero initialises to zero with N(0, std^2) noise.
+
+    A freshly initialised SiT outputs zeros and most of its gradients vanish, which would make any
+    comparison pass; parity needs weights that exercise every path.
+    """
+    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and torch.count_nonzero(p) == 0:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+    return model
+
+
+def random_inputs(model, batch_size: int, device, generator: torch.Generator):
+    x = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size, generator=generator)
+    t = torch.rand(batch_size, generator=generator)
+    y = torch.randint(0, model.num_classes, (batch_size,), generator=generator)
+    target = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size, generator=generator)
+    return x.to(device), t.to(device), y.to(device), target.to(device)
+
+
+def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: int = 4,
+            autocast_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+            seed: int | None = None, cfg_scale: float | None = None, compiled: bool = False) -> ParityReport:
+    """Run reference (fp32, eager) and candidate on the same weights, inputs and loss.
+
+    The candidate gets the reference's weights. Both run in eval mode (no label dropout) with
+    gradients on; the loss is the mean squared error against a random target. cfg_scale: compare
+    forward_with_cfg instead of forward. compiled: only selects the compiled output tolerance.
+    """
+    device = torch.device(device)
+    candidate.load_state_dict(reference.state_dict())
+    reference.to(device).eval()
+    candidate.to(device).eval()
+    generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
+    x, t, y, target = random_inputs(reference, batch_size, device, generator)
+    if cfg_scale is not None:
+        half = batch_size // 2
+        x = torch.cat([x[:half], x[:half]])
+        t = torch.cat([t[:half], t[:half]])
+        y = torch.cat([y[:half], torch.full_like(y[:half], reference.num_classes)])
+        target = target[: 2 * half]
+
+    def run(model, autocast):
+        model.zero_grad(set_to_none=True)
+        ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        with ctx:
+            out = model(x, t, y) if cfg_scale is None else model.forward_with_cfg(x, t, y, cfg_scale)
+        loss = F.mse_loss(out.float(), target)
+        loss.backward()
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.detach(), loss.detach(), grads
+
+    ref_out, ref_loss, ref_grads = run(reference, None)
+    cand_out, cand_loss, cand_grads = run(candidate, autocast_dtype)
+    rows = [_errors("output", cand_out, ref_out), _errors("loss", cand_loss, ref_loss)]
+    for name, g in ref_grads.items():
+        if name not in cand_grads:
+            rows.append({"tensor": f"grad:{name}", "max_abs": math.inf, "rel_err": math.inf})
+        else:
+            rows.append(_errors(f"grad:{name}", cand_grads[name], g))
+    dtype = "fp32" if autocast_dtype in (None, torch.float32) else "bf16"
+    return ParityReport(rows=rows, dtype=dtype, compiled=compiled)
+
+
+def main(argv=None) -> int:
+    from sit_fast.models import SiT_models
+
+    parser = argparse.ArgumentParser(description="Compare a fast SiT configuration against the reference.")
+    parser.add_argument("--model", default="SiT-S/2", choices=list(SiT_models), help="model configuration")
+    parser.add_argument("--image-size", type=int, default=64, help="image size; latents are image-size / 8")
+    parser.add_argument("--num-classes", type=int, default=1000, help="number of classes")
+    parser.add_argument("--batch-size", type=int, default=4, help="batch size of the comparison")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="candidate precision")
+    parser.add_argument("--attn-backend", default="auto", help="candidate attention backend")
+    parser.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto", help="candidate fused kernels")
+    parser.add_argument("--compile", action="store_true", help="compile the candidate's blocks")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    parser.add_argument("--seed", type=int, default=None, help="input seed (random when omitted)")
+    args = parser.parse_args(argv)
+
+    fused = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
+    common = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
+    reference = randomize_zero_init_(SiT_models[args.model](**common))
+    candidate = SiT_models[args.model](attn_backend=args.attn_backend, fused_kernels=fused, **common)
+    if args.compile:
+        candidate.compile_blocks()
+    report = compare(reference, candidate, args.batch_size,
+                     torch.bfloat16 if args.dtype == "bf16" else None, args.device, args.seed, compiled=args.compile)
+    print(report.to_markdown())
+    return 0 if report.ok() else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The fast SiT path (fused kernels, SDPA, one-GEMM modulation, torch.compile) against the reference.
+
+On the CPU the fused kernels run through the Triton interpreter (conftest.py switches it on);
+with CUDA the same tests run natively.
+"""
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+import sit_fast.models as models
+from sit_fast.flops import forward_flops, mfu, peak_tflops, train_step_flops
+from sit_fast.memory import activation_bytes_per_image
+from sit_fast.models import SiT, SiT_models
+from sit_fast.parity import TOLERANCES, compare, randomize_zero_init_
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+CONFIGS = {
+    # head dim 72 as in SiT-XL; learn_sigma both ways; patch 2 and 4
+    "hd72-sigma": dict(input_size=8, patch_size=2, hidden_size=144, depth=2, num_heads=2, learn_sigma=True),
+    "hd16-nosigma": dict(input_size=8, patch_size=4, hidden_size=64, depth=3, num_heads=4, learn_sigma=False),
+}
+
+
+def pair(config, **fast):
+    reference = randomize_zero_init_(SiT(num_classes=10, **CONFIGS[config]))
+    options = dict(attn_backend="sdpa", fused_kernels=True)
+    options.update(fast)
+    candidate = SiT(num_classes=10, **CONFIGS[config], **options)
+    return reference, candidate
+
+
+def check(report):
+    assert report.ok(), "\n".join(report.failures()) + "\n" + report.to_markdown()
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fast_fp32_matches_reference(config):
+    reference, candidate = pair(config)
+    report = compare(reference, candidate, batch_size=3, device=DEVICE)
+    check(report)
+    tol = TOLERANCES["fp32"]
+    assert report.output_rel_err <= tol["output"] and report.grad_rel_err_max <= tol["grad"]
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_fast_bf16_autocast_close_to_fp32_reference(config):
+    reference, candidate = pair(config)
+    check(compare(reference, candidate, batch_size=3, autocast_dtype=torch.bfloat16, device=DEVICE))
+
+
+def test_fast_forward_with_cfg():
+    reference, candidate = pair("hd72-sigma")
+    check(compare(reference, candidate, batch_size=4, cfg_scale=4.0, device=DEVICE))
+
+
+def test_fast_with_grad_checkpointing():
+    config = dict(CONFIGS["hd16-nosigma"], class_dropout_prob=0.0)  # training mode without label dropout
+    reference = randomize_zero_init_(SiT(num_classes=10, **config))
+    candidate = SiT(num_classes=10, attn_backend="sdpa", fused_kernels=True, grad_checkpointing=True, **config)
+    candidate.eval = lambda: candidate  # checkpointing applies in training mode: keep it inside compare()
+    candidate.train()
+    check(compare(reference, candidate, batch_size=2, device=DEVICE))
+
+
+@pytest.mark.parametrize("whole_model", [False, True], ids=["blocks", "model"])
+def test_compiled_fast_path_fullgraph(whole_model):
+    """fullgraph=True raises on any graph break, so passing proves there are none."""
+    torch._dynamo.reset()
+    reference, candidate = pair("hd72-sigma")
+    if whole_model:
+        compiled = torch.compile(candidate, fullgraph=True)
+        candidate_for_compare = _CompiledView(candidate, compiled)
+    else:
+        candidate_for_compare = candidate.compile_blocks()
+    check(compare(reference, candidate_for_compare, batch_size=2, device=DEVICE, compiled=True))
+
+
+class _CompiledView(torch.nn.Module):
+    """Runs a compiled callable while exposing the original module's parameters and attributes."""
+
+    def __init__(self, module, compiled):
+        super().__init__()
+        self.module = module
+        self._compiled = compiled
+
+    def forward(self, x, t, y):
+        return self._compiled(x, t, y)
+
+    def load_state_dict(self, state_dict, strict=True):
+        return self.module.load_state_dict(state_dict, strict)
+
+    def named_parameters(self, *args, **kwargs):
+        return self.module.named_parameters(*args, **kwargs)
+
+
+def test_upstream_checkpoint_gives_same_outputs_in_fast_and_reference(tmp_path):
+    from sit_fast.checkpoint import load_checkpoint
+
+    source = randomize_zero_init_(SiT(num_classes=10, **CONFIGS["hd72-sigma"]))
+    torch.save(source.state_dict(), tmp_path / "upstream.pt")
+    reference, candidate = pair("hd72-sigma")
+    load_checkpoint(reference, tmp_path / "upstream.pt")
+    load_checkpoint(candidate, tmp_path / "upstream.pt")
+    reference.eval(), candidate.eval()
+    x = torch.randn(2, 4, 8, 8)
+    t, y = torch.rand(2), torch.tensor([3, 7])
+    with torch.no_grad():
+        ref, out = reference(x, t, y), candidate(x, t, y)
+    rel = ((out - ref).norm() / ref.norm()).item()
+    assert rel <= TOLERANCES["fp32"]["output"], rel
+
+
+def test_broken_candidate_fails_parity(monkeypatch):
+    """The harness must catch a real bug: here a LayerNorm eps of 1e-1 in the candidate's ops."""
+    reference, candidate = pair("hd16-nosigma")
+    broken = dict(models.REFERENCE_OPS)
+    good = broken["gated_residual_layernorm_modulate"]
+    broken["gated_residual_layernorm_modulate"] = lambda x, g, y, sh, sc: good(x, g, y, sh, sc, eps=1e-1)
+    monkeypatch.setattr(models, "fused_ops", lambda: broken)  # the candidate runs fused_kernels=True
+    report = compare(reference, candidate, batch_size=2)
+    assert not report.ok()
+    assert any(f.startswith("output") for f in report.failures())
+
+
+def test_activation_memory_fast_path_xl2():
+    """bf16 autocast, SiT-XL/2 at 256px: the fast path saves <= 60% of the reference's bytes."""
+    with torch.device("meta"):
+        reference = SiT_models["SiT-XL/2"](attn_backend="sdpa")
+        fast = SiT_models["SiT-XL/2"](attn_backend="sdpa", fused_kernels=True)
+    ref_bytes = activation_bytes_per_image(reference, torch.bfloat16)
+    fast_bytes = activation_bytes_per_image(fast, torch.bfloat16)
+    assert ref_bytes > 300e6  # ~400 MB per image: the measurement sees the whole network
+    assert fast_bytes <= 0.60 * ref_bytes, (fast_bytes / 1e6, ref_bytes / 1e6)
+
+
+def test_flops_match_flop_counter():
+    for config in CONFIGS.values():
+        model = SiT(num_classes=10, **config)
+        x = torch.randn(3, 4, config["input_size"], config["input_size"])
+        with FlopCounterMode(display=False) as counter:
+            model(x, torch.rand(3), torch.randint(0, 10, (3,)))
+        assert counter.get_total_flops() == 3 * forward_flops(model)
+    with torch.device("meta"):
+        xl = SiT_models["SiT-XL/2"]()
+    assert forward_flops(xl) == pytest.approx(237e9, rel=0.01)
+    assert train_step_flops(xl) == 3 * forward_flops(xl)
+    assert peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(989.4)
+    assert mfu(494.7e12, "NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(0.5)
+    assert mfu(1e12, "cpu", torch.float32) is None
+
+
+def test_fused_kernels_resolution(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "_TRITON_INTERPRET", False)
+    assert models.resolve_fused_kernels("auto", cpu) is False
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
+        models.resolve_fused_kernels(True, cpu)
+    monkeypatch.setattr(models, "_TRITON_INTERPRET", True)
+    assert models.resolve_fused_kernels("auto", cpu) is True
+    assert models.resolve_fused_kernels("auto", torch.device("cuda")) is True
+    with pytest.raises(ValueError, match="fused_kernels must be"):
+        SiT(num_classes=10, fused_kernels="yes", **CONFIGS["hd16-nosigma"])
