@@ -1,0 +1,612 @@
+"""Sample images from a SiT: a PNG grid, many images for FID across GPUs, or likelihoods of data.
+
+    python sample.py ODE|SDE [flags]                     a grid of --class-labels -> --out (sample.png)
+    torchrun --nproc_per_node=G sample.py ODE|SDE --num-fid-samples N [--sample-dir DIR]
+                                                         N numbered PNGs in DIR and DIR.npz (ADM format)
+    python sample.py ODE --likelihood --data PATH        bits per dimension of given data
+    python sample.py ODE --reverse --data PATH           data -> noise (the ODE run backwards) -> --out .pt
+
+`sample_ddp.py` is this script with upstream sample_ddp.py's defaults (the FID job with 50,000
+images, --vae ema, --cfg-scale 1); both accept upstream's flags, and unknown flags are errors.
+
+Checkpoints: without --ckpt, the upstream SiT-XL/2 256x256 release (downloaded once into
+$SIT_FAST_CACHE or ~/.cache/sit_fast; offline, pass --ckpt PATH). With --ckpt: an upstream release
+file, a train.py checkpoint (EMA weights; --use-raw for the raw ones) or a .safetensors file. The
+architecture, learn_sigma, input size and channels are read from the weights, so --model,
+--image-size, --num-classes and --in-channels may be left out; a --num-classes other than the
+checkpoint's re-initialises the label table (one-line warning).
+
+FID job (--num-fid-samples N): image i gets noise and label from seed (--seed, i), whatever the
+world size. The index range is cut into chunks of --per-proc-batch-size; ranks take the unfinished
+chunks in turn, write PNGs atomically, and a rerun (after a kill, or with a larger N) samples only
+the chunks with missing PNGs, giving the same images. The folder's settings.json refuses a resume
+with settings that change the images. Exactly N images end up in the .npz.
+
+Guidance: --cfg-scale 1 runs no unconditional pass at all; --cfg-interval LOW HIGH guides only the
+model calls with LOW <= t <= HIGH (t = 0 noise, t = 1 data) and runs the doubled batch only there.
+
+Likelihood (SiT sec. 3, from the probability-flow ODE): the data x is carried to noise z by the ODE
+and log p(x) = log N(z; 0, I) - int div v dt (Hutchinson's estimate; --exact-divergence for small
+data). bpd = -log p(x) / (D ln 2), D the number of dimensions of the model's space:
+  - images with a VAE: the density of the scaled latents the model sees (the posterior means
+    times the VAE's scaling factor s; the unscaled latents' bpd is this minus log2(s));
+  - images without a VAE (pixel space): 8-bit data y in {0..255}^D is dequantised uniformly,
+    x = (y + u) / 128 - 1 with u ~ U[0, 1)^D, and bpd = -log p(x) / (D ln 2) + 7 is the discrete
+    8-bit bound (log2 of the 1/128 Jacobian is -7);
+  - float data (.pt / float .npz): taken as model inputs as they are (continuous bpd).
+Noise is never decoded: the ODE runs from the given data.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+
+from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from sit_fast.errors import UserError, cli_entry
+from sit_fast.models import SiT_models
+from sit_fast.attention import ATTN_BACKENDS
+from sit_fast.sampling import (
+    PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
+    check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
+    to_rgb_uint8,
+)
+from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
+
+logger = logging.getLogger("sit_fast")
+
+MODES = ("ODE", "SDE")
+UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream sample.py's grid
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+FID_BATCH_SIZE = 32
+LIKELIHOOD_BATCH_SIZE = 16
+
+# Defaults of sample.py; sample_ddp.py overrides them with upstream sample_ddp.py's.
+SAMPLE_DEFAULTS = dict(vae="mse", num_fid_samples=None)
+SAMPLE_DDP_DEFAULTS = dict(vae="ema", num_fid_samples=50_000)
+
+# Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
+NOT_IMAGE_SETTINGS = {"sample_dir", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
+                      "fused_kernels", "tf32", "data", "likelihood", "exact_divergence", "class_labels"}
+
+
+#################################################################################
+#                                     Flags                                      #
+#################################################################################
+
+def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
+    model = parser.add_argument_group("Model and checkpoint")
+    model.add_argument("--model", type=str, choices=list(SiT_models), default=None,
+                       help="architecture (default: the checkpoint's; SiT-XL/2 for the release)")
+    model.add_argument("--ckpt", type=str, default=None,
+                       help="checkpoint: an upstream release file, a train.py checkpoint or .safetensors "
+                            "(default: download the upstream SiT-XL/2 256x256 release)")
+    model.add_argument("--use-raw", action="store_true",
+                       help="a train.py checkpoint's raw weights instead of its EMA weights")
+    model.add_argument("--image-size", type=int, default=None,
+                       help="image height = width, a multiple of VAE factor x patch size "
+                            "(default: the checkpoint's)")
+    model.add_argument("--num-classes", type=int, default=None,
+                       help="number of classes (default: the checkpoint's; another count re-initialises "
+                            "the label table)")
+    model.add_argument("--in-channels", type=int, default=None,
+                       help="image channels with --vae none, e.g. 1 or 3 (default: the checkpoint's)")
+    model.add_argument("--vae", type=str, default=defaults["vae"],
+                       help="ema | mse (stabilityai/sd-vae-ft-*), a hub id, a local diffusers AutoencoderKL "
+                            "directory, or none (pixel space)")
+
+    guidance = parser.add_argument_group("Classifier-free guidance")
+    guidance.add_argument("--cfg-scale", type=float, default=None,
+                          help="guidance scale w; 1 runs no unconditional pass (default: 4.0 for a grid, "
+                               "1.0 for --num-fid-samples and --likelihood, as upstream)")
+    guidance.add_argument("--cfg-channels", type=str, choices=["3", "all"], default="3",
+                          help="channels guided: upstream's first 3, or all")
+    guidance.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+                          help="guide only model calls with LOW <= t <= HIGH (t=0 noise, t=1 data)")
+    guidance.add_argument("--class-labels", type=int, nargs="+", default=None,
+                          help="labels of the grid (default: upstream's 8), or of the --likelihood data "
+                               "(one for all or one per item; default: the null class, unconditional)")
+
+    run = parser.add_argument_group("Sampling")
+    run.add_argument("--num-sampling-steps", type=int, default=250,
+                     help="steps of a fixed-step solver (the SDE's count includes the last step)")
+    run.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
+                     help="global seed; image i's noise and label come from (seed, i)")
+    run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=int, default=None,
+                     help=f"images per process per batch (default: the whole grid; {FID_BATCH_SIZE} for "
+                          f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood)")
+    run.add_argument("--out", type=str, default=None,
+                     help="output: the grid PNG (sample.png), the .npz of --num-fid-samples (SAMPLE_DIR.npz), "
+                          "per-item bpd of --likelihood (.npz), the noise of --reverse (noise.pt)")
+
+    speed = parser.add_argument_group("Speed")
+    speed.add_argument("--precision", choices=PRECISIONS, default=None,
+                       help="model arithmetic: fp32, tf32 matmuls (default, as upstream), or bf16 autocast")
+    speed.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
+                       help="upstream sample_ddp.py's flag: --tf32 = --precision tf32, --no-tf32 = fp32")
+    speed.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32",
+                       help="VAE decode / encode arithmetic")
+    speed.add_argument("--compile", action="store_true", help="torch.compile the model forwards")
+    speed.add_argument("--cuda-graphs", action="store_true",
+                       help="replay each model forward from a CUDA graph (CUDA only)")
+    speed.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto", help="attention implementation")
+    speed.add_argument("--fused-kernels", choices=("auto", "on", "off"), default="auto",
+                       help="fused Triton adaLN kernels (auto: on for CUDA)")
+
+    fid = parser.add_argument_group("Many images for FID (sample_ddp.py's job)")
+    fid.add_argument("--num-fid-samples", type=int, default=defaults["num_fid_samples"],
+                     help="write this many numbered PNGs and one .npz (switches to the FID job)")
+    fid.add_argument("--sample-dir", type=str, default="samples", help="folder of the PNGs")
+    fid.add_argument("--class-balanced", action="store_true",
+                     help="label of image i is i mod num_classes (default: random per image)")
+
+    data = parser.add_argument_group("Data (ODE --likelihood / --reverse)")
+    data.add_argument("--data", type=str, default=None,
+                      help="a folder of images, an .npz (uint8 N x H x W x C images, or float latents) "
+                           "or a .pt tensor of model inputs (N, C, h, w)")
+    data.add_argument("--exact-divergence", action="store_true",
+                      help="exact trace instead of Hutchinson's estimate (one backward per dimension)")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None / False or the help text already says it."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
+def build_parser(defaults: dict | None = None, prog: str | None = None) -> argparse.ArgumentParser:
+    defaults = {**SAMPLE_DEFAULTS, **(defaults or {})}
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    modes = parser.add_subparsers(dest="mode", metavar="{ODE,SDE}", required=True,
+                                  help="ODE: probability-flow ODE; SDE: reverse SDE")
+    for mode, add_solver_args in (("ODE", add_ode_args), ("SDE", add_sde_args)):
+        sub = modes.add_parser(mode, help=f"sample with the {mode}", formatter_class=HelpFormatter,
+                               allow_abbrev=False)  # a mistyped or shortened flag is an error
+        add_sampling_args(sub, defaults)
+        add_transport_args(sub)
+        add_solver_args(sub)
+    return parser
+
+
+def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Per-job defaults and the checks that span several flags (UserError, one line)."""
+    likelihood = getattr(args, "likelihood", False)
+    reverse = getattr(args, "reverse", False)
+    args.job = ("likelihood" if likelihood else "reverse" if reverse
+                else "fid" if args.num_fid_samples is not None else "grid")
+    if likelihood and reverse:
+        raise UserError("--likelihood and --reverse are two jobs: pass one")
+    if args.job in ("likelihood", "reverse"):
+        if args.data is None:
+            raise UserError(f"--{args.job} runs the ODE from data to noise: pass the data with --data PATH")
+        if args.cfg_scale not in (None, 1.0):
+            raise UserError(f"--{args.job} runs without guidance: drop --cfg-scale (or pass 1)")
+        if args.num_fid_samples is not None:
+            raise UserError(f"--{args.job} and --num-fid-samples are two jobs: pass one")
+    elif args.data is not None:
+        raise UserError("--data is read by ODE --likelihood or --reverse only")
+    if args.exact_divergence and not likelihood:
+        raise UserError("--exact-divergence applies to --likelihood only")
+    if args.cfg_scale is None:
+        args.cfg_scale = 4.0 if args.job == "grid" else 1.0
+    if args.cfg_interval is not None:
+        if args.cfg_scale == 1.0:
+            raise UserError("--cfg-interval has no effect with --cfg-scale 1")
+        low, high = args.cfg_interval
+        if low > high:
+            raise UserError(f"--cfg-interval {low} {high}: LOW must not exceed HIGH")
+    if args.job == "fid":
+        if args.num_fid_samples < 1:
+            raise UserError(f"--num-fid-samples must be at least 1, got {args.num_fid_samples}")
+        if args.class_labels is not None:
+            raise UserError("--class-labels sets a grid's labels; --num-fid-samples draws them "
+                            "(random, or --class-balanced)")
+    elif args.class_balanced:
+        raise UserError("--class-balanced applies to --num-fid-samples only")
+    if args.batch_size is None:
+        args.batch_size = {"fid": FID_BATCH_SIZE, "likelihood": LIKELIHOOD_BATCH_SIZE,
+                           "reverse": LIKELIHOOD_BATCH_SIZE}.get(args.job)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
+    if args.tf32 is not None:
+        implied = "tf32" if args.tf32 else "fp32"
+        if args.precision not in (None, implied):
+            raise UserError(f"--{'' if args.tf32 else 'no-'}tf32 contradicts --precision {args.precision}")
+        args.precision = implied
+    if args.precision is None:
+        args.precision = "tf32"
+    if args.cuda_graphs and args.job in ("likelihood",):
+        raise UserError("--cuda-graphs replays forwards without gradients; --likelihood needs them")
+    args.cfg_channels = "all" if args.cfg_channels == "all" else int(args.cfg_channels)
+    return args
+
+
+#################################################################################
+#                        Shared setup: model, VAE, sampler                       #
+#################################################################################
+
+class Setup:
+    """Everything a job needs: device, codec, model, sampler function, guided denoiser."""
+
+    def __init__(self, args: argparse.Namespace, dist: DistInfo):
+        from sit_fast.vae import load_vae
+
+        self.args = args
+        self.dist = dist
+        self.device = device = dist.device
+        set_matmul_precision(args.precision)
+        self.autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
+
+        # The release is fetched (or found missing) first: offline, that is the message to see.
+        ckpt = args.ckpt if args.ckpt is not None else on_main(lambda: pretrained_checkpoint_for(args), dist)
+        vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
+        self.codec = load_vae(args.vae, device, dtype=vae_dtype)
+        if self.codec is not None and args.in_channels is not None:
+            raise UserError("--in-channels is for pixel space (--vae none); with a VAE the latent channels are the VAE's")
+        downsample = self.codec.downsample if self.codec is not None else 1
+        request = ModelRequest(
+            ckpt=ckpt, model=args.model, image_size=args.image_size, num_classes=args.num_classes,
+            in_channels=self.codec.latent_channels if self.codec is not None else args.in_channels,
+            downsample=downsample, use_raw=args.use_raw, attn_backend=args.attn_backend,
+            fused_kernels={"auto": "auto", "on": True, "off": False}[args.fused_kernels],
+        )
+        self.model, self.info = build_model(request, device)
+        self.num_classes = self.model.num_classes
+        self.input_size = self.model.input_size
+        self.image_size = self.info["image_size"]
+        self.in_channels = self.model.in_channels
+        self.latent_shape = (self.in_channels, self.input_size, self.input_size)
+        if self.codec is None and self.in_channels not in (1, 3) and args.job in ("grid", "fid"):
+            raise UserError(f"pixel-space sampling (--vae none) writes 1- or 3-channel images; the model has "
+                            f"{self.in_channels} channels: pass the VAE it was trained with")
+        check_training_args(self.info, {k: getattr(args, k) for k in ("path_type", "prediction")})
+
+        try:
+            transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
+                                         args.sample_eps)
+            sampler = Sampler(transport)
+            self.call_times = None
+            if args.job == "likelihood":
+                self.sample_fn = sampler.sample_ode_likelihood(
+                    sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol,
+                    rtol=args.rtol, exact_divergence=args.exact_divergence)
+            elif args.mode == "ODE":
+                self.sample_fn = sampler.sample_ode(
+                    sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol,
+                    rtol=args.rtol, reverse=args.reverse)
+                self.call_times = model_call_times(
+                    "ODE", transport, sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
+                    reverse=args.reverse)
+            else:
+                self.sample_fn = sampler.sample_sde(
+                    sampling_method=args.sampling_method, diffusion_form=args.diffusion_form,
+                    diffusion_norm=args.diffusion_norm, last_step=args.last_step,
+                    last_step_size=args.last_step_size, num_steps=args.num_sampling_steps)
+                self.call_times = model_call_times(
+                    "SDE", transport, sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
+                    diffusion_form=args.diffusion_form, last_step=args.last_step,
+                    last_step_size=args.last_step_size)
+        except ValueError as err:
+            if isinstance(err, UserError):
+                raise
+            raise UserError(str(err)) from None
+
+        self.forwards = ModelForwards(self.model, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
+                                      autocast_dtype=self.autocast_dtype, compile=args.compile,
+                                      cuda_graphs=args.cuda_graphs)
+        self.denoiser = Denoiser(self.forwards, cfg_scale=args.cfg_scale,
+                                 cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,
+                                 call_times=self.call_times)
+
+    def sample(self, noise: torch.Tensor, labels: torch.Tensor, batch_seed: int) -> torch.Tensor:
+        """Noise (B, C, h, w) and labels (B,) from the host -> final model-space samples on the device.
+
+        One host-to-device copy per batch; the global generator (the SDE's per-step noise, drawn on
+        the device) is seeded per batch.
+        """
+        z = noise.to(self.device, non_blocking=True)
+        y = labels.to(self.device, non_blocking=True)
+        torch.manual_seed(batch_seed)
+        model_fn = self.denoiser.for_labels(y)
+        with torch.inference_mode():
+            samples = self.sample_fn(z, model_fn)[-1]
+        model_fn.check_finished()
+        return samples
+
+    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
+        """Model-space samples -> images in [-1, 1] (the VAE decodes in batches of its own)."""
+        if self.codec is None:
+            return samples.float().clamp(-1, 1)
+        with torch.inference_mode():
+            return self.codec.decode(samples)
+
+
+def set_matmul_precision(precision: str) -> None:
+    """tf32: TF32 matmuls and convolutions on Ampere+ (upstream's setting); fp32 and bf16: full fp32."""
+    tf32 = precision == "tf32"
+    torch.backends.cuda.matmul.allow_tf32 = tf32
+    torch.backends.cudnn.allow_tf32 = tf32
+
+
+def on_main(fn, dist: DistInfo):
+    """Run fn on rank 0 only and hand its result (or its UserError) to every rank."""
+    if dist.world_size == 1:
+        return fn()
+    result, error = None, None
+    if dist.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise UserError(error)
+    return result
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+#################################################################################
+#                                      Jobs                                      #
+#################################################################################
+
+def run_grid(setup: Setup) -> str:
+    """Sample the labels of --class-labels into one PNG grid."""
+    args = setup.args
+    labels = args.class_labels
+    if labels is None:
+        labels = UPSTREAM_CLASS_LABELS if setup.num_classes == 1000 else [i % setup.num_classes for i in range(8)]
+    bad = [label for label in labels if not 0 <= label < setup.num_classes]
+    if bad:
+        raise UserError(f"--class-labels {bad[0]} is outside 0 .. {setup.num_classes - 1} (--num-classes "
+                        f"{setup.num_classes})")
+    out = args.out or "sample.png"
+    batch_size = args.batch_size or len(labels)
+    start = time.perf_counter()
+    images = []
+    for first in range(0, len(labels), batch_size):
+        indices = range(first, min(first + batch_size, len(labels)))
+        noise, _ = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes)
+        batch_labels = torch.tensor([labels[i] for i in indices], dtype=torch.long)
+        samples = setup.sample(noise, batch_labels, derived_seed(args.seed, first, batch_size))
+        images.append(setup.to_images(samples).cpu())
+    elapsed = time.perf_counter() - start
+    from sit_fast.images import save_image_grid
+
+    save_image_grid(torch.cat(images), out, nrow=min(4, len(labels)))
+    print(f"sampled {len(labels)} images in {elapsed:.2f} s ({len(labels) / elapsed:.2f} images/s) -> {out}")
+    return out
+
+
+def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
+    """The settings that decide the images of an FID folder (compared when resuming)."""
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_IMAGE_SETTINGS}
+    settings.update(ckpt=os.path.abspath(setup.info["path"]), weights=setup.info["weights"],
+                    model=setup.info["model"], image_size=setup.image_size, num_classes=setup.num_classes,
+                    in_channels=setup.in_channels)
+    return json.loads(json.dumps(settings))
+
+
+def run_fid(setup: Setup) -> str:
+    """N numbered PNGs in --sample-dir (resumable, any world size) and the ADM .npz of all N."""
+    from tqdm import tqdm
+
+    args, dist = setup.args, setup.dist
+    total, chunk = args.num_fid_samples, args.batch_size
+    sample_dir = os.path.normpath(args.sample_dir)
+    npz_path = args.out or f"{sample_dir}.npz"
+    settings = image_settings(args, setup)
+
+    def prepare():
+        check_settings(sample_dir, settings)
+        return pending_chunks(sample_dir, total, chunk)
+
+    pending = on_main(prepare, dist)
+    todo = sum(min(chunk, total - k * chunk) for k in pending)
+    if dist.is_main:
+        print(f"{total - todo} of {total} images already in {sample_dir}; sampling {todo} on "
+              f"{dist.world_size} process(es), {len(pending)} batches of {chunk}")
+    writer = PNGWriter(sample_dir)
+    progress = tqdm(total=todo, unit="img", disable=not dist.is_main, desc="sampling")
+    start = time.perf_counter()
+    try:
+        for k in pending[dist.rank::dist.world_size]:
+            indices = range(k * chunk, (k + 1) * chunk)  # the last chunk is padded past N: same batch always
+            noise, labels = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes,
+                                        class_balanced=args.class_balanced)
+            samples = setup.sample(noise, labels, derived_seed(args.seed, k, chunk))
+            images = to_rgb_uint8(setup.to_images(samples))  # (B, H, W, 3), one device-to-host copy
+            kept = [i for i in indices if i < total]
+            writer.write(images[: len(kept)], kept)
+            progress.update(min(len(kept) * dist.world_size, todo - progress.n))
+    finally:
+        writer.close()
+    synchronize(setup.device)
+    barrier()
+    elapsed = time.perf_counter() - start
+    progress.update(todo - progress.n)
+    progress.close()
+    if dist.is_main:
+        if todo:
+            print(f"sampled {todo} images in {elapsed:.1f} s: {todo / elapsed:.2f} images/s "
+                  f"({todo / elapsed / dist.world_size:.2f} per process)")
+        shape = build_npz(sample_dir, total, npz_path)
+        print(f"saved {npz_path} [arr_0: {'x'.join(map(str, shape))} uint8]")
+    barrier()
+    return npz_path
+
+
+def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
+    """--data -> (model inputs (N, C, h, w) fp32 on the CPU, bpd offset, what the density is of)."""
+    args = setup.args
+    if os.path.isdir(path):
+        images = load_image_folder(path, setup.image_size, setup.in_channels if setup.codec is None else 3)
+    elif path.endswith(".npz"):
+        with np.load(path) as archive:
+            names = list(archive.keys())
+            key = "arr_0" if "arr_0" in names else names[0] if len(names) == 1 else None
+            if key is None:
+                raise UserError(f"{path} holds {', '.join(names)}: store the data as arr_0")
+            array = archive[key]
+        images = array if array.dtype == np.uint8 else None
+        if images is None:
+            return check_model_inputs(setup, torch.from_numpy(np.asarray(array, dtype=np.float32)), path)
+    elif path.endswith(".pt"):
+        try:
+            tensor = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch.load raises many types for bad files
+            raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        if not isinstance(tensor, torch.Tensor):
+            raise UserError(f"{path} holds a {type(tensor).__name__}, not a tensor of model inputs (N, C, h, w)")
+        return check_model_inputs(setup, tensor.float(), path)
+    else:
+        raise UserError(f"--data {path}: expected a folder of images, an .npz or a .pt file")
+
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] != setup.image_size:
+        raise UserError(f"{path}: images of shape {images.shape[1:]} do not match --image-size {setup.image_size} "
+                        f"(expected N x {setup.image_size} x {setup.image_size} x C uint8)")
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (N, C, H, W) in 0 .. 255
+    if setup.codec is not None:
+        if pixels.shape[1] != 3:
+            raise UserError(f"{path}: the VAE encodes RGB images, these have {pixels.shape[1]} channels")
+        with torch.no_grad():
+            mean, _ = setup.codec.encode(pixels / 127.5 - 1)
+        return mean.cpu(), 0.0, "scaled VAE latents (posterior means)"
+    if pixels.shape[1] != setup.in_channels:
+        raise UserError(f"{path}: images with {pixels.shape[1]} channels, the model takes {setup.in_channels}")
+    generator = torch.Generator().manual_seed(derived_seed(args.seed, -1))
+    dequantised = (pixels + torch.rand(pixels.shape, generator=generator)) / 128 - 1  # x = (y + u) / 128 - 1
+    return dequantised, 7.0, "8-bit pixels, uniform dequantization (+7 bits: the 1/128 Jacobian)"
+
+
+def load_image_folder(path: str, image_size: int, channels: int) -> np.ndarray:
+    """Images of a folder, sorted by name, ADM center-cropped to image_size: (N, H, W, C) uint8."""
+    from PIL import Image
+
+    from sit_fast.images import center_crop_arr
+
+    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+    if not names:
+        raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+    arrays = []
+    for name in names:
+        with Image.open(os.path.join(path, name)) as image:
+            image = center_crop_arr(image.convert("L" if channels == 1 else "RGB"), image_size)
+            array = np.asarray(image)
+        arrays.append(array[..., None] if array.ndim == 2 else array)
+    return np.stack(arrays)
+
+
+def check_model_inputs(setup: Setup, x: torch.Tensor, path: str) -> tuple[torch.Tensor, float, str]:
+    if tuple(x.shape[1:]) != setup.latent_shape:
+        raise UserError(f"{path}: data of shape {tuple(x.shape)}, the model takes (N, "
+                        f"{', '.join(map(str, setup.latent_shape))})")
+    return x, 0.0, "the given model inputs (continuous)"
+
+
+def data_labels(setup: Setup, count: int) -> torch.Tensor:
+    labels = setup.args.class_labels
+    if labels is None:
+        return torch.full((count,), setup.num_classes, dtype=torch.long)  # the null class: unconditional
+    if len(labels) not in (1, count):
+        raise UserError(f"--class-labels: give one label for all {count} items or one per item, not {len(labels)}")
+    bad = [label for label in labels if not 0 <= label <= setup.num_classes]
+    if bad:
+        raise UserError(f"--class-labels {bad[0]} is outside 0 .. {setup.num_classes} ({setup.num_classes}: null)")
+    return torch.tensor(labels * count if len(labels) == 1 else labels, dtype=torch.long)
+
+
+def run_likelihood(setup: Setup) -> np.ndarray:
+    """Bits per dimension of --data under the model (probability-flow ODE, data -> noise)."""
+    args = setup.args
+    x, offset, space = load_data(setup, args.data)
+    labels = data_labels(setup, len(x))
+    dims = math.prod(setup.latent_shape)
+    bpd = []
+    start = time.perf_counter()
+    for b, first in enumerate(range(0, len(x), args.batch_size)):
+        batch = x[first: first + args.batch_size].to(setup.device)
+        y = labels[first: first + args.batch_size].to(setup.device)
+        torch.manual_seed(derived_seed(args.seed, b, args.batch_size))  # Hutchinson probes
+
+        def model_fn(x_t, t):
+            return setup.forwards.conditional(x_t, t, y)
+
+        with torch.no_grad():
+            logp, _ = setup.sample_fn(batch, model_fn)
+        bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
+    bpd = torch.cat(bpd).double().numpy()
+    elapsed = time.perf_counter() - start
+    stderr = bpd.std(ddof=1) / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
+    print(f"bpd {bpd.mean():.4f} +- {stderr:.4f} over {len(bpd)} items ({space}; D = {dims}; "
+          f"{args.sampling_method}, {elapsed:.1f} s)")
+    if args.out:
+        np.savez(args.out, bpd=bpd)
+        print(f"saved per-item bpd to {args.out}")
+    return bpd
+
+
+def run_reverse(setup: Setup) -> str:
+    """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor."""
+    args = setup.args
+    x, _, space = load_data(setup, args.data)
+    labels = data_labels(setup, len(x))
+    out = args.out or "noise.pt"
+    noise = []
+    for first in range(0, len(x), args.batch_size):
+        noise.append(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
+                                  derived_seed(args.seed, first)).cpu())
+    noise = torch.cat(noise)
+    torch.save(noise, out)
+    print(f"encoded {len(noise)} items ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
+    return out
+
+
+#################################################################################
+#                                      main                                      #
+#################################################################################
+
+class StderrLineHandler(logging.Handler):
+    """`warning: <message on one line>` to whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}\n")
+
+
+def setup_logging(is_main: bool) -> None:
+    """sit_fast's warnings on stderr, one line each, from rank 0 (other ranks: errors only)."""
+    if not any(isinstance(h, StderrLineHandler) for h in logger.handlers):
+        logger.addHandler(StderrLineHandler())
+    logger.setLevel(logging.WARNING if is_main else logging.ERROR)
+    logger.propagate = False
+
+
+@cli_entry
+def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str | None = None):
+    args = resolve_args(build_parser(defaults, prog).parse_args(argv))
+    dist = init_distributed()
+    try:
+        setup_logging(dist.is_main)
+        if dist.world_size > 1 and args.job != "fid":
+            raise UserError("only --num-fid-samples runs under torchrun; run the other jobs with python")
+        setup = Setup(args, dist)
+        return {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job](setup)
+    finally:
+        cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,12 @@
+"""Many images for FID, upstream sample_ddp.py's job and defaults, run by sample.py.
+
+    torchrun --nnodes=1 --nproc_per_node=G sample_ddp.py ODE|SDE --ckpt PATH [flags]
+
+is `sample.py ... --num-fid-samples 50000 --vae ema` (cfg scale 1 unless given): numbered PNGs in
+--sample-dir, resumable, and one .npz of exactly --num-fid-samples images in ADM's format. Every
+flag of sample.py is accepted; see `python sample.py ODE --help` and the docstring of sample.py.
+"""
+from sample import SAMPLE_DDP_DEFAULTS, main
+
+if __name__ == "__main__":
+    main(defaults=SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")

@@ -1,0 +1,572 @@
+"""Library code behind sample.py: models from checkpoints, guided denoisers, fast forwards, the FID writer.
+
+    model, info = build_model(ModelRequest(...), device)       checkpoint -> eval-mode SiT, config from the weights
+    forwards = ModelForwards(model, cfg_scale=4.0, ...)        the conditional and the guided forward, each
+                                                               optionally torch.compile'd / CUDA-graph captured
+    denoiser = Denoiser(forwards, cfg_scale, cfg_interval, call_times)
+    samples = sample_fn(z, denoiser.for_labels(y))[-1]         what the transport's samplers call
+
+Classifier-free guidance (Ho & Salimans 2022) with scale w mixes a conditional and an unconditional
+prediction, out = u + w (c - u), on the first `cfg_channels` channels (upstream SiT guides 3 of the 4
+latent channels; "all" guides every channel). The unconditional pass uses the "null" label
+`num_classes`. Guidance costs a doubled batch, so it is run only where it applies: never at
+w = 1, and with an interval [low, high] only at the model calls whose time t lies inside it.
+Deciding "inside" must not read t back from the GPU at every step; for our fixed-step samplers the
+times of all model calls are known ahead (`model_call_times`), so the decision is a host-side
+lookup by call index. Adaptive solvers (dopri5, ...) choose their times on the fly and already
+synchronise with the host at every step to do so; there the time is read from t itself.
+
+Determinism: the initial noise and the label of image `index` come from a generator seeded with
+(seed, index) on the CPU (`index_noise`), so an image does not depend on the device, the world size,
+or which process drew it. Solvers whose steps depend on the whole batch (adaptive step-size control,
+the SDE's per-step noise, drawn from the global generator seeded per batch) give the same images
+for the same batch composition, which the FID job fixes by cutting the index range into chunks
+of --per-proc-batch-size.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import urllib.error
+import urllib.request
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
+from sit_fast.errors import UserError
+from sit_fast.models import SIT_CONFIGS, SiT, SiT_models, model_config
+
+logger = logging.getLogger("sit_fast")
+
+# The upstream release (willisma/SiT download.py): SiT-XL/2, 256x256 images, 1000 classes, learn_sigma.
+PRETRAINED_URLS = {
+    "SiT-XL-2-256x256.pt": "https://www.dl.dropboxusercontent.com/scl/fi/as9oeomcbub47de5g4be0/SiT-XL-2-256.pt"
+                           "?rlkey=uxzxmpicu46coq3msb17b9ofa&dl=0",
+}
+PRETRAINED_MODEL = "SiT-XL/2"
+PRETRAINED_IMAGE_SIZE = 256
+PRETRAINED_NUM_CLASSES = 1000
+DEFAULT_CACHE_DIR = os.path.join("~", ".cache", "sit_fast")
+UPSTREAM_CACHE_DIR = "pretrained_models"  # where upstream's download.py keeps the release file
+
+PRECISIONS = ("fp32", "tf32", "bf16")
+
+
+#################################################################################
+#                          Checkpoints and the model                             #
+#################################################################################
+
+def cache_dir() -> str:
+    """Where downloaded checkpoints live: $SIT_FAST_CACHE, else ~/.cache/sit_fast."""
+    return os.path.expanduser(os.environ.get("SIT_FAST_CACHE") or DEFAULT_CACHE_DIR)
+
+
+def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 30.0) -> str:
+    """Path of a released checkpoint: found in ./pretrained_models (upstream's place) or the cache,
+    else downloaded into the cache. Raises UserError (one line, naming --ckpt) when offline."""
+    if name not in PRETRAINED_URLS:
+        raise UserError(f"no released checkpoint named {name!r} (released: {', '.join(PRETRAINED_URLS)})")
+    for folder in (UPSTREAM_CACHE_DIR, cache_dir()):
+        path = os.path.join(folder, name)
+        if os.path.isfile(path):
+            return path
+    path = os.path.join(cache_dir(), name)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    partial = f"{path}.{os.getpid()}.partial"
+    try:
+        with urllib.request.urlopen(PRETRAINED_URLS[name], timeout=timeout_s) as response, open(partial, "wb") as f:
+            while chunk := response.read(1 << 22):
+                f.write(chunk)
+        os.replace(partial, path)
+    except (urllib.error.URLError, OSError) as err:
+        if os.path.exists(partial):
+            os.remove(partial)
+        reason = getattr(err, "reason", None) or err
+        raise UserError(
+            f"cannot download the released checkpoint {name} ({reason}); without a network, copy it to "
+            f"{path} or pass a local checkpoint with --ckpt PATH"
+        ) from None
+    return path
+
+
+@dataclasses.dataclass
+class ModelRequest:
+    """What the user asked for; None fields are taken from the checkpoint."""
+
+    ckpt: str
+    """Checkpoint path (pretrained_checkpoint_for gives the upstream release's)."""
+    model: str | None = None
+    """Registry name (SiT-XL/2, ...); None: the checkpoint's architecture."""
+    image_size: int | None = None
+    """Image height = width; None: the size the checkpoint was trained at."""
+    num_classes: int | None = None
+    """Number of classes; a count other than the checkpoint's re-initialises the label table."""
+    in_channels: int | None = None
+    """Channels the model sees (latent channels with a VAE, image channels without)."""
+    downsample: int = 8
+    """Image size / model input size: the VAE's factor, 1 in pixel space."""
+    use_raw: bool = False
+    """Load a train.py checkpoint's raw weights instead of its EMA."""
+    attn_backend: str = "auto"
+    fused_kernels: bool | str = "auto"
+
+
+def registry_name(depth: int, hidden_size: int, patch_size: int) -> str | None:
+    """The SiT_models entry with this architecture (hidden sizes identify the size), else None."""
+    for size, (size_depth, size_hidden, _) in SIT_CONFIGS.items():
+        name = f"SiT-{size}/{patch_size}"
+        if size_depth == depth and size_hidden == hidden_size and name in SiT_models:
+            return name
+    return None
+
+
+def pretrained_checkpoint_for(args) -> str:
+    """The upstream release for a run without --ckpt (SiT-XL/2, 256x256): its local path.
+
+    args needs .model and .image_size (None: the release's). UserError when other ones are asked for.
+    """
+    wrong = []
+    if args.model not in (None, PRETRAINED_MODEL):
+        wrong.append(f"--model {args.model}")
+    if args.image_size not in (None, PRETRAINED_IMAGE_SIZE):
+        wrong.append(f"--image-size {args.image_size}")
+    if wrong:
+        raise UserError(
+            f"only {PRETRAINED_MODEL} at {PRETRAINED_IMAGE_SIZE}x{PRETRAINED_IMAGE_SIZE} is released, but "
+            f"{' and '.join(wrong)} was asked for: pass your checkpoint with --ckpt PATH"
+        )
+    return pretrained_checkpoint(f"SiT-XL-2-{PRETRAINED_IMAGE_SIZE}x{PRETRAINED_IMAGE_SIZE}.pt")
+
+
+def build_model(request: ModelRequest, device: torch.device) -> tuple[SiT, dict]:
+    """An eval-mode, frozen SiT on `device` with the checkpoint's weights.
+
+    Architecture, learn_sigma, input size and channels come from the weights (infer_config); the
+    user's --model / --image-size / --in-channels must agree with them (one-line UserError naming
+    the right value otherwise). A class count other than the checkpoint's is load_into_model's
+    case: the label table is re-initialised with a one-line warning.
+    Returns (model, info) with info = read_checkpoint's info plus "path", "model", "image_size",
+    "num_classes", "learn_sigma", "label_table_reinitialised".
+    """
+    path = request.ckpt
+    state_dict, info = read_checkpoint(path, prefer="model" if request.use_raw else "ema")
+    if request.use_raw and info["weights"] != "model":
+        logger.warning("--use-raw: %s holds a single set of weights (no 'model'/'ema' entries); using them", path)
+    config = infer_config(state_dict)
+    found = registry_name(config["depth"], config["hidden_size"], config["patch_size"])
+    arch = f"depth {config['depth']}, hidden {config['hidden_size']}, patch {config['patch_size']}"
+    name = request.model or found
+    if name is None:
+        raise CheckpointError(f"{path}: no registry model has {arch}")
+    if name not in SiT_models:
+        raise UserError(f"unknown model {name!r}; choose one of {', '.join(SiT_models)}")
+    wanted = model_config(name)
+    if (wanted["depth"], wanted["hidden_size"], wanted["patch_size"]) != (
+            config["depth"], config["hidden_size"], config["patch_size"]):
+        hint = f"pass --model {found}" if found else "no registry model matches it"
+        raise CheckpointError(f"{path} is a {found or 'SiT'} ({arch}), not a {name}: {hint}")
+
+    in_channels = request.in_channels if request.in_channels is not None else config["in_channels"]
+    if in_channels != config["in_channels"]:
+        what = "the VAE's latents have" if request.downsample > 1 else "--in-channels says"
+        fix = ("use the VAE it was trained with (or --vae none for a pixel-space model)" if request.downsample > 1
+               else f"pass --in-channels {config['in_channels']}")
+        raise CheckpointError(f"{path} takes {config['in_channels']}-channel inputs but {what} {in_channels}: {fix}")
+    input_size = config["input_size"]
+    if request.image_size is not None:
+        step = request.downsample * config["patch_size"]
+        if request.image_size % step:
+            raise UserError(
+                f"--image-size {request.image_size} is not a multiple of {step} (the "
+                f"{'VAE factor ' + str(request.downsample) + ' x ' if request.downsample > 1 else ''}"
+                f"patch size {config['patch_size']})"
+            )
+        if request.image_size // request.downsample != input_size:
+            raise CheckpointError(
+                f"{path} was trained at model input size {input_size}, i.e. --image-size "
+                f"{input_size * request.downsample} here, not {request.image_size}"
+            )
+    num_classes = request.num_classes if request.num_classes is not None else config["num_classes"]
+    if num_classes < 1:
+        raise UserError(f"--num-classes must be at least 1, got {num_classes}")
+    model = SiT_models[name](
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        learn_sigma=config["learn_sigma"],
+        attn_backend=request.attn_backend,
+        fused_kernels=request.fused_kernels,
+    )
+    loaded = load_into_model(model, state_dict, source=path)
+    model = model.to(device).eval().requires_grad_(False)
+    info.update(loaded)
+    info.update(path=path, model=name, image_size=input_size * request.downsample, num_classes=num_classes,
+                learn_sigma=config["learn_sigma"])
+    return model, info
+
+
+def check_training_args(info: dict, transport_args: dict) -> None:
+    """Warn (one line) when a train.py checkpoint was trained with other transport settings."""
+    trained = info.get("args")
+    if not isinstance(trained, dict):
+        return
+    differ = [f"--{k.replace('_', '-')} {trained[k]} (given: {v})" for k, v in transport_args.items()
+              if k in trained and trained[k] != v]
+    if differ:
+        logger.warning("the checkpoint was trained with %s; pass the same to sample from it", ", ".join(differ))
+
+
+#################################################################################
+#                 Forwards: conditional, guided; compiled / CUDA graphs          #
+#################################################################################
+
+def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, cfg_channels: int | str) -> torch.Tensor:
+    """u + w (c - u) on the first cfg_channels channels ("all": every channel); the rest stays c."""
+    guided = cond.shape[1] if cfg_channels == "all" else min(int(cfg_channels), cond.shape[1])
+    mixed = uncond[:, :guided] + cfg_scale * (cond[:, :guided] - uncond[:, :guided])  # (B, g, H, W)
+    if guided == cond.shape[1]:
+        return mixed
+    return torch.cat([mixed, cond[:, guided:]], dim=1)  # (B, C, H, W)
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype | None):
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
+class CUDAGraphForward:
+    """Replays a CUDA graph of fn(*tensors) per input signature (shapes and dtypes).
+
+    The first call with a new signature warms fn up on a side stream (Triton autotuning, cuBLAS
+    workspaces, lazy init), then captures it; every call copies its inputs into the graph's static
+    inputs, replays, and returns a clone of the static output (callers such as Heun and dopri5 keep
+    earlier outputs alive, which the next replay would overwrite). The graphs share one memory pool:
+    they never run concurrently. CUDA only; fn must not synchronise with the host.
+    """
+
+    def __init__(self, fn: Callable[..., torch.Tensor], warmup_calls: int = 2):
+        self.fn = fn
+        self.warmup_calls = warmup_calls
+        self.graphs: dict[tuple, tuple] = {}
+        self.pool = None
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        key = tuple((tuple(x.shape), x.dtype) for x in inputs)
+        entry = self.graphs.get(key)
+        if entry is None:
+            entry = self.graphs[key] = self._capture(inputs)
+        graph, static_inputs, static_output = entry
+        for static, x in zip(static_inputs, inputs):
+            static.copy_(x)
+        graph.replay()
+        return static_output.clone()
+
+    def _capture(self, inputs):
+        if not all(x.is_cuda for x in inputs):
+            raise RuntimeError("CUDAGraphForward needs CUDA tensors")
+        static_inputs = [x.clone() for x in inputs]
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup_calls):
+                self.fn(*static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            static_output = self.fn(*static_inputs)
+        return graph, static_inputs, static_output
+
+
+class ModelForwards:
+    """The two forwards sampling needs, built once and reused for every batch.
+
+    conditional(x, t, y) -> (B, C, H, W): the model's prediction for labels y.
+    guided(x, t, y_pair) -> (B, C, H, W): one pass over the doubled batch [x, x] with labels
+        y_pair = [y, null], mixed by apply_guidance (fp32 maths; same result as forward_with_cfg).
+    Both return fp32. autocast_dtype (bf16) runs the model under autocast; compile wraps each
+    forward in torch.compile; cuda_graphs replays each from a CUDA graph (CUDA only).
+    """
+
+    def __init__(self, model: SiT, *, cfg_scale: float = 1.0, cfg_channels: int | str = 3,
+                 autocast_dtype: torch.dtype | None = None, compile: bool = False, cuda_graphs: bool = False):
+        device = next(model.parameters()).device
+        if cuda_graphs and device.type != "cuda":
+            raise UserError("--cuda-graphs needs a CUDA device")
+        self.model = model
+        self.device = device
+        self.cfg_scale = cfg_scale
+        self.cfg_channels = cfg_channels
+        self.null_label = model.num_classes
+
+        def conditional(x, t, y):
+            with autocast_context(device, autocast_dtype):
+                return model(x, t, y).float()  # (B, C, H, W)
+
+        def guided(x, t, y_pair):
+            with autocast_context(device, autocast_dtype):
+                out = model(torch.cat([x, x]), torch.cat([t, t]), y_pair).float()  # (2B, C, H, W)
+            cond, uncond = out.chunk(2)
+            return apply_guidance(cond, uncond, cfg_scale, cfg_channels)  # (B, C, H, W)
+
+        if compile:
+            conditional = torch.compile(conditional, dynamic=False)
+            guided = torch.compile(guided, dynamic=False)
+        if cuda_graphs:
+            conditional, guided = CUDAGraphForward(conditional), CUDAGraphForward(guided)
+        self.conditional = conditional
+        self.guided = guided
+
+    def label_pair(self, y: torch.Tensor) -> torch.Tensor:
+        """[y, null]: the labels of a doubled guidance batch, built once per batch."""
+        return torch.cat([y, torch.full_like(y, self.null_label)])
+
+
+def model_call_times(sampler_kind: str, transport, *, sampling_method: str, num_steps: int, reverse: bool = False,
+                     diffusion_form: str = "SBDM", last_step: str | None = "Mean",
+                     last_step_size: float = 0.04) -> list[float] | None:
+    """The time of every model call a fixed-step sampler of sit_fast.transport makes, in order.
+
+    ODE euler: t_i for i < n; ODE heun: t_i, t_{i+1} per step (grid of n + 1 points);
+    SDE Euler: t_i per stochastic step, SDE Heun: t_i, t_{i+1}, over a grid of n points; then one
+    call at the grid's end for the last step (none when last_step is None). The grids are built by
+    the transport's own time_grid on the CPU. None for methods that choose their own times
+    (torchdiffeq's adaptive and multi-stage methods).
+    """
+    from sit_fast.transport.integrators import time_grid
+
+    like = torch.empty(0)
+    if sampler_kind == "ODE":
+        if sampling_method not in ("euler", "heun"):
+            return None
+        t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, sde=False, eval=True,
+                                          reverse=reverse, last_step_size=0.0)
+        grid = time_grid(t0, t1, num_steps + 1, like).tolist()
+        if sampling_method == "euler":
+            return grid[:-1]
+        return [t for i in range(num_steps) for t in (grid[i], grid[i + 1])]
+    if sampler_kind == "SDE":
+        size = 0.0 if last_step is None else last_step_size
+        t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, diffusion_form=diffusion_form,
+                                          sde=True, eval=True, reverse=False, last_step_size=size)
+        grid = time_grid(t0, t1, num_steps, like).tolist()
+        if sampling_method == "Euler":
+            times = grid[:-1]
+        else:
+            times = [t for i in range(num_steps - 1) for t in (grid[i], grid[i + 1])]
+        return times + ([] if last_step is None else [grid[-1]])
+    raise ValueError(f"unknown sampler kind {sampler_kind!r}")
+
+
+class Denoiser:
+    """Chooses, per model call, the plain conditional forward or the guided one.
+
+    cfg_scale == 1: always conditional (no doubled batch). cfg_interval=(low, high): guided only
+    for low <= t <= high, decided from call_times (host floats, see model_call_times) when given,
+    else from t itself (one host read per call; adaptive solvers synchronise per step anyway).
+    """
+
+    def __init__(self, forwards: ModelForwards, cfg_scale: float = 1.0,
+                 cfg_interval: tuple[float, float] | None = None, call_times: Sequence[float] | None = None):
+        if cfg_interval is not None and cfg_interval[0] > cfg_interval[1]:
+            raise UserError(f"--cfg-interval {cfg_interval[0]} {cfg_interval[1]}: LOW must not exceed HIGH")
+        self.forwards = forwards
+        self.guidance = cfg_scale != 1.0
+        self.cfg_interval = cfg_interval if self.guidance else None
+        self.inside = None
+        if self.cfg_interval is not None and call_times is not None:
+            self.inside = [self._in_interval(t) for t in call_times]
+
+    def _in_interval(self, t: float) -> bool:
+        low, high = self.cfg_interval
+        return low <= t <= high
+
+    def for_labels(self, y: torch.Tensor) -> "LabelledDenoiser":
+        """The model_fn for one batch with labels y (the samplers call it as fn(x, t))."""
+        return LabelledDenoiser(self, y)
+
+
+class LabelledDenoiser:
+    """model_fn(x, t) for one batch; counts its calls to look up the precomputed guidance decision."""
+
+    def __init__(self, denoiser: Denoiser, y: torch.Tensor):
+        self.denoiser = denoiser
+        self.y = y
+        self.y_pair = denoiser.forwards.label_pair(y) if denoiser.guidance else None
+        self.calls = 0
+        self.guided_calls = 0
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        denoiser = self.denoiser
+        call = self.calls
+        self.calls += 1
+        if not denoiser.guidance:
+            guided = False
+        elif denoiser.cfg_interval is None:
+            guided = True
+        elif denoiser.inside is not None:
+            if call >= len(denoiser.inside):
+                raise RuntimeError(
+                    f"the sampler made more model calls ({call + 1}) than model_call_times predicted "
+                    f"({len(denoiser.inside)}): sit_fast.transport changed, update model_call_times"
+                )
+            guided = denoiser.inside[call]
+        else:
+            guided = denoiser._in_interval(float(t[0]))
+        if guided:
+            self.guided_calls += 1
+            return denoiser.forwards.guided(x, t, self.y_pair)
+        return denoiser.forwards.conditional(x, t, self.y)
+
+    def check_finished(self) -> None:
+        """After a batch: the sampler made exactly the calls model_call_times predicted."""
+        inside = self.denoiser.inside
+        if inside is not None and self.calls != len(inside):
+            raise RuntimeError(
+                f"the sampler made {self.calls} model calls, model_call_times predicted {len(inside)}: "
+                f"sit_fast.transport changed, update model_call_times"
+            )
+
+
+#################################################################################
+#                           Seeds, noise and labels                              #
+#################################################################################
+
+def derived_seed(*values: int) -> int:
+    """A well-mixed 63-bit seed from integers (numpy's SeedSequence), e.g. (seed, index)."""
+    return int(np.random.SeedSequence([v & 0xFFFFFFFFFFFFFFFF for v in values]).generate_state(1, np.uint64)[0]
+               & 0x7FFFFFFFFFFFFFFF)
+
+
+def index_noise(seed: int, indices: Sequence[int], shape: tuple[int, ...], num_classes: int,
+                class_balanced: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Initial noise (N, *shape) and labels (N,) of images `indices`, each from its own CPU generator.
+
+    Labels: index % num_classes with class_balanced, else uniform draws from the same generator.
+    """
+    noise = torch.empty(len(indices), *shape)
+    labels = torch.empty(len(indices), dtype=torch.long)
+    generator = torch.Generator()
+    for row, index in enumerate(indices):
+        generator.manual_seed(derived_seed(seed, index))
+        noise[row] = torch.randn(shape, generator=generator)
+        labels[row] = index % num_classes if class_balanced else torch.randint(num_classes, (), generator=generator)
+    return noise, labels
+
+
+#################################################################################
+#                      FID samples: PNG folder -> ADM .npz                       #
+#################################################################################
+
+def png_path(sample_dir: str, index: int) -> str:
+    return os.path.join(sample_dir, f"{index:06d}.png")
+
+
+def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int) -> list[int]:
+    """Chunks k (images k*chunk_size ... , below num_samples) with at least one PNG missing."""
+    present = set(os.listdir(sample_dir)) if os.path.isdir(sample_dir) else set()
+    pending = []
+    for k in range(math.ceil(num_samples / chunk_size)):
+        stop = min((k + 1) * chunk_size, num_samples)
+        if any(f"{i:06d}.png" not in present for i in range(k * chunk_size, stop)):
+            pending.append(k)
+    return pending
+
+
+def check_settings(sample_dir: str, settings: dict) -> None:
+    """Refuse to resume a folder written with other image-changing settings; record them otherwise."""
+    path = os.path.join(sample_dir, "settings.json")
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            recorded = json.load(f)
+        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+        if differ:
+            raise UserError(
+                f"{sample_dir} holds samples made with other settings ({'; '.join(differ[:3])}"
+                f"{' ...' if len(differ) > 3 else ''}): pass another --sample-dir, or delete it to start over"
+            )
+        return
+    os.makedirs(sample_dir, exist_ok=True)
+    _atomic_write_bytes(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+
+
+class PNGWriter:
+    """Writes numbered PNGs on background threads (PNG compression releases the GIL), atomically:
+    each file is written under a temporary name and renamed, so a killed run leaves no torn PNG."""
+
+    def __init__(self, sample_dir: str, max_workers: int = 2):
+        self.sample_dir = sample_dir
+        self.pool = ThreadPoolExecutor(max_workers=max_workers)
+        self.futures: list[Future] = []
+
+    def write(self, images: np.ndarray, indices: Sequence[int]) -> None:
+        """images: (N, H, W, 3) uint8."""
+        running = []
+        for future in self.futures:
+            if future.done():
+                future.result()  # re-raise a failed write now rather than at the end
+            else:
+                running.append(future)
+        self.futures = running
+        for image, index in zip(images, indices):
+            self.futures.append(self.pool.submit(_write_png, image, png_path(self.sample_dir, index)))
+
+    def close(self) -> None:
+        """Wait for every PNG; re-raise the first error."""
+        try:
+            for future in self.futures:
+                future.result()
+        finally:
+            self.pool.shutdown(wait=True)
+
+
+def _write_png(image: np.ndarray, path: str) -> None:
+    from PIL import Image
+
+    temporary = f"{path}.tmp"
+    Image.fromarray(image).save(temporary, format="PNG")
+    os.replace(temporary, path)
+
+
+def _atomic_write_bytes(path: str, data: bytes) -> None:
+    temporary = f"{path}.tmp"
+    with open(temporary, "wb") as f:
+        f.write(data)
+    os.replace(temporary, path)
+
+
+def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool = True) -> tuple[int, ...]:
+    """Stack PNGs 000000 ... num_samples - 1 into npz_path as arr_0, (N, H, W, 3) uint8 (ADM's format).
+
+    Written under a temporary name and renamed. Returns the array's shape.
+    """
+    from PIL import Image
+
+    first = np.asarray(Image.open(png_path(sample_dir, 0)).convert("RGB"))
+    samples = np.empty((num_samples, *first.shape), dtype=np.uint8)
+    indices = range(num_samples)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="building .npz", unit="img")
+    for i in indices:
+        samples[i] = np.asarray(Image.open(png_path(sample_dir, i)).convert("RGB"))
+    temporary = f"{npz_path}.tmp.npz"
+    np.savez(temporary, arr_0=samples)
+    os.replace(temporary, npz_path)
+    return samples.shape
+
+
+def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, 1 or 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grey repeated to RGB)."""
+    from sit_fast.images import to_uint8
+
+    arr = to_uint8(images)  # (N, H, W, C)
+    return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
