@@ -42,6 +42,7 @@ import torch
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError
 from sit_fast.models import SIT_CONFIGS, SiT, SiT_models, model_config
+from sit_fast.transport.integrators import time_grid
 
 logger = logging.getLogger("sit_fast")
 
@@ -237,7 +238,9 @@ def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, c
 
 
 def autocast_context(device: torch.device, dtype: torch.dtype | None):
-    return torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    """Autocast to dtype (None: none). No weight-cast cache: each weight is cast once per forward
+    anyway, and a cache must not outlive a CUDA graph capture."""
+    return torch.autocast(device.type, dtype=dtype, cache_enabled=False) if dtype is not None else nullcontext()
 
 
 class CUDAGraphForward:
@@ -340,8 +343,6 @@ def model_call_times(sampler_kind: str, transport, *, sampling_method: str, num_
     the transport's own time_grid on the CPU. None for methods that choose their own times
     (torchdiffeq's adaptive and multi-stage methods).
     """
-    from sit_fast.transport.integrators import time_grid
-
     like = torch.empty(0)
     if sampler_kind == "ODE":
         if sampling_method not in ("euler", "heun"):
@@ -549,7 +550,11 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
     """
     from PIL import Image
 
-    first = np.asarray(Image.open(png_path(sample_dir, 0)).convert("RGB"))
+    def read(index: int) -> np.ndarray:
+        with Image.open(png_path(sample_dir, index)) as image:
+            return np.asarray(image.convert("RGB"))
+
+    first = read(0)
     samples = np.empty((num_samples, *first.shape), dtype=np.uint8)
     indices = range(num_samples)
     if progress:
@@ -557,7 +562,7 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
 
         indices = tqdm(indices, desc="building .npz", unit="img")
     for i in indices:
-        samples[i] = np.asarray(Image.open(png_path(sample_dir, i)).convert("RGB"))
+        samples[i] = read(i)
     temporary = f"{npz_path}.tmp.npz"
     np.savez(temporary, arr_0=samples)
     os.replace(temporary, npz_path)
