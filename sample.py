@@ -51,7 +51,7 @@ import torch
 
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from sit_fast.errors import UserError, cli_entry
-from sit_fast.models import SiT_models
+from sit_fast.models import SiT_models, resolve_fused_kernels
 from sit_fast.attention import ATTN_BACKENDS
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
@@ -254,11 +254,16 @@ class Setup:
         if self.codec is not None and args.in_channels is not None:
             raise UserError("--in-channels is for pixel space (--vae none); with a VAE the latent channels are the VAE's")
         downsample = self.codec.downsample if self.codec is not None else 1
+        fused_kernels = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
+        try:
+            resolve_fused_kernels(fused_kernels, device)
+        except ValueError as err:
+            raise UserError(f"--fused-kernels on: {err}") from None
         request = ModelRequest(
             ckpt=ckpt, model=args.model, image_size=args.image_size, num_classes=args.num_classes,
             in_channels=self.codec.latent_channels if self.codec is not None else args.in_channels,
             downsample=downsample, use_raw=args.use_raw, attn_backend=args.attn_backend,
-            fused_kernels={"auto": "auto", "on": True, "off": False}[args.fused_kernels],
+            fused_kernels=fused_kernels,
         )
         self.model, self.info = build_model(request, device)
         self.num_classes = self.model.num_classes
