@@ -33,7 +33,7 @@ def _gated_residual_fwd_kernel(
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
     mask = cols < D
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
@@ -71,7 +71,7 @@ def _gated_residual_bwd_kernel(
     tile = pid % n_tiles
     t_start = tile * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
     mask = cols < D
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)

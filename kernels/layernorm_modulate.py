@@ -36,7 +36,7 @@ def _layernorm_modulate_fwd_kernel(
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
     mask = cols < D
 
     shift = tl.load(shift_ptr + b * stride_shift_b + cols * stride_shift_d, mask=mask, other=0.0).to(tl.float32)
@@ -86,7 +86,7 @@ def _layernorm_modulate_bwd_kernel(
     tile = pid % n_tiles
     t_start = tile * rows_per_program
     t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D)
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
     mask = cols < D
 
     scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)

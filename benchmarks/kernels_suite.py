@@ -1,0 +1,230 @@
+"""Fused adaLN kernels vs the eager and compiled PyTorch reference: time, GB/s and parity.
+
+For each op (kernels.reference is the one reference) and each direction ("fwd": forward only;
+"fwd_bwd": forward, then backward of every input from fixed upstream gradients), three variants:
+
+    reference           eager kernels.reference
+    reference+compile   torch.compile(kernels.reference)
+    ours                the fused Triton custom ops
+
+GB/s divides the MINIMUM bytes the op must move (each (B, T, D) tensor read or written once, the
+(B, D) vectors once; see `minimum_bytes`) by the median time, so every variant is measured against the
+same yardstick. Timing: on CUDA `triton.testing.do_bench` (median and 20th/80th percentiles, L2 flushed
+between runs); on the CPU a time.perf_counter loop after warm-up (the Triton interpreter there makes
+"ours" slow by design: CPU numbers only prove the suite runs).
+
+    from benchmarks.kernels_suite import run
+    records = run("cuda", "full")     # B=256, T=256, D=1152, bf16 (SiT-XL/2 at 256 px)
+    records = run("cpu", "tiny")      # B=2, T=16, D=72, fp32; needs TRITON_INTERPRET=1 for "ours"
+
+    python -m benchmarks.kernels_suite --device cpu --size tiny    # JSON lines on stdout
+
+Importable without CUDA or triton: torch is the only import at module level.
+"""
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+SUITE = "kernels"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Size:
+    B: int
+    T: int
+    D: int
+    dtype: torch.dtype
+    cpu_reps: int = 5  # timed iterations of the CPU loop (the interpreter is slow; CPU numbers are a dry run)
+
+
+SIZES = {
+    "tiny": Size(B=2, T=16, D=72, dtype=torch.float32),
+    "full": Size(B=256, T=256, D=1152, dtype=torch.bfloat16),
+}
+
+# Positional arguments of each op, in order; "x"/"y" are (B, T, D), the rest (B, D).
+OP_ARGS = {
+    "layernorm_modulate": ("x", "shift", "scale"),
+    "gated_residual": ("x", "gate", "y"),
+    "gated_residual_layernorm_modulate": ("x", "gate", "y", "shift", "scale"),
+}
+OPS = tuple(OP_ARGS)
+DIRECTIONS = ("fwd", "fwd_bwd")
+VARIANTS = ("reference", "reference+compile", "ours")
+
+
+def make_inputs(op: str, B: int, T: int, D: int, dtype: torch.dtype, device: str | torch.device,
+                requires_grad: bool = False) -> list[torch.Tensor]:
+    """Random arguments for `op`, activations (B, T, D) and modulation vectors (B, D), all in `dtype`."""
+    args = []
+    for name in OP_ARGS[op]:
+        if name in ("x", "y"):
+            t = torch.randn(B, T, D, device=device, dtype=dtype)
+        else:
+            t = 0.5 * torch.randn(B, D, device=device, dtype=dtype)
+        args.append(t.requires_grad_(requires_grad))
+    return args
+
+
+def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.dtype) -> int:
+    """Bytes the op cannot avoid moving: each (B, T, D) tensor read or written once, plus the (B, D) vectors.
+
+    act = B*T*D elements, vec = B*D elements (vectors in the activation dtype here):
+      layernorm_modulate                 fwd: read x, write y (2 act) + read shift, scale (2 vec)
+                                         bwd: read dy, x, write dx (3 act) + read scale, write dshift, dscale (3 vec)
+      gated_residual                     fwd: read x, y, write out (3 act) + read gate (1 vec)
+                                         bwd: read dout, y, write dy (3 act; dx is dout itself) + gate, dgate (2 vec)
+      gated_residual_layernorm_modulate  fwd: read x, y, write x_out, h (4 act) + gate, shift, scale (3 vec)
+                                         bwd: read dx_out, dh, x_out, y, write dx, dy (6 act)
+                                              + read gate, scale, write dgate, dshift, dscale (5 vec)
+    The per-row statistics our kernels keep are not counted: they could be recomputed.
+    fwd_bwd is the sum of the two.
+    """
+    counts = {  # (activation tensors, vector tensors) per direction
+        "layernorm_modulate": {"fwd": (2, 2), "bwd": (3, 3)},
+        "gated_residual": {"fwd": (3, 1), "bwd": (3, 2)},
+        "gated_residual_layernorm_modulate": {"fwd": (4, 3), "bwd": (6, 5)},
+    }[op]
+    parts = ("fwd", "bwd") if direction == "fwd_bwd" else (direction,)
+    n_act = sum(counts[p][0] for p in parts)
+    n_vec = sum(counts[p][1] for p in parts)
+    element = torch.empty((), dtype=dtype).element_size()
+    return (n_act * B * T * D + n_vec * B * D) * element
+
+
+def _as_tuple(out) -> tuple[torch.Tensor, ...]:
+    return out if isinstance(out, tuple) else (out,)
+
+
+def _make_step(fn: Callable, args: list[torch.Tensor], direction: str,
+               grads_out: list[torch.Tensor] | None) -> Callable[[], tuple[torch.Tensor, ...]]:
+    """A zero-argument callable running one iteration; returns the outputs (and input gradients)."""
+    if direction == "fwd":
+        def step():
+            with torch.no_grad():
+                return _as_tuple(fn(*args))
+        return step
+
+    def step():
+        outs = _as_tuple(fn(*args))
+        grads = torch.autograd.grad(outs, args, grads_out)
+        return (*(o.detach() for o in outs), *grads)
+    return step
+
+
+def _time_cuda(step: Callable) -> tuple[float, float, float]:
+    from triton.testing import do_bench
+
+    median, p20, p80 = do_bench(step, quantiles=[0.5, 0.2, 0.8])
+    return median, p20, p80
+
+
+def _time_cpu(step: Callable, reps: int, warmup: int = 1) -> tuple[float, float, float]:
+    for _ in range(warmup):
+        step()
+    times_ms = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        step()
+        times_ms.append((time.perf_counter() - start) * 1e3)
+    deciles = statistics.quantiles(times_ms, n=10, method="inclusive")
+    return statistics.median(times_ms), deciles[1], deciles[7]
+
+
+def _max_abs_err(results: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
+    return max(float((r.float() - e.float()).abs().max()) for r, e in zip(results, expected))
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return "cpu (Triton interpreter)" if device.type == "cpu" else str(device)
+
+
+def run(device: str, size: str) -> list[dict]:
+    """Benchmark every op x direction x variant on `device` at `size` ("tiny" or "full")."""
+    import kernels
+    from kernels import reference
+
+    if size not in SIZES:
+        raise ValueError(f"kernels suite: unknown size {size!r}, expected one of {sorted(SIZES)}")
+    dev = torch.device(device)
+    cfg = SIZES[size]
+    ours_available = kernels.kernels_available(dev)
+    stamp = {
+        "suite": SUITE,
+        "device": _device_name(dev),
+        "commit": _git_commit(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "size": size,
+        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "shapes": {"B": cfg.B, "T": cfg.T, "D": cfg.D},
+    }
+
+    records = []
+    for op in OPS:
+        variants = {
+            "reference": getattr(reference, op),
+            "reference+compile": torch.compile(getattr(reference, op)),
+        }
+        if ours_available:
+            variants["ours"] = getattr(kernels, op)
+        for direction in DIRECTIONS:
+            needs_grad = direction == "fwd_bwd"
+            args = make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, dev, requires_grad=needs_grad)
+            grads_out = None
+            if needs_grad:
+                with torch.no_grad():
+                    grads_out = [torch.randn_like(o) for o in _as_tuple(variants["reference"](*args))]
+            expected = _make_step(variants["reference"], args, direction, grads_out)()
+            bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
+            for variant, fn in variants.items():
+                step = _make_step(fn, args, direction, grads_out)
+                parity = _max_abs_err(step(), expected)  # also the first (compiling) call
+                if dev.type == "cuda":
+                    median, p20, p80 = _time_cuda(step)
+                else:
+                    median, p20, p80 = _time_cpu(step, cfg.cpu_reps)
+                records.append({
+                    **stamp,
+                    "name": f"{op}.{direction}",
+                    "variant": variant,
+                    "median_ms": median,
+                    "p20_ms": p20,
+                    "p80_ms": p80,
+                    "bytes_moved": bytes_moved,
+                    "gbps": bytes_moved / (median * 1e-3) / 1e9,
+                    "parity_max_abs_err": parity,
+                })
+            del args, grads_out, expected
+    return records
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Fused adaLN kernel benchmarks (one JSON record per line).")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
+    parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="problem size")
+    cli = parser.parse_args()
+    if cli.device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton) are imported in run()
+    for record in run(cli.device, cli.size):
+        print(json.dumps(record))
