@@ -82,7 +82,8 @@ def _gated_residual_bwd_kernel(
         y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
         dgate_acc += dout * y
         dy = dout * gate
-        tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d, dy.to(dy_ptr.dtype.element_ty), mask=mask)
+        tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
+                 dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
     part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
     tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
@@ -92,7 +93,8 @@ def check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
     _launch.check_activation(OP, "x", x)
     _launch.check_activation(OP, "y", y, x.shape)
     if y.dtype != x.dtype:
-        raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} (x {tuple(x.shape)}, y {tuple(y.shape)})")
+        raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} "
+                         f"(x {tuple(x.shape)}, y {tuple(y.shape)})")
     _launch.check_modulation(OP, "gate", gate, x)
     _launch.check_same_device(OP, x=x, gate=gate, y=y)
 

@@ -133,7 +133,8 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     for t in range(t_start, t_end):
-        dh = tl.load(dh_ptr + b * stride_dh_b + t * stride_dh_t + cols * stride_dh_d, mask=mask, other=0.0).to(tl.float32)
+        dh = tl.load(dh_ptr + b * stride_dh_b + t * stride_dh_t + cols * stride_dh_d,
+                     mask=mask, other=0.0).to(tl.float32)
         x_out = tl.load(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d,
                         mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
@@ -150,7 +151,8 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
             d_res += tl.load(dx_out_ptr + b * stride_dx_out_b + t * stride_dx_out_t + cols * stride_dx_out_d,
                              mask=mask, other=0.0).to(tl.float32)
         dgate_acc += d_res * y
-        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d, d_res.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
+                 d_res.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
                  (d_res * gate).to(dy_ptr.dtype.element_ty), mask=mask)
 
@@ -160,11 +162,14 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
 
 
-def check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+def check_inputs(
+    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
+) -> None:
     _launch.check_activation(OP, "x", x)
     _launch.check_activation(OP, "y", y, x.shape)
     if y.dtype != x.dtype:
-        raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} (x {tuple(x.shape)}, y {tuple(y.shape)})")
+        raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} "
+                         f"(x {tuple(x.shape)}, y {tuple(y.shape)})")
     _launch.check_modulation(OP, "gate", gate, x)
     _launch.check_modulation(OP, "shift", shift, x)
     _launch.check_modulation(OP, "scale", scale, x)
@@ -260,7 +265,9 @@ def gated_residual_layernorm_modulate_backward_op(
     rstd: torch.Tensor,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_layernorm_modulate_backward(grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, shift_dtype)
+    return gated_residual_layernorm_modulate_backward(
+        grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, shift_dtype
+    )
 
 
 @gated_residual_layernorm_modulate_backward_op.register_fake

@@ -95,7 +95,8 @@ def _layernorm_modulate_bwd_kernel(
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     for t in range(t_start, t_end):
-        dy = tl.load(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
+                     mask=mask, other=0.0).to(tl.float32)
         x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
         mean = tl.load(mean_ptr + b * stride_stat_b + t * stride_stat_t)
         rstd = tl.load(rstd_ptr + b * stride_stat_b + t * stride_stat_t)
@@ -106,7 +107,8 @@ def _layernorm_modulate_bwd_kernel(
         mean_g = tl.sum(g, axis=0) / D
         mean_g_xhat = tl.sum(g * x_hat, axis=0) / D
         dx = rstd * (g - mean_g - x_hat * mean_g_xhat)
-        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
+                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
     part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
     tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
