@@ -1,0 +1,158 @@
+"""python -m benchmarks {kernels,parity,train,sample,memory,all} [--device cpu|cuda] [--size tiny|full] --out DIR
+
+Prints the device, the versions and the two ceilings first, then one line per record, and rewrites
+DIR/results.json and DIR/results.md after every record. Exit status 1 when a parity check failed or
+a measurement raised (out of memory and time-box skips are answers, not failures).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+SUITES = ("kernels", "parity", "train", "sample", "memory")  # "all" runs them in this order
+
+
+def parse_args(argv: list[str] | None):
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    parser.add_argument("suite", choices=SUITES + ("all",), help="which suite to run; all: " + ", ".join(SUITES))
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu (fused kernels through the Triton interpreter)")
+    parser.add_argument("--size", choices=("tiny", "full"), default=None,
+                        help="tiny: a depth-2 SiT with head dim 72 on 8x8 latents (dry run); full: SiT-XL/2 at "
+                             "256px (latent 32x32). Default: full on cuda, tiny on cpu")
+    parser.add_argument("--out", default="results/bench", help="folder for results.json and results.md")
+    parser.add_argument("--deadline-s", type=float, default=None,
+                        help="time for the whole run; each suite gets its share of what is left "
+                             "(default: 450 s full, 170 s tiny)")
+    parser.add_argument("--budget-s", action="append", default=[], metavar="SUITE=SECONDS",
+                        help="a suite's own time box instead of its share (repeatable), e.g. --budget-s train=200")
+    parser.add_argument("--variants", default=None,
+                        help="comma-separated subset of: reference, reference+bf16+sdpa, "
+                             "reference+bf16+sdpa+compile, ours (default: all four)")
+    parser.add_argument("--compile-backend", default=None,
+                        help="torch.compile backend (default: inductor on cuda; eager on cpu, where Dynamo "
+                             "traces but generates no code, which keeps the dry run short)")
+    parser.add_argument("--seed", type=int, default=None, help="parity inputs' seed (default: random, recorded)")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import torch  # does not import triton
+
+    device_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda" and not torch.cuda.is_available():
+        print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
+        return 2
+    if device_type == "cpu":
+        # The fused kernels run on the CPU only through the Triton interpreter, which triton reads
+        # once, when it is first imported (below, through sit_fast.models -> kernels).
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        print("error: TRITON_INTERPRET=1 would run the CUDA kernels in the interpreter; unset it", file=sys.stderr)
+        return 2
+
+    from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite
+
+    global SUITE_LEVEL
+    SUITE_LEVEL = common.Variant("-", "-", False, None, None, False)  # stands in for a suite that failed whole
+
+    runners = {"kernels": run_kernels, "parity": parity_suite.run, "train": train_suite.run,
+               "sample": sample_suite.run, "memory": memory_suite.run}
+    device = torch.device(device_type)
+    size = common.SIZES[args.size or ("full" if device_type == "cuda" else "tiny")]()
+    variants = common.VARIANTS
+    if args.variants:
+        unknown = [n for n in args.variants.split(",") if n not in common.VARIANTS_BY_NAME]
+        if unknown:
+            print(f"error: unknown variants {unknown}; choose from {list(common.VARIANTS_BY_NAME)}", file=sys.stderr)
+            return 2
+        variants = tuple(common.VARIANTS_BY_NAME[n] for n in args.variants.split(","))
+    budgets = dict(size.budgets_s)
+    explicit = {}
+    for item in args.budget_s:
+        suite, _, seconds = item.partition("=")
+        if suite not in SUITES or not seconds:
+            print(f"error: --budget-s {item}: expected SUITE=SECONDS with SUITE one of {SUITES}", file=sys.stderr)
+            return 2
+        explicit[suite] = float(seconds)
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    deadline = time.monotonic() + (args.deadline_s if args.deadline_s is not None else size.deadline_s)
+
+    start = time.monotonic()
+    environment = common.environment(device)
+    for key in ("device", "torch_version", "triton_version", "cuda_version", "python_version", "git_commit"):
+        common.log(f"{key}: {environment[key]}")
+    common.log(f"TRITON_INTERPRET={environment['triton_interpret']}, size {size.name}: {size.model_name}")
+    results = common.Results(args.out, environment, command=["python", "-m", "benchmarks", *(argv or sys.argv[1:])])
+    results.ceilings = common.measure_ceilings(device, size)
+    results.write()
+    c = results.ceilings
+    common.log(f"ceiling copy: {c['copy_gbps']:.1f} GB/s ({c['copy_bytes'] / 2**20:.0f} MiB read + written)")
+    common.log(f"ceiling bf16 matmul: {c['matmul_tflops']:.3g} TFLOP/s ({'x'.join(map(str, c['matmul_shape']))})")
+
+    ctx = common.RunContext(device=device, size=size, results=results, environment=environment,
+                            ceilings=results.ceilings, compile_backend=args.compile_backend or
+                            ("inductor" if device_type == "cuda" else "eager"), variants=variants, seed=args.seed)
+    for i, suite in enumerate(suites):
+        left = deadline - time.monotonic()
+        share = left * budgets[suite] / sum(budgets[s] for s in suites[i:])
+        ctx.budget = common.Budget(min(explicit.get(suite, share), max(left, 0.0)))
+        results.suites_run.append(suite)
+        common.log(f"== {suite} (time box {ctx.budget.seconds:.0f} s)")
+        suite_start = time.monotonic()
+        try:
+            runners[suite](ctx)
+        except Exception as error:  # noqa: BLE001 -- one suite's failure must not lose the others
+            ctx.fail(suite, "suite", SUITE_LEVEL, error, dtype=None)
+        common.log(f"== {suite} done in {time.monotonic() - suite_start:.1f} s")
+
+    statuses: dict[str, int] = {}
+    for record in results.records:
+        statuses[record["status"]] = statuses.get(record["status"], 0) + 1
+    common.log(f"done in {time.monotonic() - start:.1f} s: {len(results.records)} records "
+               f"({', '.join(f'{n} {s}' for s, n in sorted(statuses.items()))}); "
+               f"{os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}")
+    failed = statuses.get("parity_failed", 0) + statuses.get("error", 0)
+    return 1 if failed else 0
+
+
+def run_kernels(ctx) -> None:
+    """benchmarks.kernels_suite.run(device, size), its rows adapted to the common schema."""
+    try:
+        from benchmarks.kernels_suite import run as kernels_run
+    except ImportError as error:
+        ctx.fail("kernels", "suite", SUITE_LEVEL, error, dtype=None)
+        return
+    for row in kernels_run(ctx.device.type, ctx.size.name):
+        ctx.emit(kernel_record(ctx, row))
+
+
+KERNEL_ROW_FIELDS = ("name", "variant", "dtype", "shapes", "median_ms", "p20_ms", "p80_ms", "bytes_moved", "gbps",
+                     "parity_max_abs_err", "iterations", "timer", "status", "note")
+
+
+KERNEL_ROW_STAMP = ("suite", "device", "commit", "date")  # the record's own stamp says these
+
+
+def kernel_record(ctx, row: dict) -> dict:
+    """A kernels_suite row (suite, name, variant, dtype, shapes, median_ms, p20_ms, p80_ms, bytes_moved,
+    gbps, parity_max_abs_err) as a record: environment stamp, fraction of the copy ceiling, the rest
+    of the row's keys under extra."""
+    shapes = row.get("shapes") or {}
+    dtype = row.get("dtype")
+    fields = {k: row[k] for k in KERNEL_ROW_FIELDS if k in row and k not in ("name", "variant")}
+    fields["dtype"] = str(dtype).replace("torch.", "") if dtype is not None else None
+    gbps = row.get("gbps")
+    return ctx.record(
+        "kernels", row["name"], row["variant"], **fields,
+        batch_size=shapes.get("B") if isinstance(shapes, dict) else None,
+        fraction_of_copy_bw=None if gbps is None else gbps / ctx.ceilings["copy_gbps"],
+        extra={k: v for k, v in row.items() if k not in KERNEL_ROW_FIELDS + KERNEL_ROW_STAMP},
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

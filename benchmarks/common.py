@@ -1,0 +1,820 @@
+"""What every suite shares: the record schema, the variants, the sizes, timing, ceilings, the results files.
+
+A record is a flat dict with exactly the keys of FIELDS. A field is null only where it cannot exist:
+`SUITE_FIELDS` says which fields a suite fills, `CPU_NULL` which of those have no meaning on a CPU
+(peak memory, MFU against a GPU peak table), and a record whose status is not "ok" (out of memory,
+skipped for time, failed) may leave its measurements null and says why in `note`.
+`validate_record` applies these rules; the CI dry run checks every record with it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import gc
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from typing import Callable
+
+import numpy as np
+import torch
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCHEMA_VERSION = 1
+
+#################################################################################
+#                                 Record schema                                 #
+#################################################################################
+
+FIELDS: dict[str, str] = {
+    "suite": "kernels | parity | train | sample | memory",
+    "name": "what was measured: train_step, ode_euler_50_cfg4, sde_euler_250_cfg4, forward_backward, a kernel",
+    "variant": "reference | reference+bf16+sdpa | reference+bf16+sdpa+compile | ours (kernels: the kernel suite's)",
+    "status": "ok | oom | skipped | error | parity_failed",
+    "note": "why a figure is missing, or what else to know (null when there is nothing to say)",
+    "device": "device name: torch.cuda.get_device_name(), or the CPU model",
+    "device_type": "cuda | cpu",
+    "dtype": "compute precision: fp32 (TF32 matmuls on CUDA outside the parity suite) | bf16 (autocast)",
+    "model": "model configuration (SiT-XL/2 for --size full)",
+    "shapes": "input shapes of the measurement",
+    "batch_size": "images per step or per sampling batch (kernels: B)",
+    "median_ms": "median time per step / kernel call / full sample of the batch (sampling: extrapolated)",
+    "p20_ms": "20th percentile of the same",
+    "p80_ms": "80th percentile of the same",
+    "iterations": "timed repetitions (warm-up and compilation excluded)",
+    "timer": "cuda_events (per repetition) | perf_counter | the kernel suite's timer",
+    "steps_timed": "sampling: model calls timed per repetition; median_ms scales them to the full sampler",
+    "images_per_s": "batch_size / median time",
+    "flops_per_image": "model FLOPs per image (sit_fast.flops: train 3 x forward; sampling 2 x forward per call, CFG)",
+    "tflops": "achieved model TFLOP/s at the median time",
+    "peak_tflops": "dense peak TFLOP/s of the device for this dtype, from sit_fast.flops.PEAK_TFLOPS",
+    "peak_tflops_source": "which table entry gave peak_tflops",
+    "mfu": "tflops / peak_tflops",
+    "fraction_of_matmul_ceiling": "tflops / the bf16 matmul ceiling measured at the start of the run",
+    "bytes_moved": "kernels: bytes read + written per call",
+    "gbps": "kernels: bytes_moved / median time, GB/s",
+    "fraction_of_copy_bw": "kernels: gbps / the copy ceiling measured at the start of the run",
+    "peak_memory_bytes": "torch.cuda.max_memory_allocated over the timed steps (parameters and optimizer included)",
+    "activation_bytes_per_image": "bytes saved for backward per image (sit_fast.memory, fake tensors, eager maths)",
+    "measured_activation_bytes_per_image": "memory: (peak(b2) - peak(b1)) / (b2 - b1) of forward + backward",
+    "parity_output_rel_err": "||out - ref|| / ||ref|| against the fp32 eager reference (sit_fast.parity)",
+    "parity_loss_rel_err": "the same for the loss",
+    "parity_grad_rel_err_max": "the largest over all parameter gradients",
+    "parity_max_abs_err": "largest absolute difference of the output (kernels: the kernel suite's)",
+    "parity_ok": "every parity figure within sit_fast.parity.TOLERANCES",
+    "parity_tolerances": "the tolerances applied (the parity tests' own)",
+    "variant_config": "how the variant was built: attention backend, fused kernels, autocast, compile, CUDA graphs",
+    "extra": "suite-specific details (batch search, per-call times, ...)",
+    "torch_version": "torch.__version__",
+    "triton_version": "triton.__version__ (null when triton is missing)",
+    "cuda_version": "torch.version.cuda (null for a CPU build of torch)",
+    "python_version": "platform.python_version()",
+    "git_commit": "git rev-parse HEAD (+dirty), or $SIT_FAST_GIT_COMMIT where the tree has no .git",
+    "date": "UTC time of the record, ISO 8601",
+}
+
+# Who the record is and where it ran: never null (triton_version, cuda_version: null without them).
+IDENTITY = {
+    "suite", "name", "variant", "status", "device", "device_type", "extra", "torch_version", "triton_version",
+    "cuda_version", "python_version", "git_commit", "date",
+}
+_COMMON = {"dtype", "shapes"}
+_TIMING = {"median_ms", "p20_ms", "p80_ms", "iterations", "timer"}
+_THROUGHPUT = {"images_per_s", "flops_per_image", "tflops", "peak_tflops", "peak_tflops_source", "mfu",
+               "fraction_of_matmul_ceiling"}
+_PARITY = {"parity_output_rel_err", "parity_loss_rel_err", "parity_grad_rel_err_max", "parity_max_abs_err",
+           "parity_ok", "parity_tolerances"}
+_MODEL = {"model", "batch_size", "variant_config"}
+# Fields each suite fills in an ok record; every other field of its records is null.
+SUITE_FIELDS: dict[str, set[str]] = {
+    "kernels": _COMMON | _TIMING | {"bytes_moved", "gbps", "fraction_of_copy_bw", "parity_max_abs_err"},
+    "train": _COMMON | _MODEL | _TIMING | _THROUGHPUT | _PARITY | {"peak_memory_bytes", "activation_bytes_per_image"},
+    "sample": _COMMON | _MODEL | _TIMING | _THROUGHPUT | {"steps_timed", "peak_memory_bytes", "parity_output_rel_err",
+                                                           "parity_max_abs_err", "parity_ok", "parity_tolerances"},
+    "parity": _COMMON | _MODEL | _PARITY,
+    "memory": _COMMON | _MODEL | {"peak_memory_bytes", "activation_bytes_per_image",
+                                  "measured_activation_bytes_per_image"},
+}
+# Train and sample records copy their parity figures from the parity suite of the same run.
+LINKED_PARITY = _PARITY
+# Figures that do not exist on a CPU: GPU memory and the GPU peak table.
+CPU_NULL = {"peak_memory_bytes", "measured_activation_bytes_per_image", "peak_tflops", "peak_tflops_source", "mfu"}
+ALWAYS_NULLABLE = {"note", "triton_version", "cuda_version"}
+# Fields the kernel suite's rows may not carry (its shapes say what ran; its timer is its own).
+OPTIONAL = {"kernels": {"batch_size", "iterations", "timer"}}
+
+
+def validate_record(record: dict, parity_ran: bool = True) -> list[str]:
+    """Problems with a record under the rules above (empty when it is well formed)."""
+    problems = []
+    missing = [k for k in FIELDS if k not in record]
+    unknown = [k for k in record if k not in FIELDS]
+    if missing:
+        problems.append(f"missing fields {missing}")
+    if unknown:
+        problems.append(f"unknown fields {unknown}")
+    suite = record.get("suite")
+    if suite not in SUITE_FIELDS:
+        return problems + [f"unknown suite {suite!r}"]
+    optional = OPTIONAL.get(suite, set())
+    ok = record.get("status") == "ok"
+    for key in FIELDS:
+        value = record.get(key)
+        if key not in IDENTITY | SUITE_FIELDS[suite] | optional | ALWAYS_NULLABLE:
+            if value is not None:
+                problems.append(f"{key} should be null in a {suite} record, got {value!r}")
+        elif value is not None or key in ALWAYS_NULLABLE or key in optional:
+            continue
+        elif key in IDENTITY:
+            problems.append(f"{key} is null")
+        elif not ok:
+            continue  # out of memory, skipped or failed: the note says why
+        elif record.get("device_type") == "cpu" and key in CPU_NULL:
+            continue
+        elif suite in ("train", "sample") and key in LINKED_PARITY and not parity_ran:
+            continue
+        else:
+            problems.append(f"{key} is null in an ok {suite} record")
+    if not ok and not record.get("note"):
+        problems.append(f"status {record.get('status')!r} without a note")
+    return problems
+
+
+#################################################################################
+#                                Variants, sizes                                #
+#################################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of running the same model on the same weights and inputs."""
+
+    name: str
+    attn_backend: str
+    """sit_fast.attention backend name: "math" (reference), "sdpa", "auto"."""
+    fused_kernels: bool | str
+    """SiT(fused_kernels=...): False (reference ops) or "auto" (Triton on CUDA / the interpreter on CPU)."""
+    autocast_dtype: torch.dtype | None
+    """None: fp32 (TF32 matmuls on CUDA); torch.bfloat16: bf16 autocast."""
+    compile: str | None
+    """None; "model": torch.compile of the whole forward (nn.Module.compile); "blocks": SiT.compile_blocks."""
+    cuda_graphs: bool
+    """Sampling on CUDA: replay each model forward from a CUDA graph (sit_fast.sampling.ModelForwards)."""
+
+    @property
+    def dtype_name(self) -> str:
+        return "bf16" if self.autocast_dtype == torch.bfloat16 else "fp32"
+
+    def autocast(self, device: torch.device):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=self.autocast_dtype)
+
+
+VARIANTS: tuple[Variant, ...] = (
+    Variant("reference", "math", False, None, None, False),
+    Variant("reference+bf16+sdpa", "sdpa", False, torch.bfloat16, None, False),
+    Variant("reference+bf16+sdpa+compile", "sdpa", False, torch.bfloat16, "model", False),
+    Variant("ours", "auto", "auto", torch.bfloat16, "blocks", True),
+)
+VARIANTS_BY_NAME = {v.name: v for v in VARIANTS}
+
+
+@dataclasses.dataclass(frozen=True)
+class SizeConfig:
+    """Everything --size changes."""
+
+    name: str
+    model_name: str
+    model_kwargs: dict
+    """SiT(...) arguments (the variant adds attn_backend and fused_kernels)."""
+    train_batches: tuple[int, ...]
+    """Batch sizes tried for the training step, largest first; the first that fits is timed."""
+    warmup: int
+    """Untimed steps after the first (compiling) call."""
+    iters: int
+    """Timed steps."""
+    sample_batches: tuple[int, ...]
+    steps_timed: int
+    """Model calls per timed sampling run (the full sampler's time is extrapolated from them)."""
+    sample_iters: int
+    parity_batch: int
+    memory_batches: tuple[int, int]
+    """Two batch sizes whose peak-memory difference gives the measured activation bytes per image."""
+    budgets_s: dict
+    """Default share of the time of each suite, seconds (the leftover of a suite flows on)."""
+    deadline_s: float
+    """Default time for the whole run."""
+    copy_bytes: int
+    matmul_n: int
+
+
+def _xl2_kwargs() -> dict:
+    from sit_fast.models import model_config
+
+    return dict(model_config("SiT-XL/2"), input_size=32, in_channels=4, num_classes=1000, learn_sigma=True)
+
+
+SIZES: dict[str, Callable[[], SizeConfig]] = {
+    "tiny": lambda: SizeConfig(
+        # 4 tokens: on the CPU the fused kernels run in the Triton interpreter, whose cost grows with
+        # the number of rows (B x T); head dim 72 keeps a size that is not a power of two.
+        name="tiny", model_name="SiT-tiny (depth 2, hidden 72, 1 head of 72, patch 2, 4x4x4 latent, 10 classes)",
+        model_kwargs=dict(input_size=4, patch_size=2, in_channels=4, hidden_size=72, depth=2, num_heads=1,
+                          num_classes=10, learn_sigma=True),
+        train_batches=(2,), warmup=0, iters=2, sample_batches=(1,), steps_timed=2, sample_iters=1,
+        parity_batch=2, memory_batches=(1, 2),
+        budgets_s={"kernels": 50, "parity": 25, "train": 30, "sample": 30, "memory": 15}, deadline_s=170,
+        copy_bytes=16 << 20, matmul_n=256,
+    ),
+    "full": lambda: SizeConfig(
+        name="full", model_name="SiT-XL/2 (256px: latent 32x32x4, 1000 classes)", model_kwargs=_xl2_kwargs(),
+        train_batches=(256, 128, 64, 32), warmup=2, iters=5, sample_batches=(8, 256), steps_timed=3, sample_iters=3,
+        parity_batch=4, memory_batches=(8, 16),
+        budgets_s={"kernels": 50, "parity": 60, "train": 160, "sample": 120, "memory": 40}, deadline_s=450,
+        copy_bytes=1 << 30, matmul_n=8192,
+    ),
+}
+
+
+#################################################################################
+#                          Environment and ceilings                             #
+#################################################################################
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def git_commit() -> str:
+    """HEAD (with "+dirty" when tracked files changed), or $SIT_FAST_GIT_COMMIT on a tree without .git."""
+    if os.environ.get("SIT_FAST_GIT_COMMIT"):
+        return os.environ["SIT_FAST_GIT_COMMIT"]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown (no git; set SIT_FAST_GIT_COMMIT)"
+    return head + ("+dirty" if dirty else "")
+
+
+def environment(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except ImportError:
+        triton_version = None
+    env = {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch_version": torch.__version__,
+        "triton_version": triton_version,
+        "cuda_version": torch.version.cuda,
+        "python_version": platform.python_version(),
+        "git_commit": git_commit(),
+        "date": utc_now(),
+        "triton_interpret": os.environ.get("TRITON_INTERPRET", "0"),
+        "cpu_count": os.cpu_count(),
+    }
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        env.update(total_memory_bytes=props.total_memory, multiprocessors=props.multi_processor_count,
+                   compute_capability=f"{props.major}.{props.minor}")
+    return env
+
+
+def utc_now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def measure_ceilings(device: torch.device, size: SizeConfig) -> dict:
+    """The two ceilings every figure is read against: device-to-device copy GB/s, bf16 matmul TFLOP/s.
+
+    Copy: dst.copy_(src) of size.copy_bytes of fp32, counting bytes read + written. Matmul: an n x n
+    by n x n bf16 product, 2 n^3 FLOPs. Both on random data (never zeros).
+    """
+    src = torch.randn(size.copy_bytes // 4, device=device)
+    dst = torch.empty_like(src)
+    copy = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    copy_bytes = 2 * src.numel() * src.element_size()
+    del src, dst
+    n = size.matmul_n
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
+    matmul = time_fn(lambda: torch.mm(a, b, out=c), device, warmup=3, iters=20)
+    del a, b, c
+    free_memory(device)
+    return {
+        "copy_gbps": copy_bytes / (copy.median_ms * 1e-3) / 1e9,
+        "copy_bytes": copy_bytes,
+        "copy_median_ms": copy.median_ms,
+        "matmul_tflops": 2 * n**3 / (matmul.median_ms * 1e-3) / 1e12,
+        "matmul_shape": [n, n, n],
+        "matmul_dtype": "bf16",
+        "matmul_median_ms": matmul.median_ms,
+        "timer": copy.timer,
+    }
+
+
+#################################################################################
+#                                    Timing                                     #
+#################################################################################
+
+@dataclasses.dataclass(frozen=True)
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    iterations: int
+    timer: str
+
+    @classmethod
+    def from_times(cls, times_ms: list[float], timer: str) -> "Timing":
+        p20, median, p80 = np.percentile(np.asarray(times_ms), [20, 50, 80])
+        return cls(float(median), float(p20), float(p80), len(times_ms), timer)
+
+    def scaled(self, factor: float) -> "Timing":
+        return dataclasses.replace(self, median_ms=self.median_ms * factor, p20_ms=self.p20_ms * factor,
+                                   p80_ms=self.p80_ms * factor)
+
+    def fields(self) -> dict:
+        return dict(median_ms=self.median_ms, p20_ms=self.p20_ms, p80_ms=self.p80_ms, iterations=self.iterations,
+                    timer=self.timer)
+
+
+def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> Timing:
+    """Run fn warmup times untimed, then iters times, each timed on its own.
+
+    CUDA: a pair of events around each call (device time; the host may run ahead), one synchronize at
+    the end. CPU: perf_counter around each call.
+    """
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        ends = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
+        for start, end in zip(starts, ends):
+            start.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize(device)
+        return Timing.from_times([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda_events")
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return Timing.from_times(times, "perf_counter")
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def expected_cost_s(size: SizeConfig, variant: Variant) -> float:
+    """Rough seconds a measurement of this variant needs (compilation dominates at full size)."""
+    if size.name == "tiny":
+        return 0.0
+    return {"model": 90.0, "blocks": 40.0, None: 10.0}[variant.compile]
+
+
+def error_note(error: BaseException) -> str:
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return text if len(text) <= 300 else text[:297] + "..."
+
+
+class Budget:
+    """A suite's time box: measurements that would not fit in what is left are skipped and recorded so."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self.start = time.monotonic()
+
+    def remaining(self) -> float:
+        return self.seconds - (time.monotonic() - self.start)
+
+    def allows(self, needed_s: float) -> bool:
+        return self.remaining() >= needed_s
+
+
+#################################################################################
+#                                Memory helpers                                 #
+#################################################################################
+
+def free_memory(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> int | None:
+    if device.type != "cuda":
+        return None
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device)
+
+
+def is_oom(error: BaseException) -> bool:
+    """An out-of-memory error, also when torch.compile wrapped it in its own exception."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+#################################################################################
+#                        Models: same weights, each variant                     #
+#################################################################################
+
+def set_tf32(device: torch.device, enabled: bool) -> None:
+    """TF32 matmuls and convolutions for fp32 on CUDA (the reference's "fp32 (TF32)"); off for parity."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if enabled else "highest")
+        torch.backends.cudnn.allow_tf32 = enabled
+
+
+class ModelFactory:
+    """Builds each variant's SiT on the device, all with the same (seeded, randomised) weights.
+
+    The weights are a fresh SiT with its adaLN-Zero parameters filled with N(0, 0.02^2) noise
+    (sit_fast.parity.randomize_zero_init_): a fresh SiT outputs zeros, and zeros are no test and no
+    fair timing. They are kept on the host (pinned on CUDA) and copied into each variant's model.
+    """
+
+    def __init__(self, size: SizeConfig, device: torch.device, compile_backend: str, seed: int = 0):
+        from sit_fast.models import SiT
+        from sit_fast.parity import randomize_zero_init_
+
+        self.size = size
+        self.device = device
+        self.compile_backend = compile_backend
+        torch.manual_seed(seed)
+        reference = randomize_zero_init_(SiT(**size.model_kwargs), seed=seed)
+        state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+        if device.type == "cuda":
+            state = {k: v.pin_memory() for k, v in state.items()}
+        self.state = state
+        self.forward_flops = _forward_flops(reference)
+        self.head_dim = reference.hidden_size // reference.num_heads
+
+    def build(self, variant: Variant, compile: bool = True, **model_kwargs):
+        """The variant's model, with the shared weights, in train mode; compiled as the variant says."""
+        from sit_fast.models import SiT
+
+        torch._dynamo.reset()  # fresh compile caches: no stale graphs, no recompile limit from earlier suites
+        with torch.device("meta"):
+            model = SiT(**self.size.model_kwargs, attn_backend=variant.attn_backend,
+                        fused_kernels=variant.fused_kernels, **model_kwargs)
+        model.to_empty(device=self.device)
+        model.load_state_dict(self.state)
+        model.train()
+        if compile and variant.compile is not None:
+            self.compile(model, variant)
+        return model
+
+    def compile(self, model, variant: Variant) -> None:
+        options = dict(backend=self.compile_backend, dynamic=False)
+        if variant.compile == "model":
+            model.compile(**options)  # torch.compile of the module's forward, in place
+        elif variant.compile == "blocks":
+            if not hasattr(model, "compile_blocks"):
+                raise RuntimeError("variant 'ours' needs SiT.compile_blocks (sit_fast.models)")
+            model.compile_blocks(**options)
+        else:
+            raise ValueError(f"unknown compile mode {variant.compile!r}")
+
+    def variant_config(self, variant: Variant, sampling: bool = False) -> dict:
+        from sit_fast.attention import select_backend
+        from sit_fast.models import resolve_fused_kernels
+
+        dtype = variant.autocast_dtype or torch.float32
+        return {
+            "attn_backend": variant.attn_backend,
+            "attn_backend_resolved": select_backend(variant.attn_backend, self.device, dtype, self.head_dim),
+            "fused_kernels": variant.fused_kernels,
+            "fused_kernels_resolved": resolve_fused_kernels(variant.fused_kernels, self.device),
+            "autocast": None if variant.autocast_dtype is None else variant.dtype_name,
+            "tf32": self.device.type == "cuda" and variant.autocast_dtype is None,
+            "compile": variant.compile,
+            "compile_backend": self.compile_backend if variant.compile else None,
+            "cuda_graphs": sampling and variant.cuda_graphs and self.device.type == "cuda",
+        }
+
+
+def _forward_flops(model) -> int:
+    from sit_fast.flops import forward_flops
+
+    return forward_flops(model)
+
+
+def throughput_fields(ctx: "RunContext", variant: Variant, flops_per_image: float, images_per_s: float) -> dict:
+    """images/s -> TFLOP/s, the device's peak for the variant's dtype, MFU and the fraction of the matmul ceiling."""
+    from sit_fast import flops
+
+    tflops = flops_per_image * images_per_s / 1e12
+    dtype = variant.autocast_dtype or torch.float32
+    tf32 = ctx.device.type == "cuda" and variant.autocast_dtype is None
+    peak = flops.peak_tflops(ctx.environment["device"], dtype, tf32=tf32) if ctx.device.type == "cuda" else None
+    source = None
+    if peak is not None:
+        key = next(k for k in flops.PEAK_TFLOPS if k in ctx.environment["device"])
+        entry = "tf32" if tf32 else variant.dtype_name
+        source = f"sit_fast.flops.PEAK_TFLOPS[{key!r}][{entry!r}] (dense, data sheet)"
+    return dict(
+        images_per_s=images_per_s, flops_per_image=flops_per_image, tflops=tflops, peak_tflops=peak,
+        peak_tflops_source=source, mfu=None if peak is None else tflops / peak,
+        fraction_of_matmul_ceiling=tflops / ctx.ceilings["matmul_tflops"],
+    )
+
+
+#################################################################################
+#                              Results and context                              #
+#################################################################################
+
+class Results:
+    """Collects records and rewrites results.json and results.md after each one (a timeout keeps them)."""
+
+    def __init__(self, out_dir: str, environment: dict, command: list[str]):
+        os.makedirs(out_dir, exist_ok=True)
+        self.out_dir = out_dir
+        self.environment = environment
+        self.command = command
+        self.ceilings: dict | None = None
+        self.records: list[dict] = []
+        self.suites_run: list[str] = []
+
+    def add(self, record: dict) -> None:
+        unknown = set(record) - set(FIELDS)
+        if unknown:
+            raise KeyError(f"record has fields outside the schema: {sorted(unknown)}")
+        self.records.append(record)
+        self.write()
+        print(console_line(record), flush=True)
+
+    def write(self) -> None:
+        document = {
+            "schema_version": SCHEMA_VERSION,
+            "command": self.command,
+            "environment": self.environment,
+            "ceilings": self.ceilings,
+            "suites_run": self.suites_run,
+            "fields": FIELDS,
+            "records": self.records,
+        }
+        _atomic_write(os.path.join(self.out_dir, "results.json"), json.dumps(document, indent=1, default=_json_default))
+        _atomic_write(os.path.join(self.out_dir, "results.md"), to_markdown(document))
+
+
+def _json_default(value):
+    if isinstance(value, torch.dtype):
+        return str(value).replace("torch.", "")
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def _atomic_write(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What a suite needs: the device, the size, the shared weights, the results, its time box."""
+
+    device: torch.device
+    size: SizeConfig
+    results: Results
+    environment: dict
+    ceilings: dict
+    compile_backend: str
+    variants: tuple[Variant, ...] = VARIANTS
+    budget: Budget = dataclasses.field(default_factory=lambda: Budget(math.inf))
+    seed: int | None = None
+    """Parity inputs' seed (random when None, and recorded)."""
+    parity: dict = dataclasses.field(default_factory=dict)
+    """(variant name, dtype) -> the parity fields of that variant, filled by the parity suite."""
+    _models: ModelFactory | None = None
+
+    @property
+    def models(self) -> ModelFactory:
+        if self._models is None:
+            self._models = ModelFactory(self.size, self.device, self.compile_backend)
+        return self._models
+
+    def record(self, suite: str, name: str, variant: str, **fields) -> dict:
+        """A record with every field of the schema: the environment stamp, then `fields`, the rest null."""
+        record = dict.fromkeys(FIELDS)
+        for key in ("device", "device_type", "torch_version", "triton_version", "cuda_version", "python_version",
+                    "git_commit"):
+            record[key] = self.environment[key]
+        record.update(suite=suite, name=name, variant=variant, status="ok", extra={}, date=utc_now())
+        unknown = set(fields) - set(FIELDS)
+        if unknown:
+            raise KeyError(f"fields outside the schema: {sorted(unknown)}")
+        record.update(fields)
+        return record
+
+    def skip(self, suite: str, name: str, variant: Variant, needed_s: float, **fields) -> dict:
+        """Record a measurement the time box left out."""
+        note = (f"time box: {max(self.budget.remaining(), 0):.0f} s left of this suite's {self.budget.seconds:.0f} s, "
+                f"needs about {needed_s:.0f} s")
+        fields.setdefault("dtype", variant.dtype_name)
+        return self.emit(self.record(suite, name, variant.name, status="skipped", note=note, **fields))
+
+    def fail(self, suite: str, name: str, variant: Variant, error: BaseException, **fields) -> dict:
+        """Record a measurement that raised (the traceback goes to stderr)."""
+        traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+        status = "oom" if is_oom(error) else "error"
+        fields.setdefault("dtype", variant.dtype_name)
+        return self.emit(self.record(suite, name, variant.name, status=status, note=error_note(error), **fields))
+
+    def emit(self, record: dict) -> dict:
+        self.results.add(record)
+        return record
+
+    def linked_parity(self, variant: Variant, fields: set[str]) -> tuple[dict, str]:
+        """Parity fields for a train / sample record, copied from this run's parity suite.
+
+        Returns (fields, where they came from). The reference is its own yardstick: zero error by
+        definition (on CUDA its timed steps use TF32, which the parity suite does not measure).
+        """
+        from sit_fast.parity import TOLERANCES
+
+        if variant.name == "reference":
+            zero = {"parity_output_rel_err": 0.0, "parity_loss_rel_err": 0.0, "parity_grad_rel_err_max": 0.0,
+                    "parity_max_abs_err": 0.0, "parity_ok": True, "parity_tolerances": TOLERANCES["fp32"]}
+            return {k: zero[k] for k in fields}, "the reference itself"
+        found = self.parity.get((variant.name, variant.dtype_name))
+        if found is None:
+            return {}, "none: the parity suite did not measure this variant in this run"
+        return {k: v for k, v in found.items() if k in fields}, found["source"]
+
+
+#################################################################################
+#                           Console and markdown views                          #
+#################################################################################
+
+def _fmt(value, spec: str = ".3g", scale: float = 1.0, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "NO"
+    if isinstance(value, (int, float)):
+        return f"{value * scale:{spec}}{suffix}"
+    return str(value)
+
+
+def _gib(value) -> str:
+    return _fmt(value, ".2f", 1 / 2**30, " GiB")
+
+
+def _mib(value) -> str:
+    return _fmt(value, ".2f", 1 / 2**20, " MiB")
+
+
+def _percent(value) -> str:
+    return _fmt(value, ".1f", 100, "%")
+
+
+def _ms(record) -> str:
+    if record.get("median_ms") is None:
+        return "-"
+    return f"{record['median_ms']:.4g} ({record['p20_ms']:.4g}-{record['p80_ms']:.4g})"
+
+
+def _status(record) -> str:
+    status = record["status"]
+    return status if not record.get("note") else f"{status}: {record['note']}"
+
+
+COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
+    "kernels": [
+        ("kernel", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
+        ("shapes", lambda r: _fmt(r["shapes"])), ("ms median (p20-p80)", _ms),
+        ("GB/s", lambda r: _fmt(r["gbps"], ".3g")), ("of copy BW", lambda r: _percent(r["fraction_of_copy_bw"])),
+        ("max abs err", lambda r: _fmt(r["parity_max_abs_err"], ".2g")), ("status", _status),
+    ],
+    "parity": [
+        ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]), ("batch", lambda r: _fmt(r["batch_size"])),
+        ("output rel", lambda r: _fmt(r["parity_output_rel_err"], ".2e")),
+        ("loss rel", lambda r: _fmt(r["parity_loss_rel_err"], ".2e")),
+        ("max grad rel", lambda r: _fmt(r["parity_grad_rel_err_max"], ".2e")),
+        ("worst", lambda r: _fmt(r["extra"].get("worst"))),
+        ("tolerances (out/loss/grad)", lambda r: "-" if not r["parity_tolerances"] else
+         "/".join(f"{r['parity_tolerances'][k]:.0e}" for k in ("output", "loss", "grad"))),
+        ("ok", lambda r: _fmt(r["parity_ok"])), ("status", _status),
+    ],
+    "train": [
+        ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]), ("batch", lambda r: _fmt(r["batch_size"])),
+        ("ms/step median (p20-p80)", _ms), ("img/s", lambda r: _fmt(r["images_per_s"], ".4g")),
+        ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")), ("MFU", lambda r: _percent(r["mfu"])),
+        ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
+        ("act/img", lambda r: _mib(r["activation_bytes_per_image"])),
+        ("parity out/grad", lambda r: f"{_fmt(r['parity_output_rel_err'], '.1e')}/"
+                                      f"{_fmt(r['parity_grad_rel_err_max'], '.1e')}"),
+        ("status", _status),
+    ],
+    "sample": [
+        ("sampler", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("batch", lambda r: _fmt(r["batch_size"])),
+        ("steps timed", lambda r: _fmt(r["steps_timed"])), ("ms/batch median (p20-p80)", _ms),
+        ("img/s", lambda r: _fmt(r["images_per_s"], ".3g")), ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")),
+        ("MFU", lambda r: _percent(r["mfu"])), ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
+        ("parity out", lambda r: _fmt(r["parity_output_rel_err"], ".1e")), ("status", _status),
+    ],
+    "memory": [
+        ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
+        ("act/img (fake tensors)", lambda r: _mib(r["activation_bytes_per_image"])),
+        ("act/img (measured)", lambda r: _mib(r["measured_activation_bytes_per_image"])),
+        ("batch", lambda r: _fmt(r["batch_size"])), ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
+        ("status", _status),
+    ],
+}
+
+
+def to_markdown(document: dict) -> str:
+    env = document["environment"]
+    lines = [
+        f"# sit_fast benchmarks: {env['device']}",
+        "",
+        f"torch {env['torch_version']}, triton {env['triton_version']}, CUDA {env['cuda_version']}, "
+        f"python {env['python_version']}, commit {env['git_commit']}, {env['date']}",
+        "",
+        "command: `" + " ".join(document["command"]) + "`",
+        "",
+    ]
+    ceilings = document.get("ceilings")
+    if ceilings:
+        lines += [
+            f"Ceilings measured here: copy {ceilings['copy_gbps']:.0f} GB/s "
+            f"({ceilings['copy_bytes'] / 2**20:.0f} MiB read + written), "
+            f"bf16 matmul {ceilings['matmul_tflops']:.3g} TFLOP/s ({'x'.join(map(str, ceilings['matmul_shape']))}).",
+            "",
+        ]
+    for suite, columns in COLUMNS.items():
+        records = [r for r in document["records"] if r["suite"] == suite]
+        if not records:
+            continue
+        lines += [f"## {suite}", "", "| " + " | ".join(h for h, _ in columns) + " |",
+                  "|" + " --- |" * len(columns)]
+        for r in records:
+            lines.append("| " + " | ".join(fn(r).replace("|", "/") for _, fn in columns) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def console_line(record: dict) -> str:
+    parts = [f"[{record['suite']}]", record["name"], record["variant"], record["dtype"] or ""]
+    if record.get("batch_size") is not None:
+        parts.append(f"B={record['batch_size']}")
+    if record.get("median_ms") is not None:
+        parts.append(f"{record['median_ms']:.4g} ms")
+    for key, label, spec in (("images_per_s", "img/s", ".4g"), ("tflops", "TFLOP/s", ".3g"), ("gbps", "GB/s", ".3g")):
+        if record.get(key) is not None:
+            parts.append(f"{record[key]:{spec}} {label}")
+    if record.get("mfu") is not None:
+        parts.append(f"MFU {record['mfu'] * 100:.1f}%")
+    if record.get("peak_memory_bytes") is not None:
+        parts.append(f"peak {record['peak_memory_bytes'] / 2**30:.2f} GiB")
+    if record.get("activation_bytes_per_image") is not None:
+        parts.append(f"act {record['activation_bytes_per_image'] / 2**20:.2f} MiB/img")
+    if record.get("parity_output_rel_err") is not None:
+        parts.append(f"out rel {record['parity_output_rel_err']:.2e}")
+    if record.get("parity_ok") is not None:
+        parts.append("parity ok" if record["parity_ok"] else "PARITY FAIL")
+    parts.append(record["status"] + (f" ({record['note']})" if record.get("note") else ""))
+    return " ".join(p for p in parts if p)
+
+
+def log(message: str) -> None:
+    print(message, flush=True, file=sys.stdout)

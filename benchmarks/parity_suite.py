@@ -1,0 +1,91 @@
+"""Parity: each variant against the fp32 eager reference, forward and backward.
+
+sit_fast.parity.compare gives the candidate the reference's weights, runs both on the same random
+inputs and the same loss, and compares the output, the loss and every parameter gradient; the
+tolerances are sit_fast.parity.TOLERANCES, the parity tests' own. TF32 is off here on CUDA, so
+"fp32" means fp32.
+
+Cases, most important first: ours in fp32 (the fused kernels alone), then every non-reference
+variant in its own precision (bf16 autocast). Train and sample records of the same run copy these
+figures (RunContext.parity).
+"""
+from __future__ import annotations
+
+import dataclasses
+import random
+
+import torch
+
+from benchmarks.common import (
+    VARIANTS_BY_NAME, RunContext, Variant, expected_cost_s, free_memory, set_tf32,
+)
+
+SUITE = "parity"
+NAME = "forward_backward"
+
+
+def cases(variants: tuple[Variant, ...]) -> list[tuple[Variant, torch.dtype | None]]:
+    """(variant, autocast dtype or None for fp32), fused-kernel variants first."""
+    out = []
+    for variant in sorted(variants, key=lambda v: v.fused_kernels is False):
+        if variant.name == "reference":
+            continue
+        if variant.fused_kernels is not False and variant.autocast_dtype is not None:
+            out.append((variant, None))  # the kernels in fp32, where the tolerance is tight
+        out.append((variant, variant.autocast_dtype))
+    return out
+
+
+def run(ctx: RunContext) -> None:
+    from sit_fast.parity import compare
+
+    set_tf32(ctx.device, False)
+    try:
+        reference_variant = VARIANTS_BY_NAME["reference"]
+        seed = ctx.seed if ctx.seed is not None else random.randrange(2**31)
+        B = ctx.size.parity_batch
+        kw = ctx.size.model_kwargs
+        shapes = {"x": [B, kw["in_channels"], kw["input_size"], kw["input_size"]], "t": [B], "y": [B]}
+        for variant, autocast_dtype in cases(ctx.variants):
+            dtype_name = "fp32" if autocast_dtype is None else "bf16"
+            common = dict(model=ctx.size.model_name, shapes=shapes, batch_size=B)
+            needed = expected_cost_s(ctx.size, variant)
+            if not ctx.budget.allows(needed):
+                ctx.skip(SUITE, NAME, variant, needed, **common)
+                continue
+            fp32_variant = variant if autocast_dtype is not None else _as_fp32(variant)
+            try:
+                reference = ctx.models.build(reference_variant)
+                candidate = ctx.models.build(variant)
+                report = compare(reference, candidate, batch_size=B, autocast_dtype=autocast_dtype,
+                                 device=ctx.device, seed=seed, compiled=variant.compile is not None)
+            except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
+                ctx.fail(SUITE, NAME, variant, error, **common)
+                continue
+            finally:
+                reference = candidate = None
+                free_memory(ctx.device)
+            failures = report.failures()
+            output_row = report.rows[0]
+            fields = dict(
+                parity_output_rel_err=report.output_rel_err, parity_loss_rel_err=report.loss_rel_err,
+                parity_grad_rel_err_max=report.grad_rel_err_max, parity_max_abs_err=output_row["max_abs"],
+                parity_ok=not failures, parity_tolerances=report.tolerances(),
+            )
+            worst = sorted(report.rows[2:], key=lambda r: -r["rel_err"])[:5]
+            ctx.emit(ctx.record(
+                SUITE, NAME, variant.name, status="ok" if not failures else "parity_failed",
+                note="; ".join(failures) or None, dtype=dtype_name, **common, **fields,
+                variant_config=dict(ctx.models.variant_config(fp32_variant), tf32=False),
+                extra={"seed": seed, "worst": report.worst["tensor"], "worst_rows": worst,
+                       "compared_with": "reference (fp32, eager, attn math, reference ops)"},
+            ))
+            ctx.parity[(variant.name, dtype_name)] = dict(
+                fields, source=f"parity suite: batch {B}, seed {seed}, {dtype_name}")
+    finally:
+        set_tf32(ctx.device, True)
+
+
+def _as_fp32(variant: Variant) -> Variant:
+    """The same variant with autocast off (for variant_config of an fp32 case)."""
+    return dataclasses.replace(variant, autocast_dtype=None)

@@ -1,0 +1,131 @@
+"""Sampling: images/s and latency of a 50-step Euler ODE and a 250-step Euler-Maruyama SDE, both with
+classifier-free guidance (scale 4.0, upstream sample.py's default), at each batch of size.sample_batches.
+
+The model is driven the way sample.py drives it: sit_fast.sampling.ModelForwards (the guided forward
+over the doubled batch [x, x] with labels [y, null]) and Denoiser, called by the transport's own
+samplers (sit_fast.transport.Sampler), under torch.no_grad. Variants:
+
+    reference, reference+bf16+sdpa    the forward as it is (autocast for the bf16 one);
+    reference+bf16+sdpa+compile       torch.compile of the guided forward (sample.py --compile);
+    ours                              SiT.compile_blocks, fused kernels, and on CUDA the guided forward
+                                      replayed from a CUDA graph (sit_fast.sampling.CUDAGraphForward).
+
+Extrapolation, to fit the time box: each timed run is the real sampler with `steps_timed` model
+calls (ODE euler num_steps=k: k calls; SDE Euler num_steps=k: k - 1 stochastic steps and the last
+step), and median_ms / p20_ms / p80_ms scale that run by (model calls of the full sampler) / k, as
+counted by sit_fast.sampling.model_call_times. Every call costs the same, so this is the full
+sampler's time up to its fixed per-run overhead (building the time grid and the label pair).
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+
+from benchmarks.common import (
+    LINKED_PARITY, SUITE_FIELDS, ModelFactory, RunContext, Variant, expected_cost_s, free_memory, peak_memory,
+    reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
+)
+
+SUITE = "sample"
+CFG_SCALE = 4.0
+# (record name, sampler kind, method, full number of steps)
+SAMPLERS = (
+    ("ode_euler_50_cfg4", "ODE", "euler", 50),
+    ("sde_euler_250_cfg4", "SDE", "Euler", 250),
+)
+
+
+def run(ctx: RunContext) -> None:
+    from sit_fast.transport import Sampler, create_transport
+
+    set_tf32(ctx.device, True)
+    transport = create_transport("Linear", "velocity")
+    sampler = Sampler(transport)
+    for variant in ctx.variants:
+        needed = expected_cost_s(ctx.size, variant)
+        if not ctx.budget.allows(needed):
+            for B in ctx.size.sample_batches:
+                for name, *_ in SAMPLERS:
+                    ctx.skip(SUITE, name, variant, needed, model=ctx.size.model_name, shapes={}, batch_size=B)
+            continue
+        try:
+            measure(ctx, variant, transport, sampler)
+        finally:
+            free_memory(ctx.device)
+
+
+def build_forwards(models: ModelFactory, variant: Variant):
+    """sample.py's model and guided denoiser for this variant: (model, Denoiser)."""
+    from sit_fast.sampling import CUDAGraphForward, Denoiser, ModelForwards
+
+    model = models.build(variant, compile=variant.compile == "blocks").eval()
+    forwards = ModelForwards(model, cfg_scale=CFG_SCALE, autocast_dtype=variant.autocast_dtype)
+    # ModelForwards(compile=True) / (cuda_graphs=True) wrap the guided forward in this order; done here
+    # so that the compile backend follows --compile-backend (the CPU dry run traces without codegen).
+    if variant.compile == "model":
+        forwards.guided = torch.compile(forwards.guided, backend=models.compile_backend, dynamic=False)
+    if variant.cuda_graphs and models.device.type == "cuda":
+        forwards.guided = CUDAGraphForward(forwards.guided)
+    return model, Denoiser(forwards, cfg_scale=CFG_SCALE)
+
+
+def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
+    from sit_fast.flops import forward_flops
+    from sit_fast.sampling import model_call_times
+
+    device, size = ctx.device, ctx.size
+    kw = size.model_kwargs
+    k = size.steps_timed
+    try:
+        model, denoiser = build_forwards(ctx.models, variant)
+    except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
+        for B in size.sample_batches:
+            for name, *_ in SAMPLERS:
+                ctx.fail(SUITE, name, variant, error, model=size.model_name, shapes={}, batch_size=B)
+        return
+    config = ctx.models.variant_config(variant, sampling=True)
+    parity, parity_source = ctx.linked_parity(variant, SUITE_FIELDS[SUITE] & LINKED_PARITY)
+    for B in size.sample_batches:
+        z = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], device=device)
+        y = torch.randint(0, kw["num_classes"], (B,), device=device)
+        shapes = {"z": list(z.shape), "y": [B], "model_batch": 2 * B}
+        for name, kind, method, num_steps in SAMPLERS:
+            if kind == "ODE":
+                sample_fn = sampler.sample_ode(sampling_method=method, num_steps=k)
+            else:
+                sample_fn = sampler.sample_sde(sampling_method=method, num_steps=k)
+            calls_timed = len(model_call_times(kind, transport, sampling_method=method, num_steps=k))
+            calls_full = len(model_call_times(kind, transport, sampling_method=method, num_steps=num_steps))
+
+            def sample():
+                with torch.no_grad():
+                    return sample_fn(z, denoiser.for_labels(y))[-1]
+
+            try:
+                start = time.perf_counter()
+                sample()  # compiles / captures where the variant does
+                synchronize(device)
+                first_run_s = time.perf_counter() - start
+                reset_peak_memory(device)
+                timed = time_fn(sample, device, warmup=0, iters=size.sample_iters)
+                peak = peak_memory(device)
+            except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
+                ctx.fail(SUITE, name, variant, error, model=size.model_name, shapes=shapes, batch_size=B,
+                         steps_timed=calls_timed, variant_config=config)
+                free_memory(device)
+                continue
+            full = timed.scaled(calls_full / calls_timed)
+            images_per_s = B / (full.median_ms * 1e-3)
+            flops_per_image = 2 * forward_flops(model) * calls_full  # CFG: two forwards per image per call
+            ctx.emit(ctx.record(
+                SUITE, name, variant.name, dtype=variant.dtype_name, model=size.model_name, shapes=shapes,
+                batch_size=B, **full.fields(), steps_timed=calls_timed,
+                **throughput_fields(ctx, variant, flops_per_image, images_per_s),
+                peak_memory_bytes=peak, **parity, variant_config=config,
+                extra={"sampler": f"{kind} {method}, {num_steps} steps", "model_calls_full": calls_full,
+                       "ms_per_model_call": timed.median_ms / calls_timed, "cfg_scale": CFG_SCALE,
+                       "extrapolation": f"median_ms = time of {calls_timed} model calls x {calls_full} / "
+                                        f"{calls_timed}",
+                       "first_run_s": first_run_s, "parity_source": parity_source},
+            ))

@@ -1,0 +1,171 @@
+"""The benchmark suite's CPU dry run: `python -m benchmarks all --device cpu --size tiny` runs end to
+end and writes complete records. Nothing here asserts anything about speed.
+
+So that the day a GPU is lent the suite works the first time (shared/GPU.md), CI runs the whole
+suite on the tiny model, the fused kernels going through the Triton interpreter, and checks the
+files, every field of every record, and that a broken fast path is reported as a parity failure.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.common import CPU_NULL, FIELDS, SUITE_FIELDS, VARIANTS, validate_record
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRY_RUN_TIMEOUT_S = 180  # the run itself aims at well under a minute on two cores
+VARIANT_NAMES = [v.name for v in VARIANTS]
+
+
+@pytest.fixture(scope="module")
+def dry_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    command = [sys.executable, "-m", "benchmarks", "all", "--device", "cpu", "--size", "tiny", "--out", str(out)]
+    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=DRY_RUN_TIMEOUT_S,
+                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    document = None
+    if (out / "results.json").exists():
+        document = json.loads((out / "results.json").read_text())
+    return proc, out, document
+
+
+def _tail(proc) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
+
+
+def test_dry_run_exits_cleanly(dry_run):
+    proc, _, _ = dry_run
+    assert proc.returncode == 0, _tail(proc)
+
+
+def test_dry_run_writes_json_and_markdown(dry_run):
+    proc, out, document = dry_run
+    assert (out / "results.json").is_file(), _tail(proc)
+    assert (out / "results.md").is_file(), _tail(proc)
+    markdown = (out / "results.md").read_text()
+    for suite in ("kernels", "parity", "train", "sample", "memory"):
+        assert f"## {suite}" in markdown, f"results.md has no {suite} table"
+    assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory"]
+
+
+def test_environment_and_ceilings_come_first(dry_run):
+    proc, _, document = dry_run
+    env = document["environment"]
+    for key in ("device", "torch_version", "triton_version", "python_version", "git_commit", "date"):
+        assert env.get(key), f"environment lacks {key}: {env}"
+    ceilings = document["ceilings"]
+    assert ceilings["copy_gbps"] > 0 and ceilings["matmul_tflops"] > 0, ceilings
+    lines = proc.stdout.splitlines()
+    first_record = next(i for i, line in enumerate(lines) if line.startswith("["))
+    header = "\n".join(lines[:first_record])
+    for needle in ("device:", "torch_version:", "triton_version:", "cuda_version:", "ceiling copy:",
+                   "ceiling bf16 matmul:"):
+        assert needle in header, f"{needle!r} is not printed before the first record:\n{header}"
+
+
+def test_every_record_has_every_field(dry_run):
+    _, _, document = dry_run
+    records = document["records"]
+    assert records
+    for record in records:
+        assert set(record) == set(FIELDS), (record["suite"], record["name"], set(record) ^ set(FIELDS))
+        problems = validate_record(record)
+        assert not problems, f"{record['suite']} {record['name']} {record['variant']}: {problems}"
+
+
+def test_nulls_only_where_a_cpu_has_no_figure(dry_run):
+    """Every ok record fills its suite's fields; the only nulls are GPU figures (peak memory, MFU)."""
+    _, _, document = dry_run
+    for record in document["records"]:
+        assert record["status"] == "ok", (record["suite"], record["name"], record["variant"], record["note"])
+        nulls = {k for k in SUITE_FIELDS[record["suite"]] if record[k] is None}
+        if record["suite"] == "kernels":
+            nulls -= {"iterations", "timer"}  # the kernel suite's rows do not report these
+        assert nulls <= CPU_NULL, (record["suite"], record["name"], record["variant"], nulls - CPU_NULL)
+        for key in ("median_ms", "p20_ms", "p80_ms", "images_per_s", "tflops", "gbps"):
+            value = record[key]
+            if value is not None:
+                assert math.isfinite(value) and value > 0, (record["suite"], record["name"], key, value)
+        if record["median_ms"] is not None:
+            assert record["p20_ms"] <= record["median_ms"] <= record["p80_ms"], record
+
+
+def test_every_suite_measures_every_variant(dry_run):
+    _, _, document = dry_run
+    records = document["records"]
+
+    def variants(suite, name=None):
+        return sorted(r["variant"] for r in records if r["suite"] == suite and (name is None or r["name"] == name))
+
+    assert variants("train") == sorted(VARIANT_NAMES)
+    assert variants("memory") == sorted(VARIANT_NAMES)
+    for sampler in ("ode_euler_50_cfg4", "sde_euler_250_cfg4"):
+        assert variants("sample", sampler) == sorted(VARIANT_NAMES)
+    # every variant but the reference itself, ours also in fp32
+    parity = sorted((r["variant"], r["dtype"]) for r in records if r["suite"] == "parity")
+    assert parity == sorted([("ours", "fp32"), ("ours", "bf16"), ("reference+bf16+sdpa", "bf16"),
+                             ("reference+bf16+sdpa+compile", "bf16")])
+    assert all(r["parity_ok"] for r in records if r["suite"] == "parity")
+    kernels = [r for r in records if r["suite"] == "kernels"]
+    assert kernels and {"ours", "reference"} <= {r["variant"] for r in kernels}
+
+
+def test_sampling_records_say_how_they_extrapolate(dry_run):
+    _, _, document = dry_run
+    for record in (r for r in document["records"] if r["suite"] == "sample"):
+        assert record["steps_timed"] >= 1
+        full = record["extra"]["model_calls_full"]
+        assert full == (50 if record["name"].startswith("ode") else 250)
+        per_call = record["extra"]["ms_per_model_call"]
+        assert record["median_ms"] == pytest.approx(per_call * full, rel=1e-6)
+
+
+def test_parity_suite_reports_a_broken_kernel(tmp_path, monkeypatch):
+    """A fused op that is 10% off must come out as parity_failed, with a failing exit status."""
+    import sit_fast.models
+    from benchmarks.__main__ import main
+
+    working_ops = sit_fast.models.fused_ops
+
+    def broken_ops():
+        ops = dict(working_ops())
+        fused = ops["gated_residual_layernorm_modulate"]
+
+        def wrong(x, gate, y, shift, scale, eps=1e-6):
+            x_out, h = fused(x, gate, y, shift, scale, eps)
+            return x_out, h * 1.1
+
+        ops["gated_residual_layernorm_modulate"] = wrong
+        return ops
+
+    monkeypatch.setattr(sit_fast.models, "fused_ops", broken_ops)
+    status = main(["parity", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path),
+                   "--variants", "reference,ours,reference+bf16+sdpa"])
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    ours = [r for r in records if r["variant"] == "ours"]
+    assert status == 1
+    assert sorted(r["dtype"] for r in ours) == ["bf16", "fp32"]
+    for record in ours:
+        assert record["status"] == "parity_failed" and record["parity_ok"] is False, record
+        assert "relative error" in record["note"], record["note"]
+        assert not validate_record(record)
+    untouched = [r for r in records if r["variant"] == "reference+bf16+sdpa"]
+    assert untouched and all(r["status"] == "ok" for r in untouched)
+
+
+def test_validate_record_catches_gaps():
+    """The schema check itself can fail: a missing field, a null figure, a figure that cannot exist."""
+    record = dict.fromkeys(FIELDS)
+    record.update(suite="train", name="train_step", variant="ours", status="ok", device="H100", device_type="cuda",
+                  extra={}, torch_version="2", triton_version="3", cuda_version="13", python_version="3.12",
+                  git_commit="abc", date="today")
+    problems = "\n".join(validate_record(record))
+    assert "mfu is null" in problems and "peak_memory_bytes is null" in problems
+    cpu = dict(record, device_type="cpu")
+    assert "mfu is null" not in "\n".join(validate_record(cpu))
+    assert "gbps should be null" in "\n".join(validate_record(dict(cpu, gbps=1.0)))
+    del record["note"]
+    assert "missing fields ['note']" in "\n".join(validate_record(record))
