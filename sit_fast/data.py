@@ -1,0 +1,277 @@
+"""Training data: ImageFolder images, scikit-learn's bundled digits, and a VAE latent cache.
+
+Every dataset is indexed by a key (index, flip): the sampler decides both, from (seed, epoch) alone,
+so the data order and the flips are the same for a run and for its resumption, whatever the number
+of loader workers. Datasets return (x, y) batches with x in [-1, 1] for images, or (mean, std, y)
+for a latent cache, whose posterior is sampled on the device by the training loop.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from sit_fast.errors import UserError
+from sit_fast.images import center_crop_arr
+
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_FORMAT = "sit_fast-latent-cache"
+CACHE_VERSION = 1
+CACHE_INDEX = "index.json"
+
+
+class DataError(UserError):
+    """The data cannot be used as given (missing, empty, malformed); the message says what to do."""
+
+
+Key = tuple[int, int]  # (sample index, flip: 0 or 1)
+
+
+#################################################################################
+#                                   Samplers                                    #
+#################################################################################
+
+class EpochSampler:
+    """Deterministic, resumable distributed batches of keys (index, flip).
+
+    As torch's DistributedSampler: a permutation seeded by seed + epoch, padded by wrapping so that
+    every rank gets ceil(N / world_size) samples, rank r taking positions r, r + W, ...; then cut
+    into local batches with the incomplete last batch dropped. Flips (when enabled) are drawn from
+    the same per-epoch generator, so the pair (epoch, step in epoch) fixes the data exactly.
+    """
+
+    def __init__(self, num_samples: int, local_batch_size: int, rank: int, world_size: int, seed: int,
+                 flip: bool):
+        self.num_samples = num_samples
+        self.local_batch_size = local_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.flip = flip
+        self.samples_per_rank = math.ceil(num_samples / world_size)
+        self.steps_per_epoch = self.samples_per_rank // local_batch_size
+        if self.steps_per_epoch == 0:
+            raise DataError(
+                f"the dataset has {num_samples} samples, fewer than one local batch of {local_batch_size} per "
+                f"rank over {world_size} rank(s): lower --global-batch-size"
+            )
+
+    def batches(self, epoch: int, start_step: int = 0) -> list[list[Key]]:
+        """The local batches of `epoch` from step `start_step` on."""
+        generator = torch.Generator().manual_seed(self.seed + epoch)
+        perm = torch.randperm(self.num_samples, generator=generator)
+        flips = (torch.randint(0, 2, (self.num_samples,), generator=generator) if self.flip
+                 else torch.zeros(self.num_samples, dtype=torch.int64))
+        total = self.samples_per_rank * self.world_size
+        if total > self.num_samples:
+            perm = torch.cat([perm, perm[: total - self.num_samples]])
+        local = perm[self.rank: total: self.world_size].tolist()
+        local_flips = flips[perm[self.rank: total: self.world_size]].tolist()
+        b = self.local_batch_size
+        return [
+            list(zip(local[s * b: (s + 1) * b], local_flips[s * b: (s + 1) * b]))
+            for s in range(start_step, self.steps_per_epoch)
+        ]
+
+
+def _as_is(batch):
+    return batch
+
+
+def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory: bool, seed: int) -> Iterator:
+    """Iterate over `batches` of keys; datasets with __getitems__ build whole batches at once.
+
+    The loader gets its own generator (seeded by the caller from seed, epoch and rank), so creating
+    it never draws from the global torch RNG that the training step uses.
+    """
+    in_memory = getattr(dataset, "in_memory", False)
+    return iter(torch.utils.data.DataLoader(
+        dataset,
+        batch_sampler=batches,
+        num_workers=0 if in_memory else num_workers,
+        collate_fn=_as_is if hasattr(dataset, "__getitems__") else None,
+        pin_memory=pin_memory,
+        generator=torch.Generator().manual_seed(seed),
+    ))
+
+
+#################################################################################
+#                                   Datasets                                    #
+#################################################################################
+
+class DigitsDataset(torch.utils.data.Dataset):
+    """scikit-learn's bundled 8x8 digits (1797 images, 10 classes; no download), grayscale in [-1, 1].
+
+    image_size > 8 upsamples bilinearly. Flips are ignored (a mirrored digit is another glyph).
+    """
+
+    in_memory = True
+    flip = False
+    channels = 1
+    num_classes = 10
+
+    def __init__(self, image_size: int = 8):
+        from sklearn.datasets import load_digits
+
+        digits = load_digits()
+        images = torch.from_numpy(digits.images.astype(np.float32)).unsqueeze(1) / 16.0 * 2 - 1  # (N, 1, 8, 8)
+        if image_size != 8:
+            images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
+        self.images = images.clamp(-1, 1).contiguous()
+        self.labels = torch.from_numpy(digits.target.astype(np.int64))
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitems__(self, keys: list[Key]):
+        index = torch.tensor([k[0] for k in keys], dtype=torch.int64)
+        return self.images[index], self.labels[index]
+
+    def __getitem__(self, key: Key):
+        return self.images[key[0]], self.labels[key[0]]
+
+
+def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
+    """ImageFolder layout: root/<class>/**/<image>; classes sorted by name, labels 0..K-1."""
+    if not root:
+        raise DataError("--data-path is required for --dataset imagefolder (or use --latent-cache DIR)")
+    if not os.path.isdir(root):
+        raise DataError(f"--data-path {root} does not exist or is not a directory")
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
+    samples = []
+    for label, name in enumerate(classes):
+        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
+            dirnames.sort()
+            for filename in sorted(filenames):
+                if filename.lower().endswith(IMG_EXTENSIONS):
+                    samples.append((os.path.join(dirpath, filename), label))
+    if not samples:
+        raise DataError(f"--data-path {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in its class sub-folders")
+    return samples, classes
+
+
+class ImageFolderDataset(torch.utils.data.Dataset):
+    """root/<class>/<image> as upstream's ImageFolder + ADM center crop; RGB in [-1, 1], flip per key."""
+
+    in_memory = False
+    flip = True
+    channels = 3
+
+    def __init__(self, root: str, image_size: int):
+        self.samples, self.classes = find_images(root)
+        self.num_classes = len(self.classes)
+        self.image_size = image_size
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def load(self, index: int, flip: int) -> torch.Tensor:
+        path, _ = self.samples[index]
+        with Image.open(path) as image:
+            image = center_crop_arr(image.convert("RGB"), self.image_size)
+        if flip:
+            image = image.transpose(Image.FLIP_LEFT_RIGHT)
+        array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in [0, 255]
+        return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)  # (3, H, W) in [-1, 1]
+
+    def __getitem__(self, key: Key):
+        index, flip = key
+        return self.load(index, flip), self.samples[index][1]
+
+
+class LatentCacheDataset(torch.utils.data.Dataset):
+    """A latent cache written by sit_fast.latent_cache: posterior (mean, std) of both flips per image.
+
+    Shards are memory-mapped; a batch is gathered shard by shard. Returns (mean, std, labels) with
+    mean and std of shape (B, C, h, w) in fp32.
+    """
+
+    in_memory = False
+    flip = True  # selects the stored mirrored posterior
+
+    def __init__(self, root: str):
+        self.root = root
+        self.index = read_cache_index(root)
+        self.channels = self.index["latent_channels"]
+        self.latent_size = self.index["latent_size"]
+        self.image_size = self.index["image_size"]
+        self.num_classes = self.index["num_classes"]
+        self.starts = [s["start"] for s in self.index["shards"]]
+        self._shards = None  # opened lazily, so that worker processes open their own maps
+
+    def shards(self) -> list[dict]:
+        if self._shards is None:
+            shards = []
+            for shard in self.index["shards"]:
+                path = os.path.join(self.root, shard["file"])
+                try:
+                    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except Exception as err:  # torch.load raises several types for a damaged file
+                    raise DataError(f"latent cache shard {path} cannot be read ({err}); rebuild the cache") from None
+                if data["mean"].shape[0] != shard["count"]:
+                    raise DataError(f"latent cache shard {path} holds {data['mean'].shape[0]} images, the index "
+                                    f"says {shard['count']}; rebuild the cache")
+                shards.append(data)
+            self._shards = shards
+        return self._shards
+
+    def __len__(self) -> int:
+        return self.index["num_images"]
+
+    def __getitems__(self, keys: list[Key]):
+        shards = self.shards()
+        index = np.array([k[0] for k in keys], dtype=np.int64)
+        flips = torch.tensor([k[1] for k in keys], dtype=torch.int64)
+        shard_of = np.searchsorted(self.starts, index, side="right") - 1
+        shape = (len(keys), self.channels, self.latent_size, self.latent_size)
+        mean, std = torch.empty(shape), torch.empty(shape)
+        labels = torch.empty(len(keys), dtype=torch.int64)
+        for s in np.unique(shard_of):
+            rows = torch.from_numpy(np.nonzero(shard_of == s)[0])
+            local = torch.from_numpy(index[rows.numpy()] - self.starts[s])
+            data = shards[s]
+            mean[rows] = data["mean"][local, flips[rows]].float()
+            std[rows] = data["std"][local, flips[rows]].float()
+            labels[rows] = data["labels"][local]
+        return mean, std, labels
+
+    def __getitem__(self, key: Key):
+        mean, std, labels = self.__getitems__([key])
+        return mean[0], std[0], labels[0]
+
+
+def read_cache_index(root: str) -> dict:
+    path = os.path.join(root, CACHE_INDEX)
+    if not os.path.isfile(path):
+        raise DataError(f"--latent-cache {root} has no {CACHE_INDEX}; build it with python -m sit_fast.latent_cache")
+    try:
+        with open(path) as f:
+            index = json.load(f)
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(f"cannot read {path} ({err}); rebuild the cache") from None
+    if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
+        raise DataError(f"{path} is not a version-{CACHE_VERSION} sit_fast latent cache; rebuild it")
+    return index
+
+
+DATASETS = ("imagefolder", "digits")
+
+
+def build_dataset(name: str, data_path: str | None, image_size: int, latent_cache: str | None = None):
+    """The dataset for train.py's --dataset / --data-path / --latent-cache."""
+    if latent_cache:
+        return LatentCacheDataset(latent_cache)
+    if name == "digits":
+        return DigitsDataset(image_size)
+    if name == "imagefolder":
+        return ImageFolderDataset(data_path, image_size)
+    raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

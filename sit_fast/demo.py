@@ -1,0 +1,174 @@
+"""`make demo`: train a small SiT on scikit-learn's bundled 8x8 digits with DDP, then check it learned.
+
+    python -m sit_fast.demo            # CPU: 2 processes (torchrun, gloo); GPU: one process per GPU (up to 2)
+
+1. torchrun train.py --dataset digits --vae none ... (pixel space: 1x8x8 images, no download).
+2. From the final EMA weights, 500 class-conditional digits (50 per class) with an ODE sampler and
+   500 with an SDE sampler, saved as PNG grids (one row per class).
+3. A classifier fitted on the real digits (scikit-learn SVC on the 64 pixels) labels the generated
+   ones; the demo prints, per sampler, the share it assigns to the requested class, and fails
+   (exit 1) if that share is below --min-accuracy.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import torch
+
+from sit_fast.errors import UserError, cli_entry
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from sit_fast.training.args import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo_out", help="output directory (its training run is started afresh)")
+    parser.add_argument("--model", default="SiT-T/4", help="model of the registry (8x8 images: /1, /2, /4 or /8)")
+    parser.add_argument("--steps", type=int, default=1200, help="training steps")
+    parser.add_argument("--global-batch-size", type=int, default=256, help="batch size summed over processes")
+    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay per step (short run: short memory)")
+    parser.add_argument("--nproc", type=int, default=None,
+                        help="training processes (default: 2 on the CPU, min(2, GPUs) with CUDA)")
+    parser.add_argument("--num-samples", type=int, default=500, help="generated digits per sampler (a multiple of 10)")
+    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale when sampling")
+    parser.add_argument("--ode-steps", type=int, default=16, help="Heun steps of the ODE sampler")
+    parser.add_argument("--sde-steps", type=int, default=60, help="Euler-Maruyama steps of the SDE sampler")
+    parser.add_argument("--min-accuracy", type=float, default=0.8, help="fail below this share of correct digits")
+    parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
+    parser.add_argument("--skip-training", action="store_true", help="evaluate the run already in OUT")
+    return parser
+
+
+def train(args: argparse.Namespace, exp_dir: str) -> None:
+    if args.nproc is None:
+        args.nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+    train_py = os.path.join(REPO_ROOT, "train.py")
+    entry = [train_py] if os.path.isfile(train_py) else ["-m", "sit_fast.training"]
+    on_cuda = torch.cuda.is_available()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *entry,
+        "--dataset", "digits", "--image-size", "8", "--vae", "none", "--model", args.model,
+        "--max-steps", str(args.steps), "--global-batch-size", str(args.global_batch_size),
+        "--lr", str(args.lr), "--ema-decay", str(args.ema_decay), "--global-seed", str(args.seed),
+        "--num-workers", "0", "--log-every", str(max(1, args.steps // 10)), "--ckpt-every", str(args.steps),
+        "--sample-every", str(args.steps), "--num-sample-images", "100", "--cfg-scale", str(args.cfg_scale),
+        "--fused-kernels", "auto" if on_cuda else "off", "--exp-dir", exp_dir,
+    ]
+    print("$ " + " ".join(command[1:] if command[0] == sys.executable else command), flush=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))
+    if not on_cuda:
+        env.pop("TRITON_INTERPRET", None)
+    result = subprocess.run([sys.executable if c == sys.executable else c for c in command], env=env)
+    if result.returncode != 0:
+        raise UserError(f"training failed with exit status {result.returncode} (see the log above and {exp_dir}/log.txt)")
+
+
+def digit_classifier():
+    """An SVC on the 64 pixels (0..16) of the real digits; its held-out accuracy, then refitted on all."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+    from sklearn.svm import SVC
+
+    digits = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(digits.data, digits.target, test_size=0.25, random_state=0)
+    held_out = SVC(gamma=0.001).fit(x_train, y_train).score(x_test, y_test)
+    return SVC(gamma=0.001).fit(digits.data, digits.target), held_out
+
+
+@torch.no_grad()
+def evaluate(args: argparse.Namespace, checkpoint: str) -> dict:
+    from sit_fast.checkpoint import load_checkpoint, read_checkpoint
+    from sit_fast.images import save_image_grid
+    from sit_fast.models import SiT_models
+    from sit_fast.transport import Sampler, create_transport
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, info = read_checkpoint(checkpoint, prefer="ema")
+    saved = info["args"]
+    model = SiT_models[saved["model"]](input_size=saved["image_size"], in_channels=saved["in_channels"],
+                                       num_classes=saved["num_classes"], learn_sigma=True, attn_backend="auto",
+                                       fused_kernels="auto" if device.type == "cuda" else False)
+    load_checkpoint(model, checkpoint, prefer="ema")
+    model = model.to(device).eval()
+    transport = create_transport(saved["path_type"], saved["prediction"], saved["loss_weight"], saved["train_eps"],
+                                 saved["sample_eps"])
+    sampler = Sampler(transport)
+    samplers = {
+        "ODE": sampler.sample_ode(sampling_method="heun", num_steps=args.ode_steps),
+        "SDE": sampler.sample_sde(sampling_method="Euler", num_steps=args.sde_steps),
+    }
+    classifier, held_out = digit_classifier()
+    per_class = max(1, args.num_samples // 10)
+    labels = torch.arange(10).repeat_interleave(per_class).to(device)  # (N,)
+    n = labels.numel()
+    null = torch.full_like(labels, saved["num_classes"])
+
+    def model_fn(x, t, y):
+        return model.forward_with_cfg(x, t, y, args.cfg_scale, cfg_channels="all")
+
+    results = {"classifier_held_out_accuracy": held_out, "num_samples": n, "cfg_scale": args.cfg_scale}
+    for name, sample_fn in samplers.items():
+        generator = torch.Generator().manual_seed(args.seed + (0 if name == "ODE" else 1))
+        torch.manual_seed(args.seed + 2)  # the SDE's own noise
+        z = torch.randn(n, saved["in_channels"], saved["image_size"], saved["image_size"], generator=generator).to(device)
+        started = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            samples = sample_fn(torch.cat([z, z]), model_fn, y=torch.cat([labels, null]))[-1][:n].float()
+        seconds = time.perf_counter() - started
+        images = samples.clamp(-1, 1).cpu()
+        pixels = ((images + 1) * 8).reshape(n, -1).numpy()  # [-1, 1] -> the classifier's 0..16
+        predicted = classifier.predict(pixels)
+        accuracy = float((predicted == labels.cpu().numpy()).mean())
+        grid = images.reshape(10, per_class, *images.shape[1:])[:, :10].reshape(-1, *images.shape[1:])
+        path = save_image_grid(grid, os.path.join(args.out, f"samples_{name.lower()}.png"), nrow=10)
+        results[name] = {"accuracy": accuracy, "seconds": seconds, "grid": path}
+        print(f"{name}: {100 * accuracy:.1f}% of {n} generated digits are classified as the requested digit "
+              f"({seconds:.1f}s to sample; grid: {path})", flush=True)
+    return results
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    if args.num_samples < 10:
+        raise UserError("--num-samples must be at least 10 (one digit of each class)")
+    started = time.perf_counter()
+    exp_dir = os.path.join(args.out, "train")
+    if not args.skip_training:
+        if os.path.isdir(exp_dir):
+            shutil.rmtree(exp_dir)
+        os.makedirs(args.out, exist_ok=True)
+        train(args, exp_dir)
+    trained = time.perf_counter()
+    from sit_fast.training.checkpointing import list_checkpoints
+
+    checkpoints = list_checkpoints(os.path.join(exp_dir, "checkpoints"))
+    if not checkpoints:
+        raise UserError(f"no checkpoint in {exp_dir}/checkpoints: run the demo without --skip-training")
+    print(f"evaluating {checkpoints[0]}; classifier: SVC on the real digits' pixels", flush=True)
+    results = evaluate(args, checkpoints[0])
+    results.update(train_seconds=trained - started, total_seconds=time.perf_counter() - started)
+    with open(os.path.join(args.out, "results.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"classifier accuracy on held-out real digits: {100 * results['classifier_held_out_accuracy']:.1f}%")
+    print(f"demo: ODE {100 * results['ODE']['accuracy']:.1f}%, SDE {100 * results['SDE']['accuracy']:.1f}% "
+          f"correct digits; training {results['train_seconds']:.0f}s, total {results['total_seconds']:.0f}s")
+    worst = min(results["ODE"]["accuracy"], results["SDE"]["accuracy"])
+    if worst < args.min_accuracy:
+        print(f"demo FAILED: {100 * worst:.1f}% < {100 * args.min_accuracy:.0f}%", file=sys.stderr)
+        sys.exit(1)
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The training loop behind train.py: arguments, checkpoints with exact resume, and the step loop."""

@@ -1,0 +1,132 @@
+"""train.py's command line: upstream SiT's flags and defaults, plus the performance and resume options."""
+from __future__ import annotations
+
+import argparse
+
+from sit_fast.data import DATASETS
+from sit_fast.errors import UserError
+from sit_fast.models import SiT_models
+from sit_fast.transport import add_transport_args
+
+# Arguments that define the model and the training objective: a resumed run must keep them.
+IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type", "prediction", "loss_weight",
+                 "train_eps")
+# Arguments that are never taken from a checkpoint.
+NOT_INHERITED = ("resume", "exp_dir", "ckpt")
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flags, bad choices) become UserError: one line, exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        prog="train.py", description="Train SiT with DDP (torchrun) or in one process (python train.py).")
+
+    data = parser.add_argument_group("Data")
+    data.add_argument("--data-path", type=str, default=None,
+                      help="ImageFolder root (DIR/<class>/<image>), for --dataset imagefolder")
+    data.add_argument("--dataset", choices=DATASETS, default="imagefolder",
+                      help="imagefolder: --data-path; digits: scikit-learn's bundled 8x8 digits (no download)")
+    data.add_argument("--latent-cache", type=str, default=None,
+                      help="train from a latent cache made by python -m sit_fast.latent_cache (no VAE in the loop)")
+    data.add_argument("--image-size", type=positive_int, default=256,
+                      help="image size in pixels (latent size = image size / 8 with a VAE)")
+    data.add_argument("--num-classes", type=positive_int, default=None,
+                      help="class labels of the model (default: the dataset's class count)")
+    data.add_argument("--vae", type=str, default="ema",
+                      help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id, a local directory, or none "
+                           "for pixel-space training")
+    data.add_argument("--in-channels", type=positive_int, default=None,
+                      help="model input channels (default: the VAE's latent channels, or the image channels "
+                           "with --vae none); must agree with the data")
+    data.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per rank")
+
+    model = parser.add_argument_group("Model")
+    model.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2", help="model size / patch")
+    model.add_argument("--attn-backend", choices=["auto", "math", "sdpa", "flash_attn"], default="auto",
+                       help="attention implementation (auto: the fastest that runs here)")
+    model.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto",
+                       help="fused Triton adaLN kernels (auto: on for CUDA)")
+    model.add_argument("--grad-checkpointing", action="store_true",
+                       help="recompute each block in the backward pass to save activation memory")
+    model.add_argument("--compile", action="store_true", help="torch.compile the model")
+    model.add_argument("--ckpt", type=str, default=None,
+                       help="start from these weights (upstream release file, train.py checkpoint or "
+                            ".safetensors; EMA weights preferred) at step 0; use --resume to continue a run")
+
+    optim = parser.add_argument_group("Optimisation")
+    optim.add_argument("--epochs", type=positive_int, default=1400, help="epochs to train (upper bound)")
+    optim.add_argument("--max-steps", type=positive_int, default=None,
+                       help="stop after this many optimizer steps in total (counted from step 0)")
+    optim.add_argument("--global-batch-size", type=positive_int, default=256, help="batch size summed over ranks")
+    optim.add_argument("--global-seed", type=int, default=0, help="seed; rank r uses global_seed * world_size + r")
+    optim.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
+    optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
+    optim.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm to this value")
+    optim.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
+                       help="fp32; tf32 matmuls; bf16 autocast with fp32 master weights (auto: bf16 on CUDA, "
+                            "fp32 on the CPU)")
+    optim.add_argument("--skip-nonfinite", action="store_true",
+                       help="skip steps whose gradients are not finite and count them, instead of stopping "
+                            "(costs one host sync per step)")
+
+    run = parser.add_argument_group("Logging, sampling and checkpoints")
+    run.add_argument("--results-dir", type=str, default="results", help="parent of the experiment directories")
+    run.add_argument("--exp-dir", type=str, default=None,
+                     help="experiment directory to use as is (default: RESULTS_DIR/NNN-<model>-<transport>)")
+    run.add_argument("--resume", type=str, default=None,
+                     help="PATH (a checkpoint or an experiment directory) or auto (the latest valid checkpoint "
+                          "of the newest matching experiment; a new run if there is none)")
+    run.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
+    run.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints")
+    run.add_argument("--sample-every", type=positive_int, default=10_000, help="steps between EMA sample grids")
+    run.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance of the sample grids")
+    run.add_argument("--sample-method", choices=["euler", "heun"], default="heun",
+                     help="fixed-step ODE solver of the sample grids")
+    run.add_argument("--sample-steps", type=positive_int, default=16, help="ODE steps of the sample grids")
+    run.add_argument("--num-sample-images", type=positive_int, default=16, help="images in a sample grid")
+    run.add_argument("--wandb", action="store_true",
+                     help="log to Weights & Biases (entity and project from $ENTITY / $PROJECT, as upstream)")
+    run.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to EXP_DIR/tensorboard")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+
+    add_transport_args(parser)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:
+    """(args, names of the arguments given explicitly on the command line)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    shadow = build_parser()
+    for action in shadow._actions:
+        action.default = argparse.SUPPRESS
+    explicit = set(vars(shadow.parse_args(argv)))
+    return args, explicit
+
+
+def merge_resumed_args(args: argparse.Namespace, explicit: set[str], saved: dict, source: str) -> argparse.Namespace:
+    """The checkpoint's arguments, overridden by those given now; a changed model or transport is refused."""
+    for key in IDENTITY_KEYS:
+        if key in explicit and key in saved and saved[key] is not None and getattr(args, key) != saved[key]:
+            raise UserError(
+                f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run being resumed "
+                f"({source}: {saved[key]}); a resumed run keeps its model and transport: start a new run "
+                f"(without --resume, or with --ckpt to start from its weights)"
+            )
+    merged = dict(vars(args))
+    for key, value in saved.items():
+        if key in merged and key not in explicit and key not in NOT_INHERITED:
+            merged[key] = value
+    return argparse.Namespace(**merged)

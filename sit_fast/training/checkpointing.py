@@ -1,0 +1,144 @@
+"""Training checkpoints: atomic writes, RNG states as plain tensors, and finding the latest valid one.
+
+A checkpoint is a dict that torch.load(weights_only=True) reads back:
+
+    model, ema        state_dicts of the raw model (upstream key layout, no "module." prefix)
+    opt               the AdamW state_dict
+    args              the run's resolved arguments, a plain dict
+    step, epoch       optimizer steps taken; the epoch the next step belongs to
+    step_in_epoch     steps already taken in that epoch (the data position)
+    data              {"seed", "num_samples", "global_batch_size", "world_size"}: what fixes the order
+    rng               one dict per rank: {"torch", "cuda", "numpy", "python"} (see capture_rng_state)
+    nonfinite_skipped steps skipped by --skip-nonfinite so far
+    version           CHECKPOINT_VERSION
+"""
+from __future__ import annotations
+
+import glob
+import logging
+import os
+import random
+import re
+import zipfile
+
+import numpy as np
+import torch
+
+from sit_fast.checkpoint import CheckpointError
+
+CHECKPOINT_VERSION = 1
+REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
+_NAME = re.compile(r"^(\d+)\.pt$")
+
+logger = logging.getLogger("sit_fast.train")
+
+
+def atomic_torch_save(obj, path: str) -> None:
+    """torch.save to a temporary file in the same directory, fsync, then os.replace onto `path`.
+
+    A crash at any point leaves either the old file or the complete new one, never a partial file
+    under `path`; the temporary file is removed when the write fails.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:  # some filesystems do not open directories; the rename is still done
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def capture_rng_state(device: torch.device) -> dict:
+    """This process's RNG states as tensors and plain types (weights_only-loadable)."""
+    py_version, py_state, py_gauss = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "gauss": float(np_gauss)},
+        "python": {"version": py_version, "state": torch.tensor(py_state, dtype=torch.int64), "gauss": py_gauss},
+    }
+
+
+def restore_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["torch"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+    np_state = state["numpy"]
+    np.random.set_state((np_state["kind"], np_state["keys"].numpy().astype(np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["gauss"]))
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["state"].tolist()), py["gauss"]))
+
+
+def checkpoint_path(checkpoint_dir: str, step: int) -> str:
+    return os.path.join(checkpoint_dir, f"{step:07d}.pt")
+
+
+def list_checkpoints(checkpoint_dir: str) -> list[str]:
+    """Checkpoint files NNNNNNN.pt in `checkpoint_dir`, newest (highest step) first."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    named = [(int(m.group(1)), os.path.join(checkpoint_dir, name))
+             for name in os.listdir(checkpoint_dir) if (m := _NAME.match(name))]
+    return [path for _, path in sorted(named, reverse=True)]
+
+
+def load_training_checkpoint(path: str) -> dict:
+    """Read a train.py checkpoint (weights_only, memory-mapped); CheckpointError if it is not one."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if not zipfile.is_zipfile(path):
+        raise CheckpointError(f"cannot read checkpoint {path}: not the zip archive that torch.save writes "
+                              f"(corrupt or truncated file?)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as err:  # a damaged file raises RuntimeError, EOFError, UnpicklingError, ...
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise CheckpointError(f"cannot read checkpoint {path}: {first} (corrupt or truncated file?)") from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f"{path} is not a train.py checkpoint (it holds a {type(ckpt).__name__})")
+    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    if missing:
+        raise CheckpointError(f"{path} is not a resumable train.py checkpoint: no {', '.join(missing)} "
+                              f"(use --ckpt to start from its weights instead)")
+    return ckpt
+
+
+def find_latest_valid(checkpoint_dir: str) -> tuple[str, dict] | None:
+    """The newest checkpoint in `checkpoint_dir` that loads, with its contents; None if there is none.
+
+    Unreadable ones (a crash while copying, a full disk) are skipped with a warning naming them.
+    """
+    for path in list_checkpoints(checkpoint_dir):
+        try:
+            return path, load_training_checkpoint(path)
+        except CheckpointError as err:
+            logger.warning("skipping %s: %s", path, err)
+    return None
+
+
+def experiment_dirs(results_dir: str, suffix: str) -> list[str]:
+    """Experiment directories NNN-<suffix> in results_dir, newest (highest index) first."""
+    found = []
+    for path in glob.glob(os.path.join(glob.escape(results_dir), f"*-{glob.escape(suffix)}")):
+        index = os.path.basename(path).split("-", 1)[0]
+        if index.isdigit() and os.path.isdir(path):
+            found.append((int(index), path))
+    return [path for _, path in sorted(found, reverse=True)]

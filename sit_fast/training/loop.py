@@ -1,0 +1,581 @@
+"""The training run: setup, the step loop, logging, sample grids and checkpoints.
+
+Hot-loop rules: no host-device synchronisation per step. The loss and the non-finite flags are
+accumulated on the device and read (all-reduced) only at log and checkpoint steps; the EMA is one
+fused _foreach_lerp_ on the device; the optimizer is AdamW(fused=True) on CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import random
+import sys
+import time
+from copy import deepcopy
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from sit_fast import flops
+from sit_fast.attention import select_backend
+from sit_fast.checkpoint import CheckpointError, load_checkpoint, load_into_model
+from sit_fast.data import LatentCacheDataset, build_dataset, make_loader, EpochSampler
+from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
+from sit_fast.errors import UserError
+from sit_fast.models import SiT_models, model_config
+from sit_fast.training.args import merge_resumed_args, parse_args
+from sit_fast.training.checkpointing import (
+    CHECKPOINT_VERSION, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs, find_latest_valid,
+    load_training_checkpoint, restore_rng_state,
+)
+from sit_fast.transport import Sampler, create_transport
+
+logger = logging.getLogger("sit_fast.train")
+
+
+class NonFiniteLossError(UserError):
+    """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
+
+
+#################################################################################
+#                                  Setup helpers                                #
+#################################################################################
+
+def experiment_suffix(args: argparse.Namespace) -> str:
+    return f"{args.model.replace('/', '-')}-{args.path_type}-{args.prediction}-{args.loss_weight}"
+
+
+def new_experiment_dir(args: argparse.Namespace) -> str:
+    """--exp-dir, or RESULTS_DIR/NNN-<model>-<path>-<prediction>-<loss weight> numbered as upstream."""
+    if args.exp_dir:
+        return args.exp_dir
+    os.makedirs(args.results_dir, exist_ok=True)
+    index = len([name for name in os.listdir(args.results_dir) if not name.startswith(".")])
+    return os.path.join(args.results_dir, f"{index:03d}-{experiment_suffix(args)}")
+
+
+def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
+    """(experiment dir, checkpoint to resume or None, a sentence saying what was chosen). Rank 0 only."""
+    if args.resume is None:
+        exp_dir = new_experiment_dir(args)
+        return exp_dir, None, f"new run in {exp_dir}"
+    if args.resume == "auto":
+        candidates = [args.exp_dir] if args.exp_dir else experiment_dirs(args.results_dir, experiment_suffix(args))
+        for exp_dir in candidates:
+            found = find_latest_valid(os.path.join(exp_dir, "checkpoints"))
+            if found is not None:
+                return exp_dir, found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint)"
+        where = args.exp_dir or f"a {experiment_suffix(args)} run in {args.results_dir}"
+        exp_dir = new_experiment_dir(args)
+        return exp_dir, None, f"--resume auto: no valid checkpoint of {where}; new run in {exp_dir}"
+    path = args.resume
+    if os.path.isdir(path):
+        ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+        found = find_latest_valid(ckpt_dir)
+        if found is None:
+            raise CheckpointError(f"--resume {path}: no valid checkpoint in {ckpt_dir}")
+        path = found[0]
+    else:
+        load_training_checkpoint(path)  # a one-line error for a missing or damaged file
+    ckpt_dir = os.path.dirname(os.path.abspath(path))
+    exp_dir = args.exp_dir or (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir)
+    return exp_dir, path, f"resuming from {path}"
+
+
+def setup_logging(exp_dir: str | None, is_main: bool) -> None:
+    logger.handlers.clear()
+    logger.propagate = False
+    if not is_main:
+        logger.addHandler(logging.NullHandler())
+        logger.setLevel(logging.WARNING)
+        return
+    logger.setLevel(logging.INFO)
+    formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    stream = TqdmHandler()
+    stream.setFormatter(formatter)
+    logger.addHandler(stream)
+    if exp_dir is not None:
+        file_handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
+        file_handler.setFormatter(formatter)
+        logger.addHandler(file_handler)
+
+
+class TqdmHandler(logging.Handler):
+    """Log lines that do not break the progress bar."""
+
+    def emit(self, record):
+        from tqdm import tqdm
+
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def configure_matmul(precision: str) -> None:
+    torch.set_float32_matmul_precision("high" if precision in ("tf32", "bf16") else "highest")
+    torch.backends.cudnn.allow_tf32 = precision in ("tf32", "bf16")
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
+
+
+def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
+    if is_distributed():
+        dist.all_reduce(tensor, op=op or dist.ReduceOp.SUM)
+    return tensor
+
+
+#################################################################################
+#                                   The run                                     #
+#################################################################################
+
+class Trainer:
+    """One training run; build with the parsed args, then call run()."""
+
+    def __init__(self, args: argparse.Namespace, explicit: set[str], dist_info: DistInfo):
+        self.dist_info = dist_info
+        self.explicit = explicit
+        self.device = dist_info.device
+        world_size, rank = dist_info.world_size, dist_info.rank
+
+        # Where to write, and what to resume (rank 0 decides, everyone follows).
+        choice = None
+        if dist_info.is_main:
+            try:
+                choice = select_experiment(args)
+            except UserError as err:
+                choice = err
+        choice = broadcast_object(choice)
+        if isinstance(choice, UserError):
+            raise choice
+        self.exp_dir, resume_path, resume_note = choice
+        ckpt = None
+        if resume_path is not None:
+            ckpt = load_training_checkpoint(resume_path)
+            args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
+            if "ckpt" in explicit:
+                resume_note += " (--ckpt is ignored when resuming)"
+        self.args = args
+        self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
+        if dist_info.is_main:
+            os.makedirs(self.checkpoint_dir, exist_ok=True)
+        barrier()
+        setup_logging(self.exp_dir, dist_info.is_main)
+        logger.info(resume_note)
+
+        if args.global_batch_size % world_size:
+            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
+        self.local_batch_size = args.global_batch_size // world_size
+        self.precision = resolve_precision(args.precision, self.device)
+        if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise UserError("--precision bf16 needs a GPU with bf16 support; use --precision tf32 or fp32")
+        configure_matmul(self.precision)
+        self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        seed = args.global_seed * world_size + rank
+        seed_everything(seed)
+        logger.info(f"world size {world_size}, device {self.device}, precision {self.precision}, "
+                    f"rank 0 seed {args.global_seed * world_size}")
+
+        # Data and the latent space.
+        self.codec = None
+        self.cache_vae_spec = None
+        dataset = build_dataset(args.dataset, args.data_path, args.image_size, args.latent_cache)
+        if isinstance(dataset, LatentCacheDataset):
+            if "image_size" in explicit and args.image_size != dataset.image_size:
+                raise UserError(f"--image-size {args.image_size} differs from the latent cache's {dataset.image_size}")
+            args.image_size = dataset.image_size
+            latent_size, channels = dataset.latent_size, dataset.channels
+            self.cache_vae_spec = dataset.index["vae"]
+        elif args.vae == "none":
+            latent_size, channels = args.image_size, dataset.channels
+        else:
+            if dataset.channels != 3:
+                raise UserError(f"--dataset {args.dataset} has {dataset.channels}-channel images; the VAE needs RGB: "
+                                f"use --vae none")
+            if args.image_size % 8:
+                raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling); "
+                                f"use e.g. {max(8, args.image_size // 8 * 8)}")
+            from sit_fast.vae import load_vae
+
+            self.codec = load_vae(args.vae, self.device)
+            if args.image_size % self.codec.downsample:
+                raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor "
+                                f"{self.codec.downsample}")
+            latent_size, channels = args.image_size // self.codec.downsample, self.codec.latent_channels
+        if args.in_channels is not None and args.in_channels != channels:
+            raise UserError(f"--in-channels {args.in_channels} does not match the data, which has {channels} channels")
+        args.in_channels = channels
+        if args.num_classes is None:
+            args.num_classes = dataset.num_classes
+        elif args.num_classes < dataset.num_classes:
+            raise UserError(f"--num-classes {args.num_classes} is smaller than the dataset's {dataset.num_classes} classes")
+        patch = model_config(args.model)["patch_size"]
+        if latent_size % patch:
+            unit = "latent" if latent_size != args.image_size else "image"
+            raise UserError(f"the {unit} size {latent_size} (from --image-size {args.image_size}) is not divisible "
+                            f"by the patch size {patch} of {args.model}")
+        self.dataset, self.latent_size, self.channels = dataset, latent_size, channels
+        self.sampler = EpochSampler(len(dataset), self.local_batch_size, rank, world_size, args.global_seed,
+                                    flip=dataset.flip)
+        logger.info(f"dataset: {len(dataset):,} samples, {dataset.num_classes} classes, "
+                    f"{self.sampler.steps_per_epoch} steps per epoch; model input {channels}x{latent_size}x{latent_size}")
+
+        # Model, EMA, optimizer.
+        fused = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
+        try:
+            head_dim = model_config(args.model)["hidden_size"] // model_config(args.model)["num_heads"]
+            select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32, head_dim)
+            model = SiT_models[args.model](
+                input_size=latent_size, in_channels=channels, num_classes=args.num_classes, learn_sigma=True,
+                attn_backend=args.attn_backend, fused_kernels=fused, grad_checkpointing=args.grad_checkpointing)
+            from sit_fast.models import resolve_fused_kernels
+
+            resolve_fused_kernels(fused, self.device)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        model = model.to(self.device)
+        if args.ckpt and ckpt is None:
+            info = load_checkpoint(model, args.ckpt, prefer="ema")
+            logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
+        if ckpt is not None:
+            load_into_model(model, ckpt["model"], source=f"{resume_path} (model)")
+        self.model = model
+        self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
+                                     fused=True if self.device.type == "cuda" else None)
+        if world_size > 1:
+            self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           gradient_as_bucket_view=True)
+        else:
+            self.ddp = model
+        self.ema = deepcopy(model).requires_grad_(False).eval()  # after DDP: rank 0's weights everywhere
+        if ckpt is not None:
+            load_into_model(self.ema, ckpt["ema"], source=f"{resume_path} (ema)")
+            self.opt.load_state_dict(ckpt["opt"])
+            for group in self.opt.param_groups:
+                group["lr"] = args.lr
+        self.train_model = torch.compile(self.ddp) if args.compile else self.ddp
+        self.ema_params = list(self.ema.parameters())
+        self.model_params = list(model.parameters())
+        self.transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
+                                          args.sample_eps)
+        n_params = sum(p.numel() for p in model.parameters())
+        logger.info(f"SiT parameters: {n_params:,} ({args.model}, {args.num_classes} classes)")
+        self.step_flops = flops.train_step_flops(model)
+
+        # Position in the run.
+        self.step, self.epoch, self.step_in_epoch, self.nonfinite_skipped = 0, 0, 0, 0
+        self.last_checkpoint = None
+        if ckpt is not None:
+            self.restore_position(ckpt, resume_path)
+        self.max_steps = args.max_steps if args.max_steps is not None else args.epochs * self.sampler.steps_per_epoch
+        self.step_counter = torch.full((), self.step, dtype=torch.int64, device=self.device)
+        self.tb_writer = self.wandb = None
+
+    # ------------------------------------------------------------------ resume
+    def restore_position(self, ckpt: dict, path: str) -> None:
+        args, world_size = self.args, self.dist_info.world_size
+        self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
+        self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
+        self.last_checkpoint = path
+        data = ckpt.get("data", {})
+        same_layout = (data.get("world_size") == world_size and data.get("global_batch_size") == args.global_batch_size
+                       and data.get("num_samples") == len(self.dataset) and data.get("seed") == args.global_seed)
+        rng = ckpt["rng"]
+        if same_layout and len(rng) == world_size:
+            self.step_in_epoch = int(ckpt["step_in_epoch"])
+            restore_rng_state(rng[self.dist_info.rank], self.device)
+            logger.info(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it): exact")
+        else:
+            consumed = int(ckpt["step_in_epoch"]) * int(data.get("global_batch_size", args.global_batch_size))
+            self.step_in_epoch = min(consumed // args.global_batch_size, self.sampler.steps_per_epoch)
+            seed_everything((args.global_seed * world_size + self.dist_info.rank) * 1_000_003 + self.step)
+            logger.warning(f"resumed at step {self.step} with a different world size, batch size, seed or dataset "
+                           f"({data}): the data order and random streams are not those of the original run")
+
+    # ------------------------------------------------------------------ checkpoints
+    def check_ranks_agree(self) -> None:
+        """DDP keeps every rank's weights identical; compare per-tensor norms of model and EMA to be sure."""
+        if not is_distributed():
+            return
+        norms = torch.stack(torch._foreach_norm(self.model_params + self.ema_params)).float()  # (2 * P,)
+        gathered = [torch.empty_like(norms) for _ in range(self.dist_info.world_size)]
+        dist.all_gather(gathered, norms)
+        differing = [r for r, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
+        if differing:
+            raise RuntimeError(f"step {self.step}: the weights of rank(s) {differing} differ from rank 0's "
+                               f"(a DDP bug or a nondeterministic op outside DDP)")
+
+    def save_checkpoint(self) -> str:
+        """Every rank contributes its RNG state; rank 0 writes the file atomically."""
+        self.check_ranks_agree()
+        rng = capture_rng_state(self.device)
+        if is_distributed():
+            states = [None] * self.dist_info.world_size
+            dist.all_gather_object(states, rng)
+        else:
+            states = [rng]
+        path = checkpoint_path(self.checkpoint_dir, self.step)
+        if self.dist_info.is_main:
+            checkpoint = {
+                "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(),
+                "opt": self.opt.state_dict(),
+                "args": dict(vars(self.args)),
+                "step": self.step,
+                "epoch": self.epoch,
+                "step_in_epoch": self.step_in_epoch,
+                "data": {"seed": self.args.global_seed, "num_samples": len(self.dataset),
+                         "global_batch_size": self.args.global_batch_size, "world_size": self.dist_info.world_size},
+                "rng": states,
+                "nonfinite_skipped": self.nonfinite_skipped,
+                "version": CHECKPOINT_VERSION,
+            }
+            atomic_torch_save(checkpoint, path)
+            logger.info(f"saved checkpoint {path}")
+        barrier()
+        self.last_checkpoint = path
+        return path
+
+    # ------------------------------------------------------------------ samples
+    @torch.no_grad()
+    def save_samples(self) -> str | None:
+        """An EMA sample grid (fixed noise and labels) from a fixed-step ODE; rank 0 only."""
+        args = self.args
+        generator = torch.Generator().manual_seed(args.global_seed)
+        n = args.num_sample_images
+        z = torch.randn(n, self.channels, self.latent_size, self.latent_size, generator=generator).to(self.device)
+        y = torch.randint(0, args.num_classes, (n,), generator=generator).to(self.device)
+        sample_fn = Sampler(self.transport).sample_ode(sampling_method=args.sample_method, num_steps=args.sample_steps)
+        if args.cfg_scale > 1.0:
+            z = torch.cat([z, z])
+            y = torch.cat([y, torch.full_like(y, args.num_classes)])
+            cfg_channels = 3 if (self.codec is not None or self.cache_vae_spec) else "all"
+
+            def model_fn(x, t, y):
+                return self.ema.forward_with_cfg(x, t, y, args.cfg_scale, cfg_channels=cfg_channels)
+        else:
+            model_fn = self.ema.forward
+        with self.autocast():
+            samples = sample_fn(z, model_fn, y=y)[-1].float()[:n]
+        codec = self.codec
+        if codec is None and self.cache_vae_spec is not None:
+            codec = self.load_cache_vae()
+            if codec is None:
+                return None
+        images = codec.decode(samples) if codec is not None else samples.clamp(-1, 1)
+        from sit_fast.images import save_image_grid
+
+        path = save_image_grid(images, os.path.join(self.exp_dir, "samples", f"{self.step:07d}.png"))
+        logger.info(f"saved EMA samples {path}")
+        return path
+
+    def load_cache_vae(self):
+        """The VAE that made the latent cache, for sample grids only; None (logged) if unavailable."""
+        if getattr(self, "_cache_codec", False) is False:
+            from sit_fast.vae import load_vae
+
+            spec = self.args.vae if "vae" in self.explicit and self.args.vae != "none" else self.cache_vae_spec
+            try:
+                self._cache_codec = load_vae(spec, self.device)
+            except UserError as err:
+                logger.warning(f"sample grids are skipped: {err}")
+                self._cache_codec = None
+        return self._cache_codec
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
+
+    # ------------------------------------------------------------------ one step
+    def batch_to_latents(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(self.dataset, LatentCacheDataset):
+            mean, std, y = (t.to(self.device, non_blocking=True) for t in batch)
+            return mean + std * torch.randn_like(mean), y  # a draw from the stored posterior
+        x, y = batch
+        x = x.to(self.device, non_blocking=True)
+        y = torch.as_tensor(y).to(self.device, non_blocking=True)
+        if self.codec is not None:
+            mean, std = self.codec.encode(x)
+            x = mean + std * torch.randn_like(mean)
+        return x, y
+
+    def train_step(self, batch) -> tuple[torch.Tensor, bool]:
+        """Forward, backward, optimizer and EMA; returns (detached loss, whether the update was applied)."""
+        x, y = self.batch_to_latents(batch)
+        with self.autocast():
+            loss = self.transport.training_losses(self.train_model, x, dict(y=y))["loss"].mean()
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        applied = True
+        if self.args.grad_clip is not None or self.args.skip_nonfinite:
+            max_norm = self.args.grad_clip if self.args.grad_clip is not None else float("inf")
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, max_norm, foreach=True)
+            if self.args.skip_nonfinite:
+                applied = bool(torch.isfinite(grad_norm))  # the one host sync this option costs
+        if applied:
+            self.opt.step()
+            torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
+        return loss.detach(), applied
+
+    # ------------------------------------------------------------------ the loop
+    def run(self) -> dict:
+        args, is_main = self.args, self.dist_info.is_main
+        if is_main:
+            self.open_trackers()
+        device = self.device
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        loss_count = torch.zeros((), device=device, dtype=torch.int64)
+        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
+        self.model.train()
+        bar = None
+        if is_main and not args.no_progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
+                       mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+        if self.step >= self.max_steps:
+            logger.info(f"nothing to do: step {self.step} >= --max-steps {self.max_steps}")
+        logger.info(f"training from step {self.step} to step {self.max_steps}")
+        window_start, window_steps = time.perf_counter(), 0
+        last_log = {}
+        while self.step < self.max_steps and self.epoch < args.epochs:
+            batches = self.sampler.batches(self.epoch, self.step_in_epoch)
+            loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
+                                 seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank)
+            for batch in loader:
+                loss, applied = self.train_step(batch)
+                self.step += 1
+                self.step_in_epoch += 1
+                self.step_counter += 1
+                window_steps += 1
+                if applied:
+                    loss_sum += loss.double()
+                    loss_count += 1
+                    bad = ~torch.isfinite(loss)
+                    first_bad = torch.where(bad & (first_bad < 0), self.step_counter, first_bad)
+                else:
+                    self.nonfinite_skipped += 1
+                    logger.warning(f"step {self.step}: non-finite gradients, step skipped "
+                                   f"({self.nonfinite_skipped} so far)")
+                if self.step_in_epoch == self.sampler.steps_per_epoch:
+                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                if bar is not None:
+                    bar.update(1)
+
+                last = self.step >= self.max_steps
+                if self.step % args.log_every == 0 or last:
+                    last_log = self.log(loss_sum, loss_count, first_bad, window_start, window_steps, bar)
+                    loss_sum.zero_()
+                    loss_count.zero_()
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.step % args.ckpt_every == 0 or last:
+                    self.check_finite(first_bad)
+                    self.save_checkpoint()
+                if self.step % args.sample_every == 0 and is_main:
+                    self.ema.eval()
+                    self.save_samples()
+                if last:
+                    break
+        if bar is not None:
+            bar.close()
+        self.close_trackers()
+        logger.info("done")
+        return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
+                "nonfinite_skipped": self.nonfinite_skipped, **last_log}
+
+    def check_finite(self, first_bad: torch.Tensor) -> None:
+        """Stop (on every rank) if any rank saw a non-finite loss; reads one small tensor."""
+        bad = first_bad.clone()
+        bad = torch.where(bad < 0, torch.full_like(bad, 2**62), bad)
+        all_reduce(bad, dist.ReduceOp.MIN if is_distributed() else None)
+        bad_step = int(bad)
+        if bad_step < 2**62:
+            where = self.last_checkpoint or "none written yet"
+            raise NonFiniteLossError(
+                f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); last good checkpoint: "
+                f"{where}; resume from it with a lower --lr, --grad-clip, or --skip-nonfinite")
+
+    def log(self, loss_sum, loss_count, first_bad, window_start, window_steps, bar) -> dict:
+        stats = torch.stack([loss_sum, loss_count.double()])
+        all_reduce(stats)
+        self.check_finite(first_bad)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        elapsed = max(time.perf_counter() - window_start, 1e-9)
+        total, count = stats.tolist()
+        avg_loss = total / max(count, 1.0)
+        steps_per_sec = window_steps / elapsed
+        images_per_sec = steps_per_sec * self.args.global_batch_size
+        record = {"loss": avg_loss, "steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec}
+        line = (f"(step={self.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
+                f"Images/Sec: {images_per_sec:.1f}")
+        if self.device.type == "cuda":
+            device_flops = self.step_flops * images_per_sec / self.dist_info.world_size
+            mfu = flops.mfu(device_flops, torch.cuda.get_device_name(self.device),
+                            self.autocast_dtype or torch.float32, tf32=self.precision == "tf32")
+            record["tflops_per_device"] = device_flops / 1e12
+            line += f", TFLOP/s/GPU: {device_flops / 1e12:.1f}"
+            if mfu is not None:
+                record["mfu"] = mfu
+                line += f", MFU: {100 * mfu:.1f}%"
+        if self.nonfinite_skipped:
+            line += f", skipped non-finite steps: {self.nonfinite_skipped}"
+        logger.info(line)
+        if bar is not None:
+            bar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{images_per_sec:.0f}",
+                            **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
+        if self.dist_info.is_main:
+            self.track(record)
+        return record
+
+    # ------------------------------------------------------------------ trackers
+    def open_trackers(self) -> None:
+        args = self.args
+        if args.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise UserError(f"--tensorboard needs the tensorboard package ({err}): pip install tensorboard") from None
+            self.tb_writer = SummaryWriter(os.path.join(self.exp_dir, "tensorboard"))
+        if args.wandb:
+            try:
+                import wandb
+            except ImportError as err:
+                raise UserError(f"--wandb needs the wandb package ({err}): pip install wandb") from None
+            self.wandb = wandb.init(entity=os.environ.get("ENTITY"), project=os.environ.get("PROJECT", "sit_fast"),
+                                    name=os.path.basename(self.exp_dir), config=dict(vars(args)), resume="allow")
+
+    def track(self, record: dict) -> None:
+        if self.tb_writer is not None:
+            for key, value in record.items():
+                self.tb_writer.add_scalar(f"train/{key}", value, self.step)
+        if self.wandb is not None:
+            self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=self.step)
+
+    def close_trackers(self) -> None:
+        if self.tb_writer is not None:
+            self.tb_writer.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Parse the command line, train, and return a summary (step, loss, experiment dir, ...)."""
+    args, explicit = parse_args(argv)
+    dist_info = init_distributed()
+    try:
+        return Trainer(args, explicit, dist_info).run()
+    finally:
+        cleanup()

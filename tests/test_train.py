@@ -1,0 +1,313 @@
+"""train.py: DDP agreement, exact resume, crash-safe checkpoints, one-line user errors, latent cache.
+
+Everything trains SiT-T/4 on scikit-learn's bundled 8x8 digits in pixel space (no download), fp32 on
+the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
+"""
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.multiprocessing as mp
+from PIL import Image
+
+from sit_fast.errors import cli_entry
+from sit_fast.training import checkpointing
+from sit_fast.training.checkpointing import list_checkpoints
+from sit_fast.training.loop import main as train_main
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = [
+    "--dataset", "digits", "--image-size", "8", "--vae", "none", "--model", "SiT-T/4", "--global-batch-size", "64",
+    "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--lr", "1e-3", "--ema-decay", "0.9",
+    "--sample-every", "100000", "--log-every", "8",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from sit_fast.distributed import cleanup, init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    args, explicit = parse_args(argv)
+    info = init_distributed()
+    try:
+        trainer = Trainer(args, explicit, info)
+        summary = trainer.run()
+        torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "step": summary["step"]},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        cleanup()
+
+
+def run_ddp(argv: list[str], out_dir: str, world_size: int = 2) -> list[dict]:
+    """Train with `world_size` gloo processes; returns each rank's final model and EMA state_dicts."""
+    os.makedirs(out_dir, exist_ok=True)
+    mp.spawn(_ddp_worker, args=(world_size, free_port(), argv, out_dir), nprocs=world_size, join=True)
+    return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
+
+
+def logged_losses(exp_dir: str) -> list[float]:
+    with open(os.path.join(exp_dir, "log.txt")) as f:
+        return [float(line.split("Train Loss: ")[1].split(",")[0]) for line in f if "Train Loss: " in line]
+
+
+def load_ckpt(path: str) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_states_close(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}[{key}]: {m}")
+
+
+# ----------------------------------------------------------------------------- DDP and exact resume
+
+@pytest.fixture(scope="module")
+def ddp_straight(tmp_path_factory):
+    """48 steps with 2 ranks (28 steps per epoch: crosses an epoch), checkpoints every 24."""
+    root = tmp_path_factory.mktemp("ddp")
+    exp = str(root / "straight")
+    ranks = run_ddp(BASE + ["--exp-dir", exp, "--max-steps", "48", "--ckpt-every", "24"], str(root / "out_straight"))
+    return root, exp, ranks
+
+
+def test_ddp_loss_decreases_and_ranks_agree(ddp_straight):
+    _, exp, ranks = ddp_straight
+    assert ranks[0]["step"] == ranks[1]["step"] == 48
+    for key in ("model", "ema"):
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), f"rank 1 {key}[{name}] differs from rank 0"
+    losses = logged_losses(exp)
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    assert losses[-1] < 0.8 * losses[0], f"loss did not decrease: {losses}"
+    checkpoint = load_ckpt(os.path.join(exp, "checkpoints", "0000048.pt"))  # loads with weights_only=True
+    assert checkpoint["step"] == 48 and checkpoint["epoch"] == 1 and checkpoint["step_in_epoch"] == 20
+    assert len(checkpoint["rng"]) == 2 and isinstance(checkpoint["args"], dict)
+    assert not torch.equal(checkpoint["rng"][0]["torch"], checkpoint["rng"][1]["torch"])  # per-rank seeds
+
+
+def test_exact_resume_ddp(ddp_straight):
+    """24 steps, stop; --resume auto to 48 == 48 straight: model, EMA, optimizer, position, RNG."""
+    root, straight, _ = ddp_straight
+    split = str(root / "split")
+    run_ddp(BASE + ["--exp-dir", split, "--max-steps", "24", "--ckpt-every", "24"], str(root / "out_a"))
+    run_ddp(BASE + ["--exp-dir", split, "--max-steps", "48", "--ckpt-every", "24", "--resume", "auto"],
+            str(root / "out_b"))
+    with open(os.path.join(split, "log.txt")) as f:
+        assert "--resume auto: resuming from" in f.read()
+    a = load_ckpt(os.path.join(straight, "checkpoints", "0000048.pt"))
+    b = load_ckpt(os.path.join(split, "checkpoints", "0000048.pt"))
+    assert (a["step"], a["epoch"], a["step_in_epoch"]) == (b["step"], b["epoch"], b["step_in_epoch"])
+    assert_states_close(a["model"], b["model"], "model")
+    assert_states_close(a["ema"], b["ema"], "ema")
+    assert a["opt"]["param_groups"] == b["opt"]["param_groups"]
+    for index, state in a["opt"]["state"].items():
+        assert_states_close(state, b["opt"]["state"][index], f"opt.state[{index}]")
+    for rank in range(2):
+        assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
+
+
+# ----------------------------------------------------------------------------- single process
+
+def test_single_process_resume_flags_win_and_identity_kept(tmp_path):
+    exp = str(tmp_path / "run")
+    summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--ckpt-every", "3"])
+    assert summary["step"] == 6 and summary["last_checkpoint"].endswith("0000006.pt")
+    # Flags given on resume win (max-steps, intervals), the rest comes from the checkpoint.
+    summary = train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "8", "--ckpt-every", "100",
+                          "--no-progress", "--fused-kernels", "off"])
+    assert summary["step"] == 8
+    ckpt = load_ckpt(os.path.join(exp, "checkpoints", "0000008.pt"))
+    assert ckpt["args"]["model"] == "SiT-T/4" and ckpt["args"]["ckpt_every"] == 100
+    assert ckpt["args"]["dataset"] == "digits" and ckpt["args"]["global_batch_size"] == 64
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    exp = str(tmp_path / "run")
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def crashing_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # the second checkpoint: write half of it, then "crash"
+            real_save(obj, f, *args, **kwargs)
+            f.truncate(f.tell() // 2)
+            raise OSError("simulated crash while writing")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        train_main(BASE + ["--exp-dir", exp, "--max-steps", "8", "--ckpt-every", "4"])
+    monkeypatch.setattr(checkpointing.torch, "save", real_save)
+    ckpt_dir = os.path.join(exp, "checkpoints")
+    assert sorted(os.listdir(ckpt_dir)) == ["0000004.pt"], "a partial file or a temporary file was left behind"
+    assert load_ckpt(os.path.join(ckpt_dir, "0000004.pt"))["step"] == 4
+    # A damaged newer file (say, a copy cut short) is skipped by --resume auto with a warning.
+    with open(os.path.join(ckpt_dir, "0000006.pt"), "wb") as f:
+        f.write(b"PK\x03\x04 truncated")
+    summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "8", "--ckpt-every", "4", "--resume", "auto"])
+    assert summary["step"] == 8
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "skipping" in log and "0000006.pt" in log
+    assert "--resume auto: resuming from" in log and "0000004.pt (the latest valid checkpoint)" in log
+
+
+def poison_batch(monkeypatch, call: int) -> None:
+    """Make the `call`-th training batch NaN."""
+    from sit_fast.training import loop
+
+    real = loop.Trainer.batch_to_latents
+    calls = {"n": 0}
+
+    def poisoned(self, batch):
+        x, y = real(self, batch)
+        calls["n"] += 1
+        return (x * float("nan") if calls["n"] == call else x), y
+
+    monkeypatch.setattr(loop.Trainer, "batch_to_latents", poisoned)
+
+
+def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, capsys, monkeypatch):
+    exp = str(tmp_path / "run")
+    poison_batch(monkeypatch, call=6)
+    code = run_cli(BASE + ["--exp-dir", exp, "--max-steps", "16", "--ckpt-every", "4", "--log-every", "100"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert code == 2, err
+    assert "non-finite at step 6 (noticed at step 8)" in err and "last good checkpoint" in err, err
+    assert "0000004.pt" in err
+    assert sorted(os.listdir(os.path.join(exp, "checkpoints"))) == ["0000004.pt"]  # no NaN checkpoint written
+
+
+def test_skip_nonfinite_counts(tmp_path, monkeypatch):
+    poison_batch(monkeypatch, call=3)
+    summary = train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "6", "--ckpt-every", "6",
+                                 "--skip-nonfinite"])
+    assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
+
+
+# ----------------------------------------------------------------------------- user errors
+
+def run_cli(argv: list[str]) -> int:
+    try:
+        cli_entry(train_main)(argv)
+    except SystemExit as exit_:
+        return exit_.code
+    return 0
+
+
+def make_image_folder(root, classes=2, per_class=3, size=20) -> str:
+    rng = np.random.default_rng(0)
+    for c in range(classes):
+        os.makedirs(os.path.join(root, f"class{c}"), exist_ok=True)
+        for i in range(per_class):
+            array = rng.integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
+            Image.fromarray(array).save(os.path.join(root, f"class{c}", f"{i}.png"))
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def digits_checkpoint(tmp_path_factory):
+    exp = str(tmp_path_factory.mktemp("ckpt") / "run")
+    return train_main(BASE + ["--exp-dir", exp, "--max-steps", "1", "--ckpt-every", "1"])["last_checkpoint"]
+
+
+def error_cases(tmp_path, checkpoint):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes(b"not a checkpoint")
+    images = make_image_folder(tmp_path / "images")
+    exp = ["--exp-dir", str(tmp_path / "exp"), "--no-progress"]
+    return {
+        "missing data path": (["--data-path", str(tmp_path / "nope")] + exp, "does not exist"),
+        "empty data path": (["--data-path", str(empty)] + exp, "no class sub-folders"),
+        "no data path": (exp, "--data-path is required"),
+        "image size not divisible by 8": (["--data-path", images, "--image-size", "100"] + exp, "not divisible by 8"),
+        "image size not divisible by patch": (
+            BASE + ["--image-size", "10"] + exp, "not divisible by the patch size 4"),
+        "unknown model": (BASE + ["--model", "SiT-Q/2"] + exp, "invalid choice"),
+        "unknown flag": (BASE + ["--learning-rate", "1"] + exp, "unrecognized arguments"),
+        "corrupt checkpoint": (BASE + ["--resume", str(corrupt)] + exp, "corrupt or truncated"),
+        "checkpoint of another model (resume)": (
+            BASE + ["--model", "SiT-T/2", "--resume", checkpoint] + exp, "--model SiT-T/2 differs"),
+        "checkpoint of another model (--ckpt)": (BASE + ["--model", "SiT-T/2", "--ckpt", checkpoint] + exp,
+                                                 "does not fit the model"),
+        "checkpoint of another transport": (
+            BASE + ["--path-type", "GVP", "--resume", checkpoint] + exp, "--path-type GVP differs"),
+        "vae not found": (["--data-path", images, "--image-size", "16", "--vae", str(tmp_path / "no_vae")] + exp,
+                          "--vae none"),
+        "batch larger than the dataset": (BASE + ["--global-batch-size", "4000"] + exp, "fewer than one local batch"),
+    }
+
+
+def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
+    for name, (argv, expected) in error_cases(tmp_path, digits_checkpoint).items():
+        code = run_cli(argv)
+        err = capsys.readouterr().err.strip()
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2, f"{name}: exit status {code}, stderr: {err}"
+        assert len(lines) == 1 and expected in lines[0], f"{name}: {err!r}"
+        assert "Traceback" not in err, f"{name}: {err}"
+
+
+def test_user_error_from_the_real_cli(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), "--data-path", str(tmp_path / "nope"),
+                             "--exp-dir", str(tmp_path / "exp")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --data-path")
+    assert "Traceback" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- latent cache
+
+def test_latent_cache_round_trip_and_training(tmp_path):
+    from sit_fast import latent_cache
+    from sit_fast.data import ImageFolderDataset, LatentCacheDataset
+    from sit_fast.vae import load_vae
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    latent_cache.main(["--data-path", images, "--image-size", "16", "--vae", vae_dir, "--out", out,
+                       "--shard-size", "4", "--batch-size", "2", "--num-workers", "0", "--dtype", "float32"])
+    with open(os.path.join(out, "index.json")) as f:
+        index = json.load(f)
+    assert index["num_images"] == 6 and [s["count"] for s in index["shards"]] == [4, 2]
+    assert index["latent_channels"] == 4 and index["latent_size"] == 8 and index["num_classes"] == 2
+
+    cache = LatentCacheDataset(out)
+    source = ImageFolderDataset(images, 16)
+    codec = load_vae(vae_dir, "cpu")
+    keys = [(5, 0), (1, 1), (4, 1)]  # across both shards, as is and mirrored
+    mean, std, labels = cache.__getitems__(keys)
+    pixels = torch.stack([source.load(i, flip) for i, flip in keys])
+    expected_mean, expected_std = codec.encode(pixels)
+    torch.testing.assert_close(mean, expected_mean, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(std, expected_std, atol=1e-5, rtol=1e-4)
+    assert labels.tolist() == [source.samples[i][1] for i, _ in keys]
+
+    exp = str(tmp_path / "exp")
+    summary = train_main(["--latent-cache", out, "--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "3",
+                          "--ckpt-every", "3", "--sample-every", "3", "--num-sample-images", "2", "--exp-dir", exp,
+                          "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--log-every", "1"])
+    assert summary["step"] == 3 and np.isfinite(summary["loss"])
+    assert os.path.isfile(os.path.join(exp, "samples", "0000003.png"))  # decoded with the cache's VAE
+    assert load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]["in_channels"] == 4
