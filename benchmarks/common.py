@@ -236,7 +236,9 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
         name="full", model_name="SiT-XL/2 (256px: latent 32x32x4, 1000 classes)", model_kwargs=_xl2_kwargs(),
         train_batches=(256, 128, 64, 32), warmup=2, iters=5, sample_batches=(8, 256), steps_timed=3, sample_iters=3,
         parity_batch=4, memory_batches=(8, 16),
-        budgets_s={"kernels": 50, "parity": 60, "train": 160, "sample": 120, "memory": 40}, deadline_s=450,
+        # 400 s of measurements, plus start-up and at most one compilation running over its estimate:
+        # under the 8 minutes of shared/GPU.md.
+        budgets_s={"kernels": 45, "parity": 55, "train": 140, "sample": 110, "memory": 50}, deadline_s=400,
         copy_bytes=1 << 30, matmul_n=8192,
     ),
 }
@@ -477,13 +479,17 @@ class ModelFactory:
         self.device = device
         self.compile_backend = compile_backend
         torch.manual_seed(seed)
-        reference = randomize_zero_init_(SiT(**size.model_kwargs), seed=seed)
-        state = {k: v.detach().clone() for k, v in reference.state_dict().items()}
+        with torch.device(device):  # initialising SiT-XL/2 is quicker on the GPU
+            reference = randomize_zero_init_(SiT(**size.model_kwargs), seed=seed)
+        state = {k: v.detach().to("cpu", copy=True) for k, v in reference.state_dict().items()}
         if device.type == "cuda":
             state = {k: v.pin_memory() for k, v in state.items()}
         self.state = state
         self.forward_flops = _forward_flops(reference)
         self.head_dim = reference.hidden_size // reference.num_heads
+        self._activation_bytes: dict[tuple, int] = {}
+        del reference
+        free_memory(device)
 
     def build(self, variant: Variant, compile: bool = True, **model_kwargs):
         """The variant's model, with the shared weights, in train mode; compiled as the variant says."""
@@ -499,6 +505,16 @@ class ModelFactory:
         if compile and variant.compile is not None:
             self.compile(model, variant)
         return model
+
+    def activation_bytes_per_image(self, model, variant: Variant) -> int:
+        """sit_fast.memory.activation_bytes_per_image of the variant's eager maths (call before compiling)."""
+        from sit_fast.memory import activation_bytes_per_image
+
+        key = (variant.attn_backend, variant.fused_kernels, variant.autocast_dtype)
+        if key not in self._activation_bytes:
+            self._activation_bytes[key] = activation_bytes_per_image(model, variant.autocast_dtype,
+                                                                     device=str(self.device))
+        return self._activation_bytes[key]
 
     def compile(self, model, variant: Variant) -> None:
         options = dict(backend=self.compile_backend, dynamic=False)
@@ -631,6 +647,11 @@ class RunContext:
         if self._models is None:
             self._models = ModelFactory(self.size, self.device, self.compile_backend)
         return self._models
+
+    def measurement_order(self) -> list[Variant]:
+        """The variants, cheapest to compile first, so that a time box cuts the costliest ones."""
+        cost = {None: 0, "blocks": 1, "model": 2}
+        return sorted(self.variants, key=lambda v: cost[v.compile])
 
     def record(self, suite: str, name: str, variant: str, **fields) -> dict:
         """A record with every field of the schema: the environment stamp, then `fields`, the rest null."""

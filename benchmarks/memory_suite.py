@@ -20,7 +20,7 @@ NAME = "activations"
 
 
 def run(ctx: RunContext) -> None:
-    for variant in ctx.variants:
+    for variant in ctx.measurement_order():
         b1, b2 = ctx.size.memory_batches
         kw = ctx.size.model_kwargs
         common = dict(model=ctx.size.model_name, batch_size=b2,
@@ -59,10 +59,8 @@ def forward_backward_peak(ctx: RunContext, model, variant: Variant, B: int) -> i
 
 
 def measure(ctx: RunContext, variant: Variant, common: dict) -> None:
-    from sit_fast.memory import activation_bytes_per_image
-
     model = ctx.models.build(variant, compile=False)
-    counted = activation_bytes_per_image(model, variant.autocast_dtype, device=str(ctx.device))
+    counted = ctx.models.activation_bytes_per_image(model, variant)
     peak = measured = None
     extra = {"fake_tensor_batches": [2, 4]}
     if ctx.device.type == "cuda":

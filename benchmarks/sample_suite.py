@@ -42,7 +42,7 @@ def run(ctx: RunContext) -> None:
     set_tf32(ctx.device, True)
     transport = create_transport("Linear", "velocity")
     sampler = Sampler(transport)
-    for variant in ctx.variants:
+    for variant in ctx.measurement_order():
         needed = expected_cost_s(ctx.size, variant)
         if not ctx.budget.allows(needed):
             for B in ctx.size.sample_batches:
@@ -91,6 +91,9 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
         y = torch.randint(0, kw["num_classes"], (B,), device=device)
         shapes = {"z": list(z.shape), "y": [B], "model_batch": 2 * B}
         for name, kind, method, num_steps in SAMPLERS:
+            if not ctx.budget.allows(0.0):
+                ctx.skip(SUITE, name, variant, 0.0, model=size.model_name, shapes=shapes, batch_size=B)
+                continue
             if kind == "ODE":
                 sample_fn = sampler.sample_ode(sampling_method=method, num_steps=k)
             else:

@@ -33,7 +33,7 @@ def run(ctx: RunContext) -> None:
 
     set_tf32(ctx.device, True)
     transport = create_transport("Linear", "velocity")
-    for variant in ctx.variants:
+    for variant in ctx.measurement_order():
         needed = expected_cost_s(ctx.size, variant)
         common = dict(model=ctx.size.model_name, shapes={}, batch_size=None)
         if not ctx.budget.allows(needed):
@@ -62,12 +62,11 @@ def make_step(model, optimizer, transport, x1: torch.Tensor, y: torch.Tensor, va
 
 def measure(ctx: RunContext, variant: Variant, transport) -> None:
     from sit_fast.flops import train_step_flops
-    from sit_fast.memory import activation_bytes_per_image
 
     device, size = ctx.device, ctx.size
     kw = size.model_kwargs
     model = ctx.models.build(variant, compile=False)
-    activation_bytes = activation_bytes_per_image(model, variant.autocast_dtype, device=str(device))
+    activation_bytes = ctx.models.activation_bytes_per_image(model, variant)
     if variant.compile is not None:
         ctx.models.compile(model, variant)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0, fused=device.type == "cuda")
@@ -78,6 +77,9 @@ def measure(ctx: RunContext, variant: Variant, transport) -> None:
     search: list[dict] = []
     result = None
     for B in size.train_batches:
+        if search and not ctx.budget.allows(expected_cost_s(size, variant)):
+            search.append({"batch": B, "result": "not tried: time box"})
+            break
         predicted = static_bytes + B * activation_bytes
         if total_bytes is not None and predicted > PREDICTED_OOM_FACTOR * total_bytes:
             search.append({"batch": B, "result": f"not tried: predicted {predicted / 2**30:.0f} GiB > "
@@ -103,7 +105,7 @@ def measure(ctx: RunContext, variant: Variant, transport) -> None:
              "loss": "sit_fast.transport Linear / velocity", "trainable_parameters": trainable}
     if result is None:
         ctx.emit(ctx.record(SUITE, NAME, variant.name, status="oom", dtype=variant.dtype_name,
-                            note=f"no batch of {list(size.train_batches)} fits", model=size.model_name, shapes={},
+                            note=f"no batch of {[a['batch'] for a in search]} fits", model=size.model_name, shapes={},
                             batch_size=None, activation_bytes_per_image=activation_bytes, variant_config=config,
                             extra=extra))
         return
