@@ -1,0 +1,56 @@
+"""argparse groups for the transport, ODE and SDE options, with upstream SiT's flags and defaults.
+
+The ODE and SDE groups both define --sampling-method (with different defaults); a script adds one
+of them, as upstream's sample.py does per mode.
+"""
+import argparse
+
+from sit_fast.transport.integrators import ODE_METHODS, SDE_METHODS
+from sit_fast.transport.path import DIFFUSION_FORMS
+
+
+def none_or_str(value):
+    """argparse type: the string "None" becomes None, anything else stays a string."""
+    return None if value == "None" else value
+
+
+def add_transport_args(parser: argparse.ArgumentParser):
+    """Add --path-type, --prediction, --loss-weight, --sample-eps, --train-eps; returns the group."""
+    group = parser.add_argument_group("Transport arguments")
+    group.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"],
+                       help="interpolant between noise (t=0) and data (t=1)")
+    group.add_argument("--prediction", type=str, default="velocity", choices=["velocity", "score", "noise"],
+                       help="what the model predicts")
+    group.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"],
+                       help="time weighting of score / noise losses (None: unweighted)")
+    group.add_argument("--sample-eps", type=float, default=1e-3,
+                       help="distance kept from the singular ends of [0, 1] when sampling")
+    group.add_argument("--train-eps", type=float, default=1e-5,
+                       help="distance kept from the singular ends of [0, 1] when training")
+    return group
+
+
+def add_ode_args(parser: argparse.ArgumentParser):
+    """Add --sampling-method, --atol, --rtol, --reverse, --likelihood; returns the group."""
+    group = parser.add_argument_group("ODE arguments")
+    group.add_argument("--sampling-method", type=str, default="dopri5", choices=list(ODE_METHODS),
+                       help="ODE solver: our fixed-step euler / heun or a torchdiffeq method")
+    group.add_argument("--atol", type=float, default=1e-6, help="absolute tolerance of adaptive solvers")
+    group.add_argument("--rtol", type=float, default=1e-3, help="relative tolerance of adaptive solvers")
+    group.add_argument("--reverse", action="store_true", help="integrate from data to noise")
+    group.add_argument("--likelihood", action="store_true", help="compute the log-likelihood of the data")
+    return group
+
+
+def add_sde_args(parser: argparse.ArgumentParser):
+    """Add --sampling-method, --diffusion-form, --diffusion-norm, --last-step, --last-step-size."""
+    group = parser.add_argument_group("SDE arguments")
+    group.add_argument("--sampling-method", type=str, default="Euler", choices=list(SDE_METHODS),
+                       help="SDE solver: Euler-Maruyama or stochastic Heun")
+    group.add_argument("--diffusion-form", type=str, default="SBDM", choices=list(DIFFUSION_FORMS),
+                       help="form of the diffusion coefficient w_t of the SDE")
+    group.add_argument("--diffusion-norm", type=float, default=1.0, help="magnitude of the diffusion coefficient")
+    group.add_argument("--last-step", type=none_or_str, default="Mean", choices=[None, "Mean", "Tweedie", "Euler"],
+                       help="form of the last, noise-free step taken to t=1 (None: no last step)")
+    group.add_argument("--last-step-size", type=float, default=0.04, help="size of the last step")
+    return group

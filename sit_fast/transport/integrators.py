@@ -1,0 +1,153 @@
+"""ODE and SDE integrators as short pure functions over a time grid.
+
+Every function takes `drift(x, t)` (and `diffusion(x, t)` for SDEs) with t of shape (B,), a
+start state x (a tensor, or for the ODE functions a tuple of tensors with the batch first), and a
+time grid already on x's device. Inside the loop nothing leaves the device: times are
+`t_grid[i].expand(B)` views and step sizes are entries of `t_grid.diff()`, so the loops contain no
+.item(), no host-built tensors and no host-device copies, and can be captured in a CUDA graph.
+
+They return a list of states: `[x_final]`, or with trajectory=True every state from the start
+state to the final one (len(t_grid) states).
+"""
+import torch
+from torchdiffeq import odeint
+# torchdiffeq's solver registry: used to list every method name and to tell fixed-grid solvers
+# (which need a grid even when only the end state is wanted) from adaptive ones.
+from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
+from torchdiffeq._impl.solvers import FixedGridODESolver
+
+# Our own fixed-step methods first; "euler" shadows torchdiffeq's. scipy_solver needs extra options.
+FIXED_STEP_ODE_METHODS = ("euler", "heun")
+ODE_METHODS = FIXED_STEP_ODE_METHODS + tuple(
+    name for name in TORCHDIFFEQ_SOLVERS if name not in FIXED_STEP_ODE_METHODS + ("scipy_solver",)
+)
+SDE_METHODS = ("Euler", "Heun")
+
+
+def _first(x):
+    return x[0] if isinstance(x, tuple) else x
+
+
+def _add_scaled(x, h, dx):
+    """x + h * dx for a tensor or a tuple of tensors."""
+    if isinstance(x, tuple):
+        return tuple(a + h * b for a, b in zip(x, dx))
+    return x + h * dx
+
+
+def time_grid(t0: float, t1: float, num_points: int, like) -> torch.Tensor:
+    """num_points times from t0 to t1 on like's device, in float32 (float64 if like is float64)."""
+    x = _first(like)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.linspace(t0, t1, num_points, device=x.device, dtype=dtype)
+
+
+def ode_euler(drift, x, t_grid, trajectory=False):
+    """Explicit Euler: len(t_grid) - 1 steps, one drift call per step."""
+    batch = _first(x).shape[0]
+    dt = t_grid.diff()
+    states = [x] if trajectory else None
+    for i in range(dt.shape[0]):
+        x = _add_scaled(x, dt[i], drift(x, t_grid[i].expand(batch)))  # x_{i+1} = x_i + h f(x_i, t_i)
+        if trajectory:
+            states.append(x)
+    return states if trajectory else [x]
+
+
+def ode_heun(drift, x, t_grid, trajectory=False):
+    """Heun's second-order method: len(t_grid) - 1 steps, two drift calls per step (the last included)."""
+    batch = _first(x).shape[0]
+    dt = t_grid.diff()
+    states = [x] if trajectory else None
+    for i in range(dt.shape[0]):
+        d_cur = drift(x, t_grid[i].expand(batch))
+        x_pred = _add_scaled(x, dt[i], d_cur)  # Euler predictor
+        d_next = drift(x_pred, t_grid[i + 1].expand(batch))
+        x = _add_scaled(x, 0.5 * dt[i], _add_scaled(d_cur, 1.0, d_next))  # trapezoidal corrector
+        if trajectory:
+            states.append(x)
+    return states if trajectory else [x]
+
+
+def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
+    """Any torchdiffeq method over t_grid[0] -> t_grid[-1].
+
+    Without a trajectory only the end time is requested (adaptive methods then choose their own
+    steps); fixed-grid methods still step over all of t_grid.
+    """
+    batch = _first(x).shape[0]
+
+    def func(t, state):  # torchdiffeq passes a 0-dim time
+        return drift(state, t.expand(batch))
+
+    times = t_grid if trajectory else t_grid[:: t_grid.shape[0] - 1]  # [t0, t1] as a view
+    if not issubclass(TORCHDIFFEQ_SOLVERS[method], FixedGridODESolver):
+        # Make the adaptive solver land on t1 instead of stepping past it: stages beyond t1 would
+        # evaluate the model, and the path (VP's sigma_t is NaN just past t = 1), outside [0, 1].
+        options = {"step_t": t_grid[-1:]}
+    elif trajectory:
+        options = None
+    else:
+        fractions = (t_grid - t_grid[0]) / (t_grid[-1] - t_grid[0])
+        # torchdiffeq hands a negated t to this for decreasing grids; lerp keeps both ends exact
+        options = {"grid_constructor": lambda f, y0, t: torch.lerp(t[0].expand_as(fractions),
+                                                                   t[-1].expand_as(fractions), fractions)}
+    solution = odeint(func, x, times, method=method, atol=atol, rtol=rtol, options=options)
+    if isinstance(solution, tuple):
+        indices = range(times.shape[0]) if trajectory else [-1]
+        return [tuple(part[i] for part in solution) for i in indices]
+    return list(solution.unbind(0)) if trajectory else [solution[-1]]
+
+
+def integrate_ode(drift, x, t0, t1, *, method, num_steps, atol=1e-6, rtol=1e-3, trajectory=False):
+    """Solve dx/dt = drift(x, t) from t0 to t1 (t1 < t0 runs backwards).
+
+    num_steps: the number of integration steps of a fixed-grid method ("euler": num_steps drift
+    calls, "heun": 2 * num_steps, torchdiffeq's fixed-grid methods the same grid); for adaptive
+    methods it is only the number of intervals of the returned trajectory.
+    Returns [x_final], or with trajectory=True the num_steps + 1 states on the uniform grid.
+    """
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}")
+    t_grid = time_grid(t0, t1, num_steps + 1, x)
+    if method == "euler":
+        return ode_euler(drift, x, t_grid, trajectory)
+    if method == "heun":
+        return ode_heun(drift, x, t_grid, trajectory)
+    return ode_torchdiffeq(drift, x, t_grid, method=method, atol=atol, rtol=rtol, trajectory=trajectory)
+
+
+def sde_euler_maruyama(drift, diffusion, x, t_grid, trajectory=False):
+    """Euler-Maruyama for dx = f dt + sqrt(2 w) dW: len(t_grid) - 1 steps, one drift call each.
+
+    x_{i+1} = x_i + f(x_i, t_i) h + sqrt(2 w(t_i) h) z_i, z_i ~ N(0, I) drawn on x's device.
+    """
+    batch = x.shape[0]
+    dt = t_grid.diff()
+    states = [x] if trajectory else None
+    for i in range(dt.shape[0]):
+        t = t_grid[i].expand(batch)
+        noise_scale = torch.sqrt(2 * diffusion(x, t) * dt[i])
+        x = x + drift(x, t) * dt[i] + noise_scale * torch.randn_like(x)
+        if trajectory:
+            states.append(x)
+    return states if trajectory else [x]
+
+
+def sde_heun(drift, diffusion, x, t_grid, trajectory=False):
+    """Stochastic Heun (upstream SiT's): noise first, then a Heun step of the drift; two drift calls each.
+
+    x_hat = x_i + sqrt(2 w(t_i) h) z_i;  x_{i+1} = x_hat + h/2 [f(x_hat, t_i) + f(x_hat + h f(x_hat, t_i), t_{i+1})].
+    """
+    batch = x.shape[0]
+    dt = t_grid.diff()
+    states = [x] if trajectory else None
+    for i in range(dt.shape[0]):
+        t_cur, t_next = t_grid[i].expand(batch), t_grid[i + 1].expand(batch)
+        x_hat = x + torch.sqrt(2 * diffusion(x, t_cur) * dt[i]) * torch.randn_like(x)
+        d_cur = drift(x_hat, t_cur)
+        d_next = drift(x_hat + dt[i] * d_cur, t_next)
+        x = x_hat + 0.5 * dt[i] * (d_cur + d_next)
+        if trajectory:
+            states.append(x)
+    return states if trajectory else [x]

@@ -1,0 +1,710 @@
+"""Tests of sit_fast.transport against a Gaussian toy problem with closed-form answers.
+
+Data x1 ~ N(MU, diag(STD^2)) in two dimensions, noise x0 ~ N(0, I), x_t = alpha_t x1 + sigma_t x0.
+Then x_t ~ N(alpha_t MU, var_t) with var_t = alpha_t^2 STD^2 + sigma_t^2, and the optimal
+predictors are affine in x:
+    x1_hat = MU + alpha_t STD^2 (x - alpha_t MU) / var_t,   x0_hat = sigma_t (x - alpha_t MU) / var_t,
+    score = -(x - alpha_t MU) / var_t,                       velocity = alpha'_t x1_hat + sigma'_t x0_hat.
+The paths' coefficients are written out again here, independently of sit_fast.transport.path.
+"""
+import argparse
+import math
+
+import pytest
+import torch
+
+from sit_fast.transport import (
+    DIFFUSION_FORMS,
+    LAST_STEPS,
+    ModelType,
+    PathType,
+    Sampler,
+    WeightType,
+    add_ode_args,
+    add_sde_args,
+    add_transport_args,
+    create_transport,
+    mean_flat,
+)
+
+MU = torch.tensor([1.5, -0.5])
+STD = torch.tensor([0.5, 1.2])
+PATHS = ("Linear", "GVP", "VP")
+PREDICTIONS = ("velocity", "score", "noise")
+SDE_SAMPLES = 8192
+SDE_STEPS = 100
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    """The toy tensors are tiny: one thread is faster and immune to a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference maths
+# ---------------------------------------------------------------------------------------------
+
+def ref_coefficients(path_type, t):
+    """(alpha_t, alpha'_t, sigma_t, sigma'_t) of each path."""
+    if path_type == "Linear":
+        return t, torch.ones_like(t), 1 - t, -torch.ones_like(t)
+    if path_type == "GVP":
+        half_pi = math.pi / 2
+        return (torch.sin(half_pi * t), half_pi * torch.cos(half_pi * t),
+                torch.cos(half_pi * t), -half_pi * torch.sin(half_pi * t))
+    log_alpha = -0.25 * (1 - t) ** 2 * (20.0 - 0.1) - 0.5 * (1 - t) * 0.1
+    d_log_alpha = 0.5 * (1 - t) * (20.0 - 0.1) + 0.5 * 0.1
+    alpha = torch.exp(log_alpha)
+    sigma = torch.sqrt(1 - alpha**2)
+    return alpha, alpha * d_log_alpha, sigma, -alpha**2 * d_log_alpha / sigma
+
+
+def ref_posterior(path_type, x, t):
+    """Closed-form (x1_hat, x0_hat, score, velocity) at x, t (t broadcastable against x)."""
+    alpha, d_alpha, sigma, d_sigma = ref_coefficients(path_type, t)
+    mu, std = MU.to(x), STD.to(x)
+    var = alpha**2 * std**2 + sigma**2
+    centred = (x - alpha * mu) / var
+    x1_hat = mu + alpha * std**2 * centred
+    x0_hat = sigma * centred
+    return x1_hat, x0_hat, -centred, d_alpha * x1_hat + d_sigma * x0_hat
+
+
+def closed_form_model(path_type, prediction):
+    """The optimal model of `prediction` type, called as model(x, t) with t of shape (B,)."""
+    index = {"velocity": 3, "score": 2, "noise": 1}[prediction]
+
+    def model(x, t):
+        return ref_posterior(path_type, x, t.reshape(-1, 1).to(x.dtype))[index]
+
+    return model
+
+
+def ref_diffusion(path_type, form, t, norm=1.0):
+    """w_t of each diffusion form."""
+    alpha, d_alpha, sigma, d_sigma = ref_coefficients(path_type, t)
+    return {
+        "constant": norm * torch.ones_like(t),
+        "SBDM": norm * (sigma**2 * d_alpha / alpha - sigma * d_sigma),
+        "sigma": norm * sigma,
+        "linear": norm * (1 - t),
+        "decreasing": 0.25 * (norm * torch.cos(math.pi * t) + 1) ** 2,
+        "increasing-decreasing": norm * torch.sin(math.pi * t) ** 2,
+    }[form]
+
+
+def marginal(path_type, t):
+    """Mean and variance of x_t per dimension (float64)."""
+    t = torch.tensor(t, dtype=torch.float64)
+    alpha, _, sigma, _ = ref_coefficients(path_type, t)
+    return alpha * MU.double(), alpha**2 * STD.double() ** 2 + sigma**2
+
+
+def exact_flow(path_type, x, t_from, t_to):
+    """The probability-flow ODE map from time t_from to t_to: it keeps (x - mean_t) / std_t fixed."""
+    mean_from, var_from = marginal(path_type, t_from)
+    mean_to, var_to = marginal(path_type, t_to)
+    return (mean_to + torch.sqrt(var_to / var_from) * (x.double() - mean_from)).to(x.dtype)
+
+
+def expected_sde_output(path_type, form, last_step, last_step_size, sample_eps=1e-3):
+    """Mean and std of the SDE sampler's output: the marginal at t1 pushed through the last step.
+
+    Every last step is affine in x for the toy problem, so F(mean) and |F(mean + std) - F(mean)|
+    are the output's mean and std.
+    """
+    t1 = 1 - last_step_size if last_step is not None else 1 - sample_eps
+    mean, var = marginal(path_type, t1)
+    t = torch.tensor(t1, dtype=torch.float64)
+
+    def last_step_map(x):
+        x1_hat, _, score, velocity = ref_posterior(path_type, x, t)
+        if last_step is None:
+            return x
+        if last_step == "Tweedie":
+            return x1_hat
+        if last_step == "Euler":
+            return x + last_step_size * velocity
+        return x + last_step_size * (velocity + ref_diffusion(path_type, form, t) * score)
+
+    out_mean = last_step_map(mean)
+    return out_mean, (last_step_map(mean + var.sqrt()) - out_mean).abs()
+
+
+def assert_moments(samples, expected_mean, expected_std, mean_tol, std_tol, label):
+    """Sample mean within mean_tol expected stds of its target; sample std within std_tol relative."""
+    samples = samples.double()
+    mean_err = ((samples.mean(0) - expected_mean) / expected_std).abs().max().item()
+    std_err = (samples.std(0) / expected_std - 1).abs().max().item()
+    assert torch.isfinite(samples).all(), f"{label}: non-finite samples"
+    assert mean_err < mean_tol and std_err < std_tol, (
+        f"{label}: mean {samples.mean(0).tolist()} vs {expected_mean.tolist()} (err {mean_err:.3f} std units, "
+        f"tol {mean_tol}); std {samples.std(0).tolist()} vs {expected_std.tolist()} (rel err {std_err:.3f}, "
+        f"tol {std_tol})")
+
+
+class CountingModel:
+    """Wraps a model and counts its calls."""
+
+    def __init__(self, model):
+        self.model, self.calls = model, 0
+
+    def __call__(self, x, t, **model_kwargs):
+        self.calls += 1
+        return self.model(x, t)
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and intervals
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("path_type", PATHS)
+def test_path_coefficients_match_reference(path_type):
+    plan = create_transport(path_type).path_sampler
+    t = torch.linspace(0.01, 0.99, 37, dtype=torch.float64)
+    got = plan.compute_alpha_t(t) + plan.compute_sigma_t(t)
+    for name, value, expected in zip(("alpha", "d_alpha", "sigma", "d_sigma"), got, ref_coefficients(path_type, t)):
+        torch.testing.assert_close(value, expected, msg=f"{path_type} {name}")
+    x = torch.randn(37, 2, dtype=torch.float64)
+    _, beta = plan.compute_drift(x, t)
+    torch.testing.assert_close(beta[:, 0], ref_diffusion(path_type, "SBDM", t), msg=f"{path_type} beta_t")
+    for form in DIFFUSION_FORMS:
+        w = plan.compute_diffusion(x, t, form=form, norm=0.7)
+        torch.testing.assert_close(w[:, 0], ref_diffusion(path_type, form, t, norm=0.7), msg=f"{path_type} {form}")
+        w_over_sigma = plan.compute_diffusion_over_sigma(x, t, form=form, norm=0.7)
+        torch.testing.assert_close(w_over_sigma[:, 0], w[:, 0] / ref_coefficients(path_type, t)[2])
+
+
+@pytest.mark.parametrize("path_type", PATHS)
+def test_prediction_conversions_agree(path_type):
+    plan = create_transport(path_type).path_sampler
+    t = torch.linspace(0.02, 0.98, 25, dtype=torch.float64)
+    x = torch.randn(25, 2, dtype=torch.float64) * 2
+    x1_hat, x0_hat, score, velocity = ref_posterior(path_type, x, t[:, None])
+    torch.testing.assert_close(plan.get_score_from_velocity(velocity, x, t), score)
+    torch.testing.assert_close(plan.get_noise_from_velocity(velocity, x, t), x0_hat)
+    torch.testing.assert_close(plan.get_velocity_from_score(score, x, t), velocity)
+    torch.testing.assert_close(plan.get_velocity_from_noise(x0_hat, x, t), velocity)
+    torch.testing.assert_close(plan.get_data_from_noise(x0_hat, x, t), x1_hat)
+
+
+@pytest.mark.parametrize("path_type", ("Linear", "GVP"))
+def test_velocity_conversions_are_finite_at_both_ends(path_type):
+    """Upstream divided by alpha'_t, which is 0 at t = 1 on GVP; the noise must stay finite there."""
+    plan = create_transport(path_type).path_sampler
+    t = torch.tensor([0.0, 1.0])
+    x = torch.randn(2, 2)
+    noise = plan.get_noise_from_velocity(ref_posterior(path_type, x, t[:, None])[3], x, t)
+    assert torch.isfinite(noise).all()
+    torch.testing.assert_close(noise[0], x[0])  # at t = 0, x_t is the noise itself
+    for form in ("SBDM", "sigma"):
+        assert torch.isfinite(plan.compute_diffusion_over_sigma(x, t[1:].expand(2), form=form)).all()
+
+
+@pytest.mark.parametrize(
+    "path_type, prediction, kwargs, expected",
+    [
+        ("Linear", "velocity", dict(), (0.0, 1.0)),
+        ("Linear", "velocity", dict(sde=True, diffusion_form="constant", last_step_size=0.04), (0.0, 0.96)),
+        ("Linear", "velocity", dict(sde=True, diffusion_form="SBDM", last_step_size=0.04), (1e-3, 0.96)),
+        ("GVP", "velocity", dict(sde=True, diffusion_form="sigma"), (0.0, 1 - 1e-3)),
+        ("Linear", "score", dict(), (1e-3, 1 - 1e-3)),
+        ("GVP", "noise", dict(reverse=True), (1 - 1e-3, 1e-3)),
+        ("VP", "velocity", dict(), (0.0, 1 - 1e-3)),
+        ("VP", "noise", dict(sde=True, last_step_size=0.04), (0.0, 0.96)),
+    ],
+)
+def test_check_interval(path_type, prediction, kwargs, expected):
+    transport = create_transport(path_type, prediction)
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True, **kwargs)
+    assert (t0, t1) == pytest.approx(expected)
+
+
+def test_eps_defaults_and_overrides():
+    """Upstream tested train_eps when defaulting sample_eps; here each default follows its own argument."""
+    assert create_transport("VP", train_eps=1e-4).sample_eps == 1e-3
+    assert create_transport("VP").train_eps == 1e-5
+    assert create_transport("Linear", "score", train_eps=1e-4).sample_eps == 1e-3
+    assert create_transport("Linear", "score", sample_eps=1e-2).train_eps == 1e-3
+    assert create_transport("GVP", "noise", None, 2e-2, 3e-2).sample_eps == 3e-2
+    assert create_transport("Linear", "velocity", sample_eps=5e-3).sample_eps == 5e-3
+
+
+def test_zero_eps_at_a_singular_end_is_refused():
+    with pytest.raises(ValueError, match="sample_eps must be > 0"):
+        Sampler(create_transport("GVP", sample_eps=0.0)).sample_sde(diffusion_form="SBDM")
+    with pytest.raises(ValueError, match="train_eps must be > 0"):
+        create_transport("Linear", "noise", train_eps=0.0).sample(torch.zeros(2, 2))
+
+
+# ---------------------------------------------------------------------------------------------
+# ODE sampling
+# ---------------------------------------------------------------------------------------------
+
+# max |error| / data std over 4096 samples, 50 steps (dopri5 at rtol 1e-5)
+ODE_TOLERANCES = {"euler": 0.15, "heun": 1e-2, "dopri5": 5e-3}
+
+
+@pytest.mark.parametrize("path_type", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("method", tuple(ODE_TOLERANCES))
+def test_ode_follows_the_exact_flow(path_type, prediction, method):
+    transport = create_transport(path_type, prediction)
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True)
+    torch.manual_seed(0)
+    z = torch.randn(4096, 2)
+    samples = Sampler(transport).sample_ode(sampling_method=method, num_steps=50, rtol=1e-5)(
+        z, closed_form_model(path_type, prediction))[-1]
+    expected = exact_flow(path_type, z, t0, t1)
+    error = ((samples - expected) / STD).abs().max().item()
+    assert error < ODE_TOLERANCES[method], f"{method}: max error {error:.4f} std units"
+    mean, var = marginal(path_type, t1)
+    assert_moments(samples, mean, var.sqrt(), 0.06, 0.04 if method == "euler" else 0.03, f"{path_type} {method}")
+
+
+@pytest.mark.parametrize("method", ("rk4", "midpoint", "heun2", "bosh3", "adaptive_heun"))
+def test_ode_other_torchdiffeq_methods(method):
+    transport = create_transport("GVP", "velocity")
+    torch.manual_seed(0)
+    z = torch.randn(512, 2)
+    samples = Sampler(transport).sample_ode(sampling_method=method, num_steps=20)(z, closed_form_model("GVP", "velocity"))
+    assert len(samples) == 1
+    error = ((samples[-1] - exact_flow("GVP", z, 0.0, 1.0)) / STD).abs().max().item()
+    assert error < 1e-2, f"{method}: max error {error:.4f}"
+
+
+def test_euler_converges_at_first_order():
+    model = closed_form_model("Linear", "velocity")
+    sampler = Sampler(create_transport("Linear", "velocity"))
+    z = torch.randn(256, 2, dtype=torch.float64)
+    expected = exact_flow("Linear", z, 0.0, 1.0)
+    errors = [(sampler.sample_ode(sampling_method="euler", num_steps=n)(z, model)[-1] - expected).abs().max().item()
+              for n in (20, 40)]
+    assert 1.7 < errors[0] / errors[1] < 2.3, errors
+
+
+@pytest.mark.parametrize("path_type, prediction", [("Linear", "velocity"), ("GVP", "noise"), ("VP", "score")])
+def test_reverse_ode_maps_data_to_noise(path_type, prediction):
+    transport = create_transport(path_type, prediction)
+    sampler = Sampler(transport)
+    model = closed_form_model(path_type, prediction)
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True)
+    torch.manual_seed(0)
+    x1 = MU + STD * torch.randn(1024, 2)
+    z = sampler.sample_ode(reverse=True, sampling_method="heun", num_steps=100)(x1, model)[-1]
+    torch.testing.assert_close(z, exact_flow(path_type, x1, t1, t0), atol=2e-3, rtol=0)
+    back = sampler.sample_ode(sampling_method="heun", num_steps=100)(z, model)[-1]
+    torch.testing.assert_close(back, x1, atol=2e-3, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# SDE sampling
+# ---------------------------------------------------------------------------------------------
+
+def run_sde_case(path_type, prediction, method, form, last_step):
+    transport = create_transport(path_type, prediction)
+    sample_fn = Sampler(transport).sample_sde(sampling_method=method, diffusion_form=form, last_step=last_step,
+                                              num_steps=SDE_STEPS)
+    torch.manual_seed(0)
+    samples = sample_fn(torch.randn(SDE_SAMPLES, 2), closed_form_model(path_type, prediction))[-1]
+    mean, std = expected_sde_output(path_type, form, last_step, 0.04)
+    assert_moments(samples, mean, std, 0.05, 0.04, f"{path_type}/{prediction}/{method}/{form}/{last_step}")
+
+
+def _covering_sde_cases():
+    """Every path x method x (form, last step) pair, the prediction cycling so that each prediction
+    meets every form and every last step on every path."""
+    pairs = [(form, last_step) for form in DIFFUSION_FORMS for last_step in LAST_STEPS]
+    return [(path_type, PREDICTIONS[i % 3], method, form, last_step)
+            for path_type in PATHS for method in ("Euler", "Heun") for i, (form, last_step) in enumerate(pairs)]
+
+
+@pytest.mark.parametrize("path_type, prediction, method, form, last_step", _covering_sde_cases())
+def test_sde_samples_have_the_right_moments(path_type, prediction, method, form, last_step):
+    run_sde_case(path_type, prediction, method, form, last_step)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path_type", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("method", ("Euler", "Heun"))
+@pytest.mark.parametrize("form", DIFFUSION_FORMS)
+@pytest.mark.parametrize("last_step", LAST_STEPS)
+def test_sde_samples_have_the_right_moments_full_grid(path_type, prediction, method, form, last_step):
+    run_sde_case(path_type, prediction, method, form, last_step)
+
+
+@pytest.mark.parametrize("path_type", ("Linear", "GVP"))
+def test_sde_upstream_defaults_with_velocity_model(path_type):
+    """Upstream's defaults (Euler, SBDM, Mean, 250 steps) gave NaN for velocity models: t0 was 0, where
+    beta_t is infinite."""
+    sample_fn = Sampler(create_transport(path_type)).sample_sde()
+    torch.manual_seed(0)
+    samples = sample_fn(torch.randn(4096, 2), closed_form_model(path_type, "velocity"))[-1]
+    mean, std = expected_sde_output(path_type, "SBDM", "Mean", 0.04)
+    assert_moments(samples, mean, std, 0.07, 0.05, f"{path_type} defaults")
+
+
+def test_sde_noise_is_fresh_per_call_and_seeded():
+    sample_fn = Sampler(create_transport()).sample_sde(num_steps=5)
+    model = closed_form_model("Linear", "velocity")
+    z = torch.randn(8, 2)
+    torch.manual_seed(3)
+    first = sample_fn(z, model)[-1]
+    second = sample_fn(z, model)[-1]
+    torch.manual_seed(3)
+    again = sample_fn(z, model)[-1]
+    assert not torch.equal(first, second)
+    assert torch.equal(first, again)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model-call counts, return conventions, upstream-style usage
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("method, calls_per_step", [("euler", 1), ("heun", 2)])
+@pytest.mark.parametrize("num_steps", [1, 7])
+def test_fixed_step_ode_model_calls(method, calls_per_step, num_steps):
+    model = CountingModel(closed_form_model("Linear", "velocity"))
+    Sampler(create_transport()).sample_ode(sampling_method=method, num_steps=num_steps)(torch.randn(4, 2), model)
+    assert model.calls == num_steps * calls_per_step
+
+
+@pytest.mark.parametrize("method, calls_per_step", [("Euler", 1), ("Heun", 2)])
+@pytest.mark.parametrize("last_step", LAST_STEPS)
+def test_sde_model_calls(method, calls_per_step, last_step):
+    """num_steps counts the last step: num_steps - 1 stochastic steps, then the last step (1 call)."""
+    model = CountingModel(closed_form_model("Linear", "velocity"))
+    num_steps = 9
+    Sampler(create_transport()).sample_sde(sampling_method=method, last_step=last_step, num_steps=num_steps)(
+        torch.randn(4, 2), model)
+    assert model.calls == (num_steps - 1) * calls_per_step + (last_step is not None)
+
+
+def test_upstream_style_usage_with_model_kwargs():
+    """sample.py's pattern: sample_fn(z, model.forward_with_cfg, **model_kwargs)[-1]."""
+    seen = {}
+    base = closed_form_model("Linear", "velocity")
+
+    def forward_with_cfg(x, t, y, cfg_scale):
+        seen["y"], seen["cfg_scale"], seen["t_shape"] = y, cfg_scale, tuple(t.shape)
+        return base(x, t)
+
+    sampler = Sampler(create_transport("Linear", "velocity", None, 1e-5, 1e-3))
+    z = torch.randn(6, 2)
+    model_kwargs = dict(y=torch.arange(6), cfg_scale=4.0)
+    for sample_fn in (sampler.sample_ode(), sampler.sample_ode(sampling_method="heun"), sampler.sample_sde(num_steps=20)):
+        samples = sample_fn(z, forward_with_cfg, **model_kwargs)[-1]
+        assert samples.shape == z.shape and torch.isfinite(samples).all()
+        assert seen["cfg_scale"] == 4.0 and torch.equal(seen["y"], model_kwargs["y"]) and seen["t_shape"] == (6,)
+
+
+@pytest.mark.parametrize("method", ("euler", "heun", "dopri5", "rk4"))
+def test_ode_trajectory(method):
+    model = closed_form_model("GVP", "velocity")
+    sampler = Sampler(create_transport("GVP"))
+    z = torch.randn(64, 2)
+    final = sampler.sample_ode(sampling_method=method, num_steps=10)(z, model)
+    states = sampler.sample_ode(sampling_method=method, num_steps=10, trajectory=True)(z, model)
+    assert len(final) == 1 and len(states) == 11
+    assert torch.equal(states[0], z)
+    torch.testing.assert_close(states[-1], final[-1], atol=1e-4, rtol=0)
+    tol = 0.15 if method == "euler" else 2e-2
+    for i in (3, 10):  # states lie on the even grid t_i = i / 10
+        torch.testing.assert_close(states[i], exact_flow("GVP", z, 0.0, i / 10), atol=tol, rtol=0)
+
+
+@pytest.mark.parametrize("last_step", ("Mean", None))
+def test_sde_trajectory(last_step):
+    sampler = Sampler(create_transport())
+    model = closed_form_model("Linear", "velocity")
+    z = torch.randn(16, 2)
+    torch.manual_seed(1)
+    final = sampler.sample_sde(num_steps=12, last_step=last_step)(z, model)
+    torch.manual_seed(1)
+    states = sampler.sample_sde(num_steps=12, last_step=last_step, trajectory=True)(z, model)
+    assert len(final) == 1 and len(states) == 13
+    assert torch.equal(states[0], z) and torch.equal(states[-1], final[-1])
+
+
+@pytest.mark.parametrize("path_type", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_fixed_step_samplers_never_read_values_on_the_host(path_type, prediction):
+    """On the meta device any .item(), bool(tensor), print or host copy raises, so passing means the
+    fixed-step samplers, conversions and last steps never read a value back to the host."""
+    sampler = Sampler(create_transport(path_type, prediction))
+    model = closed_form_model(path_type, prediction)
+    z = torch.randn(4, 2, device="meta")
+    for method in ("euler", "heun"):
+        assert sampler.sample_ode(sampling_method=method, num_steps=3)(z, model)[-1].device.type == "meta"
+    for method in ("Euler", "Heun"):
+        for last_step in LAST_STEPS:
+            for form in DIFFUSION_FORMS:
+                sample_fn = sampler.sample_sde(sampling_method=method, diffusion_form=form, last_step=last_step,
+                                               num_steps=3)
+                assert sample_fn(z, model)[-1].shape == (4, 2)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("kind", ("ode", "sde"))
+def test_fixed_step_samplers_capture_in_a_cuda_graph(kind):
+    """A whole fixed-step sampling call is captured once and replayed."""
+    mu, std = MU.cuda(), STD.cuda()
+
+    def model(x, t):  # the Linear path's closed-form velocity, with its constants already on the GPU
+        t = t[:, None]
+        centred = (x - t * mu) / (t**2 * std**2 + (1 - t) ** 2)
+        return mu + t * std**2 * centred - (1 - t) * centred
+
+    sampler = Sampler(create_transport())
+    if kind == "ode":
+        sample_fn = sampler.sample_ode(sampling_method="heun", num_steps=16)
+    else:
+        sample_fn = sampler.sample_sde(sampling_method="Heun", diffusion_form="sigma", num_steps=16)
+    static_z = torch.randn(4096, 2, device="cuda")
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside the capture
+        eager = sample_fn(static_z, model)[-1]
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = sample_fn(static_z, model)[-1]
+    graph.replay()
+    first = static_out.clone()
+    graph.replay()
+    if kind == "ode":
+        torch.testing.assert_close(first, eager)
+        torch.testing.assert_close(static_out, eager)
+    else:  # each replay draws fresh noise
+        assert not torch.equal(first, static_out)
+        mean, out_std = expected_sde_output("Linear", "sigma", "Mean", 0.04)
+        assert_moments(first.cpu(), mean, out_std, 0.1, 0.08, "graph-replayed SDE")
+
+
+# ---------------------------------------------------------------------------------------------
+# Likelihood
+# ---------------------------------------------------------------------------------------------
+
+def expected_logp(path_type, x, t0, t1):
+    """What the likelihood ODE computes exactly: log N(z; 0, I) + log |dz/dx| with z the flow of x to t0."""
+    z = exact_flow(path_type, x.double(), t1, t0)
+    _, var_0 = marginal(path_type, t0)
+    _, var_1 = marginal(path_type, t1)
+    log_prior = (-0.5 * z**2 - 0.5 * math.log(2 * math.pi)).sum(1)
+    return log_prior + 0.5 * torch.log(var_0 / var_1).sum(), z
+
+
+def data_logp(x):
+    x = x.double()
+    return (-0.5 * ((x - MU.double()) / STD.double()) ** 2 - torch.log(STD.double())
+            - 0.5 * math.log(2 * math.pi)).sum(1)
+
+
+@pytest.mark.parametrize("path_type", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("method, exact", [("dopri5", False), ("heun", True)])
+def test_likelihood_matches_closed_form(path_type, prediction, method, exact):
+    transport = create_transport(path_type, prediction)
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True)
+    torch.manual_seed(0)
+    x = MU + STD * torch.randn(128, 2)
+    likelihood_fn = Sampler(transport).sample_ode_likelihood(sampling_method=method, num_steps=100,
+                                                             rtol=1e-5, atol=1e-6, exact_divergence=exact)
+    with torch.no_grad():  # as in sample.py: the divergence must switch gradients back on itself
+        logp, z = likelihood_fn(x, closed_form_model(path_type, prediction))
+    assert logp.shape == (128,) and z.shape == x.shape
+    expected, expected_z = expected_logp(path_type, x, t0, t1)
+    torch.testing.assert_close(z.double(), expected_z, atol=5e-3, rtol=0)
+    torch.testing.assert_close(logp.double(), expected, atol=5e-3, rtol=0)
+    # and the true data density, up to the O(eps) ends of the interval
+    torch.testing.assert_close(logp.double(), data_logp(x), atol=0.05, rtol=0)
+
+
+def test_likelihood_hutchinson_is_unbiased_for_a_mixing_field():
+    """A field coupling the two dimensions has a symmetric off-diagonal Jacobian: Hutchinson's estimate
+    is then noisy per sample, but its average over samples is the exact divergence."""
+    transport = create_transport("Linear", "velocity")
+    base = closed_form_model("Linear", "velocity")
+    coupling = torch.tensor([[0.0, 0.5], [0.5, 0.0]])  # trace 0: the divergence is the base field's
+
+    def model(x, t):
+        return base(x, t) + x @ coupling
+    torch.manual_seed(0)
+    x = (MU + STD * torch.randn(1, 2)).expand(2048, 2).contiguous()
+    sampler = Sampler(transport)
+    exact, _ = sampler.sample_ode_likelihood(sampling_method="heun", num_steps=40, exact_divergence=True)(x[:1], model)
+    estimate, _ = sampler.sample_ode_likelihood(sampling_method="heun", num_steps=40)(x, model)
+    assert estimate.std() > 1e-3  # the probe noise is there
+    assert abs(estimate.mean().item() - exact.item()) < 4 * estimate.std().item() / math.sqrt(2048)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training losses
+# ---------------------------------------------------------------------------------------------
+
+def recording_model(path_type, prediction, record):
+    model = closed_form_model(path_type, prediction)
+
+    def forward(x, t, **model_kwargs):
+        record.update(x=x, t=t, kwargs=model_kwargs)
+        return model(x, t)
+
+    return forward
+
+
+@pytest.mark.parametrize("path_type", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("loss_weight", (None, "velocity", "likelihood"))
+def test_training_loss_formula(path_type, prediction, loss_weight):
+    """Recover x0 from the x_t the model saw and recompute each loss from the reference formulas."""
+    transport = create_transport(path_type, prediction, loss_weight)
+    record = {}
+    torch.manual_seed(0)
+    x1 = (MU + STD * torch.randn(512, 2)).double()
+    terms = transport.training_losses(recording_model(path_type, prediction, record), x1, dict(y=3))
+    assert terms["loss"].shape == (512,) and record["kwargs"] == dict(y=3)
+    t, xt = record["t"], record["x"]
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps)
+    assert t.shape == (512,) and t0 <= t.min() and t.max() <= t1
+    alpha, d_alpha, sigma, d_sigma = ref_coefficients(path_type, t[:, None])
+    x0 = (xt - alpha * x1) / sigma
+    pred = terms["pred"]
+    torch.testing.assert_close(pred, closed_form_model(path_type, prediction)(xt, t))
+    beta = sigma**2 * d_alpha / alpha - sigma * d_sigma
+    weight = {None: 1.0, "velocity": (beta / sigma) ** 2, "likelihood": beta / sigma**2}[loss_weight]
+    if prediction == "velocity":
+        expected = ((pred - (d_alpha * x1 + d_sigma * x0)) ** 2).mean(1)
+    elif prediction == "noise":
+        expected = (weight * (pred - x0) ** 2).mean(1)
+    else:
+        expected = (weight * (sigma * pred + x0) ** 2).mean(1)
+    torch.testing.assert_close(terms["loss"], expected, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("path_type", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("loss_weight", (None, "velocity", "likelihood"))
+def test_expected_loss_is_minimal_at_the_closed_form_predictor(path_type, prediction, loss_weight):
+    """Perturb the closed-form predictor f* to f* + d g. With the same draws each sample's loss is a
+    parabola in d, l_i(d) = l_i(0) + 2 d c_i + d^2 q_i, so the expected loss has slope 2 E[c] at
+    d = 0. It must be 0 within the Monte-Carlo error (a z-test on the c_i) with positive curvature,
+    while the same test run around a predictor biased by 0.5 must see the slope."""
+    transport = create_transport(path_type, prediction, loss_weight)
+    optimal = closed_form_model(path_type, prediction)
+    x1 = MU + STD * torch.randn(65536, 2, generator=torch.Generator().manual_seed(0))
+    directions = {"shift x": lambda x, f: torch.tensor([1.0, 0.0]).expand_as(f),
+                  "shift y": lambda x, f: torch.tensor([0.0, 1.0]).expand_as(f),
+                  "scale": lambda x, f: f,
+                  "input": lambda x, f: x}
+    h = 0.05
+
+    def slope_z_score(bias, direction):
+        losses = []
+        for d in (-h, 0.0, h):
+            torch.manual_seed(1)
+            model = lambda x, t: optimal(x, t) + (bias + d) * direction(x, optimal(x, t))  # noqa: E731
+            losses.append(transport.training_losses(model, x1)["loss"].double())
+        slope = (losses[2] - losses[0]) / (4 * h)  # c_i
+        curvature = (losses[2] + losses[0] - 2 * losses[1]) / (2 * h**2)  # q_i
+        return slope.mean() / (slope.std() / math.sqrt(slope.numel())), curvature.mean()
+
+    for name, direction in directions.items():
+        z_score, curvature = slope_z_score(0.0, direction)
+        assert curvature > 0 and abs(z_score) < 4, f"{name}: slope z-score {z_score:.2f}, curvature {curvature:.3g}"
+        z_biased, _ = slope_z_score(0.5, direction)
+        assert z_biased > 4, f"{name}: a predictor biased by 0.5 went unnoticed (z-score {z_biased:.2f})"
+
+
+def test_velocity_loss_ignores_the_weight_like_upstream():
+    x1 = MU + STD * torch.randn(64, 2)
+    model = closed_form_model("Linear", "velocity")
+    losses = []
+    for loss_weight in (None, "velocity", "likelihood"):
+        torch.manual_seed(0)
+        losses.append(create_transport("Linear", "velocity", loss_weight).training_losses(model, x1)["loss"])
+    assert torch.equal(losses[0], losses[1]) and torch.equal(losses[0], losses[2])
+
+
+def test_mean_flat():
+    x = torch.arange(24.0).reshape(2, 3, 4)
+    torch.testing.assert_close(mean_flat(x), x.reshape(2, -1).mean(1))
+
+
+# ---------------------------------------------------------------------------------------------
+# Names and flags
+# ---------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "build, listed",
+    [
+        (lambda: create_transport("Quadratic"), "'Linear', 'GVP', 'VP'"),
+        (lambda: create_transport(prediction="eps"), "'velocity', 'score', 'noise'"),
+        (lambda: create_transport(loss_weight="snr"), "None, 'velocity', 'likelihood'"),
+        (lambda: Sampler(create_transport()).sample_ode(sampling_method="rk45"), "'euler', 'heun', 'dopri8'"),
+        (lambda: Sampler(create_transport()).sample_ode_likelihood(sampling_method="Euler"), "'dopri5'"),
+        (lambda: Sampler(create_transport()).sample_sde(sampling_method="euler"), "'Euler', 'Heun'"),
+        (lambda: Sampler(create_transport()).sample_sde(diffusion_form="inccreasing-decreasing"),
+         "'constant', 'SBDM', 'sigma', 'linear', 'decreasing', 'increasing-decreasing'"),
+        (lambda: Sampler(create_transport()).sample_sde(last_step="Median"), "None, 'Mean', 'Tweedie', 'Euler'"),
+        (lambda: create_transport().path_sampler.compute_diffusion(torch.zeros(1, 1), torch.zeros(1), "cosine"),
+         "'SBDM'"),
+    ],
+)
+def test_unknown_names_raise_value_error_listing_choices(build, listed):
+    with pytest.raises(ValueError) as info:
+        build()
+    message = str(info.value)
+    assert "\n" not in message and "valid choices" in message and listed in message, message
+
+
+def test_enums_and_factory_types():
+    transport = create_transport("GVP", "score", "likelihood")
+    assert transport.path_type == PathType.GVP
+    assert transport.model_type == ModelType.SCORE
+    assert transport.loss_type == WeightType.LIKELIHOOD
+    assert type(transport.path_sampler).__name__ == "GVPCPlan"
+
+
+def test_argparse_helpers_parse_upstream_flags():
+    parser = argparse.ArgumentParser()
+    add_transport_args(parser)
+    add_sde_args(parser)
+    args = parser.parse_args(
+        "--path-type GVP --prediction noise --loss-weight likelihood --sample-eps 0.01 --train-eps 0.002 "
+        "--sampling-method Heun --diffusion-form increasing-decreasing --diffusion-norm 0.5 --last-step None "
+        "--last-step-size 0.02".split())
+    assert (args.path_type, args.prediction, args.loss_weight) == ("GVP", "noise", "likelihood")
+    assert (args.sample_eps, args.train_eps) == (0.01, 0.002)
+    assert (args.sampling_method, args.diffusion_form, args.diffusion_norm) == ("Heun", "increasing-decreasing", 0.5)
+    assert args.last_step is None and args.last_step_size == 0.02
+    transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps, args.sample_eps)
+    Sampler(transport).sample_sde(sampling_method=args.sampling_method, diffusion_form=args.diffusion_form,
+                                  diffusion_norm=args.diffusion_norm, last_step=args.last_step,
+                                  last_step_size=args.last_step_size, num_steps=10)
+
+    defaults = argparse.ArgumentParser()
+    add_transport_args(defaults)
+    add_sde_args(defaults)
+    args = defaults.parse_args([])
+    assert (args.path_type, args.prediction, args.loss_weight) == ("Linear", "velocity", None)
+    assert (args.sampling_method, args.diffusion_form, args.last_step, args.last_step_size) == (
+        "Euler", "SBDM", "Mean", 0.04)
+
+    ode = argparse.ArgumentParser()
+    add_ode_args(ode)
+    args = ode.parse_args("--sampling-method heun --atol 1e-5 --rtol 1e-4 --reverse --likelihood".split())
+    assert (args.sampling_method, args.atol, args.rtol, args.reverse, args.likelihood) == ("heun", 1e-5, 1e-4, True, True)
+    args = ode.parse_args([])
+    assert (args.sampling_method, args.atol, args.rtol, args.reverse, args.likelihood) == (
+        "dopri5", 1e-6, 1e-3, False, False)
+    for group_parser in (parser, ode):
+        for action in group_parser._actions:
+            assert action.help, f"{action.option_strings} has no help text"
+    with pytest.raises(SystemExit):
+        ode.parse_args(["--sampling-method", "rk45"])
