@@ -1,19 +1,22 @@
 """Fused Triton kernels for SiT's adaLN sublayer seams, registered as torch custom ops.
 
-    layernorm_modulate(x, shift, scale, eps=1e-6) -> y
+    layernorm_modulate(x, shift, scale, eps=1e-6, out_dtype=None) -> y
         y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :]          op sit_fast::layernorm_modulate
     gated_residual(x, gate, y) -> out
         out = x + gate[:, None, :] * y                                    op sit_fast::gated_residual
-    gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps=1e-6) -> (x_out, h)
+    gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps=1e-6, h_dtype=None) -> (x_out, h)
         x_out = x + gate * y; h = layernorm_modulate(x_out, shift, scale)
                                                     op sit_fast::gated_residual_layernorm_modulate
 
 Each backward is its own custom op (`sit_fast::<name>_backward`), so `torch.compile(fullgraph=True)`
 traces models that use these without a graph break.
 
-Dtypes: activations (x, y) float32, bfloat16 or float16, y in x's dtype; per-sample vectors
-(shift, scale, gate) in x's dtype or float32 (the autocast case). Every output has x's dtype;
-every gradient has its own input's dtype. Arithmetic and LayerNorm statistics are float32.
+Dtypes: activations (x, y) float32, bfloat16 or float16, y in x's dtype, except that a float32 x
+may take a narrower y (the bf16-autocast layout: fp32 residual stream, bf16 sublayer output);
+per-sample vectors (shift, scale, gate) in x's dtype, float32, or the dtype of y / of the normalised
+output. Outputs have x's dtype, except the normalised output (layernorm_modulate's y, and h), whose
+dtype is out_dtype / h_dtype when given (e.g. bf16 for the next Linear under autocast). Every
+gradient has its own input's dtype. Arithmetic and LayerNorm statistics are float32.
 
 Devices: CUDA, or CPU through the Triton interpreter (TRITON_INTERPRET=1 set before triton and this
 package are imported). Importing this package never requires triton; without it the ops raise.
@@ -83,29 +86,43 @@ def kernels_available(device: torch.device | str) -> bool:
     return False
 
 
-def saved_bytes_per_token(op_name: str, D: int, dtype: torch.dtype) -> dict[str, int]:
+def saved_bytes_per_token(
+    op_name: str,
+    D: int,
+    dtype: torch.dtype,
+    out_dtype: torch.dtype | None = None,
+    y_dtype: torch.dtype | None = None,
+) -> dict[str, int]:
     """Bytes each op keeps alive for backward per token, {"ours": ..., "reference": ...}.
 
     Counts tensors of size T per sample (the (B, D) modulation vectors are per sample, not per
-    token, and are left out). e = bytes per element of `dtype`; the eager reference computes in
-    float32, so the tensors autograd saves there are float32 whatever the activation dtype:
+    token, and are left out). e = bytes per element of `dtype` (x's), e_out of `out_dtype` (the
+    normalised output: layernorm_modulate's y / h; default x's dtype), e_y of `y_dtype` (default x's
+    dtype). The eager reference computes in float32, so the tensors autograd saves there are float32
+    whatever the activation dtypes:
 
-        op                                   ours          reference (eager, kernels.reference)
-        layernorm_modulate                   e*D + 8       8*D + 8   (fp32 x copy, fp32 x_hat, mean, rstd)
-        gated_residual                       e*D           4*D       (fp32 y copy)
-        gated_residual_layernorm_modulate    2*e*D + 8     12*D + 8  (fp32 y, x_out, x_hat; mean, rstd)
+        op                                   ours                reference (eager, kernels.reference)
+        layernorm_modulate                   e_out*D + 4         8*D + 8   (fp32 x copy, fp32 x_hat, mean, rstd)
+        gated_residual                       e*D                 4*D       (fp32 y copy)
+        gated_residual_layernorm_modulate    (e_out+e_y)*D + 4   12*D + 8  (fp32 y, x_out, x_hat; mean, rstd)
 
-    Ours saves the input x (or x_out, y) in its own dtype plus a float32 mean and rstd per row.
-    At D = 1152: bfloat16  layernorm_modulate 2312 vs 9224, gated_residual 2304 vs 4608,
-    gated_residual_layernorm_modulate 4616 vs 13832; float32  4616 vs 9224, 4608 vs 4608,
-    9224 vs 13832. tests/test_kernels.py checks these against what autograd actually saves.
+    Ours saves x_hat (the normalised row, computed in fp32, stored in the output's dtype) and a
+    float32 rstd per row; the gated ops also save y in its own dtype. At D = 1152: bfloat16
+    layernorm_modulate 2308 vs 9224, gated_residual 2304 vs 4608, gated_residual_layernorm_modulate
+    4612 vs 13832; float32 4612 vs 9224, 4608 vs 4608, 9220 vs 13832; the bf16-autocast layout
+    (x float32, y and h bfloat16) gated_residual_layernorm_modulate 4612 vs 13832 (x_out float32 and
+    mean saved instead would be 6920). tests/test_kernels.py checks these against what autograd
+    actually saves.
     """
-    e = torch.empty((), dtype=dtype).element_size()
-    stats = 8  # fp32 mean and rstd per row
+    def size(d: torch.dtype | None) -> int:
+        return torch.empty((), dtype=dtype if d is None else d).element_size()
+
+    e, e_out, e_y = size(dtype), size(out_dtype), size(y_dtype)
+    rstd = 4  # fp32 rstd per row (ours); the reference also keeps the mean
     table = {
-        "layernorm_modulate": (e * D + stats, 8 * D + stats),
+        "layernorm_modulate": (e_out * D + rstd, 8 * D + 8),
         "gated_residual": (e * D, 4 * D),
-        "gated_residual_layernorm_modulate": (2 * e * D + stats, 12 * D + stats),
+        "gated_residual_layernorm_modulate": ((e_out + e_y) * D + rstd, 12 * D + 8),
     }
     if op_name not in table:
         raise ValueError(f"saved_bytes_per_token: unknown op {op_name!r}, expected one of {sorted(table)}")

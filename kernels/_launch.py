@@ -57,14 +57,31 @@ def check_activation(op: str, name: str, t: torch.Tensor, ref_shape: torch.Size 
         raise ValueError(f"{op}: feature size D must be in [1, {MAX_D}], got {name} shape {tuple(t.shape)}")
 
 
-def check_modulation(op: str, name: str, t: torch.Tensor, x: torch.Tensor) -> None:
-    """A per-sample (B, D) modulation vector: in x's dtype or in float32 (the autocast case)."""
+def check_out_dtype(op: str, name: str, dtype: torch.dtype | None, x: torch.Tensor) -> torch.dtype:
+    """An optional output dtype: None means x's dtype; otherwise float32, bfloat16 or float16."""
+    if dtype is None:
+        return x.dtype
+    if dtype not in ACTIVATION_DTYPES:
+        raise ValueError(f"{op}: {name} must be None, torch.float32, torch.bfloat16 or torch.float16, "
+                         f"got {dtype}")
+    return dtype
+
+
+def check_modulation(
+    op: str, name: str, t: torch.Tensor, x: torch.Tensor, extra: dict[str, torch.dtype] | None = None
+) -> None:
+    """A per-sample (B, D) modulation vector: in x's dtype or in float32 (the autocast case), or in
+    the dtype of another activation named in `extra` (e.g. {"y": y.dtype, "h": h_dtype})."""
     B, _, D = x.shape
     if t.dim() != 2 or t.shape[0] != B or t.shape[1] != D:
         raise ValueError(f"{op}: {name} must have shape (B, D) = ({B}, {D}) to match x {tuple(x.shape)}, "
                          f"got {tuple(t.shape)}")
-    if t.dtype not in (x.dtype, torch.float32):
-        raise ValueError(f"{op}: {name} must be {x.dtype} (x's dtype) or torch.float32, got {t.dtype} "
+    allowed = {x.dtype: "x's dtype"}
+    for other, dtype in (extra or {}).items():
+        allowed.setdefault(dtype, f"{other}'s dtype")
+    if t.dtype not in allowed and t.dtype != torch.float32:
+        listing = ", ".join(f"{dtype} ({why})" for dtype, why in allowed.items())
+        raise ValueError(f"{op}: {name} must be {listing} or torch.float32, got {t.dtype} "
                          f"(x {tuple(x.shape)} {x.dtype}, {name} {tuple(t.shape)})")
 
 

@@ -5,14 +5,19 @@
 
 x, y: (B, T, D); gate, shift, scale: (B, D), broadcast over the T tokens of each sample. This is the
 seam between two SiT sublayers: the attention branch's residual update feeding the MLP's norm.
+x_out has x's dtype; h has h_dtype (default x's dtype). y may be narrower than x (the bf16-autocast
+layout: fp32 residual stream x, bf16 y from an autocast Linear, bf16 h for the next Linear).
 
 Layers: Triton kernels, host launchers, then the `sit_fast::gated_residual_layernorm_modulate`
 custom op (with a fake and an autograd formula whose backward is the
 `sit_fast::gated_residual_layernorm_modulate_backward` op).
 
-Saved for backward: x_out, y, gate, scale and the per-row fp32 mean and rstd. x_out rather than x:
-both cost one (B, T, D) tensor, but x_out lets the backward read x_hat directly instead of
-recomputing x + gate * y, and y is needed either way for dgate. The normalised tensor is not saved.
+Saved for backward: x_hat = (x_out - mean) * rstd (computed in fp32 by the forward kernel, stored in
+h's dtype), y, gate, scale and the per-row fp32 rstd. Neither x nor x_out nor mean is needed: the
+LayerNorm VJP only uses x_hat and rstd, and y is needed for dgate. With an fp32 residual stream and
+bf16 h this is 2*D (x_hat) + 2*D (y) + 4 bytes per token instead of 4*D (x_out) + 2*D + 8. When h is
+narrower than fp32 the gradients see x_hat rounded to h's dtype (slightly less exact); with h in
+fp32 the saved x_hat is the forward's exact fp32 value.
 """
 from typing import Optional
 
@@ -28,8 +33,8 @@ OP = "gated_residual_layernorm_modulate"
 @triton.jit
 def _gated_residual_layernorm_modulate_fwd_kernel(
     x_out_ptr,  # (B, T, D) out, x's dtype
-    h_ptr,  # (B, T, D) out, x's dtype
-    mean_ptr,  # (B, T) out, fp32
+    h_ptr,  # (B, T, D) out, h's dtype
+    x_hat_ptr,  # (B, T, D) out, h's dtype (saved for backward)
     rstd_ptr,  # (B, T) out, fp32
     x_ptr,  # (B, T, D)
     gate_ptr,  # (B, D)
@@ -38,6 +43,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     scale_ptr,  # (B, D)
     stride_x_out_b, stride_x_out_t, stride_x_out_d,
     stride_h_b, stride_h_t, stride_h_d,
+    stride_x_hat_b, stride_x_hat_t, stride_x_hat_d,
     stride_stat_b, stride_stat_t,
     stride_x_b, stride_x_t, stride_x_d,
     stride_gate_b, stride_gate_d,
@@ -71,21 +77,24 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
         centred = tl.where(mask, x_res - mean, 0.0)
         var = tl.sum(centred * centred, axis=0) / D
         rstd = tl.rsqrt(var + eps)
-        h = centred * rstd * one_plus_scale + shift  # x_hat * (1 + scale) + shift
+        x_hat = centred * rstd
+        h = x_hat * one_plus_scale + shift
         tl.store(h_ptr + b * stride_h_b + t * stride_h_t + cols * stride_h_d, h.to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(mean_ptr + b * stride_stat_b + t * stride_stat_t, mean)
+        tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
+                 x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
 
 
-# VJP, per row, with x_hat = (x_out - mean) * rstd, h = x_hat * (1 + scale) + shift, x_out = x + gate * y:
+# VJP, per row, with x_hat = (x_out - mean) * rstd, h = x_hat * (1 + scale) + shift, x_out = x + gate * y.
+# x_hat (saved by the forward in h's dtype) and the fp32 rstd are all the LayerNorm part needs:
 #   g        = dh * (1 + scale)                                        (gradient reaching x_hat)
-#   dx_out   = d_ext + rstd * (g - mean(g) - x_hat * mean(g * x_hat))   (d_ext: gradient of x_out from
+#   d_res    = d_ext + rstd * (g - mean(g) - x_hat * mean(g * x_hat))   (gradient of x_out; d_ext: from
 #                                                                       later layers; means over D)
-#   dx       = dx_out
-#   dy       = dx_out * gate
+#   dx       = d_res
+#   dy       = d_res * gate
 #   dshift   = sum over tokens of dh
 #   dscale   = sum over tokens of dh * x_hat
-#   dgate    = sum over tokens of dx_out * y
+#   dgate    = sum over tokens of d_res * y
 # Each program sums dshift/dscale/dgate over its own token tile in fp32 and writes one partial row;
 # the launcher reduces the (B, n_tiles, D) partials over tiles afterwards (deterministic, no atomics).
 @triton.jit
@@ -97,18 +106,17 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     dscale_partial_ptr,  # (B, n_tiles, D) out, fp32
     dx_out_ptr,  # (B, T, D) incoming gradient of x_out (unused when HAS_DX_OUT is False)
     dh_ptr,  # (B, T, D) incoming gradient of h
-    x_out_ptr,  # (B, T, D) saved output
+    x_hat_ptr,  # (B, T, D) saved normalised x_out, h's dtype
     y_ptr,  # (B, T, D) saved input
     gate_ptr,  # (B, D)
     scale_ptr,  # (B, D)
-    mean_ptr,  # (B, T) fp32
     rstd_ptr,  # (B, T) fp32
     stride_dx_b, stride_dx_t, stride_dx_d,
     stride_dy_b, stride_dy_t, stride_dy_d,
     stride_part_b, stride_part_tile, stride_part_d,
     stride_dx_out_b, stride_dx_out_t, stride_dx_out_d,
     stride_dh_b, stride_dh_t, stride_dh_d,
-    stride_x_out_b, stride_x_out_t, stride_x_out_d,
+    stride_x_hat_b, stride_x_hat_t, stride_x_hat_d,
     stride_y_b, stride_y_t, stride_y_d,
     stride_gate_b, stride_gate_d,
     stride_scale_b, stride_scale_d,
@@ -135,12 +143,10 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     for t in range(t_start, t_end):
         dh = tl.load(dh_ptr + b * stride_dh_b + t * stride_dh_t + cols * stride_dh_d,
                      mask=mask, other=0.0).to(tl.float32)
-        x_out = tl.load(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d,
+        x_hat = tl.load(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
                         mask=mask, other=0.0).to(tl.float32)
         y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + b * stride_stat_b + t * stride_stat_t)
         rstd = tl.load(rstd_ptr + b * stride_stat_b + t * stride_stat_t)
-        x_hat = tl.where(mask, (x_out - mean) * rstd, 0.0)
         dshift_acc += dh
         dscale_acc += dh * x_hat
         g = dh * one_plus_scale
@@ -163,62 +169,79 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
 
 
 def check_inputs(
-    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor
-) -> None:
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    h_dtype: Optional[torch.dtype] = None,
+) -> torch.dtype:
+    """Validate the inputs; returns h's dtype (h_dtype, or x's dtype when None)."""
     _launch.check_activation(OP, "x", x)
     _launch.check_activation(OP, "y", y, x.shape)
-    if y.dtype != x.dtype:
+    if y.dtype != x.dtype and x.dtype != torch.float32:
+        # Only an fp32 residual stream may take a narrower y (the autocast layout).
         raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} "
                          f"(x {tuple(x.shape)}, y {tuple(y.shape)})")
-    _launch.check_modulation(OP, "gate", gate, x)
-    _launch.check_modulation(OP, "shift", shift, x)
-    _launch.check_modulation(OP, "scale", scale, x)
+    h_dtype = _launch.check_out_dtype(OP, "h_dtype", h_dtype, x)
+    extra = {"y": y.dtype, "h": h_dtype}
+    _launch.check_modulation(OP, "gate", gate, x, extra)
+    _launch.check_modulation(OP, "shift", shift, x, extra)
+    _launch.check_modulation(OP, "scale", scale, x, extra)
     _launch.check_same_device(OP, x=x, gate=gate, y=y, shift=shift, scale=scale)
+    return h_dtype
 
 
 def gated_residual_layernorm_modulate_forward(
-    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    h_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: returns x_out, h (both x's dtype) and the fp32 per-row mean, rstd (B, T)."""
-    check_inputs(x, gate, y, shift, scale)
+    """Launch the forward kernel: returns x_out (x's dtype), h and x_hat (h's dtype), fp32 rstd (B, T)."""
+    h_dtype = check_inputs(x, gate, y, shift, scale, h_dtype)
     _launch.check_runnable(OP, x.device, _gated_residual_layernorm_modulate_fwd_kernel)
     B, T, D = x.shape
     x_out = _launch.empty((B, T, D), x.dtype, x.device)
-    h = _launch.empty((B, T, D), x.dtype, x.device)
-    mean = _launch.empty((B, T), torch.float32, x.device)
+    h = _launch.empty((B, T, D), h_dtype, x.device)
+    x_hat = _launch.empty((B, T, D), h_dtype, x.device)
     rstd = _launch.empty((B, T), torch.float32, x.device)
     rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
     if B * n_tiles == 0:
-        return x_out, h, mean, rstd
+        return x_out, h, x_hat, rstd
     block_d, num_warps = _launch.block_config(D)
     _gated_residual_layernorm_modulate_fwd_kernel[(B * n_tiles,)](
-        x_out, h, mean, rstd, x, gate, y, shift, scale,
-        *x_out.stride(), *h.stride(), *mean.stride(), *x.stride(), *gate.stride(), *y.stride(),
+        x_out, h, x_hat, rstd, x, gate, y, shift, scale,
+        *x_out.stride(), *h.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *gate.stride(), *y.stride(),
         *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
         BLOCK_D=block_d, num_warps=num_warps,
     )
-    return x_out, h, mean, rstd
+    return x_out, h, x_hat, rstd
 
 
 def gated_residual_layernorm_modulate_backward(
     grad_x_out: Optional[torch.Tensor],
     grad_h: torch.Tensor,
-    x_out: torch.Tensor,
+    x_hat: torch.Tensor,
     y: torch.Tensor,
     gate: torch.Tensor,
     scale: torch.Tensor,
-    mean: torch.Tensor,
     rstd: torch.Tensor,
+    x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: returns dx, dgate, dy, dshift, dscale, each in its input's dtype."""
-    _launch.check_runnable(OP, x_out.device, _gated_residual_layernorm_modulate_bwd_kernel)
-    B, T, D = x_out.shape
-    dx = _launch.empty((B, T, D), x_out.dtype, x_out.device)
+    """Launch the backward kernel: returns dx (x_dtype), dgate, dy, dshift (shift_dtype), dscale,
+    each in its input's dtype."""
+    _launch.check_runnable(OP, x_hat.device, _gated_residual_layernorm_modulate_bwd_kernel)
+    B, T, D = x_hat.shape
+    dx = _launch.empty((B, T, D), x_dtype, x_hat.device)
     dy = _launch.empty((B, T, D), y.dtype, y.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_out.device, programs_per_slot=8)
-    partials = [_launch.empty((B, n_tiles, D), torch.float32, x_out.device) for _ in range(3)]
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, programs_per_slot=8)
+    partials = [_launch.empty((B, n_tiles, D), torch.float32, x_hat.device) for _ in range(3)]
     dgate_partial, dshift_partial, dscale_partial = partials
     if B * n_tiles > 0:
         has_dx_out = grad_x_out is not None
@@ -226,9 +249,9 @@ def gated_residual_layernorm_modulate_backward(
         block_d, num_warps = _launch.block_config(D)
         _gated_residual_layernorm_modulate_bwd_kernel[(B * n_tiles,)](
             dx, dy, dgate_partial, dshift_partial, dscale_partial,
-            dx_out_arg, grad_h, x_out, y, gate, scale, mean, rstd,
+            dx_out_arg, grad_h, x_hat, y, gate, scale, rstd,
             *dx.stride(), *dy.stride(), *dgate_partial.stride(), *dx_out_arg.stride(), *grad_h.stride(),
-            *x_out.stride(), *y.stride(), *gate.stride(), *scale.stride(), *mean.stride(),
+            *x_hat.stride(), *y.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
             T, D, rows_per_program, n_tiles,
             HAS_DX_OUT=has_dx_out, BLOCK_D=block_d, num_warps=num_warps,
         )
@@ -240,41 +263,51 @@ def gated_residual_layernorm_modulate_backward(
 
 @torch.library.custom_op("sit_fast::gated_residual_layernorm_modulate", mutates_args=())
 def gated_residual_layernorm_modulate_op(
-    x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    h_dtype: Optional[torch.dtype],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_layernorm_modulate_forward(x, gate, y, shift, scale, eps)
+    return gated_residual_layernorm_modulate_forward(x, gate, y, shift, scale, eps, h_dtype)
 
 
 @gated_residual_layernorm_modulate_op.register_fake
-def _(x, gate, y, shift, scale, eps):
-    check_inputs(x, gate, y, shift, scale)
+def _(x, gate, y, shift, scale, eps, h_dtype):
+    h_dtype = check_inputs(x, gate, y, shift, scale, h_dtype)
     B, T, D = x.shape
-    stats = x.new_empty((B, T), dtype=torch.float32)
-    return x.new_empty((B, T, D)), x.new_empty((B, T, D)), stats, torch.empty_like(stats)
+    return (
+        x.new_empty((B, T, D)),
+        x.new_empty((B, T, D), dtype=h_dtype),
+        x.new_empty((B, T, D), dtype=h_dtype),
+        x.new_empty((B, T), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("sit_fast::gated_residual_layernorm_modulate_backward", mutates_args=())
 def gated_residual_layernorm_modulate_backward_op(
     grad_x_out: Optional[torch.Tensor],
     grad_h: torch.Tensor,
-    x_out: torch.Tensor,
+    x_hat: torch.Tensor,
     y: torch.Tensor,
     gate: torch.Tensor,
     scale: torch.Tensor,
-    mean: torch.Tensor,
     rstd: torch.Tensor,
+    x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return gated_residual_layernorm_modulate_backward(
-        grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, shift_dtype
+        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, shift_dtype
     )
 
 
 @gated_residual_layernorm_modulate_backward_op.register_fake
-def _(grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, shift_dtype):
-    B, T, D = x_out.shape
+def _(grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, shift_dtype):
+    B, T, D = x_hat.shape
     return (
-        x_out.new_empty((B, T, D)),
+        x_hat.new_empty((B, T, D), dtype=x_dtype),
         gate.new_empty((B, D)),
         y.new_empty((B, T, D)),
         scale.new_empty((B, D), dtype=shift_dtype),
@@ -283,19 +316,20 @@ def _(grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, shift_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    _x, gate, y, shift, scale, _eps = inputs
-    x_out, _h, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x_out, y, gate, scale, mean, rstd)
+    x, gate, y, shift, scale, _eps, _h_dtype = inputs
+    _x_out, _h, x_hat, rstd = output
+    ctx.mark_non_differentiable(x_hat, rstd)
+    ctx.save_for_backward(x_hat, y, gate, scale, rstd)
+    ctx.x_dtype = x.dtype
     ctx.shift_dtype = shift.dtype
 
 
-def _backward(ctx, grad_x_out, grad_h, _grad_mean, _grad_rstd):
-    x_out, y, gate, scale, mean, rstd = ctx.saved_tensors
+def _backward(ctx, grad_x_out, grad_h, _grad_x_hat, _grad_rstd):
+    x_hat, y, gate, scale, rstd = ctx.saved_tensors
     dx, dgate, dy, dshift, dscale = gated_residual_layernorm_modulate_backward_op(
-        grad_x_out, grad_h, x_out, y, gate, scale, mean, rstd, ctx.shift_dtype
+        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, ctx.x_dtype, ctx.shift_dtype
     )
-    return dx, dgate, dy, dshift, dscale, None
+    return dx, dgate, dy, dshift, dscale, None, None
 
 
 gated_residual_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
@@ -308,12 +342,14 @@ def gated_residual_layernorm_modulate(
     shift: torch.Tensor,
     scale: torch.Tensor,
     eps: float = 1e-6,
+    h_dtype: Optional[torch.dtype] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x_out, h): x_out = x + gate * y, h = LN(x_out) * (1 + scale) + shift, in one pass.
 
-    x, y: (B, T, D) of one dtype (float32/bfloat16/float16); gate, shift, scale: (B, D) in x's dtype
-    or float32. x_out and h have x's dtype; h normalises x_out as stored. Gradients come back in
-    each input's own dtype.
+    x, y: (B, T, D) float32/bfloat16/float16, y in x's dtype, or any of those when x is float32 (the
+    bf16-autocast layout: fp32 residual stream, bf16 sublayer output); gate, shift, scale: (B, D) in
+    x's, y's or h's dtype or float32. x_out has x's dtype; h has h_dtype (None: x's dtype) and
+    normalises x_out as stored. Gradients come back in each input's own dtype.
     """
-    x_out, h, _mean, _rstd = gated_residual_layernorm_modulate_op(x, gate, y, shift, scale, eps)
+    x_out, h, _x_hat, _rstd = gated_residual_layernorm_modulate_op(x, gate, y, shift, scale, eps, h_dtype)
     return x_out, h

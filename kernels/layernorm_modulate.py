@@ -4,8 +4,13 @@ x: (B, T, D); shift, scale: (B, D), broadcast over the T tokens of each sample.
 
 Layers: Triton kernels, host launchers, then the `sit_fast::layernorm_modulate` custom op (with a
 fake and an autograd formula whose backward is the `sit_fast::layernorm_modulate_backward` op).
-Saved for backward: x, scale and the per-row fp32 mean and rstd; never the normalised tensor.
+y has out_dtype (default x's dtype), e.g. bf16 for the next Linear from an fp32 residual stream.
+Saved for backward: x_hat = (x - mean) * rstd (computed in fp32 by the forward kernel, stored in
+y's dtype), scale and the per-row fp32 rstd; x and mean are not needed by the LayerNorm VJP. When
+y is narrower than fp32 the gradients see x_hat rounded to y's dtype (slightly less exact).
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -17,13 +22,14 @@ OP = "layernorm_modulate"
 
 @triton.jit
 def _layernorm_modulate_fwd_kernel(
-    y_ptr,  # (B, T, D) out, x's dtype
-    mean_ptr,  # (B, T) out, fp32
+    y_ptr,  # (B, T, D) out, y's dtype
+    x_hat_ptr,  # (B, T, D) out, y's dtype (saved for backward)
     rstd_ptr,  # (B, T) out, fp32
     x_ptr,  # (B, T, D)
     shift_ptr,  # (B, D)
     scale_ptr,  # (B, D)
     stride_y_b, stride_y_t, stride_y_d,
+    stride_x_hat_b, stride_x_hat_t, stride_x_hat_d,
     stride_stat_b, stride_stat_t,
     stride_x_b, stride_x_t, stride_x_d,
     stride_shift_b, stride_shift_d,
@@ -49,13 +55,16 @@ def _layernorm_modulate_fwd_kernel(
         centred = tl.where(mask, x - mean, 0.0)
         var = tl.sum(centred * centred, axis=0) / D
         rstd = tl.rsqrt(var + eps)
-        y = centred * rstd * one_plus_scale + shift  # x_hat * (1 + scale) + shift
+        x_hat = centred * rstd
+        y = x_hat * one_plus_scale + shift
         tl.store(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(mean_ptr + b * stride_stat_b + t * stride_stat_t, mean)
+        tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
+                 x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
 
 
-# LayerNorm + modulation VJP, per row, with x_hat = (x - mean) * rstd and y = x_hat * (1 + scale) + shift:
+# LayerNorm + modulation VJP, per row, with x_hat = (x - mean) * rstd and y = x_hat * (1 + scale) + shift.
+# x_hat (saved by the forward in y's dtype) and the fp32 rstd are all it needs:
 #   g       = dy * (1 + scale)                                   (gradient reaching x_hat)
 #   dx      = rstd * (g - mean(g) - x_hat * mean(g * x_hat))     (means over the D features)
 #   dshift  = sum over tokens of dy
@@ -68,14 +77,13 @@ def _layernorm_modulate_bwd_kernel(
     dshift_partial_ptr,  # (B, n_tiles, D) out, fp32
     dscale_partial_ptr,  # (B, n_tiles, D) out, fp32
     dy_ptr,  # (B, T, D) incoming gradient
-    x_ptr,  # (B, T, D) saved input
+    x_hat_ptr,  # (B, T, D) saved normalised x, y's dtype
     scale_ptr,  # (B, D)
-    mean_ptr,  # (B, T) fp32
     rstd_ptr,  # (B, T) fp32
     stride_dx_b, stride_dx_t, stride_dx_d,
     stride_part_b, stride_part_tile, stride_part_d,
     stride_dy_b, stride_dy_t, stride_dy_d,
-    stride_x_b, stride_x_t, stride_x_d,
+    stride_x_hat_b, stride_x_hat_t, stride_x_hat_d,
     stride_scale_b, stride_scale_d,
     stride_stat_b, stride_stat_t,
     T, D, rows_per_program, n_tiles,
@@ -97,10 +105,9 @@ def _layernorm_modulate_bwd_kernel(
     for t in range(t_start, t_end):
         dy = tl.load(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
                      mask=mask, other=0.0).to(tl.float32)
-        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.load(mean_ptr + b * stride_stat_b + t * stride_stat_t)
+        x_hat = tl.load(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
+                        mask=mask, other=0.0).to(tl.float32)
         rstd = tl.load(rstd_ptr + b * stride_stat_b + t * stride_stat_t)
-        x_hat = tl.where(mask, (x - mean) * rstd, 0.0)
         dshift_acc += dy
         dscale_acc += dy * x_hat
         g = dy * one_plus_scale
@@ -115,56 +122,63 @@ def _layernorm_modulate_bwd_kernel(
     tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
 
 
-def check_inputs(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> None:
+def check_inputs(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, out_dtype: Optional[torch.dtype] = None
+) -> torch.dtype:
+    """Validate the inputs; returns y's dtype (out_dtype, or x's dtype when None)."""
     _launch.check_activation(OP, "x", x)
-    _launch.check_modulation(OP, "shift", shift, x)
-    _launch.check_modulation(OP, "scale", scale, x)
+    out_dtype = _launch.check_out_dtype(OP, "out_dtype", out_dtype, x)
+    extra = {"out": out_dtype}
+    _launch.check_modulation(OP, "shift", shift, x, extra)
+    _launch.check_modulation(OP, "scale", scale, x, extra)
     _launch.check_same_device(OP, x=x, shift=shift, scale=scale)
+    return out_dtype
 
 
 def layernorm_modulate_forward(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype] = None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: returns y (x's dtype) and the fp32 per-row mean and rstd (B, T)."""
-    check_inputs(x, shift, scale)
+    """Launch the forward kernel: returns y and x_hat (out_dtype) and the fp32 per-row rstd (B, T)."""
+    out_dtype = check_inputs(x, shift, scale, out_dtype)
     _launch.check_runnable(OP, x.device, _layernorm_modulate_fwd_kernel)
     B, T, D = x.shape
-    y = _launch.empty((B, T, D), x.dtype, x.device)
-    mean = _launch.empty((B, T), torch.float32, x.device)
+    y = _launch.empty((B, T, D), out_dtype, x.device)
+    x_hat = _launch.empty((B, T, D), out_dtype, x.device)
     rstd = _launch.empty((B, T), torch.float32, x.device)
     rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
     if B * n_tiles == 0:
-        return y, mean, rstd
+        return y, x_hat, rstd
     block_d, num_warps = _launch.block_config(D)
     _layernorm_modulate_fwd_kernel[(B * n_tiles,)](
-        y, mean, rstd, x, shift, scale,
-        *y.stride(), *mean.stride(), *x.stride(), *shift.stride(), *scale.stride(),
+        y, x_hat, rstd, x, shift, scale,
+        *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
         BLOCK_D=block_d, num_warps=num_warps,
     )
-    return y, mean, rstd
+    return y, x_hat, rstd
 
 
 def layernorm_modulate_backward(
     grad_y: torch.Tensor,
-    x: torch.Tensor,
+    x_hat: torch.Tensor,
     scale: torch.Tensor,
-    mean: torch.Tensor,
     rstd: torch.Tensor,
+    x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: returns dx (x's dtype), dshift (shift_dtype), dscale (scale's dtype)."""
-    _launch.check_runnable(OP, x.device, _layernorm_modulate_bwd_kernel)
-    B, T, D = x.shape
-    dx = _launch.empty((B, T, D), x.dtype, x.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=8)
-    dshift_partial = _launch.empty((B, n_tiles, D), torch.float32, x.device)
-    dscale_partial = _launch.empty((B, n_tiles, D), torch.float32, x.device)
+    """Launch the backward kernel: returns dx (x_dtype), dshift (shift_dtype), dscale (scale's dtype)."""
+    _launch.check_runnable(OP, x_hat.device, _layernorm_modulate_bwd_kernel)
+    B, T, D = x_hat.shape
+    dx = _launch.empty((B, T, D), x_dtype, x_hat.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, programs_per_slot=8)
+    dshift_partial = _launch.empty((B, n_tiles, D), torch.float32, x_hat.device)
+    dscale_partial = _launch.empty((B, n_tiles, D), torch.float32, x_hat.device)
     if B * n_tiles > 0:
         block_d, num_warps = _launch.block_config(D)
         _layernorm_modulate_bwd_kernel[(B * n_tiles,)](
-            dx, dshift_partial, dscale_partial, grad_y, x, scale, mean, rstd,
-            *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x.stride(), *scale.stride(), *mean.stride(),
+            dx, dshift_partial, dscale_partial, grad_y, x_hat, scale, rstd,
+            *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x_hat.stride(), *scale.stride(),
+            *rstd.stride(),
             T, D, rows_per_program, n_tiles,
             BLOCK_D=block_d, num_warps=num_warps,
         )
@@ -175,59 +189,73 @@ def layernorm_modulate_backward(
 
 @torch.library.custom_op("sit_fast::layernorm_modulate", mutates_args=())
 def layernorm_modulate_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype]
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm_modulate_forward(x, shift, scale, eps)
+    return layernorm_modulate_forward(x, shift, scale, eps, out_dtype)
 
 
 @layernorm_modulate_op.register_fake
-def _(x, shift, scale, eps):
-    check_inputs(x, shift, scale)
+def _(x, shift, scale, eps, out_dtype):
+    out_dtype = check_inputs(x, shift, scale, out_dtype)
     B, T, D = x.shape
-    stats = x.new_empty((B, T), dtype=torch.float32)
-    return x.new_empty((B, T, D)), stats, torch.empty_like(stats)
+    return (
+        x.new_empty((B, T, D), dtype=out_dtype),
+        x.new_empty((B, T, D), dtype=out_dtype),
+        x.new_empty((B, T), dtype=torch.float32),
+    )
 
 
 @torch.library.custom_op("sit_fast::layernorm_modulate_backward", mutates_args=())
 def layernorm_modulate_backward_op(
     grad_y: torch.Tensor,
-    x: torch.Tensor,
+    x_hat: torch.Tensor,
     scale: torch.Tensor,
-    mean: torch.Tensor,
     rstd: torch.Tensor,
+    x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm_modulate_backward(grad_y, x, scale, mean, rstd, shift_dtype)
+    return layernorm_modulate_backward(grad_y, x_hat, scale, rstd, x_dtype, shift_dtype)
 
 
 @layernorm_modulate_backward_op.register_fake
-def _(grad_y, x, scale, mean, rstd, shift_dtype):
-    B, T, D = x.shape
-    return x.new_empty((B, T, D)), scale.new_empty((B, D), dtype=shift_dtype), scale.new_empty((B, D))
+def _(grad_y, x_hat, scale, rstd, x_dtype, shift_dtype):
+    B, T, D = x_hat.shape
+    return (
+        x_hat.new_empty((B, T, D), dtype=x_dtype),
+        scale.new_empty((B, D), dtype=shift_dtype),
+        scale.new_empty((B, D)),
+    )
 
 
 def _setup_context(ctx, inputs, output):
-    x, shift, scale, _eps = inputs
-    _y, mean, rstd = output
-    ctx.mark_non_differentiable(mean, rstd)
-    ctx.save_for_backward(x, scale, mean, rstd)
+    x, shift, scale, _eps, _out_dtype = inputs
+    _y, x_hat, rstd = output
+    ctx.mark_non_differentiable(x_hat, rstd)
+    ctx.save_for_backward(x_hat, scale, rstd)
+    ctx.x_dtype = x.dtype
     ctx.shift_dtype = shift.dtype
 
 
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, scale, mean, rstd = ctx.saved_tensors
-    dx, dshift, dscale = layernorm_modulate_backward_op(grad_y, x, scale, mean, rstd, ctx.shift_dtype)
-    return dx, dshift, dscale, None
+def _backward(ctx, grad_y, _grad_x_hat, _grad_rstd):
+    x_hat, scale, rstd = ctx.saved_tensors
+    dx, dshift, dscale = layernorm_modulate_backward_op(grad_y, x_hat, scale, rstd, ctx.x_dtype, ctx.shift_dtype)
+    return dx, dshift, dscale, None, None
 
 
 layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-def layernorm_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :] in one pass; y has x's dtype.
+def layernorm_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float = 1e-6,
+    out_dtype: Optional[torch.dtype] = None,
+) -> torch.Tensor:
+    """y = LN(x) * (1 + scale[:, None, :]) + shift[:, None, :] in one pass; y has out_dtype (None: x's dtype).
 
-    x: (B, T, D) float32/bfloat16/float16; shift, scale: (B, D) in x's dtype or float32.
+    x: (B, T, D) float32/bfloat16/float16; shift, scale: (B, D) in x's dtype, out_dtype or float32.
     Gradients come back in each input's own dtype.
     """
-    y, _mean, _rstd = layernorm_modulate_op(x, shift, scale, eps)
+    y, _x_hat, _rstd = layernorm_modulate_op(x, shift, scale, eps, out_dtype)
     return y

@@ -5,6 +5,7 @@ conftest sets TRITON_INTERPRET=1). Inputs are fresh random numbers each run (no 
 every buffer a launcher allocates for a kernel is NaN-filled first, so an element a kernel fails
 to write fails the comparison.
 """
+import functools
 import os
 import subprocess
 import sys
@@ -79,10 +80,23 @@ def make_inputs(op: str, B: int, T: int, D: int, case: DtypeCase) -> dict[str, t
     return tensors
 
 
-def run_ours(op: str, inputs: dict[str, torch.Tensor], eps: float | None = None) -> tuple[torch.Tensor, ...]:
+# The keyword that sets the dtype of each op's normalised output (None: the op has none).
+OUT_DTYPE_ARG = {
+    "layernorm_modulate": "out_dtype",
+    "gated_residual": None,
+    "gated_residual_layernorm_modulate": "h_dtype",
+}
+
+
+def run_ours(
+    op: str, inputs: dict[str, torch.Tensor], eps: float | None = None, out_dtype: torch.dtype | None = None
+) -> tuple[torch.Tensor, ...]:
     fn = getattr(kernels, op)
     args = [inputs[name] for name in OP_ARGS[op]]
-    out = fn(*args) if eps is None else fn(*args, eps=eps)
+    kwargs = {} if eps is None else {"eps": eps}
+    if out_dtype is not None:
+        kwargs[OUT_DTYPE_ARG[op]] = out_dtype
+    out = fn(*args, **kwargs)
     return out if isinstance(out, tuple) else (out,)
 
 
@@ -102,13 +116,49 @@ def run_reference64(op: str, inputs: dict[str, torch.Tensor], ours: tuple[torch.
     return x_out, reference.layernorm_modulate(x_out_stored, inputs["shift"], inputs["scale"], eps)
 
 
-def assert_close(what: str, ours: torch.Tensor, ref: torch.Tensor, tol: Tol) -> None:
-    """Elementwise |ours - ref| <= atol + rtol * |ref|; on failure say where and by how much."""
+# Unit error of storing x_hat for backward in the normalised output's dtype: bf16 truncates in the
+# interpreter (< 2**-7 relative; rounds, 2**-8, on GPU); fp16 rounds (2**-11), given 2**-10.
+X_HAT_STORAGE_ERROR = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def x_hat_rounding_bounds(op, ref_in, ours_outs, grads_out, eps, norm_dtype) -> dict[str, torch.Tensor]:
+    """Worst-case first-order gradient error from backward reading x_hat rounded to norm_dtype.
+
+    With |e| <= u |x_hat| elementwise, g = dh (1 + scale), M = mean_D(g x_hat):
+        dscale  error <= u * sum_t |dh x_hat|
+        d_res   error <= u * rstd * |x_hat| * (|M| + mean_D |g x_hat|)
+    (d_res is dx; dy = d_res * gate and dgate = sum_t d_res * y carry it along).
+    Empty for fp32 (x_hat saved exactly), so fp32 paths keep their tight tolerance."""
+    u = X_HAT_STORAGE_ERROR.get(norm_dtype)
+    if u is None or op == "gated_residual":
+        return {}
+    with torch.no_grad():
+        x_norm = ref_in["x"] if op == "layernorm_modulate" else ours_outs[0].detach().to(torch.float64)
+        dh = grads_out[-1].to(torch.float64)
+        centred = x_norm - x_norm.mean(-1, keepdim=True)
+        rstd = ((centred * centred).mean(-1, keepdim=True) + eps).rsqrt()
+        x_hat = centred * rstd
+        g_x_hat = dh * (1 + ref_in["scale"][:, None, :]) * x_hat
+        mean_abs = g_x_hat.abs().mean(-1, keepdim=True)
+        d_res = u * rstd * x_hat.abs() * (g_x_hat.mean(-1, keepdim=True).abs() + mean_abs)
+        bounds = {"scale": u * (dh * x_hat).abs().sum(1), "x": d_res}
+        if op == "gated_residual_layernorm_modulate":
+            bounds["y"] = d_res * ref_in["gate"].abs()[:, None, :]
+            bounds["gate"] = (d_res * ref_in["y"].abs()).sum(1)
+    return bounds
+
+
+def assert_close(
+    what: str, ours: torch.Tensor, ref: torch.Tensor, tol: Tol, extra: torch.Tensor | None = None
+) -> None:
+    """Elementwise |ours - ref| <= atol + rtol * |ref| (+ extra); on failure say where and by how much."""
     assert ours.shape == ref.shape, f"{what}: shape {tuple(ours.shape)} != reference {tuple(ref.shape)}"
     ours64 = ours.detach().to(torch.float64)
     ref64 = ref.detach().to(torch.float64)
     err = (ours64 - ref64).abs()
     allowed = tol.atol + tol.rtol * ref64.abs()
+    if extra is not None:
+        allowed = allowed + extra
     bad = ~(err <= allowed)  # NaN counts as bad
     if bad.any():
         excess = torch.where(bad, torch.nan_to_num(err - allowed, nan=float("inf")), torch.zeros_like(err))
@@ -128,28 +178,40 @@ def check_against_reference(
     case: DtypeCase,
     grads_out: list[torch.Tensor] | None = None,
     eps: float | None = None,
+    out_dtype: torch.dtype | None = None,
+    out_tols: list[Tol] | None = None,
 ) -> None:
-    """Forward and every input gradient of our op vs the float64 reference from the same inputs."""
+    """Forward and every input gradient of our op vs the float64 reference from the same inputs.
+
+    out_dtype: the dtype of the op's normalised output (last output; None: x's dtype). out_tols: a
+    forward tolerance per output (default case.fwd for all). Gradients get, on top of case.bwd, the
+    worst-case effect of backward reading x_hat stored in the normalised output's dtype."""
     names = OP_ARGS[op]
     ours_in = {n: t.detach().requires_grad_() for n, t in inputs.items()}
-    outs = run_ours(op, ours_in, eps)
+    outs = run_ours(op, ours_in, eps, out_dtype)
     x_dtype = inputs["x"].dtype
+    expected = [x_dtype] * len(outs)
+    if out_dtype is not None:
+        expected[-1] = out_dtype
     for i, out in enumerate(outs):
-        assert out.dtype == x_dtype, f"{op} output {i}: dtype {out.dtype}, expected x's dtype {x_dtype}"
+        assert out.dtype == expected[i], f"{op} output {i}: dtype {out.dtype}, expected {expected[i]}"
     if grads_out is None:
         grads_out = [torch.randn_like(out) for out in outs]
     grads = torch.autograd.grad(outs, [ours_in[n] for n in names], grads_out)
 
     ref_in = {n: t.detach().to(torch.float64).requires_grad_() for n, t in inputs.items()}
-    ref_outs = run_reference64(op, ref_in, outs, 1e-6 if eps is None else eps)
+    ref_eps = 1e-6 if eps is None else eps
+    ref_outs = run_reference64(op, ref_in, outs, ref_eps)
+    bounds = x_hat_rounding_bounds(op, ref_in, outs, grads_out, ref_eps, expected[-1])
     ref_grads = torch.autograd.grad(ref_outs, [ref_in[n] for n in names], [g.to(torch.float64) for g in grads_out])
 
     shapes = {n: tuple(t.shape) for n, t in inputs.items()}
     for i, (out, ref_out) in enumerate(zip(outs, ref_outs)):
-        assert_close(f"{op} {case.dtype} output {i} {shapes}", out, ref_out, case.fwd)
+        tol = case.fwd if out_tols is None else out_tols[i]
+        assert_close(f"{op} {case.dtype} output {i} {shapes}", out, ref_out, tol)
     for name, grad, ref_grad in zip(names, grads, ref_grads):
         assert grad.dtype == inputs[name].dtype, f"{op} d{name}: dtype {grad.dtype}, expected {inputs[name].dtype}"
-        assert_close(f"{op} {case.dtype} d{name} {shapes}", grad, ref_grad, case.bwd)
+        assert_close(f"{op} {case.dtype} d{name} {shapes}", grad, ref_grad, case.bwd, bounds.get(name))
 
 
 @pytest.mark.parametrize("B,T,D", SHAPES)
@@ -157,6 +219,34 @@ def check_against_reference(
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_matches_reference(op, case, B, T, D):
     check_against_reference(op, make_inputs(op, B, T, D, case), case)
+
+
+# The bf16-autocast layout: fp32 residual stream x; y and gate/shift/scale bf16 (outputs of autocast
+# Linears); the normalised output requested in bf16 for the next Linear. x_out (and dx) are fp32.
+AUTOCAST_CASE = DtypeCase(torch.float32, torch.bfloat16, Tol(1e-3, 1.6e-2), Tol(2e-3, 1.6e-2))
+FP32_TOL = DTYPE_CASES[0].values[0].fwd
+
+
+@pytest.mark.parametrize("B,T,D", [(1, 1, 72), (2, 13, 72), (1, 7, 97), (2, 5, 1152)])
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_autocast_layout(op, B, T, D):
+    """x fp32, y / gate / shift / scale bf16, normalised output bf16: x_out at fp32 tolerance, h (and
+    the gradients, which see x_hat saved in bf16) at bf16 tolerance, each gradient in its input's dtype."""
+    inputs = make_inputs(op, B, T, D, AUTOCAST_CASE)
+    if "y" in inputs:
+        inputs["y"] = inputs["y"].to(torch.bfloat16)
+    out_tols = [FP32_TOL, AUTOCAST_CASE.fwd] if op == "gated_residual_layernorm_modulate" else None
+    check_against_reference(op, inputs, AUTOCAST_CASE, out_dtype=torch.bfloat16, out_tols=out_tols)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_out_dtype_none_is_x_dtype(op):
+    """h_dtype / out_dtype=None keeps x's dtype, and naming x's dtype gives the identical result."""
+    inputs = make_inputs(op, 2, 3, 72, DTYPE_CASES[1].values[0])
+    default = run_ours(op, inputs)
+    named = run_ours(op, inputs, out_dtype=torch.bfloat16)
+    for a, b in zip(default, named):
+        assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
 
 
 @pytest.mark.parametrize("D", [4099, 8192])
@@ -247,9 +337,18 @@ def _vectors(B, D, dtype=torch.float32, device=DEVICE):
         (lambda: kernels.layernorm_modulate(torch.randn(1, 2, _launch.MAX_D + 1, device=DEVICE),
                                             _vectors(1, _launch.MAX_D + 1), _vectors(1, _launch.MAX_D + 1)),
          r"feature size D must be in \[1, 16384\]"),
+        (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72), _vectors(2, 72),
+                                            out_dtype=torch.float64),
+         r"out_dtype must be None, torch.float32, torch.bfloat16 or torch.float16, got torch.float64"),
+        (lambda: kernels.gated_residual_layernorm_modulate(
+            torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72, torch.float16),
+            torch.randn(2, 3, 72, device=DEVICE, dtype=torch.bfloat16), _vectors(2, 72), _vectors(2, 72),
+            h_dtype=torch.bfloat16),
+         r"gate must be torch.float32 \(x's dtype\), torch.bfloat16 \(y's dtype\) or torch.float32, "
+         r"got torch.float16"),
     ],
     ids=["x-2d", "shift-shape", "gate-batch", "y-shape", "x-float64", "shift-fp16-with-bf16",
-         "y-dtype", "device-mismatch", "y-device", "D-too-large"],
+         "y-dtype", "device-mismatch", "y-device", "D-too-large", "out-dtype-float64", "gate-fp16-autocast"],
 )
 def test_kernel_rejects_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
@@ -351,8 +450,10 @@ def test_kernels_available_reports_devices():
     assert not kernels.kernels_available("meta")
 
 
-def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype) -> float:
-    """Bytes autograd keeps for backward per token, measured: distinct storages at T=3 minus T=2."""
+def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype, narrow: torch.dtype | None = None) -> float:
+    """Bytes autograd keeps for backward per token, measured: distinct storages at T=3 minus T=2.
+
+    narrow: the autocast layout, with y and the (B, D) vectors in this dtype (x stays in `dtype`)."""
     B = 2
 
     def saved_bytes(T):
@@ -362,8 +463,10 @@ def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype) -> float:
             storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
             return t
 
-        inputs = {name: t.requires_grad_() for name, t in make_inputs(op, B, T, D, DtypeCase(
-            dtype, dtype, Tol(0, 0), Tol(0, 0))).items()}
+        inputs = make_inputs(op, B, T, D, DtypeCase(dtype, narrow or dtype, Tol(0, 0), Tol(0, 0)))
+        if narrow is not None and "y" in inputs:
+            inputs["y"] = inputs["y"].to(narrow)
+        inputs = {name: t.requires_grad_() for name, t in inputs.items()}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn(*[inputs[name] for name in OP_ARGS[op]])
         return sum(storages.values())
@@ -379,6 +482,17 @@ def test_kernel_saved_bytes_per_token(op, dtype):
     assert _saved_bytes_per_token(getattr(kernels, op), op, D, dtype) == claimed["ours"]
     assert _saved_bytes_per_token(getattr(reference, op), op, D, dtype) == claimed["reference"]
     assert claimed["ours"] <= claimed["reference"]
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_saved_bytes_per_token_autocast_layout(op):
+    """x fp32, y and vectors bf16, normalised output bf16: bf16 x_hat (+ bf16 y) + fp32 rstd."""
+    D, bf16 = 72, torch.bfloat16
+    claimed = kernels.saved_bytes_per_token(op, D, torch.float32, out_dtype=bf16, y_dtype=bf16)
+    assert claimed["ours"] == (4 * D + 4 if op == "gated_residual_layernorm_modulate" else 2 * D + 4)
+    ours = functools.partial(getattr(kernels, op), **{OUT_DTYPE_ARG[op]: bf16})
+    assert _saved_bytes_per_token(ours, op, D, torch.float32, narrow=bf16) == claimed["ours"]
+    assert _saved_bytes_per_token(getattr(reference, op), op, D, torch.float32, narrow=bf16) == claimed["reference"]
 
 
 class TinySiTBlock(nn.Module):
