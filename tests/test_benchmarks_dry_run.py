@@ -169,3 +169,58 @@ def test_validate_record_catches_gaps():
     assert "gbps should be null" in "\n".join(validate_record(dict(cpu, gbps=1.0)))
     del record["note"]
     assert "missing fields ['note']" in "\n".join(validate_record(record))
+
+
+def _context(tmp_path, **size_changes):
+    import dataclasses
+
+    import torch
+
+    from benchmarks import common
+
+    device = torch.device("cpu")
+    size = dataclasses.replace(common.SIZES["tiny"](), **size_changes)
+    environment = common.environment(device)
+    results = common.Results(str(tmp_path), environment, ["test"])
+    return common.RunContext(device=device, size=size, results=results, environment=environment,
+                             ceilings=common.measure_ceilings(device, size), compile_backend="eager",
+                             variants=(common.VARIANTS_BY_NAME["reference"],))
+
+
+def test_batch_search_steps_down_on_out_of_memory(tmp_path, monkeypatch):
+    """The GPU batch search, with out-of-memory raised by hand for the batches above 2."""
+    import torch
+
+    from benchmarks import train_suite
+
+    real = train_suite._time_batch
+
+    def time_batch(ctx, model, optimizer, transport, variant, B):
+        if B > 2:
+            raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {B} GiB")
+        return real(ctx, model, optimizer, transport, variant, B)
+
+    monkeypatch.setattr(train_suite, "_time_batch", time_batch)
+    ctx = _context(tmp_path, train_batches=(8, 4, 2))
+    train_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert record["status"] == "ok" and record["batch_size"] == 2, record
+    assert [a["result"] for a in record["extra"]["batch_search"]] == ["out of memory", "out of memory", "fits"]
+    assert not validate_record(record, parity_ran=False)
+
+    ctx = _context(tmp_path, train_batches=(8, 4))
+    train_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert record["status"] == "oom" and "no batch of [8, 4] fits" in record["note"], record
+    assert not validate_record(record, parity_ran=False)
+
+
+def test_time_box_skips_and_says_so(tmp_path):
+    from benchmarks import common, train_suite
+
+    ctx = _context(tmp_path)
+    ctx.budget = common.Budget(-1.0)
+    train_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert record["status"] == "skipped" and record["note"].startswith("time box"), record
+    assert not validate_record(record)
