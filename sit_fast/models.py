@@ -17,6 +17,7 @@ whether the step runs as plain PyTorch ops or as one fused kernel.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Callable
@@ -61,13 +62,25 @@ REFERENCE_OPS = {
 }
 
 
-def fused_ops() -> dict[str, Callable]:
-    """The fused Triton kernels, under the same names and signatures as REFERENCE_OPS."""
-    return {
-        "layernorm_modulate": kernels.layernorm_modulate,
-        "gated_residual": kernels.gated_residual,
-        "gated_residual_layernorm_modulate": kernels.gated_residual_layernorm_modulate,
-    }
+_FUSED_OPS: dict[torch.dtype, dict[str, Callable]] = {}
+
+
+def fused_ops(compute_dtype: torch.dtype) -> dict[str, Callable]:
+    """The fused Triton kernels, under the same names and signatures as REFERENCE_OPS.
+
+    The modulated outputs h come out in compute_dtype (under autocast, the dtype the next Linear
+    runs in) while the residual stream keeps its own dtype, as in the reference. One dict per dtype,
+    so compiled code sees the same objects on every call.
+    """
+    if compute_dtype not in _FUSED_OPS:
+        _FUSED_OPS[compute_dtype] = {
+            "layernorm_modulate": functools.partial(kernels.layernorm_modulate, out_dtype=compute_dtype),
+            "gated_residual": kernels.gated_residual,
+            "gated_residual_layernorm_modulate": functools.partial(
+                kernels.gated_residual_layernorm_modulate, h_dtype=compute_dtype
+            ),
+        }
+    return _FUSED_OPS[compute_dtype]
 
 
 # Triton reads TRITON_INTERPRET once, when it is imported; so do we.
@@ -415,14 +428,10 @@ class SiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W)."""
         fused = resolve_fused_kernels(self.fused_kernels, x.device)
-        ops = fused_ops() if fused else REFERENCE_OPS
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        mods = self.modulation(c)  # (N, 6 * depth + 2, D)
-        if fused:
-            # The fused kernels take one activation dtype: under autocast the residual stream is
-            # carried in the autocast dtype (the reference keeps it in fp32, as autocast leaves it).
-            x = x.to(mods.dtype)
+        mods = self.modulation(c)  # (N, 6 * depth + 2, D), the autocast dtype under autocast
+        ops = fused_ops(mods.dtype) if fused else REFERENCE_OPS
 
         step = self._compiled_step or _block_step
         h = ops["layernorm_modulate"](x, mods[:, 0], mods[:, 1])  # (N, T, D): input of block 0's attention

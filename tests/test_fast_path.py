@@ -117,7 +117,7 @@ def test_broken_candidate_fails_parity(monkeypatch):
     broken = dict(models.REFERENCE_OPS)
     good = broken["gated_residual_layernorm_modulate"]
     broken["gated_residual_layernorm_modulate"] = lambda x, g, y, sh, sc: good(x, g, y, sh, sc, eps=1e-1)
-    monkeypatch.setattr(models, "fused_ops", lambda: broken)  # the candidate runs fused_kernels=True
+    monkeypatch.setattr(models, "fused_ops", lambda dtype: broken)  # the candidate runs fused_kernels=True
     report = compare(reference, candidate, batch_size=2)
     assert not report.ok()
     assert any(f.startswith("output") for f in report.failures())
