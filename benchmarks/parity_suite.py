@@ -48,7 +48,7 @@ def run(ctx: RunContext) -> None:
         shapes = {"x": [B, kw["in_channels"], kw["input_size"], kw["input_size"]], "t": [B], "y": [B]}
         for variant, autocast_dtype in cases(ctx.variants):
             dtype_name = "fp32" if autocast_dtype is None else "bf16"
-            common = dict(model=ctx.size.model_name, shapes=shapes, batch_size=B)
+            common = dict(model=ctx.size.model_name, shapes=shapes, batch_size=B, dtype=dtype_name)
             needed = expected_cost_s(ctx.size, variant)
             if not ctx.budget.allows(needed):
                 ctx.skip(SUITE, NAME, variant, needed, **common)
@@ -75,7 +75,7 @@ def run(ctx: RunContext) -> None:
             worst = sorted(report.rows[2:], key=lambda r: -r["rel_err"])[:5]
             ctx.emit(ctx.record(
                 SUITE, NAME, variant.name, status="ok" if not failures else "parity_failed",
-                note="; ".join(failures) or None, dtype=dtype_name, **common, **fields,
+                note="; ".join(failures) or None, **common, **fields,
                 variant_config=dict(ctx.models.variant_config(fp32_variant), tf32=False),
                 extra={"seed": seed, "worst": report.worst["tensor"], "worst_rows": worst,
                        "compared_with": "reference (fp32, eager, attn math, reference ops)"},
