@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (its training run is started afresh)")
     parser.add_argument("--model", default="SiT-T/4", help="model of the registry (8x8 images: /1, /2, /4 or /8)")
-    parser.add_argument("--steps", type=int, default=1200, help="training steps")
+    parser.add_argument("--steps", type=int, default=600, help="training steps")
     parser.add_argument("--global-batch-size", type=int, default=256, help="batch size summed over processes")
     parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
     parser.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay per step (short run: short memory)")
@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-samples", type=int, default=500, help="generated digits per sampler (a multiple of 10)")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale when sampling")
     parser.add_argument("--ode-steps", type=int, default=16, help="Heun steps of the ODE sampler")
-    parser.add_argument("--sde-steps", type=int, default=60, help="Euler-Maruyama steps of the SDE sampler")
+    parser.add_argument("--sde-steps", type=int, default=50, help="Euler-Maruyama steps of the SDE sampler")
     parser.add_argument("--min-accuracy", type=float, default=0.8, help="fail below this share of correct digits")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
     parser.add_argument("--skip-training", action="store_true", help="evaluate the run already in OUT")
@@ -63,12 +63,12 @@ def train(args: argparse.Namespace, exp_dir: str) -> None:
         "--sample-every", str(args.steps), "--num-sample-images", "100", "--cfg-scale", str(args.cfg_scale),
         "--fused-kernels", "auto" if on_cuda else "off", "--exp-dir", exp_dir,
     ]
-    print("$ " + " ".join(command[1:] if command[0] == sys.executable else command), flush=True)
+    print("$ torchrun " + " ".join(command[3:]), flush=True)
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))
     if not on_cuda:
         env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run([sys.executable if c == sys.executable else c for c in command], env=env)
+    result = subprocess.run(command, env=env)
     if result.returncode != 0:
         raise UserError(f"training failed with exit status {result.returncode} (see the log above and {exp_dir}/log.txt)")
 
@@ -130,7 +130,7 @@ def evaluate(args: argparse.Namespace, checkpoint: str) -> dict:
         predicted = classifier.predict(pixels)
         accuracy = float((predicted == labels.cpu().numpy()).mean())
         grid = images.reshape(10, per_class, *images.shape[1:])[:, :10].reshape(-1, *images.shape[1:])
-        path = save_image_grid(grid, os.path.join(args.out, f"samples_{name.lower()}.png"), nrow=10)
+        path = save_image_grid(grid, os.path.join(args.out, f"samples_{name.lower()}.png"), nrow=10, scale=4)
         results[name] = {"accuracy": accuracy, "seconds": seconds, "grid": path}
         print(f"{name}: {100 * accuracy:.1f}% of {n} generated digits are classified as the requested digit "
               f"({seconds:.1f}s to sample; grid: {path})", flush=True)

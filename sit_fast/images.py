@@ -47,11 +47,16 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
     return grid
 
 
-def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> str:
-    """Write (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid; returns the path."""
+def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> str:
+    """Write (N, C, H, W) images in [-1, 1] (C = 1 or 3) as one PNG grid; returns the path.
+
+    scale > 1 enlarges the grid by pixel repetition (for tiny images such as 8x8 digits).
+    """
     if images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ValueError(f"expected (N, 1 or 3, H, W) images, got {tuple(images.shape)}")
     grid = make_grid(images, nrow=nrow)
+    if scale > 1:
+        grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
     mode_array = grid[..., 0] if grid.shape[-1] == 1 else grid
     path = os.fspath(path)
     parent = os.path.dirname(path)

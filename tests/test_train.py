@@ -47,6 +47,7 @@ def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir:
     try:
         trainer = Trainer(args, explicit, info)
         summary = trainer.run()
+        assert not any(p.requires_grad or p.grad_fn is not None for p in trainer.ema.parameters())
         torch.save({"model": trainer.model.state_dict(), "ema": trainer.ema.state_dict(), "step": summary["step"]},
                    os.path.join(out_dir, f"rank{rank}.pt"))
     finally:

@@ -73,3 +73,9 @@ def test_distributed_single_process(monkeypatch):
     barrier()
     x = torch.tensor([3.0])
     assert all_reduce_mean(x).item() == 3.0
+
+
+def test_save_image_grid_scale(tmp_path):
+    path = save_image_grid(torch.zeros(4, 1, 8, 8), tmp_path / "big.png", nrow=2, scale=4)
+    with Image.open(path) as im:
+        assert im.size == (4 * (2 * 10 + 2), 4 * (2 * 10 + 2))

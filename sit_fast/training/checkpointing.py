@@ -10,6 +10,8 @@ A checkpoint is a dict that torch.load(weights_only=True) reads back:
     data              {"seed", "num_samples", "global_batch_size", "world_size"}: what fixes the order
     rng               one dict per rank: {"torch", "cuda", "numpy", "python"} (see capture_rng_state)
     nonfinite_skipped steps skipped by --skip-nonfinite so far
+    model_config      {"model", "input_size", "in_channels", "num_classes", "learn_sigma", "latent_space"}:
+                      what a sampler needs to rebuild the model (latent_space: a VAE spec or "pixels")
     version           CHECKPOINT_VERSION
 """
 from __future__ import annotations

@@ -253,12 +253,13 @@ class Trainer:
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
                                      fused=True if self.device.type == "cuda" else None)
+        self.ema = deepcopy(model).requires_grad_(False).eval()
         if world_size > 1:
             self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           gradient_as_bucket_view=True)
+                           gradient_as_bucket_view=True)  # broadcasts rank 0's weights
+            self.ema.load_state_dict(model.state_dict())
         else:
             self.ddp = model
-        self.ema = deepcopy(model).requires_grad_(False).eval()  # after DDP: rank 0's weights everywhere
         if ckpt is not None:
             load_into_model(self.ema, ckpt["ema"], source=f"{resume_path} (ema)")
             self.opt.load_state_dict(ckpt["opt"])
@@ -339,6 +340,9 @@ class Trainer:
                          "global_batch_size": self.args.global_batch_size, "world_size": self.dist_info.world_size},
                 "rng": states,
                 "nonfinite_skipped": self.nonfinite_skipped,
+                "model_config": {"model": self.args.model, "input_size": self.latent_size, "in_channels": self.channels,
+                                 "num_classes": self.args.num_classes, "learn_sigma": True,
+                                 "latent_space": self.cache_vae_spec or (self.args.vae if self.codec else "pixels")},
                 "version": CHECKPOINT_VERSION,
             }
             atomic_torch_save(checkpoint, path)
@@ -426,7 +430,8 @@ class Trainer:
                 applied = bool(torch.isfinite(grad_norm))  # the one host sync this option costs
         if applied:
             self.opt.step()
-            torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
+            with torch.no_grad():  # ema <- ema + (1 - decay) * (param - ema), on the device
+                torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
         return loss.detach(), applied
 
     # ------------------------------------------------------------------ the loop
@@ -480,12 +485,13 @@ class Trainer:
                     loss_sum.zero_()
                     loss_count.zero_()
                     window_start, window_steps = time.perf_counter(), 0
+                paused = time.perf_counter()
                 if self.step % args.ckpt_every == 0 or last:
                     self.check_finite(first_bad)
                     self.save_checkpoint()
                 if self.step % args.sample_every == 0 and is_main:
-                    self.ema.eval()
                     self.save_samples()
+                window_start += time.perf_counter() - paused  # throughput counts training steps only
                 if last:
                     break
         if bar is not None:
