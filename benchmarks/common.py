@@ -748,8 +748,8 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("max abs err", lambda r: _fmt(r["parity_max_abs_err"], ".2g")), ("status", _status),
     ],
     "parity": [
-        ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]), ("batch", lambda r: _fmt(r["batch_size"])),
-        ("output rel", lambda r: _fmt(r["parity_output_rel_err"], ".2e")),
+        ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
+        ("batch", lambda r: _fmt(r["batch_size"])), ("output rel", lambda r: _fmt(r["parity_output_rel_err"], ".2e")),
         ("loss rel", lambda r: _fmt(r["parity_loss_rel_err"], ".2e")),
         ("max grad rel", lambda r: _fmt(r["parity_grad_rel_err_max"], ".2e")),
         ("worst", lambda r: _fmt(r["extra"].get("worst"))),
@@ -758,8 +758,9 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("ok", lambda r: _fmt(r["parity_ok"])), ("status", _status),
     ],
     "train": [
-        ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]), ("batch", lambda r: _fmt(r["batch_size"])),
-        ("ms/step median (p20-p80)", _ms), ("img/s", lambda r: _fmt(r["images_per_s"], ".4g")),
+        ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
+        ("batch", lambda r: _fmt(r["batch_size"])), ("ms/step median (p20-p80)", _ms),
+        ("img/s", lambda r: _fmt(r["images_per_s"], ".4g")),
         ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")), ("MFU", lambda r: _percent(r["mfu"])),
         ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
         ("act/img", lambda r: _mib(r["activation_bytes_per_image"])),
@@ -768,7 +769,8 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("status", _status),
     ],
     "sample": [
-        ("sampler", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("batch", lambda r: _fmt(r["batch_size"])),
+        ("sampler", lambda r: r["name"]), ("variant", lambda r: r["variant"]),
+        ("batch", lambda r: _fmt(r["batch_size"])),
         ("steps timed", lambda r: _fmt(r["steps_timed"])), ("ms/batch median (p20-p80)", _ms),
         ("img/s", lambda r: _fmt(r["images_per_s"], ".3g")), ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")),
         ("MFU", lambda r: _percent(r["mfu"])), ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
