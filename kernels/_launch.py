@@ -146,3 +146,16 @@ def token_tiling(B: int, T: int, device: torch.device, programs_per_slot: int) -
     rows_per_program = math.ceil(T / n_tiles)
     n_tiles = math.ceil(T / rows_per_program)
     return rows_per_program, n_tiles
+
+
+def needs_backward(*tensors: torch.Tensor) -> bool:
+    """Whether autograd will record this call (grad mode on and some input requires grad)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def check_saved_for_backward(op: str, x_hat: torch.Tensor, grad: torch.Tensor) -> None:
+    if x_hat.shape[-1] != grad.shape[-1]:
+        raise RuntimeError(
+            f"{op}: backward through a forward that ran without saving for backward "
+            "(inputs did not require grad when it ran)"
+        )

@@ -51,6 +51,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     stride_shift_b, stride_shift_d,
     stride_scale_b, stride_scale_d,
     T, D, rows_per_program, n_tiles, eps,
+    STORE_X_HAT: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
@@ -80,8 +81,9 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
         x_hat = centred * rstd
         h = x_hat * one_plus_scale + shift
         tl.store(h_ptr + b * stride_h_b + t * stride_h_t + cols * stride_h_d, h.to(h_ptr.dtype.element_ty), mask=mask)
-        tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
-                 x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
+        if STORE_X_HAT:  # only when a backward will follow
+            tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
+                     x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
 
 
@@ -200,14 +202,19 @@ def gated_residual_layernorm_modulate_forward(
     scale: torch.Tensor,
     eps: float,
     h_dtype: Optional[torch.dtype] = None,
+    save_x_hat: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: returns x_out (x's dtype), h and x_hat (h's dtype), fp32 rstd (B, T)."""
+    """Launch the forward kernel: returns x_out (x's dtype), h and x_hat (h's dtype), fp32 rstd (B, T).
+
+    save_x_hat=False (no backward to follow, e.g. sampling) skips writing x_hat and returns it empty,
+    of shape (B, T, 0).
+    """
     h_dtype = check_inputs(x, gate, y, shift, scale, h_dtype)
     _launch.check_runnable(OP, x.device, _gated_residual_layernorm_modulate_fwd_kernel)
     B, T, D = x.shape
     x_out = _launch.empty((B, T, D), x.dtype, x.device)
     h = _launch.empty((B, T, D), h_dtype, x.device)
-    x_hat = _launch.empty((B, T, D), h_dtype, x.device)
+    x_hat = _launch.empty((B, T, D if save_x_hat else 0), h_dtype, x.device)
     rstd = _launch.empty((B, T), torch.float32, x.device)
     rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
     if B * n_tiles == 0:
@@ -218,7 +225,7 @@ def gated_residual_layernorm_modulate_forward(
         *x_out.stride(), *h.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *gate.stride(), *y.stride(),
         *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
-        BLOCK_D=block_d, num_warps=num_warps,
+        STORE_X_HAT=save_x_hat, BLOCK_D=block_d, num_warps=num_warps,
     )
     return x_out, h, x_hat, rstd
 
@@ -270,18 +277,19 @@ def gated_residual_layernorm_modulate_op(
     scale: torch.Tensor,
     eps: float,
     h_dtype: Optional[torch.dtype],
+    save_x_hat: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gated_residual_layernorm_modulate_forward(x, gate, y, shift, scale, eps, h_dtype)
+    return gated_residual_layernorm_modulate_forward(x, gate, y, shift, scale, eps, h_dtype, save_x_hat)
 
 
 @gated_residual_layernorm_modulate_op.register_fake
-def _(x, gate, y, shift, scale, eps, h_dtype):
+def _(x, gate, y, shift, scale, eps, h_dtype, save_x_hat):
     h_dtype = check_inputs(x, gate, y, shift, scale, h_dtype)
     B, T, D = x.shape
     return (
         x.new_empty((B, T, D)),
         x.new_empty((B, T, D), dtype=h_dtype),
-        x.new_empty((B, T, D), dtype=h_dtype),
+        x.new_empty((B, T, D if save_x_hat else 0), dtype=h_dtype),
         x.new_empty((B, T), dtype=torch.float32),
     )
 
@@ -316,7 +324,7 @@ def _(grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, shift_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, gate, y, shift, scale, _eps, _h_dtype = inputs
+    x, gate, y, shift, scale, _eps, _h_dtype, _save_x_hat = inputs
     _x_out, _h, x_hat, rstd = output
     ctx.mark_non_differentiable(x_hat, rstd)
     ctx.save_for_backward(x_hat, y, gate, scale, rstd)
@@ -326,10 +334,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_x_out, grad_h, _grad_x_hat, _grad_rstd):
     x_hat, y, gate, scale, rstd = ctx.saved_tensors
+    _launch.check_saved_for_backward(OP, x_hat, grad_h)
     dx, dgate, dy, dshift, dscale = gated_residual_layernorm_modulate_backward_op(
         grad_x_out, grad_h, x_hat, y, gate, scale, rstd, ctx.x_dtype, ctx.shift_dtype
     )
-    return dx, dgate, dy, dshift, dscale, None, None
+    return dx, dgate, dy, dshift, dscale, None, None, None
 
 
 gated_residual_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
@@ -351,5 +360,6 @@ def gated_residual_layernorm_modulate(
     x's, y's or h's dtype or float32. x_out has x's dtype; h has h_dtype (None: x's dtype) and
     normalises x_out as stored. Gradients come back in each input's own dtype.
     """
-    x_out, h, _x_hat, _rstd = gated_residual_layernorm_modulate_op(x, gate, y, shift, scale, eps, h_dtype)
+    save_x_hat = _launch.needs_backward(x, gate, y, shift, scale)
+    x_out, h, _x_hat, _rstd = gated_residual_layernorm_modulate_op(x, gate, y, shift, scale, eps, h_dtype, save_x_hat)
     return x_out, h

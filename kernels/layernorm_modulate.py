@@ -35,6 +35,7 @@ def _layernorm_modulate_fwd_kernel(
     stride_shift_b, stride_shift_d,
     stride_scale_b, stride_scale_d,
     T, D, rows_per_program, n_tiles, eps,
+    STORE_X_HAT: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
@@ -58,8 +59,9 @@ def _layernorm_modulate_fwd_kernel(
         x_hat = centred * rstd
         y = x_hat * one_plus_scale + shift
         tl.store(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
-                 x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
+        if STORE_X_HAT:  # only when a backward will follow
+            tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
+                     x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
         tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
 
 
@@ -136,14 +138,19 @@ def check_inputs(
 
 
 def layernorm_modulate_forward(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype] = None
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype] = None,
+    save_x_hat: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the forward kernel: returns y and x_hat (out_dtype) and the fp32 per-row rstd (B, T)."""
+    """Launch the forward kernel: returns y and x_hat (out_dtype) and the fp32 per-row rstd (B, T).
+
+    save_x_hat=False (no backward to follow, e.g. sampling) skips writing x_hat and returns it empty,
+    of shape (B, T, 0).
+    """
     out_dtype = check_inputs(x, shift, scale, out_dtype)
     _launch.check_runnable(OP, x.device, _layernorm_modulate_fwd_kernel)
     B, T, D = x.shape
     y = _launch.empty((B, T, D), out_dtype, x.device)
-    x_hat = _launch.empty((B, T, D), out_dtype, x.device)
+    x_hat = _launch.empty((B, T, D if save_x_hat else 0), out_dtype, x.device)
     rstd = _launch.empty((B, T), torch.float32, x.device)
     rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
     if B * n_tiles == 0:
@@ -153,7 +160,7 @@ def layernorm_modulate_forward(
         y, x_hat, rstd, x, shift, scale,
         *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
-        BLOCK_D=block_d, num_warps=num_warps,
+        STORE_X_HAT=save_x_hat, BLOCK_D=block_d, num_warps=num_warps,
     )
     return y, x_hat, rstd
 
@@ -189,18 +196,19 @@ def layernorm_modulate_backward(
 
 @torch.library.custom_op("sit_fast::layernorm_modulate", mutates_args=())
 def layernorm_modulate_op(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype]
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: Optional[torch.dtype],
+    save_x_hat: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm_modulate_forward(x, shift, scale, eps, out_dtype)
+    return layernorm_modulate_forward(x, shift, scale, eps, out_dtype, save_x_hat)
 
 
 @layernorm_modulate_op.register_fake
-def _(x, shift, scale, eps, out_dtype):
+def _(x, shift, scale, eps, out_dtype, save_x_hat):
     out_dtype = check_inputs(x, shift, scale, out_dtype)
     B, T, D = x.shape
     return (
         x.new_empty((B, T, D), dtype=out_dtype),
-        x.new_empty((B, T, D), dtype=out_dtype),
+        x.new_empty((B, T, D if save_x_hat else 0), dtype=out_dtype),
         x.new_empty((B, T), dtype=torch.float32),
     )
 
@@ -228,7 +236,7 @@ def _(grad_y, x_hat, scale, rstd, x_dtype, shift_dtype):
 
 
 def _setup_context(ctx, inputs, output):
-    x, shift, scale, _eps, _out_dtype = inputs
+    x, shift, scale, _eps, _out_dtype, _save_x_hat = inputs
     _y, x_hat, rstd = output
     ctx.mark_non_differentiable(x_hat, rstd)
     ctx.save_for_backward(x_hat, scale, rstd)
@@ -238,8 +246,9 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y, _grad_x_hat, _grad_rstd):
     x_hat, scale, rstd = ctx.saved_tensors
+    _launch.check_saved_for_backward(OP, x_hat, grad_y)
     dx, dshift, dscale = layernorm_modulate_backward_op(grad_y, x_hat, scale, rstd, ctx.x_dtype, ctx.shift_dtype)
-    return dx, dshift, dscale, None, None
+    return dx, dshift, dscale, None, None, None
 
 
 layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
@@ -257,5 +266,6 @@ def layernorm_modulate(
     x: (B, T, D) float32/bfloat16/float16; shift, scale: (B, D) in x's dtype, out_dtype or float32.
     Gradients come back in each input's own dtype.
     """
-    y, _x_hat, _rstd = layernorm_modulate_op(x, shift, scale, eps, out_dtype)
+    save_x_hat = _launch.needs_backward(x, shift, scale)
+    y, _x_hat, _rstd = layernorm_modulate_op(x, shift, scale, eps, out_dtype, save_x_hat)
     return y

@@ -536,3 +536,23 @@ def test_kernel_torch_compile_fullgraph_forward_backward():
     assert_close("compiled block dx", x_fused.grad, x_eager.grad, Tol(3e-5, 3e-5))
     for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
         assert_close(f"compiled block d{name}", p.grad, p_ref.grad, Tol(1e-4, 3e-5))
+
+
+def test_kernel_inference_skips_saving_x_hat():
+    """Without autograd (sampling), the forward writes no x_hat; outputs are unchanged."""
+    B, T, D = 2, 5, 72
+    x, y = torch.randn(B, T, D, device=DEVICE), torch.randn(B, T, D, device=DEVICE)
+    gate, shift, scale = (torch.randn(B, D, device=DEVICE) for _ in range(3))
+    grlm = torch.ops.sit_fast.gated_residual_layernorm_modulate
+    x_out, h, x_hat, _ = grlm(x, gate, y, shift, scale, 1e-6, None, False)
+    assert x_hat.shape == (B, T, 0)
+    x_out_saved, h_saved, x_hat_saved, _ = grlm(x, gate, y, shift, scale, 1e-6, None, True)
+    assert x_hat_saved.shape == (B, T, D)
+    torch.testing.assert_close(h, h_saved, rtol=0, atol=0)
+    torch.testing.assert_close(x_out, x_out_saved, rtol=0, atol=0)
+    y_ln, x_hat_ln, _ = torch.ops.sit_fast.layernorm_modulate(x, shift, scale, 1e-6, None, False)
+    assert x_hat_ln.shape == (B, T, 0)
+    torch.testing.assert_close(y_ln, kernels.layernorm_modulate(x, shift, scale), rtol=0, atol=0)
+    with torch.no_grad():
+        h_nograd = kernels.gated_residual_layernorm_modulate(x, gate, y.requires_grad_(), shift, scale)[1]
+    torch.testing.assert_close(h_nograd, h, rtol=0, atol=0)

@@ -694,8 +694,9 @@ def test_argparse_helpers_parse_upstream_flags():
     add_sde_args(defaults)
     args = defaults.parse_args([])
     assert (args.path_type, args.prediction, args.loss_weight) == ("Linear", "velocity", None)
+    # upstream's CLI default is "sigma" (its Sampler.sample_sde default is "SBDM")
     assert (args.sampling_method, args.diffusion_form, args.last_step, args.last_step_size) == (
-        "Euler", "SBDM", "Mean", 0.04)
+        "Euler", "sigma", "Mean", 0.04)
 
     ode = argparse.ArgumentParser()
     add_ode_args(ode)

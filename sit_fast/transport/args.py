@@ -47,8 +47,8 @@ def add_sde_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("SDE arguments")
     group.add_argument("--sampling-method", type=str, default="Euler", choices=list(SDE_METHODS),
                        help="SDE solver: Euler-Maruyama or stochastic Heun")
-    group.add_argument("--diffusion-form", type=str, default="SBDM", choices=list(DIFFUSION_FORMS),
-                       help="form of the diffusion coefficient w_t of the SDE")
+    group.add_argument("--diffusion-form", type=str, default="sigma", choices=list(DIFFUSION_FORMS),
+                       help="form of the diffusion coefficient w_t of the SDE (upstream CLI default: sigma)")
     group.add_argument("--diffusion-norm", type=float, default=1.0, help="magnitude of the diffusion coefficient")
     group.add_argument("--last-step", type=none_or_str, default="Mean", choices=[None, "Mean", "Tweedie", "Euler"],
                        help="form of the last, noise-free step taken to t=1 (None: no last step)")
