@@ -61,3 +61,43 @@ def activation_bytes_per_image(model: torch.nn.Module, autocast_dtype: torch.dty
     s1 = saved_bytes(model, b1, autocast_dtype, device)
     s2 = saved_bytes(model, b2, autocast_dtype, device)
     return (s2 - s1) // (b2 - b1)
+
+
+def training_state_bytes(model: torch.nn.Module, ema: bool = True) -> int:
+    """fp32 weights + gradients + AdamW's two moments (+ an fp32 EMA copy): 16 (20) bytes/parameter."""
+    n = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    n_frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    return n * (16 + (4 if ema else 0)) + n_frozen * 4 * (2 if ema else 1)
+
+
+def main(argv=None) -> None:
+    """Print per-model memory figures: training state, and measured activation bytes per image."""
+    import argparse
+
+    from sit_fast.models import UPSTREAM_MODELS, SiT_models
+
+    parser = argparse.ArgumentParser(description="SiT memory table (parameters, training state, activations).")
+    parser.add_argument("--models", nargs="+", default=UPSTREAM_MODELS, help="registry names")
+    parser.add_argument("--image-size", type=int, default=256, help="image size (latent = image size / 8)")
+    args = parser.parse_args(argv)
+    print("| model | params | fp32 weights | train state (w+g+AdamW+EMA) | act/img ref fp32 | "
+          "act/img ref bf16+sdpa | act/img fast bf16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    for name in args.models:
+        with torch.device("meta"):
+            ref = SiT_models[name](input_size=args.image_size // 8)
+            ref_sdpa = SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa")
+            fast = SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa", fused_kernels=True)
+        params = sum(p.numel() for p in ref.parameters())
+        row = [
+            name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB",
+            f"{training_state_bytes(ref) / 2**30:.2f} GiB",
+            f"{activation_bytes_per_image(ref) / 2**20:.0f} MiB",
+            f"{activation_bytes_per_image(ref_sdpa, torch.bfloat16) / 2**20:.0f} MiB",
+            f"{activation_bytes_per_image(fast, torch.bfloat16) / 2**20:.0f} MiB",
+        ]
+        print("| " + " | ".join(row) + " |")
+
+
+if __name__ == "__main__":
+    main()
