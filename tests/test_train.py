@@ -312,3 +312,30 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     assert os.path.isfile(os.path.join(exp, "samples", "0000003.png"))  # decoded with the cache's VAE
     assert load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]["in_channels"] == 4
+
+
+# ----------------------------------------------------------------------------- slow: the real launchers
+
+@pytest.mark.slow
+def test_torchrun_cli_two_processes(tmp_path):
+    exp = str(tmp_path / "run")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "train.py"), *BASE, "--exp-dir", exp, "--max-steps", "16", "--ckpt-every", "16"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "world size 2" in open(os.path.join(exp, "log.txt")).read()
+    assert len(load_ckpt(os.path.join(exp, "checkpoints", "0000016.pt"))["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_demo_learns_digits(tmp_path):
+    """`make demo` as it runs: >= 80% of 500 generated digits classified as the requested class."""
+    out = str(tmp_path / "demo")
+    result = subprocess.run([sys.executable, "-m", "sit_fast.demo", "--out", out], capture_output=True, text=True,
+                            cwd=REPO)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert results["ODE"]["accuracy"] >= 0.8 and results["SDE"]["accuracy"] >= 0.8
+    assert os.path.isfile(os.path.join(out, "samples_ode.png")) and os.path.isfile(os.path.join(out, "samples_sde.png"))

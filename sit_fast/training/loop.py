@@ -23,10 +23,10 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sit_fast import flops
 from sit_fast.attention import select_backend
 from sit_fast.checkpoint import CheckpointError, load_checkpoint, load_into_model
-from sit_fast.data import LatentCacheDataset, build_dataset, make_loader, EpochSampler
+from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, make_loader
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError
-from sit_fast.models import SiT_models, model_config
+from sit_fast.models import SiT_models, model_config, resolve_fused_kernels
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs, find_latest_valid,
@@ -233,17 +233,19 @@ class Trainer:
 
         # Model, EMA, optimizer.
         fused = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
+        config = model_config(args.model)
+        try:  # options that cannot run here are the user's to change: one line each
+            select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
+                           config["hidden_size"] // config["num_heads"])
+        except ValueError as err:
+            raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
         try:
-            head_dim = model_config(args.model)["hidden_size"] // model_config(args.model)["num_heads"]
-            select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32, head_dim)
-            model = SiT_models[args.model](
-                input_size=latent_size, in_channels=channels, num_classes=args.num_classes, learn_sigma=True,
-                attn_backend=args.attn_backend, fused_kernels=fused, grad_checkpointing=args.grad_checkpointing)
-            from sit_fast.models import resolve_fused_kernels
-
             resolve_fused_kernels(fused, self.device)
         except ValueError as err:
-            raise UserError(str(err)) from None
+            raise UserError(f"--fused-kernels {args.fused_kernels}: {err} (--fused-kernels off)") from None
+        model = SiT_models[args.model](
+            input_size=latent_size, in_channels=channels, num_classes=args.num_classes, learn_sigma=True,
+            attn_backend=args.attn_backend, fused_kernels=fused, grad_checkpointing=args.grad_checkpointing)
         model = model.to(self.device)
         if args.ckpt and ckpt is None:
             info = load_checkpoint(model, args.ckpt, prefer="ema")
