@@ -110,7 +110,9 @@ def randomize_zero_init_(model: torch.nn.Module, std: float = 0.02, seed: int | 
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad and torch.count_nonzero(p) == 0:
-                p.copy_(torch.randn(p.shape, generator=generator) * std)
+                # device="cpu": the generator is a CPU one, also under a `with torch.device("cuda")`
+                # default (benchmarks.common.ModelFactory), where randn would otherwise be a CUDA call.
+                p.copy_(torch.randn(p.shape, generator=generator, device="cpu") * std)
     return model
 
 

@@ -123,6 +123,18 @@ def test_broken_candidate_fails_parity(monkeypatch):
     assert any(f.startswith("output") for f in report.failures())
 
 
+def test_randomize_zero_init_ignores_the_default_device():
+    """benchmarks.common.ModelFactory calls it under `with torch.device("cuda")`, where a bare
+    randn(..., generator=<CPU generator>) is a CUDA call and raises; "meta" shows the same here."""
+    model = SiT(num_classes=10, **CONFIGS["hd16-nosigma"])
+    expected = randomize_zero_init_(SiT(num_classes=10, **CONFIGS["hd16-nosigma"]), seed=3)
+    with torch.device("meta"):
+        randomize_zero_init_(model, seed=3)
+    final = model.final_layer.linear.weight
+    assert final.device.type == "cpu" and torch.count_nonzero(final) > 0
+    assert torch.equal(final, expected.final_layer.linear.weight)
+
+
 def test_activation_memory_fast_path_xl2():
     """bf16 autocast, SiT-XL/2 at 256px: the fast path saves <= 60% of the reference's bytes."""
     with torch.device("meta"):
