@@ -25,7 +25,9 @@ import datetime
 import os
 import statistics
 import subprocess
+import sys
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,6 +145,13 @@ def _max_abs_err(results: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor
     return max(float((r.float() - e.float()).abs().max()) for r, e in zip(results, expected))
 
 
+def _failure_row(error: BaseException) -> dict:
+    """status and note of a variant that raised: "oom" for out of memory, else "error"."""
+    oom = isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(error)
+    text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
+    return {"status": "oom" if oom else "error", "note": text if len(text) <= 300 else text[:297] + "..."}
+
+
 def _git_commit() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT, capture_output=True,
@@ -195,12 +204,24 @@ def run(device: str, size: str) -> list[dict]:
             expected = _make_step(variants["reference"], args, direction, grads_out)()
             bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
             for variant, fn in variants.items():
-                step = _make_step(fn, args, direction, grads_out)
-                parity = _max_abs_err(step(), expected)  # also the first (compiling) call
-                if dev.type == "cuda":
-                    median, p20, p80 = _time_cuda(step)
-                else:
-                    median, p20, p80 = _time_cpu(step, cfg.cpu_reps)
+                failure = None
+                try:
+                    step = _make_step(fn, args, direction, grads_out)
+                    parity = _max_abs_err(step(), expected)  # also the first (compiling) call
+                    if dev.type == "cuda":
+                        median, p20, p80 = _time_cuda(step)
+                    else:
+                        median, p20, p80 = _time_cpu(step, cfg.cpu_reps)
+                except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
+                    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+                    failure = _failure_row(error)
+                if failure is not None:  # outside the except block, so the traceback's tensors are gone
+                    step = None
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
+                    records.append({**stamp, "name": f"{op}.{direction}", "variant": variant,
+                                    "bytes_moved": bytes_moved, **failure})
+                    continue
                 records.append({
                     **stamp,
                     "name": f"{op}.{direction}",
