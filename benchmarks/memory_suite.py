@@ -26,6 +26,8 @@ def run(ctx: RunContext) -> None:
         common = dict(model=ctx.size.model_name, batch_size=b2,
                       shapes={"x": [b2, kw["in_channels"], kw["input_size"], kw["input_size"]], "y": [b2]})
         needed = expected_cost_s(ctx.size, variant) if ctx.device.type == "cuda" else 0.0
+        if variant.compile is not None:
+            needed *= len(ctx.size.memory_batches)  # dynamic=False: one compilation per batch size
         if not ctx.budget.allows(needed):
             ctx.skip(SUITE, NAME, variant, needed, **common)
             continue

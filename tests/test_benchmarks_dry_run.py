@@ -224,3 +224,48 @@ def test_time_box_skips_and_says_so(tmp_path):
     (record,) = ctx.results.records
     assert record["status"] == "skipped" and record["note"].startswith("time box"), record
     assert not validate_record(record)
+
+
+def test_kernel_variant_that_raises_is_recorded_and_the_others_measured(monkeypatch):
+    """A kernel variant that fails (a Triton compile error on a new GPU, out of memory) is one error
+    row; the suite goes on instead of losing every kernel record."""
+    import torch
+
+    from benchmarks import kernels_suite
+
+    def broken_compile(fn, *args, **kwargs):
+        def call(*call_args):
+            raise RuntimeError("compiled reference broke")
+        return call
+
+    monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual",))
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    rows = kernels_suite.run("cpu", "tiny")
+    by_variant = {r["variant"]: r for r in rows}
+    assert by_variant["reference"].get("status", "ok") == "ok" and by_variant["reference"]["median_ms"] > 0
+    broken = by_variant["reference+compile"]
+    assert broken["status"] == "error" and "compiled reference broke" in broken["note"], broken
+
+
+def test_sampling_variant_that_raises_is_recorded_and_the_next_measured(tmp_path, monkeypatch):
+    """An exception outside the per-sampler try (building the config, the inputs) is one error record,
+    and the sample suite goes on to the next variant instead of ending."""
+    from benchmarks import common, sample_suite
+
+    real = sample_suite.measure
+
+    def measure(ctx, variant, transport, sampler):
+        if variant.name == "reference":
+            raise RuntimeError("broken before sampling")
+        return real(ctx, variant, transport, sampler)
+
+    monkeypatch.setattr(sample_suite, "measure", measure)
+    ctx = _context(tmp_path)
+    ctx.variants = (common.VARIANTS_BY_NAME["reference"], common.VARIANTS_BY_NAME["reference+bf16+sdpa"])
+    sample_suite.run(ctx)
+    failed = [r for r in ctx.results.records if r["variant"] == "reference"]
+    assert [r["status"] for r in failed] == ["error"] and "broken before sampling" in failed[0]["note"]
+    assert not validate_record(failed[0])
+    measured = [r for r in ctx.results.records if r["variant"] == "reference+bf16+sdpa"]
+    assert measured and all(r["status"] == "ok" for r in measured)
