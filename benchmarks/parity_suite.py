@@ -5,8 +5,9 @@ inputs and the same loss, and compares the output, the loss and every parameter 
 tolerances are sit_fast.parity.TOLERANCES, the parity tests' own. TF32 is off here on CUDA, so
 "fp32" means fp32.
 
-Cases, most important first: ours in fp32 (the fused kernels alone), then every non-reference
-variant in its own precision (bf16 autocast). Train and sample records of the same run copy these
+Cases, most important first: ours in its own precision (bf16 autocast; the train and sample
+records quote it), ours in fp32 (the fused kernels alone, where the tolerance is tight), then the
+other non-reference variants in bf16. Train and sample records of the same run copy these
 figures (RunContext.parity).
 """
 from __future__ import annotations
@@ -30,9 +31,9 @@ def cases(variants: tuple[Variant, ...]) -> list[tuple[Variant, torch.dtype | No
     for variant in sorted(variants, key=lambda v: v.fused_kernels is False):
         if variant.name == "reference":
             continue
+        out.append((variant, variant.autocast_dtype))
         if variant.fused_kernels is not False and variant.autocast_dtype is not None:
             out.append((variant, None))  # the kernels in fp32, where the tolerance is tight
-        out.append((variant, variant.autocast_dtype))
     return out
 
 
