@@ -241,7 +241,7 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
         train_batches=(256, 128, 64, 32), warmup=2, iters=5, sample_batches=(8, 256), steps_timed=3, sample_iters=3,
         parity_batch=4, memory_batches=(8, 16),
         # 400 s of measurements, plus start-up and at most one compilation running over its estimate:
-        # under the 8 minutes of shared/GPU.md.
+        # under the GPU suite's 8-minute budget.
         budgets_s={"kernels": 45, "parity": 55, "train": 140, "sample": 110, "memory": 50}, deadline_s=400,
         copy_bytes=1 << 30, matmul_n=8192,
     ),

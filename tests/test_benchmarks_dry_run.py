@@ -1,7 +1,7 @@
 """The benchmark suite's CPU dry run: `python -m benchmarks all --device cpu --size tiny` runs end to
 end and writes complete records. Nothing here asserts anything about speed.
 
-So that the day a GPU is lent the suite works the first time (shared/GPU.md), CI runs the whole
+So that the suite works the first time it meets a GPU, CI runs the whole
 suite on the tiny model, the fused kernels going through the Triton interpreter, and checks the
 files, every field of every record, and that a broken fast path is reported as a parity failure.
 """
