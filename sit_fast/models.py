@@ -348,6 +348,7 @@ class SiT(nn.Module):
         )
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._compiled_step: Callable | None = None
+        self._modulation_cache: tuple | None = None  # see _modulation_weights
         self.initialize_weights()
 
     # ------------------------------------------------------------------ options
@@ -419,11 +420,34 @@ class SiT(nn.Module):
         gate_mlp, then the final layer's shift, scale. Same maths as each block's adaLN_modulation(c);
         the weights stay stored per block.
         """
-        linears = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
-        weight = torch.cat([lin.weight for lin in linears], dim=0)  # ((6 * depth + 2) * D, D)
-        bias = torch.cat([lin.bias for lin in linears], dim=0)
+        weight, bias = self._modulation_weights()  # ((6 * depth + 2) * D, D), ((6 * depth + 2) * D,)
         mods = F.linear(F.silu(c), weight, bias)  # (N, (6 * depth + 2) * D)
         return mods.view(c.shape[0], -1, self.hidden_size)
+
+    def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The concatenated adaLN weights and biases.
+
+        While they are trained the concatenation is redone every call (gradients flow back to the
+        per-block parameters). Frozen (requires_grad False, as for sampling), the concatenation is
+        kept and reused until a parameter changes (its version counter or storage moves), which
+        saves copying a third of SiT-XL's weights on every eager sampling step (compile_blocks
+        keeps this part eager; inside a whole-model torch.compile the concatenation is redone).
+        """
+        linears = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+        params = [p for lin in linears for p in (lin.weight, lin.bias)]
+        if any(p.requires_grad for p in params):
+            self._modulation_cache = None
+            return torch.cat(params[0::2], dim=0), torch.cat(params[1::2], dim=0)
+        if torch.compiler.is_compiling():
+            # Compiled code could not see in-place updates (an EMA copy's weights, say): concatenate.
+            return torch.cat(params[0::2], dim=0), torch.cat(params[1::2], dim=0)
+        cache = self._modulation_cache
+        key = tuple((p._version, p.data_ptr(), p.dtype) for p in params)
+        if cache is None or cache[0] != key:
+            with torch.no_grad():
+                cache = (key, torch.cat(params[0::2], dim=0), torch.cat(params[1::2], dim=0))
+            self._modulation_cache = cache
+        return cache[1], cache[2]
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W)."""

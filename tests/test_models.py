@@ -228,3 +228,28 @@ def test_wrong_input_size_is_a_clear_error():
     model = tiny_sit()
     with pytest.raises(ValueError, match="input_size=16"):
         model(torch.randn(1, 4, 16, 16), torch.rand(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_frozen_model_reuses_modulation_weights_until_they_change():
+    model = randomize_(tiny_sit()).eval()
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        ref = model(x, t, y)
+    model.requires_grad_(False)
+    with torch.no_grad():
+        first = model(x, t, y)
+        cached = model._modulation_cache
+        second = model(x, t, y)
+    assert cached is not None and model._modulation_cache is cached  # reused, not rebuilt
+    torch.testing.assert_close(first, ref, rtol=0, atol=0)
+    torch.testing.assert_close(second, ref, rtol=0, atol=0)
+    # an in-place change (load_state_dict copies in place) invalidates the cached concatenation
+    other = randomize_(tiny_sit())
+    model.load_state_dict(other.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y), other.eval()(x, t, y), rtol=0, atol=0)
+    # trainable again: no cache, gradients reach every block's adaLN parameters
+    model.requires_grad_(True)
+    model(x, t, y).square().mean().backward()
+    assert model._modulation_cache is None
+    assert all(b.adaLN_modulation[1].weight.grad is not None for b in model.blocks)
