@@ -265,6 +265,18 @@ def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
         assert code == 2, f"{name}: exit status {code}, stderr: {err}"
         assert len(lines) == 1 and expected in lines[0], f"{name}: {err!r}"
         assert "Traceback" not in err, f"{name}: {err}"
+        assert not (tmp_path / "exp").exists(), f"{name}: a run that never started left {tmp_path / 'exp'} behind"
+
+
+def test_failed_start_keeps_existing_folders(tmp_path, capsys):
+    results = tmp_path / "results"
+    kept = tmp_path / "mine"
+    kept.mkdir()
+    assert run_cli(BASE + ["--results-dir", str(results), "--image-size", "10"]) == 2
+    assert run_cli(BASE + ["--exp-dir", str(kept), "--image-size", "10"]) == 2
+    capsys.readouterr()
+    assert os.listdir(results) == [], "a numbered experiment folder was left by a run that never started"
+    assert kept.is_dir(), "--exp-dir that existed before the run must be kept"
 
 
 def test_user_error_from_the_real_cli(tmp_path):

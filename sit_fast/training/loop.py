@@ -11,6 +11,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 import sys
 import time
 from copy import deepcopy
@@ -104,6 +105,17 @@ def setup_logging(exp_dir: str | None, is_main: bool) -> None:
         logger.addHandler(file_handler)
 
 
+def remove_unused_experiment(exp_dir: str) -> None:
+    """Delete an experiment folder this run created, if it holds nothing but log.txt and no checkpoint."""
+    for handler in list(logger.handlers):
+        if isinstance(handler, logging.FileHandler):
+            handler.close()
+            logger.removeHandler(handler)
+    checkpoints = os.path.join(exp_dir, "checkpoints")
+    if set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints"} and not os.listdir(checkpoints):
+        shutil.rmtree(exp_dir, ignore_errors=True)
+
+
 class TqdmHandler(logging.Handler):
     """Log lines that do not break the progress bar."""
 
@@ -147,7 +159,6 @@ class Trainer:
         self.dist_info = dist_info
         self.explicit = explicit
         self.device = dist_info.device
-        world_size, rank = dist_info.world_size, dist_info.rank
 
         # Where to write, and what to resume (rank 0 decides, everyone follows).
         choice = None
@@ -166,14 +177,25 @@ class Trainer:
             args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
             if "ckpt" in explicit:
                 resume_note += " (--ckpt is ignored when resuming)"
-        self.args = args
         self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
+        created = dist_info.is_main and not os.path.exists(self.exp_dir)
         if dist_info.is_main:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
         barrier()
         setup_logging(self.exp_dir, dist_info.is_main)
         logger.info(resume_note)
+        try:
+            self._build(args, explicit, ckpt, resume_path)
+        except BaseException:
+            if created:  # a run that never started leaves no numbered folder behind
+                remove_unused_experiment(self.exp_dir)
+            raise
 
+    def _build(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None, resume_path: str | None) -> None:
+        """Data, latent space, model, EMA, optimizer and run position; user errors surface here."""
+        dist_info = self.dist_info
+        world_size, rank = dist_info.world_size, dist_info.rank
+        self.args = args
         if args.global_batch_size % world_size:
             raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
         self.local_batch_size = args.global_batch_size // world_size
