@@ -8,6 +8,7 @@ cache, train.py) can store the posterior once and draw a fresh sample each time 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from contextlib import nullcontext
 
@@ -17,6 +18,7 @@ from sit_fast.errors import UserError
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DEFAULT_SCALING_FACTOR = 0.18215
+logger = logging.getLogger("sit_fast")
 
 _WAYS_OUT = (
     "pass a local directory with the VAE (--vae /path/to/vae, a diffusers AutoencoderKL saved with "
@@ -118,6 +120,9 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
     attempts = [dict(local_files_only=True)] if is_local else [dict(local_files_only=True), {}]
     extra = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
     for kwargs in attempts:
+        if errors:  # the local cache missed: say why the next step may take a while
+            logger.warning(f"--vae {spec}: {source} is not in the local hub cache; downloading it "
+                           f"(offline, this fails after the hub's retries; HF_HUB_OFFLINE=1 fails at once)")
         try:
             vae = AutoencoderKL.from_pretrained(source, **kwargs, **extra)
             break
