@@ -117,7 +117,8 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
 
     vae = None
     errors = []
-    attempts = [dict(local_files_only=True)] if is_local else [dict(local_files_only=True), {}]
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+    attempts = [dict(local_files_only=True)] if is_local or offline else [dict(local_files_only=True), {}]
     extra = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
     for kwargs in attempts:
         if errors:  # the local cache missed: say why the next step may take a while
@@ -132,8 +133,8 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
         if is_local:
             reason = f"the directory {source} holds no loadable AutoencoderKL ({errors[-1]})"
         else:
-            reason = (f"{source} is not in the local hub cache and the hub could not be reached or has no "
-                      f"such model ({errors[-1]})")
+            online = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
+            reason = f"{source} is not in the local hub cache and {online} ({errors[-1]})"
         raise VAEError(f"cannot load the VAE: {reason}; {_WAYS_OUT}")
     vae = vae.to(torch.device(device)).eval().requires_grad_(False)
     return LatentCodec(vae, device, dtype=dtype)
