@@ -19,6 +19,36 @@ INTERPRETER_HINT = (
     "or use fused_kernels=False"
 )
 
+def _patch_old_interpreter() -> None:
+    """Let triton < 3.7's interpreter run our loops with numpy >= 2.4.
+
+    That interpreter converts a scalar kernel value to a Python int (a `range(t_start, t_end)` bound)
+    with int() of a one-element array, which numpy 2.4 refuses ("only 0-dimensional arrays can be
+    converted to Python scalars"). triton 3.7 squeezes the array first; do the same for older ones.
+    Only the CPU interpreter is touched, and only while it runs a kernel (it restores its patches).
+    """
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import triton
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    major_minor = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if major_minor >= (3, 7) or original is None or getattr(original, "sit_fast_patched", False):
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    patch_lang_tensor.sit_fast_patched = True
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+_patch_old_interpreter()
+
 # Test-only: when True, every buffer a launcher allocates for a kernel to write is filled with NaN
 # first, so an element the kernel forgets to write shows up as a NaN instead of stale memory.
 _poison_outputs = False
