@@ -49,6 +49,39 @@ def _patch_old_interpreter() -> None:
 
 _patch_old_interpreter()
 
+# Programs per streaming multiprocessor that token_tiling aims for: the forward kernels have no
+# per-tile output, so many short tiles; the backward ones write one fp32 partial row per tile.
+PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 8}
+OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot")
+_overrides: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def launch_overrides(**overrides: int | None) -> Iterator[None]:
+    """Launch with other num_warps / programs per SM while the context is active (kernel tuning).
+
+    Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
+    bwd_programs_per_slot (>= 1); None keeps the default. Results do not depend on them beyond
+    float32 summation order.
+    """
+    global _overrides
+    for key, value in overrides.items():
+        if key not in OVERRIDE_KEYS:
+            raise ValueError(f"launch_overrides: unknown key {key!r}, expected one of {OVERRIDE_KEYS}")
+        if value is None:
+            continue
+        if key.endswith("num_warps") and (value not in (1, 2, 4, 8, 16, 32)):
+            raise ValueError(f"launch_overrides: {key} must be a power of two from 1 to 32, got {value}")
+        if key.endswith("programs_per_slot") and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"launch_overrides: {key} must be an integer >= 1, got {value!r}")
+    previous = _overrides
+    _overrides = {**previous, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        yield
+    finally:
+        _overrides = previous
+
+
 # Test-only: when True, every buffer a launcher allocates for a kernel to write is filled with NaN
 # first, so an element the kernel forgets to write shows up as a NaN instead of stale memory.
 _poison_outputs = False
@@ -138,16 +171,17 @@ def check_runnable(op: str, device: torch.device, kernel: object) -> None:
                            f"it was set, so they cannot run on the CPU; {INTERPRETER_HINT}")
 
 
-def block_config(D: int) -> tuple[int, int]:
+def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     """(BLOCK_D, num_warps): one whole row per block, masked up to the next power of two.
 
     About four row elements per thread (2 to 32 warps). Checked with ptxas for sm_90 on contiguous
     rows: at BLOCK_D = 2048 (D = 1152) the fused backward needs 82 registers with 16 warps but 128
     with 8 and 225 with 4, and nothing spills up to BLOCK_D = 4096; BLOCK_D = 8192 and 16384 (32 warps,
-    8 and 16 elements per thread) spill a little in the backward kernels.
+    8 and 16 elements per thread) spill a little in the backward kernels. `launch_overrides` (the
+    kernel tuning benchmark) replaces num_warps per direction ("fwd" or "bwd").
     """
     block_d = next_power_of_2(D)
-    num_warps = min(max(block_d // 128, 2), 32)
+    num_warps = _overrides.get(f"{direction}_num_warps") or min(max(block_d // 128, 2), 32)
     return block_d, num_warps
 
 
@@ -162,16 +196,19 @@ def _program_slots(device: torch.device) -> int:
     return 2
 
 
-def token_tiling(B: int, T: int, device: torch.device, programs_per_slot: int) -> tuple[int, int]:
+def token_tiling(B: int, T: int, device: torch.device, direction: str) -> tuple[int, int]:
     """Split each sample's T tokens into tiles, one program per (sample, tile).
 
     Returns (rows_per_program, n_tiles) with n_tiles * rows_per_program >= T and every tile non-empty.
     A program loads its sample's modulation vectors once and loops over its rows; backward kernels
-    also keep one fp32 partial sum per tile, so fewer, longer tiles mean less partial traffic.
+    also keep one fp32 partial sum per tile, so fewer, longer tiles mean less partial traffic. The
+    target is PROGRAMS_PER_SLOT[direction] programs per streaming multiprocessor ("fwd" or "bwd"),
+    unless `launch_overrides` says otherwise.
     """
     if T == 0:
         return 1, 0
-    target_programs = _program_slots(device) * programs_per_slot
+    per_slot = _overrides.get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
+    target_programs = _program_slots(device) * per_slot
     n_tiles = min(T, max(1, math.ceil(target_programs / max(B, 1))))
     rows_per_program = math.ceil(T / n_tiles)
     n_tiles = math.ceil(T / rows_per_program)

@@ -105,7 +105,7 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
     _launch.check_runnable(OP, x.device, _gated_residual_fwd_kernel)
     B, T, D = x.shape
     out = _launch.empty((B, T, D), x.dtype, x.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, "fwd")
     if B * n_tiles == 0:
         return out
     block_d, num_warps = _launch.block_config(D)
@@ -125,10 +125,10 @@ def gated_residual_backward(
     _launch.check_runnable(OP, y.device, _gated_residual_bwd_kernel)
     B, T, D = y.shape
     dy = _launch.empty((B, T, D), y.dtype, y.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, y.device, programs_per_slot=8)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, y.device, "bwd")
     dgate_partial = _launch.empty((B, n_tiles, D), torch.float32, y.device)
     if B * n_tiles > 0:
-        block_d, num_warps = _launch.block_config(D)
+        block_d, num_warps = _launch.block_config(D, "bwd")
         _gated_residual_bwd_kernel[(B * n_tiles,)](
             dy, dgate_partial, grad_out, gate, y,
             *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y.stride(),

@@ -216,7 +216,7 @@ def gated_residual_layernorm_modulate_forward(
     h = _launch.empty((B, T, D), h_dtype, x.device)
     x_hat = _launch.empty((B, T, D if save_x_hat else 0), h_dtype, x.device)
     rstd = _launch.empty((B, T), torch.float32, x.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, "fwd")
     if B * n_tiles == 0:
         return x_out, h, x_hat, rstd
     block_d, num_warps = _launch.block_config(D)
@@ -247,13 +247,13 @@ def gated_residual_layernorm_modulate_backward(
     B, T, D = x_hat.shape
     dx = _launch.empty((B, T, D), x_dtype, x_hat.device)
     dy = _launch.empty((B, T, D), y.dtype, y.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, programs_per_slot=8)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, "bwd")
     partials = [_launch.empty((B, n_tiles, D), torch.float32, x_hat.device) for _ in range(3)]
     dgate_partial, dshift_partial, dscale_partial = partials
     if B * n_tiles > 0:
         has_dx_out = grad_x_out is not None
         dx_out_arg = grad_x_out if has_dx_out else grad_h  # a placeholder the kernel never reads
-        block_d, num_warps = _launch.block_config(D)
+        block_d, num_warps = _launch.block_config(D, "bwd")
         _gated_residual_layernorm_modulate_bwd_kernel[(B * n_tiles,)](
             dx, dy, dgate_partial, dshift_partial, dscale_partial,
             dx_out_arg, grad_h, x_hat, y, gate, scale, rstd,

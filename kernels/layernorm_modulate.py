@@ -152,7 +152,7 @@ def layernorm_modulate_forward(
     y = _launch.empty((B, T, D), out_dtype, x.device)
     x_hat = _launch.empty((B, T, D if save_x_hat else 0), out_dtype, x.device)
     rstd = _launch.empty((B, T), torch.float32, x.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, programs_per_slot=32)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x.device, "fwd")
     if B * n_tiles == 0:
         return y, x_hat, rstd
     block_d, num_warps = _launch.block_config(D)
@@ -177,11 +177,11 @@ def layernorm_modulate_backward(
     _launch.check_runnable(OP, x_hat.device, _layernorm_modulate_bwd_kernel)
     B, T, D = x_hat.shape
     dx = _launch.empty((B, T, D), x_dtype, x_hat.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, programs_per_slot=8)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, "bwd")
     dshift_partial = _launch.empty((B, n_tiles, D), torch.float32, x_hat.device)
     dscale_partial = _launch.empty((B, n_tiles, D), torch.float32, x_hat.device)
     if B * n_tiles > 0:
-        block_d, num_warps = _launch.block_config(D)
+        block_d, num_warps = _launch.block_config(D, "bwd")
         _layernorm_modulate_bwd_kernel[(B * n_tiles,)](
             dx, dshift_partial, dscale_partial, grad_y, x_hat, scale, rstd,
             *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x_hat.stride(), *scale.stride(),

@@ -221,6 +221,28 @@ def test_kernel_matches_reference(op, case, B, T, D):
     check_against_reference(op, make_inputs(op, B, T, D, case), case)
 
 
+# The tuning benchmark launches with other warps and token tiles; every tiling must give the same
+# results (on the CPU num_warps is ignored, the tiles are not: 1 to 13 rows per program here).
+@pytest.mark.parametrize("per_slot", [1, 3, 64])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_launch_overrides_keep_results(op, per_slot):
+    with _launch.launch_overrides(fwd_num_warps=4, bwd_num_warps=2, fwd_programs_per_slot=per_slot,
+                                  bwd_programs_per_slot=per_slot):
+        assert _launch.block_config(1152, "bwd") == (2048, 2)
+        check_against_reference(op, make_inputs(op, 2, 13, 97, DTYPE_CASES[0].values[0]), DTYPE_CASES[0].values[0])
+    assert _launch.block_config(1152, "bwd") == (2048, 16)  # defaults are back
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"num_warps": 4}, "unknown key"), ({"fwd_num_warps": 3}, "power of two"),
+    ({"bwd_programs_per_slot": 0}, ">= 1"),
+])
+def test_kernel_launch_overrides_reject_bad_values(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        with _launch.launch_overrides(**overrides):
+            pass
+
+
 # The bf16-autocast layout: fp32 residual stream x; y and gate/shift/scale bf16 (outputs of autocast
 # Linears); the normalised output requested in bf16 for the next Linear. x_out (and dx) are fp32.
 AUTOCAST_CASE = DtypeCase(torch.float32, torch.bfloat16, Tol(1e-3, 1.6e-2), Tol(2e-3, 1.6e-2))
