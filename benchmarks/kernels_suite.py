@@ -1,7 +1,8 @@
 """Fused adaLN kernels vs the eager and compiled PyTorch reference: time, GB/s and parity.
 
 For each op (kernels.reference is the one reference) and each direction ("fwd": forward only;
-"fwd_bwd": forward, then backward of every input from fixed upstream gradients), three variants:
+"bwd": backward only, of every input from fixed upstream gradients, each time after a fresh untimed
+forward; "fwd_bwd": forward, then backward, as in training), three variants:
 
     reference           eager kernels.reference
     reference+compile   torch.compile(kernels.reference)
@@ -59,8 +60,9 @@ OP_ARGS = {
     "gated_residual_layernorm_modulate": ("x", "gate", "y", "shift", "scale"),
 }
 OPS = tuple(OP_ARGS)
-DIRECTIONS = ("fwd", "fwd_bwd")
+DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 VARIANTS = ("reference", "reference+compile", "ours")
+BWD_CUDA_REPS = 30  # timed backward passes on CUDA (each after its own forward)
 
 
 def make_inputs(op: str, B: int, T: int, D: int, dtype: torch.dtype, device: str | torch.device,
@@ -114,6 +116,10 @@ def _make_step(fn: Callable, args: list[torch.Tensor], direction: str,
             with torch.no_grad():
                 return _as_tuple(fn(*args))
         return step
+    if direction == "bwd":
+        def step():
+            return torch.autograd.grad(_as_tuple(fn(*args)), args, grads_out)
+        return step
 
     def step():
         outs = _as_tuple(fn(*args))
@@ -127,6 +133,34 @@ def _time_cuda(step: Callable) -> tuple[float, float, float]:
 
     median, p20, p80 = do_bench(step, quantiles=[0.5, 0.2, 0.8])
     return median, p20, p80
+
+
+def _time_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torch.Tensor], device: torch.device,
+                   reps: int, warmup: int = 2) -> tuple[float, float, float]:
+    """Median, p20, p80 ms of the backward alone: each repetition runs a fresh forward untimed, then
+    times torch.autograd.grad (CUDA events on CUDA, perf_counter on the CPU).
+
+    A graph cannot simply be kept and run backward again: torch.compile's backward frees the
+    buffers it saved (donated buffers), so every repetition needs its own forward, as in training.
+    """
+    def once() -> float:
+        outs = _as_tuple(fn(*args))
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            torch.autograd.grad(outs, args, grads_out)
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end)
+        begin = time.perf_counter()
+        torch.autograd.grad(outs, args, grads_out)
+        return (time.perf_counter() - begin) * 1e3
+
+    for _ in range(warmup):
+        once()
+    times_ms = [once() for _ in range(reps)]
+    deciles = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else times_ms * 9
+    return statistics.median(times_ms), deciles[1], deciles[7]
 
 
 def _time_cpu(step: Callable, reps: int, warmup: int = 1) -> tuple[float, float, float]:
@@ -195,7 +229,7 @@ def run(device: str, size: str) -> list[dict]:
         if ours_available:
             variants["ours"] = getattr(kernels, op)
         for direction in DIRECTIONS:
-            needs_grad = direction == "fwd_bwd"
+            needs_grad = direction != "fwd"
             args = make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, dev, requires_grad=needs_grad)
             grads_out = None
             if needs_grad:
@@ -208,7 +242,10 @@ def run(device: str, size: str) -> list[dict]:
                 try:
                     step = _make_step(fn, args, direction, grads_out)
                     parity = _max_abs_err(step(), expected)  # also the first (compiling) call
-                    if dev.type == "cuda":
+                    if direction == "bwd":
+                        median, p20, p80 = _time_backward(fn, args, grads_out, dev,
+                                                          BWD_CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps)
+                    elif dev.type == "cuda":
                         median, p20, p80 = _time_cuda(step)
                     else:
                         median, p20, p80 = _time_cpu(step, cfg.cpu_reps)
