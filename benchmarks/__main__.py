@@ -1,4 +1,4 @@
-"""python -m benchmarks {kernels,parity,train,sample,memory,all} [--device cpu|cuda] [--size tiny|full] --out DIR
+"""python -m benchmarks {kernels,parity,train,sample,memory,tuning,all} [--device cpu|cuda] [--size tiny|full] --out DIR
 
 Prints the device, the versions and the two ceilings first, then one line per record, and rewrites
 DIR/results.json and DIR/results.md after every record. Exit status 1 when a parity check failed or
@@ -11,7 +11,7 @@ import os
 import sys
 import time
 
-SUITES = ("kernels", "parity", "train", "sample", "memory")  # "all" runs them in this order
+SUITES = ("kernels", "parity", "train", "sample", "memory", "tuning")  # "all" runs them in this order
 
 
 def parse_args(argv: list[str] | None):
@@ -54,10 +54,10 @@ def main(argv: list[str] | None = None) -> int:
         print("error: TRITON_INTERPRET=1 would run the CUDA kernels in the interpreter; unset it", file=sys.stderr)
         return 2
 
-    from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite
+    from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite
 
     runners = {"kernels": run_kernels, "parity": parity_suite.run, "train": train_suite.run,
-               "sample": sample_suite.run, "memory": memory_suite.run}
+               "sample": sample_suite.run, "memory": memory_suite.run, "tuning": tuning_suite.run}
     device = torch.device(device_type)
     size = common.SIZES[args.size or ("full" if device_type == "cuda" else "tiny")]()
     variants = common.VARIANTS
@@ -95,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
                             ("inductor" if device_type == "cuda" else "eager"), variants=variants, seed=args.seed)
     for i, suite in enumerate(suites):
         left = deadline - time.monotonic()
-        share = left * budgets[suite] / sum(budgets[s] for s in suites[i:])
+        weights = sum(budgets[s] for s in suites[i:])
+        share = left if budgets[suite] == 0 or weights == 0 else left * budgets[suite] / weights
         ctx.budget = common.Budget(min(explicit.get(suite, share), max(left, 0.0)))
         results.suites_run.append(suite)
         common.log(f"== {suite} (time box {ctx.budget.seconds:.0f} s)")

@@ -94,6 +94,7 @@ _MODEL = {"model", "batch_size", "variant_config"}
 # Fields each suite fills in an ok record; every other field of its records is null.
 SUITE_FIELDS: dict[str, set[str]] = {
     "kernels": _COMMON | _TIMING | {"bytes_moved", "gbps", "fraction_of_copy_bw", "parity_max_abs_err"},
+    "tuning": _COMMON | _TIMING | {"bytes_moved", "gbps", "fraction_of_copy_bw", "parity_max_abs_err"},
     "train": _COMMON | _MODEL | _TIMING | _THROUGHPUT | _PARITY | {"peak_memory_bytes", "activation_bytes_per_image"},
     "sample": _COMMON | _MODEL | _TIMING | _THROUGHPUT | {"steps_timed", "peak_memory_bytes", "parity_output_rel_err",
                                                            "parity_max_abs_err", "parity_ok", "parity_tolerances"},
@@ -107,7 +108,7 @@ LINKED_PARITY = _PARITY
 CPU_NULL = {"peak_memory_bytes", "measured_activation_bytes_per_image", "peak_tflops", "peak_tflops_source", "mfu"}
 ALWAYS_NULLABLE = {"note", "triton_version", "cuda_version"}
 # Fields the kernel suite's rows may not carry (its shapes say what ran; its timer is its own).
-OPTIONAL = {"kernels": {"batch_size", "iterations", "timer"}}
+OPTIONAL = {"kernels": {"batch_size", "iterations", "timer"}, "tuning": {"batch_size", "iterations", "timer"}}
 
 
 def validate_record(record: dict, parity_ran: bool = True) -> list[str]:
@@ -211,7 +212,8 @@ class SizeConfig:
     memory_batches: tuple[int, int]
     """Two batch sizes whose peak-memory difference gives the measured activation bytes per image."""
     budgets_s: dict
-    """Default share of the time of each suite, seconds (the leftover of a suite flows on)."""
+    """Default share of the time of each suite, seconds (the leftover of a suite flows on); 0: the
+    suite gets whatever the others left (tuning, which runs last)."""
     deadline_s: float
     """Default time for the whole run."""
     copy_bytes: int
@@ -233,7 +235,8 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
                           num_classes=10, learn_sigma=True),
         train_batches=(2,), warmup=0, iters=2, sample_batches=(1,), steps_timed=2, sample_iters=1,
         parity_batch=2, memory_batches=(1, 2),
-        budgets_s={"kernels": 45, "parity": 25, "train": 25, "sample": 25, "memory": 10}, deadline_s=150,
+        budgets_s={"kernels": 45, "parity": 25, "train": 25, "sample": 25, "memory": 10, "tuning": 0},
+        deadline_s=150,
         copy_bytes=16 << 20, matmul_n=256,
     ),
     "full": lambda: SizeConfig(
@@ -242,7 +245,8 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
         parity_batch=4, memory_batches=(8, 16),
         # 400 s of measurements, plus start-up and at most one compilation running over its estimate:
         # under the GPU suite's 8-minute budget.
-        budgets_s={"kernels": 45, "parity": 55, "train": 140, "sample": 110, "memory": 50}, deadline_s=400,
+        budgets_s={"kernels": 45, "parity": 55, "train": 140, "sample": 110, "memory": 50, "tuning": 0},
+        deadline_s=400,
         copy_bytes=1 << 30, matmul_n=8192,
     ),
 }
@@ -748,6 +752,14 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("kernel", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
         ("shapes", lambda r: _fmt(r["shapes"])), ("ms median (p20-p80)", _ms),
         ("GB/s", lambda r: _fmt(r["gbps"], ".3g")), ("of copy BW", lambda r: _percent(r["fraction_of_copy_bw"])),
+        ("max abs err", lambda r: _fmt(r["parity_max_abs_err"], ".2g")), ("status", _status),
+    ],
+    "tuning": [
+        ("kernel", lambda r: r["name"]), ("warps", lambda r: _fmt(r["extra"].get("num_warps"))),
+        ("programs/SM", lambda r: _fmt(r["extra"].get("programs_per_slot"))),
+        ("", lambda r: " ".join(m for m, k in (("best", "best"), ("default", "default")) if r["extra"].get(k))),
+        ("ms median (p20-p80)", _ms), ("GB/s", lambda r: _fmt(r["gbps"], ".3g")),
+        ("of copy BW", lambda r: _percent(r["fraction_of_copy_bw"])),
         ("max abs err", lambda r: _fmt(r["parity_max_abs_err"], ".2g")), ("status", _status),
     ],
     "parity": [

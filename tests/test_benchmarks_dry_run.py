@@ -46,9 +46,9 @@ def test_dry_run_writes_json_and_markdown(dry_run):
     assert (out / "results.json").is_file(), _tail(proc)
     assert (out / "results.md").is_file(), _tail(proc)
     markdown = (out / "results.md").read_text()
-    for suite in ("kernels", "parity", "train", "sample", "memory"):
+    for suite in ("kernels", "parity", "train", "sample", "memory", "tuning"):
         assert f"## {suite}" in markdown, f"results.md has no {suite} table"
-    assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory"]
+    assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory", "tuning"]
 
 
 def test_environment_and_ceilings_come_first(dry_run):
@@ -82,7 +82,7 @@ def test_nulls_only_where_a_cpu_has_no_figure(dry_run):
     for record in document["records"]:
         assert record["status"] == "ok", (record["suite"], record["name"], record["variant"], record["note"])
         nulls = {k for k in SUITE_FIELDS[record["suite"]] if record[k] is None}
-        if record["suite"] == "kernels":
+        if record["suite"] in ("kernels", "tuning"):
             nulls -= {"iterations", "timer"}  # the kernel suite's rows do not report these
         assert nulls <= CPU_NULL, (record["suite"], record["name"], record["variant"], nulls - CPU_NULL)
         for key in ("median_ms", "p20_ms", "p80_ms", "images_per_s", "tflops", "gbps"):
@@ -111,6 +111,15 @@ def test_every_suite_measures_every_variant(dry_run):
     assert all(r["parity_ok"] for r in records if r["suite"] == "parity")
     kernels = [r for r in records if r["suite"] == "kernels"]
     assert kernels and {"ours", "reference"} <= {r["variant"] for r in kernels}
+    assert {r["name"].split(".")[1] for r in kernels} == {"fwd", "bwd", "fwd_bwd"}
+    # tuning: per op and direction, the default launch and one other, exactly one marked best
+    tuning = [r for r in records if r["suite"] == "tuning"]
+    groups = {r["name"] for r in tuning}
+    assert len(groups) == 6
+    for name in groups:
+        group = [r for r in tuning if r["name"] == name]
+        assert len(group) == 2 and sum(r["extra"]["default"] for r in group) == 1, group
+        assert sum(r["extra"]["best"] for r in group) == 1, group
 
 
 def test_sampling_records_say_how_they_extrapolate(dry_run):
@@ -154,6 +163,31 @@ def test_parity_suite_reports_a_broken_kernel(tmp_path, monkeypatch):
         assert not validate_record(record)
     untouched = [r for r in records if r["variant"] == "reference+bf16+sdpa"]
     assert untouched and all(r["status"] == "ok" for r in untouched)
+
+
+def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
+    """A token tiling that skips rows must come out as parity_failed, never as the best launch."""
+    from benchmarks.__main__ import main
+    from kernels import _launch
+
+    real = _launch.token_tiling
+
+    def tiling(B, T, device, direction):
+        rows, tiles = real(B, T, device, direction)
+        if _launch._overrides.get(f"{direction}_programs_per_slot") == 1:
+            return max(rows - 1, 1), tiles  # the last rows of each sample are never written
+        return rows, tiles
+
+    monkeypatch.setattr(_launch, "token_tiling", tiling)
+    status = main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert status == 1
+    assert len(records) == 12
+    for record in records:
+        assert not validate_record(record), record
+        broken = record["extra"]["programs_per_slot"] == 1
+        assert record["status"] == ("parity_failed" if broken else "ok"), record
+        assert record["extra"]["best"] == (not broken), record
 
 
 def test_validate_record_catches_gaps():
