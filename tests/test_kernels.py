@@ -226,11 +226,12 @@ def test_kernel_matches_reference(op, case, B, T, D):
 @pytest.mark.parametrize("per_slot", [1, 3, 64])
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_launch_overrides_keep_results(op, per_slot):
+    defaults = _launch.block_config(1152, "bwd"), _launch.token_tiling(2, 13, DEVICE, "fwd")
     with _launch.launch_overrides(fwd_num_warps=4, bwd_num_warps=2, fwd_programs_per_slot=per_slot,
                                   bwd_programs_per_slot=per_slot):
         assert _launch.block_config(1152, "bwd") == (2048, 2)
         check_against_reference(op, make_inputs(op, 2, 13, 97, DTYPE_CASES[0].values[0]), DTYPE_CASES[0].values[0])
-    assert _launch.block_config(1152, "bwd") == (2048, 16)  # defaults are back
+    assert (_launch.block_config(1152, "bwd"), _launch.token_tiling(2, 13, DEVICE, "fwd")) == defaults  # restored
 
 
 @pytest.mark.parametrize("overrides,message", [
