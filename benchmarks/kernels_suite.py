@@ -63,6 +63,8 @@ OPS = tuple(OP_ARGS)
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 VARIANTS = ("reference", "reference+compile", "ours")
 BWD_CUDA_REPS = 30  # timed backward passes on CUDA (each after its own forward)
+L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench uses
+DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as the other suites
 
 
 def make_inputs(op: str, B: int, T: int, D: int, dtype: torch.dtype, device: str | torch.device,
@@ -143,9 +145,14 @@ def _time_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torch
     A graph cannot simply be kept and run backward again: torch.compile's backward frees the
     buffers it saved (donated buffers), so every repetition needs its own forward, as in training.
     """
+    # As do_bench does between repetitions: overwrite the L2 cache, here between forward and backward,
+    # so the backward does not find the forward's last writes there.
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+
     def once() -> float:
         outs = _as_tuple(fn(*args))
-        if device.type == "cuda":
+        if flush is not None:
+            flush.zero_()
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
             torch.autograd.grad(outs, args, grads_out)
@@ -216,7 +223,7 @@ def run(device: str, size: str) -> list[dict]:
         "commit": _git_commit(),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "size": size,
-        "dtype": str(cfg.dtype).removeprefix("torch."),
+        "dtype": DTYPE_NAMES[cfg.dtype],
         "shapes": {"B": cfg.B, "T": cfg.T, "D": cfg.D},
     }
 

@@ -6,9 +6,13 @@ activation_bytes_per_image: sit_fast.memory.activation_bytes_per_image, the byte
     form (Inductor may save less; the measured figure shows it).
 measured_activation_bytes_per_image (CUDA): one forward + backward (MSE loss, no optimizer) at each
     of size.memory_batches (b1, b2) after a warm-up call; (peak(b2) - peak(b1)) / (b2 - b1) of
-    torch.cuda.max_memory_allocated, so weights and gradients drop out.
+    torch.cuda.max_memory_allocated, so weights and gradients drop out. A compiled variant is
+    measured compiled when the time box has room for its two compilations, else in its eager form
+    (extra.measured_form).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 import torch.nn.functional as F
@@ -25,14 +29,19 @@ def run(ctx: RunContext) -> None:
         kw = ctx.size.model_kwargs
         common = dict(model=ctx.size.model_name, batch_size=b2,
                       shapes={"x": [b2, kw["in_channels"], kw["input_size"], kw["input_size"]], "y": [b2]})
-        needed = expected_cost_s(ctx.size, variant) if ctx.device.type == "cuda" else 0.0
-        if variant.compile is not None:
+        cuda = ctx.device.type == "cuda"
+        needed = expected_cost_s(ctx.size, variant) if cuda else 0.0
+        compiled = variant.compile is not None
+        if compiled:
             needed *= len(ctx.size.memory_batches)  # dynamic=False: one compilation per batch size
+            if not ctx.budget.allows(needed):  # measure the eager form rather than nothing
+                compiled = False
+                needed = expected_cost_s(ctx.size, dataclasses.replace(variant, compile=None)) if cuda else 0.0
         if not ctx.budget.allows(needed):
             ctx.skip(SUITE, NAME, variant, needed, **common)
             continue
         try:
-            measure(ctx, variant, common)
+            measure(ctx, variant, common, compiled)
         except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
             ctx.fail(SUITE, NAME, variant, error, **common)
         finally:
@@ -60,13 +69,17 @@ def forward_backward_peak(ctx: RunContext, model, variant: Variant, B: int) -> i
     return peak_memory(device)
 
 
-def measure(ctx: RunContext, variant: Variant, common: dict) -> None:
+def measure(ctx: RunContext, variant: Variant, common: dict, compiled: bool) -> None:
+    """compiled: measure the variant as compiled (False for a compiled variant: its eager form,
+    when the time box has no room for its compilations; extra.measured_form says which)."""
     model = ctx.models.build(variant, compile=False)
     counted = ctx.models.activation_bytes_per_image(model, variant)
     peak = measured = None
     extra = {"fake_tensor_batches": [2, 4]}
     if ctx.device.type == "cuda":
-        if variant.compile is not None:
+        extra["measured_form"] = ("compiled" if compiled else "eager" if variant.compile is None
+                                  else "eager (its compilations did not fit the time box)")
+        if compiled:
             ctx.models.compile(model, variant)
         b1, b2 = ctx.size.memory_batches
         peak1 = forward_backward_peak(ctx, model, variant, b1)

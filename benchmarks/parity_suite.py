@@ -6,8 +6,8 @@ tolerances are sit_fast.parity.TOLERANCES, the parity tests' own. TF32 is off he
 "fp32" means fp32.
 
 Cases, most important first: ours in its own precision (bf16 autocast; the train and sample
-records quote it), ours in fp32 (the fused kernels alone, where the tolerance is tight), then the
-other non-reference variants in bf16. Train and sample records of the same run copy these
+records quote it), the eager non-reference variants in bf16 (cheap: nothing to compile), ours in
+fp32 (the fused kernels alone, where the tolerance is tight), then the compiled others in bf16. Train and sample records of the same run copy these
 figures (RunContext.parity).
 """
 from __future__ import annotations
@@ -26,15 +26,18 @@ NAME = "forward_backward"
 
 
 def cases(variants: tuple[Variant, ...]) -> list[tuple[Variant, torch.dtype | None]]:
-    """(variant, autocast dtype or None for fp32), fused-kernel variants first."""
+    """(variant, autocast dtype or None for fp32) in the order a time box should cut them last-first:
+    fused-kernel variants in their own precision, then the eager others (no compilation: cheap),
+    then the fused kernels in fp32, then the compiled others."""
     out = []
-    for variant in sorted(variants, key=lambda v: v.fused_kernels is False):
+    for variant in variants:
         if variant.name == "reference":
             continue
-        out.append((variant, variant.autocast_dtype))
-        if variant.fused_kernels is not False and variant.autocast_dtype is not None:
-            out.append((variant, None))  # the kernels in fp32, where the tolerance is tight
-    return out
+        fused = variant.fused_kernels is not False
+        out.append((0 if fused else 1 if variant.compile is None else 3, variant, variant.autocast_dtype))
+        if fused and variant.autocast_dtype is not None:
+            out.append((2, variant, None))  # the kernels in fp32, where the tolerance is tight
+    return [(variant, dtype) for _, variant, dtype in sorted(out, key=lambda case: case[0])]
 
 
 def run(ctx: RunContext) -> None:

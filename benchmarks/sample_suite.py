@@ -6,9 +6,14 @@ over the doubled batch [x, x] with labels [y, null]) and Denoiser, called by the
 samplers (sit_fast.transport.Sampler), under torch.no_grad. Variants:
 
     reference, reference+bf16+sdpa    the forward as it is (autocast for the bf16 one);
-    reference+bf16+sdpa+compile       torch.compile of the guided forward (sample.py --compile);
+    reference+bf16+sdpa+compile       torch.compile of the blocks (regional, as in training);
     ours                              SiT.compile_blocks, fused kernels, and on CUDA the guided forward
                                       replayed from a CUDA graph (sit_fast.sampling.CUDAGraphForward).
+
+The model is frozen (requires_grad False) as sample.py freezes it. peak_memory_bytes is
+torch.cuda.max_memory_allocated over the timed runs; for a CUDA-graph variant also over the run that
+captured the graph at that batch, since after capture the graph's activations live in its private
+pool, which a replay never allocates from again.
 
 Extrapolation, to fit the time box: each timed run is the real sampler with `steps_timed` model
 calls (ODE euler num_steps=k: k calls; SDE Euler num_steps=k: k - 1 stochastic steps and the last
@@ -61,7 +66,7 @@ def build_forwards(models: ModelFactory, variant: Variant):
     """sample.py's model and guided denoiser for this variant: (model, Denoiser)."""
     from sit_fast.sampling import CUDAGraphForward, Denoiser, ModelForwards
 
-    model = models.build(variant, compile=variant.compile == "blocks").eval()
+    model = models.build(variant, compile=variant.compile == "blocks").eval().requires_grad_(False)
     forwards = ModelForwards(model, cfg_scale=CFG_SCALE, autocast_dtype=variant.autocast_dtype)
     # ModelForwards(compile=True) / (cuda_graphs=True) wrap the guided forward in this order; done here
     # so that the compile backend follows --compile-backend (the CPU dry run traces without codegen).
@@ -88,6 +93,8 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
         return
     config = ctx.models.variant_config(variant, sampling=True)
     parity, parity_source = ctx.linked_parity(variant, SUITE_FIELDS[SUITE] & LINKED_PARITY)
+    graphs = bool(config["cuda_graphs"])
+    capture_peak: dict[int, int] = {}  # batch -> peak of the run that captured its CUDA graph
     for batch_index, B in enumerate(size.sample_batches):
         z = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], device=device)
         y = torch.randint(0, kw["num_classes"], (B,), device=device)
@@ -114,13 +121,18 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
 
             failed = False
             try:
+                reset_peak_memory(device)
                 start = time.perf_counter()
                 sample()  # compiles / captures where the variant does
                 synchronize(device)
                 first_run_s = time.perf_counter() - start
+                if graphs and B not in capture_peak:
+                    capture_peak[B] = peak_memory(device)
                 reset_peak_memory(device)
                 timed = time_fn(sample, device, warmup=0, iters=size.sample_iters)
                 peak = peak_memory(device)
+                if graphs and peak is not None:
+                    peak = max(peak, capture_peak[B])
             except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
                 ctx.fail(SUITE, name, variant, error, model=size.model_name, shapes=shapes, batch_size=B,
                          steps_timed=calls_timed, variant_config=config)

@@ -45,7 +45,7 @@ def run(ctx) -> None:
     cuda = device.type == "cuda"
     block_d, _ = _launch.block_config(cfg.D)
     shapes = {"B": cfg.B, "T": cfg.T, "D": cfg.D}
-    dtype_name = str(cfg.dtype).removeprefix("torch.")
+    dtype_name = ks.DTYPE_NAMES[cfg.dtype]
     for op in ks.OPS:
         ours, ref = getattr(kernels, op), getattr(reference, op)
         for direction in ("fwd", "bwd"):
@@ -91,8 +91,7 @@ def run(ctx) -> None:
                         else:
                             timing = ks._time_cpu(step, CPU_REPS)
                 except Exception as failure:  # noqa: BLE001 -- a configuration that fails is an answer
-                    measured[(w, p)] = ctx.record(SUITE, name, variant, status="error",
-                                                  note=ks._failure_row(failure)["note"], **common)
+                    measured[(w, p)] = ctx.record(SUITE, name, variant, **ks._failure_row(failure), **common)
                     return
                 median, p20, p80 = timing
                 gbps = bytes_moved / (median * 1e-3) / 1e9
