@@ -49,7 +49,7 @@ def run(ctx) -> None:
     for op in ks.OPS:
         ours, ref = getattr(kernels, op), getattr(reference, op)
         for direction in ("fwd", "bwd"):
-            default = (_launch.block_config(cfg.D, direction)[1], _launch.PROGRAMS_PER_SLOT[direction])
+            default = _launch.launch_params(cfg.D, direction)  # SIT_FAST_KERNEL_LAUNCH included
             warps = warp_choices(block_d) if cuda else [default[0]]
             tilings = list(PROGRAMS_PER_SLOT) if cuda else [default[1], 1]
             args = ks.make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, device, requires_grad=direction == "bwd")

@@ -53,7 +53,42 @@ _patch_old_interpreter()
 # per-tile output, so many short tiles; the backward ones write one fp32 partial row per tile.
 PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 8}
 OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot")
-_overrides: dict[str, int] = {}
+LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
+
+
+def _checked_overrides(source: str, overrides: dict) -> dict[str, int]:
+    """The overrides that are set (None dropped), each validated; ValueError naming `source` otherwise."""
+    checked = {}
+    for key, value in overrides.items():
+        if key not in OVERRIDE_KEYS:
+            raise ValueError(f"{source}: unknown key {key!r}, expected one of {', '.join(OVERRIDE_KEYS)}")
+        if value is None:
+            continue
+        if key.endswith("num_warps") and value not in (1, 2, 4, 8, 16, 32):
+            raise ValueError(f"{source}: {key} must be a power of two from 1 to 32, got {value!r}")
+        if key.endswith("programs_per_slot") and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{source}: {key} must be an integer >= 1, got {value!r}")
+        checked[key] = value
+    return checked
+
+
+def _overrides_from_env() -> dict[str, int]:
+    """SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8,bwd_programs_per_slot=4": launch parameters for every
+    call (from `python -m benchmarks tuning` on one's own GPU); empty or unset: the defaults."""
+    text = os.environ.get(LAUNCH_ENV, "").strip()
+    if not text:
+        return {}
+    overrides = {}
+    for item in text.split(","):
+        key, sep, value = item.partition("=")
+        if not sep or not value.strip().isdigit():
+            raise ValueError(f"{LAUNCH_ENV}={text!r}: expected KEY=INTEGER[,KEY=INTEGER...], e.g. "
+                             f"fwd_num_warps=8,bwd_programs_per_slot=4; keys: {', '.join(OVERRIDE_KEYS)}")
+        overrides[key.strip()] = int(value)
+    return _checked_overrides(f"{LAUNCH_ENV}={text!r}", overrides)
+
+
+_overrides: dict[str, int] = _overrides_from_env()
 
 
 @contextlib.contextmanager
@@ -61,25 +96,22 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
     """Launch with other num_warps / programs per SM while the context is active (kernel tuning).
 
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
-    bwd_programs_per_slot (>= 1); None keeps the default. Results do not depend on them beyond
-    float32 summation order.
+    bwd_programs_per_slot (>= 1); None keeps the current value. Results do not depend on them
+    beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets them for a whole process.
     """
     global _overrides
-    for key, value in overrides.items():
-        if key not in OVERRIDE_KEYS:
-            raise ValueError(f"launch_overrides: unknown key {key!r}, expected one of {OVERRIDE_KEYS}")
-        if value is None:
-            continue
-        if key.endswith("num_warps") and (value not in (1, 2, 4, 8, 16, 32)):
-            raise ValueError(f"launch_overrides: {key} must be a power of two from 1 to 32, got {value}")
-        if key.endswith("programs_per_slot") and (not isinstance(value, int) or value < 1):
-            raise ValueError(f"launch_overrides: {key} must be an integer >= 1, got {value!r}")
+    checked = _checked_overrides("launch_overrides", overrides)
     previous = _overrides
-    _overrides = {**previous, **{k: v for k, v in overrides.items() if v is not None}}
+    _overrides = {**previous, **checked}
     try:
         yield
     finally:
         _overrides = previous
+
+
+def launch_params(D: int, direction: str) -> tuple[int, int]:
+    """(num_warps, programs per SM) a launch of row size D uses now, in direction "fwd" or "bwd"."""
+    return block_config(D, direction)[1], _overrides.get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
 
 
 # Test-only: when True, every buffer a launcher allocates for a kernel to write is filled with NaN

@@ -400,6 +400,18 @@ def test_kernel_cpu_without_interpreter_raises_clear_error():
     assert "fused_kernels=False" in result.stdout, result.stdout
 
 
+def test_kernel_launch_environment_variable():
+    code = "from kernels import _launch; print(_launch.launch_params(1152, 'fwd'), _launch.launch_params(1152, 'bwd'))"
+    result = _run_python(code, SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8, bwd_programs_per_slot=4")
+    assert result.returncode == 0, result.stderr
+    fwd_tiles, bwd_warps = _launch.PROGRAMS_PER_SLOT["fwd"], _launch.block_config(1152, "bwd")[1]
+    assert result.stdout.split("\n")[0] == f"(8, {fwd_tiles}) ({bwd_warps}, 4)", result.stdout
+    for bad, message in (("fwd_num_warps=3", "power of two"), ("warps=8", "unknown key 'warps'"),
+                         ("fwd_num_warps", "expected KEY=INTEGER")):
+        result = _run_python("import kernels", SIT_FAST_KERNEL_LAUNCH=bad)
+        assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1], result.stderr
+
+
 def test_kernel_package_imports_without_triton():
     code = (
         "import sys\n"
