@@ -57,8 +57,7 @@ def run(ctx) -> None:
             if direction == "bwd":
                 with torch.no_grad():
                     grads_out = [torch.randn_like(o) for o in ks._as_tuple(ref(*args))]
-            step_kind = "fwd" if direction == "fwd" else "bwd"
-            expected = ks._make_step(ref, args, step_kind, grads_out)()
+            expected = ks._make_step(ref, args, direction, grads_out)()
             bytes_moved = ks.minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
             measured: dict[tuple[int, int], dict] = {}
             limit = [None]  # the parity limit, set once the default configuration has run
@@ -78,7 +77,7 @@ def run(ctx) -> None:
                 overrides = {f"{direction}_num_warps": w, f"{direction}_programs_per_slot": p}
                 try:
                     with _launch.launch_overrides(**overrides):
-                        step = ks._make_step(ours, args, step_kind, grads_out)
+                        step = ks._make_step(ours, args, direction, grads_out)
                         with _launch.poison_outputs():  # an element a launch leaves unwritten reads NaN
                             error = ks._max_abs_err(step(), expected)
                         if direction == "bwd":
