@@ -52,7 +52,8 @@ _patch_old_interpreter()
 # Programs per streaming multiprocessor that token_tiling aims for: the forward kernels have no
 # per-tile output, so many short tiles; the backward ones write one fp32 partial row per tile.
 PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 8}
-OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot")
+OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot",
+                 "fwd_prefetch", "bwd_prefetch")
 LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
 
 
@@ -68,12 +69,14 @@ def _checked_overrides(source: str, overrides: dict) -> dict[str, int]:
             raise ValueError(f"{source}: {key} must be a power of two from 1 to 32, got {value!r}")
         if key.endswith("programs_per_slot") and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{source}: {key} must be an integer >= 1, got {value!r}")
+        if key.endswith("prefetch") and value not in (0, 1):
+            raise ValueError(f"{source}: {key} must be 0 or 1, got {value!r}")
         checked[key] = value
     return checked
 
 
 def _overrides_from_env() -> dict[str, int]:
-    """SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8,bwd_programs_per_slot=4": launch parameters for every
+    """SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8,bwd_prefetch=1": launch parameters for every
     call (from `python -m benchmarks tuning` on one's own GPU); empty or unset: the defaults."""
     text = os.environ.get(LAUNCH_ENV, "").strip()
     if not text:
@@ -96,7 +99,8 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
     """Launch with other num_warps / programs per SM while the context is active (kernel tuning).
 
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
-    bwd_programs_per_slot (>= 1); None keeps the current value. Results do not depend on them
+    bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
+    reduced); None keeps the current value. Results do not depend on them
     beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets them for a whole process.
     """
     global _overrides
@@ -109,9 +113,15 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
         _overrides = previous
 
 
-def launch_params(D: int, direction: str) -> tuple[int, int]:
-    """(num_warps, programs per SM) a launch of row size D uses now, in direction "fwd" or "bwd"."""
-    return block_config(D, direction)[1], _overrides.get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
+def launch_params(D: int, direction: str) -> tuple[int, int, int]:
+    """(num_warps, programs per SM, prefetch) a launch of row size D uses now ("fwd" or "bwd")."""
+    per_slot = _overrides.get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
+    return block_config(D, direction)[1], per_slot, prefetch(direction)
+
+
+def prefetch(direction: str) -> bool:
+    """Whether the kernels load row t + 1 before reducing row t (default off; `launch_overrides`)."""
+    return bool(_overrides.get(f"{direction}_prefetch", 0))
 
 
 # Test-only: when True, every buffer a launcher allocates for a kernel to write is filled with NaN
@@ -206,11 +216,12 @@ def check_runnable(op: str, device: torch.device, kernel: object) -> None:
 def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     """(BLOCK_D, num_warps): one whole row per block, masked up to the next power of two.
 
-    About four row elements per thread (2 to 32 warps). Checked with ptxas for sm_90 on contiguous
-    rows: at BLOCK_D = 2048 (D = 1152) the fused backward needs 82 registers with 16 warps but 128
-    with 8 and 225 with 4, and nothing spills up to BLOCK_D = 4096; BLOCK_D = 8192 and 16384 (32 warps,
-    8 and 16 elements per thread) spill a little in the backward kernels. `launch_overrides` (the
-    kernel tuning benchmark) replaces num_warps per direction ("fwd" or "bwd").
+    About four row elements per thread (2 to 32 warps). Checked with ptxas for sm_90, compiled as
+    launched (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused
+    backward needs 64 registers with 16 warps, 96 with 8, 168 with 4 (103, 165, 240 with prefetch),
+    spilling only at 2 warps; BLOCK_D = 8192 and 16384 (32 warps, 8 and 16 elements per thread) spill
+    a little in the backward kernels. `launch_overrides` (the kernel tuning benchmark) replaces
+    num_warps per direction ("fwd" or "bwd").
     """
     block_d = next_power_of_2(D)
     num_warps = _overrides.get(f"{direction}_num_warps") or min(max(block_d // 128, 2), 32)

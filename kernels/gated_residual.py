@@ -26,9 +26,11 @@ def _gated_residual_fwd_kernel(
     stride_gate_b, stride_gate_d,
     stride_y_b, stride_y_t, stride_y_d,
     T, D, rows_per_program, n_tiles,
+    PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
+    # PREFETCH: issue the loads of row t + 1 before row t is stored (twice the loads in flight).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
@@ -37,9 +39,20 @@ def _gated_residual_fwd_kernel(
     mask = cols < D
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
+    x_row = x_ptr + b * stride_x_b + cols * stride_x_d
+    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
+    if PREFETCH:
+        x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
+        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
     for t in range(t_start, t_end):
-        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+            more = t + 1 < t_end
+            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=mask & more, other=0.0)
+            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+        else:
+            x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
         out = x + gate * y
         tl.store(out_ptr + b * stride_out_b + t * stride_out_t + cols * stride_out_d,
                  out.to(out_ptr.dtype.element_ty), mask=mask)
@@ -64,6 +77,7 @@ def _gated_residual_bwd_kernel(
     stride_gate_b, stride_gate_d,
     stride_y_b, stride_y_t, stride_y_d,
     T, D, rows_per_program, n_tiles,
+    PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -76,10 +90,20 @@ def _gated_residual_bwd_kernel(
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     dgate_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    dout_row = dout_ptr + b * stride_dout_b + cols * stride_dout_d
+    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
+    if PREFETCH:  # row t + 1's loads go out before row t is stored
+        dout_next = tl.load(dout_row + t_start * stride_dout_t, mask=mask, other=0.0)
+        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
     for t in range(t_start, t_end):
-        dout = tl.load(dout_ptr + b * stride_dout_b + t * stride_dout_t + cols * stride_dout_d,
-                       mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            dout, y = dout_next.to(tl.float32), y_next.to(tl.float32)
+            more = t + 1 < t_end
+            dout_next = tl.load(dout_row + (t + 1) * stride_dout_t, mask=mask & more, other=0.0)
+            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+        else:
+            dout = tl.load(dout_row + t * stride_dout_t, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
         dgate_acc += dout * y
         dy = dout * gate
         tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
@@ -113,7 +137,7 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
         out, x, gate, y,
         *out.stride(), *x.stride(), *gate.stride(), *y.stride(),
         T, D, rows_per_program, n_tiles,
-        BLOCK_D=block_d, num_warps=num_warps,
+        PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
     )
     return out
 
@@ -133,7 +157,7 @@ def gated_residual_backward(
             dy, dgate_partial, grad_out, gate, y,
             *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y.stride(),
             T, D, rows_per_program, n_tiles,
-            BLOCK_D=block_d, num_warps=num_warps,
+            PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
         )
     dgate = dgate_partial.sum(dim=1).to(gate.dtype)
     return dgate, dy

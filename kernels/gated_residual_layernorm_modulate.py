@@ -52,9 +52,11 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     stride_scale_b, stride_scale_d,
     T, D, rows_per_program, n_tiles, eps,
     STORE_X_HAT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
+    # PREFETCH: issue the loads of row t + 1 before the reductions of row t (twice the loads in flight).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
@@ -67,9 +69,20 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
     one_plus_scale = 1.0 + scale
 
+    x_row = x_ptr + b * stride_x_b + cols * stride_x_d
+    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
+    if PREFETCH:
+        x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
+        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
     for t in range(t_start, t_end):
-        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+            more = t + 1 < t_end
+            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=mask & more, other=0.0)
+            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+        else:
+            x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
         # x_out is normalised as stored (rounded to x's dtype), so backward's x_hat matches these stats.
         x_out = (x + gate * y).to(x_out_ptr.dtype.element_ty)
         tl.store(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d, x_out, mask=mask)
@@ -125,6 +138,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     stride_stat_b, stride_stat_t,
     T, D, rows_per_program, n_tiles,
     HAS_DX_OUT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -142,13 +156,34 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
+    dh_row = dh_ptr + b * stride_dh_b + cols * stride_dh_d
+    x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
+    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
+    dx_out_row = dx_out_ptr + b * stride_dx_out_b + cols * stride_dx_out_d
+    rstd_row = rstd_ptr + b * stride_stat_b
+    if PREFETCH:  # row t + 1's loads go out before row t's reductions
+        dh_next = tl.load(dh_row + t_start * stride_dh_t, mask=mask, other=0.0)
+        x_hat_next = tl.load(x_hat_row + t_start * stride_x_hat_t, mask=mask, other=0.0)
+        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
+        rstd_next = tl.load(rstd_row + t_start * stride_stat_t)
+        if HAS_DX_OUT:
+            dx_out_next = tl.load(dx_out_row + t_start * stride_dx_out_t, mask=mask, other=0.0)
     for t in range(t_start, t_end):
-        dh = tl.load(dh_ptr + b * stride_dh_b + t * stride_dh_t + cols * stride_dh_d,
-                     mask=mask, other=0.0).to(tl.float32)
-        x_hat = tl.load(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
-                        mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + b * stride_stat_b + t * stride_stat_t)
+        if PREFETCH:
+            dh, x_hat, y, rstd = dh_next.to(tl.float32), x_hat_next.to(tl.float32), y_next.to(tl.float32), rstd_next
+            more = t + 1 < t_end
+            dh_next = tl.load(dh_row + (t + 1) * stride_dh_t, mask=mask & more, other=0.0)
+            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=mask & more, other=0.0)
+            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+            rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
+            if HAS_DX_OUT:
+                dx_out = dx_out_next.to(tl.float32)
+                dx_out_next = tl.load(dx_out_row + (t + 1) * stride_dx_out_t, mask=mask & more, other=0.0)
+        else:
+            dh = tl.load(dh_row + t * stride_dh_t, mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_row + t * stride_stat_t)
         dshift_acc += dh
         dscale_acc += dh * x_hat
         g = dh * one_plus_scale
@@ -156,8 +191,9 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         mean_g_xhat = tl.sum(g * x_hat, axis=0) / D
         d_res = rstd * (g - mean_g - x_hat * mean_g_xhat)
         if HAS_DX_OUT:
-            d_res += tl.load(dx_out_ptr + b * stride_dx_out_b + t * stride_dx_out_t + cols * stride_dx_out_d,
-                             mask=mask, other=0.0).to(tl.float32)
+            if not PREFETCH:
+                dx_out = tl.load(dx_out_row + t * stride_dx_out_t, mask=mask, other=0.0).to(tl.float32)
+            d_res += dx_out
         dgate_acc += d_res * y
         tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
                  d_res.to(dx_ptr.dtype.element_ty), mask=mask)
@@ -225,7 +261,7 @@ def gated_residual_layernorm_modulate_forward(
         *x_out.stride(), *h.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *gate.stride(), *y.stride(),
         *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
-        STORE_X_HAT=save_x_hat, BLOCK_D=block_d, num_warps=num_warps,
+        STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
     )
     return x_out, h, x_hat, rstd
 
@@ -260,7 +296,7 @@ def gated_residual_layernorm_modulate_backward(
             *dx.stride(), *dy.stride(), *dgate_partial.stride(), *dx_out_arg.stride(), *grad_h.stride(),
             *x_hat.stride(), *y.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
             T, D, rows_per_program, n_tiles,
-            HAS_DX_OUT=has_dx_out, BLOCK_D=block_d, num_warps=num_warps,
+            HAS_DX_OUT=has_dx_out, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
         )
     dgate = dgate_partial.sum(dim=1).to(gate.dtype)
     dshift = dshift_partial.sum(dim=1).to(shift_dtype)

@@ -36,9 +36,11 @@ def _layernorm_modulate_fwd_kernel(
     stride_scale_b, stride_scale_d,
     T, D, rows_per_program, n_tiles, eps,
     STORE_X_HAT: tl.constexpr,
+    PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
+    # PREFETCH: issue the loads of row t + 1 before the reductions of row t (twice the loads in flight).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
@@ -50,8 +52,15 @@ def _layernorm_modulate_fwd_kernel(
     scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
     one_plus_scale = 1.0 + scale
 
+    x_row = x_ptr + b * stride_x_b + cols * stride_x_d
+    if PREFETCH:
+        x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
     for t in range(t_start, t_end):
-        x = tl.load(x_ptr + b * stride_x_b + t * stride_x_t + cols * stride_x_d, mask=mask, other=0.0).to(tl.float32)
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=mask & (t + 1 < t_end), other=0.0)
+        else:
+            x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
         mean = tl.sum(x, axis=0) / D
         centred = tl.where(mask, x - mean, 0.0)
         var = tl.sum(centred * centred, axis=0) / D
@@ -89,6 +98,7 @@ def _layernorm_modulate_bwd_kernel(
     stride_scale_b, stride_scale_d,
     stride_stat_b, stride_stat_t,
     T, D, rows_per_program, n_tiles,
+    PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
@@ -104,12 +114,24 @@ def _layernorm_modulate_bwd_kernel(
     dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
+    dy_row = dy_ptr + b * stride_dy_b + cols * stride_dy_d
+    x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
+    rstd_row = rstd_ptr + b * stride_stat_b
+    if PREFETCH:  # row t + 1's loads go out before row t's reductions
+        dy_next = tl.load(dy_row + t_start * stride_dy_t, mask=mask, other=0.0)
+        x_hat_next = tl.load(x_hat_row + t_start * stride_x_hat_t, mask=mask, other=0.0)
+        rstd_next = tl.load(rstd_row + t_start * stride_stat_t)
     for t in range(t_start, t_end):
-        dy = tl.load(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
-                     mask=mask, other=0.0).to(tl.float32)
-        x_hat = tl.load(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
-                        mask=mask, other=0.0).to(tl.float32)
-        rstd = tl.load(rstd_ptr + b * stride_stat_b + t * stride_stat_t)
+        if PREFETCH:
+            dy, x_hat, rstd = dy_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
+            more = t + 1 < t_end
+            dy_next = tl.load(dy_row + (t + 1) * stride_dy_t, mask=mask & more, other=0.0)
+            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=mask & more, other=0.0)
+            rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
+        else:
+            dy = tl.load(dy_row + t * stride_dy_t, mask=mask, other=0.0).to(tl.float32)
+            x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
+            rstd = tl.load(rstd_row + t * stride_stat_t)
         dshift_acc += dy
         dscale_acc += dy * x_hat
         g = dy * one_plus_scale
@@ -160,7 +182,7 @@ def layernorm_modulate_forward(
         y, x_hat, rstd, x, shift, scale,
         *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
-        STORE_X_HAT=save_x_hat, BLOCK_D=block_d, num_warps=num_warps,
+        STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
     )
     return y, x_hat, rstd
 
@@ -187,7 +209,7 @@ def layernorm_modulate_backward(
             *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x_hat.stride(), *scale.stride(),
             *rstd.stride(),
             T, D, rows_per_program, n_tiles,
-            BLOCK_D=block_d, num_warps=num_warps,
+            PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
         )
     dshift = dshift_partial.sum(dim=1).to(shift_dtype)
     dscale = dscale_partial.sum(dim=1).to(scale.dtype)

@@ -112,13 +112,14 @@ def test_every_suite_measures_every_variant(dry_run):
     kernels = [r for r in records if r["suite"] == "kernels"]
     assert kernels and {"ours", "reference"} <= {r["variant"] for r in kernels}
     assert {r["name"].split(".")[1] for r in kernels} == {"fwd", "bwd", "fwd_bwd"}
-    # tuning: per op and direction, the default launch and one other, exactly one marked best
+    # tuning: per op and direction, the default launch, another tiling, the other prefetch; one best
     tuning = [r for r in records if r["suite"] == "tuning"]
     groups = {r["name"] for r in tuning}
     assert len(groups) == 6
     for name in groups:
         group = [r for r in tuning if r["name"] == name]
-        assert len(group) == 2 and sum(r["extra"]["default"] for r in group) == 1, group
+        assert len(group) == 3 and sum(r["extra"]["default"] for r in group) == 1, group
+        assert {r["extra"]["prefetch"] for r in group} == {0, 1}, group
         assert sum(r["extra"]["best"] for r in group) == 1, group
 
 
@@ -182,12 +183,14 @@ def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
     status = main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert status == 1
-    assert len(records) == 12
+    assert len(records) == 18
     for record in records:
         assert not validate_record(record), record
         broken = record["extra"]["programs_per_slot"] == 1
         assert record["status"] == ("parity_failed" if broken else "ok"), record
-        assert record["extra"]["best"] == (not broken), record
+        assert not (broken and record["extra"]["best"]), record
+    for name in {r["name"] for r in records}:
+        assert sum(r["extra"]["best"] for r in records if r["name"] == name) == 1, name
 
 
 def test_validate_record_catches_gaps():

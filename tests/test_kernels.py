@@ -221,22 +221,45 @@ def test_kernel_matches_reference(op, case, B, T, D):
     check_against_reference(op, make_inputs(op, B, T, D, case), case)
 
 
-# The tuning benchmark launches with other warps and token tiles; every tiling must give the same
-# results (on the CPU num_warps is ignored, the tiles are not: 1 to 13 rows per program here).
+# The tuning benchmark launches with other warps, token tiles and prefetch; every launch must give
+# the same results (on the CPU num_warps is ignored, the tiles are not: 1 to 13 rows per program
+# here, so prefetch meets tiles of one row, of several, and a short last tile).
+@pytest.mark.parametrize("prefetch", [0, 1])
 @pytest.mark.parametrize("per_slot", [1, 3, 64])
 @pytest.mark.parametrize("op", OPS)
-def test_kernel_launch_overrides_keep_results(op, per_slot):
+def test_kernel_launch_overrides_keep_results(op, per_slot, prefetch):
     defaults = _launch.block_config(1152, "bwd"), _launch.token_tiling(2, 13, DEVICE, "fwd")
     with _launch.launch_overrides(fwd_num_warps=4, bwd_num_warps=2, fwd_programs_per_slot=per_slot,
-                                  bwd_programs_per_slot=per_slot):
+                                  bwd_programs_per_slot=per_slot, fwd_prefetch=prefetch, bwd_prefetch=prefetch):
         assert _launch.block_config(1152, "bwd") == (2048, 2)
         check_against_reference(op, make_inputs(op, 2, 13, 97, DTYPE_CASES[0].values[0]), DTYPE_CASES[0].values[0])
     assert (_launch.block_config(1152, "bwd"), _launch.token_tiling(2, 13, DEVICE, "fwd")) == defaults  # restored
 
 
+@pytest.mark.parametrize("only_h", [False, True])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_prefetch_is_bitwise_identical(op, only_h):
+    """Prefetching the next row changes when loads are issued, not the arithmetic: same bits."""
+    if only_h and op != "gated_residual_layernorm_modulate":
+        pytest.skip("only the fused op has a second output")
+    inputs = make_inputs(op, 2, 13, 97, DTYPE_CASES[1].values[0])
+    results = []
+    for prefetch in (0, 1):
+        with _launch.launch_overrides(fwd_prefetch=prefetch, bwd_prefetch=prefetch, fwd_programs_per_slot=3,
+                                      bwd_programs_per_slot=3):
+            leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+            outs = run_ours(op, leaves)
+            used = outs[-1:] if only_h else outs  # only h: the backward runs without x_out's gradient
+            torch.manual_seed(0)
+            grads = torch.autograd.grad(used, list(leaves.values()), [torch.randn_like(o) for o in used])
+            results.append([o.detach() for o in outs] + list(grads))
+    for plain, fetched in zip(*results):
+        assert torch.equal(plain, fetched)
+
+
 @pytest.mark.parametrize("overrides,message", [
     ({"num_warps": 4}, "unknown key"), ({"fwd_num_warps": 3}, "power of two"),
-    ({"bwd_programs_per_slot": 0}, ">= 1"),
+    ({"bwd_programs_per_slot": 0}, ">= 1"), ({"fwd_prefetch": 2}, "0 or 1"),
 ])
 def test_kernel_launch_overrides_reject_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -402,11 +425,12 @@ def test_kernel_cpu_without_interpreter_raises_clear_error():
 
 def test_kernel_launch_environment_variable():
     code = "from kernels import _launch; print(_launch.launch_params(1152, 'fwd'), _launch.launch_params(1152, 'bwd'))"
-    result = _run_python(code, SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8, bwd_programs_per_slot=4")
+    result = _run_python(code, SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8, bwd_programs_per_slot=4,bwd_prefetch=1")
     assert result.returncode == 0, result.stderr
     fwd_tiles, bwd_warps = _launch.PROGRAMS_PER_SLOT["fwd"], _launch.block_config(1152, "bwd")[1]
-    assert result.stdout.split("\n")[0] == f"(8, {fwd_tiles}) ({bwd_warps}, 4)", result.stdout
+    assert result.stdout.split("\n")[0] == f"(8, {fwd_tiles}, False) ({bwd_warps}, 4, True)", result.stdout
     for bad, message in (("fwd_num_warps=3", "power of two"), ("warps=8", "unknown key 'warps'"),
+                         ("bwd_prefetch=2", "0 or 1"),
                          ("fwd_num_warps", "expected KEY=INTEGER")):
         result = _run_python("import kernels", SIT_FAST_KERNEL_LAUNCH=bad)
         assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1], result.stderr
@@ -448,9 +472,9 @@ for module_name, kernel_names in KERNELS.items():
     for kernel_name in kernel_names:
         kernel = getattr(module, kernel_name)
         assert isinstance(kernel, triton.runtime.JITFunction), type(kernel)
-        for D in (72, 1152, 8192):
+        for D, prefetch in ((72, 0), (1152, 0), (1152, 1), (8192, 1)):
             block_d, num_warps = _launch.block_config(D)
-            constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True}
+            constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch}
             # contiguous rows: Triton specialises the unit feature strides, as at run time
             constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
             signature = {}
@@ -466,7 +490,7 @@ for module_name, kernel_names in KERNELS.items():
                                            if n in kernel.arg_names})
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
             assert ".entry " + kernel_name in compiled.asm["ptx"] and compiled.asm["cubin"]
-            print("lowered", kernel_name, D)
+            print("lowered", kernel_name, D, prefetch)
 """
 
 
@@ -476,7 +500,7 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
     (sm_90) through the full Triton pipeline to PTX and cubin, which needs no GPU."""
     result = _run_python(_LOWER_FOR_SM90, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("lowered") == 18, result.stdout
+    assert result.stdout.count("lowered") == 24, result.stdout
 
 
 def test_kernels_available_reports_devices():
