@@ -77,9 +77,10 @@ def tune_one(ctx, op: str, direction: str, default: tuple, choices: tuple) -> No
     measured: dict[tuple, dict] = {}
     limit = None  # the parity limit, set once the default launch has run
 
-    def measure(launch: tuple) -> None:
+    def measure(launch: tuple) -> bool:
+        """Measure one launch (once); False when the time box is out (recorded as skipped)."""
         if launch in measured:
-            return
+            return True
         settings = dict(zip(KEYS, launch))
         variant = "ours " + " ".join(f"{k}={v}" for k, v in settings.items())
         extra = {**settings, "default": launch == default, "best": False}
@@ -87,8 +88,9 @@ def tune_one(ctx, op: str, direction: str, default: tuple, choices: tuple) -> No
                       bytes_moved=bytes_moved, extra=extra)
         if not ctx.budget.allows(2.0 if cuda else 1.0):
             measured[launch] = ctx.record(SUITE, name, variant, status="skipped", note=(
-                f"time box: {max(ctx.budget.remaining(), 0):.0f} s left of {ctx.budget.seconds:.0f} s"), **common)
-            return
+                f"time box: {max(ctx.budget.remaining(), 0):.0f} s left of {ctx.budget.seconds:.0f} s; "
+                f"the search of {name} stops here"), **common)
+            return False
         try:
             with _launch.launch_overrides(**{f"{direction}_{k}": v for k, v in settings.items()}):
                 step = ks._make_step(ours, args, direction, grads_out)
@@ -104,7 +106,7 @@ def tune_one(ctx, op: str, direction: str, default: tuple, choices: tuple) -> No
                     timing = ks._time_cpu(step, CPU_REPS)
         except Exception as failure:  # noqa: BLE001 -- a launch that fails is an answer
             measured[launch] = ctx.record(SUITE, name, variant, **ks._failure_row(failure), **common)
-            return
+            return True
         median, p20, p80 = timing
         gbps = bytes_moved / (median * 1e-3) / 1e9
         status, note = "ok", None
@@ -115,18 +117,19 @@ def tune_one(ctx, op: str, direction: str, default: tuple, choices: tuple) -> No
             SUITE, name, variant, median_ms=median, p20_ms=p20, p80_ms=p80, gbps=gbps,
             fraction_of_copy_bw=gbps / ctx.ceilings["copy_gbps"], parity_max_abs_err=error,
             status=status, note=note, **common)
+        return True
 
     def best() -> tuple:
         ok = {k: r for k, r in measured.items() if r["status"] == "ok"}
         return min(ok, key=lambda k: ok[k]["median_ms"]) if ok else default
 
-    measure(default)
+    searching = measure(default)
     if measured[default]["status"] == "ok":
         limit = TOLERANCE_FACTOR * measured[default]["parity_max_abs_err"] + TOLERANCE_FLOOR
     for axis in (0, 1, 2, 0):  # warps, tiling, prefetch, then warps again at the best of the others
         current = best()
         for value in choices[axis]:
-            measure(current[:axis] + (value,) + current[axis + 1:])
+            searching = searching and measure(current[:axis] + (value,) + current[axis + 1:])
 
     chosen = best()
     if measured[chosen]["status"] == "ok":
