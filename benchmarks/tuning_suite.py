@@ -10,11 +10,12 @@ T=256, D=1152, bf16), forward and backward separately, so one GPU run says which
 
 Search, per op and direction, a coordinate search from the default launch: every warp count, then
 every tiling at the best so far, then prefetch on and off, then every warp count again (at D = 1152
-about 17 launches instead of 70). Each launch is checked against the eager reference first, its
-outputs NaN-filled: one whose error exceeds twice the default launch's (plus 1e-5), or is NaN, is
-recorded as `parity_failed` and never chosen. On the CPU (Triton interpreter) only the default, a
-one-program-per-sample tiling and the other prefetch setting run: the dry run proves each path,
-and warps mean nothing there. The best launch prints as SIT_FAST_KERNEL_LAUNCH settings.
+at most 16 launches of the 70 combinations of 5 warp counts, 7 tilings and 2 prefetch settings).
+Each launch is checked against the eager reference first, its outputs NaN-filled: one whose error
+exceeds twice the default launch's (plus 1e-5), or is NaN, is recorded as `parity_failed` and
+never chosen. On the CPU (Triton interpreter) only the default, a one-program-per-sample tiling
+and the other prefetch setting run: the dry run proves each path, and warps mean nothing there.
+The best launch prints as SIT_FAST_KERNEL_LAUNCH settings.
 
     python -m benchmarks tuning --device cuda --out DIR      # alone; `all` runs it last, in the time left
 """

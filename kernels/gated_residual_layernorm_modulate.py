@@ -26,6 +26,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._rows import normalize_modulate, normalize_modulate_vjp
 
 OP = "gated_residual_layernorm_modulate"
 
@@ -87,12 +88,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
         x_out = (x + gate * y).to(x_out_ptr.dtype.element_ty)
         tl.store(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d, x_out, mask=mask)
         x_res = x_out.to(tl.float32)
-        mean = tl.sum(x_res, axis=0) / D
-        centred = tl.where(mask, x_res - mean, 0.0)
-        var = tl.sum(centred * centred, axis=0) / D
-        rstd = tl.rsqrt(var + eps)
-        x_hat = centred * rstd
-        h = x_hat * one_plus_scale + shift
+        x_hat, h, rstd = normalize_modulate(x_res, mask, D, eps, one_plus_scale, shift)
         tl.store(h_ptr + b * stride_h_b + t * stride_h_t + cols * stride_h_d, h.to(h_ptr.dtype.element_ty), mask=mask)
         if STORE_X_HAT:  # only when a backward will follow
             tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
@@ -186,10 +182,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
             rstd = tl.load(rstd_row + t * stride_stat_t)
         dshift_acc += dh
         dscale_acc += dh * x_hat
-        g = dh * one_plus_scale
-        mean_g = tl.sum(g, axis=0) / D
-        mean_g_xhat = tl.sum(g * x_hat, axis=0) / D
-        d_res = rstd * (g - mean_g - x_hat * mean_g_xhat)
+        d_res = normalize_modulate_vjp(dh, x_hat, rstd, one_plus_scale, D)
         if HAS_DX_OUT:
             if not PREFETCH:
                 dx_out = tl.load(dx_out_row + t * stride_dx_out_t, mask=mask, other=0.0).to(tl.float32)

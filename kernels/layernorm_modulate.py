@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._rows import normalize_modulate, normalize_modulate_vjp
 
 OP = "layernorm_modulate"
 
@@ -61,12 +62,7 @@ def _layernorm_modulate_fwd_kernel(
             x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=mask & (t + 1 < t_end), other=0.0)
         else:
             x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
-        mean = tl.sum(x, axis=0) / D
-        centred = tl.where(mask, x - mean, 0.0)
-        var = tl.sum(centred * centred, axis=0) / D
-        rstd = tl.rsqrt(var + eps)
-        x_hat = centred * rstd
-        y = x_hat * one_plus_scale + shift
+        x_hat, y, rstd = normalize_modulate(x, mask, D, eps, one_plus_scale, shift)
         tl.store(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask)
         if STORE_X_HAT:  # only when a backward will follow
             tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
@@ -134,10 +130,7 @@ def _layernorm_modulate_bwd_kernel(
             rstd = tl.load(rstd_row + t * stride_stat_t)
         dshift_acc += dy
         dscale_acc += dy * x_hat
-        g = dy * one_plus_scale
-        mean_g = tl.sum(g, axis=0) / D
-        mean_g_xhat = tl.sum(g * x_hat, axis=0) / D
-        dx = rstd * (g - mean_g - x_hat * mean_g_xhat)
+        dx = normalize_modulate_vjp(dy, x_hat, rstd, one_plus_scale, D)
         tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
 

@@ -1,0 +1,35 @@
+"""Per-row maths shared by the LayerNorm kernels (Triton device functions, inlined where called).
+
+Both take one row in fp32 whose lanes past D are zero (masked loads with other=0.0), `mask` marking
+the D real lanes, and the row's per-sample (1 + scale) in fp32.
+"""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def normalize_modulate(x, mask, D, eps, one_plus_scale, shift):
+    """LayerNorm (no affine, statistics in fp32) then adaLN modulation of one row.
+
+    Returns (x_hat, out, rstd): x_hat = (x - mean) * rstd (zero past D), out = x_hat * (1 + scale)
+    + shift, rstd = 1 / sqrt(var + eps) with the biased variance over the D features.
+    """
+    mean = tl.sum(x, axis=0) / D
+    centred = tl.where(mask, x - mean, 0.0)
+    var = tl.sum(centred * centred, axis=0) / D
+    rstd = tl.rsqrt(var + eps)
+    x_hat = centred * rstd
+    return x_hat, x_hat * one_plus_scale + shift, rstd
+
+
+@triton.jit
+def normalize_modulate_vjp(d_out, x_hat, rstd, one_plus_scale, D):
+    """The gradient reaching the row x from d_out = dL/d(out), through the modulation and the norm:
+
+        g  = d_out * (1 + scale)                                   (the gradient reaching x_hat)
+        dx = rstd * (g - mean(g) - x_hat * mean(g * x_hat))        (means over the D features)
+    """
+    g = d_out * one_plus_scale
+    mean_g = tl.sum(g, axis=0) / D
+    mean_g_xhat = tl.sum(g * x_hat, axis=0) / D
+    return rstd * (g - mean_g - x_hat * mean_g_xhat)
