@@ -16,16 +16,21 @@ import pytest
 from benchmarks.common import CPU_NULL, FIELDS, SUITE_FIELDS, VARIANTS, validate_record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRY_RUN_TIMEOUT_S = 180  # the run itself aims at well under a minute on two cores
+DRY_RUN_TIMEOUT_S = 200  # the suite itself aims at well under a minute on two cores
+SESSION_TESTS = "tests/test_kernels.py::test_kernel_rejects_bad_inputs"  # the session's pytest step, quickly
 VARIANT_NAMES = [v.name for v in VARIANTS]
 
 
 @pytest.fixture(scope="module")
 def dry_run(tmp_path_factory):
+    """benchmarks/gpu_session.sh, the GPU session's one command, with the CPU's tiny sizes: the suite
+    (`python -m benchmarks all --device cpu --size tiny`), then one quick test file's worth of pytest."""
     out = tmp_path_factory.mktemp("bench")
-    command = [sys.executable, "-m", "benchmarks", "all", "--device", "cpu", "--size", "tiny", "--out", str(out)]
-    proc = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=DRY_RUN_TIMEOUT_S,
-                          env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, SESSION_S=str(DRY_RUN_TIMEOUT_S - 20),
+               TEST_MIN_S="40", BENCH_ARGS="all --device cpu --size tiny", BENCH_DEADLINE_S="150",
+               TEST_ARGS=f"{SESSION_TESTS} -p no:cacheprovider")
+    proc = subprocess.run(["bash", os.path.join("benchmarks", "gpu_session.sh")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=DRY_RUN_TIMEOUT_S, env=env)
     document = None
     if (out / "results.json").exists():
         document = json.loads((out / "results.json").read_text())
@@ -49,6 +54,16 @@ def test_dry_run_writes_json_and_markdown(dry_run):
     for suite in ("kernels", "parity", "train", "sample", "memory", "tuning"):
         assert f"## {suite}" in markdown, f"results.md has no {suite} table"
     assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory", "tuning"]
+
+
+def test_session_runs_the_tests_after_the_suite(dry_run):
+    """The session script's second part ran pytest, and its logs and summary line came back."""
+    proc, out, _ = dry_run
+    assert (out / "log").is_file() and (out / "log_tests").is_file(), _tail(proc)
+    suite_log, test_log = (out / "log").read_text(), (out / "log_tests").read_text()
+    assert "== tuning done" in suite_log, suite_log[-2000:]
+    assert " passed" in test_log and "failed" not in test_log, test_log[-2000:]
+    assert "gpu_session: suite exit 0, tests exit 0" in proc.stdout, _tail(proc)
 
 
 def test_environment_and_ceilings_come_first(dry_run):

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# One GPU session in one command: the benchmark suite, then the kernel and fast-path tests run
+# natively (no Triton interpreter), inside SESSION_S seconds in all. A lent GPU comes with 15 minutes
+# of device time, its start-up included, and one command may run 10: so both parts share one
+# command, and whatever is left after it goes to `python3 -m benchmarks tuning` (benchmarks/README.md).
+#
+#   OUT=/some/folder SIT_FAST_GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh
+#
+# Writes $OUT/results.json, $OUT/results.md, $OUT/log (the suite's output) and $OUT/log_tests.
+# Settings (environment; defaults for the GPU):
+#   SESSION_S          seconds for the whole script (570)
+#   BENCH_ARGS         the suite's arguments ("all --device cuda --size full")
+#   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (340)
+#   TEST_ARGS          pytest's arguments ("tests/test_kernels.py tests/test_fast_path.py")
+#   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
+# Exit status: the suite's, or else the tests'; 124 where a part ran out of time.
+set -uo pipefail
+
+: "${OUT:?set OUT to the folder for the results}"
+SESSION_S=${SESSION_S:-570}
+BENCH_ARGS=${BENCH_ARGS:-all --device cuda --size full}
+BENCH_DEADLINE_S=${BENCH_DEADLINE_S:-340}
+TEST_ARGS=${TEST_ARGS:-tests/test_kernels.py tests/test_fast_path.py}
+TEST_MIN_S=${TEST_MIN_S:-100}
+PYTHON=${PYTHON:-python3}
+
+cd "$(dirname "$0")/.."
+mkdir -p "$OUT"
+export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+start=$SECONDS
+
+# The suite stops measuring at its deadline; the timeout also covers start-up, the ceilings and one
+# compilation that runs over its estimate, and leaves the tests their share.
+bench_timeout=$((SESSION_S - TEST_MIN_S))
+echo "gpu_session: suite (deadline ${BENCH_DEADLINE_S} s, killed at ${bench_timeout} s), then tests" | tee "$OUT/log"
+if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used \
+        --format=csv 2>&1 | tee -a "$OUT/log"
+fi
+# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
+timeout -k 10 "$bench_timeout" "$PYTHON" -m benchmarks $BENCH_ARGS --deadline-s "$BENCH_DEADLINE_S" --out "$OUT" \
+    2>&1 | tee -a "$OUT/log"
+bench_status=$?
+
+test_timeout=$((SESSION_S - (SECONDS - start)))
+workers=()
+if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$(nproc)" -ge 4 ]; then
+    # Parallel workers compile the kernels' Triton variants side by side: most of the tests' time.
+    workers=(-n "$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
+fi
+echo "gpu_session: tests (killed at ${test_timeout} s): pytest ${workers[*]} $TEST_ARGS" | tee "$OUT/log_tests"
+# shellcheck disable=SC2086
+timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -q -rfE "${workers[@]}" $TEST_ARGS 2>&1 | tee -a "$OUT/log_tests"
+test_status=$?
+
+echo "gpu_session: suite exit ${bench_status}, tests exit ${test_status}, $((SECONDS - start)) s in all" \
+    | tee -a "$OUT/log_tests"
+if [ "$bench_status" -ne 0 ]; then exit "$bench_status"; fi
+exit "$test_status"
