@@ -258,7 +258,7 @@ class Setup:
         try:
             resolve_fused_kernels(fused_kernels, device)
         except ValueError as err:
-            raise UserError(f"--fused-kernels on: {err}") from None
+            raise UserError(f"--fused-kernels {args.fused_kernels}: {err}") from None
         request = ModelRequest(
             ckpt=ckpt, model=args.model, image_size=args.image_size, num_classes=args.num_classes,
             in_channels=self.codec.latent_channels if self.codec is not None else args.in_channels,

@@ -657,9 +657,10 @@ class RunContext:
         return self._models
 
     def measurement_order(self) -> list[Variant]:
-        """The variants, cheapest to compile first, so that a time box cuts the costliest ones."""
+        """The variants, cheapest to compile first, so that a time box cuts the costliest ones; among
+        equally costly ones `ours` first, so that a time box cuts a reference before the fast path."""
         cost = {None: 0, "blocks": 1, "model": 2}
-        return sorted(self.variants, key=lambda v: cost[v.compile])
+        return sorted(self.variants, key=lambda v: (cost[v.compile], v.name != "ours"))
 
     def record(self, suite: str, name: str, variant: str, **fields) -> dict:
         """A record with every field of the schema: the environment stamp, then `fields`, the rest null."""

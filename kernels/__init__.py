@@ -32,6 +32,7 @@ import os
 import torch
 
 from . import reference
+from ._launch import launch_settings
 
 try:
     import triton  # noqa: F401
@@ -58,6 +59,7 @@ __all__ = [
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "kernels_available",
+    "launch_settings",
     "layernorm_modulate",
     "reference",
     "saved_bytes_per_token",

@@ -5,6 +5,7 @@ BLOCK_D / num_warps / token tiling, the check that a CPU tensor can actually run
 interpreter), and the output allocator with the test-only NaN poisoning switch.
 """
 import contextlib
+import functools
 import math
 import os
 from collections.abc import Iterator
@@ -75,12 +76,9 @@ def _checked_overrides(source: str, overrides: dict) -> dict[str, int]:
     return checked
 
 
-def _overrides_from_env() -> dict[str, int]:
-    """SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8,bwd_prefetch=1": launch parameters for every
-    call (from `python -m benchmarks tuning` on one's own GPU); empty or unset: the defaults."""
-    text = os.environ.get(LAUNCH_ENV, "").strip()
-    if not text:
-        return {}
+@functools.lru_cache(maxsize=8)
+def _parse_launch_env(text: str) -> dict[str, int]:
+    """SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8,bwd_prefetch=1", parsed and validated (ValueError)."""
     overrides = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
@@ -91,7 +89,17 @@ def _overrides_from_env() -> dict[str, int]:
     return _checked_overrides(f"{LAUNCH_ENV}={text!r}", overrides)
 
 
-_overrides: dict[str, int] = _overrides_from_env()
+def launch_settings() -> dict[str, int]:
+    """The launch parameters set now: SIT_FAST_KERNEL_LAUNCH (from `python -m benchmarks tuning` on
+    one's own GPU; read at every launch, so a bad value fails the first launch, not the import),
+    with `launch_overrides` on top. Empty: the defaults. ValueError when the variable is malformed."""
+    text = os.environ.get(LAUNCH_ENV, "").strip()
+    if not text:
+        return _overrides
+    return {**_parse_launch_env(text), **_overrides}
+
+
+_overrides: dict[str, int] = {}  # launch_overrides' settings
 
 
 @contextlib.contextmanager
@@ -115,13 +123,13 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
 
 def launch_params(D: int, direction: str) -> tuple[int, int, int]:
     """(num_warps, programs per SM, prefetch) a launch of row size D uses now ("fwd" or "bwd")."""
-    per_slot = _overrides.get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
+    per_slot = launch_settings().get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
     return block_config(D, direction)[1], per_slot, prefetch(direction)
 
 
 def prefetch(direction: str) -> bool:
     """Whether the kernels load row t + 1 before reducing row t (default off; `launch_overrides`)."""
-    return bool(_overrides.get(f"{direction}_prefetch", 0))
+    return bool(launch_settings().get(f"{direction}_prefetch", 0))
 
 
 # Test-only: when True, every buffer a launcher allocates for a kernel to write is filled with NaN
@@ -224,7 +232,7 @@ def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     num_warps per direction ("fwd" or "bwd").
     """
     block_d = next_power_of_2(D)
-    num_warps = _overrides.get(f"{direction}_num_warps") or min(max(block_d // 128, 2), 32)
+    num_warps = launch_settings().get(f"{direction}_num_warps") or min(max(block_d // 128, 2), 32)
     return block_d, num_warps
 
 
@@ -250,7 +258,7 @@ def token_tiling(B: int, T: int, device: torch.device, direction: str) -> tuple[
     """
     if T == 0:
         return 1, 0
-    per_slot = _overrides.get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
+    per_slot = launch_settings().get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
     target_programs = _program_slots(device) * per_slot
     n_tiles = min(T, max(1, math.ceil(target_programs / max(B, 1))))
     rows_per_program = math.ceil(T / n_tiles)

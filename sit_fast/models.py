@@ -92,15 +92,20 @@ def triton_interpreter_enabled() -> bool:
 
 
 def resolve_fused_kernels(fused_kernels: bool | str, device: torch.device) -> bool:
-    """"auto": on for CUDA, off on the CPU unless the Triton interpreter is enabled."""
+    """"auto": on for CUDA, off on the CPU unless the Triton interpreter is enabled. ValueError when
+    the kernels are on but cannot run there, or SIT_FAST_KERNEL_LAUNCH is malformed."""
     if fused_kernels == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
-    if fused_kernels is True and device.type == "cpu" and not triton_interpreter_enabled():
+        fused = device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+    elif fused_kernels is True and device.type == "cpu" and not triton_interpreter_enabled():
         raise ValueError(
             "fused_kernels=True on the CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before triton is imported, or use fused_kernels=False"
         )
-    return bool(fused_kernels)
+    else:
+        fused = bool(fused_kernels)
+    if fused:
+        kernels.launch_settings()  # raises now rather than at the first launch
+    return fused
 
 
 #################################################################################

@@ -423,17 +423,26 @@ def test_kernel_cpu_without_interpreter_raises_clear_error():
     assert "fused_kernels=False" in result.stdout, result.stdout
 
 
-def test_kernel_launch_environment_variable():
-    code = "from kernels import _launch; print(_launch.launch_params(1152, 'fwd'), _launch.launch_params(1152, 'bwd'))"
-    result = _run_python(code, SIT_FAST_KERNEL_LAUNCH="fwd_num_warps=8, bwd_programs_per_slot=4,bwd_prefetch=1")
-    assert result.returncode == 0, result.stderr
+def test_kernel_launch_environment_variable(monkeypatch):
+    from sit_fast.models import resolve_fused_kernels
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(_launch.LAUNCH_ENV, "fwd_num_warps=8, bwd_programs_per_slot=4,bwd_prefetch=1")
     fwd_tiles, bwd_warps = _launch.PROGRAMS_PER_SLOT["fwd"], _launch.block_config(1152, "bwd")[1]
-    assert result.stdout.split("\n")[0] == f"(8, {fwd_tiles}, False) ({bwd_warps}, 4, True)", result.stdout
+    assert _launch.launch_params(1152, "fwd") == (8, fwd_tiles, False)
+    assert _launch.launch_params(1152, "bwd") == (bwd_warps, 4, True)
+    with _launch.launch_overrides(fwd_num_warps=2):  # the context manager wins over the variable
+        assert _launch.launch_params(1152, "fwd") == (2, fwd_tiles, False)
     for bad, message in (("fwd_num_warps=3", "power of two"), ("warps=8", "unknown key 'warps'"),
-                         ("bwd_prefetch=2", "0 or 1"),
-                         ("fwd_num_warps", "expected KEY=INTEGER")):
-        result = _run_python("import kernels", SIT_FAST_KERNEL_LAUNCH=bad)
-        assert result.returncode != 0 and message in result.stderr.strip().splitlines()[-1], result.stderr
+                         ("bwd_prefetch=2", "0 or 1"), ("fwd_num_warps", "expected KEY=INTEGER")):
+        monkeypatch.setenv(_launch.LAUNCH_ENV, bad)
+        with pytest.raises(ValueError, match=message):
+            _launch.launch_params(1152, "fwd")
+        with pytest.raises(ValueError, match=_launch.LAUNCH_ENV):
+            resolve_fused_kernels(True, device)
+        assert resolve_fused_kernels(False, device) is False  # not read when the kernels are off
+    result = _run_python("import kernels; print('imported')", SIT_FAST_KERNEL_LAUNCH="warps=8")
+    assert result.returncode == 0 and "imported" in result.stdout, result.stderr  # read at launch, not import
 
 
 def test_kernel_package_imports_without_triton():

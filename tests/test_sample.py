@@ -162,6 +162,16 @@ def test_misuse_is_a_one_line_error(files, tmp_path, capsys, argv, needle):
     assert err.startswith("error:") and needle in err, err
 
 
+def test_bad_kernel_launch_variable_is_one_line(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "bwd_prefetch=2")
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "g.png", *FAST,
+             "--fused-kernels", "auto"])
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert err.startswith("error: --fused-kernels auto: SIT_FAST_KERNEL_LAUNCH") and "0 or 1" in err, err
+
+
 @pytest.mark.parametrize("flag", ["--cfg-scal", "--bogus", "--sampling-steps"])
 def test_mistyped_flag_is_refused(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -268,6 +268,19 @@ def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
         assert not (tmp_path / "exp").exists(), f"{name}: a run that never started left {tmp_path / 'exp'} behind"
 
 
+def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
+    """A malformed SIT_FAST_KERNEL_LAUNCH stops a run that uses the fused kernels before it starts."""
+    monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "fwd_num_warps=3")
+    argv = [a for a in BASE if a not in ("--fused-kernels", "off")] + ["--fused-kernels", "on", "--exp-dir",
+                                                                       str(tmp_path / "exp")]
+    assert run_cli(argv) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: --fused-kernels on: SIT_FAST_KERNEL_LAUNCH") and "power of two" in err, err
+    assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
+
+
 def test_failed_start_keeps_existing_folders(tmp_path, capsys):
     results = tmp_path / "results"
     kept = tmp_path / "mine"
