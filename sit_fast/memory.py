@@ -15,6 +15,8 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 
+from sit_fast.models import shapes_only
+
 
 def saved_bytes(model: torch.nn.Module, batch_size: int, autocast_dtype: torch.dtype | None = None,
                 device: str = "cpu") -> int:
@@ -41,7 +43,7 @@ def saved_bytes(model: torch.nn.Module, batch_size: int, autocast_dtype: torch.d
         torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
         if autocast_dtype is not None else contextlib.nullcontext()
     )
-    with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+    with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, shapes_only():
         x = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size, device=device)
         t = torch.rand(batch_size, device=device)
         y = torch.randint(0, model.num_classes, (batch_size,), device=device)

@@ -17,6 +17,7 @@ whether the step runs as plain PyTorch ops or as one fused kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -91,18 +92,37 @@ def triton_interpreter_enabled() -> bool:
     return _TRITON_INTERPRET
 
 
-def resolve_fused_kernels(fused_kernels: bool | str, device: torch.device) -> bool:
-    """"auto": on for CUDA, off on the CPU unless the Triton interpreter is enabled. ValueError when
-    the kernels are on but cannot run there, or SIT_FAST_KERNEL_LAUNCH is malformed."""
+_SHAPES_ONLY = False  # see shapes_only()
+
+
+@contextlib.contextmanager
+def shapes_only():
+    """Forward passes inside run on fake tensors (sit_fast.memory): the fused ops' registered fakes
+    stand in for the kernels, so fused_kernels=True needs no device or interpreter that runs them."""
+    global _SHAPES_ONLY
+    previous, _SHAPES_ONLY = _SHAPES_ONLY, True
+    try:
+        yield
+    finally:
+        _SHAPES_ONLY = previous
+
+
+def _fused_on(fused_kernels: bool | str, device: torch.device) -> bool:
+    """resolve_fused_kernels without the launch settings' check: what forward() asks on every call."""
     if fused_kernels == "auto":
-        fused = device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
-    elif fused_kernels is True and device.type == "cpu" and not triton_interpreter_enabled():
+        return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+    if fused_kernels is True and device.type == "cpu" and not (triton_interpreter_enabled() or _SHAPES_ONLY):
         raise ValueError(
             "fused_kernels=True on the CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
             "before triton is imported, or use fused_kernels=False"
         )
-    else:
-        fused = bool(fused_kernels)
+    return bool(fused_kernels)
+
+
+def resolve_fused_kernels(fused_kernels: bool | str, device: torch.device) -> bool:
+    """"auto": on for CUDA, off on the CPU unless the Triton interpreter is enabled. ValueError when
+    the kernels are on but cannot run there, or SIT_FAST_KERNEL_LAUNCH is malformed."""
+    fused = _fused_on(fused_kernels, device)
     if fused:
         kernels.launch_settings()  # raises now rather than at the first launch
     return fused
@@ -456,7 +476,7 @@ class SiT(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W)."""
-        fused = resolve_fused_kernels(self.fused_kernels, x.device)
+        fused = _fused_on(self.fused_kernels, x.device)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         mods = self.modulation(c)  # (N, 6 * depth + 2, D), the autocast dtype under autocast

@@ -175,3 +175,14 @@ def test_fused_kernels_resolution(monkeypatch):
     assert models.resolve_fused_kernels("auto", torch.device("cuda")) is True
     with pytest.raises(ValueError, match="fused_kernels must be"):
         SiT(num_classes=10, fused_kernels="yes", **CONFIGS["hd16-nosigma"])
+
+
+def test_activation_memory_needs_no_interpreter(monkeypatch):
+    """Fake tensors never run a kernel: the fast path is measured on a CPU without the interpreter."""
+    monkeypatch.setattr(models, "_TRITON_INTERPRET", False)
+    with torch.device("meta"):
+        fast = SiT(num_classes=10, attn_backend="sdpa", fused_kernels=True, **CONFIGS["hd16-nosigma"])
+        reference = SiT(num_classes=10, attn_backend="sdpa", **CONFIGS["hd16-nosigma"])
+    assert 0 < activation_bytes_per_image(fast, torch.bfloat16) < activation_bytes_per_image(reference, torch.bfloat16)
+    with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):  # outside the measurement, as before
+        models.resolve_fused_kernels(True, torch.device("cpu"))
