@@ -270,7 +270,8 @@ def device_name(device: torch.device) -> str:
 
 
 def git_commit() -> str:
-    """HEAD (with "+dirty" when tracked files changed), or $SIT_FAST_GIT_COMMIT on a tree without .git."""
+    """$SIT_FAST_GIT_COMMIT when set (the device's copy of the tree has no .git), else HEAD (with
+    "+dirty" when tracked files changed)."""
     if os.environ.get("SIT_FAST_GIT_COMMIT"):
         return os.environ["SIT_FAST_GIT_COMMIT"]
     try:

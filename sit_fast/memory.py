@@ -82,9 +82,9 @@ def main(argv=None) -> None:
     parser.add_argument("--models", nargs="+", default=UPSTREAM_MODELS, help="registry names")
     parser.add_argument("--image-size", type=int, default=256, help="image size (latent = image size / 8)")
     args = parser.parse_args(argv)
-    print("| model | params | fp32 weights | train state (w+g+AdamW+EMA) | act/img ref fp32 | "
-          "act/img ref bf16+sdpa | act/img fast bf16 |")
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print("| model | params | fp32 weights | train state (w+g+AdamW+EMA) | act/img ref fp32 (math attn) | "
+          "act/img ref fp32+sdpa | act/img ref bf16+sdpa | act/img fast bf16 |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for name in args.models:
         with torch.device("meta"):
             ref = SiT_models[name](input_size=args.image_size // 8)
@@ -95,6 +95,7 @@ def main(argv=None) -> None:
             name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB",
             f"{training_state_bytes(ref) / 2**30:.2f} GiB",
             f"{activation_bytes_per_image(ref) / 2**20:.0f} MiB",
+            f"{activation_bytes_per_image(ref_sdpa) / 2**20:.0f} MiB",
             f"{activation_bytes_per_image(ref_sdpa, torch.bfloat16) / 2**20:.0f} MiB",
             f"{activation_bytes_per_image(fast, torch.bfloat16) / 2**20:.0f} MiB",
         ]

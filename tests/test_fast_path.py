@@ -186,3 +186,17 @@ def test_activation_memory_needs_no_interpreter(monkeypatch):
     assert 0 < activation_bytes_per_image(fast, torch.bfloat16) < activation_bytes_per_image(reference, torch.bfloat16)
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):  # outside the measurement, as before
         models.resolve_fused_kernels(True, torch.device("cpu"))
+
+
+def test_memory_table_cli(capsys):
+    """`python -m sit_fast.memory`: one row per model, every column filled, the columns in order."""
+    from sit_fast.memory import main
+
+    main(["--models", "SiT-S/2", "SiT-S/4"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.strip("|").split("|")] for line in lines[2:]}
+    assert set(rows) == {"SiT-S/2", "SiT-S/4"} and all(len(row) == len(header) == 8 for row in rows.values())
+    acts = [[float(cell.split()[0]) for cell in row[4:]] for row in rows.values()]
+    for math_fp32, sdpa_fp32, sdpa_bf16, fast_bf16 in acts:  # each route saves less than the one before
+        assert math_fp32 >= sdpa_fp32 > sdpa_bf16 > fast_bf16 > 0, acts
