@@ -307,7 +307,7 @@ class Setup:
             raise UserError(str(err)) from None
 
         self.forwards = ModelForwards(self.model, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
-                                      autocast_dtype=self.autocast_dtype, compile=args.compile,
+                                      autocast_dtype=self.autocast_dtype, cast_weights=True, compile=args.compile,
                                       cuda_graphs=args.cuda_graphs)
         self.denoiser = Denoiser(self.forwards, cfg_scale=args.cfg_scale,
                                  cfg_interval=tuple(args.cfg_interval) if args.cfg_interval else None,

@@ -67,7 +67,8 @@ def build_forwards(models: ModelFactory, variant: Variant):
     from sit_fast.sampling import CUDAGraphForward, Denoiser, ModelForwards
 
     model = models.build(variant, compile=variant.compile == "blocks").eval().requires_grad_(False)
-    forwards = ModelForwards(model, cfg_scale=CFG_SCALE, autocast_dtype=variant.autocast_dtype)
+    forwards = ModelForwards(model, cfg_scale=CFG_SCALE, autocast_dtype=variant.autocast_dtype,
+                             cast_weights=variant.cast_weights)
     # ModelForwards(compile=True) / (cuda_graphs=True) wrap the guided forward in this order; done here
     # so that the compile backend follows --compile-backend (the CPU dry run traces without codegen).
     if variant.compile == "model":

@@ -356,13 +356,20 @@ def _setup_context(ctx, inputs, output):
     x, gate, y, shift, scale, _eps, _h_dtype, _save_x_hat = inputs
     _x_out, _h, x_hat, rstd = output
     ctx.mark_non_differentiable(x_hat, rstd)
+    # Unused outputs get None, not zero-filled gradients: no pass over (B, T, D) for x_hat and rstd,
+    # and none for x_out where only h is used (the last block's), which the kernel then never reads.
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(x_hat, y, gate, scale, rstd)
     ctx.x_dtype = x.dtype
     ctx.shift_dtype = shift.dtype
 
 
 def _backward(ctx, grad_x_out, grad_h, _grad_x_hat, _grad_rstd):
+    if grad_h is None and grad_x_out is None:
+        return None, None, None, None, None, None, None, None
     x_hat, y, gate, scale, rstd = ctx.saved_tensors
+    if grad_h is None:  # only x_out was used: h's gradient is zero
+        grad_h = torch.zeros(x_hat.shape[0], x_hat.shape[1], scale.shape[1], dtype=x_hat.dtype, device=x_hat.device)
     _launch.check_saved_for_backward(OP, x_hat, grad_h)
     dx, dgate, dy, dshift, dscale = gated_residual_layernorm_modulate_backward_op(
         grad_x_out, grad_h, x_hat, y, gate, scale, rstd, ctx.x_dtype, ctx.shift_dtype

@@ -254,12 +254,15 @@ def _setup_context(ctx, inputs, output):
     x, shift, scale, _eps, _out_dtype, _save_x_hat = inputs
     _y, x_hat, rstd = output
     ctx.mark_non_differentiable(x_hat, rstd)
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for x_hat and rstd: a pass over (B, T, D) each
     ctx.save_for_backward(x_hat, scale, rstd)
     ctx.x_dtype = x.dtype
     ctx.shift_dtype = shift.dtype
 
 
 def _backward(ctx, grad_y, _grad_x_hat, _grad_rstd):
+    if grad_y is None:  # y was not used
+        return None, None, None, None, None, None
     x_hat, scale, rstd = ctx.saved_tensors
     _launch.check_saved_for_backward(OP, x_hat, grad_y)
     dx, dshift, dscale = layernorm_modulate_backward_op(grad_y, x_hat, scale, rstd, ctx.x_dtype, ctx.shift_dtype)

@@ -294,15 +294,20 @@ class ModelForwards:
     conditional(x, t, y) -> (B, C, H, W): the model's prediction for labels y.
     guided(x, t, y_pair) -> (B, C, H, W): one pass over the doubled batch [x, x] with labels
         y_pair = [y, null], mixed by apply_guidance (fp32 maths; same result as forward_with_cfg).
-    Both return fp32. autocast_dtype (bf16) runs the model under autocast; compile wraps each
+    Both return fp32. autocast_dtype (bf16) runs the model under autocast; cast_weights also stores
+    the model's matmul weights in that dtype (SiT.cast_matmul_weights_: the same results, no cast
+    of every weight on every call; the model is then for these forwards only); compile wraps each
     forward in torch.compile; cuda_graphs replays each from a CUDA graph (CUDA only).
     """
 
     def __init__(self, model: SiT, *, cfg_scale: float = 1.0, cfg_channels: int | str = 3,
-                 autocast_dtype: torch.dtype | None = None, compile: bool = False, cuda_graphs: bool = False):
+                 autocast_dtype: torch.dtype | None = None, cast_weights: bool = False, compile: bool = False,
+                 cuda_graphs: bool = False):
         device = next(model.parameters()).device
         if cuda_graphs and device.type != "cuda":
             raise UserError("--cuda-graphs needs a CUDA device")
+        if cast_weights and autocast_dtype is not None:
+            model.cast_matmul_weights_(autocast_dtype)
         self.model = model
         self.device = device
         self.cfg_scale = cfg_scale

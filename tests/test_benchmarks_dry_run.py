@@ -321,3 +321,38 @@ def test_sampling_variant_that_raises_is_recorded_and_the_next_measured(tmp_path
     assert not validate_record(failed[0])
     measured = [r for r in ctx.results.records if r["variant"] == "reference+bf16+sdpa"]
     assert measured and all(r["status"] == "ok" for r in measured)
+
+
+def SiT_S4():
+    import torch
+
+    from sit_fast.models import SiT_models
+
+    with torch.device("meta"):
+        return SiT_models["SiT-S/4"](input_size=8, learn_sigma=True, num_classes=1000)
+
+
+def test_roofline_counts_the_fast_path(capsys):
+    """The roofline's byte count sees the fused ops, leaves matrix products to the FLOP term, and
+    finds the fast path moving fewer bytes than the eager reference (training and sampling)."""
+    from benchmarks.roofline import main, roofline
+
+    rows = roofline("SiT-S/4", 64, train_batch=4, sample_batch=2, copy_gbps=1000.0, matmul_tflops=100.0)
+    by = {(r["workload"], r["variant"]): r for r in rows}
+    for workload in ("train_step", "sample_call_cfg"):
+        ref, ours = by[(workload, "reference+bf16+sdpa")], by[(workload, "ours")]
+        assert ref["tflop"] == ours["tflop"] > 0
+        assert 0 < ours["memory_bound_gb"] < ref["memory_bound_gb"], (ref, ours)
+        for r in (ref, ours):
+            assert r["floor_ms"] == pytest.approx(r["tflop"] / 100.0 * 1e3 + r["memory_bound_gb"] / 1000.0 * 1e3)
+            assert not {"mm", "addmm", "bmm", "convolution"} & set(r["ops"]), r["ops"]
+    assert by[("train_step", "ours")]["ops"]["gated_residual_layernorm_modulate_backward"] > 0
+    assert by[("sample_call_cfg", "ours")]["ops"]["gated_residual_layernorm_modulate"] > 0
+    # sampling with bf16 matmul weights casts no weight per call; the reference casts every one
+    weights_gb = sum(p.numel() for p in SiT_S4().parameters()) * 6 / 1e9  # read fp32, write bf16
+    assert by[("sample_call_cfg", "reference+bf16+sdpa")]["ops"]["_to_copy"] > 0.9 * weights_gb
+    assert by[("sample_call_cfg", "ours")]["ops"].get("_to_copy", 0) < 0.1 * weights_gb
+    main(["--model", "SiT-S/4", "--image-size", "64", "--train-batch", "4", "--sample-batch", "2",
+          "--copy-gbps", "1000", "--matmul-tflops", "100"])
+    out = capsys.readouterr().out
+    assert "train_step: eager reference floor / ours floor" in out and out.count("| ours |") == 2

@@ -221,6 +221,51 @@ def test_kernel_matches_reference(op, case, B, T, D):
     check_against_reference(op, make_inputs(op, B, T, D, case), case)
 
 
+class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the element counts of the zero-filled tensors made while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.numels: list[int] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("zeros", "zeros_like", "zero_", "new_zeros", "fill_"):
+            self.numels.append(out.numel() if isinstance(out, torch.Tensor) else args[0].numel())
+        return out
+
+
+@pytest.mark.parametrize("op,used", [("layernorm_modulate", "h"), ("gated_residual_layernorm_modulate", "h"),
+                                     ("gated_residual_layernorm_modulate", "x_out"),
+                                     ("gated_residual_layernorm_modulate", "both")])
+def test_kernel_unused_outputs_cost_no_zero_fill(op, used):
+    """Backward through some of the outputs: the gradients match the reference with zero cotangents
+    for the others, and no (B, T, D) or (B, T) gradient is zero-filled for x_hat, rstd or an unused
+    x_out (the kernel skips reading it); only h's gradient, when h alone is unused, is."""
+    B, T, D = 2, 5, 72
+    case = DtypeCase(torch.float32, torch.float32, Tol(1e-5, 1e-5), Tol(2e-5, 2e-5))
+    inputs = make_inputs(op, B, T, D, case)
+    names = OP_ARGS[op]
+    ours_in = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+    outs = run_ours(op, ours_in)
+    keep = {"h": [len(outs) - 1], "x_out": [0], "both": [0, 1]}[used]
+    cotangents = [torch.randn_like(outs[i]) for i in keep]
+    with _ZeroFills() as fills:
+        grads = torch.autograd.grad([outs[i] for i in keep], [ours_in[n] for n in names], cotangents)
+    expected_fills = [B * T * D] if used == "x_out" else []
+    assert fills.numels == expected_fills, f"zero-filled tensors of {fills.numels} elements in backward"
+
+    ref_in = {n: t.detach().to(torch.float64).requires_grad_() for n, t in inputs.items()}
+    ref_outs = run_reference64(op, ref_in, outs)
+    full = [torch.zeros_like(o, dtype=torch.float64) for o in ref_outs]
+    for i, cotangent in zip(keep, cotangents):
+        full[i] = cotangent.to(torch.float64)
+    ref_grads = torch.autograd.grad(ref_outs, [ref_in[n] for n in names], full, allow_unused=True)
+    for name, grad, ref_grad in zip(names, grads, ref_grads):
+        ref_grad = torch.zeros_like(inputs[name], dtype=torch.float64) if ref_grad is None else ref_grad
+        assert_close(f"{op} d{name} ({used} used)", grad, ref_grad, case.bwd)
+
+
 # The tuning benchmark launches with other warps, token tiles and prefetch; every launch must give
 # the same results (on the CPU num_warps is ignored, the tiles are not: 1 to 13 rows per program
 # here, so prefetch meets tiles of one row, of several, and a short last tile).

@@ -216,6 +216,26 @@ def test_guided_forward_equals_forward_with_cfg():
     torch.testing.assert_close(forwards.conditional(x, t, y), model(x, t, y), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_bf16_weights_give_the_same_samples(fused):
+    """cast_weights (matmul weights stored in bf16) is exactly bf16 autocast's own per-call cast."""
+    import copy
+
+    model = random_sit(4, learn_sigma=True).eval().requires_grad_(False)
+    model.fused_kernels = fused
+    cast = copy.deepcopy(model)
+    plain = ModelForwards(model, cfg_scale=2.5, autocast_dtype=torch.bfloat16)
+    fast = ModelForwards(cast, cfg_scale=2.5, autocast_dtype=torch.bfloat16, cast_weights=True)
+    weights = [m.weight for m in cast.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
+    assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    assert cast.y_embedder.embedding_table.weight.dtype == torch.float32  # not a matmul weight
+    for _ in range(2):  # the second call reuses the cached adaLN concatenation
+        x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+        pair = plain.label_pair(y)
+        torch.testing.assert_close(fast.guided(x, t, pair), plain.guided(x, t, pair), rtol=0, atol=0)
+        torch.testing.assert_close(fast.conditional(x, t, y), plain.conditional(x, t, y), rtol=0, atol=0)
+
+
 def batch_sizes_of_calls(model, cfg_scale, cfg_interval, method="euler", steps=4, schedule=True):
     """Sample 2 images; return (batch size of each model forward, final samples).
 

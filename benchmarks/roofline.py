@@ -1,0 +1,187 @@
+"""Roofline of a training step and a sampling call: the time no GPU run of a variant can beat.
+
+    python -m benchmarks.roofline --copy-gbps 4300 --matmul-tflops 790          # two ceilings, or
+    python -m benchmarks.roofline --results benchmarks/results/<run>/results.json   # a run's own
+
+Every aten op of one training step (forward, loss, backward) or one guided sampling call is run on
+fake tensors (shapes and dtypes, no data: SiT-XL/2 in seconds on a CPU) and sorted into:
+- matrix products and attention (mm, addmm, bmm, convolution, scaled-dot-product attention, and
+  their backward): their time is the model's FLOPs (sit_fast.flops, the count MFU uses) at the matmul
+  ceiling; their own reads and writes are left inside that time;
+- views and allocations: nothing;
+- the rest, the memory-bound ops (LayerNorm, modulation, residuals, GELU, casts, the fused kernels):
+  their bytes, each input and output counted once as the op sees it (a broadcast vector at its
+  stored size), at the copy ceiling. A training step adds AdamW's update, 28 bytes per parameter
+  (fp32 weight, gradient and two moments read; weight and moments written).
+
+floor = FLOPs / matmul ceiling + bytes / copy ceiling. The eager reference's bytes are what eager
+PyTorch moves; torch.compile fuses some of those ops, so the compiled reference moves fewer, and
+`ref / ours` of the floors is an upper estimate of how much faster than the compiled reference the
+fast path can be where both run their matrix products equally well.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import contextlib
+import json
+import warnings
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.func import functional_call
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+# Ops whose time is FLOPs at the matmul ceiling (matched on the op name without overload).
+COMPUTE_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_addmm_activation")
+COMPUTE_PREFIXES = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention")
+# Ops that move no data (or only what the next op is counted for).
+FREE_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
+            "lift_fresh_copy", "_local_scalar_dense", "alias", "set_", "resize_", "_unsafe_view", "device")
+ADAMW_BYTES_PER_PARAM = 28  # fp32: read weight, gradient, exp_avg, exp_avg_sq; write weight and both moments
+
+
+def _op_name(func) -> str:
+    return func.overloadpacket.__name__ if hasattr(func, "overloadpacket") else str(func)
+
+
+def _read_bytes(t: torch.Tensor) -> int:
+    """Bytes an op reads of `t`: its elements, or its storage when that is smaller (a broadcast)."""
+    view = t.numel() * t.element_size()
+    try:
+        return min(view, t.untyped_storage().nbytes())
+    except (RuntimeError, NotImplementedError):
+        return view
+
+
+class TrafficCounter(TorchDispatchMode):
+    """Bytes of memory-bound ops by op name, and the names of the compute ops seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.bytes: collections.Counter[str] = collections.Counter()
+        self.compute: collections.Counter[str] = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        name = _op_name(func)
+        if name in COMPUTE_OPS or name.startswith(COMPUTE_PREFIXES):
+            self.compute[name] += 1
+        elif not (getattr(func, "is_view", False) or name in FREE_OPS):
+            reads = sum(_read_bytes(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            writes = sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
+            self.bytes[name] += reads + writes
+        return out
+
+
+def count_traffic(model: torch.nn.Module, batch: int, train: bool, autocast_dtype: torch.dtype | None,
+                  cfg: bool = True, device: str = "cpu") -> TrafficCounter:
+    """Memory-bound bytes of one training step (forward, transport loss, backward; train=True) or
+    one sampling call (a guided forward of 2 x batch images under no_grad; train=False) of `model`,
+    which may live on the meta device."""
+    from sit_fast.models import shapes_only
+    from sit_fast.transport import create_transport
+
+    fake = FakeTensorMode(allow_non_fake_inputs=False)
+    with fake:
+        state = {name: torch.empty(t.shape, dtype=t.dtype, device=device).requires_grad_(t.requires_grad and train)
+                 for name, t in [*model.named_parameters(), *model.named_buffers()]}
+    counter = TrafficCounter()
+    autocast = (torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
+                if autocast_dtype is not None else contextlib.nullcontext())
+    kw = dict(device=device)
+    was_training = model.training
+    model.train(train)
+    try:
+        with fake, shapes_only(), counter, warnings.catch_warnings():
+            # A frozen model keys its adaLN-weight cache on data pointers, which fake tensors only fake.
+            warnings.filterwarnings("ignore", message="Accessing the data pointer of FakeTensor")
+            x = torch.randn(batch, model.in_channels, model.input_size, model.input_size, **kw)
+            y = torch.randint(0, model.num_classes, (batch,), **kw)
+            if train:
+                transport = create_transport("Linear", "velocity")
+
+                class Bound(torch.nn.Module):  # the transport calls model(x, t, y=...)
+                    def forward(self, x, t, y):
+                        return functional_call(model, state, (x, t, y))
+
+                with autocast:
+                    loss = transport.training_losses(Bound(), x, dict(y=y))["loss"].mean()
+                loss.backward()
+            else:
+                n = 2 * batch if cfg else batch
+                x, t, y = torch.randn(n, *x.shape[1:], **kw), torch.rand(n, **kw), torch.randint(0, 10, (n,), **kw)
+                with torch.no_grad(), autocast:
+                    for _ in range(2):  # the second call counts: a frozen model reuses the first's
+                        counter.bytes.clear()  # concatenation of the adaLN weights
+                        counter.compute.clear()
+                        functional_call(model, state, (x, t, y))
+    finally:
+        model.train(was_training)
+    return counter
+
+
+def roofline(model_name: str = "SiT-XL/2", image_size: int = 256, train_batch: int = 256,
+             sample_batch: int = 256, copy_gbps: float = 0.0, matmul_tflops: float = 0.0) -> list[dict]:
+    """One row per (workload, variant): FLOPs, memory-bound bytes, the floor time and images/s."""
+    from sit_fast.flops import forward_flops, train_step_flops
+    from sit_fast.models import SiT_models
+
+    variants = {"reference+bf16+sdpa": dict(attn_backend="sdpa", fused_kernels=False),
+                "ours": dict(attn_backend="sdpa", fused_kernels=True)}
+    rows = []
+    for variant, kwargs in variants.items():
+        with torch.device("meta"):
+            model = SiT_models[model_name](input_size=image_size // 8, learn_sigma=True, num_classes=1000, **kwargs)
+        params = sum(p.numel() for p in model.parameters())
+        for workload, batch, train in (("train_step", train_batch, True), ("sample_call_cfg", sample_batch, False)):
+            if not train and variant == "ours":
+                model.cast_matmul_weights_(torch.bfloat16)  # as the fast path samples (ModelForwards)
+            counter = count_traffic(model, batch, train, torch.bfloat16)
+            flops = batch * (train_step_flops(model) if train else 2 * forward_flops(model))
+            moved = sum(counter.bytes.values()) + (ADAMW_BYTES_PER_PARAM * params if train else 0)
+            gemm_ms = flops / (matmul_tflops * 1e12) * 1e3
+            memory_ms = moved / (copy_gbps * 1e9) * 1e3
+            rows.append(dict(workload=workload, variant=variant, batch=batch, tflop=flops / 1e12,
+                             memory_bound_gb=moved / 1e9, gemm_ms=gemm_ms, memory_ms=memory_ms,
+                             floor_ms=gemm_ms + memory_ms, images_per_s=batch / ((gemm_ms + memory_ms) * 1e-3),
+                             ops={k: v / 1e9 for k, v in counter.bytes.most_common()}))
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--results", help="a results.json whose measured ceilings to use")
+    parser.add_argument("--copy-gbps", type=float, help="device-to-device copy ceiling, GB/s (read + written)")
+    parser.add_argument("--matmul-tflops", type=float, help="bf16 matmul ceiling, TFLOP/s")
+    parser.add_argument("--model", default="SiT-XL/2")
+    parser.add_argument("--image-size", type=int, default=256)
+    parser.add_argument("--train-batch", type=int, default=256)
+    parser.add_argument("--sample-batch", type=int, default=256, help="images per sampling call (the model sees 2x)")
+    args = parser.parse_args(argv)
+    copy_gbps, matmul_tflops = args.copy_gbps, args.matmul_tflops
+    if args.results:
+        with open(args.results) as f:
+            ceilings = json.load(f)["ceilings"]
+        copy_gbps, matmul_tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
+    if not copy_gbps or not matmul_tflops:
+        parser.error("give the two ceilings: --results RESULTS_JSON, or --copy-gbps and --matmul-tflops")
+    rows = roofline(args.model, args.image_size, args.train_batch, args.sample_batch, copy_gbps, matmul_tflops)
+    print(f"{args.model} at {args.image_size}px, bf16; ceilings: copy {copy_gbps:.0f} GB/s, "
+          f"matmul {matmul_tflops:.0f} TFLOP/s")
+    print("| workload | variant | batch | TFLOP | memory-bound GB | matmul ms | memory ms | floor ms | images/s "
+          "at the floor | largest memory-bound ops (GB) |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    for r in rows:
+        ops = ", ".join(f"{k} {v:.2f}" for k, v in list(r["ops"].items())[:6])
+        print(f"| {r['workload']} | {r['variant']} | {r['batch']} | {r['tflop']:.1f} | {r['memory_bound_gb']:.1f} | "
+              f"{r['gemm_ms']:.1f} | {r['memory_ms']:.1f} | {r['floor_ms']:.1f} | {r['images_per_s']:.0f} | {ops} |")
+    for workload in ("train_step", "sample_call_cfg"):
+        ref, ours = (next(r for r in rows if r["workload"] == workload and r["variant"] == v)
+                     for v in ("reference+bf16+sdpa", "ours"))
+        print(f"{workload}: eager reference floor / ours floor = {ref['floor_ms'] / ours['floor_ms']:.2f}")
+
+
+if __name__ == "__main__":
+    main()
