@@ -389,8 +389,9 @@ class SiT(nn.Module):
         """Store every Linear's and the patch embedding's weight and bias in `dtype`, for inference
         under autocast to that dtype. Autocast casts them to it on every call anyway (it keeps casts
         only of parameters that require grad), so the results are the same, bit for bit, while each
-        call reads half the weight bytes and skips a cast pass over all of them (about 4 GB per call
-        for SiT-XL, as much traffic as the rest of a batch-8 call). Outside such autocast a call fails
+        call reads half the weight bytes and skips a cast pass over all of them (4 GB of traffic per
+        call for SiT-XL; `python -m benchmarks.roofline` puts the rest of a batch-8 guided call's
+        memory-bound ops on the fast path at 5.4 GB). Outside such autocast a call fails
         with a dtype mismatch. Not for training: the fp32 weights are replaced. Returns self."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):
