@@ -17,7 +17,9 @@ fake tensors (shapes and dtypes, no data: SiT-XL/2 in seconds on a CPU) and sort
 floor = FLOPs / matmul ceiling + bytes / copy ceiling. The eager reference's bytes are what eager
 PyTorch moves; torch.compile fuses some of those ops, so the compiled reference moves fewer, and
 `ref / ours` of the floors is an upper estimate of how much faster than the compiled reference the
-fast path can be where both run their matrix products equally well.
+fast path can be where both run their matrix products equally well. The ops are those the CPU
+dispatches (CPU autocast, CPU attention); on CUDA a few layouts differ (the attention output there
+needs no copy back to tokens-first), so the bytes are close, not exact.
 """
 from __future__ import annotations
 
