@@ -27,9 +27,10 @@ import time
 
 import torch
 
+from benchmarks import common
 from benchmarks.common import (
-    LINKED_PARITY, SUITE_FIELDS, ModelFactory, RunContext, Variant, expected_cost_s, free_memory, peak_memory,
-    reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
+    LINKED_PARITY, SUITE_FIELDS, ModelFactory, RunContext, Variant, error_note, expected_cost_s, free_memory,
+    peak_memory, reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
 )
 
 SUITE = "sample"
@@ -95,6 +96,7 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
     config = ctx.models.variant_config(variant, sampling=True)
     parity, parity_source = ctx.linked_parity(variant, SUITE_FIELDS[SUITE] & LINKED_PARITY)
     graphs = bool(config["cuda_graphs"])
+    graph_note = None  # set when CUDA graphs failed and the variant goes on without them
     capture_peak: dict[int, int] = {}  # batch -> peak of the run that captured its CUDA graph
     for batch_index, B in enumerate(size.sample_batches):
         z = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], device=device)
@@ -120,8 +122,7 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
                 with torch.no_grad():
                     return sample_fn(z, denoiser.for_labels(y))[-1]
 
-            failed = False
-            try:
+            def run_and_time():
                 reset_peak_memory(device)
                 start = time.perf_counter()
                 sample()  # compiles / captures where the variant does
@@ -134,19 +135,39 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
                 peak = peak_memory(device)
                 if graphs and peak is not None:
                     peak = max(peak, capture_peak[B])
+                return first_run_s, timed, peak
+
+            failure = None
+            try:
+                first_run_s, timed, peak = run_and_time()
             except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
-                ctx.fail(SUITE, name, variant, error, model=size.model_name, shapes=shapes, batch_size=B,
+                failure = error
+            if failure is not None and graphs:
+                # A CUDA graph that fails to capture or replay must not cost the variant's figures:
+                # the same compiled model is measured without graphs from here on, and says so.
+                graph_note = f"measured without CUDA graphs, which failed: {error_note(failure)}"
+                failure = None  # outside the except block, so the traceback's activations can go
+                free_memory(device)
+                denoiser.forwards.guided = denoiser.forwards.guided.fn
+                graphs = False
+                config = dict(config, cuda_graphs=False)
+                common.log(f"[sample] {variant.name}: {graph_note}")
+                try:
+                    first_run_s, timed, peak = run_and_time()
+                except Exception as retry_error:  # noqa: BLE001 -- recorded, and the run goes on
+                    failure = retry_error
+            if failure is not None:
+                ctx.fail(SUITE, name, variant, failure, model=size.model_name, shapes=shapes, batch_size=B,
                          steps_timed=calls_timed, variant_config=config)
-                failed = True
-            if failed:  # outside the except block, so the traceback's activations are gone
+                failure = None
                 free_memory(device)
                 continue
             full = timed.scaled(calls_full / calls_timed)
             images_per_s = B / (full.median_ms * 1e-3)
             flops_per_image = 2 * forward_flops(model) * calls_full  # CFG: two forwards per image per call
             ctx.emit(ctx.record(
-                SUITE, name, variant.name, dtype=variant.dtype_name, model=size.model_name, shapes=shapes,
-                batch_size=B, **full.fields(), steps_timed=calls_timed,
+                SUITE, name, variant.name, note=graph_note, dtype=variant.dtype_name, model=size.model_name,
+                shapes=shapes, batch_size=B, **full.fields(), steps_timed=calls_timed,
                 **throughput_fields(ctx, variant, flops_per_image, images_per_s),
                 peak_memory_bytes=peak, **parity, variant_config=config,
                 extra={"sampler": f"{kind} {method}, {num_steps} steps", "model_calls_full": calls_full,
