@@ -2,8 +2,9 @@
 
 sit_fast.parity.compare gives the candidate the reference's weights, runs both on the same random
 inputs and the same loss, and compares the output, the loss and every parameter gradient; the
-tolerances are sit_fast.parity.TOLERANCES, the parity tests' own. TF32 is off here on CUDA, so
-"fp32" means fp32.
+tolerances are sit_fast.parity.TOLERANCES, the parity tests' own, and in bf16 the yardstick (each
+error within 3x the reference's own in bf16, sit_fast.parity.YARDSTICK_FACTOR). TF32 is off here on
+CUDA, so "fp32" means fp32.
 
 Cases, most important first: ours in its own precision (bf16 autocast; the train and sample
 records quote it), the eager non-reference variants in bf16 (cheap: nothing to compile), ours in
@@ -62,7 +63,8 @@ def run(ctx: RunContext) -> None:
                 reference = ctx.models.build(reference_variant)
                 candidate = ctx.models.build(variant)
                 report = compare(reference, candidate, batch_size=B, autocast_dtype=autocast_dtype,
-                                 device=ctx.device, seed=seed, compiled=variant.compile is not None)
+                                 device=ctx.device, seed=seed, compiled=variant.compile is not None,
+                                 yardstick=True)
             except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
                 ctx.fail(SUITE, NAME, variant, error, **common)
                 continue
@@ -77,6 +79,8 @@ def run(ctx: RunContext) -> None:
                 parity_ok=not failures, parity_tolerances=report.tolerances(),
             )
             worst = sorted(report.rows[2:], key=lambda r: -r["rel_err"])[:5]
+            if report.yardstick is not None:  # bf16: the reference's own error beside each
+                worst = [dict(r, reference_own_rel_err=report.yardstick[r["tensor"]]) for r in worst]
             ctx.emit(ctx.record(
                 SUITE, NAME, variant.name, status="ok" if not failures else "parity_failed",
                 note="; ".join(failures) or None, **common, **fields,

@@ -45,8 +45,22 @@ def test_fast_fp32_matches_reference(config):
 
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_fast_bf16_autocast_close_to_fp32_reference(config):
+    """Within the absolute bf16 bounds, and each error within 3x the reference's own in bf16."""
     reference, candidate = pair(config)
-    check(compare(reference, candidate, batch_size=3, autocast_dtype=torch.bfloat16, device=DEVICE))
+    report = compare(reference, candidate, batch_size=3, autocast_dtype=torch.bfloat16, device=DEVICE, yardstick=True)
+    assert report.yardstick is not None and report.yardstick["output"] > 0
+    check(report)
+
+
+def test_bf16_yardstick_catches_what_the_absolute_bound_lets_through():
+    """A backward bug of 5% in one gradient: inside the bf16 absolute bound (1e-1), outside the
+    yardstick's (3x the reference's own bf16 error, about 1%, + 1e-3)."""
+    reference, candidate = pair("hd16-nosigma")
+    candidate.blocks[1].attn.qkv.weight.register_hook(lambda g: g * 1.05)
+    report = compare(reference, candidate, batch_size=3, autocast_dtype=torch.bfloat16, device=DEVICE, yardstick=True)
+    assert report.grad_rel_err_max <= TOLERANCES["bf16"]["grad"]
+    assert [f.split(":")[1] for f in report.failures()] == ["blocks.1.attn.qkv.weight"], report.failures()
+    assert "reference's own" in report.to_markdown()
 
 
 def test_fast_forward_with_cfg():
@@ -63,9 +77,11 @@ def test_fast_with_grad_checkpointing():
     check(compare(reference, candidate, batch_size=2, device=DEVICE))
 
 
+@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("whole_model", [False, True], ids=["blocks", "model"])
-def test_compiled_fast_path_fullgraph(whole_model):
-    """fullgraph=True raises on any graph break, so passing proves there are none."""
+def test_compiled_fast_path_fullgraph(whole_model, autocast_dtype):
+    """fullgraph=True raises on any graph break, so passing proves there are none. bf16: as train.py
+    and sample.py run it (compiled under autocast), held to the yardstick."""
     torch._dynamo.reset()
     reference, candidate = pair("hd72-sigma")
     if whole_model:
@@ -73,7 +89,8 @@ def test_compiled_fast_path_fullgraph(whole_model):
         candidate_for_compare = _CompiledView(candidate, compiled)
     else:
         candidate_for_compare = candidate.compile_blocks()
-    check(compare(reference, candidate_for_compare, batch_size=2, device=DEVICE, compiled=True))
+    check(compare(reference, candidate_for_compare, batch_size=2, device=DEVICE, compiled=True,
+                  autocast_dtype=autocast_dtype, yardstick=True))
 
 
 class _CompiledView(torch.nn.Module):
