@@ -22,5 +22,8 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PY) -m pytest -q -m ""
 
+bench-dry: $(STAMP)
+	$(PY) -m benchmarks all --device cpu --size tiny --out /tmp/sit_fast_bench_dry
+
 clean-venv:
 	rm -rf $(VENV)

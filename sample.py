@@ -11,7 +11,8 @@ images, --vae ema, --cfg-scale 1); both accept upstream's flags, and unknown fla
 
 Checkpoints: without --ckpt, the upstream SiT-XL/2 256x256 release (downloaded once into
 $SIT_FAST_CACHE or ~/.cache/sit_fast; offline, pass --ckpt PATH). With --ckpt: an upstream release
-file, a train.py checkpoint (EMA weights; --use-raw for the raw ones) or a .safetensors file. The
+file, a train.py checkpoint (EMA weights; --use-raw for the raw ones; without --vae, the latent space
+it records: pixels = --vae none, else its VAE) or a .safetensors file. The
 architecture, learn_sigma, input size and channels are read from the weights, so --model,
 --image-size, --num-classes and --in-channels may be left out; a --num-classes other than the
 checkpoint's re-initialises the label table (one-line warning).
@@ -74,7 +75,8 @@ SAMPLE_DDP_DEFAULTS = dict(vae="ema", num_fid_samples=50_000)
 
 # Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
 NOT_IMAGE_SETTINGS = {"sample_dir", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
-                      "fused_kernels", "tf32", "data", "likelihood", "exact_divergence", "class_labels"}
+                      "fused_kernels", "tf32", "data", "likelihood", "exact_divergence", "class_labels",
+                      "vae_explicit"}
 
 
 #################################################################################
@@ -98,9 +100,11 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                             "the label table)")
     model.add_argument("--in-channels", type=int, default=None,
                        help="image channels with --vae none, e.g. 1 or 3 (default: the checkpoint's)")
-    model.add_argument("--vae", type=str, default=defaults["vae"],
+    model.add_argument("--vae", type=str, default=None,
                        help="ema | mse (stabilityai/sd-vae-ft-*), a hub id, a local diffusers AutoencoderKL "
-                            "directory, or none (pixel space)")
+                            "directory, or none (pixel space) (default: a train.py checkpoint's latent space, "
+                            f"else {defaults['vae']})")
+    parser.set_defaults(vae_fallback=defaults["vae"])  # resolve_args: args.vae when --vae is not given
 
     guidance = parser.add_argument_group("Classifier-free guidance")
     guidance.add_argument("--cfg-scale", type=float, default=None,
@@ -203,8 +207,17 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.cfg_scale == 1.0:
             raise UserError("--cfg-interval has no effect with --cfg-scale 1")
         low, high = args.cfg_interval
+        if not (0 <= low <= 1 and 0 <= high <= 1):
+            raise UserError(f"--cfg-interval {low} {high}: LOW and HIGH are times in [0, 1] (t=0 noise, t=1 data)")
         if low > high:
             raise UserError(f"--cfg-interval {low} {high}: LOW must not exceed HIGH")
+    least_steps = 2 if args.mode == "SDE" else 1
+    if args.num_sampling_steps < least_steps:
+        raise UserError(f"--num-sampling-steps must be at least {least_steps}"
+                        f"{' for an SDE (it counts the last step)' if args.mode == 'SDE' else ''}, "
+                        f"got {args.num_sampling_steps}")
+    if args.job == "grid" and args.out is not None:
+        check_image_path(args.out)
     if args.job == "fid":
         if args.num_fid_samples < 1:
             raise UserError(f"--num-fid-samples must be at least 1, got {args.num_fid_samples}")
@@ -228,7 +241,56 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.cuda_graphs and args.job == "likelihood":
         raise UserError("--cuda-graphs replays forwards without gradients; --likelihood needs them")
     args.cfg_channels = "all" if args.cfg_channels == "all" else int(args.cfg_channels)
+    args.vae_explicit = args.vae is not None
+    if args.vae is None:
+        args.vae = getattr(args, "vae_fallback", SAMPLE_DEFAULTS["vae"])
+    if hasattr(args, "vae_fallback"):
+        del args.vae_fallback
     return args
+
+
+def check_image_path(path: str) -> None:
+    """--out of a grid: an image extension PIL can write (UserError before any sampling otherwise)."""
+    from PIL import Image
+
+    writable = Image.registered_extensions()
+    extensions = [e for e in IMAGE_EXTENSIONS if writable.get(e) in Image.SAVE]
+    if os.path.splitext(path)[1].lower() not in extensions:
+        raise UserError(f"--out {path}: the grid is an image; give the file one of the extensions "
+                        f"{', '.join(extensions)}")
+
+
+def checkpoint_latent_space(path: str) -> str | None:
+    """A train.py checkpoint's model_config["latent_space"] ("pixels" or a VAE spec); None when the
+    file records none (a release file, .safetensors) or cannot be read (build_model says why)."""
+    if path.endswith(".safetensors") or not os.path.isfile(path):
+        return None
+    try:  # mmap: the pickle is read, the tensors are not
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # torch.load raises many types; build_model reports the unreadable file
+        return None
+    config = obj.get("model_config") if isinstance(obj, dict) else None
+    space = config.get("latent_space") if isinstance(config, dict) else None
+    return space if isinstance(space, str) and space else None
+
+
+def resolve_vae(args: argparse.Namespace, ckpt: str, dist: DistInfo) -> str:
+    """--vae, or the checkpoint's latent space when --vae was not given; a contradiction is a UserError."""
+    space = checkpoint_latent_space(ckpt)
+    if space is None:
+        return args.vae
+    if args.vae_explicit:
+        if space == "pixels" and args.vae != "none":
+            raise UserError(f"{ckpt} is a pixel-space model (latent space: pixels), but --vae {args.vae} was "
+                            f"given: drop --vae or pass --vae none")
+        if space != "pixels" and args.vae == "none":
+            raise UserError(f"{ckpt} was trained on the latents of the VAE {space}, but --vae none was given: "
+                            f"drop --vae or pass --vae {space}")
+        return args.vae
+    vae = "none" if space == "pixels" else space
+    if dist.is_main:
+        print(f"using --vae {vae}: the latent space recorded in the checkpoint ({space})")
+    return vae
 
 
 #################################################################################
@@ -249,6 +311,8 @@ class Setup:
 
         # The release is fetched (or found missing) first: offline, that is the message to see.
         ckpt = args.ckpt if args.ckpt is not None else on_main(lambda: pretrained_checkpoint_for(args), dist)
+        if args.ckpt is not None:
+            args.vae = resolve_vae(args, ckpt, dist)
         vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
         self.codec = load_vae(args.vae, device, dtype=vae_dtype)
         if self.codec is not None and args.in_channels is not None:
@@ -558,8 +622,9 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     print(f"bpd {bpd.mean():.4f} +- {stderr:.4f} over {len(bpd)} items ({space}; D = {dims}; "
           f"{args.sampling_method}, {elapsed:.1f} s)")
     if args.out:
-        np.savez(args.out, bpd=bpd)
-        print(f"saved per-item bpd to {args.out}")
+        out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
+        np.savez(out, bpd=bpd)
+        print(f"saved per-item bpd to {out}")
     return bpd
 
 

@@ -96,7 +96,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     if dist_info.is_main:
         latent_size = args.image_size // codec.downsample
         index = {
-            "format": CACHE_FORMAT, "version": CACHE_VERSION, "vae": args.vae,
+            "format": CACHE_FORMAT, "version": CACHE_VERSION,
+            "vae": os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae,  # usable from any folder
             "scaling_factor": codec.scaling_factor, "latent_channels": codec.latent_channels,
             "latent_size": latent_size, "image_size": args.image_size, "num_images": n,
             "num_classes": dataset.num_classes, "classes": dataset.classes, "dtype": args.dtype,

@@ -211,7 +211,8 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
 
 
 def main(argv=None) -> int:
-    from sit_fast.models import SiT_models
+    from sit_fast.errors import UserError
+    from sit_fast.models import SiT_models, resolve_fused_kernels
 
     parser = argparse.ArgumentParser(description="Compare a fast SiT configuration against the reference.")
     parser.add_argument("--model", default="SiT-S/2", choices=list(SiT_models), help="model configuration")
@@ -229,7 +230,11 @@ def main(argv=None) -> int:
     fused = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
     common = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
     reference = randomize_zero_init_(SiT_models[args.model](**common))
-    candidate = SiT_models[args.model](attn_backend=args.attn_backend, fused_kernels=fused, **common)
+    try:  # a backend or kernels that cannot run here: one line saying why
+        candidate = SiT_models[args.model](attn_backend=args.attn_backend, fused_kernels=fused, **common)
+        resolve_fused_kernels(fused, torch.device(args.device))
+    except ValueError as err:
+        raise UserError(str(err)) from None
     if args.compile:
         candidate.compile_blocks()
     report = compare(reference, candidate, args.batch_size,
@@ -240,4 +245,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from sit_fast.errors import cli_entry
+
+    raise SystemExit(cli_entry(main)())

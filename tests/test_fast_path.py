@@ -217,3 +217,17 @@ def test_memory_table_cli(capsys):
     acts = [[float(cell.split()[0]) for cell in row[4:]] for row in rows.values()]
     for math_fp32, sdpa_fp32, sdpa_bf16, fast_bf16 in acts:  # each route saves less than the one before
         assert math_fp32 >= sdpa_fp32 > sdpa_bf16 > fast_bf16 > 0, acts
+
+
+def test_parity_cli_error_is_one_line():
+    """Fused kernels on the CPU without the interpreter: the parity CLI says so in one line."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "sit_fast.parity", "--model", "SiT-S/4", "--image-size", "32",
+                             "--device", "cpu", "--fused-kernels", "on"], capture_output=True, text=True, env=env,
+                            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+    assert result.stderr.strip().startswith("error: fused_kernels=True on the CPU needs the Triton interpreter")

@@ -149,6 +149,11 @@ def test_class_count_mismatch_warns_in_one_line(files, tmp_path, capsys):
     (["--in-channels", 1], "--in-channels 3"),
     (["--class-labels", 10], "outside 0 .. 9"),
     (["--cfg-interval", 0.2, 0.5, "--cfg-scale", 1], "no effect"),
+    (["--cfg-interval", 2, 3], "in [0, 1]"),
+    (["--cfg-interval", -0.5, 0.5], "in [0, 1]"),
+    (["--cfg-interval", 0.6, 0.4], "LOW must not exceed HIGH"),
+    (["--num-sampling-steps", 0], "--num-sampling-steps must be at least 1"),
+    (["--out", "zz"], "--out zz"),
     (["--cuda-graphs"], "CUDA"),
     (["--likelihood"], "--data"),
 ])
@@ -160,6 +165,63 @@ def test_misuse_is_a_one_line_error(files, tmp_path, capsys, argv, needle):
     assert exit_info.value.code == 2
     err = one_line_error(capsys)
     assert err.startswith("error:") and needle in err, err
+
+
+def test_sde_step_count_error_names_the_flag(files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 1,
+             "--out", tmp_path / "g.png", *FAST])
+    err = one_line_error(capsys)
+    assert "--num-sampling-steps must be at least 2 for an SDE" in err, err
+
+
+def test_bad_grid_extension_is_refused_before_sampling(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+             "--num-sampling-steps", 2, "--out", tmp_path / "zz", *FAST])
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert "sampled" not in captured.out
+    err = " ".join(captured.err.split())
+    assert len(captured.err.strip().splitlines()) == 1 and err.startswith("error: --out") and ".png" in err, err
+    assert not os.path.exists(tmp_path / "zz")
+    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+         "--num-sampling-steps", 2, "--out", tmp_path / "g.JPG", *FAST])  # any case of a known extension
+    assert read_png(tmp_path / "g.JPG").shape == (2 * 10 + 2, 4 * 10 + 2, 3)
+
+
+def train_checkpoint(path, in_channels, learn_sigma, latent_space):
+    """A train.py-style checkpoint (model / ema / model_config) recording its latent space."""
+    ema = random_sit(in_channels, learn_sigma).state_dict()
+    torch.save({"model": ema, "ema": ema, "opt": {}, "args": {"model": "SiT-T/2"}, "step": 1,
+                "model_config": {"model": "SiT-T/2", "input_size": 8, "in_channels": in_channels,
+                                 "num_classes": NUM_CLASSES, "learn_sigma": learn_sigma,
+                                 "latent_space": latent_space}}, path)
+    return path
+
+
+def test_train_checkpoint_latent_space_chooses_the_vae(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the default --vae mse would fail at once, not download
+    pixel = train_checkpoint(tmp_path / "pixel.pt", 3, False, "pixels")
+    latent = train_checkpoint(tmp_path / "latent.pt", 4, True, files["vae"])
+    common = ["ODE", "--sampling-method", "euler", "--num-sampling-steps", 2, "--class-labels", 1, 2, *FAST]
+
+    run(common + ["--ckpt", pixel, "--out", tmp_path / "p.png"])  # no --vae: pixel space, as recorded
+    assert "using --vae none: the latent space recorded in the checkpoint (pixels)" in capsys.readouterr().out
+    assert read_png(tmp_path / "p.png").shape == (12, 2 * 10 + 2, 3)  # 8 x 8 images: no VAE
+    run(common + ["--ckpt", latent, "--out", tmp_path / "l.png"])  # no --vae: the recorded VAE directory
+    assert f"using --vae {files['vae']}:" in capsys.readouterr().out
+    assert read_png(tmp_path / "l.png").shape == (20, 2 * 18 + 2, 3)  # 16 x 16 images: decoded by the VAE
+    run(common + ["--ckpt", pixel, "--vae", "none", "--out", tmp_path / "e.png"])  # explicit and agreeing
+    assert "using --vae" not in capsys.readouterr().out
+    np.testing.assert_array_equal(read_png(tmp_path / "e.png"), read_png(tmp_path / "p.png"))
+
+    for ckpt, vae, needle in [(pixel, files["vae"], "pixel-space model"), (latent, "none", "--vae none was given")]:
+        with pytest.raises(SystemExit) as exit_info:
+            run(common + ["--ckpt", ckpt, "--vae", vae, "--out", tmp_path / "x.png"])
+        assert exit_info.value.code == 2
+        err = one_line_error(capsys)
+        assert err.startswith("error:") and needle in err, err
 
 
 def test_bad_kernel_launch_variable_is_one_line(files, tmp_path, capsys, monkeypatch):
@@ -403,6 +465,11 @@ def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, cap
                         "--class-labels", 3, "--out", tmp_path / "bpd.npz"])
     assert bpd.shape == (2,) and np.all(np.isfinite(bpd))
     with np.load(tmp_path / "bpd.npz") as archive:
+        np.testing.assert_array_equal(archive["bpd"], bpd)
+    capsys.readouterr()
+    bpd = run(common + ["--ckpt", files["pixel"], "--vae", "none", "--data", folder, "--out", tmp_path / "noext"])
+    assert f"saved per-item bpd to {tmp_path / 'noext.npz'}\n" in capsys.readouterr().out  # the file written
+    with np.load(tmp_path / "noext.npz") as archive:
         np.testing.assert_array_equal(archive["bpd"], bpd)
 
     torch.save(torch.randn(2, 4, 8, 8), tmp_path / "latents.pt")

@@ -193,6 +193,8 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, capsys, monkeyp
     assert "non-finite at step 6 (noticed at step 8)" in err and "last good checkpoint" in err, err
     assert "0000004.pt" in err
     assert sorted(os.listdir(os.path.join(exp, "checkpoints"))) == ["0000004.pt"]  # no NaN checkpoint written
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert "error: the loss became non-finite at step 6" in f.read()  # the log keeps why the run stopped
 
 
 def test_skip_nonfinite_counts(tmp_path, monkeypatch):
@@ -364,3 +366,90 @@ def test_demo_learns_digits(tmp_path):
         results = json.load(f)
     assert results["ODE"]["accuracy"] >= 0.8 and results["SDE"]["accuracy"] >= 0.8
     assert os.path.isfile(os.path.join(out, "samples_ode.png")) and os.path.isfile(os.path.join(out, "samples_sde.png"))
+
+
+# ----------------------------------------------------------------------------- run boundaries
+
+def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
+    """Resuming from step 2 of a run that reached step 6 starts a new branch: the old 4 and 6 are moved
+    aside (kept), so the new branch's 4 does not overwrite the old one and --resume auto finds the new."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--ckpt-every", "2"])
+    ckpt_dir = os.path.join(exp, "checkpoints")
+    old_four = load_ckpt(os.path.join(ckpt_dir, "0000004.pt"))["model"]
+    train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000002.pt"), "--max-steps", "4",
+                       "--lr", "1e-2"])
+    aside = [name for name in os.listdir(ckpt_dir) if name.startswith("superseded-")]
+    assert len(aside) == 1 and sorted(os.listdir(os.path.join(ckpt_dir, aside[0]))) == ["0000004.pt", "0000006.pt"]
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["0000004.pt", "0000002.pt"]
+    new_four = load_ckpt(os.path.join(ckpt_dir, "0000004.pt"))["model"]
+    assert not torch.equal(new_four["final_layer.linear.weight"], old_four["final_layer.linear.weight"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert "0000004.pt, 0000006.pt) are moved to" in f.read()
+
+
+def test_resume_on_other_data_is_not_called_exact(tmp_path):
+    argv = ["--vae", "none", "--model", "SiT-T/4", "--image-size", "16", "--global-batch-size", "2",
+            "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--sample-every", "100000"]
+    first, second = make_image_folder(tmp_path / "a"), make_image_folder(tmp_path / "b")
+    exp = str(tmp_path / "run")
+    train_main(argv + ["--data-path", first, "--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    train_main(argv + ["--data-path", second, "--exp-dir", exp, "--max-steps", "3", "--resume", "auto"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "on other data: the run was trained on ImageFolder" in log and first in log and second in log, log
+    assert "in it): exact" not in log
+
+
+def test_epochs_end_before_max_steps_with_a_final_checkpoint(tmp_path):
+    """--epochs 1 with --max-steps 100: the run ends after the 28 steps of one epoch of digits (1797
+    images, batch 64) and saves there; without --image-size the digits keep their 8x8 size."""
+    exp = str(tmp_path / "run")
+    i = BASE.index("--image-size")
+    argv = BASE[:i] + BASE[i + 2:]
+    summary = train_main(argv + ["--exp-dir", exp, "--epochs", "1", "--max-steps", "100", "--ckpt-every", "50"])
+    assert summary["step"] == 28 and summary["last_checkpoint"].endswith("0000028.pt")
+    assert load_ckpt(summary["last_checkpoint"])["args"]["image_size"] == 8
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert "to step 28 (the end of epoch 1, --epochs, before --max-steps 100)" in f.read()
+
+
+def test_every_step_skipped_logs_no_loss(tmp_path, monkeypatch):
+    from sit_fast.training import loop
+
+    real = loop.Trainer.batch_to_latents
+    monkeypatch.setattr(loop.Trainer, "batch_to_latents", lambda self, batch: (lambda x, y: (x * float("nan"), y))(
+        *real(self, batch)))
+    summary = train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "3", "--ckpt-every", "3",
+                                 "--skip-nonfinite"])
+    assert summary["nonfinite_skipped"] == 3 and np.isnan(summary["loss"])
+
+
+def test_missing_tracker_package_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    assert run_cli(BASE + ["--results-dir", str(tmp_path / "results"), "--wandb"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: --wandb needs the wandb package"), err
+    assert os.listdir(tmp_path / "results") == []
+
+
+def test_ctrl_c_says_where_to_resume(tmp_path):
+    """Ctrl-C: exit status 130, no traceback, the step and a loadable checkpoint named (here and in
+    log.txt). Checkpoints every 2 steps, so the signal often lands in the middle of a write."""
+    import signal
+    import time
+
+    exp = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *BASE, "--exp-dir", str(exp),
+                             "--max-steps", "100000", "--ckpt-every", "2", "--log-every", "1"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list((exp / "checkpoints").glob("*.pt")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted at step" in err and "--resume" in err, err
+    assert "interrupted at step" in (exp / "log.txt").read_text()
+    named = err.split("last checkpoint: ")[1].split(";")[0]
+    assert load_ckpt(named)["step"] >= 2  # a write under way when Ctrl-C came was finished, not cut

@@ -31,7 +31,8 @@ def positive_int(value: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
-        prog="train.py", description="Train SiT with DDP (torchrun) or in one process (python train.py).")
+        prog="train.py", description="Train SiT with DDP (torchrun) or in one process (python train.py).",
+        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
 
     data = parser.add_argument_group("Data")
     data.add_argument("--data-path", type=str, default=None,
@@ -41,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--latent-cache", type=str, default=None,
                       help="train from a latent cache made by python -m sit_fast.latent_cache (no VAE in the loop)")
     data.add_argument("--image-size", type=positive_int, default=256,
-                      help="image size in pixels (latent size = image size / 8 with a VAE)")
+                      help="image size in pixels (latent size = image size / 8 with a VAE); --dataset digits: 8 unless given")
     data.add_argument("--num-classes", type=positive_int, default=None,
                       help="class labels of the model (default: the dataset's class count)")
     data.add_argument("--vae", type=str, default="ema",
@@ -57,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--attn-backend", choices=["auto", "math", "sdpa", "flash_attn"], default="auto",
                        help="attention implementation (auto: the fastest that runs here)")
     model.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto",
-                       help="fused Triton adaLN kernels (auto: on for CUDA)")
+                       help="fused Triton adaLN kernels (auto: on for CUDA, off on the CPU, where `on` runs them through "
+                            "the Triton interpreter: very slow, for tests)")
     model.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute each block in the backward pass to save activation memory")
     model.add_argument("--compile", action="store_true", help="torch.compile the model")

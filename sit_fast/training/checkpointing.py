@@ -16,11 +16,14 @@ A checkpoint is a dict that torch.load(weights_only=True) reads back:
 """
 from __future__ import annotations
 
+import contextlib
 import glob
 import logging
 import os
 import random
 import re
+import signal
+import threading
 import zipfile
 
 import numpy as np
@@ -33,6 +36,23 @@ REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch"
 _NAME = re.compile(r"^(\d+)\.pt$")
 
 logger = logging.getLogger("sit_fast.train")
+
+
+@contextlib.contextmanager
+def interrupt_after():
+    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: a checkpoint being
+    written is finished rather than abandoned. Only the main thread can hold signals; elsewhere a no-op."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import logging
+import math
 import os
 import random
 import shutil
@@ -31,7 +33,7 @@ from sit_fast.models import SiT_models, model_config, resolve_fused_kernels
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs, find_latest_valid,
-    load_training_checkpoint, restore_rng_state,
+    interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
 )
 from sit_fast.transport import Sampler, create_transport
 
@@ -87,6 +89,27 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
     return exp_dir, path, f"resuming from {path}"
 
 
+def set_aside_later_checkpoints(resume_path: str) -> str:
+    """Resuming from a checkpoint older than the newest in its folder starts a new branch: move the
+    later ones into checkpoints/superseded-<time>/ (kept, but no longer found by --resume auto, and
+    not overwritten by the new branch). Returns a note for the log ('' when there were none)."""
+    ckpt_dir = os.path.dirname(os.path.abspath(resume_path))
+    resumed = os.path.abspath(resume_path)
+    later = []
+    for path in list_checkpoints(ckpt_dir):
+        if os.path.abspath(path) == resumed:
+            break
+        later.append(path)
+    if not later or resumed not in [os.path.abspath(p) for p in list_checkpoints(ckpt_dir)]:
+        return ""
+    aside = os.path.join(ckpt_dir, time.strftime("superseded-%Y%m%d-%H%M%S"))
+    os.makedirs(aside, exist_ok=True)
+    for path in later:
+        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    names = ", ".join(os.path.basename(p) for p in reversed(later))
+    return f"; the later checkpoints of that run ({names}) are moved to {aside}"
+
+
 def setup_logging(exp_dir: str | None, is_main: bool) -> None:
     logger.handlers.clear()
     logger.propagate = False
@@ -125,6 +148,24 @@ class TqdmHandler(logging.Handler):
         tqdm.write(self.format(record), file=sys.stderr)
 
 
+def check_trackers(args: argparse.Namespace) -> None:
+    """--tensorboard / --wandb need their package: say so before anything is set up."""
+    for flag, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if getattr(args, flag):
+            try:
+                importlib.import_module(module)
+            except ImportError as err:
+                raise UserError(f"--{flag} needs the {package} package ({err}): pip install {package}") from None
+
+
+def log_to_file(message: str) -> None:
+    """Append a line to log.txt only (the console gets it from the caller)."""
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+
+
 def resolve_precision(precision: str, device: torch.device) -> str:
     if precision == "auto":
         return "bf16" if device.type == "cuda" else "fp32"
@@ -152,6 +193,15 @@ def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
 #                                   The run                                     #
 #################################################################################
 
+def data_source(args: argparse.Namespace) -> str:
+    """What the run reads, for the resume check: the dataset and its absolute location."""
+    if args.latent_cache is not None:
+        return f"latent cache {os.path.abspath(args.latent_cache)}"
+    if args.dataset != "imagefolder":
+        return f"--dataset {args.dataset}"
+    return f"ImageFolder {os.path.abspath(args.data_path)}" if args.data_path else "ImageFolder (no --data-path)"
+
+
 class Trainer:
     """One training run; build with the parsed args, then call run()."""
 
@@ -171,6 +221,8 @@ class Trainer:
         if isinstance(choice, UserError):
             raise choice
         self.exp_dir, resume_path, resume_note = choice
+        if dist_info.is_main and resume_path is not None:
+            resume_note += set_aside_later_checkpoints(resume_path)
         ckpt = None
         if resume_path is not None:
             ckpt = load_training_checkpoint(resume_path)
@@ -199,6 +251,7 @@ class Trainer:
         if args.global_batch_size % world_size:
             raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
         self.local_batch_size = args.global_batch_size // world_size
+        check_trackers(args)
         self.precision = resolve_precision(args.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("--precision bf16 needs a GPU with bf16 support; use --precision tf32 or fp32")
@@ -212,6 +265,12 @@ class Trainer:
         # Data and the latent space.
         self.codec = None
         self.cache_vae_spec = None
+        if args.dataset == "digits" and "image_size" not in explicit and args.latent_cache is None:
+            args.image_size = 8
+            logger.info("--dataset digits: image size 8 (the digits' own; --image-size to resize)")
+        if args.data_path is not None and (args.dataset != "imagefolder" or args.latent_cache is not None):
+            logger.warning(f"--data-path {args.data_path} is not used with "
+                           + ("--latent-cache" if args.latent_cache is not None else f"--dataset {args.dataset}"))
         dataset = build_dataset(args.dataset, args.data_path, args.image_size, args.latent_cache)
         if isinstance(dataset, LatentCacheDataset):
             if "image_size" in explicit and args.image_size != dataset.image_size:
@@ -261,10 +320,18 @@ class Trainer:
                            config["hidden_size"] // config["num_heads"])
         except ValueError as err:
             raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
+        if fused == "auto" and self.device.type != "cuda":
+            fused = False  # on the CPU the kernels only run through the Triton interpreter: a test tool
         try:
-            resolve_fused_kernels(fused, self.device)
+            fused_on = resolve_fused_kernels(fused, self.device)
         except ValueError as err:
             raise UserError(f"--fused-kernels {args.fused_kernels}: {err} (--fused-kernels off)") from None
+        backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
+                                 config["hidden_size"] // config["num_heads"])
+        note = (" (through the Triton interpreter on the CPU: very slow, for tests)"
+                if fused_on and self.device.type != "cuda" else "")
+        logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
+                    f"compile: {'on' if args.compile else 'off'}")
         model = SiT_models[args.model](
             input_size=latent_size, in_channels=channels, num_classes=args.num_classes, learn_sigma=True,
             attn_backend=args.attn_backend, fused_kernels=fused, grad_checkpointing=args.grad_checkpointing)
@@ -303,7 +370,10 @@ class Trainer:
         self.last_checkpoint = None
         if ckpt is not None:
             self.restore_position(ckpt, resume_path)
-        self.max_steps = args.max_steps if args.max_steps is not None else args.epochs * self.sampler.steps_per_epoch
+        # The run ends at --max-steps or at the end of epoch --epochs, whichever comes first.
+        epochs_end = self.step + (args.epochs - self.epoch) * self.sampler.steps_per_epoch - self.step_in_epoch
+        self.max_steps = epochs_end if args.max_steps is None else min(args.max_steps, max(epochs_end, self.step))
+        self.epochs_limit = args.max_steps is not None and self.max_steps < args.max_steps
         self.step_counter = torch.full((), self.step, dtype=torch.int64, device=self.device)
         self.tb_writer = self.wandb = None
 
@@ -320,7 +390,13 @@ class Trainer:
         if same_layout and len(rng) == world_size:
             self.step_in_epoch = int(ckpt["step_in_epoch"])
             restore_rng_state(rng[self.dist_info.rank], self.device)
-            logger.info(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it): exact")
+            source, saved_source = data_source(args), data.get("source")
+            if saved_source is not None and saved_source != source:
+                logger.warning(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it) "
+                               f"on other data: the run was trained on {saved_source}, this one reads {source}; "
+                               f"the data order is exact only if that is the same data, moved")
+            else:
+                logger.info(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it): exact")
         else:
             consumed = int(ckpt["step_in_epoch"]) * int(data.get("global_batch_size", args.global_batch_size))
             self.step_in_epoch = min(consumed // args.global_batch_size, self.sampler.steps_per_epoch)
@@ -361,19 +437,30 @@ class Trainer:
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
                 "data": {"seed": self.args.global_seed, "num_samples": len(self.dataset),
-                         "global_batch_size": self.args.global_batch_size, "world_size": self.dist_info.world_size},
+                         "global_batch_size": self.args.global_batch_size, "world_size": self.dist_info.world_size,
+                         "source": data_source(self.args)},
                 "rng": states,
                 "nonfinite_skipped": self.nonfinite_skipped,
                 "model_config": {"model": self.args.model, "input_size": self.latent_size, "in_channels": self.channels,
                                  "num_classes": self.args.num_classes, "learn_sigma": True,
-                                 "latent_space": self.cache_vae_spec or (self.args.vae if self.codec else "pixels")},
+                                 "latent_space": self.latent_space()},
                 "version": CHECKPOINT_VERSION,
             }
-            atomic_torch_save(checkpoint, path)
-            logger.info(f"saved checkpoint {path}")
+            with interrupt_after():  # Ctrl-C while writing: finish the file, then stop
+                atomic_torch_save(checkpoint, path)
+                logger.info(f"saved checkpoint {path}")
+                self.last_checkpoint = path
         barrier()
         self.last_checkpoint = path
         return path
+
+    def latent_space(self) -> str:
+        """"pixels", or the VAE (a local directory made absolute, so sample.py finds it from anywhere)."""
+        if self.cache_vae_spec:
+            return self.cache_vae_spec
+        if self.codec is None:
+            return "pixels"
+        return os.path.abspath(self.args.vae) if os.path.isdir(self.args.vae) else self.args.vae
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
@@ -475,8 +562,9 @@ class Trainer:
             bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
                        mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
         if self.step >= self.max_steps:
-            logger.info(f"nothing to do: step {self.step} >= --max-steps {self.max_steps}")
-        logger.info(f"training from step {self.step} to step {self.max_steps}")
+            logger.info(f"nothing to do: step {self.step} >= step {self.max_steps}, the end of the run")
+        limit = f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})" if self.epochs_limit else ""
+        logger.info(f"training from step {self.step} to step {self.max_steps}{limit}")
         window_start, window_steps = time.perf_counter(), 0
         last_log = {}
         while self.step < self.max_steps and self.epoch < args.epochs:
@@ -532,10 +620,10 @@ class Trainer:
         all_reduce(bad, dist.ReduceOp.MIN if is_distributed() else None)
         bad_step = int(bad)
         if bad_step < 2**62:
-            where = self.last_checkpoint or "none written yet"
-            raise NonFiniteLossError(
-                f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); last good checkpoint: "
-                f"{where}; resume from it with a lower --lr, --grad-clip, or --skip-nonfinite")
+            advice = "a lower --lr, --grad-clip, or --skip-nonfinite"
+            where = (f"last good checkpoint: {self.last_checkpoint}; resume from it with {advice}" if self.last_checkpoint
+                     else f"no checkpoint written yet; start again with {advice}")
+            raise NonFiniteLossError(f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); {where}")
 
     def log(self, loss_sum, loss_count, first_bad, window_start, window_steps, bar) -> dict:
         stats = torch.stack([loss_sum, loss_count.double()])
@@ -545,7 +633,7 @@ class Trainer:
             torch.cuda.synchronize(self.device)
         elapsed = max(time.perf_counter() - window_start, 1e-9)
         total, count = stats.tolist()
-        avg_loss = total / max(count, 1.0)
+        avg_loss = total / count if count else math.nan  # every step of the window skipped: no loss to show
         steps_per_sec = window_steps / elapsed
         images_per_sec = steps_per_sec * self.args.global_batch_size
         record = {"loss": avg_loss, "steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec}
@@ -605,7 +693,23 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, train, and return a summary (step, loss, experiment dir, ...)."""
     args, explicit = parse_args(argv)
     dist_info = init_distributed()
+    trainer = None
     try:
-        return Trainer(args, explicit, dist_info).run()
+        trainer = Trainer(args, explicit, dist_info)
+        return trainer.run()
+    except UserError as err:
+        log_to_file(f"error: {' '.join(str(err).split())}")
+        raise
+    except KeyboardInterrupt:
+        if trainer is None:
+            message = "interrupted before training started"
+        else:
+            last = trainer.last_checkpoint
+            resume = f"{last}; continue with --resume {last} (or --resume auto)" if last else "none written yet"
+            message = f"interrupted at step {trainer.step}; last checkpoint: {resume}"
+        if dist_info.is_main:
+            log_to_file(message)
+            print(f"\n{message}", file=sys.stderr)
+        raise SystemExit(130) from None
     finally:
         cleanup()
