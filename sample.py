@@ -543,6 +543,11 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
     else:
         raise UserError(f"--data {path}: expected a folder of images, an .npz or a .pt file")
 
+    if images.ndim == 3:  # grayscale N x H x W
+        images = images[..., None]
+    wanted = setup.in_channels if setup.codec is None else 3
+    if images.ndim == 4 and images.shape[-1] == 3 and wanted == 1 and (images == images[..., :1]).all():
+        images = images[..., :1]  # gray stored as RGB (the FID .npz of a 1-channel model)
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] != setup.image_size:
         raise UserError(f"{path}: images of shape {images.shape[1:]} do not match --image-size {setup.image_size} "
                         f"(expected N x {setup.image_size} x {setup.image_size} x C uint8)")
@@ -561,14 +566,16 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
 
 
 def load_image_folder(path: str, image_size: int, channels: int) -> np.ndarray:
-    """Images of a folder, sorted by name, ADM center-cropped to image_size: (N, H, W, C) uint8."""
+    """Images of a folder and its sub-folders (an ImageFolder root too), sorted by relative path, ADM
+    center-cropped to image_size: (N, H, W, C) uint8."""
     from PIL import Image
 
     from sit_fast.images import center_crop_arr
 
-    names = sorted(n for n in os.listdir(path) if n.lower().endswith(IMAGE_EXTENSIONS))
+    names = sorted(os.path.relpath(os.path.join(root, n), path) for root, _, files in os.walk(path)
+                   for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
     if not names:
-        raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder")
+        raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its sub-folders")
     arrays = []
     for name in names:
         with Image.open(os.path.join(path, name)) as image:

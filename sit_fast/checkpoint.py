@@ -143,8 +143,8 @@ def _mismatch_message(model, state_dict, own, missing, unexpected, mismatched, s
         cfg = infer_config(state_dict)
         hint = (
             f"the checkpoint looks like depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch "
-            f"{cfg['patch_size']}, input size {cfg['input_size']} (image size {cfg['input_size'] * 8} "
-            f"with a VAE), learn_sigma={cfg['learn_sigma']}: wrong --model or --image-size?"
+            f"{cfg['patch_size']}, input size {cfg['input_size']} (the image size in pixel space, "
+            f"{cfg['input_size'] * 8} with an 8x VAE), learn_sigma={cfg['learn_sigma']}: wrong --model or --image-size?"
         )
     except CheckpointError:
         pass

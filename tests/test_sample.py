@@ -478,6 +478,24 @@ def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, cap
     assert 0.5 < bpd.mean() < 5  # a sanity range: N(0, I) data has 2.05 bits per dimension of entropy
 
 
+def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
+    """A gray N x H x W .npz, the same gray stored as RGB (a 1-channel model's FID .npz) and an
+    ImageFolder root (images in class sub-folders) all give the same bits per dimension."""
+    torch.save(random_sit(1, learn_sigma=False).state_dict(), tmp_path / "gray.pt")
+    gray = np.random.default_rng(1).integers(0, 256, (2, 8, 8), dtype=np.uint8)
+    np.savez(tmp_path / "gray.npz", arr_0=gray)
+    np.savez(tmp_path / "rgb.npz", arr_0=np.repeat(gray[..., None], 3, axis=-1))
+    for c in range(2):
+        (tmp_path / "root" / f"class{c}").mkdir(parents=True)
+        Image.fromarray(gray[c]).save(tmp_path / "root" / f"class{c}" / "0.png")
+    common = ["ODE", "--likelihood", "--ckpt", tmp_path / "gray.pt", "--vae", "none", "--sampling-method", "euler",
+              "--num-sampling-steps", 3, *FAST]
+    bpd = [run(common + ["--data", tmp_path / name]) for name in ("gray.npz", "rgb.npz", "root")]
+    assert bpd[0].shape == (2,) and np.all(np.isfinite(bpd[0]))
+    np.testing.assert_array_equal(bpd[1], bpd[0])
+    np.testing.assert_array_equal(bpd[2], bpd[0])
+
+
 def test_reverse_carries_data_to_noise(files, tmp_path):
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out = run(["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
