@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--wandb", action="store_true",
                      help="log to Weights & Biases (entity and project from $ENTITY / $PROJECT, as upstream)")
     run.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to EXP_DIR/tensorboard")
-    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (there is none when stderr is not a terminal: the log lines show progress)")
 
     add_transport_args(parser)
     return parser

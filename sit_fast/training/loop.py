@@ -556,11 +556,11 @@ class Trainer:
         first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.model.train()
         bar = None
-        if is_main and not args.no_progress:
+        if is_main and not args.no_progress and sys.stderr.isatty():  # in a log file, the log lines are the progress
             from tqdm import tqdm
 
-            bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True,
-                       mininterval=1.0 if sys.stderr.isatty() else 30.0, file=sys.stderr)
+            bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
+                       file=sys.stderr)
         if self.step >= self.max_steps:
             logger.info(f"nothing to do: step {self.step} >= step {self.max_steps}, the end of the run")
         limit = f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})" if self.epochs_limit else ""
