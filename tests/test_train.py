@@ -386,6 +386,11 @@ def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     assert not torch.equal(new_four["final_layer.linear.weight"], old_four["final_layer.linear.weight"])
     with open(os.path.join(exp, "log.txt")) as f:
         assert "0000004.pt, 0000006.pt) are moved to" in f.read()
+    # Resumed into another --exp-dir, the source run's files stay where they are.
+    train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--resume", os.path.join(ckpt_dir, "0000002.pt"),
+                       "--max-steps", "4"])
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["0000004.pt", "0000002.pt"]
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "other" / "checkpoints"))] == ["0000004.pt"]
 
 
 def test_resume_on_other_data_is_not_called_exact(tmp_path):

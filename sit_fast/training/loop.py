@@ -89,20 +89,17 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
     return exp_dir, path, f"resuming from {path}"
 
 
-def set_aside_later_checkpoints(resume_path: str) -> str:
-    """Resuming from a checkpoint older than the newest in its folder starts a new branch: move the
-    later ones into checkpoints/superseded-<time>/ (kept, but no longer found by --resume auto, and
-    not overwritten by the new branch). Returns a note for the log ('' when there were none)."""
-    ckpt_dir = os.path.dirname(os.path.abspath(resume_path))
+def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
+    """Resuming from a checkpoint older than the newest of the run's own checkpoint_dir starts a new
+    branch: move the later ones into checkpoints/superseded-<time>/ (kept, but no longer found by
+    --resume auto, and not overwritten by the new branch). A checkpoint of another folder (--exp-dir
+    elsewhere) moves nothing. Returns a note for the log ('' when nothing moved)."""
+    paths = [os.path.abspath(p) for p in list_checkpoints(checkpoint_dir)]  # newest first
     resumed = os.path.abspath(resume_path)
-    later = []
-    for path in list_checkpoints(ckpt_dir):
-        if os.path.abspath(path) == resumed:
-            break
-        later.append(path)
-    if not later or resumed not in [os.path.abspath(p) for p in list_checkpoints(ckpt_dir)]:
+    later = paths[:paths.index(resumed)] if resumed in paths else []
+    if not later:
         return ""
-    aside = os.path.join(ckpt_dir, time.strftime("superseded-%Y%m%d-%H%M%S"))
+    aside = os.path.join(checkpoint_dir, time.strftime("superseded-%Y%m%d-%H%M%S"))
     os.makedirs(aside, exist_ok=True)
     for path in later:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
@@ -222,7 +219,7 @@ class Trainer:
             raise choice
         self.exp_dir, resume_path, resume_note = choice
         if dist_info.is_main and resume_path is not None:
-            resume_note += set_aside_later_checkpoints(resume_path)
+            resume_note += set_aside_later_checkpoints(resume_path, os.path.join(self.exp_dir, "checkpoints"))
         ckpt = None
         if resume_path is not None:
             ckpt = load_training_checkpoint(resume_path)
@@ -316,7 +313,7 @@ class Trainer:
         fused = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
         config = model_config(args.model)
         try:  # options that cannot run here are the user's to change: one line each
-            select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
+            backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
                            config["hidden_size"] // config["num_heads"])
         except ValueError as err:
             raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
@@ -326,8 +323,6 @@ class Trainer:
             fused_on = resolve_fused_kernels(fused, self.device)
         except ValueError as err:
             raise UserError(f"--fused-kernels {args.fused_kernels}: {err} (--fused-kernels off)") from None
-        backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
-                                 config["hidden_size"] // config["num_heads"])
         note = (" (through the Triton interpreter on the CPU: very slow, for tests)"
                 if fused_on and self.device.type != "cuda" else "")
         logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
@@ -449,7 +444,7 @@ class Trainer:
             with interrupt_after():  # Ctrl-C while writing: finish the file, then stop
                 atomic_torch_save(checkpoint, path)
                 logger.info(f"saved checkpoint {path}")
-                self.last_checkpoint = path
+                self.last_checkpoint = path  # complete on disk: what a Ctrl-C raised here names
         barrier()
         self.last_checkpoint = path
         return path
