@@ -7,7 +7,8 @@
     python sample.py ODE --reverse --data PATH           data -> noise (the ODE run backwards) -> --out .pt
 
 `sample_ddp.py` is this script with upstream sample_ddp.py's defaults (the FID job with 50,000
-images, --vae ema, --cfg-scale 1); both accept upstream's flags, and unknown flags are errors.
+images, --vae ema, --cfg-scale 1, and --run-folder: DIR/<name from the settings>/ and
+DIR/<name>.npz, upstream's layout); both accept upstream's flags, and unknown flags are errors.
 
 Checkpoints: without --ckpt, the upstream SiT-XL/2 256x256 release (downloaded once into
 $SIT_FAST_CACHE or ~/.cache/sit_fast; offline, pass --ckpt PATH). With --ckpt: an upstream release
@@ -70,11 +71,11 @@ FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
 
 # Defaults of sample.py; sample_ddp.py overrides them with upstream sample_ddp.py's.
-SAMPLE_DEFAULTS = dict(vae="mse", num_fid_samples=None)
-SAMPLE_DDP_DEFAULTS = dict(vae="ema", num_fid_samples=50_000)
+SAMPLE_DEFAULTS = dict(vae="mse", num_fid_samples=None, run_folder=False)
+SAMPLE_DDP_DEFAULTS = dict(vae="ema", num_fid_samples=50_000, run_folder=True)
 
 # Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
-NOT_IMAGE_SETTINGS = {"sample_dir", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
+NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
                       "fused_kernels", "tf32", "data", "likelihood", "exact_divergence", "class_labels",
                       "vae_explicit"}
 
@@ -147,7 +148,12 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     fid = parser.add_argument_group("Many images for FID (sample_ddp.py's job)")
     fid.add_argument("--num-fid-samples", type=int, default=defaults["num_fid_samples"],
                      help="write this many numbered PNGs and one .npz (switches to the FID job)")
-    fid.add_argument("--sample-dir", type=str, default="samples", help="folder of the PNGs")
+    fid.add_argument("--sample-dir", type=str, default="samples",
+                     help="folder of the PNGs (with --run-folder, the folder that holds the run's folder)")
+    fid.add_argument("--run-folder", action=argparse.BooleanOptionalAction, default=defaults["run_folder"],
+                     help="as upstream sample_ddp.py: the PNGs in SAMPLE_DIR/<model>-<ckpt>-cfg-<scale>-<batch>-"
+                          "<mode>-<steps>-<method>[-<diffusion form>-<last step>-<last step size>], the .npz "
+                          "beside that folder (default: on for sample_ddp.py, off for sample.py)")
     fid.add_argument("--class-balanced", action="store_true",
                      help="label of image i is i mod num_classes (default: random per image)")
 
@@ -469,6 +475,17 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     return json.loads(json.dumps(settings))
 
 
+def run_folder_name(args: argparse.Namespace, model: str) -> str:
+    """Upstream sample_ddp.py's name for a run's folder, so sweeps land side by side as there, e.g.
+    SiT-XL-2-pretrained-cfg-1.5-32-ODE-250-dopri5 or ...-SDE-250-Euler-sigma-Mean-0.04."""
+    ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    name = (f"{model.replace('/', '-')}-{ckpt}-cfg-{float(args.cfg_scale)}-{args.batch_size}-"
+            f"{args.mode}-{args.num_sampling_steps}-{args.sampling_method}")
+    if args.mode == "SDE":
+        name += f"-{args.diffusion_form}-{args.last_step}-{args.last_step_size}"
+    return name
+
+
 def run_fid(setup: Setup) -> str:
     """N numbered PNGs in --sample-dir (resumable, any world size) and the ADM .npz of all N."""
     from tqdm import tqdm
@@ -476,6 +493,8 @@ def run_fid(setup: Setup) -> str:
     args, dist = setup.args, setup.dist
     total, chunk = args.num_fid_samples, args.batch_size
     sample_dir = os.path.normpath(args.sample_dir)
+    if args.run_folder:
+        sample_dir = os.path.join(sample_dir, run_folder_name(args, setup.info["model"]))
     npz_path = args.out or f"{sample_dir}.npz"
     settings = image_settings(args, setup)
 

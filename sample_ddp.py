@@ -2,9 +2,11 @@
 
     torchrun --nnodes=1 --nproc_per_node=G sample_ddp.py ODE|SDE --ckpt PATH [flags]
 
-is `sample.py ... --num-fid-samples 50000 --vae ema` (cfg scale 1 unless given): numbered PNGs in
---sample-dir, resumable, and one .npz of exactly --num-fid-samples images in ADM's format. Every
-flag of sample.py is accepted; see `python sample.py ODE --help` and the docstring of sample.py.
+is `sample.py ... --num-fid-samples 50000 --vae ema --run-folder` (cfg scale 1 unless given): as
+upstream's, numbered PNGs in a folder under --sample-dir named by the settings (e.g.
+samples/SiT-XL-2-pretrained-cfg-1.5-32-ODE-250-dopri5/), resumable, and beside it one .npz of
+exactly --num-fid-samples images in ADM's format. Every flag of sample.py is accepted; see
+`python sample.py ODE --help` and the docstring of sample.py.
 """
 from sample import SAMPLE_DDP_DEFAULTS, main
 

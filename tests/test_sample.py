@@ -258,9 +258,10 @@ def test_offline_without_ckpt_says_how_to_pass_one(monkeypatch, tmp_path, capsys
 
 def test_sample_ddp_defaults():
     args = sample.resolve_args(sample.build_parser(sample.SAMPLE_DDP_DEFAULTS).parse_args(["SDE"]))
-    assert (args.job, args.num_fid_samples, args.vae, args.cfg_scale) == ("fid", 50_000, "ema", 1.0)
+    assert (args.job, args.num_fid_samples, args.vae, args.cfg_scale, args.run_folder) == ("fid", 50_000, "ema", 1.0, True)
     args = sample.resolve_args(sample.build_parser().parse_args(["ODE", "--global-seed", "3", "--no-tf32"]))
-    assert (args.job, args.vae, args.cfg_scale, args.seed, args.precision) == ("grid", "mse", 4.0, 3, "fp32")
+    assert (args.job, args.vae, args.cfg_scale, args.seed, args.precision, args.run_folder) == (
+        "grid", "mse", 4.0, 3, "fp32", False)
 
 
 #################################################################################
@@ -436,6 +437,28 @@ def test_fid_job_class_balanced_grows_n(files, tmp_path):
         five = archive["arr_0"]
     assert five.shape == (5, 8, 8, 3)
     np.testing.assert_array_equal(five[:4], four)
+
+
+def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
+    """sample_ddp.py, as upstream's: SAMPLE_DIR/<name from the settings>/ and <name>.npz beside it, so
+    a sweep over guidance scales or samplers needs no --sample-dir per run."""
+    def sample_ddp(*argv):
+        argv = [*argv, "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 2,
+                "--num-fid-samples", 3, "--per-proc-batch-size", 2, "--sample-dir", tmp_path, *FAST]
+        return sample.main([str(a) for a in argv], defaults=sample.SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")
+
+    runs = {"SiT-T-2-pixel-cfg-1.0-2-ODE-2-euler": ("ODE", "--sampling-method", "euler"),
+            "SiT-T-2-pixel-cfg-1.5-2-ODE-2-euler": ("ODE", "--sampling-method", "euler", "--cfg-scale", 1.5),
+            "SiT-T-2-pixel-cfg-1.0-2-SDE-2-Euler-sigma-Mean-0.04": ("SDE",)}
+    for name, argv in runs.items():
+        npz = sample_ddp(*argv)
+        assert npz == str(tmp_path / f"{name}.npz")
+        assert sorted(os.listdir(tmp_path / name)) == ["000000.png", "000001.png", "000002.png", "settings.json"]
+        with np.load(npz) as archive:
+            assert archive["arr_0"].shape == (3, 8, 8, 3)
+    # --no-run-folder: SAMPLE_DIR itself, as sample.py does
+    assert sample_ddp("ODE", "--sampling-method", "euler", "--no-run-folder") == f"{tmp_path}.npz"
+    assert "000002.png" in os.listdir(tmp_path)
 
 
 #################################################################################
