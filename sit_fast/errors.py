@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import functools
+import json
+import os
 import sys
+import time
 from typing import Callable
 
 
@@ -10,17 +13,36 @@ class UserError(ValueError):
     """An error caused by the user's input (flags, files, configuration); its message is the fix."""
 
 
+def report(message: str) -> None:
+    """Print `error: message` on stderr, once per torchrun job rather than once per process.
+
+    Under torchrun every process also writes the line to its error file (TORCHELASTIC_ERROR_FILE),
+    which torchrun prints in its failure summary in place of "To enable traceback see ...". So the
+    other ranks leave stderr to rank 0; an error that only some ranks hit still shows, in that summary.
+    """
+    line = f"error: {' '.join(message.split())}"
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        try:
+            with open(error_file, "w") as f:
+                # the layout of torch.distributed.elastic's ErrorHandler, less the traceback
+                json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+        except OSError:
+            error_file = None
+    if os.environ.get("RANK", "0") == "0" or not error_file:
+        print(line, file=sys.stderr)
+
+
 def cli_entry(main: Callable) -> Callable:
-    """Wrap a script's main(): a UserError (or another ValueError raised for bad input) is printed
-    as one line `error: ...` on stderr with exit status 2; anything else propagates as a bug."""
+    """Wrap a script's main(): a UserError is printed as one line `error: ...` on stderr (report)
+    with exit status 2; anything else propagates as a bug."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
         try:
             return main(*args, **kwargs)
         except UserError as err:
-            message = " ".join(str(err).split())
-            print(f"error: {message}", file=sys.stderr)
+            report(str(err))
             sys.exit(2)
 
     return wrapper

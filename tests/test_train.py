@@ -302,6 +302,35 @@ def test_user_error_from_the_real_cli(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_user_error_under_torchrun_is_printed_once_and_named_in_the_summary(tmp_path):
+    """Each process writes the line to torchrun's error file; only rank 0 prints it on stderr."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "train.py"), "--data-path", str(tmp_path / "nope"), "--exp-dir", str(tmp_path / "exp")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=240)
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).splitlines()
+    assert sum(line.startswith("error: --data-path") for line in lines) == 1, result.stderr[-3000:]
+    assert any(line.strip().startswith("traceback : error: --data-path") for line in lines), result.stderr[-3000:]
+
+
+@pytest.mark.parametrize("rank", ["0", "1"])
+def test_user_error_goes_to_the_torchrun_error_file(tmp_path, capsys, monkeypatch, rank):
+    from sit_fast.errors import UserError
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("RANK", rank)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+
+    def main():
+        raise UserError("--data-path /x\n   does not exist")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(main)()
+    assert exit_info.value.code == 2
+    assert json.loads(error_file.read_text())["message"]["message"] == "error: --data-path /x does not exist"
+    assert capsys.readouterr().err == ("error: --data-path /x does not exist\n" if rank == "0" else "")
+
+
 # ----------------------------------------------------------------------------- latent cache
 
 def test_latent_cache_round_trip_and_training(tmp_path):
