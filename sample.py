@@ -51,6 +51,7 @@ import time
 import numpy as np
 import torch
 
+from sit_fast.checkpoint import recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.models import SiT_models, resolve_fused_kernels
@@ -267,16 +268,9 @@ def check_image_path(path: str) -> None:
 
 
 def checkpoint_latent_space(path: str) -> str | None:
-    """A train.py checkpoint's model_config["latent_space"] ("pixels" or a VAE spec); None when the
-    file records none (a release file, .safetensors) or cannot be read (build_model says why)."""
-    if path.endswith(".safetensors") or not os.path.isfile(path):
-        return None
-    try:  # mmap: the pickle is read, the tensors are not
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # torch.load raises many types; build_model reports the unreadable file
-        return None
-    config = obj.get("model_config") if isinstance(obj, dict) else None
-    space = config.get("latent_space") if isinstance(config, dict) else None
+    """The latent space ("pixels" or a VAE spec) a train.py checkpoint (or a .safetensors file of
+    `python -m sit_fast.export`) records; None when it records none (a release file)."""
+    space = (recorded_model_config(path) or {}).get("latent_space")
     return space if isinstance(space, str) and space else None
 
 

@@ -6,6 +6,7 @@ read with torch.load(weights_only=True): a checkpoint can never run code.
 """
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
@@ -163,6 +164,29 @@ def _strip_prefixes(key: str) -> str:
             if key.startswith(prefix):
                 key, changed = key[len(prefix):], True
     return key
+
+
+def recorded_model_config(path: str | os.PathLike) -> dict | None:
+    """The model_config a file records, else None: a train.py checkpoint's "model_config" entry, or
+    the "model_config" metadata (JSON) of a .safetensors file that `python -m sit_fast.export` wrote.
+    Holds "latent_space" ("pixels" or a VAE spec) among others. An unreadable file gives None here;
+    read_checkpoint says what is wrong with it."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        return None
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                text = (f.metadata() or {}).get("model_config")
+            config = json.loads(text) if text else None
+        else:  # mmap: the pickle is read, the tensors are not
+            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            config = obj.get("model_config") if isinstance(obj, dict) else None
+    except Exception:  # torch.load and safetensors raise many types; read_checkpoint reports them
+        return None
+    return config if isinstance(config, dict) else None
 
 
 def _first_line(err: BaseException) -> str:

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_checkpoint, load_into_model, read_checkpoint
-from sit_fast.models import SiT
+from sit_fast.models import SiT, SiT_models
 from tests.test_models import expected_keys
 
 
@@ -132,3 +132,57 @@ def test_load_into_model_accepts_exact_state_dict():
     model = model_for(2, 32, 2, True)
     other = model_for(2, 32, 2, True)
     assert load_into_model(other, model.state_dict()) == {"label_table_reinitialised": False}
+
+
+# ----------------------------------------------------------------------------- python -m sit_fast.export
+
+def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys):
+    from sit_fast import export
+    from sample import checkpoint_latent_space
+
+    model = SiT_models["SiT-T/2"](input_size=8, in_channels=3, num_classes=10, learn_sigma=True)
+    raw = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    ema = {k: torch.randn_like(v) for k, v in model.state_dict().items()}
+    config = {"model": "SiT-T/2", "input_size": 8, "in_channels": 3, "num_classes": 10, "learn_sigma": True,
+              "latent_space": "pixels"}
+    ckpt = tmp_path / "0000100.pt"
+    torch.save({"model": raw, "ema": ema, "opt": {"state": {}}, "args": {}, "step": 100, "model_config": config},
+               ckpt)
+
+    # .pt: a raw state_dict (upstream's release format) of the EMA weights, nothing else
+    found = export.main([str(ckpt), "--out", str(tmp_path / "ema.pt")])
+    plain = torch.load(tmp_path / "ema.pt", weights_only=True)
+    assert plain.keys() == ema.keys() and all(torch.equal(plain[k], ema[k]) for k in ema)
+    assert found["weights"] == "raw" and found["model_config"] is None
+    assert found["model"] == "SiT-T/2" and found["config"]["learn_sigma"]
+    printed = capsys.readouterr().out
+    assert "ema weights, step 100" in printed and "ema.pt: pickle file" in printed and "a plain state_dict" in printed
+    assert "not recorded (sample with --vae as trained)" in printed
+
+    # .safetensors in bf16 from the raw weights: the model_config travels as metadata
+    export.main([str(ckpt), "--out", str(tmp_path / "w.safetensors"), "--weights", "model", "--dtype", "bf16"])
+    state_dict, info = read_checkpoint(tmp_path / "w.safetensors")
+    assert info["format"] == "safetensors" and all(v.dtype == torch.bfloat16 for v in state_dict.values())
+    assert all(torch.equal(state_dict[k], raw[k].bfloat16()) for k in raw)
+    assert checkpoint_latent_space(str(tmp_path / "w.safetensors")) == "pixels"
+    assert "w.safetensors: safetensors file" in capsys.readouterr().out.split("\n", 4)[4]
+    found = export.describe(str(tmp_path / "w.safetensors"))
+    assert (found["weights"], found["step"], found["dtypes"]) == ("model", 100, ["bfloat16"])
+    assert checkpoint_latent_space(str(ckpt)) == "pixels" and checkpoint_latent_space(str(tmp_path / "ema.pt")) is None
+    load_checkpoint(model, tmp_path / "w.safetensors")
+    # from one .safetensors to another: which weights, of which step and in which space, carry over
+    again = export.main([str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "again.safetensors")])
+    assert (again["weights"], again["step"], again["model_config"]) == ("model", 100, config)
+
+
+@pytest.mark.parametrize("out,message", [("w.bin", "extensions"), ("0000100.pt", "being read")])
+def test_export_refuses_bad_outputs_in_one_line(tmp_path, capsys, out, message):
+    from sit_fast import export
+
+    ckpt = tmp_path / "0000100.pt"
+    torch.save(model_for(1, 32, 2, False).state_dict(), ckpt)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(ckpt), "--out", str(tmp_path / out)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: --out") and message in err and "\n" not in err

@@ -56,7 +56,12 @@ def interrupt_after():
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the same directory, fsync, then os.replace onto `path`.
+    """torch.save(obj) onto `path` by atomic_write."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def atomic_write(path: str, write) -> None:
+    """write(f) to a temporary file in the same directory, fsync, then os.replace onto `path`.
 
     A crash at any point leaves either the old file or the complete new one, never a partial file
     under `path`; the temporary file is removed when the write fails.
@@ -65,7 +70,7 @@ def atomic_torch_save(obj, path: str) -> None:
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -1,0 +1,138 @@
+"""What a checkpoint holds, and its weights alone in a small file to share or to sample from.
+
+    python -m sit_fast.export CKPT                          describe it: format, model, step, latent space
+    python -m sit_fast.export CKPT --out ema.pt            the EMA weights as a raw state_dict
+    python -m sit_fast.export CKPT --out ema.safetensors   the same as .safetensors, with its model_config
+    python -m sit_fast.export CKPT --out w.pt --weights model --dtype bf16
+
+A .pt file is a plain state_dict in the upstream key layout, the format of the upstream release
+(`SiT-XL-2-256x256.pt`): upstream's sample.py and ours load it. It records no latent space, so
+sample it with --vae as trained. A .safetensors file also carries the checkpoint's model_config
+(architecture, latent space) as metadata, which sample.py reads as it reads a train.py
+checkpoint's. A train.py checkpoint of SiT-XL/2 (weights, EMA, AdamW moments) is 4x the EMA
+weights alone, 2.7 GB in fp32. Files are written atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+
+import torch
+
+from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
+from sit_fast.errors import UserError, cli_entry
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+EXTENSIONS = (".pt", ".pth", ".safetensors")
+
+
+def _read(path: str, weights: str) -> tuple[dict, dict]:
+    """read_checkpoint, plus which weights of which step a .safetensors file of export_weights holds."""
+    state_dict, info = read_checkpoint(path, prefer=weights)
+    if info["format"] == "safetensors":
+        from safetensors import safe_open
+
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+        info["weights"] = metadata.get("weights", info["weights"])
+        info["step"] = int(metadata["step"]) if metadata.get("step", "").isdigit() else info["step"]
+    return state_dict, info
+
+
+def describe(path: str, weights: str = "ema") -> dict:
+    """What `path` holds: {"format", "weights", "step", "model", "config", "model_config",
+    "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it)."""
+    from sit_fast.sampling import registry_name
+
+    state_dict, info = _read(path, weights)
+    config = infer_config(state_dict)
+    return {
+        "format": info["format"], "weights": info["weights"], "step": info["step"],
+        "model": registry_name(config["depth"], config["hidden_size"], config["patch_size"]),
+        "config": config, "model_config": recorded_model_config(path),
+        "parameters": sum(v.numel() for k, v in state_dict.items() if k != "pos_embed"),
+        "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()}),
+        "bytes": os.path.getsize(path),
+    }
+
+
+def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None = None) -> dict:
+    """Write one set of weights of `path` to `out` (.pt: a raw state_dict; .safetensors: with the
+    model_config as metadata), cast to `dtype` if given; returns describe(out)."""
+    from sit_fast.training.checkpointing import atomic_write
+
+    extension = os.path.splitext(out)[1].lower()
+    if extension not in EXTENSIONS:
+        raise UserError(f"--out {out}: give it one of the extensions {', '.join(EXTENSIONS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    if os.path.abspath(out) == os.path.abspath(path):
+        raise UserError(f"--out {out} is the checkpoint being read: pass another path")
+    state_dict, info = _read(path, weights)
+    if dtype is not None:  # pos_embed included: the model casts it on use, as every other tensor
+        state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+    state_dict = {k: v.contiguous() for k, v in state_dict.items()}
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    if extension == ".safetensors":
+        from safetensors.torch import save
+
+        metadata = {"format": "pt", "weights": info["weights"]}
+        model_config = recorded_model_config(path)
+        if model_config is not None:
+            metadata["model_config"] = json.dumps(model_config)
+        if info["step"] is not None:
+            metadata["step"] = str(int(info["step"]))
+        data = save(state_dict, metadata=metadata)
+        atomic_write(out, lambda f: f.write(data))
+    else:
+        buffer = io.BytesIO()
+        torch.save(state_dict, buffer)
+        atomic_write(out, lambda f: f.write(buffer.getbuffer()))
+    return describe(out)
+
+
+def summary(path: str, found: dict) -> str:
+    """describe()'s dict as a few lines for a person."""
+    config = found["config"]
+    space = (found["model_config"] or {}).get("latent_space")
+    lines = [
+        f"{path}: {found['format']} file, {found['bytes'] / 2**20:,.1f} MiB, "
+        f"{'a plain state_dict' if found['weights'] == 'raw' else found['weights'] + ' weights'}"
+        f"{'' if found['step'] is None else ', step ' + str(found['step'])}",
+        f"  model      {found['model'] or 'not in the registry'} (depth {config['depth']}, hidden "
+        f"{config['hidden_size']}, patch {config['patch_size']}), {found['parameters'] / 1e6:,.1f} M parameters, "
+        f"{'/'.join(found['dtypes'])}",
+        f"  inputs     {config['in_channels']} x {config['input_size']} x {config['input_size']}, "
+        f"{config['num_classes']} classes, learn_sigma {config['learn_sigma']}",
+        f"  latents    {space or 'not recorded (sample with --vae as trained)'}",
+    ]
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m sit_fast.export", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
+    parser.add_argument("ckpt", help="a train.py checkpoint, an upstream release file or a .safetensors file")
+    parser.add_argument("--out", default=None, help="write the weights here (.pt, .pth or .safetensors)")
+    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+                        help="a train.py checkpoint's EMA or raw weights (default: ema)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: as stored)")
+    return parser
+
+
+@cli_entry
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    found = describe(args.ckpt, args.weights)
+    print(summary(args.ckpt, found))
+    if args.out is None:
+        return found
+    written = export_weights(args.ckpt, args.out, args.weights, args.dtype)
+    print(summary(args.out, written))
+    return written
+
+
+if __name__ == "__main__":
+    main()
