@@ -123,6 +123,50 @@ def test_exact_resume_ddp(ddp_straight):
         assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
 
 
+def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
+    """no_sync in all but the last micro-batch: the last backward must still all-reduce everything."""
+    exp = str(tmp_path / "accum")
+    ranks = run_ddp(BASE + ["--exp-dir", exp, "--max-steps", "8", "--ckpt-every", "8", "--grad-accum-steps", "4"],
+                    str(tmp_path / "out"))
+    assert ranks[0]["step"] == ranks[1]["step"] == 8
+    for key in ("model", "ema"):
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), f"rank 1 {key}[{name}] differs from rank 0"
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert "gradient accumulation: 4 micro-batches of 8 per rank per step (global batch 64)" in f.read()
+    assert all(np.isfinite(logged_losses(exp)))
+
+
+def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
+    """K micro-batches: the same loss and gradients as the whole batch at once (to fp32 round-off).
+    The transport's random draws are replaced by a per-sample function, so both see the same loss."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    def per_sample_losses(model, x, model_kwargs):
+        t = torch.sigmoid(x.flatten(1).mean(1))  # a time per sample, not per position in the batch
+        return {"loss": ((model(x, t, **model_kwargs) - x) ** 2).flatten(1).mean(1)}
+
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+    results = {}
+    for parts in (1, 4):
+        args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / f"k{parts}"), "--grad-accum-steps", str(parts)])
+        trainer = Trainer(args, explicit, init_distributed())
+        trainer.transport.training_losses = per_sample_losses
+        before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+        loss, applied = trainer.train_step(batch)
+        grads = {name: p.grad.clone() for name, p in trainer.model.named_parameters() if p.grad is not None}
+        results[parts] = (before, loss, grads)
+    (before_1, loss_1, grads_1), (before_4, loss_4, grads_4) = results[1], results[4]
+    assert all(torch.equal(before_1[k], before_4[k]) for k in before_1)  # the same start
+    torch.testing.assert_close(loss_4, loss_1, rtol=1e-6, atol=1e-7)
+    assert grads_1.keys() == grads_4.keys() and len(grads_1) > 10
+    for name in grads_1:
+        torch.testing.assert_close(grads_4[name], grads_1[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
+
+
 # ----------------------------------------------------------------------------- single process
 
 def test_single_process_resume_flags_win_and_identity_kept(tmp_path):
@@ -256,6 +300,8 @@ def error_cases(tmp_path, checkpoint):
         "vae not found": (["--data-path", images, "--image-size", "16", "--vae", str(tmp_path / "no_vae")] + exp,
                           "--vae none"),
         "batch larger than the dataset": (BASE + ["--global-batch-size", "4000"] + exp, "fewer than one local batch"),
+        "accumulation steps not dividing the batch": (BASE + ["--grad-accum-steps", "3"] + exp,
+                                                      "pick a divisor of 64"),
     }
 
 

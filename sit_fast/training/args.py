@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--max-steps", type=positive_int, default=None,
                        help="stop after this many optimizer steps in total (counted from step 0)")
     optim.add_argument("--global-batch-size", type=positive_int, default=256, help="batch size summed over ranks")
+    optim.add_argument("--grad-accum-steps", "--gradient-accumulation-steps", dest="grad_accum_steps",
+                       type=positive_int, default=1,
+                       help="split each rank's batch into this many micro-batches, run one at a time, and "
+                            "take one optimizer step on their summed gradients: the same global batch in "
+                            "less memory (the data order is that of one pass)")
     optim.add_argument("--global-seed", type=int, default=0, help="seed; rank r uses global_seed * world_size + r")
     optim.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
     optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")

@@ -248,6 +248,10 @@ class Trainer:
         if args.global_batch_size % world_size:
             raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
         self.local_batch_size = args.global_batch_size // world_size
+        if self.local_batch_size % args.grad_accum_steps:
+            raise UserError(f"--grad-accum-steps {args.grad_accum_steps} does not divide the per-rank batch "
+                            f"{self.local_batch_size} (--global-batch-size {args.global_batch_size} over "
+                            f"{world_size} rank(s)): pick a divisor of {self.local_batch_size}")
         check_trackers(args)
         self.precision = resolve_precision(args.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -258,6 +262,10 @@ class Trainer:
         seed_everything(seed)
         logger.info(f"world size {world_size}, device {self.device}, precision {self.precision}, "
                     f"rank 0 seed {args.global_seed * world_size}")
+        if args.grad_accum_steps > 1:
+            logger.info(f"gradient accumulation: {args.grad_accum_steps} micro-batches of "
+                        f"{self.local_batch_size // args.grad_accum_steps} per rank per step "
+                        f"(global batch {args.global_batch_size})")
 
         # Data and the latent space.
         self.codec = None
@@ -522,12 +530,24 @@ class Trainer:
         return x, y
 
     def train_step(self, batch) -> tuple[torch.Tensor, bool]:
-        """Forward, backward, optimizer and EMA; returns (detached loss, whether the update was applied)."""
-        x, y = self.batch_to_latents(batch)
-        with self.autocast():
-            loss = self.transport.training_losses(self.train_model, x, dict(y=y))["loss"].mean()
+        """Forward, backward, optimizer and EMA; returns (detached loss, whether the update was applied).
+
+        With --grad-accum-steps K the batch is cut into K equal micro-batches, each taken through the
+        VAE, forward and backward in turn with its mean loss scaled by 1/K: the summed gradients are
+        those of the whole batch's mean loss. DDP all-reduces only in the last backward (no_sync)."""
+        parts = self.args.grad_accum_steps
+        micro_batches = [batch] if parts == 1 else zip(*(torch.chunk(torch.as_tensor(t), parts) for t in batch))
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        loss = None
+        for index, micro_batch in enumerate(micro_batches):
+            x, y = self.batch_to_latents(micro_batch)
+            defer_sync = index < parts - 1 and self.ddp is not self.model
+            with self.ddp.no_sync() if defer_sync else contextlib.nullcontext():
+                with self.autocast():
+                    part_loss = self.transport.training_losses(self.train_model, x, dict(y=y))["loss"].mean()
+                (part_loss / parts if parts > 1 else part_loss).backward()
+            part_loss = part_loss.detach() / parts if parts > 1 else part_loss.detach()
+            loss = part_loss if loss is None else loss + part_loss
         applied = True
         if self.args.grad_clip is not None or self.args.skip_nonfinite:
             max_norm = self.args.grad_clip if self.args.grad_clip is not None else float("inf")
@@ -538,7 +558,7 @@ class Trainer:
             self.opt.step()
             with torch.no_grad():  # ema <- ema + (1 - decay) * (param - ema), on the device
                 torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
-        return loss.detach(), applied
+        return loss, applied
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
