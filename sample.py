@@ -692,9 +692,28 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
         if dist.world_size > 1 and args.job != "fid":
             raise UserError("only --num-fid-samples runs under torchrun; run the other jobs with python")
         setup = Setup(args, dist)
-        return {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job](setup)
+        job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]
+        try:
+            return job(setup)
+        except torch.cuda.OutOfMemoryError:
+            raise UserError(out_of_memory_advice(args, setup.device)) from None
     finally:
         cleanup()
+
+
+def out_of_memory_advice(args: argparse.Namespace, device: torch.device) -> str:
+    """What ran out of GPU memory, and the flags that make it fit (those not in use already)."""
+    batch = args.batch_size or len(args.class_labels or UPSTREAM_CLASS_LABELS)
+    fixes = [f"--batch-size {max(1, batch // 2)}" if batch > 1 else None,
+             "--precision bf16" if args.precision != "bf16" else None,
+             "--vae-precision bf16" if args.vae != "none" and args.vae_precision != "bf16" else None]
+    fixes = [f for f in fixes if f]
+    folder = "a new folder" if args.run_folder else "another --sample-dir"
+    kept = (f" (the images written so far stay; another batch size samples into {folder}, since it fixes "
+            f"the SDE's noise)" if args.job == "fid" else "")
+    guided = " (guidance doubles the batch the model sees)" if args.cfg_scale > 1 else ""
+    return (f"out of GPU memory on {device} sampling batches of {batch}{guided}: "
+            f"{'try ' + ', '.join(fixes) if fixes else 'this model does not fit this GPU at batch size 1'}{kept}")
 
 
 if __name__ == "__main__":

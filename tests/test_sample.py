@@ -461,6 +461,19 @@ def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     assert "000002.png" in os.listdir(tmp_path)
 
 
+def test_out_of_gpu_memory_names_the_flags_that_fit(files, tmp_path, capsys, monkeypatch):
+    def run_grid(setup):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(sample, "run_grid", run_grid)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["latent"], "--vae", files["vae"], "--out", tmp_path / "g.png", *FAST])
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert "out of GPU memory" in err and "batches of 8 (guidance doubles" in err
+    assert "--batch-size 4" in err and "--precision bf16" in err and "--vae-precision bf16" in err
+
+
 #################################################################################
 #                                 Likelihood                                     #
 #################################################################################

@@ -377,6 +377,42 @@ def test_user_error_goes_to_the_torchrun_error_file(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err == ("error: --data-path /x does not exist\n" if rank == "0" else "")
 
 
+@pytest.mark.parametrize("phase", ["train", "samples"])
+def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatch, phase):
+    """Raised where a GPU would raise it (the CPU build has the same exception type)."""
+    from sit_fast.training.loop import Trainer
+
+    calls = []
+    original = Trainer.train_step
+
+    def train_step(self, batch):
+        calls.append(1)
+        if phase == "train" and len(calls) == 3:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch)
+
+    def save_samples(self):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "save_samples", save_samples)
+    exp = tmp_path / "exp"
+    argv = BASE + ["--exp-dir", str(exp), "--max-steps", "6", "--ckpt-every", "2", "--sample-every", "4"]
+    assert run_cli(argv) == 2
+    stderr = capsys.readouterr().err
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: out of GPU memory") and "Traceback" not in stderr
+    err = lines[0]
+    if phase == "train":
+        assert "at step 3" in err and "a batch of 64 per GPU" in err
+        assert "--grad-accum-steps 2 (the same global batch, micro-batches of 32)" in err
+        assert "--precision bf16" in err and "--grad-checkpointing" in err
+        assert err.endswith(f"last checkpoint: {exp / 'checkpoints' / '0000002.pt'}")
+    else:
+        assert "after step 4" in err and "--num-sample-images 16" in err
+    assert err in (exp / "log.txt").read_text()
+
+
 # ----------------------------------------------------------------------------- latent cache
 
 def test_latent_cache_round_trip_and_training(tmp_path):

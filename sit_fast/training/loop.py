@@ -379,6 +379,7 @@ class Trainer:
         self.epochs_limit = args.max_steps is not None and self.max_steps < args.max_steps
         self.step_counter = torch.full((), self.step, dtype=torch.int64, device=self.device)
         self.tb_writer = self.wandb = None
+        self.phase = "train"  # what runs now, for the advice on running out of memory
 
     # ------------------------------------------------------------------ resume
     def restore_position(self, ckpt: dict, path: str) -> None:
@@ -617,7 +618,9 @@ class Trainer:
                     self.check_finite(first_bad)
                     self.save_checkpoint()
                 if self.step % args.sample_every == 0 and is_main:
+                    self.phase = "samples"
                     self.save_samples()
+                    self.phase = "train"
                 window_start += time.perf_counter() - paused  # throughput counts training steps only
                 if last:
                     break
@@ -627,6 +630,30 @@ class Trainer:
         logger.info("done")
         return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
                 "nonfinite_skipped": self.nonfinite_skipped, **last_log}
+
+    def out_of_memory_advice(self) -> str:
+        """What ran out of GPU memory, and the flags that make it fit (those not in use already)."""
+        args = self.args
+        where = f"at step {self.step + 1} on {self.device}"
+        if self.phase == "samples":
+            return (f"out of GPU memory after step {self.step} on {self.device} sampling the EMA grid of --num-sample-images "
+                    f"{args.num_sample_images}: lower it{' or --cfg-scale 1' if args.cfg_scale > 1 else ''}")
+        parts = args.grad_accum_steps
+        micro = self.local_batch_size // parts
+        batch = f"a batch of {self.local_batch_size} per GPU" + (f" in micro-batches of {micro}" if parts > 1 else "")
+        fixes = []
+        more = next((k for k in range(parts + 1, self.local_batch_size + 1) if self.local_batch_size % k == 0), None)
+        if more is not None:
+            fixes.append(f"--grad-accum-steps {more} (the same global batch, micro-batches of "
+                         f"{self.local_batch_size // more})")
+        if self.precision != "bf16":
+            fixes.append("--precision bf16")
+        if not args.grad_checkpointing:
+            fixes.append("--grad-checkpointing")
+        fixes.append("a smaller --global-batch-size")
+        last = f"; last checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
+        return (f"out of GPU memory {where} training {args.model} with {batch}: fit it with "
+                f"{', '.join(fixes[:-1])} or {fixes[-1]} (USAGE.md, Memory){last}")
 
     def check_finite(self, first_bad: torch.Tensor) -> None:
         """Stop (on every rank) if any rank saw a non-finite loss; reads one small tensor."""
@@ -715,6 +742,12 @@ def main(argv: list[str] | None = None) -> dict:
     except UserError as err:
         log_to_file(f"error: {' '.join(str(err).split())}")
         raise
+    except torch.cuda.OutOfMemoryError:
+        if trainer is None:
+            raise
+        message = trainer.out_of_memory_advice()
+        log_to_file(f"error: {message}")
+        raise UserError(message) from None
     except KeyboardInterrupt:
         if trainer is None:
             message = "interrupted before training started"
