@@ -413,6 +413,50 @@ def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatc
     assert err in (exp / "log.txt").read_text()
 
 
+def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
+    """--wandb and --tensorboard, through stand-ins for their packages (neither is installed here)."""
+    import types
+
+    logged = {"wandb": [], "scalars": [], "images": []}
+
+    class Run:
+        def log(self, data, step):
+            logged["wandb"].append((step, data))
+
+        def finish(self):
+            pass
+
+    class Writer:
+        def __init__(self, log_dir):
+            self.log_dir = log_dir
+
+        def add_scalar(self, tag, value, step):
+            logged["scalars"].append((tag, step))
+
+        def add_image(self, tag, array, step, dataformats):
+            logged["images"].append((tag, array.shape, array.dtype, step, dataformats))
+
+        def close(self):
+            pass
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: Run()
+    wandb.Image = lambda path: ("image", path)
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    exp = tmp_path / "exp"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--log-every", "2", "--sample-every", "4",
+                       "--num-sample-images", "4", "--sample-steps", "2", "--wandb", "--tensorboard"])
+    grid = str(exp / "samples" / "0000004.png")
+    assert (4, {"samples": ("image", grid)}) in logged["wandb"]
+    height, width = np.asarray(Image.open(grid)).shape[:2]
+    assert logged["images"] == [("samples", (height, width, 3), np.uint8, 4, "HWC")]
+    assert ("train/loss", 2) in logged["scalars"] and ("train/loss", 4) in logged["scalars"]
+    assert any(step == 2 and "train/loss" in data for step, data in logged["wandb"])
+
+
 # ----------------------------------------------------------------------------- latent cache
 
 def test_latent_cache_round_trip_and_training(tmp_path):

@@ -497,6 +497,7 @@ class Trainer:
 
         path = save_image_grid(images, os.path.join(self.exp_dir, "samples", f"{self.step:07d}.png"))
         logger.info(f"saved EMA samples {path}")
+        self.track_image(path)
         return path
 
     def load_cache_vae(self):
@@ -723,6 +724,20 @@ class Trainer:
                 self.tb_writer.add_scalar(f"train/{key}", value, self.step)
         if self.wandb is not None:
             self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=self.step)
+
+    def track_image(self, path: str) -> None:
+        """The sample grid at `path`, to TensorBoard and wandb when they are on."""
+        if self.tb_writer is None and self.wandb is None:
+            return
+        if self.tb_writer is not None:
+            from PIL import Image
+
+            with Image.open(path) as image:
+                self.tb_writer.add_image("samples", np.asarray(image.convert("RGB")), self.step, dataformats="HWC")
+        if self.wandb is not None:
+            import wandb
+
+            self.wandb.log({"samples": wandb.Image(path)}, step=self.step)
 
     def close_trackers(self) -> None:
         if self.tb_writer is not None:
