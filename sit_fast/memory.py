@@ -72,34 +72,56 @@ def training_state_bytes(model: torch.nn.Module, ema: bool = True) -> int:
     return n * (16 + (4 if ema else 0)) + n_frozen * 4 * (2 if ema else 1)
 
 
+def batch_bound(gpu_bytes: int, state_bytes: int, activation_bytes: int, headroom_bytes: int) -> int:
+    """The per-GPU training batch that the saved activations leave room for: an upper estimate
+    (temporaries inside a layer, the allocator and workspaces are not counted); 0 if none fits."""
+    return max(0, (gpu_bytes - state_bytes - headroom_bytes) // activation_bytes)
+
+
 def main(argv=None) -> None:
-    """Print per-model memory figures: training state, and measured activation bytes per image."""
+    """Print per-model memory figures: training state, and measured activation bytes per image;
+    with --gpu-gib, the per-GPU batch bound of each variant on GPUs of those sizes."""
     import argparse
 
     from sit_fast.models import UPSTREAM_MODELS, SiT_models
 
-    parser = argparse.ArgumentParser(description="SiT memory table (parameters, training state, activations).")
+    parser = argparse.ArgumentParser(prog="python -m sit_fast.memory",
+                                     description="SiT memory table (parameters, training state, activations).")
     parser.add_argument("--models", nargs="+", default=UPSTREAM_MODELS, help="registry names")
     parser.add_argument("--image-size", type=int, default=256, help="image size (latent = image size / 8)")
+    parser.add_argument("--gpu-gib", type=float, nargs="+", default=None,
+                        help="also a table of per-GPU batch bounds for GPUs with this much memory (GiB), e.g. 24 40 80 141")
+    parser.add_argument("--headroom-gib", type=float, default=4.0,
+                        help="memory kept aside in the bounds for the CUDA context, workspaces and temporaries")
     args = parser.parse_args(argv)
     print("| model | params | fp32 weights | train state (w+g+AdamW+EMA) | act/img ref fp32 (math attn) | "
           "act/img ref fp32+sdpa | act/img ref bf16+sdpa | act/img fast bf16 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    bounds = []
     for name in args.models:
         with torch.device("meta"):
             ref = SiT_models[name](input_size=args.image_size // 8)
             ref_sdpa = SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa")
             fast = SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa", fused_kernels=True)
         params = sum(p.numel() for p in ref.parameters())
-        row = [
-            name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB",
-            f"{training_state_bytes(ref) / 2**30:.2f} GiB",
-            f"{activation_bytes_per_image(ref) / 2**20:.0f} MiB",
-            f"{activation_bytes_per_image(ref_sdpa) / 2**20:.0f} MiB",
-            f"{activation_bytes_per_image(ref_sdpa, torch.bfloat16) / 2**20:.0f} MiB",
-            f"{activation_bytes_per_image(fast, torch.bfloat16) / 2**20:.0f} MiB",
-        ]
+        state = training_state_bytes(ref)
+        activations = [activation_bytes_per_image(ref), activation_bytes_per_image(ref_sdpa),
+                       activation_bytes_per_image(ref_sdpa, torch.bfloat16),
+                       activation_bytes_per_image(fast, torch.bfloat16)]
+        row = [name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB", f"{state / 2**30:.2f} GiB",
+               *(f"{a / 2**20:.0f} MiB" for a in activations)]
         print("| " + " | ".join(row) + " |")
+        bounds.append((name, state, activations[1:]))
+    if not args.gpu_gib:
+        return
+    print(f"\nPer-GPU training batch bounds, {args.image_size}px, (GPU - train state - {args.headroom_gib:g} GiB) / "
+          f"activations per image; fp32+sdpa / bf16+sdpa / fast bf16:\n")
+    print("| model | " + " | ".join(f"{g:g} GiB" for g in args.gpu_gib) + " |")
+    print("| --- |" + " --- |" * len(args.gpu_gib))
+    for name, state, activations in bounds:
+        cells = [" / ".join(str(batch_bound(int(g * 2**30), state, a, int(args.headroom_gib * 2**30)))
+                            for a in activations) for g in args.gpu_gib]
+        print(f"| {name} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

@@ -219,6 +219,26 @@ def test_memory_table_cli(capsys):
         assert math_fp32 >= sdpa_fp32 > sdpa_bf16 > fast_bf16 > 0, acts
 
 
+def test_memory_batch_bounds(capsys):
+    """--gpu-gib: (GPU - state - headroom) // activations, per variant, from the same figures as the table."""
+    from sit_fast.memory import batch_bound, main
+
+    gib = 2**30
+    assert batch_bound(80 * gib, 12 * gib, gib // 4, 4 * gib) == 256  # (80 - 12 - 4) GiB / 0.25 GiB
+    assert batch_bound(16 * gib, 13 * gib, gib, 4 * gib) == 0
+    main(["--models", "SiT-S/2", "--gpu-gib", "24", "80", "--headroom-gib", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    state_gib = float(row[3].split()[0])
+    acts_mib = [float(cell.split()[0]) for cell in row[5:]]  # fp32+sdpa, bf16+sdpa, fast bf16
+    assert lines[-3].startswith("| model | 24 GiB | 80 GiB |") and lines[-1].startswith("| SiT-S/2 |")
+    for gpu, cell in zip((24, 80), lines[-1].strip("|").split("|")[1:]):
+        bounds = [int(b) for b in cell.split("/")]
+        expected = [(gpu - 2 - state_gib) * 1024 / a for a in acts_mib]  # the table's rounded figures
+        assert all(abs(b - e) <= 0.02 * e + 1 for b, e in zip(bounds, expected)), (gpu, bounds, expected)
+        assert bounds[0] < bounds[1] < bounds[2]
+
+
 def test_parity_cli_error_is_one_line():
     """Fused kernels on the CPU without the interpreter: the parity CLI says so in one line."""
     import os
