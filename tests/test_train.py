@@ -305,6 +305,16 @@ def error_cases(tmp_path, checkpoint):
     }
 
 
+def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpoint):
+    """Upstream's --ckpt was meant to resume; here it starts a new run: the log says so, and how to resume."""
+    exp = tmp_path / "exp"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--ckpt", digits_checkpoint])
+    assert summary["step"] == 1
+    log = (exp / "log.txt").read_text()
+    assert f"--ckpt {digits_checkpoint} is a training checkpoint (step 1): this is a new run" in log
+    assert f"pass --resume {digits_checkpoint}" in log
+
+
 def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
     for name, (argv, expected) in error_cases(tmp_path, digits_checkpoint).items():
         code = run_cli(argv)

@@ -342,6 +342,10 @@ class Trainer:
         if args.ckpt and ckpt is None:
             info = load_checkpoint(model, args.ckpt, prefer="ema")
             logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
+            if info["step"] is not None:  # upstream's --ckpt meant "resume"; here it starts a new run
+                logger.warning(f"--ckpt {args.ckpt} is a training checkpoint (step {info['step']}): this is a new "
+                               f"run from its {info['weights']} weights at step 0, with a fresh optimizer; to "
+                               f"continue that run (optimizer, step, data order) pass --resume {args.ckpt}")
         if ckpt is not None:
             load_into_model(model, ckpt["model"], source=f"{resume_path} (model)")
         self.model = model
