@@ -71,8 +71,9 @@ def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None 
     if os.path.abspath(out) == os.path.abspath(path):
         raise UserError(f"--out {out} is the checkpoint being read: pass another path")
     state_dict, info = _read(path, weights)
-    if dtype is not None:  # pos_embed included: the model casts it on use, as every other tensor
-        state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() else v for k, v in state_dict.items()}
+    if dtype is not None:  # the fixed sin-cos table stays as it is: small, and exact is what the model was trained with
+        state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and k != "pos_embed" else v
+                      for k, v in state_dict.items()}
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     if extension == ".safetensors":
@@ -118,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", default=None, help="write the weights here (.pt, .pth or .safetensors)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="a train.py checkpoint's EMA or raw weights (default: ema)")
-    parser.add_argument("--dtype", choices=list(DTYPES), default=None, help="cast the weights (default: as stored)")
+    parser.add_argument("--dtype", choices=list(DTYPES), default=None,
+                        help="cast the weights, all but the fixed pos_embed table (default: as stored)")
     return parser
 
 

@@ -162,12 +162,13 @@ def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys
     # .safetensors in bf16 from the raw weights: the model_config travels as metadata
     export.main([str(ckpt), "--out", str(tmp_path / "w.safetensors"), "--weights", "model", "--dtype", "bf16"])
     state_dict, info = read_checkpoint(tmp_path / "w.safetensors")
-    assert info["format"] == "safetensors" and all(v.dtype == torch.bfloat16 for v in state_dict.values())
-    assert all(torch.equal(state_dict[k], raw[k].bfloat16()) for k in raw)
+    assert info["format"] == "safetensors" and state_dict["pos_embed"].dtype == torch.float32
+    assert all(torch.equal(state_dict[k], raw[k].bfloat16()) for k in raw if k != "pos_embed")
+    assert torch.equal(state_dict["pos_embed"], raw["pos_embed"])
     assert checkpoint_latent_space(str(tmp_path / "w.safetensors")) == "pixels"
     assert "w.safetensors: safetensors file" in capsys.readouterr().out.split("\n", 4)[4]
     found = export.describe(str(tmp_path / "w.safetensors"))
-    assert (found["weights"], found["step"], found["dtypes"]) == ("model", 100, ["bfloat16"])
+    assert (found["weights"], found["step"], found["dtypes"]) == ("model", 100, ["bfloat16", "float32"])
     assert checkpoint_latent_space(str(ckpt)) == "pixels" and checkpoint_latent_space(str(tmp_path / "ema.pt")) is None
     load_checkpoint(model, tmp_path / "w.safetensors")
     # from one .safetensors to another: which weights, of which step and in which space, carry over
