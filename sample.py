@@ -52,7 +52,7 @@ import numpy as np
 import torch
 
 from sit_fast.checkpoint import recorded_model_config
-from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed
+from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.models import SiT_models, resolve_fused_kernels
 from sit_fast.attention import ATTN_BACKENDS
@@ -405,22 +405,6 @@ def set_matmul_precision(precision: str) -> None:
     tf32 = precision == "tf32"
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cudnn.allow_tf32 = tf32
-
-
-def on_main(fn, dist: DistInfo):
-    """Run fn on rank 0 only and hand its result (or its UserError) to every rank."""
-    if dist.world_size == 1:
-        return fn()
-    result, error = None, None
-    if dist.is_main:
-        try:
-            result = fn()
-        except UserError as err:
-            error = str(err)
-    result, error = broadcast_object((result, error))
-    if error is not None:
-        raise UserError(error)
-    return result
 
 
 def synchronize(device: torch.device) -> None:

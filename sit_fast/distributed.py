@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from sit_fast.errors import UserError
+
 
 @dataclass
 class DistInfo:
@@ -87,3 +89,19 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def on_main(fn, info: DistInfo):
+    """Run fn on rank 0 only and hand its result (or its UserError) to every rank."""
+    if info.world_size == 1:
+        return fn()
+    result, error = None, None
+    if info.is_main:
+        try:
+            result = fn()
+        except UserError as err:
+            error = str(err)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise UserError(error)
+    return result

@@ -11,23 +11,28 @@ sample each time, as upstream's `latent_dist.sample()` does. Layout of DIR:
     index.json          {"format", "version", "vae", "scaling_factor", "latent_channels", "latent_size",
                          "image_size", "num_images", "num_classes", "classes", "dtype", "shards": [
                          {"file", "start", "count"}, ...]}
+    settings.json       {"image_size", "vae", "vae_precision", "dtype", "shard_size", "num_images",
+                         "num_classes", "dataset_sha256"}: written first, checked on every resume
     shard-00000.pt      {"mean": (n, 2, C, h, w), "std": (n, 2, C, h, w), "labels": (n,) int64}
                         axis 1: 0 = as is, 1 = mirrored; read with torch.load(weights_only=True, mmap=True)
 
-Shards are written atomically and skipped when present, so an interrupted run resumes.
+Shards are written atomically and skipped when present, so an interrupted run resumes (with any
+number of processes); settings.json records the settings that shape the latents, and a folder made
+with other settings is refused.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
-import time
 
 import torch
 
 from sit_fast.data import CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, make_loader
-from sit_fast.distributed import barrier, cleanup, init_distributed
+from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
+from sit_fast.sampling import check_settings
 from sit_fast.training.checkpointing import atomic_torch_save
 from sit_fast.training.args import OneLineArgumentParser
 from sit_fast.vae import load_vae
@@ -49,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16",
                         help="storage dtype of the mean and std")
     parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
@@ -56,8 +62,29 @@ def shard_name(k: int) -> str:
     return f"shard-{k:05d}.pt"
 
 
+def dataset_fingerprint(dataset: ImageFolderDataset, root: str) -> str:
+    """sha256 of the (path relative to root, label) list: the same images in the same order, wherever
+    the folder now lives."""
+    digest = hashlib.sha256()
+    for path, label in dataset.samples:
+        digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+def pending_shards(out: str, shards: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
+    """The shards (k, start, count) whose file is not yet in `out`."""
+    present = set(os.listdir(out))
+    return [shard for shard in shards if shard_name(shard[0]) not in present]
+
+
 def build_cache(args: argparse.Namespace) -> dict | None:
-    """Encode the dataset into args.out; returns the index on rank 0 (None on other ranks)."""
+    """Encode the dataset into args.out; returns the index on rank 0 (None on other ranks).
+
+    Resumable: settings.json records what shapes the latents (image size, VAE, storage dtype, shard
+    size, the dataset's file list), a folder made with other settings is refused, and the shards still
+    missing are shared out among the processes of this run, however many wrote the ones present."""
+    from tqdm import tqdm
+
     dist_info = init_distributed()
     device = dist_info.device
     dataset = ImageFolderDataset(args.data_path, args.image_size)
@@ -69,15 +96,29 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {codec.downsample}")
     if args.shard_size < 1 or args.batch_size < 1:
         raise UserError("--shard-size and --batch-size must be positive")
-    os.makedirs(args.out, exist_ok=True)
     storage = STORAGE_DTYPES[args.dtype]
     n = len(dataset)
     shards = [(k, start, min(args.shard_size, n - start)) for k, start in enumerate(range(0, n, args.shard_size))]
-    started = time.time()
-    for k, start, count in shards[dist_info.rank:: dist_info.world_size]:
-        path = os.path.join(args.out, shard_name(k))
-        if os.path.exists(path):
-            continue
+    vae_spec = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae  # usable from any folder
+    settings = {
+        "image_size": args.image_size, "vae": vae_spec, "vae_precision": args.vae_precision, "dtype": args.dtype,
+        "shard_size": args.shard_size, "num_images": n, "num_classes": dataset.num_classes,
+        "dataset_sha256": dataset_fingerprint(dataset, args.data_path),
+    }
+
+    def prepare():
+        check_settings(args.out, settings, holds="latents", flag="--out")
+        return pending_shards(args.out, shards)
+
+    pending = on_main(prepare, dist_info)
+    mine = pending[dist_info.rank:: dist_info.world_size]
+    if dist_info.is_main:
+        todo = sum(count for _, _, count in pending)
+        print(f"latent cache: {n - todo} of {n} images already in {args.out}; encoding {todo} (x 2 flips) in "
+              f"{len(pending)} shard(s) on {dist_info.world_size} process(es)", flush=True)
+    progress = tqdm(total=sum(count for _, _, count in mine), unit="img", desc="encoding (rank 0's shards)",
+                    disable=not dist_info.is_main or args.no_progress)
+    for k, start, count in mine:
         keys = [(i, 0) for i in range(start, start + count)]
         batches = [keys[b: b + args.batch_size] for b in range(0, count, args.batch_size)]
         means, stds, labels = [], [], []
@@ -88,16 +129,19 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             means.append(torch.stack([mean[:b], mean[b:]], dim=1).to(storage).cpu())  # (B, 2, C, h, w)
             stds.append(torch.stack([std[:b], std[b:]], dim=1).to(storage).cpu())
             labels.append(torch.as_tensor(y, dtype=torch.int64))
+            progress.update(b)
+        path = os.path.join(args.out, shard_name(k))
         atomic_torch_save({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)}, path)
         if dist_info.is_main:
-            print(f"rank 0: wrote {path} ({count} images, {time.time() - started:.0f}s)", flush=True)
+            progress.write(f"rank 0: wrote {path} ({count} images)")
+    progress.close()
     barrier()
     index = None
     if dist_info.is_main:
         latent_size = args.image_size // codec.downsample
         index = {
             "format": CACHE_FORMAT, "version": CACHE_VERSION,
-            "vae": os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae,  # usable from any folder
+            "vae": vae_spec,
             "scaling_factor": codec.scaling_factor, "latent_channels": codec.latent_channels,
             "latent_size": latent_size, "image_size": args.image_size, "num_images": n,
             "num_classes": dataset.num_classes, "classes": dataset.classes, "dtype": args.dtype,

@@ -486,8 +486,9 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int) -> list[i
     return pending
 
 
-def check_settings(sample_dir: str, settings: dict) -> None:
-    """Refuse to resume a folder written with other image-changing settings; record them otherwise."""
+def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir") -> None:
+    """Refuse to resume a folder written with other output-changing settings; record them otherwise.
+    `holds` and `flag` name what the folder holds and the flag that picks another one, for the message."""
     path = os.path.join(sample_dir, "settings.json")
     if os.path.isfile(path):
         with open(path, encoding="utf-8") as f:
@@ -495,8 +496,8 @@ def check_settings(sample_dir: str, settings: dict) -> None:
         differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
         if differ:
             raise UserError(
-                f"{sample_dir} holds samples made with other settings ({'; '.join(differ[:3])}"
-                f"{' ...' if len(differ) > 3 else ''}): pass another --sample-dir, or delete it to start over"
+                f"{sample_dir} holds {holds} made with other settings ({'; '.join(differ[:3])}"
+                f"{' ...' if len(differ) > 3 else ''}): pass another {flag}, or delete it to start over"
             )
         return
     os.makedirs(sample_dir, exist_ok=True)

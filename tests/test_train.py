@@ -5,6 +5,7 @@ the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
 """
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -504,6 +505,75 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     assert os.path.isfile(os.path.join(exp, "samples", "0000003.png"))  # decoded with the cache's VAE
     assert load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]["in_channels"] == 4
+
+
+def _cache_args(images, vae_dir, out, *extra):
+    return ["--data-path", images, "--image-size", "16", "--vae", vae_dir, "--out", out, "--shard-size", "2",
+            "--batch-size", "2", "--num-workers", "0", "--dtype", "float32", "--no-progress", *extra]
+
+
+def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp_path, capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    shard = lambda k: os.path.join(out, latent_cache.shard_name(k))  # noqa: E731
+    first = torch.load(shard(1), weights_only=True)
+    os.remove(shard(1))  # as a run killed before writing it would leave the folder
+    stamps = {k: os.stat(shard(k)).st_mtime_ns for k in (0, 2)}
+    capsys.readouterr()
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    assert "4 of 6 images already in" in capsys.readouterr().out
+    assert {k: os.stat(shard(k)).st_mtime_ns for k in (0, 2)} == stamps  # not re-encoded
+    again = torch.load(shard(1), weights_only=True)
+    for key in ("mean", "std", "labels"):
+        torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+
+    def refused(extra):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            latent_cache.main(_cache_args(images, vae_dir, out) + extra)
+        return capsys.readouterr().err
+
+    for extra, named in ((["--dtype", "float16"], "dtype"), (["--image-size", "8"], "image_size")):
+        assert re.fullmatch(rf"error: \S+ holds latents made with other settings \({named}: .*pass another --out, "
+                            r"or delete it to start over\n", refused(extra))
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(os.path.join(images, "class1", "9.png"))  # the data changed
+    assert "num_images: 6 there, 7 now" in refused([])
+
+
+def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
+    """Resumed under torchrun, the missing shards 0 and 2 go one to each process (round robin over all
+    shards would give both to rank 0), and come out as the single-process run wrote them."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    written = {k: torch.load(os.path.join(out, latent_cache.shard_name(k)), weights_only=True) for k in (0, 2)}
+    for k in written:
+        os.remove(os.path.join(out, latent_cache.shard_name(k)))
+    os.remove(os.path.join(out, "index.json"))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               "-m", "sit_fast.latent_cache", *_cache_args(images, vae_dir, out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "encoding 4 (x 2 flips) in 2 shard(s) on 2 process(es)" in result.stdout, result.stdout
+    assert "shard-00000.pt" in result.stdout and "shard-00002.pt" not in result.stdout  # rank 0 wrote only 0
+    for k, expected in written.items():  # the same up to round-off (torchrun runs 1 thread per process)
+        again = torch.load(os.path.join(out, latent_cache.shard_name(k)), weights_only=True)
+        for key in ("mean", "std", "labels"):
+            torch.testing.assert_close(again[key], expected[key], rtol=1e-5, atol=1e-6)
+    with open(os.path.join(out, "index.json")) as f:
+        assert [s["count"] for s in json.load(f)["shards"]] == [2, 2, 2]
 
 
 # ----------------------------------------------------------------------------- slow: the real launchers
