@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
-from sit_fast.errors import cli_entry
+from sit_fast.errors import UserError, cli_entry
 from sit_fast.training import checkpointing
 from sit_fast.training.checkpointing import list_checkpoints
 from sit_fast.training.loop import main as train_main
@@ -303,6 +303,11 @@ def error_cases(tmp_path, checkpoint):
         "batch larger than the dataset": (BASE + ["--global-batch-size", "4000"] + exp, "fewer than one local batch"),
         "accumulation steps not dividing the batch": (BASE + ["--grad-accum-steps", "3"] + exp,
                                                       "pick a divisor of 64"),
+        # a negative clip norm would flip the gradients' sign (clip_grad_norm_ scales by max_norm / norm)
+        "negative --grad-clip": (BASE + ["--grad-clip", "-1"] + exp, "--grad-clip: must be a positive number"),
+        "zero --grad-clip": (BASE + ["--grad-clip", "0"] + exp, "--grad-clip: must be a positive number"),
+        "negative --lr": (BASE + ["--lr", "-0.0001"] + exp, "--lr: must be a positive number"),
+        "--ema-decay above 1": (BASE + ["--ema-decay", "1.5"] + exp, "--ema-decay: must be in [0, 1]"),
     }
 
 
@@ -612,6 +617,10 @@ def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--ckpt-every", "2"])
     ckpt_dir = os.path.join(exp, "checkpoints")
     old_four = load_ckpt(os.path.join(ckpt_dir, "0000004.pt"))["model"]
+    for refused in (["--model", "SiT-S/4"], ["--grad-accum-steps", "3"]):  # a resume that never runs moves nothing
+        with pytest.raises(UserError):
+            train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000002.pt"), *refused])
+        assert sorted(os.listdir(ckpt_dir)) == ["0000002.pt", "0000004.pt", "0000006.pt"]
     train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000002.pt"), "--max-steps", "4",
                        "--lr", "1e-2"])
     aside = [name for name in os.listdir(ckpt_dir) if name.startswith("superseded-")]

@@ -29,6 +29,27 @@ def positive_int(value: str) -> int:
     return number
 
 
+def nonnegative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0 or number == float("inf"):  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def decay(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train.py", description="Train SiT with DDP (torchrun) or in one process (python train.py).",
@@ -51,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--in-channels", type=positive_int, default=None,
                       help="model input channels (default: the VAE's latent channels, or the image channels "
                            "with --vae none); must agree with the data")
-    data.add_argument("--num-workers", type=int, default=4, help="data loader worker processes per rank")
+    data.add_argument("--num-workers", type=nonnegative_int, default=4, help="data loader worker processes per rank")
 
     model = parser.add_argument_group("Model")
     model.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2", help="model size / patch")
@@ -78,9 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "take one optimizer step on their summed gradients: the same global batch in "
                             "less memory (the data order is that of one pass)")
     optim.add_argument("--global-seed", type=int, default=0, help="seed; rank r uses global_seed * world_size + r")
-    optim.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
-    optim.add_argument("--ema-decay", type=float, default=0.9999, help="EMA decay per step")
-    optim.add_argument("--grad-clip", type=float, default=None, help="clip the global gradient norm to this value")
+    optim.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
+    optim.add_argument("--ema-decay", type=decay, default=0.9999, help="EMA decay per step, in [0, 1]")
+    optim.add_argument("--grad-clip", type=positive_float, default=None, help="clip the global gradient norm to this value")
     optim.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
                        help="fp32; tf32 matmuls; bf16 autocast with fp32 master weights (auto: bf16 on CUDA, "
                             "fp32 on the CPU)")

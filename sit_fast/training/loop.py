@@ -93,7 +93,8 @@ def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
     """Resuming from a checkpoint older than the newest of the run's own checkpoint_dir starts a new
     branch: move the later ones into checkpoints/superseded-<time>/ (kept, but no longer found by
     --resume auto, and not overwritten by the new branch). A checkpoint of another folder (--exp-dir
-    elsewhere) moves nothing. Returns a note for the log ('' when nothing moved)."""
+    elsewhere) moves nothing. Called once the resumed run is built, so a refused resume moves nothing.
+    Returns a line for the log ('' when nothing moved)."""
     paths = [os.path.abspath(p) for p in list_checkpoints(checkpoint_dir)]  # newest first
     resumed = os.path.abspath(resume_path)
     later = paths[:paths.index(resumed)] if resumed in paths else []
@@ -104,7 +105,7 @@ def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
     for path in later:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
     names = ", ".join(os.path.basename(p) for p in reversed(later))
-    return f"; the later checkpoints of that run ({names}) are moved to {aside}"
+    return f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved to {aside}"
 
 
 def setup_logging(exp_dir: str | None, is_main: bool) -> None:
@@ -218,8 +219,6 @@ class Trainer:
         if isinstance(choice, UserError):
             raise choice
         self.exp_dir, resume_path, resume_note = choice
-        if dist_info.is_main and resume_path is not None:
-            resume_note += set_aside_later_checkpoints(resume_path, os.path.join(self.exp_dir, "checkpoints"))
         ckpt = None
         if resume_path is not None:
             ckpt = load_training_checkpoint(resume_path)
@@ -239,6 +238,10 @@ class Trainer:
             if created:  # a run that never started leaves no numbered folder behind
                 remove_unused_experiment(self.exp_dir)
             raise
+        if dist_info.is_main and resume_path is not None:  # only a resume that will run starts a branch
+            moved = set_aside_later_checkpoints(resume_path, self.checkpoint_dir)
+            if moved:
+                logger.info(moved)
 
     def _build(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None, resume_path: str | None) -> None:
         """Data, latent space, model, EMA, optimizer and run position; user errors surface here."""
