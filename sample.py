@@ -144,7 +144,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                        help="replay each model forward from a CUDA graph (CUDA only)")
     speed.add_argument("--attn-backend", choices=ATTN_BACKENDS, default="auto", help="attention implementation")
     speed.add_argument("--fused-kernels", choices=("auto", "on", "off"), default="auto",
-                       help="fused Triton adaLN kernels (auto: on for CUDA)")
+                       help="fused Triton adaLN kernels (auto: on for CUDA, off on the CPU, where `on` runs them "
+                            "through the Triton interpreter, with TRITON_INTERPRET=1 set: very slow, for tests)")
 
     fid = parser.add_argument_group("Many images for FID (sample_ddp.py's job)")
     fid.add_argument("--num-fid-samples", type=int, default=defaults["num_fid_samples"],
@@ -319,6 +320,8 @@ class Setup:
             raise UserError("--in-channels is for pixel space (--vae none); with a VAE the latent channels are the VAE's")
         downsample = self.codec.downsample if self.codec is not None else 1
         fused_kernels = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
+        if fused_kernels == "auto" and device.type != "cuda":
+            fused_kernels = False  # on the CPU the kernels only run through the Triton interpreter: a test tool
         try:
             resolve_fused_kernels(fused_kernels, device)
         except ValueError as err:
@@ -456,7 +459,10 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
 def run_folder_name(args: argparse.Namespace, model: str) -> str:
     """Upstream sample_ddp.py's name for a run's folder, so sweeps land side by side as there, e.g.
     SiT-XL-2-pretrained-cfg-1.5-32-ODE-250-dopri5 or ...-SDE-250-Euler-sigma-Mean-0.04."""
-    ckpt = os.path.basename(args.ckpt).replace(".pt", "") if args.ckpt else "pretrained"
+    ckpt = "pretrained"
+    if args.ckpt:
+        stem, extension = os.path.splitext(os.path.basename(args.ckpt))
+        ckpt = stem if extension.lower() in (".pt", ".pth", ".safetensors") else os.path.basename(args.ckpt)
     name = (f"{model.replace('/', '-')}-{ckpt}-cfg-{float(args.cfg_scale)}-{args.batch_size}-"
             f"{args.mode}-{args.num_sampling_steps}-{args.sampling_method}")
     if args.mode == "SDE":

@@ -1,12 +1,13 @@
-"""Many images for FID, upstream sample_ddp.py's job and defaults, run by sample.py.
+"""Many images for FID, upstream sample_ddp.py's job, run by sample.py.
 
     torchrun --nnodes=1 --nproc_per_node=G sample_ddp.py ODE|SDE --ckpt PATH [flags]
 
 is `sample.py ... --num-fid-samples 50000 --vae ema --run-folder` (cfg scale 1 unless given): as
 upstream's, numbered PNGs in a folder under --sample-dir named by the settings (e.g.
 samples/SiT-XL-2-pretrained-cfg-1.5-32-ODE-250-dopri5/), resumable, and beside it one .npz of
-exactly --num-fid-samples images in ADM's format. Every flag of sample.py is accepted; see
-`python sample.py ODE --help` and the docstring of sample.py.
+exactly --num-fid-samples images in ADM's format. Upstream's defaults but one: the per-process
+batch is 32, not 4 (the 32 is in the folder name; --per-proc-batch-size 4 gives upstream's).
+Every flag of sample.py is accepted; see `python sample.py ODE --help` and the docstring of sample.py.
 """
 from sample import SAMPLE_DDP_DEFAULTS, main
 

@@ -6,11 +6,13 @@ read with torch.load(weights_only=True): a checkpoint can never run code.
 """
 from __future__ import annotations
 
+import argparse
+import glob
 import json
 import logging
 import math
 import os
-import pickle
+import re
 import zipfile
 
 import torch
@@ -31,32 +33,31 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
     """Return (state_dict, info) from any supported checkpoint file.
 
     prefer: "ema" takes a train.py checkpoint's EMA weights when present, "model" its raw weights.
-    info: {"format", "weights" ("ema" | "model" | "raw"), "args", "step"} (None where unknown).
+    info: {"format", "weights" ("ema" | "model" | "raw"), "args", "step", "optimizer"} (None where
+    unknown; optimizer: whether it is a training checkpoint with an optimizer state, upstream's or ours).
     """
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
-    info = {"format": "pickle", "weights": "raw", "args": None, "step": None}
-    if path.endswith(".safetensors"):
+    check_checkpoint_file(path)
+    info = {"format": "pickle", "weights": "raw", "args": None, "step": None, "optimizer": False}
+    if is_safetensors(path):
         from safetensors.torch import load_file
+
+        from safetensors import safe_open
 
         try:
             obj = load_file(path, device="cpu")
+            with safe_open(path, framework="pt") as f:
+                metadata = f.metadata() or {}
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt or not a safetensors file)") from None
-        info["format"] = "safetensors"
+        # python -m sit_fast.export records which weights of which step the file holds
+        step = metadata.get("step", "")
+        info.update(format="safetensors", weights=metadata.get("weights", "raw"),
+                    step=int(step) if step.isdigit() else None)
     else:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            raise CheckpointError(
-                f"refused to read {path}: it holds objects other than tensors and plain containers, "
-                f"which could run code ({_first_line(err)})"
-            ) from None
-        except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-            raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt or truncated file?)") from None
+        obj = safe_torch_load(path)
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
 
@@ -64,13 +65,52 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         key = "ema" if (prefer == "ema" and "ema" in obj) else "model"
         if key not in obj:
             raise CheckpointError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(obj))})")
-        info.update(weights=key, args=obj.get("args"), step=obj.get("step"))
+        args = obj.get("args")
+        info.update(weights=key, args=vars(args) if isinstance(args, argparse.Namespace) else args,
+                    step=obj.get("step"), optimizer="opt" in obj)
         obj = obj[key]
     state_dict = {_strip_prefixes(k): v for k, v in obj.items()}
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(bad[:5])}")
     return state_dict, info
+
+
+def is_safetensors(path: str) -> bool:
+    return path.lower().endswith(".safetensors")
+
+
+def check_checkpoint_file(path: str) -> None:
+    """CheckpointError unless `path` is a file, saying what to pass instead of a folder."""
+    if os.path.isfile(path):
+        return
+    if os.path.isdir(path):
+        found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")) or glob.glob(os.path.join(path, "*.pt")))
+        hint = f" (the newest here: {found[-1]})" if found else ""
+        raise CheckpointError(f"{path} is a folder: pass a checkpoint file{hint}")
+    raise CheckpointError(f"checkpoint not found: {path}")
+
+
+def safe_torch_load(path: str) -> object:
+    """torch.load(weights_only=True), memory-mapped when the file allows it, with one-line errors.
+
+    Besides tensors and plain containers it accepts argparse.Namespace: upstream's train.py stores its
+    arguments as one, and rebuilding one sets attributes only, so no code can run."""
+    mmap = zipfile.is_zipfile(path)  # torch.save's format; older files load without mmap
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except Exception as err:  # a damaged or foreign file raises many types (KeyError, IndexError, EOFError, ...)
+        text = _ANSI.sub("", str(err))
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+        if unsafe:
+            raise CheckpointError(
+                f"refused to read {path}: it pickles {unsafe.group(1)}, which is neither a tensor nor a plain "
+                f"container, and unpickling that could run code; if you trust the file, load it once with "
+                f"torch.load(weights_only=False) and save its state_dict"
+            ) from None
+        raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt, truncated, or not a checkpoint "
+                              f"written by torch.save or safetensors?)") from None
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
@@ -175,7 +215,7 @@ def recorded_model_config(path: str | os.PathLike) -> dict | None:
     if not os.path.isfile(path):
         return None
     try:
-        if path.endswith(".safetensors"):
+        if is_safetensors(path):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
@@ -189,9 +229,16 @@ def recorded_model_config(path: str | os.PathLike) -> dict | None:
     return config if isinstance(config, dict) else None
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _first_line(err: BaseException) -> str:
-    text = str(err).strip().splitlines()
-    return text[0] if text else type(err).__name__
+    text = _ANSI.sub("", str(err)).strip().splitlines()
+    if not text:
+        return type(err).__name__
+    if isinstance(err, LookupError):  # a bare key or index says nothing alone
+        return f"{type(err).__name__}: {text[0]}"
+    return text[0]
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefer: str = "ema") -> dict:

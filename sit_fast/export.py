@@ -4,6 +4,7 @@
     python -m sit_fast.export CKPT --out ema.pt            the EMA weights as a raw state_dict
     python -m sit_fast.export CKPT --out ema.safetensors   the same as .safetensors, with its model_config
     python -m sit_fast.export CKPT --out w.pt --weights model --dtype bf16
+    python -m sit_fast.export CKPT --out ema.pt --force     replace an existing ema.pt
 
 A .pt file is a plain state_dict in the upstream key layout, the format of the upstream release
 (`SiT-XL-2-256x256.pt`): upstream's sample.py and ours load it. It records no latent space, so
@@ -28,25 +29,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXTENSIONS = (".pt", ".pth", ".safetensors")
 
 
-def _read(path: str, weights: str) -> tuple[dict, dict]:
-    """read_checkpoint, plus which weights of which step a .safetensors file of export_weights holds."""
-    state_dict, info = read_checkpoint(path, prefer=weights)
-    if info["format"] == "safetensors":
-        from safetensors import safe_open
-
-        with safe_open(path, framework="pt") as f:
-            metadata = f.metadata() or {}
-        info["weights"] = metadata.get("weights", info["weights"])
-        info["step"] = int(metadata["step"]) if metadata.get("step", "").isdigit() else info["step"]
-    return state_dict, info
-
-
 def describe(path: str, weights: str = "ema") -> dict:
     """What `path` holds: {"format", "weights", "step", "model", "config", "model_config",
     "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it)."""
     from sit_fast.sampling import registry_name
 
-    state_dict, info = _read(path, weights)
+    state_dict, info = read_checkpoint(path, prefer=weights)
     config = infer_config(state_dict)
     return {
         "format": info["format"], "weights": info["weights"], "step": info["step"],
@@ -58,25 +46,41 @@ def describe(path: str, weights: str = "ema") -> dict:
     }
 
 
-def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None = None) -> dict:
+def check_out(path: str, out: str, force: bool = False) -> None:
+    """UserError unless `out` can take the export of `path`: a known extension, not the source itself
+    (through links too), not a folder, an existing file only with force, a folder that can be written."""
+    extension = os.path.splitext(out)[1].lower()
+    if extension not in EXTENSIONS:
+        raise UserError(f"--out {out}: give it one of the extensions {', '.join(EXTENSIONS)}")
+    if os.path.realpath(out) == os.path.realpath(path):
+        raise UserError(f"--out {out} is the checkpoint being read: pass another path")
+    if os.path.isdir(out):
+        raise UserError(f"--out {out} is a folder: pass a file path")
+    if os.path.exists(out) and not force:
+        raise UserError(f"--out {out} exists: pass --force to replace it, or another path")
+    parent = os.path.dirname(os.path.abspath(out))
+    try:
+        os.makedirs(parent, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: cannot create {parent} ({err.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"--out {out}: {parent} is not writable")
+
+
+def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None = None, force: bool = False) -> dict:
     """Write one set of weights of `path` to `out` (.pt: a raw state_dict; .safetensors: with the
     model_config as metadata), cast to `dtype` if given; returns describe(out)."""
     from sit_fast.training.checkpointing import atomic_write
 
-    extension = os.path.splitext(out)[1].lower()
-    if extension not in EXTENSIONS:
-        raise UserError(f"--out {out}: give it one of the extensions {', '.join(EXTENSIONS)}")
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    if os.path.abspath(out) == os.path.abspath(path):
-        raise UserError(f"--out {out} is the checkpoint being read: pass another path")
-    state_dict, info = _read(path, weights)
+    check_out(path, out, force)
+    state_dict, info = read_checkpoint(path, prefer=weights)
     if dtype is not None:  # the fixed sin-cos table stays as it is: small, and exact is what the model was trained with
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and k != "pos_embed" else v
                       for k, v in state_dict.items()}
     state_dict = {k: v.contiguous() for k, v in state_dict.items()}
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    if extension == ".safetensors":
+    if os.path.splitext(out)[1].lower() == ".safetensors":
         from safetensors.torch import save
 
         metadata = {"format": "pt", "weights": info["weights"]}
@@ -86,12 +90,26 @@ def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None 
         if info["step"] is not None:
             metadata["step"] = str(int(info["step"]))
         data = save(state_dict, metadata=metadata)
-        atomic_write(out, lambda f: f.write(data))
+        write = lambda f: f.write(data)  # noqa: E731
     else:
         buffer = io.BytesIO()
         torch.save(state_dict, buffer)
-        atomic_write(out, lambda f: f.write(buffer.getbuffer()))
+        write = lambda f: f.write(buffer.getbuffer())  # noqa: E731
+    try:
+        atomic_write(out, write)
+    except OSError as err:
+        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
     return describe(out)
+
+
+def weights_note(found: dict, wanted: str) -> str | None:
+    """A line when the file cannot give the --weights asked for, else None."""
+    if found["weights"] == wanted:
+        return None
+    if found["format"] == "pickle" and found["weights"] == "model":  # a checkpoint dict without an EMA entry
+        return "note: it has no EMA weights; these are its model weights"
+    held = "" if found["weights"] == "raw" else f" ({found['weights']})"
+    return f"note: it holds one set of weights{held}; --weights {wanted} does not apply"
 
 
 def summary(path: str, found: dict) -> str:
@@ -113,25 +131,36 @@ def summary(path: str, found: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m sit_fast.export", description=__doc__.split("\n\n")[0],
-                                     allow_abbrev=False)
+    from sit_fast.training.args import OneLineArgumentParser
+
+    parser = OneLineArgumentParser(prog="python -m sit_fast.export", description=__doc__.split("\n\n")[0],
+                                   allow_abbrev=False)
     parser.add_argument("ckpt", help="a train.py checkpoint, an upstream release file or a .safetensors file")
     parser.add_argument("--out", default=None, help="write the weights here (.pt, .pth or .safetensors)")
     parser.add_argument("--weights", choices=("ema", "model"), default="ema",
                         help="a train.py checkpoint's EMA or raw weights (default: ema)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
-                        help="cast the weights, all but the fixed pos_embed table (default: as stored)")
+                        help="cast the weights, all but the fixed pos_embed table (default: as stored); with --out")
+    parser.add_argument("--force", action="store_true", help="replace --out if it exists")
     return parser
 
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    if args.out is None and (args.dtype is not None or args.force):
+        raise UserError(f"{'--dtype' if args.dtype is not None else '--force'} applies to the file that --out writes: "
+                        f"pass --out PATH")
+    if args.out is not None:  # before reading a checkpoint of gigabytes
+        check_out(args.ckpt, args.out, args.force)
     found = describe(args.ckpt, args.weights)
     print(summary(args.ckpt, found))
     if args.out is None:
         return found
-    written = export_weights(args.ckpt, args.out, args.weights, args.dtype)
+    note = weights_note(found, args.weights)
+    if note:
+        print(note)
+    written = export_weights(args.ckpt, args.out, args.weights, args.dtype, args.force)
     print(summary(args.out, written))
     return written
 

@@ -9,12 +9,14 @@ is measured in about a second on a CPU; fused kernels take part through their re
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
 
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call
 
+from sit_fast.errors import UserError, cli_entry
 from sit_fast.models import shapes_only
 
 
@@ -78,22 +80,34 @@ def batch_bound(gpu_bytes: int, state_bytes: int, activation_bytes: int, headroo
     return max(0, (gpu_bytes - state_bytes - headroom_bytes) // activation_bytes)
 
 
+@cli_entry
 def main(argv=None) -> None:
     """Print per-model memory figures: training state, and measured activation bytes per image;
     with --gpu-gib, the per-GPU batch bound of each variant on GPUs of those sizes."""
-    import argparse
+    from sit_fast.models import UPSTREAM_MODELS, SiT_models, model_config
+    from sit_fast.training.args import OneLineArgumentParser, positive_float, positive_int
 
-    from sit_fast.models import UPSTREAM_MODELS, SiT_models
+    def gib(value: str) -> float:
+        number = float(value)
+        if not 0 <= number < float("inf"):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be 0 or more GiB, got {value}")
+        return number
 
-    parser = argparse.ArgumentParser(prog="python -m sit_fast.memory",
-                                     description="SiT memory table (parameters, training state, activations).")
-    parser.add_argument("--models", nargs="+", default=UPSTREAM_MODELS, help="registry names")
-    parser.add_argument("--image-size", type=int, default=256, help="image size (latent = image size / 8)")
-    parser.add_argument("--gpu-gib", type=float, nargs="+", default=None,
+    parser = OneLineArgumentParser(prog="python -m sit_fast.memory", allow_abbrev=False,
+                                   description="SiT memory table (parameters, training state, activations).")
+    parser.add_argument("--models", nargs="+", choices=list(SiT_models), default=UPSTREAM_MODELS, metavar="MODEL",
+                        help="registry names")
+    parser.add_argument("--image-size", type=positive_int, default=256, help="image size (latent = image size / 8)")
+    parser.add_argument("--gpu-gib", type=positive_float, nargs="+", default=None,
                         help="also a table of per-GPU batch bounds for GPUs with this much memory (GiB), e.g. 24 40 80 141")
-    parser.add_argument("--headroom-gib", type=float, default=4.0,
+    parser.add_argument("--headroom-gib", type=gib, default=4.0,
                         help="memory kept aside in the bounds for the CUDA context, workspaces and temporaries")
     args = parser.parse_args(argv)
+    for name in args.models:
+        patch = model_config(name)["patch_size"]
+        if args.image_size % (8 * patch):
+            raise UserError(f"--image-size {args.image_size}: {name} needs a multiple of {8 * patch} "
+                            f"(the VAE's 8 times the patch size {patch})")
     print("| model | params | fp32 weights | train state (w+g+AdamW+EMA) | act/img ref fp32 (math attn) | "
           "act/img ref fp32+sdpa | act/img ref bf16+sdpa | act/img fast bf16 |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")

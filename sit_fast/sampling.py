@@ -159,7 +159,8 @@ def build_model(request: ModelRequest, device: torch.device) -> tuple[SiT, dict]
     path = request.ckpt
     state_dict, info = read_checkpoint(path, prefer="model" if request.use_raw else "ema")
     if request.use_raw and info["weights"] != "model":
-        logger.warning("--use-raw: %s holds a single set of weights (no 'model'/'ema' entries); using them", path)
+        logger.warning("--use-raw: %s holds a single set of weights (%s); using them", path,
+                       "its metadata says ema" if info["weights"] == "ema" else "no 'model'/'ema' entries")
     config = infer_config(state_dict)
     found = registry_name(config["depth"], config["hidden_size"], config["patch_size"])
     arch = f"depth {config['depth']}, hidden {config['hidden_size']}, patch {config['patch_size']}"

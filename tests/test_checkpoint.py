@@ -1,5 +1,6 @@
 """Loading upstream and our own checkpoints: strict, safe, and with errors that say what to do."""
 import logging
+import os
 
 import pytest
 import torch
@@ -108,6 +109,45 @@ def test_corrupt_and_missing_files(tmp_path):
         read_checkpoint(tmp_path / "nope.pt")
 
 
+@pytest.mark.parametrize("content", [b"hello\n", b"abc", b"", b"\x80\x02}q\x00."[:3]])
+def test_foreign_files_are_one_line_errors(tmp_path, content):
+    """Text, short or empty files make torch.load raise KeyError, IndexError, EOFError...: all one line."""
+    path = tmp_path / "x.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=r"cannot read .*x\.pt: .*not a checkpoint") as err:
+        read_checkpoint(path)
+    assert "\n" not in str(err.value)
+
+
+def test_a_folder_is_named_as_one_with_its_newest_checkpoint(tmp_path):
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    for step in (1000, 2000):
+        torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "run" / "checkpoints" / f"{step:07d}.pt")
+    with pytest.raises(CheckpointError, match=r"run is a folder: pass a checkpoint file \(the newest here: .*0002000\.pt\)"):
+        read_checkpoint(tmp_path / "run")
+
+
+def test_upstream_training_checkpoint_with_namespace_args_loads(tmp_path):
+    """Upstream train.py saves {"model", "ema", "opt", "args": argparse.Namespace}."""
+    import argparse
+
+    sd = upstream_state_dict(1, 32, 2, True)
+    args = argparse.Namespace(model="SiT-XL/2", image_size=256, num_classes=10)
+    torch.save({"model": sd, "ema": sd, "opt": {"state": {}, "param_groups": []}, "args": args}, tmp_path / "u.pt")
+    state_dict, info = read_checkpoint(tmp_path / "u.pt")
+    assert info["weights"] == "ema" and info["args"] == {"model": "SiT-XL/2", "image_size": 256, "num_classes": 10}
+    assert state_dict.keys() == sd.keys()
+
+
+def test_uppercase_safetensors_suffix(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = upstream_state_dict(1, 32, 2, True)
+    save_file(sd, str(tmp_path / "W.SAFETENSORS"))
+    state_dict, info = read_checkpoint(tmp_path / "W.SAFETENSORS")
+    assert info["format"] == "safetensors" and state_dict.keys() == sd.keys()
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("this would have run",))
@@ -115,8 +155,9 @@ class _RunsCode:
 
 def test_checkpoint_cannot_run_code(tmp_path, capsys):
     torch.save({"model": {"w": torch.zeros(1)}, "evil": _RunsCode()}, tmp_path / "evil.pt")
-    with pytest.raises(CheckpointError, match="refused"):
+    with pytest.raises(CheckpointError, match="refused to read .*it pickles (builtins\\.)?print, which") as err:
         read_checkpoint(tmp_path / "evil.pt")
+    assert "\x1b" not in str(err.value) and "\n" not in str(err.value)
     assert "this would have run" not in capsys.readouterr().out
 
 
@@ -176,14 +217,40 @@ def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys
     assert (again["weights"], again["step"], again["model_config"]) == ("model", 100, config)
 
 
-@pytest.mark.parametrize("out,message", [("w.bin", "extensions"), ("0000100.pt", "being read")])
+@pytest.mark.parametrize("out,message", [
+    ("w.bin", "extensions"), ("0000100.pt", "being read"), ("link.pt", "being read"), ("folder.pt", "is a folder"),
+    ("old.pt", "exists: pass --force"), ("file.txt/w.pt", "cannot create"),
+])
 def test_export_refuses_bad_outputs_in_one_line(tmp_path, capsys, out, message):
     from sit_fast import export
 
     ckpt = tmp_path / "0000100.pt"
     torch.save(model_for(1, 32, 2, False).state_dict(), ckpt)
+    os.symlink(ckpt, tmp_path / "link.pt")
+    (tmp_path / "folder.pt").mkdir()
+    (tmp_path / "old.pt").write_bytes(b"kept")
+    (tmp_path / "file.txt").write_text("a file, not a folder")
     with pytest.raises(SystemExit) as exit_info:
         export.main([str(ckpt), "--out", str(tmp_path / out)])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: --out") and message in err and "\n" not in err
+    assert (tmp_path / "old.pt").read_bytes() == b"kept" and ckpt.stat().st_size > 1000
+
+
+def test_export_force_replaces_and_options_without_out_are_refused(tmp_path, capsys):
+    from sit_fast import export
+
+    model = model_for(1, 32, 2, False)
+    ckpt = tmp_path / "0000100.pt"
+    torch.save({"model": model.state_dict(), "opt": {}, "args": {}, "step": 100}, ckpt)  # no EMA entry
+    out = tmp_path / "W.SAFETENSORS"
+    out.write_bytes(b"old")
+    found = export.main([str(ckpt), "--out", str(out), "--force", "--dtype", "fp16"])
+    assert found["format"] == "safetensors" and found["weights"] == "model" and "float16" in found["dtypes"]
+    assert "note: it has no EMA weights; these are its model weights" in capsys.readouterr().out
+    export.main([str(out), "--out", str(tmp_path / "again.pt"), "--weights", "ema"])
+    assert "note: it holds one set of weights (model); --weights ema does not apply" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        export.main([str(ckpt), "--dtype", "bf16"])
+    assert capsys.readouterr().err.startswith("error: --dtype applies to the file that --out writes")

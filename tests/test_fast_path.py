@@ -239,6 +239,25 @@ def test_memory_batch_bounds(capsys):
         assert bounds[0] < bounds[1] < bounds[2]
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--models", "SiT-XXL/2"], "invalid choice: 'SiT-XXL/2'"),
+    (["--models", "SiT-S/8", "--image-size", "100"], "--image-size 100: SiT-S/8 needs a multiple of 64"),
+    (["--image-size", "0"], "--image-size: must be a positive integer"),
+    (["--gpu-gib", "nan"], "--gpu-gib: must be a positive number"),
+    (["--gpu-gib", "-5"], "--gpu-gib: must be a positive number"),
+    (["--gpu-gib", "24", "--headroom-gib", "-100"], "--headroom-gib: must be 0 or more GiB"),
+    (["--gpu", "24"], "unrecognized arguments: --gpu 24"),
+])
+def test_memory_cli_errors_are_one_line(capsys, argv, message):
+    from sit_fast.memory import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1, err
+
+
 def test_parity_cli_error_is_one_line():
     """Fused kernels on the CPU without the interpreter: the parity CLI says so in one line."""
     import os

@@ -3,6 +3,7 @@
 Everything runs a tiny SiT-T/2 on 8 x 8 model inputs: in pixel space (3 channels), or behind a tiny
 AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved by the fixtures.
 """
+import argparse
 import os
 import subprocess
 import sys
@@ -228,10 +229,27 @@ def test_bad_kernel_launch_variable_is_one_line(files, tmp_path, capsys, monkeyp
     monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "bwd_prefetch=2")
     with pytest.raises(SystemExit) as exit_info:
         run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "g.png", *FAST,
-             "--fused-kernels", "auto"])
+             "--fused-kernels", "on"])
     assert exit_info.value.code == 2
     err = one_line_error(capsys)
-    assert err.startswith("error: --fused-kernels auto: SIT_FAST_KERNEL_LAUNCH") and "0 or 1" in err, err
+    assert err.startswith("error: --fused-kernels on: SIT_FAST_KERNEL_LAUNCH") and "0 or 1" in err, err
+
+
+def test_fused_kernels_auto_is_off_on_the_cpu(files, tmp_path, monkeypatch):
+    """As in train.py: auto means CUDA; on the CPU the interpreter runs them only when asked (on)."""
+    asked = []
+    real = sample.build_model
+
+    def build_model(request, device):
+        asked.append(request.fused_kernels)
+        return real(request, device)
+
+    monkeypatch.setattr(sample, "build_model", build_model)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    for choice in ("auto", "off"):
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "g.png", "--attn-backend", "math",
+             "--num-sampling-steps", "2", "--class-labels", "1", "--fused-kernels", choice])
+    assert asked == [False, False]
 
 
 @pytest.mark.parametrize("flag", ["--cfg-scal", "--bogus", "--sampling-steps"])
@@ -456,6 +474,13 @@ def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
         assert sorted(os.listdir(tmp_path / name)) == ["000000.png", "000001.png", "000002.png", "settings.json"]
         with np.load(npz) as archive:
             assert archive["arr_0"].shape == (3, 8, 8, 3)
+    assert sample.run_folder_name(argparse.Namespace(  # the checkpoint's name without .pt, .pth or .safetensors
+        ckpt="a/my.pth", cfg_scale=1, batch_size=4, mode="ODE", num_sampling_steps=2, sampling_method="euler"),
+        "SiT-XL/2") == "SiT-XL-2-my-cfg-1.0-4-ODE-2-euler"
+    for ckpt, stem in (("b/ema.SafeTensors", "ema"), ("c/0400000.pt", "0400000"), ("d/weights.bin", "weights.bin")):
+        assert sample.run_folder_name(argparse.Namespace(
+            ckpt=ckpt, cfg_scale=4.0, batch_size=4, mode="ODE", num_sampling_steps=2, sampling_method="euler"),
+            "SiT-XL/2").startswith(f"SiT-XL-2-{stem}-cfg-4.0")
     # --no-run-folder: SAMPLE_DIR itself, as sample.py does
     assert sample_ddp("ODE", "--sampling-method", "euler", "--no-run-folder") == f"{tmp_path}.npz"
     assert "000002.png" in os.listdir(tmp_path)

@@ -319,6 +319,17 @@ def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpo
     log = (exp / "log.txt").read_text()
     assert f"--ckpt {digits_checkpoint} is a training checkpoint (step 1): this is a new run" in log
     assert f"pass --resume {digits_checkpoint}" in log
+    # upstream train.py's checkpoint: model, ema, opt and args (an argparse.Namespace), no step
+    import argparse
+
+    ours = load_ckpt(digits_checkpoint)
+    upstream = str(tmp_path / "0050000.pt")
+    torch.save({"model": ours["model"], "ema": ours["ema"], "opt": ours["opt"],
+                "args": argparse.Namespace(**ours["args"])}, upstream)
+    exp = tmp_path / "exp2"
+    assert train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--ckpt", upstream])["step"] == 1
+    assert (f"--ckpt {upstream} is a training checkpoint with an optimizer state: this is a new run from its ema "
+            f"weights at step 0") in (exp / "log.txt").read_text()
 
 
 def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):

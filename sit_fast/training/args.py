@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="attention implementation (auto: the fastest that runs here)")
     model.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto",
                        help="fused Triton adaLN kernels (auto: on for CUDA, off on the CPU, where `on` runs them through "
-                            "the Triton interpreter: very slow, for tests)")
+                            "the Triton interpreter, with TRITON_INTERPRET=1 set: very slow, for tests)")
     model.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute each block in the backward pass to save activation memory")
     model.add_argument("--compile", action="store_true", help="torch.compile the model")

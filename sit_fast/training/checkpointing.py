@@ -29,7 +29,7 @@ import zipfile
 import numpy as np
 import torch
 
-from sit_fast.checkpoint import CheckpointError
+from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, safe_torch_load
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
@@ -129,16 +129,11 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
 
 def load_training_checkpoint(path: str) -> dict:
     """Read a train.py checkpoint (weights_only, memory-mapped); CheckpointError if it is not one."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint not found: {path}")
+    check_checkpoint_file(path)
     if not zipfile.is_zipfile(path):
         raise CheckpointError(f"cannot read checkpoint {path}: not the zip archive that torch.save writes "
                               f"(corrupt or truncated file?)")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as err:  # a damaged file raises RuntimeError, EOFError, UnpicklingError, ...
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise CheckpointError(f"cannot read checkpoint {path}: {first} (corrupt or truncated file?)") from None
+    ckpt = safe_torch_load(path)
     if not isinstance(ckpt, dict):
         raise CheckpointError(f"{path} is not a train.py checkpoint (it holds a {type(ckpt).__name__})")
     missing = [k for k in REQUIRED_KEYS if k not in ckpt]

@@ -345,10 +345,14 @@ class Trainer:
         if args.ckpt and ckpt is None:
             info = load_checkpoint(model, args.ckpt, prefer="ema")
             logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
-            if info["step"] is not None:  # upstream's --ckpt meant "resume"; here it starts a new run
+            if info["step"] is not None and info["optimizer"]:  # upstream's --ckpt meant "resume"; here a new run
                 logger.warning(f"--ckpt {args.ckpt} is a training checkpoint (step {info['step']}): this is a new "
                                f"run from its {info['weights']} weights at step 0, with a fresh optimizer; to "
                                f"continue that run (optimizer, step, data order) pass --resume {args.ckpt}")
+            elif info["optimizer"]:  # upstream train.py's own checkpoint: no step, data position or RNG to resume
+                logger.warning(f"--ckpt {args.ckpt} is a training checkpoint with an optimizer state: this is a new "
+                               f"run from its {info['weights']} weights at step 0, with a fresh optimizer (--resume "
+                               f"continues only checkpoints of this train.py, which record step, data order and RNG)")
         if ckpt is not None:
             load_into_model(model, ckpt["model"], source=f"{resume_path} (model)")
         self.model = model
