@@ -136,6 +136,30 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
     with open(os.path.join(exp, "log.txt")) as f:
         assert "gradient accumulation: 4 micro-batches of 8 per rank per step (global batch 64)" in f.read()
     assert all(np.isfinite(logged_losses(exp)))
+    # Resumed in one process, the run keeps its micro-batch of 8 (its memory per GPU), not its 4 parts;
+    # given explicitly, another count is used, and the log does not call the resume exact.
+    checkpoint = os.path.join(exp, "checkpoints", "0000008.pt")
+    one = str(tmp_path / "one")
+    train_main(["--exp-dir", one, "--resume", checkpoint, "--max-steps", "9", "--num-workers", "0", "--no-progress"])
+    with open(os.path.join(one, "log.txt")) as f:
+        log = f.read()
+    assert "--grad-accum-steps 8: the run's micro-batch of 8 per rank (4 per step on 2 rank(s)), now on 1" in log
+    assert "gradient accumulation: 8 micro-batches of 8 per rank per step (global batch 64)" in log
+    other = str(tmp_path / "other")
+    train_main(["--exp-dir", other, "--resume", checkpoint, "--max-steps", "9", "--num-workers", "0", "--no-progress",
+                "--grad-accum-steps", "2"])
+    with open(os.path.join(other, "log.txt")) as f:
+        assert "gradient accumulation: 2 micro-batches of 32 per rank" in f.read()
+
+
+def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--grad-accum-steps", "2"])
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "3", "--grad-accum-steps", "4"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "with --grad-accum-steps 4, the run had 2: the data order is exact, the noise" in log
+    assert "in it): exact" not in log
 
 
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):

@@ -251,6 +251,8 @@ class Trainer:
         if args.global_batch_size % world_size:
             raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
         self.local_batch_size = args.global_batch_size // world_size
+        if ckpt is not None and "grad_accum_steps" not in explicit:
+            self.keep_micro_batch(args, ckpt)
         if self.local_batch_size % args.grad_accum_steps:
             raise UserError(f"--grad-accum-steps {args.grad_accum_steps} does not divide the per-rank batch "
                             f"{self.local_batch_size} (--global-batch-size {args.global_batch_size} over "
@@ -393,6 +395,23 @@ class Trainer:
         self.phase = "train"  # what runs now, for the advice on running out of memory
 
     # ------------------------------------------------------------------ resume
+    def keep_micro_batch(self, args: argparse.Namespace, ckpt: dict) -> None:
+        """A run resumed on another number of ranks keeps its micro-batch (and so its activation
+        memory per GPU), not its count of micro-batches, when --grad-accum-steps is not given."""
+        saved_world = ckpt.get("data", {}).get("world_size")
+        saved_batch = ckpt["args"].get("global_batch_size")
+        saved_parts = ckpt["args"].get("grad_accum_steps", 1)
+        if not saved_world or saved_world == self.dist_info.world_size or not saved_batch:
+            return
+        micro = saved_batch // (saved_world * saved_parts)
+        if micro < 1 or self.local_batch_size % micro:
+            return
+        parts = self.local_batch_size // micro
+        if parts != args.grad_accum_steps:
+            logger.info(f"--grad-accum-steps {parts}: the run's micro-batch of {micro} per rank ({saved_parts} per "
+                        f"step on {saved_world} rank(s)), now on {self.dist_info.world_size}")
+            args.grad_accum_steps = parts
+
     def restore_position(self, ckpt: dict, path: str) -> None:
         args, world_size = self.args, self.dist_info.world_size
         self.step, self.epoch = int(ckpt["step"]), int(ckpt["epoch"])
@@ -410,6 +429,11 @@ class Trainer:
                 logger.warning(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it) "
                                f"on other data: the run was trained on {saved_source}, this one reads {source}; "
                                f"the data order is exact only if that is the same data, moved")
+            elif ckpt["args"].get("grad_accum_steps", 1) != args.grad_accum_steps:
+                logger.warning(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it) "
+                               f"with --grad-accum-steps {args.grad_accum_steps}, the run had "
+                               f"{ckpt['args'].get('grad_accum_steps', 1)}: the data order is exact, the noise and "
+                               f"time draws (one per micro-batch) are not those of the original run")
             else:
                 logger.info(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it): exact")
         else:
