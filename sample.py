@@ -51,7 +51,7 @@ import time
 import numpy as np
 import torch
 
-from sit_fast.checkpoint import recorded_model_config
+from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.models import SiT_models, resolve_fused_kernels
@@ -62,6 +62,7 @@ from sit_fast.sampling import (
     to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
+from sit_fast.vae import VAE_ALIASES
 
 logger = logging.getLogger("sit_fast")
 
@@ -313,9 +314,16 @@ class Setup:
         # The release is fetched (or found missing) first: offline, that is the message to see.
         ckpt = args.ckpt if args.ckpt is not None else on_main(lambda: pretrained_checkpoint_for(args), dist)
         if args.ckpt is not None:
+            # what is wrong with the file comes before anything about the VAE (memory-mapped: cheap)
+            in_channels = infer_config(read_checkpoint(ckpt)[0])["in_channels"]
             args.vae = resolve_vae(args, ckpt, dist)
+            if (not args.vae_explicit and args.vae in VAE_ALIASES and checkpoint_latent_space(ckpt) is None
+                    and in_channels != 4):
+                raise UserError(f"{ckpt} takes {in_channels}-channel inputs, not the 4-channel latents of the "
+                                f"default --vae {args.vae}: pass --vae none for a model trained in pixel space, or "
+                                f"the --vae it was trained with")
         vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
-        self.codec = load_vae(args.vae, device, dtype=vae_dtype)
+        self.codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="sample")
         if self.codec is not None and args.in_channels is not None:
             raise UserError("--in-channels is for pixel space (--vae none); with a VAE the latent channels are the VAE's")
         downsample = self.codec.downsample if self.codec is not None else 1
@@ -484,12 +492,16 @@ def run_fid(setup: Setup) -> str:
 
     def prepare():
         check_settings(sample_dir, settings)
-        return pending_chunks(sample_dir, total, chunk)
+        names = set(os.listdir(sample_dir))
+        present = sum(f"{i:06d}.png" in names for i in range(total))
+        return pending_chunks(sample_dir, total, chunk), present
 
-    pending = on_main(prepare, dist)
+    pending, present = on_main(prepare, dist)
     todo = sum(min(chunk, total - k * chunk) for k in pending)
     if dist.is_main:
-        print(f"{total - todo} of {total} images already in {sample_dir}; sampling {todo} on "
+        redone = (f" ({todo - (total - present)} of them present: a batch with a missing image is redone whole)"
+                  if todo > total - present else "")
+        print(f"{present} of {total} images already in {sample_dir}; sampling {todo}{redone} on "
               f"{dist.world_size} process(es), {len(pending)} batches of {chunk}")
     writer = PNGWriter(sample_dir)
     progress = tqdm(total=todo, unit="img", disable=not dist.is_main, desc="sampling")

@@ -89,7 +89,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     device = dist_info.device
     dataset = ImageFolderDataset(args.data_path, args.image_size)
     vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
-    codec = load_vae(args.vae, device, dtype=vae_dtype)
+    codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="encode")
     if codec is None:
         raise UserError("a latent cache needs a VAE: --vae none makes no sense here")
     if args.image_size % codec.downsample:

@@ -20,11 +20,13 @@ VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft
 DEFAULT_SCALING_FACTOR = 0.18215
 logger = logging.getLogger("sit_fast")
 
-_WAYS_OUT = (
-    "pass a local directory with the VAE (--vae /path/to/vae, a diffusers AutoencoderKL saved with "
-    "save_pretrained), train from a latent cache (--latent-cache DIR, made by python -m "
-    "sit_fast.latent_cache), or train in pixel space (--vae none)"
-)
+_LOCAL = "pass a local directory with the VAE (--vae /path/to/vae, a diffusers AutoencoderKL saved with save_pretrained)"
+WAYS_OUT = {
+    "train": f"{_LOCAL}, train from a latent cache (--latent-cache DIR, made by python -m sit_fast.latent_cache), "
+             f"or train in pixel space (--vae none)",
+    "sample": f"{_LOCAL}, or --vae none for a model trained in pixel space",
+    "encode": _LOCAL,
+}
 
 
 class VAEError(UserError):
@@ -87,7 +89,7 @@ class LatentCodec:
         return torch.cat(images)
 
 
-def resolve_vae_spec(spec: str) -> tuple[str, bool]:
+def resolve_vae_spec(spec: str, purpose: str = "train") -> tuple[str, bool]:
     """(what to pass to from_pretrained, is_local_directory) for an alias, a directory or a hub id."""
     if spec in VAE_ALIASES:
         return VAE_ALIASES[spec], False
@@ -97,23 +99,26 @@ def resolve_vae_spec(spec: str) -> tuple[str, bool]:
     looks_like_path = spec.startswith((os.sep, ".", "~")) or os.path.exists(expanded) or spec.count("/") != 1
     if looks_like_path:
         raise VAEError(f"--vae {spec!r} is neither an alias ({', '.join(VAE_ALIASES)}), an existing directory "
-                       f"nor a hub id (owner/name): {_WAYS_OUT}")
+                       f"nor a hub id (owner/name): {WAYS_OUT[purpose]}")
     return spec, False
 
 
-def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32) -> LatentCodec | None:
+def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.float32,
+             purpose: str = "train") -> LatentCodec | None:
     """A frozen, eval-mode LatentCodec for `spec` ("ema", "mse", a hub id or a local directory).
 
-    "none" returns None (pixel-space training). A hub id is read from the local cache first and
-    downloaded only when it is not there. Raises VAEError with one line when it cannot be loaded.
+    "none" returns None (pixel space). A hub id is read from the local cache first and downloaded
+    only when it is not there. Raises VAEError with one line when it cannot be loaded, naming the
+    ways out for `purpose` ("train", "sample" or "encode": the latent cache).
     """
     if spec is None or spec == "none":
         return None
-    source, is_local = resolve_vae_spec(spec)
+    ways_out = WAYS_OUT[purpose]
+    source, is_local = resolve_vae_spec(spec, purpose)
     try:
         from diffusers.models import AutoencoderKL
     except ImportError as err:
-        raise VAEError(f"--vae {spec!r} needs the diffusers package ({err}); install it, or {_WAYS_OUT}") from None
+        raise VAEError(f"--vae {spec!r} needs the diffusers package ({err}); install it, or {ways_out}") from None
 
     vae = None
     errors = []
@@ -135,7 +140,7 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
         else:
             online = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
             reason = f"{source} is not in the local hub cache and {online} ({errors[-1]})"
-        raise VAEError(f"cannot load the VAE: {reason}; {_WAYS_OUT}")
+        raise VAEError(f"cannot load the VAE: {reason}; {ways_out}")
     vae = vae.to(torch.device(device)).eval().requires_grad_(False)
     return LatentCodec(vae, device, dtype=dtype)
 

@@ -225,6 +225,27 @@ def test_train_checkpoint_latent_space_chooses_the_vae(files, tmp_path, capsys, 
         assert err.startswith("error:") and needle in err, err
 
 
+def test_checkpoint_problems_come_before_the_vae(files, tmp_path, capsys, monkeypatch):
+    """Offline with a VAE that is not cached, a bad --ckpt is still the message; a 3-channel release-format
+    file (no recorded latent space) under the default SD VAE says to pass --vae none."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    cases = [(["--ckpt", tmp_path / "missing.pt"], "checkpoint not found"),
+             (["--ckpt", tmp_path / "text.pt"], "cannot read"),
+             (["--ckpt", files["pixel"]], "takes 3-channel inputs, not the 4-channel latents of the default --vae "
+                                          "mse: pass --vae none")]
+    for argv, needle in cases:
+        with pytest.raises(SystemExit):
+            run(["ODE", *argv, "--out", tmp_path / "x.png", *FAST])
+        err = one_line_error(capsys)
+        assert needle in err and "cannot load the VAE" not in err, err
+    with pytest.raises(SystemExit):  # and when the VAE is what fails, the advice is about sampling
+        run(["ODE", "--ckpt", files["latent"], "--vae", "stabilityai/not-cached", "--out", tmp_path / "x.png", *FAST])
+    err = one_line_error(capsys)
+    assert "cannot load the VAE" in err and "--vae none for a model trained in pixel space" in err, err
+    assert "latent cache" not in err
+
+
 def test_bad_kernel_launch_variable_is_one_line(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "bwd_prefetch=2")
     with pytest.raises(SystemExit) as exit_info:
@@ -418,12 +439,13 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
     np.testing.assert_array_equal(read_png(sample_dir / "000004.png"), first[4])
 
     # A killed run: some PNGs missing (one chunk entirely, one partly), a torn temporary file, no .npz.
-    for i in (2, 3, 6):
+    for i in (2, 3, 5, 6):
         os.remove(sample_dir / f"{i:06d}.png")
     (sample_dir / "000005.png.tmp").write_bytes(b"torn")
     os.remove(f"{sample_dir}.npz")
     out = torchrun(argv)
-    assert "4 of 7 images already" in out and "sampling 3" in out
+    assert "3 of 7 images already in" in out, out
+    assert "sampling 5 (1 of them present: a batch with a missing image is redone whole)" in out, out
     with np.load(f"{sample_dir}.npz") as archive:
         np.testing.assert_array_equal(archive["arr_0"], first)
 
