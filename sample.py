@@ -55,7 +55,7 @@ from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_co
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.models import SiT_models, resolve_fused_kernels
-from sit_fast.attention import ATTN_BACKENDS
+from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
@@ -341,6 +341,11 @@ class Setup:
             fused_kernels=fused_kernels,
         )
         self.model, self.info = build_model(request, device)
+        try:  # an attention backend (or SIT_FAST_SDPA_BACKEND) that cannot run here: one line, before sampling
+            select_backend(args.attn_backend, device, self.autocast_dtype or torch.float32,
+                           self.model.blocks[0].attn.head_dim)
+        except ValueError as err:
+            raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
         self.num_classes = self.model.num_classes
         self.input_size = self.model.input_size
         self.image_size = self.info["image_size"]

@@ -48,8 +48,16 @@ def _sdpa_backend_enum(name: str):
     }[name]
 
 
+def sdpa_backend_from_env() -> str | None:
+    """SIT_FAST_SDPA_BACKEND, checked: ValueError for a value that is not one of SDPA_BACKENDS."""
+    value = os.environ.get("SIT_FAST_SDPA_BACKEND") or None
+    if value is not None and value not in SDPA_BACKENDS:
+        raise ValueError(f"SIT_FAST_SDPA_BACKEND={value}: choose one of {', '.join(SDPA_BACKENDS)}, or unset it")
+    return value
+
+
 def make_sdpa_attention(sdpa_backend: str | None = None) -> Callable:
-    sdpa_backend = sdpa_backend or os.environ.get("SIT_FAST_SDPA_BACKEND") or None
+    sdpa_backend = sdpa_backend or sdpa_backend_from_env()
     if sdpa_backend is None:
         return F.scaled_dot_product_attention
     if sdpa_backend not in SDPA_BACKENDS:
@@ -145,15 +153,20 @@ def select_backend(name: str, device: torch.device | str, dtype: torch.dtype, he
     """Resolve a backend name for inputs on `device` of `dtype` and `head_dim`.
 
     "auto" returns the first supported backend of AUTO_ORDER; an explicit name that cannot run
-    raises ValueError saying why and which backends can.
+    raises ValueError saying why and which backends can, as does a malformed SIT_FAST_SDPA_BACKEND
+    when the choice is "sdpa".
     """
     if name not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     if name == "auto":
         for candidate in AUTO_ORDER:
             if BACKENDS[candidate].unsupported_reason(device, dtype, head_dim) is None:
+                if candidate == "sdpa":
+                    sdpa_backend_from_env()
                 return candidate
         raise AssertionError("the math backend supports every float dtype")
+    if name == "sdpa":
+        sdpa_backend_from_env()
     reason = BACKENDS[name].unsupported_reason(device, dtype, head_dim)
     if reason is not None:
         usable = [n for n in AUTO_ORDER if BACKENDS[n].unsupported_reason(device, dtype, head_dim) is None]

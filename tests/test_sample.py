@@ -246,6 +246,21 @@ def test_checkpoint_problems_come_before_the_vae(files, tmp_path, capsys, monkey
     assert "latent cache" not in err
 
 
+@pytest.mark.parametrize("argv,env,needle", [
+    (["--attn-backend", "flash_attn"], None, "--attn-backend flash_attn: attention backend 'flash_attn' cannot run"),
+    (["--attn-backend", "auto"], "bogus", "--attn-backend auto: SIT_FAST_SDPA_BACKEND=bogus: choose one of flash"),
+])
+def test_attention_that_cannot_run_is_one_line(files, tmp_path, capsys, monkeypatch, argv, env, needle):
+    if env is not None:
+        monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", env)
+    with pytest.raises(SystemExit):
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "g.png", "--fused-kernels", "off",
+             *argv])
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: {needle}"), err
+    assert not (tmp_path / "g.png").exists()
+
+
 def test_bad_kernel_launch_variable_is_one_line(files, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "bwd_prefetch=2")
     with pytest.raises(SystemExit) as exit_info:

@@ -367,6 +367,15 @@ def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
         assert not (tmp_path / "exp").exists(), f"{name}: a run that never started left {tmp_path / 'exp'} behind"
 
 
+def test_bad_sdpa_backend_variable_is_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "bogus")
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--attn-backend", "sdpa"]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: --attn-backend sdpa: SIT_FAST_SDPA_BACKEND=bogus: choose one of"), err
+
+
 def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
     """A malformed SIT_FAST_KERNEL_LAUNCH stops a run that uses the fused kernels before it starts."""
     monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "fwd_num_warps=3")
@@ -653,9 +662,11 @@ def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     ckpt_dir = os.path.join(exp, "checkpoints")
     old_four = load_ckpt(os.path.join(ckpt_dir, "0000004.pt"))["model"]
     for refused in (["--model", "SiT-S/4"], ["--grad-accum-steps", "3"]):  # a resume that never runs moves nothing
-        with pytest.raises(UserError):
+        with pytest.raises(UserError) as err:
             train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000002.pt"), *refused])
         assert sorted(os.listdir(ckpt_dir)) == ["0000002.pt", "0000004.pt", "0000006.pt"]
+        with open(os.path.join(exp, "log.txt")) as f:  # the run's log says why it did not continue
+            assert f.read().splitlines()[-1].endswith(f"error: {str(err.value)}")
     train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000002.pt"), "--max-steps", "4",
                        "--lr", "1e-2"])
     aside = [name for name in os.listdir(ckpt_dir) if name.startswith("superseded-")]

@@ -219,20 +219,18 @@ class Trainer:
         if isinstance(choice, UserError):
             raise choice
         self.exp_dir, resume_path, resume_note = choice
-        ckpt = None
-        if resume_path is not None:
-            ckpt = load_training_checkpoint(resume_path)
-            args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
-            if "ckpt" in explicit:
-                resume_note += " (--ckpt is ignored when resuming)"
         self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
         created = dist_info.is_main and not os.path.exists(self.exp_dir)
         if dist_info.is_main:
             os.makedirs(self.checkpoint_dir, exist_ok=True)
         barrier()
-        setup_logging(self.exp_dir, dist_info.is_main)
-        logger.info(resume_note)
+        setup_logging(self.exp_dir, dist_info.is_main)  # from here on, a user error also lands in log.txt
+        logger.info(resume_note + (" (--ckpt is ignored when resuming)" if resume_path and "ckpt" in explicit else ""))
         try:
+            ckpt = None
+            if resume_path is not None:
+                ckpt = load_training_checkpoint(resume_path)
+                args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
             self._build(args, explicit, ckpt, resume_path)
         except BaseException:
             if created:  # a run that never started leaves no numbered folder behind
