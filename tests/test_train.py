@@ -4,6 +4,7 @@ Everything trains SiT-T/4 on scikit-learn's bundled 8x8 digits in pixel space (n
 the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
 """
 import json
+import logging
 import os
 import re
 import socket
@@ -662,6 +663,7 @@ def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     ckpt_dir = os.path.join(exp, "checkpoints")
     old_four = load_ckpt(os.path.join(ckpt_dir, "0000004.pt"))["model"]
     for refused in (["--model", "SiT-S/4"], ["--grad-accum-steps", "3"]):  # a resume that never runs moves nothing
+        logging.getLogger("sit_fast.train").handlers.clear()  # a fresh process: no log file open yet
         with pytest.raises(UserError) as err:
             train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000002.pt"), *refused])
         assert sorted(os.listdir(ckpt_dir)) == ["0000002.pt", "0000004.pt", "0000006.pt"]
