@@ -7,7 +7,7 @@ supports; selection and the tests read those declarations instead of an if-chain
     "math"        explicit matmul + softmax in the input dtype: the parity reference.
     "sdpa"        torch.nn.functional.scaled_dot_product_attention. PyTorch picks flash, cuDNN or
                   memory-efficient kernels itself; set SIT_FAST_SDPA_BACKEND=flash|cudnn|efficient|math
-                  (or pass sdpa_backend=) to force one, e.g. cuDNN on Hopper.
+                  (or pass sdpa_backend=) to force one.
     "flash_attn"  the flash-attn package (CUDA, fp16/bf16, head dim <= 256, multiple of 8).
     "auto"        the first available of flash_attn, sdpa, math for the device and dtype.
 """
