@@ -181,9 +181,12 @@ def _mismatch_message(model, state_dict, own, missing, unexpected, mismatched, s
         parts.append("shape mismatch: " + "; ".join(shapes) + (" ..." if len(mismatched) > 4 else ""))
     hint = "wrong --model or --image-size?"
     try:
+        from sit_fast.models import registry_name
+
         cfg = infer_config(state_dict)
+        name = registry_name(cfg["depth"], cfg["hidden_size"], cfg["patch_size"])
         hint = (
-            f"the checkpoint looks like depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch "
+            f"the checkpoint looks like {name + ': ' if name else ''}depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch "
             f"{cfg['patch_size']}, input size {cfg['input_size']} (the image size in pixel space, "
             f"{cfg['input_size'] * 8} with an 8x VAE), learn_sigma={cfg['learn_sigma']}: wrong --model or --image-size?"
         )

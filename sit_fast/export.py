@@ -32,7 +32,7 @@ EXTENSIONS = (".pt", ".pth", ".safetensors")
 def describe(path: str, weights: str = "ema") -> dict:
     """What `path` holds: {"format", "weights", "step", "model", "config", "model_config",
     "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it)."""
-    from sit_fast.sampling import registry_name
+    from sit_fast.models import registry_name
 
     state_dict, info = read_checkpoint(path, prefer=weights)
     config = infer_config(state_dict)

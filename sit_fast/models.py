@@ -610,3 +610,12 @@ def model_config(name: str) -> dict:
     size, patch = name[len("SiT-"):].split("/")
     depth, hidden_size, num_heads = SIT_CONFIGS[size]
     return dict(depth=depth, hidden_size=hidden_size, num_heads=num_heads, patch_size=int(patch))
+
+
+def registry_name(depth: int, hidden_size: int, patch_size: int) -> str | None:
+    """The SiT_models entry with this architecture (hidden sizes identify the size), else None."""
+    for size, (size_depth, size_hidden, _) in SIT_CONFIGS.items():
+        name = f"SiT-{size}/{patch_size}"
+        if size_depth == depth and size_hidden == hidden_size and name in SiT_models:
+            return name
+    return None

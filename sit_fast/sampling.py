@@ -41,7 +41,7 @@ import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError
-from sit_fast.models import SIT_CONFIGS, SiT, SiT_models, model_config
+from sit_fast.models import SiT, SiT_models, model_config, registry_name
 from sit_fast.transport.integrators import time_grid
 
 logger = logging.getLogger("sit_fast")
@@ -117,15 +117,6 @@ class ModelRequest:
     """Load a train.py checkpoint's raw weights instead of its EMA."""
     attn_backend: str = "auto"
     fused_kernels: bool | str = "auto"
-
-
-def registry_name(depth: int, hidden_size: int, patch_size: int) -> str | None:
-    """The SiT_models entry with this architecture (hidden sizes identify the size), else None."""
-    for size, (size_depth, size_hidden, _) in SIT_CONFIGS.items():
-        name = f"SiT-{size}/{patch_size}"
-        if size_depth == depth and size_hidden == hidden_size and name in SiT_models:
-            return name
-    return None
 
 
 def pretrained_checkpoint_for(args) -> str:

@@ -99,6 +99,12 @@ def test_other_mismatches_name_keys_and_fix(tmp_path, change, expect):
     assert expect in message and "--model" in message and "--image-size" in message
 
 
+def test_mismatch_names_the_registry_model_the_checkpoint_is(tmp_path):
+    torch.save(SiT_models["SiT-T/4"](input_size=8).state_dict(), tmp_path / "t.pt")
+    with pytest.raises(CheckpointError, match=r"the checkpoint looks like SiT-T/4: depth 4, hidden 128, patch 4"):
+        load_checkpoint(SiT_models["SiT-S/4"](input_size=8), tmp_path / "t.pt")
+
+
 def test_corrupt_and_missing_files(tmp_path):
     torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "ok.pt")
     data = (tmp_path / "ok.pt").read_bytes()

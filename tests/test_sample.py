@@ -225,6 +225,7 @@ def test_train_checkpoint_latent_space_chooses_the_vae(files, tmp_path, capsys, 
         assert err.startswith("error:") and needle in err, err
 
 
+@pytest.mark.filterwarnings("ignore:The `local_dir_use_symlinks` argument is deprecated")
 def test_checkpoint_problems_come_before_the_vae(files, tmp_path, capsys, monkeypatch):
     """Offline with a VAE that is not cached, a bad --ckpt is still the message; a 3-channel release-format
     file (no recorded latent space) under the default SD VAE says to pass --vae none."""
