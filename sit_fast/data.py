@@ -84,7 +84,8 @@ def _as_is(batch):
     return batch
 
 
-def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory: bool, seed: int) -> Iterator:
+def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory: bool, seed: int,
+                worker_init_fn=None) -> Iterator:
     """Iterate over `batches` of keys; datasets with __getitems__ build whole batches at once.
 
     The loader gets its own generator (seeded by the caller from seed, epoch and rank), so creating
@@ -98,6 +99,7 @@ def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory:
         collate_fn=_as_is if hasattr(dataset, "__getitems__") else None,
         pin_memory=pin_memory,
         generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=worker_init_fn,
     ))
 
 

@@ -19,7 +19,7 @@ from PIL import Image
 
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.training import checkpointing
-from sit_fast.training.checkpointing import list_checkpoints
+from sit_fast.training.checkpointing import checkpoint_path, list_checkpoints
 from sit_fast.training.loop import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -651,6 +651,121 @@ def test_demo_learns_digits(tmp_path):
         results = json.load(f)
     assert results["ODE"]["accuracy"] >= 0.8 and results["SDE"]["accuracy"] >= 0.8
     assert os.path.isfile(os.path.join(out, "samples_ode.png")) and os.path.isfile(os.path.join(out, "samples_sde.png"))
+
+
+# ----------------------------------------------------------------------------- stop signals
+
+def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=False):
+    """Start `command`, wait until log.txt shows step >= min_step, send `signum` (to every process of
+    the job with whole_group, as a scheduler does); (returncode, output)."""
+    import signal as signals
+    import time
+
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
+                               start_new_session=whole_group)
+    deadline = time.time() + 180
+    while time.time() < deadline and process.poll() is None:
+        text = open(log).read() if os.path.isfile(log) else ""
+        steps = re.findall(r"\(step=(\d+)\)", text)
+        if steps and int(steps[-1]) >= min_step:
+            break
+        time.sleep(0.2)
+    assert process.poll() is None, process.communicate()[0][-3000:]
+    if whole_group:
+        os.killpg(process.pid, getattr(signals, signum))
+    else:
+        process.send_signal(getattr(signals, signum))
+    output, _ = process.communicate(timeout=120)
+    return process.returncode, output
+
+
+def _stop_request_worker(rank, world_size, port, out_dir):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import signal as signals
+
+    from sit_fast.distributed import cleanup, init_distributed
+    from sit_fast.training.checkpointing import StopRequest
+
+    init_distributed()
+    try:
+        stop = StopRequest(distributed=True)
+        stopped = None
+        for step in range(1, 11):
+            if rank == 1 and step == 3:
+                stop._handle(signals.SIGTERM, None)  # only rank 1 got the signal
+            name = stop.agreed()
+            if name:
+                stopped = (step, name)
+                break
+        stop.restore()
+        torch.save(stopped, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        cleanup()
+
+
+def test_stop_request_is_agreed_by_every_rank():
+    """A signal seen by one rank only stops every rank, after the same step (one step later)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.spawn(_stop_request_worker, args=(2, free_port(), out_dir), nprocs=2, join=True)
+        stopped = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    assert stopped == [(4, "SIGTERM"), (4, "SIGTERM")]
+
+
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
+    """A preemption (SIGTERM) or SLURM's warning (SIGUSR1) stops after the current step with a
+    checkpoint; resuming it to step S + 2 equals 2 straight runs' S + 2."""
+    import signal as signals
+
+    exp = str(tmp_path / "stopped")
+    argv = BASE + ["--log-every", "1", "--ckpt-every", "100000"]
+    code, output = _start_and_signal([sys.executable, os.path.join(REPO, "train.py"), *argv, "--exp-dir", exp,
+                                      "--max-steps", "100000"], os.path.join(exp, "log.txt"), signum)
+    assert code == 128 + getattr(signals, signum), output[-3000:]
+    (stop_ckpt,) = list_checkpoints(os.path.join(exp, "checkpoints"))
+    step = load_ckpt(stop_ckpt)["step"]
+    assert f"stopped by {signum} after step {step}; checkpoint {stop_ckpt}: continue with --resume" in output
+    train_main(["--exp-dir", exp, "--resume", stop_ckpt, "--max-steps", str(step + 2), "--ckpt-every", "100000"])
+    straight = str(tmp_path / "straight")
+    train_main(argv + ["--exp-dir", straight, "--max-steps", str(step + 2)])
+    a = load_ckpt(checkpoint_path(os.path.join(straight, "checkpoints"), step + 2))
+    b = load_ckpt(checkpoint_path(os.path.join(exp, "checkpoints"), step + 2))
+    assert_states_close(a["model"], b["model"], "model")
+    assert_states_close(a["ema"], b["ema"], "ema")
+
+
+def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
+    """A scheduler signals the whole job, data loader workers included: they ignore it, so the main
+    process still gets the batch it needs to reach the agreed step and writes its checkpoint."""
+    exp = str(tmp_path / "folder")
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=8)
+    command = [sys.executable, os.path.join(REPO, "train.py"), "--data-path", images, "--vae", "none",
+               "--image-size", "16", "--model", "SiT-T/4", "--global-batch-size", "4", "--num-workers", "2",
+               "--fused-kernels", "off", "--no-progress", "--log-every", "1", "--sample-every", "100000",
+               "--exp-dir", exp, "--max-steps", "100000"]
+    code, output = _start_and_signal(command, os.path.join(exp, "log.txt"), "SIGTERM", whole_group=True)
+    assert code == 143, output[-3000:]
+    assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 1
+
+
+def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+    """torchrun passes SIGTERM on to its workers, which see it at slightly different moments: they
+    agree on one step, write one checkpoint with both ranks' RNG states, and exit."""
+    exp = str(tmp_path / "ddp")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+               os.path.join(REPO, "train.py"), *BASE, "--log-every", "1", "--num-workers", "1", "--exp-dir", exp,
+               "--max-steps", "100000"]
+    code, output = _start_and_signal(command, os.path.join(exp, "log.txt"), "SIGTERM", env=env)
+    assert code != 0
+    (stop_ckpt,) = list_checkpoints(os.path.join(exp, "checkpoints"))
+    checkpoint = load_ckpt(stop_ckpt)
+    assert len(checkpoint["rng"]) == 2
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert f"stopped by SIGTERM after step {checkpoint['step']}; checkpoint {stop_ckpt}" in f.read()
 
 
 # ----------------------------------------------------------------------------- run boundaries

@@ -55,6 +55,74 @@ def interrupt_after():
         raise KeyboardInterrupt
 
 
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+
+
+class StopRequest:
+    """SIGTERM (a scheduler's preemption or time limit, `kill`, torchrun passing its own on) or SIGUSR1
+    (SLURM's `--signal=USR1@SECONDS` warning) asks the run to stop after the current step, with a
+    checkpoint, instead of dying with everything since the last one.
+
+    Under DDP all ranks must stop after the same step. Each step, every rank posts its flag (the
+    signal number, or 0) to an all-reduce (MAX) on a CPU gloo group and reads the previous step's
+    result: the ranks agree one step after the signal, with no GPU synchronisation.
+    """
+
+    def __init__(self, distributed: bool):
+        import torch.distributed as dist
+
+        self.received = 0
+        self.group = dist.new_group(backend="gloo") if distributed else None
+        self.flag = torch.zeros(1, dtype=torch.int64)
+        self.pending = None
+        self.previous = {}
+
+    def install(self) -> None:
+        """Catch the stop signals (main thread only; elsewhere they keep their handlers)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for name in STOP_SIGNALS:
+            signum = getattr(signal, name, None)
+            if signum is not None:
+                self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.received = self.received or signum
+
+    def restore(self) -> None:
+        """The handlers as they were; waits for a flag exchange still in flight."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+        if self.pending is not None:
+            self.pending.wait()
+            self.pending = None
+
+    def agreed(self) -> str | None:
+        """Once per step on every rank: the signal's name when all ranks stop now, else None."""
+        if self.group is None:
+            return signal.Signals(self.received).name if self.received else None
+        import torch.distributed as dist
+
+        if self.pending is not None:
+            self.pending.wait()  # a CPU collective posted a step ago: done by now, or nearly
+            self.pending = None
+            if int(self.flag) > 0:
+                return signal.Signals(int(self.flag)).name
+        self.flag.fill_(self.received)
+        self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
+        return None
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """DataLoader worker_init_fn: a scheduler signals every process of the job, and a worker killed by
+    SIGTERM would fail the main process's next batch; the main process decides when to stop."""
+    for name in STOP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None:
+            signal.signal(signum, signal.SIG_IGN)
+
+
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save(obj) onto `path` by atomic_write."""
     atomic_write(path, lambda f: torch.save(obj, f))

@@ -14,6 +14,7 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from copy import deepcopy
@@ -32,8 +33,9 @@ from sit_fast.errors import UserError
 from sit_fast.models import SiT_models, model_config, resolve_fused_kernels
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
-    CHECKPOINT_VERSION, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs, find_latest_valid,
-    interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
+    CHECKPOINT_VERSION, StopRequest, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs,
+    find_latest_valid, ignore_stop_signals, interrupt_after, list_checkpoints, load_training_checkpoint,
+    restore_rng_state,
 )
 from sit_fast.transport import Sampler, create_transport
 
@@ -597,6 +599,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ the loop
     def run(self) -> dict:
+        """Train to the end of the run, or to a stop signal (StopRequest): returns a summary whose
+        "stopped_by" names that signal (None at the end of the run)."""
         args, is_main = self.args, self.dist_info.is_main
         if is_main:
             self.open_trackers()
@@ -615,12 +619,37 @@ class Trainer:
             logger.info(f"nothing to do: step {self.step} >= step {self.max_steps}, the end of the run")
         limit = f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})" if self.epochs_limit else ""
         logger.info(f"training from step {self.step} to step {self.max_steps}{limit}")
+        last_log = {}
+        stop = StopRequest(distributed=is_distributed() and self.dist_info.world_size > 1)
+        stop.install()
+        stopped_by = None
+        try:
+            last_log, stopped_by = self._loop(stop, bar, loss_sum, loss_count, first_bad)
+        finally:
+            stop.restore()
+        if bar is not None:
+            bar.close()
+        self.close_trackers()
+        if stopped_by:
+            resume = self.last_checkpoint
+            logger.warning(f"stopped by {stopped_by} after step {self.step}; checkpoint {resume}: continue with "
+                           f"--resume {resume} (or --resume auto)")
+        else:
+            logger.info("done")
+        return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
+                "nonfinite_skipped": self.nonfinite_skipped, "stopped_by": stopped_by, **last_log}
+
+    def _loop(self, stop: StopRequest, bar, loss_sum, loss_count, first_bad) -> tuple[dict, str | None]:
+        """Steps until the end of the run or an agreed stop request: (the last log line's figures,
+        the name of the signal that stopped it or None)."""
+        args, is_main, device = self.args, self.dist_info.is_main, self.device
         window_start, window_steps = time.perf_counter(), 0
         last_log = {}
         while self.step < self.max_steps and self.epoch < args.epochs:
             batches = self.sampler.batches(self.epoch, self.step_in_epoch)
             loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
-                                 seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank)
+                                 seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
+                                 worker_init_fn=ignore_stop_signals)
             for batch in loader:
                 loss, applied = self.train_step(batch)
                 self.step += 1
@@ -658,12 +687,15 @@ class Trainer:
                 window_start += time.perf_counter() - paused  # throughput counts training steps only
                 if last:
                     break
-        if bar is not None:
-            bar.close()
-        self.close_trackers()
-        logger.info("done")
-        return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
-                "nonfinite_skipped": self.nonfinite_skipped, **last_log}
+                stopped_by = stop.agreed()
+                if stopped_by:
+                    if window_steps:
+                        last_log = self.log(loss_sum, loss_count, first_bad, window_start, window_steps, bar)
+                    if self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step):
+                        self.check_finite(first_bad)
+                        self.save_checkpoint()
+                    return last_log, stopped_by
+        return last_log, None
 
     def out_of_memory_advice(self) -> str:
         """What ran out of GPU memory, and the flags that make it fit (those not in use already)."""
@@ -786,7 +818,10 @@ def main(argv: list[str] | None = None) -> dict:
     trainer = None
     try:
         trainer = Trainer(args, explicit, dist_info)
-        return trainer.run()
+        summary = trainer.run()
+        if summary["stopped_by"]:  # a scheduler sees the job as terminated, not finished
+            raise SystemExit(128 + getattr(signal, summary["stopped_by"]))
+        return summary
     except UserError as err:
         log_to_file(f"error: {' '.join(str(err).split())}")
         raise
