@@ -253,3 +253,20 @@ def test_frozen_model_reuses_modulation_weights_until_they_change():
     model(x, t, y).square().mean().backward()
     assert model._modulation_cache is None
     assert all(b.adaLN_modulation[1].weight.grad is not None for b in model.blocks)
+
+
+@pytest.mark.parametrize("dim", [256, 7])
+def test_timestep_embedding_against_the_formula(dim):
+    """Written out in float64 per element: entry i < dim // 2 is cos(t f_i), then sin(t f_i),
+    f_i = 10000^(-i / (dim // 2)); an odd dim ends with a zero."""
+    from sit_fast.models import TimestepEmbedder
+
+    t = torch.rand(5) * 1000
+    got = TimestepEmbedder.timestep_embedding(t, dim)
+    half = dim // 2
+    expected = torch.zeros(5, dim, dtype=torch.float64)
+    for n in range(5):
+        for i in range(half):
+            angle = float(t[n]) * 10000.0 ** (-i / half)
+            expected[n, i], expected[n, half + i] = math.cos(angle), math.sin(angle)
+    torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4)  # fp32 arguments up to 1000

@@ -4,6 +4,7 @@ Everything runs a tiny SiT-T/2 on 8 x 8 model inputs: in pixel space (3 channels
 AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved by the fixtures.
 """
 import argparse
+import math
 import os
 import subprocess
 import sys
@@ -260,6 +261,35 @@ def test_attention_that_cannot_run_is_one_line(files, tmp_path, capsys, monkeypa
     err = one_line_error(capsys)
     assert err.startswith(f"error: {needle}"), err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_likelihood_bits_per_dim_against_a_closed_form_density(tmp_path):
+    """run_likelihood with the exact velocity of a Gaussian (test_transport's closed form): the flow is
+    exact, so log p(x) = log N(x; MU, STD^2) and bpd = -log p / (D ln 2), + 7 for dequantised 8-bit
+    pixels (the 1/128 Jacobian)."""
+    import types
+
+    from sit_fast.transport import Sampler, create_transport
+    from tests.test_transport import MU, STD, closed_form_model
+
+    velocity = closed_form_model("Linear", "velocity")
+    images = np.random.default_rng(0).integers(0, 256, (6, 1, 1, 2), dtype=np.uint8)  # N x H x W x C, C = 2
+    np.savez(tmp_path / "pixels.npz", arr_0=images)
+    setup = types.SimpleNamespace(
+        args=types.SimpleNamespace(data=str(tmp_path / "pixels.npz"), seed=0, batch_size=4, class_labels=None,
+                                   sampling_method="dopri5", out=None),
+        image_size=1, in_channels=2, codec=None, latent_shape=(2, 1, 1), num_classes=NUM_CLASSES, device="cpu",
+        forwards=types.SimpleNamespace(conditional=lambda x, t, y: velocity(x.flatten(1), t).view_as(x)),
+        sample_fn=Sampler(create_transport("Linear", "velocity")).sample_ode_likelihood(
+            exact_divergence=True, atol=1e-9, rtol=1e-9))
+    x, offset, _ = sample.load_data(setup, setup.args.data)  # the dequantised pixels run_likelihood reads
+    assert offset == 7.0
+    log_density = torch.distributions.Normal(MU.double(), STD.double()).log_prob(x.flatten(1).double()).sum(1)
+    expected = (-log_density / (2 * math.log(2))).numpy()
+    np.testing.assert_allclose(sample.run_likelihood(setup), expected + 7, rtol=1e-4)
+    torch.save(x, tmp_path / "x.pt")  # the same values as float model inputs: continuous bpd, no offset
+    setup.args.data = str(tmp_path / "x.pt")
+    np.testing.assert_allclose(sample.run_likelihood(setup), expected, rtol=1e-4)
 
 
 def test_bad_kernel_launch_variable_is_one_line(files, tmp_path, capsys, monkeypatch):

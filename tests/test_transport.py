@@ -288,8 +288,10 @@ def test_euler_converges_at_first_order():
     assert 1.7 < errors[0] / errors[1] < 2.3, errors
 
 
-@pytest.mark.parametrize("path_type, prediction", [("Linear", "velocity"), ("GVP", "noise"), ("VP", "score")])
+@pytest.mark.parametrize("path_type, prediction", [("Linear", "velocity"), ("GVP", "noise"), ("VP", "score"),
+                                                   ("VP", "noise")])
 def test_reverse_ode_maps_data_to_noise(path_type, prediction):
+    """From t1 back to t0, the likelihood's interval (a VP noise model is singular at t = 1)."""
     transport = create_transport(path_type, prediction)
     sampler = Sampler(transport)
     model = closed_form_model(path_type, prediction)
@@ -348,6 +350,29 @@ def test_sde_upstream_defaults_with_velocity_model(path_type):
     samples = sample_fn(torch.randn(4096, 2), closed_form_model(path_type, "velocity"))[-1]
     mean, std = expected_sde_output(path_type, "SBDM", "Mean", 0.04)
     assert_moments(samples, mean, std, 0.07, 0.05, f"{path_type} defaults")
+
+
+@pytest.mark.parametrize("path_type, prediction, form", [("Linear", "velocity", "sigma"), ("VP", "noise", "linear"),
+                                                         ("GVP", "score", "increasing-decreasing")])
+@pytest.mark.parametrize("norm", [0.5, 2.0])
+def test_sde_step_uses_the_diffusion_norm(path_type, prediction, form, norm):
+    """One Euler-Maruyama step against x + (v + w s) dt + sqrt(2 w dt) z with the reference w_t
+    of that norm: the moments alone cannot see the norm (an exact model gives them for any w)."""
+    transport = create_transport(path_type, prediction)
+    sample_fn = Sampler(transport).sample_sde(sampling_method="Euler", diffusion_form=form, diffusion_norm=norm,
+                                              last_step=None, num_steps=2)
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, diffusion_form=form, sde=True,
+                                      eval=True)
+    x = torch.randn(64, 2, dtype=torch.float64)
+    torch.manual_seed(7)
+    stepped = sample_fn(x, closed_form_model(path_type, prediction))[-1]
+    torch.manual_seed(7)
+    z = torch.randn_like(x)
+    t = torch.full((64, 1), t0, dtype=torch.float64)
+    _, _, score, velocity = ref_posterior(path_type, x, t)
+    w = ref_diffusion(path_type, form, t, norm=norm)
+    expected = x + (velocity + w * score) * (t1 - t0) + torch.sqrt(2 * w * (t1 - t0)) * z
+    torch.testing.assert_close(stepped, expected, rtol=1e-9, atol=1e-9)
 
 
 def test_sde_noise_is_fresh_per_call_and_seeded():

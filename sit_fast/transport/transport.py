@@ -276,13 +276,17 @@ class Sampler:
             counted grid points); for adaptive methods only the number of intervals of a returned
             trajectory.
         atol, rtol: tolerances of adaptive methods.
-        reverse: integrate data -> noise (t from 1 to 0) instead.
+        reverse: integrate data -> noise instead, over the same interval from t1 back to t0, as the
+            likelihood does (upstream reflected it to (1 - t0, 1 - t1), which for VP starts at t = 1,
+            where sigma_t = 0 and a score or noise model is singular; for Linear and GVP the two agree).
         trajectory: False returns [x_final]; True returns the num_steps + 1 states on an even grid.
         """
         check_choice("sampling_method", sampling_method, ODE_METHODS)
         t0, t1 = self.transport.check_interval(
-            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=reverse,
+            self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=False,
             last_step_size=0.0)
+        if reverse:
+            t0, t1 = t1, t0
 
         def sample(x, model, **model_kwargs):
             def drift(x, t):
