@@ -62,13 +62,19 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         raise CheckpointError(f"{path} holds a {type(obj).__name__}, not a state_dict or a checkpoint dict")
 
     if "model" in obj or "ema" in obj:
-        key = "ema" if (prefer == "ema" and "ema" in obj) else "model"
+        key = "ema" if (prefer == "ema" and isinstance(obj.get("ema"), dict)) else "model"
         if key not in obj:
-            raise CheckpointError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(obj))})")
+            raise CheckpointError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(map(str, obj)))})")
+        if not isinstance(obj[key], dict):
+            raise CheckpointError(f"{path}: its {key!r} entry is a {type(obj[key]).__name__}, not a state_dict")
         args = obj.get("args")
+        step = obj.get("step")
         info.update(weights=key, args=vars(args) if isinstance(args, argparse.Namespace) else args,
-                    step=obj.get("step"), optimizer="opt" in obj)
+                    step=step if isinstance(step, int) and not isinstance(step, bool) else None,
+                    optimizer="opt" in obj)
         obj = obj[key]
+    if not all(isinstance(k, str) for k in obj):
+        raise CheckpointError(f"{path} holds a dict with keys that are not parameter names (strings)")
     state_dict = {_strip_prefixes(k): v for k, v in obj.items()}
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
@@ -102,12 +108,14 @@ def safe_torch_load(path: str) -> object:
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # a damaged or foreign file raises many types (KeyError, IndexError, EOFError, ...)
         text = _ANSI.sub("", str(err))
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-        if unsafe:
+        # torch words the refusal "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked"
+        unsafe = re.search(r"unsupported global:? GLOBAL (\S+)", text, flags=re.IGNORECASE)
+        if unsafe or "Weights only load failed" in text:
+            what = f"pickles {unsafe.group(1)}, which is" if unsafe else "holds an object that is"
             raise CheckpointError(
-                f"refused to read {path}: it pickles {unsafe.group(1)}, which is neither a tensor nor a plain "
-                f"container, and unpickling that could run code; if you trust the file, load it once with "
-                f"torch.load(weights_only=False) and save its state_dict"
+                f"refused to read {path}: it {what} neither a tensor nor a plain container, and unpickling "
+                f"that could run code; if you trust the file, load it once with torch.load(weights_only=False) "
+                f"and save its state_dict"
             ) from None
         raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt, truncated, or not a checkpoint "
                               f"written by torch.save or safetensors?)") from None

@@ -103,6 +103,28 @@ def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory:
     ))
 
 
+_REENCODE = ("delete it and run python -m sit_fast.latent_cache again with the same flags (it encodes only the "
+             "missing shards)")
+
+
+def close_loader(loader: Iterator) -> None:
+    """Stop a loader's worker processes now (a no-op without workers), rather than when the
+    iterator is collected: an exception's traceback can keep it alive until the process exits."""
+    shutdown = getattr(loader, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+def worker_error(err: UserError) -> UserError:
+    """A UserError raised in a loader worker comes back as "Caught X in DataLoader worker process N.
+    Original Traceback ...": the same error with the original message alone."""
+    text = str(err)
+    if not (text.startswith("Caught ") and "Original Traceback" in text):
+        return err
+    last = text.rstrip().splitlines()[-1]
+    return type(err)(last.split(": ", 1)[1] if ": " in last else last)
+
+
 #################################################################################
 #                                   Datasets                                    #
 #################################################################################
@@ -178,8 +200,11 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def load(self, index: int, flip: int) -> torch.Tensor:
         path, _ = self.samples[index]
-        with Image.open(path) as image:
-            image = center_crop_arr(image.convert("RGB"), self.image_size)
+        try:
+            with Image.open(path) as image:
+                image = center_crop_arr(image.convert("RGB"), self.image_size)
+        except OSError as err:  # PIL's UnidentifiedImageError included: a damaged or mislabelled file
+            raise DataError(f"cannot read image {path} ({err}): remove or replace it") from None
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in [0, 255]
@@ -218,10 +243,13 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 try:
                     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
                 except Exception as err:  # torch.load raises several types for a damaged file
-                    raise DataError(f"latent cache shard {path} cannot be read ({err}); rebuild the cache") from None
+                    raise DataError(f"latent cache shard {path} cannot be read ({err}); {_REENCODE}") from None
+                if not (isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor)
+                                                       for k in ("mean", "std", "labels"))):
+                    raise DataError(f"latent cache shard {path} does not hold mean, std and labels; {_REENCODE}")
                 if data["mean"].shape[0] != shard["count"]:
                     raise DataError(f"latent cache shard {path} holds {data['mean'].shape[0]} images, the index "
-                                    f"says {shard['count']}; rebuild the cache")
+                                    f"says {shard['count']}; {_REENCODE}")
                 shards.append(data)
             self._shards = shards
         return self._shards
@@ -259,8 +287,8 @@ def read_cache_index(root: str) -> dict:
         with open(path) as f:
             index = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read {path} ({err}); rebuild the cache") from None
-    if index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
+        raise DataError(f"cannot read {path} ({err}); {_REENCODE}") from None
+    if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
         raise DataError(f"{path} is not a version-{CACHE_VERSION} sit_fast latent cache; rebuild it")
     return index
 

@@ -482,9 +482,18 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
     `holds` and `flag` name what the folder holds and the flag that picks another one, for the message."""
     path = os.path.join(sample_dir, "settings.json")
+    if os.path.exists(sample_dir) and not os.path.isdir(sample_dir):
+        raise UserError(f"{flag} {sample_dir} is a file: pass a folder")
     if os.path.isfile(path):
-        with open(path, encoding="utf-8") as f:
-            recorded = json.load(f)
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError) as err:
+            recorded = err
+        if not isinstance(recorded, dict):
+            raise UserError(f"cannot read {path} ({recorded if isinstance(recorded, Exception) else 'not a dict'}): "
+                            f"it records the settings of the {holds} in {sample_dir}; restore it, or pass another "
+                            f"{flag}")
         differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
         if differ:
             raise UserError(

@@ -154,6 +154,39 @@ def test_uppercase_safetensors_suffix(tmp_path):
     assert info["format"] == "safetensors" and state_dict.keys() == sd.keys()
 
 
+class _RunsShell:
+    def __reduce__(self):
+        return (os.system, ("echo this would have run",))
+
+
+@pytest.mark.parametrize("content,needle", [
+    ({"model": [1, 2]}, "'model' entry is a list, not a state_dict"),
+    ({1: torch.zeros(1)}, "keys that are not parameter names"),
+    ({"x": _RunsShell()}, "refused to read"),
+])
+def test_malformed_checkpoints_are_one_line_errors(tmp_path, capsys, content, needle):
+    torch.save(content, tmp_path / "m.pt")
+    with pytest.raises(CheckpointError, match=needle) as err:
+        read_checkpoint(tmp_path / "m.pt")
+    assert "\n" not in str(err.value) and "weights_only=False will likely succeed" not in str(err.value)
+    assert "would have run" not in capsys.readouterr().out
+
+
+def test_a_missing_ema_entry_falls_back_to_the_model_weights(tmp_path):
+    sd = upstream_state_dict(1, 32, 2, True)
+    torch.save({"ema": None, "model": sd, "step": "seven"}, tmp_path / "c.pt")
+    state_dict, info = read_checkpoint(tmp_path / "c.pt")
+    assert info["weights"] == "model" and info["step"] is None and state_dict.keys() == sd.keys()
+
+
+def test_safetensors_holding_one_tensor_named_model_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    save_file({"model": torch.zeros(2)}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match="'model' entry is a Tensor, not a state_dict"):
+        read_checkpoint(tmp_path / "m.safetensors")
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("this would have run",))

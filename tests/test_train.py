@@ -336,6 +336,21 @@ def error_cases(tmp_path, checkpoint):
     }
 
 
+@pytest.mark.parametrize("key,value", [
+    ("args", None), ("args", [1]), ("step", "seven"), ("rng", None), ("rng", [{"torch": torch.zeros(3)}]),
+    ("opt", {}), ("data", [1]), ("model", [1]),
+])
+def test_a_damaged_training_checkpoint_is_refused_in_one_line(tmp_path, digits_checkpoint, key, value):
+    from sit_fast.checkpoint import CheckpointError
+    from sit_fast.training.checkpointing import load_training_checkpoint
+
+    checkpoint = load_ckpt(digits_checkpoint)
+    checkpoint[key] = value
+    torch.save(checkpoint, tmp_path / "damaged.pt")
+    with pytest.raises(CheckpointError, match=rf"not a resumable train.py checkpoint: damaged {key} "):
+        load_training_checkpoint(str(tmp_path / "damaged.pt"))
+
+
 def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpoint):
     """Upstream's --ckpt was meant to resume; here it starts a new run: the log says so, and how to resume."""
     exp = tmp_path / "exp"
@@ -594,6 +609,12 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
                             r"or delete it to start over\n", refused(extra))
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(os.path.join(images, "class1", "9.png"))  # the data changed
     assert "num_images: 6 there, 7 now" in refused([])
+    with open(os.path.join(out, "settings.json"), "w") as f:
+        f.write("{bad")
+    assert re.fullmatch(r"error: cannot read \S+settings.json \(.*\): it records the settings of the latents in "
+                        r"\S+; restore it, or pass another --out\n", refused([]))
+    (tmp_path / "a_file").write_text("")
+    assert refused(["--out", str(tmp_path / "a_file")]) == f"error: --out {tmp_path / 'a_file'} is a file: pass a folder\n"
 
 
 def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
@@ -667,7 +688,7 @@ def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=Fa
     while time.time() < deadline and process.poll() is None:
         text = open(log).read() if os.path.isfile(log) else ""
         steps = re.findall(r"\(step=(\d+)\)", text)
-        if steps and int(steps[-1]) >= min_step:
+        if (min_step is None and text) or (steps and int(steps[-1]) >= (min_step or 0)):
             break
         time.sleep(0.2)
     assert process.poll() is None, process.communicate()[0][-3000:]
@@ -689,7 +710,8 @@ def _stop_request_worker(rank, world_size, port, out_dir):
 
     init_distributed()
     try:
-        stop = StopRequest(distributed=True)
+        stop = StopRequest()
+        stop.connect()
         stopped = None
         for step in range(1, 11):
             if rank == 1 and step == 3:
@@ -737,6 +759,17 @@ def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     assert_states_close(a["ema"], b["ema"], "ema")
 
 
+def test_sigterm_during_startup_stops_after_the_first_step(tmp_path):
+    """Caught from the moment the run has a log (before the model is built): a checkpoint, not a kill."""
+    exp = str(tmp_path / "early")
+    command = [sys.executable, os.path.join(REPO, "train.py"), *BASE, "--exp-dir", exp, "--max-steps", "100000",
+               "--log-every", "1"]
+    code, output = _start_and_signal(command, os.path.join(exp, "log.txt"), "SIGTERM", min_step=None)
+    assert code == 143, output[-3000:]
+    (stop_ckpt,) = list_checkpoints(os.path.join(exp, "checkpoints"))
+    assert f"stopped by SIGTERM after step {load_ckpt(stop_ckpt)['step']}" in output
+
+
 def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     """A scheduler signals the whole job, data loader workers included: they ignore it, so the main
     process still gets the batch it needs to reach the agreed step and writes its checkpoint."""
@@ -749,6 +782,22 @@ def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     code, output = _start_and_signal(command, os.path.join(exp, "log.txt"), "SIGTERM", whole_group=True)
     assert code == 143, output[-3000:]
     assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 1
+
+
+@pytest.mark.parametrize("num_workers", ["0", "2"])
+def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_workers):
+    """Raised in a loader worker (which ignores SIGTERM), the error must still end the process: the
+    workers are shut down, not left for the interpreter's exit to wait on."""
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=8)
+    (tmp_path / "images" / "class0" / "3.png").write_text("not a png")
+    command = [sys.executable, os.path.join(REPO, "train.py"), "--data-path", images, "--vae", "none",
+               "--image-size", "16", "--model", "SiT-T/4", "--global-batch-size", "16", "--num-workers", num_workers,
+               "--fused-kernels", "off", "--no-progress", "--max-steps", "4", "--exp-dir", str(tmp_path / "exp")]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert lines[0].startswith("error: cannot read image ") and "3.png" in lines[0] and "remove or replace it" in lines[0]
 
 
 def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):

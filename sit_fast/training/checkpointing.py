@@ -68,18 +68,24 @@ class StopRequest:
     result: the ranks agree one step after the signal, with no GPU synchronisation.
     """
 
-    def __init__(self, distributed: bool):
-        import torch.distributed as dist
-
+    def __init__(self):
         self.received = 0
-        self.group = dist.new_group(backend="gloo") if distributed else None
+        self.group = None
         self.flag = torch.zeros(1, dtype=torch.int64)
         self.pending = None
         self.previous = {}
 
+    def connect(self) -> None:
+        """Join the ranks' agreement: a CPU (gloo) group of all ranks; call on every rank, once."""
+        import torch.distributed as dist
+
+        if self.group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.group = dist.new_group(backend="gloo")
+
     def install(self) -> None:
-        """Catch the stop signals (main thread only; elsewhere they keep their handlers)."""
-        if threading.current_thread() is not threading.main_thread():
+        """Catch the stop signals (main thread only; elsewhere they keep their handlers). A signal
+        caught before training starts stops the run after its first step."""
+        if self.previous or threading.current_thread() is not threading.main_thread():
             return
         for name in STOP_SIGNALS:
             signum = getattr(signal, name, None)
@@ -208,7 +214,31 @@ def load_training_checkpoint(path: str) -> dict:
     if missing:
         raise CheckpointError(f"{path} is not a resumable train.py checkpoint: no {', '.join(missing)} "
                               f"(use --ckpt to start from its weights instead)")
+    damaged = [key for key, ok in _ENTRY_CHECKS.items() if key in ckpt and not ok(ckpt[key])]
+    if damaged:
+        raise CheckpointError(f"{path} is not a resumable train.py checkpoint: damaged {', '.join(damaged)} "
+                              f"(another valid checkpoint of the run, or --ckpt to start from its weights)")
     return ckpt
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+# What a train.py checkpoint's entries must be for a resume to use them.
+_ENTRY_CHECKS = {
+    "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+    "ema": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
+    "opt": lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list),
+    "args": lambda v: isinstance(v, dict) and _is_count(v.get("global_batch_size", 1))
+    and _is_count(v.get("grad_accum_steps", 1)) and v.get("grad_accum_steps", 1) >= 1
+    and isinstance(v.get("lr", 1.0), (int, float)),
+    "step": _is_count, "epoch": _is_count, "step_in_epoch": _is_count,
+    "rng": lambda v: isinstance(v, list) and all(
+        isinstance(r, dict) and isinstance(r.get("torch"), torch.Tensor) and r["torch"].dtype == torch.uint8
+        for r in v),
+    "data": lambda v: isinstance(v, dict),
+}
 
 
 def find_latest_valid(checkpoint_dir: str) -> tuple[str, dict] | None:

@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from sit_fast import flops
 from sit_fast.attention import select_backend
 from sit_fast.checkpoint import CheckpointError, load_checkpoint, load_into_model
-from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, make_loader
+from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError
 from sit_fast.models import SiT_models, model_config, resolve_fused_kernels
@@ -205,8 +205,10 @@ def data_source(args: argparse.Namespace) -> str:
 class Trainer:
     """One training run; build with the parsed args, then call run()."""
 
-    def __init__(self, args: argparse.Namespace, explicit: set[str], dist_info: DistInfo):
+    def __init__(self, args: argparse.Namespace, explicit: set[str], dist_info: DistInfo,
+                 stop: StopRequest | None = None):
         self.dist_info = dist_info
+        self.stop = stop if stop is not None else StopRequest()
         self.explicit = explicit
         self.device = dist_info.device
 
@@ -620,7 +622,8 @@ class Trainer:
         limit = f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})" if self.epochs_limit else ""
         logger.info(f"training from step {self.step} to step {self.max_steps}{limit}")
         last_log = {}
-        stop = StopRequest(distributed=is_distributed() and self.dist_info.world_size > 1)
+        stop = self.stop
+        stop.connect()
         stop.install()
         stopped_by = None
         try:
@@ -650,51 +653,56 @@ class Trainer:
             loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
                                  seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
                                  worker_init_fn=ignore_stop_signals)
-            for batch in loader:
-                loss, applied = self.train_step(batch)
-                self.step += 1
-                self.step_in_epoch += 1
-                self.step_counter += 1
-                window_steps += 1
-                if applied:
-                    loss_sum += loss.double()
-                    loss_count += 1
-                    bad = ~torch.isfinite(loss)
-                    first_bad = torch.where(bad & (first_bad < 0), self.step_counter, first_bad)
-                else:
-                    self.nonfinite_skipped += 1
-                    logger.warning(f"step {self.step}: non-finite gradients, step skipped "
-                                   f"({self.nonfinite_skipped} so far)")
-                if self.step_in_epoch == self.sampler.steps_per_epoch:
-                    self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                if bar is not None:
-                    bar.update(1)
+            try:
+                for batch in loader:
+                    loss, applied = self.train_step(batch)
+                    self.step += 1
+                    self.step_in_epoch += 1
+                    self.step_counter += 1
+                    window_steps += 1
+                    if applied:
+                        loss_sum += loss.double()
+                        loss_count += 1
+                        bad = ~torch.isfinite(loss)
+                        first_bad = torch.where(bad & (first_bad < 0), self.step_counter, first_bad)
+                    else:
+                        self.nonfinite_skipped += 1
+                        logger.warning(f"step {self.step}: non-finite gradients, step skipped "
+                                       f"({self.nonfinite_skipped} so far)")
+                    if self.step_in_epoch == self.sampler.steps_per_epoch:
+                        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                    if bar is not None:
+                        bar.update(1)
 
-                last = self.step >= self.max_steps
-                if self.step % args.log_every == 0 or last:
-                    last_log = self.log(loss_sum, loss_count, first_bad, window_start, window_steps, bar)
-                    loss_sum.zero_()
-                    loss_count.zero_()
-                    window_start, window_steps = time.perf_counter(), 0
-                paused = time.perf_counter()
-                if self.step % args.ckpt_every == 0 or last:
-                    self.check_finite(first_bad)
-                    self.save_checkpoint()
-                if self.step % args.sample_every == 0 and is_main:
-                    self.phase = "samples"
-                    self.save_samples()
-                    self.phase = "train"
-                window_start += time.perf_counter() - paused  # throughput counts training steps only
-                if last:
-                    break
-                stopped_by = stop.agreed()
-                if stopped_by:
-                    if window_steps:
+                    last = self.step >= self.max_steps
+                    if self.step % args.log_every == 0 or last:
                         last_log = self.log(loss_sum, loss_count, first_bad, window_start, window_steps, bar)
-                    if self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step):
+                        loss_sum.zero_()
+                        loss_count.zero_()
+                        window_start, window_steps = time.perf_counter(), 0
+                    paused = time.perf_counter()
+                    if self.step % args.ckpt_every == 0 or last:
                         self.check_finite(first_bad)
                         self.save_checkpoint()
-                    return last_log, stopped_by
+                    if self.step % args.sample_every == 0 and is_main:
+                        self.phase = "samples"
+                        self.save_samples()
+                        self.phase = "train"
+                    window_start += time.perf_counter() - paused  # throughput counts training steps only
+                    if last:
+                        break
+                    stopped_by = stop.agreed()
+                    if stopped_by:
+                        if window_steps:
+                            last_log = self.log(loss_sum, loss_count, first_bad, window_start, window_steps, bar)
+                        if self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step):
+                            self.check_finite(first_bad)
+                            self.save_checkpoint()
+                        return last_log, stopped_by
+            except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
+                raise worker_error(err) from None
+            finally:  # workers ignore SIGTERM (StopRequest), so they are stopped here, also on an error
+                close_loader(loader)
         return last_log, None
 
     def out_of_memory_advice(self) -> str:
@@ -814,10 +822,12 @@ class Trainer:
 def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, train, and return a summary (step, loss, experiment dir, ...)."""
     args, explicit = parse_args(argv)
+    stop = StopRequest()
+    stop.install()  # from here on, a stop signal ends the run after its first step instead of killing it
     dist_info = init_distributed()
     trainer = None
     try:
-        trainer = Trainer(args, explicit, dist_info)
+        trainer = Trainer(args, explicit, dist_info, stop)
         summary = trainer.run()
         if summary["stopped_by"]:  # a scheduler sees the job as terminated, not finished
             raise SystemExit(128 + getattr(signal, summary["stopped_by"]))
@@ -843,4 +853,5 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n{message}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
+        stop.restore()
         cleanup()
