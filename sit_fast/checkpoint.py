@@ -109,16 +109,17 @@ def safe_torch_load(path: str) -> object:
     except Exception as err:  # a damaged or foreign file raises many types (KeyError, IndexError, EOFError, ...)
         text = _ANSI.sub("", str(err))
         # torch words the refusal "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked"
-        unsafe = re.search(r"unsupported global:? GLOBAL (\S+)", text, flags=re.IGNORECASE)
-        if unsafe or "Weights only load failed" in text:
-            what = f"pickles {unsafe.group(1)}, which is" if unsafe else "holds an object that is"
+        unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
+        if unsafe:
             raise CheckpointError(
-                f"refused to read {path}: it {what} neither a tensor nor a plain container, and unpickling "
-                f"that could run code; if you trust the file, load it once with torch.load(weights_only=False) "
-                f"and save its state_dict"
+                f"refused to read {path}: it pickles {unsafe.group(1)}, which is neither a tensor nor a plain "
+                f"container, and unpickling that could run code; if you trust the file, load it once with "
+                f"torch.load(weights_only=False) and save its state_dict"
             ) from None
-        raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt, truncated, or not a checkpoint "
-                              f"written by torch.save or safetensors?)") from None
+        # other weights-only failures are bytes that are no pickle: torch's reason, not its advice
+        reason = re.search(r"WeightsUnpickler error: (.+)", text)
+        raise CheckpointError(f"cannot read {path}: {reason.group(1).strip() if reason else _first_line(err)} "
+                              f"(corrupt, truncated, or not a checkpoint written by torch.save or safetensors?)") from None
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
