@@ -58,6 +58,7 @@ from sit_fast.models import SiT_models, resolve_fused_kernels
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
+    checkpoint_preference,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
     to_rgb_uint8,
 )
@@ -313,9 +314,11 @@ class Setup:
 
         # The release is fetched (or found missing) first: offline, that is the message to see.
         ckpt = args.ckpt if args.ckpt is not None else on_main(lambda: pretrained_checkpoint_for(args), dist)
+        loaded = None
         if args.ckpt is not None:
-            # what is wrong with the file comes before anything about the VAE (memory-mapped: cheap)
-            in_channels = infer_config(read_checkpoint(ckpt)[0])["in_channels"]
+            # read once, here: what is wrong with the file comes before anything about the VAE
+            loaded = read_checkpoint(ckpt, prefer=checkpoint_preference(args.use_raw))
+            in_channels = infer_config(loaded[0])["in_channels"]
             args.vae = resolve_vae(args, ckpt, dist)
             if (not args.vae_explicit and args.vae in VAE_ALIASES and checkpoint_latent_space(ckpt) is None
                     and in_channels != 4):
@@ -340,7 +343,8 @@ class Setup:
             downsample=downsample, use_raw=args.use_raw, attn_backend=args.attn_backend,
             fused_kernels=fused_kernels,
         )
-        self.model, self.info = build_model(request, device)
+        self.model, self.info = build_model(request, device, loaded)
+        del loaded  # the model holds the weights now
         try:  # an attention backend (or SIT_FAST_SDPA_BACKEND) that cannot run here: one line, before sampling
             select_backend(args.attn_backend, device, self.autocast_dtype or torch.float32,
                            self.model.blocks[0].attn.head_dim)

@@ -42,14 +42,12 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
     check_checkpoint_file(path)
     info = {"format": "pickle", "weights": "raw", "args": None, "step": None, "optimizer": False}
     if is_safetensors(path):
-        from safetensors.torch import load_file
-
         from safetensors import safe_open
 
         try:
-            obj = load_file(path, device="cpu")
-            with safe_open(path, framework="pt") as f:
+            with safe_open(path, framework="pt", device="cpu") as f:
                 metadata = f.metadata() or {}
+                obj = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt or not a safetensors file)") from None
         # python -m sit_fast.export records which weights of which step the file holds

@@ -29,12 +29,13 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 EXTENSIONS = (".pt", ".pth", ".safetensors")
 
 
-def describe(path: str, weights: str = "ema") -> dict:
+def describe(path: str, weights: str = "ema", loaded: tuple[dict, dict] | None = None) -> dict:
     """What `path` holds: {"format", "weights", "step", "model", "config", "model_config",
-    "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it)."""
+    "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it).
+    loaded: read_checkpoint(path, prefer=weights)'s result when the caller has it already."""
     from sit_fast.models import registry_name
 
-    state_dict, info = read_checkpoint(path, prefer=weights)
+    state_dict, info = loaded or read_checkpoint(path, prefer=weights)
     config = infer_config(state_dict)
     return {
         "format": info["format"], "weights": info["weights"], "step": info["step"],
@@ -67,15 +68,16 @@ def check_out(path: str, out: str, force: bool = False) -> None:
         raise UserError(f"--out {out}: {parent} is not writable")
 
 
-def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None = None, force: bool = False) -> dict:
+def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None = None, force: bool = False,
+                   loaded: tuple[dict, dict] | None = None) -> dict:
     """Write one set of weights of `path` to `out` (.pt: a raw state_dict; .safetensors: with the
-    model_config as metadata), cast to `dtype` if given; returns describe(out)."""
+    model_config as metadata), cast to `dtype` if given; returns describe(out). loaded: as for describe."""
     from sit_fast.training.checkpointing import atomic_write
 
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     check_out(path, out, force)
-    state_dict, info = read_checkpoint(path, prefer=weights)
+    state_dict, info = loaded or read_checkpoint(path, prefer=weights)
     if dtype is not None:  # the fixed sin-cos table stays as it is: small, and exact is what the model was trained with
         state_dict = {k: v.to(DTYPES[dtype]) if v.is_floating_point() and k != "pos_embed" else v
                       for k, v in state_dict.items()}
@@ -153,14 +155,15 @@ def main(argv: list[str] | None = None) -> dict:
                         f"pass --out PATH")
     if args.out is not None:  # before reading a checkpoint of gigabytes
         check_out(args.ckpt, args.out, args.force)
-    found = describe(args.ckpt, args.weights)
+    loaded = read_checkpoint(args.ckpt, prefer=args.weights)  # once, for the summary and the export
+    found = describe(args.ckpt, args.weights, loaded)
     print(summary(args.ckpt, found))
     if args.out is None:
         return found
     note = weights_note(found, args.weights)
     if note:
         print(note)
-    written = export_weights(args.ckpt, args.out, args.weights, args.dtype, args.force)
+    written = export_weights(args.ckpt, args.out, args.weights, args.dtype, args.force, loaded)
     print(summary(args.out, written))
     return written
 

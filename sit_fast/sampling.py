@@ -137,18 +137,25 @@ def pretrained_checkpoint_for(args) -> str:
     return pretrained_checkpoint(f"SiT-XL-2-{PRETRAINED_IMAGE_SIZE}x{PRETRAINED_IMAGE_SIZE}.pt")
 
 
-def build_model(request: ModelRequest, device: torch.device) -> tuple[SiT, dict]:
+def checkpoint_preference(use_raw: bool) -> str:
+    """read_checkpoint's `prefer` for --use-raw (the raw weights) or not (the EMA)."""
+    return "model" if use_raw else "ema"
+
+
+def build_model(request: ModelRequest, device: torch.device,
+                loaded: tuple[dict, dict] | None = None) -> tuple[SiT, dict]:
     """An eval-mode, frozen SiT on `device` with the checkpoint's weights.
 
     Architecture, learn_sigma, input size and channels come from the weights (infer_config); the
     user's --model / --image-size / --in-channels must agree with them (one-line UserError naming
     the right value otherwise). A class count other than the checkpoint's is load_into_model's
     case: the label table is re-initialised with a one-line warning.
+    loaded: read_checkpoint(request.ckpt, prefer=...)'s result when the caller has read it already.
     Returns (model, info) with info = read_checkpoint's info plus "path", "model", "image_size",
     "num_classes", "learn_sigma", "label_table_reinitialised".
     """
     path = request.ckpt
-    state_dict, info = read_checkpoint(path, prefer="model" if request.use_raw else "ema")
+    state_dict, info = loaded or read_checkpoint(path, prefer=checkpoint_preference(request.use_raw))
     if request.use_raw and info["weights"] != "model":
         logger.warning("--use-raw: %s holds a single set of weights (%s); using them", path,
                        "its metadata says ema" if info["weights"] == "ema" else "no 'model'/'ema' entries")
@@ -488,12 +495,12 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         try:
             with open(path, encoding="utf-8") as f:
                 recorded = json.load(f)
+            problem = None if isinstance(recorded, dict) else "not a dict"
         except (OSError, ValueError) as err:
-            recorded = err
-        if not isinstance(recorded, dict):
-            raise UserError(f"cannot read {path} ({recorded if isinstance(recorded, Exception) else 'not a dict'}): "
-                            f"it records the settings of the {holds} in {sample_dir}; restore it, or pass another "
-                            f"{flag}")
+            problem = str(err)
+        if problem is not None:
+            raise UserError(f"cannot read {path} ({problem}): it records the settings of the {holds} in "
+                            f"{sample_dir}; restore it, or pass another {flag}")
         differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
         if differ:
             raise UserError(

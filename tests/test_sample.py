@@ -307,9 +307,9 @@ def test_fused_kernels_auto_is_off_on_the_cpu(files, tmp_path, monkeypatch):
     asked = []
     real = sample.build_model
 
-    def build_model(request, device):
+    def build_model(request, device, loaded=None):
         asked.append(request.fused_kernels)
-        return real(request, device)
+        return real(request, device, loaded)
 
     monkeypatch.setattr(sample, "build_model", build_model)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
