@@ -770,6 +770,34 @@ def test_sigterm_during_startup_stops_after_the_first_step(tmp_path):
     assert f"stopped by SIGTERM after step {load_ckpt(stop_ckpt)['step']}" in output
 
 
+def _sigterm_before_ignoring(worker_id):
+    """A worker_init_fn that is signalled before it gets to ignore the stop signals (the race of a
+    scheduler signalling the job while a loader starts its workers), then ignores them."""
+    import signal as signals
+    import time
+
+    os.kill(os.getpid(), signals.SIGTERM)
+    time.sleep(0.2)
+    checkpointing.ignore_stop_signals(worker_id)
+
+
+def test_workers_started_holding_the_stop_signals_survive_an_early_sigterm():
+    from sit_fast.data import make_loader
+
+    batches = [[0, 1], [2, 3], [4, 5]]
+
+    def run():
+        loader = make_loader(list(range(6)), batches, num_workers=1, pin_memory=False, seed=0,
+                             worker_init_fn=_sigterm_before_ignoring)
+        return [b.tolist() for b in loader]
+
+    with checkpointing.stop_signals_held():
+        assert run() == batches
+    # without the hold, torch's worker handler kills the worker before it ignores the signal
+    with pytest.raises(RuntimeError, match=r"DataLoader worker .*(killed by signal|exited unexpectedly)"):
+        run()
+
+
 def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     """A scheduler signals the whole job, data loader workers included: they ignore it, so the main
     process still gets the batch it needs to reach the agreed step and writes its checkpoint."""

@@ -120,13 +120,38 @@ class StopRequest:
         return None
 
 
+def _stop_signal_numbers() -> set[int]:
+    return {getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)}
+
+
 def ignore_stop_signals(worker_id: int) -> None:
     """DataLoader worker_init_fn: a scheduler signals every process of the job, and a worker killed by
-    SIGTERM would fail the main process's next batch; the main process decides when to stop."""
-    for name in STOP_SIGNALS:
-        signum = getattr(signal, name, None)
-        if signum is not None:
-            signal.signal(signum, signal.SIG_IGN)
+    SIGTERM would fail the main process's next batch; the main process decides when to stop.
+
+    Workers started under stop_signals_held() hold the stop signals until this has run: one that
+    arrived earlier is dropped here rather than reaching the handler torch's worker installs first
+    (which kills the worker for a SIGTERM from anyone but its parent)."""
+    for signum in _stop_signal_numbers():
+        signal.signal(signum, signal.SIG_IGN)  # also discards a held one
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _stop_signal_numbers())
+
+
+@contextlib.contextmanager
+def stop_signals_held():
+    """Hold the stop signals in this thread while data loader workers are started in the block.
+
+    A forked worker inherits the hold, so a signal sent to the whole job while a worker starts waits
+    until ignore_stop_signals has run in it. This process still receives it: other threads take it,
+    or it is delivered when the block ends. Without pthread_sigmask, or off the main thread, a no-op."""
+    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signal_numbers())
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def atomic_torch_save(obj, path: str) -> None:

@@ -35,7 +35,7 @@ from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs,
     find_latest_valid, ignore_stop_signals, interrupt_after, list_checkpoints, load_training_checkpoint,
-    restore_rng_state,
+    restore_rng_state, stop_signals_held,
 )
 from sit_fast.transport import Sampler, create_transport
 
@@ -650,9 +650,10 @@ class Trainer:
         last_log = {}
         while self.step < self.max_steps and self.epoch < args.epochs:
             batches = self.sampler.batches(self.epoch, self.step_in_epoch)
-            loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
-                                 seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
-                                 worker_init_fn=ignore_stop_signals)
+            with stop_signals_held():  # workers start holding the stop signals until they ignore them
+                loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
+                                     seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
+                                     worker_init_fn=ignore_stop_signals)
             try:
                 for batch in loader:
                     loss, applied = self.train_step(batch)
