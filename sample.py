@@ -51,6 +51,7 @@ import time
 import numpy as np
 import torch
 
+from sit_fast.argtypes import positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
@@ -96,13 +97,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                             "(default: download the upstream SiT-XL/2 256x256 release)")
     model.add_argument("--use-raw", action="store_true",
                        help="a train.py checkpoint's raw weights instead of its EMA weights")
-    model.add_argument("--image-size", type=int, default=None,
+    model.add_argument("--image-size", type=positive_int, default=None,
                        help="image height = width, a multiple of VAE factor x patch size "
                             "(default: the checkpoint's)")
-    model.add_argument("--num-classes", type=int, default=None,
+    model.add_argument("--num-classes", type=positive_int, default=None,
                        help="number of classes (default: the checkpoint's; another count re-initialises "
                             "the label table)")
-    model.add_argument("--in-channels", type=int, default=None,
+    model.add_argument("--in-channels", type=positive_int, default=None,
                        help="image channels with --vae none, e.g. 1 or 3 (default: the checkpoint's)")
     model.add_argument("--vae", type=str, default=None,
                        help="ema | mse (stabilityai/sd-vae-ft-*), a hub id, a local diffusers AutoencoderKL "
@@ -127,7 +128,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                      help="steps of a fixed-step solver (the SDE's count includes the last step)")
     run.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
                      help="global seed; image i's noise and label come from (seed, i)")
-    run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=int, default=None,
+    run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=positive_int, default=None,
                      help=f"images per process per batch (default: the whole grid; {FID_BATCH_SIZE} for "
                           f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood)")
     run.add_argument("--out", type=str, default=None,
@@ -150,7 +151,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                             "through the Triton interpreter, with TRITON_INTERPRET=1 set: very slow, for tests)")
 
     fid = parser.add_argument_group("Many images for FID (sample_ddp.py's job)")
-    fid.add_argument("--num-fid-samples", type=int, default=defaults["num_fid_samples"],
+    fid.add_argument("--num-fid-samples", type=positive_int, default=defaults["num_fid_samples"],
                      help="write this many numbered PNGs and one .npz (switches to the FID job)")
     fid.add_argument("--sample-dir", type=str, default="samples",
                      help="folder of the PNGs (with --run-folder, the folder that holds the run's folder)")
@@ -229,8 +230,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.job == "grid" and args.out is not None:
         check_image_path(args.out)
     if args.job == "fid":
-        if args.num_fid_samples < 1:
-            raise UserError(f"--num-fid-samples must be at least 1, got {args.num_fid_samples}")
         if args.class_labels is not None:
             raise UserError("--class-labels sets a grid's labels; --num-fid-samples draws them "
                             "(random, or --class-balanced)")
@@ -239,8 +238,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.batch_size is None:
         args.batch_size = {"fid": FID_BATCH_SIZE, "likelihood": LIKELIHOOD_BATCH_SIZE,
                            "reverse": LIKELIHOOD_BATCH_SIZE}.get(args.job)
-    if args.batch_size is not None and args.batch_size < 1:
-        raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.tf32 is not None:
         implied = "tf32" if args.tf32 else "fp32"
         if args.precision not in (None, implied):
@@ -649,9 +646,11 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
     bpd = torch.cat(bpd).double().numpy()
     elapsed = time.perf_counter() - start
-    stderr = bpd.std(ddof=1) / math.sqrt(len(bpd)) if len(bpd) > 1 else float("nan")
-    print(f"bpd {bpd.mean():.4f} +- {stderr:.4f} over {len(bpd)} items ({space}; D = {dims}; "
-          f"{args.sampling_method}, {elapsed:.1f} s)")
+    if len(bpd) > 1:  # with the standard error of the mean
+        summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {len(bpd)} items"
+    else:
+        summary = f"bpd {bpd[0]:.4f} of 1 item"
+    print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {elapsed:.1f} s)")
     if args.out:
         out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
         np.savez(out, bpd=bpd)

@@ -11,6 +11,8 @@ import os
 import sys
 import time
 
+from sit_fast.argtypes import positive_float
+
 SUITES = ("kernels", "parity", "train", "sample", "memory", "tuning")  # "all" runs them in this order
 
 
@@ -23,7 +25,7 @@ def parse_args(argv: list[str] | None):
                         help="tiny: a depth-2 SiT with head dim 72 on 4x4 latents, 4 tokens (dry run); full: SiT-XL/2 at "
                              "256px (latent 32x32). Default: full on cuda, tiny on cpu")
     parser.add_argument("--out", default="results/bench", help="folder for results.json and results.md")
-    parser.add_argument("--deadline-s", type=float, default=None,
+    parser.add_argument("--deadline-s", type=positive_float, default=None,
                         help="time for the whole run; each suite gets its share of what is left "
                              "(default: 400 s full, 150 s tiny)")
     parser.add_argument("--budget-s", action="append", default=[], metavar="SUITE=SECONDS",

@@ -35,6 +35,8 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from sit_fast.argtypes import positive_float, positive_int
+
 # Ops whose time is FLOPs at the matmul ceiling (matched on the op name without overload).
 COMPUTE_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_addmm_activation")
 COMPUTE_PREFIXES = ("_scaled_dot_product", "_flash_attention", "_efficient_attention", "_cudnn_attention")
@@ -155,12 +157,12 @@ def roofline(model_name: str = "SiT-XL/2", image_size: int = 256, train_batch: i
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", help="a results.json whose measured ceilings to use")
-    parser.add_argument("--copy-gbps", type=float, help="device-to-device copy ceiling, GB/s (read + written)")
-    parser.add_argument("--matmul-tflops", type=float, help="bf16 matmul ceiling, TFLOP/s")
+    parser.add_argument("--copy-gbps", type=positive_float, help="device-to-device copy ceiling, GB/s (read + written)")
+    parser.add_argument("--matmul-tflops", type=positive_float, help="bf16 matmul ceiling, TFLOP/s")
     parser.add_argument("--model", default="SiT-XL/2")
-    parser.add_argument("--image-size", type=int, default=256)
-    parser.add_argument("--train-batch", type=int, default=256)
-    parser.add_argument("--sample-batch", type=int, default=256, help="images per sampling call (the model sees 2x)")
+    parser.add_argument("--image-size", type=positive_int, default=256)
+    parser.add_argument("--train-batch", type=positive_int, default=256)
+    parser.add_argument("--sample-batch", type=positive_int, default=256, help="images per sampling call (the model sees 2x)")
     args = parser.parse_args(argv)
     copy_gbps, matmul_tflops = args.copy_gbps, args.matmul_tflops
     if args.results:

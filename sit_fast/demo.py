@@ -27,22 +27,22 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sit_fast.training.args import OneLineArgumentParser
+    from sit_fast.argtypes import OneLineArgumentParser, fraction, positive_float, positive_int
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (its training run is started afresh)")
     parser.add_argument("--model", default="SiT-T/4", help="model of the registry (8x8 images: /1, /2, /4 or /8)")
-    parser.add_argument("--steps", type=int, default=600, help="training steps")
-    parser.add_argument("--global-batch-size", type=int, default=256, help="batch size summed over processes")
-    parser.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--ema-decay", type=float, default=0.995, help="EMA decay per step (short run: short memory)")
-    parser.add_argument("--nproc", type=int, default=None,
+    parser.add_argument("--steps", type=positive_int, default=600, help="training steps")
+    parser.add_argument("--global-batch-size", type=positive_int, default=256, help="batch size summed over processes")
+    parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    parser.add_argument("--ema-decay", type=fraction, default=0.995, help="EMA decay per step (short run: short memory)")
+    parser.add_argument("--nproc", type=positive_int, default=None,
                         help="training processes (default: 2 on the CPU, min(2, GPUs) with CUDA)")
-    parser.add_argument("--num-samples", type=int, default=500, help="generated digits per sampler (a multiple of 10)")
+    parser.add_argument("--num-samples", type=positive_int, default=500, help="generated digits per sampler (a multiple of 10)")
     parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale when sampling")
-    parser.add_argument("--ode-steps", type=int, default=16, help="Heun steps of the ODE sampler")
-    parser.add_argument("--sde-steps", type=int, default=50, help="Euler-Maruyama steps of the SDE sampler")
-    parser.add_argument("--min-accuracy", type=float, default=0.8, help="fail below this share of correct digits")
+    parser.add_argument("--ode-steps", type=positive_int, default=16, help="Heun steps of the ODE sampler")
+    parser.add_argument("--sde-steps", type=positive_int, default=50, help="Euler-Maruyama steps of the SDE sampler")
+    parser.add_argument("--min-accuracy", type=fraction, default=0.8, help="fail below this share of correct digits")
     parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
     parser.add_argument("--skip-training", action="store_true", help="evaluate the run already in OUT")
     return parser

@@ -133,7 +133,7 @@ def summary(path: str, found: dict) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sit_fast.training.args import OneLineArgumentParser
+    from sit_fast.argtypes import OneLineArgumentParser
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.export", description=__doc__.split("\n\n")[0],
                                    allow_abbrev=False)

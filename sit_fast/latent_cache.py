@@ -29,12 +29,12 @@ import os
 
 import torch
 
+from sit_fast.argtypes import OneLineArgumentParser, nonnegative_int, positive_int
 from sit_fast.data import CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, make_loader
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.sampling import check_settings
 from sit_fast.training.checkpointing import atomic_torch_save
-from sit_fast.training.args import OneLineArgumentParser
 from sit_fast.vae import load_vae
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -44,16 +44,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m sit_fast.latent_cache")
     parser.add_argument("--data-path", type=str, required=True, help="ImageFolder root: DIR/<class>/<image>")
     parser.add_argument("--out", type=str, required=True, help="output directory of the cache")
-    parser.add_argument("--image-size", type=int, default=256, help="center-crop size in pixels")
+    parser.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels")
     parser.add_argument("--vae", type=str, default="ema",
                         help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id or a local directory")
     parser.add_argument("--vae-precision", choices=["fp32", "bf16"], default="fp32",
                         help="autocast dtype of the VAE encoder")
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder call, per process")
-    parser.add_argument("--shard-size", type=int, default=4096, help="images per shard file")
+    parser.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder call, per process")
+    parser.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16",
                         help="storage dtype of the mean and std")
-    parser.add_argument("--num-workers", type=int, default=4, help="image decoding workers per process")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image decoding workers per process")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -94,8 +94,6 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         raise UserError("a latent cache needs a VAE: --vae none makes no sense here")
     if args.image_size % codec.downsample:
         raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {codec.downsample}")
-    if args.shard_size < 1 or args.batch_size < 1:
-        raise UserError("--shard-size and --batch-size must be positive")
     storage = STORAGE_DTYPES[args.dtype]
     n = len(dataset)
     shards = [(k, start, min(args.shard_size, n - start)) for k, start in enumerate(range(0, n, args.shard_size))]

@@ -84,8 +84,8 @@ def batch_bound(gpu_bytes: int, state_bytes: int, activation_bytes: int, headroo
 def main(argv=None) -> None:
     """Print per-model memory figures: training state, and measured activation bytes per image;
     with --gpu-gib, the per-GPU batch bound of each variant on GPUs of those sizes."""
+    from sit_fast.argtypes import OneLineArgumentParser, positive_float, positive_int
     from sit_fast.models import UPSTREAM_MODELS, SiT_models, model_config
-    from sit_fast.training.args import OneLineArgumentParser, positive_float, positive_int
 
     def gib(value: str) -> float:
         number = float(value)

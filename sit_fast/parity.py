@@ -211,14 +211,15 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
 
 
 def main(argv=None) -> int:
+    from sit_fast.argtypes import positive_int
     from sit_fast.errors import UserError
     from sit_fast.models import SiT_models, resolve_fused_kernels
 
     parser = argparse.ArgumentParser(description="Compare a fast SiT configuration against the reference.")
     parser.add_argument("--model", default="SiT-S/2", choices=list(SiT_models), help="model configuration")
-    parser.add_argument("--image-size", type=int, default=64, help="image size; latents are image-size / 8")
-    parser.add_argument("--num-classes", type=int, default=1000, help="number of classes")
-    parser.add_argument("--batch-size", type=int, default=4, help="batch size of the comparison")
+    parser.add_argument("--image-size", type=positive_int, default=64, help="image size; latents are image-size / 8")
+    parser.add_argument("--num-classes", type=positive_int, default=1000, help="number of classes")
+    parser.add_argument("--batch-size", type=positive_int, default=4, help="batch size of the comparison")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="candidate precision")
     parser.add_argument("--attn-backend", default="auto", help="candidate attention backend")
     parser.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto", help="candidate fused kernels")

@@ -6,6 +6,7 @@ AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved 
 import argparse
 import math
 import os
+import re
 import subprocess
 import sys
 import urllib.error
@@ -327,6 +328,24 @@ def test_mistyped_flag_is_refused(flag, capsys):
     assert "unrecognized arguments" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["ODE", "--atol", "-1"], "argument --atol: must be a positive number, got -1"),
+    (["ODE", "--rtol", "0"], "argument --rtol: must be a positive number, got 0"),
+    (["SDE", "--last-step-size", "1"], "argument --last-step-size: must lie in (0, 1), got 1"),
+    (["SDE", "--diffusion-norm", "-0.5"], "argument --diffusion-norm: must be 0 or a positive number"),
+    (["ODE", "--per-proc-batch-size", "0"], "argument --batch-size/--per-proc-batch-size: must be a positive integer"),
+    (["ODE", "--num-fid-samples", "0"], "argument --num-fid-samples: must be a positive integer, got 0"),
+    (["ODE", "--image-size", "-8"], "argument --image-size: must be a positive integer, got -8"),
+])
+def test_out_of_range_values_are_refused_naming_the_flag(argv, needle, capsys):
+    """Refused while parsing, before any checkpoint is read: the flag as typed and the range."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert needle in err, err
+
+
 def test_offline_without_ckpt_says_how_to_pass_one(monkeypatch, tmp_path, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -581,7 +600,14 @@ def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, cap
 
     bpd = run(common + ["--ckpt", files["pixel"], "--vae", "none", "--data", folder, "--batch-size", 2])
     assert bpd.shape == (3,) and np.all(np.isfinite(bpd))
-    assert "uniform dequantization" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "uniform dequantization" in out and re.search(r"^bpd \d+\.\d{4} \+- \d+\.\d{4} over 3 items \(", out, re.M), out
+    one = tmp_path / "one"
+    one.mkdir()
+    Image.open(folder / "0.png").save(one / "0.png")
+    assert run(common + ["--ckpt", files["pixel"], "--vae", "none", "--data", one]).shape == (1,)
+    out = capsys.readouterr().out
+    assert re.search(r"^bpd \d+\.\d{4} of 1 item \(", out, re.M) and "nan" not in out, out  # no spread of one
     # bf16: the matmul weights are stored in bf16 (cast_weights), and the divergence's gradients
     # still flow through them
     bpd_bf16 = run(common + ["--ckpt", files["pixel"], "--vae", "none", "--data", folder, "--batch-size", 2,

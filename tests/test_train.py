@@ -617,6 +617,22 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
     assert refused(["--out", str(tmp_path / "a_file")]) == f"error: --out {tmp_path / 'a_file'} is a file: pass a folder\n"
 
 
+@pytest.mark.parametrize("flag,value,needle", [
+    ("--shard-size", "0", "must be a positive integer, got 0"),
+    ("--batch-size", "-4", "must be a positive integer, got -4"),
+    ("--num-workers", "-1", "must be 0 or more, got -1"),
+])
+def test_latent_cache_refuses_out_of_range_values_in_one_line(tmp_path, capsys, flag, value, needle):
+    from sit_fast import latent_cache
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(["--data-path", str(tmp_path), "--out", str(tmp_path / "cache"), flag, value])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: argument {flag}: {needle} "
+                                       "(see python -m sit_fast.latent_cache --help)\n")
+    assert not os.path.exists(tmp_path / "cache")
+
+
 def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
     """Resumed under torchrun, the missing shards 0 and 2 go one to each process (round robin over all
     shards would give both to rank 0), and come out as the single-process run wrote them."""

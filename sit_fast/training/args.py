@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 
+from sit_fast.argtypes import OneLineArgumentParser, fraction, nonnegative_int, positive_float, positive_int
 from sit_fast.data import DATASETS
 from sit_fast.errors import UserError
 from sit_fast.models import SiT_models
@@ -13,41 +14,6 @@ IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type
                  "train_eps")
 # Arguments that are never taken from a checkpoint.
 NOT_INHERITED = ("resume", "exp_dir", "ckpt")
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (unknown flags, bad choices) become UserError: one line, exit status 2."""
-
-    def error(self, message: str):
-        raise UserError(f"{message} (see {self.prog} --help)")
-
-
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
-
-
-def nonnegative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return number
-
-
-def positive_float(value: str) -> float:
-    number = float(value)
-    if not number > 0 or number == float("inf"):  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
-    return number
-
-
-def decay(value: str) -> float:
-    number = float(value)
-    if not 0 <= number <= 1:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
-    return number
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "less memory (the data order is that of one pass)")
     optim.add_argument("--global-seed", type=int, default=0, help="seed; rank r uses global_seed * world_size + r")
     optim.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
-    optim.add_argument("--ema-decay", type=decay, default=0.9999, help="EMA decay per step, in [0, 1]")
+    optim.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay per step, in [0, 1]")
     optim.add_argument("--grad-clip", type=positive_float, default=None, help="clip the global gradient norm to this value")
     optim.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
                        help="fp32; tf32 matmuls; bf16 autocast with fp32 master weights (auto: bf16 on CUDA, "

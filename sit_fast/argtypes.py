@@ -1,0 +1,58 @@
+"""argparse types shared by the command lines: a bad value is refused with the flag's name and why."""
+from __future__ import annotations
+
+import argparse
+import math
+
+from sit_fast.errors import UserError
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors (unknown flags, bad choices) become UserError: one line, exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (see {self.prog} --help)")
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
+    return number
+
+
+def nonnegative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not 0 < number < math.inf:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
+    return number
+
+
+def nonnegative_float(value: str) -> float:
+    number = float(value)
+    if not 0 <= number < math.inf:
+        raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {value}")
+    return number
+
+
+def fraction(value: str) -> float:
+    """A number in [0, 1]."""
+    number = float(value)
+    if not 0 <= number <= 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return number
+
+
+def open_fraction(value: str) -> float:
+    """A number in (0, 1)."""
+    number = float(value)
+    if not 0 < number < 1:
+        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value}")
+    return number
