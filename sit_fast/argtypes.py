@@ -50,6 +50,14 @@ def fraction(value: str) -> float:
     return number
 
 
+def end_margin(value: str) -> float:
+    """A distance kept from each end of [0, 1]: a number in [0, 0.5)."""
+    number = float(value)
+    if not 0 <= number < 0.5:
+        raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {value}")
+    return number
+
+
 def open_fraction(value: str) -> float:
     """A number in (0, 1)."""
     number = float(value)

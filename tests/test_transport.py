@@ -9,6 +9,7 @@ The paths' coefficients are written out again here, independently of sit_fast.tr
 """
 import argparse
 import math
+import re
 
 import pytest
 import torch
@@ -239,6 +240,34 @@ def test_zero_eps_at_a_singular_end_is_refused():
         Sampler(create_transport("GVP", sample_eps=0.0)).sample_sde(diffusion_form="SBDM")
     with pytest.raises(ValueError, match="train_eps must be > 0"):
         create_transport("Linear", "noise", train_eps=0.0).sample(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(sample_eps=-1e-3), "sample_eps must be in [0, 0.5), got -0.001"),
+    (dict(sample_eps=0.5), "sample_eps must be in [0, 0.5), got 0.5"),
+    (dict(train_eps=0.7), "train_eps must be in [0, 0.5), got 0.7"),
+    (dict(train_eps=float("nan")), "train_eps must be in [0, 0.5), got nan"),
+])
+def test_eps_outside_half_the_interval_is_refused(kwargs, needle):
+    """[eps, 1 - eps] must be an interval inside [0, 1], whichever path or prediction uses it."""
+    with pytest.raises(ValueError, match=re.escape(needle)):
+        create_transport("Linear", "velocity", **kwargs)
+
+
+@pytest.mark.parametrize("add,argv,needle", [
+    (add_transport_args, ["--sample-eps", "-1"], "argument --sample-eps: must be in [0, 0.5), got -1"),
+    (add_transport_args, ["--train-eps", "0.5"], "argument --train-eps: must be in [0, 0.5), got 0.5"),
+    (add_ode_args, ["--atol", "0"], "argument --atol: must be a positive number, got 0"),
+    (add_ode_args, ["--rtol", "nan"], "argument --rtol: must be a positive number, got nan"),
+    (add_sde_args, ["--diffusion-norm", "-1"], "argument --diffusion-norm: must be 0 or a positive number, got -1"),
+    (add_sde_args, ["--last-step-size", "0"], "argument --last-step-size: must lie in (0, 1), got 0"),
+])
+def test_argparse_helpers_refuse_values_out_of_range(add, argv, needle, capsys):
+    parser = argparse.ArgumentParser()
+    add(parser)
+    with pytest.raises(SystemExit):
+        parser.parse_args(argv)
+    assert needle in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

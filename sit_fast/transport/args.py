@@ -5,7 +5,7 @@ of them, as upstream's sample.py does per mode.
 """
 import argparse
 
-from sit_fast.argtypes import nonnegative_float, open_fraction, positive_float
+from sit_fast.argtypes import end_margin, nonnegative_float, open_fraction, positive_float
 from sit_fast.transport.integrators import ODE_METHODS, SDE_METHODS
 from sit_fast.transport.path import DIFFUSION_FORMS
 
@@ -24,9 +24,9 @@ def add_transport_args(parser: argparse.ArgumentParser):
                        help="what the model predicts")
     group.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"],
                        help="time weighting of score / noise losses (None: unweighted)")
-    group.add_argument("--sample-eps", type=float, default=1e-3,
+    group.add_argument("--sample-eps", type=end_margin, default=1e-3,
                        help="distance kept from the singular ends of [0, 1] when sampling")
-    group.add_argument("--train-eps", type=float, default=1e-5,
+    group.add_argument("--train-eps", type=end_margin, default=1e-5,
                        help="distance kept from the singular ends of [0, 1] when training")
     return group
 

@@ -62,6 +62,9 @@ class Transport:
         self.path_type = path_type
         self.loss_type = loss_type
         self.path_sampler = PATH_PLANS[path_type]()
+        for name, eps in (("train_eps", train_eps), ("sample_eps", sample_eps)):
+            if not 0 <= eps < 0.5:  # [eps, 1 - eps] must be an interval; nan fails too
+                raise ValueError(f"{name} must be in [0, 0.5), got {eps}")
         self.train_eps = train_eps
         self.sample_eps = sample_eps
 
