@@ -227,8 +227,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError(f"--num-sampling-steps must be at least {least_steps}"
                         f"{' for an SDE (it counts the last step)' if args.mode == 'SDE' else ''}, "
                         f"got {args.num_sampling_steps}")
-    if args.job == "grid" and args.out is not None:
-        check_image_path(args.out)
+    if args.out is not None:
+        check_out_path(args.job, args.out)
     if args.job == "fid":
         if args.class_labels is not None:
             raise UserError("--class-labels sets a grid's labels; --num-fid-samples draws them "
@@ -254,6 +254,17 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if hasattr(args, "vae_fallback"):
         del args.vae_fallback
     return args
+
+
+def check_out_path(job: str, path: str) -> None:
+    """--out names the file a job writes: refuse, before any work, one the job would not write."""
+    extension = os.path.splitext(path)[1].lower()
+    if job == "grid":
+        check_image_path(path)
+    elif job == "fid" and extension != ".npz":
+        raise UserError(f"--out {path}: --num-fid-samples writes ADM's .npz; give the file the extension .npz")
+    elif job == "reverse" and extension not in (".pt", ".pth"):
+        raise UserError(f"--out {path}: --reverse saves the noise with torch.save; give the file the extension .pt")
 
 
 def check_image_path(path: str) -> None:

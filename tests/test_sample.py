@@ -157,6 +157,8 @@ def test_class_count_mismatch_warns_in_one_line(files, tmp_path, capsys):
     (["--cfg-interval", 0.6, 0.4], "LOW must not exceed HIGH"),
     (["--num-sampling-steps", 0], "--num-sampling-steps must be at least 1"),
     (["--out", "zz"], "--out zz"),
+    (["--num-fid-samples", 4, "--out", "fid.png"], "--out fid.png: --num-fid-samples writes ADM's .npz"),
+    (["--reverse", "--data", "images", "--out", "noise.png"], "--out noise.png: --reverse saves the noise"),
     (["--cuda-graphs"], "CUDA"),
     (["--likelihood"], "--data"),
 ])
