@@ -583,18 +583,31 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] != setup.image_size:
         raise UserError(f"{path}: images of shape {images.shape[1:]} do not match --image-size {setup.image_size} "
                         f"(expected N x {setup.image_size} x {setup.image_size} x C uint8)")
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (N, C, H, W) in 0 .. 255
     if setup.codec is not None:
-        if pixels.shape[1] != 3:
-            raise UserError(f"{path}: the VAE encodes RGB images, these have {pixels.shape[1]} channels")
-        with torch.no_grad():
-            mean, _ = setup.codec.encode(pixels / 127.5 - 1)
-        return mean.cpu(), 0.0, "scaled VAE latents (posterior means)"
+        if images.shape[-1] != 3:
+            raise UserError(f"{path}: the VAE encodes RGB images, these have {images.shape[-1]} channels")
+        return encode_images(setup.codec, images), 0.0, "scaled VAE latents (posterior means)"
+    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (N, C, H, W) in 0 .. 255
     if pixels.shape[1] != setup.in_channels:
         raise UserError(f"{path}: images with {pixels.shape[1]} channels, the model takes {setup.in_channels}")
     generator = torch.Generator().manual_seed(derived_seed(args.seed, -1))
     dequantised = (pixels + torch.rand(pixels.shape, generator=generator)) / 128 - 1  # x = (y + u) / 128 - 1
     return dequantised, 7.0, "8-bit pixels, uniform dequantization (+7 bits: the 1/128 Jacobian)"
+
+
+def encode_images(codec, images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> the VAE's posterior means (N, C, h, w), fp32 on the CPU; the images are
+    converted to floats one encoder batch at a time, not all at once (50,000 at 256px would be 39 GB)."""
+    from tqdm import tqdm
+
+    means = []
+    step = codec.batch_size
+    with tqdm(total=len(images), unit="img", desc="encoding", disable=len(images) <= step) as progress:
+        for first in range(0, len(images), step):
+            chunk = torch.from_numpy(images[first: first + step]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            means.append(codec.encode(chunk)[0].cpu())
+            progress.update(len(chunk))
+    return torch.cat(means)
 
 
 def load_image_folder(path: str, image_size: int, channels: int) -> np.ndarray:
@@ -638,12 +651,15 @@ def data_labels(setup: Setup, count: int) -> torch.Tensor:
 
 def run_likelihood(setup: Setup) -> np.ndarray:
     """Bits per dimension of --data under the model (probability-flow ODE, data -> noise)."""
+    from tqdm import tqdm
+
     args = setup.args
     x, offset, space = load_data(setup, args.data)
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
     bpd = []
     start = time.perf_counter()
+    progress = tqdm(total=len(x), unit="item", desc="likelihood", disable=len(x) <= args.batch_size)
     for b, first in enumerate(range(0, len(x), args.batch_size)):
         batch = x[first: first + args.batch_size].to(setup.device)
         y = labels[first: first + args.batch_size].to(setup.device)
@@ -655,6 +671,8 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         with torch.no_grad():
             logp, _ = setup.sample_fn(batch, model_fn)
         bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
+        progress.update(len(batch))
+    progress.close()
     bpd = torch.cat(bpd).double().numpy()
     elapsed = time.perf_counter() - start
     if len(bpd) > 1:  # with the standard error of the mean
@@ -671,14 +689,18 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
 def run_reverse(setup: Setup) -> str:
     """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor."""
+    from tqdm import tqdm
+
     args = setup.args
     x, _, space = load_data(setup, args.data)
     labels = data_labels(setup, len(x))
     out = args.out or "noise.pt"
     noise = []
-    for first in range(0, len(x), args.batch_size):
-        noise.append(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
-                                  derived_seed(args.seed, first)).cpu())
+    with tqdm(total=len(x), unit="item", desc="reverse", disable=len(x) <= args.batch_size) as progress:
+        for first in range(0, len(x), args.batch_size):
+            noise.append(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
+                                      derived_seed(args.seed, first)).cpu())
+            progress.update(len(noise[-1]))
     noise = torch.cat(noise)
     torch.save(noise, out)
     print(f"encoded {len(noise)} items ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")

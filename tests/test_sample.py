@@ -602,7 +602,9 @@ def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, cap
 
     bpd = run(common + ["--ckpt", files["pixel"], "--vae", "none", "--data", folder, "--batch-size", 2])
     assert bpd.shape == (3,) and np.all(np.isfinite(bpd))
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
+    assert "likelihood: 100%" in captured.err and "3/3" in captured.err  # progress: 3 items in batches of 2
     assert "uniform dequantization" in out and re.search(r"^bpd \d+\.\d{4} \+- \d+\.\d{4} over 3 items \(", out, re.M), out
     one = tmp_path / "one"
     one.mkdir()
@@ -633,6 +635,23 @@ def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, cap
     bpd = run(common + ["--ckpt", files["latent"], "--vae", files["vae"], "--data", tmp_path / "latents.pt"])
     assert np.all(np.isfinite(bpd))
     assert 0.5 < bpd.mean() < 5  # a sanity range: N(0, I) data has 2.05 bits per dimension of entropy
+
+
+def test_images_are_encoded_a_batch_at_a_time(files):
+    """Likelihood data through a VAE: uint8 images become floats one encoder batch at a time, with
+    the same latents as one call on all of them."""
+    from sit_fast.vae import load_vae
+
+    codec = load_vae(files["vae"], "cpu")
+    codec.batch_size = 2
+    seen = []
+    encode = codec.vae.encode
+    codec.vae.encode = lambda x: seen.append(len(x)) or encode(x)
+    images = np.random.default_rng().integers(0, 256, (5, 16, 16, 3), dtype=np.uint8)
+    latents = sample.encode_images(codec, images)
+    assert seen == [2, 2, 1]
+    whole = codec.encode(torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1)[0]
+    torch.testing.assert_close(latents, whole, rtol=0, atol=0)
 
 
 def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
