@@ -410,8 +410,11 @@ def test_failed_start_keeps_existing_folders(tmp_path, capsys):
     kept = tmp_path / "mine"
     kept.mkdir()
     assert run_cli(BASE + ["--results-dir", str(results), "--image-size", "10"]) == 2
+    err = capsys.readouterr().err
+    created = os.path.join(str(results), "000-SiT-T-4-Linear-velocity-None")
+    assert f"new run in {created}" in err and f"removed {created}: the run did not start" in err, err
     assert run_cli(BASE + ["--exp-dir", str(kept), "--image-size", "10"]) == 2
-    capsys.readouterr()
+    assert "removed" not in capsys.readouterr().err
     assert os.listdir(results) == [], "a numbered experiment folder was left by a run that never started"
     assert kept.is_dir(), "--exp-dir that existed before the run must be kept"
 

@@ -137,6 +137,7 @@ def remove_unused_experiment(exp_dir: str) -> None:
     checkpoints = os.path.join(exp_dir, "checkpoints")
     if set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints"} and not os.listdir(checkpoints):
         shutil.rmtree(exp_dir, ignore_errors=True)
+        logger.info(f"removed {exp_dir}: the run did not start")
 
 
 class TqdmHandler(logging.Handler):
