@@ -10,6 +10,9 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import socket
+import urllib.parse
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -126,11 +129,16 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
     attempts = [dict(local_files_only=True)] if is_local or offline else [dict(local_files_only=True), {}]
     extra = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
     for kwargs in attempts:
-        if errors:  # the local cache missed: say why the next step may take a while
-            logger.warning(f"--vae {spec}: {source} is not in the local hub cache; downloading it "
-                           f"(offline, this fails after the hub's retries; HF_HUB_OFFLINE=1 fails at once)")
+        if errors:  # the local cache missed
+            unreachable = hub_unreachable()
+            if unreachable:  # not worth the hub library's retries (about 25 s)
+                errors.append(f"the hub cannot be reached ({unreachable})")
+                break
+            logger.warning(f"--vae {spec}: {source} is not in the local hub cache; downloading it")
         try:
-            vae = AutoencoderKL.from_pretrained(source, **kwargs, **extra)
+            with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
+                warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
+                vae = AutoencoderKL.from_pretrained(source, **kwargs, **extra)
             break
         except Exception as err:  # diffusers/huggingface_hub raise many types (OSError, HTTP, ValueError)
             errors.append(_first_line(err))
@@ -138,11 +146,36 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
         if is_local:
             reason = f"the directory {source} holds no loadable AutoencoderKL ({errors[-1]})"
         else:
-            online = "HF_HUB_OFFLINE is set" if offline else "the hub could not be reached or has no such model"
-            reason = f"{source} is not in the local hub cache and {online} ({errors[-1]})"
+            if offline:
+                reason = f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set ({errors[-1]})"
+            elif errors[-1].startswith("the hub cannot be reached"):
+                reason = f"{source} is not in the local hub cache and {errors[-1]}"
+            else:
+                reason = (f"{source} is not in the local hub cache and the hub has no such model or failed "
+                          f"({errors[-1]})")
         raise VAEError(f"cannot load the VAE: {reason}; {ways_out}")
     vae = vae.to(torch.device(device)).eval().requires_grad_(False)
     return LatentCodec(vae, device, dtype=dtype)
+
+
+PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy")
+
+
+def hub_unreachable(timeout_s: float = 3.0) -> str | None:
+    """"HOST:PORT: why" when the hub cannot be reached (its host does not resolve, or no TCP connection
+    within timeout_s), or None when it can, or when a proxy is configured (the proxy decides; not probed).
+    The endpoint is HF_ENDPOINT's, huggingface.co by default."""
+    if any(os.environ.get(name) for name in PROXY_VARIABLES):
+        return None
+    endpoint = urllib.parse.urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host, port = endpoint.hostname, endpoint.port or (80 if endpoint.scheme == "http" else 443)
+    if not host:
+        return None
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as err:
+        return f"{host}:{port}: {err.strerror or err}"
+    return None
 
 
 def _first_line(err: BaseException) -> str:

@@ -79,3 +79,59 @@ def test_save_image_grid_scale(tmp_path):
     path = save_image_grid(torch.zeros(4, 1, 8, 8), tmp_path / "big.png", nrow=2, scale=4)
     with Image.open(path) as im:
         assert im.size == (4 * (2 * 10 + 2), 4 * (2 * 10 + 2))
+
+
+class FromPretrained:
+    """Stands in for AutoencoderKL.from_pretrained: records the calls, finds nothing anywhere."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, source, **kwargs):
+        self.calls.append(kwargs.get("local_files_only", False))
+        raise OSError(f"{source} does not appear to have a file named config.json")
+
+
+@pytest.fixture
+def hub(monkeypatch):
+    """No proxy, no HF_HUB_OFFLINE, a recording from_pretrained and a recording TCP probe that fails."""
+    from diffusers.models import AutoencoderKL
+
+    import sit_fast.vae as vae_module
+
+    for name in vae_module.PROXY_VARIABLES + ("HF_HUB_OFFLINE", "HF_ENDPOINT"):
+        monkeypatch.delenv(name, raising=False)
+    loader = FromPretrained()
+    monkeypatch.setattr(AutoencoderKL, "from_pretrained", loader)
+    probes = []
+
+    def create_connection(address, timeout=None):
+        probes.append(address)
+        raise OSError(-2, "Name or service not known")
+
+    monkeypatch.setattr(vae_module.socket, "create_connection", create_connection)
+    return loader, probes
+
+
+def test_an_unreachable_hub_fails_at_once_after_the_local_cache(hub):
+    loader, probes = hub
+    with pytest.raises(VAEError) as info:
+        load_vae("ema", "cpu")
+    assert loader.calls == [True]  # the local cache only: no download attempt with its retries
+    assert probes == [("huggingface.co", 443)]
+    assert ("stabilityai/sd-vae-ft-ema is not in the local hub cache and the hub cannot be reached "
+            "(huggingface.co:443: Name or service not known); pass a local directory") in str(info.value)
+
+
+def test_the_hub_probe_follows_hf_endpoint_and_trusts_a_proxy(hub, monkeypatch):
+    loader, probes = hub
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.internal:8080")
+    with pytest.raises(VAEError, match=r"cannot be reached \(mirror.internal:8080: "):
+        load_vae("owner/some-vae", "cpu")
+    assert probes == [("mirror.internal", 8080)]
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.internal:3128")
+    probes.clear()
+    loader.calls.clear()
+    with pytest.raises(VAEError, match="the hub has no such model or failed"):
+        load_vae("owner/some-vae", "cpu")
+    assert probes == [] and loader.calls == [True, False]  # with a proxy: no probe, the download is tried
