@@ -909,6 +909,20 @@ def test_resume_on_other_data_is_not_called_exact(tmp_path):
     assert "in it): exact" not in log
 
 
+def test_resume_with_a_larger_batch_past_the_new_epoch_end_starts_the_next_epoch(tmp_path):
+    """27 of 28 steps of 64 digits' epoch done, resumed at batch 96 (18 steps an epoch): the 1728 images
+    seen fill the new epoch, so training goes on in the next one (it used to spin without a step)."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "27", "--ckpt-every", "100"])
+    argv = [a if a != "64" else "96" for a in BASE]
+    result = subprocess.run([sys.executable, os.path.join(REPO, "train.py"), *argv, "--exp-dir", exp,
+                             "--max-steps", "30", "--resume", "auto"], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    checkpoint = load_ckpt(os.path.join(exp, "checkpoints", "0000030.pt"))
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 3)
+
+
 def test_epochs_end_before_max_steps_with_a_final_checkpoint(tmp_path):
     """--epochs 1 with --max-steps 100: the run ends after the 28 steps of one epoch of digits (1797
     images, batch 64) and saves there; without --image-size the digits keep their 8x8 size."""

@@ -441,7 +441,9 @@ class Trainer:
                 logger.info(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it): exact")
         else:
             consumed = int(ckpt["step_in_epoch"]) * int(data.get("global_batch_size", args.global_batch_size))
-            self.step_in_epoch = min(consumed // args.global_batch_size, self.sampler.steps_per_epoch)
+            self.step_in_epoch = consumed // args.global_batch_size
+            if self.step_in_epoch >= self.sampler.steps_per_epoch:  # the epoch is over in the new layout
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
             seed_everything((args.global_seed * world_size + self.dist_info.rank) * 1_000_003 + self.step)
             logger.warning(f"resumed at step {self.step} with a different world size, batch size, seed or dataset "
                            f"({data}): the data order and random streams are not those of the original run")
@@ -651,6 +653,9 @@ class Trainer:
         last_log = {}
         while self.step < self.max_steps and self.epoch < args.epochs:
             batches = self.sampler.batches(self.epoch, self.step_in_epoch)
+            if not batches:  # nothing left of this epoch
+                self.epoch, self.step_in_epoch = self.epoch + 1, 0
+                continue
             with stop_signals_held():  # workers start holding the stop signals until they ignore them
                 loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
                                      seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
