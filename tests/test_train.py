@@ -323,6 +323,8 @@ def error_cases(tmp_path, checkpoint):
                                                  "does not fit the model"),
         "checkpoint of another transport": (
             BASE + ["--path-type", "GVP", "--resume", checkpoint] + exp, "--path-type GVP differs"),
+        "checkpoint of another loss weight": (  # the run had none (None): a weight is another objective
+            BASE + ["--loss-weight", "likelihood", "--resume", checkpoint] + exp, "--loss-weight likelihood differs"),
         "vae not found": (["--data-path", images, "--image-size", "16", "--vae", str(tmp_path / "no_vae")] + exp,
                           "--vae none"),
         "batch larger than the dataset": (BASE + ["--global-batch-size", "4000"] + exp, "fewer than one local batch"),

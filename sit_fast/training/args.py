@@ -12,6 +12,8 @@ from sit_fast.transport import add_transport_args
 # Arguments that define the model and the training objective: a resumed run must keep them.
 IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type", "prediction", "loss_weight",
                  "train_eps")
+# Identity arguments for which None is a setting (no loss weighting), not a value left unresolved.
+NONE_IS_A_VALUE = ("loss_weight",)
 # Arguments that are never taken from a checkpoint.
 NOT_INHERITED = ("resume", "exp_dir", "ckpt")
 
@@ -113,7 +115,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
 def merge_resumed_args(args: argparse.Namespace, explicit: set[str], saved: dict, source: str) -> argparse.Namespace:
     """The checkpoint's arguments, overridden by those given now; a changed model or transport is refused."""
     for key in IDENTITY_KEYS:
-        if key in explicit and key in saved and saved[key] is not None and getattr(args, key) != saved[key]:
+        known = saved.get(key) is not None or key in NONE_IS_A_VALUE  # None elsewhere: not recorded
+        if key in explicit and key in saved and known and getattr(args, key) != saved[key]:
             raise UserError(
                 f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run being resumed "
                 f"({source}: {saved[key]}); a resumed run keeps its model and transport: start a new run "
