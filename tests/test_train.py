@@ -938,6 +938,16 @@ def test_epochs_end_before_max_steps_with_a_final_checkpoint(tmp_path):
         assert "to step 28 (the end of epoch 1, --epochs, before --max-steps 100)" in f.read()
 
 
+def test_a_digits_run_at_another_size_resumes_at_that_size(tmp_path):
+    """The digits' own 8x8 is the default of a new run only: a resumed run keeps its recorded size."""
+    exp = str(tmp_path / "run")
+    i = BASE.index("--image-size")
+    argv = BASE[:i] + BASE[i + 2:]
+    train_main(argv + ["--image-size", "16", "--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    summary = train_main(argv + ["--exp-dir", exp, "--max-steps", "3", "--resume", "auto"])
+    assert summary["step"] == 3 and load_ckpt(summary["last_checkpoint"])["args"]["image_size"] == 16
+
+
 def test_every_step_skipped_logs_no_loss(tmp_path, monkeypatch):
     from sit_fast.training import loop
 

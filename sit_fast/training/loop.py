@@ -278,7 +278,7 @@ class Trainer:
         # Data and the latent space.
         self.codec = None
         self.cache_vae_spec = None
-        if args.dataset == "digits" and "image_size" not in explicit and args.latent_cache is None:
+        if args.dataset == "digits" and "image_size" not in explicit and args.latent_cache is None and ckpt is None:
             args.image_size = 8
             logger.info("--dataset digits: image size 8 (the digits' own; --image-size to resize)")
         if args.data_path is not None and (args.dataset != "imagefolder" or args.latent_cache is not None):
