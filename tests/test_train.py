@@ -948,6 +948,29 @@ def test_a_digits_run_at_another_size_resumes_at_that_size(tmp_path):
     assert summary["step"] == 3 and load_ckpt(summary["last_checkpoint"])["args"]["image_size"] == 16
 
 
+def test_weights_made_non_finite_by_a_finite_loss_step_are_never_checkpointed(tmp_path, monkeypatch):
+    """Step 4's loss is finite but its gradients overflow: the checkpoint due at step 4 is refused, and
+    the error names the last good one (step 2)."""
+    from sit_fast.training.loop import NonFiniteLossError
+
+    real_step, calls = torch.optim.AdamW.step, []
+
+    def overflowing_step(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 4:
+            param = next(p for p in self.param_groups[0]["params"] if p.grad is not None)
+            param.grad.view(-1)[0] = float("inf")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing_step)
+    exp = str(tmp_path / "run")
+    with pytest.raises(NonFiniteLossError) as info:
+        train_main(BASE + ["--exp-dir", exp, "--max-steps", "20", "--ckpt-every", "2", "--log-every", "100"])
+    last_good = os.path.join(exp, "checkpoints", "0000002.pt")
+    assert "the weights became non-finite by step 4" in str(info.value) and last_good in str(info.value)
+    assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]
+
+
 def test_every_step_skipped_logs_no_loss(tmp_path, monkeypatch):
     from sit_fast.training import loop
 

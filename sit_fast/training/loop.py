@@ -449,11 +449,22 @@ class Trainer:
                            f"({data}): the data order and random streams are not those of the original run")
 
     # ------------------------------------------------------------------ checkpoints
-    def check_ranks_agree(self) -> None:
-        """DDP keeps every rank's weights identical; compare per-tensor norms of model and EMA to be sure."""
+    def check_weights(self) -> None:
+        """Before a checkpoint: the weights are finite, and (DDP) every rank's are rank 0's.
+
+        A non-finite loss is caught from the step after it; an update from non-finite gradients with a
+        finite loss would reach this checkpoint first. Compares per-tensor norms of model and EMA."""
+        norms = torch.stack(torch._foreach_norm(self.model_params + self.ema_params)).float()  # (2 * P,)
+        finite = torch.isfinite(norms).all().to(torch.int64).reshape(1)
+        all_reduce(finite, dist.ReduceOp.MIN if is_distributed() else None)
+        if not int(finite):
+            advice = "a lower --lr, --grad-clip, or --skip-nonfinite (which skips steps with non-finite gradients)"
+            where = (f"last good checkpoint: {self.last_checkpoint}; resume from it with {advice}" if self.last_checkpoint
+                     else f"no checkpoint written yet; start again with {advice}")
+            raise NonFiniteLossError(f"the weights became non-finite by step {self.step} (an update from non-finite "
+                                     f"gradients) and are not saved; {where}")
         if not is_distributed():
             return
-        norms = torch.stack(torch._foreach_norm(self.model_params + self.ema_params)).float()  # (2 * P,)
         gathered = [torch.empty_like(norms) for _ in range(self.dist_info.world_size)]
         dist.all_gather(gathered, norms)
         differing = [r for r, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
@@ -463,7 +474,7 @@ class Trainer:
 
     def save_checkpoint(self) -> str:
         """Every rank contributes its RNG state; rank 0 writes the file atomically."""
-        self.check_ranks_agree()
+        self.check_weights()
         rng = capture_rng_state(self.device)
         if is_distributed():
             states = [None] * self.dist_info.world_size
