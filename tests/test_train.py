@@ -407,6 +407,18 @@ def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
 
 
+def test_new_runs_are_numbered_after_the_highest_number(tmp_path):
+    """Upstream counts the folders; with 000 removed from 000, 001 that count (1) would name the next
+    run 001-..., into the folder of a run that exists."""
+    results = tmp_path / "results"
+    for name in ("000-SiT-T-4-Linear-velocity-None", "001-SiT-T-4-Linear-velocity-None", "notes"):
+        (results / name).mkdir(parents=True)
+    (results / "000-SiT-T-4-Linear-velocity-None").rmdir()
+    summary = train_main(BASE + ["--results-dir", str(results), "--max-steps", "1"])
+    assert os.path.basename(summary["exp_dir"]) == "002-SiT-T-4-Linear-velocity-None"
+    assert os.listdir(results / "001-SiT-T-4-Linear-velocity-None") == []
+
+
 def test_failed_start_keeps_existing_folders(tmp_path, capsys):
     results = tmp_path / "results"
     kept = tmp_path / "mine"

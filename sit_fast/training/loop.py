@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -55,12 +56,15 @@ def experiment_suffix(args: argparse.Namespace) -> str:
 
 
 def new_experiment_dir(args: argparse.Namespace) -> str:
-    """--exp-dir, or RESULTS_DIR/NNN-<model>-<path>-<prediction>-<loss weight> numbered as upstream."""
+    """--exp-dir, or RESULTS_DIR/NNN-<model>-<path>-<prediction>-<loss weight>, numbered as upstream (000,
+    001, ...) but after the highest number there, so that a folder removed never gets its number reused
+    by a run that would then write into the next one's folder."""
     if args.exp_dir:
         return args.exp_dir
     os.makedirs(args.results_dir, exist_ok=True)
-    index = len([name for name in os.listdir(args.results_dir) if not name.startswith(".")])
-    return os.path.join(args.results_dir, f"{index:03d}-{experiment_suffix(args)}")
+    numbers = [int(match.group(1)) for name in os.listdir(args.results_dir)
+               if (match := re.match(r"(\d+)-", name))]
+    return os.path.join(args.results_dir, f"{max(numbers, default=-1) + 1:03d}-{experiment_suffix(args)}")
 
 
 def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
