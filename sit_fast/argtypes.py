@@ -50,6 +50,15 @@ def fraction(value: str) -> float:
     return number
 
 
+def or_none(convert):
+    """The type `convert`, or None for "none" (any case): a way to unset, on resume, what a run had set."""
+    def parse(value: str):
+        return None if value.lower() == "none" else convert(value)
+
+    parse.__name__ = f"{convert.__name__} or none"
+    return parse
+
+
 def end_margin(value: str) -> float:
     """A distance kept from each end of [0, 1]: a number in [0, 0.5)."""
     number = float(value)

@@ -208,6 +208,21 @@ def test_single_process_resume_flags_win_and_identity_kept(tmp_path):
     assert ckpt["args"]["dataset"] == "digits" and ckpt["args"]["global_batch_size"] == 64
 
 
+def test_switches_and_optional_values_can_be_unset_on_resume(tmp_path):
+    """What a run set is inherited by its resume unless given again: --no-X turns a switch off and
+    `none` unsets --grad-clip and --max-steps."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--skip-nonfinite", "--grad-clip", "1"])
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "3", "--resume", "auto"])
+    inherited = load_ckpt(os.path.join(exp, "checkpoints", "0000003.pt"))["args"]
+    assert (inherited["skip_nonfinite"], inherited["grad_clip"]) == (True, 1.0)
+    summary = train_main(BASE + ["--exp-dir", exp, "--resume", "auto", "--no-skip-nonfinite", "--grad-clip", "none",
+                                 "--max-steps", "none", "--epochs", "1"])
+    unset = load_ckpt(summary["last_checkpoint"])["args"]
+    assert (unset["skip_nonfinite"], unset["grad_clip"], unset["max_steps"]) == (False, None, None)
+    assert summary["step"] == 28  # the end of the first epoch (1797 digits in batches of 64)
+
+
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     exp = str(tmp_path / "run")
     real_save = torch.save

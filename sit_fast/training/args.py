@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from sit_fast.argtypes import OneLineArgumentParser, fraction, nonnegative_int, positive_float, positive_int
+from sit_fast.argtypes import OneLineArgumentParser, fraction, nonnegative_int, or_none, positive_float, positive_int
 from sit_fast.data import DATASETS
 from sit_fast.errors import UserError
 from sit_fast.models import SiT_models
@@ -15,7 +15,7 @@ IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type
 # Identity arguments for which None is a setting (no loss weighting), not a value left unresolved.
 NONE_IS_A_VALUE = ("loss_weight",)
 # Arguments that are never taken from a checkpoint.
-NOT_INHERITED = ("resume", "exp_dir", "ckpt")
+NOT_INHERITED = ("resume", "exp_dir", "ckpt", "no_progress")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -49,17 +49,18 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto",
                        help="fused Triton adaLN kernels (auto: on for CUDA, off on the CPU, where `on` runs them through "
                             "the Triton interpreter, with TRITON_INTERPRET=1 set: very slow, for tests)")
-    model.add_argument("--grad-checkpointing", action="store_true",
+    model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute each block in the backward pass to save activation memory")
-    model.add_argument("--compile", action="store_true", help="torch.compile the model")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     model.add_argument("--ckpt", type=str, default=None,
                        help="start from these weights (upstream release file, train.py checkpoint or "
                             ".safetensors; EMA weights preferred) at step 0; use --resume to continue a run")
 
     optim = parser.add_argument_group("Optimisation")
     optim.add_argument("--epochs", type=positive_int, default=1400, help="epochs to train (upper bound)")
-    optim.add_argument("--max-steps", type=positive_int, default=None,
-                       help="stop after this many optimizer steps in total (counted from step 0)")
+    optim.add_argument("--max-steps", type=or_none(positive_int), default=None,
+                       help="stop after this many optimizer steps in total (counted from step 0; none: when "
+                            "--epochs end)")
     optim.add_argument("--global-batch-size", type=positive_int, default=256, help="batch size summed over ranks")
     optim.add_argument("--grad-accum-steps", "--gradient-accumulation-steps", dest="grad_accum_steps",
                        type=positive_int, default=1,
@@ -69,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--global-seed", type=int, default=0, help="seed; rank r uses global_seed * world_size + r")
     optim.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
     optim.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay per step, in [0, 1]")
-    optim.add_argument("--grad-clip", type=positive_float, default=None, help="clip the global gradient norm to this value")
+    optim.add_argument("--grad-clip", type=or_none(positive_float), default=None,
+                       help="clip the global gradient norm to this value (none: no clipping)")
     optim.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
                        help="fp32; tf32 matmuls; bf16 autocast with fp32 master weights (auto: bf16 on CUDA, "
                             "fp32 on the CPU)")
-    optim.add_argument("--skip-nonfinite", action="store_true",
+    optim.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
                        help="skip steps whose gradients are not finite and count them, instead of stopping "
                             "(costs one host sync per step)")
 
@@ -92,9 +94,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="fixed-step ODE solver of the sample grids")
     run.add_argument("--sample-steps", type=positive_int, default=16, help="ODE steps of the sample grids")
     run.add_argument("--num-sample-images", type=positive_int, default=16, help="images in a sample grid")
-    run.add_argument("--wandb", action="store_true",
+    run.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                      help="log to Weights & Biases (entity and project from $ENTITY / $PROJECT, as upstream)")
-    run.add_argument("--tensorboard", action="store_true", help="write TensorBoard scalars to EXP_DIR/tensorboard")
+    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False, help="write TensorBoard scalars to EXP_DIR/tensorboard")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (there is none when stderr is not a terminal: the log lines show progress)")
 
     add_transport_args(parser)
