@@ -422,6 +422,15 @@ def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
 
 
+@pytest.mark.parametrize("flag,sub", [("--results-dir", ""), ("--exp-dir", ""), ("--exp-dir", "run")])
+def test_a_file_where_the_run_folder_goes_is_a_one_line_error(tmp_path, capsys, flag, sub):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    assert run_cli(BASE + [flag, str(blocker / sub) if sub else str(blocker), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {flag} " in err and f": {blocker} is a file: pass a folder" in err and "Traceback" not in err, err
+
+
 def test_new_runs_are_numbered_after_the_highest_number(tmp_path):
     """Upstream counts the folders; with 000 removed from 000, 001 that count (1) would name the next
     run 001-..., into the folder of a run that exists."""

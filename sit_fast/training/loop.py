@@ -55,13 +55,27 @@ def experiment_suffix(args: argparse.Namespace) -> str:
     return f"{args.model.replace('/', '-')}-{args.path_type}-{args.prediction}-{args.loss_weight}"
 
 
+def make_folder(path: str, flag: str) -> None:
+    """os.makedirs(path), or a UserError naming `flag` (a file in the way, no permission, ...)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag}: {existing} is a file: pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot create the folder {path} ({err.strerror or err}): pass a folder "
+                        f"that can be written") from None
+
+
 def new_experiment_dir(args: argparse.Namespace) -> str:
     """--exp-dir, or RESULTS_DIR/NNN-<model>-<path>-<prediction>-<loss weight>, numbered as upstream (000,
     001, ...) but after the highest number there, so that a folder removed never gets its number reused
     by a run that would then write into the next one's folder."""
     if args.exp_dir:
         return args.exp_dir
-    os.makedirs(args.results_dir, exist_ok=True)
+    make_folder(args.results_dir, f"--results-dir {args.results_dir}")
     numbers = [int(match.group(1)) for name in os.listdir(args.results_dir)
                if (match := re.match(r"(\d+)-", name))]
     return os.path.join(args.results_dir, f"{max(numbers, default=-1) + 1:03d}-{experiment_suffix(args)}")
@@ -219,19 +233,21 @@ class Trainer:
 
         # Where to write, and what to resume (rank 0 decides, everyone follows).
         choice = None
-        if dist_info.is_main:
+        if dist_info.is_main:  # the other ranks wait for the choice, or the error that ends the run
             try:
-                choice = select_experiment(args)
+                exp_dir, resume_path, resume_note = select_experiment(args)
+                created = not os.path.exists(exp_dir)
+                flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
+                make_folder(os.path.join(exp_dir, "checkpoints"), flag)
+                choice = exp_dir, resume_path, resume_note, created
             except UserError as err:
                 choice = err
         choice = broadcast_object(choice)
         if isinstance(choice, UserError):
             raise choice
-        self.exp_dir, resume_path, resume_note = choice
+        self.exp_dir, resume_path, resume_note, created = choice
         self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
-        created = dist_info.is_main and not os.path.exists(self.exp_dir)
-        if dist_info.is_main:
-            os.makedirs(self.checkpoint_dir, exist_ok=True)
+        created = created and dist_info.is_main
         barrier()
         setup_logging(self.exp_dir, dist_info.is_main)  # from here on, a user error also lands in log.txt
         logger.info(resume_note + (" (--ckpt is ignored when resuming)" if resume_path and "ckpt" in explicit else ""))
