@@ -574,6 +574,19 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     assert any(step == 2 and "train/loss" in data for step, data in logged["wandb"])
 
 
+def test_a_vae_with_another_downsampling_takes_sizes_it_divides(tmp_path):
+    """The tiny test VAE halves the size: 12 px images make 6x6 latents, whatever 12 % 8 is."""
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    summary = train_main(["--data-path", images, "--vae", vae_dir, "--image-size", "12", "--model", "SiT-T/2",
+                          "--global-batch-size", "2", "--num-workers", "0", "--fused-kernels", "off", "--no-progress",
+                          "--exp-dir", str(tmp_path / "run"), "--max-steps", "1"])
+    assert load_ckpt(summary["last_checkpoint"])["model_config"]["input_size"] == 6
+
+
 # ----------------------------------------------------------------------------- latent cache
 
 def test_latent_cache_round_trip_and_training(tmp_path):

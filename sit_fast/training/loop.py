@@ -317,10 +317,11 @@ class Trainer:
             if dataset.channels != 3:
                 raise UserError(f"--dataset {args.dataset} has {dataset.channels}-channel images; the VAE needs RGB: "
                                 f"use --vae none")
-            if args.image_size % 8:
+            from sit_fast.vae import VAE_ALIASES, load_vae
+
+            if args.vae in VAE_ALIASES and args.image_size % 8:  # known before loading it; others: below
                 raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling); "
                                 f"use e.g. {max(8, args.image_size // 8 * 8)}")
-            from sit_fast.vae import load_vae
 
             self.codec = load_vae(args.vae, self.device)
             if args.image_size % self.codec.downsample:
