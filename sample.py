@@ -51,7 +51,7 @@ import time
 import numpy as np
 import torch
 
-from sit_fast.argtypes import positive_int
+from sit_fast.argtypes import finite_float, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
@@ -112,7 +112,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     parser.set_defaults(vae_fallback=defaults["vae"])  # resolve_args: args.vae when --vae is not given
 
     guidance = parser.add_argument_group("Classifier-free guidance")
-    guidance.add_argument("--cfg-scale", type=float, default=None,
+    guidance.add_argument("--cfg-scale", type=finite_float, default=None,
                           help="guidance scale w; 1 runs no unconditional pass (default: 4.0 for a grid, "
                                "1.0 for --num-fid-samples and --likelihood, as upstream)")
     guidance.add_argument("--cfg-channels", type=str, choices=["3", "all"], default="3",

@@ -35,6 +35,13 @@ def positive_float(value: str) -> float:
     return number
 
 
+def finite_float(value: str) -> float:
+    number = float(value)
+    if not math.isfinite(number):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+    return number
+
+
 def nonnegative_float(value: str) -> float:
     number = float(value)
     if not 0 <= number < math.inf:

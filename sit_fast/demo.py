@@ -27,7 +27,7 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sit_fast.argtypes import OneLineArgumentParser, fraction, positive_float, positive_int
+    from sit_fast.argtypes import OneLineArgumentParser, finite_float, fraction, positive_float, positive_int
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (its training run is started afresh)")
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--nproc", type=positive_int, default=None,
                         help="training processes (default: 2 on the CPU, min(2, GPUs) with CUDA)")
     parser.add_argument("--num-samples", type=positive_int, default=500, help="generated digits per sampler (a multiple of 10)")
-    parser.add_argument("--cfg-scale", type=float, default=2.0, help="classifier-free guidance scale when sampling")
+    parser.add_argument("--cfg-scale", type=finite_float, default=2.0, help="classifier-free guidance scale when sampling")
     parser.add_argument("--ode-steps", type=positive_int, default=16, help="Heun steps of the ODE sampler")
     parser.add_argument("--sde-steps", type=positive_int, default=50, help="Euler-Maruyama steps of the SDE sampler")
     parser.add_argument("--min-accuracy", type=fraction, default=0.8, help="fail below this share of correct digits")

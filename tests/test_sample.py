@@ -338,6 +338,7 @@ def test_mistyped_flag_is_refused(flag, capsys):
     (["ODE", "--per-proc-batch-size", "0"], "argument --batch-size/--per-proc-batch-size: must be a positive integer"),
     (["ODE", "--num-fid-samples", "0"], "argument --num-fid-samples: must be a positive integer, got 0"),
     (["ODE", "--image-size", "-8"], "argument --image-size: must be a positive integer, got -8"),
+    (["ODE", "--cfg-scale", "nan"], "argument --cfg-scale: must be a finite number, got nan"),
 ])
 def test_out_of_range_values_are_refused_naming_the_flag(argv, needle, capsys):
     """Refused while parsing, before any checkpoint is read: the flag as typed and the range."""

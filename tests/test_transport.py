@@ -242,6 +242,17 @@ def test_zero_eps_at_a_singular_end_is_refused():
         create_transport("Linear", "noise", train_eps=0.0).sample(torch.zeros(2, 2))
 
 
+@pytest.mark.parametrize("path_type,prediction,form", [("Linear", "velocity", "SBDM"), ("GVP", "velocity", "SBDM"),
+                                                      ("Linear", "score", "sigma"), ("GVP", "noise", "linear")])
+def test_an_sde_last_step_that_leaves_no_interval_is_refused(path_type, prediction, form):
+    """t0 = sample_eps (1e-3) here and t1 = 1 - last_step_size: a last step of 0.9995 leaves nothing (the
+    grid ran backwards and the noise's sqrt(2 w dt) became NaN). VP starts at t0 = 0: never empty."""
+    sampler = Sampler(create_transport(path_type, prediction))
+    with pytest.raises(ValueError, match=r"leave no time to integrate over: the interval would be \[0.001, 0.0005\]"):
+        sampler.sample_sde(diffusion_form=form, last_step="Mean", last_step_size=0.9995, num_steps=4)
+    sampler.sample_sde(diffusion_form=form, last_step="Mean", last_step_size=0.99, num_steps=4)  # [0.001, 0.01]
+
+
 @pytest.mark.parametrize("kwargs,needle", [
     (dict(sample_eps=-1e-3), "sample_eps must be in [0, 0.5), got -0.001"),
     (dict(sample_eps=0.5), "sample_eps must be in [0, 0.5), got 0.5"),

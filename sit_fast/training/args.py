@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import argparse
 
-from sit_fast.argtypes import OneLineArgumentParser, fraction, nonnegative_int, or_none, positive_float, positive_int
+from sit_fast.argtypes import (
+    OneLineArgumentParser, finite_float, fraction, nonnegative_int, or_none, positive_float, positive_int,
+)
 from sit_fast.data import DATASETS
 from sit_fast.errors import UserError
 from sit_fast.models import SiT_models
@@ -89,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     run.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints")
     run.add_argument("--sample-every", type=positive_int, default=10_000, help="steps between EMA sample grids")
-    run.add_argument("--cfg-scale", type=float, default=4.0, help="classifier-free guidance of the sample grids")
+    run.add_argument("--cfg-scale", type=finite_float, default=4.0, help="classifier-free guidance of the sample grids")
     run.add_argument("--sample-method", choices=["euler", "heun"], default="heun",
                      help="fixed-step ODE solver of the sample grids")
     run.add_argument("--sample-steps", type=positive_int, default=16, help="ODE steps of the sample grids")

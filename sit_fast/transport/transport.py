@@ -83,7 +83,8 @@ class Transport:
           and for the SBDM diffusion (whose beta_t is infinite at t = 0), else 0; t1 as for VP.
         - Linear / GVP velocity models outside SDEs use the whole [0, 1].
         reverse swaps the direction: (1 - t0, 1 - t1).
-        Raises ValueError where eps = 0 would put a singular end inside the interval.
+        Raises ValueError where eps = 0 would put a singular end inside the interval, and where the
+        interval would be empty or reversed (an SDE's last step longer than what is left after eps).
         """
         t0, t1 = 0.0, 1.0
         eps = sample_eps if eval else train_eps
@@ -98,6 +99,11 @@ class Transport:
                 which = "sample_eps" if eval else "train_eps"
                 raise ValueError(f"{which} must be > 0 here: the {self.path_type.name} path with a "
                                  f"{self.model_type.name.lower()} model is singular at t = 0 or t = 1")
+        if not t0 < t1:  # e.g. an SDE's last step from before its first time
+            which = "sample_eps" if eval else "train_eps"
+            last = f" and last_step_size {last_step_size}" if sde and last_step_size else ""
+            raise ValueError(f"{which} {eps}{last} leave no time to integrate over: the interval would be "
+                             f"[{t0:g}, {t1:g}]")
         if reverse:
             t0, t1 = 1 - t0, 1 - t1
         return t0, t1
