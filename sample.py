@@ -55,6 +55,7 @@ from sit_fast.argtypes import finite_float, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
+from sit_fast.files import make_folder
 from sit_fast.models import SiT_models, resolve_fused_kernels
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
@@ -257,7 +258,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def check_out_path(job: str, path: str) -> None:
-    """--out names the file a job writes: refuse, before any work, one the job would not write."""
+    """--out names the file a job writes: refuse, before any work, one the job would not write, and
+    make its folder (or say why it cannot be made)."""
     extension = os.path.splitext(path)[1].lower()
     if job == "grid":
         check_image_path(path)
@@ -265,6 +267,9 @@ def check_out_path(job: str, path: str) -> None:
         raise UserError(f"--out {path}: --num-fid-samples writes ADM's .npz; give the file the extension .npz")
     elif job == "reverse" and extension not in (".pt", ".pth"):
         raise UserError(f"--out {path}: --reverse saves the noise with torch.save; give the file the extension .pt")
+    if os.path.isdir(path):
+        raise UserError(f"--out {path} is a folder: name the file to write")
+    make_folder(os.path.dirname(os.path.abspath(path)), f"--out {path}")
 
 
 def check_image_path(path: str) -> None:

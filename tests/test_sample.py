@@ -547,6 +547,24 @@ def test_fid_job_class_balanced_grows_n(files, tmp_path):
     np.testing.assert_array_equal(five[:4], four)
 
 
+def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys):
+    """--out in a folder that does not exist yet: made up front for every job (it failed after all the
+    sampling for the .npz, the likelihood and --reverse); a file in the way is a one-line error."""
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+              *FAST]
+    npz = tmp_path / "new" / "deeper" / "fid.npz"
+    assert run(common + ["--num-fid-samples", 2, "--sample-dir", tmp_path / "s", "--out", npz]) == str(npz)
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    noise = tmp_path / "other" / "z.pt"
+    assert run(common + ["--reverse", "--data", tmp_path / "x.pt", "--out", noise]) == str(noise)
+    (tmp_path / "a_file").write_text("")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(common + ["--likelihood", "--data", tmp_path / "x.pt", "--out", tmp_path / "a_file" / "bpd.npz"])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == f"error: --out {tmp_path / 'a_file' / 'bpd.npz'}: {tmp_path / 'a_file'} is a file: pass a folder"
+
+
 def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     """sample_ddp.py, as upstream's: SAMPLE_DIR/<name from the settings>/ and <name>.npz beside it, so
     a sweep over guidance scales or samplers needs no --sample-dir per run."""

@@ -31,6 +31,7 @@ from sit_fast.checkpoint import CheckpointError, load_checkpoint, load_into_mode
 from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError
+from sit_fast.files import make_folder
 from sit_fast.models import SiT_models, model_config, resolve_fused_kernels
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
@@ -53,20 +54,6 @@ class NonFiniteLossError(UserError):
 
 def experiment_suffix(args: argparse.Namespace) -> str:
     return f"{args.model.replace('/', '-')}-{args.path_type}-{args.prediction}-{args.loss_weight}"
-
-
-def make_folder(path: str, flag: str) -> None:
-    """os.makedirs(path), or a UserError naming `flag` (a file in the way, no permission, ...)."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing):
-        raise UserError(f"{flag}: {existing} is a file: pass a folder")
-    try:
-        os.makedirs(path, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"{flag}: cannot create the folder {path} ({err.strerror or err}): pass a folder "
-                        f"that can be written") from None
 
 
 def new_experiment_dir(args: argparse.Namespace) -> str:

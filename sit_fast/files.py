@@ -1,0 +1,20 @@
+"""Folders the command lines write into."""
+from __future__ import annotations
+
+import os
+
+from sit_fast.errors import UserError
+
+
+def make_folder(path: str, flag: str) -> None:
+    """os.makedirs(path), or a UserError naming `flag` (a file in the way, no permission, ...)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag}: {existing} is a file: pass a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag}: cannot create the folder {path} ({err.strerror or err}): pass a folder "
+                        f"that can be written") from None
