@@ -47,6 +47,7 @@ import math
 import os
 import sys
 import time
+import zipfile
 
 import numpy as np
 import torch
@@ -54,7 +55,7 @@ import torch
 from sit_fast.argtypes import finite_float, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
-from sit_fast.errors import UserError, cli_entry
+from sit_fast.errors import UserError, cli_entry, first_line
 from sit_fast.files import make_folder
 from sit_fast.models import SiT_models, resolve_fused_kernels
 from sit_fast.attention import ATTN_BACKENDS, select_backend
@@ -557,15 +558,24 @@ def run_fid(setup: Setup) -> str:
 def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
     """--data -> (model inputs (N, C, h, w) fp32 on the CPU, bpd offset, what the density is of)."""
     args = setup.args
+    if not os.path.exists(path):
+        raise UserError(f"--data {path} does not exist")
     if os.path.isdir(path):
         images = load_image_folder(path, setup.image_size, setup.in_channels if setup.codec is None else 3)
     elif path.endswith(".npz"):
-        with np.load(path) as archive:
-            names = list(archive.keys())
-            key = "arr_0" if "arr_0" in names else names[0] if len(names) == 1 else None
-            if key is None:
-                raise UserError(f"{path} holds {', '.join(names)}: store the data as arr_0")
-            array = archive[key]
+        try:
+            with np.load(path) as archive:
+                names = list(archive.keys())
+                key = "arr_0" if "arr_0" in names else names[0] if len(names) == 1 else None
+                if key is None:
+                    raise UserError(f"{path} holds {', '.join(names)}: store the data as arr_0")
+                array = archive[key]
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or damaged
+            # numpy takes a file that is no zip for a pickle, and suggests allow_pickle: not here
+            reason = "not an .npz archive" if "pickled" in str(err) else first_line(err)
+            raise UserError(f"cannot read {path} ({reason}): --data takes an .npz of arrays") from None
+        if len(array) == 0:
+            raise UserError(f"--data {path} holds no items")
         images = array if array.dtype == np.uint8 else None
         if images is None:
             return check_model_inputs(setup, torch.from_numpy(np.asarray(array, dtype=np.float32)), path)
@@ -628,14 +638,19 @@ def load_image_folder(path: str, image_size: int, channels: int) -> np.ndarray:
         raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its sub-folders")
     arrays = []
     for name in names:
-        with Image.open(os.path.join(path, name)) as image:
-            image = center_crop_arr(image.convert("L" if channels == 1 else "RGB"), image_size)
-            array = np.asarray(image)
+        try:
+            with Image.open(os.path.join(path, name)) as image:
+                image = center_crop_arr(image.convert("L" if channels == 1 else "RGB"), image_size)
+                array = np.asarray(image)
+        except OSError as err:  # PIL's UnidentifiedImageError included
+            raise UserError(f"cannot read image {os.path.join(path, name)} ({err}): remove or replace it") from None
         arrays.append(array[..., None] if array.ndim == 2 else array)
     return np.stack(arrays)
 
 
 def check_model_inputs(setup: Setup, x: torch.Tensor, path: str) -> tuple[torch.Tensor, float, str]:
+    if len(x) == 0:
+        raise UserError(f"--data {path} holds no items")
     if tuple(x.shape[1:]) != setup.latent_shape:
         raise UserError(f"{path}: data of shape {tuple(x.shape)}, the model takes (N, "
                         f"{', '.join(map(str, setup.latent_shape))})")

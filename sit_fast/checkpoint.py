@@ -17,7 +17,7 @@ import zipfile
 
 import torch
 
-from sit_fast.errors import UserError
+from sit_fast.errors import ANSI, UserError, first_line
 
 logger = logging.getLogger("sit_fast")
 
@@ -49,7 +49,7 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
                 metadata = f.metadata() or {}
                 obj = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read {path}: {_first_line(err)} (corrupt or not a safetensors file)") from None
+            raise CheckpointError(f"cannot read {path}: {first_line(err)} (corrupt or not a safetensors file)") from None
         # python -m sit_fast.export records which weights of which step the file holds
         step = metadata.get("step", "")
         info.update(format="safetensors", weights=metadata.get("weights", "raw"),
@@ -105,7 +105,7 @@ def safe_torch_load(path: str) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # a damaged or foreign file raises many types (KeyError, IndexError, EOFError, ...)
-        text = _ANSI.sub("", str(err))
+        text = ANSI.sub("", str(err))
         # torch words the refusal "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked"
         unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
         if unsafe:
@@ -116,7 +116,7 @@ def safe_torch_load(path: str) -> object:
             ) from None
         # other weights-only failures are bytes that are no pickle: torch's reason, not its advice
         reason = re.search(r"WeightsUnpickler error: (.+)", text)
-        raise CheckpointError(f"cannot read {path}: {reason.group(1).strip() if reason else _first_line(err)} "
+        raise CheckpointError(f"cannot read {path}: {reason.group(1).strip() if reason else first_line(err)} "
                               f"(corrupt, truncated, or not a checkpoint written by torch.save or safetensors?)") from None
 
 
@@ -237,18 +237,6 @@ def recorded_model_config(path: str | os.PathLike) -> dict | None:
     except Exception:  # torch.load and safetensors raise many types; read_checkpoint reports them
         return None
     return config if isinstance(config, dict) else None
-
-
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def _first_line(err: BaseException) -> str:
-    text = _ANSI.sub("", str(err)).strip().splitlines()
-    if not text:
-        return type(err).__name__
-    if isinstance(err, LookupError):  # a bare key or index says nothing alone
-        return f"{type(err).__name__}: {text[0]}"
-    return text[0]
 
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefer: str = "ema") -> dict:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import sys
 import time
 from typing import Callable
@@ -11,6 +12,19 @@ from typing import Callable
 
 class UserError(ValueError):
     """An error caused by the user's input (flags, files, configuration); its message is the fix."""
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some libraries put in their messages
+
+
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """An exception's message cut to its first line, for a one-line error that quotes a library."""
+    text = [line.strip() for line in ANSI.sub("", str(err)).strip().splitlines() if line.strip()]
+    if not text:
+        return type(err).__name__
+    if isinstance(err, LookupError):  # a bare key or index says nothing alone
+        return f"{type(err).__name__}: {text[0]}"[:limit]
+    return text[0][:limit]
 
 
 def report(message: str) -> None:

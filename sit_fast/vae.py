@@ -17,7 +17,7 @@ from contextlib import nullcontext
 
 import torch
 
-from sit_fast.errors import UserError
+from sit_fast.errors import UserError, first_line
 
 VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft-mse"}
 DEFAULT_SCALING_FACTOR = 0.18215
@@ -141,7 +141,7 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
                 vae = AutoencoderKL.from_pretrained(source, **kwargs, **extra)
             break
         except Exception as err:  # diffusers/huggingface_hub raise many types (OSError, HTTP, ValueError)
-            errors.append(_first_line(err))
+            errors.append(first_line(err))
     if vae is None:
         if is_local:
             reason = f"the directory {source} holds no loadable AutoencoderKL ({errors[-1]})"
@@ -176,8 +176,3 @@ def hub_unreachable(timeout_s: float = 3.0) -> str | None:
     except OSError as err:
         return f"{host}:{port}: {err.strerror or err}"
     return None
-
-
-def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
-    return (lines[0] if lines else type(err).__name__)[:300]

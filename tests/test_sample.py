@@ -673,6 +673,29 @@ def test_images_are_encoded_a_batch_at_a_time(files):
     torch.testing.assert_close(latents, whole, rtol=0, atol=0)
 
 
+def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
+    (tmp_path / "text.npz").write_text("garbage")
+    np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
+    torch.save(torch.zeros(0, 3, 8, 8), tmp_path / "empty.pt")
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "zero.png").write_bytes(b"")
+    cases = {
+        "missing.npz": "error: --data {} does not exist",
+        "text.npz": "error: cannot read {} (not an .npz archive): --data takes an .npz of arrays",
+        "empty.npz": "error: --data {} holds no items",
+        "empty.pt": "error: --data {} holds no items",
+        "images": "error: cannot read image {}/zero.png (cannot identify image file",
+    }
+    for job in ("--likelihood", "--reverse"):
+        for name, expected in cases.items():
+            path = tmp_path / name
+            with pytest.raises(SystemExit) as exit_info:
+                run(["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", path, "--out",
+                     tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt"), *FAST])
+            assert exit_info.value.code == 2
+            assert one_line_error(capsys).startswith(expected.format(path)), name
+
+
 def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
     """A gray N x H x W .npz, the same gray stored as RGB (a 1-channel model's FID .npz) and an
     ImageFolder root (images in class sub-folders) all give the same bits per dimension."""
