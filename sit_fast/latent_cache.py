@@ -105,7 +105,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     }
 
     def prepare():
-        check_settings(args.out, settings, holds="latents", flag="--out")
+        check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt")
         return pending_shards(args.out, shards)
 
     pending = on_main(prepare, dist_info)

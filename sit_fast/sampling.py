@@ -30,6 +30,7 @@ import json
 import logging
 import math
 import os
+import re
 import urllib.error
 import urllib.request
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -485,9 +486,12 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int) -> list[i
     return pending
 
 
-def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir") -> None:
+def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir",
+                   outputs: str = r"\d{6}\.png") -> None:
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
-    `holds` and `flag` name what the folder holds and the flag that picks another one, for the message."""
+    `holds` and `flag` name what the folder holds and the flag that picks another one, for the message;
+    files matching `outputs` in a folder without settings.json (another program's, or the record lost)
+    are refused too, as their settings are unknown."""
     path = os.path.join(sample_dir, "settings.json")
     if os.path.exists(sample_dir) and not os.path.isdir(sample_dir):
         raise UserError(f"{flag} {sample_dir} is a file: pass a folder")
@@ -508,6 +512,11 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
                 f"{' ...' if len(differ) > 3 else ''}): pass another {flag}, or delete it to start over"
             )
         return
+    present = [n for n in os.listdir(sample_dir) if re.fullmatch(outputs, n)] if os.path.isdir(sample_dir) else []
+    if present:
+        count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
+        raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "
+                        f"unknown: pass another {flag}, or delete them to start over")
     os.makedirs(sample_dir, exist_ok=True)
     _atomic_write_bytes(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
 

@@ -565,6 +565,26 @@ def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys
     assert one_line_error(capsys) == f"error: --out {tmp_path / 'a_file' / 'bpd.npz'}: {tmp_path / 'a_file'} is a file: pass a folder"
 
 
+def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, capsys):
+    """Numbered PNGs with no settings.json (upstream's sample_ddp.py writes the same names): their
+    settings are unknown, so they are not counted as done; an empty folder or other files are fine."""
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, *FAST]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(foreign / "000000.png")
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv + ["--sample-dir", foreign])
+    assert one_line_error(capsys) == (f"error: {foreign} holds samples (1 file like 000000.png) but no settings.json, "
+                                      "so what made them is unknown: pass another --sample-dir, or delete them to "
+                                      "start over")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("")
+    run(argv + ["--sample-dir", tmp_path / "mine"])
+    assert sorted(os.listdir(tmp_path / "mine")) == ["000000.png", "000001.png", "notes.txt", "settings.json"]
+
+
 def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     """sample_ddp.py, as upstream's: SAMPLE_DIR/<name from the settings>/ and <name>.npz beside it, so
     a sweep over guidance scales or samplers needs no --sample-dir per run."""

@@ -669,6 +669,9 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
                         r"\S+; restore it, or pass another --out\n", refused([]))
     (tmp_path / "a_file").write_text("")
     assert refused(["--out", str(tmp_path / "a_file")]) == f"error: --out {tmp_path / 'a_file'} is a file: pass a folder\n"
+    os.remove(os.path.join(out, "settings.json"))  # the record lost: the shards' settings are unknown
+    assert refused([]) == (f"error: {out} holds latents (3 files like shard-00000.pt) but no settings.json, so what "
+                           "made them is unknown: pass another --out, or delete them to start over\n")
 
 
 @pytest.mark.parametrize("flag,value,needle", [
