@@ -52,7 +52,7 @@ import zipfile
 import numpy as np
 import torch
 
-from sit_fast.argtypes import finite_float, positive_int
+from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, first_line
@@ -111,7 +111,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                        help="ema | mse (stabilityai/sd-vae-ft-*), a hub id, a local diffusers AutoencoderKL "
                             "directory, or none (pixel space) (default: a train.py checkpoint's latent space, "
                             f"else {defaults['vae']})")
-    parser.set_defaults(vae_fallback=defaults["vae"])  # resolve_args: args.vae when --vae is not given
+    # resolve_args: args.vae and args.run_folder when not given
+    parser.set_defaults(vae_fallback=defaults["vae"], run_folder_fallback=defaults["run_folder"])
 
     guidance = parser.add_argument_group("Classifier-free guidance")
     guidance.add_argument("--cfg-scale", type=finite_float, default=None,
@@ -119,16 +120,16 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                                "1.0 for --num-fid-samples and --likelihood, as upstream)")
     guidance.add_argument("--cfg-channels", type=str, choices=["3", "all"], default="3",
                           help="channels guided: upstream's first 3, or all")
-    guidance.add_argument("--cfg-interval", type=float, nargs=2, metavar=("LOW", "HIGH"), default=None,
+    guidance.add_argument("--cfg-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                           help="guide only model calls with LOW <= t <= HIGH (t=0 noise, t=1 data)")
-    guidance.add_argument("--class-labels", type=int, nargs="+", default=None,
+    guidance.add_argument("--class-labels", type=integer, nargs="+", default=None,
                           help="labels of the grid (default: upstream's 8), or of the --likelihood data "
                                "(one for all or one per item; default: the null class, unconditional)")
 
     run = parser.add_argument_group("Sampling")
-    run.add_argument("--num-sampling-steps", type=int, default=250,
+    run.add_argument("--num-sampling-steps", type=integer, default=250,
                      help="steps of a fixed-step solver (the SDE's count includes the last step)")
-    run.add_argument("--seed", "--global-seed", dest="seed", type=int, default=0,
+    run.add_argument("--seed", "--global-seed", dest="seed", type=integer, default=0,
                      help="global seed; image i's noise and label come from (seed, i)")
     run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=positive_int, default=None,
                      help=f"images per process per batch (default: the whole grid; {FID_BATCH_SIZE} for "
@@ -155,9 +156,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     fid = parser.add_argument_group("Many images for FID (sample_ddp.py's job)")
     fid.add_argument("--num-fid-samples", type=positive_int, default=defaults["num_fid_samples"],
                      help="write this many numbered PNGs and one .npz (switches to the FID job)")
-    fid.add_argument("--sample-dir", type=str, default="samples",
-                     help="folder of the PNGs (with --run-folder, the folder that holds the run's folder)")
-    fid.add_argument("--run-folder", action=argparse.BooleanOptionalAction, default=defaults["run_folder"],
+    fid.add_argument("--sample-dir", type=str, default=None,
+                     help="folder of the PNGs (with --run-folder, the folder that holds the run's folder; "
+                          "default: samples)")
+    fid.add_argument("--run-folder", action=argparse.BooleanOptionalAction, default=None,
                      help="as upstream sample_ddp.py: the PNGs in SAMPLE_DIR/<model>-<ckpt>-cfg-<scale>-<batch>-"
                           "<mode>-<steps>-<method>[-<diffusion form>-<last step>-<last step size>], the .npz "
                           "beside that folder (default: on for sample_ddp.py, off for sample.py)")
@@ -183,7 +185,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def build_parser(defaults: dict | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     defaults = {**SAMPLE_DEFAULTS, **(defaults or {})}
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     modes = parser.add_subparsers(dest="mode", metavar="{ODE,SDE}", required=True,
                                   help="ODE: probability-flow ODE; SDE: reverse SDE")
     for mode, add_solver_args in (("ODE", add_ode_args), ("SDE", add_sde_args)):
@@ -235,8 +237,19 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.class_labels is not None:
             raise UserError("--class-labels sets a grid's labels; --num-fid-samples draws them "
                             "(random, or --class-balanced)")
-    elif args.class_balanced:
-        raise UserError("--class-balanced applies to --num-fid-samples only")
+    else:
+        given = [flag for flag, value in (("--class-balanced", args.class_balanced or None),
+                                           ("--sample-dir", args.sample_dir),
+                                           ("--run-folder" if args.run_folder else "--no-run-folder", args.run_folder))
+                 if value is not None]
+        if given:
+            raise UserError(f"{given[0]} applies to --num-fid-samples only")
+    if args.sample_dir is None:
+        args.sample_dir = "samples"
+    if args.run_folder is None:
+        args.run_folder = getattr(args, "run_folder_fallback", SAMPLE_DEFAULTS["run_folder"])
+    if hasattr(args, "run_folder_fallback"):
+        del args.run_folder_fallback
     if args.batch_size is None:
         args.batch_size = {"fid": FID_BATCH_SIZE, "likelihood": LIKELIHOOD_BATCH_SIZE,
                            "reverse": LIKELIHOOD_BATCH_SIZE}.get(args.job)

@@ -14,36 +14,50 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
 
+def integer(value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+
+
+def real(value: str) -> float:
+    try:
+        return float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
+
+
 def positive_int(value: str) -> int:
-    number = int(value)
+    number = integer(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
     return number
 
 
 def nonnegative_int(value: str) -> int:
-    number = int(value)
+    number = integer(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return number
 
 
 def positive_float(value: str) -> float:
-    number = float(value)
+    number = real(value)
     if not 0 < number < math.inf:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be a positive number, got {value}")
     return number
 
 
 def finite_float(value: str) -> float:
-    number = float(value)
+    number = real(value)
     if not math.isfinite(number):
         raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
     return number
 
 
 def nonnegative_float(value: str) -> float:
-    number = float(value)
+    number = real(value)
     if not 0 <= number < math.inf:
         raise argparse.ArgumentTypeError(f"must be 0 or a positive number, got {value}")
     return number
@@ -51,7 +65,7 @@ def nonnegative_float(value: str) -> float:
 
 def fraction(value: str) -> float:
     """A number in [0, 1]."""
-    number = float(value)
+    number = real(value)
     if not 0 <= number <= 1:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
     return number
@@ -68,7 +82,7 @@ def or_none(convert):
 
 def end_margin(value: str) -> float:
     """A distance kept from each end of [0, 1]: a number in [0, 0.5)."""
-    number = float(value)
+    number = real(value)
     if not 0 <= number < 0.5:
         raise argparse.ArgumentTypeError(f"must be in [0, 0.5), got {value}")
     return number
@@ -76,7 +90,7 @@ def end_margin(value: str) -> float:
 
 def open_fraction(value: str) -> float:
     """A number in (0, 1)."""
-    number = float(value)
+    number = real(value)
     if not 0 < number < 1:
         raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value}")
     return number

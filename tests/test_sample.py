@@ -158,6 +158,8 @@ def test_class_count_mismatch_warns_in_one_line(files, tmp_path, capsys):
     (["--num-sampling-steps", 0], "--num-sampling-steps must be at least 1"),
     (["--out", "zz"], "--out zz"),
     (["--num-fid-samples", 4, "--out", "fid.png"], "--out fid.png: --num-fid-samples writes ADM's .npz"),
+    (["--sample-dir", "somewhere"], "--sample-dir applies to --num-fid-samples only"),
+    (["--no-run-folder"], "--no-run-folder applies to --num-fid-samples only"),
     (["--reverse", "--data", "images", "--out", "noise.png"], "--out noise.png: --reverse saves the noise"),
     (["--cuda-graphs"], "CUDA"),
     (["--likelihood"], "--data"),
@@ -327,7 +329,8 @@ def test_mistyped_flag_is_refused(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
         run(["ODE", flag, "2"])
     assert exit_info.value.code == 2
-    assert "unrecognized arguments" in capsys.readouterr().err
+    err = one_line_error(capsys)  # not argparse's usage block
+    assert err.startswith("error: unrecognized arguments") and err.endswith(" --help)"), err
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -339,6 +342,8 @@ def test_mistyped_flag_is_refused(flag, capsys):
     (["ODE", "--num-fid-samples", "0"], "argument --num-fid-samples: must be a positive integer, got 0"),
     (["ODE", "--image-size", "-8"], "argument --image-size: must be a positive integer, got -8"),
     (["ODE", "--cfg-scale", "nan"], "argument --cfg-scale: must be a finite number, got nan"),
+    (["ODE", "--cfg-scale", "abc"], "argument --cfg-scale: must be a number, got 'abc'"),
+    (["SDE", "--num-sampling-steps", "2.5"], "argument --num-sampling-steps: must be an integer, got '2.5'"),
 ])
 def test_out_of_range_values_are_refused_naming_the_flag(argv, needle, capsys):
     """Refused while parsing, before any checkpoint is read: the flag as typed and the range."""
