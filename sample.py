@@ -692,20 +692,19 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     dims = math.prod(setup.latent_shape)
     bpd = []
     start = time.perf_counter()
-    progress = tqdm(total=len(x), unit="item", desc="likelihood", disable=len(x) <= args.batch_size)
-    for b, first in enumerate(range(0, len(x), args.batch_size)):
-        batch = x[first: first + args.batch_size].to(setup.device)
-        y = labels[first: first + args.batch_size].to(setup.device)
-        torch.manual_seed(derived_seed(args.seed, b, args.batch_size))  # Hutchinson probes
+    with tqdm(total=len(x), unit="item", desc="likelihood", disable=len(x) <= args.batch_size) as progress:
+        for b, first in enumerate(range(0, len(x), args.batch_size)):
+            batch = x[first: first + args.batch_size].to(setup.device)
+            y = labels[first: first + args.batch_size].to(setup.device)
+            torch.manual_seed(derived_seed(args.seed, b, args.batch_size))  # Hutchinson probes
 
-        def model_fn(x_t, t):
-            return setup.forwards.conditional(x_t, t, y)
+            def model_fn(x_t, t):
+                return setup.forwards.conditional(x_t, t, y)
 
-        with torch.no_grad():
-            logp, _ = setup.sample_fn(batch, model_fn)
-        bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
-        progress.update(len(batch))
-    progress.close()
+            with torch.no_grad():
+                logp, _ = setup.sample_fn(batch, model_fn)
+            bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
+            progress.update(len(batch))
     bpd = torch.cat(bpd).double().numpy()
     elapsed = time.perf_counter() - start
     if len(bpd) > 1:  # with the standard error of the mean

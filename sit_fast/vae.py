@@ -125,6 +125,7 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
 
     vae = None
     errors = []
+    unreachable = None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
     attempts = [dict(local_files_only=True)] if is_local or offline else [dict(local_files_only=True), {}]
     extra = {} if importlib.util.find_spec("accelerate") else {"low_cpu_mem_usage": False}
@@ -132,7 +133,6 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
         if errors:  # the local cache missed
             unreachable = hub_unreachable()
             if unreachable:  # not worth the hub library's retries (about 25 s)
-                errors.append(f"the hub cannot be reached ({unreachable})")
                 break
             logger.warning(f"--vae {spec}: {source} is not in the local hub cache; downloading it")
         try:
@@ -145,14 +145,12 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
     if vae is None:
         if is_local:
             reason = f"the directory {source} holds no loadable AutoencoderKL ({errors[-1]})"
+        elif offline:
+            reason = f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set ({errors[-1]})"
+        elif unreachable:
+            reason = f"{source} is not in the local hub cache and the hub cannot be reached ({unreachable})"
         else:
-            if offline:
-                reason = f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set ({errors[-1]})"
-            elif errors[-1].startswith("the hub cannot be reached"):
-                reason = f"{source} is not in the local hub cache and {errors[-1]}"
-            else:
-                reason = (f"{source} is not in the local hub cache and the hub has no such model or failed "
-                          f"({errors[-1]})")
+            reason = f"{source} is not in the local hub cache and the hub has no such model or failed ({errors[-1]})"
         raise VAEError(f"cannot load the VAE: {reason}; {ways_out}")
     vae = vae.to(torch.device(device)).eval().requires_grad_(False)
     return LatentCodec(vae, device, dtype=dtype)
