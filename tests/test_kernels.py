@@ -298,11 +298,21 @@ def test_kernel_prefetch_is_bitwise_identical(op, only_h):
             leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
             outs = run_ours(op, leaves)
             used = outs[-1:] if only_h else outs  # only h: the backward runs without x_out's gradient
-            torch.manual_seed(0)
-            grads = torch.autograd.grad(used, list(leaves.values()), [torch.randn_like(o) for o in used])
+            # The same cotangents for both runs, from a generator of their own: seeding the global one
+            # would make every later test's inputs the same on every run.
+            generator = torch.Generator(DEVICE).manual_seed(0)
+            cotangents = [torch.randn(o.shape, dtype=o.dtype, device=o.device, generator=generator) for o in used]
+            grads = torch.autograd.grad(used, list(leaves.values()), cotangents)
             results.append([o.detach() for o in outs] + list(grads))
     for plain, fetched in zip(*results):
         assert torch.equal(plain, fetched)
+
+
+def test_kernel_prefetch_test_leaves_the_global_seed_alone():
+    """Inputs are fresh each run: no test here seeds the global generator (manual_seed(0) would)."""
+    seed = torch.initial_seed()
+    test_kernel_prefetch_is_bitwise_identical("gated_residual", False)
+    assert torch.initial_seed() == seed
 
 
 @pytest.mark.parametrize("overrides,message", [
