@@ -105,7 +105,7 @@ def saved_bytes_per_token(
 
         op                                   ours                reference (eager, kernels.reference)
         layernorm_modulate                   e_out*D + 4         8*D + 8   (fp32 x copy, fp32 x_hat, mean, rstd)
-        gated_residual                       e*D                 4*D       (fp32 y copy)
+        gated_residual                       e_y*D               4*D       (fp32 y copy)
         gated_residual_layernorm_modulate    (e_out+e_y)*D + 4   12*D + 8  (fp32 y, x_out, x_hat; mean, rstd)
 
     Ours saves x_hat (the normalised row, computed in fp32, stored in the output's dtype) and a
@@ -123,7 +123,7 @@ def saved_bytes_per_token(
     rstd = 4  # fp32 rstd per row (ours); the reference also keeps the mean
     table = {
         "layernorm_modulate": (e_out * D + rstd, 8 * D + 8),
-        "gated_residual": (e * D, 4 * D),
+        "gated_residual": (e_y * D, 4 * D),
         "gated_residual_layernorm_modulate": ((e_out + e_y) * D + rstd, 12 * D + 8),
     }
     if op_name not in table:

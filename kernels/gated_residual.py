@@ -1,6 +1,7 @@
 """Fused gated residual: out = x + gate[:, None, :] * y.
 
-x, y: (B, T, D); gate: (B, D), broadcast over the T tokens of each sample.
+x, y: (B, T, D); gate: (B, D), broadcast over the T tokens of each sample. out has x's dtype; y may
+be narrower than an fp32 x (the bf16-autocast layout), as in gated_residual_layernorm_modulate.
 
 Layers: Triton kernels, host launchers, then the `sit_fast::gated_residual` custom op (with a fake
 and an autograd formula whose backward is the `sit_fast::gated_residual_backward` op).
@@ -116,10 +117,11 @@ def _gated_residual_bwd_kernel(
 def check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
     _launch.check_activation(OP, "x", x)
     _launch.check_activation(OP, "y", y, x.shape)
-    if y.dtype != x.dtype:
+    if y.dtype != x.dtype and x.dtype != torch.float32:
+        # Only an fp32 residual stream may take a narrower y (the autocast layout).
         raise ValueError(f"{OP}: y must have x's dtype {x.dtype}, got {y.dtype} "
                          f"(x {tuple(x.shape)}, y {tuple(y.shape)})")
-    _launch.check_modulation(OP, "gate", gate, x)
+    _launch.check_modulation(OP, "gate", gate, x, {"y": y.dtype})
     _launch.check_same_device(OP, x=x, gate=gate, y=y)
 
 
@@ -204,7 +206,8 @@ gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """x + gate[:, None, :] * y in one pass; the result has x's dtype.
 
-    x, y: (B, T, D) of one dtype (float32/bfloat16/float16); gate: (B, D) in x's dtype or float32.
-    Gradients come back in each input's own dtype.
+    x, y: (B, T, D) float32/bfloat16/float16, y in x's dtype, or any of those when x is float32 (the
+    bf16-autocast layout: fp32 residual stream, bf16 sublayer output); gate: (B, D) in x's or y's
+    dtype or float32. Gradients come back in each input's own dtype.
     """
     return gated_residual_op(x, gate, y)

@@ -332,15 +332,18 @@ FP32_TOL = DTYPE_CASES[0].values[0].fwd
 
 
 @pytest.mark.parametrize("B,T,D", [(1, 1, 72), (2, 13, 72), (1, 7, 97), (2, 5, 1152)])
-@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+@pytest.mark.parametrize("op", OPS)
 def test_kernel_autocast_layout(op, B, T, D):
-    """x fp32, y / gate / shift / scale bf16, normalised output bf16: x_out at fp32 tolerance, h (and
-    the gradients, which see x_hat saved in bf16) at bf16 tolerance, each gradient in its input's dtype."""
+    """x fp32, y / gate / shift / scale bf16, normalised output bf16: x_out (gated_residual's out, in
+    fp32 from bf16 gate and y) at fp32 tolerance, h (and the gradients, which see x_hat saved in bf16)
+    at bf16 tolerance, each gradient in its input's dtype."""
     inputs = make_inputs(op, B, T, D, AUTOCAST_CASE)
     if "y" in inputs:
         inputs["y"] = inputs["y"].to(torch.bfloat16)
-    out_tols = [FP32_TOL, AUTOCAST_CASE.fwd] if op == "gated_residual_layernorm_modulate" else None
-    check_against_reference(op, inputs, AUTOCAST_CASE, out_dtype=torch.bfloat16, out_tols=out_tols)
+    out_tols = {"gated_residual_layernorm_modulate": [FP32_TOL, AUTOCAST_CASE.fwd], "gated_residual": [FP32_TOL],
+                "layernorm_modulate": None}[op]
+    out_dtype = torch.bfloat16 if OUT_DTYPE_ARG[op] else None
+    check_against_reference(op, inputs, AUTOCAST_CASE, out_dtype=out_dtype, out_tols=out_tols)
 
 
 @pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
@@ -432,6 +435,9 @@ def _vectors(B, D, dtype=torch.float32, device=DEVICE):
             torch.randn(2, 3, 72, device=DEVICE, dtype=torch.bfloat16), _vectors(2, 72),
             torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72), _vectors(2, 72)),
          r"y must have x's dtype torch.bfloat16, got torch.float32"),
+        (lambda: kernels.gated_residual(torch.randn(2, 3, 72, device=DEVICE, dtype=torch.float16), _vectors(2, 72),
+                                        torch.randn(2, 3, 72, device=DEVICE, dtype=torch.bfloat16)),
+         r"gated_residual: y must have x's dtype torch.float16, got torch.bfloat16"),
         (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72, device="meta"),
                                             _vectors(2, 72)),
          r"all tensors must be on one device"),
@@ -452,7 +458,7 @@ def _vectors(B, D, dtype=torch.float32, device=DEVICE):
          r"got torch.float16"),
     ],
     ids=["x-2d", "shift-shape", "gate-batch", "y-shape", "x-float64", "shift-fp16-with-bf16",
-         "y-dtype", "device-mismatch", "y-device", "D-too-large", "out-dtype-float64", "gate-fp16-autocast"],
+         "y-dtype", "y-dtype-gated-residual", "device-mismatch", "y-device", "D-too-large", "out-dtype-float64", "gate-fp16-autocast"],
 )
 def test_kernel_rejects_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
@@ -610,13 +616,15 @@ def test_kernel_saved_bytes_per_token(op, dtype):
     assert claimed["ours"] <= claimed["reference"]
 
 
-@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+@pytest.mark.parametrize("op", OPS)
 def test_kernel_saved_bytes_per_token_autocast_layout(op):
-    """x fp32, y and vectors bf16, normalised output bf16: bf16 x_hat (+ bf16 y) + fp32 rstd."""
+    """x fp32, y and vectors bf16, normalised output bf16: bf16 x_hat (+ bf16 y) + fp32 rstd; bf16 y
+    alone for gated_residual."""
     D, bf16 = 72, torch.bfloat16
     claimed = kernels.saved_bytes_per_token(op, D, torch.float32, out_dtype=bf16, y_dtype=bf16)
-    assert claimed["ours"] == (4 * D + 4 if op == "gated_residual_layernorm_modulate" else 2 * D + 4)
-    ours = functools.partial(getattr(kernels, op), **{OUT_DTYPE_ARG[op]: bf16})
+    expected = {"gated_residual_layernorm_modulate": 4 * D + 4, "layernorm_modulate": 2 * D + 4, "gated_residual": 2 * D}
+    assert claimed["ours"] == expected[op]
+    ours = functools.partial(getattr(kernels, op), **({OUT_DTYPE_ARG[op]: bf16} if OUT_DTYPE_ARG[op] else {}))
     assert _saved_bytes_per_token(ours, op, D, torch.float32, narrow=bf16) == claimed["ours"]
     assert _saved_bytes_per_token(getattr(reference, op), op, D, torch.float32, narrow=bf16) == claimed["reference"]
 
