@@ -82,7 +82,7 @@ def _parse_launch_env(text: str) -> dict[str, int]:
     overrides = {}
     for item in text.split(","):
         key, sep, value = item.partition("=")
-        if not sep or not value.strip().isdigit():
+        if not sep or not value.strip().isdecimal():  # isdigit() also takes "²", which int() refuses
             raise ValueError(f"{LAUNCH_ENV}={text!r}: expected KEY=INTEGER[,KEY=INTEGER...], e.g. "
                              f"fwd_num_warps=8,bwd_programs_per_slot=4; keys: {', '.join(OVERRIDE_KEYS)}")
         overrides[key.strip()] = int(value)

@@ -458,7 +458,8 @@ def _vectors(B, D, dtype=torch.float32, device=DEVICE):
          r"got torch.float16"),
     ],
     ids=["x-2d", "shift-shape", "gate-batch", "y-shape", "x-float64", "shift-fp16-with-bf16",
-         "y-dtype", "y-dtype-gated-residual", "device-mismatch", "y-device", "D-too-large", "out-dtype-float64", "gate-fp16-autocast"],
+         "y-dtype", "y-dtype-gated-residual", "device-mismatch", "y-device", "D-too-large", "out-dtype-float64",
+         "gate-fp16-autocast"],
 )
 def test_kernel_rejects_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
@@ -498,7 +499,8 @@ def test_kernel_launch_environment_variable(monkeypatch):
     with _launch.launch_overrides(fwd_num_warps=2):  # the context manager wins over the variable
         assert _launch.launch_params(1152, "fwd") == (2, fwd_tiles, False)
     for bad, message in (("fwd_num_warps=3", "power of two"), ("warps=8", "unknown key 'warps'"),
-                         ("bwd_prefetch=2", "0 or 1"), ("fwd_num_warps", "expected KEY=INTEGER")):
+                         ("bwd_prefetch=2", "0 or 1"), ("fwd_num_warps", "expected KEY=INTEGER"),
+                         ("fwd_num_warps=\u00b2", "expected KEY=INTEGER")):
         monkeypatch.setenv(_launch.LAUNCH_ENV, bad)
         with pytest.raises(ValueError, match=message):
             _launch.launch_params(1152, "fwd")
@@ -622,7 +624,8 @@ def test_kernel_saved_bytes_per_token_autocast_layout(op):
     alone for gated_residual."""
     D, bf16 = 72, torch.bfloat16
     claimed = kernels.saved_bytes_per_token(op, D, torch.float32, out_dtype=bf16, y_dtype=bf16)
-    expected = {"gated_residual_layernorm_modulate": 4 * D + 4, "layernorm_modulate": 2 * D + 4, "gated_residual": 2 * D}
+    expected = {"gated_residual_layernorm_modulate": 4 * D + 4, "layernorm_modulate": 2 * D + 4,
+                "gated_residual": 2 * D}
     assert claimed["ours"] == expected[op]
     ours = functools.partial(getattr(kernels, op), **({OUT_DTYPE_ARG[op]: bf16} if OUT_DTYPE_ARG[op] else {}))
     assert _saved_bytes_per_token(ours, op, D, torch.float32, narrow=bf16) == claimed["ours"]
