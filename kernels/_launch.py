@@ -193,8 +193,11 @@ def check_modulation(
     for other, dtype in (extra or {}).items():
         allowed.setdefault(dtype, f"{other}'s dtype")
     if t.dtype not in allowed and t.dtype != torch.float32:
-        listing = ", ".join(f"{dtype} ({why})" for dtype, why in allowed.items())
-        raise ValueError(f"{op}: {name} must be {listing} or torch.float32, got {t.dtype} "
+        listing = [f"{dtype} ({why})" for dtype, why in allowed.items()]
+        if torch.float32 not in allowed:
+            listing.append("torch.float32")
+        listing = ", ".join(listing[:-1]) + " or " + listing[-1] if len(listing) > 1 else listing[0]
+        raise ValueError(f"{op}: {name} must be {listing}, got {t.dtype} "
                          f"(x {tuple(x.shape)} {x.dtype}, {name} {tuple(t.shape)})")
 
 

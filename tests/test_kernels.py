@@ -454,12 +454,14 @@ def _vectors(B, D, dtype=torch.float32, device=DEVICE):
             torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72, torch.float16),
             torch.randn(2, 3, 72, device=DEVICE, dtype=torch.bfloat16), _vectors(2, 72), _vectors(2, 72),
             h_dtype=torch.bfloat16),
-         r"gate must be torch.float32 \(x's dtype\), torch.bfloat16 \(y's dtype\) or torch.float32, "
-         r"got torch.float16"),
+         r"gate must be torch.float32 \(x's dtype\) or torch.bfloat16 \(y's dtype\), got torch.float16"),
+        (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE),
+                                            torch.zeros(2, 72, dtype=torch.int64, device=DEVICE), _vectors(2, 72)),
+         r"shift must be torch.float32 \(x's dtype\), got torch.int64 \(x \(2, 3, 72\)"),
     ],
     ids=["x-2d", "shift-shape", "gate-batch", "y-shape", "x-float64", "shift-fp16-with-bf16",
          "y-dtype", "y-dtype-gated-residual", "device-mismatch", "y-device", "D-too-large", "out-dtype-float64",
-         "gate-fp16-autocast"],
+         "gate-fp16-autocast", "shift-int64"],
 )
 def test_kernel_rejects_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
