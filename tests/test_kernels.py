@@ -370,10 +370,21 @@ def test_kernel_many_tokens(op, case):
     check_against_reference(op, make_inputs(op, 3, 257, 1152, case), case)
 
 
+# Non-contiguous (B, D) vectors: a slice at a storage offset (as from .chunk), features 3 apart, the
+# transpose of a (D, B) tensor, one row broadcast over the batch (stride 0).
+VECTOR_LAYOUTS = {
+    "chunk": lambda B, D, **kw: (0.5 * torch.randn(B, 3 * D, **kw)).chunk(3, dim=-1)[1],
+    "interleaved": lambda B, D, **kw: (0.5 * torch.randn(B, D, 3, **kw))[..., 1],
+    "transposed": lambda B, D, **kw: (0.5 * torch.randn(D, B, **kw)).t(),
+    "broadcast": lambda B, D, **kw: (0.5 * torch.randn(1, D, **kw)).expand(B, D),
+}
+
+
+@pytest.mark.parametrize("vectors", list(VECTOR_LAYOUTS))
 @pytest.mark.parametrize("case", [DTYPE_CASES[0], DTYPE_CASES[1]])
 @pytest.mark.parametrize("op", OPS)
-def test_kernel_non_contiguous_inputs(op, case):
-    """Transposed activations, strided vectors (as from .chunk) and a stride-0 upstream gradient."""
+def test_kernel_non_contiguous_inputs(op, case, vectors):
+    """Transposed activations, strided vectors (VECTOR_LAYOUTS) and a stride-0 upstream gradient."""
     B, T, D = 2, 5, 72
     inputs = {}
     for name in OP_ARGS[op]:
@@ -382,7 +393,7 @@ def test_kernel_non_contiguous_inputs(op, case):
         elif name == "y":
             inputs[name] = torch.randn(B, T, 2 * D, device=DEVICE, dtype=case.dtype)[..., ::2]
         else:
-            inputs[name] = (0.5 * torch.randn(B, 3 * D, device=DEVICE, dtype=case.param_dtype)).chunk(3, dim=-1)[1]
+            inputs[name] = VECTOR_LAYOUTS[vectors](B, D, device=DEVICE, dtype=case.param_dtype)
     assert not any(t.is_contiguous() for t in inputs.values())
     n_outputs = 2 if op == "gated_residual_layernorm_modulate" else 1
     grads_out = [torch.randn(1, 1, D, device=DEVICE, dtype=case.dtype).expand(B, T, D) for _ in range(n_outputs)]
