@@ -384,7 +384,8 @@ VECTOR_LAYOUTS = {
 @pytest.mark.parametrize("case", [DTYPE_CASES[0], DTYPE_CASES[1]])
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_non_contiguous_inputs(op, case, vectors):
-    """Transposed activations, strided vectors (VECTOR_LAYOUTS) and a stride-0 upstream gradient."""
+    """Transposed activations, strided vectors (VECTOR_LAYOUTS) and upstream gradients broadcast
+    (stride 0) or transposed (feature stride T), each output getting each kind in some case."""
     B, T, D = 2, 5, 72
     inputs = {}
     for name in OP_ARGS[op]:
@@ -396,7 +397,12 @@ def test_kernel_non_contiguous_inputs(op, case, vectors):
             inputs[name] = VECTOR_LAYOUTS[vectors](B, D, device=DEVICE, dtype=case.param_dtype)
     assert not any(t.is_contiguous() for t in inputs.values())
     n_outputs = 2 if op == "gated_residual_layernorm_modulate" else 1
-    grads_out = [torch.randn(1, 1, D, device=DEVICE, dtype=case.dtype).expand(B, T, D) for _ in range(n_outputs)]
+    grad_layouts = {
+        "broadcast": lambda: torch.randn(1, 1, D, device=DEVICE, dtype=case.dtype).expand(B, T, D),
+        "transposed": lambda: torch.randn(B, D, T, device=DEVICE, dtype=case.dtype).transpose(1, 2),
+    }
+    order = ["broadcast", "transposed"] if vectors in ("chunk", "broadcast") else ["transposed", "broadcast"]
+    grads_out = [grad_layouts[kind]() for kind in order[:n_outputs]]
     check_against_reference(op, inputs, case, grads_out=grads_out)
 
 
