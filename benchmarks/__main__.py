@@ -11,12 +11,28 @@ import os
 import sys
 import time
 
-from sit_fast.argtypes import positive_float
-
 SUITES = ("kernels", "parity", "train", "sample", "memory", "tuning")  # "all" runs them in this order
 
 
+def use_interpreter_on_cpu(argv: list[str] | None) -> None:
+    """TRITON_INTERPRET=1 when the run is on the CPU (--device cpu, or no --device and no CUDA), so that
+    `ours` runs the fused kernels in the Triton interpreter. Triton reads the variable once, when it is
+    first imported, and anything from sit_fast imports it (sit_fast -> models -> kernels): so this
+    runs before the arguments are parsed with sit_fast.argtypes."""
+    early = argparse.ArgumentParser(add_help=False)
+    early.add_argument("--device", default=None)
+    device = early.parse_known_args(argv)[0].device
+    if device is None:
+        import torch  # does not import triton
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cpu":
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
 def parse_args(argv: list[str] | None):
+    from sit_fast.argtypes import positive_float
+
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
     parser.add_argument("suite", choices=SUITES + ("all",), help="which suite to run; all: " + ", ".join(SUITES))
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
@@ -41,6 +57,7 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
+    use_interpreter_on_cpu(argv)
     args = parse_args(argv)
     import torch  # does not import triton
 
@@ -48,11 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     if device_type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if device_type == "cpu":
-        # The fused kernels run on the CPU only through the Triton interpreter, which triton reads
-        # once, when it is first imported (below, through sit_fast.models -> kernels).
-        os.environ.setdefault("TRITON_INTERPRET", "1")
-    elif os.environ.get("TRITON_INTERPRET") == "1":
+    if device_type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
         print("error: TRITON_INTERPRET=1 would run the CUDA kernels in the interpreter; unset it", file=sys.stderr)
         return 2
 
