@@ -752,6 +752,13 @@ def _status(record) -> str:
     return status if not record.get("note") else f"{status}: {record['note']}"
 
 
+# MFU against which peak: the data sheet's dense peak for the dtype (TF32 for the fp32 reference on
+# CUDA), and the bf16 matmul ceiling measured at the start of the run.
+THROUGHPUT_COLUMNS = [
+    ("MFU (data-sheet peak)", lambda r: _percent(r["mfu"])),
+    ("of measured matmul ceiling", lambda r: _percent(r["fraction_of_matmul_ceiling"])),
+]
+
 COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "kernels": [
         ("kernel", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
@@ -782,7 +789,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
         ("batch", lambda r: _fmt(r["batch_size"])), ("ms/step median (p20-p80)", _ms),
         ("img/s", lambda r: _fmt(r["images_per_s"], ".4g")),
-        ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")), ("MFU", lambda r: _percent(r["mfu"])),
+        ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")), *THROUGHPUT_COLUMNS,
         ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
         ("act/img", lambda r: _mib(r["activation_bytes_per_image"])),
         ("parity out/grad", lambda r: f"{_fmt(r['parity_output_rel_err'], '.1e')}/"
@@ -794,7 +801,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("batch", lambda r: _fmt(r["batch_size"])),
         ("steps timed", lambda r: _fmt(r["steps_timed"])), ("ms/batch median (p20-p80)", _ms),
         ("img/s", lambda r: _fmt(r["images_per_s"], ".3g")), ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")),
-        ("MFU", lambda r: _percent(r["mfu"])), ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
+        *THROUGHPUT_COLUMNS, ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
         ("parity out", lambda r: _fmt(r["parity_output_rel_err"], ".1e")), ("status", _status),
     ],
     "memory": [

@@ -55,6 +55,9 @@ def test_dry_run_writes_json_and_markdown(dry_run):
     markdown = (out / "results.md").read_text()
     for suite in ("kernels", "parity", "train", "sample", "memory", "tuning"):
         assert f"## {suite}" in markdown, f"results.md has no {suite} table"
+    for suite in ("train", "sample"):  # MFU says against which peak; the measured ceiling's fraction beside it
+        header = markdown.split(f"## {suite}\n\n", 1)[1].splitlines()[0]
+        assert "MFU (data-sheet peak)" in header and "of measured matmul ceiling" in header, header
     assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory", "tuning"]
 
 
