@@ -11,7 +11,8 @@
 #   SESSION_S          seconds for the whole script (570)
 #   BENCH_ARGS         the suite's arguments ("all --device cuda --size full")
 #   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (340)
-#   TEST_ARGS          pytest's arguments ("tests/test_kernels.py tests/test_fast_path.py tests/test_upstream_parity.py")
+#   TEST_ARGS          pytest's arguments (the kernel, fast-path and upstream-parity test files, then the CUDA
+#                      graph tests of sampling: $CUDA_GRAPH_TESTS)
 #   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
 # Exit status: the suite's, or else the tests'; 124 where a part ran out of time.
 set -uo pipefail
@@ -20,7 +21,10 @@ set -uo pipefail
 SESSION_S=${SESSION_S:-570}
 BENCH_ARGS=${BENCH_ARGS:-all --device cuda --size full}
 BENCH_DEADLINE_S=${BENCH_DEADLINE_S:-340}
-TEST_ARGS=${TEST_ARGS:-tests/test_kernels.py tests/test_fast_path.py tests/test_upstream_parity.py}
+CUDA_GRAPH_TESTS="tests/test_sample.py::test_cuda_graph_forwards_match_eager \
+tests/test_sample.py::test_cuda_graph_sde_sampling_matches_eager \
+tests/test_transport.py::test_fixed_step_samplers_capture_in_a_cuda_graph"
+TEST_ARGS=${TEST_ARGS:-tests/test_kernels.py tests/test_fast_path.py tests/test_upstream_parity.py $CUDA_GRAPH_TESTS}
 TEST_MIN_S=${TEST_MIN_S:-100}
 PYTHON=${PYTHON:-python3}
 

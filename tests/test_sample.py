@@ -751,18 +751,63 @@ def test_reverse_carries_data_to_noise(files, tmp_path):
 #                                   CUDA                                         #
 #################################################################################
 
+def _cuda_graph_model(config: str):
+    """(model, ModelForwards kwargs) for the CUDA-graph tests. "reference": fp32, math attention,
+    no fused kernels, trainable weights; "sample.py": what sample.py builds on CUDA (frozen, attention
+    and fused kernels "auto", i.e. SDPA and the Triton kernels, bf16 autocast with bf16 weights)."""
+    model = random_sit(4, learn_sigma=True).cuda().eval()
+    if config == "reference":
+        return model, {}
+    model.requires_grad_(False)
+    model.set_attn_backend("auto")
+    model.fused_kernels = "auto"
+    return model, dict(autocast_dtype=torch.bfloat16, cast_weights=True)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("compile", [False, True])
-def test_cuda_graph_forwards_match_eager(compile):
-    model = random_sit(4, learn_sigma=True).cuda().eval()
-    eager = ModelForwards(model, cfg_scale=3.0)
-    fast = ModelForwards(model, cfg_scale=3.0, compile=compile, cuda_graphs=True)
+@pytest.mark.parametrize("compile, config", [(False, "reference"), (False, "sample.py"), (True, "sample.py")])
+def test_cuda_graph_forwards_match_eager(compile, config):
+    """Replays match eager calls, for new inputs at every call, the conditional and the guided graphs
+    interleaved, and (uncompiled: each batch size is a compilation) a second batch size, another pair
+    of graphs in the shared pool, and back."""
+    model, kwargs = _cuda_graph_model(config)
+    eager = ModelForwards(model, cfg_scale=3.0, **kwargs)
+    fast = ModelForwards(model, cfg_scale=3.0, compile=compile, cuda_graphs=True, **kwargs)
     assert isinstance(fast.guided, CUDAGraphForward)
+    tol = dict(rtol=1e-4, atol=1e-4) if config == "reference" else dict(rtol=3e-2, atol=3e-2)
     with torch.inference_mode():
-        for _ in range(3):
-            x, t = torch.randn(5, 4, 8, 8, device="cuda"), torch.rand(5, device="cuda")
-            y = torch.randint(NUM_CLASSES, (5,), device="cuda")
+        for B in (5, 5) if compile else (5, 3, 5, 5):
+            x, t = torch.randn(B, 4, 8, 8, device="cuda"), torch.rand(B, device="cuda")
+            y = torch.randint(NUM_CLASSES, (B,), device="cuda")
             torch.testing.assert_close(fast.guided(x, t, fast.label_pair(y)), eager.guided(x, t, eager.label_pair(y)),
-                                       rtol=1e-4, atol=1e-4)
-            torch.testing.assert_close(fast.conditional(x, t, y), eager.conditional(x, t, y), rtol=1e-4, atol=1e-4)
+                                       **tol)
+            torch.testing.assert_close(fast.conditional(x, t, y), eager.conditional(x, t, y), **tol)
+    graphs = 1 if compile else 2
+    assert len(fast.guided.graphs) == graphs and len(fast.conditional.graphs) == graphs
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("config", ["reference", "sample.py"])
+def test_cuda_graph_sde_sampling_matches_eager(config):
+    """A guided SDE run with --cfg-interval through Denoiser: the per-step noise is drawn outside the
+    graphs from the seeded global generator, so graphs change neither it nor the samples."""
+    model, kwargs = _cuda_graph_model(config)
+    transport = create_transport()
+    sample_fn = Sampler(transport).sample_sde(sampling_method="Euler", diffusion_form="sigma", num_steps=8)
+    times = model_call_times("SDE", transport, sampling_method="Euler", num_steps=8, diffusion_form="sigma")
+    z = torch.randn(3, 4, 8, 8, device="cuda")
+    y = torch.randint(NUM_CLASSES, (3,), device="cuda")
+    samples = []
+    for cuda_graphs in (False, True):
+        forwards = ModelForwards(model, cfg_scale=3.0, cuda_graphs=cuda_graphs, **kwargs)
+        denoiser = Denoiser(forwards, cfg_scale=3.0, cfg_interval=(0.0, 0.5), call_times=times)
+        torch.manual_seed(7)
+        with torch.inference_mode():
+            fn = denoiser.for_labels(y)
+            samples.append(sample_fn(z, fn)[-1])
+        fn.check_finished()
+        assert 0 < fn.guided_calls < fn.calls
+    tol = dict(rtol=1e-4, atol=1e-4) if config == "reference" else dict(rtol=3e-2, atol=3e-2)
+    torch.testing.assert_close(samples[1], samples[0], **tol)
