@@ -286,6 +286,17 @@ def test_time_box_skips_and_says_so(tmp_path):
     assert not validate_record(record)
 
 
+def test_goal_variants_are_measured_before_the_eager_references(tmp_path):
+    """A time box cuts the last variants of a suite: those must be the eager references, not `ours` or the
+    compiled reference whose ratio the goals are."""
+    import dataclasses
+
+    ctx = dataclasses.replace(_context(tmp_path), variants=VARIANTS)
+    order = [v.name for v in ctx.measurement_order()]
+    assert sorted(order) == sorted(v.name for v in VARIANTS)
+    assert order[:2] == ["ours", "reference+bf16+sdpa+compile"], order
+
+
 def test_kernel_variant_that_raises_is_recorded_and_the_others_measured(monkeypatch):
     """A kernel variant that fails (a Triton compile error on a new GPU, out of memory) is one error
     row; the suite goes on instead of losing every kernel record."""
