@@ -133,15 +133,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_kernels(ctx) -> None:
-    """benchmarks.kernels_suite.run(device, size), its rows adapted to the common schema."""
+    """benchmarks.kernels_suite's rows, adapted to the common schema and written as each is measured."""
     from benchmarks.common import SUITE_LEVEL
 
     try:
-        from benchmarks.kernels_suite import run as kernels_run
+        from benchmarks.kernels_suite import rows as kernel_rows
     except ImportError as error:
         ctx.fail("kernels", "suite", SUITE_LEVEL, error, dtype=None)
         return
-    for row in kernels_run(ctx.device.type, ctx.size.name):
+    for row in kernel_rows(ctx.device.type, ctx.size.name):
         ctx.emit(kernel_record(ctx, row))
 
 

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -209,6 +209,11 @@ def _device_name(device: torch.device) -> str:
 
 def run(device: str, size: str) -> list[dict]:
     """Benchmark every op x direction x variant on `device` at `size` ("tiny" or "full")."""
+    return list(rows(device, size))
+
+
+def rows(device: str, size: str) -> Iterator[dict]:
+    """run()'s rows, each yielded as soon as it is measured (so a run stopped part way keeps them)."""
     import kernels
     from kernels import _launch, reference
 
@@ -227,7 +232,6 @@ def run(device: str, size: str) -> list[dict]:
         "shapes": {"B": cfg.B, "T": cfg.T, "D": cfg.D},
     }
 
-    records = []
     for op in OPS:
         variants = {
             "reference": getattr(reference, op),
@@ -237,13 +241,26 @@ def run(device: str, size: str) -> list[dict]:
             variants["ours"] = getattr(kernels, op)
         for direction in DIRECTIONS:
             needs_grad = direction != "fwd"
-            args = make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, dev, requires_grad=needs_grad)
-            grads_out = None
-            if needs_grad:
-                with torch.no_grad():
-                    grads_out = [torch.randn_like(o) for o in _as_tuple(variants["reference"](*args))]
-            expected = _make_step(variants["reference"], args, direction, grads_out)()
             bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
+            failure = None
+            try:
+                args = make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, dev, requires_grad=needs_grad)
+                grads_out = None
+                if needs_grad:
+                    with torch.no_grad():
+                        grads_out = [torch.randn_like(o) for o in _as_tuple(variants["reference"](*args))]
+                expected = _make_step(variants["reference"], args, direction, grads_out)()
+            except Exception as error:  # noqa: BLE001 -- the inputs or the expected result: every variant fails
+                traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+                failure = _failure_row(error)
+            if failure is not None:
+                args = grads_out = expected = None
+                if dev.type == "cuda":
+                    torch.cuda.empty_cache()
+                for variant in variants:
+                    yield {**stamp, "name": f"{op}.{direction}", "variant": variant, "bytes_moved": bytes_moved,
+                           **failure}
+                continue
             for variant, fn in variants.items():
                 failure = None
                 try:
@@ -264,10 +281,10 @@ def run(device: str, size: str) -> list[dict]:
                     step = None
                     if dev.type == "cuda":
                         torch.cuda.empty_cache()
-                    records.append({**stamp, "name": f"{op}.{direction}", "variant": variant,
-                                    "bytes_moved": bytes_moved, **failure})
+                    yield {**stamp, "name": f"{op}.{direction}", "variant": variant, "bytes_moved": bytes_moved,
+                           **failure}
                     continue
-                records.append({
+                yield {
                     **stamp,
                     "name": f"{op}.{direction}",
                     "variant": variant,
@@ -277,9 +294,8 @@ def run(device: str, size: str) -> list[dict]:
                     "bytes_moved": bytes_moved,
                     "gbps": bytes_moved / (median * 1e-3) / 1e9,
                     "parity_max_abs_err": parity,
-                })
+                }
             del args, grads_out, expected
-    return records
 
 
 if __name__ == "__main__":

@@ -319,6 +319,31 @@ def test_kernel_variant_that_raises_is_recorded_and_the_others_measured(monkeypa
     assert broken["status"] == "error" and "compiled reference broke" in broken["note"], broken
 
 
+def test_kernel_inputs_that_fail_are_recorded_and_the_next_op_measured(monkeypatch):
+    """Inputs or an expected result that cannot be made (out of memory) fail that op and direction for
+    every variant, and the next is measured; rows come one at a time, so a killed run keeps them."""
+    from benchmarks import kernels_suite
+
+    real = kernels_suite.make_inputs
+
+    def make_inputs(op, *args, **kwargs):
+        if op == "gated_residual":
+            raise RuntimeError("no memory for the inputs")
+        return real(op, *args, **kwargs)
+
+    monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
+    monkeypatch.setattr(kernels_suite, "make_inputs", make_inputs)
+    rows = kernels_suite.rows("cpu", "tiny")
+    first = next(rows)  # a generator: the first row exists before the rest are measured
+    rows = [first, *rows]
+    failed = [r for r in rows if r["name"] == "gated_residual.fwd"]
+    assert {r["variant"] for r in failed} == {"reference", "reference+compile", "ours"}
+    assert all(r["status"] == "error" and "no memory for the inputs" in r["note"] for r in failed), failed
+    measured = [r for r in rows if r["name"] == "layernorm_modulate.fwd"]
+    assert len(measured) == 3 and all(r.get("status", "ok") == "ok" and r["median_ms"] > 0 for r in measured)
+
+
 def test_sampling_variant_that_raises_is_recorded_and_the_next_measured(tmp_path, monkeypatch):
     """An exception outside the per-sampler try (building the config, the inputs) is one error record,
     and the sample suite goes on to the next variant instead of ending."""
