@@ -177,6 +177,7 @@ def test_flops_match_flop_counter():
     assert peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(989.4)
     assert peak_tflops("NVIDIA H100 PCIe", torch.bfloat16) == pytest.approx(756.5)
     assert peak_tflops("NVIDIA H200", torch.float32, tf32=True) == pytest.approx(494.7)
+    assert peak_tflops("NVIDIA H200 NVL", torch.bfloat16) == pytest.approx(835.5)
     assert mfu(494.7e12, "NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(0.5)
     assert mfu(1e12, "cpu", torch.float32) is None
 
