@@ -11,6 +11,7 @@ import os
 from collections.abc import Iterator
 
 import torch
+from torch.autograd import forward_ad
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_D = 16384  # BLOCK_D holds a whole row in registers; beyond this it would spill heavily.
@@ -272,6 +273,21 @@ def token_tiling(B: int, T: int, device: torch.device, direction: str) -> tuple[
 def needs_backward(*tensors: torch.Tensor) -> bool:
     """Whether autograd will record this call (grad mode on and some input requires grad)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def refuse_forward_ad(op: str, **tensors: torch.Tensor) -> None:
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formula here: a custom op
+    would drop the tangents and return zeros, so a dual input is refused instead. Skipped while
+    torch.compile traces (the check reads no graph input)."""
+    if torch.compiler.is_compiling():
+        return
+    for name, t in tensors.items():
+        if forward_ad.unpack_dual(t).tangent is not None:
+            raise NotImplementedError(
+                f"{op}: forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is not supported by the "
+                f"fused kernels, only backward; {name} {tuple(t.shape)} carries a tangent. Use the reference "
+                "ops: SiT(..., fused_kernels=False), or --fused-kernels off"
+            )
 
 
 def check_saved_for_backward(op: str, x_hat: torch.Tensor, grad: torch.Tensor) -> None:

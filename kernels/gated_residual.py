@@ -210,4 +210,5 @@ def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torc
     bf16-autocast layout: fp32 residual stream, bf16 sublayer output); gate: (B, D) in x's or y's
     dtype or float32. Gradients come back in each input's own dtype.
     """
+    _launch.refuse_forward_ad("gated_residual", x=x, gate=gate, y=y)
     return gated_residual_op(x, gate, y)

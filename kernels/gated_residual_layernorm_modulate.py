@@ -396,6 +396,7 @@ def gated_residual_layernorm_modulate(
     x's, y's or h's dtype or float32. x_out has x's dtype; h has h_dtype (None: x's dtype) and
     normalises x_out as stored. Gradients come back in each input's own dtype.
     """
+    _launch.refuse_forward_ad("gated_residual_layernorm_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale)
     save_x_hat = _launch.needs_backward(x, gate, y, shift, scale)
     x_out, h, _x_hat, _rstd = gated_residual_layernorm_modulate_op(x, gate, y, shift, scale, eps, h_dtype, save_x_hat)
     return x_out, h

@@ -284,6 +284,7 @@ def layernorm_modulate(
     x: (B, T, D) float32/bfloat16/float16; shift, scale: (B, D) in x's dtype, out_dtype or float32.
     Gradients come back in each input's own dtype.
     """
+    _launch.refuse_forward_ad("layernorm_modulate", x=x, shift=shift, scale=scale)
     save_x_hat = _launch.needs_backward(x, shift, scale)
     y, _x_hat, _rstd = layernorm_modulate_op(x, shift, scale, eps, out_dtype, save_x_hat)
     return y

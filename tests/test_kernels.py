@@ -425,6 +425,28 @@ def test_kernel_outputs_are_poisoned_in_tests():
         assert not _launch._poison_outputs
 
 
+@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_refuses_forward_mode_ad(op, mode):
+    """Forward-mode AD has no formula through a custom op: the tangents would be dropped and come back
+    as zeros. A tangent on any one input is refused with a message naming the way out."""
+    inputs = make_inputs(op, 2, 3, 72, DTYPE_CASES[0].values[0])
+    names = OP_ARGS[op]
+    for dual in names:
+        def call(t, dual=dual):
+            return run_ours(op, {**inputs, dual: t})
+
+        tangent = torch.randn_like(inputs[dual])
+        with pytest.raises(NotImplementedError, match=rf"forward-mode AD .*{dual} .*fused_kernels=False"):
+            if mode == "func.jvp":
+                torch.func.jvp(call, (inputs[dual],), (tangent,))
+            else:
+                with torch.autograd.forward_ad.dual_level():
+                    call(torch.autograd.forward_ad.make_dual(inputs[dual], tangent))
+    # Plain reverse mode is unaffected.
+    run_ours(op, {n: t.requires_grad_() for n, t in inputs.items()})[0].sum().backward()
+
+
 def _vectors(B, D, dtype=torch.float32, device=DEVICE):
     return torch.randn(B, D, device=device, dtype=dtype)
 
