@@ -56,6 +56,38 @@ def sdpa_backend_from_env() -> str | None:
     return value
 
 
+# Where a forced SDPA kernel runs (device type -> dtypes; a device missing: none there). The CPU has
+# PyTorch's own flash kernel for every float dtype; on CUDA flash and cuDNN take half precision only.
+_HALF = (torch.float16, torch.bfloat16)
+FORCED_SDPA_SUPPORT: dict[str, dict[str, tuple[torch.dtype, ...] | None]] = {
+    "flash": {"cpu": None, "cuda": _HALF},
+    "cudnn": {"cuda": _HALF},
+    "efficient": {"cuda": (torch.float32, torch.float16, torch.bfloat16)},
+    "math": {"cpu": None, "cuda": None},
+}
+
+
+def check_forced_sdpa(device: torch.device | str, dtype: torch.dtype) -> None:
+    """ValueError when SIT_FAST_SDPA_BACKEND names a kernel that cannot run on this device and dtype
+    (None in FORCED_SDPA_SUPPORT: any dtype), rather than PyTorch's "no available kernel" at the first
+    forward."""
+    forced = sdpa_backend_from_env()
+    if forced is None:
+        return
+    device_type = torch.device(device).type
+    support = FORCED_SDPA_SUPPORT[forced]
+    if device_type not in support:
+        reason = f"it does not run on {device_type}"
+    elif support[device_type] is not None and dtype not in support[device_type]:
+        names = ", ".join(str(d).replace("torch.", "") for d in support[device_type])
+        reason = f"on {device_type} it takes {names}, got {str(dtype).replace('torch.', '')}"
+    else:
+        return
+    usable = [n for n, where in FORCED_SDPA_SUPPORT.items()
+              if device_type in where and (where[device_type] is None or dtype in where[device_type])]
+    raise ValueError(f"SIT_FAST_SDPA_BACKEND={forced}: {reason}; choose one of {', '.join(usable)}, or unset it")
+
+
 def make_sdpa_attention(sdpa_backend: str | None = None) -> Callable:
     sdpa_backend = sdpa_backend or sdpa_backend_from_env()
     if sdpa_backend is None:
@@ -162,11 +194,11 @@ def select_backend(name: str, device: torch.device | str, dtype: torch.dtype, he
         for candidate in AUTO_ORDER:
             if BACKENDS[candidate].unsupported_reason(device, dtype, head_dim) is None:
                 if candidate == "sdpa":
-                    sdpa_backend_from_env()
+                    check_forced_sdpa(device, dtype)
                 return candidate
         raise AssertionError("the math backend supports every float dtype")
     if name == "sdpa":
-        sdpa_backend_from_env()
+        check_forced_sdpa(device, dtype)
     reason = BACKENDS[name].unsupported_reason(device, dtype, head_dim)
     if reason is not None:
         usable = [n for n in AUTO_ORDER if BACKENDS[n].unsupported_reason(device, dtype, head_dim) is None]

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from sit_fast.attention import math_attention, select_backend
 from sit_fast.models import SiT, SiT_models, UPSTREAM_MODELS, get_2d_sincos_pos_embed, model_config
@@ -222,6 +223,37 @@ def test_backend_selection_explains_itself():
         select_backend("flash", "cpu", torch.float32, 72)
     with pytest.raises(ValueError, match="unknown attention backend"):
         tiny_sit(attn_backend="fast")
+
+
+@pytest.mark.parametrize("forced", ["flash", "cudnn", "efficient", "math"])
+def test_forced_sdpa_kernel_is_checked_against_device_and_dtype(forced, monkeypatch):
+    """SIT_FAST_SDPA_BACKEND naming a kernel that cannot run here is one ValueError saying why, not
+    PyTorch's "no available kernel" at the first forward; on the CPU the table agrees with PyTorch."""
+    from torch.nn.attention import sdpa_kernel
+
+    from sit_fast.attention import _sdpa_backend_enum
+
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", forced)
+    # CUDA, checked without a GPU: flash and cuDNN take half precision only.
+    if forced in ("flash", "cudnn"):
+        with pytest.raises(ValueError, match=rf"SIT_FAST_SDPA_BACKEND={forced}: on cuda it takes float16, "
+                                             r"bfloat16, got float32; choose one of efficient, math, or unset"):
+            select_backend("sdpa", "cuda", torch.float32, 72)
+    assert select_backend("sdpa", "cuda", torch.bfloat16, 72) == "sdpa"
+    q = torch.randn(1, 2, 4, 8)
+    for dtype in (torch.float32, torch.bfloat16):
+        try:
+            with sdpa_kernel(_sdpa_backend_enum(forced)):
+                F.scaled_dot_product_attention(q.to(dtype), q.to(dtype), q.to(dtype))
+            runs = True
+        except RuntimeError:
+            runs = False
+        if runs:
+            assert select_backend("auto", "cpu", dtype, 72) == "sdpa"
+        else:
+            with pytest.raises(ValueError, match=rf"SIT_FAST_SDPA_BACKEND={forced}: it does not run on cpu; "
+                                                 r"choose one of flash, math, or unset it"):
+                select_backend("sdpa", "cpu", dtype, 72)
 
 
 def test_wrong_input_size_is_a_clear_error():
