@@ -278,7 +278,7 @@ def needs_backward(*tensors: torch.Tensor) -> bool:
 def refuse_forward_ad(op: str, **tensors: torch.Tensor) -> None:
     """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) has no formula here: a custom op
     would drop the tangents and return zeros, so a dual input is refused instead. Skipped while
-    torch.compile traces (the check reads no graph input)."""
+    torch.compile traces: the check is eager bookkeeping, kept out of the graph."""
     if torch.compiler.is_compiling():
         return
     for name, t in tensors.items():

@@ -56,6 +56,10 @@ def sdpa_backend_from_env() -> str | None:
     return value
 
 
+def _dtype_names(dtypes) -> str:
+    return ", ".join(str(d).replace("torch.", "") for d in dtypes)
+
+
 # Where a forced SDPA kernel runs (device type -> dtypes; a device missing: none there). The CPU has
 # PyTorch's own flash kernel for every float dtype; on CUDA flash and cuDNN take half precision only.
 _HALF = (torch.float16, torch.bfloat16)
@@ -79,8 +83,7 @@ def check_forced_sdpa(device: torch.device | str, dtype: torch.dtype) -> None:
     if device_type not in support:
         reason = f"it does not run on {device_type}"
     elif support[device_type] is not None and dtype not in support[device_type]:
-        names = ", ".join(str(d).replace("torch.", "") for d in support[device_type])
-        reason = f"on {device_type} it takes {names}, got {str(dtype).replace('torch.', '')}"
+        reason = f"on {device_type} it takes {_dtype_names(support[device_type])}, got {_dtype_names([dtype])}"
     else:
         return
     usable = [n for n, where in FORCED_SDPA_SUPPORT.items()
@@ -132,8 +135,7 @@ class AttentionBackend:
         if device_type not in self.devices:
             return f"needs a {' or '.join(self.devices)} device, got {device_type}"
         if dtype not in self.dtypes:
-            names = ", ".join(str(d).replace("torch.", "") for d in self.dtypes)
-            return f"supports dtypes {names}, got {str(dtype).replace('torch.', '')}"
+            return f"supports dtypes {_dtype_names(self.dtypes)}, got {_dtype_names([dtype])}"
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
             return f"supports head dim <= {self.max_head_dim}, got {head_dim}"
         if head_dim % self.head_dim_multiple:
