@@ -450,7 +450,10 @@ class Setup:
 def set_matmul_precision(precision: str) -> None:
     """tf32: TF32 matmuls and convolutions on Ampere+ (upstream's setting); fp32 and bf16: full fp32."""
     tf32 = precision == "tf32"
-    torch.backends.cuda.matmul.allow_tf32 = tf32
+    # The same pair of calls as training's: mixing torch.backends.cuda.matmul.allow_tf32 with
+    # set_float32_matmul_precision in one process makes get_float32_matmul_precision raise, and
+    # inductor calls it when it tunes matmuls.
+    torch.set_float32_matmul_precision("high" if tf32 else "highest")
     torch.backends.cudnn.allow_tf32 = tf32
 
 

@@ -324,6 +324,27 @@ def test_fused_kernels_auto_is_off_on_the_cpu(files, tmp_path, monkeypatch):
     assert asked == [False, False]
 
 
+@pytest.fixture
+def restore_matmul_precision():
+    saved = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
+    yield
+    torch.set_float32_matmul_precision(saved[0])
+    torch.backends.cudnn.allow_tf32 = saved[1]
+
+
+def test_precision_settings_mix_with_trainings_in_one_process(restore_matmul_precision):
+    """Sampling after training in one process (the tests, a notebook) leaves a state inductor can read:
+    set_float32_matmul_precision mixed with the legacy allow_tf32 flag makes the getter raise."""
+    from sit_fast.training.loop import configure_matmul
+
+    for train_precision, sample_precision, expected in [("bf16", "fp32", "highest"), ("fp32", "tf32", "high"),
+                                                         ("tf32", "bf16", "highest")]:
+        configure_matmul(train_precision)
+        sample.set_matmul_precision(sample_precision)
+        assert torch.get_float32_matmul_precision() == expected
+        assert torch.backends.cudnn.allow_tf32 == (expected == "high")
+
+
 @pytest.mark.parametrize("flag", ["--cfg-scal", "--bogus", "--sampling-steps"])
 def test_mistyped_flag_is_refused(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
