@@ -4,9 +4,9 @@ For each op (kernels.reference is the one reference) and each direction ("fwd": 
 "bwd": backward only, of every input from fixed upstream gradients, each time after a fresh untimed
 forward; "fwd_bwd": forward, then backward, as in training), three variants:
 
-    reference           eager kernels.reference
-    reference+compile   torch.compile(kernels.reference)
     ours                the fused Triton custom ops
+    reference+compile   torch.compile(kernels.reference)
+    reference           eager kernels.reference
 
 GB/s divides the MINIMUM bytes the op must move (each (B, T, D) tensor read or written once, the
 (B, D) vectors once; see `minimum_bytes`) by the median time, so every variant is measured against the
@@ -61,7 +61,7 @@ OP_ARGS = {
 }
 OPS = tuple(OP_ARGS)
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
-VARIANTS = ("reference", "reference+compile", "ours")
+VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
 BWD_CUDA_REPS = 30  # timed backward passes on CUDA (each after its own forward)
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench uses
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as the other suites
@@ -207,13 +207,19 @@ def _device_name(device: torch.device) -> str:
     return "cpu (Triton interpreter)" if device.type == "cpu" else str(device)
 
 
-def run(device: str, size: str) -> list[dict]:
+def run(device: str, size: str, time_left: Callable[[], float] | None = None) -> list[dict]:
     """Benchmark every op x direction x variant on `device` at `size` ("tiny" or "full")."""
-    return list(rows(device, size))
+    return list(rows(device, size, time_left))
 
 
-def rows(device: str, size: str) -> Iterator[dict]:
-    """run()'s rows, each yielded as soon as it is measured (so a run stopped part way keeps them)."""
+def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -> Iterator[dict]:
+    """run()'s rows, each yielded as soon as it is measured (so a run stopped part way keeps them).
+
+    time_left: seconds left of a time box, or None for none. A measurement is skipped (a row with
+    status "skipped") when what is left is less than the longest one so far took, compiling included.
+    Within each op and direction `ours` goes first, then the compiled reference (the goal compares
+    the two), so a box cuts the eager reference first.
+    """
     import kernels
     from kernels import _launch, reference
 
@@ -232,16 +238,24 @@ def rows(device: str, size: str) -> Iterator[dict]:
         "shapes": {"B": cfg.B, "T": cfg.T, "D": cfg.D},
     }
 
+    longest_s = 0.0  # the longest measurement so far: what the next one may need of the time box
+
+    def skipped(name: str, variant: str, bytes_moved: int) -> dict:
+        note = f"time box: {max(time_left(), 0):.0f} s left, needs about {longest_s:.0f} s"
+        return {**stamp, "name": name, "variant": variant, "bytes_moved": bytes_moved, "status": "skipped",
+                "note": note}
+
     for op in OPS:
-        variants = {
-            "reference": getattr(reference, op),
-            "reference+compile": torch.compile(getattr(reference, op)),
-        }
-        if ours_available:
-            variants["ours"] = getattr(kernels, op)
+        variants = {"ours": getattr(kernels, op)} if ours_available else {}
+        variants["reference+compile"] = torch.compile(getattr(reference, op))
+        variants["reference"] = getattr(reference, op)
         for direction in DIRECTIONS:
             needs_grad = direction != "fwd"
             bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
+            if time_left is not None and time_left() < longest_s:
+                for variant in variants:
+                    yield skipped(f"{op}.{direction}", variant, bytes_moved)
+                continue
             failure = None
             try:
                 args = make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, dev, requires_grad=needs_grad)
@@ -262,7 +276,11 @@ def rows(device: str, size: str) -> Iterator[dict]:
                            **failure}
                 continue
             for variant, fn in variants.items():
+                if time_left is not None and time_left() < longest_s:
+                    yield skipped(f"{op}.{direction}", variant, bytes_moved)
+                    continue
                 failure = None
+                began = time.monotonic()
                 try:
                     step = _make_step(fn, args, direction, grads_out)
                     with _launch.poison_outputs():  # what our launchers leave unwritten reads NaN
@@ -277,6 +295,7 @@ def rows(device: str, size: str) -> Iterator[dict]:
                 except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
                     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
                     failure = _failure_row(error)
+                longest_s = max(longest_s, time.monotonic() - began)
                 if failure is not None:  # outside the except block, so the traceback's tensors are gone
                     step = None
                     if dev.type == "cuda":
