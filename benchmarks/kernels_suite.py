@@ -217,8 +217,8 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
 
     time_left: seconds left of a time box, or None for none. A measurement is skipped (a row with
     status "skipped") when what is left is less than the longest one so far took, compiling included.
-    Within each op and direction `ours` goes first, then the compiled reference (the goal compares
-    the two), so a box cuts the eager reference first.
+    Every op's fwd, then every op's bwd, then fwd_bwd; within each op and direction `ours` goes first,
+    then the compiled reference (the goal compares the two), so a box cuts the eager reference first.
     """
     import kernels
     from kernels import _launch, reference
@@ -245,11 +245,14 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
         return {**stamp, "name": name, "variant": variant, "bytes_moved": bytes_moved, "status": "skipped",
                 "note": note}
 
+    by_op = {}
     for op in OPS:
-        variants = {"ours": getattr(kernels, op)} if ours_available else {}
-        variants["reference+compile"] = torch.compile(getattr(reference, op))
-        variants["reference"] = getattr(reference, op)
-        for direction in DIRECTIONS:
+        by_op[op] = {"ours": getattr(kernels, op)} if ours_available else {}
+        by_op[op]["reference+compile"] = torch.compile(getattr(reference, op))
+        by_op[op]["reference"] = getattr(reference, op)
+    # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd.
+    for direction in DIRECTIONS:
+        for op, variants in by_op.items():
             needs_grad = direction != "fwd"
             bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
             if time_left is not None and time_left() < longest_s:

@@ -439,11 +439,11 @@ def test_sampling_goes_on_without_cuda_graphs_that_fail(tmp_path, monkeypatch):
 
 def test_kernel_rows_keep_to_the_time_box(monkeypatch):
     """Once less is left of the box than the longest measurement took, the rest are skipped rows;
-    `ours` and the compiled reference are measured before the eager reference."""
+    `ours` and the compiled reference are measured before the eager reference, every fwd before any bwd."""
     from benchmarks import kernels_suite
 
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
-    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd", "bwd"))
     calls = []
 
     def time_left():  # plenty for the first two measurements, then nothing
@@ -451,9 +451,9 @@ def test_kernel_rows_keep_to_the_time_box(monkeypatch):
         return 1e9 if len(calls) <= 3 else 0.0
 
     rows = kernels_suite.run("cpu", "tiny", time_left=time_left)
-    assert [(r["name"], r["variant"]) for r in rows] == [
-        (f"{op}.fwd", v) for op in ("gated_residual", "layernorm_modulate")
+    assert [(r["name"], r["variant"]) for r in rows] == [  # every op's fwd before any bwd
+        (f"{op}.{direction}", v) for direction in ("fwd", "bwd") for op in ("gated_residual", "layernorm_modulate")
         for v in ("ours", "reference+compile", "reference")]
-    assert [r.get("status", "ok") for r in rows] == ["ok", "ok"] + ["skipped"] * 4, rows
+    assert [r.get("status", "ok") for r in rows] == ["ok", "ok"] + ["skipped"] * 10, rows
     assert all(r["note"].startswith("time box: 0 s left") for r in rows[2:]), rows
     assert all(r["median_ms"] > 0 for r in rows[:2])
