@@ -115,8 +115,13 @@ def safe_torch_load(path: str) -> object:
                 f"torch.load(weights_only=False) and save its state_dict"
             ) from None
         # other weights-only failures are bytes that are no pickle: torch's reason, not its advice
-        reason = re.search(r"WeightsUnpickler error: (.+)", text)
-        raise CheckpointError(f"cannot read {path}: {reason.group(1).strip() if reason else first_line(err)} "
+        # (torch puts the reason on a line of its own, after blank lines)
+        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        if reason:
+            reason = reason.group(1).strip()
+        elif "TorchScript archive" in text:
+            reason = "a TorchScript archive (torch.jit.save), not a state_dict"
+        raise CheckpointError(f"cannot read {path}: {reason or first_line(err)} "
                               f"(corrupt, truncated, or not a checkpoint written by torch.save or safetensors?)") from None
 
 

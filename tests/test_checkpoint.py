@@ -293,3 +293,23 @@ def test_export_force_replaces_and_options_without_out_are_refused(tmp_path, cap
     with pytest.raises(SystemExit):
         export.main([str(ckpt), "--dtype", "bf16"])
     assert capsys.readouterr().err.startswith("error: --dtype applies to the file that --out writes")
+
+
+def test_unreadable_pickles_get_the_reason_not_torchs_advice(tmp_path):
+    """A safetensors file under a .pt name and a TorchScript archive: what the file is, never torch's
+    "weights_only=False will likely succeed" (the advice this project's loading exists to avoid)."""
+    import warnings
+
+    from safetensors.torch import save_file
+
+    save_file({"pos_embed": torch.zeros(1, 4, 8)}, str(tmp_path / "st.pt"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit's deprecation notices
+        torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "jit.pt"))
+    for name, needle in [("st.pt", r"Unsupported operand"), ("jit.pt", r"a TorchScript archive")]:
+        with pytest.raises(CheckpointError, match=rf"cannot read .*{name}: {needle}") as err:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch.load's note on TorchScript archives
+                read_checkpoint(tmp_path / name)
+        message = str(err.value)
+        assert "\n" not in message and "weights_only" not in message and "will likely succeed" not in message
