@@ -368,6 +368,20 @@ def test_a_damaged_training_checkpoint_is_refused_in_one_line(tmp_path, digits_c
         load_training_checkpoint(str(tmp_path / "damaged.pt"))
 
 
+def test_resuming_a_safetensors_file_says_it_holds_weights_alone(tmp_path):
+    """An exported .safetensors file is not a damaged checkpoint: it has no optimizer or position to resume."""
+    from safetensors.torch import save_file
+
+    from sit_fast.checkpoint import CheckpointError
+    from sit_fast.training.checkpointing import load_training_checkpoint
+
+    save_file({"pos_embed": torch.zeros(1, 4, 8)}, str(tmp_path / "ema.safetensors"))
+    with pytest.raises(CheckpointError, match=r"ema\.safetensors is a \.safetensors file of weights alone, not a "
+                                              r"resumable train\.py checkpoint \(use --ckpt") as err:
+        load_training_checkpoint(str(tmp_path / "ema.safetensors"))
+    assert "corrupt" not in str(err.value)
+
+
 def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpoint):
     """Upstream's --ckpt was meant to resume; here it starts a new run: the log says so, and how to resume."""
     exp = tmp_path / "exp"

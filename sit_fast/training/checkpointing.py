@@ -29,7 +29,7 @@ import zipfile
 import numpy as np
 import torch
 
-from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, safe_torch_load
+from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, is_safetensors, safe_torch_load
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
@@ -230,6 +230,9 @@ def load_training_checkpoint(path: str) -> dict:
     """Read a train.py checkpoint (weights_only, memory-mapped); CheckpointError if it is not one."""
     check_checkpoint_file(path)
     if not zipfile.is_zipfile(path):
+        if is_safetensors(path):
+            raise CheckpointError(f"{path} is a .safetensors file of weights alone, not a resumable train.py "
+                                  f"checkpoint (use --ckpt to start from its weights instead)")
         raise CheckpointError(f"cannot read checkpoint {path}: not the zip archive that torch.save writes "
                               f"(corrupt or truncated file?)")
     ckpt = safe_torch_load(path)
