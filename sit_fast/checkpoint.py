@@ -200,11 +200,21 @@ def _mismatch_message(model, state_dict, own, missing, unexpected, mismatched, s
         hint = (
             f"the checkpoint looks like {name + ': ' if name else ''}depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch "
             f"{cfg['patch_size']}, input size {cfg['input_size']} (the image size in pixel space, "
-            f"{cfg['input_size'] * 8} with an 8x VAE), learn_sigma={cfg['learn_sigma']}: wrong --model or --image-size?"
+            f"{cfg['input_size'] * 8} with an 8x VAE), learn_sigma={cfg['learn_sigma']}: {_likely_fix(model, cfg)}"
         )
     except CheckpointError:
         pass
     return ": ".join(parts[:1]) + ": " + ", ".join(parts[1:]) + f" ({hint})"
+
+
+def _likely_fix(model, cfg: dict) -> str:
+    """The model's settings to change: --model / --image-size when its architecture or input size
+    differs from the checkpoint's, else the channels or learn_sigma, which no such flag changes."""
+    differ = [k for k in ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "learn_sigma")
+              if getattr(model, k, cfg[k]) != cfg[k]]
+    if not differ or set(differ) & {"depth", "hidden_size", "patch_size", "input_size"}:
+        return "wrong --model or --image-size?"
+    return "build the model with " + ", ".join(f"{k}={cfg[k]}" for k in differ)
 
 
 def _abbrev(keys: list[str], n: int = 4) -> str:

@@ -16,9 +16,9 @@ def upstream_state_dict(depth, hidden, patch, learn_sigma, num_classes=10, input
     return {k: torch.randn(shape) for k, shape in keys.items()}
 
 
-def model_for(depth, hidden, patch, learn_sigma, num_classes=10, input_size=16, heads=4):
+def model_for(depth, hidden, patch, learn_sigma, num_classes=10, input_size=16, heads=4, in_ch=4):
     return SiT(input_size=input_size, patch_size=patch, hidden_size=hidden, depth=depth, num_heads=heads,
-               num_classes=num_classes, learn_sigma=learn_sigma)
+               num_classes=num_classes, learn_sigma=learn_sigma, in_channels=in_ch)
 
 
 CONFIGS = [(2, 32, 2), (3, 48, 4), (1, 64, 8)]
@@ -81,13 +81,20 @@ def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
-@pytest.mark.parametrize("change,expect", [
-    (dict(learn_sigma=False), "final_layer.linear.weight"),
-    (dict(depth=3), "missing keys blocks.2"),
-    (dict(patch=4), "x_embedder.proj.weight"),
-    (dict(input_size=32), "pos_embed"),
+WRONG_SIZE = "wrong --model or --image-size?"
+
+
+@pytest.mark.parametrize("change,expect,fix", [
+    (dict(learn_sigma=False), "final_layer.linear.weight", "build the model with learn_sigma=True"),
+    (dict(in_ch=3), "x_embedder.proj.weight (32, 4, 2, 2) vs model (32, 3, 2, 2)",
+     "build the model with in_channels=4"),
+    (dict(depth=3), "missing keys blocks.2", WRONG_SIZE),
+    (dict(patch=4), "x_embedder.proj.weight", WRONG_SIZE),
+    (dict(input_size=32), "pos_embed", WRONG_SIZE),
+    (dict(input_size=32, learn_sigma=False), "pos_embed", WRONG_SIZE),
 ])
-def test_other_mismatches_name_keys_and_fix(tmp_path, change, expect):
+def test_other_mismatches_name_keys_and_fix(tmp_path, change, expect, fix):
+    """The fix named is the one that applies: learn_sigma or the channels are no --model or --image-size."""
     torch.save(upstream_state_dict(2, 32, 2, True), tmp_path / "m.pt")
     args = dict(depth=2, hidden=32, patch=2, learn_sigma=True)
     args.update(change)
@@ -96,7 +103,9 @@ def test_other_mismatches_name_keys_and_fix(tmp_path, change, expect):
         load_checkpoint(model, tmp_path / "m.pt")
     message = str(err.value)
     assert "\n" not in message
-    assert expect in message and "--model" in message and "--image-size" in message
+    assert expect in message and message.endswith(fix + ")"), message
+    if fix != WRONG_SIZE:
+        assert "--model" not in message and "--image-size" not in message, message
 
 
 def test_mismatch_names_the_registry_model_the_checkpoint_is(tmp_path):
