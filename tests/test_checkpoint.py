@@ -322,3 +322,29 @@ def test_unreadable_pickles_get_the_reason_not_torchs_advice(tmp_path):
                 read_checkpoint(tmp_path / name)
         message = str(err.value)
         assert "\n" not in message and "weights_only" not in message and "will likely succeed" not in message
+
+
+def test_usage_guide_shows_every_key_of_read_checkpoints_info(tmp_path):
+    import re
+
+    guide = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "USAGE.md")).read()
+    lines = guide.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("print(info)"))
+    end = next(i for i in range(start + 1, len(lines)) if not lines[i].lstrip().startswith("#"))
+    line = " ".join(lines[start:end])  # the comment and its continuation lines
+    torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "w.pt")
+    assert set(re.findall(r"'(\w+)':", line)) == set(read_checkpoint(tmp_path / "w.pt")[1]), line
+
+
+def test_class_free_checkpoint_needs_class_dropout_zero_to_keep_its_label_table(tmp_path, caplog):
+    """Without a null row, infer_config reports one class fewer; num_classes alone adds the null row back
+    (the table no longer fits and is re-initialised), num_classes with class_dropout_prob=0 loads it."""
+    free = SiT_models["SiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=0)
+    torch.save(free.state_dict(), tmp_path / "free.pt")
+    assert infer_config(free.state_dict())["num_classes"] == 9
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        assert load_checkpoint(SiT_models["SiT-T/2"](input_size=8, num_classes=10), tmp_path / "free.pt")[
+            "label_table_reinitialised"]
+    model = SiT_models["SiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=0)
+    assert not load_checkpoint(model, tmp_path / "free.pt")["label_table_reinitialised"]
+    assert torch.equal(model.y_embedder.embedding_table.weight, free.y_embedder.embedding_table.weight)
