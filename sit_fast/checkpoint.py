@@ -138,11 +138,17 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
         table = state_dict[LABEL_TABLE_KEY]  # (num_classes + 1, D)
     except KeyError as err:
         raise CheckpointError(f"not a SiT state_dict: key {err.args[0]!r} is missing") from None
+    for key, tensor, ndim in (("x_embedder.proj.weight", proj, 4), ("final_layer.linear.weight", final, 2),
+                              ("pos_embed", pos, 3), (LABEL_TABLE_KEY, table, 2)):
+        if tensor.ndim != ndim:
+            raise CheckpointError(f"not a SiT state_dict: {key} has shape {tuple(tensor.shape)}, "
+                                  f"not {ndim} dimensions")
     hidden_size, in_channels, patch_size = proj.shape[0], proj.shape[1], proj.shape[2]
     out_channels = final.shape[0] // (patch_size * patch_size)
     grid = math.isqrt(pos.shape[1])
     depth = 1 + max(
-        (int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.")), default=-1
+        (int(k.split(".")[1]) for k in state_dict if k.startswith("blocks.") and k.split(".")[1].isdigit()),
+        default=-1,
     )
     return dict(
         input_size=grid * patch_size,

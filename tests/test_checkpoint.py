@@ -348,3 +348,24 @@ def test_class_free_checkpoint_needs_class_dropout_zero_to_keep_its_label_table(
     model = SiT_models["SiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=0)
     assert not load_checkpoint(model, tmp_path / "free.pt")["label_table_reinitialised"]
     assert torch.equal(model.y_embedder.embedding_table.weight, free.y_embedder.embedding_table.weight)
+
+
+@pytest.mark.parametrize("key,change", [
+    ("x_embedder.proj.weight", lambda t: t.flatten(1)),  # a linear patch embedding, as some forks have
+    ("pos_embed", lambda t: t[0]),
+    ("blocks.extra", lambda t: torch.zeros(1)),  # a key under blocks. that is no block index
+])
+def test_foreign_shapes_and_keys_are_one_line_errors(tmp_path, key, change):
+    """A state_dict with SiT's key names but other shapes or extra keys: CheckpointError, not an
+    IndexError or ValueError traceback from reading its configuration."""
+    sd = upstream_state_dict(2, 32, 2, True)
+    sd[key] = change(sd.get(key, torch.zeros(1)))
+    torch.save(sd, tmp_path / "f.pt")
+    with pytest.raises(CheckpointError, match="f.pt does not fit the model") as err:
+        load_checkpoint(model_for(2, 32, 2, True), tmp_path / "f.pt")
+    assert key in str(err.value) and "\n" not in str(err.value)
+    if key != "blocks.extra":
+        with pytest.raises(CheckpointError, match=rf"not a SiT state_dict: {key} has shape"):
+            infer_config(sd)
+    else:
+        assert infer_config(sd)["depth"] == 2
