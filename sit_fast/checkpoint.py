@@ -89,8 +89,12 @@ def check_checkpoint_file(path: str) -> None:
     if os.path.isfile(path):
         return
     if os.path.isdir(path):
-        found = sorted(glob.glob(os.path.join(path, "checkpoints", "*.pt")) or glob.glob(os.path.join(path, "*.pt")))
-        hint = f" (the newest here: {found[-1]})" if found else ""
+        found = []
+        for folder in (os.path.join(path, "checkpoints"), path):
+            found = [f for pattern in ("*.pt", "*.safetensors") for f in glob.glob(os.path.join(folder, pattern))]
+            if found:
+                break
+        hint = f" (the newest here: {max(found, key=os.path.getmtime)})" if found else ""
         raise CheckpointError(f"{path} is a folder: pass a checkpoint file{hint}")
     raise CheckpointError(f"checkpoint not found: {path}")
 

@@ -140,6 +140,13 @@ def test_a_folder_is_named_as_one_with_its_newest_checkpoint(tmp_path):
         torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "run" / "checkpoints" / f"{step:07d}.pt")
     with pytest.raises(CheckpointError, match=r"run is a folder: pass a checkpoint file \(the newest here: .*0002000\.pt\)"):
         read_checkpoint(tmp_path / "run")
+    # newest by time written, whatever the names; safetensors files count too
+    (tmp_path / "export").mkdir()
+    for i, name in enumerate(("ema.safetensors", "a.pt")):
+        (tmp_path / "export" / name).write_bytes(b"")
+        os.utime(tmp_path / "export" / name, (1e9 + i, 1e9 + (1 - i)))
+    with pytest.raises(CheckpointError, match=r"the newest here: .*ema\.safetensors\)"):
+        read_checkpoint(tmp_path / "export")
 
 
 def test_upstream_training_checkpoint_with_namespace_args_loads(tmp_path):
