@@ -62,7 +62,8 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
     if "model" in obj or "ema" in obj:
         key = "ema" if (prefer == "ema" and isinstance(obj.get("ema"), dict)) else "model"
         if key not in obj:
-            raise CheckpointError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(map(str, obj)))})")
+            only_ema = " (it holds EMA weights alone: leave out --use-raw, prefer='model')" if "ema" in obj else ""
+            raise CheckpointError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(map(str, obj)))}){only_ema}")
         if not isinstance(obj[key], dict):
             raise CheckpointError(f"{path}: its {key!r} entry is a {type(obj[key]).__name__}, not a state_dict")
         args = obj.get("args")

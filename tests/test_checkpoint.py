@@ -195,6 +195,14 @@ def test_a_missing_ema_entry_falls_back_to_the_model_weights(tmp_path):
     assert info["weights"] == "model" and info["step"] is None and state_dict.keys() == sd.keys()
 
 
+def test_raw_weights_asked_of_an_ema_only_checkpoint_say_to_drop_the_flag(tmp_path):
+    torch.save({"ema": upstream_state_dict(1, 32, 2, True), "step": 7}, tmp_path / "e.pt")
+    with pytest.raises(CheckpointError, match=r"has no 'model' entry \(keys: ema, step\) \(it holds EMA weights alone: "
+                                              r"leave out --use-raw"):
+        read_checkpoint(tmp_path / "e.pt", prefer="model")
+    assert read_checkpoint(tmp_path / "e.pt")[1]["weights"] == "ema"
+
+
 def test_safetensors_holding_one_tensor_named_model_is_refused(tmp_path):
     from safetensors.torch import save_file
 
