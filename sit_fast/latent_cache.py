@@ -30,7 +30,9 @@ import os
 import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, nonnegative_int, positive_int
-from sit_fast.data import CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, make_loader
+from sit_fast.data import (
+    CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
+)
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.sampling import check_settings
@@ -120,14 +122,20 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         keys = [(i, 0) for i in range(start, start + count)]
         batches = [keys[b: b + args.batch_size] for b in range(0, count, args.batch_size)]
         means, stds, labels = [], [], []
-        for images, y in make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=k):
-            images = images.to(device, non_blocking=True)
-            mean, std = codec.encode(torch.cat([images, images.flip(-1)]))  # (2B, C, h, w) each
-            b = images.shape[0]
-            means.append(torch.stack([mean[:b], mean[b:]], dim=1).to(storage).cpu())  # (B, 2, C, h, w)
-            stds.append(torch.stack([std[:b], std[b:]], dim=1).to(storage).cpu())
-            labels.append(torch.as_tensor(y, dtype=torch.int64))
-            progress.update(b)
+        loader = make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=k)
+        try:
+            for images, y in loader:
+                images = images.to(device, non_blocking=True)
+                mean, std = codec.encode(torch.cat([images, images.flip(-1)]))  # (2B, C, h, w) each
+                b = images.shape[0]
+                means.append(torch.stack([mean[:b], mean[b:]], dim=1).to(storage).cpu())  # (B, 2, C, h, w)
+                stds.append(torch.stack([std[:b], std[b:]], dim=1).to(storage).cpu())
+                labels.append(torch.as_tensor(y, dtype=torch.int64))
+                progress.update(b)
+        except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
+            raise worker_error(err) from None
+        finally:
+            close_loader(loader)
         path = os.path.join(args.out, shard_name(k))
         atomic_torch_save({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)}, path)
         if dist_info.is_main:

@@ -704,6 +704,22 @@ def test_latent_cache_refuses_out_of_range_values_in_one_line(tmp_path, capsys, 
     assert not os.path.exists(tmp_path / "cache")
 
 
+def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_path, capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    damaged = os.path.join(images, "class0", "1.png")
+    with open(damaged, "wb") as f:
+        f.write(b"not an image")
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, str(tmp_path / "cache"), "--num-workers", "1"))
+    assert re.fullmatch(rf"error: cannot read image {re.escape(damaged)} \(.*\): remove or replace it\n",
+                        capsys.readouterr().err)
+
+
 def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
     """Resumed under torchrun, the missing shards 0 and 2 go one to each process (round robin over all
     shards would give both to rank 0), and come out as the single-process run wrote them."""
