@@ -163,7 +163,8 @@ class DigitsDataset(torch.utils.data.Dataset):
 
 
 def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
-    """ImageFolder layout: root/<class>/**/<image>; classes sorted by name, labels 0..K-1."""
+    """ImageFolder layout: root/<class>/**/<image>; classes sorted by name, labels 0..K-1, and the images
+    in torchvision's order (each class's folders sorted by path, their files by name)."""
     if not root:
         raise DataError("--data-path is required for --dataset imagefolder (or use --latent-cache DIR)")
     if not os.path.isdir(root):
@@ -173,8 +174,7 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
     samples = []
     for label, name in enumerate(classes):
-        for dirpath, dirnames, filenames in os.walk(os.path.join(root, name), followlinks=True):
-            dirnames.sort()
+        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(dirpath, filename), label))

@@ -309,6 +309,22 @@ def make_image_folder(root, classes=2, per_class=3, size=20) -> str:
     return str(root)
 
 
+def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
+    """Nested folders: torchvision's ImageFolder sorts each class's (folder, files) by folder path, so
+    b/sub-x (with '-' before '/') comes before b/sub/deep."""
+    from sit_fast.data import ImageFolderDataset
+
+    files = ["a/1.png", "b/8.tiff", "b/sub/6.webp", "b/sub/deep/7.bmp", "b/sub-x/5.JPG", "b/notes.txt"]
+    for name in files:
+        os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
+        Image.new("RGB", (5, 3)).save(tmp_path / name, format="PNG")
+    os.makedirs(tmp_path / "c")  # an empty class keeps its label, as in ImageFolder's class_to_idx
+    dataset = ImageFolderDataset(str(tmp_path), 4)
+    assert dataset.classes == ["a", "b", "c"]
+    assert [(os.path.relpath(path, tmp_path), label) for path, label in dataset.samples] == [
+        ("a/1.png", 0), ("b/8.tiff", 1), ("b/sub/6.webp", 1), ("b/sub-x/5.JPG", 1), ("b/sub/deep/7.bmp", 1)]
+
+
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
     exp = str(tmp_path_factory.mktemp("ckpt") / "run")
