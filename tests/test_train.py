@@ -720,6 +720,26 @@ def test_latent_cache_refuses_out_of_range_values_in_one_line(tmp_path, capsys, 
     assert not os.path.exists(tmp_path / "cache")
 
 
+def test_resuming_with_a_latent_cache_of_another_image_size_is_refused_in_one_line(tmp_path, capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    small, large = str(tmp_path / "cache16"), str(tmp_path / "cache32")
+    latent_cache.main(_cache_args(images, vae_dir, small))
+    latent_cache.main(_cache_args(images, vae_dir, large, "--image-size", "32"))
+    run = ["--model", "SiT-T/4", "--global-batch-size", "2", "--num-workers", "0", "--fused-kernels", "off",
+           "--no-progress", "--sample-every", "100", "--exp-dir", str(tmp_path / "run")]
+    train_main(["--latent-cache", small, "--max-steps", "1"] + run)
+    capsys.readouterr()
+    assert run_cli(["--latent-cache", large, "--max-steps", "2", "--resume", "auto"] + run) == 2
+    assert re.fullmatch(rf"error: the latent cache {re.escape(large)} holds 32px images; the run being resumed "
+                        r"\(\S+0000001.pt\) trained on 16px: resume it with a cache of that size, or start a new run",
+                        capsys.readouterr().err.splitlines()[-1])  # after the log's lines
+
+
 def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_path, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae

@@ -295,6 +295,10 @@ class Trainer:
         if isinstance(dataset, LatentCacheDataset):
             if "image_size" in explicit and args.image_size != dataset.image_size:
                 raise UserError(f"--image-size {args.image_size} differs from the latent cache's {dataset.image_size}")
+            if ckpt is not None and args.image_size != dataset.image_size:
+                raise UserError(f"the latent cache {args.latent_cache} holds {dataset.image_size}px images; the run being "
+                                f"resumed ({resume_path}) trained on {args.image_size}px: resume it with a cache of that "
+                                f"size, or start a new run")
             args.image_size = dataset.image_size
             latent_size, channels = dataset.latent_size, dataset.channels
             self.cache_vae_spec = dataset.index["vae"]
