@@ -103,8 +103,8 @@ def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory:
     ))
 
 
-_REENCODE = ("delete it and run python -m sit_fast.latent_cache again with the same flags (it encodes only the "
-             "missing shards)")
+_RERUN = "run python -m sit_fast.latent_cache again with the same flags (it encodes only the missing shards)"
+_REENCODE = f"delete it and {_RERUN}"
 
 
 def close_loader(loader: Iterator) -> None:
@@ -242,6 +242,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 path = os.path.join(self.root, shard["file"])
                 try:
                     data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                except FileNotFoundError:
+                    raise DataError(f"latent cache shard {path} is missing; {_RERUN}") from None
                 except Exception as err:  # torch.load raises several types for a damaged file
                     raise DataError(f"latent cache shard {path} cannot be read ({err}); {_REENCODE}") from None
                 if not (isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor)

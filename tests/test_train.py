@@ -740,6 +740,27 @@ def test_resuming_with_a_latent_cache_of_another_image_size_is_refused_in_one_li
                         capsys.readouterr().err.splitlines()[-1])  # after the log's lines
 
 
+def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
+    from sit_fast import latent_cache
+    from sit_fast.data import DataError, LatentCacheDataset
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(make_image_folder(tmp_path / "images", classes=1, per_class=2), vae_dir, out))
+    shard = os.path.join(out, latent_cache.shard_name(0))
+    os.remove(shard)
+    with pytest.raises(DataError) as info:
+        LatentCacheDataset(out).shards()
+    assert str(info.value) == (f"latent cache shard {shard} is missing; run python -m sit_fast.latent_cache again "
+                               "with the same flags (it encodes only the missing shards)")
+    with open(shard, "wb") as f:
+        f.write(b"damaged")
+    with pytest.raises(DataError, match=r"cannot be read \(.*\); delete it and run python -m sit_fast.latent_cache"):
+        LatentCacheDataset(out).shards()
+
+
 def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_path, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
