@@ -203,7 +203,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             with Image.open(path) as image:
                 image = center_crop_arr(image.convert("RGB"), self.image_size)
-        except OSError as err:  # PIL's UnidentifiedImageError included: a damaged or mislabelled file
+        except (OSError, Image.DecompressionBombError) as err:  # damaged, mislabelled, or past PIL's pixel limit
             raise DataError(f"cannot read image {path} ({err}): remove or replace it") from None
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)

@@ -325,6 +325,17 @@ def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
         ("a/1.png", 0), ("b/8.tiff", 1), ("b/sub/6.webp", 1), ("b/sub-x/5.JPG", 1), ("b/sub/deep/7.bmp", 1)]
 
 
+def test_an_image_past_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
+    """As a damaged header claiming a huge size: PIL's DecompressionBombError is no OSError."""
+    from sit_fast.data import DataError, ImageFolderDataset
+
+    dataset = ImageFolderDataset(make_image_folder(tmp_path / "images", classes=1, per_class=1), 16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 20x24 image is past twice the limit
+    with pytest.raises(DataError, match=r"cannot read image \S+0.png \(Image size \(480 pixels\) exceeds .*\): "
+                                        r"remove or replace it"):
+        dataset.load(0, 0)
+
+
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
     exp = str(tmp_path_factory.mktemp("ckpt") / "run")
