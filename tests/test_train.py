@@ -772,6 +772,24 @@ def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
         LatentCacheDataset(out).shards()
 
 
+def test_resuming_a_pixel_space_run_with_a_latent_cache_names_the_run_not_a_flag(tmp_path, capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    cache = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(make_image_folder(tmp_path / "images", classes=1, per_class=2), vae_dir, cache,
+                                  "--image-size", "8"))
+    exp = ["--exp-dir", str(tmp_path / "run")]
+    train_main(BASE + exp + ["--max-steps", "1"])  # 1-channel digits, 8 px
+    capsys.readouterr()
+    assert run_cli(["--latent-cache", cache, "--resume", "auto", "--max-steps", "2", "--no-progress"] + exp) == 2
+    assert re.fullmatch(r"error: the run being resumed \(\S+0000001.pt\) has 1 input channels, the data 4: resume "
+                        r"it on data of its latent space \(--vae, --latent-cache\), or start a new run",
+                        capsys.readouterr().err.splitlines()[-1])
+
+
 def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_path, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae

@@ -320,6 +320,10 @@ class Trainer:
                                 f"{self.codec.downsample}")
             latent_size, channels = args.image_size // self.codec.downsample, self.codec.latent_channels
         if args.in_channels is not None and args.in_channels != channels:
+            if ckpt is not None and "in_channels" not in explicit:
+                raise UserError(f"the run being resumed ({resume_path}) has {args.in_channels} input channels, the data "
+                                f"{channels}: resume it on data of its latent space (--vae, --latent-cache), or start a "
+                                f"new run")
             raise UserError(f"--in-channels {args.in_channels} does not match the data, which has {channels} channels")
         args.in_channels = channels
         if args.num_classes is None:
