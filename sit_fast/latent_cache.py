@@ -94,6 +94,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="encode")
     if codec is None:
         raise UserError("a latent cache needs a VAE: --vae none makes no sense here")
+    codec.batch_size = args.batch_size  # the most images per encoder call, mirror images included
     if args.image_size % codec.downsample:
         raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {codec.downsample}")
     storage = STORAGE_DTYPES[args.dtype]

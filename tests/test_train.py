@@ -790,6 +790,27 @@ def test_resuming_a_pixel_space_run_with_a_latent_cache_names_the_run_not_a_flag
                         capsys.readouterr().err.splitlines()[-1])
 
 
+def test_latent_cache_batch_size_bounds_each_encoder_call(tmp_path, monkeypatch):
+    """--batch-size is the encoder's batch (the knob for its memory), mirror images included."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    calls, load_vae = [], latent_cache.load_vae
+
+    def recording_load_vae(*args, **kwargs):
+        codec = load_vae(*args, **kwargs)
+        encode = codec.vae.encode
+        codec.vae.encode = lambda x: calls.append(len(x)) or encode(x)
+        return codec
+
+    monkeypatch.setattr(latent_cache, "load_vae", recording_load_vae)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=5)
+    latent_cache.main(_cache_args(images, vae_dir, str(tmp_path / "cache"), "--shard-size", "5", "--batch-size", "3"))
+    assert calls == [3, 3, 3, 1]  # 3 images, their mirrors; the last 2 and theirs, in chunks of 3
+
+
 def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_path, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
