@@ -9,8 +9,8 @@ Each image is center-cropped (ADM) and encoded as it is and mirrored; the poster
 sample each time, as upstream's `latent_dist.sample()` does. Layout of DIR:
 
     index.json          {"format", "version", "vae", "scaling_factor", "latent_channels", "latent_size",
-                         "image_size", "num_images", "num_classes", "classes", "dtype", "shards": [
-                         {"file", "start", "count"}, ...]}
+                         "image_size", "num_images", "num_classes", "classes", "dtype", "data_path",
+                         "shards": [{"file", "start", "count"}, ...]}
     settings.json       {"image_size", "vae", "vae_precision", "dtype", "shard_size", "num_images",
                          "num_classes", "dataset_sha256"}: written first, checked on every resume
     shard-00000.pt      {"mean": (n, 2, C, h, w), "std": (n, 2, C, h, w), "labels": (n,) int64}
@@ -26,6 +26,7 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 
 import torch
 
@@ -37,7 +38,7 @@ from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.sampling import check_settings
 from sit_fast.training.checkpointing import atomic_torch_save
-from sit_fast.vae import load_vae
+from sit_fast.vae import VAE_ALIASES, load_vae
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -90,6 +91,9 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     dist_info = init_distributed()
     device = dist_info.device
     dataset = ImageFolderDataset(args.data_path, args.image_size)
+    if args.vae in VAE_ALIASES and args.image_size % 8:  # known before loading it; others: below
+        raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling); "
+                        f"use e.g. {max(8, args.image_size // 8 * 8)}")
     vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
     codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="encode")
     if codec is None:
@@ -170,7 +174,14 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict | None:
-    return build_cache(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+        return build_cache(args)
+    except KeyboardInterrupt:  # shards are written whole (atomically), so nothing is half done
+        if os.environ.get("RANK", "0") == "0":
+            print(f"\ninterrupted; the shards written are kept: run the same command again to encode the rest "
+                  f"into {args.out}", file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

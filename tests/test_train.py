@@ -811,6 +811,49 @@ def test_latent_cache_batch_size_bounds_each_encoder_call(tmp_path, monkeypatch)
     assert calls == [3, 3, 3, 1]  # 3 images, their mirrors; the last 2 and theirs, in chunks of 3
 
 
+def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_path, monkeypatch, capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    load_vae = latent_cache.load_vae
+
+    def interrupting_load_vae(*args, **kwargs):  # Ctrl-C in the second shard's encoder call
+        codec = load_vae(*args, **kwargs)
+        encode, calls = codec.vae.encode, []
+
+        def encode_once(x):
+            calls.append(len(x))
+            if len(calls) > 1:
+                raise KeyboardInterrupt
+            return encode(x)
+
+        codec.vae.encode = encode_once
+        return codec
+
+    monkeypatch.setattr(latent_cache, "load_vae", interrupting_load_vae)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
+    out = str(tmp_path / "cache")
+    with pytest.raises(SystemExit) as exit_info:
+        latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "2", "--batch-size", "4"))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.endswith(f"interrupted; the shards written are kept: run the same command "
+                                            f"again to encode the rest into {out}\n")
+    assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
+
+
+def test_latent_cache_image_size_for_the_sd_vae_is_checked_before_loading_it(tmp_path, monkeypatch, capsys):
+    from sit_fast import latent_cache
+
+    monkeypatch.setattr(latent_cache, "load_vae", lambda *a, **k: pytest.fail("the VAE was loaded"))
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=1)
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(["--data-path", images, "--vae", "ema", "--image-size", "20",
+                                      "--out", str(tmp_path / "cache")])
+    assert capsys.readouterr().err == "error: --image-size 20 is not divisible by 8 (the VAE's downsampling); use e.g. 16\n"
+
+
 def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_path, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
