@@ -145,6 +145,8 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
     if vae is None:
         if is_local:
             reason = f"the directory {source} holds no loadable AutoencoderKL ({errors[-1]})"
+            if os.path.isfile(os.path.join(source, "vae", "config.json")):  # a whole diffusers pipeline
+                reason += f"; its VAE looks to be in {os.path.join(source, 'vae')}: pass that folder"
         elif offline:
             reason = f"{source} is not in the local hub cache and HF_HUB_OFFLINE is set ({errors[-1]})"
         elif unreachable:

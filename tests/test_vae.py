@@ -53,6 +53,15 @@ def test_load_vae_none_and_errors(tmp_path):
         load_vae(str(tmp_path), "cpu")  # an existing directory without a VAE
 
 
+def test_a_pipeline_folder_points_at_its_vae_subfolder(tmp_path):
+    save_tiny_vae(tmp_path / "pipeline" / "vae")  # the layout of a whole diffusers pipeline
+    with pytest.raises(VAEError, match=r"holds no loadable AutoencoderKL .*; its VAE looks to be in .*pipeline/vae: "
+                                       r"pass that folder") as info:
+        load_vae(str(tmp_path / "pipeline"), "cpu")
+    assert "\n" not in str(info.value)
+    assert load_vae(str(tmp_path / "pipeline" / "vae"), "cpu").latent_channels == 4
+
+
 def test_images(tmp_path):
     images = torch.linspace(-1, 1, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
     arr = to_uint8(images)
