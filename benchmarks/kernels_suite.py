@@ -216,7 +216,8 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
     """run()'s rows, each yielded as soon as it is measured (so a run stopped part way keeps them).
 
     time_left: seconds left of a time box, or None for none. A measurement is skipped (a row with
-    status "skipped") when what is left is less than the longest one so far took, compiling included.
+    status "skipped") when what is left is less than the last one of the same variant took, compiling
+    included (each op and direction is a new compilation; the first one also warms the compiler up).
     Every op's fwd, then every op's bwd, then fwd_bwd; within each op and direction `ours` goes first,
     then the compiled reference (the goal compares the two), so a box cuts the eager reference first.
     """
@@ -238,10 +239,16 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
         "shapes": {"B": cfg.B, "T": cfg.T, "D": cfg.D},
     }
 
-    longest_s = 0.0  # the longest measurement so far: what the next one may need of the time box
+    needed_s: dict[str, float] = {}  # variant -> how long its last measurement took
+
+    def fits(variant: str) -> bool:
+        if time_left is None:
+            return True
+        left = time_left()
+        return left > 0 and left >= needed_s.get(variant, 0.0)
 
     def skipped(name: str, variant: str, bytes_moved: int) -> dict:
-        note = f"time box: {max(time_left(), 0):.0f} s left, needs about {longest_s:.0f} s"
+        note = f"time box: {max(time_left(), 0):.0f} s left, needs about {needed_s.get(variant, 0.0):.0f} s"
         return {**stamp, "name": name, "variant": variant, "bytes_moved": bytes_moved, "status": "skipped",
                 "note": note}
 
@@ -255,7 +262,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
         for op, variants in by_op.items():
             needs_grad = direction != "fwd"
             bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
-            if time_left is not None and time_left() < longest_s:
+            if not any(fits(v) for v in variants):
                 for variant in variants:
                     yield skipped(f"{op}.{direction}", variant, bytes_moved)
                 continue
@@ -279,7 +286,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
                            **failure}
                 continue
             for variant, fn in variants.items():
-                if time_left is not None and time_left() < longest_s:
+                if not fits(variant):
                     yield skipped(f"{op}.{direction}", variant, bytes_moved)
                     continue
                 failure = None
@@ -298,7 +305,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
                 except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
                     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
                     failure = _failure_row(error)
-                longest_s = max(longest_s, time.monotonic() - began)
+                needed_s[variant] = time.monotonic() - began
                 if failure is not None:  # outside the except block, so the traceback's tensors are gone
                     step = None
                     if dev.type == "cuda":

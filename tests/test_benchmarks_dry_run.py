@@ -438,7 +438,7 @@ def test_sampling_goes_on_without_cuda_graphs_that_fail(tmp_path, monkeypatch):
 
 
 def test_kernel_rows_keep_to_the_time_box(monkeypatch):
-    """Once less is left of the box than the longest measurement took, the rest are skipped rows;
+    """Once less is left of the box than a variant's last measurement took, its next ones are skipped rows;
     `ours` and the compiled reference are measured before the eager reference, every fwd before any bwd."""
     from benchmarks import kernels_suite
 
@@ -457,3 +457,18 @@ def test_kernel_rows_keep_to_the_time_box(monkeypatch):
     assert [r.get("status", "ok") for r in rows] == ["ok", "ok"] + ["skipped"] * 10, rows
     assert all(r["note"].startswith("time box: 0 s left") for r in rows[2:]), rows
     assert all(r["median_ms"] > 0 for r in rows[:2])
+
+
+def test_kernel_time_box_judges_each_variant_by_its_own_last_measurement(monkeypatch):
+    """With a second left, the interpreted kernels and the compiled reference (seconds each here) are
+    skipped after their first measurement; the eager reference (milliseconds) goes on being measured."""
+    from benchmarks import kernels_suite
+
+    monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
+    rows = kernels_suite.run("cpu", "tiny", time_left=lambda: 1.0)
+    status = {(r["name"].split(".")[0], r["variant"]): r.get("status", "ok") for r in rows}
+    assert status == {("gated_residual", "ours"): "ok", ("gated_residual", "reference+compile"): "ok",
+                      ("gated_residual", "reference"): "ok", ("layernorm_modulate", "ours"): "skipped",
+                      ("layernorm_modulate", "reference+compile"): "skipped",
+                      ("layernorm_modulate", "reference"): "ok"}, rows
