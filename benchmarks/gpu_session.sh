@@ -53,8 +53,9 @@ if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$(nproc)" -ge 4 ]; then
     workers=(-n "$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
 fi
 echo "gpu_session: tests (killed at ${test_timeout} s): pytest ${workers[*]} $TEST_ARGS" | tee "$OUT/log_tests"
+# -v: a line per test as it ends, so a run the timeout stops still says which tests passed and failed
 # shellcheck disable=SC2086
-timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -q -rfE "${workers[@]}" $TEST_ARGS 2>&1 | tee -a "$OUT/log_tests"
+timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${workers[@]}" $TEST_ARGS 2>&1 | tee -a "$OUT/log_tests"
 test_status=$?
 
 echo "gpu_session: suite exit ${bench_status}, tests exit ${test_status}, $((SECONDS - start)) s in all" \
