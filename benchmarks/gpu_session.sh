@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# One GPU session in one command: the benchmark suite, then the kernel and fast-path tests run
-# natively (no Triton interpreter), inside SESSION_S seconds in all. A lent GPU comes with 15 minutes
-# of device time, its start-up included, and one command may run 10: so both parts share one
-# command, and whatever is left after it goes to `python3 -m benchmarks tuning` (benchmarks/README.md).
+# A whole GPU run in one command: the benchmark suite, then the kernel and fast-path tests run
+# natively (no Triton interpreter), inside SESSION_S seconds in all (570: under ten minutes); time
+# left after it can go to `python3 -m benchmarks tuning` alone (benchmarks/README.md).
 #
 #   OUT=/some/folder SIT_FAST_GIT_COMMIT=<sha> bash benchmarks/gpu_session.sh
 #

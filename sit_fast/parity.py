@@ -211,11 +211,12 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
 
 
 def main(argv=None) -> int:
-    from sit_fast.argtypes import positive_int
+    from sit_fast.argtypes import OneLineArgumentParser, positive_int
     from sit_fast.errors import UserError
     from sit_fast.models import SiT_models, resolve_fused_kernels
 
-    parser = argparse.ArgumentParser(description="Compare a fast SiT configuration against the reference.")
+    parser = OneLineArgumentParser(prog="python -m sit_fast.parity", allow_abbrev=False,
+                                   description="Compare a fast SiT configuration against the reference.")
     parser.add_argument("--model", default="SiT-S/2", choices=list(SiT_models), help="model configuration")
     parser.add_argument("--image-size", type=positive_int, default=64, help="image size; latents are image-size / 8")
     parser.add_argument("--num-classes", type=positive_int, default=1000, help="number of classes")

@@ -16,7 +16,7 @@ import pytest
 from benchmarks.common import CPU_NULL, FIELDS, SUITE_FIELDS, VARIANTS, validate_record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRY_RUN_TIMEOUT_S = 200  # the suite itself aims at well under a minute on two cores
+DRY_RUN_TIMEOUT_S = 200  # the suite itself takes a minute or two on two cores
 SESSION_TESTS = "tests/test_kernels.py::test_kernel_rejects_bad_inputs"  # the session's pytest step, quickly
 VARIANT_NAMES = [v.name for v in VARIANTS]
 

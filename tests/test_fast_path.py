@@ -271,3 +271,7 @@ def test_parity_cli_error_is_one_line():
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
     assert result.stderr.strip().startswith("error: fused_kernels=True on the CPU needs the Triton interpreter")
+    result = subprocess.run([sys.executable, "-m", "sit_fast.parity", "--batch-size", "0"], capture_output=True,
+                            text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert result.returncode == 2 and result.stderr == (
+        "error: argument --batch-size: must be a positive integer, got 0 (see python -m sit_fast.parity --help)\n")
