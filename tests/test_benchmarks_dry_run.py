@@ -460,15 +460,22 @@ def test_kernel_rows_keep_to_the_time_box(monkeypatch):
 
 
 def test_kernel_time_box_judges_each_variant_by_its_own_last_measurement(monkeypatch):
-    """With a second left, the interpreted kernels and the compiled reference (seconds each here) are
-    skipped after their first measurement; the eager reference (milliseconds) goes on being measured."""
+    """With 0.3 s left, our kernels (slowed to 0.1 s a call here: 0.7 s a measurement) are skipped
+    after their first measurement, while the eager reference (milliseconds) goes on being measured."""
+    import time
+
+    import kernels
     from benchmarks import kernels_suite
 
+    for op in ("gated_residual", "layernorm_modulate"):
+        def slowed(*args, _op=getattr(kernels, op)):
+            time.sleep(0.1)
+            return _op(*args)
+        monkeypatch.setattr(kernels, op, slowed)
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
-    rows = kernels_suite.run("cpu", "tiny", time_left=lambda: 1.0)
+    rows = kernels_suite.run("cpu", "tiny", time_left=lambda: 0.3)
     status = {(r["name"].split(".")[0], r["variant"]): r.get("status", "ok") for r in rows}
-    assert status == {("gated_residual", "ours"): "ok", ("gated_residual", "reference+compile"): "ok",
-                      ("gated_residual", "reference"): "ok", ("layernorm_modulate", "ours"): "skipped",
-                      ("layernorm_modulate", "reference+compile"): "skipped",
-                      ("layernorm_modulate", "reference"): "ok"}, rows
+    assert status["gated_residual", "ours"] == status["gated_residual", "reference"] == "ok", rows
+    assert status["layernorm_modulate", "ours"] == "skipped", rows
+    assert status["layernorm_modulate", "reference"] == "ok", rows
