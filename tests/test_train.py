@@ -430,6 +430,26 @@ def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpo
             f"weights at step 0") in (exp / "log.txt").read_text()
 
 
+def test_ckpt_without_learned_sigma_starts_and_resumes_a_run_without_it(tmp_path, digits_checkpoint):
+    """Weights of a learn_sigma=False model (half the final layer's outputs) start a run of that model;
+    its checkpoints record it, and resuming rebuilds the same model."""
+    from sit_fast.checkpoint import infer_config
+
+    ema = load_ckpt(digits_checkpoint)["ema"]
+    channels = ema["final_layer.linear.weight"].shape[0] // 2
+    ema["final_layer.linear.weight"] = ema["final_layer.linear.weight"][:channels]
+    ema["final_layer.linear.bias"] = ema["final_layer.linear.bias"][:channels]
+    torch.save(ema, tmp_path / "no_sigma.pt")
+    exp = tmp_path / "exp"
+    argv = BASE + ["--exp-dir", str(exp), "--ckpt-every", "1", "--ckpt", str(tmp_path / "no_sigma.pt")]
+    first = train_main(argv + ["--max-steps", "1"])
+    saved = load_ckpt(first["last_checkpoint"])
+    assert saved["model_config"]["learn_sigma"] is False and not infer_config(saved["ema"])["learn_sigma"]
+    assert saved["ema"]["final_layer.linear.weight"].shape[0] == channels
+    assert "learn_sigma=False, as the weights of --ckpt" in (exp / "log.txt").read_text()
+    assert train_main(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2"])["step"] == 2
+
+
 def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
     for name, (argv, expected) in error_cases(tmp_path, digits_checkpoint).items():
         code = run_cli(argv)

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
     model.add_argument("--ckpt", type=str, default=None,
                        help="start from these weights (upstream release file, train.py checkpoint or "
-                            ".safetensors; EMA weights preferred) at step 0; use --resume to continue a run")
+                            ".safetensors; EMA weights preferred; learn_sigma as in them) at step 0; use --resume "
+                            "to continue a run")
 
     optim = parser.add_argument_group("Optimisation")
     optim.add_argument("--epochs", type=positive_int, default=1400, help="epochs to train (upper bound)")

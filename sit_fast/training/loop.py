@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sit_fast import flops
 from sit_fast.attention import select_backend
-from sit_fast.checkpoint import CheckpointError, load_checkpoint, load_into_model
+from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError
@@ -359,12 +359,26 @@ class Trainer:
                 if fused_on and self.device.type != "cuda" else "")
         logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
                     f"compile: {'on' if args.compile else 'off'}")
+        # learn_sigma (upstream trains with it; its extra outputs take no part in the loss) as the weights
+        # the run starts from or continues have it
+        learn_sigma, init_weights = True, None
+        if ckpt is not None:
+            learn_sigma = bool(ckpt.get("model_config", {}).get("learn_sigma", True))
+        elif args.ckpt:
+            init_weights, info = read_checkpoint(args.ckpt, prefer="ema")
+            try:
+                learn_sigma = infer_config(init_weights)["learn_sigma"]
+            except CheckpointError:
+                pass  # not SiT's shapes: loading below says what differs
+            if not learn_sigma:
+                logger.info(f"learn_sigma=False, as the weights of --ckpt {args.ckpt}")
         model = SiT_models[args.model](
-            input_size=latent_size, in_channels=channels, num_classes=args.num_classes, learn_sigma=True,
+            input_size=latent_size, in_channels=channels, num_classes=args.num_classes, learn_sigma=learn_sigma,
             attn_backend=args.attn_backend, fused_kernels=fused, grad_checkpointing=args.grad_checkpointing)
         model = model.to(self.device)
-        if args.ckpt and ckpt is None:
-            info = load_checkpoint(model, args.ckpt, prefer="ema")
+        if init_weights is not None:
+            info.update(load_into_model(model, init_weights, source=args.ckpt))
+            init_weights = None
             logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
             if info["step"] is not None and info["optimizer"]:  # upstream's --ckpt meant "resume"; here a new run
                 logger.warning(f"--ckpt {args.ckpt} is a training checkpoint (step {info['step']}): this is a new "
@@ -513,7 +527,7 @@ class Trainer:
                 "rng": states,
                 "nonfinite_skipped": self.nonfinite_skipped,
                 "model_config": {"model": self.args.model, "input_size": self.latent_size, "in_channels": self.channels,
-                                 "num_classes": self.args.num_classes, "learn_sigma": True,
+                                 "num_classes": self.args.num_classes, "learn_sigma": self.model.learn_sigma,
                                  "latent_space": self.latent_space()},
                 "version": CHECKPOINT_VERSION,
             }
