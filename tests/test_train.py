@@ -646,6 +646,14 @@ def test_a_vae_with_another_downsampling_takes_sizes_it_divides(tmp_path):
                           "--global-batch-size", "2", "--num-workers", "0", "--fused-kernels", "off", "--no-progress",
                           "--exp-dir", str(tmp_path / "run"), "--max-steps", "1"])
     assert load_ckpt(summary["last_checkpoint"])["model_config"]["input_size"] == 6
+    # resumed with another VAE of the same shapes: it goes on, and the log says the latent space changed
+    other = str(tmp_path / "other_vae")
+    save_tiny_vae(other)
+    resumed = train_main(["--vae", other, "--exp-dir", str(tmp_path / "run"), "--resume", "auto", "--max-steps", "2",
+                          "--no-progress"])
+    assert resumed["step"] == 2
+    assert (f"trained in the latent space of {os.path.abspath(vae_dir)}; it continues in that of "
+            f"{os.path.abspath(other)}") in (tmp_path / "run" / "log.txt").read_text()
 
 
 # ----------------------------------------------------------------------------- latent cache

@@ -390,6 +390,7 @@ class Trainer:
                                f"continues only checkpoints of this train.py, which record step, data order and RNG)")
         if ckpt is not None:
             load_into_model(model, ckpt["model"], source=f"{resume_path} (model)")
+            self.warn_on_another_latent_space(ckpt, resume_path)
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
                                      fused=True if self.device.type == "cuda" else None)
@@ -538,6 +539,18 @@ class Trainer:
         barrier()
         self.last_checkpoint = path
         return path
+
+    def warn_on_another_latent_space(self, ckpt: dict, resume_path: str) -> None:
+        """A resumed run whose VAE changed (same channels: else refused above) goes on, with a warning:
+        the SD VAEs (ema, mse) share one encoder, and a local copy of a VAE is the same VAE."""
+        from sit_fast.vae import VAE_ALIASES
+
+        before, now = ckpt.get("model_config", {}).get("latent_space"), self.latent_space()
+        sd_vaes = {*VAE_ALIASES, *VAE_ALIASES.values()}
+        if before and before != now and not {before, now} <= sd_vaes:
+            logger.warning(f"the run being resumed ({resume_path}) trained in the latent space of {before}; it "
+                           f"continues in that of {now}: unless the two VAEs share an encoder, start a new run "
+                           f"from its weights (--ckpt) instead")
 
     def latent_space(self) -> str:
         """"pixels", or the VAE (a local directory made absolute, so sample.py finds it from anywhere)."""
