@@ -38,7 +38,7 @@ from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.sampling import check_settings
 from sit_fast.training.checkpointing import atomic_torch_save
-from sit_fast.vae import VAE_ALIASES, load_vae
+from sit_fast.vae import check_image_size, load_vae
 
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
@@ -91,16 +91,13 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     dist_info = init_distributed()
     device = dist_info.device
     dataset = ImageFolderDataset(args.data_path, args.image_size)
-    if args.vae in VAE_ALIASES and args.image_size % 8:  # known before loading it; others: below
-        raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling); "
-                        f"use e.g. {max(8, args.image_size // 8 * 8)}")
+    check_image_size(args.image_size, args.vae)
     vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
     codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="encode")
     if codec is None:
         raise UserError("a latent cache needs a VAE: --vae none makes no sense here")
     codec.batch_size = args.batch_size  # the most images per encoder call, mirror images included
-    if args.image_size % codec.downsample:
-        raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor {codec.downsample}")
+    check_image_size(args.image_size, args.vae, codec)
     storage = STORAGE_DTYPES[args.dtype]
     n = len(dataset)
     shards = [(k, start, min(args.shard_size, n - start)) for k, start in enumerate(range(0, n, args.shard_size))]

@@ -36,6 +36,15 @@ class VAEError(UserError):
     """The VAE cannot be found or loaded; the message lists the ways out."""
 
 
+def check_image_size(image_size: int, spec: str, codec: LatentCodec | None = None) -> None:
+    """UserError unless the VAE's downsampling divides --image-size: the SD VAEs' (8) is known before
+    they load, another VAE's once loaded (`codec`)."""
+    factor = codec.downsample if codec is not None else 8 if spec in VAE_ALIASES else 1
+    if image_size % factor:
+        raise UserError(f"--image-size {image_size} is not divisible by {factor} (the VAE's downsampling); "
+                        f"use e.g. {max(factor, image_size // factor * factor)}")
+
+
 class LatentCodec:
     """Images in [-1, 1] <-> scaled latents, through a frozen AutoencoderKL.
 

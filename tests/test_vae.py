@@ -5,8 +5,9 @@ import torch
 from PIL import Image
 
 from sit_fast.distributed import all_reduce_mean, barrier, init_distributed
+from sit_fast.errors import UserError
 from sit_fast.images import center_crop_arr, save_image_grid, to_uint8
-from sit_fast.vae import VAEError, load_vae
+from sit_fast.vae import VAEError, check_image_size, load_vae
 
 
 def save_tiny_vae(path) -> None:
@@ -60,6 +61,16 @@ def test_a_pipeline_folder_points_at_its_vae_subfolder(tmp_path):
         load_vae(str(tmp_path / "pipeline"), "cpu")
     assert "\n" not in str(info.value)
     assert load_vae(str(tmp_path / "pipeline" / "vae"), "cpu").latent_channels == 4
+
+
+def test_image_size_must_be_divisible_by_the_vaes_downsampling(tiny_vae_dir):
+    with pytest.raises(UserError, match=r"^--image-size 20 is not divisible by 8 \(the VAE's downsampling\); use e\.g\. 16$"):
+        check_image_size(20, "ema")  # the SD VAEs: known before loading
+    check_image_size(20, tiny_vae_dir)  # another VAE: known once loaded
+    codec = load_vae(tiny_vae_dir, "cpu")
+    check_image_size(20, tiny_vae_dir, codec)
+    with pytest.raises(UserError, match=r"^--image-size 13 is not divisible by 2 \(the VAE's downsampling\); use e\.g\. 12$"):
+        check_image_size(13, tiny_vae_dir, codec)
 
 
 def test_images(tmp_path):

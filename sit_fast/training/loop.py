@@ -308,16 +308,11 @@ class Trainer:
             if dataset.channels != 3:
                 raise UserError(f"--dataset {args.dataset} has {dataset.channels}-channel images; the VAE needs RGB: "
                                 f"use --vae none")
-            from sit_fast.vae import VAE_ALIASES, load_vae
+            from sit_fast.vae import check_image_size, load_vae
 
-            if args.vae in VAE_ALIASES and args.image_size % 8:  # known before loading it; others: below
-                raise UserError(f"--image-size {args.image_size} is not divisible by 8 (the VAE's downsampling); "
-                                f"use e.g. {max(8, args.image_size // 8 * 8)}")
-
+            check_image_size(args.image_size, args.vae)  # the SD VAEs' before loading them
             self.codec = load_vae(args.vae, self.device)
-            if args.image_size % self.codec.downsample:
-                raise UserError(f"--image-size {args.image_size} is not divisible by the VAE's downsampling factor "
-                                f"{self.codec.downsample}")
+            check_image_size(args.image_size, args.vae, self.codec)
             latent_size, channels = args.image_size // self.codec.downsample, self.codec.latent_channels
         if args.in_channels is not None and args.in_channels != channels:
             if ckpt is not None and "in_channels" not in explicit:
