@@ -166,12 +166,25 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     )
 
 
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module inside torch.compile / DistributedDataParallel / DataParallel wrappers, however nested."""
+    while True:
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
     """Load strictly; when only the class count differs, keep the model's fresh label table.
 
     Any other difference raises CheckpointError naming the keys and shapes and the likely fix.
-    Returns {"label_table_reinitialised": bool}.
+    A model wrapped by torch.compile, DistributedDataParallel or DataParallel is loaded through the
+    wrapper into the model it holds. Returns {"label_table_reinitialised": bool}.
     """
+    model = unwrap_model(model)
     own = model.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())

@@ -238,6 +238,19 @@ def test_load_into_model_accepts_exact_state_dict():
     assert load_into_model(other, model.state_dict()) == {"label_table_reinitialised": False}
 
 
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
+def test_load_into_model_loads_through_wrappers(wrap):
+    source, target = model_for(2, 32, 2, True), model_for(2, 32, 2, True)
+    wrapped = target
+    if wrap in ("data_parallel", "both"):
+        wrapped = torch.nn.DataParallel(wrapped)
+    if wrap in ("compile", "both"):
+        wrapped = torch.compile(wrapped)
+    load_into_model(wrapped, source.state_dict())
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
 # ----------------------------------------------------------------------------- python -m sit_fast.export
 
 def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys):
