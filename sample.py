@@ -755,8 +755,9 @@ class StderrLineHandler(logging.Handler):
 
 def setup_logging(is_main: bool) -> None:
     """sit_fast's warnings on stderr, one line each, from rank 0 (other ranks: errors only)."""
-    if not any(isinstance(h, StderrLineHandler) for h in logger.handlers):
-        logger.addHandler(StderrLineHandler())
+    for handler in logger.handlers:  # e.g. a training run's, earlier in this process
+        handler.close()
+    logger.handlers[:] = [StderrLineHandler()]
     logger.setLevel(logging.WARNING if is_main else logging.ERROR)
     logger.propagate = False
 

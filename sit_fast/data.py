@@ -8,6 +8,7 @@ for a latent cache, whose posterior is sampled on the device by the training loo
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 from typing import Iterator
@@ -19,6 +20,8 @@ from PIL import Image
 
 from sit_fast.errors import UserError
 from sit_fast.images import center_crop_arr
+
+logger = logging.getLogger("sit_fast")
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CACHE_FORMAT = "sit_fast-latent-cache"
@@ -169,7 +172,13 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         raise DataError("--data-path is required for --dataset imagefolder (or use --latent-cache DIR)")
     if not os.path.isdir(root):
         raise DataError(f"--data-path {root} does not exist or is not a directory")
-    classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    classes = [name for name in folders if not name.startswith(".")]
+    hidden = [name for name in folders if name.startswith(".") and _holds_images(os.path.join(root, name))]
+    if hidden:
+        logger.warning(
+            f"--data-path {root}: hidden folders ({', '.join(hidden)}) hold images but are not taken as classes; "
+            "torchvision's ImageFolder counts them, so class labels here differ from a run that used it")
     if not classes:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
     samples = []
@@ -181,6 +190,11 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     if not samples:
         raise DataError(f"--data-path {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in its class sub-folders")
     return samples, classes
+
+
+def _holds_images(folder: str) -> bool:
+    return any(name.lower().endswith(IMG_EXTENSIONS)
+               for _, _, filenames in os.walk(folder, followlinks=True) for name in filenames)
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

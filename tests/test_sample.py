@@ -345,6 +345,20 @@ def test_precision_settings_mix_with_trainings_in_one_process(restore_matmul_pre
         assert torch.backends.cudnn.allow_tf32 == (expected == "high")
 
 
+def test_sampling_after_training_in_one_process_logs_to_stderr_not_the_runs_log(tmp_path, capsys):
+    import logging
+
+    from sit_fast.training.loop import open_log_file, setup_logging as setup_training_logging
+
+    setup_training_logging(True)
+    open_log_file(str(tmp_path))
+    sample.setup_logging(True)
+    logging.getLogger("sit_fast").warning("a sampling warning")
+    with open(tmp_path / "log.txt") as f:
+        assert f.read() == ""
+    assert capsys.readouterr().err == "warning: a sampling warning\n"
+
+
 @pytest.mark.parametrize("flag", ["--cfg-scal", "--bogus", "--sampling-steps"])
 def test_mistyped_flag_is_refused(flag, capsys):
     with pytest.raises(SystemExit) as exit_info:

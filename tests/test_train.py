@@ -325,6 +325,21 @@ def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
         ("a/1.png", 0), ("b/8.tiff", 1), ("b/sub/6.webp", 1), ("b/sub-x/5.JPG", 1), ("b/sub/deep/7.bmp", 1)]
 
 
+def test_hidden_folders_holding_images_are_skipped_with_a_warning_in_the_log(tmp_path, capsys):
+    """The warning comes from sit_fast.data, outside the training module: it still reaches log.txt."""
+    for name in ["a/1.png", ".extra/deep/2.png", "b/3.png"]:
+        os.makedirs(tmp_path / "data" / os.path.dirname(name), exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "data" / name)
+    os.makedirs(tmp_path / "data" / ".cache")  # no images: nothing to say
+    exp = str(tmp_path / "exp")
+    train_main(BASE[:1] + ["imagefolder", "--data-path", str(tmp_path / "data")] + BASE[2:] + [
+        "--exp-dir", exp, "--max-steps", "1", "--global-batch-size", "2"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert log.count("hidden folders (.extra) hold images but are not taken as classes") == 1, log
+    assert "dataset: 2 samples, 2 classes" in log, log
+
+
 def test_an_image_past_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
     """As a damaged header claiming a huge size: PIL's DecompressionBombError is no OSError."""
     from sit_fast.data import DataError, ImageFolderDataset

@@ -10,6 +10,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import logging.handlers
 import math
 import os
 import random
@@ -115,30 +116,60 @@ def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
     return f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved to {aside}"
 
 
-def setup_logging(exp_dir: str | None, is_main: bool) -> None:
+LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+
+
+def setup_logging(is_main: bool) -> None:
+    """Rank 0: the run's lines and every sit_fast warning (data, checkpoints, attention) on the console,
+    and kept until open_log_file names log.txt. Other ranks: nothing, since rank 0 says the same."""
+    reset_logging()
+    package = logging.getLogger("sit_fast")  # the parent of this module's logger
+    package.propagate = False
     logger.handlers.clear()
-    logger.propagate = False
+    logger.propagate = True
+    logger.setLevel(logging.NOTSET)
     if not is_main:
-        logger.addHandler(logging.NullHandler())
-        logger.setLevel(logging.WARNING)
+        package.addHandler(logging.NullHandler())
+        package.setLevel(logging.ERROR)
         return
-    logger.setLevel(logging.INFO)
-    formatter = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
+    package.setLevel(logging.INFO)
     stream = TqdmHandler()
-    stream.setFormatter(formatter)
-    logger.addHandler(stream)
-    if exp_dir is not None:
-        file_handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
-        file_handler.setFormatter(formatter)
-        logger.addHandler(file_handler)
+    stream.setFormatter(LOG_FORMAT)
+    package.addHandler(stream)
+    package.addHandler(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
+
+
+def open_log_file(exp_dir: str) -> None:
+    """Append to exp_dir/log.txt from here on, starting with the lines logged before it was known."""
+    package = logging.getLogger("sit_fast")
+    file_handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
+    file_handler.setFormatter(LOG_FORMAT)
+    for handler in list(package.handlers):
+        if isinstance(handler, logging.handlers.MemoryHandler):
+            handler.setTarget(file_handler)
+            handler.close()  # flushes into log.txt
+            package.removeHandler(handler)
+    package.addHandler(file_handler)
+
+
+def reset_logging() -> None:
+    """Close log.txt and hand sit_fast's messages back to Python's defaults, for whatever runs next in
+    this process (a notebook, the tests)."""
+    package = logging.getLogger("sit_fast")
+    for handler in package.handlers:
+        handler.close()
+    package.handlers.clear()
+    package.propagate = True
+    package.setLevel(logging.NOTSET)
 
 
 def remove_unused_experiment(exp_dir: str) -> None:
     """Delete an experiment folder this run created, if it holds nothing but log.txt and no checkpoint."""
-    for handler in list(logger.handlers):
+    package = logging.getLogger("sit_fast")
+    for handler in list(package.handlers):
         if isinstance(handler, logging.FileHandler):
             handler.close()
-            logger.removeHandler(handler)
+            package.removeHandler(handler)
     checkpoints = os.path.join(exp_dir, "checkpoints")
     if set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints"} and not os.listdir(checkpoints):
         shutil.rmtree(exp_dir, ignore_errors=True)
@@ -167,7 +198,7 @@ def check_trackers(args: argparse.Namespace) -> None:
 def log_to_file(message: str) -> None:
     """Append a line to log.txt only (the console gets it from the caller)."""
     record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, message, None, None)
-    for handler in logger.handlers:
+    for handler in logging.getLogger("sit_fast").handlers:
         if isinstance(handler, logging.FileHandler):
             handler.handle(record)
 
@@ -219,6 +250,7 @@ class Trainer:
         self.device = dist_info.device
 
         # Where to write, and what to resume (rank 0 decides, everyone follows).
+        setup_logging(dist_info.is_main)
         choice = None
         if dist_info.is_main:  # the other ranks wait for the choice, or the error that ends the run
             try:
@@ -236,7 +268,8 @@ class Trainer:
         self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
         created = created and dist_info.is_main
         barrier()
-        setup_logging(self.exp_dir, dist_info.is_main)  # from here on, a user error also lands in log.txt
+        if dist_info.is_main:
+            open_log_file(self.exp_dir)  # from here on, a user error also lands in log.txt
         logger.info(resume_note + (" (--ckpt is ignored when resuming)" if resume_path and "ckpt" in explicit else ""))
         try:
             ckpt = None
@@ -911,3 +944,4 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         stop.restore()
         cleanup()
+        reset_logging()
