@@ -1173,6 +1173,17 @@ def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path / "other" / "checkpoints"))] == ["0000004.pt"]
 
 
+def test_a_resume_with_no_step_left_moves_no_checkpoint_aside(tmp_path):
+    """Resuming step 1 of a run that reached step 2 with --max-steps 1 trains nothing: no new branch,
+    so the run's later checkpoint stays where --resume auto finds it."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "1"])
+    ckpt_dir = os.path.join(exp, "checkpoints")
+    summary = train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000001.pt"), "--max-steps", "1"])
+    assert summary["step"] == 1
+    assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt", "0000002.pt"]
+
+
 def test_resume_on_other_data_is_not_called_exact(tmp_path):
     argv = ["--vae", "none", "--model", "SiT-T/4", "--image-size", "16", "--global-batch-size", "2",
             "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--sample-every", "100000"]

@@ -281,7 +281,8 @@ class Trainer:
             if created:  # a run that never started leaves no numbered folder behind
                 remove_unused_experiment(self.exp_dir)
             raise
-        if dist_info.is_main and resume_path is not None:  # only a resume that will run starts a branch
+        # only a resume that will run (built, with steps left to take) starts a branch
+        if dist_info.is_main and resume_path is not None and self.step < self.max_steps:
             moved = set_aside_later_checkpoints(resume_path, self.checkpoint_dir)
             if moved:
                 logger.info(moved)
