@@ -650,6 +650,45 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     assert any(step == 2 and "train/loss" in data for step, data in logged["wandb"])
 
 
+def test_trackers_are_closed_when_the_run_fails(tmp_path, monkeypatch):
+    """A run stopped by an error still closes TensorBoard's writer (which holds the latest scalars
+    until then) and finishes the wandb run as failed."""
+    import types
+
+    from sit_fast.training.loop import NonFiniteLossError
+
+    closed = {"tensorboard": False, "wandb": None}
+
+    class Run:
+        def log(self, data, step):
+            pass
+
+        def finish(self, exit_code=None):
+            closed["wandb"] = exit_code
+
+    class Writer:
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            pass
+
+        def close(self):
+            closed["tensorboard"] = True
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = lambda **kwargs: Run()
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    poison_batch(monkeypatch, call=2)
+    with pytest.raises(NonFiniteLossError):
+        train_main(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "4", "--log-every", "1", "--wandb",
+                           "--tensorboard"])
+    assert closed == {"tensorboard": True, "wandb": 1}
+
+
 def test_a_vae_with_another_downsampling_takes_sizes_it_divides(tmp_path):
     """The tiny test VAE halves the size: 12 px images make 6x6 latents, whatever 12 % 8 is."""
     from tests.test_vae import save_tiny_vae

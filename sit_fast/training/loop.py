@@ -712,13 +712,15 @@ class Trainer:
         stop.connect()
         stop.install()
         stopped_by = None
+        failed = True
         try:
             last_log, stopped_by = self._loop(stop, bar, loss_sum, loss_count, first_bad)
+            failed = False
         finally:
             stop.restore()
-        if bar is not None:
-            bar.close()
-        self.close_trackers()
+            if bar is not None:
+                bar.close()
+            self.close_trackers(failed)  # on an error too: the scalars logged up to it are written
         if stopped_by:
             resume = self.last_checkpoint
             logger.warning(f"stopped by {stopped_by} after step {self.step}; checkpoint {resume}: continue with "
@@ -902,11 +904,17 @@ class Trainer:
 
             self.wandb.log({"samples": wandb.Image(path)}, step=self.step)
 
-    def close_trackers(self) -> None:
+    def close_trackers(self, failed: bool = False) -> None:
+        """Flush and close TensorBoard and wandb (a run that failed is marked so in wandb)."""
         if self.tb_writer is not None:
             self.tb_writer.close()
+            self.tb_writer = None
         if self.wandb is not None:
-            self.wandb.finish()
+            if failed:
+                self.wandb.finish(exit_code=1)
+            else:
+                self.wandb.finish()
+            self.wandb = None
 
 
 def main(argv: list[str] | None = None) -> dict:
