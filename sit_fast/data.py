@@ -67,7 +67,7 @@ class EpochSampler:
 
     def batches(self, epoch: int, start_step: int = 0) -> list[list[Key]]:
         """The local batches of `epoch` from step `start_step` on."""
-        generator = torch.Generator().manual_seed(self.seed + epoch)
+        generator = torch.Generator().manual_seed((self.seed + epoch) % 2**64)  # any integer seed
         perm = torch.randperm(self.num_samples, generator=generator)
         flips = (torch.randint(0, 2, (self.num_samples,), generator=generator) if self.flip
                  else torch.zeros(self.num_samples, dtype=torch.int64))
@@ -101,7 +101,7 @@ def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory:
         num_workers=0 if in_memory else num_workers,
         collate_fn=_as_is if hasattr(dataset, "__getitems__") else None,
         pin_memory=pin_memory,
-        generator=torch.Generator().manual_seed(seed),
+        generator=torch.Generator().manual_seed(seed % 2**64),
         worker_init_fn=worker_init_fn,
     ))
 

@@ -1307,6 +1307,16 @@ def test_every_step_skipped_logs_no_loss(tmp_path, monkeypatch):
     assert summary["nonfinite_skipped"] == 3 and np.isnan(summary["loss"])
 
 
+@pytest.mark.parametrize("seed", [10**12, -(10**20)])
+def test_any_integer_global_seed_trains_and_samples(tmp_path, seed):
+    """Seeds past 64 bits, or that become so in the data loader's seed, train as the others do."""
+    exp = tmp_path / "run"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--global-batch-size", "16",
+                                 "--global-seed", str(seed), "--sample-every", "1", "--sample-steps", "1",
+                                 "--num-sample-images", "2"])
+    assert summary["step"] == 1 and (exp / "samples" / "0000001.png").exists()
+
+
 def test_missing_tracker_package_is_one_line_and_leaves_no_folder(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     assert run_cli(BASE + ["--results-dir", str(tmp_path / "results"), "--wandb"]) == 2

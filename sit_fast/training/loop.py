@@ -215,7 +215,7 @@ def configure_matmul(precision: str) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    torch.manual_seed(seed)
+    torch.manual_seed(seed % 2**64)  # torch takes 64-bit seeds, negative ones as seed + 2**64: the same for those
     np.random.seed(seed % 2**32)
     random.seed(seed)
 
@@ -594,7 +594,7 @@ class Trainer:
     def save_samples(self) -> str | None:
         """An EMA sample grid (fixed noise and labels) from a fixed-step ODE; rank 0 only."""
         args = self.args
-        generator = torch.Generator().manual_seed(args.global_seed)
+        generator = torch.Generator().manual_seed(args.global_seed % 2**64)
         n = args.num_sample_images
         z = torch.randn(n, self.channels, self.latent_size, self.latent_size, generator=generator).to(self.device)
         y = torch.randint(0, args.num_classes, (n,), generator=generator).to(self.device)
