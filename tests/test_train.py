@@ -1223,6 +1223,20 @@ def test_a_resume_with_no_step_left_moves_no_checkpoint_aside(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt", "0000002.pt"]
 
 
+def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
+    """The same --exp-dir without --resume would overwrite the run's checkpoints of the same steps and
+    leave its later ones for --resume auto to mix in: refused in one line, nothing touched."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "1", "--ckpt-every", "1"])
+    before = load_ckpt(os.path.join(exp, "checkpoints", "0000001.pt"))["model"]
+    assert run_cli(BASE + ["--exp-dir", exp, "--max-steps", "1", "--lr", "1e-2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --exp-dir {exp} holds the checkpoints of a run") and "--resume auto" in err, err
+    assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000001.pt"]
+    after = load_ckpt(os.path.join(exp, "checkpoints", "0000001.pt"))["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_resume_on_other_data_is_not_called_exact(tmp_path):
     argv = ["--vae", "none", "--model", "SiT-T/4", "--image-size", "16", "--global-batch-size", "2",
             "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--sample-every", "100000"]

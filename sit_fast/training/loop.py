@@ -73,6 +73,11 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
     """(experiment dir, checkpoint to resume or None, a sentence saying what was chosen). Rank 0 only."""
     if args.resume is None:
         exp_dir = new_experiment_dir(args)
+        existing = list_checkpoints(os.path.join(exp_dir, "checkpoints"))
+        if existing:  # a new run would overwrite them step by step and leave the later ones to --resume auto
+            raise UserError(f"--exp-dir {exp_dir} holds the checkpoints of a run (the latest: "
+                            f"{os.path.basename(existing[0])}): continue it with --resume auto, or start a new run "
+                            f"in another --exp-dir")
         return exp_dir, None, f"new run in {exp_dir}"
     if args.resume == "auto":
         candidates = [args.exp_dir] if args.exp_dir else experiment_dirs(args.results_dir, experiment_suffix(args))
