@@ -1339,6 +1339,23 @@ def test_missing_tracker_package_is_one_line_and_leaves_no_folder(tmp_path, caps
     assert os.listdir(tmp_path / "results") == []
 
 
+def test_wandb_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
+    import types
+
+    def init(**kwargs):
+        raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore")
+
+    wandb = types.ModuleType("wandb")
+    wandb.init = init
+    monkeypatch.setitem(sys.modules, "wandb", wandb)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "1", "--wandb"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "Traceback" not in err, err
+    assert err.splitlines()[-1] == ("error: --wandb: wandb.init failed: api_key not configured (no-tty). call "
+                                    "wandb.login(key=[your_api_key]) (wandb login, or WANDB_MODE=offline; $ENTITY "
+                                    "and $PROJECT name the entity and project)"), err
+
+
 def test_ctrl_c_says_where_to_resume(tmp_path):
     """Ctrl-C: exit status 130, no traceback, the step and a loadable checkpoint named (here and in
     log.txt). Checkpoints every 2 steps, so the signal often lands in the middle of a write."""

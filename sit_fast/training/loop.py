@@ -31,7 +31,7 @@ from sit_fast.attention import select_backend
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
-from sit_fast.errors import UserError
+from sit_fast.errors import UserError, first_line
 from sit_fast.files import make_folder
 from sit_fast.models import SiT_models, model_config, resolve_fused_kernels
 from sit_fast.training.args import merge_resumed_args, parse_args
@@ -885,8 +885,13 @@ class Trainer:
                 import wandb
             except ImportError as err:
                 raise UserError(f"--wandb needs the wandb package ({err}): pip install wandb") from None
-            self.wandb = wandb.init(entity=os.environ.get("ENTITY"), project=os.environ.get("PROJECT", "sit_fast"),
-                                    name=os.path.basename(self.exp_dir), config=dict(vars(args)), resume="allow")
+            try:
+                self.wandb = wandb.init(entity=os.environ.get("ENTITY"), project=os.environ.get("PROJECT", "sit_fast"),
+                                        name=os.path.basename(self.exp_dir), config=dict(vars(args)), resume="allow")
+            except Exception as err:  # not logged in, no network, an entity or project it cannot use
+                self.close_trackers(failed=True)
+                raise UserError(f"--wandb: wandb.init failed: {first_line(err)} (wandb login, or WANDB_MODE=offline; "
+                                f"$ENTITY and $PROJECT name the entity and project)") from None
 
     def track(self, record: dict) -> None:
         if self.tb_writer is not None:
