@@ -1237,6 +1237,22 @@ def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_resume_refuses_an_exp_dir_holding_other_checkpoints(tmp_path, capsys):
+    """A checkpoint resumed into an --exp-dir that holds other checkpoints would overwrite those of the
+    same steps: refused in one line; into its own run's folder it is a new branch (see above)."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    train_main(BASE + ["--exp-dir", first, "--max-steps", "1", "--ckpt-every", "1"])
+    train_main(BASE + ["--exp-dir", second, "--max-steps", "1", "--ckpt-every", "1", "--lr", "1e-2"])
+    before = load_ckpt(os.path.join(second, "checkpoints", "0000001.pt"))["model"]
+    resumed = os.path.join(first, "checkpoints", "0000001.pt")
+    assert run_cli(["--exp-dir", second, "--resume", resumed, "--max-steps", "2", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: --resume {resumed}: the run goes on in {second}, whose checkpoints"), err
+    assert os.listdir(os.path.join(second, "checkpoints")) == ["0000001.pt"]
+    after = load_ckpt(os.path.join(second, "checkpoints", "0000001.pt"))["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_resume_on_other_data_is_not_called_exact(tmp_path):
     argv = ["--vae", "none", "--model", "SiT-T/4", "--image-size", "16", "--global-batch-size", "2",
             "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--sample-every", "100000"]

@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--results-dir", type=str, default="results", help="parent of the experiment directories")
     run.add_argument("--exp-dir", type=str, default=None,
                      help="experiment directory to use as is (default: RESULTS_DIR/NNN-<model>-<transport>); "
-                          "one holding checkpoints is continued with --resume, never overwritten by a new run")
+                          "one holding checkpoints is continued with --resume, never overwritten by another run")
     run.add_argument("--resume", type=str, default=None,
                      help="PATH (a checkpoint or an experiment directory) or auto (the latest valid checkpoint "
                           "of the newest matching experiment; a new run if there is none)")

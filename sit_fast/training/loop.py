@@ -99,6 +99,12 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
         load_training_checkpoint(path)  # a one-line error for a missing or damaged file
     ckpt_dir = os.path.dirname(os.path.abspath(path))
     exp_dir = args.exp_dir or (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir)
+    own = os.path.abspath(os.path.join(exp_dir, "checkpoints"))
+    existing = list_checkpoints(own)
+    if existing and os.path.realpath(own) != os.path.realpath(ckpt_dir):  # not its own: it would overwrite them
+        raise UserError(f"--resume {path}: the run goes on in {exp_dir}, whose checkpoints are not that one's (the "
+                        f"latest: {os.path.basename(existing[0])}) and would be overwritten: resume into another "
+                        f"--exp-dir, or continue those with --resume auto --exp-dir {exp_dir}")
     return exp_dir, path, f"resuming from {path}"
 
 
