@@ -325,6 +325,20 @@ def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
         ("a/1.png", 0), ("b/8.tiff", 1), ("b/sub/6.webp", 1), ("b/sub-x/5.JPG", 1), ("b/sub/deep/7.bmp", 1)]
 
 
+def test_resume_names_unfinished_checkpoint_writes_and_keeps_them(tmp_path):
+    """A writer killed mid-write (SIGKILL) leaves its temporary file: the next run names it, with its size."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    leftover = os.path.join(exp, "checkpoints", ".0000004.pt.tmp-4242")
+    with open(leftover, "wb") as f:
+        f.write(b"\0" * 2**20)
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "3", "--ckpt-every", "2", "--resume", "auto"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "holds 1 unfinished checkpoint write (.0000004.pt.tmp-4242; 1 MiB)" in log, log
+    assert os.path.exists(leftover)
+
+
 def test_hidden_folders_holding_images_are_skipped_with_a_warning_in_the_log(tmp_path, capsys):
     """The warning comes from sit_fast.data, outside the training module: it still reaches log.txt."""
     for name in ["a/1.png", ".extra/deep/2.png", "b/3.png"]:

@@ -34,6 +34,7 @@ from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, is_safet
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
 _NAME = re.compile(r"^(\d+)\.pt$")
+_UNFINISHED = re.compile(r"^\.\d+\.pt\.tmp-\d+$")  # atomic_write's temporary file of a checkpoint
 
 logger = logging.getLogger("sit_fast.train")
 
@@ -224,6 +225,22 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
     named = [(int(m.group(1)), os.path.join(checkpoint_dir, name))
              for name in os.listdir(checkpoint_dir) if (m := _NAME.match(name))]
     return [path for _, path in sorted(named, reverse=True)]
+
+
+def unfinished_writes(checkpoint_dir: str) -> str | None:
+    """A sentence on the temporary files of checkpoint writes that never finished (the writer was killed
+    mid-write) in `checkpoint_dir`, or None. They are left in place: another process may be writing one."""
+    if not os.path.isdir(checkpoint_dir):
+        return None
+    paths = sorted(os.path.join(checkpoint_dir, name) for name in os.listdir(checkpoint_dir)
+                   if _UNFINISHED.match(name))
+    if not paths:
+        return None
+    size = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
+    amount = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    return (f"{checkpoint_dir} holds {len(paths)} unfinished checkpoint write{'s' if len(paths) > 1 else ''} "
+            f"({', '.join(os.path.basename(p) for p in paths)}; {amount}), left by a run killed while "
+            f"saving: delete them unless another run is writing there now")
 
 
 def load_training_checkpoint(path: str) -> dict:

@@ -38,7 +38,7 @@ from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs,
     find_latest_valid, ignore_stop_signals, interrupt_after, list_checkpoints, load_training_checkpoint,
-    restore_rng_state, stop_signals_held,
+    restore_rng_state, stop_signals_held, unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport
 
@@ -282,6 +282,8 @@ class Trainer:
         if dist_info.is_main:
             open_log_file(self.exp_dir)  # from here on, a user error also lands in log.txt
         logger.info(resume_note + (" (--ckpt is ignored when resuming)" if resume_path and "ckpt" in explicit else ""))
+        if dist_info.is_main and (leftovers := unfinished_writes(self.checkpoint_dir)):
+            logger.warning(leftovers)
         try:
             ckpt = None
             if resume_path is not None:
