@@ -254,6 +254,33 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     assert "--resume auto: resuming from" in log and "0000004.pt (the latest valid checkpoint)" in log
 
 
+def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(tmp_path, monkeypatch):
+    import errno
+
+    exp = str(tmp_path / "run")
+    real_save = torch.save
+    calls = {"n": 0}
+
+    def full_disk_save(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            f.write(b"part of it")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(checkpointing.torch, "save", full_disk_save)
+    with pytest.raises(UserError) as info:
+        train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--ckpt-every", "2"])
+    first = os.path.join(exp, "checkpoints", "0000002.pt")
+    assert str(info.value) == (
+        f"step 4: cannot write checkpoint {os.path.join(exp, 'checkpoints', '0000004.pt')} (No space left on "
+        f"device); the last checkpoint, {first}, is kept: continue from it with --resume auto once the folder has "
+        f"room and can be written")
+    assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert "error: step 4: cannot write checkpoint" in f.read()
+
+
 def poison_batch(monkeypatch, call: int) -> None:
     """Make the `call`-th training batch NaN."""
     from sit_fast.training import loop

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import logging
 import logging.handlers
@@ -127,6 +128,8 @@ def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
     return f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved to {aside}"
 
 
+# a checkpoint write failing so is the place's fault (full, read-only, not ours), not the run's
+WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
 
@@ -575,7 +578,15 @@ class Trainer:
                 "version": CHECKPOINT_VERSION,
             }
             with interrupt_after():  # Ctrl-C while writing: finish the file, then stop
-                atomic_torch_save(checkpoint, path)
+                try:
+                    atomic_torch_save(checkpoint, path)
+                except OSError as err:
+                    if err.errno not in WRITE_REFUSED:
+                        raise
+                    kept = (f"the last checkpoint, {self.last_checkpoint}, is kept: continue from it with --resume "
+                            f"auto" if self.last_checkpoint else "no checkpoint was written yet")
+                    raise UserError(f"step {self.step}: cannot write checkpoint {path} ({err.strerror}); {kept} "
+                                    f"once the folder has room and can be written") from None
                 logger.info(f"saved checkpoint {path}")
                 self.last_checkpoint = path  # complete on disk: what a Ctrl-C raised here names
         barrier()
