@@ -647,6 +647,21 @@ def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatc
     assert err in (exp / "log.txt").read_text()
 
 
+def test_out_of_gpu_memory_before_the_first_step_is_one_line(tmp_path, capsys, monkeypatch):
+    from sit_fast.training.loop import Trainer
+
+    def build(self, *args):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(Trainer, "_build", build)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "2"]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1] == (
+        "error: out of GPU memory on cpu setting up SiT-T/4 before its first step: a smaller --model, or a GPU "
+        "with more free memory (USAGE.md, Memory)")
+
+
 def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     """--wandb and --tensorboard, through stand-ins for their packages (neither is installed here)."""
     import types

@@ -963,9 +963,11 @@ def main(argv: list[str] | None = None) -> dict:
         log_to_file(f"error: {' '.join(str(err).split())}")
         raise
     except torch.cuda.OutOfMemoryError:
-        if trainer is None:
-            raise
-        message = trainer.out_of_memory_advice()
+        if trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
+            message = (f"out of GPU memory on {dist_info.device} setting up {args.model} before its first step: a "
+                       f"smaller --model, or a GPU with more free memory (USAGE.md, Memory)")
+        else:
+            message = trainer.out_of_memory_advice()
         log_to_file(f"error: {message}")
         raise UserError(message) from None
     except KeyboardInterrupt:
