@@ -1322,6 +1322,20 @@ def test_resume_on_other_data_is_not_called_exact(tmp_path):
     assert "in it): exact" not in log
 
 
+def test_resume_from_another_working_directory_reads_the_same_relative_data_path(tmp_path, monkeypatch):
+    argv = ["--vae", "none", "--model", "SiT-T/4", "--image-size", "16", "--global-batch-size", "2",
+            "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--sample-every", "100000"]
+    make_image_folder(tmp_path / "job" / "data")
+    os.makedirs(tmp_path / "elsewhere")
+    exp = str(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "job")
+    train_main(argv + ["--data-path", "data", "--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert train_main(argv + ["--exp-dir", exp, "--max-steps", "3", "--resume", "auto"])["step"] == 3
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert "other data" not in f.read()
+
+
 def test_resume_with_a_larger_batch_past_the_new_epoch_end_starts_the_next_epoch(tmp_path):
     """27 of 28 steps of 64 digits' epoch done, resumed at batch 96 (18 steps an epoch): the 1728 images
     seen fill the new epoch, so training goes on in the next one (it used to spin without a step)."""

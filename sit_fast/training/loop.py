@@ -253,6 +253,18 @@ def data_source(args: argparse.Namespace) -> str:
     return f"ImageFolder {os.path.abspath(args.data_path)}" if args.data_path else "ImageFolder (no --data-path)"
 
 
+def saved_args(args: argparse.Namespace) -> dict:
+    """The arguments as a checkpoint keeps them: the data and a local VAE folder as absolute paths, so a
+    resume started from another working directory reads the same files."""
+    saved = dict(vars(args))
+    for key in ("data_path", "latent_cache"):
+        if saved.get(key):
+            saved[key] = os.path.abspath(saved[key])
+    if saved.get("vae") and os.path.isdir(saved["vae"]):
+        saved["vae"] = os.path.abspath(saved["vae"])
+    return saved
+
+
 class Trainer:
     """One training run; build with the parsed args, then call run()."""
 
@@ -563,7 +575,7 @@ class Trainer:
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(),
                 "opt": self.opt.state_dict(),
-                "args": dict(vars(self.args)),
+                "args": saved_args(self.args),
                 "step": self.step,
                 "epoch": self.epoch,
                 "step_in_epoch": self.step_in_epoch,
