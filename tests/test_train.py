@@ -706,6 +706,32 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     assert any(step == 2 and "train/loss" in data for step, data in logged["wandb"])
 
 
+def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(**kwargs):
+        calls.append(kwargs)
+        return Run()
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Image=None))
+    exp = str(tmp_path / "exp")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--wandb"])
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "3", "--resume", "auto", "--wandb"])
+    train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--max-steps", "1", "--wandb"])
+    ids = [kwargs["id"] for kwargs in calls]
+    assert ids[0] == ids[1] != ids[2] and all(kwargs["resume"] == "allow" for kwargs in calls), calls
+    assert load_ckpt(os.path.join(exp, "checkpoints", "0000003.pt"))["wandb_id"] == ids[0]
+
+
 def test_trackers_are_closed_when_the_run_fails(tmp_path, monkeypatch):
     """A run stopped by an error still closes TensorBoard's writer (which holds the latest scalars
     until then) and finishes the wandb run as failed."""

@@ -7,9 +7,11 @@ A checkpoint is a dict that torch.load(weights_only=True) reads back:
     args              the run's resolved arguments, a plain dict
     step, epoch       optimizer steps taken; the epoch the next step belongs to
     step_in_epoch     steps already taken in that epoch (the data position)
-    data              {"seed", "num_samples", "global_batch_size", "world_size"}: what fixes the order
+    data              {"seed", "num_samples", "global_batch_size", "world_size", "source"}: what fixes the
+                      order, and what the run read
     rng               one dict per rank: {"torch", "cuda", "numpy", "python"} (see capture_rng_state)
     nonfinite_skipped steps skipped by --skip-nonfinite so far
+    wandb_id          the run's wandb run id (None without --wandb), which a resume continues
     model_config      {"model", "input_size", "in_channels", "num_classes", "learn_sigma", "latent_space"}:
                       what a sampler needs to rebuild the model (latent_space: a VAE spec or "pixels")
     version           CHECKPOINT_VERSION

@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import secrets
 import shutil
 import signal
 import sys
@@ -475,6 +476,7 @@ class Trainer:
         # Position in the run.
         self.step, self.epoch, self.step_in_epoch, self.nonfinite_skipped = 0, 0, 0, 0
         self.last_checkpoint = None
+        self.wandb_id = ckpt.get("wandb_id") if ckpt is not None else None
         if ckpt is not None:
             self.restore_position(ckpt, resume_path)
         # The run ends at --max-steps or at the end of epoch --epochs, whichever comes first.
@@ -584,6 +586,7 @@ class Trainer:
                          "source": data_source(self.args)},
                 "rng": states,
                 "nonfinite_skipped": self.nonfinite_skipped,
+                "wandb_id": self.wandb_id,
                 "model_config": {"model": self.args.model, "input_size": self.latent_size, "in_channels": self.channels,
                                  "num_classes": self.args.num_classes, "learn_sigma": self.model.learn_sigma,
                                  "latent_space": self.latent_space()},
@@ -764,7 +767,8 @@ class Trainer:
         else:
             logger.info("done")
         return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
-                "nonfinite_skipped": self.nonfinite_skipped, "stopped_by": stopped_by, **last_log}
+                "nonfinite_skipped": self.nonfinite_skipped,
+                "wandb_id": self.wandb_id, "stopped_by": stopped_by, **last_log}
 
     def _loop(self, stop: StopRequest, bar, loss_sum, loss_count, first_bad) -> tuple[dict, str | None]:
         """Steps until the end of the run or an agreed stop request: (the last log line's figures,
@@ -917,8 +921,11 @@ class Trainer:
             except ImportError as err:
                 raise UserError(f"--wandb needs the wandb package ({err}): pip install wandb") from None
             try:
+                run_id = self.wandb_id or secrets.token_hex(4)  # a resumed run goes on in its wandb run
                 self.wandb = wandb.init(entity=os.environ.get("ENTITY"), project=os.environ.get("PROJECT", "sit_fast"),
-                                        name=os.path.basename(self.exp_dir), config=dict(vars(args)), resume="allow")
+                                        name=os.path.basename(self.exp_dir), config=dict(vars(args)), id=run_id,
+                                        resume="allow")
+                self.wandb_id = run_id
             except Exception as err:  # not logged in, no network, an entity or project it cannot use
                 self.close_trackers(failed=True)
                 raise UserError(f"--wandb: wandb.init failed: {first_line(err)} (wandb login, or WANDB_MODE=offline; "
