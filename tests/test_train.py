@@ -1305,6 +1305,21 @@ def test_a_resume_with_no_step_left_moves_no_checkpoint_aside(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt", "0000002.pt"]
 
 
+def test_a_run_with_no_step_left_says_so_and_starts_no_tracker(tmp_path, monkeypatch):
+    import types
+
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    calls = []
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: calls.append(kwargs)))
+    summary = train_main(BASE + ["--exp-dir", exp, "--resume", "auto", "--max-steps", "2", "--wandb"])
+    assert summary["step"] == 2 and summary["stopped_by"] is None and not calls
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "nothing to do: step 2 >= step 2, the end of the run" in log
+    assert "training from step 2" not in log
+
+
 def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
     """The same --exp-dir without --resume would overwrite the run's checkpoints of the same steps and
     leave its later ones for --resume auto to mix in: refused in one line, nothing touched."""

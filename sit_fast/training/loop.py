@@ -729,6 +729,9 @@ class Trainer:
         """Train to the end of the run, or to a stop signal (StopRequest): returns a summary whose
         "stopped_by" names that signal (None at the end of the run)."""
         args, is_main = self.args, self.dist_info.is_main
+        if self.step >= self.max_steps:
+            logger.info(f"nothing to do: step {self.step} >= step {self.max_steps}, the end of the run")
+            return self.summary(None, {})
         if is_main:
             self.open_trackers()
         device = self.device
@@ -742,8 +745,6 @@ class Trainer:
 
             bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                        file=sys.stderr)
-        if self.step >= self.max_steps:
-            logger.info(f"nothing to do: step {self.step} >= step {self.max_steps}, the end of the run")
         limit = f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})" if self.epochs_limit else ""
         logger.info(f"training from step {self.step} to step {self.max_steps}{limit}")
         last_log = {}
@@ -766,9 +767,11 @@ class Trainer:
                            f"--resume {resume} (or --resume auto)")
         else:
             logger.info("done")
+        return self.summary(stopped_by, last_log)
+
+    def summary(self, stopped_by: str | None, last_log: dict) -> dict:
         return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
-                "nonfinite_skipped": self.nonfinite_skipped,
-                "wandb_id": self.wandb_id, "stopped_by": stopped_by, **last_log}
+                "nonfinite_skipped": self.nonfinite_skipped, "stopped_by": stopped_by, **last_log}
 
     def _loop(self, stop: StopRequest, bar, loss_sum, loss_count, first_bad) -> tuple[dict, str | None]:
         """Steps until the end of the run or an agreed stop request: (the last log line's figures,
