@@ -56,7 +56,7 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, first_line
-from sit_fast.files import make_folder
+from sit_fast.files import make_writable_folder
 from sit_fast.models import SiT_models, resolve_fused_kernels
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
@@ -283,7 +283,7 @@ def check_out_path(job: str, path: str) -> None:
         raise UserError(f"--out {path}: --reverse saves the noise with torch.save; give the file the extension .pt")
     if os.path.isdir(path):
         raise UserError(f"--out {path} is a folder: name the file to write")
-    make_folder(os.path.dirname(os.path.abspath(path)), f"--out {path}")
+    make_writable_folder(os.path.dirname(os.path.abspath(path)), f"--out {path}")
 
 
 def check_image_path(path: str) -> None:

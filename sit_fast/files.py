@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 from sit_fast.errors import UserError
 
@@ -17,4 +18,16 @@ def make_folder(path: str, flag: str) -> None:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         raise UserError(f"{flag}: cannot create the folder {path} ({err.strerror or err}): pass a folder "
+                        f"that can be written") from None
+
+
+def make_writable_folder(path: str, flag: str) -> None:
+    """make_folder(path), then a file created and removed in it: a folder the run cannot write into
+    (read-only, no permission) is a UserError naming `flag` before any work, not a traceback after it."""
+    make_folder(path, flag)
+    try:
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise UserError(f"{flag}: cannot write into the folder {path} ({err.strerror or err}): pass a folder "
                         f"that can be written") from None

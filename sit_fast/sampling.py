@@ -42,6 +42,7 @@ import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError
+from sit_fast.files import make_writable_folder
 from sit_fast.models import SiT, SiT_models, model_config, registry_name
 from sit_fast.transport.integrators import time_grid
 
@@ -495,6 +496,7 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
     path = os.path.join(sample_dir, "settings.json")
     if os.path.exists(sample_dir) and not os.path.isdir(sample_dir):
         raise UserError(f"{flag} {sample_dir} is a file: pass a folder")
+    make_writable_folder(sample_dir, f"{flag} {sample_dir}")
     if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
@@ -517,7 +519,6 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
         raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "
                         f"unknown: pass another {flag}, or delete them to start over")
-    os.makedirs(sample_dir, exist_ok=True)
     _atomic_write_bytes(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
 
 

@@ -605,6 +605,32 @@ def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys
     assert one_line_error(capsys) == f"error: --out {tmp_path / 'a_file' / 'bpd.npz'}: {tmp_path / 'a_file'} is a file: pass a folder"
 
 
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
+def test_folders_that_cannot_be_written_are_one_line_errors(files, tmp_path, capsys):
+    """An --out in a folder no file can be written into was a traceback after the sampling; a
+    --sample-dir that cannot be made (a file in its path, a read-only place) was a traceback."""
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+              *FAST]
+    (tmp_path / "a_file").write_text("")
+    cases = [
+        (["--out", "/proc/g.png"], "error: --out /proc/g.png: cannot write into the folder /proc ("),
+        (["--num-fid-samples", 2, "--sample-dir", tmp_path / "s", "--out", "/proc/fid.npz"],
+         "error: --out /proc/fid.npz: cannot write into the folder /proc ("),
+        (["--num-fid-samples", 2, "--sample-dir", "/proc/samples"],
+         "error: --sample-dir /proc/samples: cannot create the folder /proc/samples ("),
+        (["--num-fid-samples", 2, "--sample-dir", tmp_path / "a_file" / "s"],
+         f"error: --sample-dir {tmp_path / 'a_file' / 's'}: {tmp_path / 'a_file'} is a file: pass a folder"),
+    ]
+    for argv, needle in cases:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            run(common + argv)
+        assert exit_info.value.code == 2
+        err = one_line_error(capsys)
+        assert err.startswith(needle), err
+    assert not (tmp_path / "s").exists()
+
+
 def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, capsys):
     """Numbered PNGs with no settings.json (upstream's sample_ddp.py writes the same names): their
     settings are unknown, so they are not counted as done; an empty folder or other files are fine."""
