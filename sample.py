@@ -586,12 +586,14 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
                 if key is None:
                     raise UserError(f"{path} holds {', '.join(names)}: store the data as arr_0")
                 array = archive[key]
+        except UserError:
+            raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or damaged
             # numpy takes a file that is no zip for a pickle, and suggests allow_pickle: not here
             reason = "not an .npz archive" if "pickled" in str(err) else first_line(err)
             raise UserError(f"cannot read {path} ({reason}): --data takes an .npz of arrays") from None
-        if len(array) == 0:
-            raise UserError(f"--data {path} holds no items")
+        if array.ndim == 0 or len(array) == 0:
+            raise UserError(f"--data {path} holds no items{' (a single number)' if array.ndim == 0 else ''}")
         images = array if array.dtype == np.uint8 else None
         if images is None:
             return check_model_inputs(setup, torch.from_numpy(np.asarray(array, dtype=np.float32)), path)
@@ -665,8 +667,8 @@ def load_image_folder(path: str, image_size: int, channels: int) -> np.ndarray:
 
 
 def check_model_inputs(setup: Setup, x: torch.Tensor, path: str) -> tuple[torch.Tensor, float, str]:
-    if len(x) == 0:
-        raise UserError(f"--data {path} holds no items")
+    if x.dim() == 0 or len(x) == 0:
+        raise UserError(f"--data {path} holds no items{' (a single number)' if x.dim() == 0 else ''}")
     if tuple(x.shape[1:]) != setup.latent_shape:
         raise UserError(f"{path}: data of shape {tuple(x.shape)}, the model takes (N, "
                         f"{', '.join(map(str, setup.latent_shape))})")

@@ -763,6 +763,9 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
     (tmp_path / "text.npz").write_text("garbage")
     np.savez(tmp_path / "empty.npz", arr_0=np.zeros((0, 8, 8, 3), np.uint8))
     torch.save(torch.zeros(0, 3, 8, 8), tmp_path / "empty.pt")
+    np.savez(tmp_path / "number.npz", arr_0=np.float32(3))
+    torch.save(torch.tensor(3.0), tmp_path / "number.pt")
+    np.savez(tmp_path / "two.npz", a=np.zeros(2), b=np.zeros(2))
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "zero.png").write_bytes(b"")
     cases = {
@@ -770,6 +773,9 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
         "text.npz": "error: cannot read {} (not an .npz archive): --data takes an .npz of arrays",
         "empty.npz": "error: --data {} holds no items",
         "empty.pt": "error: --data {} holds no items",
+        "number.npz": "error: --data {} holds no items (a single number)",
+        "number.pt": "error: --data {} holds no items (a single number)",
+        "two.npz": "error: {} holds a, b: store the data as arr_0",
         "images": "error: cannot read image {}/zero.png (cannot identify image file",
     }
     for job in ("--likelihood", "--reverse"):
