@@ -354,7 +354,9 @@ def model_call_times(sampler_kind: str, transport, *, sampling_method: str, num_
         if sampling_method not in ("euler", "heun"):
             return None
         t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, sde=False, eval=True,
-                                          reverse=reverse, last_step_size=0.0)
+                                          reverse=False, last_step_size=0.0)
+        if reverse:  # as Sampler.sample_ode: the same interval backwards, not reflected
+            t0, t1 = t1, t0
         grid = time_grid(t0, t1, num_steps + 1, like).tolist()
         if sampling_method == "euler":
             return grid[:-1]

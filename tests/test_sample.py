@@ -520,6 +520,21 @@ def test_model_call_times_are_the_samplers_times(kind, kwargs):
     assert model_call_times("ODE", transport, sampling_method="dopri5", num_steps=5) is None
 
 
+@pytest.mark.parametrize("path_type", ["VP", "GVP"])
+def test_model_call_times_of_a_reverse_ode_on_other_paths(path_type):
+    """--reverse runs the sampling interval backwards (t1 -> t0); on VP, where that interval is not
+    symmetric, its reflection (1 - t0 -> 1 - t1) gives other times."""
+    transport = create_transport(path_type, "velocity")
+    seen = []
+
+    def model_fn(x, t):
+        seen.append(t[0].item())
+        return -x
+
+    Sampler(transport).sample_ode(sampling_method="heun", num_steps=3, reverse=True)(torch.randn(2, 3), model_fn)
+    assert model_call_times("ODE", transport, sampling_method="heun", num_steps=3, reverse=True) == seen
+
+
 #################################################################################
 #                          FID job: torchrun, resume                             #
 #################################################################################
