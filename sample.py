@@ -546,17 +546,24 @@ def run_fid(setup: Setup) -> str:
     progress = tqdm(total=todo, unit="img", disable=not dist.is_main, desc="sampling")
     start = time.perf_counter()
     try:
-        for k in pending[dist.rank::dist.world_size]:
-            indices = range(k * chunk, (k + 1) * chunk)  # the last chunk is padded past N: same batch always
-            noise, labels = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes,
-                                        class_balanced=args.class_balanced)
-            samples = setup.sample(noise, labels, derived_seed(args.seed, k, chunk))
-            images = to_rgb_uint8(setup.to_images(samples))  # (B, H, W, 3), one device-to-host copy
-            kept = [i for i in indices if i < total]
-            writer.write(images[: len(kept)], kept)
-            progress.update(min(len(kept) * dist.world_size, todo - progress.n))
-    finally:
-        writer.close()
+        try:
+            for k in pending[dist.rank::dist.world_size]:
+                indices = range(k * chunk, (k + 1) * chunk)  # the last chunk is padded past N: same batch always
+                noise, labels = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes,
+                                            class_balanced=args.class_balanced)
+                samples = setup.sample(noise, labels, derived_seed(args.seed, k, chunk))
+                images = to_rgb_uint8(setup.to_images(samples))  # (B, H, W, 3), one device-to-host copy
+                kept = [i for i in indices if i < total]
+                writer.write(images[: len(kept)], kept)
+                progress.update(min(len(kept) * dist.world_size, todo - progress.n))
+        finally:
+            writer.close()
+    except KeyboardInterrupt:  # PNGs are written whole (atomically) and the queued ones finished: all are kept
+        progress.close()
+        if dist.is_main:
+            print(f"\ninterrupted; the images written are kept: run the same command again to sample the rest "
+                  f"into {sample_dir}", file=sys.stderr)
+        raise SystemExit(130) from None
     synchronize(setup.device)
     barrier()
     elapsed = time.perf_counter() - start

@@ -602,6 +602,33 @@ def test_fid_job_class_balanced_grows_n(files, tmp_path):
     np.testing.assert_array_equal(five[:4], four)
 
 
+def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_path, capsys, monkeypatch):
+    """Ctrl-C in the FID job: the PNGs written stay, the message says to rerun, and the rerun samples the rest."""
+    sample_dir = tmp_path / "s"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 5, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
+    real, calls = sample.Setup.sample, []
+
+    def interrupted(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(sample.Setup, "sample", interrupted)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "interrupted; the images written are kept: run the same command again" in err
+    assert sorted(os.listdir(sample_dir)) == ["000000.png", "000001.png", "settings.json"]
+    monkeypatch.setattr(sample.Setup, "sample", real)
+    run(argv)
+    assert "2 of 5 images already in" in capsys.readouterr().out
+    with np.load(f"{sample_dir}.npz") as archive:
+        assert archive["arr_0"].shape == (5, 8, 8, 3)
+
+
 def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys):
     """--out in a folder that does not exist yet: made up front for every job (it failed after all the
     sampling for the .npz, the likelihood and --reverse); a file in the way is a one-line error."""
