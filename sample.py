@@ -75,6 +75,7 @@ UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream samp
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
+DEFAULT_OUT = {"grid": "sample.png", "reverse": "noise.pt"}  # --out of the jobs that always write a file
 
 # Defaults of sample.py; sample_ddp.py overrides them with upstream sample_ddp.py's.
 SAMPLE_DEFAULTS = dict(vae="mse", num_fid_samples=None, run_folder=False)
@@ -233,6 +234,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                         f"got {args.num_sampling_steps}")
     if args.out is not None:
         check_out_path(args.job, args.out)
+    elif args.job in DEFAULT_OUT:  # e.g. sample.png in a read-only working folder: said now, not after the work
+        check_out_path(args.job, DEFAULT_OUT[args.job])
     if args.job == "fid":
         if args.class_labels is not None:
             raise UserError("--class-labels sets a grid's labels; --num-fid-samples draws them "
@@ -476,7 +479,7 @@ def run_grid(setup: Setup) -> str:
     if bad:
         raise UserError(f"--class-labels {bad[0]} is outside 0 .. {setup.num_classes - 1} (--num-classes "
                         f"{setup.num_classes})")
-    out = args.out or "sample.png"
+    out = args.out or DEFAULT_OUT["grid"]
     batch_size = args.batch_size or len(labels)
     start = time.perf_counter()
     images = []
@@ -530,6 +533,8 @@ def run_fid(setup: Setup) -> str:
     settings = image_settings(args, setup)
 
     def prepare():
+        if args.out is None:  # the .npz goes beside the folder of PNGs
+            make_writable_folder(os.path.dirname(os.path.abspath(npz_path)), f"--sample-dir {args.sample_dir}")
         check_settings(sample_dir, settings)
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))
@@ -738,7 +743,7 @@ def run_reverse(setup: Setup) -> str:
     args = setup.args
     x, _, space = load_data(setup, args.data)
     labels = data_labels(setup, len(x))
-    out = args.out or "noise.pt"
+    out = args.out or DEFAULT_OUT["reverse"]
     noise = []
     with tqdm(total=len(x), unit="item", desc="reverse", disable=len(x) <= args.batch_size) as progress:
         for first in range(0, len(x), args.batch_size):

@@ -648,7 +648,7 @@ def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
-def test_folders_that_cannot_be_written_are_one_line_errors(files, tmp_path, capsys):
+def test_folders_that_cannot_be_written_are_one_line_errors(files, tmp_path, capsys, monkeypatch):
     """An --out in a folder no file can be written into was a traceback after the sampling; a
     --sample-dir that cannot be made (a file in its path, a read-only place) was a traceback."""
     common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
@@ -659,7 +659,7 @@ def test_folders_that_cannot_be_written_are_one_line_errors(files, tmp_path, cap
         (["--num-fid-samples", 2, "--sample-dir", tmp_path / "s", "--out", "/proc/fid.npz"],
          "error: --out /proc/fid.npz: cannot write into the folder /proc ("),
         (["--num-fid-samples", 2, "--sample-dir", "/proc/samples"],
-         "error: --sample-dir /proc/samples: cannot create the folder /proc/samples ("),
+         "error: --sample-dir /proc/samples: cannot write into the folder /proc ("),  # where the .npz goes
         (["--num-fid-samples", 2, "--sample-dir", tmp_path / "a_file" / "s"],
          f"error: --sample-dir {tmp_path / 'a_file' / 's'}: {tmp_path / 'a_file'} is a file: pass a folder"),
     ]
@@ -671,6 +671,16 @@ def test_folders_that_cannot_be_written_are_one_line_errors(files, tmp_path, cap
         err = one_line_error(capsys)
         assert err.startswith(needle), err
     assert not (tmp_path / "s").exists()
+    # the default outputs (sample.png, noise.pt, SAMPLE_DIR.npz) in a working folder that cannot be written
+    torch.save(torch.zeros(1, 3, 8, 8), tmp_path / "x.pt")
+    monkeypatch.chdir("/proc")
+    for argv, needle in [([], "error: --out sample.png: cannot write into the folder /proc ("),
+                         (["--reverse", "--data", tmp_path / "x.pt"], "error: --out noise.pt: cannot write into"),
+                         (["--num-fid-samples", 2], "error: --sample-dir samples: cannot write into the folder /proc (")]:
+        with pytest.raises(SystemExit):
+            run(common + argv)
+        err = one_line_error(capsys)
+        assert err.startswith(needle), err
 
 
 def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, capsys):
