@@ -208,6 +208,11 @@ def build_model(request: ModelRequest, device: torch.device,
     )
     loaded = load_into_model(model, state_dict, source=path)
     model = model.to(device).eval().requires_grad_(False)
+    not_finite = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if not_finite:  # a diverged run's weights: samples of NaN (black images), or an adaptive solver's assertion
+        raise CheckpointError(f"{path} holds weights that are not finite (NaN or inf) in {len(not_finite)} tensor(s), "
+                              f"e.g. {not_finite[0]}, as a diverged run saves them: its samples would be NaN; use an "
+                              f"earlier checkpoint{' (or --use-raw for its raw weights)' if info['weights'] == 'ema' else ''}")
     info.update(loaded)
     info.update(path=path, model=name, image_size=input_size * request.downsample, num_classes=num_classes,
                 learn_sigma=config["learn_sigma"])

@@ -145,6 +145,21 @@ def test_class_count_mismatch_warns_in_one_line(files, tmp_path, capsys):
     assert err.startswith("warning:") and "label table" in err and "re-initialised" in err
 
 
+def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
+    """A diverged run's weights gave black images (fixed-step solvers) or dopri5's AssertionError."""
+    state = random_sit(3, learn_sigma=False).state_dict()
+    state["final_layer.linear.bias"][0] = float("nan")
+    torch.save(state, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", tmp_path / "nan.pt", "--vae", "none", "--class-labels", 1, "--out", tmp_path / "g.png",
+             *FAST])
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: {tmp_path / 'nan.pt'} holds weights that are not finite (NaN or inf) in 1 tensor(s), "
+                          "e.g. final_layer.linear.bias"), err
+    assert not (tmp_path / "g.png").exists()
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--model", "SiT-S/2"], "pass --model SiT-T/2"),
     (["--image-size", 32], "--image-size 8"),
