@@ -684,6 +684,10 @@ def check_model_inputs(setup: Setup, x: torch.Tensor, path: str) -> tuple[torch.
     if tuple(x.shape[1:]) != setup.latent_shape:
         raise UserError(f"{path}: data of shape {tuple(x.shape)}, the model takes (N, "
                         f"{', '.join(map(str, setup.latent_shape))})")
+    finite = torch.isfinite(x.flatten(1)).all(1)
+    if not finite.all():  # the ODE would carry NaN to noise: a bpd of nan
+        first = int((~finite).nonzero()[0])
+        raise UserError(f"{path}: {int((~finite).sum())} of {len(x)} items hold NaN or inf (the first: item {first})")
     return x, 0.0, "the given model inputs (continuous)"
 
 

@@ -833,6 +833,9 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
     np.savez(tmp_path / "number.npz", arr_0=np.float32(3))
     torch.save(torch.tensor(3.0), tmp_path / "number.pt")
     np.savez(tmp_path / "two.npz", a=np.zeros(2), b=np.zeros(2))
+    nan = np.zeros((3, 3, 8, 8), np.float32)
+    nan[1, 0, 0, 0] = np.nan
+    np.savez(tmp_path / "nan.npz", arr_0=nan)
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "zero.png").write_bytes(b"")
     cases = {
@@ -843,6 +846,7 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
         "number.npz": "error: --data {} holds no items (a single number)",
         "number.pt": "error: --data {} holds no items (a single number)",
         "two.npz": "error: {} holds a, b: store the data as arr_0",
+        "nan.npz": "error: {}: 1 of 3 items hold NaN or inf (the first: item 1)",
         "images": "error: cannot read image {}/zero.png (cannot identify image file",
     }
     for job in ("--likelihood", "--reverse"):
