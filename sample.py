@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import os
 import sys
@@ -55,7 +54,7 @@ import torch
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
-from sit_fast.errors import UserError, cli_entry, first_line
+from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import make_writable_folder
 from sit_fast.models import SiT_models, resolve_fused_kernels
 from sit_fast.attention import ATTN_BACKENDS, select_backend
@@ -68,7 +67,6 @@ from sit_fast.sampling import (
 from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
 from sit_fast.vae import VAE_ALIASES
 
-logger = logging.getLogger("sit_fast")
 
 MODES = ("ODE", "SDE")
 UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream sample.py's grid
@@ -764,28 +762,12 @@ def run_reverse(setup: Setup) -> str:
 #                                      main                                      #
 #################################################################################
 
-class StderrLineHandler(logging.Handler):
-    """`warning: <message on one line>` to whatever sys.stderr is at the time."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        sys.stderr.write(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}\n")
-
-
-def setup_logging(is_main: bool) -> None:
-    """sit_fast's warnings on stderr, one line each, from rank 0 (other ranks: errors only)."""
-    for handler in logger.handlers:  # e.g. a training run's, earlier in this process
-        handler.close()
-    logger.handlers[:] = [StderrLineHandler()]
-    logger.setLevel(logging.WARNING if is_main else logging.ERROR)
-    logger.propagate = False
-
-
 @cli_entry
 def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str | None = None):
     args = resolve_args(build_parser(defaults, prog).parse_args(argv))
     dist = init_distributed()
     try:
-        setup_logging(dist.is_main)
+        log_warnings_on_stderr(dist.is_main)
         if dist.world_size > 1 and args.job != "fid":
             raise UserError("only --num-fid-samples runs under torchrun; run the other jobs with python")
         setup = Setup(args, dist)

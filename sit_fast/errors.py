@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import re
 import sys
@@ -25,6 +26,24 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     if isinstance(err, LookupError):  # a bare key or index says nothing alone
         return f"{type(err).__name__}: {text[0]}"[:limit]
     return text[0][:limit]
+
+
+class StderrLineHandler(logging.Handler):
+    """`warning: <message on one line>` to whatever sys.stderr is at the time."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        sys.stderr.write(f"{record.levelname.lower()}: {' '.join(record.getMessage().split())}\n")
+
+
+def log_warnings_on_stderr(is_main: bool) -> None:
+    """sit_fast's warnings on stderr, one line each, from rank 0 (other ranks: errors only), for the
+    scripts that keep no log file (sample.py, the latent cache)."""
+    logger = logging.getLogger("sit_fast")
+    for handler in logger.handlers:  # e.g. a training run's, earlier in this process
+        handler.close()
+    logger.handlers[:] = [StderrLineHandler()]
+    logger.setLevel(logging.WARNING if is_main else logging.ERROR)
+    logger.propagate = False
 
 
 def report(message: str) -> None:

@@ -35,7 +35,7 @@ from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
 )
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
-from sit_fast.errors import UserError, cli_entry
+from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.sampling import check_settings
 from sit_fast.training.checkpointing import atomic_torch_save
 from sit_fast.vae import check_image_size, load_vae
@@ -89,6 +89,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     from tqdm import tqdm
 
     dist_info = init_distributed()
+    log_warnings_on_stderr(dist_info.is_main)
     device = dist_info.device
     dataset = ImageFolderDataset(args.data_path, args.image_size)
     check_image_size(args.image_size, args.vae)

@@ -363,11 +363,12 @@ def test_precision_settings_mix_with_trainings_in_one_process(restore_matmul_pre
 def test_sampling_after_training_in_one_process_logs_to_stderr_not_the_runs_log(tmp_path, capsys):
     import logging
 
+    from sit_fast.errors import log_warnings_on_stderr
     from sit_fast.training.loop import open_log_file, setup_logging as setup_training_logging
 
     setup_training_logging(True)
     open_log_file(str(tmp_path))
-    sample.setup_logging(True)
+    log_warnings_on_stderr(True)
     logging.getLogger("sit_fast").warning("a sampling warning")
     with open(tmp_path / "log.txt") as f:
         assert f.read() == ""

@@ -1018,6 +1018,19 @@ def test_latent_cache_image_size_for_the_sd_vae_is_checked_before_loading_it(tmp
     assert capsys.readouterr().err == "error: --image-size 20 is not divisible by 8 (the VAE's downsampling); use e.g. 16\n"
 
 
+def test_latent_cache_warnings_are_one_line_each(tmp_path, capsys):
+    from sit_fast import latent_cache
+
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=1)
+    make_image_folder(tmp_path / "images" / ".extra", classes=1, per_class=1)
+    with pytest.raises(SystemExit):  # stops at the VAE's size check, after the data's warning
+        cli_entry(latent_cache.main)(["--data-path", images, "--vae", "ema", "--image-size", "20",
+                                      "--out", str(tmp_path / "cache")])
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 2 and err[0].startswith(f"warning: --data-path {images}: hidden folders (.extra) hold images")
+    assert err[1].startswith("error: --image-size 20"), err
+
+
 def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_path, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
