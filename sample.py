@@ -82,7 +82,7 @@ SAMPLE_DDP_DEFAULTS = dict(vae="ema", num_fid_samples=50_000, run_folder=True)
 # Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
 NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
                       "fused_kernels", "tf32", "data", "likelihood", "exact_divergence", "class_labels",
-                      "vae_explicit"}
+                      "vae_explicit", "prog"}
 
 
 #################################################################################
@@ -210,6 +210,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.cfg_scale not in (None, 1.0):
             raise UserError(f"--{args.job} runs without guidance: drop --cfg-scale (or pass 1)")
         if args.num_fid_samples is not None:
+            if getattr(args, "prog", None) == "sample_ddp.py":  # whose --num-fid-samples has a default
+                raise UserError(f"sample_ddp.py samples images for FID (--num-fid-samples, 50000 unless given): "
+                                f"run --{args.job} with sample.py")
             raise UserError(f"--{args.job} and --num-fid-samples are two jobs: pass one")
     elif args.data is not None:
         raise UserError("--data is read by ODE --likelihood or --reverse only")
@@ -764,7 +767,9 @@ def run_reverse(setup: Setup) -> str:
 
 @cli_entry
 def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str | None = None):
-    args = resolve_args(build_parser(defaults, prog).parse_args(argv))
+    args = build_parser(defaults, prog).parse_args(argv)
+    args.prog = prog
+    args = resolve_args(args)
     dist = init_distributed()
     try:
         log_warnings_on_stderr(dist.is_main)

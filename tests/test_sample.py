@@ -719,6 +719,14 @@ def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, caps
     assert sorted(os.listdir(tmp_path / "mine")) == ["000000.png", "000001.png", "notes.txt", "settings.json"]
 
 
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_sample_ddp_sends_the_ode_jobs_to_sample_py(job, capsys):
+    with pytest.raises(SystemExit):
+        sample.main(["ODE", job, "--data", "x.npz"], defaults=sample.SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")
+    assert one_line_error(capsys) == (f"error: sample_ddp.py samples images for FID (--num-fid-samples, 50000 unless "
+                                      f"given): run {job} with sample.py")
+
+
 def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     """sample_ddp.py, as upstream's: SAMPLE_DIR/<name from the settings>/ and <name>.npz beside it, so
     a sweep over guidance scales or samplers needs no --sample-dir per run."""
