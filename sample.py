@@ -56,7 +56,7 @@ from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_co
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import make_writable_folder
-from sit_fast.models import SiT_models, resolve_fused_kernels
+from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
@@ -361,13 +361,7 @@ class Setup:
         if self.codec is not None and args.in_channels is not None:
             raise UserError("--in-channels is for pixel space (--vae none); with a VAE the latent channels are the VAE's")
         downsample = self.codec.downsample if self.codec is not None else 1
-        fused_kernels = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
-        if fused_kernels == "auto" and device.type != "cuda":
-            fused_kernels = False  # on the CPU the kernels only run through the Triton interpreter: a test tool
-        try:
-            resolve_fused_kernels(fused_kernels, device)
-        except ValueError as err:
-            raise UserError(f"--fused-kernels {args.fused_kernels}: {err}") from None
+        fused_kernels, _ = fused_kernels_flag(args.fused_kernels, device)
         request = ModelRequest(
             ckpt=ckpt, model=args.model, image_size=args.image_size, num_classes=args.num_classes,
             in_channels=self.codec.latent_channels if self.codec is not None else args.in_channels,

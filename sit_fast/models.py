@@ -30,6 +30,7 @@ import torch.nn.functional as F
 
 import kernels
 from sit_fast.attention import ATTN_BACKENDS, attention_fn, resolve_backend
+from sit_fast.errors import UserError
 
 LN_EPS = 1e-6
 
@@ -113,7 +114,7 @@ def _fused_on(fused_kernels: bool | str, device: torch.device) -> bool:
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
     if fused_kernels is True and device.type == "cpu" and not (triton_interpreter_enabled() or _SHAPES_ONLY):
         raise ValueError(
-            "fused_kernels=True on the CPU needs the Triton interpreter: set TRITON_INTERPRET=1 "
+            "fused_kernels=True: on the CPU the kernels need the Triton interpreter: set TRITON_INTERPRET=1 "
             "before triton is imported, or use fused_kernels=False"
         )
     return bool(fused_kernels)
@@ -126,6 +127,19 @@ def resolve_fused_kernels(fused_kernels: bool | str, device: torch.device) -> bo
     if fused:
         kernels.launch_settings()  # raises now rather than at the first launch
     return fused
+
+
+def fused_kernels_flag(flag: str, device: torch.device, auto_on_cpu: bool = False) -> tuple[bool | str, bool]:
+    """The scripts' --fused-kernels {auto,on,off}: (the model's fused_kernels setting, whether the
+    kernels run). "auto" is off on the CPU, where the kernels run only through the Triton interpreter
+    (a test tool), unless auto_on_cpu. A setting that cannot run here is a UserError in the flag's words."""
+    auto = "auto" if device.type == "cuda" or auto_on_cpu else False
+    setting = {"auto": auto, "on": True, "off": False}[flag]
+    try:
+        return setting, resolve_fused_kernels(setting, device)
+    except ValueError as err:
+        message = str(err).replace("fused_kernels=True: ", "").replace("fused_kernels=False", "--fused-kernels off")
+        raise UserError(f"--fused-kernels {flag}: {message}") from None
 
 
 #################################################################################

@@ -213,7 +213,7 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
 def main(argv=None) -> int:
     from sit_fast.argtypes import OneLineArgumentParser, positive_int
     from sit_fast.errors import UserError
-    from sit_fast.models import SiT_models, resolve_fused_kernels
+    from sit_fast.models import SiT_models, fused_kernels_flag
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.parity", allow_abbrev=False,
                                    description="Compare a fast SiT configuration against the reference.")
@@ -229,12 +229,11 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=None, help="input seed (random when omitted)")
     args = parser.parse_args(argv)
 
-    fused = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
+    fused, _ = fused_kernels_flag(args.fused_kernels, torch.device(args.device), auto_on_cpu=True)
     common = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
     reference = randomize_zero_init_(SiT_models[args.model](**common))
-    try:  # a backend or kernels that cannot run here: one line saying why
+    try:  # a backend that cannot run here: one line saying why
         candidate = SiT_models[args.model](attn_backend=args.attn_backend, fused_kernels=fused, **common)
-        resolve_fused_kernels(fused, torch.device(args.device))
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.compile:

@@ -270,7 +270,8 @@ def test_parity_cli_error_is_one_line():
                              "--device", "cpu", "--fused-kernels", "on"], capture_output=True, text=True, env=env,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
-    assert result.stderr.strip().startswith("error: fused_kernels=True on the CPU needs the Triton interpreter")
+    assert result.stderr.strip() == ("error: --fused-kernels on: on the CPU the kernels need the Triton interpreter: "
+                                     "set TRITON_INTERPRET=1 before triton is imported, or use --fused-kernels off")
     result = subprocess.run([sys.executable, "-m", "sit_fast.parity", "--batch-size", "0"], capture_output=True,
                             text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2 and result.stderr == (

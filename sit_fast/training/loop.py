@@ -35,7 +35,7 @@ from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError, first_line
 from sit_fast.files import make_folder
-from sit_fast.models import SiT_models, model_config, resolve_fused_kernels
+from sit_fast.models import SiT_models, fused_kernels_flag, model_config
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs,
@@ -400,19 +400,13 @@ class Trainer:
                     f"{self.sampler.steps_per_epoch} steps per epoch; model input {channels}x{latent_size}x{latent_size}")
 
         # Model, EMA, optimizer.
-        fused = {"auto": "auto", "on": True, "off": False}[args.fused_kernels]
         config = model_config(args.model)
         try:  # options that cannot run here are the user's to change: one line each
             backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
                            config["hidden_size"] // config["num_heads"])
         except ValueError as err:
             raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
-        if fused == "auto" and self.device.type != "cuda":
-            fused = False  # on the CPU the kernels only run through the Triton interpreter: a test tool
-        try:
-            fused_on = resolve_fused_kernels(fused, self.device)
-        except ValueError as err:
-            raise UserError(f"--fused-kernels {args.fused_kernels}: {err} (--fused-kernels off)") from None
+        fused, fused_on = fused_kernels_flag(args.fused_kernels, self.device)
         note = (" (through the Triton interpreter on the CPU: very slow, for tests)"
                 if fused_on and self.device.type != "cuda" else "")
         logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
