@@ -558,6 +558,9 @@ def run_fid(setup: Setup) -> str:
                 progress.update(min(len(kept) * dist.world_size, todo - progress.n))
         finally:
             writer.close()
+    except UserError:  # e.g. a full disk: the error on a line of its own, after the bar
+        progress.close()
+        raise
     except KeyboardInterrupt:  # PNGs are written whole (atomically) and the queued ones finished: all are kept
         progress.close()
         if dist.is_main:

@@ -1,10 +1,14 @@
 """Folders the command lines write into."""
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
 
 from sit_fast.errors import UserError
+
+# A write failing so is the place's fault (full, over quota, read-only, not ours): the user's to fix.
+WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def make_folder(path: str, flag: str) -> None:

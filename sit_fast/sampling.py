@@ -25,6 +25,7 @@ of --per-proc-batch-size.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -42,7 +43,7 @@ import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError
-from sit_fast.files import make_writable_folder
+from sit_fast.files import WRITE_REFUSED, make_writable_folder
 from sit_fast.models import SiT, SiT_models, model_config, registry_name
 from sit_fast.transport.integrators import time_grid
 
@@ -563,8 +564,16 @@ def _write_png(image: np.ndarray, path: str) -> None:
     from PIL import Image
 
     temporary = f"{path}.tmp"
-    Image.fromarray(image).save(temporary, format="PNG")
-    os.replace(temporary, path)
+    try:
+        Image.fromarray(image).save(temporary, format="PNG")
+        os.replace(temporary, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(temporary)
+        if err.errno not in WRITE_REFUSED:
+            raise
+        raise UserError(f"cannot write {path} ({err.strerror}): the images written are kept: make room (or make "
+                        f"the folder writable) and run the same command again to sample the rest") from None
 
 
 def _atomic_write_bytes(path: str, data: bytes) -> None:

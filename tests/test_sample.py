@@ -645,6 +645,35 @@ def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_
         assert archive["arr_0"].shape == (5, 8, 8, 3)
 
 
+def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from PIL import Image as PILImage
+
+    sample_dir = tmp_path / "s"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 4, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
+    real_save, calls = PILImage.Image.save, []
+
+    def full_disk_save(self, fp, *args, **kwargs):
+        calls.append(fp)
+        if str(fp).endswith("000002.png.tmp"):
+            with open(fp, "wb") as f:
+                f.write(b"part")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(PILImage.Image, "save", full_disk_save)
+    with pytest.raises(SystemExit) as exit_info:
+        sample.main([str(a) for a in argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
+    assert err == (f"error: cannot write {sample_dir / '000002.png'} (No space left on device): the images written "
+                   f"are kept: make room (or make the folder writable) and run the same command again to sample "
+                   f"the rest"), err
+    assert "000002.png.tmp" not in os.listdir(sample_dir) and "000000.png" in os.listdir(sample_dir)
+
+
 def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys):
     """--out in a folder that does not exist yet: made up front for every job (it failed after all the
     sampling for the .npz, the likelihood and --reverse); a file in the way is a one-line error."""

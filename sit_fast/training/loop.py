@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import errno
 import importlib
 import logging
 import logging.handlers
@@ -34,7 +33,7 @@ from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, 
 from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import make_folder
+from sit_fast.files import WRITE_REFUSED, make_folder
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
@@ -129,8 +128,6 @@ def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
     return f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved to {aside}"
 
 
-# a checkpoint write failing so is the place's fault (full, read-only, not ours), not the run's
-WRITE_REFUSED = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
 LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
 
 
