@@ -223,20 +223,26 @@ def test_switches_and_optional_values_can_be_unset_on_resume(tmp_path):
     assert summary["step"] == 28  # the end of the first epoch (1797 digits in batches of 64)
 
 
-def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
-    exp = str(tmp_path / "run")
+def fail_second_checkpoint_write(monkeypatch, error: OSError):
+    """The second checkpoint's torch.save writes half of the file, then raises `error`; returns the real save."""
     real_save = torch.save
     calls = {"n": 0}
 
-    def crashing_save(obj, f, *args, **kwargs):
+    def failing_save(obj, f, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 2:  # the second checkpoint: write half of it, then "crash"
+        if calls["n"] == 2:
             real_save(obj, f, *args, **kwargs)
             f.truncate(f.tell() // 2)
-            raise OSError("simulated crash while writing")
+            raise error
         return real_save(obj, f, *args, **kwargs)
 
-    monkeypatch.setattr(checkpointing.torch, "save", crashing_save)
+    monkeypatch.setattr(checkpointing.torch, "save", failing_save)
+    return real_save
+
+
+def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
+    exp = str(tmp_path / "run")
+    real_save = fail_second_checkpoint_write(monkeypatch, OSError("simulated crash while writing"))
     with pytest.raises(OSError, match="simulated crash"):
         train_main(BASE + ["--exp-dir", exp, "--max-steps", "8", "--ckpt-every", "4"])
     monkeypatch.setattr(checkpointing.torch, "save", real_save)
@@ -258,17 +264,7 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(
     import errno
 
     exp = str(tmp_path / "run")
-    real_save = torch.save
-    calls = {"n": 0}
-
-    def full_disk_save(obj, f, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            f.write(b"part of it")
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(checkpointing.torch, "save", full_disk_save)
+    fail_second_checkpoint_write(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(UserError) as info:
         train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--ckpt-every", "2"])
     first = os.path.join(exp, "checkpoints", "0000002.pt")
