@@ -249,8 +249,10 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
         parity_batch=4, memory_batches=(8, 16),
         # 400 s of measurements, plus start-up and at most one compilation running over its estimate:
         # under the GPU suite's 8-minute budget. Training and sampling, where the goals are, get the
-        # largest shares; gpu_session.sh also runs the parity tests natively after the suite.
-        budgets_s={"kernels": 60, "parity": 40, "train": 155, "sample": 125, "memory": 35, "tuning": 0},
+        # largest shares; gpu_session.sh also runs the parity tests natively after the suite. Parity's
+        # share holds its first case, ours compiled (expected_cost_s: 40 s), also at gpu_session.sh's
+        # 340 s, where every box is about 0.8 of its share: the train and sample records quote it.
+        budgets_s={"kernels": 50, "parity": 60, "train": 155, "sample": 125, "memory": 25, "tuning": 0},
         deadline_s=400,
         copy_bytes=1 << 30, matmul_n=8192,
     ),

@@ -479,3 +479,64 @@ def test_kernel_time_box_judges_each_variant_by_its_own_last_measurement(monkeyp
     assert status["gated_residual", "ours"] == status["gated_residual", "reference"] == "ok", rows
     assert status["layernorm_modulate", "ours"] == "skipped", rows
     assert status["layernorm_modulate", "reference"] == "ok", rows
+
+
+def _full_size_boxes(tmp_path, monkeypatch, deadline_s: float, startup_s: float, kernels_overrun_s: float) -> dict:
+    """Each suite's time box in `python -m benchmarks all --size full --deadline-s deadline_s`, on a fake
+    clock: start-up (environment, ceilings) takes startup_s, the kernels suite its whole box and
+    kernels_overrun_s more, every other suite its whole box. Nothing is built or measured."""
+    import types
+
+    import benchmarks.__main__ as bench_main
+    from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as main() sets it for --device cpu, undone after the test
+    now = [0.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=lambda: now[0])
+    monkeypatch.setattr(bench_main, "time", clock)
+    monkeypatch.setattr(common, "time", clock)
+
+    def ceilings(device, size):
+        now[0] += startup_s
+        return {"copy_gbps": 1.0, "copy_bytes": 1, "matmul_tflops": 1.0, "matmul_shape": [1, 1, 1]}
+
+    boxes = {}
+
+    def runner(suite, overrun_s=0.0):
+        def run(ctx):
+            boxes[suite] = ctx.budget.seconds
+            now[0] += ctx.budget.seconds + overrun_s
+        return run
+
+    monkeypatch.setattr(common, "measure_ceilings", ceilings)
+    monkeypatch.setattr(bench_main, "run_kernels", runner("kernels", kernels_overrun_s))
+    for module in (parity_suite, train_suite, sample_suite, memory_suite, tuning_suite):
+        monkeypatch.setattr(module, "run", runner(module.SUITE))
+    assert bench_main.main(["all", "--device", "cpu", "--size", "full", "--deadline-s", str(deadline_s),
+                            "--out", str(tmp_path)]) == 0
+    return boxes
+
+
+@pytest.mark.parametrize("deadline_s", ["gpu_session.sh", 400])
+def test_full_size_boxes_hold_the_goal_measurements(tmp_path, monkeypatch, deadline_s):
+    """At the GPU session's deadline (and the full size's default), after 20 s of start-up and a
+    kernels suite that overruns its box by 5 s, each suite's box holds what its first measurements
+    are estimated to need: parity of ours compiled (the figure the train and sample records quote),
+    the training steps of ours and of the compiled reference, ours sampled at both batches (a
+    compilation each), and an eager form's activation memory."""
+    import re
+
+    from benchmarks import common
+
+    if deadline_s == "gpu_session.sh":
+        with open(os.path.join(REPO_ROOT, "benchmarks", "gpu_session.sh"), encoding="utf-8") as f:
+            deadline_s = int(re.search(r"BENCH_DEADLINE_S:-(\d+)", f.read()).group(1))
+    boxes = _full_size_boxes(tmp_path, monkeypatch, deadline_s, startup_s=20.0, kernels_overrun_s=5.0)
+    full = common.SIZES["full"]()
+    ours = common.VARIANTS_BY_NAME["ours"]
+    compiled_reference = common.VARIANTS_BY_NAME["reference+bf16+sdpa+compile"]
+    eager = common.VARIANTS_BY_NAME["reference+bf16+sdpa"]
+    assert boxes["parity"] >= common.expected_cost_s(full, ours), boxes
+    assert boxes["train"] >= common.expected_cost_s(full, ours) + common.expected_cost_s(full, compiled_reference), boxes
+    assert boxes["sample"] >= len(full.sample_batches) * common.expected_cost_s(full, ours), boxes
+    assert boxes["memory"] >= common.expected_cost_s(full, eager), boxes
