@@ -79,9 +79,15 @@ def tune_one(ctx, op: str, direction: str, default: tuple, choices: tuple) -> No
     limit = None  # the parity limit, set once the default launch has run
 
     def measure(launch: tuple) -> bool:
-        """Measure one launch (once); False when the time box is out (recorded as skipped)."""
+        """Measure one launch (once) and write its record; False when the time box is out (recorded
+        as skipped). Written at once, so a run stopped part way through a search keeps its launches."""
         if launch in measured:
             return True
+        fits = measure_one(launch)
+        ctx.emit(measured[launch])
+        return fits
+
+    def measure_one(launch: tuple) -> bool:
         settings = dict(zip(KEYS, launch))
         variant = "ours " + " ".join(f"{k}={v}" for k, v in settings.items())
         extra = {**settings, "default": launch == default, "best": False}
@@ -140,5 +146,4 @@ def tune_one(ctx, op: str, direction: str, default: tuple, choices: tuple) -> No
             if base["status"] == "ok" else "the default did not run"
         settings = ",".join(f"{direction}_{k}={v}" for k, v in zip(KEYS, chosen))
         print(f"[{SUITE}] {name}: best {settings} {measured[chosen]['gbps']:.3g} GB/s ({speedup})", flush=True)
-    for launch in sorted(measured):
-        ctx.emit(measured[launch])
+        ctx.results.write()  # the best launch's mark

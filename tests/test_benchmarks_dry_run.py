@@ -540,3 +540,24 @@ def test_full_size_boxes_hold_the_goal_measurements(tmp_path, monkeypatch, deadl
     assert boxes["train"] >= common.expected_cost_s(full, ours) + common.expected_cost_s(full, compiled_reference), boxes
     assert boxes["sample"] >= len(full.sample_batches) * common.expected_cost_s(full, ours), boxes
     assert boxes["memory"] >= common.expected_cost_s(full, eager), boxes
+
+
+def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
+    """A tuning run stopped in the middle of a search (the outer timeout) keeps the launches it measured."""
+    from benchmarks import kernels_suite
+    from benchmarks.__main__ import main
+
+    real, calls = kernels_suite._time_cpu, []
+
+    def time_cpu(step, reps, warmup=1):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # stands in for the signal that stops the run
+        return real(step, reps, warmup)
+
+    monkeypatch.setattr(kernels_suite, "_time_cpu", time_cpu)
+    with pytest.raises(KeyboardInterrupt):
+        main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
+    (record,) = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert record["suite"] == "tuning" and record["status"] == "ok" and record["extra"]["default"], record
+    assert "| layernorm_modulate.fwd |" in (tmp_path / "results.md").read_text()
