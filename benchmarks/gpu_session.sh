@@ -11,7 +11,8 @@
 #   BENCH_ARGS         the suite's arguments ("all --device cuda --size full")
 #   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (340)
 #   TEST_ARGS          pytest's arguments (the kernel, fast-path and upstream-parity test files, then the CUDA
-#                      graph tests of sampling: $CUDA_GRAPH_TESTS)
+#                      graph tests of sampling: $CUDA_GRAPH_TESTS), split as the shell splits words, quotes
+#                      included: TEST_ARGS="tests/test_kernels.py -k 'layernorm and 72'"
 #   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
 # Exit status: the suite's, or else the tests'; 124 where a part ran out of time.
 set -uo pipefail
@@ -52,9 +53,10 @@ if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$(nproc)" -ge 4 ]; then
     workers=(-n "$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
 fi
 echo "gpu_session: tests (killed at ${test_timeout} s): pytest ${workers[*]} $TEST_ARGS" | tee "$OUT/log_tests"
+eval "test_args=($TEST_ARGS)"  # quotes group words, as on a command line (-k 'a and b')
 # -v: a line per test as it ends, so a run the timeout stops still says which tests passed and failed
-# shellcheck disable=SC2086
-timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${workers[@]}" $TEST_ARGS 2>&1 | tee -a "$OUT/log_tests"
+timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${workers[@]}" "${test_args[@]}" 2>&1 \
+    | tee -a "$OUT/log_tests"
 test_status=$?
 
 echo "gpu_session: suite exit ${bench_status}, tests exit ${test_status}, $((SECONDS - start)) s in all" \

@@ -561,3 +561,16 @@ def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
     (record,) = json.loads((tmp_path / "results.json").read_text())["records"]
     assert record["suite"] == "tuning" and record["status"] == "ok" and record["extra"]["default"], record
     assert "| layernorm_modulate.fwd |" in (tmp_path / "results.md").read_text()
+
+
+def test_session_test_args_take_quoted_words(tmp_path):
+    """gpu_session.sh's TEST_ARGS split as a command line: -k 'a and b' is one expression. The suite
+    part only prints its help here."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(tmp_path), PYTHON=sys.executable, SESSION_S="150", TEST_MIN_S="100", BENCH_ARGS="--help",
+               TEST_ARGS="tests/test_kernels.py -k 'rejects_bad_inputs and int64' -p no:cacheprovider")
+    proc = subprocess.run(["bash", os.path.join("benchmarks", "gpu_session.sh")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=150, env=env)
+    test_log = (tmp_path / "log_tests").read_text()
+    assert proc.returncode == 0, _tail(proc)
+    assert "test_kernel_rejects_bad_inputs[" in test_log and " deselected" in test_log, test_log[-2000:]
