@@ -502,8 +502,29 @@ class SiT(nn.Module):
             self._modulation_cache = cache
         return cache[1], cache[2]
 
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> None:
+        """TypeError / ValueError naming the argument unless x is (N, in_channels, H, W), t (N,)
+        and y (N,) integer labels, all three on one device (forward's contract)."""
+        for name, value in (("x", x), ("t", t), ("y", y)):
+            if not isinstance(value, torch.Tensor):
+                null = f" (the null class, for unconditional outputs, is label {self.num_classes})" if name == "y" else ""
+                raise TypeError(f"{name} must be a tensor, got {type(value).__name__}{null}")
+        if x.dim() != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "
+                             f"got {tuple(x.shape)}")
+        n = x.shape[0]
+        for name, value in (("t", t), ("y", y)):
+            if tuple(value.shape) != (n,):
+                raise ValueError(f"{name} must have shape (N,) = ({n},), one entry per sample of x, "
+                                 f"got {tuple(value.shape)}")
+            if value.device != x.device:
+                raise ValueError(f"{name} is on {value.device}, x on {x.device}: put them on one device")
+        if y.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"y must hold integer class labels (int64), got {y.dtype}")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W)."""
+        self._check_inputs(x, t, y)
         fused = _fused_on(self.fused_kernels, x.device)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
@@ -533,6 +554,9 @@ class SiT(nn.Module):
         3 channels (cfg_channels=3, kept so published numbers reproduce); cfg_channels="all" guides
         every channel, the standard formulation.
         """
+        if len(x) % 2:
+            raise ValueError(f"forward_with_cfg takes the latents twice, [x, x] with labels [y, null]: "
+                             f"the batch must be even, got {len(x)}")
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)

@@ -262,6 +262,33 @@ def test_wrong_input_size_is_a_clear_error():
         model(torch.randn(1, 4, 16, 16), torch.rand(1), torch.zeros(1, dtype=torch.long))
 
 
+@pytest.mark.parametrize("args, error, needle", [
+    (lambda x, t, y: (x, t[:, None], y), ValueError, r"t must have shape \(N,\) = \(3,\).*got \(3, 1\)"),
+    (lambda x, t, y: (x, t, y[:, None]), ValueError, r"y must have shape \(N,\) = \(3,\).*got \(3, 1\)"),
+    (lambda x, t, y: (x, t[0], y), ValueError, r"t must have shape .*got \(\)"),
+    (lambda x, t, y: (x, t[:2], y), ValueError, r"t must have shape .*got \(2,\)"),
+    (lambda x, t, y: (x, t, None), TypeError, r"y must be a tensor, got NoneType \(the null class.* is label 10\)"),
+    (lambda x, t, y: (x, 0.5, y), TypeError, r"t must be a tensor, got float"),
+    (lambda x, t, y: (x, t, y.float()), TypeError, r"y must hold integer class labels .*float32"),
+    (lambda x, t, y: (x[:, :3], t, y), ValueError, r"x must have shape \(N, 4, 8, 8\), got \(3, 3, 8, 8\)"),
+    (lambda x, t, y: (x[0], t, y), ValueError, r"x must have shape \(N, 4, 8, 8\), got \(4, 8, 8\)"),
+    (lambda x, t, y: (x, t.to("meta"), y), ValueError, r"t is on meta, x on cpu"),
+])
+def test_wrong_inputs_are_clear_errors(args, error, needle):
+    """A t or y of shape (N, 1) would broadcast against the (N, D) embeddings into a wrong
+    conditioning without an error; these are refused before the model runs, naming the argument."""
+    model = tiny_sit()
+    with pytest.raises(error, match=needle):
+        model(*args(*inputs(model)))
+
+
+def test_forward_with_cfg_refuses_an_odd_batch():
+    model = tiny_sit()
+    x, t, y = inputs(model, 3)
+    with pytest.raises(ValueError, match="batch must be even, got 3"):
+        model.forward_with_cfg(x, t, y, 4.0)
+
+
 def test_frozen_model_reuses_modulation_weights_until_they_change():
     model = randomize_(tiny_sit()).eval()
     x, t, y = inputs(model)
