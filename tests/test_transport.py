@@ -19,6 +19,7 @@ from sit_fast.transport import (
     LAST_STEPS,
     ModelType,
     PathType,
+    SDE_METHODS,
     Sampler,
     WeightType,
     add_ode_args,
@@ -468,6 +469,27 @@ def test_upstream_style_usage_with_model_kwargs():
         samples = sample_fn(z, forward_with_cfg, **model_kwargs)[-1]
         assert samples.shape == z.shape and torch.isfinite(samples).all()
         assert seen["cfg_scale"] == 4.0 and torch.equal(seen["y"], model_kwargs["y"]) and seen["t_shape"] == (6,)
+
+
+@pytest.mark.parametrize("path_type", ["Linear", "VP"])
+@pytest.mark.parametrize("prediction", ["velocity", "score"])
+def test_samplers_keep_a_bf16_state_in_bf16(path_type, prediction):
+    """A model with bf16 weights takes bf16 inputs only; the float32 grid's coefficients must not
+    promote the state (score conversions, SDE noise scales, the last step) to float32."""
+    base = closed_form_model(path_type, prediction)
+
+    def bf16_model(x, t):
+        assert x.dtype == torch.bfloat16, x.dtype
+        return base(x.float(), t).to(torch.bfloat16)
+
+    sampler = Sampler(create_transport(path_type, prediction))
+    z = torch.randn(8, 2, dtype=torch.bfloat16)
+    sample_fns = [sampler.sample_ode(sampling_method=m, num_steps=4) for m in ("euler", "heun", "dopri5")]
+    sample_fns += [sampler.sample_sde(sampling_method=m, last_step=last, num_steps=4)
+                   for m in SDE_METHODS for last in LAST_STEPS]
+    for sample_fn in sample_fns:
+        out = sample_fn(z, bf16_model)[-1]
+        assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
 
 
 @pytest.mark.parametrize("method", ("euler", "heun", "dopri5", "rk4"))

@@ -9,7 +9,9 @@ graph (tests/test_transport.py checks this on the meta device, and captures one 
 torchdiffeq path is not sync-free: torchdiffeq reads step sizes and errors on the host.
 
 They return a list of states: `[x_final]`, or with trajectory=True every state from the start
-state to the final one (len(t_grid) states).
+state to the final one (len(t_grid) states). Every state keeps the start state's dtype: in bf16 or
+fp16 the grid is float32 and coefficients computed from it would promote the state to float32,
+which a model whose weights are in the lower precision cannot take.
 """
 import torch
 from torchdiffeq import odeint
@@ -30,11 +32,18 @@ def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
 
-def _add_scaled(x, h, dx):
-    """x + h * dx for a tensor or a tuple of tensors."""
+def _like(value, x):
+    """value in x's dtype, for a tensor or a tuple of tensors."""
     if isinstance(x, tuple):
-        return tuple(a + h * b for a, b in zip(x, dx))
-    return x + h * dx
+        return tuple(v.to(a.dtype) for v, a in zip(value, x))
+    return value.to(x.dtype)
+
+
+def _add_scaled(x, h, dx):
+    """x + h * dx in x's dtype, for a tensor or a tuple of tensors."""
+    if isinstance(x, tuple):
+        return tuple((a + h * b).to(a.dtype) for a, b in zip(x, dx))
+    return (x + h * dx).to(x.dtype)
 
 
 def time_grid(t0: float, t1: float, num_points: int, like) -> torch.Tensor:
@@ -80,7 +89,7 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
     batch = _first(x).shape[0]
 
     def func(t, state):  # torchdiffeq passes a 0-dim time
-        return drift(state, t.expand(batch))
+        return _like(drift(state, t.expand(batch)), state)
 
     times = t_grid if trajectory else t_grid[:: t_grid.shape[0] - 1]  # [t0, t1] as a view
     if not issubclass(TORCHDIFFEQ_SOLVERS[method], FixedGridODESolver):
@@ -130,7 +139,7 @@ def sde_euler_maruyama(drift, diffusion, x, t_grid, trajectory=False):
     for i in range(dt.shape[0]):
         t = t_grid[i].expand(batch)
         noise_scale = torch.sqrt(2 * diffusion(x, t) * dt[i])
-        x = x + drift(x, t) * dt[i] + noise_scale * torch.randn_like(x)
+        x = (x + drift(x, t) * dt[i] + noise_scale * torch.randn_like(x)).to(x.dtype)
         if trajectory:
             states.append(x)
     return states if trajectory else [x]
@@ -146,10 +155,10 @@ def sde_heun(drift, diffusion, x, t_grid, trajectory=False):
     states = [x] if trajectory else None
     for i in range(dt.shape[0]):
         t_cur, t_next = t_grid[i].expand(batch), t_grid[i + 1].expand(batch)
-        x_hat = x + torch.sqrt(2 * diffusion(x, t_cur) * dt[i]) * torch.randn_like(x)
+        x_hat = (x + torch.sqrt(2 * diffusion(x, t_cur) * dt[i]) * torch.randn_like(x)).to(x.dtype)
         d_cur = drift(x_hat, t_cur)
-        d_next = drift(x_hat + dt[i] * d_cur, t_next)
-        x = x_hat + 0.5 * dt[i] * (d_cur + d_next)
+        d_next = drift(_add_scaled(x_hat, dt[i], d_cur), t_next)
+        x = (x_hat + 0.5 * dt[i] * (d_cur + d_next)).to(x.dtype)
         if trajectory:
             states.append(x)
     return states if trajectory else [x]

@@ -270,7 +270,7 @@ class Sampler:
             with torch.no_grad():
                 t_grid = time_grid(t0, t1, num_steps, x)
                 states = integrate(drift, diffusion, x, t_grid, trajectory)
-                x_final = last_step_fn(states[-1], t_grid[-1].expand(x.shape[0]), model, **model_kwargs)
+                x_final = last_step_fn(states[-1], t_grid[-1].expand(x.shape[0]), model, **model_kwargs).to(x.dtype)
             return states + [x_final] if trajectory else [x_final]
 
         return sample
