@@ -396,7 +396,7 @@ class SiT(nn.Module):
         once, which composes with DDP, autocast and gradient checkpointing. For the whole model use
         torch.compile(model, fullgraph=True) instead. Returns self."""
         compile_kwargs.setdefault("fullgraph", True)
-        self._compiled_step = torch.compile(_block_step, **compile_kwargs)
+        self._compiled_step = CompiledBlockStep(compile_kwargs)
         return self
 
     def cast_matmul_weights_(self, dtype: torch.dtype) -> "SiT":
@@ -579,6 +579,25 @@ def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mo
     x, h = ops["gated_residual_layernorm_modulate"](x, gate_msa, block.attn(h), shift_mlp, scale_mlp)
     x, h = ops["gated_residual_layernorm_modulate"](x, gate_mlp, block.mlp(h, fast), shift_next, scale_next)
     return x, h  # (N, T, D) residual stream, (N, T, D) next sublayer input
+
+
+class CompiledBlockStep:
+    """torch.compile(_block_step, **compile_kwargs), which a model holding it can be pickled with
+    (torch.save(model)): it pickles as its arguments and compiles again in the process that loads
+    it. A deepcopy (an EMA copy) shares it, and so the compiled code."""
+
+    def __init__(self, compile_kwargs: dict):
+        self.compile_kwargs = compile_kwargs
+        self.fn = torch.compile(_block_step, **compile_kwargs)
+
+    def __call__(self, *args):
+        return self.fn(*args)
+
+    def __deepcopy__(self, memo) -> "CompiledBlockStep":
+        return self
+
+    def __reduce__(self):
+        return CompiledBlockStep, (self.compile_kwargs,)
 
 
 #################################################################################

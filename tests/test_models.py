@@ -329,3 +329,21 @@ def test_timestep_embedding_against_the_formula(dim):
             angle = float(t[n]) * 10000.0 ** (-i / half)
             expected[n, i], expected[n, half + i] = math.cos(angle), math.sin(angle)
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4)  # fp32 arguments up to 1000
+
+
+def test_model_with_compiled_blocks_pickles_and_deepcopies():
+    """torch.save(model) after compile_blocks: the compiled step pickles as its arguments; an EMA
+    deepcopy shares it."""
+    import copy
+    import io
+
+    model = randomize_(tiny_sit()).eval().compile_blocks(backend="eager")
+    x, t, y = inputs(model)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    restored = torch.load(buffer, weights_only=False)
+    assert restored._compiled_step.compile_kwargs == {"backend": "eager", "fullgraph": True}
+    assert copy.deepcopy(model)._compiled_step is model._compiled_step
+    with torch.no_grad():
+        torch.testing.assert_close(restored(x, t, y), model(x, t, y), rtol=0, atol=0)
