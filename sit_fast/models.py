@@ -659,6 +659,12 @@ SiT_models: dict[str, Callable[..., SiT]] = {
 }
 SiT_models.update({f"SiT-T/{p}": _make_config("T", p) for p in (1,)})
 
+# Upstream's constructors by name (from models import SiT_XL_2).
+SiT_XL_2, SiT_XL_4, SiT_XL_8 = SiT_models["SiT-XL/2"], SiT_models["SiT-XL/4"], SiT_models["SiT-XL/8"]
+SiT_L_2, SiT_L_4, SiT_L_8 = SiT_models["SiT-L/2"], SiT_models["SiT-L/4"], SiT_models["SiT-L/8"]
+SiT_B_2, SiT_B_4, SiT_B_8 = SiT_models["SiT-B/2"], SiT_models["SiT-B/4"], SiT_models["SiT-B/8"]
+SiT_S_2, SiT_S_4, SiT_S_8 = SiT_models["SiT-S/2"], SiT_models["SiT-S/4"], SiT_models["SiT-S/8"]
+
 
 def model_config(name: str) -> dict:
     """depth, hidden_size, num_heads, patch_size of a registry entry."""

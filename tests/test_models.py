@@ -88,6 +88,15 @@ def test_registry_has_the_twelve_upstream_configs():
         model_config("SiT-XXL/2")
 
 
+def test_upstream_constructor_names():
+    """Upstream's models.py defines SiT_XL_2 ... SiT_S_8 beside the registry; scripts import them."""
+    import sit_fast.models as models
+
+    for name in UPSTREAM_MODELS:
+        attribute = name.replace("SiT-", "SiT_").replace("/", "_")
+        assert getattr(models, attribute) is SiT_models[name]
+
+
 @pytest.mark.parametrize("name", ["SiT-S/2", "SiT-B/4", "SiT-L/8", "SiT-XL/2"])
 @pytest.mark.parametrize("learn_sigma", [True, False])
 def test_state_dict_is_upstream_layout(name, learn_sigma):
