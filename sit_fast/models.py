@@ -388,6 +388,9 @@ class SiT(nn.Module):
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self._compiled_step: Callable | None = None
         self._modulation_cache: tuple | None = None  # see _modulation_weights
+        # Reuse the frozen adaLN weights' concatenation between calls (see _modulation_weights): for a
+        # model whose weights stay fixed, or change only by in-place ops on the parameters themselves.
+        self.reuse_frozen_modulation = False
         self.initialize_weights()
 
     # ------------------------------------------------------------------ options
@@ -480,15 +483,17 @@ class SiT(nn.Module):
     def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The concatenated adaLN weights and biases.
 
-        While they are trained the concatenation is redone every call (gradients flow back to the
-        per-block parameters). Frozen (requires_grad False, as for sampling), the concatenation is
-        kept and reused until a parameter changes (its version counter or storage moves), which
-        saves copying a third of SiT-XL's weights on every eager sampling step (compile_blocks
-        keeps this part eager; inside a whole-model torch.compile the concatenation is redone).
+        The concatenation is redone every call, unless the model is frozen (requires_grad False) and
+        reuse_frozen_modulation is set, as sit_fast.sampling.ModelForwards sets it: then it is kept
+        and reused until a parameter changes (its version counter or storage moves), which saves
+        copying a third of SiT-XL's weights on every eager sampling step (compile_blocks keeps this
+        part eager; inside a whole-model torch.compile the concatenation is redone). A write through
+        `.data` (p.data.copy_(...), as some EMA helpers do) moves no version counter: with such
+        writes, leave reuse_frozen_modulation off, or the model goes on with the old weights.
         """
         linears = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
         params = [p for lin in linears for p in (lin.weight, lin.bias)]
-        if any(p.requires_grad for p in params):
+        if not self.reuse_frozen_modulation or any(p.requires_grad for p in params):
             self._modulation_cache = None
             return torch.cat(params[0::2], dim=0), torch.cat(params[1::2], dim=0)
         if torch.compiler.is_compiling():

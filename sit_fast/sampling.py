@@ -304,7 +304,8 @@ class ModelForwards:
     Both return fp32. autocast_dtype (bf16) runs the model under autocast; cast_weights also stores
     the model's matmul weights in that dtype (SiT.cast_matmul_weights_: the same results, no cast
     of every weight on every call; the model is then for these forwards only); compile wraps each
-    forward in torch.compile; cuda_graphs replays each from a CUDA graph (CUDA only).
+    forward in torch.compile; cuda_graphs replays each from a CUDA graph (CUDA only). The model's
+    frozen adaLN weights are concatenated once and reused (SiT.reuse_frozen_modulation).
     """
 
     def __init__(self, model: SiT, *, cfg_scale: float = 1.0, cfg_channels: int | str = 3,
@@ -315,6 +316,7 @@ class ModelForwards:
             raise UserError("--cuda-graphs needs a CUDA device")
         if cast_weights and autocast_dtype is not None:
             model.cast_matmul_weights_(autocast_dtype)
+        model.reuse_frozen_modulation = True  # the weights are fixed while these forwards sample
         self.model = model
         self.device = device
         self.cfg_scale = cfg_scale

@@ -304,6 +304,7 @@ def test_frozen_model_reuses_modulation_weights_until_they_change():
     with torch.no_grad():
         ref = model(x, t, y)
     model.requires_grad_(False)
+    model.reuse_frozen_modulation = True  # as sit_fast.sampling.ModelForwards sets it
     with torch.no_grad():
         first = model(x, t, y)
         cached = model._modulation_cache
@@ -321,6 +322,28 @@ def test_frozen_model_reuses_modulation_weights_until_they_change():
     model(x, t, y).square().mean().backward()
     assert model._modulation_cache is None
     assert all(b.adaLN_modulation[1].weight.grad is not None for b in model.blocks)
+
+
+def test_a_frozen_model_sees_weights_written_through_data():
+    """p.data.copy_ moves no version counter (diffusers' EMAModel.copy_to writes so): by default a
+    frozen model concatenates its adaLN weights anew each call, so it computes with the new ones."""
+    model = randomize_(tiny_sit()).eval().requires_grad_(False)
+    other = randomize_(tiny_sit()).eval()
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        model(x, t, y)
+        for mine, theirs in zip(model.parameters(), other.parameters()):
+            mine.data.copy_(theirs.data)
+        torch.testing.assert_close(model(x, t, y), other(x, t, y), rtol=0, atol=0)
+
+
+def test_sampling_forwards_reuse_the_frozen_modulation_weights():
+    from sit_fast.sampling import ModelForwards
+
+    model = tiny_sit().eval().requires_grad_(False)
+    assert not model.reuse_frozen_modulation
+    ModelForwards(model, cfg_scale=4.0)
+    assert model.reuse_frozen_modulation
 
 
 @pytest.mark.parametrize("dim", [256, 7])
