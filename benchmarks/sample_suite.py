@@ -43,24 +43,28 @@ SAMPLERS = (
 
 
 def run(ctx: RunContext) -> None:
+    """Batch by batch, and at each batch the variants in measurement order (ours, the compiled
+    reference, the eager ones): each goal compares ours with the compiled reference at one batch, so
+    a time box that cuts the run leaves whole comparisons rather than ours alone at every batch. Each
+    (variant, batch) builds its model afresh and compiles (dynamic=False) or captures anew."""
     from sit_fast.transport import Sampler, create_transport
 
     set_tf32(ctx.device, True)
     transport = create_transport("Linear", "velocity")
     sampler = Sampler(transport)
-    for variant in ctx.measurement_order():
-        needed = expected_cost_s(ctx.size, variant)
-        if not ctx.budget.allows(needed):
-            for B in ctx.size.sample_batches:
+    for B in ctx.size.sample_batches:
+        for variant in ctx.measurement_order():
+            needed = expected_cost_s(ctx.size, variant)
+            if not ctx.budget.allows(needed):
                 for name, *_ in SAMPLERS:
                     ctx.skip(SUITE, name, variant, needed, model=ctx.size.model_name, shapes={}, batch_size=B)
-            continue
-        try:
-            measure(ctx, variant, transport, sampler)
-        except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on to the next variant
-            ctx.fail(SUITE, "sampling", variant, error, model=ctx.size.model_name, shapes={}, batch_size=None)
-        finally:
-            free_memory(ctx.device)
+                continue
+            try:
+                measure(ctx, variant, transport, sampler, B)
+            except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on to the next variant
+                ctx.fail(SUITE, "sampling", variant, error, model=ctx.size.model_name, shapes={}, batch_size=B)
+            finally:
+                free_memory(ctx.device)
 
 
 def build_forwards(models: ModelFactory, variant: Variant):
@@ -79,100 +83,91 @@ def build_forwards(models: ModelFactory, variant: Variant):
     return model, Denoiser(forwards, cfg_scale=CFG_SCALE)
 
 
-def measure(ctx: RunContext, variant: Variant, transport, sampler) -> None:
+def measure(ctx: RunContext, variant: Variant, transport, sampler, B: int) -> None:
+    """Both samplers of the variant at batch B (the first compiles or captures where the variant does)."""
     from sit_fast.flops import forward_flops
     from sit_fast.sampling import model_call_times
 
     device, size = ctx.device, ctx.size
     kw = size.model_kwargs
     k = size.steps_timed
+    z = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], device=device)
+    y = torch.randint(0, kw["num_classes"], (B,), device=device)
+    shapes = {"z": list(z.shape), "y": [B], "model_batch": 2 * B}
     try:
         model, denoiser = build_forwards(ctx.models, variant)
     except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
-        for B in size.sample_batches:
-            for name, *_ in SAMPLERS:
-                ctx.fail(SUITE, name, variant, error, model=size.model_name, shapes={}, batch_size=B)
+        for name, *_ in SAMPLERS:
+            ctx.fail(SUITE, name, variant, error, model=size.model_name, shapes=shapes, batch_size=B)
         return
     config = ctx.models.variant_config(variant, sampling=True)
     parity, parity_source = ctx.linked_parity(variant, SUITE_FIELDS[SUITE] & LINKED_PARITY)
     graphs = bool(config["cuda_graphs"])
     graph_note = None  # set when CUDA graphs failed and the variant goes on without them
-    capture_peak: dict[int, int] = {}  # batch -> peak of the run that captured its CUDA graph
-    for batch_index, B in enumerate(size.sample_batches):
-        z = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], device=device)
-        y = torch.randint(0, kw["num_classes"], (B,), device=device)
-        shapes = {"z": list(z.shape), "y": [B], "model_batch": 2 * B}
-        batch_started = False
-        for name, kind, method, num_steps in SAMPLERS:
-            # A new batch size recompiles a compiled variant (dynamic=False) and captures new CUDA
-            # graphs: whichever sampler runs first at a batch after the first needs a compilation's time.
-            needed = expected_cost_s(size, variant) if batch_index > 0 and not batch_started else 0.0
-            if not ctx.budget.allows(needed):
-                ctx.skip(SUITE, name, variant, needed, model=size.model_name, shapes=shapes, batch_size=B)
-                continue
-            if kind == "ODE":
-                sample_fn = sampler.sample_ode(sampling_method=method, num_steps=k)
-            else:
-                sample_fn = sampler.sample_sde(sampling_method=method, num_steps=k)
-            calls_timed = len(model_call_times(kind, transport, sampling_method=method, num_steps=k))
-            calls_full = len(model_call_times(kind, transport, sampling_method=method, num_steps=num_steps))
-            batch_started = True
+    capture_peak: list[int] = []  # the peak of the run that captured the CUDA graph
+    for name, kind, method, num_steps in SAMPLERS:
+        if kind == "ODE":
+            sample_fn = sampler.sample_ode(sampling_method=method, num_steps=k)
+        else:
+            sample_fn = sampler.sample_sde(sampling_method=method, num_steps=k)
+        calls_timed = len(model_call_times(kind, transport, sampling_method=method, num_steps=k))
+        calls_full = len(model_call_times(kind, transport, sampling_method=method, num_steps=num_steps))
 
-            def sample():
-                with torch.no_grad():
-                    return sample_fn(z, denoiser.for_labels(y))[-1]
+        def sample():
+            with torch.no_grad():
+                return sample_fn(z, denoiser.for_labels(y))[-1]
 
-            def run_and_time():
-                reset_peak_memory(device)
-                start = time.perf_counter()
-                sample()  # compiles / captures where the variant does
-                synchronize(device)
-                first_run_s = time.perf_counter() - start
-                if graphs and B not in capture_peak:
-                    capture_peak[B] = peak_memory(device)
-                reset_peak_memory(device)
-                timed = time_fn(sample, device, warmup=0, iters=size.sample_iters)
-                peak = peak_memory(device)
-                if graphs and peak is not None:
-                    peak = max(peak, capture_peak[B])
-                return first_run_s, timed, peak
+        def run_and_time():
+            reset_peak_memory(device)
+            start = time.perf_counter()
+            sample()  # compiles / captures where the variant does
+            synchronize(device)
+            first_run_s = time.perf_counter() - start
+            if graphs and not capture_peak:
+                capture_peak.append(peak_memory(device))
+            reset_peak_memory(device)
+            timed = time_fn(sample, device, warmup=0, iters=size.sample_iters)
+            peak = peak_memory(device)
+            if graphs and peak is not None:
+                peak = max(peak, capture_peak[0])
+            return first_run_s, timed, peak
 
-            failure = None
+        failure = None
+        try:
+            first_run_s, timed, peak = run_and_time()
+        except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
+            failure = error
+        if failure is not None and graphs:
+            # A CUDA graph that fails to capture or replay must not cost the variant's figures:
+            # the same compiled model is measured without graphs from here on, and says so.
+            graph_note = f"measured without CUDA graphs, which failed: {error_note(failure)}"
+            failure = None  # outside the except block, so the traceback's activations can go
+            free_memory(device)
+            denoiser.forwards.guided = denoiser.forwards.guided.fn
+            graphs = False
+            config = dict(config, cuda_graphs=False)
+            common.log(f"[sample] {variant.name}: {graph_note}")
             try:
                 first_run_s, timed, peak = run_and_time()
-            except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
-                failure = error
-            if failure is not None and graphs:
-                # A CUDA graph that fails to capture or replay must not cost the variant's figures:
-                # the same compiled model is measured without graphs from here on, and says so.
-                graph_note = f"measured without CUDA graphs, which failed: {error_note(failure)}"
-                failure = None  # outside the except block, so the traceback's activations can go
-                free_memory(device)
-                denoiser.forwards.guided = denoiser.forwards.guided.fn
-                graphs = False
-                config = dict(config, cuda_graphs=False)
-                common.log(f"[sample] {variant.name}: {graph_note}")
-                try:
-                    first_run_s, timed, peak = run_and_time()
-                except Exception as retry_error:  # noqa: BLE001 -- recorded, and the run goes on
-                    failure = retry_error
-            if failure is not None:
-                ctx.fail(SUITE, name, variant, failure, model=size.model_name, shapes=shapes, batch_size=B,
-                         steps_timed=calls_timed, variant_config=config)
-                failure = None
-                free_memory(device)
-                continue
-            full = timed.scaled(calls_full / calls_timed)
-            images_per_s = B / (full.median_ms * 1e-3)
-            flops_per_image = 2 * forward_flops(model) * calls_full  # CFG: two forwards per image per call
-            ctx.emit(ctx.record(
-                SUITE, name, variant.name, note=graph_note, dtype=variant.dtype_name, model=size.model_name,
-                shapes=shapes, batch_size=B, **full.fields(), steps_timed=calls_timed,
-                **throughput_fields(ctx, variant, flops_per_image, images_per_s),
-                peak_memory_bytes=peak, **parity, variant_config=config,
-                extra={"sampler": f"{kind} {method}, {num_steps} steps", "model_calls_full": calls_full,
-                       "ms_per_model_call": timed.median_ms / calls_timed, "cfg_scale": CFG_SCALE,
-                       "extrapolation": f"median_ms = time of {calls_timed} model calls x {calls_full} / "
-                                        f"{calls_timed}",
-                       "first_run_s": first_run_s, "parity_source": parity_source},
-            ))
+            except Exception as retry_error:  # noqa: BLE001 -- recorded, and the run goes on
+                failure = retry_error
+        if failure is not None:
+            ctx.fail(SUITE, name, variant, failure, model=size.model_name, shapes=shapes, batch_size=B,
+                     steps_timed=calls_timed, variant_config=config)
+            failure = None
+            free_memory(device)
+            continue
+        full = timed.scaled(calls_full / calls_timed)
+        images_per_s = B / (full.median_ms * 1e-3)
+        flops_per_image = 2 * forward_flops(model) * calls_full  # CFG: two forwards per image per call
+        ctx.emit(ctx.record(
+            SUITE, name, variant.name, note=graph_note, dtype=variant.dtype_name, model=size.model_name,
+            shapes=shapes, batch_size=B, **full.fields(), steps_timed=calls_timed,
+            **throughput_fields(ctx, variant, flops_per_image, images_per_s),
+            peak_memory_bytes=peak, **parity, variant_config=config,
+            extra={"sampler": f"{kind} {method}, {num_steps} steps", "model_calls_full": calls_full,
+                   "ms_per_model_call": timed.median_ms / calls_timed, "cfg_scale": CFG_SCALE,
+                   "extrapolation": f"median_ms = time of {calls_timed} model calls x {calls_full} / "
+                                    f"{calls_timed}",
+                   "first_run_s": first_run_s, "parity_source": parity_source},
+        ))
