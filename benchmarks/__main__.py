@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         left = deadline - time.monotonic()
         weights = sum(budgets[s] for s in suites[i:])
         share = left if budgets[suite] == 0 or weights == 0 else left * budgets[suite] / weights
-        ctx.budget = common.Budget(min(explicit.get(suite, share), max(left, 0.0)))
+        ctx.budget = common.Budget(max(min(explicit.get(suite, share), left), 0.0))  # none left: 0 s
         results.suites_run.append(suite)
         common.log(f"== {suite} (time box {ctx.budget.seconds:.0f} s)")
         suite_start = time.monotonic()

@@ -566,6 +566,11 @@ def test_full_size_boxes_hold_the_goal_measurements(tmp_path, monkeypatch, deadl
     assert boxes["memory"] >= common.expected_cost_s(full, eager), boxes
 
 
+def test_a_deadline_passed_before_a_suite_starts_gives_it_no_time_not_negative_time(tmp_path, monkeypatch):
+    boxes = _full_size_boxes(tmp_path, monkeypatch, 10, startup_s=20.0, kernels_overrun_s=0.0)
+    assert boxes == dict.fromkeys(("kernels", "parity", "train", "sample", "memory", "tuning"), 0.0), boxes
+
+
 def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
     """A tuning run stopped in the middle of a search (the outer timeout) keeps the launches it measured."""
     from benchmarks import kernels_suite
