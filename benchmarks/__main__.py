@@ -114,6 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         share = left if budgets[suite] == 0 or weights == 0 else left * budgets[suite] / weights
         ctx.budget = common.Budget(max(min(explicit.get(suite, share), left), 0.0))  # none left: 0 s
         results.suites_run.append(suite)
+        results.write()  # a run killed inside this suite still lists it
         common.log(f"== {suite} (time box {ctx.budget.seconds:.0f} s)")
         suite_start = time.monotonic()
         try:

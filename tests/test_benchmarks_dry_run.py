@@ -571,6 +571,17 @@ def test_a_deadline_passed_before_a_suite_starts_gives_it_no_time_not_negative_t
     assert boxes == dict.fromkeys(("kernels", "parity", "train", "sample", "memory", "tuning"), 0.0), boxes
 
 
+def test_results_on_disk_list_a_suite_as_soon_as_it_starts(tmp_path, monkeypatch):
+    from benchmarks import memory_suite
+    from benchmarks.__main__ import main
+
+    listed = []
+    monkeypatch.setattr(memory_suite, "run", lambda ctx: listed.append(
+        json.loads((tmp_path / "results.json").read_text())["suites_run"]))
+    assert main(["memory", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)]) == 0
+    assert listed == [["memory"]]
+
+
 def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
     """A tuning run stopped in the middle of a search (the outer timeout) keeps the launches it measured."""
     from benchmarks import kernels_suite
