@@ -209,7 +209,9 @@ def build_model(request: ModelRequest, device: torch.device,
     )
     loaded = load_into_model(model, state_dict, source=path)
     model = model.to(device).eval().requires_grad_(False)
-    not_finite = [k for k, v in model.state_dict().items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist()  # one host sync
+    not_finite = [k for k, ok in zip(floats, finite) if not ok]
     if not_finite:  # a diverged run's weights: samples of NaN (black images), or an adaptive solver's assertion
         raise CheckpointError(f"{path} holds weights that are not finite (NaN or inf) in {len(not_finite)} tensor(s), "
                               f"e.g. {not_finite[0]}, as a diverged run saves them: its samples would be NaN; use an "

@@ -258,9 +258,14 @@ def saved_args(args: argparse.Namespace) -> dict:
     for key in ("data_path", "latent_cache"):
         if saved.get(key):
             saved[key] = os.path.abspath(saved[key])
-    if saved.get("vae") and os.path.isdir(saved["vae"]):
-        saved["vae"] = os.path.abspath(saved["vae"])
+    if saved.get("vae"):
+        saved["vae"] = vae_spec(saved["vae"])
     return saved
+
+
+def vae_spec(vae: str) -> str:
+    """--vae as a run records it: a local directory made absolute; a hub id or alias as given."""
+    return os.path.abspath(vae) if os.path.isdir(vae) else vae
 
 
 class Trainer:
@@ -617,7 +622,7 @@ class Trainer:
             return self.cache_vae_spec
         if self.codec is None:
             return "pixels"
-        return os.path.abspath(self.args.vae) if os.path.isdir(self.args.vae) else self.args.vae
+        return vae_spec(self.args.vae)
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
