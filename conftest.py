@@ -5,7 +5,30 @@ before triton is first imported. Set TRITON_INTERPRET=0 explicitly to opt out.
 """
 import os
 
+import pytest
 import torch
 
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+
+
+@pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left
+def pytest_collection_modifyitems(config, items):
+    """SIT_FAST_TEST_SHARD=I/N keeps the I-th of N contiguous, near-equal runs of the collected tests
+    (0 <= I < N): N processes, one per shard, run the whole selection side by side where pytest-xdist
+    is missing (benchmarks/gpu_session.sh on the GPU machine). Contiguous runs keep a test's cases
+    together, so each Triton or Inductor compilation tends to happen in one shard."""
+    shard = os.environ.get("SIT_FAST_TEST_SHARD")
+    if not shard:
+        return
+    try:
+        index, count = (int(part) for part in shard.split("/"))
+        if not 0 <= index < count:
+            raise ValueError
+    except ValueError:
+        raise pytest.UsageError(f"SIT_FAST_TEST_SHARD={shard!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
+    start, stop = index * len(items) // count, (index + 1) * len(items) // count
+    dropped = items[:start] + items[stop:]
+    if dropped:
+        config.hook.pytest_deselected(items=dropped)
+    items[:] = items[start:stop]

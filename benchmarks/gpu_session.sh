@@ -15,6 +15,8 @@
 #                      files, in that order), split as the shell splits words, quotes
 #                      included: TEST_ARGS="tests/test_kernels.py -k 'layernorm and 72'"
 #   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
+#   TEST_SHARDS        pytest processes run side by side, each on its share of the tests, where
+#                      pytest-xdist is missing (half the cores, at most 8; 1 runs them in one process)
 # Exit status: the suite's, or else the tests'; 124 where a part ran out of time.
 set -uo pipefail
 
@@ -48,17 +50,55 @@ timeout -k 10 "$bench_timeout" "$PYTHON" -m benchmarks $BENCH_ARGS --deadline-s 
 bench_status=$?
 
 test_timeout=$((SESSION_S - (SECONDS - start)))
+eval "test_args=($TEST_ARGS)"  # quotes group words, as on a command line (-k 'a and b')
 workers=()
 if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$(nproc)" -ge 4 ]; then
     # Parallel workers compile the kernels' Triton variants side by side: most of the tests' time.
     workers=(-n "$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
+    shards=1
+elif [ -n "${TEST_SHARDS:-}" ]; then
+    shards=$TEST_SHARDS
+else  # no pytest-xdist (the GPU machine's image): as many pytest processes, each on its own shard
+    shards=$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))
 fi
-echo "gpu_session: tests (killed at ${test_timeout} s): pytest ${workers[*]} $TEST_ARGS" | tee "$OUT/log_tests"
-eval "test_args=($TEST_ARGS)"  # quotes group words, as on a command line (-k 'a and b')
-# -v: a line per test as it ends, so a run the timeout stops still says which tests passed and failed
-timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${workers[@]}" "${test_args[@]}" 2>&1 \
-    | tee -a "$OUT/log_tests"
-test_status=$?
+if [ "$shards" -lt 1 ]; then shards=1; fi
+if [ "$shards" -eq 1 ]; then
+    echo "gpu_session: tests (killed at ${test_timeout} s): pytest ${workers[*]} $TEST_ARGS" | tee "$OUT/log_tests"
+    # -v: a line per test as it ends, so a run the timeout stops still says which tests passed and failed
+    timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${workers[@]}" "${test_args[@]}" 2>&1 \
+        | tee -a "$OUT/log_tests"
+    test_status=$?
+else
+    echo "gpu_session: tests (killed at ${test_timeout} s) in ${shards} shards side by side" \
+        "(SIT_FAST_TEST_SHARD, conftest.py): pytest $TEST_ARGS" | tee "$OUT/log_tests"
+    pids=()
+    for ((i = 0; i < shards; i++)); do
+        # One compile thread each: the shards already keep the cores busy.
+        SIT_FAST_TEST_SHARD="$i/$shards" TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1} \
+            timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${test_args[@]}" \
+            >"$OUT/log_tests.$i" 2>&1 &
+        pids+=($!)
+    done
+    test_status=0
+    for ((i = 0; i < shards; i++)); do
+        wait "${pids[$i]}"
+        status=$?
+        if [ "$status" -eq 5 ]; then status=0; fi  # pytest's "no tests collected": a shard left empty
+        # A timeout (124) outranks a failure: it says the results are incomplete.
+        if [ "$status" -ne 0 ] && { [ "$test_status" -eq 0 ] || [ "$status" -eq 124 ]; }; then
+            test_status=$status
+        fi
+        echo "gpu_session: shard $i/$shards exit $status: $(tail -n 1 "$OUT/log_tests.$i")" | tee -a "$OUT/log_tests"
+    done
+    grep -h -E "^(FAILED|ERROR) " "$OUT"/log_tests.* | tee -a "$OUT/log_tests"
+    totals=$(for ((i = 0; i < shards; i++)); do tail -n 1 "$OUT/log_tests.$i"; done \
+        | grep -oE "[0-9]+ (passed|failed|skipped|errors?|xfailed|xpassed)" \
+        | awk '{n[$2] += $1} END {for (k in n) printf "%s%d %s", (c++ ? ", " : ""), n[k], k}')
+    echo "gpu_session: the shards' tests together: ${totals:-none counted}" | tee -a "$OUT/log_tests"
+    for ((i = 0; i < shards; i++)); do
+        { echo "=== shard $i/$shards"; cat "$OUT/log_tests.$i"; } >>"$OUT/log_tests" && rm -f "$OUT/log_tests.$i"
+    done
+fi
 
 echo "gpu_session: suite exit ${bench_status}, tests exit ${test_status}, $((SECONDS - start)) s in all" \
     | tee -a "$OUT/log_tests"

@@ -614,3 +614,55 @@ def test_session_test_args_take_quoted_words(tmp_path):
     test_log = (tmp_path / "log_tests").read_text()
     assert proc.returncode == 0, _tail(proc)
     assert "test_kernel_rejects_bad_inputs[" in test_log and " deselected" in test_log, test_log[-2000:]
+
+
+def _collected(env_shard=None):
+    """The test ids that `pytest --collect-only` selects from a few of test_kernels.py's cases."""
+    env = {k: v for k, v in os.environ.items() if k != "SIT_FAST_TEST_SHARD"}
+    if env_shard is not None:
+        env["SIT_FAST_TEST_SHARD"] = env_shard
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_kernels.py",
+                           "-k", "rejects_bad_inputs or compile"], cwd=REPO_ROOT, capture_output=True,
+                          text=True, timeout=120, env=env)
+    return proc, [line for line in proc.stdout.splitlines() if "::" in line]
+
+
+def test_test_shards_split_the_selection_into_contiguous_parts():
+    """SIT_FAST_TEST_SHARD=I/N (conftest.py): the N shards together hold every selected test once, in
+    order, so gpu_session.sh's side-by-side pytest processes run the whole selection."""
+    _, whole = _collected()
+    assert len(whole) >= 4, whole
+    shards = [_collected(f"{index}/3")[1] for index in range(3)]
+    assert [test for shard in shards for test in shard] == whole
+    assert all(shards) and max(map(len, shards)) - min(map(len, shards)) <= 1, [len(s) for s in shards]
+    proc, _ = _collected("3/3")
+    assert proc.returncode != 0 and "SIT_FAST_TEST_SHARD='3/3': expected I/N" in proc.stdout + proc.stderr
+
+
+def test_session_runs_test_shards_side_by_side(tmp_path):
+    """TEST_SHARDS=2 (the GPU machine's image has no pytest-xdist): two pytest processes, each on its
+    shard; log_tests has both logs and a line per shard, the failures are named on stdout, and the exit
+    status is the failing shard's."""
+    tests = tmp_path / "tests"
+    tests.mkdir()
+    # The repository's conftest.py (the shard hook), for test files outside the repository.
+    (tests / "conftest.py").write_text(f"exec(open({os.path.join(REPO_ROOT, 'conftest.py')!r}).read())\n")
+    (tests / "test_three.py").write_text(
+        "def test_one():\n    pass\n\n\ndef test_two():\n    assert 1 == 2\n\n\ndef test_three():\n    pass\n")
+    out = tmp_path / "out"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out), PYTHON=sys.executable, SESSION_S="150", TEST_MIN_S="100", BENCH_ARGS="--help",
+               TEST_SHARDS="2", TEST_ARGS=f"{tests / 'test_three.py'} -p no:cacheprovider")
+    proc = subprocess.run(["bash", os.path.join("benchmarks", "gpu_session.sh")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=150, env=env)
+    assert proc.returncode == 1, _tail(proc)  # the suite (--help) exited 0; the tests' status is the failure
+    assert "gpu_session: shard 0/2 exit 0: " in proc.stdout and "gpu_session: shard 1/2 exit 1: " in proc.stdout
+    assert "FAILED " in proc.stdout and "test_three.py::test_two" in proc.stdout, _tail(proc)
+    assert "gpu_session: suite exit 0, tests exit 1" in proc.stdout, _tail(proc)
+    (together,) = [line for line in proc.stdout.splitlines() if "the shards' tests together:" in line]
+    assert "2 passed" in together and "1 failed" in together, together
+    test_log = (out / "log_tests").read_text()
+    assert "=== shard 0/2" in test_log and "=== shard 1/2" in test_log, test_log[-2000:]
+    for name, result in (("one", "PASSED"), ("two", "FAILED"), ("three", "PASSED")):
+        assert test_log.count(f"::test_{name} {result}") == 1, test_log[-2000:]
+    assert sorted(os.listdir(out)) == ["log", "log_tests"], os.listdir(out)
