@@ -711,30 +711,40 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     dims = math.prod(setup.latent_shape)
     bpd = []
     start = time.perf_counter()
-    with tqdm(total=len(x), unit="item", desc="likelihood", disable=len(x) <= args.batch_size) as progress:
-        for b, first in enumerate(range(0, len(x), args.batch_size)):
-            batch = x[first: first + args.batch_size].to(setup.device)
-            y = labels[first: first + args.batch_size].to(setup.device)
-            torch.manual_seed(derived_seed(args.seed, b, args.batch_size))  # Hutchinson probes
+    try:
+        with tqdm(total=len(x), unit="item", desc="likelihood", disable=len(x) <= args.batch_size) as progress:
+            for b, first in enumerate(range(0, len(x), args.batch_size)):
+                batch = x[first: first + args.batch_size].to(setup.device)
+                y = labels[first: first + args.batch_size].to(setup.device)
+                torch.manual_seed(derived_seed(args.seed, b, args.batch_size))  # Hutchinson probes
 
-            def model_fn(x_t, t):
-                return setup.forwards.conditional(x_t, t, y)
+                def model_fn(x_t, t):
+                    return setup.forwards.conditional(x_t, t, y)
 
-            with torch.no_grad():
-                logp, _ = setup.sample_fn(batch, model_fn)
-            bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
-            progress.update(len(batch))
-    bpd = torch.cat(bpd).double().numpy()
+                with torch.no_grad():
+                    logp, _ = setup.sample_fn(batch, model_fn)
+                bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
+                progress.update(len(batch))
+        interrupted = False
+    except KeyboardInterrupt:  # the finished batches are still reported and saved
+        interrupted = True
+    bpd = torch.cat(bpd).double().numpy() if bpd else np.zeros(0)
     elapsed = time.perf_counter() - start
+    done = f"the first {len(bpd)} of {len(x)} items" if interrupted else f"{len(bpd)} items"
     if len(bpd) > 1:  # with the standard error of the mean
-        summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {len(bpd)} items"
-    else:
-        summary = f"bpd {bpd[0]:.4f} of 1 item"
-    print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {elapsed:.1f} s)")
-    if args.out:
-        out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
-        np.savez(out, bpd=bpd)
-        print(f"saved per-item bpd to {out}")
+        summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {done}"
+    elif len(bpd) == 1:
+        summary = f"bpd {bpd[0]:.4f} of {done if interrupted else '1 item'}"
+    if len(bpd):
+        print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {elapsed:.1f} s)")
+        if args.out:
+            out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
+            np.savez(out, bpd=bpd)
+            print(f"saved per-item bpd{f' of {done}' if interrupted else ''} to {out}")
+    if interrupted:
+        print(f"\ninterrupted after {len(bpd)} of {len(x)} items{'' if len(bpd) else ': nothing to report'}",
+              file=sys.stderr)
+        raise SystemExit(130)
     return bpd
 
 
@@ -747,14 +757,24 @@ def run_reverse(setup: Setup) -> str:
     labels = data_labels(setup, len(x))
     out = args.out or DEFAULT_OUT["reverse"]
     noise = []
-    with tqdm(total=len(x), unit="item", desc="reverse", disable=len(x) <= args.batch_size) as progress:
-        for first in range(0, len(x), args.batch_size):
-            noise.append(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
-                                      derived_seed(args.seed, first)).cpu())
-            progress.update(len(noise[-1]))
-    noise = torch.cat(noise)
-    torch.save(noise, out)
-    print(f"encoded {len(noise)} items ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
+    try:
+        with tqdm(total=len(x), unit="item", desc="reverse", disable=len(x) <= args.batch_size) as progress:
+            for first in range(0, len(x), args.batch_size):
+                noise.append(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
+                                          derived_seed(args.seed, first)).cpu())
+                progress.update(len(noise[-1]))
+        interrupted = False
+    except KeyboardInterrupt:  # the finished batches are still saved
+        interrupted = True
+    if noise:
+        noise = torch.cat(noise)
+        torch.save(noise, out)
+        done = f"the first {len(noise)} of {len(x)} items" if interrupted else f"{len(noise)} items"
+        print(f"encoded {done} ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
+    if interrupted:
+        print(f"\ninterrupted after {len(noise)} of {len(x)} items{'' if len(noise) else ': nothing saved'}",
+              file=sys.stderr)
+        raise SystemExit(130)
     return out
 
 

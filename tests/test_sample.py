@@ -923,6 +923,53 @@ def test_reverse_carries_data_to_noise(files, tmp_path):
     assert z.shape == (2, 3, 8, 8) and torch.isfinite(z).all()
 
 
+
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files, tmp_path, capsys, monkeypatch):
+    """Ctrl-C during the third batch: the first two batches' results are reported and saved (exit 130),
+    the same as a whole run's first four items."""
+    torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
+            "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
+
+    def saved():
+        if job == "--likelihood":
+            with np.load(out) as archive:
+                return archive["bpd"]
+        return torch.load(out, weights_only=True).numpy()
+
+    run(argv)
+    whole = saved()
+    assert len(whole) == 5
+    out.unlink()
+    real, batches = sample.derived_seed, []
+
+    def derived_seed(*args):  # called once per batch, as it starts
+        batches.append(args)
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 130
+    np.testing.assert_array_equal(saved(), whole[:4])
+    captured = capsys.readouterr()
+    assert "the first 4 of 5 items" in captured.out and str(out) in captured.out, captured.out
+    assert "interrupted after 4 of 5 items" in captured.err, captured.err
+    # Interrupted in the first batch: nothing to save, and nothing is written
+    out.unlink()
+    batches.clear()
+    batches.append(None)
+    batches.append(None)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 130 and not out.exists()
+    assert "interrupted after 0 of 5 items" in capsys.readouterr().err
+
 #################################################################################
 #                                   CUDA                                         #
 #################################################################################
