@@ -609,16 +609,28 @@ class CompiledBlockStep:
 #                   Sine/Cosine Positional Embedding Functions                  #
 #################################################################################
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int) -> np.ndarray:
-    """(grid_size^2, embed_dim): the first half of the channels encodes the column, the second the row.
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False,
+                            extra_tokens: int = 0) -> np.ndarray:
+    """(grid_size^2, embed_dim): the first half of the channels encodes the column, the second the row;
+    with cls_token, extra_tokens rows of zeros come first (upstream's signature; SiT uses neither).
 
     (Upstream/MAE build the grid with meshgrid(w, h), so their "emb_h" half is the column index.)
     """
     grid_h = np.arange(grid_size, dtype=np.float32)
     grid_w = np.arange(grid_size, dtype=np.float32)
     grid = np.stack(np.meshgrid(grid_w, grid_h), axis=0).reshape(2, 1, grid_size, grid_size)  # w first
-    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (H*W, D/2)
-    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # (H*W, D/2)
+    pos_embed = get_2d_sincos_pos_embed_from_grid(embed_dim, grid)
+    if cls_token and extra_tokens > 0:
+        pos_embed = np.concatenate([np.zeros([extra_tokens, embed_dim]), pos_embed], axis=0)
+    return pos_embed
+
+
+def get_2d_sincos_pos_embed_from_grid(embed_dim: int, grid: np.ndarray) -> np.ndarray:
+    """(2, ...) grid of positions -> (M, embed_dim): grid[0] encoded in the first half, grid[1] in the second."""
+    if embed_dim % 2:
+        raise ValueError(f"2-d sin-cos embedding needs an even dimension, got {embed_dim}")
+    emb_h = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[0])  # (M, D/2)
+    emb_w = get_1d_sincos_pos_embed_from_grid(embed_dim // 2, grid[1])  # (M, D/2)
     return np.concatenate([emb_h, emb_w], axis=1)
 
 

@@ -1,6 +1,7 @@
 """The SiT model: upstream maths, upstream state_dict, attention backends."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -147,6 +148,11 @@ def test_pos_embed_is_2d_sincos():
     assert emb[5, 0] == pytest.approx(math.sin(2.0))
     assert emb[5, 4] == pytest.approx(math.sin(1.0))
     assert emb[0, 2] == pytest.approx(1.0) and emb[0, 0] == 0
+    # upstream's signature: extra_tokens zero rows first when cls_token, else none
+    with_cls = get_2d_sincos_pos_embed(8, 3, cls_token=True, extra_tokens=2)
+    assert with_cls.shape == (11, 8) and not with_cls[:2].any()
+    np.testing.assert_array_equal(with_cls[2:], emb)
+    np.testing.assert_array_equal(get_2d_sincos_pos_embed(8, 3, cls_token=False, extra_tokens=2), emb)
 
 
 @pytest.mark.parametrize("learn_sigma", [True, False])
