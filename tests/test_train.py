@@ -1296,6 +1296,13 @@ def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     assert not torch.equal(new_four["final_layer.linear.weight"], old_four["final_layer.linear.weight"])
     with open(os.path.join(exp, "log.txt")) as f:
         assert "0000004.pt, 0000006.pt) are moved to" in f.read()
+    # A set-aside checkpoint belongs to the run's folder, whose current branch it would overwrite: refused.
+    set_aside = os.path.join(ckpt_dir, aside[0], "0000006.pt")
+    logging.getLogger("sit_fast.train").handlers.clear()
+    with pytest.raises(UserError, match=f"that checkpoint is of a branch set aside in {exp}, whose current "
+                                        f"checkpoints \\(the latest: 0000004.pt\\) would be overwritten"):
+        train_main(BASE + ["--resume", set_aside, "--max-steps", "8"])
+    assert sorted(os.listdir(os.path.join(ckpt_dir, aside[0]))) == ["0000004.pt", "0000006.pt"]
     # Resumed into another --exp-dir, the source run's files stay where they are.
     train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--resume", os.path.join(ckpt_dir, "0000002.pt"),
                        "--max-steps", "4"])

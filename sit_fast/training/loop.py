@@ -99,9 +99,17 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
     else:
         load_training_checkpoint(path)  # a one-line error for a missing or damaged file
     ckpt_dir = os.path.dirname(os.path.abspath(path))
-    exp_dir = args.exp_dir or (os.path.dirname(ckpt_dir) if os.path.basename(ckpt_dir) == "checkpoints" else ckpt_dir)
+    folder, parent = os.path.basename(ckpt_dir), os.path.dirname(ckpt_dir)
+    superseded = folder.startswith("superseded-") and os.path.basename(parent) == "checkpoints"
+    # EXP/checkpoints/NNNNNNN.pt and EXP/checkpoints/superseded-<time>/NNNNNNN.pt go on in EXP
+    run_dir = os.path.dirname(parent) if superseded else parent if folder == "checkpoints" else ckpt_dir
+    exp_dir = args.exp_dir or run_dir
     own = os.path.abspath(os.path.join(exp_dir, "checkpoints"))
     existing = list_checkpoints(own)
+    if existing and superseded and os.path.realpath(exp_dir) == os.path.realpath(run_dir):
+        raise UserError(f"--resume {path}: that checkpoint is of a branch set aside in {exp_dir}, whose current "
+                        f"checkpoints (the latest: {os.path.basename(existing[0])}) would be overwritten: resume it "
+                        f"into another --exp-dir")
     if existing and os.path.realpath(own) != os.path.realpath(ckpt_dir):  # not its own: it would overwrite them
         raise UserError(f"--resume {path}: the run goes on in {exp_dir}, whose checkpoints are not that one's (the "
                         f"latest: {os.path.basename(existing[0])}) and would be overwritten: resume into another "
