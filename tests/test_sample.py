@@ -456,7 +456,8 @@ def test_bf16_weights_give_the_same_samples(fused):
     weights = [m.weight for m in cast.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert weights and all(w.dtype == torch.bfloat16 for w in weights)
     assert cast.y_embedder.embedding_table.weight.dtype == torch.float32  # not a matmul weight
-    for _ in range(2):  # the second call reuses the cached adaLN concatenation
+    # The second call reuses the cached adaLN concatenation (once is enough with the interpreted kernels: slow)
+    for _ in range(1 if fused else 2):
         x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
         pair = plain.label_pair(y)
         torch.testing.assert_close(fast.guided(x, t, pair), plain.guided(x, t, pair), rtol=0, atol=0)
