@@ -95,8 +95,11 @@ def count_traffic(model: torch.nn.Module, batch: int, train: bool, autocast_dtyp
     autocast = (torch.autocast(device_type=torch.device(device).type, dtype=autocast_dtype)
                 if autocast_dtype is not None else contextlib.nullcontext())
     kw = dict(device=device)
-    was_training = model.training
+    was_training, was_reusing = model.training, model.reuse_frozen_modulation
     model.train(train)
+    # A sampling call reuses the frozen adaLN weights' concatenation, as sit_fast.sampling.ModelForwards
+    # sets it up; a training step concatenates them anew.
+    model.reuse_frozen_modulation = not train
     try:
         with fake, shapes_only(), counter, warnings.catch_warnings():
             # A frozen model keys its adaLN-weight cache on data pointers, which fake tensors only fake.
@@ -123,6 +126,7 @@ def count_traffic(model: torch.nn.Module, batch: int, train: bool, autocast_dtyp
                         functional_call(model, state, (x, t, y))
     finally:
         model.train(was_training)
+        model.reuse_frozen_modulation = was_reusing
     return counter
 
 

@@ -426,6 +426,21 @@ def test_roofline_counts_the_fast_path(capsys):
     assert "train_step: eager reference floor / ours floor" in out and out.count("| ours |") == 2
 
 
+def test_roofline_sampling_call_reuses_the_adaln_concatenation():
+    """A sampling call, as ModelForwards runs it, reuses the frozen model's concatenated adaLN weights:
+    the roofline counts no copy of them per call (a training step concatenates them every step)."""
+    from benchmarks.roofline import roofline
+
+    model = SiT_S4()
+    adaln = [block.adaLN_modulation[1] for block in model.blocks] + [model.final_layer.adaLN_modulation[1]]
+    concat_gb = sum(p.numel() for lin in adaln for p in lin.parameters()) * 4 * 2 / 1e9  # fp32, read + written
+    rows = roofline("SiT-S/4", 64, train_batch=4, sample_batch=2, copy_gbps=1000.0, matmul_tflops=100.0)
+    by = {(r["workload"], r["variant"]): r for r in rows}
+    for variant in ("reference+bf16+sdpa", "ours"):
+        assert by[("sample_call_cfg", variant)]["ops"].get("cat", 0) < 0.1 * concat_gb, by[("sample_call_cfg", variant)]
+        assert by[("train_step", variant)]["ops"]["cat"] > 0.9 * concat_gb
+
+
 def test_sampling_goes_on_without_cuda_graphs_that_fail(tmp_path, monkeypatch):
     """A CUDA graph that cannot be captured costs ours its graphs, not its figures: every sampling
     record is still measured, without graphs, and says so."""
