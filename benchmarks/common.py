@@ -33,9 +33,11 @@ SCHEMA_VERSION = 1
 #################################################################################
 
 FIELDS: dict[str, str] = {
-    "suite": "kernels | parity | train | sample | memory",
-    "name": "what was measured: train_step, ode_euler_50_cfg4, sde_euler_250_cfg4, forward_backward, a kernel",
-    "variant": "reference | reference+bf16+sdpa | reference+bf16+sdpa+compile | ours (kernels: the kernel suite's)",
+    "suite": "kernels | parity | train | sample | memory | tuning",
+    "name": "what was measured: train_step, ode_euler_50_cfg4, sde_euler_250_cfg4, forward_backward, activations, "
+            "a kernel and direction (layernorm_modulate.fwd)",
+    "variant": "reference | reference+bf16+sdpa | reference+bf16+sdpa+compile | ours (kernels: the kernel suite's; "
+               "tuning: ours and its launch settings)",
     "status": "ok | oom | skipped | error | parity_failed",
     "note": "why a figure is missing, or what else to know (null when there is nothing to say)",
     "device": "device name: torch.cuda.get_device_name(), or the CPU model",

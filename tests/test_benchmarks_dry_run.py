@@ -231,6 +231,13 @@ def test_validate_record_catches_gaps():
     assert "missing fields ['note']" in "\n".join(validate_record(record))
 
 
+def test_the_schema_names_every_suite():
+    """results.json's `fields` describe the records it holds: every suite's name is among the suite field's values."""
+    values = [v.strip() for v in FIELDS["suite"].split("|")]
+    assert sorted(values) == sorted(SUITE_FIELDS), FIELDS["suite"]
+    assert "tuning" in FIELDS["variant"], FIELDS["variant"]
+
+
 def _context(tmp_path, **size_changes):
     import dataclasses
 
