@@ -14,7 +14,6 @@ setup(
     install_requires=[
         "torch>=2.4",
         "numpy",
-        "timm",
         "diffusers",
         "torchdiffeq",
         "tqdm",
@@ -23,7 +22,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark"],
+        "dev": ["pytest", "pytest-benchmark", "timm"],  # timm: the tests' independent upstream model
         "flash": ["flash-attn"],
     },
 )
