@@ -153,6 +153,36 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
         assert "gradient accumulation: 2 micro-batches of 32 per rank" in f.read()
 
 
+@pytest.mark.parametrize("saved,now,expected", [
+    ((64, 2, 4), (1, 64), 8),  # micro-batch 8 kept: 8 parts of 8
+    ((256, 8, 2), (4, 64), 4),  # micro-batch 16 kept
+    ((240, 8, 2), (6, 40), 4),  # micro-batch 15 does not divide 40: 4 parts of 10, not 2 of 20
+    ((64, 2, 1), (4, 16), 1),  # micro-batch 32: a batch of 16 fits in one part
+    ((63, 1, 1), (9, 7), 1),
+])
+def test_resume_on_another_world_size_keeps_the_micro_batch_or_a_smaller_one(saved, now, expected, monkeypatch):
+    """keep_micro_batch: (global batch, world size, parts) saved; (world size, per-rank batch) now."""
+    import argparse
+    import types
+
+    from sit_fast.training import loop
+    from sit_fast.training.loop import Trainer
+
+    lines = []
+    monkeypatch.setattr(loop.logger, "info", lines.append)
+
+    (saved_batch, saved_world, saved_parts), (world, local) = saved, now
+    trainer = types.SimpleNamespace(dist_info=types.SimpleNamespace(world_size=world), local_batch_size=local)
+    args = argparse.Namespace(grad_accum_steps=1)
+    ckpt = {"data": {"world_size": saved_world},
+            "args": {"global_batch_size": saved_batch, "grad_accum_steps": saved_parts}}
+    Trainer.keep_micro_batch(trainer, args, ckpt)
+    assert args.grad_accum_steps == expected
+    micro = saved_batch // (saved_world * saved_parts)
+    assert local % expected == 0 and local // expected <= micro
+    if expected > 1 and local // expected < micro:
+        assert f"micro-batches of {local // expected} per rank, the largest that divides" in lines[0], lines
+
 def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):
     exp = str(tmp_path / "run")
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--grad-accum-steps", "2"])

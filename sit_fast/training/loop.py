@@ -494,19 +494,26 @@ class Trainer:
     # ------------------------------------------------------------------ resume
     def keep_micro_batch(self, args: argparse.Namespace, ckpt: dict) -> None:
         """A run resumed on another number of ranks keeps its micro-batch (and so its activation
-        memory per GPU), not its count of micro-batches, when --grad-accum-steps is not given."""
+        memory per GPU), not its count of micro-batches, when --grad-accum-steps is not given; where
+        the micro-batch does not divide the new per-rank batch, the largest one below it that does."""
         saved_world = ckpt.get("data", {}).get("world_size")
         saved_batch = ckpt["args"].get("global_batch_size")
         saved_parts = ckpt["args"].get("grad_accum_steps", 1)
         if not saved_world or saved_world == self.dist_info.world_size or not saved_batch:
             return
         micro = saved_batch // (saved_world * saved_parts)
-        if micro < 1 or self.local_batch_size % micro:
+        if micro < 1:
             return
-        parts = self.local_batch_size // micro
+        # the fewest micro-batches that divide the per-rank batch into parts no larger than the run's
+        parts = next(p for p in range(1, self.local_batch_size + 1)
+                     if self.local_batch_size % p == 0 and self.local_batch_size // p <= micro)
         if parts != args.grad_accum_steps:
-            logger.info(f"--grad-accum-steps {parts}: the run's micro-batch of {micro} per rank ({saved_parts} per "
-                        f"step on {saved_world} rank(s)), now on {self.dist_info.world_size}")
+            now = self.local_batch_size // parts
+            kept = (f"the run's micro-batch of {micro} per rank" if now == micro else
+                    f"micro-batches of {now} per rank, the largest that divides the batch of {self.local_batch_size} "
+                    f"and is no larger than the run's {micro}")
+            logger.info(f"--grad-accum-steps {parts}: {kept} ({saved_parts} per step on {saved_world} rank(s)), "
+                        f"now on {self.dist_info.world_size}")
             args.grad_accum_steps = parts
 
     def restore_position(self, ckpt: dict, path: str) -> None:
