@@ -701,80 +701,85 @@ def data_labels(setup: Setup, count: int) -> torch.Tensor:
     return torch.tensor(labels * count if len(labels) == 1 else labels, dtype=torch.long)
 
 
-def run_likelihood(setup: Setup) -> np.ndarray:
-    """Bits per dimension of --data under the model (probability-flow ODE, data -> noise)."""
+def over_batches(desc: str, total: int, batch_size: int, step) -> tuple[list[torch.Tensor], bool]:
+    """step(index, first) for each batch of `total` items, with a progress bar: (the batches' results,
+    whether Ctrl-C stopped it). Ctrl-C keeps the results of the batches already finished."""
     from tqdm import tqdm
 
+    results = []
+    try:
+        with tqdm(total=total, unit="item", desc=desc, disable=total <= batch_size) as progress:
+            for index, first in enumerate(range(0, total, batch_size)):
+                results.append(step(index, first))
+                progress.update(len(results[-1]))
+    except KeyboardInterrupt:
+        return results, True
+    return results, False
+
+
+def exit_if_interrupted(interrupted: bool, done: int, total: int) -> None:
+    """After the finished batches are reported and saved: one line, exit status 130."""
+    if interrupted:
+        print(f"\ninterrupted after {done} of {total} items{'' if done else ': nothing finished'}", file=sys.stderr)
+        raise SystemExit(130)
+
+
+def run_likelihood(setup: Setup) -> np.ndarray:
+    """Bits per dimension of --data under the model (probability-flow ODE, data -> noise)."""
     args = setup.args
     x, offset, space = load_data(setup, args.data)
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
-    bpd = []
+
+    def step(index: int, first: int) -> torch.Tensor:
+        batch = x[first: first + args.batch_size].to(setup.device)
+        y = labels[first: first + args.batch_size].to(setup.device)
+        torch.manual_seed(derived_seed(args.seed, index, args.batch_size))  # Hutchinson probes
+
+        def model_fn(x_t, t):
+            return setup.forwards.conditional(x_t, t, y)
+
+        with torch.no_grad():
+            logp, _ = setup.sample_fn(batch, model_fn)
+        return (-logp / (dims * math.log(2)) + offset).cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
+
     start = time.perf_counter()
-    try:
-        with tqdm(total=len(x), unit="item", desc="likelihood", disable=len(x) <= args.batch_size) as progress:
-            for b, first in enumerate(range(0, len(x), args.batch_size)):
-                batch = x[first: first + args.batch_size].to(setup.device)
-                y = labels[first: first + args.batch_size].to(setup.device)
-                torch.manual_seed(derived_seed(args.seed, b, args.batch_size))  # Hutchinson probes
-
-                def model_fn(x_t, t):
-                    return setup.forwards.conditional(x_t, t, y)
-
-                with torch.no_grad():
-                    logp, _ = setup.sample_fn(batch, model_fn)
-                bpd.append((-logp / (dims * math.log(2)) + offset).cpu())  # bpd = -log p(x) / (D ln 2) (+ 7)
-                progress.update(len(batch))
-        interrupted = False
-    except KeyboardInterrupt:  # the finished batches are still reported and saved
-        interrupted = True
+    bpd, interrupted = over_batches("likelihood", len(x), args.batch_size, step)
     bpd = torch.cat(bpd).double().numpy() if bpd else np.zeros(0)
     elapsed = time.perf_counter() - start
     done = f"the first {len(bpd)} of {len(x)} items" if interrupted else f"{len(bpd)} items"
-    if len(bpd) > 1:  # with the standard error of the mean
-        summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {done}"
-    elif len(bpd) == 1:
-        summary = f"bpd {bpd[0]:.4f} of {done if interrupted else '1 item'}"
     if len(bpd):
+        if len(bpd) > 1:  # with the standard error of the mean
+            summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {done}"
+        else:
+            summary = f"bpd {bpd[0]:.4f} of {done if interrupted else '1 item'}"
         print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {elapsed:.1f} s)")
         if args.out:
             out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
             np.savez(out, bpd=bpd)
             print(f"saved per-item bpd{f' of {done}' if interrupted else ''} to {out}")
-    if interrupted:
-        print(f"\ninterrupted after {len(bpd)} of {len(x)} items{'' if len(bpd) else ': nothing to report'}",
-              file=sys.stderr)
-        raise SystemExit(130)
+    exit_if_interrupted(interrupted, len(bpd), len(x))
     return bpd
 
 
 def run_reverse(setup: Setup) -> str:
     """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor."""
-    from tqdm import tqdm
-
     args = setup.args
     x, _, space = load_data(setup, args.data)
     labels = data_labels(setup, len(x))
     out = args.out or DEFAULT_OUT["reverse"]
-    noise = []
-    try:
-        with tqdm(total=len(x), unit="item", desc="reverse", disable=len(x) <= args.batch_size) as progress:
-            for first in range(0, len(x), args.batch_size):
-                noise.append(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
-                                          derived_seed(args.seed, first)).cpu())
-                progress.update(len(noise[-1]))
-        interrupted = False
-    except KeyboardInterrupt:  # the finished batches are still saved
-        interrupted = True
+
+    def step(index: int, first: int) -> torch.Tensor:
+        return setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
+                            derived_seed(args.seed, first)).cpu()
+
+    noise, interrupted = over_batches("reverse", len(x), args.batch_size, step)
     if noise:
         noise = torch.cat(noise)
         torch.save(noise, out)
         done = f"the first {len(noise)} of {len(x)} items" if interrupted else f"{len(noise)} items"
         print(f"encoded {done} ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
-    if interrupted:
-        print(f"\ninterrupted after {len(noise)} of {len(x)} items{'' if len(noise) else ': nothing saved'}",
-              file=sys.stderr)
-        raise SystemExit(130)
+    exit_if_interrupted(interrupted, len(noise), len(x))
     return out
 
 
