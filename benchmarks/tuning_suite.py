@@ -8,9 +8,11 @@ and whether each program loads row t + 1 before reducing row t (prefetch). Their
 not timings; this suite times the alternatives at the kernels suite's shapes (SiT-XL/2: B=256,
 T=256, D=1152, bf16), forward and backward separately, so one GPU run says which to choose.
 
-Search, per op and direction, a coordinate search from the default launch: every warp count, then
-every tiling at the best so far, then prefetch on and off, then every warp count again (at D = 1152
-at most 16 launches of the 70 combinations of 5 warp counts, 7 tilings and 2 prefetch settings).
+Search, per op and direction, a coordinate search from the default launch: prefetch on and off,
+then every warp count at the best so far, then every tiling, then every warp count again (at D =
+1152 at most 16 launches of the 70 combinations of 5 warp counts, 7 tilings and 2 prefetch
+settings). The six searches go breadth first, each step for all of them before the next, so a
+time box that stops the run early leaves the same comparisons for every op and direction.
 Each launch is checked against the eager reference first, its outputs NaN-filled: one whose error
 exceeds twice the default launch's (plus 1e-5), or is NaN, is recorded as `parity_failed` and
 never chosen. On the CPU (Triton interpreter) only the default, a one-program-per-sample tiling
@@ -41,7 +43,7 @@ KEYS = ("num_warps", "programs_per_slot", "prefetch")  # one launch: a value of 
 
 def run(ctx) -> None:
     import kernels
-    from kernels import _launch, reference
+    from kernels import _launch
 
     device = ctx.device
     cfg = ks.SIZES[ctx.size.name]
@@ -49,6 +51,7 @@ def run(ctx) -> None:
         raise RuntimeError(f"the fused kernels cannot run on {device} here")
     cuda = device.type == "cuda"
     block_d, _ = _launch.block_config(cfg.D)
+    searches = []
     for op in ks.OPS:
         for direction in ("fwd", "bwd"):
             default = _launch.launch_params(cfg.D, direction)  # SIT_FAST_KERNEL_LAUNCH included
@@ -56,94 +59,124 @@ def run(ctx) -> None:
                 choices = (warp_choices(block_d), list(PROGRAMS_PER_SLOT), [0, 1])
             else:  # the interpreter: prove each path once (warps mean nothing there)
                 choices = ([default[0]], [default[1], 1], [default[2], 1 - default[2]])
-            tune_one(ctx, op, direction, tuple(int(v) for v in default), choices)
+            searches.append(LaunchSearch(ctx, op, direction, tuple(int(v) for v in default), choices))
+    # Breadth first: each step of the search for every op and direction before the next step, so a
+    # time box that ends the run early leaves the same comparisons for all six.
+    for search in searches:
+        search.start()
+    for axis in AXES:
+        for search in searches:
+            search.step(axis)
+    for search in searches:
+        search.finish()
 
 
-def tune_one(ctx, op: str, direction: str, default: tuple, choices: tuple) -> None:
+# The coordinate search's steps: prefetch (one launch to try), warps, tiling, then warps again at
+# the best of the others; indices into KEYS.
+AXES = (2, 0, 1, 0)
+
+
+class LaunchSearch:
     """Coordinate search over KEYS for one op and direction; emits one record per launch tried."""
-    import kernels
-    from kernels import _launch, reference
 
-    device, cfg = ctx.device, ks.SIZES[ctx.size.name]
-    cuda = device.type == "cuda"
-    ours, ref = getattr(kernels, op), getattr(reference, op)
-    args = ks.make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, device, requires_grad=direction == "bwd")
-    grads_out = None
-    if direction == "bwd":
-        with torch.no_grad():
-            grads_out = [torch.randn_like(o) for o in ks._as_tuple(ref(*args))]
-    expected = ks._make_step(ref, args, direction, grads_out)()
-    bytes_moved = ks.minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
-    name = f"{op}.{direction}"
-    measured: dict[tuple, dict] = {}
-    limit = None  # the parity limit, set once the default launch has run
+    def __init__(self, ctx, op: str, direction: str, default: tuple, choices: tuple):
+        import kernels
+        from kernels import reference
 
-    def measure(launch: tuple) -> bool:
-        """Measure one launch (once) and write its record; False when the time box is out (recorded
-        as skipped). Written at once, so a run stopped part way through a search keeps its launches."""
-        if launch in measured:
-            return True
-        fits = measure_one(launch)
-        ctx.emit(measured[launch])
-        return fits
+        self.ctx, self.direction, self.default, self.choices = ctx, direction, default, choices
+        self.cfg = cfg = ks.SIZES[ctx.size.name]
+        self.cuda = ctx.device.type == "cuda"
+        self.ours, ref = getattr(kernels, op), getattr(reference, op)
+        self.args = ks.make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, ctx.device, requires_grad=direction == "bwd")
+        self.grads_out = None
+        if direction == "bwd":
+            with torch.no_grad():
+                self.grads_out = [torch.randn_like(o) for o in ks._as_tuple(ref(*self.args))]
+        self.expected = ks._make_step(ref, self.args, direction, self.grads_out)()
+        self.bytes_moved = ks.minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
+        self.name = f"{op}.{direction}"
+        self.measured: dict[tuple, dict] = {}
+        self.limit = None  # the parity limit, set once the default launch has run
+        self.searching = True  # False once the time box has cut this search
 
-    def measure_one(launch: tuple) -> bool:
+    def measure(self, launch: tuple) -> None:
+        """Measure one launch (once) and write its record. Written at once, so a run stopped part way
+        through a search keeps its launches; the first launch the time box leaves no room for is
+        recorded as skipped and ends this search."""
+        if not self.searching or launch in self.measured:
+            return
+        self.searching = self.measure_one(launch)
+        self.ctx.emit(self.measured[launch])
+
+    def measure_one(self, launch: tuple) -> bool:
+        from kernels import _launch
+
+        ctx, cfg, direction = self.ctx, self.cfg, self.direction
         settings = dict(zip(KEYS, launch))
         variant = "ours " + " ".join(f"{k}={v}" for k, v in settings.items())
-        extra = {**settings, "default": launch == default, "best": False}
+        extra = {**settings, "default": launch == self.default, "best": False}
         common = dict(dtype=ks.DTYPE_NAMES[cfg.dtype], shapes={"B": cfg.B, "T": cfg.T, "D": cfg.D},
-                      bytes_moved=bytes_moved, extra=extra)
-        if not ctx.budget.allows(2.0 if cuda else 1.0):
-            measured[launch] = ctx.record(SUITE, name, variant, status="skipped", note=(
+                      bytes_moved=self.bytes_moved, extra=extra)
+        if not ctx.budget.allows(2.0 if self.cuda else 1.0):
+            self.measured[launch] = ctx.record(SUITE, self.name, variant, status="skipped", note=(
                 f"time box: {max(ctx.budget.remaining(), 0):.0f} s left of {ctx.budget.seconds:.0f} s; "
-                f"the search of {name} stops here"), **common)
+                f"the search of {self.name} stops here"), **common)
             return False
         try:
             with _launch.launch_overrides(**{f"{direction}_{k}": v for k, v in settings.items()}):
-                step = ks._make_step(ours, args, direction, grads_out)
+                step = ks._make_step(self.ours, self.args, direction, self.grads_out)
                 with _launch.poison_outputs():  # an element a launch leaves unwritten reads NaN
-                    error = ks._max_abs_err(step(), expected)
+                    error = ks._max_abs_err(step(), self.expected)
                 if direction == "bwd":
-                    timing = ks._time_backward(ours, args, grads_out, device, CUDA_BWD_REPS if cuda else CPU_REPS)
-                elif cuda:
+                    timing = ks._time_backward(self.ours, self.args, self.grads_out, ctx.device,
+                                               CUDA_BWD_REPS if self.cuda else CPU_REPS)
+                elif self.cuda:
                     from triton.testing import do_bench
 
                     timing = do_bench(step, warmup=5, rep=25, quantiles=[0.5, 0.2, 0.8])
                 else:
                     timing = ks._time_cpu(step, CPU_REPS)
         except Exception as failure:  # noqa: BLE001 -- a launch that fails is an answer
-            measured[launch] = ctx.record(SUITE, name, variant, **ks._failure_row(failure), **common)
+            self.measured[launch] = ctx.record(SUITE, self.name, variant, **ks._failure_row(failure), **common)
             return True
         median, p20, p80 = timing
-        gbps = bytes_moved / (median * 1e-3) / 1e9
+        gbps = self.bytes_moved / (median * 1e-3) / 1e9
         status, note = "ok", None
-        if limit is not None and not error <= limit:  # NaN fails too
-            status, note = "parity_failed", (f"max abs err {error:.3g} > {limit:.3g} (twice the default "
+        if self.limit is not None and not error <= self.limit:  # NaN fails too
+            status, note = "parity_failed", (f"max abs err {error:.3g} > {self.limit:.3g} (twice the default "
                                              f"launch's + {TOLERANCE_FLOOR:g})")
-        measured[launch] = ctx.record(
-            SUITE, name, variant, median_ms=median, p20_ms=p20, p80_ms=p80, gbps=gbps,
+        self.measured[launch] = ctx.record(
+            SUITE, self.name, variant, median_ms=median, p20_ms=p20, p80_ms=p80, gbps=gbps,
             fraction_of_copy_bw=gbps / ctx.ceilings["copy_gbps"], parity_max_abs_err=error,
             status=status, note=note, **common)
         return True
 
-    def best() -> tuple:
-        ok = {k: r for k, r in measured.items() if r["status"] == "ok"}
-        return min(ok, key=lambda k: ok[k]["median_ms"]) if ok else default
+    def best(self) -> tuple:
+        ok = {k: r for k, r in self.measured.items() if r["status"] == "ok"}
+        return min(ok, key=lambda k: ok[k]["median_ms"]) if ok else self.default
 
-    searching = measure(default)
-    if measured[default]["status"] == "ok":
-        limit = TOLERANCE_FACTOR * measured[default]["parity_max_abs_err"] + TOLERANCE_FLOOR
-    for axis in (0, 1, 2, 0):  # warps, tiling, prefetch, then warps again at the best of the others
-        current = best()
-        for value in choices[axis]:
-            searching = searching and measure(current[:axis] + (value,) + current[axis + 1:])
+    def start(self) -> None:
+        """The default launch, whose error sets the parity limit of the others."""
+        self.measure(self.default)
+        if self.measured[self.default]["status"] == "ok":
+            self.limit = TOLERANCE_FACTOR * self.measured[self.default]["parity_max_abs_err"] + TOLERANCE_FLOOR
 
-    chosen = best()
-    if measured[chosen]["status"] == "ok":
-        measured[chosen]["extra"]["best"] = True
-        base = measured[default]
-        speedup = f"{base['median_ms'] / measured[chosen]['median_ms']:.2f}x the default" \
+    def step(self, axis: int) -> None:
+        """Every value of one launch parameter, the others at the best launch so far."""
+        current = self.best()
+        for value in self.choices[axis]:
+            self.measure(current[:axis] + (value,) + current[axis + 1:])
+
+    def finish(self) -> None:
+        """Mark the best launch and print it as SIT_FAST_KERNEL_LAUNCH settings."""
+        chosen = self.best()
+        if self.measured[chosen]["status"] != "ok":
+            return
+        self.measured[chosen]["extra"]["best"] = True
+        base = self.measured[self.default]
+        speedup = f"{base['median_ms'] / self.measured[chosen]['median_ms']:.2f}x the default" \
             if base["status"] == "ok" else "the default did not run"
-        settings = ",".join(f"{direction}_{k}={v}" for k, v in zip(KEYS, chosen))
-        print(f"[{SUITE}] {name}: best {settings} {measured[chosen]['gbps']:.3g} GB/s ({speedup})", flush=True)
-        ctx.results.write()  # the best launch's mark
+        settings = ",".join(f"{self.direction}_{k}={v}" for k, v in zip(KEYS, chosen))
+        print(f"[{SUITE}] {self.name}: best {settings} {self.measured[chosen]['gbps']:.3g} GB/s ({speedup})",
+              flush=True)
+        self.ctx.results.write()  # the best launch's mark

@@ -139,6 +139,9 @@ def test_every_suite_measures_every_variant(dry_run):
     tuning = [r for r in records if r["suite"] == "tuning"]
     groups = {r["name"] for r in tuning}
     assert len(groups) == 6
+    # breadth first: every group's default launch, then every group's other prefetch setting
+    assert all(r["extra"]["default"] for r in tuning[:6]) and len({r["name"] for r in tuning[:6]}) == 6, tuning
+    assert [r["extra"]["prefetch"] for r in tuning[6:12]] == [1 - r["extra"]["prefetch"] for r in tuning[:6]]
     for name in groups:
         group = [r for r in tuning if r["name"] == name]
         assert len(group) == 3 and sum(r["extra"]["default"] for r in group) == 1, group
@@ -620,8 +623,11 @@ def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels_suite, "_time_cpu", time_cpu)
     with pytest.raises(KeyboardInterrupt):
         main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
-    (record,) = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert record["suite"] == "tuning" and record["status"] == "ok" and record["extra"]["default"], record
+    # Breadth first: the default launches of the first op's two directions, then the stop at the next one's
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert [r["name"] for r in records] == ["layernorm_modulate.fwd", "layernorm_modulate.bwd"], records
+    for record in records:
+        assert record["suite"] == "tuning" and record["status"] == "ok" and record["extra"]["default"], record
     assert "| layernorm_modulate.fwd |" in (tmp_path / "results.md").read_text()
 
 
