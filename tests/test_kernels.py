@@ -571,6 +571,11 @@ def test_kernel_package_imports_without_triton():
 
 _LOWER_FOR_SM90 = """
 import importlib
+import os
+import re
+import subprocess
+import tempfile
+
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -583,6 +588,7 @@ KERNELS = {
         "_gated_residual_layernorm_modulate_fwd_kernel", "_gated_residual_layernorm_modulate_bwd_kernel"],
 }
 FP32_POINTERS = ("partial", "mean", "rstd")
+PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 for module_name, kernel_names in KERNELS.items():
     module = importlib.import_module(module_name)
     for kernel_name in kernel_names:
@@ -593,30 +599,56 @@ for module_name, kernel_names in KERNELS.items():
             constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch}
             # contiguous rows: Triton specialises the unit feature strides, as at run time
             constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
-            signature = {}
-            for name in kernel.arg_names:
+            signature, attrs = {}, {}
+            for index, name in enumerate(kernel.arg_names):
                 if name in constexprs:
                     signature[name] = "constexpr"
                 elif name.endswith("_ptr"):
                     signature[name] = "*fp32" if any(p in name for p in FP32_POINTERS) else "*bf16"
+                    attrs[(index,)] = [["tt.divisibility", 16]]  # as launched: PyTorch's aligned storage
                 else:
                     signature[name] = "fp32" if name == "eps" else "i32"
-            source = ASTSource(fn=kernel, signature=signature,
+                    # Triton specialises integers divisible by 16: D, and the strides of rows of D elements
+                    if (name == "D" or name.startswith("stride_")) and D % 16 == 0:
+                        attrs[(index,)] = [["tt.divisibility", 16]]
+            source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                                constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()
                                            if n in kernel.arg_names})
             compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
-            assert ".entry " + kernel_name in compiled.asm["ptx"] and compiled.asm["cubin"]
-            print("lowered", kernel_name, D, prefetch)
+            ptx = compiled.asm["ptx"]
+            assert ".entry " + kernel_name in ptx and compiled.asm["cubin"]
+            # Global accesses of bf16 rows: vectors when rows are aligned (D % 16 == 0), never 16-bit scalars
+            widths = set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*?\\.(v[248]\\.)?b(\\d+)", ptx))
+            narrow = sorted(f"{v or ''}b{bits}" for v, bits in widths if bits == "16")
+            vectors = sorted(f"{v}b{bits}" for v, bits in widths if v)
+            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+                f.write(ptx)
+            ptxas = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                                   capture_output=True, text=True)
+            os.unlink(f.name)
+            spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
+            print("lowered", kernel_name, D, prefetch, "narrow", narrow, "vectors", vectors,
+                  "spill", spill.group(1) if spill else "?")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the kernels run natively in the other tests")
 def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
     """The interpreter accepts code that real compilation rejects; compile every kernel for an H100
-    (sm_90) through the full Triton pipeline to PTX and cubin, which needs no GPU."""
+    (sm_90) through the full Triton pipeline to PTX and cubin, which needs no GPU. Compiled as
+    launched on contiguous rows of a size divisible by 16 (every SiT width), every global access of
+    the row data is a vector access (16-bit scalar ones would move a fraction of the bandwidth), and
+    at the default launch of D = 72 and 1152 ptxas spills no register."""
     result = _run_python(_LOWER_FOR_SM90, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-4000:]
-    assert result.stdout.count("lowered") == 24, result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("lowered")]
+    assert len(lines) == 24, result.stdout
+    for line in lines:
+        D = int(line.split()[2])
+        if D % 16 == 0:  # Triton knows alignment from sizes divisible by 16 only (SiT's are)
+            assert " narrow [] vectors ['" in line, line
+        if D in (72, 1152):
+            assert line.endswith(" spill 0"), line
 
 
 def test_kernels_available_reports_devices():
