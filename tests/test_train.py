@@ -532,6 +532,24 @@ def test_ckpt_without_learned_sigma_starts_and_resumes_a_run_without_it(tmp_path
     assert train_main(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2"])["step"] == 2
 
 
+@pytest.mark.parametrize("space,fix", [(None, "--vae it was trained with"), ("stabilityai/sd-vae-ft-ema",
+                                                                             "--vae stabilityai/sd-vae-ft-ema")])
+def test_ckpt_of_another_latent_space_names_the_flag(tmp_path, capsys, space, fix):
+    """--ckpt weights of 4-channel latents on 1-channel digits: the flag that fixes it, not a constructor argument."""
+    from sit_fast.models import SiT_models
+
+    weights = SiT_models["SiT-T/4"](input_size=8, in_channels=4, num_classes=10).state_dict()
+    path = str(tmp_path / "latents.pt")
+    torch.save(weights if space is None else {"model": weights, "ema": weights,
+                                              "model_config": {"latent_space": space}}, path)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--ckpt", path]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert f"--ckpt {path} takes 4-channel inputs, the data here has 1" in lines[0] and fix in lines[0], lines[0]
+    assert "build the model with" not in lines[0]
+
+
 def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
     for name, (argv, expected) in error_cases(tmp_path, digits_checkpoint).items():
         code = run_cli(argv)

@@ -29,7 +29,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sit_fast import flops
 from sit_fast.attention import select_backend
-from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
+from sit_fast.checkpoint import (
+    CheckpointError, infer_config, load_into_model, read_checkpoint, recorded_model_config,
+)
 from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError, first_line
@@ -429,9 +431,19 @@ class Trainer:
         elif args.ckpt:
             init_weights, info = read_checkpoint(args.ckpt, prefer="ema")
             try:
-                learn_sigma = infer_config(init_weights)["learn_sigma"]
+                found = infer_config(init_weights)
             except CheckpointError:
-                pass  # not SiT's shapes: loading below says what differs
+                found = None  # not SiT's shapes: loading below says what differs
+            if found is not None:
+                learn_sigma = found["learn_sigma"]
+                if found["in_channels"] != channels:  # the model's channels are the data's: a flag changes them
+                    space, now = (recorded_model_config(args.ckpt) or {}).get("latent_space"), self.latent_space()
+                    fix = (f"it was trained on {found['in_channels']}-channel images" if space == now == "pixels"
+                           else "pass --vae none (it was trained in pixel space)" if space == "pixels"
+                           else f"pass --vae {space} (its latent space)" if isinstance(space, str) and space
+                           else "use the --vae it was trained with (--vae none for a pixel-space model)")
+                    raise UserError(f"--ckpt {args.ckpt} takes {found['in_channels']}-channel inputs, the data here "
+                                    f"has {channels} ({'images' if now == 'pixels' else 'latents of ' + now}): {fix}")
             if not learn_sigma:
                 logger.info(f"learn_sigma=False, as the weights of --ckpt {args.ckpt}")
         model = SiT_models[args.model](
