@@ -182,9 +182,11 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
 
     Any other difference raises CheckpointError naming the keys and shapes and the likely fix.
     A model wrapped by torch.compile, DistributedDataParallel or DataParallel is loaded through the
-    wrapper into the model it holds. Returns {"label_table_reinitialised": bool}.
+    wrapper into the model it holds, and such a wrapper's state_dict (keys "module." / "_orig_mod.")
+    loads as read_checkpoint's would. Returns {"label_table_reinitialised": bool}.
     """
     model = unwrap_model(model)
+    state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
     own = model.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())
@@ -197,7 +199,6 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
             "re-initialised; class-conditional outputs are meaningless until it is trained",
             source, rows_ckpt, rows_model, getattr(model, "num_classes", rows_model),
         )
-        state_dict = dict(state_dict)
         state_dict[LABEL_TABLE_KEY] = own[LABEL_TABLE_KEY]
         reinit = True
     elif missing or unexpected or mismatched:

@@ -251,6 +251,21 @@ def test_load_into_model_loads_through_wrappers(wrap):
         assert torch.equal(target.state_dict()[name], value), name
 
 
+@pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
+def test_load_into_model_takes_a_wrapped_models_state_dict(wrap):
+    """A wrapper's state_dict (keys "_orig_mod." / "module." ...) loads as read_checkpoint's would."""
+    source, target = model_for(2, 32, 2, True), model_for(2, 32, 2, True)
+    wrapped = source
+    if wrap in ("data_parallel", "both"):
+        wrapped = torch.nn.DataParallel(wrapped)
+    if wrap in ("compile", "both"):
+        wrapped = torch.compile(wrapped)
+    assert all(k.startswith(("module.", "_orig_mod.")) for k in wrapped.state_dict())
+    load_into_model(target, wrapped.state_dict())
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+
+
 # ----------------------------------------------------------------------------- python -m sit_fast.export
 
 def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys):
