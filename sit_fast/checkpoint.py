@@ -74,7 +74,7 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         obj = obj[key]
     if not all(isinstance(k, str) for k in obj):
         raise CheckpointError(f"{path} holds a dict with keys that are not parameter names (strings)")
-    state_dict = {_strip_prefixes(k): v for k, v in obj.items()}
+    state_dict = strip_wrapper_prefixes(obj, path)
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(bad[:5])}")
@@ -186,7 +186,7 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     loads as read_checkpoint's would. Returns {"label_table_reinitialised": bool}.
     """
     model = unwrap_model(model)
-    state_dict = {_strip_prefixes(k): v for k, v in state_dict.items()}
+    state_dict = strip_wrapper_prefixes(state_dict, source)
     own = model.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())
@@ -244,6 +244,20 @@ def _likely_fix(model, cfg: dict) -> str:
 
 def _abbrev(keys: list[str], n: int = 4) -> str:
     return ", ".join(keys[:n]) + (f" and {len(keys) - n} more" if len(keys) > n else "")
+
+
+def strip_wrapper_prefixes(state_dict: dict, source: str = "checkpoint") -> dict:
+    """The state_dict with the wrappers' key prefixes ("module.", "_orig_mod.") removed, in a new dict;
+    CheckpointError when two keys name one parameter once they are removed."""
+    out, original = {}, {}
+    for key, value in state_dict.items():
+        name = _strip_prefixes(key)
+        if name in out:
+            first, second = sorted((original[name], key))
+            raise CheckpointError(f"{source}: {first} and {second} are one parameter once the wrappers' prefixes "
+                                  f"({', '.join(_WRAPPER_PREFIXES)}) are removed: keep one of them")
+        out[name], original[name] = value, key
+    return out
 
 
 def _strip_prefixes(key: str) -> str:

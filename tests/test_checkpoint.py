@@ -412,3 +412,14 @@ def test_foreign_shapes_and_keys_are_one_line_errors(tmp_path, key, change):
             infer_config(sd)
     else:
         assert infer_config(sd)["depth"] == 2
+
+
+def test_two_keys_that_strip_to_one_are_refused(tmp_path):
+    """"pos_embed" and "module.pos_embed" both: which one is meant is unknown, so neither is loaded."""
+    state_dict = model_for(2, 32, 2, True).state_dict()
+    state_dict["module.pos_embed"] = torch.ones_like(state_dict["pos_embed"])
+    torch.save(state_dict, tmp_path / "both.pt")
+    with pytest.raises(CheckpointError, match=r"both\.pt: module\.pos_embed and pos_embed are one parameter"):
+        read_checkpoint(tmp_path / "both.pt")
+    with pytest.raises(CheckpointError, match=r"module\.pos_embed and pos_embed are one parameter"):
+        load_into_model(model_for(2, 32, 2, True), state_dict)
