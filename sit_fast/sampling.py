@@ -199,14 +199,16 @@ def build_model(request: ModelRequest, device: torch.device,
     num_classes = request.num_classes if request.num_classes is not None else config["num_classes"]
     if num_classes < 1:
         raise UserError(f"--num-classes must be at least 1, got {num_classes}")
-    model = SiT_models[name](
-        input_size=input_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        learn_sigma=config["learn_sigma"],
-        attn_backend=request.attn_backend,
-        fused_kernels=request.fused_kernels,
-    )
+    with torch.random.fork_rng(devices=[]):  # a re-initialised label table: the same on every rank, in every run
+        torch.manual_seed(0)
+        model = SiT_models[name](
+            input_size=input_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            learn_sigma=config["learn_sigma"],
+            attn_backend=request.attn_backend,
+            fused_kernels=request.fused_kernels,
+        )
     loaded = load_into_model(model, state_dict, source=path)
     model = model.to(device).eval().requires_grad_(False)
     floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}

@@ -145,6 +145,23 @@ def test_class_count_mismatch_warns_in_one_line(files, tmp_path, capsys):
     assert err.startswith("warning:") and "label table" in err and "re-initialised" in err
 
 
+def test_a_reinitialised_label_table_is_the_same_in_every_process(files):
+    """--num-classes other than the checkpoint's: every rank of sample_ddp.py, and a resumed or repeated
+    job, draws the same table (the global RNG's state before the model is built does not matter)."""
+    request = ModelRequest(ckpt=files["pixel"], downsample=1, num_classes=5, attn_backend="math",
+                           fused_kernels=False)
+    tables = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model, info = build_model(request, torch.device("cpu"))
+        assert info["label_table_reinitialised"]
+        tables.append(model.y_embedder.embedding_table.weight)
+    assert torch.equal(*tables)
+    after = torch.rand(1)  # the caller's RNG is left as it was
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.rand(1))
+
+
 def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
     """A diverged run's weights gave black images (fixed-step solvers) or dopri5's AssertionError."""
     state = random_sit(3, learn_sigma=False).state_dict()
