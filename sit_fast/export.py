@@ -104,12 +104,15 @@ def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None 
     return describe(out)
 
 
-def weights_note(found: dict, wanted: str) -> str | None:
-    """A line when the file cannot give the --weights asked for, else None."""
+def weights_note(found: dict, wanted: str, asked: bool = True) -> str | None:
+    """A line when the file cannot give the --weights asked for (asked: given on the command line,
+    not the default), else None."""
     if found["weights"] == wanted:
         return None
     if found["format"] == "pickle" and found["weights"] == "model":  # a checkpoint dict without an EMA entry
         return "note: it has no EMA weights; these are its model weights"
+    if not asked:  # one set of weights, and no --weights asked of it: nothing to say
+        return None
     held = "" if found["weights"] == "raw" else f" ({found['weights']})"
     return f"note: it holds one set of weights{held}; --weights {wanted} does not apply"
 
@@ -139,7 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    allow_abbrev=False)
     parser.add_argument("ckpt", help="a train.py checkpoint, an upstream release file or a .safetensors file")
     parser.add_argument("--out", default=None, help="write the weights here (.pt, .pth or .safetensors)")
-    parser.add_argument("--weights", choices=("ema", "model"), default="ema",
+    parser.add_argument("--weights", choices=("ema", "model"), default=None,
                         help="a train.py checkpoint's EMA or raw weights (default: ema)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,
                         help="cast the weights, all but the fixed pos_embed table (default: as stored); with --out")
@@ -150,6 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
+    asked, args.weights = args.weights is not None, args.weights or "ema"
     if args.out is None and (args.dtype is not None or args.force):
         raise UserError(f"{'--dtype' if args.dtype is not None else '--force'} applies to the file that --out writes: "
                         f"pass --out PATH")
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(summary(args.ckpt, found))
     if args.out is None:
         return found
-    note = weights_note(found, args.weights)
+    note = weights_note(found, args.weights, asked)
     if note:
         print(note)
     written = export_weights(args.ckpt, args.out, args.weights, args.dtype, args.force, loaded)

@@ -342,6 +342,8 @@ def test_export_force_replaces_and_options_without_out_are_refused(tmp_path, cap
     assert "note: it has no EMA weights; these are its model weights" in capsys.readouterr().out
     export.main([str(out), "--out", str(tmp_path / "again.pt"), "--weights", "ema"])
     assert "note: it holds one set of weights (model); --weights ema does not apply" in capsys.readouterr().out
+    export.main([str(out), "--out", str(tmp_path / "again2.pt")])  # the default, not asked for: no note
+    assert "note:" not in capsys.readouterr().out
     with pytest.raises(SystemExit):
         export.main([str(ckpt), "--dtype", "bf16"])
     assert capsys.readouterr().err.startswith("error: --dtype applies to the file that --out writes")
