@@ -36,6 +36,7 @@ from sit_fast.data import (
 )
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
+from sit_fast.files import WRITE_REFUSED
 from sit_fast.sampling import check_settings
 from sit_fast.training.checkpointing import atomic_torch_save
 from sit_fast.vae import check_image_size, load_vae
@@ -140,7 +141,13 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         finally:
             close_loader(loader)
         path = os.path.join(args.out, shard_name(k))
-        atomic_torch_save({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)}, path)
+        try:
+            atomic_torch_save({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)}, path)
+        except OSError as err:
+            if err.errno not in WRITE_REFUSED:
+                raise
+            raise UserError(f"cannot write {path} ({err.strerror}): the shards written are kept: make room (or make "
+                            f"the folder writable) and run the same command again to encode the rest") from None
         if dist_info.is_main:
             progress.write(f"rank 0: wrote {path} ({count} images)")
     progress.close()

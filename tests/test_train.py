@@ -1051,6 +1051,42 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
 
 
+def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tmp_path, monkeypatch, capsys):
+    """The disk fills up in the second shard's write: torch.save's writer meets the OSError (and would
+    turn it into a RuntimeError naming only its own position); the user gets the full disk, in one line."""
+    import errno
+    import io
+
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
+    out = str(tmp_path / "cache")
+    opened = []
+
+    class FullDisk(io.FileIO):  # the second file opened for writing takes 100 bytes, then the disk is full
+        def write(self, data):
+            if len(opened) > 1 and self.tell() + len(data) > 100:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return super().write(data)
+
+    def open_on_a_small_disk(path, mode="r", *args, **kwargs):
+        opened.append(path)
+        return io.BufferedWriter(FullDisk(path, mode))
+
+    monkeypatch.setattr(checkpointing, "open", open_on_a_small_disk, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    shard = os.path.join(out, latent_cache.shard_name(1))
+    assert capsys.readouterr().err == (f"error: cannot write {shard} (No space left on device): the shards written "
+                                       f"are kept: make room (or make the folder writable) and run the same command "
+                                       f"again to encode the rest\n")
+    assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
+
+
 def test_latent_cache_image_size_for_the_sd_vae_is_checked_before_loading_it(tmp_path, monkeypatch, capsys):
     from sit_fast import latent_cache
 

@@ -158,8 +158,35 @@ def stop_signals_held():
 
 
 def atomic_torch_save(obj, path: str) -> None:
-    """torch.save(obj) onto `path` by atomic_write."""
-    atomic_write(path, lambda f: torch.save(obj, f))
+    """torch.save(obj) onto `path` by atomic_write. A failed write (a full disk) raises its OSError,
+    which torch.save's writer would turn into a RuntimeError that names only its own position."""
+    def save(f):
+        stream = _KeepWriteError(f)
+        try:
+            torch.save(obj, stream)
+        except RuntimeError:
+            if stream.error is None:
+                raise
+            raise stream.error from None
+
+    atomic_write(path, save)
+
+
+class _KeepWriteError:
+    """A file whose write keeps the OSError it raises (for atomic_torch_save)."""
+
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def __getattr__(self, name):  # flush, tell, ...: the file's own
+        return getattr(self.f, name)
 
 
 def atomic_write(path: str, write) -> None:
