@@ -298,6 +298,9 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 def read_cache_index(root: str) -> dict:
     path = os.path.join(root, CACHE_INDEX)
     if not os.path.isfile(path):
+        if _latent_cache_settings(root):  # written first, the index last
+            raise DataError(f"--latent-cache {root} is unfinished (no {CACHE_INDEX} yet, the last file written): "
+                            f"to finish it, {_RERUN}")
         raise DataError(f"--latent-cache {root} has no {CACHE_INDEX}; build it with python -m sit_fast.latent_cache")
     try:
         with open(path) as f:
@@ -307,6 +310,16 @@ def read_cache_index(root: str) -> dict:
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
         raise DataError(f"{path} is not a version-{CACHE_VERSION} sit_fast latent cache; rebuild it")
     return index
+
+
+def _latent_cache_settings(root: str) -> bool:
+    """Whether root holds the settings.json of a latent cache (python -m sit_fast.latent_cache's)."""
+    try:
+        with open(os.path.join(root, "settings.json")) as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(settings, dict) and "dataset_sha256" in settings
 
 
 DATASETS = ("imagefolder", "digits")

@@ -1049,6 +1049,13 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     assert capsys.readouterr().err.endswith(f"interrupted; the shards written are kept: run the same command "
                                             f"again to encode the rest into {out}\n")
     assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
+    from sit_fast.data import DataError, LatentCacheDataset
+
+    with pytest.raises(DataError) as info:  # trained on before it is finished: how to finish it
+        LatentCacheDataset(out)
+    assert str(info.value) == (f"--latent-cache {out} is unfinished (no index.json yet, the last file written): to "
+                               f"finish it, run python -m sit_fast.latent_cache again with the same flags (it encodes "
+                               f"only the missing shards)")
 
 
 def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tmp_path, monkeypatch, capsys):
