@@ -17,7 +17,8 @@ sample each time, as upstream's `latent_dist.sample()` does. Layout of DIR:
                         axis 1: 0 = as is, 1 = mirrored; read with torch.load(weights_only=True, mmap=True)
 
 Shards are written atomically and skipped when present, so an interrupted run resumes (with any
-number of processes); settings.json records the settings that shape the latents, and a folder made
+number of processes; a process killed mid-write leaves a hidden .shard-NNNNN.pt.tmp-PID file, which
+the next run names for you to delete); settings.json records the settings that shape the latents, and a folder made
 with other settings is refused.
 """
 from __future__ import annotations
@@ -25,7 +26,9 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import os
+import re
 import sys
 
 import torch
@@ -41,6 +44,7 @@ from sit_fast.sampling import check_settings
 from sit_fast.training.checkpointing import atomic_torch_save
 from sit_fast.vae import check_image_size, load_vae
 
+logger = logging.getLogger("sit_fast")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -81,6 +85,19 @@ def pending_shards(out: str, shards: list[tuple[int, int, int]]) -> list[tuple[i
     return [shard for shard in shards if shard_name(shard[0]) not in present]
 
 
+def unfinished_writes(out: str) -> str | None:
+    """A warning naming the temporary shard files (atomic_write's) that a process killed while writing
+    left in `out`, or None. They are never read; only their space is lost."""
+    names = sorted(n for n in os.listdir(out) if re.fullmatch(r"\.shard-\d{5}\.pt\.tmp-\d+", n))
+    if not names:
+        return None
+    size = sum(os.path.getsize(os.path.join(out, n)) for n in names)
+    amount = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{out} holds {len(names)} unfinished shard write{'s' if len(names) > 1 else ''} ({listed}; {amount}), "
+            f"left by a process killed while writing: delete them unless another run is writing there now")
+
+
 def build_cache(args: argparse.Namespace) -> dict | None:
     """Encode the dataset into args.out; returns the index on rank 0 (None on other ranks).
 
@@ -112,6 +129,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 
     def prepare():
         check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt")
+        if leftovers := unfinished_writes(args.out):
+            logger.warning(leftovers)
         return pending_shards(args.out, shards)
 
     pending = on_main(prepare, dist_info)

@@ -1058,6 +1058,25 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
                                f"only the missing shards)")
 
 
+def test_latent_cache_names_the_temporary_files_of_a_killed_writer(tmp_path, capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "1"))
+    os.remove(os.path.join(out, latent_cache.shard_name(1)))
+    with open(os.path.join(out, ".shard-00001.pt.tmp-4321"), "wb") as f:  # a writer killed (SIGKILL) mid-write
+        f.write(bytes(3 * 2**20))
+    capsys.readouterr()
+    latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "1"))
+    assert capsys.readouterr().err == (f"warning: {out} holds 1 unfinished shard write (.shard-00001.pt.tmp-4321; "
+                                       f"3 MiB), left by a process killed while writing: delete them unless another "
+                                       f"run is writing there now\n")
+
+
 def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tmp_path, monkeypatch, capsys):
     """The disk fills up in the second shard's write: torch.save's writer meets the OSError (and would
     turn it into a RuntimeError naming only its own position); the user gets the full disk, in one line."""
