@@ -72,8 +72,8 @@ class EpochSampler:
         flips = (torch.randint(0, 2, (self.num_samples,), generator=generator) if self.flip
                  else torch.zeros(self.num_samples, dtype=torch.int64))
         total = self.samples_per_rank * self.world_size
-        if total > self.num_samples:
-            perm = torch.cat([perm, perm[: total - self.num_samples]])
+        if total > self.num_samples:  # repeated as often as it takes: more ranks than twice the samples too
+            perm = perm.repeat(math.ceil(total / self.num_samples))[:total]
         local = perm[self.rank: total: self.world_size].tolist()
         local_flips = flips[perm[self.rank: total: self.world_size]].tolist()
         b = self.local_batch_size

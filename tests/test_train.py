@@ -362,6 +362,20 @@ def make_image_folder(root, classes=2, per_class=3, size=20) -> str:
     return str(root)
 
 
+@pytest.mark.parametrize("num_samples,world_size", [(10, 3), (2, 8), (1, 3), (5, 16)])
+def test_epoch_sampler_gives_every_rank_distributed_samplers_indices(num_samples, world_size):
+    """As torch's DistributedSampler (shuffle, seed + epoch), whatever the padding: a dataset smaller
+    than half the ranks still gives every rank full batches (no empty batch on the last ranks)."""
+    from sit_fast.data import EpochSampler
+
+    for rank in range(world_size):
+        sampler = EpochSampler(num_samples, 1, rank, world_size, seed=7, flip=False)
+        reference = torch.utils.data.DistributedSampler(range(num_samples), num_replicas=world_size, rank=rank,
+                                                        shuffle=True, seed=7)
+        reference.set_epoch(2)
+        assert [key[0] for batch in sampler.batches(2) for key in batch] == list(reference)
+
+
 def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
     """Nested folders: torchvision's ImageFolder sorts each class's (folder, files) by folder path, so
     b/sub-x (with '-' before '/') comes before b/sub/deep."""
