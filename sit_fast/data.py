@@ -181,14 +181,24 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
             "torchvision's ImageFolder counts them, so class labels here differ from a run that used it")
     if not classes:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
-    samples = []
+    samples, empty = [], []
     for label, name in enumerate(classes):
+        count = len(samples)
         for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMG_EXTENSIONS):
                     samples.append((os.path.join(dirpath, filename), label))
+        if len(samples) == count:
+            empty.append(name)
     if not samples:
         raise DataError(f"--data-path {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in its class sub-folders")
+    if empty:
+        listed = ", ".join(empty[:5]) + (f" and {len(empty) - 5} more" if len(empty) > 5 else "")
+        logger.warning(
+            f"--data-path {root}: {len(empty)} class folder{'s' if len(empty) > 1 else ''} ({listed}) "
+            f"{'hold' if len(empty) > 1 else 'holds'} no images "
+            f"({', '.join(IMG_EXTENSIONS)}) but count as classes, shifting the labels after them; torchvision's "
+            "ImageFolder refuses such folders: remove them unless they are meant as classes")
     return samples, classes
 
 

@@ -406,6 +406,21 @@ def test_resume_names_unfinished_checkpoint_writes_and_keeps_them(tmp_path):
     assert os.path.exists(leftover)
 
 
+def test_a_class_folder_without_images_is_named_in_a_warning(tmp_path, caplog):
+    from sit_fast.data import find_images
+
+    make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    os.makedirs(tmp_path / "data" / "a_cache")  # say, an --out put in the data folder
+    (tmp_path / "data" / "a_cache" / "shard-00000.pt").write_bytes(b"")
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        samples, classes = find_images(str(tmp_path / "data"))
+    assert classes == ["a_cache", "class0", "class1"] and [label for _, label in samples] == [1, 2]  # as torchvision
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--data-path {tmp_path / 'data'}: 1 class folder (a_cache) holds no images (.jpg, .jpeg, .png, .ppm, .bmp, "
+        ".pgm, .tif, .tiff, .webp) but count as classes, shifting the labels after them; torchvision's ImageFolder "
+        "refuses such folders: remove them unless they are meant as classes"]
+
+
 def test_hidden_folders_holding_images_are_skipped_with_a_warning_in_the_log(tmp_path, capsys):
     """The warning comes from sit_fast.data, outside the training module: it still reaches log.txt."""
     for name in ["a/1.png", ".extra/deep/2.png", "b/3.png"]:
