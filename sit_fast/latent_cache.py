@@ -141,13 +141,19 @@ def build_cache(args: argparse.Namespace) -> dict | None:
               f"{len(pending)} shard(s) on {dist_info.world_size} process(es)", flush=True)
     progress = tqdm(total=sum(count for _, _, count in mine), unit="img", desc="encoding (rank 0's shards)",
                     disable=not dist_info.is_main or args.no_progress)
-    for k, start, count in mine:
-        keys = [(i, 0) for i in range(start, start + count)]
-        batches = [keys[b: b + args.batch_size] for b in range(0, count, args.batch_size)]
-        means, stds, labels = [], [], []
-        loader = make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=k)
-        try:
-            for images, y in loader:
+    # One loader for all of this process's shards, its batches never crossing a shard's end: the
+    # workers keep reading ahead while a finished shard is written, and start once, not per shard.
+    batches = [[(i, 0) for i in range(first, min(first + args.batch_size, start + count))]
+               for _, start, count in mine for first in range(start, start + count, args.batch_size)]
+    loader = make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=0) if batches else iter(())
+    try:
+        for k, start, count in mine:
+            means, stds, labels, done = [], [], [], 0
+            while done < count:
+                try:
+                    images, y = next(loader)
+                except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
+                    raise worker_error(err) from None
                 images = images.to(device, non_blocking=True)
                 mean, std = codec.encode(torch.cat([images, images.flip(-1)]))  # (2B, C, h, w) each
                 b = images.shape[0]
@@ -155,20 +161,20 @@ def build_cache(args: argparse.Namespace) -> dict | None:
                 stds.append(torch.stack([std[:b], std[b:]], dim=1).to(storage).cpu())
                 labels.append(torch.as_tensor(y, dtype=torch.int64))
                 progress.update(b)
-        except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
-            raise worker_error(err) from None
-        finally:
-            close_loader(loader)
-        path = os.path.join(args.out, shard_name(k))
-        try:
-            atomic_torch_save({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)}, path)
-        except OSError as err:
-            if err.errno not in WRITE_REFUSED:
-                raise
-            raise UserError(f"cannot write {path} ({err.strerror}): the shards written are kept: make room (or make "
-                            f"the folder writable) and run the same command again to encode the rest") from None
-        if dist_info.is_main:
-            progress.write(f"rank 0: wrote {path} ({count} images)")
+                done += b
+            path = os.path.join(args.out, shard_name(k))
+            try:
+                atomic_torch_save({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)},
+                                  path)
+            except OSError as err:
+                if err.errno not in WRITE_REFUSED:
+                    raise
+                raise UserError(f"cannot write {path} ({err.strerror}): the shards written are kept: make room (or "
+                                f"make the folder writable) and run the same command again to encode the rest") from None
+            if dist_info.is_main:
+                progress.write(f"rank 0: wrote {path} ({count} images)")
+    finally:
+        close_loader(loader)
     progress.close()
     barrier()
     index = None

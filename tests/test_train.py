@@ -1048,6 +1048,31 @@ def test_latent_cache_batch_size_bounds_each_encoder_call(tmp_path, monkeypatch)
     assert calls == [3, 3, 3, 1]  # 3 images, their mirrors; the last 2 and theirs, in chunks of 3
 
 
+def test_latent_cache_reads_all_its_shards_through_one_loader(tmp_path, monkeypatch):
+    """One DataLoader (workers started once) for a process's shards, its batches cut at each shard's
+    end: 7 images in shards of 3 and batches of 2 are read as [0 1] [2] [3 4] [5] [6], in 3 shards."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    loaders, make_loader = [], latent_cache.make_loader
+
+    def recording_make_loader(dataset, batches, *args, **kwargs):
+        loaders.append([[index for index, _ in batch] for batch in batches])
+        return make_loader(dataset, batches, *args, **kwargs)
+
+    monkeypatch.setattr(latent_cache, "make_loader", recording_make_loader)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=7)
+    out = str(tmp_path / "cache")
+    index = latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "3", "--batch-size", "2",
+                                          "--num-workers", "1"))
+    assert loaders == [[[0, 1], [2], [3, 4], [5], [6]]]
+    assert [shard["count"] for shard in index["shards"]] == [3, 3, 1]
+    for shard in index["shards"]:
+        stored = torch.load(os.path.join(out, shard["file"]), weights_only=True)
+        assert stored["mean"].shape[0] == stored["labels"].shape[0] == shard["count"]
+
 def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_path, monkeypatch, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
