@@ -898,9 +898,14 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     exp = str(tmp_path / "exp")
     summary = train_main(["--latent-cache", out, "--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "3",
                           "--ckpt-every", "3", "--sample-every", "3", "--num-sample-images", "2", "--exp-dir", exp,
-                          "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--log-every", "1"])
+                          "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--log-every", "1",
+                          "--dataset", "digits", "--data-path", images])  # both unused: the cache holds the data
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     assert os.path.isfile(os.path.join(exp, "samples", "0000003.png"))  # decoded with the cache's VAE
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert f"--data-path {images} is not used with --latent-cache" in log
+    assert "--dataset digits is not used with --latent-cache (the cache holds the data)" in log
     assert load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]["in_channels"] == 4
 
 

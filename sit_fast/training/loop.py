@@ -366,6 +366,8 @@ class Trainer:
         if args.data_path is not None and (args.dataset != "imagefolder" or args.latent_cache is not None):
             logger.warning(f"--data-path {args.data_path} is not used with "
                            + ("--latent-cache" if args.latent_cache is not None else f"--dataset {args.dataset}"))
+        if args.latent_cache is not None and args.dataset != "imagefolder":
+            logger.warning(f"--dataset {args.dataset} is not used with --latent-cache (the cache holds the data)")
         dataset = build_dataset(args.dataset, args.data_path, args.image_size, args.latent_cache)
         if isinstance(dataset, LatentCacheDataset):
             if "image_size" in explicit and args.image_size != dataset.image_size:
