@@ -139,7 +139,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         todo = sum(count for _, _, count in pending)
         print(f"latent cache: {n - todo} of {n} images already in {args.out}; encoding {todo} (x 2 flips) in "
               f"{len(pending)} shard(s) on {dist_info.world_size} process(es)", flush=True)
-    progress = tqdm(total=sum(count for _, _, count in mine), unit="img", desc="encoding (rank 0's shards)",
+    progress = tqdm(total=sum(count for _, _, count in mine), unit="img",
+                    desc="encoding (rank 0's shards)" if dist_info.world_size > 1 else "encoding",
                     disable=not dist_info.is_main or args.no_progress)
     # One loader for all of this process's shards, its batches never crossing a shard's end: the
     # workers keep reading ahead while a finished shard is written, and start once, not per shard.
@@ -207,6 +208,11 @@ def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     try:
         return build_cache(args)
+    except OSError as err:  # settings.json or index.json (a shard's own write names its file)
+        if err.errno not in WRITE_REFUSED:
+            raise
+        raise UserError(f"cannot write {err.filename or 'in ' + args.out} ({err.strerror}): the shards written are "
+                        f"kept: make room (or make the folder writable) and run the same command again") from None
     except KeyboardInterrupt:  # shards are written whole (atomically), so nothing is half done
         if os.environ.get("RANK", "0") == "0":
             print(f"\ninterrupted; the shards written are kept: run the same command again to encode the rest "

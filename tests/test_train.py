@@ -1108,6 +1108,22 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     assert capsys.readouterr().err.endswith(f"interrupted; the shards written are kept: run the same command "
                                             f"again to encode the rest into {out}\n")
     assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
+    # The last file, index.json, on a full disk: one line too
+    monkeypatch.undo()
+    real_open = open
+
+    def full_for_the_index(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(path).startswith(".index.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(latent_cache, "open", full_for_the_index, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {os.path.join(out, '.index.json.tmp')} (No space left on device): "
+                          f"the shards written are kept") and err.count("\n") == 1, err
     from sit_fast.data import DataError, LatentCacheDataset
 
     with pytest.raises(DataError) as info:  # trained on before it is finished: how to finish it
@@ -1170,6 +1186,22 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
                                        f"are kept: make room (or make the folder writable) and run the same command "
                                        f"again to encode the rest\n")
     assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
+    # The last file, index.json, on a full disk: one line too
+    monkeypatch.undo()
+    real_open = open
+
+    def full_for_the_index(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(path).startswith(".index.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(latent_cache, "open", full_for_the_index, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot write {os.path.join(out, '.index.json.tmp')} (No space left on device): "
+                          f"the shards written are kept") and err.count("\n") == 1, err
 
 
 def test_latent_cache_image_size_for_the_sd_vae_is_checked_before_loading_it(tmp_path, monkeypatch, capsys):
