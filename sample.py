@@ -55,7 +55,7 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
-from sit_fast.files import make_writable_folder
+from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_writable_folder
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
@@ -776,7 +776,7 @@ def run_reverse(setup: Setup) -> str:
     noise, interrupted = over_batches("reverse", len(x), args.batch_size, step)
     if noise:
         noise = torch.cat(noise)
-        torch.save(noise, out)
+        atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
         done = f"the first {len(noise)} of {len(x)} items" if interrupted else f"{len(noise)} items"
         print(f"encoded {done} ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
     exit_if_interrupted(interrupted, len(noise), len(x))
@@ -803,6 +803,10 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
             return job(setup)
         except torch.cuda.OutOfMemoryError:
             raise UserError(out_of_memory_advice(args, setup.device)) from None
+        except OSError as err:  # the results of --likelihood or --reverse, written at the end
+            if err.errno not in WRITE_REFUSED:
+                raise
+            raise UserError(f"cannot write {err.filename or args.out} ({err.strerror})") from None
     finally:
         cleanup()
 

@@ -39,9 +39,8 @@ from sit_fast.data import (
 )
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
-from sit_fast.files import WRITE_REFUSED
+from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write
 from sit_fast.sampling import check_settings
-from sit_fast.training.checkpointing import atomic_torch_save
 from sit_fast.vae import check_image_size, load_vae
 
 logger = logging.getLogger("sit_fast")
@@ -190,12 +189,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             "data_path": os.path.abspath(args.data_path),
             "shards": [{"file": shard_name(k), "start": start, "count": count} for k, start, count in shards],
         }
-        tmp = os.path.join(args.out, f".{CACHE_INDEX}.tmp")
-        with open(tmp, "w") as f:
-            json.dump(index, f, indent=1)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, os.path.join(args.out, CACHE_INDEX))
+        text = json.dumps(index, indent=1)
+        atomic_write(os.path.join(args.out, CACHE_INDEX), lambda f: f.write(text.encode()))
         print(f"latent cache: {n} images x 2 flips, latents {codec.latent_channels}x{latent_size}x{latent_size}, "
               f"{len(shards)} shard(s) in {args.out}", flush=True)
     barrier()

@@ -43,7 +43,7 @@ import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError
-from sit_fast.files import WRITE_REFUSED, make_writable_folder
+from sit_fast.files import WRITE_REFUSED, atomic_write, make_writable_folder
 from sit_fast.models import SiT, SiT_models, model_config, registry_name
 from sit_fast.transport.integrators import time_grid
 
@@ -533,7 +533,8 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
         raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "
                         f"unknown: pass another {flag}, or delete them to start over")
-    _atomic_write_bytes(path, (json.dumps(settings, indent=1, sort_keys=True) + "\n").encode())
+    text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 class PNGWriter:
@@ -580,13 +581,6 @@ def _write_png(image: np.ndarray, path: str) -> None:
             raise
         raise UserError(f"cannot write {path} ({err.strerror}): the images written are kept: make room (or make "
                         f"the folder writable) and run the same command again to sample the rest") from None
-
-
-def _atomic_write_bytes(path: str, data: bytes) -> None:
-    temporary = f"{path}.tmp"
-    with open(temporary, "wb") as f:
-        f.write(data)
-    os.replace(temporary, path)
 
 
 def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool = True) -> tuple[int, ...]:

@@ -988,6 +988,26 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     assert exit_info.value.code == 130 and not out.exists()
     assert "interrupted after 0 of 5 items" in capsys.readouterr().err
 
+
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, files, tmp_path, capsys, monkeypatch):
+    import errno
+
+    from sit_fast import files as file_helpers
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(file_helpers, "open", lambda path, mode="r", *a, **k: full(), raising=False)
+    monkeypatch.setattr(sample.np, "savez", full)
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--out", out,
+             "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == f"error: cannot write {out} (No space left on device)"
+
 #################################################################################
 #                                   CUDA                                         #
 #################################################################################

@@ -36,7 +36,7 @@ from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, is_safet
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
 _NAME = re.compile(r"^(\d+)\.pt$")
-_UNFINISHED = re.compile(r"^\.\d+\.pt\.tmp-\d+$")  # atomic_write's temporary file of a checkpoint
+_UNFINISHED = re.compile(r"^\.\d+\.pt\.tmp-\d+$")  # sit_fast.files.atomic_write's temporary file of a checkpoint
 
 logger = logging.getLogger("sit_fast.train")
 
@@ -155,68 +155,6 @@ def stop_signals_held():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save(obj) onto `path` by atomic_write. A failed write (a full disk) raises its OSError,
-    which torch.save's writer would turn into a RuntimeError that names only its own position."""
-    def save(f):
-        stream = _KeepWriteError(f)
-        try:
-            torch.save(obj, stream)
-        except RuntimeError:
-            if stream.error is None:
-                raise
-            raise stream.error from None
-
-    atomic_write(path, save)
-
-
-class _KeepWriteError:
-    """A file whose write keeps the OSError it raises (for atomic_torch_save)."""
-
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def __getattr__(self, name):  # flush, tell, ...: the file's own
-        return getattr(self.f, name)
-
-
-def atomic_write(path: str, write) -> None:
-    """write(f) to a temporary file in the same directory, fsync, then os.replace onto `path`.
-
-    A crash at any point leaves either the old file or the complete new one, never a partial file
-    under `path`; the temporary file is removed when the write fails.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:  # some filesystems do not open directories; the rename is still done
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def capture_rng_state(device: torch.device) -> dict:

@@ -35,11 +35,11 @@ from sit_fast.checkpoint import (
 from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import WRITE_REFUSED, make_folder
+from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_folder
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
-    CHECKPOINT_VERSION, StopRequest, atomic_torch_save, capture_rng_state, checkpoint_path, experiment_dirs,
+    CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
     find_latest_valid, ignore_stop_signals, interrupt_after, list_checkpoints, load_training_checkpoint,
     restore_rng_state, stop_signals_held, unfinished_writes,
 )
