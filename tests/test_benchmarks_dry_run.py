@@ -644,27 +644,35 @@ def test_session_test_args_take_quoted_words(tmp_path):
     assert "test_kernel_rejects_bad_inputs[" in test_log and " deselected" in test_log, test_log[-2000:]
 
 
-def _collected(env_shard=None):
-    """The test ids that `pytest --collect-only` selects from a few of test_kernels.py's cases."""
-    env = {k: v for k, v in os.environ.items() if k != "SIT_FAST_TEST_SHARD"}
-    if env_shard is not None:
-        env["SIT_FAST_TEST_SHARD"] = env_shard
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "tests/test_kernels.py",
-                           "-k", "rejects_bad_inputs or compile"], cwd=REPO_ROOT, capture_output=True,
-                          text=True, timeout=120, env=env)
-    return proc, [line for line in proc.stdout.splitlines() if "::" in line]
+def test_test_shards_split_the_selection_into_contiguous_parts(monkeypatch):
+    """SIT_FAST_TEST_SHARD=I/N (conftest.py's hook): the N shards together hold every selected test once,
+    in order, in near-equal contiguous runs, so gpu_session.sh's side-by-side pytest processes run the
+    whole selection; the others are reported as deselected. (test_session_runs_test_shards_side_by_side
+    runs it for real.)"""
+    import types
 
+    import conftest
 
-def test_test_shards_split_the_selection_into_contiguous_parts():
-    """SIT_FAST_TEST_SHARD=I/N (conftest.py): the N shards together hold every selected test once, in
-    order, so gpu_session.sh's side-by-side pytest processes run the whole selection."""
-    _, whole = _collected()
-    assert len(whole) >= 4, whole
-    shards = [_collected(f"{index}/3")[1] for index in range(3)]
-    assert [test for shard in shards for test in shard] == whole
-    assert all(shards) and max(map(len, shards)) - min(map(len, shards)) <= 1, [len(s) for s in shards]
-    proc, _ = _collected("3/3")
-    assert proc.returncode != 0 and "SIT_FAST_TEST_SHARD='3/3': expected I/N" in proc.stdout + proc.stderr
+    def shard(spec, items):
+        deselected = []
+        config = types.SimpleNamespace(hook=types.SimpleNamespace(
+            pytest_deselected=lambda items: deselected.extend(items)))
+        monkeypatch.setenv("SIT_FAST_TEST_SHARD", spec)
+        items = list(items)
+        conftest.pytest_collection_modifyitems(config, items)
+        return items, deselected
+
+    tests = [f"test_{i}" for i in range(11)]
+    for count in (1, 2, 3, 4, 11, 12):
+        parts = [shard(f"{index}/{count}", tests) for index in range(count)]
+        assert [test for kept, _ in parts for test in kept] == tests
+        assert max(len(kept) for kept, _ in parts) - min(len(kept) for kept, _ in parts) <= 1
+        assert all(sorted(kept + deselected) == sorted(tests) for kept, deselected in parts)
+    monkeypatch.delenv("SIT_FAST_TEST_SHARD")
+    assert shard("", tests) == (tests, [])  # unset: everything
+    for bad in ("3/3", "-1/2", "1", "a/b"):
+        with pytest.raises(pytest.UsageError, match=f"SIT_FAST_TEST_SHARD='{bad}': expected I/N"):
+            shard(bad, tests)
 
 
 def test_session_runs_test_shards_side_by_side(tmp_path):
