@@ -14,10 +14,12 @@ if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
 
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left
 def pytest_collection_modifyitems(config, items):
-    """SIT_FAST_TEST_SHARD=I/N keeps the I-th of N contiguous, near-equal runs of the collected tests
-    (0 <= I < N): N processes, one per shard, run the whole selection side by side where pytest-xdist
-    is missing (benchmarks/gpu_session.sh on the GPU machine). Contiguous runs keep a test's cases
-    together, so each Triton or Inductor compilation tends to happen in one shard."""
+    """SIT_FAST_TEST_SHARD=I/N keeps the I-th of N shares of the collected tests (0 <= I < N): N
+    processes, one per shard, run the whole selection side by side where pytest-xdist is missing
+    (benchmarks/gpu_session.sh on the GPU machine). The tests marked `spread` (each costly on its
+    own: a torch.compile, a CUDA graph capture) are dealt out in turn and run first; the others go
+    in contiguous, near-equal runs, which keep a test's cases together, so each Triton kernel's
+    compilation tends to happen in one shard."""
     shard = os.environ.get("SIT_FAST_TEST_SHARD")
     if not shard:
         return
@@ -27,8 +29,16 @@ def pytest_collection_modifyitems(config, items):
             raise ValueError
     except ValueError:
         raise pytest.UsageError(f"SIT_FAST_TEST_SHARD={shard!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
-    start, stop = index * len(items) // count, (index + 1) * len(items) // count
-    dropped = items[:start] + items[stop:]
+    spread = [item for item in items if _marked_spread(item)]
+    rest = [item for item in items if not _marked_spread(item)]
+    start, stop = index * len(rest) // count, (index + 1) * len(rest) // count
+    kept = spread[index::count] + rest[start:stop]
+    kept_ids = {id(item) for item in kept}
+    dropped = [item for item in items if id(item) not in kept_ids]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
-    items[:] = items[start:stop]
+    items[:] = kept
+
+
+def _marked_spread(item) -> bool:
+    return getattr(item, "get_closest_marker", lambda name: None)("spread") is not None

@@ -72,9 +72,9 @@ else
     echo "gpu_session: tests (killed at ${test_timeout} s) in ${shards} shards side by side" \
         "(SIT_FAST_TEST_SHARD, conftest.py): pytest $TEST_ARGS" | tee "$OUT/log_tests"
     pids=()
+    threads=$(( $(nproc) / shards > 1 ? $(nproc) / shards : 1 ))  # Inductor's compile workers: the cores shared out
     for ((i = 0; i < shards; i++)); do
-        # One compile thread each: the shards already keep the cores busy.
-        SIT_FAST_TEST_SHARD="$i/$shards" TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-1} \
+        SIT_FAST_TEST_SHARD="$i/$shards" TORCHINDUCTOR_COMPILE_THREADS=${TORCHINDUCTOR_COMPILE_THREADS:-$threads} \
             timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${test_args[@]}" \
             >"$OUT/log_tests.$i" 2>&1 &
         pids+=($!)

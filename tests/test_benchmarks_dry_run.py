@@ -662,12 +662,19 @@ def test_test_shards_split_the_selection_into_contiguous_parts(monkeypatch):
         conftest.pytest_collection_modifyitems(config, items)
         return items, deselected
 
-    tests = [f"test_{i}" for i in range(11)]
+    class Item(str):  # a test id, marked "spread" when it ends with "!"
+        def get_closest_marker(self, name):
+            return name if name == "spread" and self.endswith("!") else None
+
+    tests = [Item(f"test_{i}") for i in range(11)]
     for count in (1, 2, 3, 4, 11, 12):
         parts = [shard(f"{index}/{count}", tests) for index in range(count)]
         assert [test for kept, _ in parts for test in kept] == tests
         assert max(len(kept) for kept, _ in parts) - min(len(kept) for kept, _ in parts) <= 1
         assert all(sorted(kept + deselected) == sorted(tests) for kept, deselected in parts)
+    # the costly ones (marked spread) are dealt out in turn, first in each shard; the rest contiguous
+    tests = [Item(name) for name in ("a", "b!", "c!", "d", "e", "f!", "g", "h")]
+    assert [shard(f"{index}/2", tests)[0] for index in range(2)] == [["b!", "f!", "a", "d"], ["c!", "e", "g", "h"]]
     monkeypatch.delenv("SIT_FAST_TEST_SHARD")
     assert shard("", tests) == (tests, [])  # unset: everything
     for bad in ("3/3", "-1/2", "1", "a/b"):

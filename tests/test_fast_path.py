@@ -77,6 +77,7 @@ def test_fast_with_grad_checkpointing():
     check(compare(reference, candidate, batch_size=2, device=DEVICE))
 
 
+@pytest.mark.spread
 @pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("whole_model", [False, True], ids=["blocks", "model"])
 def test_compiled_fast_path_fullgraph(whole_model, autocast_dtype):

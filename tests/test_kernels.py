@@ -722,6 +722,7 @@ class TinySiTBlock(nn.Module):
         return self.ops.gated_residual(x, gate_mlp, self.mlp(h))  # (B, T, D)
 
 
+@pytest.mark.spread
 def test_kernel_torch_compile_fullgraph_forward_backward():
     torch._dynamo.reset()
     B, T, D = 2, 7, 72

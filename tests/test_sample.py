@@ -1026,6 +1026,7 @@ def _cuda_graph_model(config: str):
 
 
 @pytest.mark.cuda
+@pytest.mark.spread
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compile, config", [(False, "reference"), (False, "sample.py"), (True, "sample.py")])
 def test_cuda_graph_forwards_match_eager(compile, config):
@@ -1049,6 +1050,7 @@ def test_cuda_graph_forwards_match_eager(compile, config):
 
 
 @pytest.mark.cuda
+@pytest.mark.spread
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("config", ["reference", "sample.py"])
 def test_cuda_graph_sde_sampling_matches_eager(config):

@@ -538,6 +538,7 @@ def test_fixed_step_samplers_never_read_values_on_the_host(path_type, prediction
 
 
 @pytest.mark.cuda
+@pytest.mark.spread
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("kind", ("ode", "sde"))
 def test_fixed_step_samplers_capture_in_a_cuda_graph(kind):
