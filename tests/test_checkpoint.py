@@ -238,15 +238,18 @@ def test_load_into_model_accepts_exact_state_dict():
     assert load_into_model(other, model.state_dict()) == {"label_table_reinitialised": False}
 
 
+def _wrapped(model, wrap: str) -> torch.nn.Module:
+    if wrap in ("data_parallel", "both"):
+        model = torch.nn.DataParallel(model)
+    if wrap in ("compile", "both"):
+        model = torch.compile(model)
+    return model
+
+
 @pytest.mark.parametrize("wrap", ["compile", "data_parallel", "both"])
 def test_load_into_model_loads_through_wrappers(wrap):
     source, target = model_for(2, 32, 2, True), model_for(2, 32, 2, True)
-    wrapped = target
-    if wrap in ("data_parallel", "both"):
-        wrapped = torch.nn.DataParallel(wrapped)
-    if wrap in ("compile", "both"):
-        wrapped = torch.compile(wrapped)
-    load_into_model(wrapped, source.state_dict())
+    load_into_model(_wrapped(target, wrap), source.state_dict())
     for name, value in source.state_dict().items():
         assert torch.equal(target.state_dict()[name], value), name
 
@@ -255,11 +258,7 @@ def test_load_into_model_loads_through_wrappers(wrap):
 def test_load_into_model_takes_a_wrapped_models_state_dict(wrap):
     """A wrapper's state_dict (keys "_orig_mod." / "module." ...) loads as read_checkpoint's would."""
     source, target = model_for(2, 32, 2, True), model_for(2, 32, 2, True)
-    wrapped = source
-    if wrap in ("data_parallel", "both"):
-        wrapped = torch.nn.DataParallel(wrapped)
-    if wrap in ("compile", "both"):
-        wrapped = torch.compile(wrapped)
+    wrapped = _wrapped(source, wrap)
     assert all(k.startswith(("module.", "_orig_mod.")) for k in wrapped.state_dict())
     load_into_model(target, wrapped.state_dict())
     for name, value in source.state_dict().items():
