@@ -104,8 +104,9 @@ def measure(ctx: RunContext, variant: Variant, transport) -> None:
     extra = {"batch_search": search, "optimizer": "AdamW(lr=1e-4, weight_decay=0, fused on CUDA)",
              "loss": "sit_fast.transport Linear / velocity", "trainable_parameters": trainable}
     if result is None:
-        ctx.emit(ctx.record(SUITE, NAME, variant.name, status="oom", dtype=variant.dtype_name,
-                            note=f"no batch of {[a['batch'] for a in search]} fits", model=size.model_name, shapes={},
+        status, note = no_fit(search)
+        ctx.emit(ctx.record(SUITE, NAME, variant.name, status=status, dtype=variant.dtype_name,
+                            note=note, model=size.model_name, shapes={},
                             batch_size=None, activation_bytes_per_image=activation_bytes, variant_config=config,
                             extra=extra))
         return
@@ -119,6 +120,17 @@ def measure(ctx: RunContext, variant: Variant, transport) -> None:
         peak_memory_bytes=peak, activation_bytes_per_image=activation_bytes, **parity, variant_config=config,
         extra=dict(extra, first_step_s=first_step_s, parity_source=parity_source),
     ))
+
+
+def no_fit(search: list[dict]) -> tuple[str, str]:
+    """(status, note) of a batch search that timed no batch: "oom" naming only the batches that ran
+    out of memory, the others (predicted too large, cut by the time box) named as not tried; "skipped"
+    when none was tried, since a prediction is not a measurement."""
+    failed = [a["batch"] for a in search if a["result"] == "out of memory"]
+    untried = "; ".join(f"{a['batch']} {a['result']}" for a in search if a["result"] != "out of memory")
+    if not failed:
+        return "skipped", f"no batch tried: {untried}"
+    return "oom", f"no batch of {failed} fits" + (f"; {untried}" if untried else "")
 
 
 def _time_batch(ctx: RunContext, model, optimizer, transport, variant: Variant, B: int):

@@ -285,6 +285,31 @@ def test_batch_search_steps_down_on_out_of_memory(tmp_path, monkeypatch):
     assert not validate_record(record, parity_ran=False)
 
 
+def test_batch_search_names_only_the_batches_it_tried(tmp_path, monkeypatch):
+    """A batch the search did not try (the time box cut it, or it was predicted too large) is not
+    reported as out of memory: the record claims only what ran."""
+    import torch
+
+    from benchmarks import common, train_suite
+
+    def time_batch(ctx, model, optimizer, transport, variant, B):
+        ctx.budget = common.Budget(-1.0)  # the time box runs out during this attempt
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {B} GiB")
+
+    monkeypatch.setattr(train_suite, "_time_batch", time_batch)
+    ctx = _context(tmp_path, train_batches=(8, 4))
+    train_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert [a["result"] for a in record["extra"]["batch_search"]] == ["out of memory", "not tried: time box"]
+    assert record["status"] == "oom" and "no batch of [8] fits" in record["note"], record
+    assert "4 not tried: time box" in record["note"], record
+    assert not validate_record(record, parity_ran=False)
+
+    predicted = [{"batch": 8, "result": "not tried: predicted 200 GiB > 1.25 x 80 GiB"}]
+    status, note = train_suite.no_fit(predicted)
+    assert status == "skipped" and "no batch tried" in note and "8 not tried: predicted" in note
+
+
 def test_time_box_skips_and_says_so(tmp_path):
     from benchmarks import common, train_suite
 
