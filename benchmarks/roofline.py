@@ -11,8 +11,8 @@ fake tensors (shapes and dtypes, no data: SiT-XL/2 in seconds on a CPU) and sort
 - views and allocations: nothing;
 - the rest, the memory-bound ops (LayerNorm, modulation, residuals, GELU, casts, the fused kernels):
   their bytes, each input and output counted once as the op sees it (a broadcast vector at its
-  stored size), at the copy ceiling. A training step adds AdamW's update, 28 bytes per parameter
-  (fp32 weight, gradient and two moments read; weight and moments written).
+  stored size), at the copy ceiling. A training step adds AdamW's update, 28 bytes per trainable
+  parameter (fp32 weight, gradient and two moments read; weight and moments written).
 
 floor = FLOPs / matmul ceiling + bytes / copy ceiling. The eager reference's bytes are what eager
 PyTorch moves; torch.compile fuses some of those ops, so the compiled reference moves fewer, and
@@ -142,7 +142,7 @@ def roofline(model_name: str = "SiT-XL/2", image_size: int = 256, train_batch: i
     for variant, kwargs in variants.items():
         with torch.device("meta"):
             model = SiT_models[model_name](input_size=image_size // 8, learn_sigma=True, num_classes=1000, **kwargs)
-        params = sum(p.numel() for p in model.parameters())
+        params = sum(p.numel() for p in model.parameters() if p.requires_grad)  # AdamW skips pos_embed (frozen)
         for workload, batch, train in (("train_step", train_batch, True), ("sample_call_cfg", sample_batch, False)):
             if not train and variant == "ours":
                 model.cast_matmul_weights_(torch.bfloat16)  # as the fast path samples (ModelForwards)

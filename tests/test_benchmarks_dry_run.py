@@ -476,6 +476,21 @@ def test_roofline_sampling_call_reuses_the_adaln_concatenation():
         assert by[("train_step", variant)]["ops"]["cat"] > 0.9 * concat_gb
 
 
+def test_roofline_counts_adamw_for_the_trainable_parameters_only():
+    """AdamW updates the parameters that get gradients: the frozen positional embedding is not read
+    or written by the optimizer step, so the roofline's 28 bytes per parameter leave it out."""
+    from benchmarks.roofline import ADAMW_BYTES_PER_PARAM, roofline
+
+    model = SiT_S4()
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable < sum(p.numel() for p in model.parameters())  # pos_embed is frozen
+    rows = roofline("SiT-S/4", 64, train_batch=4, sample_batch=2, copy_gbps=1000.0, matmul_tflops=100.0)
+    for r in rows:
+        if r["workload"] == "train_step":
+            optimizer_bytes = r["memory_bound_gb"] * 1e9 - sum(r["ops"].values()) * 1e9
+            assert optimizer_bytes == pytest.approx(ADAMW_BYTES_PER_PARAM * trainable, abs=100), r["variant"]
+
+
 def test_sampling_goes_on_without_cuda_graphs_that_fail(tmp_path, monkeypatch):
     """A CUDA graph that cannot be captured costs ours its graphs, not its figures: every sampling
     record is still measured, without graphs, and says so."""
