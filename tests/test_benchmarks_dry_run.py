@@ -310,6 +310,38 @@ def test_batch_search_names_only_the_batches_it_tried(tmp_path, monkeypatch):
     assert status == "skipped" and "no batch tried" in note and "8 not tried: predicted" in note
 
 
+def test_memory_record_built_in_eager_form_does_not_claim_compilation(tmp_path, monkeypatch):
+    """A compiled variant whose two compilations do not fit the memory suite's time box is measured in
+    its eager form; its record's variant_config says so (compile None), as extra.measured_form does."""
+    import dataclasses
+    import types
+
+    from benchmarks import common, memory_suite
+
+    ctx = _context(tmp_path)
+    ctx.size = dataclasses.replace(ctx.size, name="tiny-costed")  # expected_cost_s: 40 s compiled, 10 s eager
+    ctx.variants = (common.VARIANTS_BY_NAME["reference+bf16+sdpa+compile"],)
+    ctx.models  # built on the CPU; the suite then takes the CUDA branch with the peaks stubbed
+    ctx.device = types.SimpleNamespace(type="cuda")
+    compiled = []
+    monkeypatch.setattr(ctx.models, "compile", lambda model, variant: compiled.append(variant.name))
+    monkeypatch.setattr(memory_suite, "forward_backward_peak", lambda ctx, model, variant, B: 1000 * B)
+    monkeypatch.setattr(memory_suite, "free_memory", lambda device: None)
+    ctx.budget = common.Budget(50.0)  # room for the eager form (10 s), not for two compilations (80 s)
+    memory_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert record["status"] == "ok" and not compiled, record
+    assert record["extra"]["measured_form"].startswith("eager"), record["extra"]
+    assert record["variant_config"]["compile"] is None and record["variant_config"]["compile_backend"] is None
+
+    ctx.results.records.clear()
+    ctx.budget = common.Budget(500.0)  # room for both compilations: measured compiled, and said so
+    memory_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert compiled and record["extra"]["measured_form"] == "compiled"
+    assert record["variant_config"]["compile"] == "blocks"
+
+
 def test_time_box_skips_and_says_so(tmp_path):
     from benchmarks import common, train_suite
 
