@@ -574,8 +574,8 @@ def run_fid(setup: Setup) -> str:
     progress.close()
     if dist.is_main:
         if todo:
-            print(f"sampled {todo} images in {elapsed:.1f} s: {todo / elapsed:.2f} images/s "
-                  f"({todo / elapsed / dist.world_size:.2f} per process)")
+            each = f" ({todo / elapsed / dist.world_size:.2f} per process on average)" if dist.world_size > 1 else ""
+            print(f"sampled {todo} images in {elapsed:.1f} s: {todo / elapsed:.2f} images/s{each}")
         shape = build_npz(sample_dir, total, npz_path)  # the other ranks are done: no barrier to time out
         print(f"saved {npz_path} [arr_0: {'x'.join(map(str, shape))} uint8]")
     return npz_path

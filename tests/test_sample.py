@@ -588,7 +588,7 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
     argv = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 3, "--cfg-scale", 2.0,
             "--num-fid-samples", 7, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
     out = torchrun(argv)
-    assert "sampling 7 on 2 process(es)" in out and "images/s" in out
+    assert "sampling 7 on 2 process(es)" in out and "images/s (" in out and " per process on average)" in out
     with np.load(f"{sample_dir}.npz") as archive:
         first = archive["arr_0"]
     assert first.shape == (7, 8, 8, 3) and first.dtype == np.uint8
