@@ -633,6 +633,19 @@ def test_new_runs_are_numbered_after_the_highest_number(tmp_path):
     assert os.listdir(results / "001-SiT-T-4-Linear-velocity-None") == []
 
 
+def test_resume_auto_with_no_matching_run_names_the_other_runs(tmp_path):
+    """--resume auto looks for runs of this --model and transport only; when it finds none, the new
+    run's log names the runs with checkpoints that it did not look at (another --model, say)."""
+    results = str(tmp_path / "results")
+    first = train_main(BASE + ["--results-dir", results, "--max-steps", "1"])["exp_dir"]
+    summary = train_main(BASE + ["--results-dir", results, "--max-steps", "1", "--resume", "auto",
+                                 "--path-type", "GVP"])
+    assert os.path.basename(summary["exp_dir"]) == "001-SiT-T-4-GVP-velocity-None"
+    with open(os.path.join(summary["exp_dir"], "log.txt")) as f:
+        log = f.read()
+    assert (f"({results} holds other runs with checkpoints: {os.path.basename(first)}; to continue one, pass its "
+            f"--model and transport flags, or --exp-dir)") in log, log
+
 def test_failed_start_keeps_existing_folders(tmp_path, capsys):
     results = tmp_path / "results"
     kept = tmp_path / "mine"

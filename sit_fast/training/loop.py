@@ -72,6 +72,17 @@ def new_experiment_dir(args: argparse.Namespace) -> str:
     return os.path.join(args.results_dir, f"{max(numbers, default=-1) + 1:03d}-{experiment_suffix(args)}")
 
 
+def other_runs(results_dir: str, suffix: str) -> list[str]:
+    """Names of the run folders NNN-<other suffix> in results_dir that hold checkpoints, newest first:
+    what --resume auto did not look at (another --model or transport)."""
+    if not os.path.isdir(results_dir):
+        return []
+    names = [name for name in os.listdir(results_dir)
+             if re.match(r"\d+-", name) and not name.endswith(f"-{suffix}")
+             and list_checkpoints(os.path.join(results_dir, name, "checkpoints"))]
+    return sorted(names, key=lambda name: int(name.split("-", 1)[0]), reverse=True)
+
+
 def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
     """(experiment dir, checkpoint to resume or None, a sentence saying what was chosen). Rank 0 only."""
     if args.resume is None:
@@ -89,8 +100,12 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
             if found is not None:
                 return exp_dir, found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint)"
         where = args.exp_dir or f"a {experiment_suffix(args)} run in {args.results_dir}"
+        others = [] if args.exp_dir else other_runs(args.results_dir, experiment_suffix(args))
         exp_dir = new_experiment_dir(args)
-        return exp_dir, None, f"--resume auto: no valid checkpoint of {where}; new run in {exp_dir}"
+        hint = (f" ({args.results_dir} holds other runs with checkpoints: {', '.join(others[:3])}"
+                f"{' and more' if len(others) > 3 else ''}; to continue one, pass its --model and transport flags, "
+                f"or --exp-dir)" if others else "")
+        return exp_dir, None, f"--resume auto: no valid checkpoint of {where}; new run in {exp_dir}{hint}"
     path = args.resume
     if os.path.isdir(path):
         ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
