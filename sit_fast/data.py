@@ -280,6 +280,11 @@ class LatentCacheDataset(torch.utils.data.Dataset):
             self._shards = shards
         return self._shards
 
+    def __getstate__(self) -> dict:
+        """Pickled (loader workers started by spawn or forkserver, Python 3.14's default) without the
+        opened maps, which would be copied whole: each worker maps the shards itself."""
+        return {**self.__dict__, "_shards": None}
+
     def __len__(self) -> int:
         return self.index["num_images"]
 

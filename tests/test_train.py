@@ -907,6 +907,16 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     torch.testing.assert_close(mean, expected_mean, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(std, expected_std, atol=1e-5, rtol=1e-4)
     assert labels.tolist() == [source.samples[i][1] for i, _ in keys]
+    # Pickled for workers that are not forked (spawn, or forkserver: Python 3.14's default), the
+    # opened shard maps stay behind: a worker maps them itself rather than receiving copies
+    import pickle
+
+    pickled = pickle.dumps(cache)
+    assert cache._shards is not None and len(pickled) < 8192, len(pickled)
+    copy = pickle.loads(pickled)
+    assert copy._shards is None
+    for got, expected in zip(copy.__getitems__(keys), (mean, std, labels)):
+        assert torch.equal(got, expected)
 
     exp = str(tmp_path / "exp")
     summary = train_main(["--latent-cache", out, "--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "3",
