@@ -1,8 +1,9 @@
-"""Folders the command lines write into."""
+"""Folders the command lines write into, and files written whole or not at all (atomic_write)."""
 from __future__ import annotations
 
 import errno
 import os
+import re
 import tempfile
 
 from sit_fast.errors import UserError
@@ -99,3 +100,21 @@ def atomic_write(path: str, write) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def unfinished_writes(folder: str, name: str, what: str, by: str) -> str | None:
+    """A warning naming the temporary files of atomic_write that a writer killed mid-write left in
+    `folder` (hidden `.<final name>.tmp-PID` files; `name`: a regex of the final names), with their
+    size, or None. They are never read, only their space is lost; they are kept, since another
+    process may be writing one now. what: "checkpoint", "shard"; by: who was killed ("a run")."""
+    if not os.path.isdir(folder):
+        return None
+    pattern = re.compile(rf"\.{name}\.tmp-\d+")
+    names = sorted(n for n in os.listdir(folder) if pattern.fullmatch(n))
+    if not names:
+        return None
+    size = sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.isfile(os.path.join(folder, n)))
+    amount = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
+    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    return (f"{folder} holds {len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; "
+            f"{amount}), left by {by} killed while writing: delete them unless another run is writing there now")

@@ -18,8 +18,8 @@ sample each time, as upstream's `latent_dist.sample()` does. Layout of DIR:
 
 Shards are written atomically and skipped when present, so an interrupted run resumes (with any
 number of processes; a process killed mid-write leaves a hidden .shard-NNNNN.pt.tmp-PID file, which
-the next run names for you to delete); settings.json records the settings that shape the latents, and a folder made
-with other settings is refused.
+the next run names for you to delete); settings.json records the settings that shape the latents,
+and a folder made with other settings is refused.
 """
 from __future__ import annotations
 
@@ -28,7 +28,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 
 import torch
@@ -39,7 +38,7 @@ from sit_fast.data import (
 )
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
-from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write
+from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.sampling import check_settings
 from sit_fast.vae import check_image_size, load_vae
 
@@ -84,17 +83,10 @@ def pending_shards(out: str, shards: list[tuple[int, int, int]]) -> list[tuple[i
     return [shard for shard in shards if shard_name(shard[0]) not in present]
 
 
-def unfinished_writes(out: str) -> str | None:
-    """A warning naming the temporary shard files (atomic_write's) that a process killed while writing
-    left in `out`, or None. They are never read; only their space is lost."""
-    names = sorted(n for n in os.listdir(out) if re.fullmatch(r"\.shard-\d{5}\.pt\.tmp-\d+", n))
-    if not names:
-        return None
-    size = sum(os.path.getsize(os.path.join(out, n)) for n in names)
-    amount = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"{out} holds {len(names)} unfinished shard write{'s' if len(names) > 1 else ''} ({listed}; {amount}), "
-            f"left by a process killed while writing: delete them unless another run is writing there now")
+def write_refused(what: str, err: OSError) -> UserError:
+    """The one line for a write the filesystem refused (full, read-only, ...): shards are whole or absent."""
+    return UserError(f"cannot write {what} ({err.strerror}): the shards written are kept: make room (or make the "
+                     f"folder writable) and run the same command again to encode the rest")
 
 
 def build_cache(args: argparse.Namespace) -> dict | None:
@@ -128,7 +120,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 
     def prepare():
         check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt")
-        if leftovers := unfinished_writes(args.out):
+        if leftovers := unfinished_writes(args.out, r"shard-\d{5}\.pt", "shard", "a process"):
             logger.warning(leftovers)
         return pending_shards(args.out, shards)
 
@@ -169,8 +161,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             except OSError as err:
                 if err.errno not in WRITE_REFUSED:
                     raise
-                raise UserError(f"cannot write {path} ({err.strerror}): the shards written are kept: make room (or "
-                                f"make the folder writable) and run the same command again to encode the rest") from None
+                raise write_refused(path, err) from None
             if dist_info.is_main:
                 progress.write(f"rank 0: wrote {path} ({count} images)")
     finally:
@@ -206,8 +197,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     except OSError as err:  # settings.json or index.json (a shard's own write names its file)
         if err.errno not in WRITE_REFUSED:
             raise
-        raise UserError(f"cannot write {err.filename or 'in ' + args.out} ({err.strerror}): the shards written are "
-                        f"kept: make room (or make the folder writable) and run the same command again") from None
+        raise write_refused(err.filename or f"in {args.out}", err) from None
     except KeyboardInterrupt:  # shards are written whole (atomically), so nothing is half done
         if os.environ.get("RANK", "0") == "0":
             print(f"\ninterrupted; the shards written are kept: run the same command again to encode the rest "

@@ -31,12 +31,12 @@ import zipfile
 import numpy as np
 import torch
 
+from sit_fast import files
 from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, is_safetensors, safe_torch_load
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
 _NAME = re.compile(r"^(\d+)\.pt$")
-_UNFINISHED = re.compile(r"^\.\d+\.pt\.tmp-\d+$")  # sit_fast.files.atomic_write's temporary file of a checkpoint
 
 logger = logging.getLogger("sit_fast.train")
 
@@ -195,19 +195,8 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
 
 
 def unfinished_writes(checkpoint_dir: str) -> str | None:
-    """A sentence on the temporary files of checkpoint writes that never finished (the writer was killed
-    mid-write) in `checkpoint_dir`, or None. They are left in place: another process may be writing one."""
-    if not os.path.isdir(checkpoint_dir):
-        return None
-    paths = sorted(os.path.join(checkpoint_dir, name) for name in os.listdir(checkpoint_dir)
-                   if _UNFINISHED.match(name))
-    if not paths:
-        return None
-    size = sum(os.path.getsize(p) for p in paths if os.path.isfile(p))
-    amount = f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB"
-    return (f"{checkpoint_dir} holds {len(paths)} unfinished checkpoint write{'s' if len(paths) > 1 else ''} "
-            f"({', '.join(os.path.basename(p) for p in paths)}; {amount}), left by a run killed while "
-            f"saving: delete them unless another run is writing there now")
+    """The warning on the temporary files of checkpoint writes that never finished, or None."""
+    return files.unfinished_writes(checkpoint_dir, r"\d+\.pt", "checkpoint", "a run")
 
 
 def load_training_checkpoint(path: str) -> dict:
