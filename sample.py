@@ -57,6 +57,7 @@ from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, o
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_writable_folder
 from sit_fast.models import SiT_models, fused_kernels_flag
+from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
@@ -517,8 +518,6 @@ def run_folder_name(args: argparse.Namespace, model: str) -> str:
 
 def run_fid(setup: Setup) -> str:
     """N numbered PNGs in --sample-dir (resumable, any world size) and the ADM .npz of all N."""
-    from tqdm import tqdm
-
     args, dist = setup.args, setup.dist
     total, chunk = args.num_fid_samples, args.batch_size
     sample_dir = os.path.normpath(args.sample_dir)
@@ -543,7 +542,7 @@ def run_fid(setup: Setup) -> str:
         print(f"{present} of {total} images already in {sample_dir}; sampling {todo}{redone} on "
               f"{dist.world_size} process(es), {len(pending)} batches of {chunk}")
     writer = PNGWriter(sample_dir)
-    progress = tqdm(total=todo, unit="img", disable=not dist.is_main, desc="sampling")
+    bar = progress(todo, "sampling", "img", disable=not dist.is_main)
     start = time.perf_counter()
     try:
         try:
@@ -555,14 +554,14 @@ def run_fid(setup: Setup) -> str:
                 images = to_rgb_uint8(setup.to_images(samples))  # (B, H, W, 3), one device-to-host copy
                 kept = [i for i in indices if i < total]
                 writer.write(images[: len(kept)], kept)
-                progress.update(min(len(kept) * dist.world_size, todo - progress.n))
+                bar.update(min(len(kept) * dist.world_size, todo - bar.n))
         finally:
             writer.close()
     except UserError:  # e.g. a full disk: the error on a line of its own, after the bar
-        progress.close()
+        bar.close()
         raise
     except KeyboardInterrupt:  # PNGs are written whole (atomically) and the queued ones finished: all are kept
-        progress.close()
+        bar.close()
         if dist.is_main:
             print(f"\ninterrupted; the images written are kept: run the same command again to sample the rest "
                   f"into {sample_dir}", file=sys.stderr)
@@ -570,8 +569,8 @@ def run_fid(setup: Setup) -> str:
     synchronize(setup.device)
     barrier()
     elapsed = time.perf_counter() - start
-    progress.update(todo - progress.n)
-    progress.close()
+    bar.update(todo - bar.n)
+    bar.close()
     if dist.is_main:
         if todo:
             each = f" ({todo / elapsed / dist.world_size:.2f} per process on average)" if dist.world_size > 1 else ""
@@ -641,15 +640,13 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
 def encode_images(codec, images: np.ndarray) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> the VAE's posterior means (N, C, h, w), fp32 on the CPU; the images are
     converted to floats one encoder batch at a time, not all at once (50,000 at 256px would be 39 GB)."""
-    from tqdm import tqdm
-
     means = []
     step = codec.batch_size
-    with tqdm(total=len(images), unit="img", desc="encoding", disable=len(images) <= step) as progress:
+    with progress(len(images), "encoding", "img", disable=len(images) <= step) as bar:
         for first in range(0, len(images), step):
             chunk = torch.from_numpy(images[first: first + step]).permute(0, 3, 1, 2).float() / 127.5 - 1
             means.append(codec.encode(chunk)[0].cpu())
-            progress.update(len(chunk))
+            bar.update(len(chunk))
     return torch.cat(means)
 
 
@@ -704,14 +701,12 @@ def data_labels(setup: Setup, count: int) -> torch.Tensor:
 def over_batches(desc: str, total: int, batch_size: int, step) -> tuple[list[torch.Tensor], bool]:
     """step(index, first) for each batch of `total` items, with a progress bar: (the batches' results,
     whether Ctrl-C stopped it). Ctrl-C keeps the results of the batches already finished."""
-    from tqdm import tqdm
-
     results = []
     try:
-        with tqdm(total=total, unit="item", desc=desc, disable=total <= batch_size) as progress:
+        with progress(total, desc, "item", disable=total <= batch_size) as bar:
             for index, first in enumerate(range(0, total, batch_size)):
                 results.append(step(index, first))
-                progress.update(len(results[-1]))
+                bar.update(len(results[-1]))
     except KeyboardInterrupt:
         return results, True
     return results, False

@@ -39,6 +39,7 @@ from sit_fast.data import (
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
+from sit_fast.progress import progress
 from sit_fast.sampling import check_settings
 from sit_fast.vae import check_image_size, load_vae
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16",
                         help="storage dtype of the mean and std")
     parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image decoding workers per process")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, a line a minute in a log file)")
     return parser
 
 
@@ -95,8 +96,6 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     Resumable: settings.json records what shapes the latents (image size, VAE, storage dtype, shard
     size, the dataset's file list), a folder made with other settings is refused, and the shards still
     missing are shared out among the processes of this run, however many wrote the ones present."""
-    from tqdm import tqdm
-
     dist_info = init_distributed()
     log_warnings_on_stderr(dist_info.is_main)
     device = dist_info.device
@@ -130,9 +129,9 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         todo = sum(count for _, _, count in pending)
         print(f"latent cache: {n - todo} of {n} images already in {args.out}; encoding {todo} (x 2 flips) in "
               f"{len(pending)} shard(s) on {dist_info.world_size} process(es)", flush=True)
-    progress = tqdm(total=sum(count for _, _, count in mine), unit="img",
-                    desc="encoding (rank 0's shards)" if dist_info.world_size > 1 else "encoding",
-                    disable=not dist_info.is_main or args.no_progress)
+    bar = progress(sum(count for _, _, count in mine),
+                   "encoding (rank 0's shards)" if dist_info.world_size > 1 else "encoding", "img",
+                   disable=not dist_info.is_main or args.no_progress)
     # One loader for all of this process's shards, its batches never crossing a shard's end: the
     # workers keep reading ahead while a finished shard is written, and start once, not per shard.
     batches = [[(i, 0) for i in range(first, min(first + args.batch_size, start + count))]
@@ -152,7 +151,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
                 means.append(torch.stack([mean[:b], mean[b:]], dim=1).to(storage).cpu())  # (B, 2, C, h, w)
                 stds.append(torch.stack([std[:b], std[b:]], dim=1).to(storage).cpu())
                 labels.append(torch.as_tensor(y, dtype=torch.int64))
-                progress.update(b)
+                bar.update(b)
                 done += b
             path = os.path.join(args.out, shard_name(k))
             try:
@@ -163,10 +162,10 @@ def build_cache(args: argparse.Namespace) -> dict | None:
                     raise
                 raise write_refused(path, err) from None
             if dist_info.is_main:
-                progress.write(f"rank 0: wrote {path} ({count} images)")
+                bar.write(f"rank 0: wrote {path} ({count} images)")
     finally:
         close_loader(loader)
-    progress.close()
+    bar.close()
     barrier()
     index = None
     if dist_info.is_main:

@@ -45,6 +45,7 @@ from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, 
 from sit_fast.errors import UserError
 from sit_fast.files import WRITE_REFUSED, atomic_write, make_writable_folder
 from sit_fast.models import SiT, SiT_models, model_config, registry_name
+from sit_fast.progress import progress as progress_display
 from sit_fast.transport.integrators import time_grid
 
 logger = logging.getLogger("sit_fast")
@@ -596,13 +597,10 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
 
     first = read(0)
     samples = np.empty((num_samples, *first.shape), dtype=np.uint8)
-    indices = range(num_samples)
-    if progress:
-        from tqdm import tqdm
-
-        indices = tqdm(indices, desc="building .npz", unit="img")
-    for i in indices:
-        samples[i] = read(i)
+    with progress_display(num_samples, "building .npz", "img", disable=not progress) as bar:
+        for i in range(num_samples):
+            samples[i] = read(i)
+            bar.update()
     temporary = f"{npz_path}.tmp.npz"
     np.savez(temporary, arr_0=samples)
     os.replace(temporary, npz_path)

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 import sample
+import sit_fast.progress
 from sit_fast.models import SiT_models
 from sit_fast.sampling import (
     CUDAGraphForward, Denoiser, ModelForwards, ModelRequest, build_model, index_noise, model_call_times,
@@ -820,7 +821,8 @@ def test_out_of_gpu_memory_names_the_flags_that_fit(files, tmp_path, capsys, mon
 #                                 Likelihood                                     #
 #################################################################################
 
-def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, capsys):
+def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(sit_fast.progress, "LOG_INTERVAL", 0.0)  # a progress line per batch in a log
     rng = np.random.default_rng(0)
     folder = tmp_path / "images"
     folder.mkdir()
@@ -832,7 +834,9 @@ def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, cap
     assert bpd.shape == (3,) and np.all(np.isfinite(bpd))
     captured = capsys.readouterr()
     out = captured.out
-    assert "likelihood: 100%" in captured.err and "3/3" in captured.err  # progress: 3 items in batches of 2
+    progress = [line.split(",")[0].split(" in ")[0] for line in captured.err.splitlines()
+                if line.startswith("likelihood: ")]  # 3 items in batches of 2: a line, then the closing line
+    assert progress == ["likelihood: 2/3 item (67%)", "likelihood: 3/3 item (100%)"], captured.err
     assert "uniform dequantization" in out and re.search(r"^bpd \d+\.\d{4} \+- \d+\.\d{4} over 3 items \(", out, re.M), out
     one = tmp_path / "one"
     one.mkdir()
