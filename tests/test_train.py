@@ -1374,7 +1374,8 @@ def test_stop_request_is_agreed_by_every_rank():
 @pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
 def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     """A preemption (SIGTERM) or SLURM's warning (SIGUSR1) stops after the current step with a
-    checkpoint; resuming it to step S + 2 equals 2 straight runs' S + 2."""
+    checkpoint; resuming it to step S + 2 equals 2 straight runs' S + 2 (Ctrl-C's stop is the same
+    stop: test_ctrl_c_stops_with_a_checkpoint_and_says_where_to_resume)."""
     import signal as signals
 
     exp = str(tmp_path / "stopped")
@@ -1433,6 +1434,32 @@ def test_workers_started_holding_the_stop_signals_survive_an_early_sigterm():
         run()
 
 
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT"])
+def test_data_loader_workers_outlive_a_stop_signal_of_their_own(signum):
+    """A Ctrl-C reaches a terminal's whole process group, a scheduler's signal every process of the
+    job: a worker that died of it would fail the batches the main process still reads."""
+    import signal as signals
+    import time
+
+    from sit_fast.data import close_loader, make_loader
+
+    class Slow(list):
+        def __getitem__(self, index):
+            time.sleep(0.01)
+            return super().__getitem__(index)
+
+    batches = [[i] for i in range(30)]
+    loader = make_loader(Slow(range(30)), batches, num_workers=1, pin_memory=False, seed=0,
+                         worker_init_fn=checkpointing.ignore_stop_signals)
+    try:
+        got = [next(loader).tolist()]
+        os.kill(loader._workers[0].pid, getattr(signals, signum))
+        got += [batch.tolist() for batch in loader]
+    finally:
+        close_loader(loader)
+    assert got == batches
+
+
 def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     """A scheduler signals the whole job, data loader workers included: they ignore it, so the main
     process still gets the batch it needs to reach the agreed step and writes its checkpoint."""
@@ -1463,21 +1490,24 @@ def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_wor
     assert lines[0].startswith("error: cannot read image ") and "3.png" in lines[0] and "remove or replace it" in lines[0]
 
 
-def test_sigterm_to_torchrun_stops_every_rank_after_the_same_step(tmp_path):
+@pytest.mark.parametrize("signum, whole_group", [("SIGTERM", False), ("SIGINT", True)], ids=["SIGTERM", "ctrl-c"])
+def test_stop_signal_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, signum, whole_group):
     """torchrun passes SIGTERM on to its workers, which see it at slightly different moments: they
-    agree on one step, write one checkpoint with both ranks' RNG states, and exit."""
+    agree on one step, write one checkpoint with both ranks' RNG states, and exit. A Ctrl-C reaches
+    the whole process group, and the workers a second time from torchrun: still one stop, not two."""
     exp = str(tmp_path / "ddp")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "train.py"), *BASE, "--log-every", "1", "--num-workers", "1", "--exp-dir", exp,
                "--max-steps", "100000"]
-    code, output = _start_and_signal(command, os.path.join(exp, "log.txt"), "SIGTERM", env=env)
+    code, output = _start_and_signal(command, os.path.join(exp, "log.txt"), signum, env=env, whole_group=whole_group)
     assert code != 0
     (stop_ckpt,) = list_checkpoints(os.path.join(exp, "checkpoints"))
     checkpoint = load_ckpt(stop_ckpt)
     assert len(checkpoint["rng"]) == 2
     with open(os.path.join(exp, "log.txt")) as f:
-        assert f"stopped by SIGTERM after step {checkpoint['step']}; checkpoint {stop_ckpt}" in f.read()
+        assert f"stopped by {signum} after step {checkpoint['step']}; checkpoint {stop_ckpt}" in f.read(), output[-3000:]
+    assert "interrupted at step" not in output, output[-3000:]
 
 
 # ----------------------------------------------------------------------------- run boundaries
@@ -1708,9 +1738,9 @@ def test_wandb_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
                                     "and $PROJECT name the entity and project)"), err
 
 
-def test_ctrl_c_says_where_to_resume(tmp_path):
-    """Ctrl-C: exit status 130, no traceback, the step and a loadable checkpoint named (here and in
-    log.txt). Checkpoints every 2 steps, so the signal often lands in the middle of a write."""
+def test_ctrl_c_stops_with_a_checkpoint_and_says_where_to_resume(tmp_path):
+    """Ctrl-C: exit status 130, no traceback, a checkpoint at the step it stopped after, named (here
+    and in log.txt). Checkpoints every 2 steps, so the signal often lands in the middle of a write."""
     import signal
     import time
 
@@ -1724,7 +1754,62 @@ def test_ctrl_c_says_where_to_resume(tmp_path):
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
-    assert "Traceback" not in err and "interrupted at step" in err and "--resume" in err, err
-    assert "interrupted at step" in (exp / "log.txt").read_text()
-    named = err.split("last checkpoint: ")[1].split(";")[0]
-    assert load_ckpt(named)["step"] >= 2  # a write under way when Ctrl-C came was finished, not cut
+    assert "Traceback" not in err and "Ctrl-C: stopping after this step with a checkpoint" in err, err
+    match = re.search(r"stopped by SIGINT after step (\d+); checkpoint (\S+): continue with --resume", err)
+    assert match, err
+    assert match.group(0) in (exp / "log.txt").read_text()
+    assert load_ckpt(match.group(2))["step"] == int(match.group(1))
+
+
+def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(tmp_path, monkeypatch, capsys):
+    """The second Ctrl-C (KeyboardInterrupt in a step): exit status 130, no checkpoint of its own,
+    the step and the last checkpoint named, here and in log.txt."""
+    from sit_fast.training import loop
+
+    step = loop.Trainer.train_step
+
+    def interrupted_at_five(self, batch):
+        if self.step == 4:
+            raise KeyboardInterrupt
+        return step(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", interrupted_at_five)
+    exp = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "100", "--ckpt-every", "2"])
+    assert exit_.value.code == 130
+    last = checkpoint_path(str(exp / "checkpoints"), 4)
+    message = f"interrupted at step 4; last checkpoint: {last}; continue with --resume {last} (or --resume auto)"
+    assert message in capsys.readouterr().err
+    assert message in (exp / "log.txt").read_text()
+    assert list_checkpoints(str(exp / "checkpoints"))[0] == last  # the newest: none written for step 5
+
+
+def test_ctrl_c_twice_within_the_grace_is_one_and_a_later_one_stops_at_once(monkeypatch):
+    """torchrun passes the terminal's Ctrl-C on: its copy, an instant later, must not count as the
+    user's second. While a checkpoint is written, Ctrl-C waits for the file, then reaches the handler."""
+    import signal as signals
+
+    now = [0.0]
+    stop = checkpointing.StopRequest()
+    stop.clock = lambda: now[0]
+    stop.catch_interrupt()
+    try:
+        assert signals.getsignal(signals.SIGINT) == stop._interrupt
+        os.kill(os.getpid(), signals.SIGINT)  # the terminal's
+        now[0] += 0.01
+        os.kill(os.getpid(), signals.SIGINT)  # torchrun's
+        assert stop.agreed() == "SIGINT"
+        now[0] += checkpointing.INTERRUPT_GRACE
+        with pytest.raises(KeyboardInterrupt):
+            with checkpointing.interrupt_after():
+                os.kill(os.getpid(), signals.SIGINT)  # the user's second, during a write
+                written = True  # the block goes on to its end
+        assert written
+    finally:
+        stop.restore()
+    assert signals.getsignal(signals.SIGINT) is signals.default_int_handler
+    with pytest.raises(KeyboardInterrupt):  # no handler of its own: the default's KeyboardInterrupt
+        with checkpointing.interrupt_after():
+            os.kill(os.getpid(), signals.SIGINT)
+

@@ -26,6 +26,7 @@ import random
 import re
 import signal
 import threading
+import time
 import zipfile
 
 import numpy as np
@@ -43,8 +44,9 @@ logger = logging.getLogger("sit_fast.train")
 
 @contextlib.contextmanager
 def interrupt_after():
-    """Hold Ctrl-C (SIGINT) until the block ends, then raise KeyboardInterrupt: a checkpoint being
-    written is finished rather than abandoned. Only the main thread can hold signals; elsewhere a no-op."""
+    """Hold Ctrl-C (SIGINT) until the block ends, then hand it to the handler it was held from (by
+    default, raise KeyboardInterrupt): a checkpoint being written is finished rather than abandoned.
+    Only the main thread can hold signals; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
@@ -55,16 +57,24 @@ def interrupt_after():
     finally:
         signal.signal(signal.SIGINT, previous)
     if received:
-        raise KeyboardInterrupt
+        if callable(previous):
+            previous(signal.SIGINT, None)
+        elif previous != signal.SIG_IGN:
+            raise KeyboardInterrupt
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+WORKER_IGNORED = (*STOP_SIGNALS, "SIGINT")  # a terminal's Ctrl-C reaches the data loader workers too
+INTERRUPT_GRACE = 1.0  # seconds within which a second SIGINT is the same Ctrl-C (torchrun passes it on)
 
 
 class StopRequest:
     """SIGTERM (a scheduler's preemption or time limit, `kill`, torchrun passing its own on) or SIGUSR1
     (SLURM's `--signal=USR1@SECONDS` warning) asks the run to stop after the current step, with a
-    checkpoint, instead of dying with everything since the last one.
+    checkpoint, instead of dying with everything since the last one. Once training runs
+    (catch_interrupt), so does a first Ctrl-C; a second one, from INTERRUPT_GRACE seconds after the
+    first, stops at once (KeyboardInterrupt). torchrun passes the terminal's Ctrl-C on to its workers,
+    which so see it twice within the grace: that counts as one.
 
     Under DDP all ranks must stop after the same step. Each step, every rank posts its flag (the
     signal number, or 0) to an all-reduce (MAX) on a CPU gloo group and reads the previous step's
@@ -77,6 +87,8 @@ class StopRequest:
         self.flag = torch.zeros(1, dtype=torch.int64)
         self.pending = None
         self.previous = {}
+        self.interrupted_at = None
+        self.clock = time.monotonic
 
     def connect(self) -> None:
         """Join the ranks' agreement: a CPU (gloo) group of all ranks; call on every rank, once."""
@@ -95,8 +107,23 @@ class StopRequest:
             if signum is not None:
                 self.previous[signum] = signal.signal(signum, self._handle)
 
+    def catch_interrupt(self) -> None:
+        """From here on, Ctrl-C stops after the current step with a checkpoint (main thread only)."""
+        if signal.SIGINT not in self.previous and threading.current_thread() is threading.main_thread():
+            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signum
+
+    def _interrupt(self, signum, frame) -> None:
+        now = self.clock()
+        if self.interrupted_at is None:
+            self.interrupted_at = now
+            self._handle(signum, frame)
+            if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine; unbuffered, safe mid-print
+                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)\n")
+        elif now - self.interrupted_at >= INTERRUPT_GRACE:
+            raise KeyboardInterrupt
 
     def restore(self) -> None:
         """The handlers as they were; waits for a flag exchange still in flight."""
@@ -124,12 +151,13 @@ class StopRequest:
 
 
 def _stop_signal_numbers() -> set[int]:
-    return {getattr(signal, name) for name in STOP_SIGNALS if hasattr(signal, name)}
+    return {getattr(signal, name) for name in WORKER_IGNORED if hasattr(signal, name)}
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a scheduler signals every process of the job, and a worker killed by
-    SIGTERM would fail the main process's next batch; the main process decides when to stop.
+    """DataLoader worker_init_fn: a scheduler signals every process of the job, and a terminal's Ctrl-C
+    its whole process group; a worker killed by SIGTERM, or ended by SIGINT, would fail the main
+    process's next batch. The main process decides when to stop, and stops its workers.
 
     Workers started under stop_signals_held() hold the stop signals until this has run: one that
     arrived earlier is dropped here rather than reaching the handler torch's worker installs first

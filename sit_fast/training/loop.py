@@ -791,6 +791,7 @@ class Trainer:
         stop = self.stop
         stop.connect()
         stop.install()
+        stop.catch_interrupt()  # a first Ctrl-C from here on stops after the step with a checkpoint
         stopped_by = None
         failed = True
         try:
