@@ -223,6 +223,32 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
         torch.testing.assert_close(grads_4[name], grads_1[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
+def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path):
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    generator = torch.Generator().manual_seed(1)
+    batch = (torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+    norms = {}
+    for clip in ("none", "1e-3"):
+        args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / clip), "--grad-clip", clip])
+        trainer = Trainer(args, explicit, init_distributed())
+        trainer.train_step(batch)
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model_params if p.grad is not None]))
+        norms[clip] = (float(trainer.grad_norm_sum), trainer.grad_norm_count, float(after))
+    (unclipped, count, after), (before_clip, _, after_clip) = norms["none"], norms["1e-3"]
+    assert count == 1 and unclipped > 0.01
+    assert unclipped == pytest.approx(after, rel=1e-6)  # no clipping: the gradients' own norm
+    assert before_clip == pytest.approx(unclipped, rel=1e-5)  # the same step, reported before clipping
+    assert after_clip == pytest.approx(1e-3, rel=1e-3)
+
+    exp = tmp_path / "run"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--log-every", "2"])
+    logged = re.findall(r"Train Loss: [0-9.]+, Grad Norm: ([0-9.]+), ", (exp / "log.txt").read_text())
+    assert len(logged) == 2 and all(0 < float(value) < 1e3 for value in logged), logged
+
+
 # ----------------------------------------------------------------------------- single process
 
 def test_single_process_resume_flags_win_and_identity_kept(tmp_path):

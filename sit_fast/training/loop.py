@@ -267,6 +267,17 @@ def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
 #                                   The run                                     #
 #################################################################################
 
+def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
+    """The global 2-norm of the parameters' gradients, on the device (no host sync)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
+    if total is not None:
+        return total(grads, foreach=True)
+    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+
+
 def data_source(args: argparse.Namespace) -> str:
     """What the run reads, for the resume check: the dataset and its absolute location."""
     if args.latent_cache is not None:
@@ -500,6 +511,10 @@ class Trainer:
         self.train_model = torch.compile(self.ddp) if args.compile else self.ddp
         self.ema_params = list(self.ema.parameters())
         self.model_params = list(model.parameters())
+        # the global gradient norm (before clipping) of the steps applied since the last log line,
+        # summed on the device: the log line's Grad Norm is their mean
+        self.grad_norm_sum = torch.zeros((), device=self.device, dtype=torch.float64)
+        self.grad_norm_count = 0
         self.transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
                                           args.sample_eps)
         n_params = sum(p.numel() for p in model.parameters())
@@ -753,12 +768,15 @@ class Trainer:
             part_loss = part_loss.detach() / parts if parts > 1 else part_loss.detach()
             loss = part_loss if loss is None else loss + part_loss
         applied = True
-        if self.args.grad_clip is not None or self.args.skip_nonfinite:
-            max_norm = self.args.grad_clip if self.args.grad_clip is not None else float("inf")
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, max_norm, foreach=True)
-            if self.args.skip_nonfinite:
-                applied = bool(torch.isfinite(grad_norm))  # the one host sync this option costs
+        if self.args.grad_clip is not None:
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model_params, self.args.grad_clip, foreach=True)
+        else:
+            grad_norm = total_grad_norm(self.model_params)
+        if self.args.skip_nonfinite:
+            applied = bool(torch.isfinite(grad_norm))  # the one host sync this option costs
         if applied:
+            self.grad_norm_sum += grad_norm.double()
+            self.grad_norm_count += 1
             self.opt.step()
             with torch.no_grad():  # ema <- ema + (1 - decay) * (param - ema), on the device
                 torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
@@ -918,19 +936,24 @@ class Trainer:
             raise NonFiniteLossError(f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); {where}")
 
     def log(self, loss_sum, loss_count, first_bad, window_start, window_steps, bar) -> dict:
-        stats = torch.stack([loss_sum, loss_count.double()])
+        # the gradient norm is the same on every rank (DDP averages the gradients): summed, then / world size
+        stats = torch.stack([loss_sum, loss_count.double(), self.grad_norm_sum])
         all_reduce(stats)
         self.check_finite(first_bad)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         elapsed = max(time.perf_counter() - window_start, 1e-9)
-        total, count = stats.tolist()
+        total, count, norm_total = stats.tolist()
         avg_loss = total / count if count else math.nan  # every step of the window skipped: no loss to show
+        grad_norm = norm_total / self.dist_info.world_size / self.grad_norm_count if self.grad_norm_count else math.nan
+        self.grad_norm_sum.zero_()
+        self.grad_norm_count = 0
         steps_per_sec = window_steps / elapsed
         images_per_sec = steps_per_sec * self.args.global_batch_size
-        record = {"loss": avg_loss, "steps_per_sec": steps_per_sec, "images_per_sec": images_per_sec}
-        line = (f"(step={self.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
-                f"Images/Sec: {images_per_sec:.1f}")
+        record = {"loss": avg_loss, "grad_norm": grad_norm, "steps_per_sec": steps_per_sec,
+                  "images_per_sec": images_per_sec}
+        line = (f"(step={self.step:07d}) Train Loss: {avg_loss:.4f}, Grad Norm: {grad_norm:.4f}, "
+                f"Train Steps/Sec: {steps_per_sec:.2f}, Images/Sec: {images_per_sec:.1f}")
         if self.device.type == "cuda":
             device_flops = self.step_flops * images_per_sec / self.dist_info.world_size
             mfu = flops.mfu(device_flops, torch.cuda.get_device_name(self.device),
