@@ -3,6 +3,7 @@
 Everything trains SiT-T/4 on scikit-learn's bundled 8x8 digits in pixel space (no download), fp32 on
 the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
 """
+import importlib
 import json
 import logging
 import os
@@ -247,6 +248,51 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path):
     train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--log-every", "2"])
     logged = re.findall(r"Train Loss: [0-9.]+, Grad Norm: ([0-9.]+), ", (exp / "log.txt").read_text())
     assert len(logged) == 2 and all(0 < float(value) < 1e3 for value in logged), logged
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_the_fast_options_train_as_the_plain_model_does(tmp_path, monkeypatch, backend):
+    """--fused-kernels on (the interpreted Triton kernels here), --grad-checkpointing and --compile
+    together, through the Trainer: the same losses and, after 2 AdamW steps, the same weights as the
+    plain eager model, each option in effect. aot_eager traces what Inductor would compile (graph
+    capture, the kernels' fake and autograd registrations) without Inductor's code generation, which
+    takes most of a minute here. Compiled code draws its random numbers (the label dropout) its own
+    way unless told to fall back to eager's, so the comparison asks that of it."""
+    import functools
+
+    import torch._inductor.config as inductor_config
+
+    from sit_fast.models import SiT_models
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend=backend))
+    plain = [a for a in BASE if a not in ("--fused-kernels", "off")] + [
+        "--global-batch-size", "4", "--max-steps", "2", "--log-every", "1", "--attn-backend", "sdpa"]
+    train_main(plain + ["--fused-kernels", "off", "--exp-dir", str(tmp_path / "plain")])
+    fused_op = importlib.import_module("kernels.gated_residual_layernorm_modulate")  # the module, not the op
+    calls = []
+    forward = fused_op.gated_residual_layernorm_modulate_forward
+    monkeypatch.setattr(fused_op, "gated_residual_layernorm_modulate_forward",
+                        lambda *args: calls.append(args[0].shape) or forward(*args))
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    try:
+        with inductor_config.patch(fallback_random=True):
+            train_main(plain + ["--fused-kernels", "on", "--grad-checkpointing", "--compile",
+                                "--exp-dir", str(tmp_path / "fast")])
+        graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    finally:
+        torch._dynamo.reset()
+    # the fused op runs twice per block per forward, and each block again in backward (checkpointing)
+    depth = SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=10).depth
+    assert len(calls) == 2 * 2 * 2 * depth, len(calls)  # 2 steps
+    assert graphs >= 1  # compiled
+    losses = {name: logged_losses(str(tmp_path / name)) for name in ("plain", "fast")}
+    assert len(losses["plain"]) == 2
+    np.testing.assert_allclose(losses["fast"], losses["plain"], rtol=1e-5)
+    a, b = (load_ckpt(tmp_path / name / "checkpoints" / "0000002.pt") for name in ("plain", "fast"))
+    assert b["args"]["compile"] and b["args"]["grad_checkpointing"] and b["args"]["fused_kernels"] == "on"
+    assert_states_close(a["model"], b["model"], "model")
+    assert_states_close(a["ema"], b["ema"], "ema")
 
 
 # ----------------------------------------------------------------------------- single process
