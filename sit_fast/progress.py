@@ -35,13 +35,14 @@ class LogProgress:
     def _line(self, final: bool) -> str:
         elapsed = self.clock() - self.start
         rate = self.n / elapsed if elapsed > 0 else 0.0
+        speed = f"{rate:.0f} {self.unit}/s" if rate >= 100 else f"{rate:.3g} {self.unit}/s"
         text = f"{self.desc}: {self.n}/{self.total} {self.unit}"
         if self.total:
             text += f" ({100 * self.n / self.total:.0f}%)"
         if final:
-            return text + f" in {_duration(elapsed)}" + (f", {rate:.3g} {self.unit}/s" if rate else "")
+            return text + f" in {_duration(elapsed)}" + (f", {speed}" if rate else "")
         if rate > 0:
-            text += f", {rate:.3g} {self.unit}/s, ETA {_duration(max(self.total - self.n, 0) / rate)}"
+            text += f", {speed}, ETA {_duration(max(self.total - self.n, 0) / rate)}"
         return text
 
     def update(self, n: int = 1) -> None:

@@ -40,6 +40,10 @@ def test_log_lines_come_once_per_interval_with_rate_and_eta():
     bar.close()
     lines = out.getvalue().splitlines()
     assert lines[1:] == ["sampling: 1000/1000 img (100%) in 1h00m, 0.278 img/s"]
+    fast = LogProgress(total=10**6, desc="encoding", unit="img", file=out, interval=60, clock=clock)
+    clock.now += 60
+    fast.update(123_456)
+    assert out.getvalue().splitlines()[-1] == "encoding: 123456/1000000 img (12%), 2058 img/s, ETA 7m06s"
     assert "\r" not in out.getvalue()
 
 
@@ -54,7 +58,8 @@ def test_a_short_loop_prints_nothing_and_write_goes_to_stdout(capsys):
 
 def test_a_terminal_gets_tqdm_a_file_gets_lines_disabled_gets_nothing(capsys):
     tqdm = pytest.importorskip("tqdm")
-    assert isinstance(progress(5, "x", file=Terminal()), tqdm.tqdm)
+    with progress(5, "x", file=Terminal()) as bar:
+        assert isinstance(bar, tqdm.tqdm)
     assert isinstance(progress(5, "x", file=io.StringIO()), LogProgress)
     silent = progress(5, "x", disable=True)
     silent.update(3)

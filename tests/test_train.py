@@ -224,8 +224,12 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
         torch.testing.assert_close(grads_4[name], grads_1[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
-def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path):
+def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monkeypatch):
+    import dataclasses
+    import time
+
     from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
     from sit_fast.training.args import parse_args
     from sit_fast.training.loop import Trainer
 
@@ -244,12 +248,33 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path):
     assert before_clip == pytest.approx(unclipped, rel=1e-5)  # the same step, reported before clipping
     assert after_clip == pytest.approx(1e-3, rel=1e-3)
 
+    # under DDP every rank has the same norm and the all-reduce sums them: the line divides by the ranks
+    monkeypatch.setattr(loop, "all_reduce", lambda t, op=None: t.mul_(2) if t.dtype == torch.float64 else t)
+    trainer.dist_info = dataclasses.replace(trainer.dist_info, world_size=2)
+    trainer.grad_norm_sum.fill_(3.0)
+    trainer.grad_norm_count = 2
+    record = trainer.log(torch.tensor(4.0, dtype=torch.float64), torch.tensor(2), torch.tensor(-1),
+                         time.perf_counter(), 1, None)
+    assert (record["loss"], record["grad_norm"]) == (2.0, 1.5)  # 3 * 2 / 2 ranks / 2 steps
+    assert float(trainer.grad_norm_sum) == 0 and trainer.grad_norm_count == 0  # the next window starts afresh
+    monkeypatch.undo()
+
+    steps = []  # each step's norm, as train_step computes it
+    norm = loop.total_grad_norm
+
+    def recorded(params):
+        value = norm(params)
+        steps.append(float(value))
+        return value
+
+    monkeypatch.setattr(loop, "total_grad_norm", recorded)
     exp = tmp_path / "run"
     train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--log-every", "2"])
     logged = re.findall(r"Train Loss: [0-9.]+, Grad Norm: ([0-9.]+), ", (exp / "log.txt").read_text())
-    assert len(logged) == 2 and all(0 < float(value) < 1e3 for value in logged), logged
+    assert len(steps) == 4 and logged == [f"{(steps[0] + steps[1]) / 2:.4f}", f"{(steps[2] + steps[3]) / 2:.4f}"]
 
 
+@pytest.mark.spread
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_the_fast_options_train_as_the_plain_model_does(tmp_path, monkeypatch, backend):
     """--fused-kernels on (the interpreted Triton kernels here), --grad-checkpointing and --compile
@@ -1565,8 +1590,9 @@ def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_wor
 @pytest.mark.parametrize("signum, whole_group", [("SIGTERM", False), ("SIGINT", True)], ids=["SIGTERM", "ctrl-c"])
 def test_stop_signal_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, signum, whole_group):
     """torchrun passes SIGTERM on to its workers, which see it at slightly different moments: they
-    agree on one step, write one checkpoint with both ranks' RNG states, and exit. A Ctrl-C reaches
-    the whole process group, and the workers a second time from torchrun: still one stop, not two."""
+    agree on one step, write one checkpoint with both ranks' RNG states, and exit. A Ctrl-C (SIGINT
+    to the terminal's process group) reaches torchrun, which passes it on to each worker's own
+    process group, loader workers included: the same stop, which the loader workers survive."""
     exp = str(tmp_path / "ddp")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
@@ -1847,8 +1873,11 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(tmp_path, monk
 
     monkeypatch.setattr(loop.Trainer, "train_step", interrupted_at_five)
     exp = tmp_path / "run"
-    with pytest.raises(SystemExit) as exit_:
-        train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "100", "--ckpt-every", "2"])
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "100", "--ckpt-every", "2"])
+    except KeyboardInterrupt:
+        pytest.fail("the KeyboardInterrupt came out of train.py's main instead of an exit status")
     assert exit_.value.code == 130
     last = checkpoint_path(str(exp / "checkpoints"), 4)
     message = f"interrupted at step 4; last checkpoint: {last}; continue with --resume {last} (or --resume auto)"
@@ -1857,31 +1886,71 @@ def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(tmp_path, monk
     assert list_checkpoints(str(exp / "checkpoints"))[0] == last  # the newest: none written for step 5
 
 
-def test_ctrl_c_twice_within_the_grace_is_one_and_a_later_one_stops_at_once(monkeypatch):
-    """torchrun passes the terminal's Ctrl-C on: its copy, an instant later, must not count as the
-    user's second. While a checkpoint is written, Ctrl-C waits for the file, then reaches the handler."""
+def test_ctrl_c_presses_count_by_when_they_came():
+    """The first Ctrl-C asks for a stop; another within INTERRUPT_GRACE is the same press (a double
+    press); one later stops at once. Presses held while a checkpoint is written reach the handler
+    after the write, each with the time it came: one alone asks for the stop, two a grace apart
+    during one long write are a second Ctrl-C. Presses are made by calling the handler installed,
+    as a signal would, so each has a known time."""
     import signal as signals
 
     now = [0.0]
-    stop = checkpointing.StopRequest()
-    stop.clock = lambda: now[0]
-    stop.catch_interrupt()
-    try:
+    grace = checkpointing.INTERRUPT_GRACE
+
+    def press():
+        signals.getsignal(signals.SIGINT)(signals.SIGINT, None)
+
+    def stop_request():
+        now[0] = 0.0
+        stop = checkpointing.StopRequest()
+        stop.clock = lambda: now[0]
+        stop.catch_interrupt()
         assert signals.getsignal(signals.SIGINT) == stop._interrupt
-        os.kill(os.getpid(), signals.SIGINT)  # the terminal's
-        now[0] += 0.01
-        os.kill(os.getpid(), signals.SIGINT)  # torchrun's
-        assert stop.agreed() == "SIGINT"
-        now[0] += checkpointing.INTERRUPT_GRACE
-        with pytest.raises(KeyboardInterrupt):
+        return stop
+
+    try:
+        stop = stop_request()
+        try:
+            press()
+            now[0] += 0.01
+            press()  # the same press
+            assert stop.agreed() == "SIGINT"
+            now[0] += grace
+            with pytest.raises(KeyboardInterrupt):
+                press()
+        finally:
+            stop.restore()
+
+        stop = stop_request()
+        try:
             with checkpointing.interrupt_after():
-                os.kill(os.getpid(), signals.SIGINT)  # the user's second, during a write
-                written = True  # the block goes on to its end
-        assert written
-    finally:
-        stop.restore()
-    assert signals.getsignal(signals.SIGINT) is signals.default_int_handler
-    with pytest.raises(KeyboardInterrupt):  # no handler of its own: the default's KeyboardInterrupt
-        with checkpointing.interrupt_after():
-            os.kill(os.getpid(), signals.SIGINT)
+                press()  # held: the write goes on to its end
+                written = True
+            assert written and stop.agreed() == "SIGINT"  # then a stop, not KeyboardInterrupt
+            now[0] += grace
+            with pytest.raises(KeyboardInterrupt):
+                press()
+        finally:
+            stop.restore()
+
+        stop = stop_request()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                with checkpointing.interrupt_after():
+                    press()
+                    now[0] += grace
+                    press()  # the second Ctrl-C, during the same long write
+                    written = False
+                    now[0] += 10  # the write ends long after both
+                    written = True
+            assert written
+        finally:
+            stop.restore()
+
+        assert signals.getsignal(signals.SIGINT) is signals.default_int_handler
+        with pytest.raises(KeyboardInterrupt):  # no handler of its own: the default's KeyboardInterrupt
+            with checkpointing.interrupt_after():
+                os.kill(os.getpid(), signals.SIGINT)  # a real signal this time
+    except KeyboardInterrupt:
+        pytest.fail("a Ctrl-C that should have been held or counted as a stop request raised KeyboardInterrupt")
 

@@ -46,26 +46,36 @@ logger = logging.getLogger("sit_fast.train")
 def interrupt_after():
     """Hold Ctrl-C (SIGINT) until the block ends, then hand it to the handler it was held from (by
     default, raise KeyboardInterrupt): a checkpoint being written is finished rather than abandoned.
-    Only the main thread can hold signals; elsewhere a no-op."""
+    A StopRequest's handler gets every press held, each with the time it came, so two presses during
+    a long write are still a second Ctrl-C. Only the main thread can hold signals; elsewhere a no-op."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    previous = signal.getsignal(signal.SIGINT)
+    stop = getattr(previous, "__self__", None)
+    stop = stop if isinstance(stop, StopRequest) else None
+    clock = stop.clock if stop is not None else time.monotonic
     received = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, frame: received.append(clock()))
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
-    if received:
-        if callable(previous):
-            previous(signal.SIGINT, None)
-        elif previous != signal.SIG_IGN:
-            raise KeyboardInterrupt
+    if not received:
+        return
+    if stop is not None:
+        for when in received:
+            stop.interrupt_at(when)
+    elif callable(previous):
+        previous(signal.SIGINT, None)
+    elif previous != signal.SIG_IGN:
+        raise KeyboardInterrupt
 
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 WORKER_IGNORED = (*STOP_SIGNALS, "SIGINT")  # a terminal's Ctrl-C reaches the data loader workers too
-INTERRUPT_GRACE = 1.0  # seconds within which a second SIGINT is the same Ctrl-C (torchrun passes it on)
+INTERRUPT_GRACE = 1.0  # seconds within which another SIGINT is the same Ctrl-C (a double press, or a
+# launcher that shares the terminal's process group and passes the signal on as well)
 
 
 class StopRequest:
@@ -73,8 +83,9 @@ class StopRequest:
     (SLURM's `--signal=USR1@SECONDS` warning) asks the run to stop after the current step, with a
     checkpoint, instead of dying with everything since the last one. Once training runs
     (catch_interrupt), so does a first Ctrl-C; a second one, from INTERRUPT_GRACE seconds after the
-    first, stops at once (KeyboardInterrupt). torchrun passes the terminal's Ctrl-C on to its workers,
-    which so see it twice within the grace: that counts as one.
+    first, stops at once (KeyboardInterrupt). Under torchrun, Ctrl-C goes to torchrun, which passes
+    it on once (each worker runs in a session of its own) and kills the workers 30 s later; a second
+    press does not reach them.
 
     Under DDP all ranks must stop after the same step. Each step, every rank posts its flag (the
     signal number, or 0) to an all-reduce (MAX) on a CPU gloo group and reads the previous step's
@@ -100,11 +111,11 @@ class StopRequest:
     def install(self) -> None:
         """Catch the stop signals (main thread only; elsewhere they keep their handlers). A signal
         caught before training starts stops the run after its first step."""
-        if self.previous or threading.current_thread() is not threading.main_thread():
+        if threading.current_thread() is not threading.main_thread():
             return
         for name in STOP_SIGNALS:
             signum = getattr(signal, name, None)
-            if signum is not None:
+            if signum is not None and signum not in self.previous:
                 self.previous[signum] = signal.signal(signum, self._handle)
 
     def catch_interrupt(self) -> None:
@@ -116,13 +127,19 @@ class StopRequest:
         self.received = self.received or signum
 
     def _interrupt(self, signum, frame) -> None:
-        now = self.clock()
+        self.interrupt_at(self.clock())
+
+    def interrupt_at(self, when: float) -> None:
+        """A Ctrl-C that came at `when` (self.clock's time): the first asks for a stop, one from
+        INTERRUPT_GRACE seconds later raises KeyboardInterrupt, one in between is the same press."""
         if self.interrupted_at is None:
-            self.interrupted_at = now
-            self._handle(signum, frame)
+            self.interrupted_at = when
+            self._handle(signal.SIGINT, None)
             if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine; unbuffered, safe mid-print
-                os.write(2, b"\nCtrl-C: stopping after this step with a checkpoint (Ctrl-C again to stop at once)\n")
-        elif now - self.interrupted_at >= INTERRUPT_GRACE:
+                again = ("torchrun ends the workers 30 s after its Ctrl-C" if "TORCHELASTIC_RUN_ID" in os.environ
+                         else "Ctrl-C again to stop at once")
+                os.write(2, f"\nCtrl-C: stopping after this step with a checkpoint ({again})\n".encode())
+        elif when - self.interrupted_at >= INTERRUPT_GRACE:
             raise KeyboardInterrupt
 
     def restore(self) -> None:
