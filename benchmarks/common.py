@@ -580,7 +580,7 @@ def throughput_fields(ctx: "RunContext", variant: Variant, flops_per_image: floa
     peak = flops.peak_tflops(ctx.environment["device"], dtype, tf32=tf32) if ctx.device.type == "cuda" else None
     source = None
     if peak is not None:
-        key = next(k for k in flops.PEAK_TFLOPS if k in ctx.environment["device"])
+        key = flops.peak_key(ctx.environment["device"])
         entry = "tf32" if tf32 else variant.dtype_name
         source = f"sit_fast.flops.PEAK_TFLOPS[{key!r}][{entry!r}] (dense, data sheet)"
     return dict(

@@ -9,17 +9,30 @@ forward, twice the 118.6 "Gflops" (multiply-adds) reported in the DiT and SiT pa
 """
 from __future__ import annotations
 
+import re
+
 import torch
 
-# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets. The first key found
-# in the device name wins, so the PCIe and NVL parts come before the SXM ones.
+# Dense peak TFLOP/s per device (no sparsity), from the vendors' data sheets (the GeForce cards: the
+# architecture whitepapers' figures with FP32 accumulation, which autocast's matmuls use). A key
+# matches the device name as whole words ("A10" is not "A100", "A40" not "RTX A4000"); the first
+# key that matches wins, so the PCIe and NVL parts come before the SXM ones.
 PEAK_TFLOPS: dict[str, dict[str, float]] = {
     "H100 PCIe": {"bf16": 756.5, "fp16": 756.5, "tf32": 378.0, "fp32": 51.2},
     "H100 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H100": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "H200 NVL": {"bf16": 835.5, "fp16": 835.5, "tf32": 417.5, "fp32": 60.0},
     "H200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
+    "GH200": {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9},
     "A100": {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5},
+    "A40": {"bf16": 149.7, "fp16": 149.7, "tf32": 74.8, "fp32": 37.4},
+    "A10": {"bf16": 125.0, "fp16": 125.0, "tf32": 62.5, "fp32": 31.2},
+    "RTX A6000": {"bf16": 154.8, "fp16": 154.8, "tf32": 77.4, "fp32": 38.7},
+    "L40S": {"bf16": 362.05, "fp16": 362.05, "tf32": 183.0, "fp32": 91.6},
+    "L40": {"bf16": 181.05, "fp16": 181.05, "tf32": 90.5, "fp32": 90.5},
+    "L4": {"bf16": 121.0, "fp16": 121.0, "tf32": 60.0, "fp32": 30.3},
+    "RTX 4090": {"bf16": 165.2, "fp16": 165.2, "tf32": 82.6, "fp32": 82.6},
+    "RTX 3090": {"bf16": 71.0, "fp16": 71.0, "tf32": 35.6, "fp32": 35.6},
 }
 _DTYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
@@ -64,9 +77,16 @@ def peak_tflops(device_name: str, dtype: torch.dtype | str, tf32: bool = False) 
     name = _DTYPE_NAMES.get(dtype, dtype) if isinstance(dtype, torch.dtype) else dtype
     if name == "fp32" and tf32:
         name = "tf32"
-    for key, peaks in PEAK_TFLOPS.items():
-        if key in device_name:
-            return peaks.get(name)
+    key = peak_key(device_name)
+    return None if key is None else PEAK_TFLOPS[key].get(name)
+
+
+def peak_key(device_name: str) -> str | None:
+    """The PEAK_TFLOPS entry of a device name (None when none matches)."""
+    for key in PEAK_TFLOPS:
+        # whole words, and not a variant's name ("RTX 3090 Ti", "RTX 4090 D" are other cards)
+        if re.search(rf"(?<![A-Za-z0-9]){re.escape(key)}(?![A-Za-z0-9]| (?:Ti|SUPER|D)\b)", device_name):
+            return key
     return None
 
 

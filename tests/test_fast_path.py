@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sit_fast.models as models
-from sit_fast.flops import forward_flops, mfu, peak_tflops, train_step_flops
+from sit_fast.flops import forward_flops, mfu, peak_key, peak_tflops, train_step_flops
 from sit_fast.memory import activation_bytes_per_image
 from sit_fast.models import SiT, SiT_models
 from sit_fast.parity import TOLERANCES, compare, randomize_zero_init_
@@ -181,6 +181,12 @@ def test_flops_match_flop_counter():
     assert peak_tflops("NVIDIA H200 NVL", torch.bfloat16) == pytest.approx(835.5)
     assert mfu(494.7e12, "NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(0.5)
     assert mfu(1e12, "cpu", torch.float32) is None
+    # whole-word names: a model number inside another, or a variant of it, is not that card
+    names = {"NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A10": "A10", "NVIDIA A40": "A40", "NVIDIA RTX A4000": None,
+             "NVIDIA L40S": "L40S", "NVIDIA L40": "L40", "NVIDIA L4": "L4", "NVIDIA GH200 480GB": "GH200",
+             "NVIDIA GeForce RTX 4090": "RTX 4090", "NVIDIA GeForce RTX 4090 D": None,
+             "NVIDIA GeForce RTX 3090 Ti": None, "Tesla V100-SXM2-32GB": None}
+    assert {name: peak_key(name) for name in names} == names
 
 
 def test_fused_kernels_resolution(monkeypatch):
