@@ -61,7 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16",
                         help="storage dtype of the mean and std")
     parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image decoding workers per process")
-    parser.add_argument("--no-progress", action="store_true", help="no progress display (a bar on a terminal, a line a minute in a log file)")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress display (a bar on a terminal, a line a minute in a log file)")
     return parser
 
 
