@@ -126,6 +126,23 @@ def test_exact_resume_ddp(ddp_straight):
         assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
 
 
+@pytest.mark.slow
+def test_ddp_with_the_fast_options_keeps_ranks_identical(tmp_path):
+    """2 ranks with --fused-kernels on, --compile (Inductor, with DDP's graph splitting) and
+    --grad-accum-steps 2 (no_sync in the first micro-batch): the run goes through, the ranks agree."""
+    exp = str(tmp_path / "fast")
+    argv = [a for a in BASE if a not in ("--fused-kernels", "off")] + [
+        "--fused-kernels", "on", "--compile", "--grad-accum-steps", "2", "--global-batch-size", "8",
+        "--max-steps", "3", "--log-every", "1", "--exp-dir", exp]
+    ranks = run_ddp(argv, str(tmp_path / "out"))
+    assert ranks[0]["step"] == ranks[1]["step"] == 3
+    for key in ("model", "ema"):
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), f"rank 1 {key}[{name}] differs from rank 0"
+    losses = logged_losses(exp)
+    assert len(losses) == 3 and all(np.isfinite(losses))
+
+
 def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
     """no_sync in all but the last micro-batch: the last backward must still all-reduce everything."""
     exp = str(tmp_path / "accum")
