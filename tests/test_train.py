@@ -3,6 +3,7 @@
 Everything trains SiT-T/4 on scikit-learn's bundled 8x8 digits in pixel space (no download), fp32 on
 the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
 """
+import contextlib
 import importlib
 import json
 import logging
@@ -73,6 +74,12 @@ def load_ckpt(path: str) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def assert_ranks_identical(ranks: list[dict]) -> None:
+    for key in ("model", "ema"):
+        for name, value in ranks[0][key].items():
+            assert torch.equal(value, ranks[1][key][name]), f"rank 1 {key}[{name}] differs from rank 0"
+
+
 def assert_states_close(a: dict, b: dict, what: str) -> None:
     assert a.keys() == b.keys(), what
     for key in a:
@@ -93,9 +100,7 @@ def ddp_straight(tmp_path_factory):
 def test_ddp_loss_decreases_and_ranks_agree(ddp_straight):
     _, exp, ranks = ddp_straight
     assert ranks[0]["step"] == ranks[1]["step"] == 48
-    for key in ("model", "ema"):
-        for name, value in ranks[0][key].items():
-            assert torch.equal(value, ranks[1][key][name]), f"rank 1 {key}[{name}] differs from rank 0"
+    assert_ranks_identical(ranks)
     losses = logged_losses(exp)
     assert len(losses) == 6 and all(np.isfinite(losses))
     assert losses[-1] < 0.8 * losses[0], f"loss did not decrease: {losses}"
@@ -136,9 +141,7 @@ def test_ddp_with_the_fast_options_keeps_ranks_identical(tmp_path):
         "--max-steps", "3", "--log-every", "1", "--exp-dir", exp]
     ranks = run_ddp(argv, str(tmp_path / "out"))
     assert ranks[0]["step"] == ranks[1]["step"] == 3
-    for key in ("model", "ema"):
-        for name, value in ranks[0][key].items():
-            assert torch.equal(value, ranks[1][key][name]), f"rank 1 {key}[{name}] differs from rank 0"
+    assert_ranks_identical(ranks)
     losses = logged_losses(exp)
     assert len(losses) == 3 and all(np.isfinite(losses))
 
@@ -149,9 +152,7 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
     ranks = run_ddp(BASE + ["--exp-dir", exp, "--max-steps", "8", "--ckpt-every", "8", "--grad-accum-steps", "4"],
                     str(tmp_path / "out"))
     assert ranks[0]["step"] == ranks[1]["step"] == 8
-    for key in ("model", "ema"):
-        for name, value in ranks[0][key].items():
-            assert torch.equal(value, ranks[1][key][name]), f"rank 1 {key}[{name}] differs from rank 0"
+    assert_ranks_identical(ranks)
     with open(os.path.join(exp, "log.txt")) as f:
         assert "gradient accumulation: 4 micro-batches of 8 per rank per step (global batch 64)" in f.read()
     assert all(np.isfinite(logged_losses(exp)))
@@ -1934,17 +1935,20 @@ def test_ctrl_c_presses_count_by_when_they_came():
     def press():
         signals.getsignal(signals.SIGINT)(signals.SIGINT, None)
 
+    @contextlib.contextmanager
     def stop_request():
         now[0] = 0.0
         stop = checkpointing.StopRequest()
         stop.clock = lambda: now[0]
         stop.catch_interrupt()
         assert signals.getsignal(signals.SIGINT) == stop._interrupt
-        return stop
+        try:
+            yield stop
+        finally:
+            stop.restore()
 
     try:
-        stop = stop_request()
-        try:
+        with stop_request() as stop:
             press()
             now[0] += 0.01
             press()  # the same press
@@ -1952,11 +1956,8 @@ def test_ctrl_c_presses_count_by_when_they_came():
             now[0] += grace
             with pytest.raises(KeyboardInterrupt):
                 press()
-        finally:
-            stop.restore()
 
-        stop = stop_request()
-        try:
+        with stop_request() as stop:
             with checkpointing.interrupt_after():
                 press()  # held: the write goes on to its end
                 written = True
@@ -1964,22 +1965,16 @@ def test_ctrl_c_presses_count_by_when_they_came():
             now[0] += grace
             with pytest.raises(KeyboardInterrupt):
                 press()
-        finally:
-            stop.restore()
 
-        stop = stop_request()
-        try:
-            with pytest.raises(KeyboardInterrupt):
-                with checkpointing.interrupt_after():
-                    press()
-                    now[0] += grace
-                    press()  # the second Ctrl-C, during the same long write
-                    written = False
-                    now[0] += 10  # the write ends long after both
-                    written = True
-            assert written
-        finally:
-            stop.restore()
+        with stop_request(), pytest.raises(KeyboardInterrupt):
+            with checkpointing.interrupt_after():
+                press()
+                now[0] += grace
+                press()  # the second Ctrl-C, during the same long write
+                written = False
+                now[0] += 10  # the write ends long after both
+                written = True
+        assert written
 
         assert signals.getsignal(signals.SIGINT) is signals.default_int_handler
         with pytest.raises(KeyboardInterrupt):  # no handler of its own: the default's KeyboardInterrupt
