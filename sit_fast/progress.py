@@ -69,7 +69,7 @@ class LogProgress:
         self.close()
 
 
-class _Silent:
+class _Silent(LogProgress):
     """A disabled bar: counts, and prints write()'s messages only."""
 
     def __init__(self):
@@ -78,16 +78,7 @@ class _Silent:
     def update(self, n: int = 1) -> None:
         self.n += n
 
-    def write(self, message: str) -> None:
-        print(message, flush=True)
-
     def close(self) -> None:
-        pass
-
-    def __enter__(self) -> _Silent:
-        return self
-
-    def __exit__(self, *exc) -> None:
         pass
 
 
