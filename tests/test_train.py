@@ -244,7 +244,6 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
 
 def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monkeypatch):
     import dataclasses
-    import time
 
     from sit_fast.distributed import init_distributed
     from sit_fast.training import loop
@@ -259,7 +258,7 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
         trainer = Trainer(args, explicit, init_distributed())
         trainer.train_step(batch)
         after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model_params if p.grad is not None]))
-        norms[clip] = (float(trainer.grad_norm_sum), trainer.grad_norm_count, float(after))
+        norms[clip] = (float(trainer.window.grad_norm_sum), trainer.window.applied, float(after))
     (unclipped, count, after), (before_clip, _, after_clip) = norms["none"], norms["1e-3"]
     assert count == 1 and unclipped > 0.01
     assert unclipped == pytest.approx(after, rel=1e-6)  # no clipping: the gradients' own norm
@@ -269,12 +268,14 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
     # under DDP every rank has the same norm and the all-reduce sums them: the line divides by the ranks
     monkeypatch.setattr(loop, "all_reduce", lambda t, op=None: t.mul_(2) if t.dtype == torch.float64 else t)
     trainer.dist_info = dataclasses.replace(trainer.dist_info, world_size=2)
-    trainer.grad_norm_sum.fill_(3.0)
-    trainer.grad_norm_count = 2
-    record = trainer.log(torch.tensor(4.0, dtype=torch.float64), torch.tensor(2), torch.tensor(-1),
-                         time.perf_counter(), 1, None)
-    assert (record["loss"], record["grad_norm"]) == (2.0, 1.5)  # 3 * 2 / 2 ranks / 2 steps
-    assert float(trainer.grad_norm_sum) == 0 and trainer.grad_norm_count == 0  # the next window starts afresh
+    trainer.window.restart()
+    trainer.window.add_step(torch.tensor(1.5), torch.tensor(1.0), True)
+    trainer.window.add_step(torch.tensor(9.0), torch.tensor(9.0), False)  # skipped: neither counts
+    trainer.window.add_step(torch.tensor(2.5), torch.tensor(2.0), True)
+    record = trainer.log(None)
+    assert (record["loss"], record["grad_norm"]) == (2.0, 1.5)  # 4 * 2 / 2 ranks / 2 steps; 3 * 2 / 2 / 2
+    window = trainer.window  # the next window starts afresh
+    assert (float(window.loss_sum), float(window.grad_norm_sum), window.applied, window.steps) == (0, 0, 0, 0)
     monkeypatch.undo()
 
     steps = []  # each step's norm, as train_step computes it

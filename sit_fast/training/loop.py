@@ -278,6 +278,42 @@ def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+class LogWindow:
+    """The figures of one log line, gathered over the steps since the previous line.
+
+    The loss and the gradient norm (before clipping) of each applied step are summed on the device
+    (no host sync per step); `steps` counts every step, applied or skipped, and `applied` the applied
+    ones, which is the same count on every rank (DDP gives every rank the same gradients). The wall
+    time runs from `start`, less the pauses (`paused()`: checkpoints, sample grids), so that the
+    throughput counts training steps only."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.restart()
+
+    def restart(self) -> None:
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.applied, self.steps, self.start = 0, 0, time.perf_counter()
+
+    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool) -> None:
+        """One step taken: its loss and gradient norm count if it was applied (not skipped)."""
+        self.steps += 1
+        if applied:
+            self.loss_sum += loss.double()
+            self.grad_norm_sum += grad_norm.double()
+            self.applied += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - began
+
+
 def data_source(args: argparse.Namespace) -> str:
     """What the run reads, for the resume check: the dataset and its absolute location."""
     if args.latent_cache is not None:
@@ -511,10 +547,9 @@ class Trainer:
         self.train_model = torch.compile(self.ddp) if args.compile else self.ddp
         self.ema_params = list(self.ema.parameters())
         self.model_params = list(model.parameters())
-        # the global gradient norm (before clipping) of the steps applied since the last log line,
-        # summed on the device: the log line's Grad Norm is their mean
-        self.grad_norm_sum = torch.zeros((), device=self.device, dtype=torch.float64)
-        self.grad_norm_count = 0
+        self.window = LogWindow(self.device)
+        # the first step (self.step_counter) whose loss was not finite, -1 while there is none
+        self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
         self.transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
                                           args.sample_eps)
         n_params = sum(p.numel() for p in model.parameters())
@@ -774,9 +809,8 @@ class Trainer:
             grad_norm = total_grad_norm(self.model_params)
         if self.args.skip_nonfinite:
             applied = bool(torch.isfinite(grad_norm))  # the one host sync this option costs
+        self.window.add_step(loss, grad_norm, applied)
         if applied:
-            self.grad_norm_sum += grad_norm.double()
-            self.grad_norm_count += 1
             self.opt.step()
             with torch.no_grad():  # ema <- ema + (1 - decay) * (param - ema), on the device
                 torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
@@ -792,10 +826,6 @@ class Trainer:
             return self.summary(None, {})
         if is_main:
             self.open_trackers()
-        device = self.device
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        loss_count = torch.zeros((), device=device, dtype=torch.int64)
-        first_bad = torch.full((), -1, dtype=torch.int64, device=device)
         self.model.train()
         bar = None
         if is_main and not args.no_progress and sys.stderr.isatty():  # in a log file, the log lines are the progress
@@ -813,7 +843,7 @@ class Trainer:
         stopped_by = None
         failed = True
         try:
-            last_log, stopped_by = self._loop(stop, bar, loss_sum, loss_count, first_bad)
+            last_log, stopped_by = self._loop(stop, bar)
             failed = False
         finally:
             stop.restore()
@@ -832,11 +862,11 @@ class Trainer:
         return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
                 "nonfinite_skipped": self.nonfinite_skipped, "stopped_by": stopped_by, **last_log}
 
-    def _loop(self, stop: StopRequest, bar, loss_sum, loss_count, first_bad) -> tuple[dict, str | None]:
+    def _loop(self, stop: StopRequest, bar) -> tuple[dict, str | None]:
         """Steps until the end of the run or an agreed stop request: (the last log line's figures,
         the name of the signal that stopped it or None)."""
-        args, is_main, device = self.args, self.dist_info.is_main, self.device
-        window_start, window_steps = time.perf_counter(), 0
+        args, is_main, device, window = self.args, self.dist_info.is_main, self.device, self.window
+        window.restart()
         last_log = {}
         while self.step < self.max_steps and self.epoch < args.epochs:
             batches = self.sampler.batches(self.epoch, self.step_in_epoch)
@@ -853,12 +883,9 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     self.step_counter += 1
-                    window_steps += 1
                     if applied:
-                        loss_sum += loss.double()
-                        loss_count += 1
                         bad = ~torch.isfinite(loss)
-                        first_bad = torch.where(bad & (first_bad < 0), self.step_counter, first_bad)
+                        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step_counter, self.first_bad)
                     else:
                         self.nonfinite_skipped += 1
                         logger.warning(f"step {self.step}: non-finite gradients, step skipped "
@@ -870,27 +897,23 @@ class Trainer:
 
                     last = self.step >= self.max_steps
                     if self.step % args.log_every == 0 or last:
-                        last_log = self.log(loss_sum, loss_count, first_bad, window_start, window_steps, bar)
-                        loss_sum.zero_()
-                        loss_count.zero_()
-                        window_start, window_steps = time.perf_counter(), 0
-                    paused = time.perf_counter()
-                    if self.step % args.ckpt_every == 0 or last:
-                        self.check_finite(first_bad)
-                        self.save_checkpoint()
-                    if self.step % args.sample_every == 0 and is_main:
-                        self.phase = "samples"
-                        self.save_samples()
-                        self.phase = "train"
-                    window_start += time.perf_counter() - paused  # throughput counts training steps only
+                        last_log = self.log(bar)
+                    with window.paused():  # throughput counts training steps only
+                        if self.step % args.ckpt_every == 0 or last:
+                            self.check_finite()
+                            self.save_checkpoint()
+                        if self.step % args.sample_every == 0 and is_main:
+                            self.phase = "samples"
+                            self.save_samples()
+                            self.phase = "train"
                     if last:
                         break
                     stopped_by = stop.agreed()
                     if stopped_by:
-                        if window_steps:
-                            last_log = self.log(loss_sum, loss_count, first_bad, window_start, window_steps, bar)
+                        if window.steps:
+                            last_log = self.log(bar)
                         if self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step):
-                            self.check_finite(first_bad)
+                            self.check_finite()
                             self.save_checkpoint()
                         return last_log, stopped_by
             except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
@@ -923,9 +946,9 @@ class Trainer:
         return (f"out of GPU memory {where} training {args.model} with {batch}: fit it with "
                 f"{', '.join(fixes[:-1])} or {fixes[-1]} (USAGE.md, Memory){last}")
 
-    def check_finite(self, first_bad: torch.Tensor) -> None:
+    def check_finite(self) -> None:
         """Stop (on every rank) if any rank saw a non-finite loss; reads one small tensor."""
-        bad = first_bad.clone()
+        bad = self.first_bad.clone()
         bad = torch.where(bad < 0, torch.full_like(bad, 2**62), bad)
         all_reduce(bad, dist.ReduceOp.MIN if is_distributed() else None)
         bad_step = int(bad)
@@ -935,20 +958,22 @@ class Trainer:
                      else f"no checkpoint written yet; start again with {advice}")
             raise NonFiniteLossError(f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); {where}")
 
-    def log(self, loss_sum, loss_count, first_bad, window_start, window_steps, bar) -> dict:
-        # the gradient norm is the same on every rank (DDP averages the gradients): summed, then / world size
-        stats = torch.stack([loss_sum, loss_count.double(), self.grad_norm_sum])
-        all_reduce(stats)
-        self.check_finite(first_bad)
+    def log(self, bar) -> dict:
+        """Write the log line of the window's steps (all ranks' losses) and start the next window."""
+        window = self.window
+        stats = all_reduce(torch.stack([window.loss_sum, window.grad_norm_sum]))
+        self.check_finite()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        elapsed = max(time.perf_counter() - window_start, 1e-9)
-        total, count, norm_total = stats.tolist()
-        avg_loss = total / count if count else math.nan  # every step of the window skipped: no loss to show
-        grad_norm = norm_total / self.dist_info.world_size / self.grad_norm_count if self.grad_norm_count else math.nan
-        self.grad_norm_sum.zero_()
-        self.grad_norm_count = 0
-        steps_per_sec = window_steps / elapsed
+        elapsed = max(time.perf_counter() - window.start, 1e-9)
+        loss_total, norm_total = stats.tolist()
+        # every rank applied the same steps; the gradient norm is the same on every rank (DDP averages
+        # the gradients), summed by the all-reduce like the losses
+        count = window.applied * self.dist_info.world_size
+        avg_loss = loss_total / count if count else math.nan  # every step of the window skipped: nothing to show
+        grad_norm = norm_total / count if count else math.nan
+        steps_per_sec = window.steps / elapsed
+        window.restart()
         images_per_sec = steps_per_sec * self.args.global_batch_size
         record = {"loss": avg_loss, "grad_norm": grad_norm, "steps_per_sec": steps_per_sec,
                   "images_per_sec": images_per_sec}
