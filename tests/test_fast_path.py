@@ -185,7 +185,9 @@ def test_flops_match_flop_counter():
     names = {"NVIDIA A100-SXM4-80GB": "A100", "NVIDIA A10": "A10", "NVIDIA A40": "A40", "NVIDIA RTX A4000": None,
              "NVIDIA L40S": "L40S", "NVIDIA L40": "L40", "NVIDIA L4": "L4", "NVIDIA GH200 480GB": "GH200",
              "NVIDIA GeForce RTX 4090": "RTX 4090", "NVIDIA GeForce RTX 4090 D": None,
-             "NVIDIA GeForce RTX 3090 Ti": None, "Tesla V100-SXM2-32GB": None}
+             "NVIDIA GeForce RTX 3090 Ti": None, "Tesla V100-SXM2-32GB": None, "NVIDIA H20": "H20",
+             "NVIDIA H800 PCIe": "H800 PCIe", "NVIDIA H800": "H800", "NVIDIA A800-SXM4-80GB": "A800",
+             "NVIDIA B200": "B200", "NVIDIA GB200": "GB200"}
     assert {name: peak_key(name) for name in names} == names
 
 
