@@ -21,6 +21,7 @@ import contextlib
 import functools
 import math
 import os
+import types
 from typing import Callable
 
 import numpy as np
@@ -396,8 +397,10 @@ class SiT(nn.Module):
     # ------------------------------------------------------------------ options
     def compile_blocks(self, **compile_kwargs) -> "SiT":
         """torch.compile the block step (fullgraph=True), shared by all blocks: one graph, compiled
-        once, which composes with DDP, autocast and gradient checkpointing. For the whole model use
-        torch.compile(model, fullgraph=True) instead. Returns self."""
+        once per mode (grad or no grad, autocast dtype, attention backend, ...), which composes with
+        DDP, autocast and gradient checkpointing. The model's compiled step is its own (an EMA
+        deepcopy shares it): its recompilations do not count against other models' in the process.
+        For the whole model use torch.compile(model, fullgraph=True) instead. Returns self."""
         compile_kwargs.setdefault("fullgraph", True)
         self._compiled_step = CompiledBlockStep(compile_kwargs)
         return self
@@ -586,14 +589,25 @@ def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mo
     return x, h  # (N, T, D) residual stream, (N, T, D) next sublayer input
 
 
+def _with_own_code(fn: Callable) -> Callable:
+    """fn with a code object of its own. Dynamo keeps compiled graphs, and counts recompilations
+    against torch._dynamo.config.recompile_limit (8), per code object: compiling fn itself for every
+    model would make all the models in a process share those 8 (each grad mode, autocast dtype,
+    attention backend or batch-shape change takes one), and past them a fullgraph compile fails."""
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
+                              fn.__closure__)
+    return functools.update_wrapper(copy, fn)
+
+
 class CompiledBlockStep:
-    """torch.compile(_block_step, **compile_kwargs), which a model holding it can be pickled with
-    (torch.save(model)): it pickles as its arguments and compiles again in the process that loads
-    it. A deepcopy (an EMA copy) shares it, and so the compiled code."""
+    """torch.compile(_block_step, **compile_kwargs) for one model, which a model holding it can be
+    pickled with (torch.save(model)): it pickles as its arguments and compiles again in the process
+    that loads it. A deepcopy (an EMA copy) shares it, and so the compiled code; another
+    compile_blocks call, on this model or another, makes a new one, whose compilations count apart."""
 
     def __init__(self, compile_kwargs: dict):
         self.compile_kwargs = compile_kwargs
-        self.fn = torch.compile(_block_step, **compile_kwargs)
+        self.fn = torch.compile(_with_own_code(_block_step), **compile_kwargs)
 
     def __call__(self, *args):
         return self.fn(*args)

@@ -369,6 +369,22 @@ def test_timestep_embedding_against_the_formula(dim):
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4)  # fp32 arguments up to 1000
 
 
+def test_compiled_block_steps_of_many_models_do_not_share_a_recompile_limit():
+    """Each compile_blocks model counts its own recompilations: five models, each compiled for a
+    training step and a no-grad call (two entries each), exceed Dynamo's limit of 8 per code object
+    if they share one, which fullgraph=True turns into a hard failure."""
+    torch._dynamo.reset()
+    for hidden in (16, 24, 32, 40, 48):
+        model = randomize_(tiny_sit(hidden_size=hidden)).compile_blocks(backend="eager")
+        x, t, y = inputs(model)
+        model(x, t, y).square().mean().backward()
+        with torch.no_grad():
+            model(x, t, y)
+    config = torch._dynamo.config
+    limit = getattr(config, "recompile_limit", None) or config.cache_size_limit  # (the older name)
+    assert limit <= 8  # the limit the five would have exceeded together
+
+
 def test_model_with_compiled_blocks_pickles_and_deepcopies():
     """torch.save(model) after compile_blocks: the compiled step pickles as its arguments; an EMA
     deepcopy shares it."""
