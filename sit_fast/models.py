@@ -109,10 +109,19 @@ def shapes_only():
         _SHAPES_ONLY = previous
 
 
-def _fused_on(fused_kernels: bool | str, device: torch.device) -> bool:
-    """resolve_fused_kernels without the launch settings' check: what forward() asks on every call."""
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)  # the residual stream dtypes the kernels take
+
+
+def _fused_on(fused_kernels: bool | str, device: torch.device, dtype: torch.dtype | None = None) -> bool:
+    """resolve_fused_kernels without the launch settings' check: what forward() asks on every call,
+    with the residual stream's dtype ("auto" leaves float64 to the reference ops)."""
     if fused_kernels == "auto":
+        if dtype is not None and dtype not in KERNEL_DTYPES:
+            return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
+    if fused_kernels is True and dtype is not None and dtype not in KERNEL_DTYPES:
+        raise ValueError(f"fused_kernels=True: the kernels take float32, bfloat16 or float16 activations, got "
+                         f"{dtype}: use fused_kernels='auto' (the reference ops for {dtype}) or False")
     if fused_kernels is True and device.type == "cpu" and not (triton_interpreter_enabled() or _SHAPES_ONLY):
         raise ValueError(
             "fused_kernels=True: on the CPU the kernels need the Triton interpreter: set TRITON_INTERPRET=1 "
@@ -533,8 +542,8 @@ class SiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W)."""
         self._check_inputs(x, t, y)
-        fused = _fused_on(self.fused_kernels, x.device)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        fused = _fused_on(self.fused_kernels, x.device, x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         mods = self.modulation(c)  # (N, 6 * depth + 2, D), the autocast dtype under autocast
         ops = fused_ops(mods.dtype) if fused else REFERENCE_OPS

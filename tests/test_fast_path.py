@@ -204,6 +204,21 @@ def test_fused_kernels_resolution(monkeypatch):
         SiT(num_classes=10, fused_kernels="yes", **CONFIGS["hd16-nosigma"])
 
 
+def test_auto_fused_kernels_leave_float64_to_the_reference_ops():
+    """The kernels take fp32/bf16/fp16: a float64 model with "auto" runs the reference ops (the
+    float64 checks of the maths); True refuses it, naming the way out."""
+    generator = torch.Generator().manual_seed(0)
+    auto = randomize_zero_init_(SiT(num_classes=10, fused_kernels="auto", **CONFIGS["hd16-nosigma"]), seed=1).double().eval()
+    reference = SiT(num_classes=10, fused_kernels=False, **CONFIGS["hd16-nosigma"]).double().eval()
+    reference.load_state_dict(auto.state_dict())
+    x = torch.randn(2, auto.in_channels, auto.input_size, auto.input_size, dtype=torch.float64, generator=generator)
+    t, y = torch.rand(2, dtype=torch.float64, generator=generator), torch.tensor([1, 2])
+    torch.testing.assert_close(auto(x, t, y), reference(x, t, y), rtol=0, atol=0)
+    auto.fused_kernels = True
+    with pytest.raises(ValueError, match="float64: use fused_kernels='auto'"):
+        auto(x, t, y)
+
+
 def test_activation_memory_needs_no_interpreter(monkeypatch):
     """Fake tensors never run a kernel: the fast path is measured on a CPU without the interpreter."""
     monkeypatch.setattr(models, "_TRITON_INTERPRET", False)
