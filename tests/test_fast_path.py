@@ -208,7 +208,8 @@ def test_auto_fused_kernels_leave_float64_to_the_reference_ops():
     """The kernels take fp32/bf16/fp16: a float64 model with "auto" runs the reference ops (the
     float64 checks of the maths); True refuses it, naming the way out."""
     generator = torch.Generator().manual_seed(0)
-    auto = randomize_zero_init_(SiT(num_classes=10, fused_kernels="auto", **CONFIGS["hd16-nosigma"]), seed=1).double().eval()
+    auto = SiT(num_classes=10, fused_kernels="auto", **CONFIGS["hd16-nosigma"])
+    auto = randomize_zero_init_(auto, seed=1).double().eval()
     reference = SiT(num_classes=10, fused_kernels=False, **CONFIGS["hd16-nosigma"]).double().eval()
     reference.load_state_dict(auto.state_dict())
     x = torch.randn(2, auto.in_channels, auto.input_size, auto.input_size, dtype=torch.float64, generator=generator)
