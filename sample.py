@@ -174,23 +174,13 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                       help="exact trace instead of Hutchinson's estimate (one backward per dimension)")
 
 
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows a flag's default unless it is None / False or the help text already says it."""
-
-    def _get_help_string(self, action):
-        if action.default in (None, False, argparse.SUPPRESS) or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
-
-
 def build_parser(defaults: dict | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     defaults = {**SAMPLE_DEFAULTS, **(defaults or {})}
     parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     modes = parser.add_subparsers(dest="mode", metavar="{ODE,SDE}", required=True,
                                   help="ODE: probability-flow ODE; SDE: reverse SDE")
     for mode, add_solver_args in (("ODE", add_ode_args), ("SDE", add_sde_args)):
-        sub = modes.add_parser(mode, help=f"sample with the {mode}", formatter_class=HelpFormatter,
-                               allow_abbrev=False)  # a mistyped or shortened flag is an error
+        sub = modes.add_parser(mode, help=f"sample with the {mode}", allow_abbrev=False)  # a mistyped or shortened flag is an error
         add_sampling_args(sub, defaults)
         add_transport_args(sub)
         add_solver_args(sub)

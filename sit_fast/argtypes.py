@@ -7,8 +7,24 @@ import math
 from sit_fast.errors import UserError
 
 
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each flag's default, unless it is None or False (no value, an off switch) or the
+    help text already speaks of it."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
+                or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 class OneLineArgumentParser(argparse.ArgumentParser):
-    """argparse whose errors (unknown flags, bad choices) become UserError: one line, exit status 2."""
+    """argparse whose errors (unknown flags, bad choices) become UserError: one line, exit status 2.
+    --help shows the defaults (DefaultsHelpFormatter), also in its subcommands' parsers."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")

@@ -96,7 +96,7 @@ def main(argv=None) -> None:
     parser = OneLineArgumentParser(prog="python -m sit_fast.memory", allow_abbrev=False,
                                    description="SiT memory table (parameters, training state, activations).")
     parser.add_argument("--models", nargs="+", choices=list(SiT_models), default=UPSTREAM_MODELS, metavar="MODEL",
-                        help="registry names")
+                        help="registry names (default: the 12 upstream models, SiT-XL/2 ... SiT-S/8)")
     parser.add_argument("--image-size", type=positive_int, default=256, help="image size (latent = image size / 8)")
     parser.add_argument("--gpu-gib", type=positive_float, nargs="+", default=None,
                         help="also a table of per-GPU batch bounds for GPUs with this much memory (GiB), e.g. 24 40 48 80 141")

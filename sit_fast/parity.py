@@ -226,12 +226,15 @@ def main(argv=None) -> int:
     parser.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto", help="candidate fused kernels")
     parser.add_argument("--compile", action="store_true", help="compile the candidate's blocks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
-    parser.add_argument("--seed", type=int, default=None, help="input seed (random when omitted)")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of the weights and inputs (random when omitted)")
     args = parser.parse_args(argv)
 
     fused, _ = fused_kernels_flag(args.fused_kernels, torch.device(args.device), auto_on_cpu=True)
     common = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
-    reference = randomize_zero_init_(SiT_models[args.model](**common))
+    if args.seed is not None:
+        torch.manual_seed(args.seed)  # the initial weights
+    reference = randomize_zero_init_(SiT_models[args.model](**common), seed=args.seed)
     try:  # a backend that cannot run here: one line saying why
         candidate = SiT_models[args.model](attn_backend=args.attn_backend, fused_kernels=fused, **common)
     except ValueError as err:

@@ -301,3 +301,15 @@ def test_parity_cli_error_is_one_line():
                             text=True, env=env, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2 and result.stderr == (
         "error: argument --batch-size: must be a positive integer, got 0 (see python -m sit_fast.parity --help)\n")
+
+
+def test_parity_cli_seed_fixes_the_figures(capsys):
+    """--seed fixes the weights as well as the inputs: the same report twice; another seed, another."""
+    from sit_fast.parity import main
+
+    reports = []
+    for seed in (3, 3, 4):
+        assert main(["--model", "SiT-T/4", "--image-size", "64", "--num-classes", "10", "--batch-size", "2",
+                     "--attn-backend", "sdpa", "--fused-kernels", "off", "--device", "cpu", "--seed", str(seed)]) == 0
+        reports.append(capsys.readouterr().out)
+    assert reports[0] == reports[1] != reports[2]

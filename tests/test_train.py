@@ -1984,3 +1984,14 @@ def test_ctrl_c_presses_count_by_when_they_came():
     except KeyboardInterrupt:
         pytest.fail("a Ctrl-C that should have been held or counted as a stop request raised KeyboardInterrupt")
 
+
+
+def test_help_shows_each_default_once():
+    """--help: a flag's default once, none for flags whose default is None or False (train.py's
+    --num-classes said "(default: the dataset's class count) (default: None)"); 0 is shown."""
+    from sit_fast.training.args import build_parser
+
+    text = " ".join(build_parser().format_help().split())
+    assert "(default: None)" not in text and "(default: False)" not in text
+    assert "(default: the dataset's class count)" in text and "--global-seed GLOBAL_SEED" in text
+    assert "(default: 0)" in text  # --global-seed

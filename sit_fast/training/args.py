@@ -23,7 +23,7 @@ NOT_INHERITED = ("resume", "exp_dir", "ckpt", "no_progress")
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(
         prog="train.py", description="Train SiT with DDP (torchrun) or in one process (python train.py).",
-        allow_abbrev=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        allow_abbrev=False)
 
     data = parser.add_argument_group("Data")
     data.add_argument("--data-path", type=str, default=None,
