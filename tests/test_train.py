@@ -1826,6 +1826,25 @@ def test_weights_made_non_finite_by_a_finite_loss_step_are_never_checkpointed(tm
     assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]
 
 
+def test_huge_finite_weights_are_finite_and_the_advice_fits_the_run(tmp_path):
+    """check_weights tests finiteness element by element (the 2-norm of weights of 1e30 overflows);
+    with --skip-nonfinite on, non-finite weights came from an overflowing update, and the advice
+    does not suggest the flag the run already has."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import NonFiniteLossError, Trainer
+
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run"), "--skip-nonfinite"])
+    trainer = Trainer(args, explicit, init_distributed())
+    with torch.no_grad():
+        trainer.model_params[0].fill_(1e30)
+        assert not torch.isfinite(trainer.model_params[0].norm())
+        trainer.check_weights()  # finite: no error
+        trainer.ema_params[-1].view(-1)[0] = float("inf")
+    with pytest.raises(NonFiniteLossError, match=r"\(an update overflowed\) .* with a lower --lr or --grad-clip$"):
+        trainer.check_weights()
+
+
 def test_every_step_skipped_logs_no_loss(tmp_path, monkeypatch):
     from sit_fast.training import loop
 

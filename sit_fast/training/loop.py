@@ -634,15 +634,21 @@ class Trainer:
 
         A non-finite loss is caught from the step after it; an update from non-finite gradients with a
         finite loss would reach this checkpoint first. Compares per-tensor norms of model and EMA."""
-        norms = torch.stack(torch._foreach_norm(self.model_params + self.ema_params)).float()  # (2 * P,)
-        finite = torch.isfinite(norms).all().to(torch.int64).reshape(1)
+        params = self.model_params + self.ema_params
+        # finiteness element by element: a norm overflows for finite weights of 1e19 or more
+        finite = torch.stack([torch.isfinite(p).all() for p in params]).all().to(torch.int64).reshape(1)
         all_reduce(finite, dist.ReduceOp.MIN if is_distributed() else None)
         if not int(finite):
-            advice = "a lower --lr, --grad-clip, or --skip-nonfinite (which skips steps with non-finite gradients)"
+            if self.args.skip_nonfinite:  # steps with non-finite gradients were skipped: an update overflowed
+                cause, advice = "an update overflowed", "a lower --lr or --grad-clip"
+            else:
+                cause = "an update from non-finite gradients, or one that overflowed"
+                advice = "a lower --lr, --grad-clip, or --skip-nonfinite (which skips steps with non-finite gradients)"
             where = (f"last good checkpoint: {self.last_checkpoint}; resume from it with {advice}" if self.last_checkpoint
                      else f"no checkpoint written yet; start again with {advice}")
-            raise NonFiniteLossError(f"the weights became non-finite by step {self.step} (an update from non-finite "
-                                     f"gradients) and are not saved; {where}")
+            raise NonFiniteLossError(f"the weights became non-finite by step {self.step} ({cause}) and are not saved; "
+                                     f"{where}")
+        norms = torch.stack(torch._foreach_norm(params)).float()  # (2 * P,)
         if not is_distributed():
             return
         gathered = [torch.empty_like(norms) for _ in range(self.dist_info.world_size)]
