@@ -2,7 +2,8 @@
 
     torchrun --nnodes=1 --nproc_per_node=G sample_ddp.py ODE|SDE --ckpt PATH [flags]
 
-is `sample.py ... --num-fid-samples 50000 --vae ema --run-folder` (cfg scale 1 unless given): as
+is `sample.py ... --num-fid-samples 50000 --vae ema --run-folder` (cfg scale 1 unless given; --vae
+the checkpoint's latent space where it records one): as
 upstream's, numbered PNGs in a folder under --sample-dir named by the settings (e.g.
 samples/SiT-XL-2-pretrained-cfg-1.5-32-ODE-250-dopri5/), resumable, and beside it one .npz of
 exactly --num-fid-samples images in ADM's format. Upstream's defaults but one: the per-process
