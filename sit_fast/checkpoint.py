@@ -216,7 +216,7 @@ def _mismatch_message(model, state_dict, own, missing, unexpected, mismatched, s
     if mismatched:
         shapes = [f"{k} {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}" for k in mismatched[:4]]
         parts.append("shape mismatch: " + "; ".join(shapes) + (" ..." if len(mismatched) > 4 else ""))
-    hint = "wrong --model or --image-size?"
+    hint = "wrong model or image size (--model, --image-size)?"
     try:
         from sit_fast.models import registry_name
 
@@ -238,7 +238,7 @@ def _likely_fix(model, cfg: dict) -> str:
     differ = [k for k in ("depth", "hidden_size", "patch_size", "input_size", "in_channels", "learn_sigma")
               if getattr(model, k, cfg[k]) != cfg[k]]
     if not differ or set(differ) & {"depth", "hidden_size", "patch_size", "input_size"}:
-        return "wrong --model or --image-size?"
+        return "wrong model or image size (--model, --image-size)?"
     return "build the model with " + ", ".join(f"{k}={cfg[k]}" for k in differ)
 
 

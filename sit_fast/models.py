@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from sit_fast.attention import ATTN_BACKENDS, attention_fn, resolve_backend
+from sit_fast.attention import ATTN_BACKENDS, SDPA_BACKENDS, attention_fn, resolve_backend
 from sit_fast.errors import UserError
 
 LN_EPS = 1e-6
@@ -433,8 +433,14 @@ class SiT(nn.Module):
         return self.blocks[0].attn.attn_backend if len(self.blocks) else "math"
 
     def set_attn_backend(self, attn_backend: str, sdpa_backend: str | None = None) -> None:
+        """Every block's attention from now on: attn_backend one of ATTN_BACKENDS, resolved at each
+        forward for the inputs' device and dtype, as the constructor's; with "sdpa", sdpa_backend
+        forces one of PyTorch's kernels (SDPA_BACKENDS, as SIT_FAST_SDPA_BACKEND does): one that
+        cannot run on the inputs' device and dtype fails at the forward, in PyTorch's words."""
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+        if sdpa_backend is not None and sdpa_backend not in SDPA_BACKENDS:
+            raise ValueError(f"unknown SDPA backend {sdpa_backend!r}; choose one of {', '.join(SDPA_BACKENDS)}")
         for block in self.blocks:
             block.attn.attn_backend = attn_backend
             block.attn.sdpa_backend = sdpa_backend
@@ -569,20 +575,29 @@ class SiT(nn.Module):
 
         x holds the same latents twice: [x, x] with labels [y, null]. Upstream guides only the first
         3 channels (cfg_channels=3, kept so published numbers reproduce); cfg_channels="all" guides
-        every channel, the standard formulation.
+        every channel, the standard formulation, as does a count at or above the model's channels
+        (3 on a 1-channel pixel model).
         """
+        check_cfg_channels(cfg_channels)
         if len(x) % 2:
             raise ValueError(f"forward_with_cfg takes the latents twice, [x, x] with labels [y, null]: "
                              f"the batch must be even, got {len(x)}")
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
         model_out = self.forward(combined, t, y)
-        n_guided = model_out.shape[1] if cfg_channels == "all" else int(cfg_channels)
+        n_guided = model_out.shape[1] if cfg_channels == "all" else cfg_channels
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
         half_eps = uncond_eps + cfg_scale * (cond_eps - uncond_eps)
         eps = torch.cat([half_eps, half_eps], dim=0)
         return torch.cat([eps, rest], dim=1)
+
+
+def check_cfg_channels(cfg_channels) -> None:
+    """ValueError unless cfg_channels is "all" or a positive int (how many leading channels guidance mixes)."""
+    if cfg_channels != "all" and (type(cfg_channels) is not int or cfg_channels < 1):
+        raise ValueError(f"cfg_channels must be 'all' or a positive int (the first channels guided), got "
+                         f"{cfg_channels!r}")
 
 
 def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: torch.Tensor, fast: bool = False):

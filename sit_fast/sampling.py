@@ -44,7 +44,7 @@ import torch
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError
 from sit_fast.files import WRITE_REFUSED, atomic_write, make_writable_folder
-from sit_fast.models import SiT, SiT_models, model_config, registry_name
+from sit_fast.models import SiT, SiT_models, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
 from sit_fast.transport.integrators import time_grid
 
@@ -242,7 +242,7 @@ def check_training_args(info: dict, transport_args: dict) -> None:
 
 def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, cfg_channels: int | str) -> torch.Tensor:
     """u + w (c - u) on the first cfg_channels channels ("all": every channel); the rest stays c."""
-    guided = cond.shape[1] if cfg_channels == "all" else min(int(cfg_channels), cond.shape[1])
+    guided = cond.shape[1] if cfg_channels == "all" else min(cfg_channels, cond.shape[1])
     mixed = uncond[:, :guided] + cfg_scale * (cond[:, :guided] - uncond[:, :guided])  # (B, g, H, W)
     if guided == cond.shape[1]:
         return mixed
@@ -319,6 +319,7 @@ class ModelForwards:
         device = next(model.parameters()).device
         if cuda_graphs and device.type != "cuda":
             raise UserError("--cuda-graphs needs a CUDA device")
+        check_cfg_channels(cfg_channels)
         if cast_weights and autocast_dtype is not None:
             model.cast_matmul_weights_(autocast_dtype)
         model.reuse_frozen_modulation = True  # the weights are fixed while these forwards sample

@@ -81,7 +81,7 @@ def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
-WRONG_SIZE = "wrong --model or --image-size?"
+WRONG_SIZE = "wrong model or image size (--model, --image-size)?"
 
 
 @pytest.mark.parametrize("change,expect,fix", [

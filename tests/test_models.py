@@ -228,6 +228,10 @@ def test_sdpa_backend_matches_math():
     torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
     model.set_attn_backend("auto")
     torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
+    model.set_attn_backend("sdpa", sdpa_backend="math")
+    torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown SDPA backend 'efficent'; choose one of flash, cudnn"):
+        model.set_attn_backend("sdpa", sdpa_backend="efficent")  # refused when set, not at the forward
 
 
 def test_backend_selection_explains_itself():
@@ -302,6 +306,27 @@ def test_forward_with_cfg_refuses_an_odd_batch():
     x, t, y = inputs(model, 3)
     with pytest.raises(ValueError, match="batch must be even, got 3"):
         model.forward_with_cfg(x, t, y, 4.0)
+
+
+@pytest.mark.parametrize("bad", ["All", "3", 0, True, 2.0])
+def test_cfg_channels_are_all_or_a_positive_int(bad):
+    from sit_fast.sampling import ModelForwards
+
+    model = randomize_(tiny_sit()).eval()
+    x, t, y = inputs(model, 4)
+    with pytest.raises(ValueError, match=f"cfg_channels must be 'all' or a positive int .*got {bad!r}"):
+        model.forward_with_cfg(x, t, y, 4.0, cfg_channels=bad)
+    with pytest.raises(ValueError, match="cfg_channels must be"):
+        ModelForwards(model, cfg_scale=4.0, cfg_channels=bad)
+
+
+def test_cfg_channels_beyond_the_model_s_guide_them_all():
+    model = randomize_(tiny_sit()).eval()  # 4 channels
+    x, t, y = inputs(model, 4)
+    with torch.no_grad():
+        every = model.forward_with_cfg(x, t, y, 4.0, cfg_channels="all")
+        torch.testing.assert_close(model.forward_with_cfg(x, t, y, 4.0, cfg_channels=9), every, rtol=0, atol=0)
+        assert not torch.equal(model.forward_with_cfg(x, t, y, 4.0, cfg_channels=3), every)
 
 
 def test_frozen_model_reuses_modulation_weights_until_they_change():
