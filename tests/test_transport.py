@@ -237,9 +237,12 @@ def test_eps_defaults_and_overrides():
 
 
 def test_zero_eps_at_a_singular_end_is_refused():
-    with pytest.raises(ValueError, match="sample_eps must be > 0"):
+    """Each refusal names what is singular: the diffusion, the velocity's score, or the model."""
+    with pytest.raises(ValueError, match="sample_eps must be > 0 here: the SBDM diffusion is infinite at t = 0"):
         Sampler(create_transport("GVP", sample_eps=0.0)).sample_sde(diffusion_form="SBDM")
-    with pytest.raises(ValueError, match="train_eps must be > 0"):
+    with pytest.raises(ValueError, match="> 0 here: the score an SDE takes from a velocity model is singular at t = 1"):
+        Sampler(create_transport("Linear", sample_eps=0.0)).sample_sde(diffusion_form="sigma", last_step=None)
+    with pytest.raises(ValueError, match="train_eps must be > 0 here: the LINEAR path with a noise model is singular"):
         create_transport("Linear", "noise", train_eps=0.0).sample(torch.zeros(2, 2))
 
 

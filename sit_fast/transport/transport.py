@@ -97,8 +97,17 @@ class Transport:
             t1 = t1_inside
             if eps <= 0 and (needs_t0 or t1 == 1):
                 which = "sample_eps" if eval else "train_eps"
-                raise ValueError(f"{which} must be > 0 here: the {self.path_type.name} path with a "
-                                 f"{self.model_type.name.lower()} model is singular at t = 0 or t = 1")
+                if self.model_type != ModelType.VELOCITY:
+                    why = [f"the {self.path_type.name} path with a {self.model_type.name.lower()} model is "
+                           f"singular at t = 0 and t = 1"]
+                else:
+                    why = []
+                    if needs_t0:
+                        why.append("the SBDM diffusion is infinite at t = 0 (another diffusion form is not)")
+                    if t1 == 1:
+                        why.append("the score an SDE takes from a velocity model is singular at t = 1 (a last "
+                                   "step stops short of it)")
+                raise ValueError(f"{which} must be > 0 here: " + "; ".join(why))
         if not t0 < t1:  # e.g. an SDE's last step from before its first time
             which = "sample_eps" if eval else "train_eps"
             last = f" and last_step_size {last_step_size}" if sde and last_step_size else ""
