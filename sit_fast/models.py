@@ -546,7 +546,10 @@ class SiT(nn.Module):
             raise TypeError(f"y must hold integer class labels (int64), got {y.dtype}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W)."""
+        """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W).
+
+        Labels go from 0 to num_classes, the null label; their range is not checked (that would cost a
+        host sync per call): one outside it is an IndexError on the CPU, a device-side assert on CUDA."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         fused = _fused_on(self.fused_kernels, x.device, x.dtype)
