@@ -2014,3 +2014,23 @@ def test_help_shows_each_default_once():
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: the dataset's class count)" in text and "--global-seed GLOBAL_SEED" in text
     assert "(default: 0)" in text  # --global-seed
+
+
+def test_a_console_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):
+    """stderr closed (train.py ... 2>&1 | head): the console line fails there only; the run goes on
+    to its end, and log.txt has every line."""
+    import io
+
+    class Closed(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(logging, "raiseExceptions", False)  # logging's own stderr report is moot here
+    monkeypatch.setattr(sys, "stderr", Closed())
+    exp = str(tmp_path / "run")
+    summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--log-every", "2", "--ckpt-every", "4"])
+    monkeypatch.undo()
+    assert summary["step"] == 4 and os.path.basename(summary["last_checkpoint"]) == "0000004.pt"
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "(step=0000002) Train Loss" in log and log.rstrip().endswith("done"), log

@@ -214,12 +214,19 @@ def remove_unused_experiment(exp_dir: str) -> None:
 
 
 class TqdmHandler(logging.Handler):
-    """Log lines that do not break the progress bar."""
+    """Log lines that do not break the progress bar. A console that went away (a closed pipe, a
+    terminal hung up) fails the line there only, as logging's own handlers do: log.txt keeps it and
+    the run goes on."""
 
     def emit(self, record):
         from tqdm import tqdm
 
-        tqdm.write(self.format(record), file=sys.stderr)
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except RecursionError:
+            raise
+        except Exception:  # noqa: BLE001 -- logging's convention: report through handleError, never raise
+            self.handleError(record)
 
 
 def check_trackers(args: argparse.Namespace) -> None:
