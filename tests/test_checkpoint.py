@@ -424,3 +424,14 @@ def test_two_keys_that_strip_to_one_are_refused(tmp_path):
         read_checkpoint(tmp_path / "both.pt")
     with pytest.raises(CheckpointError, match=r"module\.pos_embed and pos_embed are one parameter"):
         load_into_model(model_for(2, 32, 2, True), state_dict)
+
+
+@pytest.mark.parametrize("size,amount", [(1000, "1000 bytes"), (5000, "5 KiB"), (3 * 2**20, "3 MiB"),
+                                         (3 * 2**30 // 2, "1.5 GiB")])
+def test_unfinished_writes_name_their_size(tmp_path, size, amount):
+    from sit_fast.files import unfinished_writes
+
+    with open(tmp_path / ".0000004.pt.tmp-42", "wb") as f:
+        f.truncate(size)  # sparse: no disk space taken
+    note = unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
+    assert f"(.0000004.pt.tmp-42; {amount})" in note, note
