@@ -1528,6 +1528,40 @@ def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     assert_states_close(a["ema"], b["ema"], "ema")
 
 
+def test_a_hangup_stops_with_a_checkpoint_unless_the_run_ignores_it(tmp_path):
+    """SIGHUP (the terminal closed) stops after the step with a checkpoint, exit 129; a run started
+    ignoring it (nohup) goes on, and stops at the SIGTERM that follows."""
+    import signal as signals
+    import time
+
+    def command(exp):
+        return [sys.executable, os.path.join(REPO, "train.py"), *BASE, "--exp-dir", exp, "--max-steps", "100000",
+                "--log-every", "1", "--ckpt-every", "100000"]
+
+    exp = str(tmp_path / "hangup")
+    code, output = _start_and_signal(command(exp), os.path.join(exp, "log.txt"), "SIGHUP", min_step=2)
+    assert code == 129, output[-3000:]
+    (stop_ckpt,) = list_checkpoints(os.path.join(exp, "checkpoints"))
+    assert f"stopped by SIGHUP after step {load_ckpt(stop_ckpt)['step']}" in output
+
+    exp = str(tmp_path / "nohup")
+    log = os.path.join(exp, "log.txt")
+    process = subprocess.Popen(command(exp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
+                               preexec_fn=lambda: signals.signal(signals.SIGHUP, signals.SIG_IGN))
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and "(step=0000002)" not in (open(log).read() if os.path.isfile(log) else ""):
+            time.sleep(0.2)
+        process.send_signal(signals.SIGHUP)
+        time.sleep(1.0)
+        assert process.poll() is None, process.communicate()[0][-3000:]
+        process.send_signal(signals.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143 and "stopped by SIGTERM after step" in output, output[-3000:]
+
+
 def test_sigterm_during_startup_stops_after_the_first_step(tmp_path):
     """Caught from the moment the run has a log (before the model is built): a checkpoint, not a kill."""
     exp = str(tmp_path / "early")

@@ -72,16 +72,17 @@ def interrupt_after():
         raise KeyboardInterrupt
 
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")
 WORKER_IGNORED = (*STOP_SIGNALS, "SIGINT")  # a terminal's Ctrl-C reaches the data loader workers too
 INTERRUPT_GRACE = 1.0  # seconds within which another SIGINT is the same Ctrl-C (a double press, or a
 # launcher that shares the terminal's process group and passes the signal on as well)
 
 
 class StopRequest:
-    """SIGTERM (a scheduler's preemption or time limit, `kill`, torchrun passing its own on) or SIGUSR1
-    (SLURM's `--signal=USR1@SECONDS` warning) asks the run to stop after the current step, with a
-    checkpoint, instead of dying with everything since the last one. Once training runs
+    """SIGTERM (a scheduler's preemption or time limit, `kill`, torchrun passing its own on), SIGUSR1
+    (SLURM's `--signal=USR1@SECONDS` warning) or SIGHUP (the terminal closed, a dropped ssh session)
+    asks the run to stop after the current step, with a checkpoint, instead of dying with everything
+    since the last one. A signal the process started out ignoring stays ignored (SIGHUP under nohup). Once training runs
     (catch_interrupt), so does a first Ctrl-C; a second one, from INTERRUPT_GRACE seconds after the
     first, stops at once (KeyboardInterrupt). Under torchrun, Ctrl-C goes to torchrun, which passes
     it on once (each worker runs in a session of its own) and kills the workers 30 s later; a second
@@ -109,13 +110,14 @@ class StopRequest:
             self.group = dist.new_group(backend="gloo")
 
     def install(self) -> None:
-        """Catch the stop signals (main thread only; elsewhere they keep their handlers). A signal
-        caught before training starts stops the run after its first step."""
+        """Catch the stop signals (main thread only; elsewhere they keep their handlers), except those
+        ignored (nohup ignores SIGHUP: the run goes on when the terminal closes). A signal caught
+        before training starts stops the run after its first step."""
         if threading.current_thread() is not threading.main_thread():
             return
         for name in STOP_SIGNALS:
             signum = getattr(signal, name, None)
-            if signum is not None and signum not in self.previous:
+            if signum is not None and signum not in self.previous and signal.getsignal(signum) != signal.SIG_IGN:
                 self.previous[signum] = signal.signal(signum, self._handle)
 
     def catch_interrupt(self) -> None:
