@@ -180,7 +180,8 @@ def build_parser(defaults: dict | None = None, prog: str | None = None) -> argpa
     modes = parser.add_subparsers(dest="mode", metavar="{ODE,SDE}", required=True,
                                   help="ODE: probability-flow ODE; SDE: reverse SDE")
     for mode, add_solver_args in (("ODE", add_ode_args), ("SDE", add_sde_args)):
-        sub = modes.add_parser(mode, help=f"sample with the {mode}", allow_abbrev=False)  # a mistyped or shortened flag is an error
+        # allow_abbrev=False: a mistyped or shortened flag is an error
+        sub = modes.add_parser(mode, help=f"sample with the {mode}", allow_abbrev=False)
         add_sampling_args(sub, defaults)
         add_transport_args(sub)
         add_solver_args(sub)

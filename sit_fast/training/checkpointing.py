@@ -82,9 +82,9 @@ class StopRequest:
     """SIGTERM (a scheduler's preemption or time limit, `kill`, torchrun passing its own on), SIGUSR1
     (SLURM's `--signal=USR1@SECONDS` warning) or SIGHUP (the terminal closed, a dropped ssh session)
     asks the run to stop after the current step, with a checkpoint, instead of dying with everything
-    since the last one. A signal the process started out ignoring stays ignored (SIGHUP under nohup). Once training runs
-    (catch_interrupt), so does a first Ctrl-C; a second one, from INTERRUPT_GRACE seconds after the
-    first, stops at once (KeyboardInterrupt). Under torchrun, Ctrl-C goes to torchrun, which passes
+    since the last one; a signal the process started out ignoring stays ignored (SIGHUP under nohup).
+    Once training runs (catch_interrupt), so does a first Ctrl-C; a second one, from INTERRUPT_GRACE
+    seconds after the first, stops at once (KeyboardInterrupt). Under torchrun, Ctrl-C goes to torchrun, which passes
     it on once (each worker runs in a session of its own) and kills the workers 30 s later; a second
     press does not reach them.
 
