@@ -623,7 +623,8 @@ def _with_own_code(fn: Callable) -> Callable:
     attention backend or batch-shape change takes one), and past them a fullgraph compile fails."""
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                               fn.__closure__)
-    return functools.update_wrapper(copy, fn)
+    copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__  # no __wrapped__: nothing leads back to fn
+    return copy
 
 
 class CompiledBlockStep:
