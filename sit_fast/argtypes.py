@@ -7,15 +7,21 @@ import math
 from sit_fast.errors import UserError
 
 
-class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+_DEFAULT_SUFFIX = " (default: %(default)s)"  # what Python < 3.11 BooleanOptionalAction adds to its help
+
+
+class DefaultsHelpFormatter(argparse.HelpFormatter):
     """--help shows each flag's default, unless it is None or False (no value, an off switch) or the
     help text already speaks of it."""
 
     def _get_help_string(self, action):
-        if action.default is None or action.default is False or action.default == argparse.SUPPRESS \
-                or "default" in (action.help or ""):
-            return action.help
-        return super()._get_help_string(action)
+        text = action.help or ""
+        if isinstance(action, argparse.BooleanOptionalAction) and text.endswith(_DEFAULT_SUFFIX):
+            text = text[: -len(_DEFAULT_SUFFIX)]
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS \
+                or "default" in text or not action.option_strings:
+            return text
+        return text + _DEFAULT_SUFFIX
 
 
 class OneLineArgumentParser(argparse.ArgumentParser):

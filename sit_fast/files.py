@@ -115,7 +115,7 @@ def unfinished_writes(folder: str, name: str, what: str, by: str) -> str | None:
         return None
     size = sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.isfile(os.path.join(folder, n)))
     amount = (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20
-              else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} bytes")
+              else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} byte{'' if size == 1 else 's'}")
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return (f"{folder} holds {len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; "
             f"{amount}), left by {by} killed while writing: delete them unless another run is writing there now")

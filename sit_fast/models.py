@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import numbers
 import os
 import types
 from typing import Callable
@@ -548,8 +549,9 @@ class SiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W).
 
-        Labels go from 0 to num_classes, the null label; their range is not checked (that would cost a
-        host sync per call): one outside it is an IndexError on the CPU, a device-side assert on CUDA."""
+        Labels go from 0 to num_classes - 1, and to num_classes, the null label, in a model that has
+        one (class_dropout_prob > 0); their range is not checked (that would cost a host sync per
+        call): one outside it is an IndexError on the CPU, a device-side assert on CUDA."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         fused = _fused_on(self.fused_kernels, x.device, x.dtype)
@@ -598,7 +600,8 @@ class SiT(nn.Module):
 
 def check_cfg_channels(cfg_channels) -> None:
     """ValueError unless cfg_channels is "all" or a positive int (how many leading channels guidance mixes)."""
-    if cfg_channels != "all" and (type(cfg_channels) is not int or cfg_channels < 1):
+    if cfg_channels != "all" and (not isinstance(cfg_channels, numbers.Integral) or isinstance(cfg_channels, bool)
+                                  or cfg_channels < 1):
         raise ValueError(f"cfg_channels must be 'all' or a positive int (the first channels guided), got "
                          f"{cfg_channels!r}")
 
@@ -634,6 +637,8 @@ class CompiledBlockStep:
     compile_blocks call, on this model or another, makes a new one, whose compilations count apart."""
 
     def __init__(self, compile_kwargs: dict):
+        # Dynamo keeps what it compiled for the code copy after the model is gone: a process that
+        # compiles many models (a sweep in a notebook) holds each one's graphs, a few MB apiece
         self.compile_kwargs = compile_kwargs
         self.fn = torch.compile(_with_own_code(_block_step), **compile_kwargs)
 

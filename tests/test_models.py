@@ -326,6 +326,8 @@ def test_cfg_channels_beyond_the_model_s_guide_them_all():
     with torch.no_grad():
         every = model.forward_with_cfg(x, t, y, 4.0, cfg_channels="all")
         torch.testing.assert_close(model.forward_with_cfg(x, t, y, 4.0, cfg_channels=9), every, rtol=0, atol=0)
+        torch.testing.assert_close(model.forward_with_cfg(x, t, y, 4.0, cfg_channels=np.int64(4)), every, rtol=0,
+                                   atol=0)  # any integer type
         assert not torch.equal(model.forward_with_cfg(x, t, y, 4.0, cfg_channels=3), every)
 
 

@@ -140,7 +140,8 @@ class StopRequest:
             if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine; unbuffered, safe mid-print
                 again = ("torchrun ends the workers 30 s after its Ctrl-C" if "TORCHELASTIC_RUN_ID" in os.environ
                          else "Ctrl-C again to stop at once")
-                os.write(2, f"\nCtrl-C: stopping after this step with a checkpoint ({again})\n".encode())
+                with contextlib.suppress(OSError):  # a console that went away
+                    os.write(2, f"\nCtrl-C: stopping after this step with a checkpoint ({again})\n".encode())
         elif when - self.interrupted_at >= INTERRUPT_GRACE:
             raise KeyboardInterrupt
 

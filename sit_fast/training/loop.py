@@ -655,9 +655,9 @@ class Trainer:
                      else f"no checkpoint written yet; start again with {advice}")
             raise NonFiniteLossError(f"the weights became non-finite by step {self.step} ({cause}) and are not saved; "
                                      f"{where}")
-        norms = torch.stack(torch._foreach_norm(params)).float()  # (2 * P,)
         if not is_distributed():
             return
+        norms = torch.stack(torch._foreach_norm(params)).float()  # (2 * P,)
         gathered = [torch.empty_like(norms) for _ in range(self.dist_info.world_size)]
         dist.all_gather(gathered, norms)
         differing = [r for r, other in enumerate(gathered) if not torch.equal(other, gathered[0])]
@@ -986,7 +986,6 @@ class Trainer:
         avg_loss = loss_total / count if count else math.nan  # every step of the window skipped: nothing to show
         grad_norm = norm_total / count if count else math.nan
         steps_per_sec = window.steps / elapsed
-        window.restart()
         images_per_sec = steps_per_sec * self.args.global_batch_size
         record = {"loss": avg_loss, "grad_norm": grad_norm, "steps_per_sec": steps_per_sec,
                   "images_per_sec": images_per_sec}
@@ -1009,6 +1008,7 @@ class Trainer:
                             **({"mfu": f"{100 * record['mfu']:.1f}%"} if "mfu" in record else {}))
         if self.dist_info.is_main:
             self.track(record)
+        window.restart()  # after the console and trackers: their time is not the next steps'
         return record
 
     # ------------------------------------------------------------------ trackers
