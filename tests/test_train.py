@@ -1444,14 +1444,16 @@ def test_demo_learns_digits(tmp_path):
 
 # ----------------------------------------------------------------------------- stop signals
 
-def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=False):
+def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=False, ignoring=None):
     """Start `command`, wait until log.txt shows step >= min_step, send `signum` (to every process of
-    the job with whole_group, as a scheduler does); (returncode, output)."""
+    the job with whole_group, as a scheduler does); (returncode, output). ignoring: a signal the
+    process starts out ignoring (as under nohup), sent first: it must still be running a second later."""
     import signal as signals
     import time
 
+    preexec = (lambda: signals.signal(getattr(signals, ignoring), signals.SIG_IGN)) if ignoring else None
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
-                               start_new_session=whole_group)
+                               start_new_session=whole_group, preexec_fn=preexec)
     deadline = time.time() + 180
     while time.time() < deadline and process.poll() is None:
         text = open(log).read() if os.path.isfile(log) else ""
@@ -1460,6 +1462,10 @@ def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=Fa
             break
         time.sleep(0.2)
     assert process.poll() is None, process.communicate()[0][-3000:]
+    if ignoring:
+        process.send_signal(getattr(signals, ignoring))
+        time.sleep(1.0)
+        assert process.poll() is None, process.communicate()[0][-3000:]
     if whole_group:
         os.killpg(process.pid, getattr(signals, signum))
     else:
@@ -1531,8 +1537,6 @@ def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
 def test_a_hangup_stops_with_a_checkpoint_unless_the_run_ignores_it(tmp_path):
     """SIGHUP (the terminal closed) stops after the step with a checkpoint, exit 129; a run started
     ignoring it (nohup) goes on, and stops at the SIGTERM that follows."""
-    import signal as signals
-    import time
 
     def command(exp):
         return [sys.executable, os.path.join(REPO, "train.py"), *BASE, "--exp-dir", exp, "--max-steps", "100000",
@@ -1545,21 +1549,9 @@ def test_a_hangup_stops_with_a_checkpoint_unless_the_run_ignores_it(tmp_path):
     assert f"stopped by SIGHUP after step {load_ckpt(stop_ckpt)['step']}" in output
 
     exp = str(tmp_path / "nohup")
-    log = os.path.join(exp, "log.txt")
-    process = subprocess.Popen(command(exp), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO,
-                               preexec_fn=lambda: signals.signal(signals.SIGHUP, signals.SIG_IGN))
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and "(step=0000002)" not in (open(log).read() if os.path.isfile(log) else ""):
-            time.sleep(0.2)
-        process.send_signal(signals.SIGHUP)
-        time.sleep(1.0)
-        assert process.poll() is None, process.communicate()[0][-3000:]
-        process.send_signal(signals.SIGTERM)
-        output, _ = process.communicate(timeout=120)
-    finally:
-        process.kill()
-    assert process.returncode == 143 and "stopped by SIGTERM after step" in output, output[-3000:]
+    code, output = _start_and_signal(command(exp), os.path.join(exp, "log.txt"), "SIGTERM", min_step=2,
+                                     ignoring="SIGHUP")
+    assert code == 143 and "stopped by SIGTERM after step" in output, output[-3000:]
 
 
 def test_sigterm_during_startup_stops_after_the_first_step(tmp_path):

@@ -84,9 +84,9 @@ class StopRequest:
     asks the run to stop after the current step, with a checkpoint, instead of dying with everything
     since the last one; a signal the process started out ignoring stays ignored (SIGHUP under nohup).
     Once training runs (catch_interrupt), so does a first Ctrl-C; a second one, from INTERRUPT_GRACE
-    seconds after the first, stops at once (KeyboardInterrupt). Under torchrun, Ctrl-C goes to torchrun, which passes
-    it on once (each worker runs in a session of its own) and kills the workers 30 s later; a second
-    press does not reach them.
+    seconds after the first, stops at once (KeyboardInterrupt). Under torchrun, Ctrl-C goes to
+    torchrun, which passes it on once (each worker runs in a session of its own) and kills the
+    workers 30 s later; a second press does not reach them.
 
     Under DDP all ranks must stop after the same step. Each step, every rank posts its flag (the
     signal number, or 0) to an all-reduce (MAX) on a CPU gloo group and reads the previous step's
