@@ -18,7 +18,7 @@ from PIL import Image
 
 import sample
 import sit_fast.progress
-from sit_fast.models import SiT_models
+from sit_fast.models import SiT, SiT_models
 from sit_fast.sampling import (
     CUDAGraphForward, Denoiser, ModelForwards, ModelRequest, build_model, index_noise, model_call_times,
 )
@@ -38,11 +38,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def random_sit(in_channels, learn_sigma, num_classes=NUM_CLASSES, seed=0):
-    """SiT-T/2 on 8 x 8 inputs with every trainable weight random (adaLN-Zero would make outputs 0)."""
+def random_sit(in_channels, learn_sigma, num_classes=NUM_CLASSES, seed=0, depth=None):
+    """SiT-T/2 on 8 x 8 inputs with every trainable weight random (adaLN-Zero would make outputs 0);
+    depth: fewer blocks, for tests through the interpreted kernels (about 0.5 s per block and call in bf16)."""
     torch.manual_seed(seed)
-    model = SiT_models["SiT-T/2"](input_size=8, in_channels=in_channels, num_classes=num_classes,
-                                  learn_sigma=learn_sigma)
+    kwargs = dict(input_size=8, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma)
+    if depth is None:
+        model = SiT_models["SiT-T/2"](**kwargs)
+    else:
+        model = SiT(depth=depth, hidden_size=128, patch_size=2, num_heads=4, **kwargs)
     for p in model.parameters():
         if p.requires_grad:
             p.data.normal_(0, 0.05)
@@ -465,7 +469,7 @@ def test_bf16_weights_give_the_same_samples(fused):
     """cast_weights (matmul weights stored in bf16) is exactly bf16 autocast's own per-call cast."""
     import copy
 
-    model = random_sit(4, learn_sigma=True).eval().requires_grad_(False)
+    model = random_sit(4, learn_sigma=True, depth=1 if fused else None).eval().requires_grad_(False)
     model.fused_kernels = fused
     cast = copy.deepcopy(model)
     torch.manual_seed(int.from_bytes(os.urandom(4), "little"))  # fresh inputs each run
@@ -574,8 +578,9 @@ def test_model_call_times_of_a_reverse_ode_on_other_paths(path_type):
 #                          FID job: torchrun, resume                             #
 #################################################################################
 
-def torchrun(argv, nproc=2):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0")
+def torchrun(argv, tmp_path, nproc=2):
+    """sample.py under torchrun; torchrun's log folder and error files go in tmp_path, not /tmp."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
                os.path.join(REPO, "sample.py"), *map(str, argv)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
@@ -588,7 +593,7 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
     sample_dir = tmp_path / "samples"
     argv = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 3, "--cfg-scale", 2.0,
             "--num-fid-samples", 7, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
-    out = torchrun(argv)
+    out = torchrun(argv, tmp_path)
     assert "sampling 7 on 2 process(es)" in out and "images/s (" in out and " per process on average)" in out
     with np.load(f"{sample_dir}.npz") as archive:
         first = archive["arr_0"]
@@ -601,7 +606,7 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
         os.remove(sample_dir / f"{i:06d}.png")
     (sample_dir / "000005.png.tmp").write_bytes(b"torn")
     os.remove(f"{sample_dir}.npz")
-    out = torchrun(argv)
+    out = torchrun(argv, tmp_path)
     assert "3 of 7 images already in" in out, out
     assert "sampling 5 (1 of them present: a batch with a missing image is redone whole)" in out, out
     with np.load(f"{sample_dir}.npz") as archive:

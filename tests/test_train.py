@@ -32,6 +32,14 @@ BASE = [
 ]
 
 
+def torchrun_env(tmp_path) -> dict:
+    """The environment for a torchrun child: its processes on the reference ops (no interpreter), and
+    torchrun's log folder and error files in the test's own temporary folder, not left in /tmp."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TMPDIR"] = str(tmp_path)
+    return env
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -805,7 +813,7 @@ def test_user_error_under_torchrun_is_printed_once_and_named_in_the_summary(tmp_
     """Each process writes the line to torchrun's error file; only rank 0 prints it on stderr."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "train.py"), "--data-path", str(tmp_path / "nope"), "--exp-dir", str(tmp_path / "exp")]
-    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=240)
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=torchrun_env(tmp_path), timeout=240)
     assert result.returncode != 0
     lines = (result.stdout + result.stderr).splitlines()
     assert sum(line.startswith("error: --data-path") for line in lines) == 1, result.stderr[-3000:]
@@ -1400,7 +1408,7 @@ def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
     for k in written:
         os.remove(os.path.join(out, latent_cache.shard_name(k)))
     os.remove(os.path.join(out, "index.json"))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torchrun_env(tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                "-m", "sit_fast.latent_cache", *_cache_args(images, vae_dir, out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env, timeout=240)
@@ -1420,7 +1428,7 @@ def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
 @pytest.mark.slow
 def test_torchrun_cli_two_processes(tmp_path):
     exp = str(tmp_path / "run")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torchrun_env(tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "train.py"), *BASE, "--exp-dir", exp, "--max-steps", "16", "--ckpt-every", "16"]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=env)
@@ -1656,7 +1664,7 @@ def test_stop_signal_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, 
     to the terminal's process group) reaches torchrun, which passes it on to each worker's own
     process group, loader workers included: the same stop, which the loader workers survive."""
     exp = str(tmp_path / "ddp")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env = torchrun_env(tmp_path)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(REPO, "train.py"), *BASE, "--log-every", "1", "--num-workers", "1", "--exp-dir", exp,
                "--max-steps", "100000"]
