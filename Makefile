@@ -9,6 +9,7 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@$(PY) -c 'import shutil, sys; free = shutil.disk_usage("$(VENV)").free / 2**30; free < 9 and print(f"warning: {free:.1f} GiB free on the disk holding $(VENV): the install (torch with its CUDA libraries) takes about 6 GiB, and a test run about 3 GiB more (compiled kernels, temporary files)", file=sys.stderr)'
 	$(PY) -m pip install --upgrade --quiet pip
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $(STAMP)
