@@ -1641,6 +1641,29 @@ def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 1
 
 
+def test_sighup_to_every_process_under_forkserver_stops_cleanly(tmp_path):
+    """Python 3.14 starts loader workers by forkserver on Linux, and with it multiprocessing's resource
+    tracker, another process of the job. A SIGHUP to all of them (a closed terminal) stops the run at
+    a checkpoint; the tracker holds it (killed, the one started in its place printed a traceback for
+    each lock it never knew)."""
+    exp = str(tmp_path / "folder")
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=8)
+    wrapper = tmp_path / "forkserver_train.py"  # train.py as Python 3.14 runs it
+    wrapper.write_text("import multiprocessing, runpy, sys\n"
+                       "multiprocessing.set_start_method('forkserver')\n"
+                       "sys.argv = sys.argv[1:]\n"
+                       "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [REPO, os.environ.get("PYTHONPATH")])))
+    command = [sys.executable, str(wrapper), os.path.join(REPO, "train.py"), "--data-path", images, "--vae", "none",
+               "--image-size", "16", "--model", "SiT-T/4", "--global-batch-size", "4", "--num-workers", "2",
+               "--fused-kernels", "off", "--no-progress", "--log-every", "1", "--sample-every", "100000",
+               "--exp-dir", exp, "--max-steps", "100000"]
+    code, output = _start_and_signal(command, os.path.join(exp, "log.txt"), "SIGHUP", env=env, whole_group=True)
+    assert code == 129 and "stopped by SIGHUP" in output, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 1
+
+
 @pytest.mark.parametrize("num_workers", ["0", "2"])
 def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_workers):
     """Raised in a loader worker (which ignores SIGTERM), the error must still end the process: the

@@ -205,6 +205,23 @@ def stop_signals_held():
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
+def start_resource_tracker() -> None:
+    """Where loader workers start by spawn or forkserver (Python 3.14's default on Linux), start
+    multiprocessing's resource tracker now, holding the stop signals, which it then holds for life.
+
+    That helper process otherwise starts at the first multiprocessing lock (tqdm makes one at the
+    first log line) and ignores only SIGINT and SIGTERM: a SIGHUP or SIGUSR1 sent to the whole job
+    would kill it, and the one started in its place at the next lock prints a traceback for each
+    lock it never knew. With fork (the default before 3.14) there is no tracker to start."""
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    if multiprocessing.get_start_method() == "fork":
+        return
+    with stop_signals_held():
+        resource_tracker.ensure_running()
+
+
 def capture_rng_state(device: torch.device) -> dict:
     """This process's RNG states as tensors and plain types (weights_only-loadable)."""
     py_version, py_state, py_gauss = random.getstate()

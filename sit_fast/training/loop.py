@@ -41,7 +41,7 @@ from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
     find_latest_valid, ignore_stop_signals, interrupt_after, list_checkpoints, load_training_checkpoint,
-    restore_rng_state, stop_signals_held, unfinished_writes,
+    restore_rng_state, start_resource_tracker, stop_signals_held, unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport
 
@@ -1075,6 +1075,7 @@ def main(argv: list[str] | None = None) -> dict:
     args, explicit = parse_args(argv)
     stop = StopRequest()
     stop.install()  # from here on, a stop signal ends the run after its first step instead of killing it
+    start_resource_tracker()
     dist_info = init_distributed()
     trainer = None
     try:
