@@ -40,7 +40,7 @@ def one_thread():
 
 def random_sit(in_channels, learn_sigma, num_classes=NUM_CLASSES, seed=0, depth=None):
     """SiT-T/2 on 8 x 8 inputs with every trainable weight random (adaLN-Zero would make outputs 0);
-    depth: fewer blocks, for tests through the interpreted kernels (about 0.5 s per block and call in bf16)."""
+    depth: fewer blocks, for tests through the interpreted kernels (about 1 s per block and call in bf16)."""
     torch.manual_seed(seed)
     kwargs = dict(input_size=8, in_channels=in_channels, num_classes=num_classes, learn_sigma=learn_sigma)
     if depth is None:
