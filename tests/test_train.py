@@ -1664,6 +1664,21 @@ def test_sighup_to_every_process_under_forkserver_stops_cleanly(tmp_path):
     assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 1
 
 
+def test_starting_the_resource_tracker_leaves_the_start_method_unset():
+    """A library caller may still choose the start method after training (set_start_method fails once
+    it is fixed)."""
+    code = ("import multiprocessing\n"
+            "from sit_fast.training.checkpointing import start_resource_tracker\n"
+            "start_resource_tracker()\n"
+            "print(multiprocessing.get_start_method(allow_none=True))\n"
+            "multiprocessing.set_start_method('forkserver')\n"
+            "start_resource_tracker()\n"
+            "print(multiprocessing.resource_tracker._resource_tracker._pid is not None)\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["None", "True"], result.stdout
+
+
 @pytest.mark.parametrize("num_workers", ["0", "2"])
 def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_workers):
     """Raised in a loader worker (which ignores SIGTERM), the error must still end the process: the

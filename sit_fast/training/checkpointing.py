@@ -212,11 +212,13 @@ def start_resource_tracker() -> None:
     That helper process otherwise starts at the first multiprocessing lock (tqdm makes one at the
     first log line) and ignores only SIGINT and SIGTERM: a SIGHUP or SIGUSR1 sent to the whole job
     would kill it, and the one started in its place at the next lock prints a traceback for each
-    lock it never knew. With fork (the default before 3.14) there is no tracker to start."""
+    lock it never knew. With fork (the default before 3.14) there is no tracker to start. The start
+    method is read, not fixed: the caller may still set it."""
     import multiprocessing
     from multiprocessing import resource_tracker
 
-    if multiprocessing.get_start_method() == "fork":
+    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
+    if method == "fork":
         return
     with stop_signals_held():
         resource_tracker.ensure_running()
