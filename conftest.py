@@ -4,6 +4,7 @@ Without CUDA, Triton kernels run through the Triton interpreter, which must be s
 before triton is first imported. Set TRITON_INTERPRET=0 explicitly to opt out.
 """
 import os
+import signal
 
 import pytest
 import torch
@@ -42,3 +43,31 @@ def pytest_collection_modifyitems(config, items):
 
 def _marked_spread(item) -> bool:
     return getattr(item, "get_closest_marker", lambda name: None)("spread") is not None
+
+
+class Stop:
+    """One way to stop a job mid-way: Ctrl-C (KeyboardInterrupt, where stop() is called) or a stop
+    signal sent to this process; `status` and `words` are what the job should end with."""
+
+    def __init__(self, how: str):
+        self.how = how
+        self.signum = signal.SIGINT if how == "Ctrl-C" else getattr(signal, how)
+        self.status = 128 + self.signum
+        self.words = "interrupted" if how == "Ctrl-C" else f"stopped by {how}"
+
+    def __call__(self) -> None:
+        if self.how == "Ctrl-C":
+            raise KeyboardInterrupt
+        os.kill(os.getpid(), self.signum)
+
+
+@pytest.fixture(params=["Ctrl-C", "SIGTERM", "SIGHUP"])
+def stop(request):
+    """A Stop; a stop signal the job leaves unhandled fails the test rather than killing pytest."""
+    def unhandled(signum, frame):
+        raise AssertionError(f"{signal.Signals(signum).name} reached the test: the job did not handle it")
+
+    saved = {signum: signal.signal(signum, unhandled) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    yield Stop(request.param)
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)

@@ -56,6 +56,9 @@ from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_co
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_writable_folder
+from sit_fast.interrupts import (
+    console_loss_ignored, exit_status, start_resource_tracker, stop_signals_raise, what_stopped,
+)
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, select_backend
@@ -551,12 +554,12 @@ def run_fid(setup: Setup) -> str:
     except UserError:  # e.g. a full disk: the error on a line of its own, after the bar
         bar.close()
         raise
-    except KeyboardInterrupt:  # PNGs are written whole (atomically) and the queued ones finished: all are kept
+    except KeyboardInterrupt as err:  # PNGs are written whole (atomically) and the queued ones finished: all kept
         bar.close()
         if dist.is_main:
-            print(f"\ninterrupted; the images written are kept: run the same command again to sample the rest "
-                  f"into {sample_dir}", file=sys.stderr)
-        raise SystemExit(130) from None
+            print(f"\n{what_stopped(err)}; the images written are kept: run the same command again to sample the "
+                  f"rest into {sample_dir}", file=sys.stderr)
+        raise SystemExit(exit_status(err)) from None
     synchronize(setup.device)
     barrier()
     elapsed = time.perf_counter() - start
@@ -689,25 +692,28 @@ def data_labels(setup: Setup, count: int) -> torch.Tensor:
     return torch.tensor(labels * count if len(labels) == 1 else labels, dtype=torch.long)
 
 
-def over_batches(desc: str, total: int, batch_size: int, step) -> tuple[list[torch.Tensor], bool]:
+def over_batches(desc: str, total: int, batch_size: int,
+                 step) -> tuple[list[torch.Tensor], KeyboardInterrupt | None]:
     """step(index, first) for each batch of `total` items, with a progress bar: (the batches' results,
-    whether Ctrl-C stopped it). Ctrl-C keeps the results of the batches already finished."""
+    the Ctrl-C or stop signal that stopped it, or None). A stop keeps the batches already finished."""
     results = []
     try:
         with progress(total, desc, "item", disable=total <= batch_size) as bar:
             for index, first in enumerate(range(0, total, batch_size)):
                 results.append(step(index, first))
                 bar.update(len(results[-1]))
-    except KeyboardInterrupt:
-        return results, True
-    return results, False
+    except KeyboardInterrupt as err:
+        return results, err
+    return results, None
 
 
-def exit_if_interrupted(interrupted: bool, done: int, total: int) -> None:
-    """After the finished batches are reported and saved: one line, exit status 130."""
-    if interrupted:
-        print(f"\ninterrupted after {done} of {total} items{'' if done else ': nothing finished'}", file=sys.stderr)
-        raise SystemExit(130)
+def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total: int) -> None:
+    """After the finished batches are reported and saved: one line, exit status 130 (Ctrl-C) or
+    128 + the stop signal's number."""
+    if interrupted is not None:
+        print(f"\n{what_stopped(interrupted)} after {done} of {total} items{'' if done else ': nothing finished'}",
+              file=sys.stderr)
+        raise SystemExit(exit_status(interrupted))
 
 
 def run_likelihood(setup: Setup) -> np.ndarray:
@@ -733,17 +739,17 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     bpd, interrupted = over_batches("likelihood", len(x), args.batch_size, step)
     bpd = torch.cat(bpd).double().numpy() if bpd else np.zeros(0)
     elapsed = time.perf_counter() - start
-    done = f"the first {len(bpd)} of {len(x)} items" if interrupted else f"{len(bpd)} items"
+    done = f"the first {len(bpd)} of {len(x)} items" if interrupted is not None else f"{len(bpd)} items"
     if len(bpd):
         if len(bpd) > 1:  # with the standard error of the mean
             summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {done}"
         else:
-            summary = f"bpd {bpd[0]:.4f} of {done if interrupted else '1 item'}"
+            summary = f"bpd {bpd[0]:.4f} of {done if interrupted is not None else '1 item'}"
         print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {elapsed:.1f} s)")
         if args.out:
             out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
             np.savez(out, bpd=bpd)
-            print(f"saved per-item bpd{f' of {done}' if interrupted else ''} to {out}")
+            print(f"saved per-item bpd{f' of {done}' if interrupted is not None else ''} to {out}")
     exit_if_interrupted(interrupted, len(bpd), len(x))
     return bpd
 
@@ -763,7 +769,7 @@ def run_reverse(setup: Setup) -> str:
     if noise:
         noise = torch.cat(noise)
         atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
-        done = f"the first {len(noise)} of {len(x)} items" if interrupted else f"{len(noise)} items"
+        done = f"the first {len(noise)} of {len(x)} items" if interrupted is not None else f"{len(noise)} items"
         print(f"encoded {done} ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
     exit_if_interrupted(interrupted, len(noise), len(x))
     return out
@@ -780,9 +786,18 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
     args = resolve_args(args)
     dist = init_distributed()
     try:
-        log_warnings_on_stderr(dist.is_main)
-        if dist.world_size > 1 and args.job != "fid":
-            raise UserError("only --num-fid-samples runs under torchrun; run the other jobs with python")
+        with console_loss_ignored(), stop_signals_raise():
+            start_resource_tracker()
+            return run_job(args, dist)
+    finally:
+        cleanup()
+
+
+def run_job(args: argparse.Namespace, dist: DistInfo):
+    log_warnings_on_stderr(dist.is_main)
+    if dist.world_size > 1 and args.job != "fid":
+        raise UserError("only --num-fid-samples runs under torchrun; run the other jobs with python")
+    try:
         setup = Setup(args, dist)
         job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]
         try:
@@ -793,8 +808,10 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
             if err.errno not in WRITE_REFUSED:
                 raise
             raise UserError(f"cannot write {err.filename or args.out} ({err.strerror})") from None
-    finally:
-        cleanup()
+    except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
+        if dist.is_main:
+            print(f"\n{what_stopped(err)}", file=sys.stderr)
+        raise SystemExit(exit_status(err)) from None
 
 
 def out_of_memory_advice(args: argparse.Namespace, device: torch.device) -> str:

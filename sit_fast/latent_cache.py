@@ -39,6 +39,10 @@ from sit_fast.data import (
 from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
+from sit_fast.interrupts import (
+    console_loss_ignored, exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise,
+    what_stopped,
+)
 from sit_fast.progress import progress
 from sit_fast.sampling import check_settings
 from sit_fast.vae import check_image_size, load_vae
@@ -137,7 +141,11 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     # workers keep reading ahead while a finished shard is written, and start once, not per shard.
     batches = [[(i, 0) for i in range(first, min(first + args.batch_size, start + count))]
                for _, start, count in mine for first in range(start, start + count, args.batch_size)]
-    loader = make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=0) if batches else iter(())
+    loader = iter(())
+    if batches:
+        with stop_signals_held():  # workers start holding the stop signals until they ignore them
+            loader = make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=0,
+                                 worker_init_fn=ignore_stop_signals)
     try:
         for k, start, count in mine:
             means, stds, labels, done = [], [], [], 0
@@ -192,17 +200,19 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
-    try:
-        return build_cache(args)
-    except OSError as err:  # settings.json or index.json (a shard's own write names its file)
-        if err.errno not in WRITE_REFUSED:
-            raise
-        raise write_refused(err.filename or f"in {args.out}", err) from None
-    except KeyboardInterrupt:  # shards are written whole (atomically), so nothing is half done
-        if os.environ.get("RANK", "0") == "0":
-            print(f"\ninterrupted; the shards written are kept: run the same command again to encode the rest "
-                  f"into {args.out}", file=sys.stderr)
-        raise SystemExit(130) from None
+    with console_loss_ignored(), stop_signals_raise():
+        try:
+            start_resource_tracker()
+            return build_cache(args)
+        except OSError as err:  # settings.json or index.json (a shard's own write names its file)
+            if err.errno not in WRITE_REFUSED:
+                raise
+            raise write_refused(err.filename or f"in {args.out}", err) from None
+        except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
+            if os.environ.get("RANK", "0") == "0":
+                print(f"\n{what_stopped(err)}; the shards written are kept: run the same command again to encode "
+                      f"the rest into {args.out}", file=sys.stderr)
+            raise SystemExit(exit_status(err)) from None
 
 
 if __name__ == "__main__":

@@ -8,7 +8,6 @@ the benchmark suite both use it, with the tolerances in TOLERANCES. Errors are n
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import dataclasses

@@ -72,7 +72,7 @@ def test_a_terminal_gets_tqdm_a_file_gets_lines_disabled_gets_nothing(capsys):
 def test_likelihood_batches_in_a_log_are_plain_lines(monkeypatch, capsys):
     monkeypatch.setattr(progress_module, "LOG_INTERVAL", 0.0)  # a line at every batch
     results, interrupted = sample.over_batches("bits/dim", 6, 2, lambda index, first: [index] * 2)
-    assert (results, interrupted) == ([[0, 0], [1, 1], [2, 2]], False)
+    assert (results, interrupted) == ([[0, 0], [1, 1], [2, 2]], None)
     err = capsys.readouterr().err
     assert "\r" not in err
     lines = err.splitlines()

@@ -642,8 +642,9 @@ def test_fid_job_class_balanced_grows_n(files, tmp_path):
     np.testing.assert_array_equal(five[:4], four)
 
 
-def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_path, capsys, monkeypatch):
-    """Ctrl-C in the FID job: the PNGs written stay, the message says to rerun, and the rerun samples the rest."""
+def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_path, capsys, monkeypatch, stop):
+    """Ctrl-C or a stop signal in the FID job: the PNGs written stay, the message says to rerun, and the
+    rerun samples the rest."""
     sample_dir = tmp_path / "s"
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
             "--num-fid-samples", 5, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
@@ -652,21 +653,34 @@ def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_
     def interrupted(self, *args):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt
+            stop()
         return real(self, *args)
 
     monkeypatch.setattr(sample.Setup, "sample", interrupted)
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
-    assert exit_info.value.code == 130
+    assert exit_info.value.code == stop.status
     err = capsys.readouterr().err
-    assert "Traceback" not in err and "interrupted; the images written are kept: run the same command again" in err
+    assert "Traceback" not in err and f"{stop.words}; the images written are kept: run the same command again" in err
     assert sorted(os.listdir(sample_dir)) == ["000000.png", "000001.png", "settings.json"]
     monkeypatch.setattr(sample.Setup, "sample", real)
     run(argv)
     assert "2 of 5 images already in" in capsys.readouterr().out
     with np.load(f"{sample_dir}.npz") as archive:
         assert archive["arr_0"].shape == (5, 8, 8, 3)
+
+
+def test_fid_job_outlives_its_console(files, tmp_path, monkeypatch):
+    """The console went away (`| head`, a `| tee` that died): its lines are lost, the images are not."""
+    from tests.test_interrupts import Gone
+
+    sample_dir = tmp_path / "s"
+    monkeypatch.setattr(sys, "stdout", Gone())
+    monkeypatch.setattr(sys, "stderr", Gone())
+    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+         "--num-fid-samples", 3, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST])
+    with np.load(f"{sample_dir}.npz") as archive:
+        assert archive["arr_0"].shape == (3, 8, 8, 3)
 
 
 def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path, capsys, monkeypatch):
@@ -952,9 +966,10 @@ def test_reverse_carries_data_to_noise(files, tmp_path):
 
 
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
-def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files, tmp_path, capsys, monkeypatch):
-    """Ctrl-C during the third batch: the first two batches' results are reported and saved (exit 130),
-    the same as a whole run's first four items."""
+def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files, tmp_path, capsys, monkeypatch,
+                                                                      stop):
+    """Ctrl-C or a stop signal during the third batch: the first two batches' results are reported and
+    saved (exit 130, or 128 + the signal's number), the same as a whole run's first four items."""
     torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
     argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
@@ -975,18 +990,18 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     def derived_seed(*args):  # called once per batch, as it starts
         batches.append(args)
         if len(batches) == 3:
-            raise KeyboardInterrupt
+            stop()
         return real(*args)
 
     monkeypatch.setattr(sample, "derived_seed", derived_seed)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
-    assert exit_info.value.code == 130
+    assert exit_info.value.code == stop.status
     np.testing.assert_array_equal(saved(), whole[:4])
     captured = capsys.readouterr()
     assert "the first 4 of 5 items" in captured.out and str(out) in captured.out, captured.out
-    assert "interrupted after 4 of 5 items" in captured.err, captured.err
+    assert f"{stop.words} after 4 of 5 items" in captured.err, captured.err
     # Interrupted in the first batch: nothing to save, and nothing is written
     out.unlink()
     batches.clear()
@@ -994,8 +1009,8 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     batches.append(None)
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
-    assert exit_info.value.code == 130 and not out.exists()
-    assert "interrupted after 0 of 5 items" in capsys.readouterr().err
+    assert exit_info.value.code == stop.status and not out.exists()
+    assert f"{stop.words} after 0 of 5 items" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])

@@ -19,6 +19,7 @@ import torch
 import torch.multiprocessing as mp
 from PIL import Image
 
+from sit_fast import interrupts
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.training import checkpointing
 from sit_fast.training.checkpointing import checkpoint_path, list_checkpoints
@@ -1242,7 +1243,7 @@ def test_latent_cache_reads_all_its_shards_through_one_loader(tmp_path, monkeypa
         stored = torch.load(os.path.join(out, shard["file"]), weights_only=True)
         assert stored["mean"].shape[0] == stored["labels"].shape[0] == shard["count"]
 
-def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_path, monkeypatch, capsys):
+def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_path, monkeypatch, capsys, stop):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
 
@@ -1250,14 +1251,14 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     save_tiny_vae(vae_dir)
     load_vae = latent_cache.load_vae
 
-    def interrupting_load_vae(*args, **kwargs):  # Ctrl-C in the second shard's encoder call
+    def interrupting_load_vae(*args, **kwargs):  # Ctrl-C or a stop signal in the second shard's encoder call
         codec = load_vae(*args, **kwargs)
         encode, calls = codec.vae.encode, []
 
         def encode_once(x):
             calls.append(len(x))
             if len(calls) > 1:
-                raise KeyboardInterrupt
+                stop()
             return encode(x)
 
         codec.vae.encode = encode_once
@@ -1268,8 +1269,8 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     out = str(tmp_path / "cache")
     with pytest.raises(SystemExit) as exit_info:
         latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "2", "--batch-size", "4"))
-    assert exit_info.value.code == 130
-    assert capsys.readouterr().err.endswith(f"interrupted; the shards written are kept: run the same command "
+    assert exit_info.value.code == stop.status
+    assert capsys.readouterr().err.endswith(f"{stop.words}; the shards written are kept: run the same command "
                                             f"again to encode the rest into {out}\n")
     assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
     from sit_fast.data import DataError, LatentCacheDataset
@@ -1279,6 +1280,20 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     assert str(info.value) == (f"--latent-cache {out} is unfinished (no index.json yet, the last file written): to "
                                f"finish it, run python -m sit_fast.latent_cache again with the same flags (it encodes "
                                f"only the missing shards)")
+
+
+def test_latent_cache_outlives_its_console(tmp_path, monkeypatch):
+    from sit_fast import latent_cache
+    from tests.test_interrupts import Gone
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=3)
+    monkeypatch.setattr(sys, "stdout", Gone())
+    monkeypatch.setattr(sys, "stderr", Gone())
+    index = latent_cache.main(_cache_args(images, vae_dir, str(tmp_path / "cache")))
+    assert index["num_images"] == 3 and len(index["shards"]) == 2
 
 
 def test_latent_cache_names_the_temporary_files_of_a_killed_writer(tmp_path, capsys):
@@ -1581,7 +1596,7 @@ def _sigterm_before_ignoring(worker_id):
 
     os.kill(os.getpid(), signals.SIGTERM)
     time.sleep(0.2)
-    checkpointing.ignore_stop_signals(worker_id)
+    interrupts.ignore_stop_signals(worker_id)
 
 
 def test_workers_started_holding_the_stop_signals_survive_an_early_sigterm():
@@ -1594,7 +1609,7 @@ def test_workers_started_holding_the_stop_signals_survive_an_early_sigterm():
                              worker_init_fn=_sigterm_before_ignoring)
         return [b.tolist() for b in loader]
 
-    with checkpointing.stop_signals_held():
+    with interrupts.stop_signals_held():
         assert run() == batches
     # without the hold, torch's worker handler kills the worker before it ignores the signal
     with pytest.raises(RuntimeError, match=r"DataLoader worker .*(killed by signal|exited unexpectedly)"):
@@ -1617,7 +1632,7 @@ def test_data_loader_workers_outlive_a_stop_signal_of_their_own(signum):
 
     batches = [[i] for i in range(30)]
     loader = make_loader(Slow(range(30)), batches, num_workers=1, pin_memory=False, seed=0,
-                         worker_init_fn=checkpointing.ignore_stop_signals)
+                         worker_init_fn=interrupts.ignore_stop_signals)
     try:
         got = [next(loader).tolist()]
         os.kill(loader._workers[0].pid, getattr(signals, signum))
@@ -1668,7 +1683,7 @@ def test_starting_the_resource_tracker_leaves_the_start_method_unset():
     """A library caller may still choose the start method after training (set_start_method fails once
     it is fixed)."""
     code = ("import multiprocessing\n"
-            "from sit_fast.training.checkpointing import start_resource_tracker\n"
+            "from sit_fast.interrupts import start_resource_tracker\n"
             "start_resource_tracker()\n"
             "print(multiprocessing.get_start_method(allow_none=True))\n"
             "multiprocessing.set_start_method('forkserver')\n"

@@ -34,6 +34,7 @@ import torch
 
 from sit_fast import files
 from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, is_safetensors, safe_torch_load
+from sit_fast.interrupts import STOP_SIGNALS
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
@@ -72,8 +73,6 @@ def interrupt_after():
         raise KeyboardInterrupt
 
 
-STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")
-WORKER_IGNORED = (*STOP_SIGNALS, "SIGINT")  # a terminal's Ctrl-C reaches the data loader workers too
 INTERRUPT_GRACE = 1.0  # seconds within which another SIGINT is the same Ctrl-C (a double press, or a
 # launcher that shares the terminal's process group and passes the signal on as well)
 
@@ -168,60 +167,6 @@ class StopRequest:
         self.flag.fill_(self.received)
         self.pending = dist.all_reduce(self.flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True)
         return None
-
-
-def _stop_signal_numbers() -> set[int]:
-    return {getattr(signal, name) for name in WORKER_IGNORED if hasattr(signal, name)}
-
-
-def ignore_stop_signals(worker_id: int) -> None:
-    """DataLoader worker_init_fn: a scheduler signals every process of the job, and a terminal's Ctrl-C
-    its whole process group; a worker killed by SIGTERM, or ended by SIGINT, would fail the main
-    process's next batch. The main process decides when to stop, and stops its workers.
-
-    Workers started under stop_signals_held() hold the stop signals until this has run: one that
-    arrived earlier is dropped here rather than reaching the handler torch's worker installs first
-    (which kills the worker for a SIGTERM from anyone but its parent)."""
-    for signum in _stop_signal_numbers():
-        signal.signal(signum, signal.SIG_IGN)  # also discards a held one
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, _stop_signal_numbers())
-
-
-@contextlib.contextmanager
-def stop_signals_held():
-    """Hold the stop signals in this thread while data loader workers are started in the block.
-
-    A forked worker inherits the hold, so a signal sent to the whole job while a worker starts waits
-    until ignore_stop_signals has run in it. This process still receives it: other threads take it,
-    or it is delivered when the block ends. Without pthread_sigmask, or off the main thread, a no-op."""
-    if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signal_numbers())
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
-
-
-def start_resource_tracker() -> None:
-    """Where loader workers start by spawn or forkserver (Python 3.14's default on Linux), start
-    multiprocessing's resource tracker now, holding the stop signals, which it then holds for life.
-
-    That helper process otherwise starts at the first multiprocessing lock (tqdm makes one at the
-    first log line) and ignores only SIGINT and SIGTERM: a SIGHUP or SIGUSR1 sent to the whole job
-    would kill it, and the one started in its place at the next lock prints a traceback for each
-    lock it never knew. With fork (the default before 3.14) there is no tracker to start. The start
-    method is read, not fixed: the caller may still set it."""
-    import multiprocessing
-    from multiprocessing import resource_tracker
-
-    method = multiprocessing.get_start_method(allow_none=True) or multiprocessing.get_all_start_methods()[0]
-    if method == "fork":
-        return
-    with stop_signals_held():
-        resource_tracker.ensure_running()
 
 
 def capture_rng_state(device: torch.device) -> dict:

@@ -36,12 +36,13 @@ from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close
 from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
 from sit_fast.errors import UserError, first_line
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_folder
+from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
-    find_latest_valid, ignore_stop_signals, interrupt_after, list_checkpoints, load_training_checkpoint,
-    restore_rng_state, start_resource_tracker, stop_signals_held, unfinished_writes,
+    find_latest_valid, interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
+    unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport
 

@@ -1,0 +1,106 @@
+"""Stop signals raised as interrupts, and a console that goes away (sit_fast.interrupts)."""
+import errno
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from sit_fast.interrupts import Stopped, console_loss_ignored, exit_status, stop_signals_raise, what_stopped
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def restore_handlers():
+    saved = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    yield
+    for signum, handler in saved.items():
+        signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize("name", ["SIGTERM", "SIGUSR1", "SIGHUP"])
+def test_a_stop_signal_raises_once_and_the_handlers_come_back(name, restore_handlers):
+    signum = getattr(signal, name)
+    signal.signal(signum, signal.SIG_DFL)
+    with pytest.raises(Stopped) as info:
+        with stop_signals_raise():
+            try:
+                os.kill(os.getpid(), signum)  # the handler runs as kill returns
+                raise AssertionError("no Stopped raised")
+            finally:  # the cleanup a stop starts is not cut short by the signal coming again
+                os.kill(os.getpid(), signum)
+                os.kill(os.getpid(), signal.SIGTERM)
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert (info.value.name, exit_status(info.value), what_stopped(info.value)) == (
+        name, 128 + signum, f"stopped by {name}")
+    assert signal.getsignal(signum) == signal.SIG_DFL
+
+
+def test_ctrl_c_keeps_its_status_and_words():
+    assert (exit_status(KeyboardInterrupt()), what_stopped(KeyboardInterrupt())) == (130, "interrupted")
+
+
+def test_a_signal_ignored_at_the_start_stays_ignored(restore_handlers):
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
+    with stop_signals_raise():
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert callable(signal.getsignal(signal.SIGTERM))
+    assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+
+
+class Gone:
+    """A console that went away: every write and flush fails as a closed pipe does."""
+
+    def __init__(self, err=errno.EPIPE):
+        self.err, self.calls = err, 0
+
+    def write(self, text):
+        self.calls += 1
+        raise OSError(self.err, os.strerror(self.err))
+
+    def flush(self):
+        self.calls += 1
+        raise OSError(self.err, os.strerror(self.err))
+
+    def isatty(self):
+        return False
+
+
+@pytest.mark.parametrize("err", [errno.EPIPE, errno.EIO], ids=["closed-pipe", "hung-up-terminal"])
+def test_a_console_that_went_away_costs_only_its_lines(err, monkeypatch):
+    out, log = Gone(err), Gone(err)
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", log)
+    with console_loss_ignored():
+        for _ in range(3):
+            print("a line", flush=True)
+            print("another", file=sys.stderr, flush=True)
+    assert (out.calls, log.calls) == (1, 1)  # after the first failure, nothing more is tried
+    assert (sys.stdout, sys.stderr) == (out, log)
+
+
+def test_other_write_errors_still_raise(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", Gone(errno.ENOSPC))
+    with pytest.raises(OSError) as info, console_loss_ignored():
+        print("a line", flush=True)
+    assert info.value.errno == errno.ENOSPC
+
+
+@pytest.mark.parametrize("lines", [1, 10000], ids=["buffered-till-exit", "many"])
+def test_a_closed_pipe_exits_cleanly(lines):
+    """Lines still buffered at the end, and Python's own flush at exit, go to os.devnull too: no
+    "Exception ignored ... BrokenPipeError", status 0."""
+    script = ("import sys\n"
+              "from sit_fast.interrupts import console_loss_ignored\n"
+              "with console_loss_ignored():\n"
+              f"    for i in range({lines}):\n"
+              "        print(i)\n"
+              "    print('kept going', file=sys.stderr)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONPATH": REPO})
+    proc.stdout.close()  # the reader is gone before the first line (`| head -0`)
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "kept going\n", err
