@@ -399,17 +399,26 @@ def test_timestep_embedding_against_the_formula(dim):
 def test_compiled_block_steps_of_many_models_do_not_share_a_recompile_limit():
     """Each compile_blocks model counts its own recompilations: five models, each compiled for a
     training step and a no-grad call (two entries each), exceed Dynamo's limit of 8 per code object
-    if they share one, which fullgraph=True turns into a hard failure."""
+    if they share one, which fullgraph=True turns into a hard failure. A model dropped after its
+    compilation is freed, weights and all: what Dynamo keeps for it is the compiled code alone."""
+    import gc
+    import weakref
+
     torch._dynamo.reset()
+    weights = []
     for hidden in (16, 24, 32, 40, 48):
         model = randomize_(tiny_sit(hidden_size=hidden)).compile_blocks(backend="eager")
         x, t, y = inputs(model)
         model(x, t, y).square().mean().backward()
         with torch.no_grad():
             model(x, t, y)
+        weights.append(weakref.ref(model.blocks[0].mlp.fc1.weight))
     config = torch._dynamo.config
     limit = getattr(config, "recompile_limit", None) or config.cache_size_limit  # (the older name)
     assert limit <= 8  # the limit the five would have exceeded together
+    del model
+    gc.collect()
+    assert [weight() is None for weight in weights] == [True] * 5
 
 
 def test_model_with_compiled_blocks_pickles_and_deepcopies():
