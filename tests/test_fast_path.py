@@ -77,9 +77,17 @@ def test_fast_with_grad_checkpointing():
     check(compare(reference, candidate, batch_size=2, device=DEVICE))
 
 
+_ONE_PER_AXIS = () if DEVICE == "cuda" else pytest.mark.slow  # 20-30 s each on the CPU: by default two cases
+# there, which still take each way of compiling and each dtype once; all four on CUDA and with -m slow
+
+
 @pytest.mark.spread
-@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("whole_model", [False, True], ids=["blocks", "model"])
+@pytest.mark.parametrize("whole_model, autocast_dtype", [
+    pytest.param(False, None, id="blocks-fp32"),
+    pytest.param(False, torch.bfloat16, id="blocks-bf16", marks=_ONE_PER_AXIS),
+    pytest.param(True, None, id="model-fp32", marks=_ONE_PER_AXIS),
+    pytest.param(True, torch.bfloat16, id="model-bf16"),
+])
 def test_compiled_fast_path_fullgraph(whole_model, autocast_dtype):
     """fullgraph=True raises on any graph break, so passing proves there are none. bf16: as train.py
     and sample.py run it (compiled under autocast), held to the yardstick."""
