@@ -106,6 +106,15 @@ def test_grid_pixel_space_sde_and_bf16(files, tmp_path):
     assert np.abs(read_png(tmp_path / "bf16.png").astype(int) - first).mean() < 8
 
 
+def test_a_stopped_grid_is_one_line(files, tmp_path, capsys, monkeypatch, stop):
+    """Nothing to keep: the line says what stopped it, the status says how (130, or 128 + the signal)."""
+    monkeypatch.setattr(sample.Setup, "sample", lambda self, *args: stop())
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "grid.png", *FAST])
+    assert exit_info.value.code == stop.status and capsys.readouterr().err.endswith(f"\n{stop.words}\n")
+    assert not (tmp_path / "grid.png").exists()
+
+
 #################################################################################
 #                      Checkpoints and one-line errors                           #
 #################################################################################
