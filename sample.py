@@ -56,9 +56,7 @@ from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_co
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_writable_folder
-from sit_fast.interrupts import (
-    console_loss_ignored, exit_status, start_resource_tracker, stop_signals_raise, what_stopped,
-)
+from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, select_backend
@@ -786,7 +784,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
     args = resolve_args(args)
     dist = init_distributed()
     try:
-        with console_loss_ignored(), stop_signals_raise():
+        with stop_signals_raise():
             start_resource_tracker()
             return run_job(args, dist)
     finally:

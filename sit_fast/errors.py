@@ -68,14 +68,18 @@ def report(message: str) -> None:
 
 def cli_entry(main: Callable) -> Callable:
     """Wrap a script's main(): a UserError is printed as one line `error: ...` on stderr (report)
-    with exit status 2; anything else propagates as a bug."""
+    with exit status 2; anything else propagates as a bug. A console that goes away meanwhile (a
+    closed pipe, a hung-up terminal) costs the lines written to it, not the work."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        try:
-            return main(*args, **kwargs)
-        except UserError as err:
-            report(str(err))
-            sys.exit(2)
+        from sit_fast.interrupts import console_loss_ignored
+
+        with console_loss_ignored():
+            try:
+                return main(*args, **kwargs)
+            except UserError as err:
+                report(str(err))
+                sys.exit(2)
 
     return wrapper

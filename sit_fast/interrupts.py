@@ -158,6 +158,10 @@ class _Console:
                 self._lost(err)
         return len(text)
 
+    def writelines(self, lines) -> None:
+        for line in lines:
+            self.write(line)
+
     def flush(self) -> None:
         if not self.gone:
             try:
@@ -172,7 +176,8 @@ class _Console:
 @contextlib.contextmanager
 def console_loss_ignored():
     """Within the block, stdout and stderr survive their console going away: the lines written to
-    it are lost, the job goes on (and the files it writes are complete)."""
+    it are lost, the job goes on (and the files it writes are complete). Every command line entry
+    point runs in one (errors.cli_entry)."""
     saved = sys.stdout, sys.stderr
     sys.stdout, sys.stderr = _Console(sys.stdout), _Console(sys.stderr)
     try:

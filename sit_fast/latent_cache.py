@@ -40,8 +40,7 @@ from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
-    console_loss_ignored, exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise,
-    what_stopped,
+    exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
 )
 from sit_fast.progress import progress
 from sit_fast.sampling import check_settings
@@ -200,7 +199,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 @cli_entry
 def main(argv: list[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
-    with console_loss_ignored(), stop_signals_raise():
+    with stop_signals_raise():
         try:
             start_resource_tracker()
             return build_cache(args)

@@ -106,3 +106,24 @@ def test_a_closed_pipe_exits_cleanly(lines):
     proc.stdout.close()  # the reader is gone before the first line (`| head -0`)
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=120) == 0 and err == "kept going\n", err
+
+
+def test_every_entry_point_outlives_its_console(monkeypatch):
+    """cli_entry: lines to a console that went away are lost; the work and the exit status are not."""
+    from sit_fast.errors import UserError, cli_entry
+
+    out, log = Gone(), Gone()
+    monkeypatch.setattr(sys, "stdout", out)
+    monkeypatch.setattr(sys, "stderr", log)
+
+    @cli_entry
+    def main(fail):
+        print("working")
+        if fail:
+            raise UserError("--flag: wrong")
+        return "done"
+
+    assert main(False) == "done"
+    with pytest.raises(SystemExit) as info:
+        main(True)
+    assert info.value.code == 2 and (out.calls, log.calls) == (2, 2)  # one failed try per stream and call
