@@ -12,6 +12,14 @@ import torch
 if "TRITON_INTERPRET" not in os.environ and not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# The stop-signal tests start from the usual dispositions, which their processes inherit. A suite
+# started under nohup, or in the background of a non-interactive shell, would ignore SIGHUP or
+# SIGINT, and the runs it starts (rightly) keep ignoring them.
+for _name in ("SIGHUP", "SIGINT", "SIGTERM", "SIGUSR1"):
+    _signum = getattr(signal, _name, None)
+    if _signum is not None and signal.getsignal(_signum) == signal.SIG_IGN:
+        signal.signal(_signum, signal.default_int_handler if _name == "SIGINT" else signal.SIG_DFL)
+
 
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left
 def pytest_collection_modifyitems(config, items):

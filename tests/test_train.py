@@ -1477,24 +1477,43 @@ def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=Fa
     preexec = (lambda: signals.signal(getattr(signals, ignoring), signals.SIG_IGN)) if ignoring else None
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env,
                                start_new_session=whole_group, preexec_fn=preexec)
-    deadline = time.time() + 180
-    while time.time() < deadline and process.poll() is None:
-        text = open(log).read() if os.path.isfile(log) else ""
-        steps = re.findall(r"\(step=(\d+)\)", text)
-        if (min_step is None and text) or (steps and int(steps[-1]) >= (min_step or 0)):
-            break
-        time.sleep(0.2)
-    assert process.poll() is None, process.communicate()[0][-3000:]
-    if ignoring:
-        process.send_signal(getattr(signals, ignoring))
-        time.sleep(1.0)
+    with killed_if_left(process, whole_group):
+        deadline = time.time() + 180
+        while time.time() < deadline and process.poll() is None:
+            text = open(log).read() if os.path.isfile(log) else ""
+            steps = re.findall(r"\(step=(\d+)\)", text)
+            if (min_step is None and text) or (steps and int(steps[-1]) >= (min_step or 0)):
+                break
+            time.sleep(0.2)
         assert process.poll() is None, process.communicate()[0][-3000:]
-    if whole_group:
-        os.killpg(process.pid, getattr(signals, signum))
-    else:
-        process.send_signal(getattr(signals, signum))
-    output, _ = process.communicate(timeout=120)
+        if ignoring:
+            process.send_signal(getattr(signals, ignoring))
+            time.sleep(1.0)
+            assert process.poll() is None, process.communicate()[0][-3000:]
+        if whole_group:
+            os.killpg(process.pid, getattr(signals, signum))
+        else:
+            process.send_signal(getattr(signals, signum))
+        output, _ = process.communicate(timeout=120)
     return process.returncode, output
+
+
+@contextlib.contextmanager
+def killed_if_left(process, whole_group=False):
+    """A run that a failed test leaves behind (a timeout, an assertion) is killed, its process group
+    with whole_group, rather than training on and slowing every test after it."""
+    import signal as signals
+
+    try:
+        yield process
+    finally:
+        if process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                if whole_group:
+                    os.killpg(process.pid, signals.SIGKILL)
+                else:
+                    process.kill()
+            process.communicate()
 
 
 def _stop_request_worker(rank, world_size, port, out_dir):
@@ -1988,11 +2007,12 @@ def test_ctrl_c_stops_with_a_checkpoint_and_says_where_to_resume(tmp_path):
     proc = subprocess.Popen([sys.executable, os.path.join(REPO, "train.py"), *BASE, "--exp-dir", str(exp),
                              "--max-steps", "100000", "--ckpt-every", "2", "--log-every", "1"],
                             cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline and not list((exp / "checkpoints").glob("*.pt")):
-        time.sleep(0.2)
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=60)
+    with killed_if_left(proc):
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((exp / "checkpoints").glob("*.pt")):
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err and "Ctrl-C: stopping after this step with a checkpoint" in err, err
     match = re.search(r"stopped by SIGINT after step (\d+); checkpoint (\S+): continue with --resume", err)
