@@ -100,6 +100,25 @@ def exit_status(err: KeyboardInterrupt) -> int:
     return 128 + (err.signum if isinstance(err, Stopped) else signal.SIGINT)
 
 
+def catch_stop_signals(handler, previous: dict) -> None:
+    """Install `handler` for each stop signal, in the main thread only (elsewhere signals keep their
+    handlers), except those in `previous` already and those the process ignores (nohup ignores
+    SIGHUP: the job goes on when the terminal closes). The handlers replaced go into `previous`."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for name in STOP_SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is not None and signum not in previous and signal.getsignal(signum) != signal.SIG_IGN:
+            previous[signum] = signal.signal(signum, handler)
+
+
+def restore_handlers(previous: dict) -> None:
+    """Put back the handlers catch_stop_signals (or the like) replaced, and forget them."""
+    for signum, handler in previous.items():
+        signal.signal(signum, handler)
+    previous.clear()
+
+
 @contextlib.contextmanager
 def stop_signals_raise():
     """Within the block, the first stop signal raises Stopped in the main thread; later ones are
@@ -107,9 +126,6 @@ def stop_signals_raise():
     the same signal coming again (SLURM signals every process, and torchrun passes it on as well).
     A signal the process started out ignoring stays ignored (SIGHUP under nohup). Off the main
     thread, a no-op."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     raised = []
 
     def handle(signum, frame):
@@ -118,15 +134,11 @@ def stop_signals_raise():
             raise Stopped(signum)
 
     previous = {}
-    for name in STOP_SIGNALS:
-        signum = getattr(signal, name, None)
-        if signum is not None and signal.getsignal(signum) != signal.SIG_IGN:
-            previous[signum] = signal.signal(signum, handle)
+    catch_stop_signals(handle, previous)
     try:
         yield
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
+        restore_handlers(previous)
 
 
 CONSOLE_GONE = (errno.EPIPE, errno.EIO)  # a closed pipe (`| head`, a dead `| tee`); a hung-up terminal
@@ -145,10 +157,13 @@ class _Console:
         self.gone = True
         # Whatever sits in the stream's buffer, and Python's flush at exit, go to os.devnull from
         # now on rather than failing again ("Exception ignored ... BrokenPipeError", status 120).
-        with contextlib.suppress(OSError, ValueError, AttributeError):
+        with contextlib.suppress(OSError, ValueError, AttributeError):  # no file descriptor: nothing to do
+            fd = self.stream.fileno()
             null = os.open(os.devnull, os.O_WRONLY)
-            os.dup2(null, self.stream.fileno())
-            os.close(null)
+            try:
+                os.dup2(null, fd)
+            finally:
+                os.close(null)
 
     def write(self, text: str) -> int:
         if not self.gone:

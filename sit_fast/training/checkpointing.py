@@ -34,7 +34,7 @@ import torch
 
 from sit_fast import files
 from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, is_safetensors, safe_torch_load
-from sit_fast.interrupts import STOP_SIGNALS
+from sit_fast.interrupts import catch_stop_signals, restore_handlers
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
@@ -112,12 +112,7 @@ class StopRequest:
         """Catch the stop signals (main thread only; elsewhere they keep their handlers), except those
         ignored (nohup ignores SIGHUP: the run goes on when the terminal closes). A signal caught
         before training starts stops the run after its first step."""
-        if threading.current_thread() is not threading.main_thread():
-            return
-        for name in STOP_SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is not None and signum not in self.previous and signal.getsignal(signum) != signal.SIG_IGN:
-                self.previous[signum] = signal.signal(signum, self._handle)
+        catch_stop_signals(self._handle, self.previous)
 
     def catch_interrupt(self) -> None:
         """From here on, Ctrl-C stops after the current step with a checkpoint (main thread only)."""
@@ -146,9 +141,7 @@ class StopRequest:
 
     def restore(self) -> None:
         """The handlers as they were; waits for a flag exchange still in flight."""
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous = {}
+        restore_handlers(self.previous)
         if self.pending is not None:
             self.pending.wait()
             self.pending = None
