@@ -9,6 +9,8 @@ forward, twice the 118.6 "Gflops" (multiply-adds) reported in the DiT and SiT pa
 """
 from __future__ import annotations
 
+import math
+import os
 import re
 
 import torch
@@ -96,7 +98,38 @@ def peak_key(device_name: str) -> str | None:
     return None
 
 
-def mfu(flops_per_second: float, device_name: str, dtype: torch.dtype | str, tf32: bool = False) -> float | None:
-    """Model FLOPs utilisation: achieved / peak (None when the peak is unknown, e.g. on a CPU)."""
-    peak = peak_tflops(device_name, dtype, tf32)
+def mfu(flops_per_second: float, device_name: str, dtype: torch.dtype | str, tf32: bool = False,
+        peak: float | None = None) -> float | None:
+    """Model FLOPs utilisation: achieved / peak (None when the peak is unknown, e.g. on a CPU).
+
+    peak: TFLOP/s to use in place of the table's (peak_tflops_from_env() in training logs).
+    """
+    if peak is None:
+        peak = peak_tflops(device_name, dtype, tf32)
     return None if peak is None else flops_per_second / (peak * 1e12)
+
+
+PEAK_ENV = "SIT_FAST_PEAK_TFLOPS"
+
+
+def peak_tflops_from_env() -> float | None:
+    """SIT_FAST_PEAK_TFLOPS, checked; None when unset or empty.
+
+    The dense peak, in TFLOP/s, that train.py's MFU uses in place of PEAK_TFLOPS: for a device the
+    table lacks, or one that runs at other clocks than its data sheet's. It is the peak of the run's
+    matmul dtype (bf16 for --precision bf16, TF32 for tf32). ValueError for anything but a positive
+    finite number.
+    """
+    text = os.environ.get(PEAK_ENV, "").strip()
+    if not text:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(
+            f"{PEAK_ENV}={text}: give the GPU's dense peak in TFLOP/s for the run's matmul dtype, a positive "
+            f"number (989.4 for an H100 SXM in bf16), or unset it to use the data-sheet table in sit_fast/flops.py"
+        )
+    return value

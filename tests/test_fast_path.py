@@ -8,7 +8,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sit_fast.models as models
-from sit_fast.flops import forward_flops, mfu, peak_key, peak_tflops, train_step_flops
+from sit_fast.flops import forward_flops, mfu, peak_key, peak_tflops, peak_tflops_from_env, train_step_flops
 from sit_fast.memory import activation_bytes_per_image
 from sit_fast.models import SiT, SiT_models
 from sit_fast.parity import TOLERANCES, compare, randomize_zero_init_
@@ -197,6 +197,26 @@ def test_flops_match_flop_counter():
              "NVIDIA H800 PCIe": "H800 PCIe", "NVIDIA H800": "H800", "NVIDIA A800-SXM4-80GB": "A800",
              "NVIDIA B200": "B200", "NVIDIA GB200": "GB200"}
     assert {name: peak_key(name) for name in names} == names
+
+
+@pytest.mark.parametrize("value,expected", [(None, None), ("", None), (" 312 ", 312.0), ("1.5e2", 150.0),
+                                            ("0", ValueError), ("-5", ValueError), ("nan", ValueError),
+                                            ("inf", ValueError), ("fast", ValueError)])
+def test_peak_from_the_environment(monkeypatch, value, expected):
+    """SIT_FAST_PEAK_TFLOPS: MFU for a GPU the table lacks; anything but a positive number is refused."""
+    if value is None:
+        monkeypatch.delenv("SIT_FAST_PEAK_TFLOPS", raising=False)
+    else:
+        monkeypatch.setenv("SIT_FAST_PEAK_TFLOPS", value)
+    if expected is ValueError:
+        with pytest.raises(ValueError, match=rf"SIT_FAST_PEAK_TFLOPS={value.strip()}: give the GPU's dense peak"):
+            peak_tflops_from_env()
+    else:
+        assert peak_tflops_from_env() == expected
+    # a given peak wins over the table, and gives an MFU where the table has none
+    assert mfu(100e12, "NVIDIA H100 80GB HBM3", torch.bfloat16, peak=400.0) == pytest.approx(0.25)
+    assert mfu(100e12, "NVIDIA RTX 6000 Ada Generation", torch.bfloat16) is None
+    assert mfu(100e12, "NVIDIA RTX 6000 Ada Generation", torch.bfloat16, peak=364.25) == pytest.approx(100 / 364.25)
 
 
 def test_fused_kernels_resolution(monkeypatch):

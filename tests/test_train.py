@@ -741,6 +741,17 @@ def test_bad_sdpa_backend_variable_is_one_line(tmp_path, capsys, monkeypatch):
     assert lines[0].startswith("error: --attn-backend sdpa: SIT_FAST_SDPA_BACKEND=bogus: choose one of"), err
 
 
+def test_bad_peak_variable_is_one_line(tmp_path, capsys, monkeypatch):
+    """SIT_FAST_PEAK_TFLOPS is read for MFU on a GPU; a malformed one fails the start on any device."""
+    monkeypatch.setenv("SIT_FAST_PEAK_TFLOPS", "989 TFLOPS")
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("error: SIT_FAST_PEAK_TFLOPS=989 TFLOPS: give the GPU's dense peak"), err
+    assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
+
+
 def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
     """A malformed SIT_FAST_KERNEL_LAUNCH stops a run that uses the fused kernels before it starts."""
     monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "fwd_num_warps=3")

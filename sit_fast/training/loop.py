@@ -413,6 +413,10 @@ class Trainer:
                             f"{self.local_batch_size} (--global-batch-size {args.global_batch_size} over "
                             f"{world_size} rank(s)): pick a divisor of {self.local_batch_size}")
         check_trackers(args)
+        try:  # checked on every device: a mistyped value fails here, not at the first log line on a GPU
+            self.peak_tflops = flops.peak_tflops_from_env()
+        except ValueError as err:
+            raise UserError(str(err)) from None
         self.precision = resolve_precision(args.precision, self.device)
         if self.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise UserError("--precision bf16 needs a GPU with bf16 support; use --precision tf32 or fp32")
@@ -995,7 +999,8 @@ class Trainer:
         if self.device.type == "cuda":
             device_flops = self.step_flops * images_per_sec / self.dist_info.world_size
             mfu = flops.mfu(device_flops, torch.cuda.get_device_name(self.device),
-                            self.autocast_dtype or torch.float32, tf32=self.precision == "tf32")
+                            self.autocast_dtype or torch.float32, tf32=self.precision == "tf32",
+                            peak=self.peak_tflops)
             record["tflops_per_device"] = device_flops / 1e12
             line += f", TFLOP/s/GPU: {device_flops / 1e12:.1f}"
             if mfu is not None:
