@@ -17,6 +17,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -68,7 +69,9 @@ def train(args: argparse.Namespace, exp_dir: str) -> None:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 2) // args.nproc)))
     if not on_cuda:
         env.pop("TRITON_INTERPRET", None)
-    result = subprocess.run(command, env=env)
+    # torchrun's per-run folder (its workers' error files) in one removed afterwards, not left in /tmp
+    with tempfile.TemporaryDirectory(prefix="sit_fast_demo_torchrun_") as log_dir:
+        result = subprocess.run(command[:3] + ["--log-dir", log_dir] + command[3:], env=env)
     if result.returncode != 0:
         raise UserError(f"training failed with exit status {result.returncode} (see the log above and {exp_dir}/log.txt)")
 
