@@ -64,7 +64,7 @@ from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
     checkpoint_preference,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
-    to_rgb_uint8,
+    release_or_path, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
 from sit_fast.vae import VAE_ALIASES
@@ -96,8 +96,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     model.add_argument("--model", type=str, choices=list(SiT_models), default=None,
                        help="architecture (default: the checkpoint's; SiT-XL/2 for the release)")
     model.add_argument("--ckpt", type=str, default=None,
-                       help="checkpoint: an upstream release file, a train.py checkpoint or .safetensors "
-                            "(default: download the upstream SiT-XL/2 256x256 release)")
+                       help="checkpoint: an upstream release file, a train.py checkpoint or .safetensors, or "
+                            "a release by name, SiT-XL-2-256x256.pt, taken from ./pretrained_models or "
+                            "downloaded as upstream does (default: that release)")
     model.add_argument("--use-raw", action="store_true",
                        help="a train.py checkpoint's raw weights instead of its EMA weights")
     model.add_argument("--image-size", type=positive_int, default=None,
@@ -337,7 +338,10 @@ class Setup:
         self.autocast_dtype = torch.bfloat16 if args.precision == "bf16" else None
 
         # The release is fetched (or found missing) first: offline, that is the message to see.
-        ckpt = args.ckpt if args.ckpt is not None else on_main(lambda: pretrained_checkpoint_for(args), dist)
+        if args.ckpt is not None:  # a file, or a release by name as upstream (found or downloaded)
+            ckpt = on_main(lambda: release_or_path(args.ckpt), dist)
+        else:
+            ckpt = on_main(lambda: pretrained_checkpoint_for(args), dist)
         loaded = None
         if args.ckpt is not None:
             # read once, here: what is wrong with the file comes before anything about the VAE

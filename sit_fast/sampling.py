@@ -101,6 +101,15 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
     return path
 
 
+def release_or_path(ckpt: str) -> str:
+    """--ckpt read as upstream's find_model reads it: the name of a release (SiT-XL-2-256x256.pt) that
+    is not a file here means that release (pretrained_checkpoint: ./pretrained_models, the cache or a
+    download); anything else is a path, returned as given."""
+    if ckpt in PRETRAINED_URLS and not os.path.exists(ckpt):
+        return pretrained_checkpoint(ckpt)
+    return ckpt
+
+
 @dataclasses.dataclass
 class ModelRequest:
     """What the user asked for; None fields are taken from the checkpoint."""

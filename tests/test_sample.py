@@ -450,6 +450,40 @@ def test_offline_without_ckpt_says_how_to_pass_one(monkeypatch, tmp_path, capsys
     assert "SiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err
 
 
+def test_ckpt_names_a_release_as_upstream(files, monkeypatch, tmp_path, capsys):
+    """--ckpt SiT-XL-2-256x256.pt, upstream's way of asking for the release: found in
+    ./pretrained_models (where upstream downloads it), else downloaded; offline, the download's message,
+    not "not found". A file of that name in the working folder is read as a path."""
+    import shutil
+
+    fetched = []
+
+    def offline(*args, **kwargs):
+        fetched.append(args[0])
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    argv = ["ODE", "--ckpt", "SiT-XL-2-256x256.pt", "--vae", files["vae"], "--num-sampling-steps", 2, *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv + ["--out", tmp_path / "none.png"])
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert "cannot download the released checkpoint SiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err, err
+    assert len(fetched) == 1
+    (tmp_path / "pretrained_models").mkdir()
+    shutil.copy(files["latent"], tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")
+    run(argv + ["--out", tmp_path / "release.png"])
+    run(["ODE", "--ckpt", files["latent"], "--vae", files["vae"], "--num-sampling-steps", 2, *FAST,
+         "--out", tmp_path / "path.png"])
+    np.testing.assert_array_equal(read_png(tmp_path / "release.png"), read_png(tmp_path / "path.png"))
+    shutil.copy(files["pixel"], tmp_path / "SiT-XL-2-256x256.pt")  # a file of that name here wins
+    run(["ODE", "--ckpt", "SiT-XL-2-256x256.pt", "--vae", "none", "--in-channels", 3, "--num-sampling-steps", 2,
+         *FAST, "--out", tmp_path / "local.png"])
+    assert read_png(tmp_path / "local.png").shape[-1] == 3 and len(fetched) == 1
+
+
 def test_sample_ddp_defaults():
     args = sample.resolve_args(sample.build_parser(sample.SAMPLE_DDP_DEFAULTS).parse_args(["SDE"]))
     assert (args.job, args.num_fid_samples, args.vae, args.cfg_scale, args.run_folder) == ("fid", 50_000, "ema", 1.0, True)
