@@ -53,7 +53,7 @@ import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
-from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, on_main
+from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, local_path_on_main_first, on_main
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_writable_folder
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
@@ -339,9 +339,9 @@ class Setup:
 
         # The release is fetched (or found missing) first: offline, that is the message to see.
         if args.ckpt is not None:  # a file, or a release by name as upstream (found or downloaded)
-            ckpt = on_main(lambda: release_or_path(args.ckpt), dist)
+            ckpt = local_path_on_main_first(lambda: release_or_path(args.ckpt), dist)
         else:
-            ckpt = on_main(lambda: pretrained_checkpoint_for(args), dist)
+            ckpt = local_path_on_main_first(lambda: pretrained_checkpoint_for(args), dist)
         loaded = None
         if args.ckpt is not None:
             # read once, here: what is wrong with the file comes before anything about the VAE

@@ -105,3 +105,13 @@ def on_main(fn, info: DistInfo):
     if error is not None:
         raise UserError(error)
     return result
+
+
+def local_path_on_main_first(fn, info: DistInfo) -> str:
+    """fn() -> a path on this machine (a release found or downloaded into a cache): rank 0 runs it
+    first, so a folder the ranks share gets one download; a rank on another node, where rank 0's path
+    does not exist (a node-local cache), then runs fn itself. Rank 0's UserError stops every rank."""
+    path = on_main(fn, info)
+    if info.is_main or os.path.exists(path):
+        return path
+    return fn()

@@ -484,6 +484,26 @@ def test_ckpt_names_a_release_as_upstream(files, monkeypatch, tmp_path, capsys):
     assert read_png(tmp_path / "local.png").shape[-1] == 3 and len(fetched) == 1
 
 
+def test_a_release_path_is_found_again_on_a_rank_whose_node_lacks_rank_0s(monkeypatch, tmp_path):
+    """Rank 0's path is taken where it exists; a rank on a node with its own cache looks for (or
+    downloads) the release itself."""
+    import sit_fast.distributed as distributed
+
+    calls = []
+
+    def fetch():
+        calls.append(1)
+        return str(tmp_path / "mine.pt")
+
+    shared = tmp_path / "shared.pt"
+    shared.write_bytes(b"")
+    other_rank = distributed.DistInfo(rank=1, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=False)
+    monkeypatch.setattr(distributed, "on_main", lambda fn, info: str(shared))
+    assert distributed.local_path_on_main_first(fetch, other_rank) == str(shared) and not calls
+    monkeypatch.setattr(distributed, "on_main", lambda fn, info: str(tmp_path / "on_node_0.pt"))
+    assert distributed.local_path_on_main_first(fetch, other_rank) == str(tmp_path / "mine.pt") and calls == [1]
+
+
 def test_sample_ddp_defaults():
     args = sample.resolve_args(sample.build_parser(sample.SAMPLE_DDP_DEFAULTS).parse_args(["SDE"]))
     assert (args.job, args.num_fid_samples, args.vae, args.cfg_scale, args.run_folder) == ("fid", 50_000, "ema", 1.0, True)

@@ -703,6 +703,25 @@ def test_ckpt_without_learned_sigma_starts_and_resumes_a_run_without_it(tmp_path
     assert train_main(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2"])["step"] == 2
 
 
+def test_ckpt_names_the_release_as_upstream(tmp_path, monkeypatch):
+    """--ckpt SiT-XL-2-256x256.pt with no such file here: the release from ./pretrained_models, where
+    upstream's download puts it (a tiny stand-in of the digits' shapes here)."""
+    from sit_fast.models import SiT_models
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "pretrained_models").mkdir()
+    torch.manual_seed(0)
+    weights = SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=10).state_dict()
+    torch.save(weights, tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")
+    exp = tmp_path / "exp"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--ckpt", "SiT-XL-2-256x256.pt", "--max-steps", "1"])
+    assert "initialised from SiT-XL-2-256x256.pt (raw weights)" in (exp / "log.txt").read_text()
+    trained = load_ckpt(summary["last_checkpoint"])["model"]  # one AdamW step (lr 1e-3) from those weights
+    torch.testing.assert_close(trained["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"],
+                               rtol=0, atol=1.1e-3)
+
+
 @pytest.mark.parametrize("space,fix", [(None, "--vae it was trained with"), ("stabilityai/sd-vae-ft-ema",
                                                                              "--vae stabilityai/sd-vae-ft-ema")])
 def test_ckpt_of_another_latent_space_names_the_flag(tmp_path, capsys, space, fix):

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--ckpt", type=str, default=None,
                        help="start from these weights (upstream release file, train.py checkpoint or "
                             ".safetensors; EMA weights preferred; learn_sigma as in them) at step 0; use --resume "
-                            "to continue a run")
+                            "to continue a run. The release by name, SiT-XL-2-256x256.pt, is taken from "
+                            "./pretrained_models or downloaded, as upstream")
 
     optim = parser.add_argument_group("Optimisation")
     optim.add_argument("--epochs", type=positive_int, default=1400, help="epochs to train (upper bound)")

@@ -33,11 +33,14 @@ from sit_fast.checkpoint import (
     CheckpointError, infer_config, load_into_model, read_checkpoint, recorded_model_config,
 )
 from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
-from sit_fast.distributed import DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed
+from sit_fast.distributed import (
+    DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed, local_path_on_main_first,
+)
 from sit_fast.errors import UserError, first_line
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_folder
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config
+from sit_fast.sampling import release_or_path
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
@@ -504,8 +507,9 @@ class Trainer:
         learn_sigma, init_weights = True, None
         if ckpt is not None:
             learn_sigma = bool(ckpt.get("model_config", {}).get("learn_sigma", True))
-        elif args.ckpt:
-            init_weights, info = read_checkpoint(args.ckpt, prefer="ema")
+        elif args.ckpt:  # a file, or a release by name as upstream (found or downloaded)
+            ckpt_path = local_path_on_main_first(lambda: release_or_path(args.ckpt), self.dist_info)
+            init_weights, info = read_checkpoint(ckpt_path, prefer="ema")
             try:
                 found = infer_config(init_weights)
             except CheckpointError:
@@ -513,7 +517,7 @@ class Trainer:
             if found is not None:
                 learn_sigma = found["learn_sigma"]
                 if found["in_channels"] != channels:  # the model's channels are the data's: a flag changes them
-                    space, now = (recorded_model_config(args.ckpt) or {}).get("latent_space"), self.latent_space()
+                    space, now = (recorded_model_config(ckpt_path) or {}).get("latent_space"), self.latent_space()
                     fix = (f"it was trained on {found['in_channels']}-channel images" if space == now == "pixels"
                            else "pass --vae none (it was trained in pixel space)" if space == "pixels"
                            else f"pass --vae {space} (its latent space)" if isinstance(space, str) and space
