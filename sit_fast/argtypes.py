@@ -35,6 +35,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         raise UserError(f"{message} (see {self.prog} --help)")
 
+    def parse_args(self, args=None, namespace=None):
+        namespace, extras = self.parse_known_args(args, namespace)
+        if extras:  # the help to see is the chosen subcommand's (sample.py ODE --help), which lists its flags
+            prog = self.prog
+            for action in self._actions:
+                if isinstance(action, argparse._SubParsersAction) and getattr(namespace, action.dest, None):
+                    prog = action.choices[getattr(namespace, action.dest)].prog
+            raise UserError(f"unrecognized arguments: {' '.join(extras)} (see {prog} --help)")
+        return namespace
+
 
 def integer(value: str) -> int:
     try:

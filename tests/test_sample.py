@@ -406,13 +406,14 @@ def test_sampling_after_training_in_one_process_logs_to_stderr_not_the_runs_log(
     assert capsys.readouterr().err == "warning: a sampling warning\n"
 
 
-@pytest.mark.parametrize("flag", ["--cfg-scal", "--bogus", "--sampling-steps"])
-def test_mistyped_flag_is_refused(flag, capsys):
+@pytest.mark.parametrize("mode,flag", [("ODE", "--cfg-scal"), ("ODE", "--bogus"), ("SDE", "--sampling-steps")])
+def test_mistyped_flag_is_refused(mode, flag, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        run(["ODE", flag, "2"])
+        run([mode, flag, "2"])
     assert exit_info.value.code == 2
     err = one_line_error(capsys)  # not argparse's usage block
-    assert err.startswith("error: unrecognized arguments") and err.endswith(" --help)"), err
+    # the help that lists the flags is the mode's (sample.py --help lists ODE and SDE alone)
+    assert err.startswith(f"error: unrecognized arguments: {flag} 2 (see ") and err.endswith(f" {mode} --help)"), err
 
 
 @pytest.mark.parametrize("argv,needle", [
