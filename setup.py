@@ -24,5 +24,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "timm"],  # timm: the tests' independent upstream model
         "flash": ["flash-attn"],
+        "tensorboard": ["tensorboard"],  # train.py --tensorboard
+        "wandb": ["wandb"],  # train.py --wandb
     },
 )
