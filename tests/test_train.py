@@ -722,6 +722,14 @@ def test_ckpt_names_the_release_as_upstream(tmp_path, monkeypatch):
                                rtol=0, atol=1.1e-3)
 
 
+def the_error_line(capsys) -> tuple[str, str]:
+    """stderr's one `error: ...` line (asserted: one, no traceback) and the whole of stderr."""
+    err = capsys.readouterr().err.strip()
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0], err
+
+
 @pytest.mark.parametrize("space,fix", [(None, "--vae it was trained with"), ("stabilityai/sd-vae-ft-ema",
                                                                              "--vae stabilityai/sd-vae-ft-ema")])
 def test_ckpt_of_another_latent_space_names_the_flag(tmp_path, capsys, space, fix):
@@ -733,11 +741,9 @@ def test_ckpt_of_another_latent_space_names_the_flag(tmp_path, capsys, space, fi
     torch.save(weights if space is None else {"model": weights, "ema": weights,
                                               "model_config": {"latent_space": space}}, path)
     assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--ckpt", path]) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert f"--ckpt {path} takes 4-channel inputs, the data here has 1" in lines[0] and fix in lines[0], lines[0]
-    assert "build the model with" not in lines[0]
+    line, err = the_error_line(capsys)
+    assert f"--ckpt {path} takes 4-channel inputs, the data here has 1" in line and fix in line, line
+    assert "build the model with" not in line
 
 
 def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
@@ -754,20 +760,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
 def test_bad_sdpa_backend_variable_is_one_line(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "bogus")
     assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--attn-backend", "sdpa"]) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: --attn-backend sdpa: SIT_FAST_SDPA_BACKEND=bogus: choose one of"), err
+    line, err = the_error_line(capsys)
+    assert line.startswith("error: --attn-backend sdpa: SIT_FAST_SDPA_BACKEND=bogus: choose one of"), err
 
 
 def test_bad_peak_variable_is_one_line(tmp_path, capsys, monkeypatch):
     """SIT_FAST_PEAK_TFLOPS is read for MFU on a GPU; a malformed one fails the start on any device."""
     monkeypatch.setenv("SIT_FAST_PEAK_TFLOPS", "989 TFLOPS")
     assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "1"]) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: SIT_FAST_PEAK_TFLOPS=989 TFLOPS: give the GPU's dense peak"), err
+    line, err = the_error_line(capsys)
+    assert line.startswith("error: SIT_FAST_PEAK_TFLOPS=989 TFLOPS: give the GPU's dense peak"), err
     assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
 
 
@@ -777,10 +779,8 @@ def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
     argv = [a for a in BASE if a not in ("--fused-kernels", "off")] + ["--fused-kernels", "on", "--exp-dir",
                                                                        str(tmp_path / "exp")]
     assert run_cli(argv) == 2
-    err = capsys.readouterr().err.strip()
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    assert lines[0].startswith("error: --fused-kernels on: SIT_FAST_KERNEL_LAUNCH") and "power of two" in err, err
+    line, err = the_error_line(capsys)
+    assert line.startswith("error: --fused-kernels on: SIT_FAST_KERNEL_LAUNCH") and "power of two" in err, err
     assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
 
 
