@@ -11,7 +11,7 @@ import json
 import logging
 import math
 import os
-from typing import Iterator
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -83,11 +83,33 @@ class EpochSampler:
         ]
 
 
+class RunBatches:
+    """The local batches of the rest of a run: `num_steps` of them from step `step_in_epoch` of
+    `epoch` on, epoch after epoch. One loader iterates them all, so its workers start once per run
+    rather than once per epoch (seconds each under spawn or forkserver), and the prefetch runs on
+    across the epoch boundary instead of draining there."""
+
+    def __init__(self, sampler: EpochSampler, epoch: int, step_in_epoch: int, num_steps: int):
+        self.sampler, self.epoch, self.step_in_epoch = sampler, epoch, step_in_epoch
+        self.num_steps = max(num_steps, 0)
+
+    def __len__(self) -> int:
+        return self.num_steps
+
+    def __iter__(self) -> Iterator[list[Key]]:
+        epoch, start, left = self.epoch, self.step_in_epoch, self.num_steps
+        while left > 0:  # every epoch has at least one step (EpochSampler checks it)
+            batches = self.sampler.batches(epoch, start)[:left]
+            yield from batches
+            left -= len(batches)
+            epoch, start = epoch + 1, 0
+
+
 def _as_is(batch):
     return batch
 
 
-def make_loader(dataset, batches: list[list[Key]], num_workers: int, pin_memory: bool, seed: int,
+def make_loader(dataset, batches: Iterable[list[Key]], num_workers: int, pin_memory: bool, seed: int,
                 worker_init_fn=None) -> Iterator:
     """Iterate over `batches` of keys; datasets with __getitems__ build whole batches at once.
 

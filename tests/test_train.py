@@ -518,6 +518,34 @@ def test_epoch_sampler_gives_every_rank_distributed_samplers_indices(num_samples
         assert [key[0] for batch in sampler.batches(2) for key in batch] == list(reference)
 
 
+def test_one_loader_serves_every_epoch_in_the_samplers_order(tmp_path, monkeypatch):
+    """Loader workers start once per run, not once per epoch (seconds each under spawn or
+    forkserver); its batches are the sampler's, epoch after epoch, resumed mid-epoch or at an epoch's end."""
+    from sit_fast.data import EpochSampler
+    from sit_fast.training import loop
+
+    loaders, make_loader = [], loop.make_loader
+
+    def recording_make_loader(dataset, batches, *args, **kwargs):
+        loaders.append([[tuple(key) for key in batch] for batch in batches])
+        return make_loader(dataset, batches, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "make_loader", recording_make_loader)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3, size=16)  # 3 steps per epoch
+    exp = str(tmp_path / "run")
+    argv = ["--data-path", images, "--vae", "none", "--image-size", "16", "--model", "SiT-T/4",
+            "--global-batch-size", "2", "--num-workers", "1", "--fused-kernels", "off", "--no-progress",
+            "--sample-every", "100000", "--log-every", "100", "--global-seed", "3", "--exp-dir", exp]
+    train_main(argv + ["--max-steps", "7"])
+    sampler = EpochSampler(6, 2, rank=0, world_size=1, seed=3, flip=True)
+    order = [[tuple(key) for key in batch] for epoch in range(4) for batch in sampler.batches(epoch)]
+    assert loaders == [order[:7]]
+    train_main(argv + ["--max-steps", "9", "--resume", "auto", "--ckpt-every", "1"])  # from step 7: epoch 2, step 1
+    assert loaders[1] == order[7:9]
+    train_main(argv + ["--max-steps", "11", "--resume", "auto"])  # from step 9: the end of epoch 2
+    assert loaders[2] == order[9:11]
+
+
 def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
     """Nested folders: torchvision's ImageFolder sorts each class's (folder, files) by folder path, so
     b/sub-x (with '-' before '/') comes before b/sub/deep."""

@@ -32,7 +32,8 @@ from sit_fast.attention import select_backend
 from sit_fast.checkpoint import (
     CheckpointError, infer_config, load_into_model, read_checkpoint, recorded_model_config,
 )
-from sit_fast.data import EpochSampler, LatentCacheDataset, build_dataset, close_loader, make_loader, worker_error
+from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_dataset, close_loader, make_loader,
+                           worker_error)
 from sit_fast.distributed import (
     DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed, local_path_on_main_first,
 )
@@ -890,11 +891,10 @@ class Trainer:
         args, is_main, device, window = self.args, self.dist_info.is_main, self.device, self.window
         window.restart()
         last_log = {}
-        while self.step < self.max_steps and self.epoch < args.epochs:
-            batches = self.sampler.batches(self.epoch, self.step_in_epoch)
-            if not batches:  # nothing left of this epoch
-                self.epoch, self.step_in_epoch = self.epoch + 1, 0
-                continue
+        if self.step_in_epoch >= self.sampler.steps_per_epoch:  # nothing left of this epoch
+            self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        if self.step < self.max_steps:  # one loader for the rest of the run, across epochs
+            batches = RunBatches(self.sampler, self.epoch, self.step_in_epoch, self.max_steps - self.step)
             with stop_signals_held():  # workers start holding the stop signals until they ignore them
                 loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
                                      seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
