@@ -20,6 +20,7 @@ from PIL import Image
 
 from sit_fast.errors import UserError
 from sit_fast.images import center_crop_arr
+from sit_fast.interrupts import start_resource_tracker
 
 logger = logging.getLogger("sit_fast")
 
@@ -117,6 +118,8 @@ def make_loader(dataset, batches: Iterable[list[Key]], num_workers: int, pin_mem
     it never draws from the global torch RNG that the training step uses.
     """
     in_memory = getattr(dataset, "in_memory", False)
+    if num_workers > 0 and not in_memory:
+        start_resource_tracker()  # now, not as the workers start: see start_resource_tracker
     return iter(torch.utils.data.DataLoader(
         dataset,
         batch_sampler=batches,

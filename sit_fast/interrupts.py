@@ -66,8 +66,11 @@ def start_resource_tracker() -> None:
     That helper process otherwise starts at the first multiprocessing lock (tqdm makes one at the
     first log line) and ignores only SIGINT and SIGTERM: a SIGHUP or SIGUSR1 sent to the whole job
     would kill it, and the one started in its place at the next lock prints a traceback for each
-    lock it never knew. With fork (the default before 3.14) there is no tracker to start. The start
-    method is read, not fixed: the caller may still set it."""
+    lock it never knew. Started by the first loader instead, under stop_signals_held, it would also
+    undo that hold: its start unblocks SIGINT and SIGTERM in the calling thread, and the fork server
+    started next, whose children the workers are, would hold only the other stop signals. With fork
+    (the default before 3.14) there is no tracker to start. The start method is read, not fixed: the
+    caller may still set it."""
     import multiprocessing
     from multiprocessing import resource_tracker
 
