@@ -1121,7 +1121,7 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     exp = str(tmp_path / "exp")
     summary = train_main(["--latent-cache", out, "--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "3",
                           "--ckpt-every", "3", "--sample-every", "3", "--num-sample-images", "2", "--exp-dir", exp,
-                          "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--log-every", "1",
+                          "--num-workers", "1", "--fused-kernels", "off", "--no-progress", "--log-every", "1",
                           "--dataset", "digits", "--data-path", images])  # both unused: the cache holds the data
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     assert os.path.isfile(os.path.join(exp, "samples", "0000003.png"))  # decoded with the cache's VAE
