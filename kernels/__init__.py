@@ -96,6 +96,7 @@ def saved_bytes_per_token(
     dtype: torch.dtype,
     out_dtype: torch.dtype | None = None,
     y_dtype: torch.dtype | None = None,
+    vectors_grad: bool = True,
 ) -> dict[str, int]:
     """Bytes each op keeps alive for backward per token, {"ours": ..., "reference": ...}.
 
@@ -115,19 +116,35 @@ def saved_bytes_per_token(
     layernorm_modulate 2308 vs 9224, gated_residual 2304 vs 4608, gated_residual_layernorm_modulate
     4612 vs 13832; float32 4612 vs 9224, 4608 vs 4608, 9220 vs 13832; the bf16-autocast layout
     (x float32, y and h bfloat16) gated_residual_layernorm_modulate 4612 vs 13832 (x_out float32 and
-    mean saved instead would be 6920). tests/test_kernels.py checks these against what autograd
-    actually saves.
+    mean saved instead would be 6920).
+
+    vectors_grad=False: the modulation vectors need no gradient (a frozen model differentiated with
+    respect to its input, as in the likelihood's divergence). The gated ops then keep no y, and the
+    reference keeps neither its fp32 y copy nor the x_hat it multiplies by (1 + scale):
+
+        layernorm_modulate                   e_out*D + 4         4*D + 8
+        gated_residual                       0                   0
+        gated_residual_layernorm_modulate    e_out*D + 4         4*D + 8   (fp32 x_out; mean, rstd)
+
+    tests/test_kernels.py checks these against what autograd actually saves.
     """
     def size(d: torch.dtype | None) -> int:
         return torch.empty((), dtype=dtype if d is None else d).element_size()
 
     e, e_out, e_y = size(dtype), size(out_dtype), size(y_dtype)
     rstd = 4  # fp32 rstd per row (ours); the reference also keeps the mean
-    table = {
-        "layernorm_modulate": (e_out * D + rstd, 8 * D + 8),
-        "gated_residual": (e_y * D, 4 * D),
-        "gated_residual_layernorm_modulate": ((e_out + e_y) * D + rstd, 12 * D + 8),
-    }
+    if vectors_grad:
+        table = {
+            "layernorm_modulate": (e_out * D + rstd, 8 * D + 8),
+            "gated_residual": (e_y * D, 4 * D),
+            "gated_residual_layernorm_modulate": ((e_out + e_y) * D + rstd, 12 * D + 8),
+        }
+    else:
+        table = {
+            "layernorm_modulate": (e_out * D + rstd, 4 * D + 8),
+            "gated_residual": (0, 0),
+            "gated_residual_layernorm_modulate": (e_out * D + rstd, 4 * D + 8),
+        }
     if op_name not in table:
         raise ValueError(f"saved_bytes_per_token: unknown op {op_name!r}, expected one of {sorted(table)}")
     ours, ref = table[op_name]

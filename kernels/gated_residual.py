@@ -5,8 +5,12 @@ be narrower than an fp32 x (the bf16-autocast layout), as in gated_residual_laye
 
 Layers: Triton kernels, host launchers, then the `sit_fast::gated_residual` custom op (with a fake
 and an autograd formula whose backward is the `sit_fast::gated_residual_backward` op).
-Saved for backward: y and gate (x is not needed: d out / d x is the identity).
+Saved for backward: gate, and y when gate needs a gradient (x is not needed: d out / d x is the
+identity). With a frozen gate (a model that needs no parameter gradients, as in the likelihood's
+divergence) y is not kept, and backward reads only the incoming gradient.
 """
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
@@ -62,22 +66,23 @@ def _gated_residual_fwd_kernel(
 # Gated residual VJP, per row, with out = x + gate * y:
 #   dx    = dout                          (returned as is by the autograd formula, no kernel)
 #   dy    = dout * gate
-#   dgate = sum over tokens of dout * y
+#   dgate = sum over tokens of dout * y   (only when HAS_DGATE; otherwise y is neither saved nor read)
 # Each program sums dgate over its own token tile in fp32 and writes one partial row; the launcher
 # reduces the (B, n_tiles, D) partials over tiles afterwards (deterministic, no atomics).
 @triton.jit
 def _gated_residual_bwd_kernel(
     dy_ptr,  # (B, T, D) out, y's dtype
-    dgate_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dgate_partial_ptr,  # (B, n_tiles, D) out, fp32 (unused when HAS_DGATE is False)
     dout_ptr,  # (B, T, D) incoming gradient
     gate_ptr,  # (B, D)
-    y_ptr,  # (B, T, D) saved input
+    y_ptr,  # (B, T, D) saved input (unused when HAS_DGATE is False)
     stride_dy_b, stride_dy_t, stride_dy_d,
     stride_part_b, stride_part_tile, stride_part_d,
     stride_dout_b, stride_dout_t, stride_dout_d,
     stride_gate_b, stride_gate_d,
     stride_y_b, stride_y_t, stride_y_d,
     T, D, rows_per_program, n_tiles,
+    HAS_DGATE: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -95,23 +100,29 @@ def _gated_residual_bwd_kernel(
     y_row = y_ptr + b * stride_y_b + cols * stride_y_d
     if PREFETCH:  # row t + 1's loads go out before row t is stored
         dout_next = tl.load(dout_row + t_start * stride_dout_t, mask=mask, other=0.0)
-        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
+        if HAS_DGATE:
+            y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
     for t in range(t_start, t_end):
         if PREFETCH:
-            dout, y = dout_next.to(tl.float32), y_next.to(tl.float32)
+            dout = dout_next.to(tl.float32)
             more = t + 1 < t_end
             dout_next = tl.load(dout_row + (t + 1) * stride_dout_t, mask=mask & more, other=0.0)
-            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+            if HAS_DGATE:
+                y = y_next.to(tl.float32)
+                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
         else:
             dout = tl.load(dout_row + t * stride_dout_t, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
-        dgate_acc += dout * y
+            if HAS_DGATE:
+                y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
+        if HAS_DGATE:
+            dgate_acc += dout * y
         dy = dout * gate
         tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
                  dy.to(dy_ptr.dtype.element_ty), mask=mask)
 
-    part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
-    tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
+    if HAS_DGATE:
+        part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
+        tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
 
 
 def check_inputs(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> None:
@@ -145,22 +156,28 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
 
 
 def gated_residual_backward(
-    grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+    grad_out: torch.Tensor, gate: torch.Tensor, y: Optional[torch.Tensor], y_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: returns dgate (gate's dtype) and dy (y's dtype)."""
-    _launch.check_runnable(OP, y.device, _gated_residual_bwd_kernel)
-    B, T, D = y.shape
-    dy = _launch.empty((B, T, D), y.dtype, y.device)
-    rows_per_program, n_tiles = _launch.token_tiling(B, T, y.device, "bwd")
-    dgate_partial = _launch.empty((B, n_tiles, D), torch.float32, y.device)
+    """Launch the backward kernel: returns dgate (gate's dtype) and dy (y_dtype).
+
+    y=None (gate needs no gradient, so y was not saved) skips dgate and returns it empty, (B, 0)."""
+    _launch.check_runnable(OP, grad_out.device, _gated_residual_bwd_kernel)
+    B, T, D = grad_out.shape
+    has_dgate = y is not None
+    dy = _launch.empty((B, T, D), y_dtype, grad_out.device)
+    rows_per_program, n_tiles = _launch.token_tiling(B, T, grad_out.device, "bwd")
+    dgate_partial = _launch.empty((B, n_tiles if has_dgate else 0, D), torch.float32, grad_out.device)
     if B * n_tiles > 0:
+        y_arg = y if has_dgate else grad_out  # a placeholder the kernel never reads
         block_d, num_warps = _launch.block_config(D, "bwd")
         _gated_residual_bwd_kernel[(B * n_tiles,)](
-            dy, dgate_partial, grad_out, gate, y,
-            *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y.stride(),
+            dy, dgate_partial, grad_out, gate, y_arg,
+            *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y_arg.stride(),
             T, D, rows_per_program, n_tiles,
-            PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
+            HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
         )
+    if not has_dgate:
+        return gate.new_empty((B, 0)), dy
     dgate = dgate_partial.sum(dim=1).to(gate.dtype)
     return dgate, dy
 
@@ -178,26 +195,31 @@ def _(x, gate, y):
 
 @torch.library.custom_op("sit_fast::gated_residual_backward", mutates_args=())
 def gated_residual_backward_op(
-    grad_out: torch.Tensor, gate: torch.Tensor, y: torch.Tensor
+    grad_out: torch.Tensor, gate: torch.Tensor, y: Optional[torch.Tensor], y_dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return gated_residual_backward(grad_out, gate, y)
+    return gated_residual_backward(grad_out, gate, y, y_dtype)
 
 
 @gated_residual_backward_op.register_fake
-def _(grad_out, gate, y):
-    B, _, D = y.shape
-    return gate.new_empty((B, D)), y.new_empty(y.shape)
+def _(grad_out, gate, y, y_dtype):
+    B, _, D = grad_out.shape
+    return gate.new_empty((B, D if y is not None else 0)), grad_out.new_empty(grad_out.shape, dtype=y_dtype)
 
 
 def _setup_context(ctx, inputs, output):
     _x, gate, y = inputs
-    ctx.save_for_backward(gate, y)
+    _, ctx.needs_dgate, ctx.needs_dy = ctx.needs_input_grad[:3]
+    ctx.y_dtype = y.dtype
+    # y only serves dgate: a frozen gate keeps (B, T, D) fewer elements alive.
+    ctx.save_for_backward(gate, y if ctx.needs_dgate else None)
 
 
 def _backward(ctx, grad_out):
+    if not (ctx.needs_dgate or ctx.needs_dy):
+        return grad_out, None, None
     gate, y = ctx.saved_tensors
-    dgate, dy = gated_residual_backward_op(grad_out, gate, y)
-    return grad_out, dgate, dy
+    dgate, dy = gated_residual_backward_op(grad_out, gate, y, ctx.y_dtype)
+    return grad_out, (dgate if ctx.needs_dgate else None), (dy if ctx.needs_dy else None)
 
 
 gated_residual_op.register_autograd(_backward, setup_context=_setup_context)

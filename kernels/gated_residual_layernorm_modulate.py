@@ -17,7 +17,8 @@ h's dtype), y, gate, scale and the per-row fp32 rstd. Neither x nor x_out nor me
 LayerNorm VJP only uses x_hat and rstd, and y is needed for dgate. With an fp32 residual stream and
 bf16 h this is 2*D (x_hat) + 2*D (y) + 4 bytes per token instead of 4*D (x_out) + 2*D + 8. When h is
 narrower than fp32 the gradients see x_hat rounded to h's dtype (slightly less exact); with h in
-fp32 the saved x_hat is the forward's exact fp32 value.
+fp32 the saved x_hat is the forward's exact fp32 value. With a frozen gate (a model that needs no
+parameter gradients, as in the likelihood's divergence) y is not kept and backward does not read it.
 """
 from typing import Optional
 
@@ -105,20 +106,21 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
 #   dy       = d_res * gate
 #   dshift   = sum over tokens of dh
 #   dscale   = sum over tokens of dh * x_hat
-#   dgate    = sum over tokens of d_res * y
+#   dgate    = sum over tokens of d_res * y                            (only when HAS_DGATE; otherwise y
+#                                                                       is neither saved nor read)
 # Each program sums dshift/dscale/dgate over its own token tile in fp32 and writes one partial row;
 # the launcher reduces the (B, n_tiles, D) partials over tiles afterwards (deterministic, no atomics).
 @triton.jit
 def _gated_residual_layernorm_modulate_bwd_kernel(
     dx_ptr,  # (B, T, D) out, x's dtype
     dy_ptr,  # (B, T, D) out, y's dtype
-    dgate_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dgate_partial_ptr,  # (B, n_tiles, D) out, fp32 (unused when HAS_DGATE is False)
     dshift_partial_ptr,  # (B, n_tiles, D) out, fp32
     dscale_partial_ptr,  # (B, n_tiles, D) out, fp32
     dx_out_ptr,  # (B, T, D) incoming gradient of x_out (unused when HAS_DX_OUT is False)
     dh_ptr,  # (B, T, D) incoming gradient of h
     x_hat_ptr,  # (B, T, D) saved normalised x_out, h's dtype
-    y_ptr,  # (B, T, D) saved input
+    y_ptr,  # (B, T, D) saved input (unused when HAS_DGATE is False)
     gate_ptr,  # (B, D)
     scale_ptr,  # (B, D)
     rstd_ptr,  # (B, T) fp32
@@ -134,6 +136,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     stride_stat_b, stride_stat_t,
     T, D, rows_per_program, n_tiles,
     HAS_DX_OUT: tl.constexpr,
+    HAS_DGATE: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -160,17 +163,20 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     if PREFETCH:  # row t + 1's loads go out before row t's reductions
         dh_next = tl.load(dh_row + t_start * stride_dh_t, mask=mask, other=0.0)
         x_hat_next = tl.load(x_hat_row + t_start * stride_x_hat_t, mask=mask, other=0.0)
-        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
+        if HAS_DGATE:
+            y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
         rstd_next = tl.load(rstd_row + t_start * stride_stat_t)
         if HAS_DX_OUT:
             dx_out_next = tl.load(dx_out_row + t_start * stride_dx_out_t, mask=mask, other=0.0)
     for t in range(t_start, t_end):
         if PREFETCH:
-            dh, x_hat, y, rstd = dh_next.to(tl.float32), x_hat_next.to(tl.float32), y_next.to(tl.float32), rstd_next
+            dh, x_hat, rstd = dh_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
             more = t + 1 < t_end
             dh_next = tl.load(dh_row + (t + 1) * stride_dh_t, mask=mask & more, other=0.0)
             x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=mask & more, other=0.0)
-            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+            if HAS_DGATE:
+                y = y_next.to(tl.float32)
+                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
             rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
             if HAS_DX_OUT:
                 dx_out = dx_out_next.to(tl.float32)
@@ -178,7 +184,8 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         else:
             dh = tl.load(dh_row + t * stride_dh_t, mask=mask, other=0.0).to(tl.float32)
             x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DGATE:
+                y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_row + t * stride_stat_t)
         dshift_acc += dh
         dscale_acc += dh * x_hat
@@ -187,14 +194,16 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
             if not PREFETCH:
                 dx_out = tl.load(dx_out_row + t * stride_dx_out_t, mask=mask, other=0.0).to(tl.float32)
             d_res += dx_out
-        dgate_acc += d_res * y
+        if HAS_DGATE:
+            dgate_acc += d_res * y
         tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
                  d_res.to(dx_ptr.dtype.element_ty), mask=mask)
         tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
                  (d_res * gate).to(dy_ptr.dtype.element_ty), mask=mask)
 
     part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
-    tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
+    if HAS_DGATE:
+        tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
     tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
     tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
 
@@ -263,35 +272,42 @@ def gated_residual_layernorm_modulate_backward(
     grad_x_out: Optional[torch.Tensor],
     grad_h: torch.Tensor,
     x_hat: torch.Tensor,
-    y: torch.Tensor,
+    y: Optional[torch.Tensor],
     gate: torch.Tensor,
     scale: torch.Tensor,
     rstd: torch.Tensor,
     x_dtype: torch.dtype,
+    y_dtype: torch.dtype,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: returns dx (x_dtype), dgate, dy, dshift (shift_dtype), dscale,
-    each in its input's dtype."""
+    """Launch the backward kernel: returns dx (x_dtype), dgate, dy (y_dtype), dshift (shift_dtype),
+    dscale, each in its input's dtype.
+
+    y=None (gate needs no gradient, so y was not saved) skips dgate and returns it empty, (B, 0)."""
     _launch.check_runnable(OP, x_hat.device, _gated_residual_layernorm_modulate_bwd_kernel)
     B, T, D = x_hat.shape
+    has_dgate = y is not None
     dx = _launch.empty((B, T, D), x_dtype, x_hat.device)
-    dy = _launch.empty((B, T, D), y.dtype, y.device)
+    dy = _launch.empty((B, T, D), y_dtype, x_hat.device)
     rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, "bwd")
-    partials = [_launch.empty((B, n_tiles, D), torch.float32, x_hat.device) for _ in range(3)]
-    dgate_partial, dshift_partial, dscale_partial = partials
+    # The three partials share one set of strides (dshift's); dgate's is empty without dgate.
+    dshift_partial, dscale_partial = (_launch.empty((B, n_tiles, D), torch.float32, x_hat.device) for _ in range(2))
+    dgate_partial = _launch.empty((B, n_tiles if has_dgate else 0, D), torch.float32, x_hat.device)
     if B * n_tiles > 0:
         has_dx_out = grad_x_out is not None
-        dx_out_arg = grad_x_out if has_dx_out else grad_h  # a placeholder the kernel never reads
+        dx_out_arg = grad_x_out if has_dx_out else grad_h  # placeholders the kernel never reads
+        y_arg = y if has_dgate else grad_h
         block_d, num_warps = _launch.block_config(D, "bwd")
         _gated_residual_layernorm_modulate_bwd_kernel[(B * n_tiles,)](
             dx, dy, dgate_partial, dshift_partial, dscale_partial,
-            dx_out_arg, grad_h, x_hat, y, gate, scale, rstd,
-            *dx.stride(), *dy.stride(), *dgate_partial.stride(), *dx_out_arg.stride(), *grad_h.stride(),
-            *x_hat.stride(), *y.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
+            dx_out_arg, grad_h, x_hat, y_arg, gate, scale, rstd,
+            *dx.stride(), *dy.stride(), *dshift_partial.stride(), *dx_out_arg.stride(), *grad_h.stride(),
+            *x_hat.stride(), *y_arg.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
             T, D, rows_per_program, n_tiles,
-            HAS_DX_OUT=has_dx_out, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
+            HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"),
+            BLOCK_D=block_d, num_warps=num_warps,
         )
-    dgate = dgate_partial.sum(dim=1).to(gate.dtype)
+    dgate = dgate_partial.sum(dim=1).to(gate.dtype) if has_dgate else gate.new_empty((B, 0))
     dshift = dshift_partial.sum(dim=1).to(shift_dtype)
     dscale = dscale_partial.sum(dim=1).to(scale.dtype)
     return dx, dgate, dy, dshift, dscale
@@ -328,25 +344,26 @@ def gated_residual_layernorm_modulate_backward_op(
     grad_x_out: Optional[torch.Tensor],
     grad_h: torch.Tensor,
     x_hat: torch.Tensor,
-    y: torch.Tensor,
+    y: Optional[torch.Tensor],
     gate: torch.Tensor,
     scale: torch.Tensor,
     rstd: torch.Tensor,
     x_dtype: torch.dtype,
+    y_dtype: torch.dtype,
     shift_dtype: torch.dtype,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return gated_residual_layernorm_modulate_backward(
-        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, shift_dtype
+        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, y_dtype, shift_dtype
     )
 
 
 @gated_residual_layernorm_modulate_backward_op.register_fake
-def _(grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, shift_dtype):
+def _(grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, y_dtype, shift_dtype):
     B, T, D = x_hat.shape
     return (
         x_hat.new_empty((B, T, D), dtype=x_dtype),
-        gate.new_empty((B, D)),
-        y.new_empty((B, T, D)),
+        gate.new_empty((B, D if y is not None else 0)),
+        x_hat.new_empty((B, T, D), dtype=y_dtype),
         scale.new_empty((B, D), dtype=shift_dtype),
         scale.new_empty((B, D)),
     )
@@ -359,8 +376,11 @@ def _setup_context(ctx, inputs, output):
     # Unused outputs get None, not zero-filled gradients: no pass over (B, T, D) for x_hat and rstd,
     # and none for x_out where only h is used (the last block's), which the kernel then never reads.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x_hat, y, gate, scale, rstd)
+    ctx.needs_dgate = ctx.needs_input_grad[1]
+    # y only serves dgate: a frozen gate keeps (B, T, D) fewer elements alive.
+    ctx.save_for_backward(x_hat, y if ctx.needs_dgate else None, gate, scale, rstd)
     ctx.x_dtype = x.dtype
+    ctx.y_dtype = y.dtype
     ctx.shift_dtype = shift.dtype
 
 
@@ -372,9 +392,9 @@ def _backward(ctx, grad_x_out, grad_h, _grad_x_hat, _grad_rstd):
         grad_h = torch.zeros(x_hat.shape[0], x_hat.shape[1], scale.shape[1], dtype=x_hat.dtype, device=x_hat.device)
     _launch.check_saved_for_backward(OP, x_hat, grad_h)
     dx, dgate, dy, dshift, dscale = gated_residual_layernorm_modulate_backward_op(
-        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, ctx.x_dtype, ctx.shift_dtype
+        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, ctx.x_dtype, ctx.y_dtype, ctx.shift_dtype
     )
-    return dx, dgate, dy, dshift, dscale, None, None, None
+    return dx, (dgate if ctx.needs_dgate else None), dy, dshift, dscale, None, None, None
 
 
 gated_residual_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)

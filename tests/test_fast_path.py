@@ -11,7 +11,7 @@ import sit_fast.models as models
 from sit_fast.flops import forward_flops, mfu, peak_key, peak_tflops, peak_tflops_from_env, train_step_flops
 from sit_fast.memory import activation_bytes_per_image
 from sit_fast.models import SiT, SiT_models
-from sit_fast.parity import TOLERANCES, compare, randomize_zero_init_
+from sit_fast.parity import TOLERANCES, _errors, compare, random_inputs, randomize_zero_init_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -118,6 +118,35 @@ class _CompiledView(torch.nn.Module):
 
     def named_parameters(self, *args, **kwargs):
         return self.module.named_parameters(*args, **kwargs)
+
+
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=[pytest.mark.spread, pytest.mark.slow])])
+def test_frozen_model_input_gradient_matches_reference(compiled):
+    """The likelihood's divergence: a frozen model (sample.py's, no parameter needs a gradient)
+    differentiated with respect to its input, eager and compiled (30 s on the CPU: slow; the kernel
+    tests compile a frozen block by default). The fused gated ops then skip dgate and keep no sublayer
+    output for backward; the vector-Jacobian product is still the reference's."""
+    torch._dynamo.reset()
+    reference, candidate = pair("hd72-sigma")
+    candidate.load_state_dict(reference.state_dict())
+    for model in (reference, candidate):
+        model.to(DEVICE).eval().requires_grad_(False)
+    forward = torch.compile(candidate, fullgraph=True) if compiled else candidate
+    generator = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
+    x, t, y, _ = random_inputs(reference, 3, DEVICE, generator)
+    probe = torch.randint(0, 2, x.shape, generator=generator).to(DEVICE) * 2.0 - 1  # the output's shape
+    vjps, outs = [], []
+    for model in (reference, forward):
+        x_in = x.clone().requires_grad_()
+        out = model(x_in, t, y)
+        (vjp,) = torch.autograd.grad(out, x_in, probe)
+        outs.append(out.detach())
+        vjps.append(vjp)
+    tol = TOLERANCES["fp32"]
+    output_err = _errors("output", outs[1], outs[0])["rel_err"]
+    vjp_err = _errors("vjp", vjps[1], vjps[0])["rel_err"]
+    assert output_err <= tol["output_compiled" if compiled else "output"], output_err
+    assert vjp_err <= tol["grad"], vjp_err
 
 
 def test_upstream_checkpoint_gives_same_outputs_in_fast_and_reference(tmp_path):

@@ -180,15 +180,18 @@ def check_against_reference(
     eps: float | None = None,
     out_dtype: torch.dtype | None = None,
     out_tols: list[Tol] | None = None,
+    trainable: tuple[str, ...] | None = None,
 ) -> None:
     """Forward and every input gradient of our op vs the float64 reference from the same inputs.
 
     out_dtype: the dtype of the op's normalised output (last output; None: x's dtype). out_tols: a
     forward tolerance per output (default case.fwd for all). Gradients get, on top of case.bwd (the
     float32 case's for a float32 gradient, e.g. of fp32 vectors with bf16 activations), the
-    worst-case effect of backward reading x_hat stored in the normalised output's dtype."""
-    names = OP_ARGS[op]
-    ours_in = {n: t.detach().requires_grad_() for n, t in inputs.items()}
+    worst-case effect of backward reading x_hat stored in the normalised output's dtype.
+    trainable: the inputs that require grad (default all); the others get none, on both sides."""
+    names = [n for n in OP_ARGS[op] if trainable is None or n in trainable]
+    assert names, f"{op}: none of {trainable} is an input"
+    ours_in = {n: t.detach().requires_grad_(n in names) for n, t in inputs.items()}
     outs = run_ours(op, ours_in, eps, out_dtype)
     x_dtype = inputs["x"].dtype
     expected = [x_dtype] * len(outs)
@@ -200,11 +203,13 @@ def check_against_reference(
         grads_out = [torch.randn_like(out) for out in outs]
     grads = torch.autograd.grad(outs, [ours_in[n] for n in names], grads_out)
 
-    ref_in = {n: t.detach().to(torch.float64).requires_grad_() for n, t in inputs.items()}
+    ref_in = {n: t.detach().to(torch.float64).requires_grad_(n in names) for n, t in inputs.items()}
     ref_eps = 1e-6 if eps is None else eps
     ref_outs = run_reference64(op, ref_in, outs, ref_eps)
     bounds = x_hat_rounding_bounds(op, ref_in, outs, grads_out, ref_eps, expected[-1])
-    ref_grads = torch.autograd.grad(ref_outs, [ref_in[n] for n in names], [g.to(torch.float64) for g in grads_out])
+    used = [i for i, out in enumerate(ref_outs) if out.requires_grad]  # not x_out when only shift/scale train
+    ref_grads = torch.autograd.grad([ref_outs[i] for i in used], [ref_in[n] for n in names],
+                                    [grads_out[i].to(torch.float64) for i in used])
 
     shapes = {n: tuple(t.shape) for n, t in inputs.items()}
     for i, (out, ref_out) in enumerate(zip(outs, ref_outs)):
@@ -222,6 +227,29 @@ def check_against_reference(
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_matches_reference(op, case, B, T, D):
     check_against_reference(op, make_inputs(op, B, T, D, case), case)
+
+
+# A frozen model (the likelihood's divergence: no parameter needs a gradient, so no modulation vector
+# does) differentiated with respect to its activations: the gated backwards then skip dgate, and y is
+# neither saved nor read. Both prefetch paths, with tiles of 3 rows over 13 tokens.
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("case", DTYPE_CASES)
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_frozen_vectors_match_reference(op, case, prefetch):
+    with _launch.launch_overrides(fwd_prefetch=prefetch, bwd_prefetch=prefetch, fwd_programs_per_slot=3,
+                                  bwd_programs_per_slot=3):
+        check_against_reference(op, make_inputs(op, 2, 13, 97, case), case, trainable=("x", "y"))
+
+
+# Every other split of which inputs need a gradient: each one asked for is right, the rest are None.
+@pytest.mark.parametrize("trainable", [("x",), ("y",), ("gate",), ("x", "gate"), ("gate", "y"), ("shift", "scale"),
+                                       ("x", "scale")])
+@pytest.mark.parametrize("op", ["gated_residual", "gated_residual_layernorm_modulate"])
+def test_kernel_partial_gradients_match_reference(op, trainable):
+    if not set(trainable) <= set(OP_ARGS[op]):
+        pytest.skip(f"{op} has no {set(trainable) - set(OP_ARGS[op])}")
+    case = DTYPE_CASES[3].values[0]  # bf16 activations, fp32 vectors
+    check_against_reference(op, make_inputs(op, 2, 13, 97, case), case, trainable=trainable)
 
 
 class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
@@ -571,6 +599,7 @@ def test_kernel_package_imports_without_triton():
 
 _LOWER_FOR_SM90 = """
 import importlib
+import itertools
 import os
 import re
 import subprocess
@@ -594,9 +623,12 @@ for module_name, kernel_names in KERNELS.items():
     for kernel_name in kernel_names:
         kernel = getattr(module, kernel_name)
         assert isinstance(kernel, triton.runtime.JITFunction), type(kernel)
-        for D, prefetch in ((72, 0), (1152, 0), (1152, 1), (8192, 1)):
+        # the gated backwards also without dgate (a frozen gate): y is then neither saved nor read
+        dgate_variants = (True, False) if "HAS_DGATE" in kernel.arg_names else (True,)
+        for (D, prefetch), has_dgate in itertools.product(((72, 0), (1152, 0), (1152, 1), (8192, 1)), dgate_variants):
             block_d, num_warps = _launch.block_config(D)
-            constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch}
+            constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "HAS_DGATE": has_dgate, "STORE_X_HAT": True,
+                          "PREFETCH": prefetch}
             # contiguous rows: Triton specialises the unit feature strides, as at run time
             constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
             signature, attrs = {}, {}
@@ -627,7 +659,7 @@ for module_name, kernel_names in KERNELS.items():
                                    capture_output=True, text=True)
             os.unlink(f.name)
             spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
-            print("lowered", kernel_name, D, prefetch, "narrow", narrow, "vectors", vectors,
+            print("lowered", kernel_name, D, prefetch, has_dgate, "narrow", narrow, "vectors", vectors,
                   "spill", spill.group(1) if spill else "?")
 """
 
@@ -642,7 +674,7 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
     result = _run_python(_LOWER_FOR_SM90, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("lowered")]
-    assert len(lines) == 24, result.stdout
+    assert len(lines) == 6 * 4 + 2 * 4, result.stdout  # 6 kernels at 4 launches; 2 also without dgate
     for line in lines:
         D = int(line.split()[2])
         if D % 16 == 0:  # Triton knows alignment from sizes divisible by 16 only (SiT's are)
@@ -657,10 +689,12 @@ def test_kernels_available_reports_devices():
     assert not kernels.kernels_available("meta")
 
 
-def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype, narrow: torch.dtype | None = None) -> float:
+def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype, narrow: torch.dtype | None = None,
+                           vectors_grad: bool = True) -> float:
     """Bytes autograd keeps for backward per token, measured: distinct storages at T=3 minus T=2.
 
-    narrow: the autocast layout, with y and the (B, D) vectors in this dtype (x stays in `dtype`)."""
+    narrow: the autocast layout, with y and the (B, D) vectors in this dtype (x stays in `dtype`).
+    vectors_grad=False: only x and y require grad (a frozen model)."""
     B = 2
 
     def saved_bytes(T):
@@ -673,7 +707,7 @@ def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype, narrow: torc
         inputs = make_inputs(op, B, T, D, DtypeCase(dtype, narrow or dtype, Tol(0, 0), Tol(0, 0)))
         if narrow is not None and "y" in inputs:
             inputs["y"] = inputs["y"].to(narrow)
-        inputs = {name: t.requires_grad_() for name, t in inputs.items()}
+        inputs = {name: t.requires_grad_(vectors_grad or name in ("x", "y")) for name, t in inputs.items()}
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
             fn(*[inputs[name] for name in OP_ARGS[op]])
         return sum(storages.values())
@@ -681,13 +715,15 @@ def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype, narrow: torc
     return (saved_bytes(3) - saved_bytes(2)) / B
 
 
+@pytest.mark.parametrize("vectors_grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("op", OPS)
-def test_kernel_saved_bytes_per_token(op, dtype):
+def test_kernel_saved_bytes_per_token(op, dtype, vectors_grad):
     D = 72
-    claimed = kernels.saved_bytes_per_token(op, D, dtype)
-    assert _saved_bytes_per_token(getattr(kernels, op), op, D, dtype) == claimed["ours"]
-    assert _saved_bytes_per_token(getattr(reference, op), op, D, dtype) == claimed["reference"]
+    claimed = kernels.saved_bytes_per_token(op, D, dtype, vectors_grad=vectors_grad)
+    assert _saved_bytes_per_token(getattr(kernels, op), op, D, dtype, vectors_grad=vectors_grad) == claimed["ours"]
+    assert _saved_bytes_per_token(getattr(reference, op), op, D, dtype,
+                                  vectors_grad=vectors_grad) == claimed["reference"]
     assert claimed["ours"] <= claimed["reference"]
 
 
@@ -723,11 +759,14 @@ class TinySiTBlock(nn.Module):
 
 
 @pytest.mark.spread
-def test_kernel_torch_compile_fullgraph_forward_backward():
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_kernel_torch_compile_fullgraph_forward_backward(frozen):
+    """frozen: no parameter needs a gradient (the likelihood's divergence), only the input does; the
+    gated ops then save no y, decided while the graph is traced."""
     torch._dynamo.reset()
     B, T, D = 2, 7, 72
-    fused = TinySiTBlock(D, kernels).to(DEVICE)
-    eager = TinySiTBlock(D, reference).to(DEVICE)
+    fused = TinySiTBlock(D, kernels).to(DEVICE).requires_grad_(not frozen)
+    eager = TinySiTBlock(D, reference).to(DEVICE).requires_grad_(not frozen)
     eager.load_state_dict(fused.state_dict())
     compiled = torch.compile(fused, fullgraph=True)
 
@@ -746,7 +785,10 @@ def test_kernel_torch_compile_fullgraph_forward_backward():
     assert_close("compiled block output", out, out_ref, tol)
     assert_close("compiled block dx", x_fused.grad, x_eager.grad, Tol(3e-5, 3e-5))
     for (name, p), p_ref in zip(fused.named_parameters(), eager.parameters()):
-        assert_close(f"compiled block d{name}", p.grad, p_ref.grad, Tol(1e-4, 3e-5))
+        if frozen:
+            assert p.grad is None and p_ref.grad is None, name
+        else:
+            assert_close(f"compiled block d{name}", p.grad, p_ref.grad, Tol(1e-4, 3e-5))
 
 
 def test_kernel_inference_skips_saving_x_hat():
