@@ -244,7 +244,7 @@ def test_kernel_frozen_vectors_match_reference(op, case, prefetch):
 # Every other split of which inputs need a gradient: each one asked for is right, the rest are None.
 @pytest.mark.parametrize("trainable", [("x",), ("y",), ("gate",), ("x", "gate"), ("gate", "y"), ("shift", "scale"),
                                        ("x", "scale")])
-@pytest.mark.parametrize("op", ["gated_residual", "gated_residual_layernorm_modulate"])
+@pytest.mark.parametrize("op", OPS)
 def test_kernel_partial_gradients_match_reference(op, trainable):
     if not set(trainable) <= set(OP_ARGS[op]):
         pytest.skip(f"{op} has no {set(trainable) - set(OP_ARGS[op])}")
