@@ -131,7 +131,7 @@ def saved_bytes_per_token(
     def size(d: torch.dtype | None) -> int:
         return torch.empty((), dtype=dtype if d is None else d).element_size()
 
-    e, e_out, e_y = size(dtype), size(out_dtype), size(y_dtype)
+    e_out, e_y = size(out_dtype), size(y_dtype)  # e (x's) enters only through the defaults
     rstd = 4  # fp32 rstd per row (ours); the reference also keeps the mean
     if vectors_grad:
         table = {
