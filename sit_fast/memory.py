@@ -21,15 +21,17 @@ from sit_fast.models import shapes_only
 
 
 def saved_bytes(model: torch.nn.Module, batch_size: int, autocast_dtype: torch.dtype | None = None,
-                device: str = "cpu") -> int:
+                device: str = "cpu", frozen: bool = False) -> int:
     """Bytes of the distinct storages saved for backward by one training-mode forward pass.
 
+    frozen: instead, an eval-mode forward of the model with no parameter requiring grad, differentiated
+    with respect to its input x (what sample.py's --likelihood does at every ODE evaluation).
     Only the model's structure and dtypes are used, so it can be built on the meta device.
     """
     mode = FakeTensorMode(allow_non_fake_inputs=False)
     with mode:  # fake copies of the parameters: no data is read, so the model may live on "meta"
         state = {
-            name: torch.empty(t.shape, dtype=t.dtype, device=device).requires_grad_(t.requires_grad)
+            name: torch.empty(t.shape, dtype=t.dtype, device=device).requires_grad_(t.requires_grad and not frozen)
             for name, t in [*model.named_parameters(), *model.named_buffers()]
         }
     param_storages = {v.untyped_storage()._cdata for v in state.values()}
@@ -47,10 +49,11 @@ def saved_bytes(model: torch.nn.Module, batch_size: int, autocast_dtype: torch.d
     )
     with mode, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast, shapes_only():
         x = torch.randn(batch_size, model.in_channels, model.input_size, model.input_size, device=device)
+        x.requires_grad_(frozen)
         t = torch.rand(batch_size, device=device)
         y = torch.randint(0, model.num_classes, (batch_size,), device=device)
         was_training = model.training
-        model.train()
+        model.train(not frozen)
         try:
             functional_call(model, state, (x, t, y))
         finally:
@@ -59,11 +62,13 @@ def saved_bytes(model: torch.nn.Module, batch_size: int, autocast_dtype: torch.d
 
 
 def activation_bytes_per_image(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
-                               device: str = "cpu", batch_sizes: tuple[int, int] = (2, 4)) -> int:
-    """Marginal bytes saved for backward per image (parameters and their casts excluded)."""
+                               device: str = "cpu", batch_sizes: tuple[int, int] = (2, 4),
+                               frozen: bool = False) -> int:
+    """Marginal bytes saved for backward per image (parameters and their casts excluded); frozen: of
+    the likelihood's input-gradient forward instead of a training step's (see saved_bytes)."""
     b1, b2 = batch_sizes
-    s1 = saved_bytes(model, b1, autocast_dtype, device)
-    s2 = saved_bytes(model, b2, autocast_dtype, device)
+    s1 = saved_bytes(model, b1, autocast_dtype, device, frozen)
+    s2 = saved_bytes(model, b2, autocast_dtype, device, frozen)
     return (s2 - s1) // (b2 - b1)
 
 
@@ -102,38 +107,49 @@ def main(argv=None) -> None:
                         help="also a table of per-GPU batch bounds for GPUs with this much memory (GiB), e.g. 24 40 48 80 141")
     parser.add_argument("--headroom-gib", type=gib, default=4.0,
                         help="memory kept aside in the bounds for the CUDA context, workspaces and temporaries")
+    parser.add_argument("--likelihood", action="store_true",
+                        help="the activations of sample.py's --likelihood (a frozen model differentiated with "
+                             "respect to its input) instead of a training step's")
     args = parser.parse_args(argv)
     for name in args.models:
         patch = model_config(name)["patch_size"]
         if args.image_size % (8 * patch):
             raise UserError(f"--image-size {args.image_size}: {name} needs a multiple of {8 * patch} "
                             f"(the VAE's 8 times the patch size {patch})")
-    print("| model | params | fp32 weights | train state (w+g+AdamW+EMA) | act/img ref fp32 (math attn) | "
-          "act/img ref fp32+sdpa | act/img ref bf16+sdpa | act/img fast bf16 |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    frozen = args.likelihood
+    # Per variant: the reference (math or SDPA attention) or the fast path, and the autocast dtype.
+    variants = [("ref_sdpa", None, "ref fp32+sdpa"), ("ref_sdpa", torch.bfloat16, "ref bf16+sdpa"),
+                ("fast", torch.bfloat16, "fast bf16")]
+    if not frozen:  # sample.py never picks math attention; train.py neither, but the reference has it
+        variants.insert(0, ("ref", None, "ref fp32 (math attn)"))
+    columns = ["model", "params", "fp32 weights", *([] if frozen else ["train state (w+g+AdamW+EMA)"]),
+               *(f"act/img {label}" for _, _, label in variants)]
+    print("| " + " | ".join(columns) + " |")
+    print("|" + " --- |" * len(columns))
     bounds = []
     for name in args.models:
         with torch.device("meta"):
-            ref = SiT_models[name](input_size=args.image_size // 8)
-            ref_sdpa = SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa")
-            fast = SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa", fused_kernels=True)
-        params = sum(p.numel() for p in ref.parameters())
-        state = training_state_bytes(ref)
-        activations = [activation_bytes_per_image(ref), activation_bytes_per_image(ref_sdpa),
-                       activation_bytes_per_image(ref_sdpa, torch.bfloat16),
-                       activation_bytes_per_image(fast, torch.bfloat16)]
-        row = [name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB", f"{state / 2**30:.2f} GiB",
-               *(f"{a / 2**20:.0f} MiB" for a in activations)]
+            models = {"ref": SiT_models[name](input_size=args.image_size // 8),
+                      "ref_sdpa": SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa"),
+                      "fast": SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa",
+                                               fused_kernels=True)}
+        params = sum(p.numel() for p in models["ref"].parameters())
+        fixed = params * 4 if frozen else training_state_bytes(models["ref"])
+        activations = [activation_bytes_per_image(models[key], dtype, frozen=frozen) for key, dtype, _ in variants]
+        row = [name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB",
+               *([] if frozen else [f"{fixed / 2**30:.2f} GiB"]), *(f"{a / 2**20:.0f} MiB" for a in activations)]
         print("| " + " | ".join(row) + " |")
-        bounds.append((name, state, activations[1:]))
+        bounds.append((name, fixed, activations[-3:]))
     if not args.gpu_gib:
         return
-    print(f"\nPer-GPU training batch bounds, {args.image_size}px, (GPU - train state - {args.headroom_gib:g} GiB) / "
+    job = "--likelihood" if frozen else "training"
+    fixed_label = "fp32 weights" if frozen else "train state"
+    print(f"\nPer-GPU {job} batch bounds, {args.image_size}px, (GPU - {fixed_label} - {args.headroom_gib:g} GiB) / "
           f"activations per image; fp32+sdpa / bf16+sdpa / fast bf16:\n")
     print("| model | " + " | ".join(f"{g:g} GiB" for g in args.gpu_gib) + " |")
     print("| --- |" + " --- |" * len(args.gpu_gib))
-    for name, state, activations in bounds:
-        cells = [" / ".join(str(batch_bound(int(g * 2**30), state, a, int(args.headroom_gib * 2**30)))
+    for name, fixed, activations in bounds:
+        cells = [" / ".join(str(batch_bound(int(g * 2**30), fixed, a, int(args.headroom_gib * 2**30)))
                             for a in activations) for g in args.gpu_gib]
         print(f"| {name} | " + " | ".join(cells) + " |")
 

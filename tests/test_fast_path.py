@@ -201,6 +201,20 @@ def test_activation_memory_fast_path_xl2():
     assert fast_bytes <= 0.60 * ref_bytes, (fast_bytes / 1e6, ref_bytes / 1e6)
 
 
+def test_likelihood_activation_memory():
+    """The likelihood's forward (frozen model, gradient with respect to the input) saves less than a
+    training step's, and the fast path less than the reference: the gated kernels keep no y there."""
+    with torch.device("meta"):
+        reference = SiT_models["SiT-S/2"](attn_backend="sdpa")
+        fast = SiT_models["SiT-S/2"](attn_backend="sdpa", fused_kernels=True)
+    figures = {(name, frozen): activation_bytes_per_image(model, torch.bfloat16, frozen=frozen)
+               for name, model in (("reference", reference), ("fast", fast)) for frozen in (False, True)}
+    assert 0 < figures["fast", True] < figures["fast", False], figures
+    assert 0 < figures["reference", True] < figures["reference", False], figures
+    # 23 vs 28 MiB: one (B, T, D) bf16 tensor less per gated op than when the kernels kept y (27.5 MiB)
+    assert figures["fast", True] <= 0.9 * figures["reference", True], figures
+
+
 def test_flops_match_flop_counter():
     for config in CONFIGS.values():
         model = SiT(num_classes=10, **config)
@@ -320,6 +334,26 @@ def test_memory_batch_bounds(capsys):
         expected = [(gpu - 2 - state_gib) * 1024 / a for a in acts_mib]  # the table's rounded figures
         assert all(abs(b - e) <= 0.02 * e + 1 for b, e in zip(bounds, expected)), (gpu, bounds, expected)
         assert bounds[0] < bounds[1] < bounds[2]
+
+
+def test_memory_likelihood_table(capsys):
+    """--likelihood: the frozen model's activations (three SDPA variants), and bounds after the fp32
+    weights alone."""
+    from sit_fast.memory import main
+
+    main(["--models", "SiT-S/2", "--likelihood", "--gpu-gib", "24", "--headroom-gib", "2"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    header = [cell.strip() for cell in lines[0].strip("|").split("|")]
+    assert header == ["model", "params", "fp32 weights", "act/img ref fp32+sdpa", "act/img ref bf16+sdpa",
+                      "act/img fast bf16"], header
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    weights_gib = float(row[2].split()[0])
+    acts_mib = [float(cell.split()[0]) for cell in row[3:]]
+    assert acts_mib[0] > acts_mib[1] > acts_mib[2] > 0, acts_mib
+    assert "--likelihood batch bounds" in lines[4] and "fp32 weights" in lines[4], lines[4]
+    bounds = [int(b) for b in lines[-1].strip("|").split("|")[1].split("/")]
+    expected = [(24 - 2 - weights_gib) * 1024 / a for a in acts_mib]
+    assert all(abs(b - e) <= 0.03 * e + 1 for b, e in zip(bounds, expected)), (bounds, expected)
 
 
 @pytest.mark.parametrize("argv,message", [
