@@ -278,13 +278,20 @@ class GeluLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
+        # Only the gradients asked for: a frozen fc2 (the likelihood's input gradient) skips the
+        # weight-gradient GEMM and the GELU recompute.
         a, w = ctx.saved_tensors
-        g = F.gelu(a, approximate="tanh")  # recomputed
-        grad_g = grad_out @ w  # (..., hidden)
-        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).t() @ g.reshape(-1, g.shape[-1])
-        grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        grad_a = torch.ops.aten.gelu_backward(grad_g, a, approximate="tanh")
-        return grad_a, grad_w.to(ctx.param_dtypes[0]), grad_b.to(ctx.param_dtypes[1])
+        needs_a, needs_w, needs_b = ctx.needs_input_grad
+        grad_a = grad_w = grad_b = None
+        if needs_a:
+            grad_g = grad_out @ w  # (..., hidden)
+            grad_a = torch.ops.aten.gelu_backward(grad_g, a, approximate="tanh")
+        if needs_w:
+            g = F.gelu(a, approximate="tanh")  # recomputed
+            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ g.reshape(-1, g.shape[-1])).to(ctx.param_dtypes[0])
+        if needs_b:
+            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.param_dtypes[1])
+        return grad_a, grad_w, grad_b
 
 
 class Mlp(nn.Module):
