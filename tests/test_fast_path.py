@@ -173,6 +173,25 @@ def test_gelu_linear_computes_only_the_gradients_asked_for(trainable):
     assert counter.get_total_flops() == gemms * 2 * N * out_features * hidden
 
 
+@pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
+def test_fast_backward_does_the_references_matmuls(frozen):
+    """Backward FLOPs (GEMMs and attention) of the fast path equal the reference's, for a training
+    step and for the likelihood's frozen model differentiated with respect to its input, where
+    neither may compute a parameter gradient."""
+    flops = []
+    for options in (dict(attn_backend="sdpa"), dict(attn_backend="sdpa", fused_kernels=True)):
+        model = randomize_zero_init_(SiT(num_classes=10, **CONFIGS["hd72-sigma"], **options))
+        model.to(DEVICE).eval().requires_grad_(not frozen)
+        x = torch.randn(1, 4, 8, 8, device=DEVICE, requires_grad=True)
+        out = model(x, torch.rand(1, device=DEVICE), torch.randint(0, 10, (1,), device=DEVICE))
+        wrt = [x] + [p for p in model.parameters() if p.requires_grad]
+        with FlopCounterMode(display=False) as counter:
+            torch.autograd.grad(out, wrt, torch.randn_like(out), allow_unused=True)
+        flops.append(counter.get_total_flops())
+    reference, fast = flops
+    assert fast == reference > 0, flops
+
+
 def test_upstream_checkpoint_gives_same_outputs_in_fast_and_reference(tmp_path):
     from sit_fast.checkpoint import load_checkpoint
 
