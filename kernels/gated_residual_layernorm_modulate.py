@@ -104,8 +104,8 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
 #                                                                       later layers; means over D)
 #   dx       = d_res
 #   dy       = d_res * gate
-#   dshift   = sum over tokens of dh
-#   dscale   = sum over tokens of dh * x_hat
+#   dshift   = sum over tokens of dh                                   (these two only when HAS_DVEC; a
+#   dscale   = sum over tokens of dh * x_hat                           frozen model's vectors need neither)
 #   dgate    = sum over tokens of d_res * y                            (only when HAS_DGATE; otherwise y
 #                                                                       is neither saved nor read)
 # Each program sums dshift/dscale/dgate over its own token tile in fp32 and writes one partial row;
@@ -115,8 +115,8 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     dx_ptr,  # (B, T, D) out, x's dtype
     dy_ptr,  # (B, T, D) out, y's dtype
     dgate_partial_ptr,  # (B, n_tiles, D) out, fp32 (unused when HAS_DGATE is False)
-    dshift_partial_ptr,  # (B, n_tiles, D) out, fp32
-    dscale_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dshift_partial_ptr,  # (B, n_tiles, D) out, fp32 (unused when HAS_DVEC is False)
+    dscale_partial_ptr,  # (B, n_tiles, D) out, fp32 (unused when HAS_DVEC is False)
     dx_out_ptr,  # (B, T, D) incoming gradient of x_out (unused when HAS_DX_OUT is False)
     dh_ptr,  # (B, T, D) incoming gradient of h
     x_hat_ptr,  # (B, T, D) saved normalised x_out, h's dtype
@@ -137,6 +137,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     T, D, rows_per_program, n_tiles,
     HAS_DX_OUT: tl.constexpr,
     HAS_DGATE: tl.constexpr,
+    HAS_DVEC: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -187,8 +188,9 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
             if HAS_DGATE:
                 y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_row + t * stride_stat_t)
-        dshift_acc += dh
-        dscale_acc += dh * x_hat
+        if HAS_DVEC:
+            dshift_acc += dh
+            dscale_acc += dh * x_hat
         d_res = normalize_modulate_vjp(dh, x_hat, rstd, one_plus_scale, D)
         if HAS_DX_OUT:
             if not PREFETCH:
@@ -204,8 +206,9 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
     if HAS_DGATE:
         tl.store(dgate_partial_ptr + part, dgate_acc, mask=mask)
-    tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
-    tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
+    if HAS_DVEC:
+        tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
+        tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
 
 
 def check_inputs(
@@ -279,20 +282,24 @@ def gated_residual_layernorm_modulate_backward(
     x_dtype: torch.dtype,
     y_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    has_dvec: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernel: returns dx (x_dtype), dgate, dy (y_dtype), dshift (shift_dtype),
     dscale, each in its input's dtype.
 
-    y=None (gate needs no gradient, so y was not saved) skips dgate and returns it empty, (B, 0)."""
+    y=None (gate needs no gradient, so y was not saved) skips dgate and returns it empty, (B, 0);
+    has_dvec=False (neither shift nor scale needs one) does the same for dshift and dscale."""
     _launch.check_runnable(OP, x_hat.device, _gated_residual_layernorm_modulate_bwd_kernel)
     B, T, D = x_hat.shape
     has_dgate = y is not None
     dx = _launch.empty((B, T, D), x_dtype, x_hat.device)
     dy = _launch.empty((B, T, D), y_dtype, x_hat.device)
     rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, "bwd")
-    # The three partials share one set of strides (dshift's); dgate's is empty without dgate.
-    dshift_partial, dscale_partial = (_launch.empty((B, n_tiles, D), torch.float32, x_hat.device) for _ in range(2))
+    # A partial not asked for is empty; the others share one set of strides, a full partial's.
     dgate_partial = _launch.empty((B, n_tiles if has_dgate else 0, D), torch.float32, x_hat.device)
+    dshift_partial, dscale_partial = (
+        _launch.empty((B, n_tiles if has_dvec else 0, D), torch.float32, x_hat.device) for _ in range(2))
+    part_strides = dshift_partial.stride() if has_dvec else dgate_partial.stride()
     if B * n_tiles > 0:
         has_dx_out = grad_x_out is not None
         dx_out_arg = grad_x_out if has_dx_out else grad_h  # placeholders the kernel never reads
@@ -301,13 +308,15 @@ def gated_residual_layernorm_modulate_backward(
         _gated_residual_layernorm_modulate_bwd_kernel[(B * n_tiles,)](
             dx, dy, dgate_partial, dshift_partial, dscale_partial,
             dx_out_arg, grad_h, x_hat, y_arg, gate, scale, rstd,
-            *dx.stride(), *dy.stride(), *dshift_partial.stride(), *dx_out_arg.stride(), *grad_h.stride(),
+            *dx.stride(), *dy.stride(), *part_strides, *dx_out_arg.stride(), *grad_h.stride(),
             *x_hat.stride(), *y_arg.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
             T, D, rows_per_program, n_tiles,
-            HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"),
+            HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"),
             BLOCK_D=block_d, num_warps=num_warps,
         )
     dgate = dgate_partial.sum(dim=1).to(gate.dtype) if has_dgate else gate.new_empty((B, 0))
+    if not has_dvec:
+        return dx, dgate, dy, scale.new_empty((B, 0), dtype=shift_dtype), scale.new_empty((B, 0))
     dshift = dshift_partial.sum(dim=1).to(shift_dtype)
     dscale = dscale_partial.sum(dim=1).to(scale.dtype)
     return dx, dgate, dy, dshift, dscale
@@ -351,21 +360,23 @@ def gated_residual_layernorm_modulate_backward_op(
     x_dtype: torch.dtype,
     y_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    has_dvec: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     return gated_residual_layernorm_modulate_backward(
-        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, y_dtype, shift_dtype
+        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, y_dtype, shift_dtype, has_dvec
     )
 
 
 @gated_residual_layernorm_modulate_backward_op.register_fake
-def _(grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, y_dtype, shift_dtype):
+def _(grad_x_out, grad_h, x_hat, y, gate, scale, rstd, x_dtype, y_dtype, shift_dtype, has_dvec):
     B, T, D = x_hat.shape
+    vec_d = D if has_dvec else 0
     return (
         x_hat.new_empty((B, T, D), dtype=x_dtype),
         gate.new_empty((B, D if y is not None else 0)),
         x_hat.new_empty((B, T, D), dtype=y_dtype),
-        scale.new_empty((B, D), dtype=shift_dtype),
-        scale.new_empty((B, D)),
+        scale.new_empty((B, vec_d), dtype=shift_dtype),
+        scale.new_empty((B, vec_d)),
     )
 
 
@@ -377,6 +388,7 @@ def _setup_context(ctx, inputs, output):
     # and none for x_out where only h is used (the last block's), which the kernel then never reads.
     ctx.set_materialize_grads(False)
     ctx.needs_dgate = ctx.needs_input_grad[1]
+    ctx.needs_dshift, ctx.needs_dscale = ctx.needs_input_grad[3:5]
     # y only serves dgate: a frozen gate keeps (B, T, D) fewer elements alive.
     ctx.save_for_backward(x_hat, y if ctx.needs_dgate else None, gate, scale, rstd)
     ctx.x_dtype = x.dtype
@@ -391,10 +403,12 @@ def _backward(ctx, grad_x_out, grad_h, _grad_x_hat, _grad_rstd):
     if grad_h is None:  # only x_out was used: h's gradient is zero
         grad_h = torch.zeros(x_hat.shape[0], x_hat.shape[1], scale.shape[1], dtype=x_hat.dtype, device=x_hat.device)
     _launch.check_saved_for_backward(OP, x_hat, grad_h)
+    has_dvec = ctx.needs_dshift or ctx.needs_dscale  # both come from one pass; a frozen model wants neither
     dx, dgate, dy, dshift, dscale = gated_residual_layernorm_modulate_backward_op(
-        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, ctx.x_dtype, ctx.y_dtype, ctx.shift_dtype
+        grad_x_out, grad_h, x_hat, y, gate, scale, rstd, ctx.x_dtype, ctx.y_dtype, ctx.shift_dtype, has_dvec
     )
-    return dx, (dgate if ctx.needs_dgate else None), dy, dshift, dscale, None, None, None
+    return (dx, (dgate if ctx.needs_dgate else None), dy, (dshift if ctx.needs_dshift else None),
+            (dscale if ctx.needs_dscale else None), None, None, None)
 
 
 gated_residual_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)

@@ -74,15 +74,15 @@ def _layernorm_modulate_fwd_kernel(
 # x_hat (saved by the forward in y's dtype) and the fp32 rstd are all it needs:
 #   g       = dy * (1 + scale)                                   (gradient reaching x_hat)
 #   dx      = rstd * (g - mean(g) - x_hat * mean(g * x_hat))     (means over the D features)
-#   dshift  = sum over tokens of dy
-#   dscale  = sum over tokens of dy * x_hat
+#   dshift  = sum over tokens of dy                              (these two only when HAS_DVEC; a frozen
+#   dscale  = sum over tokens of dy * x_hat                       model's vectors need neither)
 # Each program sums dshift/dscale over its own token tile in fp32 and writes one partial row;
 # the launcher reduces the (B, n_tiles, D) partials over tiles afterwards (deterministic, no atomics).
 @triton.jit
 def _layernorm_modulate_bwd_kernel(
     dx_ptr,  # (B, T, D) out, x's dtype
-    dshift_partial_ptr,  # (B, n_tiles, D) out, fp32
-    dscale_partial_ptr,  # (B, n_tiles, D) out, fp32
+    dshift_partial_ptr,  # (B, n_tiles, D) out, fp32 (unused when HAS_DVEC is False)
+    dscale_partial_ptr,  # (B, n_tiles, D) out, fp32 (unused when HAS_DVEC is False)
     dy_ptr,  # (B, T, D) incoming gradient
     x_hat_ptr,  # (B, T, D) saved normalised x, y's dtype
     scale_ptr,  # (B, D)
@@ -94,6 +94,7 @@ def _layernorm_modulate_bwd_kernel(
     stride_scale_b, stride_scale_d,
     stride_stat_b, stride_stat_t,
     T, D, rows_per_program, n_tiles,
+    HAS_DVEC: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -128,15 +129,17 @@ def _layernorm_modulate_bwd_kernel(
             dy = tl.load(dy_row + t * stride_dy_t, mask=mask, other=0.0).to(tl.float32)
             x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
             rstd = tl.load(rstd_row + t * stride_stat_t)
-        dshift_acc += dy
-        dscale_acc += dy * x_hat
+        if HAS_DVEC:
+            dshift_acc += dy
+            dscale_acc += dy * x_hat
         dx = normalize_modulate_vjp(dy, x_hat, rstd, one_plus_scale, D)
         tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
                  dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
-    part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
-    tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
-    tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
+    if HAS_DVEC:
+        part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
+        tl.store(dshift_partial_ptr + part, dshift_acc, mask=mask)
+        tl.store(dscale_partial_ptr + part, dscale_acc, mask=mask)
 
 
 def check_inputs(
@@ -187,14 +190,18 @@ def layernorm_modulate_backward(
     rstd: torch.Tensor,
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    has_dvec: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Launch the backward kernel: returns dx (x_dtype), dshift (shift_dtype), dscale (scale's dtype)."""
+    """Launch the backward kernel: returns dx (x_dtype), dshift (shift_dtype), dscale (scale's dtype).
+
+    has_dvec=False (neither shift nor scale needs a gradient) skips dshift and dscale and returns
+    them empty, (B, 0)."""
     _launch.check_runnable(OP, x_hat.device, _layernorm_modulate_bwd_kernel)
     B, T, D = x_hat.shape
     dx = _launch.empty((B, T, D), x_dtype, x_hat.device)
     rows_per_program, n_tiles = _launch.token_tiling(B, T, x_hat.device, "bwd")
-    dshift_partial = _launch.empty((B, n_tiles, D), torch.float32, x_hat.device)
-    dscale_partial = _launch.empty((B, n_tiles, D), torch.float32, x_hat.device)
+    dshift_partial, dscale_partial = (
+        _launch.empty((B, n_tiles if has_dvec else 0, D), torch.float32, x_hat.device) for _ in range(2))
     if B * n_tiles > 0:
         block_d, num_warps = _launch.block_config(D, "bwd")
         _layernorm_modulate_bwd_kernel[(B * n_tiles,)](
@@ -202,8 +209,10 @@ def layernorm_modulate_backward(
             *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x_hat.stride(), *scale.stride(),
             *rstd.stride(),
             T, D, rows_per_program, n_tiles,
-            PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
+            HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
         )
+    if not has_dvec:
+        return dx, scale.new_empty((B, 0), dtype=shift_dtype), scale.new_empty((B, 0))
     dshift = dshift_partial.sum(dim=1).to(shift_dtype)
     dscale = dscale_partial.sum(dim=1).to(scale.dtype)
     return dx, dshift, dscale
@@ -236,17 +245,19 @@ def layernorm_modulate_backward_op(
     rstd: torch.Tensor,
     x_dtype: torch.dtype,
     shift_dtype: torch.dtype,
+    has_dvec: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return layernorm_modulate_backward(grad_y, x_hat, scale, rstd, x_dtype, shift_dtype)
+    return layernorm_modulate_backward(grad_y, x_hat, scale, rstd, x_dtype, shift_dtype, has_dvec)
 
 
 @layernorm_modulate_backward_op.register_fake
-def _(grad_y, x_hat, scale, rstd, x_dtype, shift_dtype):
+def _(grad_y, x_hat, scale, rstd, x_dtype, shift_dtype, has_dvec):
     B, T, D = x_hat.shape
+    vec_d = D if has_dvec else 0
     return (
         x_hat.new_empty((B, T, D), dtype=x_dtype),
-        scale.new_empty((B, D), dtype=shift_dtype),
-        scale.new_empty((B, D)),
+        scale.new_empty((B, vec_d), dtype=shift_dtype),
+        scale.new_empty((B, vec_d)),
     )
 
 
@@ -256,6 +267,7 @@ def _setup_context(ctx, inputs, output):
     ctx.mark_non_differentiable(x_hat, rstd)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for x_hat and rstd: a pass over (B, T, D) each
     ctx.save_for_backward(x_hat, scale, rstd)
+    _, ctx.needs_dshift, ctx.needs_dscale = ctx.needs_input_grad[:3]
     ctx.x_dtype = x.dtype
     ctx.shift_dtype = shift.dtype
 
@@ -265,8 +277,11 @@ def _backward(ctx, grad_y, _grad_x_hat, _grad_rstd):
         return None, None, None, None, None, None
     x_hat, scale, rstd = ctx.saved_tensors
     _launch.check_saved_for_backward(OP, x_hat, grad_y)
-    dx, dshift, dscale = layernorm_modulate_backward_op(grad_y, x_hat, scale, rstd, ctx.x_dtype, ctx.shift_dtype)
-    return dx, dshift, dscale, None, None, None
+    has_dvec = ctx.needs_dshift or ctx.needs_dscale  # both come from one pass; a frozen model wants neither
+    dx, dshift, dscale = layernorm_modulate_backward_op(
+        grad_y, x_hat, scale, rstd, ctx.x_dtype, ctx.shift_dtype, has_dvec
+    )
+    return dx, (dshift if ctx.needs_dshift else None), (dscale if ctx.needs_dscale else None), None, None, None
 
 
 layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)

@@ -241,6 +241,32 @@ def test_kernel_frozen_vectors_match_reference(op, case, prefetch):
         check_against_reference(op, make_inputs(op, 2, 13, 97, case), case, trainable=("x", "y"))
 
 
+@pytest.mark.parametrize("vectors_grad", [True, False], ids=["trained", "frozen"])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_frozen_vectors_write_no_partial_sums(op, vectors_grad, monkeypatch):
+    """The backward's per-tile fp32 partial sums of the (B, D) gradients, what dshift, dscale and
+    dgate are reduced from, are allocated only when some modulation vector needs a gradient."""
+    case = DTYPE_CASES[3].values[0]  # bf16 activations: every fp32 (B, n_tiles, D) tensor is a partial
+    inputs = make_inputs(op, 2, 13, 97, case)
+    inputs = {n: t.requires_grad_(vectors_grad or n in ("x", "y")) for n, t in inputs.items()}
+    outs = run_ours(op, inputs)
+    partials = []
+    empty = _launch.empty
+
+    def spy(shape, dtype, device):
+        if dtype == torch.float32 and len(shape) == 3:
+            partials.append(tuple(shape))
+        return empty(shape, dtype, device)
+
+    monkeypatch.setattr(_launch, "empty", spy)
+    torch.autograd.grad(outs, [t for t in inputs.values() if t.requires_grad], [torch.randn_like(o) for o in outs])
+    elements = sum(torch.Size(shape).numel() for shape in partials)
+    if vectors_grad:
+        assert elements > 0, partials
+    else:
+        assert elements == 0, f"{op}: a frozen model's backward allocated fp32 partial sums {partials}"
+
+
 # Every other split of which inputs need a gradient (of those each op has): each one asked for is
 # right, the rest are None.
 PARTIAL_SPLITS = [("x",), ("y",), ("gate",), ("x", "gate"), ("gate", "y"), ("shift", "scale"), ("x", "scale")]
@@ -625,12 +651,15 @@ for module_name, kernel_names in KERNELS.items():
     for kernel_name in kernel_names:
         kernel = getattr(module, kernel_name)
         assert isinstance(kernel, triton.runtime.JITFunction), type(kernel)
-        # the gated backwards also without dgate (a frozen gate): y is then neither saved nor read
-        dgate_variants = (True, False) if "HAS_DGATE" in kernel.arg_names else (True,)
-        for (D, prefetch), has_dgate in itertools.product(((72, 0), (1152, 0), (1152, 1), (8192, 1)), dgate_variants):
+        # The backwards also as for a frozen model (no dgate, so y is neither saved nor read; no dshift or
+        # dscale) and, where a kernel has both flags, with each one off alone.
+        flags = [f for f in ("HAS_DGATE", "HAS_DVEC") if f in kernel.arg_names]
+        variants = [dict.fromkeys(flags, True), dict.fromkeys(flags, False)] if flags else [{}]
+        if len(flags) > 1:
+            variants += [{f: f != off for f in flags} for off in flags]
+        for (D, prefetch), variant in itertools.product(((72, 0), (1152, 0), (1152, 1), (8192, 1)), variants):
             block_d, num_warps = _launch.block_config(D)
-            constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "HAS_DGATE": has_dgate, "STORE_X_HAT": True,
-                          "PREFETCH": prefetch}
+            constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch, **variant}
             # contiguous rows: Triton specialises the unit feature strides, as at run time
             constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
             signature, attrs = {}, {}
@@ -661,7 +690,8 @@ for module_name, kernel_names in KERNELS.items():
                                    capture_output=True, text=True)
             os.unlink(f.name)
             spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
-            print("lowered", kernel_name, D, prefetch, has_dgate, "narrow", narrow, "vectors", vectors,
+            off = ",".join(f for f, on in variant.items() if not on) or "-"
+            print("lowered", kernel_name, D, prefetch, "off", off, "narrow", narrow, "vectors", vectors,
                   "spill", spill.group(1) if spill else "?")
 """
 
@@ -676,7 +706,11 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
     result = _run_python(_LOWER_FOR_SM90, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("lowered")]
-    assert len(lines) == 6 * 4 + 2 * 4, result.stdout  # 6 kernels at 4 launches; 2 also without dgate
+    # 6 kernels at 4 launches; the 3 backwards also frozen, and the fused one with each flag off alone
+    assert len(lines) == 6 * 4 + 3 * 4 + 2 * 4, result.stdout
+    offs = {(line.split()[1], line.split()[5]) for line in lines}
+    assert ("_gated_residual_layernorm_modulate_bwd_kernel", "HAS_DGATE,HAS_DVEC") in offs, sorted(offs)
+    assert ("_layernorm_modulate_bwd_kernel", "HAS_DVEC") in offs, sorted(offs)
     for line in lines:
         D = int(line.split()[2])
         if D % 16 == 0:  # Triton knows alignment from sizes divisible by 16 only (SiT's are)
