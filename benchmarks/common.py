@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import functools
 import gc
 import json
 import math
@@ -331,14 +332,14 @@ def measure_ceilings(device: torch.device, size: SizeConfig) -> dict:
     """
     src = torch.randn(size.copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    copy = time_fn(lambda: dst.copy_(src), device, warmup=3, iters=20)
+    copy = time_fn(functools.partial(dst.copy_, src), device, warmup=3, iters=20)
     copy_bytes = 2 * src.numel() * src.element_size()
     del src, dst
     n = size.matmul_n
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    matmul = time_fn(lambda: torch.mm(a, b, out=c), device, warmup=3, iters=20)
+    matmul = time_fn(functools.partial(torch.mm, a, b, out=c), device, warmup=3, iters=20)
     del a, b, c
     free_memory(device)
     return {
