@@ -106,7 +106,13 @@ def fraction(value: str) -> float:
 def or_none(convert):
     """The type `convert`, or None for "none" (any case): a way to unset, on resume, what a run had set."""
     def parse(value: str):
-        return None if value.lower() == "none" else convert(value)
+        if value.lower() == "none":
+            return None
+        try:
+            return convert(value)
+        except argparse.ArgumentTypeError as error:  # "must be X, got V" -> "must be X or none, got V"
+            wanted, got, value_given = str(error).partition(", got ")
+            raise argparse.ArgumentTypeError(f"{wanted} or none{got}{value_given}") from None
 
     parse.__name__ = f"{convert.__name__} or none"
     return parse

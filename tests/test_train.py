@@ -395,6 +395,23 @@ def test_switches_and_optional_values_can_be_unset_on_resume(tmp_path):
     assert summary["step"] == 28  # the end of the first epoch (1797 digits in batches of 64)
 
 
+def test_sample_every_none_makes_no_grids(tmp_path):
+    """--sample-every none turns the EMA sample grids off, also on a resume of a run that made them;
+    0 is refused in one line that names the way to turn them off."""
+    exp = tmp_path / "run"
+    grids = ["--num-sample-images", "2", "--sample-steps", "1"]
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--sample-every", "1", *grids])
+    assert sorted(os.listdir(exp / "samples")) == ["0000001.png", "0000002.png"]
+    summary = train_main(["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "4", "--no-progress",
+                          "--fused-kernels", "off", "--sample-every", "none"])
+    assert summary["step"] == 4 and sorted(os.listdir(exp / "samples")) == ["0000001.png", "0000002.png"]
+    assert load_ckpt(summary["last_checkpoint"])["args"]["sample_every"] is None
+    with pytest.raises(UserError) as error:
+        train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--sample-every", "0"])
+    assert str(error.value) == ("argument --sample-every: must be a positive integer or none, got 0 "
+                                "(see train.py --help)")
+
+
 def fail_second_checkpoint_write(monkeypatch, error: OSError):
     """The second checkpoint's torch.save writes half of the file, then raises `error`; returns the real save."""
     real_save = torch.save

@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "of the newest matching experiment; a new run if there is none)")
     run.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     run.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints")
-    run.add_argument("--sample-every", type=positive_int, default=10_000, help="steps between EMA sample grids")
+    run.add_argument("--sample-every", type=or_none(positive_int), default=10_000,
+                     help="steps between EMA sample grids (none: no grids)")
     run.add_argument("--cfg-scale", type=finite_float, default=4.0, help="classifier-free guidance of the sample grids")
     run.add_argument("--sample-method", choices=["euler", "heun"], default="heun",
                      help="fixed-step ODE solver of the sample grids")

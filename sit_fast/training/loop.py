@@ -924,7 +924,7 @@ class Trainer:
                         if self.step % args.ckpt_every == 0 or last:
                             self.check_finite()
                             self.save_checkpoint()
-                        if self.step % args.sample_every == 0 and is_main:
+                        if args.sample_every is not None and self.step % args.sample_every == 0 and is_main:
                             self.phase = "samples"
                             self.save_samples()
                             self.phase = "train"
