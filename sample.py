@@ -781,9 +781,21 @@ def run_reverse(setup: Setup) -> str:
 #                                      main                                      #
 #################################################################################
 
+def mode_first(argv: list[str], prog: str) -> list[str]:
+    """The sampler leads, as upstream has it (`sample.py ODE --ckpt ...`); `ode` and `sde` are taken
+    for ODE and SDE, and flags before any sampler are refused saying so, not as an invalid choice."""
+    if argv and argv[0].upper() in MODES:
+        return [argv[0].upper(), *argv[1:]]
+    if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        raise UserError(f"the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} ODE {' '.join(argv)} "
+                        f"(see {prog} --help)")
+    return argv
+
+
 @cli_entry
 def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str | None = None):
-    args = build_parser(defaults, prog).parse_args(argv)
+    parser = build_parser(defaults, prog)
+    args = parser.parse_args(mode_first(list(sys.argv[1:] if argv is None else argv), parser.prog))
     args.prog = prog
     args = resolve_args(args)
     dist = init_distributed()

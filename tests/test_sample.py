@@ -416,6 +416,24 @@ def test_mistyped_flag_is_refused(mode, flag, capsys):
     assert err.startswith(f"error: unrecognized arguments: {flag} 2 (see ") and err.endswith(f" {mode} --help)"), err
 
 
+def test_the_sampler_comes_first_in_either_case(capsys):
+    """Flags before the sampler are refused saying where it goes (not as an invalid sampler named
+    after the flag's value), in one line; `ode` and `sde` are taken for ODE and SDE."""
+    prog = sample.build_parser().prog  # sample.py as a script; the runner's name here
+    with pytest.raises(SystemExit) as exit_info:
+        run(["--ckpt", "model.pt", "--cfg-scale", "4"])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == (f"error: the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} ODE "
+                                      f"--ckpt model.pt --cfg-scale 4 (see {prog} --help)")
+    for mode in ("ode", "sde"):
+        with pytest.raises(SystemExit):
+            run([mode, "--bogus"])
+        assert one_line_error(capsys).endswith(f" {mode.upper()} --help)")  # parsed as that sampler
+    with pytest.raises(SystemExit):
+        run([])
+    assert one_line_error(capsys) == f"error: the following arguments are required: {{ODE,SDE}} (see {prog} --help)"
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["ODE", "--atol", "-1"], "argument --atol: must be a positive number, got -1"),
     (["ODE", "--rtol", "0"], "argument --rtol: must be a positive number, got 0"),
