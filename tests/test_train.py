@@ -412,6 +412,19 @@ def test_sample_every_none_makes_no_grids(tmp_path):
                                 "(see train.py --help)")
 
 
+def test_digits_train_in_pixel_space_unless_a_vae_is_given(tmp_path):
+    """--dataset digits (grayscale, which the SD VAEs cannot encode) picks --vae none by itself and
+    says so; an explicit VAE is refused in one line that names the fix."""
+    argv = [a for a in BASE if a not in ("--vae", "none")]
+    assert len(argv) == len(BASE) - 2
+    summary = train_main(argv + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "1"])
+    assert load_ckpt(summary["last_checkpoint"])["args"]["vae"] == "none"
+    assert "--dataset digits: pixel space (--vae none" in (tmp_path / "run" / "log.txt").read_text()
+    with pytest.raises(UserError) as error:
+        train_main(argv + ["--exp-dir", str(tmp_path / "other"), "--max-steps", "1", "--vae", "ema"])
+    assert str(error.value) == "--dataset digits has 1-channel images; the VAE needs RGB: use --vae none"
+
+
 def fail_second_checkpoint_write(monkeypatch, error: OSError):
     """The second checkpoint's torch.save writes half of the file, then raises `error`; returns the real save."""
     real_save = torch.save

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="class labels of the model (default: the dataset's class count)")
     data.add_argument("--vae", type=str, default="ema",
                       help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id, a local directory, or none "
-                           "for pixel-space training")
+                           "for pixel-space training; --dataset digits (grayscale): none unless given")
     data.add_argument("--in-channels", type=positive_int, default=None,
                       help="model input channels (default: the VAE's latent channels, or the image channels "
                            "with --vae none); must agree with the data")

@@ -441,6 +441,9 @@ class Trainer:
         if args.dataset == "digits" and "image_size" not in explicit and args.latent_cache is None and ckpt is None:
             args.image_size = 8
             logger.info("--dataset digits: image size 8 (the digits' own; --image-size to resize)")
+        if args.dataset == "digits" and "vae" not in explicit and args.latent_cache is None and ckpt is None:
+            args.vae = "none"  # grayscale: the SD VAEs take RGB
+            logger.info("--dataset digits: pixel space (--vae none; the VAEs take RGB images)")
         if args.data_path is not None and (args.dataset != "imagefolder" or args.latent_cache is not None):
             logger.warning(f"--data-path {args.data_path} is not used with "
                            + ("--latent-cache" if args.latent_cache is not None else f"--dataset {args.dataset}"))
