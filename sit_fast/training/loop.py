@@ -438,12 +438,13 @@ class Trainer:
         # Data and the latent space.
         self.codec = None
         self.cache_vae_spec = None
-        if args.dataset == "digits" and "image_size" not in explicit and args.latent_cache is None and ckpt is None:
-            args.image_size = 8
-            logger.info("--dataset digits: image size 8 (the digits' own; --image-size to resize)")
-        if args.dataset == "digits" and "vae" not in explicit and args.latent_cache is None and ckpt is None:
-            args.vae = "none"  # grayscale: the SD VAEs take RGB
-            logger.info("--dataset digits: pixel space (--vae none; the VAEs take RGB images)")
+        if args.dataset == "digits" and args.latent_cache is None and ckpt is None:  # a new run's defaults
+            if "image_size" not in explicit:
+                args.image_size = 8
+                logger.info("--dataset digits: image size 8 (the digits' own; --image-size to resize)")
+            if "vae" not in explicit:  # grayscale: the SD VAEs take RGB
+                args.vae = "none"
+                logger.info("--dataset digits: pixel space (--vae none; the VAEs take RGB images)")
         if args.data_path is not None and (args.dataset != "imagefolder" or args.latent_cache is not None):
             logger.warning(f"--data-path {args.data_path} is not used with "
                            + ("--latent-cache" if args.latent_cache is not None else f"--dataset {args.dataset}"))
