@@ -35,6 +35,8 @@ data). bpd = -log p(x) / (D ln 2), D the number of dimensions of the model's spa
   - images without a VAE (pixel space): 8-bit data y in {0..255}^D is dequantised uniformly,
     x = (y + u) / 128 - 1 with u ~ U[0, 1)^D, and bpd = -log p(x) / (D ln 2) + 7 is the discrete
     8-bit bound (log2 of the 1/128 Jacobian is -7);
+  - --dataset digits (scikit-learn's 8x8 digits, gray levels k in {0..16}, for a model trained with
+    train.py --dataset digits): x = (k + u) * 2/17 - 1, and + log2(17/2) = 3.09 bits likewise;
   - float data (.pt / float .npz): taken as model inputs as they are (continuous bpd).
 Noise is never decoded: the ODE runs from the given data.
 """
@@ -83,7 +85,7 @@ SAMPLE_DDP_DEFAULTS = dict(vae="ema", num_fid_samples=50_000, run_folder=True)
 
 # Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
 NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
-                      "fused_kernels", "tf32", "data", "likelihood", "exact_divergence", "class_labels",
+                      "fused_kernels", "tf32", "data", "dataset", "likelihood", "exact_divergence", "class_labels",
                       "vae_explicit", "prog"}
 
 
@@ -172,6 +174,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     data.add_argument("--data", type=str, default=None,
                       help="a folder of images, an .npz (uint8 N x H x W x C images, or float latents) "
                            "or a .pt tensor of model inputs (N, C, h, w)")
+    data.add_argument("--dataset", choices=("digits",), default=None,
+                      help="in place of --data: scikit-learn's bundled 8x8 digits (all 1,797; 17 gray levels, "
+                           "dequantised), for a model trained with train.py --dataset digits at 8 px")
     data.add_argument("--exact-divergence", action="store_true",
                       help="exact trace instead of Hutchinson's estimate (one backward per dimension)")
 
@@ -199,8 +204,11 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if likelihood and reverse:
         raise UserError("--likelihood and --reverse are two jobs: pass one")
     if args.job in ("likelihood", "reverse"):
-        if args.data is None:
-            raise UserError(f"--{args.job} runs the ODE from data to noise: pass the data with --data PATH")
+        if args.data is None and args.dataset is None:
+            raise UserError(f"--{args.job} runs the ODE from data to noise: pass the data with --data PATH "
+                            f"(or --dataset digits)")
+        if args.data is not None and args.dataset is not None:
+            raise UserError(f"--data and --dataset {args.dataset} are two sources of data: pass one")
         if args.cfg_scale not in (None, 1.0):
             raise UserError(f"--{args.job} runs without guidance: drop --cfg-scale (or pass 1)")
         if args.num_fid_samples is not None:
@@ -208,8 +216,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                 raise UserError(f"sample_ddp.py samples images for FID (--num-fid-samples, 50000 unless given): "
                                 f"run --{args.job} with sample.py")
             raise UserError(f"--{args.job} and --num-fid-samples are two jobs: pass one")
-    elif args.data is not None:
-        raise UserError("--data is read by ODE --likelihood or --reverse only")
+    elif args.data is not None or args.dataset is not None:
+        raise UserError(f"{'--data' if args.data is not None else '--dataset'} is read by ODE --likelihood or "
+                        f"--reverse only")
     if args.exact_divergence and not likelihood:
         raise UserError("--exact-divergence applies to --likelihood only")
     if args.cfg_scale is None:
@@ -576,6 +585,29 @@ def run_fid(setup: Setup) -> str:
     return npz_path
 
 
+def job_data(setup: Setup) -> tuple[torch.Tensor, float, str]:
+    """The data of --likelihood and --reverse: --dataset digits, else --data (see load_data)."""
+    if setup.args.dataset == "digits":
+        return load_digits(setup)
+    return load_data(setup, setup.args.data)
+
+
+def load_digits(setup: Setup) -> tuple[torch.Tensor, float, str]:
+    """scikit-learn's digits, gray levels k in {0 .. 16}, dequantised uniformly into the [-1, 1] that
+    train.py's k / 8 - 1 spans: x = (k + u) * 2 / 17 - 1, u ~ U[0, 1)^D, and the bpd offset is
+    log2(17 / 2) (the Jacobian 2 / 17), as 8-bit pixels get 7 = log2(256 / 2)."""
+    from sklearn.datasets import load_digits as sklearn_digits
+
+    if setup.codec is not None or setup.latent_shape != (1, 8, 8):
+        space = "a VAE's latents" if setup.codec is not None else f"inputs {setup.latent_shape}"
+        raise UserError(f"--dataset digits is 8x8 gray pixels; this model takes {space}: pass a model trained "
+                        f"with train.py --dataset digits at 8 px (--vae none), or other data with --data PATH")
+    levels = torch.from_numpy(sklearn_digits().images.astype(np.float32)).unsqueeze(1)  # (1797, 1, 8, 8), 0 .. 16
+    generator = torch.Generator().manual_seed(derived_seed(setup.args.seed, -1))
+    dequantised = (levels + torch.rand(levels.shape, generator=generator)) * (2 / 17) - 1
+    return dequantised, math.log2(17 / 2), "17-level digits, uniform dequantization (+3.09 bits: the 2/17 Jacobian)"
+
+
 def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
     """--data -> (model inputs (N, C, h, w) fp32 on the CPU, bpd offset, what the density is of)."""
     args = setup.args
@@ -721,7 +753,7 @@ def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total:
 def run_likelihood(setup: Setup) -> np.ndarray:
     """Bits per dimension of --data under the model (probability-flow ODE, data -> noise)."""
     args = setup.args
-    x, offset, space = load_data(setup, args.data)
+    x, offset, space = job_data(setup)
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
 
@@ -759,7 +791,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 def run_reverse(setup: Setup) -> str:
     """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor."""
     args = setup.args
-    x, _, space = load_data(setup, args.data)
+    x, _, space = job_data(setup)
     labels = data_labels(setup, len(x))
     out = args.out or DEFAULT_OUT["reverse"]
 

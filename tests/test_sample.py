@@ -209,6 +209,9 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
     (["--reverse", "--data", "images", "--out", "noise.png"], "--out noise.png: --reverse saves the noise"),
     (["--cuda-graphs"], "CUDA"),
     (["--likelihood"], "--data"),
+    (["--likelihood", "--dataset", "digits", "--data", "x.pt"], "two sources of data: pass one"),
+    (["--dataset", "digits"], "--dataset is read by ODE --likelihood or --reverse only"),
+    (["--likelihood", "--dataset", "digits"], "this model takes inputs (3, 8, 8)"),
 ])
 def test_misuse_is_a_one_line_error(files, tmp_path, capsys, argv, needle):
     if "--cuda-graphs" in argv and torch.cuda.is_available():
@@ -327,8 +330,8 @@ def test_likelihood_bits_per_dim_against_a_closed_form_density(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (6, 1, 1, 2), dtype=np.uint8)  # N x H x W x C, C = 2
     np.savez(tmp_path / "pixels.npz", arr_0=images)
     setup = types.SimpleNamespace(
-        args=types.SimpleNamespace(data=str(tmp_path / "pixels.npz"), seed=0, batch_size=4, class_labels=None,
-                                   sampling_method="dopri5", out=None),
+        args=types.SimpleNamespace(data=str(tmp_path / "pixels.npz"), dataset=None, seed=0, batch_size=4,
+                                   class_labels=None, sampling_method="dopri5", out=None),
         image_size=1, in_channels=2, codec=None, latent_shape=(2, 1, 1), num_classes=NUM_CLASSES, device="cpu",
         forwards=types.SimpleNamespace(conditional=lambda x, t, y: velocity(x.flatten(1), t).view_as(x)),
         sample_fn=Sampler(create_transport("Linear", "velocity")).sample_ode_likelihood(
@@ -1036,6 +1039,35 @@ def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
     assert bpd[0].shape == (2,) and np.all(np.isfinite(bpd[0]))
     np.testing.assert_array_equal(bpd[1], bpd[0])
     np.testing.assert_array_equal(bpd[2], bpd[0])
+
+
+def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
+    """--dataset digits: every one of the 1,797 digits, each value in its level's bin of width 2/17
+    (train.py's k / 8 - 1 spans the same [-1, 1]), and bpd = that of the same values as float model
+    inputs + log2(17 / 2)."""
+    import types
+
+    from sklearn.datasets import load_digits
+
+    torch.manual_seed(0)
+    model = SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=NUM_CLASSES, learn_sigma=False)
+    for p in model.parameters():
+        if p.requires_grad:  # not the fixed position table
+            p.data.normal_(0, 0.05)  # nor adaLN-Zero's zeros, which would make the velocity 0
+    torch.save(model.state_dict(), tmp_path / "gray.pt")
+    common = ["ODE", "--likelihood", "--ckpt", tmp_path / "gray.pt", "--vae", "none", "--sampling-method", "euler",
+              "--num-sampling-steps", 2, "--batch-size", 1024, *FAST]
+    bpd = run(common + ["--dataset", "digits"])
+    args = sample.resolve_args(sample.build_parser().parse_args(["ODE", "--likelihood", "--dataset", "digits"]))
+    setup = types.SimpleNamespace(args=args, codec=None, latent_shape=(1, 8, 8))
+    x, offset, _ = sample.job_data(setup)
+    levels = torch.from_numpy(load_digits().images).float().unsqueeze(1)
+    assert x.shape == (1797, 1, 8, 8) and offset == pytest.approx(math.log2(8.5))
+    torch.testing.assert_close(torch.floor((x + 1) * 17 / 2), levels, rtol=0, atol=0)
+    torch.save(x, tmp_path / "x.pt")
+    continuous = run(common + ["--data", tmp_path / "x.pt"])
+    assert bpd.shape == (1797,) and np.all(np.isfinite(bpd))
+    np.testing.assert_allclose(bpd, continuous + math.log2(8.5), rtol=0, atol=1e-6)
 
 
 def test_reverse_carries_data_to_noise(files, tmp_path):
