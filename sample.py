@@ -38,7 +38,8 @@ data). bpd = -log p(x) / (D ln 2), D the number of dimensions of the model's spa
   - --dataset digits (scikit-learn's 8x8 digits, gray levels k in {0..16}, for a model trained with
     train.py --dataset digits): x = (k + u) * 2/17 - 1, and + log2(17/2) = 3.09 bits likewise;
   - float data (.pt / float .npz): taken as model inputs as they are (continuous bpd).
-Noise is never decoded: the ODE runs from the given data.
+Noise is never decoded: the ODE runs from the given data. With --out the per-item bpd are saved as
+they come, with their settings, and the same command resumes after the items saved.
 """
 from __future__ import annotations
 
@@ -57,7 +58,7 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, local_path_on_main_first, on_main
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
-from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_writable_folder
+from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
@@ -77,6 +78,8 @@ UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream samp
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
+SAVE_EVERY_S = 60.0  # --likelihood --out: the results so far are saved at least this often
+
 DEFAULT_OUT = {"grid": "sample.png", "reverse": "noise.pt"}  # --out of the jobs that always write a file
 
 # Defaults of sample.py; sample_ddp.py overrides them with upstream sample_ddp.py's.
@@ -140,7 +143,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                           f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood)")
     run.add_argument("--out", type=str, default=None,
                      help="output: the grid PNG (sample.png), the .npz of --num-fid-samples (SAMPLE_DIR.npz), "
-                          "per-item bpd of --likelihood (.npz), the noise of --reverse (noise.pt)")
+                          "per-item bpd of --likelihood (.npz, saved as it goes; the same command resumes it), "
+                          "the noise of --reverse (noise.pt)")
 
     speed = parser.add_argument_group("Speed")
     speed.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -726,15 +730,16 @@ def data_labels(setup: Setup, count: int) -> torch.Tensor:
     return torch.tensor(labels * count if len(labels) == 1 else labels, dtype=torch.long)
 
 
-def over_batches(desc: str, total: int, batch_size: int,
-                 step) -> tuple[list[torch.Tensor], KeyboardInterrupt | None]:
-    """step(index, first) for each batch of `total` items, with a progress bar: (the batches' results,
-    the Ctrl-C or stop signal that stopped it, or None). A stop keeps the batches already finished."""
+def over_batches(desc: str, total: int, batch_size: int, step,
+                 start: int = 0) -> tuple[list[torch.Tensor], KeyboardInterrupt | None]:
+    """step(index, first) for each batch of `total` items from item `start` (a multiple of batch_size;
+    index counts batches from item 0), with a progress bar over the items left: (the batches'
+    results, the Ctrl-C or stop signal that stopped it, or None). A stop keeps the batches finished."""
     results = []
     try:
-        with progress(total, desc, "item", disable=total <= batch_size) as bar:
-            for index, first in enumerate(range(0, total, batch_size)):
-                results.append(step(index, first))
+        with progress(total - start, desc, "item", disable=total - start <= batch_size) as bar:
+            for first in range(start, total, batch_size):
+                results.append(step(first // batch_size, first))
                 bar.update(len(results[-1]))
     except KeyboardInterrupt as err:
         return results, err
@@ -750,10 +755,58 @@ def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total:
         raise SystemExit(exit_status(interrupted))
 
 
-def run_likelihood(setup: Setup) -> np.ndarray:
-    """Bits per dimension of --data under the model (probability-flow ODE, data -> noise)."""
+def likelihood_settings(setup: Setup) -> dict:
+    """What decides the per-item bpd of --likelihood (compared when resuming its --out)."""
     args = setup.args
+    return {**image_settings(args, setup), "data": None if args.data is None else os.path.abspath(args.data),
+            "dataset": args.dataset, "exact_divergence": args.exact_divergence, "class_labels": args.class_labels}
+
+
+def read_likelihood_out(out: str, settings: dict) -> tuple[np.ndarray, int] | None:
+    """(the bpd, the item count of the data) that --out holds from an earlier run with these
+    settings, to resume; None when there is no such file. A file of other settings is refused."""
+    if not os.path.exists(out):
+        return None
+    try:
+        with np.load(out) as archive:
+            recorded = json.loads(str(archive["settings"])) if "settings" in archive else None
+            done = np.asarray(archive["bpd"], dtype=np.float64) if "bpd" in archive else None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        raise UserError(f"--out {out} exists and cannot be read as a likelihood run's results ({first_line(err)}): "
+                        f"pass another --out, or delete it") from None
+    if not isinstance(recorded, dict) or done is None or not isinstance(recorded.get("items"), int):
+        raise UserError(f"--out {out} exists and records no likelihood run's settings, so it cannot be resumed: "
+                        f"pass another --out, or delete it")
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    if differ:
+        raise UserError(f"--out {out} holds the bpd of a run with other settings ({'; '.join(differ[:3])}"
+                        f"{' ...' if len(differ) > 3 else ''}): pass another --out, or delete it to start over")
+    return done, recorded["items"]
+
+
+def run_likelihood(setup: Setup) -> np.ndarray:
+    """Bits per dimension of --data under the model (probability-flow ODE, data -> noise).
+
+    With --out, the per-item results are saved as they come (whole batches, atomically, at least
+    every SAVE_EVERY_S seconds) with the settings that made them, and the same command resumes
+    after the items saved: the Hutchinson probes depend on (--seed, batch index), so the results
+    are those of an uninterrupted run."""
+    args = setup.args
+    out = None if args.out is None else args.out if args.out.endswith(".npz") else f"{args.out}.npz"
+    settings = None if out is None else likelihood_settings(setup)  # recorded with the results
+    earlier = None if out is None else read_likelihood_out(out, settings)  # before the data is read or encoded
     x, offset, space = job_data(setup)
+    if settings is not None:
+        settings["items"] = len(x)
+    done_before = 0
+    if earlier is not None:
+        done_before = len(earlier[0])
+        if earlier[1] != len(x):
+            raise UserError(f"--out {out} holds the bpd of {done_before} of {earlier[1]} items; the data now has "
+                            f"{len(x)}: pass another --out, or delete it to start over")
+        left = len(x) - done_before
+        print(f"{done_before} of {len(x)} items already in {out}; "
+              f"{f'computing the other {left}' if left else 'nothing left to compute'}")
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
 
@@ -769,21 +822,40 @@ def run_likelihood(setup: Setup) -> np.ndarray:
             logp, _ = setup.sample_fn(batch, model_fn)
         return (-logp / (dims * math.log(2)) + offset).cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
 
+    results = [torch.from_numpy(earlier[0])] if earlier is not None else []
+    saved = {"items": done_before, "at": time.monotonic()}
+
+    def save() -> None:
+        bpd = torch.cat(results).double().numpy()
+        text = json.dumps(settings, sort_keys=True)
+        atomic_write(out, lambda f: np.savez(f, bpd=bpd, settings=np.array(text)))
+        saved.update(items=len(bpd), at=time.monotonic())
+
+    def step_and_save(index: int, first: int) -> torch.Tensor:
+        results.append(step(index, first))
+        if out is not None and time.monotonic() - saved["at"] >= SAVE_EVERY_S:
+            save()
+        return results[-1]
+
     start = time.perf_counter()
-    bpd, interrupted = over_batches("likelihood", len(x), args.batch_size, step)
-    bpd = torch.cat(bpd).double().numpy() if bpd else np.zeros(0)
+    _, interrupted = over_batches("likelihood", len(x), args.batch_size, step_and_save, start=done_before)
     elapsed = time.perf_counter() - start
+    bpd = torch.cat(results).double().numpy() if results else np.zeros(0)
     done = f"the first {len(bpd)} of {len(x)} items" if interrupted is not None else f"{len(bpd)} items"
     if len(bpd):
         if len(bpd) > 1:  # with the standard error of the mean
             summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {done}"
         else:
             summary = f"bpd {bpd[0]:.4f} of {done if interrupted is not None else '1 item'}"
-        print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {elapsed:.1f} s)")
-        if args.out:
-            out = args.out if args.out.endswith(".npz") else f"{args.out}.npz"  # what np.savez writes
-            np.savez(out, bpd=bpd)
-            print(f"saved per-item bpd{f' of {done}' if interrupted is not None else ''} to {out}")
+        computed = len(bpd) - done_before
+        timing = (f"{elapsed:.1f} s" if not done_before else
+                  f"{elapsed:.1f} s for the {computed} computed now" if computed else f"all {len(bpd)} from {out}")
+        print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {timing})")
+        if out is not None and computed:
+            if len(bpd) > saved["items"]:
+                save()
+            print(f"saved per-item bpd{f' of {done}' if interrupted is not None else ''} to {out}"
+                  f"{': run the same command again to compute the rest' if interrupted is not None else ''}")
     exit_if_interrupted(interrupted, len(bpd), len(x))
     return bpd
 

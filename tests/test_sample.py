@@ -1127,6 +1127,59 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     assert f"{stop.words} after 0 of 5 items" in capsys.readouterr().err
 
 
+def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monkeypatch):
+    """--likelihood --out saves whole batches as they finish (here after each: SAVE_EVERY_S = 0) with
+    the settings that made them. After a crash the same command computes only the items left, and the
+    bpd are an uninterrupted run's; a finished file is read, not recomputed. Other settings, other data
+    or a file that records no settings are refused in one line."""
+    torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out = tmp_path / "bpd.npz"
+    argv = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
+            "--batch-size", 2, "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
+    whole = run(argv)
+    out.unlink()
+    monkeypatch.setattr(sample, "SAVE_EVERY_S", 0.0)
+    real, batches = sample.derived_seed, []
+
+    def derived_seed(*args):  # called once per batch, as it starts
+        batches.append(args)
+        if len(batches) == 3:
+            raise RuntimeError("the machine went away")  # a crash: no handler saves anything now
+        return real(*args)
+
+    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    with pytest.raises(RuntimeError, match="went away"):
+        run(argv)
+    with np.load(out) as archive:
+        np.testing.assert_array_equal(archive["bpd"], whole[:4])
+    batches.clear()
+    batches.append(None)  # no crash this time: the third call is a fourth
+    capsys.readouterr()
+    np.testing.assert_array_equal(run(argv), whole)
+    assert batches[1:] == [(0, 2, 2)], batches  # only the last batch (index 2, seed 0, batch size 2)
+    captured = capsys.readouterr().out
+    assert "4 of 5 items already in" in captured and "computing the other 1" in captured, captured
+    with np.load(out) as archive:
+        np.testing.assert_array_equal(archive["bpd"], whole)
+    batches.clear()
+    np.testing.assert_array_equal(run(argv), whole)  # finished: nothing computed
+    assert not batches and "nothing left to compute" in capsys.readouterr().out
+
+    def refused(argv_now, needle):
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv_now)
+        assert exit_info.value.code == 2
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: --out {out} ") and needle in err, err
+
+    refused(argv + ["--seed", 1], "a run with other settings (seed: 0 there, 1 now)")
+    torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    refused(argv, "holds the bpd of 5 of 5 items; the data now has 6")
+    np.savez(out, bpd=whole)
+    refused(argv, "records no likelihood run's settings")
+    assert not batches
+
+
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
 def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, files, tmp_path, capsys, monkeypatch):
     import errno
