@@ -694,14 +694,16 @@ def load_image_folder(path: str, image_size: int, channels: int) -> np.ndarray:
     if not names:
         raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its sub-folders")
     arrays = []
-    for name in names:
-        try:
-            with Image.open(os.path.join(path, name)) as image:
-                image = center_crop_arr(image.convert("L" if channels == 1 else "RGB"), image_size)
-                array = np.asarray(image)
-        except OSError as err:  # PIL's UnidentifiedImageError included
-            raise UserError(f"cannot read image {os.path.join(path, name)} ({err}): remove or replace it") from None
-        arrays.append(array[..., None] if array.ndim == 2 else array)
+    with progress(len(names), "reading", "img", disable=len(names) < 1000) as bar:
+        for name in names:
+            try:
+                with Image.open(os.path.join(path, name)) as image:
+                    image = center_crop_arr(image.convert("L" if channels == 1 else "RGB"), image_size)
+                    array = np.asarray(image)
+            except OSError as err:  # PIL's UnidentifiedImageError included
+                raise UserError(f"cannot read image {os.path.join(path, name)} ({err}): remove or replace it") from None
+            arrays.append(array[..., None] if array.ndim == 2 else array)
+            bar.update()
     return np.stack(arrays)
 
 
