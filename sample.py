@@ -67,7 +67,7 @@ from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
     checkpoint_preference,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
-    release_or_path, to_rgb_uint8,
+    release_or_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
 from sit_fast.vae import VAE_ALIASES
@@ -779,10 +779,10 @@ def read_likelihood_out(out: str, settings: dict) -> tuple[np.ndarray, int] | No
     if not isinstance(recorded, dict) or done is None or not isinstance(recorded.get("items"), int):
         raise UserError(f"--out {out} exists and records no likelihood run's settings, so it cannot be resumed: "
                         f"pass another --out, or delete it")
-    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    differ = settings_differences(recorded, settings)
     if differ:
-        raise UserError(f"--out {out} holds the bpd of a run with other settings ({'; '.join(differ[:3])}"
-                        f"{' ...' if len(differ) > 3 else ''}): pass another --out, or delete it to start over")
+        raise UserError(f"--out {out} holds the bpd of a run with other settings ({differ}): pass another --out, "
+                        f"or delete it to start over")
     return done, recorded["items"]
 
 

@@ -512,6 +512,12 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int) -> list[i
     return pending
 
 
+def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
+    """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or ""."""
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    return "; ".join(differ[:most]) + (" ..." if len(differ) > most else "")
+
+
 def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir",
                    outputs: str = r"\d{6}\.png") -> None:
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
@@ -532,12 +538,10 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         if problem is not None:
             raise UserError(f"cannot read {path} ({problem}): it records the settings of the {holds} in "
                             f"{sample_dir}; restore it, or pass another {flag}")
-        differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+        differ = settings_differences(recorded, settings)
         if differ:
-            raise UserError(
-                f"{sample_dir} holds {holds} made with other settings ({'; '.join(differ[:3])}"
-                f"{' ...' if len(differ) > 3 else ''}): pass another {flag}, or delete it to start over"
-            )
+            raise UserError(f"{sample_dir} holds {holds} made with other settings ({differ}): pass another {flag}, "
+                            f"or delete it to start over")
         return
     present = [n for n in os.listdir(sample_dir) if re.fullmatch(outputs, n)] if os.path.isdir(sample_dir) else []
     if present:
