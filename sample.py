@@ -39,7 +39,8 @@ data). bpd = -log p(x) / (D ln 2), D the number of dimensions of the model's spa
     train.py --dataset digits): x = (k + u) * 2/17 - 1, and + log2(17/2) = 3.09 bits likewise;
   - float data (.pt / float .npz): taken as model inputs as they are (continuous bpd).
 Noise is never decoded: the ODE runs from the given data. With --out the per-item bpd are saved as
-they come, with their settings, and the same command resumes after the items saved.
+they come, with their settings, and the same command resumes after the items saved; --reverse does
+the same in OUT.partial until its noise is complete.
 """
 from __future__ import annotations
 
@@ -78,7 +79,11 @@ UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream samp
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
-SAVE_EVERY_S = 60.0  # --likelihood --out: the results so far are saved at least this often
+# --likelihood --out and --reverse keep their results so far on disk, saved at least every SAVE_EVERY_S
+# seconds, and at most every SAVE_COST_FACTOR times as long as the last save took (writing large noise
+# tensors then takes at most about 5% of the run).
+SAVE_EVERY_S = 60.0
+SAVE_COST_FACTOR = 20.0
 
 DEFAULT_OUT = {"grid": "sample.png", "reverse": "noise.pt"}  # --out of the jobs that always write a file
 
@@ -144,7 +149,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     run.add_argument("--out", type=str, default=None,
                      help="output: the grid PNG (sample.png), the .npz of --num-fid-samples (SAMPLE_DIR.npz), "
                           "per-item bpd of --likelihood (.npz, saved as it goes; the same command resumes it), "
-                          "the noise of --reverse (noise.pt)")
+                          "the noise of --reverse (noise.pt; OUT.partial until complete, resumed likewise)")
 
     speed = parser.add_argument_group("Speed")
     speed.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -757,58 +762,108 @@ def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total:
         raise SystemExit(exit_status(interrupted))
 
 
-def likelihood_settings(setup: Setup) -> dict:
-    """What decides the per-item bpd of --likelihood (compared when resuming its --out)."""
+def data_job_settings(setup: Setup) -> dict:
+    """What decides the per-item results of --likelihood and --reverse (compared when resuming)."""
     args = setup.args
     return {**image_settings(args, setup), "data": None if args.data is None else os.path.abspath(args.data),
             "dataset": args.dataset, "exact_divergence": args.exact_divergence, "class_labels": args.class_labels}
 
 
-def read_likelihood_out(out: str, settings: dict) -> tuple[np.ndarray, int] | None:
-    """(the bpd, the item count of the data) that --out holds from an earlier run with these
-    settings, to resume; None when there is no such file. A file of other settings is refused."""
-    if not os.path.exists(out):
-        return None
-    try:
-        with np.load(out) as archive:
-            recorded = json.loads(str(archive["settings"])) if "settings" in archive else None
-            done = np.asarray(archive["bpd"], dtype=np.float64) if "bpd" in archive else None
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
-        raise UserError(f"--out {out} exists and cannot be read as a likelihood run's results ({first_line(err)}): "
-                        f"pass another --out, or delete it") from None
-    if not isinstance(recorded, dict) or done is None or not isinstance(recorded.get("items"), int):
-        raise UserError(f"--out {out} exists and records no likelihood run's settings, so it cannot be resumed: "
-                        f"pass another --out, or delete it")
-    differ = settings_differences(recorded, settings)
-    if differ:
-        raise UserError(f"--out {out} holds the bpd of a run with other settings ({differ}): pass another --out, "
-                        f"or delete it to start over")
-    return done, recorded["items"]
+class SavedResults:
+    """Per-item results of --likelihood or --reverse, saved as they come: whole batches, atomically,
+    every SAVE_EVERY_S seconds (or SAVE_COST_FACTOR times as long as a save takes, when longer), with
+    the settings that made them, so that the same command resumes after the items saved (each
+    batch's seeds depend on its place, not on the run).
+
+    read(path) -> (recorded settings, results tensor); write(path, results, settings as JSON text).
+    `name` names the file in messages. A file of other settings is refused.
+    """
+
+    def __init__(self, path: str, name: str, settings: dict, read, write):
+        self.path, self.name, self.settings, self.write = path, name, settings, write
+        self.results: list[torch.Tensor] = []
+        self.recorded_items = None
+        if os.path.exists(path):
+            try:
+                recorded, done = read(path)
+            except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, zipfile.BadZipFile) as err:
+                raise UserError(f"{name} exists and cannot be read as the results of such a run ({first_line(err)}): "
+                                f"pass another --out, or delete it") from None
+            if not isinstance(recorded, dict) or not isinstance(recorded.get("items"), int):
+                raise UserError(f"{name} exists and records no settings of such a run, so it cannot be resumed: "
+                                f"pass another --out, or delete it")
+            differ = settings_differences(recorded, settings)
+            if differ:
+                raise UserError(f"{name} holds the results of a run with other settings ({differ}): pass another "
+                                f"--out, or delete it to start over")
+            self.results, self.recorded_items = [done], recorded["items"]
+        self.saved_items, self.saved_at, self.interval = self.done, time.monotonic(), SAVE_EVERY_S
+
+    @property
+    def done(self) -> int:
+        return sum(len(r) for r in self.results)
+
+    def start(self, total: int) -> int:
+        """The first item to compute for data of `total` items (after those saved), said in a line."""
+        self.settings["items"] = total
+        if self.recorded_items is not None:
+            if self.recorded_items != total:
+                raise UserError(f"{self.name} holds the results of {self.done} of {self.recorded_items} items; the "
+                                f"data now has {total}: pass another --out, or delete it to start over")
+            left = total - self.done
+            print(f"{self.done} of {total} items already in {self.path}; "
+                  f"{f'computing the other {left}' if left else 'nothing left to compute'}")
+        return self.done
+
+    def add(self, batch: torch.Tensor) -> torch.Tensor:
+        self.results.append(batch)
+        if time.monotonic() - self.saved_at >= self.interval:
+            self.save()
+        return batch
+
+    def all(self) -> torch.Tensor | None:
+        return torch.cat(self.results) if self.results else None
+
+    def save(self) -> None:
+        """Write what is not yet saved (nothing when all is)."""
+        began = time.monotonic()
+        if self.done > self.saved_items:
+            self.write(self.path, self.all(), json.dumps(self.settings, sort_keys=True))
+        self.saved_items, self.saved_at = self.done, time.monotonic()
+        self.interval = max(SAVE_EVERY_S, SAVE_COST_FACTOR * (self.saved_at - began))
+
+
+def read_bpd(path: str) -> tuple[dict | None, torch.Tensor]:
+    with np.load(path) as archive:
+        recorded = json.loads(str(archive["settings"])) if "settings" in archive else None
+        return recorded, torch.from_numpy(np.asarray(archive["bpd"], dtype=np.float64))
+
+
+def write_bpd(path: str, bpd: torch.Tensor, settings: str) -> None:
+    atomic_write(path, lambda f: np.savez(f, bpd=bpd.double().numpy(), settings=np.array(settings)))
+
+
+def read_partial_noise(path: str) -> tuple[dict | None, torch.Tensor]:
+    saved = torch.load(path, map_location="cpu", weights_only=True)
+    return json.loads(saved["settings"]), saved["noise"]
+
+
+def write_partial_noise(path: str, noise: torch.Tensor, settings: str) -> None:
+    atomic_torch_save({"noise": noise, "settings": settings}, path)
 
 
 def run_likelihood(setup: Setup) -> np.ndarray:
     """Bits per dimension of --data under the model (probability-flow ODE, data -> noise).
 
-    With --out, the per-item results are saved as they come (whole batches, atomically, at least
-    every SAVE_EVERY_S seconds) with the settings that made them, and the same command resumes
-    after the items saved: the Hutchinson probes depend on (--seed, batch index), so the results
-    are those of an uninterrupted run."""
+    With --out, the per-item results are kept in it as they come (SavedResults), and the same
+    command resumes after the items saved: the Hutchinson probes depend on (--seed, batch index),
+    so the results are those of an uninterrupted run."""
     args = setup.args
     out = None if args.out is None else args.out if args.out.endswith(".npz") else f"{args.out}.npz"
-    settings = None if out is None else likelihood_settings(setup)  # recorded with the results
-    earlier = None if out is None else read_likelihood_out(out, settings)  # before the data is read or encoded
+    # Before the data is read or encoded: a file of other settings is refused first.
+    saved = None if out is None else SavedResults(out, f"--out {out}", data_job_settings(setup), read_bpd, write_bpd)
     x, offset, space = job_data(setup)
-    if settings is not None:
-        settings["items"] = len(x)
-    done_before = 0
-    if earlier is not None:
-        done_before = len(earlier[0])
-        if earlier[1] != len(x):
-            raise UserError(f"--out {out} holds the bpd of {done_before} of {earlier[1]} items; the data now has "
-                            f"{len(x)}: pass another --out, or delete it to start over")
-        left = len(x) - done_before
-        print(f"{done_before} of {len(x)} items already in {out}; "
-              f"{f'computing the other {left}' if left else 'nothing left to compute'}")
+    done_before = 0 if saved is None else saved.start(len(x))
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
 
@@ -822,27 +877,14 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
         with torch.no_grad():
             logp, _ = setup.sample_fn(batch, model_fn)
-        return (-logp / (dims * math.log(2)) + offset).cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
-
-    results = [torch.from_numpy(earlier[0])] if earlier is not None else []
-    saved = {"items": done_before, "at": time.monotonic()}
-
-    def save() -> None:
-        bpd = torch.cat(results).double().numpy()
-        text = json.dumps(settings, sort_keys=True)
-        atomic_write(out, lambda f: np.savez(f, bpd=bpd, settings=np.array(text)))
-        saved.update(items=len(bpd), at=time.monotonic())
-
-    def step_and_save(index: int, first: int) -> torch.Tensor:
-        results.append(step(index, first))
-        if out is not None and time.monotonic() - saved["at"] >= SAVE_EVERY_S:
-            save()
-        return results[-1]
+        bpd = (-logp / (dims * math.log(2)) + offset).cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
+        return bpd if saved is None else saved.add(bpd)
 
     start = time.perf_counter()
-    _, interrupted = over_batches("likelihood", len(x), args.batch_size, step_and_save, start=done_before)
+    new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, start=done_before)
     elapsed = time.perf_counter() - start
-    bpd = torch.cat(results).double().numpy() if results else np.zeros(0)
+    everything = saved.all() if saved is not None else torch.cat(new) if new else None
+    bpd = everything.double().numpy() if everything is not None else np.zeros(0)
     done = f"the first {len(bpd)} of {len(x)} items" if interrupted is not None else f"{len(bpd)} items"
     if len(bpd):
         if len(bpd) > 1:  # with the standard error of the mean
@@ -853,9 +895,8 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         timing = (f"{elapsed:.1f} s" if not done_before else
                   f"{elapsed:.1f} s for the {computed} computed now" if computed else f"all {len(bpd)} from {out}")
         print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {timing})")
-        if out is not None and computed:
-            if len(bpd) > saved["items"]:
-                save()
+        if saved is not None and computed:
+            saved.save()
             print(f"saved per-item bpd{f' of {done}' if interrupted is not None else ''} to {out}"
                   f"{': run the same command again to compute the rest' if interrupted is not None else ''}")
     exit_if_interrupted(interrupted, len(bpd), len(x))
@@ -863,23 +904,36 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
 
 def run_reverse(setup: Setup) -> str:
-    """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor."""
+    """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor.
+
+    Until the run is complete, the noise so far is also kept in OUT.partial as it comes
+    (SavedResults), and the same command resumes after the items saved there."""
     args = setup.args
-    x, _, space = job_data(setup)
-    labels = data_labels(setup, len(x))
     out = args.out or DEFAULT_OUT["reverse"]
+    partial = f"{out}.partial"
+    saved = SavedResults(partial, f"{partial} (a stopped --reverse run's noise so far)", data_job_settings(setup),
+                         read_partial_noise, write_partial_noise)
+    x, _, space = job_data(setup)
+    done_before = saved.start(len(x))
+    labels = data_labels(setup, len(x))
 
     def step(index: int, first: int) -> torch.Tensor:
-        return setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
-                            derived_seed(args.seed, first)).cpu()
+        return saved.add(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
+                                      derived_seed(args.seed, first)).cpu())
 
-    noise, interrupted = over_batches("reverse", len(x), args.batch_size, step)
-    if noise:
-        noise = torch.cat(noise)
+    _, interrupted = over_batches("reverse", len(x), args.batch_size, step, start=done_before)
+    noise = saved.all()
+    count = 0 if noise is None else len(noise)
+    if noise is not None:
+        if count < len(x):  # stopped: the same command resumes from the partial file
+            saved.save()
         atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
-        done = f"the first {len(noise)} of {len(x)} items" if interrupted is not None else f"{len(noise)} items"
-        print(f"encoded {done} ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
-    exit_if_interrupted(interrupted, len(noise), len(x))
+        if count == len(x) and os.path.exists(partial):
+            os.remove(partial)
+        done = f"the first {count} of {len(x)} items" if interrupted is not None else f"{count} items"
+        print(f"encoded {done} ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}"
+              f"{f' ({partial} keeps them: run the same command again to compute the rest)' if count < len(x) else ''}")
+    exit_if_interrupted(interrupted, count, len(x))
     return out
 
 

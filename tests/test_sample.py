@@ -1116,8 +1116,12 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     captured = capsys.readouterr()
     assert "the first 4 of 5 items" in captured.out and str(out) in captured.out, captured.out
     assert f"{stop.words} after 4 of 5 items" in captured.err, captured.err
-    # Interrupted in the first batch: nothing to save, and nothing is written
+    assert "run the same command again to compute the rest" in captured.out, captured.out
+    partial = tmp_path / "z.pt.partial"  # --reverse: where the same command resumes from (test below)
+    assert partial.exists() == (job == "--reverse")
+    # Interrupted in the first batch of a new run: nothing to save, and nothing is written
     out.unlink()
+    partial.unlink(missing_ok=True)
     batches.clear()
     batches.append(None)
     batches.append(None)
@@ -1125,6 +1129,24 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
         run(argv)
     assert exit_info.value.code == stop.status and not out.exists()
     assert f"{stop.words} after 0 of 5 items" in capsys.readouterr().err
+
+
+def save_every_batch_and_crash_in_the_third(monkeypatch) -> list:
+    """Results saved after every batch, and a crash (no handler saves anything then) as the third
+    batch starts. Returns the list of derived_seed's calls, one per batch as it starts: the crash
+    comes with its third entry."""
+    monkeypatch.setattr(sample, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(sample, "SAVE_COST_FACTOR", 0.0)
+    real, batches = sample.derived_seed, []
+
+    def derived_seed(*args):
+        batches.append(args)
+        if len(batches) == 3:
+            raise RuntimeError("the machine went away")
+        return real(*args)
+
+    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    return batches
 
 
 def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monkeypatch):
@@ -1138,16 +1160,7 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
             "--batch-size", 2, "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
     whole = run(argv)
     out.unlink()
-    monkeypatch.setattr(sample, "SAVE_EVERY_S", 0.0)
-    real, batches = sample.derived_seed, []
-
-    def derived_seed(*args):  # called once per batch, as it starts
-        batches.append(args)
-        if len(batches) == 3:
-            raise RuntimeError("the machine went away")  # a crash: no handler saves anything now
-        return real(*args)
-
-    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    batches = save_every_batch_and_crash_in_the_third(monkeypatch)
     with pytest.raises(RuntimeError, match="went away"):
         run(argv)
     with np.load(out) as archive:
@@ -1174,10 +1187,61 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
 
     refused(argv + ["--seed", 1], "a run with other settings (seed: 0 there, 1 now)")
     torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    refused(argv, "holds the bpd of 5 of 5 items; the data now has 6")
+    refused(argv, "holds the results of 5 of 5 items; the data now has 6")
     np.savez(out, bpd=whole)
-    refused(argv, "records no likelihood run's settings")
+    refused(argv, "records no settings of such a run")
     assert not batches
+
+
+def test_saved_results_wait_longer_between_saves_that_take_long(tmp_path, monkeypatch):
+    """Saving the results so far costs at most 1/SAVE_COST_FACTOR of the run: after a save that took
+    d seconds, the next waits SAVE_COST_FACTOR * d, even where SAVE_EVERY_S is shorter."""
+    import time
+
+    monkeypatch.setattr(sample, "SAVE_EVERY_S", 0.0)
+    monkeypatch.setattr(sample, "SAVE_COST_FACTOR", 1e6)
+    writes = []
+
+    def write(path, results, settings):
+        writes.append(len(results))
+        time.sleep(0.01)
+
+    saved = sample.SavedResults(str(tmp_path / "r"), "r", {}, read=None, write=write)
+    assert saved.start(6) == 0
+    for _ in range(3):
+        saved.add(torch.zeros(2))
+    assert writes == [2]  # the first save took 10 ms: the next waits hours
+    saved.save()  # at the end, or when stopped
+    assert writes == [2, 6]
+
+
+def test_reverse_resumes_from_its_partial_file_after_a_crash(files, tmp_path, capsys, monkeypatch):
+    """--reverse keeps the noise so far in OUT.partial as it comes (here after each batch); after a
+    crash the same command computes only the items left, gives an uninterrupted run's noise and
+    removes the partial file. A partial file of other settings is refused in one line."""
+    torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out, partial = tmp_path / "z.pt", tmp_path / "z.pt.partial"
+    argv = ["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
+            "--batch-size", 2, "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
+    whole = torch.load(run(argv), weights_only=True)
+    out.unlink()
+    batches = save_every_batch_and_crash_in_the_third(monkeypatch)
+    with pytest.raises(RuntimeError, match="went away"):
+        run(argv)
+    assert not out.exists()
+    torch.testing.assert_close(torch.load(partial, weights_only=True)["noise"], whole[:4], rtol=0, atol=0)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv + ["--seed", 1])
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: {partial} (a stopped --reverse run's noise so far) holds the results of a run "
+                          f"with other settings (seed: 0 there, 1 now)"), err
+    batches.clear()
+    batches.append(None)  # no crash this time
+    torch.testing.assert_close(torch.load(run(argv), weights_only=True), whole, rtol=0, atol=0)
+    assert batches[1:] == [(0, 4)], batches  # only the last batch, the one starting at item 4
+    assert "4 of 5 items already in" in capsys.readouterr().out
+    assert not partial.exists()
 
 
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
