@@ -786,8 +786,10 @@ class SavedResults:
         if os.path.exists(path):
             try:
                 recorded, done = read(path)
-            except (OSError, ValueError, KeyError, TypeError, EOFError, RuntimeError, zipfile.BadZipFile) as err:
-                raise UserError(f"{name} exists and cannot be read as the results of such a run ({first_line(err)}): "
+            except Exception as err:  # noqa: BLE001 -- np.load and torch.load raise many types for bad files
+                # their own words suggest loading it unsafely: only a failure to read the file is said
+                reason = f" ({err.strerror})" if isinstance(err, OSError) and err.strerror else ""
+                raise UserError(f"{name} exists and cannot be read as the results of such a run{reason}: "
                                 f"pass another --out, or delete it") from None
             if not isinstance(recorded, dict) or not isinstance(recorded.get("items"), int):
                 raise UserError(f"{name} exists and records no settings of such a run, so it cannot be resumed: "

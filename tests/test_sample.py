@@ -1242,6 +1242,11 @@ def test_reverse_resumes_from_its_partial_file_after_a_crash(files, tmp_path, ca
     assert batches[1:] == [(0, 4)], batches  # only the last batch, the one starting at item 4
     assert "4 of 5 items already in" in capsys.readouterr().out
     assert not partial.exists()
+    partial.write_bytes(b"not a torch file")  # refused, without torch.load's advice to load it unsafely
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert one_line_error(capsys) == (f"error: {partial} (a stopped --reverse run's noise so far) exists and cannot "
+                                      f"be read as the results of such a run: pass another --out, or delete it")
 
 
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
