@@ -79,9 +79,9 @@ UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream samp
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
-# --likelihood --out and --reverse keep their results so far on disk, saved at least every SAVE_EVERY_S
-# seconds, and at most every SAVE_COST_FACTOR times as long as the last save took (writing large noise
-# tensors then takes at most about 5% of the run).
+# --likelihood --out and --reverse keep their results so far on disk, saved every SAVE_EVERY_S seconds,
+# or every SAVE_COST_FACTOR times as long as the last save took when that is longer (so writing large
+# noise tensors takes at most about 5% of the run).
 SAVE_EVERY_S = 60.0
 SAVE_COST_FACTOR = 20.0
 
