@@ -3,8 +3,9 @@
     python sample.py ODE|SDE [flags]                     a grid of --class-labels -> --out (sample.png)
     torchrun --nproc_per_node=G sample.py ODE|SDE --num-fid-samples N [--sample-dir DIR]
                                                          N numbered PNGs in DIR and DIR.npz (ADM format)
-    python sample.py ODE --likelihood --data PATH        bits per dimension of given data
-    python sample.py ODE --reverse --data PATH           data -> noise (the ODE run backwards) -> --out .pt
+    [torchrun ...] sample.py ODE --likelihood --data PATH [--out BPD.npz]
+                                                         bits per dimension of given data
+    [torchrun ...] sample.py ODE --reverse --data PATH   data -> noise (the ODE run backwards) -> --out .pt
 
 `sample_ddp.py` is this script with upstream sample_ddp.py's defaults (the FID job with 50,000
 images, --vae ema, --cfg-scale 1, and --run-folder: DIR/<name from the settings>/ and
@@ -38,9 +39,11 @@ data). bpd = -log p(x) / (D ln 2), D the number of dimensions of the model's spa
   - --dataset digits (scikit-learn's 8x8 digits, gray levels k in {0..16}, for a model trained with
     train.py --dataset digits): x = (k + u) * 2/17 - 1, and + log2(17/2) = 3.09 bits likewise;
   - float data (.pt / float .npz): taken as model inputs as they are (continuous bpd).
-Noise is never decoded: the ODE runs from the given data. With --out the per-item bpd are saved as
-they come, with their settings, and the same command resumes after the items saved; --reverse does
-the same in OUT.partial until its noise is complete.
+Noise is never decoded: the ODE runs from the given data. With --out (--reverse always has one),
+each batch's results are written to OUT.parts/ as it finishes, with the settings in settings.json;
+under torchrun the processes take the batches in turn. The same command, with any number of
+processes, computes only the batches not there (batch k's seeds come from (--seed, k)), joins them
+into OUT and removes the folder. A finished likelihood --out is read, not recomputed.
 """
 from __future__ import annotations
 
@@ -48,6 +51,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import zipfile
@@ -79,12 +83,8 @@ UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream samp
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
-# --likelihood --out and --reverse keep their results so far on disk, saved every SAVE_EVERY_S seconds,
-# or every SAVE_COST_FACTOR times as long as the last save took when that is longer (so writing large
-# noise tensors takes at most about 5% of the run).
-SAVE_EVERY_S = 60.0
-SAVE_COST_FACTOR = 20.0
 
+PARTS_POLL_S = 2.0  # how often the main process of --likelihood/--reverse looks for the others' batches
 DEFAULT_OUT = {"grid": "sample.png", "reverse": "noise.pt"}  # --out of the jobs that always write a file
 
 # Defaults of sample.py; sample_ddp.py overrides them with upstream sample_ddp.py's.
@@ -148,8 +148,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                           f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood)")
     run.add_argument("--out", type=str, default=None,
                      help="output: the grid PNG (sample.png), the .npz of --num-fid-samples (SAMPLE_DIR.npz), "
-                          "per-item bpd of --likelihood (.npz, saved as it goes; the same command resumes it), "
-                          "the noise of --reverse (noise.pt; OUT.partial until complete, resumed likewise)")
+                          "per-item bpd of --likelihood (.npz), the noise of --reverse (noise.pt); both "
+                          "keep their batches in OUT.parts/ until complete, and the same command resumes")
 
     speed = parser.add_argument_group("Speed")
     speed.add_argument("--precision", choices=PRECISIONS, default=None,
@@ -665,7 +665,7 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
     if setup.codec is not None:
         if images.shape[-1] != 3:
             raise UserError(f"{path}: the VAE encodes RGB images, these have {images.shape[-1]} channels")
-        return encode_images(setup.codec, images), 0.0, "scaled VAE latents (posterior means)"
+        return EncodedImages(setup.codec, images), 0.0, "scaled VAE latents (posterior means)"
     pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (N, C, H, W) in 0 .. 255
     if pixels.shape[1] != setup.in_channels:
         raise UserError(f"{path}: images with {pixels.shape[1]} channels, the model takes {setup.in_channels}")
@@ -674,12 +674,26 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
     return dequantised, 7.0, "8-bit pixels, uniform dequantization (+7 bits: the 1/128 Jacobian)"
 
 
-def encode_images(codec, images: np.ndarray) -> torch.Tensor:
+class EncodedImages:
+    """(N, H, W, 3) uint8 images read as the VAE's latents: x[a:b] encodes those images then, so a
+    likelihood or --reverse process encodes only its own batches, as they come."""
+
+    def __init__(self, codec, images: np.ndarray):
+        self.codec, self.images = codec, images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, items: slice) -> torch.Tensor:
+        return encode_images(self.codec, self.images[items], show_progress=False)
+
+
+def encode_images(codec, images: np.ndarray, show_progress: bool = True) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> the VAE's posterior means (N, C, h, w), fp32 on the CPU; the images are
     converted to floats one encoder batch at a time, not all at once (50,000 at 256px would be 39 GB)."""
     means = []
     step = codec.batch_size
-    with progress(len(images), "encoding", "img", disable=len(images) <= step) as bar:
+    with progress(len(images), "encoding", "img", disable=not show_progress or len(images) <= step) as bar:
         for first in range(0, len(images), step):
             chunk = torch.from_numpy(images[first: first + step]).permute(0, 3, 1, 2).float() / 127.5 - 1
             means.append(codec.encode(chunk)[0].cpu())
@@ -737,137 +751,188 @@ def data_labels(setup: Setup, count: int) -> torch.Tensor:
     return torch.tensor(labels * count if len(labels) == 1 else labels, dtype=torch.long)
 
 
-def over_batches(desc: str, total: int, batch_size: int, step,
-                 start: int = 0) -> tuple[list[torch.Tensor], KeyboardInterrupt | None]:
-    """step(index, first) for each batch of `total` items from item `start` (a multiple of batch_size;
-    index counts batches from item 0), with a progress bar over the items left: (the batches'
-    results, the Ctrl-C or stop signal that stopped it, or None). A stop keeps the batches finished."""
+def items_in(batches: list[int], total: int, batch_size: int) -> int:
+    """How many of `total` items the batches (indices) of `batch_size` hold."""
+    return sum(min(batch_size, total - k * batch_size) for k in batches)
+
+
+def over_batches(desc: str, total: int, batch_size: int, step, pending: list[int] | None = None,
+                 dist: DistInfo | None = None, wait=None) -> tuple[list[torch.Tensor], KeyboardInterrupt | None]:
+    """step(k, first) for the batches k of `total` items in `pending` (default: all) that are this
+    process's (every world_size-th from its rank), with a progress bar on the main process over the
+    items of all pending batches, then wait(bar) if given (the main process waiting for the others):
+    (this process's results, the Ctrl-C or stop signal that stopped it, or None). A stop keeps the
+    batches finished."""
+    pending = list(range(math.ceil(total / batch_size))) if pending is None else pending
+    rank, world, main = (0, 1, True) if dist is None else (dist.rank, dist.world_size, dist.is_main)
+    todo = items_in(pending, total, batch_size)
     results = []
     try:
-        with progress(total - start, desc, "item", disable=total - start <= batch_size) as bar:
-            for first in range(start, total, batch_size):
-                results.append(step(first // batch_size, first))
-                bar.update(len(results[-1]))
+        with progress(todo, desc, "item", disable=not main or todo <= batch_size) as bar:
+            for k in pending[rank::world]:
+                results.append(step(k, k * batch_size))
+                bar.update(min(len(results[-1]) * world, todo - bar.n))
+            if wait is not None:
+                wait(bar)
     except KeyboardInterrupt as err:
         return results, err
     return results, None
 
 
-def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total: int) -> None:
-    """After the finished batches are reported and saved: one line, exit status 130 (Ctrl-C) or
-    128 + the stop signal's number."""
+def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total: int, dist: DistInfo) -> None:
+    """After the finished batches are reported: one line (from the main process), exit status 130
+    (Ctrl-C) or 128 + the stop signal's number."""
     if interrupted is not None:
-        print(f"\n{what_stopped(interrupted)} after {done} of {total} items{'' if done else ': nothing finished'}",
-              file=sys.stderr)
+        if dist.is_main:
+            print(f"\n{what_stopped(interrupted)} after {done} of {total} items"
+                  f"{'' if done else ': nothing finished'}", file=sys.stderr)
         raise SystemExit(exit_status(interrupted))
 
 
-def data_job_settings(setup: Setup) -> dict:
+def data_job_settings(setup: Setup, items: int) -> dict:
     """What decides the per-item results of --likelihood and --reverse (compared when resuming)."""
     args = setup.args
     return {**image_settings(args, setup), "data": None if args.data is None else os.path.abspath(args.data),
-            "dataset": args.dataset, "exact_divergence": args.exact_divergence, "class_labels": args.class_labels}
+            "dataset": args.dataset, "exact_divergence": args.exact_divergence, "class_labels": args.class_labels,
+            "items": items}
 
 
-class SavedResults:
-    """Per-item results of --likelihood or --reverse, saved as they come: whole batches, atomically,
-    every SAVE_EVERY_S seconds (or SAVE_COST_FACTOR times as long as a save takes, when longer), with
-    the settings that made them, so that the same command resumes after the items saved (each
-    batch's seeds depend on its place, not on the run).
+class BatchParts:
+    """The per-batch results of --likelihood or --reverse, kept as they come in OUT.parts/: one file
+    per batch, each written whole (atomically), beside settings.json, the settings that made them.
+    Any number of processes share the batches, and the same command, with any number of processes,
+    computes only the batches not there: each batch's seeds depend on its index, not on the run.
+    When every batch is in, the main process joins them into OUT and removes the folder."""
 
-    read(path) -> (recorded settings, results tensor); write(path, results, settings as JSON text).
-    `name` names the file in messages. A file of other settings is refused.
-    """
+    def __init__(self, out: str, settings: dict, batches: int, dist: DistInfo):
+        self.folder, self.batches = f"{out}.parts", batches
 
-    def __init__(self, path: str, name: str, settings: dict, read, write):
-        self.path, self.name, self.settings, self.write = path, name, settings, write
-        self.results: list[torch.Tensor] = []
-        self.recorded_items = None
-        if os.path.exists(path):
+        def pending() -> list[int]:
+            check_settings(self.folder, settings, holds="the results of a stopped run", flag="--out",
+                           outputs=r"\d{6}\.pt")
+            present = set(os.listdir(self.folder))
+            return [k for k in range(batches) if self.name(k) not in present]
+
+        self.pending = on_main(pending, dist)
+
+    @staticmethod
+    def name(k: int) -> str:
+        return f"{k:06d}.pt"
+
+    def write(self, k: int, result: torch.Tensor) -> torch.Tensor:
+        atomic_torch_save(result, os.path.join(self.folder, self.name(k)))
+        return result
+
+    def read(self, every: bool = False) -> list[torch.Tensor]:
+        """The results of the batches in the folder now, in batch order (`every`: all must be there)."""
+        present = set(os.listdir(self.folder)) if os.path.isdir(self.folder) else set()
+        results = []
+        for k in range(self.batches):
+            if self.name(k) not in present:
+                if every:  # a process that stopped without a word, or a file removed meanwhile
+                    raise UserError(f"{self.folder} lacks the results of batch {k} ({self.name(k)}): run the same "
+                                    f"command again to compute it")
+                continue
+            path = os.path.join(self.folder, self.name(k))
             try:
-                recorded, done = read(path)
-            except Exception as err:  # noqa: BLE001 -- np.load and torch.load raise many types for bad files
-                # their own words suggest loading it unsafely: only a failure to read the file is said
-                reason = f" ({err.strerror})" if isinstance(err, OSError) and err.strerror else ""
-                raise UserError(f"{name} exists and cannot be read as the results of such a run{reason}: "
-                                f"pass another --out, or delete it") from None
-            if not isinstance(recorded, dict) or not isinstance(recorded.get("items"), int):
-                raise UserError(f"{name} exists and records no settings of such a run, so it cannot be resumed: "
-                                f"pass another --out, or delete it")
-            differ = settings_differences(recorded, settings)
-            if differ:
-                raise UserError(f"{name} holds the results of a run with other settings ({differ}): pass another "
-                                f"--out, or delete it to start over")
-            self.results, self.recorded_items = [done], recorded["items"]
-        self.saved_items, self.saved_at, self.interval = self.done, time.monotonic(), SAVE_EVERY_S
+                results.append(torch.load(path, map_location="cpu", weights_only=True))
+            except Exception as err:  # noqa: BLE001 -- torch.load raises many types for bad files
+                raise UserError(f"cannot read {path} ({first_line(err) or type(err).__name__}): delete it, and "
+                                f"the same command computes its batch again") from None
+        return results
 
-    @property
-    def done(self) -> int:
-        return sum(len(r) for r in self.results)
+    def wait(self, bar, total: int, batch_size: int) -> None:
+        """Until every batch is in the folder (the main process, after its own, waits so for the others'
+        instead of at a barrier, whose timeout a slow batch elsewhere could outlast), the bar counting."""
+        while True:
+            present = set(os.listdir(self.folder))
+            done = [k for k in range(self.batches) if self.name(k) in present]
+            if len(done) == self.batches:
+                return
+            left = items_in([k for k in self.pending if self.name(k) not in present], total, batch_size)
+            bar.update(max(0, bar.total - left - bar.n))
+            time.sleep(PARTS_POLL_S)
 
-    def start(self, total: int) -> int:
-        """The first item to compute for data of `total` items (after those saved), said in a line."""
-        self.settings["items"] = total
-        if self.recorded_items is not None:
-            if self.recorded_items != total:
-                raise UserError(f"{self.name} holds the results of {self.done} of {self.recorded_items} items; the "
-                                f"data now has {total}: pass another --out, or delete it to start over")
-            left = total - self.done
-            print(f"{self.done} of {total} items already in {self.path}; "
-                  f"{f'computing the other {left}' if left else 'nothing left to compute'}")
-        return self.done
-
-    def add(self, batch: torch.Tensor) -> torch.Tensor:
-        self.results.append(batch)
-        if time.monotonic() - self.saved_at >= self.interval:
-            self.save()
-        return batch
-
-    def all(self) -> torch.Tensor | None:
-        return torch.cat(self.results) if self.results else None
-
-    def save(self) -> None:
-        """Write what is not yet saved (nothing when all is)."""
-        began = time.monotonic()
-        if self.done > self.saved_items:
-            self.write(self.path, self.all(), json.dumps(self.settings, sort_keys=True))
-        self.saved_items, self.saved_at = self.done, time.monotonic()
-        self.interval = max(SAVE_EVERY_S, SAVE_COST_FACTOR * (self.saved_at - began))
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
-def read_bpd(path: str) -> tuple[dict | None, torch.Tensor]:
+def announce(parts: BatchParts | None, total: int, batch_size: int, dist: DistInfo) -> None:
+    """The items already in OUT.parts/, if any, and how the processes share the others."""
+    if not dist.is_main:
+        return
+    pending = list(range(math.ceil(total / batch_size))) if parts is None else parts.pending
+    left = items_in(pending, total, batch_size)
+    if parts is not None and len(pending) < parts.batches:
+        print(f"{total - left} of {total} items already in {parts.folder}; "
+              f"{f'computing the other {left}' if left else 'nothing left to compute'}")
+    if dist.world_size > 1 and left:
+        print(f"{len(pending)} batches of {batch_size} on {dist.world_size} processes, taken in turn")
+
+
+def read_bpd(path: str) -> tuple[dict | None, np.ndarray]:
     with np.load(path) as archive:
         recorded = json.loads(str(archive["settings"])) if "settings" in archive else None
-        return recorded, torch.from_numpy(np.asarray(archive["bpd"], dtype=np.float64))
+        return recorded, np.asarray(archive["bpd"], dtype=np.float64)
 
 
-def write_bpd(path: str, bpd: torch.Tensor, settings: str) -> None:
-    atomic_write(path, lambda f: np.savez(f, bpd=bpd.double().numpy(), settings=np.array(settings)))
+def write_bpd(path: str, bpd: np.ndarray, settings: dict) -> None:
+    text = json.dumps(settings, sort_keys=True)
+    atomic_write(path, lambda f: np.savez(f, bpd=bpd, settings=np.array(text)))
 
 
-def read_partial_noise(path: str) -> tuple[dict | None, torch.Tensor]:
-    saved = torch.load(path, map_location="cpu", weights_only=True)
-    return json.loads(saved["settings"]), saved["noise"]
+def finished_bpd(out: str, settings: dict) -> np.ndarray | None:
+    """The per-item bpd in --out when it holds a finished run of these settings; None when it does not
+    exist. Any other file there is refused (it is not overwritten)."""
+    if not os.path.exists(out):
+        return None
+    try:
+        recorded, bpd = read_bpd(out)
+    except Exception as err:  # noqa: BLE001 -- np.load raises many types for bad files
+        # its own words suggest loading it unsafely: only a failure to read the file is said
+        reason = f" ({err.strerror})" if isinstance(err, OSError) and err.strerror else ""
+        raise UserError(f"--out {out} exists and cannot be read as the results of a likelihood run{reason}: "
+                        f"pass another --out, or delete it") from None
+    if not isinstance(recorded, dict) or recorded.get("items") != len(bpd):
+        raise UserError(f"--out {out} exists and records no settings of a finished likelihood run: pass another "
+                        f"--out, or delete it")
+    differ = settings_differences(recorded, settings)
+    if differ:
+        raise UserError(f"--out {out} holds the results of a run with other settings ({differ}): pass another "
+                        f"--out, or delete it to start over")
+    return bpd
 
 
-def write_partial_noise(path: str, noise: torch.Tensor, settings: str) -> None:
-    atomic_torch_save({"noise": noise, "settings": settings}, path)
+def bpd_summary(bpd: np.ndarray, of: str) -> str:
+    if len(bpd) > 1:  # with the standard error of the mean
+        return f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {of}"
+    return f"bpd {bpd[0]:.4f} of {of}"
 
 
 def run_likelihood(setup: Setup) -> np.ndarray:
     """Bits per dimension of --data under the model (probability-flow ODE, data -> noise).
 
-    With --out, the per-item results are kept in it as they come (SavedResults), and the same
-    command resumes after the items saved: the Hutchinson probes depend on (--seed, batch index),
-    so the results are those of an uninterrupted run."""
-    args = setup.args
+    With --out, the per-batch results are kept in OUT.parts/ as they come (BatchParts), the batches
+    are shared by the processes under torchrun, and the same command resumes with the batches left:
+    the Hutchinson probes depend on (--seed, batch index), so the results are those of an
+    uninterrupted run. A finished --out is read, not recomputed. Returns the bpd (on the main process;
+    the other processes return an empty array)."""
+    args, dist = setup.args, setup.dist
     out = None if args.out is None else args.out if args.out.endswith(".npz") else f"{args.out}.npz"
-    # Before the data is read or encoded: a file of other settings is refused first.
-    saved = None if out is None else SavedResults(out, f"--out {out}", data_job_settings(setup), read_bpd, write_bpd)
     x, offset, space = job_data(setup)
-    done_before = 0 if saved is None else saved.start(len(x))
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
+    settings = None if out is None else data_job_settings(setup, len(x))
+    batches = math.ceil(len(x) / args.batch_size)
+    detail = f"{space}; D = {dims}; {args.sampling_method}"
+    finished = None if out is None else on_main(lambda: finished_bpd(out, settings), dist)
+    if finished is not None:
+        if dist.is_main:
+            print(f"{bpd_summary(finished, f'{len(finished)} items')} ({detail}; all {len(finished)} from {out}, "
+                  f"nothing left to compute)")
+        return finished if dist.is_main else np.zeros(0)
+    parts = None if out is None else BatchParts(out, settings, batches, dist)
+    announce(parts, len(x), args.batch_size, dist)
 
     def step(index: int, first: int) -> torch.Tensor:
         batch = x[first: first + args.batch_size].to(setup.device)
@@ -879,63 +944,72 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
         with torch.no_grad():
             logp, _ = setup.sample_fn(batch, model_fn)
-        bpd = (-logp / (dims * math.log(2)) + offset).cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
-        return bpd if saved is None else saved.add(bpd)
+        bpd = (-logp / (dims * math.log(2)) + offset).double().cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
+        return bpd if parts is None else parts.write(index, bpd)
 
     start = time.perf_counter()
-    new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, start=done_before)
+    wait = None if parts is None or dist.world_size == 1 else lambda bar: parts.wait(bar, len(x), args.batch_size)
+    new, interrupted = over_batches("likelihood", len(x), args.batch_size, step,
+                                    None if parts is None else parts.pending, dist, wait if dist.is_main else None)
     elapsed = time.perf_counter() - start
-    everything = saved.all() if saved is not None else torch.cat(new) if new else None
-    bpd = everything.double().numpy() if everything is not None else np.zeros(0)
-    done = f"the first {len(bpd)} of {len(x)} items" if interrupted is not None else f"{len(bpd)} items"
+    if not dist.is_main:
+        exit_if_interrupted(interrupted, 0, len(x), dist)
+        return np.zeros(0)
+    results = new if parts is None else parts.read(every=interrupted is None)
+    bpd = torch.cat(results).numpy() if results else np.zeros(0)
     if len(bpd):
-        if len(bpd) > 1:  # with the standard error of the mean
-            summary = f"bpd {bpd.mean():.4f} +- {bpd.std(ddof=1) / math.sqrt(len(bpd)):.4f} over {done}"
-        else:
-            summary = f"bpd {bpd[0]:.4f} of {done if interrupted is not None else '1 item'}"
-        computed = len(bpd) - done_before
-        timing = (f"{elapsed:.1f} s" if not done_before else
-                  f"{elapsed:.1f} s for the {computed} computed now" if computed else f"all {len(bpd)} from {out}")
-        print(f"{summary} ({space}; D = {dims}; {args.sampling_method}, {timing})")
-        if saved is not None and computed:
-            saved.save()
-            print(f"saved per-item bpd{f' of {done}' if interrupted is not None else ''} to {out}"
-                  f"{': run the same command again to compute the rest' if interrupted is not None else ''}")
-    exit_if_interrupted(interrupted, len(bpd), len(x))
+        if interrupted is None:
+            of = f"{len(bpd)} items" if len(bpd) > 1 else "1 item"
+        else:  # with --out, those in the folder: a run resumed, or other processes', need not be the first
+            of = f"{'the first ' if parts is None else ''}{len(bpd)} of {len(x)} items"
+        resumed = parts is not None and len(parts.pending) < batches and interrupted is None
+        computed = f" for the {items_in(parts.pending, len(x), args.batch_size)} computed now" if resumed else ""
+        print(f"{bpd_summary(bpd, of)} ({detail}, {elapsed:.1f} s{computed})")
+    if parts is not None:
+        if interrupted is None:
+            write_bpd(out, bpd, settings)
+            parts.remove()
+            print(f"saved per-item bpd to {out}")
+        elif len(bpd):
+            print(f"the results of {len(bpd)} of {len(x)} items are kept in {parts.folder}: run the same "
+                  f"command again to compute the rest")
+    exit_if_interrupted(interrupted, len(bpd), len(x), dist)
     return bpd
 
 
 def run_reverse(setup: Setup) -> str:
     """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor.
 
-    Until the run is complete, the noise so far is also kept in OUT.partial as it comes
-    (SavedResults), and the same command resumes after the items saved there."""
-    args = setup.args
+    The per-batch noise is kept in OUT.parts/ as it comes (BatchParts), the batches are shared by the
+    processes under torchrun, and the same command resumes with the batches left."""
+    args, dist = setup.args, setup.dist
     out = args.out or DEFAULT_OUT["reverse"]
-    partial = f"{out}.partial"
-    saved = SavedResults(partial, f"{partial} (a stopped --reverse run's noise so far)", data_job_settings(setup),
-                         read_partial_noise, write_partial_noise)
     x, _, space = job_data(setup)
-    done_before = saved.start(len(x))
     labels = data_labels(setup, len(x))
+    parts = BatchParts(out, data_job_settings(setup, len(x)), math.ceil(len(x) / args.batch_size), dist)
+    announce(parts, len(x), args.batch_size, dist)
 
     def step(index: int, first: int) -> torch.Tensor:
-        return saved.add(setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
-                                      derived_seed(args.seed, first)).cpu())
+        noise = setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
+                             derived_seed(args.seed, first)).cpu()
+        return parts.write(index, noise)
 
-    _, interrupted = over_batches("reverse", len(x), args.batch_size, step, start=done_before)
-    noise = saved.all()
-    count = 0 if noise is None else len(noise)
-    if noise is not None:
-        if count < len(x):  # stopped: the same command resumes from the partial file
-            saved.save()
-        atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
-        if count == len(x) and os.path.exists(partial):
-            os.remove(partial)
-        done = f"the first {count} of {len(x)} items" if interrupted is not None else f"{count} items"
-        print(f"encoded {done} ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}"
-              f"{f' ({partial} keeps them: run the same command again to compute the rest)' if count < len(x) else ''}")
-    exit_if_interrupted(interrupted, count, len(x))
+    wait = None if dist.world_size == 1 else lambda bar: parts.wait(bar, len(x), args.batch_size)
+    _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist,
+                                  wait if dist.is_main else None)
+    if not dist.is_main:
+        exit_if_interrupted(interrupted, 0, len(x), dist)
+        return out
+    if interrupted is not None:
+        count = sum(len(r) for r in parts.read())
+        if count:
+            print(f"the results of {count} of {len(x)} items are kept in {parts.folder}: run the same command "
+                  f"again to compute the rest")
+        exit_if_interrupted(interrupted, count, len(x), dist)
+    noise = torch.cat(parts.read(every=True))
+    atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
+    parts.remove()
+    print(f"encoded {len(noise)} items ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
     return out
 
 
@@ -971,8 +1045,12 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
 
 def run_job(args: argparse.Namespace, dist: DistInfo):
     log_warnings_on_stderr(dist.is_main)
-    if dist.world_size > 1 and args.job != "fid":
-        raise UserError("only --num-fid-samples runs under torchrun; run the other jobs with python")
+    if dist.world_size > 1 and args.job == "grid":
+        raise UserError("a grid is sampled by one process: run it with python (torchrun runs --num-fid-samples, "
+                        "--likelihood --out and --reverse)")
+    if dist.world_size > 1 and args.job == "likelihood" and args.out is None:
+        raise UserError("under torchrun, --likelihood needs --out FILE.npz: the processes' results meet in "
+                        "FILE.npz.parts/")
     try:
         setup = Setup(args, dist)
         job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]

@@ -76,7 +76,8 @@ def atomic_write(path: str, write) -> None:
     """write(f) to a temporary file in the same directory, fsync, then os.replace onto `path`.
 
     A crash at any point leaves either the old file or the complete new one, never a partial file
-    under `path`; the temporary file is removed when the write fails.
+    under `path`; the temporary file is removed when the write fails, and an OSError that names no
+    file (a full disk) names `path`.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -86,9 +87,11 @@ def atomic_write(path: str, write) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: this one
+            err.filename = path
         raise
     try:
         fd = os.open(directory, os.O_RDONLY)

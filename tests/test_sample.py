@@ -6,6 +6,7 @@ AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved 
 import argparse
 import math
 import os
+import shutil
 import re
 import subprocess
 import sys
@@ -323,6 +324,7 @@ def test_likelihood_bits_per_dim_against_a_closed_form_density(tmp_path):
     pixels (the 1/128 Jacobian)."""
     import types
 
+    from sit_fast.distributed import DistInfo
     from sit_fast.transport import Sampler, create_transport
     from tests.test_transport import MU, STD, closed_form_model
 
@@ -333,6 +335,7 @@ def test_likelihood_bits_per_dim_against_a_closed_form_density(tmp_path):
         args=types.SimpleNamespace(data=str(tmp_path / "pixels.npz"), dataset=None, seed=0, batch_size=4,
                                    class_labels=None, sampling_method="dopri5", out=None),
         image_size=1, in_channels=2, codec=None, latent_shape=(2, 1, 1), num_classes=NUM_CLASSES, device="cpu",
+        dist=DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True),
         forwards=types.SimpleNamespace(conditional=lambda x, t, y: velocity(x.flatten(1), t).view_as(x)),
         sample_fn=Sampler(create_transport("Linear", "velocity")).sample_ode_likelihood(
             exact_divergence=True, atol=1e-9, rtol=1e-9))
@@ -1083,9 +1086,11 @@ def test_reverse_carries_data_to_noise(files, tmp_path):
 def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files, tmp_path, capsys, monkeypatch,
                                                                       stop):
     """Ctrl-C or a stop signal during the third batch: the first two batches' results are reported and
-    saved (exit 130, or 128 + the signal's number), the same as a whole run's first four items."""
+    kept in OUT.parts/ (exit 130, or 128 + the signal's number), and the same command computes the
+    third and gives a whole run's results."""
     torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    parts = tmp_path / f"{out.name}.parts"
     argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
             "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
 
@@ -1097,7 +1102,7 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
 
     run(argv)
     whole = saved()
-    assert len(whole) == 5
+    assert len(whole) == 5 and not parts.exists()
     out.unlink()
     real, batches = sample.derived_seed, []
 
@@ -1111,32 +1116,31 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
-    assert exit_info.value.code == stop.status
-    np.testing.assert_array_equal(saved(), whole[:4])
+    assert exit_info.value.code == stop.status and not out.exists()
+    assert sorted(os.listdir(parts)) == ["000000.pt", "000001.pt", "settings.json"]
     captured = capsys.readouterr()
-    assert "the first 4 of 5 items" in captured.out and str(out) in captured.out, captured.out
+    assert f"of 4 of 5 items are kept in {parts}: run the same command again to compute the rest" in captured.out, \
+        captured.out
+    assert ("bpd " in captured.out and "over 4 of 5 items" in captured.out) == (job == "--likelihood"), captured.out
     assert f"{stop.words} after 4 of 5 items" in captured.err, captured.err
-    assert "run the same command again to compute the rest" in captured.out, captured.out
-    partial = tmp_path / "z.pt.partial"  # --reverse: where the same command resumes from (test below)
-    assert partial.exists() == (job == "--reverse")
-    # Interrupted in the first batch of a new run: nothing to save, and nothing is written
+    batches.append(None)  # no stop this time
+    run(argv)
+    np.testing.assert_array_equal(saved(), whole)
+    assert len(batches) == 5 and not parts.exists()  # the third batch only
+    # Stopped in the first batch of a new run: nothing finished, no OUT
     out.unlink()
-    partial.unlink(missing_ok=True)
     batches.clear()
-    batches.append(None)
-    batches.append(None)
+    batches.extend([None, None])
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
     assert exit_info.value.code == stop.status and not out.exists()
-    assert f"{stop.words} after 0 of 5 items" in capsys.readouterr().err
+    assert os.listdir(parts) == ["settings.json"]
+    assert f"{stop.words} after 0 of 5 items: nothing finished" in capsys.readouterr().err
 
 
-def save_every_batch_and_crash_in_the_third(monkeypatch) -> list:
-    """Results saved after every batch, and a crash (no handler saves anything then) as the third
-    batch starts. Returns the list of derived_seed's calls, one per batch as it starts: the crash
-    comes with its third entry."""
-    monkeypatch.setattr(sample, "SAVE_EVERY_S", 0.0)
-    monkeypatch.setattr(sample, "SAVE_COST_FACTOR", 0.0)
+def crash_in_the_third_batch(monkeypatch) -> list:
+    """A crash (no handler keeps anything then) as the third batch starts. Returns the list of
+    derived_seed's calls, one per batch as it starts: the crash comes with its third entry."""
     real, batches = sample.derived_seed, []
 
     def derived_seed(*args):
@@ -1150,107 +1154,143 @@ def save_every_batch_and_crash_in_the_third(monkeypatch) -> list:
 
 
 def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monkeypatch):
-    """--likelihood --out saves whole batches as they finish (here after each: SAVE_EVERY_S = 0) with
-    the settings that made them. After a crash the same command computes only the items left, and the
-    bpd are an uninterrupted run's; a finished file is read, not recomputed. Other settings, other data
-    or a file that records no settings are refused in one line."""
+    """--likelihood --out keeps each batch's bpd in OUT.parts/ as it finishes, with the settings that made
+    them. After a crash the same command computes only the batches left, and the bpd are an
+    uninterrupted run's; a finished file is read, not recomputed. Other settings, other data or a file
+    that records no settings are refused in one line."""
     torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    out = tmp_path / "bpd.npz"
+    out, parts = tmp_path / "bpd.npz", tmp_path / "bpd.npz.parts"
     argv = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
             "--batch-size", 2, "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
     whole = run(argv)
     out.unlink()
-    batches = save_every_batch_and_crash_in_the_third(monkeypatch)
+    batches = crash_in_the_third_batch(monkeypatch)
     with pytest.raises(RuntimeError, match="went away"):
         run(argv)
-    with np.load(out) as archive:
-        np.testing.assert_array_equal(archive["bpd"], whole[:4])
+    assert not out.exists()
+    np.testing.assert_array_equal(torch.cat([torch.load(parts / f"00000{k}.pt", weights_only=True)
+                                             for k in (0, 1)]).numpy(), whole[:4])
+
+    def refused(argv_now, start, needle):
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv_now)
+        assert exit_info.value.code == 2
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: {start} ") and needle in err, err
+
+    capsys.readouterr()
+    refused(argv + ["--seed", 1], parts, "holds the results of a stopped run made with other settings (seed: 0 there, "
+                                         "1 now)")
     batches.clear()
     batches.append(None)  # no crash this time: the third call is a fourth
-    capsys.readouterr()
     np.testing.assert_array_equal(run(argv), whole)
     assert batches[1:] == [(0, 2, 2)], batches  # only the last batch (index 2, seed 0, batch size 2)
     captured = capsys.readouterr().out
-    assert "4 of 5 items already in" in captured and "computing the other 1" in captured, captured
+    assert f"4 of 5 items already in {parts}; computing the other 1" in captured, captured
+    assert "for the 1 computed now" in captured and f"saved per-item bpd to {out}" in captured, captured
+    assert not parts.exists()
     with np.load(out) as archive:
         np.testing.assert_array_equal(archive["bpd"], whole)
     batches.clear()
     np.testing.assert_array_equal(run(argv), whole)  # finished: nothing computed
     assert not batches and "nothing left to compute" in capsys.readouterr().out
-
-    def refused(argv_now, needle):
-        with pytest.raises(SystemExit) as exit_info:
-            run(argv_now)
-        assert exit_info.value.code == 2
-        err = one_line_error(capsys)
-        assert err.startswith(f"error: --out {out} ") and needle in err, err
-
-    refused(argv + ["--seed", 1], "a run with other settings (seed: 0 there, 1 now)")
+    refused(argv + ["--seed", 1], f"--out {out}", "holds the results of a run with other settings (seed: 0 there, "
+                                                  "1 now)")
     torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    refused(argv, "holds the results of 5 of 5 items; the data now has 6")
+    refused(argv, f"--out {out}", "(items: 5 there, 6 now)")
     np.savez(out, bpd=whole)
-    refused(argv, "records no settings of such a run")
-    assert not batches
+    refused(argv, f"--out {out}", "records no settings of a finished likelihood run")
+    out.write_bytes(b"not an npz")  # without np.load's advice to load it unsafely
+    refused(argv, f"--out {out}", "exists and cannot be read as the results of a likelihood run: pass another --out")
+    assert not batches and not parts.exists()
 
 
-def test_saved_results_wait_longer_between_saves_that_take_long(tmp_path, monkeypatch):
-    """Saving the results so far costs at most 1/SAVE_COST_FACTOR of the run: after a save that took
-    d seconds, the next waits SAVE_COST_FACTOR * d, even where SAVE_EVERY_S is shorter."""
-    import time
-
-    monkeypatch.setattr(sample, "SAVE_EVERY_S", 0.0)
-    monkeypatch.setattr(sample, "SAVE_COST_FACTOR", 1e6)
-    writes = []
-
-    def write(path, results, settings):
-        writes.append(len(results))
-        time.sleep(0.01)
-
-    saved = sample.SavedResults(str(tmp_path / "r"), "r", {}, read=None, write=write)
-    assert saved.start(6) == 0
-    for _ in range(3):
-        saved.add(torch.zeros(2))
-    assert writes == [2]  # the first save took 10 ms: the next waits hours
-    saved.save()  # at the end, or when stopped
-    assert writes == [2, 6]
-
-
-def test_reverse_resumes_from_its_partial_file_after_a_crash(files, tmp_path, capsys, monkeypatch):
-    """--reverse keeps the noise so far in OUT.partial as it comes (here after each batch); after a
-    crash the same command computes only the items left, gives an uninterrupted run's noise and
-    removes the partial file. A partial file of other settings is refused in one line."""
+def test_reverse_resumes_from_its_parts_after_a_crash(files, tmp_path, capsys, monkeypatch):
+    """--reverse keeps each batch's noise in OUT.parts/ as it finishes; after a crash the same command
+    computes only the batches left, gives an uninterrupted run's noise and removes the folder. A part
+    that cannot be read is named in one line."""
     torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    out, partial = tmp_path / "z.pt", tmp_path / "z.pt.partial"
+    out, parts = tmp_path / "z.pt", tmp_path / "z.pt.parts"
     argv = ["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
             "--batch-size", 2, "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
     whole = torch.load(run(argv), weights_only=True)
     out.unlink()
-    batches = save_every_batch_and_crash_in_the_third(monkeypatch)
+    batches = crash_in_the_third_batch(monkeypatch)
     with pytest.raises(RuntimeError, match="went away"):
         run(argv)
     assert not out.exists()
-    torch.testing.assert_close(torch.load(partial, weights_only=True)["noise"], whole[:4], rtol=0, atol=0)
-    with pytest.raises(SystemExit) as exit_info:
-        run(argv + ["--seed", 1])
-    assert exit_info.value.code == 2
-    err = one_line_error(capsys)
-    assert err.startswith(f"error: {partial} (a stopped --reverse run's noise so far) holds the results of a run "
-                          f"with other settings (seed: 0 there, 1 now)"), err
+    torch.testing.assert_close(torch.load(parts / "000001.pt", weights_only=True), whole[2:4], rtol=0, atol=0)
     batches.clear()
     batches.append(None)  # no crash this time
     torch.testing.assert_close(torch.load(run(argv), weights_only=True), whole, rtol=0, atol=0)
     assert batches[1:] == [(0, 4)], batches  # only the last batch, the one starting at item 4
-    assert "4 of 5 items already in" in capsys.readouterr().out
-    assert not partial.exists()
-    partial.write_bytes(b"not a torch file")  # refused, without torch.load's advice to load it unsafely
+    assert f"4 of 5 items already in {parts}; computing the other 1" in capsys.readouterr().out
+    assert not parts.exists()
+    out.unlink()
+    batches.clear()
+    with pytest.raises(RuntimeError, match="went away"):
+        run(argv)
+    (parts / "000000.pt").write_bytes(b"not a torch file")  # no torch.load advice to load it unsafely
     with pytest.raises(SystemExit):
         run(argv)
-    assert one_line_error(capsys) == (f"error: {partial} (a stopped --reverse run's noise so far) exists and cannot "
-                                      f"be read as the results of such a run: pass another --out, or delete it")
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: cannot read {parts / '000000.pt'} (") and err.endswith(
+        "): delete it, and the same command computes its batch again"), err
+    # A batch missing when the results are joined (a process that stopped without a word) is named
+    shutil.rmtree(parts)
+    write = sample.BatchParts.write
+    monkeypatch.setattr(sample.BatchParts, "write", lambda self, k, result: result if k == 1 else write(self, k, result))
+    batches.extend([None, None])  # no crash
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert one_line_error(capsys) == (f"error: {parts} lacks the results of batch 1 (000001.pt): run the same command "
+                                      f"again to compute it")
+
+
+@pytest.mark.parametrize("job", ["--likelihood", pytest.param("--reverse", marks=pytest.mark.slow)])
+def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job, files, tmp_path, monkeypatch):
+    """A run stopped after 2 of 4 batches (one process) is finished by 2 processes, which take the
+    other 2 in turn: the results are the uninterrupted single-process run's, to the bit."""
+    torch.save(torch.randn(7, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
+            "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
+
+    def saved():
+        if job == "--likelihood":
+            with np.load(out) as archive:
+                return archive["bpd"]
+        return torch.load(out, weights_only=True).numpy()
+
+    run(argv)
+    whole = saved()
+    out.unlink()
+    crash_in_the_third_batch(monkeypatch)
+    with pytest.raises(RuntimeError, match="went away"):
+        run(argv)
+    printed = torchrun(argv, tmp_path)
+    assert "4 of 7 items already in" in printed and "computing the other 3" in printed, printed
+    assert "2 batches of 2 on 2 processes, taken in turn" in printed, printed
+    np.testing.assert_array_equal(saved(), whole)
+    assert not os.path.exists(f"{out}.parts")
+
+
+def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
+    from sit_fast.distributed import DistInfo
+
+    monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(rank=0, world_size=2, local_rank=0,
+                                                                     device=torch.device("cpu"), is_main=True))
+    for argv, message in ((["ODE"], "error: a grid is sampled by one process: run it with python"),
+                          (["ODE", "--likelihood", "--data", tmp_path / "x.pt"],
+                           "error: under torchrun, --likelihood needs --out FILE.npz")):
+        with pytest.raises(SystemExit):
+            run([*argv, "--ckpt", files["pixel"], "--vae", "none", *FAST])
+        assert one_line_error(capsys).startswith(message)
 
 
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
 def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, files, tmp_path, capsys, monkeypatch):
+    import builtins
     import errno
 
     from sit_fast import files as file_helpers
@@ -1258,15 +1298,26 @@ def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, file
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(file_helpers, "open", lambda path, mode="r", *a, **k: full(), raising=False)
-    monkeypatch.setattr(sample.np, "savez", full)
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
-    with pytest.raises(SystemExit) as exit_info:
-        run(["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--out", out,
-             "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST])
-    assert exit_info.value.code == 2
-    assert one_line_error(capsys) == f"error: cannot write {out} (No space left on device)"
+    argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--out", out,
+            "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST]
+    real_open = builtins.open
+    for failing in ("settings.json", "000000.pt", out.name):  # each file the job writes, in turn
+
+        def full_disk_for(path, mode="r", *args, **kwargs):
+            if os.path.basename(path).startswith(f".{failing}.tmp-"):
+                full()
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(file_helpers, "open", full_disk_for, raising=False)
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+        path = out if failing == out.name else tmp_path / f"{out.name}.parts" / failing
+        assert one_line_error(capsys) == f"error: cannot write {path} (No space left on device)"
+    # the batch is kept: only OUT is left to write
+    assert sorted(os.listdir(tmp_path / f"{out.name}.parts")) == ["000000.pt", "settings.json"]
 
 #################################################################################
 #                                   CUDA                                         #
