@@ -75,6 +75,7 @@ from sit_fast.sampling import (
     release_or_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
+from sit_fast.transport.integrators import adaptive_ode_method
 from sit_fast.vae import VAE_ALIASES
 
 
@@ -507,9 +508,17 @@ def run_grid(setup: Setup) -> str:
     return out
 
 
+def settings_ignored(args: argparse.Namespace) -> set[str]:
+    """The flags this sampler ignores: the step count of an adaptive ODE solver (its end state does
+    not depend on it), the tolerances of a fixed-step one."""
+    if args.mode != "ODE":
+        return set()
+    return {"num_sampling_steps"} if adaptive_ode_method(args.sampling_method) else {"atol", "rtol"}
+
+
 def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     """The settings that decide the images of an FID folder (compared when resuming)."""
-    settings = {k: v for k, v in vars(args).items() if k not in NOT_IMAGE_SETTINGS}
+    settings = {k: v for k, v in vars(args).items() if k not in NOT_IMAGE_SETTINGS | settings_ignored(args)}
     settings.update(ckpt=os.path.abspath(setup.info["path"]), weights=setup.info["weights"],
                     model=setup.info["model"], image_size=setup.image_size, num_classes=setup.num_classes,
                     in_channels=setup.in_channels)

@@ -1205,6 +1205,29 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     assert not batches and not parts.exists()
 
 
+def test_a_resume_ignores_the_flags_its_solver_ignores(files, tmp_path, capsys):
+    """dopri5's bpd do not depend on --num-sampling-steps, nor euler's on --atol/--rtol: a finished
+    likelihood file is read under such a change, and a change the solver uses is refused."""
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    common = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", *FAST]
+    adaptive = common + ["--sampling-method", "dopri5", "--atol", 1e-3, "--rtol", 1e-2]
+    whole = run(adaptive + ["--num-sampling-steps", 3])
+    np.testing.assert_array_equal(run(adaptive + ["--num-sampling-steps", 7]), whole)  # computed again: the same
+    out = tmp_path / "bpd.npz"
+    run(adaptive + ["--num-sampling-steps", 3, "--out", out])
+    capsys.readouterr()
+    np.testing.assert_array_equal(run(adaptive + ["--num-sampling-steps", 7, "--out", out]), whole)
+    assert "nothing left to compute" in capsys.readouterr().out
+    fixed = common + ["--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "euler.npz"]
+    whole = run(fixed)
+    capsys.readouterr()
+    np.testing.assert_array_equal(run(fixed + ["--atol", 1e-2, "--rtol", 0.5]), whole)
+    assert "nothing left to compute" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(fixed + ["--num-sampling-steps", 4])
+    assert "(num_sampling_steps: 3 there, 4 now)" in one_line_error(capsys)
+
+
 def test_reverse_resumes_from_its_parts_after_a_crash(files, tmp_path, capsys, monkeypatch):
     """--reverse keeps each batch's noise in OUT.parts/ as it finishes; after a crash the same command
     computes only the batches left, gives an uninterrupted run's noise and removes the folder. A part

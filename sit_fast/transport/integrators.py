@@ -28,6 +28,12 @@ ODE_METHODS = FIXED_STEP_ODE_METHODS + tuple(
 SDE_METHODS = ("Euler", "Heun")
 
 
+def adaptive_ode_method(method: str) -> bool:
+    """Whether the ODE method chooses its own steps (num_steps then only spaces a trajectory, and the
+    end state does not depend on it); fixed-step methods ignore atol and rtol instead."""
+    return method not in FIXED_STEP_ODE_METHODS and not issubclass(TORCHDIFFEQ_SOLVERS[method], FixedGridODESolver)
+
+
 def _first(x):
     return x[0] if isinstance(x, tuple) else x
 
@@ -92,7 +98,7 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
         return _like(drift(state, t.expand(batch)), state)
 
     times = t_grid if trajectory else t_grid[:: t_grid.shape[0] - 1]  # [t0, t1] as a view
-    if not issubclass(TORCHDIFFEQ_SOLVERS[method], FixedGridODESolver):
+    if adaptive_ode_method(method):
         # Make the adaptive solver land on t1 instead of stepping past it: stages beyond t1 would
         # evaluate the model, and the path (VP's sigma_t is NaN just past t = 1), outside [0, 1].
         options = {"step_t": t_grid[-1:]}
