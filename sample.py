@@ -61,7 +61,9 @@ import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
-from sit_fast.distributed import DistInfo, barrier, cleanup, init_distributed, local_path_on_main_first, on_main
+from sit_fast.distributed import (
+    DistInfo, barrier, check_shared_path, cleanup, init_distributed, local_path_on_main_first, on_main,
+)
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
@@ -558,6 +560,7 @@ def run_fid(setup: Setup) -> str:
         return pending_chunks(sample_dir, total, chunk), present
 
     pending, present = on_main(prepare, dist)
+    check_shared_path(os.path.join(sample_dir, "settings.json"), f"--sample-dir {args.sample_dir}", dist)
     todo = sum(min(chunk, total - k * chunk) for k in pending)
     if dist.is_main:
         redone = (f" ({todo - (total - present)} of them present: a batch with a missing image is redone whole)"
@@ -823,6 +826,7 @@ class BatchParts:
             return [k for k in range(batches) if self.name(k) not in present]
 
         self.pending = on_main(pending, dist)
+        check_shared_path(os.path.join(self.folder, "settings.json"), f"--out {out}", dist)
 
     @staticmethod
     def name(k: int) -> str:

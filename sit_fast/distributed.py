@@ -7,6 +7,7 @@ initialised and every helper here is a no-op, so the same code runs in both sett
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 import torch
@@ -115,3 +116,18 @@ def local_path_on_main_first(fn, info: DistInfo) -> str:
     if info.is_main or os.path.exists(path):
         return path
     return fn()
+
+
+def check_shared_path(path: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> None:
+    """After rank 0 wrote `path` (e.g. a settings.json in the folder the processes write into): every
+    other process checks that it sees the file too, as it does not where the folder is on one node's
+    own disk and the process runs on another. A shared filesystem may show a new file late: each waits
+    up to wait_s seconds for it. `flag` names the flag that picks the folder, for the message."""
+    if info.is_main:
+        return
+    deadline = time.monotonic() + wait_s
+    while not os.path.exists(path):
+        if time.monotonic() >= deadline:
+            raise UserError(f"{flag}: rank {info.rank} does not see {path}, which rank 0 wrote (a folder on "
+                            f"another node's own disk?): pass one on a filesystem every node shares")
+        time.sleep(0.5)

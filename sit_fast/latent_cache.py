@@ -36,7 +36,7 @@ from sit_fast.argtypes import OneLineArgumentParser, nonnegative_int, positive_i
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
 )
-from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
+from sit_fast.distributed import barrier, check_shared_path, cleanup, init_distributed, on_main
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
@@ -128,6 +128,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         return pending_shards(args.out, shards)
 
     pending = on_main(prepare, dist_info)
+    check_shared_path(os.path.join(args.out, "settings.json"), f"--out {args.out}", dist_info)
     mine = pending[dist_info.rank:: dist_info.world_size]
     if dist_info.is_main:
         todo = sum(count for _, _, count in pending)
