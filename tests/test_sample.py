@@ -1082,15 +1082,11 @@ def test_reverse_carries_data_to_noise(files, tmp_path):
 
 
 
-@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
-def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files, tmp_path, capsys, monkeypatch,
-                                                                      stop):
-    """Ctrl-C or a stop signal during the third batch: the first two batches' results are reported and
-    kept in OUT.parts/ (exit 130, or 128 + the signal's number), and the same command computes the
-    third and gives a whole run's results."""
-    torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+def data_job(job: str, items: int, files, tmp_path):
+    """`job` (--likelihood or --reverse) on `items` random pixel items in batches of 2: (argv, its
+    --out, a function reading the results there as an array)."""
+    torch.save(torch.randn(items, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
-    parts = tmp_path / f"{out.name}.parts"
     argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
             "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
 
@@ -1100,6 +1096,17 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
                 return archive["bpd"]
         return torch.load(out, weights_only=True).numpy()
 
+    return argv, out, saved
+
+
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files, tmp_path, capsys, monkeypatch,
+                                                                      stop):
+    """Ctrl-C or a stop signal during the third batch: the first two batches' results are reported and
+    kept in OUT.parts/ (exit 130, or 128 + the signal's number), and the same command computes the
+    third and gives a whole run's results."""
+    argv, out, saved = data_job(job, 5, files, tmp_path)
+    parts = tmp_path / f"{out.name}.parts"
     run(argv)
     whole = saved()
     assert len(whole) == 5 and not parts.exists()
@@ -1274,17 +1281,7 @@ def test_reverse_resumes_from_its_parts_after_a_crash(files, tmp_path, capsys, m
 def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job, files, tmp_path, monkeypatch):
     """A run stopped after 2 of 4 batches (one process) is finished by 2 processes, which take the
     other 2 in turn: the results are the uninterrupted single-process run's, to the bit."""
-    torch.save(torch.randn(7, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
-    argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
-            "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
-
-    def saved():
-        if job == "--likelihood":
-            with np.load(out) as archive:
-                return archive["bpd"]
-        return torch.load(out, weights_only=True).numpy()
-
+    argv, out, saved = data_job(job, 7, files, tmp_path)
     run(argv)
     whole = saved()
     out.unlink()
