@@ -3,9 +3,11 @@
     python sample.py ODE|SDE [flags]                     a grid of --class-labels -> --out (sample.png)
     torchrun --nproc_per_node=G sample.py ODE|SDE --num-fid-samples N [--sample-dir DIR]
                                                          N numbered PNGs in DIR and DIR.npz (ADM format)
-    [torchrun ...] sample.py ODE --likelihood --data PATH [--out BPD.npz]
-                                                         bits per dimension of given data
-    [torchrun ...] sample.py ODE --reverse --data PATH   data -> noise (the ODE run backwards) -> --out .pt
+    {python|torchrun ...} sample.py ODE --likelihood --data PATH [--out BPD.npz]
+                                                         bits per dimension of given data (--out
+                                                         keeps them; needed under torchrun)
+    {python|torchrun ...} sample.py ODE --reverse --data PATH
+                                                         data -> noise (the ODE run backwards) -> --out .pt
 
 `sample_ddp.py` is this script with upstream sample_ddp.py's defaults (the FID job with 50,000
 images, --vae ema, --cfg-scale 1, and --run-folder: DIR/<name from the settings>/ and
