@@ -76,8 +76,8 @@ def atomic_write(path: str, write) -> None:
     """write(f) to a temporary file in the same directory, fsync, then os.replace onto `path`.
 
     A crash at any point leaves either the old file or the complete new one, never a partial file
-    under `path`; the temporary file is removed when the write fails, and an OSError that names no
-    file (a full disk) names `path`.
+    under `path`; the temporary file is removed when the write fails, and an OS error that names no
+    file (a full disk) is given `path`.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -90,8 +90,8 @@ def atomic_write(path: str, write) -> None:
     except BaseException as err:
         if os.path.exists(tmp):
             os.remove(tmp)
-        if isinstance(err, OSError) and err.filename is None:  # a failed write names no file: this one
-            err.filename = path
+        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
+            err.filename = path  # a failed write (a full disk) names no file: this one
         raise
     try:
         fd = os.open(directory, os.O_RDONLY)
