@@ -34,6 +34,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
 from typing import Callable, Sequence
@@ -601,7 +602,9 @@ def _write_png(image: np.ndarray, path: str) -> None:
 def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool = True) -> tuple[int, ...]:
     """Stack PNGs 000000 ... num_samples - 1 into npz_path as arr_0, (N, H, W, 3) uint8 (ADM's format).
 
-    Written under a temporary name and renamed. Returns the array's shape.
+    The array is streamed into the archive an image at a time (np.savez's layout: an uncompressed
+    arr_0.npy, which ADM's evaluator also reads in batches), so memory holds one image, not all N
+    (50,000 at 512px are 39 GB); written whole or not at all (atomic_write). Returns the shape.
     """
     from PIL import Image
 
@@ -610,15 +613,25 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
             return np.asarray(image.convert("RGB"))
 
     first = read(0)
-    samples = np.empty((num_samples, *first.shape), dtype=np.uint8)
-    with progress_display(num_samples, "building .npz", "img", disable=not progress) as bar:
-        for i in range(num_samples):
-            samples[i] = read(i)
-            bar.update()
-    temporary = f"{npz_path}.tmp.npz"
-    np.savez(temporary, arr_0=samples)
-    os.replace(temporary, npz_path)
-    return samples.shape
+    shape = (num_samples, *first.shape)
+    header = {"descr": np.lib.format.dtype_to_descr(first.dtype), "fortran_order": False, "shape": shape}
+
+    def write(f) -> None:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive, \
+                archive.open("arr_0.npy", "w", force_zip64=True) as member, \
+                progress_display(num_samples, "building .npz", "img", disable=not progress) as bar:
+            np.lib.format.write_array_header_1_0(member, header)
+            for i in range(num_samples):
+                image = first if i == 0 else read(i)
+                if image.shape != first.shape:
+                    raise UserError(f"{png_path(sample_dir, i)} is {image.shape[1]}x{image.shape[0]}, image 0 "
+                                    f"{first.shape[1]}x{first.shape[0]}: delete it, and the same command samples "
+                                    f"it again")
+                member.write(np.ascontiguousarray(image).tobytes())
+                bar.update()
+
+    atomic_write(npz_path, write)
+    return shape
 
 
 def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:

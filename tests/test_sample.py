@@ -715,6 +715,56 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
     assert "other settings" in one_line_error(capsys)
 
 
+def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys):
+    """build_npz writes one image at a time: np.load and ADM's reader (the zip member arr_0.npy,
+    its header, then batches of rows) get the stacked PNGs; a PNG of another size is named."""
+    import zipfile
+
+    from sit_fast.errors import UserError
+    from sit_fast.sampling import build_npz, png_path
+
+    images = np.random.default_rng().integers(0, 256, (5, 6, 4, 3), dtype=np.uint8)  # H 6, W 4
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(png_path(str(tmp_path), i))
+    npz = tmp_path / "s.npz"
+    assert build_npz(str(tmp_path), 5, str(npz), progress=False) == (5, 6, 4, 3)
+    with np.load(npz) as archive:
+        assert archive.files == ["arr_0"]
+        np.testing.assert_array_equal(archive["arr_0"], images)
+    with zipfile.ZipFile(npz) as archive, archive.open("arr_0.npy") as member:  # as ADM's open_npz_array
+        assert np.lib.format.read_magic(member) == (1, 0)
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
+        assert (shape, fortran, dtype) == ((5, 6, 4, 3), False, np.uint8)
+        row = 6 * 4 * 3
+        batches = [np.frombuffer(member.read(2 * row), np.uint8) for _ in range(3)]
+    np.testing.assert_array_equal(np.concatenate(batches).reshape(shape), images)
+    Image.fromarray(images[3, :4]).save(png_path(str(tmp_path), 3))  # 4x4
+    with pytest.raises(UserError) as error:
+        build_npz(str(tmp_path), 5, str(npz), progress=False)
+    assert str(error.value) == (f"{png_path(str(tmp_path), 3)} is 4x4, image 0 4x6: delete it, and the same "
+                                f"command samples it again")
+    with np.load(npz) as archive:  # the finished archive is kept
+        np.testing.assert_array_equal(archive["arr_0"], images)
+    assert sorted(os.listdir(tmp_path)) == [f"{i:06d}.png" for i in range(5)] + ["s.npz"]
+
+    # Memory: a few images at a time, not the N x H x W x 3 array (np.stack of all would hold it)
+    import tracemalloc
+
+    many = np.random.default_rng().integers(0, 256, (200, 32, 32, 3), dtype=np.uint8)
+    (tmp_path / "many").mkdir()
+    for i, image in enumerate(many):
+        Image.fromarray(image).save(png_path(str(tmp_path / "many"), i))
+    tracemalloc.start()
+    try:
+        build_npz(str(tmp_path / "many"), 200, str(npz), progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < many.nbytes / 2, (peak, many.nbytes)
+    with np.load(npz) as archive:
+        np.testing.assert_array_equal(archive["arr_0"], many)
+
+
 def test_fid_job_class_balanced_grows_n(files, tmp_path):
     sample_dir = tmp_path / "s"
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
