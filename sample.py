@@ -818,14 +818,15 @@ class BatchParts:
     computes only the batches not there: each batch's seeds depend on its index, not on the run.
     When every batch is in, the main process joins them into OUT and removes the folder."""
 
-    def __init__(self, out: str, settings: dict, batches: int, dist: DistInfo):
-        self.folder, self.batches = f"{out}.parts", batches
+    def __init__(self, out: str, settings: dict, total: int, batch_size: int, dist: DistInfo):
+        self.folder, self.total, self.batch_size = f"{out}.parts", total, batch_size
+        self.batches = math.ceil(total / batch_size)
 
         def pending() -> list[int]:
             check_settings(self.folder, settings, holds="the results of a stopped run", flag="--out",
                            outputs=r"\d{6}\.pt")
             present = set(os.listdir(self.folder))
-            return [k for k in range(batches) if self.name(k) not in present]
+            return [k for k in range(self.batches) if self.name(k) not in present]
 
         self.pending = on_main(pending, dist)
         check_shared_path(os.path.join(self.folder, "settings.json"), f"--out {out}", dist)
@@ -856,16 +857,16 @@ class BatchParts:
                                 f"the same command computes its batch again") from None
         return results
 
-    def wait(self, bar, total: int, batch_size: int) -> None:
-        """Until every batch is in the folder (the main process, after its own, waits so for the others'
-        instead of at a barrier, whose timeout a slow batch elsewhere could outlast), the bar counting."""
+    def wait(self, bar) -> None:
+        """Until every pending batch is in the folder (the main process, after its own, waits so for the
+        others' instead of at a barrier, whose timeout a slow batch elsewhere could outlast), the bar
+        counting."""
         while True:
             present = set(os.listdir(self.folder))
-            done = [k for k in range(self.batches) if self.name(k) in present]
-            if len(done) == self.batches:
+            missing = [k for k in self.pending if self.name(k) not in present]
+            bar.update(max(0, bar.total - items_in(missing, self.total, self.batch_size) - bar.n))
+            if not missing:
                 return
-            left = items_in([k for k in self.pending if self.name(k) not in present], total, batch_size)
-            bar.update(max(0, bar.total - left - bar.n))
             time.sleep(PARTS_POLL_S)
 
     def remove(self) -> None:
@@ -938,7 +939,6 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
     settings = None if out is None else data_job_settings(setup, len(x))
-    batches = math.ceil(len(x) / args.batch_size)
     detail = f"{space}; D = {dims}; {args.sampling_method}"
     finished = None if out is None else on_main(lambda: finished_bpd(out, settings), dist)
     if finished is not None:
@@ -946,7 +946,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
             print(f"{bpd_summary(finished, f'{len(finished)} items')} ({detail}; all {len(finished)} from {out}, "
                   f"nothing left to compute)")
         return finished if dist.is_main else np.zeros(0)
-    parts = None if out is None else BatchParts(out, settings, batches, dist)
+    parts = None if out is None else BatchParts(out, settings, len(x), args.batch_size, dist)
     announce(parts, len(x), args.batch_size, dist)
 
     def step(index: int, first: int) -> torch.Tensor:
@@ -963,9 +963,9 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         return bpd if parts is None else parts.write(index, bpd)
 
     start = time.perf_counter()
-    wait = None if parts is None or dist.world_size == 1 else lambda bar: parts.wait(bar, len(x), args.batch_size)
+    wait = parts.wait if parts is not None and dist.is_main and dist.world_size > 1 else None
     new, interrupted = over_batches("likelihood", len(x), args.batch_size, step,
-                                    None if parts is None else parts.pending, dist, wait if dist.is_main else None)
+                                    None if parts is None else parts.pending, dist, wait)
     elapsed = time.perf_counter() - start
     if not dist.is_main:
         exit_if_interrupted(interrupted, 0, len(x), dist)
@@ -977,7 +977,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
             of = f"{len(bpd)} items" if len(bpd) > 1 else "1 item"
         else:  # with --out, those in the folder: a run resumed, or other processes', need not be the first
             of = f"{'the first ' if parts is None else ''}{len(bpd)} of {len(x)} items"
-        resumed = parts is not None and len(parts.pending) < batches and interrupted is None
+        resumed = parts is not None and len(parts.pending) < parts.batches and interrupted is None
         computed = f" for the {items_in(parts.pending, len(x), args.batch_size)} computed now" if resumed else ""
         print(f"{bpd_summary(bpd, of)} ({detail}, {elapsed:.1f} s{computed})")
     if parts is not None:
@@ -1001,7 +1001,7 @@ def run_reverse(setup: Setup) -> str:
     out = args.out or DEFAULT_OUT["reverse"]
     x, _, space = job_data(setup)
     labels = data_labels(setup, len(x))
-    parts = BatchParts(out, data_job_settings(setup, len(x)), math.ceil(len(x) / args.batch_size), dist)
+    parts = BatchParts(out, data_job_settings(setup, len(x)), len(x), args.batch_size, dist)
     announce(parts, len(x), args.batch_size, dist)
 
     def step(index: int, first: int) -> torch.Tensor:
@@ -1009,9 +1009,8 @@ def run_reverse(setup: Setup) -> str:
                              derived_seed(args.seed, first)).cpu()
         return parts.write(index, noise)
 
-    wait = None if dist.world_size == 1 else lambda bar: parts.wait(bar, len(x), args.batch_size)
-    _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist,
-                                  wait if dist.is_main else None)
+    wait = parts.wait if dist.is_main and dist.world_size > 1 else None
+    _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait)
     if not dist.is_main:
         exit_if_interrupted(interrupted, 0, len(x), dist)
         return out

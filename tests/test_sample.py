@@ -1345,6 +1345,31 @@ def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job
     assert not os.path.exists(f"{out}.parts")
 
 
+def test_the_main_process_waits_for_the_other_processes_batches(tmp_path, monkeypatch):
+    """Under torchrun, rank 0 polls OUT.parts/ until every pending batch is there, the bar counting
+    the items of those that came."""
+    import threading
+    import types
+
+    from sit_fast.distributed import DistInfo
+
+    monkeypatch.setattr(sample, "PARTS_POLL_S", 0.05)
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=5, batch_size=2, dist=single)
+    assert parts.pending == [0, 1, 2]
+    parts.write(0, torch.zeros(2))
+    bar = types.SimpleNamespace(total=5, n=0)
+    bar.update = lambda count: setattr(bar, "n", bar.n + count)
+    late = [threading.Timer(0.2, parts.write, args=(2, torch.zeros(1))),
+            threading.Timer(0.4, parts.write, args=(1, torch.zeros(2)))]
+    for timer in late:
+        timer.start()
+    parts.wait(bar)
+    for timer in late:
+        timer.join()
+    assert bar.n == 5 and [len(r) for r in parts.read(every=True)] == [2, 2, 1]
+
+
 def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
     from sit_fast.distributed import DistInfo
 
