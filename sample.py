@@ -76,7 +76,7 @@ from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
     checkpoint_preference,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
-    release_or_path, settings_differences, to_rgb_uint8,
+    npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
 from sit_fast.transport.integrators import adaptive_ode_method
@@ -608,14 +608,14 @@ def run_fid(setup: Setup) -> str:
     return npz_path
 
 
-def job_data(setup: Setup) -> tuple[torch.Tensor, float, str]:
+def job_data(setup: Setup):
     """The data of --likelihood and --reverse: --dataset digits, else --data (see load_data)."""
     if setup.args.dataset == "digits":
         return load_digits(setup)
     return load_data(setup, setup.args.data)
 
 
-def load_digits(setup: Setup) -> tuple[torch.Tensor, float, str]:
+def load_digits(setup: Setup):
     """scikit-learn's digits, gray levels k in {0 .. 16}, dequantised uniformly into the [-1, 1] that
     train.py's k / 8 - 1 spans: x = (k + u) * 2 / 17 - 1, u ~ U[0, 1)^D, and the bpd offset is
     log2(17 / 2) (the Jacobian 2 / 17), as 8-bit pixels get 7 = log2(256 / 2)."""
@@ -625,27 +625,28 @@ def load_digits(setup: Setup) -> tuple[torch.Tensor, float, str]:
         space = "a VAE's latents" if setup.codec is not None else f"inputs {setup.latent_shape}"
         raise UserError(f"--dataset digits is 8x8 gray pixels; this model takes {space}: pass a model trained "
                         f"with train.py --dataset digits at 8 px (--vae none), or other data with --data PATH")
-    levels = torch.from_numpy(sklearn_digits().images.astype(np.float32)).unsqueeze(1)  # (1797, 1, 8, 8), 0 .. 16
-    generator = torch.Generator().manual_seed(derived_seed(setup.args.seed, -1))
-    dequantised = (levels + torch.rand(levels.shape, generator=generator)) * (2 / 17) - 1
-    return dequantised, math.log2(17 / 2), "17-level digits, uniform dequantization (+3.09 bits: the 2/17 Jacobian)"
+    levels = sklearn_digits().images.astype(np.uint8)[..., None]  # (1797, 8, 8, 1), 0 .. 16
+    return (DequantizedImages(levels, 17, setup.args.seed), math.log2(17 / 2),
+            "17-level digits, uniform dequantization (+3.09 bits: the 2/17 Jacobian)")
 
 
-def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
-    """--data -> (model inputs (N, C, h, w) fp32 on the CPU, bpd offset, what the density is of)."""
-    args = setup.args
+def load_data(setup: Setup, path: str):
+    """--data -> (model inputs (N, C, h, w) fp32 on the CPU, indexed by slices, bpd offset, what the
+    density is of). Images are read, dequantised or encoded when a batch asks for them (x[a:b]):
+    a process holds only its batches, not the whole of --data."""
     if not os.path.exists(path):
         raise UserError(f"--data {path} does not exist")
+    wanted = setup.in_channels if setup.codec is None else 3
     if os.path.isdir(path):
-        images = load_image_folder(path, setup.image_size, setup.in_channels if setup.codec is None else 3)
+        images = ImageFiles(path, setup.image_size, wanted)
     elif path.endswith(".npz"):
         try:
             with np.load(path) as archive:
                 names = list(archive.keys())
-                key = "arr_0" if "arr_0" in names else names[0] if len(names) == 1 else None
-                if key is None:
-                    raise UserError(f"{path} holds {', '.join(names)}: store the data as arr_0")
-                array = archive[key]
+            key = "arr_0" if "arr_0" in names else names[0] if len(names) == 1 else None
+            if key is None:
+                raise UserError(f"{path} holds {', '.join(names)}: store the data as arr_0")
+            array = npz_array(path, key)
         except UserError:
             raise
         except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:  # not an .npz, or damaged
@@ -654,9 +655,9 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
             raise UserError(f"cannot read {path} ({reason}): --data takes an .npz of arrays") from None
         if array.ndim == 0 or len(array) == 0:
             raise UserError(f"--data {path} holds no items{' (a single number)' if array.ndim == 0 else ''}")
-        images = array if array.dtype == np.uint8 else None
-        if images is None:
-            return check_model_inputs(setup, torch.from_numpy(np.asarray(array, dtype=np.float32)), path)
+        if array.dtype != np.uint8:
+            return check_model_inputs(setup, torch.from_numpy(np.array(array, dtype=np.float32)), path)
+        images = check_image_array(array, setup.image_size, wanted, path)
     elif path.endswith(".pt"):
         try:
             tensor = torch.load(path, map_location="cpu", weights_only=True)
@@ -667,32 +668,101 @@ def load_data(setup: Setup, path: str) -> tuple[torch.Tensor, float, str]:
         return check_model_inputs(setup, tensor.float(), path)
     else:
         raise UserError(f"--data {path}: expected a folder of images, an .npz or a .pt file")
+    if setup.codec is not None:
+        return EncodedImages(setup.codec, images), 0.0, "scaled VAE latents (posterior means)"
+    return DequantizedImages(images, 256, setup.args.seed), 7.0, \
+        "8-bit pixels, uniform dequantization (+7 bits: the 1/128 Jacobian)"
 
+
+def check_image_array(images: np.ndarray, image_size: int, channels: int, path: str) -> np.ndarray:
+    """(N, H, W, C) or gray (N, H, W) uint8 of --data, checked against the model: (N, H, W, C)."""
     if images.ndim == 3:  # grayscale N x H x W
         images = images[..., None]
-    wanted = setup.in_channels if setup.codec is None else 3
-    if images.ndim == 4 and images.shape[-1] == 3 and wanted == 1 and (images == images[..., :1]).all():
+    if images.ndim == 4 and images.shape[-1] == 3 and channels == 1 and all(
+            (chunk == chunk[..., :1]).all() for chunk in (images[k: k + 1024] for k in range(0, len(images), 1024))):
         images = images[..., :1]  # gray stored as RGB (the FID .npz of a 1-channel model)
-    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] != setup.image_size:
-        raise UserError(f"{path}: images of shape {images.shape[1:]} do not match --image-size {setup.image_size} "
-                        f"(expected N x {setup.image_size} x {setup.image_size} x C uint8)")
-    if setup.codec is not None:
-        if images.shape[-1] != 3:
-            raise UserError(f"{path}: the VAE encodes RGB images, these have {images.shape[-1]} channels")
-        return EncodedImages(setup.codec, images), 0.0, "scaled VAE latents (posterior means)"
-    pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float()  # (N, C, H, W) in 0 .. 255
-    if pixels.shape[1] != setup.in_channels:
-        raise UserError(f"{path}: images with {pixels.shape[1]} channels, the model takes {setup.in_channels}")
-    generator = torch.Generator().manual_seed(derived_seed(args.seed, -1))
-    dequantised = (pixels + torch.rand(pixels.shape, generator=generator)) / 128 - 1  # x = (y + u) / 128 - 1
-    return dequantised, 7.0, "8-bit pixels, uniform dequantization (+7 bits: the 1/128 Jacobian)"
+    if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] != image_size:
+        raise UserError(f"{path}: images of shape {images.shape[1:]} do not match --image-size {image_size} "
+                        f"(expected N x {image_size} x {image_size} x C uint8)")
+    if images.shape[-1] != channels:
+        raise UserError(f"{path}: images with {images.shape[-1]} channels, "
+                        f"{'the VAE encodes RGB images' if channels == 3 else f'the model takes {channels}'}")
+    return images
+
+
+class ImageFiles:
+    """The images of a folder and its sub-folders (an ImageFolder root too), sorted by relative path:
+    files[a:b] reads those, ADM center-cropped to image_size, as (b - a, H, W, C) uint8."""
+
+    def __init__(self, path: str, image_size: int, channels: int):
+        self.path, self.image_size, self.channels = path, image_size, channels
+        self.names = sorted(os.path.relpath(os.path.join(root, n), path) for root, _, files in os.walk(path)
+                            for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
+        if not self.names:
+            raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its "
+                            f"sub-folders")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def open(self, index: int):
+        from PIL import Image
+
+        path = os.path.join(self.path, self.names[index])
+        try:
+            return Image.open(path)
+        except OSError as err:  # PIL's UnidentifiedImageError included
+            raise UserError(f"cannot read image {path} ({err}): remove or replace it") from None
+
+    def __getitem__(self, items: slice) -> np.ndarray:
+        from sit_fast.images import center_crop_arr
+
+        arrays = []
+        for index in range(len(self))[items]:
+            with self.open(index) as image:
+                try:
+                    array = np.asarray(center_crop_arr(image.convert("L" if self.channels == 1 else "RGB"),
+                                                       self.image_size))
+                except OSError as err:  # a truncated file: its header read, its pixels not
+                    path = os.path.join(self.path, self.names[index])
+                    raise UserError(f"cannot read image {path} ({err}): remove or replace it") from None
+            arrays.append(array[..., None] if array.ndim == 2 else array)
+        return np.stack(arrays)
+
+    def check(self, indices: list[int]) -> None:
+        """Open the images `indices` (their headers only), so that a file that is no image stops a run
+        before its work, not in the middle."""
+        with progress(len(indices), "checking images", "img", disable=len(indices) < 1000) as bar:
+            for index in indices:
+                self.open(index).close()
+                bar.update()
+
+
+class DequantizedImages:
+    """Images of `levels` gray levels per channel ((N, H, W, C) integers 0 .. levels - 1, an array or
+    ImageFiles) as model inputs, dequantised uniformly when a batch asks for them: x[a:b] is
+    (k + u) * 2 / levels - 1, (b - a, C, H, W) fp32, with item i's u ~ U[0, 1)^D drawn from its own
+    generator (seed (--seed, -1, i)), whichever batch or process reads it."""
+
+    def __init__(self, images, levels: int, seed: int):
+        self.images, self.levels, self.seed = images, levels, seed
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, items: slice) -> torch.Tensor:
+        k = torch.from_numpy(np.array(self.images[items])).permute(0, 3, 1, 2).float()  # a copy: maps are read-only
+        u = torch.empty_like(k)
+        for row, i in enumerate(range(len(self))[items]):
+            u[row] = torch.rand(k.shape[1:], generator=torch.Generator().manual_seed(derived_seed(self.seed, -1, i)))
+        return (k + u) * (2 / self.levels) - 1
 
 
 class EncodedImages:
-    """(N, H, W, 3) uint8 images read as the VAE's latents: x[a:b] encodes those images then, so a
-    likelihood or --reverse process encodes only its own batches, as they come."""
+    """(N, H, W, 3) uint8 images (an array or ImageFiles) read as the VAE's latents: x[a:b] encodes
+    those images then, so a likelihood or --reverse process encodes only its own batches, as they come."""
 
-    def __init__(self, codec, images: np.ndarray):
+    def __init__(self, codec, images):
         self.codec, self.images = codec, images
 
     def __len__(self) -> int:
@@ -702,6 +772,13 @@ class EncodedImages:
         return encode_images(self.codec, self.images[items], show_progress=False)
 
 
+def check_items(x, batches: list[int], batch_size: int) -> None:
+    """The images of these batches, where --data is a folder (see ImageFiles.check)."""
+    images = getattr(x, "images", None)
+    if isinstance(images, ImageFiles):
+        images.check([i for k in batches for i in range(k * batch_size, min((k + 1) * batch_size, len(x)))])
+
+
 def encode_images(codec, images: np.ndarray, show_progress: bool = True) -> torch.Tensor:
     """(N, H, W, 3) uint8 -> the VAE's posterior means (N, C, h, w), fp32 on the CPU; the images are
     converted to floats one encoder batch at a time, not all at once (50,000 at 256px would be 39 GB)."""
@@ -709,35 +786,10 @@ def encode_images(codec, images: np.ndarray, show_progress: bool = True) -> torc
     step = codec.batch_size
     with progress(len(images), "encoding", "img", disable=not show_progress or len(images) <= step) as bar:
         for first in range(0, len(images), step):
-            chunk = torch.from_numpy(images[first: first + step]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            means.append(codec.encode(chunk)[0].cpu())
+            chunk = torch.from_numpy(np.array(images[first: first + step])).permute(0, 3, 1, 2).float()
+            means.append(codec.encode(chunk / 127.5 - 1)[0].cpu())
             bar.update(len(chunk))
     return torch.cat(means)
-
-
-def load_image_folder(path: str, image_size: int, channels: int) -> np.ndarray:
-    """Images of a folder and its sub-folders (an ImageFolder root too), sorted by relative path, ADM
-    center-cropped to image_size: (N, H, W, C) uint8."""
-    from PIL import Image
-
-    from sit_fast.images import center_crop_arr
-
-    names = sorted(os.path.relpath(os.path.join(root, n), path) for root, _, files in os.walk(path)
-                   for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
-    if not names:
-        raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its sub-folders")
-    arrays = []
-    with progress(len(names), "reading", "img", disable=len(names) < 1000) as bar:
-        for name in names:
-            try:
-                with Image.open(os.path.join(path, name)) as image:
-                    image = center_crop_arr(image.convert("L" if channels == 1 else "RGB"), image_size)
-                    array = np.asarray(image)
-            except OSError as err:  # PIL's UnidentifiedImageError included
-                raise UserError(f"cannot read image {os.path.join(path, name)} ({err}): remove or replace it") from None
-            arrays.append(array[..., None] if array.ndim == 2 else array)
-            bar.update()
-    return np.stack(arrays)
 
 
 def check_model_inputs(setup: Setup, x: torch.Tensor, path: str) -> tuple[torch.Tensor, float, str]:
@@ -803,12 +855,15 @@ def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total:
         raise SystemExit(exit_status(interrupted))
 
 
-def data_job_settings(setup: Setup, items: int) -> dict:
+def data_job_settings(setup: Setup, x) -> dict:
     """What decides the per-item results of --likelihood and --reverse (compared when resuming)."""
     args = setup.args
-    return {**image_settings(args, setup), "data": None if args.data is None else os.path.abspath(args.data),
-            "dataset": args.dataset, "exact_divergence": args.exact_divergence, "class_labels": args.class_labels,
-            "items": items}
+    settings = {**image_settings(args, setup), "data": None if args.data is None else os.path.abspath(args.data),
+                "dataset": args.dataset, "exact_divergence": args.exact_divergence,
+                "class_labels": args.class_labels, "items": len(x)}
+    if isinstance(x, DequantizedImages):  # noise drawn per item: a run that drew it otherwise differs
+        settings["dequantization"] = "per item"
+    return settings
 
 
 class BatchParts:
@@ -938,7 +993,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     x, offset, space = job_data(setup)
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
-    settings = None if out is None else data_job_settings(setup, len(x))
+    settings = None if out is None else data_job_settings(setup, x)
     detail = f"{space}; D = {dims}; {args.sampling_method}"
     finished = None if out is None else on_main(lambda: finished_bpd(out, settings), dist)
     if finished is not None:
@@ -948,6 +1003,8 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         return finished if dist.is_main else np.zeros(0)
     parts = None if out is None else BatchParts(out, settings, len(x), args.batch_size, dist)
     announce(parts, len(x), args.batch_size, dist)
+    pending = list(range(math.ceil(len(x) / args.batch_size))) if parts is None else parts.pending
+    check_items(x, pending[dist.rank::dist.world_size], args.batch_size)
 
     def step(index: int, first: int) -> torch.Tensor:
         batch = x[first: first + args.batch_size].to(setup.device)
@@ -964,8 +1021,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
     start = time.perf_counter()
     wait = parts.wait if parts is not None and dist.is_main and dist.world_size > 1 else None
-    new, interrupted = over_batches("likelihood", len(x), args.batch_size, step,
-                                    None if parts is None else parts.pending, dist, wait)
+    new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait)
     elapsed = time.perf_counter() - start
     if not dist.is_main:
         exit_if_interrupted(interrupted, 0, len(x), dist)
@@ -1001,8 +1057,9 @@ def run_reverse(setup: Setup) -> str:
     out = args.out or DEFAULT_OUT["reverse"]
     x, _, space = job_data(setup)
     labels = data_labels(setup, len(x))
-    parts = BatchParts(out, data_job_settings(setup, len(x)), len(x), args.batch_size, dist)
+    parts = BatchParts(out, data_job_settings(setup, x), len(x), args.batch_size, dist)
     announce(parts, len(x), args.batch_size, dist)
+    check_items(x, parts.pending[dist.rank::dist.world_size], args.batch_size)
 
     def step(index: int, first: int) -> torch.Tensor:
         noise = setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],

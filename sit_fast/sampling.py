@@ -634,6 +634,36 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
     return shape
 
 
+def npz_array(path: str, key: str = "arr_0") -> np.ndarray:
+    """Array `key` of the .npz at `path`, memory-mapped where the archive stores it uncompressed (as
+    np.savez and build_npz do): the pages are read from disk as the array is indexed, and shared by
+    the processes of one machine, so a process holds only what it reads. A compressed member
+    (np.savez_compressed), or a header numpy's public readers do not parse, is read whole."""
+    with zipfile.ZipFile(path) as archive:
+        info = archive.getinfo(f"{key}.npy")
+        mapped = None
+        if info.compress_type == zipfile.ZIP_STORED and not info.flag_bits & 0x1:  # 0x1: encrypted
+            with archive.open(info) as member:
+                version = np.lib.format.read_magic(member)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0,
+                               (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+                if read_header is not None:
+                    shape, fortran_order, dtype = read_header(member)
+                    mapped = (shape, fortran_order, dtype, member.tell())
+    if mapped is not None:
+        shape, fortran_order, dtype, header_size = mapped
+        if not dtype.hasobject and math.prod(shape) > 0:
+            with open(path, "rb") as f:  # the member's data follows its local header, whose extra field
+                f.seek(info.header_offset)  # (zip64 sizes) may differ in length from the directory's
+                local = f.read(30)
+            name_size, extra_size = int.from_bytes(local[26:28], "little"), int.from_bytes(local[28:30], "little")
+            offset = info.header_offset + 30 + name_size + extra_size + header_size
+            return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape,
+                             order="F" if fortran_order else "C")
+    with np.load(path) as archive:
+        return archive[key]
+
+
 def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
     """(N, 1 or 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grey repeated to RGB)."""
     from sit_fast.images import to_uint8

@@ -339,7 +339,8 @@ def test_likelihood_bits_per_dim_against_a_closed_form_density(tmp_path):
         forwards=types.SimpleNamespace(conditional=lambda x, t, y: velocity(x.flatten(1), t).view_as(x)),
         sample_fn=Sampler(create_transport("Linear", "velocity")).sample_ode_likelihood(
             exact_divergence=True, atol=1e-9, rtol=1e-9))
-    x, offset, _ = sample.load_data(setup, setup.args.data)  # the dequantised pixels run_likelihood reads
+    data, offset, _ = sample.load_data(setup, setup.args.data)
+    x = data[:]  # the dequantised pixels run_likelihood reads
     assert offset == 7.0
     log_density = torch.distributions.Normal(MU.double(), STD.double()).log_prob(x.flatten(1).double()).sum(1)
     expected = (-log_density / (2 * math.log(2))).numpy()
@@ -721,7 +722,7 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
     import zipfile
 
     from sit_fast.errors import UserError
-    from sit_fast.sampling import build_npz, png_path
+    from sit_fast.sampling import build_npz, npz_array, png_path
 
     images = np.random.default_rng().integers(0, 256, (5, 6, 4, 3), dtype=np.uint8)  # H 6, W 4
     for i, image in enumerate(images):
@@ -731,6 +732,9 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
     with np.load(npz) as archive:
         assert archive.files == ["arr_0"]
         np.testing.assert_array_equal(archive["arr_0"], images)
+    mapped = npz_array(str(npz))  # as --likelihood --data reads it: behind the zip64 local header
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, images)
     with zipfile.ZipFile(npz) as archive, archive.open("arr_0.npy") as member:  # as ADM's open_npz_array
         assert np.lib.format.read_magic(member) == (1, 0)
         shape, fortran, dtype = np.lib.format.read_array_header_1_0(member)
@@ -1094,6 +1098,59 @@ def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
     np.testing.assert_array_equal(bpd[2], bpd[0])
 
 
+def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monkeypatch):
+    """--data FOLDER: the headers of the pending batches' images are read before any work (a file that
+    is no image stops the run with nothing computed), the pixels as each batch comes: a resume reads
+    only the images of the batches left, and a truncated image stops the run in its batch, the batches
+    before it kept. The bpd are those of the same images in an .npz."""
+    images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
+    folder, out, parts = tmp_path / "images", tmp_path / "bpd.npz", tmp_path / "bpd.npz.parts"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"{i}.png")
+    np.savez(tmp_path / "images.npz", arr_0=images)
+    common = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--batch-size", 2,
+              "--sampling-method", "euler", "--num-sampling-steps", 3, *FAST]
+    whole = run(common + ["--data", tmp_path / "images.npz"])
+    argv = common + ["--data", folder, "--out", out]
+    good = (folder / "4.png").read_bytes()
+    read, real = [], sample.ImageFiles.__getitem__
+    monkeypatch.setattr(sample.ImageFiles, "__getitem__",
+                        lambda self, items: read.append(range(len(self))[items]) or real(self, items))
+    capsys.readouterr()
+    for damaged, reason, kept in ((b"not an image", "cannot identify image file", []),
+                                  (good[: len(good) // 2], "image file is truncated", ["000000.pt", "000001.pt"])):
+        (folder / "4.png").write_bytes(damaged)
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith(f"error: cannot read image {folder / '4.png'} ({reason}"), err
+        assert sorted(os.listdir(parts)) == kept + ["settings.json"]
+    assert read == [range(0, 2), range(2, 4), range(4, 5)]
+    (folder / "4.png").write_bytes(good)
+    read.clear()
+    np.testing.assert_array_equal(run(argv), whole)
+    assert read == [range(4, 5)]
+
+
+def test_npz_data_is_memory_mapped_where_it_is_stored_uncompressed(tmp_path):
+    """np.savez's archives (and the FID job's) are mapped, not read: a process reads only the rows it
+    indexes; np.savez_compressed's are read whole. Both give the array."""
+    from sit_fast.sampling import npz_array
+
+    images = np.random.default_rng().integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
+    np.savez(tmp_path / "stored.npz", labels=np.arange(4), arr_0=images)
+    np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
+    mapped = npz_array(str(tmp_path / "stored.npz"))
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, images)
+    np.testing.assert_array_equal(npz_array(str(tmp_path / "stored.npz"), "labels"), np.arange(4))
+    read = npz_array(str(tmp_path / "compressed.npz"))
+    assert not isinstance(read, np.memmap)
+    np.testing.assert_array_equal(read, images)
+
+
 def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
     """--dataset digits: every one of the 1,797 digits, each value in its level's bin of width 2/17
     (train.py's k / 8 - 1 spans the same [-1, 1]), and bpd = that of the same values as float model
@@ -1113,7 +1170,9 @@ def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
     bpd = run(common + ["--dataset", "digits"])
     args = sample.resolve_args(sample.build_parser().parse_args(["ODE", "--likelihood", "--dataset", "digits"]))
     setup = types.SimpleNamespace(args=args, codec=None, latent_shape=(1, 8, 8))
-    x, offset, _ = sample.job_data(setup)
+    data, offset, _ = sample.job_data(setup)
+    x = data[:]
+    torch.testing.assert_close(data[5:9], x[5:9], rtol=0, atol=0)  # an item's noise is its own, in any batch
     levels = torch.from_numpy(load_digits().images).float().unsqueeze(1)
     assert x.shape == (1797, 1, 8, 8) and offset == pytest.approx(math.log2(8.5))
     torch.testing.assert_close(torch.floor((x + 1) * 17 / 2), levels, rtol=0, atol=0)
