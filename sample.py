@@ -45,7 +45,8 @@ Noise is never decoded: the ODE runs from the given data. With --out (--reverse 
 each batch's results are written to OUT.parts/ as it finishes, with the settings in settings.json;
 under torchrun the processes take the batches in turn. The same command, with any number of
 processes, computes only the batches not there (batch k's seeds come from (--seed, k)), joins them
-into OUT and removes the folder. A finished likelihood --out is read, not recomputed.
+into OUT and removes the folder. A finished likelihood --out is read, not recomputed; --reverse
+does not overwrite an OUT that exists (the noise records no settings).
 """
 from __future__ import annotations
 
@@ -1048,6 +1049,15 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     return bpd
 
 
+def check_not_written(out: str) -> None:
+    """--reverse's OUT is a plain tensor that records no settings: one there before a run (the run
+    before this one's, or another's) is not overwritten. With OUT.parts/ beside it, it is this run's,
+    written just before a stop."""
+    if os.path.exists(out) and not os.path.isdir(f"{out}.parts"):
+        raise UserError(f"--out {out} exists (an earlier --reverse's noise?): --reverse does not overwrite it; "
+                        f"pass another --out, or delete it")
+
+
 def run_reverse(setup: Setup) -> str:
     """--data carried to noise by the ODE (t from 1 to 0) and saved as a .pt tensor.
 
@@ -1057,6 +1067,7 @@ def run_reverse(setup: Setup) -> str:
     out = args.out or DEFAULT_OUT["reverse"]
     x, _, space = job_data(setup)
     labels = data_labels(setup, len(x))
+    on_main(lambda: check_not_written(out), dist)
     parts = BatchParts(out, data_job_settings(setup, x), len(x), args.batch_size, dist)
     announce(parts, len(x), args.batch_size, dist)
     check_items(x, parts.pending[dist.rank::dist.world_size], args.batch_size)

@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 import urllib.error
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1182,12 +1183,21 @@ def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
     np.testing.assert_allclose(bpd, continuous + math.log2(8.5), rtol=0, atol=1e-6)
 
 
-def test_reverse_carries_data_to_noise(files, tmp_path):
+def test_reverse_carries_data_to_noise(files, tmp_path, capsys):
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    out = run(["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
-               "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "z.pt", *FAST])
+    argv = ["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
+            "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "z.pt", *FAST]
+    out = Path(run(argv))
+    capsys.readouterr()
     z = torch.load(out, weights_only=True)
     assert z.shape == (2, 3, 8, 8) and torch.isfinite(z).all()
+    before = out.stat().st_mtime_ns
+    with pytest.raises(SystemExit) as exit_info:  # the noise records no settings: not overwritten
+        run(argv)
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == (f"error: --out {out} exists (an earlier --reverse's noise?): --reverse does not "
+                                      f"overwrite it; pass another --out, or delete it")
+    assert out.stat().st_mtime_ns == before and not os.path.exists(f"{out}.parts")
 
 
 
