@@ -3,17 +3,25 @@
 Under torchrun the environment holds RANK, WORLD_SIZE and LOCAL_RANK; the group uses nccl on CUDA and
 gloo on the CPU, and each process takes GPU `LOCAL_RANK`. Without those variables nothing is
 initialised and every helper here is a no-op, so the same code runs in both settings.
+
+The host-side exchanges (barrier, broadcast_object, on_main) run on a gloo group of their own with a
+timeout of hours: while rank 0 downloads a checkpoint or scans a folder, or a slow rank finishes its
+last batch, the others wait there, where NCCL's default timeout (10 minutes) would end the job.
 """
 from __future__ import annotations
 
 import os
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
 from sit_fast.errors import UserError
+
+HOST_TIMEOUT = timedelta(hours=6)  # how long a host-side exchange waits for the slowest rank
+_host_group = None
 
 
 @dataclass
@@ -56,6 +64,7 @@ def init_distributed() -> DistInfo:
     if not dist.is_initialized():
         kwargs = {"device_id": device} if use_cuda else {}
         dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+    host_group()  # made now, by every rank at the same point, as groups must be
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
 
 
@@ -63,16 +72,27 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def host_group():
+    """The gloo group of the host-side exchanges, timing out after HOST_TIMEOUT (None without a
+    process group)."""
+    global _host_group
+    if _host_group is None and is_distributed():
+        _host_group = dist.new_group(backend="gloo", timeout=HOST_TIMEOUT)
+    return _host_group
+
+
 def cleanup() -> None:
     """Leave the process group (no-op without one)."""
+    global _host_group
     if is_distributed():
         dist.destroy_process_group()
+    _host_group = None
 
 
 def barrier() -> None:
-    """Wait for every rank (no-op without a process group)."""
+    """Wait for every rank, for up to HOST_TIMEOUT (no-op without a process group)."""
     if is_distributed():
-        dist.barrier()
+        dist.barrier(group=host_group())
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
@@ -88,7 +108,7 @@ def broadcast_object(obj, src: int = 0):
     if not is_distributed():
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=host_group())
     return box[0]
 
 
