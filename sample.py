@@ -639,6 +639,9 @@ def load_data(setup: Setup, path: str):
         raise UserError(f"--data {path} does not exist")
     wanted = setup.in_channels if setup.codec is None else 3
     if os.path.isdir(path):
+        if wanted not in (1, 3):
+            raise UserError(f"--data {path}: images are read as gray or RGB, the model takes {wanted} channels: pass "
+                            f"its inputs as a .pt or a float .npz")
         images = ImageFiles(path, setup.image_size, wanted)
     elif path.endswith(".npz"):
         try:

@@ -1079,6 +1079,10 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
                      tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt"), *FAST])
             assert exit_info.value.code == 2
             assert one_line_error(capsys).startswith(expected.format(path)), name
+    with pytest.raises(SystemExit):  # 4 input channels: no image is read as those
+        run(["ODE", "--likelihood", "--ckpt", files["latent"], "--vae", "none", "--data", tmp_path / "images", *FAST])
+    assert one_line_error(capsys) == (f"error: --data {tmp_path / 'images'}: images are read as gray or RGB, the "
+                                      f"model takes 4 channels: pass its inputs as a .pt or a float .npz")
 
 
 def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
