@@ -53,8 +53,9 @@ def _gated_residual_fwd_kernel(
         if PREFETCH:
             x, y = x_next.to(tl.float32), y_next.to(tl.float32)
             more = t + 1 < t_end
-            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=mask & more, other=0.0)
-            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
+            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
         else:
             x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
@@ -106,10 +107,11 @@ def _gated_residual_bwd_kernel(
         if PREFETCH:
             dout = dout_next.to(tl.float32)
             more = t + 1 < t_end
-            dout_next = tl.load(dout_row + (t + 1) * stride_dout_t, mask=mask & more, other=0.0)
+            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+            dout_next = tl.load(dout_row + (t + 1) * stride_dout_t, mask=next_mask, other=0.0)
             if HAS_DGATE:
                 y = y_next.to(tl.float32)
-                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
         else:
             dout = tl.load(dout_row + t * stride_dout_t, mask=mask, other=0.0).to(tl.float32)
             if HAS_DGATE:

@@ -80,8 +80,9 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
         if PREFETCH:
             x, y = x_next.to(tl.float32), y_next.to(tl.float32)
             more = t + 1 < t_end
-            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=mask & more, other=0.0)
-            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
+            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
         else:
             x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
             y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
@@ -173,15 +174,16 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
         if PREFETCH:
             dh, x_hat, rstd = dh_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
             more = t + 1 < t_end
-            dh_next = tl.load(dh_row + (t + 1) * stride_dh_t, mask=mask & more, other=0.0)
-            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=mask & more, other=0.0)
+            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+            dh_next = tl.load(dh_row + (t + 1) * stride_dh_t, mask=next_mask, other=0.0)
+            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=next_mask, other=0.0)
             if HAS_DGATE:
                 y = y_next.to(tl.float32)
-                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=mask & more, other=0.0)
+                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
             rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
             if HAS_DX_OUT:
                 dx_out = dx_out_next.to(tl.float32)
-                dx_out_next = tl.load(dx_out_row + (t + 1) * stride_dx_out_t, mask=mask & more, other=0.0)
+                dx_out_next = tl.load(dx_out_row + (t + 1) * stride_dx_out_t, mask=next_mask, other=0.0)
         else:
             dh = tl.load(dh_row + t * stride_dh_t, mask=mask, other=0.0).to(tl.float32)
             x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)

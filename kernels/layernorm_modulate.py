@@ -59,7 +59,8 @@ def _layernorm_modulate_fwd_kernel(
     for t in range(t_start, t_end):
         if PREFETCH:
             x = x_next.to(tl.float32)
-            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=mask & (t + 1 < t_end), other=0.0)
+            next_mask = cols < tl.where(t + 1 < t_end, D, 0)  # row t + 1's columns, if in the tile
+            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
         else:
             x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
         x_hat, y, rstd = normalize_modulate(x, mask, D, eps, one_plus_scale, shift)
@@ -122,8 +123,9 @@ def _layernorm_modulate_bwd_kernel(
         if PREFETCH:
             dy, x_hat, rstd = dy_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
             more = t + 1 < t_end
-            dy_next = tl.load(dy_row + (t + 1) * stride_dy_t, mask=mask & more, other=0.0)
-            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=mask & more, other=0.0)
+            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+            dy_next = tl.load(dy_row + (t + 1) * stride_dy_t, mask=next_mask, other=0.0)
+            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=next_mask, other=0.0)
             rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
         else:
             dy = tl.load(dy_row + t * stride_dy_t, mask=mask, other=0.0).to(tl.float32)

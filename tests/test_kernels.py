@@ -645,7 +645,11 @@ KERNELS = {
         "_gated_residual_layernorm_modulate_fwd_kernel", "_gated_residual_layernorm_modulate_bwd_kernel"],
 }
 FP32_POINTERS = ("partial", "mean", "rstd")
-PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+try:  # the ptxas Triton itself runs for sm_90 (Triton 3.9 ships two, the legacy one too old for its PTX)
+    from triton.backends.nvidia.compiler import get_ptxas
+    PTXAS = get_ptxas(90).path
+except ImportError:
+    PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 for module_name, kernel_names in KERNELS.items():
     module = importlib.import_module(module_name)
     for kernel_name in kernel_names:
