@@ -15,6 +15,9 @@ from torch.autograd import forward_ad
 
 ACTIVATION_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 MAX_D = 16384  # BLOCK_D holds a whole row in registers; beyond this it would spill heavily.
+# Multiply-adds fused into FMAs (one rounding), as Triton compiled them by default up to 3.9; stated
+# at every launch, since Triton 3.10 turns the default off (and 3.9 warns where it is left unsaid).
+FP_FUSION = True
 
 INTERPRETER_HINT = (
     "set TRITON_INTERPRET=1 before importing triton (and before importing kernels), "

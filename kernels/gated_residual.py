@@ -153,6 +153,7 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
         *out.stride(), *x.stride(), *gate.stride(), *y.stride(),
         T, D, rows_per_program, n_tiles,
         PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
+        enable_fp_fusion=_launch.FP_FUSION,
     )
     return out
 
@@ -177,6 +178,7 @@ def gated_residual_backward(
             *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y_arg.stride(),
             T, D, rows_per_program, n_tiles,
             HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=_launch.FP_FUSION,
         )
     if not has_dgate:
         return gate.new_empty((B, 0)), dy

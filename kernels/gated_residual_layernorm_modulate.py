@@ -269,6 +269,7 @@ def gated_residual_layernorm_modulate_forward(
         *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
         STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
+        enable_fp_fusion=_launch.FP_FUSION,
     )
     return x_out, h, x_hat, rstd
 
@@ -315,6 +316,7 @@ def gated_residual_layernorm_modulate_backward(
             T, D, rows_per_program, n_tiles,
             HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"),
             BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=_launch.FP_FUSION,
         )
     dgate = dgate_partial.sum(dim=1).to(gate.dtype) if has_dgate else gate.new_empty((B, 0))
     if not has_dvec:

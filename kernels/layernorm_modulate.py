@@ -181,6 +181,7 @@ def layernorm_modulate_forward(
         *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
         T, D, rows_per_program, n_tiles, eps,
         STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
+        enable_fp_fusion=_launch.FP_FUSION,
     )
     return y, x_hat, rstd
 
@@ -212,6 +213,7 @@ def layernorm_modulate_backward(
             *rstd.stride(),
             T, D, rows_per_program, n_tiles,
             HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=_launch.FP_FUSION,
         )
     if not has_dvec:
         return dx, scale.new_empty((B, 0), dtype=shift_dtype), scale.new_empty((B, 0))

@@ -681,7 +681,8 @@ for module_name, kernel_names in KERNELS.items():
             source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
                                constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()
                                            if n in kernel.arg_names})
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps})
+            options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION}  # as launched
+            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
             ptx = compiled.asm["ptx"]
             assert ".entry " + kernel_name in ptx and compiled.asm["cubin"]
             # Global accesses of bf16 rows: vectors when rows are aligned (D % 16 == 0), never 16-bit scalars
