@@ -371,7 +371,8 @@ def test_unreadable_pickles_get_the_reason_not_torchs_advice(tmp_path):
 def test_usage_guide_shows_every_key_of_read_checkpoints_info(tmp_path):
     import re
 
-    guide = open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "USAGE.md")).read()
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "USAGE.md")) as f:
+        guide = f.read()
     lines = guide.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("print(info)"))
     end = next(i for i in range(start + 1, len(lines)) if not lines[i].lstrip().startswith("#"))
