@@ -12,6 +12,7 @@ import re
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -1568,7 +1569,7 @@ def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=Fa
     with killed_if_left(process, whole_group):
         deadline = time.time() + 180
         while time.time() < deadline and process.poll() is None:
-            text = open(log).read() if os.path.isfile(log) else ""
+            text = Path(log).read_text() if os.path.isfile(log) else ""
             steps = re.findall(r"\(step=(\d+)\)", text)
             if (min_step is None and text) or (steps and int(steps[-1]) >= (min_step or 0)):
                 break
