@@ -715,10 +715,12 @@ class ImageFiles:
         path = os.path.join(self.path, self.names[index])
         try:
             return Image.open(path)
-        except OSError as err:  # PIL's UnidentifiedImageError included
+        except (OSError, Image.DecompressionBombError) as err:  # PIL's UnidentifiedImageError is an OSError
             raise UserError(f"cannot read image {path} ({err}): remove or replace it") from None
 
     def __getitem__(self, items: slice) -> np.ndarray:
+        from PIL import Image
+
         from sit_fast.images import center_crop_arr
 
         arrays = []
@@ -727,7 +729,7 @@ class ImageFiles:
                 try:
                     array = np.asarray(center_crop_arr(image.convert("L" if self.channels == 1 else "RGB"),
                                                        self.image_size))
-                except OSError as err:  # a truncated file: its header read, its pixels not
+                except (OSError, Image.DecompressionBombError) as err:  # a truncated file: header read, pixels not
                     path = os.path.join(self.path, self.names[index])
                     raise UserError(f"cannot read image {path} ({err}): remove or replace it") from None
             arrays.append(array[..., None] if array.ndim == 2 else array)

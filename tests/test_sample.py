@@ -1139,6 +1139,16 @@ def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monk
     assert read == [range(4, 5)]
 
 
+def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):
+    from sit_fast.errors import UserError
+
+    Image.fromarray(np.zeros((24, 20, 3), np.uint8)).save(tmp_path / "0.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # the 20x24 image is past twice the limit
+    with pytest.raises(UserError, match=r"cannot read image \S+0.png \(Image size \(480 pixels\) exceeds .*\): "
+                                        r"remove or replace it"):
+        sample.ImageFiles(str(tmp_path), 8, 3).check([0])
+
+
 def test_npz_data_is_memory_mapped_where_it_is_stored_uncompressed(tmp_path):
     """np.savez's archives (and the FID job's) are mapped, not read: a process reads only the rows it
     indexes; np.savez_compressed's are read whole. Both give the array."""
