@@ -25,7 +25,7 @@ FID job (--num-fid-samples N): image i gets noise and label from seed (--seed, i
 world size. The index range is cut into chunks of --per-proc-batch-size; ranks take the unfinished
 chunks in turn, write PNGs atomically, and a rerun (after a kill, or with a larger N) samples only
 the chunks with missing PNGs, giving the same images. The folder's settings.json refuses a resume
-with settings that change the images. Exactly N images end up in the .npz.
+with settings that change the images (once it holds one). Exactly N images end up in the .npz.
 
 Guidance: --cfg-scale 1 runs no unconditional pass at all; --cfg-interval LOW HIGH guides only the
 model calls with LOW <= t <= HIGH (t = 0 noise, t = 1 data) and runs the doubled batch only there.

@@ -524,12 +524,14 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
     `holds` and `flag` name what the folder holds and the flag that picks another one, for the message;
     files matching `outputs` in a folder without settings.json (another program's, or the record lost)
-    are refused too, as their settings are unknown."""
+    are refused too, as their settings are unknown. A folder that holds no outputs yet (a run stopped
+    before its first one: out of memory at the first batch, say) takes the new settings."""
     path = os.path.join(sample_dir, "settings.json")
     if os.path.exists(sample_dir) and not os.path.isdir(sample_dir):
         raise UserError(f"{flag} {sample_dir} is a file: pass a folder")
     make_writable_folder(sample_dir, f"{flag} {sample_dir}")
-    if os.path.isfile(path):
+    present = [n for n in os.listdir(sample_dir) if re.fullmatch(outputs, n)]
+    if os.path.isfile(path) and present:
         try:
             with open(path, encoding="utf-8") as f:
                 recorded = json.load(f)
@@ -544,7 +546,6 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
             raise UserError(f"{sample_dir} holds {holds} made with other settings ({differ}): pass another {flag}, "
                             f"or delete it to start over")
         return
-    present = [n for n in os.listdir(sample_dir) if re.fullmatch(outputs, n)] if os.path.isdir(sample_dir) else []
     if present:
         count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
         raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "

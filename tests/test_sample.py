@@ -4,6 +4,7 @@ Everything runs a tiny SiT-T/2 on 8 x 8 model inputs: in pixel space (3 channels
 AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved by the fixtures.
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -715,6 +716,15 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
         changed[argv.index("--cfg-scale") + 1] = 3.0
         run(changed)
     assert "other settings" in one_line_error(capsys)
+    # A folder whose run stopped before its first image (out of memory, say) takes the new settings.
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    recorded = json.loads((sample_dir / "settings.json").read_text())
+    (stopped / "settings.json").write_text(json.dumps({**recorded, "cfg_scale": 9.0}))
+    run([a if a != sample_dir else stopped for a in argv])
+    assert json.loads((stopped / "settings.json").read_text()) == recorded
+    with np.load(f"{stopped}.npz") as archive:
+        np.testing.assert_array_equal(archive["arr_0"], first)
 
 
 def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys):
