@@ -709,38 +709,28 @@ class ImageFiles:
     def __len__(self) -> int:
         return len(self.names)
 
-    def open(self, index: int):
-        from PIL import Image
-
-        path = os.path.join(self.path, self.names[index])
-        try:
-            return Image.open(path)
-        except (OSError, Image.DecompressionBombError) as err:  # PIL's UnidentifiedImageError is an OSError
-            raise UserError(f"cannot read image {path} ({err}): remove or replace it") from None
-
     def __getitem__(self, items: slice) -> np.ndarray:
-        from PIL import Image
+        from sit_fast.data import read_image
 
-        from sit_fast.images import center_crop_arr
-
-        arrays = []
-        for index in range(len(self))[items]:
-            with self.open(index) as image:
-                try:
-                    array = np.asarray(center_crop_arr(image.convert("L" if self.channels == 1 else "RGB"),
-                                                       self.image_size))
-                except (OSError, Image.DecompressionBombError) as err:  # a truncated file: header read, pixels not
-                    path = os.path.join(self.path, self.names[index])
-                    raise UserError(f"cannot read image {path} ({err}): remove or replace it") from None
-            arrays.append(array[..., None] if array.ndim == 2 else array)
-        return np.stack(arrays)
+        mode = "L" if self.channels == 1 else "RGB"
+        arrays = [np.asarray(read_image(os.path.join(self.path, self.names[index]), self.image_size, mode))
+                  for index in range(len(self))[items]]
+        return np.stack([array[..., None] if array.ndim == 2 else array for array in arrays])
 
     def check(self, indices: list[int]) -> None:
         """Open the images `indices` (their headers only), so that a file that is no image stops a run
         before its work, not in the middle."""
+        from PIL import Image
+
+        from sit_fast.data import UNREADABLE_IMAGE, unreadable_image
+
         with progress(len(indices), "checking images", "img", disable=len(indices) < 1000) as bar:
             for index in indices:
-                self.open(index).close()
+                path = os.path.join(self.path, self.names[index])
+                try:
+                    Image.open(path).close()
+                except UNREADABLE_IMAGE as err:
+                    raise unreadable_image(path, err) from None
                 bar.update()
 
 

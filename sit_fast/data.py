@@ -232,6 +232,23 @@ def _holds_images(folder: str) -> bool:
                for _, _, filenames in os.walk(folder, followlinks=True) for name in filenames)
 
 
+UNREADABLE_IMAGE = (OSError, Image.DecompressionBombError)  # damaged, not an image, or past PIL's pixel limit
+
+
+def unreadable_image(path: str, err: Exception) -> DataError:
+    return DataError(f"cannot read image {path} ({err}): remove or replace it")
+
+
+def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
+    """The image at `path` in `mode` ("RGB" or "L"), ADM center-cropped to image_size; a file PIL
+    cannot read (a truncated one too: its header read, its pixels not) is a DataError naming it."""
+    try:
+        with Image.open(path) as image:
+            return center_crop_arr(image.convert(mode), image_size)
+    except UNREADABLE_IMAGE as err:
+        raise unreadable_image(path, err) from None
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """root/<class>/<image> as upstream's ImageFolder + ADM center crop; RGB in [-1, 1], flip per key."""
 
@@ -248,12 +265,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.samples)
 
     def load(self, index: int, flip: int) -> torch.Tensor:
-        path, _ = self.samples[index]
-        try:
-            with Image.open(path) as image:
-                image = center_crop_arr(image.convert("RGB"), self.image_size)
-        except (OSError, Image.DecompressionBombError) as err:  # damaged, mislabelled, or past PIL's pixel limit
-            raise DataError(f"cannot read image {path} ({err}): remove or replace it") from None
+        image = read_image(self.samples[index][0], self.image_size)
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in [0, 255]
