@@ -86,7 +86,7 @@ from sit_fast.vae import VAE_ALIASES
 
 MODES = ("ODE", "SDE")
 UPSTREAM_CLASS_LABELS = [207, 360, 387, 974, 88, 979, 417, 279]  # upstream sample.py's grid
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+GRID_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")  # --out of a grid, where PIL writes them
 FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
 
@@ -187,7 +187,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
     data = parser.add_argument_group("Data (ODE --likelihood / --reverse)")
     data.add_argument("--data", type=str, default=None,
-                      help="a folder of images, an .npz (uint8 N x H x W x C images, or float latents) "
+                      help="a folder of images (and its sub-folders: an ImageFolder root too), an .npz (uint8 N x H x W x C images, or float latents) "
                            "or a .pt tensor of model inputs (N, C, h, w)")
     data.add_argument("--dataset", choices=("digits",), default=None,
                       help="in place of --data: scikit-learn's bundled 8x8 digits (all 1,797; 17 gray levels, "
@@ -313,7 +313,7 @@ def check_image_path(path: str) -> None:
     from PIL import Image
 
     writable = Image.registered_extensions()
-    extensions = [e for e in IMAGE_EXTENSIONS if writable.get(e) in Image.SAVE]
+    extensions = [e for e in GRID_EXTENSIONS if writable.get(e) in Image.SAVE]
     if os.path.splitext(path)[1].lower() not in extensions:
         raise UserError(f"--out {path}: the grid is an image; give the file one of the extensions "
                         f"{', '.join(extensions)}")
@@ -699,11 +699,14 @@ class ImageFiles:
     files[a:b] reads those, ADM center-cropped to image_size, as (b - a, H, W, C) uint8."""
 
     def __init__(self, path: str, image_size: int, channels: int):
+        from sit_fast.data import IMG_EXTENSIONS  # the files train.py's --data-path reads
+
         self.path, self.image_size, self.channels = path, image_size, channels
-        self.names = sorted(os.path.relpath(os.path.join(root, n), path) for root, _, files in os.walk(path)
-                            for n in files if n.lower().endswith(IMAGE_EXTENSIONS))
+        self.names = sorted(os.path.relpath(os.path.join(root, n), path)
+                            for root, _, files in os.walk(path, followlinks=True)
+                            for n in files if n.lower().endswith(IMG_EXTENSIONS))
         if not self.names:
-            raise UserError(f"--data {path}: no images ({', '.join(IMAGE_EXTENSIONS)}) in the folder or its "
+            raise UserError(f"--data {path}: no images ({', '.join(IMG_EXTENSIONS)}) in the folder or its "
                             f"sub-folders")
 
     def __len__(self) -> int:

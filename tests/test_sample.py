@@ -1149,6 +1149,26 @@ def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monk
     assert read == [range(4, 5)]
 
 
+def test_a_data_folder_holds_the_images_train_py_reads(tmp_path):
+    """--data FOLDER takes the files of an ImageFolder root that train.py's --data-path takes: every
+    extension it reads, and class folders that are symbolic links."""
+    from sit_fast.data import IMG_EXTENSIONS, find_images
+
+    images = np.random.default_rng().integers(0, 256, (len(IMG_EXTENSIONS), 8, 8, 3), dtype=np.uint8)
+    for i, (extension, image) in enumerate(zip(IMG_EXTENSIONS, images)):
+        folder = tmp_path / ("root" if i < 2 else "elsewhere") / f"class{i}"
+        folder.mkdir(parents=True)
+        Image.fromarray(image[..., 0] if extension == ".pgm" else image).save(folder / f"{i}{extension.upper()}")
+        if i >= 2:
+            (tmp_path / "root" / f"class{i}").symlink_to(folder)
+    root = tmp_path / "root"
+    files = sample.ImageFiles(str(root), 8, 3)
+    assert [str(root / name) for name in files.names] == [path for path, _ in find_images(str(root))[0]]
+    read = files[:]
+    lossless = [i for i, e in enumerate(IMG_EXTENSIONS) if e in (".png", ".ppm", ".bmp", ".tif", ".tiff")]
+    np.testing.assert_array_equal(read[lossless], images[lossless])
+
+
 def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):
     from sit_fast.errors import UserError
 
