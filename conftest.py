@@ -24,8 +24,8 @@ for _name in ("SIGHUP", "SIGINT", "SIGTERM", "SIGUSR1"):
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left
 def pytest_collection_modifyitems(config, items):
     """SIT_FAST_TEST_SHARD=I/N keeps the I-th of N shares of the collected tests (0 <= I < N): N
-    processes, one per shard, run the whole selection side by side where pytest-xdist is missing
-    (benchmarks/gpu_session.sh on the GPU machine). The tests marked `spread` (each costly on its
+    processes, one per shard, run the whole selection side by side (benchmarks/gpu_session.sh on
+    the GPU machine). The tests marked `spread` (each costly on its
     own: a torch.compile, a CUDA graph capture) are dealt out in turn and run first; the others go
     in contiguous, near-equal runs, which keep a test's cases together, so each Triton kernel's
     compilation tends to happen in one shard."""

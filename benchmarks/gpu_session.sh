@@ -15,8 +15,10 @@
 #                      files, in that order), split as the shell splits words, quotes
 #                      included: TEST_ARGS="tests/test_kernels.py -k 'layernorm and 72'"
 #   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
-#   TEST_SHARDS        pytest processes run side by side, each on its share of the tests, where
-#                      pytest-xdist is missing (half the cores, at most 8; 1 runs them in one process)
+#   TEST_SHARDS        pytest processes run side by side, each on its share of the tests (conftest.py's
+#                      SIT_FAST_TEST_SHARD; half the cores, at most 8; 1 runs them in one process). Not
+#                      pytest-xdist, though the GPU machine's image has it: the shards deal the costly
+#                      tests out first and share Inductor's compile workers out, both tested here.
 # Exit status: the suite's, or else the tests'; 124 where a part ran out of time.
 set -uo pipefail
 
@@ -51,21 +53,13 @@ bench_status=$?
 
 test_timeout=$((SESSION_S - (SECONDS - start)))
 eval "test_args=($TEST_ARGS)"  # quotes group words, as on a command line (-k 'a and b')
-workers=()
-if "$PYTHON" -c "import xdist" 2>/dev/null && [ "$(nproc)" -ge 4 ]; then
-    # Parallel workers compile the kernels' Triton variants side by side: most of the tests' time.
-    workers=(-n "$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))")
-    shards=1
-elif [ -n "${TEST_SHARDS:-}" ]; then
-    shards=$TEST_SHARDS
-else  # no pytest-xdist (the GPU machine's image): as many pytest processes, each on its own shard
-    shards=$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))
-fi
+# Side-by-side processes compile the kernels' Triton variants in parallel: most of the tests' time.
+shards=${TEST_SHARDS:-$(( $(nproc) / 2 < 8 ? $(nproc) / 2 : 8 ))}
 if [ "$shards" -lt 1 ]; then shards=1; fi
 if [ "$shards" -eq 1 ]; then
-    echo "gpu_session: tests (killed at ${test_timeout} s): pytest ${workers[*]} $TEST_ARGS" | tee "$OUT/log_tests"
+    echo "gpu_session: tests (killed at ${test_timeout} s): pytest $TEST_ARGS" | tee "$OUT/log_tests"
     # -v: a line per test as it ends, so a run the timeout stops still says which tests passed and failed
-    timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${workers[@]}" "${test_args[@]}" 2>&1 \
+    timeout -k 10 "$test_timeout" "$PYTHON" -m pytest -v -rfE "${test_args[@]}" 2>&1 \
         | tee -a "$OUT/log_tests"
     test_status=$?
 else

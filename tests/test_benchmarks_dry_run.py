@@ -759,7 +759,7 @@ def test_test_shards_split_the_selection_into_contiguous_parts(monkeypatch):
 
 
 def test_session_runs_test_shards_side_by_side(tmp_path):
-    """TEST_SHARDS=2 (the GPU machine's image has no pytest-xdist): two pytest processes, each on its
+    """TEST_SHARDS=2: two pytest processes, each on its
     shard; log_tests has both logs and a line per shard, the failures are named on stdout, and the exit
     status is the failing shard's."""
     tests = tmp_path / "tests"
