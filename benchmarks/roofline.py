@@ -158,6 +158,12 @@ def roofline(model_name: str = "SiT-XL/2", image_size: int = 256, train_batch: i
     return rows
 
 
+def figure(x: float) -> str:
+    """A figure for the table: whole numbers from 100 up, three significant figures below (a CPU's
+    0.66 TFLOP/s must not print as 1, nor a slow floor's 0.4 images/s as 0)."""
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", help="a results.json whose measured ceilings to use")
@@ -176,15 +182,16 @@ def main(argv: list[str] | None = None) -> None:
     if not copy_gbps or not matmul_tflops:
         parser.error("give the two ceilings: --results RESULTS_JSON, or --copy-gbps and --matmul-tflops")
     rows = roofline(args.model, args.image_size, args.train_batch, args.sample_batch, copy_gbps, matmul_tflops)
-    print(f"{args.model} at {args.image_size}px, bf16; ceilings: copy {copy_gbps:.0f} GB/s, "
-          f"matmul {matmul_tflops:.0f} TFLOP/s")
+    print(f"{args.model} at {args.image_size}px, bf16; ceilings: copy {figure(copy_gbps)} GB/s, "
+          f"matmul {figure(matmul_tflops)} TFLOP/s")
     print("| workload | variant | batch | TFLOP | memory-bound GB | matmul ms | memory ms | floor ms | images/s "
           "at the floor | largest memory-bound ops (GB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        ops = ", ".join(f"{k} {v:.2f}" for k, v in list(r["ops"].items())[:6])
-        print(f"| {r['workload']} | {r['variant']} | {r['batch']} | {r['tflop']:.1f} | {r['memory_bound_gb']:.1f} | "
-              f"{r['gemm_ms']:.1f} | {r['memory_ms']:.1f} | {r['floor_ms']:.1f} | {r['images_per_s']:.0f} | {ops} |")
+        ops = ", ".join(f"{k} {figure(v)}" for k, v in list(r["ops"].items())[:6])
+        figures = " | ".join(figure(r[k]) for k in ("tflop", "memory_bound_gb", "gemm_ms", "memory_ms", "floor_ms",
+                                                     "images_per_s"))
+        print(f"| {r['workload']} | {r['variant']} | {r['batch']} | {figures} | {ops} |")
     for workload in ("train_step", "sample_call_cfg"):
         ref, ours = (next(r for r in rows if r["workload"] == workload and r["variant"] == v)
                      for v in ("reference+bf16+sdpa", "ours"))

@@ -497,6 +497,25 @@ def test_roofline_counts_the_fast_path(capsys):
     assert "train_step: eager reference floor / ours floor" in out and out.count("| ours |") == 2
 
 
+def test_roofline_prints_small_figures_to_three_significant_figures(capsys):
+    """On a slow device (a CPU's ceilings) every figure in the table keeps three significant figures:
+    a 0.66 TFLOP/s ceiling is not printed as 1, nor 0.4 images/s at the floor as 0."""
+    from benchmarks.roofline import main, roofline
+
+    argv = ["--model", "SiT-S/4", "--image-size", "64", "--train-batch", "4", "--sample-batch", "2"]
+    main(argv + ["--copy-gbps", "1.5", "--matmul-tflops", "0.66"])
+    out = capsys.readouterr().out
+    assert "ceilings: copy 1.5 GB/s, matmul 0.66 TFLOP/s" in out, out
+    rows = roofline("SiT-S/4", 64, train_batch=4, sample_batch=2, copy_gbps=1.5, matmul_tflops=0.66)
+    table = [line.split(" | ") for line in out.splitlines() if line.startswith("| train_step") or
+             line.startswith("| sample_call_cfg")]
+    assert len(table) == len(rows) == 4
+    for cells, r in zip(table, rows):
+        for cell, key in zip(cells[3:9], ("tflop", "memory_bound_gb", "gemm_ms", "memory_ms", "floor_ms",
+                                          "images_per_s")):
+            assert float(cell) == pytest.approx(r[key], rel=5e-3), (key, cell, r[key])
+
+
 def test_roofline_sampling_call_reuses_the_adaln_concatenation():
     """A sampling call, as ModelForwards runs it, reuses the frozen model's concatenated adaLN weights:
     the roofline counts no copy of them per call (a training step concatenates them every step)."""
