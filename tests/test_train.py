@@ -805,6 +805,23 @@ def test_ckpt_of_another_latent_space_names_the_flag(tmp_path, capsys, space, fi
     assert "build the model with" not in line
 
 
+@pytest.mark.parametrize("depth,hidden,patch,fix", [(4, 128, 2, "pass --model SiT-T/2"),
+                                                    (3, 64, 4, "no registry model has its shapes")])
+def test_ckpt_of_another_model_names_the_flag(tmp_path, capsys, depth, hidden, patch, fix):
+    """--ckpt weights of another architecture than --model: which one it is and the --model to pass,
+    not a list of missing and unexpected keys."""
+    from sit_fast.models import SiT
+
+    weights = SiT(input_size=8, patch_size=patch, in_channels=1, hidden_size=hidden, depth=depth, num_heads=2,
+                  num_classes=10).state_dict()
+    path = str(tmp_path / "other.pt")
+    torch.save(weights, path)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--ckpt", path]) == 2
+    line, err = the_error_line(capsys)
+    assert f"--ckpt {path} is a " in line and f"(depth {depth}, hidden {hidden}, patch {patch}), not a SiT-T/4: {fix}" in line
+    assert "missing" not in err
+
+
 def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
     for name, (argv, expected) in error_cases(tmp_path, digits_checkpoint).items():
         code = run_cli(argv)

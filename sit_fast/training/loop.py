@@ -40,7 +40,7 @@ from sit_fast.distributed import (
 from sit_fast.errors import UserError, first_line
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_folder
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
-from sit_fast.models import SiT_models, fused_kernels_flag, model_config
+from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.sampling import release_or_path
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
@@ -520,6 +520,12 @@ class Trainer:
             except CheckpointError:
                 found = None  # not SiT's shapes: loading below says what differs
             if found is not None:
+                arch = (found["depth"], found["hidden_size"], found["patch_size"])
+                if arch != (config["depth"], config["hidden_size"], config["patch_size"]):
+                    name = registry_name(*arch)
+                    fix = f"pass --model {name}" if name else "no registry model has its shapes"
+                    raise UserError(f"--ckpt {args.ckpt} is a {name or 'SiT'} (depth {arch[0]}, hidden {arch[1]}, "
+                                    f"patch {arch[2]}), not a {args.model}: {fix}")
                 learn_sigma = found["learn_sigma"]
                 if found["in_channels"] != channels:  # the model's channels are the data's: a flag changes them
                     space, now = (recorded_model_config(ckpt_path) or {}).get("latent_space"), self.latent_space()
