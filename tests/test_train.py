@@ -2007,7 +2007,8 @@ def test_resume_from_another_working_directory_reads_the_same_relative_data_path
 
 def test_resume_with_a_larger_batch_past_the_new_epoch_end_starts_the_next_epoch(tmp_path):
     """27 of 28 steps of 64 digits' epoch done, resumed at batch 96 (18 steps an epoch): the 1728 images
-    seen fill the new epoch, so training goes on in the next one (it used to spin without a step)."""
+    seen fill the new epoch, so training goes on in the next one (it used to spin without a step); the
+    log names the setting that changed."""
     exp = str(tmp_path / "run")
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "27", "--ckpt-every", "100"])
     argv = [a if a != "64" else "96" for a in BASE]
@@ -2017,6 +2018,8 @@ def test_resume_with_a_larger_batch_past_the_new_epoch_end_starts_the_next_epoch
     assert result.returncode == 0, result.stderr[-3000:]
     checkpoint = load_ckpt(os.path.join(exp, "checkpoints", "0000030.pt"))
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 3)
+    with open(os.path.join(exp, "log.txt")) as f:  # what changed, old to new
+        assert "resumed at step 27 with --global-batch-size 64 -> 96 (the run's, now): the data order" in f.read()
 
 
 def test_epochs_end_before_max_steps_with_a_final_checkpoint(tmp_path):

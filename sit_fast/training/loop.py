@@ -652,8 +652,14 @@ class Trainer:
             if self.step_in_epoch >= self.sampler.steps_per_epoch:  # the epoch is over in the new layout
                 self.epoch, self.step_in_epoch = self.epoch + 1, 0
             seed_everything((args.global_seed * world_size + self.dist_info.rank) * 1_000_003 + self.step)
-            logger.warning(f"resumed at step {self.step} with a different world size, batch size, seed or dataset "
-                           f"({data}): the data order and random streams are not those of the original run")
+            now = {"world_size": world_size, "global_batch_size": args.global_batch_size,
+                   "num_samples": len(self.dataset), "seed": args.global_seed}
+            labels = {"world_size": "world size", "global_batch_size": "--global-batch-size",
+                      "num_samples": "dataset size", "seed": "--global-seed"}
+            changes = [f"{labels[k]} {data.get(k, 'unrecorded')} -> {v}" for k, v in now.items() if data.get(k) != v]
+            changes = changes or [f"{len(rng)} saved random states for {world_size} rank(s)"]
+            logger.warning(f"resumed at step {self.step} with {', '.join(changes)} (the run's, now): the data "
+                           f"order and random streams are not those of the original run")
 
     # ------------------------------------------------------------------ checkpoints
     def check_weights(self) -> None:
