@@ -26,6 +26,28 @@ def make_folder(path: str, flag: str) -> None:
                         f"that can be written") from None
 
 
+def first_missing_folder(path: str) -> str | None:
+    """The outermost of `path` and its parents that does not exist yet (what os.makedirs(path) would
+    create first), or None when `path` exists."""
+    path, missing = os.path.abspath(path), None
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path, missing = os.path.dirname(path), path
+    return missing
+
+
+def remove_empty_folders(path: str, up_to: str) -> None:
+    """Remove `path`, then its parents up to and including `up_to`, for as long as each is empty (the
+    folders a run created and left nothing in)."""
+    path, up_to = os.path.abspath(path), os.path.abspath(up_to)
+    while path == up_to or path.startswith(up_to + os.sep):
+        try:
+            os.rmdir(path)
+        except OSError:  # not empty, or gone already
+            if os.path.exists(path):
+                return
+        path = os.path.dirname(path)
+
+
 def make_writable_folder(path: str, flag: str) -> None:
     """make_folder(path), then a file created and removed in it: a folder the run cannot write into
     (read-only, no permission) is a UserError naming `flag` before any work, not a traceback after it."""

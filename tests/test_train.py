@@ -895,6 +895,8 @@ def test_resume_auto_with_no_matching_run_names_the_other_runs(tmp_path):
             f"--model and transport flags, or --exp-dir)") in log, log
 
 def test_failed_start_keeps_existing_folders(tmp_path, capsys):
+    """A run that never starts removes the folders it created (a new --results-dir, an --exp-dir and its
+    new parents) and keeps those that were there before it."""
     results = tmp_path / "results"
     kept = tmp_path / "mine"
     kept.mkdir()
@@ -902,10 +904,17 @@ def test_failed_start_keeps_existing_folders(tmp_path, capsys):
     err = capsys.readouterr().err
     created = os.path.join(str(results), "000-SiT-T-4-Linear-velocity-None")
     assert f"new run in {created}" in err and f"removed {created}: the run did not start" in err, err
+    assert not results.exists(), "a --results-dir created by a run that never started was left behind"
+    results.mkdir()
+    assert run_cli(BASE + ["--results-dir", str(results), "--image-size", "10"]) == 2
+    assert "the run did not start" in capsys.readouterr().err
+    assert os.listdir(results) == [], "a numbered experiment folder was left by a run that never started"
     assert run_cli(BASE + ["--exp-dir", str(kept), "--image-size", "10"]) == 2
     assert "removed" not in capsys.readouterr().err
-    assert os.listdir(results) == [], "a numbered experiment folder was left by a run that never started"
     assert kept.is_dir(), "--exp-dir that existed before the run must be kept"
+    assert run_cli(BASE + ["--exp-dir", str(kept / "new" / "run"), "--image-size", "10"]) == 2
+    assert "the run did not start" in capsys.readouterr().err
+    assert not (kept / "new").exists(), "the parents an --exp-dir created were left behind"
 
 
 def test_user_error_from_the_real_cli(tmp_path):

@@ -38,7 +38,8 @@ from sit_fast.distributed import (
     DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed, local_path_on_main_first,
 )
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import WRITE_REFUSED, atomic_torch_save, make_folder
+from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
+                             remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.sampling import release_or_path
@@ -205,8 +206,9 @@ def reset_logging() -> None:
     package.setLevel(logging.NOTSET)
 
 
-def remove_unused_experiment(exp_dir: str) -> None:
-    """Delete an experiment folder this run created, if it holds nothing but log.txt and no checkpoint."""
+def remove_unused_experiment(exp_dir: str, made_from: str | None) -> None:
+    """Delete an experiment folder this run created, if it holds nothing but log.txt and no checkpoint,
+    and the parents it created with it (`made_from` down: a new --results-dir) that are left empty."""
     package = logging.getLogger("sit_fast")
     for handler in list(package.handlers):
         if isinstance(handler, logging.FileHandler):
@@ -215,6 +217,8 @@ def remove_unused_experiment(exp_dir: str) -> None:
     checkpoints = os.path.join(exp_dir, "checkpoints")
     if set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints"} and not os.listdir(checkpoints):
         shutil.rmtree(exp_dir, ignore_errors=True)
+        if made_from is not None:
+            remove_empty_folders(os.path.dirname(os.path.abspath(exp_dir)), made_from)
         logger.info(f"removed {exp_dir}: the run did not start")
 
 
@@ -367,17 +371,18 @@ class Trainer:
         choice = None
         if dist_info.is_main:  # the other ranks wait for the choice, or the error that ends the run
             try:
+                made_from = first_missing_folder(args.exp_dir or args.results_dir)
                 exp_dir, resume_path, resume_note = select_experiment(args)
                 created = not os.path.exists(exp_dir)
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
                 make_folder(os.path.join(exp_dir, "checkpoints"), flag)
-                choice = exp_dir, resume_path, resume_note, created
+                choice = exp_dir, resume_path, resume_note, created, made_from
             except UserError as err:
                 choice = err
         choice = broadcast_object(choice)
         if isinstance(choice, UserError):
             raise choice
-        self.exp_dir, resume_path, resume_note, created = choice
+        self.exp_dir, resume_path, resume_note, created, made_from = choice
         self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
         created = created and dist_info.is_main
         barrier()
@@ -394,7 +399,7 @@ class Trainer:
             self._build(args, explicit, ckpt, resume_path)
         except BaseException:
             if created:  # a run that never started leaves no numbered folder behind
-                remove_unused_experiment(self.exp_dir)
+                remove_unused_experiment(self.exp_dir, made_from)
             raise
         # only a resume that will run (built, with steps left to take) starts a branch
         if dist_info.is_main and resume_path is not None and self.step < self.max_steps:
