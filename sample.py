@@ -58,6 +58,7 @@ import shutil
 import sys
 import time
 import zipfile
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -141,7 +142,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     guidance.add_argument("--cfg-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                           help="guide only model calls with LOW <= t <= HIGH (t=0 noise, t=1 data)")
     guidance.add_argument("--class-labels", type=integer, nargs="+", default=None,
-                          help="labels of the grid (default: upstream's 8), or of the --likelihood data "
+                          help="labels of the grid (default: upstream's 8 ImageNet classes; 0 to 7, cycling, for "
+                               "a model of fewer classes), or of the --likelihood data "
                                "(one for all or one per item; default: the null class, unconditional)")
 
     run = parser.add_argument_group("Sampling")
@@ -569,7 +571,7 @@ def run_fid(setup: Setup) -> str:
         redone = (f" ({todo - (total - present)} of them present: a batch with a missing image is redone whole)"
                   if todo > total - present else "")
         print(f"{present} of {total} images already in {sample_dir}; sampling {todo}{redone} on "
-              f"{dist.world_size} process(es), {len(pending)} batches of {chunk}")
+              f"{dist.world_size} process(es), {batches(len(pending))} of {chunk}")
     writer = PNGWriter(sample_dir)
     bar = progress(todo, "sampling", "img", disable=not dist.is_main)
     start = time.perf_counter()
@@ -628,7 +630,7 @@ def load_digits(setup: Setup):
                         f"with train.py --dataset digits at 8 px (--vae none), or other data with --data PATH")
     levels = sklearn_digits().images.astype(np.uint8)[..., None]  # (1797, 8, 8, 1), 0 .. 16
     return (DequantizedImages(levels, 17, setup.args.seed), math.log2(17 / 2),
-            "17-level digits, uniform dequantization (+3.09 bits: the 2/17 Jacobian)")
+            "17-level digits, uniform dequantization")
 
 
 def load_data(setup: Setup, path: str):
@@ -675,7 +677,7 @@ def load_data(setup: Setup, path: str):
     if setup.codec is not None:
         return EncodedImages(setup.codec, images), 0.0, "scaled VAE latents (posterior means)"
     return DequantizedImages(images, 256, setup.args.seed), 7.0, \
-        "8-bit pixels, uniform dequantization (+7 bits: the 1/128 Jacobian)"
+        "8-bit pixels, uniform dequantization"
 
 
 def check_image_array(images: np.ndarray, image_size: int, channels: int, path: str) -> np.ndarray:
@@ -816,6 +818,11 @@ def data_labels(setup: Setup, count: int) -> torch.Tensor:
     return torch.tensor(labels * count if len(labels) == 1 else labels, dtype=torch.long)
 
 
+def batches(count: int) -> str:
+    """"1 batch", "2 batches"."""
+    return f"{count} batch{'' if count == 1 else 'es'}"
+
+
 def items_in(batches: list[int], total: int, batch_size: int) -> int:
     """How many of `total` items the batches (indices) of `batch_size` hold."""
     return sum(min(batch_size, total - k * batch_size) for k in batches)
@@ -937,7 +944,7 @@ def announce(parts: BatchParts | None, total: int, batch_size: int, dist: DistIn
         print(f"{total - left} of {total} items already in {parts.folder}; "
               f"{f'computing the other {left}' if left else 'nothing left to compute'}")
     if dist.world_size > 1 and left:
-        print(f"{len(pending)} batches of {batch_size} on {dist.world_size} processes, taken in turn")
+        print(f"{batches(len(pending))} of {batch_size} on {dist.world_size} processes, taken in turn")
 
 
 def read_bpd(path: str) -> tuple[dict | None, np.ndarray]:
@@ -993,7 +1000,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
     settings = None if out is None else data_job_settings(setup, x)
-    detail = f"{space}; D = {dims}; {args.sampling_method}"
+    detail = f"{space}{dequantization_note(offset)}; D = {dims}; {args.sampling_method}"
     finished = None if out is None else on_main(lambda: finished_bpd(out, settings), dist)
     if finished is not None:
         if dist.is_main:
@@ -1045,6 +1052,14 @@ def run_likelihood(setup: Setup) -> np.ndarray:
                   f"command again to compute the rest")
     exit_if_interrupted(interrupted, len(bpd), len(x), dist)
     return bpd
+
+
+def dequantization_note(offset: float) -> str:
+    """The bits a uniform dequantization of L levels into [-1, 1] adds to the bpd, log2(L / 2), and its
+    Jacobian 2 / L: " (+7 bits: the 1/128 Jacobian)" for 8-bit pixels; "" for continuous data."""
+    if not offset:
+        return ""
+    return f" (+{offset:.3g} bits: the {Fraction(2, round(2 ** (offset + 1)))} Jacobian)"
 
 
 def check_not_written(out: str) -> None:

@@ -780,15 +780,18 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
         np.testing.assert_array_equal(archive["arr_0"], many)
 
 
-def test_fid_job_class_balanced_grows_n(files, tmp_path):
+def test_fid_job_class_balanced_grows_n(files, tmp_path, capsys):
     sample_dir = tmp_path / "s"
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
             "--num-sampling-steps", 2, "--per-proc-batch-size", 3, "--sample-dir", sample_dir,
             "--class-balanced", *FAST]
     run(argv + ["--num-fid-samples", 4])
+    assert "sampling 4 on 1 process(es), 2 batches of 3" in capsys.readouterr().out
     with np.load(f"{sample_dir}.npz") as archive:
         four = archive["arr_0"]
     run(argv + ["--num-fid-samples", 5])  # index 4 shares chunk 1 with index 3: same batch as before
+    assert "sampling 2 (1 of them present: a batch with a missing image is redone whole) on 1 process(es), 1 batch " \
+           "of 3" in capsys.readouterr().out
     with np.load(f"{sample_dir}.npz") as archive:
         five = archive["arr_0"]
     assert five.shape == (5, 8, 8, 3)
@@ -1009,7 +1012,8 @@ def test_likelihood_gives_finite_bpd_for_images_and_latents(files, tmp_path, cap
     progress = [line.split(",")[0].split(" in ")[0] for line in captured.err.splitlines()
                 if line.startswith("likelihood: ")]  # 3 items in batches of 2: a line, then the closing line
     assert progress == ["likelihood: 2/3 item (67%)", "likelihood: 3/3 item (100%)"], captured.err
-    assert "uniform dequantization" in out and re.search(r"^bpd \d+\.\d{4} \+- \d+\.\d{4} over 3 items \(", out, re.M), out
+    assert "(8-bit pixels, uniform dequantization (+7 bits: the 1/128 Jacobian); D = 192; euler" in out, out
+    assert re.search(r"^bpd \d+\.\d{4} \+- \d+\.\d{4} over 3 items \(", out, re.M), out
     one = tmp_path / "one"
     one.mkdir()
     Image.open(folder / "0.png").save(one / "0.png")
@@ -1227,12 +1231,18 @@ def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
     np.testing.assert_allclose(bpd, continuous + math.log2(8.5), rtol=0, atol=1e-6)
 
 
+def test_dequantization_note_names_the_bits_and_the_jacobian():
+    assert sample.dequantization_note(7.0) == " (+7 bits: the 1/128 Jacobian)"
+    assert sample.dequantization_note(math.log2(17 / 2)) == " (+3.09 bits: the 2/17 Jacobian)"
+    assert sample.dequantization_note(0.0) == ""
+
+
 def test_reverse_carries_data_to_noise(files, tmp_path, capsys):
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     argv = ["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
             "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "z.pt", *FAST]
     out = Path(run(argv))
-    capsys.readouterr()
+    assert "encoded 2 items (the given model inputs (continuous)) to noise" in capsys.readouterr().out
     z = torch.load(out, weights_only=True)
     assert z.shape == (2, 3, 8, 8) and torch.isfinite(z).all()
     before = out.stat().st_mtime_ns
@@ -1242,6 +1252,11 @@ def test_reverse_carries_data_to_noise(files, tmp_path, capsys):
     assert one_line_error(capsys) == (f"error: --out {out} exists (an earlier --reverse's noise?): --reverse does not "
                                       f"overwrite it; pass another --out, or delete it")
     assert out.stat().st_mtime_ns == before and not os.path.exists(f"{out}.parts")
+    # 8-bit images: dequantised, with no word of the likelihood's added bits
+    np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    run([a if a != tmp_path / "x.pt" else tmp_path / "images.npz" for a in argv[:-len(FAST) - 2]]
+        + ["--out", tmp_path / "z_images.pt", *FAST])
+    assert "encoded 2 items (8-bit pixels, uniform dequantization) to noise" in capsys.readouterr().out
 
 
 
