@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 
 from sit_fast.errors import UserError
@@ -38,11 +39,16 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:  # the help to see is the chosen subcommand's (sample.py ODE --help), which lists its flags
-            prog = self.prog
+            parser = self
             for action in self._actions:
                 if isinstance(action, argparse._SubParsersAction) and getattr(namespace, action.dest, None):
-                    prog = action.choices[getattr(namespace, action.dest)].prog
-            raise UserError(f"unrecognized arguments: {' '.join(extras)} (see {prog} --help)")
+                    parser = action.choices[getattr(namespace, action.dest)]
+            flags = [flag for action in parser._actions for flag in action.option_strings]
+            guesses = [difflib.get_close_matches(extra.split("=")[0], flags, n=1, cutoff=0.75) for extra in extras
+                       if extra.startswith("--")]
+            meant = ", ".join(dict.fromkeys(guess[0] for guess in guesses if guess))
+            hint = f"did you mean {meant}? " if meant else ""
+            raise UserError(f"unrecognized arguments: {' '.join(extras)} ({hint}see {parser.prog} --help)")
         return namespace
 
 

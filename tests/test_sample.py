@@ -415,14 +415,19 @@ def test_sampling_after_training_in_one_process_logs_to_stderr_not_the_runs_log(
     assert capsys.readouterr().err == "warning: a sampling warning\n"
 
 
-@pytest.mark.parametrize("mode,flag", [("ODE", "--cfg-scal"), ("ODE", "--bogus"), ("SDE", "--sampling-steps")])
-def test_mistyped_flag_is_refused(mode, flag, capsys):
+@pytest.mark.parametrize("mode,flag,meant", [("ODE", "--cfg-scal", "--cfg-scale"), ("ODE", "--bogus", None),
+                                            ("SDE", "--sampling-steps", "--num-sampling-steps"),
+                                            ("SDE", "--diffusion-forms=linear", "--diffusion-form")])
+def test_mistyped_flag_is_refused(mode, flag, meant, capsys):
+    """One line naming the flag, the mode's flag it is closest to (if one is close), and the help to see."""
     with pytest.raises(SystemExit) as exit_info:
         run([mode, flag, "2"])
     assert exit_info.value.code == 2
     err = one_line_error(capsys)  # not argparse's usage block
     # the help that lists the flags is the mode's (sample.py --help lists ODE and SDE alone)
-    assert err.startswith(f"error: unrecognized arguments: {flag} 2 (see ") and err.endswith(f" {mode} --help)"), err
+    hint = f"did you mean {meant}? " if meant else ""
+    assert err.startswith(f"error: unrecognized arguments: {flag} 2 ({hint}see ") and err.endswith(f" {mode} --help)"), err
+    assert meant or "did you mean" not in err
 
 
 def test_the_sampler_comes_first_in_either_case(capsys):
