@@ -670,11 +670,13 @@ def error_cases(tmp_path, checkpoint):
             BASE + ["--image-size", "10"] + exp, "not divisible by the patch size 4"),
         "unknown model": (BASE + ["--model", "SiT-Q/2"] + exp, "invalid choice"),
         "unknown flag": (BASE + ["--learning-rate", "1"] + exp, "unrecognized arguments"),
+        "mistyped flag": (BASE + ["--global-batchsize", "8"] + exp, "(did you mean --global-batch-size? see "),
         "corrupt checkpoint": (BASE + ["--resume", str(corrupt)] + exp, "corrupt or truncated"),
         "checkpoint of another model (resume)": (
             BASE + ["--model", "SiT-T/2", "--resume", checkpoint] + exp, "--model SiT-T/2 differs"),
         "checkpoint of another model (--ckpt)": (BASE + ["--model", "SiT-T/2", "--ckpt", checkpoint] + exp,
-                                                 "does not fit the model"),
+                                                 "is a SiT-T/4 (depth 4, hidden 128, patch 4), not a SiT-T/2: "
+                                                 "pass --model SiT-T/4"),
         "checkpoint of another transport": (
             BASE + ["--path-type", "GVP", "--resume", checkpoint] + exp, "--path-type GVP differs"),
         "checkpoint of another loss weight": (  # the run had none (None): a weight is another objective
