@@ -158,10 +158,10 @@ def roofline(model_name: str = "SiT-XL/2", image_size: int = 256, train_batch: i
     return rows
 
 
-def figure(x: float) -> str:
-    """A figure for the table: whole numbers from 100 up, three significant figures below (a CPU's
-    0.66 TFLOP/s must not print as 1, nor a slow floor's 0.4 images/s as 0)."""
-    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.3g}"
+def figure(x: float, decimals: int = 0) -> str:
+    """A figure for the table: `decimals` decimals where that shows three significant figures or more,
+    else three significant figures (a CPU's 0.66 TFLOP/s must not print as 1, nor 0.4 images/s as 0)."""
+    return f"{x:.{decimals}f}" if abs(x) >= 10 ** (2 - decimals) else f"{x:.3g}"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -188,9 +188,9 @@ def main(argv: list[str] | None = None) -> None:
           "at the floor | largest memory-bound ops (GB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
-        ops = ", ".join(f"{k} {figure(v)}" for k, v in list(r["ops"].items())[:6])
-        figures = " | ".join(figure(r[k]) for k in ("tflop", "memory_bound_gb", "gemm_ms", "memory_ms", "floor_ms",
-                                                     "images_per_s"))
+        ops = ", ".join(f"{k} {figure(v, 2)}" for k, v in list(r["ops"].items())[:6])
+        figures = " | ".join(figure(r[k], 1) for k in ("tflop", "memory_bound_gb", "gemm_ms", "memory_ms", "floor_ms"))
+        figures += f" | {figure(r['images_per_s'])}"
         print(f"| {r['workload']} | {r['variant']} | {r['batch']} | {figures} | {ops} |")
     for workload in ("train_step", "sample_call_cfg"):
         ref, ours = (next(r for r in rows if r["workload"] == workload and r["variant"] == v)
