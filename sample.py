@@ -221,6 +221,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     if likelihood and reverse:
         raise UserError("--likelihood and --reverse are two jobs: pass one")
     if args.job in ("likelihood", "reverse"):
+        if getattr(args, "prog", None) == "sample_ddp.py":  # whose --num-fid-samples has a default
+            raise UserError(f"sample_ddp.py samples images for FID (--num-fid-samples, 50000 unless given): "
+                            f"run --{args.job} with sample.py")
         if args.data is None and args.dataset is None:
             raise UserError(f"--{args.job} runs the ODE from data to noise: pass the data with --data PATH "
                             f"(or --dataset digits)")
@@ -229,9 +232,6 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         if args.cfg_scale not in (None, 1.0):
             raise UserError(f"--{args.job} runs without guidance: drop --cfg-scale (or pass 1)")
         if args.num_fid_samples is not None:
-            if getattr(args, "prog", None) == "sample_ddp.py":  # whose --num-fid-samples has a default
-                raise UserError(f"sample_ddp.py samples images for FID (--num-fid-samples, 50000 unless given): "
-                                f"run --{args.job} with sample.py")
             raise UserError(f"--{args.job} and --num-fid-samples are two jobs: pass one")
     elif args.data is not None or args.dataset is not None:
         raise UserError(f"{'--data' if args.data is not None else '--dataset'} is read by ODE --likelihood or "
@@ -1118,7 +1118,12 @@ def mode_first(argv: list[str], prog: str) -> list[str]:
     if argv and argv[0].upper() in MODES:
         return [argv[0].upper(), *argv[1:]]
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        raise UserError(f"the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} ODE {' '.join(argv)} "
+        given = [arg for arg in argv if arg.upper() in MODES]  # the sampler, given after a flag
+        mode = given[0].upper() if given else "ODE"
+        rest = list(argv)
+        if given:
+            rest.remove(given[0])
+        raise UserError(f"the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} {mode} {' '.join(rest)} "
                         f"(see {prog} --help)")
     return argv
 

@@ -439,6 +439,10 @@ def test_the_sampler_comes_first_in_either_case(capsys):
     assert exit_info.value.code == 2
     assert one_line_error(capsys) == (f"error: the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} ODE "
                                       f"--ckpt model.pt --cfg-scale 4 (see {prog} --help)")
+    with pytest.raises(SystemExit):  # the sampler given after a flag: the example puts that one first
+        run(["--ckpt", "model.pt", "sde", "--num-sampling-steps", "10"])
+    assert one_line_error(capsys) == (f"error: the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} SDE "
+                                      f"--ckpt model.pt --num-sampling-steps 10 (see {prog} --help)")
     for mode in ("ode", "sde"):
         with pytest.raises(SystemExit):
             run([mode, "--bogus"])
@@ -947,10 +951,12 @@ def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, caps
     assert sorted(os.listdir(tmp_path / "mine")) == ["000000.png", "000001.png", "notes.txt", "settings.json"]
 
 
+@pytest.mark.parametrize("data", [["--data", "x.npz"], []])
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
-def test_sample_ddp_sends_the_ode_jobs_to_sample_py(job, capsys):
+def test_sample_ddp_sends_the_ode_jobs_to_sample_py(job, data, capsys):
+    """Before anything else about the job (upstream's README ran --likelihood with sample_ddp.py and no data)."""
     with pytest.raises(SystemExit):
-        sample.main(["ODE", job, "--data", "x.npz"], defaults=sample.SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")
+        sample.main(["ODE", job, *data], defaults=sample.SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")
     assert one_line_error(capsys) == (f"error: sample_ddp.py samples images for FID (--num-fid-samples, 50000 unless "
                                       f"given): run {job} with sample.py")
 
