@@ -235,15 +235,17 @@ def build_model(request: ModelRequest, device: torch.device,
     return model, info
 
 
-def check_training_args(info: dict, transport_args: dict) -> None:
-    """Warn (one line) when a train.py checkpoint was trained with other transport settings."""
+def check_training_args(info: dict, transport_args: dict, source: str = "the checkpoint",
+                        advice: str = "pass the same to sample from it") -> None:
+    """Warn (one line) when a checkpoint that records its training flags (train.py's, or upstream's
+    args) was trained with other transport settings than this run's."""
     trained = info.get("args")
     if not isinstance(trained, dict):
         return
-    differ = [f"--{k.replace('_', '-')} {trained[k]} (given: {v})" for k, v in transport_args.items()
+    differ = [f"--{k.replace('_', '-')} {trained[k]} (this run: {v})" for k, v in transport_args.items()
               if k in trained and trained[k] != v]
     if differ:
-        logger.warning("the checkpoint was trained with %s; pass the same to sample from it", ", ".join(differ))
+        logger.warning("%s was trained with %s; %s", source, ", ".join(differ), advice)
 
 
 #################################################################################

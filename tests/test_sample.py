@@ -122,6 +122,21 @@ def test_a_stopped_grid_is_one_line(files, tmp_path, capsys, monkeypatch, stop):
 #                      Checkpoints and one-line errors                           #
 #################################################################################
 
+def test_a_checkpoint_of_another_transport_is_named_with_the_flags_to_pass(files, tmp_path, capsys):
+    """Upstream's training checkpoint records its args: sampling it with other transport flags (here
+    the defaults) warns with the flags it was trained with."""
+    weights = torch.load(files["pixel"], weights_only=True)
+    torch.save({"model": weights, "ema": weights, "args": argparse.Namespace(path_type="VP", prediction="score")},
+               tmp_path / "vp.pt")
+    run(["ODE", "--ckpt", tmp_path / "vp.pt", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+         2, "--out", tmp_path / "a.png", *FAST])
+    assert ("warning: the checkpoint was trained with --path-type VP (this run: Linear), --prediction score (this "
+            "run: velocity); pass the same to sample from it") in capsys.readouterr().err
+    run(["ODE", "--ckpt", tmp_path / "vp.pt", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+         2, "--out", tmp_path / "b.png", "--path-type", "VP", "--prediction", "score", *FAST])
+    assert "was trained with" not in capsys.readouterr().err
+
+
 def test_upstream_learn_sigma_checkpoint_loads_with_inferred_config(files):
     request = ModelRequest(ckpt=files["latent"], downsample=2, in_channels=4, attn_backend="math",
                            fused_kernels=False)

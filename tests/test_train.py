@@ -744,6 +744,18 @@ def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpo
             f"weights at step 0") in (exp / "log.txt").read_text()
 
 
+def test_ckpt_of_another_transport_warns_with_its_flags(tmp_path, digits_checkpoint):
+    """--ckpt weights trained as a VP score model, fine-tuned with the default Linear velocity flags:
+    the log names the flags it was trained with (upstream's --ckpt restored them)."""
+    checkpoint = load_ckpt(digits_checkpoint)
+    checkpoint["args"] = {**checkpoint["args"], "path_type": "VP", "prediction": "score"}
+    torch.save(checkpoint, tmp_path / "vp.pt")
+    exp = tmp_path / "exp"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--ckpt", str(tmp_path / "vp.pt")])
+    assert (f"--ckpt {tmp_path / 'vp.pt'} was trained with --path-type VP (this run: Linear), --prediction score "
+            f"(this run: velocity); pass the same") in (exp / "log.txt").read_text()
+
+
 def test_ckpt_without_learned_sigma_starts_and_resumes_a_run_without_it(tmp_path, digits_checkpoint):
     """Weights of a learn_sigma=False model (half the final layer's outputs) start a run of that model;
     its checkpoints record it, and resuming rebuilds the same model."""

@@ -42,7 +42,7 @@ from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_fold
                              remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
-from sit_fast.sampling import release_or_path
+from sit_fast.sampling import check_training_args, release_or_path
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
@@ -520,6 +520,9 @@ class Trainer:
         elif args.ckpt:  # a file, or a release by name as upstream (found or downloaded)
             ckpt_path = local_path_on_main_first(lambda: release_or_path(args.ckpt), self.dist_info)
             init_weights, info = read_checkpoint(ckpt_path, prefer="ema")
+            check_training_args(info, {k: getattr(args, k) for k in ("path_type", "prediction")},
+                                source=f"--ckpt {args.ckpt}", advice="pass the same to go on training its "
+                                "model; with these its output is trained to another quantity")
             try:
                 found = infer_config(init_weights)
             except CheckpointError:
