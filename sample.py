@@ -18,8 +18,8 @@ $SIT_FAST_CACHE or ~/.cache/sit_fast; offline, pass --ckpt PATH). With --ckpt: a
 file, a train.py checkpoint (EMA weights; --use-raw for the raw ones; without --vae, the latent space
 it records: pixels = --vae none, else its VAE) or a .safetensors file. The
 architecture, learn_sigma, input size and channels are read from the weights, so --model,
---image-size, --num-classes and --in-channels may be left out; a --num-classes other than the
-checkpoint's re-initialises the label table (one-line warning).
+--image-size, --num-classes and --in-channels may be left out (given, they must agree with it: a
+--num-classes other than the checkpoint's is refused, as its label table would be random).
 
 FID job (--num-fid-samples N): image i gets noise and label from seed (--seed, i), whatever the
 world size. The index range is cut into chunks of --per-proc-batch-size; ranks take the unfinished
@@ -122,8 +122,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                        help="image height = width, a multiple of VAE factor x patch size "
                             "(default: the checkpoint's)")
     model.add_argument("--num-classes", type=positive_int, default=None,
-                       help="number of classes (default: the checkpoint's; another count re-initialises "
-                            "the label table)")
+                       help="number of classes (default: the checkpoint's, the only count it samples)")
     model.add_argument("--in-channels", type=positive_int, default=None,
                        help="image channels with --vae none, e.g. 1 or 3 (default: the checkpoint's)")
     model.add_argument("--vae", type=str, default=None,

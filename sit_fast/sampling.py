@@ -122,7 +122,7 @@ class ModelRequest:
     image_size: int | None = None
     """Image height = width; None: the size the checkpoint was trained at."""
     num_classes: int | None = None
-    """Number of classes; a count other than the checkpoint's re-initialises the label table."""
+    """Number of classes; None: the checkpoint's (another count is refused: its label table would be random)."""
     in_channels: int | None = None
     """Channels the model sees (latent channels with a VAE, image channels without)."""
     downsample: int = 8
@@ -160,10 +160,10 @@ def build_model(request: ModelRequest, device: torch.device,
                 loaded: tuple[dict, dict] | None = None) -> tuple[SiT, dict]:
     """An eval-mode, frozen SiT on `device` with the checkpoint's weights.
 
-    Architecture, learn_sigma, input size and channels come from the weights (infer_config); the
-    user's --model / --image-size / --in-channels must agree with them (one-line UserError naming
-    the right value otherwise). A class count other than the checkpoint's is load_into_model's
-    case: the label table is re-initialised with a one-line warning.
+    Architecture, learn_sigma, input size, channels and classes come from the weights (infer_config);
+    the user's --model / --image-size / --in-channels / --num-classes must agree with them (one-line
+    UserError naming the right value otherwise: another class count would sample from a label table
+    drawn at random, which nothing here trains).
     loaded: read_checkpoint(request.ckpt, prefer=...)'s result when the caller has read it already.
     Returns (model, info) with info = read_checkpoint's info plus "path", "model", "image_size",
     "num_classes", "learn_sigma", "label_table_reinitialised".
@@ -207,19 +207,19 @@ def build_model(request: ModelRequest, device: torch.device,
                 f"{path} was trained at model input size {input_size}, i.e. --image-size "
                 f"{input_size * request.downsample} here, not {request.image_size}"
             )
-    num_classes = request.num_classes if request.num_classes is not None else config["num_classes"]
-    if num_classes < 1:
-        raise UserError(f"--num-classes must be at least 1, got {num_classes}")
-    with torch.random.fork_rng(devices=[]):  # a re-initialised label table: the same on every rank, in every run
-        torch.manual_seed(0)
-        model = SiT_models[name](
-            input_size=input_size,
-            in_channels=in_channels,
-            num_classes=num_classes,
-            learn_sigma=config["learn_sigma"],
-            attn_backend=request.attn_backend,
-            fused_kernels=request.fused_kernels,
-        )
+    num_classes = config["num_classes"]
+    if request.num_classes is not None and request.num_classes != num_classes:
+        raise CheckpointError(f"{path} has {num_classes} classes, not {request.num_classes}: its label table would be "
+                              f"re-initialised at random, and samples of random labels are meaningless; drop "
+                              f"--num-classes (or pass {num_classes})")
+    model = SiT_models[name](
+        input_size=input_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        learn_sigma=config["learn_sigma"],
+        attn_backend=request.attn_backend,
+        fused_kernels=request.fused_kernels,
+    )
     loaded = load_into_model(model, state_dict, source=path)
     model = model.to(device).eval().requires_grad_(False)
     floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}

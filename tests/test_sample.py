@@ -170,28 +170,22 @@ def one_line_error(capsys):
     return err
 
 
-def test_class_count_mismatch_warns_in_one_line(files, tmp_path, capsys):
-    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--num-classes", 5, "--sampling-method", "euler",
-         "--num-sampling-steps", 2, "--out", tmp_path / "g.png", *FAST])
-    err = one_line_error(capsys)
-    assert err.startswith("warning:") and "label table" in err and "re-initialised" in err
-
-
-def test_a_reinitialised_label_table_is_the_same_in_every_process(files):
-    """--num-classes other than the checkpoint's: every rank of sample_ddp.py, and a resumed or repeated
-    job, draws the same table (the global RNG's state before the model is built does not matter)."""
-    request = ModelRequest(ckpt=files["pixel"], downsample=1, num_classes=5, attn_backend="math",
-                           fused_kernels=False)
-    tables = []
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        model, info = build_model(request, torch.device("cpu"))
-        assert info["label_table_reinitialised"]
-        tables.append(model.y_embedder.embedding_table.weight)
-    assert torch.equal(*tables)
-    after = torch.rand(1)  # the caller's RNG is left as it was
-    torch.manual_seed(2)
-    assert torch.equal(after, torch.rand(1))
+@pytest.mark.parametrize("fid", [False, True])
+def test_class_count_mismatch_is_refused_in_one_line(files, tmp_path, capsys, fid):
+    """Another --num-classes than the checkpoint's would sample from a random label table (a whole FID
+    run of meaningless samples): refused, naming the count the checkpoint has; its own count runs."""
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+            "--num-sampling-steps", 2, *FAST]
+    argv += ["--num-fid-samples", 2, "--sample-dir", tmp_path / "s"] if fid else ["--out", tmp_path / "g.png"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv + ["--num-classes", NUM_CLASSES + 1])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == (f"error: {files['pixel']} has {NUM_CLASSES} classes, not {NUM_CLASSES + 1}: its "
+                                      f"label table would be re-initialised at random, and samples of random labels "
+                                      f"are meaningless; drop --num-classes (or pass {NUM_CLASSES})")
+    assert not os.path.exists(tmp_path / "g.png") and not os.path.exists(tmp_path / "s.npz")
+    run(argv + ["--num-classes", NUM_CLASSES])
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
