@@ -716,10 +716,16 @@ class ImageFiles:
     def __getitem__(self, items: slice) -> np.ndarray:
         from sit_fast.data import read_image
 
-        mode = "L" if self.channels == 1 else "RGB"
-        arrays = [np.asarray(read_image(os.path.join(self.path, self.names[index]), self.image_size, mode))
-                  for index in range(len(self))[items]]
-        return np.stack([array[..., None] if array.ndim == 2 else array for array in arrays])
+        arrays = []
+        for index in range(len(self))[items]:
+            array = np.asarray(read_image(os.path.join(self.path, self.names[index]), self.image_size, "RGB"))
+            if self.channels == 1:  # gray images, stored as gray or as RGB (a 1-channel model's FID PNGs)
+                if not (array == array[..., :1]).all():
+                    raise UserError(f"--data {self.path}: {self.names[index]} is in colour, the model takes gray "
+                                    f"(1-channel) images: convert them to gray first")
+                array = array[..., :1]
+            arrays.append(array)
+        return np.stack(arrays)
 
     def check(self, indices: list[int]) -> None:
         """Open the images `indices` (their headers only), so that a file that is no image stops a run

@@ -1251,6 +1251,30 @@ def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
     np.testing.assert_allclose(bpd, continuous + math.log2(8.5), rtol=0, atol=1e-6)
 
 
+def test_a_gray_model_reads_gray_images_and_refuses_colour_ones(tmp_path, capsys):
+    """--data FOLDER for a 1-channel model: gray images, stored as gray or as RGB with equal channels (a
+    1-channel model's FID PNGs), give the same bpd; a colour image is refused, not turned gray."""
+    torch.save(random_sit(1, learn_sigma=False).state_dict(), tmp_path / "gray.pt")
+    rng = np.random.default_rng(0)
+    gray = rng.integers(0, 256, (2, 8, 8), dtype=np.uint8)
+    for name, mode in (("as_gray", "L"), ("as_rgb", "RGB")):
+        (tmp_path / name).mkdir()
+        for i, image in enumerate(gray):
+            Image.fromarray(image).convert(mode).save(tmp_path / name / f"{i}.png")
+    argv = ["ODE", "--likelihood", "--ckpt", tmp_path / "gray.pt", "--vae", "none", "--sampling-method", "euler",
+            "--num-sampling-steps", 2, *FAST]
+    np.testing.assert_array_equal(run(argv + ["--data", tmp_path / "as_gray"]),
+                                  run(argv + ["--data", tmp_path / "as_rgb"]))
+    capsys.readouterr()
+    colour = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    Image.fromarray(colour).save(tmp_path / "as_rgb" / "2.png")
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv + ["--data", tmp_path / "as_rgb"])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys).endswith(f"error: --data {tmp_path / 'as_rgb'}: 2.png is in colour, the model takes "
+                                           f"gray (1-channel) images: convert them to gray first")
+
+
 def test_dequantization_note_names_the_bits_and_the_jacobian():
     assert sample.dequantization_note(7.0) == " (+7 bits: the 1/128 Jacobian)"
     assert sample.dequantization_note(math.log2(17 / 2)) == " (+3.09 bits: the 2/17 Jacobian)"
