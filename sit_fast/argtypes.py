@@ -39,11 +39,18 @@ class OneLineArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args=None, namespace=None):
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:  # the help to see is the chosen subcommand's (sample.py ODE --help), which lists its flags
-            parser = self
+            parser, siblings = self, {}
             for action in self._actions:
                 if isinstance(action, argparse._SubParsersAction) and getattr(namespace, action.dest, None):
-                    parser = action.choices[getattr(namespace, action.dest)]
+                    chosen = getattr(namespace, action.dest)
+                    parser, siblings = action.choices[chosen], {k: v for k, v in action.choices.items() if k != chosen}
             flags = [flag for action in parser._actions for flag in action.option_strings]
+            for name, other in siblings.items():  # a flag of another subcommand: say whose (sample.py SDE --atol)
+                theirs = [extra for extra in extras if extra.split("=")[0] in other._option_string_actions]
+                if theirs:
+                    flag = theirs[0].split("=")[0]
+                    raise UserError(f"{flag} is a flag of {other.prog}, not of {parser.prog}: drop it, or run "
+                                    f"{other.prog}")
             guesses = [difflib.get_close_matches(extra.split("=")[0], flags, n=1, cutoff=0.75) for extra in extras
                        if extra.startswith("--")]
             meant = ", ".join(dict.fromkeys(guess[0] for guess in guesses if guess))

@@ -439,6 +439,19 @@ def test_mistyped_flag_is_refused(mode, flag, meant, capsys):
     assert meant or "did you mean" not in err
 
 
+@pytest.mark.parametrize("mode,flag,other", [("SDE", "--atol", "ODE"), ("SDE", "--likelihood", "ODE"),
+                                             ("ODE", "--diffusion-form=sigma", "SDE")])
+def test_a_flag_of_the_other_sampler_is_named_so(mode, flag, other, capsys):
+    """Upstream ignored unknown flags, so a sweep passing an ODE flag to SDE ran; here it is refused
+    saying whose flag it is."""
+    with pytest.raises(SystemExit) as exit_info:
+        run([mode, flag])
+    assert exit_info.value.code == 2
+    prog = sample.build_parser().prog
+    assert one_line_error(capsys) == (f"error: {flag.split('=')[0]} is a flag of {prog} {other}, not of {prog} {mode}: "
+                                      f"drop it, or run {prog} {other}")
+
+
 def test_the_sampler_comes_first_in_either_case(capsys):
     """Flags before the sampler are refused saying where it goes (not as an invalid sampler named
     after the flag's value), in one line; `ode` and `sde` are taken for ODE and SDE."""
