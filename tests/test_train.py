@@ -368,6 +368,15 @@ def test_exact_resume_with_compile(tmp_path):
 
 # ----------------------------------------------------------------------------- single process
 
+def test_seed_is_global_seed_as_in_sample_py():
+    """train.py takes --seed for --global-seed (sample.py takes both); given, it is an explicit flag."""
+    from sit_fast.training.args import parse_args
+
+    args, explicit = parse_args(["--seed", "3"])
+    assert args.global_seed == 3 and "global_seed" in explicit
+    assert parse_args(["--global-seed", "3"])[0].global_seed == 3
+
+
 def test_single_process_resume_flags_win_and_identity_kept(tmp_path):
     exp = str(tmp_path / "run")
     summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--ckpt-every", "3"])

@@ -71,7 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split each rank's batch into this many micro-batches, run one at a time, and "
                             "take one optimizer step on their summed gradients: the same global batch in "
                             "less memory (the data order is that of one pass)")
-    optim.add_argument("--global-seed", type=integer, default=0, help="seed; rank r uses global_seed * world_size + r")
+    optim.add_argument("--global-seed", "--seed", dest="global_seed", type=integer, default=0,
+                       help="seed; rank r uses global_seed * world_size + r")
     optim.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
     optim.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay per step, in [0, 1]")
     optim.add_argument("--grad-clip", type=or_none(positive_float), default=None,
