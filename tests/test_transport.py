@@ -780,6 +780,10 @@ def test_argparse_helpers_parse_upstream_flags():
                                   diffusion_norm=args.diffusion_norm, last_step=args.last_step,
                                   last_step_size=args.last_step_size, num_steps=10)
 
+    # "none" as the other flags taking None (--grad-clip, --max-steps) take it
+    args = parser.parse_args("--loss-weight none --last-step none".split())
+    assert args.loss_weight is None and args.last_step is None
+
     defaults = argparse.ArgumentParser()
     add_transport_args(defaults)
     add_sde_args(defaults)

@@ -11,8 +11,9 @@ from sit_fast.transport.path import DIFFUSION_FORMS
 
 
 def none_or_str(value):
-    """argparse type: the string "None" becomes None, anything else stays a string."""
-    return None if value == "None" else value
+    """argparse type: "None" (or "none", as --grad-clip and --max-steps take it) becomes None, anything
+    else stays a string."""
+    return None if value.lower() == "none" else value
 
 
 def add_transport_args(parser: argparse.ArgumentParser):
