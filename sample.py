@@ -98,6 +98,9 @@ DEFAULT_OUT = {"grid": "sample.png", "reverse": "noise.pt"}  # --out of the jobs
 SAMPLE_DEFAULTS = dict(vae="mse", num_fid_samples=None, run_folder=False)
 SAMPLE_DDP_DEFAULTS = dict(vae="ema", num_fid_samples=50_000, run_folder=True)
 
+# Flags of the other jobs, which sample_ddp.py (the FID job) refuses: left out of its --help.
+NOT_FID_FLAGS = {"likelihood", "reverse", "data", "dataset", "exact_divergence", "class_labels"}
+
 # Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
 NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
                       "fused_kernels", "tf32", "data", "dataset", "likelihood", "exact_divergence", "class_labels",
@@ -208,6 +211,14 @@ def build_parser(defaults: dict | None = None, prog: str | None = None) -> argpa
         add_sampling_args(sub, defaults)
         add_transport_args(sub)
         add_solver_args(sub)
+        if defaults["num_fid_samples"] is not None:  # sample_ddp.py: its help shows the FID job's flags alone
+            for action in sub._actions:
+                if action.dest in NOT_FID_FLAGS:
+                    action.help = argparse.SUPPRESS
+            sub._option_string_actions["--cfg-scale"].help = (
+                "guidance scale w; 1 runs no unconditional pass (default: 1.0, as upstream)")
+            sub._option_string_actions["--out"].help = "the .npz of the samples (default: SAMPLE_DIR.npz)"
+            sub._option_string_actions["--batch-size"].help = "images per process per batch (default: 32)"
     return parser
 
 

@@ -983,6 +983,24 @@ def test_sample_ddp_sends_the_ode_jobs_to_sample_py(job, data, capsys):
                                       f"given): run {job} with sample.py")
 
 
+@pytest.mark.parametrize("mode", ["ODE", "SDE"])
+def test_sample_ddp_help_shows_the_fid_job_alone(mode, capsys):
+    """sample_ddp.py --help leaves out the flags of the jobs it refuses and gives its own defaults;
+    sample.py's lists them all."""
+    for defaults, prog in ((sample.SAMPLE_DDP_DEFAULTS, "sample_ddp.py"), (None, "sample.py")):
+        with pytest.raises(SystemExit):
+            sample.main([mode, "--help"], defaults=defaults, prog=prog)
+        text = " ".join(capsys.readouterr().out.split())
+        others = ["--data ", "--dataset ", "--class-labels "] + (["--likelihood", "--reverse", "--exact-divergence"]
+                                                                  if mode == "ODE" else [])
+        if prog == "sample_ddp.py":
+            assert not [flag for flag in others if flag in text], text
+            assert "(default: 1.0, as upstream)" in text and "for a grid" not in text
+            assert "images per process per batch (default: 32)" in text
+        else:
+            assert all(flag in text for flag in others) and "4.0 for a grid" in text
+
+
 def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     """sample_ddp.py, as upstream's: SAMPLE_DIR/<name from the settings>/ and <name>.npz beside it, so
     a sweep over guidance scales or samplers needs no --sample-dir per run."""
