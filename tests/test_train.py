@@ -299,7 +299,9 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
     monkeypatch.setattr(loop, "total_grad_norm", recorded)
     exp = tmp_path / "run"
     train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--log-every", "2"])
-    logged = re.findall(r"Train Loss: [0-9.]+, Grad Norm: ([0-9.]+), ", (exp / "log.txt").read_text())
+    # upstream's "Train Loss: X, Train Steps/Sec: Y" first, as scripts reading its logs parse it
+    logged = re.findall(r"\(step=\d{7}\) Train Loss: [0-9.]+, Train Steps/Sec: [0-9.]+, Grad Norm: ([0-9.]+), ",
+                        (exp / "log.txt").read_text())
     assert len(steps) == 4 and logged == [f"{(steps[0] + steps[1]) / 2:.4f}", f"{(steps[2] + steps[3]) / 2:.4f}"]
 
 

@@ -1022,8 +1022,9 @@ class Trainer:
         images_per_sec = steps_per_sec * self.args.global_batch_size
         record = {"loss": avg_loss, "grad_norm": grad_norm, "steps_per_sec": steps_per_sec,
                   "images_per_sec": images_per_sec}
-        line = (f"(step={self.step:07d}) Train Loss: {avg_loss:.4f}, Grad Norm: {grad_norm:.4f}, "
-                f"Train Steps/Sec: {steps_per_sec:.2f}, Images/Sec: {images_per_sec:.1f}")
+        # upstream's line first, as scripts that read its logs parse it; then what it lacks
+        line = (f"(step={self.step:07d}) Train Loss: {avg_loss:.4f}, Train Steps/Sec: {steps_per_sec:.2f}, "
+                f"Grad Norm: {grad_norm:.4f}, Images/Sec: {images_per_sec:.1f}")
         if self.device.type == "cuda":
             device_flops = self.step_flops * images_per_sec / self.dist_info.world_size
             mfu = flops.mfu(device_flops, torch.cuda.get_device_name(self.device),
