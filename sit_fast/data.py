@@ -353,7 +353,9 @@ def read_cache_index(root: str) -> dict:
         if _latent_cache_settings(root):  # written first, the index last
             raise DataError(f"--latent-cache {root} is unfinished (no {CACHE_INDEX} yet, the last file written): "
                             f"to finish it, {_RERUN}")
-        raise DataError(f"--latent-cache {root} has no {CACHE_INDEX}; build it with python -m sit_fast.latent_cache")
+        what = (f"has no {CACHE_INDEX}" if os.path.isdir(root) else "is a file, not a folder" if os.path.exists(root)
+                else "does not exist")
+        raise DataError(f"--latent-cache {root} {what}; build it with python -m sit_fast.latent_cache")
     try:
         with open(path) as f:
             index = json.load(f)

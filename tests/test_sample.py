@@ -530,6 +530,9 @@ def test_ckpt_names_a_release_as_upstream(files, monkeypatch, tmp_path, capsys):
     assert exit_info.value.code == 2
     err = one_line_error(capsys)
     assert "cannot download the released checkpoint SiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err, err
+    # the two places it is read from: upstream's folder, and the cache
+    assert (f"copy it to pretrained_models/SiT-XL-2-256x256.pt or {tmp_path / 'cache' / 'SiT-XL-2-256x256.pt'}, "
+            f"or pass") in err, err
     assert len(fetched) == 1
     (tmp_path / "pretrained_models").mkdir()
     shutil.copy(files["latent"], tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")

@@ -1298,6 +1298,18 @@ def test_resuming_with_a_latent_cache_of_another_image_size_is_refused_in_one_li
                         capsys.readouterr().err.splitlines()[-1])  # after the log's lines
 
 
+def test_a_latent_cache_that_is_not_there_says_so(tmp_path):
+    from sit_fast.data import DataError, read_cache_index
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("")
+    for name, what in (("nope", "does not exist"), ("empty", "has no index.json"), ("file", "is a file, not a folder")):
+        with pytest.raises(DataError) as info:
+            read_cache_index(str(tmp_path / name))
+        assert str(info.value) == (f"--latent-cache {tmp_path / name} {what}; build it with python -m "
+                                   f"sit_fast.latent_cache")
+
+
 def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
     from sit_fast import latent_cache
     from sit_fast.data import DataError, LatentCacheDataset
