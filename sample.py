@@ -51,6 +51,7 @@ does not overwrite an OUT that exists (the noise records no settings).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -963,6 +964,19 @@ def announce(parts: BatchParts | None, total: int, batch_size: int, dist: DistIn
         print(f"{batches(len(pending))} of {batch_size} on {dist.world_size} processes, taken in turn")
 
 
+@contextlib.contextmanager
+def unused_parts_removed(parts: BatchParts | None, dist: DistInfo):
+    """An error (a bad image, a colour one for a gray model) before the first result leaves no OUT.parts/
+    holding settings.json alone."""
+    try:
+        yield
+    except Exception:
+        if parts is not None and dist.is_main and os.path.isdir(parts.folder) \
+                and set(os.listdir(parts.folder)) <= {"settings.json"}:
+            parts.remove()
+        raise
+
+
 def read_bpd(path: str) -> tuple[dict | None, np.ndarray]:
     with np.load(path) as archive:
         recorded = json.loads(str(archive["settings"])) if "settings" in archive else None
@@ -1026,7 +1040,8 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     parts = None if out is None else BatchParts(out, settings, len(x), args.batch_size, dist)
     announce(parts, len(x), args.batch_size, dist)
     pending = list(range(math.ceil(len(x) / args.batch_size))) if parts is None else parts.pending
-    check_items(x, pending[dist.rank::dist.world_size], args.batch_size)
+    with unused_parts_removed(parts, dist):
+        check_items(x, pending[dist.rank::dist.world_size], args.batch_size)
 
     def step(index: int, first: int) -> torch.Tensor:
         batch = x[first: first + args.batch_size].to(setup.device)
@@ -1043,7 +1058,8 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
     start = time.perf_counter()
     wait = parts.wait if parts is not None and dist.is_main and dist.world_size > 1 else None
-    new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait)
+    with unused_parts_removed(parts, dist):
+        new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait)
     elapsed = time.perf_counter() - start
     if not dist.is_main:
         exit_if_interrupted(interrupted, 0, len(x), dist)
@@ -1099,7 +1115,8 @@ def run_reverse(setup: Setup) -> str:
     on_main(lambda: check_not_written(out), dist)
     parts = BatchParts(out, data_job_settings(setup, x), len(x), args.batch_size, dist)
     announce(parts, len(x), args.batch_size, dist)
-    check_items(x, parts.pending[dist.rank::dist.world_size], args.batch_size)
+    with unused_parts_removed(parts, dist):
+        check_items(x, parts.pending[dist.rank::dist.world_size], args.batch_size)
 
     def step(index: int, first: int) -> torch.Tensor:
         noise = setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
@@ -1107,7 +1124,8 @@ def run_reverse(setup: Setup) -> str:
         return parts.write(index, noise)
 
     wait = parts.wait if dist.is_main and dist.world_size > 1 else None
-    _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait)
+    with unused_parts_removed(parts, dist):
+        _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait)
     if not dist.is_main:
         exit_if_interrupted(interrupted, 0, len(x), dist)
         return out

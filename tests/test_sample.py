@@ -1173,7 +1173,7 @@ def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
 
 def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monkeypatch):
     """--data FOLDER: the headers of the pending batches' images are read before any work (a file that
-    is no image stops the run with nothing computed), the pixels as each batch comes: a resume reads
+    is no image stops the run with nothing computed, nor left), the pixels as each batch comes: a resume reads
     only the images of the batches left, and a truncated image stops the run in its batch, the batches
     before it kept. The bpd are those of the same images in an .npz."""
     images = np.random.default_rng(0).integers(0, 256, (5, 8, 8, 3), dtype=np.uint8)
@@ -1199,7 +1199,10 @@ def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monk
         assert exit_info.value.code == 2
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"error: cannot read image {folder / '4.png'} ({reason}"), err
-        assert sorted(os.listdir(parts)) == kept + ["settings.json"]
+        if kept:
+            assert sorted(os.listdir(parts)) == kept + ["settings.json"]
+        else:  # nothing computed: no OUT.parts/ left holding settings.json alone
+            assert not parts.exists()
     assert read == [range(0, 2), range(2, 4), range(4, 5)]
     (folder / "4.png").write_bytes(good)
     read.clear()
@@ -1303,8 +1306,9 @@ def test_a_gray_model_reads_gray_images_and_refuses_colour_ones(tmp_path, capsys
     colour = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     Image.fromarray(colour).save(tmp_path / "as_rgb" / "2.png")
     with pytest.raises(SystemExit) as exit_info:
-        run(argv + ["--data", tmp_path / "as_rgb"])
+        run(argv + ["--data", tmp_path / "as_rgb", "--out", tmp_path / "bpd.npz"])
     assert exit_info.value.code == 2
+    assert not os.path.exists(tmp_path / "bpd.npz.parts")  # its first batch failed: nothing to keep
     assert one_line_error(capsys).endswith(f"error: --data {tmp_path / 'as_rgb'}: 2.png is in colour, the model takes "
                                            f"gray (1-channel) images: convert them to gray first")
 
