@@ -348,6 +348,27 @@ def test_reverse_ode_maps_data_to_noise(path_type, prediction):
     torch.testing.assert_close(back, x1, atol=2e-3, rtol=0)
 
 
+@pytest.mark.parametrize("path_type", PATHS)
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+@pytest.mark.parametrize("reverse", [False, True])
+def test_an_adaptive_ode_calls_the_model_inside_its_interval_only(path_type, prediction, reverse):
+    """dopri5's first-step guess probes the drift at t0 + h0, with h0 = 0.01 |x| / |drift| unbounded:
+    with a drift near 0 (here a noise prediction equal to x) that was t = 350 (and VP's sigma_t is NaN
+    past 1). Every model call stays in [t0, t1]."""
+    transport = create_transport(path_type, prediction)
+    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True)  # sample_ode's
+    times = []
+
+    def model(x, t):
+        times.append(t)
+        return (x if prediction == "noise" else 1e-3 * x).clone()
+
+    torch.manual_seed(0)
+    Sampler(transport).sample_ode(sampling_method="dopri5", reverse=reverse)(torch.randn(4, 2), model)
+    times = torch.cat(times)
+    assert len(times) > 2 and min(t0, t1) <= times.min() and times.max() <= max(t0, t1), (times.min(), times.max())
+
+
 # ---------------------------------------------------------------------------------------------
 # SDE sampling
 # ---------------------------------------------------------------------------------------------

@@ -93,8 +93,13 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
     steps); fixed-grid methods still step over all of t_grid.
     """
     batch = _first(x).shape[0]
+    low, high = torch.minimum(t_grid[0], t_grid[-1]), torch.maximum(t_grid[0], t_grid[-1])
 
     def func(t, state):  # torchdiffeq passes a 0-dim time
+        # An adaptive solver's first-step guess (Hairer et al. II.4) probes the drift at t0 + h0, with h0
+        # unbounded (0.01 |x| / |drift|: 350 for a drift near 0); the probe only sizes the first step,
+        # so it is taken at the interval's end instead of outside [0, 1]. Every other call is inside.
+        t = torch.clamp(t, low.to(t.dtype), high.to(t.dtype))
         return _like(drift(state, t.expand(batch)), state)
 
     times = t_grid if trajectory else t_grid[:: t_grid.shape[0] - 1]  # [t0, t1] as a view
