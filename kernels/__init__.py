@@ -9,9 +9,10 @@
                                                     op sit_fast::gated_residual_layernorm_modulate
 
 Each backward is its own custom op (`sit_fast::<name>_backward`), so `torch.compile(fullgraph=True)`
-traces models that use these without a graph break. Autograd is reverse mode only: an input carrying
-a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad) raises NotImplementedError, as the
-custom ops would otherwise drop the tangent; the reference ops (fused_kernels=False) support both.
+traces models that use these without a graph break. Autograd is reverse mode, first derivatives
+only: an input carrying a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad) raises
+NotImplementedError, as the custom ops would otherwise drop the tangent, and so does a backward
+through a gradient taken with create_graph=True; the reference ops (fused_kernels=False) support all.
 
 Dtypes: activations (x, y) float32, bfloat16 or float16, y in x's dtype, except that a float32 x
 may take a narrower y (the bf16-autocast layout: fp32 residual stream, bf16 sublayer output);

@@ -293,6 +293,21 @@ def refuse_forward_ad(op: str, **tensors: torch.Tensor) -> None:
             )
 
 
+def refuse_double_backward(op: str):
+    """The autograd formula of a `*_backward` op: a second derivative (autograd.grad(..., create_graph=
+    True), then a backward through it) has no kernels here, and says so instead of torch's "no autograd
+    formula was registered"."""
+
+    def backward(ctx, *grads):
+        raise NotImplementedError(
+            f"{op}: a second derivative (a backward through a gradient taken with create_graph=True) is not "
+            "supported by the fused kernels, only first derivatives. Use the reference ops: SiT(..., "
+            "fused_kernels=False), or --fused-kernels off"
+        )
+
+    return backward
+
+
 def check_saved_for_backward(op: str, x_hat: torch.Tensor, grad: torch.Tensor) -> None:
     if x_hat.shape[-1] != grad.shape[-1]:
         raise RuntimeError(

@@ -227,6 +227,7 @@ def _backward(ctx, grad_out):
 
 
 gated_residual_op.register_autograd(_backward, setup_context=_setup_context)
+gated_residual_backward_op.register_autograd(_launch.refuse_double_backward("sit_fast::gated_residual_backward"))
 
 
 def gated_residual(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -503,6 +503,19 @@ def test_kernel_refuses_forward_mode_ad(op, mode):
     run_ours(op, {n: t.requires_grad_() for n, t in inputs.items()})[0].sum().backward()
 
 
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_refuses_a_second_derivative(op):
+    """A backward through a gradient taken with create_graph=True has no kernels: it is refused with a
+    message naming the way out, not torch's "no autograd formula was registered"."""
+    inputs = {n: t.requires_grad_() for n, t in make_inputs(op, 2, 3, 72, DTYPE_CASES[0].values[0]).items()}
+    outputs = run_ours(op, inputs)
+    loss = sum((out.float() ** 2).sum() for out in (outputs if isinstance(outputs, tuple) else (outputs,)))
+    grads = torch.autograd.grad(loss, list(inputs.values()), create_graph=True)
+    with pytest.raises(NotImplementedError, match=rf"sit_fast::{op}_backward: a second derivative .*"
+                                                  rf"fused_kernels=False"):
+        sum(g.sum() for g in grads).backward()
+
+
 def _vectors(B, D, dtype=torch.float32, device=DEVICE):
     return torch.randn(B, D, device=device, dtype=dtype)
 
