@@ -30,7 +30,8 @@ class CheckpointError(UserError):
 
 
 def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
-    """Return (state_dict, info) from any supported checkpoint file.
+    """Return (state_dict, info) from any supported checkpoint file, or from upstream's release by name
+    (SiT-XL-2-256x256.pt, where no such file is here: ./pretrained_models, the cache, or a download).
 
     prefer: "ema" takes a train.py checkpoint's EMA weights when present, "model" its raw weights.
     info: {"format", "weights" ("ema" | "model" | "raw"), "args", "step", "optimizer"} (None where
@@ -38,7 +39,15 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
     """
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"read_checkpoint takes the path of a checkpoint file, got a {type(path).__name__}; a "
+                        f"state_dict in memory loads with load_into_model(model, state_dict)")
     path = os.fspath(path)
+    if not os.path.exists(path):  # a release by name, as upstream's find_model takes it
+        from sit_fast.sampling import PRETRAINED_URLS, pretrained_checkpoint  # here: sampling imports this module
+
+        if path in PRETRAINED_URLS:
+            path = pretrained_checkpoint(path)
     check_checkpoint_file(path)
     info = {"format": "pickle", "weights": "raw", "args": None, "step": None, "optimizer": False}
     if is_safetensors(path):
@@ -185,6 +194,16 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     wrapper into the model it holds, and such a wrapper's state_dict (keys "module." / "_orig_mod.")
     loads as read_checkpoint's would. Returns {"label_table_reinitialised": bool}.
     """
+    if isinstance(state_dict, (str, os.PathLike)):
+        raise TypeError(f"load_into_model takes a state_dict, got the path {os.fspath(state_dict)!r}: a file loads "
+                        f"with load_checkpoint(model, path)")
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"load_into_model takes a state_dict (a dict of tensors), got a {type(state_dict).__name__}")
+    entries = [k for k in ("ema", "model") if isinstance(state_dict.get(k), dict)]
+    if entries:  # a whole training checkpoint (train.py's or upstream's), not its weights
+        raise CheckpointError(f"{source} is a training checkpoint (entries {', '.join(map(str, state_dict))}), not a "
+                              f"state_dict: pass its [{entries[0]!r}] entry, or load the file with "
+                              f"load_checkpoint / read_checkpoint, which take the EMA weights from it")
     model = unwrap_model(model)
     state_dict = strip_wrapper_prefixes(state_dict, source)
     own = model.state_dict()

@@ -161,6 +161,40 @@ def test_upstream_training_checkpoint_with_namespace_args_loads(tmp_path):
     assert state_dict.keys() == sd.keys()
 
 
+def test_the_api_names_the_function_for_what_it_was_given(tmp_path):
+    """A whole training checkpoint, a path or a state_dict handed to the wrong function: the error
+    names the right one (not a list of missing keys, nor Python's own TypeError)."""
+    import argparse
+
+    sd = upstream_state_dict(1, 32, 2, True)
+    model = model_for(1, 32, 2, True)
+    training = {"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2")}
+    with pytest.raises(CheckpointError, match=r"^ckpt\.pt is a training checkpoint \(entries model, ema, opt, "
+                                              r"args\), not a state_dict: pass its \['ema'\] entry, or load the "
+                                              r"file with load_checkpoint / read_checkpoint"):
+        load_into_model(model, training, source="ckpt.pt")
+    load_into_model(model, training["ema"])
+    with pytest.raises(TypeError, match=r"got the path '.*x\.pt': a file loads with load_checkpoint\(model, path\)"):
+        load_into_model(model, str(tmp_path / "x.pt"))
+    with pytest.raises(TypeError, match=r"got a dict; a state_dict in memory loads with load_into_model"):
+        load_checkpoint(model, sd)
+
+
+def test_the_release_by_name_is_read_as_upstreams_find_model_reads_it(tmp_path, monkeypatch):
+    """read_checkpoint / load_checkpoint("SiT-XL-2-256x256.pt") with no such file here: the release,
+    from ./pretrained_models (a tiny stand-in here), as the command lines take it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "cache"))
+    sd = upstream_state_dict(1, 32, 2, True)
+    (tmp_path / "pretrained_models").mkdir()
+    torch.save(sd, tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")
+    state_dict, info = read_checkpoint("SiT-XL-2-256x256.pt")
+    assert info["weights"] == "raw" and all(torch.equal(state_dict[k], sd[k]) for k in sd)
+    load_checkpoint(model_for(1, 32, 2, True), "SiT-XL-2-256x256.pt")
+    with pytest.raises(CheckpointError, match="checkpoint not found: SiT-XL-2-512x512"):
+        read_checkpoint("SiT-XL-2-512x512")  # not a release name: a path like any other
+
+
 def test_uppercase_safetensors_suffix(tmp_path):
     from safetensors.torch import save_file
 
