@@ -639,6 +639,26 @@ def test_likelihood_matches_closed_form(path_type, prediction, method, exact):
     torch.testing.assert_close(logp.double(), data_logp(x), atol=0.05, rtol=0)
 
 
+def test_likelihood_and_inference_mode():
+    """Data made under torch.inference_mode (latents encoded there) is taken; a call inside it, where
+    nothing can be differentiated, is refused saying to use torch.no_grad()."""
+    transport = create_transport("Linear", "velocity")
+    likelihood_fn = Sampler(transport).sample_ode_likelihood(sampling_method="heun", num_steps=4)
+    model = closed_form_model("Linear", "velocity")
+    torch.manual_seed(0)
+    x = MU + STD * torch.randn(8, 2)
+    with torch.inference_mode():
+        made_there = x.clone()
+    with torch.no_grad():
+        expected, _ = likelihood_fn(x, model)
+        logp, _ = likelihood_fn(made_there, model)
+    # a diagonal Jacobian: Hutchinson's estimate with Rademacher probes is exact, whatever the probes
+    torch.testing.assert_close(logp, expected, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=r"outside torch\.inference_mode\(\); torch\.no_grad\(\) is fine"):
+        with torch.inference_mode():
+            likelihood_fn(x, model)
+
+
 def test_likelihood_hutchinson_is_unbiased_for_a_mixing_field():
     """A field coupling the two dimensions has a symmetric off-diagonal Jacobian: Hutchinson's estimate
     is then noisy per sample, but its average over samples is the exact divergence."""

@@ -332,6 +332,11 @@ class Sampler:
             last_step_size=0.0)
 
         def likelihood(x, model, **model_kwargs):
+            if torch.is_inference_mode_enabled():
+                raise RuntimeError("the likelihood differentiates the model (the divergence of its drift): call it "
+                                   "outside torch.inference_mode(); torch.no_grad() is fine")
+            if x.is_inference():  # e.g. latents encoded under inference_mode: autograd cannot record them
+                x = x.clone()
             probe = None if exact_divergence else torch.randint_like(x, 2) * 2 - 1
 
             def augmented_drift(state, t):
