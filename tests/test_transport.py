@@ -495,6 +495,22 @@ def test_upstream_style_usage_with_model_kwargs():
         assert seen["cfg_scale"] == 4.0 and torch.equal(seen["y"], model_kwargs["y"]) and seen["t_shape"] == (6,)
 
 
+def test_misused_arguments_say_what_they_take():
+    """Labels passed where model_kwargs go, uint8 images, a negative diffusion norm: a one-line
+    error saying what the argument takes (not the model's repr, a kernel's dtype, or NaN samples)."""
+    transport = create_transport("Linear", "velocity")
+    model = closed_form_model("Linear", "velocity")
+    with pytest.raises(TypeError, match=r"^model_kwargs is a dict of the model's keyword arguments, e\.g\. "
+                                        r"dict\(y=labels\), got a Tensor$"):
+        transport.training_losses(model, torch.randn(4, 2), torch.arange(4))
+    with pytest.raises(TypeError, match=r"^x1 must be floating point .*, got torch\.uint8$"):
+        transport.training_losses(model, torch.zeros(4, 2, dtype=torch.uint8))
+    with pytest.raises(ValueError, match=r"^diffusion_norm must be 0 or more, got -1\.0$"):
+        Sampler(transport).sample_sde(diffusion_norm=-1.0)
+    samples = Sampler(transport).sample_sde(diffusion_norm=0.0, num_steps=4)(torch.randn(4, 2), model)[-1]
+    assert torch.isfinite(samples).all()  # no noise: the SDE's drift alone
+
+
 @pytest.mark.parametrize("path_type", ["Linear", "VP"])
 @pytest.mark.parametrize("prediction", ["velocity", "score"])
 def test_samplers_keep_a_bf16_state_in_bf16(path_type, prediction):

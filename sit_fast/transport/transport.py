@@ -135,6 +135,11 @@ class Transport:
         Returns {"loss": (B,), "pred": model output}.
         """
         model_kwargs = {} if model_kwargs is None else model_kwargs
+        if not isinstance(model_kwargs, dict):
+            raise TypeError(f"model_kwargs is a dict of the model's keyword arguments, e.g. dict(y=labels), got a "
+                            f"{type(model_kwargs).__name__}")
+        if not x1.is_floating_point():
+            raise TypeError(f"x1 must be floating point (images scaled to [-1, 1], or latents), got {x1.dtype}")
         t, x0, x1 = self.sample(x1)
         t, xt, ut = self.path_sampler.plan(t, x0, x1)
         model_output = model(xt, t, **model_kwargs)
@@ -261,6 +266,8 @@ class Sampler:
         check_choice("last_step", last_step, LAST_STEPS)
         if num_steps < 2:
             raise ValueError(f"num_steps must be at least 2 for an SDE (it counts the last step), got {num_steps}")
+        if not diffusion_norm >= 0:  # w_t = norm * form(t) >= 0: sqrt(2 w_t) of a negative norm is NaN
+            raise ValueError(f"diffusion_norm must be 0 or more, got {diffusion_norm}")
         if last_step is None:
             last_step_size = 0.0
         elif not 0 < last_step_size < 1:
