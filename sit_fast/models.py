@@ -170,9 +170,11 @@ class PatchEmbed(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-2:] != self.img_size:
+            fix = (f"build the model with input_size={x.shape[-1]}" if x.shape[-2] == x.shape[-1]
+                   else "the model takes square inputs")
             raise ValueError(
                 f"input of spatial size {tuple(x.shape[-2:])} does not match the model's input_size "
-                f"{self.img_size}; build the model with input_size={x.shape[-1]}"
+                f"{self.img_size}; {fix}"
             )
         return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
 
@@ -376,6 +378,9 @@ class SiT(nn.Module):
         super().__init__()
         if input_size % patch_size:
             raise ValueError(f"input_size {input_size} is not divisible by patch_size {patch_size}")
+        if hidden_size % 4:  # the 2-d sin-cos position embedding: half per axis, each half sin and cos
+            raise ValueError(f"hidden_size must be a multiple of 4 (the 2-d sin-cos position embedding), got "
+                             f"{hidden_size}")
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
         if fused_kernels not in (True, False, "auto"):

@@ -279,6 +279,14 @@ def test_wrong_input_size_is_a_clear_error():
     model = tiny_sit()
     with pytest.raises(ValueError, match="input_size=16"):
         model(torch.randn(1, 4, 16, 16), torch.rand(1), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(8, 16\) does not match the model's input_size \(8, 8\); the model "
+                                         r"takes square inputs"):
+        model(torch.randn(1, 4, 8, 16), torch.rand(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_hidden_size_not_a_multiple_of_4_is_named():
+    with pytest.raises(ValueError, match=r"hidden_size must be a multiple of 4 .*, got 130"):
+        tiny_sit(hidden_size=130, num_heads=2)
 
 
 @pytest.mark.parametrize("args, error, needle", [
