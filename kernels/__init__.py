@@ -8,6 +8,9 @@
         x_out = x + gate * y; h = layernorm_modulate(x_out, shift, scale)
                                                     op sit_fast::gated_residual_layernorm_modulate
 
+These functions are the API. Each calls its custom op (named at the right), whose schema is an
+internal one (every argument explicit, and what backward needs returned beside the outputs): call the
+functions, not torch.ops.sit_fast.* directly.
 Each backward is its own custom op (`sit_fast::<name>_backward`), so `torch.compile(fullgraph=True)`
 traces models that use these without a graph break. Autograd is reverse mode, first derivatives
 only: an input carrying a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad) raises
