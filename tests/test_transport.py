@@ -523,6 +523,9 @@ def test_samplers_keep_a_bf16_state_in_bf16(path_type, prediction):
         return base(x.float(), t).to(torch.bfloat16)
 
     sampler = Sampler(create_transport(path_type, prediction))
+    # seeded: dopri5's error control on a bf16 state fails for some draws (VP velocity: 15 seeds in 300
+    # end in torchdiffeq's "underflow in dt"), which is bf16's, not this test's, concern
+    torch.manual_seed(0)
     z = torch.randn(8, 2, dtype=torch.bfloat16)
     sample_fns = [sampler.sample_ode(sampling_method=m, num_steps=4) for m in ("euler", "heun", "dopri5")]
     sample_fns += [sampler.sample_sde(sampling_method=m, last_step=last, num_steps=4)
@@ -530,6 +533,16 @@ def test_samplers_keep_a_bf16_state_in_bf16(path_type, prediction):
     for sample_fn in sample_fns:
         out = sample_fn(z, bf16_model)[-1]
         assert out.dtype == torch.bfloat16 and torch.isfinite(out.float()).all()
+
+
+@pytest.mark.parametrize("dtype, advice", [(torch.float32, "check the model's outputs are finite"),
+                                           (torch.bfloat16, "integrate a float32 state")])
+def test_an_adaptive_step_that_underflows_says_what_to_do(dtype, advice):
+    """torchdiffeq's bare AssertionError("underflow in dt 0.0") becomes a message with the way out."""
+    sample_fn = Sampler(create_transport()).sample_ode(sampling_method="dopri5")
+    with pytest.raises(RuntimeError, match=rf"^dopri5: the adaptive step size fell to 0 \(underflow in dt \S+\): "
+                                           rf".* on this {dtype} state; {advice}"):
+        sample_fn(torch.randn(4, 2, dtype=dtype), lambda x, t: torch.full_like(x, float("nan")))
 
 
 @pytest.mark.parametrize("method", ("euler", "heun", "dopri5", "rk4"))

@@ -114,7 +114,17 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
         # torchdiffeq hands a negated t to this for decreasing grids; lerp keeps both ends exact
         options = {"grid_constructor": lambda f, y0, t: torch.lerp(t[0].expand_as(fractions),
                                                                    t[-1].expand_as(fractions), fractions)}
-    solution = odeint(func, x, times, method=method, atol=atol, rtol=rtol, options=options)
+    try:
+        solution = odeint(func, x, times, method=method, atol=atol, rtol=rtol, options=options)
+    except AssertionError as err:  # torchdiffeq's step-size controller gives up with a bare assertion
+        if "underflow in dt" not in str(err):
+            raise
+        dtype = _first(x).dtype
+        advice = ("integrate a float32 state (run the model under autocast instead)" if dtype != torch.float32
+                  and dtype != torch.float64 else "check the model's outputs are finite")
+        raise RuntimeError(f"{method}: the adaptive step size fell to 0 ({err}): the error estimate never met "
+                           f"atol {atol:g} / rtol {rtol:g} on this {dtype} state; {advice}, loosen the tolerances, "
+                           f"or take a fixed-step method (euler, heun)") from None
     if isinstance(solution, tuple):
         indices = range(times.shape[0]) if trajectory else [-1]
         return [tuple(part[i] for part in solution) for i in indices]
