@@ -596,9 +596,6 @@ class SiT(nn.Module):
         (3 on a 1-channel pixel model).
         """
         check_cfg_channels(cfg_channels)
-        if self.y_embedder.embedding_table.num_embeddings == self.y_embedder.num_classes:
-            raise ValueError("forward_with_cfg needs the null class of the unconditional pass, and this model has "
-                             "none (class_dropout_prob=0): sample it without guidance, forward(x, t, y)")
         if len(x) % 2:
             raise ValueError(f"forward_with_cfg takes the latents twice, [x, x] with labels [y, null]: "
                              f"the batch must be even, got {len(x)}")

@@ -316,15 +316,6 @@ def test_forward_with_cfg_refuses_an_odd_batch():
         model.forward_with_cfg(x, t, y, 4.0)
 
 
-def test_forward_with_cfg_refuses_a_model_without_a_null_class():
-    """class_dropout_prob=0 builds no null row: the unconditional pass has no label to take (it was an
-    IndexError from the embedding)."""
-    model = tiny_sit(class_dropout_prob=0)
-    x, t, y = inputs(model, 4)
-    with pytest.raises(ValueError, match=r"has none \(class_dropout_prob=0\): sample it without guidance"):
-        model.forward_with_cfg(x, t, y, 4.0)
-
-
 @pytest.mark.parametrize("bad", ["All", "3", 0, True, 2.0])
 def test_cfg_channels_are_all_or_a_positive_int(bad):
     from sit_fast.sampling import ModelForwards
