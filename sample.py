@@ -146,7 +146,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                           help="guide only model calls with LOW <= t <= HIGH (t=0 noise, t=1 data)")
     guidance.add_argument("--class-labels", type=integer, nargs="+", default=None,
                           help="labels of the grid (default: upstream's 8 ImageNet classes; 0 to 7, cycling, for "
-                               "a model of fewer classes), or of the --likelihood data "
+                               "a model of another class count), or of the --likelihood data "
                                "(one for all or one per item; default: the null class, unconditional)")
 
     run = parser.add_argument_group("Sampling")
@@ -218,7 +218,8 @@ def build_parser(defaults: dict | None = None, prog: str | None = None) -> argpa
                     action.help = argparse.SUPPRESS
             sub._option_string_actions["--cfg-scale"].help = (
                 "guidance scale w; 1 runs no unconditional pass (default: 1.0, as upstream)")
-            sub._option_string_actions["--out"].help = "the .npz of the samples (default: SAMPLE_DIR.npz)"
+            sub._option_string_actions["--out"].help = ("the .npz of the samples (default: beside the run's "
+                                                        "folder, SAMPLE_DIR/<run folder>.npz)")
             sub._option_string_actions["--batch-size"].help = "images per process per batch (default: 32)"
     return parser
 
@@ -1152,7 +1153,8 @@ def mode_first(argv: list[str], prog: str) -> list[str]:
     if argv and argv[0].upper() in MODES:
         return [argv[0].upper(), *argv[1:]]
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        given = [arg for arg in argv if arg.upper() in MODES]  # the sampler, given after a flag
+        # the sampler, given after a flag (not a flag's value: --sample-dir sde)
+        given = [arg for i, arg in enumerate(argv) if arg.upper() in MODES and not argv[i - 1].startswith("-")]
         mode = given[0].upper() if given else "ODE"
         rest = list(argv)
         if given:

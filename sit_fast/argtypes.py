@@ -44,9 +44,12 @@ class OneLineArgumentParser(argparse.ArgumentParser):
                 if isinstance(action, argparse._SubParsersAction) and getattr(namespace, action.dest, None):
                     chosen = getattr(namespace, action.dest)
                     parser, siblings = action.choices[chosen], {k: v for k, v in action.choices.items() if k != chosen}
-            flags = [flag for action in parser._actions for flag in action.option_strings]
+            # flags a parser takes but leaves out of its --help (sample_ddp.py's of other jobs) are not offered
+            flags = [flag for action in parser._actions if action.help != argparse.SUPPRESS
+                     for flag in action.option_strings]
             for name, other in siblings.items():  # a flag of another subcommand: say whose (sample.py SDE --atol)
-                theirs = [extra for extra in extras if extra.split("=")[0] in other._option_string_actions]
+                theirs = [extra for extra in extras if extra.split("=")[0] in other._option_string_actions
+                          and other._option_string_actions[extra.split("=")[0]].help != argparse.SUPPRESS]
                 if theirs:
                     flag = theirs[0].split("=")[0]
                     raise UserError(f"{flag} is a flag of {other.prog}, not of {parser.prog}: drop it, or run "

@@ -188,6 +188,16 @@ def test_class_count_mismatch_is_refused_in_one_line(files, tmp_path, capsys, fi
     assert "warning" not in capsys.readouterr().err
 
 
+def test_building_the_model_leaves_the_callers_rng_alone(files):
+    """The model's random init (overwritten by the checkpoint) draws from a forked RNG."""
+    request = ModelRequest(ckpt=files["pixel"], downsample=1, attn_backend="math", fused_kernels=False)
+    torch.manual_seed(2)
+    build_model(request, torch.device("cpu"))
+    after = torch.rand(1)
+    torch.manual_seed(2)
+    assert torch.equal(after, torch.rand(1))
+
+
 def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
     """A diverged run's weights gave black images (fixed-step solvers) or dopri5's AssertionError."""
     state = random_sit(3, learn_sigma=False).state_dict()
@@ -465,6 +475,10 @@ def test_the_sampler_comes_first_in_either_case(capsys):
         run(["--ckpt", "model.pt", "sde", "--num-sampling-steps", "10"])
     assert one_line_error(capsys) == (f"error: the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} SDE "
                                       f"--ckpt model.pt --num-sampling-steps 10 (see {prog} --help)")
+    with pytest.raises(SystemExit):  # a flag's value spelled like a sampler is a value
+        run(["--sample-dir", "sde", "ODE", "--cfg-scale", "4"])
+    assert one_line_error(capsys) == (f"error: the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} ODE "
+                                      f"--sample-dir sde --cfg-scale 4 (see {prog} --help)")
     for mode in ("ode", "sde"):
         with pytest.raises(SystemExit):
             run([mode, "--bogus"])
@@ -976,6 +990,16 @@ def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, caps
     assert sorted(os.listdir(tmp_path / "mine")) == ["000000.png", "000001.png", "notes.txt", "settings.json"]
 
 
+def test_sample_ddp_offers_no_flag_its_help_leaves_out(capsys):
+    """sample_ddp.py's hidden flags (of the jobs it refuses) are not offered as a fix: not as the other
+    sampler's flag, nor as the flag meant."""
+    for argv in (["SDE", "--likelihood"], ["ODE", "--likelyhood"]):
+        with pytest.raises(SystemExit):
+            sample.main(argv, defaults=sample.SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")
+        assert one_line_error(capsys) == (f"error: unrecognized arguments: {argv[1]} (see sample_ddp.py {argv[0]} "
+                                          f"--help)")
+
+
 @pytest.mark.parametrize("data", [["--data", "x.npz"], []])
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
 def test_sample_ddp_sends_the_ode_jobs_to_sample_py(job, data, capsys):
@@ -1000,6 +1024,7 @@ def test_sample_ddp_help_shows_the_fid_job_alone(mode, capsys):
             assert not [flag for flag in others if flag in text], text
             assert "(default: 1.0, as upstream)" in text and "for a grid" not in text
             assert "images per process per batch (default: 32)" in text
+            assert "(default: beside the run's folder, SAMPLE_DIR/<run folder>.npz)" in text
         else:
             assert all(flag in text for flag in others) and "4.0 for a grid" in text
 
