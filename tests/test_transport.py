@@ -683,6 +683,13 @@ def test_likelihood_and_inference_mode():
         logp, _ = likelihood_fn(made_there, model)
     # a diagonal Jacobian: Hutchinson's estimate with Rademacher probes is exact, whatever the probes
     torch.testing.assert_close(logp, expected, rtol=0, atol=0)
+    # labels made there too, taken by a model whose own weights are trained (a likelihood during training)
+    embedding = torch.nn.Embedding(4, 2)
+    with torch.inference_mode():
+        y = torch.zeros(8, dtype=torch.long)
+    with torch.no_grad():
+        labelled, _ = likelihood_fn(made_there, lambda x, t, y: model(x, t) + 0 * embedding(y), y=y)
+    torch.testing.assert_close(labelled, expected, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match=r"outside torch\.inference_mode\(\); torch\.no_grad\(\) is fine"):
         with torch.inference_mode():
             likelihood_fn(x, model)

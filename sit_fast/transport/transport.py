@@ -342,8 +342,10 @@ class Sampler:
             if torch.is_inference_mode_enabled():
                 raise RuntimeError("the likelihood differentiates the model (the divergence of its drift): call it "
                                    "outside torch.inference_mode(); torch.no_grad() is fine")
-            if x.is_inference():  # e.g. latents encoded under inference_mode: autograd cannot record them
-                x = x.clone()
+            # e.g. latents or labels made under inference_mode: autograd cannot record them
+            x = x.clone() if x.is_inference() else x
+            model_kwargs = {k: v.clone() if isinstance(v, torch.Tensor) and v.is_inference() else v
+                            for k, v in model_kwargs.items()}
             probe = None if exact_divergence else torch.randint_like(x, 2) * 2 - 1
 
             def augmented_drift(state, t):
