@@ -212,14 +212,15 @@ def build_model(request: ModelRequest, device: torch.device,
         raise CheckpointError(f"{path} has {num_classes} classes, not {request.num_classes}: its label table would be "
                               f"re-initialised at random, and samples of random labels are meaningless; drop "
                               f"--num-classes (or pass {num_classes})")
-    model = SiT_models[name](
-        input_size=input_size,
-        in_channels=in_channels,
-        num_classes=num_classes,
-        learn_sigma=config["learn_sigma"],
-        attn_backend=request.attn_backend,
-        fused_kernels=request.fused_kernels,
-    )
+    with torch.random.fork_rng(devices=[]):  # the random init, overwritten below, leaves the caller's RNG alone
+        model = SiT_models[name](
+            input_size=input_size,
+            in_channels=in_channels,
+            num_classes=num_classes,
+            learn_sigma=config["learn_sigma"],
+            attn_backend=request.attn_backend,
+            fused_kernels=request.fused_kernels,
+        )
     loaded = load_into_model(model, state_dict, source=path)
     model = model.to(device).eval().requires_grad_(False)
     floats = {k: v for k, v in model.state_dict().items() if v.is_floating_point()}
