@@ -314,6 +314,9 @@ def recorded_model_config(path: str | os.PathLike) -> dict | None:
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefer: str = "ema") -> dict:
     """read_checkpoint + load_into_model; returns the info dict of both."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"load_checkpoint takes the path of a checkpoint file, got a {type(path).__name__}; a "
+                        f"state_dict in memory loads with load_into_model(model, state_dict)")
     state_dict, info = read_checkpoint(path, prefer=prefer)
     info.update(load_into_model(model, state_dict, source=os.fspath(path)))
     return info

@@ -176,7 +176,8 @@ def test_the_api_names_the_function_for_what_it_was_given(tmp_path):
     load_into_model(model, training["ema"])
     with pytest.raises(TypeError, match=r"got the path '.*x\.pt': a file loads with load_checkpoint\(model, path\)"):
         load_into_model(model, str(tmp_path / "x.pt"))
-    with pytest.raises(TypeError, match=r"got a dict; a state_dict in memory loads with load_into_model"):
+    with pytest.raises(TypeError, match=r"^load_checkpoint takes the path .*, got a dict; a state_dict in memory "
+                                        r"loads with load_into_model"):
         load_checkpoint(model, sd)
 
 
