@@ -1154,7 +1154,8 @@ def mode_first(argv: list[str], prog: str) -> list[str]:
         return [argv[0].upper(), *argv[1:]]
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         # the sampler, given after a flag (not a flag's value: --sample-dir sde)
-        given = [arg for i, arg in enumerate(argv) if arg.upper() in MODES and not argv[i - 1].startswith("-")]
+        given = [arg for i, arg in enumerate(argv)
+                 if i > 0 and arg.upper() in MODES and not argv[i - 1].startswith("-")]
         mode = given[0].upper() if given else "ODE"
         rest = list(argv)
         if given:

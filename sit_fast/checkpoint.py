@@ -39,9 +39,7 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
     """
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"read_checkpoint takes the path of a checkpoint file, got a {type(path).__name__}; a "
-                        f"state_dict in memory loads with load_into_model(model, state_dict)")
+    check_path_argument("read_checkpoint", path)
     path = os.fspath(path)
     if not os.path.exists(path):  # a release by name, as upstream's find_model takes it
         from sit_fast.sampling import PRETRAINED_URLS, pretrained_checkpoint  # here: sampling imports this module
@@ -92,6 +90,13 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
 
 def is_safetensors(path: str) -> bool:
     return path.lower().endswith(".safetensors")
+
+
+def check_path_argument(function: str, path) -> None:
+    """TypeError naming load_into_model when a loader that takes a path is handed something else."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{function} takes the path of a checkpoint file, got a {type(path).__name__}; a "
+                        f"state_dict in memory loads with load_into_model(model, state_dict)")
 
 
 def check_checkpoint_file(path: str) -> None:
@@ -314,9 +319,7 @@ def recorded_model_config(path: str | os.PathLike) -> dict | None:
 
 def load_checkpoint(model: torch.nn.Module, path: str | os.PathLike, prefer: str = "ema") -> dict:
     """read_checkpoint + load_into_model; returns the info dict of both."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise TypeError(f"load_checkpoint takes the path of a checkpoint file, got a {type(path).__name__}; a "
-                        f"state_dict in memory loads with load_into_model(model, state_dict)")
+    check_path_argument("load_checkpoint", path)
     state_dict, info = read_checkpoint(path, prefer=prefer)
     info.update(load_into_model(model, state_dict, source=os.fspath(path)))
     return info

@@ -14,9 +14,8 @@ WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
 
 def make_folder(path: str, flag: str) -> None:
     """os.makedirs(path), or a UserError naming `flag` (a file in the way, no permission, ...)."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing) and os.path.dirname(existing) != existing:
-        existing = os.path.dirname(existing)
+    missing = first_missing_folder(path)
+    existing = os.path.dirname(missing) if missing is not None else os.path.abspath(path)
     if not os.path.isdir(existing):
         raise UserError(f"{flag}: {existing} is a file: pass a folder")
     try:
