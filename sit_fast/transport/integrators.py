@@ -45,6 +45,13 @@ def _like(value, x):
     return value.to(x.dtype)
 
 
+def _like_dtype(x, dtype):
+    """x in `dtype`, for a tensor or a tuple of tensors."""
+    if isinstance(x, tuple):
+        return tuple(a.to(dtype) for a in x)
+    return x.to(dtype)
+
+
 def _add_scaled(x, h, dx):
     """x + h * dx in x's dtype, for a tensor or a tuple of tensors."""
     if isinstance(x, tuple):
@@ -91,16 +98,20 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
 
     Without a trajectory only the end time is requested (adaptive methods then choose their own
     steps); fixed-grid methods still step over all of t_grid.
+    A bf16 or fp16 state is integrated as a float32 copy: torchdiffeq takes its times in the state's
+    dtype (bf16 rounds t = 0.999 to 1.0, where VP's sigma_t is 0) and a step too small to change a
+    bf16 state stalls its error control. The drift still sees the state, and returns, in its dtype.
     """
-    batch = _first(x).shape[0]
+    batch, dtype = _first(x).shape[0], _first(x).dtype
     low, high = torch.minimum(t_grid[0], t_grid[-1]), torch.maximum(t_grid[0], t_grid[-1])
+    inner = x if dtype in (torch.float32, torch.float64) else _like_dtype(x, torch.float32)
 
     def func(t, state):  # torchdiffeq passes a 0-dim time
         # An adaptive solver's first-step guess (Hairer et al. II.4) probes the drift at t0 + h0, with h0
         # unbounded (0.01 |x| / |drift|: 350 for a drift near 0); the probe only sizes the first step,
         # so it is taken at the interval's end instead of outside [0, 1]. Every other call is inside.
         t = torch.clamp(t, low.to(t.dtype), high.to(t.dtype))
-        return _like(drift(state, t.expand(batch)), state)
+        return _like(drift(_like(state, x), t.expand(batch)), state)
 
     times = t_grid if trajectory else t_grid[:: t_grid.shape[0] - 1]  # [t0, t1] as a view
     if adaptive_ode_method(method):
@@ -115,20 +126,18 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
         options = {"grid_constructor": lambda f, y0, t: torch.lerp(t[0].expand_as(fractions),
                                                                    t[-1].expand_as(fractions), fractions)}
     try:
-        solution = odeint(func, x, times, method=method, atol=atol, rtol=rtol, options=options)
+        solution = odeint(func, inner, times, method=method, atol=atol, rtol=rtol, options=options)
     except AssertionError as err:  # torchdiffeq's step-size controller gives up with a bare assertion
         if "underflow in dt" not in str(err):
             raise
-        dtype = _first(x).dtype
-        advice = ("integrate a float32 state (run the model under autocast instead)" if dtype != torch.float32
-                  and dtype != torch.float64 else "check the model's outputs are finite")
+        coarse = "" if inner is x else f" (a {dtype} model's drift is coarse: a float32 one under autocast is finer)"
         raise RuntimeError(f"{method}: the adaptive step size fell to 0 ({err}): the error estimate never met "
-                           f"atol {atol:g} / rtol {rtol:g} on this {dtype} state; {advice}, loosen the tolerances, "
-                           f"or take a fixed-step method (euler, heun)") from None
+                           f"atol {atol:g} / rtol {rtol:g} on this {dtype} state; check the model's outputs are "
+                           f"finite{coarse}, loosen the tolerances, or take a fixed-step method (euler, heun)") from None
     if isinstance(solution, tuple):
         indices = range(times.shape[0]) if trajectory else [-1]
-        return [tuple(part[i] for part in solution) for i in indices]
-    return list(solution.unbind(0)) if trajectory else [solution[-1]]
+        return [_like(tuple(part[i] for part in solution), x) for i in indices]
+    return [_like(state, x) for state in (solution.unbind(0) if trajectory else [solution[-1]])]
 
 
 def integrate_ode(drift, x, t0, t1, *, method, num_steps, atol=1e-6, rtol=1e-3, trajectory=False):

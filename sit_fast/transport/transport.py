@@ -78,7 +78,8 @@ class Transport:
         """Time interval (t0, t1) to train on or integrate over (upstream's rules, with a guard).
 
         eps = sample_eps when eval else train_eps.
-        - VP: t1 = 1 - eps, or 1 - last_step_size for an SDE that takes a last step.
+        - VP: t1 = 1 - eps, or 1 - last_step_size for an SDE that takes a last step; t = 1 (sigma_t = 0)
+          is refused for sampling with a noise model, or an SDE whose diffusion is not the sigma form.
         - Linear / GVP with a score or noise model, or any SDE: t0 = eps for score / noise models
           and for the SBDM diffusion (whose beta_t is infinite at t = 0), else 0; t1 as for VP.
         - Linear / GVP velocity models outside SDEs use the whole [0, 1].
@@ -89,14 +90,20 @@ class Transport:
         t0, t1 = 0.0, 1.0
         eps = sample_eps if eval else train_eps
         t1_inside = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
+        which = "sample_eps" if eval else "train_eps"
         if self.path_type == PathType.VP:
             t1 = t1_inside
+            if eval and t1 == 1 and (self.model_type == ModelType.NOISE or (sde and diffusion_form != "sigma")):
+                what = ("the velocity from a noise model is singular" if self.model_type == ModelType.NOISE else
+                        f"the SDE's drift with the {diffusion_form} diffusion is singular (with the sigma "
+                        f"diffusion it is not)")
+                raise ValueError(f"sample_eps must be > 0 here: the VP path has sigma_t = 0 at t = 1, where "
+                                 f"{what}; upstream's default for VP is 1e-3")
         elif self.model_type != ModelType.VELOCITY or sde:
             needs_t0 = (sde and diffusion_form == "SBDM") or self.model_type != ModelType.VELOCITY
             t0 = eps if needs_t0 else 0.0
             t1 = t1_inside
             if eps <= 0 and (needs_t0 or t1 == 1):
-                which = "sample_eps" if eval else "train_eps"
                 if self.model_type != ModelType.VELOCITY:
                     why = [f"the {self.path_type.name} path with a {self.model_type.name.lower()} model is "
                            f"singular at t = 0 and t = 1"]
@@ -109,7 +116,6 @@ class Transport:
                                    "step stops short of it)")
                 raise ValueError(f"{which} must be > 0 here: " + "; ".join(why))
         if not t0 < t1:  # e.g. an SDE's last step from before its first time
-            which = "sample_eps" if eval else "train_eps"
             last = f" and last_step_size {last_step_size}" if sde and last_step_size else ""
             raise ValueError(f"{which} {eps}{last} leave no time to integrate over: the interval would be "
                              f"[{t0:g}, {t1:g}]")
