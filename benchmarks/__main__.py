@@ -65,8 +65,10 @@ def main(argv: list[str] | None = None) -> int:
     if device_type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    if device_type == "cuda" and os.environ.get("TRITON_INTERPRET") == "1":
-        print("error: TRITON_INTERPRET=1 would run the CUDA kernels in the interpreter; unset it", file=sys.stderr)
+    from kernels import interpreter_requested  # the variable is set by now: triton may import
+
+    if device_type == "cuda" and interpreter_requested():
+        print(f"error: TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} would run the CUDA kernels in the interpreter; unset it", file=sys.stderr)
         return 2
 
     from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite

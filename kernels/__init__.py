@@ -33,12 +33,11 @@ Naming note: each op lives in a submodule of the same name, and the package attr
 function (`kernels.layernorm_modulate` is the op, not the module); reach a submodule with
 `importlib.import_module("kernels.layernorm_modulate")`.
 """
-import os
 
 import torch
 
 from . import reference
-from ._launch import launch_settings
+from ._launch import interpreter_requested, launch_settings
 
 try:
     import triton  # noqa: F401
@@ -64,6 +63,7 @@ else:
 __all__ = [
     "gated_residual",
     "gated_residual_layernorm_modulate",
+    "interpreter_requested",
     "kernels_available",
     "launch_settings",
     "layernorm_modulate",
@@ -84,7 +84,7 @@ def kernels_available(device: torch.device | str) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_available()
     if device.type == "cpu":
-        if os.environ.get("TRITON_INTERPRET") != "1":
+        if not interpreter_requested():
             return False
         from triton.runtime.interpreter import InterpretedFunction
 

@@ -24,6 +24,12 @@ INTERPRETER_HINT = (
     "or use fused_kernels=False"
 )
 
+def interpreter_requested() -> bool:
+    """Whether TRITON_INTERPRET asks for the interpreter, read as Triton reads it (1, true, on, yes
+    or y, in any case)."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+
+
 def _patch_old_interpreter() -> None:
     """Let triton < 3.7's interpreter run our loops with numpy >= 2.4.
 
@@ -32,7 +38,7 @@ def _patch_old_interpreter() -> None:
     converted to Python scalars"). triton 3.7 squeezes the array first; do the same for older ones.
     Only the CPU interpreter is touched, and only while it runs a kernel (it restores its patches).
     """
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreter_requested():
         return
     try:
         import triton
@@ -221,10 +227,10 @@ def check_runnable(op: str, device: torch.device, kernel: object) -> None:
                          f"got {device}")
     from triton.runtime.interpreter import InterpretedFunction
 
-    if os.environ.get("TRITON_INTERPRET") != "1":
+    if not interpreter_requested():
         raise RuntimeError(f"{op}: got CPU tensors but the Triton interpreter is not enabled; {INTERPRETER_HINT}")
     if not isinstance(kernel, InterpretedFunction):
-        raise RuntimeError(f"{op}: got CPU tensors and TRITON_INTERPRET=1, but the kernels were compiled before "
+        raise RuntimeError(f"{op}: got CPU tensors and TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, but the kernels were compiled before "
                            f"it was set, so they cannot run on the CPU; {INTERPRETER_HINT}")
 
 

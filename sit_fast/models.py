@@ -21,7 +21,6 @@ import contextlib
 import functools
 import math
 import numbers
-import os
 import types
 from typing import Callable
 
@@ -88,7 +87,7 @@ def fused_ops(compute_dtype: torch.dtype) -> dict[str, Callable]:
 
 
 # Triton reads TRITON_INTERPRET once, when it is imported; so do we.
-_TRITON_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_TRITON_INTERPRET = kernels.interpreter_requested()
 
 
 def triton_interpreter_enabled() -> bool:

@@ -598,6 +598,26 @@ def test_kernel_cpu_without_interpreter_raises_clear_error():
     assert "fused_kernels=False" in result.stdout, result.stdout
 
 
+@pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
+                                      ("0", False), ("false", False), ("off", False), ("", False), ("2", False)])
+def test_the_interpreter_variable_is_read_as_triton_reads_it(monkeypatch, value, on):
+    """Triton runs the interpreter for TRITON_INTERPRET=true as for 1; CPU calls then ran the
+    interpreted kernels' error ("set TRITON_INTERPRET=1") instead of the kernels."""
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    assert kernels.interpreter_requested() is on
+
+
+def test_kernels_run_on_the_cpu_with_triton_interpret_true():
+    code = (
+        "import torch, kernels\n"
+        "x = torch.randn(1, 2, 8); v = torch.randn(1, 8)\n"
+        "print(kernels.kernels_available('cpu'), torch.allclose(kernels.layernorm_modulate(x, v, v), "
+        "kernels.reference.layernorm_modulate(x, v, v), atol=1e-5))\n"
+    )
+    result = _run_python(code, TRITON_INTERPRET="true")
+    assert result.returncode == 0 and result.stdout.split() == ["True", "True"], (result.stdout, result.stderr)
+
+
 def test_kernel_launch_environment_variable(monkeypatch):
     from sit_fast.models import resolve_fused_kernels
 
