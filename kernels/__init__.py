@@ -15,7 +15,8 @@ Each backward is its own custom op (`sit_fast::<name>_backward`), so `torch.comp
 traces models that use these without a graph break. Autograd is reverse mode, first derivatives
 only: an input carrying a forward-mode tangent (torch.func.jvp, torch.autograd.forward_ad) raises
 NotImplementedError, as the custom ops would otherwise drop the tangent, and so does a backward
-through a gradient taken with create_graph=True; the reference ops (fused_kernels=False) support all.
+through a gradient taken with create_graph=True. torch.func's transforms (grad, vjp, vmap) are not
+supported either: grad and vjp fail inside torch; the reference ops (fused_kernels=False) support all.
 
 Dtypes: activations (x, y) float32, bfloat16 or float16, y in x's dtype, except that a float32 x
 may take a narrower y (the bf16-autocast layout: fp32 residual stream, bf16 sublayer output);
@@ -24,8 +25,8 @@ output. Outputs have x's dtype, except the normalised output (layernorm_modulate
 dtype is out_dtype / h_dtype when given (e.g. bf16 for the next Linear under autocast). Every
 gradient has its own input's dtype. Arithmetic and LayerNorm statistics are float32.
 
-Devices: CUDA, or CPU through the Triton interpreter (TRITON_INTERPRET=1 set before triton and this
-package are imported). Importing this package never requires triton; without it the ops raise.
+Devices: CUDA, or CPU through the Triton interpreter (TRITON_INTERPRET=1, or true/on/yes as Triton
+reads it, set before triton and this package are imported). Importing this package never requires triton; without it the ops raise.
 
 `reference` holds the plain PyTorch versions that tests and benchmarks compare against.
 
