@@ -234,6 +234,14 @@ def check_runnable(op: str, device: torch.device, kernel: object) -> None:
                            f"it was set, so they cannot run on the CPU; {INTERPRETER_HINT}")
 
 
+def on_device(device: torch.device) -> contextlib.AbstractContextManager:
+    """Make a CUDA `device` current for a launch, when it is not already: Triton launches on the
+    current device and its stream, and a tensor on another GPU would be read from the wrong one."""
+    if device.type == "cuda" and device.index is not None and device.index != torch.cuda.current_device():
+        return torch.cuda.device(device)
+    return contextlib.nullcontext()
+
+
 def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     """(BLOCK_D, num_warps): one whole row per block, masked up to the next power of two.
 

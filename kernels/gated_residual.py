@@ -148,13 +148,14 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
     if B * n_tiles == 0:
         return out
     block_d, num_warps = _launch.block_config(D)
-    _gated_residual_fwd_kernel[(B * n_tiles,)](
-        out, x, gate, y,
-        *out.stride(), *x.stride(), *gate.stride(), *y.stride(),
-        T, D, rows_per_program, n_tiles,
-        PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
-        enable_fp_fusion=_launch.FP_FUSION,
-    )
+    with _launch.on_device(x.device):
+        _gated_residual_fwd_kernel[(B * n_tiles,)](
+            out, x, gate, y,
+            *out.stride(), *x.stride(), *gate.stride(), *y.stride(),
+            T, D, rows_per_program, n_tiles,
+            PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=_launch.FP_FUSION,
+        )
     return out
 
 
@@ -173,13 +174,14 @@ def gated_residual_backward(
     if B * n_tiles > 0:
         y_arg = y if has_dgate else grad_out  # a placeholder the kernel never reads
         block_d, num_warps = _launch.block_config(D, "bwd")
-        _gated_residual_bwd_kernel[(B * n_tiles,)](
-            dy, dgate_partial, grad_out, gate, y_arg,
-            *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y_arg.stride(),
-            T, D, rows_per_program, n_tiles,
-            HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
-            enable_fp_fusion=_launch.FP_FUSION,
-        )
+        with _launch.on_device(grad_out.device):
+            _gated_residual_bwd_kernel[(B * n_tiles,)](
+                dy, dgate_partial, grad_out, gate, y_arg,
+                *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y_arg.stride(),
+                T, D, rows_per_program, n_tiles,
+                HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
+                enable_fp_fusion=_launch.FP_FUSION,
+            )
     if not has_dgate:
         return gate.new_empty((B, 0)), dy
     dgate = dgate_partial.sum(dim=1).to(gate.dtype)

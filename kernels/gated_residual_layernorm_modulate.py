@@ -263,14 +263,15 @@ def gated_residual_layernorm_modulate_forward(
     if B * n_tiles == 0:
         return x_out, h, x_hat, rstd
     block_d, num_warps = _launch.block_config(D)
-    _gated_residual_layernorm_modulate_fwd_kernel[(B * n_tiles,)](
-        x_out, h, x_hat, rstd, x, gate, y, shift, scale,
-        *x_out.stride(), *h.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *gate.stride(), *y.stride(),
-        *shift.stride(), *scale.stride(),
-        T, D, rows_per_program, n_tiles, eps,
-        STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
-        enable_fp_fusion=_launch.FP_FUSION,
-    )
+    with _launch.on_device(x.device):
+        _gated_residual_layernorm_modulate_fwd_kernel[(B * n_tiles,)](
+            x_out, h, x_hat, rstd, x, gate, y, shift, scale,
+            *x_out.stride(), *h.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *gate.stride(), *y.stride(),
+            *shift.stride(), *scale.stride(),
+            T, D, rows_per_program, n_tiles, eps,
+            STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=_launch.FP_FUSION,
+        )
     return x_out, h, x_hat, rstd
 
 
@@ -308,16 +309,17 @@ def gated_residual_layernorm_modulate_backward(
         dx_out_arg = grad_x_out if has_dx_out else grad_h  # placeholders the kernel never reads
         y_arg = y if has_dgate else grad_h
         block_d, num_warps = _launch.block_config(D, "bwd")
-        _gated_residual_layernorm_modulate_bwd_kernel[(B * n_tiles,)](
-            dx, dy, dgate_partial, dshift_partial, dscale_partial,
-            dx_out_arg, grad_h, x_hat, y_arg, gate, scale, rstd,
-            *dx.stride(), *dy.stride(), *part_strides, *dx_out_arg.stride(), *grad_h.stride(),
-            *x_hat.stride(), *y_arg.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
-            T, D, rows_per_program, n_tiles,
-            HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"),
-            BLOCK_D=block_d, num_warps=num_warps,
-            enable_fp_fusion=_launch.FP_FUSION,
-        )
+        with _launch.on_device(x_hat.device):
+            _gated_residual_layernorm_modulate_bwd_kernel[(B * n_tiles,)](
+                dx, dy, dgate_partial, dshift_partial, dscale_partial,
+                dx_out_arg, grad_h, x_hat, y_arg, gate, scale, rstd,
+                *dx.stride(), *dy.stride(), *part_strides, *dx_out_arg.stride(), *grad_h.stride(),
+                *x_hat.stride(), *y_arg.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
+                T, D, rows_per_program, n_tiles,
+                HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"),
+                BLOCK_D=block_d, num_warps=num_warps,
+                enable_fp_fusion=_launch.FP_FUSION,
+            )
     dgate = dgate_partial.sum(dim=1).to(gate.dtype) if has_dgate else gate.new_empty((B, 0))
     if not has_dvec:
         return dx, dgate, dy, scale.new_empty((B, 0), dtype=shift_dtype), scale.new_empty((B, 0))

@@ -176,13 +176,14 @@ def layernorm_modulate_forward(
     if B * n_tiles == 0:
         return y, x_hat, rstd
     block_d, num_warps = _launch.block_config(D)
-    _layernorm_modulate_fwd_kernel[(B * n_tiles,)](
-        y, x_hat, rstd, x, shift, scale,
-        *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
-        T, D, rows_per_program, n_tiles, eps,
-        STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
-        enable_fp_fusion=_launch.FP_FUSION,
-    )
+    with _launch.on_device(x.device):
+        _layernorm_modulate_fwd_kernel[(B * n_tiles,)](
+            y, x_hat, rstd, x, shift, scale,
+            *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
+            T, D, rows_per_program, n_tiles, eps,
+            STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
+            enable_fp_fusion=_launch.FP_FUSION,
+        )
     return y, x_hat, rstd
 
 
@@ -207,14 +208,15 @@ def layernorm_modulate_backward(
         _launch.empty((B, n_tiles if has_dvec else 0, D), torch.float32, x_hat.device) for _ in range(2))
     if B * n_tiles > 0:
         block_d, num_warps = _launch.block_config(D, "bwd")
-        _layernorm_modulate_bwd_kernel[(B * n_tiles,)](
-            dx, dshift_partial, dscale_partial, grad_y, x_hat, scale, rstd,
-            *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x_hat.stride(), *scale.stride(),
-            *rstd.stride(),
-            T, D, rows_per_program, n_tiles,
-            HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
-            enable_fp_fusion=_launch.FP_FUSION,
-        )
+        with _launch.on_device(x_hat.device):
+            _layernorm_modulate_bwd_kernel[(B * n_tiles,)](
+                dx, dshift_partial, dscale_partial, grad_y, x_hat, scale, rstd,
+                *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x_hat.stride(), *scale.stride(),
+                *rstd.stride(),
+                T, D, rows_per_program, n_tiles,
+                HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
+                enable_fp_fusion=_launch.FP_FUSION,
+            )
     if not has_dvec:
         return dx, scale.new_empty((B, 0), dtype=shift_dtype), scale.new_empty((B, 0))
     dshift = dshift_partial.sum(dim=1).to(shift_dtype)

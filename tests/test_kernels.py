@@ -6,6 +6,7 @@ every buffer a launcher allocates for a kernel is NaN-filled first, so an elemen
 to write fails the comparison.
 """
 import functools
+import importlib
 import os
 import subprocess
 import sys
@@ -616,6 +617,29 @@ def test_kernels_run_on_the_cpu_with_triton_interpret_true():
     )
     result = _run_python(code, TRITON_INTERPRET="true")
     assert result.returncode == 0 and result.stdout.split() == ["True", "True"], (result.stdout, result.stderr)
+
+
+def test_a_launch_on_another_gpu_makes_that_gpu_current(monkeypatch):
+    """Triton launches on the current CUDA device: tensors on cuda:1 while cuda:0 is current need a
+    device switch around the launch (checked here with a stand-in for the current device; the launchers
+    all go through on_device, and test_every_launch_goes_through_on_device checks that)."""
+    import contextlib
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    switch = _launch.on_device(torch.device("cuda", 1))
+    assert isinstance(switch, torch.cuda.device) and switch.idx == 1
+    for device in (torch.device("cuda", 0), torch.device("cpu")):
+        assert isinstance(_launch.on_device(device), contextlib.nullcontext)
+
+
+def test_every_launch_goes_through_on_device():
+    import inspect
+    import re
+
+    for name in ("layernorm_modulate", "gated_residual", "gated_residual_layernorm_modulate"):
+        source = inspect.getsource(importlib.import_module(f"kernels.{name}"))
+        launches = re.findall(r"\n( *)(?:(with _launch\.on_device\(\w+\.device\):)\n *)?_\w+_kernel\[", source)
+        assert len(launches) == 2 and all(guard for _, guard in launches), (name, launches)
 
 
 def test_kernel_launch_environment_variable(monkeypatch):
