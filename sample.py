@@ -1147,28 +1147,56 @@ def run_reverse(setup: Setup) -> str:
 #                                      main                                      #
 #################################################################################
 
-def mode_first(argv: list[str], prog: str) -> list[str]:
+def mode_first(argv: list[str], parser: argparse.ArgumentParser) -> list[str]:
     """The sampler leads, as upstream has it (`sample.py ODE --ckpt ...`); `ode` and `sde` are taken
     for ODE and SDE, and flags before any sampler are refused saying so, not as an invalid choice."""
     if argv and argv[0].upper() in MODES:
         return [argv[0].upper(), *argv[1:]]
     if argv and argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
-        # the sampler, given after a flag (not a flag's value: --sample-dir sde)
-        given = [arg for i, arg in enumerate(argv)
-                 if i > 0 and arg.upper() in MODES and not argv[i - 1].startswith("-")]
-        mode = given[0].upper() if given else "ODE"
-        rest = list(argv)
-        if given:
-            rest.remove(given[0])
+        given = sampler_among_flags(argv, parser)
+        rest = [arg for i, arg in enumerate(argv) if i != given]
+        mode = "ODE" if given is None else argv[given].upper()
+        prog = parser.prog
         raise UserError(f"the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} {mode} {' '.join(rest)} "
                         f"(see {prog} --help)")
     return argv
 
 
+def sampler_among_flags(argv: list[str], parser: argparse.ArgumentParser) -> int | None:
+    """Where ODE or SDE stands in `argv` as a word of its own, not as a flag's value (--sample-dir
+    sde): each flag's values are stepped over, as many as it takes (none for --use-raw)."""
+    subparsers = next(action for action in parser._actions if isinstance(action, argparse._SubParsersAction))
+    options = {flag: action for sub in subparsers.choices.values()
+               for flag, action in sub._option_string_actions.items()}
+    i = 0
+    while i < len(argv):
+        if argv[i].upper() in MODES:
+            return i
+        action = options.get(argv[i])  # --flag=value, and flags of neither sampler, take no more words
+        i += 1
+        if action is None or action.nargs == 0:
+            continue
+        if isinstance(action.nargs, int) or action.nargs is None:
+            i += action.nargs or 1
+        else:  # "?", "*", "+": the words up to the next flag (a negative number is a value)
+            while (i < len(argv) and argv[i].upper() not in MODES
+                   and (not argv[i].startswith("-") or is_number(argv[i]))):
+                i += 1
+    return None
+
+
+def is_number(word: str) -> bool:
+    try:
+        float(word)
+    except ValueError:
+        return False
+    return True
+
+
 @cli_entry
 def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str | None = None):
     parser = build_parser(defaults, prog)
-    args = parser.parse_args(mode_first(list(sys.argv[1:] if argv is None else argv), parser.prog))
+    args = parser.parse_args(mode_first(list(sys.argv[1:] if argv is None else argv), parser))
     args.prog = prog
     args = resolve_args(args)
     dist = init_distributed()

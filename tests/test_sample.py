@@ -479,6 +479,20 @@ def test_the_sampler_comes_first_in_either_case(capsys):
         run(["--sample-dir", "sde", "ODE", "--cfg-scale", "4"])
     assert one_line_error(capsys) == (f"error: the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} ODE "
                                       f"--sample-dir sde --cfg-scale 4 (see {prog} --help)")
+    # flags that take no value, a negative value, and flags of several values are stepped over as such
+    for argv, example in ((["--use-raw", "SDE", "--ckpt", "x.pt"], "SDE --use-raw --ckpt x.pt"),
+                          (["--cfg-scale", "-1", "sde"], "SDE --cfg-scale -1"),
+                          (["--cfg-interval", "0.1", "0.9", "SDE", "--tf32"], "SDE --cfg-interval 0.1 0.9 --tf32"),
+                          (["--class-labels", "1", "-2", "SDE"], "SDE --class-labels 1 -2"),
+                          (["--likelihood", "--data=ode", "--cfg-scale=2", "ode"],
+                           "ODE --likelihood --data=ode --cfg-scale=2"),
+                          (["--bogus", "sde"], "SDE --bogus")):
+        with pytest.raises(SystemExit):
+            run(argv)
+        assert one_line_error(capsys) == (f"error: the sampler comes first: {prog} ODE|SDE [flags], e.g. {prog} "
+                                          f"{example} (see {prog} --help)")
+        if "--bogus" not in argv:  # the example parses
+            sample.build_parser().parse_args(example.split())
     for mode in ("ode", "sde"):
         with pytest.raises(SystemExit):
             run([mode, "--bogus"])
