@@ -491,6 +491,47 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(
         assert "error: step 4: cannot write checkpoint" in f.read()
 
 
+def test_a_data_error_mid_run_saves_the_steps_taken_and_names_the_checkpoint(tmp_path, monkeypatch):
+    """An unreadable image in batch 4 (--ckpt-every far off) stopped the run with the 3 steps taken
+    unsaved; they are saved first, and a resume once the data reads goes on as if nothing happened."""
+    from sit_fast.data import DataError, DigitsDataset
+
+    real, calls = DigitsDataset.__getitems__, {"n": 0}
+
+    def failing(self, key):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise DataError("cannot read image somewhere/3.png (damaged): remove or replace it")
+        return real(self, key)
+
+    exp, straight = str(tmp_path / "run"), str(tmp_path / "straight")
+    monkeypatch.setattr(DigitsDataset, "__getitems__", failing)
+    with pytest.raises(DataError) as info:
+        train_main(BASE + ["--exp-dir", exp, "--max-steps", "6"])
+    saved = os.path.join(exp, "checkpoints", "0000003.pt")
+    assert str(info.value) == (f"cannot read image somewhere/3.png (damaged): remove or replace it (stopped before "
+                               f"step 4; last checkpoint {saved}: fix the data, then continue with --resume {saved} "
+                               f"(or --resume auto))")
+    monkeypatch.setattr(DigitsDataset, "__getitems__", real)
+    assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--resume", "auto"])["step"] == 6
+    train_main(BASE + ["--exp-dir", straight, "--max-steps", "6"])
+    resumed, whole = (load_ckpt(os.path.join(d, "checkpoints", "0000006.pt")) for d in (exp, straight))
+    for key in ("model", "ema"):
+        assert all(torch.equal(resumed[key][name], whole[key][name]) for name in whole[key]), key
+
+
+def test_a_data_error_before_the_first_step_says_nothing_was_saved(tmp_path, monkeypatch):
+    from sit_fast.data import DataError, DigitsDataset
+
+    def failing(self, key):
+        raise DataError("cannot read image x.png (damaged): remove or replace it")
+
+    monkeypatch.setattr(DigitsDataset, "__getitems__", failing)
+    with pytest.raises(DataError, match=r"remove or replace it \(stopped before step 1; no checkpoint written yet\)$"):
+        train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "6"])
+    assert list_checkpoints(str(tmp_path / "run" / "checkpoints")) == []
+
+
 def poison_batch(monkeypatch, call: int) -> None:
     """Make the `call`-th training batch NaN."""
     from sit_fast.training import loop

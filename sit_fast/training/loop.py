@@ -924,7 +924,7 @@ class Trainer:
                                      seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
                                      worker_init_fn=ignore_stop_signals)
             try:
-                for batch in loader:
+                for batch in self.batches_saving_on_a_data_error(loader):
                     loss, applied = self.train_step(batch)
                     self.step += 1
                     self.step_in_epoch += 1
@@ -967,6 +967,30 @@ class Trainer:
             finally:  # workers ignore SIGTERM (StopRequest), so they are stopped here, also on an error
                 close_loader(loader)
         return last_log, None
+
+    def batches_saving_on_a_data_error(self, loader):
+        """The loader's batches; a data error (an unreadable image) first saves the steps taken, in a
+        single process, and names the checkpoint to continue from once the data is fixed."""
+        batches = iter(loader)
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                return
+            except UserError as err:
+                err = worker_error(err)
+                if not is_distributed() and self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step) \
+                        and self.step > 0:
+                    with self.window.paused():
+                        self.check_finite()
+                        self.save_checkpoint()
+                if self.last_checkpoint is None:
+                    where = "no checkpoint written yet"
+                else:
+                    where = (f"last checkpoint {self.last_checkpoint}: fix the data, then continue with --resume "
+                             f"{self.last_checkpoint} (or --resume auto)")
+                raise type(err)(f"{err} (stopped before step {self.step + 1}; {where})") from None
+            yield batch
 
     def out_of_memory_advice(self) -> str:
         """What ran out of GPU memory, and the flags that make it fit (those not in use already)."""
