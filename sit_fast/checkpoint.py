@@ -120,6 +120,11 @@ def safe_torch_load(path: str) -> object:
     Besides tensors and plain containers it accepts argparse.Namespace: upstream's train.py stores its
     arguments as one, and rebuilding one sets attributes only, so no code can run."""
     mmap = zipfile.is_zipfile(path)  # torch.save's format; older files load without mmap
+    if not mmap:
+        with open(path, "rb") as f:
+            if f.read(4) == b"PK\x03\x04":  # a zip archive's start without its end: cut short
+                raise CheckpointError(f"cannot read {path}: a zip archive (torch.save's format) without the index "
+                                      f"at its end: truncated or damaged; copy or save it again")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -23,9 +23,12 @@ def first_line(err: BaseException, limit: int = 300) -> str:
     text = [line.strip() for line in ANSI.sub("", str(err)).strip().splitlines() if line.strip()]
     if not text:
         return type(err).__name__
-    if isinstance(err, LookupError):  # a bare key or index says nothing alone
-        return f"{type(err).__name__}: {text[0]}"[:limit]
-    return text[0][:limit]
+    line = f"{type(err).__name__}: {text[0]}" if isinstance(err, LookupError) else text[0]  # a bare key says little
+    if len(line) <= limit:
+        return line
+    cut = line[:limit]  # whole sentences, else whole words
+    end = cut.rfind(". ")
+    return cut[:end + 1] if end > limit // 3 else cut[:cut.rfind(" ")].rstrip(",;:") + " ..."
 
 
 class StderrLineHandler(logging.Handler):

@@ -471,3 +471,26 @@ def test_unfinished_writes_name_their_size(tmp_path, size, amount):
         f.truncate(size)  # sparse: no disk space taken
     note = unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
     assert f"(.0000004.pt.tmp-42; {amount})" in note, note
+
+
+def test_a_checkpoint_cut_short_is_named_as_such(tmp_path):
+    """A zip archive without its end (a copy cut short) gave torch's 300-character advice, cut mid-word."""
+    whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
+    torch.save({"weight": torch.randn(1000)}, whole)
+    cut.write_bytes(whole.read_bytes()[:1000])
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(cut)
+    assert str(info.value) == (f"cannot read {cut}: a zip archive (torch.save's format) without the index at its "
+                               f"end: truncated or damaged; copy or save it again")
+
+
+def test_a_long_library_message_is_cut_at_a_sentence_or_a_word():
+    from sit_fast.errors import first_line
+
+    sentences = RuntimeError("failed reading zip archive: failed finding central directory. " + "More advice here. " * 30)
+    assert first_line(sentences, limit=100) == ("failed reading zip archive: failed finding central directory. "
+                                                "More advice here. More advice here.")  # the sentences that fit
+    words = ValueError("a" * 10 + ", bbbbbbbb" * 40)
+    assert first_line(words, limit=50) == "a" * 10 + ", bbbbbbbb" * 3 + " ..."
+    assert first_line(KeyError("weight")) == "KeyError: 'weight'"
+    assert first_line(ValueError("short\nsecond line")) == "short"
