@@ -1974,9 +1974,10 @@ def test_stop_signal_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, 
 
 def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     """Resuming from step 2 of a run that reached step 6 starts a new branch: the old 4 and 6 are moved
-    aside (kept), so the new branch's 4 does not overwrite the old one and --resume auto finds the new."""
+    aside (kept), so the new branch's 4 does not overwrite the old one and --resume auto finds the new;
+    so are the old sample grids of steps 3 and 6."""
     exp = str(tmp_path / "run")
-    train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--ckpt-every", "2"])
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--ckpt-every", "2", "--sample-every", "3"])
     ckpt_dir = os.path.join(exp, "checkpoints")
     old_four = load_ckpt(os.path.join(ckpt_dir, "0000004.pt"))["model"]
     for refused in (["--model", "SiT-S/4"], ["--grad-accum-steps", "3"]):  # a resume that never runs moves nothing
@@ -1995,6 +1996,9 @@ def test_resume_from_an_older_checkpoint_sets_later_ones_aside(tmp_path):
     assert not torch.equal(new_four["final_layer.linear.weight"], old_four["final_layer.linear.weight"])
     with open(os.path.join(exp, "log.txt")) as f:
         assert "0000004.pt, 0000006.pt) are moved to" in f.read()
+    samples = os.path.join(exp, "samples")
+    assert os.listdir(samples) == [aside[0]]  # BASE's --sample-every 100000 wins on the new branch
+    assert sorted(os.listdir(os.path.join(samples, aside[0]))) == ["0000003.png", "0000006.png"]
     # A set-aside checkpoint belongs to the run's folder, whose current branch it would overwrite: refused.
     set_aside = os.path.join(ckpt_dir, aside[0], "0000006.pt")
     logging.getLogger("sit_fast.train").handlers.clear()

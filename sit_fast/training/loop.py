@@ -143,20 +143,32 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
 def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
     """Resuming from a checkpoint older than the newest of the run's own checkpoint_dir starts a new
     branch: move the later ones into checkpoints/superseded-<time>/ (kept, but no longer found by
-    --resume auto, and not overwritten by the new branch). A checkpoint of another folder (--exp-dir
-    elsewhere) moves nothing. Called once the resumed run is built, so a refused resume moves nothing.
+    --resume auto, and not overwritten by the new branch), and the sample grids of later steps into
+    samples/superseded-<time>/. A checkpoint of another folder (--exp-dir elsewhere) moves nothing.
+    Called once the resumed run is built, so a refused resume moves nothing.
     Returns a line for the log ('' when nothing moved)."""
     paths = [os.path.abspath(p) for p in list_checkpoints(checkpoint_dir)]  # newest first
     resumed = os.path.abspath(resume_path)
     later = paths[:paths.index(resumed)] if resumed in paths else []
     if not later:
         return ""
-    aside = os.path.join(checkpoint_dir, time.strftime("superseded-%Y%m%d-%H%M%S"))
+    folder = time.strftime("superseded-%Y%m%d-%H%M%S")
+    aside = os.path.join(checkpoint_dir, folder)
     os.makedirs(aside, exist_ok=True)
     for path in later:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
     names = ", ".join(os.path.basename(p) for p in reversed(later))
-    return f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved to {aside}"
+    line = f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved to {aside}"
+    samples = os.path.join(os.path.dirname(checkpoint_dir), "samples")
+    step = int(os.path.splitext(os.path.basename(resumed))[0])
+    grids = sorted(name for name in (os.listdir(samples) if os.path.isdir(samples) else [])
+                   if re.fullmatch(r"\d+\.png", name) and int(name[:-4]) > step)
+    if grids:
+        os.makedirs(os.path.join(samples, folder), exist_ok=True)
+        for name in grids:
+            os.replace(os.path.join(samples, name), os.path.join(samples, folder, name))
+        line += f", and its sample grids of later steps ({len(grids)}) to {os.path.join(samples, folder)}"
+    return line
 
 
 LOG_FORMAT = logging.Formatter("[%(asctime)s] %(message)s", datefmt="%Y-%m-%d %H:%M:%S")
