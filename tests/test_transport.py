@@ -714,6 +714,23 @@ def test_likelihood_matches_closed_form(path_type, prediction, method, exact):
     torch.testing.assert_close(logp.double(), data_logp(x), atol=0.05, rtol=0)
 
 
+@pytest.mark.parametrize("method", ["heun", "dopri5"])
+def test_a_bf16_likelihood_sums_in_float32(method):
+    """log p sums over every dimension: accumulated in bf16 it was 6-7 nats off at 768 dimensions (log p
+    about -560), on a Gaussian whose Linear-path velocity is c(t) x; now within 1.4 of float32 (10 draws)."""
+    s = 0.5
+
+    def model(x, t):  # computes in float32, answers in x's dtype, as a bf16 model would
+        t = t.float().reshape(-1, 1)
+        return ((t * s**2 - (1 - t)) / (t**2 * s**2 + (1 - t) ** 2) * x.float()).to(x.dtype)
+
+    x = s * torch.randn(16, 768)
+    likelihood_fn = Sampler(create_transport("Linear")).sample_ode_likelihood(sampling_method=method, num_steps=20)
+    logp, z = likelihood_fn(x.bfloat16(), model)
+    assert logp.dtype == torch.float32 and z.dtype == torch.bfloat16
+    torch.testing.assert_close(logp, likelihood_fn(x, model)[0], atol=3.0, rtol=0)
+
+
 def test_likelihood_and_inference_mode():
     """Data made under torch.inference_mode (latents encoded there) is taken; a call inside it, where
     nothing can be differentiated, is refused saying to use torch.no_grad()."""
