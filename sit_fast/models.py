@@ -508,7 +508,7 @@ class SiT(nn.Module):
         """
         weight, bias = self._modulation_weights()  # ((6 * depth + 2) * D, D), ((6 * depth + 2) * D,)
         mods = F.linear(F.silu(c), weight, bias)  # (N, (6 * depth + 2) * D)
-        return mods.view(c.shape[0], -1, self.hidden_size)
+        return mods.view(c.shape[0], 6 * len(self.blocks) + 2, self.hidden_size)  # N = 0 too
 
     def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The concatenated adaLN weights and biases.

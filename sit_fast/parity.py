@@ -212,7 +212,8 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
 def main(argv=None) -> int:
     from sit_fast.argtypes import OneLineArgumentParser, positive_int
     from sit_fast.errors import UserError
-    from sit_fast.models import SiT_models, fused_kernels_flag
+    from sit_fast.attention import ATTN_BACKENDS, select_backend
+    from sit_fast.models import SiT_models, fused_kernels_flag, model_config
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.parity", allow_abbrev=False,
                                    description="Compare a fast SiT configuration against the reference.")
@@ -221,13 +222,18 @@ def main(argv=None) -> int:
     parser.add_argument("--num-classes", type=positive_int, default=1000, help="number of classes")
     parser.add_argument("--batch-size", type=positive_int, default=4, help="batch size of the comparison")
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="candidate precision")
-    parser.add_argument("--attn-backend", default="auto", help="candidate attention backend")
+    parser.add_argument("--attn-backend", default="auto", choices=list(ATTN_BACKENDS),
+                        help="candidate attention backend")
     parser.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto", help="candidate fused kernels")
     parser.add_argument("--compile", action="store_true", help="compile the candidate's blocks")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
     parser.add_argument("--seed", type=int, default=None,
                         help="seed of the weights and inputs (random when omitted)")
     args = parser.parse_args(argv)
+    patch = model_config(args.model)["patch_size"]
+    if args.image_size % (8 * patch):
+        raise UserError(f"--image-size {args.image_size}: {args.model} needs a multiple of {8 * patch} "
+                        f"(the VAE's 8 times the patch size {patch})")
 
     fused, _ = fused_kernels_flag(args.fused_kernels, torch.device(args.device), auto_on_cpu=True)
     common = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
@@ -236,8 +242,10 @@ def main(argv=None) -> int:
     reference = randomize_zero_init_(SiT_models[args.model](**common), seed=args.seed)
     try:  # a backend that cannot run here: one line saying why
         candidate = SiT_models[args.model](attn_backend=args.attn_backend, fused_kernels=fused, **common)
+        select_backend(args.attn_backend, torch.device(args.device),
+                       torch.bfloat16 if args.dtype == "bf16" else torch.float32, candidate.blocks[0].attn.head_dim)
     except ValueError as err:
-        raise UserError(str(err)) from None
+        raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
     if args.compile:
         candidate.compile_blocks()
     report = compare(reference, candidate, args.batch_size,

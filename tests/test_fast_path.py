@@ -460,6 +460,22 @@ def test_parity_cli_error_is_one_line():
         "error: argument --batch-size: must be a positive integer, got 0 (see python -m sit_fast.parity --help)\n")
 
 
+@pytest.mark.parametrize("argv,message", [
+    (["--image-size", "60"], "--image-size 60: SiT-S/2 needs a multiple of 16 (the VAE's 8 times the patch size 2)"),
+    (["--model", "SiT-S/8", "--image-size", "32"], "--image-size 32: SiT-S/8 needs a multiple of 64"),
+    (["--attn-backend", "flash_attn", "--device", "cpu", "--fused-kernels", "off"],
+     "--attn-backend flash_attn: attention backend 'flash_attn' cannot run here"),
+])
+def test_parity_cli_refuses_what_cannot_run_in_one_line(argv, message):
+    """These ended in tracebacks from the reference's constructor or the first forward."""
+    from sit_fast.errors import UserError
+    from sit_fast.parity import main
+
+    with pytest.raises(UserError) as info:
+        main(argv)
+    assert str(info.value).startswith(message), info.value
+
+
 def test_parity_cli_seed_fixes_the_figures(capsys):
     """--seed fixes the weights as well as the inputs: the same report twice; another seed, another."""
     from sit_fast.parity import main

@@ -309,6 +309,14 @@ def test_wrong_inputs_are_clear_errors(args, error, needle):
         model(*args(*inputs(model)))
 
 
+def test_an_empty_batch_gives_an_empty_output():
+    """As upstream's model: (0, C, H, W) in, (0, C, H, W) out (the adaLN vectors' view inferred its
+    size from 0 elements and failed)."""
+    model = tiny_sit()
+    x, t, y = inputs(model, 0)
+    assert model(x, t, y).shape == (0, *model(*inputs(model, 1)).shape[1:])
+
+
 def test_forward_with_cfg_refuses_an_odd_batch():
     model = tiny_sit()
     x, t, y = inputs(model, 3)
