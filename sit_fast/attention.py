@@ -167,15 +167,17 @@ AUTO_ORDER = ("flash_attn", "sdpa", "math")
 _RESOLVED: dict[tuple, str] = {}
 
 
-def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int) -> str:
-    """select_backend, memoised per (name, device type, dtype, head dim); logs what "auto" chose.
+def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
+                    sdpa_chosen: bool = False) -> str:
+    """select_backend, memoised per (name, device type, dtype, head dim, sdpa_chosen); logs what
+    "auto" chose.
 
     Plain Python over constants, so torch.compile traces it without a graph break.
     """
-    key = (name, torch.device(device).type, dtype, head_dim)
+    key = (name, torch.device(device).type, dtype, head_dim, sdpa_chosen)
     chosen = _RESOLVED.get(key)
     if chosen is None:
-        chosen = select_backend(name, key[1], dtype, head_dim)
+        chosen = select_backend(name, key[1], dtype, head_dim, sdpa_chosen)
         if not torch.compiler.is_compiling():
             _RESOLVED[key] = chosen
             if name == "auto":
@@ -183,23 +185,25 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
     return chosen
 
 
-def select_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str:
+def select_backend(name: str, device: torch.device | str, dtype: torch.dtype, head_dim: int,
+                   sdpa_chosen: bool = False) -> str:
     """Resolve a backend name for inputs on `device` of `dtype` and `head_dim`.
 
     "auto" returns the first supported backend of AUTO_ORDER; an explicit name that cannot run
     raises ValueError saying why and which backends can, as does a malformed SIT_FAST_SDPA_BACKEND
-    when the choice is "sdpa".
+    when the choice is "sdpa", unless sdpa_chosen (the caller picks PyTorch's kernel itself, as
+    SiT.set_attn_backend's sdpa_backend does, and the variable is not read).
     """
     if name not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     if name == "auto":
         for candidate in AUTO_ORDER:
             if BACKENDS[candidate].unsupported_reason(device, dtype, head_dim) is None:
-                if candidate == "sdpa":
+                if candidate == "sdpa" and not sdpa_chosen:
                     check_forced_sdpa(device, dtype)
                 return candidate
         raise AssertionError("the math backend supports every float dtype")
-    if name == "sdpa":
+    if name == "sdpa" and not sdpa_chosen:
         check_forced_sdpa(device, dtype)
     reason = BACKENDS[name].unsupported_reason(device, dtype, head_dim)
     if reason is not None:

@@ -256,7 +256,7 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # (B, H, T, d) each
-        backend = resolve_backend(self.attn_backend, q.device, q.dtype, self.head_dim)
+        backend = resolve_backend(self.attn_backend, q.device, q.dtype, self.head_dim, self.sdpa_backend is not None)
         x = attention_fn(backend, self.sdpa_backend)(q, k, v)  # (B, H, T, d)
         x = x.transpose(1, 2).reshape(B, T, D)
         return self.proj(x)

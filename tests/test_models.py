@@ -234,6 +234,22 @@ def test_sdpa_backend_matches_math():
         model.set_attn_backend("sdpa", sdpa_backend="efficent")  # refused when set, not at the forward
 
 
+def test_an_sdpa_kernel_chosen_in_code_is_not_overruled_by_the_variable(monkeypatch):
+    """SIT_FAST_SDPA_BACKEND=cudnn (no CPU kernel) refused set_attn_backend("sdpa", sdpa_backend="math")
+    on the CPU, though the variable is not read then."""
+    from sit_fast import attention
+
+    monkeypatch.setattr(attention, "_RESOLVED", {})  # resolved afresh, as in a new process
+    model = randomize_(tiny_sit(num_heads=2, hidden_size=144)).eval()
+    x, t, y = inputs(model)
+    ref = model(x, t, y)
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "cudnn")
+    model.set_attn_backend("sdpa", sdpa_backend="math")
+    torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="SIT_FAST_SDPA_BACKEND=cudnn: it does not run on cpu"):
+        select_backend("sdpa", "cpu", torch.float32, 72)  # the variable's choice is checked as before
+
+
 def test_backend_selection_explains_itself():
     assert select_backend("auto", "cpu", torch.float32, 72) in ("sdpa", "math")
     with pytest.raises(ValueError, match="flash_attn.*cannot run here.*usable: sdpa, math"):
