@@ -454,6 +454,30 @@ def fail_second_checkpoint_write(monkeypatch, error: OSError):
     return real_save
 
 
+def test_a_resume_runs_adamw_as_this_device_does_not_as_the_checkpoints(tmp_path, monkeypatch):
+    """The saved param groups replaced the constructor's: a checkpoint of a CUDA run (fused=True, step
+    counts in float32) resumed on the CPU ran fused, and a CPU one on CUDA unfused."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2"])
+    path = os.path.join(exp, "checkpoints", "0000002.pt")
+    ckpt = load_ckpt(path)
+    for group in ckpt["opt"]["param_groups"]:
+        group["fused"] = True
+    for state in ckpt["opt"]["state"].values():
+        state["step"] = state["step"].float()
+    torch.save(ckpt, path)
+    seen = []
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        seen.append({group.get("fused") for group in self.param_groups})
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--resume", "auto"])["step"] == 4
+    assert seen == [{None}, {None}]  # as a new CPU run's AdamW(fused=None)
+
+
 def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
     exp = str(tmp_path / "run")
     real_save = fail_second_checkpoint_write(monkeypatch, OSError("simulated crash while writing"))

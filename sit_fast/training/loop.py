@@ -588,9 +588,12 @@ class Trainer:
             self.ddp = model
         if ckpt is not None:
             load_into_model(self.ema, ckpt["ema"], source=f"{resume_path} (ema)")
-            self.opt.load_state_dict(ckpt["opt"])
-            for group in self.opt.param_groups:
-                group["lr"] = args.lr
+            # the saved groups replace ours: keep this run's --lr, and how AdamW runs on this device (a
+            # CPU checkpoint resumed on CUDA ran unfused); torch then places each step count to suit
+            run_here = {key: self.opt.param_groups[0].get(key) for key in ("fused", "foreach")}
+            saved = ckpt["opt"]
+            self.opt.load_state_dict({**saved, "param_groups": [{**group, **run_here, "lr": args.lr}
+                                                                for group in saved["param_groups"]]})
         self.train_model = torch.compile(self.ddp) if args.compile else self.ddp
         self.ema_params = list(self.ema.parameters())
         self.model_params = list(model.parameters())
