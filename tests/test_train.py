@@ -2048,6 +2048,17 @@ def test_a_resume_with_no_step_left_moves_no_checkpoint_aside(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt", "0000002.pt"]
 
 
+def test_nothing_to_do_names_the_limit_that_ended_the_run(tmp_path):
+    """The digits' 3 steps per epoch (1797 // 512): a run ended by --epochs 1 and resumed with a larger
+    --max-steps says that the checkpoint's --epochs holds it."""
+    exp, batch = str(tmp_path / "run"), ["--global-batch-size", "512"]
+    train_main(BASE + batch + ["--exp-dir", exp, "--epochs", "1", "--max-steps", "30"])
+    assert train_main(BASE + batch + ["--exp-dir", exp, "--max-steps", "40", "--resume", "auto"])["step"] == 3
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert ("nothing to do: step 3 is at or past the end of the run, the end of epoch 1 (--epochs 1, the "
+                "checkpoint's): pass a larger --epochs to train further") in f.read()
+
+
 def test_a_run_with_no_step_left_says_so_and_starts_no_tracker(tmp_path, monkeypatch):
     import types
 
@@ -2059,7 +2070,8 @@ def test_a_run_with_no_step_left_says_so_and_starts_no_tracker(tmp_path, monkeyp
     assert summary["step"] == 2 and summary["stopped_by"] is None and not calls
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
-    assert "nothing to do: step 2 >= step 2, the end of the run" in log
+    assert ("nothing to do: step 2 is at or past the end of the run, --max-steps 2 (--max-steps 2): pass a larger "
+            "--max-steps to train further") in log
     assert "training from step 2" not in log
 
 

@@ -884,7 +884,13 @@ class Trainer:
         "stopped_by" names that signal (None at the end of the run)."""
         args, is_main = self.args, self.dist_info.is_main
         if self.step >= self.max_steps:
-            logger.info(f"nothing to do: step {self.step} >= step {self.max_steps}, the end of the run")
+            if self.epochs_limit or args.max_steps is None:
+                bound, flag = f"the end of epoch {args.epochs}", f"--epochs {args.epochs}"
+            else:
+                bound, flag = f"--max-steps {args.max_steps}", f"--max-steps {args.max_steps}"
+            given = "" if flag.split()[0][2:].replace("-", "_") in self.explicit else ", the checkpoint's"
+            logger.info(f"nothing to do: step {self.step} is at or past the end of the run, {bound} ({flag}{given}): "
+                        f"pass a larger {flag.split()[0]} to train further")
             return self.summary(None, {})
         if is_main:
             self.open_trackers()
