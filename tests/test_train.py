@@ -1099,11 +1099,14 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     """--wandb and --tensorboard, through stand-ins for their packages (neither is installed here)."""
     import types
 
-    logged = {"wandb": [], "scalars": [], "images": []}
+    logged = {"wandb": [], "scalars": [], "images": [], "axes": {}}
 
-    class Run:
-        def log(self, data, step):
-            logged["wandb"].append((step, data))
+    class Run:  # a resumed run logs steps its wandb run has seen: the step is a value, not log(step=)
+        def define_metric(self, name, step_metric=None):
+            logged["axes"][name] = step_metric
+
+        def log(self, data):
+            logged["wandb"].append(data)
 
         def finish(self):
             pass
@@ -1132,11 +1135,12 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--log-every", "2", "--sample-every", "4",
                        "--num-sample-images", "4", "--sample-steps", "2", "--wandb", "--tensorboard"])
     grid = str(exp / "samples" / "0000004.png")
-    assert (4, {"samples": ("image", grid)}) in logged["wandb"]
+    assert {"samples": ("image", grid), "train/step": 4} in logged["wandb"]
+    assert logged["axes"] == {"train/step": None, "train/*": "train/step", "samples": "train/step"}
     height, width = np.asarray(Image.open(grid)).shape[:2]
     assert logged["images"] == [("samples", (height, width, 3), np.uint8, 4, "HWC")]
     assert ("train/loss", 2) in logged["scalars"] and ("train/loss", 4) in logged["scalars"]
-    assert any(step == 2 and "train/loss" in data for step, data in logged["wandb"])
+    assert any(data["train/step"] == 2 and "train/loss" in data for data in logged["wandb"])
 
 
 def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
@@ -1145,7 +1149,10 @@ def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
     calls = []
 
     class Run:
-        def log(self, data, step):
+        def define_metric(self, name, step_metric=None):
+            pass
+
+        def log(self, data):
             pass
 
         def finish(self):
@@ -1175,7 +1182,10 @@ def test_trackers_are_closed_when_the_run_fails(tmp_path, monkeypatch):
     closed = {"tensorboard": False, "wandb": None}
 
     class Run:
-        def log(self, data, step):
+        def define_metric(self, name, step_metric=None):
+            pass
+
+        def log(self, data):
             pass
 
         def finish(self, exit_code=None):

@@ -1110,6 +1110,12 @@ class Trainer:
                 self.wandb = wandb.init(entity=os.environ.get("ENTITY"), project=os.environ.get("PROJECT", "sit_fast"),
                                         name=os.path.basename(self.exp_dir), config=dict(vars(args)), id=run_id,
                                         resume="allow")
+                # Plotted against the training step, logged as a value: a resumed run logs steps that its
+                # wandb run already has (those after its checkpoint), which wandb drops when given as
+                # log(step=...) (its own step only increases).
+                self.wandb.define_metric("train/step")
+                for name in ("train/*", "samples"):
+                    self.wandb.define_metric(name, step_metric="train/step")
                 self.wandb_id = run_id
             except Exception as err:  # not logged in, no network, an entity or project it cannot use
                 self.close_trackers(failed=True)
@@ -1121,7 +1127,7 @@ class Trainer:
             for key, value in record.items():
                 self.tb_writer.add_scalar(f"train/{key}", value, self.step)
         if self.wandb is not None:
-            self.wandb.log({f"train/{k}": v for k, v in record.items()}, step=self.step)
+            self.wandb.log({"train/step": self.step, **{f"train/{k}": v for k, v in record.items()}})
 
     def track_image(self, path: str) -> None:
         """The sample grid at `path`, to TensorBoard and wandb when they are on."""
@@ -1135,7 +1141,7 @@ class Trainer:
         if self.wandb is not None:
             import wandb
 
-            self.wandb.log({"samples": wandb.Image(path)}, step=self.step)
+            self.wandb.log({"samples": wandb.Image(path), "train/step": self.step})
 
     def close_trackers(self, failed: bool = False) -> None:
         """Flush and close TensorBoard and wandb (a run that failed is marked so in wandb)."""
