@@ -62,7 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per encoder call, per process")
     parser.add_argument("--shard-size", type=positive_int, default=4096, help="images per shard file")
     parser.add_argument("--dtype", choices=list(STORAGE_DTYPES), default="float16",
-                        help="storage dtype of the mean and std")
+                        help="storage dtype of the mean and std (float16: half float32's files, the mean rounded "
+                             "to 11 significant bits, which may be coarser than a VAE's posterior std; float32 "
+                             "keeps both as encoded)")
     parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image decoding workers per process")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress display (a bar on a terminal, a line a minute in a log file)")
