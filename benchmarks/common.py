@@ -69,7 +69,8 @@ FIELDS: dict[str, str] = {
     "parity_output_rel_err": "||out - ref|| / ||ref|| against the fp32 eager reference (sit_fast.parity)",
     "parity_loss_rel_err": "the same for the loss",
     "parity_grad_rel_err_max": "the largest over all parameter gradients",
-    "parity_max_abs_err": "largest absolute difference of the output (kernels: the kernel suite's)",
+    "parity_max_abs_err": "largest absolute difference of the output (kernels, tuning: of every output and input "
+                          "gradient, against the reference computed in float32; NaN if any is NaN)",
     "parity_ok": "every parity figure within sit_fast.parity.TOLERANCES",
     "parity_tolerances": "the tolerances applied (the parity tests' own)",
     "variant_config": "how the variant was built: attention backend, fused kernels, autocast, compile, CUDA graphs",

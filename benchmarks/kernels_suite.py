@@ -8,6 +8,10 @@ forward; "fwd_bwd": forward, then backward, as in training), three variants:
     reference+compile   torch.compile(kernels.reference)
     reference           eager kernels.reference
 
+Parity: each variant's largest absolute error against the reference computed in float32 from the
+same inputs (`expected_outputs`); ours must also be within the kernel tests' elementwise bounds
+(PARITY_TOL), else its row is `parity_failed`.
+
 GB/s divides the MINIMUM bytes the op must move (each (B, T, D) tensor read or written once, the
 (B, D) vectors once; see `minimum_bytes`) by the median time, so every variant is measured against the
 same yardstick. Timing: on CUDA `triton.testing.do_bench` (median and 20th/80th percentiles, L2 flushed
@@ -23,6 +27,7 @@ between runs); on the CPU a time.perf_counter loop after warm-up (the Triton int
 Importable without CUDA or triton: torch is the only import at module level.
 """
 import datetime
+import math
 import os
 import statistics
 import subprocess
@@ -182,8 +187,44 @@ def _time_cpu(step: Callable, reps: int, warmup: int = 1) -> tuple[float, float,
     return statistics.median(times_ms), deciles[1], deciles[7]
 
 
+# Ours against the reference computed in float32 from the same inputs: the kernel tests' bounds
+# (tests/test_kernels.py, there against float64), elementwise |ours - ref| <= atol + rtol |ref|. The
+# kernels compute in fp32 and round once on store; bf16 has two of its ulps.
+PARITY_TOL = {  # dtype -> {"fwd" | "bwd": (atol, rtol)}; fwd_bwd takes the backward's
+    torch.float32: {"fwd": (1e-5, 1e-5), "bwd": (2e-5, 2e-5)},
+    torch.bfloat16: {"fwd": (1e-3, 1.6e-2), "bwd": (2e-3, 1.6e-2)},
+    torch.float16: {"fwd": (2e-4, 2e-3), "bwd": (5e-4, 2e-3)},
+}
+
+
+def expected_outputs(reference: Callable, args: list[torch.Tensor], direction: str,
+                     grads_out: list[torch.Tensor] | None) -> tuple[torch.Tensor, ...]:
+    """The reference's outputs (and input gradients) in float32, from float32 copies of the inputs."""
+    args32 = [a.detach().float().requires_grad_(a.requires_grad) for a in args]
+    grads32 = None if grads_out is None else [g.float() for g in grads_out]
+    return _make_step(reference, args32, direction, grads32)()
+
+
 def _max_abs_err(results: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...]) -> float:
-    return max(float((r.float() - e.float()).abs().max()) for r, e in zip(results, expected))
+    """The largest |result - expected| over every output, NaN when any holds a NaN (Python's max()
+    would drop a NaN that is not first: an unwritten element of a later output went unseen)."""
+    errors = [float((r.float() - e.float()).abs().max()) for r, e in zip(results, expected)]
+    return math.nan if any(math.isnan(e) for e in errors) else max(errors)
+
+
+def parity_failure(results: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...], dtype: torch.dtype,
+                   direction: str) -> str | None:
+    """None when every element of every output is within PARITY_TOL of the float32 reference; else a
+    line naming the first output that is not."""
+    atol, rtol = PARITY_TOL[dtype]["fwd" if direction == "fwd" else "bwd"]
+    for i, (r, e) in enumerate(zip(results, expected)):
+        err = (r.float() - e.float()).abs()
+        bad = ~(err <= atol + rtol * e.float().abs())  # NaN is bad
+        if bad.any():
+            worst = "NaN" if err.isnan().any() else f"{float(err.max()):.3g}"
+            return (f"output {i}: {int(bad.sum())}/{bad.numel()} elements beyond {atol:g} + {rtol:g} |ref| of the "
+                    f"float32 reference (max abs err {worst})")
+    return None
 
 
 def _failure_row(error: BaseException) -> dict:
@@ -273,7 +314,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
                 if needs_grad:
                     with torch.no_grad():
                         grads_out = [torch.randn_like(o) for o in _as_tuple(variants["reference"](*args))]
-                expected = _make_step(variants["reference"], args, direction, grads_out)()
+                expected = expected_outputs(variants["reference"], args, direction, grads_out)
             except Exception as error:  # noqa: BLE001 -- the inputs or the expected result: every variant fails
                 traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
                 failure = _failure_row(error)
@@ -289,12 +330,16 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
                 if not fits(variant):
                     yield skipped(f"{op}.{direction}", variant, bytes_moved)
                     continue
-                failure = None
+                failure = parity_failed = None
                 began = time.monotonic()
                 try:
                     step = _make_step(fn, args, direction, grads_out)
                     with _launch.poison_outputs():  # what our launchers leave unwritten reads NaN
-                        parity = _max_abs_err(step(), expected)  # also the first (compiling) call
+                        results = step()  # also the first (compiling) call
+                    parity = _max_abs_err(results, expected)
+                    if variant == "ours":  # the references' own error is a yardstick, not judged
+                        parity_failed = parity_failure(results, expected, cfg.dtype, direction)
+                    results = None
                     if direction == "bwd":
                         median, p20, p80 = _time_backward(fn, args, grads_out, dev,
                                                           BWD_CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps)
@@ -323,6 +368,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
                     "bytes_moved": bytes_moved,
                     "gbps": bytes_moved / (median * 1e-3) / 1e9,
                     "parity_max_abs_err": parity,
+                    **({"status": "parity_failed", "note": parity_failed} if parity_failed else {}),
                 }
             del args, grads_out, expected
 

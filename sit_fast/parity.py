@@ -54,14 +54,16 @@ class ParityReport:
 
     @property
     def grad_rel_err_max(self) -> float:
-        grads = [r["rel_err"] for r in self.rows if r["tensor"].startswith("grad:")]
-        return max(grads) if grads else 0.0
+        """The largest gradient error, NaN when any is (max() keeps a NaN only where it comes first)."""
+        return self.worst["rel_err"] if any(r["tensor"].startswith("grad:") for r in self.rows) else 0.0
 
     @property
     def worst(self) -> dict:
-        """The gradient row with the largest relative error."""
+        """The gradient row with the largest relative error, or the first NaN one."""
         grads = [r for r in self.rows if r["tensor"].startswith("grad:")]
-        return max(grads, key=lambda r: r["rel_err"]) if grads else self._row("output")
+        if not grads:
+            return self._row("output")
+        return next((r for r in grads if math.isnan(r["rel_err"])), None) or max(grads, key=lambda r: r["rel_err"])
 
     def tolerances(self) -> dict[str, float]:
         tol = dict(TOLERANCES[self.dtype])

@@ -368,6 +368,33 @@ def test_goal_variants_are_measured_before_the_eager_references(tmp_path):
     assert order[:2] == ["ours", "reference+bf16+sdpa+compile"], order
 
 
+@pytest.mark.parametrize("break_h", ["scaled", "nan"])
+def test_kernel_suite_judges_our_parity(monkeypatch, break_h):
+    """Ours with its second output 10% off, or NaN (an unwritten tensor), is parity_failed: the suite
+    recorded any error as ok, and its max() over outputs dropped a NaN that was not first."""
+    import torch
+
+    import kernels
+    from benchmarks import kernels_suite
+
+    fused = kernels.gated_residual_layernorm_modulate
+
+    def broken(*args, **kwargs):
+        x_out, h = fused(*args, **kwargs)
+        return x_out, (h * 1.1 if break_h == "scaled" else torch.full_like(h, float("nan")))
+
+    monkeypatch.setattr(kernels, "gated_residual_layernorm_modulate", broken)
+    monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual_layernorm_modulate",))
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
+    by_variant = {r["variant"]: r for r in kernels_suite.run("cpu", "tiny")}
+    ours = by_variant["ours"]
+    assert ours["status"] == "parity_failed" and ours["note"].startswith("output 1: "), ours
+    assert math.isnan(ours["parity_max_abs_err"]) == (break_h == "nan"), ours
+    for variant in ("reference", "reference+compile"):
+        assert by_variant[variant].get("status", "ok") == "ok", by_variant[variant]
+        assert by_variant[variant]["parity_max_abs_err"] < 1e-5
+
+
 def test_kernel_variant_that_raises_is_recorded_and_the_others_measured(monkeypatch):
     """A kernel variant that fails (a Triton compile error on a new GPU, out of memory) is one error
     row; the suite goes on instead of losing every kernel record."""

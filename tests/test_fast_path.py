@@ -3,6 +3,8 @@
 On the CPU the fused kernels run through the Triton interpreter (conftest.py switches it on);
 with CUDA the same tests run natively.
 """
+import math
+
 import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -486,3 +488,19 @@ def test_parity_cli_seed_fixes_the_figures(capsys):
                      "--attn-backend", "sdpa", "--fused-kernels", "off", "--device", "cpu", "--seed", str(seed)]) == 0
         reports.append(capsys.readouterr().out)
     assert reports[0] == reports[1] != reports[2]
+
+
+def test_a_nan_gradient_anywhere_fails_the_parity_report():
+    """grad_rel_err_max was Python's max() over the gradients, which drops a NaN unless it comes first:
+    a fused backward leaving dshift unwritten (NaN in the adaLN gradients) passed in fp32."""
+    from sit_fast.parity import ParityReport
+
+    rows = [{"tensor": "output", "max_abs": 1e-7, "rel_err": 1e-7}, {"tensor": "loss", "max_abs": 0, "rel_err": 0},
+            {"tensor": "grad:a", "max_abs": 1e-7, "rel_err": 1e-7},
+            {"tensor": "grad:b", "max_abs": math.nan, "rel_err": math.nan},
+            {"tensor": "grad:c", "max_abs": 2e-7, "rel_err": 2e-7}]
+    report = ParityReport(rows=rows, dtype="fp32", compiled=False)
+    assert math.isnan(report.grad_rel_err_max) and report.worst["tensor"] == "grad:b"
+    assert not report.ok() and "(worst: grad:b)" in report.failures()[0]
+    finite = ParityReport(rows=rows[:3] + rows[4:], dtype="fp32", compiled=False)
+    assert finite.grad_rel_err_max == 2e-7 and finite.worst["tensor"] == "grad:c" and finite.ok()
