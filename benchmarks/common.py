@@ -329,18 +329,26 @@ def measure_ceilings(device: torch.device, size: SizeConfig) -> dict:
     """The two ceilings every figure is read against: device-to-device copy GB/s, bf16 matmul TFLOP/s.
 
     Copy: dst.copy_(src) of size.copy_bytes of fp32, counting bytes read + written. Matmul: an n x n
-    by n x n bf16 product, 2 n^3 FLOPs. Both on random data (never zeros).
+    by n x n bf16 product, 2 n^3 FLOPs. Both on random data (never zeros). On CUDA each runs for half
+    a second before it is timed (the first measurements of a run: an idle GPU's clocks ramp up under
+    load, and a ceiling measured low would flatter every fraction of it), then 100 times.
     """
+    cuda = device.type == "cuda"
+    iters = 100 if cuda else 20
     src = torch.randn(size.copy_bytes // 4, device=device)
     dst = torch.empty_like(src)
-    copy = time_fn(functools.partial(dst.copy_, src), device, warmup=3, iters=20)
+    if cuda:
+        keep_busy(functools.partial(dst.copy_, src), device, 0.5)
+    copy = time_fn(functools.partial(dst.copy_, src), device, warmup=3, iters=iters)
     copy_bytes = 2 * src.numel() * src.element_size()
     del src, dst
     n = size.matmul_n
     a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
     c = torch.empty(n, n, device=device, dtype=torch.bfloat16)
-    matmul = time_fn(functools.partial(torch.mm, a, b, out=c), device, warmup=3, iters=20)
+    if cuda:
+        keep_busy(functools.partial(torch.mm, a, b, out=c), device, 0.5)
+    matmul = time_fn(functools.partial(torch.mm, a, b, out=c), device, warmup=3, iters=iters)
     del a, b, c
     free_memory(device)
     return {
@@ -379,6 +387,15 @@ class Timing:
     def fields(self) -> dict:
         return dict(median_ms=self.median_ms, p20_ms=self.p20_ms, p80_ms=self.p80_ms, iterations=self.iterations,
                     timer=self.timer)
+
+
+def keep_busy(fn: Callable[[], object], device: torch.device, seconds: float) -> None:
+    """Run fn, in groups of 10, until `seconds` of wall time have passed."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        for _ in range(10):
+            fn()
+        synchronize(device)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> Timing:
