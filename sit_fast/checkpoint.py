@@ -314,8 +314,8 @@ def recorded_model_config(path: str | os.PathLike) -> dict | None:
             with safe_open(path, framework="pt") as f:
                 text = (f.metadata() or {}).get("model_config")
             config = json.loads(text) if text else None
-        else:  # mmap: the pickle is read, the tensors are not
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        else:  # memory-mapped where it can be: the pickle is read, the tensors are not
+            obj = safe_torch_load(path)  # upstream-style args (a Namespace) beside a model_config too
             config = obj.get("model_config") if isinstance(obj, dict) else None
     except Exception:  # torch.load and safetensors raise many types; read_checkpoint reports them
         return None

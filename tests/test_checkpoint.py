@@ -494,3 +494,16 @@ def test_a_long_library_message_is_cut_at_a_sentence_or_a_word():
     assert first_line(words, limit=50) == "a" * 10 + ", bbbbbbbb" * 3 + " ..."
     assert first_line(KeyError("weight")) == "KeyError: 'weight'"
     assert first_line(ValueError("short\nsecond line")) == "short"
+
+
+def test_a_recorded_model_config_beside_upstream_style_args_is_read(tmp_path):
+    """A checkpoint holding an argparse.Namespace (upstream's args) and a model_config: the config was
+    read without the Namespace allowed, so the file's latent space was lost (export, sample.py)."""
+    import argparse
+
+    from sit_fast.checkpoint import recorded_model_config
+
+    path = tmp_path / "ckpt.pt"
+    config = {"model": "SiT-T/4", "latent_space": "pixels"}
+    torch.save({"model": {}, "args": argparse.Namespace(model="SiT-T/4"), "model_config": config}, path)
+    assert recorded_model_config(path) == config
