@@ -541,6 +541,10 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     settings.update(ckpt=os.path.abspath(setup.info["path"]), weights=setup.info["weights"],
                     model=setup.info["model"], image_size=setup.image_size, num_classes=setup.num_classes,
                     in_channels=setup.in_channels)
+    vae = settings.get("vae")
+    if isinstance(vae, str) and vae not in VAE_ALIASES and os.path.isdir(os.path.expanduser(vae)):
+        # a local VAE by its real path: `vae` typed in another folder is another VAE, `/x/vae/` the same one
+        settings["vae"] = os.path.realpath(os.path.expanduser(vae))
     return json.loads(json.dumps(settings))
 
 
@@ -1243,7 +1247,7 @@ def out_of_memory_advice(args: argparse.Namespace, device: torch.device) -> str:
     folder = "a new folder" if args.run_folder else "another --sample-dir"
     kept = (f" (the images written so far stay; another batch size samples into {folder}, since it fixes "
             f"the SDE's noise)" if args.job == "fid" else "")
-    guided = " (guidance doubles the batch the model sees)" if args.cfg_scale > 1 else ""
+    guided = " (guidance doubles the batch the model sees)" if args.cfg_scale != 1 else ""
     return (f"out of GPU memory on {device} sampling batches of {batch}{guided}: "
             f"{'try ' + ', '.join(fixes) if fixes else 'this model does not fit this GPU at batch size 1'}{kept}")
 

@@ -419,6 +419,11 @@ class Denoiser:
         self.inside = None
         if self.cfg_interval is not None and call_times is not None:
             self.inside = [self._in_interval(t) for t in call_times]
+            if call_times and not any(self.inside):
+                raise UserError(f"--cfg-interval {cfg_interval[0]:g} {cfg_interval[1]:g}: none of the sampler's "
+                                f"{len(call_times)} model calls (at t from {min(call_times):g} to "
+                                f"{max(call_times):g}) falls inside it, so nothing would be guided: widen it, or "
+                                f"pass --cfg-scale 1")
 
     def _in_interval(self, t: float) -> bool:
         low, high = self.cfg_interval

@@ -223,6 +223,8 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
     (["--cfg-interval", 2, 3], "in [0, 1]"),
     (["--cfg-interval", -0.5, 0.5], "in [0, 1]"),
     (["--cfg-interval", 0.6, 0.4], "LOW must not exceed HIGH"),
+    (["--cfg-interval", 0.8, 1, "--sampling-method", "euler", "--num-sampling-steps", 4],
+     "none of the sampler's 4 model calls (at t from 0 to 0.75) falls inside it"),
     (["--num-sampling-steps", 0], "--num-sampling-steps must be at least 1"),
     (["--out", "zz"], "--out zz"),
     (["--num-fid-samples", 4, "--out", "fid.png"], "--out fid.png: --num-fid-samples writes ADM's .npz"),
@@ -1751,3 +1753,25 @@ def test_cuda_graph_sde_sampling_matches_eager(config):
         assert 0 < fn.guided_calls < fn.calls
     tol = dict(rtol=1e-4, atol=1e-4) if config == "reference" else dict(rtol=3e-2, atol=3e-2)
     torch.testing.assert_close(samples[1], samples[0], **tol)
+
+
+def test_an_fid_folder_records_a_local_vae_by_its_real_path(tmp_path, monkeypatch):
+    """`--vae vae` typed in two folders is two VAEs, `/x/vae/` and `/x/vae` one: the recorded setting was
+    the text as typed, so a resume from another folder mixed two VAEs' images into one FID folder."""
+    import argparse
+    import types
+
+    (tmp_path / "a" / "vae").mkdir(parents=True)
+    (tmp_path / "b" / "vae").mkdir(parents=True)
+    setup = types.SimpleNamespace(info={"path": "m.pt", "weights": "ema", "model": "SiT-T/2"}, image_size=8,
+                                  num_classes=10, in_channels=4)
+
+    def recorded(vae, folder):
+        monkeypatch.chdir(folder)
+        args = argparse.Namespace(mode="ODE", sampling_method="euler", vae=vae, cfg_scale=4.0)
+        return sample.image_settings(args, setup)["vae"]
+
+    assert recorded("vae", tmp_path / "a") != recorded("vae", tmp_path / "b")
+    assert recorded("vae", tmp_path / "a") == recorded(str(tmp_path / "a" / "vae") + "/", tmp_path) \
+        == os.path.realpath(tmp_path / "a" / "vae")
+    assert recorded("ema", tmp_path) == "ema"  # an alias, and a hub id, stay as they are
