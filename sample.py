@@ -298,6 +298,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         args.precision = "tf32"
     if args.cuda_graphs and args.job == "likelihood":
         raise UserError("--cuda-graphs replays forwards without gradients; --likelihood needs them")
+    if args.cuda_graphs and not torch.cuda.is_available():  # before the checkpoint and the VAE load
+        raise UserError("--cuda-graphs needs a CUDA device, and torch sees none")
     args.cfg_channels = "all" if args.cfg_channels == "all" else int(args.cfg_channels)
     args.vae_explicit = args.vae is not None
     if args.vae is None:
