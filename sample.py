@@ -69,7 +69,7 @@ from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_co
 from sit_fast.distributed import (
     DistInfo, barrier, check_shared_path, cleanup, init_distributed, local_path_on_main_first, on_main,
 )
-from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
+from sit_fast.errors import UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
@@ -1227,7 +1227,9 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]
         try:
             return job(setup)
-        except torch.cuda.OutOfMemoryError:
+        except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile
+            if not is_out_of_memory(err):
+                raise
             raise UserError(out_of_memory_advice(args, setup.device)) from None
         except OSError as err:  # the results of --likelihood or --reverse, written at the end
             if err.errno not in WRITE_REFUSED:

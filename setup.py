@@ -23,7 +23,7 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "timm"],  # timm: the tests' independent upstream model
-        "flash": ["flash-attn"],
+        "flash": ["flash-attn>=2.7"],
         "tensorboard": ["tensorboard"],  # train.py --tensorboard
         "wandb": ["wandb"],  # train.py --wandb
     },

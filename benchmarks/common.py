@@ -480,13 +480,9 @@ def peak_memory(device: torch.device) -> int | None:
 
 def is_oom(error: BaseException) -> bool:
     """An out-of-memory error, also when torch.compile wrapped it in its own exception."""
-    seen = set()
-    while error is not None and id(error) not in seen:
-        seen.add(id(error))
-        if isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(error):
-            return True
-        error = error.__cause__ or error.__context__
-    return False
+    from sit_fast.errors import is_out_of_memory
+
+    return is_out_of_memory(error)
 
 
 #################################################################################

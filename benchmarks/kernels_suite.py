@@ -229,7 +229,9 @@ def parity_failure(results: tuple[torch.Tensor, ...], expected: tuple[torch.Tens
 
 def _failure_row(error: BaseException) -> dict:
     """status and note of a variant that raised: "oom" for out of memory, else "error"."""
-    oom = isinstance(error, torch.cuda.OutOfMemoryError) or "CUDA out of memory" in str(error)
+    from sit_fast.errors import is_out_of_memory
+
+    oom = is_out_of_memory(error)
     text = f"{type(error).__name__}: {error}".strip().splitlines()[0]
     return {"status": "oom" if oom else "error", "note": text if len(text) <= 300 else text[:297] + "..."}
 

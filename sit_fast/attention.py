@@ -14,10 +14,12 @@ supports; selection and the tests read those declarations instead of an if-chain
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
 import importlib.util
 import logging
 import math
 import os
+import re
 from typing import Callable
 
 import torch
@@ -130,8 +132,8 @@ class AttentionBackend:
     def unsupported_reason(self, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str | None:
         """None when this backend can run these inputs, else a short reason."""
         device_type = torch.device(device).type
-        if self.needs_module and not _module_available(self.needs_module):
-            return f"the {self.needs_module} package is not installed (pip install sit_fast[flash])"
+        if self.needs_module and _OPTIONAL_MODULES.get(self.needs_module) is not None:
+            return _OPTIONAL_MODULES[self.needs_module]
         if device_type not in self.devices:
             return f"needs a {' or '.join(self.devices)} device, got {device_type}"
         if dtype not in self.dtypes:
@@ -143,12 +145,23 @@ class AttentionBackend:
         return None
 
 
-# Looked up once at import, so that selection inside a compiled region is pure Python.
-_OPTIONAL_MODULES = {"flash_attn": importlib.util.find_spec("flash_attn") is not None}
+def optional_module_problem(name: str, distribution: str, minimum: tuple[int, int]) -> str | None:
+    """Why the optional package `name` cannot be used (not installed, or older than `minimum`), or None."""
+    if importlib.util.find_spec(name) is None:
+        return f"the {name} package is not installed (pip install sit_fast[flash])"
+    try:
+        version = importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:  # importable without metadata (a source tree): trusted
+        return None
+    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < minimum:
+        return (f"{name} {version} is older than {'.'.join(map(str, minimum))}, the first whose kernels are "
+                f"torch custom ops that torch.compile traces (pip install -U flash-attn)")
+    return None
 
 
-def _module_available(name: str) -> bool:
-    return _OPTIONAL_MODULES.get(name, False)
+# Looked up once at import, so that selection inside a compiled region is pure Python: name -> None
+# when usable, else why not.
+_OPTIONAL_MODULES = {"flash_attn": optional_module_problem("flash_attn", "flash-attn", (2, 7))}
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)

@@ -18,6 +18,17 @@ class UserError(ValueError):
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some libraries put in their messages
 
 
+def is_out_of_memory(error: BaseException) -> bool:
+    """A GPU out-of-memory error, also one that torch.compile wrapped in its own exception."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
 def first_line(err: BaseException, limit: int = 300) -> str:
     """An exception's message cut to its first line, for a one-line error that quotes a library."""
     text = [line.strip() for line in ANSI.sub("", str(err)).strip().splitlines() if line.strip()]

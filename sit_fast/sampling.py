@@ -275,7 +275,10 @@ class CUDAGraphForward:
     workspaces, lazy init), then captures it; every call copies its inputs into the graph's static
     inputs, replays, and returns a clone of the static output (callers such as Heun and dopri5 keep
     earlier outputs alive, which the next replay would overwrite). The graphs share one memory pool:
-    they never run concurrently. CUDA only; fn must not synchronise with the host.
+    they never run concurrently, and each output is cloned as soon as it is replayed. So fn must keep
+    nothing it makes while captured (a cache first built then would sit in the pool, overwritten by
+    the other graphs' replays: the model's frozen-modulation cache is built in the warm-up). CUDA
+    only; fn must not synchronise with the host.
     """
 
     def __init__(self, fn: Callable[..., torch.Tensor], warmup_calls: int = 2):

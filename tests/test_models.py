@@ -469,3 +469,22 @@ def test_model_with_compiled_blocks_pickles_and_deepcopies():
     assert copy.deepcopy(model)._compiled_step is model._compiled_step
     with torch.no_grad():
         torch.testing.assert_close(restored(x, t, y), model(x, t, y), rtol=0, atol=0)
+
+
+def test_flash_attn_older_than_2_7_is_not_used(monkeypatch):
+    """flash-attn's kernels became torch custom ops (traceable by torch.compile) in 2.7: an older one
+    broke the compiled fast path and the fake-tensor memory count, so it is reported unusable."""
+    import importlib.metadata
+    import importlib.util
+
+    from sit_fast.attention import optional_module_problem
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    for version, usable in (("2.6.3", False), ("2.7.0", True), ("2.8.3.post1", True), ("3.0.0b1", True)):
+        monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: v)
+        problem = optional_module_problem("flash_attn", "flash-attn", (2, 7))
+        assert (problem is None) == usable, (version, problem)
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "2.5.9")
+    assert optional_module_problem("flash_attn", "flash-attn", (2, 7)).startswith("flash_attn 2.5.9 is older than 2.7")
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    assert "not installed" in optional_module_problem("flash_attn", "flash-attn", (2, 7))

@@ -37,7 +37,7 @@ from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_d
 from sit_fast.distributed import (
     DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed, local_path_on_main_first,
 )
-from sit_fast.errors import UserError, first_line
+from sit_fast.errors import UserError, first_line, is_out_of_memory
 from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
                              remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
@@ -299,7 +299,7 @@ def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """The global 2-norm of the parameters' gradients, on the device (no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
-        return torch.zeros(())
+        return torch.zeros((), device=params[0].device if params else None)
     total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
     if total is not None:
         return total(grads, foreach=True)
@@ -1173,7 +1173,9 @@ def main(argv: list[str] | None = None) -> dict:
     except UserError as err:
         log_to_file(f"error: {' '.join(str(err).split())}")
         raise
-    except torch.cuda.OutOfMemoryError:
+    except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile
+        if not is_out_of_memory(err):
+            raise
         if trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
             message = (f"out of GPU memory on {dist_info.device} setting up {args.model} before its first step: a "
                        f"smaller --model, or a GPU with more free memory (USAGE.md, Memory)")
