@@ -1227,14 +1227,14 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]
         try:
             return job(setup)
-        except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile
-            if not is_out_of_memory(err):
-                raise
-            raise UserError(out_of_memory_advice(args, setup.device)) from None
         except OSError as err:  # the results of --likelihood or --reverse, written at the end
             if err.errno not in WRITE_REFUSED:
                 raise
             raise UserError(f"cannot write {err.filename or args.out} ({err.strerror})") from None
+        except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile
+            if not is_out_of_memory(err):
+                raise
+            raise UserError(out_of_memory_advice(args, setup.device)) from None
     except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
         if dist.is_main:
             print(f"\n{what_stopped(err)}", file=sys.stderr)
