@@ -294,6 +294,7 @@ def test_flops_match_flop_counter():
         xl = SiT_models["SiT-XL/2"]()
     assert forward_flops(xl) == pytest.approx(237e9, rel=0.01)
     assert train_step_flops(xl) == 3 * forward_flops(xl)
+    # the dense peaks of NVIDIA's data sheets (H100 SXM, H100 PCIe, H200 SXM, H200 NVL), retyped from there
     assert peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(989.4)
     assert peak_tflops("NVIDIA H100 PCIe", torch.bfloat16) == pytest.approx(756.5)
     assert peak_tflops("NVIDIA H200", torch.float32, tf32=True) == pytest.approx(494.7)

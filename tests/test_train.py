@@ -252,6 +252,31 @@ def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
         torch.testing.assert_close(grads_4[name], grads_1[name], rtol=1e-4, atol=1e-7, msg=lambda m: f"{name}: {m}")
 
 
+def test_the_ema_follows_the_weights_by_its_decay(tmp_path):
+    """ema <- decay * ema + (1 - decay) * weights after each applied step, from a copy of the initial
+    weights (upstream's update_ema): checked against that formula in float64 over two steps. The other
+    tests compare EMAs with EMAs (ranks, resumes), which a swapped decay passes."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run"), "--ema-decay", "0.75"])
+    trainer = Trainer(args, explicit, init_distributed())
+    ema = {k: v.double() for k, v in trainer.ema.state_dict().items()}
+    assert all(torch.equal(trainer.ema.state_dict()[k], v) for k, v in trainer.model.state_dict().items())
+    generator = torch.Generator().manual_seed(2)
+    for _ in range(2):
+        batch = (torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+        assert trainer.train_step(batch)[1]
+        weights = {k: v.double() for k, v in trainer.model.state_dict().items()}
+        ema = {k: 0.75 * ema[k] + 0.25 * weights[k] for k in ema}
+        now = trainer.ema.state_dict()
+        for name, expected in ema.items():
+            torch.testing.assert_close(now[name].double(), expected, rtol=1e-6, atol=1e-7, msg=name)
+    moved = [k for k in ema if not torch.equal(now[k].double(), weights[k])]
+    assert len(moved) > 10  # the EMA is not the weights themselves
+
+
 def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monkeypatch):
     import dataclasses
 
