@@ -24,8 +24,8 @@ CONFIGS = {
 }
 
 
-def pair(config, **fast):
-    reference = randomize_zero_init_(SiT(num_classes=10, **CONFIGS[config]))
+def pair(config, zero_init_std=0.02, **fast):
+    reference = randomize_zero_init_(SiT(num_classes=10, **CONFIGS[config]), std=zero_init_std)
     options = dict(attn_backend="sdpa", fused_kernels=True)
     options.update(fast)
     candidate = SiT(num_classes=10, **CONFIGS[config], **options)
@@ -129,7 +129,9 @@ def test_frozen_model_input_gradient_matches_reference(compiled):
     tests compile a frozen block by default). The fused gated ops then skip dgate and keep no sublayer
     output for backward; the vector-Jacobian product is still the reference's."""
     torch._dynamo.reset()
-    reference, candidate = pair("hd72-sigma")
+    # gates of 0.3, not 0.02: with small gates the residual's identity path dominates the input
+    # gradient, and a wrong GELU derivative in the MLP's backward stayed inside the tolerance
+    reference, candidate = pair("hd72-sigma", zero_init_std=0.3)
     candidate.load_state_dict(reference.state_dict())
     for model in (reference, candidate):
         model.to(DEVICE).eval().requires_grad_(False)
