@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from sit_fast.files import atomic_write
+
 
 def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     """ADM's center crop (guided-diffusion image_datasets.py), as upstream DiT/SiT train.py uses it.
@@ -62,5 +64,10 @@ def save_image_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | N
     parent = os.path.dirname(path)
     if parent:
         os.makedirs(parent, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(mode_array)).save(path)
+    image = Image.fromarray(np.ascontiguousarray(mode_array))
+    image_format = Image.registered_extensions().get(os.path.splitext(path)[1].lower())
+    if image_format is None:
+        raise ValueError(f"{path}: not an image file name PIL knows (.png, .jpg, ...)")
+    # whole or not at all: a stop while saving left a cut-short file in place of the earlier grid
+    atomic_write(path, lambda f: image.save(f, format=image_format))
     return path

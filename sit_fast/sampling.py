@@ -25,7 +25,6 @@ of --per-proc-batch-size.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import logging
@@ -43,7 +42,7 @@ import numpy as np
 import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
-from sit_fast.errors import UserError
+from sit_fast.errors import UserError, first_line
 from sit_fast.files import WRITE_REFUSED, atomic_write, make_writable_folder
 from sit_fast.models import SiT, SiT_models, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
@@ -598,13 +597,9 @@ class PNGWriter:
 def _write_png(image: np.ndarray, path: str) -> None:
     from PIL import Image
 
-    temporary = f"{path}.tmp"
-    try:
-        Image.fromarray(image).save(temporary, format="PNG")
-        os.replace(temporary, path)
+    try:  # fsynced and renamed, under a name of this process's own (another job on the folder)
+        atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
     except OSError as err:
-        with contextlib.suppress(OSError):
-            os.remove(temporary)
         if err.errno not in WRITE_REFUSED:
             raise
         raise UserError(f"cannot write {path} ({err.strerror}): the images written are kept: make room (or make "
@@ -621,8 +616,13 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
     from PIL import Image
 
     def read(index: int) -> np.ndarray:
-        with Image.open(png_path(sample_dir, index)) as image:
-            return np.asarray(image.convert("RGB"))
+        path = png_path(sample_dir, index)
+        try:
+            with Image.open(path) as image:
+                return np.asarray(image.convert("RGB"))
+        except (OSError, SyntaxError) as err:  # PIL's errors for a damaged or cut-short file
+            raise UserError(f"{path} cannot be read ({first_line(err)}): delete it, and the same command "
+                            f"samples it again") from None
 
     first = read(0)
     shape = (num_samples, *first.shape)

@@ -825,6 +825,10 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
     with np.load(npz) as archive:  # the finished archive is kept
         np.testing.assert_array_equal(archive["arr_0"], images)
     assert sorted(os.listdir(tmp_path)) == [f"{i:06d}.png" for i in range(5)] + ["s.npz"]
+    open(png_path(str(tmp_path), 2), "wb").close()  # emptied by a crash: a traceback on every rerun
+    with pytest.raises(UserError, match=rf"^{re.escape(png_path(str(tmp_path), 2))} cannot be read \(.*\): "
+                                        r"delete it, and the same command samples it again$"):
+        build_npz(str(tmp_path), 5, str(npz), progress=False)
 
     # Memory: a few images at a time, not the N x H x W x 3 array (np.stack of all would hold it)
     import tracemalloc
@@ -915,9 +919,8 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
 
     def full_disk_save(self, fp, *args, **kwargs):
         calls.append(fp)
-        if str(fp).endswith("000002.png.tmp"):
-            with open(fp, "wb") as f:
-                f.write(b"part")
+        if os.path.basename(getattr(fp, "name", str(fp))).startswith(".000002.png.tmp-"):  # atomic_write's file
+            fp.write(b"part")
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(self, fp, *args, **kwargs)
 
@@ -929,7 +932,7 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
     assert err == (f"error: cannot write {sample_dir / '000002.png'} (No space left on device): the images written "
                    f"are kept: make room (or make the folder writable) and run the same command again to sample "
                    f"the rest"), err
-    assert "000002.png.tmp" not in os.listdir(sample_dir) and "000000.png" in os.listdir(sample_dir)
+    assert not [n for n in os.listdir(sample_dir) if ".tmp" in n] and "000000.png" in os.listdir(sample_dir)
 
 
 def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys):
@@ -1775,3 +1778,32 @@ def test_an_fid_folder_records_a_local_vae_by_its_real_path(tmp_path, monkeypatc
     assert recorded("vae", tmp_path / "a") == recorded(str(tmp_path / "a" / "vae") + "/", tmp_path) \
         == os.path.realpath(tmp_path / "a" / "vae")
     assert recorded("ema", tmp_path) == "ema"  # an alias, and a hub id, stay as they are
+
+
+def test_a_stop_while_saving_a_grid_keeps_the_earlier_one(tmp_path, monkeypatch):
+    """A stop signal (a KeyboardInterrupt, which PIL does not clean up after) while a grid was saved
+    left a cut-short PNG in place of the earlier grid; grids and FID PNGs are written whole or not at all."""
+    from PIL import Image as PILImage
+
+    from sit_fast.images import save_image_grid
+    from sit_fast.sampling import _write_png
+
+    path = tmp_path / "grid.png"
+    save_image_grid(torch.zeros(2, 3, 8, 8), path)
+    before = path.read_bytes()
+    real_save = PILImage.Image.save
+
+    def stopped_mid_save(self, fp, *args, **kwargs):
+        real_save(self, fp, *args, **kwargs)
+        fp.truncate(10)  # half written
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(PILImage.Image, "save", stopped_mid_save)
+    with pytest.raises(KeyboardInterrupt):
+        save_image_grid(torch.ones(4, 3, 8, 8), path)
+    with pytest.raises(KeyboardInterrupt):
+        _write_png(np.zeros((8, 8, 3), np.uint8), str(tmp_path / "000000.png"))
+    assert path.read_bytes() == before and sorted(os.listdir(tmp_path)) == ["grid.png"]
+    monkeypatch.setattr(PILImage.Image, "save", real_save)
+    assert save_image_grid(torch.ones(4, 3, 8, 8), tmp_path / "g.JPG") == str(tmp_path / "g.JPG")
+    assert read_png(tmp_path / "g.JPG").shape == (2 * 10 + 2, 2 * 10 + 2, 3)
