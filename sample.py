@@ -53,6 +53,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -70,7 +71,7 @@ from sit_fast.distributed import (
     DistInfo, barrier, check_shared_path, cleanup, init_distributed, local_path_on_main_first, on_main,
 )
 from sit_fast.errors import UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
-from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder
+from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
@@ -578,6 +579,8 @@ def run_fid(setup: Setup) -> str:
         if args.out is None:  # the .npz goes beside the folder of PNGs
             make_writable_folder(os.path.dirname(os.path.abspath(npz_path)), f"--sample-dir {args.sample_dir}")
         check_settings(sample_dir, settings)
+        if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job"):
+            logging.getLogger("sit_fast.sample").warning(leftovers)
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))
         return pending_chunks(sample_dir, total, chunk), present

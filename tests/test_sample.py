@@ -933,6 +933,12 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
                    f"are kept: make room (or make the folder writable) and run the same command again to sample "
                    f"the rest"), err
     assert not [n for n in os.listdir(sample_dir) if ".tmp" in n] and "000000.png" in os.listdir(sample_dir)
+    # A job killed mid-write leaves its temporary file: the next run names it, as train.py its checkpoints'.
+    (sample_dir / ".000003.png.tmp-999").write_bytes(b"cut short")
+    monkeypatch.setattr(PILImage.Image, "save", real_save)
+    sample.main([str(a) for a in argv])
+    assert (f"warning: {sample_dir} holds 1 unfinished PNG write (.000003.png.tmp-999; 9 bytes), left by a "
+            f"sampling job killed while writing") in capsys.readouterr().err
 
 
 def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys):
