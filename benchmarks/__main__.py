@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
     from kernels import interpreter_requested  # the variable is set by now: triton may import
 
     if device_type == "cuda" and interpreter_requested():
-        print(f"error: TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} would run the CUDA kernels in the interpreter; unset it", file=sys.stderr)
+        print(f"error: TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} would run the CUDA kernels in the "
+              f"interpreter; unset it", file=sys.stderr)
         return 2
 
     from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite

@@ -15,8 +15,9 @@ settings). The six searches go breadth first, each step for all of them before t
 time box that stops the run early leaves the same comparisons for every op and direction.
 Each launch is checked first, its outputs NaN-filled, against the reference computed in float32
 with the kernel tests' bounds (`kernels_suite.parity_failure`): one outside them, or NaN, is
-recorded as `parity_failed` and never chosen. On the CPU (Triton interpreter) only the default, a one-program-per-sample tiling
-and the other prefetch setting run: the dry run proves each path, and warps mean nothing there.
+recorded as `parity_failed` and never chosen. On the CPU (Triton interpreter) only the default, a
+one-program-per-sample tiling and the other prefetch setting run: the dry run proves each path, and
+warps mean nothing there.
 The best launch prints as SIT_FAST_KERNEL_LAUNCH settings.
 
     python -m benchmarks tuning --device cuda --out DIR      # alone; `all` runs it last, in the time left

@@ -26,7 +26,8 @@ dtype is out_dtype / h_dtype when given (e.g. bf16 for the next Linear under aut
 gradient has its own input's dtype. Arithmetic and LayerNorm statistics are float32.
 
 Devices: CUDA, or CPU through the Triton interpreter (TRITON_INTERPRET=1, or true/on/yes as Triton
-reads it, set before triton and this package are imported). Importing this package never requires triton; without it the ops raise.
+reads it, set before triton and this package are imported). Importing this package never requires
+triton; without it the ops raise.
 
 `reference` holds the plain PyTorch versions that tests and benchmarks compare against.
 

@@ -230,8 +230,9 @@ def check_runnable(op: str, device: torch.device, kernel: object) -> None:
     if not interpreter_requested():
         raise RuntimeError(f"{op}: got CPU tensors but the Triton interpreter is not enabled; {INTERPRETER_HINT}")
     if not isinstance(kernel, InterpretedFunction):
-        raise RuntimeError(f"{op}: got CPU tensors and TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, but the kernels were compiled before "
-                           f"it was set, so they cannot run on the CPU; {INTERPRETER_HINT}")
+        raise RuntimeError(f"{op}: got CPU tensors and TRITON_INTERPRET={os.environ['TRITON_INTERPRET']}, but the "
+                           f"kernels were compiled before it was set, so they cannot run on the CPU; "
+                           f"{INTERPRETER_HINT}")
 
 
 def on_device(device: torch.device) -> contextlib.AbstractContextManager:

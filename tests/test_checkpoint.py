@@ -487,7 +487,8 @@ def test_a_checkpoint_cut_short_is_named_as_such(tmp_path):
 def test_a_long_library_message_is_cut_at_a_sentence_or_a_word():
     from sit_fast.errors import first_line
 
-    sentences = RuntimeError("failed reading zip archive: failed finding central directory. " + "More advice here. " * 30)
+    sentences = RuntimeError("failed reading zip archive: failed finding central directory. "
+                             + "More advice here. " * 30)
     assert first_line(sentences, limit=100) == ("failed reading zip archive: failed finding central directory. "
                                                 "More advice here. More advice here.")  # the sentences that fit
     words = ValueError("a" * 10 + ", bbbbbbbb" * 40)

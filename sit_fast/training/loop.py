@@ -158,7 +158,8 @@ def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
     for path in later:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
     names = ", ".join(os.path.basename(p) for p in reversed(later))
-    line = f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved to {aside}"
+    line = (f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved "
+            f"to {aside}")
     samples = os.path.join(os.path.dirname(checkpoint_dir), "samples")
     step = int(os.path.splitext(os.path.basename(resumed))[0])
     grids = sorted(name for name in (os.listdir(samples) if os.path.isdir(samples) else [])
@@ -884,13 +885,13 @@ class Trainer:
         "stopped_by" names that signal (None at the end of the run)."""
         args, is_main = self.args, self.dist_info.is_main
         if self.step >= self.max_steps:
-            if self.epochs_limit or args.max_steps is None:
-                bound, flag = f"the end of epoch {args.epochs}", f"--epochs {args.epochs}"
-            else:
-                bound, flag = f"--max-steps {args.max_steps}", f"--max-steps {args.max_steps}"
-            given = "" if flag.split()[0][2:].replace("-", "_") in self.explicit else ", the checkpoint's"
-            logger.info(f"nothing to do: step {self.step} is at or past the end of the run, {bound} ({flag}{given}): "
-                        f"pass a larger {flag.split()[0]} to train further")
+            by_epochs = self.epochs_limit or args.max_steps is None
+            name, value = ("epochs", args.epochs) if by_epochs else ("max_steps", args.max_steps)
+            flag = "--" + name.replace("_", "-")
+            bound = f"the end of epoch {value}" if by_epochs else f"{flag} {value}"
+            given = "" if name in self.explicit else ", the checkpoint's"
+            logger.info(f"nothing to do: step {self.step} is at or past the end of the run, {bound} ({flag} {value}"
+                        f"{given}): pass a larger {flag} to train further")
             return self.summary(None, {})
         if is_main:
             self.open_trackers()
@@ -1000,8 +1001,8 @@ class Trainer:
                 return
             except UserError as err:
                 err = worker_error(err)
-                if not is_distributed() and self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step) \
-                        and self.step > 0:
+                unsaved = self.step > 0 and self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step)
+                if unsaved and not is_distributed():  # under torchrun the other ranks are not here to save with
                     with self.window.paused():
                         self.check_finite()
                         self.save_checkpoint()

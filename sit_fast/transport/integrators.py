@@ -133,7 +133,8 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
         coarse = "" if inner is x else f" (a {dtype} model's drift is coarse: a float32 one under autocast is finer)"
         raise RuntimeError(f"{method}: the adaptive step size fell to 0 ({err}): the error estimate never met "
                            f"atol {atol:g} / rtol {rtol:g} on this {dtype} state; check the model's outputs are "
-                           f"finite{coarse}, loosen the tolerances, or take a fixed-step method (euler, heun)") from None
+                           f"finite{coarse}, loosen the tolerances, or take a fixed-step method (euler, "
+                           f"heun)") from None
     if isinstance(solution, tuple):
         indices = range(times.shape[0]) if trajectory else [-1]
         return [_like(tuple(part[i] for part in solution), x) for i in indices]
