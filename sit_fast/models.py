@@ -595,6 +595,9 @@ class SiT(nn.Module):
         (3 on a 1-channel pixel model).
         """
         check_cfg_channels(cfg_channels)
+        if self.y_embedder.embedding_table.num_embeddings == self.num_classes:
+            raise ValueError(f"forward_with_cfg needs the null class (label {self.num_classes}) for the unconditional "
+                             f"half, and this model has none: it was built with class_dropout_prob=0")
         if len(x) % 2:
             raise ValueError(f"forward_with_cfg takes the latents twice, [x, x] with labels [y, null]: "
                              f"the batch must be even, got {len(x)}")

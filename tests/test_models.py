@@ -340,6 +340,13 @@ def test_forward_with_cfg_refuses_an_odd_batch():
         model.forward_with_cfg(x, t, y, 4.0)
 
 
+def test_forward_with_cfg_refuses_a_model_without_a_null_class():
+    model = tiny_sit(class_dropout_prob=0.0)  # a label table of num_classes rows: no unconditional label
+    x, t, y = inputs(model, 4)
+    with pytest.raises(ValueError, match="needs the null class .label 10.*class_dropout_prob=0"):
+        model.forward_with_cfg(x, t, y, 4.0)
+
+
 @pytest.mark.parametrize("bad", ["All", "3", 0, True, 2.0])
 def test_cfg_channels_are_all_or_a_positive_int(bad):
     from sit_fast.sampling import ModelForwards

@@ -2413,6 +2413,21 @@ def test_ctrl_c_presses_count_by_when_they_came():
         pytest.fail("a Ctrl-C that should have been held or counted as a stop request raised KeyboardInterrupt")
 
 
+def test_an_ignored_ctrl_c_stays_ignored():
+    """A shell script's `train.py &` starts with SIGINT ignored: training does not start catching it."""
+    import signal as signals
+
+    previous = signals.signal(signals.SIGINT, signals.SIG_IGN)
+    try:
+        stop = checkpointing.StopRequest()
+        stop.catch_interrupt()
+        assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN
+        stop.restore()
+        assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN
+    finally:
+        signals.signal(signals.SIGINT, previous)
+
+
 
 def test_help_shows_each_default_once():
     """--help: a flag's default once, none for flags whose default is None or False (train.py's

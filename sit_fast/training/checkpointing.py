@@ -115,8 +115,10 @@ class StopRequest:
         catch_stop_signals(self._handle, self.previous)
 
     def catch_interrupt(self) -> None:
-        """From here on, Ctrl-C stops after the current step with a checkpoint (main thread only)."""
-        if signal.SIGINT not in self.previous and threading.current_thread() is threading.main_thread():
+        """From here on, Ctrl-C stops after the current step with a checkpoint (main thread only). A
+        process that started out ignoring SIGINT (a shell script's `train.py &`) goes on ignoring it."""
+        if (signal.SIGINT not in self.previous and threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) != signal.SIG_IGN):
             self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
 
     def _handle(self, signum, frame) -> None:
