@@ -114,6 +114,15 @@ def check_checkpoint_file(path: str) -> None:
     raise CheckpointError(f"checkpoint not found: {path}")
 
 
+def check_not_cut_short(path: str) -> None:
+    """CheckpointError if `path` starts as a zip archive (torch.save's format) but has no index at its
+    end: a copy or a save that was cut short."""
+    with open(path, "rb") as f:
+        if f.read(4) == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+            raise CheckpointError(f"cannot read {path}: a zip archive (torch.save's format) without the index "
+                                  f"at its end: truncated or damaged; copy or save it again")
+
+
 def safe_torch_load(path: str) -> object:
     """torch.load(weights_only=True), memory-mapped when the file allows it, with one-line errors.
 
@@ -121,10 +130,7 @@ def safe_torch_load(path: str) -> object:
     arguments as one, and rebuilding one sets attributes only, so no code can run."""
     mmap = zipfile.is_zipfile(path)  # torch.save's format; older files load without mmap
     if not mmap:
-        with open(path, "rb") as f:
-            if f.read(4) == b"PK\x03\x04":  # a zip archive's start without its end: cut short
-                raise CheckpointError(f"cannot read {path}: a zip archive (torch.save's format) without the index "
-                                      f"at its end: truncated or damaged; copy or save it again")
+        check_not_cut_short(path)
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)

@@ -760,6 +760,9 @@ def error_cases(tmp_path, checkpoint):
     empty.mkdir()
     corrupt = tmp_path / "corrupt.pt"
     corrupt.write_bytes(b"not a checkpoint")
+    cut = tmp_path / "cut.pt"
+    with open(checkpoint, "rb") as f:
+        cut.write_bytes(f.read(4096))  # a copy cut short
     images = make_image_folder(tmp_path / "images")
     exp = ["--exp-dir", str(tmp_path / "exp"), "--no-progress"]
     return {
@@ -773,6 +776,7 @@ def error_cases(tmp_path, checkpoint):
         "unknown flag": (BASE + ["--learning-rate", "1"] + exp, "unrecognized arguments"),
         "mistyped flag": (BASE + ["--global-batchsize", "8"] + exp, "(did you mean --global-batch-size? see "),
         "corrupt checkpoint": (BASE + ["--resume", str(corrupt)] + exp, "corrupt or truncated"),
+        "checkpoint cut short": (BASE + ["--resume", str(cut)] + exp, "without the index at its end: truncated"),
         "checkpoint of another model (resume)": (
             BASE + ["--model", "SiT-T/2", "--resume", checkpoint] + exp, "--model SiT-T/2 differs"),
         "checkpoint of another model (--ckpt)": (BASE + ["--model", "SiT-T/2", "--ckpt", checkpoint] + exp,

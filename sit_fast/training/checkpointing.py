@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from sit_fast import files
-from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, is_safetensors, safe_torch_load
+from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, check_not_cut_short, is_safetensors, safe_torch_load
 from sit_fast.interrupts import catch_stop_signals, restore_handlers
 
 CHECKPOINT_VERSION = 1
@@ -213,6 +213,7 @@ def load_training_checkpoint(path: str) -> dict:
         if is_safetensors(path):
             raise CheckpointError(f"{path} is a .safetensors file of weights alone, not a resumable train.py "
                                   f"checkpoint (use --ckpt to start from its weights instead)")
+        check_not_cut_short(path)
         raise CheckpointError(f"cannot read checkpoint {path}: not the zip archive that torch.save writes "
                               f"(corrupt or truncated file?)")
     ckpt = safe_torch_load(path)
