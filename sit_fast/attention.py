@@ -185,16 +185,18 @@ def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_di
     """select_backend, memoised per (name, device type, dtype, head dim, sdpa_chosen); logs what
     "auto" chose.
 
-    Plain Python over constants, so torch.compile traces it without a graph break.
+    Plain Python over constants, so torch.compile traces it without a graph break. A compiled caller
+    does not read the memo: its code would be guarded on the memo's contents, and compiled again once
+    an eager call (a sample grid of the EMA model) had filled it in.
     """
     key = (name, torch.device(device).type, dtype, head_dim, sdpa_chosen)
+    if torch.compiler.is_compiling():
+        return select_backend(name, key[1], dtype, head_dim, sdpa_chosen)
     chosen = _RESOLVED.get(key)
     if chosen is None:
-        chosen = select_backend(name, key[1], dtype, head_dim, sdpa_chosen)
-        if not torch.compiler.is_compiling():
-            _RESOLVED[key] = chosen
-            if name == "auto":
-                logger.info("attention backend auto -> %s (%s, %s, head dim %d)", chosen, key[1], dtype, head_dim)
+        chosen = _RESOLVED[key] = select_backend(name, key[1], dtype, head_dim, sdpa_chosen)
+        if name == "auto":
+            logger.info("attention backend auto -> %s (%s, %s, head dim %d)", chosen, key[1], dtype, head_dim)
     return chosen
 
 

@@ -460,6 +460,23 @@ def test_compiled_block_steps_of_many_models_do_not_share_a_recompile_limit():
     assert [weight() is None for weight in weights] == [True] * 5
 
 
+def test_an_eager_call_does_not_make_the_compiled_model_compile_again(monkeypatch):
+    """The attention backend's memo, filled in by an eager call (train.py's sample grid of the EMA model
+    between compiled training steps), was read by the compiled code, which was guarded on it."""
+    from sit_fast import attention
+
+    monkeypatch.setattr(attention, "_RESOLVED", {})
+    torch._dynamo.reset()
+    model = randomize_(tiny_sit())
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x, t, y = inputs(model)
+    compiled(x, t, y)
+    model(x, t, y)
+    assert attention._RESOLVED  # the eager call memoised its choice
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x, t, y)
+
+
 def test_model_with_compiled_blocks_pickles_and_deepcopies():
     """torch.save(model) after compile_blocks: the compiled step pickles as its arguments; an EMA
     deepcopy shares it."""
