@@ -464,13 +464,15 @@ class Setup:
         """Noise (B, C, h, w) and labels (B,) from the host -> final model-space samples on the device.
 
         One host-to-device copy per batch; the global generator (the SDE's per-step noise, drawn on
-        the device) is seeded per batch.
+        the device) is seeded per batch. The copies are inference tensors, as everything the sampler
+        makes from them: a compiled forward sees one kind of tensor from its first call on (a normal
+        one first compiled it again).
         """
-        z = noise.to(self.device, non_blocking=True)
-        y = labels.to(self.device, non_blocking=True)
         torch.manual_seed(batch_seed)
-        model_fn = self.denoiser.for_labels(y)
         with torch.inference_mode():
+            z = noise.to(self.device, non_blocking=True, copy=True)
+            y = labels.to(self.device, non_blocking=True, copy=True)
+            model_fn = self.denoiser.for_labels(y)
             samples = self.sample_fn(z, model_fn)[-1]
         model_fn.check_finished()
         return samples

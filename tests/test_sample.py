@@ -109,6 +109,18 @@ def test_grid_pixel_space_sde_and_bf16(files, tmp_path):
     assert np.abs(read_png(tmp_path / "bf16.png").astype(int) - first).mean() < 8
 
 
+def test_compiled_forwards_compile_once(files, tmp_path, monkeypatch):
+    """--compile: the first batch's latents were a normal tensor, every later model call's an
+    inference tensor, and the forward compiled a second time (Dynamo's eager backend here, for time)."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile(fn, backend="eager", **kwargs))
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--in-channels", 3, "--num-sampling-steps", 3,
+             "--class-labels", 1, 2, 3, 4, "--batch-size", 2, "--cfg-scale", 2.0, "--compile",
+             "--out", tmp_path / "grid.png", *FAST])
+
+
 def test_a_stopped_grid_is_one_line(files, tmp_path, capsys, monkeypatch, stop):
     """Nothing to keep: the line says what stopped it, the status says how (130, or 128 + the signal)."""
     monkeypatch.setattr(sample.Setup, "sample", lambda self, *args: stop())
