@@ -22,7 +22,7 @@ import functools
 import math
 import numbers
 import types
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -571,9 +571,12 @@ class SiT(nn.Module):
         ops = fused_ops(mods.dtype) if fused else REFERENCE_OPS
 
         step = self._compiled_step or _block_step
-        h = ops["layernorm_modulate"](x, mods[:, 0], mods[:, 1])  # (N, T, D): input of block 0's attention
+        # (N, D) views, taken apart once: their gradients are stacked into one mods-sized tensor, where
+        # an overlapping slice per block made a zero-filled one each, then summed them
+        vecs = mods.unbind(1)
+        h = ops["layernorm_modulate"](x, vecs[0], vecs[1])  # (N, T, D): input of block 0's attention
         for i, block in enumerate(self.blocks):
-            block_mods = mods[:, 6 * i: 6 * i + 8]  # this block's six vectors + the next shift, scale
+            block_mods = vecs[6 * i + 2: 6 * i + 8]  # this block's gates and MLP shift, scale + the next shift, scale
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, h = torch.utils.checkpoint.checkpoint(step, block, ops, x, h, block_mods, fused, use_reentrant=False)
             else:
@@ -620,14 +623,16 @@ def check_cfg_channels(cfg_channels) -> None:
                          f"{cfg_channels!r}")
 
 
-def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: torch.Tensor, fast: bool = False):
+def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: Sequence[torch.Tensor],
+                fast: bool = False):
     """One block from the modulated attention input h to the next sublayer's modulated input.
 
-    mods: (N, 8, D) = shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp of this block,
-    then the shift and scale of whatever LayerNorm comes next (next block's attention or final layer).
+    mods: six (N, D) vectors: gate_msa, shift_mlp, scale_mlp, gate_mlp of this block (its shift_msa
+    and scale_msa made h), then the shift and scale of whatever LayerNorm comes next (the next
+    block's attention or the final layer).
     fast: recompute the MLP's GELU in backward instead of saving its output.
     """
-    gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_next, scale_next = mods[:, 2:].unbind(1)
+    gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_next, scale_next = mods
     x, h = ops["gated_residual_layernorm_modulate"](x, gate_msa, block.attn(h), shift_mlp, scale_mlp)
     x, h = ops["gated_residual_layernorm_modulate"](x, gate_mlp, block.mlp(h, fast), shift_next, scale_next)
     return x, h  # (N, T, D) residual stream, (N, T, D) next sublayer input

@@ -212,6 +212,30 @@ def test_grad_checkpointing_gives_same_gradients():
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-6)
 
 
+def test_backward_makes_one_gradient_of_the_modulation_vectors():
+    """All blocks' adaLN vectors come from one (N, 6 * depth + 2, D) tensor: its gradient is one
+    stack of the vectors' gradients, not a zero-filled full-size tensor per block's slice, summed."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class FullSize(TorchDispatchMode):
+        def __init__(self, shape):
+            super().__init__()
+            self.shape, self.made = shape, []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if isinstance(out, torch.Tensor) and out.shape == self.shape and not func._schema.is_mutable:
+                self.made.append(func.__name__)
+            return out
+
+    model = randomize_(tiny_sit(depth=4)).train()
+    x, t, y = inputs(model)
+    loss = model(x, t, y).square().mean()
+    with FullSize(torch.Size([len(x), 6 * 4 + 2, model.hidden_size])) as full:
+        loss.backward()
+    assert sorted(name for name in full.made if "view" not in name) == ["stack.default"], full.made
+
+
 def test_math_attention_is_softmax_qkt_v():
     q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
     weights = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(8))
