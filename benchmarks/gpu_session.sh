@@ -19,6 +19,7 @@
 #                      SIT_FAST_TEST_SHARD; half the cores, at most 8; 1 runs them in one process). Not
 #                      pytest-xdist, though the GPU machine's image has it: the shards deal the costly
 #                      tests out first and share Inductor's compile workers out, both tested here.
+#   PYTHON             the interpreter (python3), with the requirements and, for the tests, pytest and timm
 # Exit status: the suite's, or else the tests'; 124 where a part ran out of time.
 set -uo pipefail
 

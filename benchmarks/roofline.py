@@ -27,6 +27,7 @@ import argparse
 import collections
 import contextlib
 import json
+import sys
 import warnings
 
 import torch
@@ -177,8 +178,13 @@ def main(argv: list[str] | None = None) -> None:
     copy_gbps, matmul_tflops = args.copy_gbps, args.matmul_tflops
     if args.results:
         with open(args.results) as f:
-            ceilings = json.load(f)["ceilings"]
+            document = json.load(f)
+        ceilings, environment = document["ceilings"], document.get("environment", {})
         copy_gbps, matmul_tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
+        if environment.get("device_type") != "cuda":
+            print(f"note: {args.results} was measured on {environment.get('device', 'an unnamed device')} "
+                  f"({environment.get('device_type', 'no device type')}), not a GPU: its ceilings bound "
+                  f"nothing a GPU run does", file=sys.stderr)
     if not copy_gbps or not matmul_tflops:
         parser.error("give the two ceilings: --results RESULTS_JSON, or --copy-gbps and --matmul-tflops")
     rows = roofline(args.model, args.image_size, args.train_batch, args.sample_batch, copy_gbps, matmul_tflops)

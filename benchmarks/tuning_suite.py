@@ -18,7 +18,9 @@ with the kernel tests' bounds (`kernels_suite.parity_failure`): one outside them
 recorded as `parity_failed` and never chosen. On the CPU (Triton interpreter) only the default, a
 one-program-per-sample tiling and the other prefetch setting run: the dry run proves each path, and
 warps mean nothing there.
-The best launch prints as SIT_FAST_KERNEL_LAUNCH settings.
+Each op's best launch is then timed on the other ops of its direction, and each op's best prints as
+SIT_FAST_KERNEL_LAUNCH settings, then the one setting for all ops: per direction, the launch with the
+least time summed over the three ops.
 
     python -m benchmarks tuning --device cuda --out DIR      # alone; `all` runs it last, in the time left
 """
@@ -67,8 +69,35 @@ def run(ctx) -> None:
     for axis in AXES:
         for search in searches:
             search.step(axis)
+    for search in searches:  # each op's best tried on the other ops: SIT_FAST_KERNEL_LAUNCH is one setting for all
+        for other in searches:
+            if other.direction == search.direction:
+                search.measure(other.best())
     for search in searches:
         search.finish()
+    print(f"[{SUITE}] {one_setting(searches)}", flush=True)
+
+
+def one_setting(searches: list["LaunchSearch"]) -> str:
+    """SIT_FAST_KERNEL_LAUNCH for all ops: per direction, the launch with the least time summed over
+    the ops, among those every op ran within the kernel tests' bounds."""
+    parts, notes = [], []
+    for direction in ("fwd", "bwd"):
+        group = [s for s in searches if s.direction == direction]
+        ok = [{k for k, r in s.measured.items() if r["status"] == "ok"} for s in group]
+        common = set.intersection(*ok) if ok else set()
+        if not common:
+            notes.append(f"{direction}: no launch ran every op")
+            continue
+        total = {launch: sum(s.measured[launch]["median_ms"] for s in group) for launch in common}
+        chosen = min(total, key=total.get)
+        parts += [f"{direction}_{k}={v}" for k, v in zip(KEYS, chosen)]
+        default = group[0].default
+        versus = (f"{total[default] / total[chosen]:.2f}x the default's {total[default]:.3g} ms"
+                  if default in total else "the default did not run every op")
+        notes.append(f"{direction}: {total[chosen]:.3g} ms for the {len(group)} ops, {versus}")
+    setting = f"SIT_FAST_KERNEL_LAUNCH={','.join(parts)}" if parts else "no SIT_FAST_KERNEL_LAUNCH setting"
+    return f"all ops: {setting} ({'; '.join(notes)})"
 
 
 # The coordinate search's steps: prefetch (one launch to try), warps, tiling, then warps again at

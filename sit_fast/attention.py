@@ -148,7 +148,8 @@ class AttentionBackend:
 def optional_module_problem(name: str, distribution: str, minimum: tuple[int, int]) -> str | None:
     """Why the optional package `name` cannot be used (not installed, or older than `minimum`), or None."""
     if importlib.util.find_spec(name) is None:
-        return f"the {name} package is not installed (pip install sit_fast[flash])"
+        return (f"the {name} package is not installed "
+                f"(pip install '{distribution}>={minimum[0]}.{minimum[1]}' --no-build-isolation)")
     try:
         version = importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:  # importable without metadata (a source tree): trusted
