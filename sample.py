@@ -588,7 +588,7 @@ def run_fid(setup: Setup) -> str:
         return pending_chunks(sample_dir, total, chunk), present
 
     pending, present = on_main(prepare, dist)
-    check_shared_path(os.path.join(sample_dir, "settings.json"), f"--sample-dir {args.sample_dir}", dist)
+    check_shared_path(sample_dir, f"--sample-dir {args.sample_dir}", dist)
     todo = sum(min(chunk, total - k * chunk) for k in pending)
     if dist.is_main:
         redone = (f" ({todo - (total - present)} of them present: a batch with a missing image is redone whole)"
@@ -616,7 +616,7 @@ def run_fid(setup: Setup) -> str:
         raise
     except KeyboardInterrupt as err:  # PNGs are written whole (atomically) and the queued ones finished: all kept
         bar.close()
-        if dist.is_main:
+        if dist.local_rank == 0:  # once per node: a signal may reach one node's processes only
             print(f"\n{what_stopped(err)}; the images written are kept: run the same command again to sample the "
                   f"rest into {sample_dir}", file=sys.stderr)
         raise SystemExit(exit_status(err)) from None
@@ -919,7 +919,7 @@ class BatchParts:
             return [k for k in range(self.batches) if self.name(k) not in present]
 
         self.pending = on_main(pending, dist)
-        check_shared_path(os.path.join(self.folder, "settings.json"), f"--out {out}", dist)
+        check_shared_path(self.folder, f"--out {out}", dist)
 
     @staticmethod
     def name(k: int) -> str:

@@ -10,8 +10,12 @@ last batch, the others wait there, where NCCL's default timeout (10 minutes) wou
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
+import socket
 import time
+import zipfile
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -138,16 +142,80 @@ def local_path_on_main_first(fn, info: DistInfo) -> str:
     return fn()
 
 
-def check_shared_path(path: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> None:
-    """After rank 0 wrote `path` (e.g. a settings.json in the folder the processes write into): every
-    other process checks that it sees the file too, as it does not where the folder is on one node's
-    own disk and the process runs on another. A shared filesystem may show a new file late: each waits
-    up to wait_s seconds for it. `flag` names the flag that picks the folder, for the message."""
-    if info.is_main:
+SHARED_CHECK = ".shared-check"  # the file check_shared_path writes, for a moment, in the folder it checks
+
+
+def gather_object(obj) -> list:
+    """Every rank's obj, in rank order, on every rank ([obj] without a process group)."""
+    if not is_distributed():
+        return [obj]
+    box = [None] * dist.get_world_size()
+    dist.all_gather_object(box, obj, group=host_group())
+    return box
+
+
+def _where(info: DistInfo) -> str:
+    return f"rank {info.rank} (on {socket.gethostname()})"
+
+
+def check_shared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> None:
+    """That every process sees `folder` as rank 0 does, not a folder of the same name on its node's
+    own disk. Rank 0 writes a token new to this call into it, and every other process waits up to
+    wait_s seconds (a shared filesystem may show a new file late) to read that token there: a folder
+    an earlier job left on another node, the same files in it, holds none or another. Called by every
+    process together; all raise the same UserError, naming the processes that did not see it and
+    `flag`, the flag that picks the folder. Without other processes, a no-op."""
+    if info.world_size == 1:
         return
-    deadline = time.monotonic() + wait_s
-    while not os.path.exists(path):
-        if time.monotonic() >= deadline:
-            raise UserError(f"{flag}: rank {info.rank} does not see {path}, which rank 0 wrote (a folder on "
-                            f"another node's own disk?): pass one on a filesystem every node shares")
-        time.sleep(0.5)
+    path = os.path.join(folder, SHARED_CHECK)
+    token = None
+    if info.is_main:
+        token = secrets.token_hex(16)
+        with open(path, "w") as f:
+            f.write(token)
+    token, shown = broadcast_object((token, folder))  # the folder's name as rank 0 has it, for the message
+    seen = True
+    if not info.is_main:
+        deadline = time.monotonic() + wait_s
+        while not (seen := _read_text(path) == token) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    blind = [where for where, ok in gather_object((_where(info), seen)) if not ok]
+    if info.is_main:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(path)
+    if blind:
+        raise UserError(f"{flag}: {', '.join(blind)} does not see what rank 0 wrote in {shown} (a folder "
+                        f"of that name on each node's own disk?): pass one on a filesystem every node shares")
+
+
+def _read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def file_fingerprint(path: str):
+    """What a file holds, cheaply: a zip archive's (torch.save's format) entries with their CRC-32s,
+    read from its index; else its size; None if it cannot be read."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return tuple((i.filename, i.CRC, i.file_size) for i in archive.infolist())
+    except (OSError, zipfile.BadZipFile):
+        try:
+            return os.path.getsize(path)
+        except OSError:
+            return None
+
+
+def check_same_file(path: str, flag: str, info: DistInfo) -> None:
+    """That every process reads at `path` the file rank 0 does (file_fingerprint), not another of the
+    same name on its node's own disk, or none. Called by every process together, as check_shared_path."""
+    if info.world_size == 1:
+        return
+    prints = gather_object((_where(info), path, file_fingerprint(path)))
+    other = [where for where, _, fingerprint in prints[1:] if fingerprint != prints[0][2]]
+    if other:
+        raise UserError(f"{flag}: {', '.join(other)} reads another file at {prints[0][1]} than rank 0 does, or none "
+                        f"(a folder on each node's own disk?): pass one on a filesystem every node shares")

@@ -130,7 +130,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         return pending_shards(args.out, shards)
 
     pending = on_main(prepare, dist_info)
-    check_shared_path(os.path.join(args.out, "settings.json"), f"--out {args.out}", dist_info)
+    check_shared_path(args.out, f"--out {args.out}", dist_info)
     mine = pending[dist_info.rank:: dist_info.world_size]
     if dist_info.is_main:
         todo = sum(count for _, _, count in pending)

@@ -48,3 +48,75 @@ def test_host_exchanges_outlast_the_default_groups_timeout():
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
     assert [r["path"] for r in results] == ["downloaded.pt"] * 2
     assert results[1]["waited"] > DEFAULT_TIMEOUT_S  # rank 1 did wait past the default timeout
+
+
+def _shared_path_worker(rank: int, port: int, root: str) -> None:
+    """Rank 0 uses ROOT/a; rank 1, case by case, the same folder, or ROOT/b: a folder of the same name
+    on another node's own disk, empty, left by an earlier job, or where the token shows up late."""
+    import shutil
+    import threading
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from sit_fast.distributed import SHARED_CHECK, check_same_file, check_shared_path, cleanup, init_distributed
+    from sit_fast.errors import UserError
+
+    info = init_distributed()
+    a, b = os.path.join(root, "a"), os.path.join(root, "b")
+    outcomes = {}
+    try:
+        for case in ("shared", "own disk", "left by an earlier job", "shown late"):
+            folder = a if rank == 0 or case == "shared" else b
+            late = None
+            if rank == 1 and case == "left by an earlier job":
+                with open(os.path.join(b, SHARED_CHECK), "w") as f:
+                    f.write("an earlier job's token")
+            if rank == 1 and case == "shown late":  # the token reaches rank 1's view of the folder later
+                late = threading.Timer(1.0, lambda: shutil.copy(os.path.join(a, SHARED_CHECK), b))
+                late.start()
+            try:
+                check_shared_path(folder, "--out x", info, wait_s=3.0 if case == "shown late" else 0.5)
+                outcomes[case] = "ok"
+            except UserError as err:
+                outcomes[case] = str(err)
+            if late is not None:
+                late.join()
+            if rank == 1 and os.path.exists(os.path.join(b, SHARED_CHECK)):
+                os.remove(os.path.join(b, SHARED_CHECK))
+        if rank == 0:  # (rank 1 may look before rank 0 has removed it)
+            outcomes["token left behind"] = os.path.exists(os.path.join(a, SHARED_CHECK))
+        for case, name in (("same file", "same.pt"), ("another file", "other.pt"), ("no file", "none.pt")):
+            try:
+                check_same_file(os.path.join(a if rank == 0 or case == "same file" else b, name), "--resume", info)
+                outcomes[case] = "ok"
+            except UserError as err:
+                outcomes[case] = str(err)
+    finally:
+        cleanup()
+    torch.save(outcomes, os.path.join(root, f"rank{rank}.pt"))
+
+
+def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
+    """check_shared_path and check_same_file: a folder every process sees passes; one of the same name
+    on another node's own disk, empty or holding an earlier job's files, fails on every rank with the
+    same message naming the rank that does not see it; a token a shared filesystem shows late passes."""
+    with tempfile.TemporaryDirectory() as root:
+        a, b = os.path.join(root, "a"), os.path.join(root, "b")
+        os.makedirs(a)
+        os.makedirs(b)
+        torch.save({"weight": torch.zeros(4)}, os.path.join(a, "same.pt"))
+        torch.save({"weight": torch.zeros(4)}, os.path.join(a, "other.pt"))
+        torch.save({"weight": torch.ones(4)}, os.path.join(b, "other.pt"))  # same name and size, other values
+        torch.save({"weight": torch.zeros(4)}, os.path.join(a, "none.pt"))  # none at rank 1's b/none.pt
+        mp.spawn(_shared_path_worker, args=(free_port(), root), nprocs=2, join=True)
+        results = [torch.load(os.path.join(root, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    outcomes = results[0]
+    assert outcomes.pop("token left behind") is False
+    assert outcomes == results[1]
+    assert outcomes["shared"] == outcomes["shown late"] == outcomes["same file"] == "ok", outcomes
+    for case in ("own disk", "left by an earlier job"):
+        assert outcomes[case].startswith(f"--out x: rank 1 (on {socket.gethostname()}) does not see what rank 0 "
+                                         f"wrote in {a} (a folder of that name on each node's own disk?)"), outcomes
+    for case, name in (("another file", "other.pt"), ("no file", "none.pt")):
+        assert outcomes[case].startswith(f"--resume: rank 1 (on {socket.gethostname()}) reads another file at "
+                                         f"{os.path.join(a, name)} than rank 0 does, or none"), outcomes

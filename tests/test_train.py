@@ -96,6 +96,59 @@ def assert_states_close(a: dict, b: dict, what: str) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}[{key}]: {m}")
 
 
+def _node_local_worker(rank: int, port: int, root: str, argv: list[str]) -> None:
+    """A rank of a run whose relative paths lead each rank to a folder of its own: ROOT/node<rank>,
+    as on two nodes' own disks."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from sit_fast.distributed import cleanup, init_distributed
+    from sit_fast.errors import UserError
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    os.chdir(os.path.join(root, f"node{rank}"))
+    args, explicit = parse_args(argv)
+    info = init_distributed()
+    try:
+        Trainer(args, explicit, info)
+        outcome = "built"
+    except UserError as err:
+        outcome = str(err)
+    finally:
+        cleanup()
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def test_folders_on_each_nodes_own_disk_are_refused(tmp_path, digits_checkpoint):
+    """An experiment folder each node has on its own disk (checkpoints on one node only, and a resume
+    that loads whatever another node holds under the same name), or a --resume file that differs
+    between nodes: every rank stops with one line, before training."""
+    import shutil
+
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    other = train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--max-steps", "1", "--ckpt-every", "1",
+                               "--global-seed", "5"])["last_checkpoint"]
+    shutil.copy(digits_checkpoint, tmp_path / "node0" / "start.pt")
+    shutil.copy(other, tmp_path / "node1" / "start.pt")  # same name, another run's
+    cases = {
+        "results folder": (["--results-dir", "results"],
+                           "--results-dir results: rank 1 (on {host}) does not see what rank 0 wrote in results/000-"),
+        "resume file": (["--exp-dir", str(tmp_path / "shared"), "--resume", "start.pt"],
+                        "--resume start.pt: rank 1 (on {host}) reads another file at start.pt than rank 0 does"),
+    }
+    for name, (flags, expected) in cases.items():
+        mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), BASE + flags + ["--max-steps", "2"]),
+                 nprocs=2, join=True)
+        outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+        assert outcomes[0] == outcomes[1] and outcomes[0].startswith(expected.format(host=socket.gethostname())), \
+            (name, outcomes)
+    assert not (tmp_path / "node0" / "results").exists() or not os.listdir(tmp_path / "node0" / "results"), \
+        "the run that never started left its folder"
+
+
 # ----------------------------------------------------------------------------- DDP and exact resume
 
 @pytest.fixture(scope="module")
@@ -175,6 +228,9 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
         log = f.read()
     assert "--grad-accum-steps 8: the run's micro-batch of 8 per rank (4 per step on 2 rank(s)), now on 1" in log
     assert "gradient accumulation: 8 micro-batches of 8 per rank per step (global batch 64)" in log
+    # 1797 digits in steps of 64 on 2 ranks or 1: the same 28 global batches an epoch
+    assert ("with world size 2 -> 1 (the run's, now): each step's samples are the run's (the same global "
+            "batches, dealt out to the ranks otherwise); the noise and time draws are not") in log, log
     other = str(tmp_path / "other")
     train_main(["--exp-dir", other, "--resume", checkpoint, "--max-steps", "9", "--num-workers", "0", "--no-progress",
                 "--grad-accum-steps", "2"])
@@ -211,6 +267,30 @@ def test_resume_on_another_world_size_keeps_the_micro_batch_or_a_smaller_one(sav
     assert local % expected == 0 and local // expected <= micro
     if expected > 1 and local // expected < micro:
         assert f"micro-batches of {local // expected} per rank, the largest that divides" in lines[0], lines
+
+@pytest.mark.parametrize("num_samples,batch,saved_world,world", [(1797, 48, 1, 4), (1797, 48, 3, 2), (95, 32, 1, 32),
+                                                                  (100, 20, 5, 4), (7, 6, 3, 2)])
+def test_a_world_size_change_keeps_the_global_batches_where_it_says_so(num_samples, batch, saved_world, world):
+    """_same_global_batches against the batches EpochSampler deals out: only where every step of the
+    epoch holds the same samples on the old world size as on the new."""
+    import types
+
+    from sit_fast.data import EpochSampler
+    from sit_fast.training.loop import Trainer
+
+    def global_batches(w):
+        ranks = [EpochSampler(num_samples, batch // w, r, w, seed=3, flip=True).batches(epoch=1) for r in range(w)]
+        return [sorted(key for rank in ranks for key in rank[s]) for s in range(len(ranks[0]))]
+
+    sampler = EpochSampler(num_samples, batch // world, 0, world, seed=3, flip=True)
+    trainer = types.SimpleNamespace(dist_info=types.SimpleNamespace(world_size=world), sampler=sampler,
+                                    args=types.SimpleNamespace(global_batch_size=batch, global_seed=3),
+                                    dataset=[None] * num_samples)
+    data = {"world_size": saved_world, "global_batch_size": batch, "num_samples": num_samples, "seed": 3}
+    claimed = Trainer._same_global_batches(trainer, data)
+    assert claimed == (global_batches(saved_world) == global_batches(world))
+    assert not Trainer._same_global_batches(trainer, {**data, "seed": 4})
+
 
 def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):
     exp = str(tmp_path / "run")

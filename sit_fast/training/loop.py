@@ -35,7 +35,8 @@ from sit_fast.checkpoint import (
 from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_dataset, close_loader, make_loader,
                            worker_error)
 from sit_fast.distributed import (
-    DistInfo, barrier, broadcast_object, cleanup, init_distributed, is_distributed, local_path_on_main_first,
+    DistInfo, barrier, broadcast_object, check_same_file, check_shared_path, cleanup, init_distributed,
+    is_distributed, local_path_on_main_first,
 )
 from sit_fast.errors import UserError, first_line, is_out_of_memory
 from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
@@ -405,8 +406,13 @@ class Trainer:
         if dist_info.is_main and (leftovers := unfinished_writes(self.checkpoint_dir)):
             logger.warning(leftovers)
         try:
+            # every node writes into and resumes from one folder (a checkpoint of the same name on a
+            # node's own disk would be another run's)
+            check_shared_path(self.exp_dir, f"--exp-dir {args.exp_dir}" if args.exp_dir
+                              else f"--results-dir {args.results_dir}", dist_info)
             ckpt = None
             if resume_path is not None:
+                check_same_file(resume_path, f"--resume {args.resume}", dist_info)
                 ckpt = load_training_checkpoint(resume_path)
                 args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
             self._build(args, explicit, ckpt, resume_path)
@@ -682,8 +688,26 @@ class Trainer:
                       "num_samples": "dataset size", "seed": "--global-seed"}
             changes = [f"{labels[k]} {data.get(k, 'unrecorded')} -> {v}" for k, v in now.items() if data.get(k) != v]
             changes = changes or [f"{len(rng)} saved random states for {world_size} rank(s)"]
-            logger.warning(f"resumed at step {self.step} with {', '.join(changes)} (the run's, now): the data "
-                           f"order and random streams are not those of the original run")
+            if self._same_global_batches(data):
+                what = ("each step's samples are the run's (the same global batches, dealt out to the ranks "
+                        "otherwise); the noise and time draws are not those of the original run")
+            else:
+                what = "the data order and random streams are not those of the original run"
+            logger.warning(f"resumed at step {self.step} with {', '.join(changes)} (the run's, now): {what}")
+
+    def _same_global_batches(self, data: dict) -> bool:
+        """Whether only the world size changed, in a way that leaves every step's samples as they were:
+        a global batch is a run of G consecutive places of the epoch's permutation, whatever the world
+        size, unless the epoch's length (padding and the dropped last batch) comes out otherwise."""
+        saved_world = data.get("world_size")
+        if not isinstance(saved_world, int) or saved_world < 1 or saved_world == self.dist_info.world_size or any(
+                data.get(k) != v for k, v in (("global_batch_size", self.args.global_batch_size),
+                                              ("num_samples", len(self.dataset)), ("seed", self.args.global_seed))):
+            return False
+        if self.args.global_batch_size % saved_world:
+            return False
+        saved_steps = math.ceil(len(self.dataset) / saved_world) // (self.args.global_batch_size // saved_world)
+        return saved_steps == self.sampler.steps_per_epoch
 
     # ------------------------------------------------------------------ checkpoints
     def check_weights(self) -> None:
@@ -1161,9 +1185,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Parse the command line, train, and return a summary (step, loss, experiment dir, ...)."""
     args, explicit = parse_args(argv)
     stop = StopRequest()
-    stop.install()  # from here on, a stop signal ends the run after its first step instead of killing it
     start_resource_tracker()
-    dist_info = init_distributed()
+    dist_info = init_distributed()  # a stop signal while it waits for the other processes ends this one
+    stop.install()  # from here on, a stop signal ends the run after its first step instead of killing it
     trainer = None
     try:
         trainer = Trainer(args, explicit, dist_info, stop)
