@@ -620,6 +620,9 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
         try:
             with Image.open(path) as image:
                 return np.asarray(image.convert("RGB"))
+        except FileNotFoundError:  # written by a process that sees another folder, or deleted meanwhile
+            raise UserError(f"{path} is missing, which a process of this job wrote: is the folder on a "
+                            f"filesystem every process sees? The same command samples it again") from None
         except (OSError, SyntaxError) as err:  # PIL's errors for a damaged or cut-short file
             raise UserError(f"{path} cannot be read ({first_line(err)}): delete it, and the same command "
                             f"samples it again") from None

@@ -841,6 +841,10 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
     with pytest.raises(UserError, match=rf"^{re.escape(png_path(str(tmp_path), 2))} cannot be read \(.*\): "
                                         r"delete it, and the same command samples it again$"):
         build_npz(str(tmp_path), 5, str(npz), progress=False)
+    os.remove(png_path(str(tmp_path), 2))  # written where this process does not see it
+    with pytest.raises(UserError, match=rf"^{re.escape(png_path(str(tmp_path), 2))} is missing, which a process "
+                                        r"of this job wrote: is the folder on a filesystem every process sees\?"):
+        build_npz(str(tmp_path), 5, str(npz), progress=False)
 
     # Memory: a few images at a time, not the N x H x W x 3 array (np.stack of all would hold it)
     import tracemalloc

@@ -1434,6 +1434,16 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
             latent_cache.main(_cache_args(images, vae_dir, out) + extra)
         return capsys.readouterr().err
 
+    os.remove(shard(1))
+    real_save = latent_cache.atomic_torch_save
+    try:  # written where this process does not see it (another node's own disk): no index of it
+        latent_cache.atomic_torch_save = lambda obj, path: None
+        assert refused([]) == (f"error: --out {out}: 1 shard(s) written by this job are missing (shard-00001.pt): is "
+                               f"the folder on a filesystem every process sees? The same command encodes them again\n")
+    finally:
+        latent_cache.atomic_torch_save = real_save
+    latent_cache.main(_cache_args(images, vae_dir, out))
+
     for extra, named in ((["--dtype", "float16"], "dtype"), (["--image-size", "8"], "image_size")):
         assert re.fullmatch(rf"error: \S+ holds latents made with other settings \({named}: .*pass another --out, "
                             r"or delete it to start over\n", refused(extra))
