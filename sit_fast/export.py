@@ -41,7 +41,7 @@ def describe(path: str, weights: str = "ema", loaded: tuple[dict, dict] | None =
         "format": info["format"], "weights": info["weights"], "step": info["step"],
         "model": registry_name(config["depth"], config["hidden_size"], config["patch_size"]),
         "config": config, "model_config": recorded_model_config(path),
-        "parameters": sum(v.numel() for k, v in state_dict.items() if k != "pos_embed"),
+        "parameters": sum(v.numel() for v in state_dict.values()),  # the fixed pos_embed too, as upstream counts
         "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()}),
         "bytes": os.path.getsize(path),
     }

@@ -335,6 +335,7 @@ def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys
     assert "w.safetensors: safetensors file" in capsys.readouterr().out.split("\n", 4)[4]
     found = export.describe(str(tmp_path / "w.safetensors"))
     assert (found["weights"], found["step"], found["dtypes"]) == ("model", 100, ["bfloat16", "float32"])
+    assert found["parameters"] == sum(p.numel() for p in model.parameters())  # as upstream counts: pos_embed too
     assert checkpoint_latent_space(str(ckpt)) == "pixels" and checkpoint_latent_space(str(tmp_path / "ema.pt")) is None
     load_checkpoint(model, tmp_path / "w.safetensors")
     # from one .safetensors to another: which weights, of which step and in which space, carry over
