@@ -621,7 +621,13 @@ def run_fid(setup: Setup) -> str:
                   f"rest into {sample_dir}", file=sys.stderr)
         raise SystemExit(exit_status(err)) from None
     synchronize(setup.device)
-    barrier()
+    try:
+        barrier()
+    except RuntimeError as err:  # gloo's error: a process (of another node, stopped by a signal to it alone) ended
+        bar.close()
+        raise UserError(f"another process of the job ended before its share was sampled ({first_line(err)}); the "
+                        f"images written are kept: run the same command again to sample the rest into "
+                        f"{sample_dir}") from None
     elapsed = time.perf_counter() - start
     bar.update(todo - bar.n)
     bar.close()

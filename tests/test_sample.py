@@ -923,6 +923,24 @@ def test_fid_job_outlives_its_console(files, tmp_path, monkeypatch):
         assert archive["arr_0"].shape == (3, 8, 8, 3)
 
 
+def test_fid_job_whose_peer_ended_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """The processes of one node stopped by a signal sent to them alone: the others, done with their
+    share, find them gone at the last barrier; one line says so, and how to finish (was gloo's traceback)."""
+    def gone():
+        raise torch.distributed.DistBackendError("[gloo] Connection closed by peer [10.0.0.2]:29500")
+
+    monkeypatch.setattr(sample, "barrier", gone)
+    sample_dir = tmp_path / "s"
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+             2, "--num-fid-samples", 2, "--sample-dir", sample_dir, "--no-run-folder", *FAST])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: another process of the job ended before its share was sampled ([gloo] Connection closed by peer "
+        f"[10.0.0.2]:29500); the images written are kept: run the same command again to sample the rest into "
+        f"{sample_dir}")
+
+
 def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path, capsys, monkeypatch):
     import errno
 
