@@ -69,8 +69,8 @@ def run(ctx) -> None:
     for axis in AXES:
         for search in searches:
             search.step(axis)
-    for search in searches:  # each op's best tried on the other ops: SIT_FAST_KERNEL_LAUNCH is one setting for all
-        for other in searches:
+    for other in searches:  # each op's best tried on the other ops (SIT_FAST_KERNEL_LAUNCH is one setting for
+        for search in searches:  # all), breadth first as above
             if other.direction == search.direction:
                 search.measure(other.best())
     for search in searches:

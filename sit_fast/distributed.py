@@ -142,7 +142,7 @@ def local_path_on_main_first(fn, info: DistInfo) -> str:
     return fn()
 
 
-SHARED_CHECK = ".shared-check"  # the file check_shared_path writes, for a moment, in the folder it checks
+SHARED_CHECK = ".shared-check-"  # + a token: the empty file check_shared_path makes, for a moment, in the folder
 
 
 def gather_object(obj) -> list:
@@ -154,46 +154,58 @@ def gather_object(obj) -> list:
     return box
 
 
-def _where(info: DistInfo) -> str:
-    return f"rank {info.rank} (on {socket.gethostname()})"
+def _which(failing: list[tuple[int, str]]) -> str:
+    """(rank, host) pairs -> "rank 3 (on a)" or "ranks 8-15 (on b), rank 17 (on c) and 40 more"."""
+    by_host: dict[str, list[int]] = {}
+    for rank, host in failing:
+        by_host.setdefault(host, []).append(rank)
+    parts = []
+    for host, ranks in list(by_host.items())[:3]:
+        runs, start = [], ranks[0]
+        for previous, rank in zip(ranks, ranks[1:] + [None]):  # runs of consecutive ranks: 8-15
+            if rank is None or rank != previous + 1:
+                runs.append(str(start) if start == previous else f"{start}-{previous}")
+                start = rank
+        parts.append(f"{'ranks' if len(ranks) > 1 else 'rank'} {', '.join(runs)} (on {host})")
+    left = sum(len(ranks) for ranks in list(by_host.values())[3:])
+    return ", ".join(parts) + (f" and {left} more" if left else "")
 
 
 def check_shared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> None:
     """That every process sees `folder` as rank 0 does, not a folder of the same name on its node's
-    own disk. Rank 0 writes a token new to this call into it, and every other process waits up to
-    wait_s seconds (a shared filesystem may show a new file late) to read that token there: a folder
-    an earlier job left on another node, the same files in it, holds none or another. Called by every
-    process together; all raise the same UserError, naming the processes that did not see it and
-    `flag`, the flag that picks the folder. Without other processes, a no-op."""
+    own disk. Rank 0 makes a file of a name new to this call in it (removed when the check ends,
+    whatever ends it), and every other process waits up to wait_s seconds (a shared filesystem may
+    show a new file late) to see it there: a folder an earlier job left on another node, the same
+    files in it, has no such file. Called by every process together; all raise the same UserError
+    (naming the processes that did not see it, and `flag`, the flag that picks the folder), as they
+    do when rank 0 cannot write there. Without other processes, a no-op."""
     if info.world_size == 1:
         return
-    path = os.path.join(folder, SHARED_CHECK)
-    token = None
+    name = error = None
     if info.is_main:
-        token = secrets.token_hex(16)
-        with open(path, "w") as f:
-            f.write(token)
-    token, shown = broadcast_object((token, folder))  # the folder's name as rank 0 has it, for the message
-    seen = True
-    if not info.is_main:
-        deadline = time.monotonic() + wait_s
-        while not (seen := _read_text(path) == token) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    blind = [where for where, ok in gather_object((_where(info), seen)) if not ok]
-    if info.is_main:
-        with contextlib.suppress(FileNotFoundError):
-            os.remove(path)
-    if blind:
-        raise UserError(f"{flag}: {', '.join(blind)} does not see what rank 0 wrote in {shown} (a folder "
-                        f"of that name on each node's own disk?): pass one on a filesystem every node shares")
-
-
-def _read_text(path: str) -> str | None:
+        name = SHARED_CHECK + secrets.token_hex(8)
+        try:
+            open(os.path.join(folder, name), "x").close()
+        except OSError as err:
+            name, error = None, f"{flag}: cannot write in {folder} ({err.strerror or err}): make room, or make it writable"
     try:
-        with open(path) as f:
-            return f.read()
-    except OSError:
-        return None
+        name_seen, shown, error = broadcast_object((name, folder, error))  # the folder as rank 0 names it
+        if error is not None:
+            raise UserError(error)
+        seen = True
+        if not info.is_main:
+            deadline = time.monotonic() + wait_s
+            while not (seen := os.path.exists(os.path.join(folder, name_seen))) and time.monotonic() < deadline:
+                time.sleep(0.5)
+        blind = [(rank, host) for rank, host, ok in gather_object((info.rank, socket.gethostname(), seen)) if not ok]
+    finally:
+        if name is not None:
+            with contextlib.suppress(OSError):
+                os.remove(os.path.join(folder, name))
+    if blind:
+        raise UserError(f"{flag}: {_which(blind)} {'does' if len(blind) == 1 else 'do'} not see what rank 0 wrote "
+                        f"in {shown} (a folder of that name on each node's own disk?): pass one on a filesystem "
+                        f"every node shares")
 
 
 def file_fingerprint(path: str):
@@ -214,8 +226,9 @@ def check_same_file(path: str, flag: str, info: DistInfo) -> None:
     same name on its node's own disk, or none. Called by every process together, as check_shared_path."""
     if info.world_size == 1:
         return
-    prints = gather_object((_where(info), path, file_fingerprint(path)))
-    other = [where for where, _, fingerprint in prints[1:] if fingerprint != prints[0][2]]
+    prints = gather_object((info.rank, socket.gethostname(), path, file_fingerprint(path)))
+    other = [(rank, host) for rank, host, _, fingerprint in prints[1:] if fingerprint != prints[0][3]]
     if other:
-        raise UserError(f"{flag}: {', '.join(other)} reads another file at {prints[0][1]} than rank 0 does, or none "
-                        f"(a folder on each node's own disk?): pass one on a filesystem every node shares")
+        raise UserError(f"{flag}: {_which(other)} {'reads' if len(other) == 1 else 'read'} another file at "
+                        f"{prints[0][2]} than rank 0 does, or none (a folder on each node's own disk?): pass one "
+                        f"on a filesystem every node shares")

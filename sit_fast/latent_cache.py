@@ -178,13 +178,17 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         close_loader(loader)
     bar.close()
     barrier()
-    index = None
-    if dist_info.is_main:
+
+    def check_shards() -> None:  # one written by a process that sees another folder, or deleted meanwhile
         missing = [shard_name(k) for k, _, _ in shards if not os.path.exists(os.path.join(args.out, shard_name(k)))]
-        if missing:  # written by a process that sees another folder, or deleted meanwhile
+        if missing:
             raise UserError(f"--out {args.out}: {len(missing)} shard(s) written by this job are missing "
                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): is the folder on a "
                             f"filesystem every process sees? The same command encodes them again")
+
+    on_main(check_shards, dist_info)  # on every process: the same line
+    index = None
+    if dist_info.is_main:
         latent_size = args.image_size // codec.downsample
         index = {
             "format": CACHE_FORMAT, "version": CACHE_VERSION,

@@ -53,6 +53,7 @@ def test_host_exchanges_outlast_the_default_groups_timeout():
 def _shared_path_worker(rank: int, port: int, root: str) -> None:
     """Rank 0 uses ROOT/a; rank 1, case by case, the same folder, or ROOT/b: a folder of the same name
     on another node's own disk, empty, left by an earlier job, or where the token shows up late."""
+    import glob
     import shutil
     import threading
 
@@ -65,14 +66,15 @@ def _shared_path_worker(rank: int, port: int, root: str) -> None:
     a, b = os.path.join(root, "a"), os.path.join(root, "b")
     outcomes = {}
     try:
-        for case in ("shared", "own disk", "left by an earlier job", "shown late"):
+        for case in ("shared", "own disk", "left by an earlier job", "shown late", "rank 0 cannot write"):
             folder = a if rank == 0 or case == "shared" else b
+            if rank == 0 and case == "rank 0 cannot write":
+                folder = os.path.join(root, "gone")
             late = None
             if rank == 1 and case == "left by an earlier job":
-                with open(os.path.join(b, SHARED_CHECK), "w") as f:
-                    f.write("an earlier job's token")
-            if rank == 1 and case == "shown late":  # the token reaches rank 1's view of the folder later
-                late = threading.Timer(1.0, lambda: shutil.copy(os.path.join(a, SHARED_CHECK), b))
+                open(os.path.join(b, SHARED_CHECK + "0123456789abcdef"), "w").close()
+            if rank == 1 and case == "shown late":  # rank 0's file reaches rank 1's view of the folder later
+                late = threading.Timer(1.0, lambda: [shutil.copy(f, b) for f in glob.glob(f"{a}/{SHARED_CHECK}*")])
                 late.start()
             try:
                 check_shared_path(folder, "--out x", info, wait_s=3.0 if case == "shown late" else 0.5)
@@ -81,10 +83,11 @@ def _shared_path_worker(rank: int, port: int, root: str) -> None:
                 outcomes[case] = str(err)
             if late is not None:
                 late.join()
-            if rank == 1 and os.path.exists(os.path.join(b, SHARED_CHECK)):
-                os.remove(os.path.join(b, SHARED_CHECK))
+            if rank == 1:
+                for f in glob.glob(f"{b}/{SHARED_CHECK}*"):
+                    os.remove(f)
         if rank == 0:  # (rank 1 may look before rank 0 has removed it)
-            outcomes["token left behind"] = os.path.exists(os.path.join(a, SHARED_CHECK))
+            outcomes["token left behind"] = bool(glob.glob(f"{a}/{SHARED_CHECK}*"))
         for case, name in (("same file", "same.pt"), ("another file", "other.pt"), ("no file", "none.pt")):
             try:
                 check_same_file(os.path.join(a if rank == 0 or case == "same file" else b, name), "--resume", info)
@@ -117,6 +120,8 @@ def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
     for case in ("own disk", "left by an earlier job"):
         assert outcomes[case].startswith(f"--out x: rank 1 (on {socket.gethostname()}) does not see what rank 0 "
                                          f"wrote in {a} (a folder of that name on each node's own disk?)"), outcomes
+    assert outcomes["rank 0 cannot write"] == (f"--out x: cannot write in {os.path.join(root, 'gone')} (No such file "
+                                               f"or directory): make room, or make it writable")
     for case, name in (("another file", "other.pt"), ("no file", "none.pt")):
         assert outcomes[case].startswith(f"--resume: rank 1 (on {socket.gethostname()}) reads another file at "
                                          f"{os.path.join(a, name)} than rank 0 does, or none"), outcomes

@@ -283,13 +283,15 @@ def test_a_world_size_change_keeps_the_global_batches_where_it_says_so(num_sampl
         return [sorted(key for rank in ranks for key in rank[s]) for s in range(len(ranks[0]))]
 
     sampler = EpochSampler(num_samples, batch // world, 0, world, seed=3, flip=True)
-    trainer = types.SimpleNamespace(dist_info=types.SimpleNamespace(world_size=world), sampler=sampler,
-                                    args=types.SimpleNamespace(global_batch_size=batch, global_seed=3),
+    args = types.SimpleNamespace(global_batch_size=batch, global_seed=3, latent_cache=None, dataset="digits")
+    trainer = types.SimpleNamespace(dist_info=types.SimpleNamespace(world_size=world), sampler=sampler, args=args,
                                     dataset=[None] * num_samples)
-    data = {"world_size": saved_world, "global_batch_size": batch, "num_samples": num_samples, "seed": 3}
+    data = {"world_size": saved_world, "global_batch_size": batch, "num_samples": num_samples, "seed": 3,
+            "source": "--dataset digits"}
     claimed = Trainer._same_global_batches(trainer, data)
     assert claimed == (global_batches(saved_world) == global_batches(world))
     assert not Trainer._same_global_batches(trainer, {**data, "seed": 4})
+    assert not Trainer._same_global_batches(trainer, {**data, "source": "ImageFolder /other"})  # the same size
 
 
 def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):

@@ -35,8 +35,8 @@ from sit_fast.checkpoint import (
 from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_dataset, close_loader, make_loader,
                            worker_error)
 from sit_fast.distributed import (
-    DistInfo, barrier, broadcast_object, check_same_file, check_shared_path, cleanup, init_distributed,
-    is_distributed, local_path_on_main_first,
+    DistInfo, barrier, broadcast_object, check_same_file, check_shared_path, cleanup, gather_object,
+    init_distributed, is_distributed, local_path_on_main_first,
 )
 from sit_fast.errors import UserError, first_line, is_out_of_memory
 from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
@@ -704,6 +704,8 @@ class Trainer:
                 data.get(k) != v for k, v in (("global_batch_size", self.args.global_batch_size),
                                               ("num_samples", len(self.dataset)), ("seed", self.args.global_seed))):
             return False
+        if data.get("source") is not None and data["source"] != data_source(self.args):  # other data, same size
+            return False
         if self.args.global_batch_size % saved_world:
             return False
         saved_steps = math.ceil(len(self.dataset) / saved_world) // (self.args.global_batch_size // saved_world)
@@ -742,12 +744,7 @@ class Trainer:
     def save_checkpoint(self) -> str:
         """Every rank contributes its RNG state; rank 0 writes the file atomically."""
         self.check_weights()
-        rng = capture_rng_state(self.device)
-        if is_distributed():
-            states = [None] * self.dist_info.world_size
-            dist.all_gather_object(states, rng)
-        else:
-            states = [rng]
+        states = gather_object(capture_rng_state(self.device))
         path = checkpoint_path(self.checkpoint_dir, self.step)
         if self.dist_info.is_main:
             checkpoint = {
