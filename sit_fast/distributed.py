@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import socket
 import time
@@ -22,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from sit_fast.errors import UserError
+from sit_fast.errors import UserError, first_line
 
 HOST_TIMEOUT = timedelta(hours=6)  # how long a host-side exchange waits for the slowest rank
 _host_group = None
@@ -116,17 +117,30 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def peer_ended(err: BaseException) -> bool:
+    """Whether err is gloo's (or the store's) word that another process of the job has ended."""
+    return isinstance(err, RuntimeError) and is_distributed() and re.search(
+        r"Connection (closed|reset) by peer|remote process exited|Failed to recv", str(err)) is not None
+
+
 def on_main(fn, info: DistInfo):
-    """Run fn on rank 0 only and hand its result (or its UserError) to every rank."""
+    """Run fn on rank 0 only and hand its result (or its UserError) to every rank. Another exception
+    is raised on rank 0 as it is, and on the others as a UserError saying rank 0 failed, so none
+    waits for an answer that never comes."""
     if info.world_size == 1:
         return fn()
-    result, error = None, None
+    result, error, failure = None, None, None
     if info.is_main:
         try:
             result = fn()
         except UserError as err:
             error = str(err)
+        except Exception as err:  # noqa: BLE001 -- rank 0 re-raises it below, after telling the others
+            failure = err
+            error = f"rank 0 failed: {type(err).__name__}: {first_line(err)}"
     result, error = broadcast_object((result, error))
+    if failure is not None:
+        raise failure
     if error is not None:
         raise UserError(error)
     return result

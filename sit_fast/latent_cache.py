@@ -37,7 +37,7 @@ from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
 )
 from sit_fast.distributed import barrier, check_shared_path, cleanup, init_distributed, on_main
-from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
+from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
@@ -177,18 +177,20 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     finally:
         close_loader(loader)
     bar.close()
-    barrier()
+    try:
+        barrier()
+    except RuntimeError as err:  # gloo's error: another process ended (its error is in torchrun's summary)
+        raise UserError(f"another process of the job ended before its shards were written ({first_line(err)}); the "
+                        f"shards written are kept: run the same command again to encode the rest") from None
 
-    def check_shards() -> None:  # one written by a process that sees another folder, or deleted meanwhile
+    def finish() -> dict:
+        """On rank 0: every shard there (one written by a process that sees another folder, or deleted
+        meanwhile, is not), then the index."""
         missing = [shard_name(k) for k, _, _ in shards if not os.path.exists(os.path.join(args.out, shard_name(k)))]
         if missing:
             raise UserError(f"--out {args.out}: {len(missing)} shard(s) written by this job are missing "
                             f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): is the folder on a "
                             f"filesystem every process sees? The same command encodes them again")
-
-    on_main(check_shards, dist_info)  # on every process: the same line
-    index = None
-    if dist_info.is_main:
         latent_size = args.image_size // codec.downsample
         index = {
             "format": CACHE_FORMAT, "version": CACHE_VERSION,
@@ -200,12 +202,20 @@ def build_cache(args: argparse.Namespace) -> dict | None:
             "shards": [{"file": shard_name(k), "start": start, "count": count} for k, start, count in shards],
         }
         text = json.dumps(index, indent=1)
-        atomic_write(os.path.join(args.out, CACHE_INDEX), lambda f: f.write(text.encode()))
+        path = os.path.join(args.out, CACHE_INDEX)
+        try:
+            atomic_write(path, lambda f: f.write(text.encode()))
+        except OSError as err:
+            if err.errno not in WRITE_REFUSED:
+                raise
+            raise write_refused(path, err) from None
         print(f"latent cache: {n} images x 2 flips, latents {codec.latent_channels}x{latent_size}x{latent_size}, "
               f"{len(shards)} shard(s) in {args.out}", flush=True)
-    barrier()
+        return index
+
+    index = on_main(finish, dist_info)  # every process ends with rank 0's line, or its error
     cleanup()
-    return index
+    return index if dist_info.is_main else None
 
 
 @cli_entry

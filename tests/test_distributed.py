@@ -88,6 +88,14 @@ def _shared_path_worker(rank: int, port: int, root: str) -> None:
                     os.remove(f)
         if rank == 0:  # (rank 1 may look before rank 0 has removed it)
             outcomes["token left behind"] = bool(glob.glob(f"{a}/{SHARED_CHECK}*"))
+        from sit_fast.distributed import on_main
+
+        try:
+            on_main(lambda: 1 / 0, info)  # not a UserError: rank 0 raises it, the others hear of it
+        except UserError as err:
+            outcomes["on_main"] = str(err) if rank else "rank 0 got a UserError"
+        except ZeroDivisionError:  # on rank 0, what rank 1 should have been told
+            outcomes["on_main"] = "rank 0 failed: ZeroDivisionError: division by zero" if rank == 0 else "raised"
         for case, name in (("same file", "same.pt"), ("another file", "other.pt"), ("no file", "none.pt")):
             try:
                 check_same_file(os.path.join(a if rank == 0 or case == "same file" else b, name), "--resume", info)
@@ -117,6 +125,7 @@ def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
     assert outcomes.pop("token left behind") is False
     assert outcomes == results[1]
     assert outcomes["shared"] == outcomes["shown late"] == outcomes["same file"] == "ok", outcomes
+    assert outcomes["on_main"] == "rank 0 failed: ZeroDivisionError: division by zero"  # rank 1's line too
     for case in ("own disk", "left by an earlier job"):
         assert outcomes[case].startswith(f"--out x: rank 1 (on {socket.gethostname()}) does not see what rank 0 "
                                          f"wrote in {a} (a folder of that name on each node's own disk?)"), outcomes

@@ -149,6 +149,69 @@ def test_folders_on_each_nodes_own_disk_are_refused(tmp_path, digits_checkpoint)
         "the run that never started left its folder"
 
 
+def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
+    """A rank of a 2-process run in which one rank fails: its outcome (the run's summary step, or the
+    error line, or the exception's type) into ROOT/rankN.txt."""
+    import errno
+
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from sit_fast import images
+    from sit_fast.errors import UserError
+    from sit_fast.training import loop
+
+    if failure == "checkpoint, disk full" and rank == 0:
+        def full(obj, path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        loop.atomic_torch_save = full
+    if failure == "sample grid, disk full" and rank == 0:
+        def full_grid(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        images.save_image_grid = full_grid
+    if failure == "a peer ends" and rank == 1:
+        real = loop.Trainer.train_step
+
+        def train_step(self, batch):
+            if self.step == 2:
+                os._exit(3)  # as a rank killed by a data error or out of memory would end
+            return real(self, batch)
+        loop.Trainer.train_step = train_step
+    argv = BASE + ["--exp-dir", os.path.join(root, "exp"), "--max-steps", "4", "--ckpt-every", "2",
+                   "--sample-every", "2", "--num-sample-images", "2", "--sample-steps", "2"]
+    try:
+        outcome = f"step {loop.main(argv)['step']}"
+    except UserError as err:
+        outcome = str(err)
+    except BaseException as err:  # noqa: BLE001 -- what the test looks at
+        outcome = f"{type(err).__name__}: {err}"
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+@pytest.mark.parametrize("failure", ["checkpoint, disk full", "sample grid, disk full", "a peer ends"])
+def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
+    """Rank 0 alone writes checkpoints and grids: its full disk reached the others as gloo's 'Connection
+    closed by peer' traceback (or, for a grid, a crash); a peer that ended did the same to rank 0."""
+    try:
+        mp.spawn(_failing_rank_worker, args=(free_port(), str(tmp_path), failure), nprocs=2, join=True)
+    except mp.ProcessExitedException:
+        assert failure == "a peer ends"  # rank 1's own end
+    outcomes = {r: (tmp_path / f"rank{r}.txt").read_text() for r in range(2) if (tmp_path / f"rank{r}.txt").exists()}
+    if failure == "checkpoint, disk full":
+        assert outcomes[0] == outcomes[1] and outcomes[0].startswith(
+            "step 2: cannot write checkpoint ") and "(No space left on device)" in outcomes[0], outcomes
+    elif failure == "sample grid, disk full":
+        assert outcomes == {0: "step 4", 1: "step 4"}, outcomes  # the grids are skipped, with a warning
+        with open(tmp_path / "exp" / "log.txt") as f:
+            assert "step 2: the sample grid is skipped: cannot write it (No space left on device)" in f.read()
+    else:
+        last = tmp_path / "exp" / "checkpoints" / "0000002.pt"
+        assert list(outcomes) == [0] and re.fullmatch(
+            r"another process of the job ended at step 2 \((Connection|Read error|[A-Z]).*\); its error is in torchrun's "
+            rf"summary; last checkpoint: {re.escape(str(last))}", outcomes[0]), outcomes
+
+
 # ----------------------------------------------------------------------------- DDP and exact resume
 
 @pytest.fixture(scope="module")
@@ -1715,7 +1778,7 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert re.fullmatch(rf"error: cannot write {re.escape(os.path.join(out, '.index.json.tmp-'))}\d+ \(No space left "
+    assert re.fullmatch(rf"error: cannot write {re.escape(os.path.join(out, 'index.json'))} \(No space left "
                         rf"on device\): the shards written are kept: .*\n", err), err
     assert not os.path.exists(os.path.join(out, "index.json"))
 

@@ -142,11 +142,13 @@ class StopRequest:
             raise KeyboardInterrupt
 
     def restore(self) -> None:
-        """The handlers as they were; waits for a flag exchange still in flight."""
+        """The handlers as they were; waits for a flag exchange still in flight (one a peer's end cut
+        short is dropped: the run is ending, and the error that ends it is said elsewhere)."""
         restore_handlers(self.previous)
-        if self.pending is not None:
-            self.pending.wait()
-            self.pending = None
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            with contextlib.suppress(RuntimeError):
+                pending.wait()
 
     def agreed(self) -> str | None:
         """Once per step on every rank: the signal's name when all ranks stop now, else None."""

@@ -36,11 +36,11 @@ from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_d
                            worker_error)
 from sit_fast.distributed import (
     DistInfo, barrier, broadcast_object, check_same_file, check_shared_path, cleanup, gather_object,
-    init_distributed, is_distributed, local_path_on_main_first,
+    init_distributed, is_distributed, local_path_on_main_first, on_main, peer_ended,
 )
 from sit_fast.errors import UserError, first_line, is_out_of_memory
 from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
-                             remove_empty_folders)
+                             make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.sampling import check_training_args, release_or_path
@@ -389,7 +389,7 @@ class Trainer:
                 exp_dir, resume_path, resume_note = select_experiment(args)
                 created = not os.path.exists(exp_dir)
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
-                make_folder(os.path.join(exp_dir, "checkpoints"), flag)
+                make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
                 choice = exp_dir, resume_path, resume_note, created, made_from
             except UserError as err:
                 choice = err
@@ -421,8 +421,17 @@ class Trainer:
                 remove_unused_experiment(self.exp_dir, made_from)
             raise
         # only a resume that will run (built, with steps left to take) starts a branch
-        if dist_info.is_main and resume_path is not None and self.step < self.max_steps:
-            moved = set_aside_later_checkpoints(resume_path, self.checkpoint_dir)
+        if resume_path is not None and self.step < self.max_steps:
+            def set_aside() -> str:
+                try:
+                    return set_aside_later_checkpoints(resume_path, self.checkpoint_dir)
+                except OSError as err:
+                    if err.errno not in WRITE_REFUSED:
+                        raise
+                    raise UserError(f"cannot move the checkpoints after {resume_path} aside ({err.strerror}): make "
+                                    f"room (or make {self.checkpoint_dir} writable) and resume again") from None
+
+            moved = on_main(set_aside, dist_info)  # rank 0's error, a full disk, on every rank
             if moved:
                 logger.info(moved)
 
@@ -746,7 +755,8 @@ class Trainer:
         self.check_weights()
         states = gather_object(capture_rng_state(self.device))
         path = checkpoint_path(self.checkpoint_dir, self.step)
-        if self.dist_info.is_main:
+
+        def write() -> None:  # on rank 0; its UserError (a full disk) reaches every rank
             checkpoint = {
                 "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(),
@@ -778,7 +788,7 @@ class Trainer:
                                     f"once the folder has room and can be written") from None
                 logger.info(f"saved checkpoint {path}")
                 self.last_checkpoint = path  # complete on disk: what a Ctrl-C raised here names
-        barrier()
+        on_main(write, self.dist_info)
         self.last_checkpoint = path
         return path
 
@@ -831,7 +841,13 @@ class Trainer:
         images = codec.decode(samples) if codec is not None else samples.clamp(-1, 1)
         from sit_fast.images import save_image_grid
 
-        path = save_image_grid(images, os.path.join(self.exp_dir, "samples", f"{self.step:07d}.png"))
+        try:
+            path = save_image_grid(images, os.path.join(self.exp_dir, "samples", f"{self.step:07d}.png"))
+        except OSError as err:  # a grid is not worth the run: the next checkpoint will say if the disk stays full
+            if err.errno not in WRITE_REFUSED:
+                raise
+            logger.warning(f"step {self.step}: the sample grid is skipped: cannot write it ({err.strerror})")
+            return None
         logger.info(f"saved EMA samples {path}")
         self.track_image(path)
         return path
@@ -914,8 +930,7 @@ class Trainer:
             logger.info(f"nothing to do: step {self.step} is at or past the end of the run, {bound} ({flag} {value}"
                         f"{given}): pass a larger {flag} to train further")
             return self.summary(None, {})
-        if is_main:
-            self.open_trackers()
+        on_main(self.open_trackers, self.dist_info)  # rank 0's trackers; a failure to open them ends every rank
         self.model.train()
         bar = None
         if is_main and not args.no_progress and sys.stderr.isatty():  # in a log file, the log lines are the progress
@@ -955,7 +970,7 @@ class Trainer:
     def _loop(self, stop: StopRequest, bar) -> tuple[dict, str | None]:
         """Steps until the end of the run or an agreed stop request: (the last log line's figures,
         the name of the signal that stopped it or None)."""
-        args, is_main, device, window = self.args, self.dist_info.is_main, self.device, self.window
+        args, device, window = self.args, self.device, self.window
         window.restart()
         last_log = {}
         if self.step_in_epoch >= self.sampler.steps_per_epoch:  # nothing left of this epoch
@@ -991,9 +1006,9 @@ class Trainer:
                         if self.step % args.ckpt_every == 0 or last:
                             self.check_finite()
                             self.save_checkpoint()
-                        if args.sample_every is not None and self.step % args.sample_every == 0 and is_main:
-                            self.phase = "samples"
-                            self.save_samples()
+                        if args.sample_every is not None and self.step % args.sample_every == 0:
+                            self.phase = "samples"  # the others wait on the host group, not in NCCL's 10 minutes
+                            on_main(self.save_samples, self.dist_info)
                             self.phase = "train"
                     if last:
                         break
@@ -1195,7 +1210,15 @@ def main(argv: list[str] | None = None) -> dict:
     except UserError as err:
         log_to_file(f"error: {' '.join(str(err).split())}")
         raise
-    except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile
+    except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile; or a peer's end
+        if peer_ended(err):  # the rank that ended says why (torchrun's summary names it): here, one line
+            where = "before training started" if trainer is None else f"at step {trainer.step}"
+            last = trainer.last_checkpoint if trainer is not None else None
+            said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err))  # without gloo's source file and line
+            message = (f"another process of the job ended {where} ({said}); its error is in torchrun's "
+                       f"summary; last checkpoint: {last or 'none written yet'}")
+            log_to_file(f"error: {message}")
+            raise UserError(message) from None
         if not is_out_of_memory(err):
             raise
         if trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
