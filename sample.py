@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import sys
 import time
@@ -907,6 +908,9 @@ def data_job_settings(setup: Setup, x) -> dict:
     return settings
 
 
+FAILED = re.compile(r"failed-rank-(\d+)\.txt")  # BatchParts.failed's word
+
+
 class BatchParts:
     """The per-batch results of --likelihood or --reverse, kept as they come in OUT.parts/: one file
     per batch, each written whole (atomically), beside settings.json, the settings that made them.
@@ -922,6 +926,9 @@ class BatchParts:
             check_settings(self.folder, settings, holds="the results of a stopped run", flag="--out",
                            outputs=r"\d{6}\.pt")
             present = set(os.listdir(self.folder))
+            for name in present:  # an earlier run's word of a process that failed
+                if FAILED.fullmatch(name):
+                    os.remove(os.path.join(self.folder, name))
             return [k for k in range(self.batches) if self.name(k) not in present]
 
         self.pending = on_main(pending, dist)
@@ -953,12 +960,25 @@ class BatchParts:
                                 f"the same command computes its batch again") from None
         return results
 
+    def failed(self, rank: int, err: Exception) -> None:
+        """Leave word, for the main process waiting for this one's batches, that rank `rank` failed."""
+        line = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
+        with contextlib.suppress(OSError):
+            atomic_write(os.path.join(self.folder, f"failed-rank-{rank}.txt"),
+                         lambda f: f.write(" ".join(line.split()).encode()))
+
     def wait(self, bar) -> None:
         """Until every pending batch is in the folder (the main process, after its own, waits so for the
         others' instead of at a barrier, whose timeout a slow batch elsewhere could outlast), the bar
-        counting."""
+        counting; a UserError if another process left word that it failed."""
         while True:
             present = set(os.listdir(self.folder))
+            failures = sorted(name for name in present if FAILED.fullmatch(name))
+            if failures:
+                with open(os.path.join(self.folder, failures[0])) as f:
+                    said = f.read()
+                raise UserError(f"rank {FAILED.fullmatch(failures[0]).group(1)} failed: {said}; the batches "
+                                f"finished are kept in {self.folder}: run the same command again once that is fixed")
             missing = [k for k in self.pending if self.name(k) not in present]
             bar.update(max(0, bar.total - items_in(missing, self.total, self.batch_size) - bar.n))
             if not missing:
@@ -988,7 +1008,9 @@ def unused_parts_removed(parts: BatchParts | None, dist: DistInfo):
     holding settings.json alone."""
     try:
         yield
-    except Exception:
+    except Exception as err:
+        if parts is not None and not dist.is_main:  # for the main process, which waits for this one's batches
+            parts.failed(dist.rank, err)
         if parts is not None and dist.is_main and os.path.isdir(parts.folder) \
                 and set(os.listdir(parts.folder)) <= {"settings.json"}:
             parts.remove()

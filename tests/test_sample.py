@@ -1664,6 +1664,29 @@ def test_the_main_process_waits_for_the_other_processes_batches(tmp_path, monkey
     assert bar.n == 5 and [len(r) for r in parts.read(every=True)] == [2, 2, 1]
 
 
+def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatch):
+    """A process of another node that fails (a damaged image in its share) leaves word in OUT.parts/:
+    rank 0, waiting for its batches, says so in one line (it polled for ever); a rerun clears the word."""
+    import types
+
+    from sit_fast.distributed import DistInfo
+    from sit_fast.errors import UserError
+
+    monkeypatch.setattr(sample, "PARTS_POLL_S", 0.05)
+    dist = {r: DistInfo(rank=r, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=r == 0) for r in (0, 3)}
+    parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=5, batch_size=2, dist=dist[0])
+    with pytest.raises(UserError):
+        with sample.unused_parts_removed(parts, dist[3]):  # rank 3's share
+            raise UserError("cannot read image /data/003.png (truncated)")
+    bar = types.SimpleNamespace(total=5, n=0, update=lambda count: None)
+    with pytest.raises(UserError) as error:
+        parts.wait(bar)
+    assert str(error.value) == (f"rank 3 failed: cannot read image /data/003.png (truncated); the batches finished "
+                                f"are kept in {parts.folder}: run the same command again once that is fixed")
+    again = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=5, batch_size=2, dist=dist[0])
+    assert sorted(os.listdir(again.folder)) == ["settings.json"]
+
+
 def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
     from sit_fast.distributed import DistInfo
 
