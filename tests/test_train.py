@@ -193,10 +193,11 @@ def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
 def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     """Rank 0 alone writes checkpoints and grids: its full disk reached the others as gloo's 'Connection
     closed by peer' traceback (or, for a grid, a crash); a peer that ended did the same to rank 0."""
-    try:
-        mp.spawn(_failing_rank_worker, args=(free_port(), str(tmp_path), failure), nprocs=2, join=True)
-    except mp.ProcessExitedException:
-        assert failure == "a peer ends"  # rank 1's own end
+    # joined one by one: spawn's own join would end rank 0 (SIGTERM) as soon as rank 1 exits
+    context = mp.spawn(_failing_rank_worker, args=(free_port(), str(tmp_path), failure), nprocs=2, join=False)
+    for process in context.processes:
+        process.join(timeout=120)
+    assert [p.exitcode for p in context.processes] == [0, 3 if failure == "a peer ends" else 0]
     outcomes = {r: (tmp_path / f"rank{r}.txt").read_text() for r in range(2) if (tmp_path / f"rank{r}.txt").exists()}
     if failure == "checkpoint, disk full":
         assert outcomes[0] == outcomes[1] and outcomes[0].startswith(
