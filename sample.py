@@ -70,6 +70,7 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, barrier, check_shared_path, cleanup, init_distributed, local_path_on_main_first, on_main,
+    peer_ended,
 )
 from sit_fast.errors import UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes
@@ -625,6 +626,8 @@ def run_fid(setup: Setup) -> str:
     try:
         barrier()
     except RuntimeError as err:  # gloo's error: a process (of another node, stopped by a signal to it alone) ended
+        if not peer_ended(err):
+            raise
         bar.close()
         raise UserError(f"another process of the job ended before its share was sampled ({first_line(err)}); the "
                         f"images written are kept: run the same command again to sample the rest into "

@@ -119,7 +119,7 @@ def broadcast_object(obj, src: int = 0):
 
 def peer_ended(err: BaseException) -> bool:
     """Whether err is gloo's (or the store's) word that another process of the job has ended."""
-    return isinstance(err, RuntimeError) and is_distributed() and re.search(
+    return isinstance(err, RuntimeError) and re.search(
         r"Connection (closed|reset) by peer|remote process exited|Failed to recv", str(err)) is not None
 
 

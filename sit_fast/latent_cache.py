@@ -36,7 +36,8 @@ from sit_fast.argtypes import OneLineArgumentParser, nonnegative_int, positive_i
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
 )
-from sit_fast.distributed import barrier, check_shared_path, cleanup, init_distributed, on_main
+from sit_fast.distributed import (barrier, check_shared_path, cleanup, init_distributed, on_main,
+                                  peer_ended)
 from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
@@ -180,6 +181,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     try:
         barrier()
     except RuntimeError as err:  # gloo's error: another process ended (its error is in torchrun's summary)
+        if not peer_ended(err):
+            raise
         raise UserError(f"another process of the job ended before its shards were written ({first_line(err)}); the "
                         f"shards written are kept: run the same command again to encode the rest") from None
 

@@ -940,6 +940,14 @@ def test_fid_job_whose_peer_ended_is_one_line(files, tmp_path, capsys, monkeypat
         f"[10.0.0.2]:29500); the images written are kept: run the same command again to sample the rest into "
         f"{sample_dir}")
 
+    def timed_out():  # not a peer's end: not called one
+        raise torch.distributed.DistBackendError("[gloo] Timed out waiting 21600000ms for recv operation")
+
+    monkeypatch.setattr(sample, "barrier", timed_out)
+    with pytest.raises(torch.distributed.DistBackendError):
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+             2, "--num-fid-samples", 3, "--sample-dir", sample_dir, "--no-run-folder", *FAST])
+
 
 def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path, capsys, monkeypatch):
     import errno

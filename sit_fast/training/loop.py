@@ -1211,7 +1211,7 @@ def main(argv: list[str] | None = None) -> dict:
         log_to_file(f"error: {' '.join(str(err).split())}")
         raise
     except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile; or a peer's end
-        if peer_ended(err):  # the rank that ended says why (torchrun's summary names it): here, one line
+        if is_distributed() and peer_ended(err):  # the rank that ended says why (torchrun's summary names it): here, one line
             where = "before training started" if trainer is None else f"at step {trainer.step}"
             last = trainer.last_checkpoint if trainer is not None else None
             said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err))  # without gloo's source file and line
