@@ -639,8 +639,23 @@ class Results:
             "fields": FIELDS,
             "records": self.records,
         }
-        _atomic_write(os.path.join(self.out_dir, "results.json"), json.dumps(document, indent=1, default=_json_default))
+        text = json.dumps(_finite(document), indent=1, default=_json_default, allow_nan=False)
+        _atomic_write(os.path.join(self.out_dir, "results.json"), text)
         _atomic_write(os.path.join(self.out_dir, "results.md"), to_markdown(document))
+
+
+def _finite(value):
+    """value with every NaN or infinite float as the string "NaN", "Infinity" or "-Infinity" (strict JSON
+    has no such numbers; Python's float() reads the strings back)."""
+    if isinstance(value, np.floating):
+        value = float(value)
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {key: _finite(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(item) for item in value]
+    return value
 
 
 def _json_default(value):

@@ -253,6 +253,25 @@ def test_the_schema_names_every_suite():
     assert "tuning" in FIELDS["variant"], FIELDS["variant"]
 
 
+def test_results_json_is_strict_json(tmp_path):
+    """A NaN or infinite figure (a parity run gone wrong) is written as a string, so strict readers
+    parse results.json; numbers stay numbers."""
+    import numpy as np
+
+    ctx = _context(tmp_path)
+    ctx.results.add(ctx.record("kernels", "op", "ours", status="parity_failed", dtype="bf16",
+                               parity_max_abs_err=float("nan"), gbps=np.float32("inf"),
+                               extra={"errors": [-math.inf, 0.5]}, median_ms=1.25, p20_ms=1.0, p80_ms=1.5))
+
+    def refuse(constant):
+        raise ValueError(f"non-standard JSON constant {constant}")
+
+    (record,) = json.loads((tmp_path / "results.json").read_text(), parse_constant=refuse)["records"]
+    assert record["parity_max_abs_err"] == "NaN" and record["gbps"] == "Infinity", record
+    assert record["extra"]["errors"] == ["-Infinity", 0.5] and record["median_ms"] == 1.25, record
+    assert math.isnan(float(record["parity_max_abs_err"]))
+
+
 def _context(tmp_path, **size_changes):
     import dataclasses
 

@@ -59,6 +59,13 @@ def _add_scaled(x, h, dx):
     return (x + h * dx).to(x.dtype)
 
 
+def _add(a, b):
+    """a + b, for a tensor or a tuple of tensors."""
+    if isinstance(a, tuple):
+        return tuple(u + v for u, v in zip(a, b))
+    return a + b
+
+
 def time_grid(t0: float, t1: float, num_points: int, like) -> torch.Tensor:
     """num_points times from t0 to t1 on like's device, in float32 (float64 if like is float64)."""
     x = _first(like)
@@ -87,7 +94,7 @@ def ode_heun(drift, x, t_grid, trajectory=False):
         d_cur = drift(x, t_grid[i].expand(batch))
         x_pred = _add_scaled(x, dt[i], d_cur)  # Euler predictor
         d_next = drift(x_pred, t_grid[i + 1].expand(batch))
-        x = _add_scaled(x, 0.5 * dt[i], _add_scaled(d_cur, 1.0, d_next))  # trapezoidal corrector
+        x = _add_scaled(x, 0.5 * dt[i], _add(d_cur, d_next))  # trapezoidal corrector
         if trajectory:
             states.append(x)
     return states if trajectory else [x]
