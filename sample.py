@@ -70,9 +70,9 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, barrier, check_shared_path, cleanup, init_distributed, local_path_on_main_first, on_main,
-    peer_ended,
+    peer_ended, peer_ended_words,
 )
-from sit_fast.errors import UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
+from sit_fast.errors import PeerFailed, UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
@@ -629,7 +629,7 @@ def run_fid(setup: Setup) -> str:
         if not peer_ended(err):
             raise
         bar.close()
-        raise UserError(f"another process of the job ended before its share was sampled ({first_line(err)}); the "
+        raise PeerFailed(f"another process of the job ended before its share was sampled ({peer_ended_words(err)}); the "
                         f"images written are kept: run the same command again to sample the rest into "
                         f"{sample_dir}") from None
     elapsed = time.perf_counter() - start
@@ -1271,6 +1271,11 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
             if not is_out_of_memory(err):
                 raise
             raise UserError(out_of_memory_advice(args, setup.device)) from None
+    except RuntimeError as err:  # gloo's word at a collective that a process (failed in its setup, say) ended
+        if dist.world_size == 1 or not peer_ended(err):
+            raise
+        raise PeerFailed(f"another process of the job ended ({peer_ended_words(err)}); its error is in torchrun's "
+                        f"summary") from None
     except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
         if dist.is_main:
             print(f"\n{what_stopped(err)}", file=sys.stderr)

@@ -23,7 +23,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from sit_fast.errors import UserError, first_line
+from sit_fast.errors import PeerFailed, UserError, first_line
 
 HOST_TIMEOUT = timedelta(hours=6)  # how long a host-side exchange waits for the slowest rank
 _host_group = None
@@ -123,6 +123,12 @@ def peer_ended(err: BaseException) -> bool:
         r"Connection (closed|reset) by peer|remote process exited|Failed to recv", str(err)) is not None
 
 
+def peer_ended_words(err: BaseException) -> str:
+    """The first sentence of gloo's error, without its source file and line ("[.../pair.cc:534] ") or
+    the advice after it ("This is typically caused by a remote worker crashing. ...")."""
+    return re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ", 1)[0]
+
+
 def on_main(fn, info: DistInfo):
     """Run fn on rank 0 only and hand its result (or its UserError) to every rank. Another exception
     is raised on rank 0 as it is, and on the others as a UserError saying rank 0 failed, so none
@@ -138,11 +144,11 @@ def on_main(fn, info: DistInfo):
         except Exception as err:  # noqa: BLE001 -- rank 0 re-raises it below, after telling the others
             failure = err
             error = f"rank 0 failed: {type(err).__name__}: {first_line(err)}"
-    result, error = broadcast_object((result, error))
+    result, error, failed = broadcast_object((result, error, failure is not None))
     if failure is not None:
         raise failure
     if error is not None:
-        raise UserError(error)
+        raise PeerFailed(error) if failed else UserError(error)
     return result
 
 
@@ -186,15 +192,23 @@ def _which(failing: list[tuple[int, str]]) -> str:
 
 
 def check_shared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> None:
-    """That every process sees `folder` as rank 0 does, not a folder of the same name on its node's
-    own disk. Rank 0 makes a file of a name new to this call in it (removed when the check ends,
-    whatever ends it), and every other process waits up to wait_s seconds (a shared filesystem may
-    show a new file late) to see it there: a folder an earlier job left on another node, the same
-    files in it, has no such file. Called by every process together; all raise the same UserError
-    (naming the processes that did not see it, and `flag`, the flag that picks the folder), as they
-    do when rank 0 cannot write there. Without other processes, a no-op."""
+    """That every process sees `folder` as rank 0 does (see unshared_path): every process raises the
+    same UserError if one does not."""
+    problem = unshared_path(folder, flag, info, wait_s)
+    if problem is not None:
+        raise UserError(f"{problem}: pass one on a filesystem every node shares")
+
+
+def unshared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> str | None:
+    """Whether every process sees `folder` as rank 0 does, not a folder of the same name on its node's
+    own disk: None if so, else the same line on every process, naming the processes that did not see
+    it and `flag`, the flag that picks the folder. Rank 0 makes a file of a name new to this call in
+    it (removed when the check ends, whatever ends it), and every other process waits up to wait_s
+    seconds (a shared filesystem may show a new file late) to see it there: a folder an earlier job
+    left on another node, the same files in it, has no such file. Called by every process together;
+    all raise the same UserError when rank 0 cannot write there. Without other processes, None."""
     if info.world_size == 1:
-        return
+        return None
     name = error = None
     if info.is_main:
         name = SHARED_CHECK + secrets.token_hex(8)
@@ -216,10 +230,10 @@ def check_shared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30
         if name is not None:
             with contextlib.suppress(OSError):
                 os.remove(os.path.join(folder, name))
-    if blind:
-        raise UserError(f"{flag}: {_which(blind)} {'does' if len(blind) == 1 else 'do'} not see what rank 0 wrote "
-                        f"in {shown} (a folder of that name on each node's own disk?): pass one on a filesystem "
-                        f"every node shares")
+    if not blind:
+        return None
+    return (f"{flag}: {_which(blind)} {'does' if len(blind) == 1 else 'do'} not see what rank 0 wrote in {shown} "
+            f"(a folder of that name on each node's own disk?)")
 
 
 def file_fingerprint(path: str):
@@ -244,5 +258,5 @@ def check_same_file(path: str, flag: str, info: DistInfo) -> None:
     other = [(rank, host) for rank, host, _, fingerprint in prints[1:] if fingerprint != prints[0][3]]
     if other:
         raise UserError(f"{flag}: {_which(other)} {'reads' if len(other) == 1 else 'read'} another file at "
-                        f"{prints[0][2]} than rank 0 does, or none (a folder on each node's own disk?): pass one "
-                        f"on a filesystem every node shares")
+                        f"{prints[0][2]} than rank 0 does, or none (a folder on each node's own disk?): copy rank 0's "
+                        f"there on every node, or pass one on a filesystem every node shares")

@@ -15,6 +15,17 @@ class UserError(ValueError):
     """An error caused by the user's input (flags, files, configuration); its message is the fix."""
 
 
+class PeerFailed(UserError):
+    """This process stops because another process of the job failed or ended first: its own error is
+    that process's, which torchrun's failure summary should name as the root cause (see report)."""
+
+
+# torchrun names as the root cause the failure of the earliest error-file timestamp, in whole seconds,
+# a tie going to the lowest rank: a PeerFailed is dated this much later, so the process whose end
+# it reports (dated when it wrote its error, or, without one, when torchrun saw it end) comes first.
+PEER_FAILED_LATER_S = 2
+
+
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some libraries put in their messages
 
 
@@ -60,12 +71,13 @@ def log_warnings_on_stderr(is_main: bool) -> None:
     logger.propagate = False
 
 
-def report(message: str) -> None:
+def report(message: str, later_s: int = 0) -> None:
     """Print `error: message` on stderr, once per torchrun job rather than once per process.
 
     Under torchrun every process also writes the line to its error file (TORCHELASTIC_ERROR_FILE),
     which torchrun prints in its failure summary in place of "To enable traceback see ...". So the
     other ranks leave stderr to rank 0; an error that only some ranks hit still shows, in that summary.
+    later_s: how much later than now to date the error there (PEER_FAILED_LATER_S for a PeerFailed).
     """
     line = f"error: {' '.join(message.split())}"
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
@@ -73,7 +85,8 @@ def report(message: str) -> None:
         try:
             with open(error_file, "w") as f:
                 # the layout of torch.distributed.elastic's ErrorHandler, less the traceback
-                json.dump({"message": {"message": line, "extraInfo": {"timestamp": str(int(time.time()))}}}, f)
+                stamp = str(int(time.time()) + later_s)
+                json.dump({"message": {"message": line, "extraInfo": {"timestamp": stamp}}}, f)
         except OSError:
             error_file = None
     if os.environ.get("RANK", "0") == "0" or not error_file:
@@ -93,7 +106,7 @@ def cli_entry(main: Callable) -> Callable:
             try:
                 return main(*args, **kwargs)
             except UserError as err:
-                report(str(err))
+                report(str(err), PEER_FAILED_LATER_S if isinstance(err, PeerFailed) else 0)
                 sys.exit(2)
 
     return wrapper

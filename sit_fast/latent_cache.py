@@ -36,9 +36,9 @@ from sit_fast.argtypes import OneLineArgumentParser, nonnegative_int, positive_i
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
 )
-from sit_fast.distributed import (barrier, check_shared_path, cleanup, init_distributed, on_main,
-                                  peer_ended)
-from sit_fast.errors import UserError, cli_entry, first_line, log_warnings_on_stderr
+from sit_fast.distributed import (barrier, check_shared_path, cleanup, init_distributed, is_distributed, on_main,
+                                  peer_ended, peer_ended_words)
+from sit_fast.errors import PeerFailed, UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
@@ -183,7 +183,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     except RuntimeError as err:  # gloo's error: another process ended (its error is in torchrun's summary)
         if not peer_ended(err):
             raise
-        raise UserError(f"another process of the job ended before its shards were written ({first_line(err)}); the "
+        raise PeerFailed(f"another process of the job ended before its shards were written ({peer_ended_words(err)}); the "
                         f"shards written are kept: run the same command again to encode the rest") from None
 
     def finish() -> dict:
@@ -232,6 +232,11 @@ def main(argv: list[str] | None = None) -> dict | None:
             if err.errno not in WRITE_REFUSED:
                 raise
             raise write_refused(err.filename or f"in {args.out}", err) from None
+        except RuntimeError as err:  # gloo's word at a collective that a process (failed in its setup, say) ended
+            if not (is_distributed() and peer_ended(err)):
+                raise
+            raise PeerFailed(f"another process of the job ended ({peer_ended_words(err)}); its error is in "
+                            f"torchrun's summary") from None
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
             if os.environ.get("RANK", "0") == "0":
                 print(f"\n{what_stopped(err)}; the shards written are kept: run the same command again to encode "

@@ -936,7 +936,7 @@ def test_fid_job_whose_peer_ended_is_one_line(files, tmp_path, capsys, monkeypat
              2, "--num-fid-samples", 2, "--sample-dir", sample_dir, "--no-run-folder", *FAST])
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
-        f"error: another process of the job ended before its share was sampled ([gloo] Connection closed by peer "
+        f"error: another process of the job ended before its share was sampled (Connection closed by peer "
         f"[10.0.0.2]:29500); the images written are kept: run the same command again to sample the rest into "
         f"{sample_dir}")
 
@@ -947,6 +947,64 @@ def test_fid_job_whose_peer_ended_is_one_line(files, tmp_path, capsys, monkeypat
     with pytest.raises(torch.distributed.DistBackendError):
         run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
              2, "--num-fid-samples", 3, "--sample-dir", sample_dir, "--no-run-folder", *FAST])
+
+
+def test_a_peer_that_ended_in_its_setup_is_one_line(files, tmp_path, capsys, monkeypatch):
+    """A process of another node that failed setting up (its checkpoint or VAE unreadable there) ends;
+    the others meet gloo's error at their first collective: one line sends them to torchrun's summary
+    (was gloo's traceback). Another error at that collective is raised as it is."""
+    from sit_fast.distributed import DistInfo
+
+    monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(rank=0, world_size=2, local_rank=0,
+                                                                     device=torch.device("cpu"), is_main=True))
+
+    def gone(*args, **kwargs):
+        raise torch.distributed.DistBackendError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                                                 "closed by peer [10.0.0.2]:29500")
+
+    monkeypatch.setattr(sample, "check_shared_path", gone)
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, "--sample-dir", tmp_path / "s", *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == ("error: another process of the job ended (Connection closed by peer "
+                                      "[10.0.0.2]:29500); its error is in torchrun's summary")
+
+    def timed_out(*args, **kwargs):
+        raise torch.distributed.DistBackendError("[gloo] Timed out waiting 21600000ms for recv operation")
+
+    monkeypatch.setattr(sample, "check_shared_path", timed_out)
+    with pytest.raises(torch.distributed.DistBackendError):
+        run(argv)
+
+
+def test_torchrun_names_the_process_that_failed_in_its_setup_as_the_root_cause(files, tmp_path):
+    """Rank 1 cannot read its checkpoint (another node's disk); rank 0 meets its end at the first
+    collective. torchrun's summary names rank 1's error as the root cause (it named rank 0's 'another
+    process ended', of the same second), and rank 0 says that in one line, not gloo's traceback."""
+    script = tmp_path / "failing_rank_1.py"
+    script.write_text(
+        "import os, sys\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import sample\n"
+        "from sit_fast.errors import UserError\n"
+        "if os.environ['RANK'] == '1':\n"
+        "    def setup(*args, **kwargs):\n"
+        "        raise UserError('--ckpt x.pt: no such file on this node')\n"
+        "    sample.Setup.__init__ = setup\n"
+        "sample.main()\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "ODE", "--ckpt", files["pixel"], "--vae", "none", "--num-fid-samples", "2", "--sample-dir",
+               str(tmp_path / "s"), *FAST]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
+    assert "rank      : 1 (local_rank: 1)" in root_cause, result.stderr[-3000:]
+    assert "traceback : error: --ckpt x.pt: no such file on this node" in root_cause, result.stderr[-3000:]
+    assert "error: another process of the job ended (Connection" in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
 
 
 def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path, capsys, monkeypatch):

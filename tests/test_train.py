@@ -121,10 +121,11 @@ def _node_local_worker(rank: int, port: int, root: str, argv: list[str]) -> None
         f.write(outcome)
 
 
-def test_folders_on_each_nodes_own_disk_are_refused(tmp_path, digits_checkpoint):
-    """An experiment folder each node has on its own disk (checkpoints on one node only, and a resume
-    that loads whatever another node holds under the same name), or a --resume file that differs
-    between nodes: every rank stops with one line, before training."""
+def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
+    """An experiment folder each node has on its own disk serves a run (rank 0 alone writes there), with
+    a warning that resuming needs the checkpoint on every node; a --resume file that differs between
+    nodes (another run's of the same name) stops every rank with one line, before training; the same
+    checkpoint copied to each node resumes."""
     import shutil
 
     for node in ("node0", "node1"):
@@ -133,11 +134,13 @@ def test_folders_on_each_nodes_own_disk_are_refused(tmp_path, digits_checkpoint)
                                "--global-seed", "5"])["last_checkpoint"]
     shutil.copy(digits_checkpoint, tmp_path / "node0" / "start.pt")
     shutil.copy(other, tmp_path / "node1" / "start.pt")  # same name, another run's
+    shutil.copy(digits_checkpoint, tmp_path / "node0" / "copied.pt")
+    shutil.copy(digits_checkpoint, tmp_path / "node1" / "copied.pt")
     cases = {
-        "results folder": (["--results-dir", "results"],
-                           "--results-dir results: rank 1 (on {host}) does not see what rank 0 wrote in results/000-"),
+        "results folder": (["--results-dir", "results"], "built"),
         "resume file": (["--exp-dir", str(tmp_path / "shared"), "--resume", "start.pt"],
                         "--resume start.pt: rank 1 (on {host}) reads another file at start.pt than rank 0 does"),
+        "resume file copied": (["--exp-dir", str(tmp_path / "shared2"), "--resume", "copied.pt"], "built"),
     }
     for name, (flags, expected) in cases.items():
         mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), BASE + flags + ["--max-steps", "2"]),
@@ -145,8 +148,12 @@ def test_folders_on_each_nodes_own_disk_are_refused(tmp_path, digits_checkpoint)
         outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
         assert outcomes[0] == outcomes[1] and outcomes[0].startswith(expected.format(host=socket.gethostname())), \
             (name, outcomes)
-    assert not (tmp_path / "node0" / "results").exists() or not os.listdir(tmp_path / "node0" / "results"), \
-        "the run that never started left its folder"
+    (run,) = os.listdir(tmp_path / "node0" / "results")
+    assert not (tmp_path / "node1" / "results").exists()
+    log = (tmp_path / "node0" / "results" / run / "log.txt").read_text()
+    assert (f"--results-dir results: rank 1 (on {socket.gethostname()}) does not see what rank 0 wrote in "
+            f"results/{run} (a folder of that name on each node's own disk?): checkpoints, sample grids and "
+            f"log.txt are written on rank 0's node ({socket.gethostname()}) only; to resume") in log, log
 
 
 def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
@@ -1219,6 +1226,28 @@ def test_user_error_goes_to_the_torchrun_error_file(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err == ("error: --data-path /x does not exist\n" if rank == "0" else "")
 
 
+def test_a_peers_failure_is_dated_after_it_in_the_torchrun_error_file(tmp_path, monkeypatch):
+    """torchrun names the earliest error (whole seconds, ties to the lowest rank) the root cause: a
+    process that stops because another ended dates its error later, so the other's is named."""
+    import time
+
+    from sit_fast.errors import PEER_FAILED_LATER_S, PeerFailed, UserError
+
+    error_file = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(error_file))
+    assert PEER_FAILED_LATER_S >= 1
+    for error, later in ((UserError("--data-path /x does not exist"), 0),
+                         (PeerFailed("another process ended"), PEER_FAILED_LATER_S)):
+        def main():
+            raise error
+
+        before = int(time.time())
+        with pytest.raises(SystemExit):
+            cli_entry(main)()
+        stamp = int(json.loads(error_file.read_text())["message"]["extraInfo"]["timestamp"])
+        assert before + later <= stamp <= int(time.time()) + later, (error, stamp)
+
+
 @pytest.mark.parametrize("phase", ["train", "compiling", "samples"])
 def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatch, phase):
     """Raised where a GPU would raise it (the CPU build has the same exception type); "compiling":
@@ -1822,6 +1851,29 @@ def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_p
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, str(tmp_path / "cache"), "--num-workers", "1"))
     assert re.fullmatch(rf"error: cannot read image {re.escape(damaged)} \(.*\): remove or replace it\n",
                         capsys.readouterr().err)
+
+
+def test_latent_cache_whose_peer_ended_in_its_setup_is_one_line(tmp_path, monkeypatch, capsys):
+    """A process of another node that failed setting up (its dataset or VAE unreadable there) ends; the
+    others meet gloo's error at their first collective: one line (was gloo's traceback)."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+
+    def gone(fn, info):
+        raise torch.distributed.DistBackendError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                                                 "closed by peer [10.0.0.2]:29500")
+
+    monkeypatch.setattr(latent_cache, "on_main", gone)
+    monkeypatch.setattr(latent_cache, "is_distributed", lambda: True)
+    with pytest.raises(SystemExit):
+        latent_cache.main(_cache_args(images, vae_dir, str(tmp_path / "cache")))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: another process of the job ended (Connection closed by peer [10.0.0.2]:29500); its error is in "
+        "torchrun's summary")
 
 
 def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):

@@ -18,6 +18,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import sys
 import time
 from copy import deepcopy
@@ -35,10 +36,10 @@ from sit_fast.checkpoint import (
 from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_dataset, close_loader, make_loader,
                            worker_error)
 from sit_fast.distributed import (
-    DistInfo, barrier, broadcast_object, check_same_file, check_shared_path, cleanup, gather_object,
-    init_distributed, is_distributed, local_path_on_main_first, on_main, peer_ended,
+    DistInfo, barrier, broadcast_object, check_same_file, cleanup, gather_object, init_distributed,
+    is_distributed, local_path_on_main_first, on_main, peer_ended, peer_ended_words, unshared_path,
 )
-from sit_fast.errors import UserError, first_line, is_out_of_memory
+from sit_fast.errors import PeerFailed, UserError, first_line, is_out_of_memory
 from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
                              make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
@@ -406,10 +407,14 @@ class Trainer:
         if dist_info.is_main and (leftovers := unfinished_writes(self.checkpoint_dir)):
             logger.warning(leftovers)
         try:
-            # every node writes into and resumes from one folder (a checkpoint of the same name on a
-            # node's own disk would be another run's)
-            check_shared_path(self.exp_dir, f"--exp-dir {args.exp_dir}" if args.exp_dir
-                              else f"--results-dir {args.results_dir}", dist_info)
+            # Rank 0 alone writes there, so a folder on its node's own disk serves a run; resuming
+            # needs the checkpoint on every node (check_same_file: not another run's of that name).
+            unshared = unshared_path(self.exp_dir, f"--exp-dir {args.exp_dir}" if args.exp_dir
+                                     else f"--results-dir {args.results_dir}", dist_info)
+            if unshared is not None:  # said by rank 0 alone
+                logger.warning(f"{unshared}: checkpoints, sample grids and log.txt are written on rank 0's node "
+                               f"({socket.gethostname()}) only; to resume, every node needs the checkpoint at the "
+                               f"same path (copy it there, or pass a folder on a filesystem every node shares)")
             ckpt = None
             if resume_path is not None:
                 check_same_file(resume_path, f"--resume {args.resume}", dist_info)
@@ -1214,11 +1219,10 @@ def main(argv: list[str] | None = None) -> dict:
         if is_distributed() and peer_ended(err):  # the rank that ended says why (torchrun's summary names it): here, one line
             where = "before training started" if trainer is None else f"at step {trainer.step}"
             last = trainer.last_checkpoint if trainer is not None else None
-            said = re.sub(r"^\[[^\]]*\]\s*", "", first_line(err))  # without gloo's source file and line
-            message = (f"another process of the job ended {where} ({said}); its error is in torchrun's "
+            message = (f"another process of the job ended {where} ({peer_ended_words(err)}); its error is in torchrun's "
                        f"summary; last checkpoint: {last or 'none written yet'}")
             log_to_file(f"error: {message}")
-            raise UserError(message) from None
+            raise PeerFailed(message) from None
         if not is_out_of_memory(err):
             raise
         if trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
