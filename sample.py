@@ -963,9 +963,13 @@ class BatchParts:
                                 f"the same command computes its batch again") from None
         return results
 
-    def failed(self, rank: int, err: Exception) -> None:
-        """Leave word, for the main process waiting for this one's batches, that rank `rank` failed."""
-        line = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
+    def failed(self, rank: int, err: BaseException) -> None:
+        """Leave word, for the main process waiting for this one's batches, that rank `rank` failed, or
+        was stopped (a stop signal sent to its node alone)."""
+        if isinstance(err, KeyboardInterrupt):
+            line = f"was {what_stopped(err)}"
+        else:
+            line = "failed: " + (str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}")
         with contextlib.suppress(OSError):
             atomic_write(os.path.join(self.folder, f"failed-rank-{rank}.txt"),
                          lambda f: f.write(" ".join(line.split()).encode()))
@@ -980,8 +984,9 @@ class BatchParts:
             if failures:
                 with open(os.path.join(self.folder, failures[0])) as f:
                     said = f.read()
-                raise UserError(f"rank {FAILED.fullmatch(failures[0]).group(1)} failed: {said}; the batches "
-                                f"finished are kept in {self.folder}: run the same command again once that is fixed")
+                then = "once that is fixed" if said.startswith("failed:") else "to compute the rest"
+                raise PeerFailed(f"rank {FAILED.fullmatch(failures[0]).group(1)} {said}; the batches finished are "
+                                 f"kept in {self.folder}: run the same command again {then}")
             missing = [k for k in self.pending if self.name(k) not in present]
             bar.update(max(0, bar.total - items_in(missing, self.total, self.batch_size) - bar.n))
             if not missing:
@@ -1018,6 +1023,13 @@ def unused_parts_removed(parts: BatchParts | None, dist: DistInfo):
                 and set(os.listdir(parts.folder)) <= {"settings.json"}:
             parts.remove()
         raise
+
+
+def stopped_word(parts: BatchParts | None, interrupted: KeyboardInterrupt | None, dist: DistInfo) -> None:
+    """A process other than the main one, stopped before its batches were done: word for the main one,
+    which waits for them (a stop signal may reach one node's processes only)."""
+    if parts is not None and interrupted is not None and not dist.is_main:
+        parts.failed(dist.rank, interrupted)
 
 
 def read_bpd(path: str) -> tuple[dict | None, np.ndarray]:
@@ -1105,6 +1117,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait)
     elapsed = time.perf_counter() - start
     if not dist.is_main:
+        stopped_word(parts, interrupted, dist)
         exit_if_interrupted(interrupted, 0, len(x), dist)
         return np.zeros(0)
     results = new if parts is None else parts.read(every=interrupted is None)
@@ -1170,6 +1183,7 @@ def run_reverse(setup: Setup) -> str:
     with unused_parts_removed(parts, dist):
         _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait)
     if not dist.is_main:
+        stopped_word(parts, interrupted, dist)
         exit_if_interrupted(interrupted, 0, len(x), dist)
         return out
     if interrupted is not None:

@@ -9,6 +9,7 @@ import math
 import os
 import shutil
 import re
+import signal
 import subprocess
 import sys
 import urllib.error
@@ -1751,6 +1752,18 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
                                 f"are kept in {parts.folder}: run the same command again once that is fixed")
     again = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=5, batch_size=2, dist=dist[0])
     assert sorted(os.listdir(again.folder)) == ["settings.json"]
+
+    # A stop signal sent to rank 3's node alone: word too (rank 0 polled for ever).
+    from sit_fast.interrupts import Stopped
+
+    sample.stopped_word(again, Stopped(signal.SIGTERM), dist[3])
+    with pytest.raises(UserError) as error:
+        again.wait(bar)
+    assert str(error.value) == (f"rank 3 was stopped by SIGTERM; the batches finished are kept in {parts.folder}: "
+                                f"run the same command again to compute the rest")
+    sample.stopped_word(again, Stopped(signal.SIGTERM), dist[0])  # the main process: no word, it waits for none
+    sample.stopped_word(again, None, dist[3])  # not stopped: no word
+    assert sorted(os.listdir(again.folder)) == ["failed-rank-3.txt", "settings.json"]
 
 
 def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
