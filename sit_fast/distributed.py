@@ -152,6 +152,30 @@ def on_main(fn, info: DistInfo):
     return result
 
 
+def agree(fn, info: DistInfo):
+    """fn() on every rank, then word of how it went from every rank to every rank: fn's result where
+    it went well everywhere. A rank where fn raised raises that; the others raise a PeerFailed naming
+    it (ranks grouped by host) with its error's first line. So a failure on some nodes only (their
+    data or checkpoint unreadable, their GPU full) ends every rank with one line before a collective
+    in which the others would wait for it (NCCL's, until its timeout)."""
+    if info.world_size == 1:
+        return fn()
+    result, error, line = None, None, None
+    try:
+        result = fn()
+    except Exception as err:  # noqa: BLE001 -- raised below, after telling the others
+        error = err
+        line = str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}"
+    outcomes = gather_object((info.rank, socket.gethostname(), line))
+    if error is not None:
+        raise error
+    failed = [(rank, host) for rank, host, said in outcomes if said is not None]
+    if failed:
+        first = next(said for _, _, said in outcomes if said is not None)
+        raise PeerFailed(f"{_which(failed)} failed: {' '.join(first.split())}")
+    return result
+
+
 def local_path_on_main_first(fn, info: DistInfo) -> str:
     """fn() -> a path on this machine (a release found or downloaded into a cache): rank 0 runs it
     first, so a folder the ranks share gets one download; a rank on another node, where rank 0's path

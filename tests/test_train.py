@@ -156,6 +156,21 @@ def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
             f"log.txt are written on rank 0's node ({socket.gethostname()}) only; to resume") in log, log
 
 
+def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path):
+    """The data is on node 0's disk only: rank 1 stops with its own error, and rank 0, before DDP's
+    first collective (in which, on NCCL, it would wait for rank 1 until the timeout), with one line
+    naming rank 1 and that error (on gloo it was 'Connection closed by peer')."""
+    for node in ("node0", "node1"):
+        (tmp_path / node).mkdir()
+    make_image_folder(tmp_path / "node0" / "images", classes=2, per_class=2)
+    argv = BASE + ["--dataset", "imagefolder", "--data-path", "images", "--global-batch-size", "4",
+                   "--exp-dir", str(tmp_path / "shared"), "--max-steps", "2"]
+    mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), argv), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert outcomes[1].startswith("--data-path images"), outcomes
+    assert outcomes[0] == f"rank 1 (on {socket.gethostname()}) failed: {outcomes[1]}", outcomes
+
+
 def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
     """A rank of a 2-process run in which one rank fails: its outcome (the run's summary step, or the
     error line, or the exception's type) into ROOT/rankN.txt."""

@@ -36,7 +36,7 @@ from sit_fast.checkpoint import (
 from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_dataset, close_loader, make_loader,
                            worker_error)
 from sit_fast.distributed import (
-    DistInfo, barrier, broadcast_object, check_same_file, cleanup, gather_object, init_distributed,
+    DistInfo, agree, barrier, broadcast_object, check_same_file, cleanup, gather_object, init_distributed,
     is_distributed, local_path_on_main_first, on_main, peer_ended, peer_ended_words, unshared_path,
 )
 from sit_fast.errors import PeerFailed, UserError, first_line, is_out_of_memory
@@ -415,12 +415,19 @@ class Trainer:
                 logger.warning(f"{unshared}: checkpoints, sample grids and log.txt are written on rank 0's node "
                                f"({socket.gethostname()}) only; to resume, every node needs the checkpoint at the "
                                f"same path (copy it there, or pass a folder on a filesystem every node shares)")
-            ckpt = None
             if resume_path is not None:
                 check_same_file(resume_path, f"--resume {args.resume}", dist_info)
-                ckpt = load_training_checkpoint(resume_path)
-                args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
-            self._build(args, explicit, ckpt, resume_path)
+
+            def build():  # on each rank by itself; its failure on some ranks only ends every rank with one line
+                run_args, ckpt = args, None
+                if resume_path is not None:
+                    ckpt = load_training_checkpoint(resume_path)
+                    run_args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
+                self._build(run_args, explicit, ckpt, resume_path)
+                return ckpt
+
+            ckpt = agree(build, dist_info)
+            self._distribute(ckpt, resume_path)
         except BaseException:
             if created:  # a run that never started leaves no numbered folder behind
                 remove_unused_experiment(self.exp_dir, made_from)
@@ -439,6 +446,19 @@ class Trainer:
             moved = on_main(set_aside, dist_info)  # rank 0's error, a full disk, on every rank
             if moved:
                 logger.info(moved)
+
+    def _distribute(self, ckpt: dict | None, resume_path: str | None) -> None:
+        """DDP over the built model (its first collective, which broadcasts rank 0's weights), the EMA
+        from those weights in a new run, and torch.compile."""
+        model = self.model
+        if self.dist_info.world_size > 1:
+            self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+                           gradient_as_bucket_view=True)  # broadcasts rank 0's weights
+            if ckpt is None:  # a resumed EMA is the checkpoint's, on every rank
+                self.ema.load_state_dict(model.state_dict())
+        else:
+            self.ddp = model
+        self.train_model = torch.compile(self.ddp) if self.args.compile else self.ddp
 
     def _build(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None, resume_path: str | None) -> None:
         """Data, latent space, model, EMA, optimizer and run position; user errors surface here."""
@@ -601,12 +621,6 @@ class Trainer:
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
                                      fused=True if self.device.type == "cuda" else None)
         self.ema = deepcopy(model).requires_grad_(False).eval()
-        if world_size > 1:
-            self.ddp = DDP(model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
-                           gradient_as_bucket_view=True)  # broadcasts rank 0's weights
-            self.ema.load_state_dict(model.state_dict())
-        else:
-            self.ddp = model
         if ckpt is not None:
             load_into_model(self.ema, ckpt["ema"], source=f"{resume_path} (ema)")
             # the saved groups replace ours: keep this run's --lr, and how AdamW runs on this device (a
@@ -615,7 +629,6 @@ class Trainer:
             saved = ckpt["opt"]
             self.opt.load_state_dict({**saved, "param_groups": [{**group, **run_here, "lr": args.lr}
                                                                 for group in saved["param_groups"]]})
-        self.train_model = torch.compile(self.ddp) if args.compile else self.ddp
         self.ema_params = list(self.ema.parameters())
         self.model_params = list(model.parameters())
         self.window = LogWindow(self.device)
