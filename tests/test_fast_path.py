@@ -79,7 +79,8 @@ def test_fast_with_grad_checkpointing():
     check(compare(reference, candidate, batch_size=2, device=DEVICE))
 
 
-_ONE_PER_AXIS = () if DEVICE == "cuda" else pytest.mark.slow  # 20-30 s each on the CPU: by default two cases
+_SLOW_ON_CPU = () if DEVICE == "cuda" else (pytest.mark.slow,)
+_ONE_PER_AXIS = _SLOW_ON_CPU  # 20-30 s each on the CPU: by default two cases
 # there, which still take each way of compiling and each dtype once; all four on CUDA and with -m slow
 
 
@@ -122,7 +123,7 @@ class _CompiledView(torch.nn.Module):
         return self.module.named_parameters(*args, **kwargs)
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=[pytest.mark.spread, pytest.mark.slow])])
+@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=[pytest.mark.spread, *_SLOW_ON_CPU])])
 def test_frozen_model_input_gradient_matches_reference(compiled):
     """The likelihood's divergence: a frozen model (sample.py's, no parameter needs a gradient)
     differentiated with respect to its input, eager and compiled (30 s on the CPU: slow; the kernel
