@@ -1288,8 +1288,8 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
     except RuntimeError as err:  # gloo's word at a collective that a process (failed in its setup, say) ended
         if dist.world_size == 1 or not peer_ended(err):
             raise
-        raise PeerFailed(f"another process of the job ended ({peer_ended_words(err)}); its error is in torchrun's "
-                        f"summary") from None
+        raise PeerFailed(f"another process of the job ended ({peer_ended_words(err)}); its error is in the "
+                         f"torchrun summary of its node") from None
     except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
         if dist.is_main:
             print(f"\n{what_stopped(err)}", file=sys.stderr)

@@ -157,7 +157,8 @@ def agree(fn, info: DistInfo):
     it went well everywhere. A rank where fn raised raises that; the others raise a PeerFailed naming
     it (ranks grouped by host) with its error's first line. So a failure on some nodes only (their
     data or checkpoint unreadable, their GPU full) ends every rank with one line before a collective
-    in which the others would wait for it (NCCL's, until its timeout)."""
+    in which the others would wait for it (NCCL's, until its timeout). fn must run no collective: a
+    rank that failed before it would wait in this one's gather, the others in fn's."""
     if info.world_size == 1:
         return fn()
     result, error, line = None, None, None

@@ -17,7 +17,8 @@ class UserError(ValueError):
 
 class PeerFailed(UserError):
     """This process stops because another process of the job failed or ended first: its own error is
-    that process's, which torchrun's failure summary should name as the root cause (see report)."""
+    that process's, which torchrun's failure summary on its node should name as the root cause (see
+    report; each node's torchrun lists its own processes only)."""
 
 
 # torchrun names as the root cause the failure of the earliest error-file timestamp, in whole seconds,

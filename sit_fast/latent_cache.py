@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict | None:
             if not (is_distributed() and peer_ended(err)):
                 raise
             raise PeerFailed(f"another process of the job ended ({peer_ended_words(err)}); its error is in "
-                            f"torchrun's summary") from None
+                             f"the torchrun summary of its node") from None
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
             if os.environ.get("RANK", "0") == "0":
                 print(f"\n{what_stopped(err)}; the shards written are kept: run the same command again to encode "

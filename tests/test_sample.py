@@ -970,7 +970,7 @@ def test_a_peer_that_ended_in_its_setup_is_one_line(files, tmp_path, capsys, mon
         run(argv)
     assert exit_info.value.code == 2
     assert one_line_error(capsys) == ("error: another process of the job ended (Connection closed by peer "
-                                      "[10.0.0.2]:29500); its error is in torchrun's summary")
+                                      "[10.0.0.2]:29500); its error is in the torchrun summary of its node")
 
     def timed_out(*args, **kwargs):
         raise torch.distributed.DistBackendError("[gloo] Timed out waiting 21600000ms for recv operation")

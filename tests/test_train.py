@@ -156,16 +156,33 @@ def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
             f"log.txt are written on rank 0's node ({socket.gethostname()}) only; to resume") in log, log
 
 
-def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path):
+@pytest.mark.parametrize("init", [False, True])
+def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path, init):
     """The data is on node 0's disk only: rank 1 stops with its own error, and rank 0, before DDP's
     first collective (in which, on NCCL, it would wait for rank 1 until the timeout), with one line
-    naming rank 1 and that error (on gloo it was 'Connection closed by peer')."""
+    naming rank 1 and that error (on gloo it was 'Connection closed by peer'). init: a new run from
+    --ckpt, whose file rank 0 finds first (a collective, kept out of the setup every rank runs alone:
+    inside it, the ranks waited for each other in two different collectives, for 6 hours)."""
     for node in ("node0", "node1"):
         (tmp_path / node).mkdir()
     make_image_folder(tmp_path / "node0" / "images", classes=2, per_class=2)
-    argv = BASE + ["--dataset", "imagefolder", "--data-path", "images", "--global-batch-size", "4",
-                   "--exp-dir", str(tmp_path / "shared"), "--max-steps", "2"]
-    mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), argv), nprocs=2, join=True)
+    data = ["--dataset", "imagefolder", "--data-path", str(tmp_path / "node0" / "images"), "--global-batch-size", "4"]
+    init_flags = []
+    if init:
+        first = train_main(BASE + data + ["--exp-dir", str(tmp_path / "first"), "--max-steps", "1",
+                                          "--ckpt-every", "1"])
+        init_flags = ["--ckpt", first["last_checkpoint"]]
+    argv = BASE + data[:3] + ["images"] + data[4:] + init_flags + ["--exp-dir", str(tmp_path / "shared"),
+                                                                   "--max-steps", "2"]
+    context = mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), argv), nprocs=2, join=False)
+    try:
+        for process in context.processes:  # a deadlock fails here, not after the host group's 6 hours
+            process.join(timeout=120)
+        assert [p.exitcode for p in context.processes] == [0, 0]
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert outcomes[1].startswith("--data-path images"), outcomes
     assert outcomes[0] == f"rank 1 (on {socket.gethostname()}) failed: {outcomes[1]}", outcomes
@@ -231,8 +248,8 @@ def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     else:
         last = tmp_path / "exp" / "checkpoints" / "0000002.pt"
         assert list(outcomes) == [0] and re.fullmatch(
-            r"another process of the job ended at step 2 \((Connection|Read error|[A-Z]).*\); its error is in torchrun's "
-            rf"summary; last checkpoint: {re.escape(str(last))}", outcomes[0]), outcomes
+            r"another process of the job ended at step 2 \((Connection|Read error|[A-Z]).*\); its error is in the "
+            rf"torchrun summary of its node; last checkpoint: {re.escape(str(last))}", outcomes[0]), outcomes
 
 
 # ----------------------------------------------------------------------------- DDP and exact resume
@@ -1888,7 +1905,7 @@ def test_latent_cache_whose_peer_ended_in_its_setup_is_one_line(tmp_path, monkey
         latent_cache.main(_cache_args(images, vae_dir, str(tmp_path / "cache")))
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: another process of the job ended (Connection closed by peer [10.0.0.2]:29500); its error is in "
-        "torchrun's summary")
+        "the torchrun summary of its node")
 
 
 def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):

@@ -415,15 +415,18 @@ class Trainer:
                 logger.warning(f"{unshared}: checkpoints, sample grids and log.txt are written on rank 0's node "
                                f"({socket.gethostname()}) only; to resume, every node needs the checkpoint at the "
                                f"same path (copy it there, or pass a folder on a filesystem every node shares)")
+            init_path = None
             if resume_path is not None:
                 check_same_file(resume_path, f"--resume {args.resume}", dist_info)
+            elif args.ckpt:  # a new run's weights: a file, or a release by name (found or downloaded)
+                init_path = local_path_on_main_first(lambda: release_or_path(args.ckpt), dist_info)
 
-            def build():  # on each rank by itself; its failure on some ranks only ends every rank with one line
+            def build():  # each rank alone, no collective (agree): a failure on some ranks ends all with one line
                 run_args, ckpt = args, None
                 if resume_path is not None:
                     ckpt = load_training_checkpoint(resume_path)
                     run_args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
-                self._build(run_args, explicit, ckpt, resume_path)
+                self._build(run_args, explicit, ckpt, resume_path, init_path)
                 return ckpt
 
             ckpt = agree(build, dist_info)
@@ -460,8 +463,10 @@ class Trainer:
             self.ddp = model
         self.train_model = torch.compile(self.ddp) if self.args.compile else self.ddp
 
-    def _build(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None, resume_path: str | None) -> None:
-        """Data, latent space, model, EMA, optimizer and run position; user errors surface here."""
+    def _build(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None, resume_path: str | None,
+               init_path: str | None) -> None:
+        """Data, latent space, model, EMA, optimizer and run position; user errors surface here. No
+        collective: every rank runs it by itself (agree). init_path: --ckpt's file on this node."""
         dist_info = self.dist_info
         world_size, rank = dist_info.world_size, dist_info.rank
         self.args = args
@@ -570,9 +575,8 @@ class Trainer:
         learn_sigma, init_weights = True, None
         if ckpt is not None:
             learn_sigma = bool(ckpt.get("model_config", {}).get("learn_sigma", True))
-        elif args.ckpt:  # a file, or a release by name as upstream (found or downloaded)
-            ckpt_path = local_path_on_main_first(lambda: release_or_path(args.ckpt), self.dist_info)
-            init_weights, info = read_checkpoint(ckpt_path, prefer="ema")
+        elif init_path is not None:
+            init_weights, info = read_checkpoint(init_path, prefer="ema")
             check_training_args(info, {k: getattr(args, k) for k in ("path_type", "prediction")},
                                 source=f"--ckpt {args.ckpt}", advice="pass the same to go on training its "
                                 "model; with these its output is trained to another quantity")
@@ -589,7 +593,7 @@ class Trainer:
                                     f"patch {arch[2]}), not a {args.model}: {fix}")
                 learn_sigma = found["learn_sigma"]
                 if found["in_channels"] != channels:  # the model's channels are the data's: a flag changes them
-                    space, now = (recorded_model_config(ckpt_path) or {}).get("latent_space"), self.latent_space()
+                    space, now = (recorded_model_config(init_path) or {}).get("latent_space"), self.latent_space()
                     fix = (f"it was trained on {found['in_channels']}-channel images" if space == now == "pixels"
                            else "pass --vae none (it was trained in pixel space)" if space == "pixels"
                            else f"pass --vae {space} (its latent space)" if isinstance(space, str) and space
@@ -1232,8 +1236,8 @@ def main(argv: list[str] | None = None) -> dict:
         if is_distributed() and peer_ended(err):  # the rank that ended says why (torchrun's summary names it): here, one line
             where = "before training started" if trainer is None else f"at step {trainer.step}"
             last = trainer.last_checkpoint if trainer is not None else None
-            message = (f"another process of the job ended {where} ({peer_ended_words(err)}); its error is in torchrun's "
-                       f"summary; last checkpoint: {last or 'none written yet'}")
+            message = (f"another process of the job ended {where} ({peer_ended_words(err)}); its error is in the "
+                       f"torchrun summary of its node; last checkpoint: {last or 'none written yet'}")
             log_to_file(f"error: {message}")
             raise PeerFailed(message) from None
         if not is_out_of_memory(err):
