@@ -25,6 +25,11 @@ class PeerFailed(UserError):
 # a tie going to the lowest rank: a PeerFailed is dated this much later, so the process whose end
 # it reports (dated when it wrote its error, or, without one, when torchrun saw it end) comes first.
 PEER_FAILED_LATER_S = 2
+# ... and a process whose own error ends the job stays this long after writing it, so that torchrun,
+# which ends the others as soon as one exits, does not end them before they write theirs (one ended
+# without an error file is dated when torchrun saw it end: within the same second, the lowest rank,
+# maybe one of them, would be named the root cause, and its line would be torchrun's "To enable traceback").
+LINGER_S = 1.5
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some libraries put in their messages
@@ -107,7 +112,10 @@ def cli_entry(main: Callable) -> Callable:
             try:
                 return main(*args, **kwargs)
             except UserError as err:
-                report(str(err), PEER_FAILED_LATER_S if isinstance(err, PeerFailed) else 0)
+                peer = isinstance(err, PeerFailed)
+                report(str(err), PEER_FAILED_LATER_S if peer else 0)
+                if not peer and os.environ.get("TORCHELASTIC_ERROR_FILE") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+                    time.sleep(LINGER_S)
                 sys.exit(2)
 
     return wrapper

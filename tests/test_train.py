@@ -1280,6 +1280,29 @@ def test_a_peers_failure_is_dated_after_it_in_the_torchrun_error_file(tmp_path, 
         assert before + later <= stamp <= int(time.time()) + later, (error, stamp)
 
 
+def test_a_process_whose_error_ends_the_job_lets_the_others_say_so_first(tmp_path, monkeypatch):
+    """Under torchrun with other processes, a process's own error waits LINGER_S after its error file
+    is written: torchrun ends the others once one exits, and one ended before writing its own word
+    would be dated the same second and, as the lower rank, named the root cause."""
+    from sit_fast import errors
+
+    slept = []
+    monkeypatch.setattr(errors.time, "sleep", slept.append)
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    for error, world_size, expected in ((errors.UserError("x"), "2", [errors.LINGER_S]),
+                                        (errors.PeerFailed("another process ended"), "2", []),
+                                        (errors.UserError("x"), "1", [])):
+        def main():
+            raise error
+
+        monkeypatch.setenv("WORLD_SIZE", world_size)
+        slept.clear()
+        with pytest.raises(SystemExit):
+            cli_entry(main)()
+        assert slept == expected, (error, world_size)
+    assert errors.LINGER_S >= 1
+
+
 @pytest.mark.parametrize("phase", ["train", "compiling", "samples"])
 def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatch, phase):
     """Raised where a GPU would raise it (the CPU build has the same exception type); "compiling":
