@@ -180,11 +180,10 @@ def agree(fn, info: DistInfo):
 def local_path_on_main_first(fn, info: DistInfo) -> str:
     """fn() -> a path on this machine (a release found or downloaded into a cache): rank 0 runs it
     first, so a folder the ranks share gets one download; a rank on another node, where rank 0's path
-    does not exist (a node-local cache), then runs fn itself. Rank 0's UserError stops every rank."""
+    does not exist (a node-local cache), then runs fn itself. Rank 0's UserError stops every rank, and
+    so does another node's (agree)."""
     path = on_main(fn, info)
-    if info.is_main or os.path.exists(path):
-        return path
-    return fn()
+    return agree(lambda: path if info.is_main or os.path.exists(path) else fn(), info)
 
 
 SHARED_CHECK = ".shared-check-"  # + a token: the empty file check_shared_path makes, for a moment, in the folder

@@ -1,12 +1,15 @@
 """User-facing errors: one line that says what was wrong and how to fix it, never a traceback."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -99,6 +102,23 @@ def report(message: str, later_s: int = 0) -> None:
         print(line, file=sys.stderr)
 
 
+@contextlib.contextmanager
+def stop_signals_noted():
+    """Within the block, SIGINT and SIGTERM are noted in the list it yields, not acted on (in the
+    main thread; elsewhere signals keep their handlers)."""
+    noted: list[int] = []
+    if threading.current_thread() is not threading.main_thread():
+        yield noted
+        return
+    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
+                for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield noted
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def cli_entry(main: Callable) -> Callable:
     """Wrap a script's main(): a UserError is printed as one line `error: ...` on stderr (report)
     with exit status 2; anything else propagates as a bug. A console that goes away meanwhile (a
@@ -112,10 +132,16 @@ def cli_entry(main: Callable) -> Callable:
             try:
                 return main(*args, **kwargs)
             except UserError as err:
-                peer = isinstance(err, PeerFailed)
-                report(str(err), PEER_FAILED_LATER_S if peer else 0)
-                if not peer and os.environ.get("TORCHELASTIC_ERROR_FILE") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-                    time.sleep(LINGER_S)
+                if isinstance(err, PeerFailed):
+                    report(str(err), PEER_FAILED_LATER_S)
+                elif os.environ.get("TORCHELASTIC_ERROR_FILE") and os.environ.get("WORLD_SIZE", "1") != "1":
+                    with stop_signals_noted() as noted:  # torchrun ending it, or a Ctrl-C passed on: exit 2 now
+                        report(str(err))
+                        deadline = time.monotonic() + LINGER_S
+                        while not noted and time.monotonic() < deadline:
+                            time.sleep(0.05)
+                else:
+                    report(str(err))
                 sys.exit(2)
 
     return wrapper

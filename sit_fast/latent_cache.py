@@ -242,6 +242,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 print(f"\n{what_stopped(err)}; the shards written are kept: run the same command again to encode "
                       f"the rest into {args.out}", file=sys.stderr)
             raise SystemExit(exit_status(err)) from None
+        finally:
+            cleanup()  # on an error too: the other processes hear of it now, not when this one has exited
 
 
 if __name__ == "__main__":

@@ -134,3 +134,38 @@ def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
     for case, name in (("another file", "other.pt"), ("no file", "none.pt")):
         assert outcomes[case].startswith(f"--resume: rank 1 (on {socket.gethostname()}) reads another file at "
                                          f"{os.path.join(a, name)} than rank 0 does, or none"), outcomes
+
+
+def _node_fetch_worker(rank: int, port: int, root: str) -> None:
+    """local_path_on_main_first where rank 0's file is not on rank 1's node and rank 1's own fetch
+    fails (offline, say): the outcome of each rank into ROOT/rankN.txt."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    from sit_fast.distributed import cleanup, init_distributed, local_path_on_main_first
+    from sit_fast.errors import UserError
+
+    def fetch():
+        if rank == 1:
+            raise UserError("cannot download the release (offline)")
+        return os.path.join(root, "on_node_0.pt")  # not there: as seen from another node
+
+    info = init_distributed()
+    try:
+        outcome = local_path_on_main_first(fetch, info)
+    except UserError as err:
+        outcome = f"{type(err).__name__}: {err}"
+    finally:
+        cleanup()
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def test_a_node_whose_own_fetch_fails_ends_every_rank_with_one_line():
+    """Rank 1 looks for the release itself (rank 0's path is not on its node) and fails: rank 0 hears
+    of it there, with rank 1's line (it went on alone, to meet the failure later as gloo's error)."""
+    with tempfile.TemporaryDirectory() as root:
+        mp.spawn(_node_fetch_worker, args=(free_port(), root), nprocs=2, join=True)
+        outcomes = [open(os.path.join(root, f"rank{r}.txt")).read() for r in range(2)]
+    assert outcomes[1] == "UserError: cannot download the release (offline)", outcomes
+    assert outcomes[0] == (f"PeerFailed: rank 1 (on {socket.gethostname()}) failed: cannot download the release "
+                           f"(offline)"), outcomes

@@ -1284,23 +1284,48 @@ def test_a_process_whose_error_ends_the_job_lets_the_others_say_so_first(tmp_pat
     """Under torchrun with other processes, a process's own error waits LINGER_S after its error file
     is written: torchrun ends the others once one exits, and one ended before writing its own word
     would be dated the same second and, as the lower rank, named the root cause."""
+    import time
+
     from sit_fast import errors
 
-    slept = []
-    monkeypatch.setattr(errors.time, "sleep", slept.append)
+    assert errors.LINGER_S >= 1
+    monkeypatch.setattr(errors, "LINGER_S", 0.3)
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
-    for error, world_size, expected in ((errors.UserError("x"), "2", [errors.LINGER_S]),
-                                        (errors.PeerFailed("another process ended"), "2", []),
-                                        (errors.UserError("x"), "1", [])):
+    for error, world_size, lingers in ((errors.UserError("x"), "2", True),
+                                       (errors.PeerFailed("another process ended"), "2", False),
+                                       (errors.UserError("x"), "1", False)):
         def main():
             raise error
 
         monkeypatch.setenv("WORLD_SIZE", world_size)
-        slept.clear()
+        start = time.monotonic()
         with pytest.raises(SystemExit):
             cli_entry(main)()
-        assert slept == expected, (error, world_size)
-    assert errors.LINGER_S >= 1
+        assert (time.monotonic() - start >= 0.3) == lingers, (error, world_size)
+
+
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_lingering_ends_the_process_quietly(tmp_path, signum):
+    """Ctrl-C passed on by torchrun, or torchrun ending the process, during the linger: exit status 2,
+    the error said once, no traceback (a KeyboardInterrupt out of time.sleep was one)."""
+    import signal
+    import time
+
+    error_file = tmp_path / "error.json"
+    script = ("from sit_fast.errors import UserError, cli_entry\n"
+              "def main():\n"
+              "    raise UserError('--data-path /x does not exist')\n"
+              "cli_entry(main)()\n")
+    env = dict(os.environ, PYTHONPATH=REPO, TORCHELASTIC_ERROR_FILE=str(error_file), WORLD_SIZE="2", RANK="0")
+    process = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not error_file.exists() and time.monotonic() < deadline:  # written just before the linger
+        time.sleep(0.02)
+    process.send_signal(getattr(signal, signum))
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 2, err
+    assert err == "error: --data-path /x does not exist\n", err
 
 
 @pytest.mark.parametrize("phase", ["train", "compiling", "samples"])
@@ -1349,7 +1374,7 @@ def test_out_of_gpu_memory_before_the_first_step_is_one_line(tmp_path, capsys, m
     def build(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(Trainer, "_build", build)
+    monkeypatch.setattr(Trainer, "_build_model", build)  # the model moved to the GPU
     assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "2"]) == 2
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr

@@ -415,21 +415,23 @@ class Trainer:
                 logger.warning(f"{unshared}: checkpoints, sample grids and log.txt are written on rank 0's node "
                                f"({socket.gethostname()}) only; to resume, every node needs the checkpoint at the "
                                f"same path (copy it there, or pass a folder on a filesystem every node shares)")
-            init_path = None
             if resume_path is not None:
                 check_same_file(resume_path, f"--resume {args.resume}", dist_info)
-            elif args.ckpt:  # a new run's weights: a file, or a release by name (found or downloaded)
-                init_path = local_path_on_main_first(lambda: release_or_path(args.ckpt), dist_info)
 
-            def build():  # each rank alone, no collective (agree): a failure on some ranks ends all with one line
+            # Each rank alone, no collective in these (agree): a failure on some ranks ends all with one line.
+            def build_data():
                 run_args, ckpt = args, None
                 if resume_path is not None:
                     ckpt = load_training_checkpoint(resume_path)
                     run_args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
-                self._build(run_args, explicit, ckpt, resume_path, init_path)
+                self._build_data(run_args, explicit, ckpt, resume_path)
                 return ckpt
 
-            ckpt = agree(build, dist_info)
+            ckpt = agree(build_data, dist_info)
+            init_path = None
+            if ckpt is None and args.ckpt:  # a new run's weights: a file, or a release by name (found or downloaded)
+                init_path = local_path_on_main_first(lambda: release_or_path(args.ckpt), dist_info)
+            agree(lambda: self._build_model(self.args, ckpt, resume_path, init_path), dist_info)
             self._distribute(ckpt, resume_path)
         except BaseException:
             if created:  # a run that never started leaves no numbered folder behind
@@ -463,10 +465,10 @@ class Trainer:
             self.ddp = model
         self.train_model = torch.compile(self.ddp) if self.args.compile else self.ddp
 
-    def _build(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None, resume_path: str | None,
-               init_path: str | None) -> None:
-        """Data, latent space, model, EMA, optimizer and run position; user errors surface here. No
-        collective: every rank runs it by itself (agree). init_path: --ckpt's file on this node."""
+    def _build_data(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None,
+                    resume_path: str | None) -> None:
+        """Batch, precision, seed, data and latent space; user errors surface here (then in
+        _build_model). No collective: every rank runs it by itself (agree)."""
         dist_info = self.dist_info
         world_size, rank = dist_info.world_size, dist_info.rank
         self.args = args
@@ -558,7 +560,11 @@ class Trainer:
         logger.info(f"dataset: {len(dataset):,} samples, {dataset.num_classes} classes, "
                     f"{self.sampler.steps_per_epoch} steps per epoch; model input {channels}x{latent_size}x{latent_size}")
 
-        # Model, EMA, optimizer.
+    def _build_model(self, args: argparse.Namespace, ckpt: dict | None, resume_path: str | None,
+                     init_path: str | None) -> None:
+        """Model (from --ckpt's file on this node, init_path, in a new run), EMA, optimizer and run
+        position. No collective, as _build_data."""
+        channels, latent_size = self.channels, self.latent_size
         config = model_config(args.model)
         try:  # options that cannot run here are the user's to change: one line each
             backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
