@@ -70,7 +70,7 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, barrier, check_shared_path, cleanup, init_distributed, local_path_on_main_first, on_main,
-    peer_ended, peer_ended_words,
+    peer_ended, peer_failed,
 )
 from sit_fast.errors import PeerFailed, UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes
@@ -629,9 +629,8 @@ def run_fid(setup: Setup) -> str:
         if not peer_ended(err):
             raise
         bar.close()
-        raise PeerFailed(f"another process of the job ended before its share was sampled ({peer_ended_words(err)}); the "
-                        f"images written are kept: run the same command again to sample the rest into "
-                        f"{sample_dir}") from None
+        raise peer_failed(err, " before its share was sampled", f"the images written are kept: run the same command "
+                          f"again to sample the rest into {sample_dir}") from None
     elapsed = time.perf_counter() - start
     bar.update(todo - bar.n)
     bar.close()
@@ -1288,8 +1287,7 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
     except RuntimeError as err:  # gloo's word at a collective that a process (failed in its setup, say) ended
         if dist.world_size == 1 or not peer_ended(err):
             raise
-        raise PeerFailed(f"another process of the job ended ({peer_ended_words(err)}); its error is in the "
-                         f"torchrun summary of its node") from None
+        raise peer_failed(err) from None
     except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
         if dist.is_main:
             print(f"\n{what_stopped(err)}", file=sys.stderr)

@@ -129,9 +129,16 @@ def peer_ended_words(err: BaseException) -> str:
     return re.sub(r"^\[[^\]]*\]\s*", "", first_line(err)).split(". ", 1)[0]
 
 
+def peer_failed(err: BaseException, when: str = "",
+                then: str = "its error is in the torchrun summary of its node") -> PeerFailed:
+    """The one line for gloo's word (peer_ended) that another process ended: "another process of the
+    job ended{when} (gloo's words); {then}"."""
+    return PeerFailed(f"another process of the job ended{when} ({peer_ended_words(err)}); {then}")
+
+
 def on_main(fn, info: DistInfo):
     """Run fn on rank 0 only and hand its result (or its UserError) to every rank. Another exception
-    is raised on rank 0 as it is, and on the others as a UserError saying rank 0 failed, so none
+    is raised on rank 0 as it is, and on the others as a PeerFailed saying rank 0 failed, so none
     waits for an answer that never comes."""
     if info.world_size == 1:
         return fn()

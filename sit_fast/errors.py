@@ -1,15 +1,12 @@
 """User-facing errors: one line that says what was wrong and how to fix it, never a traceback."""
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import logging
 import os
 import re
-import signal
 import sys
-import threading
 import time
 from typing import Callable
 
@@ -102,23 +99,6 @@ def report(message: str, later_s: int = 0) -> None:
         print(line, file=sys.stderr)
 
 
-@contextlib.contextmanager
-def stop_signals_noted():
-    """Within the block, SIGINT and SIGTERM are noted in the list it yields, not acted on (in the
-    main thread; elsewhere signals keep their handlers)."""
-    noted: list[int] = []
-    if threading.current_thread() is not threading.main_thread():
-        yield noted
-        return
-    previous = {signum: signal.signal(signum, lambda signum, frame: noted.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield noted
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
 def cli_entry(main: Callable) -> Callable:
     """Wrap a script's main(): a UserError is printed as one line `error: ...` on stderr (report)
     with exit status 2; anything else propagates as a bug. A console that goes away meanwhile (a
@@ -126,7 +106,7 @@ def cli_entry(main: Callable) -> Callable:
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        from sit_fast.interrupts import console_loss_ignored
+        from sit_fast.interrupts import console_loss_ignored, stop_signals_noted
 
         with console_loss_ignored():
             try:

@@ -123,6 +123,25 @@ def restore_handlers(previous: dict) -> None:
 
 
 @contextlib.contextmanager
+def stop_signals_noted():
+    """Within the block, the stop signals and Ctrl-C are noted in the list it yields, not acted on
+    (as catch_stop_signals: in the main thread, those the process does not ignore)."""
+    noted: list[int] = []
+
+    def note(signum, frame):
+        noted.append(signum)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, note)
+    catch_stop_signals(note, previous)
+    try:
+        yield noted
+    finally:
+        restore_handlers(previous)
+
+
+@contextlib.contextmanager
 def stop_signals_raise():
     """Within the block, the first stop signal raises Stopped in the main thread; later ones are
     dropped, so the cleanup it starts (queued PNGs finished, workers stopped) is not cut short by

@@ -37,8 +37,8 @@ from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
 )
 from sit_fast.distributed import (barrier, check_shared_path, cleanup, init_distributed, is_distributed, on_main,
-                                  peer_ended, peer_ended_words)
-from sit_fast.errors import PeerFailed, UserError, cli_entry, log_warnings_on_stderr
+                                  peer_ended, peer_failed)
+from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
@@ -183,8 +183,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     except RuntimeError as err:  # gloo's error: another process ended (its error is in torchrun's summary)
         if not peer_ended(err):
             raise
-        raise PeerFailed(f"another process of the job ended before its shards were written ({peer_ended_words(err)}); the "
-                        f"shards written are kept: run the same command again to encode the rest") from None
+        raise peer_failed(err, " before its shards were written", "the shards written are kept: run the same command "
+                          "again to encode the rest") from None
 
     def finish() -> dict:
         """On rank 0: every shard there (one written by a process that sees another folder, or deleted
@@ -217,8 +217,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         return index
 
     index = on_main(finish, dist_info)  # every process ends with rank 0's line, or its error
-    cleanup()
-    return index if dist_info.is_main else None
+    return index if dist_info.is_main else None  # main() leaves the process group
 
 
 @cli_entry
@@ -235,8 +234,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         except RuntimeError as err:  # gloo's word at a collective that a process (failed in its setup, say) ended
             if not (is_distributed() and peer_ended(err)):
                 raise
-            raise PeerFailed(f"another process of the job ended ({peer_ended_words(err)}); its error is in "
-                             f"the torchrun summary of its node") from None
+            raise peer_failed(err) from None
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
             if os.environ.get("RANK", "0") == "0":
                 print(f"\n{what_stopped(err)}; the shards written are kept: run the same command again to encode "

@@ -37,9 +37,9 @@ from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_d
                            worker_error)
 from sit_fast.distributed import (
     DistInfo, agree, barrier, broadcast_object, check_same_file, cleanup, gather_object, init_distributed,
-    is_distributed, local_path_on_main_first, on_main, peer_ended, peer_ended_words, unshared_path,
+    is_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed, unshared_path,
 )
-from sit_fast.errors import PeerFailed, UserError, first_line, is_out_of_memory
+from sit_fast.errors import UserError, first_line, is_out_of_memory
 from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
                              make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
@@ -1242,10 +1242,10 @@ def main(argv: list[str] | None = None) -> dict:
         if is_distributed() and peer_ended(err):  # the rank that ended says why (torchrun's summary names it): here, one line
             where = "before training started" if trainer is None else f"at step {trainer.step}"
             last = trainer.last_checkpoint if trainer is not None else None
-            message = (f"another process of the job ended {where} ({peer_ended_words(err)}); its error is in the "
-                       f"torchrun summary of its node; last checkpoint: {last or 'none written yet'}")
-            log_to_file(f"error: {message}")
-            raise PeerFailed(message) from None
+            error = peer_failed(err, f" {where}", f"its error is in the torchrun summary of its node; last checkpoint: "
+                                                  f"{last or 'none written yet'}")
+            log_to_file(f"error: {error}")
+            raise error from None
         if not is_out_of_memory(err):
             raise
         if trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
