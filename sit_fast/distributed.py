@@ -222,6 +222,35 @@ def _which(failing: list[tuple[int, str]]) -> str:
     return ", ".join(parts) + (f" and {left} more" if left else "")
 
 
+# Filesystems a node keeps to itself: a file another node makes cannot show up on one of these, so
+# there is nothing to wait for. Any other (nfs, lustre, gpfs, fuse.*, virtiofs, an unknown one) may
+# show it late.
+OWN_DISK_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs", "bcachefs", "tmpfs", "ramfs",
+                            "overlay", "vfat", "exfat", "ntfs", "ntfs3"})
+
+
+def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
+    """The type of the filesystem that holds `path` ("ext4", "nfs4", ...), from the mount table: that of
+    the longest mount point above it. None where there is no mount table to read (not Linux)."""
+    try:
+        with open(mountinfo) as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return None
+    path = os.path.realpath(path)
+    best, kind = -1, None
+    for line in lines:
+        # "36 35 98:0 /mnt1 /mnt/point rw,noatime master:1 - ext3 /dev/root rw": the mount point is field 5
+        # (spaces in it written \040), the type is the first field after "-".
+        fields = line.split()
+        if "-" not in fields[6:]:
+            continue
+        point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > best:
+            best, kind = len(point), fields[fields.index("-", 6) + 1]
+    return kind
+
+
 def check_shared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> None:
     """That every process sees `folder` as rank 0 does (see unshared_path): every process raises the
     same UserError if one does not."""
@@ -234,10 +263,12 @@ def unshared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) 
     """Whether every process sees `folder` as rank 0 does, not a folder of the same name on its node's
     own disk: None if so, else the same line on every process, naming the processes that did not see
     it and `flag`, the flag that picks the folder. Rank 0 makes a file of a name new to this call in
-    it (removed when the check ends, whatever ends it), and every other process waits up to wait_s
-    seconds (a shared filesystem may show a new file late) to see it there: a folder an earlier job
-    left on another node, the same files in it, has no such file. Called by every process together;
-    all raise the same UserError when rank 0 cannot write there. Without other processes, None."""
+    it (removed when the check ends, whatever ends it), and every other process looks for it there: a
+    folder an earlier job left on another node, the same files in it, has no such file. A process on
+    another node waits up to wait_s seconds for it (a shared filesystem may show a new file late),
+    unless its folder is on a filesystem of its node's own (OWN_DISK_TYPES), where it cannot show up.
+    Called by every process together; all raise the same UserError when rank 0 cannot write there.
+    Without other processes, None."""
     if info.world_size == 1:
         return None
     name = error = None
@@ -248,12 +279,15 @@ def unshared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) 
         except OSError as err:
             name, error = None, f"{flag}: cannot write in {folder} ({err.strerror or err}): make room, or make it writable"
     try:
-        name_seen, shown, error = broadcast_object((name, folder, error))  # the folder as rank 0 names it
+        # the folder as rank 0 names it, and rank 0's host
+        name_seen, shown, main_host, error = broadcast_object((name, folder, socket.gethostname(), error))
         if error is not None:
             raise UserError(error)
         seen = True
         if not info.is_main:
-            deadline = time.monotonic() + wait_s
+            # On rank 0's node the file is there at once (one kernel's view of the folder).
+            may_show_late = socket.gethostname() != main_host and filesystem_type(folder) not in OWN_DISK_TYPES
+            deadline = time.monotonic() + (wait_s if may_show_late else 0.0)
             while not (seen := os.path.exists(os.path.join(folder, name_seen))) and time.monotonic() < deadline:
                 time.sleep(0.5)
         blind = [(rank, host) for rank, host, ok in gather_object((info.rank, socket.gethostname(), seen)) if not ok]

@@ -53,20 +53,28 @@ def test_host_exchanges_outlast_the_default_groups_timeout():
 def _shared_path_worker(rank: int, port: int, root: str) -> None:
     """Rank 0 uses ROOT/a; rank 1, case by case, the same folder, or ROOT/b: a folder of the same name
     on another node's own disk, empty, left by an earlier job, or where the token shows up late."""
+    import contextlib
     import glob
     import shutil
     import threading
+    from unittest import mock
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
-    from sit_fast.distributed import SHARED_CHECK, check_same_file, check_shared_path, cleanup, init_distributed
+    from sit_fast.distributed import (SHARED_CHECK, check_same_file, check_shared_path, cleanup, gather_object,
+                                      init_distributed)
     from sit_fast.errors import UserError
 
     info = init_distributed()
     a, b = os.path.join(root, "a"), os.path.join(root, "b")
     outcomes = {}
+    # case: (rank 1 on another node, the type of its folder's filesystem there, seconds it may wait)
+    cases = {"shared": (False, None, 30.0), "own disk": (False, None, 30.0),
+             "left by an earlier job": (False, None, 30.0), "rank 0 cannot write": (False, None, 30.0),
+             "shown late": (True, "nfs4", 3.0), "not shown on another node": (True, "nfs4", 1.0),
+             "own disk of another node": (True, "ext4", 30.0)}
     try:
-        for case in ("shared", "own disk", "left by an earlier job", "shown late", "rank 0 cannot write"):
+        for case, (elsewhere, fs_type, wait_s) in cases.items():
             folder = a if rank == 0 or case == "shared" else b
             if rank == 0 and case == "rank 0 cannot write":
                 folder = os.path.join(root, "gone")
@@ -76,11 +84,17 @@ def _shared_path_worker(rank: int, port: int, root: str) -> None:
             if rank == 1 and case == "shown late":  # rank 0's file reaches rank 1's view of the folder later
                 late = threading.Timer(1.0, lambda: [shutil.copy(f, b) for f in glob.glob(f"{a}/{SHARED_CHECK}*")])
                 late.start()
-            try:
-                check_shared_path(folder, "--out x", info, wait_s=3.0 if case == "shown late" else 0.5)
-                outcomes[case] = "ok"
-            except UserError as err:
-                outcomes[case] = str(err)
+            with contextlib.ExitStack() as stack:
+                if rank == 1 and elsewhere:
+                    stack.enter_context(mock.patch("socket.gethostname", return_value="node1"))
+                    stack.enter_context(mock.patch("sit_fast.distributed.filesystem_type", return_value=fs_type))
+                start = time.monotonic()
+                try:
+                    check_shared_path(folder, "--out x", info, wait_s=wait_s)
+                    outcomes[case] = "ok"
+                except UserError as err:
+                    outcomes[case] = str(err)
+                outcomes[case, "rank 1 waited (s)"] = gather_object(time.monotonic() - start)[1]
             if late is not None:
                 late.join()
             if rank == 1:
@@ -126,9 +140,14 @@ def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
     assert outcomes == results[1]
     assert outcomes["shared"] == outcomes["shown late"] == outcomes["same file"] == "ok", outcomes
     assert outcomes["on_main"] == "rank 0 failed: ZeroDivisionError: division by zero"  # rank 1's line too
-    for case in ("own disk", "left by an earlier job"):
-        assert outcomes[case].startswith(f"--out x: rank 1 (on {socket.gethostname()}) does not see what rank 0 "
+    for case, host in (("own disk", socket.gethostname()), ("left by an earlier job", socket.gethostname()),
+                       ("not shown on another node", "node1"), ("own disk of another node", "node1")):
+        assert outcomes[case].startswith(f"--out x: rank 1 (on {host}) does not see what rank 0 "
                                          f"wrote in {a} (a folder of that name on each node's own disk?)"), outcomes
+    # Rank 1 waits for the file only on another node, and there only where it could show up late.
+    waited = {key[0]: seconds for key, seconds in outcomes.items() if isinstance(key, tuple)}
+    assert 1.0 <= waited["shown late"] < 3.0 and waited["not shown on another node"] >= 1.0, waited
+    assert all(waited[case] < 10.0 for case in ("own disk", "left by an earlier job", "own disk of another node")), waited
     assert outcomes["rank 0 cannot write"] == (f"--out x: cannot write in {os.path.join(root, 'gone')} (No such file "
                                                f"or directory): make room, or make it writable")
     for case, name in (("another file", "other.pt"), ("no file", "none.pt")):
@@ -169,3 +188,21 @@ def test_a_node_whose_own_fetch_fails_ends_every_rank_with_one_line():
     assert outcomes[1] == "UserError: cannot download the release (offline)", outcomes
     assert outcomes[0] == (f"PeerFailed: rank 1 (on {socket.gethostname()}) failed: cannot download the release "
                            f"(offline)"), outcomes
+
+
+def test_filesystem_type_is_that_of_the_longest_mount_point_above_the_path(tmp_path):
+    """filesystem_type reads the mount table: the deepest mount holding the path wins, a mount point
+    with a space in it (written \\040) is read back, optional fields before "-" are skipped."""
+    from sit_fast.distributed import filesystem_type
+
+    table = tmp_path / "mountinfo"
+    table.write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
+                     "40 22 0:50 / /shared rw,relatime shared:7 master:2 - nfs4 server:/export rw,vers=4.2\n"
+                     "41 40 0:51 / /shared/scratch\\040space rw - lustre 10.0.0.1@tcp:/fs rw\n"
+                     "42 22 0:52 / /sharedx rw - tmpfs tmpfs rw\n")
+    assert filesystem_type("/shared/runs/exp1", str(table)) == "nfs4"
+    assert filesystem_type("/shared", str(table)) == "nfs4"
+    assert filesystem_type("/shared/scratch space/a", str(table)) == "lustre"
+    assert filesystem_type("/sharedx/a", str(table)) == "tmpfs"  # not under /shared
+    assert filesystem_type("/home/me", str(table)) == "ext4"
+    assert filesystem_type("/home/me", str(tmp_path / "none")) is None  # no mount table (not Linux)
