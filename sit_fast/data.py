@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from sit_fast.errors import UserError
+from sit_fast.errors import UserError, first_line
 from sit_fast.images import center_crop_arr
 from sit_fast.interrupts import start_resource_tracker
 
@@ -149,6 +149,9 @@ def worker_error(err: UserError) -> UserError:
     text = str(err)
     if not (text.startswith("Caught ") and "Original Traceback" in text):
         return err
+    marker = f"\n{type(err).__module__}.{type(err).__qualname__}: "  # the traceback's last entry, to the end
+    if marker in text:
+        return type(err)(text[text.rindex(marker) + len(marker):].strip())
     last = text.rstrip().splitlines()[-1]
     return type(err)(last.split(": ", 1)[1] if ": " in last else last)
 
@@ -197,7 +200,10 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         raise DataError("--data-path is required for --dataset imagefolder (or use --latent-cache DIR)")
     if not os.path.isdir(root):
         raise DataError(f"--data-path {root} does not exist or is not a directory")
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    try:
+        folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    except OSError as err:  # not readable by this user, say
+        raise DataError(f"cannot read --data-path {root} ({err.strerror or err})") from None
     classes = [name for name in folders if not name.startswith(".")]
     hidden = [name for name in folders if name.startswith(".") and _holds_images(os.path.join(root, name))]
     if hidden:
@@ -236,7 +242,7 @@ UNREADABLE_IMAGE = (OSError, Image.DecompressionBombError)  # damaged, not an im
 
 
 def unreadable_image(path: str, err: Exception) -> DataError:
-    return DataError(f"cannot read image {path} ({err}): remove or replace it")
+    return DataError(f"cannot read image {path} ({first_line(err)}): remove or replace it")
 
 
 def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
@@ -306,7 +312,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 except FileNotFoundError:
                     raise DataError(f"latent cache shard {path} is missing; {_RERUN}") from None
                 except Exception as err:  # torch.load raises several types for a damaged file
-                    raise DataError(f"latent cache shard {path} cannot be read ({err}); {_REENCODE}") from None
+                    raise DataError(f"latent cache shard {path} cannot be read ({first_line(err)}); {_REENCODE}") from None
                 if not (isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor)
                                                        for k in ("mean", "std", "labels"))):
                     raise DataError(f"latent cache shard {path} does not hold mean, std and labels; {_REENCODE}")
@@ -360,7 +366,7 @@ def read_cache_index(root: str) -> dict:
         with open(path) as f:
             index = json.load(f)
     except (OSError, json.JSONDecodeError) as err:
-        raise DataError(f"cannot read {path} ({err}); {_REENCODE}") from None
+        raise DataError(f"cannot read {path} ({first_line(err)}); {_REENCODE}") from None
     if not isinstance(index, dict) or index.get("format") != CACHE_FORMAT or index.get("version") != CACHE_VERSION:
         raise DataError(f"{path} is not a version-{CACHE_VERSION} sit_fast latent cache; rebuild it")
     return index

@@ -45,7 +45,7 @@ from sit_fast.interrupts import (
 )
 from sit_fast.progress import progress
 from sit_fast.sampling import check_settings
-from sit_fast.vae import check_image_size, load_vae
+from sit_fast.vae import check_image_size, load_vae, recorded_vae_spec
 
 logger = logging.getLogger("sit_fast")
 STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -117,7 +117,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     storage = STORAGE_DTYPES[args.dtype]
     n = len(dataset)
     shards = [(k, start, min(args.shard_size, n - start)) for k, start in enumerate(range(0, n, args.shard_size))]
-    vae_spec = os.path.abspath(args.vae) if os.path.isdir(args.vae) else args.vae  # usable from any folder
+    vae_spec = recorded_vae_spec(args.vae)
     settings = {
         "image_size": args.image_size, "vae": vae_spec, "vae_precision": args.vae_precision, "dtype": args.dtype,
         "shard_size": args.shard_size, "num_images": n, "num_classes": dataset.num_classes,
@@ -128,7 +128,10 @@ def build_cache(args: argparse.Namespace) -> dict | None:
         check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt")
         if leftovers := unfinished_writes(args.out, r"shard-\d{5}\.pt", "shard", "a process"):
             logger.warning(leftovers)
-        return pending_shards(args.out, shards)
+        pending = pending_shards(args.out, shards)
+        if pending and os.path.exists(index := os.path.join(args.out, CACHE_INDEX)):
+            os.remove(index)  # an earlier build's (its shards deleted since): the cache is unfinished until finish()
+        return pending
 
     pending = on_main(prepare, dist_info)
     check_shared_path(args.out, f"--out {args.out}", dist_info)

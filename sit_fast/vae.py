@@ -101,6 +101,16 @@ class LatentCodec:
         return torch.cat(images)
 
 
+def recorded_vae_spec(spec: str) -> str:
+    """--vae as a run or a latent cache records it, read as load_vae reads it (an alias before a folder
+    of that name): a local directory made absolute, so the record is usable from any folder; an alias,
+    a hub id or "none" as given."""
+    if spec in VAE_ALIASES or spec == "none":
+        return spec
+    expanded = os.path.expanduser(spec)
+    return os.path.abspath(expanded) if os.path.isdir(expanded) else spec
+
+
 def resolve_vae_spec(spec: str, purpose: str = "train") -> tuple[str, bool]:
     """(what to pass to from_pretrained, is_local_directory) for an alias, a directory or a hub id."""
     if spec in VAE_ALIASES:

@@ -4,6 +4,7 @@ Everything trains SiT-T/4 on scikit-learn's bundled 8x8 digits in pixel space (n
 the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
 """
 import contextlib
+import datetime
 import importlib
 import json
 import logging
@@ -1685,7 +1686,7 @@ def test_a_latent_cache_that_is_not_there_says_so(tmp_path):
 
 def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
     from sit_fast import latent_cache
-    from sit_fast.data import DataError, LatentCacheDataset
+    from sit_fast.data import DataError, LatentCacheDataset, make_loader, worker_error
     from tests.test_vae import save_tiny_vae
 
     vae_dir = str(tmp_path / "vae")
@@ -1702,6 +1703,53 @@ def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
         f.write(b"damaged")
     with pytest.raises(DataError, match=r"cannot be read \(.*\); delete it and run python -m sit_fast.latent_cache"):
         LatentCacheDataset(out).shards()
+    # torch.load's refusal of a pickle it does not trust runs over many lines: one line of it is quoted,
+    # also through a loader worker (worker_error), where the traceback's last line was all that was kept.
+    torch.save({"mean": datetime.datetime(2026, 1, 1)}, shard)
+    with pytest.raises(DataError) as info:
+        LatentCacheDataset(out).shards()
+    assert "\n" not in str(info.value) and "\x1b" not in str(info.value), str(info.value)
+    assert str(info.value).startswith(f"latent cache shard {shard} cannot be read (")
+    loader = make_loader(LatentCacheDataset(out), [[(0, 0)]], num_workers=1, pin_memory=False, seed=0)
+    with pytest.raises(DataError) as caught:
+        next(loader)
+    assert str(worker_error(caught.value)) == str(info.value)
+
+
+def test_a_loader_workers_error_keeps_its_whole_message():
+    from sit_fast.data import DataError, worker_error
+
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+                        '  File "x.py", line 1, in <module>\nsit_fast.data.DataError: cannot read a.png (one: two)\n'
+                        "the rest of it\n")
+    assert str(worker_error(wrapped)) == "cannot read a.png (one: two)\nthe rest of it"
+    assert str(worker_error(DataError("a plain one"))) == "a plain one"
+
+
+def test_a_rebuilt_latent_cache_is_unfinished_until_its_new_index_is_written(tmp_path):
+    """A cache whose shards were deleted and are being encoded again (with other settings, say) loses
+    its old index at once: stopped before the new one, it is unfinished, not read with the old one."""
+    from sit_fast import latent_cache
+    from sit_fast.data import DataError, LatentCacheDataset
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    for name in os.listdir(out):
+        if name.startswith("shard-"):
+            os.remove(os.path.join(out, name))
+    real_write = latent_cache.atomic_write
+    try:  # the process is killed as it writes the new index
+        latent_cache.atomic_write = lambda path, write: (_ for _ in ()).throw(KeyboardInterrupt())
+        with pytest.raises(SystemExit):
+            latent_cache.main(_cache_args(images, vae_dir, out, "--dtype", "float16"))
+    finally:
+        latent_cache.atomic_write = real_write
+    with pytest.raises(DataError, match="is unfinished"):
+        LatentCacheDataset(out)
 
 
 def test_resuming_a_pixel_space_run_with_a_latent_cache_names_the_run_not_a_flag(tmp_path, capsys):
@@ -2750,3 +2798,22 @@ def test_a_console_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
     assert "(step=0000002) Train Loss" in log and log.rstrip().endswith("done"), log
+
+
+def test_an_unreadable_data_path_is_a_read_error_not_a_write_one(tmp_path, monkeypatch, capsys):
+    """The latent cache turns a refused write into "cannot write ..."; a --data-path this user may not
+    read (EACCES, as a write refused) is said to be unreadable."""
+    from sit_fast import data, latent_cache
+
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == os.path.abspath(images):  # as for a folder of another user's, mode 700
+            raise PermissionError(13, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(data.os, "scandir", scandir)
+    with pytest.raises(SystemExit):
+        latent_cache.main(_cache_args(images, str(tmp_path / "vae"), str(tmp_path / "cache")))
+    assert capsys.readouterr().err == f"error: cannot read --data-path {images} (Permission denied)\n"

@@ -155,3 +155,19 @@ def test_the_hub_probe_follows_hf_endpoint_and_trusts_a_proxy(hub, monkeypatch):
     with pytest.raises(VAEError, match="the hub has no such model or failed"):
         load_vae("owner/some-vae", "cpu")
     assert probes == [] and loader.calls == [True, False]  # with a proxy: no probe, the download is tried
+
+
+def test_a_vae_alias_is_recorded_as_loaded_even_beside_a_folder_of_its_name(tmp_path, monkeypatch):
+    """load_vae reads an alias (ema, mse) before a folder of that name in the working directory; a run
+    and a latent cache record --vae as it was read, so a later load finds the same VAE."""
+    from sit_fast.vae import recorded_vae_spec, resolve_vae_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "ema").mkdir()
+    (tmp_path / "my_vae").mkdir()
+    assert resolve_vae_spec("ema") == ("stabilityai/sd-vae-ft-ema", False)
+    assert recorded_vae_spec("ema") == "ema"
+    assert recorded_vae_spec("my_vae") == str(tmp_path / "my_vae")
+    assert resolve_vae_spec(recorded_vae_spec("my_vae")) == (str(tmp_path / "my_vae"), True)
+    assert recorded_vae_spec("owner/name") == "owner/name"
+    assert recorded_vae_spec("none") == "none"

@@ -52,6 +52,7 @@ from sit_fast.training.checkpointing import (
     unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport
+from sit_fast.vae import recorded_vae_spec
 
 logger = logging.getLogger("sit_fast.train")
 
@@ -362,13 +363,8 @@ def saved_args(args: argparse.Namespace) -> dict:
         if saved.get(key):
             saved[key] = os.path.abspath(saved[key])
     if saved.get("vae"):
-        saved["vae"] = vae_spec(saved["vae"])
+        saved["vae"] = recorded_vae_spec(saved["vae"])
     return saved
-
-
-def vae_spec(vae: str) -> str:
-    """--vae as a run records it: a local directory made absolute; a hub id or alias as given."""
-    return os.path.abspath(vae) if os.path.isdir(vae) else vae
 
 
 class Trainer:
@@ -838,7 +834,7 @@ class Trainer:
             return self.cache_vae_spec
         if self.codec is None:
             return "pixels"
-        return vae_spec(self.args.vae)
+        return recorded_vae_spec(self.args.vae)
 
     # ------------------------------------------------------------------ samples
     @torch.no_grad()
