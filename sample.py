@@ -85,7 +85,7 @@ from sit_fast.sampling import (
     npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
-from sit_fast.transport.integrators import adaptive_ode_method
+from sit_fast.transport.integrators import adaptive_ode_method, ode_method_uses_tolerances
 from sit_fast.vae import VAE_ALIASES
 
 
@@ -536,10 +536,11 @@ def run_grid(setup: Setup) -> str:
 
 def settings_ignored(args: argparse.Namespace) -> set[str]:
     """The flags this sampler ignores: the step count of an adaptive ODE solver (its end state does
-    not depend on it), the tolerances of a fixed-step one."""
+    not depend on it), the tolerances of a fixed-step one (but implicit_adams / fixed_adams)."""
     if args.mode != "ODE":
         return set()
-    return {"num_sampling_steps"} if adaptive_ode_method(args.sampling_method) else {"atol", "rtol"}
+    ignored = {"num_sampling_steps"} if adaptive_ode_method(args.sampling_method) else set()
+    return ignored if ode_method_uses_tolerances(args.sampling_method) else ignored | {"atol", "rtol"}
 
 
 def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
@@ -1302,8 +1303,10 @@ def out_of_memory_advice(args: argparse.Namespace, device: torch.device) -> str:
              "--vae-precision bf16" if args.vae != "none" and args.vae_precision != "bf16" else None]
     fixes = [f for f in fixes if f]
     folder = "a new folder" if args.run_folder else "another --sample-dir"
-    kept = (f" (the images written so far stay; another batch size samples into {folder}, since it fixes "
-            f"the SDE's noise)" if args.job == "fid" else "")
+    why = ("it fixes the SDE's noise" if args.mode == "SDE" else "it changes results in the last bits"
+           if not adaptive_ode_method(args.sampling_method) else "it steers the adaptive solver's steps")
+    kept = (f" (the images written so far stay; another batch size samples into {folder}, since {why})"
+            if args.job == "fid" else "")
     guided = " (guidance doubles the batch the model sees)" if args.cfg_scale != 1 else ""
     return (f"out of GPU memory on {device} sampling batches of {batch}{guided}: "
             f"{'try ' + ', '.join(fixes) if fixes else 'this model does not fit this GPU at batch size 1'}{kept}")

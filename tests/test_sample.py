@@ -1927,3 +1927,24 @@ def test_a_stop_while_saving_a_grid_keeps_the_earlier_one(tmp_path, monkeypatch)
     monkeypatch.setattr(PILImage.Image, "save", real_save)
     assert save_image_grid(torch.ones(4, 3, 8, 8), tmp_path / "g.JPG") == str(tmp_path / "g.JPG")
     assert read_png(tmp_path / "g.JPG").shape == (2 * 10 + 2, 2 * 10 + 2, 3)
+
+
+@pytest.mark.parametrize("mode, method, ignored", [
+    ("ODE", "dopri5", {"num_sampling_steps"}), ("ODE", "euler", {"atol", "rtol"}), ("ODE", "rk4", {"atol", "rtol"}),
+    ("ODE", "implicit_adams", set()), ("ODE", "fixed_adams", set()), ("SDE", "Euler", set())])
+def test_a_folders_settings_leave_out_only_the_flags_its_sampler_ignores(mode, method, ignored):
+    """implicit_adams is fixed-step, yet its corrector iterates to atol/rtol: a resume with other
+    tolerances would mix two samplers' images in one folder."""
+    assert sample.settings_ignored(argparse.Namespace(mode=mode, sampling_method=method)) == ignored
+
+
+@pytest.mark.parametrize("mode, method, why", [
+    ("SDE", "Euler", "it fixes the SDE's noise"), ("ODE", "dopri5", "it steers the adaptive solver's steps"),
+    ("ODE", "euler", "it changes results in the last bits")])
+def test_out_of_memory_advice_says_why_a_batch_size_needs_a_new_folder(mode, method, why):
+    args = argparse.Namespace(batch_size=64, class_labels=None, precision="tf32", vae="ema", vae_precision="fp32",
+                              run_folder=True, job="fid", cfg_scale=1.5, mode=mode, sampling_method=method)
+    assert sample.out_of_memory_advice(args, torch.device("cuda:0")) == (
+        "out of GPU memory on cuda:0 sampling batches of 64 (guidance doubles the batch the model sees): try "
+        "--batch-size 32, --precision bf16, --vae-precision bf16 (the images written so far stay; another batch "
+        f"size samples into a new folder, since {why})")

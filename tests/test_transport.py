@@ -490,6 +490,20 @@ def test_fixed_step_ode_model_calls(method, calls_per_step, num_steps):
     assert model.calls == num_steps * calls_per_step
 
 
+@pytest.mark.parametrize("method", ["euler", "heun", "rk4", "explicit_adams", "implicit_adams", "fixed_adams",
+                                    "dopri5", "bosh3"])
+def test_the_tolerances_flags_are_said_to_matter_where_they_change_the_result(method):
+    """ode_method_uses_tolerances (sample.py leaves the flags it denies out of a folder's settings, so
+    a resume with other values is taken) against what each method computes with other tolerances."""
+    from sit_fast.transport.integrators import ode_method_uses_tolerances
+
+    model = closed_form_model("Linear", "velocity")
+    x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    ends = [Sampler(create_transport()).sample_ode(sampling_method=method, num_steps=5, atol=tol, rtol=tol)(x, model)[-1]
+            for tol in (1e-4, 0.5)]
+    assert ode_method_uses_tolerances(method) == (not torch.equal(*ends)), method
+
+
 @pytest.mark.parametrize("method, calls_per_step", [("Euler", 1), ("Heun", 2)])
 @pytest.mark.parametrize("last_step", LAST_STEPS)
 def test_sde_model_calls(method, calls_per_step, last_step):

@@ -37,8 +37,10 @@ def add_ode_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("ODE arguments")
     group.add_argument("--sampling-method", type=str, default="dopri5", choices=list(ODE_METHODS),
                        help="ODE solver: our fixed-step euler / heun or a torchdiffeq method")
-    group.add_argument("--atol", type=positive_float, default=1e-6, help="absolute tolerance of adaptive solvers")
-    group.add_argument("--rtol", type=positive_float, default=1e-3, help="relative tolerance of adaptive solvers")
+    group.add_argument("--atol", type=positive_float, default=1e-6,
+                       help="absolute tolerance of adaptive solvers (and of implicit_adams' corrector)")
+    group.add_argument("--rtol", type=positive_float, default=1e-3,
+                       help="relative tolerance of adaptive solvers (and of implicit_adams' corrector)")
     group.add_argument("--reverse", action="store_true", help="integrate from data to noise")
     group.add_argument("--likelihood", action="store_true", help="compute the log-likelihood of the data")
     return group

@@ -17,6 +17,7 @@ import torch
 from torchdiffeq import odeint
 # torchdiffeq's solver registry: used to list every method name and to tell fixed-grid solvers
 # (which need a grid even when only the end state is wanted) from adaptive ones.
+from torchdiffeq._impl.fixed_adams import AdamsBashforth, AdamsBashforthMoulton
 from torchdiffeq._impl.odeint import SOLVERS as TORCHDIFFEQ_SOLVERS
 from torchdiffeq._impl.solvers import FixedGridODESolver
 
@@ -30,8 +31,18 @@ SDE_METHODS = ("Euler", "Heun")
 
 def adaptive_ode_method(method: str) -> bool:
     """Whether the ODE method chooses its own steps (num_steps then only spaces a trajectory, and the
-    end state does not depend on it); fixed-step methods ignore atol and rtol instead."""
+    end state does not depend on it)."""
     return method not in FIXED_STEP_ODE_METHODS and not issubclass(TORCHDIFFEQ_SOLVERS[method], FixedGridODESolver)
+
+
+def ode_method_uses_tolerances(method: str) -> bool:
+    """Whether atol and rtol change what the ODE method computes: adaptive methods, and torchdiffeq's
+    implicit Adams (implicit_adams, fixed_adams: fixed steps, each with a corrector iterated until it
+    meets the tolerances). Other fixed-step methods ignore them."""
+    if adaptive_ode_method(method):
+        return True
+    solver = TORCHDIFFEQ_SOLVERS.get(method)
+    return solver is not None and issubclass(solver, AdamsBashforthMoulton) and not issubclass(solver, AdamsBashforth)
 
 
 def _first(x):

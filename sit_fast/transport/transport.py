@@ -306,7 +306,7 @@ class Sampler:
         num_steps: number of integration steps for fixed-grid methods (unlike upstream, where it
             counted grid points); for adaptive methods only the number of intervals of a returned
             trajectory.
-        atol, rtol: tolerances of adaptive methods.
+        atol, rtol: tolerances of adaptive methods (and of implicit_adams' corrector).
         reverse: integrate data -> noise instead, over the same interval from t1 back to t0, as the
             likelihood does (upstream reflected it to (1 - t0, 1 - t1), which for VP starts at t = 1,
             where sigma_t = 0 and a score or noise model is singular; for Linear and GVP the two agree).
