@@ -80,7 +80,7 @@ from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
-    checkpoint_preference,
+    checkpoint_preference, default_cfg_channels,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
     npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
@@ -143,8 +143,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     guidance.add_argument("--cfg-scale", type=finite_float, default=None,
                           help="guidance scale w; 1 runs no unconditional pass (default: 4.0 for a grid, "
                                "1.0 for --num-fid-samples and --likelihood, as upstream)")
-    guidance.add_argument("--cfg-channels", type=str, choices=["3", "all"], default="3",
-                          help="channels guided: upstream's first 3, or all")
+    guidance.add_argument("--cfg-channels", type=str, choices=["3", "all"], default=None,
+                          help="channels guided: upstream's first 3, or all (default: 3 for a model of up to 4 "
+                               "channels, as upstream; all for a latent space of more)")
     guidance.add_argument("--cfg-interval", type=finite_float, nargs=2, metavar=("LOW", "HIGH"), default=None,
                           help="guide only model calls with LOW <= t <= HIGH (t=0 noise, t=1 data)")
     guidance.add_argument("--class-labels", type=integer, nargs="+", default=None,
@@ -303,7 +304,8 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--cuda-graphs replays forwards without gradients; --likelihood needs them")
     if args.cuda_graphs and not torch.cuda.is_available():  # before the checkpoint and the VAE load
         raise UserError("--cuda-graphs needs a CUDA device, and torch sees none")
-    args.cfg_channels = "all" if args.cfg_channels == "all" else int(args.cfg_channels)
+    if args.cfg_channels is not None:  # else the model's (Setup: default_cfg_channels)
+        args.cfg_channels = "all" if args.cfg_channels == "all" else int(args.cfg_channels)
     args.vae_explicit = args.vae is not None
     if args.vae is None:
         args.vae = getattr(args, "vae_fallback", SAMPLE_DEFAULTS["vae"])
@@ -419,6 +421,8 @@ class Setup:
         self.input_size = self.model.input_size
         self.image_size = self.info["image_size"]
         self.in_channels = self.model.in_channels
+        if args.cfg_channels is None:
+            args.cfg_channels = default_cfg_channels(self.in_channels)
         self.latent_shape = (self.in_channels, self.input_size, self.input_size)
         if self.codec is None and self.in_channels not in (1, 3) and args.job in ("grid", "fid"):
             raise UserError(f"pixel-space sampling (--vae none) writes 1- or 3-channel images; the model has "

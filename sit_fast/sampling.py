@@ -252,6 +252,13 @@ def check_training_args(info: dict, transport_args: dict, source: str = "the che
 #                 Forwards: conditional, guided; compiled / CUDA graphs          #
 #################################################################################
 
+def default_cfg_channels(in_channels: int) -> int | str:
+    """The channels guidance mixes unless told: upstream's first 3 for a model of up to 4 channels (SD
+    latents: published numbers reproduce; pixels: all of them), every channel for a latent space of
+    more (a VAE of 16 channels, say), where 3 of them would be a quirk, not upstream's maths."""
+    return 3 if in_channels <= 4 else "all"
+
+
 def apply_guidance(cond: torch.Tensor, uncond: torch.Tensor, cfg_scale: float, cfg_channels: int | str) -> torch.Tensor:
     """u + w (c - u) on the first cfg_channels channels ("all": every channel); the rest stays c."""
     guided = cond.shape[1] if cfg_channels == "all" else min(cfg_channels, cond.shape[1])

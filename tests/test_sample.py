@@ -97,6 +97,28 @@ def test_grid_with_tiny_vae_is_deterministic(files, tmp_path):
     assert not np.array_equal(a, c)
 
 
+def test_guidance_mixes_every_channel_of_a_latent_space_wider_than_sds(files, tmp_path):
+    """--cfg-channels unset: upstream's first 3 for SD's 4 latent channels, all of a VAE's 8."""
+    from diffusers.models import AutoencoderKL
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, latent_channels=8,
+                  sample_size=16, down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2).save_pretrained(tmp_path / "vae8")
+    torch.save(random_sit(8, learn_sigma=False).state_dict(), tmp_path / "latent8.pt")
+    for ckpt, vae, same_as, other in ((files["latent"], files["vae"], "3", "all"),
+                                      (tmp_path / "latent8.pt", tmp_path / "vae8", "all", "3")):
+        common = ["ODE", "--ckpt", ckpt, "--vae", vae, "--sampling-method", "euler", "--num-sampling-steps", 2,
+                  "--cfg-scale", 4.0, "--class-labels", 1, 2, *FAST]
+        grids = {}
+        for channels in (None, same_as, other):
+            out = tmp_path / f"{os.path.basename(str(ckpt))}-{channels}.png"
+            run(common + ["--out", out] + (["--cfg-channels", channels] if channels else []))
+            grids[channels] = read_png(out)
+        np.testing.assert_array_equal(grids[None], grids[same_as])
+        assert not np.array_equal(grids[None], grids[other])
+
+
 def test_grid_pixel_space_sde_and_bf16(files, tmp_path):
     out = tmp_path / "grid.png"
     argv = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--in-channels", 3, "--num-sampling-steps", 4,

@@ -44,7 +44,7 @@ from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_fold
                              make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
-from sit_fast.sampling import check_training_args, release_or_path
+from sit_fast.sampling import check_training_args, default_cfg_channels, release_or_path
 from sit_fast.training.args import merge_resumed_args, parse_args
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
@@ -849,7 +849,7 @@ class Trainer:
         if args.cfg_scale > 1.0:
             z = torch.cat([z, z])
             y = torch.cat([y, torch.full_like(y, args.num_classes)])
-            cfg_channels = 3 if (self.codec is not None or self.cache_vae_spec) else "all"
+            cfg_channels = default_cfg_channels(z.shape[1]) if (self.codec is not None or self.cache_vae_spec) else "all"
 
             def model_fn(x, t, y):
                 return self.ema.forward_with_cfg(x, t, y, args.cfg_scale, cfg_channels=cfg_channels)
