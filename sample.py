@@ -518,8 +518,8 @@ def run_grid(setup: Setup) -> str:
         labels = UPSTREAM_CLASS_LABELS if setup.num_classes == 1000 else [i % setup.num_classes for i in range(8)]
     bad = [label for label in labels if not 0 <= label < setup.num_classes]
     if bad:
-        raise UserError(f"--class-labels {bad[0]} is outside 0 .. {setup.num_classes - 1} (--num-classes "
-                        f"{setup.num_classes})")
+        raise UserError(f"--class-labels {bad[0]} is outside 0 .. {setup.num_classes - 1}: the model has "
+                        f"{setup.num_classes} classes")
     out = args.out or DEFAULT_OUT["grid"]
     batch_size = args.batch_size or len(labels)
     start = time.perf_counter()
@@ -725,8 +725,8 @@ def check_image_array(images: np.ndarray, image_size: int, channels: int, path: 
             (chunk == chunk[..., :1]).all() for chunk in (images[k: k + 1024] for k in range(0, len(images), 1024))):
         images = images[..., :1]  # gray stored as RGB (the FID .npz of a 1-channel model)
     if images.ndim != 4 or images.shape[1] != images.shape[2] or images.shape[1] != image_size:
-        raise UserError(f"{path}: images of shape {images.shape[1:]} do not match --image-size {image_size} "
-                        f"(expected N x {image_size} x {image_size} x C uint8)")
+        raise UserError(f"{path}: images of shape {images.shape[1:]} do not match the model's image size "
+                        f"{image_size} (expected N x {image_size} x {image_size} x C uint8)")
     if images.shape[-1] != channels:
         raise UserError(f"{path}: images with {images.shape[-1]} channels, "
                         f"{'the VAE encodes RGB images' if channels == 3 else f'the model takes {channels}'}")

@@ -1970,3 +1970,11 @@ def test_out_of_memory_advice_says_why_a_batch_size_needs_a_new_folder(mode, met
         "out of GPU memory on cuda:0 sampling batches of 64 (guidance doubles the batch the model sees): try "
         "--batch-size 32, --precision bf16, --vae-precision bf16 (the images written so far stay; another batch "
         f"size samples into a new folder, since {why})")
+
+
+def test_a_class_label_outside_the_models_classes_names_its_count(files, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--class-labels", 1, NUM_CLASSES, "--out",
+             tmp_path / "grid.png", *FAST])
+    assert one_line_error(capsys) == (f"error: --class-labels {NUM_CLASSES} is outside 0 .. {NUM_CLASSES - 1}: the "
+                                      f"model has {NUM_CLASSES} classes")
