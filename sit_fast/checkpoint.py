@@ -69,7 +69,8 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
     if "model" in obj or "ema" in obj:
         key = "ema" if (prefer == "ema" and isinstance(obj.get("ema"), dict)) else "model"
         if key not in obj:
-            only_ema = " (it holds EMA weights alone: leave out --use-raw, prefer='model')" if "ema" in obj else ""
+            only_ema = (" (it holds EMA weights alone: take those: prefer='ema', sample.py without --use-raw, or "
+                        "export's --weights ema)" if "ema" in obj else "")
             raise CheckpointError(f"{path} has no {key!r} entry (keys: {', '.join(sorted(map(str, obj)))}){only_ema}")
         if not isinstance(obj[key], dict):
             raise CheckpointError(f"{path}: its {key!r} entry is a {type(obj[key]).__name__}, not a state_dict")
@@ -79,13 +80,18 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
                     step=step if isinstance(step, int) and not isinstance(step, bool) else None,
                     optimizer="opt" in obj)
         obj = obj[key]
+    return checked_state_dict(obj, path), info
+
+
+def checked_state_dict(obj: dict, source: str) -> dict[str, torch.Tensor]:
+    """obj with wrapper prefixes stripped; CheckpointError unless its keys are names and its values tensors."""
     if not all(isinstance(k, str) for k in obj):
-        raise CheckpointError(f"{path} holds a dict with keys that are not parameter names (strings)")
-    state_dict = strip_wrapper_prefixes(obj, path)
+        raise CheckpointError(f"{source} holds a dict with keys that are not parameter names (strings)")
+    state_dict = strip_wrapper_prefixes(obj, source)
     bad = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
     if bad:
-        raise CheckpointError(f"{path}: entries that are not tensors: {', '.join(bad[:5])}")
-    return state_dict, info
+        raise CheckpointError(f"{source}: entries that are not tensors: {', '.join(bad[:5])}")
+    return state_dict
 
 
 def is_safetensors(path: str) -> bool:
@@ -221,24 +227,29 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
                               f"state_dict: pass its [{entries[0]!r}] entry, or load the file with "
                               f"load_checkpoint / read_checkpoint, which take the EMA weights from it")
     model = unwrap_model(model)
-    state_dict = strip_wrapper_prefixes(state_dict, source)
+    state_dict = checked_state_dict(state_dict, source)
     own = model.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())
     mismatched = sorted(k for k in own.keys() & state_dict.keys() if own[k].shape != state_dict[k].shape)
-    reinit = False
-    if not missing and not unexpected and mismatched == [LABEL_TABLE_KEY]:
-        rows_ckpt, rows_model = state_dict[LABEL_TABLE_KEY].shape[0], own[LABEL_TABLE_KEY].shape[0]
+    table, own_table = state_dict.get(LABEL_TABLE_KEY), own.get(LABEL_TABLE_KEY)
+    # Another class count: a table of other rows, as wide as the model's. Any other shape is a mismatch.
+    reinit = (not missing and not unexpected and mismatched == [LABEL_TABLE_KEY] and table.dim() == own_table.dim() == 2
+              and table.shape[1] == own_table.shape[1])
+    if reinit:
+        rows_ckpt, rows_model = table.shape[0], own_table.shape[0]
         logger.warning(
             "%s has a label table of %d rows, the model %d (num_classes=%d): the label table is "
             "re-initialised; class-conditional outputs are meaningless until it is trained",
             source, rows_ckpt, rows_model, getattr(model, "num_classes", rows_model),
         )
-        state_dict[LABEL_TABLE_KEY] = own[LABEL_TABLE_KEY]
-        reinit = True
+        state_dict = {**state_dict, LABEL_TABLE_KEY: own_table}
     elif missing or unexpected or mismatched:
         raise CheckpointError(_mismatch_message(model, state_dict, own, missing, unexpected, mismatched, source))
     model.load_state_dict(state_dict, strict=True)
+    if reinit:  # as at initialisation (the model's table may have been trained or loaded before)
+        with torch.no_grad():
+            torch.nn.init.normal_(model.get_parameter(LABEL_TABLE_KEY), std=0.02)
     return {"label_table_reinitialised": reinit}
 
 

@@ -159,6 +159,12 @@ def main(argv: list[str] | None = None) -> dict:
                         f"pass --out PATH")
     if args.out is not None:  # before reading a checkpoint of gigabytes
         check_out(args.ckpt, args.out, args.force)
+    from sit_fast.sampling import release_or_path
+
+    named = args.ckpt
+    args.ckpt = release_or_path(args.ckpt)  # upstream's release by name: the file found or downloaded
+    if args.out is not None and args.ckpt != named:
+        check_out(args.ckpt, args.out, args.force)
     loaded = read_checkpoint(args.ckpt, prefer=args.weights)  # once, for the summary and the export
     found = describe(args.ckpt, args.weights, loaded)
     print(summary(args.ckpt, found))

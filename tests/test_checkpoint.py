@@ -70,15 +70,34 @@ def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
     sd = upstream_state_dict(2, 32, 2, True, num_classes=1000)
     torch.save(sd, tmp_path / "c.pt")
     model = model_for(2, 32, 2, True, num_classes=10)
-    fresh_table = model.y_embedder.embedding_table.weight.detach().clone()
+    with torch.no_grad():  # a table trained or loaded before: it is re-initialised, not kept
+        model.y_embedder.embedding_table.weight.fill_(3.0)
     with caplog.at_level(logging.WARNING, logger="sit_fast"):
         info = load_checkpoint(model, tmp_path / "c.pt")
     assert info["label_table_reinitialised"]
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "\n" not in messages[0]
     assert "1001 rows" in messages[0] and "11" in messages[0] and "re-initialised" in messages[0]
-    assert torch.equal(model.y_embedder.embedding_table.weight, fresh_table)
+    table = model.y_embedder.embedding_table.weight.detach()
+    assert table.shape == (11, 32) and abs(table.mean().item()) < 0.01 and 0.015 < table.std().item() < 0.025
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
+
+
+@pytest.mark.parametrize("shape", [(11, 16), (11,), (11, 32, 1)])
+def test_a_label_table_of_another_shape_than_rows_is_a_mismatch(shape):
+    """Only a table of other rows, as wide as the model's, is another class count; any other shape of
+    it is refused as every other mismatch is."""
+    sd = upstream_state_dict(2, 32, 2, True, num_classes=10)
+    sd["y_embedder.embedding_table.weight"] = torch.randn(shape)
+    with pytest.raises(CheckpointError, match=r"shape mismatch: y_embedder.embedding_table.weight"):
+        load_into_model(model_for(2, 32, 2, True, num_classes=10), sd)
+
+
+def test_non_tensor_values_given_to_load_into_model_are_named():
+    sd = upstream_state_dict(1, 32, 2, True)
+    sd["pos_embed"] = sd["pos_embed"].numpy()
+    with pytest.raises(CheckpointError, match="checkpoint: entries that are not tensors: pos_embed"):
+        load_into_model(model_for(1, 32, 2, True), sd)
 
 
 WRONG_SIZE = "wrong model or image size (--model, --image-size)?"
@@ -233,7 +252,7 @@ def test_a_missing_ema_entry_falls_back_to_the_model_weights(tmp_path):
 def test_raw_weights_asked_of_an_ema_only_checkpoint_say_to_drop_the_flag(tmp_path):
     torch.save({"ema": upstream_state_dict(1, 32, 2, True), "step": 7}, tmp_path / "e.pt")
     with pytest.raises(CheckpointError, match=r"has no 'model' entry \(keys: ema, step\) \(it holds EMA weights alone: "
-                                              r"leave out --use-raw"):
+                                              r"take those: prefer='ema', sample.py without --use-raw, or export's --weights ema\)"):
         read_checkpoint(tmp_path / "e.pt", prefer="model")
     assert read_checkpoint(tmp_path / "e.pt")[1]["weights"] == "ema"
 
@@ -341,6 +360,22 @@ def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys
     # from one .safetensors to another: which weights, of which step and in which space, carry over
     again = export.main([str(tmp_path / "w.safetensors"), "--out", str(tmp_path / "again.safetensors")])
     assert (again["weights"], again["step"], again["model_config"]) == ("model", 100, config)
+
+
+def test_export_reads_upstreams_release_by_name(tmp_path, monkeypatch, capsys):
+    """As load_checkpoint and sample.py take it: SiT-XL-2-256x256.pt, not a file here, is the release
+    found in ./pretrained_models or the cache (a tiny stand-in here)."""
+    from sit_fast import export
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    sd = upstream_state_dict(1, 32, 2, True)
+    torch.save(sd, tmp_path / "cache" / "SiT-XL-2-256x256.pt")
+    found = export.main(["SiT-XL-2-256x256.pt", "--out", "w.safetensors"])
+    assert found["config"]["depth"] == 1 and str(tmp_path / "cache" / "SiT-XL-2-256x256.pt") in capsys.readouterr().out
+    state_dict, _ = read_checkpoint(tmp_path / "w.safetensors")
+    assert all(torch.equal(state_dict[k], sd[k]) for k in sd)
 
 
 @pytest.mark.parametrize("out,message", [
