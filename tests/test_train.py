@@ -408,6 +408,19 @@ def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):
     assert "in it): exact" not in log
 
 
+def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path):
+    """Another attention backend, precision, kernels or compilation keeps the data order and random
+    states, not the rounding (nor, compiled, the label-dropout masks)."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--attn-backend", "sdpa"])
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "3", "--attn-backend", "math"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert ("in it): the data order and random states are the run's; --attn-backend sdpa -> math changes the "
+            "rounding, so the steps are not bit for bit the original run's") in log, log
+    assert "in it): exact" not in log
+
+
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
     """K micro-batches: the same loss and gradients as the whole batch at once (to fp32 round-off).
     The transport's random draws are replaced by a per-sample function, so both see the same loss."""

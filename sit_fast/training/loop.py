@@ -367,6 +367,10 @@ def saved_args(args: argparse.Namespace) -> dict:
     return saved
 
 
+# Flags a resumed run may change that change its arithmetic, not its data order or random states.
+ARITHMETIC_FLAGS = ("precision", "fused_kernels", "attn_backend", "compile")
+
+
 class Trainer:
     """One training run; build with the parsed args, then call run()."""
 
@@ -708,7 +712,17 @@ class Trainer:
                                f"{ckpt['args'].get('grad_accum_steps', 1)}: the data order is exact, the noise and "
                                f"time draws (one per micro-batch) are not those of the original run")
             else:
-                logger.info(f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it): exact")
+                where = f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it)"
+                saved = ckpt["args"]
+                changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in ARITHMETIC_FLAGS
+                           if k in saved and saved[k] != getattr(args, k)]
+                if changed:
+                    masks = (" and the label-dropout masks (Inductor draws its own)"
+                             if saved.get("compile") != args.compile else "")
+                    logger.info(f"{where}: the data order and random states are the run's; {', '.join(changed)} "
+                                f"changes the rounding{masks}, so the steps are not bit for bit the original run's")
+                else:
+                    logger.info(f"{where}: exact")
         else:
             consumed = int(ckpt["step_in_epoch"]) * int(data.get("global_batch_size", args.global_batch_size))
             self.step_in_epoch = consumed // args.global_batch_size
