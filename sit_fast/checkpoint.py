@@ -47,6 +47,11 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         if path in PRETRAINED_URLS:
             path = pretrained_checkpoint(path)
     check_checkpoint_file(path)
+    if os.path.basename(path).startswith("DiT-"):
+        # DiT's releases have SiT's keys and shapes, so nothing in the weights tells them apart.
+        logger.warning(f"{path} is named as one of DiT's releases: DiT predicts DDPM noise at integer times "
+                       f"0..999, not what SiT's transports (times in [0, 1]) expect: sampled as it is, it gives "
+                       f"meaningless images (as weights to train from, it serves)")
     info = {"format": "pickle", "weights": "raw", "args": None, "step": None, "optimizer": False}
     if is_safetensors(path):
         from safetensors import safe_open

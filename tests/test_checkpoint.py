@@ -544,3 +544,17 @@ def test_a_recorded_model_config_beside_upstream_style_args_is_read(tmp_path):
     config = {"model": "SiT-T/4", "latent_space": "pixels"}
     torch.save({"model": {}, "args": argparse.Namespace(model="SiT-T/4"), "model_config": config}, path)
     assert recorded_model_config(path) == config
+
+
+def test_a_file_named_as_a_dit_release_is_warned_of(tmp_path, caplog):
+    """DiT's releases load (the same keys and shapes) but are another model of time and noise."""
+    torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "DiT-XL-2-256x256.pt")
+    torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "SiT-XL-2-256x256.pt")
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        read_checkpoint(tmp_path / "SiT-XL-2-256x256.pt")
+        assert not caplog.records
+        read_checkpoint(tmp_path / "DiT-XL-2-256x256.pt")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'DiT-XL-2-256x256.pt'} is named as one of DiT's releases: DiT predicts DDPM noise at integer "
+        f"times 0..999, not what SiT's transports (times in [0, 1]) expect: sampled as it is, it gives meaningless "
+        f"images (as weights to train from, it serves)"]
