@@ -180,6 +180,12 @@ def check_activation(op: str, name: str, t: torch.Tensor, ref_shape: torch.Size 
         raise ValueError(f"{op}: feature size D must be in [1, {MAX_D}], got {name} shape {tuple(t.shape)}")
 
 
+def check_eps(op: str, eps: float) -> None:
+    """ValueError unless eps is a finite number >= 0 (a negative one makes rsqrt(var + eps) NaN)."""
+    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+        raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
+
+
 def check_out_dtype(op: str, name: str, dtype: torch.dtype | None, x: torch.Tensor) -> torch.dtype:
     """An optional output dtype: None means x's dtype; otherwise float32, bfloat16 or float16."""
     if dtype is None:

@@ -16,9 +16,14 @@ def normalize_modulate(x, mask, D, eps, one_plus_scale, shift):
     """
     mean = tl.sum(x, axis=0) / D
     centred = tl.where(mask, x - mean, 0.0)
-    var = tl.sum(centred * centred, axis=0) / D
+    # The corrected two-pass variance: the mean's rounding leaves the centred row a small common
+    # offset (its mean, delta), taken out of the variance and of x_hat. Without it a constant fp32 row
+    # of large magnitude (a sum that rounds) normalised to +-1 everywhere instead of 0, once delta**2
+    # outweighed eps. Both sums read `centred`, so they reduce side by side.
+    delta = tl.sum(centred, axis=0) / D
+    var = tl.maximum(tl.sum(centred * centred, axis=0) / D - delta * delta, 0.0)
     rstd = tl.rsqrt(var + eps)
-    x_hat = centred * rstd
+    x_hat = tl.where(mask, (centred - delta) * rstd, 0.0)
     return x_hat, x_hat * one_plus_scale + shift, rstd
 
 

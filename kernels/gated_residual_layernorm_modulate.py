@@ -438,6 +438,7 @@ def gated_residual_layernorm_modulate(
     normalises x_out as stored. Gradients come back in each input's own dtype.
     """
     _launch.refuse_forward_ad("gated_residual_layernorm_modulate", x=x, gate=gate, y=y, shift=shift, scale=scale)
+    _launch.check_eps("gated_residual_layernorm_modulate", eps)
     save_x_hat = _launch.needs_backward(x, gate, y, shift, scale)
     x_out, h, _x_hat, _rstd = gated_residual_layernorm_modulate_op(x, gate, y, shift, scale, eps, h_dtype, save_x_hat)
     return x_out, h

@@ -307,6 +307,7 @@ def layernorm_modulate(
     Gradients come back in each input's own dtype.
     """
     _launch.refuse_forward_ad("layernorm_modulate", x=x, shift=shift, scale=scale)
+    _launch.check_eps("layernorm_modulate", eps)
     save_x_hat = _launch.needs_backward(x, shift, scale)
     y, _x_hat, _rstd = layernorm_modulate_op(x, shift, scale, eps, out_dtype, save_x_hat)
     return y

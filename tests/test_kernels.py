@@ -474,6 +474,19 @@ def test_kernel_eps_and_constant_rows(op):
     check_against_reference(op, inputs, case, eps=1e-2)
 
 
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_constant_rows_of_large_magnitude_normalise_to_zero(op):
+    """A constant fp32 row whose sum rounds (123456.7 * 97) has a mean off by an ulp or so: the
+    offset it leaves (delta, squared well above eps) must not pass for the row's variance."""
+    case = DTYPE_CASES[0].values[0]
+    inputs = make_inputs(op, 2, 3, 97, case)
+    inputs["x"][0, 1] = 123456.7
+    inputs["x"][1, 2] = -3.3e4
+    if "y" in inputs:
+        inputs["y"][0, 1] = inputs["y"][1, 2] = 0.0
+    check_against_reference(op, inputs, case)
+
+
 def test_kernel_outputs_are_poisoned_in_tests():
     """The test-only NaN fill really happens, so unwritten output elements cannot pass."""
     buffer = _launch.empty((4, 8), torch.float32, DEVICE)
@@ -567,10 +580,17 @@ def _vectors(B, D, dtype=torch.float32, device=DEVICE):
         (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE),
                                             torch.zeros(2, 72, dtype=torch.int64, device=DEVICE), _vectors(2, 72)),
          r"shift must be torch.float32 \(x's dtype\), got torch.int64 \(x \(2, 3, 72\)"),
+        (lambda: kernels.layernorm_modulate(torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72), _vectors(2, 72),
+                                            eps=-1.0),
+         r"layernorm_modulate: eps must be a finite number >= 0, got -1.0"),
+        (lambda: kernels.gated_residual_layernorm_modulate(
+            torch.randn(2, 3, 72, device=DEVICE), _vectors(2, 72), torch.randn(2, 3, 72, device=DEVICE),
+            _vectors(2, 72), _vectors(2, 72), eps=float("nan")),
+         r"gated_residual_layernorm_modulate: eps must be a finite number >= 0, got nan"),
     ],
     ids=["x-2d", "shift-shape", "gate-batch", "y-shape", "x-float64", "shift-fp16-with-bf16",
          "y-dtype", "y-dtype-gated-residual", "device-mismatch", "y-device", "D-too-large", "out-dtype-float64",
-         "gate-fp16-autocast", "shift-int64"],
+         "gate-fp16-autocast", "shift-int64", "eps-negative", "eps-nan"],
 )
 def test_kernel_rejects_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
