@@ -145,7 +145,8 @@ def run_kernels(ctx) -> None:
     except ImportError as error:
         ctx.fail("kernels", "suite", SUITE_LEVEL, error, dtype=None)
         return
-    for row in kernel_rows(ctx.device.type, ctx.size.name, time_left=ctx.budget.remaining):
+    for row in kernel_rows(ctx.device.type, ctx.size.name, time_left=ctx.budget.remaining,
+                           compile_backend=ctx.compile_backend):
         ctx.emit(kernel_record(ctx, row))
 
 

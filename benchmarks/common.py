@@ -790,12 +790,39 @@ def _status(record) -> str:
     return status if not record.get("note") else f"{status}: {record['note']}"
 
 
+def _peak(record) -> str:
+    """The data-sheet peak a row's MFU divides by, and its dtype (TF32 for the fp32 reference)."""
+    entry = "tf32" if record.get("dtype") == "fp32" else record.get("dtype")  # throughput_fields' choice on CUDA
+    return "-" if record.get("peak_tflops") is None else f"{record['peak_tflops']:.4g} ({entry})"
+
+
+def _of_matmul_ceiling(record) -> str:
+    """Only bf16 rows are held to the bf16 matmul ceiling measured at the start (fp32 rows: n/a)."""
+    return _percent(record["fraction_of_matmul_ceiling"]) if record.get("dtype") == "bf16" else "n/a"
+
+
+def _linked_parity(text: Callable[[dict], str]) -> Callable[[dict], str]:
+    """A train / sample row's parity figure, "n/a" for the reference (its own yardstick)."""
+    return lambda r: "n/a (reference)" if r["variant"] == "reference" and r["status"] == "ok" else text(r)
+
+
 # MFU against which peak: the data sheet's dense peak for the dtype (TF32 for the fp32 reference on
 # CUDA), and the bf16 matmul ceiling measured at the start of the run.
 THROUGHPUT_COLUMNS = [
-    ("MFU (data-sheet peak)", lambda r: _percent(r["mfu"])),
-    ("of measured matmul ceiling", lambda r: _percent(r["fraction_of_matmul_ceiling"])),
+    ("MFU (data-sheet peak)", lambda r: _percent(r["mfu"])), ("peak TFLOP/s (dtype)", _peak),
+    ("of measured bf16 matmul ceiling", _of_matmul_ceiling),
 ]
+
+# Said under a suite's table in results.md: what its figures count and leave out.
+NOTES = {
+    "train": "One step: forward, backward, AdamW (no EMA). MFU: model FLOPs (3 x forward, forward = 2 x "
+             "multiply-adds) over the data sheet's dense peak of the row's dtype. Each variant at the "
+             "largest batch that fits (the batch column). act/img: the eager maths' activations (fake "
+             "tensors), for compiled variants too. Parity: from the parity suite of this run.",
+    "sample": "Model sampling only: the VAE decode is not timed. The model sees 2 x batch (guidance). "
+              "ms/batch: the run of `steps timed` model calls, scaled to the full sampler's calls "
+              "(extrapolated; every call costs the same). Parity: from the parity suite of this run.",
+}
 
 COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "kernels": [
@@ -830,8 +857,8 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")), *THROUGHPUT_COLUMNS,
         ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
         ("act/img", lambda r: _mib(r["activation_bytes_per_image"])),
-        ("parity out/grad", lambda r: f"{_fmt(r['parity_output_rel_err'], '.1e')}/"
-                                      f"{_fmt(r['parity_grad_rel_err_max'], '.1e')}"),
+        ("parity out/grad", _linked_parity(lambda r: f"{_fmt(r['parity_output_rel_err'], '.1e')}/"
+                                                     f"{_fmt(r['parity_grad_rel_err_max'], '.1e')}")),
         ("status", _status),
     ],
     "sample": [
@@ -840,7 +867,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("steps timed", lambda r: _fmt(r["steps_timed"])), ("ms/batch median (p20-p80)", _ms),
         ("img/s", lambda r: _fmt(r["images_per_s"], ".3g")), ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")),
         *THROUGHPUT_COLUMNS, ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
-        ("parity out", lambda r: _fmt(r["parity_output_rel_err"], ".1e")), ("status", _status),
+        ("parity out", _linked_parity(lambda r: _fmt(r["parity_output_rel_err"], ".1e"))), ("status", _status),
     ],
     "memory": [
         ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
@@ -880,6 +907,8 @@ def to_markdown(document: dict) -> str:
         for r in records:
             lines.append("| " + " | ".join(fn(r).replace("|", "/") for _, fn in columns) + " |")
         lines.append("")
+        if suite in NOTES:
+            lines += [NOTES[suite], ""]
     return "\n".join(lines)
 
 

@@ -250,14 +250,17 @@ def _device_name(device: torch.device) -> str:
     return "cpu (Triton interpreter)" if device.type == "cpu" else str(device)
 
 
-def run(device: str, size: str, time_left: Callable[[], float] | None = None) -> list[dict]:
+def run(device: str, size: str, time_left: Callable[[], float] | None = None,
+        compile_backend: str = "inductor") -> list[dict]:
     """Benchmark every op x direction x variant on `device` at `size` ("tiny" or "full")."""
-    return list(rows(device, size, time_left))
+    return list(rows(device, size, time_left, compile_backend))
 
 
-def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -> Iterator[dict]:
+def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
+         compile_backend: str = "inductor") -> Iterator[dict]:
     """run()'s rows, each yielded as soon as it is measured (so a run stopped part way keeps them).
 
+    compile_backend: torch.compile's backend for the compiled reference ("eager" in the CPU dry run).
     time_left: seconds left of a time box, or None for none. A measurement is skipped (a row with
     status "skipped") when what is left is less than the last one of the same variant took, compiling
     included (each op and direction is a new compilation; the first one also warms the compiler up).
@@ -298,7 +301,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None) -
     by_op = {}
     for op in OPS:
         by_op[op] = {"ours": getattr(kernels, op)} if ours_available else {}
-        by_op[op]["reference+compile"] = torch.compile(getattr(reference, op))
+        by_op[op]["reference+compile"] = torch.compile(getattr(reference, op), backend=compile_backend)
         by_op[op]["reference"] = getattr(reference, op)
     # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd.
     for direction in DIRECTIONS:

@@ -42,29 +42,36 @@ SAMPLERS = (
 )
 
 
+def plan(batches, variants: list[Variant]) -> list[tuple[int, Variant]]:
+    """The (batch, variant) measurements in the order they run: the goals' pairs first (ours, then the
+    compiled reference, at each batch, the largest first: its throughput and MFU are the headline),
+    then the eager references at each batch, which decide no goal. A time box that cuts the run so
+    leaves whole comparisons rather than every variant at the first batch and none at the next."""
+    goals = [v for v in variants if v.name == "ours" or v.compile is not None]
+    order = sorted(batches, reverse=True)
+    return [(B, v) for B in order for v in goals] + [(B, v) for B in order for v in variants if v not in goals]
+
+
 def run(ctx: RunContext) -> None:
-    """Batch by batch, and at each batch the variants in measurement order (ours, the compiled
-    reference, the eager ones): each goal compares ours with the compiled reference at one batch, so
-    a time box that cuts the run leaves whole comparisons rather than ours alone at every batch. Each
-    (variant, batch) builds its model afresh and compiles (dynamic=False) or captures anew."""
+    """The measurements in plan()'s order. Each (variant, batch) builds its model afresh and compiles
+    (dynamic=False) or captures anew."""
     from sit_fast.transport import Sampler, create_transport
 
     set_tf32(ctx.device, True)
     transport = create_transport("Linear", "velocity")
     sampler = Sampler(transport)
-    for B in ctx.size.sample_batches:
-        for variant in ctx.measurement_order():
-            needed = expected_cost_s(ctx.size, variant)
-            if not ctx.budget.allows(needed):
-                for name, *_ in SAMPLERS:
-                    ctx.skip(SUITE, name, variant, needed, model=ctx.size.model_name, shapes={}, batch_size=B)
-                continue
-            try:
-                measure(ctx, variant, transport, sampler, B)
-            except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on to the next variant
-                ctx.fail(SUITE, "sampling", variant, error, model=ctx.size.model_name, shapes={}, batch_size=B)
-            finally:
-                free_memory(ctx.device)
+    for B, variant in plan(ctx.size.sample_batches, ctx.measurement_order()):
+        needed = expected_cost_s(ctx.size, variant)
+        if not ctx.budget.allows(needed):
+            for name, *_ in SAMPLERS:
+                ctx.skip(SUITE, name, variant, needed, model=ctx.size.model_name, shapes={}, batch_size=B)
+            continue
+        try:
+            measure(ctx, variant, transport, sampler, B)
+        except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on to the next variant
+            ctx.fail(SUITE, "sampling", variant, error, model=ctx.size.model_name, shapes={}, batch_size=B)
+        finally:
+            free_memory(ctx.device)
 
 
 def build_forwards(models: ModelFactory, variant: Variant):

@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from benchmarks.common import CPU_NULL, FIELDS, SUITE_FIELDS, VARIANTS, validate_record
+from benchmarks.common import CPU_NULL, FIELDS, NOTES, SUITE_FIELDS, VARIANTS, validate_record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite itself takes about 100 s on two cores and stops when it is done: the generous limits only
@@ -60,7 +60,13 @@ def test_dry_run_writes_json_and_markdown(dry_run):
         assert f"## {suite}" in markdown, f"results.md has no {suite} table"
     for suite in ("train", "sample"):  # MFU says against which peak; the measured ceiling's fraction beside it
         header = markdown.split(f"## {suite}\n\n", 1)[1].splitlines()[0]
-        assert "MFU (data-sheet peak)" in header and "of measured matmul ceiling" in header, header
+        assert "MFU (data-sheet peak)" in header and "of measured bf16 matmul ceiling" in header, header
+        table = markdown.split(f"## {suite}\n\n", 1)[1].split("\n\n", 1)
+        assert NOTES[suite] == table[1].split("\n\n", 1)[0]  # what the figures count, under the table
+        # the fp32 reference: no parity against itself, no fraction of the bf16 ceiling
+        reference = [line for line in table[0].splitlines() if "reference" in line.split(" | ")[:2]
+                     or line.startswith("| reference |")]
+        assert reference and all("| n/a (reference) |" in line and "| n/a |" in line for line in reference), reference
     assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory", "tuning"]
 
 
@@ -492,9 +498,10 @@ def test_sampling_variant_that_raises_is_recorded_and_the_next_measured(tmp_path
     assert measured and all(r["status"] == "ok" for r in measured)
 
 
-def test_sampling_compares_the_variants_batch_by_batch_and_a_time_box_cuts_whole_batches(tmp_path, monkeypatch):
-    """Ours and the compiled reference are measured at the first batch before either at the next, so a
-    box that holds two compilations yields the batch-8 comparison, not ours alone at both batches."""
+def test_sampling_measures_the_goals_pairs_first_and_a_time_box_cuts_whole_comparisons(tmp_path, monkeypatch):
+    """Ours and the compiled reference are measured at batch 256 before either at batch 8, and both
+    pairs before the eager references: a box that holds two compilations yields the batch-256
+    comparison and the eager baselines, not ours alone at both batches."""
     from benchmarks import common, sample_suite
 
     calls = []
@@ -510,10 +517,11 @@ def test_sampling_compares_the_variants_batch_by_batch_and_a_time_box_cuts_whole
                          ("reference", "reference+bf16+sdpa", "reference+bf16+sdpa+compile", "ours"))
     ctx.budget = common.Budget(250.0)  # two compilations, not three
     sample_suite.run(ctx)
-    assert calls == [("ours", 8), ("reference+bf16+sdpa+compile", 8), ("reference", 8), ("reference+bf16+sdpa", 8),
-                     ("reference", 256), ("reference+bf16+sdpa", 256)], calls
+    # the goals' pairs first, the largest batch first; the eager references, which decide no goal, last
+    assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("reference", 256),
+                     ("reference+bf16+sdpa", 256), ("reference", 8), ("reference+bf16+sdpa", 8)], calls
     skipped = {(r["variant"], r["batch_size"]) for r in ctx.results.records if r["status"] == "skipped"}
-    assert skipped == {("ours", 256), ("reference+bf16+sdpa+compile", 256)}
+    assert skipped == {("ours", 8), ("reference+bf16+sdpa+compile", 8)}
 
 
 def SiT_S4():
