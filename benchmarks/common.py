@@ -489,6 +489,16 @@ def is_oom(error: BaseException) -> bool:
 #                        Models: same weights, each variant                     #
 #################################################################################
 
+def model_inputs(size: SizeConfig, device: torch.device, B: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A timed batch of latents and labels, the same for every variant at this batch (drawn on the
+    host from a generator of their own, whatever the global RNG has drawn before)."""
+    kw = size.model_kwargs
+    generator = torch.Generator().manual_seed(B)
+    x = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], generator=generator)
+    y = torch.randint(0, kw["num_classes"], (B,), generator=generator)
+    return x.to(device), y.to(device)
+
+
 def set_tf32(device: torch.device, enabled: bool) -> None:
     """TF32 matmuls and convolutions for fp32 on CUDA (the reference's "fp32 (TF32)"); off for parity."""
     if device.type == "cuda":

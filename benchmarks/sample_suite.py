@@ -30,7 +30,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import (
     LINKED_PARITY, SUITE_FIELDS, ModelFactory, RunContext, Variant, error_note, expected_cost_s, free_memory,
-    peak_memory, reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
+    model_inputs, peak_memory, reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
 )
 
 SUITE = "sample"
@@ -96,10 +96,8 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler, B: int) -> No
     from sit_fast.sampling import model_call_times
 
     device, size = ctx.device, ctx.size
-    kw = size.model_kwargs
     k = size.steps_timed
-    z = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], device=device)
-    y = torch.randint(0, kw["num_classes"], (B,), device=device)
+    z, y = model_inputs(size, device, B)
     shapes = {"z": list(z.shape), "y": [B], "model_batch": 2 * B}
     try:
         model, denoiser = build_forwards(ctx.models, variant)

@@ -18,7 +18,7 @@ import time
 import torch
 
 from benchmarks.common import (
-    LINKED_PARITY, SUITE_FIELDS, RunContext, Variant, expected_cost_s, free_memory, is_oom, peak_memory,
+    LINKED_PARITY, SUITE_FIELDS, RunContext, Variant, expected_cost_s, free_memory, is_oom, model_inputs, peak_memory,
     reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
 )
 
@@ -136,9 +136,7 @@ def no_fit(search: list[dict]) -> tuple[str, str]:
 def _time_batch(ctx: RunContext, model, optimizer, transport, variant: Variant, B: int):
     """(B, timing, peak memory, seconds of the first step, compilation included) at batch B."""
     device, size = ctx.device, ctx.size
-    kw = size.model_kwargs
-    x1 = torch.randn(B, kw["in_channels"], kw["input_size"], kw["input_size"], device=device)
-    y = torch.randint(0, kw["num_classes"], (B,), device=device)
+    x1, y = model_inputs(ctx.size, device, B)
     step = make_step(model, optimizer, transport, x1, y, variant, device)
     start = time.perf_counter()
     step()  # compiles where the variant compiles
