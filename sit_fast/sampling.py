@@ -96,7 +96,8 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
         reason = getattr(err, "reason", None) or err
         raise UserError(
             f"cannot download the released checkpoint {name} ({reason}); without a network, copy it to "
-            f"{os.path.join(UPSTREAM_CACHE_DIR, name)} or {path}, or pass a local checkpoint with --ckpt PATH"
+            f"{os.path.join(UPSTREAM_CACHE_DIR, name)} or {path}, or pass a local checkpoint's path instead "
+            f"(--ckpt PATH)"
         ) from None
     return path
 
