@@ -7,6 +7,7 @@ interpreter), and the output allocator with the test-only NaN poisoning switch.
 import contextlib
 import functools
 import math
+import numbers
 import os
 from collections.abc import Iterator
 
@@ -182,7 +183,7 @@ def check_activation(op: str, name: str, t: torch.Tensor, ref_shape: torch.Size 
 
 def check_eps(op: str, eps: float) -> None:
     """ValueError unless eps is a finite number >= 0 (a negative one makes rsqrt(var + eps) NaN)."""
-    if not (isinstance(eps, (int, float)) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
+    if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 
 

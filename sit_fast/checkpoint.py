@@ -253,8 +253,10 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         raise CheckpointError(_mismatch_message(model, state_dict, own, missing, unexpected, mismatched, source))
     model.load_state_dict(state_dict, strict=True)
     if reinit:  # as at initialisation (the model's table may have been trained or loaded before)
-        with torch.no_grad():
-            torch.nn.init.normal_(model.get_parameter(LABEL_TABLE_KEY), std=0.02)
+        table = model.get_parameter(LABEL_TABLE_KEY)
+        # drawn from the caller's generator without moving it on: loading draws no numbers of its own
+        with torch.random.fork_rng(devices=[table.device] if table.device.type == "cuda" else []), torch.no_grad():
+            torch.nn.init.normal_(table, std=0.02)
     return {"label_table_reinitialised": reinit}
 
 

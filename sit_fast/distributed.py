@@ -231,7 +231,8 @@ OWN_DISK_TYPES = frozenset({"ext2", "ext3", "ext4", "xfs", "btrfs", "zfs", "f2fs
 
 def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str | None:
     """The type of the filesystem that holds `path` ("ext4", "nfs4", ...), from the mount table: that of
-    the longest mount point above it. None where there is no mount table to read (not Linux)."""
+    the longest mount point above it, the last mounted there. None where there is no mount table to
+    read (not Linux)."""
     try:
         with open(mountinfo) as f:
             lines = f.read().splitlines()
@@ -246,7 +247,8 @@ def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str |
         if "-" not in fields[6:]:
             continue
         point = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[4])
-        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) > best:
+        # >=: of two mounts on one point the later (listed after) is the one seen
+        if (path == point or path.startswith(point.rstrip("/") + "/")) and len(point) >= best:
             best, kind = len(point), fields[fields.index("-", 6) + 1]
     return kind
 

@@ -191,18 +191,22 @@ def test_a_node_whose_own_fetch_fails_ends_every_rank_with_one_line():
 
 
 def test_filesystem_type_is_that_of_the_longest_mount_point_above_the_path(tmp_path):
-    """filesystem_type reads the mount table: the deepest mount holding the path wins, a mount point
-    with a space in it (written \\040) is read back, optional fields before "-" are skipped."""
+    """filesystem_type reads the mount table: the deepest mount holding the path wins (of two on one
+    point, the later), a mount point with a space in it (written \\040) is read back, optional fields
+    before "-" are skipped."""
     from sit_fast.distributed import filesystem_type
 
     table = tmp_path / "mountinfo"
     table.write_text("22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw\n"
                      "40 22 0:50 / /shared rw,relatime shared:7 master:2 - nfs4 server:/export rw,vers=4.2\n"
                      "41 40 0:51 / /shared/scratch\\040space rw - lustre 10.0.0.1@tcp:/fs rw\n"
-                     "42 22 0:52 / /sharedx rw - tmpfs tmpfs rw\n")
+                     "42 22 0:52 / /sharedx rw - tmpfs tmpfs rw\n"
+                     "43 22 8:2 / /scratch rw - xfs /dev/sdb1 rw\n"
+                     "44 43 0:53 / /scratch rw - nfs4 server:/scratch rw\n")  # mounted over the xfs
     assert filesystem_type("/shared/runs/exp1", str(table)) == "nfs4"
     assert filesystem_type("/shared", str(table)) == "nfs4"
     assert filesystem_type("/shared/scratch space/a", str(table)) == "lustre"
     assert filesystem_type("/sharedx/a", str(table)) == "tmpfs"  # not under /shared
     assert filesystem_type("/home/me", str(table)) == "ext4"
+    assert filesystem_type("/scratch/run", str(table)) == "nfs4"  # the later mount on a point is the one seen
     assert filesystem_type("/home/me", str(tmp_path / "none")) is None  # no mount table (not Linux)

@@ -1957,7 +1957,11 @@ def test_a_stop_while_saving_a_grid_keeps_the_earlier_one(tmp_path, monkeypatch)
 def test_a_folders_settings_leave_out_only_the_flags_its_sampler_ignores(mode, method, ignored):
     """implicit_adams is fixed-step, yet its corrector iterates to atol/rtol: a resume with other
     tolerances would mix two samplers' images in one folder."""
-    assert sample.settings_ignored(argparse.Namespace(mode=mode, sampling_method=method)) == ignored
+    assert sample.settings_ignored(argparse.Namespace(mode=mode, sampling_method=method, cfg_scale=4.0)) == ignored
+    # unguided, the guidance's channels and interval decide nothing (nor, so, a folder written before
+    # --cfg-channels followed the model)
+    assert sample.settings_ignored(argparse.Namespace(mode=mode, sampling_method=method, cfg_scale=1.0)) == (
+        ignored | {"cfg_channels", "cfg_interval"})
 
 
 @pytest.mark.parametrize("mode, method, why", [

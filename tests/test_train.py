@@ -416,9 +416,13 @@ def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path):
     train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "3", "--attn-backend", "math"])
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
-    assert ("in it): the data order and random states are the run's; --attn-backend sdpa -> math changes the "
+    assert ("in it): the data order and random states are the run's; attention sdpa -> math changes the "
             "rounding, so the steps are not bit for bit the original run's") in log, log
     assert "in it): exact" not in log
+    # the values the flags resolve to are compared: on the CPU, --precision auto is fp32
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--precision", "fp32"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert f.read().rstrip().count("resumed at step 3 (epoch 0, step 3 in it): exact") == 1
 
 
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):

@@ -11,6 +11,7 @@ A checkpoint is a dict that torch.load(weights_only=True) reads back:
                       order, and what the run read
     rng               one dict per rank: {"torch", "cuda", "numpy", "python"} (see capture_rng_state)
     nonfinite_skipped steps skipped by --skip-nonfinite so far
+    arithmetic        {"precision", "attention", "fused kernels", "compile"} as resolved on the run's device
     wandb_id          the run's wandb run id (None without --wandb), which a resume continues
     model_config      {"model", "input_size", "in_channels", "num_classes", "learn_sigma", "latent_space"}:
                       what a sampler needs to rebuild the model (latent_space: a VAE spec or "pixels")

@@ -367,7 +367,8 @@ def saved_args(args: argparse.Namespace) -> dict:
     return saved
 
 
-# Flags a resumed run may change that change its arithmetic, not its data order or random states.
+# Flags a resumed run may change that change its arithmetic, not its data order or random states
+# (compared as given for a checkpoint that has no "arithmetic" entry, their resolved values).
 ARITHMETIC_FLAGS = ("precision", "fused_kernels", "attn_backend", "compile")
 
 
@@ -576,6 +577,10 @@ class Trainer:
                 if fused_on and self.device.type != "cuda" else "")
         logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
                     f"compile: {'on' if args.compile else 'off'}")
+        # What sets the rounding, as resolved here ("auto" differs by device): kept in checkpoints, so a
+        # resume can tell whether its steps are bit for bit the run's.
+        self.arithmetic = {"precision": self.precision, "attention": backend, "fused kernels": bool(fused_on),
+                           "compile": bool(args.compile)}
         # learn_sigma (upstream trains with it; its extra outputs take no part in the loss) as the weights
         # the run starts from or continues have it
         learn_sigma, init_weights = True, None
@@ -713,12 +718,13 @@ class Trainer:
                                f"time draws (one per micro-batch) are not those of the original run")
             else:
                 where = f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it)"
-                saved = ckpt["args"]
-                changed = [f"--{k.replace('_', '-')} {saved[k]} -> {getattr(args, k)}" for k in ARITHMETIC_FLAGS
-                           if k in saved and saved[k] != getattr(args, k)]
+                saved, now = ckpt.get("arithmetic"), self.arithmetic
+                if not isinstance(saved, dict):  # written before the resolved values were kept: the flags
+                    saved, now = ckpt["args"], {k: getattr(args, k) for k in ARITHMETIC_FLAGS}
+                changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
                 if changed:
                     masks = (" and the label-dropout masks (Inductor draws its own)"
-                             if saved.get("compile") != args.compile else "")
+                             if saved.get("compile", now["compile"]) != now["compile"] else "")
                     logger.info(f"{where}: the data order and random states are the run's; {', '.join(changed)} "
                                 f"changes the rounding{masks}, so the steps are not bit for bit the original run's")
                 else:
@@ -808,6 +814,7 @@ class Trainer:
                          "source": data_source(self.args)},
                 "rng": states,
                 "nonfinite_skipped": self.nonfinite_skipped,
+                "arithmetic": self.arithmetic,
                 "wandb_id": self.wandb_id,
                 "model_config": {"model": self.args.model, "input_size": self.latent_size, "in_channels": self.channels,
                                  "num_classes": self.args.num_classes, "learn_sigma": self.model.learn_sigma,
