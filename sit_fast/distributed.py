@@ -253,6 +253,13 @@ def filesystem_type(path: str, mountinfo: str = "/proc/self/mountinfo") -> str |
     return kind
 
 
+def node_id() -> str:
+    """Which node this process runs on: torchrun's node rank (GROUP_RANK) where it set one (containers
+    on several nodes may share a host name), else the host name."""
+    group = os.environ.get("GROUP_RANK")
+    return f"node {group}" if group is not None else socket.gethostname()
+
+
 def check_shared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) -> None:
     """That every process sees `folder` as rank 0 does (see unshared_path): every process raises the
     same UserError if one does not."""
@@ -281,14 +288,14 @@ def unshared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) 
         except OSError as err:
             name, error = None, f"{flag}: cannot write in {folder} ({err.strerror or err}): make room, or make it writable"
     try:
-        # the folder as rank 0 names it, and rank 0's host
-        name_seen, shown, main_host, error = broadcast_object((name, folder, socket.gethostname(), error))
+        # the folder as rank 0 names it, and rank 0's node
+        name_seen, shown, main_node, error = broadcast_object((name, folder, node_id(), error))
         if error is not None:
             raise UserError(error)
         seen = True
         if not info.is_main:
             # On rank 0's node the file is there at once (one kernel's view of the folder).
-            may_show_late = socket.gethostname() != main_host and filesystem_type(folder) not in OWN_DISK_TYPES
+            may_show_late = node_id() != main_node and filesystem_type(folder) not in OWN_DISK_TYPES
             deadline = time.monotonic() + (wait_s if may_show_late else 0.0)
             while not (seen := os.path.exists(os.path.join(folder, name_seen))) and time.monotonic() < deadline:
                 time.sleep(0.5)

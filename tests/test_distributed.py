@@ -68,11 +68,13 @@ def _shared_path_worker(rank: int, port: int, root: str) -> None:
     info = init_distributed()
     a, b = os.path.join(root, "a"), os.path.join(root, "b")
     outcomes = {}
-    # case: (rank 1 on another node, the type of its folder's filesystem there, seconds it may wait)
+    # case: (rank 1 on another node: by host name, or by torchrun's node rank alone; the type of its
+    # folder's filesystem there; seconds it may wait)
     cases = {"shared": (False, None, 30.0), "own disk": (False, None, 30.0),
              "left by an earlier job": (False, None, 30.0), "rank 0 cannot write": (False, None, 30.0),
-             "shown late": (True, "nfs4", 3.0), "not shown on another node": (True, "nfs4", 1.0),
-             "own disk of another node": (True, "ext4", 30.0)}
+             "shown late": ("host", "nfs4", 3.0), "not shown on another node": ("host", "nfs4", 1.0),
+             "own disk of another node": ("host", "ext4", 30.0),
+             "another node of the same host name": ("GROUP_RANK", "nfs4", 1.0)}
     try:
         for case, (elsewhere, fs_type, wait_s) in cases.items():
             folder = a if rank == 0 or case == "shared" else b
@@ -85,8 +87,11 @@ def _shared_path_worker(rank: int, port: int, root: str) -> None:
                 late = threading.Timer(1.0, lambda: [shutil.copy(f, b) for f in glob.glob(f"{a}/{SHARED_CHECK}*")])
                 late.start()
             with contextlib.ExitStack() as stack:
-                if rank == 1 and elsewhere:
+                if elsewhere == "GROUP_RANK":  # torchrun's node rank tells the nodes apart
+                    stack.enter_context(mock.patch.dict(os.environ, GROUP_RANK=str(rank)))
+                if rank == 1 and elsewhere == "host":
                     stack.enter_context(mock.patch("socket.gethostname", return_value="node1"))
+                if rank == 1 and elsewhere:
                     stack.enter_context(mock.patch("sit_fast.distributed.filesystem_type", return_value=fs_type))
                 start = time.monotonic()
                 try:
@@ -147,6 +152,9 @@ def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
     # Rank 1 waits for the file only on another node, and there only where it could show up late.
     waited = {key[0]: seconds for key, seconds in outcomes.items() if isinstance(key, tuple)}
     assert 1.0 <= waited["shown late"] < 3.0 and waited["not shown on another node"] >= 1.0, waited
+    assert waited["another node of the same host name"] >= 1.0, waited
+    assert outcomes["another node of the same host name"].startswith(f"--out x: rank 1 (on {socket.gethostname()}) "
+                                                                      "does not see"), outcomes
     assert all(waited[case] < 10.0 for case in ("own disk", "left by an earlier job", "own disk of another node")), waited
     assert outcomes["rank 0 cannot write"] == (f"--out x: cannot write in {os.path.join(root, 'gone')} (No such file "
                                                f"or directory): make room, or make it writable")
