@@ -83,6 +83,16 @@ def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
+def test_a_label_table_redrawn_on_load_leaves_the_callers_generator_where_it_was(tmp_path):
+    torch.save(upstream_state_dict(2, 32, 2, True, num_classes=1000), tmp_path / "c.pt")
+    model = model_for(2, 32, 2, True, num_classes=10)
+    torch.manual_seed(5)
+    load_checkpoint(model, tmp_path / "c.pt")
+    after_load = torch.rand(4)
+    torch.manual_seed(5)
+    assert torch.equal(after_load, torch.rand(4))
+
+
 @pytest.mark.parametrize("shape", [(11, 16), (11,), (11, 32, 1)])
 def test_a_label_table_of_another_shape_than_rows_is_a_mismatch(shape):
     """Only a table of other rows, as wide as the model's, is another class count; any other shape of

@@ -489,6 +489,16 @@ def test_kernel_constant_rows_of_large_magnitude_normalise_to_zero(op):
     check_against_reference(op, inputs, case, eps=1e-2)
 
 
+def test_kernel_eps_may_be_any_real_number():
+    """A numpy scalar eps (a config read with numpy, say) is taken as the float it is."""
+    import numpy as np
+
+    inputs = make_inputs("layernorm_modulate", 2, 3, 72, DTYPE_CASES[0].values[0])
+    args = [inputs[name] for name in OP_ARGS["layernorm_modulate"]]
+    torch.testing.assert_close(kernels.layernorm_modulate(*args, eps=np.float32(1e-2)),
+                               kernels.layernorm_modulate(*args, eps=1e-2), rtol=0, atol=0)
+
+
 def test_kernel_outputs_are_poisoned_in_tests():
     """The test-only NaN fill really happens, so unwritten output elements cannot pass."""
     buffer = _launch.empty((4, 8), torch.float32, DEVICE)
