@@ -312,7 +312,8 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 except FileNotFoundError:
                     raise DataError(f"latent cache shard {path} is missing; {_RERUN}") from None
                 except Exception as err:  # torch.load raises several types for a damaged file
-                    raise DataError(f"latent cache shard {path} cannot be read ({first_line(err)}); {_REENCODE}") from None
+                    raise DataError(f"latent cache shard {path} cannot be read ({first_line(err)}); "
+                                    f"{_REENCODE}") from None
                 if not (isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor)
                                                        for k in ("mean", "std", "labels"))):
                     raise DataError(f"latent cache shard {path} does not hold mean, std and labels; {_REENCODE}")

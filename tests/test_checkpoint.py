@@ -262,7 +262,8 @@ def test_a_missing_ema_entry_falls_back_to_the_model_weights(tmp_path):
 def test_raw_weights_asked_of_an_ema_only_checkpoint_say_to_drop_the_flag(tmp_path):
     torch.save({"ema": upstream_state_dict(1, 32, 2, True), "step": 7}, tmp_path / "e.pt")
     with pytest.raises(CheckpointError, match=r"has no 'model' entry \(keys: ema, step\) \(it holds EMA weights alone: "
-                                              r"take those: prefer='ema', sample.py without --use-raw, or export's --weights ema\)"):
+                                              r"take those: prefer='ema', sample.py without --use-raw, or "
+                                              r"export's --weights ema\)"):
         read_checkpoint(tmp_path / "e.pt", prefer="model")
     assert read_checkpoint(tmp_path / "e.pt")[1]["weights"] == "ema"
 

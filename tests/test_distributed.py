@@ -155,7 +155,8 @@ def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
     assert waited["another node of the same host name"] >= 1.0, waited
     assert outcomes["another node of the same host name"].startswith(f"--out x: rank 1 (on {socket.gethostname()}) "
                                                                       "does not see"), outcomes
-    assert all(waited[case] < 10.0 for case in ("own disk", "left by an earlier job", "own disk of another node")), waited
+    assert all(waited[case] < 10.0
+               for case in ("own disk", "left by an earlier job", "own disk of another node")), waited
     assert outcomes["rank 0 cannot write"] == (f"--out x: cannot write in {os.path.join(root, 'gone')} (No such file "
                                                f"or directory): make room, or make it writable")
     for case, name in (("another file", "other.pt"), ("no file", "none.pt")):

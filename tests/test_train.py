@@ -1736,7 +1736,8 @@ def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
 def test_a_loader_workers_error_keeps_its_whole_message():
     from sit_fast.data import DataError, worker_error
 
-    wrapped = DataError("Caught DataError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+    wrapped = DataError("Caught DataError in DataLoader worker process 0.\n"
+                        "Original Traceback (most recent call last):\n"
                         '  File "x.py", line 1, in <module>\nsit_fast.data.DataError: cannot read a.png (one: two)\n'
                         "the rest of it\n")
     assert str(worker_error(wrapped)) == "cannot read a.png (one: two)\nthe rest of it"

@@ -499,7 +499,8 @@ def test_the_tolerances_flags_are_said_to_matter_where_they_change_the_result(me
 
     model = closed_form_model("Linear", "velocity")
     x = torch.randn(8, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    ends = [Sampler(create_transport()).sample_ode(sampling_method=method, num_steps=5, atol=tol, rtol=tol)(x, model)[-1]
+    sampler = Sampler(create_transport())
+    ends = [sampler.sample_ode(sampling_method=method, num_steps=5, atol=tol, rtol=tol)(x, model)[-1]
             for tol in (1e-4, 0.5)]
     assert ode_method_uses_tolerances(method) == (not torch.equal(*ends)), method
 

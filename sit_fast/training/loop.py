@@ -870,7 +870,8 @@ class Trainer:
         if args.cfg_scale > 1.0:
             z = torch.cat([z, z])
             y = torch.cat([y, torch.full_like(y, args.num_classes)])
-            cfg_channels = default_cfg_channels(z.shape[1]) if (self.codec is not None or self.cache_vae_spec) else "all"
+            latent = self.codec is not None or self.cache_vae_spec
+            cfg_channels = default_cfg_channels(z.shape[1]) if latent else "all"
 
             def model_fn(x, t, y):
                 return self.ema.forward_with_cfg(x, t, y, args.cfg_scale, cfg_channels=cfg_channels)
