@@ -3,6 +3,11 @@
 Prints the device, the versions and the two ceilings first, then one line per record, and rewrites
 DIR/results.json and DIR/results.md after every record. Exit status 1 when a parity check failed or
 a measurement raised (out of memory and time-box skips are answers, not failures).
+
+A CUDA error such as an illegal memory access leaves the process's CUDA context unusable: every later
+measurement in it would fail. After each suite the device is checked; when it is lost, the run stops
+with exit status 75 (EX_TEMPFAIL), names the suites left in DIR/suites_left, and a new process takes
+them on with `python -m benchmarks SUITE,SUITE... --continue --out DIR` (gpu_session.sh does so).
 """
 from __future__ import annotations
 
@@ -12,6 +17,8 @@ import sys
 import time
 
 SUITES = ("kernels", "parity", "train", "sample", "memory", "tuning")  # "all" runs them in this order
+DEVICE_LOST = 75  # exit status: the CUDA context is lost, the suites left need a new process
+SUITES_LEFT = "suites_left"  # the file in --out that names them, comma-separated
 
 
 def use_interpreter_on_cpu(argv: list[str] | None) -> None:
@@ -30,11 +37,24 @@ def use_interpreter_on_cpu(argv: list[str] | None) -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def suite_list(text: str) -> list[str]:
+    """`all`, a suite, or suites joined by commas (run in the order SUITES gives them)."""
+    if text == "all":
+        return list(SUITES)
+    names = text.split(",")
+    unknown = [n for n in names if n not in SUITES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{text!r}: choose all or from {', '.join(SUITES)}, joined by commas")
+    return [s for s in SUITES if s in names]
+
+
 def parse_args(argv: list[str] | None):
     from sit_fast.argtypes import positive_float
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
-    parser.add_argument("suite", choices=SUITES + ("all",), help="which suite to run; all: " + ", ".join(SUITES))
+    parser.add_argument("suite", type=suite_list, metavar="SUITE",
+                        help="which suites to run: all (" + ", ".join(SUITES) + "), one of them, or several "
+                             "joined by commas")
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu (fused kernels through the Triton interpreter)")
     parser.add_argument("--size", choices=("tiny", "full"), default=None,
@@ -53,6 +73,10 @@ def parse_args(argv: list[str] | None):
                         help="torch.compile backend (default: inductor on cuda; eager on cpu, where Dynamo "
                              "traces but generates no code, which keeps the dry run short)")
     parser.add_argument("--seed", type=int, default=None, help="parity inputs' seed (default: random, recorded)")
+    parser.add_argument("--continue", dest="continue_run", action="store_true",
+                        help="add to the results already in --out (same device and commit): their ceilings and "
+                             "the parity suite's figures are reused, not measured again. For the suites left "
+                             f"after a lost CUDA context (--out's {SUITES_LEFT} names them)")
     return parser.parse_args(argv)
 
 
@@ -93,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --budget-s {item}: expected SUITE=SECONDS with SUITE one of {SUITES}", file=sys.stderr)
             return 2
         explicit[suite] = float(seconds)
-    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    suites = args.suite
     deadline = time.monotonic() + (args.deadline_s if args.deadline_s is not None else size.deadline_s)
 
     start = time.monotonic()
@@ -101,9 +125,21 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("device", "torch_version", "triton_version", "cuda_version", "python_version", "git_commit"):
         common.log(f"{key}: {environment[key]}")
     common.log(f"TRITON_INTERPRET={environment['triton_interpret']}, size {size.name}: {size.model_name}")
-    results = common.Results(args.out, environment, command=["python", "-m", "benchmarks", *(argv or sys.argv[1:])])
-    results.ceilings = common.measure_ceilings(device, size)
+    command = ["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]
+    results = common.Results(args.out, environment, command=command)
+    suites_left = os.path.join(args.out, SUITES_LEFT)
+    if args.continue_run:
+        problem = results.continue_from_disk()
+        if problem:
+            print(f"error: --continue: {problem}", file=sys.stderr)
+            return 2
+        common.log(f"continuing {os.path.join(args.out, 'results.json')}: {len(results.records)} records of "
+                   f"{', '.join(results.suites_run) or 'no suite'}; its ceilings reused")
+    else:
+        results.ceilings = common.measure_ceilings(device, size)
     results.write()
+    if os.path.exists(suites_left):
+        os.remove(suites_left)
     c = results.ceilings
     common.log(f"ceiling copy: {c['copy_gbps']:.1f} GB/s ({c['copy_bytes'] / 2**20:.0f} MiB read + written)")
     common.log(f"ceiling bf16 matmul: {c['matmul_tflops']:.3g} TFLOP/s ({'x'.join(map(str, c['matmul_shape']))})")
@@ -111,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ctx = common.RunContext(device=device, size=size, results=results, environment=environment,
                             ceilings=results.ceilings, compile_backend=args.compile_backend or
                             ("inductor" if device_type == "cuda" else "eager"), variants=variants, seed=args.seed)
+    ctx.parity.update(parity_suite.links(results.records))  # a continued run's parity suite, already measured
     for i, suite in enumerate(suites):
         left = deadline - time.monotonic()
         weights = sum(budgets[s] for s in suites[i:])
@@ -125,6 +162,15 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 -- one suite's failure must not lose the others
             ctx.fail(suite, "suite", common.SUITE_LEVEL, error, dtype=None)
         common.log(f"== {suite} done in {time.monotonic() - suite_start:.1f} s")
+        lost = common.device_lost(device)
+        if lost and suites[i + 1:]:
+            left = ",".join(suites[i + 1:])
+            common.write_text(suites_left, left + "\n")
+            again = ["python", "-m", "benchmarks", left, *continuation_flags(args, device_type, size.name)]
+            common.log(f"the CUDA context is lost ({lost}): every later measurement in this process would fail. "
+                       f"The suites left run in a new process: {' '.join(again)} (exit {DEVICE_LOST}; "
+                       f"{suites_left} names them)")
+            return DEVICE_LOST
 
     statuses: dict[str, int] = {}
     for record in results.records:
@@ -134,6 +180,19 @@ def main(argv: list[str] | None = None) -> int:
                f"{os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}")
     failed = statuses.get("parity_failed", 0) + statuses.get("error", 0)
     return 1 if failed else 0
+
+
+def continuation_flags(args, device_type: str, size_name: str) -> list[str]:
+    """The flags that take a run on in a new process: this run's settings, --continue, --out (its
+    deadline is the caller's to choose)."""
+    flags = ["--device", device_type, "--size", size_name]
+    for name, value in (("--variants", args.variants), ("--compile-backend", args.compile_backend),
+                        ("--seed", args.seed)):
+        if value is not None:
+            flags += [name, str(value)]
+    for item in args.budget_s:
+        flags += ["--budget-s", item]
+    return flags + ["--continue", "--out", args.out]
 
 
 def run_kernels(ctx) -> None:

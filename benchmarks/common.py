@@ -478,6 +478,19 @@ def peak_memory(device: torch.device) -> int | None:
     return torch.cuda.max_memory_allocated(device)
 
 
+def device_lost(device: torch.device) -> str | None:
+    """What went wrong when the process's CUDA context no longer works (a sticky error such as an
+    illegal memory access fails every later call), else None. Always None on the CPU."""
+    if device.type != "cuda":
+        return None
+    try:
+        torch.cuda.synchronize(device)
+        torch.ones(1, device=device).add_(1).item()
+    except Exception as error:  # noqa: BLE001 -- whatever the driver raises, the answer is the same
+        return error_note(error)
+    return None
+
+
 def is_oom(error: BaseException) -> bool:
     """An out-of-memory error, also when torch.compile wrapped it in its own exception."""
     from sit_fast.errors import is_out_of_memory
@@ -627,9 +640,36 @@ class Results:
         self.out_dir = out_dir
         self.environment = environment
         self.command = command
+        self.command_now = command
         self.ceilings: dict | None = None
         self.records: list[dict] = []
         self.suites_run: list[str] = []
+        self.continued_by: list[list[str]] = []  # the commands that added to a first run's results
+
+    def continue_from_disk(self) -> str | None:
+        """Take up the results already in out_dir (ceilings, records, suites run) to add to them.
+        Returns what forbids it, or None."""
+        path = os.path.join(self.out_dir, "results.json")
+        try:
+            with open(path, encoding="utf-8") as f:
+                document = json.load(f)
+        except FileNotFoundError:
+            return f"{path} does not exist: nothing to continue (leave out --continue to start a run)"
+        except (OSError, ValueError) as error:
+            return f"{path} cannot be read ({error})"
+        if document.get("schema_version") != SCHEMA_VERSION:
+            return f"{path} has schema version {document.get('schema_version')}, this suite writes {SCHEMA_VERSION}"
+        before = document.get("environment") or {}
+        for key in ("device", "git_commit", "torch_version"):
+            if before.get(key) != self.environment[key]:
+                return (f"{path} was measured with {key} {before.get(key)!r}, this run has {self.environment[key]!r}: "
+                        f"its figures and these would not compare; write to another --out")
+        self.command = document["command"]
+        self.continued_by = document.get("continued_by", []) + [self.command_now]
+        self.ceilings = document["ceilings"]
+        self.records = document["records"]
+        self.suites_run = document["suites_run"]
+        return None
 
     def add(self, record: dict) -> None:
         unknown = set(record) - set(FIELDS)
@@ -643,6 +683,7 @@ class Results:
         document = {
             "schema_version": SCHEMA_VERSION,
             "command": self.command,
+            "continued_by": self.continued_by,
             "environment": self.environment,
             "ceilings": self.ceilings,
             "suites_run": self.suites_run,
@@ -650,8 +691,8 @@ class Results:
             "records": self.records,
         }
         text = json.dumps(_finite(document), indent=1, default=_json_default, allow_nan=False)
-        _atomic_write(os.path.join(self.out_dir, "results.json"), text)
-        _atomic_write(os.path.join(self.out_dir, "results.md"), to_markdown(document))
+        write_text(os.path.join(self.out_dir, "results.json"), text)
+        write_text(os.path.join(self.out_dir, "results.md"), to_markdown(document))
 
 
 def _finite(value):
@@ -676,7 +717,7 @@ def _json_default(value):
     return str(value)
 
 
-def _atomic_write(path: str, text: str) -> None:
+def write_text(path: str, text: str) -> None:
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

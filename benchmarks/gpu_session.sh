@@ -20,7 +20,8 @@
 #                      pytest-xdist, though the GPU machine's image has it: the shards deal the costly
 #                      tests out first and share Inductor's compile workers out, both tested here.
 #   PYTHON             the interpreter (python3), with the requirements and, for the tests, pytest and timm
-# Exit status: the suite's, or else the tests'; 124 where a part ran out of time.
+# Exit status: the suite's, or else the tests'; 124 where a part ran out of time, 75 where the CUDA context
+# was lost with no time left for the suites after it.
 set -uo pipefail
 
 : "${OUT:?set OUT to the folder for the results}"
@@ -47,10 +48,38 @@ if command -v nvidia-smi >/dev/null; then
     nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu,power.draw,memory.used \
         --format=csv 2>&1 | tee -a "$OUT/log"
 fi
-# shellcheck disable=SC2086  # BENCH_ARGS is a list of words
-timeout -k 10 "$bench_timeout" "$PYTHON" -m benchmarks $BENCH_ARGS --deadline-s "$BENCH_DEADLINE_S" --out "$OUT" \
-    2>&1 | tee -a "$OUT/log"
-bench_status=$?
+# A lost CUDA context (an illegal memory access, say) ends the suite with exit 75 and the suites left
+# named in $OUT/suites_left: a new process measures them, adding to the same results, in the time left.
+bench_args=$BENCH_ARGS
+continued=()
+deadline_left=$BENCH_DEADLINE_S
+bench_left=$bench_timeout
+lost=0
+while true; do
+    # shellcheck disable=SC2086  # bench_args is a list of words
+    timeout -k 10 "$bench_left" "$PYTHON" -m benchmarks $bench_args --deadline-s "$deadline_left" --out "$OUT" \
+        "${continued[@]}" 2>&1 | tee -a "$OUT/log"
+    bench_status=$?
+    if [ "$bench_status" -ne 75 ] || [ ! -s "$OUT/suites_left" ]; then break; fi
+    lost=1
+    read -r left <"$OUT/suites_left"
+    elapsed=$((SECONDS - start))
+    deadline_left=$((BENCH_DEADLINE_S - elapsed))
+    bench_left=$((bench_timeout - elapsed))
+    if [ "$deadline_left" -le 0 ] || [ "$bench_left" -le 0 ]; then
+        echo "gpu_session: the CUDA context was lost and no time is left for the suites left ($left)" | tee -a "$OUT/log"
+        break
+    fi
+    # shellcheck disable=SC2086
+    set -- $BENCH_ARGS
+    shift  # the suites: the first word
+    bench_args="$left $*"
+    continued=(--continue)
+    echo "gpu_session: the CUDA context was lost; the suites left ($left) in a new process," \
+        "${deadline_left} s of measurements" | tee -a "$OUT/log"
+done
+# The suite that lost the device recorded errors: the run as a whole failed, though the others measured.
+if [ "$lost" -eq 1 ] && [ "$bench_status" -eq 0 ]; then bench_status=1; fi
 
 test_timeout=$((SESSION_S - (SECONDS - start)))
 eval "test_args=($TEST_ARGS)"  # quotes group words, as on a command line (-k 'a and b')

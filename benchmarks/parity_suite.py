@@ -19,7 +19,7 @@ import random
 import torch
 
 from benchmarks.common import (
-    VARIANTS_BY_NAME, RunContext, Variant, expected_cost_s, free_memory, set_tf32,
+    LINKED_PARITY, VARIANTS_BY_NAME, RunContext, Variant, expected_cost_s, free_memory, set_tf32,
 )
 
 SUITE = "parity"
@@ -88,10 +88,25 @@ def run(ctx: RunContext) -> None:
                 extra={"seed": seed, "worst": report.worst["tensor"], "worst_rows": worst,
                        "compared_with": "reference (fp32, eager, attn math, reference ops)"},
             ))
-            ctx.parity[(variant.name, dtype_name)] = dict(
-                fields, source=f"parity suite: batch {B}, seed {seed}, {dtype_name}")
+            ctx.parity[(variant.name, dtype_name)] = dict(fields, source=_source(B, seed, dtype_name))
     finally:
         set_tf32(ctx.device, True)
+
+
+def links(records: list[dict]) -> dict:
+    """RunContext.parity as this suite fills it, from its records: for a run continued in a new
+    process (`--continue`), whose train and sample records link to the figures the first one measured."""
+    found = {}
+    for record in records:
+        if record["suite"] == SUITE and record["status"] in ("ok", "parity_failed"):
+            fields = {k: record[k] for k in LINKED_PARITY}
+            found[(record["variant"], record["dtype"])] = dict(
+                fields, source=_source(record["batch_size"], record["extra"]["seed"], record["dtype"]))
+    return found
+
+
+def _source(batch_size: int, seed: int, dtype_name: str) -> str:
+    return f"parity suite: batch {batch_size}, seed {seed}, {dtype_name}"
 
 
 def _as_fp32(variant: Variant) -> Variant:

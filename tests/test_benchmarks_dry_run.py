@@ -14,7 +14,7 @@ import sys
 
 import pytest
 
-from benchmarks.common import CPU_NULL, FIELDS, NOTES, SUITE_FIELDS, VARIANTS, validate_record
+from benchmarks.common import CPU_NULL, FIELDS, LINKED_PARITY, NOTES, SUITE_FIELDS, VARIANTS, validate_record
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite itself takes about 100 s on two cores and stops when it is done: the generous limits only
@@ -907,3 +907,103 @@ def test_session_runs_test_shards_side_by_side(tmp_path):
     for name, result in (("one", "PASSED"), ("two", "FAILED"), ("three", "PASSED")):
         assert test_log.count(f"::test_{name} {result}") == 1, test_log[-2000:]
     assert sorted(os.listdir(out)) == ["log", "log_tests"], os.listdir(out)
+
+
+def test_a_lost_cuda_context_stops_the_run_and_a_new_process_continues_it(tmp_path, monkeypatch):
+    """After each suite the device is checked: lost (a sticky CUDA error), the run stops with exit 75 and
+    names the suites left; `--continue` measures them into the same results, reusing the ceilings and
+    linking the parity suite's figures. The device's loss is simulated: the CPU has no CUDA context."""
+    from benchmarks import __main__ as entry
+    from benchmarks import common, memory_suite, parity_suite, train_suite
+
+    def parity_run(ctx):
+        fields = dict(parity_output_rel_err=1e-3, parity_loss_rel_err=2e-4, parity_grad_rel_err_max=5e-3,
+                      parity_max_abs_err=0.01, parity_ok=True,
+                      parity_tolerances={"output": 0.02, "loss": 0.01, "grad": 0.05})
+        ctx.emit(ctx.record("parity", "forward_backward", "ours", status="ok", batch_size=3, dtype="bf16",
+                            extra={"seed": 11}, **fields))
+
+    linked = []
+    monkeypatch.setattr(parity_suite, "run", parity_run)
+    monkeypatch.setattr(train_suite, "run", lambda ctx: linked.append(dict(ctx.parity)))
+    monkeypatch.setattr(memory_suite, "run", lambda ctx: linked.append("memory"))
+    monkeypatch.setattr(common, "device_lost", lambda device: "AcceleratorError: CUDA error: an illegal memory access")
+    args = ["--device", "cpu", "--size", "tiny", "--out", str(tmp_path)]
+    assert entry.main(["parity,train,memory", *args]) == entry.DEVICE_LOST == 75
+    assert (tmp_path / "suites_left").read_text() == "train,memory\n"
+    first = json.loads((tmp_path / "results.json").read_text())
+    assert first["suites_run"] == ["parity"] and linked == []
+
+    monkeypatch.setattr(common, "device_lost", lambda device: None)
+    assert entry.main(["train,memory", *args, "--continue"]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    assert document["suites_run"] == ["parity", "train", "memory"]
+    assert document["records"] == first["records"] and document["ceilings"] == first["ceilings"]
+    assert document["command"] == first["command"] and len(document["continued_by"]) == 1
+    assert "--continue" in document["continued_by"][0]
+    assert linked == [{("ours", "bf16"): dict(parity_run_fields(first), source="parity suite: batch 3, seed 11, bf16")},
+                      "memory"]
+    assert not (tmp_path / "suites_left").exists()
+
+
+def parity_run_fields(document):
+    (record,) = document["records"]
+    return {k: record[k] for k in LINKED_PARITY}
+
+
+def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys):
+    from benchmarks.__main__ import main
+
+    args = ["memory", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path), "--continue"]
+    assert main(args) == 2
+    assert "results.json does not exist: nothing to continue" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps(
+        {"schema_version": 1, "environment": {"device": "cpu", "git_commit": "0123abc", "torch_version": "2.0"}}))
+    assert main(args) == 2
+    assert "was measured with " in capsys.readouterr().err
+
+
+def test_parity_links_rebuilt_from_records_match_what_the_run_linked(dry_run):
+    """What `--continue` rebuilds from the parity records is what the train and sample records of one
+    process linked."""
+    from benchmarks.parity_suite import links
+
+    _, _, document = dry_run
+    found = links(document["records"])
+    assert found
+    checked = 0
+    for record in document["records"]:
+        if record["suite"] in ("train", "sample") and record["variant"] != "reference":
+            link = found[(record["variant"], record["dtype"])]
+            linked = SUITE_FIELDS[record["suite"]] & LINKED_PARITY
+            assert {k: record[k] for k in linked} == {k: link[k] for k in linked}, record
+            assert record["extra"]["parity_source"] == link["source"], record["extra"]
+            checked += 1
+    assert checked
+
+
+def test_session_runs_the_suites_left_after_a_lost_cuda_context(tmp_path):
+    """gpu_session.sh: the suite's exit 75 with suites_left starts a new process on those suites with
+    --continue and the time left, and the session's suite status is a failure though it went on."""
+    out = tmp_path / "out"
+    fake = tmp_path / "python"
+    fake.write_text(
+        "#!/bin/bash\n"
+        f'echo "$*" >> {tmp_path}/calls\n'
+        'if [ "$2" = benchmarks ] && [ ! -e "$OUT/lost_once" ]; then\n'
+        '    touch "$OUT/lost_once"; echo "sample,memory" > "$OUT/suites_left"; exit 75\n'
+        "fi\n")
+    fake.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(OUT=str(out), PYTHON=str(fake), SESSION_S="150", TEST_MIN_S="50", TEST_SHARDS="1",
+               BENCH_ARGS="all --device cpu --size tiny", BENCH_DEADLINE_S="90", TEST_ARGS="tests/none.py")
+    proc = subprocess.run(["bash", os.path.join("benchmarks", "gpu_session.sh")], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=60, env=env)
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == f"-m benchmarks all --device cpu --size tiny --deadline-s 90 --out {out}", calls
+    second = re.fullmatch(rf"-m benchmarks sample,memory --device cpu --size tiny --deadline-s (\d+) --out {out} "
+                          r"--continue", calls[1])
+    assert second and 80 <= int(second.group(1)) <= 90, calls
+    assert calls[2].startswith("-m pytest ") and len(calls) == 3, calls
+    assert "the suites left (sample,memory) in a new process" in proc.stdout, _tail(proc)
+    assert proc.returncode == 1 and "gpu_session: suite exit 1, tests exit 0" in proc.stdout, _tail(proc)
