@@ -1,11 +1,14 @@
 """Activation memory: the bytes autograd saves for backward, per image.
 
-Measured, not estimated: every tensor autograd saves during a forward pass goes through
+Counted, not estimated from a formula: every tensor autograd saves during a forward pass goes through
 `torch.autograd.graph.saved_tensors_hooks`; each distinct storage is counted once at its full size.
-The figure is marginal in the batch size, (S(b2) - S(b1)) / (b2 - b1), so whatever does not grow with
-the batch (parameters, their bf16 casts under autocast, the modulation weights' concatenation)
-drops out. The forward runs on fake tensors (shapes, dtypes and storages, no data), so even SiT-XL/2
-is measured in about a second on a CPU; fused kernels take part through their registered fakes.
+The per-image figure is marginal in the batch size, (S(b2) - S(b1)) / (b2 - b1), so whatever does not
+grow with the batch (the bf16 casts of the weights under autocast, the modulation weights'
+concatenation) drops out of it; what is left at batch 0, S(b1) - b1 x that, is reported beside it,
+since it is held as long as the activations are. Parameters themselves are not counted. The forward
+runs on fake tensors (shapes, dtypes and storages, no data: nothing is allocated, so these are counts,
+not measurements of a GPU's memory), so even SiT-XL/2 takes about a second on a CPU; fused kernels
+take part through their registered fakes.
 """
 from __future__ import annotations
 
@@ -61,15 +64,36 @@ def saved_bytes(model: torch.nn.Module, batch_size: int, autocast_dtype: torch.d
     return sum(saved.values())
 
 
-def activation_bytes_per_image(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
-                               device: str = "cpu", batch_sizes: tuple[int, int] = (2, 4),
-                               frozen: bool = False) -> int:
-    """Marginal bytes saved for backward per image (parameters and their casts excluded); frozen: of
-    the likelihood's input-gradient forward instead of a training step's (see saved_bytes)."""
+def activation_bytes(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, device: str = "cpu",
+                     batch_sizes: tuple[int, int] = (2, 4), frozen: bool = False) -> tuple[int, int]:
+    """(per image, batch-independent) bytes saved for backward: the marginal bytes per image, and what
+    the saved bytes come to at batch 0 (under autocast chiefly the casts of the weights, about 2 bytes
+    per parameter of the Linear layers). frozen: the likelihood's input-gradient forward instead of
+    a training step's (see saved_bytes)."""
     b1, b2 = batch_sizes
     s1 = saved_bytes(model, b1, autocast_dtype, device, frozen)
     s2 = saved_bytes(model, b2, autocast_dtype, device, frozen)
-    return (s2 - s1) // (b2 - b1)
+    per_image = (s2 - s1) // (b2 - b1)
+    return per_image, max(0, s1 - b1 * per_image)
+
+
+def activation_bytes_per_image(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None,
+                               device: str = "cpu", batch_sizes: tuple[int, int] = (2, 4),
+                               frozen: bool = False) -> int:
+    """Marginal bytes saved for backward per image (activation_bytes' first figure)."""
+    return activation_bytes(model, autocast_dtype, device, batch_sizes, frozen)[0]
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """The parameters' bytes as the model stores them."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+def sampling_weight_bytes(model: torch.nn.Module) -> int:
+    """The weights as sample.py holds them: the parameters, and the concatenation of the adaLN weights
+    that it keeps from call to call (SiT.reuse_frozen_modulation, a third of SiT-XL's weights)."""
+    linears = [block.adaLN_modulation[1] for block in model.blocks] + [model.final_layer.adaLN_modulation[1]]
+    return weight_bytes(model) + sum(weight_bytes(linear) for linear in linears)
 
 
 def training_state_bytes(model: torch.nn.Module, ema: bool = True) -> int:
@@ -79,15 +103,16 @@ def training_state_bytes(model: torch.nn.Module, ema: bool = True) -> int:
     return n * (16 + (4 if ema else 0)) + n_frozen * 4 * (2 if ema else 1)
 
 
-def batch_bound(gpu_bytes: int, state_bytes: int, activation_bytes: int, headroom_bytes: int) -> int:
-    """The per-GPU training batch that the saved activations leave room for: an upper estimate
-    (temporaries inside a layer, the allocator and workspaces are not counted); 0 if none fits."""
-    return max(0, (gpu_bytes - state_bytes - headroom_bytes) // activation_bytes)
+def batch_bound(gpu_bytes: int, fixed_bytes: int, activation_bytes: int, headroom_bytes: int) -> int:
+    """The per-GPU batch that the saved activations leave room for beside fixed_bytes (training state
+    or weights, and the batch-independent saved bytes): an upper estimate (temporaries inside a layer,
+    the allocator and workspaces are not counted); 0 if none fits."""
+    return max(0, (gpu_bytes - fixed_bytes - headroom_bytes) // activation_bytes)
 
 
 @cli_entry
 def main(argv=None) -> None:
-    """Print per-model memory figures: training state, and measured activation bytes per image;
+    """Print per-model memory figures: training state, and the activation bytes saved per image;
     with --gpu-gib, the per-GPU batch bound of each variant on GPUs of those sizes."""
     from sit_fast.argtypes import OneLineArgumentParser, positive_float, positive_int
     from sit_fast.models import UPSTREAM_MODELS, SiT_models, model_config
@@ -126,32 +151,39 @@ def main(argv=None) -> None:
                *(f"act/img {label}" for _, _, label in variants)]
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))
+    kinds = {"ref": {}, "ref_sdpa": {"attn_backend": "sdpa"}, "fast": {"attn_backend": "sdpa", "fused_kernels": True}}
     bounds = []
     for name in args.models:
-        with torch.device("meta"):
-            models = {"ref": SiT_models[name](input_size=args.image_size // 8),
-                      "ref_sdpa": SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa"),
-                      "fast": SiT_models[name](input_size=args.image_size // 8, attn_backend="sdpa",
-                                               fused_kernels=True)}
-        params = sum(p.numel() for p in models["ref"].parameters())
-        fixed = params * 4 if frozen else training_state_bytes(models["ref"])
-        activations = [activation_bytes_per_image(models[key], dtype, frozen=frozen) for key, dtype, _ in variants]
+        figures = []  # per variant: (activation bytes per image, fixed bytes)
+        for key, dtype, _ in variants:
+            with torch.device("meta"):
+                model = SiT_models[name](input_size=args.image_size // 8, **kinds[key])
+            if frozen and dtype is not None:  # sample.py keeps the matmul weights in bf16 (ModelForwards)
+                model.cast_matmul_weights_(dtype)
+            per_image, unbatched = activation_bytes(model, dtype, frozen=frozen)
+            held = sampling_weight_bytes(model) if frozen else training_state_bytes(model)
+            figures.append((per_image, unbatched + held))
+        params = sum(p.numel() for p in model.parameters())
         row = [name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB",
-               *([] if frozen else [f"{fixed / 2**30:.2f} GiB"]), *(f"{a / 2**20:.0f} MiB" for a in activations)]
+               *([] if frozen else [f"{training_state_bytes(model) / 2**30:.2f} GiB"]),
+               *(f"{a / 2**20:.0f} MiB" for a, _ in figures)]
         print("| " + " | ".join(row) + " |")
-        bounds.append((name, fixed, activations[-3:]))
+        bounds.append((name, figures[-3:]))
     if not args.gpu_gib:
         return
     job = "--likelihood" if frozen else "training"
-    fixed_label = "fp32 weights" if frozen else "train state"
-    print(f"\nPer-GPU {job} batch bounds, {args.image_size}px, (GPU - {fixed_label} - {args.headroom_gib:g} GiB) / "
-          f"activations per image; fp32+sdpa / bf16+sdpa / fast bf16:\n")
-    print("| model | " + " | ".join(f"{g:g} GiB" for g in args.gpu_gib) + " |")
-    print("| --- |" + " --- |" * len(args.gpu_gib))
-    for name, fixed, activations in bounds:
+    fixed_label = ("the weights as sample.py holds them (matmul weights in bf16 under bf16; the adaLN weights' "
+                   "concatenation)" if frozen else "train state") + " + the bytes saved for backward whatever the " \
+        "batch (bf16 weight casts)"
+    print(f"\nPer-GPU {job} batch bounds, {args.image_size}px, (GPU - fixed - {args.headroom_gib:g} GiB) / activations "
+          f"per image, fixed = {fixed_label}; fp32+sdpa / bf16+sdpa / fast bf16:\n")
+    print("| model | fixed | " + " | ".join(f"{g:g} GiB" for g in args.gpu_gib) + " |")
+    print("| --- | --- |" + " --- |" * len(args.gpu_gib))
+    for name, figures in bounds:
         cells = [" / ".join(str(batch_bound(int(g * 2**30), fixed, a, int(args.headroom_gib * 2**30)))
-                            for a in activations) for g in args.gpu_gib]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+                            for a, fixed in figures) for g in args.gpu_gib]
+        fixed = " / ".join(f"{fixed / 2**30:.2f}" for _, fixed in figures) + " GiB"
+        print(f"| {name} | {fixed} | " + " | ".join(cells) + " |")
 
 
 if __name__ == "__main__":

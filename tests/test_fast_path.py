@@ -388,8 +388,16 @@ def test_memory_table_cli(capsys):
         assert math_fp32 >= sdpa_fp32 > sdpa_bf16 > fast_bf16 > 0, acts
 
 
+def _bounds_row(line: str) -> tuple[list[float], list[list[int]]]:
+    """A bounds table row -> (fixed GiB per variant, [bounds per variant] per GPU size)."""
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    fixed = [float(v) for v in cells[1].removesuffix(" GiB").split("/")]
+    return fixed, [[int(b) for b in cell.split("/")] for cell in cells[2:]]
+
+
 def test_memory_batch_bounds(capsys):
-    """--gpu-gib: (GPU - state - headroom) // activations, per variant, from the same figures as the table."""
+    """--gpu-gib: (GPU - fixed - headroom) // activations, per variant, from the same figures as the
+    table; fixed: the train state and what is saved for backward whatever the batch."""
     from sit_fast.memory import batch_bound, main
 
     gib = 2**30
@@ -400,17 +408,37 @@ def test_memory_batch_bounds(capsys):
     row = [c.strip() for c in lines[2].strip("|").split("|")]
     state_gib = float(row[3].split()[0])
     acts_mib = [float(cell.split()[0]) for cell in row[5:]]  # fp32+sdpa, bf16+sdpa, fast bf16
-    assert lines[-3].startswith("| model | 24 GiB | 80 GiB |") and lines[-1].startswith("| SiT-S/2 |")
-    for gpu, cell in zip((24, 80), lines[-1].strip("|").split("|")[1:]):
-        bounds = [int(b) for b in cell.split("/")]
-        expected = [(gpu - 2 - state_gib) * 1024 / a for a in acts_mib]  # the table's rounded figures
+    assert lines[-3].startswith("| model | fixed | 24 GiB | 80 GiB |") and lines[-1].startswith("| SiT-S/2 |")
+    fixed, per_gpu = _bounds_row(lines[-1])
+    assert all(state_gib < f < state_gib + 0.1 for f in fixed), (state_gib, fixed)
+    assert fixed[0] < fixed[1] == fixed[2], fixed  # bf16: the weights' casts, more than fp32's concatenation
+    for gpu, bounds in zip((24, 80), per_gpu):
+        expected = [(gpu - 2 - f) * 1024 / a for f, a in zip(fixed, acts_mib)]  # the table's rounded figures
         assert all(abs(b - e) <= 0.02 * e + 1 for b, e in zip(bounds, expected)), (gpu, bounds, expected)
         assert bounds[0] < bounds[1] < bounds[2]
 
 
+def test_memory_counts_what_is_saved_whatever_the_batch():
+    """Beside the per-image slope, the bytes saved at any batch: in fp32 the concatenated adaLN weights
+    (saved for the conditioning's gradient), under bf16 autocast the bf16 casts of the weights (all
+    but those whose input needs no gradient: the timestep MLP's first layer)."""
+    from torch import nn
+
+    from sit_fast.memory import activation_bytes
+
+    with torch.device("meta"):
+        model = SiT_models["SiT-S/2"](input_size=32, attn_backend="sdpa")
+    adaln = sum(b.adaLN_modulation[1].weight.numel() for b in [*model.blocks, model.final_layer])
+    matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
+    assert activation_bytes(model, None)[1] == 4 * adaln
+    casts = activation_bytes(model, torch.bfloat16)[1]
+    assert 0.99 * 2 * matmul < casts <= 2 * matmul, (casts, 2 * matmul)
+
+
 def test_memory_likelihood_table(capsys):
-    """--likelihood: the frozen model's activations (three SDPA variants), and bounds after the fp32
-    weights alone."""
+    """--likelihood: the frozen model's activations (three SDPA variants), and bounds after the
+    weights as sample.py holds them: fp32, or with the matmul weights in bf16, and in both the adaLN
+    weights' concatenation; a frozen model saves no weight for backward."""
     from sit_fast.memory import main
 
     main(["--models", "SiT-S/2", "--likelihood", "--gpu-gib", "24", "--headroom-gib", "2"])
@@ -422,9 +450,14 @@ def test_memory_likelihood_table(capsys):
     weights_gib = float(row[2].split()[0])
     acts_mib = [float(cell.split()[0]) for cell in row[3:]]
     assert acts_mib[0] > acts_mib[1] > acts_mib[2] > 0, acts_mib
-    assert "--likelihood batch bounds" in lines[4] and "fp32 weights" in lines[4], lines[4]
-    bounds = [int(b) for b in lines[-1].strip("|").split("|")[1].split("/")]
-    expected = [(24 - 2 - weights_gib) * 1024 / a for a in acts_mib]
+    assert "--likelihood batch bounds" in lines[4] and "the weights as sample.py holds them" in lines[4], lines[4]
+    fixed, ((*bounds,),) = _bounds_row(lines[-1])
+    with torch.device("meta"):
+        model = SiT_models["SiT-S/2"](input_size=32)
+    adaln = sum(p.numel() for b in [*model.blocks, model.final_layer] for p in b.adaLN_modulation[1].parameters())
+    assert abs(fixed[0] - weights_gib - adaln * 4 / 2**30) < 0.01, fixed  # fp32 weights + their concatenation
+    assert fixed[1] == fixed[2] and 0.45 * fixed[0] < fixed[1] < 0.55 * fixed[0], fixed  # mostly bf16
+    expected = [(24 - 2 - f) * 1024 / a for f, a in zip(fixed, acts_mib)]
     assert all(abs(b - e) <= 0.03 * e + 1 for b, e in zip(bounds, expected)), (bounds, expected)
 
 

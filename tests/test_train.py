@@ -2079,6 +2079,26 @@ def test_demo_learns_digits(tmp_path):
     assert os.path.isfile(os.path.join(out, "samples_ode.png")) and os.path.isfile(os.path.join(out, "samples_sde.png"))
 
 
+def test_demo_refuses_a_sample_count_it_would_round_down(tmp_path, capsys):
+    """25 digits cannot be as many of each class: refused, not silently scored on 20."""
+    from sit_fast import demo
+
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--num-samples", "25", "--out", str(tmp_path)])
+    assert exit_info.value.code == 2
+    assert "--num-samples 25: give a multiple of 10" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # refused before training
+
+
+def test_demo_classifier_is_judged_on_digits_it_never_saw():
+    """The printed accuracy is that of the classifier that scores the samples, on the held-out quarter."""
+    from sit_fast.demo import digit_classifier
+
+    classifier, held_out = digit_classifier()
+    assert 0.95 < held_out < 1.0
+    assert classifier.shape_fit_ == (1347, 64)  # 3/4 of the 1797 digits
+
+
 # ----------------------------------------------------------------------------- stop signals
 
 def _start_and_signal(command, log, signum, env=None, min_step=5, whole_group=False, ignoring=None):
