@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -69,11 +70,13 @@ import torch
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
-    DistInfo, barrier, check_shared_path, cleanup, init_distributed, local_path_on_main_first, on_main,
-    peer_ended, peer_failed,
+    DistInfo, barrier, check_shared_path, cleanup, file_fingerprint, init_distributed, local_path_on_main_first,
+    on_main, peer_ended, peer_failed,
 )
 from sit_fast.errors import PeerFailed, UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
-from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes
+from sit_fast.files import (
+    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes,
+)
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
@@ -563,6 +566,21 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     return json.loads(json.dumps(settings))
 
 
+def checkpoint_digest(path: str) -> str:
+    """A short digest of what a checkpoint holds, so that a folder's record tells apart two files
+    written to one path (a run retrained into the same results folder): from its zip entries' CRC-32s
+    (torch.save's format; read from the archive's index, no weights read), else from all its bytes."""
+    fingerprint = file_fingerprint(path)
+    digest = hashlib.sha256()
+    if isinstance(fingerprint, tuple):
+        digest.update(repr(fingerprint).encode())
+    else:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 24), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
 def run_folder_name(args: argparse.Namespace, model: str) -> str:
     """Upstream sample_ddp.py's name for a run's folder, so sweeps land side by side as there, e.g.
     SiT-XL-2-pretrained-cfg-1.5-32-ODE-250-dopri5 or ...-SDE-250-Euler-sigma-Mean-0.04."""
@@ -578,20 +596,37 @@ def run_folder_name(args: argparse.Namespace, model: str) -> str:
 
 
 def run_fid(setup: Setup) -> str:
-    """N numbered PNGs in --sample-dir (resumable, any world size) and the ADM .npz of all N."""
+    """N numbered PNGs in --sample-dir (resumable, any world size) and the ADM .npz of all N. Rank 0
+    holds the folder's lock from before its record is read until the .npz is written."""
+    sample_dir = os.path.normpath(setup.args.sample_dir)
+    if setup.args.run_folder:
+        sample_dir = os.path.join(sample_dir, run_folder_name(setup.args, setup.info["model"]))
+    lock = FolderLock(sample_dir, "--sample-dir")
+    try:
+        return fid_job(setup, sample_dir, lock)
+    finally:
+        lock.release()
+
+
+def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
     args, dist = setup.args, setup.dist
     total, chunk = args.num_fid_samples, args.batch_size
-    sample_dir = os.path.normpath(args.sample_dir)
-    if args.run_folder:
-        sample_dir = os.path.join(sample_dir, run_folder_name(args, setup.info["model"]))
+    if args.out is None and os.path.basename(sample_dir) in (".", ".."):  # no name of its own to give the .npz
+        sample_dir = os.path.abspath(sample_dir)
+    if args.out is None and os.path.dirname(sample_dir) == sample_dir:
+        raise UserError(f"--sample-dir {args.sample_dir}: the .npz goes beside the folder, named after it, and "
+                        f"{sample_dir} has neither: pass --out FILE.npz")
     npz_path = args.out or f"{sample_dir}.npz"
     settings = image_settings(args, setup)
 
     def prepare():
         if args.out is None:  # the .npz goes beside the folder of PNGs
             make_writable_folder(os.path.dirname(os.path.abspath(npz_path)), f"--sample-dir {args.sample_dir}")
-        check_settings(sample_dir, settings)
+        check_settings(sample_dir, dict(settings, ckpt_digest=checkpoint_digest(setup.info["path"])), lock=lock)
         if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job"):
+            logging.getLogger("sit_fast.sample").warning(leftovers)
+        npz_folder, npz_name = os.path.split(os.path.abspath(npz_path))
+        if leftovers := unfinished_writes(npz_folder, re.escape(npz_name), ".npz", "a sampling job"):
             logging.getLogger("sit_fast.sample").warning(leftovers)
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))

@@ -113,6 +113,11 @@ def check_path_argument(function: str, path) -> None:
 def check_checkpoint_file(path: str) -> None:
     """CheckpointError unless `path` is a file, saying what to pass instead of a folder."""
     if os.path.isfile(path):
+        try:  # unreadable (another user's copy, mode 000; a bad sector): one line, and --resume auto skips it
+            with open(path, "rb") as f:
+                f.read(4)
+        except OSError as err:
+            raise CheckpointError(f"cannot read {path} ({err.strerror or err})") from None
         return
     if os.path.isdir(path):
         found = []

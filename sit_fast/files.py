@@ -143,3 +143,55 @@ def unfinished_writes(folder: str, name: str, what: str, by: str) -> str | None:
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     return (f"{folder} holds {len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; "
             f"{amount}), left by {by} killed while writing: delete them unless another run is writing there now")
+
+
+class FolderLock:
+    """An exclusive lock on a folder a job writes its outputs into (the FID job's PNGs, the latent
+    cache's shards), so that a second job started on the same folder is refused instead of mixing its
+    outputs, and its settings record, with the first one's. The lock is flock(2) on FOLDER/.lock,
+    which the kernel drops when the process ends, however it ends; a file system that cannot lock
+    (some network mounts) costs the check, with a warning, not the job. acquire() once the folder
+    exists; release() when the job is done (a no-op when not held)."""
+
+    NAME = ".lock"
+
+    def __init__(self, folder: str, flag: str):
+        self.folder, self.flag = folder, flag
+        self.fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no lock
+            return
+        import socket
+
+        path = os.path.join(self.folder, self.NAME)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise UserError(f"{self.flag} {self.folder}: cannot write {path} ({err.strerror or err}): pass a folder "
+                            f"that can be written") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            busy = err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if busy else ""
+            os.close(fd)
+            if busy:
+                raise UserError(f"another job is writing into {self.folder} now ({holder or 'it holds ' + path}): "
+                                f"wait for it to end, or pass another {self.flag}") from None
+            import logging
+
+            logging.getLogger("sit_fast").warning(
+                f"cannot lock {path} ({err.strerror or err}): a second job started on {self.folder} while this one "
+                f"runs would not be noticed")
+            return
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing drops the lock
+            self.fd = None

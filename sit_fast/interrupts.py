@@ -47,16 +47,23 @@ def stop_signals_held():
     """Hold the stop signals in this thread while data loader workers are started in the block.
 
     A forked worker inherits the hold, so a signal sent to the whole job while a worker starts waits
-    until ignore_stop_signals has run in it. This process still receives it: other threads take it,
-    or it is delivered when the block ends. Without pthread_sigmask, or off the main thread, a no-op."""
+    until ignore_stop_signals has run in it. This process still receives it, when the block ends: the
+    mask holds it only from this thread, and where another thread takes it (gloo's, CUDA's) Python
+    would run its handler here at once, in the middle of the workers' start (a loader half built,
+    whose workers nothing then stops); so within the block the handlers only note a signal, and
+    the ones in place get it, in order, once the block is done. Without pthread_sigmask, or off the
+    main thread, a no-op."""
     if not hasattr(signal, "pthread_sigmask") or threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signal_numbers())
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+    with stop_signals_noted() as noted:
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _stop_signal_numbers())
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # one held reaches the noting handler
+    for signum in noted:
+        signal.raise_signal(signum)
 
 
 def start_resource_tracker() -> None:

@@ -39,7 +39,7 @@ from sit_fast.data import (
 from sit_fast.distributed import (barrier, check_shared_path, cleanup, init_distributed, is_distributed, on_main,
                                   peer_ended, peer_failed)
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
-from sit_fast.files import WRITE_REFUSED, atomic_torch_save, atomic_write, unfinished_writes
+from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
 )
@@ -102,7 +102,16 @@ def build_cache(args: argparse.Namespace) -> dict | None:
 
     Resumable: settings.json records what shapes the latents (image size, VAE, storage dtype, shard
     size, the dataset's file list), a folder made with other settings is refused, and the shards still
-    missing are shared out among the processes of this run, however many wrote the ones present."""
+    missing are shared out among the processes of this run, however many wrote the ones present.
+    Rank 0 holds the folder's lock (another job encoding into it now is refused) until the index is written."""
+    lock = FolderLock(args.out, "--out")
+    try:
+        return encode(args, lock)
+    finally:
+        lock.release()
+
+
+def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     dist_info = init_distributed()
     log_warnings_on_stderr(dist_info.is_main)
     device = dist_info.device
@@ -125,7 +134,7 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     }
 
     def prepare():
-        check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt")
+        check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt", lock=lock)
         if leftovers := unfinished_writes(args.out, r"shard-\d{5}\.pt", "shard", "a process"):
             logger.warning(leftovers)
         pending = pending_shards(args.out, shards)
@@ -148,11 +157,11 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     batches = [[(i, 0) for i in range(first, min(first + args.batch_size, start + count))]
                for _, start, count in mine for first in range(start, start + count, args.batch_size)]
     loader = iter(())
-    if batches:
-        with stop_signals_held():  # workers start holding the stop signals until they ignore them
-            loader = make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=0,
-                                 worker_init_fn=ignore_stop_signals)
     try:
+        if batches:  # a stop signal held while the workers start is acted on inside the try: they are stopped
+            with stop_signals_held():  # workers start holding the stop signals until they ignore them
+                loader = make_loader(dataset, batches, args.num_workers, device.type == "cuda", seed=0,
+                                     worker_init_fn=ignore_stop_signals)
         for k, start, count in mine:
             means, stds, labels, done = [], [], [], 0
             while done < count:

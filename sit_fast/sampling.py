@@ -43,7 +43,7 @@ import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import WRITE_REFUSED, atomic_write, make_writable_folder
+from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_write, make_writable_folder
 from sit_fast.models import SiT, SiT_models, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
 from sit_fast.transport.integrators import time_grid
@@ -531,23 +531,31 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int) -> list[i
     return pending
 
 
+# Settings recorded only since a later version: a record without them is compared on the rest.
+RECORDED_LATER = frozenset({"ckpt_digest"})
+
+
 def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
     """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or ""."""
-    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items() if recorded.get(k) != v]
+    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items()
+              if recorded.get(k) != v and (k in recorded or k not in RECORDED_LATER)]
     return "; ".join(differ[:most]) + (" ..." if len(differ) > most else "")
 
 
 def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir",
-                   outputs: str = r"\d{6}\.png") -> None:
+                   outputs: str = r"\d{6}\.png", lock: FolderLock | None = None) -> None:
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
     `holds` and `flag` name what the folder holds and the flag that picks another one, for the message;
     files matching `outputs` in a folder without settings.json (another program's, or the record lost)
     are refused too, as their settings are unknown. A folder that holds no outputs yet (a run stopped
-    before its first one: out of memory at the first batch, say) takes the new settings."""
+    before its first one: out of memory at the first batch, say) takes the new settings. `lock` is
+    acquired before the record is read (a job running on the folder now is refused), and held on."""
     path = os.path.join(sample_dir, "settings.json")
     if os.path.exists(sample_dir) and not os.path.isdir(sample_dir):
         raise UserError(f"{flag} {sample_dir} is a file: pass a folder")
     make_writable_folder(sample_dir, f"{flag} {sample_dir}")
+    if lock is not None:
+        lock.acquire()
     present = [n for n in os.listdir(sample_dir) if re.fullmatch(outputs, n)]
     if os.path.isfile(path) and present:
         try:
@@ -582,7 +590,8 @@ class PNGWriter:
         self.futures: list[Future] = []
 
     def write(self, images: np.ndarray, indices: Sequence[int]) -> None:
-        """images: (N, H, W, 3) uint8."""
+        """images: (N, H, W, 3) uint8. Waits, if need be, until at most one earlier batch is still
+        queued: a sampler faster than the writes holds two batches of images in memory, not its share."""
         running = []
         for future in self.futures:
             if future.done():
@@ -590,6 +599,8 @@ class PNGWriter:
             else:
                 running.append(future)
         self.futures = running
+        while len(self.futures) > len(indices):
+            self.futures.pop(0).result()
         for image, index in zip(images, indices):
             self.futures.append(self.pool.submit(_write_png, image, png_path(self.sample_dir, index)))
 

@@ -129,3 +129,29 @@ def test_every_entry_point_outlives_its_console(monkeypatch):
     with pytest.raises(SystemExit) as info:
         main(True)
     assert info.value.code == 2 and (out.calls, log.calls) == (2, 2)  # one failed try per stream and call
+
+
+def test_a_stop_signal_another_thread_takes_is_acted_on_once_the_hold_ends(restore_handlers):
+    """The mask holds a signal only from the main thread: another thread (gloo's, CUDA's) takes it, and
+    Python ran the handler at once inside the hold, in the middle of a data loader's start (half built,
+    its workers then never stopped: a hang at exit). Now the handler runs when the hold ends."""
+    import threading
+    import time
+
+    from sit_fast.interrupts import stop_signals_held
+
+    other = threading.Thread(target=time.sleep, args=(1.0,))  # started before the hold: it blocks nothing
+    other.start()
+    inside = []
+    try:
+        with pytest.raises(Stopped) as info:
+            with stop_signals_raise():
+                with stop_signals_held():
+                    signal.pthread_kill(other.ident, signal.SIGUSR1)  # as the kernel gives it to another thread
+                    deadline = time.monotonic() + 0.5
+                    while time.monotonic() < deadline:  # Python runs handlers between bytecodes
+                        pass
+                    inside.append("whole")
+    finally:
+        other.join()
+    assert inside == ["whole"] and info.value.name == "SIGUSR1"

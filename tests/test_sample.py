@@ -10,6 +10,7 @@ import os
 import shutil
 import re
 import signal
+import socket
 import subprocess
 import sys
 import urllib.error
@@ -788,7 +789,7 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
     with np.load(f"{sample_dir}.npz") as archive:
         first = archive["arr_0"]
     assert first.shape == (7, 8, 8, 3) and first.dtype == np.uint8
-    assert sorted(os.listdir(sample_dir)) == [f"{i:06d}.png" for i in range(7)] + ["settings.json"]
+    assert sorted(os.listdir(sample_dir)) == [".lock"] + [f"{i:06d}.png" for i in range(7)] + ["settings.json"]
     np.testing.assert_array_equal(read_png(sample_dir / "000004.png"), first[4])
 
     # A killed run: some PNGs missing (one chunk entirely, one partly), a torn temporary file, no .npz.
@@ -925,7 +926,7 @@ def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_
     assert exit_info.value.code == stop.status
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"{stop.words}; the images written are kept: run the same command again" in err
-    assert sorted(os.listdir(sample_dir)) == ["000000.png", "000001.png", "settings.json"]
+    assert sorted(os.listdir(sample_dir)) == [".lock", "000000.png", "000001.png", "settings.json"]
     monkeypatch.setattr(sample.Setup, "sample", real)
     run(argv)
     assert "2 of 5 images already in" in capsys.readouterr().out
@@ -1135,7 +1136,100 @@ def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, caps
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("")
     run(argv + ["--sample-dir", tmp_path / "mine"])
-    assert sorted(os.listdir(tmp_path / "mine")) == ["000000.png", "000001.png", "notes.txt", "settings.json"]
+    assert sorted(os.listdir(tmp_path / "mine")) == [".lock", "000000.png", "000001.png", "notes.txt", "settings.json"]
+
+
+def test_a_second_job_on_an_fid_folder_in_use_is_refused(files, tmp_path, capsys):
+    """Two jobs started on one folder mixed their images (the second took over settings.json before
+    the first wrote a PNG): the folder is locked while a job runs on it. The lock is held here as
+    another process would hold it (flock: another open file conflicts, in this process too)."""
+    from sit_fast.files import FolderLock
+
+    sample_dir = tmp_path / "s"
+    sample_dir.mkdir()
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, "--sample-dir", sample_dir, *FAST]
+    other = FolderLock(str(sample_dir), "--sample-dir")
+    other.acquire()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == (f"error: another job is writing into {sample_dir} now (process {os.getpid()} on "
+                                      f"{socket.gethostname()}): wait for it to end, or pass another --sample-dir")
+    assert sorted(os.listdir(sample_dir)) == [".lock"]  # no settings recorded by the refused job
+    other.release()
+    run(argv)
+    run(argv)  # a job's lock ends with the job
+    assert (tmp_path / "s.npz").is_file()
+
+
+def test_an_fid_folder_tells_apart_two_checkpoints_written_to_one_path(files, tmp_path, capsys):
+    """A checkpoint replaced at the same path (a retrained run's NNNNNNN.pt) was resumed into, mixing
+    two models' images; a folder recorded before the digest existed still resumes."""
+    ckpt = tmp_path / "0000100.pt"
+    shutil.copy(files["pixel"], ckpt)
+    sample_dir = tmp_path / "s"
+    argv = ["ODE", "--ckpt", ckpt, "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
+    run(argv + ["--num-fid-samples", 2])
+    recorded = json.loads((sample_dir / "settings.json").read_text())
+    assert re.fullmatch(r"[0-9a-f]{16}", recorded["ckpt_digest"]), recorded
+    torch.save(random_sit(3, learn_sigma=False, seed=1).state_dict(), ckpt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv + ["--num-fid-samples", 4])
+    err = one_line_error(capsys)
+    assert "holds samples made with other settings (ckpt_digest: " in err, err
+    del recorded["ckpt_digest"]
+    (sample_dir / "settings.json").write_text(json.dumps(recorded))
+    run(argv + ["--num-fid-samples", 4])  # an older record: compared on what it has
+    assert "2 of 4 images already in" in capsys.readouterr().out
+
+
+def test_an_fid_folder_with_no_name_of_its_own_puts_the_npz_beside_it(files, tmp_path, monkeypatch, capsys):
+    """--sample-dir . wrote a hidden '..npz'; now the .npz is named after the folder, beside it; the
+    root, with no name and nothing beside it, asks for --out."""
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, *FAST]
+    assert run(argv + ["--sample-dir", "."]) == str(tmp_path / "work.npz")
+    assert (tmp_path / "work.npz").is_file() and not (work / "..npz").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv + ["--sample-dir", "/"])
+    assert one_line_error(capsys) == ("error: --sample-dir /: the .npz goes beside the folder, named after it, and / "
+                                      "has neither: pass --out FILE.npz")
+
+
+def test_an_npz_write_cut_short_is_named_by_the_next_run(files, tmp_path, capsys):
+    """A job killed while writing the .npz left its temporary file (up to the .npz's size) unnamed."""
+    sample_dir = tmp_path / "s"
+    (tmp_path / ".s.npz.tmp-4242").write_bytes(b"\0" * 2048)
+    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+         "--num-fid-samples", 2, "--sample-dir", sample_dir, *FAST])
+    assert (f"warning: {tmp_path} holds 1 unfinished .npz write (.s.npz.tmp-4242; 2 KiB), left by a sampling job "
+            f"killed while writing") in capsys.readouterr().err
+
+
+def test_png_writer_holds_at_most_two_batches(tmp_path, monkeypatch):
+    """A sampler faster than its PNG writes queued every image of its share in memory: now write()
+    waits until at most one earlier batch is queued."""
+    import time
+
+    from sit_fast import sampling
+
+    written = []
+    monkeypatch.setattr(sampling, "_write_png", lambda image, path: (time.sleep(0.01), written.append(path)))
+    writer = sampling.PNGWriter(str(tmp_path), max_workers=1)
+    queued = []
+    for k in range(10):
+        writer.write(np.zeros((4, 8, 8, 3), np.uint8), range(4 * k, 4 * k + 4))
+        queued.append(sum(not f.done() for f in writer.futures))
+    writer.close()
+    assert len(written) == 40 and max(queued) <= 8 and max(queued) > 4, queued  # the writes lag, within bounds
 
 
 def test_sample_ddp_offers_no_flag_its_help_leaves_out(capsys):
@@ -1191,7 +1285,7 @@ def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     for name, argv in runs.items():
         npz = sample_ddp(*argv)
         assert npz == str(tmp_path / f"{name}.npz")
-        assert sorted(os.listdir(tmp_path / name)) == ["000000.png", "000001.png", "000002.png", "settings.json"]
+        assert sorted(os.listdir(tmp_path / name)) == [".lock", "000000.png", "000001.png", "000002.png", "settings.json"]
         with np.load(npz) as archive:
             assert archive["arr_0"].shape == (3, 8, 8, 3)
     assert sample.run_folder_name(argparse.Namespace(  # the checkpoint's name without .pt, .pth or .safetensors

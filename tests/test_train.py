@@ -5,6 +5,7 @@ the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
 """
 import contextlib
 import datetime
+import errno
 import importlib
 import json
 import logging
@@ -192,7 +193,6 @@ def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path, 
 def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
     """A rank of a 2-process run in which one rank fails: its outcome (the run's summary step, or the
     error line, or the exception's type) into ROOT/rankN.txt."""
-    import errno
 
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
@@ -727,7 +727,6 @@ def test_crash_while_writing_checkpoint_keeps_previous(tmp_path, monkeypatch):
 
 
 def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(tmp_path, monkeypatch):
-    import errno
 
     exp = str(tmp_path / "run")
     fail_second_checkpoint_write(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
@@ -1015,6 +1014,53 @@ def test_a_damaged_training_checkpoint_is_refused_in_one_line(tmp_path, digits_c
     torch.save(checkpoint, tmp_path / "damaged.pt")
     with pytest.raises(CheckpointError, match=rf"not a resumable train.py checkpoint: damaged {key} "):
         load_training_checkpoint(str(tmp_path / "damaged.pt"))
+
+
+def test_resume_auto_skips_a_checkpoint_it_cannot_read(tmp_path, digits_checkpoint, monkeypatch, caplog):
+    """An unreadable newest checkpoint (another user's copy, a bad sector) was a PermissionError's
+    traceback; now it is skipped as a damaged one is, naming why, and --resume PATH says it in one line."""
+    import builtins
+    import shutil
+
+    from sit_fast import checkpoint as checkpoint_module
+    from sit_fast.checkpoint import CheckpointError
+    from sit_fast.training.checkpointing import find_latest_valid
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    shutil.copy(digits_checkpoint, folder / "0000002.pt")
+    shutil.copy(digits_checkpoint, folder / "0000004.pt")
+    unreadable = str(folder / "0000004.pt")
+
+    def refusing_open(path, *args, **kwargs):
+        if os.fspath(path) == unreadable:
+            raise PermissionError(errno.EACCES, "Permission denied", unreadable)
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "open", refusing_open, raising=False)
+    with caplog.at_level("WARNING", logger="sit_fast"):
+        found = find_latest_valid(str(folder))
+    assert found is not None and found[0] == str(folder / "0000002.pt")
+    assert f"skipping {unreadable}: cannot read {unreadable} (Permission denied)" in caplog.text
+    with pytest.raises(CheckpointError, match=r"cannot read .*0000004\.pt \(Permission denied\)"):
+        checkpoint_module.check_checkpoint_file(unreadable)
+
+
+def test_runs_started_together_take_numbered_folders_of_their_own(tmp_path, monkeypatch):
+    """Two runs listing the results folder before either made its folder chose one number and wrote
+    into one folder; the folder is now made by a call that fails where it exists, and the next taken."""
+    import types
+
+    from sit_fast.training import loop
+
+    args = types.SimpleNamespace(exp_dir=None, results_dir=str(tmp_path), model="SiT-T/4", path_type="Linear",
+                                 prediction="velocity", loss_weight=None)
+    first = loop.new_experiment_dir(args)
+    assert os.path.basename(first) == "000-SiT-T-4-Linear-velocity-None" and os.path.isdir(first)
+    real_listdir = os.listdir
+    monkeypatch.setattr(loop.os, "listdir", lambda path: [] if path == str(tmp_path) else real_listdir(path))
+    second = loop.new_experiment_dir(args)  # listed before the first run's folder was there
+    assert os.path.basename(second) == "001-SiT-T-4-Linear-velocity-None" and os.path.isdir(second)
 
 
 def test_resuming_a_safetensors_file_says_it_holds_weights_alone(tmp_path):
@@ -1651,6 +1697,15 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
     os.remove(os.path.join(out, "settings.json"))  # the record lost: the shards' settings are unknown
     assert refused([]) == (f"error: {out} holds latents (3 files like shard-00000.pt) but no settings.json, so what "
                            "made them is unknown: pass another --out, or delete them to start over\n")
+    # Another job encoding into the folder now (its lock held here as another process holds it)
+    from sit_fast.files import FolderLock
+
+    other = FolderLock(out, "--out")
+    other.acquire()
+    try:
+        assert refused([]).startswith(f"error: another job is writing into {out} now (process {os.getpid()} on ")
+    finally:
+        other.release()
 
 
 @pytest.mark.parametrize("flag,value,needle", [
@@ -1863,7 +1918,7 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     assert exit_info.value.code == stop.status
     assert capsys.readouterr().err.endswith(f"{stop.words}; the shards written are kept: run the same command "
                                             f"again to encode the rest into {out}\n")
-    assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
+    assert sorted(f for f in os.listdir(out) if f not in ("settings.json", ".lock")) == [latent_cache.shard_name(0)]
     from sit_fast.data import DataError, LatentCacheDataset
 
     with pytest.raises(DataError) as info:  # trained on before it is finished: how to finish it
@@ -1909,7 +1964,6 @@ def test_latent_cache_names_the_temporary_files_of_a_killed_writer(tmp_path, cap
 def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tmp_path, monkeypatch, capsys):
     """The disk fills up in the second shard's write: torch.save's writer meets the OSError (and would
     turn it into a RuntimeError naming only its own position); the user gets the full disk, in one line."""
-    import errno
     import io
 
     from sit_fast import files, latent_cache
@@ -1939,7 +1993,7 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     assert capsys.readouterr().err == (f"error: cannot write {shard} (No space left on device): the shards written "
                                        f"are kept: make room (or make the folder writable) and run the same command "
                                        f"again to encode the rest\n")
-    assert sorted(f for f in os.listdir(out) if not f.startswith("settings")) == [latent_cache.shard_name(0)]
+    assert sorted(f for f in os.listdir(out) if f not in ("settings.json", ".lock")) == [latent_cache.shard_name(0)]
     # The last file, index.json, on a full disk: one line too
     monkeypatch.undo()
     real_open = open

@@ -72,13 +72,25 @@ def experiment_suffix(args: argparse.Namespace) -> str:
 def new_experiment_dir(args: argparse.Namespace) -> str:
     """--exp-dir, or RESULTS_DIR/NNN-<model>-<path>-<prediction>-<loss weight>, numbered as upstream (000,
     001, ...) but after the highest number there, so that a folder removed never gets its number reused
-    by a run that would then write into the next one's folder."""
+    by a run that would then write into the next one's folder. The numbered folder is made here, by a
+    call that fails where it exists: two runs started together (a job array) take two numbers rather
+    than both writing into one folder."""
     if args.exp_dir:
         return args.exp_dir
     make_folder(args.results_dir, f"--results-dir {args.results_dir}")
     numbers = [int(match.group(1)) for name in os.listdir(args.results_dir)
                if (match := re.match(r"(\d+)-", name))]
-    return os.path.join(args.results_dir, f"{max(numbers, default=-1) + 1:03d}-{experiment_suffix(args)}")
+    n = max(numbers, default=-1) + 1
+    while True:
+        path = os.path.join(args.results_dir, f"{n:03d}-{experiment_suffix(args)}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:  # another run took it since the listing
+            n += 1
+        except OSError as err:
+            raise UserError(f"--results-dir {args.results_dir}: cannot create the folder {path} "
+                            f"({err.strerror or err}): pass a folder that can be written") from None
 
 
 def other_runs(results_dir: str, suffix: str) -> list[str]:
@@ -388,8 +400,10 @@ class Trainer:
         if dist_info.is_main:  # the other ranks wait for the choice, or the error that ends the run
             try:
                 made_from = first_missing_folder(args.exp_dir or args.results_dir)
+                existed = bool(args.exp_dir) and os.path.exists(args.exp_dir)
                 exp_dir, resume_path, resume_note = select_experiment(args)
-                created = not os.path.exists(exp_dir)
+                # new_experiment_dir makes a numbered folder itself: this run's unless it resumes one
+                created = not existed if args.exp_dir else resume_path is None
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
                 make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
                 choice = exp_dir, resume_path, resume_note, created, made_from
@@ -1023,11 +1037,14 @@ class Trainer:
             self.epoch, self.step_in_epoch = self.epoch + 1, 0
         if self.step < self.max_steps:  # one loader for the rest of the run, across epochs
             batches = RunBatches(self.sampler, self.epoch, self.step_in_epoch, self.max_steps - self.step)
-            with stop_signals_held():  # workers start holding the stop signals until they ignore them
-                loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
-                                     seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
-                                     worker_init_fn=ignore_stop_signals)
+            loader = iter(())
             try:
+                # Workers start holding the stop signals until they ignore them; one that came meanwhile
+                # is acted on when the loader is whole, inside this try, which stops its workers.
+                with stop_signals_held():
+                    loader = make_loader(self.dataset, batches, args.num_workers, device.type == "cuda",
+                                         seed=(args.global_seed * 100_003 + self.epoch) * 1009 + self.dist_info.rank,
+                                         worker_init_fn=ignore_stop_signals)
                 for batch in self.batches_saving_on_a_data_error(loader):
                     loss, applied = self.train_step(batch)
                     self.step += 1
