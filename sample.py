@@ -966,10 +966,11 @@ class BatchParts:
     def __init__(self, out: str, settings: dict, total: int, batch_size: int, dist: DistInfo):
         self.folder, self.total, self.batch_size = f"{out}.parts", total, batch_size
         self.batches = math.ceil(total / batch_size)
+        lock = FolderLock(self.folder, "--out")  # held by the main process until the job ends (main's release_all)
 
         def pending() -> list[int]:
             check_settings(self.folder, settings, holds="the results of a stopped run", flag="--out",
-                           outputs=r"\d{6}\.pt")
+                           outputs=r"\d{6}\.pt", lock=lock)
             present = set(os.listdir(self.folder))
             for name in present:  # an earlier run's word of a process that failed
                 if FAILED.fullmatch(name):
@@ -1062,7 +1063,7 @@ def unused_parts_removed(parts: BatchParts | None, dist: DistInfo):
         if parts is not None and not dist.is_main:  # for the main process, which waits for this one's batches
             parts.failed(dist.rank, err)
         if parts is not None and dist.is_main and os.path.isdir(parts.folder) \
-                and set(os.listdir(parts.folder)) <= {"settings.json"}:
+                and set(os.listdir(parts.folder)) <= {"settings.json", FolderLock.NAME}:
             parts.remove()
         raise
 
@@ -1303,6 +1304,7 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
             start_resource_tracker()
             return run_job(args, dist)
     finally:
+        FolderLock.release_all()  # the folders a job held (the FID job's, OUT.parts/): another may take them now
         cleanup()
 
 

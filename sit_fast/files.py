@@ -151,9 +151,11 @@ class FolderLock:
     outputs, and its settings record, with the first one's. The lock is flock(2) on FOLDER/.lock,
     which the kernel drops when the process ends, however it ends; a file system that cannot lock
     (some network mounts) costs the check, with a warning, not the job. acquire() once the folder
-    exists; release() when the job is done (a no-op when not held)."""
+    exists; release() when the job is done (a no-op when not held), or release_all() for every lock
+    this process holds."""
 
     NAME = ".lock"
+    _held: set[FolderLock] = set()
 
     def __init__(self, folder: str, flag: str):
         self.folder, self.flag = folder, flag
@@ -190,8 +192,15 @@ class FolderLock:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
+        FolderLock._held.add(self)
 
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the lock
             self.fd = None
+        FolderLock._held.discard(self)
+
+    @classmethod
+    def release_all(cls) -> None:
+        for lock in list(cls._held):
+            lock.release()

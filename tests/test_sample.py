@@ -23,6 +23,7 @@ from PIL import Image
 
 import sample
 import sit_fast.progress
+from sit_fast.files import FolderLock
 from sit_fast.models import SiT, SiT_models
 from sit_fast.sampling import (
     CUDAGraphForward, Denoiser, ModelForwards, ModelRequest, build_model, index_noise, model_call_times,
@@ -32,6 +33,13 @@ from sit_fast.transport import Sampler, create_transport
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
 FAST = ["--fused-kernels", "off", "--attn-backend", "math"]
+
+
+@pytest.fixture(autouse=True)
+def no_folder_left_locked():
+    """Tests that build a job's parts directly (not through sample.main) leave their folder's lock held."""
+    yield
+    FolderLock.release_all()
 
 
 @pytest.fixture(autouse=True)
@@ -1143,8 +1151,6 @@ def test_a_second_job_on_an_fid_folder_in_use_is_refused(files, tmp_path, capsys
     """Two jobs started on one folder mixed their images (the second took over settings.json before
     the first wrote a PNG): the folder is locked while a job runs on it. The lock is held here as
     another process would hold it (flock: another open file conflicts, in this process too)."""
-    from sit_fast.files import FolderLock
-
     sample_dir = tmp_path / "s"
     sample_dir.mkdir()
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
@@ -1212,6 +1218,27 @@ def test_an_npz_write_cut_short_is_named_by_the_next_run(files, tmp_path, capsys
          "--num-fid-samples", 2, "--sample-dir", sample_dir, *FAST])
     assert (f"warning: {tmp_path} holds 1 unfinished .npz write (.s.npz.tmp-4242; 2 KiB), left by a sampling job "
             f"killed while writing") in capsys.readouterr().err
+
+
+def test_a_second_likelihood_job_on_the_same_out_is_refused(files, tmp_path, capsys):
+    """OUT.parts/ is locked as the FID folder is: two jobs with one --out mixed their batches."""
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out = tmp_path / "bpd.npz"
+    (tmp_path / "bpd.npz.parts").mkdir()
+    other = FolderLock(str(tmp_path / "bpd.npz.parts"), "--out")
+    other.acquire()
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--likelihood", "--data", tmp_path / "x.pt",
+            "--out", out, "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST]
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit):
+            run(argv)
+        assert one_line_error(capsys).startswith(f"error: another job is writing into {out}.parts now (process ")
+    finally:
+        other.release()
+    run(argv)
+    run(argv)  # the first job's lock ended with it (a finished file is read, not recomputed)
+    assert out.is_file() and not (tmp_path / "bpd.npz.parts").exists()
 
 
 def test_png_writer_holds_at_most_two_batches(tmp_path, monkeypatch):
@@ -1467,7 +1494,7 @@ def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monk
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"error: cannot read image {folder / '4.png'} ({reason}"), err
         if kept:
-            assert sorted(os.listdir(parts)) == kept + ["settings.json"]
+            assert sorted(os.listdir(parts)) == [".lock"] + kept + ["settings.json"]
         else:  # nothing computed: no OUT.parts/ left holding settings.json alone
             assert not parts.exists()
     assert read == [range(0, 2), range(2, 4), range(4, 5)]
@@ -1651,7 +1678,7 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
     assert exit_info.value.code == stop.status and not out.exists()
-    assert sorted(os.listdir(parts)) == ["000000.pt", "000001.pt", "settings.json"]
+    assert sorted(os.listdir(parts)) == [".lock", "000000.pt", "000001.pt", "settings.json"]
     captured = capsys.readouterr()
     assert f"of 4 of 5 items are kept in {parts}: run the same command again to compute the rest" in captured.out, \
         captured.out
@@ -1668,7 +1695,7 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
     assert exit_info.value.code == stop.status and not out.exists()
-    assert os.listdir(parts) == ["settings.json"]
+    assert sorted(os.listdir(parts)) == [".lock", "settings.json"]
     assert f"{stop.words} after 0 of 5 items: nothing finished" in capsys.readouterr().err
 
 
@@ -1866,8 +1893,9 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
         parts.wait(bar)
     assert str(error.value) == (f"rank 3 failed: cannot read image /data/003.png (truncated); the batches finished "
                                 f"are kept in {parts.folder}: run the same command again once that is fixed")
+    FolderLock.release_all()  # the first run ended (sample.main's end)
     again = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=5, batch_size=2, dist=dist[0])
-    assert sorted(os.listdir(again.folder)) == ["settings.json"]
+    assert sorted(os.listdir(again.folder)) == [".lock", "settings.json"]
 
     # A stop signal sent to rank 3's node alone: word too (rank 0 polled for ever).
     from sit_fast.interrupts import Stopped
@@ -1879,7 +1907,7 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
                                 f"run the same command again to compute the rest")
     sample.stopped_word(again, Stopped(signal.SIGTERM), dist[0])  # the main process: no word, it waits for none
     sample.stopped_word(again, None, dist[3])  # not stopped: no word
-    assert sorted(os.listdir(again.folder)) == ["failed-rank-3.txt", "settings.json"]
+    assert sorted(os.listdir(again.folder)) == [".lock", "failed-rank-3.txt", "settings.json"]
 
 
 def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
@@ -1924,7 +1952,7 @@ def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, file
         path = out if failing == out.name else tmp_path / f"{out.name}.parts" / failing
         assert one_line_error(capsys) == f"error: cannot write {path} (No space left on device)"
     # the batch is kept: only OUT is left to write
-    assert sorted(os.listdir(tmp_path / f"{out.name}.parts")) == ["000000.pt", "settings.json"]
+    assert sorted(os.listdir(tmp_path / f"{out.name}.parts")) == [".lock", "000000.pt", "settings.json"]
 
 #################################################################################
 #                                   CUDA                                         #
