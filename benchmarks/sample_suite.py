@@ -15,9 +15,9 @@ torch.cuda.max_memory_allocated over the timed runs; for a CUDA-graph variant al
 captured the graph at that batch, since after capture the graph's activations live in its private
 pool, which a replay never allocates from again.
 
-Extrapolation, to fit the time box: each timed run is the real sampler with `steps_timed` model
-calls (ODE euler num_steps=k: k calls; SDE Euler num_steps=k: k - 1 stochastic steps and the last
-step), and median_ms / p20_ms / p80_ms scale that run by (model calls of the full sampler) / k, as
+Extrapolation, to fit the time box: each timed run is the real sampler with k model calls,
+`steps_timed`, or `latency_steps_timed` at a batch of 16 or fewer (ODE euler num_steps=k: k calls;
+SDE Euler num_steps=k: k - 1 stochastic steps and the last step), and median_ms / p20_ms / p80_ms scale that run by (model calls of the full sampler) / k, as
 counted by sit_fast.sampling.model_call_times. Every call costs the same, so this is the full
 sampler's time up to its fixed per-run overhead (building the time grid and the label pair).
 """
@@ -96,7 +96,7 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler, B: int) -> No
     from sit_fast.sampling import model_call_times
 
     device, size = ctx.device, ctx.size
-    k = size.steps_timed
+    k = size.latency_steps_timed if B <= 16 else size.steps_timed
     z, y = model_inputs(size, device, B)
     shapes = {"z": list(z.shape), "y": [B], "model_batch": 2 * B}
     try:
