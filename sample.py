@@ -601,11 +601,8 @@ def run_fid(setup: Setup) -> str:
     sample_dir = os.path.normpath(setup.args.sample_dir)
     if setup.args.run_folder:
         sample_dir = os.path.join(sample_dir, run_folder_name(setup.args, setup.info["model"]))
-    lock = FolderLock(sample_dir, "--sample-dir")
-    try:
+    with FolderLock(sample_dir, "--sample-dir") as lock:
         return fid_job(setup, sample_dir, lock)
-    finally:
-        lock.release()
 
 
 def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:

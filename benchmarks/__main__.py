@@ -128,8 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     command = ["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]
     results = common.Results(args.out, environment, command=command)
     suites_left = os.path.join(args.out, SUITES_LEFT)
+    results.setup = {"size": size.name, "variants": [v.name for v in variants],
+                     "compile_backend": args.compile_backend or ("inductor" if device_type == "cuda" else "eager")}
     if args.continue_run:
-        problem = results.continue_from_disk()
+        problem = results.continue_from_disk(suites)
         if problem:
             print(f"error: --continue: {problem}", file=sys.stderr)
             return 2
@@ -145,8 +147,8 @@ def main(argv: list[str] | None = None) -> int:
     common.log(f"ceiling bf16 matmul: {c['matmul_tflops']:.3g} TFLOP/s ({'x'.join(map(str, c['matmul_shape']))})")
 
     ctx = common.RunContext(device=device, size=size, results=results, environment=environment,
-                            ceilings=results.ceilings, compile_backend=args.compile_backend or
-                            ("inductor" if device_type == "cuda" else "eager"), variants=variants, seed=args.seed)
+                            ceilings=results.ceilings, compile_backend=results.setup["compile_backend"],
+                            variants=variants, seed=args.seed)
     ctx.parity.update(parity_suite.links(results.records))  # a continued run's parity suite, already measured
     for i, suite in enumerate(suites):
         left = deadline - time.monotonic()

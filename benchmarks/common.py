@@ -650,9 +650,10 @@ class Results:
         self.records: list[dict] = []
         self.suites_run: list[str] = []
         self.continued_by: list[list[str]] = []  # the commands that added to a first run's results
+        self.setup: dict = {}  # what the records measured (size, variants, compile backend): a continued run's too
 
-    def continue_from_disk(self) -> str | None:
-        """Take up the results already in out_dir (ceilings, records, suites run) to add to them.
+    def continue_from_disk(self, suites: list[str]) -> str | None:
+        """Take up the results already in out_dir (ceilings, records, suites run) to add `suites` to them.
         Returns what forbids it, or None."""
         path = os.path.join(self.out_dir, "results.json")
         try:
@@ -669,6 +670,13 @@ class Results:
             if before.get(key) != self.environment[key]:
                 return (f"{path} was measured with {key} {before.get(key)!r}, this run has {self.environment[key]!r}: "
                         f"its figures and these would not compare; write to another --out")
+        for key, value in self.setup.items():
+            if document.get("setup", {}).get(key) != value:
+                return (f"{path} was measured with {key} {document.get('setup', {}).get(key)!r}, this run has "
+                        f"{value!r}: give the first run's settings")
+        again = [s for s in suites if s in document["suites_run"]]
+        if again:
+            return f"{path} has the {', '.join(again)} suite's records already: continue with the suites left"
         self.command = document["command"]
         self.continued_by = document.get("continued_by", []) + [self.command_now]
         self.ceilings = document["ceilings"]
@@ -689,6 +697,7 @@ class Results:
             "schema_version": SCHEMA_VERSION,
             "command": self.command,
             "continued_by": self.continued_by,
+            "setup": self.setup,
             "environment": self.environment,
             "ceilings": self.ceilings,
             "suites_run": self.suites_run,
@@ -714,6 +723,18 @@ def _finite(value):
     return value
 
 
+def figures_read(value):
+    """_finite undone, for figures read back from results.json: "NaN", "Infinity" and "-Infinity"
+    are floats again (within lists and dicts too)."""
+    if value in ("NaN", "Infinity", "-Infinity"):
+        return float(value)
+    if isinstance(value, dict):
+        return {key: figures_read(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [figures_read(item) for item in value]
+    return value
+
+
 def _json_default(value):
     if isinstance(value, torch.dtype):
         return str(value).replace("torch.", "")
@@ -723,10 +744,9 @@ def _json_default(value):
 
 
 def write_text(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from sit_fast.files import atomic_write
+
+    atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 
 @dataclasses.dataclass

@@ -8,7 +8,7 @@
 # Writes $OUT/results.json, $OUT/results.md, $OUT/log (the suite's output) and $OUT/log_tests.
 # Settings (environment; defaults for the GPU):
 #   SESSION_S          seconds for the whole script (570)
-#   BENCH_ARGS         the suite's arguments ("all --device cuda --size full")
+#   BENCH_ARGS         the suite's arguments, the suites first ("all --device cuda --size full")
 #   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (340)
 #   TEST_ARGS          pytest's arguments (the CUDA graph tests of sampling, $CUDA_GRAPH_TESTS, three quick
 #                      ones that a timeout must not cut, then the kernel, fast-path and upstream-parity test
@@ -53,6 +53,7 @@ fi
 bench_args=$BENCH_ARGS
 continued=()
 deadline_left=$BENCH_DEADLINE_S
+deadline_whole=${BENCH_DEADLINE_S%%.*}  # shell arithmetic takes whole seconds
 bench_left=$bench_timeout
 lost=0
 while true; do
@@ -64,7 +65,7 @@ while true; do
     lost=1
     read -r left <"$OUT/suites_left"
     elapsed=$((SECONDS - start))
-    deadline_left=$((BENCH_DEADLINE_S - elapsed))
+    deadline_left=$((deadline_whole - elapsed))
     bench_left=$((bench_timeout - elapsed))
     if [ "$deadline_left" -le 0 ] || [ "$bench_left" -le 0 ]; then
         echo "gpu_session: the CUDA context was lost and no time is left for the suites left ($left)" | tee -a "$OUT/log"

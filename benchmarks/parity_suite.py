@@ -19,7 +19,7 @@ import random
 import torch
 
 from benchmarks.common import (
-    LINKED_PARITY, VARIANTS_BY_NAME, RunContext, Variant, expected_cost_s, free_memory, set_tf32,
+    LINKED_PARITY, VARIANTS_BY_NAME, RunContext, Variant, expected_cost_s, figures_read, free_memory, set_tf32,
 )
 
 SUITE = "parity"
@@ -99,7 +99,7 @@ def links(records: list[dict]) -> dict:
     found = {}
     for record in records:
         if record["suite"] == SUITE and record["status"] in ("ok", "parity_failed"):
-            fields = {k: record[k] for k in LINKED_PARITY}
+            fields = {k: figures_read(record[k]) for k in LINKED_PARITY}
             found[(record["variant"], record["dtype"])] = dict(
                 fields, source=_source(record["batch_size"], record["extra"]["seed"], record["dtype"]))
     return found

@@ -152,7 +152,7 @@ class FolderLock:
     which the kernel drops when the process ends, however it ends; a file system that cannot lock
     (some network mounts) costs the check, with a warning, not the job. acquire() once the folder
     exists; release() when the job is done (a no-op when not held), or release_all() for every lock
-    this process holds."""
+    this process holds; `with FolderLock(...) as lock:` releases it when the block ends."""
 
     NAME = ".lock"
     _held: set[FolderLock] = set()
@@ -161,7 +161,15 @@ class FolderLock:
         self.folder, self.flag = folder, flag
         self.fd: int | None = None
 
+    def __enter__(self) -> FolderLock:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
     def acquire(self) -> None:
+        if self.fd is not None:  # held already
+            return
         try:
             import fcntl
         except ImportError:  # not a POSIX system: no lock
@@ -189,10 +197,13 @@ class FolderLock:
                 f"cannot lock {path} ({err.strerror or err}): a second job started on {self.folder} while this one "
                 f"runs would not be noticed")
             return
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
         FolderLock._held.add(self)
+        try:  # who holds it, for the message of a job refused: a full disk only costs that
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        except OSError:
+            pass
 
     def release(self) -> None:
         if self.fd is not None:

@@ -104,11 +104,8 @@ def build_cache(args: argparse.Namespace) -> dict | None:
     size, the dataset's file list), a folder made with other settings is refused, and the shards still
     missing are shared out among the processes of this run, however many wrote the ones present.
     Rank 0 holds the folder's lock (another job encoding into it now is refused) until the index is written."""
-    lock = FolderLock(args.out, "--out")
-    try:
+    with FolderLock(args.out, "--out") as lock:
         return encode(args, lock)
-    finally:
-        lock.release()
 
 
 def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:

@@ -92,8 +92,7 @@ def weight_bytes(model: torch.nn.Module) -> int:
 def sampling_weight_bytes(model: torch.nn.Module) -> int:
     """The weights as sample.py holds them: the parameters, and the concatenation of the adaLN weights
     that it keeps from call to call (SiT.reuse_frozen_modulation, a third of SiT-XL's weights)."""
-    linears = [block.adaLN_modulation[1] for block in model.blocks] + [model.final_layer.adaLN_modulation[1]]
-    return weight_bytes(model) + sum(weight_bytes(linear) for linear in linears)
+    return weight_bytes(model) + sum(weight_bytes(linear) for linear in model.modulation_linears())
 
 
 def training_state_bytes(model: torch.nn.Module, ema: bool = True) -> int:

@@ -510,6 +510,10 @@ class SiT(nn.Module):
         mods = F.linear(F.silu(c), weight, bias)  # (N, (6 * depth + 2) * D)
         return mods.view(c.shape[0], 6 * len(self.blocks) + 2, self.hidden_size)  # N = 0 too
 
+    def modulation_linears(self) -> list[nn.Linear]:
+        """The adaLN modulation layers: each block's, in order, then the final layer's."""
+        return [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
+
     def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The concatenated adaLN weights and biases.
 
@@ -521,8 +525,7 @@ class SiT(nn.Module):
         `.data` (p.data.copy_(...), as some EMA helpers do) moves no version counter: with such
         writes, leave reuse_frozen_modulation off, or the model goes on with the old weights.
         """
-        linears = [block.adaLN_modulation[1] for block in self.blocks] + [self.final_layer.adaLN_modulation[1]]
-        params = [p for lin in linears for p in (lin.weight, lin.bias)]
+        params = [p for lin in self.modulation_linears() for p in (lin.weight, lin.bias)]
         if not self.reuse_frozen_modulation or any(p.requires_grad for p in params):
             self._modulation_cache = None
             return torch.cat(params[0::2], dim=0), torch.cat(params[1::2], dim=0)

@@ -571,11 +571,17 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         if differ:
             raise UserError(f"{sample_dir} holds {holds} made with other settings ({differ}): pass another {flag}, "
                             f"or delete it to start over")
+        if not RECORDED_LATER & settings.keys() <= recorded.keys():  # a record from before they were kept
+            record_settings(path, settings)
         return
     if present:
         count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
         raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "
                         f"unknown: pass another {flag}, or delete them to start over")
+    record_settings(path, settings)
+
+
+def record_settings(path: str, settings: dict) -> None:
     text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 

@@ -598,7 +598,7 @@ def test_roofline_sampling_call_reuses_the_adaln_concatenation():
     from benchmarks.roofline import roofline
 
     model = SiT_S4()
-    adaln = [block.adaLN_modulation[1] for block in model.blocks] + [model.final_layer.adaLN_modulation[1]]
+    adaln = model.modulation_linears()
     concat_gb = sum(p.numel() for lin in adaln for p in lin.parameters()) * 4 * 2 / 1e9  # fp32, read + written
     rows = roofline("SiT-S/4", 64, train_batch=4, sample_batch=2, copy_gbps=1000.0, matmul_tflops=100.0)
     by = {(r["workload"], r["variant"]): r for r in rows}
@@ -916,16 +916,24 @@ def test_a_lost_cuda_context_stops_the_run_and_a_new_process_continues_it(tmp_pa
     from benchmarks import __main__ as entry
     from benchmarks import common, memory_suite, parity_suite, train_suite
 
-    def parity_run(ctx):
-        fields = dict(parity_output_rel_err=1e-3, parity_loss_rel_err=2e-4, parity_grad_rel_err_max=5e-3,
-                      parity_max_abs_err=0.01, parity_ok=True,
+    def parity_run(ctx):  # ours failed with NaN (a broken kernel: when a device is lost), as results.json keeps it
+        fields = dict(parity_output_rel_err=math.nan, parity_loss_rel_err=2e-4, parity_grad_rel_err_max=math.inf,
+                      parity_max_abs_err=math.nan, parity_ok=False,
                       parity_tolerances={"output": 0.02, "loss": 0.01, "grad": 0.05})
-        ctx.emit(ctx.record("parity", "forward_backward", "ours", status="ok", batch_size=3, dtype="bf16",
-                            extra={"seed": 11}, **fields))
+        ctx.emit(ctx.record("parity", "forward_backward", "ours", status="parity_failed", batch_size=3,
+                            dtype="bf16", extra={"seed": 11}, **fields))
+        ctx.emit(ctx.record("parity", "forward_backward", "reference+bf16+sdpa", status="error", batch_size=3,
+                            dtype="bf16", note="RuntimeError: CUDA error"))
 
     linked = []
+
+    def train_run(ctx):  # links ours' parity figures into a record, as the train suite does
+        linked.append(dict(ctx.parity))
+        fields, _ = ctx.linked_parity(VARIANTS[-1], LINKED_PARITY)
+        ctx.emit(ctx.record("train", "train_step", "ours", status="error", note="stands in", dtype="bf16", **fields))
+
     monkeypatch.setattr(parity_suite, "run", parity_run)
-    monkeypatch.setattr(train_suite, "run", lambda ctx: linked.append(dict(ctx.parity)))
+    monkeypatch.setattr(train_suite, "run", train_run)
     monkeypatch.setattr(memory_suite, "run", lambda ctx: linked.append("memory"))
     monkeypatch.setattr(common, "device_lost", lambda device: "AcceleratorError: CUDA error: an illegal memory access")
     args = ["--device", "cpu", "--size", "tiny", "--out", str(tmp_path)]
@@ -935,20 +943,20 @@ def test_a_lost_cuda_context_stops_the_run_and_a_new_process_continues_it(tmp_pa
     assert first["suites_run"] == ["parity"] and linked == []
 
     monkeypatch.setattr(common, "device_lost", lambda device: None)
-    assert entry.main(["train,memory", *args, "--continue"]) == 0
+    assert entry.main(["train,memory", *args, "--continue"]) == 1  # the first process's parity failure counts
     document = json.loads((tmp_path / "results.json").read_text())
     assert document["suites_run"] == ["parity", "train", "memory"]
-    assert document["records"] == first["records"] and document["ceilings"] == first["ceilings"]
+    assert document["records"][:2] == first["records"] and document["ceilings"] == first["ceilings"]
+    (train_record,) = document["records"][2:]
+    assert train_record["parity_output_rel_err"] == "NaN" and train_record["parity_grad_rel_err_max"] == "Infinity"
     assert document["command"] == first["command"] and len(document["continued_by"]) == 1
     assert "--continue" in document["continued_by"][0]
-    assert linked == [{("ours", "bf16"): dict(parity_run_fields(first), source="parity suite: batch 3, seed 11, bf16")},
-                      "memory"]
+    (links,), rest = linked[:1], linked[1:]
+    assert rest == ["memory"] and list(links) == [("ours", "bf16")], linked  # the error record links nothing
+    ours = links["ours", "bf16"]
+    assert math.isnan(ours["parity_output_rel_err"]) and ours["parity_grad_rel_err_max"] == math.inf
+    assert ours["parity_ok"] is False and ours["source"] == "parity suite: batch 3, seed 11, bf16"
     assert not (tmp_path / "suites_left").exists()
-
-
-def parity_run_fields(document):
-    (record,) = document["records"]
-    return {k: record[k] for k in LINKED_PARITY}
 
 
 def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys):
@@ -961,6 +969,12 @@ def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys
         {"schema_version": 1, "environment": {"device": "cpu", "git_commit": "0123abc", "torch_version": "2.0"}}))
     assert main(args) == 2
     assert "was measured with " in capsys.readouterr().err
+    assert main(["memory", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)]) == 0  # a first run
+    assert main(args) == 2
+    assert "has the memory suite's records already: continue with the suites left" in capsys.readouterr().err
+    assert main(["train", "--device", "cpu", "--size", "tiny", "--variants", "ours", "--out", str(tmp_path),
+                 "--continue"]) == 2
+    assert "was measured with variants ['reference', " in capsys.readouterr().err
 
 
 def test_parity_links_rebuilt_from_records_match_what_the_run_linked(dry_run):
@@ -996,11 +1010,11 @@ def test_session_runs_the_suites_left_after_a_lost_cuda_context(tmp_path):
     fake.chmod(0o755)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(OUT=str(out), PYTHON=str(fake), SESSION_S="150", TEST_MIN_S="50", TEST_SHARDS="1",
-               BENCH_ARGS="all --device cpu --size tiny", BENCH_DEADLINE_S="90", TEST_ARGS="tests/none.py")
+               BENCH_ARGS="all --device cpu --size tiny", BENCH_DEADLINE_S="90.5", TEST_ARGS="tests/none.py")
     proc = subprocess.run(["bash", os.path.join("benchmarks", "gpu_session.sh")], cwd=REPO_ROOT,
                           capture_output=True, text=True, timeout=60, env=env)
     calls = (tmp_path / "calls").read_text().splitlines()
-    assert calls[0] == f"-m benchmarks all --device cpu --size tiny --deadline-s 90 --out {out}", calls
+    assert calls[0] == f"-m benchmarks all --device cpu --size tiny --deadline-s 90.5 --out {out}", calls
     second = re.fullmatch(rf"-m benchmarks sample,memory --device cpu --size tiny --deadline-s (\d+) --out {out} "
                           r"--continue", calls[1])
     assert second and 80 <= int(second.group(1)) <= 90, calls

@@ -428,7 +428,7 @@ def test_memory_counts_what_is_saved_whatever_the_batch():
 
     with torch.device("meta"):
         model = SiT_models["SiT-S/2"](input_size=32, attn_backend="sdpa")
-    adaln = sum(b.adaLN_modulation[1].weight.numel() for b in [*model.blocks, model.final_layer])
+    adaln = sum(linear.weight.numel() for linear in model.modulation_linears())
     matmul = sum(m.weight.numel() for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d)))
     assert activation_bytes(model, None)[1] == 4 * adaln
     casts = activation_bytes(model, torch.bfloat16)[1]
@@ -454,7 +454,7 @@ def test_memory_likelihood_table(capsys):
     fixed, ((*bounds,),) = _bounds_row(lines[-1])
     with torch.device("meta"):
         model = SiT_models["SiT-S/2"](input_size=32)
-    adaln = sum(p.numel() for b in [*model.blocks, model.final_layer] for p in b.adaLN_modulation[1].parameters())
+    adaln = sum(p.numel() for linear in model.modulation_linears() for p in linear.parameters())
     assert abs(fixed[0] - weights_gib - adaln * 4 / 2**30) < 0.01, fixed  # fp32 weights + their concatenation
     assert fixed[1] == fixed[2] and 0.45 * fixed[0] < fixed[1] < 0.55 * fixed[0], fixed  # mostly bf16
     expected = [(24 - 2 - f) * 1024 / a for f, a in zip(fixed, acts_mib)]

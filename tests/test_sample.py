@@ -1170,6 +1170,28 @@ def test_a_second_job_on_an_fid_folder_in_use_is_refused(files, tmp_path, capsys
     assert (tmp_path / "s.npz").is_file()
 
 
+def test_a_folder_lock_that_cannot_say_who_holds_it_is_held_and_released(tmp_path, monkeypatch):
+    """Writing the holder's name into .lock failed (a full disk) after the lock was taken: the lock
+    was kept by a descriptor release() did not know, and the next job was refused."""
+    import errno
+
+    from sit_fast import files as files_module
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    lock = FolderLock(str(tmp_path), "--sample-dir")
+    with monkeypatch.context() as patched:
+        patched.setattr(files_module.os, "pwrite", full_disk)
+        lock.acquire()
+    lock.acquire()  # held already: not refused by itself
+    lock.release()
+    with FolderLock(str(tmp_path), "--sample-dir") as again:
+        again.acquire()
+        assert again.fd is not None
+    assert again.fd is None
+
+
 def test_an_fid_folder_tells_apart_two_checkpoints_written_to_one_path(files, tmp_path, capsys):
     """A checkpoint replaced at the same path (a retrained run's NNNNNNN.pt) was resumed into, mixing
     two models' images; a folder recorded before the digest existed still resumes."""
@@ -1187,10 +1209,12 @@ def test_an_fid_folder_tells_apart_two_checkpoints_written_to_one_path(files, tm
         run(argv + ["--num-fid-samples", 4])
     err = one_line_error(capsys)
     assert "holds samples made with other settings (ckpt_digest: " in err, err
-    del recorded["ckpt_digest"]
+    shutil.copy(files["pixel"], ckpt)  # the first checkpoint back
+    digest = recorded.pop("ckpt_digest")
     (sample_dir / "settings.json").write_text(json.dumps(recorded))
-    run(argv + ["--num-fid-samples", 4])  # an older record: compared on what it has
+    run(argv + ["--num-fid-samples", 4])  # an older record: compared on what it has, then completed
     assert "2 of 4 images already in" in capsys.readouterr().out
+    assert json.loads((sample_dir / "settings.json").read_text())["ckpt_digest"] == digest
 
 
 def test_an_fid_folder_with_no_name_of_its_own_puts_the_npz_beside_it(files, tmp_path, monkeypatch, capsys):
