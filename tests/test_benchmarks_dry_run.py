@@ -524,6 +524,29 @@ def test_sampling_measures_the_goals_pairs_first_and_a_time_box_cuts_whole_compa
     assert skipped == {("ours", 8), ("reference+bf16+sdpa+compile", 8)}
 
 
+def test_sampling_judges_what_fits_by_the_compilations_it_timed(tmp_path, monkeypatch):
+    """The compiled measurements' cost is guessed (100 s here) until one has been timed: compilations
+    of 30 s let both batches' goal pairs into a box of 150 s, where the guess left out batch 8's."""
+    from benchmarks import common, sample_suite
+
+    calls = []
+    monkeypatch.setattr(sample_suite, "expected_cost_s", lambda size, variant: 100.0 if variant.compile else 0.0)
+
+    def measure(ctx, variant, transport, sampler, batch):
+        calls.append((variant.name, batch))
+        ctx.budget.seconds -= 30.0 if variant.compile else 0.0
+        ctx.emit(ctx.record("sample", "ode_euler_50_cfg4", variant.name, status="ok" if batch == 256 or
+                            variant.name == "ours" else "error", batch_size=batch))
+
+    monkeypatch.setattr(sample_suite, "measure", measure)
+    ctx = _context(tmp_path, sample_batches=(8, 256))
+    ctx.variants = tuple(common.VARIANTS_BY_NAME[n] for n in ("reference+bf16+sdpa+compile", "ours"))
+    ctx.budget = common.Budget(150.0)
+    sample_suite.run(ctx)
+    assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("ours", 8),
+                     ("reference+bf16+sdpa+compile", 8)], calls
+
+
 def SiT_S4():
     import torch
 
