@@ -70,8 +70,8 @@ import torch
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
-    DistInfo, barrier, check_shared_path, cleanup, file_fingerprint, init_distributed, local_path_on_main_first,
-    on_main, peer_ended, peer_failed,
+    DistInfo, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
+    local_path_on_main_first, on_main, peer_ended, peer_failed,
 )
 from sit_fast.errors import PeerFailed, UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
 from sit_fast.files import (
@@ -390,6 +390,9 @@ class Setup:
             ckpt = local_path_on_main_first(lambda: release_or_path(args.ckpt), dist)
         else:
             ckpt = local_path_on_main_first(lambda: pretrained_checkpoint_for(args), dist)
+        # One model for every process: a node's own file at rank 0's path (another run's NNNNNNN.pt on its
+        # local disk) would sample other images into the same folder, unseen by the folder's record.
+        check_same_file(ckpt, f"--ckpt {args.ckpt or ckpt}", dist)
         loaded = None
         if args.ckpt is not None:
             # read once, here: what is wrong with the file comes before anything about the VAE

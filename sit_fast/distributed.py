@@ -60,7 +60,14 @@ def init_distributed() -> DistInfo:
 
     local_rank = rank if local_rank is None else local_rank
     if use_cuda:
-        device = torch.device("cuda", local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        # One GPU seen: a launcher that gives each process its own (CUDA_VISIBLE_DEVICES); several, and
+        # this local rank past them: more processes on the node than GPUs, which NCCL refuses with a
+        # traceback on every rank (two processes on one device).
+        if count > 1 and local_rank >= count:
+            raise UserError(f"LOCAL_RANK {local_rank} on a node whose processes see {count} GPUs: start at most "
+                            f"{count} processes per node (torchrun --nproc_per_node={count})")
+        device = torch.device("cuda", local_rank % count)
         torch.cuda.set_device(device)
         backend = "nccl"
     else:

@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
     from sit_fast.sampling import release_or_path
 
     named = args.ckpt
-    args.ckpt = release_or_path(args.ckpt)  # upstream's release by name: the file found or downloaded
+    # upstream's release by name: the file found or downloaded
+    args.ckpt = release_or_path(args.ckpt, given_as="python -m sit_fast.export PATH")
     if args.out is not None and args.ckpt != named:
         check_out(args.ckpt, args.out, args.force)
     loaded = read_checkpoint(args.ckpt, prefer=args.weights)  # once, for the summary and the export

@@ -73,9 +73,11 @@ def cache_dir() -> str:
     return os.path.expanduser(os.environ.get("SIT_FAST_CACHE") or DEFAULT_CACHE_DIR)
 
 
-def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 30.0) -> str:
+def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 30.0,
+                          given_as: str = "--ckpt PATH") -> str:
     """Path of a released checkpoint: found in ./pretrained_models (upstream's place) or the cache,
-    else downloaded into the cache. Raises UserError (one line, naming --ckpt) when offline."""
+    else downloaded into the cache. Raises UserError (one line, naming `given_as`, how the command
+    takes a local checkpoint) when offline."""
     if name not in PRETRAINED_URLS:
         raise UserError(f"no released checkpoint named {name!r} (released: {', '.join(PRETRAINED_URLS)})")
     for folder in (UPSTREAM_CACHE_DIR, cache_dir()):
@@ -97,17 +99,17 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
         raise UserError(
             f"cannot download the released checkpoint {name} ({reason}); without a network, copy it to "
             f"{os.path.join(UPSTREAM_CACHE_DIR, name)} or {path}, or pass a local checkpoint's path instead "
-            f"(--ckpt PATH)"
+            f"({given_as})"
         ) from None
     return path
 
 
-def release_or_path(ckpt: str) -> str:
+def release_or_path(ckpt: str, given_as: str = "--ckpt PATH") -> str:
     """--ckpt read as upstream's find_model reads it: the name of a release (SiT-XL-2-256x256.pt) that
     is not a file here means that release (pretrained_checkpoint: ./pretrained_models, the cache or a
-    download); anything else is a path, returned as given."""
+    download); anything else is a path, returned as given. given_as: how the command takes a path."""
     if ckpt in PRETRAINED_URLS and not os.path.exists(ckpt):
-        return pretrained_checkpoint(ckpt)
+        return pretrained_checkpoint(ckpt, given_as=given_as)
     return ckpt
 
 

@@ -142,7 +142,7 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
     except ImportError as err:
         raise VAEError(f"--vae {spec!r} needs the diffusers package ({err}); install it, or {ways_out}") from None
 
-    vae = None
+    vae, info = None, {}
     errors = []
     unreachable = None
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -157,7 +157,7 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
         try:
             with warnings.catch_warnings():  # diffusers passes huggingface_hub an argument it deprecated
                 warnings.filterwarnings("ignore", message=".*local_dir_use_symlinks.*")
-                vae = AutoencoderKL.from_pretrained(source, **kwargs, **extra)
+                vae, info = AutoencoderKL.from_pretrained(source, **kwargs, **extra, output_loading_info=True)
             break
         except Exception as err:  # diffusers/huggingface_hub raise many types (OSError, HTTP, ValueError)
             errors.append(first_line(err))
@@ -173,6 +173,13 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
         else:
             reason = f"{source} is not in the local hub cache and the hub has no such model or failed ({errors[-1]})"
         raise VAEError(f"cannot load the VAE: {reason}; {ways_out}")
+    # Without accelerate, diffusers fills the weights it does not find with random ones and only warns
+    # (another kind of autoencoder's folder, a decoder left out): such a VAE would encode and decode noise.
+    unfilled = [*info.get("missing_keys", []), *(entry[0] for entry in info.get("mismatched_keys", []))]
+    if unfilled:
+        raise VAEError(f"cannot load the VAE: {source} does not hold an AutoencoderKL's weights ({len(unfilled)} of its "
+                       f"tensors missing or of other shapes, e.g. {unfilled[0]}: another kind of autoencoder, or a "
+                       f"copy cut short?); {ways_out}")
     vae = vae.to(torch.device(device)).eval().requires_grad_(False)
     return LatentCodec(vae, device, dtype=dtype)
 

@@ -389,6 +389,27 @@ def test_export_reads_upstreams_release_by_name(tmp_path, monkeypatch, capsys):
     assert all(torch.equal(state_dict[k], sd[k]) for k in sd)
 
 
+def test_export_of_a_release_it_cannot_download_names_its_own_way_in(tmp_path, monkeypatch, capsys):
+    """Offline, the release by name said to pass --ckpt PATH, a flag export does not have."""
+    import urllib.error
+    import urllib.request
+
+    from sit_fast import export
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "cache"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(SystemExit):
+        export.main(["SiT-XL-2-256x256.pt", "--out", "w.safetensors"])
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot download the released checkpoint SiT-XL-2-256x256.pt (no network)") and \
+        err.endswith("or pass a local checkpoint's path instead (python -m sit_fast.export PATH)\n"), err
+
+
 @pytest.mark.parametrize("out,message", [
     ("w.bin", "extensions"), ("0000100.pt", "being read"), ("link.pt", "being read"), ("folder.pt", "is a folder"),
     ("old.pt", "exists: pass --force"), ("file.txt/w.pt", "cannot create"),

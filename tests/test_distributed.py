@@ -5,6 +5,7 @@ import tempfile
 import time
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.multiprocessing as mp
 
@@ -219,3 +220,19 @@ def test_filesystem_type_is_that_of_the_longest_mount_point_above_the_path(tmp_p
     assert filesystem_type("/home/me", str(table)) == "ext4"
     assert filesystem_type("/scratch/run", str(table)) == "nfs4"  # the later mount on a point is the one seen
     assert filesystem_type("/home/me", str(tmp_path / "none")) is None  # no mount table (not Linux)
+
+
+def test_more_processes_on_a_node_than_its_gpus_is_one_line(monkeypatch):
+    """torchrun --nproc_per_node=8 on a node showing 4 GPUs put two processes on one GPU, which NCCL
+    refuses with a traceback on every rank: refused first, in one line."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail("set before the check"))
+    for name, value in (("RANK", "5"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "5")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"^LOCAL_RANK 5 on a node whose processes see 4 GPUs: start at most 4 "
+                                        r"processes per node \(torchrun --nproc_per_node=4\)$"):
+        init_distributed()

@@ -1217,6 +1217,28 @@ def test_an_fid_folder_tells_apart_two_checkpoints_written_to_one_path(files, tm
     assert json.loads((sample_dir / "settings.json").read_text())["ckpt_digest"] == digest
 
 
+def test_every_process_must_read_the_checkpoint_rank_0_reads(files, tmp_path, monkeypatch, capsys):
+    """Under torchrun a node's own file at rank 0's --ckpt path (another run's checkpoint on its local
+    disk) sampled from other weights into the same folder; the processes' files are compared first
+    (check_same_file, tested with processes in test_distributed.py), before any sampling."""
+    from sit_fast.errors import UserError
+
+    seen = []
+
+    def another_file_on_rank_1(path, flag, dist):
+        seen.append((path, flag))
+        raise UserError(f"{flag}: rank 1 (on b) reads another file at {path} than rank 0 does, or none")
+
+    monkeypatch.setattr(sample, "check_same_file", another_file_on_rank_1)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--num-fid-samples", 2, "--sample-dir", tmp_path / "s",
+             "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST])
+    assert seen == [(files["pixel"], f"--ckpt {files['pixel']}")]
+    assert one_line_error(capsys).startswith(f"error: --ckpt {files['pixel']}: rank 1 (on b) reads another file")
+    assert not (tmp_path / "s").exists()
+
+
 def test_an_fid_folder_with_no_name_of_its_own_puts_the_npz_beside_it(files, tmp_path, monkeypatch, capsys):
     """--sample-dir . wrote a hidden '..npz'; now the .npz is named after the folder, beside it; the
     root, with no name and nothing beside it, asks for --out."""

@@ -63,6 +63,26 @@ def test_a_pipeline_folder_points_at_its_vae_subfolder(tmp_path):
     assert load_vae(str(tmp_path / "pipeline" / "vae"), "cpu").latent_channels == 4
 
 
+def test_weights_that_do_not_fill_an_autoencoderkl_are_refused(tmp_path):
+    """diffusers (without accelerate) fills weights it does not find with random ones and only warns:
+    another kind of autoencoder's folder (TAESD's) or a decoder left out loaded as a random VAE."""
+    import os
+
+    from diffusers.models import AutoencoderTiny
+    from safetensors.torch import load_file, save_file
+
+    AutoencoderTiny().save_pretrained(tmp_path / "taesd")
+    with pytest.raises(VAEError, match=r"taesd does not hold an AutoencoderKL's weights \(\d+ of its tensors missing "
+                                       r"or of other shapes, e\.g\. .*\); .*--vae none") as info:
+        load_vae(str(tmp_path / "taesd"), "cpu")
+    assert "\n" not in str(info.value)
+    save_tiny_vae(tmp_path / "cut")
+    weights = os.path.join(tmp_path / "cut", "diffusion_pytorch_model.safetensors")
+    save_file({k: v for k, v in load_file(weights).items() if not k.startswith("decoder.")}, weights)
+    with pytest.raises(VAEError, match=r"e\.g\. decoder\."):
+        load_vae(str(tmp_path / "cut"), "cpu")
+
+
 def test_image_size_must_be_divisible_by_the_vaes_downsampling(tiny_vae_dir):
     with pytest.raises(UserError, match=r"^--image-size 20 is not divisible by 8 \(the VAE's downsampling\); use e\.g\. 16$"):
         check_image_size(20, "ema")  # the SD VAEs: known before loading
