@@ -529,8 +529,9 @@ class SiT(nn.Module):
         if not self.reuse_frozen_modulation or any(p.requires_grad for p in params):
             self._modulation_cache = None
             return torch.cat(params[0::2], dim=0), torch.cat(params[1::2], dim=0)
-        if torch.compiler.is_compiling():
-            # Compiled code could not see in-place updates (an EMA copy's weights, say): concatenate.
+        if torch.compiler.is_compiling() or any(p.is_inference() for p in params):
+            # Compiled code could not see in-place updates (an EMA copy's weights, say); inference
+            # tensors (a model made under inference_mode) keep no version counter to key on: concatenate.
             return torch.cat(params[0::2], dim=0), torch.cat(params[1::2], dim=0)
         cache = self._modulation_cache
         key = tuple((p._version, p.data_ptr(), p.dtype) for p in params)

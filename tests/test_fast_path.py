@@ -48,7 +48,7 @@ def test_fast_fp32_matches_reference(config):
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_fast_bf16_autocast_close_to_fp32_reference(config):
     """Within the absolute bf16 bounds, and each error within 3x the reference's own in bf16."""
-    reference, candidate = pair(config)
+    reference, candidate = pair(config, zero_init_std=0.3)  # blocks most of the output (0.02: 3%)
     report = compare(reference, candidate, batch_size=3, autocast_dtype=torch.bfloat16, device=DEVICE, yardstick=True)
     assert report.yardstick is not None and report.yardstick["output"] > 0
     check(report)

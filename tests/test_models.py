@@ -236,6 +236,41 @@ def test_backward_makes_one_gradient_of_the_modulation_vectors():
     assert sorted(name for name in full.made if "view" not in name) == ["stack.default"], full.made
 
 
+def _attention_cases():
+    """(backend, forced SDPA kernel, device) for every attention this machine can run in half
+    precision: math, SDPA as PyTorch picks and each kernel that runs on the device forced, flash_attn
+    where it is installed (CUDA)."""
+    from sit_fast.attention import BACKENDS, FORCED_SDPA_SUPPORT
+
+    cases = []
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        cases += [("math", None, device), ("sdpa", None, device)]
+        cases += [("sdpa", kernel, device) for kernel, support in FORCED_SDPA_SUPPORT.items() if device in support]
+        if BACKENDS["flash_attn"].unsupported_reason(device, torch.bfloat16, 64) is None:
+            cases.append(("flash_attn", None, device))
+    return cases
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("backend,kernel,device", _attention_cases())
+def test_every_attention_backend_in_half_precision_is_attention(backend, kernel, device, dtype):
+    """Each attention the half-precision paths may take (flash_attn and the fused SDPA kernels run only
+    there) against float64 attention, at the op, where a small error in it is not hidden by the rest of
+    the model: correct kernels are within 1% (about 0.4% in bf16), a 5% error in the softmax scale is 6%."""
+    from sit_fast.attention import attention_fn
+
+    q, k, v = (torch.randn(2, 3, 77, 64, dtype=torch.float64) for _ in range(3))
+    expected = math_attention(q, k, v)
+    try:
+        got = attention_fn(backend, kernel)(*(t.to(device, dtype) for t in (q, k, v)))
+    except RuntimeError as error:  # a forced CUDA kernel this GPU or build lacks
+        if device == "cpu" or kernel in (None, "math"):
+            raise
+        pytest.skip(f"SDPA kernel {kernel}: {error}")
+    error = (got.double().cpu() - expected).norm() / expected.norm()
+    assert error < 1e-2, f"{backend} {kernel} {dtype}: relative error {error:.2e}"
+
+
 def test_math_attention_is_softmax_qkt_v():
     q, k, v = (torch.randn(2, 3, 5, 8, dtype=torch.float64) for _ in range(3))
     weights = torch.exp(q @ k.transpose(-1, -2) / math.sqrt(8))
@@ -440,6 +475,19 @@ def test_sampling_forwards_reuse_the_frozen_modulation_weights():
     assert not model.reuse_frozen_modulation
     ModelForwards(model, cfg_scale=4.0)
     assert model.reuse_frozen_modulation
+
+
+def test_a_model_made_under_inference_mode_samples_with_its_modulation_reused():
+    """Inference tensors keep no version counter, which the reused concatenation is keyed on: a model
+    made under inference_mode raised at its first forward once ModelForwards had set the reuse."""
+    from sit_fast.sampling import ModelForwards
+
+    with torch.inference_mode():
+        model = randomize_(tiny_sit()).eval().requires_grad_(False)
+        x, t, y = inputs(model)
+        expected = model(x, t, y)
+        forwards = ModelForwards(model)
+        torch.testing.assert_close(forwards.conditional(x, t, y), expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dim", [256, 7])
