@@ -10,9 +10,9 @@
 #   SESSION_S          seconds for the whole script (570)
 #   BENCH_ARGS         the suite's arguments, the suites first ("all --device cuda --size full")
 #   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (340)
-#   TEST_ARGS          pytest's arguments (the CUDA graph tests of sampling, $CUDA_GRAPH_TESTS, three quick
-#                      ones that a timeout must not cut, then the kernel, fast-path and upstream-parity test
-#                      files, in that order), split as the shell splits words, quotes
+#   TEST_ARGS          pytest's arguments (quick ones that a timeout must not cut, $QUICK_TESTS: the
+#                      CUDA graph tests of sampling and every attention kernel in half precision; then the
+#                      kernel, fast-path and upstream-parity test files, in that order), split as the shell splits words, quotes
 #                      included: TEST_ARGS="tests/test_kernels.py -k 'layernorm and 72'"
 #   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
 #   TEST_SHARDS        pytest processes run side by side, each on its share of the tests (conftest.py's
@@ -28,10 +28,11 @@ set -uo pipefail
 SESSION_S=${SESSION_S:-570}
 BENCH_ARGS=${BENCH_ARGS:-all --device cuda --size full}
 BENCH_DEADLINE_S=${BENCH_DEADLINE_S:-340}
-CUDA_GRAPH_TESTS="tests/test_sample.py::test_cuda_graph_forwards_match_eager \
+QUICK_TESTS="tests/test_sample.py::test_cuda_graph_forwards_match_eager \
 tests/test_sample.py::test_cuda_graph_sde_sampling_matches_eager \
-tests/test_transport.py::test_fixed_step_samplers_capture_in_a_cuda_graph"
-TEST_ARGS=${TEST_ARGS:-$CUDA_GRAPH_TESTS tests/test_kernels.py tests/test_fast_path.py tests/test_upstream_parity.py}
+tests/test_transport.py::test_fixed_step_samplers_capture_in_a_cuda_graph \
+tests/test_models.py::test_every_attention_backend_in_half_precision_is_attention"
+TEST_ARGS=${TEST_ARGS:-$QUICK_TESTS tests/test_kernels.py tests/test_fast_path.py tests/test_upstream_parity.py}
 TEST_MIN_S=${TEST_MIN_S:-100}
 PYTHON=${PYTHON:-python3}
 
