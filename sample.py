@@ -392,7 +392,7 @@ class Setup:
             ckpt = local_path_on_main_first(lambda: pretrained_checkpoint_for(args), dist)
         # One model for every process: a node's own file at rank 0's path (another run's NNNNNNN.pt on its
         # local disk) would sample other images into the same folder, unseen by the folder's record.
-        check_same_file(ckpt, f"--ckpt {args.ckpt or ckpt}", dist)
+        check_same_file(ckpt, f"--ckpt {args.ckpt}" if args.ckpt else f"the release {os.path.basename(ckpt)}", dist)
         loaded = None
         if args.ckpt is not None:
             # read once, here: what is wrong with the file comes before anything about the VAE
@@ -571,17 +571,9 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
 
 def checkpoint_digest(path: str) -> str:
     """A short digest of what a checkpoint holds, so that a folder's record tells apart two files
-    written to one path (a run retrained into the same results folder): from its zip entries' CRC-32s
-    (torch.save's format; read from the archive's index, no weights read), else from all its bytes."""
-    fingerprint = file_fingerprint(path)
-    digest = hashlib.sha256()
-    if isinstance(fingerprint, tuple):
-        digest.update(repr(fingerprint).encode())
-    else:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 24), b""):
-                digest.update(block)
-    return digest.hexdigest()[:16]
+    written to one path (a run retrained into the same results folder): of its file_fingerprint (a
+    zip archive's entries' CRC-32s, read from its index; else blocks sampled over the file)."""
+    return hashlib.sha256(repr(file_fingerprint(path)).encode()).hexdigest()[:16]
 
 
 def run_folder_name(args: argparse.Namespace, model: str) -> str:

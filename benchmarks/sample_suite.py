@@ -52,24 +52,24 @@ def plan(batches, variants: list[Variant]) -> list[tuple[int, Variant]]:
     return [(B, v) for B in order for v in goals] + [(B, v) for B in order for v in variants if v not in goals]
 
 
-# A measurement is expected to cost this much times the longest one of its kind of compilation so far
-# in this run (once there is one), rather than the fixed guess of expected_cost_s: another variant's
-# compilation of the same kind may take longer than the first.
+# A variant's measurement is expected to cost this much times its longest one so far in this run (at
+# another batch; once there is one), rather than the fixed guess of expected_cost_s: its compilation
+# at another batch may take longer. Another variant's time says nothing of its own (another graph).
 OBSERVED_MARGIN = 1.5
 
 
 def run(ctx: RunContext) -> None:
     """The measurements in plan()'s order. Each (variant, batch) builds its model afresh and compiles
-    (dynamic=False) or captures anew. Whether one fits the time box is judged by what the measurements
-    of its kind of compilation took so far (OBSERVED_MARGIN), else by expected_cost_s."""
+    (dynamic=False) or captures anew. Whether one fits the time box is judged by what the variant's
+    measurements took so far (OBSERVED_MARGIN), else by expected_cost_s."""
     from sit_fast.transport import Sampler, create_transport
 
     set_tf32(ctx.device, True)
     transport = create_transport("Linear", "velocity")
     sampler = Sampler(transport)
-    took: dict[str | None, float] = {}  # compilation kind -> the longest measurement of that kind so far
+    took: dict[str, float] = {}  # variant name -> its longest successful measurement so far
     for B, variant in plan(ctx.size.sample_batches, ctx.measurement_order()):
-        needed = (OBSERVED_MARGIN * took[variant.compile] if variant.compile in took
+        needed = (OBSERVED_MARGIN * took[variant.name] if variant.name in took
                   else expected_cost_s(ctx.size, variant))
         if not ctx.budget.allows(needed):
             for name, *_ in SAMPLERS:
@@ -83,7 +83,7 @@ def run(ctx: RunContext) -> None:
         finally:
             free_memory(ctx.device)
         if any(r["status"] == "ok" for r in ctx.results.records[first_record:]):  # a failure tells no cost
-            took[variant.compile] = max(took.get(variant.compile, 0.0), before - ctx.budget.remaining())
+            took[variant.name] = max(took.get(variant.name, 0.0), before - ctx.budget.remaining())
 
 
 def build_forwards(models: ModelFactory, variant: Variant):

@@ -11,6 +11,7 @@ last batch, the others wait there, where NCCL's default timeout (10 minutes) wou
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
@@ -58,13 +59,15 @@ def init_distributed() -> DistInfo:
             torch.cuda.set_device(device)
         return DistInfo(rank=0, world_size=1, local_rank=0, device=device, is_main=True)
 
+    given_local_rank = local_rank is not None
     local_rank = rank if local_rank is None else local_rank
     if use_cuda:
         count = torch.cuda.device_count()
         # One GPU seen: a launcher that gives each process its own (CUDA_VISIBLE_DEVICES); several, and
-        # this local rank past them: more processes on the node than GPUs, which NCCL refuses with a
-        # traceback on every rank (two processes on one device).
-        if count > 1 and local_rank >= count:
+        # a LOCAL_RANK past them: more processes on the node than GPUs, which NCCL refuses with a
+        # traceback on every rank (two processes on one device). Without LOCAL_RANK, the global rank
+        # modulo the GPUs seen stands in for it (nodes alike).
+        if given_local_rank and count > 1 and local_rank >= count:
             raise UserError(f"LOCAL_RANK {local_rank} on a node whose processes see {count} GPUs: start at most "
                             f"{count} processes per node (torchrun --nproc_per_node={count})")
         device = torch.device("cuda", local_rank % count)
@@ -317,15 +320,25 @@ def unshared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) 
             f"(a folder of that name on each node's own disk?)")
 
 
+SAMPLED_BLOCKS = 32  # of 64 KiB, spread over a file that is no zip archive, for its fingerprint
+
+
 def file_fingerprint(path: str):
     """What a file holds, cheaply: a zip archive's (torch.save's format) entries with their CRC-32s,
-    read from its index; else its size; None if it cannot be read."""
+    read from its index; else its size and a digest of SAMPLED_BLOCKS blocks spread over it (two
+    .safetensors of one model at other steps differ in all of them); None if it cannot be read."""
     try:
         with zipfile.ZipFile(path) as archive:
             return tuple((i.filename, i.CRC, i.file_size) for i in archive.infolist())
     except (OSError, zipfile.BadZipFile):
         try:
-            return os.path.getsize(path)
+            size = os.path.getsize(path)
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for k in range(SAMPLED_BLOCKS):
+                    f.seek(size * k // SAMPLED_BLOCKS)
+                    digest.update(f.read(1 << 16))
+            return size, digest.hexdigest()
         except OSError:
             return None
 

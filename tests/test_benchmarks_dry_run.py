@@ -525,8 +525,9 @@ def test_sampling_measures_the_goals_pairs_first_and_a_time_box_cuts_whole_compa
 
 
 def test_sampling_judges_what_fits_by_the_compilations_it_timed(tmp_path, monkeypatch):
-    """The compiled measurements' cost is guessed (100 s here) until one has been timed: compilations
-    of 30 s let both batches' goal pairs into a box of 150 s, where the guess left out batch 8's."""
+    """A compiled variant's cost is guessed (100 s here) until it has been timed at another batch:
+    compilations of 30 s let both batches' goal pairs into a box of 150 s, where the guess left out
+    batch 8's."""
     from benchmarks import common, sample_suite
 
     calls = []
@@ -545,6 +546,29 @@ def test_sampling_judges_what_fits_by_the_compilations_it_timed(tmp_path, monkey
     sample_suite.run(ctx)
     assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("ours", 8),
                      ("reference+bf16+sdpa+compile", 8)], calls
+
+
+def test_sampling_time_box_learns_nothing_from_a_failed_measurement(tmp_path, monkeypatch):
+    """A measurement that failed after 20 s says nothing of what a whole one costs: the next batch is
+    judged by the guess (50 s, more than the 40 s left), not by 1.5 x 20 s."""
+    from benchmarks import common, sample_suite
+
+    calls = []
+    monkeypatch.setattr(sample_suite, "expected_cost_s", lambda size, variant: 50.0)
+
+    def measure(ctx, variant, transport, sampler, batch):
+        calls.append((variant.name, batch))
+        ctx.budget.seconds -= 20.0
+        ctx.emit(ctx.record("sample", "ode_euler_50_cfg4", variant.name, status="error", batch_size=batch))
+
+    monkeypatch.setattr(sample_suite, "measure", measure)
+    ctx = _context(tmp_path, sample_batches=(8, 256))
+    ctx.variants = (common.VARIANTS_BY_NAME["ours"],)
+    ctx.budget = common.Budget(60.0)
+    sample_suite.run(ctx)
+    assert calls == [("ours", 256)], calls
+    assert [(r["variant"], r["batch_size"]) for r in ctx.results.records if r["status"] == "skipped"] == \
+        [("ours", 8)] * len(sample_suite.SAMPLERS)
 
 
 def SiT_S4():

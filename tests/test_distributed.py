@@ -236,3 +236,32 @@ def test_more_processes_on_a_node_than_its_gpus_is_one_line(monkeypatch):
     with pytest.raises(UserError, match=r"^LOCAL_RANK 5 on a node whose processes see 4 GPUs: start at most 4 "
                                         r"processes per node \(torchrun --nproc_per_node=4\)$"):
         init_distributed()
+    # A launcher that sets no LOCAL_RANK: rank 5 of a second 4-GPU node is that node's GPU 1
+    monkeypatch.delenv("LOCAL_RANK")
+    chosen = []
+
+    class Chosen(Exception):  # stops before the NCCL group this machine cannot make
+        pass
+
+    def set_device(device):
+        chosen.append(device)
+        raise Chosen
+
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    with pytest.raises(Chosen):
+        init_distributed()
+    assert chosen == [torch.device("cuda", 1)]
+
+
+def test_fingerprints_tell_apart_files_of_one_size_that_are_no_zip_archives(tmp_path):
+    """Two .safetensors of one model at other steps have one size: the fingerprint of a file that is
+    no zip archive was its size, so a node's stale copy passed for rank 0's."""
+    from safetensors.torch import save_file
+
+    from sit_fast.distributed import file_fingerprint
+
+    for name, value in (("a", 0.0), ("b", 1.0), ("c", 0.0)):
+        save_file({"w": torch.full((300_000,), value)}, str(tmp_path / f"{name}.safetensors"))
+    a, b, c = (file_fingerprint(str(tmp_path / f"{n}.safetensors")) for n in "abc")
+    assert a[0] == b[0] and a != b and a == c
+    assert file_fingerprint(str(tmp_path / "missing")) is None
