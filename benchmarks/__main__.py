@@ -43,7 +43,7 @@ def suite_list(text: str) -> list[str]:
         return list(SUITES)
     names = text.split(",")
     unknown = [n for n in names if n not in SUITES]
-    if unknown or not names:
+    if unknown:
         raise argparse.ArgumentTypeError(f"{text!r}: choose all or from {', '.join(SUITES)}, joined by commas")
     return [s for s in SUITES if s in names]
 

@@ -645,7 +645,6 @@ class Results:
         self.out_dir = out_dir
         self.environment = environment
         self.command = command
-        self.command_now = command
         self.ceilings: dict | None = None
         self.records: list[dict] = []
         self.suites_run: list[str] = []
@@ -677,8 +676,8 @@ class Results:
         again = [s for s in suites if s in document["suites_run"]]
         if again:
             return f"{path} has the {', '.join(again)} suite's records already: continue with the suites left"
+        self.continued_by = document.get("continued_by", []) + [self.command]
         self.command = document["command"]
-        self.continued_by = document.get("continued_by", []) + [self.command_now]
         self.ceilings = document["ceilings"]
         self.records = document["records"]
         self.suites_run = document["suites_run"]

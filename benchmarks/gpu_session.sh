@@ -12,8 +12,8 @@
 #   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (340)
 #   TEST_ARGS          pytest's arguments (quick ones that a timeout must not cut, $QUICK_TESTS: the
 #                      CUDA graph tests of sampling and every attention kernel in half precision; then the
-#                      kernel, fast-path and upstream-parity test files, in that order), split as the shell splits words, quotes
-#                      included: TEST_ARGS="tests/test_kernels.py -k 'layernorm and 72'"
+#                      kernel, fast-path and upstream-parity test files, in that order), split as the shell
+#                      splits words, quotes included: TEST_ARGS="tests/test_kernels.py -k 'layernorm and 72'"
 #   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
 #   TEST_SHARDS        pytest processes run side by side, each on its share of the tests (conftest.py's
 #                      SIT_FAST_TEST_SHARD; half the cores, at most 8; 1 runs them in one process). Not
@@ -69,7 +69,8 @@ while true; do
     deadline_left=$((deadline_whole - elapsed))
     bench_left=$((bench_timeout - elapsed))
     if [ "$deadline_left" -le 0 ] || [ "$bench_left" -le 0 ]; then
-        echo "gpu_session: the CUDA context was lost and no time is left for the suites left ($left)" | tee -a "$OUT/log"
+        echo "gpu_session: the CUDA context was lost and no time is left for the suites left ($left)" \
+            | tee -a "$OUT/log"
         break
     fi
     # shellcheck disable=SC2086

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import re
+import socket
 import tempfile
 
 from sit_fast.errors import UserError
@@ -174,8 +176,6 @@ class FolderLock:
             import fcntl
         except ImportError:  # not a POSIX system: no lock
             return
-        import socket
-
         path = os.path.join(self.folder, self.NAME)
         try:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -191,8 +191,6 @@ class FolderLock:
             if busy:
                 raise UserError(f"another job is writing into {self.folder} now ({holder or 'it holds ' + path}): "
                                 f"wait for it to end, or pass another {self.flag}") from None
-            import logging
-
             logging.getLogger("sit_fast").warning(
                 f"cannot lock {path} ({err.strerror or err}): a second job started on {self.folder} while this one "
                 f"runs would not be noticed")

@@ -173,7 +173,7 @@ def main(argv=None) -> None:
     job = "--likelihood" if frozen else "training"
     fixed_label = ("the weights as sample.py holds them (matmul weights in bf16 under bf16; the adaLN weights' "
                    "concatenation)" if frozen else "train state") + " + the bytes saved for backward whatever the " \
-        "batch (bf16 weight casts)"
+        "batch (the adaLN weights' concatenation in fp32, the weights' casts under bf16)"
     print(f"\nPer-GPU {job} batch bounds, {args.image_size}px, (GPU - fixed - {args.headroom_gib:g} GiB) / activations "
           f"per image, fixed = {fixed_label}; fp32+sdpa / bf16+sdpa / fast bf16:\n")
     print("| model | fixed | " + " | ".join(f"{g:g} GiB" for g in args.gpu_gib) + " |")

@@ -177,9 +177,9 @@ def load_vae(spec: str, device: torch.device | str, dtype: torch.dtype = torch.f
     # (another kind of autoencoder's folder, a decoder left out): such a VAE would encode and decode noise.
     unfilled = [*info.get("missing_keys", []), *(entry[0] for entry in info.get("mismatched_keys", []))]
     if unfilled:
-        raise VAEError(f"cannot load the VAE: {source} does not hold an AutoencoderKL's weights ({len(unfilled)} of its "
-                       f"tensors missing or of other shapes, e.g. {unfilled[0]}: another kind of autoencoder, or a "
-                       f"copy cut short?); {ways_out}")
+        raise VAEError(f"cannot load the VAE: {source} does not hold an AutoencoderKL's weights ({len(unfilled)} "
+                       f"of its tensors missing or of other shapes, e.g. {unfilled[0]}: another kind of autoencoder, "
+                       f"or a copy cut short?); {ways_out}")
     vae = vae.to(torch.device(device)).eval().requires_grad_(False)
     return LatentCodec(vae, device, dtype=dtype)
 

@@ -1358,7 +1358,8 @@ def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     for name, argv in runs.items():
         npz = sample_ddp(*argv)
         assert npz == str(tmp_path / f"{name}.npz")
-        assert sorted(os.listdir(tmp_path / name)) == [".lock", "000000.png", "000001.png", "000002.png", "settings.json"]
+        assert sorted(os.listdir(tmp_path / name)) == [".lock", "000000.png", "000001.png", "000002.png",
+                                                       "settings.json"]
         with np.load(npz) as archive:
             assert archive["arr_0"].shape == (3, 8, 8, 3)
     assert sample.run_folder_name(argparse.Namespace(  # the checkpoint's name without .pt, .pth or .safetensors
