@@ -34,7 +34,8 @@ Likelihood (SiT sec. 3, from the probability-flow ODE): the data x is carried to
 and log p(x) = log N(z; 0, I) - int div v dt (Hutchinson's estimate; --exact-divergence for small
 data). bpd = -log p(x) / (D ln 2), D the number of dimensions of the model's space:
   - images with a VAE: the density of the scaled latents the model sees (the posterior means
-    times the VAE's scaling factor s; the unscaled latents' bpd is this minus log2(s));
+    times the VAE's scaling factor s; the unscaled latents' bpd is this minus log2(s), or minus
+    the mean over channels of log2(s / latents_std) for a VAE with per-channel statistics);
   - images without a VAE (pixel space): 8-bit data y in {0..255}^D is dequantised uniformly,
     x = (y + u) / 128 - 1 with u ~ U[0, 1)^D, and bpd = -log p(x) / (D ln 2) + 7 is the discrete
     8-bit bound (log2 of the 1/128 Jacobian is -7);

@@ -2,7 +2,8 @@
 
 diffusers is imported here only, and only when a VAE is actually loaded. Latents follow the upstream
 convention: encode multiplies by the VAE's scaling factor (0.18215 for the SD VAEs), decode divides
-by it. `encode` returns the posterior's mean and standard deviation so that callers (the latent
+by it; a VAE whose config has a shift_factor (SD3's) or per-channel latents_mean and latents_std
+(SDXL-derived ones) is normalised by those too, as diffusers' pipelines do. `encode` returns the posterior's mean and standard deviation so that callers (the latent
 cache, train.py) can store the posterior once and draw a fresh sample each time it is used.
 """
 from __future__ import annotations
@@ -49,7 +50,9 @@ class LatentCodec:
     """Images in [-1, 1] <-> scaled latents, through a frozen AutoencoderKL.
 
     Attributes:
-        scaling_factor: latents = scaling_factor * (posterior - shift_factor), from the VAE config.
+        scaling_factor: latents = scaling_factor * (posterior - shift_factor), from the VAE config;
+            with latents_mean and latents_std in the config, per channel
+            latents = scaling_factor * (posterior - latents_mean) / latents_std.
         shift_factor: 0 for the SD VAEs.
         latent_channels: channels of a latent (4 for the SD VAEs).
         downsample: image size / latent size (8 for the SD VAEs).
@@ -67,6 +70,19 @@ class LatentCodec:
         self.shift_factor = float(getattr(config, "shift_factor", None) or 0.0)
         self.latent_channels = int(config.latent_channels)
         self.downsample = 2 ** (len(config.block_out_channels) - 1)
+        # latents = (posterior - offset) * scale, offset and scale per channel, shaped (1, C, 1, 1)
+        latents_mean, latents_std = getattr(config, "latents_mean", None), getattr(config, "latents_std", None)
+        channels = (1, self.latent_channels, 1, 1)
+        if latents_mean is not None and latents_std is not None:
+            if not len(latents_mean) == len(latents_std) == self.latent_channels:
+                raise VAEError(f"the VAE's config has latents_mean ({len(latents_mean)} values) and latents_std "
+                               f"({len(latents_std)}) for {self.latent_channels} latent channels: fix its config.json")
+            self.offset = torch.tensor(latents_mean, dtype=torch.float32).view(channels) + self.shift_factor
+            self.scale = self.scaling_factor / torch.tensor(latents_std, dtype=torch.float32).view(channels)
+        else:
+            self.offset = torch.full(channels, self.shift_factor)
+            self.scale = torch.full(channels, self.scaling_factor)
+        self.offset, self.scale = self.offset.to(self.device), self.scale.to(self.device)
 
     def _autocast(self):
         if self.dtype == torch.float32:
@@ -80,8 +96,8 @@ class LatentCodec:
         for chunk in images.split(self.batch_size):
             with self._autocast():
                 posterior = self.vae.encode(chunk.to(self.device)).latent_dist
-            means.append((posterior.mean.float() - self.shift_factor) * self.scaling_factor)
-            stds.append(posterior.std.float() * self.scaling_factor)
+            means.append((posterior.mean.float() - self.offset) * self.scale)
+            stds.append(posterior.std.float() * self.scale)
         return torch.cat(means), torch.cat(stds)
 
     @staticmethod
@@ -95,7 +111,7 @@ class LatentCodec:
         """(N, C, h, w) scaled latents -> (N, 3, h*d, w*d) images in [-1, 1], fp32."""
         images = []
         for chunk in latents.split(self.batch_size):
-            z = chunk.to(self.device).float() / self.scaling_factor + self.shift_factor
+            z = chunk.to(self.device).float() / self.scale + self.offset
             with self._autocast():
                 images.append(self.vae.decode(z).sample.float().clamp(-1, 1))
         return torch.cat(images)

@@ -45,6 +45,32 @@ def test_load_vae_shapes_and_scaling(tiny_vae_dir):
     torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-5)
 
 
+def test_latents_mean_and_std_normalise_per_channel(tmp_path):
+    """A VAE whose config has latents_mean/latents_std (SDXL-derived) is normalised per channel, as
+    diffusers' pipelines do: latents = (posterior - mean) * scaling_factor / std, and back."""
+    from diffusers.models import AutoencoderKL
+
+    save_tiny_vae(tmp_path)
+    means, stds = [0.5, -1.0, 0.25, 2.0], [1.5, 0.5, 2.0, 4.0]
+    vae = AutoencoderKL.from_pretrained(str(tmp_path))
+    vae.register_to_config(latents_mean=means, latents_std=stds, scaling_factor=0.5)
+    vae.save_pretrained(tmp_path)
+    codec = load_vae(str(tmp_path), "cpu")
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    mean, std = codec.encode(images)
+    posterior = codec.vae.encode(images).latent_dist
+    channel_mean, channel_std = torch.tensor(means).view(1, 4, 1, 1), torch.tensor(stds).view(1, 4, 1, 1)
+    torch.testing.assert_close(mean, (posterior.mean - channel_mean) * 0.5 / channel_std, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, posterior.std * 0.5 / channel_std, atol=1e-5, rtol=1e-5)
+    expected = codec.vae.decode(mean * channel_std / 0.5 + channel_mean).sample.clamp(-1, 1)
+    torch.testing.assert_close(codec.decode(mean), expected, atol=1e-5, rtol=1e-5)
+
+    vae.register_to_config(latents_mean=means[:3])
+    vae.save_pretrained(tmp_path)
+    with pytest.raises(VAEError, match=r"latents_mean \(3 values\) and latents_std \(4\) for 4 latent channels"):
+        load_vae(str(tmp_path), "cpu")
+
+
 def test_load_vae_none_and_errors(tmp_path):
     assert load_vae("none", "cpu") is None
     with pytest.raises(VAEError, match="--vae none") as info:
