@@ -268,6 +268,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
             raise UserError(f"--cfg-interval {low} {high}: LOW and HIGH are times in [0, 1] (t=0 noise, t=1 data)")
         if low > high:
             raise UserError(f"--cfg-interval {low} {high}: LOW must not exceed HIGH")
+    if args.mode == "SDE" and args.last_step is not None and args.last_step_size == 0:
+        raise UserError(f"--last-step {args.last_step} takes a step of --last-step-size in (0, 1) to t = 1, got 0: "
+                        f"pass a size (default 0.04), or --last-step None")
     least_steps = 2 if args.mode == "SDE" else 1
     if args.num_sampling_steps < least_steps:
         raise UserError(f"--num-sampling-steps must be at least {least_steps}"

@@ -142,9 +142,9 @@ def end_margin(value: str) -> float:
     return number
 
 
-def open_fraction(value: str) -> float:
-    """A number in (0, 1)."""
+def fraction_below_one(value: str) -> float:
+    """A number in [0, 1)."""
     number = real(value)
-    if not 0 < number < 1:
-        raise argparse.ArgumentTypeError(f"must lie in (0, 1), got {value}")
+    if not 0 <= number < 1:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return number

@@ -291,6 +291,27 @@ def test_misuse_is_a_one_line_error(files, tmp_path, capsys, argv, needle):
     assert err.startswith("error:") and needle in err, err
 
 
+@pytest.mark.parametrize("argv,error", [
+    (["ODE", "--atol", 0, "--rtol", 0], "error: atol and rtol are both 0: dopri5 could not meet them"),
+    (["SDE", "--last-step", "Tweedie", "--last-step-size", 0],
+     "error: --last-step Tweedie takes a step of --last-step-size in (0, 1) to t = 1, got 0"),
+    (["ODE", "--atol", 0], None),  # relative error alone, as torchdiffeq takes it (so upstream did)
+    (["ODE", "--sampling-method", "euler", "--atol", 0, "--rtol", 0], None),  # fixed steps use no tolerance
+    (["SDE", "--last-step", "None", "--last-step-size", 0], None),  # no last step: its size unused
+])
+def test_zero_tolerances_and_last_step_sizes(files, tmp_path, capsys, argv, error):
+    """What upstream took, taken: one tolerance 0, a last-step size 0 without a last step; what no
+    sampler can use, refused in one line."""
+    argv = [*argv, "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "g.png", *FAST]
+    if error is None:
+        run(argv)
+        assert (tmp_path / "g.png").exists()
+        return
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert one_line_error(capsys).startswith(error)
+
+
 def test_sde_step_count_error_names_the_flag(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 1,
@@ -549,9 +570,9 @@ def test_the_sampler_comes_first_in_either_case(capsys):
 
 
 @pytest.mark.parametrize("argv,needle", [
-    (["ODE", "--atol", "-1"], "argument --atol: must be a positive number, got -1"),
-    (["ODE", "--rtol", "0"], "argument --rtol: must be a positive number, got 0"),
-    (["SDE", "--last-step-size", "1"], "argument --last-step-size: must lie in (0, 1), got 1"),
+    (["ODE", "--atol", "-1"], "argument --atol: must be 0 or a positive number, got -1"),
+    (["ODE", "--rtol", "-0.1"], "argument --rtol: must be 0 or a positive number, got -0.1"),
+    (["SDE", "--last-step-size", "1"], "argument --last-step-size: must be in [0, 1), got 1"),
     (["SDE", "--diffusion-norm", "-0.5"], "argument --diffusion-norm: must be 0 or a positive number"),
     (["ODE", "--per-proc-batch-size", "0"], "argument --batch-size/--per-proc-batch-size: must be a positive integer"),
     (["ODE", "--num-fid-samples", "0"], "argument --num-fid-samples: must be a positive integer, got 0"),

@@ -297,10 +297,10 @@ def test_eps_outside_half_the_interval_is_refused(kwargs, needle):
 @pytest.mark.parametrize("add,argv,needle", [
     (add_transport_args, ["--sample-eps", "-1"], "argument --sample-eps: must be in [0, 0.5), got -1"),
     (add_transport_args, ["--train-eps", "0.5"], "argument --train-eps: must be in [0, 0.5), got 0.5"),
-    (add_ode_args, ["--atol", "0"], "argument --atol: must be a positive number, got 0"),
-    (add_ode_args, ["--rtol", "nan"], "argument --rtol: must be a positive number, got nan"),
+    (add_ode_args, ["--atol", "-0.5"], "argument --atol: must be 0 or a positive number, got -0.5"),
+    (add_ode_args, ["--rtol", "nan"], "argument --rtol: must be 0 or a positive number, got nan"),
     (add_sde_args, ["--diffusion-norm", "-1"], "argument --diffusion-norm: must be 0 or a positive number, got -1"),
-    (add_sde_args, ["--last-step-size", "0"], "argument --last-step-size: must lie in (0, 1), got 0"),
+    (add_sde_args, ["--last-step-size", "-0.04"], "argument --last-step-size: must be in [0, 1), got -0.04"),
 ])
 def test_argparse_helpers_refuse_values_out_of_range(add, argv, needle, capsys):
     parser = argparse.ArgumentParser()
@@ -908,6 +908,18 @@ def test_unknown_names_raise_value_error_listing_choices(build, listed):
         build()
     message = str(info.value)
     assert "\n" not in message and "valid choices" in message and listed in message, message
+
+
+def test_tolerances_an_ode_solver_cannot_meet_are_refused():
+    sampler = Sampler(create_transport())
+    for build in (sampler.sample_ode, sampler.sample_ode_likelihood):
+        with pytest.raises(ValueError, match="atol and rtol are both 0"):
+            build(atol=0, rtol=0)
+        with pytest.raises(ValueError, match="must be 0 or more"):
+            build(atol=1e-6, rtol=-1e-3)
+        build(atol=0, rtol=1e-3)
+        build(atol=1e-6, rtol=0)
+    sampler.sample_ode(sampling_method="euler", atol=0, rtol=0)  # fixed steps: no tolerance to meet
 
 
 def test_enums_and_factory_types():

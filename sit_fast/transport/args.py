@@ -5,7 +5,7 @@ of them, as upstream's sample.py does per mode.
 """
 import argparse
 
-from sit_fast.argtypes import end_margin, nonnegative_float, open_fraction, positive_float
+from sit_fast.argtypes import end_margin, fraction_below_one, nonnegative_float
 from sit_fast.transport.integrators import ODE_METHODS, SDE_METHODS
 from sit_fast.transport.path import DIFFUSION_FORMS
 
@@ -37,9 +37,10 @@ def add_ode_args(parser: argparse.ArgumentParser):
     group = parser.add_argument_group("ODE arguments")
     group.add_argument("--sampling-method", type=str, default="dopri5", choices=list(ODE_METHODS),
                        help="ODE solver: our fixed-step euler / heun or a torchdiffeq method")
-    group.add_argument("--atol", type=positive_float, default=1e-6,
-                       help="absolute tolerance of adaptive solvers (and of implicit_adams' corrector)")
-    group.add_argument("--rtol", type=positive_float, default=1e-3,
+    group.add_argument("--atol", type=nonnegative_float, default=1e-6,
+                       help="absolute tolerance of adaptive solvers (and of implicit_adams' corrector); "
+                            "0 with a positive --rtol: relative error only")
+    group.add_argument("--rtol", type=nonnegative_float, default=1e-3,
                        help="relative tolerance of adaptive solvers (and of implicit_adams' corrector)")
     group.add_argument("--reverse", action="store_true", help="integrate from data to noise")
     group.add_argument("--likelihood", action="store_true", help="compute the log-likelihood of the data")
@@ -57,5 +58,6 @@ def add_sde_args(parser: argparse.ArgumentParser):
     group.add_argument("--diffusion-norm", type=nonnegative_float, default=1.0, help="magnitude of the diffusion coefficient")
     group.add_argument("--last-step", type=none_or_str, default="Mean", choices=[None, "Mean", "Tweedie", "Euler"],
                        help="form of the last, noise-free step taken to t=1 (None: no last step)")
-    group.add_argument("--last-step-size", type=open_fraction, default=0.04, help="size of the last step")
+    group.add_argument("--last-step-size", type=fraction_below_one, default=0.04,
+                       help="size of the last step (in (0, 1); with --last-step None it is not used)")
     return group

@@ -45,6 +45,18 @@ def ode_method_uses_tolerances(method: str) -> bool:
     return solver is not None and issubclass(solver, AdamsBashforthMoulton) and not issubclass(solver, AdamsBashforth)
 
 
+def check_tolerances(method: str, atol: float, rtol: float) -> None:
+    """ValueError for tolerances a method that uses them cannot meet: a negative one, or both 0 (each
+    error would have to be 0; torchdiffeq takes one 0 with the other positive)."""
+    if not ode_method_uses_tolerances(method):
+        return
+    if not (atol >= 0 and rtol >= 0):
+        raise ValueError(f"atol and rtol must be 0 or more, got atol {atol}, rtol {rtol}")
+    if atol == rtol == 0:
+        raise ValueError(f"atol and rtol are both 0: {method} could not meet them; give at least one a "
+                         f"positive value (the defaults are atol 1e-6, rtol 1e-3)")
+
+
 def _first(x):
     return x[0] if isinstance(x, tuple) else x
 

@@ -13,6 +13,7 @@ from sit_fast.transport import path
 from sit_fast.transport.integrators import (
     ODE_METHODS,
     SDE_METHODS,
+    check_tolerances,
     integrate_ode,
     sde_euler_maruyama,
     sde_heun,
@@ -313,6 +314,7 @@ class Sampler:
         trajectory: False returns [x_final]; True returns the num_steps + 1 states on an even grid.
         """
         check_choice("sampling_method", sampling_method, ODE_METHODS)
+        check_tolerances(sampling_method, atol, rtol)
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=False,
             last_step_size=0.0)
@@ -341,6 +343,7 @@ class Sampler:
         backward pass per data dimension (for small data only). Arguments as for sample_ode.
         """
         check_choice("sampling_method", sampling_method, ODE_METHODS)
+        check_tolerances(sampling_method, atol, rtol)
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=False,
             last_step_size=0.0)
