@@ -99,7 +99,7 @@ def count_traffic(model: torch.nn.Module, batch: int, train: bool, autocast_dtyp
     was_training, was_reusing = model.training, model.reuse_frozen_modulation
     model.train(train)
     # A sampling call reuses the frozen adaLN weights' concatenation, as sit_fast.sampling.ModelForwards
-    # sets it up; a training step concatenates them anew.
+    # sets it up; a training step runs each adaLN layer's own GEMM.
     model.reuse_frozen_modulation = not train
     try:
         with fake, shapes_only(), counter, warnings.catch_warnings():

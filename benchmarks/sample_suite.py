@@ -88,17 +88,14 @@ def run(ctx: RunContext) -> None:
 
 def build_forwards(models: ModelFactory, variant: Variant):
     """sample.py's model and guided denoiser for this variant: (model, Denoiser)."""
-    from sit_fast.sampling import CUDAGraphForward, Denoiser, ModelForwards
+    from sit_fast.sampling import Denoiser, ModelForwards
 
     model = models.build(variant, compile=variant.compile == "blocks").eval().requires_grad_(False)
+    # the compile backend follows --compile-backend (the CPU dry run traces without codegen)
     forwards = ModelForwards(model, cfg_scale=CFG_SCALE, autocast_dtype=variant.autocast_dtype,
-                             cast_weights=variant.cast_weights)
-    # ModelForwards(compile=True) / (cuda_graphs=True) wrap the guided forward in this order; done here
-    # so that the compile backend follows --compile-backend (the CPU dry run traces without codegen).
-    if variant.compile == "model":
-        forwards.guided = torch.compile(forwards.guided, backend=models.compile_backend, dynamic=False)
-    if variant.cuda_graphs and models.device.type == "cuda":
-        forwards.guided = CUDAGraphForward(forwards.guided)
+                             cast_weights=variant.cast_weights, compile=variant.compile == "model",
+                             compile_backend=models.compile_backend,
+                             cuda_graphs=variant.cuda_graphs and models.device.type == "cuda")
     return model, Denoiser(forwards, cfg_scale=CFG_SCALE)
 
 

@@ -3,8 +3,7 @@
 Counted, not estimated from a formula: every tensor autograd saves during a forward pass goes through
 `torch.autograd.graph.saved_tensors_hooks`; each distinct storage is counted once at its full size.
 The per-image figure is marginal in the batch size, (S(b2) - S(b1)) / (b2 - b1), so whatever does not
-grow with the batch (the bf16 casts of the weights under autocast, the modulation weights'
-concatenation) drops out of it; what is left at batch 0, S(b1) - b1 x that, is reported beside it,
+grow with the batch (the bf16 casts of the weights under autocast) drops out of it; what is left at batch 0, S(b1) - b1 x that, is reported beside it,
 since it is held as long as the activations are. Parameters themselves are not counted. The forward
 runs on fake tensors (shapes, dtypes and storages, no data: nothing is allocated, so these are counts,
 not measurements of a GPU's memory), so even SiT-XL/2 takes about a second on a CPU; fused kernels
@@ -173,7 +172,7 @@ def main(argv=None) -> None:
     job = "--likelihood" if frozen else "training"
     fixed_label = ("the weights as sample.py holds them (matmul weights in bf16 under bf16; the adaLN weights' "
                    "concatenation)" if frozen else "train state") + " + the bytes saved for backward whatever the " \
-        "batch (the adaLN weights' concatenation in fp32, the weights' casts under bf16)"
+        "batch (the weights' casts under bf16)"
     print(f"\nPer-GPU {job} batch bounds, {args.image_size}px, (GPU - fixed - {args.headroom_gib:g} GiB) / activations "
           f"per image, fixed = {fixed_label}; fp32+sdpa / bf16+sdpa / fast bf16:\n")
     print("| model | fixed | " + " | ".join(f"{g:g} GiB" for g in args.gpu_gib) + " |")

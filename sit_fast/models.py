@@ -22,7 +22,7 @@ import functools
 import math
 import numbers
 import types
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -499,16 +499,47 @@ class SiT(nn.Module):
         x = torch.einsum("nhwpqc->nchpwq", x)
         return x.reshape(x.shape[0], c, h * p, w * p)
 
-    def modulation(self, c: torch.Tensor) -> torch.Tensor:
+    def modulation(self, c: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """All adaLN vectors of all blocks and the final layer in one GEMM.
 
         Returns (N, depth * 6 + 2, D): per block shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp,
         gate_mlp, then the final layer's shift, scale. Same maths as each block's adaLN_modulation(c);
-        the weights stay stored per block.
+        the weights stay stored per block. weights: their concatenation (weight, bias) as
+        _modulation_weights returns it, made by the caller (ModelForwards' compiled forwards take
+        it as an input); None makes or reuses it here.
         """
-        weight, bias = self._modulation_weights()  # ((6 * depth + 2) * D, D), ((6 * depth + 2) * D,)
+        weight, bias = weights if weights is not None else self._modulation_weights()
+        # weight ((6 * depth + 2) * D, D), bias ((6 * depth + 2) * D,)
         mods = F.linear(F.silu(c), weight, bias)  # (N, (6 * depth + 2) * D)
         return mods.view(c.shape[0], 6 * len(self.blocks) + 2, self.hidden_size)  # N = 0 too
+
+    def modulation_layers(self, c: torch.Tensor, weights: tuple[torch.Tensor, torch.Tensor] | None = None
+                          ) -> Iterator[tuple[torch.Tensor, ...]]:
+        """Each adaLN layer's vectors in turn, as a tuple of (N, D) views: 6 per block, then the final
+        layer's 2, in the order of `modulation`.
+
+        While training (gradients enabled for some adaLN parameter) each layer's GEMM runs when its
+        vectors are taken, just before the block that first uses them: the backward then reaches it
+        as soon as it has passed that block (autograd runs the most recently made of the ready
+        steps first), so DDP all-reduces a block's adaLN gradients while the backward goes on (behind
+        one GEMM at the start of the forward they would all wait for its end: a third of SiT-XL's
+        gradients), and no concatenated copy of the weights is made or kept for backward.
+        Otherwise, one GEMM over the concatenated weights, taken apart."""
+        linears = self.modulation_linears()
+        n, d = c.shape[0], self.hidden_size
+        if weights is None and torch.is_grad_enabled() and any(
+                p.requires_grad for linear in linears for p in (linear.weight, linear.bias)):
+            self._modulation_cache = None  # weights that train change: a frozen model's cache is dropped
+            hidden = F.silu(c)
+            for linear in linears:
+                yield F.linear(hidden, linear.weight, linear.bias).view(n, linear.out_features // d, d).unbind(1)
+            return
+        # (N, D) views, taken apart once: their gradients are stacked into one tensor, where an
+        # overlapping slice per block made a zero-filled one each, then summed them
+        vectors = self.modulation(c, weights).unbind(1)
+        for i in range(len(self.blocks)):
+            yield vectors[6 * i: 6 * i + 6]
+        yield vectors[-2:]
 
     def modulation_linears(self) -> list[nn.Linear]:
         """The adaLN modulation layers: each block's, in order, then the final layer's."""
@@ -517,11 +548,13 @@ class SiT(nn.Module):
     def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The concatenated adaLN weights and biases.
 
-        The concatenation is redone every call, unless the model is frozen (requires_grad False) and
+        Used wherever the adaLN weights take no gradients (see modulation_vectors). The concatenation
+        is redone every call, unless the model is frozen (requires_grad False) and
         reuse_frozen_modulation is set, as sit_fast.sampling.ModelForwards sets it: then it is kept
         and reused until a parameter changes (its version counter or storage moves), which saves
         copying a third of SiT-XL's weights on every eager sampling step (compile_blocks keeps this
-        part eager; inside a whole-model torch.compile the concatenation is redone). A write through
+        part eager; inside a whole-model torch.compile the concatenation is redone, so ModelForwards'
+        compiled forwards take it from here as an input). A write through
         `.data` (p.data.copy_(...), as some EMA helpers do) moves no version counter: with such
         writes, leave reuse_frozen_modulation off, or the model goes on with the old weights.
         """
@@ -561,26 +594,29 @@ class SiT(nn.Module):
         if y.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"y must hold integer class labels (int64), got {y.dtype}")
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
+                modulation_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (N, C, H, W) latents, t: (N,) times in [0, 1], y: (N,) labels -> (N, C, H, W).
 
         Labels go from 0 to num_classes - 1, and to num_classes, the null label, in a model that has
         one (class_dropout_prob > 0); their range is not checked (that would cost a host sync per
-        call): one outside it is an IndexError on the CPU, a device-side assert on CUDA."""
+        call): one outside it is an IndexError on the CPU, a device-side assert on CUDA.
+        modulation_weights: the adaLN weights' concatenation, for a frozen model (see modulation)."""
         self._check_inputs(x, t, y)
         x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         fused = _fused_on(self.fused_kernels, x.device, x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
-        mods = self.modulation(c)  # (N, 6 * depth + 2, D), the autocast dtype under autocast
-        ops = fused_ops(mods.dtype) if fused else REFERENCE_OPS
+        layers = self.modulation_layers(c, modulation_weights)  # the autocast dtype under autocast
+        vectors = next(layers)  # block 0's
+        ops = fused_ops(vectors[0].dtype) if fused else REFERENCE_OPS
 
         step = self._compiled_step or _block_step
-        # (N, D) views, taken apart once: their gradients are stacked into one mods-sized tensor, where
-        # an overlapping slice per block made a zero-filled one each, then summed them
-        vecs = mods.unbind(1)
-        h = ops["layernorm_modulate"](x, vecs[0], vecs[1])  # (N, T, D): input of block 0's attention
-        for i, block in enumerate(self.blocks):
-            block_mods = vecs[6 * i + 2: 6 * i + 8]  # this block's gates and MLP shift, scale + the next shift, scale
+        h = ops["layernorm_modulate"](x, vectors[0], vectors[1])  # (N, T, D): input of block 0's attention
+        for block in self.blocks:
+            following = next(layers)  # the next block's, or the final layer's
+            # this block's gates and MLP shift, scale + the next shift, scale
+            block_mods = (*vectors[2:6], *following[:2])
+            vectors = following
             if self.grad_checkpointing and self.training and torch.is_grad_enabled():
                 x, h = torch.utils.checkpoint.checkpoint(step, block, ops, x, h, block_mods, fused, use_reentrant=False)
             else:

@@ -325,6 +325,14 @@ class CUDAGraphForward:
         return graph, static_inputs, static_output
 
 
+def _given_modulation_weights(model: SiT, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+    """fn(*inputs, model's adaLN weights' concatenation), the concatenation made or reused eagerly."""
+    def call(*inputs: torch.Tensor) -> torch.Tensor:
+        return fn(*inputs, model._modulation_weights())
+
+    return call
+
+
 class ModelForwards:
     """The two forwards sampling needs, built once and reused for every batch.
 
@@ -334,14 +342,15 @@ class ModelForwards:
     Both return fp32. autocast_dtype (bf16) runs the model under autocast; cast_weights also stores
     the model's matmul weights in that dtype (SiT.cast_matmul_weights_: the same results, no cast
     of every weight on every call; the model is then for these forwards only); compile wraps each
-    forward in torch.compile; cuda_graphs replays each from a CUDA graph (CUDA only). The model's
+    forward in torch.compile (with compile_backend); cuda_graphs replays each from a CUDA graph
+    (CUDA only). The model's
     frozen adaLN weights are concatenated once and reused (SiT.reuse_frozen_modulation, which stays
     set on the model: weights written into it later through `.data` are not seen until it is unset).
     """
 
     def __init__(self, model: SiT, *, cfg_scale: float = 1.0, cfg_channels: int | str = 3,
                  autocast_dtype: torch.dtype | None = None, cast_weights: bool = False, compile: bool = False,
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, compile_backend: str = "inductor"):
         device = next(model.parameters()).device
         if cuda_graphs and device.type != "cuda":
             raise UserError("--cuda-graphs needs a CUDA device")
@@ -355,19 +364,22 @@ class ModelForwards:
         self.cfg_channels = cfg_channels
         self.null_label = model.num_classes
 
-        def conditional(x, t, y):
+        def conditional(x, t, y, modulation_weights=None):
             with autocast_context(device, autocast_dtype):
-                return model(x, t, y).float()  # (B, C, H, W)
+                return model(x, t, y, modulation_weights).float()  # (B, C, H, W)
 
-        def guided(x, t, y_pair):
+        def guided(x, t, y_pair, modulation_weights=None):
             with autocast_context(device, autocast_dtype):
-                out = model(torch.cat([x, x]), torch.cat([t, t]), y_pair).float()  # (2B, C, H, W)
-            cond, uncond = out.chunk(2)
+                out = model(torch.cat([x, x]), torch.cat([t, t]), y_pair, modulation_weights)  # (2B, C, H, W)
+            cond, uncond = out.float().chunk(2)
             return apply_guidance(cond, uncond, cfg_scale, cfg_channels)  # (B, C, H, W)
 
         if compile:
-            conditional = torch.compile(conditional, dynamic=False)
-            guided = torch.compile(guided, dynamic=False)
+            # Compiled code would concatenate the adaLN weights again on every call: the concatenation
+            # is taken (and kept) outside it, and passed in.
+            conditional, guided = (_given_modulation_weights(model, torch.compile(fn, backend=compile_backend,
+                                                                                  dynamic=False))
+                                   for fn in (conditional, guided))
         if cuda_graphs:
             conditional, guided = CUDAGraphForward(conditional), CUDAGraphForward(guided)
         self.conditional = conditional

@@ -213,28 +213,52 @@ def test_grad_checkpointing_gives_same_gradients():
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-6)
 
 
-def test_backward_makes_one_gradient_of_the_modulation_vectors():
-    """All blocks' adaLN vectors come from one (N, 6 * depth + 2, D) tensor: its gradient is one
-    stack of the vectors' gradients, not a zero-filled full-size tensor per block's slice, summed."""
+def test_backward_makes_one_gradient_per_modulation_gemm():
+    """Each adaLN layer's vectors come from one (N, k, D) tensor: its gradient is one stack of the
+    vectors' gradients, not a zero-filled full-size tensor per vector's slice, summed; and no
+    (N, 6 * depth + 2, D) tensor of all blocks' vectors is made while training."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    class FullSize(TorchDispatchMode):
-        def __init__(self, shape):
+    class Made(TorchDispatchMode):
+        def __init__(self, shapes):
             super().__init__()
-            self.shape, self.made = shape, []
+            self.shapes, self.made = shapes, []
 
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
-            if isinstance(out, torch.Tensor) and out.shape == self.shape and not func._schema.is_mutable:
-                self.made.append(func.__name__)
+            if isinstance(out, torch.Tensor) and out.shape in self.shapes and not func._schema.is_mutable \
+                    and "view" not in func.__name__:
+                self.made.append((tuple(out.shape[1:2]), func.__name__))
             return out
 
-    model = randomize_(tiny_sit(depth=4)).train()
+    depth = 4
+    model = randomize_(tiny_sit(depth=depth)).train()
     x, t, y = inputs(model)
-    loss = model(x, t, y).square().mean()
-    with FullSize(torch.Size([len(x), 6 * 4 + 2, model.hidden_size])) as full:
+    shapes = [torch.Size([len(x), k, model.hidden_size]) for k in (6, 2, 6 * depth + 2)]
+    flat = [torch.Size([len(x), k * model.hidden_size]) for k in (6, 2, 6 * depth + 2)]
+    with Made(flat) as forward:
+        loss = model(x, t, y).square().mean()
+    d = model.hidden_size
+    assert sorted(forward.made) == [((2 * d,), "addmm.default")] + [((6 * d,), "addmm.default")] * depth, forward.made
+    with Made(shapes) as backward:
         loss.backward()
-    assert sorted(name for name in full.made if "view" not in name) == ["stack.default"], full.made
+    assert sorted(backward.made) == [((2,), "stack.default")] + [((6,), "stack.default")] * depth, backward.made
+
+
+def test_a_blocks_adaln_gradients_are_whole_once_the_backward_has_passed_it():
+    """While training, the last block's adaLN weight gradient is accumulated before the first
+    block's attention weights get theirs: DDP can all-reduce it while the backward goes on."""
+    model = randomize_(tiny_sit(depth=4)).train()
+    order = []
+    named = {"first block's qkv": model.blocks[0].attn.qkv.weight,
+             "last block's adaLN": model.blocks[-1].adaLN_modulation[1].weight,
+             "first block's adaLN": model.blocks[0].adaLN_modulation[1].weight}
+    for name, param in named.items():
+        param.register_post_accumulate_grad_hook(lambda _, name=name: order.append(name))
+    x, t, y = inputs(model)
+    model(x, t, y).square().mean().backward()
+    assert order.index("last block's adaLN") < order.index("first block's qkv"), order
+    assert order.index("first block's qkv") < order.index("first block's adaLN"), order
 
 
 def _attention_cases():
@@ -477,6 +501,33 @@ def test_sampling_forwards_reuse_the_frozen_modulation_weights():
     assert not model.reuse_frozen_modulation
     ModelForwards(model, cfg_scale=4.0)
     assert model.reuse_frozen_modulation
+
+
+def test_compiled_sampling_forwards_take_the_kept_modulation_weights():
+    """ModelForwards(compile=True) concatenates the frozen adaLN weights outside the compiled code,
+    once, and passes them in: the graph holds no concatenation, and the results are the eager ones."""
+    from sit_fast.sampling import ModelForwards
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = randomize_(tiny_sit()).eval().requires_grad_(False)
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        expected = model(x, t, y)
+        forwards = ModelForwards(model, compile=True, compile_backend=backend)
+        out = forwards.conditional(x, t, y)
+        kept = model._modulation_cache
+        again = forwards.conditional(x, t, y)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    torch.testing.assert_close(again, expected, rtol=0, atol=0)
+    assert kept is not None and model._modulation_cache is kept
+    assert len(graphs) == 1
+    inputs_read = [node.name for node in graphs[0].graph.nodes if node.op == "placeholder"]
+    assert inputs_read and not [name for name in inputs_read if "adaln" in name.lower()], inputs_read
 
 
 def test_a_model_made_under_inference_mode_samples_with_its_modulation_reused():
