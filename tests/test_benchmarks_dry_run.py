@@ -639,9 +639,9 @@ def test_roofline_prints_small_figures_to_three_significant_figures(capsys):
             assert float(cell) == pytest.approx(r[key], rel=5e-3), (key, cell, r[key])
 
 
-def test_roofline_sampling_call_reuses_the_adaln_concatenation():
-    """A sampling call, as ModelForwards runs it, reuses the frozen model's concatenated adaLN weights:
-    the roofline counts no copy of them per call (a training step concatenates them every step)."""
+def test_roofline_copies_no_adaln_weights():
+    """A sampling call, as ModelForwards runs it, reuses the frozen model's concatenated adaLN weights,
+    and a training step runs each adaLN layer's own GEMM: the roofline counts no copy of them."""
     from benchmarks.roofline import roofline
 
     model = SiT_S4()
@@ -651,7 +651,7 @@ def test_roofline_sampling_call_reuses_the_adaln_concatenation():
     by = {(r["workload"], r["variant"]): r for r in rows}
     for variant in ("reference+bf16+sdpa", "ours"):
         assert by[("sample_call_cfg", variant)]["ops"].get("cat", 0) < 0.1 * concat_gb, by[("sample_call_cfg", variant)]
-        assert by[("train_step", variant)]["ops"]["cat"] > 0.9 * concat_gb
+        assert by[("train_step", variant)]["ops"].get("cat", 0) < 0.1 * concat_gb, by[("train_step", variant)]
 
 
 def test_roofline_counts_adamw_for_the_trainable_parameters_only():
