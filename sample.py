@@ -618,6 +618,8 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
     def prepare():
         if args.out is None:  # the .npz goes beside the folder of PNGs
             make_writable_folder(os.path.dirname(os.path.abspath(npz_path)), f"--sample-dir {args.sample_dir}")
+        if note := mixed_folders(sample_dir, args.run_folder):
+            logging.getLogger("sit_fast.sample").warning(note)
         check_settings(sample_dir, dict(settings, ckpt_digest=checkpoint_digest(setup.info["path"])), lock=lock)
         if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job"):
             logging.getLogger("sit_fast.sample").warning(leftovers)
@@ -680,6 +682,26 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         shape = build_npz(sample_dir, total, npz_path)  # the other ranks are done: no barrier to time out
         print(f"saved {npz_path} [arr_0: {'x'.join(map(str, shape))} uint8]")
     return npz_path
+
+
+def mixed_folders(sample_dir: str, run_folder: bool) -> str | None:
+    """A line when this FID job's images would lie among another's: a run folder inside a folder that
+    holds a job's images without one (its settings.json; sample.py's default), or images without a run
+    folder beside run folders (sample_ddp.py's default); both write to samples/ unless told."""
+    if run_folder:
+        parent = os.path.dirname(sample_dir) or "."
+        if os.path.isfile(os.path.join(parent, "settings.json")):
+            return (f"{parent} holds the images of another FID job (its settings.json); this job's folder "
+                    f"{sample_dir} and .npz go among them: another --sample-dir keeps the two apart")
+        return None
+    if not os.path.isdir(sample_dir):
+        return None
+    runs = sorted(entry.name for entry in os.scandir(sample_dir)
+                  if entry.is_dir() and os.path.isfile(os.path.join(entry.path, "settings.json")))
+    if runs:
+        return (f"{sample_dir} holds the run folders of other FID jobs ({runs[0]}/{', ...' if len(runs) > 1 else ''}); "
+                f"this job's images go beside them: another --sample-dir, or --run-folder, keeps them apart")
+    return None
 
 
 def job_data(setup: Setup):

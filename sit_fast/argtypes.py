@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import math
+import os
 
 from sit_fast.errors import UserError
 
@@ -60,6 +61,13 @@ class OneLineArgumentParser(argparse.ArgumentParser):
             hint = f"did you mean {meant}? " if meant else ""
             raise UserError(f"unrecognized arguments: {' '.join(extras)} ({hint}see {parser.prog} --help)")
         return namespace
+
+
+def default_workers(most: int = 4) -> int:
+    """Data-loader workers by default: `most` (upstream's 4), or the CPUs this process may use if
+    fewer (more would only contend, and PyTorch warns)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(most, usable))
 
 
 def integer(value: str) -> int:

@@ -122,9 +122,14 @@ def check_checkpoint_file(path: str) -> None:
     if os.path.isdir(path):
         found = []
         for folder in (os.path.join(path, "checkpoints"), path):
-            found = [f for pattern in ("*.pt", "*.safetensors") for f in glob.glob(os.path.join(folder, pattern))]
+            found = [f for pattern in ("*.pt", "*.safetensors") for f in glob.glob(os.path.join(folder, pattern))
+                     if not re.fullmatch(r"shard-\d+\.pt", os.path.basename(f))]  # a latent cache's shards
             if found:
                 break
+        if not found and glob.glob(os.path.join(path, "shard-*.pt")):
+            raise CheckpointError(f"{path} is a folder of latent-cache shards (python -m sit_fast.latent_cache), "
+                                  f"not of checkpoints: pass a checkpoint file (train.py reads the cache with "
+                                  f"--latent-cache {path})")
         hint = f" (the newest here: {max(found, key=os.path.getmtime)})" if found else ""
         raise CheckpointError(f"{path} is a folder: pass a checkpoint file{hint}")
     raise CheckpointError(f"checkpoint not found: {path}")

@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, nonnegative_int, positive_int
+from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonnegative_int, positive_int
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
 )
@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="storage dtype of the mean and std (float16: half float32's files, the mean rounded "
                              "to 11 significant bits, which may be coarser than a VAE's posterior std; float32 "
                              "keeps both as encoded)")
-    parser.add_argument("--num-workers", type=nonnegative_int, default=4, help="image decoding workers per process")
+    parser.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
+                        help="image decoding workers per process (default: 4, or the CPUs usable if fewer)")
     parser.add_argument("--no-progress", action="store_true",
                         help="no progress display (a bar on a terminal, a line a minute in a log file)")
     return parser

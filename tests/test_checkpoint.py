@@ -176,6 +176,12 @@ def test_a_folder_is_named_as_one_with_its_newest_checkpoint(tmp_path):
         os.utime(tmp_path / "export" / name, (1e9 + i, 1e9 + (1 - i)))
     with pytest.raises(CheckpointError, match=r"the newest here: .*ema\.safetensors\)"):
         read_checkpoint(tmp_path / "export")
+    # a latent cache's folder: its shards are no checkpoints
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "shard-00000.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"cache is a folder of latent-cache shards .*: pass a checkpoint file "
+                                              r"\(train.py reads the cache with --latent-cache .*cache\)$"):
+        read_checkpoint(tmp_path / "cache")
 
 
 def test_upstream_training_checkpoint_with_namespace_args_loads(tmp_path):

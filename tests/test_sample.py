@@ -1094,6 +1094,23 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
             f"sampling job killed while writing") in capsys.readouterr().err
 
 
+def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
+    """sample.py's FID job writes into --sample-dir itself and sample_ddp.py's into a run folder in it,
+    both samples/ by default: the second of the two says its images lie among the first's."""
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1,
+              "--num-fid-samples", 2, "--batch-size", 2, *FAST]
+    for first, second in (("--run-folder", "--no-run-folder"), ("--no-run-folder", "--run-folder")):
+        sample_dir = tmp_path / first.strip("-")
+        run(common + ["--sample-dir", sample_dir, first])
+        assert "warning" not in capsys.readouterr().err
+        run(common + ["--sample-dir", sample_dir, second])
+        err = capsys.readouterr().err
+        if second == "--no-run-folder":
+            assert f"warning: {sample_dir} holds the run folders of other FID jobs (SiT-" in err, err
+        else:
+            assert f"warning: {sample_dir} holds the images of another FID job (its settings.json)" in err, err
+
+
 def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys):
     """--out in a folder that does not exist yet: made up front for every job (it failed after all the
     sampling for the .npz, the likelihood and --reverse); a file in the way is a one-line error."""

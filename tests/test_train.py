@@ -818,6 +818,49 @@ def test_skip_nonfinite_counts(tmp_path, monkeypatch):
     assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
 
 
+def test_skip_nonfinite_with_fused_adamw_skips_on_the_device(tmp_path, monkeypatch):
+    """With fused AdamW (CUDA's; here on the CPU) a step with non-finite gradients is skipped on the
+    device: train_step returns a device flag, no bool; the parameters, the EMA and AdamW's state are
+    left as they were; the skip is counted at the next log step."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+
+    monkeypatch.setattr(loop, "fused_adamw", lambda device: True)
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run"), "--skip-nonfinite"])
+    trainer = loop.Trainer(args, explicit, init_distributed())
+    assert trainer.opt.param_groups[0]["fused"]
+    trainer.batch_to_latents = lambda batch: batch  # train_step's batches: latents and labels as given
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(8, trainer.channels, trainer.latent_size, trainer.latent_size, generator=generator)
+    y = torch.randint(0, args.num_classes, (8,), generator=generator)
+    good = (x, y)
+    loss, applied = trainer.train_step(good)
+    assert isinstance(applied, torch.Tensor) and bool(applied)
+    before = [t.clone() for t in trainer.model_params + trainer.ema_params]
+    weight = next(p for p in trainer.model_params if p.requires_grad)
+    state = {k: v.clone() for k, v in trainer.opt.state[weight].items()}
+    loss, applied = trainer.train_step((x * float("nan"), y))
+    assert isinstance(applied, torch.Tensor) and not bool(applied)
+    for old, new in zip(before, trainer.model_params + trainer.ema_params):
+        torch.testing.assert_close(new, old, rtol=0, atol=0)
+    for key, value in trainer.opt.state[weight].items():
+        torch.testing.assert_close(value, state[key], rtol=0, atol=0)
+    trainer.train_step(good)  # a good step after it is applied, to the model and the EMA
+    changed = [not torch.equal(old, new) for old, new in zip(before, trainer.model_params + trainer.ema_params)]
+    n = len(trainer.model_params)
+    assert any(changed[:n]) and any(changed[n:])
+
+    poison_batch(monkeypatch, call=3)
+    summary = train_main(BASE + ["--exp-dir", str(tmp_path / "run2"), "--max-steps", "6", "--ckpt-every", "6",
+                                 "--log-every", "2", "--skip-nonfinite"])
+    assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
+    log = (tmp_path / "run2" / "log.txt").read_text()
+    assert "1 step(s) up to step 4: non-finite gradients, skipped (1 so far)" in log, log
+    ckpt = torch.load(tmp_path / "run2" / "checkpoints" / "0000006.pt", weights_only=True)
+    assert ckpt["nonfinite_skipped"] == 1
+
+
 # ----------------------------------------------------------------------------- user errors
 
 def run_cli(argv: list[str]) -> int:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 
 from sit_fast.argtypes import (
-    OneLineArgumentParser, finite_float, fraction, integer, nonnegative_int, or_none, positive_float, positive_int,
+    OneLineArgumentParser, default_workers, finite_float, fraction, integer, nonnegative_int, or_none, positive_float,
+    positive_int,
 )
 from sit_fast.data import DATASETS
 from sit_fast.errors import UserError
@@ -42,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--in-channels", type=positive_int, default=None,
                       help="model input channels (default: the VAE's latent channels, or the image channels "
                            "with --vae none); must agree with the data")
-    data.add_argument("--num-workers", type=nonnegative_int, default=4, help="data loader worker processes per rank")
+    data.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
+                      help="data loader worker processes per rank (default: 4, or the CPUs usable if fewer)")
 
     model = parser.add_argument_group("Model")
     model.add_argument("--model", type=str, choices=list(SiT_models), default="SiT-XL/2", help="model size / patch")
@@ -82,7 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "fp32 on the CPU)")
     optim.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
                        help="skip steps whose gradients are not finite and count them, instead of stopping "
-                            "(costs one host sync per step)")
+                            "(on CUDA on the device, by fused AdamW; on the CPU one host read per step)")
 
     run = parser.add_argument_group("Logging, sampling and checkpoints")
     run.add_argument("--results-dir", type=str, default="results", help="parent of the experiment directories")

@@ -2,7 +2,8 @@
 
 Hot-loop rules: no host-device synchronisation per step. The loss and the non-finite flags are
 accumulated on the device and read (all-reduced) only at log and checkpoint steps; the EMA is one
-fused _foreach_lerp_ on the device; the optimizer is AdamW(fused=True) on CUDA.
+fused _foreach_lerp_ on the device; the optimizer is AdamW(fused=True) on CUDA, which also skips a
+step with non-finite gradients (--skip-nonfinite) on the device.
 """
 from __future__ import annotations
 
@@ -311,6 +312,11 @@ def all_reduce(tensor: torch.Tensor, op=None) -> torch.Tensor:
 #                                   The run                                     #
 #################################################################################
 
+def fused_adamw(device: torch.device) -> bool:
+    """Whether AdamW runs fused (one kernel for all parameters) on this device: on CUDA."""
+    return device.type == "cuda"
+
+
 def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     """The global 2-norm of the parameters' gradients, on the device (no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]
@@ -334,20 +340,31 @@ class LogWindow:
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.applied_on_device = torch.zeros((), device=device, dtype=torch.int64)
         self.restart()
 
     def restart(self) -> None:
         self.loss_sum.zero_()
         self.grad_norm_sum.zero_()
+        self.applied_on_device.zero_()
         self.applied, self.steps, self.start = 0, 0, time.perf_counter()
 
-    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool) -> None:
-        """One step taken: its loss and gradient norm count if it was applied (not skipped)."""
+    def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool | torch.Tensor) -> None:
+        """One step taken: its loss and gradient norm count if it was applied (not skipped); applied is
+        a bool, or a boolean device tensor where the step was skipped on the device."""
         self.steps += 1
-        if applied:
+        if isinstance(applied, torch.Tensor):
+            self.loss_sum += torch.where(applied, loss.double(), 0.0)
+            self.grad_norm_sum += torch.where(applied, grad_norm.double(), 0.0)
+            self.applied_on_device += applied
+        elif applied:
             self.loss_sum += loss.double()
             self.grad_norm_sum += grad_norm.double()
             self.applied += 1
+
+    def applied_steps(self) -> int:
+        """The window's applied steps (reads the device's count: at log steps only)."""
+        return self.applied + int(self.applied_on_device)
 
     @contextlib.contextmanager
     def paused(self):
@@ -648,7 +665,7 @@ class Trainer:
             self.warn_on_another_latent_space(ckpt, resume_path)
         self.model = model
         self.opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0,
-                                     fused=True if self.device.type == "cuda" else None)
+                                     fused=True if fused_adamw(self.device) else None)
         self.ema = deepcopy(model).requires_grad_(False).eval()
         if ckpt is not None:
             load_into_model(self.ema, ckpt["ema"], source=f"{resume_path} (ema)")
@@ -663,6 +680,8 @@ class Trainer:
         self.window = LogWindow(self.device)
         # the first step (self.step_counter) whose loss was not finite, -1 while there is none
         self.first_bad = torch.full((), -1, dtype=torch.int64, device=self.device)
+        # steps skipped on the device (--skip-nonfinite with fused AdamW), not yet in nonfinite_skipped
+        self.skipped_on_device = torch.zeros((), dtype=torch.int64, device=self.device)
         self.transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
                                           args.sample_eps)
         n_params = sum(p.numel() for p in model.parameters())
@@ -813,6 +832,8 @@ class Trainer:
         self.check_weights()
         states = gather_object(capture_rng_state(self.device))
         path = checkpoint_path(self.checkpoint_dir, self.step)
+
+        self.count_skipped()
 
         def write() -> None:  # on rank 0; its UserError (a full disk) reaches every rank
             checkpoint = {
@@ -968,9 +989,21 @@ class Trainer:
         else:
             grad_norm = total_grad_norm(self.model_params)
         if self.args.skip_nonfinite:
-            applied = bool(torch.isfinite(grad_norm))  # the one host sync this option costs
+            finite = torch.isfinite(grad_norm)
+            if self.opt.param_groups[0].get("fused"):
+                # Fused AdamW leaves the parameters and its state as they are where found_inf is 1 (as
+                # under GradScaler), and the EMA's weight is 0 there: the step is skipped on the device.
+                self.opt.found_inf = (~finite).float()
+                applied = finite
+            else:
+                applied = bool(finite)  # the one host sync this option costs with AdamW unfused (CPU)
         self.window.add_step(loss, grad_norm, applied)
-        if applied:
+        if isinstance(applied, torch.Tensor):
+            self.opt.step()
+            with torch.no_grad():  # a 0-d weight per tensor: lerp's own kernel for each (no host read)
+                weight = applied * (1.0 - self.args.ema_decay)
+                torch._foreach_lerp_(self.ema_params, self.model_params, [weight] * len(self.ema_params))
+        elif applied:
             self.opt.step()
             with torch.no_grad():  # ema <- ema + (1 - decay) * (param - ema), on the device
                 torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
@@ -1023,7 +1056,18 @@ class Trainer:
             logger.info("done")
         return self.summary(stopped_by, last_log)
 
+    def count_skipped(self) -> None:
+        """Adds the steps skipped on the device since the last count to nonfinite_skipped, and says so
+        (a host read: at log and checkpoint steps, the same count on every rank)."""
+        count = int(self.skipped_on_device)
+        if count:
+            self.skipped_on_device.zero_()
+            self.nonfinite_skipped += count
+            logger.warning(f"{count} step(s) up to step {self.step}: non-finite gradients, skipped "
+                           f"({self.nonfinite_skipped} so far)")
+
     def summary(self, stopped_by: str | None, last_log: dict) -> dict:
+        self.count_skipped()
         return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
                 "nonfinite_skipped": self.nonfinite_skipped, "stopped_by": stopped_by, **last_log}
 
@@ -1050,13 +1094,16 @@ class Trainer:
                     self.step += 1
                     self.step_in_epoch += 1
                     self.step_counter += 1
-                    if applied:
-                        bad = ~torch.isfinite(loss)
-                        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step_counter, self.first_bad)
-                    else:
+                    if applied is False:
                         self.nonfinite_skipped += 1
                         logger.warning(f"step {self.step}: non-finite gradients, step skipped "
                                        f"({self.nonfinite_skipped} so far)")
+                    else:
+                        bad = ~torch.isfinite(loss)
+                        if applied is not True:  # skipped on the device where False: counted there
+                            bad &= applied
+                            self.skipped_on_device += ~applied
+                        self.first_bad = torch.where(bad & (self.first_bad < 0), self.step_counter, self.first_bad)
                     if self.step_in_epoch == self.sampler.steps_per_epoch:
                         self.epoch, self.step_in_epoch = self.epoch + 1, 0
                     if bar is not None:
@@ -1160,7 +1207,8 @@ class Trainer:
         loss_total, norm_total = stats.tolist()
         # every rank applied the same steps; the gradient norm is the same on every rank (DDP averages
         # the gradients), summed by the all-reduce like the losses
-        count = window.applied * self.dist_info.world_size
+        self.count_skipped()
+        count = window.applied_steps() * self.dist_info.world_size
         avg_loss = loss_total / count if count else math.nan  # every step of the window skipped: nothing to show
         grad_norm = norm_total / count if count else math.nan
         steps_per_sec = window.steps / elapsed
