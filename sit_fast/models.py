@@ -701,8 +701,12 @@ class CompiledBlockStep:
         self.compile_kwargs = compile_kwargs
         self.fn = torch.compile(_with_own_code(_block_step), **compile_kwargs)
 
-    def __call__(self, *args):
-        return self.fn(*args)
+    def __call__(self, block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: Sequence[torch.Tensor],
+                 fast: bool = False):
+        # The six vectors as contiguous copies (6 D values per sample): their strides differ (rows 6 D
+        # apart from a training block's own GEMM, 2 D from the final layer's, (6 depth + 2) D from
+        # sampling's one GEMM), and the step would be compiled again for each.
+        return self.fn(block, ops, x, h, tuple(m.contiguous() for m in mods), fast)
 
     def __deepcopy__(self, memo) -> "CompiledBlockStep":
         return self

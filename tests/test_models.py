@@ -245,6 +245,21 @@ def test_backward_makes_one_gradient_per_modulation_gemm():
     assert sorted(backward.made) == [((2,), "stack.default")] + [((6,), "stack.default")] * depth, backward.made
 
 
+def test_compiled_block_step_is_compiled_once_for_every_block():
+    """The last block's step takes the final layer's shift and scale, whose strides differ from a
+    block's: the compiled step sees contiguous copies, so all blocks share one graph per mode."""
+    torch._dynamo.reset()
+    model = randomize_(tiny_sit(depth=3)).train().compile_blocks(backend="eager")
+    x, t, y = inputs(model)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        model(x, t, y).square().mean().backward()
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        model(x, t, y)  # sampling's vectors, from one GEMM: a graph of its own, compiled once
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            model(x, t, y)
+
+
 def test_a_blocks_adaln_gradients_are_whole_once_the_backward_has_passed_it():
     """While training, the last block's adaLN weight gradient is accumulated before the first
     block's attention weights get theirs: DDP can all-reduce it while the backward goes on."""
