@@ -550,12 +550,13 @@ def run_grid(setup: Setup) -> str:
 
 def settings_ignored(args: argparse.Namespace) -> set[str]:
     """The flags this sampler ignores: the step count of an adaptive ODE solver (its end state does
-    not depend on it), the tolerances of a fixed-step one (but implicit_adams / fixed_adams), and the
-    guidance's channels and interval without guidance."""
+    not depend on it), the tolerances of a fixed-step one (but implicit_adams / fixed_adams), the
+    size of an SDE's last step when it takes none, and the guidance's channels and interval without
+    guidance."""
     # Without guidance (--cfg-scale 1, the FID default) no channel is guided, in no interval.
     unguided = {"cfg_channels", "cfg_interval"} if getattr(args, "cfg_scale", None) == 1 else set()
     if args.mode != "ODE":
-        return unguided
+        return unguided | ({"last_step_size"} if args.last_step is None else set())
     ignored = unguided | ({"num_sampling_steps"} if adaptive_ode_method(args.sampling_method) else set())
     return ignored if ode_method_uses_tolerances(args.sampling_method) else ignored | {"atol", "rtol"}
 

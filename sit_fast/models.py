@@ -548,7 +548,7 @@ class SiT(nn.Module):
     def _modulation_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The concatenated adaLN weights and biases.
 
-        Used wherever the adaLN weights take no gradients (see modulation_vectors). The concatenation
+        Used wherever the adaLN weights take no gradients (see modulation_layers). The concatenation
         is redone every call, unless the model is frozen (requires_grad False) and
         reuse_frozen_modulation is set, as sit_fast.sampling.ModelForwards sets it: then it is kept
         and reused until a parameter changes (its version counter or storage moves), which saves

@@ -145,7 +145,7 @@ def test_compiled_forwards_compile_once(files, tmp_path, monkeypatch):
     """--compile: the first batch's latents were a normal tensor, every later model call's an
     inference tensor, and the forward compiled a second time (Dynamo's eager backend here, for time)."""
     compile = torch.compile
-    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile(fn, backend="eager", **kwargs))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile(fn, **{**kwargs, "backend": "eager"}))
     torch._dynamo.reset()
     with torch._dynamo.config.patch(error_on_recompile=True):
         run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--in-channels", 3, "--num-sampling-steps", 3,
@@ -2158,17 +2158,20 @@ def test_a_stop_while_saving_a_grid_keeps_the_earlier_one(tmp_path, monkeypatch)
     assert read_png(tmp_path / "g.JPG").shape == (2 * 10 + 2, 2 * 10 + 2, 3)
 
 
-@pytest.mark.parametrize("mode, method, ignored", [
-    ("ODE", "dopri5", {"num_sampling_steps"}), ("ODE", "euler", {"atol", "rtol"}), ("ODE", "rk4", {"atol", "rtol"}),
-    ("ODE", "implicit_adams", set()), ("ODE", "fixed_adams", set()), ("SDE", "Euler", set())])
-def test_a_folders_settings_leave_out_only_the_flags_its_sampler_ignores(mode, method, ignored):
+@pytest.mark.parametrize("mode, method, last_step, ignored", [
+    ("ODE", "dopri5", None, {"num_sampling_steps"}), ("ODE", "euler", None, {"atol", "rtol"}),
+    ("ODE", "rk4", None, {"atol", "rtol"}), ("ODE", "implicit_adams", None, set()),
+    ("ODE", "fixed_adams", None, set()), ("SDE", "Euler", "Mean", set()), ("SDE", "Heun", None, {"last_step_size"})])
+def test_a_folders_settings_leave_out_only_the_flags_its_sampler_ignores(mode, method, last_step, ignored):
     """implicit_adams is fixed-step, yet its corrector iterates to atol/rtol: a resume with other
-    tolerances would mix two samplers' images in one folder."""
-    assert sample.settings_ignored(argparse.Namespace(mode=mode, sampling_method=method, cfg_scale=4.0)) == ignored
+    tolerances would mix two samplers' images in one folder. An SDE without a last step has no use
+    for its size."""
+    args = argparse.Namespace(mode=mode, sampling_method=method, cfg_scale=4.0, last_step=last_step)
+    assert sample.settings_ignored(args) == ignored
     # unguided, the guidance's channels and interval decide nothing (nor, so, a folder written before
     # --cfg-channels followed the model)
-    assert sample.settings_ignored(argparse.Namespace(mode=mode, sampling_method=method, cfg_scale=1.0)) == (
-        ignored | {"cfg_channels", "cfg_interval"})
+    args.cfg_scale = 1.0
+    assert sample.settings_ignored(args) == ignored | {"cfg_channels", "cfg_interval"}
 
 
 @pytest.mark.parametrize("mode, method, why", [

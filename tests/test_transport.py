@@ -917,9 +917,12 @@ def test_tolerances_an_ode_solver_cannot_meet_are_refused():
             build(atol=0, rtol=0)
         with pytest.raises(ValueError, match="must be 0 or more"):
             build(atol=1e-6, rtol=-1e-3)
-        build(atol=0, rtol=1e-3)
         build(atol=1e-6, rtol=0)
+    sampler.sample_ode(atol=0, rtol=1e-3)
+    with pytest.raises(ValueError, match="atol 0: the likelihood integrates the divergence from 0"):
+        sampler.sample_ode_likelihood(atol=0, rtol=1e-3)  # its second state starts at 0: no step could pass
     sampler.sample_ode(sampling_method="euler", atol=0, rtol=0)  # fixed steps: no tolerance to meet
+    sampler.sample_ode_likelihood(sampling_method="euler", atol=0, rtol=0)
 
 
 def test_enums_and_factory_types():

@@ -18,7 +18,7 @@ IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type
 # Identity arguments for which None is a setting (no loss weighting), not a value left unresolved.
 NONE_IS_A_VALUE = ("loss_weight",)
 # Arguments that are never taken from a checkpoint.
-NOT_INHERITED = ("resume", "exp_dir", "ckpt", "no_progress")
+NOT_INHERITED = ("resume", "exp_dir", "ckpt", "no_progress", "num_workers")
 
 
 def build_parser() -> argparse.ArgumentParser:

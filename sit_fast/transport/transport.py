@@ -15,6 +15,7 @@ from sit_fast.transport.integrators import (
     SDE_METHODS,
     check_tolerances,
     integrate_ode,
+    ode_method_uses_tolerances,
     sde_euler_maruyama,
     sde_heun,
     time_grid,
@@ -340,10 +341,15 @@ class Sampler:
         The divergence is Hutchinson's estimate eps^T (dv/dx) eps with one Rademacher eps per
         sample, drawn once per call so the adaptive solver sees a smooth right-hand side (upstream
         drew a new eps at every evaluation), or with exact_divergence=True the exact trace, one
-        backward pass per data dimension (for small data only). Arguments as for sample_ode.
+        backward pass per data dimension (for small data only). Arguments as for sample_ode, but
+        atol must be positive for a method that uses it: the integral's state starts at 0, where a
+        relative tolerance alone allows no error.
         """
         check_choice("sampling_method", sampling_method, ODE_METHODS)
         check_tolerances(sampling_method, atol, rtol)
+        if atol == 0 and ode_method_uses_tolerances(sampling_method):
+            raise ValueError(f"atol 0: the likelihood integrates the divergence from 0, where a relative tolerance "
+                             f"alone allows no error and {sampling_method} cannot step; give atol > 0 (default 1e-6)")
         t0, t1 = self.transport.check_interval(
             self.transport.train_eps, self.transport.sample_eps, sde=False, eval=True, reverse=False,
             last_step_size=0.0)
