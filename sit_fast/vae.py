@@ -3,8 +3,9 @@
 diffusers is imported here only, and only when a VAE is actually loaded. Latents follow the upstream
 convention: encode multiplies by the VAE's scaling factor (0.18215 for the SD VAEs), decode divides
 by it; a VAE whose config has a shift_factor (SD3's) or per-channel latents_mean and latents_std
-(SDXL-derived ones) is normalised by those too, as diffusers' pipelines do. `encode` returns the posterior's mean and standard deviation so that callers (the latent
-cache, train.py) can store the posterior once and draw a fresh sample each time it is used.
+(SDXL-derived ones) is normalised by those too, as diffusers' pipelines do. `encode` returns the
+posterior's mean and standard deviation so that callers (the latent cache, train.py) can store the
+posterior once and draw a fresh sample each time it is used.
 """
 from __future__ import annotations
 

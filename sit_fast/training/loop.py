@@ -998,15 +998,13 @@ class Trainer:
             else:
                 applied = bool(finite)  # the one host sync this option costs with AdamW unfused (CPU)
         self.window.add_step(loss, grad_norm, applied)
-        if isinstance(applied, torch.Tensor):
-            self.opt.step()
-            with torch.no_grad():  # a 0-d weight per tensor: lerp's own kernel for each (no host read)
-                weight = applied * (1.0 - self.args.ema_decay)
-                torch._foreach_lerp_(self.ema_params, self.model_params, [weight] * len(self.ema_params))
-        elif applied:
+        if applied is not False:
             self.opt.step()
             with torch.no_grad():  # ema <- ema + (1 - decay) * (param - ema), on the device
-                torch._foreach_lerp_(self.ema_params, self.model_params, 1.0 - self.args.ema_decay)
+                weight = 1.0 - self.args.ema_decay
+                if applied is not True:  # 0 where skipped: a 0-d weight per tensor, lerp's own kernel for each
+                    weight = [applied * weight] * len(self.ema_params)
+                torch._foreach_lerp_(self.ema_params, self.model_params, weight)
         return loss, applied
 
     # ------------------------------------------------------------------ the loop
