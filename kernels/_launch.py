@@ -6,9 +6,11 @@ interpreter), and the output allocator with the test-only NaN poisoning switch.
 """
 import contextlib
 import functools
+import importlib.metadata
 import math
 import numbers
 import os
+import re
 from collections.abc import Iterator
 
 import torch
@@ -25,10 +27,28 @@ INTERPRETER_HINT = (
     "or use fused_kernels=False"
 )
 
+@functools.lru_cache(maxsize=1)
+def triton_version() -> tuple[int, int]:
+    """The installed Triton's (major, minor), read without importing it (the interpreter is chosen at
+    import); (0, 0) when it is not installed or its version cannot be read."""
+    for distribution in ("triton", "pytorch-triton", "pytorch-triton-rocm"):
+        try:
+            version = importlib.metadata.version(distribution)
+        except importlib.metadata.PackageNotFoundError:
+            continue
+        parts = [int(part) for part in re.findall(r"\d+", version)[:2]]
+        return (parts[0], parts[1]) if len(parts) == 2 else (0, 0)
+    return (0, 0)
+
+
 def interpreter_requested() -> bool:
-    """Whether TRITON_INTERPRET asks for the interpreter, read as Triton reads it (1, true, on, yes
-    or y, in any case)."""
-    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on", "yes", "y")
+    """Whether TRITON_INTERPRET asks for the interpreter, read as the installed Triton reads it: 1,
+    true, on, yes or y, in any case, from Triton 3.4 (its knobs); before that, and when the version is
+    unknown, 1 only."""
+    value = os.environ.get("TRITON_INTERPRET", "")
+    if triton_version() < (3, 4):
+        return value == "1"
+    return value.lower() in ("1", "true", "on", "yes", "y")
 
 
 def _patch_old_interpreter() -> None:
@@ -39,16 +59,14 @@ def _patch_old_interpreter() -> None:
     converted to Python scalars"). triton 3.7 squeezes the array first; do the same for older ones.
     Only the CPU interpreter is touched, and only while it runs a kernel (it restores its patches).
     """
-    if not interpreter_requested():
+    if not interpreter_requested() or triton_version() >= (3, 7):
         return
     try:
-        import triton
         from triton.runtime import interpreter
     except ImportError:
         return
-    major_minor = tuple(int(part) for part in triton.__version__.split(".")[:2] if part.isdigit())
     original = getattr(interpreter, "_patch_lang_tensor", None)
-    if major_minor >= (3, 7) or original is None or getattr(original, "sit_fast_patched", False):
+    if original is None or getattr(original, "sit_fast_patched", False):
         return
 
     def patch_lang_tensor(tensor, scope):

@@ -638,21 +638,40 @@ def test_kernel_cpu_without_interpreter_raises_clear_error():
 @pytest.mark.parametrize("value,on", [("1", True), ("true", True), ("ON", True), ("yes", True), ("y", True),
                                       ("0", False), ("false", False), ("off", False), ("", False), ("2", False)])
 def test_the_interpreter_variable_is_read_as_triton_reads_it(monkeypatch, value, on):
-    """Triton runs the interpreter for TRITON_INTERPRET=true as for 1; CPU calls then ran the
-    interpreted kernels' error ("set TRITON_INTERPRET=1") instead of the kernels."""
+    """Triton from 3.4 runs the interpreter for TRITON_INTERPRET=true as for 1 (CPU calls then ran the
+    interpreted kernels' error, "set TRITON_INTERPRET=1", instead of the kernels); before 3.4 it takes
+    1 only (and then kernels on CPU tensors must not be called the interpreter's)."""
     monkeypatch.setenv("TRITON_INTERPRET", value)
+    monkeypatch.setattr(_launch, "triton_version", lambda: (3, 4))
     assert kernels.interpreter_requested() is on
+    monkeypatch.setattr(_launch, "triton_version", lambda: (3, 3))
+    assert kernels.interpreter_requested() is (value == "1")
+
+
+def test_the_installed_tritons_version_is_read_from_its_metadata():
+    import triton
+
+    assert _launch.triton_version() == tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
 def test_kernels_run_on_the_cpu_with_triton_interpret_true():
+    """Where Triton reads "true" as 1 (3.4 on), the kernels run interpreted; before, Triton compiles
+    them for a GPU, and a CPU call is refused with the hint, not launched."""
     code = (
         "import torch, kernels\n"
         "x = torch.randn(1, 2, 8); v = torch.randn(1, 8)\n"
-        "print(kernels.kernels_available('cpu'), torch.allclose(kernels.layernorm_modulate(x, v, v), "
+        "try:\n"
+        "    print(kernels.kernels_available('cpu'), torch.allclose(kernels.layernorm_modulate(x, v, v), "
         "kernels.reference.layernorm_modulate(x, v, v), atol=1e-5))\n"
+        "except RuntimeError as error:\n"
+        "    print(kernels.kernels_available('cpu'), 'ERROR:', error)\n"
     )
     result = _run_python(code, TRITON_INTERPRET="true")
-    assert result.returncode == 0 and result.stdout.split() == ["True", "True"], (result.stdout, result.stderr)
+    assert result.returncode == 0, result.stderr
+    if _launch.triton_version() >= (3, 4):
+        assert result.stdout.split() == ["True", "True"], (result.stdout, result.stderr)
+    else:
+        assert result.stdout.startswith("False ERROR:") and "set TRITON_INTERPRET=1" in result.stdout, result.stdout
 
 
 def test_a_launch_on_another_gpu_makes_that_gpu_current(monkeypatch):
@@ -740,7 +759,8 @@ KERNELS = {
 FP32_POINTERS = ("partial", "mean", "rstd")
 try:  # the ptxas Triton itself runs for sm_90 (Triton 3.9 ships two, the legacy one too old for its PTX)
     from triton.backends.nvidia.compiler import get_ptxas
-    PTXAS = get_ptxas(90).path
+    found = get_ptxas(90)
+    PTXAS = found[0] if isinstance(found, tuple) else found.path  # (path, version) before Triton 3.4
 except ImportError:
     PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 for module_name, kernel_names in KERNELS.items():
