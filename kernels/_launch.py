@@ -57,7 +57,8 @@ def _patch_old_interpreter() -> None:
     That interpreter converts a scalar kernel value to a Python int (a `range(t_start, t_end)` bound)
     with int() of a one-element array, which numpy 2.4 refuses ("only 0-dimensional arrays can be
     converted to Python scalars"). triton 3.7 squeezes the array first; do the same for older ones.
-    Only the CPU interpreter is touched, and only while it runs a kernel (it restores its patches).
+    Only the CPU interpreter is touched (Triton 3.6 restores its patches after each kernel; 3.3 and
+    older keep them).
     """
     if not interpreter_requested() or triton_version() >= (3, 7):
         return
@@ -69,9 +70,15 @@ def _patch_old_interpreter() -> None:
     if original is None or getattr(original, "sit_fast_patched", False):
         return
 
-    def patch_lang_tensor(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    def index(self):
+        return int(self.handle.data.squeeze())
+
+    def patch_lang_tensor(tensor, *scope):  # Triton 3.3 and older take no scope: their patches stay
+        original(tensor, *scope)
+        if scope:
+            scope[0].set_attr(tensor, "__index__", index)
+        else:
+            tensor.__index__ = index
 
     patch_lang_tensor.sit_fast_patched = True
     interpreter._patch_lang_tensor = patch_lang_tensor
