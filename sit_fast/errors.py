@@ -30,6 +30,10 @@ PEER_FAILED_LATER_S = 2
 # without an error file is dated when torchrun saw it end: within the same second, the lowest rank,
 # maybe one of them, would be named the root cause, and its line would be torchrun's "To enable traceback").
 LINGER_S = 1.5
+# ... and a process that stops for another's failure stays longer than that, so that the failed process
+# ends first: torchrun releases of 2.10 and older name only the processes that ended by themselves,
+# not the ones it ended, so a faster PeerFailed alone was named, without the error that caused it.
+PEER_LINGER_S = 3.0
 
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some libraries put in their messages
@@ -112,16 +116,15 @@ def cli_entry(main: Callable) -> Callable:
             try:
                 return main(*args, **kwargs)
             except UserError as err:
-                if isinstance(err, PeerFailed):
-                    report(str(err), PEER_FAILED_LATER_S)
-                elif os.environ.get("TORCHELASTIC_ERROR_FILE") and os.environ.get("WORLD_SIZE", "1") != "1":
+                peer = isinstance(err, PeerFailed)
+                if os.environ.get("TORCHELASTIC_ERROR_FILE") and os.environ.get("WORLD_SIZE", "1") != "1":
                     with stop_signals_noted() as noted:  # torchrun ending it, or a Ctrl-C passed on: exit 2 now
-                        report(str(err))
-                        deadline = time.monotonic() + LINGER_S
+                        report(str(err), PEER_FAILED_LATER_S if peer else 0)
+                        deadline = time.monotonic() + (PEER_LINGER_S if peer else LINGER_S)
                         while not noted and time.monotonic() < deadline:
                             time.sleep(0.05)
                 else:
-                    report(str(err))
+                    report(str(err), PEER_FAILED_LATER_S if peer else 0)
                 sys.exit(2)
 
     return wrapper

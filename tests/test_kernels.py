@@ -759,8 +759,11 @@ KERNELS = {
 FP32_POINTERS = ("partial", "mean", "rstd")
 try:  # the ptxas Triton itself runs for sm_90 (Triton 3.9 ships two, the legacy one too old for its PTX)
     from triton.backends.nvidia.compiler import get_ptxas
-    found = get_ptxas(90)
-    PTXAS = found[0] if isinstance(found, tuple) else found.path  # (path, version) before Triton 3.4
+    try:
+        found = get_ptxas(90)
+    except TypeError:  # Triton 3.5: one ptxas for every architecture
+        found = get_ptxas()
+    PTXAS = found[0] if isinstance(found, tuple) else found.path  # Triton 3.3: (path, version)
 except ImportError:
     PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
 for module_name, kernel_names in KERNELS.items():
