@@ -31,7 +31,7 @@ PEER_FAILED_LATER_S = 2
 # maybe one of them, would be named the root cause, and its line would be torchrun's "To enable traceback").
 LINGER_S = 1.5
 # ... and a process that stops for another's failure stays longer than that, so that the failed process
-# ends first: torchrun releases of 2.10 and older name only the processes that ended by themselves,
+# ends first: the torchrun of torch 2.9 (and 2.7) names only the processes that ended by themselves,
 # not the ones it ended, so a faster PeerFailed alone was named, without the error that caused it.
 PEER_LINGER_S = 3.0
 

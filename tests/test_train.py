@@ -1391,8 +1391,8 @@ def test_a_process_whose_error_ends_the_job_lets_the_others_say_so_first(tmp_pat
     """Under torchrun with other processes, a process's own error waits LINGER_S after its error file
     is written: torchrun ends the others once one exits, and one ended before writing its own word
     would be dated the same second and, as the lower rank, named the root cause. One that stops for
-    another's failure waits longer (PEER_LINGER_S), so that the failed one ends first: torchrun 2.10
-    and older name only processes that ended by themselves."""
+    another's failure waits longer (PEER_LINGER_S), so that the failed one ends first: the torchrun
+    of torch 2.9 names only processes that ended by themselves."""
     import time
 
     from sit_fast import errors
