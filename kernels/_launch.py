@@ -27,6 +27,7 @@ INTERPRETER_HINT = (
     "or use fused_kernels=False"
 )
 
+
 @functools.lru_cache(maxsize=1)
 def triton_version() -> tuple[int, int]:
     """The installed Triton's (major, minor), read without importing it (the interpreter is chosen at

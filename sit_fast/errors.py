@@ -117,14 +117,15 @@ def cli_entry(main: Callable) -> Callable:
                 return main(*args, **kwargs)
             except UserError as err:
                 peer = isinstance(err, PeerFailed)
+                later_s = PEER_FAILED_LATER_S if peer else 0
                 if os.environ.get("TORCHELASTIC_ERROR_FILE") and os.environ.get("WORLD_SIZE", "1") != "1":
                     with stop_signals_noted() as noted:  # torchrun ending it, or a Ctrl-C passed on: exit 2 now
-                        report(str(err), PEER_FAILED_LATER_S if peer else 0)
+                        report(str(err), later_s)
                         deadline = time.monotonic() + (PEER_LINGER_S if peer else LINGER_S)
                         while not noted and time.monotonic() < deadline:
                             time.sleep(0.05)
                 else:
-                    report(str(err), PEER_FAILED_LATER_S if peer else 0)
+                    report(str(err), later_s)
                 sys.exit(2)
 
     return wrapper

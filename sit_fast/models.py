@@ -27,8 +27,8 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 import kernels
 from sit_fast.attention import ATTN_BACKENDS, SDPA_BACKENDS, attention_fn, resolve_backend
