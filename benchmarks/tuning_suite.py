@@ -115,7 +115,7 @@ class LaunchSearch:
         self.ctx, self.direction, self.default, self.choices = ctx, direction, default, choices
         self.cfg = cfg = ks.SIZES[ctx.size.name]
         self.cuda = ctx.device.type == "cuda"
-        self.ours, ref = getattr(kernels, op), getattr(reference, op)
+        self.op, self.ours, ref = op, getattr(kernels, op), getattr(reference, op)
         self.args = ks.make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, ctx.device, requires_grad=direction == "bwd")
         self.grads_out = None
         if direction == "bwd":
@@ -156,7 +156,8 @@ class LaunchSearch:
                 with _launch.poison_outputs():  # an element a launch leaves unwritten reads NaN
                     results = step()
                 error = ks._max_abs_err(results, self.expected)
-                failed = ks.parity_failure(results, self.expected, self.cfg.dtype, direction)
+                failed = ks.parity_failure(self.op, self.ours, self.args, results, self.cfg.dtype, direction,
+                                           self.grads_out)
                 results = None
                 if direction == "bwd":
                     timing = ks._time_backward(self.ours, self.args, self.grads_out, ctx.device,

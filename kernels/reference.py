@@ -46,3 +46,66 @@ def gated_residual_layernorm_modulate(
     """
     x_out = gated_residual(x, gate, y)
     return x_out, layernorm_modulate(x_out, shift, scale, eps)
+
+
+# ---------------------------------------------------------------------------------------------------
+# What a correct kernel may differ from these by, beyond rounding its outputs (tests and benchmarks).
+
+# Unit error of x_hat stored for backward in the normalised output's dtype: bf16 truncates in the
+# Triton interpreter (< 2**-7 relative; rounds, 2**-8, on a GPU); fp16 rounds (2**-11), given 2**-10.
+X_HAT_STORAGE_ERROR = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
+
+
+def fused_from_stored(
+    x: torch.Tensor,
+    gate: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    x_out_stored: torch.Tensor,
+    eps: float = 1e-6,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """gated_residual_layernorm_modulate, with h the normalisation of x_out as a kernel stored it.
+
+    The fused op defines h from x_out rounded to x's dtype; computed in a wider dtype, the reference
+    would normalise x_out unrounded and differ from a correct kernel by that rounding times
+    rstd * (1 + scale). Here the rounding (x_out_stored - x_out) enters as a constant
+    (straight-through), so h matches the kernel's and the gradients stay those of the exact function.
+    """
+    x_out = gated_residual(x, gate, y)
+    x_out_kept = x_out + (x_out_stored.detach().to(x_out.dtype) - x_out).detach()
+    return x_out, layernorm_modulate(x_out_kept, shift, scale, eps)
+
+
+def x_hat_rounding_bounds(
+    op: str, inputs: dict[str, torch.Tensor], x_out: torch.Tensor | None, dh: torch.Tensor, eps: float,
+    norm_dtype: torch.dtype,
+) -> dict[str, torch.Tensor]:
+    """Worst-case first-order error of each input gradient from backward reading x_hat stored in
+    norm_dtype (the normalised output's dtype), by input name; empty where x_hat is kept exactly.
+
+    inputs: the op's arguments by name (x, shift, scale; gate, y), in a wide dtype; x_out: the fused
+    op's x_out (the tensor it normalises; None for layernorm_modulate); dh: the normalised output's
+    upstream gradient. With |e| <= u |x_hat| elementwise, g = dh (1 + scale), M = mean_D(g x_hat):
+        dscale  error <= u * sum_t |dh x_hat|
+        d_res   error <= u * rstd * |x_hat| * (|M| + mean_D |g x_hat|)
+    d_res is dx; the fused op's dy = d_res * gate and dgate = sum_t d_res * y carry it along.
+    """
+    u = X_HAT_STORAGE_ERROR.get(norm_dtype)
+    if u is None or op == "gated_residual":
+        return {}
+    with torch.no_grad():
+        acc = _compute_dtype(inputs["x"])
+        x_norm = (inputs["x"] if op == "layernorm_modulate" else x_out).detach().to(acc)
+        dh = dh.detach().to(acc)
+        scale = inputs["scale"].detach().to(acc)
+        centred = x_norm - x_norm.mean(-1, keepdim=True)
+        rstd = ((centred * centred).mean(-1, keepdim=True) + eps).rsqrt()
+        x_hat = centred * rstd
+        g_x_hat = dh * (1 + scale[:, None, :]) * x_hat
+        d_res = u * rstd * x_hat.abs() * (g_x_hat.mean(-1, keepdim=True).abs() + g_x_hat.abs().mean(-1, keepdim=True))
+        bounds = {"scale": u * (dh * x_hat).abs().sum(1), "x": d_res}
+        if op == "gated_residual_layernorm_modulate":
+            bounds["y"] = d_res * inputs["gate"].detach().to(acc).abs()[:, None, :]
+            bounds["gate"] = (d_res * inputs["y"].detach().to(acc).abs()).sum(1)
+    return bounds

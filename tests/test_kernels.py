@@ -106,51 +106,13 @@ def run_ours(
 
 
 def run_reference64(op: str, inputs: dict[str, torch.Tensor], ours: tuple[torch.Tensor, ...], eps: float = 1e-6):
-    """The op in float64 from the same inputs.
-
-    The fused op defines h as the normalisation of x_out as stored (rounded to x's dtype), so the
-    reference normalises our stored x_out; that rounding enters as a constant (straight-through)
-    term, leaving the gradients those of the exact function. x_out itself is compared exactly.
-    """
+    """The op in float64 from the same inputs; the fused op's h normalises our stored x_out (see
+    reference.fused_from_stored), and x_out itself is compared exactly."""
     if op == "layernorm_modulate":
         return (reference.layernorm_modulate(inputs["x"], inputs["shift"], inputs["scale"], eps),)
     if op == "gated_residual":
         return (reference.gated_residual(inputs["x"], inputs["gate"], inputs["y"]),)
-    x_out = reference.gated_residual(inputs["x"], inputs["gate"], inputs["y"])
-    x_out_stored = x_out + (ours[0].detach().to(torch.float64) - x_out).detach()
-    return x_out, reference.layernorm_modulate(x_out_stored, inputs["shift"], inputs["scale"], eps)
-
-
-# Unit error of storing x_hat for backward in the normalised output's dtype: bf16 truncates in the
-# interpreter (< 2**-7 relative; rounds, 2**-8, on GPU); fp16 rounds (2**-11), given 2**-10.
-X_HAT_STORAGE_ERROR = {torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}
-
-
-def x_hat_rounding_bounds(op, ref_in, ours_outs, grads_out, eps, norm_dtype) -> dict[str, torch.Tensor]:
-    """Worst-case first-order gradient error from backward reading x_hat rounded to norm_dtype.
-
-    With |e| <= u |x_hat| elementwise, g = dh (1 + scale), M = mean_D(g x_hat):
-        dscale  error <= u * sum_t |dh x_hat|
-        d_res   error <= u * rstd * |x_hat| * (|M| + mean_D |g x_hat|)
-    (d_res is dx; dy = d_res * gate and dgate = sum_t d_res * y carry it along).
-    Empty for fp32 (x_hat saved exactly), so fp32 paths keep their tight tolerance."""
-    u = X_HAT_STORAGE_ERROR.get(norm_dtype)
-    if u is None or op == "gated_residual":
-        return {}
-    with torch.no_grad():
-        x_norm = ref_in["x"] if op == "layernorm_modulate" else ours_outs[0].detach().to(torch.float64)
-        dh = grads_out[-1].to(torch.float64)
-        centred = x_norm - x_norm.mean(-1, keepdim=True)
-        rstd = ((centred * centred).mean(-1, keepdim=True) + eps).rsqrt()
-        x_hat = centred * rstd
-        g_x_hat = dh * (1 + ref_in["scale"][:, None, :]) * x_hat
-        mean_abs = g_x_hat.abs().mean(-1, keepdim=True)
-        d_res = u * rstd * x_hat.abs() * (g_x_hat.mean(-1, keepdim=True).abs() + mean_abs)
-        bounds = {"scale": u * (dh * x_hat).abs().sum(1), "x": d_res}
-        if op == "gated_residual_layernorm_modulate":
-            bounds["y"] = d_res * ref_in["gate"].abs()[:, None, :]
-            bounds["gate"] = (d_res * ref_in["y"].abs()).sum(1)
-    return bounds
+    return reference.fused_from_stored(*(inputs[n] for n in OP_ARGS[op]), ours[0], eps)
 
 
 def assert_close(
@@ -211,7 +173,8 @@ def check_against_reference(
     ref_in = {n: t.detach().to(torch.float64).requires_grad_(n in names) for n, t in inputs.items()}
     ref_eps = 1e-6 if eps is None else eps
     ref_outs = run_reference64(op, ref_in, outs, ref_eps)
-    bounds = x_hat_rounding_bounds(op, ref_in, outs, grads_out, ref_eps, expected[-1])
+    bounds = reference.x_hat_rounding_bounds(op, ref_in, outs[0] if len(outs) == 2 else None, grads_out[-1],
+                                             ref_eps, expected[-1])
     used = [i for i, out in enumerate(ref_outs) if out.requires_grad]  # not x_out when only shift/scale train
     ref_grads = torch.autograd.grad([ref_outs[i] for i in used], [ref_in[n] for n in names],
                                     [grads_out[i].to(torch.float64) for i in used])
@@ -766,69 +729,97 @@ try:  # the ptxas Triton itself runs for sm_90 (Triton 3.9 ships two, the legacy
     PTXAS = found[0] if isinstance(found, tuple) else found.path  # Triton 3.3: (path, version)
 except ImportError:
     PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+RESIDUAL = ("x", "x_out", "dx", "dx_out", "out", "dout")  # fp32 under bf16 autocast; the rest bf16
+VECTORS = ("gate", "shift", "scale")
+
+
+def pointer_type(name, layout):
+    if any(p in name for p in FP32_POINTERS):
+        return "*fp32"
+    base = name[:-len("_ptr")]
+    if layout in ("fp32", "fp16"):
+        return "*" + layout
+    fp32 = RESIDUAL if layout == "autocast" else VECTORS if layout == "bf16-fp32vec" else ()
+    return "*fp32" if base in fp32 else "*bf16"
+
+
+def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16"):
+    block_d, num_warps = _launch.block_config(D)
+    constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch, **variant}
+    # contiguous rows: Triton specialises the unit feature strides, as at run time
+    constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
+    signature, attrs = {}, {}
+    for index, name in enumerate(kernel.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            signature[name] = pointer_type(name, layout)
+            attrs[(index,)] = [["tt.divisibility", 16]]  # as launched: PyTorch's aligned storage
+        else:
+            signature[name] = "fp32" if name == "eps" else "i32"
+            # Triton specialises integers divisible by 16: D, and the strides of rows of D elements
+            if (name == "D" or name.startswith("stride_")) and D % 16 == 0:
+                attrs[(index,)] = [["tt.divisibility", 16]]
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()
+                                   if n in kernel.arg_names})
+    options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION}  # as launched
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    assert ".entry " + kernel_name in ptx and compiled.asm["cubin"]
+    # Global accesses of 16-bit rows: vectors when rows are aligned (D % 16 == 0), never 16-bit scalars
+    widths = set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*?\\.(v[248]\\.)?b(\\d+)", ptx))
+    narrow = sorted(f"{v or ''}b{bits}" for v, bits in widths if bits == "16")
+    vectors = sorted(f"{v}b{bits}" for v, bits in widths if v)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    ptxas = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+    os.unlink(f.name)
+    spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
+    off = ",".join(f for f, on in variant.items() if not on) or "-"
+    print("lowered", kernel_name, D, prefetch, "off", off, "layout", layout, "narrow", narrow, "vectors", vectors,
+          "spill", spill.group(1) if spill else "?")
+
+
 for module_name, kernel_names in KERNELS.items():
     module = importlib.import_module(module_name)
     for kernel_name in kernel_names:
         kernel = getattr(module, kernel_name)
         assert isinstance(kernel, triton.runtime.JITFunction), type(kernel)
         # The backwards also as for a frozen model (no dgate, so y is neither saved nor read; no dshift or
-        # dscale) and, where a kernel has both flags, with each one off alone.
+        # dscale) and, where a kernel has both flags, with each one off alone; the forwards also for no
+        # backward (no x_hat stored), the fused backward also without x_out's gradient.
         flags = [f for f in ("HAS_DGATE", "HAS_DVEC") if f in kernel.arg_names]
         variants = [dict.fromkeys(flags, True), dict.fromkeys(flags, False)] if flags else [{}]
         if len(flags) > 1:
             variants += [{f: f != off for f in flags} for off in flags]
         for (D, prefetch), variant in itertools.product(((72, 0), (1152, 0), (1152, 1), (8192, 1)), variants):
-            block_d, num_warps = _launch.block_config(D)
-            constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch, **variant}
-            # contiguous rows: Triton specialises the unit feature strides, as at run time
-            constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
-            signature, attrs = {}, {}
-            for index, name in enumerate(kernel.arg_names):
-                if name in constexprs:
-                    signature[name] = "constexpr"
-                elif name.endswith("_ptr"):
-                    signature[name] = "*fp32" if any(p in name for p in FP32_POINTERS) else "*bf16"
-                    attrs[(index,)] = [["tt.divisibility", 16]]  # as launched: PyTorch's aligned storage
-                else:
-                    signature[name] = "fp32" if name == "eps" else "i32"
-                    # Triton specialises integers divisible by 16: D, and the strides of rows of D elements
-                    if (name == "D" or name.startswith("stride_")) and D % 16 == 0:
-                        attrs[(index,)] = [["tt.divisibility", 16]]
-            source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                               constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()
-                                           if n in kernel.arg_names})
-            options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION}  # as launched
-            compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-            ptx = compiled.asm["ptx"]
-            assert ".entry " + kernel_name in ptx and compiled.asm["cubin"]
-            # Global accesses of bf16 rows: vectors when rows are aligned (D % 16 == 0), never 16-bit scalars
-            widths = set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*?\\.(v[248]\\.)?b(\\d+)", ptx))
-            narrow = sorted(f"{v or ''}b{bits}" for v, bits in widths if bits == "16")
-            vectors = sorted(f"{v}b{bits}" for v, bits in widths if v)
-            with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-                f.write(ptx)
-            ptxas = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                                   capture_output=True, text=True)
-            os.unlink(f.name)
-            spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
-            off = ",".join(f for f, on in variant.items() if not on) or "-"
-            print("lowered", kernel_name, D, prefetch, "off", off, "narrow", narrow, "vectors", vectors,
-                  "spill", spill.group(1) if spill else "?")
+            lower(kernel, kernel_name, D, prefetch, variant)
+        for flag in ("STORE_X_HAT", "HAS_DX_OUT"):
+            if flag in kernel.arg_names:
+                lower(kernel, kernel_name, 1152, 1, {**variants[0], flag: False})
+        # The other dtype layouts the ops take, at SiT-XL's width.
+        for layout in ("autocast", "bf16-fp32vec", "fp32", "fp16"):
+            lower(kernel, kernel_name, 1152, 1, variants[0], layout)
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the kernels run natively in the other tests")
 def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
     """The interpreter accepts code that real compilation rejects; compile every kernel for an H100
-    (sm_90) through the full Triton pipeline to PTX and cubin, which needs no GPU. Compiled as
+    (sm_90) through the full Triton pipeline to PTX and cubin, which needs no GPU, in bf16 and in the
+    other dtype layouts (bf16 autocast's fp32 residual stream, fp32 vectors, fp32, fp16). Compiled as
     launched on contiguous rows of a size divisible by 16 (every SiT width), every global access of
     the row data is a vector access (16-bit scalar ones would move a fraction of the bandwidth), and
     at the default launch of D = 72 and 1152 ptxas spills no register."""
     result = _run_python(_LOWER_FOR_SM90, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("lowered")]
-    # 6 kernels at 4 launches; the 3 backwards also frozen, and the fused one with each flag off alone
-    assert len(lines) == 6 * 4 + 3 * 4 + 2 * 4, result.stdout
+    # 6 kernels at 4 launches; the 3 backwards also frozen, and the fused one with each flag off alone;
+    # 2 forwards storing no x_hat, the fused backward without x_out's gradient; 4 other layouts each
+    assert len(lines) == 6 * 4 + 3 * 4 + 2 * 4 + 3 + 6 * 4, result.stdout
+    assert {line.split()[7] for line in lines} == {"bf16", "autocast", "bf16-fp32vec", "fp32", "fp16"}
     offs = {(line.split()[1], line.split()[5]) for line in lines}
     assert ("_gated_residual_layernorm_modulate_bwd_kernel", "HAS_DGATE,HAS_DVEC") in offs, sorted(offs)
     assert ("_layernorm_modulate_bwd_kernel", "HAS_DVEC") in offs, sorted(offs)
