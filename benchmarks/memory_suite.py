@@ -76,6 +76,8 @@ def measure(ctx: RunContext, variant: Variant, common: dict, compiled: bool) -> 
     counted = ctx.models.activation_bytes_per_image(model, variant)
     peak = measured = None
     extra = {"fake_tensor_batches": [2, 4]}
+    if counted is None:
+        extra["activation_count_error"] = ctx.models.activation_count_errors.get(variant.name)
     config = ctx.models.variant_config(variant)
     if ctx.device.type == "cuda":
         if not compiled and variant.compile is not None:  # the record says what was measured: eager

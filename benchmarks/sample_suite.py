@@ -52,24 +52,39 @@ def plan(batches, variants: list[Variant]) -> list[tuple[int, Variant]]:
     return [(B, v) for B in order for v in goals] + [(B, v) for B in order for v in variants if v not in goals]
 
 
-# A variant's measurement is expected to cost this much times its longest one so far in this run (at
-# another batch; once there is one), rather than the fixed guess of expected_cost_s: its compilation
-# at another batch may take longer. Another variant's time says nothing of its own (another graph).
+# Once a variant has been measured at another batch in this run, its next measurement is expected
+# to cost this much times that one's first sampler run (which compiles, or captures, the forward: at
+# another batch it may take longer), plus the rest of that measurement (scaled up where the next one
+# runs more calls at a larger batch), rather than the fixed guess of expected_cost_s. Another
+# variant's time says nothing of its own (another graph).
 OBSERVED_MARGIN = 1.5
+
+
+def timed_steps(size, B: int) -> int:
+    """The k of the sampler runs timed at batch B (see the module's docstring)."""
+    return size.latency_steps_timed if B <= 16 else size.steps_timed
+
+
+def expected_from(took: tuple[float, float, int, int], size, B: int) -> float:
+    """Seconds a variant's measurement at batch B should take, from one of its measurements:
+    took = (its seconds, of which its first sampler run, its batch, its timed steps)."""
+    seconds, first_run_s, batch, steps = took
+    scale = max(1.0, B * timed_steps(size, B) / (batch * steps))
+    return OBSERVED_MARGIN * first_run_s + (seconds - first_run_s) * scale
 
 
 def run(ctx: RunContext) -> None:
     """The measurements in plan()'s order. Each (variant, batch) builds its model afresh and compiles
     (dynamic=False) or captures anew. Whether one fits the time box is judged by what the variant's
-    measurements took so far (OBSERVED_MARGIN), else by expected_cost_s."""
+    longest measurement so far took (expected_from), else by expected_cost_s."""
     from sit_fast.transport import Sampler, create_transport
 
     set_tf32(ctx.device, True)
     transport = create_transport("Linear", "velocity")
     sampler = Sampler(transport)
-    took: dict[str, float] = {}  # variant name -> its longest successful measurement so far
+    took: dict[str, tuple[float, float, int, int]] = {}  # variant name -> its longest successful measurement
     for B, variant in plan(ctx.size.sample_batches, ctx.measurement_order()):
-        needed = (OBSERVED_MARGIN * took[variant.name] if variant.name in took
+        needed = (expected_from(took[variant.name], ctx.size, B) if variant.name in took
                   else expected_cost_s(ctx.size, variant))
         if not ctx.budget.allows(needed):
             for name, *_ in SAMPLERS:
@@ -82,8 +97,12 @@ def run(ctx: RunContext) -> None:
             ctx.fail(SUITE, "sampling", variant, error, model=ctx.size.model_name, shapes={}, batch_size=B)
         finally:
             free_memory(ctx.device)
-        if any(r["status"] == "ok" for r in ctx.results.records[first_record:]):  # a failure tells no cost
-            took[variant.name] = max(took.get(variant.name, 0.0), before - ctx.budget.remaining())
+        ok = [r for r in ctx.results.records[first_record:] if r["status"] == "ok"]  # a failure tells no cost
+        seconds = before - ctx.budget.remaining()
+        if ok and seconds > took.get(variant.name, (0.0,))[0]:
+            # the first sampler's first run compiles; where unknown, all of it is taken as compiling
+            first_run_s = min((ok[0].get("extra") or {}).get("first_run_s", seconds), seconds)
+            took[variant.name] = (seconds, first_run_s, B, timed_steps(ctx.size, B))
 
 
 def build_forwards(models: ModelFactory, variant: Variant):
@@ -105,7 +124,7 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler, B: int) -> No
     from sit_fast.sampling import model_call_times
 
     device, size = ctx.device, ctx.size
-    k = size.latency_steps_timed if B <= 16 else size.steps_timed
+    k = timed_steps(size, B)
     z, y = model_inputs(size, device, B)
     shapes = {"z": list(z.shape), "y": [B], "model_batch": 2 * B}
     try:

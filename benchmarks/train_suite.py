@@ -9,7 +9,8 @@ Batch search (CUDA): size.train_batches, largest first; the first batch whose fi
 and timed steps all run is reported, with every attempt in extra["batch_search"]. A batch whose
 predicted memory (16 bytes per parameter for weights, gradients and AdamW state, plus batch x
 sit_fast.memory.activation_bytes_per_image) exceeds 1.25 x the device's memory is not tried: each
-out-of-memory attempt of a compiled variant costs a compilation.
+out-of-memory attempt of a compiled variant costs a compilation (where that count failed, every
+batch is tried).
 """
 from __future__ import annotations
 
@@ -80,8 +81,8 @@ def measure(ctx: RunContext, variant: Variant, transport) -> None:
         if search and not ctx.budget.allows(expected_cost_s(size, variant)):
             search.append({"batch": B, "result": "not tried: time box"})
             break
-        predicted = static_bytes + B * activation_bytes
-        if total_bytes is not None and predicted > PREDICTED_OOM_FACTOR * total_bytes:
+        predicted = None if activation_bytes is None else static_bytes + B * activation_bytes
+        if total_bytes is not None and predicted is not None and predicted > PREDICTED_OOM_FACTOR * total_bytes:
             search.append({"batch": B, "result": f"not tried: predicted {predicted / 2**30:.0f} GiB > "
                                                  f"{PREDICTED_OOM_FACTOR} x {total_bytes / 2**30:.0f} GiB"})
             continue
@@ -103,6 +104,8 @@ def measure(ctx: RunContext, variant: Variant, transport) -> None:
     config = ctx.models.variant_config(variant)
     extra = {"batch_search": search, "optimizer": "AdamW(lr=1e-4, weight_decay=0, fused on CUDA)",
              "loss": "sit_fast.transport Linear / velocity", "trainable_parameters": trainable}
+    if activation_bytes is None:
+        extra["activation_count_error"] = ctx.models.activation_count_errors.get(variant.name)
     if result is None:
         status, note = no_fit(search)
         ctx.emit(ctx.record(SUITE, NAME, variant.name, status=status, dtype=variant.dtype_name,

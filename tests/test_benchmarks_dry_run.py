@@ -392,13 +392,13 @@ def test_time_box_skips_and_says_so(tmp_path):
 
 def test_goal_variants_are_measured_before_the_eager_references(tmp_path):
     """A time box cuts the last variants of a suite: those must be the eager references, not `ours` or the
-    compiled reference whose ratio the goals are."""
+    compiled reference whose ratio the goals are; the fp32 one (the slowest) first, not the bf16
+    baseline."""
     import dataclasses
 
     ctx = dataclasses.replace(_context(tmp_path), variants=VARIANTS)
     order = [v.name for v in ctx.measurement_order()]
-    assert sorted(order) == sorted(v.name for v in VARIANTS)
-    assert order[:2] == ["ours", "reference+bf16+sdpa+compile"], order
+    assert order == ["ours", "reference+bf16+sdpa+compile", "reference+bf16+sdpa", "reference"], order
 
 
 @pytest.mark.parametrize("break_h", ["scaled", "nan"])
@@ -453,6 +453,30 @@ def test_kernel_suite_passes_correct_bf16_kernels(op):
             expected = ks.expected_outputs(getattr(kernels.reference, op), args, direction, grads_out)
             atol, rtol = ks.PARITY_TOL[dtype]["fwd"]
             assert not torch.allclose(results[1].float(), expected[1], atol=atol, rtol=rtol)
+
+
+def test_an_activation_count_that_fails_on_a_gpu_loses_the_figure_not_the_measurements(monkeypatch, capsys):
+    """The count on fake CUDA tensors runs only on a GPU: where it raises there, the figure is None
+    and the reason kept (the training and memory records carry it); on the CPU it raises."""
+    import types
+
+    import torch
+
+    import sit_fast.memory
+    from benchmarks import common
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("no fake kernel for this op")
+
+    monkeypatch.setattr(sit_fast.memory, "activation_bytes_per_image", broken)
+    ours = common.VARIANTS_BY_NAME["ours"]
+    gpu = types.SimpleNamespace(device=torch.device("cuda"), _activation_bytes={}, activation_count_errors={})
+    assert common.ModelFactory.activation_bytes_per_image(gpu, None, ours) is None
+    assert gpu.activation_count_errors == {"ours": "RuntimeError: no fake kernel for this op"}
+    assert "ours: the activation count failed" in capsys.readouterr().out
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), _activation_bytes={}, activation_count_errors={})
+    with pytest.raises(RuntimeError, match="no fake kernel"):
+        common.ModelFactory.activation_bytes_per_image(cpu, None, ours)
 
 
 def test_kernel_variant_that_raises_is_recorded_and_the_others_measured(monkeypatch):
@@ -545,8 +569,8 @@ def test_sampling_measures_the_goals_pairs_first_and_a_time_box_cuts_whole_compa
     ctx.budget = common.Budget(250.0)  # two compilations, not three
     sample_suite.run(ctx)
     # the goals' pairs first, the largest batch first; the eager references, which decide no goal, last
-    assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("reference", 256),
-                     ("reference+bf16+sdpa", 256), ("reference", 8), ("reference+bf16+sdpa", 8)], calls
+    assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("reference+bf16+sdpa", 256),
+                     ("reference", 256), ("reference+bf16+sdpa", 8), ("reference", 8)], calls
     skipped = {(r["variant"], r["batch_size"]) for r in ctx.results.records if r["status"] == "skipped"}
     assert skipped == {("ours", 8), ("reference+bf16+sdpa+compile", 8)}
 
@@ -573,6 +597,34 @@ def test_sampling_judges_what_fits_by_the_compilations_it_timed(tmp_path, monkey
     sample_suite.run(ctx)
     assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("ours", 8),
                      ("reference+bf16+sdpa+compile", 8)], calls
+
+
+def test_sampling_judges_the_next_batch_by_the_compilation_and_the_calls(tmp_path, monkeypatch):
+    """Of a 50 s measurement at batch 256 whose first sampler run (compiling) took 20 s, batch 8 is
+    expected to need 1.5 x 20 s + the other 30 s (its smaller batch runs no longer), so it fits in the
+    65 s left; 1.5 x the whole measurement (75 s) would have left out the batch-8 latency, a goal."""
+    from benchmarks import common, sample_suite
+
+    calls = []
+
+    def measure(ctx, variant, transport, sampler, batch):
+        calls.append((variant.name, batch))
+        ctx.budget.seconds -= 50.0 if batch == 256 else 30.0
+        ctx.emit(ctx.record("sample", "ode_euler_50_cfg4", variant.name, batch_size=batch,
+                            extra={"first_run_s": 20.0}))
+
+    monkeypatch.setattr(sample_suite, "expected_cost_s", lambda size, variant: 40.0)
+    monkeypatch.setattr(sample_suite, "measure", measure)
+    ctx = _context(tmp_path, sample_batches=(8, 256))
+    ctx.variants = (common.VARIANTS_BY_NAME["ours"],)
+    ctx.budget = common.Budget(115.0)
+    sample_suite.run(ctx)
+    assert calls == [("ours", 256), ("ours", 8)], calls
+    # The other way, batch 8 (12 calls timed) then 256 (3 calls), the 30 s not compiling scale by 8.
+    full = common.SIZES["full"]()
+    assert sample_suite.expected_from((50.0, 20.0, 8, full.latency_steps_timed), full, 256) == \
+        1.5 * 20.0 + 30.0 * (256 * full.steps_timed) / (8 * full.latency_steps_timed)
+    assert sample_suite.expected_from((50.0, 20.0, 256, full.steps_timed), full, 8) == 1.5 * 20.0 + 30.0
 
 
 def test_sampling_time_box_learns_nothing_from_a_failed_measurement(tmp_path, monkeypatch):
@@ -870,10 +922,11 @@ def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
         main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     # Breadth first: the default launches of the first op's two directions, then the stop at the next one's
     records = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert [r["name"] for r in records] == ["layernorm_modulate.fwd", "layernorm_modulate.bwd"], records
+    first = kernels_suite.OPS[0]
+    assert [r["name"] for r in records] == [f"{first}.fwd", f"{first}.bwd"], records
     for record in records:
         assert record["suite"] == "tuning" and record["status"] == "ok" and record["extra"]["default"], record
-    assert "| layernorm_modulate.fwd |" in (tmp_path / "results.md").read_text()
+    assert f"| {first}.fwd |" in (tmp_path / "results.md").read_text()
 
 
 def test_one_launch_setting_for_all_ops_is_the_least_total_time():
