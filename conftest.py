@@ -21,6 +21,17 @@ for _name in ("SIGHUP", "SIGINT", "SIGTERM", "SIGUSR1"):
         signal.signal(_signum, signal.default_int_handler if _name == "SIGINT" else signal.SIG_DFL)
 
 
+@pytest.fixture(autouse=True)
+def _fresh_seed():
+    """Every test starts from a seed of its own, from the OS, on every device: CUDA's default
+    generator starts from a fixed seed in each process (the CPU's from a random one), and a test
+    that seeds the global generators for itself would leave the tests after it the same numbers
+    every run. The seed is printed, so a failure's report shows it."""
+    seed = int.from_bytes(os.urandom(6), "little")
+    torch.manual_seed(seed)  # CPU and every CUDA device
+    print(f"torch seed {seed}")
+
+
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left
 def pytest_collection_modifyitems(config, items):
     """SIT_FAST_TEST_SHARD=I/N keeps the I-th of N shares of the collected tests (0 <= I < N): N

@@ -169,7 +169,8 @@ def test_fast_likelihood_matches_reference():
     seed = int(torch.randint(0, 2**31, ()).item())
     results = []
     for model in (reference, candidate):
-        with torch.random.fork_rng(devices=[]):  # the same probe, and the global generator left as it was
+        # the same probe, and the global generators (the probe's device's among them) left as they were
+        with torch.random.fork_rng(devices=[torch.cuda.current_device()] if DEVICE == "cuda" else []):
             torch.manual_seed(seed)
             results.append(likelihood(x, model, y=y))
     (logp_ref, z_ref), (logp, z) = results
@@ -228,9 +229,10 @@ def test_upstream_checkpoint_gives_same_outputs_in_fast_and_reference(tmp_path):
     reference, candidate = pair("hd72-sigma")
     load_checkpoint(reference, tmp_path / "upstream.pt")
     load_checkpoint(candidate, tmp_path / "upstream.pt")
-    reference.eval(), candidate.eval()
-    x = torch.randn(2, 4, 8, 8)
-    t, y = torch.rand(2), torch.tensor([3, 7])
+    for model in (reference, candidate):
+        model.to(DEVICE).eval()
+    x = torch.randn(2, 4, 8, 8, device=DEVICE)
+    t, y = torch.rand(2, device=DEVICE), torch.tensor([3, 7], device=DEVICE)
     with torch.no_grad():
         ref, out = reference(x, t, y), candidate(x, t, y)
     rel = ((out - ref).norm() / ref.norm()).item()
@@ -244,7 +246,7 @@ def test_broken_candidate_fails_parity(monkeypatch):
     good = broken["gated_residual_layernorm_modulate"]
     broken["gated_residual_layernorm_modulate"] = lambda x, g, y, sh, sc: good(x, g, y, sh, sc, eps=1e-1)
     monkeypatch.setattr(models, "fused_ops", lambda dtype: broken)  # the candidate runs fused_kernels=True
-    report = compare(reference, candidate, batch_size=2)
+    report = compare(reference, candidate, batch_size=2, device=DEVICE)
     assert not report.ok()
     assert any(f.startswith("output") for f in report.failures())
 
