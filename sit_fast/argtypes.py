@@ -55,12 +55,21 @@ class OneLineArgumentParser(argparse.ArgumentParser):
                     flag = theirs[0].split("=")[0]
                     raise UserError(f"{flag} is a flag of {other.prog}, not of {parser.prog}: drop it, or run "
                                     f"{other.prog}")
-            guesses = [difflib.get_close_matches(extra.split("=")[0], flags, n=1, cutoff=0.75) for extra in extras
-                       if extra.startswith("--")]
-            meant = ", ".join(dict.fromkeys(guess[0] for guess in guesses if guess))
+            guesses = [flag_meant(extra.split("=")[0], flags) for extra in extras if extra.startswith("--")]
+            meant = ", ".join(dict.fromkeys(flag for guess in guesses for flag in guess))
             hint = f"did you mean {meant}? " if meant else ""
             raise UserError(f"unrecognized arguments: {' '.join(extras)} ({hint}see {parser.prog} --help)")
         return namespace
+
+
+def flag_meant(given: str, flags: list[str], most: int = 3) -> list[str]:
+    """The flags an unknown one may mean: those it begins (a shortened flag, which upstream's argparse
+    took: --cfg for --cfg-scale), up to `most` of them, else the one closest in spelling (a typo), or
+    none when none is close."""
+    shortened = [flag for flag in flags if flag.startswith(given) and flag != given]
+    if shortened:
+        return shortened[:most] if len(shortened) <= most else [*shortened[:most], "..."]
+    return difflib.get_close_matches(given, flags, n=1, cutoff=0.75)
 
 
 def default_workers(most: int = 4) -> int:

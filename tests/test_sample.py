@@ -503,9 +503,14 @@ def test_sampling_after_training_in_one_process_logs_to_stderr_not_the_runs_log(
 
 @pytest.mark.parametrize("mode,flag,meant", [("ODE", "--cfg-scal", "--cfg-scale"), ("ODE", "--bogus", None),
                                             ("SDE", "--sampling-steps", "--num-sampling-steps"),
-                                            ("SDE", "--diffusion-forms=linear", "--diffusion-form")])
+                                            ("SDE", "--diffusion-forms=linear", "--diffusion-form"),
+                                            # shortened, as upstream's argparse took them: the flags they begin
+                                            ("SDE", "--num-sampl", "--num-sampling-steps"),
+                                            ("SDE", "--last-step-s", "--last-step-size"),
+                                            ("ODE", "--sampling", "--sampling-method")])
 def test_mistyped_flag_is_refused(mode, flag, meant, capsys):
-    """One line naming the flag, the mode's flag it is closest to (if one is close), and the help to see."""
+    """One line naming the flag, the mode's flags it may mean (the ones it begins, else the closest in
+    spelling, if one is close), and the help to see."""
     with pytest.raises(SystemExit) as exit_info:
         run([mode, flag, "2"])
     assert exit_info.value.code == 2
@@ -514,6 +519,18 @@ def test_mistyped_flag_is_refused(mode, flag, meant, capsys):
     hint = f"did you mean {meant}? " if meant else ""
     assert err.startswith(f"error: unrecognized arguments: {flag} 2 ({hint}see ") and err.endswith(f" {mode} --help)"), err
     assert meant or "did you mean" not in err
+
+
+def test_flag_meant_lists_the_flags_a_shortened_one_begins():
+    from sit_fast.argtypes import flag_meant
+
+    flags = ["--cfg-scale", "--cfg-channels", "--cfg-interval", "--num-classes", "--num-fid-samples",
+             "--num-sampling-steps", "--no-tf32", "--seed"]
+    assert flag_meant("--cfg", flags) == ["--cfg-scale", "--cfg-channels", "--cfg-interval"]
+    assert flag_meant("--n", flags) == ["--num-classes", "--num-fid-samples", "--num-sampling-steps", "..."]
+    assert flag_meant("--num-sampl", flags) == ["--num-sampling-steps"]  # not --num-fid-samples, closer in spelling
+    assert flag_meant("--seeed", flags) == ["--seed"]  # a typo: the closest
+    assert flag_meant("--bogus", flags) == []
 
 
 @pytest.mark.parametrize("mode,flag,other", [("SDE", "--atol", "ODE"), ("SDE", "--likelihood", "ODE"),
