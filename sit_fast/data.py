@@ -245,12 +245,31 @@ def unreadable_image(path: str, err: Exception) -> DataError:
     return DataError(f"cannot read image {path} ({first_line(err)}): remove or replace it")
 
 
+# One-channel modes holding more than 8 bits: PIL's convert to "L" or "RGB" clips their values to 255
+# (a 16-bit grayscale PNG comes out white); read_image scales them to 8 bits instead.
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+
+
+def to_8_bits(image: Image.Image, path: str) -> Image.Image:
+    """A 16-bit (or 32-bit integer) one-channel image as 8-bit "L", 0..65535 to 0..255 (values past
+    65535 count as 65535); other modes as they are. A floating-point image ("F": no fixed range) is a
+    DataError naming it."""
+    if image.mode in HIGH_DEPTH_MODES:
+        values = np.asarray(image, dtype=np.float64)
+        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+    if image.mode == "F":
+        raise DataError(f"image {path} holds floating-point pixels (PIL mode F), which have no fixed range: "
+                        "convert it to an 8- or 16-bit image")
+    return image
+
+
 def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
-    """The image at `path` in `mode` ("RGB" or "L"), ADM center-cropped to image_size; a file PIL
-    cannot read (a truncated one too: its header read, its pixels not) is a DataError naming it."""
+    """The image at `path` in `mode` ("RGB" or "L"), ADM center-cropped to image_size (16-bit
+    grayscale scaled to 8 bits first); a file PIL cannot read (a truncated one too: its header read,
+    its pixels not) is a DataError naming it."""
     try:
         with Image.open(path) as image:
-            return center_crop_arr(image.convert(mode), image_size)
+            return center_crop_arr(to_8_bits(image, path).convert(mode), image_size)
     except UNREADABLE_IMAGE as err:
         raise unreadable_image(path, err) from None
 

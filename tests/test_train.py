@@ -939,6 +939,33 @@ def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
         ("a/1.png", 0), ("b/8.tiff", 1), ("b/sub/6.webp", 1), ("b/sub-x/5.JPG", 1), ("b/sub/deep/7.bmp", 1)]
 
 
+@pytest.mark.parametrize("mode", ["I;16", "I"])
+def test_sixteen_bit_grayscale_images_are_scaled_to_eight_bits(tmp_path, mode):
+    """PIL's convert to RGB clips a 16-bit image's values at 255 (a white image, silently): read_image
+    scales 0..65535 to 0..255, in every channel; a floating-point image is refused, naming it."""
+    from sit_fast.data import DataError, read_image
+
+    rng = np.random.default_rng()
+    values = rng.integers(0, 65536, size=(6, 6)).astype(np.uint16)
+    if mode == "I;16":  # a 16-bit grayscale PNG
+        path = str(tmp_path / "g.png")
+        Image.fromarray(values).save(path)
+    else:  # 32-bit integers (a TIFF)
+        path = str(tmp_path / "g.tiff")
+        Image.fromarray(values.astype(np.int32), "I").save(path)
+    with Image.open(path) as opened:
+        assert opened.mode == mode, opened.mode
+    rgb = np.asarray(read_image(path, 6))
+    assert rgb.shape == (6, 6, 3) and rgb.dtype == np.uint8
+    expected = np.rint(values / 257.0)
+    assert all((rgb[..., c] == expected).all() for c in range(3)), (rgb[..., 0], expected)
+    np.testing.assert_array_equal(np.asarray(read_image(path, 6, "L")), expected)
+
+    Image.fromarray(rng.random((6, 6)).astype(np.float32), "F").save(tmp_path / "f.tiff")
+    with pytest.raises(DataError, match=r"f\.tiff holds floating-point pixels"):
+        read_image(str(tmp_path / "f.tiff"), 6)
+
+
 def test_resume_names_unfinished_checkpoint_writes_and_keeps_them(tmp_path):
     """A writer killed mid-write (SIGKILL) leaves its temporary file: the next run names it, with its size."""
     exp = str(tmp_path / "run")
