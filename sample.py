@@ -161,7 +161,9 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     run.add_argument("--num-sampling-steps", type=integer, default=250,
                      help="steps of a fixed-step solver (the SDE's count includes the last step)")
     run.add_argument("--seed", "--global-seed", dest="seed", type=integer, default=0,
-                     help="global seed; image i's noise and label come from (seed, i)")
+                     help="global seed; image i's starting noise and label come from (seed, i); an SDE's "
+                          "per-step noise comes from (seed, batch) and an adaptive ODE's steps are chosen for "
+                          "the whole batch, so their images also depend on --batch-size")
     run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=positive_int, default=None,
                      help=f"images per process per batch (default: the whole grid; {FID_BATCH_SIZE} for "
                           f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood)")
