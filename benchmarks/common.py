@@ -59,7 +59,8 @@ FIELDS: dict[str, str] = {
     "peak_tflops": "dense peak TFLOP/s of the device for this dtype, from sit_fast.flops.PEAK_TFLOPS",
     "peak_tflops_source": "which table entry gave peak_tflops",
     "mfu": "tflops / peak_tflops",
-    "fraction_of_matmul_ceiling": "tflops / the bf16 matmul ceiling measured at the start of the run",
+    "fraction_of_matmul_ceiling": "tflops / the bf16 matmul ceiling measured at the start of the run (bf16 variants; "
+                                  "null for fp32)",
     "bytes_moved": "kernels: bytes read + written per call",
     "gbps": "kernels: bytes_moved / median time, GB/s",
     "fraction_of_copy_bw": "kernels: gbps / the copy ceiling measured at the start of the run",
@@ -142,6 +143,8 @@ def validate_record(record: dict, parity_ran: bool = True) -> list[str]:
             continue  # out of memory, skipped or failed: the note says why
         elif record.get("device_type") == "cpu" and key in CPU_NULL:
             continue
+        elif key == "fraction_of_matmul_ceiling" and record.get("dtype") != "bf16":
+            continue  # the ceiling is a bf16 one
         elif suite in ("train", "sample") and key in LINKED_PARITY and not parity_ran:
             continue
         else:
@@ -644,7 +647,8 @@ def throughput_fields(ctx: "RunContext", variant: Variant, flops_per_image: floa
     return dict(
         images_per_s=images_per_s, flops_per_image=flops_per_image, tflops=tflops, peak_tflops=peak,
         peak_tflops_source=source, mfu=None if peak is None else tflops / peak,
-        fraction_of_matmul_ceiling=tflops / ctx.ceilings["matmul_tflops"],
+        # the ceiling is a bf16 matmul's: an fp32 (TF32) variant's fraction of it would compare unlike rates
+        fraction_of_matmul_ceiling=tflops / ctx.ceilings["matmul_tflops"] if variant.dtype_name == "bf16" else None,
     )
 
 

@@ -119,6 +119,9 @@ def test_nulls_only_where_a_cpu_has_no_figure(dry_run):
         nulls = {k for k in SUITE_FIELDS[record["suite"]] if record[k] is None}
         if record["suite"] in ("kernels", "tuning"):
             nulls -= {"iterations", "timer"}  # the kernel suite's rows do not report these
+        if record["suite"] in ("train", "sample"):  # a fraction of the bf16 matmul ceiling: bf16 variants only
+            assert ("fraction_of_matmul_ceiling" in nulls) == (record["dtype"] != "bf16"), record
+            nulls.discard("fraction_of_matmul_ceiling")
         assert nulls <= CPU_NULL, (record["suite"], record["name"], record["variant"], nulls - CPU_NULL)
         for key in ("median_ms", "p20_ms", "p80_ms", "images_per_s", "tflops", "gbps"):
             value = record[key]
@@ -245,6 +248,8 @@ def test_validate_record_catches_gaps():
                   git_commit="abc", date="today")
     problems = "\n".join(validate_record(record))
     assert "mfu is null" in problems and "peak_memory_bytes is null" in problems
+    assert "fraction_of_matmul_ceiling is null" in "\n".join(validate_record(dict(record, dtype="bf16")))
+    assert "fraction_of_matmul_ceiling" not in "\n".join(validate_record(dict(record, dtype="fp32")))
     cpu = dict(record, device_type="cpu")
     assert "mfu is null" not in "\n".join(validate_record(cpu))
     assert "gbps should be null" in "\n".join(validate_record(dict(cpu, gbps=1.0)))
