@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         results.ceilings = common.measure_ceilings(device, size)
     results.write()
+    results.note_device_state(device, "start" if not args.continue_run else "continued")
     if os.path.exists(suites_left):
         os.remove(suites_left)
     c = results.ceilings
@@ -165,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             ctx.fail(suite, "suite", common.SUITE_LEVEL, error, dtype=None)
         common.log(f"== {suite} done in {time.monotonic() - suite_start:.1f} s")
         lost = common.device_lost(device)
+        results.note_device_state(device, f"after {suite}")
         if lost and suites[i + 1:]:
             left = ",".join(suites[i + 1:])
             common.write_text(suites_left, left + "\n")

@@ -499,6 +499,46 @@ def device_lost(device: torch.device) -> str | None:
     return None
 
 
+# nvidia-smi's names for what the GPU is doing now; the reasons for lowered clocks are
+# clocks_event_reasons.active in recent drivers, clocks_throttle_reasons.active in older ones.
+DEVICE_STATE_FIELDS = ("clocks.sm", "clocks.mem", "clocks.max.sm", "power.draw", "temperature.gpu")
+CLOCK_REASON_FIELDS = ("clocks_event_reasons.active", "clocks_throttle_reasons.active")
+
+
+def device_state(device: torch.device, run=subprocess.run) -> list[dict] | None:
+    """Each GPU's clocks (MHz), power (W), temperature (C) and the reasons its clocks are held down
+    (a bit mask; 0x0 or 0x1, idle, is none), as nvidia-smi reads them now: a run whose clocks fell
+    (heat, power cap) says so beside its figures. None on the CPU; [{"error": ...}] where nvidia-smi
+    cannot say."""
+    if device.type != "cuda":
+        return None
+    problem = "no answer"
+    for reason_field in (*CLOCK_REASON_FIELDS, None):
+        fields = ("index", *DEVICE_STATE_FIELDS, *([reason_field] if reason_field else []))
+        try:
+            proc = run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                       capture_output=True, text=True, timeout=20)
+        except (OSError, subprocess.SubprocessError) as error:
+            return [{"error": error_note(error)}]
+        if proc.returncode != 0:  # a field this driver does not know: ask without it
+            lines = (proc.stdout + proc.stderr).strip().splitlines()
+            problem = lines[-1] if lines else f"exit status {proc.returncode}"
+            continue
+        states = []
+        for line in proc.stdout.strip().splitlines():
+            values = [v.strip() for v in line.split(",")]
+            state = {}
+            for field, value in zip(fields, values):
+                key = "clock_reasons" if field == reason_field else field.replace(".", "_")
+                try:
+                    state[key] = value if key == "clock_reasons" else int(value) if key == "index" else float(value)
+                except ValueError:  # [N/A], [Not Supported]
+                    state[key] = None
+            states.append(state)
+        return states
+    return [{"error": f"nvidia-smi: {problem}"}]
+
+
 def is_oom(error: BaseException) -> bool:
     """An out-of-memory error, also when torch.compile wrapped it in its own exception."""
     from sit_fast.errors import is_out_of_memory
@@ -669,6 +709,7 @@ class Results:
         self.suites_run: list[str] = []
         self.continued_by: list[list[str]] = []  # the commands that added to a first run's results
         self.setup: dict = {}  # what the records measured (size, variants, compile backend): a continued run's too
+        self.device_states: list[dict] = []  # the GPU's clocks, power and temperature, at the start and after each suite
 
     def continue_from_disk(self, suites: list[str]) -> str | None:
         """Take up the results already in out_dir (ceilings, records, suites run) to add `suites` to them.
@@ -700,6 +741,7 @@ class Results:
         self.ceilings = document["ceilings"]
         self.records = document["records"]
         self.suites_run = document["suites_run"]
+        self.device_states = document.get("device_states", [])
         return None
 
     def add(self, record: dict) -> None:
@@ -710,6 +752,18 @@ class Results:
         self.write()
         print(console_line(record), flush=True)
 
+    def note_device_state(self, device: torch.device, when: str) -> None:
+        """Adds the GPU's state now (device_state), as measured `when` ("start", "after train"), and logs
+        it; nothing on the CPU."""
+        states = device_state(device)
+        if states is None:
+            return
+        self.device_states.append({"when": when, "time": datetime.datetime.now().isoformat(timespec="seconds"),
+                                   "gpus": states})
+        self.write()
+        shown = "; ".join(", ".join(f"{k} {v}" for k, v in state.items()) for state in states)
+        log(f"device state ({when}): {shown}")
+
     def write(self) -> None:
         document = {
             "schema_version": SCHEMA_VERSION,
@@ -719,6 +773,7 @@ class Results:
             "environment": self.environment,
             "ceilings": self.ceilings,
             "suites_run": self.suites_run,
+            "device_states": self.device_states,
             "fields": FIELDS,
             "records": self.records,
         }
@@ -1004,6 +1059,20 @@ def to_markdown(document: dict) -> str:
         lines.append("")
         if suite in NOTES:
             lines += [NOTES[suite], ""]
+    states = document.get("device_states")
+    if states:
+        lines += ["## device state", "", "| when | GPU | SM clock MHz (max) | memory clock MHz | power W | "
+                  "temperature C | clock reasons |", "|" + " --- |" * 7]
+        for entry in states:
+            for gpu in entry["gpus"]:
+                if "error" in gpu:
+                    lines.append(f"| {entry['when']} | {gpu['error']} |")
+                    continue
+                lines.append(f"| {entry['when']} | {gpu.get('index')} | {gpu.get('clocks_sm')} "
+                             f"({gpu.get('clocks_max_sm')}) | {gpu.get('clocks_mem')} | {gpu.get('power_draw')} | "
+                             f"{gpu.get('temperature_gpu')} | {gpu.get('clock_reasons', 'n/a')} |")
+        lines += ["", "Clock reasons: nvidia-smi's bit mask (0x1 idle, 0x4 the power cap, 0x8/0x20/0x40 slowdown for heat; "
+                  "`nvidia-smi -q -d PERFORMANCE` names them).", ""]
     return "\n".join(lines)
 
 

@@ -257,6 +257,56 @@ def test_validate_record_catches_gaps():
     assert "missing fields ['note']" in "\n".join(validate_record(record))
 
 
+def test_device_state_reads_nvidia_smi_and_asks_older_drivers_without_the_new_field(tmp_path, monkeypatch):
+    """Clocks, power, temperature and the clock-lowering reasons per GPU; a driver that does not know
+    clocks_event_reasons is asked for clocks_throttle_reasons, and one that knows neither for the rest."""
+    import torch
+
+    from benchmarks import common
+
+    def smi(known):
+        def run(cmd, **kwargs):
+            fields = cmd[1].split("=", 1)[1].split(",")
+            unknown = [f for f in fields if f not in known]
+            if unknown:
+                return subprocess.CompletedProcess(cmd, 2, "", f'Field "{unknown[0]}" is not a valid field to query.\n')
+            values = {"index": "0", "clocks.sm": "1980", "clocks.mem": "3201", "clocks.max.sm": "1980",
+                      "power.draw": "[N/A]", "temperature.gpu": "41"}
+            values.update(dict.fromkeys(common.CLOCK_REASON_FIELDS, "0x0000000000000004"))
+            return subprocess.CompletedProcess(cmd, 0, ", ".join(values[f] for f in fields) + "\n", "")
+        return run
+
+    cuda = torch.device("cuda")
+    base = {"index", *common.DEVICE_STATE_FIELDS}
+    for known, reasons in ((base | {"clocks_event_reasons.active"}, "0x0000000000000004"),
+                           (base | {"clocks_throttle_reasons.active"}, "0x0000000000000004"), (base, None)):
+        (state,) = common.device_state(cuda, run=smi(known))
+        assert state.pop("clock_reasons", None) == reasons
+        assert state == {"index": 0, "clocks_sm": 1980.0, "clocks_mem": 3201.0, "clocks_max_sm": 1980.0,
+                         "power_draw": None, "temperature_gpu": 41.0}
+    assert common.device_state(cuda, run=smi(set())) == [
+        {"error": 'nvidia-smi: Field "index" is not a valid field to query.'}]
+
+    def missing(cmd, **kwargs):
+        raise FileNotFoundError(2, "No such file or directory", "nvidia-smi")
+
+    assert "No such file" in common.device_state(cuda, run=missing)[0]["error"]
+    assert common.device_state(torch.device("cpu")) is None
+
+    # recorded in results.json and shown in results.md; a CPU run records none
+    results = common.Results(str(tmp_path), common.environment(torch.device("cpu")), ["test"])
+    results.note_device_state(torch.device("cpu"), "start")
+    assert results.device_states == []
+    real = common.device_state
+    monkeypatch.setattr(common, "device_state", lambda device: real(device, run=smi(base)))
+    results.note_device_state(cuda, "after train")
+    with open(tmp_path / "results.json") as f:
+        (entry,) = json.load(f)["device_states"]
+    assert entry["when"] == "after train" and entry["gpus"][0]["clocks_sm"] == 1980.0
+    with open(tmp_path / "results.md") as f:
+        assert "| after train | 0 | 1980.0 (1980.0) | 3201.0 | None | 41.0 | n/a |" in f.read()
+
+
 def test_the_schema_names_every_suite():
     """results.json's `fields` describe the records it holds: every suite's name is among the suite field's values."""
     values = [v.strip() for v in FIELDS["suite"].split("|")]
