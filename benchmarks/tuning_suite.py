@@ -20,7 +20,8 @@ one-program-per-sample tiling and the other prefetch setting run: the dry run pr
 warps mean nothing there.
 Each op's best launch is then timed on the other ops of its direction, and each op's best prints as
 SIT_FAST_KERNEL_LAUNCH settings, then the one setting for all ops: per direction, the launch with the
-least time summed over the three ops.
+least time summed over the three ops, unless it gains less on the default than the default's own
+p20-p80 spread (summed over the ops): timing noise, and the default stands.
 
     python -m benchmarks tuning --device cuda --out DIR      # alone; `all` runs it last, in the time left
 """
@@ -91,9 +92,17 @@ def one_setting(searches: list["LaunchSearch"]) -> str:
             continue
         total = {launch: sum(s.measured[launch]["median_ms"] for s in group) for launch in common}
         chosen = min(total, key=total.get)
-        parts += [f"{direction}_{k}={v}" for k, v in zip(KEYS, chosen)]
         default = group[0].default
-        versus = (f"{total[default] / total[chosen]:.2f}x the default's {total[default]:.3g} ms"
+        noise = ""
+        if chosen != default and default in total:
+            spreads = [s.measured[default].get("p80_ms", 0.0) - s.measured[default].get("p20_ms", 0.0)
+                       for s in group if s.measured[default].get("p20_ms") is not None]
+            if spreads and total[default] - total[chosen] <= sum(spreads):  # a gain timing noise could make
+                noise = (f"; the best, {total[chosen]:.3g} ms, gains less than the default's p20-p80 spread "
+                         f"({sum(spreads):.3g} ms summed): the default stands")
+                chosen = default
+        parts += [f"{direction}_{k}={v}" for k, v in zip(KEYS, chosen)]
+        versus = (f"{total[default] / total[chosen]:.2f}x the default's {total[default]:.3g} ms{noise}"
                   if default in total else "the default did not run every op")
         notes.append(f"{direction}: {total[chosen]:.3g} ms for the {len(group)} ops, {versus}")
     setting = f"SIT_FAST_KERNEL_LAUNCH={','.join(parts)}" if parts else "no SIT_FAST_KERNEL_LAUNCH setting"
