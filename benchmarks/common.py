@@ -709,7 +709,7 @@ class Results:
         self.suites_run: list[str] = []
         self.continued_by: list[list[str]] = []  # the commands that added to a first run's results
         self.setup: dict = {}  # what the records measured (size, variants, compile backend): a continued run's too
-        self.device_states: list[dict] = []  # the GPU's clocks, power and temperature, at the start and after each suite
+        self.device_states: list[dict] = []  # the GPU's clocks, power, temperature: at the start, after each suite
 
     def continue_from_disk(self, suites: list[str]) -> str | None:
         """Take up the results already in out_dir (ceilings, records, suites run) to add `suites` to them.
@@ -965,9 +965,9 @@ THROUGHPUT_COLUMNS = [
 
 # Said under a suite's table in results.md: what its figures count and leave out.
 NOTES = {
-    "train": "One step: forward, backward, AdamW (no EMA; no data loading or VAE: inputs on the device). MFU: model FLOPs (3 x forward, forward = 2 x "
-             "multiply-adds) over the data sheet's dense peak of the row's dtype. Each variant at the "
-             "largest batch that fits (the batch column). act/img: the eager maths' activations (fake "
+    "train": "One step: forward, backward, AdamW (no EMA; no data loading or VAE: inputs on the device). "
+             "MFU: model FLOPs (3 x forward, forward = 2 x multiply-adds) over the data sheet's dense "
+             "peak of the row's dtype. Each variant at the largest batch that fits (the batch column). act/img: the eager maths' activations (fake "
              "tensors), for compiled variants too. Parity: from the parity suite of this run.",
     "sample": "Model sampling only: the VAE decode is not timed. The model sees 2 x batch (guidance). "
               "ms/batch: the run of `steps timed` model calls, scaled to the full sampler's calls "
@@ -1074,8 +1074,8 @@ def to_markdown(document: dict) -> str:
                 lines.append(f"| {entry['when']} | {gpu.get('index')} | {gpu.get('clocks_sm')} "
                              f"({gpu.get('clocks_max_sm')}) | {gpu.get('clocks_mem')} | {gpu.get('power_draw')} | "
                              f"{gpu.get('temperature_gpu')} | {gpu.get('clock_reasons', 'n/a')} |")
-        lines += ["", "Clock reasons: nvidia-smi's bit mask (0x1 idle, 0x4 the power cap, 0x8/0x20/0x40 slowdown for heat; "
-                  "`nvidia-smi -q -d PERFORMANCE` names them).", ""]
+        lines += ["", "Clock reasons: nvidia-smi's bit mask (0x1 idle, 0x4 the power cap, 0x8/0x20/0x40 "
+                  "slowdown for heat; `nvidia-smi -q -d PERFORMANCE` names them).", ""]
     return "\n".join(lines)
 
 
