@@ -79,10 +79,12 @@ def fused_from_stored(
 
 def x_hat_rounding_bounds(
     op: str, inputs: dict[str, torch.Tensor], x_out: torch.Tensor | None, dh: torch.Tensor, eps: float,
-    norm_dtype: torch.dtype,
+    norm_dtype: torch.dtype, unit: float | None = None,
 ) -> dict[str, torch.Tensor]:
     """Worst-case first-order error of each input gradient from backward reading x_hat stored in
     norm_dtype (the normalised output's dtype), by input name; empty where x_hat is kept exactly.
+    unit: the relative error of that store, where it is known for the device (bf16 on a GPU, which
+    rounds: 2**-8); by default X_HAT_STORAGE_ERROR's, which holds wherever the kernels run.
 
     inputs: the op's arguments by name (x, shift, scale; gate, y), in a wide dtype; x_out: the fused
     op's x_out (the tensor it normalises; None for layernorm_modulate); dh: the normalised output's
@@ -91,7 +93,7 @@ def x_hat_rounding_bounds(
         d_res   error <= u * rstd * |x_hat| * (|M| + mean_D |g x_hat|)
     d_res is dx; the fused op's dy = d_res * gate and dgate = sum_t d_res * y carry it along.
     """
-    u = X_HAT_STORAGE_ERROR.get(norm_dtype)
+    u = X_HAT_STORAGE_ERROR.get(norm_dtype) if unit is None or norm_dtype not in X_HAT_STORAGE_ERROR else unit
     if u is None or op == "gated_residual":
         return {}
     with torch.no_grad():

@@ -44,13 +44,17 @@ class DtypeCase:
 
 
 # The kernels compute in fp32 and round once on store, so against float64 the error is one rounding
-# of the output dtype plus fp32 noise. fp16 rounds to nearest (2**-11 relative); bf16 is given two
-# ulps (2**-7 each) because the Triton interpreter truncates fp32 -> bf16 instead of rounding.
+# of the output dtype plus fp32 noise. fp16 rounds to nearest (2**-11 relative). bf16 on a GPU rounds
+# to nearest (2**-8); the Triton interpreter truncates fp32 -> bf16 instead (< 2**-7). Each is given
+# about two such units: a correct kernel passes with room.
+BF16_UNIT = 2.0**-7 if DEVICE.type == "cpu" else 2.0**-8
+BF16_RTOL = 2.05 * BF16_UNIT  # 1.6e-2 in the interpreter, 8.0e-3 on a GPU
 DTYPE_CASES = [
     pytest.param(DtypeCase(torch.float32, torch.float32, Tol(1e-5, 1e-5), Tol(2e-5, 2e-5)), id="fp32"),
-    pytest.param(DtypeCase(torch.bfloat16, torch.bfloat16, Tol(1e-3, 1.6e-2), Tol(2e-3, 1.6e-2)), id="bf16"),
+    pytest.param(DtypeCase(torch.bfloat16, torch.bfloat16, Tol(1e-3, BF16_RTOL), Tol(2e-3, BF16_RTOL)), id="bf16"),
     pytest.param(DtypeCase(torch.float16, torch.float16, Tol(2e-4, 2e-3), Tol(5e-4, 2e-3)), id="fp16"),
-    pytest.param(DtypeCase(torch.bfloat16, torch.float32, Tol(1e-3, 1.6e-2), Tol(2e-3, 1.6e-2)), id="bf16-fp32vec"),
+    pytest.param(DtypeCase(torch.bfloat16, torch.float32, Tol(1e-3, BF16_RTOL), Tol(2e-3, BF16_RTOL)),
+                 id="bf16-fp32vec"),
 ]
 
 # (B, T, D): B = 1, T = 1, prime T, D = 72 / 1152 (SiT sizes) and a prime D.
@@ -174,7 +178,8 @@ def check_against_reference(
     ref_eps = 1e-6 if eps is None else eps
     ref_outs = run_reference64(op, ref_in, outs, ref_eps)
     bounds = reference.x_hat_rounding_bounds(op, ref_in, outs[0] if len(outs) == 2 else None, grads_out[-1],
-                                             ref_eps, expected[-1])
+                                             ref_eps, expected[-1],
+                                             unit=BF16_UNIT if expected[-1] == torch.bfloat16 else None)
     used = [i for i, out in enumerate(ref_outs) if out.requires_grad]  # not x_out when only shift/scale train
     ref_grads = torch.autograd.grad([ref_outs[i] for i in used], [ref_in[n] for n in names],
                                     [grads_out[i].to(torch.float64) for i in used])
@@ -351,7 +356,7 @@ def test_kernel_launch_overrides_reject_bad_values(overrides, message):
 
 # The bf16-autocast layout: fp32 residual stream x; y and gate/shift/scale bf16 (outputs of autocast
 # Linears); the normalised output requested in bf16 for the next Linear. x_out (and dx) are fp32.
-AUTOCAST_CASE = DtypeCase(torch.float32, torch.bfloat16, Tol(1e-3, 1.6e-2), Tol(2e-3, 1.6e-2))
+AUTOCAST_CASE = DtypeCase(torch.float32, torch.bfloat16, Tol(1e-3, BF16_RTOL), Tol(2e-3, BF16_RTOL))
 FP32_TOL = DTYPE_CASES[0].values[0].fwd
 
 
