@@ -23,7 +23,7 @@ import random
 import torch
 
 from benchmarks.common import (
-    LINKED_PARITY, VARIANTS_BY_NAME, RunContext, Variant, expected_cost_s, figures_read, free_memory, set_tf32,
+    LINKED_PARITY, PARITY_REFERENCE, RunContext, Variant, expected_cost_s, figures_read, free_memory, set_tf32,
 )
 
 SUITE = "parity"
@@ -50,7 +50,7 @@ def run(ctx: RunContext) -> None:
 
     set_tf32(ctx.device, False)
     try:
-        reference_variant = VARIANTS_BY_NAME["reference"]
+        reference_variant = PARITY_REFERENCE
         seed = ctx.seed if ctx.seed is not None else random.randrange(2**31)
         B = ctx.size.parity_batch
         kw = ctx.size.model_kwargs
@@ -90,7 +90,7 @@ def run(ctx: RunContext) -> None:
                 note="; ".join(failures) or None, **common, **fields,
                 variant_config=dict(ctx.models.variant_config(fp32_variant), tf32=False),
                 extra={"seed": seed, "worst": report.worst["tensor"], "worst_rows": worst,
-                       "compared_with": "reference (fp32, eager, attn math, reference ops)"},
+                       "compared_with": "fp32, eager, math attention, reference ops (PARITY_REFERENCE)"},
             ))
             ctx.parity[(variant.name, dtype_name)] = dict(fields, source=_source(B, seed, dtype_name))
     finally:
