@@ -933,6 +933,16 @@ def test_enums_and_factory_types():
     assert type(transport.path_sampler).__name__ == "GVPCPlan"
 
 
+def test_path_plans_take_upstreams_constructor_arguments():
+    """Code written for upstream's transport.path builds its plans with their (unused) sigma argument."""
+    from sit_fast.transport import path
+
+    t = torch.rand(5, dtype=torch.float64)
+    for plan in (path.ICPlan(sigma=0.0), path.GVPCPlan(0.0), path.VPCPlan(sigma_min=0.1, sigma_max=20.0)):
+        assert torch.equal(plan.compute_alpha_t(t)[0], type(plan)().compute_alpha_t(t)[0])
+    assert path.ICPlan(0.0).sigma == path.GVPCPlan(sigma=0.0).sigma == 0.0
+
+
 def test_argparse_helpers_parse_upstream_flags():
     parser = argparse.ArgumentParser()
     add_transport_args(parser)

@@ -37,6 +37,9 @@ def expand_t_like_x(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class ICPlan:
     """Linear interpolant: alpha_t = t, sigma_t = 1 - t (SiT's "Linear" path)."""
 
+    def __init__(self, sigma=0.0):
+        self.sigma = sigma  # upstream's constructor argument, which no formula reads: kept for code written for it
+
     def compute_alpha_t(self, t):
         """Data coefficient and its time derivative: (alpha_t, alpha'_t)."""
         return t, torch.ones_like(t)
