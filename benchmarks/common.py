@@ -971,8 +971,8 @@ THROUGHPUT_COLUMNS = [
 NOTES = {
     "train": "One step: forward, backward, AdamW (no EMA; no data loading or VAE: inputs on the device). "
              "MFU: model FLOPs (3 x forward, forward = 2 x multiply-adds) over the data sheet's dense "
-             "peak of the row's dtype. Each variant at the largest batch that fits (the batch column). act/img: the eager maths' activations (fake "
-             "tensors), for compiled variants too. Parity: from the parity suite of this run.",
+             "peak of the row's dtype. Each variant at the largest batch that fits (the batch column). "
+             "act/img: the eager maths' activations (fake tensors), for compiled variants too. Parity: from the parity suite of this run.",
     "sample": "Model sampling only: the VAE decode is not timed. The model sees 2 x batch (guidance). "
               "ms/batch: the run of `steps timed` model calls, scaled to the full sampler's calls "
               "(extrapolated; every call costs the same). Variants as configured: ours replays CUDA graphs "
