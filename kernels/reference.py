@@ -93,7 +93,9 @@ def x_hat_rounding_bounds(
         d_res   error <= u * rstd * |x_hat| * (|M| + mean_D |g x_hat|)
     d_res is dx; the fused op's dy = d_res * gate and dgate = sum_t d_res * y carry it along.
     """
-    u = X_HAT_STORAGE_ERROR.get(norm_dtype) if unit is None or norm_dtype not in X_HAT_STORAGE_ERROR else unit
+    u = X_HAT_STORAGE_ERROR.get(norm_dtype)
+    if u is not None and unit is not None:
+        u = unit
     if u is None or op == "gated_residual":
         return {}
     with torch.no_grad():
