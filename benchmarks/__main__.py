@@ -96,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
               f"interpreter; unset it", file=sys.stderr)
         return 2
 
-    from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite
+    from benchmarks import common, goals, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite
 
     runners = {"kernels": run_kernels, "parity": parity_suite.run, "train": train_suite.run,
                "sample": sample_suite.run, "memory": memory_suite.run, "tuning": tuning_suite.run}
@@ -176,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
                        f"{suites_left} names them)")
             return DEVICE_LOST
 
+    document = {"environment": environment, "setup": results.setup, "records": results.records}
+    for line in goals.console_lines(goals.evaluate(document)):
+        common.log(line)
     statuses: dict[str, int] = {}
     for record in results.records:
         statuses[record["status"]] = statuses.get(record["status"], 0) + 1
@@ -214,7 +217,7 @@ def run_kernels(ctx) -> None:
 
 
 KERNEL_ROW_FIELDS = ("name", "variant", "dtype", "shapes", "median_ms", "p20_ms", "p80_ms", "bytes_moved", "gbps",
-                     "parity_max_abs_err", "iterations", "timer", "status", "note")
+                     "parity_max_abs_err", "iterations", "timer", "window_spread", "status", "note")
 
 
 KERNEL_ROW_STAMP = ("suite", "device", "commit", "date")  # the record's own stamp says these

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: window_spread
 
 #################################################################################
 #                                 Record schema                                 #
@@ -51,7 +51,9 @@ FIELDS: dict[str, str] = {
     "p20_ms": "20th percentile of the same",
     "p80_ms": "80th percentile of the same",
     "iterations": "timed repetitions (warm-up and compilation excluded)",
-    "timer": "cuda_events (per repetition) | perf_counter | the kernel suite's timer",
+    "window_spread": "the version timed twice, back to back: |a - b| / min(a, b) of the two windows' medians "
+                     "(extra.window_medians_ms); a difference between versions smaller than this is noise",
+    "timer": "cuda_events (per repetition) | perf_counter | do_bench (the kernels' forward timings on CUDA)",
     "steps_timed": "sampling: model calls timed per repetition; median_ms scales them to the full sampler",
     "images_per_s": "batch_size / median time",
     "flops_per_image": "model FLOPs per image (sit_fast.flops: train 3 x forward; sampling 2 x forward per call, CFG)",
@@ -98,11 +100,14 @@ _PARITY = {"parity_output_rel_err", "parity_loss_rel_err", "parity_grad_rel_err_
 _MODEL = {"model", "batch_size", "variant_config"}
 # Fields each suite fills in an ok record; every other field of its records is null.
 SUITE_FIELDS: dict[str, set[str]] = {
-    "kernels": _COMMON | _TIMING | {"bytes_moved", "gbps", "fraction_of_copy_bw", "parity_max_abs_err"},
+    "kernels": _COMMON | _TIMING | {"window_spread", "bytes_moved", "gbps", "fraction_of_copy_bw",
+                                    "parity_max_abs_err"},
     "tuning": _COMMON | _TIMING | {"bytes_moved", "gbps", "fraction_of_copy_bw", "parity_max_abs_err"},
-    "train": _COMMON | _MODEL | _TIMING | _THROUGHPUT | _PARITY | {"peak_memory_bytes", "activation_bytes_per_image"},
-    "sample": _COMMON | _MODEL | _TIMING | _THROUGHPUT | {"steps_timed", "peak_memory_bytes", "parity_output_rel_err",
-                                                           "parity_max_abs_err", "parity_ok", "parity_tolerances"},
+    "train": _COMMON | _MODEL | _TIMING | _THROUGHPUT | _PARITY | {"window_spread", "peak_memory_bytes",
+                                                                   "activation_bytes_per_image"},
+    "sample": _COMMON | _MODEL | _TIMING | _THROUGHPUT | {"window_spread", "steps_timed", "peak_memory_bytes",
+                                                           "parity_output_rel_err", "parity_max_abs_err", "parity_ok",
+                                                           "parity_tolerances"},
     "parity": _COMMON | _MODEL | _PARITY,
     "memory": _COMMON | _MODEL | {"peak_memory_bytes", "activation_bytes_per_image",
                                   "measured_activation_bytes_per_image"},
@@ -418,6 +423,11 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
     """
     for _ in range(warmup):
         fn()
+    return Timing.from_times(*_times_ms(fn, device, iters))
+
+
+def _times_ms(fn: Callable[[], object], device: torch.device, iters: int) -> tuple[list[float], str]:
+    """Milliseconds of each of iters calls of fn, and the timer."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         starts = [torch.cuda.Event(enable_timing=True) for _ in range(iters)]
@@ -427,13 +437,31 @@ def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, iters: 
             fn()
             end.record()
         torch.cuda.synchronize(device)
-        return Timing.from_times([s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda_events")
+        return [s.elapsed_time(e) for s, e in zip(starts, ends)], "cuda_events"
     times = []
     for _ in range(iters):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return Timing.from_times(times, "perf_counter")
+    return times, "perf_counter"
+
+
+def time_twice(fn: Callable[[], object], device: torch.device, warmup: int, iters: int) -> tuple[Timing, dict]:
+    """fn timed in two windows of iters calls, back to back, after warmup untimed calls: the Timing of
+    both windows' calls together (2 x iters), and window_fields of the two windows' medians."""
+    for _ in range(warmup):
+        fn()
+    first, timer = _times_ms(fn, device, iters)
+    second, _ = _times_ms(fn, device, iters)
+    return Timing.from_times(first + second, timer), window_fields(float(np.median(first)), float(np.median(second)))
+
+
+def window_fields(first_ms: float, second_ms: float) -> dict:
+    """The fields of a version timed twice, back to back: window_spread (|a - b| / min(a, b); a
+    difference between versions smaller than it is noise) and, for extra, window_medians_ms [a, b]."""
+    low = min(first_ms, second_ms)
+    spread = abs(first_ms - second_ms) / low if low > 0 else None
+    return {"window_spread": spread, "window_medians_ms": [first_ms, second_ms]}
 
 
 def synchronize(device: torch.device) -> None:
@@ -769,6 +797,8 @@ class Results:
         log(f"device state ({when}): {shown}")
 
     def write(self) -> None:
+        from benchmarks.goals import evaluate
+
         document = {
             "schema_version": SCHEMA_VERSION,
             "command": self.command,
@@ -781,6 +811,7 @@ class Results:
             "fields": FIELDS,
             "records": self.records,
         }
+        document["goals"] = evaluate(document)
         text = json.dumps(_finite(document), indent=1, default=_json_default, allow_nan=False)
         write_text(os.path.join(self.out_dir, "results.json"), text)
         write_text(os.path.join(self.out_dir, "results.md"), to_markdown(document))
@@ -967,6 +998,9 @@ THROUGHPUT_COLUMNS = [
     ("of measured bf16 matmul ceiling", _of_matmul_ceiling),
 ]
 
+# Each version is timed in two windows, back to back: how far apart their medians were.
+WINDOWS_COLUMN = ("two windows apart", lambda r: _percent(r["window_spread"]))
+
 # Said under a suite's table in results.md: what its figures count and leave out.
 NOTES = {
     "train": "One step: forward, backward, AdamW (no EMA; no data loading or VAE: inputs on the device). "
@@ -984,7 +1018,7 @@ NOTES = {
 COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "kernels": [
         ("kernel", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
-        ("shapes", lambda r: _fmt(r["shapes"])), ("ms median (p20-p80)", _ms),
+        ("shapes", lambda r: _fmt(r["shapes"])), ("ms median (p20-p80)", _ms), WINDOWS_COLUMN,
         ("GB/s", lambda r: _fmt(r["gbps"], ".3g")), ("of copy BW", lambda r: _percent(r["fraction_of_copy_bw"])),
         ("max abs err", lambda r: _fmt(r["parity_max_abs_err"], ".2g")), ("status", _status),
     ],
@@ -1009,7 +1043,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     ],
     "train": [
         ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
-        ("batch", lambda r: _fmt(r["batch_size"])), ("ms/step median (p20-p80)", _ms),
+        ("batch", lambda r: _fmt(r["batch_size"])), ("ms/step median (p20-p80)", _ms), WINDOWS_COLUMN,
         ("img/s", lambda r: _fmt(r["images_per_s"], ".4g")),
         ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")), *THROUGHPUT_COLUMNS,
         ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
@@ -1021,7 +1055,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "sample": [
         ("sampler", lambda r: r["name"]), ("variant", lambda r: r["variant"]),
         ("batch", lambda r: _fmt(r["batch_size"])),
-        ("steps timed", lambda r: _fmt(r["steps_timed"])), ("ms/batch median (p20-p80)", _ms),
+        ("steps timed", lambda r: _fmt(r["steps_timed"])), ("ms/batch median (p20-p80)", _ms), WINDOWS_COLUMN,
         ("img/s", lambda r: _fmt(r["images_per_s"], ".3g")), ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")),
         *THROUGHPUT_COLUMNS, ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
         ("parity out", _linked_parity(lambda r: _fmt(r["parity_output_rel_err"], ".1e"))), ("status", _status),
@@ -1066,6 +1100,7 @@ def to_markdown(document: dict) -> str:
         lines.append("")
         if suite in NOTES:
             lines += [NOTES[suite], ""]
+    lines += goals_markdown(document)
     states = document.get("device_states")
     if states:
         lines += ["## device state", "", "| when | GPU | SM clock MHz (max) | memory clock MHz | power W | "
@@ -1081,6 +1116,24 @@ def to_markdown(document: dict) -> str:
         lines += ["", "Clock reasons: nvidia-smi's bit mask (0x1 idle, 0x4 the power cap, 0x8/0x20/0x40 "
                   "slowdown for heat; `nvidia-smi -q -d PERFORMANCE` names them).", ""]
     return "\n".join(lines)
+
+
+def goals_markdown(document: dict) -> list[str]:
+    """results.md's goals section (benchmarks.goals), once a suite with goals has started."""
+    if not {"kernels", "train", "sample"} & set(document.get("suites_run") or []):
+        return []
+    lines = ["## goals", "", "| issue | goal | batch | figure | target | noise (two windows) | verdict |",
+             "|" + " --- |" * 7]
+    for row in document.get("goals") or []:
+        if row["kind"] == "fraction":
+            figure, target = _percent(row["figure"]), _percent(row["target"])
+        else:
+            figure, target = _fmt(row["figure"], ".3f", suffix="x"), f"{row['target']:.2f}x"
+        lines.append(f"| {row['issue']} | {row['goal']} | {_fmt(row['batch'])} | {figure} | {target} | "
+                     f"{_percent(row['noise'])} | {row['verdict']} |")
+    return lines + ["", "Noise: the two windows' relative difference (window_spread) of the records compared, "
+                        "summed for a ratio; a figure that close to its target could fall on the other side "
+                        "in another run.", ""]
 
 
 def console_line(record: dict) -> str:

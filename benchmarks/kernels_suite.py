@@ -139,17 +139,25 @@ def _make_step(fn: Callable, args: list[torch.Tensor], direction: str,
     return step
 
 
-def _time_cuda(step: Callable) -> tuple[float, float, float]:
+def quantiles_ms(times_ms: list[float]) -> tuple[float, float, float]:
+    """Median, 20th and 80th percentile (linear interpolation, as do_bench's quantiles) of times in ms."""
+    if len(times_ms) == 1:
+        return times_ms[0], times_ms[0], times_ms[0]
+    deciles = statistics.quantiles(times_ms, n=10, method="inclusive")
+    return statistics.median(times_ms), deciles[1], deciles[7]
+
+
+def _times_cuda(step: Callable, warmup_ms: float = 25, rep_ms: float = 100) -> list[float]:
+    """Milliseconds of each timed call of triton.testing.do_bench (L2 flushed between calls)."""
     from triton.testing import do_bench
 
-    median, p20, p80 = do_bench(step, quantiles=[0.5, 0.2, 0.8])
-    return median, p20, p80
+    return list(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
 
 
-def _time_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torch.Tensor], device: torch.device,
-                   reps: int, warmup: int = 2) -> tuple[float, float, float]:
-    """Median, p20, p80 ms of the backward alone: each repetition runs a fresh forward untimed, then
-    times torch.autograd.grad (CUDA events on CUDA, perf_counter on the CPU).
+def _times_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torch.Tensor], device: torch.device,
+                    reps: int, warmup: int = 2) -> list[float]:
+    """Milliseconds of each of reps backward passes alone: each repetition runs a fresh forward
+    untimed, then times torch.autograd.grad (CUDA events on CUDA, perf_counter on the CPU).
 
     A graph cannot simply be kept and run backward again: torch.compile's backward frees the
     buffers it saved (donated buffers), so every repetition needs its own forward, as in training.
@@ -174,12 +182,11 @@ def _time_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torch
 
     for _ in range(warmup):
         once()
-    times_ms = [once() for _ in range(reps)]
-    deciles = statistics.quantiles(times_ms, n=10, method="inclusive") if len(times_ms) > 1 else times_ms * 9
-    return statistics.median(times_ms), deciles[1], deciles[7]
+    return [once() for _ in range(reps)]
 
 
-def _time_cpu(step: Callable, reps: int, warmup: int = 1) -> tuple[float, float, float]:
+def _times_cpu(step: Callable, reps: int, warmup: int = 1) -> list[float]:
+    """Milliseconds of each of reps calls (perf_counter), after warmup untimed ones."""
     for _ in range(warmup):
         step()
     times_ms = []
@@ -187,8 +194,7 @@ def _time_cpu(step: Callable, reps: int, warmup: int = 1) -> tuple[float, float,
         start = time.perf_counter()
         step()
         times_ms.append((time.perf_counter() - start) * 1e3)
-    deciles = statistics.quantiles(times_ms, n=10, method="inclusive")
-    return statistics.median(times_ms), deciles[1], deciles[7]
+    return times_ms
 
 
 # Ours against the reference computed in float32 from the same inputs: the kernel tests' bounds
@@ -298,6 +304,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
     then the compiled reference (the goal compares the two), so a box cuts the eager reference first.
     """
     import kernels
+    from benchmarks.common import window_fields
     from kernels import _launch, reference
 
     if size not in SIZES:
@@ -375,13 +382,17 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                     if variant == "ours":  # the references' own error is a yardstick, not judged
                         parity_failed = parity_failure(op, fn, args, results, cfg.dtype, direction, grads_out)
                     results = None
-                    if direction == "bwd":
-                        median, p20, p80 = _time_backward(fn, args, grads_out, dev,
-                                                          BWD_CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps)
-                    elif dev.type == "cuda":
-                        median, p20, p80 = _time_cuda(step)
-                    else:
-                        median, p20, p80 = _time_cpu(step, cfg.cpu_reps)
+                    windows = []  # timed twice, back to back: a difference smaller than theirs is noise
+                    for _ in range(2):
+                        if direction == "bwd":
+                            windows.append(_times_backward(fn, args, grads_out, dev,
+                                                           BWD_CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps))
+                        elif dev.type == "cuda":
+                            windows.append(_times_cuda(step))
+                        else:
+                            windows.append(_times_cpu(step, cfg.cpu_reps))
+                    median, p20, p80 = quantiles_ms(windows[0] + windows[1])
+                    repeat = window_fields(statistics.median(windows[0]), statistics.median(windows[1]))
                 except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
                     traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
                     failure = _failure_row(error)
@@ -400,6 +411,10 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                     "median_ms": median,
                     "p20_ms": p20,
                     "p80_ms": p80,
+                    "iterations": len(windows[0]) + len(windows[1]),
+                    "timer": ("perf_counter" if dev.type != "cuda" else
+                              "cuda_events" if direction == "bwd" else "do_bench"),
+                    **repeat,
                     "bytes_moved": bytes_moved,
                     "gbps": bytes_moved / (median * 1e-3) / 1e9,
                     "parity_max_abs_err": parity,

@@ -20,6 +20,8 @@ Extrapolation, to fit the time box: each timed run is the real sampler with k mo
 SDE Euler num_steps=k: k - 1 stochastic steps and the last step), and median_ms / p20_ms / p80_ms
 scale that run by (model calls of the full sampler) / k, as counted by sit_fast.sampling.model_call_times. Every call costs the same, so this is the full
 sampler's time up to its fixed per-run overhead (building the time grid and the label pair).
+After the first (compiling or capturing) run, `sample_iters` runs are timed twice, back to back
+(common.time_twice): the figures are over both windows, window_spread says how far apart they were.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ import torch
 from benchmarks import common
 from benchmarks.common import (
     LINKED_PARITY, SUITE_FIELDS, ModelFactory, RunContext, Variant, error_note, expected_cost_s, free_memory,
-    model_inputs, peak_memory, reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
+    model_inputs, peak_memory, reset_peak_memory, set_tf32, synchronize, throughput_fields, time_twice,
 )
 
 SUITE = "sample"
@@ -159,15 +161,15 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler, B: int) -> No
             if graphs and not capture_peak:
                 capture_peak.append(peak_memory(device))
             reset_peak_memory(device)
-            timed = time_fn(sample, device, warmup=0, iters=size.sample_iters)
+            timed, windows = time_twice(sample, device, warmup=0, iters=size.sample_iters)
             peak = peak_memory(device)
             if graphs and peak is not None:
                 peak = max(peak, capture_peak[0])
-            return first_run_s, timed, peak
+            return first_run_s, timed, windows, peak
 
         failure = None
         try:
-            first_run_s, timed, peak = run_and_time()
+            first_run_s, timed, windows, peak = run_and_time()
         except Exception as error:  # noqa: BLE001 -- recorded, and the run goes on
             failure = error
         if failure is not None and graphs:
@@ -181,7 +183,7 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler, B: int) -> No
             config = dict(config, cuda_graphs=False)
             common.log(f"[sample] {variant.name}: {graph_note}")
             try:
-                first_run_s, timed, peak = run_and_time()
+                first_run_s, timed, windows, peak = run_and_time()
             except Exception as retry_error:  # noqa: BLE001 -- recorded, and the run goes on
                 failure = retry_error
         if failure is not None:
@@ -190,17 +192,21 @@ def measure(ctx: RunContext, variant: Variant, transport, sampler, B: int) -> No
             failure = None
             free_memory(device)
             continue
-        full = timed.scaled(calls_full / calls_timed)
+        factor = calls_full / calls_timed
+        full = timed.scaled(factor)
+        window_medians_ms = [m * factor for m in windows["window_medians_ms"]]
         images_per_s = B / (full.median_ms * 1e-3)
         flops_per_image = 2 * forward_flops(model) * calls_full  # CFG: two forwards per image per call
         ctx.emit(ctx.record(
             SUITE, name, variant.name, note=graph_note, dtype=variant.dtype_name, model=size.model_name,
-            shapes=shapes, batch_size=B, **full.fields(), steps_timed=calls_timed,
+            shapes=shapes, batch_size=B, **full.fields(), window_spread=windows["window_spread"],
+            steps_timed=calls_timed,
             **throughput_fields(ctx, variant, flops_per_image, images_per_s),
             peak_memory_bytes=peak, **parity, variant_config=config,
             extra={"sampler": f"{kind} {method}, {num_steps} steps", "model_calls_full": calls_full,
                    "ms_per_model_call": timed.median_ms / calls_timed, "cfg_scale": CFG_SCALE,
                    "extrapolation": f"median_ms = time of {calls_timed} model calls x {calls_full} / "
                                     f"{calls_timed}",
-                   "first_run_s": first_run_s, "parity_source": parity_source},
+                   "window_medians_ms": window_medians_ms, "first_run_s": first_run_s,
+                   "parity_source": parity_source},
         ))

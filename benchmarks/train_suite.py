@@ -3,7 +3,9 @@
 One step is what train.py does per batch: the Linear/velocity transport loss (sit_fast.transport)
 under the variant's autocast, backward, AdamW (lr 1e-4, no weight decay, fused on CUDA) and
 zero_grad. The EMA update is left out (a memory-bound lerp over the parameters, the same for every
-variant). FLOPs per image: sit_fast.flops.train_step_flops (3 x forward).
+variant). FLOPs per image: sit_fast.flops.train_step_flops (3 x forward). After the first
+(compiling) step and size.warmup more, size.iters steps are timed twice, back to back
+(common.time_twice): the figures are over both windows, window_spread says how far apart they were.
 
 Batch search (CUDA): size.train_batches, largest first; the first batch whose first step, warm-up
 and timed steps all run is reported, with every attempt in extra["batch_search"]. A batch whose
@@ -20,7 +22,7 @@ import torch
 
 from benchmarks.common import (
     LINKED_PARITY, SUITE_FIELDS, RunContext, Variant, expected_cost_s, free_memory, is_oom, model_inputs, peak_memory,
-    reset_peak_memory, set_tf32, synchronize, throughput_fields, time_fn,
+    reset_peak_memory, set_tf32, synchronize, throughput_fields, time_twice,
 )
 
 SUITE = "train"
@@ -113,15 +115,17 @@ def measure(ctx: RunContext, variant: Variant, transport) -> None:
                             batch_size=None, activation_bytes_per_image=activation_bytes, variant_config=config,
                             extra=extra))
         return
-    B, timing, peak, first_step_s = result
+    B, timing, windows, peak, first_step_s = result
     parity, parity_source = ctx.linked_parity(variant, SUITE_FIELDS[SUITE] & LINKED_PARITY)
     images_per_s = B / (timing.median_ms * 1e-3)
     ctx.emit(ctx.record(
         SUITE, NAME, variant.name, dtype=variant.dtype_name, model=size.model_name,
         shapes={"x": [B, kw["in_channels"], kw["input_size"], kw["input_size"]], "y": [B]}, batch_size=B,
-        **timing.fields(), **throughput_fields(ctx, variant, train_step_flops(model), images_per_s),
+        **timing.fields(), window_spread=windows["window_spread"],
+        **throughput_fields(ctx, variant, train_step_flops(model), images_per_s),
         peak_memory_bytes=peak, activation_bytes_per_image=activation_bytes, **parity, variant_config=config,
-        extra=dict(extra, first_step_s=first_step_s, parity_source=parity_source),
+        extra=dict(extra, first_step_s=first_step_s, window_medians_ms=windows["window_medians_ms"],
+                   parity_source=parity_source),
     ))
 
 
@@ -137,7 +141,8 @@ def no_fit(search: list[dict]) -> tuple[str, str]:
 
 
 def _time_batch(ctx: RunContext, model, optimizer, transport, variant: Variant, B: int):
-    """(B, timing, peak memory, seconds of the first step, compilation included) at batch B."""
+    """(B, timing, window_fields, peak memory, seconds of the first step, compilation included) at batch B:
+    the steps after the first and the warm-up are timed twice (common.time_twice)."""
     device, size = ctx.device, ctx.size
     x1, y = model_inputs(ctx.size, device, B)
     step = make_step(model, optimizer, transport, x1, y, variant, device)
@@ -146,5 +151,5 @@ def _time_batch(ctx: RunContext, model, optimizer, transport, variant: Variant, 
     synchronize(device)
     first_step_s = time.perf_counter() - start
     reset_peak_memory(device)
-    timing = time_fn(step, device, warmup=size.warmup, iters=size.iters)
-    return B, timing, peak_memory(device), first_step_s
+    timing, windows = time_twice(step, device, warmup=size.warmup, iters=size.iters)
+    return B, timing, windows, peak_memory(device), first_step_s

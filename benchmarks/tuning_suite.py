@@ -169,14 +169,13 @@ class LaunchSearch:
                                            self.grads_out)
                 results = None
                 if direction == "bwd":
-                    timing = ks._time_backward(self.ours, self.args, self.grads_out, ctx.device,
+                    times = ks._times_backward(self.ours, self.args, self.grads_out, ctx.device,
                                                CUDA_BWD_REPS if self.cuda else CPU_REPS)
                 elif self.cuda:
-                    from triton.testing import do_bench
-
-                    timing = do_bench(step, warmup=5, rep=25, quantiles=[0.5, 0.2, 0.8])
+                    times = ks._times_cuda(step, warmup_ms=5, rep_ms=25)
                 else:
-                    timing = ks._time_cpu(step, CPU_REPS)
+                    times = ks._times_cpu(step, CPU_REPS)
+                timing = ks.quantiles_ms(times)
         except Exception as failure:  # noqa: BLE001 -- a launch that fails is an answer
             self.measured[launch] = ctx.record(SUITE, self.name, variant, **ks._failure_row(failure), **common)
             return True

@@ -14,7 +14,9 @@ import sys
 
 import pytest
 
-from benchmarks.common import CPU_NULL, FIELDS, LINKED_PARITY, NOTES, SUITE_FIELDS, VARIANTS, validate_record
+from benchmarks.common import (
+    CPU_NULL, FIELDS, LINKED_PARITY, NOTES, SCHEMA_VERSION, SUITE_FIELDS, VARIANTS, validate_record,
+)
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The suite itself takes about 100 s on two cores and stops when it is done: the generous limits only
@@ -68,6 +70,37 @@ def test_dry_run_writes_json_and_markdown(dry_run):
                      or line.startswith("| reference |")]
         assert reference and all("| n/a (reference) |" in line and "| n/a |" in line for line in reference), reference
     assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory", "tuning"]
+
+
+def test_every_timed_version_was_timed_twice(dry_run):
+    """Kernels, training and sampling time each version in two windows: window_spread is how far apart
+    their medians were, and the figures count both windows' repetitions."""
+    _, _, document = dry_run
+    timed = [r for r in document["records"] if r["suite"] in ("kernels", "train", "sample") and r["status"] == "ok"]
+    assert {r["suite"] for r in timed} == {"kernels", "train", "sample"}
+    for record in timed:
+        first, second = record["extra"]["window_medians_ms"]
+        assert record["window_spread"] == pytest.approx(abs(first - second) / min(first, second)), record
+        assert min(first, second) <= record["median_ms"] <= max(first, second), record
+        assert record["iterations"] % 2 == 0 and record["iterations"] >= 2, record
+
+
+def test_dry_run_lists_the_goals_without_judging_them(dry_run):
+    """results.json and results.md carry every goal with its figure from the records; a CPU run's
+    figures say nothing of a GPU's, so none is judged met or missed."""
+    from benchmarks.goals import NOT_JUDGED, goals
+
+    _, out, document = dry_run
+    rows = document["goals"]
+    assert [row["goal"] for row in rows] == [goal.text for goal in goals()]
+    for row in rows:
+        if row["figure"] is not None:
+            assert row["verdict"] == NOT_JUDGED and row["noise"] is not None, row
+        else:  # a CPU has no data-sheet peak: no MFU
+            assert row["verdict"] == "not measured: no mfu in the record", row
+    assert sum(row["figure"] is not None for row in rows) == 12 + 1 + 3  # kernels, train ratio, sampling ratios
+    markdown = (out / "results.md").read_text()
+    assert markdown.count(NOT_JUDGED) == 16 and "## goals" in markdown
 
 
 def test_session_runs_the_tests_after_the_suite(dry_run):
@@ -964,15 +997,15 @@ def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
     from benchmarks import kernels_suite
     from benchmarks.__main__ import main
 
-    real, calls = kernels_suite._time_cpu, []
+    real, calls = kernels_suite._times_cpu, []
 
-    def time_cpu(step, reps, warmup=1):
+    def times_cpu(step, reps, warmup=1):
         calls.append(1)
         if len(calls) == 2:
             raise KeyboardInterrupt  # stands in for the signal that stops the run
         return real(step, reps, warmup)
 
-    monkeypatch.setattr(kernels_suite, "_time_cpu", time_cpu)
+    monkeypatch.setattr(kernels_suite, "_times_cpu", times_cpu)
     with pytest.raises(KeyboardInterrupt):
         main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     # Breadth first: the default launches of the first op's two directions, then the stop at the next one's
@@ -1157,7 +1190,8 @@ def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys
     assert main(args) == 2
     assert "results.json does not exist: nothing to continue" in capsys.readouterr().err
     (tmp_path / "results.json").write_text(json.dumps(
-        {"schema_version": 1, "environment": {"device": "cpu", "git_commit": "0123abc", "torch_version": "2.0"}}))
+        {"schema_version": SCHEMA_VERSION, "environment": {"device": "cpu", "git_commit": "0123abc",
+                                                           "torch_version": "2.0"}}))
     assert main(args) == 2
     assert "was measured with " in capsys.readouterr().err
     assert main(["memory", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)]) == 0  # a first run
@@ -1212,3 +1246,80 @@ def test_session_runs_the_suites_left_after_a_lost_cuda_context(tmp_path):
     assert calls[2].startswith("-m pytest ") and len(calls) == 3, calls
     assert "the suites left (sample,memory) in a new process" in proc.stdout, _tail(proc)
     assert proc.returncode == 1 and "gpu_session: suite exit 1, tests exit 0" in proc.stdout, _tail(proc)
+
+
+def test_time_twice_pools_two_windows_and_says_how_far_apart_they_were(monkeypatch):
+    """Calls of 1 ms, then 3 ms, ...: the two windows' medians, their spread, and the figures over both."""
+    import types
+
+    import torch
+
+    from benchmarks import common
+
+    durations = iter([9.0, 1.0, 1.0, 1.0, 3.0, 3.0, 2.0])  # ms: warm-up, then two windows of 3
+    now = [0.0]
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def fn():
+        now[0] += next(durations) / 1e3
+
+    timing, windows = common.time_twice(fn, torch.device("cpu"), warmup=1, iters=3)
+    assert windows["window_medians_ms"] == pytest.approx([1.0, 3.0])
+    assert windows["window_spread"] == pytest.approx(2.0)
+    assert timing.iterations == 6 and timing.median_ms == pytest.approx(1.5)
+    assert common.window_fields(4.0, 5.0)["window_spread"] == pytest.approx(0.25)
+
+
+def _goal_records(ours: dict, compiled: dict, suite="train", name="train_step", batch=256) -> list[dict]:
+    base = dict(suite=suite, name=name, batch_size=batch, status="ok", note=None)
+    reference = "reference+compile" if suite == "kernels" else "reference+bf16+sdpa+compile"
+    return [dict(base, variant="ours", **ours), dict(base, variant=reference, **compiled)]
+
+
+@pytest.mark.parametrize("ours_ips, spreads, verdict", [
+    (1300.0, (0.01, 0.01), "met"),
+    (1200.0, (0.01, 0.01), "missed"),
+    (1260.0, (0.01, 0.01), "met, within noise"),     # 1.26x against 1.25x: 0.8% from the target, noise 2%
+    (1240.0, (0.005, 0.005), "missed, within noise"),
+])
+def test_goal_verdicts_weigh_the_figure_against_the_noise(ours_ips, spreads, verdict):
+    from benchmarks.goals import Goal, judge
+
+    goal = Goal(5, "training >= 1.25x", "train", "train_step", 1.25)
+    records = _goal_records(dict(images_per_s=ours_ips, window_spread=spreads[0]),
+                            dict(images_per_s=1000.0, window_spread=spreads[1]))
+    row = judge(goal, records, "full", judged=True)
+    assert row["figure"] == pytest.approx(ours_ips / 1000.0) and row["noise"] == pytest.approx(sum(spreads))
+    assert row["verdict"] == verdict
+
+
+def test_goals_read_the_right_records():
+    """The kernels' ratio is of times against the ops' compiled reference; sampling's latency goal reads
+    the smallest batch of the size; a fraction goal reads ours alone; what did not run says why."""
+    from benchmarks.goals import Goal, judge
+
+    kernel = Goal(3, "faster", "kernels", "layernorm_modulate.bwd", 1.0)
+    records = _goal_records(dict(median_ms=2.0, window_spread=0.0), dict(median_ms=3.0, window_spread=0.0),
+                            suite="kernels", name="layernorm_modulate.bwd", batch=256)
+    assert judge(kernel, records, "full", True)["figure"] == pytest.approx(1.5)
+
+    latency = Goal(6, "latency", "sample", "sde_euler_250_cfg4", 1.5, batch="latency")
+    records = (_goal_records(dict(images_per_s=10.0, window_spread=0.0), dict(images_per_s=5.0, window_spread=0.0),
+                             suite="sample", name="sde_euler_250_cfg4", batch=8)
+               + _goal_records(dict(images_per_s=100.0, window_spread=0.0),
+                               dict(images_per_s=90.0, window_spread=0.0), suite="sample",
+                               name="sde_euler_250_cfg4", batch=256))
+    row = judge(latency, records, "full", True)
+    assert (row["batch"], row["figure"], row["verdict"]) == (8, pytest.approx(2.0), "met")
+
+    mfu = Goal(5, "mfu", "train", "train_step", 0.55, "mfu")
+    records = _goal_records(dict(mfu=0.5, window_spread=0.02), dict(mfu=None, status="oom", note="no batch fits"))
+    assert judge(mfu, records, "full", True)["verdict"] == "missed"
+
+    ratio = Goal(5, "ratio", "train", "train_step", 1.25)
+    row = judge(ratio, records, "full", True)
+    assert row["verdict"] == "not measured: reference+bf16+sdpa+compile: oom (no batch fits)", row
+    assert judge(ratio, records[:1], "full", True)["verdict"] == \
+        "not measured: reference+bf16+sdpa+compile: no record"
+    unknown = judge(mfu, [dict(records[0], window_spread=None)], "full", True)
+    assert unknown["verdict"] == "missed (noise unknown: a record without window_spread)"
