@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             return DEVICE_LOST
 
     document = {"environment": environment, "setup": results.setup, "records": results.records}
-    for line in goals.console_lines(goals.evaluate(document)):
+    for line in goals.console_lines(goals.evaluate(document), results.suites_run):
         common.log(line)
     statuses: dict[str, int] = {}
     for record in results.records:
@@ -224,9 +224,9 @@ KERNEL_ROW_STAMP = ("suite", "device", "commit", "date")  # the record's own sta
 
 
 def kernel_record(ctx, row: dict) -> dict:
-    """A kernels_suite row (suite, name, variant, dtype, shapes, median_ms, p20_ms, p80_ms, bytes_moved,
-    gbps, parity_max_abs_err) as a record: environment stamp, fraction of the copy ceiling, the rest
-    of the row's keys under extra."""
+    """A kernels_suite row (suite, name, variant, dtype, shapes, median_ms, p20_ms, p80_ms, iterations,
+    timer, window_spread, bytes_moved, gbps, parity_max_abs_err) as a record: environment stamp,
+    fraction of the copy ceiling, the rest of the row's keys under extra."""
     shapes = row.get("shapes") or {}
     dtype = row.get("dtype")
     fields = {k: row[k] for k in KERNEL_ROW_FIELDS if k in row and k not in ("name", "variant")}

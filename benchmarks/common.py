@@ -53,7 +53,7 @@ FIELDS: dict[str, str] = {
     "iterations": "timed repetitions (warm-up and compilation excluded)",
     "window_spread": "the version timed twice, back to back: |a - b| / min(a, b) of the two windows' medians "
                      "(extra.window_medians_ms); a difference between versions smaller than this is noise",
-    "timer": "cuda_events (per repetition) | perf_counter | do_bench (the kernels' forward timings on CUDA)",
+    "timer": "cuda_events (per repetition) | perf_counter | do_bench (the kernels' fwd and fwd_bwd on CUDA)",
     "steps_timed": "sampling: model calls timed per repetition; median_ms scales them to the full sampler",
     "images_per_s": "batch_size / median time",
     "flops_per_image": "model FLOPs per image (sit_fast.flops: train 3 x forward; sampling 2 x forward per call, CFG)",
@@ -453,7 +453,9 @@ def time_twice(fn: Callable[[], object], device: torch.device, warmup: int, iter
         fn()
     first, timer = _times_ms(fn, device, iters)
     second, _ = _times_ms(fn, device, iters)
-    return Timing.from_times(first + second, timer), window_fields(float(np.median(first)), float(np.median(second)))
+    # each window's median as the pooled one is taken (np.percentile), so that it lies between them
+    return Timing.from_times(first + second, timer), window_fields(Timing.from_times(first, timer).median_ms,
+                                                                   Timing.from_times(second, timer).median_ms)
 
 
 def window_fields(first_ms: float, second_ms: float) -> dict:
@@ -1100,7 +1102,6 @@ def to_markdown(document: dict) -> str:
         lines.append("")
         if suite in NOTES:
             lines += [NOTES[suite], ""]
-    lines += goals_markdown(document)
     states = document.get("device_states")
     if states:
         lines += ["## device state", "", "| when | GPU | SM clock MHz (max) | memory clock MHz | power W | "
@@ -1115,6 +1116,7 @@ def to_markdown(document: dict) -> str:
                              f"{gpu.get('temperature_gpu')} | {gpu.get('clock_reasons', 'n/a')} |")
         lines += ["", "Clock reasons: nvidia-smi's bit mask (0x1 idle, 0x4 the power cap, 0x8/0x20/0x40 "
                   "slowdown for heat; `nvidia-smi -q -d PERFORMANCE` names them).", ""]
+    lines += goals_markdown(document)
     return "\n".join(lines)
 
 
@@ -1129,8 +1131,9 @@ def goals_markdown(document: dict) -> list[str]:
             figure, target = _percent(row["figure"]), _percent(row["target"])
         else:
             figure, target = _fmt(row["figure"], ".3f", suffix="x"), f"{row['target']:.2f}x"
-        lines.append(f"| {row['issue']} | {row['goal']} | {_fmt(row['batch'])} | {figure} | {target} | "
-                     f"{_percent(row['noise'])} | {row['verdict']} |")
+        cells = [str(row["issue"]), row["goal"], _fmt(row["batch"]), figure, target, _percent(row["noise"]),
+                 row["verdict"]]
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
     return lines + ["", "Noise: the two windows' relative difference (window_spread) of the records compared, "
                         "summed for a ratio; a figure that close to its target could fall on the other side "
                         "in another run.", ""]

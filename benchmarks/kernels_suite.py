@@ -15,9 +15,11 @@ x_hat: `parity_failure`), else its row is `parity_failed`.
 
 GB/s divides the MINIMUM bytes the op must move (each (B, T, D) tensor read or written once, the
 (B, D) vectors once; see `minimum_bytes`) by the median time, so every variant is measured against the
-same yardstick. Timing: on CUDA `triton.testing.do_bench` (median and 20th/80th percentiles, L2 flushed
-between runs); on the CPU a time.perf_counter loop after warm-up (the Triton interpreter there makes
-"ours" slow by design: CPU numbers only prove the suite runs).
+same yardstick. Timing: on CUDA `triton.testing.do_bench` (L2 flushed between runs; the backward alone
+with CUDA events, each pass after its own forward); on the CPU a time.perf_counter loop after warm-up
+(the Triton interpreter there makes "ours" slow by design: CPU numbers only prove the suite runs).
+Each variant is timed twice, back to back: median_ms, p20_ms, p80_ms are over both windows' times,
+window_spread is how far apart the two windows' medians were (window_medians_ms).
 
     from benchmarks.kernels_suite import run
     records = run("cuda", "full")     # B=256, T=256, D=1152, bf16 (SiT-XL/2 at 256 px)

@@ -81,7 +81,7 @@ def test_every_timed_version_was_timed_twice(dry_run):
     for record in timed:
         first, second = record["extra"]["window_medians_ms"]
         assert record["window_spread"] == pytest.approx(abs(first - second) / min(first, second)), record
-        assert min(first, second) <= record["median_ms"] <= max(first, second), record
+        assert min(first, second) * (1 - 1e-9) <= record["median_ms"] <= max(first, second) * (1 + 1e-9), record
         assert record["iterations"] % 2 == 0 and record["iterations"] >= 2, record
 
 
@@ -1323,3 +1323,39 @@ def test_goals_read_the_right_records():
         "not measured: reference+bf16+sdpa+compile: no record"
     unknown = judge(mfu, [dict(records[0], window_spread=None)], "full", True)
     assert unknown["verdict"] == "missed (noise unknown: a record without window_spread)"
+
+
+def test_goals_judge_only_a_full_size_inductor_gpu_run_and_survive_odd_records():
+    """Only a full-size CUDA run compiled by Inductor is judged; a figure read back from results.json as
+    "NaN" or "Infinity" is not measured; the log shows the goals of every suite that ran, even one
+    that recorded nothing of ours; results.md's table keeps its columns whatever a note says."""
+    from benchmarks.common import goals_markdown
+    from benchmarks.goals import NOT_JUDGED, console_lines, evaluate
+
+    records = _goal_records(dict(images_per_s=1300.0, mfu=0.6, window_spread=0.01),
+                            dict(images_per_s=1000.0, window_spread=0.01))
+    setup = dict(size="full", compile_backend="inductor")
+    cuda = {"device_type": "cuda"}
+
+    def rows(records, environment=cuda, **changes):
+        return {r["goal"]: r for r in evaluate(dict(environment=environment, setup=dict(setup, **changes),
+                                                    records=records))}
+
+    ratio, mfu = "training >= 1.25x the compiled reference's images/s", "training step >= 55% MFU"
+    assert rows(records)[ratio]["verdict"] == "met" and rows(records)[mfu]["verdict"] == "met"
+    assert rows(records, compile_backend="eager")[ratio]["verdict"] == NOT_JUDGED
+    assert rows(records, size="tiny")[ratio]["verdict"] == NOT_JUDGED
+    assert rows(records, environment={"device_type": "cpu"})[ratio]["verdict"] == NOT_JUDGED
+    odd = [dict(records[0], mfu="Infinity", images_per_s="NaN"), records[1]]
+    assert rows(odd)[mfu]["verdict"] == "not measured: no mfu in the record"
+    assert rows(odd)[ratio]["verdict"] == "not measured: no time in the record"
+
+    failed = [dict(suite="train", name="suite", variant="-", status="error", note="a | b")]
+    document = dict(environment=cuda, setup=setup, records=failed, suites_run=["train"])
+    lines = console_lines(evaluate(document), ["train"])
+    assert len(lines) == 2 and all("not measured: ours: no record" in line for line in lines), lines
+    noted = [dict(records[0], status="error", note="bad | worse"), records[1]]
+    document = dict(document, records=noted)
+    document["goals"] = evaluate(document)
+    table = [line for line in goals_markdown(document) if line.startswith("| 5 |")]
+    assert len(table) == 2 and all(line.count(" | ") == 6 for line in table), table
