@@ -533,15 +533,18 @@ def run_grid(setup: Setup) -> str:
         raise UserError(f"--class-labels {bad[0]} is outside 0 .. {setup.num_classes - 1}: the model has "
                         f"{setup.num_classes} classes")
     out = args.out or DEFAULT_OUT["grid"]
-    batch_size = args.batch_size or len(labels)
+    batch_size = min(args.batch_size or len(labels), len(labels))
     start = time.perf_counter()
     images = []
     for first in range(0, len(labels), batch_size):
-        indices = range(first, min(first + batch_size, len(labels)))
+        # Every batch of batch_size, the last padded past the labels (its padding's images dropped), so
+        # that a compiled forward or a CUDA graph serves them all: a short one would compile again.
+        indices = range(first, first + batch_size)
+        kept = min(batch_size, len(labels) - first)
         noise, _ = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes)
-        batch_labels = torch.tensor([labels[i] for i in indices], dtype=torch.long)
+        batch_labels = torch.tensor([labels[i % len(labels)] for i in indices], dtype=torch.long)
         samples = setup.sample(noise, batch_labels, derived_seed(args.seed, first, batch_size))
-        images.append(setup.to_images(samples).cpu())
+        images.append(setup.to_images(samples[:kept]).cpu())
     elapsed = time.perf_counter() - start
     from sit_fast.images import save_image_grid
 
