@@ -812,10 +812,14 @@ def test_nonfinite_loss_stops_with_step_and_checkpoint(tmp_path, capsys, monkeyp
 
 
 def test_skip_nonfinite_counts(tmp_path, monkeypatch):
+    """The skipped step is counted, and the count is carried on by a resumed run."""
     poison_batch(monkeypatch, call=3)
     summary = train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "6", "--ckpt-every", "6",
                                  "--skip-nonfinite"])
     assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
+    resumed = train_main(["--exp-dir", str(tmp_path / "run"), "--resume", "auto", "--max-steps", "8",
+                          "--num-workers", "0", "--no-progress"])
+    assert resumed["nonfinite_skipped"] == 1 and np.isfinite(resumed["loss"])
 
 
 def test_skip_nonfinite_with_fused_adamw_skips_on_the_device(tmp_path, monkeypatch):
@@ -2984,3 +2988,58 @@ def test_an_unreadable_data_path_is_a_read_error_not_a_write_one(tmp_path, monke
     with pytest.raises(SystemExit):
         latent_cache.main(_cache_args(images, str(tmp_path / "vae"), str(tmp_path / "cache")))
     assert capsys.readouterr().err == f"error: cannot read --data-path {images} (Permission denied)\n"
+
+
+def test_rng_state_round_trip_keeps_the_cuda_generator(monkeypatch):
+    """A checkpoint's RNG state holds the CUDA generator's (x0 and t are drawn on the GPU there) and
+    a resume sets it back, on the same device, with torch's, numpy's and Python's (torch.cuda's two
+    calls stand in for a GPU here)."""
+    import random
+
+    from sit_fast.training.checkpointing import capture_rng_state, restore_rng_state
+
+    device = torch.device("cuda", 1)
+    saved_cuda, calls = torch.arange(16, dtype=torch.uint8), []
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda dev: calls.append(("get", dev)) or saved_cuda.clone())
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, dev: calls.append(("set", state, dev)))
+    torch.manual_seed(5), np.random.seed(5), random.seed(5)
+    state = capture_rng_state(device)
+    expected = torch.rand(3), np.random.rand(3), random.random()
+    torch.manual_seed(6), np.random.seed(6), random.seed(6)
+    restore_rng_state(state, device)
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+    assert calls[0] == ("get", device) and calls[1][0] == "set" and calls[1][2] == device
+    assert torch.equal(calls[1][1], saved_cuda)
+    calls.clear()
+    restore_rng_state(capture_rng_state(torch.device("cpu")), torch.device("cpu"))
+    assert calls == []  # the CPU's checkpoints hold no CUDA state, and set none
+
+
+@pytest.mark.parametrize("flags, expected", [
+    ([], ("Linear", "velocity", None, None, None)),
+    (["--path-type", "GVP", "--prediction", "noise", "--loss-weight", "likelihood"],
+     ("GVP", "noise", "likelihood", None, None)),
+    (["--path-type", "VP", "--prediction", "score", "--loss-weight", "velocity", "--train-eps", "1e-3",
+      "--sample-eps", "2e-3"], ("VP", "score", "velocity", 1e-3, 2e-3)),
+])
+def test_training_uses_the_transport_of_its_flags(tmp_path, flags, expected):
+    """--path-type, --prediction, --loss-weight and the eps flags build the transport a train step
+    minimises: its loss equals that of create_transport with the same settings on the same draws."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+    from sit_fast.transport import create_transport
+
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run")] + flags)
+    trainer = loop.Trainer(args, explicit, init_distributed())
+    reference = create_transport(*expected)
+    x = torch.randn(8, trainer.channels, trainer.latent_size, trainer.latent_size)
+    y = torch.randint(0, args.num_classes, (8,))
+    losses = []
+    for transport in (trainer.transport, reference):
+        torch.manual_seed(3)
+        with torch.no_grad():
+            losses.append(transport.training_losses(trainer.model, x, dict(y=y))["loss"])
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    assert (trainer.transport.train_eps, trainer.transport.sample_eps) == (reference.train_eps, reference.sample_eps)

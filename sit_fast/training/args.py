@@ -16,7 +16,7 @@ from sit_fast.transport import add_transport_args
 IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type", "prediction", "loss_weight",
                  "train_eps")
 # Identity arguments for which None is a setting (no loss weighting), not a value left unresolved.
-NONE_IS_A_VALUE = ("loss_weight",)
+NONE_IS_A_VALUE = ("loss_weight", "train_eps")  # train_eps None: create_transport's default for the path
 # Arguments that are never taken from a checkpoint.
 NOT_INHERITED = ("resume", "exp_dir", "ckpt", "no_progress", "num_workers")
 
@@ -108,7 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False, help="write TensorBoard scalars to EXP_DIR/tensorboard")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (there is none when stderr is not a terminal: the log lines show progress)")
 
-    add_transport_args(parser)
+    transport = add_transport_args(parser)
+    # As upstream's train.py: no --train-eps default, create_transport's by path (VP 1e-5, a Linear or
+    # GVP score or noise model 1e-3; a velocity model trains on all of [0, 1]).
+    for action in transport._group_actions:
+        if action.dest == "train_eps":
+            action.default = None
+            action.help = ("distance kept from the singular ends of [0, 1] when training (default: VP 1e-5; "
+                           "Linear and GVP score or noise models 1e-3; velocity models train on all of [0, 1])")
     return parser
 
 
@@ -128,9 +135,10 @@ def merge_resumed_args(args: argparse.Namespace, explicit: set[str], saved: dict
     for key in IDENTITY_KEYS:
         known = saved.get(key) is not None or key in NONE_IS_A_VALUE  # None elsewhere: not recorded
         if key in explicit and key in saved and known and getattr(args, key) != saved[key]:
+            was = "not given: the path's default" if key == "train_eps" and saved[key] is None else saved[key]
             raise UserError(
                 f"--{key.replace('_', '-')} {getattr(args, key)} differs from the run being resumed "
-                f"({source}: {saved[key]}); a resumed run keeps its model and transport: start a new run "
+                f"({source}: {was}); a resumed run keeps its model and transport: start a new run "
                 f"(without --resume, or with --ckpt to start from its weights)"
             )
     merged = dict(vars(args))
