@@ -940,14 +940,21 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
 
 
 def test_fid_job_class_balanced_grows_n(files, tmp_path, capsys):
+    """Image i of the FID job is the grid's image of label i % classes (class-balanced) from the same
+    seed: its noise, label and pixels. Growing N keeps the images sampled."""
     sample_dir = tmp_path / "s"
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
-            "--num-sampling-steps", 2, "--per-proc-batch-size", 3, "--sample-dir", sample_dir,
-            "--class-balanced", *FAST]
-    run(argv + ["--num-fid-samples", 4])
+            "--num-sampling-steps", 2, "--cfg-scale", 1.5, *FAST]
+    fid = argv + ["--per-proc-batch-size", 3, "--sample-dir", sample_dir, "--class-balanced"]
+    run(fid + ["--num-fid-samples", 4])
     assert "sampling 4 on 1 process(es), 2 batches of 3" in capsys.readouterr().out
     with np.load(f"{sample_dir}.npz") as archive:
         four = archive["arr_0"]
+    run(argv + ["--class-labels", 0, 1, 2, 3, "--out", tmp_path / "grid.png"])
+    grid = read_png(tmp_path / "grid.png").astype(int)  # one row of 4 images of 8 x 8, 2 px apart
+    cells = np.stack([grid[2:10, 2 + 10 * i: 10 + 10 * i] for i in range(4)])
+    assert np.abs(cells - four).max() <= 1 and four.std() > 10
+    argv = fid
     run(argv + ["--num-fid-samples", 5])  # index 4 shares chunk 1 with index 3: same batch as before
     assert "sampling 2 (1 of them present: a batch with a missing image is redone whole) on 1 process(es), 1 batch " \
            "of 3" in capsys.readouterr().out
@@ -1718,6 +1725,35 @@ def test_dequantization_note_names_the_bits_and_the_jacobian():
     assert sample.dequantization_note(7.0) == " (+7 bits: the 1/128 Jacobian)"
     assert sample.dequantization_note(math.log2(17 / 2)) == " (+3.09 bits: the 2/17 Jacobian)"
     assert sample.dequantization_note(0.0) == ""
+
+
+def test_the_flags_reach_the_transport_and_its_samplers(files, tmp_path, monkeypatch):
+    """Each transport and sampler flag is passed on: create_transport and the Sampler's methods are
+    called with them (what those do with them, test_transport.py tests)."""
+    calls = []
+    real_transport = sample.create_transport
+    monkeypatch.setattr(sample, "create_transport", lambda *a: calls.append(("transport", a)) or real_transport(*a))
+    for name in ("sample_ode", "sample_sde"):
+        monkeypatch.setattr(sample.Sampler, name, lambda self, _real=getattr(sample.Sampler, name), _name=name, **kw:
+                            calls.append((_name, kw)) or _real(self, **kw))
+    common = ["--ckpt", files["pixel"], "--vae", "none", "--class-labels", 1, 2, *FAST]
+    run(["SDE", *common, "--path-type", "GVP", "--prediction", "noise", "--loss-weight", "likelihood",
+         "--train-eps", 0.003, "--sample-eps", 0.002, "--sampling-method", "Heun", "--diffusion-form", "linear",
+         "--diffusion-norm", 0.5, "--last-step", "Euler", "--last-step-size", 0.02, "--num-sampling-steps", 5,
+         "--out", tmp_path / "sde.png"])
+    assert calls == [("transport", ("GVP", "noise", "likelihood", 0.003, 0.002)),
+                     ("sample_sde", dict(sampling_method="Heun", diffusion_form="linear", diffusion_norm=0.5,
+                                         last_step="Euler", last_step_size=0.02, num_steps=5))]
+    calls.clear()
+    run(["ODE", *common, "--path-type", "VP", "--prediction", "score", "--sampling-method", "dopri5",
+         "--atol", 1e-5, "--rtol", 1e-4, "--out", tmp_path / "ode.png"])
+    assert calls == [("transport", ("VP", "score", None, 1e-5, 1e-3)),
+                     ("sample_ode", dict(sampling_method="dopri5", num_steps=250, atol=1e-5, rtol=1e-4, reverse=False))]
+    calls.clear()
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    run(["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
+         "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "z.pt", *FAST])
+    assert calls[-1] == ("sample_ode", dict(sampling_method="euler", num_steps=3, atol=1e-6, rtol=1e-3, reverse=True))
 
 
 def test_reverse_carries_data_to_noise(files, tmp_path, capsys):
