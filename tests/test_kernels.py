@@ -242,7 +242,8 @@ def test_kernel_frozen_vectors_write_no_partial_sums(op, vectors_grad, monkeypat
 
 # Every other split of which inputs need a gradient (of those each op has): each one asked for is
 # right, the rest are None.
-PARTIAL_SPLITS = [("x",), ("y",), ("gate",), ("x", "gate"), ("gate", "y"), ("shift", "scale"), ("x", "scale")]
+PARTIAL_SPLITS = [("x",), ("y",), ("gate",), ("x", "gate"), ("gate", "y"), ("shift", "scale"), ("x", "scale"),
+                  ("shift",)]
 
 
 @pytest.mark.parametrize("op,trainable", [pytest.param(op, split, id=f"{op}-{'+'.join(split)}")
@@ -413,17 +414,23 @@ VECTOR_LAYOUTS = {
 @pytest.mark.parametrize("case", [DTYPE_CASES[0], DTYPE_CASES[1]])
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_non_contiguous_inputs(op, case, vectors):
-    """Transposed activations, strided vectors (VECTOR_LAYOUTS) and upstream gradients broadcast
-    (stride 0) or transposed (feature stride T), each output getting each kind in some case."""
+    """Transposed activations, strided vectors (VECTOR_LAYOUTS: the first vector `vectors`, each
+    next one the next layout, so that one vector's strides cannot pass for another's) and upstream
+    gradients broadcast (stride 0) or transposed (feature stride T), each output getting each kind in
+    some case."""
     B, T, D = 2, 5, 72
     inputs = {}
+    layouts = list(VECTOR_LAYOUTS)
+    first = layouts.index(vectors)
+    vector_names = [name for name in OP_ARGS[op] if name not in ("x", "y")]
     for name in OP_ARGS[op]:
         if name == "x":
             inputs[name] = torch.randn(B, D, T, device=DEVICE, dtype=case.dtype).transpose(1, 2)
         elif name == "y":
             inputs[name] = torch.randn(B, T, 2 * D, device=DEVICE, dtype=case.dtype)[..., ::2]
         else:
-            inputs[name] = VECTOR_LAYOUTS[vectors](B, D, device=DEVICE, dtype=case.param_dtype)
+            layout = layouts[(first + vector_names.index(name)) % len(layouts)]
+            inputs[name] = VECTOR_LAYOUTS[layout](B, D, device=DEVICE, dtype=case.param_dtype)
     assert not any(t.is_contiguous() for t in inputs.values())
     n_outputs = 2 if op == "gated_residual_layernorm_modulate" else 1
     grad_layouts = {
@@ -459,6 +466,28 @@ def test_kernel_constant_rows_of_large_magnitude_normalise_to_zero(op):
     if "y" in inputs:
         inputs["y"][0, 1] = inputs["y"][1, 2] = 0.0
     check_against_reference(op, inputs, case, eps=1e-2)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_rows_with_a_large_mean(op):
+    """Rows whose mean (300) dwarfs their spread (1): the variance is that of x - mean (a one-pass
+    E[x^2] - mean^2 loses it to cancellation in fp32)."""
+    case = DTYPE_CASES[0].values[0]
+    inputs = make_inputs(op, 2, 5, 97, case)
+    inputs["x"] = inputs["x"] + 300.0
+    check_against_reference(op, inputs, case)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_default_eps_is_one_in_a_million(op):
+    """Without eps the ops take SiT's 1e-6 (PyTorch LayerNorm's default is 1e-5): rows of variance about
+    1e-6, where the two differ by half, against the reference at 1e-6."""
+    case = DTYPE_CASES[0].values[0]
+    inputs = make_inputs(op, 2, 5, 97, case)
+    inputs["x"] = inputs["x"] * 1e-3
+    if "y" in inputs:
+        inputs["y"] = inputs["y"] * 1e-3
+    check_against_reference(op, inputs, case)
 
 
 def test_kernel_eps_may_be_any_real_number():
