@@ -24,9 +24,10 @@ from PIL import Image
 import sample
 import sit_fast.progress
 from sit_fast.files import FolderLock
+from sit_fast.images import to_uint8
 from sit_fast.models import SiT, SiT_models
 from sit_fast.sampling import (
-    CUDAGraphForward, Denoiser, ModelForwards, ModelRequest, build_model, index_noise, model_call_times,
+    CUDAGraphForward, Denoiser, ModelForwards, ModelRequest, build_model, index_noise, model_call_times, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, create_transport
 
@@ -698,6 +699,8 @@ def test_sample_ddp_defaults():
 def test_guided_forward_equals_forward_with_cfg():
     model = random_sit(4, learn_sigma=True).eval()
     x, t, y = torch.randn(3, 4, 8, 8), torch.rand(3), torch.tensor([1, 2, 3])
+    # the conditional half first, then the null label: the label table's extra row
+    assert ModelForwards(model, cfg_scale=2.5).label_pair(y).tolist() == [1, 2, 3] + [model.num_classes] * 3
     for channels in (3, "all"):
         forwards = ModelForwards(model, cfg_scale=2.5, cfg_channels=channels)
         expected = model.forward_with_cfg(torch.cat([x, x]), torch.cat([t, t]), forwards.label_pair(y), 2.5,
@@ -753,6 +756,28 @@ def test_cfg_scale_one_does_not_double_the_batch():
     assert batch_sizes_of_calls(model, 1.0, None)[0] == [2] * 4
     assert batch_sizes_of_calls(model, 1.0, None, method="heun")[0] == [2] * 8
     assert batch_sizes_of_calls(model, 4.0, None)[0] == [4] * 4
+    assert batch_sizes_of_calls(model, 0.5, None)[0] == [4] * 4  # a scale below 1 guides too (towards unconditional)
+
+
+def test_each_image_has_its_own_noise_and_label_whatever_its_batch():
+    """index_noise: image i's noise and label come from (seed, i) alone: other images differ, and image 2
+    alone is row 2 of images 0 to 3; class-balanced labels are i % classes."""
+    noise, labels = index_noise(0, range(4), (3, 8, 8), 10)
+    assert len({tuple(row.flatten()[:4].tolist()) for row in noise}) == 4
+    alone, label = index_noise(0, [2], (3, 8, 8), 10)
+    assert torch.equal(alone[0], noise[2]) and label[0] == labels[2]
+    assert not torch.equal(index_noise(1, [2], (3, 8, 8), 10)[0][0], noise[2])  # another seed
+    assert index_noise(0, range(12), (3, 8, 8), 10, class_balanced=True)[1].tolist() == [i % 10 for i in range(12)]
+
+
+def test_grey_images_are_repeated_to_rgb():
+    grey = torch.rand(2, 1, 4, 4) * 2 - 1
+    rgb = to_rgb_uint8(grey)
+    assert rgb.shape == (2, 4, 4, 3) and rgb.dtype == np.uint8
+    assert (rgb == rgb[..., :1]).all() and rgb.std() > 10
+    assert np.array_equal(rgb[..., 0], to_uint8(grey)[..., 0])
+    colour = torch.rand(2, 3, 4, 4) * 2 - 1
+    assert np.array_equal(to_rgb_uint8(colour), to_uint8(colour))  # RGB as it is
 
 
 def test_cfg_interval_doubles_only_inside_and_full_interval_equals_plain_guidance(files, tmp_path):

@@ -123,6 +123,9 @@ def test_images(tmp_path):
     images = torch.linspace(-1, 1, 2 * 3 * 4 * 5).reshape(2, 3, 4, 5)
     arr = to_uint8(images)
     assert arr.shape == (2, 4, 5, 3) and arr.dtype == np.uint8 and arr.min() == 0 and arr.max() == 255
+    # rounded as torchvision's save_image rounds ((x + 1) / 2 * 255 + 0.5, truncated): 10.6 -> 11, 0 -> 128
+    levels = torch.tensor([10.6 / 127.5 - 1, 0.0, 10.4 / 127.5 - 1, -1.5, 1.5]).reshape(1, 1, 1, 5)
+    assert to_uint8(levels).flatten().tolist() == [11, 128, 10, 0, 255]
     for channels in (1, 3):
         path = save_image_grid(torch.rand(7, channels, 8, 8) * 2 - 1, tmp_path / f"grid{channels}.png", nrow=3)
         with Image.open(path) as im:
