@@ -478,6 +478,46 @@ def test_the_ema_follows_the_weights_by_its_decay(tmp_path):
             torch.testing.assert_close(now[name].double(), expected, rtol=1e-6, atol=1e-7, msg=name)
     moved = [k for k in ema if not torch.equal(now[k].double(), weights[k])]
     assert len(moved) > 10  # the EMA is not the weights themselves
+    saved = load_ckpt(trainer.save_checkpoint())  # the checkpoint keeps each under its own name
+    weights = trainer.model.state_dict()
+    for name, value in trainer.ema.state_dict().items():
+        assert torch.equal(saved["ema"][name], value) and torch.equal(saved["model"][name], weights[name])
+    # upstream's optimizer: AdamW(lr, weight_decay=0), torch's betas and eps
+    group = trainer.opt.param_groups[0]
+    assert (group["weight_decay"], group["betas"], group["eps"], group["lr"]) == (0, (0.9, 0.999), 1e-8, 1e-3)
+
+
+def test_upstream_defaults_of_the_learning_rate_and_the_ema():
+    from sit_fast.training.args import parse_args
+
+    args, _ = parse_args(["--data-path", "images"])
+    assert (args.lr, args.ema_decay, args.global_batch_size, args.image_size) == (1e-4, 0.9999, 256, 256)
+
+
+def test_each_batch_is_a_fresh_draw_from_the_vae_posterior(tmp_path):
+    """Latents are mean + std * noise, drawn anew for every batch (upstream's latent_dist.sample()),
+    from a latent cache's stored (mean, std) and from the VAE's encoding alike."""
+    import types
+
+    from sit_fast.data import LatentCacheDataset
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run")])
+    trainer = Trainer(args, explicit, init_distributed())
+    mean, std = torch.full((256, 4, 8, 8), 3.0), torch.full((256, 4, 8, 8), 2.0)
+    y = torch.zeros(256, dtype=torch.long)
+    trainer.dataset = LatentCacheDataset.__new__(LatentCacheDataset)
+    first, labels = trainer.batch_to_latents((mean, std, y))
+    second, _ = trainer.batch_to_latents((mean, std, y))
+    for draw in (first, second):
+        assert abs(float(draw.mean()) - 3.0) < 0.05 and abs(float(draw.std()) - 2.0) < 0.05
+    assert not torch.equal(first, second) and torch.equal(labels, y)
+    trainer.dataset = None
+    trainer.codec = types.SimpleNamespace(encode=lambda x: (mean, std))
+    draw, _ = trainer.batch_to_latents((torch.zeros(256, 3, 64, 64), y))
+    assert abs(float(draw.mean()) - 3.0) < 0.05 and abs(float(draw.std()) - 2.0) < 0.05
 
 
 def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monkeypatch):
@@ -873,6 +913,29 @@ def run_cli(argv: list[str]) -> int:
     except SystemExit as exit_:
         return exit_.code
     return 0
+
+
+def test_image_folder_images_are_scaled_to_minus_one_one_and_flipped_by_their_key(tmp_path):
+    """Pixels 0 and 255 become -1 and 1 (upstream's Normalize(0.5, 0.5)); flip 1 mirrors left-right."""
+    from sit_fast.data import ImageFolderDataset
+
+    os.makedirs(tmp_path / "a")
+    array = np.zeros((16, 16, 3), dtype=np.uint8)
+    array[:, :5] = 255  # the left columns white
+    Image.fromarray(array).save(tmp_path / "a" / "0.png")
+    dataset = ImageFolderDataset(str(tmp_path), 16)
+    image, flipped = dataset.load(0, 0), dataset.load(0, 1)
+    assert image.shape == (3, 16, 16) and float(image.min()) == -1.0 and float(image.max()) == 1.0
+    assert (image[:, :, :5] == 1).all() and (image[:, :, 5:] == -1).all()
+    assert torch.equal(flipped, image.flip(-1))
+
+
+def test_epoch_sampler_flips_half_the_images():
+    from sit_fast.data import EpochSampler
+
+    flips = [flip for batch in EpochSampler(2000, 100, 0, 1, seed=0, flip=True).batches(0) for _, flip in batch]
+    assert len(flips) == 2000 and 0.45 < sum(flips) / len(flips) < 0.55
+    assert not any(flip for batch in EpochSampler(2000, 100, 0, 1, seed=0, flip=False).batches(0) for _, flip in batch)
 
 
 def make_image_folder(root, classes=2, per_class=3, size=20) -> str:
