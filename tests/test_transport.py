@@ -442,14 +442,11 @@ def test_sde_upstream_defaults_with_velocity_model(path_type):
     assert_moments(samples, mean, std, 0.07, 0.05, f"{path_type} defaults")
 
 
-@pytest.mark.parametrize("path_type, prediction, form", [("Linear", "velocity", "sigma"), ("VP", "noise", "linear"),
-                                                         ("GVP", "score", "increasing-decreasing")])
-@pytest.mark.parametrize("norm", [0.5, 2.0])
-def test_sde_step_uses_the_diffusion_norm(path_type, prediction, form, norm):
-    """One Euler-Maruyama step against x + (v + w s) dt + sqrt(2 w dt) z with the reference w_t
-    of that norm: the moments alone cannot see the norm (an exact model gives them for any w)."""
+def one_sde_step(path_type, prediction, method, form, norm):
+    """One step of the SDE sampler (no last step) on fresh x: (x, the step's result, its noise z,
+    t0, t1, the SDE drift f(x, t) = v + w s of the reference)."""
     transport = create_transport(path_type, prediction)
-    sample_fn = Sampler(transport).sample_sde(sampling_method="Euler", diffusion_form=form, diffusion_norm=norm,
+    sample_fn = Sampler(transport).sample_sde(sampling_method=method, diffusion_form=form, diffusion_norm=norm,
                                               last_step=None, num_steps=2)
     t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, diffusion_form=form, sde=True,
                                       eval=True)
@@ -458,10 +455,24 @@ def test_sde_step_uses_the_diffusion_norm(path_type, prediction, form, norm):
     stepped = sample_fn(x, closed_form_model(path_type, prediction))[-1]
     torch.manual_seed(7)
     z = torch.randn_like(x)
-    t = torch.full((64, 1), t0, dtype=torch.float64)
-    _, _, score, velocity = ref_posterior(path_type, x, t)
-    w = ref_diffusion(path_type, form, t, norm=norm)
-    expected = x + (velocity + w * score) * (t1 - t0) + torch.sqrt(2 * w * (t1 - t0)) * z
+
+    def drift(x, t):
+        t = torch.full((x.shape[0], 1), t, dtype=torch.float64)
+        _, _, score, velocity = ref_posterior(path_type, x, t)
+        return velocity + ref_diffusion(path_type, form, t, norm=norm) * score
+
+    return x, stepped, z, t0, t1, drift
+
+
+@pytest.mark.parametrize("path_type, prediction, form", [("Linear", "velocity", "sigma"), ("VP", "noise", "linear"),
+                                                         ("GVP", "score", "increasing-decreasing")])
+@pytest.mark.parametrize("norm", [0.5, 2.0])
+def test_sde_step_uses_the_diffusion_norm(path_type, prediction, form, norm):
+    """One Euler-Maruyama step against x + (v + w s) dt + sqrt(2 w dt) z with the reference w_t
+    of that norm: the moments alone cannot see the norm (an exact model gives them for any w)."""
+    x, stepped, z, t0, t1, drift = one_sde_step(path_type, prediction, "Euler", form, norm)
+    w = ref_diffusion(path_type, form, torch.tensor(t0, dtype=torch.float64), norm=norm)
+    expected = x + drift(x, t0) * (t1 - t0) + torch.sqrt(2 * w * (t1 - t0)) * z
     torch.testing.assert_close(stepped, expected, rtol=1e-9, atol=1e-9)
 
 
@@ -470,22 +481,7 @@ def test_sde_step_uses_the_diffusion_norm(path_type, prediction, form, norm):
 def test_sde_heun_step_is_upstreams(path_type, prediction, form):
     """One Heun step against upstream's: noise first, x_hat = x + sqrt(2 w(t0) dt) z, then the trapezoid
     of the SDE drift f = v + w s from x_hat: x_hat + dt / 2 (f(x_hat, t0) + f(x_hat + dt f(x_hat, t0), t1))."""
-    transport = create_transport(path_type, prediction)
-    sample_fn = Sampler(transport).sample_sde(sampling_method="Heun", diffusion_form=form, diffusion_norm=0.7,
-                                              last_step=None, num_steps=2)
-    t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, diffusion_form=form, sde=True,
-                                      eval=True)
-    x = torch.randn(64, 2, dtype=torch.float64)
-    torch.manual_seed(11)
-    stepped = sample_fn(x, closed_form_model(path_type, prediction))[-1]
-    torch.manual_seed(11)
-    z = torch.randn_like(x)
-
-    def drift(x, t):
-        t = torch.full((x.shape[0], 1), t, dtype=torch.float64)
-        _, _, score, velocity = ref_posterior(path_type, x, t)
-        return velocity + ref_diffusion(path_type, form, t, norm=0.7) * score
-
+    x, stepped, z, t0, t1, drift = one_sde_step(path_type, prediction, "Heun", form, 0.7)
     dt = t1 - t0
     w0 = ref_diffusion(path_type, form, torch.tensor(t0, dtype=torch.float64), norm=0.7)
     x_hat = x + torch.sqrt(2 * w0 * dt) * z
