@@ -108,14 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False, help="write TensorBoard scalars to EXP_DIR/tensorboard")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (there is none when stderr is not a terminal: the log lines show progress)")
 
-    transport = add_transport_args(parser)
-    # As upstream's train.py: no --train-eps default, create_transport's by path (VP 1e-5, a Linear or
-    # GVP score or noise model 1e-3; a velocity model trains on all of [0, 1]).
-    for action in transport._group_actions:
-        if action.dest == "train_eps":
-            action.default = None
-            action.help = ("distance kept from the singular ends of [0, 1] when training (default: VP 1e-5; "
-                           "Linear and GVP score or noise models 1e-3; velocity models train on all of [0, 1])")
+    add_transport_args(parser, train_eps_default=None)  # as upstream's train.py: create_transport's by path
     return parser
 
 

@@ -16,8 +16,10 @@ def none_or_str(value):
     return None if value.lower() == "none" else value
 
 
-def add_transport_args(parser: argparse.ArgumentParser):
-    """Add --path-type, --prediction, --loss-weight, --sample-eps, --train-eps; returns the group."""
+def add_transport_args(parser: argparse.ArgumentParser, train_eps_default: float | None = 1e-5):
+    """Add --path-type, --prediction, --loss-weight, --sample-eps, --train-eps; returns the group.
+
+    train_eps_default None (train.py's, as upstream's): create_transport's default for the path."""
     group = parser.add_argument_group("Transport arguments")
     group.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"],
                        help="interpolant between noise (t=0) and data (t=1)")
@@ -27,8 +29,10 @@ def add_transport_args(parser: argparse.ArgumentParser):
                        help="time weighting of score / noise losses (None: unweighted)")
     group.add_argument("--sample-eps", type=end_margin, default=1e-3,
                        help="distance kept from the singular ends of [0, 1] when sampling")
-    group.add_argument("--train-eps", type=end_margin, default=1e-5,
-                       help="distance kept from the singular ends of [0, 1] when training")
+    by_path = " (default: VP 1e-5; Linear and GVP score or noise models 1e-3; velocity models train on all of " \
+              "[0, 1])" if train_eps_default is None else ""
+    group.add_argument("--train-eps", type=end_margin, default=train_eps_default,
+                       help=f"distance kept from the singular ends of [0, 1] when training{by_path}")
     return group
 
 
