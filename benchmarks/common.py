@@ -53,7 +53,8 @@ FIELDS: dict[str, str] = {
     "iterations": "timed repetitions (warm-up and compilation excluded)",
     "window_spread": "the version timed twice, back to back: |a - b| / min(a, b) of the two windows' medians "
                      "(extra.window_medians_ms); a difference between versions smaller than this is noise",
-    "timer": "cuda_events (per repetition) | perf_counter | do_bench (the kernels' fwd and fwd_bwd on CUDA)",
+    "timer": "cuda_events (per repetition; kernels: with the device held while the host queues each call, "
+             "extra.host_bound_reps counting those it may not have covered) | perf_counter",
     "steps_timed": "sampling: model calls timed per repetition; median_ms scales them to the full sampler",
     "images_per_s": "batch_size / median time",
     "flops_per_image": "model FLOPs per image (sit_fast.flops: train 3 x forward; sampling 2 x forward per call, CFG)",

@@ -15,8 +15,10 @@ x_hat: `parity_failure`), else its row is `parity_failed`.
 
 GB/s divides the MINIMUM bytes the op must move (each (B, T, D) tensor read or written once, the
 (B, D) vectors once; see `minimum_bytes`) by the median time, so every variant is measured against the
-same yardstick. Timing: on CUDA `triton.testing.do_bench` (L2 flushed between runs; the backward alone
-with CUDA events, each pass after its own forward); on the CPU a time.perf_counter loop after warm-up
+same yardstick. Timing: on CUDA, CUDA events around each call, the L2 cache overwritten before it and
+the device held in a sleep kernel while the host queues it, so that host time (autograd, a compiled
+graph's wrappers) stays out (`_times_cuda`; the backward alone, each pass after its own untimed
+forward); on the CPU a time.perf_counter loop after warm-up
 (the Triton interpreter there makes "ours" slow by design: CPU numbers only prove the suite runs).
 Each variant is timed twice, back to back: median_ms, p20_ms, p80_ms are over both windows' times,
 window_spread is how far apart the two windows' medians were (window_medians_ms).
@@ -73,7 +75,7 @@ OP_ARGS = {
 OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_residual")
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
-BWD_CUDA_REPS = 30  # timed backward passes on CUDA (each after its own forward)
+CUDA_REPS = 100  # timed calls per window on CUDA (a backward each after its own forward)
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench uses
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as the other suites
 
@@ -149,35 +151,74 @@ def quantiles_ms(times_ms: list[float]) -> tuple[float, float, float]:
     return statistics.median(times_ms), deciles[1], deciles[7]
 
 
-def _times_cuda(step: Callable, warmup_ms: float = 25, rep_ms: float = 100) -> list[float]:
-    """Milliseconds of each timed call of triton.testing.do_bench (L2 flushed between calls)."""
-    from triton.testing import do_bench
+@dataclass
+class CudaTimes:
+    """Milliseconds of each timed repetition, and how many of them the host may have held up."""
+    times_ms: list[float]
+    host_bound: int  # repetitions whose start event the device reached before the host had queued them
 
-    return list(do_bench(step, warmup=warmup_ms, rep=rep_ms, return_mode="all"))
+
+@functools.lru_cache(maxsize=None)
+def _sleep_cycles_per_ms(device_index: int) -> float:
+    """Clock cycles of torch.cuda._sleep per millisecond on this device, timed once with events."""
+    with torch.cuda.device(device_index):
+        torch.cuda._sleep(1000)
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        torch.cuda._sleep(10_000_000)
+        end.record()
+        end.synchronize()
+        return 10_000_000 / start.elapsed_time(end)
+
+
+def _times_cuda(timed: Callable, reps: int, setup: Callable | None = None, warmup: int = 3) -> CudaTimes:
+    """Device time of each of reps calls of timed(setup()) (setup untimed), CUDA events around each.
+
+    Before each timed call the L2 cache is overwritten (as triton.testing.do_bench does), then the
+    device is held in a sleep kernel while the host queues the call: a backward through autograd (and
+    a compiled graph's runtime wrappers) can take the host longer to queue than the device takes to
+    run, and events around work the device waits for would time the host. The sleep starts at 1 ms
+    and grows to twice the longest host time seen; a repetition whose start event the device had
+    passed before the host finished queueing counts as host_bound (its time may include waiting).
+    """
+    device = torch.cuda.current_device()
+    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
+    cycles_per_ms = _sleep_cycles_per_ms(device)
+    sleep_ms = 1.0
+    times_ms, host_bound = [], 0
+    for rep in range(warmup + reps):
+        state = setup() if setup is not None else None
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.zero_()
+        torch.cuda._sleep(int(sleep_ms * cycles_per_ms))
+        start.record()
+        began = time.perf_counter()
+        timed(state)
+        queued_ms = (time.perf_counter() - began) * 1e3
+        end.record()
+        late = start.query()  # the device already past the start: it may have waited for the host
+        end.synchronize()
+        sleep_ms = max(sleep_ms, 2 * queued_ms)
+        if rep >= warmup:
+            times_ms.append(start.elapsed_time(end))
+            host_bound += late
+    return CudaTimes(times_ms, host_bound)
 
 
 def _times_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torch.Tensor], device: torch.device,
-                    reps: int, warmup: int = 2) -> list[float]:
-    """Milliseconds of each of reps backward passes alone: each repetition runs a fresh forward
-    untimed, then times torch.autograd.grad (CUDA events on CUDA, perf_counter on the CPU).
+                    reps: int, warmup: int = 2) -> CudaTimes | list[float]:
+    """Each of reps backward passes alone: each repetition runs a fresh forward untimed, then times
+    torch.autograd.grad (on CUDA through _times_cuda: CudaTimes; on the CPU with perf_counter).
 
     A graph cannot simply be kept and run backward again: torch.compile's backward frees the
     buffers it saved (donated buffers), so every repetition needs its own forward, as in training.
     """
-    # As do_bench does between repetitions: overwrite the L2 cache, here between forward and backward,
-    # so the backward does not find the forward's last writes there.
-    flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device=device) if device.type == "cuda" else None
+    if device.type == "cuda":
+        return _times_cuda(lambda outs: torch.autograd.grad(outs, args, grads_out), reps,
+                           setup=lambda: _as_tuple(fn(*args)), warmup=warmup)
 
     def once() -> float:
         outs = _as_tuple(fn(*args))
-        if flush is not None:
-            flush.zero_()
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            torch.autograd.grad(outs, args, grads_out)
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end)
         begin = time.perf_counter()
         torch.autograd.grad(outs, args, grads_out)
         return (time.perf_counter() - begin) * 1e3
@@ -385,14 +426,19 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                         parity_failed = parity_failure(op, fn, args, results, cfg.dtype, direction, grads_out)
                     results = None
                     windows = []  # timed twice, back to back: a difference smaller than theirs is noise
+                    host_bound = 0
                     for _ in range(2):
                         if direction == "bwd":
-                            windows.append(_times_backward(fn, args, grads_out, dev,
-                                                           BWD_CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps))
+                            times = _times_backward(fn, args, grads_out, dev,
+                                                    CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps)
                         elif dev.type == "cuda":
-                            windows.append(_times_cuda(step))
+                            times = _times_cuda(lambda _: step(), CUDA_REPS)
                         else:
-                            windows.append(_times_cpu(step, cfg.cpu_reps))
+                            times = _times_cpu(step, cfg.cpu_reps)
+                        if isinstance(times, CudaTimes):
+                            host_bound += times.host_bound
+                            times = times.times_ms
+                        windows.append(times)
                     median, p20, p80 = quantiles_ms(windows[0] + windows[1])
                     repeat = window_fields(statistics.median(windows[0]), statistics.median(windows[1]))
                 except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
@@ -414,13 +460,15 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                     "p20_ms": p20,
                     "p80_ms": p80,
                     "iterations": len(windows[0]) + len(windows[1]),
-                    "timer": ("perf_counter" if dev.type != "cuda" else
-                              "cuda_events" if direction == "bwd" else "do_bench"),
+                    "timer": "cuda_events" if dev.type == "cuda" else "perf_counter",
+                    **({"host_bound_reps": host_bound} if dev.type == "cuda" else {}),
                     **repeat,
                     "bytes_moved": bytes_moved,
                     "gbps": bytes_moved / (median * 1e-3) / 1e9,
                     "parity_max_abs_err": parity,
-                    **({"status": "parity_failed", "note": parity_failed} if parity_failed else {}),
+                    **({"status": "parity_failed", "note": parity_failed} if parity_failed else
+                       {"note": f"{host_bound} of {2 * CUDA_REPS} timed calls may include host time (the device "
+                                "had reached the call before the host had queued it)"} if host_bound else {}),
                 }
             del args, grads_out, expected
 

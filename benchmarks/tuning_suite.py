@@ -4,8 +4,8 @@ The kernels hold one whole row (BLOCK_D = D rounded up to a power of two) per pr
 a tile of tokens; three launch parameters are free, per direction: the warps per program, how many
 programs per streaming multiprocessor the token tiling aims for (`kernels._launch.token_tiling`),
 and whether each program loads row t + 1 before reducing row t (prefetch). Their defaults
-(`kernels._launch.block_config`, `PROGRAMS_PER_SLOT`, prefetch off) were set from register counts,
-not timings; this suite times the alternatives at the kernels suite's shapes (SiT-XL/2: B=256,
+(`kernels._launch.block_config`, `PROGRAMS_PER_SLOT`, `PREFETCH`) are set from this suite's rows
+where a GPU run has given them (the forwards'), else from register counts; this suite times the alternatives at the kernels suite's shapes (SiT-XL/2: B=256,
 T=256, D=1152, bf16), forward and backward separately, so one GPU run says which to choose.
 
 Search, per op and direction, a coordinate search from the default launch: prefetch on and off,
@@ -33,7 +33,7 @@ from benchmarks import kernels_suite as ks
 
 SUITE = "tuning"
 PROGRAMS_PER_SLOT = (1, 2, 4, 8, 16, 32, 64)
-CUDA_BWD_REPS, CPU_REPS = 10, 2
+CUDA_REPS, CPU_REPS = 30, 2  # timed calls per launch (forward, or backward after its own forward)
 
 
 def warp_choices(block_d: int) -> list[int]:
@@ -170,11 +170,15 @@ class LaunchSearch:
                 results = None
                 if direction == "bwd":
                     times = ks._times_backward(self.ours, self.args, self.grads_out, ctx.device,
-                                               CUDA_BWD_REPS if self.cuda else CPU_REPS)
+                                               CUDA_REPS if self.cuda else CPU_REPS)
                 elif self.cuda:
-                    times = ks._times_cuda(step, warmup_ms=5, rep_ms=25)
+                    times = ks._times_cuda(lambda _: step(), CUDA_REPS)
                 else:
                     times = ks._times_cpu(step, CPU_REPS)
+                if isinstance(times, ks.CudaTimes):
+                    host_bound, times = times.host_bound, times.times_ms
+                else:
+                    host_bound = None
                 timing = ks.quantiles_ms(times)
         except Exception as failure:  # noqa: BLE001 -- a launch that fails is an answer
             self.measured[launch] = ctx.record(SUITE, self.name, variant, **ks._failure_row(failure), **common)
@@ -182,6 +186,9 @@ class LaunchSearch:
         median, p20, p80 = timing
         gbps = self.bytes_moved / (median * 1e-3) / 1e9
         status, note = ("parity_failed", failed) if failed else ("ok", None)
+        if host_bound and not failed:
+            note = f"{host_bound} of {CUDA_REPS} timed calls may include host time"
+        extra["host_bound_reps"] = host_bound
         self.measured[launch] = ctx.record(
             SUITE, self.name, variant, median_ms=median, p20_ms=p20, p80_ms=p80, gbps=gbps,
             fraction_of_copy_bw=gbps / ctx.ceilings["copy_gbps"], parity_max_abs_err=error,

@@ -87,9 +87,14 @@ def _patch_old_interpreter() -> None:
 
 _patch_old_interpreter()
 
-# Programs per streaming multiprocessor that token_tiling aims for: the forward kernels have no
-# per-tile output, so many short tiles; the backward ones write one fp32 partial row per tile.
+# Default launch per direction. Programs per streaming multiprocessor that token_tiling aims for: the
+# forward kernels have no per-tile output, so many short tiles; the backward ones write one fp32
+# partial row per tile. Row elements per thread (block_config) and prefetch: the forwards' from the
+# tuning suite on an H200 at D = 1152 (benchmarks/results/2026-12-04-h200: 4 warps with prefetch took
+# the three forwards from 0.76 to 0.48 ms, 16 warps without); the backwards' set from register counts.
 PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 8}
+ELEMENTS_PER_THREAD = {"fwd": 16, "bwd": 4}
+PREFETCH = {"fwd": 1, "bwd": 0}
 OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot",
                  "fwd_prefetch", "bwd_prefetch")
 LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
@@ -165,8 +170,8 @@ def launch_params(D: int, direction: str) -> tuple[int, int, int]:
 
 
 def prefetch(direction: str) -> bool:
-    """Whether the kernels load row t + 1 before reducing row t (default off; `launch_overrides`)."""
-    return bool(launch_settings().get(f"{direction}_prefetch", 0))
+    """Whether the kernels load row t + 1 before reducing row t (PREFETCH; `launch_overrides`)."""
+    return bool(launch_settings().get(f"{direction}_prefetch", PREFETCH[direction]))
 
 
 # Test-only: when True, every buffer a launcher allocates for a kernel to write is filled with NaN
@@ -279,15 +284,17 @@ def on_device(device: torch.device) -> contextlib.AbstractContextManager:
 def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     """(BLOCK_D, num_warps): one whole row per block, masked up to the next power of two.
 
-    About four row elements per thread (2 to 32 warps). Checked with ptxas for sm_90, compiled as
-    launched (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused
-    backward needs 64 registers with 16 warps, 96 with 8, 168 with 4 (103, 165, 240 with prefetch),
-    spilling only at 2 warps; BLOCK_D = 8192 and 16384 (32 warps, 8 and 16 elements per thread) spill
-    a little in the backward kernels. `launch_overrides` (the kernel tuning benchmark) replaces
-    num_warps per direction ("fwd" or "bwd").
+    ELEMENTS_PER_THREAD[direction] row elements per thread (2 to 32 warps): 16 in the forwards (4
+    warps at D = 1152), 4 in the backwards. Checked with ptxas for sm_90, compiled as launched
+    (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused backward needs
+    64 registers with 16 warps, 96 with 8, 168 with 4 (103, 165, 240 with prefetch), spilling only at
+    2 warps; BLOCK_D = 8192 and 16384 (32 warps, 8 and 16 elements per thread) spill a little in the
+    backward kernels. `launch_overrides` (the kernel tuning benchmark) replaces num_warps per
+    direction ("fwd" or "bwd").
     """
     block_d = next_power_of_2(D)
-    num_warps = launch_settings().get(f"{direction}_num_warps") or min(max(block_d // 128, 2), 32)
+    default = min(max(block_d // (32 * ELEMENTS_PER_THREAD[direction]), 2), 32)
+    num_warps = launch_settings().get(f"{direction}_num_warps") or default
     return block_d, num_warps
 
 

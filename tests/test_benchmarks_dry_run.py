@@ -1359,3 +1359,46 @@ def test_goals_judge_only_a_full_size_inductor_gpu_run_and_survive_odd_records()
     document["goals"] = evaluate(document)
     table = [line for line in goals_markdown(document) if line.startswith("| 5 |")]
     assert len(table) == 2 and all(line.count(" | ") == 6 for line in table), table
+
+
+def test_cuda_kernel_timer_holds_the_device_while_the_host_queues(monkeypatch):
+    """_times_cuda's logic with torch.cuda's events and sleep kernel stood in for (CPU): warm-up calls
+    untimed, the sleep before each call at least twice the longest host time seen, and a call whose
+    start event the device had passed before the host finished queueing counted as host-bound."""
+    import time
+
+    import torch
+
+    from benchmarks import kernels_suite
+
+    sleeps, passed = [], iter([True, False, False, False, True, False])  # the events' query() answers
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+
+        def record(self):
+            pass
+
+        def query(self):
+            return next(passed)
+
+        def synchronize(self):
+            pass
+
+        def elapsed_time(self, end):
+            return 0.25
+
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, device=None, **k: real_empty(*a, **k))  # no CUDA here
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    monkeypatch.setattr(torch.cuda, "_sleep", sleeps.append)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(kernels_suite, "_sleep_cycles_per_ms", lambda index: 1000.0)
+    setups, calls = [], []
+    result = kernels_suite._times_cuda(lambda state: (calls.append(state), time.sleep(0.004)), 3,
+                                       setup=lambda: setups.append(1) or len(setups), warmup=3)
+    assert calls == [1, 2, 3, 4, 5, 6]  # each call gets its own setup's result
+    assert result.times_ms == [0.25] * 3 and result.host_bound == 1  # only the timed calls' answers count
+    assert sleeps[0] == 1000  # 1 ms at first
+    assert all(cycles >= 2 * 4 * 1000 for cycles in sleeps[1:]), sleeps  # then twice the 4 ms the host took

@@ -700,10 +700,11 @@ def test_kernel_launch_environment_variable(monkeypatch):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     monkeypatch.setenv(_launch.LAUNCH_ENV, "fwd_num_warps=8, bwd_programs_per_slot=4,bwd_prefetch=1")
     fwd_tiles, bwd_warps = _launch.PROGRAMS_PER_SLOT["fwd"], _launch.block_config(1152, "bwd")[1]
-    assert _launch.launch_params(1152, "fwd") == (8, fwd_tiles, False)
+    fwd_prefetch = bool(_launch.PREFETCH["fwd"])
+    assert _launch.launch_params(1152, "fwd") == (8, fwd_tiles, fwd_prefetch)
     assert _launch.launch_params(1152, "bwd") == (bwd_warps, 4, True)
     with _launch.launch_overrides(fwd_num_warps=2):  # the context manager wins over the variable
-        assert _launch.launch_params(1152, "fwd") == (2, fwd_tiles, False)
+        assert _launch.launch_params(1152, "fwd") == (2, fwd_tiles, fwd_prefetch)
     for bad, message in (("fwd_num_warps=3", "power of two"), ("warps=8", "unknown key 'warps'"),
                          ("bwd_prefetch=2", "0 or 1"), ("fwd_num_warps", "expected KEY=INTEGER"),
                          ("fwd_num_warps=\u00b2", "expected KEY=INTEGER")):
