@@ -4,9 +4,9 @@ The kernels hold one whole row (BLOCK_D = D rounded up to a power of two) per pr
 a tile of tokens; three launch parameters are free, per direction: the warps per program, how many
 programs per streaming multiprocessor the token tiling aims for (`kernels._launch.token_tiling`),
 and whether each program loads row t + 1 before reducing row t (prefetch). Their defaults
-(`kernels._launch.block_config`, `PROGRAMS_PER_SLOT`, `PREFETCH`) are set from this suite's rows
-where a GPU run has given them (the forwards'), else from register counts; this suite times the alternatives at the kernels suite's shapes (SiT-XL/2: B=256,
-T=256, D=1152, bf16), forward and backward separately, so one GPU run says which to choose.
+(`kernels._launch.PROGRAMS_PER_SLOT`, `ELEMENTS_PER_THREAD`, `PREFETCH`) are this suite's choice on
+an H200; it times the alternatives at the kernels suite's shapes (SiT-XL/2: B=256, T=256, D=1152,
+bf16), forward and backward separately, so one GPU run says which to choose on another GPU.
 
 Search, per op and direction, a coordinate search from the default launch: prefetch on and off,
 then every warp count at the best so far, then every tiling, then every warp count again (at D =

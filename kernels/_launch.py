@@ -87,14 +87,16 @@ def _patch_old_interpreter() -> None:
 
 _patch_old_interpreter()
 
-# Default launch per direction. Programs per streaming multiprocessor that token_tiling aims for: the
-# forward kernels have no per-tile output, so many short tiles; the backward ones write one fp32
-# partial row per tile. Row elements per thread (block_config) and prefetch: the forwards' from the
-# tuning suite on an H200 at D = 1152 (benchmarks/results/2026-12-04-h200: 4 warps with prefetch took
-# the three forwards from 0.76 to 0.48 ms, 16 warps without); the backwards' set from register counts.
-PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 8}
-ELEMENTS_PER_THREAD = {"fwd": 16, "bwd": 4}
-PREFETCH = {"fwd": 1, "bwd": 0}
+# Default launch per direction: programs per streaming multiprocessor that token_tiling aims for, row
+# elements per thread (block_config) and prefetch, as the tuning suite chose them on an H200 at
+# D = 1152 (benchmarks/results/2026-12-04-h200-host-free-timing: 4 warps, 32 programs per SM and
+# prefetch ran the three forwards in 0.42 ms, where the earlier 16 warps without prefetch took 0.76;
+# 8 warps, 4 programs per SM and prefetch the three backwards in 0.63 ms, where 16 warps, 8 programs
+# per SM and no prefetch took 1.00). The forward kernels have no per-tile output, so many short tiles;
+# the backward ones write one fp32 partial row per tile, so fewer, longer ones.
+PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 4}
+ELEMENTS_PER_THREAD = {"fwd": 16, "bwd": 8}
+PREFETCH = {"fwd": 1, "bwd": 1}
 OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot",
                  "fwd_prefetch", "bwd_prefetch")
 LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
@@ -285,7 +287,7 @@ def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     """(BLOCK_D, num_warps): one whole row per block, masked up to the next power of two.
 
     ELEMENTS_PER_THREAD[direction] row elements per thread (2 to 32 warps): 16 in the forwards (4
-    warps at D = 1152), 4 in the backwards. Checked with ptxas for sm_90, compiled as launched
+    warps at D = 1152), 8 in the backwards (8 warps). Checked with ptxas for sm_90, compiled as launched
     (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused backward needs
     64 registers with 16 warps, 96 with 8, 168 with 4 (103, 165, 240 with prefetch), spilling only at
     2 warps; BLOCK_D = 8192 and 16384 (32 warps, 8 and 16 elements per thread) spill a little in the
