@@ -1,4 +1,4 @@
-"""python -m benchmarks {kernels,parity,train,sample,memory,tuning,all} [--device cpu|cuda] [--size tiny|full] --out DIR
+"""python -m benchmarks {kernels,parity,train,sample,memory,profile,tuning,all} [--device cpu|cuda] [--size tiny|full] --out DIR
 
 Prints the device, the versions and the two ceilings first, then one line per record, and rewrites
 DIR/results.json and DIR/results.md after every record. Exit status 1 when a parity check failed or
@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-SUITES = ("kernels", "parity", "train", "sample", "memory", "tuning")  # "all" runs them in this order
+SUITES = ("kernels", "parity", "train", "sample", "memory", "profile", "tuning")  # "all" runs them in this order
 DEVICE_LOST = 75  # exit status: the CUDA context is lost, the suites left need a new process
 SUITES_LEFT = "suites_left"  # the file in --out that names them, comma-separated
 
@@ -96,10 +96,12 @@ def main(argv: list[str] | None = None) -> int:
               f"interpreter; unset it", file=sys.stderr)
         return 2
 
-    from benchmarks import common, goals, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite
+    from benchmarks import (common, goals, memory_suite, parity_suite, profile_suite, sample_suite, train_suite,
+                            tuning_suite)
 
     runners = {"kernels": run_kernels, "parity": parity_suite.run, "train": train_suite.run,
-               "sample": sample_suite.run, "memory": memory_suite.run, "tuning": tuning_suite.run}
+               "sample": sample_suite.run, "memory": memory_suite.run, "profile": profile_suite.run,
+               "tuning": tuning_suite.run}
     device = torch.device(device_type)
     size = common.SIZES[args.size or ("full" if device_type == "cuda" else "tiny")]()
     variants = common.VARIANTS

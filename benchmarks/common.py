@@ -34,9 +34,9 @@ SCHEMA_VERSION = 2  # 2: window_spread
 #################################################################################
 
 FIELDS: dict[str, str] = {
-    "suite": "kernels | parity | train | sample | memory | tuning",
+    "suite": "kernels | parity | train | sample | memory | profile | tuning",
     "name": "what was measured: train_step, ode_euler_50_cfg4, sde_euler_250_cfg4, forward_backward, activations, "
-            "a kernel and direction (layernorm_modulate.fwd)",
+            "a kernel and direction (layernorm_modulate.fwd), sample_call (profile)",
     "variant": "reference | reference+bf16+sdpa | reference+bf16+sdpa+compile | ours (kernels: the kernel suite's; "
                "tuning: ours and its launch settings)",
     "status": "ok | oom | skipped | error | parity_failed",
@@ -112,6 +112,7 @@ SUITE_FIELDS: dict[str, set[str]] = {
     "parity": _COMMON | _MODEL | _PARITY,
     "memory": _COMMON | _MODEL | {"peak_memory_bytes", "activation_bytes_per_image",
                                   "measured_activation_bytes_per_image"},
+    "profile": _COMMON | _MODEL,  # its figures are in extra (benchmarks/profile_suite.py)
 }
 # Train and sample records copy their parity figures from the parity suite of the same run.
 LINKED_PARITY = _PARITY
@@ -260,7 +261,8 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
         parity_batch=2, memory_batches=(1, 2),
         # The interpreter makes the kernels the slowest suite here (about 30 s on two idle cores; twice
         # that on busy ones), and since that suite keeps to its box, the box is sized for the busy case.
-        budgets_s={"kernels": 70, "parity": 25, "train": 25, "sample": 25, "memory": 10, "tuning": 0},
+        budgets_s={"kernels": 70, "parity": 25, "train": 25, "sample": 25, "memory": 10, "profile": 15,
+                   "tuning": 0},
         deadline_s=150,
         copy_bytes=16 << 20, matmul_n=256,
     ),
@@ -273,8 +275,9 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
         # under the GPU suite's 8-minute budget. Training and sampling, where the goals are, get the
         # largest shares; gpu_session.sh also runs the parity tests natively after the suite. Parity's
         # share holds its first case, ours compiled (expected_cost_s: 40 s), also at gpu_session.sh's
-        # 340 s, where every box is about 0.8 of its share: the train and sample records quote it.
-        budgets_s={"kernels": 50, "parity": 60, "train": 155, "sample": 125, "memory": 25, "tuning": 0},
+        # 370 s, where every box is about 0.7 of its share: the train and sample records quote it.
+        budgets_s={"kernels": 60, "parity": 60, "train": 155, "sample": 125, "memory": 25, "profile": 60,
+                   "tuning": 0},
         deadline_s=400,
         copy_bytes=1 << 30, matmul_n=8192,
     ),
@@ -1010,6 +1013,10 @@ NOTES = {
              "MFU: model FLOPs (3 x forward, forward = 2 x multiply-adds) over the data sheet's dense "
              "peak of the row's dtype. Each variant at the largest batch that fits (the batch column). "
              "act/img: the eager maths' activations (fake tensors), for compiled variants too. Parity: from the parity suite of this run.",
+    "profile": "torch.profiler over a few calls after warm-up: device ms/call sums the kernels' own times "
+               "(on the CPU, the operators' own CPU time); device busy (CUDA only) = device / wall time, where "
+               "the wall time is taken without the profiler: under 100%, the device waited. Kinds by kernel name "
+               "(benchmarks/profile_suite.py KINDS); the 15 that took longest in results.json (extra.top).",
     "sample": "Model sampling only: the VAE decode is not timed. The model sees 2 x batch (guidance). "
               "ms/batch: the run of `steps timed` model calls, scaled to the full sampler's calls "
               "(extrapolated; every call costs the same). Variants as configured: ours replays CUDA graphs "
@@ -1062,6 +1069,17 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("img/s", lambda r: _fmt(r["images_per_s"], ".3g")), ("TFLOP/s", lambda r: _fmt(r["tflops"], ".3g")),
         *THROUGHPUT_COLUMNS, ("peak mem", lambda r: _gib(r["peak_memory_bytes"])),
         ("parity out", _linked_parity(lambda r: _fmt(r["parity_output_rel_err"], ".1e"))), ("status", _status),
+    ],
+    "profile": [
+        ("what", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("batch", lambda r: _fmt(r["batch_size"])),
+        ("wall ms/call", lambda r: _fmt(r["extra"].get("wall_ms_per_call"), ".4g")),
+        ("device ms/call", lambda r: _fmt(r["extra"].get("device_ms_per_call"), ".4g")),
+        ("device busy", lambda r: _percent(r["extra"].get("device_busy"))),
+        ("ms/call by kind", lambda r: ", ".join(f"{k} {v:.3g}" for k, v in
+                                                 (r["extra"].get("ms_per_call_by_kind") or {}).items()) or "-"),
+        ("top 3 (share)", lambda r: "; ".join(f"{t['name'][:60].replace('|', '/')} ({_percent(t['share'])})"
+                                              for t in (r["extra"].get("top") or [])[:3]) or "-"),
+        ("status", _status),
     ],
     "memory": [
         ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),

@@ -9,7 +9,7 @@
 # Settings (environment; defaults for the GPU):
 #   SESSION_S          seconds for the whole script (570)
 #   BENCH_ARGS         the suite's arguments, the suites first ("all --device cuda --size full")
-#   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (340)
+#   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (370)
 #   TEST_ARGS          pytest's arguments (quick ones that a timeout must not cut, $QUICK_TESTS: the
 #                      CUDA graph tests of sampling and every attention kernel in half precision; then the
 #                      kernel, fast-path and upstream-parity test files, in that order), split as the shell
@@ -27,7 +27,7 @@ set -uo pipefail
 : "${OUT:?set OUT to the folder for the results}"
 SESSION_S=${SESSION_S:-570}
 BENCH_ARGS=${BENCH_ARGS:-all --device cuda --size full}
-BENCH_DEADLINE_S=${BENCH_DEADLINE_S:-340}
+BENCH_DEADLINE_S=${BENCH_DEADLINE_S:-370}
 QUICK_TESTS="tests/test_sample.py::test_cuda_graph_forwards_match_eager \
 tests/test_sample.py::test_cuda_graph_sde_sampling_matches_eager \
 tests/test_transport.py::test_fixed_step_samplers_capture_in_a_cuda_graph \

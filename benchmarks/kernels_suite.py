@@ -75,7 +75,7 @@ OP_ARGS = {
 OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_residual")
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
-CUDA_REPS = 100  # timed calls per window on CUDA (a backward each after its own forward)
+CUDA_REPS = 50  # timed calls per window on CUDA (a backward each after its own forward)
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench uses
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as the other suites
 
@@ -177,14 +177,14 @@ def _times_cuda(timed: Callable, reps: int, setup: Callable | None = None, warmu
     Before each timed call the L2 cache is overwritten (as triton.testing.do_bench does), then the
     device is held in a sleep kernel while the host queues the call: a backward through autograd (and
     a compiled graph's runtime wrappers) can take the host longer to queue than the device takes to
-    run, and events around work the device waits for would time the host. The sleep starts at 1 ms
-    and grows to twice the longest host time seen; a repetition whose start event the device had
+    run, and events around work the device waits for would time the host. The sleep starts at
+    0.25 ms and grows to twice the longest host time seen; a repetition whose start event the device had
     passed before the host finished queueing counts as host_bound (its time may include waiting).
     """
     device = torch.cuda.current_device()
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
     cycles_per_ms = _sleep_cycles_per_ms(device)
-    sleep_ms = 1.0
+    sleep_ms = 0.25
     times_ms, host_bound = [], 0
     for rep in range(warmup + reps):
         state = setup() if setup is not None else None

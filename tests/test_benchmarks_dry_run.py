@@ -58,7 +58,7 @@ def test_dry_run_writes_json_and_markdown(dry_run):
     assert (out / "results.json").is_file(), _tail(proc)
     assert (out / "results.md").is_file(), _tail(proc)
     markdown = (out / "results.md").read_text()
-    for suite in ("kernels", "parity", "train", "sample", "memory", "tuning"):
+    for suite in ("kernels", "parity", "train", "sample", "memory", "profile", "tuning"):
         assert f"## {suite}" in markdown, f"results.md has no {suite} table"
     for suite in ("train", "sample"):  # MFU says against which peak; the measured ceiling's fraction beside it
         header = markdown.split(f"## {suite}\n\n", 1)[1].splitlines()[0]
@@ -69,7 +69,7 @@ def test_dry_run_writes_json_and_markdown(dry_run):
         reference = [line for line in table[0].splitlines() if "reference" in line.split(" | ")[:2]
                      or line.startswith("| reference |")]
         assert reference and all("| n/a (reference) |" in line and "| n/a |" in line for line in reference), reference
-    assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory", "tuning"]
+    assert document["suites_run"] == ["kernels", "parity", "train", "sample", "memory", "profile", "tuning"]
 
 
 def test_every_timed_version_was_timed_twice(dry_run):
@@ -922,7 +922,7 @@ def _full_size_boxes(tmp_path, monkeypatch, deadline_s: float, startup_s: float,
     import types
 
     import benchmarks.__main__ as bench_main
-    from benchmarks import common, memory_suite, parity_suite, sample_suite, train_suite, tuning_suite
+    from benchmarks import common, memory_suite, parity_suite, profile_suite, sample_suite, train_suite, tuning_suite
 
     monkeypatch.setenv("TRITON_INTERPRET", "1")  # as main() sets it for --device cpu, undone after the test
     now = [0.0]
@@ -944,7 +944,7 @@ def _full_size_boxes(tmp_path, monkeypatch, deadline_s: float, startup_s: float,
 
     monkeypatch.setattr(common, "measure_ceilings", ceilings)
     monkeypatch.setattr(bench_main, "run_kernels", runner("kernels", kernels_overrun_s))
-    for module in (parity_suite, train_suite, sample_suite, memory_suite, tuning_suite):
+    for module in (parity_suite, train_suite, sample_suite, memory_suite, profile_suite, tuning_suite):
         monkeypatch.setattr(module, "run", runner(module.SUITE))
     assert bench_main.main(["all", "--device", "cpu", "--size", "full", "--deadline-s", str(deadline_s),
                             "--out", str(tmp_path)]) == 0
@@ -974,11 +974,12 @@ def test_full_size_boxes_hold_the_goal_measurements(tmp_path, monkeypatch, deadl
     assert boxes["train"] >= common.expected_cost_s(full, ours) + common.expected_cost_s(full, compiled_reference), boxes
     assert boxes["sample"] >= common.expected_cost_s(full, ours) + common.expected_cost_s(full, compiled_reference), boxes
     assert boxes["memory"] >= common.expected_cost_s(full, eager), boxes
+    assert boxes["profile"] >= common.expected_cost_s(full, ours), boxes  # at least ours' training step
 
 
 def test_a_deadline_passed_before_a_suite_starts_gives_it_no_time_not_negative_time(tmp_path, monkeypatch):
     boxes = _full_size_boxes(tmp_path, monkeypatch, 10, startup_s=20.0, kernels_overrun_s=0.0)
-    assert boxes == dict.fromkeys(("kernels", "parity", "train", "sample", "memory", "tuning"), 0.0), boxes
+    assert boxes == dict.fromkeys(("kernels", "parity", "train", "sample", "memory", "profile", "tuning"), 0.0), boxes
 
 
 def test_results_on_disk_list_a_suite_as_soon_as_it_starts(tmp_path, monkeypatch):
@@ -1400,5 +1401,87 @@ def test_cuda_kernel_timer_holds_the_device_while_the_host_queues(monkeypatch):
                                        setup=lambda: setups.append(1) or len(setups), warmup=3)
     assert calls == [1, 2, 3, 4, 5, 6]  # each call gets its own setup's result
     assert result.times_ms == [0.25] * 3 and result.host_bound == 1  # only the timed calls' answers count
-    assert sleeps[0] == 1000  # 1 ms at first
+    assert sleeps[0] == 250  # 0.25 ms at first
     assert all(cycles >= 2 * 4 * 1000 for cycles in sleeps[1:]), sleeps  # then twice the 4 ms the host took
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1_execute_segment_k_off", "matmul"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopA_TNN", "matmul"),
+    ("aten::mm", "matmul"), ("aten::addmm", "matmul"), ("aten::bmm", "matmul"),
+    ("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<72, 128, 64, 4, false>, true>(Flash_fwd_params)",
+     "attention"),
+    ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1", "attention"),
+    ("aten::_scaled_dot_product_flash_attention", "attention"),
+    ("_gated_residual_layernorm_modulate_bwd_kernel", "ours"), ("sit_fast::layernorm_modulate", "ours"),
+    ("triton_per_fused_native_layer_norm_0", "inductor"),
+    ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
+    ("aten::copy_", "other"),
+])
+def test_profile_kinds_of_kernels(name, kind):
+    from benchmarks.profile_suite import kind_of
+
+    assert kind_of(name) == kind
+
+
+def test_profile_calls_adds_up_on_the_cpu():
+    """The operators' own times make up the device time, each kind's share of it, and the calls per call."""
+    import torch
+
+    from benchmarks.profile_suite import profile_calls
+
+    a, b = torch.randn(256, 256), torch.randn(256, 256)
+
+    def fn():
+        return (a @ b) @ b + 1
+
+    figures = profile_calls(fn, torch.device("cpu"), calls=2, warmup=1, top=50)
+    top = figures["top"]
+    assert figures["calls"] == 2 and figures["wall_ms_per_call"] > 0
+    assert figures["device_ms_per_call"] == pytest.approx(sum(t["ms_per_call"] for t in top))
+    assert sum(figures["ms_per_call_by_kind"].values()) == pytest.approx(figures["device_ms_per_call"])
+    assert sum(t["share"] for t in top) == pytest.approx(1.0)
+    assert [t["ms_per_call"] for t in top] == sorted((t["ms_per_call"] for t in top), reverse=True)
+    mm = [t for t in top if t["name"] in ("aten::mm", "aten::matmul") and t["kind"] == "matmul"]
+    assert any(t["calls_per_call"] == 2 for t in mm), top  # two products per call
+    assert figures["device_busy"] is None  # CUDA only
+
+
+def test_profile_suite_dry_run_follows_the_train_suite(tmp_path):
+    """`train,profile` on the CPU: the profile's training step at the batch the train suite fitted, a
+    sampling call per batch, for ours and the compiled reference, well-formed records and a table."""
+    from benchmarks.__main__ import main
+    from benchmarks.common import validate_record
+
+    assert main(["train,profile", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path),
+                 "--variants", "ours,reference+bf16+sdpa+compile,reference"]) == 0
+    document = json.loads((tmp_path / "results.json").read_text())
+    records = document["records"]
+    profiles = [r for r in records if r["suite"] == "profile"]
+    assert [(r["name"], r["variant"]) for r in profiles] == [
+        ("train_step", "ours"), ("train_step", "reference+bf16+sdpa+compile"),
+        ("sample_call", "ours"), ("sample_call", "reference+bf16+sdpa+compile")]  # never the eager reference
+    trained = {r["variant"]: r["batch_size"] for r in records if r["suite"] == "train"}
+    for record in profiles:
+        assert record["status"] == "ok" and not validate_record(record), record
+        if record["name"] == "train_step":
+            assert record["batch_size"] == trained[record["variant"]]
+        assert record["extra"]["top"] and record["extra"]["device_ms_per_call"] > 0
+    ours_train = profiles[0]["extra"]["ms_per_call_by_kind"]
+    assert ours_train.get("ours", 0) > 0 and "ours" not in profiles[1]["extra"]["ms_per_call_by_kind"]
+    assert "## profile" in (tmp_path / "results.md").read_text()
+
+
+def test_profile_trains_at_the_batch_the_train_suite_fitted():
+    import types
+
+    from benchmarks import common
+    from benchmarks.profile_suite import train_batch
+
+    records = [{"suite": "train", "variant": "ours", "status": "ok", "batch_size": 128},
+               {"suite": "train", "variant": "reference+bf16+sdpa+compile", "status": "oom", "batch_size": None},
+               {"suite": "sample", "variant": "reference+bf16+sdpa+compile", "status": "ok", "batch_size": 256}]
+    ctx = types.SimpleNamespace(results=types.SimpleNamespace(records=records), size=common.SIZES["full"]())
+    assert train_batch(ctx, common.VARIANTS_BY_NAME["ours"]) == 128
+    # no training figure for it in this run: the smallest batch the size tries
+    assert train_batch(ctx, common.VARIANTS_BY_NAME["reference+bf16+sdpa+compile"]) == 32
