@@ -1,4 +1,5 @@
-"""python -m benchmarks {kernels,parity,train,sample,memory,profile,tuning,all} [--device cpu|cuda] [--size tiny|full] --out DIR
+"""python -m benchmarks {kernels,parity,train,sample,memory,profile,tuning,all} [--device cpu|cuda]
+[--size tiny|full] --out DIR
 
 Prints the device, the versions and the two ceilings first, then one line per record, and rewrites
 DIR/results.json and DIR/results.md after every record. Exit status 1 when a parity check failed or
