@@ -97,8 +97,13 @@ _patch_old_interpreter()
 PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 4}
 ELEMENTS_PER_THREAD = {"fwd": 16, "bwd": 8}
 PREFETCH = {"fwd": 1, "bwd": 1}
+# Rows per loop iteration of a forward program: 1 takes one row at a time; more take a (ROWS, BLOCK_D)
+# tile, their reductions side by side (fwd_rows_per_step; no GPU run has timed it yet). The backwards
+# take one row at a time.
+ROWS_PER_STEP = {"fwd": 1, "bwd": 1}
+ROWS_CHOICES = (1, 2, 4, 8)
 OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot",
-                 "fwd_prefetch", "bwd_prefetch")
+                 "fwd_prefetch", "bwd_prefetch", "fwd_rows_per_step")
 LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
 
 
@@ -116,6 +121,8 @@ def _checked_overrides(source: str, overrides: dict) -> dict[str, int]:
             raise ValueError(f"{source}: {key} must be an integer >= 1, got {value!r}")
         if key.endswith("prefetch") and value not in (0, 1):
             raise ValueError(f"{source}: {key} must be 0 or 1, got {value!r}")
+        if key.endswith("rows_per_step") and value not in ROWS_CHOICES:
+            raise ValueError(f"{source}: {key} must be one of {', '.join(map(str, ROWS_CHOICES))}, got {value!r}")
         checked[key] = value
     return checked
 
@@ -152,7 +159,7 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
 
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
     bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
-    reduced); None keeps the current value. Results do not depend on them
+    reduced), fwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); None keeps the current value. Results do not depend on them
     beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets them for a whole process.
     """
     global _overrides
@@ -165,10 +172,18 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
         _overrides = previous
 
 
-def launch_params(D: int, direction: str) -> tuple[int, int, int]:
-    """(num_warps, programs per SM, prefetch) a launch of row size D uses now ("fwd" or "bwd")."""
+def launch_params(D: int, direction: str) -> tuple[int, int, int, int]:
+    """(num_warps, programs per SM, prefetch, rows per step) a launch of row size D uses now ("fwd" or
+    "bwd")."""
     per_slot = launch_settings().get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
-    return block_config(D, direction)[1], per_slot, prefetch(direction)
+    return block_config(D, direction)[1], per_slot, prefetch(direction), rows_per_step(direction)
+
+
+def rows_per_step(direction: str) -> int:
+    """Rows a program takes per loop iteration (ROWS_PER_STEP; fwd_rows_per_step; always 1 for "bwd")."""
+    if direction == "bwd":
+        return 1
+    return launch_settings().get(f"{direction}_rows_per_step", ROWS_PER_STEP[direction])
 
 
 def prefetch(direction: str) -> bool:
@@ -291,11 +306,13 @@ def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused backward needs
     64 registers with 16 warps, 96 with 8, 168 with 4 (103, 165, 240 with prefetch), spilling only at
     2 warps; BLOCK_D = 8192 and 16384 (32 warps, 8 and 16 elements per thread) spill a little in the
-    backward kernels. `launch_overrides` (the kernel tuning benchmark) replaces num_warps per
-    direction ("fwd" or "bwd").
+    backward kernels. A forward taking R rows per step (rows_per_step) gets R times the warps, up to
+    32. `launch_overrides` (the kernel tuning benchmark) replaces num_warps per direction ("fwd" or
+    "bwd").
     """
     block_d = next_power_of_2(D)
-    default = min(max(block_d // (32 * ELEMENTS_PER_THREAD[direction]), 2), 32)
+    lanes = block_d * rows_per_step(direction)  # a forward taking several rows a step holds them all
+    default = min(max(lanes // (32 * ELEMENTS_PER_THREAD[direction]), 2), 32)
     num_warps = launch_settings().get(f"{direction}_num_warps") or default
     return block_d, num_warps
 

@@ -1,7 +1,8 @@
 """Per-row maths shared by the LayerNorm kernels (Triton device functions, inlined where called).
 
-Both take one row in fp32 whose lanes past D are zero (masked loads with other=0.0), `mask` marking
-the D real lanes, and the row's per-sample (1 + scale) in fp32.
+They take one row in fp32 whose lanes past D are zero (masked loads with other=0.0), `mask` marking
+the D real lanes, and the row's per-sample (1 + scale) in fp32; normalize_modulate_rows takes a
+(ROWS, BLOCK_D) tile of rows of one sample, each row normalised on its own.
 """
 import triton
 import triton.language as tl
@@ -24,6 +25,20 @@ def normalize_modulate(x, mask, D, eps, one_plus_scale, shift):
     var = tl.maximum(tl.sum(centred * centred, axis=0) / D - delta * delta, 0.0)
     rstd = tl.rsqrt(var + eps)
     x_hat = tl.where(mask, (centred - delta) * rstd, 0.0)
+    return x_hat, x_hat * one_plus_scale + shift, rstd
+
+
+@triton.jit
+def normalize_modulate_rows(x, mask, D, eps, one_plus_scale, shift):
+    """normalize_modulate of each row of a (ROWS, BLOCK_D) tile, `mask` (ROWS, BLOCK_D) marking the real
+    lanes of the real rows, one_plus_scale and shift (1, BLOCK_D). Returns (x_hat, out, rstd), rstd of
+    shape (ROWS,); a row that is all padding gets x_hat = 0 and rstd = 1 / sqrt(eps)."""
+    mean = tl.sum(x, axis=1) / D
+    centred = tl.where(mask, x - mean[:, None], 0.0)
+    delta = tl.sum(centred, axis=1) / D  # as in normalize_modulate: the mean's rounding taken out
+    var = tl.maximum(tl.sum(centred * centred, axis=1) / D - delta * delta, 0.0)
+    rstd = tl.rsqrt(var + eps)
+    x_hat = tl.where(mask, (centred - delta[:, None]) * rstd[:, None], 0.0)
     return x_hat, x_hat * one_plus_scale + shift, rstd
 
 

@@ -33,9 +33,10 @@ def _gated_residual_fwd_kernel(
     T, D, rows_per_program, n_tiles,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
-    # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
-    # PREFETCH: issue the loads of row t + 1 before row t is stored (twice the loads in flight).
+    # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
+    # PREFETCH: issue the loads of the next rows before these are stored (twice the loads in flight).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
@@ -44,24 +45,50 @@ def _gated_residual_fwd_kernel(
     mask = cols < D
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
-    x_row = x_ptr + b * stride_x_b + cols * stride_x_d
-    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
-    if PREFETCH:
-        x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
-        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
-    for t in range(t_start, t_end):
+    if ROWS == 1:
+        x_row = x_ptr + b * stride_x_b + cols * stride_x_d
+        y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:
-            x, y = x_next.to(tl.float32), y_next.to(tl.float32)
-            more = t + 1 < t_end
-            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
-            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
-            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
-        else:
-            x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
-        out = x + gate * y
-        tl.store(out_ptr + b * stride_out_b + t * stride_out_t + cols * stride_out_d,
-                 out.to(out_ptr.dtype.element_ty), mask=mask)
+            x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
+            y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
+        for t in range(t_start, t_end):
+            if PREFETCH:
+                x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+                more = t + 1 < t_end
+                next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+                x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
+                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
+            else:
+                x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
+            out = x + gate * y
+            tl.store(out_ptr + b * stride_out_b + t * stride_out_t + cols * stride_out_d,
+                     out.to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # a (ROWS, BLOCK_D) tile per iteration
+        steps = tl.arange(0, ROWS).to(tl.int64)
+        col = cols[None, :]
+        x_tile = x_ptr + b * stride_x_b + col * stride_x_d
+        y_tile = y_ptr + b * stride_y_b + col * stride_y_d
+        if PREFETCH:
+            t = t_start + steps
+            first = (t < t_end)[:, None] & mask[None, :]
+            x_next = tl.load(x_tile + t[:, None] * stride_x_t, mask=first, other=0.0)
+            y_next = tl.load(y_tile + t[:, None] * stride_y_t, mask=first, other=0.0)
+        for t0 in range(t_start, t_end, ROWS):
+            t = t0 + steps
+            tile_mask = (t < t_end)[:, None] & mask[None, :]
+            if PREFETCH:
+                x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+                t_next = t + ROWS
+                next_mask = (t_next < t_end)[:, None] & mask[None, :]
+                x_next = tl.load(x_tile + t_next[:, None] * stride_x_t, mask=next_mask, other=0.0)
+                y_next = tl.load(y_tile + t_next[:, None] * stride_y_t, mask=next_mask, other=0.0)
+            else:
+                x = tl.load(x_tile + t[:, None] * stride_x_t, mask=tile_mask, other=0.0).to(tl.float32)
+                y = tl.load(y_tile + t[:, None] * stride_y_t, mask=tile_mask, other=0.0).to(tl.float32)
+            out = x + gate[None, :] * y
+            tl.store(out_ptr + b * stride_out_b + t[:, None] * stride_out_t + col * stride_out_d,
+                     out.to(out_ptr.dtype.element_ty), mask=tile_mask)
 
 
 # Gated residual VJP, per row, with out = x + gate * y:
@@ -153,8 +180,8 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
             out, x, gate, y,
             *out.stride(), *x.stride(), *gate.stride(), *y.stride(),
             T, D, rows_per_program, n_tiles,
-            PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
-            enable_fp_fusion=_launch.FP_FUSION,
+            PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, ROWS=_launch.rows_per_step("fwd"),
+            num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
         )
     return out
 

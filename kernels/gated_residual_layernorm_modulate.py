@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._rows import normalize_modulate, normalize_modulate_vjp
+from ._rows import normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp
 
 OP = "gated_residual_layernorm_modulate"
 
@@ -56,9 +56,10 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     STORE_X_HAT: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
-    # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
-    # PREFETCH: issue the loads of row t + 1 before the reductions of row t (twice the loads in flight).
+    # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
+    # PREFETCH: issue the loads of the next rows before the reductions of these (twice the loads in flight).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
@@ -71,31 +72,68 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
     one_plus_scale = 1.0 + scale
 
-    x_row = x_ptr + b * stride_x_b + cols * stride_x_d
-    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
-    if PREFETCH:
-        x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
-        y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
-    for t in range(t_start, t_end):
+    if ROWS == 1:
+        x_row = x_ptr + b * stride_x_b + cols * stride_x_d
+        y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:
-            x, y = x_next.to(tl.float32), y_next.to(tl.float32)
-            more = t + 1 < t_end
-            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
-            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
-            y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
-        else:
-            x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
-            y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
-        # x_out is normalised as stored (rounded to x's dtype), so backward's x_hat matches these stats.
-        x_out = (x + gate * y).to(x_out_ptr.dtype.element_ty)
-        tl.store(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d, x_out, mask=mask)
-        x_res = x_out.to(tl.float32)
-        x_hat, h, rstd = normalize_modulate(x_res, mask, D, eps, one_plus_scale, shift)
-        tl.store(h_ptr + b * stride_h_b + t * stride_h_t + cols * stride_h_d, h.to(h_ptr.dtype.element_ty), mask=mask)
-        if STORE_X_HAT:  # only when a backward will follow
-            tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
-                     x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
+            x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
+            y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
+        for t in range(t_start, t_end):
+            if PREFETCH:
+                x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+                more = t + 1 < t_end
+                next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+                x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
+                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
+            else:
+                x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
+                y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
+            # x_out is normalised as stored (rounded to x's dtype), so backward's x_hat matches these stats.
+            x_out = (x + gate * y).to(x_out_ptr.dtype.element_ty)
+            tl.store(x_out_ptr + b * stride_x_out_b + t * stride_x_out_t + cols * stride_x_out_d, x_out, mask=mask)
+            x_res = x_out.to(tl.float32)
+            x_hat, h, rstd = normalize_modulate(x_res, mask, D, eps, one_plus_scale, shift)
+            tl.store(h_ptr + b * stride_h_b + t * stride_h_t + cols * stride_h_d, h.to(h_ptr.dtype.element_ty),
+                     mask=mask)
+            if STORE_X_HAT:  # only when a backward will follow
+                tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
+                         x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
+            tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
+    else:  # a (ROWS, BLOCK_D) tile per iteration: the rows' reductions side by side
+        steps = tl.arange(0, ROWS).to(tl.int64)
+        col = cols[None, :]
+        x_tile = x_ptr + b * stride_x_b + col * stride_x_d
+        y_tile = y_ptr + b * stride_y_b + col * stride_y_d
+        if PREFETCH:
+            t = t_start + steps
+            first = (t < t_end)[:, None] & mask[None, :]
+            x_next = tl.load(x_tile + t[:, None] * stride_x_t, mask=first, other=0.0)
+            y_next = tl.load(y_tile + t[:, None] * stride_y_t, mask=first, other=0.0)
+        for t0 in range(t_start, t_end, ROWS):
+            t = t0 + steps
+            rows = t < t_end
+            tile_mask = rows[:, None] & mask[None, :]
+            if PREFETCH:
+                x, y = x_next.to(tl.float32), y_next.to(tl.float32)
+                t_next = t + ROWS
+                next_mask = (t_next < t_end)[:, None] & mask[None, :]
+                x_next = tl.load(x_tile + t_next[:, None] * stride_x_t, mask=next_mask, other=0.0)
+                y_next = tl.load(y_tile + t_next[:, None] * stride_y_t, mask=next_mask, other=0.0)
+            else:
+                x = tl.load(x_tile + t[:, None] * stride_x_t, mask=tile_mask, other=0.0).to(tl.float32)
+                y = tl.load(y_tile + t[:, None] * stride_y_t, mask=tile_mask, other=0.0).to(tl.float32)
+            x_out = (x + gate[None, :] * y).to(x_out_ptr.dtype.element_ty)
+            tl.store(x_out_ptr + b * stride_x_out_b + t[:, None] * stride_x_out_t + col * stride_x_out_d, x_out,
+                     mask=tile_mask)
+            x_res = x_out.to(tl.float32)
+            x_hat, h, rstd = normalize_modulate_rows(x_res, tile_mask, D, eps, one_plus_scale[None, :],
+                                                     shift[None, :])
+            tl.store(h_ptr + b * stride_h_b + t[:, None] * stride_h_t + col * stride_h_d,
+                     h.to(h_ptr.dtype.element_ty), mask=tile_mask)
+            if STORE_X_HAT:
+                tl.store(x_hat_ptr + b * stride_x_hat_b + t[:, None] * stride_x_hat_t + col * stride_x_hat_d,
+                         x_hat.to(x_hat_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd, mask=rows)
 
 
 # VJP, per row, with x_hat = (x_out - mean) * rstd, h = x_hat * (1 + scale) + shift, x_out = x + gate * y.
@@ -269,8 +307,8 @@ def gated_residual_layernorm_modulate_forward(
             *x_out.stride(), *h.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *gate.stride(), *y.stride(),
             *shift.stride(), *scale.stride(),
             T, D, rows_per_program, n_tiles, eps,
-            STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
-            enable_fp_fusion=_launch.FP_FUSION,
+            STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d,
+            ROWS=_launch.rows_per_step("fwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
         )
     return x_out, h, x_hat, rstd
 

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._rows import normalize_modulate, normalize_modulate_vjp
+from ._rows import normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp
 
 OP = "layernorm_modulate"
 
@@ -39,9 +39,10 @@ def _layernorm_modulate_fwd_kernel(
     STORE_X_HAT: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
-    # One program per (sample b, tile of rows_per_program tokens); a whole row of D per iteration.
-    # PREFETCH: issue the loads of row t + 1 before the reductions of row t (twice the loads in flight).
+    # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
+    # PREFETCH: issue the loads of the next rows before the reductions of these (twice the loads in flight).
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
     t_start = (pid % n_tiles) * rows_per_program
@@ -54,21 +55,48 @@ def _layernorm_modulate_fwd_kernel(
     one_plus_scale = 1.0 + scale
 
     x_row = x_ptr + b * stride_x_b + cols * stride_x_d
-    if PREFETCH:
-        x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
-    for t in range(t_start, t_end):
+    if ROWS == 1:
         if PREFETCH:
-            x = x_next.to(tl.float32)
-            next_mask = cols < tl.where(t + 1 < t_end, D, 0)  # row t + 1's columns, if in the tile
-            x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
-        else:
-            x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
-        x_hat, y, rstd = normalize_modulate(x, mask, D, eps, one_plus_scale, shift)
-        tl.store(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, y.to(y_ptr.dtype.element_ty), mask=mask)
-        if STORE_X_HAT:  # only when a backward will follow
-            tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
-                     x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
-        tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
+            x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
+        for t in range(t_start, t_end):
+            if PREFETCH:
+                x = x_next.to(tl.float32)
+                next_mask = cols < tl.where(t + 1 < t_end, D, 0)  # row t + 1's columns, if in the tile
+                x_next = tl.load(x_row + (t + 1) * stride_x_t, mask=next_mask, other=0.0)
+            else:
+                x = tl.load(x_row + t * stride_x_t, mask=mask, other=0.0).to(tl.float32)
+            x_hat, y, rstd = normalize_modulate(x, mask, D, eps, one_plus_scale, shift)
+            tl.store(y_ptr + b * stride_y_b + t * stride_y_t + cols * stride_y_d, y.to(y_ptr.dtype.element_ty),
+                     mask=mask)
+            if STORE_X_HAT:  # only when a backward will follow
+                tl.store(x_hat_ptr + b * stride_x_hat_b + t * stride_x_hat_t + cols * stride_x_hat_d,
+                         x_hat.to(x_hat_ptr.dtype.element_ty), mask=mask)
+            tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd)
+    else:  # a (ROWS, BLOCK_D) tile per iteration: the rows' reductions side by side
+        steps = tl.arange(0, ROWS).to(tl.int64)
+        col = cols[None, :]
+        x_tile = x_ptr + b * stride_x_b + col * stride_x_d
+        if PREFETCH:
+            t = t_start + steps
+            x_next = tl.load(x_tile + t[:, None] * stride_x_t, mask=(t < t_end)[:, None] & mask[None, :], other=0.0)
+        for t0 in range(t_start, t_end, ROWS):
+            t = t0 + steps
+            rows = t < t_end
+            tile_mask = rows[:, None] & mask[None, :]
+            if PREFETCH:
+                x = x_next.to(tl.float32)
+                t_next = t + ROWS
+                x_next = tl.load(x_tile + t_next[:, None] * stride_x_t,
+                                 mask=(t_next < t_end)[:, None] & mask[None, :], other=0.0)
+            else:
+                x = tl.load(x_tile + t[:, None] * stride_x_t, mask=tile_mask, other=0.0).to(tl.float32)
+            x_hat, y, rstd = normalize_modulate_rows(x, tile_mask, D, eps, one_plus_scale[None, :], shift[None, :])
+            tl.store(y_ptr + b * stride_y_b + t[:, None] * stride_y_t + col * stride_y_d,
+                     y.to(y_ptr.dtype.element_ty), mask=tile_mask)
+            if STORE_X_HAT:
+                tl.store(x_hat_ptr + b * stride_x_hat_b + t[:, None] * stride_x_hat_t + col * stride_x_hat_d,
+                         x_hat.to(x_hat_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(rstd_ptr + b * stride_stat_b + t * stride_stat_t, rstd, mask=rows)
 
 
 # LayerNorm + modulation VJP, per row, with x_hat = (x - mean) * rstd and y = x_hat * (1 + scale) + shift.
@@ -181,8 +209,8 @@ def layernorm_modulate_forward(
             y, x_hat, rstd, x, shift, scale,
             *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
             T, D, rows_per_program, n_tiles, eps,
-            STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, num_warps=num_warps,
-            enable_fp_fusion=_launch.FP_FUSION,
+            STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d,
+            ROWS=_launch.rows_per_step("fwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
         )
     return y, x_hat, rstd
 

@@ -114,7 +114,8 @@ def test_session_runs_the_tests_after_the_suite(dry_run):
     from kernels import _launch
 
     assert set(_launch._parse_launch_env(setting.group(1))) == {
-        f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "prefetch")}
+        f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "prefetch")} | {
+        "fwd_rows_per_step"}
     assert " passed" in test_log and "failed" not in test_log, test_log[-2000:]
     assert "gpu_session: suite exit 0, tests exit 0" in proc.stdout, _tail(proc)
 
@@ -263,7 +264,7 @@ def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
     status = main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert status == 1
-    assert len(records) == 6  # 2 directions x 3 launches
+    assert len(records) == 7  # 3 launches a direction, and the forward's second row count
     for record in records:
         assert not validate_record(record), record
         broken = record["extra"]["programs_per_slot"] == 1
@@ -1485,3 +1486,21 @@ def test_profile_trains_at_the_batch_the_train_suite_fitted():
     assert train_batch(ctx, common.VARIANTS_BY_NAME["ours"]) == 128
     # no training figure for it in this run: the smallest batch the size tries
     assert train_batch(ctx, common.VARIANTS_BY_NAME["reference+bf16+sdpa+compile"]) == 32
+
+
+def test_tuning_launches_name_only_the_parameters_a_direction_has():
+    """rows_per_step is the forwards' alone: a backward launch's settings leave it out, so that they
+    are valid launch_overrides and SIT_FAST_KERNEL_LAUNCH keys."""
+    from benchmarks.tuning_suite import settings_of
+    from kernels import _launch
+
+    fwd, bwd = settings_of("fwd", (4, 32, 1, 2)), settings_of("bwd", (8, 4, 1, 1))
+    assert fwd == {"num_warps": 4, "programs_per_slot": 32, "prefetch": 1, "rows_per_step": 2}
+    assert bwd == {"num_warps": 8, "programs_per_slot": 4, "prefetch": 1}
+    with _launch.launch_overrides(**{f"fwd_{k}": v for k, v in fwd.items()},
+                                  **{f"bwd_{k}": v for k, v in bwd.items()}):
+        assert _launch.launch_params(1152, "fwd") == (4, 32, True, 2)  # warps as set, not scaled with the rows
+    one_row = _launch.launch_params(1152, "fwd")
+    with _launch.launch_overrides(fwd_rows_per_step=4):  # warps left unset: scaled with the rows
+        assert _launch.launch_params(1152, "fwd") == (min(4 * one_row[0], 32), *one_row[1:3], 4)
+        assert _launch.launch_params(1152, "bwd") == (8, 4, True, 1)

@@ -314,6 +314,21 @@ def test_kernel_launch_overrides_keep_results(op, per_slot, prefetch):
     assert (_launch.block_config(1152, "bwd"), _launch.token_tiling(2, 13, DEVICE, "fwd")) == defaults  # restored
 
 
+# Forward programs that take 2 or 4 rows per loop iteration (fwd_rows_per_step): tiles of 5 rows over
+# 13 tokens, so the last step of a tile is part padding, and a tile of 3 rows; with and without
+# prefetch; forward (outputs and the stored statistics) and every gradient.
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("case", DTYPE_CASES[:2])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_rows_per_step_keep_results(op, case, rows, prefetch):
+    with _launch.launch_overrides(fwd_rows_per_step=rows, fwd_prefetch=prefetch, fwd_programs_per_slot=3):
+        assert _launch.launch_params(97, "fwd")[3] == rows and _launch.rows_per_step("bwd") == 1
+        check_against_reference(op, make_inputs(op, 2, 13, 97, case), case)
+        inputs = make_inputs(op, 1, 1, 72, case)  # one token: one step, all but one row padding
+        check_against_reference(op, inputs, case)
+
+
 @pytest.mark.parametrize("only_h", [False, True])
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_prefetch_is_bitwise_identical(op, only_h):
@@ -348,6 +363,7 @@ def test_kernel_prefetch_test_leaves_the_global_seed_alone():
 @pytest.mark.parametrize("overrides,message", [
     ({"num_warps": 4}, "unknown key"), ({"fwd_num_warps": 3}, "power of two"),
     ({"bwd_programs_per_slot": 0}, ">= 1"), ({"fwd_prefetch": 2}, "0 or 1"),
+    ({"fwd_rows_per_step": 3}, "one of 1, 2, 4, 8"), ({"bwd_rows_per_step": 2}, "unknown key"),
 ])
 def test_kernel_launch_overrides_reject_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -701,10 +717,11 @@ def test_kernel_launch_environment_variable(monkeypatch):
     monkeypatch.setenv(_launch.LAUNCH_ENV, "fwd_num_warps=8, bwd_programs_per_slot=4,bwd_prefetch=1")
     fwd_tiles, bwd_warps = _launch.PROGRAMS_PER_SLOT["fwd"], _launch.block_config(1152, "bwd")[1]
     fwd_prefetch = bool(_launch.PREFETCH["fwd"])
-    assert _launch.launch_params(1152, "fwd") == (8, fwd_tiles, fwd_prefetch)
-    assert _launch.launch_params(1152, "bwd") == (bwd_warps, 4, True)
+    rows = _launch.ROWS_PER_STEP["fwd"]
+    assert _launch.launch_params(1152, "fwd") == (8, fwd_tiles, fwd_prefetch, rows)
+    assert _launch.launch_params(1152, "bwd") == (bwd_warps, 4, True, 1)
     with _launch.launch_overrides(fwd_num_warps=2):  # the context manager wins over the variable
-        assert _launch.launch_params(1152, "fwd") == (2, fwd_tiles, fwd_prefetch)
+        assert _launch.launch_params(1152, "fwd") == (2, fwd_tiles, fwd_prefetch, rows)
     for bad, message in (("fwd_num_warps=3", "power of two"), ("warps=8", "unknown key 'warps'"),
                          ("bwd_prefetch=2", "0 or 1"), ("fwd_num_warps", "expected KEY=INTEGER"),
                          ("fwd_num_warps=\u00b2", "expected KEY=INTEGER")):
@@ -778,9 +795,12 @@ def pointer_type(name, layout):
     return "*fp32" if base in fp32 else "*bf16"
 
 
-def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16"):
-    block_d, num_warps = _launch.block_config(D)
-    constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch, **variant}
+def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16", rows=1):
+    direction = "bwd" if "_bwd_" in kernel_name else "fwd"
+    with _launch.launch_overrides(**({"fwd_rows_per_step": rows} if direction == "fwd" else {})):
+        block_d, num_warps = _launch.block_config(D, direction)  # as launched
+    constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch, "ROWS": rows,
+                  **variant}
     # contiguous rows: Triton specialises the unit feature strides, as at run time
     constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
     signature, attrs = {}, {}
@@ -813,7 +833,8 @@ def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16"):
     os.unlink(f.name)
     spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
     off = ",".join(f for f, on in variant.items() if not on) or "-"
-    print("lowered", kernel_name, D, prefetch, "off", off, "layout", layout, "narrow", narrow, "vectors", vectors,
+    print("lowered", kernel_name, D, prefetch, "off", off, "layout", layout, "rows", rows, "narrow", narrow,
+          "vectors", vectors,
           "spill", spill.group(1) if spill else "?")
 
 
@@ -837,6 +858,9 @@ for module_name, kernel_names in KERNELS.items():
         # The other dtype layouts the ops take, at SiT-XL's width.
         for layout in ("autocast", "bf16-fp32vec", "fp32", "fp16"):
             lower(kernel, kernel_name, 1152, 1, variants[0], layout)
+        if "ROWS" in kernel.arg_names:  # the forwards taking several rows a step
+            for rows in (2, 4):
+                lower(kernel, kernel_name, 1152, 1, variants[0], rows=rows)
 """
 
 
@@ -852,8 +876,9 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("lowered")]
     # 6 kernels at 4 launches; the 3 backwards also frozen, and the fused one with each flag off alone;
-    # 2 forwards storing no x_hat, the fused backward without x_out's gradient; 4 other layouts each
-    assert len(lines) == 6 * 4 + 3 * 4 + 2 * 4 + 3 + 6 * 4, result.stdout
+    # 2 forwards storing no x_hat, the fused backward without x_out's gradient; 4 other layouts each;
+    # the 3 forwards at 2 and 4 rows a step
+    assert len(lines) == 6 * 4 + 3 * 4 + 2 * 4 + 3 + 6 * 4 + 3 * 2, result.stdout
     assert {line.split()[7] for line in lines} == {"bf16", "autocast", "bf16-fp32vec", "fp32", "fp16"}
     offs = {(line.split()[1], line.split()[5]) for line in lines}
     assert ("_gated_residual_layernorm_modulate_bwd_kernel", "HAS_DGATE,HAS_DVEC") in offs, sorted(offs)
