@@ -18,8 +18,8 @@ time box that stops the run early leaves the same comparisons for every op and d
 Each launch is checked first, its outputs NaN-filled, against the reference computed in float32
 with the kernel tests' bounds (`kernels_suite.parity_failure`): one outside them, or NaN, is
 recorded as `parity_failed` and never chosen. On the CPU (Triton interpreter) only the default, a
-one-program-per-sample tiling, the other prefetch setting and (forwards) two rows per step run: the dry run proves each path, and
-warps mean nothing there.
+one-program-per-sample tiling, the other prefetch setting and (forwards) two rows per step run:
+the dry run proves each path, and warps mean nothing there.
 Each op's best launch is then timed on the other ops of its direction, and each op's best prints as
 SIT_FAST_KERNEL_LAUNCH settings, then the one setting for all ops: per direction, the launch with the
 least time summed over the three ops, unless it gains less on the default than the default's own

@@ -159,8 +159,9 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
 
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
     bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
-    reduced), fwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); None keeps the current value. Results do not depend on them
-    beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets them for a whole process.
+    reduced), fwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); None keeps the current
+    value. Results do not depend on them beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets
+    them for a whole process.
     """
     global _overrides
     checked = _checked_overrides("launch_overrides", overrides)
