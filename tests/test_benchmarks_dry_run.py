@@ -1504,3 +1504,66 @@ def test_tuning_launches_name_only_the_parameters_a_direction_has():
     with _launch.launch_overrides(fwd_rows_per_step=4):  # warps left unset: scaled with the rows
         assert _launch.launch_params(1152, "fwd") == (min(4 * one_row[0], 32), *one_row[1:3], 4)
         assert _launch.launch_params(1152, "bwd") == (8, 4, True, 1)
+
+
+def test_parity_cases_put_ours_in_fp32_before_the_compiled_others():
+    """The parity suite's order, which a time box cuts from the end: ours in bf16, the eager bf16
+    reference, ours in fp32 (the kernels where the tolerance is tight), then the compiled reference;
+    never the fp32 reference itself, the yardstick."""
+    from benchmarks import common
+    from benchmarks.parity_suite import cases
+
+    order = [(v.name, "fp32" if dtype is None else "bf16") for v, dtype in cases(common.VARIANTS)]
+    assert order == [("ours", "bf16"), ("reference+bf16+sdpa", "bf16"), ("ours", "fp32"),
+                     ("reference+bf16+sdpa+compile", "bf16")], order
+
+
+def test_parity_box_expects_later_compiled_cases_to_cost_what_the_first_took(tmp_path, monkeypatch):
+    """At full size a compiled case is first expected to take expected_cost_s (40 s); once one has run,
+    a later one is expected to take 1.5 times the longest so far: in a 50 s box whose first compiled
+    case took 15 s, ours in fp32 runs (34 s left, 22.5 needed; 40 before), the compiled reference not
+    (19 s left). Nothing is built: compare and the clock are stood in for."""
+    import types
+
+    import torch
+
+    import sit_fast.parity
+    from benchmarks import common, parity_suite
+
+    now = [0.0]
+    monkeypatch.setattr(parity_suite, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    monkeypatch.setattr(common, "time", types.SimpleNamespace(monotonic=lambda: now[0]))
+    compared = []
+
+    class Report:
+        output_rel_err = loss_rel_err = grad_rel_err_max = 0.0
+        rows = [{"max_abs": 0.0, "tensor": "output", "rel_err": 0.0}] * 2
+        yardstick = None
+        worst = {"tensor": "output"}
+
+        def failures(self):
+            return []
+
+        def tolerances(self):
+            return {"output": 1e-3, "loss": 1e-3, "grad": 1e-3}
+
+    def compare(reference, candidate, autocast_dtype=None, compiled=False, **kwargs):
+        compared.append((candidate, autocast_dtype))
+        now[0] += 15.0 if compiled else 1.0
+        return Report()
+
+    monkeypatch.setattr(sit_fast.parity, "compare", compare)
+    emitted = []
+    ctx = types.SimpleNamespace(
+        seed=0, size=common.SIZES["full"](), variants=common.VARIANTS, device=torch.device("cpu"),
+        budget=common.Budget(50.0), parity={}, emit=emitted.append,
+        models=types.SimpleNamespace(build=lambda variant: variant.name, variant_config=lambda variant: {}),
+        record=lambda suite, name, variant, **fields: dict(name=name, variant=variant, **fields),
+    )
+    ctx.skip = lambda suite, name, variant, needed, **fields: emitted.append(
+        dict(variant=variant.name, status="skipped", needed=needed, **fields))
+    parity_suite.run(ctx)
+    assert [(r["variant"], r["dtype"], r["status"]) for r in emitted] == [
+        ("ours", "bf16", "ok"), ("reference+bf16+sdpa", "bf16", "ok"), ("ours", "fp32", "ok"),
+        ("reference+bf16+sdpa+compile", "bf16", "skipped")], emitted
+    assert emitted[-1]["needed"] == pytest.approx(22.5)
