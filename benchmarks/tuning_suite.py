@@ -3,22 +3,22 @@
 The kernels hold one whole row (BLOCK_D = D rounded up to a power of two) per program and loop over
 a tile of tokens; three launch parameters are free, per direction: the warps per program, how many
 programs per streaming multiprocessor the token tiling aims for (`kernels._launch.token_tiling`),
-and whether each program loads row t + 1 before reducing row t (prefetch); the forwards have a
-fourth, how many rows each loop step takes (rows_per_step). Their defaults
+and whether each program loads row t + 1 before reducing row t (prefetch), and how many rows each
+loop step takes (rows_per_step). Their defaults
 (`kernels._launch.PROGRAMS_PER_SLOT`, `ELEMENTS_PER_THREAD`, `PREFETCH`) are this suite's choice on
 an H200; it times the alternatives at the kernels suite's shapes (SiT-XL/2: B=256, T=256, D=1152,
 bf16), forward and backward separately, so one GPU run says which to choose on another GPU.
 
 Search, per op and direction, a coordinate search from the default launch: prefetch on and off,
-then (forwards) 1, 2 and 4 rows per step, the warps scaled with the rows, then every warp count at
-the best so far, then every tiling, then every warp count again (at D = 1152 at most 18 launches of
-the 210 combinations of 5 warp counts, 7 tilings, 2 prefetch settings and 3 row counts; 16 of 70
-for a backward). The six searches go breadth first, each step for all of them before the next, so a
-time box that stops the run early leaves the same comparisons for every op and direction.
+then 1, 2 and 4 rows per step, the warps scaled with the rows, then every warp count at the best
+so far, then every tiling, then every warp count again (at D = 1152 at most 18 launches of the 210
+combinations of 5 warp counts, 7 tilings, 2 prefetch settings and 3 row counts). The six searches
+go breadth first, each step for all of them before the next, so a time box that stops the run
+early leaves the same comparisons for every op and direction.
 Each launch is checked first, its outputs NaN-filled, against the reference computed in float32
 with the kernel tests' bounds (`kernels_suite.parity_failure`): one outside them, or NaN, is
 recorded as `parity_failed` and never chosen. On the CPU (Triton interpreter) only the default, a
-one-program-per-sample tiling, the other prefetch setting and (forwards) two rows per step run:
+one-program-per-sample tiling, the other prefetch setting and two rows per step run:
 the dry run proves each path, and warps mean nothing there.
 Each op's best launch is then timed on the other ops of its direction, and each op's best prints as
 SIT_FAST_KERNEL_LAUNCH settings, then the one setting for all ops: per direction, the launch with the
@@ -45,17 +45,12 @@ def warp_choices(block_d: int) -> list[int]:
 
 KEYS = ("num_warps", "programs_per_slot", "prefetch", "rows_per_step")  # one launch: a value of each
 ROWS_AXIS = 3
-ROWS_CHOICES = (1, 2, 4)  # rows per step the forwards try (the backwards take one)
+ROWS_CHOICES = (1, 2, 4)  # rows per loop step tried
 
 
-def keys(direction: str) -> tuple[str, ...]:
-    """The launch parameters a direction has: rows_per_step is the forwards' only."""
-    return KEYS if direction == "fwd" else KEYS[:ROWS_AXIS]
-
-
-def settings_of(direction: str, launch: tuple) -> dict[str, int]:
-    """A launch tuple as {parameter: value}, for the parameters the direction has."""
-    return dict(zip(keys(direction), launch))
+def settings_of(launch: tuple) -> dict[str, int]:
+    """A launch tuple as {parameter: value}."""
+    return dict(zip(KEYS, launch))
 
 
 def run(ctx) -> None:
@@ -72,12 +67,11 @@ def run(ctx) -> None:
     for op in ks.OPS:
         for direction in ("fwd", "bwd"):
             default = _launch.launch_params(cfg.D, direction)  # SIT_FAST_KERNEL_LAUNCH included
-            rows = list(ROWS_CHOICES) if direction == "fwd" else [1]
             if cuda:
-                choices = (warp_choices(block_d), list(PROGRAMS_PER_SLOT), [0, 1], rows)
+                choices = (warp_choices(block_d), list(PROGRAMS_PER_SLOT), [0, 1], list(ROWS_CHOICES))
             else:  # the interpreter: prove each path once (warps mean nothing there)
-                other_rows = [2 if default[3] == 1 else 1] if direction == "fwd" else []
-                choices = ([default[0]], [default[1], 1], [default[2], 1 - default[2]], [default[3], *other_rows])
+                choices = ([default[0]], [default[1], 1], [default[2], 1 - default[2]],
+                           [default[3], 2 if default[3] == 1 else 1])
             searches.append(LaunchSearch(ctx, op, direction, tuple(int(v) for v in default), choices))
     # Breadth first: each step of the search for every op and direction before the next step, so a
     # time box that ends the run early leaves the same comparisons for all six.
@@ -117,7 +111,7 @@ def one_setting(searches: list["LaunchSearch"]) -> str:
                 noise = (f"; the best, {total[chosen]:.3g} ms, gains less than the default's p20-p80 spread "
                          f"({sum(spreads):.3g} ms summed): the default stands")
                 chosen = default
-        parts += [f"{direction}_{k}={v}" for k, v in settings_of(direction, chosen).items()]
+        parts += [f"{direction}_{k}={v}" for k, v in settings_of(chosen).items()]
         versus = (f"{total[default] / total[chosen]:.2f}x the default's {total[default]:.3g} ms{noise}"
                   if default in total else "the default did not run every op")
         notes.append(f"{direction}: {total[chosen]:.3g} ms for the {len(group)} ops, {versus}")
@@ -125,8 +119,8 @@ def one_setting(searches: list["LaunchSearch"]) -> str:
     return f"all ops: {setting} ({'; '.join(notes)})"
 
 
-# The coordinate search's steps: prefetch (one launch to try), rows per step (the forwards; warps
-# scaled with the rows), warps, tiling, then warps again at the best of the others; indices into KEYS.
+# The coordinate search's steps: prefetch (one launch to try), rows per step (warps scaled with the
+# rows), warps, tiling, then warps again at the best of the others; indices into KEYS.
 AXES = (2, ROWS_AXIS, 0, 1, 0)
 
 
@@ -165,7 +159,7 @@ class LaunchSearch:
         from kernels import _launch
 
         ctx, cfg, direction = self.ctx, self.cfg, self.direction
-        settings = settings_of(direction, launch)
+        settings = settings_of(launch)
         variant = "ours " + " ".join(f"{k}={v}" for k, v in settings.items())
         extra = {**settings, "default": launch == self.default, "best": False}
         common = dict(dtype=ks.DTYPE_NAMES[cfg.dtype], shapes={"B": cfg.B, "T": cfg.T, "D": cfg.D},
@@ -239,7 +233,7 @@ class LaunchSearch:
         base = self.measured[self.default]
         speedup = f"{base['median_ms'] / self.measured[chosen]['median_ms']:.2f}x the default" \
             if base["status"] == "ok" else "the default did not run"
-        settings = ",".join(f"{self.direction}_{k}={v}" for k, v in settings_of(self.direction, chosen).items())
+        settings = ",".join(f"{self.direction}_{k}={v}" for k, v in settings_of(chosen).items())
         print(f"[{SUITE}] {self.name}: best {settings} {self.measured[chosen]['gbps']:.3g} GB/s ({speedup})",
               flush=True)
         self.ctx.results.write()  # the best launch's mark

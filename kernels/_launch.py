@@ -97,13 +97,12 @@ _patch_old_interpreter()
 PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 4}
 ELEMENTS_PER_THREAD = {"fwd": 16, "bwd": 8}
 PREFETCH = {"fwd": 1, "bwd": 1}
-# Rows per loop iteration of a forward program: 1 takes one row at a time; more take a (ROWS, BLOCK_D)
-# tile, their reductions side by side (fwd_rows_per_step; no GPU run has timed it yet). The backwards
-# take one row at a time.
+# Rows per loop iteration of a program: 1 takes one row at a time; more take a (ROWS, BLOCK_D) tile,
+# their reductions side by side (fwd_rows_per_step, bwd_rows_per_step; no GPU run has timed it yet).
 ROWS_PER_STEP = {"fwd": 1, "bwd": 1}
 ROWS_CHOICES = (1, 2, 4, 8)
 OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot",
-                 "fwd_prefetch", "bwd_prefetch", "fwd_rows_per_step")
+                 "fwd_prefetch", "bwd_prefetch", "fwd_rows_per_step", "bwd_rows_per_step")
 LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
 
 
@@ -159,8 +158,8 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
 
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
     bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
-    reduced), fwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); None keeps the current
-    value. Results do not depend on them beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets
+    reduced), fwd_rows_per_step, bwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); None
+    keeps the current value. Results do not depend on them beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets
     them for a whole process.
     """
     global _overrides
@@ -181,9 +180,7 @@ def launch_params(D: int, direction: str) -> tuple[int, int, int, int]:
 
 
 def rows_per_step(direction: str) -> int:
-    """Rows a program takes per loop iteration (ROWS_PER_STEP; fwd_rows_per_step; always 1 for "bwd")."""
-    if direction == "bwd":
-        return 1
+    """Rows a program takes per loop iteration (ROWS_PER_STEP; `launch_overrides`)."""
     return launch_settings().get(f"{direction}_rows_per_step", ROWS_PER_STEP[direction])
 
 
@@ -307,12 +304,12 @@ def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused backward needs
     64 registers with 16 warps, 96 with 8, 168 with 4 (103, 165, 240 with prefetch), spilling only at
     2 warps; BLOCK_D = 8192 and 16384 (32 warps, 8 and 16 elements per thread) spill a little in the
-    backward kernels. A forward taking R rows per step (rows_per_step) gets R times the warps, up to
+    backward kernels. A program taking R rows per step (rows_per_step) gets R times the warps, up to
     32. `launch_overrides` (the kernel tuning benchmark) replaces num_warps per direction ("fwd" or
     "bwd").
     """
     block_d = next_power_of_2(D)
-    lanes = block_d * rows_per_step(direction)  # a forward taking several rows a step holds them all
+    lanes = block_d * rows_per_step(direction)  # a program taking several rows a step holds them all
     default = min(max(lanes // (32 * ELEMENTS_PER_THREAD[direction]), 2), 32)
     num_warps = launch_settings().get(f"{direction}_num_warps") or default
     return block_d, num_warps

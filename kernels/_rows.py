@@ -43,6 +43,16 @@ def normalize_modulate_rows(x, mask, D, eps, one_plus_scale, shift):
 
 
 @triton.jit
+def normalize_modulate_vjp_rows(d_out, x_hat, rstd, one_plus_scale, D):
+    """normalize_modulate_vjp of each row of a (ROWS, BLOCK_D) tile; rstd (ROWS,), one_plus_scale
+    (1, BLOCK_D)."""
+    g = d_out * one_plus_scale
+    mean_g = tl.sum(g, axis=1) / D
+    mean_g_xhat = tl.sum(g * x_hat, axis=1) / D
+    return rstd[:, None] * (g - mean_g[:, None] - x_hat * mean_g_xhat[:, None])
+
+
+@triton.jit
 def normalize_modulate_vjp(d_out, x_hat, rstd, one_plus_scale, D):
     """The gradient reaching the row x from d_out = dL/d(out), through the modulation and the norm:
 

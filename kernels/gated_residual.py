@@ -113,6 +113,7 @@ def _gated_residual_bwd_kernel(
     HAS_DGATE: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
@@ -124,30 +125,62 @@ def _gated_residual_bwd_kernel(
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     dgate_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    dout_row = dout_ptr + b * stride_dout_b + cols * stride_dout_d
-    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
-    if PREFETCH:  # row t + 1's loads go out before row t is stored
-        dout_next = tl.load(dout_row + t_start * stride_dout_t, mask=mask, other=0.0)
-        if HAS_DGATE:
-            y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
-    for t in range(t_start, t_end):
+    if ROWS == 1:
+        dout_row = dout_ptr + b * stride_dout_b + cols * stride_dout_d
+        y_row = y_ptr + b * stride_y_b + cols * stride_y_d
+        if PREFETCH:  # row t + 1's loads go out before row t is stored
+            dout_next = tl.load(dout_row + t_start * stride_dout_t, mask=mask, other=0.0)
+            if HAS_DGATE:
+                y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
+        for t in range(t_start, t_end):
+            if PREFETCH:
+                dout = dout_next.to(tl.float32)
+                more = t + 1 < t_end
+                next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+                dout_next = tl.load(dout_row + (t + 1) * stride_dout_t, mask=next_mask, other=0.0)
+                if HAS_DGATE:
+                    y = y_next.to(tl.float32)
+                    y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
+            else:
+                dout = tl.load(dout_row + t * stride_dout_t, mask=mask, other=0.0).to(tl.float32)
+                if HAS_DGATE:
+                    y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
+            if HAS_DGATE:
+                dgate_acc += dout * y
+            dy = dout * gate
+            tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
+                     dy.to(dy_ptr.dtype.element_ty), mask=mask)
+    else:  # a (ROWS, BLOCK_D) tile per iteration
+        steps = tl.arange(0, ROWS).to(tl.int64)
+        col = cols[None, :]
+        dout_tile = dout_ptr + b * stride_dout_b + col * stride_dout_d
+        y_tile = y_ptr + b * stride_y_b + col * stride_y_d
         if PREFETCH:
-            dout = dout_next.to(tl.float32)
-            more = t + 1 < t_end
-            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
-            dout_next = tl.load(dout_row + (t + 1) * stride_dout_t, mask=next_mask, other=0.0)
+            t = t_start + steps
+            first = (t < t_end)[:, None] & mask[None, :]
+            dout_next = tl.load(dout_tile + t[:, None] * stride_dout_t, mask=first, other=0.0)
             if HAS_DGATE:
-                y = y_next.to(tl.float32)
-                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
-        else:
-            dout = tl.load(dout_row + t * stride_dout_t, mask=mask, other=0.0).to(tl.float32)
-            if HAS_DGATE:
-                y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
-        if HAS_DGATE:
-            dgate_acc += dout * y
-        dy = dout * gate
-        tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
-                 dy.to(dy_ptr.dtype.element_ty), mask=mask)
+                y_next = tl.load(y_tile + t[:, None] * stride_y_t, mask=first, other=0.0)
+        for t0 in range(t_start, t_end, ROWS):
+            t = t0 + steps
+            tile_mask = (t < t_end)[:, None] & mask[None, :]
+            if PREFETCH:
+                dout = dout_next.to(tl.float32)
+                t_next = t + ROWS
+                next_mask = (t_next < t_end)[:, None] & mask[None, :]
+                dout_next = tl.load(dout_tile + t_next[:, None] * stride_dout_t, mask=next_mask, other=0.0)
+                if HAS_DGATE:
+                    y = y_next.to(tl.float32)
+                    y_next = tl.load(y_tile + t_next[:, None] * stride_y_t, mask=next_mask, other=0.0)
+            else:
+                dout = tl.load(dout_tile + t[:, None] * stride_dout_t, mask=tile_mask, other=0.0).to(tl.float32)
+                if HAS_DGATE:
+                    y = tl.load(y_tile + t[:, None] * stride_y_t, mask=tile_mask, other=0.0).to(tl.float32)
+            if HAS_DGATE:  # padding rows loaded as zeros add nothing
+                dgate_acc += tl.sum(dout * y, axis=0)
+            dy = dout * gate[None, :]
+            tl.store(dy_ptr + b * stride_dy_b + t[:, None] * stride_dy_t + col * stride_dy_d,
+                     dy.to(dy_ptr.dtype.element_ty), mask=tile_mask)
 
     if HAS_DGATE:
         part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
@@ -206,8 +239,8 @@ def gated_residual_backward(
                 dy, dgate_partial, grad_out, gate, y_arg,
                 *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y_arg.stride(),
                 T, D, rows_per_program, n_tiles,
-                HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
-                enable_fp_fusion=_launch.FP_FUSION,
+                HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d,
+                ROWS=_launch.rows_per_step("bwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
             )
     if not has_dgate:
         return gate.new_empty((B, 0)), dy

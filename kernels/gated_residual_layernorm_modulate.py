@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._rows import normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp
+from ._rows import normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp, normalize_modulate_vjp_rows
 
 OP = "gated_residual_layernorm_modulate"
 
@@ -179,6 +179,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     HAS_DVEC: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
@@ -195,53 +196,112 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    dh_row = dh_ptr + b * stride_dh_b + cols * stride_dh_d
-    x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
-    y_row = y_ptr + b * stride_y_b + cols * stride_y_d
-    dx_out_row = dx_out_ptr + b * stride_dx_out_b + cols * stride_dx_out_d
     rstd_row = rstd_ptr + b * stride_stat_b
-    if PREFETCH:  # row t + 1's loads go out before row t's reductions
-        dh_next = tl.load(dh_row + t_start * stride_dh_t, mask=mask, other=0.0)
-        x_hat_next = tl.load(x_hat_row + t_start * stride_x_hat_t, mask=mask, other=0.0)
-        if HAS_DGATE:
-            y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
-        rstd_next = tl.load(rstd_row + t_start * stride_stat_t)
-        if HAS_DX_OUT:
-            dx_out_next = tl.load(dx_out_row + t_start * stride_dx_out_t, mask=mask, other=0.0)
-    for t in range(t_start, t_end):
-        if PREFETCH:
-            dh, x_hat, rstd = dh_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
-            more = t + 1 < t_end
-            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
-            dh_next = tl.load(dh_row + (t + 1) * stride_dh_t, mask=next_mask, other=0.0)
-            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=next_mask, other=0.0)
+    if ROWS == 1:
+        dh_row = dh_ptr + b * stride_dh_b + cols * stride_dh_d
+        x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
+        y_row = y_ptr + b * stride_y_b + cols * stride_y_d
+        dx_out_row = dx_out_ptr + b * stride_dx_out_b + cols * stride_dx_out_d
+        if PREFETCH:  # row t + 1's loads go out before row t's reductions
+            dh_next = tl.load(dh_row + t_start * stride_dh_t, mask=mask, other=0.0)
+            x_hat_next = tl.load(x_hat_row + t_start * stride_x_hat_t, mask=mask, other=0.0)
             if HAS_DGATE:
-                y = y_next.to(tl.float32)
-                y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
-            rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
+                y_next = tl.load(y_row + t_start * stride_y_t, mask=mask, other=0.0)
+            rstd_next = tl.load(rstd_row + t_start * stride_stat_t)
             if HAS_DX_OUT:
-                dx_out = dx_out_next.to(tl.float32)
-                dx_out_next = tl.load(dx_out_row + (t + 1) * stride_dx_out_t, mask=next_mask, other=0.0)
-        else:
-            dh = tl.load(dh_row + t * stride_dh_t, mask=mask, other=0.0).to(tl.float32)
-            x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
+                dx_out_next = tl.load(dx_out_row + t_start * stride_dx_out_t, mask=mask, other=0.0)
+        for t in range(t_start, t_end):
+            if PREFETCH:
+                dh, x_hat, rstd = dh_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
+                more = t + 1 < t_end
+                next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+                dh_next = tl.load(dh_row + (t + 1) * stride_dh_t, mask=next_mask, other=0.0)
+                x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=next_mask, other=0.0)
+                if HAS_DGATE:
+                    y = y_next.to(tl.float32)
+                    y_next = tl.load(y_row + (t + 1) * stride_y_t, mask=next_mask, other=0.0)
+                rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
+                if HAS_DX_OUT:
+                    dx_out = dx_out_next.to(tl.float32)
+                    dx_out_next = tl.load(dx_out_row + (t + 1) * stride_dx_out_t, mask=next_mask, other=0.0)
+            else:
+                dh = tl.load(dh_row + t * stride_dh_t, mask=mask, other=0.0).to(tl.float32)
+                x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
+                if HAS_DGATE:
+                    y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(rstd_row + t * stride_stat_t)
+            if HAS_DVEC:
+                dshift_acc += dh
+                dscale_acc += dh * x_hat
+            d_res = normalize_modulate_vjp(dh, x_hat, rstd, one_plus_scale, D)
+            if HAS_DX_OUT:
+                if not PREFETCH:
+                    dx_out = tl.load(dx_out_row + t * stride_dx_out_t, mask=mask, other=0.0).to(tl.float32)
+                d_res += dx_out
             if HAS_DGATE:
-                y = tl.load(y_row + t * stride_y_t, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_row + t * stride_stat_t)
-        if HAS_DVEC:
-            dshift_acc += dh
-            dscale_acc += dh * x_hat
-        d_res = normalize_modulate_vjp(dh, x_hat, rstd, one_plus_scale, D)
-        if HAS_DX_OUT:
-            if not PREFETCH:
-                dx_out = tl.load(dx_out_row + t * stride_dx_out_t, mask=mask, other=0.0).to(tl.float32)
-            d_res += dx_out
-        if HAS_DGATE:
-            dgate_acc += d_res * y
-        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
-                 d_res.to(dx_ptr.dtype.element_ty), mask=mask)
-        tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
-                 (d_res * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+                dgate_acc += d_res * y
+            tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
+                     d_res.to(dx_ptr.dtype.element_ty), mask=mask)
+            tl.store(dy_ptr + b * stride_dy_b + t * stride_dy_t + cols * stride_dy_d,
+                     (d_res * gate).to(dy_ptr.dtype.element_ty), mask=mask)
+    else:  # a (ROWS, BLOCK_D) tile per iteration: the rows' reductions side by side
+        steps = tl.arange(0, ROWS).to(tl.int64)
+        col = cols[None, :]
+        dh_tile = dh_ptr + b * stride_dh_b + col * stride_dh_d
+        x_hat_tile = x_hat_ptr + b * stride_x_hat_b + col * stride_x_hat_d
+        y_tile = y_ptr + b * stride_y_b + col * stride_y_d
+        dx_out_tile = dx_out_ptr + b * stride_dx_out_b + col * stride_dx_out_d
+        if PREFETCH:
+            t = t_start + steps
+            rows = t < t_end
+            first = rows[:, None] & mask[None, :]
+            dh_next = tl.load(dh_tile + t[:, None] * stride_dh_t, mask=first, other=0.0)
+            x_hat_next = tl.load(x_hat_tile + t[:, None] * stride_x_hat_t, mask=first, other=0.0)
+            if HAS_DGATE:
+                y_next = tl.load(y_tile + t[:, None] * stride_y_t, mask=first, other=0.0)
+            rstd_next = tl.load(rstd_row + t * stride_stat_t, mask=rows, other=0.0)
+            if HAS_DX_OUT:
+                dx_out_next = tl.load(dx_out_tile + t[:, None] * stride_dx_out_t, mask=first, other=0.0)
+        for t0 in range(t_start, t_end, ROWS):
+            t = t0 + steps
+            rows = t < t_end
+            tile_mask = rows[:, None] & mask[None, :]
+            if PREFETCH:
+                dh, x_hat, rstd = dh_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
+                t_next = t + ROWS
+                rows_next = t_next < t_end
+                next_mask = rows_next[:, None] & mask[None, :]
+                dh_next = tl.load(dh_tile + t_next[:, None] * stride_dh_t, mask=next_mask, other=0.0)
+                x_hat_next = tl.load(x_hat_tile + t_next[:, None] * stride_x_hat_t, mask=next_mask, other=0.0)
+                if HAS_DGATE:
+                    y = y_next.to(tl.float32)
+                    y_next = tl.load(y_tile + t_next[:, None] * stride_y_t, mask=next_mask, other=0.0)
+                rstd_next = tl.load(rstd_row + t_next * stride_stat_t, mask=rows_next, other=0.0)
+                if HAS_DX_OUT:
+                    dx_out = dx_out_next.to(tl.float32)
+                    dx_out_next = tl.load(dx_out_tile + t_next[:, None] * stride_dx_out_t, mask=next_mask,
+                                          other=0.0)
+            else:
+                dh = tl.load(dh_tile + t[:, None] * stride_dh_t, mask=tile_mask, other=0.0).to(tl.float32)
+                x_hat = tl.load(x_hat_tile + t[:, None] * stride_x_hat_t, mask=tile_mask, other=0.0).to(tl.float32)
+                if HAS_DGATE:
+                    y = tl.load(y_tile + t[:, None] * stride_y_t, mask=tile_mask, other=0.0).to(tl.float32)
+                rstd = tl.load(rstd_row + t * stride_stat_t, mask=rows, other=0.0)
+            if HAS_DVEC:  # padding rows loaded as zeros add nothing
+                dshift_acc += tl.sum(dh, axis=0)
+                dscale_acc += tl.sum(dh * x_hat, axis=0)
+            d_res = normalize_modulate_vjp_rows(dh, x_hat, rstd, one_plus_scale[None, :], D)
+            if HAS_DX_OUT:
+                if not PREFETCH:
+                    dx_out = tl.load(dx_out_tile + t[:, None] * stride_dx_out_t, mask=tile_mask,
+                                     other=0.0).to(tl.float32)
+                d_res += dx_out
+            if HAS_DGATE:
+                dgate_acc += tl.sum(d_res * y, axis=0)
+            tl.store(dx_ptr + b * stride_dx_b + t[:, None] * stride_dx_t + col * stride_dx_d,
+                     d_res.to(dx_ptr.dtype.element_ty), mask=tile_mask)
+            tl.store(dy_ptr + b * stride_dy_b + t[:, None] * stride_dy_t + col * stride_dy_d,
+                     (d_res * gate[None, :]).to(dy_ptr.dtype.element_ty), mask=tile_mask)
 
     part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
     if HAS_DGATE:
@@ -355,7 +415,7 @@ def gated_residual_layernorm_modulate_backward(
                 *x_hat.stride(), *y_arg.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
                 T, D, rows_per_program, n_tiles,
                 HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"),
-                BLOCK_D=block_d, num_warps=num_warps,
+                BLOCK_D=block_d, ROWS=_launch.rows_per_step("bwd"), num_warps=num_warps,
                 enable_fp_fusion=_launch.FP_FUSION,
             )
     dgate = dgate_partial.sum(dim=1).to(gate.dtype) if has_dgate else gate.new_empty((B, 0))

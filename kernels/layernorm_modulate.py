@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._rows import normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp
+from ._rows import normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp, normalize_modulate_vjp_rows
 
 OP = "layernorm_modulate"
 
@@ -126,6 +126,7 @@ def _layernorm_modulate_bwd_kernel(
     HAS_DVEC: tl.constexpr,
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    ROWS: tl.constexpr = 1,
 ):
     pid = tl.program_id(0).to(tl.int64)
     b = pid // n_tiles
@@ -140,31 +141,66 @@ def _layernorm_modulate_bwd_kernel(
     dshift_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
-    dy_row = dy_ptr + b * stride_dy_b + cols * stride_dy_d
-    x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
     rstd_row = rstd_ptr + b * stride_stat_b
-    if PREFETCH:  # row t + 1's loads go out before row t's reductions
-        dy_next = tl.load(dy_row + t_start * stride_dy_t, mask=mask, other=0.0)
-        x_hat_next = tl.load(x_hat_row + t_start * stride_x_hat_t, mask=mask, other=0.0)
-        rstd_next = tl.load(rstd_row + t_start * stride_stat_t)
-    for t in range(t_start, t_end):
+    if ROWS == 1:
+        dy_row = dy_ptr + b * stride_dy_b + cols * stride_dy_d
+        x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
+        if PREFETCH:  # row t + 1's loads go out before row t's reductions
+            dy_next = tl.load(dy_row + t_start * stride_dy_t, mask=mask, other=0.0)
+            x_hat_next = tl.load(x_hat_row + t_start * stride_x_hat_t, mask=mask, other=0.0)
+            rstd_next = tl.load(rstd_row + t_start * stride_stat_t)
+        for t in range(t_start, t_end):
+            if PREFETCH:
+                dy, x_hat, rstd = dy_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
+                more = t + 1 < t_end
+                next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
+                dy_next = tl.load(dy_row + (t + 1) * stride_dy_t, mask=next_mask, other=0.0)
+                x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=next_mask, other=0.0)
+                rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
+            else:
+                dy = tl.load(dy_row + t * stride_dy_t, mask=mask, other=0.0).to(tl.float32)
+                x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
+                rstd = tl.load(rstd_row + t * stride_stat_t)
+            if HAS_DVEC:
+                dshift_acc += dy
+                dscale_acc += dy * x_hat
+            dx = normalize_modulate_vjp(dy, x_hat, rstd, one_plus_scale, D)
+            tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
+                     dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    else:  # a (ROWS, BLOCK_D) tile per iteration: the rows' reductions side by side
+        steps = tl.arange(0, ROWS).to(tl.int64)
+        col = cols[None, :]
+        dy_tile = dy_ptr + b * stride_dy_b + col * stride_dy_d
+        x_hat_tile = x_hat_ptr + b * stride_x_hat_b + col * stride_x_hat_d
         if PREFETCH:
-            dy, x_hat, rstd = dy_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
-            more = t + 1 < t_end
-            next_mask = cols < tl.where(more, D, 0)  # row t + 1's columns, if in the tile
-            dy_next = tl.load(dy_row + (t + 1) * stride_dy_t, mask=next_mask, other=0.0)
-            x_hat_next = tl.load(x_hat_row + (t + 1) * stride_x_hat_t, mask=next_mask, other=0.0)
-            rstd_next = tl.load(rstd_row + (t + 1) * stride_stat_t, mask=more, other=0.0)
-        else:
-            dy = tl.load(dy_row + t * stride_dy_t, mask=mask, other=0.0).to(tl.float32)
-            x_hat = tl.load(x_hat_row + t * stride_x_hat_t, mask=mask, other=0.0).to(tl.float32)
-            rstd = tl.load(rstd_row + t * stride_stat_t)
-        if HAS_DVEC:
-            dshift_acc += dy
-            dscale_acc += dy * x_hat
-        dx = normalize_modulate_vjp(dy, x_hat, rstd, one_plus_scale, D)
-        tl.store(dx_ptr + b * stride_dx_b + t * stride_dx_t + cols * stride_dx_d,
-                 dx.to(dx_ptr.dtype.element_ty), mask=mask)
+            t = t_start + steps
+            rows = t < t_end
+            first = rows[:, None] & mask[None, :]
+            dy_next = tl.load(dy_tile + t[:, None] * stride_dy_t, mask=first, other=0.0)
+            x_hat_next = tl.load(x_hat_tile + t[:, None] * stride_x_hat_t, mask=first, other=0.0)
+            rstd_next = tl.load(rstd_row + t * stride_stat_t, mask=rows, other=0.0)
+        for t0 in range(t_start, t_end, ROWS):
+            t = t0 + steps
+            rows = t < t_end
+            tile_mask = rows[:, None] & mask[None, :]
+            if PREFETCH:
+                dy, x_hat, rstd = dy_next.to(tl.float32), x_hat_next.to(tl.float32), rstd_next
+                t_next = t + ROWS
+                rows_next = t_next < t_end
+                next_mask = rows_next[:, None] & mask[None, :]
+                dy_next = tl.load(dy_tile + t_next[:, None] * stride_dy_t, mask=next_mask, other=0.0)
+                x_hat_next = tl.load(x_hat_tile + t_next[:, None] * stride_x_hat_t, mask=next_mask, other=0.0)
+                rstd_next = tl.load(rstd_row + t_next * stride_stat_t, mask=rows_next, other=0.0)
+            else:
+                dy = tl.load(dy_tile + t[:, None] * stride_dy_t, mask=tile_mask, other=0.0).to(tl.float32)
+                x_hat = tl.load(x_hat_tile + t[:, None] * stride_x_hat_t, mask=tile_mask, other=0.0).to(tl.float32)
+                rstd = tl.load(rstd_row + t * stride_stat_t, mask=rows, other=0.0)
+            if HAS_DVEC:  # padding rows loaded as zeros add nothing
+                dshift_acc += tl.sum(dy, axis=0)
+                dscale_acc += tl.sum(dy * x_hat, axis=0)
+            dx = normalize_modulate_vjp_rows(dy, x_hat, rstd, one_plus_scale[None, :], D)
+            tl.store(dx_ptr + b * stride_dx_b + t[:, None] * stride_dx_t + col * stride_dx_d,
+                     dx.to(dx_ptr.dtype.element_ty), mask=tile_mask)
 
     if HAS_DVEC:
         part = b * stride_part_b + tile * stride_part_tile + cols * stride_part_d
@@ -242,8 +278,8 @@ def layernorm_modulate_backward(
                 *dx.stride(), *dshift_partial.stride(), *grad_y.stride(), *x_hat.stride(), *scale.stride(),
                 *rstd.stride(),
                 T, D, rows_per_program, n_tiles,
-                HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d, num_warps=num_warps,
-                enable_fp_fusion=_launch.FP_FUSION,
+                HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d,
+                ROWS=_launch.rows_per_step("bwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
             )
     if not has_dvec:
         return dx, scale.new_empty((B, 0), dtype=shift_dtype), scale.new_empty((B, 0))

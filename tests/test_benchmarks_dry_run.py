@@ -114,8 +114,7 @@ def test_session_runs_the_tests_after_the_suite(dry_run):
     from kernels import _launch
 
     assert set(_launch._parse_launch_env(setting.group(1))) == {
-        f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "prefetch")} | {
-        "fwd_rows_per_step"}
+        f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "prefetch", "rows_per_step")}
     assert " passed" in test_log and "failed" not in test_log, test_log[-2000:]
     assert "gpu_session: suite exit 0, tests exit 0" in proc.stdout, _tail(proc)
 
@@ -187,7 +186,8 @@ def test_every_suite_measures_every_variant(dry_run):
     kernels = [r for r in records if r["suite"] == "kernels"]
     assert kernels and {"ours", "reference"} <= {r["variant"] for r in kernels}
     assert {r["name"].split(".")[1] for r in kernels} == {"fwd", "bwd", "fwd_bwd"}
-    # tuning: per op and direction, the default launch, another tiling, the other prefetch; one best
+    # tuning: per op and direction, the default launch, another tiling, the other prefetch, two rows a
+    # step; one best
     tuning = [r for r in records if r["suite"] == "tuning"]
     groups = {r["name"] for r in tuning}
     assert len(groups) == 6
@@ -196,9 +196,10 @@ def test_every_suite_measures_every_variant(dry_run):
     assert [r["extra"]["prefetch"] for r in tuning[6:12]] == [1 - r["extra"]["prefetch"] for r in tuning[:6]]
     for name in groups:
         group = [r for r in tuning if r["name"] == name]
-        # the search's three, and another op's best where this op had not run it
-        assert 3 <= len(group) <= 4 and sum(r["extra"]["default"] for r in group) == 1, group
+        # the search's four, and another op's best where this op had not run it
+        assert 4 <= len(group) <= 5 and sum(r["extra"]["default"] for r in group) == 1, group
         assert {r["extra"]["prefetch"] for r in group} == {0, 1}, group
+        assert {r["extra"]["rows_per_step"] for r in group} == {1, 2}, group
         assert sum(r["extra"]["best"] for r in group) == 1, group
 
 
@@ -264,7 +265,7 @@ def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
     status = main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert status == 1
-    assert len(records) == 7  # 3 launches a direction, and the forward's second row count
+    assert len(records) == 8  # 2 directions x 4 launches (default, a tiling, prefetch, rows)
     for record in records:
         assert not validate_record(record), record
         broken = record["extra"]["programs_per_slot"] == 1
@@ -1488,22 +1489,24 @@ def test_profile_trains_at_the_batch_the_train_suite_fitted():
     assert train_batch(ctx, common.VARIANTS_BY_NAME["reference+bf16+sdpa+compile"]) == 32
 
 
-def test_tuning_launches_name_only_the_parameters_a_direction_has():
-    """rows_per_step is the forwards' alone: a backward launch's settings leave it out, so that they
-    are valid launch_overrides and SIT_FAST_KERNEL_LAUNCH keys."""
+def test_tuning_launch_settings_are_launch_overrides():
+    """A tuning launch's settings, named per direction, are valid launch_overrides and
+    SIT_FAST_KERNEL_LAUNCH keys, and launch as they say; rows per step left unset by the warps scale
+    the default warps with them."""
     from benchmarks.tuning_suite import settings_of
     from kernels import _launch
 
-    fwd, bwd = settings_of("fwd", (4, 32, 1, 2)), settings_of("bwd", (8, 4, 1, 1))
+    fwd, bwd = settings_of((4, 32, 1, 2)), settings_of((8, 4, 1, 4))
     assert fwd == {"num_warps": 4, "programs_per_slot": 32, "prefetch": 1, "rows_per_step": 2}
-    assert bwd == {"num_warps": 8, "programs_per_slot": 4, "prefetch": 1}
-    with _launch.launch_overrides(**{f"fwd_{k}": v for k, v in fwd.items()},
-                                  **{f"bwd_{k}": v for k, v in bwd.items()}):
+    named = {**{f"fwd_{k}": v for k, v in fwd.items()}, **{f"bwd_{k}": v for k, v in bwd.items()}}
+    assert _launch._parse_launch_env(",".join(f"{k}={v}" for k, v in named.items())) == named
+    with _launch.launch_overrides(**named):
         assert _launch.launch_params(1152, "fwd") == (4, 32, True, 2)  # warps as set, not scaled with the rows
-    one_row = _launch.launch_params(1152, "fwd")
-    with _launch.launch_overrides(fwd_rows_per_step=4):  # warps left unset: scaled with the rows
-        assert _launch.launch_params(1152, "fwd") == (min(4 * one_row[0], 32), *one_row[1:3], 4)
-        assert _launch.launch_params(1152, "bwd") == (8, 4, True, 1)
+        assert _launch.launch_params(1152, "bwd") == (8, 4, True, 4)
+    one_row = {d: _launch.launch_params(1152, d) for d in ("fwd", "bwd")}
+    with _launch.launch_overrides(fwd_rows_per_step=4, bwd_rows_per_step=2):  # warps left unset
+        assert _launch.launch_params(1152, "fwd") == (min(4 * one_row["fwd"][0], 32), *one_row["fwd"][1:3], 4)
+        assert _launch.launch_params(1152, "bwd") == (min(2 * one_row["bwd"][0], 32), *one_row["bwd"][1:3], 2)
 
 
 def test_parity_cases_put_ours_in_fp32_before_the_compiled_others():
