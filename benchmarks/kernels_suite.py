@@ -76,6 +76,7 @@ OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_residua
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
 CUDA_REPS = 50  # timed calls per window on CUDA (a backward each after its own forward)
+SLEEP_CAP_MS = 50.0  # _times_cuda's sleep at most: one slow host call (a collection pause) must not slow the rest
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB), as triton.testing.do_bench uses
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as the other suites
 
@@ -178,8 +179,9 @@ def _times_cuda(timed: Callable, reps: int, setup: Callable | None = None, warmu
     device is held in a sleep kernel while the host queues the call: a backward through autograd (and
     a compiled graph's runtime wrappers) can take the host longer to queue than the device takes to
     run, and events around work the device waits for would time the host. The sleep starts at
-    0.25 ms and grows to twice the longest host time seen; a repetition whose start event the device had
-    passed before the host finished queueing counts as host_bound (its time may include waiting).
+    0.25 ms and grows to twice the longest host time seen (at most SLEEP_CAP_MS); a repetition whose
+    start event the device had passed before the host finished queueing counts as host_bound (its
+    time may include waiting).
     """
     device = torch.cuda.current_device()
     flush = torch.empty(L2_FLUSH_BYTES // 4, dtype=torch.int32, device="cuda")
@@ -198,7 +200,7 @@ def _times_cuda(timed: Callable, reps: int, setup: Callable | None = None, warmu
         end.record()
         late = start.query()  # the device already past the start: it may have waited for the host
         end.synchronize()
-        sleep_ms = max(sleep_ms, 2 * queued_ms)
+        sleep_ms = min(max(sleep_ms, 2 * queued_ms), SLEEP_CAP_MS)
         if rep >= warmup:
             times_ms.append(start.elapsed_time(end))
             host_bound += late

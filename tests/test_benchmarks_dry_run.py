@@ -1405,6 +1405,11 @@ def test_cuda_kernel_timer_holds_the_device_while_the_host_queues(monkeypatch):
     assert result.times_ms == [0.25] * 3 and result.host_bound == 1  # only the timed calls' answers count
     assert sleeps[0] == 250  # 0.25 ms at first
     assert all(cycles >= 2 * 4 * 1000 for cycles in sleeps[1:]), sleeps  # then twice the 4 ms the host took
+    # a host that takes 30 ms: the sleep stops at its cap
+    sleeps.clear()
+    passed = iter([False] * 3)
+    kernels_suite._times_cuda(lambda state: time.sleep(0.03), 2, warmup=1)
+    assert sleeps[1:] == [kernels_suite.SLEEP_CAP_MS * 1000] * 2, sleeps
 
 
 @pytest.mark.parametrize("name, kind", [
