@@ -159,8 +159,8 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
     bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
     reduced), fwd_rows_per_step, bwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); None
-    keeps the current value. Results do not depend on them beyond float32 summation order. SIT_FAST_KERNEL_LAUNCH sets
-    them for a whole process.
+    keeps the current value. Results do not depend on them beyond float32 summation order.
+    SIT_FAST_KERNEL_LAUNCH sets them for a whole process.
     """
     global _overrides
     checked = _checked_overrides("launch_overrides", overrides)
@@ -300,8 +300,8 @@ def block_config(D: int, direction: str = "fwd") -> tuple[int, int]:
     """(BLOCK_D, num_warps): one whole row per block, masked up to the next power of two.
 
     ELEMENTS_PER_THREAD[direction] row elements per thread (2 to 32 warps): 16 in the forwards (4
-    warps at D = 1152), 8 in the backwards (8 warps). Checked with ptxas for sm_90, compiled as launched
-    (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused backward needs
+    warps at D = 1152), 8 in the backwards (8 warps). Checked with ptxas for sm_90, compiled as
+    launched (contiguous rows, sizes divisible by 16): at BLOCK_D = 2048 (D = 1152) the fused backward needs
     64 registers with 16 warps, 96 with 8, 168 with 4 (103, 165, 240 with prefetch), spilling only at
     2 warps; BLOCK_D = 8192 and 16384 (32 warps, 8 and 16 elements per thread) spill a little in the
     backward kernels. A program taking R rows per step (rows_per_step) gets R times the warps, up to
