@@ -477,6 +477,11 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+# Once a measurement of a variant has run, the next one that compiles the same model again (caches
+# warm) is expected to take at most this many times as long, rather than expected_cost_s's guess.
+OBSERVED_MARGIN = 1.5
+
+
 def expected_cost_s(size: SizeConfig, variant: Variant) -> float:
     """Rough seconds a measurement of this variant needs (compilation dominates at full size)."""
     if size.name == "tiny":

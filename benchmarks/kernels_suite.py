@@ -153,10 +153,11 @@ def quantiles_ms(times_ms: list[float]) -> tuple[float, float, float]:
 
 
 @dataclass
-class CudaTimes:
-    """Milliseconds of each timed repetition, and how many of them the host may have held up."""
+class Times:
+    """Milliseconds of each timed repetition, and (CUDA) how many of them the host may have held up."""
     times_ms: list[float]
-    host_bound: int  # repetitions whose start event the device reached before the host had queued them
+    host_bound: int | None  # repetitions whose start event the device reached before the host had queued
+    # them; None on the CPU
 
 
 @functools.lru_cache(maxsize=None)
@@ -172,7 +173,7 @@ def _sleep_cycles_per_ms(device_index: int) -> float:
         return 10_000_000 / start.elapsed_time(end)
 
 
-def _times_cuda(timed: Callable, reps: int, setup: Callable | None = None, warmup: int = 3) -> CudaTimes:
+def _times_cuda(timed: Callable, reps: int, setup: Callable | None = None, warmup: int = 3) -> Times:
     """Device time of each of reps calls of timed(setup()) (setup untimed), CUDA events around each.
 
     Before each timed call the L2 cache is overwritten (as triton.testing.do_bench does), then the
@@ -204,13 +205,13 @@ def _times_cuda(timed: Callable, reps: int, setup: Callable | None = None, warmu
         if rep >= warmup:
             times_ms.append(start.elapsed_time(end))
             host_bound += late
-    return CudaTimes(times_ms, host_bound)
+    return Times(times_ms, host_bound)
 
 
 def _times_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torch.Tensor], device: torch.device,
-                    reps: int, warmup: int = 2) -> CudaTimes | list[float]:
+                    reps: int, warmup: int = 2) -> Times:
     """Each of reps backward passes alone: each repetition runs a fresh forward untimed, then times
-    torch.autograd.grad (on CUDA through _times_cuda: CudaTimes; on the CPU with perf_counter).
+    torch.autograd.grad (on CUDA through _times_cuda; on the CPU with perf_counter).
 
     A graph cannot simply be kept and run backward again: torch.compile's backward frees the
     buffers it saved (donated buffers), so every repetition needs its own forward, as in training.
@@ -227,10 +228,10 @@ def _times_backward(fn: Callable, args: list[torch.Tensor], grads_out: list[torc
 
     for _ in range(warmup):
         once()
-    return [once() for _ in range(reps)]
+    return Times([once() for _ in range(reps)], None)
 
 
-def _times_cpu(step: Callable, reps: int, warmup: int = 1) -> list[float]:
+def _times_cpu(step: Callable, reps: int, warmup: int = 1) -> Times:
     """Milliseconds of each of reps calls (perf_counter), after warmup untimed ones."""
     for _ in range(warmup):
         step()
@@ -239,7 +240,7 @@ def _times_cpu(step: Callable, reps: int, warmup: int = 1) -> list[float]:
         start = time.perf_counter()
         step()
         times_ms.append((time.perf_counter() - start) * 1e3)
-    return times_ms
+    return Times(times_ms, None)
 
 
 # Ours against the reference computed in float32 from the same inputs: the kernel tests' bounds
@@ -437,10 +438,8 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                             times = _times_cuda(lambda _: step(), CUDA_REPS)
                         else:
                             times = _times_cpu(step, cfg.cpu_reps)
-                        if isinstance(times, CudaTimes):
-                            host_bound += times.host_bound
-                            times = times.times_ms
-                        windows.append(times)
+                        host_bound += times.host_bound or 0
+                        windows.append(times.times_ms)
                     median, p20, p80 = quantiles_ms(windows[0] + windows[1])
                     repeat = window_fields(statistics.median(windows[0]), statistics.median(windows[1]))
                 except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others

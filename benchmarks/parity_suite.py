@@ -24,12 +24,12 @@ import time
 import torch
 
 from benchmarks.common import (
-    LINKED_PARITY, PARITY_REFERENCE, RunContext, Variant, expected_cost_s, figures_read, free_memory, set_tf32,
+    LINKED_PARITY, OBSERVED_MARGIN, PARITY_REFERENCE, RunContext, Variant, expected_cost_s, figures_read,
+    free_memory, set_tf32,
 )
 
 SUITE = "parity"
 NAME = "forward_backward"
-OBSERVED_MARGIN = 1.5  # a compiled case after the first: at most this times the longest one so far
 
 
 def cases(variants: tuple[Variant, ...]) -> list[tuple[Variant, torch.dtype | None]]:

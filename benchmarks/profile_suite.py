@@ -50,14 +50,11 @@ def kind_of(name: str) -> str:
     return "other"
 
 
-OBSERVED_MARGIN = 1.5  # a variant's next profile is expected to take at most this times its last
-
-
 def expected_cost_s(size, variant, took_s: float | None = None) -> float:
     """Rough seconds one profile of this variant takes: its compilation, mostly, until one has run
     (later ones find Inductor's caches warm from the same graphs in this run's other suites)."""
     if took_s is not None:
-        return min(OBSERVED_MARGIN * took_s, common.expected_cost_s(size, variant))
+        return min(common.OBSERVED_MARGIN * took_s, common.expected_cost_s(size, variant))
     return common.expected_cost_s(size, variant)
 
 

@@ -31,7 +31,8 @@ import torch
 
 from benchmarks import common
 from benchmarks.common import (
-    LINKED_PARITY, SUITE_FIELDS, ModelFactory, RunContext, Variant, error_note, expected_cost_s, free_memory,
+    LINKED_PARITY, OBSERVED_MARGIN, SUITE_FIELDS, ModelFactory, RunContext, Variant, error_note, expected_cost_s,
+    free_memory,
     model_inputs, peak_memory, reset_peak_memory, set_tf32, synchronize, throughput_fields, time_twice,
 )
 
@@ -55,11 +56,10 @@ def plan(batches, variants: list[Variant]) -> list[tuple[int, Variant]]:
 
 
 # Once a variant has been measured at another batch in this run, its next measurement is expected
-# to cost this much times that one's first sampler run (which compiles, or captures, the forward: at
-# another batch it may take longer), plus the rest of that measurement (scaled up where the next one
+# to cost OBSERVED_MARGIN times that one's first sampler run (which compiles, or captures, the forward:
+# at another batch it may take longer), plus the rest of that measurement (scaled up where the next one
 # runs more calls at a larger batch), rather than the fixed guess of expected_cost_s. Another
 # variant's time says nothing of its own (another graph).
-OBSERVED_MARGIN = 1.5
 
 
 def timed_steps(size, B: int) -> int:

@@ -185,11 +185,8 @@ class LaunchSearch:
                     times = ks._times_cuda(lambda _: step(), CUDA_REPS)
                 else:
                     times = ks._times_cpu(step, CPU_REPS)
-                if isinstance(times, ks.CudaTimes):
-                    host_bound, times = times.host_bound, times.times_ms
-                else:
-                    host_bound = None
-                timing = ks.quantiles_ms(times)
+                host_bound = times.host_bound
+                timing = ks.quantiles_ms(times.times_ms)
         except Exception as failure:  # noqa: BLE001 -- a launch that fails is an answer
             self.measured[launch] = ctx.record(SUITE, self.name, variant, **ks._failure_row(failure), **common)
             return True

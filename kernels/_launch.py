@@ -89,11 +89,12 @@ _patch_old_interpreter()
 
 # Default launch per direction: programs per streaming multiprocessor that token_tiling aims for, row
 # elements per thread (block_config) and prefetch, as the tuning suite chose them on an H200 at
-# D = 1152 (benchmarks/results/2026-12-04-h200-host-free-timing: 4 warps, 32 programs per SM and
-# prefetch ran the three forwards in 0.42 ms, where the earlier 16 warps without prefetch took 0.76;
-# 8 warps, 4 programs per SM and prefetch the three backwards in 0.63 ms, where 16 warps, 8 programs
-# per SM and no prefetch took 1.00). The forward kernels have no per-tile output, so many short tiles;
-# the backward ones write one fp32 partial row per tile, so fewer, longer ones.
+# D = 1152 (benchmarks/results/2026-12-04-h200: 4 warps, 32 programs per SM and prefetch ran the three
+# forwards in 0.48 ms, where the earlier 16 warps without prefetch took 0.76;
+# 2026-12-04-h200-host-free-timing: 8 warps, 4 programs per SM and prefetch the three backwards in
+# 0.63 ms, where 16 warps, 8 programs per SM and no prefetch took 1.00). The forward kernels have no
+# per-tile output, so many short tiles; the backward ones write one fp32 partial row per tile, so
+# fewer, longer ones.
 PROGRAMS_PER_SLOT = {"fwd": 32, "bwd": 4}
 ELEMENTS_PER_THREAD = {"fwd": 16, "bwd": 8}
 PREFETCH = {"fwd": 1, "bwd": 1}
