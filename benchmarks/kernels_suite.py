@@ -23,6 +23,11 @@ forward); on the CPU a time.perf_counter loop after warm-up
 Each variant is timed twice, back to back: median_ms, p20_ms, p80_ms are over both windows' times,
 window_spread is how far apart the two windows' medians were (window_medians_ms).
 
+One more op, forward only, after the backwards: "linear_gelu", the fast path's MLP input layer when
+sampling, GELU_tanh(x W^T + b) with W (4D, D), as sit_fast.models.linear_gelu computes it (on CUDA
+one matmul with the bias and GELU in its epilogue; `gelu_epilogue` in the row says whether it was)
+against F.linear then F.gelu, eager and compiled; its row also gives `tflops`.
+
     from benchmarks.kernels_suite import run
     records = run("cuda", "full")     # B=256, T=256, D=1152, bf16 (SiT-XL/2 at 256 px)
     records = run("cpu", "tiny")      # B=2, T=16, D=72, fp32; needs TRITON_INTERPRET=1 for "ours"
@@ -69,11 +74,15 @@ OP_ARGS = {
     "layernorm_modulate": ("x", "shift", "scale"),
     "gated_residual": ("x", "gate", "y"),
     "gated_residual_layernorm_modulate": ("x", "gate", "y", "shift", "scale"),
+    "linear_gelu": ("x", "weight", "bias"),  # forward only
 }
 # The fused op first in each direction: the largest memory-bound op of a block (roofline), so a time
 # box that runs short cuts the others first.
 OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_residual")
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
+# Matmul ops of the fast path, timed forward only (sampling's), after every op's fwd and bwd rows
+MLP_OPS = ("linear_gelu",)
+MLP_RATIO = 4  # linear_gelu's W: (MLP_RATIO * D, D), as in every SiT
 VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
 CUDA_REPS = 50  # timed calls per window on CUDA (a backward each after its own forward)
 SLEEP_CAP_MS = 50.0  # _times_cuda's sleep at most: one slow host call (a collection pause) must not slow the rest
@@ -81,13 +90,42 @@ L2_FLUSH_BYTES = 256 * 2**20  # larger than any GPU's L2 (H100: 50 MB), as trito
 DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}  # as the other suites
 
 
+def reference_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """The MLP's input layer as upstream computes it: F.linear, then the GELU in its tanh form."""
+    return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
+
+
+def reference_op(op: str) -> Callable:
+    """The plain PyTorch form of op: kernels.reference's, or the MLP's input layer."""
+    if op == "linear_gelu":
+        return reference_linear_gelu
+    from kernels import reference
+
+    return getattr(reference, op)
+
+
+def ours_op(op: str) -> Callable:
+    if op == "linear_gelu":
+        from sit_fast.models import linear_gelu
+
+        return linear_gelu
+    import kernels
+
+    return getattr(kernels, op)
+
+
 def make_inputs(op: str, B: int, T: int, D: int, dtype: torch.dtype, device: str | torch.device,
                 requires_grad: bool = False) -> list[torch.Tensor]:
-    """Random arguments for `op`, activations (B, T, D) and modulation vectors (B, D), all in `dtype`."""
+    """Random arguments for `op`, all in `dtype`: activations (B, T, D) and modulation vectors (B, D);
+    linear_gelu's weight (4D, D), scaled so that its outputs have unit variance, and bias (4D)."""
     args = []
     for name in OP_ARGS[op]:
         if name in ("x", "y"):
             t = torch.randn(B, T, D, device=device, dtype=dtype)
+        elif name == "weight":
+            t = torch.randn(MLP_RATIO * D, D, device=device, dtype=dtype) / math.sqrt(D)
+        elif name == "bias":
+            t = 0.5 * torch.randn(MLP_RATIO * D, device=device, dtype=dtype)
         else:
             t = 0.5 * torch.randn(B, D, device=device, dtype=dtype)
         args.append(t.requires_grad_(requires_grad))
@@ -107,7 +145,14 @@ def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.
                                               + read gate, scale, write dgate, dshift, dscale (5 vec)
     The per-row statistics our kernels keep are not counted: they could be recomputed.
     fwd_bwd is the sum of the two.
+      linear_gelu                        fwd: read x, write out (4D per token), read W, b
     """
+    element = torch.empty((), dtype=dtype).element_size()
+    if op == "linear_gelu":
+        if direction != "fwd":
+            raise ValueError("linear_gelu is timed forward only")
+        hidden = MLP_RATIO * D
+        return (B * T * D + B * T * hidden + hidden * D + hidden) * element
     counts = {  # (activation tensors, vector tensors) per direction
         "layernorm_modulate": {"fwd": (2, 2), "bwd": (3, 3)},
         "gated_residual": {"fwd": (3, 1), "bwd": (3, 2)},
@@ -116,7 +161,6 @@ def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.
     parts = ("fwd", "bwd") if direction == "fwd_bwd" else (direction,)
     n_act = sum(counts[p][0] for p in parts)
     n_vec = sum(counts[p][1] for p in parts)
-    element = torch.empty((), dtype=dtype).element_size()
     return (n_act * B * T * D + n_vec * B * D) * element
 
 
@@ -280,7 +324,7 @@ def parity_failure(op: str, ours: Callable, args: list[torch.Tensor], results: t
     from kernels import reference
 
     names = OP_ARGS[op]
-    ref, x_out = getattr(reference, op), None
+    ref, x_out = reference_op(op), None
     if op == "gated_residual_layernorm_modulate":
         if direction == "bwd":  # the results are gradients only: ours' x_out from its forward
             with torch.no_grad():
@@ -307,6 +351,18 @@ def parity_failure(op: str, ours: Callable, args: list[torch.Tensor], results: t
             return (f"output {i}: {int(bad.sum())}/{bad.numel()} elements beyond {atol:g} + {rtol:g} |ref|{widened} of "
                     f"the float32 reference (max abs err {worst})")
     return None
+
+
+def _matmul_fields(variant: str, args: list[torch.Tensor], median_ms: float) -> dict:
+    """A linear_gelu row's TFLOP/s (2 per multiply-add) and, for ours, whether the epilogue ran."""
+    x, weight, bias = args
+    fields = {"tflops": 2 * x.numel() * weight.shape[0] / (median_ms * 1e-3) / 1e12}
+    if variant == "ours":
+        from sit_fast.models import gelu_epilogue_applies
+
+        with torch.no_grad():
+            fields["gelu_epilogue"] = gelu_epilogue_applies(x, weight, bias)
+    return fields
 
 
 def _failure_row(error: BaseException) -> dict:
@@ -351,7 +407,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
     """
     import kernels
     from benchmarks.common import window_fields
-    from kernels import _launch, reference
+    from kernels import _launch
 
     if size not in SIZES:
         raise ValueError(f"kernels suite: unknown size {size!r}, expected one of {sorted(SIZES)}")
@@ -382,96 +438,101 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                 "note": note}
 
     by_op = {}
-    for op in OPS:
-        by_op[op] = {"ours": getattr(kernels, op)} if ours_available else {}
-        by_op[op]["reference+compile"] = torch.compile(getattr(reference, op), backend=compile_backend)
-        by_op[op]["reference"] = getattr(reference, op)
-    # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd.
-    for direction in DIRECTIONS:
-        for op, variants in by_op.items():
-            needs_grad = direction != "fwd"
-            bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
-            if not any(fits(v) for v in variants):
-                for variant in variants:
-                    yield skipped(f"{op}.{direction}", variant, bytes_moved)
+    for op in OPS + MLP_OPS:  # linear_gelu needs no kernel: plain PyTorch where the epilogue does not apply
+        by_op[op] = {"ours": ours_op(op)} if ours_available or op in MLP_OPS else {}
+        by_op[op]["reference+compile"] = torch.compile(reference_op(op), backend=compile_backend)
+        by_op[op]["reference"] = reference_op(op)
+    # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd; the
+    # MLP ops (no goal either, but they decide a default) before fwd_bwd.
+    schedule = [(direction, op) for direction in DIRECTIONS if direction != "fwd_bwd" for op in OPS]
+    schedule += [("fwd", op) for op in MLP_OPS if "fwd" in DIRECTIONS]
+    schedule += [("fwd_bwd", op) for op in OPS if "fwd_bwd" in DIRECTIONS]
+    for direction, op in schedule:
+        variants = by_op[op]
+        needs_grad = direction != "fwd"
+        bytes_moved = minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
+        if not any(fits(v) for v in variants):
+            for variant in variants:
+                yield skipped(f"{op}.{direction}", variant, bytes_moved)
+            continue
+        failure = None
+        try:
+            args = make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, dev, requires_grad=needs_grad)
+            grads_out = None
+            if needs_grad:
+                with torch.no_grad():
+                    grads_out = [torch.randn_like(o) for o in _as_tuple(variants["reference"](*args))]
+            expected = expected_outputs(variants["reference"], args, direction, grads_out)
+        except Exception as error:  # noqa: BLE001 -- the inputs or the expected result: every variant fails
+            traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+            failure = _failure_row(error)
+        if failure is not None:
+            args = grads_out = expected = None
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+            for variant in variants:
+                yield {**stamp, "name": f"{op}.{direction}", "variant": variant, "bytes_moved": bytes_moved,
+                       **failure}
+            continue
+        for variant, fn in variants.items():
+            if not fits(variant):
+                yield skipped(f"{op}.{direction}", variant, bytes_moved)
                 continue
-            failure = None
+            failure = parity_failed = None
+            began = time.monotonic()
             try:
-                args = make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, dev, requires_grad=needs_grad)
-                grads_out = None
-                if needs_grad:
-                    with torch.no_grad():
-                        grads_out = [torch.randn_like(o) for o in _as_tuple(variants["reference"](*args))]
-                expected = expected_outputs(variants["reference"], args, direction, grads_out)
-            except Exception as error:  # noqa: BLE001 -- the inputs or the expected result: every variant fails
+                step = _make_step(fn, args, direction, grads_out)
+                with _launch.poison_outputs():  # what our launchers leave unwritten reads NaN
+                    results = step()  # also the first (compiling) call
+                parity = _max_abs_err(results, expected)
+                if variant == "ours":  # the references' own error is a yardstick, not judged
+                    parity_failed = parity_failure(op, fn, args, results, cfg.dtype, direction, grads_out)
+                results = None
+                windows = []  # timed twice, back to back: a difference smaller than theirs is noise
+                host_bound = 0
+                for _ in range(2):
+                    if direction == "bwd":
+                        times = _times_backward(fn, args, grads_out, dev,
+                                                CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps)
+                    elif dev.type == "cuda":
+                        times = _times_cuda(lambda _: step(), CUDA_REPS)
+                    else:
+                        times = _times_cpu(step, cfg.cpu_reps)
+                    host_bound += times.host_bound or 0
+                    windows.append(times.times_ms)
+                median, p20, p80 = quantiles_ms(windows[0] + windows[1])
+                repeat = window_fields(statistics.median(windows[0]), statistics.median(windows[1]))
+            except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
                 traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
                 failure = _failure_row(error)
-            if failure is not None:
-                args = grads_out = expected = None
+            needed_s[variant] = time.monotonic() - began
+            if failure is not None:  # outside the except block, so the traceback's tensors are gone
+                step = None
                 if dev.type == "cuda":
                     torch.cuda.empty_cache()
-                for variant in variants:
-                    yield {**stamp, "name": f"{op}.{direction}", "variant": variant, "bytes_moved": bytes_moved,
-                           **failure}
+                yield {**stamp, "name": f"{op}.{direction}", "variant": variant, "bytes_moved": bytes_moved,
+                       **failure}
                 continue
-            for variant, fn in variants.items():
-                if not fits(variant):
-                    yield skipped(f"{op}.{direction}", variant, bytes_moved)
-                    continue
-                failure = parity_failed = None
-                began = time.monotonic()
-                try:
-                    step = _make_step(fn, args, direction, grads_out)
-                    with _launch.poison_outputs():  # what our launchers leave unwritten reads NaN
-                        results = step()  # also the first (compiling) call
-                    parity = _max_abs_err(results, expected)
-                    if variant == "ours":  # the references' own error is a yardstick, not judged
-                        parity_failed = parity_failure(op, fn, args, results, cfg.dtype, direction, grads_out)
-                    results = None
-                    windows = []  # timed twice, back to back: a difference smaller than theirs is noise
-                    host_bound = 0
-                    for _ in range(2):
-                        if direction == "bwd":
-                            times = _times_backward(fn, args, grads_out, dev,
-                                                    CUDA_REPS if dev.type == "cuda" else cfg.cpu_reps)
-                        elif dev.type == "cuda":
-                            times = _times_cuda(lambda _: step(), CUDA_REPS)
-                        else:
-                            times = _times_cpu(step, cfg.cpu_reps)
-                        host_bound += times.host_bound or 0
-                        windows.append(times.times_ms)
-                    median, p20, p80 = quantiles_ms(windows[0] + windows[1])
-                    repeat = window_fields(statistics.median(windows[0]), statistics.median(windows[1]))
-                except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
-                    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-                    failure = _failure_row(error)
-                needed_s[variant] = time.monotonic() - began
-                if failure is not None:  # outside the except block, so the traceback's tensors are gone
-                    step = None
-                    if dev.type == "cuda":
-                        torch.cuda.empty_cache()
-                    yield {**stamp, "name": f"{op}.{direction}", "variant": variant, "bytes_moved": bytes_moved,
-                           **failure}
-                    continue
-                yield {
-                    **stamp,
-                    "name": f"{op}.{direction}",
-                    "variant": variant,
-                    "median_ms": median,
-                    "p20_ms": p20,
-                    "p80_ms": p80,
-                    "iterations": len(windows[0]) + len(windows[1]),
-                    "timer": "cuda_events" if dev.type == "cuda" else "perf_counter",
-                    **({"host_bound_reps": host_bound} if dev.type == "cuda" else {}),
-                    **repeat,
-                    "bytes_moved": bytes_moved,
-                    "gbps": bytes_moved / (median * 1e-3) / 1e9,
-                    "parity_max_abs_err": parity,
-                    **({"status": "parity_failed", "note": parity_failed} if parity_failed else
-                       {"note": f"{host_bound} of {2 * CUDA_REPS} timed calls may include host time (the device "
-                                "had reached the call before the host had queued it)"} if host_bound else {}),
-                }
-            del args, grads_out, expected
+            yield {
+                **stamp,
+                "name": f"{op}.{direction}",
+                "variant": variant,
+                "median_ms": median,
+                "p20_ms": p20,
+                "p80_ms": p80,
+                "iterations": len(windows[0]) + len(windows[1]),
+                "timer": "cuda_events" if dev.type == "cuda" else "perf_counter",
+                **({"host_bound_reps": host_bound} if dev.type == "cuda" else {}),
+                **repeat,
+                "bytes_moved": bytes_moved,
+                "gbps": bytes_moved / (median * 1e-3) / 1e9,
+                **(_matmul_fields(variant, args, median) if op in MLP_OPS else {}),
+                "parity_max_abs_err": parity,
+                **({"status": "parity_failed", "note": parity_failed} if parity_failed else
+                   {"note": f"{host_bound} of {2 * CUDA_REPS} timed calls may include host time (the device "
+                            "had reached the call before the host had queued it)"} if host_bound else {}),
+            }
+        del args, grads_out, expected
 
 
 if __name__ == "__main__":

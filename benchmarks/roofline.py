@@ -18,8 +18,10 @@ floor = FLOPs / matmul ceiling + bytes / copy ceiling. The eager reference's byt
 PyTorch moves; torch.compile fuses some of those ops, so the compiled reference moves fewer, and
 `ref / ours` of the floors is an upper estimate of how much faster than the compiled reference the
 fast path can be where both run their matrix products equally well. The ops are those the CPU
-dispatches (CPU autocast, CPU attention); on CUDA a few layouts differ (the attention output there
-needs no copy back to tokens-first), so the bytes are close, not exact.
+dispatches (CPU autocast, CPU attention), but for the fast path's choices made by device: its
+sampling MLP counts as on CUDA (fc1's GELU in the matmul's epilogue, sit_fast.models.linear_gelu,
+unless SIT_FAST_GELU_EPILOGUE=0); on CUDA a few layouts differ (the attention output there needs no
+copy back to tokens-first), so the bytes are close, not exact.
 """
 from __future__ import annotations
 
@@ -69,8 +71,13 @@ class TrafficCounter(TorchDispatchMode):
         self.compute: collections.Counter[str] = collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        from sit_fast.models import COMPOSITE_OPS
+
         name = _op_name(func)
+        if name in COMPOSITE_OPS:  # our custom ops made of aten ops: what they run inside, counted
+            with self:
+                return COMPOSITE_OPS[name](*args, **(kwargs or {}))
+        out = func(*args, **(kwargs or {}))
         if name in COMPUTE_OPS or name.startswith(COMPUTE_PREFIXES):
             self.compute[name] += 1
         elif not (getattr(func, "is_view", False) or name in FREE_OPS):
@@ -131,6 +138,19 @@ def count_traffic(model: torch.nn.Module, batch: int, train: bool, autocast_dtyp
     return counter
 
 
+@contextlib.contextmanager
+def _gelu_epilogue_on_the_cpu():
+    """The fast path's MLP takes its GELU epilogue wherever it would on CUDA (fake tensors: no GELU runs)."""
+    from sit_fast import models
+
+    devices = models._GELU_EPILOGUE_DEVICES
+    models._GELU_EPILOGUE_DEVICES = (*devices, "cpu")
+    try:
+        yield
+    finally:
+        models._GELU_EPILOGUE_DEVICES = devices
+
+
 def roofline(model_name: str = "SiT-XL/2", image_size: int = 256, train_batch: int = 256,
              sample_batch: int = 256, copy_gbps: float = 0.0, matmul_tflops: float = 0.0) -> list[dict]:
     """One row per (workload, variant): FLOPs, memory-bound bytes, the floor time and images/s."""
@@ -147,7 +167,8 @@ def roofline(model_name: str = "SiT-XL/2", image_size: int = 256, train_batch: i
         for workload, batch, train in (("train_step", train_batch, True), ("sample_call_cfg", sample_batch, False)):
             if not train and variant == "ours":
                 model.cast_matmul_weights_(torch.bfloat16)  # as the fast path samples (ModelForwards)
-            counter = count_traffic(model, batch, train, torch.bfloat16)
+            with _gelu_epilogue_on_the_cpu():
+                counter = count_traffic(model, batch, train, torch.bfloat16)
             flops = batch * (train_step_flops(model) if train else 2 * forward_flops(model))
             moved = sum(counter.bytes.values()) + (ADAMW_BYTES_PER_PARAM * params if train else 0)
             gemm_ms = flops / (matmul_tflops * 1e12) * 1e3

@@ -21,6 +21,7 @@ import contextlib
 import functools
 import math
 import numbers
+import os
 import types
 from typing import Callable, Iterator, Sequence
 
@@ -29,8 +30,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
+from torch.utils.flop_counter import register_flop_formula
 
 import kernels
+from kernels import _launch
 from sit_fast.attention import ATTN_BACKENDS, SDPA_BACKENDS, attention_fn, resolve_backend
 from sit_fast.errors import UserError
 
@@ -133,10 +136,12 @@ def _fused_on(fused_kernels: bool | str, device: torch.device, dtype: torch.dtyp
 
 def resolve_fused_kernels(fused_kernels: bool | str, device: torch.device) -> bool:
     """"auto": on for CUDA, off on the CPU unless the Triton interpreter is enabled. ValueError when
-    the kernels are on but cannot run there, or SIT_FAST_KERNEL_LAUNCH is malformed."""
+    the kernels are on but cannot run there, or SIT_FAST_KERNEL_LAUNCH or SIT_FAST_GELU_EPILOGUE is
+    malformed."""
     fused = _fused_on(fused_kernels, device)
     if fused:
         kernels.launch_settings()  # raises now rather than at the first launch
+        check_gelu_epilogue_setting()
     return fused
 
 
@@ -263,43 +268,146 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
-class GeluLinear(torch.autograd.Function):
-    """fc2(GELU_tanh(a)) that saves only a for backward and recomputes the GELU there.
+# fc2(GELU_tanh(a)) as a custom op with its own backward op: backward recomputes GELU(a) from the
+# saved a, where the reference saves both a (for the GELU) and GELU(a) (for fc2), 2 x 4D values per
+# token, this one. Opaque ops, so that torch.compile keeps the saving: traced through (an
+# autograd.Function), the compiled joint graph merged the recompute with the forward's GELU and saved
+# both again (a (T, 4D) tensor per block and image more: 68 MB per image for SiT-XL/2 at 256px).
 
-    The eager reference saves both a (for the GELU) and GELU(a) (for fc2), 2 x 4D values per token;
-    this saves one. Weights are cast to a's dtype (what autocast would do), gradients returned in
-    the parameters' own dtype.
-    """
+def gelu_linear_forward(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    # aten's own mm ops, not F.linear or @ (composites that a counter of aten ops would see whole)
+    g = F.gelu(a, approximate="tanh")
+    return torch.addmm(bias, g.reshape(-1, g.shape[-1]), weight.t()).view(*a.shape[:-1], weight.shape[0])
 
-    @staticmethod
-    def forward(ctx, a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        w = weight.to(a.dtype)
-        ctx.save_for_backward(a, w)
-        ctx.param_dtypes = (weight.dtype, bias.dtype)
-        return F.linear(F.gelu(a, approximate="tanh"), w, bias.to(a.dtype))
 
-    @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        # Only the gradients asked for: a frozen fc2 (the likelihood's input gradient) skips the
-        # weight-gradient GEMM and the GELU recompute.
-        a, w = ctx.saved_tensors
-        needs_a, needs_w, needs_b = ctx.needs_input_grad
-        grad_a = grad_w = grad_b = None
-        if needs_a:
-            grad_g = grad_out @ w  # (..., hidden)
-            grad_a = torch.ops.aten.gelu_backward(grad_g, a, approximate="tanh")
-        if needs_w:
-            g = F.gelu(a, approximate="tanh")  # recomputed
-            grad_w = (grad_out.reshape(-1, grad_out.shape[-1]).t() @ g.reshape(-1, g.shape[-1])).to(ctx.param_dtypes[0])
-        if needs_b:
-            grad_b = grad_out.reshape(-1, grad_out.shape[-1]).sum(0).to(ctx.param_dtypes[1])
-        return grad_a, grad_w, grad_b
+def gelu_linear_backward(grad_out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, needs_a: bool,
+                         needs_weight: bool, needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_a, grad_weight, grad_bias); a gradient not asked for is an empty tensor, and its GEMM (and,
+    without grad_weight, the GELU's recompute) is skipped: a frozen fc2 (the likelihood's input
+    gradient) runs one GEMM, not two."""
+    grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
+    grad_a, grad_weight, grad_bias = a.new_empty(0), a.new_empty(0), a.new_empty(0)
+    if needs_a:
+        grad_a = torch.ops.aten.gelu_backward(torch.mm(grad_2d, weight).view(a.shape), a, approximate="tanh")
+    if needs_weight:
+        g = F.gelu(a, approximate="tanh")  # recomputed
+        grad_weight = torch.mm(grad_2d.t(), g.reshape(-1, g.shape[-1]))
+    if needs_bias:
+        grad_bias = grad_2d.sum(0)
+    return grad_a, grad_weight, grad_bias
+
+
+# The custom ops below that are plain PyTorch inside, by op name: their bodies, for counters of aten
+# ops that look inside them (benchmarks.roofline).
+COMPOSITE_OPS = {"gelu_linear": gelu_linear_forward, "gelu_linear_backward": gelu_linear_backward}
+
+
+@torch.library.custom_op("sit_fast::gelu_linear", mutates_args=())
+def gelu_linear_op(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return gelu_linear_forward(a, weight, bias)
+
+
+@gelu_linear_op.register_fake
+def _(a, weight, bias):
+    return a.new_empty((*a.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("sit_fast::gelu_linear_backward", mutates_args=())
+def gelu_linear_backward_op(grad_out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, needs_a: bool,
+                            needs_weight: bool, needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gelu_linear_backward(grad_out, a, weight, needs_a, needs_weight, needs_bias)
+
+
+@gelu_linear_backward_op.register_fake
+def _(grad_out, a, weight, needs_a, needs_weight, needs_bias):
+    return (a.new_empty(a.shape if needs_a else (0,)), weight.new_empty(weight.shape if needs_weight else (0,)),
+            weight.new_empty((weight.shape[0],) if needs_bias else (0,)))
+
+
+def _gelu_linear_setup_context(ctx, inputs, output):
+    a, weight, _bias = inputs
+    ctx.save_for_backward(a, weight)
+
+
+def _gelu_linear_backward(ctx, grad_out):
+    a, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    grads = gelu_linear_backward_op(grad_out, a, weight, *needs)
+    return tuple(grad if need else None for grad, need in zip(grads, needs))
+
+
+gelu_linear_op.register_autograd(_gelu_linear_backward, setup_context=_gelu_linear_setup_context)
+gelu_linear_backward_op.register_autograd(_launch.refuse_double_backward("sit_fast::gelu_linear_backward"))
+
+
+@register_flop_formula(torch.ops.sit_fast.gelu_linear)
+def _gelu_linear_flops(a_shape, weight_shape, bias_shape, *args, **kwargs) -> int:
+    return 2 * math.prod(a_shape[:-1]) * a_shape[-1] * weight_shape[0]
+
+
+@register_flop_formula(torch.ops.sit_fast.gelu_linear_backward)
+def _gelu_linear_backward_flops(grad_shape, a_shape, weight_shape, needs_a, needs_weight, *args, **kwargs) -> int:
+    return (needs_a + needs_weight) * 2 * math.prod(a_shape[:-1]) * a_shape[-1] * weight_shape[0]
+
+
+def gelu_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """fc2(GELU_tanh(a)) that saves only a for backward (see gelu_linear_op). The weights are cast to
+    a's dtype (what autocast would do); their gradients come back in their own dtype through the cast."""
+    return gelu_linear_op(a, weight.to(a.dtype), bias.to(a.dtype))
+
+
+# fc1's bias and GELU in the epilogue of fc1's matmul (cuBLASLt, through torch._addmm_activation), on
+# the fast path wherever no gradient flows through fc1 (sampling): the (N, T, 4D) pre-activation is
+# neither written nor read again by a separate GELU pass. SIT_FAST_GELU_EPILOGUE=0 turns it off; read
+# once, at import, so compiled code sees a constant (resolve_fused_kernels rejects other values).
+GELU_EPILOGUE_ENV = "SIT_FAST_GELU_EPILOGUE"
+_GELU_EPILOGUE = {"": True, "1": True, "0": False}.get(os.environ.get(GELU_EPILOGUE_ENV, "").strip())
+# Where torch._addmm_activation's GELU is the tanh form SiT uses: CUDA builds (on the CPU it is the
+# exact erf form, and so is the fallback a non-CUDA build would take).
+_GELU_EPILOGUE_DEVICES = ("cuda",) if torch.version.cuda is not None else ()
+
+
+def check_gelu_epilogue_setting() -> None:
+    if _GELU_EPILOGUE is None:
+        raise ValueError(f"{GELU_EPILOGUE_ENV}={os.environ.get(GELU_EPILOGUE_ENV)!r}: set 1 (the MLP's GELU in "
+                         f"fc1's matmul epilogue when sampling on CUDA, the default) or 0 (a separate GELU), or "
+                         f"unset it")
+
+
+def gelu_epilogue_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether a Linear (weight, bias) and the GELU after it run as one matmul: on a device in
+    _GELU_EPILOGUE_DEVICES, with a bias and no gradient to take through them (torch._addmm_activation
+    has no backward)."""
+    if not _GELU_EPILOGUE or x.device.type not in _GELU_EPILOGUE_DEVICES or bias is None:
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
+
+
+def _addmm_gelu(bias: torch.Tensor, mat1: torch.Tensor, mat2: torch.Tensor) -> torch.Tensor:
+    return torch._addmm_activation(bias, mat1, mat2, use_gelu=True)
+
+
+def linear_gelu_epilogue(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(x W^T + b) as one matmul with the bias and GELU in its epilogue (CUDA; see
+    gelu_epilogue_applies). x: (..., in); the weights are cast to x's dtype, as autocast casts them."""
+    out = _addmm_gelu(bias.to(x.dtype), x.reshape(-1, x.shape[-1]), weight.to(x.dtype).t())
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
+def linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(x W^T + b): linear_gelu_epilogue where gelu_epilogue_applies, else F.linear then F.gelu
+    (what the fast path's MLP computes before fc2; the kernels benchmark times it)."""
+    if gelu_epilogue_applies(x, weight, bias):
+        return linear_gelu_epilogue(x, weight, bias)
+    return F.gelu(F.linear(x, weight, bias), approximate="tanh")
 
 
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2 (state_dict: fc1.*, fc2.*).
 
-    recompute_gelu: the fast path's memory saving (GeluLinear); same maths.
+    fast: the fast path's forms of the same maths. With gradients, gelu_linear (the GELU's output
+    recomputed in backward, not saved); without, fc1's GELU in its matmul's epilogue where
+    gelu_epilogue_applies.
     """
 
     def __init__(self, in_features: int, hidden_features: int):
@@ -308,9 +416,11 @@ class Mlp(nn.Module):
         self.act = nn.GELU(approximate="tanh")
         self.fc2 = nn.Linear(hidden_features, in_features)
 
-    def forward(self, x: torch.Tensor, recompute_gelu: bool = False) -> torch.Tensor:
-        if recompute_gelu:
-            return GeluLinear.apply(self.fc1(x), self.fc2.weight, self.fc2.bias)
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        if fast and gelu_epilogue_applies(x, self.fc1.weight, self.fc1.bias):
+            return self.fc2(linear_gelu_epilogue(x, self.fc1.weight, self.fc1.bias))
+        if fast:
+            return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 
@@ -671,7 +781,8 @@ def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mo
     mods: six (N, D) vectors: gate_msa, shift_mlp, scale_mlp, gate_mlp of this block (its shift_msa
     and scale_msa made h), then the shift and scale of whatever LayerNorm comes next (the next
     block's attention or the final layer).
-    fast: recompute the MLP's GELU in backward instead of saving its output.
+    fast: the MLP's fast forms (Mlp.forward): its GELU recomputed in backward instead of saved, or,
+    with no gradient through it, in fc1's matmul epilogue.
     """
     gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_next, scale_next = mods
     x, h = ops["gated_residual_layernorm_modulate"](x, gate_msa, block.attn(h), shift_mlp, scale_mlp)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 
 import torch
@@ -46,7 +47,10 @@ class ParityReport:
 
     @property
     def output_rel_err(self) -> float:
-        return self._row("output")["rel_err"]
+        """The output's error; with an output_no_grad row (compare(no_grad=True)), the larger of the
+        two, NaN when either is."""
+        errors = [r["rel_err"] for r in self.rows if r["tensor"] in ("output", "output_no_grad")]
+        return math.nan if any(math.isnan(e) for e in errors) else max(errors)
 
     @property
     def loss_rel_err(self) -> float:
@@ -160,7 +164,7 @@ def random_inputs(model, batch_size: int, device, generator: torch.Generator):
 def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: int = 4,
             autocast_dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
             seed: int | None = None, cfg_scale: float | None = None, compiled: bool = False,
-            yardstick: bool = False) -> ParityReport:
+            yardstick: bool = False, no_grad: bool = False) -> ParityReport:
     """Run reference (fp32, eager) and candidate on the same weights, inputs and loss.
 
     The candidate gets the reference's weights. Both run in eval mode (no label dropout) with
@@ -168,6 +172,9 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
     forward_with_cfg instead of forward. compiled: only selects the compiled output tolerance.
     yardstick: with an autocast dtype, also run a copy of the reference under it and bound each of
     the candidate's errors by that copy's (see YARDSTICK_FACTOR).
+    no_grad: also compare an output computed without gradients (the row output_no_grad, held to the
+    output's tolerance): the path sampling takes, where the fast path's MLP and adaLN GEMMs differ
+    from training's. A compiled candidate compiles once more for it.
     """
     device = torch.device(device)
     candidate.load_state_dict(reference.state_dict())
@@ -185,15 +192,22 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
     def run(model, autocast):
         model.zero_grad(set_to_none=True)
         ctx = torch.autocast(device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        forward = model if cfg_scale is None else functools.partial(model.forward_with_cfg, cfg_scale=cfg_scale)
         with ctx:
-            out = model(x, t, y) if cfg_scale is None else model.forward_with_cfg(x, t, y, cfg_scale)
+            out = forward(x, t, y)
         loss = F.mse_loss(out.float(), target)
         loss.backward()
         grads = {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-        return out.detach(), loss.detach(), grads
+        out_no_grad = None
+        if no_grad:
+            with torch.no_grad(), ctx:
+                out_no_grad = forward(x, t, y)
+        return out.detach(), loss.detach(), grads, out_no_grad
 
-    def error_rows(out, loss, grads):
+    def error_rows(out, loss, grads, out_no_grad):
         rows = [_errors("output", out, ref_out), _errors("loss", loss, ref_loss)]
+        if no_grad:
+            rows.append(_errors("output_no_grad", out_no_grad, ref_out_no_grad))
         for name, g in ref_grads.items():
             if name not in grads:
                 rows.append({"tensor": f"grad:{name}", "max_abs": math.inf, "rel_err": math.inf})
@@ -201,7 +215,7 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
                 rows.append(_errors(f"grad:{name}", grads[name], g))
         return rows
 
-    ref_out, ref_loss, ref_grads = run(reference, None)
+    ref_out, ref_loss, ref_grads, ref_out_no_grad = run(reference, None)
     rows = error_rows(*run(candidate, autocast_dtype))
     dtype = "fp32" if autocast_dtype in (None, torch.float32) else "bf16"
     yardstick_errors = None

@@ -491,6 +491,44 @@ def test_goal_variants_are_measured_before_the_eager_references(tmp_path):
     assert order == ["ours", "reference+bf16+sdpa+compile", "reference+bf16+sdpa", "reference"], order
 
 
+@pytest.mark.parametrize("epilogue", [None, "tanh", "erf"])
+def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue):
+    """linear_gelu, forward only, after the adaLN ops' rows: ours is sit_fast.models.linear_gelu (on the
+    CPU F.linear then F.gelu; with the epilogue stood in for, as on CUDA, the row says so), judged
+    against the float32 reference: an epilogue with the erf GELU (torch._addmm_activation's CPU form)
+    fails. Rows carry TFLOP/s and validate as kernel records."""
+    import torch
+
+    import sit_fast.models as models
+    from benchmarks import kernels_suite
+    from benchmarks.__main__ import kernel_record
+    from benchmarks.common import validate_record
+
+    if epilogue is not None:
+        def addmm_gelu(bias, mat1, mat2):
+            return torch.nn.functional.gelu(torch.addmm(bias, mat1, mat2), approximate=epilogue.replace("erf", "none"))
+        monkeypatch.setattr(models, "_GELU_EPILOGUE_DEVICES", ("cpu",))
+        monkeypatch.setattr(models, "_addmm_gelu", addmm_gelu)
+    monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual",))
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd", "bwd"))
+    rows = kernels_suite.run("cpu", "tiny")
+    assert [(r["name"], r["variant"]) for r in rows] == [
+        (name, variant) for name in ("gated_residual.fwd", "gated_residual.bwd", "linear_gelu.fwd")
+        for variant in ("ours", "reference+compile", "reference")]
+    by_variant = {r["variant"]: r for r in rows if r["name"] == "linear_gelu.fwd"}
+    ours = by_variant["ours"]
+    assert ours["gelu_epilogue"] is (epilogue is not None)
+    assert ours.get("status", "ok") == ("parity_failed" if epilogue == "erf" else "ok"), ours
+    D = kernels_suite.SIZES["tiny"].D
+    assert ours["bytes_moved"] == kernels_suite.minimum_bytes("linear_gelu", "fwd", 2, 16, D, torch.float32)
+    ctx = _context(tmp_path)
+    for row in by_variant.values():
+        assert row["tflops"] > 0 and row["median_ms"] > 0, row
+        record = kernel_record(ctx, row)
+        assert not validate_record(record), validate_record(record)
+        assert record["extra"]["tflops"] == row["tflops"]
+
+
 @pytest.mark.parametrize("break_h", ["scaled", "nan"])
 def test_kernel_suite_judges_our_parity(monkeypatch, break_h):
     """Ours with its second output 10% off, or NaN (an unwritten tensor), is parity_failed: the suite
@@ -508,6 +546,7 @@ def test_kernel_suite_judges_our_parity(monkeypatch, break_h):
 
     monkeypatch.setattr(kernels, "gated_residual_layernorm_modulate", broken)
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual_layernorm_modulate",))
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     by_variant = {r["variant"]: r for r in kernels_suite.run("cpu", "tiny")}
     ours = by_variant["ours"]
@@ -582,6 +621,7 @@ def test_kernel_variant_that_raises_is_recorded_and_the_others_measured(monkeypa
         return call
 
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual",))
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     monkeypatch.setattr(torch, "compile", broken_compile)
     rows = kernels_suite.run("cpu", "tiny")
@@ -604,6 +644,7 @@ def test_kernel_inputs_that_fail_are_recorded_and_the_next_op_measured(monkeypat
         return real(op, *args, **kwargs)
 
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     monkeypatch.setattr(kernels_suite, "make_inputs", make_inputs)
     rows = kernels_suite.rows("cpu", "tiny")
@@ -762,9 +803,15 @@ def test_roofline_counts_the_fast_path(capsys):
         assert 0 < ours["memory_bound_gb"] < ref["memory_bound_gb"], (ref, ours)
         for r in (ref, ours):
             assert r["floor_ms"] == pytest.approx(r["tflop"] / 100.0 * 1e3 + r["memory_bound_gb"] / 1000.0 * 1e3)
-            assert not {"mm", "addmm", "bmm", "convolution"} & set(r["ops"]), r["ops"]
+            # matrix products only in the FLOP term, ours' MLP op (sit_fast::gelu_linear) seen inside
+            assert not {"mm", "addmm", "bmm", "convolution", "matmul", "linear", "gelu_linear",
+                        "gelu_linear_backward"} & set(r["ops"]), r["ops"]
     assert by[("train_step", "ours")]["ops"]["gated_residual_layernorm_modulate_backward"] > 0
     assert by[("sample_call_cfg", "ours")]["ops"]["gated_residual_layernorm_modulate"] > 0
+    # ours samples with the GELU in fc1's epilogue, as on CUDA; trains with it apart (and recomputed)
+    assert "gelu" not in by[("sample_call_cfg", "ours")]["ops"], by[("sample_call_cfg", "ours")]["ops"]
+    assert by[("sample_call_cfg", "reference+bf16+sdpa")]["ops"]["gelu"] > 0
+    assert by[("train_step", "ours")]["ops"]["gelu"] > 0
     # sampling with bf16 matmul weights casts no weight per call; the reference casts every one
     weights_gb = sum(p.numel() for p in SiT_S4().parameters()) * 6 / 1e9  # read fp32, write bf16
     assert by[("sample_call_cfg", "reference+bf16+sdpa")]["ops"]["_to_copy"] > 0.9 * weights_gb
@@ -879,6 +926,7 @@ def test_kernel_rows_keep_to_the_time_box(monkeypatch):
     from benchmarks import kernels_suite
 
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd", "bwd"))
     calls = []
 
@@ -909,6 +957,7 @@ def test_kernel_time_box_judges_each_variant_by_its_own_last_measurement(monkeyp
             return _op(*args)
         monkeypatch.setattr(kernels, op, slowed)
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     rows = kernels_suite.run("cpu", "tiny", time_left=lambda: 0.3)
     status = {(r["name"].split(".")[0], r["variant"]): r.get("status", "ok") for r in rows}
