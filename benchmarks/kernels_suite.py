@@ -23,10 +23,13 @@ forward); on the CPU a time.perf_counter loop after warm-up
 Each variant is timed twice, back to back: median_ms, p20_ms, p80_ms are over both windows' times,
 window_spread is how far apart the two windows' medians were (window_medians_ms).
 
-One more op, forward only, after the backwards: "linear_gelu", the fast path's MLP input layer when
-sampling, GELU_tanh(x W^T + b) with W (4D, D), as sit_fast.models.linear_gelu computes it (on CUDA
-one matmul with the bias and GELU in its epilogue; `gelu_epilogue` in the row says whether it was)
-against F.linear then F.gelu, eager and compiled; its row also gives `tflops`.
+Two more ops of the MLP, each timed as one call, after the backwards: "linear_gelu", the fast path's
+MLP input layer when sampling, GELU_tanh(x W^T + b) with W (4D, D), as sit_fast.models.linear_gelu
+computes it (on CUDA one matmul with the bias and GELU in its epilogue; `gelu_epilogue` in the row
+says whether it was) against F.linear then F.gelu, eager and compiled, its row also giving `tflops`;
+and "bias_gelu_backward", the training step's pass over fc1's output a (B, T, 4D) and the GELU's
+gradient dg (kernels.bias_gelu_backward: da, the recomputed GELU and fc1's bias gradient) against
+the same maths in PyTorch ops (reference_bias_gelu_backward), eager and compiled.
 
     from benchmarks.kernels_suite import run
     records = run("cuda", "full")     # B=256, T=256, D=1152, bf16 (SiT-XL/2 at 256 px)
@@ -75,14 +78,16 @@ OP_ARGS = {
     "gated_residual": ("x", "gate", "y"),
     "gated_residual_layernorm_modulate": ("x", "gate", "y", "shift", "scale"),
     "linear_gelu": ("x", "weight", "bias"),  # forward only
+    "bias_gelu_backward": ("a", "bias", "dg"),  # a, dg (B, T, 4D); one call
 }
 # The fused op first in each direction: the largest memory-bound op of a block (roofline), so a time
 # box that runs short cuts the others first.
 OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_residual")
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 # Matmul ops of the fast path, timed forward only (sampling's), after every op's fwd and bwd rows
-MLP_OPS = ("linear_gelu",)
-MLP_RATIO = 4  # linear_gelu's W: (MLP_RATIO * D, D), as in every SiT
+MLP_OPS = ("linear_gelu", "bias_gelu_backward")
+MLP_RATIO = 4  # the MLP's hidden width: MLP_RATIO * D, as in every SiT
+NEEDS_KERNELS = (*OPS, "bias_gelu_backward")  # ops whose `ours` is a Triton kernel
 VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
 CUDA_REPS = 50  # timed calls per window on CUDA (a backward each after its own forward)
 SLEEP_CAP_MS = 50.0  # _times_cuda's sleep at most: one slow host call (a collection pause) must not slow the rest
@@ -95,10 +100,21 @@ def reference_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
     return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
 
 
+def reference_bias_gelu_backward(a: torch.Tensor, bias: torch.Tensor, dg: torch.Tensor
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, g, dbias) in PyTorch ops, as the MLP's eager backward computes them: the GELU of a + bias
+    (recomputed), its backward, and the bias gradient summed over tokens."""
+    x = a + bias
+    da = torch.ops.aten.gelu_backward(dg, x, approximate="tanh")
+    return da, torch.nn.functional.gelu(x, approximate="tanh"), da.sum(dim=tuple(range(da.dim() - 1)))
+
+
 def reference_op(op: str) -> Callable:
-    """The plain PyTorch form of op: kernels.reference's, or the MLP's input layer."""
+    """The plain PyTorch form of op: kernels.reference's, or the MLP's."""
     if op == "linear_gelu":
         return reference_linear_gelu
+    if op == "bias_gelu_backward":
+        return reference_bias_gelu_backward
     from kernels import reference
 
     return getattr(reference, op)
@@ -111,17 +127,23 @@ def ours_op(op: str) -> Callable:
         return linear_gelu
     import kernels
 
+    if op == "bias_gelu_backward":
+        return functools.partial(kernels.bias_gelu_backward, store_g=True, sum_dbias=True)
+
     return getattr(kernels, op)
 
 
 def make_inputs(op: str, B: int, T: int, D: int, dtype: torch.dtype, device: str | torch.device,
                 requires_grad: bool = False) -> list[torch.Tensor]:
     """Random arguments for `op`, all in `dtype`: activations (B, T, D) and modulation vectors (B, D);
-    linear_gelu's weight (4D, D), scaled so that its outputs have unit variance, and bias (4D)."""
+    linear_gelu's weight (4D, D), scaled so that its outputs have unit variance, and bias (4D);
+    bias_gelu_backward's a and dg (B, T, 4D) and bias (4D)."""
     args = []
     for name in OP_ARGS[op]:
         if name in ("x", "y"):
             t = torch.randn(B, T, D, device=device, dtype=dtype)
+        elif name in ("a", "dg"):
+            t = torch.randn(B, T, MLP_RATIO * D, device=device, dtype=dtype)
         elif name == "weight":
             t = torch.randn(MLP_RATIO * D, D, device=device, dtype=dtype) / math.sqrt(D)
         elif name == "bias":
@@ -146,12 +168,16 @@ def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.
     The per-row statistics our kernels keep are not counted: they could be recomputed.
     fwd_bwd is the sum of the two.
       linear_gelu                        fwd: read x, write out (4D per token), read W, b
+      bias_gelu_backward                 one call: read a, dg, write da, g (4D per token each), read
+                                         bias, write dbias
     """
     element = torch.empty((), dtype=dtype).element_size()
-    if op == "linear_gelu":
+    if op in MLP_OPS:
         if direction != "fwd":
-            raise ValueError("linear_gelu is timed forward only")
+            raise ValueError(f"{op} is timed as one call (direction fwd) only")
         hidden = MLP_RATIO * D
+        if op == "bias_gelu_backward":
+            return (4 * B * T * hidden + 2 * hidden) * element
         return (B * T * D + B * T * hidden + hidden * D + hidden) * element
     counts = {  # (activation tensors, vector tensors) per direction
         "layernorm_modulate": {"fwd": (2, 2), "bwd": (3, 3)},
@@ -439,7 +465,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
 
     by_op = {}
     for op in OPS + MLP_OPS:  # linear_gelu needs no kernel: plain PyTorch where the epilogue does not apply
-        by_op[op] = {"ours": ours_op(op)} if ours_available or op in MLP_OPS else {}
+        by_op[op] = {"ours": ours_op(op)} if ours_available or op not in NEEDS_KERNELS else {}
         by_op[op]["reference+compile"] = torch.compile(reference_op(op), backend=compile_backend)
         by_op[op]["reference"] = reference_op(op)
     # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd; the
@@ -526,7 +552,7 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                 **repeat,
                 "bytes_moved": bytes_moved,
                 "gbps": bytes_moved / (median * 1e-3) / 1e9,
-                **(_matmul_fields(variant, args, median) if op in MLP_OPS else {}),
+                **(_matmul_fields(variant, args, median) if op == "linear_gelu" else {}),
                 "parity_max_abs_err": parity,
                 **({"status": "parity_failed", "note": parity_failed} if parity_failed else
                    {"note": f"{host_bound} of {2 * CUDA_REPS} timed calls may include host time (the device "

@@ -29,6 +29,11 @@ Devices: CUDA, or CPU through the Triton interpreter (TRITON_INTERPRET=1, or tru
 reads it, set before triton and this package are imported). Importing this package never requires
 triton; without it the ops raise.
 
+And, for the MLP's training step (no autograd of their own: sit_fast.models' MLP op calls them):
+
+    bias_gelu(a, bias) -> g = GELU_tanh(a + bias)                       op sit_fast::bias_gelu
+    bias_gelu_backward(a, bias, dg) -> (da, g, dbias), one pass          op sit_fast::bias_gelu_backward
+
 `reference` holds the plain PyTorch versions that tests and benchmarks compare against.
 
 Naming note: each op lives in a submodule of the same name, and the package attribute is the
@@ -49,6 +54,7 @@ else:
     _TRITON_IMPORT_ERROR = None
 
 if _TRITON_IMPORT_ERROR is None:
+    from .bias_gelu import bias_gelu, bias_gelu_backward
     from .gated_residual import gated_residual
     from .gated_residual_layernorm_modulate import gated_residual_layernorm_modulate
     from .layernorm_modulate import layernorm_modulate
@@ -61,8 +67,11 @@ else:
         )
 
     layernorm_modulate = gated_residual = gated_residual_layernorm_modulate = _triton_missing
+    bias_gelu = bias_gelu_backward = _triton_missing
 
 __all__ = [
+    "bias_gelu",
+    "bias_gelu_backward",
     "gated_residual",
     "gated_residual_layernorm_modulate",
     "interpreter_requested",

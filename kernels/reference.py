@@ -1,4 +1,4 @@
-"""Readable PyTorch references for the fused adaLN ops; tests and benchmarks import these.
+"""Readable PyTorch references for the fused ops; tests and benchmarks import these.
 
 In a SiT block each sublayer reads
 
@@ -46,6 +46,23 @@ def gated_residual_layernorm_modulate(
     """
     x_out = gated_residual(x, gate, y)
     return x_out, layernorm_modulate(x_out, shift, scale, eps)
+
+
+def bias_gelu(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(a + bias); a (..., H), bias (H,)."""
+    acc = _compute_dtype(a)
+    return F.gelu(a.to(acc) + bias.to(acc), approximate="tanh").to(a.dtype)
+
+
+def bias_gelu_backward(a: torch.Tensor, bias: torch.Tensor, dg: torch.Tensor
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(da, g, dbias) of g = bias_gelu(a, bias) for the upstream gradient dg, by autograd."""
+    acc = _compute_dtype(a)
+    a_, bias_ = a.detach().to(acc).requires_grad_(), bias.detach().to(acc).requires_grad_()
+    with torch.enable_grad():
+        g = F.gelu(a_ + bias_, approximate="tanh")
+        da, dbias = torch.autograd.grad(g, (a_, bias_), dg.to(acc))
+    return da.to(a.dtype), g.detach().to(a.dtype), dbias.to(bias.dtype)
 
 
 # ---------------------------------------------------------------------------------------------------

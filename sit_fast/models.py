@@ -268,71 +268,79 @@ class Attention(nn.Module):
         return self.proj(x)
 
 
-# fc2(GELU_tanh(a)) as a custom op with its own backward op: backward recomputes GELU(a) from the
-# saved a, where the reference saves both a (for the GELU) and GELU(a) (for fc2), 2 x 4D values per
-# token, this one. Opaque ops, so that torch.compile keeps the saving: traced through (an
-# autograd.Function), the compiled joint graph merged the recompute with the forward's GELU and saved
-# both again (a (T, 4D) tensor per block and image more: 68 MB per image for SiT-XL/2 at 256px).
+# The MLP after fc1's matmul, fc2(GELU_tanh(a + bias_a)) with a = x W1^T (fc1 without its bias), as a
+# custom op with its own backward op, for the fast path's training step. Backward recomputes the GELU
+# from the saved a: the reference saves both fc1's output (for the GELU) and the GELU's (for fc2),
+# 2 x 4D values per token, this one. The GELU with fc1's bias (kernels.bias_gelu), and in backward
+# the GELU's recompute, its derivative and fc1's bias gradient (kernels.bias_gelu_backward), are one
+# pass each over the (tokens, 4D) activations. Opaque ops, so that torch.compile keeps the saving:
+# traced through (an autograd.Function), the compiled joint graph merged the recompute with the
+# forward's GELU and saved both again (a (T, 4D) tensor per block and image more: 68 MB per image for
+# SiT-XL/2 at 256px).
 
-def gelu_linear_forward(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+def gelu_linear_forward(a: torch.Tensor, bias_a: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor) -> torch.Tensor:
     # aten's own mm ops, not F.linear or @ (composites that a counter of aten ops would see whole)
-    g = F.gelu(a, approximate="tanh")
+    g = kernels.bias_gelu(a, bias_a)
     return torch.addmm(bias, g.reshape(-1, g.shape[-1]), weight.t()).view(*a.shape[:-1], weight.shape[0])
 
 
-def gelu_linear_backward(grad_out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, needs_a: bool,
-                         needs_weight: bool, needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(grad_a, grad_weight, grad_bias); a gradient not asked for is an empty tensor, and its GEMM (and,
-    without grad_weight, the GELU's recompute) is skipped: a frozen fc2 (the likelihood's input
-    gradient) runs one GEMM, not two."""
+def gelu_linear_backward(grad_out: torch.Tensor, a: torch.Tensor, bias_a: torch.Tensor, weight: torch.Tensor,
+                         needs_a: bool, needs_bias_a: bool, needs_weight: bool, needs_bias: bool
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_a, grad_bias_a, grad_weight, grad_bias); a gradient not asked for is an empty tensor, and
+    what only it needs is skipped: a frozen MLP (the likelihood's input gradient) runs one GEMM, not
+    two, and neither recomputes the GELU nor sums fc1's bias gradient."""
     grad_2d = grad_out.reshape(-1, grad_out.shape[-1])
-    grad_a, grad_weight, grad_bias = a.new_empty(0), a.new_empty(0), a.new_empty(0)
-    if needs_a:
-        grad_a = torch.ops.aten.gelu_backward(torch.mm(grad_2d, weight).view(a.shape), a, approximate="tanh")
-    if needs_weight:
-        g = F.gelu(a, approximate="tanh")  # recomputed
-        grad_weight = torch.mm(grad_2d.t(), g.reshape(-1, g.shape[-1]))
-    if needs_bias:
-        grad_bias = grad_2d.sum(0)
-    return grad_a, grad_weight, grad_bias
+    grad_a, grad_bias_a, g = a.new_empty(0), bias_a.new_empty(0), None
+    if needs_a or needs_bias_a:
+        grad_g = torch.mm(grad_2d, weight).view(a.shape)
+        grad_a, g, grad_bias_a = kernels.bias_gelu_backward(a, bias_a, grad_g, needs_weight, needs_bias_a)
+    elif needs_weight:
+        g = kernels.bias_gelu(a, bias_a)
+    grad_weight = torch.mm(grad_2d.t(), g.reshape(-1, g.shape[-1])) if needs_weight else weight.new_empty(0)
+    grad_bias = grad_2d.sum(0) if needs_bias else weight.new_empty(0)
+    return (grad_a if needs_a else a.new_empty(0)), grad_bias_a, grad_weight, grad_bias
 
 
-# The custom ops below that are plain PyTorch inside, by op name: their bodies, for counters of aten
-# ops that look inside them (benchmarks.roofline).
+# The custom ops below that call other ops inside, by op name: their bodies, for counters of ops that
+# look inside them (benchmarks.roofline).
 COMPOSITE_OPS = {"gelu_linear": gelu_linear_forward, "gelu_linear_backward": gelu_linear_backward}
 
 
 @torch.library.custom_op("sit_fast::gelu_linear", mutates_args=())
-def gelu_linear_op(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    return gelu_linear_forward(a, weight, bias)
+def gelu_linear_op(a: torch.Tensor, bias_a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    return gelu_linear_forward(a, bias_a, weight, bias)
 
 
 @gelu_linear_op.register_fake
-def _(a, weight, bias):
+def _(a, bias_a, weight, bias):
     return a.new_empty((*a.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("sit_fast::gelu_linear_backward", mutates_args=())
-def gelu_linear_backward_op(grad_out: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, needs_a: bool,
-                            needs_weight: bool, needs_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return gelu_linear_backward(grad_out, a, weight, needs_a, needs_weight, needs_bias)
+def gelu_linear_backward_op(grad_out: torch.Tensor, a: torch.Tensor, bias_a: torch.Tensor, weight: torch.Tensor,
+                            needs_a: bool, needs_bias_a: bool, needs_weight: bool, needs_bias: bool
+                            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return gelu_linear_backward(grad_out, a, bias_a, weight, needs_a, needs_bias_a, needs_weight, needs_bias)
 
 
 @gelu_linear_backward_op.register_fake
-def _(grad_out, a, weight, needs_a, needs_weight, needs_bias):
-    return (a.new_empty(a.shape if needs_a else (0,)), weight.new_empty(weight.shape if needs_weight else (0,)),
+def _(grad_out, a, bias_a, weight, needs_a, needs_bias_a, needs_weight, needs_bias):
+    return (a.new_empty(a.shape if needs_a else (0,)), bias_a.new_empty(bias_a.shape if needs_bias_a else (0,)),
+            weight.new_empty(weight.shape if needs_weight else (0,)),
             weight.new_empty((weight.shape[0],) if needs_bias else (0,)))
 
 
 def _gelu_linear_setup_context(ctx, inputs, output):
-    a, weight, _bias = inputs
-    ctx.save_for_backward(a, weight)
+    a, bias_a, weight, _bias = inputs
+    ctx.save_for_backward(a, bias_a, weight)
 
 
 def _gelu_linear_backward(ctx, grad_out):
-    a, weight = ctx.saved_tensors
+    a, bias_a, weight = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    grads = gelu_linear_backward_op(grad_out, a, weight, *needs)
+    grads = gelu_linear_backward_op(grad_out, a, bias_a, weight, *needs)
     return tuple(grad if need else None for grad, need in zip(grads, needs))
 
 
@@ -341,19 +349,22 @@ gelu_linear_backward_op.register_autograd(_launch.refuse_double_backward("sit_fa
 
 
 @register_flop_formula(torch.ops.sit_fast.gelu_linear)
-def _gelu_linear_flops(a_shape, weight_shape, bias_shape, *args, **kwargs) -> int:
+def _gelu_linear_flops(a_shape, bias_a_shape, weight_shape, bias_shape, *args, **kwargs) -> int:
     return 2 * math.prod(a_shape[:-1]) * a_shape[-1] * weight_shape[0]
 
 
 @register_flop_formula(torch.ops.sit_fast.gelu_linear_backward)
-def _gelu_linear_backward_flops(grad_shape, a_shape, weight_shape, needs_a, needs_weight, *args, **kwargs) -> int:
-    return (needs_a + needs_weight) * 2 * math.prod(a_shape[:-1]) * a_shape[-1] * weight_shape[0]
+def _gelu_linear_backward_flops(grad_shape, a_shape, bias_a_shape, weight_shape, needs_a, needs_bias_a,
+                                needs_weight, *args, **kwargs) -> int:
+    gemms = (needs_a or needs_bias_a) + needs_weight
+    return gemms * 2 * math.prod(a_shape[:-1]) * a_shape[-1] * weight_shape[0]
 
 
-def gelu_linear(a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """fc2(GELU_tanh(a)) that saves only a for backward (see gelu_linear_op). The weights are cast to
-    a's dtype (what autocast would do); their gradients come back in their own dtype through the cast."""
-    return gelu_linear_op(a, weight.to(a.dtype), bias.to(a.dtype))
+def gelu_linear(a: torch.Tensor, bias_a: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """fc2(GELU_tanh(a + bias_a)), saving only a (and the vectors) for backward (see gelu_linear_op).
+    bias_a, weight and bias are cast to a's dtype (what autocast would do; a is fc1's matmul under
+    it); their gradients come back in their own dtype through the cast."""
+    return gelu_linear_op(a, bias_a.to(a.dtype), weight.to(a.dtype), bias.to(a.dtype))
 
 
 # fc1's bias and GELU in the epilogue of fc1's matmul (cuBLASLt, through torch._addmm_activation), on
@@ -420,7 +431,7 @@ class Mlp(nn.Module):
         if fast and gelu_epilogue_applies(x, self.fc1.weight, self.fc1.bias):
             return self.fc2(linear_gelu_epilogue(x, self.fc1.weight, self.fc1.bias))
         if fast:
-            return gelu_linear(self.fc1(x), self.fc2.weight, self.fc2.bias)
+            return gelu_linear(F.linear(x, self.fc1.weight), self.fc1.bias, self.fc2.weight, self.fc2.bias)
         return self.fc2(self.act(self.fc1(x)))
 
 

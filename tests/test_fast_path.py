@@ -251,27 +251,30 @@ def test_fast_likelihood_matches_reference():
     torch.testing.assert_close(logp, logp_ref, rtol=1e-5, atol=1e-3)  # log p of 256 dims: about -400
 
 
-@pytest.mark.parametrize("trainable", [("a", "weight", "bias"), ("a",), ("weight",), ("bias",), ("a", "bias")])
+@pytest.mark.parametrize("trainable", [("a", "bias_a", "weight", "bias"), ("a",), ("bias_a",), ("weight",), ("bias",),
+                                       ("a", "bias"), ("bias_a", "weight")])
 def test_gelu_linear_computes_only_the_gradients_asked_for(trainable):
-    """gelu_linear (the fast path's fc2, GELU recomputed in backward) against fc2(GELU(a)) in float64:
-    each gradient asked for matches, and backward runs only the GEMMs those need: a frozen fc2 (the
-    likelihood's case) one, not two."""
+    """gelu_linear (the fast path's MLP after fc1's matmul, GELU recomputed in backward) against
+    fc2(GELU(a + bias_a)) in float64: each gradient asked for matches, and backward runs only the
+    GEMMs those need: a frozen MLP (the likelihood's case) one, not two."""
     N, hidden, out_features = 10, 16, 8
-    inputs = {"a": torch.randn(2, N // 2, hidden), "weight": torch.randn(out_features, hidden),
-              "bias": torch.randn(out_features)}
+    inputs = {"a": torch.randn(2, N // 2, hidden, device=DEVICE), "bias_a": torch.randn(hidden, device=DEVICE),
+              "weight": torch.randn(out_features, hidden, device=DEVICE),
+              "bias": torch.randn(out_features, device=DEVICE)}
     ours = {name: t.clone().requires_grad_(name in trainable) for name, t in inputs.items()}
     ref = {name: t.double().requires_grad_(name in trainable) for name, t in inputs.items()}
-    out = models.gelu_linear(ours["a"], ours["weight"], ours["bias"])
+    out = models.gelu_linear(*ours.values())
     grad_out = torch.randn_like(out)
     with FlopCounterMode(display=False) as counter:
         grads = torch.autograd.grad(out, [ours[name] for name in trainable], grad_out)
-    ref_out = torch.nn.functional.linear(torch.nn.functional.gelu(ref["a"], approximate="tanh"), ref["weight"],
-                                         ref["bias"])
+    ref_out = torch.nn.functional.linear(torch.nn.functional.gelu(ref["a"] + ref["bias_a"], approximate="tanh"),
+                                         ref["weight"], ref["bias"])
     ref_grads = torch.autograd.grad(ref_out, [ref[name] for name in trainable], grad_out.double())
     torch.testing.assert_close(out.double(), ref_out, rtol=1e-5, atol=1e-5)
     for name, grad, ref_grad in zip(trainable, grads, ref_grads):
         torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-5, msg=f"d{name}")
-    gemms = ("a" in trainable) + ("weight" in trainable)  # grad_out @ w for da; grad_out^T @ GELU(a) for dw
+    # grad_out @ w for da and dbias_a; grad_out^T @ GELU(a + bias_a) for dw
+    gemms = ("a" in trainable or "bias_a" in trainable) + ("weight" in trainable)
     assert counter.get_total_flops() == gemms * 2 * N * out_features * hidden
 
 

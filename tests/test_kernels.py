@@ -1041,3 +1041,62 @@ def test_kernel_inference_skips_saving_x_hat():
     with torch.no_grad():
         h_nograd = kernels.gated_residual_layernorm_modulate(x, gate, y.requires_grad_(), shift, scale)[1]
     torch.testing.assert_close(h_nograd, h, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------
+# bias + GELU (the MLP's training step): kernels.bias_gelu and kernels.bias_gelu_backward
+
+# (leading shape, H): one row; SiT-S's 4D = 1536 in the (B, T) layout; a prime H; and enough rows
+# (with CPU's 2 program slots) that each program loops over several tiles and the last one is short.
+BIAS_GELU_SHAPES = [((1,), 72), ((2, 7), 1536), ((13,), 97), ((1100,), 5)]
+
+
+@pytest.mark.parametrize("lead,H", BIAS_GELU_SHAPES)
+@pytest.mark.parametrize("case", DTYPE_CASES)
+def test_bias_gelu_matches_reference(case, lead, H):
+    """g = GELU_tanh(a + bias) forward; backward (da, the recomputed g, dbias) for a fresh dg, each
+    against float64; the backward's outputs not asked for are empty and the rest unchanged."""
+    a = (2 * torch.randn(*lead, H, device=DEVICE)).to(case.dtype)  # wide enough for GELU's curved part
+    bias = torch.randn(H, device=DEVICE).to(case.param_dtype)
+    dg = torch.randn(*lead, H, device=DEVICE).to(case.dtype)
+    da_ref, g_ref, dbias_ref = reference.bias_gelu_backward(a.double(), bias.double(), dg.double())
+    assert_close("g", kernels.bias_gelu(a, bias), g_ref, case.fwd)
+    da, g, dbias = kernels.bias_gelu_backward(a, bias, dg)
+    assert (da.dtype, g.dtype, dbias.dtype) == (case.dtype, case.dtype, case.param_dtype)
+    assert_close("da", da, da_ref, case.bwd)
+    assert_close("g (backward)", g, g_ref, case.fwd)
+    assert_close("dbias", dbias, dbias_ref, case.bwd)
+    for store_g, sum_dbias in ((False, True), (True, False), (False, False)):
+        da_part, g_part, dbias_part = kernels.bias_gelu_backward(a, bias, dg, store_g, sum_dbias)
+        assert torch.equal(da_part, da)
+        assert torch.equal(g_part, g) if store_g else g_part.numel() == 0
+        assert torch.equal(dbias_part, dbias) if sum_dbias else dbias_part.numel() == 0
+
+
+def test_bias_gelu_takes_strided_rows_and_no_rows():
+    """Rows with a stride of their own (a slice of a wider tensor) and a transposed a (copied to unit
+    column stride) give the reference's results; no rows at all gives empty outputs and a zero dbias."""
+    wide = torch.randn(9, 40, device=DEVICE)
+    bias = torch.randn(24, device=DEVICE)
+    for a in (wide[:, 3:27], torch.randn(24, 9, device=DEVICE).t()):
+        dg = torch.randn_like(a)
+        da_ref, g_ref, dbias_ref = reference.bias_gelu_backward(a.double(), bias.double(), dg.double())
+        da, g, dbias = kernels.bias_gelu_backward(a, bias, dg)
+        tol = Tol(2e-5, 2e-5)
+        assert_close("g", kernels.bias_gelu(a, bias), g_ref, tol)
+        for what, ours, ref in (("da", da, da_ref), ("g", g, g_ref), ("dbias", dbias, dbias_ref)):
+            assert_close(what, ours, ref, tol)
+    empty = torch.randn(0, 24, device=DEVICE)
+    da, g, dbias = kernels.bias_gelu_backward(empty, bias, empty)
+    assert da.shape == g.shape == (0, 24) and torch.equal(dbias, torch.zeros_like(bias))
+    assert kernels.bias_gelu(empty, bias).shape == (0, 24)
+
+
+def test_bias_gelu_errors_quote_the_shapes():
+    a = torch.randn(4, 8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"bias must be \(8,\).*shape \(7,\) \(a \(4, 8\)\)"):
+        kernels.bias_gelu(a, torch.randn(7, device=DEVICE))
+    with pytest.raises(ValueError, match=r"dg must have a's shape \(4, 8\).*shape \(4, 7\)"):
+        kernels.bias_gelu_backward(a, torch.randn(8, device=DEVICE), torch.randn(4, 7, device=DEVICE))
+    with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
+        kernels.bias_gelu(a.double(), torch.randn(8, device=DEVICE))
