@@ -1,4 +1,4 @@
-"""The SiT MLP's bias + GELU (tanh form), forward and backward, for its training step.
+"""The SiT MLP's bias + GELU (tanh form), forward and backward, for the fast path's MLP.
 
     bias_gelu(a, bias) -> g                      g = GELU(a + bias)
     bias_gelu_backward(a, bias, dg, store_g, sum_dbias) -> (da, g, dbias)
