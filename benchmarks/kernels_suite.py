@@ -84,7 +84,7 @@ OP_ARGS = {
 # box that runs short cuts the others first.
 OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_residual")
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
-# Matmul ops of the fast path, timed forward only (sampling's), after every op's fwd and bwd rows
+# The MLP's ops, each timed as one call (direction "fwd"), after every adaLN op's fwd and bwd rows
 MLP_OPS = ("linear_gelu", "bias_gelu_backward")
 MLP_RATIO = 4  # the MLP's hidden width: MLP_RATIO * D, as in every SiT
 NEEDS_KERNELS = (*OPS, "bias_gelu_backward")  # ops whose `ours` is a Triton kernel
