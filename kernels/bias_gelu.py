@@ -61,12 +61,12 @@ def _bias_gelu_fwd_kernel(
     K0: tl.constexpr, K1: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     # A (BLOCK_R, BLOCK_H) tile per step over the program's rows (_program_span).
-    _, r_start, r_end, cols, col_mask, bias = _program_span(bias_ptr, N, H, rows_per_program, BLOCK_H)
+    pid_r, r_start, r_end, cols, col_mask, bias = _program_span(bias_ptr, N, H, rows_per_program, BLOCK_H)
     for r0 in range(r_start, r_end, BLOCK_R):
         rows = r0 + tl.arange(0, BLOCK_R).to(tl.int64)
         mask = (rows < r_end)[:, None] & col_mask[None, :]
         x = tl.load(a_ptr + rows[:, None] * stride_a + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-        g, _ = _gelu_parts(x + bias[None, :], K0, K1)
+        g, s = _gelu_parts(x + bias[None, :], K0, K1)
         tl.store(g_ptr + rows[:, None] * stride_g + cols[None, :], g.to(g_ptr.dtype.element_ty), mask=mask)
 
 

@@ -773,7 +773,10 @@ def test_kernel_package_imports_without_triton():
     assert "need triton" in result.stdout, result.stdout
 
 
-_LOWER_FOR_SM90 = """
+# Compiles kernels for an H100 (sm_90) without a GPU and runs ptxas on the PTX: what the lowering
+# tests below share. compile_sm90 returns the 16-bit scalar and the vector global accesses, and the
+# bytes ptxas spills ("?" where it says nothing).
+_SM90_PRELUDE = """
 import importlib
 import itertools
 import os
@@ -786,13 +789,6 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from kernels import _launch
 
-KERNELS = {
-    "kernels.layernorm_modulate": ["_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel"],
-    "kernels.gated_residual": ["_gated_residual_fwd_kernel", "_gated_residual_bwd_kernel"],
-    "kernels.gated_residual_layernorm_modulate": [
-        "_gated_residual_layernorm_modulate_fwd_kernel", "_gated_residual_layernorm_modulate_bwd_kernel"],
-}
-FP32_POINTERS = ("partial", "mean", "rstd")
 try:  # the ptxas Triton itself runs for sm_90 (Triton 3.9 ships two, the legacy one too old for its PTX)
     from triton.backends.nvidia.compiler import get_ptxas
     try:
@@ -802,6 +798,37 @@ try:  # the ptxas Triton itself runs for sm_90 (Triton 3.9 ships two, the legacy
     PTXAS = found[0] if isinstance(found, tuple) else found.path  # Triton 3.3: (path, version)
 except ImportError:
     PTXAS = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "ptxas")
+
+
+def compile_sm90(kernel, kernel_name, signature, attrs, constexprs, num_warps):
+    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
+                       constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()
+                                   if n in kernel.arg_names})
+    options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION}  # as launched
+    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
+    ptx = compiled.asm["ptx"]
+    assert ".entry " + kernel_name in ptx and compiled.asm["cubin"]
+    # Global accesses of 16-bit data: vectors when rows are aligned (sizes % 16 == 0), never 16-bit scalars
+    widths = set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*?\\.(v[248]\\.)?b(\\d+)", ptx))
+    narrow = sorted(f"{v or ''}b{bits}" for v, bits in widths if bits == "16")
+    vectors = sorted(f"{v}b{bits}" for v, bits in widths if v)
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+        f.write(ptx)
+    ptxas = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
+                           capture_output=True, text=True)
+    os.unlink(f.name)
+    spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
+    return narrow, vectors, spill.group(1) if spill else "?"
+"""
+
+_LOWER_FOR_SM90 = _SM90_PRELUDE + """
+KERNELS = {
+    "kernels.layernorm_modulate": ["_layernorm_modulate_fwd_kernel", "_layernorm_modulate_bwd_kernel"],
+    "kernels.gated_residual": ["_gated_residual_fwd_kernel", "_gated_residual_bwd_kernel"],
+    "kernels.gated_residual_layernorm_modulate": [
+        "_gated_residual_layernorm_modulate_fwd_kernel", "_gated_residual_layernorm_modulate_bwd_kernel"],
+}
+FP32_POINTERS = ("partial", "mean", "rstd")
 RESIDUAL = ("x", "x_out", "dx", "dx_out", "out", "dout")  # fp32 under bf16 autocast; the rest bf16
 VECTORS = ("gate", "shift", "scale")
 
@@ -836,27 +863,10 @@ def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16", rows=1):
             # Triton specialises integers divisible by 16: D, and the strides of rows of D elements
             if (name == "D" or name.startswith("stride_")) and D % 16 == 0:
                 attrs[(index,)] = [["tt.divisibility", 16]]
-    source = ASTSource(fn=kernel, signature=signature, attrs=attrs,
-                       constexprs={(kernel.arg_names.index(n),): v for n, v in constexprs.items()
-                                   if n in kernel.arg_names})
-    options = {"num_warps": num_warps, "enable_fp_fusion": _launch.FP_FUSION}  # as launched
-    compiled = triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options)
-    ptx = compiled.asm["ptx"]
-    assert ".entry " + kernel_name in ptx and compiled.asm["cubin"]
-    # Global accesses of 16-bit rows: vectors when rows are aligned (D % 16 == 0), never 16-bit scalars
-    widths = set(re.findall(r"(?:ld|st)\\.global[.a-z0-9]*?\\.(v[248]\\.)?b(\\d+)", ptx))
-    narrow = sorted(f"{v or ''}b{bits}" for v, bits in widths if bits == "16")
-    vectors = sorted(f"{v}b{bits}" for v, bits in widths if v)
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(ptx)
-    ptxas = subprocess.run([PTXAS, "-arch=sm_90a", "-v", f.name, "-o", os.devnull],
-                           capture_output=True, text=True)
-    os.unlink(f.name)
-    spill = re.search(r"(\\d+) bytes spill stores", ptxas.stderr)
+    narrow, vectors, spill = compile_sm90(kernel, kernel_name, signature, attrs, constexprs, num_warps)
     off = ",".join(f for f, on in variant.items() if not on) or "-"
     print("lowered", kernel_name, D, prefetch, "off", off, "layout", layout, "rows", rows, "narrow", narrow,
-          "vectors", vectors,
-          "spill", spill.group(1) if spill else "?")
+          "vectors", vectors, "spill", spill)
 
 
 for module_name, kernel_names in KERNELS.items():
@@ -913,6 +923,52 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
         # registers a thread) spill: the tuning's to weigh
         if D in (72, 1152) and " rows 4 " not in line:
             assert line.endswith(" spill 0"), line
+
+
+_LOWER_BIAS_GELU_FOR_SM90 = _SM90_PRELUDE + """
+module = importlib.import_module("kernels.bias_gelu")  # the package attribute is the function
+
+for kernel_name in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
+    kernel = getattr(module, kernel_name)
+    flags = [f for f in ("STORE_G", "SUM_DBIAS") if f in kernel.arg_names]
+    variants = [dict.fromkeys(flags, True), dict.fromkeys(flags, False)] if flags else [{}]
+    for layout, variant in itertools.product(("bf16", "bf16-fp32bias", "fp32"), variants):
+        constexprs = {"K0": module.SQRT_2_OVER_PI, "K1": module.GELU_CUBIC, "BLOCK_R": module.BLOCK_ROWS,
+                      "BLOCK_H": module.BLOCK_H_MAX, **variant}
+        signature, attrs = {}, {}
+        for index, name in enumerate(kernel.arg_names):
+            if name in constexprs:
+                signature[name] = "constexpr"
+            elif name.endswith("_ptr"):
+                wide = layout == "fp32" or name == "partial_ptr" or (name == "bias_ptr" and layout != "bf16")
+                signature[name] = "*fp32" if wide else "*bf16"
+                attrs[(index,)] = [["tt.divisibility", 16]]  # PyTorch's aligned storage
+            else:  # N, H and the row strides: SiT's 4D (4608 at XL) is divisible by 16, as Triton specialises
+                signature[name] = "i32"
+                if name != "N" and name != "rows_per_program":
+                    attrs[(index,)] = [["tt.divisibility", 16]]
+        narrow, vectors, spill = compile_sm90(kernel, kernel_name, signature, attrs, constexprs, 4)
+        off = ",".join(f for f, on in variant.items() if not on) or "-"
+        print("lowered", kernel_name, layout, "off", off, "narrow", narrow, "vectors", vectors, "spill", spill)
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present: the kernels run natively in the other tests")
+def test_bias_gelu_lowers_to_cuda_sm90_without_a_gpu():
+    """kernels.bias_gelu's two kernels through the full Triton pipeline for an H100 (sm_90), as the
+    adaLN kernels are above: bf16 (the bias also fp32), fp32, the backward with and without the GELU's
+    output and the bias sum; the tiles' global accesses are vectors (a bf16 bias, one (BLOCK_H,) load a
+    program, is read in 16-bit scalars: with an fp32 bias no 16-bit scalar access is left), and no
+    register is spilled."""
+    result = _run_python(_LOWER_BIAS_GELU_FOR_SM90, TRITON_INTERPRET="0")
+    assert result.returncode == 0, result.stderr[-4000:]
+    lines = [line for line in result.stdout.splitlines() if line.startswith("lowered")]
+    assert len(lines) == 3 + 3 * 2, result.stdout  # the forward per layout; the backward also without its flags
+    assert ("_bias_gelu_bwd_kernel", "STORE_G,SUM_DBIAS") in {(line.split()[1], line.split()[4]) for line in lines}
+    for line in lines:
+        assert " vectors ['" in line and line.endswith(" spill 0"), line
+        if line.split()[2] != "bf16":
+            assert " narrow [] " in line, line
 
 
 def test_kernels_available_reports_devices():
