@@ -1,11 +1,25 @@
-"""Per-row maths shared by the LayerNorm kernels (Triton device functions, inlined where called).
+"""Device functions shared by the adaLN kernels (Triton, inlined where called).
 
-They take one row in fp32 whose lanes past D are zero (masked loads with other=0.0), `mask` marking
+token_span: the sample and run of tokens a program covers. The per-row maths of the LayerNorm
+kernels take one row in fp32 whose lanes past D are zero (masked loads with other=0.0), `mask` marking
 the D real lanes, and the row's per-sample (1 + scale) in fp32; normalize_modulate_rows takes a
 (ROWS, BLOCK_D) tile of rows of one sample, each row normalised on its own.
 """
 import triton
 import triton.language as tl
+
+
+@triton.jit
+def token_span(T, D, rows_per_program, n_tiles, BLOCK_D: tl.constexpr):
+    """What this program covers, one program per (sample, tile of rows_per_program tokens): (b, tile,
+    t_start, t_end, cols, mask), its tokens t_start <= t < t_end of sample b, and the BLOCK_D columns
+    (int64: cols * stride_d may exceed 2**31 for strided rows) with the D real ones masked."""
+    pid = tl.program_id(0).to(tl.int64)
+    b = pid // n_tiles
+    tile = pid % n_tiles
+    t_start = tile * rows_per_program
+    cols = tl.arange(0, BLOCK_D).to(tl.int64)
+    return b, tile, t_start, tl.minimum(t_start + rows_per_program, T), cols, cols < D
 
 
 @triton.jit

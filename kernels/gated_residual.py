@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from . import _launch
+from ._rows import token_span
 
 OP = "gated_residual"
 
@@ -37,12 +38,7 @@ def _gated_residual_fwd_kernel(
 ):
     # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
     # PREFETCH: issue the loads of the next rows before these are stored (twice the loads in flight).
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_tiles
-    t_start = (pid % n_tiles) * rows_per_program
-    t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
-    mask = cols < D
+    b, _tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     if ROWS == 1:
@@ -115,13 +111,7 @@ def _gated_residual_bwd_kernel(
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_tiles
-    tile = pid % n_tiles
-    t_start = tile * rows_per_program
-    t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
-    mask = cols < D
+    b, tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     dgate_acc = tl.zeros([BLOCK_D], dtype=tl.float32)

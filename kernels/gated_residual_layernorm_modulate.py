@@ -27,7 +27,8 @@ import triton
 import triton.language as tl
 
 from . import _launch
-from ._rows import normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp, normalize_modulate_vjp_rows
+from ._rows import (normalize_modulate, normalize_modulate_rows, normalize_modulate_vjp, normalize_modulate_vjp_rows,
+                    token_span)
 
 OP = "gated_residual_layernorm_modulate"
 
@@ -60,12 +61,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
 ):
     # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
     # PREFETCH: issue the loads of the next rows before the reductions of these (twice the loads in flight).
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_tiles
-    t_start = (pid % n_tiles) * rows_per_program
-    t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
-    mask = cols < D
+    b, _tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     shift = tl.load(shift_ptr + b * stride_shift_b + cols * stride_shift_d, mask=mask, other=0.0).to(tl.float32)
@@ -181,13 +177,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
 ):
-    pid = tl.program_id(0).to(tl.int64)
-    b = pid // n_tiles
-    tile = pid % n_tiles
-    t_start = tile * rows_per_program
-    t_end = tl.minimum(t_start + rows_per_program, T)
-    cols = tl.arange(0, BLOCK_D).to(tl.int64)  # int64: cols * stride_d may exceed 2**31 for strided rows
-    mask = cols < D
+    b, tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
