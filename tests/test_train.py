@@ -1729,6 +1729,35 @@ def test_a_vae_with_another_downsampling_takes_sizes_it_divides(tmp_path):
             f"{os.path.abspath(other)}") in (tmp_path / "run" / "log.txt").read_text()
 
 
+def test_vae_precision_bf16_encodes_under_autocast_and_gives_fp32_latents(tmp_path):
+    """--vae-precision bf16: the VAE's layers compute in bf16, the latents come back fp32 and close to
+    fp32 encoding's; the default stays fp32, as upstream."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    common = ["--data-path", images, "--vae", vae_dir, "--image-size", "16", "--model", "SiT-T/2",
+              "--global-batch-size", "2", "--num-workers", "0", "--fused-kernels", "off", "--no-progress"]
+    pixels = torch.rand(2, 3, 16, 16) * 2 - 1
+    latents = {}
+    for precision in ("fp32", "bf16"):
+        flags = [] if precision == "fp32" else ["--vae-precision", "bf16"]
+        args, explicit = parse_args(common + flags + ["--exp-dir", str(tmp_path / precision)])
+        assert args.vae_precision == precision
+        codec = Trainer(args, explicit, init_distributed()).codec
+        seen = []
+        codec.vae.encoder.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        latents[precision] = codec.encode(pixels)[0]
+        assert seen == [torch.bfloat16 if precision == "bf16" else torch.float32]
+        assert latents[precision].dtype == torch.float32
+    assert not torch.equal(latents["bf16"], latents["fp32"])
+    torch.testing.assert_close(latents["bf16"], latents["fp32"], atol=0.05, rtol=0.05)
+
+
 # ----------------------------------------------------------------------------- latent cache
 
 def test_latent_cache_round_trip_and_training(tmp_path):

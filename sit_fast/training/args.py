@@ -40,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vae", type=str, default="ema",
                       help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id, a local directory, or none "
                            "for pixel-space training; --dataset digits (grayscale): none unless given")
+    data.add_argument("--vae-precision", choices=["fp32", "bf16"], default="fp32",
+                      help="VAE arithmetic: fp32 (as upstream) or bf16 autocast, for encoding each batch and "
+                           "decoding sample grids (python -m sit_fast.latent_cache has the same option)")
     data.add_argument("--in-channels", type=positive_int, default=None,
                       help="model input channels (default: the VAE's latent channels, or the image channels "
                            "with --vae none); must agree with the data")

@@ -567,7 +567,7 @@ class Trainer:
             from sit_fast.vae import check_image_size, load_vae
 
             check_image_size(args.image_size, args.vae)  # the SD VAEs' before loading them
-            self.codec = load_vae(args.vae, self.device)
+            self.codec = load_vae(args.vae, self.device, dtype=self.vae_dtype())
             check_image_size(args.image_size, args.vae, self.codec)
             latent_size, channels = args.image_size // self.codec.downsample, self.codec.latent_channels
         if args.in_channels is not None and args.in_channels != channels:
@@ -940,11 +940,15 @@ class Trainer:
 
             spec = self.args.vae if "vae" in self.explicit and self.args.vae != "none" else self.cache_vae_spec
             try:
-                self._cache_codec = load_vae(spec, self.device)
+                self._cache_codec = load_vae(spec, self.device, dtype=self.vae_dtype())
             except UserError as err:
                 logger.warning(f"sample grids are skipped: {err}")
                 self._cache_codec = None
         return self._cache_codec
+
+    def vae_dtype(self) -> torch.dtype:
+        """The arithmetic the VAE runs in (--vae-precision)."""
+        return torch.bfloat16 if self.args.vae_precision == "bf16" else torch.float32
 
     def autocast(self):
         if self.autocast_dtype is None:
