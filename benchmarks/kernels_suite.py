@@ -23,13 +23,15 @@ forward); on the CPU a time.perf_counter loop after warm-up
 Each variant is timed twice, back to back: median_ms, p20_ms, p80_ms are over both windows' times,
 window_spread is how far apart the two windows' medians were (window_medians_ms).
 
-Two more ops of the MLP, each timed as one call, after the backwards: "linear_gelu", the fast path's
+Three more ops of the MLP, each timed as one call, after the backwards: "linear_gelu", the fast path's
 MLP input layer when sampling, GELU_tanh(x W^T + b) with W (4D, D), as sit_fast.models.linear_gelu
 computes it (on CUDA one matmul with the bias and GELU in its epilogue; `gelu_epilogue` in the row
 says whether it was) against F.linear then F.gelu, eager and compiled, its row also giving `tflops`;
 and "bias_gelu_backward", the training step's pass over fc1's output a (B, T, 4D) and the GELU's
 gradient dg (kernels.bias_gelu_backward: da, the recomputed GELU and fc1's bias gradient) against
-the same maths in PyTorch ops (reference_bias_gelu_backward), eager and compiled.
+the same maths in PyTorch ops (reference_bias_gelu_backward), eager and compiled; and "bias_gelu",
+the training step's forward pass over fc1's output (kernels.bias_gelu: GELU_tanh(a + bias)) against
+F.gelu(a + bias).
 
     from benchmarks.kernels_suite import run
     records = run("cuda", "full")     # B=256, T=256, D=1152, bf16 (SiT-XL/2 at 256 px)
@@ -79,15 +81,16 @@ OP_ARGS = {
     "gated_residual_layernorm_modulate": ("x", "gate", "y", "shift", "scale"),
     "linear_gelu": ("x", "weight", "bias"),  # forward only
     "bias_gelu_backward": ("a", "bias", "dg"),  # a, dg (B, T, 4D); one call
+    "bias_gelu": ("a", "bias"),  # forward only
 }
 # The fused op first in each direction: the largest memory-bound op of a block (roofline), so a time
 # box that runs short cuts the others first.
 OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_residual")
 DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 # The MLP's ops, each timed as one call (direction "fwd"), after every adaLN op's fwd and bwd rows
-MLP_OPS = ("linear_gelu", "bias_gelu_backward")
+MLP_OPS = ("linear_gelu", "bias_gelu_backward", "bias_gelu")
 MLP_RATIO = 4  # the MLP's hidden width: MLP_RATIO * D, as in every SiT
-NEEDS_KERNELS = (*OPS, "bias_gelu_backward")  # ops whose `ours` is a Triton kernel
+NEEDS_KERNELS = (*OPS, "bias_gelu_backward", "bias_gelu")  # ops whose `ours` is a Triton kernel
 VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
 CUDA_REPS = 50  # timed calls per window on CUDA (a backward each after its own forward)
 SLEEP_CAP_MS = 50.0  # _times_cuda's sleep at most: one slow host call (a collection pause) must not slow the rest
@@ -98,6 +101,11 @@ DTYPE_NAMES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp
 def reference_linear_gelu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """The MLP's input layer as upstream computes it: F.linear, then the GELU in its tanh form."""
     return torch.nn.functional.gelu(torch.nn.functional.linear(x, weight, bias), approximate="tanh")
+
+
+def reference_bias_gelu(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """GELU_tanh(a + bias) in PyTorch ops, as the MLP's eager forward computes it after fc1's matmul."""
+    return torch.nn.functional.gelu(a + bias, approximate="tanh")
 
 
 def reference_bias_gelu_backward(a: torch.Tensor, bias: torch.Tensor, dg: torch.Tensor
@@ -115,6 +123,8 @@ def reference_op(op: str) -> Callable:
         return reference_linear_gelu
     if op == "bias_gelu_backward":
         return reference_bias_gelu_backward
+    if op == "bias_gelu":
+        return reference_bias_gelu
     from kernels import reference
 
     return getattr(reference, op)
@@ -137,7 +147,7 @@ def make_inputs(op: str, B: int, T: int, D: int, dtype: torch.dtype, device: str
                 requires_grad: bool = False) -> list[torch.Tensor]:
     """Random arguments for `op`, all in `dtype`: activations (B, T, D) and modulation vectors (B, D);
     linear_gelu's weight (4D, D), scaled so that its outputs have unit variance, and bias (4D);
-    bias_gelu_backward's a and dg (B, T, 4D) and bias (4D)."""
+    bias_gelu(_backward)'s a and dg (B, T, 4D) and bias (4D)."""
     args = []
     for name in OP_ARGS[op]:
         if name in ("x", "y"):
@@ -170,6 +180,7 @@ def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.
       linear_gelu                        fwd: read x, write out (4D per token), read W, b
       bias_gelu_backward                 one call: read a, dg, write da, g (4D per token each), read
                                          bias, write dbias
+      bias_gelu                          fwd: read a, write g (4D per token each), read bias
     """
     element = torch.empty((), dtype=dtype).element_size()
     if op in MLP_OPS:
@@ -178,6 +189,8 @@ def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.
         hidden = MLP_RATIO * D
         if op == "bias_gelu_backward":
             return (4 * B * T * hidden + 2 * hidden) * element
+        if op == "bias_gelu":
+            return (2 * B * T * hidden + hidden) * element
         return (B * T * D + B * T * hidden + hidden * D + hidden) * element
     counts = {  # (activation tensors, vector tensors) per direction
         "layernorm_modulate": {"fwd": (2, 2), "bwd": (3, 3)},

@@ -12,18 +12,23 @@ bf16), forward and backward separately, so one GPU run says which to choose on a
 Search, per op and direction, a coordinate search from the default launch: prefetch on and off,
 then 1, 2 and 4 rows per step, the warps scaled with the rows, then every warp count at the best
 so far, then every tiling, then every warp count again (at D = 1152 at most 18 launches of the 210
-combinations of 5 warp counts, 7 tilings, 2 prefetch settings and 3 row counts). The six searches
-go breadth first, each step for all of them before the next, so a time box that stops the run
-early leaves the same comparisons for every op and direction.
+combinations of 5 warp counts, 7 tilings, 2 prefetch settings and 3 row counts). The MLP's two
+bias + GELU kernels (`kernels.bias_gelu`, forward and backward, each one call at (B*T, 4D)) are
+searched the same way over their own launch (`kernels._launch.GELU_LAUNCH`: tiles of block_rows x
+block_h, programs per SM, warps): tile width, tile height, warps, tiling, warps again (at most 17
+launches each). The eight searches go breadth first, each step for all of them before the next, so
+a time box that stops the run early leaves the same comparisons for every op and direction.
 Each launch is checked first, its outputs NaN-filled, against the reference computed in float32
 with the kernel tests' bounds (`kernels_suite.parity_failure`): one outside them, or NaN, is
 recorded as `parity_failed` and never chosen. On the CPU (Triton interpreter) only the default, a
-one-program-per-sample tiling, the other prefetch setting and two rows per step run:
-the dry run proves each path, and warps mean nothing there.
+one-program-per-sample tiling, the other prefetch setting and two rows per step run (for the GELU
+kernels another tiling, tile height and tile width): the dry run proves each path, and warps mean
+nothing there.
 Each op's best launch is then timed on the other ops of its direction, and each op's best prints as
 SIT_FAST_KERNEL_LAUNCH settings, then the one setting for all ops: per direction, the launch with the
-least time summed over the three ops, unless it gains less on the default than the default's own
-p20-p80 spread (summed over the ops): timing noise, and the default stands.
+least time summed over the three ops (the GELU kernels: each its own best), unless it gains less on
+the default than the default's own p20-p80 spread (summed over the ops): timing noise, and the
+default stands.
 
     python -m benchmarks tuning --device cuda --out DIR      # alone; `all` runs it last, in the time left
 """
@@ -35,6 +40,13 @@ from benchmarks import kernels_suite as ks
 
 SUITE = "tuning"
 PROGRAMS_PER_SLOT = (1, 2, 4, 8, 16, 32, 64)
+# The MLP's bias + GELU kernels (kernels.bias_gelu), searched the same way over their own launch
+# (kernels._launch.GELU_LAUNCH): op -> the settings' prefix (gelu_fwd_*, gelu_bwd_*); each is timed as
+# one call, as the kernels suite's bias_gelu.fwd and bias_gelu_backward.fwd rows.
+GELU_OPS = {"bias_gelu": "gelu_fwd", "bias_gelu_backward": "gelu_bwd"}
+GELU_KEYS = ("num_warps", "programs_per_slot", "block_rows", "block_h")
+GELU_CHOICES = ((2, 4, 8, 16), PROGRAMS_PER_SLOT, (8, 16, 32, 64), (64, 128, 256, 512))
+GELU_AXES = (3, 2, 0, 1, 0)  # tile columns, tile rows, warps, tiling, warps again
 CUDA_REPS, CPU_REPS = 30, 2  # timed calls per launch (forward, or backward after its own forward)
 
 
@@ -48,9 +60,9 @@ ROWS_AXIS = 3
 ROWS_CHOICES = (1, 2, 4)  # rows per loop step tried
 
 
-def settings_of(launch: tuple) -> dict[str, int]:
+def settings_of(launch: tuple, keys: tuple[str, ...] = KEYS) -> dict[str, int]:
     """A launch tuple as {parameter: value}."""
-    return dict(zip(KEYS, launch))
+    return dict(zip(keys, launch))
 
 
 def run(ctx) -> None:
@@ -73,16 +85,28 @@ def run(ctx) -> None:
                 choices = ([default[0]], [default[1], 1], [default[2], 1 - default[2]],
                            [default[3], 2 if default[3] == 1 else 1])
             searches.append(LaunchSearch(ctx, op, direction, tuple(int(v) for v in default), choices))
+    for op, prefix in GELU_OPS.items():
+        launch = _launch.gelu_launch(prefix.removeprefix("gelu_"))  # SIT_FAST_KERNEL_LAUNCH included
+        default = tuple(launch[k] for k in GELU_KEYS)
+        if cuda:
+            choices = GELU_CHOICES
+        else:  # the interpreter: one other tiling, tile height and width (warps mean nothing there)
+            warps, per_slot, rows, cols = default
+            choices = ([warps], [per_slot, 1 if per_slot != 1 else 2], [rows, 16 if rows != 16 else 8],
+                       [cols, 64 if cols != 64 else 128])
+        searches.append(LaunchSearch(ctx, op, prefix, default, choices, keys=GELU_KEYS, axes=GELU_AXES,
+                                     timing="fwd"))
     # Breadth first: each step of the search for every op and direction before the next step, so a
-    # time box that ends the run early leaves the same comparisons for all six.
+    # time box that ends the run early leaves the same comparisons for all of them.
     for search in searches:
         search.start()
-    for axis in AXES:
+    for index in range(max(len(search.axes) for search in searches)):
         for search in searches:
-            search.step(axis)
+            if index < len(search.axes):
+                search.step(search.axes[index])
     for other in searches:  # each op's best tried on the other ops (SIT_FAST_KERNEL_LAUNCH is one setting for
         for search in searches:  # all), breadth first as above
-            if other.direction == search.direction:
+            if other.direction == search.direction and other is not search:
                 search.measure(other.best())
     for search in searches:
         search.finish()
@@ -90,10 +114,11 @@ def run(ctx) -> None:
 
 
 def one_setting(searches: list["LaunchSearch"]) -> str:
-    """SIT_FAST_KERNEL_LAUNCH for all ops: per direction, the launch with the least time summed over
-    the ops, among those every op ran within the kernel tests' bounds."""
+    """SIT_FAST_KERNEL_LAUNCH for all ops: per direction (fwd, bwd; gelu_fwd, gelu_bwd: one kernel
+    each), the launch with the least time summed over the ops, among those every op ran within the
+    kernel tests' bounds."""
     parts, notes = [], []
-    for direction in ("fwd", "bwd"):
+    for direction in dict.fromkeys(s.direction for s in searches):
         group = [s for s in searches if s.direction == direction]
         ok = [{k for k, r in s.measured.items() if r["status"] == "ok"} for s in group]
         common = set.intersection(*ok) if ok else set()
@@ -111,10 +136,11 @@ def one_setting(searches: list["LaunchSearch"]) -> str:
                 noise = (f"; the best, {total[chosen]:.3g} ms, gains less than the default's p20-p80 spread "
                          f"({sum(spreads):.3g} ms summed): the default stands")
                 chosen = default
-        parts += [f"{direction}_{k}={v}" for k, v in settings_of(chosen).items()]
+        parts += [f"{direction}_{k}={v}" for k, v in settings_of(chosen, getattr(group[0], "keys", KEYS)).items()]
         versus = (f"{total[default] / total[chosen]:.2f}x the default's {total[default]:.3g} ms{noise}"
                   if default in total else "the default did not run every op")
-        notes.append(f"{direction}: {total[chosen]:.3g} ms for the {len(group)} ops, {versus}")
+        ops = f"the {len(group)} ops" if len(group) > 1 else group[0].op if hasattr(group[0], "op") else "the op"
+        notes.append(f"{direction}: {total[chosen]:.3g} ms for {ops}, {versus}")
     setting = f"SIT_FAST_KERNEL_LAUNCH={','.join(parts)}" if parts else "no SIT_FAST_KERNEL_LAUNCH setting"
     return f"all ops: {setting} ({'; '.join(notes)})"
 
@@ -125,24 +151,27 @@ AXES = (2, ROWS_AXIS, 0, 1, 0)
 
 
 class LaunchSearch:
-    """Coordinate search over KEYS for one op and direction; emits one record per launch tried."""
+    """Coordinate search over `keys` for one op and direction; emits one record per launch tried.
 
-    def __init__(self, ctx, op: str, direction: str, default: tuple, choices: tuple):
-        import kernels
-        from kernels import reference
+    direction: the settings' prefix ("fwd", "bwd"; "gelu_fwd", "gelu_bwd"), and the kernels suite's
+    direction the launch is timed in unless `timing` says otherwise (the bias + GELU ops: one call)."""
 
+    def __init__(self, ctx, op: str, direction: str, default: tuple, choices: tuple, keys: tuple[str, ...] = KEYS,
+                 axes: tuple[int, ...] | None = None, timing: str | None = None):
         self.ctx, self.direction, self.default, self.choices = ctx, direction, default, choices
+        self.keys, self.axes, self.timing = keys, AXES if axes is None else axes, timing or direction
         self.cfg = cfg = ks.SIZES[ctx.size.name]
         self.cuda = ctx.device.type == "cuda"
-        self.op, self.ours, ref = op, getattr(kernels, op), getattr(reference, op)
-        self.args = ks.make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, ctx.device, requires_grad=direction == "bwd")
+        self.op, self.ours, ref = op, ks.ours_op(op), ks.reference_op(op)
+        timing = self.timing
+        self.args = ks.make_inputs(op, cfg.B, cfg.T, cfg.D, cfg.dtype, ctx.device, requires_grad=timing == "bwd")
         self.grads_out = None
-        if direction == "bwd":
+        if timing == "bwd":
             with torch.no_grad():
                 self.grads_out = [torch.randn_like(o) for o in ks._as_tuple(ref(*self.args))]
-        self.expected = ks.expected_outputs(ref, self.args, direction, self.grads_out)
-        self.bytes_moved = ks.minimum_bytes(op, direction, cfg.B, cfg.T, cfg.D, cfg.dtype)
-        self.name = f"{op}.{direction}"
+        self.expected = ks.expected_outputs(ref, self.args, timing, self.grads_out)
+        self.bytes_moved = ks.minimum_bytes(op, timing, cfg.B, cfg.T, cfg.D, cfg.dtype)
+        self.name = f"{op}.{timing}"
         self.measured: dict[tuple, dict] = {}
         self.searching = True  # False once the time box has cut this search
 
@@ -158,8 +187,8 @@ class LaunchSearch:
     def measure_one(self, launch: tuple) -> bool:
         from kernels import _launch
 
-        ctx, cfg, direction = self.ctx, self.cfg, self.direction
-        settings = settings_of(launch)
+        ctx, cfg, direction, timing = self.ctx, self.cfg, self.direction, self.timing
+        settings = settings_of(launch, self.keys)
         variant = "ours " + " ".join(f"{k}={v}" for k, v in settings.items())
         extra = {**settings, "default": launch == self.default, "best": False}
         common = dict(dtype=ks.DTYPE_NAMES[cfg.dtype], shapes={"B": cfg.B, "T": cfg.T, "D": cfg.D},
@@ -171,14 +200,14 @@ class LaunchSearch:
             return False
         try:
             with _launch.launch_overrides(**{f"{direction}_{k}": v for k, v in settings.items()}):
-                step = ks._make_step(self.ours, self.args, direction, self.grads_out)
+                step = ks._make_step(self.ours, self.args, timing, self.grads_out)
                 with _launch.poison_outputs():  # an element a launch leaves unwritten reads NaN
                     results = step()
                 error = ks._max_abs_err(results, self.expected)
-                failed = ks.parity_failure(self.op, self.ours, self.args, results, self.cfg.dtype, direction,
+                failed = ks.parity_failure(self.op, self.ours, self.args, results, self.cfg.dtype, timing,
                                            self.grads_out)
                 results = None
-                if direction == "bwd":
+                if timing == "bwd":
                     times = ks._times_backward(self.ours, self.args, self.grads_out, ctx.device,
                                                CUDA_REPS if self.cuda else CPU_REPS)
                 elif self.cuda:
@@ -215,7 +244,8 @@ class LaunchSearch:
         current = self.best()
         for value in self.choices[axis]:
             launch = current[:axis] + (value,) + current[axis + 1:]
-            if axis == ROWS_AXIS and self.cuda:  # as many row elements per thread: warps scaled with the rows
+            if axis == ROWS_AXIS and self.keys == KEYS and self.cuda:  # warps scaled with the rows (as many
+                # row elements per thread)
                 warps = current[0] * value // current[ROWS_AXIS]
                 if warps in self.choices[0]:
                     launch = (warps,) + launch[1:]
@@ -230,7 +260,7 @@ class LaunchSearch:
         base = self.measured[self.default]
         speedup = f"{base['median_ms'] / self.measured[chosen]['median_ms']:.2f}x the default" \
             if base["status"] == "ok" else "the default did not run"
-        settings = ",".join(f"{self.direction}_{k}={v}" for k, v in settings_of(chosen).items())
+        settings = ",".join(f"{self.direction}_{k}={v}" for k, v in settings_of(chosen, self.keys).items())
         print(f"[{SUITE}] {self.name}: best {settings} {self.measured[chosen]['gbps']:.3g} GB/s ({speedup})",
               flush=True)
         self.ctx.results.write()  # the best launch's mark

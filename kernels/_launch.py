@@ -102,8 +102,15 @@ PREFETCH = {"fwd": 1, "bwd": 1}
 # their reductions side by side (fwd_rows_per_step, bwd_rows_per_step; no GPU run has timed it yet).
 ROWS_PER_STEP = {"fwd": 1, "bwd": 1}
 ROWS_CHOICES = (1, 2, 4, 8)
+# The MLP's bias + GELU kernels (kernels.bias_gelu; "gelu_fwd" the forward, "gelu_bwd" its backward)
+# take (block_rows, block_h) tiles of the (tokens, 4D) hidden activations, several per program; their
+# launch is untuned (no GPU run has searched it yet).
+GELU_LAUNCH = {"num_warps": 4, "programs_per_slot": 8, "block_rows": 32, "block_h": 128}
+GELU_BLOCK_ROWS = (1, 256)  # powers of two in these bounds
+GELU_BLOCK_H = (16, 1024)
 OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot",
-                 "fwd_prefetch", "bwd_prefetch", "fwd_rows_per_step", "bwd_rows_per_step")
+                 "fwd_prefetch", "bwd_prefetch", "fwd_rows_per_step", "bwd_rows_per_step",
+                 *(f"gelu_{d}_{k}" for d in ("fwd", "bwd") for k in GELU_LAUNCH))
 LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
 
 
@@ -123,6 +130,10 @@ def _checked_overrides(source: str, overrides: dict) -> dict[str, int]:
             raise ValueError(f"{source}: {key} must be 0 or 1, got {value!r}")
         if key.endswith("rows_per_step") and value not in ROWS_CHOICES:
             raise ValueError(f"{source}: {key} must be one of {', '.join(map(str, ROWS_CHOICES))}, got {value!r}")
+        for suffix, (low, high) in (("block_rows", GELU_BLOCK_ROWS), ("block_h", GELU_BLOCK_H)):
+            if key.endswith(suffix) and not (isinstance(value, int) and low <= value <= high
+                                             and value & (value - 1) == 0):
+                raise ValueError(f"{source}: {key} must be a power of two from {low} to {high}, got {value!r}")
         checked[key] = value
     return checked
 
@@ -159,7 +170,9 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
 
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
     bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
-    reduced), fwd_rows_per_step, bwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); None
+    reduced), fwd_rows_per_step, bwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); for
+    the bias + GELU kernels gelu_fwd_* and gelu_bwd_* with * one of num_warps, programs_per_slot,
+    block_rows (a power of two, 1 to 256) and block_h (a power of two, 16 to 1024); None
     keeps the current value. Results do not depend on them beyond float32 summation order.
     SIT_FAST_KERNEL_LAUNCH sets them for a whole process.
     """
@@ -178,6 +191,13 @@ def launch_params(D: int, direction: str) -> tuple[int, int, int, int]:
     "bwd")."""
     per_slot = launch_settings().get(f"{direction}_programs_per_slot") or PROGRAMS_PER_SLOT[direction]
     return block_config(D, direction)[1], per_slot, prefetch(direction), rows_per_step(direction)
+
+
+def gelu_launch(direction: str) -> dict[str, int]:
+    """The bias + GELU kernels' launch ("fwd" or "bwd"): GELU_LAUNCH, with SIT_FAST_KERNEL_LAUNCH's and
+    `launch_overrides`' gelu_<direction>_* settings on top."""
+    settings = launch_settings()
+    return {key: settings.get(f"gelu_{direction}_{key}", value) for key, value in GELU_LAUNCH.items()}
 
 
 def rows_per_step(direction: str) -> int:

@@ -30,9 +30,6 @@ from . import _launch
 OP = "bias_gelu"
 SQRT_2_OVER_PI = math.sqrt(2 / math.pi)
 GELU_CUBIC = 0.044715
-BLOCK_ROWS = 32  # rows of a tile; a tile is (BLOCK_ROWS, BLOCK_H)
-BLOCK_H_MAX = 128  # columns of a tile
-PROGRAMS_PER_SLOT = 8  # programs per streaming multiprocessor, over rows and column blocks together
 
 
 @triton.jit
@@ -117,14 +114,16 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _tiling(N: int, H: int, device: torch.device) -> tuple[int, int, int]:
-    """(BLOCK_H, rows_per_program, programs over rows): about PROGRAMS_PER_SLOT programs per slot in
-    all, each over a run of whole tiles of rows."""
-    block_h = min(BLOCK_H_MAX, _launch.next_power_of_2(H))
+def _tiling(N: int, H: int, device: torch.device, launch: dict[str, int]) -> tuple[int, int, int]:
+    """(BLOCK_H, rows_per_program, programs over rows) for a tile of launch["block_rows"] rows and at
+    most launch["block_h"] columns: about launch["programs_per_slot"] programs per streaming
+    multiprocessor in all (_launch.gelu_launch), each over a run of whole tiles of rows."""
+    block_rows = launch["block_rows"]
+    block_h = min(launch["block_h"], _launch.next_power_of_2(H))
     col_blocks = triton.cdiv(H, block_h)
-    row_programs = max(1, min(triton.cdiv(N, BLOCK_ROWS),
-                              triton.cdiv(_launch._program_slots(device) * PROGRAMS_PER_SLOT, col_blocks)))
-    rows_per_program = triton.cdiv(triton.cdiv(N, row_programs), BLOCK_ROWS) * BLOCK_ROWS
+    row_programs = max(1, min(triton.cdiv(N, block_rows),
+                              triton.cdiv(_launch._program_slots(device) * launch["programs_per_slot"], col_blocks)))
+    rows_per_program = triton.cdiv(triton.cdiv(N, row_programs), block_rows) * block_rows
     return block_h, rows_per_program, max(1, triton.cdiv(N, rows_per_program))
 
 
@@ -135,11 +134,12 @@ def bias_gelu_forward(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     N, H = a2.shape
     g = _launch.empty(a2.shape, a.dtype, a.device)
     if N and H:
-        block_h, rows_per_program, row_programs = _tiling(N, H, a.device)
+        launch = _launch.gelu_launch("fwd")
+        block_h, rows_per_program, row_programs = _tiling(N, H, a.device, launch)
         with _launch.on_device(a.device):
             _bias_gelu_fwd_kernel[(row_programs, triton.cdiv(H, block_h))](
-                g, a2, bias, N, H, g.stride(0), a2.stride(0), rows_per_program,
-                K0=SQRT_2_OVER_PI, K1=GELU_CUBIC, BLOCK_R=BLOCK_ROWS, BLOCK_H=block_h, num_warps=4)
+                g, a2, bias, N, H, g.stride(0), a2.stride(0), rows_per_program, K0=SQRT_2_OVER_PI, K1=GELU_CUBIC,
+                BLOCK_R=launch["block_rows"], BLOCK_H=block_h, num_warps=launch["num_warps"])
     return g.view(a.shape)
 
 
@@ -151,14 +151,15 @@ def bias_gelu_backward_forward(a: torch.Tensor, bias: torch.Tensor, dg: torch.Te
     N, H = a2.shape
     da = _launch.empty(a2.shape, a.dtype, a.device)
     g = _launch.empty(a2.shape if store_g else (0,), a.dtype, a.device)
-    block_h, rows_per_program, row_programs = _tiling(N, H, a.device) if N and H else (1, 1, 0)
+    launch = _launch.gelu_launch("bwd")
+    block_h, rows_per_program, row_programs = _tiling(N, H, a.device, launch) if N and H else (1, 1, 0)
     partial = _launch.empty((row_programs, H) if sum_dbias else (0,), torch.float32, a.device)
     if N and H:
         with _launch.on_device(a.device):
             _bias_gelu_bwd_kernel[(row_programs, triton.cdiv(H, block_h))](
                 da, g, partial, a2, bias, dg2, N, H, da.stride(0), g.stride(0) if store_g else 0, a2.stride(0),
                 dg2.stride(0), rows_per_program, K0=SQRT_2_OVER_PI, K1=GELU_CUBIC, STORE_G=store_g,
-                SUM_DBIAS=sum_dbias, BLOCK_R=BLOCK_ROWS, BLOCK_H=block_h, num_warps=4)
+                SUM_DBIAS=sum_dbias, BLOCK_R=launch["block_rows"], BLOCK_H=block_h, num_warps=launch["num_warps"])
     dbias = partial.sum(0).to(bias.dtype) if sum_dbias else bias.new_empty(0)  # no rows: zeros
     return da.view(a.shape), (g.view(a.shape) if store_g else g), dbias
 

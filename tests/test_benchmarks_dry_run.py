@@ -114,7 +114,8 @@ def test_session_runs_the_tests_after_the_suite(dry_run):
     from kernels import _launch
 
     assert set(_launch._parse_launch_env(setting.group(1))) == {
-        f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "prefetch", "rows_per_step")}
+        *(f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "prefetch", "rows_per_step")),
+        *(f"gelu_{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "block_rows", "block_h"))}
     assert " passed" in test_log and "failed" not in test_log, test_log[-2000:]
     assert "gpu_session: suite exit 0, tests exit 0" in proc.stdout, _tail(proc)
 
@@ -187,14 +188,22 @@ def test_every_suite_measures_every_variant(dry_run):
     assert kernels and {"ours", "reference"} <= {r["variant"] for r in kernels}
     assert {r["name"].split(".")[1] for r in kernels} == {"fwd", "bwd", "fwd_bwd"}
     # tuning: per op and direction, the default launch, another tiling, the other prefetch, two rows a
-    # step; one best
+    # step; for the GELU kernels another tiling, tile height and width; one best
     tuning = [r for r in records if r["suite"] == "tuning"]
     groups = {r["name"] for r in tuning}
-    assert len(groups) == 6
-    # breadth first: every group's default launch, then every group's other prefetch setting
-    assert all(r["extra"]["default"] for r in tuning[:6]) and len({r["name"] for r in tuning[:6]}) == 6, tuning
-    assert [r["extra"]["prefetch"] for r in tuning[6:12]] == [1 - r["extra"]["prefetch"] for r in tuning[:6]]
-    for name in groups:
+    gelu = {"bias_gelu.fwd", "bias_gelu_backward.fwd"}
+    assert len(groups) == 8 and gelu <= groups, groups
+    # breadth first: every group's default launch, then every group's first step (prefetch; tile width)
+    assert all(r["extra"]["default"] for r in tuning[:8]) and len({r["name"] for r in tuning[:8]}) == 8, tuning
+    assert [r["extra"]["prefetch"] for r in tuning[8:14]] == [1 - r["extra"]["prefetch"] for r in tuning[:6]]
+    assert [r["extra"]["block_h"] for r in tuning[14:16]] == [64, 64], tuning[14:16]
+    for name in gelu:
+        group = [r for r in tuning if r["name"] == name]
+        assert len(group) == 4 and sum(r["extra"]["default"] for r in group) == 1, group
+        for key, values in (("block_h", {128, 64}), ("block_rows", {32, 16}), ("programs_per_slot", {8, 1})):
+            assert {r["extra"][key] for r in group} == values, (key, group)
+        assert sum(r["extra"]["best"] for r in group) == 1, group
+    for name in groups - gelu:
         group = [r for r in tuning if r["name"] == name]
         # the search's four, and another op's best where this op had not run it
         assert 4 <= len(group) <= 5 and sum(r["extra"]["default"] for r in group) == 1, group
@@ -248,7 +257,7 @@ def test_parity_suite_reports_a_broken_kernel(tmp_path, monkeypatch):
 
 def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
     """A token tiling that skips rows must come out as parity_failed, never as the best launch."""
-    from benchmarks import kernels_suite
+    from benchmarks import kernels_suite, tuning_suite
     from benchmarks.__main__ import main
     from kernels import _launch
 
@@ -262,6 +271,7 @@ def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
 
     monkeypatch.setattr(_launch, "token_tiling", tiling)
     monkeypatch.setattr(kernels_suite, "OPS", kernels_suite.OPS[:1])  # one op (the dry run tunes them all)
+    monkeypatch.setattr(tuning_suite, "GELU_OPS", {})
     status = main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert status == 1
@@ -493,7 +503,7 @@ def test_goal_variants_are_measured_before_the_eager_references(tmp_path):
 
 @pytest.mark.parametrize("epilogue", [None, "tanh", "erf"])
 def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue):
-    """linear_gelu (and bias_gelu_backward), one call each, after the adaLN ops' rows: linear_gelu's
+    """linear_gelu (and bias_gelu_backward, bias_gelu), one call each, after the adaLN ops' rows: linear_gelu's
     ours is sit_fast.models.linear_gelu (on the CPU F.linear then F.gelu; with the epilogue stood in
     for, as on CUDA, the row says so), judged against the float32 reference: an epilogue with the erf
     GELU (torch._addmm_activation's CPU form) fails. Rows carry TFLOP/s and validate as kernel
@@ -515,10 +525,12 @@ def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue)
     rows = kernels_suite.run("cpu", "tiny")
     assert [(r["name"], r["variant"]) for r in rows] == [
         (name, variant) for name in ("gated_residual.fwd", "gated_residual.bwd", "linear_gelu.fwd",
-                                     "bias_gelu_backward.fwd")
+                                     "bias_gelu_backward.fwd", "bias_gelu.fwd")
         for variant in ("ours", "reference+compile", "reference")]
-    for row in rows[-3:]:  # the training step's fused GELU backward, against its maths in PyTorch ops
+    for row in rows[-6:]:  # the training step's fused GELU passes, against their maths in PyTorch ops
         assert row.get("status", "ok") == "ok" and row["median_ms"] > 0, row
+    assert rows[-3]["bytes_moved"] == kernels_suite.minimum_bytes("bias_gelu", "fwd", 2, 16, 72, torch.float32) \
+        == (2 * 2 * 16 * 288 + 288) * 4
     by_variant = {r["variant"]: r for r in rows if r["name"] == "linear_gelu.fwd"}
     ours = by_variant["ours"]
     assert ours["gelu_epilogue"] is (epilogue is not None)
@@ -1047,6 +1059,40 @@ def test_results_on_disk_list_a_suite_as_soon_as_it_starts(tmp_path, monkeypatch
         json.loads((tmp_path / "results.json").read_text())["suites_run"]))
     assert main(["memory", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)]) == 0
     assert listed == [["memory"]]
+
+
+def test_tuning_reports_a_gelu_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
+    """The bias + GELU kernels' search: a tiling that leaves the last rows of each program unwritten
+    comes out as parity_failed (the outputs are NaN-filled first), never as the best launch."""
+    import importlib
+
+    from benchmarks import kernels_suite
+    from benchmarks.__main__ import main
+
+    module = importlib.import_module("kernels.bias_gelu")
+    real = module._tiling
+
+    def tiling(N, H, device, launch):
+        block_h, rows_per_program, programs = real(N, H, device, launch)
+        if launch["programs_per_slot"] == 1:
+            return block_h, rows_per_program // 2, programs  # half the rows left to no program
+        return block_h, rows_per_program, programs
+
+    monkeypatch.setattr(module, "_tiling", tiling)
+    monkeypatch.setattr(kernels_suite, "OPS", ())
+    status = main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert status == 1
+    assert sorted({r["name"] for r in records}) == ["bias_gelu.fwd", "bias_gelu_backward.fwd"] and len(records) == 8
+    for record in records:
+        assert not validate_record(record), record
+        broken = record["extra"]["programs_per_slot"] == 1
+        assert record["status"] == ("parity_failed" if broken else "ok"), record
+        assert not (broken and record["extra"]["best"]), record
+    for name in {r["name"] for r in records}:
+        assert sum(r["extra"]["best"] for r in records if r["name"] == name) == 1, name
+    table = (tmp_path / "results.md").read_text()
+    assert "| 32x128 |" in table, table
 
 
 def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):

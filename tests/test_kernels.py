@@ -927,14 +927,15 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
 
 _LOWER_BIAS_GELU_FOR_SM90 = _SM90_PRELUDE + """
 module = importlib.import_module("kernels.bias_gelu")  # the package attribute is the function
+from kernels._launch import GELU_LAUNCH  # the default launch
 
 for kernel_name in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
     kernel = getattr(module, kernel_name)
     flags = [f for f in ("STORE_G", "SUM_DBIAS") if f in kernel.arg_names]
     variants = [dict.fromkeys(flags, True), dict.fromkeys(flags, False)] if flags else [{}]
     for layout, variant in itertools.product(("bf16", "bf16-fp32bias", "fp32"), variants):
-        constexprs = {"K0": module.SQRT_2_OVER_PI, "K1": module.GELU_CUBIC, "BLOCK_R": module.BLOCK_ROWS,
-                      "BLOCK_H": module.BLOCK_H_MAX, **variant}
+        constexprs = {"K0": module.SQRT_2_OVER_PI, "K1": module.GELU_CUBIC, "BLOCK_R": GELU_LAUNCH["block_rows"],
+                      "BLOCK_H": GELU_LAUNCH["block_h"], **variant}
         signature, attrs = {}, {}
         for index, name in enumerate(kernel.arg_names):
             if name in constexprs:
@@ -947,7 +948,8 @@ for kernel_name in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
                 signature[name] = "i32"
                 if name != "N" and name != "rows_per_program":
                     attrs[(index,)] = [["tt.divisibility", 16]]
-        narrow, vectors, spill = compile_sm90(kernel, kernel_name, signature, attrs, constexprs, 4)
+        narrow, vectors, spill = compile_sm90(kernel, kernel_name, signature, attrs, constexprs,
+                                              GELU_LAUNCH["num_warps"])
         off = ",".join(f for f, on in variant.items() if not on) or "-"
         print("lowered", kernel_name, layout, "off", off, "narrow", narrow, "vectors", vectors, "spill", spill)
 """
@@ -1146,6 +1148,33 @@ def test_bias_gelu_takes_strided_rows_and_no_rows():
     da, g, dbias = kernels.bias_gelu_backward(empty, bias, empty)
     assert da.shape == g.shape == (0, 24) and torch.equal(dbias, torch.zeros_like(bias))
     assert kernels.bias_gelu(empty, bias).shape == (0, 24)
+
+
+@pytest.mark.parametrize("launch", [
+    {"block_rows": 1, "block_h": 16, "programs_per_slot": 1, "num_warps": 1},  # one-row tiles, 7 column blocks
+    {"block_rows": 8, "block_h": 1024, "programs_per_slot": 64, "num_warps": 8},  # one column block, one tile each
+    {"block_rows": 256, "block_h": 64, "programs_per_slot": 3, "num_warps": 2},  # tiles taller than a program's run
+])
+def test_bias_gelu_launch_overrides_keep_results(launch):
+    """Other tiles, tilings and warps (the tuning suite's search, SIT_FAST_KERNEL_LAUNCH's gelu_* keys)
+    give the default launch's results, within float32 summation order for dbias."""
+    a, dg = torch.randn(1100, 97, device=DEVICE), torch.randn(1100, 97, device=DEVICE)
+    bias = torch.randn(97, device=DEVICE)
+    g0, (da0, g_bwd0, dbias0) = kernels.bias_gelu(a, bias), kernels.bias_gelu_backward(a, bias, dg)
+    named = {f"gelu_{d}_{k}": v for d in ("fwd", "bwd") for k, v in launch.items()}
+    with _launch.launch_overrides(**named):
+        assert _launch.gelu_launch("fwd") == _launch.gelu_launch("bwd") == launch
+        g, (da, g_bwd, dbias) = kernels.bias_gelu(a, bias), kernels.bias_gelu_backward(a, bias, dg)
+    assert torch.equal(g, g0) and torch.equal(da, da0) and torch.equal(g_bwd, g_bwd0)
+    torch.testing.assert_close(dbias, dbias0, rtol=2e-5, atol=1e-4)  # a row left out would be O(1) off
+
+
+@pytest.mark.parametrize("key,value", [("gelu_fwd_block_rows", 3), ("gelu_bwd_block_h", 8), ("gelu_fwd_block_h", 2048),
+                                       ("gelu_bwd_block_rows", 512), ("gelu_fwd_num_warps", 5)])
+def test_bias_gelu_launch_rejects_bad_values(key, value):
+    with pytest.raises(ValueError, match="power of two"):
+        with _launch.launch_overrides(**{key: value}):
+            pass
 
 
 def test_bias_gelu_errors_quote_the_shapes():
