@@ -1044,6 +1044,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("programs/SM", lambda r: _fmt(r["extra"].get("programs_per_slot"))),
         ("prefetch", lambda r: _fmt(r["extra"].get("prefetch"))),
         ("rows/step", lambda r: _fmt(r["extra"].get("rows_per_step"))),
+        ("one-row loop", lambda r: _fmt(r["extra"].get("one_row_loop"))),
         ("tile", lambda r: f"{r['extra']['block_rows']}x{r['extra']['block_h']}" if "block_h" in r["extra"] else "-"),
         ("", lambda r: " ".join(m for m, k in (("best", "best"), ("default", "default")) if r["extra"].get(k))),
         ("ms median (p20-p80)", _ms), ("GB/s", lambda r: _fmt(r["gbps"], ".3g")),

@@ -11,8 +11,10 @@ bf16), forward and backward separately, so one GPU run says which to choose on a
 
 Search, per op and direction, a coordinate search from the default launch: prefetch on and off,
 then 1, 2 and 4 rows per step, the warps scaled with the rows, then every warp count at the best
-so far, then every tiling, then every warp count again (at D = 1152 at most 18 launches of the 210
-combinations of 5 warp counts, 7 tilings, 2 prefetch settings and 3 row counts). The MLP's two
+so far, then every tiling, then every warp count again, then the fastest launch at one row a step
+through the other of the kernels' two loops (one row a step, or (1, BLOCK_D) tiles: `one_row_loop`),
+printed as the two loops' times at equal settings (at D = 1152 at most 19 launches of the 420
+combinations of 5 warp counts, 7 tilings, 2 prefetch settings, 3 row counts and 2 loops). The MLP's two
 bias + GELU kernels (`kernels.bias_gelu`, forward and backward, each one call at (B*T, 4D)) are
 searched the same way over their own launch (`kernels._launch.GELU_LAUNCH`: tiles of block_rows x
 block_h, programs per SM, warps): tile width, tile height, warps, tiling, warps again (at most 17
@@ -55,8 +57,9 @@ def warp_choices(block_d: int) -> list[int]:
     return [w for w in (1, 2, 4, 8, 16, 32) if 1 <= block_d // (32 * w) <= 32] or [1]
 
 
-KEYS = ("num_warps", "programs_per_slot", "prefetch", "rows_per_step")  # one launch: a value of each
+KEYS = ("num_warps", "programs_per_slot", "prefetch", "rows_per_step", "one_row_loop")  # a launch: a value of each
 ROWS_AXIS = 3
+ONE_ROW_AXIS = 4  # one row a step through the one-row loop (1) or the tile loop (0)
 ROWS_CHOICES = (1, 2, 4)  # rows per loop step tried
 
 
@@ -78,12 +81,13 @@ def run(ctx) -> None:
     searches = []
     for op in ks.OPS:
         for direction in ("fwd", "bwd"):
-            default = _launch.launch_params(cfg.D, direction)  # SIT_FAST_KERNEL_LAUNCH included
+            # SIT_FAST_KERNEL_LAUNCH included
+            default = (*_launch.launch_params(cfg.D, direction), int(_launch.one_row_loop(direction)))
             if cuda:
-                choices = (warp_choices(block_d), list(PROGRAMS_PER_SLOT), [0, 1], list(ROWS_CHOICES))
+                choices = (warp_choices(block_d), list(PROGRAMS_PER_SLOT), [0, 1], list(ROWS_CHOICES), [1, 0])
             else:  # the interpreter: prove each path once (warps mean nothing there)
                 choices = ([default[0]], [default[1], 1], [default[2], 1 - default[2]],
-                           [default[3], 2 if default[3] == 1 else 1])
+                           [default[3], 2 if default[3] == 1 else 1], [1, 0])
             searches.append(LaunchSearch(ctx, op, direction, tuple(int(v) for v in default), choices))
     for op, prefix in GELU_OPS.items():
         launch = _launch.gelu_launch(prefix.removeprefix("gelu_"))  # SIT_FAST_KERNEL_LAUNCH included
@@ -146,8 +150,9 @@ def one_setting(searches: list["LaunchSearch"]) -> str:
 
 
 # The coordinate search's steps: prefetch (one launch to try), rows per step (warps scaled with the
-# rows), warps, tiling, then warps again at the best of the others; indices into KEYS.
-AXES = (2, ROWS_AXIS, 0, 1, 0)
+# rows), warps, tiling, then warps again at the best of the others, then the best launch at one row a
+# step through the other loop (one launch: see LaunchSearch.step); indices into KEYS.
+AXES = (2, ROWS_AXIS, 0, 1, 0, ONE_ROW_AXIS)
 
 
 class LaunchSearch:
@@ -240,8 +245,16 @@ class LaunchSearch:
         self.measure(self.default)
 
     def step(self, axis: int) -> None:
-        """Every value of one launch parameter, the others at the best launch so far."""
+        """Every value of one launch parameter, the others at the best launch so far. The one-row-loop
+        axis: the best launch at one row a step, through the loop it did not take (one launch), so
+        that each search times the two loops at the same settings."""
         current = self.best()
+        if axis == ONE_ROW_AXIS and self.keys == KEYS:
+            one_row = {k: r for k, r in self.measured.items() if k[ROWS_AXIS] == 1 and r["status"] == "ok"}
+            if one_row:
+                launch = min(one_row, key=lambda k: one_row[k]["median_ms"])
+                self.measure(launch[:ONE_ROW_AXIS] + (1 - launch[ONE_ROW_AXIS],) + launch[ONE_ROW_AXIS + 1:])
+            return
         for value in self.choices[axis]:
             launch = current[:axis] + (value,) + current[axis + 1:]
             if axis == ROWS_AXIS and self.keys == KEYS and self.cuda:  # warps scaled with the rows (as many
@@ -250,6 +263,22 @@ class LaunchSearch:
                 if warps in self.choices[0]:
                     launch = (warps,) + launch[1:]
             self.measure(launch)
+
+    def loops_at_one_row(self) -> str:
+        """The one-row loop against the tile loop at one row a step, the other settings equal: the
+        fastest such pair measured."""
+        pairs = []
+        for launch, record in self.measured.items():
+            other = launch[:ONE_ROW_AXIS] + (1 - launch[ONE_ROW_AXIS],) + launch[ONE_ROW_AXIS + 1:]
+            if launch[ROWS_AXIS] == 1 and launch[ONE_ROW_AXIS] == 1 and other in self.measured:
+                if record["status"] == "ok" and self.measured[other]["status"] == "ok":
+                    pairs.append((record["median_ms"], self.measured[other]["median_ms"], launch))
+        if not pairs:
+            return "one row a step: the two loops were not both timed at one launch"
+        one_row_ms, tile_ms, launch = min(pairs)
+        at = ",".join(f"{k}={v}" for k, v in settings_of(launch[:ONE_ROW_AXIS]).items())
+        return (f"one row a step ({at}): the one-row loop {one_row_ms:.4g} ms, the tile loop {tile_ms:.4g} ms "
+                f"({tile_ms / one_row_ms:.3f}x)")
 
     def finish(self) -> None:
         """Mark the best launch and print it as SIT_FAST_KERNEL_LAUNCH settings."""
@@ -263,4 +292,6 @@ class LaunchSearch:
         settings = ",".join(f"{self.direction}_{k}={v}" for k, v in settings_of(chosen, self.keys).items())
         print(f"[{SUITE}] {self.name}: best {settings} {self.measured[chosen]['gbps']:.3g} GB/s ({speedup})",
               flush=True)
+        if self.keys == KEYS:
+            print(f"[{SUITE}] {self.name}: {self.loops_at_one_row()}", flush=True)
         self.ctx.results.write()  # the best launch's mark

@@ -102,6 +102,10 @@ PREFETCH = {"fwd": 1, "bwd": 1}
 # their reductions side by side (fwd_rows_per_step, bwd_rows_per_step; no GPU run has timed it yet).
 ROWS_PER_STEP = {"fwd": 1, "bwd": 1}
 ROWS_CHOICES = (1, 2, 4, 8)
+# At one row per step: 1 takes the kernels' one-row loop, 0 their tile loop with (1, BLOCK_D) tiles
+# (fwd_one_row_loop, bwd_one_row_loop; the tuning suite times both: if the tile loop is as fast, the
+# one-row loops are not needed).
+ONE_ROW_LOOP = {"fwd": 1, "bwd": 1}
 # The MLP's bias + GELU kernels (kernels.bias_gelu; "gelu_fwd" the forward, "gelu_bwd" its backward)
 # take (block_rows, block_h) tiles of the (tokens, 4D) hidden activations, several per program; their
 # launch is untuned (no GPU run has searched it yet).
@@ -110,6 +114,7 @@ GELU_BLOCK_ROWS = (1, 256)  # powers of two in these bounds
 GELU_BLOCK_H = (16, 1024)
 OVERRIDE_KEYS = ("fwd_num_warps", "bwd_num_warps", "fwd_programs_per_slot", "bwd_programs_per_slot",
                  "fwd_prefetch", "bwd_prefetch", "fwd_rows_per_step", "bwd_rows_per_step",
+                 "fwd_one_row_loop", "bwd_one_row_loop",
                  *(f"gelu_{d}_{k}" for d in ("fwd", "bwd") for k in GELU_LAUNCH))
 LAUNCH_ENV = "SIT_FAST_KERNEL_LAUNCH"
 
@@ -126,7 +131,7 @@ def _checked_overrides(source: str, overrides: dict) -> dict[str, int]:
             raise ValueError(f"{source}: {key} must be a power of two from 1 to 32, got {value!r}")
         if key.endswith("programs_per_slot") and (not isinstance(value, int) or value < 1):
             raise ValueError(f"{source}: {key} must be an integer >= 1, got {value!r}")
-        if key.endswith("prefetch") and value not in (0, 1):
+        if key.endswith(("prefetch", "one_row_loop")) and value not in (0, 1):
             raise ValueError(f"{source}: {key} must be 0 or 1, got {value!r}")
         if key.endswith("rows_per_step") and value not in ROWS_CHOICES:
             raise ValueError(f"{source}: {key} must be one of {', '.join(map(str, ROWS_CHOICES))}, got {value!r}")
@@ -170,7 +175,9 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
 
     Keys: fwd_num_warps, bwd_num_warps (a power of two, 1 to 32), fwd_programs_per_slot,
     bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
-    reduced), fwd_rows_per_step, bwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration); for
+    reduced), fwd_rows_per_step, bwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration),
+    fwd_one_row_loop, bwd_one_row_loop (0 or 1: at one row per step, the one-row loop or a tile loop
+    of (1, BLOCK_D) tiles); for
     the bias + GELU kernels gelu_fwd_* and gelu_bwd_* with * one of num_warps, programs_per_slot,
     block_rows (a power of two, 1 to 256) and block_h (a power of two, 16 to 1024); None
     keeps the current value. Results do not depend on them beyond float32 summation order.
@@ -203,6 +210,16 @@ def gelu_launch(direction: str) -> dict[str, int]:
 def rows_per_step(direction: str) -> int:
     """Rows a program takes per loop iteration (ROWS_PER_STEP; `launch_overrides`)."""
     return launch_settings().get(f"{direction}_rows_per_step", ROWS_PER_STEP[direction])
+
+
+def one_row_loop(direction: str) -> bool:
+    """Whether one row per step takes the kernels' one-row loop (ONE_ROW_LOOP; `launch_overrides`)."""
+    return bool(launch_settings().get(f"{direction}_one_row_loop", ONE_ROW_LOOP[direction]))
+
+
+def row_loop(direction: str) -> dict[str, int | bool]:
+    """The kernels' loop constexprs: ROWS (rows_per_step) and ONE_ROW_LOOP (one_row_loop)."""
+    return {"ROWS": rows_per_step(direction), "ONE_ROW_LOOP": one_row_loop(direction)}
 
 
 def prefetch(direction: str) -> bool:

@@ -4,6 +4,10 @@ token_span: the sample and run of tokens a program covers. The per-row maths of 
 kernels take one row in fp32 whose lanes past D are zero (masked loads with other=0.0), `mask` marking
 the D real lanes, and the row's per-sample (1 + scale) in fp32; normalize_modulate_rows takes a
 (ROWS, BLOCK_D) tile of rows of one sample, each row normalised on its own.
+
+Each adaLN kernel has two loops over its program's tokens: one row a step (`(ROWS == 1) &
+ONE_ROW_LOOP`), and a (ROWS, BLOCK_D) tile a step, which also runs ROWS = 1 when ONE_ROW_LOOP is
+off (kernels._launch.row_loop: the tuning suite times the two at one row).
 """
 import triton
 import triton.language as tl

@@ -35,13 +35,14 @@ def _gated_residual_fwd_kernel(
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    ONE_ROW_LOOP: tl.constexpr = True,
 ):
     # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
     # PREFETCH: issue the loads of the next rows before these are stored (twice the loads in flight).
     b, _tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
-    if ROWS == 1:
+    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
         x_row = x_ptr + b * stride_x_b + cols * stride_x_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:
@@ -110,12 +111,13 @@ def _gated_residual_bwd_kernel(
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    ONE_ROW_LOOP: tl.constexpr = True,
 ):
     b, tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     dgate_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if ROWS == 1:
+    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
         dout_row = dout_ptr + b * stride_dout_b + cols * stride_dout_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:  # row t + 1's loads go out before row t is stored
@@ -203,7 +205,7 @@ def gated_residual_forward(x: torch.Tensor, gate: torch.Tensor, y: torch.Tensor)
             out, x, gate, y,
             *out.stride(), *x.stride(), *gate.stride(), *y.stride(),
             T, D, rows_per_program, n_tiles,
-            PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, ROWS=_launch.rows_per_step("fwd"),
+            PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d, **_launch.row_loop("fwd"),
             num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
         )
     return out
@@ -230,7 +232,7 @@ def gated_residual_backward(
                 *dy.stride(), *dgate_partial.stride(), *grad_out.stride(), *gate.stride(), *y_arg.stride(),
                 T, D, rows_per_program, n_tiles,
                 HAS_DGATE=has_dgate, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d,
-                ROWS=_launch.rows_per_step("bwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
+                **_launch.row_loop("bwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
             )
     if not has_dgate:
         return gate.new_empty((B, 0)), dy

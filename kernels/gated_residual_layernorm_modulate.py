@@ -58,6 +58,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    ONE_ROW_LOOP: tl.constexpr = True,
 ):
     # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
     # PREFETCH: issue the loads of the next rows before the reductions of these (twice the loads in flight).
@@ -68,7 +69,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
     one_plus_scale = 1.0 + scale
 
-    if ROWS == 1:
+    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
         x_row = x_ptr + b * stride_x_b + cols * stride_x_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:
@@ -176,6 +177,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    ONE_ROW_LOOP: tl.constexpr = True,
 ):
     b, tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
@@ -187,7 +189,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     rstd_row = rstd_ptr + b * stride_stat_b
-    if ROWS == 1:
+    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
         dh_row = dh_ptr + b * stride_dh_b + cols * stride_dh_d
         x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d
@@ -358,7 +360,7 @@ def gated_residual_layernorm_modulate_forward(
             *shift.stride(), *scale.stride(),
             T, D, rows_per_program, n_tiles, eps,
             STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d,
-            ROWS=_launch.rows_per_step("fwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
+            **_launch.row_loop("fwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
         )
     return x_out, h, x_hat, rstd
 
@@ -405,7 +407,7 @@ def gated_residual_layernorm_modulate_backward(
                 *x_hat.stride(), *y_arg.stride(), *gate.stride(), *scale.stride(), *rstd.stride(),
                 T, D, rows_per_program, n_tiles,
                 HAS_DX_OUT=has_dx_out, HAS_DGATE=has_dgate, HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"),
-                BLOCK_D=block_d, ROWS=_launch.rows_per_step("bwd"), num_warps=num_warps,
+                BLOCK_D=block_d, **_launch.row_loop("bwd"), num_warps=num_warps,
                 enable_fp_fusion=_launch.FP_FUSION,
             )
     dgate = dgate_partial.sum(dim=1).to(gate.dtype) if has_dgate else gate.new_empty((B, 0))

@@ -41,6 +41,7 @@ def _layernorm_modulate_fwd_kernel(
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    ONE_ROW_LOOP: tl.constexpr = True,
 ):
     # One program per (sample b, tile of rows_per_program tokens); ROWS whole rows of D per iteration.
     # PREFETCH: issue the loads of the next rows before the reductions of these (twice the loads in flight).
@@ -51,7 +52,7 @@ def _layernorm_modulate_fwd_kernel(
     one_plus_scale = 1.0 + scale
 
     x_row = x_ptr + b * stride_x_b + cols * stride_x_d
-    if ROWS == 1:
+    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
         if PREFETCH:
             x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
         for t in range(t_start, t_end):
@@ -123,6 +124,7 @@ def _layernorm_modulate_bwd_kernel(
     PREFETCH: tl.constexpr,
     BLOCK_D: tl.constexpr,
     ROWS: tl.constexpr = 1,
+    ONE_ROW_LOOP: tl.constexpr = True,
 ):
     b, tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
@@ -132,7 +134,7 @@ def _layernorm_modulate_bwd_kernel(
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     rstd_row = rstd_ptr + b * stride_stat_b
-    if ROWS == 1:
+    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
         dy_row = dy_ptr + b * stride_dy_b + cols * stride_dy_d
         x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
         if PREFETCH:  # row t + 1's loads go out before row t's reductions
@@ -236,7 +238,7 @@ def layernorm_modulate_forward(
             *y.stride(), *x_hat.stride(), *rstd.stride(), *x.stride(), *shift.stride(), *scale.stride(),
             T, D, rows_per_program, n_tiles, eps,
             STORE_X_HAT=save_x_hat, PREFETCH=_launch.prefetch("fwd"), BLOCK_D=block_d,
-            ROWS=_launch.rows_per_step("fwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
+            **_launch.row_loop("fwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
         )
     return y, x_hat, rstd
 
@@ -269,7 +271,7 @@ def layernorm_modulate_backward(
                 *rstd.stride(),
                 T, D, rows_per_program, n_tiles,
                 HAS_DVEC=has_dvec, PREFETCH=_launch.prefetch("bwd"), BLOCK_D=block_d,
-                ROWS=_launch.rows_per_step("bwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
+                **_launch.row_loop("bwd"), num_warps=num_warps, enable_fp_fusion=_launch.FP_FUSION,
             )
     if not has_dvec:
         return dx, scale.new_empty((B, 0), dtype=shift_dtype), scale.new_empty((B, 0))

@@ -258,10 +258,17 @@ class Attention(nn.Module):
         self.attn_backend = attn_backend
         self.sdpa_backend: str | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fast: bool = False) -> torch.Tensor:
+        """fast: q, k and v taken apart along qkv's own "3" axis, then transposed, where upstream
+        permutes first: the same views, but in backward their gradients stack straight into qkv's
+        (B, T, 3, H, d) layout, one pass, where upstream's form stacks them head-first and copies
+        the stack into that layout (a second pass over 3 D values per token)."""
         B, T, D = x.shape
-        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)  # (B, H, T, d) each
+        qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
+        if fast:
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, T, d) each
+        else:
+            q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d) each
         backend = resolve_backend(self.attn_backend, q.device, q.dtype, self.head_dim, self.sdpa_backend is not None)
         x = attention_fn(backend, self.sdpa_backend)(q, k, v)  # (B, H, T, d)
         x = x.transpose(1, 2).reshape(B, T, D)
@@ -794,10 +801,11 @@ def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mo
     and scale_msa made h), then the shift and scale of whatever LayerNorm comes next (the next
     block's attention or the final layer).
     fast: the MLP's fast forms (Mlp.forward): its GELU recomputed in backward instead of saved, or,
-    with no gradient through it, in fc1's matmul epilogue.
+    with no gradient through it, in fc1's matmul epilogue; attention's q, k, v split so that their
+    gradients stack into qkv's layout in one pass (Attention.forward).
     """
     gate_msa, shift_mlp, scale_mlp, gate_mlp, shift_next, scale_next = mods
-    x, h = ops["gated_residual_layernorm_modulate"](x, gate_msa, block.attn(h), shift_mlp, scale_mlp)
+    x, h = ops["gated_residual_layernorm_modulate"](x, gate_msa, block.attn(h, fast), shift_mlp, scale_mlp)
     x, h = ops["gated_residual_layernorm_modulate"](x, gate_mlp, block.mlp(h, fast), shift_next, scale_next)
     return x, h  # (N, T, D) residual stream, (N, T, D) next sublayer input
 

@@ -114,7 +114,8 @@ def test_session_runs_the_tests_after_the_suite(dry_run):
     from kernels import _launch
 
     assert set(_launch._parse_launch_env(setting.group(1))) == {
-        *(f"{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "prefetch", "rows_per_step")),
+        *(f"{d}_{k}" for d in ("fwd", "bwd")
+          for k in ("num_warps", "programs_per_slot", "prefetch", "rows_per_step", "one_row_loop")),
         *(f"gelu_{d}_{k}" for d in ("fwd", "bwd") for k in ("num_warps", "programs_per_slot", "block_rows", "block_h"))}
     assert " passed" in test_log and "failed" not in test_log, test_log[-2000:]
     assert "gpu_session: suite exit 0, tests exit 0" in proc.stdout, _tail(proc)
@@ -188,7 +189,8 @@ def test_every_suite_measures_every_variant(dry_run):
     assert kernels and {"ours", "reference"} <= {r["variant"] for r in kernels}
     assert {r["name"].split(".")[1] for r in kernels} == {"fwd", "bwd", "fwd_bwd"}
     # tuning: per op and direction, the default launch, another tiling, the other prefetch, two rows a
-    # step; for the GELU kernels another tiling, tile height and width; one best
+    # step, one row through the other loop; for the GELU kernels another tiling, tile height and width;
+    # one best
     tuning = [r for r in records if r["suite"] == "tuning"]
     groups = {r["name"] for r in tuning}
     gelu = {"bias_gelu.fwd", "bias_gelu_backward.fwd"}
@@ -205,10 +207,11 @@ def test_every_suite_measures_every_variant(dry_run):
         assert sum(r["extra"]["best"] for r in group) == 1, group
     for name in groups - gelu:
         group = [r for r in tuning if r["name"] == name]
-        # the search's four, and another op's best where this op had not run it
-        assert 4 <= len(group) <= 5 and sum(r["extra"]["default"] for r in group) == 1, group
+        # the search's five, and another op's best where this op had not run it
+        assert 5 <= len(group) <= 6 and sum(r["extra"]["default"] for r in group) == 1, group
         assert {r["extra"]["prefetch"] for r in group} == {0, 1}, group
         assert {r["extra"]["rows_per_step"] for r in group} == {1, 2}, group
+        assert {r["extra"]["one_row_loop"] for r in group if r["extra"]["rows_per_step"] == 1} == {0, 1}, group
         assert sum(r["extra"]["best"] for r in group) == 1, group
 
 
@@ -275,7 +278,7 @@ def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
     status = main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     assert status == 1
-    assert len(records) == 8  # 2 directions x 4 launches (default, a tiling, prefetch, rows)
+    assert len(records) == 10  # 2 directions x 5 launches (default, a tiling, prefetch, rows, the other loop)
     for record in records:
         assert not validate_record(record), record
         broken = record["extra"]["programs_per_slot"] == 1
@@ -1601,13 +1604,14 @@ def test_tuning_launch_settings_are_launch_overrides():
     from benchmarks.tuning_suite import settings_of
     from kernels import _launch
 
-    fwd, bwd = settings_of((4, 32, 1, 2)), settings_of((8, 4, 1, 4))
-    assert fwd == {"num_warps": 4, "programs_per_slot": 32, "prefetch": 1, "rows_per_step": 2}
+    fwd, bwd = settings_of((4, 32, 1, 2, 1)), settings_of((8, 4, 1, 1, 0))
+    assert fwd == {"num_warps": 4, "programs_per_slot": 32, "prefetch": 1, "rows_per_step": 2, "one_row_loop": 1}
     named = {**{f"fwd_{k}": v for k, v in fwd.items()}, **{f"bwd_{k}": v for k, v in bwd.items()}}
     assert _launch._parse_launch_env(",".join(f"{k}={v}" for k, v in named.items())) == named
     with _launch.launch_overrides(**named):
         assert _launch.launch_params(1152, "fwd") == (4, 32, True, 2)  # warps as set, not scaled with the rows
-        assert _launch.launch_params(1152, "bwd") == (8, 4, True, 4)
+        assert _launch.launch_params(1152, "bwd") == (8, 4, True, 1)
+        assert _launch.row_loop("bwd") == {"ROWS": 1, "ONE_ROW_LOOP": False}  # one row, through the tile loop
     one_row = {d: _launch.launch_params(1152, d) for d in ("fwd", "bwd")}
     with _launch.launch_overrides(fwd_rows_per_step=4, bwd_rows_per_step=2):  # warps left unset
         assert _launch.launch_params(1152, "fwd") == (min(4 * one_row["fwd"][0], 32), *one_row["fwd"][1:3], 4)

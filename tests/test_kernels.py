@@ -314,34 +314,37 @@ def test_kernel_launch_overrides_keep_results(op, per_slot, prefetch):
     assert (_launch.block_config(1152, "bwd"), _launch.token_tiling(2, 13, DEVICE, "fwd")) == defaults  # restored
 
 
-# Programs that take 2 or 4 rows per loop iteration (fwd_rows_per_step, bwd_rows_per_step): tiles of 5
-# rows over 13 tokens, so the last step of a tile is part padding, and a tile of 3 rows; with and
-# without prefetch; forward (outputs and the stored statistics) and every gradient, the (B, D) ones
-# summed over the steps' rows.
+# Programs that take 2 or 4 rows per loop iteration (fwd_rows_per_step, bwd_rows_per_step), or one
+# row through the tile loop (one_row_loop off): tiles of 5 rows over 13 tokens, so the last step of a
+# tile is part padding, and a tile of 3 rows; with and without prefetch; forward (outputs and the
+# stored statistics) and every gradient, the (B, D) ones summed over the steps' rows.
 @pytest.mark.parametrize("prefetch", [0, 1])
-@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4])
 @pytest.mark.parametrize("case", DTYPE_CASES[:2])
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_rows_per_step_keep_results(op, case, rows, prefetch):
     with _launch.launch_overrides(fwd_rows_per_step=rows, bwd_rows_per_step=rows, fwd_prefetch=prefetch,
-                                  bwd_prefetch=prefetch, fwd_programs_per_slot=3, bwd_programs_per_slot=3):
+                                  bwd_prefetch=prefetch, fwd_programs_per_slot=3, bwd_programs_per_slot=3,
+                                  fwd_one_row_loop=0, bwd_one_row_loop=0):
         assert _launch.launch_params(97, "fwd")[3] == _launch.launch_params(97, "bwd")[3] == rows
+        assert _launch.row_loop("fwd") == _launch.row_loop("bwd") == {"ROWS": rows, "ONE_ROW_LOOP": False}
         check_against_reference(op, make_inputs(op, 2, 13, 97, case), case)
         check_against_reference(op, make_inputs(op, 2, 13, 97, case), case, trainable=("x", "y"))  # frozen
         inputs = make_inputs(op, 1, 1, 72, case)  # one token: one step, all but one row padding
         check_against_reference(op, inputs, case)
 
 
-@pytest.mark.parametrize("rows", [2, 4])
+@pytest.mark.parametrize("rows", [1, 2, 4])
 def test_kernel_rows_per_step_without_x_outs_gradient(rows):
-    """The fused op's backward when only h has a gradient (no dx_out read), rows per step against one
-    row per step."""
+    """The fused op's backward when only h has a gradient (no dx_out read), the tile loop (rows per
+    step; 1 with one_row_loop off) against the one-row loop."""
     case = DTYPE_CASES[0].values[0]
     inputs = make_inputs("gated_residual_layernorm_modulate", 2, 13, 97, case)
     results = []
-    for per_step in (1, rows):
+    for per_step, one_row_loop in ((1, 1), (rows, 0)):
         with _launch.launch_overrides(bwd_rows_per_step=per_step, fwd_rows_per_step=per_step,
-                                      bwd_programs_per_slot=3, fwd_programs_per_slot=3):
+                                      bwd_programs_per_slot=3, fwd_programs_per_slot=3,
+                                      fwd_one_row_loop=one_row_loop, bwd_one_row_loop=one_row_loop):
             leaves = {n: t.detach().requires_grad_() for n, t in inputs.items()}
             h = run_ours("gated_residual_layernorm_modulate", leaves)[-1]
             cotangent = torch.ones_like(h) + torch.arange(h.shape[1], dtype=h.dtype, device=h.device)[:, None]
@@ -385,6 +388,7 @@ def test_kernel_prefetch_test_leaves_the_global_seed_alone():
     ({"num_warps": 4}, "unknown key"), ({"fwd_num_warps": 3}, "power of two"),
     ({"bwd_programs_per_slot": 0}, ">= 1"), ({"fwd_prefetch": 2}, "0 or 1"),
     ({"fwd_rows_per_step": 3}, "one of 1, 2, 4, 8"), ({"bwd_rows_per_step": 0}, "one of 1, 2, 4, 8"),
+    ({"bwd_one_row_loop": 2}, "0 or 1"),
 ])
 def test_kernel_launch_overrides_reject_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -843,12 +847,12 @@ def pointer_type(name, layout):
     return "*fp32" if base in fp32 else "*bf16"
 
 
-def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16", rows=1):
+def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16", rows=1, one_row_loop=True):
     direction = "bwd" if "_bwd_" in kernel_name else "fwd"
     with _launch.launch_overrides(**{f"{direction}_rows_per_step": rows}):
         block_d, num_warps = _launch.block_config(D, direction)  # as launched
     constexprs = {"BLOCK_D": block_d, "HAS_DX_OUT": True, "STORE_X_HAT": True, "PREFETCH": prefetch, "ROWS": rows,
-                  **variant}
+                  "ONE_ROW_LOOP": one_row_loop, **variant}
     # contiguous rows: Triton specialises the unit feature strides, as at run time
     constexprs.update({n: 1 for n in kernel.arg_names if n.startswith("stride_") and n.endswith("_d")})
     signature, attrs = {}, {}
@@ -865,7 +869,8 @@ def lower(kernel, kernel_name, D, prefetch, variant, layout="bf16", rows=1):
                 attrs[(index,)] = [["tt.divisibility", 16]]
     narrow, vectors, spill = compile_sm90(kernel, kernel_name, signature, attrs, constexprs, num_warps)
     off = ",".join(f for f, on in variant.items() if not on) or "-"
-    print("lowered", kernel_name, D, prefetch, "off", off, "layout", layout, "rows", rows, "narrow", narrow,
+    loop = rows if one_row_loop or rows > 1 else "1-tile"  # one row through the tile loop
+    print("lowered", kernel_name, D, prefetch, "off", off, "layout", layout, "rows", loop, "narrow", narrow,
           "vectors", vectors, "spill", spill)
 
 
@@ -889,9 +894,9 @@ for module_name, kernel_names in KERNELS.items():
         # The other dtype layouts the ops take, at SiT-XL's width.
         for layout in ("autocast", "bf16-fp32vec", "fp32", "fp16"):
             lower(kernel, kernel_name, 1152, 1, variants[0], layout)
-        if "ROWS" in kernel.arg_names:  # several rows a step
-            for rows in (2, 4):
-                lower(kernel, kernel_name, 1152, 1, variants[0], rows=rows)
+        if "ROWS" in kernel.arg_names:  # several rows a step, and one through the tile loop
+            for rows, one_row_loop in ((2, True), (4, True), (1, False)):
+                lower(kernel, kernel_name, 1152, 1, variants[0], rows=rows, one_row_loop=one_row_loop)
 """
 
 
@@ -899,18 +904,19 @@ for module_name, kernel_names in KERNELS.items():
 def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
     """The interpreter accepts code that real compilation rejects; compile every kernel for an H100
     (sm_90) through the full Triton pipeline to PTX and cubin, which needs no GPU, in bf16 and in the
-    other dtype layouts (bf16 autocast's fp32 residual stream, fp32 vectors, fp32, fp16), and at 2 and
-    4 rows a step. Compiled as launched on contiguous rows of a size divisible by 16 (every SiT width),
-    every global access of the row data is a vector access (16-bit scalar ones would move a fraction
-    of the bandwidth), and at the default launch of D = 72 and 1152, and at 2 rows a step, ptxas
-    spills no register."""
+    other dtype layouts (bf16 autocast's fp32 residual stream, fp32 vectors, fp32, fp16), and at 2 and 4
+    rows a step (and 1 through the tile loop). Compiled as launched on contiguous rows of a size
+    divisible by 16 (every SiT width), every global access of the row data is a vector access (16-bit
+    scalar ones would move a fraction of the bandwidth), and at the default launch of D = 72 and 1152,
+    and at 2 rows a step, ptxas spills no register."""
     result = _run_python(_LOWER_FOR_SM90, TRITON_INTERPRET="0")
     assert result.returncode == 0, result.stderr[-4000:]
     lines = [line for line in result.stdout.splitlines() if line.startswith("lowered")]
     # 6 kernels at 4 launches; the 3 backwards also frozen, and the fused one with each flag off alone;
     # 2 forwards storing no x_hat, the fused backward without x_out's gradient; 4 other layouts each;
-    # the 6 kernels at 2 and 4 rows a step
-    assert len(lines) == 6 * 4 + 3 * 4 + 2 * 4 + 3 + 6 * 4 + 6 * 2, result.stdout
+    # the 6 kernels at 2 and 4 rows a step, and at 1 through the tile loop
+    assert len(lines) == 6 * 4 + 3 * 4 + 2 * 4 + 3 + 6 * 4 + 6 * 3, result.stdout
+    assert sum(" rows 1-tile " in line for line in lines) == 6, result.stdout
     assert {line.split()[7] for line in lines} == {"bf16", "autocast", "bf16-fp32vec", "fp32", "fp16"}
     offs = {(line.split()[1], line.split()[5]) for line in lines}
     assert ("_gated_residual_layernorm_modulate_bwd_kernel", "HAS_DGATE,HAS_DVEC") in offs, sorted(offs)

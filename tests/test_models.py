@@ -332,6 +332,45 @@ def test_math_attention_is_softmax_qkt_v():
     torch.testing.assert_close(math_attention(q, k, v), ref)
 
 
+@pytest.mark.parametrize("backend", ["math", "sdpa"])
+def test_fast_attention_split_gives_the_same_results_with_one_pass_fewer(backend):
+    """Attention(fast=True) splits qkv along its "3" axis (then transposes) where upstream permutes
+    first: the same output and gradients, to the bit, and in backward the three gradients are stacked
+    straight into qkv's layout, where upstream's form stacks them and then copies the stack."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from sit_fast.models import Attention
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            shape = tuple(out.shape) if isinstance(out, torch.Tensor) else None
+            self.names.append((func.overloadpacket.__name__, shape))
+            return out
+
+    attn = Attention(48, 4, backend)
+    x = torch.randn(2, 7, 48)
+    cotangent = torch.randn(2, 7, 48)
+    results = {}
+    for fast in (False, True):
+        leaf = x.clone().requires_grad_()
+        out = attn(leaf, fast)
+        ops = Ops()
+        with ops:
+            grads = torch.autograd.grad(out, [leaf, *attn.parameters()], cotangent)
+        results[fast] = (out, *grads)
+        stacked = [shape for name, shape in ops.names if name == "stack"]
+        assert stacked == [(2, 7, 3, 4, 12) if fast else (3, 2, 4, 7, 12)], ops.names
+        # upstream's form copies the stacked gradient into qkv's layout; the fast one has nothing to copy
+        assert ops.names.count(("clone", (2, 7, 3, 4, 12))) == (0 if fast else 1), ops.names
+    for ref, got in zip(results[False], results[True]):
+        assert torch.equal(got, ref)
+
+
 def test_sdpa_backend_matches_math():
     model = randomize_(tiny_sit(num_heads=2, hidden_size=144))  # head dim 72, as SiT-XL
     x, t, y = inputs(model)
