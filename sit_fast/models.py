@@ -266,7 +266,8 @@ class Attention(nn.Module):
         B, T, D = x.shape
         qkv = self.qkv(x).reshape(B, T, 3, self.num_heads, self.head_dim)
         if fast:
-            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # (B, H, T, d) each
+            q, k, v = qkv.unbind(2)  # (B, T, H, d) each
+            q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, d) each
         else:
             q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, T, d) each
         backend = resolve_backend(self.attn_backend, q.device, q.dtype, self.head_dim, self.sdpa_backend is not None)
