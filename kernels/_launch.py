@@ -177,10 +177,9 @@ def launch_overrides(**overrides: int | None) -> Iterator[None]:
     bwd_programs_per_slot (>= 1), fwd_prefetch, bwd_prefetch (0 or 1: load row t + 1 while row t is
     reduced), fwd_rows_per_step, bwd_rows_per_step (1, 2, 4 or 8 rows per loop iteration),
     fwd_one_row_loop, bwd_one_row_loop (0 or 1: at one row per step, the one-row loop or a tile loop
-    of (1, BLOCK_D) tiles); for
-    the bias + GELU kernels gelu_fwd_* and gelu_bwd_* with * one of num_warps, programs_per_slot,
-    block_rows (a power of two, 1 to 256) and block_h (a power of two, 16 to 1024); None
-    keeps the current value. Results do not depend on them beyond float32 summation order.
+    of (1, BLOCK_D) tiles); for the bias + GELU kernels gelu_fwd_* and gelu_bwd_* with * one of
+    num_warps, programs_per_slot, block_rows (a power of two, 1 to 256) and block_h (a power of two,
+    16 to 1024); None keeps the current value. Results do not depend on them beyond float32 summation order.
     SIT_FAST_KERNEL_LAUNCH sets them for a whole process.
     """
     global _overrides

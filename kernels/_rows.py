@@ -6,8 +6,10 @@ the D real lanes, and the row's per-sample (1 + scale) in fp32; normalize_modula
 (ROWS, BLOCK_D) tile of rows of one sample, each row normalised on its own.
 
 Each adaLN kernel has two loops over its program's tokens: one row a step (`(ROWS == 1) &
-ONE_ROW_LOOP`), and a (ROWS, BLOCK_D) tile a step, which also runs ROWS = 1 when ONE_ROW_LOOP is
-off (kernels._launch.row_loop: the tuning suite times the two at one row).
+ONE_ROW_LOOP`, a condition on constants that the compiler resolves; written with `and`, Triton
+compiles both loops behind a run-time branch, and refuses them), and a (ROWS, BLOCK_D) tile a step,
+which also runs ROWS = 1 when ONE_ROW_LOOP is off (kernels._launch.row_loop: the tuning suite times
+the two at one row).
 """
 import triton
 import triton.language as tl

@@ -42,7 +42,7 @@ def _gated_residual_fwd_kernel(
     b, _tile, t_start, t_end, cols, mask = token_span(T, D, rows_per_program, n_tiles, BLOCK_D)
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
-    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
+    if (ROWS == 1) & ONE_ROW_LOOP:
         x_row = x_ptr + b * stride_x_b + cols * stride_x_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:
@@ -117,7 +117,7 @@ def _gated_residual_bwd_kernel(
 
     gate = tl.load(gate_ptr + b * stride_gate_b + cols * stride_gate_d, mask=mask, other=0.0).to(tl.float32)
     dgate_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
+    if (ROWS == 1) & ONE_ROW_LOOP:
         dout_row = dout_ptr + b * stride_dout_b + cols * stride_dout_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:  # row t + 1's loads go out before row t is stored

@@ -69,7 +69,7 @@ def _gated_residual_layernorm_modulate_fwd_kernel(
     scale = tl.load(scale_ptr + b * stride_scale_b + cols * stride_scale_d, mask=mask, other=0.0).to(tl.float32)
     one_plus_scale = 1.0 + scale
 
-    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
+    if (ROWS == 1) & ONE_ROW_LOOP:
         x_row = x_ptr + b * stride_x_b + cols * stride_x_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d
         if PREFETCH:
@@ -189,7 +189,7 @@ def _gated_residual_layernorm_modulate_bwd_kernel(
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     rstd_row = rstd_ptr + b * stride_stat_b
-    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
+    if (ROWS == 1) & ONE_ROW_LOOP:
         dh_row = dh_ptr + b * stride_dh_b + cols * stride_dh_d
         x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
         y_row = y_ptr + b * stride_y_b + cols * stride_y_d

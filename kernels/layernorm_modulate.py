@@ -52,7 +52,7 @@ def _layernorm_modulate_fwd_kernel(
     one_plus_scale = 1.0 + scale
 
     x_row = x_ptr + b * stride_x_b + cols * stride_x_d
-    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
+    if (ROWS == 1) & ONE_ROW_LOOP:
         if PREFETCH:
             x_next = tl.load(x_row + t_start * stride_x_t, mask=mask, other=0.0)
         for t in range(t_start, t_end):
@@ -134,7 +134,7 @@ def _layernorm_modulate_bwd_kernel(
     dscale_acc = tl.zeros([BLOCK_D], dtype=tl.float32)
 
     rstd_row = rstd_ptr + b * stride_stat_b
-    if (ROWS == 1) & ONE_ROW_LOOP:  # a static condition (`and` would make it a runtime branch)
+    if (ROWS == 1) & ONE_ROW_LOOP:
         dy_row = dy_ptr + b * stride_dy_b + cols * stride_dy_d
         x_hat_row = x_hat_ptr + b * stride_x_hat_b + cols * stride_x_hat_d
         if PREFETCH:  # row t + 1's loads go out before row t's reductions
