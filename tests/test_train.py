@@ -1568,6 +1568,7 @@ def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatc
         assert "at step 3" in err and "a batch of 64 per GPU" in err
         assert "--grad-accum-steps 2 (the same global batch, micro-batches of 32)" in err
         assert "--precision bf16" in err and "--grad-checkpointing" in err
+        assert "--vae-precision" not in err  # pixel space: no VAE in the loop
         assert err.endswith(f"last checkpoint: {exp / 'checkpoints' / '0000002.pt'}")
     else:
         assert "after step 4" in err and "--num-sample-images 16" in err
@@ -1748,7 +1749,10 @@ def test_vae_precision_bf16_encodes_under_autocast_and_gives_fp32_latents(tmp_pa
         flags = [] if precision == "fp32" else ["--vae-precision", "bf16"]
         args, explicit = parse_args(common + flags + ["--exp-dir", str(tmp_path / precision)])
         assert args.vae_precision == precision
-        codec = Trainer(args, explicit, init_distributed()).codec
+        trainer = Trainer(args, explicit, init_distributed())
+        codec = trainer.codec
+        # out of memory, the flag is among the ways to fit (the VAE encodes every batch), unless in use
+        assert ("--vae-precision bf16" in trainer.out_of_memory_advice()) == (precision == "fp32")
         seen = []
         codec.vae.encoder.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
         latents[precision] = codec.encode(pixels)[0]

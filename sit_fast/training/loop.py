@@ -1179,6 +1179,8 @@ class Trainer:
                          f"{self.local_batch_size // more})")
         if self.precision != "bf16":
             fixes.append("--precision bf16")
+        if self.codec is not None and args.vae_precision != "bf16":  # the VAE encodes every batch
+            fixes.append("--vae-precision bf16")
         if not args.grad_checkpointing:
             fixes.append("--grad-checkpointing")
         fixes.append("a smaller --global-batch-size")
