@@ -522,13 +522,21 @@ def test_kernel_rows_with_a_large_mean(op):
 @pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
 def test_kernel_default_eps_is_one_in_a_million(op):
     """Without eps the ops take SiT's 1e-6 (PyTorch LayerNorm's default is 1e-5): rows of variance about
-    1e-6, where the two differ by half, against the reference at 1e-6."""
+    1e-6, where the two differ by half, against the reference at 1e-6.
+
+    Such rows have rstd near 700, which scales the LayerNorm's gradient up by as much: an element of
+    dx is then a difference of terms near 1e3 in size, one fp32 rounding of which exceeds the unit-scale
+    fp32 bound (2e-5) wherever the difference is small (seed 136792714542509: 2.4e-5 at 0.13). The
+    upstream gradients are 1e-3 in size, so that the input gradients are unit-scale, where the bounds
+    are set; an eps of 1e-5 still moves them by about half."""
     case = DTYPE_CASES[0].values[0]
     inputs = make_inputs(op, 2, 5, 97, case)
     inputs["x"] = inputs["x"] * 1e-3
     if "y" in inputs:
         inputs["y"] = inputs["y"] * 1e-3
-    check_against_reference(op, inputs, case)
+    outputs = 2 if op == "gated_residual_layernorm_modulate" else 1
+    grads_out = [1e-3 * torch.randn(2, 5, 97, device=DEVICE) for _ in range(outputs)]
+    check_against_reference(op, inputs, case, grads_out=grads_out)
 
 
 def test_kernel_eps_may_be_any_real_number():
