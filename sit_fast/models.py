@@ -278,14 +278,13 @@ class Attention(nn.Module):
 
 # The MLP after fc1's matmul, fc2(GELU_tanh(a + bias_a)) with a = x W1^T (fc1 without its bias), as a
 # custom op with its own backward op: the fast path's MLP in training (and when sampling where the GELU
-# epilogue below does not apply). Backward recomputes the GELU
-# from the saved a: the reference saves both fc1's output (for the GELU) and the GELU's (for fc2),
-# 2 x 4D values per token, this one. The GELU with fc1's bias (kernels.bias_gelu), and in backward
-# the GELU's recompute, its derivative and fc1's bias gradient (kernels.bias_gelu_backward), are one
-# pass each over the (tokens, 4D) activations. Opaque ops, so that torch.compile keeps the saving:
-# traced through (an autograd.Function), the compiled joint graph merged the recompute with the
-# forward's GELU and saved both again (a (T, 4D) tensor per block and image more: 68 MB per image for
-# SiT-XL/2 at 256px).
+# epilogue below does not apply). Backward recomputes the GELU from the saved a: the reference saves
+# both fc1's output (for the GELU) and the GELU's (for fc2), 2 x 4D values per token, this one. The GELU
+# with fc1's bias (kernels.bias_gelu), and in backward the GELU's recompute, its derivative and fc1's
+# bias gradient (kernels.bias_gelu_backward), are one pass each over the (tokens, 4D) activations.
+# Opaque ops, so that torch.compile keeps the saving: traced through (an autograd.Function), the
+# compiled joint graph merged the recompute with the forward's GELU and saved both again (a (T, 4D)
+# tensor per block and image more: 68 MB per image for SiT-XL/2 at 256px).
 
 def gelu_linear_forward(a: torch.Tensor, bias_a: torch.Tensor, weight: torch.Tensor,
                         bias: torch.Tensor) -> torch.Tensor:
