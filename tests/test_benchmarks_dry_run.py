@@ -207,8 +207,17 @@ def test_every_suite_measures_every_variant(dry_run):
         assert sum(r["extra"]["best"] for r in group) == 1, group
     for name in groups - gelu:
         group = [r for r in tuning if r["name"] == name]
-        # the search's five, and another op's best where this op had not run it
-        assert 5 <= len(group) <= 6 and sum(r["extra"]["default"] for r in group) == 1, group
+        # the search's five, then the other ops' (of this direction) best launches this op had not run: as
+        # many as two, which of them depends on timing
+        others = {r["name"] for r in tuning} - gelu - {name}
+        others = {other for other in others if other.split(".")[1] == name.split(".")[1]}
+        assert len(others) == 2, others
+        assert 5 <= len(group) <= 5 + len(others) and sum(r["extra"]["default"] for r in group) == 1, group
+        variants = {r["variant"] for r in group}
+        assert len(variants) == len(group), group  # each launch once
+        for other in others:  # each other op's best was tried on this op
+            best = [r["variant"] for r in tuning if r["name"] == other and r["extra"]["best"]]
+            assert len(best) == 1 and best[0] in variants, (other, best, group)
         assert {r["extra"]["prefetch"] for r in group} == {0, 1}, group
         assert {r["extra"]["rows_per_step"] for r in group} == {1, 2}, group
         assert {r["extra"]["one_row_loop"] for r in group if r["extra"]["rows_per_step"] == 1} == {0, 1}, group
