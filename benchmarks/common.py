@@ -1023,7 +1023,10 @@ NOTES = {
     "profile": "torch.profiler over a few calls after warm-up: device ms/call sums the kernels' own times "
                "(on the CPU, the operators' own CPU time); device busy (CUDA only) = device / wall time, where "
                "the wall time is taken without the profiler: under 100%, the device waited. Kinds by kernel name "
-               "(benchmarks/profile_suite.py KINDS); the 15 that took longest in results.json (extra.top).",
+               "(benchmarks/profile_suite.py KINDS); the 15 that took longest in results.json (extra.top). "
+               "TFLOP/s: the FLOPs the matmul and attention kernels execute per call (training: the linear "
+               "layers' 3 x forward, attention's 3.5 x, its backward recomputing Q K^T; sampling: one forward "
+               "of 2 x batch) over their kinds' time.",
     "sample": "Model sampling only: the VAE decode is not timed. The model sees 2 x batch (guidance). "
               "ms/batch: the run of `steps timed` model calls, scaled to the full sampler's calls "
               "(extrapolated; every call costs the same). Variants as configured: ours replays CUDA graphs "
@@ -1031,6 +1034,16 @@ NOTES = {
               "compiles its blocks without them. Parity: from the parity suite of this run (its forwards "
               "are not the sampling ones: no graphs, weights not cast).",
 }
+
+def _profile_rates(record) -> str:
+    """A profile row's achieved TFLOP/s: the matmul kernels' (and their fraction of the measured bf16
+    matmul ceiling), the attention kernels'."""
+    rates = record["extra"].get("tflops_by_kind") or {}
+    matmul, attention = rates.get("matmul"), rates.get("attention")
+    fraction = record["extra"].get("matmul_fraction_of_ceiling")
+    return (f"{_fmt(matmul, '.3g')} ({_percent(fraction)}), {_fmt(attention, '.3g')}"
+            if rates else "-")
+
 
 COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
     "kernels": [
@@ -1087,6 +1100,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("device busy", lambda r: _percent(r["extra"].get("device_busy"))),
         ("ms/call by kind", lambda r: ", ".join(f"{k} {v:.3g}" for k, v in
                                                  (r["extra"].get("ms_per_call_by_kind") or {}).items()) or "-"),
+        ("TFLOP/s matmul (of ceiling), attention", _profile_rates),
         ("top 3 (share)", lambda r: "; ".join(f"{t['name'][:60].replace('|', '/')} ({_percent(t['share'])})"
                                               for t in (r["extra"].get("top") or [])[:3]) or "-"),
         ("status", _status),

@@ -33,6 +33,16 @@ the same maths in PyTorch ops (reference_bias_gelu_backward), eager and compiled
 the training step's forward pass over fc1's output (kernels.bias_gelu: GELU_tanh(a + bias)) against
 F.gelu(a + bias).
 
+Then attention ("attention.fwd", "attention.bwd") at the blocks' shapes (heads of ATTENTION_HEAD_DIM:
+SiT-XL/2's 16 of 72), q, k and v strided views of one (B, T, 3, H, d) tensor as the blocks make them:
+`ours` is the fast path's attention (PyTorch's SDPA, its own choice of kernel unless
+SIT_FAST_SDPA_BACKEND forces one: `sdpa_choice` in the row names it), against each SDPA kernel forced
+(`sdpa:flash`, `sdpa:cudnn`, `sdpa:efficient`; a kernel that does not run on the device, or refuses
+the inputs, is a skipped row) and the eager reference (softmax(QK^T / sqrt(d))V written out). Each
+row also gives `tflops` (forward 4 B T^2 D, backward 2.5 times that); every variant but the
+reference is judged against it (`attention_parity_failure`), and one line after the rows names the
+fastest kernel and what it would save a training step (`attention_summary`).
+
     from benchmarks.kernels_suite import run
     records = run("cuda", "full")     # B=256, T=256, D=1152, bf16 (SiT-XL/2 at 256 px)
     records = run("cpu", "tiny")      # B=2, T=16, D=72, fp32; needs TRITON_INTERPRET=1 for "ours"
@@ -82,6 +92,7 @@ OP_ARGS = {
     "linear_gelu": ("x", "weight", "bias"),  # forward only
     "bias_gelu_backward": ("a", "bias", "dg"),  # a, dg (B, T, 4D); one call
     "bias_gelu": ("a", "bias"),  # forward only
+    "attention": ("q", "k", "v"),  # (B, H, T, d) views of one (B, T, 3, H, d) tensor
 }
 # The fused op first in each direction: the largest memory-bound op of a block (roofline), so a time
 # box that runs short cuts the others first.
@@ -91,6 +102,18 @@ DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 MLP_OPS = ("linear_gelu", "bias_gelu_backward", "bias_gelu")
 MLP_RATIO = 4  # the MLP's hidden width: MLP_RATIO * D, as in every SiT
 NEEDS_KERNELS = (*OPS, "bias_gelu_backward", "bias_gelu")  # ops whose `ours` is a Triton kernel
+# Attention, forward and backward, after the MLP's ops (no goal; it decides SIT_FAST_SDPA_BACKEND): the
+# fast path's SDPA call against each of PyTorch's kernels forced, then the eager reference
+ATTENTION_OPS = ("attention",)
+ATTENTION_DIRECTIONS = ("fwd", "bwd")
+ATTENTION_HEAD_DIM = 72  # SiT-XL's (1152 / 16 heads); the tiny size's D = 72 is one head
+FORCED_SDPA = ("flash", "cudnn", "efficient")  # variant "sdpa:<kernel>"
+ATTENTION_PARITY = {  # dtype -> (forward, backward): |result - reference| / |reference| (Frobenius), at most
+    torch.float32: (1e-4, 1e-4),
+    torch.bfloat16: (1e-2, 2e-2),  # as tests/test_models.py's half-precision attention test
+    torch.float16: (1e-2, 2e-2),
+}
+SIT_XL_DEPTH = 28  # blocks, each one attention call: attention_summary's training step
 VARIANTS = ("ours", "reference+compile", "reference")  # the order they are measured in
 CUDA_REPS = 50  # timed calls per window on CUDA (a backward each after its own forward)
 SLEEP_CAP_MS = 50.0  # _times_cuda's sleep at most: one slow host call (a collection pause) must not slow the rest
@@ -118,7 +141,11 @@ def reference_bias_gelu_backward(a: torch.Tensor, bias: torch.Tensor, dg: torch.
 
 
 def reference_op(op: str) -> Callable:
-    """The plain PyTorch form of op: kernels.reference's, or the MLP's."""
+    """The plain PyTorch form of op: kernels.reference's, the MLP's, or attention written out."""
+    if op == "attention":
+        from sit_fast.attention import math_attention
+
+        return math_attention
     if op == "linear_gelu":
         return reference_linear_gelu
     if op == "bias_gelu_backward":
@@ -130,7 +157,17 @@ def reference_op(op: str) -> Callable:
     return getattr(reference, op)
 
 
+def fast_path_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Attention as the fast path's blocks run it: backend "auto" (SDPA where flash-attn is absent;
+    SIT_FAST_SDPA_BACKEND read at each call)."""
+    from sit_fast.attention import attention_fn, resolve_backend
+
+    return attention_fn(resolve_backend("auto", q.device, q.dtype, q.shape[-1]))(q, k, v)
+
+
 def ours_op(op: str) -> Callable:
+    if op == "attention":
+        return fast_path_attention
     if op == "linear_gelu":
         from sit_fast.models import linear_gelu
 
@@ -147,7 +184,12 @@ def make_inputs(op: str, B: int, T: int, D: int, dtype: torch.dtype, device: str
                 requires_grad: bool = False) -> list[torch.Tensor]:
     """Random arguments for `op`, all in `dtype`: activations (B, T, D) and modulation vectors (B, D);
     linear_gelu's weight (4D, D), scaled so that its outputs have unit variance, and bias (4D);
-    bias_gelu(_backward)'s a and dg (B, T, 4D) and bias (4D)."""
+    bias_gelu(_backward)'s a and dg (B, T, 4D) and bias (4D); attention's q, k, v (B, H, T, d) with d =
+    ATTENTION_HEAD_DIM, strided views of one (B, T, 3, H, d) tensor, as a block's qkv projection gives them."""
+    if op == "attention":
+        heads = attention_heads(D)
+        qkv = torch.randn(B, T, 3, heads, D // heads, device=device, dtype=dtype)
+        return [qkv[:, :, i].transpose(1, 2).requires_grad_(requires_grad) for i in range(3)]
     args = []
     for name in OP_ARGS[op]:
         if name in ("x", "y"):
@@ -181,6 +223,8 @@ def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.
       bias_gelu_backward                 one call: read a, dg, write da, g (4D per token each), read
                                          bias, write dbias
       bias_gelu                          fwd: read a, write g (4D per token each), read bias
+      attention                          fwd: read q, k, v, write o (4 act); bwd: read q, k, v, o, do,
+                                         write dq, dk, dv (8 act); the per-row softmax statistics not counted
     """
     element = torch.empty((), dtype=dtype).element_size()
     if op in MLP_OPS:
@@ -196,6 +240,7 @@ def minimum_bytes(op: str, direction: str, B: int, T: int, D: int, dtype: torch.
         "layernorm_modulate": {"fwd": (2, 2), "bwd": (3, 3)},
         "gated_residual": {"fwd": (3, 1), "bwd": (3, 2)},
         "gated_residual_layernorm_modulate": {"fwd": (4, 3), "bwd": (6, 5)},
+        "attention": {"fwd": (4, 0), "bwd": (8, 0)},
     }[op]
     parts = ("fwd", "bwd") if direction == "fwd_bwd" else (direction,)
     n_act = sum(counts[p][0] for p in parts)
@@ -404,6 +449,108 @@ def _matmul_fields(variant: str, args: list[torch.Tensor], median_ms: float) -> 
     return fields
 
 
+def attention_heads(D: int) -> int:
+    """Heads of ATTENTION_HEAD_DIM in a width of D (at least one)."""
+    return max(D // ATTENTION_HEAD_DIM, 1)
+
+
+def attention_flops(direction: str, B: int, T: int, D: int) -> float:
+    """FLOPs of attention over B x T tokens of width D (2 per multiply-add): forward Q K^T and P V,
+    4 B T^2 D; backward 2.5 times that (Q K^T again, then dV, dP, dQ and dK)."""
+    forward = 4 * B * T * T * D
+    return {"fwd": forward, "bwd": 2.5 * forward, "fwd_bwd": 3.5 * forward}[direction]
+
+
+def attention_variants(device: torch.device, dtype: torch.dtype) -> tuple[dict[str, Callable], dict[str, str]]:
+    """The attention rows' variants ({name: fn}, in measuring order) and those that cannot run here
+    ({name: why}): ours, each of PyTorch's SDPA kernels forced, the eager reference."""
+    from sit_fast.attention import forced_sdpa_problem, make_sdpa_attention
+
+    variants, unsupported = {"ours": ours_op("attention")}, {}
+    for kernel in FORCED_SDPA:
+        problem = forced_sdpa_problem(kernel, device, dtype)
+        if problem is None:
+            variants[f"sdpa:{kernel}"] = make_sdpa_attention(kernel)
+        else:
+            unsupported[f"sdpa:{kernel}"] = f"PyTorch's {kernel} kernel: {problem}"
+    variants["reference"] = reference_op("attention")
+    return variants, unsupported
+
+
+def sdpa_choice(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """The SDPA kernel PyTorch picks for these inputs when none is forced (torch._fused_sdp_choice, a
+    private call: None where it is missing or fails)."""
+    try:
+        from torch.nn.attention import SDPBackend
+
+        return SDPBackend(torch._fused_sdp_choice(q, k, v)).name.lower().removesuffix("_attention")
+    except Exception:  # noqa: BLE001 -- a name for the record only
+        return None
+
+
+def attention_parity_failure(results: tuple[torch.Tensor, ...], expected: tuple[torch.Tensor, ...],
+                             dtype: torch.dtype, direction: str) -> str | None:
+    """None when every output (or input gradient) is within ATTENTION_PARITY of the float32 reference
+    (relative Frobenius error), else a line naming the first that is not. Elementwise bounds do not
+    suit attention in half precision: the fused kernels round the softmax's probabilities to it."""
+    bound = ATTENTION_PARITY[dtype][0 if direction == "fwd" else 1]
+    for i, (r, e) in enumerate(zip(results, expected)):
+        e = e.float()
+        error = float((r.float() - e).norm() / e.norm().clamp_min(1e-30))
+        if not error <= bound:  # NaN fails
+            return f"output {i}: relative error {error:.3g} of the float32 reference, beyond {bound:g}"
+    return None
+
+
+def attention_summary(rows: list[dict], depth: int = SIT_XL_DEPTH) -> str:
+    """One line from the attention rows: what PyTorch picks, each variant's forward and backward, and
+    the fastest of PyTorch's kernels forward + backward against ours, per training step of `depth`
+    blocks (one attention call each, forward and backward)."""
+    timed = {(r["name"].split(".")[1], r["variant"]): r["median_ms"] for r in rows
+             if r.get("status", "ok") == "ok" and r.get("median_ms") is not None}
+    variants = list(dict.fromkeys(r["variant"] for r in rows))
+    choice = next((r["sdpa_choice"] for r in rows if r["variant"] == "ours" and r.get("sdpa_choice")), None)
+    parts = [f"ours runs PyTorch's {choice} kernel" if choice else "PyTorch's choice of kernel unknown"]
+    for variant in variants:
+        times = [f"{d} {timed[d, variant]:.4g} ms" for d in ATTENTION_DIRECTIONS if (d, variant) in timed]
+        times += [f"{d} {r['status']}" for r in rows if r["variant"] == variant and r.get("status", "ok") != "ok"
+                  for d in [r["name"].split(".")[1]]]
+        parts.append(f"{variant}: {', '.join(times)}")
+    both = {v: sum(timed[d, v] for d in ATTENTION_DIRECTIONS) for v in variants
+            if v.startswith("sdpa:") and all((d, v) in timed for d in ATTENTION_DIRECTIONS)}
+    ours = sum(timed[d, "ours"] for d in ATTENTION_DIRECTIONS) if all((d, "ours") in timed
+                                                                     for d in ATTENTION_DIRECTIONS) else None
+    if both and ours is not None:
+        best = min(both, key=both.get)
+        fastest = (f"fastest forward + backward: {best} (SIT_FAST_SDPA_BACKEND={best.removeprefix('sdpa:')}), "
+                   f"{both[best]:.4g} ms against ours' {ours:.4g} ms")
+        if best == f"sdpa:{choice}":
+            fastest += ": the kernel ours runs"
+        elif both[best] < ours:
+            fastest += f": {(ours - both[best]) * depth:.3g} ms saved a training step of {depth} blocks"
+        else:
+            fastest += ": none faster than ours"
+        parts.append(fastest)
+    else:
+        parts.append("no comparison: ours, or every forced kernel, lacks a forward or a backward time")
+    return "attention: " + "; ".join(parts)
+
+
+def _attention_fields(variant: str, args: list[torch.Tensor], direction: str, median_ms: float) -> dict:
+    """An attention row's TFLOP/s (attention_flops) and, for ours, its backend and SDPA kernel (the one
+    SIT_FAST_SDPA_BACKEND forces, else PyTorch's pick)."""
+    from sit_fast.attention import resolve_backend, sdpa_backend_from_env
+
+    q = args[0]
+    B, heads, T, head_dim = q.shape
+    fields = {"tflops": attention_flops(direction, B, T, heads * head_dim) / (median_ms * 1e-3) / 1e12}
+    if variant == "ours":
+        fields["attention_backend"] = backend = resolve_backend("auto", q.device, q.dtype, head_dim)
+        if backend == "sdpa":
+            fields["sdpa_choice"] = sdpa_backend_from_env() or sdpa_choice(*args)
+    return fields
+
+
 def _failure_row(error: BaseException) -> dict:
     """status and note of a variant that raised: "oom" for out of memory, else "error"."""
     from sit_fast.errors import is_out_of_memory
@@ -435,7 +582,23 @@ def run(device: str, size: str, time_left: Callable[[], float] | None = None,
 
 def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
          compile_backend: str = "inductor") -> Iterator[dict]:
-    """run()'s rows, each yielded as soon as it is measured (so a run stopped part way keeps them).
+    """run()'s rows, each yielded as soon as it is measured (so a run stopped part way keeps them);
+    after the attention rows, attention_summary's line on stdout."""
+    attention = []
+    for row in _rows(device, size, time_left, compile_backend):
+        if row["name"].split(".")[0] in ATTENTION_OPS:
+            attention.append(row)
+        elif attention:
+            print(f"[{SUITE}] {attention_summary(attention)}", flush=True)
+            attention = []
+        yield row
+    if attention:
+        print(f"[{SUITE}] {attention_summary(attention)}", flush=True)
+
+
+def _rows(device: str, size: str, time_left: Callable[[], float] | None = None,
+          compile_backend: str = "inductor") -> Iterator[dict]:
+    """rows() without the summary line.
 
     compile_backend: torch.compile's backend for the compiled reference ("eager" in the CPU dry run).
     time_left: seconds left of a time box, or None for none. A measurement is skipped (a row with
@@ -476,15 +639,18 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
         return {**stamp, "name": name, "variant": variant, "bytes_moved": bytes_moved, "status": "skipped",
                 "note": note}
 
-    by_op = {}
+    by_op, unsupported = {}, {}
     for op in OPS + MLP_OPS:  # linear_gelu needs no kernel: plain PyTorch where the epilogue does not apply
         by_op[op] = {"ours": ours_op(op)} if ours_available or op not in NEEDS_KERNELS else {}
         by_op[op]["reference+compile"] = torch.compile(reference_op(op), backend=compile_backend)
         by_op[op]["reference"] = reference_op(op)
+    for op in ATTENTION_OPS:
+        by_op[op], unsupported[op] = attention_variants(dev, cfg.dtype)
     # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd; the
     # MLP ops (no goal either, but they decide a default) before fwd_bwd.
     schedule = [(direction, op) for direction in DIRECTIONS if direction != "fwd_bwd" for op in OPS]
     schedule += [("fwd", op) for op in MLP_OPS if "fwd" in DIRECTIONS]
+    schedule += [(direction, op) for op in ATTENTION_OPS for direction in ATTENTION_DIRECTIONS]
     schedule += [("fwd_bwd", op) for op in OPS if "fwd_bwd" in DIRECTIONS]
     for direction, op in schedule:
         variants = by_op[op]
@@ -524,7 +690,9 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                 with _launch.poison_outputs():  # what our launchers leave unwritten reads NaN
                     results = step()  # also the first (compiling) call
                 parity = _max_abs_err(results, expected)
-                if variant == "ours":  # the references' own error is a yardstick, not judged
+                if op in ATTENTION_OPS and variant != "reference":  # every kernel a candidate
+                    parity_failed = attention_parity_failure(results, expected, cfg.dtype, direction)
+                elif variant == "ours":  # the references' own error is a yardstick, not judged
                     parity_failed = parity_failure(op, fn, args, results, cfg.dtype, direction, grads_out)
                 results = None
                 windows = []  # timed twice, back to back: a difference smaller than theirs is noise
@@ -542,8 +710,12 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                 median, p20, p80 = quantiles_ms(windows[0] + windows[1])
                 repeat = window_fields(statistics.median(windows[0]), statistics.median(windows[1]))
             except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
-                traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
-                failure = _failure_row(error)
+                if op in ATTENTION_OPS and "No available kernel" in str(error):  # a forced kernel refusing
+                    failure = {"status": "skipped", "note": f"{variant} refuses these inputs here: "
+                                                            f"{str(error).strip().splitlines()[0]}"}
+                else:
+                    traceback.print_exception(type(error), error, error.__traceback__, file=sys.stderr)
+                    failure = _failure_row(error)
             needed_s[variant] = time.monotonic() - began
             if failure is not None:  # outside the except block, so the traceback's tensors are gone
                 step = None
@@ -566,11 +738,15 @@ def rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                 "bytes_moved": bytes_moved,
                 "gbps": bytes_moved / (median * 1e-3) / 1e9,
                 **(_matmul_fields(variant, args, median) if op == "linear_gelu" else {}),
+                **(_attention_fields(variant, args, direction, median) if op in ATTENTION_OPS else {}),
                 "parity_max_abs_err": parity,
                 **({"status": "parity_failed", "note": parity_failed} if parity_failed else
                    {"note": f"{host_bound} of {2 * CUDA_REPS} timed calls may include host time (the device "
                             "had reached the call before the host had queued it)"} if host_bound else {}),
             }
+        for variant, why in unsupported.get(op, {}).items():
+            yield {**stamp, "name": f"{op}.{direction}", "variant": variant, "bytes_moved": bytes_moved,
+                   "status": "skipped", "note": why}
         del args, grads_out, expected
 
 

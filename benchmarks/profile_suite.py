@@ -14,7 +14,10 @@ call, the device synchronised), then CALLS calls under torch.profiler. The recor
 the wall time, the device time (kernels' time summed; on the CPU, operators' own CPU time), their
 ratio (device_busy, CUDA only: under 1, the device waited, for the host or for launches), the time per kind of
 kernel (matmul, attention, our Triton kernels, Inductor's, other) and the TOP kernels by time, each
-with its calls and share.
+with its calls and share; and (`tflops_by_kind`) the TFLOP/s the matmul and the attention kernels
+reached, from the FLOPs they execute per call (`flops_by_kind`), the matmuls' also as a fraction of
+the bf16 matmul ceiling measured at the start of the run: whether the matmuls, most of a step's
+time, run at the ceiling the roofline assumes.
 
     python -m benchmarks profile --device cuda --out DIR      # alone; `all` runs it after memory
 """
@@ -37,7 +40,7 @@ PROFILED = ("ours", "reference+bf16+sdpa+compile")
 KINDS = (
     ("attention", re.compile(r"flash|fmha|attention|sdpa|softmax", re.I)),
     ("matmul", re.compile(r"gemm|matmul|xmma|cutlass|nvjet|cublas|\b[ab]?mm\b|addmm", re.I)),
-    ("ours", re.compile(r"layernorm_modulate|gated_residual", re.I)),
+    ("ours", re.compile(r"layernorm_modulate|gated_residual|bias_gelu", re.I)),
     ("inductor", re.compile(r"^triton_", re.I)),
 )
 
@@ -125,17 +128,43 @@ def profile_sample(ctx: RunContext, variant, B: int) -> None:
     emit(ctx, "sample_call", variant, B, shapes, call, ctx.models.variant_config(variant, sampling=True))
 
 
+def flops_by_kind(model_kwargs: dict, name: str, B: int) -> dict[str, float]:
+    """FLOPs per call that the matmul and the attention kernels execute, for a SiT of model_kwargs:
+    train_step (B images): the linear layers' 3 x forward (forward, then two products each backward),
+    attention's 3.5 x (its backward recomputes Q K^T: 2.5 x forward); sample_call: one forward of
+    2 x B (guidance)."""
+    from sit_fast.flops import attention_flops, forward_flops
+    from sit_fast.models import SiT
+
+    with torch.device("meta"):
+        model = SiT(**model_kwargs)
+    forward, attention = forward_flops(model), attention_flops(model)
+    if name == "train_step":
+        return {"matmul": 3.0 * (forward - attention) * B, "attention": 3.5 * attention * B}
+    return {"matmul": float(forward - attention) * 2 * B, "attention": float(attention) * 2 * B}
+
+
+def achieved_tflops(flops: dict[str, float], ms_by_kind: dict[str, float]) -> dict[str, float]:
+    """TFLOP/s of each kind of kernel with FLOPs and a time."""
+    return {kind: n / (ms_by_kind[kind] * 1e-3) / 1e12 for kind, n in flops.items() if ms_by_kind.get(kind, 0) > 0}
+
+
 def emit(ctx: RunContext, name: str, variant, B: int, shapes: dict, fn, config: dict) -> None:
     """Warm fn up, time it, profile it, and record where its time went."""
     figures = profile_calls(fn, ctx.device, CALLS[ctx.size.name], WARMUP[ctx.size.name])
+    figures["flops_by_kind"] = flops = flops_by_kind(ctx.size.model_kwargs, name, B)
+    figures["tflops_by_kind"] = tflops = achieved_tflops(flops, figures["ms_per_call_by_kind"])
+    figures["matmul_fraction_of_ceiling"] = (tflops["matmul"] / ctx.ceilings["matmul_tflops"]
+                                             if "matmul" in tflops else None)
     note = None if figures["top"] else "the profiler saw no kernels (CUDA graph replays can hide them from it)"
     ctx.emit(ctx.record(SUITE, name, variant.name, dtype=variant.dtype_name, model=ctx.size.model_name,
                         shapes=shapes, batch_size=B, variant_config=config, note=note, extra=figures))
     busy = figures["device_busy"]
     kinds = ", ".join(f"{k} {v:.3g}" for k, v in figures["ms_per_call_by_kind"].items())
+    rates = ", ".join(f"{k} {v:.3g}" for k, v in tflops.items())
     common.log(f"[{SUITE}] {name} {variant.name} B={B}: {figures['wall_ms_per_call']:.4g} ms/call wall, "
                f"{figures['device_ms_per_call']:.4g} device ({'-' if busy is None else f'{busy:.0%}'} busy); "
-               f"by kind, ms: {kinds}")
+               f"by kind, ms: {kinds}; TFLOP/s: {rates or '-'}")
 
 
 def profile_calls(fn, device: torch.device, calls: int = 3, warmup: int = 2, top: int = TOP) -> dict:

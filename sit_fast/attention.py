@@ -73,23 +73,28 @@ FORCED_SDPA_SUPPORT: dict[str, dict[str, tuple[torch.dtype, ...] | None]] = {
 }
 
 
+def forced_sdpa_problem(name: str, device: torch.device | str, dtype: torch.dtype) -> str | None:
+    """Why PyTorch's SDPA kernel `name` (one of SDPA_BACKENDS) cannot run on this device and dtype
+    (FORCED_SDPA_SUPPORT; None there: any dtype), or None where it can."""
+    device_type = torch.device(device).type
+    support = FORCED_SDPA_SUPPORT[name]
+    if device_type not in support:
+        return f"it does not run on {device_type}"
+    if support[device_type] is not None and dtype not in support[device_type]:
+        return f"on {device_type} it takes {_dtype_names(support[device_type])}, got {_dtype_names([dtype])}"
+    return None
+
+
 def check_forced_sdpa(device: torch.device | str, dtype: torch.dtype) -> None:
-    """ValueError when SIT_FAST_SDPA_BACKEND names a kernel that cannot run on this device and dtype
-    (None in FORCED_SDPA_SUPPORT: any dtype), rather than PyTorch's "no available kernel" at the first
-    forward."""
+    """ValueError when SIT_FAST_SDPA_BACKEND names a kernel that cannot run on this device and dtype,
+    rather than PyTorch's "no available kernel" at the first forward."""
     forced = sdpa_backend_from_env()
     if forced is None:
         return
-    device_type = torch.device(device).type
-    support = FORCED_SDPA_SUPPORT[forced]
-    if device_type not in support:
-        reason = f"it does not run on {device_type}"
-    elif support[device_type] is not None and dtype not in support[device_type]:
-        reason = f"on {device_type} it takes {_dtype_names(support[device_type])}, got {_dtype_names([dtype])}"
-    else:
+    reason = forced_sdpa_problem(forced, device, dtype)
+    if reason is None:
         return
-    usable = [n for n, where in FORCED_SDPA_SUPPORT.items()
-              if device_type in where and (where[device_type] is None or dtype in where[device_type])]
+    usable = [n for n in SDPA_BACKENDS if forced_sdpa_problem(n, device, dtype) is None]
     raise ValueError(f"SIT_FAST_SDPA_BACKEND={forced}: {reason}; choose one of {', '.join(usable)}, or unset it")
 
 

@@ -71,6 +71,12 @@ def forward_flops(model) -> int:
     return 2 * macs
 
 
+def attention_flops(model) -> int:
+    """The part of forward_flops that is attention's Q K^T and attention x V (for one image)."""
+    T = model.x_embedder.num_patches
+    return 2 * model.depth * 2 * T * T * model.hidden_size
+
+
 def train_step_flops(model) -> int:
     """FLOPs of one training step per image: forward + backward = 3 x forward."""
     return 3 * forward_flops(model)

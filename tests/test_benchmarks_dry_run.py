@@ -147,9 +147,13 @@ def test_every_record_has_every_field(dry_run):
 
 
 def test_nulls_only_where_a_cpu_has_no_figure(dry_run):
-    """Every ok record fills its suite's fields; the only nulls are GPU figures (peak memory, MFU)."""
+    """Every ok record fills its suite's fields; the only nulls are GPU figures (peak memory, MFU).
+    Every record is ok but the attention rows of PyTorch's CUDA kernels forced, skipped saying why."""
     _, _, document = dry_run
     for record in document["records"]:
+        if record["name"].startswith("attention.") and record["variant"] in ("sdpa:cudnn", "sdpa:efficient"):
+            assert record["status"] == "skipped" and record["note"].endswith("it does not run on cpu"), record
+            continue
         assert record["status"] == "ok", (record["suite"], record["name"], record["variant"], record["note"])
         nulls = {k for k in SUITE_FIELDS[record["suite"]] if record[k] is None}
         if record["suite"] in ("kernels", "tuning"):
@@ -188,6 +192,12 @@ def test_every_suite_measures_every_variant(dry_run):
     kernels = [r for r in records if r["suite"] == "kernels"]
     assert kernels and {"ours", "reference"} <= {r["variant"] for r in kernels}
     assert {r["name"].split(".")[1] for r in kernels} == {"fwd", "bwd", "fwd_bwd"}
+    # attention: the fast path's call, the kernels forced that run on the CPU, the reference; then one line
+    attention = {(r["name"], r["variant"]): r["status"] for r in kernels if r["name"].startswith("attention.")}
+    assert attention == {(f"attention.{d}", v): "skipped" if v in ("sdpa:cudnn", "sdpa:efficient") else "ok"
+                         for d in ("fwd", "bwd") for v in ("ours", "sdpa:flash", "reference", "sdpa:cudnn",
+                                                           "sdpa:efficient")}, attention
+    assert dry_run[0].stdout.count("[kernels] attention: ours runs PyTorch's flash kernel;") == 1
     # tuning: per op and direction, the default launch, another tiling, the other prefetch, two rows a
     # step, one row through the other loop; for the GELU kernels another tiling, tile height and width;
     # one best
@@ -540,6 +550,7 @@ def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue)
         monkeypatch.setattr(models, "_addmm_gelu", addmm_gelu)
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual",))
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd", "bwd"))
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
     rows = kernels_suite.run("cpu", "tiny")
     assert [(r["name"], r["variant"]) for r in rows] == [
         (name, variant) for name in ("gated_residual.fwd", "gated_residual.bwd", "linear_gelu.fwd",
@@ -563,6 +574,85 @@ def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue)
         assert record["extra"]["tflops"] == row["tflops"]
 
 
+@pytest.mark.parametrize("broken", [False, True])
+def test_kernel_suite_times_attention_against_each_sdpa_kernel(tmp_path, monkeypatch, capsys, broken):
+    """Attention rows, forward and backward: the fast path's call, each SDPA kernel forced (those that
+    do not run on the CPU a skipped row saying so), the eager reference; q, k, v strided as a block's
+    qkv gives them; TFLOP/s; and every variant but the reference judged. Ours 2% off (forward, hence
+    its gradients) is parity_failed, the others stay ok; one summary line follows the rows."""
+    import torch
+
+    from benchmarks import kernels_suite
+    from benchmarks.__main__ import kernel_record
+    from benchmarks.common import validate_record
+
+    seen = []
+    real = kernels_suite.fast_path_attention
+
+    def ours(q, k, v):
+        seen.append((q.shape, q.stride()))
+        out = real(q, k, v)
+        return out * 1.02 if broken else out
+
+    monkeypatch.setattr(kernels_suite, "fast_path_attention", ours)
+    monkeypatch.setattr(kernels_suite, "OPS", ())
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
+    rows = kernels_suite.run("cpu", "tiny")
+    expected_order = ["ours", "sdpa:flash", "reference", "sdpa:cudnn", "sdpa:efficient"]
+    assert [(r["name"], r["variant"]) for r in rows] == [
+        (f"attention.{d}", v) for d in ("fwd", "bwd") for v in expected_order]
+    B, T, D = (kernels_suite.SIZES["tiny"].B, kernels_suite.SIZES["tiny"].T, kernels_suite.SIZES["tiny"].D)
+    assert seen[0] == ((B, 1, T, D), (T * 3 * D, D, 3 * D, 1))  # one head of 72: a view of (B, T, 3, 1, 72)
+    ctx = _context(tmp_path)
+    for row in rows:
+        direction = row["name"].split(".")[1]
+        assert row["bytes_moved"] == kernels_suite.minimum_bytes("attention", direction, B, T, D, torch.float32)
+        if row["variant"] in ("sdpa:cudnn", "sdpa:efficient"):
+            assert row["status"] == "skipped" and row["note"].endswith("it does not run on cpu"), row
+        elif row["variant"] == "ours" and broken:
+            assert row["status"] == "parity_failed" and "relative error 0.02" in row["note"], row
+        else:
+            assert row.get("status", "ok") == "ok" and row["parity_max_abs_err"] < 1e-5, row
+        if row.get("median_ms") is not None:
+            flops = kernels_suite.attention_flops(direction, B, T, D)
+            assert row["tflops"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e12), row
+        record = kernel_record(ctx, row)
+        assert not validate_record(record), validate_record(record)
+    ours_rows = [r for r in rows if r["variant"] == "ours"]
+    assert all(r["attention_backend"] == "sdpa" and r["sdpa_choice"] == "flash" for r in ours_rows), ours_rows
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[kernels] attention: ")]
+    assert len(lines) == 1 and "ours runs PyTorch's flash kernel" in lines[0], lines
+    assert "sdpa:cudnn: fwd skipped, bwd skipped;" in lines[0], lines
+    if broken:
+        assert "ours: fwd parity_failed, bwd parity_failed;" in lines[0] and "no comparison" in lines[0], lines
+    else:
+        assert "fastest forward + backward: sdpa:flash (SIT_FAST_SDPA_BACKEND=flash)" in lines[0], lines
+
+
+def test_attention_summary_names_the_fastest_kernel_and_the_step_it_saves():
+    """Forced kernels' forward + backward against ours, times 28 blocks; the kernel ours already runs
+    is not a saving; a variant missing a direction is left out."""
+    from benchmarks.kernels_suite import attention_summary
+
+    def row(direction, variant, ms, **more):
+        return {"name": f"attention.{direction}", "variant": variant, "median_ms": ms, **more}
+
+    rows = [row("fwd", "ours", 1.0, sdpa_choice="cudnn"), row("fwd", "sdpa:flash", 0.8),
+            row("fwd", "sdpa:cudnn", 1.0), row("fwd", "sdpa:efficient", 0.1),
+            row("bwd", "ours", 2.0, sdpa_choice="cudnn"), row("bwd", "sdpa:flash", 1.7),
+            row("bwd", "sdpa:cudnn", 2.0), row("bwd", "sdpa:efficient", None, status="skipped", note="time box")]
+    line = attention_summary(rows)
+    assert line.startswith("attention: ours runs PyTorch's cudnn kernel; ours: fwd 1 ms, bwd 2 ms; "), line
+    assert "sdpa:efficient: fwd 0.1 ms, bwd skipped;" in line, line
+    assert line.endswith("fastest forward + backward: sdpa:flash (SIT_FAST_SDPA_BACKEND=flash), 2.5 ms against "
+                         "ours' 3 ms: 14 ms saved a training step of 28 blocks"), line
+    rows[1]["median_ms"] = rows[5]["median_ms"] = 5.0
+    assert attention_summary(rows).endswith("sdpa:cudnn (SIT_FAST_SDPA_BACKEND=cudnn), 3 ms against ours' 3 ms: "
+                                            "the kernel ours runs")
+    assert attention_summary(rows[:4]).endswith("no comparison: ours, or every forced kernel, lacks a forward "
+                                                "or a backward time")
+
+
 @pytest.mark.parametrize("break_h", ["scaled", "nan"])
 def test_kernel_suite_judges_our_parity(monkeypatch, break_h):
     """Ours with its second output 10% off, or NaN (an unwritten tensor), is parity_failed: the suite
@@ -581,6 +671,7 @@ def test_kernel_suite_judges_our_parity(monkeypatch, break_h):
     monkeypatch.setattr(kernels, "gated_residual_layernorm_modulate", broken)
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual_layernorm_modulate",))
     monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     by_variant = {r["variant"]: r for r in kernels_suite.run("cpu", "tiny")}
     ours = by_variant["ours"]
@@ -656,6 +747,7 @@ def test_kernel_variant_that_raises_is_recorded_and_the_others_measured(monkeypa
 
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual",))
     monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     monkeypatch.setattr(torch, "compile", broken_compile)
     rows = kernels_suite.run("cpu", "tiny")
@@ -679,6 +771,7 @@ def test_kernel_inputs_that_fail_are_recorded_and_the_next_op_measured(monkeypat
 
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
     monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     monkeypatch.setattr(kernels_suite, "make_inputs", make_inputs)
     rows = kernels_suite.rows("cpu", "tiny")
@@ -962,6 +1055,7 @@ def test_kernel_rows_keep_to_the_time_box(monkeypatch):
 
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
     monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd", "bwd"))
     calls = []
 
@@ -993,6 +1087,7 @@ def test_kernel_time_box_judges_each_variant_by_its_own_last_measurement(monkeyp
         monkeypatch.setattr(kernels, op, slowed)
     monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual", "layernorm_modulate"))
     monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
     monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
     rows = kernels_suite.run("cpu", "tiny", time_left=lambda: 0.3)
     status = {(r["name"].split(".")[0], r["variant"]): r.get("status", "ok") for r in rows}
@@ -1533,6 +1628,7 @@ def test_cuda_kernel_timer_holds_the_device_while_the_host_queues(monkeypatch):
     ("cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_3_64x64x64_4x1x1", "attention"),
     ("aten::_scaled_dot_product_flash_attention", "attention"),
     ("_gated_residual_layernorm_modulate_bwd_kernel", "ours"), ("sit_fast::layernorm_modulate", "ours"),
+    ("_bias_gelu_bwd_kernel", "ours"), ("_bias_gelu_fwd_kernel", "ours"),
     ("triton_per_fused_native_layer_norm_0", "inductor"),
     ("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>", "other"),
     ("aten::copy_", "other"),
@@ -1588,7 +1684,35 @@ def test_profile_suite_dry_run_follows_the_train_suite(tmp_path):
         assert record["extra"]["top"] and record["extra"]["device_ms_per_call"] > 0
     ours_train = profiles[0]["extra"]["ms_per_call_by_kind"]
     assert ours_train.get("ours", 0) > 0 and "ours" not in profiles[1]["extra"]["ms_per_call_by_kind"]
+    for record in profiles:  # the matmuls' TFLOP/s from their FLOPs and time, against the measured ceiling
+        extra = record["extra"]
+        ms = extra["ms_per_call_by_kind"]["matmul"]
+        assert extra["tflops_by_kind"]["matmul"] == pytest.approx(extra["flops_by_kind"]["matmul"] / ms / 1e9)
+        assert extra["matmul_fraction_of_ceiling"] == pytest.approx(
+            extra["tflops_by_kind"]["matmul"] / document["ceilings"]["matmul_tflops"])
     assert "## profile" in (tmp_path / "results.md").read_text()
+
+
+def test_profile_flops_by_kind_of_sit_xl2():
+    """The matmul and attention kernels' FLOPs per call, SiT-XL/2 at 256px: training at batch 256,
+    175.7 TFLOP of linear layers (3 x forward) and 7.58 of attention (3.5 x: 4 T^2 D x 28 blocks
+    forward); a guided sampling call at batch 256 is one forward of 512 images."""
+    import torch
+
+    from benchmarks.common import SIZES
+    from benchmarks.profile_suite import achieved_tflops, flops_by_kind
+    from sit_fast.flops import forward_flops
+    from sit_fast.models import SiT
+
+    kwargs = SIZES["full"]().model_kwargs
+    train, sample = flops_by_kind(kwargs, "train_step", 256), flops_by_kind(kwargs, "sample_call", 256)
+    attention = 4 * 256**2 * 1152 * 28  # one image, forward
+    assert train["attention"] == 3.5 * attention * 256 == pytest.approx(7.576e12, rel=1e-3)
+    with torch.device("meta"):
+        forward = forward_flops(SiT(**kwargs))
+    assert train["matmul"] == 3 * (forward - attention) * 256 == pytest.approx(175.7e12, rel=1e-3)
+    assert sample == {"matmul": (forward - attention) * 512, "attention": attention * 512}
+    assert achieved_tflops(train, {"matmul": 250.0, "other": 3.0}) == {"matmul": pytest.approx(702.9, rel=1e-3)}
 
 
 def test_profile_trains_at_the_batch_the_train_suite_fitted():

@@ -10,7 +10,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 import sit_fast.models as models
-from sit_fast.flops import forward_flops, mfu, peak_key, peak_tflops, peak_tflops_from_env, train_step_flops
+from sit_fast.flops import (attention_flops, forward_flops, mfu, peak_key, peak_tflops, peak_tflops_from_env,
+                            train_step_flops)
 from sit_fast.memory import activation_bytes_per_image
 from sit_fast.models import SiT, SiT_models
 from sit_fast.parity import TOLERANCES, _errors, compare, random_inputs, randomize_zero_init_
@@ -413,6 +414,10 @@ def test_flops_match_flop_counter():
         with FlopCounterMode(display=False) as counter:
             model(x, torch.rand(3), torch.randint(0, 10, (3,)))
         assert counter.get_total_flops() == 3 * forward_flops(model)
+        # attention's products: whatever the counter saw beyond the linear layers and the convolution
+        linear = {torch.ops.aten.addmm, torch.ops.aten.mm, torch.ops.aten.convolution}
+        counts = counter.get_flop_counts()["Global"]
+        assert sum(n for op, n in counts.items() if op not in linear) == 3 * attention_flops(model) > 0, counts
     with torch.device("meta"):
         xl = SiT_models["SiT-XL/2"]()
     assert forward_flops(xl) == pytest.approx(237e9, rel=0.01)
