@@ -1050,6 +1050,7 @@ COLUMNS: dict[str, list[tuple[str, Callable[[dict], str]]]] = {
         ("kernel", lambda r: r["name"]), ("variant", lambda r: r["variant"]), ("dtype", lambda r: r["dtype"]),
         ("shapes", lambda r: _fmt(r["shapes"])), ("ms median (p20-p80)", _ms), WINDOWS_COLUMN,
         ("GB/s", lambda r: _fmt(r["gbps"], ".3g")), ("of copy BW", lambda r: _percent(r["fraction_of_copy_bw"])),
+        ("TFLOP/s", lambda r: _fmt((r.get("extra") or {}).get("tflops"), ".3g")),  # the products' rows
         ("max abs err", lambda r: _fmt(r["parity_max_abs_err"], ".2g")), ("status", _status),
     ],
     "tuning": [

@@ -454,7 +454,7 @@ def attention_heads(D: int) -> int:
     return max(D // ATTENTION_HEAD_DIM, 1)
 
 
-def attention_flops(direction: str, B: int, T: int, D: int) -> float:
+def attention_call_flops(direction: str, B: int, T: int, D: int) -> float:
     """FLOPs of attention over B x T tokens of width D (2 per multiply-add): forward Q K^T and P V,
     4 B T^2 D; backward 2.5 times that (Q K^T again, then dV, dP, dQ and dK)."""
     forward = 4 * B * T * T * D
@@ -537,13 +537,13 @@ def attention_summary(rows: list[dict], depth: int = SIT_XL_DEPTH) -> str:
 
 
 def _attention_fields(variant: str, args: list[torch.Tensor], direction: str, median_ms: float) -> dict:
-    """An attention row's TFLOP/s (attention_flops) and, for ours, its backend and SDPA kernel (the one
+    """An attention row's TFLOP/s (attention_call_flops) and, for ours, its backend and SDPA kernel (the one
     SIT_FAST_SDPA_BACKEND forces, else PyTorch's pick)."""
     from sit_fast.attention import resolve_backend, sdpa_backend_from_env
 
     q = args[0]
     B, heads, T, head_dim = q.shape
-    fields = {"tflops": attention_flops(direction, B, T, heads * head_dim) / (median_ms * 1e-3) / 1e12}
+    fields = {"tflops": attention_call_flops(direction, B, T, heads * head_dim) / (median_ms * 1e-3) / 1e12}
     if variant == "ours":
         fields["attention_backend"] = backend = resolve_backend("auto", q.device, q.dtype, head_dim)
         if backend == "sdpa":

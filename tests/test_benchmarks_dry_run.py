@@ -60,6 +60,11 @@ def test_dry_run_writes_json_and_markdown(dry_run):
     markdown = (out / "results.md").read_text()
     for suite in ("kernels", "parity", "train", "sample", "memory", "profile", "tuning"):
         assert f"## {suite}" in markdown, f"results.md has no {suite} table"
+    # the kernels table's TFLOP/s: the products' rows (attention, the MLP's input layer) only
+    kernels = [line.split(" | ") for line in markdown.split("## kernels\n\n", 1)[1].split("\n\n", 1)[0].splitlines()]
+    column = kernels[0].index("TFLOP/s")
+    rates = {row[0].lstrip("| "): row[column] for row in kernels[2:] if row[1] == "ours"}
+    assert all((rate != "-") == name.startswith(("attention.", "linear_gelu.")) for name, rate in rates.items()), rates
     for suite in ("train", "sample"):  # MFU says against which peak; the measured ceiling's fraction beside it
         header = markdown.split(f"## {suite}\n\n", 1)[1].splitlines()[0]
         assert "MFU (data-sheet peak)" in header and "of measured bf16 matmul ceiling" in header, header
@@ -614,7 +619,7 @@ def test_kernel_suite_times_attention_against_each_sdpa_kernel(tmp_path, monkeyp
         else:
             assert row.get("status", "ok") == "ok" and row["parity_max_abs_err"] < 1e-5, row
         if row.get("median_ms") is not None:
-            flops = kernels_suite.attention_flops(direction, B, T, D)
+            flops = kernels_suite.attention_call_flops(direction, B, T, D)
             assert row["tflops"] == pytest.approx(flops / (row["median_ms"] * 1e-3) / 1e12), row
         record = kernel_record(ctx, row)
         assert not validate_record(record), validate_record(record)
