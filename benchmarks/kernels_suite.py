@@ -505,7 +505,8 @@ def attention_parity_failure(results: tuple[torch.Tensor, ...], expected: tuple[
 def attention_summary(rows: list[dict], depth: int = SIT_XL_DEPTH) -> str:
     """One line from the attention rows: what PyTorch picks, each variant's forward and backward, and
     the fastest of PyTorch's kernels forward + backward against ours, per training step of `depth`
-    blocks (one attention call each, forward and backward)."""
+    blocks (one attention call each, forward and backward), unless its gain is within the rows' window
+    spread."""
     timed = {(r["name"].split(".")[1], r["variant"]): r["median_ms"] for r in rows
              if r.get("status", "ok") == "ok" and r.get("median_ms") is not None}
     variants = list(dict.fromkeys(r["variant"] for r in rows))
@@ -524,12 +525,16 @@ def attention_summary(rows: list[dict], depth: int = SIT_XL_DEPTH) -> str:
         best = min(both, key=both.get)
         fastest = (f"fastest forward + backward: {best} (SIT_FAST_SDPA_BACKEND={best.removeprefix('sdpa:')}), "
                    f"{both[best]:.4g} ms against ours' {ours:.4g} ms")
+        # the two windows' spread, the largest of the four rows compared: a smaller gain is noise
+        noise = max((r.get("window_spread") or 0.0) for r in rows if r["variant"] in (best, "ours"))
         if best == f"sdpa:{choice}":
             fastest += ": the kernel ours runs"
-        elif both[best] < ours:
-            fastest += f": {(ours - both[best]) * depth:.3g} ms saved a training step of {depth} blocks"
-        else:
+        elif both[best] >= ours:
             fastest += ": none faster than ours"
+        elif ours / both[best] - 1 <= noise:
+            fastest += f": {ours / both[best] - 1:.1%} faster, within the windows' spread ({noise:.1%}): noise"
+        else:
+            fastest += f": {(ours - both[best]) * depth:.3g} ms saved a training step of {depth} blocks"
         parts.append(fastest)
     else:
         parts.append("no comparison: ours, or every forced kernel, lacks a forward or a backward time")

@@ -654,6 +654,10 @@ def test_attention_summary_names_the_fastest_kernel_and_the_step_it_saves():
     rows[1]["median_ms"] = rows[5]["median_ms"] = 5.0
     assert attention_summary(rows).endswith("sdpa:cudnn (SIT_FAST_SDPA_BACKEND=cudnn), 3 ms against ours' 3 ms: "
                                             "the kernel ours runs")
+    rows[1]["median_ms"], rows[5]["median_ms"] = 0.98, 1.99  # 1% faster, the windows 2% apart: noise
+    rows[5]["window_spread"] = 0.02
+    assert attention_summary(rows).endswith("sdpa:flash (SIT_FAST_SDPA_BACKEND=flash), 2.97 ms against ours' 3 ms: "
+                                            "1.0% faster, within the windows' spread (2.0%): noise")
     assert attention_summary(rows[:4]).endswith("no comparison: ours, or every forced kernel, lacks a forward "
                                                 "or a backward time")
 
