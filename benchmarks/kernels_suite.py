@@ -23,25 +23,26 @@ forward); on the CPU a time.perf_counter loop after warm-up
 Each variant is timed twice, back to back: median_ms, p20_ms, p80_ms are over both windows' times,
 window_spread is how far apart the two windows' medians were (window_medians_ms).
 
-Three more ops of the MLP, each timed as one call, after the backwards: "linear_gelu", the fast path's
-MLP input layer when sampling, GELU_tanh(x W^T + b) with W (4D, D), as sit_fast.models.linear_gelu
-computes it (on CUDA one matmul with the bias and GELU in its epilogue; `gelu_epilogue` in the row
-says whether it was) against F.linear then F.gelu, eager and compiled, its row also giving `tflops`;
-and "bias_gelu_backward", the training step's pass over fc1's output a (B, T, 4D) and the GELU's
-gradient dg (kernels.bias_gelu_backward: da, the recomputed GELU and fc1's bias gradient) against
-the same maths in PyTorch ops (reference_bias_gelu_backward), eager and compiled; and "bias_gelu",
-the training step's forward pass over fc1's output (kernels.bias_gelu: GELU_tanh(a + bias)) against
-F.gelu(a + bias).
+Three more ops of the MLP, each timed as one call, after the backwards and attention (below):
+"linear_gelu", the fast path's MLP input layer when sampling, GELU_tanh(x W^T + b) with W (4D, D),
+as sit_fast.models.linear_gelu computes it (on CUDA one matmul with the bias and GELU in its
+epilogue; `gelu_epilogue` in the row says whether it was) against F.linear then F.gelu, eager and
+compiled, its row also giving `tflops`; and "bias_gelu_backward", the training step's pass over
+fc1's output a (B, T, 4D) and the GELU's gradient dg (kernels.bias_gelu_backward: da, the recomputed
+GELU and fc1's bias gradient) against the same maths in PyTorch ops (reference_bias_gelu_backward),
+eager and compiled; and "bias_gelu", the training step's forward pass over fc1's output
+(kernels.bias_gelu: GELU_tanh(a + bias)) against F.gelu(a + bias).
 
-Then attention ("attention.fwd", "attention.bwd") at the blocks' shapes (heads of ATTENTION_HEAD_DIM:
-SiT-XL/2's 16 of 72), q, k and v strided views of one (B, T, 3, H, d) tensor as the blocks make them:
-`ours` is the fast path's attention (PyTorch's SDPA, its own choice of kernel unless
-SIT_FAST_SDPA_BACKEND forces one: `sdpa_choice` in the row names it), against each SDPA kernel forced
-(`sdpa:flash`, `sdpa:cudnn`, `sdpa:efficient`; a kernel that does not run on the device, or refuses
-the inputs, is a skipped row) and the eager reference (softmax(QK^T / sqrt(d))V written out). Each
-row also gives `tflops` (forward 4 B T^2 D, backward 2.5 times that); every variant but the
-reference is judged against it (`attention_parity_failure`), and one line after the rows names the
-fastest kernel and what it would save a training step (`attention_summary`).
+Attention ("attention.fwd", "attention.bwd"; after the backwards, before the MLP's ops) at the
+blocks' shapes (heads of ATTENTION_HEAD_DIM: SiT-XL/2's 16 of 72), q, k and v strided views of one
+(B, T, 3, H, d) tensor as the blocks make them: `ours` is the fast path's attention (PyTorch's SDPA,
+its own choice of kernel unless SIT_FAST_SDPA_BACKEND forces one: `sdpa_choice` in the row names
+it), against each SDPA kernel forced (`sdpa:flash`, `sdpa:cudnn`, `sdpa:efficient`; a kernel that
+does not run on the device, or refuses the inputs, is a skipped row) and the eager reference
+(softmax(QK^T / sqrt(d))V written out). Each row also gives `tflops` (forward 4 B T^2 D, backward
+2.5 times that); every variant but the reference is judged against it (`attention_parity_failure`),
+and one line after the rows names the fastest kernel and what it would save a training step
+(`attention_summary`).
 
     from benchmarks.kernels_suite import run
     records = run("cuda", "full")     # B=256, T=256, D=1152, bf16 (SiT-XL/2 at 256 px)
@@ -102,8 +103,9 @@ DIRECTIONS = ("fwd", "bwd", "fwd_bwd")
 MLP_OPS = ("linear_gelu", "bias_gelu_backward", "bias_gelu")
 MLP_RATIO = 4  # the MLP's hidden width: MLP_RATIO * D, as in every SiT
 NEEDS_KERNELS = (*OPS, "bias_gelu_backward", "bias_gelu")  # ops whose `ours` is a Triton kernel
-# Attention, forward and backward, after the MLP's ops (no goal; it decides SIT_FAST_SDPA_BACKEND): the
-# fast path's SDPA call against each of PyTorch's kernels forced, then the eager reference
+# Attention, forward and backward, after every op's bwd and before the MLP's ops (no goal; it decides
+# SIT_FAST_SDPA_BACKEND; nothing to compile, so a short box still holds it): the fast path's SDPA call
+# against each of PyTorch's kernels forced, then the eager reference
 ATTENTION_OPS = ("attention",)
 ATTENTION_DIRECTIONS = ("fwd", "bwd")
 ATTENTION_HEAD_DIM = 72  # SiT-XL's (1152 / 16 heads); the tiny size's D = 72 is one head
@@ -651,11 +653,11 @@ def _rows(device: str, size: str, time_left: Callable[[], float] | None = None,
         by_op[op]["reference"] = reference_op(op)
     for op in ATTENTION_OPS:
         by_op[op], unsupported[op] = attention_variants(dev, cfg.dtype)
-    # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd; the
-    # MLP ops (no goal either, but they decide a default) before fwd_bwd.
+    # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd;
+    # attention and the MLP ops (no goal either, but they decide defaults) before fwd_bwd.
     schedule = [(direction, op) for direction in DIRECTIONS if direction != "fwd_bwd" for op in OPS]
-    schedule += [("fwd", op) for op in MLP_OPS if "fwd" in DIRECTIONS]
     schedule += [(direction, op) for op in ATTENTION_OPS for direction in ATTENTION_DIRECTIONS]
+    schedule += [("fwd", op) for op in MLP_OPS if "fwd" in DIRECTIONS]
     schedule += [("fwd_bwd", op) for op in OPS if "fwd_bwd" in DIRECTIONS]
     for direction, op in schedule:
         variants = by_op[op]
