@@ -1037,6 +1037,7 @@ NOTES = {
               "are not the sampling ones: no graphs, weights not cast).",
 }
 
+
 def _profile_rates(record) -> str:
     """A profile row's achieved TFLOP/s: the matmul kernels' (and their fraction of the measured bf16
     matmul ceiling), the attention kernels'."""

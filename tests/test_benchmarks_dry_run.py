@@ -636,7 +636,8 @@ def test_kernel_suite_times_attention_against_each_sdpa_kernel(tmp_path, monkeyp
 
 def test_attention_summary_names_the_fastest_kernel_and_the_step_it_saves():
     """Forced kernels' forward + backward against ours, times 28 blocks; the kernel ours already runs
-    is not a saving; a variant missing a direction is left out."""
+    is not a saving, nor a gain within the rows' window spread; a variant missing a direction is left
+    out."""
     from benchmarks.kernels_suite import attention_summary
 
     def row(direction, variant, ms, **more):
