@@ -103,7 +103,7 @@ def bf16_bits_nearest_even(values):
 def _patch_interpreter_bf16_rounding() -> None:
     """Make the CPU interpreter convert float32 to bfloat16 as the GPU does: to the nearest value.
 
-    Triton's interpreter (3.8 and older) truncates the low 16 bits, in every implicit cast and in
+    Triton's interpreter (3.6 to 3.9 alike) truncates the low 16 bits, in every implicit cast and in
     a store of fp32 values through a bf16 pointer: half the elements of a bf16 output then land an
     ulp off the GPU's, and the error of every bf16 output is twice what the GPU gives. Under that
     the CPU's bf16 parity tests would judge kernels with a rounding they do not have. Only the
