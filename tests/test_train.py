@@ -209,6 +209,10 @@ def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
         def full_grid(*args, **kwargs):
             raise OSError(errno.ENOSPC, "No space left on device")
         images.save_image_grid = full_grid
+    if failure == "sample grid, an error" and rank == 0:
+        def failing_grid(*args, **kwargs):
+            raise RuntimeError("boom")
+        images.save_image_grid = failing_grid
     if failure == "a peer ends" and rank == 1:
         real = loop.Trainer.train_step
 
@@ -217,8 +221,9 @@ def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
                 os._exit(3)  # as a rank killed by a data error or out of memory would end
             return real(self, batch)
         loop.Trainer.train_step = train_step
+    every = "3" if failure == "sample grid, an error" else "2"  # a grid after a step with no checkpoint
     argv = BASE + ["--exp-dir", os.path.join(root, "exp"), "--max-steps", "4", "--ckpt-every", "2",
-                   "--sample-every", "2", "--num-sample-images", "2", "--sample-steps", "2"]
+                   "--sample-every", every, "--num-sample-images", "2", "--sample-steps", "2"]
     try:
         outcome = f"step {loop.main(argv)['step']}"
     except UserError as err:
@@ -229,10 +234,12 @@ def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
         f.write(outcome)
 
 
-@pytest.mark.parametrize("failure", ["checkpoint, disk full", "sample grid, disk full", "a peer ends"])
+@pytest.mark.parametrize("failure", ["checkpoint, disk full", "sample grid, disk full", "sample grid, an error",
+                                     "a peer ends"])
 def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     """Rank 0 alone writes checkpoints and grids: its full disk reached the others as gloo's 'Connection
-    closed by peer' traceback (or, for a grid, a crash); a peer that ended did the same to rank 0."""
+    closed by peer' traceback (or, for a grid, a crash); a peer that ended did the same to rank 0. A
+    grid that fails otherwise ends the run, every rank, after a checkpoint of the step."""
     # joined one by one: spawn's own join would end rank 0 (SIGTERM) as soon as rank 1 exits
     context = mp.spawn(_failing_rank_worker, args=(free_port(), str(tmp_path), failure), nprocs=2, join=False)
     for process in context.processes:
@@ -242,6 +249,10 @@ def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     if failure == "checkpoint, disk full":
         assert outcomes[0] == outcomes[1] and outcomes[0].startswith(
             "step 2: cannot write checkpoint ") and "(No space left on device)" in outcomes[0], outcomes
+    elif failure == "sample grid, an error":
+        assert outcomes == {0: "RuntimeError: boom",
+                            1: "rank 0 failed sampling the EMA grid after step 3: RuntimeError: boom"}, outcomes
+        assert list_checkpoints(str(tmp_path / "exp" / "checkpoints"))[0].endswith("0000003.pt")
     elif failure == "sample grid, disk full":
         assert outcomes == {0: "step 4", 1: "step 4"}, outcomes  # the grids are skipped, with a warning
         with open(tmp_path / "exp" / "log.txt") as f:
@@ -1398,6 +1409,69 @@ def test_resume_auto_with_no_matching_run_names_the_other_runs(tmp_path):
         log = f.read()
     assert (f"({results} holds other runs with checkpoints: {os.path.basename(first)}; to continue one, pass its "
             f"--model and transport flags, or --exp-dir)") in log, log
+
+def test_resume_auto_continues_the_newest_run_only(tmp_path):
+    """--resume auto takes the newest run of this --model and transport. Where that one has no valid
+    checkpoint (it failed before its first), a new run starts, naming the older ones to continue with
+    --exp-dir: an older run may be finished, or another experiment's, and is not taken over."""
+    results = str(tmp_path / "results")
+    first = train_main(BASE + ["--results-dir", results, "--max-steps", "1"])["exp_dir"]
+    failed = os.path.join(results, "001-SiT-T-4-Linear-velocity-None")
+    os.makedirs(os.path.join(failed, "checkpoints"))
+    summary = train_main(BASE + ["--results-dir", results, "--max-steps", "2", "--resume", "auto"])
+    exp = summary["exp_dir"]
+    assert os.path.basename(exp) == "002-SiT-T-4-Linear-velocity-None" and summary["step"] == 2
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert (f"--resume auto: no valid checkpoint of the newest SiT-T-4-Linear-velocity-None run in {results}, "
+            f"001-SiT-T-4-Linear-velocity-None; new run in {exp} (older runs of it hold checkpoints: "
+            f"{os.path.basename(first)}; to continue one, pass its folder as --exp-dir with --resume auto)") in log, log
+    assert [os.path.basename(p) for p in list_checkpoints(os.path.join(first, "checkpoints"))] == ["0000001.pt"]
+    summary = train_main(BASE + ["--results-dir", results, "--max-steps", "3", "--resume", "auto"])
+    assert summary["exp_dir"] == exp and summary["step"] == 3
+
+
+def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
+    """A second job training into a run folder while another does (the same job started twice, two
+    jobs resuming one run) is refused in one line naming the first, which holds the folder's lock."""
+    from sit_fast.files import FolderLock
+
+    exp = str(tmp_path / "run")
+    assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "1"])["step"] == 1  # its lock released at the end
+    other = FolderLock(exp, "--exp-dir")  # held here as another process would hold it
+    other.acquire()
+    capsys.readouterr()
+    try:
+        assert run_cli(BASE + ["--exp-dir", exp, "--max-steps", "2", "--resume", "auto"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: another job is writing into {exp} now (process {os.getpid()} on "), err
+        assert err.rstrip().endswith("wait for it to end, or pass another --exp-dir"), err
+    finally:
+        other.release()
+    assert [os.path.basename(p) for p in list_checkpoints(os.path.join(exp, "checkpoints"))] == ["0000001.pt"]
+    assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--resume", "auto"])["step"] == 2
+
+
+def test_a_sample_grid_out_of_memory_saves_the_step_first(tmp_path, monkeypatch):
+    """The sample grid ran out of memory after step 3, with the last checkpoint at step 0's start:
+    the weights are whole, so step 3 is saved before the run ends, and the error names it."""
+    from sit_fast import images
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(images, "save_image_grid", out_of_memory)
+    exp = str(tmp_path / "run")
+    with pytest.raises(UserError) as info:
+        train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--sample-every", "3", "--num-sample-images", "2",
+                           "--sample-steps", "2"])
+    saved = os.path.join(exp, "checkpoints", "0000003.pt")
+    assert str(info.value).startswith("out of GPU memory after step 3 on cpu sampling the EMA grid of "
+                                      "--num-sample-images 2: lower it"), info.value
+    assert str(info.value).endswith(f"; last checkpoint: {saved}") and os.path.exists(saved), info.value
+    monkeypatch.undo()
+    assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--resume", "auto"])["step"] == 4
+
 
 def test_failed_start_keeps_existing_folders(tmp_path, capsys):
     """A run that never starts removes the folders it created (a new --results-dir, an --exp-dir and its

@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--grad-clip", type=or_none(positive_float), default=None,
                        help="clip the global gradient norm to this value (none: no clipping)")
     optim.add_argument("--precision", choices=["auto", "fp32", "tf32", "bf16"], default="auto",
-                       help="fp32; tf32 matmuls; bf16 autocast with fp32 master weights (auto: bf16 on CUDA, "
-                            "fp32 on the CPU)")
+                       help="fp32; tf32 matmuls (upstream's setting); bf16 autocast with fp32 master weights "
+                            "(auto: bf16 on CUDA, fp32 on the CPU)")
     optim.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
                        help="skip steps whose gradients are not finite and count them, instead of stopping "
                             "(on CUDA on the device, by fused AdamW; on the CPU one host read per step)")

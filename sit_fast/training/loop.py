@@ -40,8 +40,8 @@ from sit_fast.distributed import (
     DistInfo, agree, barrier, broadcast_object, check_same_file, cleanup, gather_object, init_distributed,
     is_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed, unshared_path,
 )
-from sit_fast.errors import UserError, first_line, is_out_of_memory
-from sit_fast.files import (WRITE_REFUSED, atomic_torch_save, first_missing_folder, make_folder,
+from sit_fast.errors import PeerFailed, UserError, first_line, is_out_of_memory
+from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, first_missing_folder, make_folder,
                              make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
@@ -116,24 +116,38 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
                             f"in another --exp-dir")
         return exp_dir, None, f"new run in {exp_dir}"
     if args.resume == "auto":
-        candidates = [args.exp_dir] if args.exp_dir else experiment_dirs(args.results_dir, experiment_suffix(args))
-        for exp_dir in candidates:
-            found = find_latest_valid(os.path.join(exp_dir, "checkpoints"))
-            if found is not None:
-                return exp_dir, found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint)"
-        where = args.exp_dir or f"a {experiment_suffix(args)} run in {args.results_dir}"
+        # The newest run of this --model and transport only: an older one may be finished, or another
+        # experiment's; the newest without a checkpoint (it failed before its first) means a new run.
+        runs = [args.exp_dir] if args.exp_dir else experiment_dirs(args.results_dir, experiment_suffix(args))
+        if runs and (found := find_latest_valid(os.path.join(runs[0], "checkpoints"))) is not None:
+            return runs[0], found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint)"
+        if args.exp_dir:
+            where = args.exp_dir
+        elif runs:
+            where = f"the newest {experiment_suffix(args)} run in {args.results_dir}, {os.path.basename(runs[0])}"
+        else:
+            where = f"a {experiment_suffix(args)} run in {args.results_dir}"
+        older = [os.path.basename(run) for run in runs[1:] if list_checkpoints(os.path.join(run, "checkpoints"))]
         others = [] if args.exp_dir else other_runs(args.results_dir, experiment_suffix(args))
         exp_dir = new_experiment_dir(args)
-        hint = (f" ({args.results_dir} holds other runs with checkpoints: {', '.join(others[:3])}"
-                f"{' and more' if len(others) > 3 else ''}; to continue one, pass its --model and transport flags, "
-                f"or --exp-dir)" if others else "")
+        hint = ""
+        if older:
+            hint = (f" (older runs of it hold checkpoints: {', '.join(older[:3])}{' and more' if len(older) > 3 else ''};"
+                    f" to continue one, pass its folder as --exp-dir with --resume auto)")
+        elif others:
+            hint = (f" ({args.results_dir} holds other runs with checkpoints: {', '.join(others[:3])}"
+                    f"{' and more' if len(others) > 3 else ''}; to continue one, pass its --model and transport flags, "
+                    f"or --exp-dir)")
         return exp_dir, None, f"--resume auto: no valid checkpoint of {where}; new run in {exp_dir}{hint}"
     path = args.resume
     if os.path.isdir(path):
         ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
         found = find_latest_valid(ckpt_dir)
         if found is None:
-            raise CheckpointError(f"--resume {path}: no valid checkpoint in {ckpt_dir}")
+            why = ("each failed to load: see the warnings above" if list_checkpoints(ckpt_dir) else
+                   "it holds no NNNNNNN.pt file")
+            raise CheckpointError(f"--resume {path}: no valid checkpoint in {ckpt_dir} ({why}): pass another "
+                                  f"checkpoint or run folder, or start a new run without --resume")
         path = found[0]
     else:
         load_training_checkpoint(path)  # a one-line error for a missing or damaged file
@@ -235,16 +249,40 @@ def reset_logging() -> None:
     package.setLevel(logging.NOTSET)
 
 
+_run_lock: FolderLock | None = None
+
+
+def hold_run_lock(exp_dir: str) -> None:
+    """Lock the run folder (rank 0, until release_run_lock: main's end): a second job training into it
+    now, the same job started twice or two resuming one run, is refused in one line naming the first,
+    instead of writing over its checkpoints. A process holds one run's lock, taken again at no cost."""
+    global _run_lock
+    if _run_lock is not None:
+        if _run_lock.fd is not None and os.path.realpath(_run_lock.folder) == os.path.realpath(exp_dir):
+            return
+        release_run_lock()
+    _run_lock = FolderLock(exp_dir, "--exp-dir")
+    _run_lock.acquire()
+
+
+def release_run_lock() -> None:
+    global _run_lock
+    if _run_lock is not None:
+        _run_lock.release()
+        _run_lock = None
+
+
 def remove_unused_experiment(exp_dir: str, made_from: str | None) -> None:
     """Delete an experiment folder this run created, if it holds nothing but log.txt and no checkpoint,
     and the parents it created with it (`made_from` down: a new --results-dir) that are left empty."""
+    release_run_lock()
     package = logging.getLogger("sit_fast")
     for handler in list(package.handlers):
         if isinstance(handler, logging.FileHandler):
             handler.close()
             package.removeHandler(handler)
     checkpoints = os.path.join(exp_dir, "checkpoints")
-    if set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints"} and not os.listdir(checkpoints):
+    if set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints", FolderLock.NAME} and not os.listdir(checkpoints):
         shutil.rmtree(exp_dir, ignore_errors=True)
         if made_from is not None:
             remove_empty_folders(os.path.dirname(os.path.abspath(exp_dir)), made_from)
@@ -423,6 +461,7 @@ class Trainer:
                 created = not existed if args.exp_dir else resume_path is None
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
                 make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
+                hold_run_lock(exp_dir)  # one process trains into a run folder at a time
                 choice = exp_dir, resume_path, resume_note, created, made_from
             except UserError as err:
                 choice = err
@@ -505,7 +544,10 @@ class Trainer:
         world_size, rank = dist_info.world_size, dist_info.rank
         self.args = args
         if args.global_batch_size % world_size:
-            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size}")
+            below = args.global_batch_size // world_size * world_size
+            near = " or ".join(str(n) for n in (below, below + world_size) if n > 0)
+            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size} "
+                            f"(the number of processes): pass a multiple of {world_size}, such as {near}")
         self.local_batch_size = args.global_batch_size // world_size
         if ckpt is not None and "grad_accum_steps" not in explicit:
             self.keep_micro_batch(args, ckpt)
@@ -580,7 +622,13 @@ class Trainer:
         if args.num_classes is None:
             args.num_classes = dataset.num_classes
         elif args.num_classes < dataset.num_classes:
-            raise UserError(f"--num-classes {args.num_classes} is smaller than the dataset's {dataset.num_classes} classes")
+            if ckpt is not None and "num_classes" not in explicit:
+                raise UserError(f"the run being resumed ({resume_path}) has {args.num_classes} classes, the data "
+                                f"{dataset.num_classes}: resume it on its own data, or start a new run (--ckpt "
+                                f"{resume_path} to start from its weights)")
+            raise UserError(f"--num-classes {args.num_classes} is smaller than the dataset's {dataset.num_classes} "
+                            f"classes: pass --num-classes {dataset.num_classes} or more, or leave it out to take the "
+                            f"dataset's")
         patch = model_config(args.model)["patch_size"]
         if latent_size % patch:
             unit = "latent" if latent_size != args.image_size else "image"
@@ -1120,7 +1168,7 @@ class Trainer:
                             self.save_checkpoint()
                         if args.sample_every is not None and self.step % args.sample_every == 0:
                             self.phase = "samples"  # the others wait on the host group, not in NCCL's 10 minutes
-                            on_main(self.save_samples, self.dist_info)
+                            self.sample_grid_or_save()
                             self.phase = "train"
                     if last:
                         break
@@ -1137,6 +1185,35 @@ class Trainer:
             finally:  # workers ignore SIGTERM (StopRequest), so they are stopped here, also on an error
                 close_loader(loader)
         return last_log, None
+
+    def sample_grid_or_save(self) -> None:
+        """save_samples on rank 0; where it fails (out of memory, say), the weights are whole: every rank
+        first saves a checkpoint of this step, then the run ends with the error."""
+        failure = None
+
+        def grid() -> str | None:
+            nonlocal failure
+            try:
+                self.save_samples()
+            except Exception as err:  # noqa: BLE001 -- raised below, on every rank, after the checkpoint
+                failure = err
+                return f"{type(err).__name__}: {first_line(err)}"
+            return None
+
+        error = on_main(grid, self.dist_info)
+        if error is None:
+            return
+        if self.last_checkpoint != checkpoint_path(self.checkpoint_dir, self.step):
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()  # what the failed grid left cached, for the checkpoint's copies
+            try:
+                self.check_finite()
+                self.save_checkpoint()
+            except UserError as err:  # a non-finite loss, a full disk: said, and the grid's error raised
+                logger.warning(f"the sample grid failed, and the checkpoint of step {self.step} too: {err}")
+        if failure is not None:
+            raise failure
+        raise PeerFailed(f"rank 0 failed sampling the EMA grid after step {self.step}: {error}")
 
     def batches_saving_on_a_data_error(self, loader):
         """The loader's batches; a data error (an unreadable image) first saves the steps taken, in a
@@ -1167,8 +1244,9 @@ class Trainer:
         args = self.args
         where = f"at step {self.step + 1} on {self.device}"
         if self.phase == "samples":
+            last = f"; last checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
             return (f"out of GPU memory after step {self.step} on {self.device} sampling the EMA grid of --num-sample-images "
-                    f"{args.num_sample_images}: lower it{' or --cfg-scale 1' if args.cfg_scale > 1 else ''}")
+                    f"{args.num_sample_images}: lower it{' or --cfg-scale 1' if args.cfg_scale > 1 else ''}{last}")
         parts = args.grad_accum_steps
         micro = self.local_batch_size // parts
         batch = f"a batch of {self.local_batch_size} per GPU" + (f" in micro-batches of {micro}" if parts > 1 else "")
@@ -1355,5 +1433,6 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(130) from None
     finally:
         stop.restore()
+        release_run_lock()
         cleanup()
         reset_logging()
