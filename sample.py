@@ -88,7 +88,8 @@ from sit_fast.sampling import (
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
     npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
-from sit_fast.transport import Sampler, add_ode_args, add_sde_args, add_transport_args, create_transport
+from sit_fast.transport import (PATH_TYPES, PREDICTIONS, Sampler, add_ode_args, add_sde_args, add_transport_args,
+                                create_transport)
 from sit_fast.transport.integrators import adaptive_ode_method, ode_method_uses_tolerances
 from sit_fast.vae import VAE_ALIASES
 
@@ -112,7 +113,10 @@ NOT_FID_FLAGS = {"likelihood", "reverse", "data", "dataset", "exact_divergence",
 # Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
 NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
                       "fused_kernels", "tf32", "data", "dataset", "likelihood", "exact_divergence", "class_labels",
-                      "vae_explicit", "prog"}
+                      "vae_explicit", "transport_explicit", "prog"}
+
+# The transport flags taken from a checkpoint that records its training flags, when not given; else these.
+TRANSPORT_DEFAULTS = {"path_type": "Linear", "prediction": "velocity"}
 
 
 #################################################################################
@@ -221,6 +225,10 @@ def build_parser(defaults: dict | None = None, prog: str | None = None) -> argpa
         sub = modes.add_parser(mode, help=f"sample with the {mode}", allow_abbrev=False)
         add_sampling_args(sub, defaults)
         add_transport_args(sub)
+        for key, value in TRANSPORT_DEFAULTS.items():  # resolve_args and Setup: the checkpoint's, else value
+            action = sub._option_string_actions["--" + key.replace("_", "-")]
+            action.default = None
+            action.help += f" (default: the checkpoint's training flag where it records one, else {value})"
         add_solver_args(sub)
         if defaults["num_fid_samples"] is not None:  # sample_ddp.py: its help shows the FID job's flags alone
             for action in sub._actions:
@@ -315,6 +323,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--cuda-graphs needs a CUDA device, and torch sees none")
     if args.cfg_channels is not None:  # else the model's (Setup: default_cfg_channels)
         args.cfg_channels = "all" if args.cfg_channels == "all" else int(args.cfg_channels)
+    args.transport_explicit = sorted(key for key in TRANSPORT_DEFAULTS if getattr(args, key) is not None)
+    for key, value in TRANSPORT_DEFAULTS.items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     args.vae_explicit = args.vae is not None
     if args.vae is None:
         args.vae = getattr(args, "vae_fallback", SAMPLE_DEFAULTS["vae"])
@@ -354,6 +366,24 @@ def checkpoint_latent_space(path: str) -> str | None:
     `python -m sit_fast.export`) records; None when it records none (a release file)."""
     space = (recorded_model_config(path) or {}).get("latent_space")
     return space if isinstance(space, str) and space else None
+
+
+def adopt_training_transport(args: argparse.Namespace, trained: dict | None, dist: DistInfo) -> None:
+    """--path-type and --prediction not given: those the checkpoint was trained with, where it records
+    them (train.py's and upstream's training checkpoints do), as sampling a VP or noise-predicting
+    model with the Linear velocity maths gives meaningless images. Given ones stay (Setup warns)."""
+    if not isinstance(trained, dict):
+        return
+    taken = []
+    for key in TRANSPORT_DEFAULTS:
+        value = trained.get(key)
+        choices = PATH_TYPES if key == "path_type" else PREDICTIONS
+        if (key not in args.transport_explicit and isinstance(value, str) and value in choices
+                and value != getattr(args, key)):
+            setattr(args, key, value)
+            taken.append(f"--{key.replace('_', '-')} {value}")
+    if taken and dist.is_main:
+        print(f"using {', '.join(taken)}: the checkpoint's training flag{'s' if len(taken) > 1 else ''}")
 
 
 def resolve_vae(args: argparse.Namespace, ckpt: str, dist: DistInfo) -> str:
@@ -410,6 +440,38 @@ class Setup:
                 raise UserError(f"{ckpt} takes {in_channels}-channel inputs, not the 4-channel latents of the "
                                 f"default --vae {args.vae}: pass --vae none for a model trained in pixel space, or "
                                 f"the --vae it was trained with")
+            adopt_training_transport(args, loaded[1].get("args"), dist)
+        # The sampler from the flags: a combination it refuses is said before the VAE loads (or downloads).
+        try:
+            transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
+                                         args.sample_eps)
+            sampler = Sampler(transport)
+            self.call_times = None
+            if args.job == "likelihood":
+                self.sample_fn = sampler.sample_ode_likelihood(
+                    sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol,
+                    rtol=args.rtol, exact_divergence=args.exact_divergence)
+            elif args.mode == "ODE":
+                self.sample_fn = sampler.sample_ode(
+                    sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol,
+                    rtol=args.rtol, reverse=args.reverse)
+                self.call_times = model_call_times(
+                    "ODE", transport, sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
+                    reverse=args.reverse)
+            else:
+                self.sample_fn = sampler.sample_sde(
+                    sampling_method=args.sampling_method, diffusion_form=args.diffusion_form,
+                    diffusion_norm=args.diffusion_norm, last_step=args.last_step,
+                    last_step_size=args.last_step_size, num_steps=args.num_sampling_steps)
+                self.call_times = model_call_times(
+                    "SDE", transport, sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
+                    diffusion_form=args.diffusion_form, last_step=args.last_step,
+                    last_step_size=args.last_step_size)
+        except ValueError as err:
+            if isinstance(err, UserError):
+                raise
+            raise UserError(str(err)) from None
+
         vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
         self.codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="sample")
         if self.codec is not None and args.in_channels is not None:
@@ -441,36 +503,6 @@ class Setup:
                             f"{self.in_channels} channels: pass the VAE it was trained with")
         check_training_args(self.info, {k: getattr(args, k) for k in ("path_type", "prediction")})
 
-        try:
-            transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
-                                         args.sample_eps)
-            sampler = Sampler(transport)
-            self.call_times = None
-            if args.job == "likelihood":
-                self.sample_fn = sampler.sample_ode_likelihood(
-                    sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol,
-                    rtol=args.rtol, exact_divergence=args.exact_divergence)
-            elif args.mode == "ODE":
-                self.sample_fn = sampler.sample_ode(
-                    sampling_method=args.sampling_method, num_steps=args.num_sampling_steps, atol=args.atol,
-                    rtol=args.rtol, reverse=args.reverse)
-                self.call_times = model_call_times(
-                    "ODE", transport, sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
-                    reverse=args.reverse)
-            else:
-                self.sample_fn = sampler.sample_sde(
-                    sampling_method=args.sampling_method, diffusion_form=args.diffusion_form,
-                    diffusion_norm=args.diffusion_norm, last_step=args.last_step,
-                    last_step_size=args.last_step_size, num_steps=args.num_sampling_steps)
-                self.call_times = model_call_times(
-                    "SDE", transport, sampling_method=args.sampling_method, num_steps=args.num_sampling_steps,
-                    diffusion_form=args.diffusion_form, last_step=args.last_step,
-                    last_step_size=args.last_step_size)
-        except ValueError as err:
-            if isinstance(err, UserError):
-                raise
-            raise UserError(str(err)) from None
-
         self.forwards = ModelForwards(self.model, cfg_scale=args.cfg_scale, cfg_channels=args.cfg_channels,
                                       autocast_dtype=self.autocast_dtype, cast_weights=True, compile=args.compile,
                                       cuda_graphs=args.cuda_graphs)
@@ -495,12 +527,46 @@ class Setup:
         model_fn.check_finished()
         return samples
 
-    def to_images(self, samples: torch.Tensor) -> torch.Tensor:
-        """Model-space samples -> images in [-1, 1] (the VAE decodes in batches of its own)."""
+    def to_images(self, samples: torch.Tensor, first: int = 0) -> torch.Tensor:
+        """Model-space samples of images first, first + 1, ... -> images in [-1, 1] (the VAE decodes in
+        batches of its own). NaN or inf, in the samples (a sampler that diverged) or the decoded images
+        (a VAE that overflowed), is a UserError: as pixels it would pass unnoticed, black or white,
+        into a grid or an FID."""
+        self.check_finite(samples, first, "the sampler diverged: {} came out NaN or inf", self.divergence_advice())
         if self.codec is None:
             return samples.float().clamp(-1, 1)
         with torch.inference_mode():
-            return self.codec.decode(samples)
+            images = self.codec.decode(samples)
+        advice = "--vae-precision fp32" if self.args.vae_precision != "fp32" else "another --vae"
+        self.check_finite(images, first, "the VAE overflowed: {} decoded to NaN or inf", advice)
+        return images
+
+    @staticmethod
+    def check_finite(x: torch.Tensor, first: int, what: str, advice: str) -> None:
+        """UserError `what` (naming the images) unless every element of x (B, ...) is finite."""
+        bad = ~torch.isfinite(x).flatten(1).all(1)  # (B,); one host read per batch
+        if bool(bad.any()):
+            rows = bad.nonzero().flatten().tolist()
+            name = f"image {first + rows[0]}" + (f" (and {len(rows) - 1} more of images {first}..{first + len(x) - 1})"
+                                                 if len(rows) > 1 else "")
+            raise UserError(f"{what.format(name)}; nothing of its batch is written: try {advice}")
+
+    def divergence_advice(self) -> str:
+        """The flags that make a sampler that diverged converge, those not in use already."""
+        args = self.args
+        if args.mode == "ODE" and adaptive_ode_method(args.sampling_method):
+            fixes = ["smaller --atol and --rtol"]
+        else:
+            fixes = [f"more --num-sampling-steps (now {args.num_sampling_steps})"]
+            if args.mode == "ODE":
+                fixes.append("--sampling-method dopri5 (adaptive)")
+        if args.mode == "SDE" and args.diffusion_form != "sigma":
+            fixes.append("--diffusion-form sigma (upstream's default)")
+        if args.precision == "bf16":
+            fixes.append("--precision tf32")
+        if args.cfg_scale > 1:
+            fixes.append(f"a smaller --cfg-scale (now {args.cfg_scale:g})")
+        return ", ".join(fixes[:-1]) + (" or " if len(fixes) > 1 else "") + fixes[-1]
 
 
 def set_matmul_precision(precision: str) -> None:
@@ -544,7 +610,7 @@ def run_grid(setup: Setup) -> str:
         noise, _ = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes)
         batch_labels = torch.tensor([labels[i % len(labels)] for i in indices], dtype=torch.long)
         samples = setup.sample(noise, batch_labels, derived_seed(args.seed, first, batch_size))
-        images.append(setup.to_images(samples[:kept]).cpu())
+        images.append(setup.to_images(samples[:kept], first).cpu())
     elapsed = time.perf_counter() - start
     from sit_fast.images import save_image_grid
 
@@ -654,7 +720,7 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
                 noise, labels = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes,
                                             class_balanced=args.class_balanced)
                 samples = setup.sample(noise, labels, derived_seed(args.seed, k, chunk))
-                images = to_rgb_uint8(setup.to_images(samples))  # (B, H, W, 3), one device-to-host copy
+                images = to_rgb_uint8(setup.to_images(samples, k * chunk))  # (B, H, W, 3), one copy to the host
                 kept = [i for i in indices if i < total]
                 writer.write(images[: len(kept)], kept)
                 bar.update(min(len(kept) * dist.world_size, todo - bar.n))

@@ -26,6 +26,7 @@ of --per-proc-batch-size.
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import json
 import logging
 import math
@@ -89,10 +90,20 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
     partial = f"{path}.{os.getpid()}.partial"
     try:
         with urllib.request.urlopen(PRETRAINED_URLS[name], timeout=timeout_s) as response, open(partial, "wb") as f:
-            while chunk := response.read(1 << 22):
-                f.write(chunk)
+            length = response.headers.get("Content-Length")
+            expected = int(length) if length and length.isdigit() else None
+            with progress_display(math.ceil((expected or 0) / 2**20), f"downloading {name}", "MiB") as bar:
+                while chunk := response.read(1 << 22):
+                    f.write(chunk)
+                    bar.update(f.tell() // 2**20 - bar.n)
+                bar.update(math.ceil(f.tell() / 2**20) - bar.n)
+            received = f.tell()
+        if expected is not None and received != expected:
+            raise OSError(f"the connection closed after {received} of {expected} bytes")
+        if not looks_like_a_checkpoint(partial):
+            raise OSError("what came is not a checkpoint file (a web page in its place?)")
         os.replace(partial, path)
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         if os.path.exists(partial):
             os.remove(partial)
         reason = getattr(err, "reason", None) or err
@@ -102,6 +113,13 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
             f"({given_as})"
         ) from None
     return path
+
+
+def looks_like_a_checkpoint(path: str) -> bool:
+    """Whether the file starts as torch.save's files do: a zip archive, or (before torch 1.6) a pickle."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return head == b"PK\x03\x04" or head[:1] == b"\x80"
 
 
 def release_or_path(ckpt: str, given_as: str = "--ckpt PATH") -> str:

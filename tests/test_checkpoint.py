@@ -596,3 +596,62 @@ def test_a_file_named_as_a_dit_release_is_warned_of(tmp_path, caplog):
         f"{tmp_path / 'DiT-XL-2-256x256.pt'} is named as one of DiT's releases: DiT predicts DDPM noise at integer "
         f"times 0..999, not what SiT's transports (times in [0, 1]) expect: sampled as it is, it gives meaningless "
         f"images (as weights to train from, it serves)"]
+
+
+class _Response:
+    """What urlopen returns, as far as the download reads it: headers, read(n), a context manager."""
+
+    def __init__(self, body: bytes, length: int | None, fail_after: int | None = None):
+        self.body, self.at, self.fail_after = body, 0, fail_after
+        self.headers = {"Content-Length": str(length)} if length is not None else {}
+
+    def read(self, n: int) -> bytes:
+        if self.fail_after is not None and self.at >= self.fail_after:
+            import http.client
+
+            raise http.client.IncompleteRead(self.body[: self.at], len(self.body) - self.at)
+        end = self.at + n if self.fail_after is None else min(self.at + n, self.fail_after)
+        chunk = self.body[self.at: end]
+        self.at += len(chunk)
+        return chunk
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def test_a_release_download_is_kept_only_whole_and_a_checkpoint(tmp_path, monkeypatch):
+    """The release download goes into the cache only when it came whole (Content-Length) and is a
+    torch.save file: a connection cut short, a read that fails mid-way, or a web page in its place is
+    a UserError, and leaves nothing in the cache (the next run downloads again)."""
+    import io
+    import urllib.request
+
+    from sit_fast.errors import UserError
+    from sit_fast.sampling import pretrained_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIT_FAST_CACHE", str(cache))
+    buffer = io.BytesIO()
+    sd = upstream_state_dict(1, 32, 2, True)
+    torch.save(sd, buffer)
+    good = buffer.getvalue()
+    page = b"<!DOCTYPE html><html>quota exceeded</html>"
+    cases = [(_Response(good[:1000], len(good)), f"the connection closed after 1000 of {len(good)} bytes"),
+             (_Response(good, len(good), fail_after=5000), "IncompleteRead"),
+             (_Response(page, len(page)), "what came is not a checkpoint file (a web page in its place?)")]
+    for response, needle in cases:
+        monkeypatch.setattr(urllib.request, "urlopen", lambda *args, response=response, **kwargs: response)
+        with pytest.raises(UserError) as info:
+            pretrained_checkpoint()
+        assert str(info.value).startswith("cannot download the released checkpoint SiT-XL-2-256x256.pt (") and \
+            needle in str(info.value), info.value
+        assert os.listdir(cache) == []
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *args, **kwargs: _Response(good, None))
+    path = pretrained_checkpoint()
+    assert path == str(cache / "SiT-XL-2-256x256.pt") and os.listdir(cache) == ["SiT-XL-2-256x256.pt"]
+    state_dict, _ = read_checkpoint(path)
+    assert all(torch.equal(state_dict[k], sd[k]) for k in sd)

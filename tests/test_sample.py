@@ -172,19 +172,56 @@ def test_a_stopped_grid_is_one_line(files, tmp_path, capsys, monkeypatch, stop):
 #                      Checkpoints and one-line errors                           #
 #################################################################################
 
-def test_a_checkpoint_of_another_transport_is_named_with_the_flags_to_pass(files, tmp_path, capsys):
-    """Upstream's training checkpoint records its args: sampling it with other transport flags (here
-    the defaults) warns with the flags it was trained with."""
+def test_a_checkpoint_of_another_transport_is_sampled_with_its_flags(files, tmp_path, capsys):
+    """Upstream's training checkpoint records its args: --path-type and --prediction not given are its
+    own (said on stdout), the same images as passing them; another one given warns, naming its own."""
     weights = torch.load(files["pixel"], weights_only=True)
     torch.save({"model": weights, "ema": weights, "args": argparse.Namespace(path_type="VP", prediction="score")},
                tmp_path / "vp.pt")
-    run(["ODE", "--ckpt", tmp_path / "vp.pt", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
-         2, "--out", tmp_path / "a.png", *FAST])
-    assert ("warning: the checkpoint was trained with --path-type VP (this run: Linear), --prediction score (this "
-            "run: velocity); pass the same to sample from it") in capsys.readouterr().err
-    run(["ODE", "--ckpt", tmp_path / "vp.pt", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
-         2, "--out", tmp_path / "b.png", "--path-type", "VP", "--prediction", "score", *FAST])
-    assert "was trained with" not in capsys.readouterr().err
+    argv = ["ODE", "--ckpt", tmp_path / "vp.pt", "--vae", "none", "--sampling-method", "euler",
+            "--num-sampling-steps", 2, *FAST]
+    run(argv + ["--out", tmp_path / "a.png"])
+    out, err = capsys.readouterr()
+    assert "using --path-type VP, --prediction score: the checkpoint's training flags" in out and not err, (out, err)
+    run(argv + ["--out", tmp_path / "b.png", "--path-type", "VP", "--prediction", "score"])
+    out, err = capsys.readouterr()
+    assert "training flag" not in out and "was trained with" not in err
+    np.testing.assert_array_equal(read_png(tmp_path / "a.png"), read_png(tmp_path / "b.png"))
+    run(argv + ["--out", tmp_path / "c.png", "--path-type", "Linear"])
+    out, err = capsys.readouterr()
+    assert "using --prediction score: the checkpoint's training flag\n" in out, out
+    assert ("warning: the checkpoint was trained with --path-type VP (this run: Linear); pass the same to sample "
+            "from it") in err, err
+
+
+@pytest.mark.parametrize("fid", [False, True])
+def test_samples_that_are_not_finite_are_refused_not_written(files, tmp_path, capsys, monkeypatch, fid):
+    """A sampler that diverged (here, image 1 of each batch made NaN) would turn NaN into black pixels,
+    unnoticed in an FID: one line naming the image and the flags that help; nothing of the batch written."""
+    real = sample.Setup.sample
+
+    def diverging(self, noise, labels, seed):
+        samples = real(self, noise, labels, seed).clone()
+        samples[1, 0, 0, 0] = float("nan")
+        return samples
+
+    monkeypatch.setattr(sample.Setup, "sample", diverging)
+    argv = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 3, "--diffusion-form", "SBDM",
+            *FAST]
+    argv += ["--num-fid-samples", 3, "--batch-size", 2, "--sample-dir", tmp_path / "s"] if fid else [
+        "--out", tmp_path / "g.png"]
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == ("error: the sampler diverged: image 1 came out NaN or inf; nothing of its batch "
+                                      "is written: try more --num-sampling-steps (now 3), --diffusion-form sigma "
+                                      "(upstream's default) or a smaller --cfg-scale (now 4)" if not fid else
+                                      "error: the sampler diverged: image 1 came out NaN or inf; nothing of its batch "
+                                      "is written: try more --num-sampling-steps (now 3) or --diffusion-form sigma "
+                                      "(upstream's default)")
+    assert not os.path.exists(tmp_path / "g.png") and not os.path.exists(tmp_path / "s.npz")
+    if fid:
+        assert not [name for name in os.listdir(tmp_path / "s") if name.endswith(".png")]
 
 
 def test_upstream_learn_sigma_checkpoint_loads_with_inferred_config(files):
@@ -384,7 +421,10 @@ def test_checkpoint_problems_come_before_the_vae(files, tmp_path, capsys, monkey
     cases = [(["--ckpt", tmp_path / "missing.pt"], "checkpoint not found"),
              (["--ckpt", tmp_path / "text.pt"], "cannot read"),
              (["--ckpt", files["pixel"]], "takes 3-channel inputs, not the 4-channel latents of the default --vae "
-                                          "mse: pass --vae none")]
+                                          "mse: pass --vae none"),
+             # flags no sampler takes: said before the VAE, which may be a download of minutes
+             (["--ckpt", files["latent"], "--vae", "stabilityai/not-cached", "--atol", 0, "--rtol", 0],
+              "atol and rtol are both 0")]
     for argv, needle in cases:
         with pytest.raises(SystemExit):
             run(["ODE", *argv, "--out", tmp_path / "x.png", *FAST])
