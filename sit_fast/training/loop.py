@@ -132,8 +132,9 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
         exp_dir = new_experiment_dir(args)
         hint = ""
         if older:
-            hint = (f" (older runs of it hold checkpoints: {', '.join(older[:3])}{' and more' if len(older) > 3 else ''};"
-                    f" to continue one, pass its folder as --exp-dir with --resume auto)")
+            listed = ", ".join(older[:3]) + (" and more" if len(older) > 3 else "")
+            hint = (f" (older runs of it hold checkpoints: {listed}; to continue one, pass its folder as --exp-dir "
+                    f"with --resume auto)")
         elif others:
             hint = (f" ({args.results_dir} holds other runs with checkpoints: {', '.join(others[:3])}"
                     f"{' and more' if len(others) > 3 else ''}; to continue one, pass its --model and transport flags, "
@@ -546,8 +547,8 @@ class Trainer:
         if args.global_batch_size % world_size:
             below = args.global_batch_size // world_size * world_size
             near = " or ".join(str(n) for n in (below, below + world_size) if n > 0)
-            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size {world_size} "
-                            f"(the number of processes): pass a multiple of {world_size}, such as {near}")
+            raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by the world size "
+                            f"{world_size} (the number of processes): pass a multiple of {world_size}, such as {near}")
         self.local_batch_size = args.global_batch_size // world_size
         if ckpt is not None and "grad_accum_steps" not in explicit:
             self.keep_micro_batch(args, ckpt)
