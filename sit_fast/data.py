@@ -212,13 +212,21 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
             "torchvision's ImageFolder counts them, so class labels here differ from a run that used it")
     if not classes:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
-    samples, empty = [], []
+    samples, empty, hidden_files = [], [], []
     for label, name in enumerate(classes):
         count = len(samples)
         for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMG_EXTENSIONS):
+                    if filename.startswith("."):  # macOS's ._x.jpg beside x.jpg, say: no image, a crash later
+                        hidden_files.append(os.path.join(dirpath, filename))
+                        continue
                     samples.append((os.path.join(dirpath, filename), label))
+    if hidden_files:
+        logger.warning(
+            f"--data-path {root}: {len(hidden_files)} hidden file{'s' if len(hidden_files) > 1 else ''} with an image "
+            f"extension ({hidden_files[0]}{' and more' if len(hidden_files) > 1 else ''}) left out (macOS writes "
+            f"._NAME files of metadata beside copied images); torchvision's ImageFolder would take them")
         if len(samples) == count:
             empty.append(name)
     if not samples:
@@ -241,8 +249,12 @@ def _holds_images(folder: str) -> bool:
 UNREADABLE_IMAGE = (OSError, Image.DecompressionBombError)  # damaged, not an image, or past PIL's pixel limit
 
 
+class UnreadableImage(DataError):
+    """An image that cannot be read: damaged, not an image, or past PIL's pixel limit."""
+
+
 def unreadable_image(path: str, err: Exception) -> DataError:
-    return DataError(f"cannot read image {path} ({first_line(err)}): remove or replace it")
+    return UnreadableImage(f"cannot read image {path} ({first_line(err)}): remove or replace it")
 
 
 # One-channel modes holding more than 8 bits: PIL's convert to "L" or "RGB" clips their values to 255

@@ -34,10 +34,11 @@ import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonnegative_int, positive_int
 from sit_fast.data import (
-    CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, close_loader, make_loader, worker_error,
+    CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, UnreadableImage, close_loader, make_loader,
+    worker_error,
 )
-from sit_fast.distributed import (barrier, check_shared_path, cleanup, init_distributed, is_distributed, on_main,
-                                  peer_ended, peer_failed)
+from sit_fast.distributed import (agree, barrier, broadcast_object, check_shared_path, cleanup, init_distributed,
+                                  is_distributed, on_main, peer_ended, peer_failed)
 from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
 from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, unfinished_writes
 from sit_fast.interrupts import (
@@ -113,12 +114,13 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     dist_info = init_distributed()
     log_warnings_on_stderr(dist_info.is_main)
     device = dist_info.device
+    if args.vae is None or args.vae == "none":  # before the dataset's scan, which may take minutes
+        raise UserError("a latent cache holds VAE latents: pass --vae ema, mse, a hub id or a local diffusers "
+                        "AutoencoderKL folder (to train in pixel space, --vae none in train.py, no cache is needed)")
     dataset = ImageFolderDataset(args.data_path, args.image_size)
     check_image_size(args.image_size, args.vae)
     vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
     codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="encode")
-    if codec is None:
-        raise UserError("a latent cache needs a VAE: --vae none makes no sense here")
     codec.batch_size = args.batch_size  # the most images per encoder call, mirror images included
     check_image_size(args.image_size, args.vae, codec)
     storage = STORAGE_DTYPES[args.dtype]
@@ -130,6 +132,16 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
         "shard_size": args.shard_size, "num_images": n, "num_classes": dataset.num_classes,
         "dataset_sha256": dataset_fingerprint(dataset, args.data_path),
     }
+    if dist_info.world_size > 1:  # each process indexes its own --data-path: another file list mislabels its shards
+        main_sha, main_n = broadcast_object((settings["dataset_sha256"], n))
+
+        def same_files() -> None:
+            if settings["dataset_sha256"] != main_sha:
+                raise UserError(f"--data-path {args.data_path} holds other files on this node than on rank 0's ({n} "
+                                f"images here, {main_n} there, or other names or classes): every process must see "
+                                f"the same dataset (a shared filesystem, or identical copies)")
+
+        agree(same_files, dist_info)
 
     def prepare():
         check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt", lock=lock)
@@ -166,7 +178,12 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
                 try:
                     images, y = next(loader)
                 except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
-                    raise worker_error(err) from None
+                    err = worker_error(err)
+                    if isinstance(err, UnreadableImage):  # the fingerprint is of the names: a removal starts over
+                        err = UnreadableImage(f"{err} (to keep the shards written, replace it with a readable image "
+                                              f"of the same name: removing it changes the folder's file list, and "
+                                              f"the cache would start over)")
+                    raise err from None
                 images = images.to(device, non_blocking=True)
                 mean, std = codec.encode(torch.cat([images, images.flip(-1)]))  # (2B, C, h, w) each
                 b = images.shape[0]

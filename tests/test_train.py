@@ -1073,6 +1073,21 @@ def test_a_class_folder_without_images_is_named_in_a_warning(tmp_path, caplog):
         "refuses such folders: remove them unless they are meant as classes"]
 
 
+def test_hidden_files_with_an_image_extension_are_left_out_with_a_warning(tmp_path, caplog):
+    """macOS's ._NAME files of metadata beside copied images end in .jpg but are no images: taken (as
+    torchvision's ImageFolder takes them), reading one would stop the run or the cache mid-way."""
+    from sit_fast.data import find_images
+
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    (tmp_path / "data" / "class1" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        samples, classes = find_images(root)
+    assert [os.path.basename(path) for path, _ in samples] == ["0.png", "0.png"] and classes == ["class0", "class1"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--data-path {root}: 1 hidden file with an image extension ({os.path.join(root, 'class1', '._0.png')}) left "
+        f"out (macOS writes ._NAME files of metadata beside copied images); torchvision's ImageFolder would take them"]
+
+
 def test_hidden_folders_holding_images_are_skipped_with_a_warning_in_the_log(tmp_path, capsys):
     """The warning comes from sit_fast.data, outside the training module: it still reaches log.txt."""
     for name in ["a/1.png", ".extra/deep/2.png", "b/3.png"]:
@@ -1973,6 +1988,18 @@ def test_latent_cache_refuses_out_of_range_values_in_one_line(tmp_path, capsys, 
     assert not os.path.exists(tmp_path / "cache")
 
 
+def test_latent_cache_without_a_vae_is_refused_before_the_data_is_read(tmp_path, capsys):
+    from sit_fast import latent_cache
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(["--data-path", str(tmp_path / "missing"), "--out", str(tmp_path / "cache"),
+                                      "--vae", "none"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == ("error: a latent cache holds VAE latents: pass --vae ema, mse, a hub id or a "
+                                       "local diffusers AutoencoderKL folder (to train in pixel space, --vae none in "
+                                       "train.py, no cache is needed)\n")
+
+
 def test_resuming_with_a_latent_cache_of_another_image_size_is_refused_in_one_line(tmp_path, capsys):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
@@ -2298,8 +2325,51 @@ def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_p
         f.write(b"not an image")
     with pytest.raises(SystemExit):
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, str(tmp_path / "cache"), "--num-workers", "1"))
-    assert re.fullmatch(rf"error: cannot read image {re.escape(damaged)} \(.*\): remove or replace it\n",
-                        capsys.readouterr().err)
+    assert re.fullmatch(rf"error: cannot read image {re.escape(damaged)} \(.*\): remove or replace it \(to keep the "
+                        r"shards written, replace it with a readable image of the same name: removing it changes the "
+                        r"folder's file list, and the cache would start over\)\n", capsys.readouterr().err)
+
+
+def _cache_node_worker(rank: int, port: int, root: str, argv: list[str]) -> None:
+    """A process of a two-node latent cache job, whose relative --data-path is its node's own copy."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    import contextlib
+    import io
+
+    from sit_fast import latent_cache
+
+    os.chdir(os.path.join(root, f"node{rank}"))
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            latent_cache.main(argv)  # cli_entry: a UserError is its line on stderr and exit status 2
+        outcome = "built"
+    except SystemExit as exit_:
+        outcome = f"{exit_.code}: {err.getvalue().strip()}"
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(outcome)
+
+
+def test_latent_cache_refuses_nodes_whose_datasets_differ(tmp_path):
+    """Each process indexes its own --data-path (a node's local copy): one copy with an extra image
+    would encode its shards by other indices, mislabelled for good; every process stops first."""
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    make_image_folder(tmp_path / "node0" / "images", classes=2, per_class=2)
+    make_image_folder(tmp_path / "node1" / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    argv = _cache_args("images", vae_dir, out)
+    mp.spawn(_cache_node_worker, args=(free_port(), str(tmp_path), argv), nprocs=2, join=True)
+    outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    mine = ("--data-path images holds other files on this node than on rank 0's (6 images here, 4 there, or other "
+            "names or classes): every process must see the same dataset (a shared filesystem, or identical copies)")
+    assert outcomes[1] == f"2: error: {mine}" and outcomes[0].startswith("2: error: rank 1 ") and \
+        outcomes[0].endswith(mine), outcomes
+    assert not [name for name in os.listdir(out) if name.startswith("shard-")] if os.path.isdir(out) else True
 
 
 def test_latent_cache_whose_peer_ended_in_its_setup_is_one_line(tmp_path, monkeypatch, capsys):
