@@ -130,7 +130,7 @@ def _tiling(N: int, H: int, device: torch.device, launch: dict[str, int]) -> tup
 def bias_gelu_forward(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     _check(a, bias)
     _launch.check_runnable(OP, a.device, _bias_gelu_fwd_kernel)
-    a2 = _rows(a)
+    a2, bias = _rows(a), bias.contiguous()  # the kernel reads bias with unit stride
     N, H = a2.shape
     g = _launch.empty(a2.shape, a.dtype, a.device)
     if N and H:
@@ -147,7 +147,7 @@ def bias_gelu_backward_forward(a: torch.Tensor, bias: torch.Tensor, dg: torch.Te
                                sum_dbias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(a, bias, dg)
     _launch.check_runnable(OP, a.device, _bias_gelu_bwd_kernel)
-    a2, dg2 = _rows(a), _rows(dg)
+    a2, dg2, bias = _rows(a), _rows(dg), bias.contiguous()  # the kernel reads bias with unit stride
     N, H = a2.shape
     da = _launch.empty(a2.shape, a.dtype, a.device)
     g = _launch.empty(a2.shape if store_g else (0,), a.dtype, a.device)

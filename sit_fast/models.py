@@ -733,7 +733,7 @@ class SiT(nn.Module):
         call): one outside it is an IndexError on the CPU, a device-side assert on CUDA.
         modulation_weights: the adaLN weights' concatenation, for a frozen model (see modulation)."""
         self._check_inputs(x, t, y)
-        x = self.x_embedder(x) + self.pos_embed  # (N, T, D)
+        x = self.pos_embed + self.x_embedder(x)  # (N, T, D), contiguous (the patches' view has T-strided rows)
         fused = _fused_on(self.fused_kernels, x.device, x.dtype)
         c = self.t_embedder(t) + self.y_embedder(y, self.training)  # (N, D)
         layers = self.modulation_layers(c, modulation_weights)  # the autocast dtype under autocast

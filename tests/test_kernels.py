@@ -1187,11 +1187,14 @@ def test_bias_gelu_matches_reference(case, lead, H):
 
 
 def test_bias_gelu_takes_strided_rows_and_no_rows():
-    """Rows with a stride of their own (a slice of a wider tensor) and a transposed a (copied to unit
-    column stride) give the reference's results; no rows at all gives empty outputs and a zero dbias."""
+    """Rows with a stride of their own (a slice of a wider tensor), a transposed a (copied to unit
+    column stride) and a strided bias give the reference's results; no rows at all gives empty outputs
+    and a zero dbias."""
     wide = torch.randn(9, 40, device=DEVICE)
     bias = torch.randn(24, device=DEVICE)
-    for a in (wide[:, 3:27], torch.randn(24, 9, device=DEVICE).t()):
+    cases = [(wide[:, 3:27], bias), (torch.randn(24, 9, device=DEVICE).t(), bias),
+             (wide[:, 3:27], torch.randn(48, device=DEVICE)[::2])]
+    for a, bias in cases:
         dg = torch.randn_like(a)
         da_ref, g_ref, dbias_ref = reference.bias_gelu_backward(a.double(), bias.double(), dg.double())
         da, g, dbias = kernels.bias_gelu_backward(a, bias, dg)

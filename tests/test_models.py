@@ -156,6 +156,23 @@ def test_pos_embed_is_2d_sincos():
     np.testing.assert_array_equal(get_2d_sincos_pos_embed(8, 3, cls_token=False, extra_tokens=2), emb)
 
 
+def test_the_residual_stream_enters_block_0_contiguous(monkeypatch):
+    """The patch embedding's (N, T, D) view has rows of stride T; the stream that block 0's first op
+    (a fused kernel on the fast path) reads is contiguous, at no copy of its own."""
+    from sit_fast import models
+
+    model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
+    real, seen = models.REFERENCE_OPS["layernorm_modulate"], []
+
+    def recording(x, shift, scale):
+        seen.append(x.is_contiguous())
+        return real(x, shift, scale)
+
+    monkeypatch.setitem(models.REFERENCE_OPS, "layernorm_modulate", recording)
+    model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.tensor([0, 1]))
+    assert seen and seen[0], seen
+
+
 @pytest.mark.parametrize("learn_sigma", [True, False])
 @pytest.mark.parametrize("train", [False, True])
 def test_forward_equals_upstream_op_order(learn_sigma, train):
