@@ -83,6 +83,11 @@ __all__ = [
 ]
 
 
+def triton_imported() -> bool:
+    """Whether triton imported (else every op raises, naming the import's error)."""
+    return _TRITON_IMPORT_ERROR is None
+
+
 def kernels_available(device: torch.device | str) -> bool:
     """Whether the fused ops can run on `device`.
 

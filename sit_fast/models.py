@@ -92,6 +92,7 @@ def fused_ops(compute_dtype: torch.dtype) -> dict[str, Callable]:
 
 # Triton reads TRITON_INTERPRET once, when it is imported; so do we.
 _TRITON_INTERPRET = kernels.interpreter_requested()
+_TRITON_IMPORTED = kernels.triton_imported()
 
 
 def triton_interpreter_enabled() -> bool:
@@ -120,7 +121,7 @@ def _fused_on(fused_kernels: bool | str, device: torch.device, dtype: torch.dtyp
     """resolve_fused_kernels without the launch settings' check: what forward() asks on every call,
     with the residual stream's dtype ("auto" leaves float64 to the reference ops)."""
     if fused_kernels == "auto":
-        if dtype is not None and dtype not in KERNEL_DTYPES:
+        if (dtype is not None and dtype not in KERNEL_DTYPES) or not _TRITON_IMPORTED:  # the reference ops
             return False
         return device.type == "cuda" or (device.type == "cpu" and triton_interpreter_enabled())
     if fused_kernels is True and dtype is not None and dtype not in KERNEL_DTYPES:

@@ -461,6 +461,7 @@ def test_peak_from_the_environment(monkeypatch, value, expected):
 
 def test_fused_kernels_resolution(monkeypatch):
     cpu = torch.device("cpu")
+    assert models._TRITON_IMPORTED  # triton is installed here
     monkeypatch.setattr(models, "_TRITON_INTERPRET", False)
     assert models.resolve_fused_kernels("auto", cpu) is False
     with pytest.raises(ValueError, match="TRITON_INTERPRET=1"):
@@ -468,6 +469,9 @@ def test_fused_kernels_resolution(monkeypatch):
     monkeypatch.setattr(models, "_TRITON_INTERPRET", True)
     assert models.resolve_fused_kernels("auto", cpu) is True
     assert models.resolve_fused_kernels("auto", torch.device("cuda")) is True
+    monkeypatch.setattr(models, "_TRITON_IMPORTED", False)  # "auto" without triton: the reference ops
+    assert models.resolve_fused_kernels("auto", torch.device("cuda")) is False
+    assert models.resolve_fused_kernels("auto", cpu) is False
     with pytest.raises(ValueError, match="fused_kernels must be"):
         SiT(num_classes=10, fused_kernels="yes", **CONFIGS["hd16-nosigma"])
 
