@@ -224,7 +224,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
-    """Load strictly; when only the class count differs, keep the model's fresh label table.
+    """Load strictly; when only the class count differs, keep the model's fresh label table (but a
+    class-free model, class_dropout_prob=0, takes a table of its classes and a null row without the
+    null row).
 
     Any other difference raises CheckpointError naming the keys and shapes and the likely fix.
     A model wrapped by torch.compile, DistributedDataParallel or DataParallel is loaded through the
@@ -251,7 +253,16 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     # Another class count: a table of other rows, as wide as the model's. Any other shape is a mismatch.
     reinit = (not missing and not unexpected and mismatched == [LABEL_TABLE_KEY] and table.dim() == own_table.dim() == 2
               and table.shape[1] == own_table.shape[1])
-    if reinit:
+    embedder = getattr(model, "y_embedder", None)
+    class_free = embedder is not None and getattr(embedder, "dropout_prob", None) == 0
+    if reinit and class_free and table.shape[0] == own_table.shape[0] + 1:
+        # A model without the null row (class_dropout_prob=0) from a checkpoint with one: the same
+        # classes, and the last row the null label's, which this model has no use for.
+        logger.info("%s: its label table's last row (the null label of guidance) is left out: the model has "
+                    "class_dropout_prob=0", source)
+        state_dict = {**state_dict, LABEL_TABLE_KEY: table[:-1]}
+        reinit = False
+    elif reinit:
         rows_ckpt, rows_model = table.shape[0], own_table.shape[0]
         logger.warning(
             "%s has a label table of %d rows, the model %d (num_classes=%d): the label table is "

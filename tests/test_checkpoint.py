@@ -504,6 +504,21 @@ def test_class_free_checkpoint_needs_class_dropout_zero_to_keep_its_label_table(
     assert torch.equal(model.y_embedder.embedding_table.weight, free.y_embedder.embedding_table.weight)
 
 
+def test_a_class_free_model_keeps_a_checkpoints_classes_without_its_null_row(tmp_path, caplog):
+    """class_dropout_prob=0 from a checkpoint of the same classes and the null row (upstream's layout):
+    the trained rows load, the null row is left out; a table of another class count is re-initialised."""
+    guided = SiT_models["SiT-T/2"](input_size=8, num_classes=10)
+    torch.nn.init.normal_(guided.y_embedder.embedding_table.weight)
+    torch.save(guided.state_dict(), tmp_path / "guided.pt")
+    model = SiT_models["SiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=0)
+    with caplog.at_level(logging.INFO, logger="sit_fast"):
+        assert not load_checkpoint(model, tmp_path / "guided.pt")["label_table_reinitialised"]
+    assert torch.equal(model.y_embedder.embedding_table.weight, guided.y_embedder.embedding_table.weight[:10])
+    assert [r.levelname for r in caplog.records] == ["INFO"] and "null label" in caplog.records[0].getMessage()
+    other = SiT_models["SiT-T/2"](input_size=8, num_classes=9, class_dropout_prob=0)
+    assert load_checkpoint(other, tmp_path / "guided.pt")["label_table_reinitialised"]
+
+
 @pytest.mark.parametrize("key,change", [
     ("x_embedder.proj.weight", lambda t: t.flatten(1)),  # a linear patch embedding, as some forks have
     ("pos_embed", lambda t: t[0]),
