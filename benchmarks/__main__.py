@@ -168,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # noqa: BLE001 -- one suite's failure must not lose the others
             ctx.fail(suite, "suite", common.SUITE_LEVEL, error, dtype=None)
         common.log(f"== {suite} done in {time.monotonic() - suite_start:.1f} s")
+        results.write()  # its last records (add writes at most every Results.WRITE_EVERY_S)
         lost = common.device_lost(device)
         results.note_device_state(device, f"after {suite}")
         if lost and suites[i + 1:]:

