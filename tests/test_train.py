@@ -1241,6 +1241,25 @@ def test_resuming_a_safetensors_file_says_it_holds_weights_alone(tmp_path):
     assert "corrupt" not in str(err.value)
 
 
+def test_ckpt_takes_the_ema_weights_or_with_use_raw_the_raw_ones(tmp_path, digits_checkpoint, capsys):
+    """A new run from a training checkpoint starts from its EMA weights, as sample.py samples them;
+    --use-raw takes the raw weights (the model the optimizer was stepping); the EMA starts as a copy."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    saved = load_ckpt(digits_checkpoint)
+    assert any(not torch.equal(saved["model"][k], saved["ema"][k]) for k in saved["model"])
+    for flags, weights in (([], "ema"), (["--use-raw"], "model")):
+        args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / weights), "--ckpt", digits_checkpoint, *flags])
+        trainer = Trainer(args, explicit, init_distributed())
+        for name, value in trainer.model.state_dict().items():
+            assert torch.equal(value, saved[weights][name]), (weights, name)
+            assert torch.equal(trainer.ema.state_dict()[name], value), (weights, name)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "none"), "--use-raw"]) == 2
+    assert "error: --use-raw picks the raw weights of --ckpt's checkpoint: pass --ckpt too" in capsys.readouterr().err
+
+
 def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpoint):
     """Upstream's --ckpt was meant to resume; here it starts a new run: the log says so, and how to resume."""
     exp = tmp_path / "exp"

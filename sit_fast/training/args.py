@@ -18,7 +18,7 @@ IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type
 # Identity arguments for which None is a setting (no loss weighting), not a value left unresolved.
 NONE_IS_A_VALUE = ("loss_weight", "train_eps")  # train_eps None: create_transport's default for the path
 # Arguments that are never taken from a checkpoint.
-NOT_INHERITED = ("resume", "exp_dir", "ckpt", "no_progress", "num_workers")
+NOT_INHERITED = ("resume", "exp_dir", "ckpt", "use_raw", "no_progress", "num_workers")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,6 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                             ".safetensors; EMA weights preferred; learn_sigma as in them) at step 0; use --resume "
                             "to continue a run. The release by name, SiT-XL-2-256x256.pt, is taken from "
                             "./pretrained_models or downloaded, as upstream")
+    model.add_argument("--use-raw", action="store_true",
+                       help="with --ckpt, a train.py checkpoint's raw weights instead of its EMA weights")
 
     optim = parser.add_argument_group("Optimisation")
     optim.add_argument("--epochs", type=positive_int, default=1400, help="epochs to train (upper bound)")
@@ -119,6 +121,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[s
     """(args, names of the arguments given explicitly on the command line)."""
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.use_raw and args.ckpt is None:
+        parser.error("--use-raw picks the raw weights of --ckpt's checkpoint: pass --ckpt too")
     shadow = build_parser()
     for action in shadow._actions:
         action.default = argparse.SUPPRESS

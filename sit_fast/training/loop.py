@@ -667,7 +667,7 @@ class Trainer:
         if ckpt is not None:
             learn_sigma = bool(ckpt.get("model_config", {}).get("learn_sigma", True))
         elif init_path is not None:
-            init_weights, info = read_checkpoint(init_path, prefer="ema")
+            init_weights, info = read_checkpoint(init_path, prefer="model" if args.use_raw else "ema")
             check_training_args(info, {k: getattr(args, k) for k in ("path_type", "prediction")},
                                 source=f"--ckpt {args.ckpt}", advice="pass the same to go on training its "
                                 "model; with these its output is trained to another quantity")
