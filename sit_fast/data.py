@@ -351,6 +351,12 @@ class LatentCacheDataset(torch.utils.data.Dataset):
                 if data["mean"].shape[0] != shard["count"]:
                     raise DataError(f"latent cache shard {path} holds {data['mean'].shape[0]} images, the index "
                                     f"says {shard['count']}; {_REENCODE}")
+                expected = (shard["count"], 2, self.channels, self.latent_size, self.latent_size)  # both flips
+                found = [tuple(data[k].shape) for k in ("mean", "std")]
+                if found != [expected] * 2 or tuple(data["labels"].shape) != (shard["count"],):
+                    raise DataError(f"latent cache shard {path} holds latents of shape {found[0]} (std "
+                                    f"{found[1]}, labels {tuple(data['labels'].shape)}), the index says {expected}; "
+                                    f"{_REENCODE}")
                 shards.append(data)
             self._shards = shards
         return self._shards

@@ -2089,6 +2089,17 @@ def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
     with pytest.raises(DataError) as caught:
         next(loader)
     assert str(worker_error(caught.value)) == str(info.value)
+    # Latents of another shape than the index's (a shard of another cache copied in): named, not an
+    # indexing error deep in a loader worker.
+    channels, size = LatentCacheDataset(out).channels, LatentCacheDataset(out).latent_size
+    odd = torch.zeros(2, 2, channels, size + 1, size + 1)
+    torch.save({"mean": odd, "std": odd, "labels": torch.zeros(2, dtype=torch.int64)}, shard)
+    with pytest.raises(DataError) as info:
+        LatentCacheDataset(out).shards()
+    assert str(info.value) == (
+        f"latent cache shard {shard} holds latents of shape {tuple(odd.shape)} (std {tuple(odd.shape)}, labels "
+        f"(2,)), the index says {(2, 2, channels, size, size)}; delete it and run python -m sit_fast.latent_cache "
+        f"again with the same flags (it encodes only the missing shards)"), info.value
 
 
 def test_a_loader_workers_error_keeps_its_whole_message():
