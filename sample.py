@@ -537,7 +537,8 @@ class Setup:
             return samples.float().clamp(-1, 1)
         with torch.inference_mode():
             images = self.codec.decode(samples)
-        advice = "--vae-precision fp32" if self.args.vae_precision != "fp32" else "another --vae"
+        # in fp32, latents far out of the VAE's range: a sampler close to diverging
+        advice = "--vae-precision fp32" if self.args.vae_precision != "fp32" else self.divergence_advice()
         self.check_finite(images, first, "the VAE overflowed: {} decoded to NaN or inf", advice)
         return images
 

@@ -222,13 +222,13 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
                         hidden_files.append(os.path.join(dirpath, filename))
                         continue
                     samples.append((os.path.join(dirpath, filename), label))
+        if len(samples) == count:
+            empty.append(name)
     if hidden_files:
         logger.warning(
             f"--data-path {root}: {len(hidden_files)} hidden file{'s' if len(hidden_files) > 1 else ''} with an image "
             f"extension ({hidden_files[0]}{' and more' if len(hidden_files) > 1 else ''}) left out (macOS writes "
             f"._NAME files of metadata beside copied images); torchvision's ImageFolder would take them")
-        if len(samples) == count:
-            empty.append(name)
     if not samples:
         raise DataError(f"--data-path {root} holds no images ({', '.join(IMG_EXTENSIONS)}) in its class sub-folders")
     if empty:
