@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--out", default="results/bench", help="folder for results.json and results.md")
     parser.add_argument("--deadline-s", type=positive_float, default=None,
                         help="time for the whole run; each suite gets its share of what is left "
-                             "(default: 400 s full, 150 s tiny)")
+                             "(default: 400 s full, 480 s tiny)")
     parser.add_argument("--budget-s", action="append", default=[], metavar="SUITE=SECONDS",
                         help="a suite's own time box instead of its share (repeatable), e.g. --budget-s train=200")
     parser.add_argument("--variants", default=None,
