@@ -409,6 +409,10 @@ def resolve_vae(args: argparse.Namespace, ckpt: str, dist: DistInfo) -> str:
 #                        Shared setup: model, VAE, sampler                       #
 #################################################################################
 
+class NonFinite(UserError):
+    """Samples, or images decoded from them, with NaN or inf."""
+
+
 class Setup:
     """Everything a job needs: device, codec, model, sampler function, guided denoiser."""
 
@@ -550,7 +554,7 @@ class Setup:
             rows = bad.nonzero().flatten().tolist()
             name = f"image {first + rows[0]}" + (f" (and {len(rows) - 1} more of images {first}..{first + len(x) - 1})"
                                                  if len(rows) > 1 else "")
-            raise UserError(f"{what.format(name)}; nothing of its batch is written: try {advice}")
+            raise NonFinite(f"{what.format(name)}; nothing of its batch is written: try {advice}")
 
     def divergence_advice(self) -> str:
         """The flags that make a sampler that diverged converge, those not in use already."""
@@ -721,9 +725,12 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
                 noise, labels = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes,
                                             class_balanced=args.class_balanced)
                 samples = setup.sample(noise, labels, derived_seed(args.seed, k, chunk))
-                images = to_rgb_uint8(setup.to_images(samples, k * chunk))  # (B, H, W, 3), one copy to the host
                 kept = [i for i in indices if i < total]
-                writer.write(images[: len(kept)], kept)
+                try:  # the padding is neither decoded nor judged: it is not written
+                    images = to_rgb_uint8(setup.to_images(samples[: len(kept)], k * chunk))  # (B, H, W, 3)
+                except NonFinite as error:  # a resume redraws the same noise: it would diverge again
+                    raise NonFinite(f"{error} (the same settings draw the same noise again)") from None
+                writer.write(images, kept)
                 bar.update(min(len(kept) * dist.world_size, todo - bar.n))
         finally:
             writer.close()

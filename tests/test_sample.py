@@ -218,10 +218,31 @@ def test_samples_that_are_not_finite_are_refused_not_written(files, tmp_path, ca
                                       "(upstream's default) or a smaller --cfg-scale (now 4)" if not fid else
                                       "error: the sampler diverged: image 1 came out NaN or inf; nothing of its batch "
                                       "is written: try more --num-sampling-steps (now 3) or --diffusion-form sigma "
-                                      "(upstream's default)")
+                                      "(upstream's default) (the same settings draw the same noise again)")
     assert not os.path.exists(tmp_path / "g.png") and not os.path.exists(tmp_path / "s.npz")
     if fid:
         assert not [name for name in os.listdir(tmp_path / "s") if name.endswith(".png")]
+
+
+def test_a_padding_image_that_is_not_finite_is_not_judged(files, tmp_path, monkeypatch):
+    """The last batch of an FID job is padded past N (a fixed batch); the padding is never written, so
+    NaN there (an image 3 of 3) must not stop the job."""
+    real, calls = sample.Setup.sample, []
+
+    def diverging_padding(self, noise, labels, seed):
+        samples = real(self, noise, labels, seed).clone()
+        calls.append(len(samples))
+        if len(calls) == 2:  # the batch of images 2 and 3, 3 being the padding
+            samples[1] = float("nan")
+        return samples
+
+    monkeypatch.setattr(sample.Setup, "sample", diverging_padding)
+    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 2, "--sampling-method", "euler",
+         *FAST, "--num-fid-samples", 3, "--batch-size", 2, "--sample-dir", tmp_path / "s"])
+    assert calls == [2, 2]
+    assert sorted(name for name in os.listdir(tmp_path / "s") if name.endswith(".png")) == [
+        f"{i:06d}.png" for i in range(3)]
+    assert np.load(tmp_path / "s.npz")["arr_0"].shape[0] == 3
 
 
 def test_upstream_learn_sigma_checkpoint_loads_with_inferred_config(files):
