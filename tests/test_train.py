@@ -3295,9 +3295,12 @@ def test_rng_state_round_trip_keeps_the_cuda_generator(monkeypatch):
 
 
 @pytest.mark.parametrize("flags, expected", [
-    ([], ("Linear", "velocity", None, None, None)),
+    ([], ("Linear", "velocity", None, 0.0, None)),
+    # upstream train.py's --train-eps 1e-5, where its create_transport does not replace it by 0
     (["--path-type", "GVP", "--prediction", "noise", "--loss-weight", "likelihood"],
-     ("GVP", "noise", "likelihood", None, None)),
+     ("GVP", "noise", "likelihood", 1e-5, None)),
+    (["--prediction", "score"], ("Linear", "score", None, 1e-5, None)),
+    (["--path-type", "VP"], ("VP", "velocity", None, 1e-5, None)),
     (["--path-type", "VP", "--prediction", "score", "--loss-weight", "velocity", "--train-eps", "1e-3",
       "--sample-eps", "2e-3"], ("VP", "score", "velocity", 1e-3, 2e-3)),
 ])
@@ -3321,3 +3324,25 @@ def test_training_uses_the_transport_of_its_flags(tmp_path, flags, expected):
             losses.append(transport.training_losses(trainer.model, x, dict(y=y))["loss"])
     torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
     assert (trainer.transport.train_eps, trainer.transport.sample_eps) == (reference.train_eps, reference.sample_eps)
+
+
+def test_a_run_whose_checkpoint_left_train_eps_unresolved_resumes_with_what_it_trained_with(tmp_path):
+    """A new run records upstream train.py's --train-eps (1e-5 for a Linear score model); a checkpoint
+    recording None (runs begun before it was resolved) trained with create_transport's default for the
+    path, 1e-3, and a resume keeps it."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+
+    exp = tmp_path / "run"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--prediction", "score", "--max-steps", "1",
+                                 "--ckpt-every", "1"])
+    ckpt = load_ckpt(summary["last_checkpoint"])
+    assert ckpt["args"]["train_eps"] == 1e-5
+    ckpt["args"]["train_eps"] = None
+    torch.save(ckpt, summary["last_checkpoint"])
+    args, explicit = parse_args(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2"])
+    trainer = loop.Trainer(args, explicit, init_distributed())
+    assert trainer.args.prediction == "score" and trainer.args.train_eps is None
+    assert trainer.transport.train_eps == 1e-3
+    loop.release_run_lock()

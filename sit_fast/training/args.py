@@ -16,7 +16,9 @@ from sit_fast.transport import add_transport_args
 IDENTITY_KEYS = ("model", "image_size", "num_classes", "in_channels", "path_type", "prediction", "loss_weight",
                  "train_eps")
 # Identity arguments for which None is a setting (no loss weighting), not a value left unresolved.
-NONE_IS_A_VALUE = ("loss_weight", "train_eps")  # train_eps None: create_transport's default for the path
+# train_eps None, in the checkpoints of runs that began with train_eps_of_a_new_run's defaults not yet
+# resolved: create_transport's default for the path, which those runs trained with and keep.
+NONE_IS_A_VALUE = ("loss_weight", "train_eps")
 # Arguments that are never taken from a checkpoint.
 NOT_INHERITED = ("resume", "exp_dir", "ckpt", "use_raw", "no_progress", "num_workers")
 
@@ -113,8 +115,15 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False, help="write TensorBoard scalars to EXP_DIR/tensorboard")
     run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (there is none when stderr is not a terminal: the log lines show progress)")
 
-    add_transport_args(parser, train_eps_default=None)  # as upstream's train.py: create_transport's by path
+    add_transport_args(parser, train_eps_default=None, train_eps_help=(
+        "1e-5, as upstream's train.py; velocity models on Linear and GVP train on all of [0, 1] (0)"))
     return parser
+
+
+def train_eps_of_a_new_run(path_type: str, prediction: str) -> float:
+    """--train-eps when not given, upstream train.py's: its flag's 1e-5, which upstream's create_transport
+    replaces by 0 for velocity models on the Linear and GVP paths (their loss is finite on all of [0, 1])."""
+    return 0.0 if path_type in ("Linear", "GVP") and prediction == "velocity" else 1e-5
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, set[str]]:

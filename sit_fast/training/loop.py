@@ -46,7 +46,7 @@ from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, first_
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.sampling import check_training_args, default_cfg_channels, release_or_path
-from sit_fast.training.args import merge_resumed_args, parse_args
+from sit_fast.training.args import merge_resumed_args, parse_args, train_eps_of_a_new_run
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
     find_latest_valid, interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
@@ -544,6 +544,8 @@ class Trainer:
         dist_info = self.dist_info
         world_size, rank = dist_info.world_size, dist_info.rank
         self.args = args
+        if args.train_eps is None and ckpt is None:  # a new run; a resumed one keeps what it trained with
+            args.train_eps = train_eps_of_a_new_run(args.path_type, args.prediction)
         if args.global_batch_size % world_size:
             below = args.global_batch_size // world_size * world_size
             near = " or ".join(str(n) for n in (below, below + world_size) if n > 0)

@@ -16,10 +16,11 @@ def none_or_str(value):
     return None if value.lower() == "none" else value
 
 
-def add_transport_args(parser: argparse.ArgumentParser, train_eps_default: float | None = 1e-5):
+def add_transport_args(parser: argparse.ArgumentParser, train_eps_default: float | None = 1e-5,
+                       train_eps_help: str | None = None):
     """Add --path-type, --prediction, --loss-weight, --sample-eps, --train-eps; returns the group.
 
-    train_eps_default None (train.py's, as upstream's): create_transport's default for the path."""
+    train_eps_default None: decided later (train.py: by path and prediction), as train_eps_help says."""
     group = parser.add_argument_group("Transport arguments")
     group.add_argument("--path-type", type=str, default="Linear", choices=["Linear", "GVP", "VP"],
                        help="interpolant between noise (t=0) and data (t=1)")
@@ -29,10 +30,9 @@ def add_transport_args(parser: argparse.ArgumentParser, train_eps_default: float
                        help="time weighting of score / noise losses (None: unweighted)")
     group.add_argument("--sample-eps", type=end_margin, default=1e-3,
                        help="distance kept from the singular ends of [0, 1] when sampling")
-    by_path = " (default: VP 1e-5; Linear and GVP score or noise models 1e-3; velocity models train on all of " \
-              "[0, 1])" if train_eps_default is None else ""
     group.add_argument("--train-eps", type=end_margin, default=train_eps_default,
-                       help=f"distance kept from the singular ends of [0, 1] when training{by_path}")
+                       help="distance kept from the singular ends of [0, 1] when training"
+                            + (f" (default: {train_eps_help})" if train_eps_help else ""))
     return group
 
 
