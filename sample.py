@@ -91,7 +91,7 @@ from sit_fast.sampling import (
 from sit_fast.transport import (PATH_TYPES, PREDICTIONS, Sampler, add_ode_args, add_sde_args, add_transport_args,
                                 create_transport)
 from sit_fast.transport.integrators import adaptive_ode_method, ode_method_uses_tolerances
-from sit_fast.vae import VAE_ALIASES
+from sit_fast.vae import VAE_ALIASES, recorded_vae_spec
 
 
 MODES = ("ODE", "SDE")
@@ -643,10 +643,10 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     settings.update(ckpt=os.path.abspath(setup.info["path"]), weights=setup.info["weights"],
                     model=setup.info["model"], image_size=setup.image_size, num_classes=setup.num_classes,
                     in_channels=setup.in_channels)
-    vae = settings.get("vae")
-    if isinstance(vae, str) and vae not in VAE_ALIASES and os.path.isdir(os.path.expanduser(vae)):
+    if isinstance(vae := settings.get("vae"), str):
+        vae = recorded_vae_spec(vae)  # an alias's hub id as the alias
         # a local VAE by its real path: `vae` typed in another folder is another VAE, `/x/vae/` the same one
-        settings["vae"] = os.path.realpath(os.path.expanduser(vae))
+        settings["vae"] = os.path.realpath(vae) if os.path.isabs(vae) else vae
     return json.loads(json.dumps(settings))
 
 

@@ -121,11 +121,14 @@ class LatentCodec:
 def recorded_vae_spec(spec: str) -> str:
     """--vae as a run or a latent cache records it, read as load_vae reads it (an alias before a folder
     of that name): a local directory made absolute, so the record is usable from any folder; an alias,
-    a hub id or "none" as given."""
+    "none" as given, an alias's hub id as the alias (one VAE, one spelling: a resume compares them), another
+    hub id as given."""
     if spec in VAE_ALIASES or spec == "none":
         return spec
     expanded = os.path.expanduser(spec)
-    return os.path.abspath(expanded) if os.path.isdir(expanded) else spec
+    if os.path.isdir(expanded):
+        return os.path.abspath(expanded)
+    return next((alias for alias, hub_id in VAE_ALIASES.items() if hub_id == spec), spec)
 
 
 def resolve_vae_spec(spec: str, purpose: str = "train") -> tuple[str, bool]:

@@ -2284,6 +2284,8 @@ def test_an_fid_folder_records_a_local_vae_by_its_real_path(tmp_path, monkeypatc
     assert recorded("vae", tmp_path / "a") == recorded(str(tmp_path / "a" / "vae") + "/", tmp_path) \
         == os.path.realpath(tmp_path / "a" / "vae")
     assert recorded("ema", tmp_path) == "ema"  # an alias, and a hub id, stay as they are
+    assert recorded("owner/vae", tmp_path) == "owner/vae"
+    assert recorded("stabilityai/sd-vae-ft-ema", tmp_path) == "ema"  # but an alias's hub id is the alias
 
 
 def test_a_stop_while_saving_a_grid_keeps_the_earlier_one(tmp_path, monkeypatch):

@@ -220,3 +220,6 @@ def test_a_vae_alias_is_recorded_as_loaded_even_beside_a_folder_of_its_name(tmp_
     assert resolve_vae_spec(recorded_vae_spec("my_vae")) == (str(tmp_path / "my_vae"), True)
     assert recorded_vae_spec("owner/name") == "owner/name"
     assert recorded_vae_spec("none") == "none"
+    assert recorded_vae_spec("stabilityai/sd-vae-ft-mse") == "mse"  # one VAE, one spelling
+    (tmp_path / "stabilityai" / "sd-vae-ft-mse").mkdir(parents=True)  # but a folder is read first, as load_vae
+    assert recorded_vae_spec("stabilityai/sd-vae-ft-mse") == str(tmp_path / "stabilityai" / "sd-vae-ft-mse")
