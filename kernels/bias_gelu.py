@@ -139,7 +139,8 @@ def bias_gelu_forward(a: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         with _launch.on_device(a.device):
             _bias_gelu_fwd_kernel[(row_programs, triton.cdiv(H, block_h))](
                 g, a2, bias, N, H, g.stride(0), a2.stride(0), rows_per_program, K0=SQRT_2_OVER_PI, K1=GELU_CUBIC,
-                BLOCK_R=launch["block_rows"], BLOCK_H=block_h, num_warps=launch["num_warps"])
+                BLOCK_R=launch["block_rows"], BLOCK_H=block_h, num_warps=launch["num_warps"],
+                enable_fp_fusion=_launch.FP_FUSION)
     return g.view(a.shape)
 
 
@@ -159,7 +160,8 @@ def bias_gelu_backward_forward(a: torch.Tensor, bias: torch.Tensor, dg: torch.Te
             _bias_gelu_bwd_kernel[(row_programs, triton.cdiv(H, block_h))](
                 da, g, partial, a2, bias, dg2, N, H, da.stride(0), g.stride(0) if store_g else 0, a2.stride(0),
                 dg2.stride(0), rows_per_program, K0=SQRT_2_OVER_PI, K1=GELU_CUBIC, STORE_G=store_g,
-                SUM_DBIAS=sum_dbias, BLOCK_R=launch["block_rows"], BLOCK_H=block_h, num_warps=launch["num_warps"])
+                SUM_DBIAS=sum_dbias, BLOCK_R=launch["block_rows"], BLOCK_H=block_h, num_warps=launch["num_warps"],
+                enable_fp_fusion=_launch.FP_FUSION)
     dbias = partial.sum(0).to(bias.dtype) if sum_dbias else bias.new_empty(0)  # no rows: zeros
     return da.view(a.shape), (g.view(a.shape) if store_g else g), dbias
 

@@ -658,6 +658,21 @@ def test_kernel_rejects_bad_inputs(call, message):
         call()
 
 
+def test_every_launch_states_fp_fusion():
+    """Each kernel launch (`kernel[grid](...)`) passes enable_fp_fusion=_launch.FP_FUSION: Triton 3.10
+    turns fusion off by default, which would change the rounding of the launches that leave it unsaid."""
+    import ast
+
+    launches = []
+    for path in sorted((REPO_ROOT / "kernels").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Subscript):
+                stated = {k.arg: ast.unparse(k.value) for k in node.keywords}.get("enable_fp_fusion")
+                launches.append((f"{path.name}:{node.lineno}", stated))
+    assert len(launches) >= 8, launches
+    assert all(stated == "_launch.FP_FUSION" for _, stated in launches), launches
+
+
 def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), **env}
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env,
