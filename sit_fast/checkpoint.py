@@ -29,6 +29,10 @@ class CheckpointError(UserError):
     """A checkpoint that cannot be read or does not fit the model; the message says what to do."""
 
 
+DIT_NOTE = ("DiT predicts DDPM noise at integer times 0..999, not what SiT's transports (times in [0, 1]) expect: "
+            "sampled as it is, it gives meaningless images (as weights to train from, it serves)")
+
+
 def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[str, torch.Tensor], dict]:
     """Return (state_dict, info) from any supported checkpoint file, or from upstream's release by name
     (SiT-XL-2-256x256.pt, where no such file is here: ./pretrained_models, the cache, or a download).
@@ -47,11 +51,11 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         if path in PRETRAINED_URLS:
             path = pretrained_checkpoint(path)
     check_checkpoint_file(path)
-    if os.path.basename(path).startswith("DiT-"):
-        # DiT's releases have SiT's keys and shapes, so nothing in the weights tells them apart.
-        logger.warning(f"{path} is named as one of DiT's releases: DiT predicts DDPM noise at integer times "
-                       f"0..999, not what SiT's transports (times in [0, 1]) expect: sampled as it is, it gives "
-                       f"meaningless images (as weights to train from, it serves)")
+    # DiT's checkpoints have SiT's keys and shapes, so nothing in the weights tells them apart: a
+    # release by its name, a training checkpoint by its args
+    dit_named = os.path.basename(path).startswith("DiT-")
+    if dit_named:
+        logger.warning(f"{path} is named as one of DiT's releases: {DIT_NOTE}")
     info = {"format": "pickle", "weights": "raw", "args": None, "step": None, "optimizer": False}
     if is_safetensors(path):
         from safetensors import safe_open
@@ -85,6 +89,9 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
                     step=step if isinstance(step, int) and not isinstance(step, bool) else None,
                     optimizer="opt" in obj)
         obj = obj[key]
+        model = info["args"].get("model") if isinstance(info["args"], dict) else None
+        if isinstance(model, str) and model.startswith("DiT-") and not dit_named:
+            logger.warning(f"{path} is a checkpoint of DiT's training (its args: --model {model}): {DIT_NOTE}")
     return checked_state_dict(obj, path), info
 
 

@@ -1,4 +1,5 @@
 """Loading upstream and our own checkpoints: strict, safe, and with errors that say what to do."""
+import argparse
 import logging
 import os
 
@@ -186,8 +187,6 @@ def test_a_folder_is_named_as_one_with_its_newest_checkpoint(tmp_path):
 
 def test_upstream_training_checkpoint_with_namespace_args_loads(tmp_path):
     """Upstream train.py saves {"model", "ema", "opt", "args": argparse.Namespace}."""
-    import argparse
-
     sd = upstream_state_dict(1, 32, 2, True)
     args = argparse.Namespace(model="SiT-XL/2", image_size=256, num_classes=10)
     torch.save({"model": sd, "ema": sd, "opt": {"state": {}, "param_groups": []}, "args": args}, tmp_path / "u.pt")
@@ -199,8 +198,6 @@ def test_upstream_training_checkpoint_with_namespace_args_loads(tmp_path):
 def test_the_api_names_the_function_for_what_it_was_given(tmp_path):
     """A whole training checkpoint, a path or a state_dict handed to the wrong function: the error
     names the right one (not a list of missing keys, nor Python's own TypeError)."""
-    import argparse
-
     sd = upstream_state_dict(1, 32, 2, True)
     model = model_for(1, 32, 2, True)
     training = {"model": sd, "ema": sd, "opt": {}, "args": argparse.Namespace(model="SiT-XL/2")}
@@ -589,8 +586,6 @@ def test_a_long_library_message_is_cut_at_a_sentence_or_a_word():
 def test_a_recorded_model_config_beside_upstream_style_args_is_read(tmp_path):
     """A checkpoint holding an argparse.Namespace (upstream's args) and a model_config: the config was
     read without the Namespace allowed, so the file's latent space was lost (export, sample.py)."""
-    import argparse
-
     from sit_fast.checkpoint import recorded_model_config
 
     path = tmp_path / "ckpt.pt"
@@ -611,6 +606,22 @@ def test_a_file_named_as_a_dit_release_is_warned_of(tmp_path, caplog):
         f"{tmp_path / 'DiT-XL-2-256x256.pt'} is named as one of DiT's releases: DiT predicts DDPM noise at integer "
         f"times 0..999, not what SiT's transports (times in [0, 1]) expect: sampled as it is, it gives meaningless "
         f"images (as weights to train from, it serves)"]
+
+
+def test_a_checkpoint_of_dit_training_is_warned_of(tmp_path, caplog):
+    """DiT's train.py checkpoints (model, ema, opt, args) have SiT's keys too; their args name the model."""
+    weights = upstream_state_dict(1, 32, 2, True)
+    for name, model in (("dit.pt", "DiT-S/2"), ("sit.pt", "SiT-S/2")):
+        torch.save({"model": weights, "ema": weights, "opt": {}, "args": argparse.Namespace(model=model)},
+                   tmp_path / name)
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        read_checkpoint(tmp_path / "sit.pt")
+        assert not caplog.records
+        read_checkpoint(tmp_path / "dit.pt", prefer="model")
+    assert [r.getMessage() for r in caplog.records] == [
+        f"{tmp_path / 'dit.pt'} is a checkpoint of DiT's training (its args: --model DiT-S/2): DiT predicts DDPM "
+        f"noise at integer times 0..999, not what SiT's transports (times in [0, 1]) expect: sampled as it is, it "
+        f"gives meaningless images (as weights to train from, it serves)"]
 
 
 class _Response:
