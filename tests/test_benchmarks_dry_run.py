@@ -555,7 +555,7 @@ def test_goal_variants_are_measured_before_the_eager_references(tmp_path):
     assert order == ["ours", "reference+bf16+sdpa+compile", "reference+bf16+sdpa", "reference"], order
 
 
-@pytest.mark.parametrize("epilogue", [None, "tanh", "erf"])
+@pytest.mark.parametrize("epilogue", [None, pytest.param("tanh", marks=pytest.mark.slow), "erf"])
 def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue):
     """linear_gelu (and bias_gelu_backward, bias_gelu), one call each, after the adaLN ops' rows: linear_gelu's
     ours is sit_fast.models.linear_gelu (on the CPU F.linear then F.gelu; with the epilogue stood in

@@ -18,6 +18,8 @@ from sit_fast.models import SiT, SiT_models
 from sit_fast.parity import TOLERANCES, _errors, compare, random_inputs, randomize_zero_init_
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+_SLOW_ON_CPU = () if DEVICE == "cuda" else (pytest.mark.slow,)
+slow_on_cpu = pytest.mark.slow if DEVICE != "cuda" else (lambda test: test)
 
 # The fp32 tests' bounds on the CPU, tighter than TOLERANCES["fp32"] (which also serves SiT-XL on a GPU,
 # and the benchmark suite): these small models' rounding errors stay below 2e-7 (outputs) and 5e-7
@@ -88,7 +90,8 @@ def _tanh_gelu_addmm(calls):
     return addmm_gelu
 
 
-@pytest.mark.parametrize("autocast_dtype", [None, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("autocast_dtype", [None, pytest.param(torch.bfloat16, marks=_SLOW_ON_CPU)],
+                         ids=["fp32", "bf16"])
 def test_gelu_epilogue_runs_where_no_gradient_flows(monkeypatch, autocast_dtype):
     """The fast path's MLP takes fc1's GELU in the matmul epilogue exactly where no gradient goes
     through fc1: once per block in a no-grad forward, never while training, nor for the likelihood's
@@ -160,7 +163,6 @@ def test_fast_with_grad_checkpointing():
     check(compare(reference, candidate, batch_size=2, device=DEVICE))
 
 
-_SLOW_ON_CPU = () if DEVICE == "cuda" else (pytest.mark.slow,)
 _ONE_PER_AXIS = _SLOW_ON_CPU  # 20-30 s each on the CPU: by default two cases
 # there, which still take each way of compiling and each dtype once; all four on CUDA and with -m slow
 
@@ -392,6 +394,7 @@ def _saved_bytes_per_image(model, batch_sizes=(2, 4)) -> float:
 
 
 @pytest.mark.spread
+@slow_on_cpu  # 70 s on two cores
 def test_compiled_fast_path_saves_what_its_count_says():
     """The fast path's blocks compiled (AOTAutograd's min-cut partitioner, as Inductor uses it) keep
     for backward what they keep eager, which on the CPU is the count sit_fast.memory gives, not more:

@@ -29,6 +29,9 @@ from sit_fast.training.checkpointing import checkpoint_path, list_checkpoints
 from sit_fast.training.loop import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The costlier variants of a parametrized case, run with -m slow (make test-all): the default run keeps
+# one of each, so the suite stays near 15 minutes on two cores.
+SLOW = pytest.mark.slow
 BASE = [
     "--dataset", "digits", "--image-size", "8", "--vae", "none", "--model", "SiT-T/4", "--global-batch-size", "64",
     "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--lr", "1e-3", "--ema-decay", "0.9",
@@ -158,7 +161,7 @@ def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
             f"log.txt are written on rank 0's node ({socket.gethostname()}) only; to resume") in log, log
 
 
-@pytest.mark.parametrize("init", [False, True])
+@pytest.mark.parametrize("init", [False, pytest.param(True, marks=SLOW)])
 def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path, init):
     """The data is on node 0's disk only: rank 1 stops with its own error, and rank 0, before DDP's
     first collective (in which, on NCCL, it would wait for rank 1 until the timeout), with one line
@@ -234,8 +237,8 @@ def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
         f.write(outcome)
 
 
-@pytest.mark.parametrize("failure", ["checkpoint, disk full", "sample grid, disk full", "sample grid, an error",
-                                     "a peer ends"])
+@pytest.mark.parametrize("failure", ["checkpoint, disk full", pytest.param("sample grid, disk full", marks=SLOW),
+                                     "sample grid, an error", "a peer ends"])
 def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     """Rank 0 alone writes checkpoints and grids: its full disk reached the others as gloo's 'Connection
     closed by peer' traceback (or, for a grid, a crash); a peer that ended did the same to rank 0. A
@@ -2597,7 +2600,7 @@ def test_stop_request_is_agreed_by_every_rank():
     assert stopped == [(4, "SIGTERM"), (4, "SIGTERM")]
 
 
-@pytest.mark.parametrize("signum", ["SIGTERM", "SIGUSR1"])
+@pytest.mark.parametrize("signum", ["SIGTERM", pytest.param("SIGUSR1", marks=SLOW)])
 def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     """A preemption (SIGTERM) or SLURM's warning (SIGUSR1) stops after the current step with a
     checkpoint; resuming it to step S + 2 equals 2 straight runs' S + 2 (Ctrl-C's stop is the same
@@ -2686,7 +2689,7 @@ except RuntimeError as err:
 """
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", pytest.param("forkserver", marks=SLOW)])
 def test_workers_started_holding_the_stop_signals_survive_an_early_sigterm(method):
     """In a fresh process for each start method. fork: a worker inherits the hold, and without it
     torch's worker handler kills the worker before it ignores the signal. forkserver (Python 3.14's
@@ -2785,7 +2788,7 @@ def test_starting_the_resource_tracker_leaves_the_start_method_unset():
     assert result.stdout.split() == ["None", "True"], result.stdout
 
 
-@pytest.mark.parametrize("num_workers", ["0", "2"])
+@pytest.mark.parametrize("num_workers", [pytest.param("0", marks=SLOW), "2"])
 def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_workers):
     """Raised in a loader worker (which ignores SIGTERM), the error must still end the process: the
     workers are shut down, not left for the interpreter's exit to wait on."""
@@ -2801,7 +2804,8 @@ def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_wor
     assert lines[0].startswith("error: cannot read image ") and "3.png" in lines[0] and "remove or replace it" in lines[0]
 
 
-@pytest.mark.parametrize("signum, whole_group", [("SIGTERM", False), ("SIGINT", True)], ids=["SIGTERM", "ctrl-c"])
+@pytest.mark.parametrize("signum, whole_group", [pytest.param("SIGTERM", False, marks=SLOW), ("SIGINT", True)],
+                         ids=["SIGTERM", "ctrl-c"])
 def test_stop_signal_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, signum, whole_group):
     """torchrun passes SIGTERM on to its workers, which see it at slightly different moments: they
     agree on one step, write one checkpoint with both ranks' RNG states, and exit. A Ctrl-C (SIGINT
