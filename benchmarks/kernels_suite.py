@@ -77,7 +77,7 @@ class Size:
     T: int
     D: int
     dtype: torch.dtype
-    cpu_reps: int = 5  # timed iterations of the CPU loop (the interpreter is slow; CPU numbers are a dry run)
+    cpu_reps: int = 2  # timed iterations of the CPU loop (the interpreter is slow; CPU numbers are a dry run)
 
 
 SIZES = {
