@@ -30,7 +30,7 @@ from sit_fast.training.loop import main as train_main
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The costlier variants of a parametrized case, run with -m slow (make test-all): the default run keeps
-# one of each, so the suite stays near 15 minutes on two cores.
+# one of each, to keep its time down on two cores.
 SLOW = pytest.mark.slow
 BASE = [
     "--dataset", "digits", "--image-size", "8", "--vae", "none", "--model", "SiT-T/4", "--global-batch-size", "64",
