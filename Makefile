@@ -17,11 +17,16 @@ $(STAMP): setup.py
 demo: $(STAMP)
 	$(PY) -m sit_fast.demo
 
+# The suite runs in TEST_WORKERS processes (pytest-xdist; the cores, at most 4), each given whole test
+# files (--dist loadfile), so a file's module-scoped fixtures (the benchmark dry run, the DDP runs) run once.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PYTEST)
 
 test-all: $(STAMP)
-	$(PY) -m pytest -q -m ""
+	$(PYTEST) -m ""
 
 bench-dry: $(STAMP)
 	$(PY) -m benchmarks all --device cpu --size tiny --out /tmp/sit_fast_bench_dry

@@ -22,7 +22,7 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "timm"],  # timm: the tests' independent upstream model
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "timm"],  # timm: the tests' independent upstream model
         "flash": ["flash-attn>=2.7"],
         "tensorboard": ["tensorboard"],  # train.py --tensorboard
         "wandb": ["wandb"],  # train.py --wandb
