@@ -246,7 +246,9 @@ def _holds_images(folder: str) -> bool:
                for _, _, filenames in os.walk(folder, followlinks=True) for name in filenames)
 
 
-UNREADABLE_IMAGE = (OSError, Image.DecompressionBombError)  # damaged, not an image, or past PIL's pixel limit
+# Damaged, not an image, or past PIL's pixel limit: PIL raises SyntaxError for a chunk it cannot parse
+# once past the header ("broken PNG file"), DecompressionBombError (no OSError) past the pixel limit.
+UNREADABLE_IMAGE = (OSError, SyntaxError, Image.DecompressionBombError)
 
 
 class UnreadableImage(DataError):

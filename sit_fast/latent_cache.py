@@ -179,10 +179,11 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
                     images, y = next(loader)
                 except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
                     err = worker_error(err)
-                    if isinstance(err, UnreadableImage):  # the fingerprint is of the names: a removal starts over
+                    if isinstance(err, UnreadableImage):  # the fingerprint is of the names: a removal differs
                         err = UnreadableImage(f"{err} (to keep the shards written, replace it with a readable image "
                                               f"of the same name: removing it changes the folder's file list, and "
-                                              f"the cache would start over)")
+                                              f"an --out holding shards of the old list is then refused; deleted, "
+                                              f"it is encoded again whole)")
                     raise err from None
                 images = images.to(device, non_blocking=True)
                 mean, std = codec.encode(torch.cat([images, images.flip(-1)]))  # (2B, C, h, w) each

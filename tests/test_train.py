@@ -1107,6 +1107,24 @@ def test_hidden_folders_holding_images_are_skipped_with_a_warning_in_the_log(tmp
     assert "dataset: 2 samples, 2 classes" in log, log
 
 
+def test_an_image_damaged_past_its_header_is_a_data_error(tmp_path):
+    """A PNG whose header reads but whose second data chunk is garbage: PIL raises SyntaxError, no OSError,
+    when the pixels are read."""
+    from sit_fast.data import DataError, ImageFolderDataset
+
+    root = tmp_path / "images"
+    os.makedirs(root / "class0")
+    pixels = np.random.default_rng(0).integers(0, 256, (256, 256, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(root / "class0" / "0.png")
+    data = bytearray((root / "class0" / "0.png").read_bytes())
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)  # PIL writes 64 KiB a chunk: a second one exists
+    data[second: second + 4] = b"\x00\x01\x02\x03"
+    (root / "class0" / "0.png").write_bytes(bytes(data))
+    dataset = ImageFolderDataset(str(root), 16)
+    with pytest.raises(DataError, match=r"cannot read image \S+0.png \(broken PNG file .*\): remove or replace it"):
+        dataset.load(0, 0)
+
+
 def test_an_image_past_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
     """As a damaged header claiming a huge size: PIL's DecompressionBombError is no OSError."""
     from sit_fast.data import DataError, ImageFolderDataset
@@ -2368,7 +2386,8 @@ def test_latent_cache_reports_a_damaged_image_read_by_a_worker_in_one_line(tmp_p
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, str(tmp_path / "cache"), "--num-workers", "1"))
     assert re.fullmatch(rf"error: cannot read image {re.escape(damaged)} \(.*\): remove or replace it \(to keep the "
                         r"shards written, replace it with a readable image of the same name: removing it changes the "
-                        r"folder's file list, and the cache would start over\)\n", capsys.readouterr().err)
+                        r"folder's file list, and an --out holding shards of the old list is then refused; deleted, "
+                        r"it is encoded again whole\)\n", capsys.readouterr().err)
 
 
 def _cache_node_worker(rank: int, port: int, root: str, argv: list[str]) -> None:
