@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -131,8 +132,6 @@ def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
     a warning that resuming needs the checkpoint on every node; a --resume file that differs between
     nodes (another run's of the same name) stops every rank with one line, before training; the same
     checkpoint copied to each node resumes."""
-    import shutil
-
     for node in ("node0", "node1"):
         (tmp_path / node).mkdir()
     other = train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--max-steps", "1", "--ckpt-every", "1",
@@ -1205,7 +1204,6 @@ def test_resume_auto_skips_a_checkpoint_it_cannot_read(tmp_path, digits_checkpoi
     """An unreadable newest checkpoint (another user's copy, a bad sector) was a PermissionError's
     traceback; now it is skipped as a damaged one is, naming why, and --resume PATH says it in one line."""
     import builtins
-    import shutil
 
     from sit_fast import checkpoint as checkpoint_module
     from sit_fast.checkpoint import CheckpointError
@@ -1485,6 +1483,46 @@ def test_resume_auto_continues_the_newest_run_only(tmp_path):
     assert [os.path.basename(p) for p in list_checkpoints(os.path.join(first, "checkpoints"))] == ["0000001.pt"]
     summary = train_main(BASE + ["--results-dir", results, "--max-steps", "3", "--resume", "auto"])
     assert summary["exp_dir"] == exp and summary["step"] == 3
+
+
+def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_to_load(tmp_path):
+    """A read error of the moment (or damage) on every checkpoint of the run --resume auto would continue:
+    one line, nothing written, the files where they were; not a new run from step 0 (which, in the same
+    --exp-dir, would overwrite them as it went)."""
+    from sit_fast.checkpoint import CheckpointError
+
+    results = str(tmp_path / "results")
+    exp = train_main(BASE + ["--results-dir", results, "--max-steps", "1"])["exp_dir"]
+    path = os.path.join(exp, "checkpoints", "0000001.pt")
+    with open(path, "r+b") as f:
+        f.truncate(4096)
+    for where in (["--results-dir", results], ["--exp-dir", exp]):
+        logging.getLogger("sit_fast.train").handlers.clear()
+        with pytest.raises(CheckpointError, match=rf"^--resume auto: no checkpoint of {re.escape(exp)} loads \(1 "
+                                                  r"found; see the warnings above\): mend or move them aside"):
+            train_main(BASE + where + ["--max-steps", "2", "--resume", "auto"])
+        assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000001.pt"] and os.path.getsize(path) == 4096
+        assert sorted(os.listdir(results)) == [os.path.basename(exp)]
+
+
+def test_a_new_branch_sets_aside_by_step_whatever_the_paths_spelling(tmp_path):
+    """The resumed checkpoint reached through a link to the run's folder, or as a copy of another name in
+    it: the checkpoints of later steps are still set aside, so the new branch does not mix with the old."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--ckpt-every", "1"])
+    ckpt_dir = os.path.join(exp, "checkpoints")
+    os.symlink(tmp_path, tmp_path / "link")
+    train_main(BASE + ["--exp-dir", exp, "--resume", str(tmp_path / "link" / "run" / "checkpoints" / "0000003.pt"),
+                       "--max-steps", "4"])
+    aside = [name for name in os.listdir(ckpt_dir) if name.startswith("superseded-")]
+    assert len(aside) == 1 and os.listdir(os.path.join(ckpt_dir, aside[0])) == ["0000004.pt"]
+    shutil.copy(os.path.join(ckpt_dir, "0000001.pt"), os.path.join(ckpt_dir, "first.pt"))
+    logging.getLogger("sit_fast.train").handlers.clear()
+    train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "first.pt"), "--max-steps", "2"])
+    assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["0000002.pt", "0000001.pt"]
+    later = [name for name in os.listdir(ckpt_dir) if name.startswith("superseded-") and name not in aside]
+    assert len(later) == 1 and sorted(os.listdir(os.path.join(ckpt_dir, later[0]))) == ["0000002.pt", "0000003.pt",
+                                                                                       "0000004.pt"]
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path, capsys):

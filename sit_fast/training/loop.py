@@ -121,6 +121,12 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
         runs = [args.exp_dir] if args.exp_dir else experiment_dirs(args.results_dir, experiment_suffix(args))
         if runs and (found := find_latest_valid(os.path.join(runs[0], "checkpoints"))) is not None:
             return runs[0], found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint)"
+        if runs and (damaged := list_checkpoints(os.path.join(runs[0], "checkpoints"))):
+            # A read error of the moment (a network filesystem's, say) must not restart the run from step 0,
+            # nor (with --exp-dir) let a new run overwrite checkpoints that load again later.
+            raise CheckpointError(f"--resume auto: no checkpoint of {runs[0]} loads ({len(damaged)} found; see the "
+                                  f"warnings above): mend or move them aside, resume another with --resume PATH, "
+                                  f"or start a new run in another --exp-dir")
         if args.exp_dir:
             where = args.exp_dir
         elif runs:
@@ -171,28 +177,31 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
     return exp_dir, path, f"resuming from {path}"
 
 
-def set_aside_later_checkpoints(resume_path: str, checkpoint_dir: str) -> str:
+def set_aside_later_checkpoints(resume_path: str, step: int, checkpoint_dir: str) -> str:
     """Resuming from a checkpoint older than the newest of the run's own checkpoint_dir starts a new
     branch: move the later ones into checkpoints/superseded-<time>/ (kept, but no longer found by
     --resume auto, and not overwritten by the new branch), and the sample grids of later steps into
-    samples/superseded-<time>/. A checkpoint of another folder (--exp-dir elsewhere) moves nothing.
-    Called once the resumed run is built, so a refused resume moves nothing.
-    Returns a line for the log ('' when nothing moved)."""
-    paths = [os.path.abspath(p) for p in list_checkpoints(checkpoint_dir)]  # newest first
+    samples/superseded-<time>/. `step` is the resumed checkpoint's: the later ones are those of higher
+    steps, whatever the resumed file's name or the path's spelling (a link in it). A checkpoint of
+    another folder (--exp-dir elsewhere) moves nothing. Called once the resumed run is built, so a
+    refused resume moves nothing. Returns a line for the log ('' when nothing moved)."""
     resumed = os.path.abspath(resume_path)
-    later = paths[:paths.index(resumed)] if resumed in paths else []
+    own = os.path.realpath(os.path.dirname(resumed)) == os.path.realpath(checkpoint_dir)
+    later = [path for path in list_checkpoints(checkpoint_dir)  # newest first
+             if own and int(os.path.splitext(os.path.basename(path))[0]) > step]
     if not later:
         return ""
-    folder = time.strftime("superseded-%Y%m%d-%H%M%S")
+    stamp = time.strftime("superseded-%Y%m%d-%H%M%S")
+    folder = next(name for name in (stamp, *(f"{stamp}-{k}" for k in range(2, 10**6)))  # two branches in a second
+                  if not os.path.exists(os.path.join(checkpoint_dir, name)))
     aside = os.path.join(checkpoint_dir, folder)
-    os.makedirs(aside, exist_ok=True)
+    os.makedirs(aside)
     for path in later:
         os.replace(path, os.path.join(aside, os.path.basename(path)))
     names = ", ".join(os.path.basename(p) for p in reversed(later))
     line = (f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved "
             f"to {aside}")
     samples = os.path.join(os.path.dirname(checkpoint_dir), "samples")
-    step = int(os.path.splitext(os.path.basename(resumed))[0])
     grids = sorted(name for name in (os.listdir(samples) if os.path.isdir(samples) else [])
                    if re.fullmatch(r"\d+\.png", name) and int(name[:-4]) > step)
     if grids:
@@ -513,7 +522,7 @@ class Trainer:
         if resume_path is not None and self.step < self.max_steps:
             def set_aside() -> str:
                 try:
-                    return set_aside_later_checkpoints(resume_path, self.checkpoint_dir)
+                    return set_aside_later_checkpoints(resume_path, self.step, self.checkpoint_dir)
                 except OSError as err:
                     if err.errno not in WRITE_REFUSED:
                         raise
