@@ -133,6 +133,7 @@ class AttentionBackend:
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
     needs_module: str | None = None
+    min_cuda_capability: tuple[int, int] | None = None
 
     def unsupported_reason(self, device: torch.device | str, dtype: torch.dtype, head_dim: int) -> str | None:
         """None when this backend can run these inputs, else a short reason."""
@@ -141,6 +142,13 @@ class AttentionBackend:
             return _OPTIONAL_MODULES[self.needs_module]
         if device_type not in self.devices:
             return f"needs a {' or '.join(self.devices)} device, got {device_type}"
+        if device_type == "cuda" and self.min_cuda_capability is not None:
+            # get_device_properties: constant-folded by torch.compile, so selection stays graph-break free
+            properties = torch.cuda.get_device_properties(torch.device(device))
+            if (properties.major, properties.minor) < self.min_cuda_capability:
+                wanted = ".".join(map(str, self.min_cuda_capability))
+                return (f"needs a GPU of compute capability {wanted} or later, got {properties.major}."
+                        f"{properties.minor} ({properties.name})")
         if dtype not in self.dtypes:
             return f"supports dtypes {_dtype_names(self.dtypes)}, got {_dtype_names([dtype])}"
         if self.max_head_dim is not None and head_dim > self.max_head_dim:
@@ -151,17 +159,24 @@ class AttentionBackend:
 
 
 def optional_module_problem(name: str, distribution: str, minimum: tuple[int, int]) -> str | None:
-    """Why the optional package `name` cannot be used (not installed, or older than `minimum`), or None."""
+    """Why the optional package `name` cannot be used (not installed, older than `minimum`, or failing
+    to import: a build for another torch or CUDA), or None."""
+    install = f"pip install '{distribution}>={minimum[0]}.{minimum[1]}' --no-build-isolation"
     if importlib.util.find_spec(name) is None:
-        return (f"the {name} package is not installed "
-                f"(pip install '{distribution}>={minimum[0]}.{minimum[1]}' --no-build-isolation)")
+        return f"the {name} package is not installed ({install})"
     try:
         version = importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:  # importable without metadata (a source tree): trusted
-        return None
-    if tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < minimum:
+    except importlib.metadata.PackageNotFoundError:  # importable without metadata (a source tree): no version
+        version = None
+    if version is not None and tuple(int(part) for part in re.findall(r"\d+", version)[:2]) < minimum:
         return (f"{name} {version} is older than {'.'.join(map(str, minimum))}, the first whose kernels are "
                 f"torch custom ops that torch.compile traces (pip install -U flash-attn)")
+    try:  # found is not importable: its compiled extension may be built against another torch
+        importlib.import_module(name)
+    except Exception as err:  # noqa: BLE001 - an ImportError, or an OSError of a shared library
+        lines = str(err).strip().splitlines()
+        return (f"{name} is installed but does not import ({type(err).__name__}: {lines[0] if lines else ''}): "
+                f"rebuild it against this torch ({install} --force-reinstall)")
     return None
 
 
@@ -176,6 +191,7 @@ BACKENDS: dict[str, AttentionBackend] = {
     "flash_attn": AttentionBackend(
         "flash_attn", devices=("cuda",), dtypes=(torch.float16, torch.bfloat16),
         max_head_dim=256, head_dim_multiple=8, needs_module="flash_attn",
+        min_cuda_capability=(8, 0),  # flash-attn 2: Ampere or later
     ),
     "sdpa": AttentionBackend("sdpa", devices=("cuda", "cpu"), dtypes=_FLOATS),
     "math": AttentionBackend("math", devices=("cuda", "cpu"), dtypes=_FLOATS),

@@ -1,5 +1,6 @@
 """The SiT model: upstream maths, upstream state_dict, attention backends."""
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -723,6 +724,7 @@ def test_flash_attn_older_than_2_7_is_not_used(monkeypatch):
     from sit_fast.attention import optional_module_problem
 
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: object())
+    monkeypatch.setattr(importlib, "import_module", lambda name: object())
     for version, usable in (("2.6.3", False), ("2.7.0", True), ("2.8.3.post1", True), ("3.0.0b1", True)):
         monkeypatch.setattr(importlib.metadata, "version", lambda name, v=version: v)
         problem = optional_module_problem("flash_attn", "flash-attn", (2, 7))
@@ -731,3 +733,41 @@ def test_flash_attn_older_than_2_7_is_not_used(monkeypatch):
     assert optional_module_problem("flash_attn", "flash-attn", (2, 7)).startswith("flash_attn 2.5.9 is older than 2.7")
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     assert "not installed" in optional_module_problem("flash_attn", "flash-attn", (2, 7))
+
+
+def test_flash_attn_that_does_not_import_is_not_used(tmp_path, monkeypatch):
+    """A flash-attn found but failing to import (its extension built for another torch): "auto" must not
+    pick it, or every forward would raise; the reason names the error and the way out."""
+    from sit_fast.attention import optional_module_problem
+
+    package = tmp_path / "flash_attn"
+    package.mkdir()
+    (package / "__init__.py").write_text('raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda")\n')
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    assert optional_module_problem("flash_attn", "flash-attn", (2, 7)) == (
+        "flash_attn is installed but does not import (ImportError: flash_attn_2_cuda.so: undefined symbol: "
+        "_ZN3c104cuda): rebuild it against this torch (pip install 'flash-attn>=2.7' --no-build-isolation "
+        "--force-reinstall)")
+    (package / "__init__.py").write_text("")
+    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
+    assert optional_module_problem("flash_attn", "flash-attn", (2, 7)) is None  # a source tree: no version
+
+
+def test_auto_attention_passes_over_flash_attn_on_a_gpu_older_than_ampere(monkeypatch):
+    """flash-attn 2 refuses GPUs before compute capability 8.0 (a T4, a V100) at its first call: "auto"
+    takes SDPA there, and asking for flash_attn says why not."""
+    import types
+
+    from sit_fast import attention
+
+    monkeypatch.setitem(attention._OPTIONAL_MODULES, "flash_attn", None)  # as if installed and importable
+    for (major, minor), chosen in (((7, 5), "sdpa"), ((8, 0), "flash_attn"), ((9, 0), "flash_attn")):
+        gpu = types.SimpleNamespace(major=major, minor=minor, name=f"GPU {major}.{minor}")
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, gpu=gpu: gpu)
+        assert attention.select_backend("auto", "cuda", torch.bfloat16, 72) == chosen
+    with pytest.raises(ValueError, match=r"attention backend 'flash_attn' cannot run here: needs a GPU of compute "
+                                         r"capability 8.0 or later, got 7.5 \(GPU 7.5\); usable: sdpa, math"):
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+            major=7, minor=5, name="GPU 7.5"))
+        attention.select_backend("flash_attn", "cuda", torch.bfloat16, 72)
