@@ -128,7 +128,7 @@ def flash_attn_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> t
 @dataclasses.dataclass(frozen=True)
 class AttentionBackend:
     name: str
-    devices: tuple[str, ...]
+    devices: tuple[str, ...] | None  # None: any (plain torch ops)
     dtypes: tuple[torch.dtype, ...]
     max_head_dim: int | None = None
     head_dim_multiple: int = 1
@@ -140,7 +140,7 @@ class AttentionBackend:
         device_type = torch.device(device).type
         if self.needs_module and _OPTIONAL_MODULES.get(self.needs_module) is not None:
             return _OPTIONAL_MODULES[self.needs_module]
-        if device_type not in self.devices:
+        if self.devices is not None and device_type not in self.devices:
             return f"needs a {' or '.join(self.devices)} device, got {device_type}"
         if device_type == "cuda" and self.min_cuda_capability is not None:
             # get_device_properties: constant-folded by torch.compile, so selection stays graph-break free
@@ -193,8 +193,8 @@ BACKENDS: dict[str, AttentionBackend] = {
         max_head_dim=256, head_dim_multiple=8, needs_module="flash_attn",
         min_cuda_capability=(8, 0),  # flash-attn 2: Ampere or later
     ),
-    "sdpa": AttentionBackend("sdpa", devices=("cuda", "cpu"), dtypes=_FLOATS),
-    "math": AttentionBackend("math", devices=("cuda", "cpu"), dtypes=_FLOATS),
+    "sdpa": AttentionBackend("sdpa", devices=None, dtypes=_FLOATS),
+    "math": AttentionBackend("math", devices=None, dtypes=_FLOATS),
 }
 AUTO_ORDER = ("flash_attn", "sdpa", "math")
 

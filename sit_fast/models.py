@@ -515,6 +515,8 @@ class SiT(nn.Module):
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
         if fused_kernels not in (True, False, "auto"):
             raise ValueError(f"fused_kernels must be True, False or 'auto', got {fused_kernels!r}")
+        if fused_kernels is not False:  # a malformed setting would otherwise turn the epilogue off unsaid
+            check_gelu_epilogue_setting()
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels

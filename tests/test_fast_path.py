@@ -130,6 +130,11 @@ def test_gelu_epilogue_setting_is_checked(monkeypatch):
     with pytest.raises(ValueError, match="SIT_FAST_GELU_EPILOGUE='yes': set 1 .* or 0"):
         models.resolve_fused_kernels("auto", torch.device("cpu"))
     assert models.resolve_fused_kernels(False, torch.device("cpu")) is False  # nothing to set without the kernels
+    for fused in (True, "auto"):  # a model built in Python, not through the scripts' flag, says it too
+        with pytest.raises(ValueError, match="SIT_FAST_GELU_EPILOGUE='yes': set 1 .* or 0"):
+            SiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2,
+                fused_kernels=fused)
+    SiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLASLt epilogue runs on CUDA")

@@ -754,6 +754,15 @@ def test_flash_attn_that_does_not_import_is_not_used(tmp_path, monkeypatch):
     assert optional_module_problem("flash_attn", "flash-attn", (2, 7)) is None  # a source tree: no version
 
 
+def test_auto_attention_on_another_device_is_pytorch_attention():
+    """SDPA and the math backend are plain torch: "auto" takes SDPA on any device (an Apple GPU, say)."""
+    from sit_fast.attention import select_backend
+
+    for device in ("mps", "xpu", "meta"):
+        assert select_backend("auto", device, torch.float16, 72) == "sdpa"
+        assert select_backend("math", device, torch.float32, 72) == "math"
+
+
 def test_auto_attention_passes_over_flash_attn_on_a_gpu_older_than_ampere(monkeypatch):
     """flash-attn 2 refuses GPUs before compute capability 8.0 (a T4, a V100) at its first call: "auto"
     takes SDPA there, and asking for flash_attn says why not."""
