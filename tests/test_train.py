@@ -1505,9 +1505,15 @@ def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_to_load(tmp_path):
         assert sorted(os.listdir(results)) == [os.path.basename(exp)]
 
 
-def test_a_new_branch_sets_aside_by_step_whatever_the_paths_spelling(tmp_path):
+def test_a_new_branch_sets_aside_by_step_whatever_the_paths_spelling(tmp_path, monkeypatch):
     """The resumed checkpoint reached through a link to the run's folder, or as a copy of another name in
-    it: the checkpoints of later steps are still set aside, so the new branch does not mix with the old."""
+    it: the checkpoints of later steps are still set aside, so the new branch does not mix with the old.
+    Two branches in one second: two folders."""
+    import time
+
+    strftime = time.strftime
+    monkeypatch.setattr(time, "strftime", lambda fmt, *when: "superseded-20261205-000000"
+                        if fmt.startswith("superseded-") else strftime(fmt, *when))
     exp = str(tmp_path / "run")
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--ckpt-every", "1"])
     ckpt_dir = os.path.join(exp, "checkpoints")
@@ -1520,9 +1526,9 @@ def test_a_new_branch_sets_aside_by_step_whatever_the_paths_spelling(tmp_path):
     logging.getLogger("sit_fast.train").handlers.clear()
     train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "first.pt"), "--max-steps", "2"])
     assert [os.path.basename(p) for p in list_checkpoints(ckpt_dir)] == ["0000002.pt", "0000001.pt"]
-    later = [name for name in os.listdir(ckpt_dir) if name.startswith("superseded-") and name not in aside]
-    assert len(later) == 1 and sorted(os.listdir(os.path.join(ckpt_dir, later[0]))) == ["0000002.pt", "0000003.pt",
-                                                                                       "0000004.pt"]
+    assert aside == ["superseded-20261205-000000"]
+    later = os.path.join(ckpt_dir, "superseded-20261205-000000-2")
+    assert sorted(os.listdir(later)) == ["0000002.pt", "0000003.pt", "0000004.pt"]
 
 
 def test_a_run_folder_in_use_is_refused(tmp_path, capsys):

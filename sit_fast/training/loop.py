@@ -191,9 +191,11 @@ def set_aside_later_checkpoints(resume_path: str, step: int, checkpoint_dir: str
              if own and int(os.path.splitext(os.path.basename(path))[0]) > step]
     if not later:
         return ""
-    stamp = time.strftime("superseded-%Y%m%d-%H%M%S")
-    folder = next(name for name in (stamp, *(f"{stamp}-{k}" for k in range(2, 10**6)))  # two branches in a second
-                  if not os.path.exists(os.path.join(checkpoint_dir, name)))
+    stamp = folder = time.strftime("superseded-%Y%m%d-%H%M%S")
+    k = 1
+    while os.path.exists(os.path.join(checkpoint_dir, folder)):  # two branches in one second
+        k += 1
+        folder = f"{stamp}-{k}"
     aside = os.path.join(checkpoint_dir, folder)
     os.makedirs(aside)
     for path in later:
