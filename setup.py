@@ -22,7 +22,8 @@ setup(
         "safetensors",
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "timm"],  # timm: the tests' independent upstream model
+        # timm: the tests' independent upstream model; pytest-xdist: make test's processes
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "timm"],
         "flash": ["flash-attn>=2.7"],
         "tensorboard": ["tensorboard"],  # train.py --tensorboard
         "wandb": ["wandb"],  # train.py --wandb
