@@ -745,13 +745,15 @@ def test_flash_attn_that_does_not_import_is_not_used(tmp_path, monkeypatch):
     (package / "__init__.py").write_text('raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda")\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    assert optional_module_problem("flash_attn", "flash-attn", (2, 7)) == (
-        "flash_attn is installed but does not import (ImportError: flash_attn_2_cuda.so: undefined symbol: "
-        "_ZN3c104cuda): rebuild it against this torch (pip install 'flash-attn>=2.7' --no-build-isolation "
-        "--force-reinstall)")
-    (package / "__init__.py").write_text("")
-    monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
-    assert optional_module_problem("flash_attn", "flash-attn", (2, 7)) is None  # a source tree: no version
+    try:
+        assert optional_module_problem("flash_attn", "flash-attn", (2, 7)) == (
+            "flash_attn is installed but does not import (ImportError: flash_attn_2_cuda.so: undefined symbol: "
+            "_ZN3c104cuda): rebuild it against this torch (pip install 'flash-attn>=2.7' --no-build-isolation "
+            "--force-reinstall)")
+        (package / "__init__.py").write_text("")
+        assert optional_module_problem("flash_attn", "flash-attn", (2, 7)) is None  # a source tree: no version
+    finally:  # the stand-in imported above must not outlive the test
+        sys.modules.pop("flash_attn", None)
 
 
 def test_auto_attention_on_another_device_is_pytorch_attention():
@@ -775,8 +777,8 @@ def test_auto_attention_passes_over_flash_attn_on_a_gpu_older_than_ampere(monkey
         gpu = types.SimpleNamespace(major=major, minor=minor, name=f"GPU {major}.{minor}")
         monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device, gpu=gpu: gpu)
         assert attention.select_backend("auto", "cuda", torch.bfloat16, 72) == chosen
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        major=7, minor=5, name="GPU 7.5"))
     with pytest.raises(ValueError, match=r"attention backend 'flash_attn' cannot run here: needs a GPU of compute "
                                          r"capability 8.0 or later, got 7.5 \(GPU 7.5\); usable: sdpa, math"):
-        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
-            major=7, minor=5, name="GPU 7.5"))
         attention.select_backend("flash_attn", "cuda", torch.bfloat16, 72)
