@@ -231,9 +231,9 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
-    """Load strictly; when only the class count differs, keep the model's fresh label table (but a
-    class-free model, class_dropout_prob=0, takes a table of its classes and a null row without the
-    null row).
+    """Load strictly; when only the class count differs, redraw the label table's class rows and keep
+    the checkpoint's null row (its last) as the model's (but a class-free model, class_dropout_prob=0,
+    takes a table of its classes and a null row without the null row).
 
     Any other difference raises CheckpointError naming the keys and shapes and the likely fix.
     A model wrapped by torch.compile, DistributedDataParallel or DataParallel is loaded through the
@@ -271,10 +271,16 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         reinit = False
     elif reinit:
         rows_ckpt, rows_model = table.shape[0], own_table.shape[0]
+        # The null row (class dropout's label, the unconditional half of guidance) means the same
+        # whatever the classes: kept, so the unconditional model works from the first step of a
+        # fine-tune. The checkpoint's last row is taken as its null row, as infer_config does.
+        keep_null = embedder is not None and not class_free and rows_model > 1
+        null_row = table[-1]
         logger.warning(
             "%s has a label table of %d rows, the model %d (num_classes=%d): the label table is "
-            "re-initialised; class-conditional outputs are meaningless until it is trained",
+            "re-initialised%s; class-conditional outputs are meaningless until it is trained",
             source, rows_ckpt, rows_model, getattr(model, "num_classes", rows_model),
+            " but for its last row, the null label of guidance, kept" if keep_null else "",
         )
         state_dict = {**state_dict, LABEL_TABLE_KEY: own_table}
     elif missing or unexpected or mismatched:
@@ -285,6 +291,8 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         # drawn from the caller's generator without moving it on: loading draws no numbers of its own
         with torch.random.fork_rng(devices=[table.device] if table.device.type == "cuda" else []), torch.no_grad():
             torch.nn.init.normal_(table, std=0.02)
+            if keep_null:
+                table[-1].copy_(null_row)
     return {"label_table_reinitialised": reinit}
 
 

@@ -79,8 +79,11 @@ def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "\n" not in messages[0]
     assert "1001 rows" in messages[0] and "11" in messages[0] and "re-initialised" in messages[0]
+    assert "null label of guidance, kept" in messages[0]
     table = model.y_embedder.embedding_table.weight.detach()
-    assert table.shape == (11, 32) and abs(table.mean().item()) < 0.01 and 0.015 < table.std().item() < 0.025
+    classes = table[:-1]  # redrawn as at initialisation; the null row, the last, is the checkpoint's
+    assert table.shape == (11, 32) and abs(classes.mean().item()) < 0.01 and 0.015 < classes.std().item() < 0.025
+    assert torch.equal(table[-1], sd["y_embedder.embedding_table.weight"][-1])
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
@@ -513,7 +516,12 @@ def test_a_class_free_model_keeps_a_checkpoints_classes_without_its_null_row(tmp
     assert torch.equal(model.y_embedder.embedding_table.weight, guided.y_embedder.embedding_table.weight[:10])
     assert [r.levelname for r in caplog.records] == ["INFO"] and "null label" in caplog.records[0].getMessage()
     other = SiT_models["SiT-T/2"](input_size=8, num_classes=9, class_dropout_prob=0)
-    assert load_checkpoint(other, tmp_path / "guided.pt")["label_table_reinitialised"]
+    with caplog.at_level(logging.INFO, logger="sit_fast"):
+        assert load_checkpoint(other, tmp_path / "guided.pt")["label_table_reinitialised"]
+    assert "kept" not in caplog.records[-1].getMessage()  # no null row to keep it in
+    table = other.y_embedder.embedding_table.weight.detach()
+    assert not any(torch.equal(row, guided.y_embedder.embedding_table.weight[-1]) for row in table)
+    assert 0.01 < table.std().item() < 0.03
 
 
 @pytest.mark.parametrize("key,change", [
