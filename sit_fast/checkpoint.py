@@ -39,7 +39,8 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
 
     prefer: "ema" takes a train.py checkpoint's EMA weights when present, "model" its raw weights.
     info: {"format", "weights" ("ema" | "model" | "raw"), "args", "step", "optimizer"} (None where
-    unknown; optimizer: whether it is a training checkpoint with an optimizer state, upstream's or ours).
+    unknown; optimizer: whether it is a training checkpoint with an optimizer state, upstream's or ours;
+    args of a .safetensors file that python -m sit_fast.export wrote: the training transport flags alone).
     """
     if prefer not in ("ema", "model"):
         raise ValueError(f"prefer must be 'ema' or 'model', got {prefer!r}")
@@ -66,10 +67,11 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
                 obj = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as err:  # safetensors raises its own error types
             raise CheckpointError(f"cannot read {path}: {first_line(err)} (corrupt or not a safetensors file)") from None
-        # python -m sit_fast.export records which weights of which step the file holds
+        # python -m sit_fast.export records which weights of which step the file holds, and the
+        # transport flags of the training run, which stand in for its args
         step = metadata.get("step", "")
         info.update(format="safetensors", weights=metadata.get("weights", "raw"),
-                    step=int(step) if step.isdigit() else None)
+                    step=int(step) if step.isdigit() else None, args=recorded_transport_metadata(metadata))
     else:
         obj = safe_torch_load(path)
     if not isinstance(obj, dict):
@@ -93,6 +95,28 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         if isinstance(model, str) and model.startswith("DiT-") and not dit_named:
             logger.warning(f"{path} is a checkpoint of DiT's training (its args: --model {model}): {DIT_NOTE}")
     return checked_state_dict(obj, path), info
+
+
+# The training flags that say what a model's outputs are and how to sample it; none is in its weights.
+TRANSPORT_FLAGS = ("path_type", "prediction", "loss_weight", "train_eps", "sample_eps")
+
+
+def training_transport(args: dict | None) -> dict:
+    """The transport flags among a checkpoint's args (TRANSPORT_FLAGS, those recorded), as plain values."""
+    if not isinstance(args, dict):
+        return {}
+    return {k: args[k] for k in TRANSPORT_FLAGS
+            if k in args and (args[k] is None or isinstance(args[k], str | int | float))}
+
+
+def recorded_transport_metadata(metadata: dict) -> dict | None:
+    """The training transport that `python -m sit_fast.export` put in a .safetensors file's metadata
+    ("transport", JSON), else None."""
+    try:
+        transport = json.loads(metadata.get("transport", "null"))
+    except ValueError:
+        return None
+    return training_transport(transport) or None
 
 
 def checked_state_dict(obj: dict, source: str) -> dict[str, torch.Tensor]:

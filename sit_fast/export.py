@@ -8,9 +8,9 @@
 
 A .pt file is a plain state_dict in the upstream key layout, the format of the upstream release
 (`SiT-XL-2-256x256.pt`): upstream's sample.py and ours load it. It records no latent space, so
-sample it with --vae as trained. A .safetensors file also carries the checkpoint's model_config
-(architecture, latent space) as metadata, which sample.py reads as it reads a train.py
-checkpoint's. A train.py checkpoint of SiT-XL/2 (weights, EMA, AdamW moments) is 4x the EMA
+sample it with --vae, --path-type and --prediction as trained. A .safetensors file also carries
+the checkpoint's model_config (architecture, latent space) and training transport (path type,
+prediction) as metadata, which sample.py reads as it reads a train.py checkpoint's. A train.py checkpoint of SiT-XL/2 (weights, EMA, AdamW moments) is 4x the EMA
 weights alone, 2.7 GB in fp32. Files are written atomically.
 """
 from __future__ import annotations
@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
+from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config, training_transport
 from sit_fast.errors import UserError, cli_entry
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -30,8 +30,9 @@ EXTENSIONS = (".pt", ".pth", ".safetensors")
 
 
 def describe(path: str, weights: str = "ema", loaded: tuple[dict, dict] | None = None) -> dict:
-    """What `path` holds: {"format", "weights", "step", "model", "config", "model_config",
-    "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it).
+    """What `path` holds: {"format", "weights", "step", "model", "config", "model_config", "transport",
+    "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it;
+    transport: the training run's transport flags, None where the file records none).
     loaded: read_checkpoint(path, prefer=weights)'s result when the caller has it already."""
     from sit_fast.models import registry_name
 
@@ -41,6 +42,7 @@ def describe(path: str, weights: str = "ema", loaded: tuple[dict, dict] | None =
         "format": info["format"], "weights": info["weights"], "step": info["step"],
         "model": registry_name(config["depth"], config["hidden_size"], config["patch_size"]),
         "config": config, "model_config": recorded_model_config(path),
+        "transport": training_transport(info["args"]) or None,
         "parameters": sum(v.numel() for v in state_dict.values()),  # the fixed pos_embed too, as upstream counts
         "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()}),
         "bytes": os.path.getsize(path),
@@ -91,6 +93,9 @@ def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None 
             metadata["model_config"] = json.dumps(model_config)
         if info["step"] is not None:
             metadata["step"] = str(int(info["step"]))
+        transport = training_transport(info["args"])
+        if transport:
+            metadata["transport"] = json.dumps(transport)
         data = save(state_dict, metadata=metadata)
         write = lambda f: f.write(data)  # noqa: E731
     else:
@@ -131,8 +136,29 @@ def summary(path: str, found: dict) -> str:
         f"  inputs     {config['in_channels']} x {config['input_size']} x {config['input_size']}, "
         f"{config['num_classes']} classes, learn_sigma {config['learn_sigma']}",
         f"  latents    {space or 'not recorded (sample with --vae as trained)'}",
+        f"  transport  {transport_words(found['transport'])}",
     ]
     return "\n".join(lines)
+
+
+def transport_words(transport: dict | None) -> str:
+    """The training transport as sample.py's flags, or how to do without it."""
+    if not transport or not transport.get("path_type") and not transport.get("prediction"):
+        return "not recorded (sample with --path-type and --prediction as trained)"
+    return " ".join(f"--{key.replace('_', '-')} {transport[key]}" for key in ("path_type", "prediction")
+                    if transport.get(key) is not None)
+
+
+def transport_note(found: dict, out: str) -> str | None:
+    """A line when a .pt export leaves out a training transport other than the default (Linear,
+    velocity), which its sampler then has to be told, else None."""
+    transport = found["transport"] or {}
+    other = {k: transport[k] for k, default in (("path_type", "Linear"), ("prediction", "velocity"))
+             if transport.get(k) not in (None, default)}
+    if not other or os.path.splitext(out)[1].lower() == ".safetensors":
+        return None
+    return (f"note: {out} is a plain state_dict and records no transport; the model was trained with "
+            f"{transport_words(other)}: pass those to sample.py (or export to .safetensors, which keeps them)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +202,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(note)
     written = export_weights(args.ckpt, args.out, args.weights, args.dtype, args.force, loaded)
     print(summary(args.out, written))
+    note = transport_note(found, args.out)
+    if note:
+        print(note)
     return written
 
 

@@ -194,6 +194,37 @@ def test_a_checkpoint_of_another_transport_is_sampled_with_its_flags(files, tmp_
             "from it") in err, err
 
 
+def test_an_exported_checkpoint_keeps_its_transport(files, tmp_path, capsys):
+    """python -m sit_fast.export: a .safetensors file carries the training transport, which sample.py
+    takes as from the checkpoint; a .pt file cannot, and the export says which flags to pass."""
+    from sit_fast import export
+
+    weights = torch.load(files["pixel"], weights_only=True)
+    torch.save({"model": weights, "ema": weights, "opt": {}, "step": 7,
+                "args": {"path_type": "VP", "prediction": "score", "loss_weight": None, "model": "SiT-T/2"}},
+               tmp_path / "vp.pt")
+    found = export.main([str(tmp_path / "vp.pt"), "--out", str(tmp_path / "vp.safetensors")])
+    assert found["transport"] == {"path_type": "VP", "prediction": "score", "loss_weight": None}
+    out = capsys.readouterr().out
+    assert out.count("  transport  --path-type VP --prediction score\n") == 2 and "note" not in out, out
+    argv = ["ODE", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST]
+    run(argv + ["--ckpt", tmp_path / "vp.safetensors", "--out", tmp_path / "a.png"])
+    out, err = capsys.readouterr()
+    assert "using --path-type VP, --prediction score: the checkpoint's training flags" in out and not err, (out, err)
+    run(argv + ["--ckpt", tmp_path / "vp.pt", "--out", tmp_path / "b.png"])
+    np.testing.assert_array_equal(read_png(tmp_path / "a.png"), read_png(tmp_path / "b.png"))
+
+    export.main([str(tmp_path / "vp.pt"), "--out", str(tmp_path / "vp-ema.pt")])
+    out = capsys.readouterr().out
+    assert out.endswith(f"note: {tmp_path / 'vp-ema.pt'} is a plain state_dict and records no transport; the model "
+                        f"was trained with --path-type VP --prediction score: pass those to sample.py (or export to "
+                        f".safetensors, which keeps them)\n"), out
+    assert "transport  not recorded (sample with --path-type and --prediction as trained)" in out
+    export.main([files["pixel"], "--out", str(tmp_path / "plain.safetensors")])  # nothing recorded: nothing to say
+    out = capsys.readouterr().out
+    assert "note" not in out and out.count("transport  not recorded") == 2, out
+
+
 @pytest.mark.parametrize("fid", [False, True])
 def test_samples_that_are_not_finite_are_refused_not_written(files, tmp_path, capsys, monkeypatch, fid):
     """A sampler that diverged (here, image 1 of each batch made NaN) would turn NaN into black pixels,
