@@ -547,13 +547,14 @@ class Setup:
         return images
 
     @staticmethod
-    def check_finite(x: torch.Tensor, first: int, what: str, advice: str) -> None:
-        """UserError `what` (naming the images) unless every element of x (B, ...) is finite."""
-        bad = ~torch.isfinite(x).flatten(1).all(1)  # (B,); one host read per batch
+    def check_finite(x: torch.Tensor, first: int, what: str, advice: str, noun: str = "image") -> None:
+        """UserError `what` (naming the images, or other `noun`s) unless every element of x (B, ...) is
+        finite."""
+        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)  # (B,); one host read per batch
         if bool(bad.any()):
             rows = bad.nonzero().flatten().tolist()
-            name = f"image {first + rows[0]}" + (f" (and {len(rows) - 1} more of images {first}..{first + len(x) - 1})"
-                                                 if len(rows) > 1 else "")
+            name = f"{noun} {first + rows[0]}" + (f" (and {len(rows) - 1} more of {noun}s {first}..{first + len(x) - 1})"
+                                                  if len(rows) > 1 else "")
             raise NonFinite(f"{what.format(name)}; nothing of its batch is written: try {advice}")
 
     def divergence_advice(self) -> str:
@@ -837,7 +838,7 @@ def load_data(setup: Setup, path: str):
         if array.dtype != np.uint8:
             return check_model_inputs(setup, torch.from_numpy(np.array(array, dtype=np.float32)), path)
         images = check_image_array(array, setup.image_size, wanted, path)
-    elif path.endswith(".pt"):
+    elif path.lower().endswith((".pt", ".pth")):  # --reverse writes either
         try:
             tensor = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # torch.load raises many types for bad files
@@ -846,7 +847,7 @@ def load_data(setup: Setup, path: str):
             raise UserError(f"{path} holds a {type(tensor).__name__}, not a tensor of model inputs (N, C, h, w)")
         return check_model_inputs(setup, tensor.float(), path)
     else:
-        raise UserError(f"--data {path}: expected a folder of images, an .npz or a .pt file")
+        raise UserError(f"--data {path}: expected a folder of images, an .npz or a .pt (.pth) file")
     if setup.codec is not None:
         return EncodedImages(setup.codec, images), 0.0, "scaled VAE latents (posterior means)"
     return DequantizedImages(images, 256, setup.args.seed), 7.0, \
@@ -1230,6 +1231,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     finished = None if out is None else on_main(lambda: finished_bpd(out, settings), dist)
     if finished is not None:
         if dist.is_main:
+            remove_stale_parts(out)
             print(f"{bpd_summary(finished, f'{len(finished)} items')} ({detail}; all {len(finished)} from {out}, "
                   f"nothing left to compute)")
         return finished if dist.is_main else np.zeros(0)
@@ -1250,6 +1252,9 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         with torch.no_grad():
             logp, _ = setup.sample_fn(batch, model_fn)
         bpd = (-logp / (dims * math.log(2)) + offset).double().cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
+        # NaN saved as a result would be read back as finished; a resume draws the same probes
+        setup.check_finite(bpd, first, "the likelihood ODE diverged: the bpd of {} came out NaN or inf",
+                           f"{setup.divergence_advice()} (the same settings diverge again)", noun="item")
         return bpd if parts is None else parts.write(index, bpd)
 
     start = time.perf_counter()
@@ -1281,6 +1286,20 @@ def run_likelihood(setup: Setup) -> np.ndarray:
                   f"command again to compute the rest")
     exit_if_interrupted(interrupted, len(bpd), len(x), dist)
     return bpd
+
+
+def remove_stale_parts(out: str) -> None:
+    """OUT.parts/ beside a finished OUT (a stop between writing OUT and removing the folder): nothing
+    reads it again, so it goes, unless a job holds it now."""
+    folder = f"{out}.parts"
+    if not os.path.isdir(folder):
+        return
+    try:
+        with FolderLock(folder, "--out") as lock:
+            lock.acquire()
+            shutil.rmtree(folder, ignore_errors=True)
+    except UserError:  # another job's, or a folder that cannot be written: left as it is
+        pass
 
 
 def dequantization_note(offset: float) -> str:
@@ -1318,6 +1337,8 @@ def run_reverse(setup: Setup) -> str:
     def step(index: int, first: int) -> torch.Tensor:
         noise = setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
                              derived_seed(args.seed, first)).cpu()
+        setup.check_finite(noise, first, "the ODE diverged: the noise of {} came out NaN or inf",
+                           f"{setup.divergence_advice()} (the same settings diverge again)", noun="item")
         return parts.write(index, noise)
 
     wait = parts.wait if dist.is_main and dist.world_size > 1 else None

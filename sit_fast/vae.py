@@ -109,12 +109,14 @@ class LatentCodec:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """(N, C, h, w) scaled latents -> (N, 3, h*d, w*d) images in [-1, 1], fp32."""
+        """(N, C, h, w) scaled latents -> (N, 3, h*d, w*d) images in [-1, 1], fp32; an overflow (inf)
+        comes out NaN, not clamped into a white or black pixel, so that a caller's check sees it."""
         images = []
         for chunk in latents.split(self.batch_size):
             z = chunk.to(self.device).float() / self.scale + self.offset
             with self._autocast():
-                images.append(self.vae.decode(z).sample.float().clamp(-1, 1))
+                decoded = self.vae.decode(z).sample.float()
+            images.append(decoded.masked_fill_(decoded.isinf(), float("nan")).clamp_(-1, 1))
         return torch.cat(images)
 
 

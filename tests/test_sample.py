@@ -255,6 +255,73 @@ def test_samples_that_are_not_finite_are_refused_not_written(files, tmp_path, ca
         assert not [name for name in os.listdir(tmp_path / "s") if name.endswith(".png")]
 
 
+def test_images_the_vae_overflowed_on_are_refused_not_written(files, tmp_path, capsys, monkeypatch):
+    """A decoder output of inf (an overflow) was clamped into white pixels; it is refused as NaN is."""
+    from sit_fast import vae
+
+    real = vae.LatentCodec.decode
+
+    def overflowing(self, latents):
+        real_decode = self.vae.decode
+
+        def decode(z):
+            out = real_decode(z)
+            out.sample[1:2] = float("inf")
+            return out
+
+        self.vae.decode = decode
+        try:
+            return real(self, latents)
+        finally:
+            self.vae.decode = real_decode
+
+    monkeypatch.setattr(vae.LatentCodec, "decode", overflowing)
+    argv = ["ODE", "--ckpt", files["latent"], "--vae", files["vae"], "--sampling-method", "euler",
+            "--num-sampling-steps", 2, "--vae-precision", "bf16", "--out", tmp_path / "g.png", *FAST]
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == ("error: the VAE overflowed: image 1 decoded to NaN or inf; nothing of its batch "
+                                      "is written: try --vae-precision fp32")
+    assert not os.path.exists(tmp_path / "g.png")
+
+
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_likelihoods_and_noise_that_are_not_finite_are_refused_not_kept(files, tmp_path, capsys, monkeypatch, job):
+    """An ODE that diverged gave bpd NaN, saved in the .npz and read back later as a finished result
+    (--reverse: NaN noise): one line naming the item; the batches before it are kept to resume from."""
+    calls = []
+    torch.save(torch.rand(4, 3, 8, 8) * 2 - 1, tmp_path / "x.pt")
+    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
+            "--sampling-method", "euler", "--num-sampling-steps", 2, "--out", out, *FAST]
+    original = sample.Setup.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        sample_fn = self.sample_fn
+
+        def diverging(x, model_fn):
+            result = sample_fn(x, model_fn)
+            calls.append(len(x))
+            if len(calls) == 2:  # the second batch: items 2 and 3, item 3 NaN (the bpd's log p, or the noise)
+                result = [r.clone() for r in result]
+                result[0 if job == "--likelihood" else -1][1] = float("nan")
+            return result
+
+        self.sample_fn = diverging
+
+    monkeypatch.setattr(sample.Setup, "__init__", init)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    what = "likelihood ODE diverged: the bpd" if job == "--likelihood" else "ODE diverged: the noise"
+    assert one_line_error(capsys) == (f"error: the {what} of item 3 came out NaN or inf; nothing of its batch is "
+                                      f"written: try more --num-sampling-steps (now 2) or --sampling-method dopri5 "
+                                      f"(adaptive) (the same settings diverge again)")
+    assert not out.exists() and sorted(os.listdir(f"{out}.parts")) == [".lock", "000000.pt", "settings.json"]
+
+
 def test_a_padding_image_that_is_not_finite_is_not_judged(files, tmp_path, monkeypatch):
     """The last batch of an FID job is padded past N (a fixed batch); the padding is never written, so
     NaN there (an image 3 of 3) must not stop the job."""
@@ -1265,8 +1332,10 @@ def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys
     npz = tmp_path / "new" / "deeper" / "fid.npz"
     assert run(common + ["--num-fid-samples", 2, "--sample-dir", tmp_path / "s", "--out", npz]) == str(npz)
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    noise = tmp_path / "other" / "z.pt"
+    noise = tmp_path / "other" / "z.pth"
     assert run(common + ["--reverse", "--data", tmp_path / "x.pt", "--out", noise]) == str(noise)
+    # what --reverse writes, --data reads, .pth as .pt
+    assert run(common + ["--reverse", "--data", noise, "--out", tmp_path / "z2.pt"]) == str(tmp_path / "z2.pt")
     (tmp_path / "a_file").write_text("")
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
@@ -2015,6 +2084,10 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     batches.clear()
     np.testing.assert_array_equal(run(argv), whole)  # finished: nothing computed
     assert not batches and "nothing left to compute" in capsys.readouterr().out
+    parts.mkdir()  # a stop between writing OUT and removing OUT.parts/: the folder goes at the next run
+    (parts / "000000.pt").write_bytes(b"")
+    np.testing.assert_array_equal(run(argv), whole)
+    assert not batches and not parts.exists()
     refused(argv + ["--seed", 1], f"--out {out}", "holds the results of a run with other settings (seed: 0 there, "
                                                   "1 now)")
     torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")

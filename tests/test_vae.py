@@ -43,6 +43,18 @@ def test_load_vae_shapes_and_scaling(tiny_vae_dir):
     assert decoded.shape == (5, 3, 16, 16) and decoded.abs().max() <= 1
     expected = codec.vae.decode(latents / codec.scaling_factor).sample.clamp(-1, 1)
     torch.testing.assert_close(decoded, expected, atol=1e-5, rtol=1e-5)
+    # an overflow of the decoder stays visible (NaN), where clamping made it a white pixel; NaN stays NaN
+    real_decode = codec.vae.decode
+
+    def overflowing(z):
+        out = real_decode(z)
+        out.sample[z.abs().amax((1, 2, 3)) > 100, 0, 0, 0] = float("inf")
+        return out
+
+    codec.vae.decode = overflowing
+    latents[1], latents[3, 0, 0, 0] = 1e3, float("nan")
+    finite = codec.decode(latents).flatten(1).isfinite().all(1)
+    assert finite.tolist() == [True, False, True, False, True]
 
 
 def test_latents_mean_and_std_normalise_per_channel(tmp_path):

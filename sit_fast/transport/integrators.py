@@ -152,7 +152,8 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
         options = None
     else:
         fractions = (t_grid - t_grid[0]) / (t_grid[-1] - t_grid[0])
-        # torchdiffeq hands a negated t to this for decreasing grids; lerp keeps both ends exact
+        # torchdiffeq's wrapper for a decreasing grid hands this the times as given and negates what it
+        # returns; lerp keeps both ends exact
         options = {"grid_constructor": lambda f, y0, t: torch.lerp(t[0].expand_as(fractions),
                                                                    t[-1].expand_as(fractions), fractions)}
     try:
