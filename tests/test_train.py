@@ -534,6 +534,27 @@ def test_each_batch_is_a_fresh_draw_from_the_vae_posterior(tmp_path):
     assert abs(float(draw.mean()) - 3.0) < 0.05 and abs(float(draw.std()) - 2.0) < 0.05
 
 
+def test_a_pause_waits_for_the_windows_gpu_work_before_its_clock_starts(monkeypatch):
+    """Steps queued on a GPU finish inside the first host read of a checkpoint or grid: without a sync
+    first, that time was taken off the window with the pause, and images/s and MFU read high."""
+    from sit_fast.training.loop import LogWindow
+
+    clock, events = [0.0], []
+    monkeypatch.setattr("sit_fast.training.loop.time.perf_counter", lambda: clock[0])
+
+    def synchronize(device):
+        events.append(("sync", clock[0]))
+        clock[0] += 5.0  # the queued steps: the window's time
+
+    monkeypatch.setattr(torch.cuda, "synchronize", synchronize)
+    window = LogWindow(torch.device("cpu"))
+    window.device = torch.device("cuda")  # the clock's view of a GPU run; the tensors stay here
+    with window.paused():
+        clock[0] += 2.0  # the checkpoint itself
+    assert events == [("sync", 0.0)] and clock[0] == 7.0
+    assert window.start == 2.0  # 2 s of pause taken off; the 5 s of queued steps stay in the window
+
+
 def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monkeypatch):
     import dataclasses
 

@@ -388,6 +388,7 @@ class LogWindow:
     throughput counts training steps only."""
 
     def __init__(self, device: torch.device):
+        self.device = device
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.applied_on_device = torch.zeros((), device=device, dtype=torch.int64)
@@ -418,6 +419,10 @@ class LogWindow:
 
     @contextlib.contextmanager
     def paused(self):
+        # the steps queued on the GPU are the window's: done before the pause's clock starts, not
+        # drained by its first host read and subtracted from the window with the pause
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
         began = time.perf_counter()
         try:
             yield
@@ -1176,14 +1181,17 @@ class Trainer:
                     last = self.step >= self.max_steps
                     if self.step % args.log_every == 0 or last:
                         last_log = self.log(bar)
-                    with window.paused():  # throughput counts training steps only
-                        if self.step % args.ckpt_every == 0 or last:
-                            self.check_finite()
-                            self.save_checkpoint()
-                        if args.sample_every is not None and self.step % args.sample_every == 0:
-                            self.phase = "samples"  # the others wait on the host group, not in NCCL's 10 minutes
-                            self.sample_grid_or_save()
-                            self.phase = "train"
+                    checkpoint_now = self.step % args.ckpt_every == 0 or last
+                    grid_now = args.sample_every is not None and self.step % args.sample_every == 0
+                    if checkpoint_now or grid_now:
+                        with window.paused():  # throughput counts training steps only
+                            if checkpoint_now:
+                                self.check_finite()
+                                self.save_checkpoint()
+                            if grid_now:
+                                self.phase = "samples"  # the others wait on the host group, not NCCL's 10 minutes
+                                self.sample_grid_or_save()
+                                self.phase = "train"
                     if last:
                         break
                     stopped_by = stop.agreed()
