@@ -553,8 +553,8 @@ class Setup:
         bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)  # (B,); one host read per batch
         if bool(bad.any()):
             rows = bad.nonzero().flatten().tolist()
-            name = f"{noun} {first + rows[0]}" + (f" (and {len(rows) - 1} more of {noun}s {first}..{first + len(x) - 1})"
-                                                  if len(rows) > 1 else "")
+            more = f" (and {len(rows) - 1} more of {noun}s {first}..{first + len(x) - 1})" if len(rows) > 1 else ""
+            name = f"{noun} {first + rows[0]}{more}"
             raise NonFinite(f"{what.format(name)}; nothing of its batch is written: try {advice}")
 
     def divergence_advice(self) -> str:

@@ -7,11 +7,12 @@
     python -m sit_fast.export CKPT --out ema.pt --force     replace an existing ema.pt
 
 A .pt file is a plain state_dict in the upstream key layout, the format of the upstream release
-(`SiT-XL-2-256x256.pt`): upstream's sample.py and ours load it. It records no latent space, so
-sample it with --vae, --path-type and --prediction as trained. A .safetensors file also carries
-the checkpoint's model_config (architecture, latent space) and training transport (path type,
-prediction) as metadata, which sample.py reads as it reads a train.py checkpoint's. A train.py checkpoint of SiT-XL/2 (weights, EMA, AdamW moments) is 4x the EMA
-weights alone, 2.7 GB in fp32. Files are written atomically.
+(`SiT-XL-2-256x256.pt`): upstream's sample.py and ours load it. It records no latent space nor
+transport, so sample it with --vae, --path-type and --prediction as trained. A .safetensors file
+also carries the checkpoint's model_config (architecture, latent space) and training transport
+(path type, prediction) as metadata, which sample.py reads as it reads a train.py checkpoint's. A
+train.py checkpoint of SiT-XL/2 (weights, EMA, AdamW moments) is 4x the EMA weights alone, 2.7 GB
+in fp32. Files are written atomically.
 """
 from __future__ import annotations
 
