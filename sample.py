@@ -207,7 +207,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     data = parser.add_argument_group("Data (ODE --likelihood / --reverse)")
     data.add_argument("--data", type=str, default=None,
                       help="a folder of images (and its sub-folders: an ImageFolder root too), an .npz (uint8 N x H x W x C images, or float latents) "
-                           "or a .pt tensor of model inputs (N, C, h, w)")
+                           "or a .pt (.pth) tensor of model inputs (N, C, h, w)")
     data.add_argument("--dataset", choices=("digits",), default=None,
                       help="in place of --data: scikit-learn's bundled 8x8 digits (all 1,797; 17 gray levels, "
                            "dequantised), for a model trained with train.py --dataset digits at 8 px")
@@ -370,8 +370,9 @@ def checkpoint_latent_space(path: str) -> str | None:
 
 def adopt_training_transport(args: argparse.Namespace, trained: dict | None, dist: DistInfo) -> None:
     """--path-type and --prediction not given: those the checkpoint was trained with, where it records
-    them (train.py's and upstream's training checkpoints do), as sampling a VP or noise-predicting
-    model with the Linear velocity maths gives meaningless images. Given ones stay (Setup warns)."""
+    them (train.py's and upstream's training checkpoints do, and .safetensors exports of them), as
+    sampling a VP or noise-predicting model with the Linear velocity maths gives meaningless images.
+    Given ones stay (Setup warns)."""
     if not isinstance(trained, dict):
         return
     taken = []
@@ -550,7 +551,7 @@ class Setup:
     def check_finite(x: torch.Tensor, first: int, what: str, advice: str, noun: str = "image") -> None:
         """UserError `what` (naming the images, or other `noun`s) unless every element of x (B, ...) is
         finite."""
-        bad = ~torch.isfinite(x.reshape(len(x), -1)).all(1)  # (B,); one host read per batch
+        bad = ~torch.isfinite(x.flatten(1) if x.dim() > 1 else x[:, None]).all(1)  # (B,); one host read per batch
         if bool(bad.any()):
             rows = bad.nonzero().flatten().tolist()
             more = f" (and {len(rows) - 1} more of {noun}s {first}..{first + len(x) - 1})" if len(rows) > 1 else ""
@@ -819,7 +820,7 @@ def load_data(setup: Setup, path: str):
             raise UserError(f"--data {path}: images are read as gray or RGB, the model takes {wanted} channels: pass "
                             f"its inputs as a .pt or a float .npz")
         images = ImageFiles(path, setup.image_size, wanted)
-    elif path.endswith(".npz"):
+    elif path.lower().endswith(".npz"):
         try:
             with np.load(path) as archive:
                 names = list(archive.keys())

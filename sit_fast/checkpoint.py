@@ -298,8 +298,8 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         # The null row (class dropout's label, the unconditional half of guidance) means the same
         # whatever the classes: kept, so the unconditional model works from the first step of a
         # fine-tune. The checkpoint's last row is taken as its null row, as infer_config does.
-        keep_null = embedder is not None and not class_free and rows_model > 1
-        null_row = table[-1]
+        keep_null = embedder is not None and getattr(embedder, "dropout_prob", 0) > 0 and rows_ckpt > 0
+        null_row = table[-1] if keep_null else None
         logger.warning(
             "%s has a label table of %d rows, the model %d (num_classes=%d): the label table is "
             "re-initialised%s; class-conditional outputs are meaningless until it is trained",

@@ -87,6 +87,24 @@ def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
     assert torch.equal(model.blocks[1].mlp.fc2.weight, sd["blocks.1.mlp.fc2.weight"])
 
 
+def test_the_null_row_is_kept_for_an_unconditional_fine_tune_and_an_empty_table_loads(tmp_path, caplog):
+    """num_classes=0 with label dropout: the table is the null row alone, the checkpoint's last row (the
+    case where keeping it matters most); a checkpoint with no label rows at all has none to keep."""
+    guided = SiT_models["SiT-T/2"](input_size=8, num_classes=10)
+    torch.nn.init.normal_(guided.y_embedder.embedding_table.weight)
+    unconditional = SiT_models["SiT-T/2"](input_size=8, num_classes=0)
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        assert load_into_model(unconditional, guided.state_dict())["label_table_reinitialised"]
+    assert "kept" in caplog.records[-1].getMessage()
+    assert torch.equal(unconditional.y_embedder.embedding_table.weight, guided.y_embedder.embedding_table.weight[-1:])
+    empty = SiT_models["SiT-T/2"](input_size=8, num_classes=0, class_dropout_prob=0).state_dict()
+    assert empty["y_embedder.embedding_table.weight"].shape[0] == 0
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        assert load_into_model(guided, empty)["label_table_reinitialised"]
+    assert "kept" not in caplog.records[-1].getMessage()
+    assert 0.01 < guided.y_embedder.embedding_table.weight.std().item() < 0.03  # all 11 rows redrawn
+
+
 def test_a_label_table_redrawn_on_load_leaves_the_callers_generator_where_it_was(tmp_path):
     torch.save(upstream_state_dict(2, 32, 2, True, num_classes=1000), tmp_path / "c.pt")
     model = model_for(2, 32, 2, True, num_classes=10)
