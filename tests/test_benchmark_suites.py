@@ -14,7 +14,7 @@ import sys
 import pytest
 
 from benchmarks.common import FIELDS, LINKED_PARITY, SCHEMA_VERSION, SUITE_FIELDS, VARIANTS, validate_record
-from tests.test_benchmarks_dry_run import _tail
+from tests.test_benchmarks_dry_run import _tail, check_profile_records
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +64,8 @@ def check_broken_tiling_never_best(records: list[dict]) -> None:
         assert sum(r["extra"]["best"] for r in records if r["name"] == name) == 1, name
 
 
+# slow: a minute for its 10 launches; the bias + GELU search's test below goes through the same judging
+@pytest.mark.slow
 def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
     """A token tiling that skips rows must come out as parity_failed, never as the best launch."""
     from benchmarks import kernels_suite, tuning_suite
@@ -320,7 +322,9 @@ def test_goal_variants_are_measured_before_the_eager_references(tmp_path):
     assert order == ["ours", "reference+bf16+sdpa+compile", "reference+bf16+sdpa", "reference"], order
 
 
-@pytest.mark.parametrize("epilogue", [None, pytest.param("tanh", marks=pytest.mark.slow), "erf"])
+# the default's rows (None) are in the dry run too
+@pytest.mark.parametrize("epilogue", [pytest.param(None, marks=pytest.mark.slow),
+                                      pytest.param("tanh", marks=pytest.mark.slow), "erf"])
 def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue):
     """linear_gelu (and bias_gelu_backward, bias_gelu), one call each, after the adaLN ops' rows: linear_gelu's
     ours is sit_fast.models.linear_gelu (on the CPU F.linear then F.gelu; with the epilogue stood in
@@ -1467,35 +1471,15 @@ def test_profile_calls_adds_up_on_the_cpu():
     assert figures["device_busy"] is None  # CUDA only
 
 
+@pytest.mark.slow  # the dry run's records are checked the same way (test_benchmarks_dry_run.py)
 def test_profile_suite_dry_run_follows_the_train_suite(tmp_path):
     """`train,profile` on the CPU: the profile's training step at the batch the train suite fitted, a
     sampling call per batch, for ours and the compiled reference, well-formed records and a table."""
     from benchmarks.__main__ import main
-    from benchmarks.common import validate_record
 
     assert main(["train,profile", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path),
                  "--variants", "ours,reference+bf16+sdpa+compile,reference"]) == 0
-    document = json.loads((tmp_path / "results.json").read_text())
-    records = document["records"]
-    profiles = [r for r in records if r["suite"] == "profile"]
-    assert [(r["name"], r["variant"]) for r in profiles] == [
-        ("train_step", "ours"), ("train_step", "reference+bf16+sdpa+compile"),
-        ("sample_call", "ours"), ("sample_call", "reference+bf16+sdpa+compile")]  # never the eager reference
-    trained = {r["variant"]: r["batch_size"] for r in records if r["suite"] == "train"}
-    for record in profiles:
-        assert record["status"] == "ok" and not validate_record(record), record
-        if record["name"] == "train_step":
-            assert record["batch_size"] == trained[record["variant"]]
-        assert record["extra"]["top"] and record["extra"]["device_ms_per_call"] > 0
-    ours_train = profiles[0]["extra"]["ms_per_call_by_kind"]
-    assert ours_train.get("ours", 0) > 0 and "ours" not in profiles[1]["extra"]["ms_per_call_by_kind"]
-    for record in profiles:  # the matmuls' TFLOP/s from their FLOPs and time, against the measured ceiling
-        extra = record["extra"]
-        ms = extra["ms_per_call_by_kind"]["matmul"]
-        assert extra["tflops_by_kind"]["matmul"] == pytest.approx(extra["flops_by_kind"]["matmul"] / ms / 1e9)
-        assert extra["matmul_fraction_of_ceiling"] == pytest.approx(
-            extra["tflops_by_kind"]["matmul"] / document["ceilings"]["matmul_tflops"])
-    assert "## profile" in (tmp_path / "results.md").read_text()
+    check_profile_records(json.loads((tmp_path / "results.json").read_text()), (tmp_path / "results.md").read_text())
 
 
 def test_profile_flops_by_kind_of_sit_xl2():

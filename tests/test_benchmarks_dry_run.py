@@ -256,6 +256,37 @@ def test_sampling_records_say_how_they_extrapolate(dry_run):
         assert record["median_ms"] == pytest.approx(per_call * full, rel=1e-6)
 
 
+def test_the_profile_follows_the_train_suite(dry_run):
+    _, out, document = dry_run
+    check_profile_records(document, (out / "results.md").read_text())
+
+
+def check_profile_records(document: dict, table: str) -> None:
+    """The profile suite's records after the train suite's: a training step at the batch the train
+    suite fitted and a sampling call, for ours and the compiled reference (never the eager one), with
+    the time by kind of kernel and the matmuls' TFLOP/s against the measured ceiling; a table."""
+    records = document["records"]
+    profiles = [r for r in records if r["suite"] == "profile"]
+    assert [(r["name"], r["variant"]) for r in profiles] == [
+        ("train_step", "ours"), ("train_step", "reference+bf16+sdpa+compile"),
+        ("sample_call", "ours"), ("sample_call", "reference+bf16+sdpa+compile")]
+    trained = {r["variant"]: r["batch_size"] for r in records if r["suite"] == "train"}
+    for record in profiles:
+        assert record["status"] == "ok" and not validate_record(record), record
+        if record["name"] == "train_step":
+            assert record["batch_size"] == trained[record["variant"]]
+        assert record["extra"]["top"] and record["extra"]["device_ms_per_call"] > 0
+    ours_train = profiles[0]["extra"]["ms_per_call_by_kind"]
+    assert ours_train.get("ours", 0) > 0 and "ours" not in profiles[1]["extra"]["ms_per_call_by_kind"]
+    for record in profiles:  # the matmuls' TFLOP/s from their FLOPs and time, against the measured ceiling
+        extra = record["extra"]
+        ms = extra["ms_per_call_by_kind"]["matmul"]
+        assert extra["tflops_by_kind"]["matmul"] == pytest.approx(extra["flops_by_kind"]["matmul"] / ms / 1e9)
+        assert extra["matmul_fraction_of_ceiling"] == pytest.approx(
+            extra["tflops_by_kind"]["matmul"] / document["ceilings"]["matmul_tflops"])
+    assert "## profile" in table
+
+
 def test_parity_links_rebuilt_from_records_match_what_the_run_linked(dry_run):
     """What `--continue` rebuilds from the parity records is what the train and sample records of one
     process linked."""
