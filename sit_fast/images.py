@@ -28,10 +28,13 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounding as torchvision's save_image does."""
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounding as torchvision's save_image does.
+
+    NaN comes out black (0), not whatever the cast to uint8 makes of it; callers that must refuse NaN
+    check for it first (sample.py does)."""
     if images.dim() != 4:
         raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-    x = images.detach().float().clamp(-1, 1).add(1).mul(127.5).add(0.5).clamp(0, 255)
+    x = images.detach().float().nan_to_num(nan=-1.0).clamp(-1, 1).add(1).mul(127.5).add(0.5).clamp(0, 255)
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -1223,17 +1223,19 @@ def test_bias_gelu_takes_strided_rows_and_no_rows():
     assert kernels.bias_gelu(empty, bias).shape == (0, 24)
 
 
-@pytest.mark.parametrize("launch", [
-    {"block_rows": 1, "block_h": 16, "programs_per_slot": 1, "num_warps": 1},  # one-row tiles, 7 column blocks
-    {"block_rows": 8, "block_h": 1024, "programs_per_slot": 64, "num_warps": 8},  # one column block, one tile each
-    {"block_rows": 256, "block_h": 64, "programs_per_slot": 3, "num_warps": 2},  # tiles taller than a program's run
+@pytest.mark.parametrize("launch, rows", [
+    # one-row tiles, 7 column blocks: 97 rows are still many tiles per program (331 took 40 s in the
+    # interpreter, one tile after another)
+    ({"block_rows": 1, "block_h": 16, "programs_per_slot": 1, "num_warps": 1}, 97),
+    # one column block, one tile each
+    ({"block_rows": 8, "block_h": 1024, "programs_per_slot": 64, "num_warps": 8}, 331),
+    # tiles taller than a program's run: two programs, the second's run shorter than the first's
+    ({"block_rows": 256, "block_h": 64, "programs_per_slot": 3, "num_warps": 2}, 331),
 ])
-def test_bias_gelu_launch_overrides_keep_results(launch):
+def test_bias_gelu_launch_overrides_keep_results(launch, rows):
     """Other tiles, tilings and warps (the tuning suite's search, SIT_FAST_KERNEL_LAUNCH's gelu_* keys)
     give the default launch's results, within float32 summation order for dbias."""
-    # 331 rows (1100 took 2 minutes of one-row tiles in the interpreter): still many one-row tiles per
-    # program for the first launch, and runs shorter than a tile for the others
-    a, dg = torch.randn(331, 97, device=DEVICE), torch.randn(331, 97, device=DEVICE)
+    a, dg = torch.randn(rows, 97, device=DEVICE), torch.randn(rows, 97, device=DEVICE)
     bias = torch.randn(97, device=DEVICE)
     g0, (da0, g_bwd0, dbias0) = kernels.bias_gelu(a, bias), kernels.bias_gelu_backward(a, bias, dg)
     named = {f"gelu_{d}_{k}": v for d in ("fwd", "bwd") for k, v in launch.items()}

@@ -138,6 +138,8 @@ def test_images(tmp_path):
     # rounded as torchvision's save_image rounds ((x + 1) / 2 * 255 + 0.5, truncated): 10.6 -> 11, 0 -> 128
     levels = torch.tensor([10.6 / 127.5 - 1, 0.0, 10.4 / 127.5 - 1, -1.5, 1.5]).reshape(1, 1, 1, 5)
     assert to_uint8(levels).flatten().tolist() == [11, 128, 10, 0, 255]
+    odd = torch.tensor([float("nan"), float("inf"), -float("inf")]).reshape(1, 1, 1, 3)
+    assert to_uint8(odd).flatten().tolist() == [0, 255, 0]  # NaN black, not what the cast makes of it
     for channels in (1, 3):
         path = save_image_grid(torch.rand(7, channels, 8, 8) * 2 - 1, tmp_path / f"grid{channels}.png", nrow=3)
         with Image.open(path) as im:

@@ -987,6 +987,12 @@ class Trainer:
             if codec is None:
                 return None
         images = codec.decode(samples) if codec is not None else samples.clamp(-1, 1)
+        # a sample that is not finite, or that the VAE decoded to NaN, is said, not left to be found in the PNG
+        broken = int(((~samples.isfinite()).flatten(1).any(1) | images.isnan().flatten(1).any(1)).sum())
+        if broken:
+            logger.warning(f"step {self.step}: {broken} of the {n} EMA samples in the grid are not finite (NaN "
+                           f"pixels drawn black, inf clamped): the EMA weights, or the VAE decoding their samples, "
+                           f"overflowed")
         from sit_fast.images import save_image_grid
 
         try:
