@@ -18,9 +18,10 @@ demo: $(STAMP)
 	$(PY) -m sit_fast.demo
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist; the cores, at most 4), each given whole test
-# files (--dist loadfile), so a file's module-scoped fixtures (the benchmark dry run, the DDP runs) run once.
+# files (--dist loadfile), so a file's module-scoped fixtures (the benchmark dry run, the DDP runs) run once;
+# the longest files first, as conftest.py orders them (--no-loadscope-reorder keeps that order).
 TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 1); echo $$(( n < 4 ? n : 4 )))
-PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: $(STAMP)
 	$(PYTEST)

@@ -32,6 +32,16 @@ def _fresh_seed():
     print(f"torch seed {seed}")
 
 
+# Seconds each file's tests take on 2 cores (`--durations=0`, summed; 2026-12-05). `make test` deals
+# whole files out to its processes in collection order (--dist loadfile --no-loadscope-reorder), each
+# process holding two at a time: the longest go first, so that none starts last and runs alone at the
+# end (test_train.py, collected late among them, could: the suite took 18 minutes where the files' times
+# share out to 16).
+FILE_SECONDS = {"test_train.py": 550, "test_fast_path.py": 300, "test_kernels.py": 260,
+                "test_benchmarks_dry_run.py": 250, "test_benchmark_suites.py": 245, "test_sample.py": 140,
+                "test_transport.py": 90, "test_upstream_parity.py": 50}
+
+
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left
 def pytest_collection_modifyitems(config, items):
     """SIT_FAST_TEST_SHARD=I/N keeps the I-th of N shares of the collected tests (0 <= I < N): N
@@ -39,7 +49,11 @@ def pytest_collection_modifyitems(config, items):
     the GPU machine). The tests marked `spread` (each costly on its
     own: a torch.compile, a CUDA graph capture) are dealt out in turn and run first; the others go
     in contiguous, near-equal runs, which keep a test's cases together, so each Triton kernel's
-    compilation tends to happen in one shard."""
+    compilation tends to happen in one shard.
+
+    First, the longest files go first (FILE_SECONDS), each file's tests in their order, the others as
+    collected."""
+    items.sort(key=lambda item: -FILE_SECONDS.get(os.path.basename(getattr(item, "path", "")), 0))
     shard = os.environ.get("SIT_FAST_TEST_SHARD")
     if not shard:
         return

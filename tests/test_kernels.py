@@ -1225,11 +1225,11 @@ def test_bias_gelu_takes_strided_rows_and_no_rows():
 
 @pytest.mark.parametrize("launch, rows", [
     # one-row tiles, 7 column blocks: 97 rows are still many tiles per program (331 took 40 s in the
-    # interpreter, one tile after another)
+    # interpreter, one tile after another; on the CPU one program per column block)
     ({"block_rows": 1, "block_h": 16, "programs_per_slot": 1, "num_warps": 1}, 97),
     # one column block, one tile each
     ({"block_rows": 8, "block_h": 1024, "programs_per_slot": 64, "num_warps": 8}, 331),
-    # tiles taller than a program's run: two programs, the second's run shorter than the first's
+    # tiles of 256 rows: on the CPU two programs, the second's run of 75 rows shorter than its tile
     ({"block_rows": 256, "block_h": 64, "programs_per_slot": 3, "num_warps": 2}, 331),
 ])
 def test_bias_gelu_launch_overrides_keep_results(launch, rows):
