@@ -32,7 +32,8 @@ def _fresh_seed():
     print(f"torch seed {seed}")
 
 
-# Seconds each file's tests take on 2 cores (`--durations=0`, summed; 2026-12-05). `make test` deals
+# Roughly the seconds each file's tests take on 2 cores (`--durations=0`, summed, 2026-12-05; only their
+# order is used). `make test` deals
 # whole files out to its processes in collection order (--dist loadfile --no-loadscope-reorder), each
 # process holding two at a time: the longest go first, so that none starts last and runs alone at the
 # end (test_train.py, collected late among them, could: the suite took 18 minutes where the files' times
@@ -51,8 +52,8 @@ def pytest_collection_modifyitems(config, items):
     in contiguous, near-equal runs, which keep a test's cases together, so each Triton kernel's
     compilation tends to happen in one shard.
 
-    First, the longest files go first (FILE_SECONDS), each file's tests in their order, the others as
-    collected."""
+    Before that, the items are put in FILE_SECONDS order: the longest files first, each file's tests in
+    their order, the other files after them as collected."""
     items.sort(key=lambda item: -FILE_SECONDS.get(os.path.basename(getattr(item, "path", "")), 0))
     shard = os.environ.get("SIT_FAST_TEST_SHARD")
     if not shard:
