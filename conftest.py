@@ -32,12 +32,11 @@ def _fresh_seed():
     print(f"torch seed {seed}")
 
 
-# Roughly the seconds each file's tests take on 2 cores (`--durations=0`, summed, 2026-12-05; only their
-# order is used). `make test` deals
-# whole files out to its processes in collection order (--dist loadfile --no-loadscope-reorder), each
-# process holding two at a time: the longest go first, so that none starts last and runs alone at the
-# end (test_train.py, collected late among them, could: the suite took 18 minutes where the files' times
-# share out to 16).
+# Roughly the seconds each file's tests take on 2 cores (`--durations=0`, summed, 2026-12-05; only
+# their order is used). `make test` deals whole files out to its processes in collection order
+# (--dist loadfile --no-loadscope-reorder), each process holding two at a time: the longest go
+# first, so that none starts last and runs alone at the end (test_train.py, collected late among
+# them, could: the suite took 18 minutes where the files' times share out to 16).
 FILE_SECONDS = {"test_train.py": 550, "test_fast_path.py": 300, "test_kernels.py": 260,
                 "test_benchmarks_dry_run.py": 250, "test_benchmark_suites.py": 245, "test_sample.py": 140,
                 "test_transport.py": 90, "test_upstream_parity.py": 50}
