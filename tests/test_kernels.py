@@ -776,6 +776,46 @@ def test_bf16_outputs_round_to_nearest(op):
     assert relative <= 2.0**-8 * 1.001, relative
 
 
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="a patch of the CPU interpreter")
+def test_the_interpreter_patches_the_language_once_per_launch_with_the_same_results(monkeypatch):
+    """kernels._launch lets the helpers a launch calls (kernels._rows, tl.sum) run under the launch's
+    patch of triton.language, where the interpreter patched it again at every call: a launch patches
+    its modules, then a helper only when it sees a module not patched yet in that launch (tl.sum:
+    triton.language.core), so at most three module patches a launch (counted by
+    _patch_lang_core, called once per module patched), and the outputs and gradients are bit for
+    bit those of the interpreter's own way."""
+    from triton.runtime import interpreter
+
+    patch_lang = interpreter._patch_lang
+    assert getattr(patch_lang, "sit_fast_patched", False)
+    x = torch.randn(2, 5, 72, requires_grad=True)
+    gate, y = torch.randn(2, 72, requires_grad=True), torch.randn(2, 5, 72, requires_grad=True)
+    shift, scale = torch.randn(2, 72, requires_grad=True), torch.randn(2, 72, requires_grad=True)
+    inputs = (x, gate, y, shift, scale)
+    grads = [torch.randn(2, 5, 72), torch.randn(2, 5, 72)]
+
+    def run():
+        outputs = kernels.gated_residual_layernorm_modulate(*inputs)
+        return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
+
+    patches = []
+    core_patch = interpreter._patch_lang_core
+    monkeypatch.setattr(interpreter, "_patch_lang_core", lambda lang, scope: patches.append(lang) or
+                        core_patch(lang, scope))
+    launches = []
+    launch = interpreter.GridExecutor.__call__
+    monkeypatch.setattr(interpreter.GridExecutor, "__call__", lambda self, *a, **k: launches.append(1) or
+                        launch(self, *a, **k))
+    ours = run()
+    assert len(launches) >= 2 and len(patches) <= 3 * len(launches), (len(patches), len(launches))
+    patches.clear()
+    monkeypatch.setattr(interpreter, "_patch_lang", patch_lang.original)  # the interpreter's own
+    theirs = run()
+    assert len(patches) > 6 * len(launches)  # a patch per helper call: what the bound above counts
+    for a, b in zip(ours, theirs, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_a_launch_on_another_gpu_makes_that_gpu_current(monkeypatch):
     """Triton launches on the current CUDA device: tensors on cuda:1 while cuda:0 is current need a
     device switch around the launch (checked here with a stand-in for the current device; the launchers
