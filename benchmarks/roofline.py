@@ -11,7 +11,8 @@ fake tensors (shapes and dtypes, no data: SiT-XL/2 in seconds on a CPU) and sort
 - views and allocations: nothing;
 - the rest, the memory-bound ops (LayerNorm, modulation, residuals, GELU, casts, the fused kernels):
   their bytes, each input and output counted once as the op sees it (a broadcast vector at its
-  stored size), at the copy ceiling. A training step adds AdamW's update, 28 bytes per trainable
+  stored size; the destination of copy_, fill_ or an out= argument written, not read), at the copy
+  ceiling. A training step adds AdamW's update, 28 bytes per trainable
   parameter (fp32 weight, gradient and two moments read; weight and moments written).
 
 floor = FLOPs / matmul ceiling + bytes / copy ceiling. The eager reference's bytes are what eager
@@ -47,6 +48,8 @@ COMPUTE_PREFIXES = ("_scaled_dot_product", "_flash_attention", "_efficient_atten
 # Ops that move no data (or only what the next op is counted for).
 FREE_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "detach", "lift_fresh",
             "lift_fresh_copy", "_local_scalar_dense", "alias", "set_", "resize_", "_unsafe_view", "device")
+# In-place ops that overwrite their destination without reading it: copy_ reads its source only.
+OVERWRITE_OPS = ("copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_", "exponential_")
 ADAMW_BYTES_PER_PARAM = 28  # fp32: read weight, gradient, exp_avg, exp_avg_sq; write weight and both moments
 
 
@@ -61,6 +64,20 @@ def _read_bytes(t: torch.Tensor) -> int:
         return min(view, t.untyped_storage().nbytes())
     except (RuntimeError, NotImplementedError):
         return view
+
+
+def _inputs_read(func, args: tuple, kwargs: dict) -> list:
+    """The arguments an op reads: all but its out= arguments and the destination of an op that
+    overwrites it (OVERWRITE_OPS)."""
+    schema = getattr(func, "_schema", None)
+    if schema is None:
+        return [args, kwargs]
+    overwrites = _op_name(func) in OVERWRITE_OPS
+    read = []
+    for index, argument in enumerate(schema.arguments):
+        if not (argument.is_out or (overwrites and index == 0)):
+            read.append(args[index] if index < len(args) else kwargs.get(argument.name))
+    return read
 
 
 class TrafficCounter(TorchDispatchMode):
@@ -82,7 +99,8 @@ class TrafficCounter(TorchDispatchMode):
         if name in COMPUTE_OPS or name.startswith(COMPUTE_PREFIXES):
             self.compute[name] += 1
         elif not (getattr(func, "is_view", False) or name in FREE_OPS):
-            reads = sum(_read_bytes(t) for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor))
+            reads = sum(_read_bytes(t) for t in tree_leaves(_inputs_read(func, args, kwargs or {}))
+                        if isinstance(t, torch.Tensor))
             writes = sum(t.numel() * t.element_size() for t in tree_leaves(out) if isinstance(t, torch.Tensor))
             self.bytes[name] += reads + writes
         return out

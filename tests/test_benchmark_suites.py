@@ -810,6 +810,25 @@ def test_roofline_prints_small_figures_to_three_significant_figures(capsys):
             assert float(cell) == pytest.approx(r[key], rel=5e-3), (key, cell, r[key])
 
 
+def test_roofline_counts_an_overwritten_destination_as_written_only():
+    """copy_ reads its source and writes its destination; fill_ and an out= argument are written, not
+    read; an in-place add reads and writes its destination."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.roofline import TrafficCounter
+
+    counter = TrafficCounter()
+    size = 1000 * 4  # bytes of one tensor below
+    with FakeTensorMode(), counter:
+        a, b = torch.empty(1000), torch.empty(1000)
+        a.copy_(b)
+        a.fill_(1.0)
+        torch.mul(a, b, out=a)
+        a.add_(b)
+    assert dict(counter.bytes) == {"copy_": 2 * size, "fill_": size, "mul": 3 * size, "add_": 3 * size}
+
+
 def test_roofline_copies_no_adaln_weights():
     """A sampling call, as ModelForwards runs it, reuses the frozen model's concatenated adaLN weights,
     and a training step runs each adaLN layer's own GEMM: the roofline counts no copy of them."""
