@@ -47,7 +47,9 @@ each batch's results are written to OUT.parts/ as it finishes, with the settings
 under torchrun the processes take the batches in turn. The same command, with any number of
 processes, computes only the batches not there (batch k's seeds come from (--seed, k)), joins them
 into OUT and removes the folder. A finished likelihood --out is read, not recomputed; --reverse
-does not overwrite an OUT that exists (the noise records no settings).
+does not overwrite an OUT that exists (the noise records no settings). Under --compile or
+--cuda-graphs a short last batch is filled to the batch size with copies of its own items, their
+results dropped, so that the one compiled shape serves every batch.
 """
 from __future__ import annotations
 
@@ -547,6 +549,13 @@ class Setup:
         self.check_finite(images, first, "the VAE overflowed: {} decoded to NaN or inf", advice)
         return images
 
+    def fill_to(self, items: int) -> int:
+        """The rows a short last batch of a job over `items` data items is filled to (see filled):
+        --batch-size under --compile or --cuda-graphs, where a batch of another shape would compile,
+        or capture, again; 0 (not filled) otherwise, and for a job of one batch."""
+        compiled = self.args.compile or self.args.cuda_graphs
+        return self.args.batch_size if compiled and items > self.args.batch_size else 0
+
     @staticmethod
     def check_finite(x: torch.Tensor, first: int, what: str, advice: str, noun: str = "image") -> None:
         """UserError `what` (naming the images, or other `noun`s) unless every element of x (B, ...) is
@@ -954,6 +963,11 @@ class EncodedImages:
         return encode_images(self.codec, self.images[items], show_progress=False)
 
 
+def filled(t: torch.Tensor, size: int) -> torch.Tensor:
+    """t (n, ...) with copies of its own rows, in turn, after them up to `size` rows."""
+    return t if len(t) >= size else torch.cat([t, t[torch.arange(size - len(t)) % len(t)]])
+
+
 def check_items(x, batches: list[int], batch_size: int) -> None:
     """The images of these batches, where --data is a folder (see ImageFiles.check)."""
     images = getattr(x, "images", None)
@@ -1243,8 +1257,10 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         check_items(x, pending[dist.rank::dist.world_size], args.batch_size)
 
     def step(index: int, first: int) -> torch.Tensor:
-        batch = x[first: first + args.batch_size].to(setup.device)
-        y = labels[first: first + args.batch_size].to(setup.device)
+        batch = x[first: first + args.batch_size]
+        items, size = len(batch), setup.fill_to(len(x))
+        batch = filled(batch, size).to(setup.device)
+        y = filled(labels[first: first + args.batch_size], size).to(setup.device)
         torch.manual_seed(derived_seed(args.seed, index, args.batch_size))  # Hutchinson probes
 
         def model_fn(x_t, t):
@@ -1252,7 +1268,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
         with torch.no_grad():
             logp, _ = setup.sample_fn(batch, model_fn)
-        bpd = (-logp / (dims * math.log(2)) + offset).double().cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
+        bpd = (-logp[:items] / (dims * math.log(2)) + offset).double().cpu()  # bpd = -log p(x) / (D ln 2) (+ 7)
         if not bool(bpd.isfinite().all()):  # saved, NaN would be read back as finished; a resume draws the same probes
             Setup.check_finite(bpd, first, "the likelihood ODE diverged: the bpd of {} came out NaN or inf",
                                f"{setup.divergence_advice()} (the same settings diverge again)", noun="item")
@@ -1336,8 +1352,9 @@ def run_reverse(setup: Setup) -> str:
         check_items(x, parts.pending[dist.rank::dist.world_size], args.batch_size)
 
     def step(index: int, first: int) -> torch.Tensor:
-        noise = setup.sample(x[first: first + args.batch_size], labels[first: first + args.batch_size],
-                             derived_seed(args.seed, first)).cpu()
+        batch, size = x[first: first + args.batch_size], setup.fill_to(len(x))
+        noise = setup.sample(filled(batch, size), filled(labels[first: first + args.batch_size], size),
+                             derived_seed(args.seed, first))[:len(batch)].cpu()
         setup.check_finite(noise, first, "the ODE diverged: the noise of {} came out NaN or inf",
                            f"{setup.divergence_advice()} (the same settings diverge again)", noun="item")
         return parts.write(index, noise)

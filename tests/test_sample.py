@@ -159,6 +159,25 @@ def test_compiled_forwards_compile_once(files, tmp_path, monkeypatch):
     assert np.abs(read_png(tmp_path / "grid.png").astype(int) - read_png(tmp_path / "one_batch.png")).max() <= 1
 
 
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_compiled_likelihood_and_reverse_compile_once(job, files, tmp_path, monkeypatch):
+    """--compile: the forward of --likelihood or --reverse compiles once, the short last batch filled
+    with copies of its items (their results dropped); the items' results are those of a run without
+    --compile, whose last batch is not filled (a fixed-step ODE's, the exact divergence's: no
+    random probes to depend on the batch)."""
+    compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile(fn, **{**kwargs, "backend": "eager"}))
+    torch._dynamo.reset()
+    argv, out, saved = data_job(job, 3, files, tmp_path)
+    argv = argv + (["--exact-divergence"] if job == "--likelihood" else [])
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        run(argv + ["--compile"])
+    compiled = saved()
+    os.remove(out)
+    run(argv)
+    assert compiled.shape[0] == 3 and np.allclose(compiled, saved(), rtol=1e-5, atol=1e-5)
+
+
 def test_a_stopped_grid_is_one_line(files, tmp_path, capsys, monkeypatch, stop):
     """Nothing to keep: the line says what stopped it, the status says how (130, or 128 + the signal)."""
     monkeypatch.setattr(sample.Setup, "sample", lambda self, *args: stop())
