@@ -1109,7 +1109,6 @@ def test_one_launch_setting_for_all_ops_is_the_least_total_time():
         assert ("the default stands" in line) == (spread == 0.4), line
 
 
-@pytest.mark.slow
 def test_session_test_args_take_quoted_words(tmp_path):
     """gpu_session.sh's TEST_ARGS split as a command line: -k 'a and b' is one expression. The suite
     part only prints its help here."""

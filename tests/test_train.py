@@ -127,7 +127,6 @@ def _node_local_worker(rank: int, port: int, root: str, argv: list[str]) -> None
         f.write(outcome)
 
 
-@pytest.mark.slow
 def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
     """An experiment folder each node has on its own disk serves a run (rank 0 alone writes there), with
     a warning that resuming needs the checkpoint on every node; a --resume file that differs between
@@ -238,7 +237,7 @@ def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
 
 
 @pytest.mark.parametrize("failure", ["checkpoint, disk full", pytest.param("sample grid, disk full", marks=SLOW),
-                                     pytest.param("sample grid, an error", marks=SLOW), "a peer ends"])
+                                     "sample grid, an error", "a peer ends"])
 def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     """Rank 0 alone writes checkpoints and grids: its full disk reached the others as gloo's 'Connection
     closed by peer' traceback (or, for a grid, a crash); a peer that ended did the same to rank 0. A
@@ -1739,7 +1738,7 @@ def test_a_process_whose_error_ends_the_job_lets_the_others_say_so_first(tmp_pat
         assert linger <= took < linger + 0.1, (error, world_size, took)
 
 
-@pytest.mark.parametrize("signum", ["SIGINT", pytest.param("SIGTERM", marks=SLOW)])
+@pytest.mark.parametrize("signum", ["SIGINT", "SIGTERM"])
 def test_a_stop_signal_while_lingering_ends_the_process_quietly(tmp_path, signum):
     """Ctrl-C passed on by torchrun, or torchrun ending the process, during the linger: exit status 2,
     the error said once, no traceback (a KeyboardInterrupt out of time.sleep was one)."""
@@ -2504,7 +2503,6 @@ def _cache_node_worker(rank: int, port: int, root: str, argv: list[str]) -> None
         f.write(outcome)
 
 
-@pytest.mark.slow
 def test_latent_cache_refuses_nodes_whose_datasets_differ(tmp_path):
     """Each process indexes its own --data-path (a node's local copy): one copy with an extra image
     would encode its shards by other indices, mislabelled for good; every process stops first."""
@@ -2736,7 +2734,6 @@ def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     assert_states_close(a["ema"], b["ema"], "ema")
 
 
-@pytest.mark.slow
 def test_a_hangup_stops_with_a_checkpoint_unless_the_run_ignores_it(tmp_path):
     """SIGHUP (the terminal closed) stops after the step with a checkpoint, exit 129; a run started
     ignoring it (nohup) goes on, and stops at the SIGTERM that follows."""
@@ -2849,7 +2846,6 @@ def test_data_loader_workers_outlive_a_stop_signal_of_their_own(signum):
     assert got == batches
 
 
-@pytest.mark.slow
 def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     """A scheduler signals the whole job, data loader workers included: they ignore it, so the main
     process still gets the batch it needs to reach the agreed step and writes its checkpoint."""
@@ -2864,7 +2860,6 @@ def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 1
 
 
-@pytest.mark.slow
 def test_sighup_to_every_process_under_forkserver_stops_cleanly(tmp_path):
     """Python 3.14 starts loader workers by forkserver on Linux, and with it multiprocessing's resource
     tracker, another process of the job. A SIGHUP to all of them (a closed terminal) stops the run at
@@ -3079,7 +3074,6 @@ def test_resume_from_another_working_directory_reads_the_same_relative_data_path
         assert "other data" not in f.read()
 
 
-@pytest.mark.slow
 def test_resume_with_a_larger_batch_past_the_new_epoch_end_starts_the_next_epoch(tmp_path):
     """27 of 28 steps of 64 digits' epoch done, resumed at batch 96 (18 steps an epoch): the 1728 images
     seen fill the new epoch, so training goes on in the next one (it used to spin without a step); the
