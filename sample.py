@@ -549,13 +549,6 @@ class Setup:
         self.check_finite(images, first, "the VAE overflowed: {} decoded to NaN or inf", advice)
         return images
 
-    def fill_to(self, items: int) -> int:
-        """The rows a short last batch of a job over `items` data items is filled to (see filled):
-        --batch-size under --compile or --cuda-graphs, where a batch of another shape would compile,
-        or capture, again; 0 (not filled) otherwise, and for a job of one batch."""
-        compiled = self.args.compile or self.args.cuda_graphs
-        return self.args.batch_size if compiled and items > self.args.batch_size else 0
-
     @staticmethod
     def check_finite(x: torch.Tensor, first: int, what: str, advice: str, noun: str = "image") -> None:
         """UserError `what` (naming the images, or other `noun`s) unless every element of x (B, ...) is
@@ -963,6 +956,13 @@ class EncodedImages:
         return encode_images(self.codec, self.images[items], show_progress=False)
 
 
+def fill_to(args: argparse.Namespace, items: int) -> int:
+    """The rows a short last batch of a job over `items` data items is filled to (see filled):
+    --batch-size under --compile or --cuda-graphs, where a batch of another shape would compile, or
+    capture, again; 0 (not filled) otherwise, and for a job of one batch."""
+    return args.batch_size if (args.compile or args.cuda_graphs) and items > args.batch_size else 0
+
+
 def filled(t: torch.Tensor, size: int) -> torch.Tensor:
     """t (n, ...) with copies of its own rows, in turn, after them up to `size` rows."""
     return t if len(t) >= size else torch.cat([t, t[torch.arange(size - len(t)) % len(t)]])
@@ -1258,7 +1258,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
     def step(index: int, first: int) -> torch.Tensor:
         batch = x[first: first + args.batch_size]
-        items, size = len(batch), setup.fill_to(len(x))
+        items, size = len(batch), fill_to(args, len(x))
         batch = filled(batch, size).to(setup.device)
         y = filled(labels[first: first + args.batch_size], size).to(setup.device)
         torch.manual_seed(derived_seed(args.seed, index, args.batch_size))  # Hutchinson probes
@@ -1352,7 +1352,7 @@ def run_reverse(setup: Setup) -> str:
         check_items(x, parts.pending[dist.rank::dist.world_size], args.batch_size)
 
     def step(index: int, first: int) -> torch.Tensor:
-        batch, size = x[first: first + args.batch_size], setup.fill_to(len(x))
+        batch, size = x[first: first + args.batch_size], fill_to(args, len(x))
         noise = setup.sample(filled(batch, size), filled(labels[first: first + args.batch_size], size),
                              derived_seed(args.seed, first))[:len(batch)].cpu()
         setup.check_finite(noise, first, "the ODE diverged: the noise of {} came out NaN or inf",
