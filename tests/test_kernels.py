@@ -23,10 +23,13 @@ from kernels import _launch, reference
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(
-    not kernels.kernels_available(DEVICE),
-    reason=f"fused kernels cannot run on {DEVICE} (no triton, or CPU without TRITON_INTERPRET=1)",
-)
+pytestmark = [
+    pytest.mark.skipif(not kernels.kernels_available(DEVICE),
+                       reason=f"fused kernels cannot run on {DEVICE} (no triton, or CPU without TRITON_INTERPRET=1)"),
+    # The GELU kernels' sigmoid(2u) is 1 / (1 + exp(-2u)): for a large negative u the exp overflows to
+    # inf and the sigmoid is 0, as on a GPU; the interpreter's numpy warns of it (the results are checked).
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+]
 
 
 @dataclass(frozen=True)
@@ -1219,9 +1222,6 @@ def test_kernel_inference_skips_saving_x_hat():
 BIAS_GELU_SHAPES = [((1,), 72), ((2, 7), 1536), ((13,), 97), ((1100,), 5)]
 
 
-# The GELU's sigmoid(2u) is 1 / (1 + exp(-2u)): for a large negative u the exp overflows to inf and the
-# sigmoid is 0, as on a GPU; the interpreter's numpy warns of the overflow (the results are checked).
-@pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
 @pytest.mark.parametrize("lead,H", BIAS_GELU_SHAPES)
 @pytest.mark.parametrize("case", DTYPE_CASES)
 def test_bias_gelu_matches_reference(case, lead, H):
