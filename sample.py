@@ -48,8 +48,8 @@ under torchrun the processes take the batches in turn. The same command, with an
 processes, computes only the batches not there (batch k's seeds come from (--seed, k)), joins them
 into OUT and removes the folder. A finished likelihood --out is read, not recomputed; --reverse
 does not overwrite an OUT that exists (the noise records no settings). Under --compile or
---cuda-graphs a short last batch is filled to the batch size with copies of its own items, their
-results dropped, so that the one compiled shape serves every batch.
+--cuda-graphs, a job of more than one batch fills its short last batch to the batch size with
+copies of its own items, their results dropped, so that the one compiled shape serves every batch.
 """
 from __future__ import annotations
 
@@ -1234,7 +1234,9 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     With --out, the per-batch results are kept in OUT.parts/ as they come (BatchParts), the batches
     are shared by the processes under torchrun, and the same command resumes with the batches left:
     the Hutchinson probes depend on (--seed, batch index), so the results are those of an
-    uninterrupted run. A finished --out is read, not recomputed. Returns the bpd (on the main process;
+    uninterrupted run with the same flags (--compile or --cuda-graphs, not among the settings
+    compared, fill a short last batch (fill_to): on CUDA its items then draw other probes, another
+    estimate as good). A finished --out is read, not recomputed. Returns the bpd (on the main process;
     the other processes return an empty array)."""
     args, dist = setup.args, setup.dist
     out = None if args.out is None else args.out if args.out.endswith(".npz") else f"{args.out}.npz"
@@ -1355,6 +1357,8 @@ def run_reverse(setup: Setup) -> str:
         batch, size = x[first: first + args.batch_size], fill_to(args, len(x))
         noise = setup.sample(filled(batch, size), filled(labels[first: first + args.batch_size], size),
                              derived_seed(args.seed, first))[:len(batch)].cpu()
+        if len(batch) < size:  # on the CPU a view of the filled batch: saved, it would take all of it
+            noise = noise.clone()
         setup.check_finite(noise, first, "the ODE diverged: the noise of {} came out NaN or inf",
                            f"{setup.divergence_advice()} (the same settings diverge again)", noun="item")
         return parts.write(index, noise)

@@ -11,9 +11,10 @@ fake tensors (shapes and dtypes, no data: SiT-XL/2 in seconds on a CPU) and sort
 - views and allocations: nothing;
 - the rest, the memory-bound ops (LayerNorm, modulation, residuals, GELU, casts, the fused kernels):
   their bytes, each input and output counted once as the op sees it (a broadcast vector at its
-  stored size; the destination of copy_, fill_ or an out= argument written, not read), at the copy
-  ceiling. A training step adds AdamW's update, 28 bytes per trainable
-  parameter (fp32 weight, gradient and two moments read; weight and moments written).
+  stored size; the destination of an op that overwrites it, copy_, fill_, zero_ or a random fill,
+  and an out= argument, written, not read), at the copy ceiling. A training step adds AdamW's
+  update, 28 bytes per trainable parameter (fp32 weight, gradient and two moments read; weight and
+  moments written).
 
 floor = FLOPs / matmul ceiling + bytes / copy ceiling. The eager reference's bytes are what eager
 PyTorch moves; torch.compile fuses some of those ops, so the compiled reference moves fewer, and
