@@ -12,9 +12,9 @@ fake tensors (shapes and dtypes, no data: SiT-XL/2 in seconds on a CPU) and sort
 - the rest, the memory-bound ops (LayerNorm, modulation, residuals, GELU, casts, the fused kernels):
   their bytes, each input and output counted once as the op sees it (a broadcast vector at its
   stored size; the destination of an op that overwrites it, copy_, fill_, zero_ or a random fill,
-  and an out= argument, written, not read), at the copy ceiling. A training step adds AdamW's
-  update, 28 bytes per trainable parameter (fp32 weight, gradient and two moments read; weight and
-  moments written).
+  and an out= argument, written, not read; ones_like and its kind read nothing), at the copy
+  ceiling. A training step adds AdamW's update, 28 bytes per trainable parameter (fp32 weight,
+  gradient and two moments read; weight and moments written).
 
 floor = FLOPs / matmul ceiling + bytes / copy ceiling. The eager reference's bytes are what eager
 PyTorch moves; torch.compile fuses some of those ops, so the compiled reference moves fewer, and
@@ -51,6 +51,9 @@ FREE_OPS = ("empty", "empty_like", "empty_strided", "new_empty", "new_empty_stri
             "lift_fresh_copy", "_local_scalar_dense", "alias", "set_", "resize_", "_unsafe_view", "device")
 # In-place ops that overwrite their destination without reading it: copy_ reads its source only.
 OVERWRITE_OPS = ("copy_", "fill_", "zero_", "normal_", "uniform_", "bernoulli_", "random_", "exponential_")
+# Ops that take a tensor for its shape, dtype and device only: they write their output, read nothing.
+LIKE_OPS = ("new_zeros", "new_ones", "new_full", "zeros_like", "ones_like", "full_like", "rand_like", "randn_like",
+            "randint_like")
 ADAMW_BYTES_PER_PARAM = 28  # fp32: read weight, gradient, exp_avg, exp_avg_sq; write weight and both moments
 
 
@@ -69,8 +72,10 @@ def _read_bytes(t: torch.Tensor) -> int:
 
 def _inputs_read(func, args: tuple, kwargs: dict) -> list:
     """The arguments an op reads: all but its out= arguments and the destination of an op that
-    overwrites it (OVERWRITE_OPS)."""
+    overwrites it (OVERWRITE_OPS); none of an op that takes a tensor for its shape only (LIKE_OPS)."""
     schema = getattr(func, "_schema", None)
+    if _op_name(func) in LIKE_OPS:
+        return []
     if schema is None:
         return [args, kwargs]
     overwrites = _op_name(func) in OVERWRITE_OPS

@@ -812,7 +812,7 @@ def test_roofline_prints_small_figures_to_three_significant_figures(capsys):
 
 def test_roofline_counts_an_overwritten_destination_as_written_only():
     """copy_ reads its source and writes its destination; fill_ and an out= argument are written, not
-    read; an in-place add reads and writes its destination."""
+    read; an in-place add reads and writes its destination; ones_like reads nothing."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -826,7 +826,9 @@ def test_roofline_counts_an_overwritten_destination_as_written_only():
         a.fill_(1.0)
         torch.mul(a, b, out=a)
         a.add_(b)
-    assert dict(counter.bytes) == {"copy_": 2 * size, "fill_": size, "mul": 3 * size, "add_": 3 * size}
+        torch.ones_like(a)
+    assert dict(counter.bytes) == {"copy_": 2 * size, "fill_": size, "mul": 3 * size, "add_": 3 * size,
+                                   "ones_like": size}
 
 
 def test_roofline_copies_no_adaln_weights():
