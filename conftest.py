@@ -37,9 +37,9 @@ def _fresh_seed():
 # (--dist loadfile --no-loadscope-reorder), each process holding two at a time: the longest go
 # first, so that none starts last and runs alone at the end (test_train.py, collected late among
 # them, could: the suite took 18 minutes where the files' times share out to 16).
-FILE_SECONDS = {"test_train.py": 550, "test_fast_path.py": 300, "test_kernels.py": 260,
-                "test_benchmarks_dry_run.py": 250, "test_benchmark_suites.py": 245, "test_sample.py": 140,
-                "test_transport.py": 90, "test_upstream_parity.py": 50}
+FILE_SECONDS = {"test_train.py": 575, "test_fast_path.py": 225, "test_kernels.py": 195,
+                "test_benchmarks_dry_run.py": 170, "test_benchmark_suites.py": 155, "test_sample.py": 145,
+                "test_transport.py": 80, "test_upstream_parity.py": 40}
 
 
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left
