@@ -73,12 +73,12 @@ def _read_bytes(t: torch.Tensor) -> int:
 def _inputs_read(func, args: tuple, kwargs: dict) -> list:
     """The arguments an op reads: all but its out= arguments and the destination of an op that
     overwrites it (OVERWRITE_OPS); none of an op that takes a tensor for its shape only (LIKE_OPS)."""
-    schema = getattr(func, "_schema", None)
-    if _op_name(func) in LIKE_OPS:
+    name, schema = _op_name(func), getattr(func, "_schema", None)
+    if name in LIKE_OPS:
         return []
     if schema is None:
         return [args, kwargs]
-    overwrites = _op_name(func) in OVERWRITE_OPS
+    overwrites = name in OVERWRITE_OPS
     read = []
     for index, argument in enumerate(schema.arguments):
         if not (argument.is_out or (overwrites and index == 0)):
