@@ -90,8 +90,8 @@ from sit_fast.sampling import (
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
     npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
-from sit_fast.transport import (PATH_TYPES, PREDICTIONS, Sampler, add_ode_args, add_sde_args, add_transport_args,
-                                create_transport)
+from sit_fast.transport import (PATH_TYPES, PREDICTIONS, SAMPLE_EPS_DEFAULT, Sampler, add_ode_args, add_sde_args,
+                                add_transport_args, create_transport)
 from sit_fast.transport.integrators import adaptive_ode_method, ode_method_uses_tolerances
 from sit_fast.vae import VAE_ALIASES, recorded_vae_spec
 
@@ -165,7 +165,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
     run = parser.add_argument_group("Sampling")
     run.add_argument("--num-sampling-steps", type=integer, default=250,
-                     help="steps of a fixed-step solver (the SDE's count includes the last step)")
+                     help="steps of a fixed-step solver (the SDE's count includes the last step; an ODE takes N "
+                          "steps, where upstream's N grid points were N - 1)")
     run.add_argument("--seed", "--global-seed", dest="seed", type=integer, default=0,
                      help="global seed; image i's starting noise and label come from (seed, i); an SDE's "
                           "per-step noise comes from (seed, batch) and an adaptive ODE's steps are chosen for "
@@ -231,6 +232,8 @@ def build_parser(defaults: dict | None = None, prog: str | None = None) -> argpa
             action = sub._option_string_actions["--" + key.replace("_", "-")]
             action.default = None
             action.help += f" (default: the checkpoint's training flag where it records one, else {value})"
+        sub._option_string_actions["--sample-eps"].default = None  # resolve_args: given or not, then the default
+        sub._option_string_actions["--sample-eps"].help += f" (default: {SAMPLE_EPS_DEFAULT:g})"
         add_solver_args(sub)
         if defaults["num_fid_samples"] is not None:  # sample_ddp.py: its help shows the FID job's flags alone
             for action in sub._actions:
@@ -325,7 +328,10 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
         raise UserError("--cuda-graphs needs a CUDA device, and torch sees none")
     if args.cfg_channels is not None:  # else the model's (Setup: default_cfg_channels)
         args.cfg_channels = "all" if args.cfg_channels == "all" else int(args.cfg_channels)
-    args.transport_explicit = sorted(key for key in TRANSPORT_DEFAULTS if getattr(args, key) is not None)
+    args.transport_explicit = sorted(key for key in (*TRANSPORT_DEFAULTS, "sample_eps")
+                                     if getattr(args, key) is not None)
+    if args.sample_eps is None:
+        args.sample_eps = SAMPLE_EPS_DEFAULT
     for key, value in TRANSPORT_DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -478,6 +484,14 @@ class Setup:
             if isinstance(err, UserError):
                 raise
             raise UserError(str(err)) from None
+        sde = args.mode == "SDE"
+        interval = (dict(sde=True, diffusion_form=args.diffusion_form,
+                         last_step_size=0.0 if args.last_step is None else args.last_step_size) if sde else {})
+        if "sample_eps" in args.transport_explicit and not transport.eps_matters(eval=True, **interval):
+            t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True, **interval)
+            logging.getLogger("sit_fast.sample").warning(
+                f"--sample-eps {args.sample_eps:g} has no effect here: with a {args.path_type} velocity model this "
+                f"{'SDE' if sde else 'ODE'} runs over [{t0:g}, {t1:g}] whatever it is (as upstream)")
 
         vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
         self.codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="sample")

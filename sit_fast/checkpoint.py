@@ -360,10 +360,14 @@ def _abbrev(keys: list[str], n: int = 4) -> str:
 
 
 def strip_wrapper_prefixes(state_dict: dict, source: str = "checkpoint") -> dict:
-    """The state_dict with the wrappers' key prefixes ("module.", "_orig_mod.") removed, in a new dict;
-    CheckpointError when two keys name one parameter once they are removed."""
+    """The state_dict with the wrappers' key prefixes ("module.", "_orig_mod.") removed, in a new dict,
+    and an averaging wrapper's count left out (torch.optim.swa_utils.AveragedModel, an EMA: "module."
+    keys and "n_averaged"); CheckpointError when two keys name one parameter once they are removed."""
     out, original = {}, {}
+    averaged = "n_averaged" in state_dict and any(key.startswith("module.") for key in state_dict)
     for key, value in state_dict.items():
+        if averaged and key == "n_averaged":
+            continue
         name = _strip_prefixes(key)
         if name in out:
             first, second = sorted((original[name], key))

@@ -39,10 +39,13 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> one (rows * H', nrow * W', C) uint8 array, nrow images per row."""
+    """(N, C, H, W) in [-1, 1] -> one (rows * H', nrow * W', C) uint8 array, nrow images per row (at
+    most N); one image is returned as it is, without padding (both as torchvision's make_grid)."""
     arr = to_uint8(images)  # (N, H, W, C)
     n, h, w, c = arr.shape
-    nrow = nrow or max(1, math.ceil(math.sqrt(n)))
+    if n == 1:
+        return arr[0]
+    nrow = max(1, min(nrow or math.ceil(math.sqrt(n)), n))
     rows = math.ceil(n / nrow)
     grid = np.zeros((rows * (h + padding) + padding, nrow * (w + padding) + padding, c), dtype=np.uint8)
     for i in range(n):

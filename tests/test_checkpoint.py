@@ -354,6 +354,20 @@ def test_load_into_model_takes_a_wrapped_models_state_dict(wrap):
         assert torch.equal(target.state_dict()[name], value), name
 
 
+def test_an_averaged_models_state_dict_loads_as_its_model(tmp_path):
+    """torch.optim.swa_utils.AveragedModel (an EMA kept that way): "module." keys and its "n_averaged"."""
+    source, target = model_for(2, 32, 2, True), model_for(2, 32, 2, True)
+    averaged = torch.optim.swa_utils.AveragedModel(source)
+    assert "n_averaged" in averaged.state_dict()
+    load_into_model(target, averaged.state_dict())
+    torch.save({"ema": averaged.state_dict()}, tmp_path / "ema.pt")
+    assert read_checkpoint(str(tmp_path / "ema.pt"))[0].keys() == source.state_dict().keys()
+    for name, value in source.state_dict().items():
+        assert torch.equal(target.state_dict()[name], value), name
+    with pytest.raises(CheckpointError, match="unexpected keys n_averaged"):  # not with a model's own keys
+        load_into_model(target, {**source.state_dict(), "n_averaged": torch.tensor(1)})
+
+
 # ----------------------------------------------------------------------------- python -m sit_fast.export
 
 def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys):

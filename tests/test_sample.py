@@ -961,6 +961,23 @@ def test_grey_images_are_repeated_to_rgb():
     assert np.array_equal(to_rgb_uint8(colour), to_uint8(colour))  # RGB as it is
 
 
+@pytest.mark.parametrize("n,nrow", [(1, 4), (3, 2), (3, 4), (5, 2), (8, 4), (8, 10)])
+def test_grids_are_torchvision_s(n, nrow):
+    """make_grid + to_uint8 against upstream's save_image(normalize=True, value_range=(-1, 1)): the same
+    layout (at most n per row; one image unpadded), padding and pixels (within one level: the two round x = -1..1 by
+    different float operations)."""
+    from torchvision.utils import make_grid as torchvision_grid
+
+    from sit_fast.images import make_grid
+
+    images = torch.rand(n, 3, 5, 7) * 2.2 - 1.1  # a little outside [-1, 1]: clamped by both
+    theirs = torchvision_grid(images, nrow=nrow, normalize=True, value_range=(-1, 1))
+    theirs = theirs.mul(255).add_(0.5).clamp_(0, 255).permute(1, 2, 0).to(torch.uint8).numpy()
+    ours = make_grid(images, nrow=nrow)
+    assert ours.shape == theirs.shape
+    assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
+
+
 def test_cfg_interval_doubles_only_inside_and_full_interval_equals_plain_guidance(files, tmp_path):
     model = random_sit(3, learn_sigma=False).eval()
     sizes, _ = batch_sizes_of_calls(model, 4.0, (0.5, 1.0))  # euler times 0, .25, .5, .75
@@ -1962,6 +1979,25 @@ def test_the_flags_reach_the_transport_and_its_samplers(files, tmp_path, monkeyp
     run(["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
          "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "z.pt", *FAST])
     assert calls[-1] == ("sample_ode", dict(sampling_method="euler", num_steps=3, atol=1e-6, rtol=1e-3, reverse=True))
+
+
+def test_a_sample_eps_that_changes_nothing_is_said(files, tmp_path, capsys):
+    """A Linear velocity model's ODE, and its SDE with a last step but for SBDM, keep no distance from
+    t = 0 or t = 1: a --sample-eps given there is said to do nothing; where it is used, nothing is said."""
+    common = ["--ckpt", files["pixel"], "--vae", "none", "--class-labels", 1, *FAST]
+    needle = "has no effect here: with a Linear velocity model this"
+    run(["ODE", *common, "--sampling-method", "euler", "--num-sampling-steps", 2, "--sample-eps", 0.01,
+         "--out", tmp_path / "ode.png"])
+    assert "--sample-eps 0.01 " + needle + " ODE runs over [0, 1] whatever it is" in capsys.readouterr().err
+    run(["SDE", *common, "--num-sampling-steps", 3, "--diffusion-form", "sigma", "--sample-eps", 0.01,
+         "--out", tmp_path / "sde.png"])
+    assert "--sample-eps 0.01 " + needle + " SDE runs over [0, 0.96] whatever it is" in capsys.readouterr().err
+    for argv in (["SDE", "--num-sampling-steps", 3, "--diffusion-form", "SBDM", "--sample-eps", 0.01],  # t0 = eps
+                 ["SDE", "--num-sampling-steps", 3, "--diffusion-form", "sigma", "--last-step", "None",
+                  "--sample-eps", 0.01],  # ends at 1 - sample_eps
+                 ["ODE", "--sampling-method", "euler", "--num-sampling-steps", 2]):  # not given
+        run([*argv, *common, "--out", tmp_path / "used.png"])
+        assert "has no effect" not in capsys.readouterr().err
 
 
 def test_reverse_carries_data_to_noise(files, tmp_path, capsys):

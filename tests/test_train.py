@@ -344,7 +344,8 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
     train_main(["--exp-dir", one, "--resume", checkpoint, "--max-steps", "9", "--num-workers", "0", "--no-progress"])
     with open(os.path.join(one, "log.txt")) as f:
         log = f.read()
-    assert "--grad-accum-steps 8: the run's micro-batch of 8 per rank (4 per step on 2 rank(s)), now on 1" in log
+    assert ("--grad-accum-steps 8: the run's micro-batch of 8 per rank (the run's 4 per step, a batch of 64 on 2 "
+            "rank(s); now 64 on 1)") in log
     assert "gradient accumulation: 8 micro-batches of 8 per rank per step (global batch 64)" in log
     # 1797 digits in steps of 64 on 2 ranks or 1: the same 28 global batches an epoch
     assert ("with world size 2 -> 1 (the run's, now): each step's samples are the run's (the same global "
@@ -362,6 +363,8 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
     ((240, 8, 2), (6, 40), 4),  # micro-batch 15 does not divide 40: 4 parts of 10, not 2 of 20
     ((64, 2, 1), (4, 16), 1),  # micro-batch 32: a batch of 16 fits in one part
     ((63, 1, 1), (9, 7), 1),
+    ((64, 1, 4), (1, 66), 6),  # another --global-batch-size: micro-batch 16 does not divide 66, 6 parts of 11
+    ((64, 1, 4), (1, 128), 8),  # micro-batch 16 kept
 ])
 def test_resume_on_another_world_size_keeps_the_micro_batch_or_a_smaller_one(saved, now, expected, monkeypatch):
     """keep_micro_batch: (global batch, world size, parts) saved; (world size, per-rank batch) now."""
@@ -437,6 +440,22 @@ def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path):
     train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--precision", "fp32"])
     with open(os.path.join(exp, "log.txt")) as f:
         assert f.read().rstrip().count("resumed at step 3 (epoch 0, step 3 in it): exact") == 1
+
+
+def test_resume_with_other_update_flags_says_so(tmp_path):
+    """--lr, --ema-decay, --grad-clip, --skip-nonfinite or --vae-precision given on resume win over the
+    checkpoint's, and the log names each change (the resume is then not called exact)."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "3", "--lr", "5e-4", "--ema-decay", "0.5",
+                "--grad-clip", "0.01"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert ("resumed with --lr 0.001 -> 0.0005, --ema-decay 0.9 -> 0.5, --grad-clip None -> 0.01 (given now; the run "
+            "had the former): the updates from step 2 on are not those the run would have made") in log, log
+    assert "resumed at step 2 (epoch 0, step 2 in it): the data order and random states are the run's (the" in log
+    assert "in it): exact" not in log
+    assert load_ckpt(os.path.join(exp, "checkpoints", "0000003.pt"))["args"]["lr"] == 5e-4
 
 
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
@@ -725,6 +744,17 @@ def test_sample_every_none_makes_no_grids(tmp_path):
         train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--sample-every", "0"])
     assert str(error.value) == ("argument --sample-every: must be a positive integer or none, got 0 "
                                 "(see train.py --help)")
+
+
+def test_a_train_eps_that_changes_nothing_is_said(tmp_path):
+    """Linear and GVP velocity models train on all of [0, 1] whatever --train-eps is (as upstream): given,
+    the log says so; a noise model keeps it from the ends, and nothing is said."""
+    train_main(BASE + ["--exp-dir", str(tmp_path / "velocity"), "--max-steps", "1", "--train-eps", "0.01"])
+    assert ("--train-eps 0.01 has no effect: a Linear velocity model trains on all of [0, 1] whatever it is"
+            in (tmp_path / "velocity" / "log.txt").read_text())
+    train_main(BASE + ["--exp-dir", str(tmp_path / "noise"), "--max-steps", "1", "--train-eps", "0.01",
+                       "--prediction", "noise"])
+    assert "has no effect" not in (tmp_path / "noise" / "log.txt").read_text()
 
 
 def test_digits_train_in_pixel_space_unless_a_vae_is_given(tmp_path):

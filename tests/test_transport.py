@@ -237,13 +237,42 @@ def test_eps_defaults_and_overrides():
 
 
 def test_zero_eps_at_a_singular_end_is_refused():
-    """Each refusal names what is singular: the diffusion, the velocity's score, or the model."""
+    """Each refusal names what is singular: the diffusion, the velocity's score, the model, the loss weight."""
     with pytest.raises(ValueError, match="sample_eps must be > 0 here: the SBDM diffusion is infinite at t = 0"):
         Sampler(create_transport("GVP", sample_eps=0.0)).sample_sde(diffusion_form="SBDM")
-    with pytest.raises(ValueError, match="> 0 here: the score an SDE takes from a velocity model is singular at t = 1"):
-        Sampler(create_transport("Linear", sample_eps=0.0)).sample_sde(diffusion_form="sigma", last_step=None)
-    with pytest.raises(ValueError, match="train_eps must be > 0 here: the LINEAR path with a noise model is singular"):
-        create_transport("Linear", "noise", train_eps=0.0).sample(torch.zeros(2, 2))
+    with pytest.raises(ValueError, match="> 0 here: the linear diffusion's term, w_t times the score an SDE takes from "
+                                         "a velocity model, is singular at t = 1"):
+        Sampler(create_transport("Linear", sample_eps=0.0)).sample_sde(diffusion_form="linear", last_step=None)
+    with pytest.raises(ValueError, match="sample_eps must be > 0 here: the LINEAR path with a noise model is singular"):
+        Sampler(create_transport("Linear", "noise", sample_eps=0.0)).sample_ode()
+    for path_type in ("Linear", "GVP", "VP"):
+        for prediction in ("noise", "score"):
+            for weight in ("velocity", "likelihood"):
+                with pytest.raises(ValueError, match=f"train_eps must be > 0 here: .* {weight} loss weight .*infinite"):
+                    create_transport(path_type, prediction, weight, train_eps=0.0).sample(torch.zeros(2, 2))
+
+
+@pytest.mark.parametrize("path_type", ["Linear", "GVP", "VP"])
+@pytest.mark.parametrize("prediction", ["noise", "score"])
+def test_zero_train_eps_trains_an_unweighted_score_or_noise_model_on_all_of_0_1(path_type, prediction, monkeypatch):
+    """Unweighted, the noise and score losses are finite at both ends (as upstream, which ran them)."""
+    transport, x1 = create_transport(path_type, prediction, train_eps=0.0), torch.randn(3, 4)
+    assert transport.check_interval(transport.train_eps, transport.sample_eps) == (0.0, 1.0)
+    for end in (0.0, 1.0):
+        monkeypatch.setattr(torch, "rand", lambda *shape, **kwargs: torch.full(shape, end, **kwargs))
+        assert transport.training_losses(lambda x, t: torch.tanh(x), x1)["loss"].isfinite().all()
+
+
+@pytest.mark.parametrize("path_type", ["Linear", "GVP"])
+def test_a_velocity_model_s_sigma_form_sde_runs_to_t_1(path_type):
+    """w_t / sigma_t of the sigma form is finite at t = 1: sample_eps = 0 and no last step run there (as VP)."""
+    def model(x, t):
+        return torch.tanh(x) * (0.5 + t[:, None])
+
+    sampler, x = Sampler(create_transport(path_type, sample_eps=0.0)), torch.randn(3, 4)
+    for method in ("Euler", "Heun"):  # Heun calls the model at t = 1
+        sample = sampler.sample_sde(sampling_method=method, diffusion_form="sigma", last_step=None, num_steps=4)
+        assert sample(x, model)[-1].isfinite().all()
 
 
 @pytest.mark.parametrize("prediction", ["noise", "score", "velocity"])

@@ -454,6 +454,8 @@ def saved_args(args: argparse.Namespace) -> dict:
 # Flags a resumed run may change that change its arithmetic, not its data order or random states
 # (compared as given for a checkpoint that has no "arithmetic" entry, their resolved values).
 ARITHMETIC_FLAGS = ("precision", "fused_kernels", "attn_backend", "compile")
+# Flags a resumed run may change that change its updates from the checkpoint's step on.
+UPDATE_FLAGS = ("lr", "ema_decay", "grad_clip", "skip_nonfinite", "vae_precision")
 
 
 class Trainer:
@@ -751,6 +753,9 @@ class Trainer:
         self.skipped_on_device = torch.zeros((), dtype=torch.int64, device=self.device)
         self.transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
                                           args.sample_eps)
+        if "train_eps" in self.explicit and not self.transport.eps_matters():
+            logger.warning(f"--train-eps {args.train_eps:g} has no effect: a {args.path_type} velocity model trains "
+                           f"on all of [0, 1] whatever it is (as upstream)")
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(f"SiT parameters: {n_params:,} ({args.model}, {args.num_classes} classes)")
         self.step_flops = flops.train_step_flops(model)
@@ -771,13 +776,14 @@ class Trainer:
 
     # ------------------------------------------------------------------ resume
     def keep_micro_batch(self, args: argparse.Namespace, ckpt: dict) -> None:
-        """A run resumed on another number of ranks keeps its micro-batch (and so its activation
-        memory per GPU), not its count of micro-batches, when --grad-accum-steps is not given; where
-        the micro-batch does not divide the new per-rank batch, the largest one below it that does."""
+        """A run resumed with another per-rank batch (another number of ranks or --global-batch-size)
+        keeps its micro-batch (and so its activation memory per GPU), not its count of micro-batches,
+        when --grad-accum-steps is not given; where the micro-batch does not divide the new per-rank
+        batch, the largest one below it that does."""
         saved_world = ckpt.get("data", {}).get("world_size")
         saved_batch = ckpt["args"].get("global_batch_size")
         saved_parts = ckpt["args"].get("grad_accum_steps", 1)
-        if not saved_world or saved_world == self.dist_info.world_size or not saved_batch:
+        if not saved_world or not saved_batch or saved_batch // saved_world == self.local_batch_size:
             return
         micro = saved_batch // (saved_world * saved_parts)
         if micro < 1:
@@ -790,8 +796,9 @@ class Trainer:
             kept = (f"the run's micro-batch of {micro} per rank" if now == micro else
                     f"micro-batches of {now} per rank, the largest that divides the batch of {self.local_batch_size} "
                     f"and is no larger than the run's {micro}")
-            logger.info(f"--grad-accum-steps {parts}: {kept} ({saved_parts} per step on {saved_world} rank(s)), "
-                        f"now on {self.dist_info.world_size}")
+            world = self.dist_info.world_size
+            logger.info(f"--grad-accum-steps {parts}: {kept} (the run's {saved_parts} per step, a batch of "
+                        f"{saved_batch} on {saved_world} rank(s); now {self.local_batch_size * world} on {world})")
             args.grad_accum_steps = parts
 
     def restore_position(self, ckpt: dict, path: str) -> None:
@@ -800,6 +807,11 @@ class Trainer:
         self.nonfinite_skipped = int(ckpt.get("nonfinite_skipped", 0))
         self.last_checkpoint = path
         data = ckpt.get("data", {})
+        steered = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in UPDATE_FLAGS
+                   if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]
+        if steered:
+            logger.info(f"resumed with {', '.join(steered)} (given now; the run had the former): the updates from "
+                        f"step {self.step} on are not those the run would have made")
         same_layout = (data.get("world_size") == world_size and data.get("global_batch_size") == args.global_batch_size
                        and data.get("num_samples") == len(self.dataset) and data.get("seed") == args.global_seed)
         rng = ckpt["rng"]
@@ -827,6 +839,8 @@ class Trainer:
                              if saved.get("compile", now["compile"]) != now["compile"] else "")
                     logger.info(f"{where}: the data order and random states are the run's; {', '.join(changed)} "
                                 f"changes the rounding{masks}, so the steps are not bit for bit the original run's")
+                elif steered:
+                    logger.info(f"{where}: the data order and random states are the run's (the flags above changed)")
                 else:
                     logger.info(f"{where}: exact")
         else:

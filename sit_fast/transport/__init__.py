@@ -6,7 +6,7 @@
     samples = sample_fn(z, model, **model_kwargs)[-1]
 """
 from sit_fast.transport import path
-from sit_fast.transport.args import add_ode_args, add_sde_args, add_transport_args, none_or_str
+from sit_fast.transport.args import SAMPLE_EPS_DEFAULT, add_ode_args, add_sde_args, add_transport_args, none_or_str
 from sit_fast.transport.integrators import ODE_METHODS, SDE_METHODS
 from sit_fast.transport.path import DIFFUSION_FORMS, GVPCPlan, ICPlan, VPCPlan, expand_t_like_x
 from sit_fast.transport.transport import LAST_STEPS, ModelType, PathType, Sampler, Transport, WeightType
@@ -27,8 +27,10 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
         sampling (see Transport.check_interval). Defaults: VP 1e-5 / 1e-3; Linear and GVP with a
         score or noise model 1e-3 / 1e-3; Linear and GVP velocity models train on all of [0, 1]
         (train_eps 0) and use sample_eps = 1e-3 only where an SDE needs it (the SBDM start and a
-        run without a last step). Unlike upstream, values passed in are always honoured, and an
-        unknown option raises ValueError.
+        run without a last step). Where the interval has an end eps would move, the value passed in
+        is used (upstream's replaced some by 0 or 1e-3); Linear and GVP velocity models train, and solve
+        ODEs, on the whole [0, 1] whatever is passed, as upstream (Transport.eps_matters says where).
+        An unknown option raises ValueError.
     """
     check_choice("path_type", path_type, tuple(PATH_TYPES))
     check_choice("prediction", prediction, tuple(PREDICTIONS))
@@ -45,13 +47,13 @@ def create_transport(path_type="Linear", prediction="velocity", loss_weight=None
         path_type=path_kind,
         loss_type=LOSS_WEIGHTS[loss_weight],
         train_eps=default_train_eps if train_eps is None else train_eps,
-        sample_eps=1e-3 if sample_eps is None else sample_eps,
+        sample_eps=SAMPLE_EPS_DEFAULT if sample_eps is None else sample_eps,
     )
 
 
 __all__ = [
     "create_transport", "Transport", "Sampler", "ModelType", "PathType", "WeightType", "mean_flat", "check_choice",
     "path", "ICPlan", "VPCPlan", "GVPCPlan", "expand_t_like_x", "DIFFUSION_FORMS", "LAST_STEPS", "ODE_METHODS",
-    "SDE_METHODS", "PATH_TYPES", "PREDICTIONS", "LOSS_WEIGHTS", "add_transport_args", "add_ode_args",
-    "add_sde_args", "none_or_str",
+    "SDE_METHODS", "SAMPLE_EPS_DEFAULT", "PATH_TYPES", "PREDICTIONS", "LOSS_WEIGHTS", "add_transport_args",
+    "add_ode_args", "add_sde_args", "none_or_str",
 ]

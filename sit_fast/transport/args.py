@@ -16,6 +16,9 @@ def none_or_str(value):
     return None if value.lower() == "none" else value
 
 
+SAMPLE_EPS_DEFAULT = 1e-3  # upstream's
+
+
 def add_transport_args(parser: argparse.ArgumentParser, train_eps_default: float | None = 1e-5,
                        train_eps_help: str | None = None):
     """Add --path-type, --prediction, --loss-weight, --sample-eps, --train-eps; returns the group.
@@ -28,7 +31,7 @@ def add_transport_args(parser: argparse.ArgumentParser, train_eps_default: float
                        help="what the model predicts")
     group.add_argument("--loss-weight", type=none_or_str, default=None, choices=[None, "velocity", "likelihood"],
                        help="time weighting of score / noise losses (None: unweighted)")
-    group.add_argument("--sample-eps", type=end_margin, default=1e-3,
+    group.add_argument("--sample-eps", type=end_margin, default=SAMPLE_EPS_DEFAULT,
                        help="distance kept from the singular ends of [0, 1] when sampling")
     group.add_argument("--train-eps", type=end_margin, default=train_eps_default,
                        help="distance kept from the singular ends of [0, 1] when training"

@@ -81,13 +81,16 @@ class Transport:
 
         eps = sample_eps when eval else train_eps.
         - VP: t1 = 1 - eps, or 1 - last_step_size for an SDE that takes a last step; t = 1 (sigma_t = 0)
-          is refused for sampling with a noise model, or an SDE whose diffusion is not the sigma form.
+          is refused for sampling with a noise model, or an SDE whose diffusion is not the sigma form,
+          and for training a score or noise model with a loss weight.
         - Linear / GVP with a score or noise model, or any SDE: t0 = eps for score / noise models
           and for the SBDM diffusion (whose beta_t is infinite at t = 0), else 0; t1 as for VP.
         - Linear / GVP velocity models outside SDEs use the whole [0, 1].
         reverse swaps the direction: (1 - t0, 1 - t1).
-        Raises ValueError where eps = 0 would put a singular end inside the interval, and where the
-        interval would be empty or reversed (an SDE's last step longer than what is left after eps).
+        Raises ValueError where eps = 0 would put a singular end inside the interval (sampling a score
+        or noise model, a loss weight, SBDM's diffusion at t = 0, an SDE's diffusion term at t = 1 but
+        for the sigma form's), and where the interval would be empty or reversed (an SDE's last step
+        longer than what is left after eps).
         """
         t0, t1 = 0.0, 1.0
         eps = sample_eps if eval else train_eps
@@ -101,22 +104,31 @@ class Transport:
                         f"diffusion it is not)")
                 raise ValueError(f"sample_eps must be > 0 here: the VP path has sigma_t = 0 at t = 1, where "
                                  f"{what}; upstream's default for VP is 1e-3")
+            if not eval and t1 == 1 and self.model_type != ModelType.VELOCITY and self.loss_type != WeightType.NONE:
+                raise ValueError(f"train_eps must be > 0 here: the VP path has sigma_t = 0 at t = 1, where the "
+                                 f"{self.loss_type.name.lower()} loss weight is infinite")
         elif self.model_type != ModelType.VELOCITY or sde:
             needs_t0 = (sde and diffusion_form == "SBDM") or self.model_type != ModelType.VELOCITY
             t0 = eps if needs_t0 else 0.0
             t1 = t1_inside
             if eps <= 0 and (needs_t0 or t1 == 1):
+                why = []
                 if self.model_type != ModelType.VELOCITY:
-                    why = [f"the {self.path_type.name} path with a {self.model_type.name.lower()} model is "
-                           f"singular at t = 0 and t = 1"]
+                    what = f"the {self.path_type.name} path with a {self.model_type.name.lower()} model"
+                    if eval:  # its velocity divides by alpha_t (0 at t = 0) and its score by sigma_t (0 at t = 1)
+                        why.append(f"{what} is singular at t = 0 and t = 1")
+                    elif self.loss_type != WeightType.NONE:  # unweighted, the loss is finite at both ends
+                        why.append(f"{what} has a {self.loss_type.name.lower()} loss weight that is infinite or "
+                                   f"undefined at t = 0 and t = 1")
                 else:
-                    why = []
                     if needs_t0:
                         why.append("the SBDM diffusion is infinite at t = 0 (another diffusion form is not)")
-                    if t1 == 1:
-                        why.append("the score an SDE takes from a velocity model is singular at t = 1 (a last "
-                                   "step stops short of it)")
-                raise ValueError(f"{which} must be > 0 here: " + "; ".join(why))
+                    if t1 == 1 and diffusion_form != "sigma":  # the sigma form's w_t / sigma_t is finite
+                        why.append(f"the {diffusion_form} diffusion's term, w_t times the score an SDE takes from "
+                                   f"a velocity model, is singular at t = 1 (a last step stops short of it; the "
+                                   f"sigma diffusion is finite there)")
+                if why:
+                    raise ValueError(f"{which} must be > 0 here: " + "; ".join(why))
         if not t0 < t1:  # e.g. an SDE's last step from before its first time
             last = f" and last_step_size {last_step_size}" if sde and last_step_size else ""
             raise ValueError(f"{which} {eps}{last} leave no time to integrate over: the interval would be "
@@ -124,6 +136,15 @@ class Transport:
         if reverse:
             t0, t1 = 1 - t0, 1 - t1
         return t0, t1
+
+    def eps_matters(self, *, eval=False, **interval) -> bool:
+        """Whether check_interval's interval (its keyword arguments: sde, diffusion_form, ...) depends on
+        eps, train_eps or with eval sample_eps. It does not for Linear and GVP velocity models, which
+        train, and solve ODEs, on the whole [0, 1] whatever eps is (as upstream)."""
+        try:
+            return len({self.check_interval(eps, eps, eval=eval, **interval) for eps in (1e-3, 2e-3)}) > 1
+        except ValueError:  # an interval too short for the probes: eps is what shortens it
+            return True
 
     def sample(self, x1):
         """Draw (t, x0, x1) for training: x0 ~ N(0, I), t ~ U[t0, t1], both on x1's device."""
