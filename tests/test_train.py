@@ -1536,6 +1536,34 @@ def test_resume_auto_continues_the_newest_run_only(tmp_path):
     assert summary["exp_dir"] == exp and summary["step"] == 3
 
 
+def test_resume_auto_leaves_another_experiments_run_alone(tmp_path):
+    """Without --exp-dir, --resume auto continues only a run that recorded this command's data, batch,
+    seed, lr, EMA decay and clipping: a second experiment of the same --model and transport (another lr
+    and seed) starts its own run, and a requeue of the first passes over the second's newer one."""
+    results = str(tmp_path / "results")
+    first = train_main(BASE + ["--results-dir", results, "--max-steps", "1", "--resume", "auto"])["exp_dir"]
+    other = ["--lr", "3e-4", "--global-seed", "7"]
+    second = train_main(BASE + ["--results-dir", results, "--max-steps", "1", "--resume", "auto", *other])
+    assert second["exp_dir"] != first and second["step"] == 1
+    with open(os.path.join(second["exp_dir"], "log.txt")) as f:
+        log = f.read()
+    name = os.path.basename(first)
+    assert (f"--resume auto: the newest SiT-T-4-Linear-velocity-None run in {results} with checkpoints is another "
+            f"experiment's ({name} (--global-seed 0 (this command: 7), --lr 0.001 (this command: 0.0003)): to "
+            f"continue one with this command's flags, pass its folder as --exp-dir with --resume auto); new run in "
+            f"{second['exp_dir']}") in log, log
+    again = train_main(BASE + ["--results-dir", results, "--max-steps", "2", "--resume", "auto"])
+    assert again["exp_dir"] == first and again["step"] == 2
+    with open(os.path.join(first, "log.txt")) as f:
+        assert (f"(the latest valid checkpoint; newer runs of other experiments left alone: "
+                f"{os.path.basename(second['exp_dir'])} (--global-seed 7 (this command: 0), --lr 0.0003 (this "
+                f"command: 0.001)))") in f.read()
+    # the folder given: its run, the flags given winning
+    summary = train_main(BASE + ["--exp-dir", second["exp_dir"], "--max-steps", "2", "--resume", "auto",
+                                 "--lr", "1e-4"])
+    assert summary["exp_dir"] == second["exp_dir"] and summary["step"] == 2
+
+
 def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_to_load(tmp_path):
     """A read error of the moment (or damage) on every checkpoint of the run --resume auto would continue:
     one line, nothing written, the files where they were; not a new run from step 0 (which, in the same

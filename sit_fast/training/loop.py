@@ -105,6 +105,29 @@ def other_runs(results_dir: str, suffix: str) -> list[str]:
     return sorted(names, key=lambda name: int(name.split("-", 1)[0]), reverse=True)
 
 
+# Flags that tell one experiment from another of the same --model and transport: --resume auto without
+# --exp-dir continues a run only where they are those the run recorded.
+EXPERIMENT_FLAGS = ("dataset", "data_path", "latent_cache", "global_batch_size", "global_seed", "lr", "ema_decay",
+                    "grad_clip")
+
+
+def experiment_differences(args: argparse.Namespace, saved: dict) -> list[str]:
+    """The EXPERIMENT_FLAGS whose values in args (given or default) are not those a checkpoint's
+    arguments record, as "--flag RECORDED (this command: VALUE)"; paths compared as the files they name."""
+    differences = []
+    for key in EXPERIMENT_FLAGS:
+        if key not in saved:
+            continue
+        now, then = getattr(args, key), saved[key]
+        if key in ("data_path", "latent_cache") and isinstance(now, str) and isinstance(then, str):
+            same = os.path.realpath(now) == os.path.realpath(then)
+        else:
+            same = now == then
+        if not same:
+            differences.append(f"--{key.replace('_', '-')} {then} (this command: {now})")
+    return differences
+
+
 def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
     """(experiment dir, checkpoint to resume or None, a sentence saying what was chosen). Rank 0 only."""
     if args.resume is None:
@@ -116,24 +139,42 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
                             f"in another --exp-dir")
         return exp_dir, None, f"new run in {exp_dir}"
     if args.resume == "auto":
-        # The newest run of this --model and transport only: an older one may be finished, or another
-        # experiment's; the newest without a checkpoint (it failed before its first) means a new run.
+        # The newest run of this --model and transport (and, without --exp-dir, of this experiment:
+        # EXPERIMENT_FLAGS) only: an older one may be finished; the newest without a checkpoint (it
+        # failed before its first) means a new run.
         runs = [args.exp_dir] if args.exp_dir else experiment_dirs(args.results_dir, experiment_suffix(args))
-        if runs and (found := find_latest_valid(os.path.join(runs[0], "checkpoints"))) is not None:
-            return runs[0], found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint)"
-        if runs and (damaged := list_checkpoints(os.path.join(runs[0], "checkpoints"))):
-            # A read error of the moment (a network filesystem's, say) must not restart the run from step 0,
-            # nor (with --exp-dir) let a new run overwrite checkpoints that load again later.
-            raise CheckpointError(f"--resume auto: no checkpoint of {runs[0]} loads ({len(damaged)} found; see the "
-                                  f"warnings above): mend or move them aside, resume another with --resume PATH, "
-                                  f"or start a new run in another --exp-dir")
-        if args.exp_dir:
-            where = args.exp_dir
-        elif runs:
-            where = f"the newest {experiment_suffix(args)} run in {args.results_dir}, {os.path.basename(runs[0])}"
+        skipped, last = [], 0  # newer runs of other experiments; where the search stopped
+        for last, run in enumerate(runs):
+            if (found := find_latest_valid(os.path.join(run, "checkpoints"))) is None:
+                if damaged := list_checkpoints(os.path.join(run, "checkpoints")):
+                    # A read error of the moment (a network filesystem's, say) must not restart the run from
+                    # step 0, nor (with --exp-dir) let a new run overwrite checkpoints that load again later.
+                    raise CheckpointError(f"--resume auto: no checkpoint of {run} loads ({len(damaged)} found; see "
+                                          f"the warnings above): mend or move them aside, resume another with "
+                                          f"--resume PATH, or start a new run in another --exp-dir")
+                break
+            differences = [] if args.exp_dir else experiment_differences(args, found[1].get("args", {}))
+            if not differences:
+                left = f"; newer runs of other experiments left alone: {'; '.join(skipped)}" if skipped else ""
+                return run, found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint{left})"
+            skipped.append(f"{os.path.basename(run)} ({', '.join(differences)})")
         else:
-            where = f"a {experiment_suffix(args)} run in {args.results_dir}"
-        older = [os.path.basename(run) for run in runs[1:] if list_checkpoints(os.path.join(run, "checkpoints"))]
+            last = len(runs)
+        if args.exp_dir:
+            where = f"no valid checkpoint of {args.exp_dir}"
+        elif skipped:
+            which = "runs" if len(skipped) > 1 else "run"
+            whose = "are other experiments'" if len(skipped) > 1 else "is another experiment's"
+            where = (f"the newest {experiment_suffix(args)} {which} in {args.results_dir} with checkpoints {whose} "
+                     f"({'; '.join(skipped)}: to continue one with this command's flags, pass its folder as "
+                     f"--exp-dir with --resume auto)")
+        elif runs:
+            where = (f"no valid checkpoint of the newest {experiment_suffix(args)} run in {args.results_dir}, "
+                     f"{os.path.basename(runs[0])}")
+        else:
+            where = f"no valid checkpoint of a {experiment_suffix(args)} run in {args.results_dir}"
+        older = [os.path.basename(run) for run in runs[last + 1:]
+                 if list_checkpoints(os.path.join(run, "checkpoints"))]
         others = [] if args.exp_dir else other_runs(args.results_dir, experiment_suffix(args))
         exp_dir = new_experiment_dir(args)
         hint = ""
@@ -145,7 +186,7 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
             hint = (f" ({args.results_dir} holds other runs with checkpoints: {', '.join(others[:3])}"
                     f"{' and more' if len(others) > 3 else ''}; to continue one, pass its --model and transport flags, "
                     f"or --exp-dir)")
-        return exp_dir, None, f"--resume auto: no valid checkpoint of {where}; new run in {exp_dir}{hint}"
+        return exp_dir, None, f"--resume auto: {where}; new run in {exp_dir}{hint}"
     path = args.resume
     if os.path.isdir(path):
         ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
