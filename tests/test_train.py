@@ -1564,6 +1564,27 @@ def test_resume_auto_leaves_another_experiments_run_alone(tmp_path):
     assert summary["exp_dir"] == second["exp_dir"] and summary["step"] == 2
 
 
+def test_resuming_a_file_outside_a_run_folder_goes_on_in_a_new_one(tmp_path):
+    """A copied or downloaded checkpoint: the run goes on in a new numbered folder of --results-dir, named
+    by the checkpoint's model and transport, not beside the file; a refused resume leaves no folder."""
+    first = train_main(BASE + ["--exp-dir", str(tmp_path / "first"), "--max-steps", "1", "--path-type", "GVP"])
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    shutil.copy(first["last_checkpoint"], downloads / "colleague.pt")
+    results = tmp_path / "results"
+    with pytest.raises(UserError, match="--model SiT-S/4 differs from the run being resumed"):
+        train_main(BASE + ["--results-dir", str(results), "--resume", str(downloads / "colleague.pt"),
+                           "--model", "SiT-S/4"])
+    assert not results.exists() or os.listdir(results) == []
+    summary = train_main(BASE + ["--results-dir", str(results), "--resume", str(downloads / "colleague.pt"),
+                                 "--max-steps", "2"])
+    assert summary["exp_dir"] == str(results / "000-SiT-T-4-GVP-velocity-None") and summary["step"] == 2
+    assert os.listdir(downloads) == ["colleague.pt"]
+    with open(os.path.join(summary["exp_dir"], "log.txt")) as f:
+        assert (f"resuming from {downloads / 'colleague.pt'}, a checkpoint outside a run folder: the run goes on "
+                f"in {summary['exp_dir']}") in f.read()
+
+
 def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_to_load(tmp_path):
     """A read error of the moment (or damage) on every checkpoint of the run --resume auto would continue:
     one line, nothing written, the files where they were; not a new run from step 0 (which, in the same
@@ -2100,6 +2121,12 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     assert f"--data-path {images} is not used with --latent-cache" in log
     assert "--dataset digits is not used with --latent-cache (the cache holds the data)" in log
     assert load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]["in_channels"] == 4
+    # --latent-cache none on resume: the run goes on from the images, encoded by the VAE each step
+    summary = train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--latent-cache", "none",
+                          "--dataset", "imagefolder", "--data-path", images, "--vae", vae_dir, "--image-size", "16"])
+    assert summary["step"] == 4 and np.isfinite(summary["loss"])
+    saved = load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]
+    assert saved["latent_cache"] is None and saved["data_path"] == images
 
 
 def _cache_args(images, vae_dir, out, *extra):

@@ -33,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="ImageFolder root (DIR/<class>/<image>), for --dataset imagefolder")
     data.add_argument("--dataset", choices=DATASETS, default="imagefolder",
                       help="imagefolder: --data-path; digits: scikit-learn's bundled 8x8 digits (no download)")
-    data.add_argument("--latent-cache", type=str, default=None,
-                      help="train from a latent cache made by python -m sit_fast.latent_cache (no VAE in the loop)")
+    data.add_argument("--latent-cache", type=or_none(str), default=None,
+                      help="train from a latent cache made by python -m sit_fast.latent_cache (no VAE in the loop; "
+                           "none: the images, where a resumed run had a cache)")
     data.add_argument("--image-size", type=positive_int, default=256,
                       help="image size in pixels (latent size = image size / 8 with a VAE); --dataset digits: 8 unless given")
     data.add_argument("--num-classes", type=positive_int, default=None,

@@ -94,6 +94,12 @@ def new_experiment_dir(args: argparse.Namespace) -> str:
                             f"({err.strerror or err}): pass a folder that can be written") from None
 
 
+def is_within(path: str, folder: str) -> bool:
+    """Whether path lies inside folder (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return os.path.commonpath([path, folder]) == folder
+
+
 def other_runs(results_dir: str, suffix: str) -> list[str]:
     """Names of the run folders NNN-<other suffix> in results_dir that hold checkpoints, newest first:
     what --resume auto did not look at (another --model or transport)."""
@@ -197,11 +203,18 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
             raise CheckpointError(f"--resume {path}: no valid checkpoint in {ckpt_dir} ({why}): pass another "
                                   f"checkpoint or run folder, or start a new run without --resume")
         path = found[0]
+        saved = found[1].get("args", {})
     else:
-        load_training_checkpoint(path)  # a one-line error for a missing or damaged file
+        saved = load_training_checkpoint(path).get("args", {})  # a one-line error for a missing or damaged file
     ckpt_dir = os.path.dirname(os.path.abspath(path))
     folder, parent = os.path.basename(ckpt_dir), os.path.dirname(ckpt_dir)
     superseded = folder.startswith("superseded-") and os.path.basename(parent) == "checkpoints"
+    if not os.path.isdir(args.resume) and folder != "checkpoints" and not superseded and not args.exp_dir:
+        # A file outside a run folder (a copy, a download): the run goes on in a new folder of --results-dir,
+        # named by the checkpoint's model and transport (a different one given is refused later).
+        naming = {key: saved[key] for key in ("model", "path_type", "prediction", "loss_weight") if key in saved}
+        exp_dir = new_experiment_dir(argparse.Namespace(**{**vars(args), **naming}))
+        return exp_dir, path, f"resuming from {path}, a checkpoint outside a run folder: the run goes on in {exp_dir}"
     # EXP/checkpoints/NNNNNNN.pt and EXP/checkpoints/superseded-<time>/NNNNNNN.pt go on in EXP
     run_dir = os.path.dirname(parent) if superseded else parent if folder == "checkpoints" else ckpt_dir
     exp_dir = args.exp_dir or run_dir
@@ -517,8 +530,9 @@ class Trainer:
                 made_from = first_missing_folder(args.exp_dir or args.results_dir)
                 existed = bool(args.exp_dir) and os.path.exists(args.exp_dir)
                 exp_dir, resume_path, resume_note = select_experiment(args)
-                # new_experiment_dir makes a numbered folder itself: this run's unless it resumes one
-                created = not existed if args.exp_dir else resume_path is None
+                # new_experiment_dir makes a numbered folder itself: this run's unless it resumes one there
+                created = (not existed if args.exp_dir else resume_path is None
+                           or not is_within(resume_path, exp_dir))
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
                 make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
                 hold_run_lock(exp_dir)  # one process trains into a run folder at a time
