@@ -53,7 +53,8 @@ class LatentCodec:
     Attributes:
         scaling_factor: latents = scaling_factor * (posterior - shift_factor), from the VAE config;
             with latents_mean and latents_std in the config, per channel
-            latents = scaling_factor * (posterior - latents_mean) / latents_std.
+            latents = scaling_factor * (posterior - latents_mean - shift_factor) / latents_std (no VAE
+            known has both: shift_factor is then 0).
         shift_factor: 0 for the SD VAEs.
         latent_channels: channels of a latent (4 for the SD VAEs).
         downsample: image size / latent size (8 for the SD VAEs).

@@ -1064,7 +1064,8 @@ def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
     for name in files:
         os.makedirs(tmp_path / os.path.dirname(name), exist_ok=True)
         Image.new("RGB", (5, 3)).save(tmp_path / name, format="PNG")
-    os.makedirs(tmp_path / "c")  # an empty class keeps its label, as in ImageFolder's class_to_idx
+    # an empty class keeps the label class_to_idx gives it (with a warning; torchvision's ImageFolder refuses it)
+    os.makedirs(tmp_path / "c")
     dataset = ImageFolderDataset(str(tmp_path), 4)
     assert dataset.classes == ["a", "b", "c"]
     assert [(os.path.relpath(path, tmp_path), label) for path, label in dataset.samples] == [

@@ -83,6 +83,25 @@ def test_latents_mean_and_std_normalise_per_channel(tmp_path):
         load_vae(str(tmp_path), "cpu")
 
 
+def test_a_shift_factor_is_subtracted_before_scaling(tmp_path):
+    """A VAE whose config has a shift_factor (SD3's, FLUX's): latents = (posterior - shift) * scale, as
+    diffusers' pipelines do, and back; the std is scaled alone."""
+    from diffusers.models import AutoencoderKL
+
+    save_tiny_vae(tmp_path)
+    vae = AutoencoderKL.from_pretrained(str(tmp_path))
+    vae.register_to_config(shift_factor=0.0609, scaling_factor=1.5305)
+    vae.save_pretrained(tmp_path)
+    codec = load_vae(str(tmp_path), "cpu")
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    mean, std = codec.encode(images)
+    posterior = codec.vae.encode(images).latent_dist
+    torch.testing.assert_close(mean, (posterior.mean - 0.0609) * 1.5305, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, posterior.std * 1.5305, atol=1e-5, rtol=1e-5)
+    expected = codec.vae.decode(mean / 1.5305 + 0.0609).sample.clamp(-1, 1)
+    torch.testing.assert_close(codec.decode(mean), expected, atol=1e-5, rtol=1e-5)
+
+
 def test_load_vae_none_and_errors(tmp_path):
     assert load_vae("none", "cpu") is None
     with pytest.raises(VAEError, match="--vae none") as info:
