@@ -513,7 +513,7 @@ class SiT(nn.Module):
                              f"{hidden_size}")
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
-        if fused_kernels not in (True, False, "auto"):
+        if not (isinstance(fused_kernels, bool) or fused_kernels == "auto"):  # 1 == True: not the checks' True
             raise ValueError(f"fused_kernels must be True, False or 'auto', got {fused_kernels!r}")
         if fused_kernels is not False:  # a malformed setting would otherwise turn the epilogue off unsaid
             check_gelu_epilogue_setting()

@@ -499,8 +499,9 @@ def test_fused_kernels_resolution(monkeypatch):
     monkeypatch.setattr(models, "_TRITON_IMPORTED", False)  # "auto" without triton: the reference ops
     assert models.resolve_fused_kernels("auto", torch.device("cuda")) is False
     assert models.resolve_fused_kernels("auto", cpu) is False
-    with pytest.raises(ValueError, match="fused_kernels must be"):
-        SiT(num_classes=10, fused_kernels="yes", **CONFIGS["hd16-nosigma"])
+    for setting in ("yes", 1, 0):  # 1 == True, but the checks above ask `is True`
+        with pytest.raises(ValueError, match="fused_kernels must be"):
+            SiT(num_classes=10, fused_kernels=setting, **CONFIGS["hd16-nosigma"])
 
 
 def test_auto_fused_kernels_leave_float64_to_the_reference_ops():
