@@ -490,8 +490,8 @@ class Setup:
         if "sample_eps" in args.transport_explicit and not transport.eps_matters(eval=True, **interval):
             t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps, eval=True, **interval)
             logging.getLogger("sit_fast.sample").warning(
-                f"--sample-eps {args.sample_eps:g} has no effect here: with a {args.path_type} velocity model this "
-                f"{'SDE' if sde else 'ODE'} runs over [{t0:g}, {t1:g}] whatever it is (as upstream)")
+                f"--sample-eps {args.sample_eps:g} has no effect here: with a {args.path_type} {args.prediction} model "
+                f"this {'SDE' if sde else 'ODE'} runs over [{t0:g}, {t1:g}] whatever it is (as upstream)")
 
         vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
         self.codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="sample")

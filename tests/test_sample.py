@@ -1982,8 +1982,9 @@ def test_the_flags_reach_the_transport_and_its_samplers(files, tmp_path, monkeyp
 
 
 def test_a_sample_eps_that_changes_nothing_is_said(files, tmp_path, capsys):
-    """A Linear velocity model's ODE, and its SDE with a last step but for SBDM, keep no distance from
-    t = 0 or t = 1: a --sample-eps given there is said to do nothing; where it is used, nothing is said."""
+    """A Linear velocity model's ODE, its SDE with a last step but for SBDM, and any VP SDE with a last
+    step keep no distance from t = 0 or t = 1: a --sample-eps given there is said to do nothing; where
+    it is used, nothing is said."""
     common = ["--ckpt", files["pixel"], "--vae", "none", "--class-labels", 1, *FAST]
     needle = "has no effect here: with a Linear velocity model this"
     run(["ODE", *common, "--sampling-method", "euler", "--num-sampling-steps", 2, "--sample-eps", 0.01,
@@ -1992,6 +1993,10 @@ def test_a_sample_eps_that_changes_nothing_is_said(files, tmp_path, capsys):
     run(["SDE", *common, "--num-sampling-steps", 3, "--diffusion-form", "sigma", "--sample-eps", 0.01,
          "--out", tmp_path / "sde.png"])
     assert "--sample-eps 0.01 " + needle + " SDE runs over [0, 0.96] whatever it is" in capsys.readouterr().err
+    run(["SDE", *common, "--num-sampling-steps", 3, "--path-type", "VP", "--prediction", "noise", "--sample-eps",
+         0.01, "--out", tmp_path / "vp.png"])  # VP starts at 0, and its last step ends it
+    assert ("--sample-eps 0.01 has no effect here: with a VP noise model this SDE runs over [0, 0.96]"
+            in capsys.readouterr().err)
     for argv in (["SDE", "--num-sampling-steps", 3, "--diffusion-form", "SBDM", "--sample-eps", 0.01],  # t0 = eps
                  ["SDE", "--num-sampling-steps", 3, "--diffusion-form", "sigma", "--last-step", "None",
                   "--sample-eps", 0.01],  # ends at 1 - sample_eps

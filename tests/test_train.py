@@ -366,8 +366,10 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
     ((64, 1, 4), (1, 66), 6),  # another --global-batch-size: micro-batch 16 does not divide 66, 6 parts of 11
     ((64, 1, 4), (1, 128), 8),  # micro-batch 16 kept
 ])
-def test_resume_on_another_world_size_keeps_the_micro_batch_or_a_smaller_one(saved, now, expected, monkeypatch):
-    """keep_micro_batch: (global batch, world size, parts) saved; (world size, per-rank batch) now."""
+def test_resume_with_another_per_rank_batch_keeps_the_micro_batch_or_a_smaller_one(saved, now, expected,
+                                                                                   monkeypatch):
+    """keep_micro_batch, on another world size or --global-batch-size: (global batch, world size, parts)
+    saved; (world size, per-rank batch) now."""
     import argparse
     import types
 
@@ -452,7 +454,7 @@ def test_resume_with_other_update_flags_says_so(tmp_path):
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
     assert ("resumed with --lr 0.001 -> 0.0005, --ema-decay 0.9 -> 0.5, --grad-clip None -> 0.01 (given now; the run "
-            "had the former): the updates from step 2 on are not those the run would have made") in log, log
+            "had the former): the updates from step 2 on may not be those the run would have made") in log, log
     assert "resumed at step 2 (epoch 0, step 2 in it): the data order and random states are the run's (the" in log
     assert "in it): exact" not in log
     assert load_ckpt(os.path.join(exp, "checkpoints", "0000003.pt"))["args"]["lr"] == 5e-4
@@ -1538,27 +1540,39 @@ def test_resume_auto_continues_the_newest_run_only(tmp_path):
 
 
 def test_resume_auto_leaves_another_experiments_run_alone(tmp_path):
-    """Without --exp-dir, --resume auto continues only a run that recorded this command's data, batch,
-    seed, lr, EMA decay and clipping: a second experiment of the same --model and transport (another lr
-    and seed) starts its own run, and a requeue of the first passes over the second's newer one."""
+    """Without --exp-dir, --resume auto continues only a run that recorded the --dataset,
+    --global-batch-size, --global-seed, --lr, --ema-decay and --grad-clip given: a second experiment of
+    the same --model and transport (another lr and seed) starts its own run, and a requeue of the first
+    passes over the second's newer runs, one without a checkpoint yet (its experiment.json) included.
+    A command that gives none of them continues the newest run."""
     results = str(tmp_path / "results")
     first = train_main(BASE + ["--results-dir", results, "--max-steps", "1", "--resume", "auto"])["exp_dir"]
+    with open(os.path.join(first, "experiment.json")) as f:
+        assert json.load(f) == {"dataset": "digits", "global_batch_size": 64, "global_seed": 0, "lr": 1e-3,
+                                "ema_decay": 0.9, "grad_clip": None}
     other = ["--lr", "3e-4", "--global-seed", "7"]
     second = train_main(BASE + ["--results-dir", results, "--max-steps", "1", "--resume", "auto", *other])
     assert second["exp_dir"] != first and second["step"] == 1
     with open(os.path.join(second["exp_dir"], "log.txt")) as f:
         log = f.read()
-    name = os.path.basename(first)
-    assert (f"--resume auto: the newest SiT-T-4-Linear-velocity-None run in {results} with checkpoints is another "
-            f"experiment's ({name} (--global-seed 0 (this command: 7), --lr 0.001 (this command: 0.0003)): to "
-            f"continue one with this command's flags, pass its folder as --exp-dir with --resume auto); new run in "
-            f"{second['exp_dir']}") in log, log
+    assert (f"--resume auto: no valid checkpoint of a SiT-T-4-Linear-velocity-None run of this experiment in "
+            f"{results} (newer runs of other experiments, left alone: {os.path.basename(first)} (--global-seed 0 "
+            f"(this command: 7), --lr 0.001 (this command: 0.0003)); to continue one with this command's flags, pass "
+            f"its folder as --exp-dir with --resume auto); new run in {second['exp_dir']}") in log, log
+    # the second experiment's next run, stopped before its first checkpoint
+    third = os.path.join(results, "002-SiT-T-4-Linear-velocity-None")
+    os.makedirs(os.path.join(third, "checkpoints"))
+    shutil.copy(os.path.join(second["exp_dir"], "experiment.json"), third)
     again = train_main(BASE + ["--results-dir", results, "--max-steps", "2", "--resume", "auto"])
     assert again["exp_dir"] == first and again["step"] == 2
     with open(os.path.join(first, "log.txt")) as f:
-        assert (f"(the latest valid checkpoint; newer runs of other experiments left alone: "
-                f"{os.path.basename(second['exp_dir'])} (--global-seed 7 (this command: 0), --lr 0.0003 (this "
-                f"command: 0.001)))") in f.read()
+        assert (f"(the latest valid checkpoint; newer runs of other experiments left alone: 002-SiT-T-4-Linear-"
+                f"velocity-None (--lr 0.0003 (this command: 0.001); no checkpoint yet); "
+                f"{os.path.basename(second['exp_dir'])} (--lr 0.0003 (this command: 0.001)))") in f.read()
+    shutil.rmtree(third)
+    short = train_main(["--results-dir", results, "--max-steps", "2", "--resume", "auto", "--model", "SiT-T/4",
+                        "--num-workers", "0", "--no-progress"])
+    assert short["exp_dir"] == second["exp_dir"] and short["step"] == 2
     # the folder given: its run, the flags given winning
     summary = train_main(BASE + ["--exp-dir", second["exp_dir"], "--max-steps", "2", "--resume", "auto",
                                  "--lr", "1e-4"])

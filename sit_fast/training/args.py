@@ -101,8 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "one holding checkpoints is continued with --resume, never overwritten by another run")
     run.add_argument("--resume", type=str, default=None,
                      help="PATH (a checkpoint or an experiment directory) or auto (the latest valid checkpoint "
-                          "of --exp-dir, or of the newest run in --results-dir of this --model, transport, data, "
-                          "batch, seed, lr, EMA decay and clipping; a new run if there is none)")
+                          "of --exp-dir, or of the newest run in --results-dir of this --model and transport whose "
+                          "--dataset, --global-batch-size, --global-seed, --lr, --ema-decay and --grad-clip are "
+                          "those given; a new run if there is none)")
     run.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     run.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints")
     run.add_argument("--sample-every", type=or_none(positive_int), default=10_000,

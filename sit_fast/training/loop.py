@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import json
 import logging
 import logging.handlers
 import math
@@ -41,8 +42,8 @@ from sit_fast.distributed import (
     is_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed, unshared_path,
 )
 from sit_fast.errors import PeerFailed, UserError, first_line, is_out_of_memory
-from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, first_missing_folder, make_folder,
-                             make_writable_folder, remove_empty_folders)
+from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, first_missing_folder,
+                             make_folder, make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.sampling import check_training_args, default_cfg_channels, release_or_path
@@ -94,12 +95,6 @@ def new_experiment_dir(args: argparse.Namespace) -> str:
                             f"({err.strerror or err}): pass a folder that can be written") from None
 
 
-def is_within(path: str, folder: str) -> bool:
-    """Whether path lies inside folder (links resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
-    return os.path.commonpath([path, folder]) == folder
-
-
 def other_runs(results_dir: str, suffix: str) -> list[str]:
     """Names of the run folders NNN-<other suffix> in results_dir that hold checkpoints, newest first:
     what --resume auto did not look at (another --model or transport)."""
@@ -112,30 +107,33 @@ def other_runs(results_dir: str, suffix: str) -> list[str]:
 
 
 # Flags that tell one experiment from another of the same --model and transport: --resume auto without
-# --exp-dir continues a run only where they are those the run recorded.
-EXPERIMENT_FLAGS = ("dataset", "data_path", "latent_cache", "global_batch_size", "global_seed", "lr", "ema_decay",
-                    "grad_clip")
+# --exp-dir continues a run only where those given are the ones it recorded. (Not the data's paths: a
+# requeued job may copy its data to a scratch folder of its own.)
+EXPERIMENT_FLAGS = ("dataset", "global_batch_size", "global_seed", "lr", "ema_decay", "grad_clip")
+EXPERIMENT_RECORD = "experiment.json"  # EXP/experiment.json: a new run's EXPERIMENT_FLAGS, before its first checkpoint
 
 
-def experiment_differences(args: argparse.Namespace, saved: dict) -> list[str]:
-    """The EXPERIMENT_FLAGS whose values in args (given or default) are not those a checkpoint's
-    arguments record, as "--flag RECORDED (this command: VALUE)"; paths compared as the files they name."""
-    differences = []
-    for key in EXPERIMENT_FLAGS:
-        if key not in saved:
-            continue
-        now, then = getattr(args, key), saved[key]
-        if key in ("data_path", "latent_cache") and isinstance(now, str) and isinstance(then, str):
-            same = os.path.realpath(now) == os.path.realpath(then)
-        else:
-            same = now == then
-        if not same:
-            differences.append(f"--{key.replace('_', '-')} {then} (this command: {now})")
-    return differences
+def experiment_differences(args: argparse.Namespace, explicit: set[str], saved: dict) -> list[str]:
+    """The EXPERIMENT_FLAGS given (explicit) whose values are not those a run recorded (its checkpoint's
+    arguments, or its EXPERIMENT_RECORD), as "--flag RECORDED (this command: VALUE)"."""
+    return [f"--{key.replace('_', '-')} {saved[key]} (this command: {getattr(args, key)})"
+            for key in EXPERIMENT_FLAGS if key in explicit and key in saved and getattr(args, key) != saved[key]]
 
 
-def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
-    """(experiment dir, checkpoint to resume or None, a sentence saying what was chosen). Rank 0 only."""
+def recorded_experiment(run: str) -> dict | None:
+    """The EXPERIMENT_RECORD of a run folder, None where there is none (or it cannot be read)."""
+    try:
+        with open(os.path.join(run, EXPERIMENT_RECORD)) as f:
+            record = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def select_experiment(args: argparse.Namespace, explicit: set[str] = frozenset()
+                      ) -> tuple[str, str | None, str, bool]:
+    """(experiment dir, checkpoint to resume or None, a sentence saying what was chosen, whether the
+    dir was made here: a new numbered folder). Rank 0 only. explicit: the flags given."""
     if args.resume is None:
         exp_dir = new_experiment_dir(args)
         existing = list_checkpoints(os.path.join(exp_dir, "checkpoints"))
@@ -143,42 +141,44 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
             raise UserError(f"--exp-dir {exp_dir} holds the checkpoints of a run (the latest: "
                             f"{os.path.basename(existing[0])}): continue it with --resume auto, or start a new run "
                             f"in another --exp-dir")
-        return exp_dir, None, f"new run in {exp_dir}"
+        return exp_dir, None, f"new run in {exp_dir}", not args.exp_dir
     if args.resume == "auto":
-        # The newest run of this --model and transport (and, without --exp-dir, of this experiment:
-        # EXPERIMENT_FLAGS) only: an older one may be finished; the newest without a checkpoint (it
+        # The newest run of this --model and transport (and, without --exp-dir, of this experiment: the
+        # EXPERIMENT_FLAGS given) only: an older one may be finished; the newest without a checkpoint (it
         # failed before its first) means a new run.
         runs = [args.exp_dir] if args.exp_dir else experiment_dirs(args.results_dir, experiment_suffix(args))
-        skipped, last = [], 0  # newer runs of other experiments; where the search stopped
-        for last, run in enumerate(runs):
-            if (found := find_latest_valid(os.path.join(run, "checkpoints"))) is None:
-                if damaged := list_checkpoints(os.path.join(run, "checkpoints")):
-                    # A read error of the moment (a network filesystem's, say) must not restart the run from
-                    # step 0, nor (with --exp-dir) let a new run overwrite checkpoints that load again later.
-                    raise CheckpointError(f"--resume auto: no checkpoint of {run} loads ({len(damaged)} found; see "
-                                          f"the warnings above): mend or move them aside, resume another with "
-                                          f"--resume PATH, or start a new run in another --exp-dir")
+        skipped, last = [], len(runs)  # newer runs of other experiments; the run that stopped the search
+        for index, run in enumerate(runs):
+            found = find_latest_valid(os.path.join(run, "checkpoints"))
+            if found is None and (damaged := list_checkpoints(os.path.join(run, "checkpoints"))):
+                # A read error of the moment (a network filesystem's, say) must not restart the run from
+                # step 0, nor (with --exp-dir) let a new run overwrite checkpoints that load again later.
+                raise CheckpointError(f"--resume auto: no checkpoint of {run} loads ({len(damaged)} found; see "
+                                      f"the warnings above): mend or move them aside, resume another with "
+                                      f"--resume PATH, or start a new run in another --exp-dir")
+            saved = found[1].get("args", {}) if found is not None else recorded_experiment(run) or {}
+            differences = [] if args.exp_dir else experiment_differences(args, explicit, saved)
+            if differences:
+                skipped.append(f"{os.path.basename(run)} ({', '.join(differences)}"
+                               f"{'' if found is not None else '; no checkpoint yet'})")
+                continue
+            if found is None:
+                last = index
                 break
-            differences = [] if args.exp_dir else experiment_differences(args, found[1].get("args", {}))
-            if not differences:
-                left = f"; newer runs of other experiments left alone: {'; '.join(skipped)}" if skipped else ""
-                return run, found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint{left})"
-            skipped.append(f"{os.path.basename(run)} ({', '.join(differences)})")
-        else:
-            last = len(runs)
+            left = f"; newer runs of other experiments left alone: {'; '.join(skipped)}" if skipped else ""
+            return run, found[0], f"--resume auto: resuming from {found[0]} (the latest valid checkpoint{left})", False
+        suffix = experiment_suffix(args)
         if args.exp_dir:
             where = f"no valid checkpoint of {args.exp_dir}"
-        elif skipped:
-            which = "runs" if len(skipped) > 1 else "run"
-            whose = "are other experiments'" if len(skipped) > 1 else "is another experiment's"
-            where = (f"the newest {experiment_suffix(args)} {which} in {args.results_dir} with checkpoints {whose} "
-                     f"({'; '.join(skipped)}: to continue one with this command's flags, pass its folder as "
-                     f"--exp-dir with --resume auto)")
-        elif runs:
-            where = (f"no valid checkpoint of the newest {experiment_suffix(args)} run in {args.results_dir}, "
-                     f"{os.path.basename(runs[0])}")
+        elif last < len(runs):
+            where = (f"no valid checkpoint of the newest {suffix} run{' of this experiment' if skipped else ''} in "
+                     f"{args.results_dir}, {os.path.basename(runs[last])}")
         else:
-            where = f"no valid checkpoint of a {experiment_suffix(args)} run in {args.results_dir}"
+            where = (f"no valid checkpoint of a {suffix} run{' of this experiment' if skipped else ''} in "
+                     f"{args.results_dir}")
+        if skipped:
+            where += (f" (newer runs of other experiments, left alone: {'; '.join(skipped)}; to continue one with this "
+                      f"command's flags, pass its folder as --exp-dir with --resume auto)")
         older = [os.path.basename(run) for run in runs[last + 1:]
                  if list_checkpoints(os.path.join(run, "checkpoints"))]
         others = [] if args.exp_dir else other_runs(args.results_dir, experiment_suffix(args))
@@ -192,7 +192,7 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
             hint = (f" ({args.results_dir} holds other runs with checkpoints: {', '.join(others[:3])}"
                     f"{' and more' if len(others) > 3 else ''}; to continue one, pass its --model and transport flags, "
                     f"or --exp-dir)")
-        return exp_dir, None, f"--resume auto: {where}; new run in {exp_dir}{hint}"
+        return exp_dir, None, f"--resume auto: {where}; new run in {exp_dir}{hint}", not args.exp_dir
     path = args.resume
     if os.path.isdir(path):
         ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
@@ -214,7 +214,8 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
         # named by the checkpoint's model and transport (a different one given is refused later).
         naming = {key: saved[key] for key in ("model", "path_type", "prediction", "loss_weight") if key in saved}
         exp_dir = new_experiment_dir(argparse.Namespace(**{**vars(args), **naming}))
-        return exp_dir, path, f"resuming from {path}, a checkpoint outside a run folder: the run goes on in {exp_dir}"
+        return (exp_dir, path, f"resuming from {path}, a checkpoint outside a run folder: the run goes on in "
+                f"{exp_dir}", True)
     # EXP/checkpoints/NNNNNNN.pt and EXP/checkpoints/superseded-<time>/NNNNNNN.pt go on in EXP
     run_dir = os.path.dirname(parent) if superseded else parent if folder == "checkpoints" else ckpt_dir
     exp_dir = args.exp_dir or run_dir
@@ -228,7 +229,7 @@ def select_experiment(args: argparse.Namespace) -> tuple[str, str | None, str]:
         raise UserError(f"--resume {path}: the run goes on in {exp_dir}, whose checkpoints are not that one's (the "
                         f"latest: {os.path.basename(existing[0])}) and would be overwritten: resume into another "
                         f"--exp-dir, or continue those with --resume auto --exp-dir {exp_dir}")
-    return exp_dir, path, f"resuming from {path}"
+    return exp_dir, path, f"resuming from {path}", False
 
 
 def set_aside_later_checkpoints(resume_path: str, step: int, checkpoint_dir: str) -> str:
@@ -348,7 +349,8 @@ def remove_unused_experiment(exp_dir: str, made_from: str | None) -> None:
             handler.close()
             package.removeHandler(handler)
     checkpoints = os.path.join(exp_dir, "checkpoints")
-    if set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints", FolderLock.NAME} and not os.listdir(checkpoints):
+    if (set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints", FolderLock.NAME, EXPERIMENT_RECORD}
+            and not os.listdir(checkpoints)):
         shutil.rmtree(exp_dir, ignore_errors=True)
         if made_from is not None:
             remove_empty_folders(os.path.dirname(os.path.abspath(exp_dir)), made_from)
@@ -529,13 +531,14 @@ class Trainer:
             try:
                 made_from = first_missing_folder(args.exp_dir or args.results_dir)
                 existed = bool(args.exp_dir) and os.path.exists(args.exp_dir)
-                exp_dir, resume_path, resume_note = select_experiment(args)
-                # new_experiment_dir makes a numbered folder itself: this run's unless it resumes one there
-                created = (not existed if args.exp_dir else resume_path is None
-                           or not is_within(resume_path, exp_dir))
+                exp_dir, resume_path, resume_note, numbered = select_experiment(args, explicit)
+                created = not existed if args.exp_dir else numbered
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
                 make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
                 hold_run_lock(exp_dir)  # one process trains into a run folder at a time
+                if resume_path is None:  # what --resume auto tells this experiment by before a checkpoint records it
+                    record = json.dumps({key: getattr(args, key) for key in EXPERIMENT_FLAGS}).encode()
+                    atomic_write(os.path.join(exp_dir, EXPERIMENT_RECORD), lambda f: f.write(record))
                 choice = exp_dir, resume_path, resume_note, created, made_from
             except UserError as err:
                 choice = err
@@ -866,7 +869,7 @@ class Trainer:
                    if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]
         if steered:
             logger.info(f"resumed with {', '.join(steered)} (given now; the run had the former): the updates from "
-                        f"step {self.step} on are not those the run would have made")
+                        f"step {self.step} on may not be those the run would have made")
         same_layout = (data.get("world_size") == world_size and data.get("global_batch_size") == args.global_batch_size
                        and data.get("num_samples") == len(self.dataset) and data.get("seed") == args.global_seed)
         rng = ckpt["rng"]

@@ -87,10 +87,10 @@ class Transport:
           and for the SBDM diffusion (whose beta_t is infinite at t = 0), else 0; t1 as for VP.
         - Linear / GVP velocity models outside SDEs use the whole [0, 1].
         reverse swaps the direction: (1 - t0, 1 - t1).
-        Raises ValueError where eps = 0 would put a singular end inside the interval (sampling a score
-        or noise model, a loss weight, SBDM's diffusion at t = 0, an SDE's diffusion term at t = 1 but
-        for the sigma form's), and where the interval would be empty or reversed (an SDE's last step
-        longer than what is left after eps).
+        Raises ValueError where eps = 0 would put a singular end inside the interval (sampling a Linear
+        or GVP score or noise model, or a VP noise model, a loss weight, SBDM's diffusion at t = 0, an
+        SDE's diffusion term at t = 1 but for the sigma form's), and where the interval would be empty
+        or reversed (an SDE's last step longer than what is left after eps).
         """
         t0, t1 = 0.0, 1.0
         eps = sample_eps if eval else train_eps
