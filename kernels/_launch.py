@@ -140,9 +140,9 @@ def _patch_interpreter_device_calls() -> None:
     A launch patches the language module for the interpreter (a scope undone when the launch ends);
     then every call of a @triton.jit helper (kernels._rows) inside it patches the same module again,
     walking its members with inspect: about 2.5 ms a call, 15-45% of an interpreted launch's time at
-    the kernel tests' shapes (by kernel and shape). Inside a launch, a helper's call that sees only modules patched already
-    in it (by the launch, or by a helper before: those patches stay until the launch ends) patches
-    nothing; anywhere else the interpreter's own code runs. What runs is the same.
+    the kernel tests' shapes, by kernel and shape. Inside a launch, a helper's call that sees only
+    modules patched already in it (by the launch, or by a helper before: those patches stay until the
+    launch ends) patches nothing; anywhere else the interpreter's own code runs. What runs is the same.
     """
     if not interpreter_requested():
         return

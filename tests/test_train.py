@@ -1579,6 +1579,22 @@ def test_resume_auto_leaves_another_experiments_run_alone(tmp_path):
     assert summary["exp_dir"] == second["exp_dir"] and summary["step"] == 2
 
 
+def test_a_run_whose_experiment_record_cannot_be_written_goes_on(tmp_path, monkeypatch):
+    """EXP/experiment.json only helps --resume auto before the first checkpoint: a failed write is a warning."""
+    from sit_fast.training import loop
+
+    def refuse(path, write):
+        raise OSError(28, "No space left on device", path)
+
+    monkeypatch.setattr(loop, "atomic_write", refuse)
+    exp = tmp_path / "run"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1"])
+    assert summary["step"] == 1 and not (exp / "experiment.json").exists()
+    record = exp / "experiment.json"
+    assert (f"{record} not written ([Errno 28] No space left on device: '{record}'): until its first checkpoint, "
+            f"--resume auto cannot tell this run's experiment") in (exp / "log.txt").read_text()
+
+
 def test_resuming_a_file_outside_a_run_folder_goes_on_in_a_new_one(tmp_path):
     """A copied or downloaded checkpoint: the run goes on in a new numbered folder of --results-dir, named
     by the checkpoint's model and transport, not beside the file; a refused resume leaves no folder."""

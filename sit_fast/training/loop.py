@@ -538,7 +538,11 @@ class Trainer:
                 hold_run_lock(exp_dir)  # one process trains into a run folder at a time
                 if resume_path is None:  # what --resume auto tells this experiment by before a checkpoint records it
                     record = json.dumps({key: getattr(args, key) for key in EXPERIMENT_FLAGS}).encode()
-                    atomic_write(os.path.join(exp_dir, EXPERIMENT_RECORD), lambda f: f.write(record))
+                    try:
+                        atomic_write(os.path.join(exp_dir, EXPERIMENT_RECORD), lambda f: f.write(record))
+                    except OSError as err:  # an aid to --resume auto only: not worth the run
+                        logger.warning(f"{os.path.join(exp_dir, EXPERIMENT_RECORD)} not written ({err}): until its "
+                                       f"first checkpoint, --resume auto cannot tell this run's experiment")
                 choice = exp_dir, resume_path, resume_note, created, made_from
             except UserError as err:
                 choice = err
