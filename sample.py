@@ -93,7 +93,7 @@ from sit_fast.sampling import (
 from sit_fast.transport import (PATH_TYPES, PREDICTIONS, SAMPLE_EPS_DEFAULT, Sampler, add_ode_args, add_sde_args,
                                 add_transport_args, create_transport)
 from sit_fast.transport.integrators import adaptive_ode_method, ode_method_uses_tolerances
-from sit_fast.vae import VAE_ALIASES, recorded_vae_spec
+from sit_fast.vae import VAE_ALIASES, recorded_vae_spec, same_encoder
 
 
 MODES = ("ODE", "SDE")
@@ -407,6 +407,10 @@ def resolve_vae(args: argparse.Namespace, ckpt: str, dist: DistInfo) -> str:
         if space != "pixels" and args.vae == "none":
             raise UserError(f"{ckpt} was trained on the latents of the VAE {space}, but --vae none was given: "
                             f"drop --vae or pass --vae {space}")
+        if space != "pixels" and not same_encoder(recorded_vae_spec(args.vae), space) and dist.is_main:
+            logging.getLogger("sit_fast.sample").warning(
+                f"{ckpt} was trained on the latents of the VAE {space}; they are decoded with --vae {args.vae}: "
+                f"unless the two share an encoder, the images are not the model's (drop --vae to use the recorded one)")
         return args.vae
     vae = "none" if space == "pixels" else space
     if dist.is_main:

@@ -134,6 +134,13 @@ def recorded_vae_spec(spec: str) -> str:
     return next((alias for alias, hub_id in VAE_ALIASES.items() if hub_id == spec), spec)
 
 
+def same_encoder(spec: str, other: str) -> bool:
+    """Whether two recorded VAE specs (recorded_vae_spec's) encode alike: the same VAE, or the two SD
+    VAEs (ema and mse: one encoder, their decoders fine-tuned apart)."""
+    sd_vaes = {*VAE_ALIASES, *VAE_ALIASES.values()}
+    return spec == other or {spec, other} <= sd_vaes
+
+
 def resolve_vae_spec(spec: str, purpose: str = "train") -> tuple[str, bool]:
     """(what to pass to from_pretrained, is_local_directory) for an alias, a directory or a hub id."""
     if spec in VAE_ALIASES:

@@ -541,6 +541,14 @@ def test_train_checkpoint_latent_space_chooses_the_vae(files, tmp_path, capsys, 
     run(common + ["--ckpt", pixel, "--vae", "none", "--out", tmp_path / "e.png"])  # explicit and agreeing
     assert "using --vae" not in capsys.readouterr().out
     np.testing.assert_array_equal(read_png(tmp_path / "e.png"), read_png(tmp_path / "p.png"))
+    run(common + ["--ckpt", latent, "--vae", files["vae"], "--out", tmp_path / "s.png"])  # the recorded one, given
+    assert "trained on the latents of the VAE" not in capsys.readouterr().err
+    copy = shutil.copytree(files["vae"], tmp_path / "vae_copy")  # another folder: maybe another VAE
+    run(common + ["--ckpt", latent, "--vae", copy, "--out", tmp_path / "c.png"])  # decoded as asked, and said
+    err = capsys.readouterr().err
+    assert (f"{latent} was trained on the latents of the VAE {files['vae']}; they are decoded with --vae {copy}: "
+            f"unless the two share an encoder") in err, err
+    np.testing.assert_array_equal(read_png(tmp_path / "c.png"), read_png(tmp_path / "l.png"))
 
     for ckpt, vae, needle in [(pixel, files["vae"], "pixel-space model"), (latent, "none", "--vae none was given")]:
         with pytest.raises(SystemExit) as exit_info:

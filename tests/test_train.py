@@ -2152,6 +2152,18 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     assert f"--data-path {images} is not used with --latent-cache" in log
     assert "--dataset digits is not used with --latent-cache (the cache holds the data)" in log
     assert load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]["in_channels"] == 4
+    # --vae with a cache decodes the grids: another VAE's is said at the start, and one whose latents have
+    # other channels skips the grids (the run goes on) rather than ending the run at its first grid
+    other_vae, other_exp = str(tmp_path / "vae8"), str(tmp_path / "exp8")
+    save_tiny_vae(other_vae, latent_channels=8)
+    summary = train_main(["--latent-cache", out, "--vae", other_vae, "--model", "SiT-T/4", "--global-batch-size",
+                          "2", "--max-steps", "1", "--sample-every", "1", "--num-sample-images", "2", "--exp-dir",
+                          other_exp, "--num-workers", "0", "--fused-kernels", "off", "--no-progress"])
+    assert summary["step"] == 1 and not os.path.exists(os.path.join(other_exp, "samples", "0000001.png"))
+    with open(os.path.join(other_exp, "log.txt")) as f:
+        log = f.read()
+    assert f"the sample grids are decoded with --vae {other_vae}; the latent cache {out} was encoded with" in log
+    assert f"sample grids are skipped: the VAE {other_vae} decodes 8-channel latents; the latent cache's have 4" in log
     # --latent-cache none on resume: the run goes on from the images, encoded by the VAE each step
     summary = train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--latent-cache", "none",
                           "--dataset", "imagefolder", "--data-path", images, "--vae", vae_dir, "--image-size", "16"])

@@ -54,7 +54,7 @@ from sit_fast.training.checkpointing import (
     unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport
-from sit_fast.vae import recorded_vae_spec
+from sit_fast.vae import recorded_vae_spec, same_encoder
 
 logger = logging.getLogger("sit_fast.train")
 
@@ -683,6 +683,11 @@ class Trainer:
             args.image_size = dataset.image_size
             latent_size, channels = dataset.latent_size, dataset.channels
             self.cache_vae_spec = dataset.index["vae"]
+            if "vae" in explicit and args.vae != "none" and not same_encoder(recorded_vae_spec(args.vae),
+                                                                             self.cache_vae_spec):
+                logger.warning(f"the sample grids are decoded with --vae {args.vae}; the latent cache "
+                               f"{args.latent_cache} was encoded with {self.cache_vae_spec}: unless the two share an "
+                               f"encoder, the grids are not the model's samples (leave --vae out to use the cache's)")
         elif args.vae == "none":
             latent_size, channels = args.image_size, dataset.channels
         else:
@@ -1018,11 +1023,8 @@ class Trainer:
     def warn_on_another_latent_space(self, ckpt: dict, resume_path: str) -> None:
         """A resumed run whose VAE changed (same channels: else refused above) goes on, with a warning:
         the SD VAEs (ema, mse) share one encoder, and a local copy of a VAE is the same VAE."""
-        from sit_fast.vae import VAE_ALIASES
-
         before, now = ckpt.get("model_config", {}).get("latent_space"), self.latent_space()
-        sd_vaes = {*VAE_ALIASES, *VAE_ALIASES.values()}
-        if before and before != now and not {before, now} <= sd_vaes:
+        if before and not same_encoder(before, now):
             logger.warning(f"the run being resumed ({resume_path}) trained in the latent space of {before}; it "
                            f"continues in that of {now}: unless the two VAEs share an encoder, start a new run "
                            f"from its weights (--ckpt) instead")
@@ -1092,6 +1094,11 @@ class Trainer:
                 self._cache_codec = load_vae(spec, self.device, dtype=self.vae_dtype())
             except UserError as err:
                 logger.warning(f"sample grids are skipped: {err}")
+                self._cache_codec = None
+            if self._cache_codec is not None and self._cache_codec.latent_channels != self.channels:
+                logger.warning(f"sample grids are skipped: the VAE {spec} decodes {self._cache_codec.latent_channels}"
+                               f"-channel latents; the latent cache's have {self.channels} (leave --vae out to "
+                               f"decode with the cache's VAE)")
                 self._cache_codec = None
         return self._cache_codec
 
