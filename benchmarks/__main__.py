@@ -27,7 +27,7 @@ def use_interpreter_on_cpu(argv: list[str] | None) -> None:
     `ours` runs the fused kernels in the Triton interpreter. Triton reads the variable once, when it is
     first imported, and anything from sit_fast imports it (sit_fast -> models -> kernels): so this
     runs before the arguments are parsed with sit_fast.argtypes."""
-    early = argparse.ArgumentParser(add_help=False)
+    early = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     early.add_argument("--device", default=None)
     device = early.parse_known_args(argv)[0].device
     if device is None:
@@ -52,7 +52,8 @@ def suite_list(text: str) -> list[str]:
 def parse_args(argv: list[str] | None):
     from sit_fast.argtypes import positive_float
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1],
+                                     allow_abbrev=False)
     parser.add_argument("suite", type=suite_list, metavar="SUITE",
                         help="which suites to run: all (" + ", ".join(SUITES) + "), one of them, or several "
                              "joined by commas")

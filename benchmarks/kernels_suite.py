@@ -764,7 +764,8 @@ if __name__ == "__main__":
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description="Fused adaLN kernel benchmarks (one JSON record per line).")
+    parser = argparse.ArgumentParser(description="Fused adaLN kernel benchmarks (one JSON record per line).",
+                                     allow_abbrev=False)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
     parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="problem size")
     cli = parser.parse_args()

@@ -223,7 +223,8 @@ def figure(x: float, decimals: int = 0) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0],
+                                     allow_abbrev=False)
     parser.add_argument("--results", help="a results.json whose measured ceilings to use")
     parser.add_argument("--copy-gbps", type=positive_float, help="device-to-device copy ceiling, GB/s (read + written)")
     parser.add_argument("--matmul-tflops", type=positive_float, help="bf16 matmul ceiling, TFLOP/s")

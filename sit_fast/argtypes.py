@@ -28,10 +28,12 @@ class DefaultsHelpFormatter(argparse.HelpFormatter):
 
 class OneLineArgumentParser(argparse.ArgumentParser):
     """argparse whose errors (unknown flags, bad choices) become UserError: one line, exit status 2.
-    --help shows the defaults (DefaultsHelpFormatter), also in its subcommands' parsers."""
+    --help shows the defaults (DefaultsHelpFormatter), also in its subcommands' parsers. Flags are
+    taken spelled out only: a shortened one is an error, not a guess at which flag it meant."""
 
     def __init__(self, *args, **kwargs):
         kwargs.setdefault("formatter_class", DefaultsHelpFormatter)
+        kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
     def error(self, message: str):

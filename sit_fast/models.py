@@ -565,7 +565,7 @@ class SiT(nn.Module):
         only of parameters that require grad), so the results are the same, bit for bit, while each
         call reads half the weight bytes and skips a cast pass over all of them (4 GB of traffic per
         call for SiT-XL; `python -m benchmarks.roofline` puts the rest of a batch-8 guided call's
-        memory-bound ops on the fast path at 5.4 GB). Outside such autocast a call fails
+        memory-bound ops on the fast path at 3.2 GB). Outside such autocast a call fails
         with a dtype mismatch. Not for training: the fp32 weights are replaced. Returns self."""
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Conv2d)):

@@ -2255,6 +2255,21 @@ def test_latent_cache_refuses_out_of_range_values_in_one_line(tmp_path, capsys, 
     assert not os.path.exists(tmp_path / "cache")
 
 
+@pytest.mark.parametrize("module,argv,flag", [
+    ("latent_cache", ["--data-path", "images", "--out", "cache", "--image", "16"], "--image"),  # --image-size
+    ("demo", ["--glob", "8"], "--glob"),  # --global-batch-size
+    ("export", ["a.pt", "--weigh", "ema"], "--weigh"),  # --weights
+])
+def test_a_shortened_flag_is_refused_by_every_command(tmp_path, capsys, module, argv, flag):
+    """As train.py and sample.py: a flag is taken spelled out, never as the one it begins."""
+    main = importlib.import_module(f"sit_fast.{module}").main
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(main)([str(tmp_path / a) if a in ("images", "cache") else a for a in argv])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.startswith(f"error: unrecognized arguments: {flag} "), flag
+    assert not os.path.exists(tmp_path / "cache")
+
+
 def test_latent_cache_without_a_vae_is_refused_before_the_data_is_read(tmp_path, capsys):
     from sit_fast import latent_cache
 
