@@ -1042,6 +1042,11 @@ class Trainer:
     def save_samples(self) -> str | None:
         """An EMA sample grid (fixed noise and labels) from a fixed-step ODE; rank 0 only."""
         args = self.args
+        codec = self.codec
+        if codec is None and self.cache_vae_spec is not None:  # before sampling: there may be no grid to draw
+            codec = self.load_cache_vae()
+            if codec is None:
+                return None
         generator = torch.Generator().manual_seed(args.global_seed % 2**64)
         n = args.num_sample_images
         z = torch.randn(n, self.channels, self.latent_size, self.latent_size, generator=generator).to(self.device)
@@ -1059,11 +1064,6 @@ class Trainer:
             model_fn = self.ema.forward
         with self.autocast():
             samples = sample_fn(z, model_fn, y=y)[-1].float()[:n]
-        codec = self.codec
-        if codec is None and self.cache_vae_spec is not None:
-            codec = self.load_cache_vae()
-            if codec is None:
-                return None
         images = codec.decode(samples) if codec is not None else samples.clamp(-1, 1)
         # a sample that is not finite, or that the VAE decoded to NaN, is said, not left to be found in the PNG
         broken = int(((~samples.isfinite()).flatten(1).any(1) | images.isnan().flatten(1).any(1)).sum())
