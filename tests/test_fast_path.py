@@ -137,6 +137,20 @@ def test_gelu_epilogue_setting_is_checked(monkeypatch):
     SiT(input_size=4, patch_size=2, in_channels=1, hidden_size=16, depth=1, num_heads=2, num_classes=2)
 
 
+def test_gelu_epilogue_s_own_code_on_the_cpu_is_the_linear_and_its_gelu():
+    """linear_gelu_epilogue's real body (not the stand-in above): the linear layer with its bias and a
+    GELU, on the CPU the erf form, which torch._addmm_activation takes there (float64, exact to
+    round-off); whether CUDA's is the tanh form, the next test says where there is a GPU."""
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 12, generator=generator, dtype=torch.float64)
+    weight = torch.randn(20, 12, generator=generator, dtype=torch.float64)
+    bias = torch.randn(20, generator=generator, dtype=torch.float64)
+    out = models.linear_gelu_epilogue(x, weight.float(), bias.float())  # cast to x's dtype, as autocast would
+    assert out.shape == (2, 5, 20) and out.dtype == torch.float64
+    linear = torch.nn.functional.linear(x, weight.float().double(), bias.float().double())
+    torch.testing.assert_close(out, torch.nn.functional.gelu(linear), atol=1e-12, rtol=1e-12)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="the cuBLASLt epilogue runs on CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_gelu_epilogue_on_cuda_is_the_tanh_gelu(monkeypatch, dtype):
