@@ -355,6 +355,59 @@ def test_kernel_rows_per_step_without_x_outs_gradient(rows):
         torch.testing.assert_close(several, one, atol=2e-5, rtol=2e-5)
 
 
+class FirstProgramsFirst:
+    """A kernel whose every launch over N programs is run N times, with the first 1, 2, ..., N
+    programs, each from the tensors as they were before it: a program that writes an element another
+    program writes too (a row of the next tile) shows as an element whose value a later program
+    changes. Elements found are those the launch's poisoned (NaN) buffers had not yet got."""
+
+    def __init__(self, kernel, launches: list):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            (programs,) = grid
+            tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
+            before = [t.clone() for t in tensors]
+            written = []
+            for first in range(1, programs + 1):
+                for t, start in zip(tensors, before):
+                    t.copy_(start)
+                self.kernel[(first,)](*args, **kwargs)
+                written.append([(start.isnan() & ~t.isnan(), t.clone()) for t, start in zip(tensors, before)])
+            for first, states in enumerate(written[:-1], start=1):
+                for index, ((mask, values), (_, final)) in enumerate(zip(states, written[-1])):
+                    changed = int((values[mask] != final[mask]).sum())
+                    assert changed == 0, (f"{self.kernel.__name__}: {changed} elements of tensor argument {index} "
+                                          f"that its first {first} programs wrote were written again by later ones")
+            self.launches.append(programs)
+
+        return launch
+
+
+# Each program of the adaLN kernels owns a (sample, token tile): the rows it writes are its tile's
+# alone. The interpreter runs programs one after another, in order, so a program that wrote the first
+# row of the next tile would be overwritten by that tile's program here, and race with it on a GPU.
+@pytest.mark.parametrize("prefetch", [0, 1])
+@pytest.mark.parametrize("rows,one_row_loop", [(1, 1), (1, 0), (2, 0)])
+@pytest.mark.parametrize("op", OPS)
+def test_kernel_programs_write_only_their_own_tiles(op, rows, one_row_loop, prefetch, monkeypatch):
+    module = importlib.import_module(f"kernels.{op}")
+    launches, check_runnable = [], _launch.check_runnable
+    monkeypatch.setattr(_launch, "check_runnable",
+                        lambda op, device, kernel: check_runnable(op, device, getattr(kernel, "kernel", kernel)))
+    for direction in ("fwd", "bwd"):
+        name = f"_{op}_{direction}_kernel"
+        monkeypatch.setattr(module, name, FirstProgramsFirst(getattr(module, name), launches))
+    case = DTYPE_CASES[0].values[0]
+    with _launch.launch_overrides(fwd_rows_per_step=rows, bwd_rows_per_step=rows, fwd_prefetch=prefetch,
+                                  bwd_prefetch=prefetch, fwd_programs_per_slot=3, bwd_programs_per_slot=3,
+                                  fwd_one_row_loop=one_row_loop, bwd_one_row_loop=one_row_loop):
+        assert _launch.token_tiling(2, 13, DEVICE, "bwd") == (5, 3)  # tiles of 5, 5 and 3 rows
+        check_against_reference(op, make_inputs(op, 2, 13, 97, case), case)
+    assert launches == [6, 6]  # forward and backward, each 2 samples x 3 tiles
+
+
 @pytest.mark.parametrize("only_h", [False, True])
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_prefetch_is_bitwise_identical(op, only_h):
