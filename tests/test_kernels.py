@@ -356,8 +356,9 @@ def test_kernel_rows_per_step_without_x_outs_gradient(rows):
 
 
 class FirstProgramsFirst:
-    """A kernel whose every launch over N programs is run N times, with the first 1, 2, ..., N
-    programs, each from the tensors as they were before it: a program that writes an element another
+    """A kernel whose every launch over N programs (along the grid's first axis; the others whole) is
+    run N times, with the first 1, 2, ..., N, each from the tensors as they were before it: a program
+    that writes an element another
     program writes too (a row of the next tile) shows as an element whose value a later program
     changes. Elements found are those the launch's poisoned (NaN) buffers had not yet got."""
 
@@ -366,14 +367,14 @@ class FirstProgramsFirst:
 
     def __getitem__(self, grid):
         def launch(*args, **kwargs):
-            (programs,) = grid
+            programs, *others = grid
             tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor)]
             before = [t.clone() for t in tensors]
             written = []
             for first in range(1, programs + 1):
                 for t, start in zip(tensors, before):
                     t.copy_(start)
-                self.kernel[(first,)](*args, **kwargs)
+                self.kernel[(first, *others)](*args, **kwargs)
                 written.append([(start.isnan() & ~t.isnan(), t.clone()) for t, start in zip(tensors, before)])
             for first, states in enumerate(written[:-1], start=1):
                 for index, ((mask, values), (_, final)) in enumerate(zip(states, written[-1])):
@@ -406,6 +407,25 @@ def test_kernel_programs_write_only_their_own_tiles(op, rows, one_row_loop, pref
         assert _launch.token_tiling(2, 13, DEVICE, "bwd") == (5, 3)  # tiles of 5, 5 and 3 rows
         check_against_reference(op, make_inputs(op, 2, 13, 97, case), case)
     assert launches == [6, 6]  # forward and backward, each 2 samples x 3 tiles
+
+
+def test_bias_gelu_programs_write_only_their_own_rows(monkeypatch):
+    """As above, for the bias + GELU kernels' runs of rows (16, 16 and 5 rows; 2 column blocks)."""
+    bias_gelu = importlib.import_module("kernels.bias_gelu")  # the module; kernels.bias_gelu is its op
+    launches, check_runnable = [], _launch.check_runnable
+    monkeypatch.setattr(_launch, "check_runnable",
+                        lambda op, device, kernel: check_runnable(op, device, getattr(kernel, "kernel", kernel)))
+    for name in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
+        monkeypatch.setattr(bias_gelu, name, FirstProgramsFirst(getattr(bias_gelu, name), launches))
+    launch = {"block_rows": 8, "block_h": 64, "programs_per_slot": 3, "num_warps": 2}
+    with _launch.launch_overrides(**{f"gelu_{d}_{k}": v for d in ("fwd", "bwd") for k, v in launch.items()}):
+        assert bias_gelu._tiling(37, 97, torch.device(DEVICE), launch) == (64, 16, 3)
+        a, dg, bias = torch.randn(37, 97, device=DEVICE), torch.randn(37, 97, device=DEVICE), torch.randn(97)
+        g, (da, g_bwd, dbias) = kernels.bias_gelu(a, bias), kernels.bias_gelu_backward(a, bias, dg)
+    assert launches == [3, 3]
+    da_ref, g_ref, dbias_ref = reference.bias_gelu_backward(a.double(), bias.double(), dg.double())
+    for got, expected in ((g, g_ref), (da, da_ref), (g_bwd, g_ref), (dbias, dbias_ref)):
+        torch.testing.assert_close(got.double(), expected, atol=1e-4, rtol=1e-4)
 
 
 @pytest.mark.parametrize("only_h", [False, True])
