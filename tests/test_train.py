@@ -3603,3 +3603,30 @@ def test_a_run_whose_checkpoint_left_train_eps_unresolved_resumes_with_what_it_t
     assert trainer.args.prediction == "score" and trainer.args.train_eps is None
     assert trainer.transport.train_eps == 1e-3
     loop.release_run_lock()
+
+
+def test_each_rank_is_seeded_as_upstream_seeds_it(monkeypatch):
+    """global_seed * world_size + rank, as upstream: rank 1 of 2 with --global-seed 3 draws from seed 7
+    (the DDP runs here use seed 0, where global_seed + rank would pass as well)."""
+    from sit_fast.distributed import DistInfo
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+
+    class Seeded(Exception):
+        pass
+
+    seeds = []
+
+    def record(seed):
+        seeds.append(seed)
+        raise Seeded  # the seed is what this test is after: setting up the rest is for the DDP tests
+
+    monkeypatch.setattr(loop, "seed_everything", record)
+    args, explicit = parse_args(["--dataset", "digits", "--model", "SiT-T/4", "--global-batch-size", "4",
+                                 "--global-seed", "3", "--max-steps", "1", "--fused-kernels", "off"])
+    trainer = loop.Trainer.__new__(loop.Trainer)  # _build_data alone: it runs no collective
+    trainer.device = torch.device("cpu")
+    trainer.dist_info = DistInfo(rank=1, world_size=2, local_rank=1, device=trainer.device, is_main=False)
+    with pytest.raises(Seeded):
+        trainer._build_data(args, explicit, None, None)
+    assert seeds == [7]

@@ -168,6 +168,15 @@ def test_images(tmp_path):
     assert crop.size == (64, 64)
 
 
+def test_center_crop_keeps_adm_s_pixels_where_the_slack_is_odd():
+    """ADM's offsets round down: of 65 columns the first 64 are kept, of 67 rows rows 1 to 64 (pixel
+    values here are their column, or row, index; at the target's size no resize changes them)."""
+    columns = Image.fromarray(np.tile(np.arange(65, dtype=np.uint8), (64, 1)))  # 65 wide, 64 high
+    rows = Image.fromarray(np.tile(np.arange(67, dtype=np.uint8)[:, None], (1, 64)))  # 64 wide, 67 high
+    assert np.array(center_crop_arr(columns, 64))[0].tolist() == list(range(64))
+    assert np.array(center_crop_arr(rows, 64))[:, 0].tolist() == list(range(1, 65))
+
+
 def test_distributed_single_process(monkeypatch):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
         monkeypatch.delenv(name, raising=False)
