@@ -3630,3 +3630,28 @@ def test_each_rank_is_seeded_as_upstream_seeds_it(monkeypatch):
     with pytest.raises(Seeded):
         trainer._build_data(args, explicit, None, None)
     assert seeds == [7]
+
+
+def test_the_sample_grid_is_drawn_by_the_ema_with_the_null_label_for_guidance(tmp_path, monkeypatch):
+    """save_samples' own guided batch (not the sampler's): every model call is the EMA's, its second
+    half labelled num_classes (the null row); the grid is written."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.models import SiT
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run"), "--cfg-scale", "4",
+                                        "--num-sample-images", "3", "--sample-steps", "2"])
+    trainer = Trainer(args, explicit, init_distributed())
+    calls, forward = [], SiT.forward
+
+    def spy(self, x, t, y, *rest, **kwargs):
+        calls.append((self, y.clone()))
+        return forward(self, x, t, y, *rest, **kwargs)
+
+    monkeypatch.setattr(SiT, "forward", spy)
+    path = trainer.save_samples()
+    assert path is not None and os.path.isfile(path) and len(calls) >= 2
+    for model, y in calls:
+        assert model is trainer.ema
+        assert y.shape == (6,) and (y[3:] == 10).all() and (y[:3] < 10).all()
