@@ -600,7 +600,15 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
     assert after_clip == pytest.approx(1e-3, rel=1e-3)
 
     # under DDP every rank has the same norm and the all-reduce sums them: the line divides by the ranks
-    monkeypatch.setattr(loop, "all_reduce", lambda t, op=None: t.mul_(2) if t.dtype == torch.float64 else t)
+    ops = []
+
+    def two_ranks_summed(t, op=None):
+        if t.dtype == torch.float64:  # the window's loss and norm sums
+            ops.append(op)
+            t.mul_(2)
+        return t
+
+    monkeypatch.setattr(loop, "all_reduce", two_ranks_summed)
     trainer.dist_info = dataclasses.replace(trainer.dist_info, world_size=2)
     trainer.window.restart()
     trainer.window.add_step(torch.tensor(1.5), torch.tensor(1.0), True)
@@ -608,6 +616,7 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
     trainer.window.add_step(torch.tensor(2.5), torch.tensor(2.0), True)
     record = trainer.log(None)
     assert (record["loss"], record["grad_norm"]) == (2.0, 1.5)  # 4 * 2 / 2 ranks / 2 steps; 3 * 2 / 2 / 2
+    assert ops in ([None], [torch.distributed.ReduceOp.SUM])  # a sum (all_reduce's default), not a max
     window = trainer.window  # the next window starts afresh
     assert (float(window.loss_sum), float(window.grad_norm_sum), window.applied, window.steps) == (0, 0, 0, 0)
     monkeypatch.undo()
