@@ -127,6 +127,7 @@ def _node_local_worker(rank: int, port: int, root: str, argv: list[str]) -> None
         f.write(outcome)
 
 
+@pytest.mark.slow  # 43 s on 2 cores; `make test-all` runs it
 def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
     """An experiment folder each node has on its own disk serves a run (rank 0 alone writes there), with
     a warning that resuming needs the checkpoint on every node; a --resume file that differs between
