@@ -21,7 +21,7 @@ from benchmarks.common import (
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The session takes about 120 s alone on two cores (the kernels 33 s and the launch search 47 s in the
-# Triton interpreter), 170-190 s beside the other tests in `make test`, and stops when it is done: the
+# Triton interpreter), 170-200 s beside the other tests in `make test`, and stops when it is done: the
 # deadline gives each suite a time box of its share, over twice what it takes, only to keep a slower
 # machine from cutting it (the suite's time boxes skip rows, which fails the checks below).
 DRY_RUN_DEADLINE_S = 480

@@ -358,9 +358,9 @@ def test_kernel_rows_per_step_without_x_outs_gradient(rows):
 class FirstProgramsFirst:
     """A kernel whose every launch over N programs (along the grid's first axis; the others whole) is
     run N times, with the first 1, 2, ..., N, each from the tensors as they were before it: a program
-    that writes an element another
-    program writes too (a row of the next tile) shows as an element whose value a later program
-    changes. Elements found are those the launch's poisoned (NaN) buffers had not yet got."""
+    that writes, with another value, an element another program writes too (a row of the next tile)
+    shows as an element whose value a later program changes. Elements found are those the launch's
+    poisoned (NaN) buffers had not yet got."""
 
     def __init__(self, kernel, launches: list):
         self.kernel, self.launches = kernel, launches
@@ -386,6 +386,17 @@ class FirstProgramsFirst:
         return launch
 
 
+def first_programs_first(monkeypatch, module, names: list[str]) -> list[int]:
+    """Wrap the kernels `names` of `module` in FirstProgramsFirst (check_runnable sees through the
+    wrapper); returns the list each launch appends its program count to."""
+    launches, check_runnable = [], _launch.check_runnable
+    monkeypatch.setattr(_launch, "check_runnable",
+                        lambda op, device, kernel: check_runnable(op, device, getattr(kernel, "kernel", kernel)))
+    for name in names:
+        monkeypatch.setattr(module, name, FirstProgramsFirst(getattr(module, name), launches))
+    return launches
+
+
 # Each program of the adaLN kernels owns a (sample, token tile): the rows it writes are its tile's
 # alone. The interpreter runs programs one after another, in order, so a program that wrote the first
 # row of the next tile would be overwritten by that tile's program here, and race with it on a GPU.
@@ -393,13 +404,8 @@ class FirstProgramsFirst:
 @pytest.mark.parametrize("rows,one_row_loop", [(1, 1), (2, 0)])  # the tile loop at 1 row never reaches t_end
 @pytest.mark.parametrize("op", OPS)
 def test_kernel_programs_write_only_their_own_tiles(op, rows, one_row_loop, prefetch, monkeypatch):
-    module = importlib.import_module(f"kernels.{op}")
-    launches, check_runnable = [], _launch.check_runnable
-    monkeypatch.setattr(_launch, "check_runnable",
-                        lambda op, device, kernel: check_runnable(op, device, getattr(kernel, "kernel", kernel)))
-    for direction in ("fwd", "bwd"):
-        name = f"_{op}_{direction}_kernel"
-        monkeypatch.setattr(module, name, FirstProgramsFirst(getattr(module, name), launches))
+    launches = first_programs_first(monkeypatch, importlib.import_module(f"kernels.{op}"),
+                                    [f"_{op}_{direction}_kernel" for direction in ("fwd", "bwd")])
     case = DTYPE_CASES[0].values[0]
     with _launch.launch_overrides(fwd_rows_per_step=rows, bwd_rows_per_step=rows, fwd_prefetch=prefetch,
                                   bwd_prefetch=prefetch, fwd_programs_per_slot=3, bwd_programs_per_slot=3,
@@ -412,15 +418,11 @@ def test_kernel_programs_write_only_their_own_tiles(op, rows, one_row_loop, pref
 def test_bias_gelu_programs_write_only_their_own_rows(monkeypatch):
     """As above, for the bias + GELU kernels' runs of rows (16, 16 and 5 rows; 2 column blocks)."""
     bias_gelu = importlib.import_module("kernels.bias_gelu")  # the module; kernels.bias_gelu is its op
-    launches, check_runnable = [], _launch.check_runnable
-    monkeypatch.setattr(_launch, "check_runnable",
-                        lambda op, device, kernel: check_runnable(op, device, getattr(kernel, "kernel", kernel)))
-    for name in ("_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"):
-        monkeypatch.setattr(bias_gelu, name, FirstProgramsFirst(getattr(bias_gelu, name), launches))
+    launches = first_programs_first(monkeypatch, bias_gelu, ["_bias_gelu_fwd_kernel", "_bias_gelu_bwd_kernel"])
     launch = {"block_rows": 8, "block_h": 64, "programs_per_slot": 3, "num_warps": 2}
     with _launch.launch_overrides(**{f"gelu_{d}_{k}": v for d in ("fwd", "bwd") for k, v in launch.items()}):
         assert bias_gelu._tiling(37, 97, torch.device(DEVICE), launch) == (64, 16, 3)
-        a, dg, bias = torch.randn(37, 97, device=DEVICE), torch.randn(37, 97, device=DEVICE), torch.randn(97)
+        a, dg, bias = torch.randn(37, 97, device=DEVICE), torch.randn(37, 97, device=DEVICE), torch.randn(97, device=DEVICE)
         g, (da, g_bwd, dbias) = kernels.bias_gelu(a, bias), kernels.bias_gelu_backward(a, bias, dg)
     assert launches == [3, 3]
     da_ref, g_ref, dbias_ref = reference.bias_gelu_backward(a.double(), bias.double(), dg.double())
