@@ -418,6 +418,38 @@ def test_a_world_size_change_keeps_the_global_batches_where_it_says_so(num_sampl
     assert not Trainer._same_global_batches(trainer, {**data, "source": "ImageFolder /other"})  # the same size
 
 
+def test_a_resume_in_another_layout_seeds_each_rank_apart():
+    """Resumed with another world size, batch or data, the saved random states do not fit the ranks:
+    each is seeded anew from --global-seed, its rank and the step, so that the ranks' noise and time
+    draws differ (as upstream's per-rank seeds make them) and a repeat of the resume draws the same."""
+    import random
+    import types
+
+    from sit_fast.training.loop import Trainer
+
+    def draws(rank, step):
+        args = types.SimpleNamespace(global_batch_size=8, global_seed=3)
+        trainer = types.SimpleNamespace(dist_info=types.SimpleNamespace(world_size=2, rank=rank), args=args,
+                                        dataset=[None] * 100, sampler=types.SimpleNamespace(steps_per_epoch=12),
+                                        _same_global_batches=lambda data: False)
+        ckpt = {"step": step, "epoch": 0, "step_in_epoch": step, "args": {}, "rng": [{}],
+                "data": {"world_size": 1, "global_batch_size": 8, "num_samples": 100, "seed": 3}}
+        Trainer.restore_position(trainer, ckpt, "0000006.pt")
+        assert (trainer.step, trainer.step_in_epoch) == (step, step)
+        return torch.rand(4), np.random.rand(), random.random()
+
+    states = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            rank0, rank1, again, later = draws(0, 6), draws(1, 6), draws(0, 6), draws(0, 7)
+        finally:
+            np.random.set_state(states[0])
+            random.setstate(states[1])
+    assert torch.equal(rank0[0], again[0]) and rank0[1:] == again[1:]
+    for other in (rank1, later):
+        assert not torch.equal(rank0[0], other[0]) and rank0[1] != other[1] and rank0[2] != other[2]
+
+
 def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):
     exp = str(tmp_path / "run")
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--grad-accum-steps", "2"])
