@@ -2206,6 +2206,14 @@ def test_latent_cache_round_trip_and_training(tmp_path):
         log = f.read()
     assert f"the sample grids are decoded with --vae {other_vae}; the latent cache {out} was encoded with" in log
     assert f"sample grids are skipped: the VAE {other_vae} decodes 8-channel latents; the latent cache's have 4" in log
+    # with no grids, --vae has nothing to do: said so, rather than compared with the cache's
+    train_main(["--latent-cache", out, "--vae", other_vae, "--model", "SiT-T/4", "--global-batch-size", "2",
+                "--max-steps", "1", "--sample-every", "none", "--exp-dir", str(tmp_path / "exp_no_grids"),
+                "--num-workers", "0", "--fused-kernels", "off", "--no-progress"])
+    with open(tmp_path / "exp_no_grids" / "log.txt") as f:
+        log = f.read()
+    assert (f"--vae {other_vae} is not used with --latent-cache and --sample-every none (with a cache, the VAE only "
+            "decodes the sample grids)") in log and "the sample grids are decoded with" not in log, log
     # --latent-cache none on resume: the run goes on from the images, encoded by the VAE each step
     summary = train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--latent-cache", "none",
                           "--dataset", "imagefolder", "--data-path", images, "--vae", vae_dir, "--image-size", "16"])

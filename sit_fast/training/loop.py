@@ -683,8 +683,11 @@ class Trainer:
             args.image_size = dataset.image_size
             latent_size, channels = dataset.latent_size, dataset.channels
             self.cache_vae_spec = dataset.index["vae"]
-            if "vae" in explicit and args.vae != "none" and not same_encoder(recorded_vae_spec(args.vae),
-                                                                             self.cache_vae_spec):
+            if "vae" in explicit and args.vae != "none" and args.sample_every is None:
+                logger.warning(f"--vae {args.vae} is not used with --latent-cache and --sample-every none (with a "
+                               f"cache, the VAE only decodes the sample grids)")
+            elif "vae" in explicit and args.vae != "none" and not same_encoder(recorded_vae_spec(args.vae),
+                                                                               self.cache_vae_spec):
                 logger.warning(f"the sample grids are decoded with --vae {args.vae}; the latent cache "
                                f"{args.latent_cache} was encoded with {self.cache_vae_spec}: unless the two share an "
                                f"encoder, the grids are not the model's samples (leave --vae out to use the cache's)")
