@@ -6,7 +6,9 @@ import os
 import pytest
 import torch
 
-from sit_fast.checkpoint import CheckpointError, infer_config, load_checkpoint, load_into_model, read_checkpoint
+from sit_fast.checkpoint import (
+    CheckpointError, infer_config, load_checkpoint, load_into_model, read_checkpoint, training_transport,
+)
 from sit_fast.models import SiT, SiT_models
 from tests.test_models import expected_keys
 
@@ -556,6 +558,17 @@ def test_a_class_free_model_keeps_a_checkpoints_classes_without_its_null_row(tmp
     assert 0.01 < table.std().item() < 0.03
 
 
+def test_an_unconditional_checkpoints_null_row_is_kept_for_a_class_conditional_fine_tune():
+    """num_classes=0 with class dropout: a table of the null row alone, kept as the guided model's."""
+    unconditional = SiT_models["SiT-T/2"](input_size=8, num_classes=0)
+    torch.nn.init.normal_(unconditional.y_embedder.embedding_table.weight)
+    guided = SiT_models["SiT-T/2"](input_size=8, num_classes=10)
+    assert load_into_model(guided, unconditional.state_dict())["label_table_reinitialised"]
+    table = guided.y_embedder.embedding_table.weight
+    assert table.shape[0] == 11
+    assert torch.equal(table[-1], unconditional.y_embedder.embedding_table.weight[0])
+
+
 @pytest.mark.parametrize("key,change", [
     ("x_embedder.proj.weight", lambda t: t.flatten(1)),  # a linear patch embedding, as some forks have
     ("pos_embed", lambda t: t[0]),
@@ -721,3 +734,25 @@ def test_a_release_download_is_kept_only_whole_and_a_checkpoint(tmp_path, monkey
     assert path == str(cache / "SiT-XL-2-256x256.pt") and os.listdir(cache) == ["SiT-XL-2-256x256.pt"]
     state_dict, _ = read_checkpoint(path)
     assert all(torch.equal(state_dict[k], sd[k]) for k in sd)
+
+
+def test_training_transport_keeps_plain_values_of_the_transport_flags_alone():
+    """What export writes as JSON: the transport flags' plain values, nothing else of the args."""
+    args = {"path_type": "VP", "prediction": None, "train_eps": 0.001, "sample_eps": torch.tensor(0.1),
+            "loss_weight": ["velocity"], "model": "SiT-XL/2"}
+    assert training_transport(args) == {"path_type": "VP", "prediction": None, "train_eps": 0.001}
+
+
+def test_a_training_checkpoint_without_ema_given_to_load_into_model_is_named():
+    sd = upstream_state_dict(1, 32, 2, True)
+    with pytest.raises(CheckpointError, match=r"^ckpt\.pt is a training checkpoint \(entries model, step\), not a "
+                                              r"state_dict: pass its \['model'\] entry"):
+        load_into_model(model_for(1, 32, 2, True), {"model": sd, "step": 5}, source="ckpt.pt")
+
+
+def test_a_step_that_is_not_an_integer_is_not_reported(tmp_path):
+    sd = upstream_state_dict(1, 32, 2, True)
+    torch.save({"model": sd, "ema": sd, "step": True}, tmp_path / "c.pt")
+    assert read_checkpoint(tmp_path / "c.pt")[1]["step"] is None
+    torch.save({"model": sd, "ema": sd, "step": 7}, tmp_path / "c.pt")
+    assert read_checkpoint(tmp_path / "c.pt")[1]["step"] == 7

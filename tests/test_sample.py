@@ -27,7 +27,8 @@ from sit_fast.files import FolderLock
 from sit_fast.images import to_uint8
 from sit_fast.models import SiT, SiT_models
 from sit_fast.sampling import (
-    CUDAGraphForward, Denoiser, ModelForwards, ModelRequest, build_model, index_noise, model_call_times, to_rgb_uint8,
+    CUDAGraphForward, Denoiser, ModelForwards, ModelRequest, build_model, index_noise, model_call_times, npz_array,
+    pending_chunks, png_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, create_transport
 
@@ -1884,8 +1885,6 @@ def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):
 def test_npz_data_is_memory_mapped_where_it_is_stored_uncompressed(tmp_path):
     """np.savez's archives (and the FID job's) are mapped, not read: a process reads only the rows it
     indexes; np.savez_compressed's are read whole. Both give the array."""
-    from sit_fast.sampling import npz_array
-
     images = np.random.default_rng().integers(0, 256, (4, 6, 6, 3), dtype=np.uint8)
     np.savez(tmp_path / "stored.npz", labels=np.arange(4), arr_0=images)
     np.savez_compressed(tmp_path / "compressed.npz", arr_0=images)
@@ -1896,6 +1895,62 @@ def test_npz_data_is_memory_mapped_where_it_is_stored_uncompressed(tmp_path):
     read = npz_array(str(tmp_path / "compressed.npz"))
     assert not isinstance(read, np.memmap)
     np.testing.assert_array_equal(read, images)
+
+
+def test_a_fortran_ordered_npz_array_is_mapped_in_its_own_order(tmp_path):
+    """An array saved column-major (np.asfortranarray, or a transpose) maps as saved, not scrambled."""
+    images = np.asfortranarray(np.random.default_rng().integers(0, 256, (2, 3, 4, 3), dtype=np.uint8))
+    np.savez(tmp_path / "f.npz", arr_0=images)
+    mapped = npz_array(str(tmp_path / "f.npz"))
+    assert isinstance(mapped, np.memmap)
+    np.testing.assert_array_equal(mapped, images)
+
+
+def test_random_labels_cover_every_class():
+    """Uniform labels (not class-balanced) reach the last class too; one class gives only it."""
+    _, labels = index_noise(0, range(300), (1,), 3)
+    assert set(labels.tolist()) == {0, 1, 2}
+    assert index_noise(0, range(5), (1,), 1)[1].tolist() == [0] * 5
+
+
+def test_pending_chunks_stop_at_the_sample_count(tmp_path):
+    """The last chunk ends at the sample count: a folder holding them all has none pending."""
+    folder = str(tmp_path)
+    for i in range(7):
+        open(png_path(folder, i), "wb").close()
+    assert pending_chunks(folder, 7, 2) == []
+    os.remove(png_path(folder, 6))
+    os.remove(png_path(folder, 2))
+    assert pending_chunks(folder, 7, 2) == [1, 3]
+    assert pending_chunks(str(tmp_path / "none"), 7, 2) == [0, 1, 2, 3]
+
+
+def test_settings_differences_name_a_setting_the_record_lacks():
+    """Only the settings recorded since a later version (the checkpoint's digest) may be missing."""
+    assert settings_differences({"seed": 0}, {"seed": 0, "cfg_scale": 4.0}) == "cfg_scale: None there, 4.0 now"
+    assert settings_differences({"seed": 0}, {"seed": 0, "ckpt_digest": "ab"}) == ""
+    assert settings_differences({"ckpt_digest": "ab"}, {"ckpt_digest": "cd"}) == "ckpt_digest: 'ab' there, 'cd' now"
+
+
+def test_a_sampler_that_makes_other_calls_than_predicted_is_caught():
+    """--cfg-interval's host-side schedule holds only if the sampler calls the model at the predicted
+    times: fewer calls, or more, are errors, not a guidance schedule off by some steps."""
+    import types
+
+    forwards = types.SimpleNamespace(label_pair=lambda y: torch.cat([y, y]), conditional=lambda x, t, y: x,
+                                     guided=lambda x, t, y_pair: -x)
+    denoiser = Denoiser(forwards, cfg_scale=4.0, cfg_interval=(0.5, 1.0), call_times=[0.0, 0.25, 0.5, 0.75])
+    fn = denoiser.for_labels(torch.tensor([1]))
+    x = torch.ones(1, 3, 2, 2)
+    for t in (0.0, 0.25, 0.5):
+        fn(x, torch.full((1,), t))
+    with pytest.raises(RuntimeError, match="made 3 model calls, model_call_times predicted 4"):
+        fn.check_finished()
+    fn(x, torch.full((1,), 0.75))
+    fn.check_finished()
+    assert fn.guided_calls == 2
+    with pytest.raises(RuntimeError, match="more model calls"):
+        fn(x, torch.ones(1))
 
 
 def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
