@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from benchmarks import (common, goals, memory_suite, parity_suite, profile_suite, sample_suite, train_suite,
                             tuning_suite)
+    from sit_fast import interrupts
 
     runners = {"kernels": run_kernels, "parity": parity_suite.run, "train": train_suite.run,
                "sample": sample_suite.run, "memory": memory_suite.run, "profile": profile_suite.run,
@@ -155,31 +156,41 @@ def main(argv: list[str] | None = None) -> int:
                             ceilings=results.ceilings, compile_backend=results.setup["compile_backend"],
                             variants=variants, seed=args.seed)
     ctx.parity.update(parity_suite.links(results.records))  # a continued run's parity suite, already measured
-    for i, suite in enumerate(suites):
-        left = deadline - time.monotonic()
-        weights = sum(budgets[s] for s in suites[i:])
-        share = left if budgets[suite] == 0 or weights == 0 else left * budgets[suite] / weights
-        ctx.budget = common.Budget(max(min(explicit.get(suite, share), left), 0.0))  # none left: 0 s
-        results.suites_run.append(suite)
-        results.write()  # a run killed inside this suite still lists it
-        common.log(f"== {suite} (time box {ctx.budget.seconds:.0f} s)")
-        suite_start = time.monotonic()
-        try:
-            runners[suite](ctx)
-        except Exception as error:  # noqa: BLE001 -- one suite's failure must not lose the others
-            ctx.fail(suite, "suite", common.SUITE_LEVEL, error, dtype=None)
-        common.log(f"== {suite} done in {time.monotonic() - suite_start:.1f} s")
-        results.write()  # its last records (add writes at most every Results.WRITE_EVERY_S)
-        lost = common.device_lost(device)
-        results.note_device_state(device, f"after {suite}")
-        if lost and suites[i + 1:]:
-            left = ",".join(suites[i + 1:])
-            common.write_text(suites_left, left + "\n")
-            again = ["python", "-m", "benchmarks", left, *continuation_flags(args, device_type, size.name)]
-            common.log(f"the CUDA context is lost ({lost}): every later measurement in this process would fail. "
-                       f"The suites left run in a new process: {' '.join(again)} (exit {DEVICE_LOST}; "
-                       f"{suites_left} names them)")
-            return DEVICE_LOST
+    # A stop signal (the session's timeout sends SIGTERM) or Ctrl-C ends the run with what it measured
+    # written: add() writes at most every Results.WRITE_EVERY_S, and the last records would be lost.
+    suite = None
+    try:
+        with interrupts.stop_signals_raise():
+            for i, suite in enumerate(suites):
+                left = deadline - time.monotonic()
+                weights = sum(budgets[s] for s in suites[i:])
+                share = left if budgets[suite] == 0 or weights == 0 else left * budgets[suite] / weights
+                ctx.budget = common.Budget(max(min(explicit.get(suite, share), left), 0.0))  # none left: 0 s
+                results.suites_run.append(suite)
+                results.write()  # a run killed inside this suite still lists it
+                common.log(f"== {suite} (time box {ctx.budget.seconds:.0f} s)")
+                suite_start = time.monotonic()
+                try:
+                    runners[suite](ctx)
+                except Exception as error:  # noqa: BLE001 -- one suite's failure must not lose the others
+                    ctx.fail(suite, "suite", common.SUITE_LEVEL, error, dtype=None)
+                common.log(f"== {suite} done in {time.monotonic() - suite_start:.1f} s")
+                results.write()  # its last records (add writes at most every Results.WRITE_EVERY_S)
+                lost = common.device_lost(device)
+                results.note_device_state(device, f"after {suite}")
+                if lost and suites[i + 1:]:
+                    left = ",".join(suites[i + 1:])
+                    common.write_text(suites_left, left + "\n")
+                    again = ["python", "-m", "benchmarks", left, *continuation_flags(args, device_type, size.name)]
+                    common.log(f"the CUDA context is lost ({lost}): every later measurement in this process would "
+                               f"fail. The suites left run in a new process: {' '.join(again)} (exit {DEVICE_LOST}; "
+                               f"{suites_left} names them)")
+                    return DEVICE_LOST
+    except KeyboardInterrupt as err:
+        results.write()
+        common.log(f"{interrupts.what_stopped(err)} in the {suite} suite: its {len(results.records)} records are "
+                   f"in {os.path.join(args.out, 'results.json')}")
+        raise
 
     document = {"environment": environment, "setup": results.setup, "records": results.records}
     for line in goals.console_lines(goals.evaluate(document), results.suites_run):

@@ -747,7 +747,7 @@ def throughput_fields(ctx: "RunContext", variant: Variant, flops_per_image: floa
 
 class Results:
     """Collects records and rewrites results.json and results.md as they come (a timeout keeps them):
-    at most every WRITE_EVERY_S seconds, and after each suite (benchmarks/__main__.py), as a rewrite
+    at most every WRITE_EVERY_S seconds, after each suite and on a stop (benchmarks/__main__.py), as a rewrite
     of the whole document costs tens of milliseconds by the end of a run, which the tuning suite's
     hundred records a box would pay in measuring time."""
 

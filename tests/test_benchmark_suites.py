@@ -1050,9 +1050,13 @@ def test_tuning_reports_a_gelu_launch_that_breaks_the_kernel(tmp_path, monkeypat
     assert "| 32x128 |" in table, table
 
 
-def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
-    """A tuning run stopped in the middle of a search (the outer timeout) keeps the launches it measured."""
-    from benchmarks import kernels_suite
+@pytest.mark.parametrize("stop", ["ctrl-c", "SIGTERM"])
+def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch, capsys, stop):
+    """A tuning run stopped in the middle of a search (Ctrl-C, or the SIGTERM of the session's timeout)
+    keeps the launches it measured, also those measured since results.json was last rewritten."""
+    import signal
+
+    from benchmarks import common, kernels_suite
     from benchmarks.__main__ import main
 
     real, calls = kernels_suite._times_cpu, []
@@ -1060,12 +1064,19 @@ def test_tuning_writes_each_launch_as_it_is_measured(tmp_path, monkeypatch):
     def times_cpu(step, reps, warmup=1):
         calls.append(1)
         if len(calls) == 2:
-            raise KeyboardInterrupt  # stands in for the signal that stops the run
+            if stop == "SIGTERM":
+                os.kill(os.getpid(), signal.SIGTERM)  # raises where the run is, from its handler
+            raise KeyboardInterrupt
         return real(step, reps, warmup)
 
     monkeypatch.setattr(kernels_suite, "_times_cpu", times_cpu)
+    monkeypatch.setattr(common.Results, "WRITE_EVERY_S", math.inf)  # the records only at the suite's start and stop
+    handler = signal.getsignal(signal.SIGTERM)
     with pytest.raises(KeyboardInterrupt):
         main(["tuning", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+    stopped = "stopped by SIGTERM" if stop == "SIGTERM" else "interrupted"
+    assert f"{stopped} in the tuning suite: its 2 records are in {tmp_path / 'results.json'}" in capsys.readouterr().out
     # Breadth first: the default launches of the first op's two directions, then the stop at the next one's
     records = json.loads((tmp_path / "results.json").read_text())["records"]
     first = kernels_suite.OPS[0]
