@@ -50,14 +50,14 @@ def _fresh_seed():
     print(f"torch seed {seed}")
 
 
-# Roughly the seconds each file's tests take on 2 cores (`--durations=0`, summed, 2026-12-05; only
-# their order is used). `make test` deals whole files out to its processes in collection order
-# (--dist loadfile --no-loadscope-reorder), each process holding two at a time: the longest go
-# first, so that none starts last and runs alone at the end (test_train.py, collected late among
-# them, could: the suite took 18 minutes where the files' times share out to 16).
-FILE_SECONDS = {"test_train.py": 575, "test_fast_path.py": 225, "test_kernels.py": 195,
-                "test_benchmarks_dry_run.py": 170, "test_benchmark_suites.py": 155, "test_sample.py": 145,
-                "test_transport.py": 80, "test_upstream_parity.py": 40}
+# Roughly the seconds each file's tests take in `make test` on 2 cores (`--durations=0`, summed,
+# 2026-12-05; only their order is used). `make test` deals whole files out to its processes in
+# collection order (--dist loadfile --no-loadscope-reorder), each process holding two at a time: the
+# longest go first, so that none starts last and runs alone at the end (test_train.py, collected late
+# among them, could: the suite once took 18 minutes where the files' times shared out to 16).
+FILE_SECONDS = {"test_train.py": 245, "test_fast_path.py": 105, "test_benchmark_suites.py": 85,
+                "test_kernels.py": 75, "test_sample.py": 60, "test_benchmarks_dry_run.py": 55,
+                "test_transport.py": 25, "test_distributed.py": 20, "test_upstream_parity.py": 10}
 
 
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left

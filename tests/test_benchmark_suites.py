@@ -64,8 +64,6 @@ def check_broken_tiling_never_best(records: list[dict]) -> None:
         assert sum(r["extra"]["best"] for r in records if r["name"] == name) == 1, name
 
 
-# slow: a minute for its 10 launches; the bias + GELU search's test below goes through the same judging
-@pytest.mark.slow
 def test_tuning_reports_a_launch_that_breaks_the_kernel(tmp_path, monkeypatch):
     """A token tiling that skips rows must come out as parity_failed, never as the best launch."""
     from benchmarks import kernels_suite, tuning_suite

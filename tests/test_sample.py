@@ -2290,7 +2290,7 @@ def test_reverse_resumes_from_its_parts_after_a_crash(files, tmp_path, capsys, m
                                       f"again to compute it")
 
 
-@pytest.mark.parametrize("job", ["--likelihood", pytest.param("--reverse", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
 def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job, files, tmp_path, monkeypatch):
     """A run stopped after 2 of 4 batches (one process) is finished by 2 processes, which take the
     other 2 in turn: the results are the uninterrupted single-process run's, to the bit."""

@@ -127,7 +127,6 @@ def _node_local_worker(rank: int, port: int, root: str, argv: list[str]) -> None
         f.write(outcome)
 
 
-@pytest.mark.slow  # 43 s on 2 cores; `make test-all` runs it
 def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
     """An experiment folder each node has on its own disk serves a run (rank 0 alone writes there), with
     a warning that resuming needs the checkpoint on every node; a --resume file that differs between
@@ -312,7 +311,6 @@ def test_exact_resume_ddp(ddp_straight):
         assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
 
 
-@pytest.mark.slow
 def test_ddp_with_the_fast_options_keeps_ranks_identical(tmp_path):
     """2 ranks with --fused-kernels on, --compile (Inductor, with DDP's graph splitting) and
     --grad-accum-steps 2 (no_sync in the first micro-batch): the run goes through, the ranks agree."""
@@ -717,7 +715,6 @@ def test_the_fast_options_train_as_the_plain_model_does(tmp_path, monkeypatch, b
     assert_states_close(a["ema"], b["ema"], "ema")
 
 
-@pytest.mark.slow
 def test_exact_resume_with_compile(tmp_path):
     """Under --compile the label dropout draws from Inductor's generator, seeded from torch's global
     one, which the checkpoint keeps: 2 steps + resume + 2 == 4 straight, as in eager mode."""
@@ -2769,9 +2766,8 @@ def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
         assert [s["count"] for s in json.load(f)["shards"]] == [2, 2, 2]
 
 
-# ----------------------------------------------------------------------------- slow: the real launchers
+# ----------------------------------------------------------------------------- the real launchers
 
-@pytest.mark.slow
 def test_torchrun_cli_two_processes(tmp_path):
     exp = str(tmp_path / "run")
     env = torchrun_env(tmp_path)
