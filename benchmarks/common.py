@@ -259,10 +259,9 @@ SIZES: dict[str, Callable[[], SizeConfig]] = {
         train_batches=(2,), warmup=0, iters=2, sample_batches=(1,), steps_timed=2,
         latency_steps_timed=2, sample_iters=1,
         parity_batch=2, memory_batches=(1, 2),
-        # The interpreter makes the kernels and the launch search the slowest suites here (about 35 s
-        # and 50 s on two idle cores; the whole run about 120 s alone, 170-200 s beside the other
-        # tests), and since the kernels keep to their box, the deadline is sized for a machine over
-        # twice as slow.
+        # The interpreter makes the kernels and the launch search the slowest suites here (about 11 s
+        # and 15 s on two idle cores, of a whole run of about 45 s), and since the kernels keep to
+        # their box, the deadline is sized for a machine several times as slow.
         budgets_s={"kernels": 70, "parity": 25, "train": 25, "sample": 25, "memory": 10, "profile": 15,
                    "tuning": 0},
         deadline_s=480,
