@@ -110,14 +110,6 @@ def barrier() -> None:
         dist.barrier(group=host_group())
 
 
-def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
-    """Average `tensor` over ranks in place and return it (unchanged without a process group)."""
-    if is_distributed() and dist.get_world_size() > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-        tensor.div_(dist.get_world_size())
-    return tensor
-
-
 def broadcast_object(obj, src: int = 0):
     """Rank `src`'s Python object on every rank (the object itself without a process group)."""
     if not is_distributed():

@@ -266,3 +266,62 @@ def test_fingerprints_tell_apart_files_of_one_size_that_are_no_zip_archives(tmp_
     a, b, c = (file_fingerprint(str(tmp_path / f"{n}.safetensors")) for n in "abc")
     assert a[0] == b[0] and a != b and a == c
     assert file_fingerprint(str(tmp_path / "missing")) is None
+
+
+def test_the_main_process_is_global_rank_0_not_each_nodes_first(monkeypatch):
+    """Rank 0 alone logs and writes: on a second node, local rank 0 is not the main process."""
+    from sit_fast import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(distributed, "host_group", lambda: None)
+    for (rank, local), main in (((4, 0), False), ((0, 0), True)):
+        for name, value in (("RANK", rank), ("WORLD_SIZE", 8), ("LOCAL_RANK", local)):
+            monkeypatch.setenv(name, str(value))
+        info = distributed.init_distributed()
+        assert (info.rank, info.local_rank, info.world_size, info.is_main) == (rank, local, 8, main)
+
+
+def test_local_rank_equal_to_the_gpu_count_is_refused(monkeypatch):
+    """LOCAL_RANK 4 of 4 GPUs would share GPU 0 with LOCAL_RANK 0: refused before a device is set."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.errors import UserError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: pytest.fail(f"set {device} before the check"))
+    for name, value in (("RANK", "4"), ("WORLD_SIZE", "8"), ("LOCAL_RANK", "4")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(UserError, match=r"^LOCAL_RANK 4 on a node whose processes see 4 GPUs"):
+        init_distributed()
+
+
+def test_on_main_tells_rank_0s_crash_from_its_user_error(monkeypatch):
+    """The other ranks raise PeerFailed for rank 0's crash (torchrun names rank 0 as the root cause)
+    and rank 0's own UserError for a user error (one line on every rank)."""
+    from sit_fast import distributed
+    from sit_fast.errors import PeerFailed, UserError
+
+    other = distributed.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False)
+
+    def not_here():
+        pytest.fail("fn runs on rank 0 only")
+
+    monkeypatch.setattr(distributed, "broadcast_object",
+                        lambda obj, src=0: (None, "rank 0 failed: ZeroDivisionError: division by zero", True))
+    with pytest.raises(PeerFailed, match="^rank 0 failed: ZeroDivisionError"):
+        distributed.on_main(not_here, other)
+    monkeypatch.setattr(distributed, "broadcast_object",
+                        lambda obj, src=0: (None, "--data-path x: no such folder", False))
+    with pytest.raises(UserError, match="^--data-path x: no such folder$") as caught:
+        distributed.on_main(not_here, other)
+    assert type(caught.value) is UserError
+
+
+def test_fingerprints_tell_apart_files_that_differ_only_past_their_first_blocks(tmp_path):
+    from sit_fast.distributed import file_fingerprint
+
+    head = os.urandom(1 << 20)
+    (tmp_path / "a.bin").write_bytes(head + bytes(1 << 20))
+    (tmp_path / "b.bin").write_bytes(head + b"\x01" * (1 << 20))
+    assert file_fingerprint(str(tmp_path / "a.bin")) != file_fingerprint(str(tmp_path / "b.bin"))

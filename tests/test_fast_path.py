@@ -448,6 +448,13 @@ def test_likelihood_activation_memory():
     assert figures["fast", True] <= 0.9 * figures["reference", True], figures
 
 
+def test_flops_follow_the_mlp_ratio():
+    model = SiT(input_size=8, patch_size=2, hidden_size=64, depth=2, num_heads=4, num_classes=10, mlp_ratio=2.0)
+    with FlopCounterMode(display=False) as counter:
+        model(torch.randn(2, 4, 8, 8), torch.rand(2), torch.randint(0, 10, (2,)))
+    assert counter.get_total_flops() == 2 * forward_flops(model)
+
+
 def test_flops_match_flop_counter():
     for config in CONFIGS.values():
         model = SiT(num_classes=10, **config)
@@ -467,6 +474,9 @@ def test_flops_match_flop_counter():
     assert peak_tflops("NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(989.4)
     assert peak_tflops("NVIDIA H100 PCIe", torch.bfloat16) == pytest.approx(756.5)
     assert peak_tflops("NVIDIA H200", torch.float32, tf32=True) == pytest.approx(494.7)
+    assert peak_tflops("NVIDIA H200", torch.float32) == pytest.approx(66.9)
+    for dtype in (torch.bfloat16, torch.float16):  # tf32 changes the fp32 peak only
+        assert peak_tflops("NVIDIA H100 80GB HBM3", dtype, tf32=True) == pytest.approx(989.4)
     assert peak_tflops("NVIDIA H200 NVL", torch.bfloat16) == pytest.approx(835.5)
     assert mfu(494.7e12, "NVIDIA H100 80GB HBM3", torch.bfloat16) == pytest.approx(0.5)
     assert mfu(1e12, "cpu", torch.float32) is None

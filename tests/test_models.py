@@ -782,3 +782,65 @@ def test_auto_attention_passes_over_flash_attn_on_a_gpu_older_than_ampere(monkey
     with pytest.raises(ValueError, match=r"attention backend 'flash_attn' cannot run here: needs a GPU of compute "
                                          r"capability 8.0 or later, got 7.5 \(GPU 7.5\); usable: sdpa, math"):
         attention.select_backend("flash_attn", "cuda", torch.bfloat16, 72)
+
+
+def _a_hopper_gpu_with_flash_attn(monkeypatch):
+    """sit_fast.attention as on a compute capability 9.0 GPU with flash-attn importable."""
+    import types
+
+    from sit_fast import attention
+
+    monkeypatch.setitem(attention._OPTIONAL_MODULES, "flash_attn", None)
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: types.SimpleNamespace(major=9, minor=0, name="GPU 9.0"))
+    return attention
+
+
+def test_auto_takes_flash_attn_only_where_flash_attn_runs(monkeypatch):
+    """flash-attn 2: half precision, head dims up to 256 in multiples of 8; elsewhere "auto" takes SDPA
+    (flash-attn would fail at the first forward)."""
+    attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
+    for dtype, head_dim, chosen in ((torch.bfloat16, 256, "flash_attn"), (torch.bfloat16, 264, "sdpa"),
+                                    (torch.float16, 72, "flash_attn"), (torch.bfloat16, 12, "sdpa"),
+                                    (torch.float32, 72, "sdpa")):
+        assert attention.select_backend("auto", "cuda", dtype, head_dim) == chosen, (dtype, head_dim)
+    with pytest.raises(ValueError, match="supports dtypes float16, bfloat16, got float32; usable: sdpa, math"):
+        attention.select_backend("flash_attn", "cuda", torch.float32, 72)
+
+
+def test_resolved_backend_is_memoised_per_dtype(monkeypatch):
+    attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
+    monkeypatch.setattr(attention, "_RESOLVED", {})
+    cuda = torch.device("cuda")
+    assert attention.resolve_backend("auto", cuda, torch.float32, 72) == "sdpa"
+    assert attention.resolve_backend("auto", cuda, torch.bfloat16, 72) == "flash_attn"
+    assert attention.resolve_backend("auto", cuda, torch.float32, 72) == "sdpa"
+
+
+def test_sdpa_attention_runs_the_kernel_the_variable_forces(monkeypatch):
+    import torch.nn.attention as nn_attention
+    from torch.nn.attention import SDPBackend
+
+    from sit_fast.attention import attention_fn
+
+    seen, real = [], nn_attention.sdpa_kernel
+
+    def recording(backends, *args, **kwargs):
+        seen.append(backends)
+        return real(backends, *args, **kwargs)
+
+    monkeypatch.setattr(nn_attention, "sdpa_kernel", recording)
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "math")
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    out = attention_fn("sdpa")(q, k, v)
+    assert seen == [SDPBackend.MATH]
+    torch.testing.assert_close(out, math_attention(q, k, v))
+
+
+def test_forced_label_drops_follow_force_drop_ids():
+    """Upstream's force_drop_ids: 1 drops the label (to the null class), 0 keeps it, whatever the mode."""
+    from sit_fast.models import LabelEmbedder
+
+    embedder = LabelEmbedder(10, 8, 0.1)
+    out = embedder(torch.tensor([1, 2, 3, 4]), train=False, force_drop_ids=torch.tensor([1, 0, 1, 0]))
+    torch.testing.assert_close(out, embedder.embedding_table(torch.tensor([10, 2, 10, 4])))

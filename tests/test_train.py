@@ -1054,6 +1054,38 @@ def make_image_folder(root, classes=2, per_class=3, size=20) -> str:
     return str(root)
 
 
+def test_run_batches_after_a_mid_epoch_resume_start_the_next_epoch_at_its_first_step():
+    """A run resumed at step 3 of epoch 1 takes the rest of epoch 1, then every epoch after it whole
+    (from step 0): no sample skipped in the epochs that follow a mid-epoch resume."""
+    from sit_fast.data import EpochSampler, RunBatches
+
+    sampler = EpochSampler(10, 2, rank=0, world_size=1, seed=5, flip=True)  # 5 steps per epoch
+    run = RunBatches(sampler, epoch=1, step_in_epoch=3, num_steps=9)
+    batches = list(run)
+    assert len(run) == 9 and batches == sampler.batches(1)[3:] + sampler.batches(2) + sampler.batches(3)[:2]
+    assert sorted(index for batch in batches[2:7] for index, _ in batch) == list(range(10))  # epoch 2: each once
+
+
+def test_digits_are_scikit_learns_in_minus_one_one_with_their_labels():
+    """DigitsDataset: sklearn's 17 levels 0..16 as k / 8 - 1, each image with its own label, by
+    __getitems__ (the loader's) and __getitem__ alike."""
+    from sklearn.datasets import load_digits
+
+    from sit_fast.data import DigitsDataset
+
+    digits, dataset = load_digits(), DigitsDataset(8)
+    keys = [(0, 0), (7, 1), (1796, 0)]
+    images, labels = dataset.__getitems__(keys)
+    rows = [index for index, _ in keys]
+    expected = torch.from_numpy(digits.images[rows]).float().unsqueeze(1) / 8 - 1
+    torch.testing.assert_close(images, expected, rtol=0, atol=1e-6)
+    assert labels.tolist() == digits.target[rows].tolist()
+    assert float(dataset.images.min()) == -1.0 and float(dataset.images.max()) == 1.0
+    for key, image, label in zip(keys, images, labels):
+        got_image, got_label = dataset[key]
+        assert torch.equal(got_image, image) and int(got_label) == int(label)
+
+
 @pytest.mark.parametrize("num_samples,world_size", [(10, 3), (2, 8), (1, 3), (5, 16)])
 def test_epoch_sampler_gives_every_rank_distributed_samplers_indices(num_samples, world_size):
     """As torch's DistributedSampler (shuffle, seed + epoch), whatever the padding: a dataset smaller

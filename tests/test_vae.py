@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from sit_fast.distributed import all_reduce_mean, barrier, init_distributed
+from sit_fast.distributed import barrier, init_distributed
 from sit_fast.errors import UserError
 from sit_fast.images import center_crop_arr, save_image_grid, to_uint8
 from sit_fast.vae import VAEError, check_image_size, load_vae
@@ -183,8 +183,6 @@ def test_distributed_single_process(monkeypatch):
     info = init_distributed()
     assert (info.rank, info.world_size, info.is_main) == (0, 1, True)
     barrier()
-    x = torch.tensor([3.0])
-    assert all_reduce_mean(x).item() == 3.0
 
 
 def test_save_image_grid_scale(tmp_path):
@@ -266,3 +264,25 @@ def test_a_vae_alias_is_recorded_as_loaded_even_beside_a_folder_of_its_name(tmp_
     assert recorded_vae_spec("stabilityai/sd-vae-ft-mse") == "mse"  # one VAE, one spelling
     (tmp_path / "stabilityai" / "sd-vae-ft-mse").mkdir(parents=True)  # but a folder is read first, as load_vae
     assert recorded_vae_spec("stabilityai/sd-vae-ft-mse") == str(tmp_path / "stabilityai" / "sd-vae-ft-mse")
+
+
+def test_the_two_sd_vaes_share_an_encoder_and_other_vaes_do_not():
+    """ema and mse (either spelling) are one encoder: resuming or sampling across them is not warned about."""
+    from sit_fast.vae import same_encoder
+
+    assert same_encoder("ema", "mse") and same_encoder("mse", "stabilityai/sd-vae-ft-ema")
+    assert same_encoder("/vaes/mine", "/vaes/mine")
+    assert not same_encoder("ema", "/vaes/mine") and not same_encoder("owner/other-vae", "mse")
+
+
+def test_center_crop_resizes_as_adm_box_halving_then_bicubic_with_rounded_sizes():
+    """ADM's resizing: a short side of at least twice the target is box-halved (each pixel its 2x2
+    block's mean); then bicubic to round(side * scale), then the center."""
+    rng = np.random.default_rng()
+    big = rng.integers(0, 256, (32, 40, 3), dtype=np.uint8)  # H 32 = 2 x 16: one halving, to 16 x 20
+    halved = big.reshape(16, 2, 20, 2, 3).astype(np.float64).mean((1, 3))
+    crop = np.asarray(center_crop_arr(Image.fromarray(big), 16)).astype(np.float64)
+    np.testing.assert_allclose(crop, halved[:, 2:18], rtol=0, atol=1)
+    small = rng.integers(0, 256, (20, 22, 3), dtype=np.uint8)  # scale 0.8: width 17.6 rounds to 18, crop x 1
+    expected = np.asarray(Image.fromarray(small).resize((18, 16), resample=Image.BICUBIC))[:, 1:17]
+    np.testing.assert_array_equal(np.asarray(center_crop_arr(Image.fromarray(small), 16)), expected)
