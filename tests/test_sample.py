@@ -2581,3 +2581,167 @@ def test_a_class_label_outside_the_models_classes_names_its_count(files, tmp_pat
              tmp_path / "grid.png", *FAST])
     assert one_line_error(capsys) == (f"error: --class-labels {NUM_CLASSES} is outside 0 .. {NUM_CLASSES - 1}: the "
                                       f"model has {NUM_CLASSES} classes")
+
+
+def test_fid_and_data_jobs_default_batch_sizes_are_upstreams():
+    """sample_ddp.py's --per-proc-batch-size defaults to upstream's 32 (it names the run folder and
+    decides SDE / adaptive images); --likelihood and --reverse to 16."""
+    args = sample.resolve_args(sample.build_parser(sample.SAMPLE_DDP_DEFAULTS).parse_args(["SDE"]))
+    assert (args.batch_size, args.num_sampling_steps, args.seed) == (32, 250, 0)
+    args = sample.resolve_args(sample.build_parser().parse_args(["ODE", "--num-fid-samples", "10"]))
+    assert args.batch_size == 32
+    for job in ("--likelihood", "--reverse"):
+        args = sample.resolve_args(sample.build_parser().parse_args(["ODE", job, "--data", "x.pt"]))
+        assert args.batch_size == 16, job
+
+
+def test_fid_ranks_take_disjoint_chunks_in_turn(files, tmp_path, monkeypatch):
+    """Rank r of W samples chunks r, r + W, ...: with 7 images in chunks of 2 on 2 ranks, rank 1 writes
+    images 2, 3, 6 only (no chunk sampled twice, none skipped), and they are a single process's."""
+    from sit_fast.distributed import DistInfo
+
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+            "--num-sampling-steps", 2, "--num-fid-samples", 7, "--per-proc-batch-size", 2, *FAST]
+    run(argv + ["--sample-dir", tmp_path / "single"])
+    with np.load(f"{tmp_path / 'single'}.npz") as archive:
+        single = archive["arr_0"]
+    # one process of a two-process job, in this process: the collectives are rank 0's answers
+    monkeypatch.setattr(sample, "on_main", lambda fn, info: fn())
+    monkeypatch.setattr(sample, "local_path_on_main_first", lambda fn, info: fn())
+    monkeypatch.setattr(sample, "check_same_file", lambda *a, **k: None)
+    monkeypatch.setattr(sample, "check_shared_path", lambda *a, **k: None)
+    sample_dir = tmp_path / "two"
+    monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(
+        rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False))
+    run(argv + ["--sample-dir", sample_dir])
+    assert sorted(n for n in os.listdir(sample_dir) if n.endswith(".png")) == [f"{i:06d}.png" for i in (2, 3, 6)]
+    monkeypatch.undo()  # one process finishes the folder (chunks 0 and 2) and writes the .npz
+    run(argv + ["--sample-dir", sample_dir])
+    with np.load(f"{sample_dir}.npz") as archive:
+        np.testing.assert_array_equal(archive["arr_0"], single)
+
+
+def test_sde_per_step_noise_differs_between_batches(files, tmp_path, monkeypatch):
+    """An SDE's per-step noise is drawn per batch (seed, batch): two batches of the same starting
+    noise and label give different images, in a grid and in the FID job."""
+    real_index_noise = sample.index_noise
+    monkeypatch.setattr(sample, "index_noise",  # every image: image 0's noise and label
+                        lambda seed, indices, *a, **k: real_index_noise(seed, [0] * len(indices), *a, **k))
+    common = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 3, "--cfg-scale", 1.0,
+              "--batch-size", 1, *FAST]
+    run(common + ["--class-labels", 1, 1, "--out", tmp_path / "g.png"])
+    grid = read_png(tmp_path / "g.png")  # 2 images of 8 x 8, 2 px apart
+    assert not np.array_equal(grid[2:10, 2:10], grid[2:10, 12:20])
+    run(common + ["--num-fid-samples", 2, "--sample-dir", tmp_path / "s"])
+    assert not np.array_equal(read_png(tmp_path / "s" / "000000.png"), read_png(tmp_path / "s" / "000001.png"))
+
+
+def test_likelihood_without_labels_is_the_null_class_which_may_also_be_given(files, tmp_path):
+    """--likelihood without --class-labels conditions on the null class (num_classes, unconditional):
+    the same bpd as --class-labels NUM_CLASSES given, other than the last real class's."""
+
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    argv = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
+            "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST]
+    default = run(argv)
+    np.testing.assert_array_equal(run(argv + ["--class-labels", NUM_CLASSES]), default)
+    assert not np.array_equal(run(argv + ["--class-labels", NUM_CLASSES - 1]), default)
+
+
+def test_data_job_ranks_take_disjoint_batches_in_turn(files, tmp_path, monkeypatch):
+    """Rank r of W computes batches r, r + W, ... of --likelihood --out: rank 1 of 2, on 7 items in
+    batches of 2, writes batches 1 and 3 alone."""
+    from sit_fast.distributed import DistInfo
+
+    argv, out, _ = data_job("--likelihood", 7, files, tmp_path)
+    monkeypatch.setattr(sample, "on_main", lambda fn, info: fn())
+    monkeypatch.setattr(sample, "local_path_on_main_first", lambda fn, info: fn())
+    monkeypatch.setattr(sample, "check_same_file", lambda *a, **k: None)
+    monkeypatch.setattr(sample, "check_shared_path", lambda *a, **k: None)
+    monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(
+        rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False))
+    run(argv)
+    assert sorted(n for n in os.listdir(f"{out}.parts") if n.endswith(".pt")) == ["000001.pt", "000003.pt"]
+
+
+def test_guidance_and_cfg_interval_flags_of_the_data_jobs_and_equal_bounds():
+    """--likelihood and --reverse refuse a --cfg-scale other than 1; --cfg-interval LOW == HIGH is allowed
+    (LOW must not exceed HIGH)."""
+    from sit_fast.errors import UserError
+
+    parse = sample.build_parser().parse_args
+    for job in ("--likelihood", "--reverse"):
+        with pytest.raises(UserError, match="runs without guidance"):
+            sample.resolve_args(parse(["ODE", job, "--data", "x.pt", "--cfg-scale", "4"]))
+        assert sample.resolve_args(parse(["ODE", job, "--data", "x.pt", "--cfg-scale", "1"])).cfg_scale == 1.0
+    args = sample.resolve_args(parse(["ODE", "--cfg-scale", "4", "--cfg-interval", "0.5", "0.5"]))
+    assert args.cfg_interval == [0.5, 0.5]
+
+
+def test_precision_defaults_to_upstreams_tf32():
+    for parser in (sample.build_parser(), sample.build_parser(sample.SAMPLE_DDP_DEFAULTS)):
+        assert sample.resolve_args(parser.parse_args(["ODE"])).precision == "tf32"
+
+
+def test_an_fid_folder_refuses_a_resume_that_changes_how_labels_are_drawn(files, tmp_path, capsys):
+    """--class-balanced changes every image's label: a folder sampled without it is not resumed with it."""
+
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+            "--num-sampling-steps", 2, "--per-proc-batch-size", 2, "--sample-dir", tmp_path / "s", *FAST]
+    run(argv + ["--num-fid-samples", 2])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv + ["--num-fid-samples", 4, "--class-balanced"])
+    assert "other settings" in one_line_error(capsys)
+
+
+def test_reverse_is_the_samplers_reverse_ode(files, tmp_path):
+    """--reverse's noise is Sampler.sample_ode(reverse=True) of the data under the model (null label,
+    no guidance): data -> noise, not the sampling direction."""
+    from sit_fast.models import SiT_models
+    from sit_fast.transport import Sampler, create_transport
+
+    x = torch.randn(2, 3, 8, 8).clamp(-1, 1)
+    torch.save(x, tmp_path / "x.pt")
+    out = run(["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
+               "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "z.pt", *FAST])
+    model = SiT_models["SiT-T/2"](input_size=8, in_channels=3, num_classes=NUM_CLASSES, learn_sigma=False)
+    model.load_state_dict(torch.load(files["pixel"], weights_only=True))
+    model.eval()
+    y = torch.full((2,), NUM_CLASSES)
+    sample_fn = Sampler(create_transport()).sample_ode(sampling_method="euler", num_steps=3, reverse=True)
+    with torch.no_grad():
+        expected = sample_fn(x, lambda x_t, t: model(x_t, t, y))[-1]
+    torch.testing.assert_close(torch.load(out, weights_only=True), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_cfg_interval_reaches_the_sampler(files, tmp_path):
+    """--cfg-interval guides only the model calls inside it: with euler's 2 calls at t = 0 and 0.5,
+    [0.4, 1] guides the second alone (images neither unguided nor fully guided), [0, 1] both (plain guidance)."""
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+              "--num-sampling-steps", 2, "--class-labels", 1, 2, *FAST]
+    run(common + ["--cfg-scale", 1, "--out", tmp_path / "unguided.png"])
+    run(common + ["--cfg-scale", 4, "--out", tmp_path / "guided.png"])
+    run(common + ["--cfg-scale", 4, "--cfg-interval", 0.4, 1.0, "--out", tmp_path / "late.png"])
+    run(common + ["--cfg-scale", 4, "--cfg-interval", 0.0, 1.0, "--out", tmp_path / "all.png"])
+    unguided, guided, late, every = (read_png(tmp_path / f"{n}.png") for n in ("unguided", "guided", "late", "all"))
+    assert not np.array_equal(late, unguided) and not np.array_equal(late, guided)
+    np.testing.assert_array_equal(every, guided)
+
+
+def test_class_labels_are_refused_by_the_fid_job():
+    from sit_fast.errors import UserError
+
+    with pytest.raises(UserError, match="--class-labels sets a grid's labels"):
+        sample.resolve_args(sample.build_parser().parse_args(["ODE", "--num-fid-samples", "4", "--class-labels", "1"]))
+
+
+def test_a_1000_class_grid_defaults_to_upstreams_labels(tmp_path):
+    """Without --class-labels, a 1000-class model's grid is upstream sample.py's 8 ImageNet classes."""
+
+    torch.save(random_sit(3, learn_sigma=False, num_classes=1000).state_dict(), tmp_path / "in1k.pt")
+    common = ["ODE", "--ckpt", tmp_path / "in1k.pt", "--vae", "none", "--sampling-method", "euler",
+              "--num-sampling-steps", 1, "--cfg-scale", 4, *FAST]
+    run(common + ["--out", tmp_path / "default.png"])
+    run(common + ["--class-labels", 207, 360, 387, 974, 88, 979, 417, 279, "--out", tmp_path / "upstream.png"])
+    np.testing.assert_array_equal(read_png(tmp_path / "default.png"), read_png(tmp_path / "upstream.png"))
