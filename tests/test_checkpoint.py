@@ -756,3 +756,63 @@ def test_a_step_that_is_not_an_integer_is_not_reported(tmp_path):
     assert read_checkpoint(tmp_path / "c.pt")[1]["step"] is None
     torch.save({"model": sd, "ema": sd, "step": 7}, tmp_path / "c.pt")
     assert read_checkpoint(tmp_path / "c.pt")[1]["step"] == 7
+
+
+def test_atomic_write_syncs_the_whole_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    """A power cut after the rename must not leave an empty or partial file under the final name."""
+    import stat
+
+    from sit_fast import files
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        events.append(("fsync dir",) if stat.S_ISDIR(st.st_mode) else ("fsync file", st.st_size))
+        real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.path.basename(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    files.atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(b"x" * 1000))
+    assert events == [("fsync file", 1000), ("replace", "out.bin"), ("fsync dir",)]
+    assert (tmp_path / "out.bin").read_bytes() == b"x" * 1000
+
+
+def test_atomic_torch_save_on_a_full_disk_raises_the_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch.save's writer turns a failed write into a RuntimeError naming its own position; the
+    caller's one-line "cannot write PATH (No space left on device)" needs the OSError back."""
+    import builtins
+    import errno
+
+    from sit_fast import files
+
+    class Full:
+        def __init__(self, f):
+            self.f, self.writes = f, 0
+
+        def write(self, data):  # the disk fills mid-file (a failed first write comes out of torch.save as is)
+            self.writes += 1
+            if self.writes > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(files, "open", lambda path, mode="r", *a, **k: Full(builtins.open(path, mode, *a, **k)),
+                        raising=False)
+    target = tmp_path / "0000004.pt"
+    with pytest.raises(OSError) as info:
+        files.atomic_torch_save({"w": torch.zeros(1000)}, str(target))
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))
+    assert os.listdir(tmp_path) == []

@@ -1312,7 +1312,8 @@ def error_cases(tmp_path, checkpoint):
 
 @pytest.mark.parametrize("key,value", [
     ("args", None), ("args", [1]), ("step", "seven"), ("rng", None), ("rng", [{"torch": torch.zeros(3)}]),
-    ("opt", {}), ("data", [1]), ("model", [1]),
+    ("opt", {}), ("data", [1]), ("model", [1]), ("step", -1), ("step_in_epoch", -3), ("epoch", -1),
+    ("args", {"grad_accum_steps": 0}),
 ])
 def test_a_damaged_training_checkpoint_is_refused_in_one_line(tmp_path, digits_checkpoint, key, value):
     from sit_fast.checkpoint import CheckpointError
@@ -1323,6 +1324,75 @@ def test_a_damaged_training_checkpoint_is_refused_in_one_line(tmp_path, digits_c
     torch.save(checkpoint, tmp_path / "damaged.pt")
     with pytest.raises(CheckpointError, match=rf"not a resumable train.py checkpoint: damaged {key} "):
         load_training_checkpoint(str(tmp_path / "damaged.pt"))
+
+
+@pytest.mark.parametrize("key", ["model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng"])
+def test_a_training_checkpoint_missing_an_entry_is_refused_in_one_line(tmp_path, digits_checkpoint, key):
+    from sit_fast.checkpoint import CheckpointError
+    from sit_fast.training.checkpointing import load_training_checkpoint
+
+    checkpoint = load_ckpt(digits_checkpoint)
+    del checkpoint[key]
+    torch.save(checkpoint, tmp_path / "partial.pt")
+    with pytest.raises(CheckpointError, match=rf"not a resumable train.py checkpoint: no {key} "):
+        load_training_checkpoint(str(tmp_path / "partial.pt"))
+
+
+def test_list_checkpoints_orders_by_step_and_takes_only_checkpoint_names(tmp_path):
+    """Newest = highest step as a number (past 9,999,999 steps the names grow a digit), and only
+    NNN.pt itself: a user's backup 0000020.pt.bak, an editor's 0000030.pt~ are not checkpoints."""
+    for name in ("9999999.pt", "10000000.pt", "0000005.pt", "0000020.pt.bak", "0000030.pt~", "x0000040.pt",
+                 ".0000050.pt.tmp-7"):
+        (tmp_path / name).write_bytes(b"")
+    assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["10000000.pt", "9999999.pt",
+                                                                              "0000005.pt"]
+
+
+def test_the_first_stop_signal_is_the_one_that_ends_the_run():
+    """SLURM's SIGUSR1 warning, then its SIGTERM: the run stopped for the first (exit 128 + SIGUSR1)."""
+    import signal
+
+    from sit_fast.training.checkpointing import StopRequest
+
+    stop = StopRequest()
+    assert stop.agreed() is None
+    stop._handle(signal.SIGUSR1, None)
+    stop._handle(signal.SIGTERM, None)
+    assert stop.agreed() == "SIGUSR1"
+
+
+def test_every_flag_of_upstream_sit_train_keeps_its_default():
+    """Upstream SiT train.py's argparse defaults (lr: its AdamW's; the transport group's)."""
+    from sit_fast.training.args import parse_args
+
+    args, explicit = parse_args(["--data-path", "images"])
+    upstream = {"results_dir": "results", "model": "SiT-XL/2", "image_size": 256, "epochs": 1400,
+                "global_batch_size": 256, "global_seed": 0, "vae": "ema", "log_every": 100, "ckpt_every": 50_000,
+                "sample_every": 10_000, "cfg_scale": 4.0, "wandb": False, "ckpt": None, "lr": 1e-4,
+                "path_type": "Linear", "prediction": "velocity", "loss_weight": None}
+    assert {key: getattr(args, key) for key in upstream} == upstream
+    assert explicit == {"data_path"}
+
+
+def test_a_resume_never_takes_this_machines_own_settings_from_the_checkpoint():
+    from sit_fast.training.args import NOT_INHERITED, merge_resumed_args, parse_args
+
+    args, explicit = parse_args(["--resume", "auto"])
+    saved = dict(vars(args), num_workers=args.num_workers + 7, exp_dir="elsewhere", ckpt="w.pt", use_raw=True,
+                 no_progress=True, ckpt_every=7)
+    merged = merge_resumed_args(args, explicit, saved, "x.pt")
+    assert merged.ckpt_every == 7
+    assert {key: getattr(merged, key) for key in NOT_INHERITED} == {key: getattr(args, key) for key in NOT_INHERITED}
+    assert merged.num_workers == args.num_workers
+
+
+@pytest.mark.parametrize("path_type,prediction,eps", [
+    ("Linear", "velocity", 0.0), ("GVP", "velocity", 0.0), ("VP", "velocity", 1e-5), ("GVP", "noise", 1e-5),
+    ("Linear", "score", 1e-5)])
+def test_a_new_runs_train_eps_is_upstream_create_transports(path_type, prediction, eps):
+    from sit_fast.training.args import train_eps_of_a_new_run
+
+    assert train_eps_of_a_new_run(path_type, prediction) == eps
 
 
 def test_resume_auto_skips_a_checkpoint_it_cannot_read(tmp_path, digits_checkpoint, monkeypatch, caplog):
