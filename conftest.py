@@ -18,8 +18,8 @@ def _processes_side_by_side() -> int:
     shards of SIT_FAST_TEST_SHARD=I/N."""
     if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
         return max(1, int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
-    shard = os.environ.get("SIT_FAST_TEST_SHARD", "")
-    return max(1, int(shard.split("/")[1])) if shard.count("/") == 1 and shard.split("/")[1].isdigit() else 1
+    count = os.environ.get("SIT_FAST_TEST_SHARD", "").partition("/")[2]
+    return max(1, int(count)) if count.isdigit() else 1
 
 
 # Each process's share of the cores for torch's CPU threads, and for the processes its tests start

@@ -422,7 +422,8 @@ def test_bias_gelu_programs_write_only_their_own_rows(monkeypatch):
     launch = {"block_rows": 8, "block_h": 64, "programs_per_slot": 3, "num_warps": 2}
     with _launch.launch_overrides(**{f"gelu_{d}_{k}": v for d in ("fwd", "bwd") for k, v in launch.items()}):
         assert bias_gelu._tiling(37, 97, torch.device(DEVICE), launch) == (64, 16, 3)
-        a, dg, bias = torch.randn(37, 97, device=DEVICE), torch.randn(37, 97, device=DEVICE), torch.randn(97, device=DEVICE)
+        a, dg = torch.randn(37, 97, device=DEVICE), torch.randn(37, 97, device=DEVICE)
+        bias = torch.randn(97, device=DEVICE)
         g, (da, g_bwd, dbias) = kernels.bias_gelu(a, bias), kernels.bias_gelu_backward(a, bias, dg)
     assert launches == [3, 3]
     da_ref, g_ref, dbias_ref = reference.bias_gelu_backward(a.double(), bias.double(), dg.double())
