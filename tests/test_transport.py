@@ -207,6 +207,29 @@ def test_velocity_conversions_are_finite_at_both_ends(path_type):
         assert torch.isfinite(plan.compute_diffusion_over_sigma(x, t[1:].expand(2), form=form)).all()
 
 
+def test_gvp_coefficients_are_exactly_0_at_the_ends():
+    """sigma_t and alpha'_t are exactly 0 at t = 1 (alpha_t and sigma'_t at t = 0) in float32 too, so the
+    singular end is where the maths puts it: cos(pi / 2) in float32 is -4.4e-8, a negative sigma_t that
+    gives a finite score of the wrong sign."""
+    plan = create_transport("GVP").path_sampler
+    ends = torch.tensor([0.0, 1.0])
+    (alpha, d_alpha), (sigma, d_sigma) = plan.compute_alpha_t(ends), plan.compute_sigma_t(ends)
+    assert alpha[0] == 0 and d_sigma[0] == 0 and sigma[1] == 0 and d_alpha[1] == 0
+    assert alpha[1] == 1 and sigma[0] == 1 and d_alpha[0] == -d_sigma[1] == math.pi / 2
+
+
+def test_vp_sigma_t_keeps_its_precision_in_float32_near_t_1():
+    """sigma_t = sqrt(1 - alpha_t^2) with alpha_t -> 1: computed as 1 - exp(2 m(t)) in float32 it would be
+    0.5% off at t = 1 - 1e-5 (VP's default train_eps, where the loss weights divide by sigma_t^2)."""
+    plan = create_transport("VP").path_sampler
+    t = torch.tensor([1 - 1e-5, 1 - 1e-4, 0.999, 0.99]) - 1e-6 * torch.rand(4)
+    _, _, ref_sigma, ref_d_sigma = ref_coefficients("VP", t.double())
+    sigma, d_sigma = plan.compute_sigma_t(t)
+    assert sigma.dtype == d_sigma.dtype == torch.float32
+    torch.testing.assert_close(sigma.double(), ref_sigma, rtol=1e-6, atol=0)
+    torch.testing.assert_close(d_sigma.double(), ref_d_sigma, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize(
     "path_type, prediction, kwargs, expected",
     [
@@ -218,6 +241,7 @@ def test_velocity_conversions_are_finite_at_both_ends(path_type):
         ("GVP", "noise", dict(reverse=True), (1 - 1e-3, 1e-3)),
         ("VP", "velocity", dict(), (0.0, 1 - 1e-3)),
         ("VP", "noise", dict(sde=True, last_step_size=0.04), (0.0, 0.96)),
+        ("VP", "velocity", dict(reverse=True), (1.0, 1e-3)),  # upstream's reflection (1 - t0, 1 - t1)
     ],
 )
 def test_check_interval(path_type, prediction, kwargs, expected):
@@ -309,6 +333,14 @@ def test_an_sde_last_step_that_leaves_no_interval_is_refused(path_type, predicti
     with pytest.raises(ValueError, match=r"leave no time to integrate over: the interval would be \[0.001, 0.0005\]"):
         sampler.sample_sde(diffusion_form=form, last_step="Mean", last_step_size=0.9995, num_steps=4)
     sampler.sample_sde(diffusion_form=form, last_step="Mean", last_step_size=0.99, num_steps=4)  # [0.001, 0.01]
+
+
+def test_an_sde_interval_of_zero_length_is_refused():
+    """t0 = sample_eps = 0.25 and t1 = 1 - last_step_size = 0.25: no time for the stochastic steps, which
+    would leave the last step alone to turn the noise into a sample."""
+    sampler = Sampler(create_transport("Linear", "score", sample_eps=0.25))
+    with pytest.raises(ValueError, match=r"leave no time to integrate over: the interval would be \[0.25, 0.25\]"):
+        sampler.sample_sde(diffusion_form="sigma", last_step="Mean", last_step_size=0.75, num_steps=4)
 
 
 @pytest.mark.parametrize("kwargs,needle", [
@@ -423,6 +455,24 @@ def test_an_adaptive_ode_calls_the_model_inside_its_interval_only(path_type, pre
     assert len(times) > 2 and min(t0, t1) <= times.min() and times.max() <= max(t0, t1), (times.min(), times.max())
 
 
+def test_adaptive_methods_land_on_the_end_time():
+    """The adaptive methods integrate a drift quadratic in t exactly while every stage lies inside [t0, t1].
+    A last step past t1, its stages taken at t1 (where the drift's time is clamped), would end 0.13 off on
+    [0, 0.999] with dopri5. Forwards and backwards, in float64."""
+    from sit_fast.transport.integrators import integrate_ode
+
+    x = torch.randn(4, 2, dtype=torch.float64)
+
+    def drift(x, t):
+        return (3 * t**2)[:, None].expand_as(x)
+
+    for method in ("dopri5", "dopri8", "bosh3"):
+        for t0, t1 in ((0.0, 0.999), (0.3, 0.7), (0.999, 0.001)):
+            out = integrate_ode(drift, x, t0, t1, method=method, num_steps=5)[-1]
+            torch.testing.assert_close(out, x + (t1**3 - t0**3), rtol=0, atol=1e-10,
+                                       msg=lambda m: f"{method} over [{t0}, {t1}]: {m}")
+
+
 # ---------------------------------------------------------------------------------------------
 # SDE sampling
 # ---------------------------------------------------------------------------------------------
@@ -532,6 +582,17 @@ def test_sde_noise_is_fresh_per_call_and_seeded():
     assert torch.equal(first, again)
 
 
+def test_sde_sampling_keeps_no_autograd_graph():
+    """sample_sde runs under torch.no_grad(): a model with trainable weights (sampling during training)
+    must not make it hold a graph through every step and the last step."""
+    scale = torch.nn.Parameter(torch.ones(()))
+    base = closed_form_model("Linear", "velocity")
+    for last_step in LAST_STEPS:
+        sample_fn = Sampler(create_transport()).sample_sde(last_step=last_step, num_steps=5, trajectory=True)
+        states = sample_fn(torch.randn(4, 2), lambda x, t: scale * base(x, t))
+        assert not any(state.requires_grad for state in states), last_step
+
+
 # ---------------------------------------------------------------------------------------------
 # Model-call counts, return conventions, upstream-style usage
 # ---------------------------------------------------------------------------------------------
@@ -542,6 +603,21 @@ def test_fixed_step_ode_model_calls(method, calls_per_step, num_steps):
     model = CountingModel(closed_form_model("Linear", "velocity"))
     Sampler(create_transport()).sample_ode(sampling_method=method, num_steps=num_steps)(torch.randn(4, 2), model)
     assert model.calls == num_steps * calls_per_step
+
+
+def test_step_counts_and_last_step_sizes_that_cannot_sample_are_refused():
+    """An ODE needs a step and an SDE two (the last step counts): with fewer, the noise would come back as
+    the sample, or the SDE's last step start from t0. A last step of size 0, 1 or more is no step to t = 1."""
+    sampler, model = Sampler(create_transport()), closed_form_model("Linear", "velocity")
+    for method in ("euler", "heun"):
+        with pytest.raises(ValueError, match="^num_steps must be at least 1, got 0$"):
+            sampler.sample_ode(sampling_method=method, num_steps=0)(torch.randn(4, 2), model)
+    for method in SDE_METHODS:
+        with pytest.raises(ValueError, match=r"^num_steps must be at least 2 for an SDE \(it counts the last step\)"):
+            sampler.sample_sde(sampling_method=method, num_steps=1)
+    for size in (0.0, 1.0, 1.5, -0.04):
+        with pytest.raises(ValueError, match=rf"^last_step_size must lie in \(0, 1\), got {size}$"):
+            sampler.sample_sde(last_step="Mean", last_step_size=size)
 
 
 @pytest.mark.parametrize("method", ["euler", "heun", "rk4", "explicit_adams", "implicit_adams", "fixed_adams",
@@ -812,6 +888,25 @@ def test_a_bf16_likelihood_sums_in_float32(method):
     torch.testing.assert_close(logp, likelihood_fn(x, model)[0], atol=3.0, rtol=0)
 
 
+def test_likelihood_of_image_shaped_data_counts_every_element():
+    """log N(z; 0, I) and the divergence sum over all of a (B, C, H, W) sample, not only its channels:
+    checked against the density of N(0, s^2 I) data, whose Linear-path velocity is c(t) x."""
+    s = 0.5
+
+    def model(x, t):
+        t = t.reshape(-1, 1, 1, 1)
+        return (t * s**2 - (1 - t)) / (t**2 * s**2 + (1 - t) ** 2) * x
+
+    x = s * torch.randn(4, 3, 4, 4, dtype=torch.float64)
+    transport = create_transport("Linear")
+    logp, z = Sampler(transport).sample_ode_likelihood(sampling_method="heun", num_steps=100)(x, model)
+    assert logp.shape == (4,) and z.shape == x.shape
+    expected = torch.distributions.Normal(0.0, s).log_prob(x).flatten(1).sum(1)
+    torch.testing.assert_close(logp, expected, atol=1e-2, rtol=0)  # Heun's error here: about 2e-3 at most
+    prior = torch.distributions.Normal(0.0, 1.0).log_prob(z).flatten(1).sum(1)
+    torch.testing.assert_close(transport.prior_logp(z), prior)
+
+
 def test_likelihood_and_inference_mode():
     """Data made under torch.inference_mode (latents encoded there) is taken; a call inside it, where
     nothing can be differentiated, is refused saying to use torch.no_grad()."""
@@ -900,11 +995,24 @@ def test_training_loss_formula(path_type, prediction, loss_weight):
     torch.testing.assert_close(terms["loss"], expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("prediction", PREDICTIONS)
+def test_a_model_output_of_another_shape_is_refused(prediction):
+    """A learn_sigma model returns twice the channels, a wrong head maybe one: the loss must not broadcast
+    either against x_t (a one-channel output would broadcast silently) but name both shapes."""
+    transport = create_transport("GVP", prediction)
+    x1 = torch.randn(4, 3, 2, 2)
+    for model, shape in ((lambda x, t: torch.cat([x, x], 1), "(4, 6, 2, 2)"), (lambda x, t: x[:, :1], "(4, 1, 2, 2)")):
+        with pytest.raises(ValueError, match=re.escape(f"model output shape {shape} != input shape (4, 3, 2, 2)")):
+            transport.training_losses(model, x1)
+
+
 @pytest.mark.parametrize("path_type", PATHS)
-def test_training_times_are_uniform_on_the_interval(path_type):
+@pytest.mark.parametrize("prediction, train_eps", [("velocity", None), ("noise", 0.2)])
+def test_training_times_are_uniform_on_the_interval(path_type, prediction, train_eps):
     """t ~ U[t0, t1]: the quartiles of (t - t0) / (t1 - t0) at 1/4, 1/2, 3/4 (40000 draws: a quartile's
-    standard error is about 0.002), not only t within its bounds."""
-    transport = create_transport(path_type, "velocity")
+    standard error is about 0.002), not only t within its bounds; with t0 > 0 too (a noise model's train_eps
+    on Linear and GVP: [0.2, 0.8])."""
+    transport = create_transport(path_type, prediction, train_eps=train_eps)
     t0, t1 = transport.check_interval(transport.train_eps, transport.sample_eps)
     t, x0, x1 = transport.sample(torch.zeros(40000, 2, dtype=torch.float64))
     assert t.dtype == torch.float64 and x0.shape == x1.shape == (40000, 2) and x0.std() > 0.9
