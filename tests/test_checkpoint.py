@@ -45,6 +45,13 @@ def test_upstream_layout_loads_strict_and_round_trips(tmp_path, depth, hidden, p
                        learn_sigma=learn_sigma, num_classes=10)
 
 
+def test_infer_config_counts_no_blocks_as_depth_0():
+    sd = {k: v for k, v in upstream_state_dict(1, 32, 2, True).items() if not k.startswith("blocks.")}
+    assert infer_config(sd)["depth"] == 0
+    model = model_for(0, 32, 2, True)
+    load_into_model(model, sd)
+
+
 def test_train_checkpoint_prefers_ema_and_strips_wrappers(tmp_path):
     model = model_for(2, 32, 2, True)
     raw = {"module." + k: torch.zeros_like(v) for k, v in model.state_dict().items()}
@@ -124,6 +131,19 @@ def test_a_label_table_of_another_shape_than_rows_is_a_mismatch(shape):
     sd = upstream_state_dict(2, 32, 2, True, num_classes=10)
     sd["y_embedder.embedding_table.weight"] = torch.randn(shape)
     with pytest.raises(CheckpointError, match=r"shape mismatch: y_embedder.embedding_table.weight"):
+        load_into_model(model_for(2, 32, 2, True, num_classes=10), sd)
+
+
+@pytest.mark.parametrize("change,needle", [
+    (lambda sd: sd.update({"blocks.0.extra.weight": torch.zeros(1)}), "unexpected keys blocks.0.extra.weight"),
+    (lambda sd: sd.pop("blocks.1.attn.proj.bias"), "missing keys blocks.1.attn.proj.bias"),
+], ids=["unexpected", "missing"])
+def test_another_class_count_beside_another_key_is_a_mismatch(change, needle):
+    """The label table is redrawn only when it is the one difference; a key too many or too few as well
+    is refused as every other mismatch is, naming the key."""
+    sd = upstream_state_dict(2, 32, 2, True, num_classes=1000)
+    change(sd)
+    with pytest.raises(CheckpointError, match=needle):
         load_into_model(model_for(2, 32, 2, True, num_classes=10), sd)
 
 

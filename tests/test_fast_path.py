@@ -528,6 +528,24 @@ def test_fused_kernels_resolution(monkeypatch):
             SiT(num_classes=10, fused_kernels=setting, **CONFIGS["hd16-nosigma"])
 
 
+def test_fused_kernels_flag_auto_is_off_on_the_cpu_unless_the_caller_takes_it(monkeypatch):
+    """The scripts' --fused-kernels auto leaves the CPU to the reference ops even where the Triton
+    interpreter could run the kernels (a test tool, far slower), unless auto_on_cpu (the parity CLI)."""
+    from sit_fast.errors import UserError
+
+    cpu = torch.device("cpu")
+    monkeypatch.setattr(models, "_TRITON_INTERPRET", True)
+    assert models.fused_kernels_flag("auto", cpu) == (False, False)
+    assert models.fused_kernels_flag("auto", cpu, auto_on_cpu=True) == ("auto", True)
+    assert models.fused_kernels_flag("on", cpu) == (True, True)
+    assert models.fused_kernels_flag("off", cpu) == (False, False)
+    monkeypatch.setattr(models, "_TRITON_INTERPRET", False)
+    assert models.fused_kernels_flag("auto", cpu, auto_on_cpu=True) == ("auto", False)
+    with pytest.raises(UserError, match=r"^--fused-kernels on: on the CPU the kernels need the Triton "
+                                        r"interpreter: .*, or use --fused-kernels off$"):
+        models.fused_kernels_flag("on", cpu)
+
+
 def test_auto_fused_kernels_leave_float64_to_the_reference_ops():
     """The kernels take fp32/bf16/fp16: a float64 model with "auto" runs the reference ops (the
     float64 checks of the maths); True refuses it, naming the way out."""

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import sit_fast.models as models
 from sit_fast.attention import math_attention, select_backend
 from sit_fast.errors import first_line
-from sit_fast.models import SiT, SiT_models, UPSTREAM_MODELS, get_2d_sincos_pos_embed, model_config
+from sit_fast.models import SiT, SiT_models, UPSTREAM_MODELS, get_2d_sincos_pos_embed, model_config, registry_name
 
 
 def tiny_sit(**kwargs):
@@ -92,6 +92,30 @@ def test_registry_has_the_twelve_upstream_configs():
         model_config("SiT-XXL/2")
 
 
+def test_registry_sizes_are_upstreams(monkeypatch):
+    """Depth, hidden size and heads of upstream's SiT-S/B/L/XL, written out here: the layout test takes
+    its sizes from the registry itself, and the heads leave no trace in the state_dict."""
+    upstream = {"XL": (28, 1152, 16), "L": (24, 1024, 16), "B": (12, 768, 12), "S": (12, 384, 6)}
+    monkeypatch.setattr(models, "SiT", lambda **kwargs: kwargs)  # what each constructor builds SiT with
+    for name in UPSTREAM_MODELS:
+        size, patch = name[len("SiT-"):].split("/")
+        depth, hidden, heads = upstream[size]
+        want = dict(depth=depth, hidden_size=hidden, num_heads=heads, patch_size=int(patch))
+        assert model_config(name) == want
+        assert SiT_models[name](learn_sigma=False) == dict(want, learn_sigma=False), name
+    # beside them only the tiny test model, in every patch size
+    assert sorted(set(SiT_models) - set(UPSTREAM_MODELS)) == ["SiT-T/1", "SiT-T/2", "SiT-T/4", "SiT-T/8"]
+
+
+def test_registry_name_matches_depth_hidden_size_and_patch():
+    assert registry_name(28, 1152, 2) == "SiT-XL/2"
+    assert registry_name(12, 384, 8) == "SiT-S/8"
+    assert registry_name(4, 128, 1) == "SiT-T/1"
+    assert registry_name(27, 1152, 2) is None  # XL's width at another depth is no registry model
+    assert registry_name(12, 1152, 2) is None
+    assert registry_name(28, 1152, 3) is None
+
+
 def test_upstream_constructor_names():
     """Upstream's models.py defines SiT_XL_2 ... SiT_S_8 beside the registry; scripts import them."""
     import sit_fast.models as models
@@ -143,6 +167,32 @@ def test_initialisation_is_adaln_zero():
     assert w.abs().max() <= bound and w.abs().max() > 0.5 * bound
 
 
+def test_initialisation_is_upstreams():
+    """Upstream's initialize_weights: every Linear xavier-uniform with a zero bias, the patch embedding's
+    convolution as a Linear of its C * p * p inputs, N(0, 0.02) label table and timestep MLP weights,
+    and zeros in the final layer's adaLN and linear map."""
+    model = tiny_sit(hidden_size=64, num_classes=100)
+
+    def assert_xavier_uniform(w, name):
+        w = w.reshape(w.shape[0], -1)  # (fan_out, fan_in)
+        bound = math.sqrt(6 / (w.shape[0] + w.shape[1]))
+        assert 0.9 * bound < w.abs().max() <= bound, name
+
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert module.bias.abs().max() == 0, name
+    for i, block in enumerate(model.blocks):
+        for name in ("attn.qkv", "attn.proj", "mlp.fc1", "mlp.fc2"):
+            assert_xavier_uniform(block.get_submodule(name).weight, f"blocks.{i}.{name}")
+    assert_xavier_uniform(model.x_embedder.proj.weight, "x_embedder.proj")
+    assert model.x_embedder.proj.bias.abs().max() == 0
+    for name in ("y_embedder.embedding_table.weight", "t_embedder.mlp.0.weight", "t_embedder.mlp.2.weight"):
+        w = model.get_parameter(name)
+        assert abs(w.mean().item()) < 0.002 and 0.017 < w.std().item() < 0.023, name
+    for name in ("final_layer.adaLN_modulation.1.weight", "final_layer.linear.weight"):
+        assert model.get_parameter(name).abs().max() == 0, name
+
+
 def test_pos_embed_is_2d_sincos():
     # (9, 8); as upstream (meshgrid with w first), the first half encodes the column, the second the row
     emb = get_2d_sincos_pos_embed(8, 3)
@@ -156,6 +206,14 @@ def test_pos_embed_is_2d_sincos():
     assert with_cls.shape == (11, 8) and not with_cls[:2].any()
     np.testing.assert_array_equal(with_cls[2:], emb)
     np.testing.assert_array_equal(get_2d_sincos_pos_embed(8, 3, cls_token=False, extra_tokens=2), emb)
+
+
+@pytest.mark.parametrize("dim", [6, 9])
+def test_pos_embed_refuses_a_width_without_sin_cos_halves_per_axis(dim):
+    """9 has no equal halves per axis, 6 has halves of 3 with no sin and cos halves: either would make
+    a table narrower than asked."""
+    with pytest.raises(ValueError, match="needs an even dimension"):
+        get_2d_sincos_pos_embed(dim, 3)
 
 
 def test_the_residual_stream_enters_block_0_contiguous(monkeypatch):
@@ -221,6 +279,19 @@ def test_forward_with_cfg(cfg_channels):
     torch.testing.assert_close(default[:, 3:], raw[:, 3:])
 
 
+def test_forward_with_cfg_takes_the_first_half_of_the_batch_for_both_passes():
+    """As upstream: the conditional and unconditional passes both see the first half's latents, so a
+    second half that has drifted apart (an SDE sampler's noise on [x, x]) does not change the output."""
+    model = randomize_(tiny_sit()).double().eval()
+    x, t, y = inputs(model, 2)
+    x, t = x.double(), t.double()
+    t, y = torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])
+    with torch.no_grad():
+        same = model.forward_with_cfg(torch.cat([x, x]), t, y, 4.0)
+        drifted = model.forward_with_cfg(torch.cat([x, torch.randn_like(x)]), t, y, 4.0)
+    torch.testing.assert_close(drifted, same, rtol=0, atol=0)
+
+
 def test_grad_checkpointing_gives_same_gradients(monkeypatch):
     """The same gradients, with each block's step run again in the backward (what checkpointing is)."""
     torch.manual_seed(1)
@@ -244,6 +315,26 @@ def test_grad_checkpointing_gives_same_gradients(monkeypatch):
     for k, p in model.named_parameters():
         if k in grads:
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-6)
+
+
+def test_grad_checkpointing_recomputes_only_in_training(monkeypatch):
+    """grad_checkpointing=True runs each block's step again in a training backward; an eval-mode model
+    with gradients (the likelihood's input gradient) keeps its activations: one step per block."""
+    model = randomize_(tiny_sit(grad_checkpointing=True, class_dropout_prob=0.0)).train()
+    real, calls = models._block_step, []
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(models, "_block_step", counted)
+    x, t, y = inputs(model)
+    model(x, t, y).square().mean().backward()
+    assert len(calls) == 2 * len(model.blocks)
+    calls.clear()
+    model.eval()
+    model(x.requires_grad_(), t, y).square().mean().backward()
+    assert x.grad is not None and len(calls) == len(model.blocks)
 
 
 def test_backward_makes_one_gradient_per_modulation_gemm():
@@ -404,7 +495,9 @@ def test_sdpa_backend_matches_math():
     x, t, y = inputs(model)
     model.eval()
     ref = model(x, t, y)
+    assert model.attn_backend == "math"
     model.set_attn_backend("sdpa")
+    assert model.attn_backend == "sdpa"
     torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
     model.set_attn_backend("auto")
     torch.testing.assert_close(model(x, t, y), ref, rtol=1e-5, atol=1e-5)
@@ -478,6 +571,17 @@ def test_wrong_input_size_is_a_clear_error():
     with pytest.raises(ValueError, match=r"\(8, 16\) does not match the model's input_size \(8, 8\); the model "
                                          r"takes square inputs"):
         model(torch.randn(1, 4, 8, 16), torch.rand(1), torch.zeros(1, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\(16, 8\) does not match .*square inputs"):  # the width right
+        model(torch.randn(1, 4, 16, 8), torch.rand(1), torch.zeros(1, dtype=torch.long))
+
+
+def test_sizes_that_do_not_divide_are_refused_when_the_model_is_built():
+    """Refused up front, not an output of another size (a patch grid that leaves pixels out) or a
+    reshape error at the first forward."""
+    with pytest.raises(ValueError, match="input_size 10 is not divisible by patch_size 4"):
+        tiny_sit(input_size=10, patch_size=4)
+    with pytest.raises(ValueError, match="hidden_size 48 is not divisible by num_heads 5"):
+        tiny_sit(num_heads=5)
 
 
 def test_hidden_size_not_a_multiple_of_4_is_named():
@@ -503,6 +607,13 @@ def test_wrong_inputs_are_clear_errors(args, error, needle):
     model = tiny_sit()
     with pytest.raises(error, match=needle):
         model(*args(*inputs(model)))
+
+
+def test_int32_labels_give_the_int64_labels_outputs():
+    model = randomize_(tiny_sit()).eval()
+    x, t, y = inputs(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x, t, y.int()), model(x, t, y), rtol=0, atol=0)
 
 
 def test_an_empty_batch_gives_an_empty_output():
@@ -653,6 +764,31 @@ def test_timestep_embedding_against_the_formula(dim):
             angle = float(t[n]) * 10000.0 ** (-i / half)
             expected[n, i], expected[n, half + i] = math.cos(angle), math.sin(angle)
     torch.testing.assert_close(got.double(), expected, rtol=0, atol=2e-4)  # fp32 arguments up to 1000
+
+
+def test_compile_blocks_compiles_the_full_graph_unless_told_otherwise(monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # the arguments alone are checked here
+    model = tiny_sit()
+    assert model.compile_blocks() is model
+    assert model._compiled_step.compile_kwargs == {"fullgraph": True}
+    assert model.compile_blocks(fullgraph=False, dynamic=False)._compiled_step.compile_kwargs == {
+        "fullgraph": False, "dynamic": False}
+
+
+def test_cast_matmul_weights_stores_the_linears_and_the_patch_embedding_in_the_dtype():
+    """The Linears' and the patch embedding's weights, what autocast would cast on every call, and
+    nothing else: the results under autocast to that dtype stay the same, bit for bit."""
+    model = randomize_(tiny_sit()).eval().requires_grad_(False)
+    x, t, y = inputs(model)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(x, t, y)
+        model.cast_matmul_weights_(torch.bfloat16)
+        got = model(x, t, y)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+            assert module.weight.dtype == module.bias.dtype == torch.bfloat16, name
+    assert model.pos_embed.dtype == model.y_embedder.embedding_table.weight.dtype == torch.float32
 
 
 def test_compiled_block_steps_of_many_models_do_not_share_a_recompile_limit():
@@ -835,6 +971,17 @@ def test_sdpa_attention_runs_the_kernel_the_variable_forces(monkeypatch):
     out = attention_fn("sdpa")(q, k, v)
     assert seen == [SDPBackend.MATH]
     torch.testing.assert_close(out, math_attention(q, k, v))
+
+
+def test_training_drops_labels_to_the_null_class_at_class_dropout_prob():
+    from sit_fast.models import LabelEmbedder
+
+    embedder = LabelEmbedder(10, 8, 0.5)
+    null = embedder.embedding_table.weight[10]
+    labels = torch.randint(0, 10, (4000,))
+    dropped = (embedder(labels, train=True) == null).all(dim=1).float().mean().item()
+    assert 0.45 < dropped < 0.55  # 6 standard deviations either side of 0.5
+    assert not (embedder(labels, train=False) == null).all(dim=1).any()
 
 
 def test_forced_label_drops_follow_force_drop_ids():
