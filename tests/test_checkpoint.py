@@ -486,7 +486,9 @@ def test_export_refuses_bad_outputs_in_one_line(tmp_path, capsys, out, message):
     with pytest.raises(SystemExit) as exit_info:
         export.main([str(ckpt), "--out", str(tmp_path / out)])
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err.strip()
+    printed, err = capsys.readouterr()
+    assert printed == ""  # refused before the checkpoint (gigabytes, for SiT-XL/2) is read and described
+    err = err.strip()
     assert err.startswith("error: --out") and message in err and "\n" not in err
     assert (tmp_path / "old.pt").read_bytes() == b"kept" and ckpt.stat().st_size > 1000
 
@@ -509,6 +511,113 @@ def test_export_force_replaces_and_options_without_out_are_refused(tmp_path, cap
     with pytest.raises(SystemExit):
         export.main([str(ckpt), "--dtype", "bf16"])
     assert capsys.readouterr().err.startswith("error: --dtype applies to the file that --out writes")
+    with pytest.raises(SystemExit):
+        export.main([str(ckpt), "--force"])
+    assert capsys.readouterr().err.startswith("error: --force applies to the file that --out writes")
+
+
+def test_export_refuses_a_folder_it_cannot_write_before_reading_the_checkpoint(tmp_path, monkeypatch, capsys):
+    from sit_fast import export
+
+    ckpt = tmp_path / "0000100.pt"
+    torch.save(model_for(1, 32, 2, False).state_dict(), ckpt)
+    (tmp_path / "read-only").mkdir()
+    real_access = os.access
+
+    def access(path, mode):  # as for a user without write permission there (the tests may run as root)
+        return not (os.path.basename(path) == "read-only" and mode & os.W_OK) and real_access(path, mode)
+
+    monkeypatch.setattr(os, "access", access)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main([str(ckpt), "--out", str(tmp_path / "read-only" / "w.pt")])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr() == ("", f"error: --out {tmp_path / 'read-only' / 'w.pt'}: {tmp_path / 'read-only'} "
+                                       f"is not writable\n")
+    assert os.listdir(tmp_path / "read-only") == []
+
+
+def test_export_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    from sit_fast import export, files
+
+    ckpt = tmp_path / "0000100.pt"
+    torch.save(model_for(1, 32, 2, False).state_dict(), ckpt)
+
+    def full_disk(path, write):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(files, "atomic_write", full_disk)
+    for name in ("w.pt", "w.safetensors"):
+        with pytest.raises(SystemExit) as exit_info:
+            export.main([str(ckpt), "--out", str(tmp_path / name)])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err == f"error: cannot write {tmp_path / name}: No space left on device\n"
+
+
+def test_export_refuses_to_write_over_the_release_it_reads_by_name(tmp_path, monkeypatch, capsys):
+    """SiT-XL-2-256x256.pt named as upstream's release is the file in the cache: --out naming that file
+    (with --force) is the checkpoint being read, as it is when given by its path."""
+    from sit_fast import export
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "cache"))
+    os.makedirs(tmp_path / "cache")
+    release = tmp_path / "cache" / "SiT-XL-2-256x256.pt"
+    torch.save(upstream_state_dict(1, 32, 2, True), release)
+    before = release.read_bytes()
+    with pytest.raises(SystemExit) as exit_info:
+        export.main(["SiT-XL-2-256x256.pt", "--out", str(release), "--force", "--dtype", "bf16"])
+    assert exit_info.value.code == 2  # refused before the release is read
+    assert capsys.readouterr() == ("", f"error: --out {release} is the checkpoint being read: pass another path\n")
+    assert release.read_bytes() == before
+
+
+def test_export_casts_floating_point_weights_alone(tmp_path):
+    """--dtype casts the floating-point tensors but pos_embed; an integer entry (an EMA's count kept in
+    a plain state_dict) stays as it is, and non-contiguous tensors are written as .safetensors too."""
+    from sit_fast import export
+    from sit_fast.errors import UserError
+
+    state_dict = model_for(1, 32, 2, False).state_dict()
+    weight = torch.randn(tuple(reversed(state_dict["final_layer.linear.weight"].shape))).t()  # a transposed view
+    state_dict = {**state_dict, "final_layer.linear.weight": weight, "n_averaged": torch.tensor(7)}
+    assert not weight.is_contiguous()
+    ckpt = tmp_path / "plain.pt"
+    torch.save(state_dict, ckpt)
+    for name in ("w.pt", "w.safetensors"):
+        found = export.export_weights(str(ckpt), str(tmp_path / name), dtype="fp16")
+        written, _ = read_checkpoint(tmp_path / name)
+        assert written["n_averaged"].dtype == torch.int64 and written["n_averaged"].item() == 7
+        assert torch.equal(written["final_layer.linear.weight"], weight.half())
+        assert written["pos_embed"].dtype == torch.float32
+        assert found["dtypes"] == ["float16", "float32", "int64"]
+    with pytest.raises(UserError, match=r"^--dtype fp8: choose one of fp32, bf16, fp16$"):
+        export.export_weights(str(ckpt), str(tmp_path / "w8.pt"), dtype="fp8")
+    assert not (tmp_path / "w8.pt").exists()
+
+
+def test_export_describes_what_the_file_holds_and_notes_only_a_transport_other_than_the_default(tmp_path, capsys):
+    """describe(): the file's size, and no transport (None) where the file records none; a .pt export of
+    a run trained with the default transport (Linear, velocity) needs no flags to sample, so no note."""
+    from sit_fast import export
+
+    weights = model_for(1, 32, 2, False).state_dict()
+    torch.save(weights, tmp_path / "plain.pt")
+    found = export.describe(str(tmp_path / "plain.pt"))
+    assert found["transport"] is None and found["bytes"] == os.path.getsize(tmp_path / "plain.pt")
+    assert "plain.pt: pickle file, " + f"{found['bytes'] / 2**20:,.1f} MiB" in export.summary("plain.pt", found)
+    torch.save({"model": weights, "ema": weights, "step": 3,
+                "args": {"path_type": "Linear", "prediction": "velocity", "model": "SiT-T/2"}}, tmp_path / "linear.pt")
+    export.main([str(tmp_path / "linear.pt"), "--out", str(tmp_path / "ema.pt")])
+    printed = capsys.readouterr().out
+    assert "transport  --path-type Linear --prediction velocity" in printed and "note" not in printed, printed
+    # one flag other than the default: that flag alone is named
+    note = export.transport_note({"transport": {"path_type": "GVP", "prediction": "velocity"}}, "w.pt")
+    assert "trained with --path-type GVP: pass those to sample.py" in note
+    # recorded flags that are not the path type or the prediction: still nothing to sample with
+    assert export.transport_words({"train_eps": 0.001, "loss_weight": None}) == (
+        "not recorded (sample with --path-type and --prediction as trained)")
 
 
 def test_unreadable_pickles_get_the_reason_not_torchs_advice(tmp_path):

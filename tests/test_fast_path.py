@@ -634,6 +634,54 @@ def test_memory_counts_what_is_saved_whatever_the_batch():
     assert 0.99 * 2 * matmul < casts <= 2 * matmul, (casts, 2 * matmul)
 
 
+def test_memory_counts_each_saved_storage_once_at_its_full_size():
+    """Two halves of one tensor saved for backward hold its whole storage: counted once, all of it; the
+    parameters are not counted. Here per image: x (saved for w's gradient) and h, 16 floats each."""
+    from torch import nn
+
+    from sit_fast.memory import activation_bytes, saved_bytes
+
+    class Halves(nn.Module):
+        in_channels, input_size, num_classes = 1, 4, 2
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(1))
+
+        def forward(self, x, t, y):
+            h = x * self.w  # (B, 1, 4, 4)
+            a, b = h.chunk(2, dim=-1)  # views of h, both saved by the product
+            return a * b
+
+    assert activation_bytes(Halves(), None) == (2 * 16 * 4, 0)
+    assert saved_bytes(Halves(), 3) == 3 * 2 * 16 * 4
+
+
+def test_training_state_is_weights_gradients_adamw_moments_and_an_ema():
+    """16 bytes per trainable parameter (fp32 weight, gradient, two AdamW moments) and 4 for the EMA's
+    copy; a frozen parameter (pos_embed) has its weight and its EMA copy alone."""
+    from sit_fast.memory import training_state_bytes
+
+    with torch.device("meta"):
+        model = SiT_models["SiT-S/8"](input_size=8)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    frozen = model.pos_embed.numel()
+    assert not model.pos_embed.requires_grad and frozen > 0
+    assert training_state_bytes(model) == 20 * trainable + 8 * frozen
+    assert training_state_bytes(model, ema=False) == 16 * trainable + 4 * frozen
+
+
+def test_memory_bounds_take_no_headroom_when_asked(capsys):
+    """--headroom-gib 0 is allowed: the bounds are then the GPU's memory less the fixed bytes."""
+    from sit_fast.memory import main
+
+    main(["--models", "SiT-S/8", "--image-size", "64", "--gpu-gib", "24", "--headroom-gib", "0"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "(GPU - fixed - 0 GiB) / activations per image" in lines[4], lines[4]
+    _, ((*bounds,),) = _bounds_row(lines[-1])
+    assert all(bound > 0 for bound in bounds), bounds
+
+
 def test_memory_likelihood_table(capsys):
     """--likelihood: the frozen model's activations (three SDPA variants), and bounds after the
     weights as sample.py holds them: fp32, or with the matmul weights in bf16, and in both the adaLN
@@ -663,6 +711,7 @@ def test_memory_likelihood_table(capsys):
 @pytest.mark.parametrize("argv,message", [
     (["--models", "SiT-XXL/2"], "invalid choice: 'SiT-XXL/2'"),
     (["--models", "SiT-S/8", "--image-size", "100"], "--image-size 100: SiT-S/8 needs a multiple of 64"),
+    (["--models", "SiT-S/8", "--image-size", "32"], "--image-size 32: SiT-S/8 needs a multiple of 64"),
     (["--image-size", "0"], "--image-size: must be a positive integer"),
     (["--gpu-gib", "nan"], "--gpu-gib: must be a positive number"),
     (["--gpu-gib", "-5"], "--gpu-gib: must be a positive number"),

@@ -2389,6 +2389,125 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
         other.release()
 
 
+def test_latent_cache_stores_the_dtype_asked_for_and_float16_by_default(tmp_path, monkeypatch):
+    """--dtype is the shards' storage (float16 unless asked): the float32 encoding rounded once, both
+    flips; the index records it, the VAE's own scaling factor and the data's absolute path."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir, scaling_factor=0.5)
+    make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    monkeypatch.chdir(tmp_path)
+    stored = {}
+    for dtype in (None, "bfloat16", "float32"):
+        out = f"cache-{dtype}"
+        flags = [] if dtype is None else ["--dtype", dtype]
+        index = latent_cache.main(["--data-path", "images", "--image-size", "16", "--vae", vae_dir, "--out", out,
+                                   "--num-workers", "0", "--no-progress", *flags])
+        assert index["dtype"] == (dtype or "float16") and index["scaling_factor"] == 0.5
+        assert index["data_path"] == str(tmp_path / "images")
+        stored[dtype] = torch.load(os.path.join(out, latent_cache.shard_name(0)), weights_only=True)
+    for dtype, torch_dtype in ((None, torch.float16), ("bfloat16", torch.bfloat16)):
+        for key in ("mean", "std"):
+            assert stored[dtype][key].dtype == torch_dtype
+            assert torch.equal(stored[dtype][key], stored["float32"][key].to(torch_dtype))
+        assert torch.equal(stored[dtype]["labels"], stored["float32"]["labels"])
+    assert stored["float32"]["mean"].dtype == torch.float32
+
+
+def test_latent_cache_vae_precision_bf16_encodes_under_autocast(tmp_path, monkeypatch):
+    """--vae-precision bf16 reaches the encoder of the cache, as it does train.py's (and is recorded)."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    seen, load_vae = [], latent_cache.load_vae
+
+    def recording_load_vae(*args, **kwargs):
+        codec = load_vae(*args, **kwargs)
+        codec.vae.encoder.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        return codec
+
+    monkeypatch.setattr(latent_cache, "load_vae", recording_load_vae)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out, "--vae-precision", "bf16"))
+    assert seen and set(seen) == {torch.bfloat16}
+    with open(os.path.join(out, "settings.json")) as f:
+        assert json.load(f)["vae_precision"] == "bf16"
+    stored = torch.load(os.path.join(out, latent_cache.shard_name(0)), weights_only=True)
+    assert stored["mean"].dtype == torch.float32  # --dtype float32: the bf16 encoding stored as float32
+
+
+@pytest.mark.parametrize("extra,named", [
+    (["--shard-size", "3"], "shard_size"), (["--vae-precision", "bf16"], "vae_precision"), (["--vae"], "vae"),
+])
+def test_latent_cache_refuses_to_resume_with_another_shard_size_or_vae(tmp_path, capsys, extra, named):
+    """The shards present were cut and encoded with the settings recorded: another shard size would index
+    them by other bounds, another VAE or precision would mix two latent spaces in one cache."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    if extra == ["--vae"]:
+        save_tiny_vae(tmp_path / "other_vae")
+        extra = ["--vae", str(tmp_path / "other_vae")]
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    os.remove(os.path.join(out, latent_cache.shard_name(2)))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        latent_cache.main(_cache_args(images, vae_dir, out) + extra)
+    assert re.fullmatch(rf"error: \S+ holds latents made with other settings \({named}: .*pass another --out, "
+                        r"or delete it to start over\n", capsys.readouterr().err)
+    assert not os.path.exists(os.path.join(out, latent_cache.shard_name(2)))
+
+
+def test_latent_cache_resumes_from_its_images_moved_or_named_by_another_path(tmp_path, monkeypatch, capsys):
+    """The dataset's fingerprint is of the paths relative to --data-path: the same images moved (or
+    named relative to the working directory) resume the cache."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    os.remove(os.path.join(out, latent_cache.shard_name(1)))
+    os.rename(images, tmp_path / "moved")
+    monkeypatch.chdir(tmp_path)
+    capsys.readouterr()
+    index = latent_cache.main(_cache_args("moved", vae_dir, out))
+    assert "4 of 6 images already in" in capsys.readouterr().out
+    assert index["data_path"] == str(tmp_path / "moved") and [s["count"] for s in index["shards"]] == [2, 2, 2]
+
+
+def test_latent_cache_refuses_images_whose_labels_changed_under_the_same_names(tmp_path, capsys):
+    """An empty class folder renamed to sort first shifts every label while no image path changes: the
+    shards written hold the old labels, so the folder is refused rather than resumed."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    os.makedirs(os.path.join(images, "zz_empty"))
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    os.remove(os.path.join(out, latent_cache.shard_name(1)))
+    os.rename(os.path.join(images, "zz_empty"), os.path.join(images, "aa_empty"))  # class0, class1: 0, 1 -> 1, 2
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        latent_cache.main(_cache_args(images, vae_dir, out))
+    assert re.fullmatch(r"error: \S+ holds latents made with other settings \(dataset_sha256: .*pass another "
+                        r"--out, or delete it to start over\n", capsys.readouterr().err.splitlines(True)[-1])
+
+
 @pytest.mark.parametrize("flag,value,needle", [
     ("--shard-size", "0", "must be a positive integer, got 0"),
     ("--batch-size", "-4", "must be a positive integer, got -4"),
@@ -2505,6 +2624,13 @@ def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
         f"latent cache shard {shard} holds latents of shape {tuple(odd.shape)} (std {tuple(odd.shape)}, labels "
         f"(2,)), the index says {(2, 2, channels, size, size)}; delete it and run python -m sit_fast.latent_cache "
         f"again with the same flags (it encodes only the missing shards)"), info.value
+    # A shard of another shard size (copied from a cache cut otherwise): its image count is named
+    one = torch.zeros(1, 2, channels, size, size)
+    torch.save({"mean": one, "std": one, "labels": torch.zeros(1, dtype=torch.int64)}, shard)
+    with pytest.raises(DataError) as info:
+        LatentCacheDataset(out).shards()
+    assert str(info.value).startswith(f"latent cache shard {shard} holds 1 images, the index says 2; delete it"), \
+        info.value
 
 
 def test_a_loader_workers_error_keeps_its_whole_message():

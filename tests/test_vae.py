@@ -10,14 +10,14 @@ from sit_fast.images import center_crop_arr, save_image_grid, to_uint8
 from sit_fast.vae import VAEError, check_image_size, load_vae
 
 
-def save_tiny_vae(path, latent_channels: int = 4) -> None:
+def save_tiny_vae(path, latent_channels: int = 4, scaling_factor: float = 0.18215) -> None:
     from diffusers.models import AutoencoderKL
 
     torch.manual_seed(0)
     AutoencoderKL(
         down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
         block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=8, latent_channels=latent_channels,
-        sample_size=16,
+        sample_size=16, scaling_factor=scaling_factor,
     ).save_pretrained(path)
 
 
