@@ -448,6 +448,36 @@ def test_a_resume_in_another_layout_seeds_each_rank_apart():
         assert not torch.equal(rank0[0], other[0]) and rank0[1] != other[1] and rank0[2] != other[2]
 
 
+def test_a_resume_with_another_global_batch_goes_on_after_the_images_seen():
+    """Resumed with another --global-batch-size, the position in the epoch is the images the run saw
+    there over the new batch (11 steps of 64: 5 of 128), past the epoch's end the next epoch's start."""
+    import random
+    import types
+
+    from sit_fast.training.loop import Trainer
+
+    def resumed(step_in_epoch, batch, steps_per_epoch):
+        args = types.SimpleNamespace(global_batch_size=batch, global_seed=0)
+        trainer = types.SimpleNamespace(dist_info=types.SimpleNamespace(world_size=1, rank=0), args=args,
+                                        dataset=[None] * 1797,
+                                        sampler=types.SimpleNamespace(steps_per_epoch=steps_per_epoch),
+                                        _same_global_batches=lambda data: False)
+        ckpt = {"step": 100, "epoch": 3, "step_in_epoch": step_in_epoch, "args": {}, "rng": [{}],
+                "data": {"world_size": 1, "global_batch_size": 64, "num_samples": 1797, "seed": 0}}
+        Trainer.restore_position(trainer, ckpt, "0000100.pt")
+        return trainer.step, trainer.epoch, trainer.step_in_epoch
+
+    states = np.random.get_state(), random.getstate()
+    with torch.random.fork_rng(devices=[]):
+        try:
+            assert resumed(11, 128, 14) == (100, 3, 5)
+            assert resumed(11, 32, 56) == (100, 3, 22)
+            assert resumed(27, 96, 18) == (100, 4, 0)
+        finally:
+            np.random.set_state(states[0])
+            random.setstate(states[1])
+
+
 def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):
     exp = str(tmp_path / "run")
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--grad-accum-steps", "2"])
@@ -455,6 +485,20 @@ def test_resume_with_another_accumulation_count_is_not_called_exact(tmp_path):
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
     assert "with --grad-accum-steps 4, the run had 2: the data order is exact, the noise" in log
+    assert "in it): exact" not in log
+
+
+def test_resume_with_another_global_seed_says_the_order_is_not_the_runs(tmp_path):
+    """--global-seed given anew on resume changes the data order (the epochs' permutations) and the ranks'
+    seeds: the saved random states are not restored, and the log names the change instead of "exact"."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    seed = str(int(torch.randint(1, 1000, ())))
+    train_main(BASE + ["--exp-dir", exp, "--resume", "auto", "--max-steps", "3", "--global-seed", seed])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert (f"resumed at step 2 with --global-seed 0 -> {seed} (the run's, now): the data order and random streams "
+            f"are not those of the original run") in log, log
     assert "in it): exact" not in log
 
 
@@ -473,6 +517,38 @@ def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path):
     train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--precision", "fp32"])
     with open(os.path.join(exp, "log.txt")) as f:
         assert f.read().rstrip().count("resumed at step 3 (epoch 0, step 3 in it): exact") == 1
+
+
+def test_precision_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
+    """--precision auto resolves by device (the value checkpoints keep in "arithmetic"); a given one is kept."""
+    from sit_fast.training.loop import resolve_precision
+
+    assert resolve_precision("auto", torch.device("cuda", 0)) == "bf16"
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    for given in ("fp32", "tf32", "bf16"):
+        for device in (torch.device("cuda", 0), torch.device("cpu")):
+            assert resolve_precision(given, device) == given
+
+
+def test_precision_bf16_trains_under_autocast_with_fp32_weights(tmp_path):
+    """--precision bf16: the model's forward computes in bf16 (autocast), the weights, their gradients and
+    the EMA stay fp32; fp32 computes in fp32."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    batch = (torch.randn(8, 1, 8, 8), torch.randint(0, 10, (8,)))
+    for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+        args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / precision), "--precision", precision])
+        trainer = Trainer(args, explicit, init_distributed())
+        seen = []
+        layer = trainer.model.final_layer.linear
+        hook = layer.register_forward_hook(lambda module, inputs, output: seen.append(output.dtype))
+        loss, applied = trainer.train_step(batch)
+        hook.remove()
+        assert seen == [dtype] and applied and torch.isfinite(loss), precision
+        for p in trainer.model_params + trainer.ema_params:
+            assert p.dtype == torch.float32 and (p.grad is None or p.grad.dtype == torch.float32), precision
 
 
 def test_resume_with_other_update_flags_says_so(tmp_path):
@@ -667,6 +743,51 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
     logged = re.findall(r"\(step=\d{7}\) Train Loss: [0-9.]+, Train Steps/Sec: [0-9.]+, Grad Norm: ([0-9.]+), ",
                         (exp / "log.txt").read_text())
     assert len(steps) == 4 and logged == [f"{(steps[0] + steps[1]) / 2:.4f}", f"{(steps[2] + steps[3]) / 2:.4f}"]
+
+
+def test_a_log_window_sums_the_loss_and_norm_of_applied_steps_only():
+    """A step skipped on the device (a False flag tensor: fused AdamW's skip) adds neither its loss nor its
+    gradient norm to the window, as a step skipped on the host (False) does not; `steps` counts all."""
+    from sit_fast.training.loop import LogWindow
+
+    window = LogWindow(torch.device("cpu"))
+    losses, norms = torch.rand(6) + 0.5, torch.rand(6) + 2.0
+    flags = [torch.tensor(True), torch.tensor(False), True, False, torch.tensor(True), True]
+    for index, flag in enumerate(flags):
+        if flag is False or (isinstance(flag, torch.Tensor) and not flag):  # what a skipped step brings
+            losses[index], norms[index] = float("nan"), float("inf")
+        window.add_step(losses[index], norms[index], flag)
+    applied = [0, 2, 4, 5]
+    assert window.steps == 6 and window.applied_steps() == 4
+    assert float(window.loss_sum) == pytest.approx(float(losses[applied].double().sum()), rel=1e-12)
+    assert float(window.grad_norm_sum) == pytest.approx(float(norms[applied].double().sum()), rel=1e-12)
+    window.restart()  # the next log line's window: nothing of these steps, the device's count included
+    assert (window.steps, window.applied_steps(), float(window.loss_sum), float(window.grad_norm_sum)) == (0, 0, 0, 0)
+
+
+def test_the_log_lines_throughput_counts_every_step_and_the_global_batch(tmp_path, monkeypatch):
+    """Steps/s counts every step of the window, skipped ones too, and images/s is steps/s times the
+    global batch (all ranks' images), not one rank's share of it."""
+    import dataclasses
+
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run")])
+    trainer = loop.Trainer(args, explicit, init_distributed())
+    trainer.dist_info = dataclasses.replace(trainer.dist_info, world_size=2)  # rank 0 of 2, 32 images each
+    trainer.local_batch_size = 32
+    monkeypatch.setattr(loop, "all_reduce", lambda t, op=None: t.mul_(2) if t.dtype == torch.float64 else t)
+    clock = [100.0]
+    monkeypatch.setattr("sit_fast.training.loop.time.perf_counter", lambda: clock[0])
+    trainer.window.restart()
+    for applied in (True, False, True, True):
+        trainer.window.add_step(torch.tensor(1.0), torch.tensor(1.0), applied)
+    clock[0] += 2.0
+    record = trainer.log(None)
+    assert (record["steps_per_sec"], record["images_per_sec"]) == (2.0, 128.0)
+    assert record["loss"] == 1.0
 
 
 @pytest.mark.spread
@@ -968,6 +1089,26 @@ def test_skip_nonfinite_counts(tmp_path, monkeypatch):
     assert resumed["nonfinite_skipped"] == 1 and np.isfinite(resumed["loss"])
 
 
+def test_skip_nonfinite_skips_a_step_whose_gradients_overflow_with_a_finite_loss(tmp_path, monkeypatch):
+    """--skip-nonfinite tests the gradients, not the loss: a step with a finite loss whose gradients are
+    not finite (an overflow in the backward pass; step 2 here) is skipped and counted, and the weights
+    stay finite to the checkpoint."""
+    from sit_fast.training import loop
+
+    norm, calls = loop.total_grad_norm, []
+
+    def overflowing(params):
+        calls.append(1)
+        if len(calls) == 2:
+            next(p for p in params if p.grad is not None).grad.view(-1)[0] = float("inf")
+        return norm(params)
+
+    monkeypatch.setattr(loop, "total_grad_norm", overflowing)
+    summary = train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "3", "--ckpt-every", "3",
+                                 "--skip-nonfinite"])
+    assert len(calls) == 3 and summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
+
+
 def test_skip_nonfinite_with_fused_adamw_skips_on_the_device(tmp_path, monkeypatch):
     """With fused AdamW (CUDA's; here on the CPU) a step with non-finite gradients is skipped on the
     device: train_step returns a device flag, no bool; the parameters, the EMA and AdamW's state are
@@ -1009,6 +1150,45 @@ def test_skip_nonfinite_with_fused_adamw_skips_on_the_device(tmp_path, monkeypat
     assert "1 step(s) up to step 4: non-finite gradients, skipped (1 so far)" in log, log
     ckpt = torch.load(tmp_path / "run2" / "checkpoints" / "0000006.pt", weights_only=True)
     assert ckpt["nonfinite_skipped"] == 1
+
+
+def test_a_checkpoint_between_log_lines_counts_the_steps_skipped_on_the_device(tmp_path, monkeypatch):
+    """With fused AdamW the skips are counted on the device and read at log and checkpoint steps: a
+    checkpoint before the next log line records the step skipped since the last one, so that a run
+    resumed from it carries the count on."""
+    from sit_fast.training import loop
+
+    monkeypatch.setattr(loop, "fused_adamw", lambda device: True)
+    poison_batch(monkeypatch, call=3)
+    exp = tmp_path / "run"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "5", "--ckpt-every", "4", "--log-every", "100",
+                       "--skip-nonfinite"])
+    assert load_ckpt(exp / "checkpoints" / "0000004.pt")["nonfinite_skipped"] == 1
+
+
+def test_a_nonfinite_loss_stops_the_run_at_the_next_log_line(tmp_path, monkeypatch):
+    """The log line reads the loss: a non-finite one stops the run there, not at the next checkpoint,
+    which may be thousands of steps later."""
+    from sit_fast.training.loop import NonFiniteLossError
+
+    poison_batch(monkeypatch, call=3)
+    with pytest.raises(NonFiniteLossError, match=r"non-finite at step 3 \(noticed at step 4\); no checkpoint written"):
+        train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "12", "--ckpt-every", "100",
+                           "--log-every", "4"])
+
+
+def test_a_resumed_run_names_its_checkpoint_as_the_last_good_one(tmp_path, monkeypatch):
+    """A loss that turns non-finite before a resumed run writes a checkpoint of its own names the one it
+    resumed from as the one to go back to, not "no checkpoint written yet"."""
+    from sit_fast.training.loop import NonFiniteLossError
+
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    poison_batch(monkeypatch, call=1)
+    with pytest.raises(NonFiniteLossError) as info:
+        train_main(BASE + ["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--ckpt-every", "100"])
+    resumed = os.path.join(exp, "checkpoints", "0000002.pt")
+    assert f"non-finite at step 3 (noticed at step 4); last good checkpoint: {resumed};" in str(info.value)
 
 
 # ----------------------------------------------------------------------------- user errors
@@ -2053,6 +2233,26 @@ def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatc
     else:
         assert "after step 4" in err and "--num-sample-images 16" in err
     assert err in (exp / "log.txt").read_text()
+
+
+def test_out_of_gpu_memory_in_a_step_after_a_sample_grid_is_advised_as_trainings(tmp_path, capsys, monkeypatch):
+    """The sampling phase ends with its grid: a step after it that runs out of memory gets the training
+    advice (the batch and the flags that fit it), not the grid's."""
+    from sit_fast.training.loop import Trainer
+
+    original = Trainer.train_step
+
+    def train_step(self, batch):
+        if self.step == 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return original(self, batch)
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    monkeypatch.setattr(Trainer, "save_samples", lambda self: None)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "6", "--sample-every", "1"]) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and lines[0].startswith("error: out of GPU memory at step 3 on cpu training SiT-T/4 "
+                                                   "with a batch of 64 per GPU"), lines
 
 
 def test_out_of_gpu_memory_before_the_first_step_is_one_line(tmp_path, capsys, monkeypatch):
@@ -3152,6 +3352,32 @@ def test_stop_signal_writes_a_checkpoint_that_resumes_exactly(tmp_path, signum):
     assert_states_close(a["ema"], b["ema"], "ema")
 
 
+def test_a_stop_between_log_lines_logs_the_steps_since_the_last_and_saves_them(tmp_path, monkeypatch):
+    """A stop signal during step 3 of a run logging every 8 steps: the log line of steps 1 to 3 is written
+    (the scalars of the steps taken are not lost) and the checkpoint of step 3 saved, as the stop says."""
+    import signal
+
+    from sit_fast.training import loop
+
+    step = loop.Trainer.train_step
+
+    def signalled_in_step_three(self, batch):
+        if self.step == 2:
+            self.stop._handle(signal.SIGTERM, None)
+        return step(self, batch)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", signalled_in_step_three)
+    exp = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_:
+        train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "100", "--ckpt-every", "100"])
+    assert exit_.value.code == 128 + signal.SIGTERM
+    log = (exp / "log.txt").read_text()
+    assert len(re.findall(r"\(step=0000003\) Train Loss: [0-9.]+,", log)) == 1 and "(step=0000004)" not in log
+    saved = checkpoint_path(str(exp / "checkpoints"), 3)
+    assert list_checkpoints(str(exp / "checkpoints")) == [saved]
+    assert f"stopped by SIGTERM after step 3; checkpoint {saved}: continue with --resume" in log
+
+
 def test_a_hangup_stops_with_a_checkpoint_unless_the_run_ignores_it(tmp_path):
     """SIGHUP (the terminal closed) stops after the step with a checkpoint, exit 129; a run started
     ignoring it (nohup) goes on, and stops at the SIGTERM that follows."""
@@ -3930,3 +4156,37 @@ def test_the_sample_grid_is_drawn_by_the_ema_with_the_null_label_for_guidance(tm
     for model, y in calls:
         assert model is trainer.ema
         assert y.shape == (6,) and (y[3:] == 10).all() and (y[:3] < 10).all()
+
+
+def test_every_sample_grid_is_the_emas_in_eval_mode_from_the_same_noise_and_labels(tmp_path, monkeypatch):
+    """As upstream's train.py, which draws the grid's noise and labels once before the loop: grids of two
+    steps from the same EMA are the same images, --num-sample-images of them (a guided batch's null half
+    is not drawn), with and without guidance; every model call is the EMA's, in eval mode (no label
+    dropout)."""
+    from sit_fast import images
+    from sit_fast.distributed import init_distributed
+    from sit_fast.models import SiT
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    calls, forward = [], SiT.forward
+
+    def spy(self, *args, **kwargs):
+        calls.append((self, self.training))
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(SiT, "forward", spy)
+    for cfg in ("1", "4"):
+        args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / cfg), "--cfg-scale", cfg,
+                                            "--num-sample-images", "3", "--sample-steps", "1"])
+        trainer = Trainer(args, explicit, init_distributed())
+        with torch.no_grad():  # the weights trained apart from the EMA, which alone draws
+            for p in trainer.model_params:
+                p.add_(torch.randn_like(p))
+        grids, calls[:] = [], []
+        monkeypatch.setattr(images, "save_image_grid", lambda grid, path, *a, **k: grids.append(grid) or str(path))
+        trainer.save_samples()
+        trainer.step = 7
+        trainer.save_samples()
+        assert len(grids) == 2 and grids[0].shape == (3, 1, 8, 8) and torch.equal(grids[0], grids[1]), cfg
+        assert calls and all(model is trainer.ema and not training for model, training in calls), cfg
