@@ -859,6 +859,85 @@ def test_roofline_counts_adamw_for_the_trainable_parameters_only():
             assert optimizer_bytes == pytest.approx(ADAMW_BYTES_PER_PARAM * trainable, abs=100), r["variant"]
 
 
+def test_roofline_rows_are_the_counts_over_the_ceilings():
+    """A training step is batch x 3 forwards of FLOPs, a guided sampling call batch x 2 forwards; the
+    floor's images/s is the batch over the floor; a sampling call has no optimizer bytes: its
+    memory-bound bytes are its ops' alone."""
+    from benchmarks.roofline import roofline
+    from sit_fast.flops import forward_flops
+
+    forward = forward_flops(SiT_S4())
+    rows = roofline("SiT-S/4", 64, train_batch=4, sample_batch=2, copy_gbps=500.0, matmul_tflops=50.0)
+    assert len(rows) == 4
+    for r in rows:
+        passes = 4 * 3 if r["workload"] == "train_step" else 2 * 2
+        assert r["tflop"] * 1e12 == pytest.approx(passes * forward), r
+        assert r["gemm_ms"] == pytest.approx(r["tflop"] / 50.0 * 1e3), r
+        assert r["memory_ms"] == pytest.approx(r["memory_bound_gb"] / 500.0 * 1e3), r
+        assert r["images_per_s"] == pytest.approx(r["batch"] / (r["floor_ms"] / 1e3)), r
+        if r["workload"] == "sample_call_cfg":
+            assert r["memory_bound_gb"] == pytest.approx(sum(r["ops"].values())), r
+
+
+def test_roofline_adamw_moves_seven_fp32_words_per_parameter():
+    """Weight, gradient and both moments read, weight and both moments written, all fp32."""
+    from benchmarks.roofline import ADAMW_BYTES_PER_PARAM
+
+    assert ADAMW_BYTES_PER_PARAM == (4 + 3) * 4
+
+
+def test_roofline_counts_a_broadcast_at_its_stored_size_and_views_as_free():
+    """A vector broadcast over a row is read once (its storage, not the view's elements); views and
+    reshapes move nothing."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from benchmarks.roofline import TrafficCounter
+
+    counter = TrafficCounter()
+    with FakeTensorMode(), counter:
+        a, v = torch.empty(1000), torch.empty(1)
+        torch.add(a, v.expand(1000))
+        a.view(10, 100).t()
+    assert dict(counter.bytes) == {"add": 1000 * 4 + 4 + 1000 * 4}
+
+
+def test_roofline_sampling_call_counts_the_guided_doubled_batch():
+    """With guidance the model sees 2 x the batch: the bytes of a guided call of 2 images are those of
+    an unguided call of 4."""
+    import torch
+
+    from benchmarks.roofline import count_traffic
+
+    # a model each: a sampling call keeps the adaLN weights' concatenation, made of that call's fake tensors
+    guided = count_traffic(SiT_S4(), 2, train=False, autocast_dtype=torch.bfloat16, cfg=True)
+    plain = count_traffic(SiT_S4(), 4, train=False, autocast_dtype=torch.bfloat16, cfg=False)
+    half = count_traffic(SiT_S4(), 2, train=False, autocast_dtype=torch.bfloat16, cfg=False)
+    assert dict(guided.bytes) == dict(plain.bytes) and sum(half.bytes.values()) < sum(plain.bytes.values())
+
+
+def test_roofline_cli_reads_a_runs_ceilings_and_prints_the_floors_ratio(tmp_path, capsys):
+    """--results takes the copy and matmul ceilings from the run's results.json; the last lines give
+    the eager reference's floor over ours; without ceilings the CLI refuses in a usage error."""
+    from benchmarks.roofline import main, roofline
+
+    argv = ["--model", "SiT-S/4", "--image-size", "64", "--train-batch", "4", "--sample-batch", "2"]
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"ceilings": {"copy_gbps": 700.0, "matmul_tflops": 20.0},
+                                "environment": {"device": "NVIDIA H100", "device_type": "cuda"}}))
+    main(argv + ["--results", str(path)])
+    out = capsys.readouterr().out
+    assert "ceilings: copy 700 GB/s, matmul 20 TFLOP/s" in out, out
+    rows = roofline("SiT-S/4", 64, train_batch=4, sample_batch=2, copy_gbps=700.0, matmul_tflops=20.0)
+    for workload in ("train_step", "sample_call_cfg"):
+        ref, ours = (next(r for r in rows if (r["workload"], r["variant"]) == (workload, v))
+                     for v in ("reference+bf16+sdpa", "ours"))
+        assert f"{workload}: eager reference floor / ours floor = {ref['floor_ms'] / ours['floor_ms']:.2f}\n" in out
+    with pytest.raises(SystemExit) as info:
+        main(argv + ["--copy-gbps", "700"])
+    assert info.value.code == 2 and "give the two ceilings" in capsys.readouterr().err
+
+
 def test_sampling_goes_on_without_cuda_graphs_that_fail(tmp_path, monkeypatch):
     """A CUDA graph that cannot be captured costs ours its graphs, not its figures: every sampling
     record is still measured, without graphs, and says so."""
@@ -1319,6 +1398,106 @@ def test_time_twice_pools_two_windows_and_says_how_far_apart_they_were(monkeypat
     assert common.window_fields(4.0, 5.0)["window_spread"] == pytest.approx(0.25)
 
 
+def test_throughput_fields_turn_images_per_s_into_tflops_mfu_and_the_ceilings_fraction():
+    """TFLOP/s = FLOPs per image x images/s; MFU against the data sheet's peak of the variant's dtype (TF32
+    for the fp32 reference on CUDA); the fraction of the measured bf16 matmul ceiling for bf16 rows only;
+    on a CPU no peak and no MFU."""
+    import types
+
+    import torch
+
+    from benchmarks.common import VARIANTS_BY_NAME, throughput_fields
+    from sit_fast.flops import PEAK_TFLOPS
+
+    ours, reference = VARIANTS_BY_NAME["ours"], VARIANTS_BY_NAME["reference"]
+    gpu = types.SimpleNamespace(device=torch.device("cuda"), environment={"device": "NVIDIA H100 80GB HBM3"},
+                                ceilings={"matmul_tflops": 800.0})
+    fields = throughput_fields(gpu, ours, 2e12, 300.0)
+    assert fields["tflops"] == pytest.approx(600.0) and fields["peak_tflops"] == PEAK_TFLOPS["H100"]["bf16"]
+    assert fields["mfu"] == pytest.approx(600.0 / PEAK_TFLOPS["H100"]["bf16"])
+    assert fields["fraction_of_matmul_ceiling"] == pytest.approx(0.75)
+    assert fields["peak_tflops_source"] == "sit_fast.flops.PEAK_TFLOPS['H100']['bf16'] (dense, data sheet)"
+    fields = throughput_fields(gpu, reference, 2e12, 50.0)
+    assert fields["peak_tflops"] == PEAK_TFLOPS["H100"]["tf32"] and "['tf32']" in fields["peak_tflops_source"]
+    assert fields["mfu"] == pytest.approx(100.0 / PEAK_TFLOPS["H100"]["tf32"])
+    assert fields["fraction_of_matmul_ceiling"] is None
+    cpu = types.SimpleNamespace(device=torch.device("cpu"), environment={"device": "NVIDIA H100 80GB HBM3"},
+                                ceilings={"matmul_tflops": 0.5})
+    fields = throughput_fields(cpu, ours, 1e9, 100.0)
+    assert fields["mfu"] is None and fields["peak_tflops"] is None
+    assert fields["tflops"] == pytest.approx(0.1) and fields["fraction_of_matmul_ceiling"] == pytest.approx(0.2)
+
+
+def test_ceilings_count_the_copy_read_and_written_and_a_products_2n3_flops(monkeypatch):
+    """Copy: the source's bytes read plus the destination's written, over the median time; matmul:
+    2 n^3 FLOPs over the median time."""
+    import torch
+
+    from benchmarks import common
+
+    monkeypatch.setattr(common, "time_fn", lambda fn, device, warmup, iters: common.Timing(2.0, 1.5, 2.5, iters,
+                                                                                           "perf_counter"))
+    size = common.SIZES["tiny"]()
+    ceilings = common.measure_ceilings(torch.device("cpu"), size)
+    copied = 2 * (size.copy_bytes // 4) * 4
+    assert ceilings["copy_bytes"] == copied and ceilings["copy_gbps"] == pytest.approx(copied / 2e-3 / 1e9)
+    assert ceilings["matmul_tflops"] == pytest.approx(2 * size.matmul_n ** 3 / 2e-3 / 1e12)
+    assert ceilings["copy_median_ms"] == ceilings["matmul_median_ms"] == 2.0
+
+
+def test_timing_keeps_the_20th_and_80th_percentiles_and_scales_all_three():
+    """Sampling scales the timed calls to the full sampler's: the median and both percentiles alike."""
+    from benchmarks.common import Timing
+
+    timing = Timing.from_times([float(ms) for ms in range(10, 0, -1)], "perf_counter")
+    assert (timing.p20_ms, timing.median_ms, timing.p80_ms) == pytest.approx((2.8, 5.5, 8.2))
+    scaled = timing.scaled(10.0)
+    assert (scaled.p20_ms, scaled.median_ms, scaled.p80_ms) == pytest.approx((28.0, 55.0, 82.0))
+    assert scaled.iterations == 10 and scaled.fields()["p80_ms"] == pytest.approx(82.0)
+
+
+def test_figures_written_as_strings_read_back_as_floats():
+    """_finite writes NaN and the infinities as strings for strict JSON; figures_read turns each back
+    into its float, within lists and dicts, and leaves other strings alone."""
+    from benchmarks.common import _finite, figures_read
+
+    written = _finite({"a": [math.nan, math.inf, -math.inf, 1.5], "b": {"c": math.inf}, "d": "ours"})
+    assert written == {"a": ["NaN", "Infinity", "-Infinity", 1.5], "b": {"c": "Infinity"}, "d": "ours"}
+    read = figures_read(written)
+    assert math.isnan(read["a"][0]) and read["a"][1:] == [math.inf, -math.inf, 1.5]
+    assert read["b"] == {"c": math.inf} and read["d"] == "ours"
+
+
+def test_a_window_of_zero_milliseconds_gives_no_spread():
+    """|a - b| / min(a, b) has no value when a window's median is 0 (a timer's resolution): the noise is
+    unknown, not zero."""
+    from benchmarks.common import window_fields
+
+    assert window_fields(0.0, 1.0) == {"window_spread": None, "window_medians_ms": [0.0, 1.0]}
+    assert window_fields(2.0, 1.0)["window_spread"] == pytest.approx(1.0)
+
+
+def test_console_and_markdown_show_the_records_figures():
+    """The log line's MFU is a percentage; results.md's timing column is median (p20-p80); a goal's
+    ratio shows the figure against its target; the reference's linked parity is its own: zero, ok."""
+    import types
+
+    from benchmarks.common import VARIANTS_BY_NAME, RunContext, _ms, console_line, goals_markdown
+
+    record = dict.fromkeys(FIELDS)
+    record.update(suite="train", name="train_step", variant="ours", dtype="bf16", status="ok", mfu=0.456,
+                  median_ms=12.5, p20_ms=12.0, p80_ms=13.25)
+    assert "MFU 45.6%" in console_line(record) and _ms(record) == "12.5 (12-13.25)"
+    row = dict(issue=5, goal="training >= 1.25x", suite="train", kind="ratio", target=1.25, batch=None,
+               figure=1.3, noise=0.02, verdict="met")
+    lines = goals_markdown(dict(suites_run=["train"], goals=[row]))
+    assert "| 5 | training >= 1.25x | - | 1.300x | 1.25x | 2.0% | met |" in lines, lines
+    fields, source = RunContext.linked_parity(types.SimpleNamespace(parity={}), VARIANTS_BY_NAME["reference"],
+                                              LINKED_PARITY)
+    assert source == "the reference itself" and fields["parity_ok"] is True
+    assert fields["parity_output_rel_err"] == fields["parity_grad_rel_err_max"] == 0.0
+
+
 def _goal_records(ours: dict, compiled: dict, suite="train", name="train_step", batch=256) -> list[dict]:
     base = dict(suite=suite, name=name, batch_size=batch, status="ok", note=None)
     reference = "reference+compile" if suite == "kernels" else "reference+bf16+sdpa+compile"
@@ -1408,6 +1587,55 @@ def test_goals_judge_only_a_full_size_inductor_gpu_run_and_survive_odd_records()
     document["goals"] = evaluate(document)
     table = [line for line in goals_markdown(document) if line.startswith("| 5 |")]
     assert len(table) == 2 and all(line.count(" | ") == 6 for line in table), table
+
+
+@pytest.mark.parametrize("ours_ips, spreads, verdict", [
+    (1300.0, (0.02, 0.025), "met, within noise"),  # 1.3x: 4% of the target from it (0.05x), noise 4.5%
+    (1250.0, (0.0, 0.0), "met, within noise"),     # exactly on the target: met, and no run is that exact
+])
+def test_goal_noise_is_a_fraction_of_the_target_and_the_target_itself_is_met(ours_ips, spreads, verdict):
+    from benchmarks.goals import Goal, judge
+
+    goal = Goal(5, "training >= 1.25x", "train", "train_step", 1.25)
+    records = _goal_records(dict(images_per_s=ours_ips, window_spread=spreads[0]),
+                            dict(images_per_s=1000.0, window_spread=spreads[1]))
+    assert judge(goal, records, "full", judged=True)["verdict"] == verdict
+
+
+def test_goals_read_the_last_record_of_a_measurement_run_twice():
+    """A suite rerun in the same results (a retry after a failure) appends its record: the goal reads
+    the newest one, not the first."""
+    from benchmarks.goals import Goal, judge
+
+    goal = Goal(5, "ratio", "train", "train_step", 1.25)
+    first = _goal_records(dict(images_per_s=900.0, window_spread=0.0), dict(images_per_s=1000.0, window_spread=0.0))
+    again = _goal_records(dict(images_per_s=1500.0, window_spread=0.0), dict(images_per_s=1000.0, window_spread=0.0))
+    row = judge(goal, first + again[:1], "full", True)
+    assert row["figure"] == pytest.approx(1.5) and row["verdict"] == "met", row
+
+
+def test_each_goal_holds_the_target_its_text_states_at_the_batch_it_names():
+    """The issues' numbers: a fraction goal's target is the percentage in its text, a speed-up goal's
+    the factor in its text (1.0: faster than); sampling's latency goals read the size's smallest
+    batch, its throughput goals the largest, for the SDE and the ODE alike."""
+    from benchmarks.common import SIZES
+    from benchmarks.goals import evaluate, goals
+
+    for goal in goals():
+        if goal.field:
+            assert f">= {goal.target:.0%} " in goal.text, goal
+        elif goal.target != 1.0:
+            assert f">= {goal.target:g}x " in goal.text, goal
+        else:
+            assert " faster than torch.compile of the reference" in goal.text, goal
+    for size in SIZES:  # judged or not, the row names the batch it reads
+        batches = SIZES[size]().sample_batches
+        rows = evaluate(dict(environment={"device_type": "cuda"}, setup=dict(size=size, compile_backend="inductor")))
+        sampling = [r for r in rows if r["suite"] == "sample"]
+        assert len(sampling) == 5 and all(r["verdict"].startswith("not measured: ours: no record") for r in sampling)
+        for row in sampling:
+            assert "throughput batch" in row["goal"] or "latency batch" in row["goal"], row
+            assert row["batch"] == (min(batches) if "latency batch" in row["goal"] else max(batches)), (size, row)
 
 
 def test_cuda_kernel_timer_holds_the_device_while_the_host_queues(monkeypatch):

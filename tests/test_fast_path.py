@@ -789,3 +789,145 @@ def test_a_nan_gradient_anywhere_fails_the_parity_report():
     assert not report.ok() and "(worst: grad:b)" in report.failures()[0]
     finite = ParityReport(rows=rows[:3] + rows[4:], dtype="fp32", compiled=False)
     assert finite.grad_rel_err_max == 2e-7 and finite.worst["tensor"] == "grad:c" and finite.ok()
+
+
+def _report(dtype="fp32", compiled=False, yardstick=None, **errors):
+    """A ParityReport whose rows have the given relative errors (output, loss, grad:w by default 0)."""
+    from sit_fast.parity import ParityReport
+
+    errors = {"output": 0.0, "loss": 0.0, "grad:w": 0.0, **errors}
+    rows = [{"tensor": name, "max_abs": err, "rel_err": err} for name, err in errors.items()]
+    return ParityReport(rows=rows, dtype=dtype, compiled=compiled, yardstick=yardstick)
+
+
+def test_parity_errors_are_relative_to_the_reference():
+    """||candidate - reference|| / ||reference||, and the largest absolute difference whichever its sign;
+    against a zero reference, 0 where the candidate is zero too and infinite otherwise."""
+    reference = torch.randn(64, device=DEVICE) + 3.0
+    candidate = 2 * reference
+    errors = _errors("x", candidate, reference)
+    assert errors["rel_err"] == pytest.approx(1.0)  # relative to the candidate's norm it would be 0.5
+    assert errors["max_abs"] == pytest.approx(reference.abs().max().item())
+    errors = _errors("x", -candidate, reference)  # every difference negative: -3 x reference
+    assert errors["rel_err"] == pytest.approx(3.0)
+    assert errors["max_abs"] == pytest.approx(3 * reference.abs().max().item())
+    zero = torch.zeros(8, device=DEVICE)
+    assert _errors("x", zero, zero)["rel_err"] == 0.0
+    assert _errors("x", torch.full((8,), 1e-9, device=DEVICE), zero)["rel_err"] == math.inf
+
+
+def test_parity_report_holds_each_figure_to_its_own_tolerance():
+    """The output without gradients counts as the output (the larger error, NaN when either is); the
+    loss has a bound of its own; a compiled candidate's output is held to the compiled tolerance."""
+    tol = TOLERANCES["fp32"]
+    assert _report(output=1e-7, output_no_grad=10 * tol["output"]).output_rel_err == 10 * tol["output"]
+    assert not _report(output=1e-7, output_no_grad=10 * tol["output"]).ok()
+    assert math.isnan(_report(output=1e-7, output_no_grad=math.nan).output_rel_err)
+    failures = _report(loss=10 * tol["loss"]).failures()
+    assert len(failures) == 1 and failures[0].startswith("loss relative error"), failures
+    between = (tol["output"] + tol["output_compiled"]) / 2
+    assert _report(output=between, compiled=True).ok() and not _report(output=between, compiled=False).ok()
+    assert _report(compiled=True).tolerances()["output"] == tol["output_compiled"]
+    forward_only = _report(output=5e-6)
+    forward_only.rows = forward_only.rows[:2]  # no gradient rows: no gradient error, the output is the worst
+    assert forward_only.grad_rel_err_max == 0.0 and forward_only.worst["tensor"] == "output"
+
+
+def test_parity_yardstick_bound_is_factor_times_the_references_own_error_plus_the_floor():
+    """Each output and gradient within YARDSTICK_FACTOR x the reference's own bf16 error + YARDSTICK_FLOOR;
+    the loss is left to its absolute bound however its error compares with the reference's."""
+    from sit_fast.parity import YARDSTICK_FACTOR, YARDSTICK_FLOOR
+
+    own = {"output": 2e-3, "loss": 1e-5, "grad:w": 0.0}
+    bound = YARDSTICK_FACTOR * own["output"] + YARDSTICK_FLOOR
+    # the loss 1000 x the reference's own error, within its absolute bound (2e-2)
+    assert _report("bf16", yardstick=own, output=0.99 * bound, loss=1e-2, **{"grad:w": 0.99 * YARDSTICK_FLOOR}).ok()
+    failures = _report("bf16", yardstick=own, output=1.01 * bound, **{"grad:w": 1.01 * YARDSTICK_FLOOR}).failures()
+    assert [f.split(":")[0] for f in failures] == ["output", "grad"], failures
+    # a reference whose own bf16 error is NaN bounds nothing: the row fails rather than passing unchecked
+    assert not _report("bf16", yardstick=dict(own, output=math.nan)).ok()
+
+
+def test_parity_fails_a_candidate_whose_parameter_gets_none():
+    """A parameter the reference trains but the candidate leaves without a gradient is an infinite
+    error, not a row left out."""
+    reference, candidate = pair("hd16-nosigma", fused_kernels=False)  # the harness is under test, not the kernels
+    candidate.final_layer.linear.weight.requires_grad_(False)
+    report = compare(reference, candidate, batch_size=2, device=DEVICE)
+    assert report.worst["tensor"] == "grad:final_layer.linear.weight" and report.grad_rel_err_max == math.inf
+    assert not report.ok()
+
+
+def test_parity_guided_forward_gets_the_null_class_for_its_second_half(monkeypatch):
+    """compare(cfg_scale=...) runs forward_with_cfg on the guidance batch: the first half's labels, then
+    the same images with the null class (num_classes)."""
+    reference, candidate = pair("hd16-nosigma", fused_kernels=False)
+    seen = []
+    real = SiT.forward_with_cfg
+
+    def forward_with_cfg(self, x, t, y, cfg_scale):
+        seen.append((x.clone(), y.clone()))
+        return real(self, x, t, y, cfg_scale)
+
+    monkeypatch.setattr(SiT, "forward_with_cfg", forward_with_cfg)
+    check(compare(reference, candidate, batch_size=4, cfg_scale=4.0, device=DEVICE))
+    for x, y in seen:
+        assert torch.equal(x[:2], x[2:]) and (y[:2] < 10).all() and y[2:].tolist() == [10, 10], y
+
+
+def test_randomize_zero_init_fills_with_the_given_std():
+    """The adaLN-Zero parameters get N(0, std^2), the std asked for (the bf16 tests ask for 0.3)."""
+    model = randomize_zero_init_(SiT(num_classes=10, **CONFIGS["hd72-sigma"]), std=0.5)
+    weight = model.final_layer.linear.weight
+    assert 0.45 < weight.std().item() < 0.55, weight.std()
+
+
+def test_parity_markdown_lists_the_worst_gradients_first_and_says_fail():
+    """Output and loss, then the gradients from the largest error down, as many as max_rows allows."""
+    report = _report(**{"grad:a": 1e-6, "grad:b": 2e-3, "grad:c": 1e-5})
+    table = report.to_markdown(max_rows=4)
+    assert table.splitlines()[0].endswith("FAIL") and _report().to_markdown().splitlines()[0].endswith("PASS")
+    rows = [line.split(" | ")[0].lstrip("| ") for line in table.splitlines()[4:]]
+    assert rows == ["output", "loss", "grad:b", "grad:c", "... 2 more"], rows
+
+
+def test_parity_cli_compares_in_the_precision_it_is_given_and_exits_1_on_a_failure(monkeypatch, capsys):
+    """--dtype bf16 runs the candidate under bf16 autocast, with the yardstick; --compile selects the
+    compiled tolerance; a report that fails is exit status 1."""
+    from sit_fast import parity
+
+    calls = []
+
+    def fake_compare(reference, candidate, batch_size, autocast_dtype, device, seed, compiled, yardstick):
+        calls.append(dict(batch_size=batch_size, autocast_dtype=autocast_dtype, compiled=compiled, yardstick=yardstick))
+        return _report("bf16", compiled=compiled, yardstick={"output": 0.0, "loss": 0.0, "grad:w": 0.0}, output=0.5)
+
+    monkeypatch.setattr(parity, "compare", fake_compare)
+    argv = ["--model", "SiT-T/4", "--image-size", "32", "--num-classes", "10", "--batch-size", "3",
+            "--attn-backend", "sdpa", "--fused-kernels", "off", "--device", "cpu", "--seed", "1"]
+    assert parity.main(argv + ["--dtype", "bf16", "--compile"]) == 1
+    assert calls == [dict(batch_size=3, autocast_dtype=torch.bfloat16, compiled=True, yardstick=True)]
+    assert "parity (bf16, compiled)" in capsys.readouterr().out
+
+
+# autocast to float32 is no autocast at all: torch warns that it disables itself
+@pytest.mark.filterwarnings("ignore:In .*autocast, but the target dtype is not supported")
+def test_parity_in_fp32_has_no_yardstick_whichever_way_fp32_is_asked_for():
+    """An fp32 candidate (no autocast, or autocast to float32) is held to the fp32 tolerances; the
+    yardstick is the bf16 one and is not run for it."""
+    for autocast_dtype in (None, torch.float32):
+        reference, candidate = pair("hd16-nosigma", fused_kernels=False)
+        report = compare(reference, candidate, batch_size=2, autocast_dtype=autocast_dtype, device=DEVICE,
+                         yardstick=True)
+        assert report.dtype == "fp32" and report.yardstick is None, autocast_dtype
+        check(report)
+
+
+def test_parity_reference_compared_again_starts_from_fresh_gradients():
+    """One reference against a second candidate: the gradients of its first comparison are not added in."""
+    reference, candidate = pair("hd16-nosigma", fused_kernels=False)
+    check(compare(reference, candidate, batch_size=2, device=DEVICE))
+    again = SiT(num_classes=10, **CONFIGS["hd16-nosigma"], attn_backend="sdpa", fused_kernels=False)
+    report = compare(reference, again, batch_size=2, device=DEVICE)
+    check(report)
+    assert report.grad_rel_err_max <= FP32_BOUNDS["grad"], report.to_markdown()
