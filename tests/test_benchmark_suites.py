@@ -197,6 +197,16 @@ def test_results_are_written_at_most_every_few_seconds_and_after_each_suite(tmp_
     assert written() == 3
 
 
+def _frozen_budget(seconds: float):
+    """A time box whose clock stands still: what fits is decided by the seconds the stubs spend alone, not by
+    how long a loaded machine takes to run the suite around them."""
+    from benchmarks import common
+
+    budget = common.Budget(seconds)
+    budget.remaining = lambda: budget.seconds
+    return budget
+
+
 def _context(tmp_path, **size_changes):
     import dataclasses
 
@@ -283,7 +293,7 @@ def test_memory_record_built_in_eager_form_does_not_claim_compilation(tmp_path, 
     monkeypatch.setattr(ctx.models, "compile", lambda model, variant: compiled.append(variant.name))
     monkeypatch.setattr(memory_suite, "forward_backward_peak", lambda ctx, model, variant, B: 1000 * B)
     monkeypatch.setattr(memory_suite, "free_memory", lambda device: None)
-    ctx.budget = common.Budget(50.0)  # room for the eager form (10 s), not for two compilations (80 s)
+    ctx.budget = _frozen_budget(50.0)  # room for the eager form (10 s), not for two compilations (80 s)
     memory_suite.run(ctx)
     (record,) = ctx.results.records
     assert record["status"] == "ok" and not compiled, record
@@ -291,7 +301,7 @@ def test_memory_record_built_in_eager_form_does_not_claim_compilation(tmp_path, 
     assert record["variant_config"]["compile"] is None and record["variant_config"]["compile_backend"] is None
 
     ctx.results.records.clear()
-    ctx.budget = common.Budget(500.0)  # room for both compilations: measured compiled, and said so
+    ctx.budget = _frozen_budget(500.0)  # room for both compilations: measured compiled, and said so
     memory_suite.run(ctx)
     (record,) = ctx.results.records
     assert compiled and record["extra"]["measured_form"] == "compiled"
@@ -649,7 +659,7 @@ def test_sampling_measures_the_goals_pairs_first_and_a_time_box_cuts_whole_compa
     ctx = _context(tmp_path, sample_batches=(8, 256))
     ctx.variants = tuple(common.VARIANTS_BY_NAME[n] for n in
                          ("reference", "reference+bf16+sdpa", "reference+bf16+sdpa+compile", "ours"))
-    ctx.budget = common.Budget(250.0)  # two compilations, not three
+    ctx.budget = _frozen_budget(250.0)  # two compilations, not three
     sample_suite.run(ctx)
     # the goals' pairs first, the largest batch first; the eager references, which decide no goal, last
     assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("reference+bf16+sdpa", 256),
@@ -676,7 +686,7 @@ def test_sampling_judges_what_fits_by_the_compilations_it_timed(tmp_path, monkey
     monkeypatch.setattr(sample_suite, "measure", measure)
     ctx = _context(tmp_path, sample_batches=(8, 256))
     ctx.variants = tuple(common.VARIANTS_BY_NAME[n] for n in ("reference+bf16+sdpa+compile", "ours"))
-    ctx.budget = common.Budget(150.0)
+    ctx.budget = _frozen_budget(150.0)
     sample_suite.run(ctx)
     assert calls == [("ours", 256), ("reference+bf16+sdpa+compile", 256), ("ours", 8),
                      ("reference+bf16+sdpa+compile", 8)], calls
@@ -700,7 +710,7 @@ def test_sampling_judges_the_next_batch_by_the_compilation_and_the_calls(tmp_pat
     monkeypatch.setattr(sample_suite, "measure", measure)
     ctx = _context(tmp_path, sample_batches=(8, 256))
     ctx.variants = (common.VARIANTS_BY_NAME["ours"],)
-    ctx.budget = common.Budget(115.0)
+    ctx.budget = _frozen_budget(115.0)
     sample_suite.run(ctx)
     assert calls == [("ours", 256), ("ours", 8)], calls
     # The other way, batch 8 (12 calls timed) then 256 (3 calls), the 30 s not compiling scale by 8.
@@ -726,7 +736,7 @@ def test_sampling_time_box_learns_nothing_from_a_failed_measurement(tmp_path, mo
     monkeypatch.setattr(sample_suite, "measure", measure)
     ctx = _context(tmp_path, sample_batches=(8, 256))
     ctx.variants = (common.VARIANTS_BY_NAME["ours"],)
-    ctx.budget = common.Budget(60.0)
+    ctx.budget = _frozen_budget(60.0)
     sample_suite.run(ctx)
     assert calls == [("ours", 256)], calls
     assert [(r["variant"], r["batch_size"]) for r in ctx.results.records if r["status"] == "skipped"] == \
