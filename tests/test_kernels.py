@@ -256,6 +256,23 @@ def test_kernel_partial_gradients_match_reference(op, trainable):
     check_against_reference(op, make_inputs(op, 2, 13, 97, case), case, trainable=trainable)
 
 
+def test_gated_residual_backward_launches_nothing_when_only_x_needs_a_gradient(monkeypatch):
+    """dx of x + gate * y is the upstream gradient itself: with gate and y frozen no backward kernel runs
+    (nor a pass over y), and with y trainable one does."""
+    module = importlib.import_module("kernels.gated_residual")
+    launches = []
+    backward = module.gated_residual_backward
+    monkeypatch.setattr(module, "gated_residual_backward", lambda *args: launches.append(1) or backward(*args))
+    x, y = (torch.randn(2, 5, 72, device=DEVICE, requires_grad=True) for _ in range(2))
+    gate = torch.randn(2, 72, device=DEVICE)
+    grad = torch.randn(2, 5, 72, device=DEVICE)
+    (dx,) = torch.autograd.grad(kernels.gated_residual(x, gate, y.detach()), [x], grad)
+    assert launches == [] and torch.equal(dx, grad)
+    dx, dy = torch.autograd.grad(kernels.gated_residual(x, gate, y), [x, y], grad)
+    assert launches == [1] and torch.equal(dx, grad)
+    torch.testing.assert_close(dy, gate[:, None, :] * grad)
+
+
 class _ZeroFills(torch.utils._python_dispatch.TorchDispatchMode):
     """Records the element counts of the zero-filled tensors made while active."""
 
@@ -474,6 +491,62 @@ def test_kernel_launch_overrides_reject_bad_values(overrides, message):
             pass
 
 
+def test_kernel_launch_overrides_accept_every_documented_value(monkeypatch):
+    """The ends of each documented range are valid launches: 1 and 32 warps, one program per SM, 8
+    rows per step, GELU tiles of 1 to 256 rows and 16 to 1024 columns."""
+    monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
+    overrides = {"fwd_num_warps": 32, "bwd_num_warps": 1, "fwd_programs_per_slot": 1, "bwd_rows_per_step": 8,
+                 "fwd_prefetch": 0, "bwd_one_row_loop": 0, "gelu_fwd_block_rows": 1, "gelu_bwd_block_rows": 256,
+                 "gelu_fwd_block_h": 16, "gelu_bwd_block_h": 1024}
+    with _launch.launch_overrides(**overrides):
+        assert _launch.launch_settings() == overrides
+        assert _launch.block_config(1152, "fwd")[1] == 32 and _launch.block_config(1152, "bwd")[1] == 1
+
+
+def test_kernel_launch_overrides_nest_and_restore(monkeypatch):
+    """An inner launch_overrides adds to the outer one's settings (None keeps the current value), and
+    each exit restores what was set before it."""
+    monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
+    with _launch.launch_overrides(fwd_num_warps=8, bwd_prefetch=0):
+        with _launch.launch_overrides(bwd_num_warps=2, fwd_num_warps=None, bwd_prefetch=1):
+            assert _launch.launch_settings() == {"fwd_num_warps": 8, "bwd_num_warps": 2, "bwd_prefetch": 1}
+            assert _launch.prefetch("bwd") is True
+        assert _launch.launch_settings() == {"fwd_num_warps": 8, "bwd_prefetch": 0}
+        assert _launch.prefetch("bwd") is False
+    assert _launch.launch_settings() == {}
+
+
+def test_kernel_default_warps_follow_the_row_size(monkeypatch):
+    """Without overrides: ELEMENTS_PER_THREAD row elements per thread (16 forward, 8 backward), so 4
+    and 8 warps at D = 1152, never fewer than 2 (small rows) nor more than 32, and R rows per step
+    take R times the warps."""
+    monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
+    assert _launch.block_config(1152, "fwd") == (2048, 4)
+    assert _launch.block_config(1152, "bwd") == (2048, 8)
+    assert _launch.block_config(72, "fwd") == (128, 2) and _launch.block_config(1, "bwd") == (1, 2)
+    assert _launch.block_config(16384, "bwd") == (16384, 32)
+    with _launch.launch_overrides(fwd_rows_per_step=4, bwd_rows_per_step=8):
+        assert _launch.block_config(1152, "fwd") == (2048, 16)
+        assert _launch.block_config(1152, "bwd") == (2048, 32)  # 64 by the count, capped at 32
+
+
+def test_kernel_token_tiling_covers_every_token_with_no_empty_tile(monkeypatch):
+    """rows_per_program * n_tiles covers T, the last tile starts before T (an empty tile would be a
+    program launched for nothing, and in backward a partial row summed for nothing), and there are no
+    more tiles than the programs-per-SM target asks for."""
+    monkeypatch.delenv(_launch.LAUNCH_ENV, raising=False)
+    slots = _launch._program_slots(DEVICE)  # streaming multiprocessors on CUDA
+    for per_slot in (1, 3, 4, 32):
+        with _launch.launch_overrides(fwd_programs_per_slot=per_slot):
+            for B in (1, 2, 5):
+                for T in range(1, 70):
+                    rows, n_tiles = _launch.token_tiling(B, T, DEVICE, "fwd")
+                    assert rows >= 1 and n_tiles >= 1, (per_slot, B, T, rows, n_tiles)
+                    assert (n_tiles - 1) * rows < T <= n_tiles * rows, (per_slot, B, T, rows, n_tiles)
+                    assert n_tiles <= max(1, -(-slots * per_slot // B)), (per_slot, B, T, rows, n_tiles)
+    assert _launch.token_tiling(3, 0, DEVICE, "bwd") == (1, 0)
+
+
 # The bf16-autocast layout: fp32 residual stream x; y and gate/shift/scale bf16 (outputs of autocast
 # Linears); the normalised output requested in bf16 for the next Linear. x_out (and dx) are fp32.
 AUTOCAST_CASE = DtypeCase(torch.float32, torch.bfloat16, Tol(1e-3, BF16_RTOL), Tol(2e-3, BF16_RTOL))
@@ -493,6 +566,24 @@ def test_kernel_autocast_layout(op, B, T, D):
                 "layernorm_modulate": None}[op]
     out_dtype = torch.bfloat16 if OUT_DTYPE_ARG[op] else None
     check_against_reference(op, inputs, AUTOCAST_CASE, out_dtype=out_dtype, out_tols=out_tols)
+
+
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_vectors_of_different_dtypes_get_gradients_in_their_own_dtypes(op):
+    """shift and scale in different dtypes (each one allowed): dshift comes back in shift's dtype and
+    dscale in scale's, a float32 one not rounded through the other's bfloat16. In the fused op x and y
+    are float32 and h bfloat16, so shift in bfloat16 is allowed as h's dtype alone."""
+    B, T, D = 2, 5, 72
+    if op == "layernorm_modulate":  # bf16 x, fp32 y (so x_hat is kept in fp32): shift bf16, scale fp32
+        case = DTYPE_CASES[1].values[0]
+        inputs = make_inputs(op, B, T, D, case)
+        inputs["scale"] = inputs["scale"].float()
+        check_against_reference(op, inputs, case, out_dtype=torch.float32, out_tols=[FP32_TOL])
+    else:  # fp32 residual stream and y, bf16 h: gate fp32, shift bf16, scale fp32
+        inputs = make_inputs(op, B, T, D, DTYPE_CASES[0].values[0])
+        inputs["shift"] = inputs["shift"].to(torch.bfloat16)
+        check_against_reference(op, inputs, AUTOCAST_CASE, out_dtype=torch.bfloat16,
+                                out_tols=[FP32_TOL, AUTOCAST_CASE.fwd])
 
 
 @pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
@@ -627,6 +718,50 @@ def test_kernel_eps_may_be_any_real_number():
                                kernels.layernorm_modulate(*args, eps=1e-2), rtol=0, atol=0)
 
 
+def test_reference_computes_float64_in_float64():
+    """The references the tests compare against keep float64 inputs in float64 (float32 arithmetic
+    would put their own error at the fp32 tolerances the kernels are held to)."""
+    x = torch.randn(2, 5, 72, device=DEVICE, dtype=torch.float64)
+    gate, shift, scale = (torch.randn(2, 72, device=DEVICE, dtype=torch.float64) for _ in range(3))
+    mean, var = x.mean(-1, keepdim=True), x.var(-1, unbiased=False, keepdim=True)
+    expected = (x - mean) / torch.sqrt(var + 1e-6) * (1 + scale[:, None]) + shift[:, None]
+    torch.testing.assert_close(reference.layernorm_modulate(x, shift, scale), expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(reference.gated_residual(x, gate, x.flip(1)), x + gate[:, None] * x.flip(1),
+                               rtol=1e-14, atol=1e-14)
+    expected = torch.nn.functional.gelu(x + shift[0], approximate="tanh")
+    torch.testing.assert_close(reference.bias_gelu(x, shift[0]), expected, rtol=1e-14, atol=1e-14)
+
+
+def test_reference_x_hat_rounding_bounds_are_the_documented_first_order_bounds():
+    """The slack the gradient checks allow for x_hat kept in bf16 / fp16 is the stated worst case and no
+    more: u * sum_t |dh x_hat| for dscale, u * rstd |x_hat| (|M| + mean_D |g x_hat|) for dx, times |gate|
+    for dy and summed against |y| for dgate; none for float32 or gated_residual."""
+    B, T, D, eps = 2, 5, 72, 1e-6
+    x, y, dh = (torch.randn(B, T, D, device=DEVICE, dtype=torch.float64) for _ in range(3))
+    gate, shift, scale = (torch.randn(B, D, device=DEVICE, dtype=torch.float64) for _ in range(3))
+    inputs = {"x": x, "gate": gate, "y": y, "shift": shift, "scale": scale}
+    x_out = x + gate[:, None] * y
+    centred = x_out - x_out.mean(-1, keepdim=True)
+    rstd = ((centred**2).mean(-1, keepdim=True) + eps).rsqrt()
+    x_hat = centred * rstd
+    g_x_hat = dh * (1 + scale[:, None]) * x_hat
+    u = 2.0**-8
+    d_res = u * rstd * x_hat.abs() * (g_x_hat.mean(-1, keepdim=True).abs() + g_x_hat.abs().mean(-1, keepdim=True))
+    bounds = reference.x_hat_rounding_bounds("gated_residual_layernorm_modulate", inputs, x_out, dh, eps,
+                                             torch.bfloat16)
+    torch.testing.assert_close(bounds["scale"], u * (dh * x_hat).abs().sum(1))
+    torch.testing.assert_close(bounds["x"], d_res)
+    torch.testing.assert_close(bounds["y"], d_res * gate.abs()[:, None])
+    torch.testing.assert_close(bounds["gate"], (d_res * y.abs()).sum(1))
+    assert set(bounds) == {"scale", "x", "y", "gate"}
+    ln = reference.x_hat_rounding_bounds("layernorm_modulate", {"x": x_out, "shift": shift, "scale": scale}, None,
+                                         dh, eps, torch.float16)
+    assert set(ln) == {"scale", "x"}
+    torch.testing.assert_close(ln["x"], d_res / 4)  # fp16's unit given as 2**-10
+    assert reference.x_hat_rounding_bounds("layernorm_modulate", inputs, None, dh, eps, torch.float32) == {}
+    assert reference.x_hat_rounding_bounds("gated_residual", inputs, None, dh, eps, torch.bfloat16) == {}
+
+
 def test_kernel_outputs_are_poisoned_in_tests():
     """The test-only NaN fill really happens, so unwritten output elements cannot pass."""
     buffer = _launch.empty((4, 8), torch.float32, DEVICE)
@@ -735,6 +870,25 @@ def _vectors(B, D, dtype=torch.float32, device=DEVICE):
 def test_kernel_rejects_bad_inputs(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_kernel_accepts_the_ends_of_the_feature_size_range():
+    """D = 1 and D = MAX_D are valid rows (only D outside [1, MAX_D] is refused)."""
+    lnm = importlib.import_module("kernels.layernorm_modulate")
+    for D in (1, _launch.MAX_D):
+        x = torch.empty(1, 1, D, device=DEVICE)
+        assert lnm.check_inputs(x, x[:, 0], x[:, 0]) == torch.float32
+
+
+def test_kernel_eps_zero_is_valid_and_a_bool_is_not():
+    """eps = 0 is allowed (rows of non-zero variance normalise as the reference's); True is not a
+    number for eps, though Python counts bools as integers."""
+    case = DTYPE_CASES[0].values[0]
+    for op in ("layernorm_modulate", "gated_residual_layernorm_modulate"):
+        check_against_reference(op, make_inputs(op, 2, 3, 72, case), case, eps=0.0)
+        args = list(make_inputs(op, 2, 3, 72, case).values())
+        with pytest.raises(ValueError, match=f"{op}: eps must be a finite number >= 0, got True"):
+            getattr(kernels, op)(*args, eps=True)
 
 
 def test_every_launch_states_fp_fusion():
@@ -925,12 +1079,13 @@ def test_kernel_launch_environment_variable(monkeypatch):
     from sit_fast.models import resolve_fused_kernels
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    monkeypatch.setenv(_launch.LAUNCH_ENV, "fwd_num_warps=8, bwd_programs_per_slot=4,bwd_prefetch=1")
+    # values unlike the defaults (bwd: 4 programs per SM, prefetch on), so that each is seen to be read
+    monkeypatch.setenv(_launch.LAUNCH_ENV, "fwd_num_warps=8, bwd_programs_per_slot=6,bwd_prefetch=0")
     fwd_tiles, bwd_warps = _launch.PROGRAMS_PER_SLOT["fwd"], _launch.block_config(1152, "bwd")[1]
     fwd_prefetch = bool(_launch.PREFETCH["fwd"])
     rows = _launch.ROWS_PER_STEP["fwd"]
     assert _launch.launch_params(1152, "fwd") == (8, fwd_tiles, fwd_prefetch, rows)
-    assert _launch.launch_params(1152, "bwd") == (bwd_warps, 4, True, 1)
+    assert _launch.launch_params(1152, "bwd") == (bwd_warps, 6, False, 1)
     with _launch.launch_overrides(fwd_num_warps=2):  # the context manager wins over the variable
         assert _launch.launch_params(1152, "fwd") == (2, fwd_tiles, fwd_prefetch, rows)
     for bad, message in (("fwd_num_warps=3", "power of two"), ("warps=8", "unknown key 'warps'"),
@@ -1169,6 +1324,20 @@ def test_kernels_available_reports_devices():
     assert kernels.kernels_available(DEVICE)
     assert kernels.kernels_available(str(DEVICE))
     assert not kernels.kernels_available("meta")
+    assert kernels.kernels_available("cuda") == torch.cuda.is_available()
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the CPU's kernels are the interpreter's")
+def test_kernels_available_on_the_cpu_only_with_interpreted_kernels(monkeypatch):
+    """TRITON_INTERPRET=1 set after the kernels were compiled for a GPU: the CPU is not available, and a
+    CPU call says why (the variable came too late) instead of launching."""
+    module = importlib.import_module("kernels.layernorm_modulate")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(module, "_layernorm_modulate_fwd_kernel", object())  # not an InterpretedFunction
+    assert not kernels.kernels_available("cpu")
+    x, v = torch.randn(1, 2, 8, device=DEVICE), torch.randn(1, 8, device=DEVICE)
+    with pytest.raises(RuntimeError, match="compiled before it was set"):
+        kernels.layernorm_modulate(x, v, v)
 
 
 def _saved_bytes_per_token(fn, op: str, D: int, dtype: torch.dtype, narrow: torch.dtype | None = None,
@@ -1293,6 +1462,46 @@ def test_kernel_inference_skips_saving_x_hat():
     torch.testing.assert_close(h_nograd, h, rtol=0, atol=0)
 
 
+def _fake_cases():
+    """(op name, arguments) for each custom op in mixed-dtype layouts (x fp32 with y, vectors and the
+    normalised output bf16, or x bf16 with that output fp32; a shift dtype unlike scale's), with each
+    optional output on and off."""
+    B, T, D = 2, 3, 40
+    f32, bf16 = torch.float32, torch.bfloat16
+    act = functools.partial(torch.randn, B, T, D, device=DEVICE)
+    vec = functools.partial(torch.randn, B, D, device=DEVICE, dtype=bf16)
+    rstd = torch.rand(B, T, device=DEVICE) + 0.5
+    a, bias = torch.randn(B, T, 24, device=DEVICE, dtype=bf16), torch.randn(24, device=DEVICE)
+    cases = []
+    for flag in (True, False):
+        x, norm = (act(), bf16) if flag else (act(dtype=bf16), f32)  # x fp32 and h bf16, or the other way round
+        cases += [
+            ("layernorm_modulate", (x, vec(), vec(), 1e-6, norm, flag)),
+            ("layernorm_modulate_backward", (act(dtype=bf16), act(dtype=bf16), vec(), rstd, f32, f32, flag)),
+            ("gated_residual_backward", (act(), vec(), act(dtype=bf16) if flag else None, bf16)),
+            ("gated_residual_layernorm_modulate", (x, vec(), act(dtype=bf16), vec(), vec(), 1e-6, norm, flag)),
+            ("gated_residual_layernorm_modulate_backward",
+             (act() if flag else None, act(dtype=bf16), act(dtype=bf16), act(dtype=bf16) if flag else None, vec(),
+              vec(), rstd, f32, bf16, f32, flag)),
+            ("bias_gelu_backward", (a, bias, torch.randn_like(a), flag, not flag)),
+        ]
+    return cases + [("gated_residual", (act(), vec(), act(dtype=bf16))), ("bias_gelu", (a, bias))]
+
+
+def test_kernel_fake_implementations_match_the_kernels():
+    """Each custom op's fake (what torch.compile and the memory count trace with) gives the shapes and
+    dtypes the op itself returns, in every layout and with every optional output on and off."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    for name, args in _fake_cases():
+        op = getattr(torch.ops.sit_fast, name)
+        real = op(*args)
+        with FakeTensorMode(allow_non_fake_inputs=False) as mode:
+            fake = op(*[mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in args])
+        real, fake = ((out,) if isinstance(out, torch.Tensor) else out for out in (real, fake))
+        assert [(tuple(t.shape), t.dtype) for t in fake] == [(tuple(t.shape), t.dtype) for t in real], (name, args[-1])
+
+
 # ---------------------------------------------------------------------------------------------------
 # bias + GELU (the MLP's training step): kernels.bias_gelu and kernels.bias_gelu_backward
 
@@ -1384,3 +1593,5 @@ def test_bias_gelu_errors_quote_the_shapes():
         kernels.bias_gelu_backward(a, torch.randn(8, device=DEVICE), torch.randn(4, 7, device=DEVICE))
     with pytest.raises(ValueError, match="float32, bfloat16 or float16"):
         kernels.bias_gelu(a.double(), torch.randn(8, device=DEVICE))
+    with pytest.raises(ValueError, match=r"bias must be \(8,\).*shape \(1, 8\)"):  # one row of 8 is not (8,)
+        kernels.bias_gelu(a, torch.randn(1, 8, device=DEVICE))
