@@ -741,6 +741,21 @@ def test_unfinished_writes_name_their_size(tmp_path, size, amount):
     assert f"(.0000004.pt.tmp-42; {amount})" in note, note
 
 
+def test_unfinished_writes_name_three_and_count_the_rest(tmp_path):
+    from sit_fast.files import unfinished_writes
+
+    for step in range(5):
+        (tmp_path / f".{step:07d}.pt.tmp-42").write_bytes(b"x")
+    (tmp_path / "0000009.pt").write_bytes(b"x")  # a finished checkpoint: not named
+    note = unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
+    assert note.startswith(f"{tmp_path} holds 5 unfinished checkpoint writes (.0000000.pt.tmp-42, .0000001.pt.tmp-42, "
+                           f".0000002.pt.tmp-42 and 2 more; 5 bytes), left by a run killed while writing"), note
+    for step in range(1, 5):
+        os.remove(tmp_path / f".{step:07d}.pt.tmp-42")
+    note = unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
+    assert "holds 1 unfinished checkpoint write (.0000000.pt.tmp-42; 1 byte)" in note, note
+
+
 def test_a_checkpoint_cut_short_is_named_as_such(tmp_path):
     """A zip archive without its end (a copy cut short) gave torch's 300-character advice, cut mid-word."""
     whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
@@ -763,6 +778,17 @@ def test_a_long_library_message_is_cut_at_a_sentence_or_a_word():
     assert first_line(words, limit=50) == "a" * 10 + ", bbbbbbbb" * 3 + " ..."
     assert first_line(KeyError("weight")) == "KeyError: 'weight'"
     assert first_line(ValueError("short\nsecond line")) == "short"
+
+
+def test_a_message_of_exactly_the_limit_is_whole_and_an_early_sentence_end_is_not_the_cut():
+    from sit_fast.errors import first_line
+
+    exact = "word " * 19 + "words"  # 100 characters
+    assert first_line(ValueError(exact), limit=100) == exact
+    # a sentence ending in the first third would leave too little: the cut is at a word instead
+    early = ValueError("No. " + "more words " * 20)
+    assert first_line(early, limit=60) == "No. " + "more words " * 4 + "more words ..."
+    assert first_line(ValueError("\n  \n")) == "ValueError"  # nothing to quote: the exception's type
 
 
 def test_a_recorded_model_config_beside_upstream_style_args_is_read(tmp_path):
@@ -944,4 +970,16 @@ def test_atomic_torch_save_on_a_full_disk_raises_the_oserror_naming_the_file(tmp
     with pytest.raises(OSError) as info:
         files.atomic_torch_save({"w": torch.zeros(1000)}, str(target))
     assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))
+    assert os.listdir(tmp_path) == []
+
+
+def test_atomic_torch_save_raises_a_runtime_error_not_from_a_write_as_it_is(tmp_path):
+    from sit_fast import files
+
+    class Unsaveable:
+        def __reduce__(self):
+            raise RuntimeError("cannot pickle this object")
+
+    with pytest.raises(RuntimeError, match="^cannot pickle this object$"):
+        files.atomic_torch_save({"w": torch.zeros(3), "x": Unsaveable()}, str(tmp_path / "0000004.pt"))
     assert os.listdir(tmp_path) == []

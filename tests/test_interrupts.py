@@ -110,6 +110,24 @@ def test_a_closed_pipe_exits_cleanly(lines):
     assert proc.wait(timeout=120) == 0 and err == "kept going\n", err
 
 
+def test_lines_written_after_the_block_to_a_closed_pipe_are_lost_quietly():
+    """Once the pipe is found closed, stdout itself writes to os.devnull: a line printed after the
+    block (an exit hook's, a library's at exit) does not fail the job with a BrokenPipeError."""
+    module = os.path.join(REPO, "sit_fast", "interrupts.py")
+    script = ("import atexit, importlib.util, sys\n"  # the module alone, without the package's torch import
+              f"spec = importlib.util.spec_from_file_location('interrupts', {module!r})\n"
+              "interrupts = importlib.util.module_from_spec(spec)\n"
+              "spec.loader.exec_module(interrupts)\n"
+              "atexit.register(print, 'at exit')\n"
+              "with interrupts.console_loss_ignored():\n"
+              "    print('a line')\n"
+              "print('after the block')\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0 and err == "", err
+
+
 def test_every_entry_point_outlives_its_console(monkeypatch):
     """cli_entry: lines to a console that went away are lost; the work and the exit status are not."""
     from sit_fast.errors import UserError, cli_entry
@@ -155,3 +173,81 @@ def test_a_stop_signal_another_thread_takes_is_acted_on_once_the_hold_ends(resto
     finally:
         other.join()
     assert inside == ["whole"] and info.value.name == "SIGUSR1"
+
+
+def test_handlers_caught_twice_are_restored_to_the_first_and_forgotten(restore_handlers):
+    """A second catch (StopRequest.install again) keeps the handler it replaced first, so the restore
+    puts back the process's own; a restore forgets them, so a later catch installs its handler again."""
+    from sit_fast import interrupts
+
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    previous = {}
+    first, second = (lambda signum, frame: None), (lambda signum, frame: None)
+    interrupts.catch_stop_signals(first, previous)
+    interrupts.catch_stop_signals(second, previous)
+    assert signal.getsignal(signal.SIGTERM) is first and previous[signal.SIGTERM] == signal.SIG_DFL
+    interrupts.restore_handlers(previous)
+    assert previous == {} and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    interrupts.catch_stop_signals(second, previous)
+    assert signal.getsignal(signal.SIGTERM) is second
+    interrupts.restore_handlers(previous)
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_off_the_main_thread_stop_signals_keep_their_handlers(restore_handlers):
+    """Python installs handlers from the main thread only: elsewhere the blocks are no-ops, not a ValueError."""
+    import threading
+
+    from sit_fast.interrupts import stop_signals_held, stop_signals_noted
+
+    before = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP)}
+    seen, errors = [], []
+
+    def job():
+        try:
+            with stop_signals_raise(), stop_signals_noted() as noted, stop_signals_held():
+                seen.append((noted, {signum: signal.getsignal(signum) for signum in before}))
+        except Exception as err:  # a ValueError from signal.signal off the main thread
+            errors.append(err)
+
+    thread = threading.Thread(target=job)
+    thread.start()
+    thread.join()
+    assert errors == [] and seen == [([], before)]
+
+
+def test_a_worker_stops_holding_the_stop_signals_once_it_ignores_them():
+    """Workers start with the stop signals held (stop_signals_held); ignore_stop_signals ignores them
+    and ends the hold, so nothing the worker starts inherits it. Run in a child: it changes handlers."""
+    module = os.path.join(REPO, "sit_fast", "interrupts.py")
+    script = ("import importlib.util, signal\n"  # the module alone, without the package's torch import
+              f"spec = importlib.util.spec_from_file_location('interrupts', {module!r})\n"
+              "interrupts = importlib.util.module_from_spec(spec)\n"
+              "spec.loader.exec_module(interrupts)\n"
+              "names = ('SIGTERM', 'SIGUSR1', 'SIGHUP', 'SIGINT')\n"
+              "signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, name) for name in names])\n"
+              "interrupts.ignore_stop_signals(0)\n"
+              "held = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+              "print(sorted(name for name in names if getattr(signal, name) in held),\n"
+              "      all(signal.getsignal(getattr(signal, name)) == signal.SIG_IGN for name in names))\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.stdout == "[] True\n", out.stderr
+
+
+@pytest.mark.parametrize("method,started", [("fork", False), ("spawn", True), ("forkserver", True)])
+def test_the_resource_tracker_starts_holding_the_stop_signals_unless_workers_fork(method, started, monkeypatch):
+    """Under spawn and forkserver multiprocessing's resource tracker starts now, with the stop signals
+    held (it keeps that hold for life); with fork there is none to start."""
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    from sit_fast.interrupts import start_resource_tracker
+
+    held = []
+    monkeypatch.setattr(multiprocessing, "get_start_method", lambda allow_none=False: method)
+    monkeypatch.setattr(resource_tracker, "ensure_running",
+                        lambda: held.append(signal.pthread_sigmask(signal.SIG_BLOCK, [])))
+    start_resource_tracker()
+    stop = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT}
+    assert [stop <= mask for mask in held] == ([True] if started else [])
+    assert not stop & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the hold ends with the start

@@ -78,3 +78,24 @@ def test_likelihood_batches_in_a_log_are_plain_lines(monkeypatch, capsys):
     lines = err.splitlines()
     assert [line.split(",")[0].split(" in ")[0] for line in lines] == [
         "bits/dim: 2/6 item (33%)", "bits/dim: 4/6 item (67%)", "bits/dim: 6/6 item (100%)"]
+
+
+def test_times_under_a_minute_are_in_seconds():
+    clock, out = Clock(), io.StringIO()
+    with LogProgress(total=100, desc="encoding", unit="img", file=out, interval=30, clock=clock) as bar:
+        clock.now += 30
+        bar.update(50)
+        clock.now += 15
+        bar.update(50)
+    assert out.getvalue().splitlines() == ["encoding: 50/100 img (50%), 1.67 img/s, ETA 30s",
+                                           "encoding: 100/100 img (100%) in 45s, 2.22 img/s"]
+
+
+def test_the_interval_given_to_progress_is_kept():
+    out = io.StringIO()
+    with progress(3, "batches", file=out, interval=0) as bar:  # a line at every update but the last
+        bar.update()
+        bar.update()
+        bar.update()
+    lines = out.getvalue().splitlines()
+    assert [line.split(" (")[0] for line in lines] == ["batches: 1/3 it", "batches: 2/3 it", "batches: 3/3 it"]

@@ -697,6 +697,25 @@ def test_sampling_after_training_in_one_process_logs_to_stderr_not_the_runs_log(
     assert capsys.readouterr().err == "warning: a sampling warning\n"
 
 
+def test_warnings_on_stderr_are_one_line_each_and_from_rank_0_only(capsys):
+    import logging
+
+    from sit_fast.errors import log_warnings_on_stderr
+
+    logger = logging.getLogger("sit_fast")
+    saved = logger.handlers[:], logger.level, logger.propagate
+    try:
+        log_warnings_on_stderr(True)
+        logger.warning("a warning\n  that a library wrapped")
+        assert capsys.readouterr().err == "warning: a warning that a library wrapped\n"
+        log_warnings_on_stderr(False)  # other ranks: errors only, not rank 0's warnings again
+        logger.warning("said by rank 0")
+        logger.error("a rank's own failure")
+        assert capsys.readouterr().err == "error: a rank's own failure\n"
+    finally:  # the logger as other tests left it (caplog needs records to propagate)
+        logger.handlers[:], logger.level, logger.propagate = saved
+
+
 @pytest.mark.parametrize("mode,flag,meant", [("ODE", "--cfg-scal", "--cfg-scale"), ("ODE", "--bogus", None),
                                             ("SDE", "--sampling-steps", "--num-sampling-steps"),
                                             ("SDE", "--diffusion-forms=linear", "--diffusion-form"),
@@ -727,6 +746,37 @@ def test_flag_meant_lists_the_flags_a_shortened_one_begins():
     assert flag_meant("--num-sampl", flags) == ["--num-sampling-steps"]  # not --num-fid-samples, closer in spelling
     assert flag_meant("--seeed", flags) == ["--seed"]  # a typo: the closest
     assert flag_meant("--bogus", flags) == []
+
+
+@pytest.mark.parametrize("kind,value", [("positive_float", "inf"), ("finite_float", "inf"), ("finite_float", "-inf"),
+                                        ("nonnegative_float", "inf"), ("fraction", "-0.1"), ("fraction", "1.01"),
+                                        ("positive_int", "0"), ("nonnegative_int", "-1"), ("end_margin", "-0.1"),
+                                        ("fraction_below_one", "-0.1")])
+def test_argument_types_refuse_infinity_and_values_past_their_ends(kind, value):
+    from sit_fast import argtypes
+
+    with pytest.raises(argparse.ArgumentTypeError, match=f", got {value}$"):
+        getattr(argtypes, kind)(value)
+
+
+def test_argument_types_take_the_ends_of_their_ranges_and_none_in_any_case():
+    from sit_fast import argtypes
+
+    ends = [(argtypes.fraction, "0"), (argtypes.fraction, "1"), (argtypes.fraction_below_one, "0"),
+            (argtypes.end_margin, "0"), (argtypes.nonnegative_float, "0"), (argtypes.nonnegative_int, "0"),
+            (argtypes.positive_int, "1"), (argtypes.finite_float, "-1e300")]
+    assert [convert(value) for convert, value in ends] == [0, 1, 0, 0, 0, 0, 1, -1e300]
+    unset = argtypes.or_none(argtypes.positive_int)
+    assert [unset(value) for value in ("none", "None", "NONE", "3")] == [None, None, None, 3]
+
+
+def test_default_workers_are_four_or_the_usable_cpus_if_fewer(monkeypatch):
+    from sit_fast.argtypes import default_workers
+
+    for cpus, workers in ((1, 1), (2, 2), (16, 4)):
+        monkeypatch.setattr(os, "sched_getaffinity", lambda pid, cpus=cpus: set(range(cpus)), raising=False)
+        assert default_workers() == workers, cpus
+    assert default_workers(most=8) == 8
 
 
 @pytest.mark.parametrize("mode,flag,other", [("SDE", "--atol", "ODE"), ("SDE", "--likelihood", "ODE"),

@@ -2112,6 +2112,20 @@ def test_user_error_goes_to_the_torchrun_error_file(tmp_path, capsys, monkeypatc
     assert capsys.readouterr().err == ("error: --data-path /x does not exist\n" if rank == "0" else "")
 
 
+def test_a_user_error_that_cannot_go_to_the_torchrun_error_file_is_said_on_every_rank(tmp_path, capsys, monkeypatch):
+    """Rank 1 leaves stderr to rank 0 only when torchrun's summary shows its error from the file."""
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "no_such_folder" / "error.json"))
+
+    def main():
+        raise UserError("--data-path /x does not exist")
+
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(main)()
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "error: --data-path /x does not exist\n"
+
+
 def test_a_peers_failure_is_dated_after_it_in_the_torchrun_error_file(tmp_path, monkeypatch):
     """torchrun names the earliest error (whole seconds, ties to the lowest rank) the root cause: a
     process that stops because another ended dates its error later, so the other's is named."""
