@@ -1849,9 +1849,11 @@ def test_parity_box_expects_later_compiled_cases_to_cost_what_the_first_took(tmp
         def tolerances(self):
             return {"output": 1e-3, "loss": 1e-3, "grad": 1e-3}
 
+    compiled_s = [15.0]  # each compiled case's seconds, the last repeated
+
     def compare(reference, candidate, autocast_dtype=None, compiled=False, **kwargs):
         compared.append((candidate, autocast_dtype))
-        now[0] += 15.0 if compiled else 1.0
+        now[0] += (compiled_s.pop(0) if len(compiled_s) > 1 else compiled_s[0]) if compiled else 1.0
         return Report()
 
     monkeypatch.setattr(sit_fast.parity, "compare", compare)
@@ -1870,6 +1872,14 @@ def test_parity_box_expects_later_compiled_cases_to_cost_what_the_first_took(tmp
         ("reference+bf16+sdpa+compile", "bf16", "skipped")], emitted
     assert emitted[-1]["needed"] == pytest.approx(22.5)
 
+    # the longest compiled case so far, not the last: after 15 s and then 5 s, 22.5 s more than the 19 left
+    compiled_s[:] = [15.0, 5.0]
+    emitted.clear()
+    ctx.budget = common.Budget(40.0)
+    parity_suite.run(ctx)
+    assert [r["status"] for r in emitted] == ["ok", "ok", "ok", "skipped"], emitted
+    assert emitted[-1]["needed"] == pytest.approx(22.5)
+
 
 def test_help_states_each_sizes_default_deadline(capsys):
     from benchmarks.__main__ import parse_args
@@ -1880,3 +1890,580 @@ def test_help_states_each_sizes_default_deadline(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for name, size in SIZES.items():
         assert f"{size().deadline_s:g} s {name}" in text, (name, text)
+
+
+def test_kernel_bytes_count_each_tensor_once_at_its_size():
+    """The yardstick of every GB/s: each (B, T, D) tensor read or written once, each (B, D) vector
+    once, fwd_bwd the sum of the two; the MLP's ops at their hidden width 4D, one call each."""
+    import torch
+
+    from benchmarks.kernels_suite import minimum_bytes
+
+    B, T, D = 3, 5, 7
+    act, vec, hidden = B * T * D, B * D, 4 * D
+    counts = {"layernorm_modulate": ((2, 2), (3, 3)), "gated_residual": ((3, 1), (3, 2)),
+              "gated_residual_layernorm_modulate": ((4, 3), (6, 5)), "attention": ((4, 0), (8, 0))}
+    for dtype, element in ((torch.float32, 4), (torch.bfloat16, 2)):
+        for op, ((fwd_act, fwd_vec), (bwd_act, bwd_vec)) in counts.items():
+            assert minimum_bytes(op, "fwd", B, T, D, dtype) == (fwd_act * act + fwd_vec * vec) * element, op
+            assert minimum_bytes(op, "bwd", B, T, D, dtype) == (bwd_act * act + bwd_vec * vec) * element, op
+            assert minimum_bytes(op, "fwd_bwd", B, T, D, dtype) == \
+                ((fwd_act + bwd_act) * act + (fwd_vec + bwd_vec) * vec) * element, op
+        # x read, the (B, T, 4D) output written, W (4D, D) and b read
+        assert minimum_bytes("linear_gelu", "fwd", B, T, D, dtype) == \
+            (act + B * T * hidden + hidden * D + hidden) * element
+        # a and dg read, da and g written, bias read and dbias written
+        assert minimum_bytes("bias_gelu_backward", "fwd", B, T, D, dtype) == (4 * B * T * hidden + 2 * hidden) * element
+        assert minimum_bytes("bias_gelu", "fwd", B, T, D, dtype) == (2 * B * T * hidden + hidden) * element
+    for op in ("linear_gelu", "bias_gelu_backward", "bias_gelu"):
+        with pytest.raises(ValueError, match="one call"):
+            minimum_bytes(op, "bwd", B, T, D, torch.float32)
+
+
+def test_kernel_rows_give_gb_per_s_of_the_minimum_bytes_and_the_copy_ceilings_fraction(tmp_path, monkeypatch):
+    """On given timings: median, p20 and p80 over both windows, GB/s the minimum bytes over the
+    median, the windows' spread, and as a record the GB/s as a fraction of the copy ceiling."""
+    import random
+
+    from benchmarks import kernels_suite
+    from benchmarks.__main__ import kernel_record
+
+    windows = iter([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]] * 3)  # one pair per variant
+    monkeypatch.setattr(kernels_suite, "_times_cpu", lambda step, reps: kernels_suite.Times(next(windows), None))
+    monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual",))
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
+    rows = kernels_suite.run("cpu", "tiny", compile_backend="eager")
+    assert [r["variant"] for r in rows] == ["ours", "reference+compile", "reference"], rows
+    size = kernels_suite.SIZES["tiny"]
+    expected_bytes = (3 * size.B * size.T * size.D + size.B * size.D) * 4
+    ctx = _context(tmp_path)
+    copy_gbps = random.uniform(1.0, 100.0)
+    ctx.ceilings = dict(ctx.ceilings, copy_gbps=copy_gbps)
+    for row in rows:
+        assert row.get("status", "ok") == "ok" and row["iterations"] == 6, row
+        assert (row["median_ms"], row["p20_ms"], row["p80_ms"]) == pytest.approx((3.5, 2.0, 5.0)), row
+        assert row["window_medians_ms"] == [2.0, 5.0] and row["window_spread"] == pytest.approx(1.5), row
+        assert row["bytes_moved"] == expected_bytes
+        assert row["gbps"] == pytest.approx(expected_bytes / 3.5e-3 / 1e9), row
+        record = kernel_record(ctx, row)
+        assert record["gbps"] == row["gbps"] and record["batch_size"] == size.B and record["dtype"] == "fp32"
+        assert record["fraction_of_copy_bw"] == pytest.approx(row["gbps"] / copy_gbps), record
+
+
+
+def _stub_search(default: tuple, choices: tuple, cost, cuda: bool = True, **keywords):
+    """A tuning_suite.LaunchSearch whose measurements are cost(launch): median ms, or None for a launch
+    outside the kernels' bounds (parity_failed); the launches in the order measured in `tried`."""
+    from types import SimpleNamespace
+
+    from benchmarks import tuning_suite
+
+    class Search(tuning_suite.LaunchSearch):
+        def __init__(self):  # no inputs, no device: only the search
+            self.direction, self.default, self.choices, self.cuda, self.op = "fwd", default, choices, cuda, "op"
+            self.keys = keywords.get("keys", tuning_suite.KEYS)
+            self.axes = keywords.get("axes", tuning_suite.AXES)
+            self.name, self.measured, self.searching, self.tried = "op.fwd", {}, True, []
+            self.ctx = SimpleNamespace(emit=lambda record: None, results=SimpleNamespace(write=lambda: None))
+
+        def measure_one(self, launch):
+            self.tried.append(launch)
+            ms = cost(launch)
+            self.measured[launch] = {"status": "ok" if ms is not None else "parity_failed", "median_ms": ms,
+                                     "gbps": 1.0, "extra": {"best": False}}
+            return True
+
+    return Search()
+
+
+def test_tuning_coordinate_search_follows_the_best_launch_and_never_chooses_a_parity_failure():
+    """The search's steps on given timings (CUDA's choices): prefetch, rows per step with the warps
+    scaled with them, warps, tiling, warps again, each at the best launch so far; then the best
+    launch at one row a step through the other loop. The fastest tiling fails parity: never the
+    best, and no later step starts from it. finish() marks the best launch only."""
+    from benchmarks import tuning_suite
+
+    warps = {2: 0.5, 4: 0.3, 8: 0.2, 16: 0.25, 32: 0.4}
+    tiling = {1: None, 2: 0.3, 4: 0.2, 8: 0.25, 16: 0.35, 32: 0.4, 64: 0.45}  # 1: outside the bounds
+    rows = {1: 0.3, 2: 0.1, 4: 0.2}
+
+    def cost(launch):
+        w, s, p, r, loop = launch
+        return None if tiling[s] is None else warps[w] + tiling[s] + 0.1 * p + rows[r] + 0.05 * (1 - loop)
+
+    choices = ([2, 4, 8, 16, 32], list(tuning_suite.PROGRAMS_PER_SLOT), [0, 1], [1, 2, 4], [1, 0])
+    search = _stub_search((4, 8, 1, 1, 1), choices, cost)
+    search.start()
+    for axis in search.axes:
+        search.step(axis)
+    assert search.tried == [
+        (4, 8, 1, 1, 1),  # the default
+        (4, 8, 0, 1, 1),  # prefetch off
+        (8, 8, 0, 2, 1), (16, 8, 0, 4, 1),  # rows per step, the warps scaled with them
+        (2, 8, 0, 2, 1), (4, 8, 0, 2, 1), (16, 8, 0, 2, 1), (32, 8, 0, 2, 1),  # warps
+        (8, 1, 0, 2, 1), (8, 2, 0, 2, 1), (8, 4, 0, 2, 1), (8, 16, 0, 2, 1), (8, 32, 0, 2, 1), (8, 64, 0, 2, 1),
+        (2, 4, 0, 2, 1), (4, 4, 0, 2, 1), (16, 4, 0, 2, 1), (32, 4, 0, 2, 1),  # warps again, at the best tiling
+        (4, 8, 0, 1, 0),  # the fastest at one row a step, through the other loop
+    ], search.tried
+    assert search.best() == (8, 4, 0, 2, 1)
+    search.finish()
+    assert [launch for launch, r in search.measured.items() if r["extra"]["best"]] == [(8, 4, 0, 2, 1)]
+
+    # every launch outside the bounds: the default is the answer, and none is marked
+    failing = _stub_search((4, 8, 1, 1, 1), choices, lambda launch: None)
+    failing.start()
+    failing.step(0)
+    assert failing.best() == (4, 8, 1, 1, 1)
+    failing.finish()
+    assert not any(r["extra"]["best"] for r in failing.measured.values())
+
+
+def test_tuning_search_stops_at_the_first_launch_the_time_box_cuts():
+    """A launch the time box leaves no room for is recorded and ends that search: no later step
+    measures anything; the GELU kernels' search steps over its own axes without the warps scaling."""
+    from benchmarks import tuning_suite
+
+    search = _stub_search((4, 8, 1, 1, 1), ([4, 8], [8, 16], [0, 1], [1, 2], [1, 0]), lambda launch: 1.0)
+    real = search.measure_one
+    search.measure_one = lambda launch: real(launch) and len(search.tried) < 3
+    search.start()
+    for axis in search.axes:
+        search.step(axis)
+    assert search.tried == [(4, 8, 1, 1, 1), (4, 8, 0, 1, 1), (8, 8, 1, 2, 1)], search.tried
+
+    gelu = _stub_search((4, 8, 32, 128), ([4, 8], [8, 1], [32, 16], [128, 256]), lambda launch: sum(launch) / 100,
+                        keys=tuning_suite.GELU_KEYS, axes=tuning_suite.GELU_AXES)
+    gelu.start()
+    for axis in gelu.axes:
+        gelu.step(axis)
+    assert gelu.tried == [(4, 8, 32, 128), (4, 8, 32, 256), (4, 8, 16, 128), (8, 8, 16, 128), (4, 1, 16, 128),
+                          (8, 1, 16, 128)], gelu.tried
+    assert gelu.best() == (4, 1, 16, 128)
+
+
+def test_tuning_runs_every_search_breadth_first_and_tries_each_best_on_its_directions_other_ops(
+        tmp_path, monkeypatch, capsys):
+    """run()'s schedule, searches stood in for: an adaLN search per op and direction from the default
+    launch (the interpreter's choices: the default, one other tiling, prefetch and row count), a GELU
+    search per kernel over its own launch; every start, then each step for every search before the
+    next step; each op's best measured on the other ops of its direction only; every search
+    finished; then the one setting for all ops."""
+    from benchmarks import kernels_suite, tuning_suite
+    from kernels import _launch
+
+    log, made = [], {}
+
+    class Search:
+        def __init__(self, ctx, op, direction, default, choices, keys=tuning_suite.KEYS, axes=None, timing=None):
+            self.op, self.direction, self.default, self.choices, self.keys = op, direction, default, choices, keys
+            self.axes, self.timing = tuning_suite.AXES if axes is None else axes, timing or direction
+            self.measured = {default: {"status": "ok", "median_ms": 1.0}}
+            log.append(("new", op, direction))
+            made[op, direction] = self
+
+        def start(self):
+            log.append(("start", self.op, self.direction))
+
+        def step(self, axis):
+            log.append(("step", self.op, self.direction, axis))
+
+        def best(self):
+            return f"best of {self.op}"
+
+        def measure(self, launch):
+            log.append(("measure", self.op, self.direction, launch))
+
+        def finish(self):
+            log.append(("finish", self.op, self.direction))
+
+    monkeypatch.setattr(tuning_suite, "LaunchSearch", Search)
+    tuning_suite.run(_context(tmp_path))
+
+    adaln = [(op, d) for op in kernels_suite.OPS for d in ("fwd", "bwd")]
+    gelu = [(op, prefix) for op, prefix in tuning_suite.GELU_OPS.items()]
+    searches = adaln + gelu
+    assert [entry[1:] for entry in log if entry[0] == "new"] == searches
+    D = kernels_suite.SIZES["tiny"].D
+    for op, direction in adaln:
+        search = made[op, direction]
+        default = (*_launch.launch_params(D, direction), int(_launch.one_row_loop(direction)))
+        assert search.default == tuple(int(v) for v in default) and search.timing == direction
+        warps, per_slot, prefetch, rows, _ = search.default
+        assert search.choices == ([warps], [per_slot, 1], [prefetch, 1 - prefetch], [rows, 2 if rows == 1 else 1],
+                                  [1, 0]), search.choices
+    for op, prefix in gelu:
+        search = made[op, prefix]
+        launch = _launch.gelu_launch(prefix.removeprefix("gelu_"))
+        assert search.default == tuple(launch[k] for k in tuning_suite.GELU_KEYS) and search.timing == "fwd"
+        assert search.keys == tuning_suite.GELU_KEYS and search.axes == tuning_suite.GELU_AXES
+    steps = [("step", *s, axis) for i in range(len(tuning_suite.AXES)) for s in searches
+             if i < len(made[s].axes) for axis in [made[s].axes[i]]]
+    cross = [("measure", *s, f"best of {other[0]}") for other in searches for s in searches
+             if s != other and s[1] == other[1]]
+    assert log[len(searches):] == [("start", *s) for s in searches] + steps + cross + [("finish", *s) for s in searches]
+    assert len(cross) == 2 * len(kernels_suite.OPS) * (len(kernels_suite.OPS) - 1)  # none for a GELU kernel
+    out = capsys.readouterr().out
+    assert "[tuning] all ops: SIT_FAST_KERNEL_LAUNCH=fwd_num_warps=" in out, out
+
+
+def test_tuning_launch_records_gb_per_s_of_the_kernels_bytes_and_the_time_box_ends_a_search(tmp_path, monkeypatch):
+    """A launch's record on given timings: the median and percentiles of its calls, GB/s of the
+    kernels suite's minimum bytes, the fraction of the copy ceiling, the launch's settings and whether
+    it is the default. With less left of the box than a launch needs, the launch is a skipped record
+    and its search ends."""
+    import random
+
+    from benchmarks import common, kernels_suite, tuning_suite
+    from kernels import _launch
+
+    times = [random.uniform(1.0, 2.0) for _ in range(tuning_suite.CPU_REPS)]
+    monkeypatch.setattr(kernels_suite, "_times_cpu", lambda step, reps: kernels_suite.Times(list(times), None))
+    ctx = _context(tmp_path)
+    op, D = "layernorm_modulate", kernels_suite.SIZES["tiny"].D
+    default = (*_launch.launch_params(D, "fwd"), int(_launch.one_row_loop("fwd")))
+    default = tuple(int(v) for v in default)
+    search = tuning_suite.LaunchSearch(ctx, op, "fwd", default, ([default[0]],) * 5)
+    other = (default[0], 1 if default[1] != 1 else 2, *default[2:])
+    search.start()
+    search.measure(other)
+    size = kernels_suite.SIZES["tiny"]
+    expected_bytes = kernels_suite.minimum_bytes(op, "fwd", size.B, size.T, size.D, size.dtype)
+    median, p20, p80 = kernels_suite.quantiles_ms(times)
+    records = ctx.results.records
+    assert [r["extra"]["default"] for r in records] == [True, False], records
+    assert records[1]["extra"]["programs_per_slot"] == other[1] and records[1]["variant"].startswith("ours ")
+    for record in records:
+        assert record["status"] == "ok" and record["name"] == f"{op}.fwd" and record["bytes_moved"] == expected_bytes
+        assert (record["median_ms"], record["p20_ms"], record["p80_ms"]) == pytest.approx((median, p20, p80))
+        assert record["gbps"] == pytest.approx(expected_bytes / (median * 1e-3) / 1e9), record
+        assert record["fraction_of_copy_bw"] == pytest.approx(record["gbps"] / ctx.ceilings["copy_gbps"]), record
+
+    ctx.budget = common.Budget(0.5)  # less than a launch needs on the CPU (1 s)
+    cut = (default[0], default[1], 1 - default[2], *default[3:])
+    search.measure(cut)
+    assert records[-1]["status"] == "skipped" and "the search of layernorm_modulate.fwd stops here" in \
+        records[-1]["note"], records[-1]
+    assert records[-1]["extra"]["prefetch"] == cut[2] and not search.searching
+    ctx.budget = common.Budget(1e9)
+    search.measure((default[0], 1 if other[1] != 1 else 4, *default[2:]))
+    assert len(records) == 3  # the search ended: nothing more measured
+
+
+def test_suites_run_in_the_order_all_runs_them_and_unknown_names_are_refused():
+    import argparse
+
+    from benchmarks.__main__ import SUITES, suite_list
+
+    assert suite_list("all") == list(SUITES)
+    assert suite_list("tuning,kernels,train") == ["kernels", "train", "tuning"]
+    with pytest.raises(argparse.ArgumentTypeError, match="choose all or from"):
+        suite_list("kernels,bogus")
+
+
+def _boxes_on_a_fake_clock(tmp_path, monkeypatch, argv: list[str], raising: str | None = None) -> tuple[int, dict]:
+    """(exit status, each suite's time box) of `python -m benchmarks` argv on a fake clock where each
+    suite takes half its box; the suite `raising` raises instead. Nothing is built or measured."""
+    import types
+
+    import benchmarks.__main__ as bench_main
+    from benchmarks import common, memory_suite, parity_suite, profile_suite, sample_suite, train_suite, tuning_suite
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as main() sets it for --device cpu, undone after the test
+    now = [0.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=lambda: now[0])
+    monkeypatch.setattr(bench_main, "time", clock)
+    monkeypatch.setattr(common, "time", clock)
+    monkeypatch.setattr(common, "measure_ceilings", lambda device, size: {
+        "copy_gbps": 1.0, "copy_bytes": 1, "matmul_tflops": 1.0, "matmul_shape": [1, 1, 1]})
+    boxes = {}
+
+    def runner(suite):
+        def run(ctx):
+            boxes[suite] = ctx.budget.seconds
+            if suite == raising:
+                raise RuntimeError(f"{suite} broke")
+            now[0] += ctx.budget.seconds / 2
+        return run
+
+    monkeypatch.setattr(bench_main, "run_kernels", runner("kernels"))
+    for module in (parity_suite, train_suite, sample_suite, memory_suite, profile_suite, tuning_suite):
+        monkeypatch.setattr(module, "run", runner(module.SUITE))
+    status = bench_main.main([*argv, "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
+    return status, boxes
+
+
+def test_an_explicit_budget_is_a_suites_box_within_what_is_left_of_the_deadline(tmp_path, monkeypatch):
+    """--budget-s SUITE=SECONDS replaces that suite's share, but no box outlasts the deadline; the
+    others share what is left by their weights; a new process continuing the run gets the same flags."""
+    from benchmarks.__main__ import continuation_flags, parse_args
+    from benchmarks.common import SIZES
+
+    weights = SIZES["tiny"]().budgets_s
+    argv = ["kernels,train,memory", "--deadline-s", "100", "--budget-s", "train=30", "--budget-s", "memory=500"]
+    status, boxes = _boxes_on_a_fake_clock(tmp_path, monkeypatch, argv)
+    assert status == 0
+    kernels = 100 * weights["kernels"] / (weights["kernels"] + weights["train"] + weights["memory"])
+    assert boxes == {"kernels": pytest.approx(kernels), "train": 30.0,
+                     "memory": pytest.approx(100 - kernels / 2 - 15)}, boxes
+    flags = continuation_flags(parse_args(argv), "cpu", "tiny")
+    assert " ".join(flags).count("--budget-s") == 2 and "train=30" in flags and "memory=500" in flags, flags
+    for bad in ("bogus=5", "train="):
+        assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["memory", "--budget-s", bad])[0] == 2
+
+
+def test_a_suite_that_fails_is_an_error_record_the_next_suite_runs_and_the_exit_status_is_1(tmp_path, monkeypatch):
+    status, boxes = _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["sample,profile"], raising="sample")
+    assert status == 1 and set(boxes) == {"sample", "profile"}, boxes
+    (record,) = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert (record["suite"], record["status"]) == ("sample", "error") and "sample broke" in record["note"], record
+
+
+def test_sampling_timed_steps_switch_to_the_latency_count_at_16_images_or_fewer():
+    from benchmarks import common, sample_suite
+
+    full = common.SIZES["full"]()
+    assert full.latency_steps_timed != full.steps_timed
+    assert [sample_suite.timed_steps(full, B) for B in (1, 16, 17, 256)] == \
+        [full.latency_steps_timed] * 2 + [full.steps_timed] * 2
+
+
+def test_memory_measures_the_bytes_per_image_between_the_two_batches(tmp_path, monkeypatch):
+    """(peak at b2 - peak at b1) / (b2 - b1): the weights and gradients, in both peaks, drop out."""
+    import random
+    import types
+
+    from benchmarks import common, memory_suite
+
+    ctx = _context(tmp_path)
+    ctx.variants = (common.VARIANTS_BY_NAME["reference+bf16+sdpa"],)
+    ctx.models  # built on the CPU; the suite then takes the CUDA branch with the peaks stubbed
+    ctx.device = types.SimpleNamespace(type="cuda")
+    fixed, per_image = random.randint(10**6, 10**7), random.randint(1000, 10**5)
+    monkeypatch.setattr(memory_suite, "forward_backward_peak", lambda ctx, model, variant, B: fixed + per_image * B)
+    monkeypatch.setattr(memory_suite, "free_memory", lambda device: None)
+    memory_suite.run(ctx)
+    (record,) = ctx.results.records
+    b1, b2 = ctx.size.memory_batches
+    assert record["status"] == "ok" and record["measured_activation_bytes_per_image"] == per_image, record
+    assert record["peak_memory_bytes"] == fixed + per_image * b2 and record["batch_size"] == b2, record
+    assert record["extra"]["peak_b1_bytes"] == fixed + per_image * b1 and record["extra"]["measured_form"] == "eager"
+
+
+def test_train_record_gives_images_per_s_of_the_batch_that_fits(tmp_path, monkeypatch):
+    """On a given timing: images/s the fitted batch over the median step time, the TFLOP/s from it."""
+    import random
+
+    from benchmarks import common, train_suite
+    from sit_fast.flops import train_step_flops
+
+    median = random.uniform(10.0, 20.0)
+    timing = common.Timing(median, median - 1, median + 1, 10, "perf_counter")
+    windows = {"window_spread": 0.05, "window_medians_ms": [median, median * 1.05]}
+    monkeypatch.setattr(train_suite, "_time_batch", lambda ctx, model, optimizer, transport, variant, B: (
+        B, timing, windows, None, 1.0))
+    ctx = _context(tmp_path, train_batches=(6, 3))
+    train_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert record["status"] == "ok" and record["batch_size"] == 6 and record["median_ms"] == median, record
+    assert record["images_per_s"] == pytest.approx(6 / (median * 1e-3)), record
+    model = ctx.models.build(common.VARIANTS_BY_NAME["reference"], compile=False)
+    assert record["tflops"] == pytest.approx(train_step_flops(model) * record["images_per_s"] / 1e12), record
+    assert record["window_spread"] == 0.05 and record["extra"]["batch_search"] == [{"batch": 6, "result": "fits"}]
+
+
+def test_profile_time_box_expects_a_variants_next_profile_to_cost_what_its_last_took(tmp_path, monkeypatch):
+    """Training steps of ours and the compiled reference, then a sampling call of each at every batch,
+    the largest first; after a variant's first profile (its compilation) its next is expected to take
+    OBSERVED_MARGIN times that one, not the first guess: a box of 150 s holds all six at 20 s each."""
+    import types
+
+    from benchmarks import common, profile_suite
+
+    ctx = _context(tmp_path, sample_batches=(8, 256))
+    calls, now = [], [0.0]
+    clock = types.SimpleNamespace(monotonic=lambda: now[0], perf_counter=lambda: now[0])
+    monkeypatch.setattr(profile_suite, "time", clock)
+    monkeypatch.setattr(common, "time", clock)
+    monkeypatch.setattr(common, "expected_cost_s", lambda size, variant: 100.0)
+
+    def profiled(name):
+        def run(ctx, variant, *more):
+            calls.append((name, variant.name, *[B for B in more if isinstance(B, int)]))
+            now[0] += 20.0
+        return run
+
+    monkeypatch.setattr(profile_suite, "profile_train", profiled("train_step"))
+    monkeypatch.setattr(profile_suite, "profile_sample", profiled("sample_call"))
+    ctx.variants = tuple(common.VARIANTS_BY_NAME[n] for n in
+                         ("reference", "reference+bf16+sdpa+compile", "reference+bf16+sdpa", "ours"))
+    ctx.budget = common.Budget(150.0)
+    profile_suite.run(ctx)
+    compiled = "reference+bf16+sdpa+compile"
+    assert calls == [("train_step", "ours"), ("train_step", compiled), ("sample_call", "ours", 256),
+                     ("sample_call", compiled, 256), ("sample_call", "ours", 8), ("sample_call", compiled, 8)], calls
+    assert not ctx.results.records  # the stand-ins record nothing, and nothing was skipped
+    assert profile_suite.expected_cost_s(ctx.size, VARIANTS[0], 10.0) == common.OBSERVED_MARGIN * 10.0
+    assert profile_suite.expected_cost_s(ctx.size, VARIANTS[0], 1000.0) == 100.0
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16", "float16"])
+def test_kernel_parity_holds_a_forward_to_the_forward_bounds_not_the_wider_backward_ones(dtype_name):
+    """Every element just inside atol + rtol |ref| of the forward's PARITY_TOL passes; just outside it
+    fails, though within the backward's wider bounds."""
+    import torch
+
+    from benchmarks import kernels_suite as ks
+
+    dtype = getattr(torch, dtype_name)
+    op = "gated_residual"
+    args = ks.make_inputs(op, 2, 8, 16, torch.float32, "cpu")
+    (expected,) = ks.expected_outputs(ks.reference_op(op), args, "fwd", None)
+    atol, rtol = ks.PARITY_TOL[dtype]["fwd"]
+    sign = torch.where(torch.rand_like(expected) < 0.5, -1.0, 1.0)
+    bound = atol + rtol * expected.abs()
+    assert ks.parity_failure(op, None, args, (expected + 0.9 * sign * bound,), dtype, "fwd") is None
+    failure = ks.parity_failure(op, None, args, (expected + 1.1 * sign * bound,), dtype, "fwd")
+    assert failure is not None and failure.startswith(f"output 0: {expected.numel()}/{expected.numel()} elements"), \
+        failure
+
+
+def test_kernel_rows_without_the_fused_kernels_still_time_ours_where_it_needs_none(monkeypatch):
+    """Where the fused kernels cannot run, an op whose `ours` is a Triton kernel has rows for the two
+    references only; linear_gelu's ours (PyTorch ops off CUDA) is still timed."""
+    import kernels
+    from benchmarks import kernels_suite
+
+    monkeypatch.setattr(kernels, "kernels_available", lambda device: False)
+    monkeypatch.setattr(kernels_suite, "OPS", ("gated_residual",))
+    monkeypatch.setattr(kernels_suite, "MLP_OPS", ("linear_gelu", "bias_gelu"))
+    monkeypatch.setattr(kernels_suite, "ATTENTION_OPS", ())
+    monkeypatch.setattr(kernels_suite, "DIRECTIONS", ("fwd",))
+    rows = kernels_suite.run("cpu", "tiny", compile_backend="eager")
+    assert [(r["name"], r["variant"]) for r in rows] == [
+        ("gated_residual.fwd", "reference+compile"), ("gated_residual.fwd", "reference"),
+        ("linear_gelu.fwd", "ours"), ("linear_gelu.fwd", "reference+compile"), ("linear_gelu.fwd", "reference"),
+        ("bias_gelu.fwd", "reference+compile"), ("bias_gelu.fwd", "reference")], rows
+    assert all(r.get("status", "ok") == "ok" for r in rows), rows
+
+
+def test_train_tries_the_first_batch_of_a_variant_the_time_box_admitted(tmp_path, monkeypatch):
+    """The box is judged once per variant before it is built; its largest batch is then tried even if
+    the build used up the box (a record of a tried batch, not a skipped variant); the next batch is
+    not tried."""
+    import torch
+
+    from benchmarks import common, train_suite
+
+    class Box(common.Budget):  # room for the variant, none left once it is built
+        def allows(self, needed_s):
+            self.asked = getattr(self, "asked", 0) + 1
+            return self.asked == 1
+
+    def time_batch(ctx, model, optimizer, transport, variant, B):
+        raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate {B} GiB")
+
+    monkeypatch.setattr(train_suite, "_time_batch", time_batch)
+    ctx = _context(tmp_path, train_batches=(8, 4))
+    ctx.budget = Box(100.0)
+    train_suite.run(ctx)
+    (record,) = ctx.results.records
+    assert [a["result"] for a in record["extra"]["batch_search"]] == ["out of memory", "not tried: time box"], record
+    assert record["status"] == "oom", record
+
+
+def test_sampling_judges_the_next_batch_by_the_longest_measurement_not_the_last(tmp_path, monkeypatch):
+    """Ours at 256 took 50 s (20 s its first run), then at 64 only 20 s (2 s): batch 8 is judged by
+    the 50 s measurement, which does not fit in the 55 s left, not by the shorter last one."""
+    from benchmarks import common, sample_suite
+
+    calls = []
+    took = {256: (50.0, 20.0), 64: (20.0, 2.0), 8: (1.0, 0.5)}
+
+    def measure(ctx, variant, transport, sampler, batch):
+        calls.append(batch)
+        seconds, first_run_s = took[batch]
+        ctx.budget.seconds -= seconds
+        ctx.emit(ctx.record("sample", "ode_euler_50_cfg4", variant.name, batch_size=batch,
+                            extra={"first_run_s": first_run_s}))
+
+    monkeypatch.setattr(sample_suite, "expected_cost_s", lambda size, variant: 40.0)
+    monkeypatch.setattr(sample_suite, "measure", measure)
+    ctx = _context(tmp_path, sample_batches=(8, 64, 256))
+    ctx.variants = (common.VARIANTS_BY_NAME["ours"],)
+    ctx.budget = common.Budget(125.0)
+    longest = sample_suite.expected_from((50.0, 20.0, 256, sample_suite.timed_steps(ctx.size, 256)), ctx.size, 8)
+    last = sample_suite.expected_from((20.0, 2.0, 64, sample_suite.timed_steps(ctx.size, 64)), ctx.size, 8)
+    assert last < 55.0 < longest  # the case: only the longest measurement leaves batch 8 out
+    sample_suite.run(ctx)
+    assert calls == [256, 64], calls
+
+
+def test_sampling_record_scales_the_timed_calls_to_the_full_sampler(tmp_path, monkeypatch):
+    """On a given timing of k model calls: median, p20 and p80 scaled by the full sampler's calls / k,
+    images/s from the scaled median, and two forwards per image per call (guidance) in the FLOPs."""
+    import random
+
+    from benchmarks import common, sample_suite
+    from sit_fast.flops import forward_flops
+    from sit_fast.sampling import model_call_times
+    from sit_fast.transport import Sampler, create_transport
+
+    median = random.uniform(5.0, 10.0)
+    timing = common.Timing(median, median - 1, median + 1, 4, "perf_counter")
+    monkeypatch.setattr(sample_suite, "time_twice", lambda fn, device, warmup, iters: (
+        timing, {"window_spread": 0.1, "window_medians_ms": [median, median * 1.1]}))
+    ctx = _context(tmp_path)
+    transport = create_transport("Linear", "velocity")
+    variant = common.VARIANTS_BY_NAME["reference"]
+    B = ctx.size.sample_batches[0]
+    sample_suite.measure(ctx, variant, transport, Sampler(transport), B)
+    records = {r["name"]: r for r in ctx.results.records}
+    assert set(records) == {name for name, *_ in sample_suite.SAMPLERS}, records
+    k = sample_suite.timed_steps(ctx.size, B)
+    flops = forward_flops(ctx.models.build(variant, compile=False))
+    for name, kind, method, steps in sample_suite.SAMPLERS:
+        record = records[name]
+        calls_timed = len(model_call_times(kind, transport, sampling_method=method, num_steps=k))
+        factor = len(model_call_times(kind, transport, sampling_method=method, num_steps=steps)) / calls_timed
+        assert record["status"] == "ok" and record["steps_timed"] == calls_timed, record
+        assert (record["median_ms"], record["p20_ms"], record["p80_ms"]) == pytest.approx(
+            (median * factor, (median - 1) * factor, (median + 1) * factor)), record
+        assert record["images_per_s"] == pytest.approx(B / (median * factor * 1e-3)), record
+        assert record["flops_per_image"] == pytest.approx(2 * flops * calls_timed * factor), record
+        assert record["extra"]["window_medians_ms"] == pytest.approx([median * factor, median * 1.1 * factor])
+
+
+def test_profile_calls_give_each_kernels_time_per_call(monkeypatch):
+    """The profiler's totals over the profiled calls, divided by the calls: per call, as the wall time."""
+    import types
+
+    import torch
+    import torch.profiler
+
+    from benchmarks.profile_suite import profile_calls
+
+    events = [types.SimpleNamespace(key="aten::mm", count=6, self_cpu_time_total=9000.0),
+              types.SimpleNamespace(key="aten::add", count=3, self_cpu_time_total=3000.0)]
+
+    class Profile:
+        def __init__(self, activities):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def key_averages(self):
+            return events
+
+    monkeypatch.setattr(torch.profiler, "profile", Profile)
+    figures = profile_calls(lambda: None, torch.device("cpu"), calls=3, warmup=0)
+    assert figures["device_ms_per_call"] == pytest.approx(4.0)
+    assert [(t["name"], t["calls_per_call"], t["ms_per_call"]) for t in figures["top"]] == [
+        ("aten::mm", 2.0, pytest.approx(3.0)), ("aten::add", 1.0, pytest.approx(1.0))]
+    assert figures["ms_per_call_by_kind"] == {"matmul": pytest.approx(3.0), "other": pytest.approx(1.0)}
+    assert [t["share"] for t in figures["top"]] == [pytest.approx(0.75), pytest.approx(0.25)]
