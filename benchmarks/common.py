@@ -1154,7 +1154,8 @@ def to_markdown(document: dict) -> str:
         lines += [f"## {suite}", "", "| " + " | ".join(h for h, _ in columns) + " |",
                   "|" + " --- |" * len(columns)]
         for r in records:
-            lines.append("| " + " | ".join(fn(r).replace("|", "/") for _, fn in columns) + " |")
+            cells = (fn(r) for _, fn in columns)  # None (a whole suite's failure has no dtype) shows as "-"
+            lines.append("| " + " | ".join("-" if c is None else str(c).replace("|", "/") for c in cells) + " |")
         lines.append("")
         if suite in NOTES:
             lines += [NOTES[suite], ""]

@@ -2213,11 +2213,19 @@ def test_an_explicit_budget_is_a_suites_box_within_what_is_left_of_the_deadline(
         assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["memory", "--budget-s", bad])[0] == 2
 
 
-def test_a_suite_that_fails_is_an_error_record_the_next_suite_runs_and_the_exit_status_is_1(tmp_path, monkeypatch):
-    status, boxes = _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["sample,profile"], raising="sample")
-    assert status == 1 and set(boxes) == {"sample", "profile"}, boxes
+@pytest.mark.parametrize("suite", ["kernels", "parity", "train", "sample", "memory", "profile", "tuning"])
+def test_a_suite_that_fails_is_an_error_record_the_next_suite_runs_and_the_exit_status_is_1(tmp_path, monkeypatch,
+                                                                                             suite):
+    """Whichever suite fails as a whole, its error record (no dtype, no variant of its own) goes into
+    results.json and results.md, and the next suite runs."""
+    from benchmarks.__main__ import SUITES
+
+    after = SUITES[(SUITES.index(suite) + 1) % len(SUITES)]
+    status, boxes = _boxes_on_a_fake_clock(tmp_path, monkeypatch, [f"{suite},{after}"], raising=suite)
+    assert status == 1 and set(boxes) == {suite, after}, boxes
     (record,) = json.loads((tmp_path / "results.json").read_text())["records"]
-    assert (record["suite"], record["status"]) == ("sample", "error") and "sample broke" in record["note"], record
+    assert (record["suite"], record["status"]) == (suite, "error") and f"{suite} broke" in record["note"], record
+    assert f"{suite} broke" in (tmp_path / "results.md").read_text()
 
 
 def test_sampling_timed_steps_switch_to_the_latency_count_at_16_images_or_fewer():
