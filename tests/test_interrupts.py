@@ -91,41 +91,45 @@ def test_other_write_errors_still_raise(monkeypatch):
     assert info.value.errno == errno.ENOSPC
 
 
+def _with_interrupts(body: str) -> str:
+    """A child's script: sit_fast/interrupts.py loaded alone (without the package's torch import) as
+    `interrupts`, sys and signal imported, then `body`."""
+    module = os.path.join(REPO, "sit_fast", "interrupts.py")
+    return ("import atexit, importlib.util, signal, sys\n"
+            f"spec = importlib.util.spec_from_file_location('interrupts', {module!r})\n"
+            "interrupts = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(interrupts)\n" + body)
+
+
+def _stderr_of_a_child_whose_reader_is_gone(script: str) -> str:
+    """The child's stderr when its stdout pipe is closed before the first line (`| head -0`); its
+    exit status must be 0."""
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 0, err
+    return err
+
+
 @pytest.mark.parametrize("lines", [1, 10000], ids=["buffered-till-exit", "many"])
 def test_a_closed_pipe_exits_cleanly(lines):
     """Lines still buffered at the end, and Python's own flush at exit, go to os.devnull too: no
     "Exception ignored ... BrokenPipeError", status 0."""
-    module = os.path.join(REPO, "sit_fast", "interrupts.py")
-    script = ("import importlib.util, sys\n"  # the module alone, without the package's torch import
-              f"spec = importlib.util.spec_from_file_location('interrupts', {module!r})\n"
-              "interrupts = importlib.util.module_from_spec(spec)\n"
-              "spec.loader.exec_module(interrupts)\n"
-              "with interrupts.console_loss_ignored():\n"
-              f"    for i in range({lines}):\n"
-              "        print(i)\n"
-              "    print('kept going', file=sys.stderr)\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()  # the reader is gone before the first line (`| head -0`)
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 0 and err == "kept going\n", err
+    script = _with_interrupts("with interrupts.console_loss_ignored():\n"
+                              f"    for i in range({lines}):\n"
+                              "        print(i)\n"
+                              "    print('kept going', file=sys.stderr)\n")
+    assert _stderr_of_a_child_whose_reader_is_gone(script) == "kept going\n"
 
 
 def test_lines_written_after_the_block_to_a_closed_pipe_are_lost_quietly():
     """Once the pipe is found closed, stdout itself writes to os.devnull: a line printed after the
     block (an exit hook's, a library's at exit) does not fail the job with a BrokenPipeError."""
-    module = os.path.join(REPO, "sit_fast", "interrupts.py")
-    script = ("import atexit, importlib.util, sys\n"  # the module alone, without the package's torch import
-              f"spec = importlib.util.spec_from_file_location('interrupts', {module!r})\n"
-              "interrupts = importlib.util.module_from_spec(spec)\n"
-              "spec.loader.exec_module(interrupts)\n"
-              "atexit.register(print, 'at exit')\n"
-              "with interrupts.console_loss_ignored():\n"
-              "    print('a line')\n"
-              "print('after the block')\n")
-    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    proc.stdout.close()
-    err = proc.stderr.read().decode()
-    assert proc.wait(timeout=120) == 0 and err == "", err
+    script = _with_interrupts("atexit.register(print, 'at exit')\n"
+                              "with interrupts.console_loss_ignored():\n"
+                              "    print('a line')\n"
+                              "print('after the block')\n")
+    assert _stderr_of_a_child_whose_reader_is_gone(script) == ""
 
 
 def test_every_entry_point_outlives_its_console(monkeypatch):
@@ -219,17 +223,13 @@ def test_off_the_main_thread_stop_signals_keep_their_handlers(restore_handlers):
 def test_a_worker_stops_holding_the_stop_signals_once_it_ignores_them():
     """Workers start with the stop signals held (stop_signals_held); ignore_stop_signals ignores them
     and ends the hold, so nothing the worker starts inherits it. Run in a child: it changes handlers."""
-    module = os.path.join(REPO, "sit_fast", "interrupts.py")
-    script = ("import importlib.util, signal\n"  # the module alone, without the package's torch import
-              f"spec = importlib.util.spec_from_file_location('interrupts', {module!r})\n"
-              "interrupts = importlib.util.module_from_spec(spec)\n"
-              "spec.loader.exec_module(interrupts)\n"
-              "names = ('SIGTERM', 'SIGUSR1', 'SIGHUP', 'SIGINT')\n"
-              "signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, name) for name in names])\n"
-              "interrupts.ignore_stop_signals(0)\n"
-              "held = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
-              "print(sorted(name for name in names if getattr(signal, name) in held),\n"
-              "      all(signal.getsignal(getattr(signal, name)) == signal.SIG_IGN for name in names))\n")
+    script = _with_interrupts(
+        "names = ('SIGTERM', 'SIGUSR1', 'SIGHUP', 'SIGINT')\n"
+        "signal.pthread_sigmask(signal.SIG_BLOCK, [getattr(signal, name) for name in names])\n"
+        "interrupts.ignore_stop_signals(0)\n"
+        "held = signal.pthread_sigmask(signal.SIG_BLOCK, [])\n"
+        "print(sorted(name for name in names if getattr(signal, name) in held),\n"
+        "      all(signal.getsignal(getattr(signal, name)) == signal.SIG_IGN for name in names))\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.stdout == "[] True\n", out.stderr
 

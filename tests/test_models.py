@@ -293,7 +293,8 @@ def test_forward_with_cfg_takes_the_first_half_of_the_batch_for_both_passes():
 
 
 def test_grad_checkpointing_gives_same_gradients(monkeypatch):
-    """The same gradients, with each block's step run again in the backward (what checkpointing is)."""
+    """The same gradients, with each block's step run again in the backward (what checkpointing is), in
+    training only."""
     torch.manual_seed(1)
     model = randomize_(tiny_sit(class_dropout_prob=0.0)).train()
     real, calls = models._block_step, []
@@ -315,26 +316,13 @@ def test_grad_checkpointing_gives_same_gradients(monkeypatch):
     for k, p in model.named_parameters():
         if k in grads:
             torch.testing.assert_close(p.grad, grads[k], rtol=1e-5, atol=1e-6)
-
-
-def test_grad_checkpointing_recomputes_only_in_training(monkeypatch):
-    """grad_checkpointing=True runs each block's step again in a training backward; an eval-mode model
-    with gradients (the likelihood's input gradient) keeps its activations: one step per block."""
-    model = randomize_(tiny_sit(grad_checkpointing=True, class_dropout_prob=0.0)).train()
-    real, calls = models._block_step, []
-
-    def counted(*args):
-        calls.append(1)
-        return real(*args)
-
-    monkeypatch.setattr(models, "_block_step", counted)
-    x, t, y = inputs(model)
-    model(x, t, y).square().mean().backward()
-    assert len(calls) == 2 * len(model.blocks)
+    # in eval mode a model with gradients (the likelihood's input gradient) keeps its activations
     calls.clear()
     model.eval()
     model(x.requires_grad_(), t, y).square().mean().backward()
     assert x.grad is not None and len(calls) == len(model.blocks)
+    # the constructor's flag is the attribute's
+    assert tiny_sit(grad_checkpointing=True).grad_checkpointing and not tiny_sit().grad_checkpointing
 
 
 def test_backward_makes_one_gradient_per_modulation_gemm():
