@@ -1952,7 +1952,6 @@ def test_kernel_rows_give_gb_per_s_of_the_minimum_bytes_and_the_copy_ceilings_fr
         assert record["fraction_of_copy_bw"] == pytest.approx(row["gbps"] / copy_gbps), record
 
 
-
 def _stub_search(default: tuple, choices: tuple, cost, cuda: bool = True, **keywords):
     """A tuning_suite.LaunchSearch whose measurements are cost(launch): median ms, or None for a launch
     outside the kernels' bounds (parity_failed); the launches in the order measured in `tried`."""
