@@ -32,10 +32,13 @@ def _slow_rank_worker(rank: int, port: int, out_dir: str) -> None:
         start = time.perf_counter()
         path = on_main(lambda: time.sleep(WORK_S) or "downloaded.pt", info)  # rank 0 downloads, rank 1 waits
         waited = time.perf_counter() - start
+        last_batch = os.path.join(out_dir, "rank1 done")
         if rank == 1:
             time.sleep(WORK_S)  # rank 1's last batch is slow: rank 0 waits at the barrier
+            open(last_batch, "w").close()
         barrier()
-        torch.save({"path": path, "waited": waited}, os.path.join(out_dir, f"rank{rank}.pt"))
+        torch.save({"path": path, "waited": waited, "after rank 1": os.path.exists(last_batch)},
+                   os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         cleanup()
 
@@ -49,6 +52,7 @@ def test_host_exchanges_outlast_the_default_groups_timeout():
         results = [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(2)]
     assert [r["path"] for r in results] == ["downloaded.pt"] * 2
     assert results[1]["waited"] > DEFAULT_TIMEOUT_S  # rank 1 did wait past the default timeout
+    assert results[0]["after rank 1"]  # rank 0 left the barrier after rank 1's last batch
 
 
 def _shared_path_worker(rank: int, port: int, root: str) -> None:
@@ -218,6 +222,7 @@ def test_filesystem_type_is_that_of_the_longest_mount_point_above_the_path(tmp_p
     assert filesystem_type("/shared", str(table)) == "nfs4"
     assert filesystem_type("/shared/scratch space/a", str(table)) == "lustre"
     assert filesystem_type("/sharedx/a", str(table)) == "tmpfs"  # not under /shared
+    assert filesystem_type("/sharedxy/a", str(table)) == "ext4"  # under neither /shared nor /sharedx
     assert filesystem_type("/home/me", str(table)) == "ext4"
     assert filesystem_type("/scratch/run", str(table)) == "nfs4"  # the later mount on a point is the one seen
     assert filesystem_type("/home/me", str(tmp_path / "none")) is None  # no mount table (not Linux)
@@ -325,3 +330,155 @@ def test_fingerprints_tell_apart_files_that_differ_only_past_their_first_blocks(
     (tmp_path / "a.bin").write_bytes(head + bytes(1 << 20))
     (tmp_path / "b.bin").write_bytes(head + b"\x01" * (1 << 20))
     assert file_fingerprint(str(tmp_path / "a.bin")) != file_fingerprint(str(tmp_path / "b.bin"))
+
+
+def test_torchrun_variables_set_empty_or_in_part_are_a_single_process(monkeypatch):
+    """RANK and WORLD_SIZE both make a torchrun process; an empty one (a launcher's `RANK=`) is unset,
+    and RANK without WORLD_SIZE is no process group to join: one process, rank 0 of 1."""
+    from sit_fast import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: True)  # a group would be joined as is
+    monkeypatch.setattr(distributed, "host_group", lambda: None)
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    for values in ({"RANK": "", "WORLD_SIZE": "", "LOCAL_RANK": ""}, {"RANK": "3", "LOCAL_RANK": "1"}):
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in values.items():
+            monkeypatch.setenv(name, value)
+        info = distributed.init_distributed()
+        assert (info.rank, info.world_size, info.local_rank, info.is_main) == (0, 1, 0, True), values
+        assert info.device == torch.device("cpu")
+
+
+def test_a_process_that_sees_one_gpu_takes_it_whatever_its_local_rank(monkeypatch):
+    """A launcher that gives each process its own GPU (CUDA_VISIBLE_DEVICES) leaves one GPU in sight:
+    LOCAL_RANK 3 takes that one, GPU 0, rather than being refused as a fourth process on one GPU."""
+    from sit_fast.distributed import init_distributed
+
+    chosen = []
+
+    class Chosen(Exception):  # stops before the NCCL group this machine cannot make
+        pass
+
+    def set_device(device):
+        chosen.append(device)
+        raise Chosen
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "3")):
+        monkeypatch.setenv(name, value)
+    with pytest.raises(Chosen):
+        init_distributed()
+    assert chosen == [torch.device("cuda", 0)]
+
+
+def test_a_process_group_left_and_joined_again_has_a_host_group_of_its_own(monkeypatch):
+    """cleanup() forgets the host group with the process group: one joined again afterwards in the
+    same process (a second run from one notebook) exchanges on a group of its own, not the gone one's."""
+    from sit_fast import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        monkeypatch.setenv(name, value)
+    groups = []
+    for _ in range(2):
+        monkeypatch.setenv("MASTER_PORT", str(free_port()))
+        info = distributed.init_distributed()
+        try:
+            assert info.world_size == 1 and distributed.is_distributed()
+            groups.append(distributed.host_group())
+            distributed.barrier()
+            assert distributed.broadcast_object("x") == "x" and distributed.gather_object(5) == [5]
+        finally:
+            distributed.cleanup()
+        assert not distributed.is_distributed() and distributed.host_group() is None
+    assert groups[0] is not None and groups[1] is not None and groups[0] is not groups[1]
+
+
+def test_gloos_words_for_a_peer_that_ended_are_told_from_other_errors():
+    """Each of gloo's (and the store's) ways of saying another process ended is a peer's end, said in
+    its first sentence, without gloo's source line or its advice; a timeout or another error is not."""
+    from sit_fast.distributed import peer_ended, peer_failed
+
+    ended = {
+        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [10.0.0.2]:29500":
+            "Connection closed by peer [10.0.0.2]:29500",
+        "[gloo/transport/tcp/pair.cc:598] Connection reset by peer. This is typically caused by a remote worker "
+        "crashing. Check the logs of the remote workers.": "Connection reset by peer",
+        "remote process exited or there was a network error": "remote process exited or there was a network error",
+        "[pair.cc:589] Read error [10.0.0.2]:29500: Failed to recv, got 0 bytes. Connection was likely closed.":
+            "Read error [10.0.0.2]:29500: Failed to recv, got 0 bytes",
+    }
+    for text, words in ended.items():
+        err = RuntimeError(text)
+        assert peer_ended(err), text
+        expected = f"another process of the job ended at step 7 ({words}); resume"
+        assert str(peer_failed(err, " at step 7", "resume")) == expected
+    assert not peer_ended(RuntimeError("[gloo] Timed out waiting 21600000ms for recv operation"))
+    assert not peer_ended(ValueError("Connection closed by peer"))  # not gloo's
+
+
+def test_failing_ranks_are_named_in_runs_per_host_and_counted_past_three_hosts():
+    from sit_fast.distributed import _which
+
+    assert _which([(3, "a")]) == "rank 3 (on a)"
+    assert _which([(0, "a"), (1, "a"), (2, "a"), (5, "a")]) == "ranks 0-2, 5 (on a)"
+    failing = [(r, "b") for r in range(8, 16)] + [(17, "c"), (19, "d"), (21, "d")] + [(r, "e") for r in range(40)]
+    assert _which(failing) == "ranks 8-15 (on b), rank 17 (on c), ranks 19, 21 (on d) and 40 more"
+
+
+def test_fingerprints_of_a_large_file_sample_all_of_it(tmp_path):
+    """Two large files alike but for their last megabyte (a checkpoint's final tensors) differ."""
+    from sit_fast.distributed import SAMPLED_BLOCKS, file_fingerprint
+
+    head = os.urandom(SAMPLED_BLOCKS << 17)  # twice what SAMPLED_BLOCKS blocks of 64 KiB read
+    (tmp_path / "a.bin").write_bytes(head + bytes(1 << 20))
+    (tmp_path / "b.bin").write_bytes(head + b"\x01" * (1 << 20))
+    a, b = file_fingerprint(str(tmp_path / "a.bin")), file_fingerprint(str(tmp_path / "b.bin"))
+    assert a[0] == b[0] and a != b
+
+
+def test_on_main_gives_rank_0s_user_error_to_every_rank_as_it_is(monkeypatch):
+    """Rank 0's UserError goes to the others word for word (its message is the fix), and rank 0 raises
+    it as a UserError too."""
+    from sit_fast import distributed
+    from sit_fast.errors import UserError
+
+    main = distributed.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    sent = []
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, src=0: sent.append(obj) or obj)
+
+    def fails():
+        raise UserError("--data-path x: no such folder")
+
+    with pytest.raises(UserError, match=r"^--data-path x: no such folder$") as caught:
+        distributed.on_main(fails, main)
+    assert type(caught.value) is UserError
+    assert sent == [(None, "--data-path x: no such folder", False)]
+
+
+def test_agree_names_the_failing_rank_with_its_error_on_one_line(monkeypatch):
+    from sit_fast import distributed
+    from sit_fast.errors import PeerFailed
+
+    info = distributed.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    monkeypatch.setattr(distributed, "gather_object", lambda obj: [obj, (1, "b", "cannot read x.pt:\n  disk  error\n")])
+    with pytest.raises(PeerFailed, match=r"^rank 1 \(on b\) failed: cannot read x.pt: disk error$"):
+        distributed.agree(lambda: "fine here", info)
+    monkeypatch.setattr(distributed, "gather_object", lambda obj: [obj, (1, "b", None)])
+    assert distributed.agree(lambda: "fine here", info) == "fine here"
+
+
+def test_a_single_process_has_no_folder_to_share(tmp_path):
+    """Without other processes there is nobody to see the folder otherwise: nothing is written in it
+    (it may not exist yet)."""
+    from sit_fast.distributed import DistInfo, check_same_file, check_shared_path, unshared_path
+
+    alone = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+    assert unshared_path(str(tmp_path / "not yet"), "--results-dir", alone) is None
+    check_shared_path(str(tmp_path / "not yet"), "--results-dir", alone)
+    check_same_file(str(tmp_path / "none.pt"), "--resume", alone)
+    assert os.listdir(tmp_path) == []
