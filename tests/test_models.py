@@ -1,5 +1,7 @@
 """The SiT model: upstream maths, upstream state_dict, attention backends."""
+import logging
 import math
+import re
 import sys
 
 import numpy as np
@@ -932,6 +934,38 @@ def test_auto_takes_flash_attn_only_where_flash_attn_runs(monkeypatch):
         attention.select_backend("flash_attn", "cuda", torch.float32, 72)
 
 
+def test_flash_attn_not_installed_is_passed_over_and_asking_for_it_says_so(monkeypatch):
+    """On a GPU flash-attn runs on, without the package: "auto" takes SDPA, and --attn-backend flash_attn
+    is refused with the package's problem, which names the install command."""
+    attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
+    problem = "the flash_attn package is not installed (pip install 'flash-attn>=2.7' --no-build-isolation)"
+    monkeypatch.setitem(attention._OPTIONAL_MODULES, "flash_attn", problem)
+    assert attention.select_backend("auto", "cuda", torch.bfloat16, 72) == "sdpa"
+    with pytest.raises(ValueError, match=re.escape(f"attention backend 'flash_attn' cannot run here: {problem}; "
+                                                   f"usable: sdpa, math")):
+        attention.select_backend("flash_attn", "cuda", torch.bfloat16, 72)
+
+
+def test_flash_attn_installed_is_not_taken_off_the_gpu(monkeypatch):
+    attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
+    assert attention.select_backend("auto", "cpu", torch.bfloat16, 64) == "sdpa"
+    with pytest.raises(ValueError, match=r"attention backend 'flash_attn' cannot run here: needs a cuda device, "
+                                         r"got cpu"):
+        attention.select_backend("flash_attn", "cpu", torch.bfloat16, 64)
+
+
+def test_what_auto_chose_is_logged_once(monkeypatch, caplog):
+    from sit_fast import attention
+
+    monkeypatch.setattr(attention, "_RESOLVED", {})
+    with caplog.at_level(logging.INFO, logger="sit_fast.attention"):
+        for _ in range(2):
+            assert attention.resolve_backend("auto", torch.device("cpu"), torch.float32, 72) == "sdpa"
+            assert attention.resolve_backend("math", torch.device("cpu"), torch.float32, 72) == "math"
+    logged = [r.getMessage() for r in caplog.records]
+    assert logged == ["attention backend auto -> sdpa (cpu, torch.float32, head dim 72)"]
+
+
 def test_resolved_backend_is_memoised_per_dtype(monkeypatch):
     attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
     monkeypatch.setattr(attention, "_RESOLVED", {})
@@ -959,6 +993,57 @@ def test_sdpa_attention_runs_the_kernel_the_variable_forces(monkeypatch):
     out = attention_fn("sdpa")(q, k, v)
     assert seen == [SDPBackend.MATH]
     torch.testing.assert_close(out, math_attention(q, k, v))
+
+
+@pytest.mark.parametrize("kernel", ["flash", "cudnn", "efficient", "math"])
+def test_each_sdpa_kernel_name_forces_that_kernel(kernel, monkeypatch):
+    import contextlib
+
+    import torch.nn.attention as nn_attention
+    from torch.nn.attention import SDPBackend
+
+    from sit_fast.attention import attention_fn
+
+    seen = []
+    monkeypatch.setattr(nn_attention, "sdpa_kernel", lambda backends: seen.append(backends) or contextlib.nullcontext())
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    torch.testing.assert_close(attention_fn("sdpa", kernel)(q, k, v), math_attention(q, k, v))
+    assert seen == [{"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                     "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}[kernel]]
+    with pytest.raises(ValueError, match=r"^unknown SDPA backend 'efficent'; choose one of flash, cudnn, efficient, "
+                                         r"math$"):
+        attention_fn("sdpa", "efficent")
+
+
+def test_each_resolved_backend_name_gives_its_own_attention():
+    """"math" is the written-out reference (not PyTorch's SDPA, whose kernels it is compared with)."""
+    from sit_fast.attention import attention_fn, flash_attn_attention
+
+    assert attention_fn("math") is math_attention
+    assert attention_fn("flash_attn") is flash_attn_attention
+    with pytest.raises(ValueError, match=r"^unknown attention backend 'auto'; choose one of"):
+        attention_fn("auto")  # resolved first (select_backend)
+
+
+def test_an_empty_sdpa_backend_variable_is_unset(monkeypatch):
+    """SIT_FAST_SDPA_BACKEND= (set, empty) leaves the choice to PyTorch, as when it is not set."""
+    from sit_fast.attention import attention_fn, check_forced_sdpa, sdpa_backend_from_env
+
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "")
+    assert sdpa_backend_from_env() is None
+    check_forced_sdpa("cpu", torch.float32)
+    assert select_backend("sdpa", "cpu", torch.float32, 72) == "sdpa"
+    assert attention_fn("sdpa") is F.scaled_dot_product_attention
+
+
+def test_auto_checks_the_forced_sdpa_kernel_where_it_takes_sdpa(monkeypatch):
+    """"auto" that takes SDPA runs the kernel SIT_FAST_SDPA_BACKEND forces: one that cannot run here is
+    refused at the choice, as for --attn-backend sdpa."""
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "cudnn")
+    with pytest.raises(ValueError, match=r"^SIT_FAST_SDPA_BACKEND=cudnn: it does not run on cpu; choose one of flash, "
+                                         r"math, or unset it$"):
+        select_backend("auto", "cpu", torch.float32, 72)
+    assert select_backend("auto", "cpu", torch.float32, 72, sdpa_chosen=True) == "sdpa"
 
 
 def test_training_drops_labels_to_the_null_class_at_class_dropout_prob():
