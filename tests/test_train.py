@@ -1493,7 +1493,8 @@ def error_cases(tmp_path, checkpoint):
 @pytest.mark.parametrize("key,value", [
     ("args", None), ("args", [1]), ("step", "seven"), ("rng", None), ("rng", [{"torch": torch.zeros(3)}]),
     ("opt", {}), ("data", [1]), ("model", [1]), ("step", -1), ("step_in_epoch", -3), ("epoch", -1),
-    ("args", {"grad_accum_steps": 0}),
+    ("args", {"grad_accum_steps": 0}), ("step", True), ("args", {"lr": "fast"}), ("args", {"global_batch_size": -1}),
+    ("ema", [1]), ("opt", {"state": {}}), ("model", {"w": 1}),
 ])
 def test_a_damaged_training_checkpoint_is_refused_in_one_line(tmp_path, digits_checkpoint, key, value):
     from sit_fast.checkpoint import CheckpointError
@@ -1504,6 +1505,15 @@ def test_a_damaged_training_checkpoint_is_refused_in_one_line(tmp_path, digits_c
     torch.save(checkpoint, tmp_path / "damaged.pt")
     with pytest.raises(CheckpointError, match=rf"not a resumable train.py checkpoint: damaged {key} "):
         load_training_checkpoint(str(tmp_path / "damaged.pt"))
+
+
+def test_a_file_holding_no_dict_is_not_a_training_checkpoint(tmp_path):
+    from sit_fast.checkpoint import CheckpointError
+    from sit_fast.training.checkpointing import load_training_checkpoint
+
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match=r"list.pt is not a train.py checkpoint \(it holds a list\)$"):
+        load_training_checkpoint(str(tmp_path / "list.pt"))
 
 
 @pytest.mark.parametrize("key", ["model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng"])
@@ -1526,6 +1536,25 @@ def test_list_checkpoints_orders_by_step_and_takes_only_checkpoint_names(tmp_pat
         (tmp_path / name).write_bytes(b"")
     assert [os.path.basename(p) for p in list_checkpoints(str(tmp_path))] == ["10000000.pt", "9999999.pt",
                                                                               "0000005.pt"]
+
+
+def test_a_checkpoint_folder_not_made_yet_holds_no_checkpoint(tmp_path):
+    from sit_fast.training.checkpointing import find_latest_valid
+
+    assert list_checkpoints(str(tmp_path / "checkpoints")) == []
+    assert find_latest_valid(str(tmp_path / "checkpoints")) is None
+
+
+def test_experiment_folders_are_listed_newest_number_first_and_only_folders(tmp_path):
+    """NNN-<suffix> folders by number, not by name (1000 after 999); a file of that name, another
+    suffix and a name without a number are not runs."""
+    from sit_fast.training.checkpointing import experiment_dirs
+
+    for name in ("000-SiT-T-4", "999-SiT-T-4", "1000-SiT-T-4", "001-SiT-S-2", "new-SiT-T-4"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "1001-SiT-T-4").write_text("a file")
+    assert experiment_dirs(str(tmp_path), "SiT-T-4") == [str(tmp_path / n) for n in ("1000-SiT-T-4", "999-SiT-T-4",
+                                                                                      "000-SiT-T-4")]
 
 
 def test_the_first_stop_signal_is_the_one_that_ends_the_run():
@@ -1552,6 +1581,42 @@ def test_every_flag_of_upstream_sit_train_keeps_its_default():
                 "path_type": "Linear", "prediction": "velocity", "loss_weight": None}
     assert {key: getattr(args, key) for key in upstream} == upstream
     assert explicit == {"data_path"}
+
+
+def test_a_resume_keeps_the_runs_model_and_transport_and_takes_the_flags_given_now():
+    """merge_resumed_args: the checkpoint's arguments where none is given now; an identity flag given
+    with another value is refused naming the run's (None there: not recorded, so not compared, but for
+    --loss-weight, where None is no weighting, and --train-eps, the path's default); keys the parser no
+    longer has are dropped."""
+    from sit_fast.training.args import merge_resumed_args, parse_args
+
+    args, explicit = parse_args(["--model", "SiT-T/4", "--num-classes", "10", "--lr", "0.001", "--resume", "auto"])
+    saved = dict(vars(args), model="SiT-T/4", num_classes=None, lr=0.5, ckpt_every=7, an_old_flag=1)
+    merged = merge_resumed_args(args, explicit, saved, "x.pt")
+    assert (merged.lr, merged.ckpt_every, merged.num_classes) == (0.001, 7, 10)
+    assert not hasattr(merged, "an_old_flag")
+    for flags, key, was, message in (
+            (["--model", "SiT-T/2"], "model", "SiT-T/4",
+             "--model SiT-T/2 differs from the run being resumed (x.pt: SiT-T/4); a resumed run keeps its model and "
+             "transport"),
+            (["--loss-weight", "velocity"], "loss_weight", None, "--loss-weight velocity differs from the run being "
+                                                                 "resumed (x.pt: None)"),
+            (["--train-eps", "0.001"], "train_eps", None, "--train-eps 0.001 differs from the run being resumed (x.pt: "
+                                                          "not given: the path's default)"),
+            (["--train-eps", "0.001"], "train_eps", 0.0, "--train-eps 0.001 differs from the run being resumed "
+                                                         "(x.pt: 0.0)")):
+        args, explicit = parse_args(flags + ["--resume", "auto"])
+        with pytest.raises(UserError, match=re.escape(message)):
+            merge_resumed_args(args, explicit, dict(vars(args), **{key: was}), "x.pt")
+    args, explicit = parse_args(["--train-eps", "0.001", "--resume", "auto"])
+    assert merge_resumed_args(args, explicit, dict(vars(args), train_eps=0.001), "x.pt").train_eps == 0.001
+
+
+def test_the_long_names_of_the_accumulation_and_seed_flags_are_the_short_ones():
+    from sit_fast.training.args import parse_args
+
+    args, explicit = parse_args(["--gradient-accumulation-steps", "4", "--seed", "3"])
+    assert (args.grad_accum_steps, args.global_seed) == (4, 3) and explicit == {"grad_accum_steps", "global_seed"}
 
 
 def test_a_resume_never_takes_this_machines_own_settings_from_the_checkpoint():
@@ -3246,6 +3311,126 @@ def test_demo_refuses_a_sample_count_it_would_round_down(tmp_path, capsys):
     assert not os.listdir(tmp_path)  # refused before training
 
 
+def test_demo_suggests_the_nearest_sample_count_it_takes(tmp_path, capsys):
+    from sit_fast import demo
+
+    for given, suggested in (("25", "20"), ("5", "10")):
+        with pytest.raises(SystemExit):
+            demo.main(["--num-samples", given, "--out", str(tmp_path)])
+        assert f"--num-samples {given}: give a multiple of 10 (as many digits of each class), e.g. {suggested}\n" \
+            in capsys.readouterr().err
+
+
+def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, capsys):
+    """The demo's training run: torchrun with 2 processes on the CPU, the demo's flags passed on, a log line
+    every tenth of the steps (at least every step), one checkpoint and grid at the end; a run left in OUT
+    by an earlier demo is removed first; a failed run is one line naming its log."""
+    from sit_fast import demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    out = tmp_path / "out"
+    (out / "train" / "checkpoints").mkdir(parents=True)
+    (out / "train" / "checkpoints" / "0000900.pt").write_bytes(b"an earlier run's")
+    runs = []
+
+    def run(command, env):
+        runs.append((command, env))
+        return subprocess.CompletedProcess(command, 3)
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(out), "--steps", "7", "--lr", "0.002", "--ema-decay", "0.5", "--seed", "3"])
+    assert exit_info.value.code == 2
+    exp_dir = os.path.join(str(out), "train")
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: training failed with exit status 3 (see the log above and {exp_dir}/log.txt)")
+    assert not os.path.exists(os.path.join(exp_dir, "checkpoints"))  # the earlier run is gone
+    (command, env), = runs
+    assert command[1:4] == ["-m", "torch.distributed.run", "--log-dir"]
+    flags = command[command.index("--standalone"):]
+    assert flags[:2] == ["--standalone", "--nproc_per_node=2"]
+    given = dict(zip(flags[3::2], flags[4::2]))
+    assert {key: given[key] for key in ("--dataset", "--image-size", "--vae", "--model", "--max-steps", "--lr",
+                                        "--ema-decay", "--global-seed", "--log-every", "--ckpt-every",
+                                        "--sample-every", "--fused-kernels", "--exp-dir")} == {
+        "--dataset": "digits", "--image-size": "8", "--vae": "none", "--model": "SiT-T/4", "--max-steps": "7",
+        "--lr": "0.002", "--ema-decay": "0.5", "--global-seed": "3", "--log-every": "1", "--ckpt-every": "7",
+        "--sample-every": "7", "--fused-kernels": "off", "--exp-dir": exp_dir}
+    assert "TRITON_INTERPRET" not in env
+
+
+def test_demo_scores_the_newest_checkpoint_and_fails_below_the_accuracy_asked_for(tmp_path, monkeypatch, capsys):
+    """--skip-training evaluates the run in OUT (one line if there is none); results.json is written, and the
+    exit status is 1 when either sampler's share of correct digits is below --min-accuracy."""
+    from sit_fast import demo
+
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--out", str(out), "--skip-training"])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: no checkpoint in {out}/train/checkpoints: run the demo without --skip-training")
+    folder = out / "train" / "checkpoints"
+    folder.mkdir(parents=True)
+    for step in (5, 10):
+        (folder / f"{step:07d}.pt").write_bytes(b"")
+    evaluated = []
+
+    def evaluate(args, checkpoint, accuracies=None):
+        evaluated.append(checkpoint)
+        return {"classifier_held_out_accuracy": 0.98, "ODE": {"accuracy": accuracies[0]},
+                "SDE": {"accuracy": accuracies[1]}}
+
+    for accuracies, status in (((0.9, 0.85), None), ((0.9, 0.75), 1), ((0.7, 0.95), 1)):
+        monkeypatch.setattr(demo, "evaluate", lambda args, checkpoint, a=accuracies: evaluate(args, checkpoint, a))
+        if status is None:
+            assert demo.main(["--out", str(out), "--skip-training"])["SDE"]["accuracy"] == 0.85
+        else:
+            with pytest.raises(SystemExit) as exit_info:
+                demo.main(["--out", str(out), "--skip-training"])
+            assert exit_info.value.code == status
+            assert f"demo FAILED: {100 * min(accuracies):.1f}% < 80%" in capsys.readouterr().err
+        with open(out / "results.json") as f:
+            assert json.load(f)["ODE"]["accuracy"] == accuracies[0]
+    assert evaluated == [str(folder / "0000010.pt")] * 3
+
+
+def test_demo_evaluation_scores_each_sampler_on_the_classifiers_pixel_scale(tmp_path, digits_checkpoint,
+                                                                            monkeypatch):
+    """The generated digits in [-1, 1] reach the classifier as the real ones' 0..16 pixels, in the order of
+    the labels asked for (one class after another); each sampler's share of correct digits, and its grid:
+    the first ten digits of each class, a row per class."""
+    import numpy as np
+
+    from sit_fast import demo, images
+
+    seen, grids = [], []
+
+    class Recording:
+        def predict(self, pixels):
+            seen.append(pixels)
+            return np.repeat(np.arange(10), len(pixels) // 10)  # every digit as asked for
+
+    def save_image_grid(grid, path, nrow, scale):
+        grids.append(grid)
+        return path
+
+    monkeypatch.setattr(demo, "digit_classifier", lambda: (Recording(), 0.97))
+    monkeypatch.setattr(images, "save_image_grid", save_image_grid)
+    args = demo.build_parser().parse_args(["--out", str(tmp_path), "--num-samples", "120", "--ode-steps", "2",
+                                           "--sde-steps", "2"])
+    results = demo.evaluate(args, digits_checkpoint)
+    assert [pixels.shape for pixels in seen] == [(120, 64)] * 2
+    assert all(pixels.min() >= 0 and pixels.max() <= 16 and pixels.max() > 8 for pixels in seen)
+    for pixels, grid in zip(seen, grids):
+        first_ten = pixels.reshape(10, 12, 64)[:, :10].reshape(100, 64)
+        np.testing.assert_allclose(((grid + 1) * 8).reshape(100, 64).numpy(), first_ten, rtol=0, atol=1e-5)
+    assert results["classifier_held_out_accuracy"] == 0.97 and results["num_samples"] == 120
+    for name in ("ODE", "SDE"):
+        assert results[name]["accuracy"] == 1.0
+        assert results[name]["grid"] == os.path.join(str(tmp_path), f"samples_{name.lower()}.png")
+
+
 def test_demo_classifier_is_judged_on_digits_it_never_saw():
     """The printed accuracy is that of the classifier that scores the samples, on the held-out quarter."""
     from sit_fast.demo import digit_classifier
@@ -3974,6 +4159,25 @@ def test_ctrl_c_presses_count_by_when_they_came():
         pytest.fail("a Ctrl-C that should have been held or counted as a stop request raised KeyboardInterrupt")
 
 
+def test_a_checkpoint_write_without_a_ctrl_c_calls_no_handler():
+    import signal as signals
+
+    called = []
+    previous = signals.signal(signals.SIGINT, lambda signum, frame: called.append(signum))
+    try:
+        with checkpointing.interrupt_after():
+            written = True
+        assert written and called == []
+        with checkpointing.interrupt_after():
+            os.kill(os.getpid(), signals.SIGINT)
+        assert called == [signals.SIGINT]  # the press held, handed on after the write
+        signals.signal(signals.SIGINT, signals.default_int_handler)
+        with checkpointing.interrupt_after():  # no KeyboardInterrupt without a press
+            written = True
+    finally:
+        signals.signal(signals.SIGINT, previous)
+
+
 def test_an_ignored_ctrl_c_stays_ignored():
     """A shell script's `train.py &` starts with SIGINT ignored: training does not start catching it."""
     import signal as signals
@@ -3984,6 +4188,9 @@ def test_an_ignored_ctrl_c_stays_ignored():
         stop.catch_interrupt()
         assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN
         stop.restore()
+        assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN
+        with checkpointing.interrupt_after():  # one held during a checkpoint write is dropped after it
+            os.kill(os.getpid(), signals.SIGINT)
         assert signals.getsignal(signals.SIGINT) == signals.SIG_IGN
     finally:
         signals.signal(signals.SIGINT, previous)
@@ -4064,6 +4271,26 @@ def test_rng_state_round_trip_keeps_the_cuda_generator(monkeypatch):
     calls.clear()
     restore_rng_state(capture_rng_state(torch.device("cpu")), torch.device("cpu"))
     assert calls == []  # the CPU's checkpoints hold no CUDA state, and set none
+    restore_rng_state(state, torch.device("cpu"))
+    assert calls == []  # a GPU run's checkpoint resumed on the CPU: no CUDA state to set
+
+
+def test_rng_state_round_trip_keeps_the_normal_draw_held_for_the_next_call():
+    """Python's random.gauss and numpy's legacy normal draw two values at a time and hold the second:
+    a resume gives that held value next, as the run would have."""
+    import random
+
+    from sit_fast.training.checkpointing import capture_rng_state, restore_rng_state
+
+    cpu = torch.device("cpu")
+    np.random.seed(5), random.seed(5)
+    np.random.standard_normal(), random.gauss(0.0, 1.0), np.random.rand(3)  # a normal value held by each
+    state = capture_rng_state(cpu)
+    expected = np.random.standard_normal(4), [random.gauss(0.0, 1.0) for _ in range(3)]
+    np.random.seed(6), random.seed(6)
+    restore_rng_state(state, cpu)
+    assert np.array_equal(np.random.standard_normal(4), expected[0])
+    assert [random.gauss(0.0, 1.0) for _ in range(3)] == expected[1]
 
 
 @pytest.mark.parametrize("flags, expected", [
