@@ -171,8 +171,12 @@ def test_compiled_likelihood_and_reverse_compile_once(job, files, tmp_path, monk
     torch._dynamo.reset()
     argv, out, saved = data_job(job, 3, files, tmp_path)
     argv = argv + (["--exact-divergence"] if job == "--likelihood" else [])
+    alone, real_save = [], sample.atomic_torch_save  # a batch's file holds its items' results alone
+    monkeypatch.setattr(sample, "atomic_torch_save", lambda t, path: alone.append(
+        t.untyped_storage().nbytes() == t.numel() * t.element_size()) or real_save(t, path))
     with torch._dynamo.config.patch(error_on_recompile=True):
         run(argv + ["--compile"])
+    assert len(alone) >= 2 and all(alone), alone
     compiled = saved()
     os.remove(out)
     run(argv)
@@ -342,6 +346,16 @@ def test_likelihoods_and_noise_that_are_not_finite_are_refused_not_kept(files, t
     assert not out.exists() and sorted(os.listdir(f"{out}.parts")) == [".lock", "000000.pt", "settings.json"]
 
 
+def test_a_batch_with_several_images_not_finite_names_the_first_and_counts_the_others():
+    x = torch.zeros(4, 3, 2, 2)
+    x[1, 0, 0, 0], x[3, 2, 1, 1] = float("nan"), float("inf")
+    with pytest.raises(sample.NonFinite) as error:
+        sample.Setup.check_finite(x, 4, "the sampler diverged: {} came out NaN or inf", "more steps")
+    assert str(error.value) == ("the sampler diverged: image 5 (and 1 more of images 4..7) came out NaN or inf; "
+                                "nothing of its batch is written: try more steps")
+    sample.Setup.check_finite(x[::2], 0, "{}", "", noun="item")  # all finite: nothing said
+
+
 def test_a_padding_image_that_is_not_finite_is_not_judged(files, tmp_path, monkeypatch):
     """The last batch of an FID job is padded past N (a fixed batch); the padding is never written, so
     NaN there (an image 3 of 3) must not stop the job."""
@@ -456,6 +470,9 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
     (["--num-fid-samples", 4, "--out", "fid.png"], "--out fid.png: --num-fid-samples writes ADM's .npz"),
     (["--sample-dir", "somewhere"], "--sample-dir applies to --num-fid-samples only"),
     (["--no-run-folder"], "--no-run-folder applies to --num-fid-samples only"),
+    (["--class-balanced"], "--class-balanced applies to --num-fid-samples only"),
+    (["--tf32", "--precision", "bf16"], "--tf32 contradicts --precision bf16"),
+    (["--no-tf32", "--precision", "tf32"], "--no-tf32 contradicts --precision tf32"),
     (["--reverse", "--data", "images", "--out", "noise.png"], "--out noise.png: --reverse saves the noise"),
     (["--cuda-graphs"], "CUDA"),
     (["--likelihood"], "--data"),
@@ -551,7 +568,9 @@ def test_train_checkpoint_latent_space_chooses_the_vae(files, tmp_path, capsys, 
             f"unless the two share an encoder") in err, err
     np.testing.assert_array_equal(read_png(tmp_path / "c.png"), read_png(tmp_path / "l.png"))
 
-    for ckpt, vae, needle in [(pixel, files["vae"], "pixel-space model"), (latent, "none", "--vae none was given")]:
+    for ckpt, vae, needle in [(pixel, files["vae"], f"{pixel} is a pixel-space model (latent space: pixels), but "
+                                                    f"--vae {files['vae']} was given: drop --vae or pass --vae none"),
+                              (latent, "none", "--vae none was given")]:
         with pytest.raises(SystemExit) as exit_info:
             run(common + ["--ckpt", ckpt, "--vae", vae, "--out", tmp_path / "x.png"])
         assert exit_info.value.code == 2
@@ -1229,7 +1248,8 @@ def test_fid_job_class_balanced_grows_n(files, tmp_path, capsys):
             "--num-sampling-steps", 2, "--cfg-scale", 1.5, *FAST]
     fid = argv + ["--per-proc-batch-size", 3, "--sample-dir", sample_dir, "--class-balanced"]
     run(fid + ["--num-fid-samples", 4])
-    assert "sampling 4 on 1 process(es), 2 batches of 3" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "sampling 4 on 1 process(es), 2 batches of 3" in out and "per process" not in out, out
     with np.load(f"{sample_dir}.npz") as archive:
         four = archive["arr_0"]
     run(argv + ["--class-labels", 0, 1, 2, 3, "--out", tmp_path / "grid.png"])
@@ -1272,6 +1292,32 @@ def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_
     assert "2 of 5 images already in" in capsys.readouterr().out
     with np.load(f"{sample_dir}.npz") as archive:
         assert archive["arr_0"].shape == (5, 8, 8, 3)
+
+
+def test_an_fid_job_stopped_on_another_node_says_so_there(files, tmp_path, capsys, monkeypatch):
+    """A stop may reach one node's processes only: the first process of each node (rank 1 of 2 here,
+    local rank 0) says that the images written are kept."""
+    from sit_fast.distributed import DistInfo
+
+    monkeypatch.setattr(sample, "on_main", lambda fn, info: fn())
+    monkeypatch.setattr(sample, "local_path_on_main_first", lambda fn, info: fn())
+    monkeypatch.setattr(sample, "check_same_file", lambda *a, **k: None)
+    monkeypatch.setattr(sample, "check_shared_path", lambda *a, **k: None)
+    monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(
+        rank=1, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=False))
+
+    def interrupted(self, *args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(sample.Setup, "sample", interrupted)
+    sample_dir = tmp_path / "s"
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+             "--num-fid-samples", 3, "--per-proc-batch-size", 1, "--sample-dir", sample_dir, *FAST])
+    assert exit_info.value.code == 130
+    err = capsys.readouterr().err
+    assert f"interrupted; the images written are kept: run the same command again to sample the rest into " \
+           f"{sample_dir}" in err, err
 
 
 def test_fid_job_outlives_its_console(files, tmp_path, monkeypatch):
@@ -1417,7 +1463,8 @@ def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
         run(common + ["--sample-dir", sample_dir, second])
         err = capsys.readouterr().err
         if second == "--no-run-folder":
-            assert f"warning: {sample_dir} holds the run folders of other FID jobs (SiT-" in err, err
+            assert (f"warning: {sample_dir} holds the run folders of other FID jobs (SiT-T-2-pixel-cfg-1.0-2-ODE-1-"
+                    f"euler/); this job's images go beside them") in err, err
         else:
             assert f"warning: {sample_dir} holds the images of another FID job (its settings.json)" in err, err
 
@@ -1695,6 +1742,19 @@ def test_sample_ddp_help_shows_the_fid_job_alone(mode, capsys):
             assert all(flag in text for flag in others) and "4.0 for a grid" in text
 
 
+def test_the_sample_ddp_script_is_sample_py_with_upstreams_defaults(monkeypatch, capsys):
+    """`python sample_ddp.py ODE --help`: the FID job's flags and defaults, under its own name."""
+    import runpy
+
+    monkeypatch.setattr(sys, "argv", ["sample_ddp.py", "ODE", "--help"])
+    with pytest.raises(SystemExit) as exit_info:
+        runpy.run_path(os.path.join(REPO, "sample_ddp.py"), run_name="__main__")
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert text.startswith("usage: sample_ddp.py ODE") and "--likelihood" not in text, text
+    assert "(default: 1.0, as upstream)" in text and "images per process per batch (default: 32)" in text, text
+
+
 def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     """sample_ddp.py, as upstream's: SAMPLE_DIR/<name from the settings>/ and <name>.npz beside it, so
     a sweep over guidance scales or samplers needs no --sample-dir per run."""
@@ -1861,6 +1921,46 @@ def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
     assert bpd[0].shape == (2,) and np.all(np.isfinite(bpd[0]))
     np.testing.assert_array_equal(bpd[1], bpd[0])
     np.testing.assert_array_equal(bpd[2], bpd[0])
+
+
+def test_image_arrays_are_checked_against_the_models_image_size_and_channels():
+    """Gray stored as RGB stays RGB for an RGB model (it is taken as gray for a gray one); images that
+    are not square, or not of the model's size, are refused naming their shape."""
+    from sit_fast.errors import UserError
+
+    gray_as_rgb = np.repeat(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8), 3, axis=-1)
+    assert sample.check_image_array(gray_as_rgb, 8, 3, "x.npz").shape == (2, 8, 8, 3)
+    assert sample.check_image_array(gray_as_rgb, 8, 1, "x.npz").shape == (2, 8, 8, 1)
+    for shape in ((2, 8, 6, 3), (2, 6, 8, 3), (2, 4, 4, 3)):
+        with pytest.raises(UserError, match=re.escape(f"x.npz: images of shape {shape[1:]} do not match the model's "
+                                                      f"image size 8")):
+            sample.check_image_array(np.zeros(shape, np.uint8), 8, 3, "x.npz")
+
+
+def test_the_headers_of_every_image_of_a_processs_batches_are_checked(tmp_path):
+    """Batches of 2 of 5 images, 3.png no image: batch 1 (images 2 and 3) is refused, batches 0 and 2 are not."""
+    from sit_fast.errors import UserError
+
+    for i in range(5):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "3.png").write_bytes(b"not an image")
+    x = sample.DequantizedImages(sample.ImageFiles(str(tmp_path), 8, 3), 256, 0)
+    sample.check_items(x, [0, 2], 2)
+    with pytest.raises(UserError, match=re.escape(f"cannot read image {tmp_path / '3.png'}")):
+        sample.check_items(x, [1], 2)
+
+
+def test_likelihood_labels_are_one_for_all_items_or_one_per_item():
+    import types
+
+    def labels(given, count):
+        args = argparse.Namespace(class_labels=given)
+        return sample.data_labels(types.SimpleNamespace(args=args, num_classes=NUM_CLASSES), count).tolist()
+
+    assert labels(None, 2) == [NUM_CLASSES] * 2 and labels([3], 3) == [3] * 3 and labels([1, 2, 3], 3) == [1, 2, 3]
+    for given in ([1, 2], [1, 2, 3, 4]):
+        with pytest.raises(sample.UserError, match=f"give one label for all 3 items or one per item, not {len(given)}"):
+            labels(given, 3)
 
 
 def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monkeypatch):
@@ -2059,6 +2159,11 @@ def test_a_gray_model_reads_gray_images_and_refuses_colour_ones(tmp_path, capsys
                                            f"gray (1-channel) images: convert them to gray first")
 
 
+def test_bpd_summary_gives_the_mean_and_its_standard_error():
+    assert sample.bpd_summary(np.array([1.0, 2.0, 3.0]), "3 items") == "bpd 2.0000 +- 0.5774 over 3 items"
+    assert sample.bpd_summary(np.array([1.5]), "1 item") == "bpd 1.5000 of 1 item"
+
+
 def test_dequantization_note_names_the_bits_and_the_jacobian():
     assert sample.dequantization_note(7.0) == " (+7 bits: the 1/128 Jacobian)"
     assert sample.dequantization_note(math.log2(17 / 2)) == " (+3.09 bits: the 2/17 Jacobian)"
@@ -2229,6 +2334,7 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     argv = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
             "--batch-size", 2, "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", out, *FAST]
     whole = run(argv)
+    assert "computed now" not in capsys.readouterr().out  # a run of its own: nothing resumed
     out.unlink()
     batches = crash_in_the_third_batch(monkeypatch)
     with pytest.raises(RuntimeError, match="went away"):
@@ -2266,6 +2372,7 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     assert not batches and not parts.exists()
     refused(argv + ["--seed", 1], f"--out {out}", "holds the results of a run with other settings (seed: 0 there, "
                                                   "1 now)")
+    refused(argv + ["--class-labels", 1], f"--out {out}", "(class_labels: None there, [1] now)")
     torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     refused(argv, f"--out {out}", "(items: 5 there, 6 now)")
     np.savez(out, bpd=whole)
@@ -2273,6 +2380,33 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     out.write_bytes(b"not an npz")  # without np.load's advice to load it unsafely
     refused(argv, f"--out {out}", "exists and cannot be read as the results of a likelihood run: pass another --out")
     assert not batches and not parts.exists()
+
+
+def test_a_likelihood_out_whose_pixels_were_dequantised_otherwise_is_refused(files, tmp_path, capsys):
+    """8-bit data draw their dequantization noise per item: a finished --out that does not record so
+    (another way of drawing it) is not taken as this run's results."""
+    np.savez(tmp_path / "images.npz", arr_0=np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8))
+    out = tmp_path / "bpd.npz"
+    argv = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "images.npz",
+            "--sampling-method", "euler", "--num-sampling-steps", 2, "--out", out, *FAST]
+    bpd = run(argv)
+    settings, _ = sample.read_bpd(out)
+    assert settings["dequantization"] == "per item"
+    del settings["dequantization"]
+    sample.write_bpd(out, bpd, settings)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert "(dequantization: None there, 'per item' now)" in one_line_error(capsys)
+
+
+def test_a_likelihood_out_holding_fewer_results_than_it_records_is_refused(tmp_path):
+    out = str(tmp_path / "bpd.npz")
+    sample.write_bpd(out, np.zeros(4), {"items": 5})
+    with pytest.raises(sample.UserError, match="records no settings of a finished likelihood run"):
+        sample.finished_bpd(out, {"items": 5})
+    sample.write_bpd(out, np.zeros(5), {"items": 5})
+    np.testing.assert_array_equal(sample.finished_bpd(out, {"items": 5}), np.zeros(5))
 
 
 def test_a_resume_ignores_the_flags_its_solver_ignores(files, tmp_path, capsys):
@@ -2356,6 +2490,39 @@ def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job
     assert "2 batches of 2 on 2 processes, taken in turn" in printed, printed
     np.testing.assert_array_equal(saved(), whole)
     assert not os.path.exists(f"{out}.parts")
+
+
+def test_a_job_of_one_batch_shows_no_progress_bar(monkeypatch):
+    """A bar (tqdm on a terminal) for more than one batch only, and on the main process only."""
+    from sit_fast.distributed import DistInfo
+
+    shown = []
+    monkeypatch.setattr(sample, "progress", lambda total, desc, unit, disable: shown.append(not disable)
+                        or sit_fast.progress.progress(total, desc, unit, disable=True))
+    other = DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False)
+    for total, dist in ((2, None), (3, None), (5, other)):
+        results, interrupted = sample.over_batches("x", total, 2, lambda index, first: [index], dist=dist)
+        assert interrupted is None
+    assert shown == [False, True, False]
+
+
+def test_the_items_done_and_the_batches_left_are_announced_once(capsys):
+    import types
+
+    from sit_fast.distributed import DistInfo
+
+    main, other = (DistInfo(rank=rank, world_size=2, local_rank=rank, device=torch.device("cpu"), is_main=rank == 0)
+                   for rank in (0, 1))
+    parts = types.SimpleNamespace(pending=[0, 1, 2], batches=3, folder="z.pt.parts")
+    expected = [([0, 1, 2], "3 batches of 2 on 2 processes, taken in turn\n"),  # a new run
+                ([2], "4 of 5 items already in z.pt.parts; computing the other 1\n"
+                      "1 batch of 2 on 2 processes, taken in turn\n"),
+                ([], "5 of 5 items already in z.pt.parts; nothing left to compute\n")]
+    for pending, said in expected:
+        parts.pending = pending
+        sample.announce(parts, 5, 2, main)
+        sample.announce(parts, 5, 2, other)
+        assert capsys.readouterr().out == said
 
 
 def test_the_main_process_waits_for_the_other_processes_batches(tmp_path, monkeypatch):
@@ -2563,6 +2730,8 @@ def test_an_fid_folder_records_a_local_vae_by_its_real_path(tmp_path, monkeypatc
     assert recorded("vae", tmp_path / "a") != recorded("vae", tmp_path / "b")
     assert recorded("vae", tmp_path / "a") == recorded(str(tmp_path / "a" / "vae") + "/", tmp_path) \
         == os.path.realpath(tmp_path / "a" / "vae")
+    os.symlink(tmp_path / "a" / "vae", tmp_path / "link")  # a link to the folder: the same VAE
+    assert recorded(str(tmp_path / "link"), tmp_path) == recorded("vae", tmp_path / "a")
     assert recorded("ema", tmp_path) == "ema"  # an alias, and a hub id, stay as they are
     assert recorded("owner/vae", tmp_path) == "owner/vae"
     assert recorded("stabilityai/sd-vae-ft-ema", tmp_path) == "ema"  # but an alias's hub id is the alias
@@ -2623,6 +2792,22 @@ def test_out_of_memory_advice_says_why_a_batch_size_needs_a_new_folder(mode, met
         "out of GPU memory on cuda:0 sampling batches of 64 (guidance doubles the batch the model sees): try "
         "--batch-size 32, --precision bf16, --vae-precision bf16 (the images written so far stay; another batch "
         f"size samples into a new folder, since {why})")
+
+
+@pytest.mark.parametrize("given, advice", [
+    (dict(batch_size=1, vae="none", cfg_scale=1.0), "batches of 1: try --precision bf16"),
+    (dict(class_labels=[1, 2, 3], precision="bf16", vae_precision="bf16"),
+     "batches of 3 (guidance doubles the batch the model sees): try --batch-size 1"),
+    (dict(batch_size=1, precision="bf16", cfg_scale=1.0), "batches of 1: try --vae-precision bf16"),
+    (dict(batch_size=1, precision="bf16", vae_precision="bf16", cfg_scale=1.0),
+     "batches of 1: this model does not fit this GPU at batch size 1"),
+])
+def test_out_of_memory_advice_names_only_the_flags_that_change_something(given, advice):
+    """No --batch-size under 1, no --vae-precision without a VAE, no word of guidance without it."""
+    args = argparse.Namespace(**{**dict(batch_size=None, class_labels=None, precision="tf32", vae="ema",
+                                        vae_precision="fp32", run_folder=False, job="grid", cfg_scale=4.0, mode="ODE",
+                                        sampling_method="euler"), **given})
+    assert sample.out_of_memory_advice(args, torch.device("cuda:0")) == f"out of GPU memory on cuda:0 sampling {advice}"
 
 
 def test_a_class_label_outside_the_models_classes_names_its_count(files, tmp_path, capsys):
@@ -2728,6 +2913,33 @@ def test_guidance_and_cfg_interval_flags_of_the_data_jobs_and_equal_bounds():
     assert args.cfg_interval == [0.5, 0.5]
 
 
+@pytest.mark.parametrize("argv,needle", [
+    (["--likelihood", "--reverse", "--data", "x.pt"], "--likelihood and --reverse are two jobs: pass one"),
+    (["--likelihood", "--data", "x.pt", "--num-fid-samples", "4"],
+     "--likelihood and --num-fid-samples are two jobs: pass one"),
+    (["--reverse", "--data", "x.pt", "--num-fid-samples", "4"], "--reverse and --num-fid-samples are two jobs"),
+    (["--reverse", "--data", "x.pt", "--exact-divergence"], "--exact-divergence applies to --likelihood only"),
+    (["--exact-divergence"], "--exact-divergence applies to --likelihood only"),
+    (["--likelihood", "--data", "x.pt", "--cuda-graphs"], "--likelihood needs them"),  # with or without CUDA
+])
+def test_flags_of_two_jobs_at_once_are_refused_before_any_work(argv, needle):
+    from sit_fast.errors import UserError
+
+    with pytest.raises(UserError) as error:
+        sample.resolve_args(sample.build_parser().parse_args(["ODE", *argv]))
+    assert needle in str(error.value), error.value
+
+
+@pytest.mark.parametrize("job,name", [([], "grid.png"), (["--num-fid-samples", "2"], "fid.npz"),
+                                      (["--reverse", "--data", "x.pt"], "noise.pt")])
+def test_an_out_that_is_a_folder_is_refused_before_any_work(job, name, tmp_path):
+    from sit_fast.errors import UserError
+
+    (tmp_path / name).mkdir()
+    with pytest.raises(UserError, match=f"--out .*{name} is a folder: name the file to write"):
+        sample.resolve_args(sample.build_parser().parse_args(["ODE", *job, "--out", str(tmp_path / name)]))
+
+
 def test_precision_defaults_to_upstreams_tf32():
     for parser in (sample.build_parser(), sample.build_parser(sample.SAMPLE_DDP_DEFAULTS)):
         assert sample.resolve_args(parser.parse_args(["ODE"])).precision == "tf32"
@@ -2784,6 +2996,41 @@ def test_class_labels_are_refused_by_the_fid_job():
 
     with pytest.raises(UserError, match="--class-labels sets a grid's labels"):
         sample.resolve_args(sample.build_parser().parse_args(["ODE", "--num-fid-samples", "4", "--class-labels", "1"]))
+
+
+def test_each_grid_image_is_sampled_with_its_own_label(files, tmp_path):
+    """--class-labels 1 2 and 1 1: the same first image (same noise and label), another second one."""
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+              "--num-sampling-steps", 1, "--cfg-scale", 4, *FAST]
+    run(common + ["--class-labels", 1, 2, "--out", tmp_path / "12.png"])
+    run(common + ["--class-labels", 1, 1, "--out", tmp_path / "11.png"])
+    a, b = read_png(tmp_path / "12.png"), read_png(tmp_path / "11.png")  # 2 images of 8 x 8, 2 px apart
+    np.testing.assert_array_equal(a[2:10, 2:10], b[2:10, 2:10])
+    assert not np.array_equal(a[2:10, 12:20], b[2:10, 12:20])
+
+
+def test_a_gray_pixel_model_samples_a_gray_grid_and_other_channel_counts_are_refused(tmp_path, capsys):
+    common = ["ODE", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1, "--class-labels", 1, 2,
+              *FAST]
+    torch.save(random_sit(1, learn_sigma=False).state_dict(), tmp_path / "gray.pt")
+    run(common + ["--ckpt", tmp_path / "gray.pt", "--out", tmp_path / "gray.png"])
+    assert read_png(tmp_path / "gray.png").shape == (12, 2 * 10 + 2)  # 2 gray images of 8 x 8, 2 px apart
+    torch.save(random_sit(2, learn_sigma=False).state_dict(), tmp_path / "two.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run(common + ["--ckpt", tmp_path / "two.pt", "--out", tmp_path / "two.png"])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == ("error: pixel-space sampling (--vae none) writes 1- or 3-channel images; the "
+                                      "model has 2 channels: pass the VAE it was trained with")
+
+
+def test_in_channels_with_a_vae_is_refused(files, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["latent"], "--vae", files["vae"], "--in-channels", 4, "--num-sampling-steps", 1,
+             "--out", tmp_path / "g.png", *FAST])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == ("error: --in-channels is for pixel space (--vae none); with a VAE the latent "
+                                      "channels are the VAE's")
+    assert not (tmp_path / "g.png").exists()
 
 
 def test_a_1000_class_grid_defaults_to_upstreams_labels(tmp_path):
