@@ -480,9 +480,10 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
     (["--dataset", "digits"], "--dataset is read by ODE --likelihood or --reverse only"),
     (["--likelihood", "--dataset", "digits"], "this model takes inputs (3, 8, 8)"),
 ])
-def test_misuse_is_a_one_line_error(files, tmp_path, capsys, argv, needle):
+def test_misuse_is_a_one_line_error(files, tmp_path, capsys, monkeypatch, argv, needle):
     if "--cuda-graphs" in argv and torch.cuda.is_available():
         pytest.skip("CUDA present")
+    monkeypatch.chdir(tmp_path)  # relative --out and --data paths, were one let through, land here
     with pytest.raises(SystemExit) as exit_info:
         run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "g.png", *FAST, *argv])
     assert exit_info.value.code == 2
