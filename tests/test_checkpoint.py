@@ -891,6 +891,66 @@ def test_a_release_download_is_kept_only_whole_and_a_checkpoint(tmp_path, monkey
     assert all(torch.equal(state_dict[k], sd[k]) for k in sd)
 
 
+def test_a_downloaded_release_is_taken_from_the_cache_and_may_be_in_the_old_format(tmp_path, monkeypatch):
+    """A release in the cache is not downloaded again (offline, it is still found); a download in
+    torch.save's format before torch 1.6 (a plain pickle) is a checkpoint file too."""
+    import io
+    import urllib.error
+    import urllib.request
+
+    from sit_fast.sampling import pretrained_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIT_FAST_CACHE", str(cache))
+    buffer = io.BytesIO()
+    sd = upstream_state_dict(1, 32, 2, True)
+    torch.save(sd, buffer, _use_new_zipfile_serialization=False)
+    old = buffer.getvalue()
+    assert old[:1] == b"\x80"
+    fetched = []
+
+    def download(*args, **kwargs):
+        fetched.append(args[0])
+        return _Response(old, len(old))
+
+    monkeypatch.setattr(urllib.request, "urlopen", download)
+    path = pretrained_checkpoint()
+    assert path == str(cache / "SiT-XL-2-256x256.pt") and len(fetched) == 1
+    state_dict, _ = read_checkpoint(path)
+    assert all(torch.equal(state_dict[k], sd[k]) for k in sd)
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    assert pretrained_checkpoint() == path and len(fetched) == 1
+
+
+def test_a_release_that_cannot_be_had_is_a_user_error_naming_why(tmp_path, monkeypatch):
+    """Offline, the message gives the network's reason as it came; a name that is not a release names
+    those there are."""
+    import urllib.error
+    import urllib.request
+
+    from sit_fast.errors import UserError
+    from sit_fast.sampling import pretrained_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "cache"))
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(UserError, match=r"^cannot download the released checkpoint SiT-XL-2-256x256\.pt "
+                                        r"\(no network\); without a network, copy it to "):
+        pretrained_checkpoint()
+    with pytest.raises(UserError) as info:
+        pretrained_checkpoint("SiT-XL-2-512x512.pt")
+    assert str(info.value) == "no released checkpoint named 'SiT-XL-2-512x512.pt' (released: SiT-XL-2-256x256.pt)"
+
+
 def test_training_transport_keeps_plain_values_of_the_transport_flags_alone():
     """What export writes as JSON: the transport flags' plain values, nothing else of the args."""
     args = {"path_type": "VP", "prediction": None, "train_eps": 0.001, "sample_eps": torch.tensor(0.1),
