@@ -404,6 +404,50 @@ def test_train_checkpoint_prefers_ema_and_use_raw_and_safetensors(files, tmp_pat
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
+def test_what_disagrees_with_the_checkpoint_is_named_with_the_value_that_fits(files):
+    """build_model's refusals: the message names the flag, the checkpoint's value, and what to pass instead."""
+    from sit_fast.checkpoint import CheckpointError
+    from sit_fast.errors import UserError
+
+    latent, pixel = files["latent"], files["pixel"]
+    cases = [
+        (dict(ckpt=latent, downsample=2, image_size=18), UserError,
+         "--image-size 18 is not a multiple of 4 (the VAE factor 2 x patch size 2)"),
+        (dict(ckpt=pixel, downsample=1, image_size=9), UserError,
+         "--image-size 9 is not a multiple of 2 (the patch size 2)"),
+        (dict(ckpt=latent, downsample=2, image_size=32), CheckpointError,
+         f"{latent} was trained at model input size 8, i.e. --image-size 16 here, not 32"),
+        (dict(ckpt=pixel, downsample=1, in_channels=1), CheckpointError,
+         f"{pixel} takes 3-channel inputs but --in-channels says 1: pass --in-channels 3"),
+        (dict(ckpt=pixel, downsample=2, in_channels=4), CheckpointError,
+         f"{pixel} takes 3-channel inputs but the VAE's latents have 4: use the VAE it was trained with (or --vae none "
+         f"for a pixel-space model)"),
+        (dict(ckpt=pixel, downsample=1, model="SiT-Q/2"), UserError,
+         f"unknown model 'SiT-Q/2'; choose one of {', '.join(SiT_models)}"),
+    ]
+    for kwargs, error, message in cases:
+        with pytest.raises(error) as info:
+            build_model(ModelRequest(attn_backend="math", fused_kernels=False, **kwargs), torch.device("cpu"))
+        assert str(info.value) == message
+
+
+def test_use_raw_on_a_checkpoint_of_one_set_of_weights_warns_and_uses_them(files, tmp_path, caplog):
+    """--use-raw asks for a train.py checkpoint's raw weights: a file of one set of weights has no other,
+    so it is used, with a warning saying so; a checkpoint that holds raw weights gives none."""
+    import logging
+
+    raw = random_sit(3, False, seed=2).state_dict()
+    torch.save({"model": raw, "ema": random_sit(3, False, seed=1).state_dict(), "args": {"model": "SiT-T/2"}},
+               tmp_path / "train.pt")
+    for ckpt, warned in ((files["pixel"], True), (tmp_path / "train.pt", False)):
+        request = ModelRequest(ckpt=str(ckpt), downsample=1, use_raw=True, attn_backend="math", fused_kernels=False)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sit_fast"):
+            build_model(request, torch.device("cpu"))
+        expected = [f"--use-raw: {ckpt} holds a single set of weights (no 'model'/'ema' entries); using them"]
+        assert [r.getMessage() for r in caplog.records] == (expected if warned else [])
+
+
 def one_line_error(capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1, err
@@ -451,6 +495,21 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
     assert err.startswith(f"error: {tmp_path / 'nan.pt'} holds weights that are not finite (NaN or inf) in 1 tensor(s), "
                           "e.g. final_layer.linear.bias"), err
     assert not (tmp_path / "g.png").exists()
+
+
+def test_nan_ema_weights_point_to_the_raw_ones_and_nan_raw_weights_do_not(tmp_path):
+    """A diverged EMA may have finite raw weights beside it (--use-raw); a file of one set of weights has none."""
+    from sit_fast.checkpoint import CheckpointError
+
+    state = random_sit(3, learn_sigma=False).state_dict()
+    state["final_layer.linear.bias"][0] = float("nan")
+    torch.save({"model": random_sit(3, learn_sigma=False).state_dict(), "ema": state}, tmp_path / "train.pt")
+    torch.save(state, tmp_path / "raw.pt")
+    for name, hint in (("train.pt", " (or --use-raw for its raw weights)"), ("raw.pt", "")):
+        request = ModelRequest(ckpt=str(tmp_path / name), downsample=1, attn_backend="math", fused_kernels=False)
+        with pytest.raises(CheckpointError) as info:
+            build_model(request, torch.device("cpu"))
+        assert str(info.value).endswith(f"its samples would be NaN; use an earlier checkpoint{hint}"), info.value
 
 
 @pytest.mark.parametrize("argv,needle", [
@@ -887,6 +946,26 @@ def test_offline_without_ckpt_says_how_to_pass_one(monkeypatch, tmp_path, capsys
     assert "SiT-XL-2-256x256.pt" in err and "--ckpt PATH" in err
 
 
+def test_without_ckpt_another_model_or_image_size_than_the_releases_asks_for_one(monkeypatch):
+    """A run without --ckpt samples upstream's release (SiT-XL/2, 256x256): --model and --image-size may
+    name it, and anything else is refused, naming what was asked for."""
+    import types
+
+    from sit_fast import sampling
+    from sit_fast.errors import UserError
+
+    monkeypatch.setattr(sampling, "pretrained_checkpoint", lambda name: f"cache/{name}")
+    for model, size in ((None, None), ("SiT-XL/2", 256)):
+        args = types.SimpleNamespace(model=model, image_size=size)
+        assert sampling.pretrained_checkpoint_for(args) == "cache/SiT-XL-2-256x256.pt"
+    for model, size, asked in (("SiT-B/2", None, "--model SiT-B/2"), (None, 512, "--image-size 512"),
+                               ("SiT-B/2", 512, "--model SiT-B/2 and --image-size 512")):
+        with pytest.raises(UserError) as info:
+            sampling.pretrained_checkpoint_for(types.SimpleNamespace(model=model, image_size=size))
+        assert str(info.value) == (f"only SiT-XL/2 at 256x256 is released, but {asked} was asked for: pass your "
+                                   f"checkpoint with --ckpt PATH")
+
+
 def test_ckpt_names_a_release_as_upstream(files, monkeypatch, tmp_path, capsys):
     """--ckpt SiT-XL-2-256x256.pt, upstream's way of asking for the release: found in
     ./pretrained_models (where upstream downloads it), else downloaded; offline, the download's message,
@@ -982,6 +1061,9 @@ def test_bf16_weights_give_the_same_samples(fused):
     fast = ModelForwards(cast, cfg_scale=2.5, autocast_dtype=torch.bfloat16, cast_weights=True)
     weights = [m.weight for m in cast.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))]
     assert weights and all(w.dtype == torch.bfloat16 for w in weights)
+    # without cast_weights, autocast alone leaves the model's weights as they were
+    assert all(m.weight.dtype == torch.float32 for m in model.modules() if isinstance(m, (torch.nn.Linear,
+                                                                                        torch.nn.Conv2d)))
     assert cast.y_embedder.embedding_table.weight.dtype == torch.float32  # not a matmul weight
     # The second call reuses the cached adaLN concatenation (once is enough with the interpreted kernels: slow)
     for _ in range(1 if fused else 2):
@@ -989,6 +1071,27 @@ def test_bf16_weights_give_the_same_samples(fused):
         pair = plain.label_pair(y)
         torch.testing.assert_close(fast.guided(x, t, pair), plain.guided(x, t, pair), rtol=0, atol=0)
         torch.testing.assert_close(fast.conditional(x, t, y), plain.conditional(x, t, y), rtol=0, atol=0)
+
+
+def test_forwards_return_fp32_under_bf16_autocast():
+    """The samplers integrate in fp32 whatever the model's precision: both forwards' outputs are fp32."""
+    model = random_sit(3, learn_sigma=False, depth=1).eval().requires_grad_(False)
+    forwards = ModelForwards(model, cfg_scale=2.0, autocast_dtype=torch.bfloat16)
+    x, t, y = torch.randn(2, 3, 8, 8), torch.rand(2), torch.tensor([1, 2])
+    with torch.inference_mode():
+        assert forwards.conditional(x, t, y).dtype == torch.float32
+        assert forwards.guided(x, t, forwards.label_pair(y)).dtype == torch.float32
+
+
+def test_cuda_graphs_are_refused_off_cuda_in_one_line():
+    """--cuda-graphs on a model on the CPU is a UserError naming the flag, and a graph forward given CPU
+    tensors says it needs CUDA ones (rather than failing inside the CUDA runtime)."""
+    from sit_fast.errors import UserError
+
+    with pytest.raises(UserError, match=r"^--cuda-graphs needs a CUDA device$"):
+        ModelForwards(random_sit(3, learn_sigma=False, depth=1).eval(), cuda_graphs=True)
+    with pytest.raises(RuntimeError, match=r"^CUDAGraphForward needs CUDA tensors$"):
+        CUDAGraphForward(lambda x: 2 * x)(torch.zeros(2))
 
 
 def batch_sizes_of_calls(model, cfg_scale, cfg_interval, method="euler", steps=4, schedule=True):
@@ -1028,6 +1131,17 @@ def test_each_image_has_its_own_noise_and_label_whatever_its_batch():
     assert torch.equal(alone[0], noise[2]) and label[0] == labels[2]
     assert not torch.equal(index_noise(1, [2], (3, 8, 8), 10)[0][0], noise[2])  # another seed
     assert index_noise(0, range(12), (3, 8, 8), 10, class_balanced=True)[1].tolist() == [i % 10 for i in range(12)]
+
+
+def test_derived_seeds_are_63_bit_for_any_integers_and_seed_each_images_noise():
+    """derived_seed gives a non-negative 63-bit seed for any integers, negative ones too; image `index`
+    of seed `seed` draws its noise first from a generator seeded with derived_seed(seed, index)."""
+    from sit_fast.sampling import derived_seed
+
+    seeds = [derived_seed(seed, index) for seed in (-1, 0, 1, 7) for index in range(16)]
+    assert all(0 <= s < 2**63 for s in seeds) and len(set(seeds)) == len(seeds)
+    generator = torch.Generator().manual_seed(derived_seed(3, 5))
+    assert torch.equal(index_noise(3, [5], (3, 8, 8), 10)[0][0], torch.randn((3, 8, 8), generator=generator))
 
 
 def test_grey_images_are_repeated_to_rgb():
@@ -1704,6 +1818,22 @@ def test_png_writer_holds_at_most_two_batches(tmp_path, monkeypatch):
     assert len(written) == 40 and max(queued) <= 8 and max(queued) > 4, queued  # the writes lag, within bounds
 
 
+def test_png_writer_raises_a_failed_write_at_the_next_batch(tmp_path, monkeypatch):
+    """A write that failed stops the job at the next batch, not after sampling every other one."""
+    from sit_fast import sampling
+
+    def fail(image, path):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(sampling, "_write_png", fail)
+    writer = sampling.PNGWriter(str(tmp_path), max_workers=1)
+    writer.write(np.zeros((1, 8, 8, 3), np.uint8), [0])
+    writer.futures[0].exception()  # waits for it
+    with pytest.raises(OSError, match="disk gone"):
+        writer.write(np.zeros((1, 8, 8, 3), np.uint8), [1])
+    writer.pool.shutdown(wait=True)
+
+
 def test_sample_ddp_offers_no_flag_its_help_leaves_out(capsys):
     """sample_ddp.py's hidden flags (of the jobs it refuses) are not offered as a fix: not as the other
     sampler's flag, nor as the flag meant."""
@@ -2083,6 +2213,52 @@ def test_settings_differences_name_a_setting_the_record_lacks():
     assert settings_differences({"ckpt_digest": "ab"}, {"ckpt_digest": "cd"}) == "ckpt_digest: 'ab' there, 'cd' now"
 
 
+def test_settings_differences_name_the_first_three_and_mark_more():
+    three = {"a": 1, "b": 2, "c": 3}
+    named = "a: None there, 1 now; b: None there, 2 now; c: None there, 3 now"
+    assert settings_differences({}, three) == named
+    assert settings_differences({}, {**three, "d": 4}) == named + " ..."
+
+
+def test_a_folder_whose_run_stopped_before_its_first_output_takes_the_new_settings(tmp_path):
+    """settings.json beside no outputs yet (out of memory at the first batch, say) is no reason to refuse a
+    run with other settings: they are recorded instead."""
+    from sit_fast.sampling import check_settings
+
+    folder = tmp_path / "samples"
+    check_settings(str(folder), {"seed": 0, "cfg_scale": 4.0})
+    check_settings(str(folder), {"seed": 1, "cfg_scale": 4.0})
+    assert json.loads((folder / "settings.json").read_text()) == {"seed": 1, "cfg_scale": 4.0}
+
+
+def test_outputs_without_a_settings_record_are_counted_naming_the_first(tmp_path):
+    from sit_fast.errors import UserError
+    from sit_fast.sampling import check_settings
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for index in (3, 1):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(png_path(str(folder), index))
+    with pytest.raises(UserError) as info:
+        check_settings(str(folder), {"seed": 0})
+    assert str(info.value) == (f"{folder} holds samples (2 files like 000001.png) but no settings.json, so what "
+                               f"made them is unknown: pass another --sample-dir, or delete them to start over")
+
+
+def test_a_settings_record_that_is_not_a_dict_is_named_with_how_to_go_on(tmp_path):
+    from sit_fast.errors import UserError
+    from sit_fast.sampling import check_settings
+
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    (folder / "settings.json").write_text("[1, 2]\n")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(folder / "000000.png")
+    with pytest.raises(UserError) as info:
+        check_settings(str(folder), {"seed": 0})
+    assert str(info.value) == (f"cannot read {folder / 'settings.json'} (not a dict): it records the settings of "
+                               f"the samples in {folder}; restore it, or pass another --sample-dir")
+
+
 def test_a_sampler_that_makes_other_calls_than_predicted_is_caught():
     """--cfg-interval's host-side schedule holds only if the sampler calls the model at the predicted
     times: fewer calls, or more, are errors, not a guidance schedule off by some steps."""
@@ -2102,6 +2278,58 @@ def test_a_sampler_that_makes_other_calls_than_predicted_is_caught():
     assert fn.guided_calls == 2
     with pytest.raises(RuntimeError, match="more model calls"):
         fn(x, torch.ones(1))
+
+
+def test_cfg_interval_takes_in_its_bounds_and_a_scale_of_one_guides_nothing():
+    """Calls at t = LOW and t = HIGH are guided, decided from the schedule or from t alike; at --cfg-scale 1
+    no call is guided and the interval is not checked against the schedule."""
+    import types
+
+    forwards = types.SimpleNamespace(label_pair=lambda y: torch.cat([y, y]), conditional=lambda x, t, y: x,
+                                     guided=lambda x, t, y_pair: -x)
+    times, x = [0.0, 0.25, 0.5, 0.75], torch.ones(1, 3, 2, 2)
+    for call_times in (times, None):
+        fn = Denoiser(forwards, cfg_scale=4.0, cfg_interval=(0.25, 0.5), call_times=call_times).for_labels(
+            torch.tensor([1]))
+        assert [fn(x, torch.full((1,), t))[0, 0, 0, 0].item() for t in times] == [1.0, -1.0, -1.0, 1.0]
+        assert fn.guided_calls == 2
+    denoiser = Denoiser(forwards, cfg_scale=1.0, cfg_interval=(0.9, 1.0), call_times=times)
+    fn = denoiser.for_labels(torch.tensor([1]))
+    assert [fn(x, torch.full((1,), t))[0, 0, 0, 0].item() for t in times] == [1.0] * 4
+    assert fn.guided_calls == 0 and fn.y_pair is None and denoiser.cfg_interval is None
+
+
+def test_a_guided_call_passes_the_labels_and_the_null_label_an_unguided_one_the_labels():
+    import types
+
+    seen = []
+    forwards = types.SimpleNamespace(label_pair=lambda y: torch.cat([y, torch.full_like(y, 10)]),
+                                     conditional=lambda x, t, y: seen.append(("conditional", y.tolist())) or x,
+                                     guided=lambda x, t, y_pair: seen.append(("guided", y_pair.tolist())) or -x)
+    x, t = torch.ones(2, 3, 2, 2), torch.zeros(2)
+    for scale in (4.0, 1.0):
+        Denoiser(forwards, cfg_scale=scale).for_labels(torch.tensor([1, 2]))(x, t)
+    assert seen == [("guided", [1, 2, 10, 10]), ("conditional", [1, 2])]
+
+
+def test_an_interval_whose_low_exceeds_its_high_is_refused_and_one_of_a_single_time_guides_it():
+    import types
+
+    from sit_fast.errors import UserError
+
+    forwards = types.SimpleNamespace(label_pair=lambda y: torch.cat([y, y]), conditional=lambda x, t, y: x,
+                                     guided=lambda x, t, y_pair: -x)
+    with pytest.raises(UserError, match=r"^--cfg-interval 0\.6 0\.4: LOW must not exceed HIGH$"):
+        Denoiser(forwards, cfg_scale=4.0, cfg_interval=(0.6, 0.4))
+    denoiser = Denoiser(forwards, cfg_scale=4.0, cfg_interval=(0.5, 0.5), call_times=[0.25, 0.5])
+    fn = denoiser.for_labels(torch.tensor([1]))
+    x = torch.ones(1, 3, 2, 2)
+    assert [fn(x, torch.full((1,), t))[0, 0, 0, 0].item() for t in (0.25, 0.5)] == [1.0, -1.0]
+
+
+def test_model_call_times_refuses_an_unknown_sampler_kind():
+    with pytest.raises(ValueError, match="unknown sampler kind 'ode'"):
+        model_call_times("ode", create_transport(), sampling_method="euler", num_steps=4)
 
 
 def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
