@@ -40,6 +40,8 @@ def test_load_vae_shapes_and_scaling(tiny_vae_dir):
     posterior = codec.vae.encode(images).latent_dist
     torch.testing.assert_close(mean, posterior.mean * codec.scaling_factor, atol=1e-5, rtol=1e-5)
     latents = codec.sample(mean, std, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(latents, mean + std * noise)  # mean + std * noise, the noise of the generator
     decoded = codec.decode(latents)
     assert decoded.shape == (5, 3, 16, 16) and decoded.abs().max() <= 1
     expected = codec.vae.decode(latents / codec.scaling_factor).sample.clamp(-1, 1)
@@ -78,7 +80,19 @@ def test_latents_mean_and_std_normalise_per_channel(tmp_path):
     expected = codec.vae.decode(mean * channel_std / 0.5 + channel_mean).sample.clamp(-1, 1)
     torch.testing.assert_close(codec.decode(mean), expected, atol=1e-5, rtol=1e-5)
 
-    vae.register_to_config(latents_mean=means[:3])
+    # a shift_factor beside them is subtracted too: scaling_factor * (posterior - mean - shift) / std
+    vae.register_to_config(shift_factor=0.125)
+    vae.save_pretrained(tmp_path)
+    mean, _ = load_vae(str(tmp_path), "cpu").encode(images)
+    torch.testing.assert_close(mean, (posterior.mean - channel_mean - 0.125) * 0.5 / channel_std, atol=1e-5, rtol=1e-5)
+    # latents_mean without latents_std: neither is used, as in diffusers' pipelines
+    vae.register_to_config(shift_factor=None, latents_std=None)
+    vae.save_pretrained(tmp_path)
+    mean, std = load_vae(str(tmp_path), "cpu").encode(images)
+    torch.testing.assert_close(mean, posterior.mean * 0.5, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(std, posterior.std * 0.5, atol=1e-5, rtol=1e-5)
+
+    vae.register_to_config(latents_mean=means[:3], latents_std=stds)
     vae.save_pretrained(tmp_path)
     with pytest.raises(VAEError, match=r"latents_mean \(3 values\) and latents_std \(4\) for 4 latent channels"):
         load_vae(str(tmp_path), "cpu")
@@ -119,6 +133,10 @@ def test_a_pipeline_folder_points_at_its_vae_subfolder(tmp_path):
         load_vae(str(tmp_path / "pipeline"), "cpu")
     assert "\n" not in str(info.value)
     assert load_vae(str(tmp_path / "pipeline" / "vae"), "cpu").latent_channels == 4
+    (tmp_path / "other" / "vae").mkdir(parents=True)  # a "vae" folder without a config: no pointer to it
+    with pytest.raises(VAEError) as info:
+        load_vae(str(tmp_path / "other"), "cpu")
+    assert "holds no loadable AutoencoderKL" in str(info.value) and "pass that folder" not in str(info.value)
 
 
 def test_weights_that_do_not_fill_an_autoencoderkl_are_refused(tmp_path):
@@ -149,6 +167,8 @@ def test_image_size_must_be_divisible_by_the_vaes_downsampling(tiny_vae_dir):
     check_image_size(20, tiny_vae_dir, codec)
     with pytest.raises(UserError, match=r"^--image-size 13 is not divisible by 2 \(the VAE's downsampling\); use e\.g\. 12$"):
         check_image_size(13, tiny_vae_dir, codec)
+    with pytest.raises(UserError, match=r"^--image-size 4 is not divisible by 8 .*; use e\.g\. 8$"):
+        check_image_size(4, "mse")  # below the factor: the factor itself is suggested
 
 
 def test_images(tmp_path):
@@ -189,6 +209,22 @@ def test_save_image_grid_scale(tmp_path):
     path = save_image_grid(torch.zeros(4, 1, 8, 8), tmp_path / "big.png", nrow=2, scale=4)
     with Image.open(path) as im:
         assert im.size == (4 * (2 * 10 + 2), 4 * (2 * 10 + 2))
+
+
+def test_a_grid_has_the_ceiling_of_the_square_root_of_n_images_per_row_by_default(tmp_path):
+    path = save_image_grid(torch.zeros(5, 3, 8, 8), tmp_path / "five.png")  # 3 per row, 2 rows
+    with Image.open(path) as im:
+        assert im.size == (3 * 10 + 2, 2 * 10 + 2)
+
+
+def test_images_of_another_shape_or_a_file_name_pil_does_not_know_are_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"expected images of shape \(N, C, H, W\), got \(3, 8, 8\)"):
+        to_uint8(torch.zeros(3, 8, 8))
+    with pytest.raises(ValueError, match=r"expected \(N, 1 or 3, H, W\) images, got \(2, 2, 8, 8\)"):
+        save_image_grid(torch.zeros(2, 2, 8, 8), tmp_path / "two.png")
+    with pytest.raises(ValueError, match=r"grid\.txt: not an image file name PIL knows"):
+        save_image_grid(torch.zeros(2, 3, 8, 8), tmp_path / "grid.txt")
+    assert not (tmp_path / "two.png").exists() and not (tmp_path / "grid.txt").exists()
 
 
 class FromPretrained:
@@ -233,6 +269,26 @@ def test_an_unreachable_hub_fails_at_once_after_the_local_cache(hub):
             "(huggingface.co:443: Name or service not known); pass a local directory") in str(info.value)
 
 
+def test_hf_hub_offline_reads_the_local_cache_alone_and_says_so(hub, monkeypatch):
+    loader, probes = hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "True")  # any of huggingface_hub's spellings of true
+    with pytest.raises(VAEError) as info:
+        load_vae("owner/some-vae", "cpu", purpose="sample")
+    assert loader.calls == [True] and probes == []
+    assert str(info.value).startswith("cannot load the VAE: owner/some-vae is not in the local hub cache and "
+                                      "HF_HUB_OFFLINE is set (owner/some-vae does not appear")
+    assert str(info.value).endswith("--vae none for a model trained in pixel space")
+
+
+def test_a_missing_diffusers_package_is_named_with_the_ways_out(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "diffusers.models", None)  # as if not installed
+    with pytest.raises(VAEError, match=r"^--vae 'ema' needs the diffusers package \(.*\); install it, or pass a "
+                                       r"local directory .*--vae none\)$"):
+        load_vae("ema", "cpu")
+
+
 def test_the_hub_probe_follows_hf_endpoint_and_trusts_a_proxy(hub, monkeypatch):
     loader, probes = hub
     monkeypatch.setenv("HF_ENDPOINT", "http://mirror.internal:8080")
@@ -245,6 +301,15 @@ def test_the_hub_probe_follows_hf_endpoint_and_trusts_a_proxy(hub, monkeypatch):
     with pytest.raises(VAEError, match="the hub has no such model or failed"):
         load_vae("owner/some-vae", "cpu")
     assert probes == [] and loader.calls == [True, False]  # with a proxy: no probe, the download is tried
+    monkeypatch.delenv("HTTPS_PROXY")
+    monkeypatch.setenv("HF_ENDPOINT", "http://mirror.internal")  # no port: http's
+    with pytest.raises(VAEError, match=r"cannot be reached \(mirror.internal:80: "):
+        load_vae("owner/some-vae", "cpu")
+    probes.clear()
+    monkeypatch.setenv("HF_ENDPOINT", "mirror.internal")  # no host to probe: the download is tried
+    with pytest.raises(VAEError, match="the hub has no such model or failed"):
+        load_vae("owner/some-vae", "cpu")
+    assert probes == []
 
 
 def test_a_vae_alias_is_recorded_as_loaded_even_beside_a_folder_of_its_name(tmp_path, monkeypatch):
@@ -261,9 +326,28 @@ def test_a_vae_alias_is_recorded_as_loaded_even_beside_a_folder_of_its_name(tmp_
     assert resolve_vae_spec(recorded_vae_spec("my_vae")) == (str(tmp_path / "my_vae"), True)
     assert recorded_vae_spec("owner/name") == "owner/name"
     assert recorded_vae_spec("none") == "none"
+    (tmp_path / "none").mkdir()  # "none" is pixel space, never a folder (load_vae reads it so)
+    assert recorded_vae_spec("none") == "none"
     assert recorded_vae_spec("stabilityai/sd-vae-ft-mse") == "mse"  # one VAE, one spelling
     (tmp_path / "stabilityai" / "sd-vae-ft-mse").mkdir(parents=True)  # but a folder is read first, as load_vae
     assert recorded_vae_spec("stabilityai/sd-vae-ft-mse") == str(tmp_path / "stabilityai" / "sd-vae-ft-mse")
+
+
+def test_a_vae_spec_that_is_no_alias_folder_or_hub_id_is_refused_naming_the_ways_out(tmp_path, monkeypatch):
+    """A hub id is owner/name: a bare name, or a file (a checkpoint, not a diffusers folder), is not sent
+    to the hub."""
+    from sit_fast.vae import resolve_vae_spec
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "vae.ckpt").write_bytes(b"")
+    for spec in ("my-vae", "models/vae.ckpt"):
+        with pytest.raises(VAEError) as info:
+            resolve_vae_spec(spec, "encode")
+        assert str(info.value) == (f"--vae {spec!r} is neither an alias (ema, mse), an existing directory nor a hub id "
+                                   "(owner/name): pass a local directory with the VAE (--vae /path/to/vae, a diffusers "
+                                   "AutoencoderKL saved with save_pretrained)")
+    assert resolve_vae_spec("models/vae") == ("models/vae", False)
 
 
 def test_the_two_sd_vaes_share_an_encoder_and_other_vaes_do_not():
