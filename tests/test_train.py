@@ -1214,6 +1214,9 @@ def test_image_folder_images_are_scaled_to_minus_one_one_and_flipped_by_their_ke
     assert image.shape == (3, 16, 16) and float(image.min()) == -1.0 and float(image.max()) == 1.0
     assert (image[:, :, :5] == 1).all() and (image[:, :, 5:] == -1).all()
     assert torch.equal(flipped, image.flip(-1))
+    for flip, expected in ((0, image), (1, flipped)):  # as the loader reads them: (image, label) by key
+        got, label = dataset[(0, flip)]
+        assert torch.equal(got, expected) and label == 0
 
 
 def test_epoch_sampler_flips_half_the_images():
@@ -1246,6 +1249,15 @@ def test_run_batches_after_a_mid_epoch_resume_start_the_next_epoch_at_its_first_
     assert sorted(index for batch in batches[2:7] for index, _ in batch) == list(range(10))  # epoch 2: each once
 
 
+def test_run_batches_past_the_runs_last_step_are_none():
+    from sit_fast.data import EpochSampler, RunBatches
+
+    sampler = EpochSampler(10, 2, rank=0, world_size=1, seed=5, flip=True)
+    for num_steps in (0, -3):  # a resume at or past --max-steps
+        run = RunBatches(sampler, epoch=2, step_in_epoch=1, num_steps=num_steps)
+        assert len(run) == 0 and list(run) == []
+
+
 def test_digits_are_scikit_learns_in_minus_one_one_with_their_labels():
     """DigitsDataset: sklearn's 17 levels 0..16 as k / 8 - 1, each image with its own label, by
     __getitems__ (the loader's) and __getitem__ alike."""
@@ -1264,9 +1276,12 @@ def test_digits_are_scikit_learns_in_minus_one_one_with_their_labels():
     for key, image, label in zip(keys, images, labels):
         got_image, got_label = dataset[key]
         assert torch.equal(got_image, image) and int(got_label) == int(label)
+    # another --image-size: the 8x8 images upsampled bilinearly (no corner alignment), kept in [-1, 1]
+    resized = torch.nn.functional.interpolate(dataset.images, size=(12, 12), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(DigitsDataset(12).images, resized.clamp(-1, 1), rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("num_samples,world_size", [(10, 3), (2, 8), (1, 3), (5, 16)])
+@pytest.mark.parametrize("num_samples,world_size", [(10, 3), (2, 8), (1, 3), (5, 16), (5, 2)])
 def test_epoch_sampler_gives_every_rank_distributed_samplers_indices(num_samples, world_size):
     """As torch's DistributedSampler (shuffle, seed + epoch), whatever the padding: a dataset smaller
     than half the ranks still gives every rank full batches (no empty batch on the last ranks)."""
@@ -1320,7 +1335,7 @@ def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
     # an empty class keeps the label class_to_idx gives it (with a warning; torchvision's ImageFolder refuses it)
     os.makedirs(tmp_path / "c")
     dataset = ImageFolderDataset(str(tmp_path), 4)
-    assert dataset.classes == ["a", "b", "c"]
+    assert dataset.classes == ["a", "b", "c"] and dataset.num_classes == 3
     assert [(os.path.relpath(path, tmp_path), label) for path, label in dataset.samples] == [
         ("a/1.png", 0), ("b/8.tiff", 1), ("b/sub/6.webp", 1), ("b/sub-x/5.JPG", 1), ("b/sub/deep/7.bmp", 1)]
 
@@ -1346,6 +1361,11 @@ def test_sixteen_bit_grayscale_images_are_scaled_to_eight_bits(tmp_path, mode):
     expected = np.rint(values / 257.0)
     assert all((rgb[..., c] == expected).all() for c in range(3)), (rgb[..., 0], expected)
     np.testing.assert_array_equal(np.asarray(read_image(path, 6, "L")), expected)
+
+    # 32-bit integers past either end of the 16-bit range: black below 0, white above 65535
+    wide = np.array([[-5, 0, 65535, 65536, 2**31 - 1, 70000]] * 6, dtype=np.int32)
+    Image.fromarray(wide, "I").save(tmp_path / "wide.tiff")
+    assert np.asarray(read_image(str(tmp_path / "wide.tiff"), 6, "L"))[0].tolist() == [0, 0, 255, 255, 255, 255]
 
     Image.fromarray(rng.random((6, 6)).astype(np.float32), "F").save(tmp_path / "f.tiff")
     with pytest.raises(DataError, match=r"f\.tiff holds floating-point pixels"):
@@ -1409,6 +1429,60 @@ def test_hidden_folders_holding_images_are_skipped_with_a_warning_in_the_log(tmp
         log = f.read()
     assert log.count("hidden folders (.extra) hold images but are not taken as classes") == 1, log
     assert "dataset: 2 samples, 2 classes" in log, log
+
+
+def test_dot_files_and_dot_folders_of_images_are_left_out_with_warnings(tmp_path, caplog):
+    """Any name starting with a dot is hidden, not ._NAME alone; a hidden folder is named when it holds
+    images, whatever the case of their extensions."""
+    from sit_fast.data import find_images
+
+    root = make_image_folder(tmp_path / "data", classes=1, per_class=1)
+    Image.new("RGB", (4, 4)).save(tmp_path / "data" / "class0" / ".thumb.png")
+    os.makedirs(tmp_path / "data" / ".trash")
+    Image.new("RGB", (4, 4)).save(tmp_path / "data" / ".trash" / "OLD.PNG")
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        samples, classes = find_images(root)
+    assert [os.path.relpath(path, root) for path, _ in samples] == ["class0/0.png"] and classes == ["class0"]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "hidden folders (.trash) hold images but are not taken as classes" in messages[0]
+    assert f"1 hidden file with an image extension ({os.path.join(root, 'class0', '.thumb.png')}) left" in messages[1]
+
+
+def test_image_folder_files_come_sorted_by_name_and_linked_folders_are_followed(tmp_path, monkeypatch):
+    """Whatever order the file system lists them in, each folder's files are taken by name; a symbolic
+    link to a folder inside a class folder is followed (as torchvision's ImageFolder does)."""
+    from sit_fast.data import find_images
+
+    root = make_image_folder(tmp_path / "data", classes=1, per_class=3)
+    elsewhere = make_image_folder(tmp_path / "elsewhere", classes=1, per_class=2)
+    os.symlink(os.path.join(elsewhere, "class0"), os.path.join(root, "class0", "linked"))
+    real_walk = os.walk
+    monkeypatch.setattr(os, "walk", lambda top, **kwargs: (
+        (folder, sub, sorted(names, reverse=True)) for folder, sub, names in real_walk(top, **kwargs)))
+    samples, _ = find_images(root)
+    assert [os.path.relpath(path, root) for path, _ in samples] == [
+        "class0/0.png", "class0/1.png", "class0/2.png", "class0/linked/0.png", "class0/linked/1.png"]
+
+
+def test_class_folders_without_images_are_refused_when_all_are_empty_and_counted_otherwise(tmp_path, caplog):
+    from sit_fast.data import DataError, find_images
+
+    os.makedirs(tmp_path / "none" / "a" / "sub")
+    (tmp_path / "none" / "a" / "notes.txt").write_text("")
+    with pytest.raises(DataError) as info:
+        find_images(str(tmp_path / "none"))
+    assert str(info.value) == (f"--data-path {tmp_path / 'none'} holds no images (.jpg, .jpeg, .png, .ppm, .bmp, .pgm, "
+                               ".tif, .tiff, .webp) in its class sub-folders")
+    root = make_image_folder(tmp_path / "data", classes=1, per_class=1)
+    for count, listed in ((2, "empty0, empty1"), (7, "empty0, empty1, empty2, empty3, empty4 and 2 more")):
+        for i in range(count):
+            os.makedirs(os.path.join(root, f"empty{i}"), exist_ok=True)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="sit_fast"):
+            find_images(root)
+        assert [r.getMessage() for r in caplog.records][0].startswith(
+            f"--data-path {root}: {count} class folders ({listed}) hold no images (.jpg,")
 
 
 def test_an_image_damaged_past_its_header_is_a_data_error(tmp_path):
@@ -2541,6 +2615,7 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     assert index["latent_channels"] == 4 and index["latent_size"] == 8 and index["num_classes"] == 2
 
     cache = LatentCacheDataset(out)
+    assert len(cache) == 6 and cache.num_classes == 2  # every image, whatever the shards
     source = ImageFolderDataset(images, 16)
     codec = load_vae(vae_dir, "cpu")
     keys = [(5, 0), (1, 1), (4, 1)]  # across both shards, as is and mirrored
@@ -2851,7 +2926,7 @@ def test_resuming_with_a_latent_cache_of_another_image_size_is_refused_in_one_li
 
 
 def test_a_latent_cache_that_is_not_there_says_so(tmp_path):
-    from sit_fast.data import DataError, read_cache_index
+    from sit_fast.data import CACHE_FORMAT, DataError, read_cache_index
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "file").write_text("")
@@ -2860,6 +2935,14 @@ def test_a_latent_cache_that_is_not_there_says_so(tmp_path):
             read_cache_index(str(tmp_path / name))
         assert str(info.value) == (f"--latent-cache {tmp_path / name} {what}; build it with python -m "
                                    f"sit_fast.latent_cache")
+    (tmp_path / "run").mkdir()  # a settings.json, but not a latent cache's: not called unfinished
+    (tmp_path / "run" / "settings.json").write_text(json.dumps({"global_seed": 0}))
+    with pytest.raises(DataError, match=r"run has no index\.json; build it"):
+        read_cache_index(str(tmp_path / "run"))
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "version": 0}))
+    with pytest.raises(DataError, match=r"old/index\.json is not a version-1 sit_fast latent cache; rebuild it"):
+        read_cache_index(str(tmp_path / "old"))
 
 
 def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
@@ -2910,6 +2993,11 @@ def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
         LatentCacheDataset(out).shards()
     assert str(info.value).startswith(f"latent cache shard {shard} holds 1 images, the index says 2; delete it"), \
         info.value
+    # labels of another count than the latents'
+    two = torch.zeros(2, 2, channels, size, size)
+    torch.save({"mean": two, "std": two, "labels": torch.zeros(3, dtype=torch.int64)}, shard)
+    with pytest.raises(DataError, match=r"holds latents of shape .* labels \(3,\)\), the index says"):
+        LatentCacheDataset(out).shards()
 
 
 def test_a_loader_workers_error_keeps_its_whole_message():
@@ -2921,6 +3009,37 @@ def test_a_loader_workers_error_keeps_its_whole_message():
                         "the rest of it\n")
     assert str(worker_error(wrapped)) == "cannot read a.png (one: two)\nthe rest of it"
     assert str(worker_error(DataError("a plain one"))) == "a plain one"
+    assert str(worker_error(DataError("Caught up: not a worker's"))) == "Caught up: not a worker's"
+    header = "Caught DataError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+    chained = DataError(header + "sit_fast.data.DataError: the first\n\nDuring handling of the above exception, "
+                        "another exception occurred:\n\nTraceback (most recent call last):\n"
+                        "sit_fast.data.DataError: the second\n")
+    assert str(worker_error(chained)) == "the second"  # the error raised, not one it was raised from
+    # no entry under the error's own name (raised under another): the last line's message, or the line
+    assert str(worker_error(DataError(header + "other.module.Error: its message\n"))) == "its message"
+    assert str(worker_error(DataError(header + "KeyboardInterrupt\n"))) == "KeyboardInterrupt"
+
+
+class _PidDataset(torch.utils.data.Dataset):
+    """Each item is the id of the process that read it."""
+
+    in_memory = True
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, key):
+        return torch.tensor(os.getpid())
+
+
+def test_an_in_memory_dataset_is_read_in_the_main_process_whatever_the_workers():
+    from sit_fast.data import close_loader, make_loader
+
+    loader = make_loader(_PidDataset(), [[(0, 0), (1, 1)], [(2, 0)]], num_workers=2, pin_memory=False, seed=0)
+    try:
+        assert [batch.tolist() for batch in loader] == [[os.getpid()] * 2, [os.getpid()]]
+    finally:
+        close_loader(loader)
 
 
 def test_a_rebuilt_latent_cache_is_unfinished_until_its_new_index_is_written(tmp_path):
