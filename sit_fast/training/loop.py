@@ -54,7 +54,7 @@ from sit_fast.training.checkpointing import (
     unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport
-from sit_fast.vae import recorded_vae_spec, same_encoder
+from sit_fast.vae import LatentCodec, recorded_vae_spec, same_encoder
 
 logger = logging.getLogger("sit_fast.train")
 
@@ -1118,13 +1118,13 @@ class Trainer:
     def batch_to_latents(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(self.dataset, LatentCacheDataset):
             mean, std, y = (t.to(self.device, non_blocking=True) for t in batch)
-            return mean + std * torch.randn_like(mean), y  # a draw from the stored posterior
+            return LatentCodec.sample(mean, std), y  # a draw from the stored posterior
         x, y = batch
         x = x.to(self.device, non_blocking=True)
         y = torch.as_tensor(y).to(self.device, non_blocking=True)
         if self.codec is not None:
             mean, std = self.codec.encode(x)
-            x = mean + std * torch.randn_like(mean)
+            x = LatentCodec.sample(mean, std)
         return x, y
 
     def train_step(self, batch) -> tuple[torch.Tensor, bool]:
