@@ -1409,9 +1409,9 @@ def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_
         assert archive["arr_0"].shape == (5, 8, 8, 3)
 
 
-def test_an_fid_job_stopped_on_another_node_says_so_there(files, tmp_path, capsys, monkeypatch):
-    """A stop may reach one node's processes only: the first process of each node (rank 1 of 2 here,
-    local rank 0) says that the images written are kept."""
+def as_rank_1_of_2(monkeypatch, local_rank: int = 1) -> None:
+    """sample.py in this process as rank 1 of a two-process job on the CPU, its collectives answered
+    as rank 0 would answer them."""
     from sit_fast.distributed import DistInfo
 
     monkeypatch.setattr(sample, "on_main", lambda fn, info: fn())
@@ -1419,7 +1419,13 @@ def test_an_fid_job_stopped_on_another_node_says_so_there(files, tmp_path, capsy
     monkeypatch.setattr(sample, "check_same_file", lambda *a, **k: None)
     monkeypatch.setattr(sample, "check_shared_path", lambda *a, **k: None)
     monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(
-        rank=1, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=False))
+        rank=1, world_size=2, local_rank=local_rank, device=torch.device("cpu"), is_main=False))
+
+
+def test_an_fid_job_stopped_on_another_node_says_so_there(files, tmp_path, capsys, monkeypatch):
+    """A stop may reach one node's processes only: the first process of each node (rank 1 of 2 here,
+    local rank 0) says that the images written are kept."""
+    as_rank_1_of_2(monkeypatch, local_rank=0)
 
     def interrupted(self, *args):
         raise KeyboardInterrupt
@@ -3062,21 +3068,14 @@ def test_fid_and_data_jobs_default_batch_sizes_are_upstreams():
 def test_fid_ranks_take_disjoint_chunks_in_turn(files, tmp_path, monkeypatch):
     """Rank r of W samples chunks r, r + W, ...: with 7 images in chunks of 2 on 2 ranks, rank 1 writes
     images 2, 3, 6 only (no chunk sampled twice, none skipped), and they are a single process's."""
-    from sit_fast.distributed import DistInfo
-
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
             "--num-sampling-steps", 2, "--num-fid-samples", 7, "--per-proc-batch-size", 2, *FAST]
     run(argv + ["--sample-dir", tmp_path / "single"])
     with np.load(f"{tmp_path / 'single'}.npz") as archive:
         single = archive["arr_0"]
     # one process of a two-process job, in this process: the collectives are rank 0's answers
-    monkeypatch.setattr(sample, "on_main", lambda fn, info: fn())
-    monkeypatch.setattr(sample, "local_path_on_main_first", lambda fn, info: fn())
-    monkeypatch.setattr(sample, "check_same_file", lambda *a, **k: None)
-    monkeypatch.setattr(sample, "check_shared_path", lambda *a, **k: None)
+    as_rank_1_of_2(monkeypatch)
     sample_dir = tmp_path / "two"
-    monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(
-        rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False))
     run(argv + ["--sample-dir", sample_dir])
     assert sorted(n for n in os.listdir(sample_dir) if n.endswith(".png")) == [f"{i:06d}.png" for i in (2, 3, 6)]
     monkeypatch.undo()  # one process finishes the folder (chunks 0 and 2) and writes the .npz
@@ -3115,15 +3114,8 @@ def test_likelihood_without_labels_is_the_null_class_which_may_also_be_given(fil
 def test_data_job_ranks_take_disjoint_batches_in_turn(files, tmp_path, monkeypatch):
     """Rank r of W computes batches r, r + W, ... of --likelihood --out: rank 1 of 2, on 7 items in
     batches of 2, writes batches 1 and 3 alone."""
-    from sit_fast.distributed import DistInfo
-
     argv, out, _ = data_job("--likelihood", 7, files, tmp_path)
-    monkeypatch.setattr(sample, "on_main", lambda fn, info: fn())
-    monkeypatch.setattr(sample, "local_path_on_main_first", lambda fn, info: fn())
-    monkeypatch.setattr(sample, "check_same_file", lambda *a, **k: None)
-    monkeypatch.setattr(sample, "check_shared_path", lambda *a, **k: None)
-    monkeypatch.setattr(sample, "init_distributed", lambda: DistInfo(
-        rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False))
+    as_rank_1_of_2(monkeypatch)
     run(argv)
     assert sorted(n for n in os.listdir(f"{out}.parts") if n.endswith(".pt")) == ["000001.pt", "000003.pt"]
 
