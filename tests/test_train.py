@@ -1084,6 +1084,9 @@ def test_skip_nonfinite_counts(tmp_path, monkeypatch):
     summary = train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "6", "--ckpt-every", "6",
                                  "--skip-nonfinite"])
     assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
+    log = (tmp_path / "run" / "log.txt").read_text()
+    assert "step 3: non-finite gradients, step skipped (1 so far)" in log, log
+    assert re.search(r"\(step=0000006\) Train Loss: [0-9.]+, .*, skipped non-finite steps: 1\n", log), log
     resumed = train_main(["--exp-dir", str(tmp_path / "run"), "--resume", "auto", "--max-steps", "8",
                           "--num-workers", "0", "--no-progress"])
     assert resumed["nonfinite_skipped"] == 1 and np.isfinite(resumed["loss"])
@@ -1164,6 +1167,31 @@ def test_a_checkpoint_between_log_lines_counts_the_steps_skipped_on_the_device(t
     train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "5", "--ckpt-every", "4", "--log-every", "100",
                        "--skip-nonfinite"])
     assert load_ckpt(exp / "checkpoints" / "0000004.pt")["nonfinite_skipped"] == 1
+
+
+def test_steps_skipped_on_the_device_are_said_per_log_line_with_the_runs_total(tmp_path, monkeypatch):
+    """With fused AdamW each log line's warning counts the steps skipped since the previous line, then
+    the run's total so far, which the log line itself ends with."""
+    from sit_fast.training import loop
+
+    monkeypatch.setattr(loop, "fused_adamw", lambda device: True)
+    real, calls = loop.Trainer.batch_to_latents, []
+
+    def poisoned(self, batch):
+        x, y = real(self, batch)
+        calls.append(1)
+        return (x * float("nan") if len(calls) in (1, 3, 4) else x), y
+
+    monkeypatch.setattr(loop.Trainer, "batch_to_latents", poisoned)
+    exp = tmp_path / "run"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--ckpt-every", "4", "--log-every", "2",
+                                 "--skip-nonfinite"])
+    assert summary["nonfinite_skipped"] == 3
+    log = (exp / "log.txt").read_text()
+    assert "1 step(s) up to step 2: non-finite gradients, skipped (1 so far)" in log, log
+    assert "2 step(s) up to step 4: non-finite gradients, skipped (3 so far)" in log, log
+    assert re.search(r"\(step=0000002\) .*, skipped non-finite steps: 1\n", log), log
+    assert re.search(r"\(step=0000004\) .*, skipped non-finite steps: 3\n", log), log
 
 
 def test_a_nonfinite_loss_stops_the_run_at_the_next_log_line(tmp_path, monkeypatch):
@@ -2165,9 +2193,32 @@ def test_a_sample_grid_out_of_memory_saves_the_step_first(tmp_path, monkeypatch)
     assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--resume", "auto"])["step"] == 4
 
 
-def test_a_grid_with_samples_that_are_not_finite_says_so(tmp_path, monkeypatch):
-    """An EMA sample with a NaN (weights that overflowed) is drawn black in the grid, and the log says
-    how many samples were."""
+def test_a_sample_grid_and_its_checkpoint_both_failing_raise_the_grids_error(tmp_path, monkeypatch):
+    """The checkpoint saved after a failed grid cannot be written either (a full disk): that is said in
+    the log, and the run ends with the grid's error (out of memory), which is what to fix."""
+    from sit_fast import images
+    from sit_fast.training import loop
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    def full_disk(obj, path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(images, "save_image_grid", out_of_memory)
+    monkeypatch.setattr(loop, "atomic_torch_save", full_disk)
+    exp = tmp_path / "run"
+    with pytest.raises(UserError, match=r"^out of GPU memory after step 2 .* sampling the EMA grid"):
+        train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--sample-every", "2", "--num-sample-images",
+                           "2", "--sample-steps", "2"])
+    assert ("the sample grid failed, and the checkpoint of step 2 too: step 2: cannot write checkpoint "
+            in (exp / "log.txt").read_text())
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_a_grid_with_samples_that_are_not_finite_says_so(tmp_path, monkeypatch, value):
+    """An EMA sample with a NaN or an inf (weights that overflowed) is drawn black or clamped in the grid,
+    and the log says how many samples were."""
     from sit_fast.training import loop
 
     real = loop.Sampler
@@ -2178,7 +2229,7 @@ def test_a_grid_with_samples_that_are_not_finite_says_so(tmp_path, monkeypatch):
 
             def first_sample_nan(z, model_fn, **more):
                 states = sample(z, model_fn, **more)
-                states[-1][0, 0, 0, 0] = float("nan")
+                states[-1][0, 0, 0, 0] = float(value)
                 return states
             return first_sample_nan
 
@@ -2189,6 +2240,22 @@ def test_a_grid_with_samples_that_are_not_finite_says_so(tmp_path, monkeypatch):
     assert os.path.exists(os.path.join(exp, "samples", "0000002.png"))
     with open(os.path.join(exp, "log.txt")) as f:
         assert "step 2: 1 of the 3 EMA samples in the grid are not finite (NaN pixels drawn black" in f.read()
+
+
+def test_a_sample_grid_that_cannot_be_written_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
+    from sit_fast import images
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(images, "save_image_grid", full_disk)
+    exp = tmp_path / "run"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--sample-every", "1",
+                                 "--num-sample-images", "2", "--sample-steps", "2"])
+    assert summary["step"] == 2 and os.path.basename(summary["last_checkpoint"]) == "0000002.pt"
+    log = (exp / "log.txt").read_text()
+    for step in (1, 2):
+        assert f"step {step}: the sample grid is skipped: cannot write it (No space left on device)" in log, log
 
 
 def test_failed_start_keeps_existing_folders(tmp_path, capsys):
@@ -2423,11 +2490,40 @@ def test_out_of_gpu_memory_before_the_first_step_is_one_line(tmp_path, capsys, m
         "with more free memory (USAGE.md, Memory)")
 
 
+def test_out_of_gpu_memory_advice_leaves_out_the_flags_already_in_use(tmp_path):
+    """The training advice names only the flags that would change something, and the batch as it is
+    split; the grid's advice suggests --cfg-scale 1 only under guidance, and names the last checkpoint."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run")])
+    trainer = loop.Trainer(args, explicit, init_distributed())
+    trainer.step, trainer.precision, device = 5, "fp32", trainer.device
+    assert trainer.out_of_memory_advice() == (
+        f"out of GPU memory at step 6 on {device} training SiT-T/4 with a batch of 64 per GPU: fit it with "
+        "--grad-accum-steps 2 (the same global batch, micro-batches of 32), --precision bf16, --grad-checkpointing "
+        "or a smaller --global-batch-size (USAGE.md, Memory)")
+    trainer.precision, args.grad_checkpointing, args.grad_accum_steps = "bf16", True, 2
+    trainer.last_checkpoint = "run/checkpoints/0000004.pt"
+    assert trainer.out_of_memory_advice() == (
+        f"out of GPU memory at step 6 on {device} training SiT-T/4 with a batch of 64 per GPU in micro-batches of 32: "
+        "fit it with --grad-accum-steps 4 (the same global batch, micro-batches of 16) or a smaller "
+        "--global-batch-size (USAGE.md, Memory); last checkpoint: run/checkpoints/0000004.pt")
+    trainer.phase = "samples"
+    assert trainer.out_of_memory_advice() == (
+        f"out of GPU memory after step 5 on {device} sampling the EMA grid of --num-sample-images 16: lower it or "
+        "--cfg-scale 1; last checkpoint: run/checkpoints/0000004.pt")
+    args.cfg_scale, trainer.last_checkpoint = 1.0, None
+    assert trainer.out_of_memory_advice() == (
+        f"out of GPU memory after step 5 on {device} sampling the EMA grid of --num-sample-images 16: lower it")
+
+
 def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     """--wandb and --tensorboard, through stand-ins for their packages (neither is installed here)."""
     import types
 
-    logged = {"wandb": [], "scalars": [], "images": [], "axes": {}}
+    logged = {"wandb": [], "scalars": [], "images": [], "axes": {}, "log_dir": [], "init": []}
 
     class Run:  # a resumed run logs steps its wandb run has seen: the step is a value, not log(step=)
         def define_metric(self, name, step_metric=None):
@@ -2441,7 +2537,7 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
 
     class Writer:
         def __init__(self, log_dir):
-            self.log_dir = log_dir
+            logged["log_dir"].append(log_dir)
 
         def add_scalar(self, tag, value, step):
             logged["scalars"].append((tag, step))
@@ -2453,8 +2549,10 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
             pass
 
     wandb = types.ModuleType("wandb")
-    wandb.init = lambda **kwargs: Run()
+    wandb.init = lambda **kwargs: logged["init"].append(kwargs) or Run()
     wandb.Image = lambda path: ("image", path)
+    monkeypatch.delenv("PROJECT", raising=False)
+    monkeypatch.delenv("ENTITY", raising=False)
     tensorboard = types.ModuleType("torch.utils.tensorboard")
     tensorboard.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "wandb", wandb)
@@ -2469,6 +2567,36 @@ def test_trackers_get_the_scalars_and_the_sample_grids(tmp_path, monkeypatch):
     assert logged["images"] == [("samples", (height, width, 3), np.uint8, 4, "HWC")]
     assert ("train/loss", 2) in logged["scalars"] and ("train/loss", 4) in logged["scalars"]
     assert any(data["train/step"] == 2 and "train/loss" in data for data in logged["wandb"])
+    assert logged["log_dir"] == [str(exp / "tensorboard")]
+    (init,) = logged["init"]  # named by the run folder, in the default project, with the run's flags
+    assert (init["name"], init["project"], init["entity"]) == ("exp", "sit_fast", None)
+    assert init["config"]["max_steps"] == 4 and init["config"]["model"] == "SiT-T/4"
+
+
+def test_tensorboard_alone_gets_the_sample_grids(tmp_path, monkeypatch):
+    import types
+
+    images = []
+
+    class Writer:
+        def __init__(self, log_dir):
+            pass
+
+        def add_scalar(self, tag, value, step):
+            pass
+
+        def add_image(self, tag, array, step, dataformats):
+            images.append((tag, step))
+
+        def close(self):
+            pass
+
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    train_main(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "2", "--sample-every", "2",
+                       "--num-sample-images", "2", "--sample-steps", "2", "--tensorboard"])
+    assert images == [("samples", 2)]
 
 
 def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
@@ -4140,7 +4268,7 @@ def test_missing_tracker_package_is_one_line_and_leaves_no_folder(tmp_path, caps
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
     assert run_cli(BASE + ["--results-dir", str(tmp_path / "results"), "--wandb"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("error: --wandb needs the wandb package"), err
+    assert err[-1].startswith("error: --wandb needs the wandb package") and err[-1].endswith(": pip install wandb"), err
     assert not (tmp_path / "results").exists(), "the run left the --results-dir it created"
 
 
@@ -4150,10 +4278,23 @@ def test_wandb_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
     def init(**kwargs):
         raise RuntimeError("api_key not configured (no-tty). call wandb.login(key=[your_api_key])\nmore")
 
+    closed = []
+
+    class Writer:  # opened before wandb: closed by the failure
+        def __init__(self, log_dir):
+            pass
+
+        def close(self):
+            closed.append(True)
+
     wandb = types.ModuleType("wandb")
     wandb.init = init
+    tensorboard = types.ModuleType("torch.utils.tensorboard")
+    tensorboard.SummaryWriter = Writer
     monkeypatch.setitem(sys.modules, "wandb", wandb)
-    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "1", "--wandb"]) == 2
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", tensorboard)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "1", "--wandb", "--tensorboard"]) == 2
+    assert closed == [True]
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err, err
     assert err.splitlines()[-1] == ("error: --wandb: wandb.init failed: api_key not configured (no-tty). call "
@@ -4183,6 +4324,19 @@ def test_ctrl_c_stops_with_a_checkpoint_and_says_where_to_resume(tmp_path):
     assert match, err
     assert match.group(0) in (exp / "log.txt").read_text()
     assert load_ckpt(match.group(2))["step"] == int(match.group(1))
+
+
+def test_ctrl_c_before_training_starts_exits_with_130_saying_so(tmp_path, monkeypatch, capsys):
+    from sit_fast.training import loop
+
+    def interrupted(self, *args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop.Trainer, "__init__", interrupted)
+    with pytest.raises(SystemExit) as info:
+        train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "2"])
+    assert info.value.code == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "interrupted before training started"
 
 
 def test_a_second_ctrl_c_stops_at_once_naming_the_last_checkpoint(tmp_path, monkeypatch, capsys):
@@ -4342,6 +4496,52 @@ def test_a_console_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
     assert "(step=0000002) Train Loss" in log and log.rstrip().endswith("done"), log
+
+
+def test_the_progress_bar_on_a_terminal_goes_from_the_resumed_step_with_the_log_lines_figures(tmp_path, monkeypatch):
+    """On a terminal (stderr) a progress bar counts the run's steps from the step it resumed at, shows
+    the last log line's loss and images/s, and the log lines are written above it on stderr."""
+    import io
+
+    import tqdm
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    bars, written = [], []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.kwargs, self.updates, self.postfix = kwargs, 0, None
+            bars.append(self)
+
+        def update(self, n):
+            self.updates += n
+
+        def set_postfix(self, **fields):
+            self.postfix = fields
+
+        def close(self):
+            pass
+
+        @staticmethod
+        def write(line, file=None):
+            written.append((line, file))
+
+    argv = [arg for arg in BASE if arg != "--no-progress"] + ["--exp-dir", str(tmp_path / "run"), "--log-every", "2"]
+    train_main(argv + ["--max-steps", "2", "--no-progress"])
+    terminal = Terminal()
+    monkeypatch.setattr(tqdm, "tqdm", Bar)
+    monkeypatch.setattr(sys, "stderr", terminal)
+    summary = train_main(argv + ["--max-steps", "5", "--resume", "auto"])
+    monkeypatch.undo()
+    (bar,) = bars
+    assert (bar.kwargs["total"], bar.kwargs["initial"], bar.updates) == (5, 2, 3)
+    shown = {key: bar.postfix[key] for key in ("loss", "img_s")}
+    assert shown == {"loss": f"{summary['loss']:.4f}", "img_s": f"{summary['images_per_sec']:.0f}"}
+    assert any("(step=0000004) Train Loss" in line for line, _ in written)
+    assert {file for _, file in written} == {terminal}
 
 
 def test_an_unreadable_data_path_is_a_read_error_not_a_write_one(tmp_path, monkeypatch, capsys):
