@@ -140,7 +140,18 @@ def test_grid_pixel_space_sde_and_bf16(files, tmp_path):
     np.testing.assert_array_equal(first, read_png(out))  # SDE noise is seeded per batch
     assert first.shape == (12, 3 * 10 + 2, 3)  # 3 images of 8 x 8 in one row, 2 px padding
     run(argv + ["--out", tmp_path / "bf16.png", "--precision", "bf16"])
-    assert np.abs(read_png(tmp_path / "bf16.png").astype(int) - first).mean() < 8
+    difference = np.abs(read_png(tmp_path / "bf16.png").astype(int) - first).mean()
+    assert 0 < difference < 8  # bf16 arithmetic: close, not the same
+
+
+def test_a_grid_batch_size_past_its_label_count_is_its_label_count(files, tmp_path):
+    """--batch-size above the number of grid labels samples one batch of those labels: the same images,
+    an SDE's per-batch noise included, as --batch-size equal to the count."""
+    common = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 3, "--class-labels", 1, 2, 3,
+              *FAST]
+    run(common + ["--batch-size", 3, "--out", tmp_path / "a.png"])
+    run(common + ["--batch-size", 64, "--out", tmp_path / "b.png"])
+    np.testing.assert_array_equal(read_png(tmp_path / "a.png"), read_png(tmp_path / "b.png"))
 
 
 def test_compiled_forwards_compile_once(files, tmp_path, monkeypatch):
@@ -218,6 +229,26 @@ def test_a_checkpoint_of_another_transport_is_sampled_with_its_flags(files, tmp_
             "from it") in err, err
 
 
+def test_a_recorded_transport_flag_of_no_known_value_is_not_taken(files, tmp_path, capsys):
+    """A checkpoint recording a --path-type this sampler does not know: the known --prediction is taken,
+    the path stays the default, with a warning naming the recorded one; recorded defaults are not announced."""
+    weights = torch.load(files["pixel"], weights_only=True)
+    torch.save({"model": weights, "ema": weights, "args": argparse.Namespace(path_type="Cosine", prediction="noise")},
+               tmp_path / "cosine.pt")
+    run(["ODE", "--ckpt", tmp_path / "cosine.pt", "--vae", "none", "--sampling-method", "euler",
+         "--num-sampling-steps", 2, "--out", tmp_path / "a.png", *FAST])
+    out, err = capsys.readouterr()
+    assert "using --prediction noise: the checkpoint's training flag\n" in out, out
+    assert "the checkpoint was trained with --path-type Cosine (this run: Linear)" in err, err
+    assert (tmp_path / "a.png").is_file()
+    defaults = argparse.Namespace(path_type="Linear", prediction="velocity")  # nothing to take, nothing said
+    torch.save({"model": weights, "ema": weights, "args": defaults}, tmp_path / "linear.pt")
+    run(["ODE", "--ckpt", tmp_path / "linear.pt", "--vae", "none", "--sampling-method", "euler",
+         "--num-sampling-steps", 2, "--out", tmp_path / "b.png", *FAST])
+    out, err = capsys.readouterr()
+    assert "training flag" not in out and not err, (out, err)
+
+
 def test_an_exported_checkpoint_keeps_its_transport(files, tmp_path, capsys):
     """python -m sit_fast.export: a .safetensors file carries the training transport, which sample.py
     takes as from the checkpoint; a .pt file cannot, and the export says which flags to pass."""
@@ -277,6 +308,21 @@ def test_samples_that_are_not_finite_are_refused_not_written(files, tmp_path, ca
     assert not os.path.exists(tmp_path / "g.png") and not os.path.exists(tmp_path / "s.npz")
     if fid:
         assert not [name for name in os.listdir(tmp_path / "s") if name.endswith(".png")]
+
+
+@pytest.mark.parametrize("argv,advice", [
+    (["ODE", "--precision", "bf16", "--cfg-scale", "1"], "smaller --atol and --rtol or --precision tf32"),
+    (["SDE", "--diffusion-form", "sigma", "--precision", "bf16"],
+     "more --num-sampling-steps (now 250), --precision tf32 or a smaller --cfg-scale (now 4)"),
+    (["ODE", "--sampling-method", "euler", "--cfg-scale", "1"],
+     "more --num-sampling-steps (now 250) or --sampling-method dopri5 (adaptive)"),
+])
+def test_divergence_advice_names_only_the_flags_not_in_use(argv, advice, tmp_path):
+    """What helps a sampler that diverged: the adaptive solver's tolerances or more fixed steps, the SDE's
+    default diffusion, tf32 under bf16 and a smaller guidance scale, each only where it changes something."""
+    setup = object.__new__(sample.Setup)
+    setup.args = sample.resolve_args(sample.build_parser().parse_args(argv + ["--out", str(tmp_path / "g.png")]))
+    assert setup.divergence_advice() == advice
 
 
 def test_images_the_vae_overflowed_on_are_refused_not_written(files, tmp_path, capsys, monkeypatch):
@@ -932,6 +978,16 @@ def test_out_of_range_values_are_refused_naming_the_flag(argv, needle, capsys):
     assert needle in err, err
 
 
+@pytest.mark.parametrize("flag", ["-h", "--help"])
+def test_help_asked_before_the_sampler_is_shown(flag, capsys):
+    """`sample.py --help` (no sampler yet) prints the help and exits 0, not the sampler-comes-first error."""
+    with pytest.raises(SystemExit) as exit_info:
+        run([flag])
+    assert exit_info.value.code == 0
+    captured = capsys.readouterr()
+    assert "{ODE,SDE}" in captured.out and "comes first" not in captured.out + captured.err, captured
+
+
 def test_offline_without_ckpt_says_how_to_pass_one(monkeypatch, tmp_path, capsys):
     def offline(*args, **kwargs):
         raise urllib.error.URLError("no network")
@@ -1355,6 +1411,26 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
         np.testing.assert_array_equal(archive["arr_0"], many)
 
 
+def test_a_png_damaged_past_its_header_is_named_with_how_to_resample_it(tmp_path):
+    """A PNG whose header reads but whose second data chunk is garbage (PIL raises SyntaxError, no OSError,
+    reading its pixels) is named in one line, as one emptied by a crash, and no .npz is written."""
+    from sit_fast.errors import UserError
+    from sit_fast.sampling import build_npz, png_path
+
+    pixels = np.random.default_rng(0).integers(0, 256, (2, 256, 256, 3), dtype=np.uint8)
+    for i, image in enumerate(pixels):
+        Image.fromarray(image).save(png_path(str(tmp_path), i))
+    damaged = Path(png_path(str(tmp_path), 1))
+    data = bytearray(damaged.read_bytes())
+    second = data.index(b"IDAT", data.index(b"IDAT") + 4)  # PIL writes 64 KiB a chunk: a second one exists
+    data[second: second + 4] = b"\x00\x01\x02\x03"
+    damaged.write_bytes(bytes(data))
+    with pytest.raises(UserError, match=rf"^{re.escape(str(damaged))} cannot be read \(.+\): delete it, and the "
+                                        r"same command samples it again$"):
+        build_npz(str(tmp_path), 2, str(tmp_path / "s.npz"), progress=False)
+    assert not (tmp_path / "s.npz").exists()
+
+
 def test_fid_job_class_balanced_grows_n(files, tmp_path, capsys):
     """Image i of the FID job is the grid's image of label i % classes (class-balanced) from the same
     seed: its noise, label and pixels. Growing N keeps the images sampled."""
@@ -1736,6 +1812,22 @@ def test_an_fid_folder_tells_apart_two_checkpoints_written_to_one_path(files, tm
     assert json.loads((sample_dir / "settings.json").read_text())["ckpt_digest"] == digest
 
 
+def test_an_fid_folder_resumes_with_its_checkpoint_named_from_another_folder(files, tmp_path, monkeypatch, capsys):
+    """The folder records the checkpoint by its absolute path: the same file, named relative to another
+    working folder, resumes the job."""
+    shutil.copy(files["pixel"], tmp_path / "pixel.pt")
+    (tmp_path / "elsewhere").mkdir()
+    argv = ["ODE", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2, "--batch-size", 2,
+            "--sample-dir", tmp_path / "s", *FAST]
+    monkeypatch.chdir(tmp_path)
+    run(argv + ["--ckpt", "pixel.pt", "--num-fid-samples", 2])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    run(argv + ["--ckpt", os.path.join("..", "pixel.pt"), "--num-fid-samples", 3])
+    assert f"2 of 3 images already in {tmp_path / 's'}; sampling 1" in capsys.readouterr().out
+    assert len(np.load(tmp_path / "s.npz")["arr_0"]) == 3
+
+
 def test_every_process_must_read_the_checkpoint_rank_0_reads(files, tmp_path, monkeypatch, capsys):
     """Under torchrun a node's own file at rank 0's --ckpt path (another run's checkpoint on its local
     disk) sampled from other weights into the same folder; the processes' files are compared first
@@ -1759,8 +1851,8 @@ def test_every_process_must_read_the_checkpoint_rank_0_reads(files, tmp_path, mo
 
 
 def test_an_fid_folder_with_no_name_of_its_own_puts_the_npz_beside_it(files, tmp_path, monkeypatch, capsys):
-    """--sample-dir . wrote a hidden '..npz'; now the .npz is named after the folder, beside it; the
-    root, with no name and nothing beside it, asks for --out."""
+    """--sample-dir . wrote a hidden '..npz'; now the .npz is named after the folder, beside it (so too for
+    --sample-dir ..); the root, with no name and nothing beside it, asks for --out."""
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
@@ -1768,11 +1860,24 @@ def test_an_fid_folder_with_no_name_of_its_own_puts_the_npz_beside_it(files, tmp
             "--num-fid-samples", 2, *FAST]
     assert run(argv + ["--sample-dir", "."]) == str(tmp_path / "work.npz")
     assert (tmp_path / "work.npz").is_file() and not (work / "..npz").exists()
+    inner = work / "inner"
+    inner.mkdir()
+    monkeypatch.chdir(inner)
+    assert run(argv + ["--sample-dir", ".."]) == str(tmp_path / "work.npz")  # the same folder, named so
+    assert os.listdir(inner) == []
     capsys.readouterr()
     with pytest.raises(SystemExit):
         run(argv + ["--sample-dir", "/"])
     assert one_line_error(capsys) == ("error: --sample-dir /: the .npz goes beside the folder, named after it, and / "
                                       "has neither: pass --out FILE.npz")
+
+
+def test_an_fid_folder_named_with_a_trailing_slash_puts_the_npz_beside_it(files, tmp_path):
+    """--sample-dir DIR/ is DIR: the .npz is DIR.npz beside the folder, not a hidden .npz inside it."""
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, "--sample-dir", f"{tmp_path / 's'}{os.sep}", *FAST]
+    assert run(argv) == str(tmp_path / "s.npz")
+    assert (tmp_path / "s.npz").is_file() and not (tmp_path / "s" / ".npz").exists()
 
 
 def test_an_npz_write_cut_short_is_named_by_the_next_run(files, tmp_path, capsys):
@@ -2017,6 +2122,9 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
     np.savez(tmp_path / "nan.npz", arr_0=nan)
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "zero.png").write_bytes(b"")
+    torch.save({"x": torch.zeros(2, 3, 8, 8)}, tmp_path / "dict.pt")
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("not an image")
     cases = {
         "missing.npz": "error: --data {} does not exist",
         "text.npz": "error: cannot read {} (not an .npz archive): --data takes an .npz of arrays",
@@ -2027,6 +2135,8 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
         "two.npz": "error: {} holds a, b: store the data as arr_0",
         "nan.npz": "error: {}: 1 of 3 items hold NaN or inf (the first: item 1)",
         "images": "error: cannot read image {}/zero.png (cannot identify image file",
+        "dict.pt": "error: {} holds a dict, not a tensor of model inputs (N, C, h, w)",
+        "no_images": "error: --data {}: no images (.jpg,",
     }
     for job in ("--likelihood", "--reverse"):
         for name, expected in cases.items():
@@ -2040,6 +2150,22 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
         run(["ODE", "--likelihood", "--ckpt", files["latent"], "--vae", "none", "--data", tmp_path / "images", *FAST])
     assert one_line_error(capsys) == (f"error: --data {tmp_path / 'images'}: images are read as gray or RGB, the "
                                       f"model takes 4 channels: pass its inputs as a .pt or a float .npz")
+
+
+def test_model_inputs_of_another_shape_are_refused_in_one_line(files, tmp_path, capsys):
+    """A .pt or float .npz whose items are not the model's (C, h, w) is refused before any work, naming
+    both shapes, and leaves no OUT.parts/."""
+    torch.save(torch.zeros(2, 3, 16, 16), tmp_path / "big.pt")
+    np.savez(tmp_path / "wide.npz", arr_0=np.zeros((2, 4, 8, 8), np.float32))
+    for name, shape, job, out in (("big.pt", "(2, 3, 16, 16)", "--likelihood", "bpd.npz"),
+                                  ("wide.npz", "(2, 4, 8, 8)", "--reverse", "z.pt")):
+        with pytest.raises(SystemExit) as exit_info:
+            run(["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / name,
+                 "--out", tmp_path / out, "--num-sampling-steps", 2, "--sampling-method", "euler", *FAST])
+        assert exit_info.value.code == 2
+        assert one_line_error(capsys) == (f"error: {tmp_path / name}: data of shape {shape}, the model takes "
+                                          f"(N, 3, 8, 8)")
+    assert sorted(os.listdir(tmp_path)) == ["big.pt", "wide.npz"]
 
 
 def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
@@ -2062,7 +2188,8 @@ def test_likelihood_reads_gray_arrays_and_image_folder_roots(tmp_path):
 
 def test_image_arrays_are_checked_against_the_models_image_size_and_channels():
     """Gray stored as RGB stays RGB for an RGB model (it is taken as gray for a gray one); images that
-    are not square, or not of the model's size, are refused naming their shape."""
+    are not square, or not of the model's size, are refused naming their shape, and images of other
+    channels naming their count."""
     from sit_fast.errors import UserError
 
     gray_as_rgb = np.repeat(np.random.default_rng(0).integers(0, 256, (2, 8, 8, 1), dtype=np.uint8), 3, axis=-1)
@@ -2072,6 +2199,11 @@ def test_image_arrays_are_checked_against_the_models_image_size_and_channels():
         with pytest.raises(UserError, match=re.escape(f"x.npz: images of shape {shape[1:]} do not match the model's "
                                                       f"image size 8")):
             sample.check_image_array(np.zeros(shape, np.uint8), 8, 3, "x.npz")
+    colour = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    with pytest.raises(UserError, match=re.escape("x.npz: images with 3 channels, the model takes 1")):
+        sample.check_image_array(colour, 8, 1, "x.npz")
+    with pytest.raises(UserError, match=re.escape("x.npz: images with 1 channels, the VAE encodes RGB images")):
+        sample.check_image_array(colour[..., :1], 8, 3, "x.npz")
 
 
 def test_the_headers_of_every_image_of_a_processs_batches_are_checked(tmp_path):
@@ -2369,6 +2501,22 @@ def test_likelihood_of_the_digits_dequantises_their_17_levels(tmp_path):
     np.testing.assert_allclose(bpd, continuous + math.log2(8.5), rtol=0, atol=1e-6)
 
 
+def test_the_digits_are_refused_for_a_model_of_other_inputs():
+    """--dataset digits is 8x8 gray pixels: a model of other pixels, or of a VAE's latents, is refused naming
+    what it takes."""
+    import types
+
+    from sit_fast.errors import UserError
+
+    args = sample.resolve_args(sample.build_parser().parse_args(["ODE", "--likelihood", "--dataset", "digits"]))
+    for codec, shape, takes in ((None, (3, 8, 8), "inputs (3, 8, 8)"), (None, (1, 16, 16), "inputs (1, 16, 16)"),
+                                (object(), (4, 8, 8), "a VAE's latents")):
+        setup = types.SimpleNamespace(args=args, codec=codec, latent_shape=shape)
+        with pytest.raises(UserError, match=re.escape(f"--dataset digits is 8x8 gray pixels; this model takes "
+                                                      f"{takes}: pass a model trained with train.py --dataset")):
+            sample.job_data(setup)
+
+
 def test_a_gray_model_reads_gray_images_and_refuses_colour_ones(tmp_path, capsys):
     """--data FOLDER for a 1-channel model: gray images, stored as gray or as RGB with equal channels (a
     1-channel model's FID PNGs), give the same bpd; a colour image is refused, not turned gray."""
@@ -2537,11 +2685,37 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     out.unlink()
     batches.clear()
     batches.extend([None, None])
+    capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
     assert exit_info.value.code == stop.status and not out.exists()
     assert sorted(os.listdir(parts)) == [".lock", "settings.json"]
-    assert f"{stop.words} after 0 of 5 items: nothing finished" in capsys.readouterr().err
+    captured = capsys.readouterr()
+    assert f"{stop.words} after 0 of 5 items: nothing finished" in captured.err
+    assert "kept" not in captured.out, captured.out
+
+
+def test_a_likelihood_without_out_stopped_reports_the_first_items(files, tmp_path, capsys, monkeypatch):
+    """Without --out the batches run in order: a stop during the third reports the bpd of the first 4 of 5
+    items, keeps nothing and exits 130."""
+    argv, _, _ = data_job("--likelihood", 5, files, tmp_path)
+    argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
+    real, batches = sample.derived_seed, []
+
+    def derived_seed(*args):  # called once per batch, as it starts
+        batches.append(args)
+        if len(batches) == 3:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 130
+    captured = capsys.readouterr()
+    assert re.search(r"^bpd \S+ \+- \S+ over the first 4 of 5 items \(", captured.out, re.M), captured.out
+    assert "interrupted after 4 of 5 items" in captured.err, captured.err
+    assert sorted(os.listdir(tmp_path)) == ["x.pt"]
 
 
 def crash_in_the_third_batch(monkeypatch) -> list:
@@ -2617,6 +2791,22 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     assert not batches and not parts.exists()
 
 
+def test_a_resumed_likelihood_counts_the_items_computed_now(files, tmp_path, capsys, monkeypatch):
+    """A resumed run reports the items it computed, not its batches: here batches 1 and 2, 3 of the 5 items."""
+    argv, _, saved = data_job("--likelihood", 5, files, tmp_path)
+    parts = tmp_path / "bpd.npz.parts"
+    batches = crash_in_the_third_batch(monkeypatch)
+    with pytest.raises(RuntimeError, match="went away"):
+        run(argv)
+    (parts / "000001.pt").unlink()
+    batches.append(None)  # no crash this time
+    capsys.readouterr()
+    run(argv)
+    captured = capsys.readouterr().out
+    assert f"2 of 5 items already in {parts}; computing the other 3" in captured, captured
+    assert "for the 3 computed now" in captured and len(saved()) == 5, captured
+
+
 def test_a_likelihood_out_whose_pixels_were_dequantised_otherwise_is_refused(files, tmp_path, capsys):
     """8-bit data draw their dequantization noise per item: a finished --out that does not record so
     (another way of drawing it) is not taken as this run's results."""
@@ -2633,6 +2823,26 @@ def test_a_likelihood_out_whose_pixels_were_dequantised_otherwise_is_refused(fil
     with pytest.raises(SystemExit):
         run(argv)
     assert "(dequantization: None there, 'per item' now)" in one_line_error(capsys)
+
+
+def test_a_finished_likelihood_out_records_its_data_by_path_and_its_divergence(files, tmp_path, monkeypatch, capsys):
+    """A finished --out records --data by its absolute path, so the same file named from another folder
+    reads the results; the divergence estimator is among its settings, so --exact-divergence is refused."""
+    argv, out, saved = data_job("--likelihood", 3, files, tmp_path)
+    data = argv.index("--data") + 1
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    whole = run(argv[:data] + ["x.pt"] + argv[data + 1:])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    capsys.readouterr()
+    np.testing.assert_array_equal(run(argv[:data] + [os.path.join("..", "x.pt")] + argv[data + 1:]), whole)
+    assert "nothing left to compute" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        run(argv + ["--exact-divergence"])
+    assert one_line_error(capsys) == (f"error: --out {out} holds the results of a run with other settings "
+                                      f"(exact_divergence: False there, True now): pass another --out, or delete "
+                                      f"it to start over")
+    np.testing.assert_array_equal(saved(), whole)
 
 
 def test_a_likelihood_out_holding_fewer_results_than_it_records_is_refused(tmp_path):
@@ -2727,6 +2937,30 @@ def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job
     assert not os.path.exists(f"{out}.parts")
 
 
+def test_reverse_stopped_after_writing_its_out_finishes_on_the_next_run(files, tmp_path, capsys, monkeypatch):
+    """A stop between writing --reverse's OUT and removing OUT.parts/ leaves an OUT of this run: the same
+    command joins the parts again, computing nothing, instead of refusing OUT as an earlier run's."""
+    argv, out, saved = data_job("--reverse", 3, files, tmp_path)
+    parts = tmp_path / "z.pt.parts"
+
+    def stopped(self):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patched:
+        patched.setattr(sample.BatchParts, "remove", stopped)
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+    assert exit_info.value.code == 130 and out.exists() and parts.is_dir()
+    whole = saved()
+    calls = []
+    monkeypatch.setattr(sample, "derived_seed", lambda *args: calls.append(args))
+    capsys.readouterr()
+    assert run(argv) == str(out)
+    assert calls == [] and not parts.exists()
+    np.testing.assert_array_equal(saved(), whole)
+    assert f"3 of 3 items already in {parts}; nothing left to compute" in capsys.readouterr().out
+
+
 def test_a_job_of_one_batch_shows_no_progress_bar(monkeypatch):
     """A bar (tqdm on a terminal) for more than one batch only, and on the main process only."""
     from sit_fast.distributed import DistInfo
@@ -2739,6 +2973,34 @@ def test_a_job_of_one_batch_shows_no_progress_bar(monkeypatch):
         results, interrupted = sample.over_batches("x", total, 2, lambda index, first: [index], dist=dist)
         assert interrupted is None
     assert shown == [False, True, False]
+
+
+def test_the_main_processs_bar_counts_its_batches_once_per_process(monkeypatch):
+    """Under torchrun the main process's bar counts each batch of its own once per process (the others take
+    as many meanwhile), never past the items of the job."""
+    from sit_fast.distributed import DistInfo
+
+    counts = []
+
+    class Bar:
+        n = 0
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def update(self, count):
+            counts.append(count)
+            self.n += count
+
+    monkeypatch.setattr(sample, "progress", lambda total, desc, unit, disable: Bar())
+    main = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    results, interrupted = sample.over_batches("x", 7, 2, lambda index, first: torch.zeros(min(2, 7 - first)),
+                                               dist=main)
+    assert interrupted is None and [len(r) for r in results] == [2, 2]  # batches 0 and 2 of 0 .. 3
+    assert counts == [4, 3]
 
 
 def test_the_items_done_and_the_batches_left_are_announced_once(capsys):
@@ -3176,6 +3438,19 @@ def test_an_fid_folder_refuses_a_resume_that_changes_how_labels_are_drawn(files,
     with pytest.raises(SystemExit):
         run(argv + ["--num-fid-samples", 4, "--class-balanced"])
     assert "other settings" in one_line_error(capsys)
+
+
+def test_double_precision_model_inputs_are_read_as_float(files, tmp_path):
+    """A float64 .pt of model inputs is taken as fp32: the same noise as the fp32 tensor gives."""
+    x = torch.randn(2, 3, 8, 8).clamp(-1, 1)
+    torch.save(x, tmp_path / "x32.pt")
+    torch.save(x.double(), tmp_path / "x64.pt")
+    common = ["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+              "--num-sampling-steps", 2, *FAST]
+    single = torch.load(run(common + ["--data", tmp_path / "x32.pt", "--out", tmp_path / "z32.pt"]), weights_only=True)
+    double = torch.load(run(common + ["--data", tmp_path / "x64.pt", "--out", tmp_path / "z64.pt"]), weights_only=True)
+    assert double.dtype == torch.float32
+    torch.testing.assert_close(double, single, rtol=0, atol=0)
 
 
 def test_reverse_is_the_samplers_reverse_ode(files, tmp_path):
