@@ -3056,6 +3056,20 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
     from sit_fast.errors import UserError
 
     monkeypatch.setattr(sample, "PARTS_POLL_S", 0.05)
+
+    class Clock:  # the time module, but for a wait that polls on and on: a failure, not a hung test
+        polls = 0
+
+        def __getattr__(self, name):
+            return getattr(sample_time, name)
+
+        def sleep(self, seconds):
+            Clock.polls += 1
+            assert Clock.polls < 100, "rank 0 polled on without hearing of rank 3's end"
+            sample_time.sleep(seconds)
+
+    sample_time = sample.time
+    monkeypatch.setattr(sample, "time", Clock())
     dist = {r: DistInfo(rank=r, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=r == 0) for r in (0, 3)}
     parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=5, batch_size=2, dist=dist[0])
     with pytest.raises(UserError):
