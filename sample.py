@@ -858,7 +858,7 @@ def load_data(setup: Setup, path: str):
             raise UserError(f"--data {path} holds no items{' (a single number)' if array.ndim == 0 else ''}")
         if array.dtype != np.uint8:
             return check_model_inputs(setup, torch.from_numpy(np.array(array, dtype=np.float32)), path)
-        images = check_image_array(array, setup.image_size, wanted, path)
+        images = check_image_array(array, setup.image_size, wanted, path, vae=setup.codec is not None)
     elif path.lower().endswith((".pt", ".pth")):  # --reverse writes either
         try:
             tensor = torch.load(path, map_location="cpu", weights_only=True)
@@ -875,8 +875,9 @@ def load_data(setup: Setup, path: str):
         "8-bit pixels, uniform dequantization"
 
 
-def check_image_array(images: np.ndarray, image_size: int, channels: int, path: str) -> np.ndarray:
-    """(N, H, W, C) or gray (N, H, W) uint8 of --data, checked against the model: (N, H, W, C)."""
+def check_image_array(images: np.ndarray, image_size: int, channels: int, path: str, vae: bool = False) -> np.ndarray:
+    """(N, H, W, C) or gray (N, H, W) uint8 of --data, checked against the model (through the VAE, which
+    takes RGB, where vae): (N, H, W, C)."""
     if images.ndim == 3:  # grayscale N x H x W
         images = images[..., None]
     if images.ndim == 4 and images.shape[-1] == 3 and channels == 1 and all(
@@ -887,7 +888,7 @@ def check_image_array(images: np.ndarray, image_size: int, channels: int, path: 
                         f"{image_size} (expected N x {image_size} x {image_size} x C uint8)")
     if images.shape[-1] != channels:
         raise UserError(f"{path}: images with {images.shape[-1]} channels, "
-                        f"{'the VAE encodes RGB images' if channels == 3 else f'the model takes {channels}'}")
+                        f"{'the VAE encodes RGB images' if vae else f'the model takes {channels}'}")
     return images
 
 

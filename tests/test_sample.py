@@ -2203,7 +2203,9 @@ def test_image_arrays_are_checked_against_the_models_image_size_and_channels():
     with pytest.raises(UserError, match=re.escape("x.npz: images with 3 channels, the model takes 1")):
         sample.check_image_array(colour, 8, 1, "x.npz")
     with pytest.raises(UserError, match=re.escape("x.npz: images with 1 channels, the VAE encodes RGB images")):
-        sample.check_image_array(colour[..., :1], 8, 3, "x.npz")
+        sample.check_image_array(colour[..., :1], 8, 3, "x.npz", vae=True)
+    with pytest.raises(UserError, match=re.escape("x.npz: images with 1 channels, the model takes 3")):
+        sample.check_image_array(colour[..., :1], 8, 3, "x.npz")  # an RGB model in pixel space
 
 
 def test_the_headers_of_every_image_of_a_processs_batches_are_checked(tmp_path):
