@@ -47,6 +47,7 @@ from sit_fast.errors import UserError, first_line
 from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_write, make_writable_folder
 from sit_fast.models import SiT, SiT_models, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
+from sit_fast.transport import PATH_TYPES, PREDICTIONS
 from sit_fast.transport.integrators import time_grid
 
 logger = logging.getLogger("sit_fast")
@@ -259,14 +260,22 @@ def build_model(request: ModelRequest, device: torch.device,
 def check_training_args(info: dict, transport_args: dict, source: str = "the checkpoint",
                         advice: str = "pass the same to sample from it") -> None:
     """Warn (one line) when a checkpoint that records its training flags (train.py's, or upstream's
-    args) was trained with other transport settings than this run's."""
+    args) was trained with other transport settings than this run's. A recorded value sit_fast does not
+    implement (a path or prediction of another codebase) cannot be passed: the warning says so instead
+    of advising it."""
     trained = info.get("args")
     if not isinstance(trained, dict):
         return
-    differ = [f"--{k.replace('_', '-')} {trained[k]} (this run: {v})" for k, v in transport_args.items()
-              if k in trained and trained[k] != v]
-    if differ:
-        logger.warning("%s was trained with %s; %s", source, ", ".join(differ), advice)
+    differ = [k for k, v in transport_args.items() if k in trained and trained[k] != v]
+    if not differ:
+        return
+    known = {"path_type": PATH_TYPES, "prediction": PREDICTIONS}
+    unknown = [k for k in differ if k in known and trained[k] not in known[k]]
+    flags = ", ".join(f"--{k.replace('_', '-')} {trained[k]} (this run: {transport_args[k]})" for k in differ)
+    if unknown:
+        names = " or ".join(f"--{k.replace('_', '-')} {trained[k]}" for k in unknown)
+        advice = f"sit_fast has no {names}, so this run's transport is not the one the model was trained with"
+    logger.warning("%s was trained with %s; %s", source, flags, advice)
 
 
 #################################################################################
