@@ -11,8 +11,9 @@
 #   BENCH_ARGS         the suite's arguments, the suites first ("all --device cuda --size full")
 #   BENCH_DEADLINE_S   the suite's --deadline-s, seconds of measurements (370)
 #   TEST_ARGS          pytest's arguments (quick ones that a timeout must not cut, $QUICK_TESTS: the
-#                      CUDA graph tests of sampling and every attention kernel in half precision; then the
-#                      kernel, fast-path and upstream-parity test files, in that order), split as the shell
+#                      CUDA graph tests of sampling, every attention kernel in half precision, and train.py
+#                      on the GPU (bf16 resume, device-side skips); then the kernel, fast-path and
+#                      upstream-parity test files, in that order), split as the shell
 #                      splits words, quotes included: TEST_ARGS="tests/test_kernels.py -k 'layernorm and 72'"
 #   TEST_MIN_S         seconds kept back for the tests whatever the suite took (100)
 #   TEST_SHARDS        pytest processes run side by side, each on its share of the tests (conftest.py's
@@ -31,7 +32,9 @@ BENCH_DEADLINE_S=${BENCH_DEADLINE_S:-370}
 QUICK_TESTS="tests/test_sample.py::test_cuda_graph_forwards_match_eager \
 tests/test_sample.py::test_cuda_graph_sde_sampling_matches_eager \
 tests/test_transport.py::test_fixed_step_samplers_capture_in_a_cuda_graph \
-tests/test_models.py::test_every_attention_backend_in_half_precision_is_attention"
+tests/test_models.py::test_every_attention_backend_in_half_precision_is_attention \
+tests/test_train.py::test_a_bf16_run_resumes_as_its_straight_run_on_the_gpu_too \
+tests/test_train.py::test_skip_nonfinite_skips_on_the_device_where_the_run_trains"
 TEST_ARGS=${TEST_ARGS:-$QUICK_TESTS tests/test_kernels.py tests/test_fast_path.py tests/test_upstream_parity.py}
 TEST_MIN_S=${TEST_MIN_S:-100}
 PYTHON=${PYTHON:-python3}

@@ -1223,6 +1223,20 @@ def test_session_test_args_take_quoted_words(tmp_path):
     assert "test_kernel_rejects_bad_inputs[" in test_log and " deselected" in test_log, test_log[-2000:]
 
 
+def test_session_quick_tests_name_tests_that_exist():
+    """gpu_session.sh's QUICK_TESTS are node ids: one renamed or removed would stop pytest before any
+    test runs ("not found"), losing the GPU's test time. Each collects here."""
+    with open(os.path.join(REPO_ROOT, "benchmarks", "gpu_session.sh"), encoding="utf-8") as f:
+        quick = re.search(r'^QUICK_TESTS="([^"]*)"', f.read(), re.M).group(1).replace("\\\n", " ").split()
+    assert len(quick) >= 4 and all("::" in node for node in quick), quick
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "SIT_FAST_TEST_SHARD")}
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "", *quick], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, _tail(proc)
+    collected = {line.partition("[")[0] for line in proc.stdout.splitlines() if "::" in line}
+    assert collected == set(quick), proc.stdout[-2000:]
+
+
 def test_test_shards_split_the_selection_into_contiguous_parts(monkeypatch):
     """SIT_FAST_TEST_SHARD=I/N (conftest.py's hook): the N shards together hold every selected test once,
     in order, in near-equal contiguous runs, so gpu_session.sh's side-by-side pytest processes run the

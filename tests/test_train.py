@@ -1,7 +1,9 @@
 """train.py: DDP agreement, exact resume, crash-safe checkpoints, one-line user errors, latent cache.
 
 Everything trains SiT-T/4 on scikit-learn's bundled 8x8 digits in pixel space (no download), fp32 on
-the CPU; DDP cases run 2 gloo processes with torch.multiprocessing.
+the CPU, on a machine with a GPU too; DDP cases run 2 gloo processes with torch.multiprocessing. The
+tests marked `any_device` train where train.py would: on CUDA where there is a GPU (bf16, the Triton
+kernels compiled, fused AdamW), so that its CUDA paths are run when one is at hand.
 """
 import contextlib
 import datetime
@@ -38,6 +40,21 @@ BASE = [
     "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--lr", "1e-3", "--ema-decay", "0.9",
     "--sample-every", "100000", "--log-every", "8",
 ]
+
+
+# Tests whose CPU runs use the fused kernels through the Triton interpreter, which the tests switch on
+# only where there is no GPU (conftest.py)
+INTERPRETED = pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU's fused kernels need the Triton "
+                                 "interpreter, on only without CUDA; the any_device tests run them on the GPU")
+
+
+@pytest.fixture(autouse=True)
+def _train_on_the_cpu(request, monkeypatch):
+    """train.py, and the processes a test starts, see no GPU: the messages, figures and tolerances here
+    are the CPU's. Tests marked any_device are left to train where train.py would."""
+    if request.node.get_closest_marker("any_device") is None:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
 
 
 def torchrun_env(tmp_path) -> dict:
@@ -311,6 +328,7 @@ def test_exact_resume_ddp(ddp_straight):
         assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
 
 
+@INTERPRETED
 def test_ddp_with_the_fast_options_keeps_ranks_identical(tmp_path):
     """2 ranks with --fused-kernels on, --compile (Inductor, with DDP's graph splitting) and
     --grad-accum-steps 2 (no_sync in the first micro-batch): the run goes through, the ranks agree."""
@@ -790,6 +808,7 @@ def test_the_log_lines_throughput_counts_every_step_and_the_global_batch(tmp_pat
     assert record["loss"] == 1.0
 
 
+@INTERPRETED
 @pytest.mark.spread
 @pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 def test_the_fast_options_train_as_the_plain_model_does(tmp_path, monkeypatch, backend):
@@ -850,6 +869,65 @@ def test_exact_resume_with_compile(tmp_path):
     a, b = (load_ckpt(tmp_path / name / "checkpoints" / "0000004.pt") for name in ("straight", "split"))
     assert_states_close(a["model"], b["model"], "model")
     assert_states_close(a["ema"], b["ema"], "ema")
+
+
+def _weights(path) -> torch.Tensor:
+    """A checkpoint's model weights, as one flat float64 vector."""
+    return torch.cat([v.double().flatten() for v in load_ckpt(path)["model"].values()])
+
+
+@pytest.mark.any_device
+def test_a_bf16_run_resumes_as_its_straight_run_on_the_gpu_too(tmp_path):
+    """bf16 autocast, with the fused kernels (--fused-kernels auto: on a GPU, compiled Triton; off on the
+    CPU, where the interpreter would take minutes), SDPA, and on a GPU fused AdamW and the CUDA
+    generator kept in checkpoints: 3 steps + resume + 3 train as 6 straight do. A GPU's atomics may
+    leave two straight runs apart: the resumed run must be no further from the straight one than a
+    second straight run is (4x, plus 2% of how far 3 steps move the weights; a resume that lost the
+    noise generator's state lands about as far away as those 3 steps move them)."""
+    on_cuda = torch.cuda.is_available()
+    argv = [a for a in BASE if a not in ("--fused-kernels", "off")] + [
+        "--fused-kernels", "auto", "--precision", "bf16", "--global-batch-size", "16", "--ckpt-every", "3",
+        "--log-every", "1"]
+    for name in ("straight", "again"):
+        train_main(argv + ["--exp-dir", str(tmp_path / name), "--max-steps", "6"])
+    train_main(argv + ["--exp-dir", str(tmp_path / "split"), "--max-steps", "3"])
+    train_main(["--exp-dir", str(tmp_path / "split"), "--resume", "auto", "--max-steps", "6", "--num-workers", "0",
+                "--no-progress"])
+    final = {name: _weights(tmp_path / name / "checkpoints" / "0000006.pt") for name in ("straight", "again", "split")}
+    moved = (final["straight"] - _weights(tmp_path / "straight" / "checkpoints" / "0000003.pt")).abs().mean()
+    apart = (final["again"] - final["straight"]).abs().mean()
+    resumed = (final["split"] - final["straight"]).abs().mean()
+    assert moved > 0 and torch.isfinite(final["split"]).all()
+    assert resumed <= 4 * apart + 0.02 * moved, (resumed, apart, moved)
+    checkpoint = load_ckpt(tmp_path / "split" / "checkpoints" / "0000006.pt")
+    assert checkpoint["arithmetic"]["precision"] == "bf16" and checkpoint["arithmetic"]["fused kernels"] is on_cuda
+    assert isinstance(checkpoint["rng"][0]["cuda"], torch.Tensor) == on_cuda
+    assert checkpoint["opt"]["param_groups"][0].get("fused") is (True if on_cuda else None)
+    log = (tmp_path / "split" / "log.txt").read_text()
+    assert "resuming" in log and all(np.isfinite(logged_losses(str(tmp_path / "split"))))
+    if on_cuda:  # the log line's GPU figures
+        assert re.search(r"\(step=0000006\) .*, TFLOP/s/GPU: [0-9.]+", log), log
+
+
+@pytest.mark.any_device
+def test_skip_nonfinite_skips_on_the_device_where_the_run_trains(tmp_path, monkeypatch):
+    """--skip-nonfinite with fused AdamW (CUDA's own on a GPU; on the CPU, its CPU version): a batch
+    of NaNs at step 3 is skipped on the device, counted at the next log line and in the checkpoint,
+    and the weights stay finite."""
+    from sit_fast.training import loop
+
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(loop, "fused_adamw", lambda device: True)
+    poison_batch(monkeypatch, call=3)
+    exp = tmp_path / "run"
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "6", "--ckpt-every", "6", "--log-every", "2",
+                                 "--skip-nonfinite"])
+    assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
+    log = (exp / "log.txt").read_text()
+    assert "1 step(s) up to step 4: non-finite gradients, skipped (1 so far)" in log, log
+    checkpoint = load_ckpt(exp / "checkpoints" / "0000006.pt")
+    assert checkpoint["nonfinite_skipped"] == 1 and checkpoint["opt"]["param_groups"][0]["fused"]
+    assert all(torch.isfinite(v).all() for v in [*checkpoint["model"].values(), *checkpoint["ema"].values()])
 
 
 # ----------------------------------------------------------------------------- single process
@@ -1962,6 +2040,7 @@ def test_bad_peak_variable_is_one_line(tmp_path, capsys, monkeypatch):
     assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
 
 
+@pytest.mark.any_device
 def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
     """A malformed SIT_FAST_KERNEL_LAUNCH stops a run that uses the fused kernels before it starts."""
     monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "fwd_num_warps=3")
