@@ -1258,7 +1258,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     estimate as good). A finished --out is read, not recomputed. Returns the bpd (on the main process;
     the other processes return an empty array)."""
     args, dist = setup.args, setup.dist
-    out = None if args.out is None else args.out if args.out.endswith(".npz") else f"{args.out}.npz"
+    out = None if args.out is None else args.out if args.out.lower().endswith(".npz") else f"{args.out}.npz"
     x, offset, space = job_data(setup)
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)

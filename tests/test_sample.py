@@ -4,6 +4,7 @@ Everything runs a tiny SiT-T/2 on 8 x 8 model inputs: in pixel space (3 channels
 AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved by the fixtures.
 """
 import argparse
+import errno
 import json
 import math
 import os
@@ -1617,8 +1618,6 @@ def test_torchrun_names_the_process_that_failed_in_its_setup_as_the_root_cause(f
 
 
 def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path, capsys, monkeypatch):
-    import errno
-
     from PIL import Image as PILImage
 
     sample_dir = tmp_path / "s"
@@ -1770,8 +1769,6 @@ def test_a_second_job_on_an_fid_folder_in_use_is_refused(files, tmp_path, capsys
 def test_a_folder_lock_that_cannot_say_who_holds_it_is_held_and_released(tmp_path, monkeypatch):
     """Writing the holder's name into .lock failed (a full disk) after the lock was taken: the lock
     was kept by a descriptor release() did not know, and the next job was refused."""
-    import errno
-
     from sit_fast import files as files_module
 
     def full_disk(*args):
@@ -2792,6 +2789,13 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     refused(argv, f"--out {out}", "records no settings of a finished likelihood run")
     out.write_bytes(b"not an npz")  # without np.load's advice to load it unsafely
     refused(argv, f"--out {out}", "exists and cannot be read as the results of a likelihood run: pass another --out")
+
+    def unreadable(path):  # a failure to read the file is said in the system's words
+        raise OSError(errno.EIO, "Input/output error", path)
+
+    monkeypatch.setattr(sample, "read_bpd", unreadable)
+    refused(argv, f"--out {out}", "exists and cannot be read as the results of a likelihood run (Input/output "
+                                  "error): pass another --out")
     assert not batches and not parts.exists()
 
 
@@ -3114,10 +3118,25 @@ def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, c
         assert one_line_error(capsys).startswith(message)
 
 
+def test_likelihood_takes_npz_files_whatever_the_case_of_their_extension(files, tmp_path, capsys):
+    """--data X.NPZ is read as an .npz (here uint8 images), --out Y.NPZ is written as named, as a .npz
+    extension of any case is elsewhere; an --out without the extension gets .npz."""
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    with open(tmp_path / "X.NPZ", "wb") as f:
+        np.savez(f, images)
+    argv = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "X.NPZ",
+            "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST]
+    bpd = run(argv + ["--out", tmp_path / "Y.NPZ"])
+    assert sorted(os.listdir(tmp_path)) == ["X.NPZ", "Y.NPZ"] and len(bpd) == 2
+    with np.load(tmp_path / "Y.NPZ") as archive:
+        np.testing.assert_array_equal(archive["bpd"], bpd)
+    run(argv + ["--out", tmp_path / "Z"])
+    assert (tmp_path / "Z.npz").is_file()
+
+
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
 def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, files, tmp_path, capsys, monkeypatch):
     import builtins
-    import errno
 
     from sit_fast import files as file_helpers
 
@@ -3144,6 +3163,16 @@ def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, file
         assert one_line_error(capsys) == f"error: cannot write {path} (No space left on device)"
     # the batch is kept: only OUT is left to write
     assert sorted(os.listdir(tmp_path / f"{out.name}.parts")) == [".lock", "000000.pt", "settings.json"]
+
+    def failing_disk(path, mode="r", *args, **kwargs):  # an error not of a refused write: not called one
+        if os.path.basename(path).startswith(f".{out.name}.tmp-"):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(file_helpers, "open", failing_disk, raising=False)
+    with pytest.raises(OSError, match="Input/output error"):
+        run(argv)
+    assert "cannot write" not in capsys.readouterr().err
 
 #################################################################################
 #                                   CUDA                                         #
