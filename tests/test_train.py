@@ -997,6 +997,24 @@ def test_a_train_eps_that_changes_nothing_is_said(tmp_path):
     assert "has no effect" not in (tmp_path / "noise" / "log.txt").read_text()
 
 
+@pytest.mark.parametrize("flags,start", [
+    (["--prediction", "noise", "--loss-weight", "velocity", "--train-eps", "0"], "error: --train-eps 0: train_eps must be "
+     "> 0 here: the Linear path with a noise model has a velocity loss weight that is infinite or undefined"),
+    (["--prediction", "noise", "--sample-eps", "0", "--sample-every", "5"], "error: --sample-eps 0: sample_eps must be "
+     "> 0 here: the Linear path with a noise model is singular at t = 0 and t = 1")])
+def test_an_eps_that_leaves_a_singular_end_is_refused_before_the_run_starts(tmp_path, capsys, flags, start):
+    """An eps of 0 that puts a singular end of the path in the training interval, or in the sample grids'
+    (when there are grids), is one line naming the flag before the first step, with no run folder left;
+    without grids --sample-eps 0 is not used, and the run goes on."""
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "1", *flags]) == 2
+    line, _ = the_error_line(capsys)
+    assert line.startswith(start), line
+    assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
+    if "--sample-eps" in flags:
+        assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "1", "--prediction", "noise",
+                               "--sample-eps", "0", "--sample-every", "none"]) == 0
+
+
 def test_digits_train_in_pixel_space_unless_a_vae_is_given(tmp_path):
     """--dataset digits (grayscale, which the SD VAEs cannot encode) picks --vae none by itself and
     says so; an explicit VAE is refused in one line that names the fix."""

@@ -267,7 +267,7 @@ def test_zero_eps_at_a_singular_end_is_refused():
     with pytest.raises(ValueError, match="> 0 here: the linear diffusion's term, w_t times the score an SDE takes from "
                                          "a velocity model, is singular at t = 1"):
         Sampler(create_transport("Linear", sample_eps=0.0)).sample_sde(diffusion_form="linear", last_step=None)
-    with pytest.raises(ValueError, match="sample_eps must be > 0 here: the LINEAR path with a noise model is singular"):
+    with pytest.raises(ValueError, match="sample_eps must be > 0 here: the Linear path with a noise model is singular"):
         Sampler(create_transport("Linear", "noise", sample_eps=0.0)).sample_ode()
     for path_type in ("Linear", "GVP", "VP"):
         for prediction in ("noise", "score"):

@@ -823,6 +823,13 @@ class Trainer:
         self.skipped_on_device = torch.zeros((), dtype=torch.int64, device=self.device)
         self.transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
                                           args.sample_eps)
+        try:  # an eps of 0 that puts a singular end in the interval: said now, not at the first step or grid
+            self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps)
+            if args.sample_every is not None:
+                Sampler(self.transport).sample_ode(sampling_method=args.sample_method, num_steps=args.sample_steps)
+        except ValueError as err:
+            which = "sample_eps" if str(err).startswith("sample_eps") else "train_eps"
+            raise UserError(f"--{which.replace('_', '-')} {getattr(self.transport, which):g}: {err}") from None
         if "train_eps" in self.explicit and not self.transport.eps_matters():
             logger.warning(f"--train-eps {args.train_eps:g} has no effect: a {args.path_type} velocity model trains "
                            f"on all of [0, 1] whatever it is (as upstream)")

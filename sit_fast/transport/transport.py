@@ -114,7 +114,8 @@ class Transport:
             if eps <= 0 and (needs_t0 or t1 == 1):
                 why = []
                 if self.model_type != ModelType.VELOCITY:
-                    what = f"the {self.path_type.name} path with a {self.model_type.name.lower()} model"
+                    path = {"LINEAR": "Linear"}.get(self.path_type.name, self.path_type.name)  # as --path-type
+                    what = f"the {path} path with a {self.model_type.name.lower()} model"
                     if eval:  # its velocity divides by alpha_t (0 at t = 0) and its score by sigma_t (0 at t = 1)
                         why.append(f"{what} is singular at t = 0 and t = 1")
                     elif self.loss_type != WeightType.NONE:  # unweighted, the loss is finite at both ends
