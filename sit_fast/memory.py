@@ -127,7 +127,8 @@ def main(argv=None) -> None:
                         help="registry names (default: the 12 upstream models, SiT-XL/2 ... SiT-S/8)")
     parser.add_argument("--image-size", type=positive_int, default=256, help="image size (latent = image size / 8)")
     parser.add_argument("--gpu-gib", type=positive_float, nargs="+", default=None,
-                        help="also a table of per-GPU batch bounds for GPUs with this much memory (GiB), e.g. 24 40 48 80 141")
+                        help="also a table of per-GPU batch bounds for GPUs with this much memory (GiB), "
+                             "e.g. 24 40 48 80 139.8")
     parser.add_argument("--headroom-gib", type=gib, default=4.0,
                         help="memory kept aside in the bounds for the CUDA context, workspaces and temporaries")
     parser.add_argument("--likelihood", action="store_true",
