@@ -487,7 +487,11 @@ class Setup:
         except ValueError as err:
             if isinstance(err, UserError):
                 raise
-            raise UserError(str(err)) from None
+            message = str(err)
+            for which in ("sample_eps", "train_eps"):  # named as the flag
+                if message.startswith(which):
+                    message = f"--{which.replace('_', '-')}{message[len(which):]}"
+            raise UserError(message) from None
         sde = args.mode == "SDE"
         interval = (dict(sde=True, diffusion_form=args.diffusion_form,
                          last_step_size=0.0 if args.last_step is None else args.last_step_size) if sde else {})

@@ -574,6 +574,8 @@ def test_nan_ema_weights_point_to_the_raw_ones_and_nan_raw_weights_do_not(tmp_pa
     (["--cfg-interval", 0.8, 1, "--sampling-method", "euler", "--num-sampling-steps", 4],
      "none of the sampler's 4 model calls (at t from 0 to 0.75) falls inside it"),
     (["--num-sampling-steps", 0], "--num-sampling-steps must be at least 1"),
+    (["--prediction", "noise", "--sample-eps", 0], "error: --sample-eps must be > 0 here: the Linear path with a noise "
+                                                    "model is singular at t = 0 and t = 1"),
     (["--out", "zz"], "--out zz"),
     (["--num-fid-samples", 4, "--out", "fid.png"], "--out fid.png: --num-fid-samples writes ADM's .npz"),
     (["--sample-dir", "somewhere"], "--sample-dir applies to --num-fid-samples only"),

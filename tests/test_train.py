@@ -998,10 +998,10 @@ def test_a_train_eps_that_changes_nothing_is_said(tmp_path):
 
 
 @pytest.mark.parametrize("flags,start", [
-    (["--prediction", "noise", "--loss-weight", "velocity", "--train-eps", "0"], "error: --train-eps 0: train_eps must be "
-     "> 0 here: the Linear path with a noise model has a velocity loss weight that is infinite or undefined"),
-    (["--prediction", "noise", "--sample-eps", "0", "--sample-every", "5"], "error: --sample-eps 0: sample_eps must be "
-     "> 0 here: the Linear path with a noise model is singular at t = 0 and t = 1")])
+    (["--prediction", "noise", "--loss-weight", "velocity", "--train-eps", "0"], "error: --train-eps must be > 0 "
+     "here: the Linear path with a noise model has a velocity loss weight that is infinite or undefined"),
+    (["--prediction", "noise", "--sample-eps", "0", "--sample-every", "5"], "error: --sample-eps must be > 0 "
+     "here: the Linear path with a noise model is singular at t = 0 and t = 1")])
 def test_an_eps_that_leaves_a_singular_end_is_refused_before_the_run_starts(tmp_path, capsys, flags, start):
     """An eps of 0 that puts a singular end of the path in the training interval, or in the sample grids'
     (when there are grids), is one line naming the flag before the first step, with no run folder left;

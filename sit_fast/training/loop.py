@@ -829,7 +829,7 @@ class Trainer:
                 Sampler(self.transport).sample_ode(sampling_method=args.sample_method, num_steps=args.sample_steps)
         except ValueError as err:
             which = "sample_eps" if str(err).startswith("sample_eps") else "train_eps"
-            raise UserError(f"--{which.replace('_', '-')} {getattr(self.transport, which):g}: {err}") from None
+            raise UserError(str(err).replace(which, f"--{which.replace('_', '-')}", 1)) from None
         if "train_eps" in self.explicit and not self.transport.eps_matters():
             logger.warning(f"--train-eps {args.train_eps:g} has no effect: a {args.path_type} velocity model trains "
                            f"on all of [0, 1] whatever it is (as upstream)")
