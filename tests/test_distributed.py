@@ -225,6 +225,8 @@ def test_filesystem_type_is_that_of_the_longest_mount_point_above_the_path(tmp_p
     assert filesystem_type("/sharedxy/a", str(table)) == "ext4"  # under neither /shared nor /sharedx
     assert filesystem_type("/home/me", str(table)) == "ext4"
     assert filesystem_type("/scratch/run", str(table)) == "nfs4"  # the later mount on a point is the one seen
+    (tmp_path / "link").symlink_to("/shared/runs")
+    assert filesystem_type(str(tmp_path / "link" / "exp1"), str(table)) == "nfs4"  # where a link leads
     assert filesystem_type("/home/me", str(tmp_path / "none")) is None  # no mount table (not Linux)
 
 
@@ -453,6 +455,10 @@ def test_agree_names_the_failing_rank_with_its_error_on_one_line(monkeypatch):
         distributed.agree(lambda: "fine here", info)
     monkeypatch.setattr(distributed, "gather_object", lambda obj: [obj, (1, "b", None)])
     assert distributed.agree(lambda: "fine here", info) == "fine here"
+    # several failing: all named, with the lowest rank's error
+    monkeypatch.setattr(distributed, "gather_object", lambda obj: [obj, (1, "b", "out of memory"), (2, "b", "other")])
+    with pytest.raises(PeerFailed, match=r"^ranks 1-2 \(on b\) failed: out of memory$"):
+        distributed.agree(lambda: "fine here", info)
 
 
 def test_a_single_process_has_no_folder_to_share(tmp_path):
@@ -465,3 +471,115 @@ def test_a_single_process_has_no_folder_to_share(tmp_path):
     check_shared_path(str(tmp_path / "not yet"), "--results-dir", alone)
     check_same_file(str(tmp_path / "none.pt"), "--resume", alone)
     assert os.listdir(tmp_path) == []
+
+
+def test_a_gpu_process_joins_the_nccl_group_on_its_own_gpu(monkeypatch):
+    """On CUDA the process group is NCCL's, bound to the process's GPU (device_id), with torchrun's rank and
+    world size."""
+    from sit_fast import distributed
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    monkeypatch.setattr(distributed.dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed, "host_group", lambda: None)
+    joined = []
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda **kwargs: joined.append(kwargs))
+    for name, value in (("RANK", "3"), ("WORLD_SIZE", "4"), ("LOCAL_RANK", "1")):
+        monkeypatch.setenv(name, value)
+    info = distributed.init_distributed()
+    assert (info.rank, info.world_size, info.local_rank, info.device) == (3, 4, 1, torch.device("cuda", 1))
+    assert joined == [{"backend": "nccl", "init_method": "env://", "rank": 3, "world_size": 4,
+                       "device_id": torch.device("cuda", 1)}]
+
+
+def test_every_host_side_exchange_runs_on_one_host_group_made_once(monkeypatch):
+    """barrier, broadcast_object (from the rank given) and gather_object use the gloo group of HOST_TIMEOUT,
+    made at the first exchange and kept."""
+    from sit_fast import distributed
+
+    made, calls = [], []
+    monkeypatch.setattr(distributed, "_host_group", None)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed.dist, "new_group", lambda **kwargs: made.append(kwargs) or object())
+    monkeypatch.setattr(distributed.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(distributed.dist, "barrier", lambda group: calls.append(("barrier", group)))
+    monkeypatch.setattr(distributed.dist, "broadcast_object_list",
+                        lambda box, src, group: calls.append(("broadcast", src, group)))
+
+    def all_gather_object(box, obj, group):
+        calls.append(("gather", group))
+        box[:] = [obj, "theirs"]
+
+    monkeypatch.setattr(distributed.dist, "all_gather_object", all_gather_object)
+    group = distributed.host_group()
+    distributed.barrier()
+    assert distributed.broadcast_object("x", src=1) == "x"
+    assert distributed.gather_object("mine") == ["mine", "theirs"]
+    assert distributed.host_group() is group
+    assert made == [{"backend": "gloo", "timeout": distributed.HOST_TIMEOUT}]
+    assert calls == [("barrier", group), ("broadcast", 1, group), ("gather", group)]
+
+
+def test_a_release_is_fetched_once_by_rank_0_and_again_only_on_a_node_that_lacks_it(tmp_path, monkeypatch):
+    """local_path_on_main_first: rank 0 runs fn once, whatever it returned; another rank takes rank 0's path
+    where its node sees that file (a shared cache), and runs fn itself only where it does not."""
+    from sit_fast import distributed
+
+    monkeypatch.setattr(distributed, "gather_object", lambda obj: [obj])
+    shared, elsewhere = tmp_path / "shared.pt", str(tmp_path / "on node 0 only.pt")
+    shared.write_bytes(b"")
+    calls = []
+
+    def fetch(path):
+        calls.append(path)
+        return path
+
+    main = distributed.DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, src=0: obj)
+    assert distributed.local_path_on_main_first(lambda: fetch(elsewhere), main) == elsewhere
+    assert calls == [elsewhere]
+    other = distributed.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False)
+    for rank_0s, own in ((str(shared), None), (elsewhere, str(tmp_path / "own.pt"))):
+        calls.clear()
+        monkeypatch.setattr(distributed, "broadcast_object", lambda obj, src=0, path=rank_0s: (path, None, False))
+        assert distributed.local_path_on_main_first(lambda: fetch(own), other) == (own or rank_0s)
+        assert calls == ([] if own is None else [own])
+
+
+def test_a_process_on_rank_0s_node_that_does_not_see_its_file_says_so_at_once_and_writes_nothing(tmp_path,
+                                                                                                  monkeypatch):
+    """On rank 0's node the file rank 0 made is there at once, on any filesystem: a process there that does
+    not see it does not wait for it, and no process but rank 0 writes in the folder."""
+    from sit_fast import distributed
+    from sit_fast.errors import UserError
+
+    other = distributed.DistInfo(rank=1, world_size=2, local_rank=1, device=torch.device("cpu"), is_main=False)
+    listed = []
+    monkeypatch.setattr(distributed, "node_id", lambda: "node 0")
+    monkeypatch.setattr(distributed, "filesystem_type", lambda folder: "nfs4")
+    monkeypatch.setattr(distributed, "broadcast_object", lambda obj, src=0: listed.append(os.listdir(tmp_path)) or (
+        distributed.SHARED_CHECK + "0123456789abcdef", str(tmp_path), "node 0", None))
+    monkeypatch.setattr(distributed, "gather_object", lambda obj: [(0, "a", True), obj])
+    monkeypatch.setattr(distributed.time, "sleep", lambda seconds: pytest.fail("waited on rank 0's node"))
+    with pytest.raises(UserError) as caught:
+        distributed.check_shared_path(str(tmp_path), "--out x", other, wait_s=30.0)
+    assert str(caught.value) == (f"--out x: rank 1 (on {socket.gethostname()}) does not see what rank 0 wrote in "
+                                 f"{tmp_path} (a folder of that name on each node's own disk?): pass one on a "
+                                 f"filesystem every node shares")
+    assert listed == [[]] and os.listdir(tmp_path) == []
+
+
+def test_fingerprints_of_a_file_of_up_to_32_blocks_read_every_byte(tmp_path):
+    """A file of at most SAMPLED_BLOCKS blocks of 64 KiB is read whole: one byte changed anywhere in it, the
+    last included, changes its fingerprint."""
+    from sit_fast.distributed import SAMPLED_BLOCKS, file_fingerprint
+
+    for size in (1000, SAMPLED_BLOCKS << 16):
+        data = bytearray(os.urandom(size))
+        (tmp_path / "a.bin").write_bytes(data)
+        for where in (size // 3, size - 1):
+            changed = bytearray(data)
+            changed[where] ^= 1
+            (tmp_path / "b.bin").write_bytes(changed)
+            assert file_fingerprint(str(tmp_path / "a.bin")) != file_fingerprint(str(tmp_path / "b.bin")), (size, where)
