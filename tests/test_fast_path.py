@@ -490,7 +490,7 @@ def test_flops_match_flop_counter():
     assert {name: peak_key(name) for name in names} == names
 
 
-@pytest.mark.parametrize("value,expected", [(None, None), ("", None), (" 312 ", 312.0), ("1.5e2", 150.0),
+@pytest.mark.parametrize("value,expected", [(None, None), ("", None), ("  ", None), (" 312 ", 312.0), ("1.5e2", 150.0),
                                             ("0", ValueError), ("-5", ValueError), ("nan", ValueError),
                                             ("inf", ValueError), ("fast", ValueError)])
 def test_peak_from_the_environment(monkeypatch, value, expected):

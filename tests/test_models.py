@@ -863,12 +863,13 @@ def test_flash_attn_older_than_2_7_is_not_used(monkeypatch):
 
 def test_flash_attn_that_does_not_import_is_not_used(tmp_path, monkeypatch):
     """A flash-attn found but failing to import (its extension built for another torch): "auto" must not
-    pick it, or every forward would raise; the reason names the error and the way out."""
+    pick it, or every forward would raise; the reason names the error (its first line) and the way out."""
     from sit_fast.attention import optional_module_problem
 
     package = tmp_path / "flash_attn"
     package.mkdir()
-    (package / "__init__.py").write_text('raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda")\n')
+    (package / "__init__.py").write_text(
+        'raise ImportError("flash_attn_2_cuda.so: undefined symbol: _ZN3c104cuda\\n(from the CUDA extension)")\n')
     monkeypatch.syspath_prepend(str(tmp_path))
     monkeypatch.delitem(sys.modules, "flash_attn", raising=False)
     try:
@@ -928,6 +929,7 @@ def test_auto_takes_flash_attn_only_where_flash_attn_runs(monkeypatch):
     attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
     for dtype, head_dim, chosen in ((torch.bfloat16, 256, "flash_attn"), (torch.bfloat16, 264, "sdpa"),
                                     (torch.float16, 72, "flash_attn"), (torch.bfloat16, 12, "sdpa"),
+                                    (torch.bfloat16, 4, "sdpa"),
                                     (torch.float32, 72, "sdpa")):
         assert attention.select_backend("auto", "cuda", dtype, head_dim) == chosen, (dtype, head_dim)
     with pytest.raises(ValueError, match="supports dtypes float16, bfloat16, got float32; usable: sdpa, math"):
@@ -964,6 +966,19 @@ def test_what_auto_chose_is_logged_once(monkeypatch, caplog):
             assert attention.resolve_backend("math", torch.device("cpu"), torch.float32, 72) == "math"
     logged = [r.getMessage() for r in caplog.records]
     assert logged == ["attention backend auto -> sdpa (cpu, torch.float32, head dim 72)"]
+
+
+def test_a_backend_resolved_with_the_sdpa_kernel_chosen_is_not_taken_for_one_resolved_without(monkeypatch):
+    """The memo keeps sdpa_chosen apart: SIT_FAST_SDPA_BACKEND, not read where the caller chose the kernel,
+    is still checked where it did not."""
+    from sit_fast import attention
+
+    monkeypatch.setattr(attention, "_RESOLVED", {})
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "cudnn")
+    cpu = torch.device("cpu")
+    assert attention.resolve_backend("sdpa", cpu, torch.float32, 72, sdpa_chosen=True) == "sdpa"
+    with pytest.raises(ValueError, match="^SIT_FAST_SDPA_BACKEND=cudnn: it does not run on cpu"):
+        attention.resolve_backend("sdpa", cpu, torch.float32, 72)
 
 
 def test_resolved_backend_is_memoised_per_dtype(monkeypatch):
