@@ -731,7 +731,7 @@ def test_two_keys_that_strip_to_one_are_refused(tmp_path):
 
 
 @pytest.mark.parametrize("size,amount", [(1000, "1000 bytes"), (5000, "5 KiB"), (3 * 2**20, "3 MiB"),
-                                         (3 * 2**30 // 2, "1.5 GiB")])
+                                         (3 * 2**30 // 2, "1.5 GiB"), (2**30, "1.0 GiB")])
 def test_unfinished_writes_name_their_size(tmp_path, size, amount):
     from sit_fast.files import unfinished_writes
 
@@ -750,7 +750,10 @@ def test_unfinished_writes_name_three_and_count_the_rest(tmp_path):
     note = unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
     assert note.startswith(f"{tmp_path} holds 5 unfinished checkpoint writes (.0000000.pt.tmp-42, .0000001.pt.tmp-42, "
                            f".0000002.pt.tmp-42 and 2 more; 5 bytes), left by a run killed while writing"), note
-    for step in range(1, 5):
+    os.remove(tmp_path / ".0000004.pt.tmp-42")
+    note = unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
+    assert "(.0000000.pt.tmp-42, .0000001.pt.tmp-42, .0000002.pt.tmp-42 and 1 more; 4 bytes)" in note, note
+    for step in range(1, 4):
         os.remove(tmp_path / f".{step:07d}.pt.tmp-42")
     note = unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
     assert "holds 1 unfinished checkpoint write (.0000000.pt.tmp-42; 1 byte)" in note, note
@@ -1043,3 +1046,133 @@ def test_atomic_torch_save_raises_a_runtime_error_not_from_a_write_as_it_is(tmp_
     with pytest.raises(RuntimeError, match="^cannot pickle this object$"):
         files.atomic_torch_save({"w": torch.zeros(3), "x": Unsaveable()}, str(tmp_path / "0000004.pt"))
     assert os.listdir(tmp_path) == []
+
+
+def test_make_folder_makes_the_missing_parents_and_names_a_file_in_the_way(tmp_path, monkeypatch):
+    """make_folder: every missing folder made; a file at the path or above it, or a folder that cannot be
+    made, is a UserError naming the flag and the fix."""
+    import errno
+
+    from sit_fast import files
+    from sit_fast.errors import UserError
+
+    files.make_folder(str(tmp_path / "a" / "b"), "--out")
+    assert (tmp_path / "a" / "b").is_dir()
+    files.make_folder(str(tmp_path / "a" / "b"), "--out")  # there already
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    for path in (blocker, blocker / "sub" / "run"):
+        with pytest.raises(UserError, match=rf"^--out: {blocker} is a file: pass a folder$"):
+            files.make_folder(str(path), "--out")
+
+    def refused(path, exist_ok=False):
+        raise PermissionError(errno.EACCES, "Permission denied", path)
+
+    monkeypatch.setattr(files.os, "makedirs", refused)
+    with pytest.raises(UserError, match=rf"^--out: cannot create the folder {tmp_path / 'c'} \(Permission denied\): "
+                                        r"pass a folder that can be written$"):
+        files.make_folder(str(tmp_path / "c"), "--out")
+
+
+def test_make_writable_folder_refuses_a_folder_it_cannot_write_into(tmp_path, monkeypatch):
+    import errno
+
+    from sit_fast import files
+    from sit_fast.errors import UserError
+
+    def read_only(dir):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    files.make_writable_folder(str(tmp_path / "out"), "--sample-dir")
+    assert os.listdir(tmp_path / "out") == []  # the file written to check is gone
+    monkeypatch.setattr(files.tempfile, "TemporaryFile", read_only)
+    with pytest.raises(UserError, match=rf"^--sample-dir: cannot write into the folder {tmp_path / 'out'} \(Read-only "
+                                        r"file system\): pass a folder that can be written$"):
+        files.make_writable_folder(str(tmp_path / "out"), "--sample-dir")
+
+
+def test_first_missing_folder_is_the_outermost_that_makedirs_would_make(tmp_path):
+    from sit_fast.files import first_missing_folder
+
+    assert first_missing_folder(str(tmp_path)) is None
+    assert first_missing_folder(str(tmp_path / "a" / "b" / "c")) == str(tmp_path / "a")
+    (tmp_path / "a").mkdir()
+    assert first_missing_folder(str(tmp_path / "a" / "b" / "c")) == str(tmp_path / "a" / "b")
+
+
+def test_remove_empty_folders_goes_up_to_and_including_its_end_while_they_are_empty(tmp_path):
+    """A folder gone already is passed over; the first that is not empty stops it; nothing outside up_to
+    (a sibling whose name begins as up_to's) is removed."""
+    from sit_fast.files import remove_empty_folders
+
+    (tmp_path / "run" / "a" / "b").mkdir(parents=True)
+    remove_empty_folders(str(tmp_path / "run" / "a" / "b" / "gone"), str(tmp_path / "run"))
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "run" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "run" / "kept.txt").write_text("")
+    remove_empty_folders(str(tmp_path / "run" / "a" / "b"), str(tmp_path / "run"))
+    assert os.listdir(tmp_path / "run") == ["kept.txt"]
+    (tmp_path / "run-2" / "a").mkdir(parents=True)
+    remove_empty_folders(str(tmp_path / "run-2" / "a"), str(tmp_path / "run"))
+    assert (tmp_path / "run-2" / "a").is_dir()
+
+
+def test_a_write_in_progress_is_the_hidden_file_unfinished_writes_names(tmp_path):
+    """atomic_write writes into .NAME.tmp-PID, the name unfinished_writes looks for (a writer killed there
+    leaves it); a folder of such a name adds nothing to the size said."""
+    from sit_fast import files
+
+    seen = []
+
+    def write(f):
+        f.write(b"x" * 10)
+        f.flush()
+        seen.append((os.listdir(tmp_path), files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")))
+
+    files.atomic_write(str(tmp_path / "0000004.pt"), write)
+    (listed, note), = seen
+    assert listed == [f".0000004.pt.tmp-{os.getpid()}"]
+    assert f"(.0000004.pt.tmp-{os.getpid()}; 10 bytes)" in note, note
+    os.mkdir(tmp_path / ".0000005.pt.tmp-7")
+    note = files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run")
+    assert "holds 1 unfinished checkpoint write (.0000005.pt.tmp-7; 0 bytes)" in note, note
+
+
+def test_an_error_of_the_writer_that_is_no_system_call_is_raised_as_it_is(tmp_path):
+    """An OSError without an errno (the writer's own, not a failed write) is not given the path."""
+    from sit_fast import files
+
+    def write(f):
+        raise OSError("the writer's own error")
+
+    with pytest.raises(OSError) as info:
+        files.atomic_write(str(tmp_path / "out.bin"), write)
+    assert (info.value.errno, info.value.filename, str(info.value)) == (None, None, "the writer's own error")
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_folder_lock_says_who_holds_it_and_a_refused_one_keeps_no_file_open(tmp_path, monkeypatch):
+    """.lock holds the holder's line alone (not the end of a longer one before it); a job refused the lock
+    (EWOULDBLOCK, or EACCES where the system says so) closes the file it opened."""
+    import errno
+    import fcntl
+    import socket
+
+    from sit_fast.errors import UserError
+    from sit_fast.files import FolderLock
+
+    (tmp_path / ".lock").write_text("process 1 on a host whose name is much longer than this one's\n" * 3)
+    with FolderLock(str(tmp_path), "--out") as lock:
+        lock.acquire()
+        assert (tmp_path / ".lock").read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+        open_files = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(UserError, match=rf"^another job is writing into {tmp_path} now \(process {os.getpid()} "):
+            FolderLock(str(tmp_path), "--out").acquire()
+        assert len(os.listdir("/proc/self/fd")) == open_files
+
+    def busy(fd, operation):
+        raise OSError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(fcntl, "flock", busy)
+    with pytest.raises(UserError, match=r"wait for it to end, or pass another --out$"):
+        FolderLock(str(tmp_path), "--out").acquire()
