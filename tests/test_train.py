@@ -654,6 +654,15 @@ def test_upstream_defaults_of_the_learning_rate_and_the_ema():
     assert (args.lr, args.ema_decay, args.global_batch_size, args.image_size) == (1e-4, 0.9999, 256, 256)
 
 
+def test_the_sample_grids_are_16_images_of_a_16_step_heun_ode_by_default():
+    """As the README says; the arithmetic, attention and kernels are those of the device unless given."""
+    from sit_fast.training.args import parse_args
+
+    args, _ = parse_args(["--data-path", "images"])
+    assert (args.num_sample_images, args.sample_steps, args.sample_method) == (16, 16, "heun")
+    assert (args.precision, args.attn_backend, args.fused_kernels) == ("auto", "auto", "auto")
+
+
 def test_each_batch_is_a_fresh_draw_from_the_vae_posterior(tmp_path):
     """Latents are mean + std * noise, drawn anew for every batch (upstream's latent_dist.sample()),
     from a latent cache's stored (mean, std) and from the VAE's encoding alike."""
@@ -1745,14 +1754,15 @@ def test_a_checkpoint_folder_not_made_yet_holds_no_checkpoint(tmp_path):
 
 def test_experiment_folders_are_listed_newest_number_first_and_only_folders(tmp_path):
     """NNN-<suffix> folders by number, not by name (1000 after 999); a file of that name, another
-    suffix and a name without a number are not runs."""
+    suffix and a name without a number are not runs; a results folder's name is not a pattern."""
     from sit_fast.training.checkpointing import experiment_dirs
 
+    results = tmp_path / "results [a]"
     for name in ("000-SiT-T-4", "999-SiT-T-4", "1000-SiT-T-4", "001-SiT-S-2", "new-SiT-T-4"):
-        (tmp_path / name).mkdir()
-    (tmp_path / "1001-SiT-T-4").write_text("a file")
-    assert experiment_dirs(str(tmp_path), "SiT-T-4") == [str(tmp_path / n) for n in ("1000-SiT-T-4", "999-SiT-T-4",
-                                                                                      "000-SiT-T-4")]
+        (results / name).mkdir(parents=True)
+    (results / "1001-SiT-T-4").write_text("a file")
+    assert experiment_dirs(str(results), "SiT-T-4") == [str(results / n) for n in ("1000-SiT-T-4", "999-SiT-T-4",
+                                                                                    "000-SiT-T-4")]
 
 
 def test_the_first_stop_signal_is_the_one_that_ends_the_run():
@@ -1766,6 +1776,27 @@ def test_the_first_stop_signal_is_the_one_that_ends_the_run():
     stop._handle(signal.SIGUSR1, None)
     stop._handle(signal.SIGTERM, None)
     assert stop.agreed() == "SIGUSR1"
+
+
+def test_a_stop_request_of_a_process_group_of_one_stops_after_the_step_it_came_in(monkeypatch):
+    """torchrun with one process: no ranks to agree with, so no group of its own, and no step's wait."""
+    import signal
+
+    import torch.distributed as dist
+
+    from sit_fast.training.checkpointing import StopRequest
+
+    for name, value in (("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", str(free_port()))):
+        monkeypatch.setenv(name, value)
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        stop = StopRequest()
+        stop.connect()
+        assert stop.group is None
+        stop._handle(signal.SIGTERM, None)
+        assert stop.agreed() == "SIGTERM"
+    finally:
+        dist.destroy_process_group()
 
 
 def test_every_flag_of_upstream_sit_train_keeps_its_default():
@@ -1808,6 +1839,18 @@ def test_a_resume_keeps_the_runs_model_and_transport_and_takes_the_flags_given_n
             merge_resumed_args(args, explicit, dict(vars(args), **{key: was}), "x.pt")
     args, explicit = parse_args(["--train-eps", "0.001", "--resume", "auto"])
     assert merge_resumed_args(args, explicit, dict(vars(args), train_eps=0.001), "x.pt").train_eps == 0.001
+
+
+def test_a_resume_refuses_another_value_of_every_flag_of_the_model_and_the_transport():
+    from sit_fast.training.args import merge_resumed_args, parse_args
+
+    saved = dict(vars(parse_args(["--resume", "auto"])[0]), num_classes=10, in_channels=4, train_eps=0.0)
+    for flag, value in (("--model", "SiT-S/2"), ("--image-size", "64"), ("--num-classes", "7"), ("--in-channels", "3"),
+                        ("--path-type", "GVP"), ("--prediction", "noise"), ("--loss-weight", "likelihood"),
+                        ("--train-eps", "0.01")):
+        args, explicit = parse_args([flag, value, "--resume", "auto"])
+        with pytest.raises(UserError, match=f"^{re.escape(f'{flag} {value}')} differs from the run being resumed"):
+            merge_resumed_args(args, explicit, saved, "x.pt")
 
 
 def test_the_long_names_of_the_accumulation_and_seed_flags_are_the_short_ones():
@@ -3669,6 +3712,9 @@ def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, c
     from sit_fast import demo
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
     out = tmp_path / "out"
     (out / "train" / "checkpoints").mkdir(parents=True)
     (out / "train" / "checkpoints" / "0000900.pt").write_bytes(b"an earlier run's")
@@ -3680,7 +3726,8 @@ def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, c
 
     monkeypatch.setattr(demo.subprocess, "run", run)
     with pytest.raises(SystemExit) as exit_info:
-        demo.main(["--out", str(out), "--steps", "7", "--lr", "0.002", "--ema-decay", "0.5", "--seed", "3"])
+        demo.main(["--out", str(out), "--steps", "7", "--lr", "0.002", "--ema-decay", "0.5", "--seed", "3",
+                   "--cfg-scale", "1.5"])
     assert exit_info.value.code == 2
     exp_dir = os.path.join(str(out), "train")
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
@@ -3693,11 +3740,29 @@ def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, c
     given = dict(zip(flags[3::2], flags[4::2]))
     assert {key: given[key] for key in ("--dataset", "--image-size", "--vae", "--model", "--max-steps", "--lr",
                                         "--ema-decay", "--global-seed", "--log-every", "--ckpt-every",
-                                        "--sample-every", "--fused-kernels", "--exp-dir")} == {
+                                        "--sample-every", "--cfg-scale", "--fused-kernels", "--exp-dir")} == {
         "--dataset": "digits", "--image-size": "8", "--vae": "none", "--model": "SiT-T/4", "--max-steps": "7",
         "--lr": "0.002", "--ema-decay": "0.5", "--global-seed": "3", "--log-every": "1", "--ckpt-every": "7",
-        "--sample-every": "7", "--fused-kernels": "off", "--exp-dir": exp_dir}
+        "--sample-every": "7", "--cfg-scale": "1.5", "--fused-kernels": "off", "--exp-dir": exp_dir}
     assert "TRITON_INTERPRET" not in env
+    assert env["OMP_NUM_THREADS"] == "4"  # the CPUs shared by the 2 processes
+
+
+def test_demo_on_gpus_trains_one_process_per_gpu_up_to_two(tmp_path, monkeypatch):
+    """With CUDA: min(2, GPUs) training processes, with the fused kernels as train.py resolves them there."""
+    from sit_fast import demo
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    commands = []
+    monkeypatch.setattr(demo.subprocess, "run", lambda command, env: commands.append(command) or
+                        subprocess.CompletedProcess(command, 3))
+    for gpus, nproc in ((4, 2), (1, 1)):
+        monkeypatch.setattr(torch.cuda, "device_count", lambda gpus=gpus: gpus)
+        with pytest.raises(SystemExit):
+            demo.main(["--out", str(tmp_path / "out"), "--steps", "7"])
+        command = commands.pop()
+        assert f"--nproc_per_node={nproc}" in command
+        assert command[command.index("--fused-kernels") + 1] == "auto"
 
 
 def test_demo_scores_the_newest_checkpoint_and_fails_below_the_accuracy_asked_for(tmp_path, monkeypatch, capsys):
@@ -3722,10 +3787,10 @@ def test_demo_scores_the_newest_checkpoint_and_fails_below_the_accuracy_asked_fo
         return {"classifier_held_out_accuracy": 0.98, "ODE": {"accuracy": accuracies[0]},
                 "SDE": {"accuracy": accuracies[1]}}
 
-    for accuracies, status in (((0.9, 0.85), None), ((0.9, 0.75), 1), ((0.7, 0.95), 1)):
+    for accuracies, status in (((0.9, 0.85), None), ((0.9, 0.75), 1), ((0.7, 0.95), 1), ((0.8, 0.8), None)):
         monkeypatch.setattr(demo, "evaluate", lambda args, checkpoint, a=accuracies: evaluate(args, checkpoint, a))
         if status is None:
-            assert demo.main(["--out", str(out), "--skip-training"])["SDE"]["accuracy"] == 0.85
+            assert demo.main(["--out", str(out), "--skip-training"])["SDE"]["accuracy"] == accuracies[1]
         else:
             with pytest.raises(SystemExit) as exit_info:
                 demo.main(["--out", str(out), "--skip-training"])
@@ -3733,19 +3798,27 @@ def test_demo_scores_the_newest_checkpoint_and_fails_below_the_accuracy_asked_fo
             assert f"demo FAILED: {100 * min(accuracies):.1f}% < 80%" in capsys.readouterr().err
         with open(out / "results.json") as f:
             assert json.load(f)["ODE"]["accuracy"] == accuracies[0]
-    assert evaluated == [str(folder / "0000010.pt")] * 3
+    assert evaluated == [str(folder / "0000010.pt")] * 4
 
 
 def test_demo_evaluation_scores_each_sampler_on_the_classifiers_pixel_scale(tmp_path, digits_checkpoint,
                                                                             monkeypatch):
     """The generated digits in [-1, 1] reach the classifier as the real ones' 0..16 pixels, in the order of
     the labels asked for (one class after another); each sampler's share of correct digits, and its grid:
-    the first ten digits of each class, a row per class."""
+    the first ten digits of each class, a row per class. The model is guided at --cfg-scale, in every channel,
+    against the null class, and the samples do not depend on the random state they were drawn in."""
     import numpy as np
 
-    from sit_fast import demo, images
+    from sit_fast import demo, images, models
 
-    seen, grids = [], []
+    seen, grids, guided = [], [], []
+    real_forward_with_cfg = models.SiT.forward_with_cfg
+
+    def forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels=3):
+        guided.append((cfg_scale, cfg_channels, y.tolist()))
+        return real_forward_with_cfg(self, x, t, y, cfg_scale, cfg_channels)
+
+    monkeypatch.setattr(models.SiT, "forward_with_cfg", forward_with_cfg)
 
     class Recording:
         def predict(self, pixels):
@@ -3759,7 +3832,8 @@ def test_demo_evaluation_scores_each_sampler_on_the_classifiers_pixel_scale(tmp_
     monkeypatch.setattr(demo, "digit_classifier", lambda: (Recording(), 0.97))
     monkeypatch.setattr(images, "save_image_grid", save_image_grid)
     args = demo.build_parser().parse_args(["--out", str(tmp_path), "--num-samples", "120", "--ode-steps", "2",
-                                           "--sde-steps", "2"])
+                                           "--sde-steps", "2", "--cfg-scale", "3.5"])
+    torch.manual_seed(123)
     results = demo.evaluate(args, digits_checkpoint)
     assert [pixels.shape for pixels in seen] == [(120, 64)] * 2
     assert all(pixels.min() >= 0 and pixels.max() <= 16 and pixels.max() > 8 for pixels in seen)
@@ -3770,6 +3844,13 @@ def test_demo_evaluation_scores_each_sampler_on_the_classifiers_pixel_scale(tmp_
     for name in ("ODE", "SDE"):
         assert results[name]["accuracy"] == 1.0
         assert results[name]["grid"] == os.path.join(str(tmp_path), f"samples_{name.lower()}.png")
+    assert results["cfg_scale"] == 3.5
+    labels = [digit for digit in range(10) for _ in range(12)] + [10] * 120  # 10: the null class of 10 classes
+    assert guided and all(call == (3.5, "all", labels) for call in guided)
+    torch.manual_seed(456)
+    demo.evaluate(args, digits_checkpoint)
+    np.testing.assert_array_equal(seen[2], seen[0])
+    np.testing.assert_array_equal(seen[3], seen[1])
 
 
 def test_demo_classifier_is_judged_on_digits_it_never_saw():
@@ -4524,6 +4605,24 @@ def test_ctrl_c_presses_count_by_when_they_came():
                 os.kill(os.getpid(), signals.SIGINT)  # a real signal this time
     except KeyboardInterrupt:
         pytest.fail("a Ctrl-C that should have been held or counted as a stop request raised KeyboardInterrupt")
+
+
+def test_the_first_ctrl_c_says_once_per_machine_what_a_second_one_does(monkeypatch, capfd):
+    """Outside torchrun a second Ctrl-C stops at once; under torchrun, which passes Ctrl-C on once and ends
+    its workers 30 s later, that is said instead, by local rank 0 alone."""
+    torchrun = "torchrun ends the workers 30 s after its Ctrl-C"
+    for env, said in (({}, "Ctrl-C again to stop at once"), ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "0"}, torchrun),
+                      ({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "1"}, None)):
+        for name in ("TORCHELASTIC_RUN_ID", "LOCAL_RANK"):
+            monkeypatch.delenv(name, raising=False)
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        capfd.readouterr()
+        stop = checkpointing.StopRequest()
+        stop.interrupt_at(0.0)
+        assert stop.agreed() == "SIGINT"
+        expected = f"\nCtrl-C: stopping after this step with a checkpoint ({said})\n" if said else ""
+        assert capfd.readouterr().err == expected, env
 
 
 def test_a_checkpoint_write_without_a_ctrl_c_calls_no_handler():
