@@ -4277,9 +4277,20 @@ def test_a_run_with_no_step_left_says_so_and_starts_no_tracker(tmp_path, monkeyp
     assert summary["step"] == 2 and summary["stopped_by"] is None and not calls
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
-    assert ("nothing to do: step 2 is at or past the end of the run, --max-steps 2 (--max-steps 2): pass a larger "
-            "--max-steps to train further") in log
+    assert ("nothing to do: step 2 is at or past the end of the run, --max-steps 2: pass a larger --max-steps to "
+            "train further") in log
     assert "training from step 2" not in log
+    train_main(["--exp-dir", exp, "--resume", "auto", "--num-workers", "0", "--no-progress"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert ("nothing to do: step 2 is at or past the end of the run, --max-steps 2 (the checkpoint's): pass a "
+                "larger --max-steps to train further") in f.read()
+
+
+def test_in_channels_other_than_the_datas_are_refused_in_one_line(tmp_path, capsys):
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--in-channels", "3"]) == 2
+    line, _ = the_error_line(capsys)
+    assert line == "error: --in-channels 3 does not match the data, which has 1 channel"
+    assert not (tmp_path / "exp").exists()
 
 
 def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):

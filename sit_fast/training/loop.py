@@ -708,7 +708,7 @@ class Trainer:
                 raise UserError(f"the run being resumed ({resume_path}) has {args.in_channels} input channels, the data "
                                 f"{channels}: resume it on data of its latent space (--vae, --latent-cache), or start a "
                                 f"new run")
-            raise UserError(f"--in-channels {args.in_channels} does not match the data, which has {channels} channels")
+            raise UserError(f"--in-channels {args.in_channels} does not match the data, which has {channels} channel{'s' if channels > 1 else ''}")
         args.in_channels = channels
         if args.num_classes is None:
             args.num_classes = dataset.num_classes
@@ -1186,10 +1186,13 @@ class Trainer:
             by_epochs = self.epochs_limit or args.max_steps is None
             name, value = ("epochs", args.epochs) if by_epochs else ("max_steps", args.max_steps)
             flag = "--" + name.replace("_", "-")
-            bound = f"the end of epoch {value}" if by_epochs else f"{flag} {value}"
-            given = "" if name in self.explicit else ", the checkpoint's"
-            logger.info(f"nothing to do: step {self.step} is at or past the end of the run, {bound} ({flag} {value}"
-                        f"{given}): pass a larger {flag} to train further")
+            given = "" if name in self.explicit else "the checkpoint's"
+            if by_epochs:
+                bound = f"the end of epoch {value} ({flag} {value}{', ' + given if given else ''})"
+            else:
+                bound = f"{flag} {value}{f' ({given})' if given else ''}"
+            logger.info(f"nothing to do: step {self.step} is at or past the end of the run, {bound}: pass a larger "
+                        f"{flag} to train further")
             return self.summary(None, {})
         on_main(self.open_trackers, self.dist_info)  # rank 0's trackers; a failure to open them ends every rank
         self.model.train()
