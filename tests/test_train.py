@@ -2936,12 +2936,15 @@ def test_latent_cache_round_trip_and_training(tmp_path):
         log = f.read()
     assert (f"--vae {other_vae} is not used with --latent-cache and --sample-every none (with a cache, the VAE only "
             "decodes the sample grids)") in log and "the sample grids are decoded with" not in log, log
-    # --latent-cache none on resume: the run goes on from the images, encoded by the VAE each step
+    # --latent-cache none on resume: the run goes on from the images, encoded each step by the VAE of the
+    # latent space it trained in (not the default --vae, which the cache run recorded but never used)
     summary = train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--latent-cache", "none",
-                          "--dataset", "imagefolder", "--data-path", images, "--vae", vae_dir, "--image-size", "16"])
+                          "--dataset", "imagefolder", "--data-path", images, "--image-size", "16"])
     assert summary["step"] == 4 and np.isfinite(summary["loss"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert f"using --vae {vae_dir}: the latent space recorded in the checkpoint" in f.read()
     saved = load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]
-    assert saved["latent_cache"] is None and saved["data_path"] == images
+    assert saved["latent_cache"] is None and saved["data_path"] == images and saved["vae"] == vae_dir
 
 
 def _cache_args(images, vae_dir, out, *extra):

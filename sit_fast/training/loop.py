@@ -667,6 +667,14 @@ class Trainer:
             if "vae" not in explicit:  # grayscale: the SD VAEs take RGB
                 args.vae = "none"
                 logger.info("--dataset digits: pixel space (--vae none; the VAEs take RGB images)")
+        if ckpt is not None and args.latent_cache is None and "vae" not in explicit:
+            # a run resumed from images, having trained on a latent cache (whose args hold the default --vae,
+            # unused there): the VAE of the latent space it trained in, as sample.py takes it
+            space = ckpt.get("model_config", {}).get("latent_space")
+            if (isinstance(space, str) and space and space != "pixels"
+                    and (args.vae == "none" or not same_encoder(recorded_vae_spec(args.vae), space))):
+                logger.info(f"using --vae {space}: the latent space recorded in the checkpoint")
+                args.vae = space
         if args.data_path is not None and (args.dataset != "imagefolder" or args.latent_cache is not None):
             logger.warning(f"--data-path {args.data_path} is not used with "
                            + ("--latent-cache" if args.latent_cache is not None else f"--dataset {args.dataset}"))
