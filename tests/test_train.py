@@ -1197,6 +1197,32 @@ def test_skip_nonfinite_counts(tmp_path, monkeypatch):
     assert resumed["nonfinite_skipped"] == 1 and np.isfinite(resumed["loss"])
 
 
+@pytest.mark.parametrize("fused", [False, True])
+def test_skip_nonfinite_stops_a_run_whose_every_step_is_skipped(tmp_path, monkeypatch, fused):
+    """Skipped steps in a row across whole log windows, up to the limit (4 here), stop the run in one line
+    naming the first of them and the last checkpoint; a window with a step applied starts the count over."""
+    from sit_fast.training import loop
+
+    monkeypatch.setattr(loop, "SKIPPED_IN_A_ROW_LIMIT", 4)
+    monkeypatch.setattr(loop, "fused_adamw", lambda device: fused)
+    real, calls = loop.Trainer.batch_to_latents, []
+
+    def poisoned(self, batch):  # steps 3 and 4, then from step 6 on
+        x, y = real(self, batch)
+        calls.append(1)
+        return (x * float("nan") if len(calls) in (3, 4) or len(calls) >= 6 else x), y
+
+    monkeypatch.setattr(loop.Trainer, "batch_to_latents", poisoned)
+    exp = tmp_path / "run"
+    assert run_cli(BASE + ["--exp-dir", str(exp), "--max-steps", "20", "--ckpt-every", "2", "--log-every", "2",
+                           "--skip-nonfinite"]) == 2
+    log = (exp / "log.txt").read_text()
+    assert (f"error: every step from step 7 to step 10 had non-finite gradients and was skipped (--skip-nonfinite): the "
+            f"run has diverged; last checkpoint: {exp / 'checkpoints' / '0000008.pt'}; resume from one from before the "
+            f"divergence with a lower --lr or --grad-clip") in log, log
+    assert len(calls) == 10
+
+
 def test_skip_nonfinite_skips_a_step_whose_gradients_overflow_with_a_finite_loss(tmp_path, monkeypatch):
     """--skip-nonfinite tests the gradients, not the loss: a step with a finite loss whose gradients are
     not finite (an overflow in the backward pass; step 2 here) is skipped and counted, and the weights

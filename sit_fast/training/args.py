@@ -92,7 +92,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "(auto: bf16 on CUDA, fp32 on the CPU)")
     optim.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
                        help="skip steps whose gradients are not finite and count them, instead of stopping "
-                            "(on CUDA on the device, by fused AdamW; on the CPU one host read per step)")
+                            "(on CUDA on the device, by fused AdamW; on the CPU one host read per step); the run "
+                            "stops once 100 steps in a row were skipped")
 
     run = parser.add_argument_group("Logging, sampling and checkpoints")
     run.add_argument("--results-dir", type=str, default="results", help="parent of the experiment directories")

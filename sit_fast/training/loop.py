@@ -63,6 +63,11 @@ class NonFiniteLossError(UserError):
     """The loss became NaN or infinite; the message names the step and the last good checkpoint."""
 
 
+# --skip-nonfinite gives up when the log lines' windows of this many steps in a row were all skipped: a
+# run whose every step is non-finite has diverged, and would only spend its GPUs to the end
+SKIPPED_IN_A_ROW_LIMIT = 100
+
+
 #################################################################################
 #                                  Setup helpers                                #
 #################################################################################
@@ -847,6 +852,7 @@ class Trainer:
 
         # Position in the run.
         self.step, self.epoch, self.step_in_epoch, self.nonfinite_skipped = 0, 0, 0, 0
+        self.skipped_in_a_row = 0  # steps of the log windows in a row that were all skipped
         self.last_checkpoint = None
         self.wandb_id = ckpt.get("wandb_id") if ckpt is not None else None
         if ckpt is not None:
@@ -1410,6 +1416,19 @@ class Trainer:
                      else f"no checkpoint written yet; start again with {advice}")
             raise NonFiniteLossError(f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); {where}")
 
+    def check_skipped_in_a_row(self) -> None:
+        """Stop once the log windows of SKIPPED_IN_A_ROW_LIMIT steps in a row had all their steps skipped
+        (--skip-nonfinite): the same on every rank, which all applied the same steps."""
+        window = self.window
+        self.skipped_in_a_row = self.skipped_in_a_row + window.steps if window.applied_steps() == 0 else 0
+        if self.skipped_in_a_row >= SKIPPED_IN_A_ROW_LIMIT:
+            first = self.step - self.skipped_in_a_row + 1
+            where = (f"last checkpoint: {self.last_checkpoint}; resume from one from before the divergence"
+                     if self.last_checkpoint else "no checkpoint written yet; start again")
+            raise NonFiniteLossError(f"every step from step {first} to step {self.step} had non-finite gradients and "
+                                     f"was skipped (--skip-nonfinite): the run has diverged; {where} with a lower "
+                                     f"--lr or --grad-clip")
+
     def log(self, bar) -> dict:
         """Write the log line of the window's steps (all ranks' losses) and start the next window."""
         window = self.window
@@ -1422,6 +1441,7 @@ class Trainer:
         # every rank applied the same steps; the gradient norm is the same on every rank (DDP averages
         # the gradients), summed by the all-reduce like the losses
         self.count_skipped()
+        self.check_skipped_in_a_row()
         count = window.applied_steps() * self.dist_info.world_size
         avg_loss = loss_total / count if count else math.nan  # every step of the window skipped: nothing to show
         grad_norm = norm_total / count if count else math.nan
