@@ -1217,8 +1217,8 @@ def test_skip_nonfinite_stops_a_run_whose_every_step_is_skipped(tmp_path, monkey
     assert run_cli(BASE + ["--exp-dir", str(exp), "--max-steps", "20", "--ckpt-every", "2", "--log-every", "2",
                            "--skip-nonfinite"]) == 2
     log = (exp / "log.txt").read_text()
-    assert (f"error: every step from step 7 to step 10 had non-finite gradients and was skipped (--skip-nonfinite): the "
-            f"run has diverged; last checkpoint: {exp / 'checkpoints' / '0000008.pt'}; resume from one from before the "
+    assert (f"error: every step from step 7 to step 10 had non-finite gradients and was skipped (--skip-nonfinite): "
+            f"the run has diverged; last checkpoint: {exp / 'checkpoints' / '0000008.pt'}; resume from one from before the "
             f"divergence with a lower --lr or --grad-clip") in log, log
     assert len(calls) == 10
 
