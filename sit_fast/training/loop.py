@@ -721,7 +721,8 @@ class Trainer:
                 raise UserError(f"the run being resumed ({resume_path}) has {args.in_channels} input channels, the data "
                                 f"{channels}: resume it on data of its latent space (--vae, --latent-cache), or start a "
                                 f"new run")
-            raise UserError(f"--in-channels {args.in_channels} does not match the data, which has {channels} channel{'s' if channels > 1 else ''}")
+            raise UserError(f"--in-channels {args.in_channels} does not match the data, which has {channels} "
+                            f"channel{'s' if channels > 1 else ''}")
         args.in_channels = channels
         if args.num_classes is None:
             args.num_classes = dataset.num_classes
