@@ -1218,8 +1218,8 @@ def test_skip_nonfinite_stops_a_run_whose_every_step_is_skipped(tmp_path, monkey
                            "--skip-nonfinite"]) == 2
     log = (exp / "log.txt").read_text()
     assert (f"error: every step from step 7 to step 10 had non-finite gradients and was skipped (--skip-nonfinite): "
-            f"the run has diverged; last checkpoint: {exp / 'checkpoints' / '0000008.pt'}; resume from one from before the "
-            f"divergence with a lower --lr or --grad-clip") in log, log
+            f"the run has diverged; last checkpoint: {exp / 'checkpoints' / '0000008.pt'}; resume from one from "
+            f"before the divergence with a lower --lr or --grad-clip") in log, log
     assert len(calls) == 10
 
 
