@@ -91,7 +91,7 @@ from sit_fast.sampling import (
     npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import (PATH_TYPES, PREDICTIONS, SAMPLE_EPS_DEFAULT, Sampler, add_ode_args, add_sde_args,
-                                add_transport_args, create_transport)
+                                add_transport_args, create_transport, in_flag_words)
 from sit_fast.transport.integrators import adaptive_ode_method, ode_method_uses_tolerances
 from sit_fast.vae import VAE_ALIASES, recorded_vae_spec, same_encoder
 
@@ -487,11 +487,7 @@ class Setup:
         except ValueError as err:
             if isinstance(err, UserError):
                 raise
-            message = str(err)
-            for which in ("sample_eps", "train_eps"):  # named as the flag
-                if message.startswith(which):
-                    message = f"--{which.replace('_', '-')}{message[len(which):]}"
-            raise UserError(message) from None
+            raise UserError(in_flag_words(err)) from None
         sde = args.mode == "SDE"
         interval = (dict(sde=True, diffusion_form=args.diffusion_form,
                          last_step_size=0.0 if args.last_step is None else args.last_step_size) if sde else {})

@@ -53,7 +53,7 @@ from sit_fast.training.checkpointing import (
     find_latest_valid, interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
     unfinished_writes,
 )
-from sit_fast.transport import Sampler, create_transport
+from sit_fast.transport import Sampler, create_transport, in_flag_words
 from sit_fast.vae import LatentCodec, recorded_vae_spec, same_encoder
 
 logger = logging.getLogger("sit_fast.train")
@@ -838,12 +838,12 @@ class Trainer:
         self.transport = create_transport(args.path_type, args.prediction, args.loss_weight, args.train_eps,
                                           args.sample_eps)
         try:  # an eps of 0 that puts a singular end in the interval: said now, not at the first step or grid
-            self.transport.check_interval(self.transport.train_eps, self.transport.sample_eps)
-            if args.sample_every is not None:
-                Sampler(self.transport).sample_ode(sampling_method=args.sample_method, num_steps=args.sample_steps)
+            eps = self.transport.train_eps, self.transport.sample_eps
+            self.transport.check_interval(*eps)
+            if args.sample_every is not None:  # the grids' ODE, as Sampler.sample_ode checks it
+                self.transport.check_interval(*eps, sde=False, eval=True, last_step_size=0.0)
         except ValueError as err:
-            which = "sample_eps" if str(err).startswith("sample_eps") else "train_eps"
-            raise UserError(str(err).replace(which, f"--{which.replace('_', '-')}", 1)) from None
+            raise UserError(in_flag_words(err)) from None
         if "train_eps" in self.explicit and not self.transport.eps_matters():
             logger.warning(f"--train-eps {args.train_eps:g} has no effect: a {args.path_type} velocity model trains "
                            f"on all of [0, 1] whatever it is (as upstream)")
@@ -1417,11 +1417,11 @@ class Trainer:
                      else f"no checkpoint written yet; start again with {advice}")
             raise NonFiniteLossError(f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); {where}")
 
-    def check_skipped_in_a_row(self) -> None:
+    def check_skipped_in_a_row(self, applied: int) -> None:
         """Stop once the log windows of SKIPPED_IN_A_ROW_LIMIT steps in a row had all their steps skipped
-        (--skip-nonfinite): the same on every rank, which all applied the same steps."""
-        window = self.window
-        self.skipped_in_a_row = self.skipped_in_a_row + window.steps if window.applied_steps() == 0 else 0
+        (--skip-nonfinite; applied: the window's applied steps): the same on every rank, which all
+        applied the same steps."""
+        self.skipped_in_a_row = self.skipped_in_a_row + self.window.steps if applied == 0 else 0
         if self.skipped_in_a_row >= SKIPPED_IN_A_ROW_LIMIT:
             first = self.step - self.skipped_in_a_row + 1
             where = (f"last checkpoint: {self.last_checkpoint}; resume from one from before the divergence"
@@ -1442,8 +1442,9 @@ class Trainer:
         # every rank applied the same steps; the gradient norm is the same on every rank (DDP averages
         # the gradients), summed by the all-reduce like the losses
         self.count_skipped()
-        self.check_skipped_in_a_row()
-        count = window.applied_steps() * self.dist_info.world_size
+        applied = window.applied_steps()  # a read of the device's count
+        self.check_skipped_in_a_row(applied)
+        count = applied * self.dist_info.world_size
         avg_loss = loss_total / count if count else math.nan  # every step of the window skipped: nothing to show
         grad_norm = norm_total / count if count else math.nan
         steps_per_sec = window.steps / elapsed

@@ -6,7 +6,8 @@
     samples = sample_fn(z, model, **model_kwargs)[-1]
 """
 from sit_fast.transport import path
-from sit_fast.transport.args import SAMPLE_EPS_DEFAULT, add_ode_args, add_sde_args, add_transport_args, none_or_str
+from sit_fast.transport.args import (SAMPLE_EPS_DEFAULT, add_ode_args, add_sde_args, add_transport_args, in_flag_words,
+                                     none_or_str)
 from sit_fast.transport.integrators import ODE_METHODS, SDE_METHODS
 from sit_fast.transport.path import DIFFUSION_FORMS, GVPCPlan, ICPlan, VPCPlan, expand_t_like_x
 from sit_fast.transport.transport import LAST_STEPS, ModelType, PathType, Sampler, Transport, WeightType
@@ -55,5 +56,5 @@ __all__ = [
     "create_transport", "Transport", "Sampler", "ModelType", "PathType", "WeightType", "mean_flat", "check_choice",
     "path", "ICPlan", "VPCPlan", "GVPCPlan", "expand_t_like_x", "DIFFUSION_FORMS", "LAST_STEPS", "ODE_METHODS",
     "SDE_METHODS", "SAMPLE_EPS_DEFAULT", "PATH_TYPES", "PREDICTIONS", "LOSS_WEIGHTS", "add_transport_args",
-    "add_ode_args", "add_sde_args", "none_or_str",
+    "add_ode_args", "add_sde_args", "none_or_str", "in_flag_words",
 ]

@@ -19,6 +19,16 @@ def none_or_str(value):
 SAMPLE_EPS_DEFAULT = 1e-3  # upstream's
 
 
+def in_flag_words(err: ValueError) -> str:
+    """A transport error's message with the eps it starts with (Transport.check_interval's train_eps or
+    sample_eps) named as the flag that sets it: --train-eps, --sample-eps."""
+    message = str(err)
+    for which in ("sample_eps", "train_eps"):
+        if message.startswith(which):
+            return f"--{which.replace('_', '-')}{message[len(which):]}"
+    return message
+
+
 def add_transport_args(parser: argparse.ArgumentParser, train_eps_default: float | None = 1e-5,
                        train_eps_help: str | None = None):
     """Add --path-type, --prediction, --loss-weight, --sample-eps, --train-eps; returns the group.
