@@ -76,7 +76,10 @@ from sit_fast.distributed import (
     DistInfo, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
     local_path_on_main_first, on_main, peer_ended, peer_failed,
 )
-from sit_fast.errors import PeerFailed, UserError, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr
+from sit_fast.errors import (
+    PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr,
+    memory_kind,
+)
 from sit_fast.files import (
     WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes,
 )
@@ -1485,13 +1488,14 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
             if err.errno not in WRITE_REFUSED:
                 raise
             raise UserError(f"cannot write {err.filename or args.out} ({err.strerror})") from None
-        except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile
-            if not is_out_of_memory(err):
-                raise
-            raise UserError(out_of_memory_advice(args, setup.device)) from None
-    except RuntimeError as err:  # gloo's word at a collective that a process (failed in its setup, say) ended
-        if dist.world_size == 1 or not peer_ended(err):
-            raise
+    except UserError:
+        raise
+    except Exception as err:  # noqa: BLE001 -- out of memory only (also wrapped by torch.compile), or a peer's end
+        if is_out_of_memory(err):  # in a job, or in its setup (the model moved to the GPU, CUDA graphs captured)
+            raise UserError(allocation_past_device(err, dist.device, size_flags(args))
+                            or out_of_memory_advice(args, dist.device, memory_kind(err))) from None
+        if dist.world_size == 1 or not isinstance(err, RuntimeError) or not peer_ended(err):  # gloo's word at a
+            raise  # collective that a process (failed in its setup, say) ended
         raise peer_failed(err) from None
     except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
         if dist.is_main:
@@ -1499,8 +1503,16 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         raise SystemExit(exit_status(err)) from None
 
 
-def out_of_memory_advice(args: argparse.Namespace, device: torch.device) -> str:
-    """What ran out of GPU memory, and the flags that make it fit (those not in use already)."""
+def size_flags(args: argparse.Namespace) -> str:
+    """The flags that set how much a sampling run allocates, with their values."""
+    batch = args.batch_size or len(args.class_labels or UPSTREAM_CLASS_LABELS)
+    image = f", --image-size {args.image_size}" if args.image_size is not None else ""
+    return f"--num-sampling-steps {args.num_sampling_steps}, --batch-size {batch}{image}"
+
+
+def out_of_memory_advice(args: argparse.Namespace, device: torch.device, memory: str = "GPU memory") -> str:
+    """What ran out of `memory` ("GPU memory", or the CPU's "memory"), and the flags that make it fit
+    (those not in use already)."""
     batch = args.batch_size or len(args.class_labels or UPSTREAM_CLASS_LABELS)
     fixes = [f"--batch-size {max(1, batch // 2)}" if batch > 1 else None,
              "--precision bf16" if args.precision != "bf16" else None,
@@ -1512,7 +1524,7 @@ def out_of_memory_advice(args: argparse.Namespace, device: torch.device) -> str:
     kept = (f" (the images written so far stay; another batch size samples into {folder}, since {why})"
             if args.job == "fid" else "")
     guided = " (guidance doubles the batch the model sees)" if args.cfg_scale != 1 else ""
-    return (f"out of GPU memory on {device} sampling batches of {batch}{guided}: "
+    return (f"out of {memory} on {device} sampling batches of {batch}{guided}: "
             f"{'try ' + ', '.join(fixes) if fixes else 'this model does not fit this GPU at batch size 1'}{kept}")
 
 

@@ -39,15 +39,69 @@ PEER_LINGER_S = 3.0
 ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some libraries put in their messages
 
 
-def is_out_of_memory(error: BaseException) -> bool:
-    """A GPU out-of-memory error, also one that torch.compile wrapped in its own exception."""
+CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError on the CPU
+ASKED = re.compile(r"tried to allocate ([0-9.]+) ?(bytes|B|KiB|MiB|GiB|TiB)\b", re.IGNORECASE)
+UNIT_BYTES = {"bytes": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def out_of_memory_cause(error: BaseException) -> BaseException | None:
+    """The out-of-memory error behind `error` (itself, or one that torch.compile wrapped in its own
+    exception): torch's on a GPU or on the CPU, or Python's MemoryError; None if there is none."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error):
-            return True
+        if type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error) \
+                or isinstance(error, MemoryError) or CPU_OUT_OF_MEMORY in str(error):
+            return error
         error = error.__cause__ or error.__context__
-    return False
+    return None
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return out_of_memory_cause(error) is not None
+
+
+def memory_kind(error: BaseException) -> str:
+    """ "GPU memory" for a GPU's out-of-memory error, "memory" for the CPU's."""
+    cause = out_of_memory_cause(error)
+    gpu = cause is not None and (type(cause).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(cause))
+    return "GPU memory" if gpu else "memory"
+
+
+def byte_size(count: float) -> str:
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if count >= size:
+            return f"{count / size:.1f} {unit}"
+    return f"{count:.0f} bytes"
+
+
+def device_bytes(device) -> int | None:
+    """The whole memory of a torch device: the GPU's, or the machine's for the CPU (None if unknown)."""
+    try:
+        if device.type == "cuda":
+            import torch
+            return torch.cuda.get_device_properties(device).total_memory
+        if device.type == "cpu":
+            return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError, RuntimeError, AssertionError):
+        pass
+    return None
+
+
+def allocation_past_device(error: BaseException, device, sizes: str) -> str | None:
+    """For an out-of-memory error whose one allocation was larger than the device's whole memory (a
+    size flag far too large, not a batch a little too big): a message that says so and names the
+    size flags to check (`sizes`, with their values); None otherwise."""
+    cause = out_of_memory_cause(error)
+    asked = ASKED.search(str(cause)) if cause is not None else None
+    total = device_bytes(device)
+    if asked is None or total is None:
+        return None
+    count = float(asked.group(1)) * UNIT_BYTES[asked.group(2).lower()]
+    if count <= total:
+        return None
+    return (f"out of {memory_kind(error)} on {device}: one allocation asked for {byte_size(count)}, more than the "
+            f"{byte_size(total)} it has in all: a size given is far too large (check {sizes})")
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

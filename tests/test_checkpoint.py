@@ -794,6 +794,50 @@ def test_a_message_of_exactly_the_limit_is_whole_and_an_early_sentence_end_is_no
     assert first_line(ValueError("\n  \n")) == "ValueError"  # nothing to quote: the exception's type
 
 
+def test_out_of_memory_is_told_on_the_gpu_and_on_the_cpu_and_through_a_wrapper():
+    """torch's out-of-memory errors on a GPU and on the CPU, and Python's MemoryError, are each out of
+    memory, also behind the exception torch.compile wraps them in; the kind of memory is the GPU's
+    for a GPU's error alone."""
+    from sit_fast.errors import is_out_of_memory, memory_kind
+
+    cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
+                       "you tried to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)")
+    gpu = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    for error, kind in ((cpu, "memory"), (gpu, "GPU memory"), (MemoryError(), "memory")):
+        try:
+            try:
+                raise error
+            except BaseException as inner:
+                raise RuntimeError("backend='inductor' raised: the error above") from inner
+        except RuntimeError as wrapped:
+            assert is_out_of_memory(error) and is_out_of_memory(wrapped)
+            assert memory_kind(error) == memory_kind(wrapped) == kind
+    assert not is_out_of_memory(RuntimeError("Expected all tensors to be on the same device"))
+
+
+def test_an_allocation_larger_than_the_whole_device_is_told_as_a_size_too_large():
+    """An allocation that failed for asking more than the device has in all is a flag's value far
+    too large, named with the flags to check; one that would fit an emptier device is not."""
+    from sit_fast.errors import allocation_past_device, device_bytes
+
+    cpu = torch.device("cpu")
+    total = device_bytes(cpu)
+    assert total is not None and total > 2**20
+    too_large = RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {4 * total} bytes. "
+                             "Error code 12 (Cannot allocate memory)")
+    message = allocation_past_device(too_large, cpu, "--image-size 100000")
+    assert message.startswith("out of memory on cpu: one allocation asked for ")
+    assert "in all: a size given is far too large (check --image-size 100000)" in message
+    gib = 4 * total / 2**30
+    assert f"asked for {gib:.1f} GiB, " in message or f"asked for {gib / 1024:.1f} TiB, " in message
+    fits = RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {total // 2} bytes.")
+    assert allocation_past_device(fits, cpu, "--image-size 8") is None
+    gpu = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 16777216.00 TiB. GPU 0 has ...")
+    assert allocation_past_device(gpu, cpu, "--batch-size 8").startswith(
+        "out of GPU memory on cpu: one allocation asked for 16777216.0 TiB, more than the ")
+    assert allocation_past_device(MemoryError(), cpu, "--batch-size 8") is None  # no size said
+
+
 def test_a_recorded_model_config_beside_upstream_style_args_is_read(tmp_path):
     """A checkpoint holding an argparse.Namespace (upstream's args) and a model_config: the config was
     read without the Namespace allowed, so the file's latent space was lost (export, sample.py)."""

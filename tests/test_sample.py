@@ -2041,6 +2041,22 @@ def test_out_of_gpu_memory_names_the_flags_that_fit(files, tmp_path, capsys, mon
     assert "--batch-size 4" in err and "--precision bf16" in err and "--vae-precision bf16" in err
 
 
+@pytest.mark.parametrize("mode", ["ODE", "SDE"])
+def test_a_step_count_past_all_memory_is_told_as_a_size_far_too_large(mode, files, tmp_path, capsys):
+    """10^14 steps ask for more memory than any device has (their time grid alone: 400 TB): one line
+    naming the step count, whether it fails building the sampler or sampling."""
+    steps = str(10**14)
+    with pytest.raises(SystemExit) as exit_info:
+        run([mode, "--ckpt", files["latent"], "--vae", files["vae"], "--out", tmp_path / "g.png",
+             "--num-sampling-steps", steps, "--batch-size", "2", *FAST])
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert re.fullmatch(r"error: out of (GPU )?memory on \S+: one allocation asked for \d+\.\d TiB, more than the "
+                        rf"[\d.]+ [GT]iB it has in all: a size given is far too large \(check --num-sampling-steps "
+                        rf"{steps}, --batch-size 2\)", err), err
+    assert not (tmp_path / "g.png").exists()
+
+
 #################################################################################
 #                                 Likelihood                                     #
 #################################################################################

@@ -2656,6 +2656,52 @@ def test_out_of_gpu_memory_before_the_first_step_is_one_line(tmp_path, capsys, m
         "with more free memory (USAGE.md, Memory)")
 
 
+def test_an_image_size_past_all_memory_is_one_line_naming_it_and_leaves_no_run_folder(tmp_path, capsys):
+    """--image-size 1000000 asks for more memory than the machine has (the digits resized: 6.5 PB):
+    one line naming the size flags, not an allocator's traceback, and no run folder left."""
+    argv = [arg if arg != "8" else "1000000" for arg in BASE]
+    assert run_cli(argv + ["--results-dir", str(tmp_path / "results"), "--max-steps", "2"]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    assert re.fullmatch(r"error: out of memory on cpu: one allocation asked for \d+\.\d TiB, more than the [\d.]+ "
+                        r"[GT]iB it has in all: a size given is far too large \(check --image-size 1000000, "
+                        r"--global-batch-size 64, --sample-steps 16, --num-sample-images 16\)",
+                        stderr.strip().splitlines()[-1]), stderr
+    assert not (tmp_path / "results").exists()  # made by the run, removed with its folder
+
+
+def test_a_grid_past_all_memory_names_the_last_checkpoint(tmp_path, capsys, monkeypatch):
+    """A grid that asks for more than the machine has (--sample-steps far too large) after a checkpoint
+    is one line naming the size flags and the last checkpoint."""
+    from sit_fast.training.loop import Trainer
+
+    def save_samples(self):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate "
+                           f"{2**60} bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(Trainer, "save_samples", save_samples)
+    exp = tmp_path / "exp"
+    argv = BASE + ["--exp-dir", str(exp), "--max-steps", "4", "--ckpt-every", "2", "--sample-every", "3"]
+    assert run_cli(argv) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: out of memory on cpu: one allocation asked for 1048576.0 TiB, more than the ")
+    assert line.endswith("(check --image-size 8, --global-batch-size 64, --sample-steps 16, --num-sample-images 16); "
+                         f"last checkpoint: {exp / 'checkpoints' / '0000003.pt'}")  # saved before the grid
+
+
+def test_the_cpus_running_out_of_memory_in_a_step_is_advised_as_memory_not_gpu_memory(tmp_path, capsys, monkeypatch):
+    from sit_fast.training.loop import Trainer
+
+    def train_step(self, batch):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes.")
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "2"]) == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line.startswith("error: out of memory at step 1 on cpu training SiT-T/4 with a batch of 64 per GPU: fit it "
+                           "with --grad-accum-steps 2"), line
+
+
 def test_out_of_gpu_memory_advice_leaves_out_the_flags_already_in_use(tmp_path):
     """The training advice names only the flags that would change something, and the batch as it is
     split; the grid's advice suggests --cfg-scale 1 only under guidance, and names the last checkpoint."""

@@ -41,7 +41,9 @@ from sit_fast.distributed import (
     DistInfo, agree, barrier, broadcast_object, check_same_file, cleanup, gather_object, init_distributed,
     is_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed, unshared_path,
 )
-from sit_fast.errors import PeerFailed, UserError, first_line, is_out_of_memory
+from sit_fast.errors import (
+    PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
+)
 from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, first_missing_folder,
                              make_folder, make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
@@ -1378,13 +1380,14 @@ class Trainer:
                 raise type(err)(f"{err} (stopped before step {self.step + 1}; {where})") from None
             yield batch
 
-    def out_of_memory_advice(self) -> str:
-        """What ran out of GPU memory, and the flags that make it fit (those not in use already)."""
+    def out_of_memory_advice(self, memory: str = "GPU memory") -> str:
+        """What ran out of `memory` ("GPU memory", or the CPU's "memory"), and the flags that make it fit
+        (those not in use already)."""
         args = self.args
         where = f"at step {self.step + 1} on {self.device}"
         if self.phase == "samples":
             last = f"; last checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
-            return (f"out of GPU memory after step {self.step} on {self.device} sampling the EMA grid of --num-sample-images "
+            return (f"out of {memory} after step {self.step} on {self.device} sampling the EMA grid of --num-sample-images "
                     f"{args.num_sample_images}: lower it{' or --cfg-scale 1' if args.cfg_scale > 1 else ''}{last}")
         parts = args.grad_accum_steps
         micro = self.local_batch_size // parts
@@ -1402,7 +1405,7 @@ class Trainer:
             fixes.append("--grad-checkpointing")
         fixes.append("a smaller --global-batch-size")
         last = f"; last checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
-        return (f"out of GPU memory {where} training {args.model} with {batch}: fit it with "
+        return (f"out of {memory} {where} training {args.model} with {batch}: fit it with "
                 f"{', '.join(fixes[:-1])} or {fixes[-1]} (USAGE.md, Memory){last}")
 
     def check_finite(self) -> None:
@@ -1567,11 +1570,18 @@ def main(argv: list[str] | None = None) -> dict:
             raise error from None
         if not is_out_of_memory(err):
             raise
-        if trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
-            message = (f"out of GPU memory on {dist_info.device} setting up {args.model} before its first step: a "
-                       f"smaller --model, or a GPU with more free memory (USAGE.md, Memory)")
-        else:
-            message = trainer.out_of_memory_advice()
+        sizes = (f"--image-size {args.image_size}, --global-batch-size {args.global_batch_size}, --sample-steps "
+                 f"{args.sample_steps}, --num-sample-images {args.num_sample_images}")
+        message = allocation_past_device(err, dist_info.device, sizes)
+        if message is not None and trainer is not None and trainer.last_checkpoint:
+            message += f"; last checkpoint: {trainer.last_checkpoint}"
+        elif message is None and trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
+            memory = memory_kind(err)
+            machine = "a GPU" if memory == "GPU memory" else "a machine"
+            message = (f"out of {memory} on {dist_info.device} setting up {args.model} before its first step: "
+                       f"a smaller --model, or {machine} with more free memory (USAGE.md, Memory)")
+        elif message is None:
+            message = trainer.out_of_memory_advice(memory_kind(err))
         log_to_file(f"error: {message}")
         raise UserError(message) from None
     except KeyboardInterrupt:
