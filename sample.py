@@ -70,7 +70,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int
+from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int, random_seed
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
@@ -170,7 +170,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     run.add_argument("--num-sampling-steps", type=integer, default=250,
                      help="steps of a fixed-step solver (the SDE's count includes the last step; an ODE takes N "
                           "steps, where upstream's N grid points were N - 1)")
-    run.add_argument("--seed", "--global-seed", dest="seed", type=integer, default=0,
+    run.add_argument("--seed", "--global-seed", dest="seed", type=random_seed, default=0,
                      help="global seed; image i's starting noise and label come from (seed, i); an SDE's "
                           "per-step noise comes from (seed, batch) and an adaptive ODE's steps are chosen for "
                           "the whole batch, so their images also depend on --batch-size")

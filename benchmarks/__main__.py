@@ -50,7 +50,7 @@ def suite_list(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None):
-    from sit_fast.argtypes import positive_float
+    from sit_fast.argtypes import positive_float, random_seed
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1],
                                      allow_abbrev=False)
@@ -74,7 +74,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--compile-backend", default=None,
                         help="torch.compile backend (default: inductor on cuda; eager on cpu, where Dynamo "
                              "traces but generates no code, which keeps the dry run short)")
-    parser.add_argument("--seed", type=int, default=None, help="parity inputs' seed (default: random, recorded)")
+    parser.add_argument("--seed", type=random_seed, default=None,
+                        help="parity inputs' seed (default: random, recorded)")
     parser.add_argument("--continue", dest="continue_run", action="store_true",
                         help="add to the results already in --out (same device and commit): their ceilings and "
                              "the parity suite's figures are reused, not measured again. For the suites left "

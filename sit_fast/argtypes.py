@@ -5,6 +5,7 @@ import argparse
 import difflib
 import math
 import os
+import sys
 
 from sit_fast.errors import UserError
 
@@ -40,6 +41,7 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         raise UserError(f"{message} (see {self.prog} --help)")
 
     def parse_args(self, args=None, namespace=None):
+        self.refuse_two_names_of_one_flag(list(sys.argv[1:] if args is None else args))
         namespace, extras = self.parse_known_args(args, namespace)
         if extras:  # the help to see is the chosen subcommand's (sample.py ODE --help), which lists its flags
             parser, siblings = self, {}
@@ -64,6 +66,29 @@ class OneLineArgumentParser(argparse.ArgumentParser):
         return namespace
 
 
+    def refuse_two_names_of_one_flag(self, args: list) -> None:
+        """A flag given under two of its names (--global-seed 3 --seed 4) is refused: which one was meant
+        is not clear, where one name given twice is the usual last-wins override. A switch and its --no-
+        form are one name each way and are left to that rule."""
+        commands = {name: sub for action in self._actions if isinstance(action, argparse._SubParsersAction)
+                    for name, sub in action.choices.items()}
+        parsers, first_name = [self], {}
+        for token in map(str, args):
+            if token == "--":  # what follows is values only
+                break
+            if token in commands and len(parsers) == 1:  # the subcommand: its parser reads what follows
+                parsers.append(commands[token])
+            name = token.split("=", 1)[0]
+            for parser in parsers if token.startswith("--") else ():
+                action = parser._option_string_actions.get(name)
+                if action is None or isinstance(action, argparse.BooleanOptionalAction):
+                    continue
+                first = first_name.setdefault(id(action), name)
+                if first != name:
+                    raise UserError(f"{first} and {name} are two names of one flag: give it once "
+                                    f"(see {parser.prog} --help)")
+
+
 def flag_meant(given: str, flags: list[str], most: int = 3) -> list[str]:
     """The flags an unknown one may mean: those it begins (a shortened flag, which upstream's argparse
     took: --cfg for --cfg-scale), up to `most` of them, else the one closest in spelling (a typo), or
@@ -86,6 +111,15 @@ def integer(value: str) -> int:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+
+
+def random_seed(value: str) -> int:
+    """A seed: an integer of at most 63 bits and a sign, so that no two seeds give one generator state
+    (torch takes seeds modulo 2**64: 2**64 would be seed 0)."""
+    number = integer(value)
+    if not -2**63 < number < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer between -(2**63 - 1) and 2**63 - 1, got {value}")
+    return number
 
 
 def real(value: str) -> float:

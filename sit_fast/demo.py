@@ -28,7 +28,9 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sit_fast.argtypes import OneLineArgumentParser, finite_float, fraction, positive_float, positive_int
+    from sit_fast.argtypes import (
+        OneLineArgumentParser, finite_float, fraction, positive_float, positive_int, random_seed,
+    )
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="demo_out", help="output directory (its training run is started afresh)")
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--ode-steps", type=positive_int, default=16, help="Heun steps of the ODE sampler")
     parser.add_argument("--sde-steps", type=positive_int, default=50, help="Euler-Maruyama steps of the SDE sampler")
     parser.add_argument("--min-accuracy", type=fraction, default=0.8, help="fail below this share of correct digits")
-    parser.add_argument("--seed", type=int, default=0, help="seed of training and sampling")
+    parser.add_argument("--seed", type=random_seed, default=0, help="seed of training and sampling")
     parser.add_argument("--skip-training", action="store_true", help="evaluate the run already in OUT")
     return parser
 

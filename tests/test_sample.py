@@ -866,6 +866,23 @@ def test_mistyped_flag_is_refused(mode, flag, meant, capsys):
     assert meant or "did you mean" not in err
 
 
+@pytest.mark.parametrize("argv,names", [
+    (["ODE", "--seed", "3", "--global-seed", "4"], "--seed and --global-seed"),
+    (["SDE", "--per-proc-batch-size=2", "--batch-size", "2"], "--per-proc-batch-size and --batch-size"),
+])
+def test_a_flag_under_two_of_its_names_is_refused(argv, names, capsys):
+    """Which of two names' values was meant is unclear: one line naming both (one name given twice is
+    argparse's last-wins override, and a switch's --no- form is left to it too)."""
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: {names} are two names of one flag: give it once (see ")
+    assert err.endswith(f" {argv[0]} --help)"), err
+    args = sample.build_parser().parse_args(["ODE", "--seed", "3", "--seed", "4", "--tf32", "--no-tf32"])
+    assert args.seed == 4 and args.tf32 is False
+
+
 def test_flag_meant_lists_the_flags_a_shortened_one_begins():
     from sit_fast.argtypes import flag_meant
 
@@ -881,7 +898,8 @@ def test_flag_meant_lists_the_flags_a_shortened_one_begins():
 @pytest.mark.parametrize("kind,value", [("positive_float", "inf"), ("finite_float", "inf"), ("finite_float", "-inf"),
                                         ("nonnegative_float", "inf"), ("fraction", "-0.1"), ("fraction", "1.01"),
                                         ("positive_int", "0"), ("nonnegative_int", "-1"), ("end_margin", "-0.1"),
-                                        ("fraction_below_one", "-0.1")])
+                                        ("fraction_below_one", "-0.1"), ("random_seed", str(2**63)),
+                                        ("random_seed", str(-2**63))])
 def test_argument_types_refuse_infinity_and_values_past_their_ends(kind, value):
     from sit_fast import argtypes
 
@@ -894,8 +912,9 @@ def test_argument_types_take_the_ends_of_their_ranges_and_none_in_any_case():
 
     ends = [(argtypes.fraction, "0"), (argtypes.fraction, "1"), (argtypes.fraction_below_one, "0"),
             (argtypes.end_margin, "0"), (argtypes.nonnegative_float, "0"), (argtypes.nonnegative_int, "0"),
-            (argtypes.positive_int, "1"), (argtypes.finite_float, "-1e300")]
-    assert [convert(value) for convert, value in ends] == [0, 1, 0, 0, 0, 0, 1, -1e300]
+            (argtypes.positive_int, "1"), (argtypes.finite_float, "-1e300"), (argtypes.random_seed, str(2**63 - 1)),
+            (argtypes.random_seed, str(1 - 2**63))]
+    assert [convert(value) for convert, value in ends] == [0, 1, 0, 0, 0, 0, 1, -1e300, 2**63 - 1, 1 - 2**63]
     unset = argtypes.or_none(argtypes.positive_int)
     assert [unset(value) for value in ("none", "None", "NONE", "3")] == [None, None, None, 3]
 

@@ -948,6 +948,11 @@ def test_seed_is_global_seed_as_in_sample_py():
     args, explicit = parse_args(["--seed", "3"])
     assert args.global_seed == 3 and "global_seed" in explicit
     assert parse_args(["--global-seed", "3"])[0].global_seed == 3
+    with pytest.raises(UserError, match=r"^--global-seed and --seed are two names of one flag: give it once"):
+        parse_args(["--global-seed", "3", "--seed", "4"])
+    with pytest.raises(UserError, match=r"--global-seed/--seed: must be an integer between -\(2\*\*63 - 1\) and "
+                                        r"2\*\*63 - 1, got 18446744073709551616"):  # torch would take it as seed 0
+        parse_args(["--global-seed", str(2**64)])
 
 
 def test_single_process_resume_flags_win_and_identity_kept(tmp_path):

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 
 from sit_fast.argtypes import (
-    OneLineArgumentParser, default_workers, finite_float, fraction, integer, nonnegative_int, or_none, positive_float,
-    positive_int,
+    OneLineArgumentParser, default_workers, finite_float, fraction, nonnegative_int, or_none, positive_float,
+    positive_int, random_seed,
 )
 from sit_fast.data import DATASETS
 from sit_fast.errors import UserError
@@ -81,7 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="split each rank's batch into this many micro-batches, run one at a time, and "
                             "take one optimizer step on their summed gradients: the same global batch in "
                             "less memory (the data order is that of one pass)")
-    optim.add_argument("--global-seed", "--seed", dest="global_seed", type=integer, default=0,
+    optim.add_argument("--global-seed", "--seed", dest="global_seed", type=random_seed, default=0,
                        help="seed; rank r uses global_seed * world_size + r")
     optim.add_argument("--lr", type=positive_float, default=1e-4, help="AdamW learning rate (constant, as upstream)")
     optim.add_argument("--ema-decay", type=fraction, default=0.9999, help="EMA decay per step, in [0, 1]")
