@@ -23,7 +23,8 @@ def make_folder(path: str, flag: str) -> None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
-        raise UserError(f"{flag}: cannot create the folder {path} ({err.strerror or err}): pass a folder "
+        failed = err.filename or path  # the folder that could not be made: `path` or a parent of it
+        raise UserError(f"{flag}: cannot create the folder {failed} ({err.strerror or err}): pass a folder "
                         f"that can be written") from None
 
 

@@ -1118,6 +1118,26 @@ def test_make_folder_makes_the_missing_parents_and_names_a_file_in_the_way(tmp_p
         files.make_folder(str(tmp_path / "c"), "--out")
 
 
+def test_make_folder_names_the_folder_it_could_not_make_not_the_one_asked_for(tmp_path, monkeypatch):
+    """--exp-dir /sys/e: /sys/e is what cannot be made, not /sys/e/checkpoints."""
+    import errno
+
+    from sit_fast import files
+    from sit_fast.errors import UserError
+
+    mkdir = os.mkdir
+
+    def refused_at_d(path, mode=0o777):
+        if os.path.basename(path) == "d":
+            raise PermissionError(errno.EPERM, "Operation not permitted", path)
+        return mkdir(path, mode)
+
+    monkeypatch.setattr(files.os, "mkdir", refused_at_d)
+    with pytest.raises(UserError, match=rf"^--exp-dir: cannot create the folder {tmp_path / 'd'} \(Operation not "
+                                        r"permitted\): pass a folder that can be written$"):
+        files.make_folder(str(tmp_path / "d" / "checkpoints"), "--exp-dir")
+
+
 def test_make_writable_folder_refuses_a_folder_it_cannot_write_into(tmp_path, monkeypatch):
     import errno
 
