@@ -113,6 +113,14 @@ def integer(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
 
 
+def nonempty(value: str) -> str:
+    """A path or name that is not empty: an empty one (a shell variable left unset, `--exp-dir "$EXP"`)
+    names nothing, and would read as the flag not given."""
+    if not value:
+        raise argparse.ArgumentTypeError("must be a path or a name, got an empty string (an unset shell variable?)")
+    return value
+
+
 def random_seed(value: str) -> int:
     """A seed: an integer of at most 63 bits and a sign, so that no two seeds give one generator state
     (torch takes seeds modulo 2**64: 2**64 would be seed 0)."""

@@ -29,11 +29,12 @@ REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def build_parser() -> argparse.ArgumentParser:
     from sit_fast.argtypes import (
-        OneLineArgumentParser, finite_float, fraction, positive_float, positive_int, random_seed,
+        OneLineArgumentParser, finite_float, fraction, nonempty, positive_float, positive_int, random_seed,
     )
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="demo_out", help="output directory (its training run is started afresh)")
+    parser.add_argument("--out", type=nonempty, default="demo_out",
+                        help="output directory (its training run is started afresh)")
     parser.add_argument("--model", default="SiT-T/4", help="model of the registry (8x8 images: /1, /2, /4 or /8)")
     parser.add_argument("--steps", type=positive_int, default=600, help="training steps")
     parser.add_argument("--global-batch-size", type=positive_int, default=256, help="batch size summed over processes")

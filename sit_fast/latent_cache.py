@@ -32,7 +32,7 @@ import sys
 
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonnegative_int, positive_int
+from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonempty, nonnegative_int, positive_int
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, UnreadableImage, close_loader, make_loader,
     worker_error,
@@ -54,10 +54,10 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m sit_fast.latent_cache")
-    parser.add_argument("--data-path", type=str, required=True, help="ImageFolder root: DIR/<class>/<image>")
-    parser.add_argument("--out", type=str, required=True, help="output directory of the cache")
+    parser.add_argument("--data-path", type=nonempty, required=True, help="ImageFolder root: DIR/<class>/<image>")
+    parser.add_argument("--out", type=nonempty, required=True, help="output directory of the cache")
     parser.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels")
-    parser.add_argument("--vae", type=str, default="ema",
+    parser.add_argument("--vae", type=nonempty, default="ema",
                         help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id or a local directory")
     parser.add_argument("--vae-precision", choices=["fp32", "bf16"], default="fp32",
                         help="autocast dtype of the VAE encoder")

@@ -883,6 +883,14 @@ def test_a_flag_under_two_of_its_names_is_refused(argv, names, capsys):
     assert args.seed == 4 and args.tf32 is False
 
 
+@pytest.mark.parametrize("flag", ["--ckpt", "--vae", "--out", "--sample-dir", "--data"])
+def test_an_empty_path_is_refused_not_read_as_the_flag_not_given(flag, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", flag, ""])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys).startswith(f"error: argument {flag}: must be a path or a name, got an empty string")
+
+
 def test_flag_meant_lists_the_flags_a_shortened_one_begins():
     from sit_fast.argtypes import flag_meant
 

@@ -955,6 +955,16 @@ def test_seed_is_global_seed_as_in_sample_py():
         parse_args(["--global-seed", str(2**64)])
 
 
+@pytest.mark.parametrize("flag", ["--data-path", "--latent-cache", "--vae", "--ckpt", "--results-dir", "--exp-dir",
+                                  "--resume"])
+def test_an_empty_path_is_refused_not_read_as_the_flag_not_given(flag):
+    """`--exp-dir "$EXP"` with EXP unset: refused, where it was taken as no --exp-dir."""
+    from sit_fast.training.args import parse_args
+
+    with pytest.raises(UserError, match=rf"^argument {flag}: must be a path or a name(?: or none)?, got an empty "):
+        parse_args(BASE + [flag, ""])
+
+
 def test_single_process_resume_flags_win_and_identity_kept(tmp_path):
     exp = str(tmp_path / "run")
     summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "6", "--ckpt-every", "3"])

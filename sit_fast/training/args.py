@@ -5,7 +5,7 @@ import argparse
 
 from sit_fast.argtypes import (
     OneLineArgumentParser, default_workers, finite_float, fraction, nonnegative_int, or_none, positive_float,
-    positive_int, random_seed,
+    nonempty, positive_int, random_seed,
 )
 from sit_fast.data import DATASETS
 from sit_fast.errors import UserError
@@ -29,18 +29,18 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False)
 
     data = parser.add_argument_group("Data")
-    data.add_argument("--data-path", type=str, default=None,
+    data.add_argument("--data-path", type=nonempty, default=None,
                       help="ImageFolder root (DIR/<class>/<image>), for --dataset imagefolder")
     data.add_argument("--dataset", choices=DATASETS, default="imagefolder",
                       help="imagefolder: --data-path; digits: scikit-learn's bundled 8x8 digits (no download)")
-    data.add_argument("--latent-cache", type=or_none(str), default=None,
+    data.add_argument("--latent-cache", type=or_none(nonempty), default=None,
                       help="train from a latent cache made by python -m sit_fast.latent_cache (no VAE in the loop; "
                            "none: the images, where a resumed run had a cache)")
     data.add_argument("--image-size", type=positive_int, default=256,
                       help="image size in pixels (latent size = image size / 8 with a VAE); --dataset digits: 8 unless given")
     data.add_argument("--num-classes", type=positive_int, default=None,
                       help="class labels of the model (default: the dataset's class count)")
-    data.add_argument("--vae", type=str, default="ema",
+    data.add_argument("--vae", type=nonempty, default="ema",
                       help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id, a local directory, or none "
                            "for pixel-space training; --dataset digits (grayscale): none unless given")
     data.add_argument("--vae-precision", choices=["fp32", "bf16"], default="fp32",
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute each block in the backward pass to save activation memory")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    model.add_argument("--ckpt", type=str, default=None,
+    model.add_argument("--ckpt", type=nonempty, default=None,
                        help="start from these weights (upstream release file, train.py checkpoint or "
                             ".safetensors; EMA weights preferred; learn_sigma as in them) at step 0; use --resume "
                             "to continue a run. The release by name, SiT-XL-2-256x256.pt, is taken from "
@@ -96,11 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "stops once 100 steps in a row were skipped")
 
     run = parser.add_argument_group("Logging, sampling and checkpoints")
-    run.add_argument("--results-dir", type=str, default="results", help="parent of the experiment directories")
-    run.add_argument("--exp-dir", type=str, default=None,
+    run.add_argument("--results-dir", type=nonempty, default="results", help="parent of the experiment directories")
+    run.add_argument("--exp-dir", type=nonempty, default=None,
                      help="experiment directory to use as is (default: RESULTS_DIR/NNN-<model>-<transport>); "
                           "one holding checkpoints is continued with --resume, never overwritten by another run")
-    run.add_argument("--resume", type=str, default=None,
+    run.add_argument("--resume", type=nonempty, default=None,
                      help="PATH (a checkpoint or an experiment directory) or auto (the latest valid checkpoint "
                           "of --exp-dir, or of the newest run in --results-dir of this --model and transport whose "
                           "--dataset, --global-batch-size, --global-seed, --lr, --ema-decay and --grad-clip are "
