@@ -3023,6 +3023,14 @@ def test_latent_cache_round_trip_and_training(tmp_path):
         log = f.read()
     assert (f"--vae {other_vae} is not used with --latent-cache and --sample-every none (with a cache, the VAE only "
             "decodes the sample grids)") in log and "the sample grids are decoded with" not in log, log
+    # --vae none cannot make the cache's latents pixels: the grids are the cache VAE's, and that is said
+    train_main(["--latent-cache", out, "--vae", "none", "--model", "SiT-T/4", "--global-batch-size", "2",
+                "--max-steps", "1", "--sample-every", "1", "--num-sample-images", "2", "--exp-dir",
+                str(tmp_path / "exp_none"), "--num-workers", "0", "--fused-kernels", "off", "--no-progress"])
+    assert os.path.isfile(tmp_path / "exp_none" / "samples" / "0000001.png")
+    with open(tmp_path / "exp_none" / "log.txt") as f:
+        assert (f"--vae none is not used with --latent-cache: the sample grids are decoded with the VAE the cache "
+                f"records ({vae_dir}); --sample-every none for no grids") in f.read()
     # --latent-cache none on resume: the run goes on from the images, encoded each step by the VAE of the
     # latent space it trained in (not the default --vae, which the cache run recorded but never used)
     summary = train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--latent-cache", "none",

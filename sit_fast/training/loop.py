@@ -698,7 +698,10 @@ class Trainer:
             args.image_size = dataset.image_size
             latent_size, channels = dataset.latent_size, dataset.channels
             self.cache_vae_spec = dataset.index["vae"]
-            if "vae" in explicit and args.vae != "none" and args.sample_every is None:
+            if "vae" in explicit and args.vae == "none" and args.sample_every is not None:
+                logger.warning(f"--vae none is not used with --latent-cache: the sample grids are decoded with the "
+                               f"VAE the cache records ({self.cache_vae_spec}); --sample-every none for no grids")
+            elif "vae" in explicit and args.vae != "none" and args.sample_every is None:
                 logger.warning(f"--vae {args.vae} is not used with --latent-cache and --sample-every none (with a "
                                f"cache, the VAE only decodes the sample grids)")
             elif "vae" in explicit and args.vae != "none" and not same_encoder(recorded_vae_spec(args.vae),
