@@ -592,6 +592,8 @@ class Setup:
                 fixes.append("--sampling-method dopri5 (adaptive)")
         if args.mode == "SDE" and args.diffusion_form != "sigma":
             fixes.append("--diffusion-form sigma (upstream's default)")
+        if args.mode == "SDE" and args.diffusion_norm > 1:
+            fixes.append(f"a smaller --diffusion-norm (now {args.diffusion_norm:g}; upstream's is 1)")
         if args.precision == "bf16":
             fixes.append("--precision tf32")
         if args.cfg_scale > 1:

@@ -319,6 +319,9 @@ def test_samples_that_are_not_finite_are_refused_not_written(files, tmp_path, ca
      "more --num-sampling-steps (now 250), --precision tf32 or a smaller --cfg-scale (now 4)"),
     (["ODE", "--sampling-method", "euler", "--cfg-scale", "1"],
      "more --num-sampling-steps (now 250) or --sampling-method dopri5 (adaptive)"),
+    (["SDE", "--diffusion-norm", "1e30", "--cfg-scale", "1"],
+     "more --num-sampling-steps (now 250) or a smaller --diffusion-norm (now 1e+30; upstream's is 1)"),
+    (["SDE", "--diffusion-norm", "1", "--cfg-scale", "1"], "more --num-sampling-steps (now 250)"),
 ])
 def test_divergence_advice_names_only_the_flags_not_in_use(argv, advice, tmp_path):
     """What helps a sampler that diverged: the adaptive solver's tolerances or more fixed steps, the SDE's
