@@ -134,8 +134,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                        help="architecture (default: the checkpoint's; SiT-XL/2 for the release)")
     model.add_argument("--ckpt", type=nonempty, default=None,
                        help="checkpoint: an upstream release file, a train.py checkpoint or .safetensors, or "
-                            "a release by name, SiT-XL-2-256x256.pt, taken from ./pretrained_models or "
-                            "downloaded as upstream does (default: that release)")
+                            "a release by name, SiT-XL-2-256x256.pt, taken from ./pretrained_models, else "
+                            "$SIT_FAST_CACHE (~/.cache/sit_fast), else downloaded there (default: that release)")
     model.add_argument("--use-raw", action="store_true",
                        help="a train.py checkpoint's raw weights instead of its EMA weights")
     model.add_argument("--image-size", type=positive_int, default=None,
@@ -184,7 +184,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
     speed = parser.add_argument_group("Speed")
     speed.add_argument("--precision", choices=PRECISIONS, default=None,
-                       help="model arithmetic: fp32, tf32 matmuls (default, as upstream), or bf16 autocast")
+                       help="model arithmetic: fp32, tf32 (TF32 matmuls and convolutions; default, as upstream), or "
+                            "bf16 autocast")
     speed.add_argument("--tf32", action=argparse.BooleanOptionalAction, default=None,
                        help="upstream sample_ddp.py's flag: --tf32 = --precision tf32, --no-tf32 = fp32")
     speed.add_argument("--vae-precision", choices=("fp32", "bf16"), default="fp32",
@@ -221,9 +222,14 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                       help="exact trace instead of Hutchinson's estimate (one backward per dimension)")
 
 
+FID_ONLY_DESCRIPTION = "Many images for FID (upstream sample_ddp.py's job): numbered PNGs and one .npz in ADM's format."
+
+
 def build_parser(defaults: dict | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     defaults = {**SAMPLE_DEFAULTS, **(defaults or {})}
-    parser = OneLineArgumentParser(prog=prog, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    fid_only = defaults["num_fid_samples"] is not None  # sample_ddp.py
+    description = FID_ONLY_DESCRIPTION if fid_only else __doc__.split("\n\n")[0]
+    parser = OneLineArgumentParser(prog=prog, description=description, allow_abbrev=False)
     modes = parser.add_subparsers(dest="mode", metavar="{ODE,SDE}", required=True,
                                   help="ODE: probability-flow ODE; SDE: reverse SDE")
     for mode, add_solver_args in (("ODE", add_ode_args), ("SDE", add_sde_args)):
@@ -238,7 +244,7 @@ def build_parser(defaults: dict | None = None, prog: str | None = None) -> argpa
         sub._option_string_actions["--sample-eps"].default = None  # resolve_args: given or not, then the default
         sub._option_string_actions["--sample-eps"].help += f" (default: {SAMPLE_EPS_DEFAULT:g})"
         add_solver_args(sub)
-        if defaults["num_fid_samples"] is not None:  # sample_ddp.py: its help shows the FID job's flags alone
+        if fid_only:  # sample_ddp.py: its help shows the FID job's flags alone
             for action in sub._actions:
                 if action.dest in NOT_FID_FLAGS:
                     action.help = argparse.SUPPRESS
@@ -247,6 +253,7 @@ def build_parser(defaults: dict | None = None, prog: str | None = None) -> argpa
             sub._option_string_actions["--out"].help = ("the .npz of the samples (default: beside the run's "
                                                         "folder, SAMPLE_DIR/<run folder>.npz)")
             sub._option_string_actions["--batch-size"].help = "images per process per batch (default: 32)"
+            sub._option_string_actions["--num-fid-samples"].help = "write this many numbered PNGs and one .npz"
     return parser
 
 

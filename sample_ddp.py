@@ -8,7 +8,9 @@ upstream's, numbered PNGs in a folder under --sample-dir named by the settings (
 samples/SiT-XL-2-pretrained-cfg-1.5-32-ODE-250-dopri5/), resumable, and beside it one .npz of
 exactly --num-fid-samples images in ADM's format. Upstream's defaults but one: the per-process
 batch is 32, not 4 (the 32 is in the folder name; --per-proc-batch-size 4 gives upstream's).
-Every flag of sample.py is accepted; see `python sample.py ODE --help` and the docstring of sample.py.
+Every flag of sample.py's FID job is accepted (`python sample_ddp.py ODE --help` lists them; not
+--likelihood, --reverse, --data, --dataset, --exact-divergence or --class-labels); see the docstring
+of sample.py.
 """
 from sample import SAMPLE_DDP_DEFAULTS, main
 

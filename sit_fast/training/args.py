@@ -66,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="start from these weights (upstream release file, train.py checkpoint or "
                             ".safetensors; EMA weights preferred; learn_sigma as in them) at step 0; use --resume "
                             "to continue a run. The release by name, SiT-XL-2-256x256.pt, is taken from "
-                            "./pretrained_models or downloaded, as upstream")
+                            "./pretrained_models, else $SIT_FAST_CACHE (~/.cache/sit_fast), else downloaded there")
     model.add_argument("--use-raw", action="store_true",
                        help="with --ckpt, a train.py checkpoint's raw weights instead of its EMA weights")
 
@@ -93,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     optim.add_argument("--skip-nonfinite", action=argparse.BooleanOptionalAction, default=False,
                        help="skip steps whose gradients are not finite and count them, instead of stopping "
                             "(on CUDA on the device, by fused AdamW; on the CPU one host read per step); the run "
-                            "stops once 100 steps in a row were skipped")
+                            "stops at the log line that ends 100 or more skipped steps in a row (whole "
+                            "--log-every windows of skipped steps)")
 
     run = parser.add_argument_group("Logging, sampling and checkpoints")
     run.add_argument("--results-dir", type=nonempty, default="results", help="parent of the experiment directories")
