@@ -4541,9 +4541,10 @@ def test_every_step_skipped_logs_no_loss(tmp_path, monkeypatch):
     assert summary["nonfinite_skipped"] == 3 and np.isnan(summary["loss"])
 
 
-@pytest.mark.parametrize("seed", [10**12, -(10**20)])
+@pytest.mark.parametrize("seed", [10**12, 2**63 - 1, -(2**63 - 1)])
 def test_any_integer_global_seed_trains_and_samples(tmp_path, seed):
-    """Seeds past 64 bits, or that become so in the data loader's seed, train as the others do."""
+    """Seeds at the ends of their range, which go past 64 bits in the seeds derived from them (the
+    data loader's, the ranks'), train as the others do."""
     exp = tmp_path / "run"
     summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--global-batch-size", "16",
                                  "--global-seed", str(seed), "--sample-every", "1", "--sample-steps", "1",
