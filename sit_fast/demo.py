@@ -23,8 +23,11 @@ import time
 import torch
 
 from sit_fast.errors import UserError, cli_entry
+from sit_fast.files import make_folder
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# What a training run writes into its folder: the demo starts afresh over a folder holding these alone
+RUN_ENTRIES = {"log.txt", "experiment.json", "checkpoints", "samples", "tensorboard", ".lock"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,10 +35,13 @@ def build_parser() -> argparse.ArgumentParser:
         OneLineArgumentParser, finite_float, fraction, nonempty, positive_float, positive_int, random_seed,
     )
 
+    from sit_fast.models import SiT_models
+
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=nonempty, default="demo_out",
                         help="output directory (its training run is started afresh)")
-    parser.add_argument("--model", default="SiT-T/4", help="model of the registry (8x8 images: /1, /2, /4 or /8)")
+    parser.add_argument("--model", default="SiT-T/4", choices=list(SiT_models), metavar="MODEL",
+                        help="model of the registry (8x8 images: /1, /2, /4 or /8)")
     parser.add_argument("--steps", type=positive_int, default=600, help="training steps")
     parser.add_argument("--global-batch-size", type=positive_int, default=256, help="batch size summed over processes")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
@@ -76,7 +82,9 @@ def train(args: argparse.Namespace, exp_dir: str) -> None:
     with tempfile.TemporaryDirectory(prefix="sit_fast_demo_torchrun_") as log_dir:
         result = subprocess.run(command[:3] + ["--log-dir", log_dir] + command[3:], env=env)
     if result.returncode != 0:
-        raise UserError(f"training failed with exit status {result.returncode} (see the log above and {exp_dir}/log.txt)")
+        log = os.path.join(exp_dir, "log.txt")
+        raise UserError(f"training failed with exit status {result.returncode} (see the log above"
+                        f"{' and ' + log if os.path.isfile(log) else ''})")
 
 
 def digit_classifier():
@@ -144,18 +152,36 @@ def evaluate(args: argparse.Namespace, checkpoint: str) -> dict:
     return results
 
 
+def clear_previous_run(exp_dir: str) -> None:
+    """Remove OUT/train, the demo's training run of an earlier call, so that training starts afresh;
+    refuse where it holds anything a training run does not write (--out pointed at a dataset, say)."""
+    if os.path.islink(exp_dir) or (os.path.exists(exp_dir) and not os.path.isdir(exp_dir)):
+        raise UserError(f"--out: {exp_dir}, where the demo trains, is a {'link' if os.path.islink(exp_dir) else 'file'}"
+                        f": pass another --out, or remove it")
+    if not os.path.isdir(exp_dir):
+        return
+    foreign = sorted(set(os.listdir(exp_dir)) - RUN_ENTRIES)
+    if foreign:
+        listed = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise UserError(f"--out: {exp_dir}, where the demo trains afresh, holds what no training run writes ({listed})"
+                        f": pass another --out (the demo removes its earlier run there, and would remove these)")
+    shutil.rmtree(exp_dir)
+
+
 @cli_entry
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     if args.num_samples % 10:
         raise UserError(f"--num-samples {args.num_samples}: give a multiple of 10 (as many digits of each class), "
                         f"e.g. {max(10, args.num_samples // 10 * 10)}")
+    if args.sde_steps < 2:
+        raise UserError(f"--sde-steps {args.sde_steps}: give 2 or more (the SDE sampler's count includes its last, "
+                        f"noise-free step)")
     started = time.perf_counter()
     exp_dir = os.path.join(args.out, "train")
     if not args.skip_training:
-        if os.path.isdir(exp_dir):
-            shutil.rmtree(exp_dir)
-        os.makedirs(args.out, exist_ok=True)
+        make_folder(args.out, "--out")
+        clear_previous_run(exp_dir)
         train(args, exp_dir)
     trained = time.perf_counter()
     from sit_fast.training.checkpointing import list_checkpoints

@@ -3820,6 +3820,8 @@ def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, c
 
     def run(command, env):
         runs.append((command, env))
+        (out / "train").mkdir()
+        (out / "train" / "log.txt").write_text("the run's log\n")
         return subprocess.CompletedProcess(command, 3)
 
     monkeypatch.setattr(demo.subprocess, "run", run)
@@ -3844,6 +3846,50 @@ def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, c
         "--sample-every": "7", "--cfg-scale": "1.5", "--fused-kernels": "off", "--exp-dir": exp_dir}
     assert "TRITON_INTERPRET" not in env
     assert env["OMP_NUM_THREADS"] == "4"  # the CPUs shared by the 2 processes
+
+
+def test_demo_removes_only_an_earlier_training_run_and_checks_its_flags_first(tmp_path, monkeypatch, capsys):
+    """OUT/train is removed only where it holds what a training run writes: --out pointed at a dataset
+    (OUT/train/<class>/...) or a link there is refused, not deleted; an unknown --model and an SDE of
+    one step are refused before anything is touched or trained; a run that failed before writing its
+    log is not sent to a log.txt that is not there."""
+    from sit_fast import demo
+
+    runs = []
+
+    def run(command, env):
+        runs.append(command)
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(demo.subprocess, "run", run)
+
+    def error(argv):
+        with pytest.raises(SystemExit) as exit_info:
+            demo.main(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err.strip().splitlines()[-1]
+
+    dataset = tmp_path / "imagenet"
+    (dataset / "train" / "n01440764").mkdir(parents=True)
+    (dataset / "train" / "n01440764" / "a.JPEG").write_bytes(b"an image")
+    assert error(["--out", str(dataset)]) == (
+        f"error: --out: {dataset / 'train'}, where the demo trains afresh, holds what no training run writes "
+        "(n01440764): pass another --out (the demo removes its earlier run there, and would remove these)")
+    linked = tmp_path / "linked"
+    linked.mkdir()
+    (linked / "train").symlink_to(dataset / "train")
+    assert error(["--out", str(linked)]).startswith(f"error: --out: {linked / 'train'}, where the demo trains, is a "
+                                                    "link")
+    assert error(["--out", str(dataset), "--model", "SiT-Q/2"]).startswith("error: argument --model: invalid choice")
+    assert error(["--out", str(dataset), "--sde-steps", "1"]) == (
+        "error: --sde-steps 1: give 2 or more (the SDE sampler's count includes its last, noise-free step)")
+    assert (dataset / "train" / "n01440764" / "a.JPEG").exists() and not runs
+    run_dir = tmp_path / "out" / "train"
+    for entry in ("checkpoints", "samples"):
+        (run_dir / entry).mkdir(parents=True)
+    (run_dir / "log.txt").write_text("an earlier demo's\n")
+    assert error(["--out", str(tmp_path / "out")]) == "error: training failed with exit status 1 (see the log above)"
+    assert len(runs) == 1 and not run_dir.exists()
 
 
 def test_demo_on_gpus_trains_one_process_per_gpu_up_to_two(tmp_path, monkeypatch):
