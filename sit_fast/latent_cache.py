@@ -12,7 +12,8 @@ sample each time, as upstream's `latent_dist.sample()` does. Layout of DIR:
                          "image_size", "num_images", "num_classes", "classes", "dtype", "data_path",
                          "shards": [{"file", "start", "count"}, ...]}
     settings.json       {"image_size", "vae", "vae_precision", "dtype", "shard_size", "num_images",
-                         "num_classes", "dataset_sha256"}: written first, checked on every resume
+                         "num_classes", "dataset_sha256", "holds": "latents"}: written first, checked on
+                        every resume
     shard-00000.pt      {"mean": (n, 2, C, h, w), "std": (n, 2, C, h, w), "labels": (n,) int64}
                         axis 1: 0 = as is, 1 = mirrored; read with torch.load(weights_only=True, mmap=True)
 
@@ -39,8 +40,12 @@ from sit_fast.data import (
 )
 from sit_fast.distributed import (agree, barrier, broadcast_object, check_shared_path, cleanup, init_distributed,
                                   is_distributed, on_main, peer_ended, peer_failed)
-from sit_fast.errors import UserError, cli_entry, log_warnings_on_stderr
-from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, unfinished_writes
+from sit_fast.errors import (
+    UserError, allocation_past_device, cli_entry, is_out_of_memory, log_warnings_on_stderr, memory_kind,
+)
+from sit_fast.files import (
+    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes,
+)
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
 )
@@ -83,7 +88,8 @@ def dataset_fingerprint(dataset: ImageFolderDataset, root: str) -> str:
     the folder now lives."""
     digest = hashlib.sha256()
     for path, label in dataset.samples:
-        digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode())
+        # surrogateescape: a name that is not UTF-8 (an archive unpacked from another system) as its bytes
+        digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 
@@ -97,6 +103,31 @@ def write_refused(what: str, err: OSError) -> UserError:
     """The one line for a write the filesystem refused (full, read-only, ...): shards are whole or absent."""
     return UserError(f"cannot write {what} ({err.strerror}): the shards written are kept: make room (or make the "
                      f"folder writable) and run the same command again to encode the rest")
+
+
+def check_out_folder(args: argparse.Namespace) -> None:
+    """--out is a folder that can be written, outside --data-path (inside, the next run would scan the
+    cache as one more class folder of the dataset, and refuse the cache as made from other files)."""
+    out, data = os.path.realpath(args.out), os.path.realpath(args.data_path)
+    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+        raise UserError(f"--out {args.out} is inside --data-path {args.data_path}: put the cache elsewhere (in the "
+                        f"dataset's folder it would be read as images of a class the next time)")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UserError(f"--out {args.out} is a file: pass a folder")
+    make_writable_folder(args.out, f"--out {args.out}")
+
+
+def out_of_memory_advice(args: argparse.Namespace, error: BaseException) -> str:
+    """What ran out of memory encoding, and the flags that make it fit; the shards written are kept."""
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    message = allocation_past_device(error, device, f"--image-size {args.image_size}, --batch-size {args.batch_size}")
+    if message is not None:
+        return message
+    where = (f"out of {memory_kind(error)} on {device} encoding batches of {args.batch_size} image(s) (x 2 flips) at "
+             f"--image-size {args.image_size}")
+    if args.batch_size == 1:
+        return f"{where}: the VAE does not fit this device at that size"
+    return f"{where}: run the same command with --batch-size {args.batch_size // 2} (the shards written are kept)"
 
 
 def build_cache(args: argparse.Namespace) -> dict | None:
@@ -117,6 +148,7 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     if args.vae is None or args.vae == "none":  # before the dataset's scan, which may take minutes
         raise UserError("a latent cache holds VAE latents: pass --vae ema, mse, a hub id or a local diffusers "
                         "AutoencoderKL folder (to train in pixel space, --vae none in train.py, no cache is needed)")
+    on_main(lambda: check_out_folder(args), dist_info)  # before the scan and the VAE's load
     dataset = ImageFolderDataset(args.data_path, args.image_size)
     check_image_size(args.image_size, args.vae)
     vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
@@ -259,8 +291,10 @@ def main(argv: list[str] | None = None) -> dict | None:
             if err.errno not in WRITE_REFUSED:
                 raise
             raise write_refused(err.filename or f"in {args.out}", err) from None
-        except RuntimeError as err:  # gloo's word at a collective that a process (failed in its setup, say) ended
-            if not (is_distributed() and peer_ended(err)):
+        except (RuntimeError, MemoryError) as err:  # out of memory, or gloo's word at a collective that a
+            if is_out_of_memory(err):  # process (failed in its setup, say) ended
+                raise UserError(out_of_memory_advice(args, err)) from None
+            if not (isinstance(err, RuntimeError) and is_distributed() and peer_ended(err)):
                 raise
             raise peer_failed(err) from None
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done

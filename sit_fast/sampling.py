@@ -584,6 +584,17 @@ def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
     return "; ".join(differ[:most]) + (" ..." if len(differ) > most else "")
 
 
+def is_foreign_record(recorded: dict, settings: dict, holds: str) -> bool:
+    """Whether a settings record is another kind of folder's (an FID folder's given as a latent cache's
+    --out, say), not an earlier record of this kind (an FID run stopped before its first image, then
+    started with the other sampler, whose flags differ in part). Records say what they are for since
+    "holds" was added; an older one is another kind's when most of its keys are not this kind's."""
+    if isinstance(recorded.get("holds"), str):
+        return recorded["holds"] != holds
+    extra = set(recorded) - set(settings) - RECORDED_LATER
+    return bool(extra) and len(extra) >= len(set(recorded) & set(settings))
+
+
 def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir",
                    outputs: str = r"\d{6}\.png", lock: FolderLock | None = None) -> None:
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
@@ -599,6 +610,19 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
     if lock is not None:
         lock.acquire()
     present = [n for n in os.listdir(sample_dir) if re.fullmatch(outputs, n)]
+    if os.path.isdir(path):
+        raise UserError(f"{path} is a folder, where the settings of the {holds} in {sample_dir} are recorded: move "
+                        f"it, or pass another {flag}")
+    if os.path.isfile(path) and not present:  # nothing of ours yet: the record is replaced, if it is ours
+        try:
+            with open(path, encoding="utf-8") as f:
+                recorded = json.load(f)
+        except (OSError, ValueError):
+            recorded = None
+        if isinstance(recorded, dict) and is_foreign_record(recorded, settings, holds):
+            extra = sorted(set(recorded) - set(settings) - {"holds"})
+            raise UserError(f"{path} records the settings of something else ({', '.join(extra[:3])}"
+                            f"{', ...' if len(extra) > 3 else ''}), not of {holds}: pass another {flag}")
     if os.path.isfile(path) and present:
         try:
             with open(path, encoding="utf-8") as f:
@@ -614,17 +638,18 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
             raise UserError(f"{sample_dir} holds {holds} made with other settings ({differ}): pass another {flag}, "
                             f"or delete it to start over")
         if not RECORDED_LATER & settings.keys() <= recorded.keys():  # a record from before they were kept
-            record_settings(path, settings)
+            record_settings(path, settings, holds)
         return
     if present:
         count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
         raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "
                         f"unknown: pass another {flag}, or delete them to start over")
-    record_settings(path, settings)
+    record_settings(path, settings, holds)
 
 
-def record_settings(path: str, settings: dict) -> None:
-    text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+def record_settings(path: str, settings: dict, holds: str) -> None:
+    """settings.json: the settings, and what the folder holds (compared with the settings: not one)."""
+    text = json.dumps({**settings, "holds": holds}, indent=1, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

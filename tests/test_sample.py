@@ -2415,7 +2415,32 @@ def test_a_folder_whose_run_stopped_before_its_first_output_takes_the_new_settin
     folder = tmp_path / "samples"
     check_settings(str(folder), {"seed": 0, "cfg_scale": 4.0})
     check_settings(str(folder), {"seed": 1, "cfg_scale": 4.0})
-    assert json.loads((folder / "settings.json").read_text()) == {"seed": 1, "cfg_scale": 4.0}
+    assert json.loads((folder / "settings.json").read_text()) == {"seed": 1, "cfg_scale": 4.0, "holds": "samples"}
+
+
+def test_a_folder_holding_another_kinds_record_is_refused_not_taken_over(tmp_path):
+    """A settings.json of another kind of folder (an FID folder given as a latent cache's --out, its
+    images not there yet) is refused, where it was replaced; one written before records said what they
+    are for is told by its keys; a folder in place of settings.json is one line."""
+    from sit_fast.errors import UserError
+    from sit_fast.sampling import check_settings
+
+    fid, cache = {"seed": 0, "cfg_scale": 1.5, "num_sampling_steps": 250, "vae": "ema"}, {"vae": "ema", "dtype": "f"}
+    folder = tmp_path / "samples"
+    check_settings(str(folder), fid)
+    with pytest.raises(UserError) as info:
+        check_settings(str(folder), cache, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt")
+    assert str(info.value) == (f"{folder / 'settings.json'} records the settings of something else (cfg_scale, "
+                               f"num_sampling_steps, seed), not of latents: pass another --out")
+    older = dict(fid)  # no "holds": most of its keys are not the cache's
+    (folder / "settings.json").write_text(json.dumps(older))
+    with pytest.raises(UserError, match="records the settings of something else"):
+        check_settings(str(folder), cache, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt")
+    check_settings(str(folder), {**fid, "atol": 1e-6})  # the same kind's, with a flag of the other sampler
+    (tmp_path / "odd" / "settings.json").mkdir(parents=True)
+    with pytest.raises(UserError, match=r"settings.json is a folder, where the settings of the samples in .* are "
+                                        r"recorded: move it, or pass another --sample-dir"):
+        check_settings(str(tmp_path / "odd"), fid)
 
 
 def test_outputs_without_a_settings_record_are_counted_naming_the_first(tmp_path):

@@ -8,6 +8,7 @@ kernels compiled, fused AdamW), so that its CUDA paths are run when one is at ha
 import contextlib
 import datetime
 import errno
+import hashlib
 import importlib
 import json
 import logging
@@ -3269,6 +3270,87 @@ def test_latent_cache_without_a_vae_is_refused_before_the_data_is_read(tmp_path,
     assert capsys.readouterr().err == ("error: a latent cache holds VAE latents: pass --vae ema, mse, a hub id or a "
                                        "local diffusers AutoencoderKL folder (to train in pixel space, --vae none in "
                                        "train.py, no cache is needed)\n")
+
+
+def test_latent_cache_refuses_an_out_inside_the_data_or_a_file_before_the_data_is_read(tmp_path, capsys,
+                                                                                       monkeypatch):
+    """--out inside --data-path would be scanned as a class folder of the dataset the next time (and
+    the cache refused as made from other files): refused, as a file as --out is, before the dataset's
+    scan and the VAE's load."""
+    from sit_fast import latent_cache
+
+    def scanned(*args, **kwargs):
+        raise AssertionError("the dataset was scanned")
+
+    monkeypatch.setattr(latent_cache, "ImageFolderDataset", scanned)
+    images = tmp_path / "images"
+    images.mkdir()
+    (tmp_path / "a_file").write_text("")
+    for out, line in ((images / "cache", f"--out {images / 'cache'} is inside --data-path {images}: put the cache "
+                                         f"elsewhere (in the dataset's folder it would be read as images of a class "
+                                         f"the next time)"),
+                      (images, f"--out {images} is inside --data-path {images}: put"),
+                      (tmp_path / "a_file", f"--out {tmp_path / 'a_file'} is a file: pass a folder")):
+        with pytest.raises(SystemExit) as exit_info:
+            cli_entry(latent_cache.main)(["--data-path", str(images), "--out", str(out), "--vae", "ema"])
+        assert exit_info.value.code == 2
+        assert capsys.readouterr().err.startswith(f"error: {line}")
+    assert not (images / "cache").exists()
+
+
+def test_latent_cache_reads_file_names_that_are_not_utf8(tmp_path):
+    """An archive unpacked from another system can hold names that are not UTF-8: the file list's
+    fingerprint takes their bytes (a valid name's fingerprint is unchanged)."""
+    from sit_fast.data import ImageFolderDataset
+    from sit_fast.latent_cache import dataset_fingerprint
+
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=1)
+    before = dataset_fingerprint(ImageFolderDataset(images, 16), images)
+    expected = hashlib.sha256(f"{os.path.join('class0', '0.png')}\t0\n".encode()).hexdigest()
+    assert before == expected
+    os.rename(os.path.join(images, "class0", "0.png"), os.path.join(images, "class0", b"\xff\xfe.png".decode(
+        "utf-8", "surrogateescape")))
+    odd = dataset_fingerprint(ImageFolderDataset(images, 16), images)
+    assert odd == hashlib.sha256(os.path.join(b"class0", b"\xff\xfe.png") + b"\t0\n").hexdigest()
+
+
+def test_latent_cache_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, capsys, monkeypatch):
+    """Running out of memory encoding keeps the shards written and names the smaller batch to run
+    with; an allocation past the whole device names the size flags."""
+    from sit_fast import latent_cache
+    from sit_fast.vae import LatentCodec as VAECodec
+    from tests.test_vae import save_tiny_vae
+
+    images, vae_dir, out = make_image_folder(tmp_path / "images"), str(tmp_path / "vae"), str(tmp_path / "cache")
+    save_tiny_vae(vae_dir)
+    calls = []
+    encode = VAECodec.encode
+
+    def short_of_memory(self, x):
+        calls.append(len(x))
+        if len(calls) > 2:  # the first shard's two batches are written
+            raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1024 bytes.")
+        return encode(self, x)
+
+    monkeypatch.setattr(VAECodec, "encode", short_of_memory)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out, "--shard-size", "4"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: out of memory on cpu encoding batches of 2 image(s) (x 2 flips) at --image-size 16: run the same "
+        "command with --batch-size 1 (the shards written are kept)")
+    assert sorted(name for name in os.listdir(out) if name.startswith("shard")) == ["shard-00000.pt"]
+    monkeypatch.setattr(VAECodec, "encode", lambda self, x: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out, "--shard-size", "4", "--batch-size", "1"))
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "at --image-size 16: the VAE does not fit this device at that size")
+    past = RuntimeError(f"DefaultCPUAllocator: can't allocate memory: you tried to allocate {2**60} bytes.")
+    monkeypatch.setattr(VAECodec, "encode", lambda self, x: (_ for _ in ()).throw(past))
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out, "--shard-size", "4"))
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "a size given is far too large (check --image-size 16, --batch-size 2)")
 
 
 def test_resuming_with_a_latent_cache_of_another_image_size_is_refused_in_one_line(tmp_path, capsys):
