@@ -121,6 +121,24 @@ def nonempty(value: str) -> str:
     return value
 
 
+def torch_device(value: str) -> str:
+    """cpu, cuda or cuda:N, of a device this machine has."""
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {value!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu, cuda or cuda:N, got {value!r}")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{value}: this machine has no CUDA device PyTorch can use (cpu runs here)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise argparse.ArgumentTypeError(f"{value}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    return value
+
+
 def random_seed(value: str) -> int:
     """A seed: an integer of at most 63 bits and a sign, so that no two seeds give one generator state
     (torch takes seeds modulo 2**64: 2**64 would be seed 0)."""

@@ -226,7 +226,7 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
 
 
 def main(argv=None) -> int:
-    from sit_fast.argtypes import OneLineArgumentParser, positive_int, random_seed
+    from sit_fast.argtypes import OneLineArgumentParser, positive_int, random_seed, torch_device
     from sit_fast.errors import UserError
     from sit_fast.attention import ATTN_BACKENDS, select_backend
     from sit_fast.models import SiT_models, fused_kernels_flag, model_config
@@ -242,7 +242,8 @@ def main(argv=None) -> int:
                         help="candidate attention backend")
     parser.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto", help="candidate fused kernels")
     parser.add_argument("--compile", action="store_true", help="compile the candidate's blocks")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="device")
+    parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="device")
     parser.add_argument("--seed", type=random_seed, default=None,
                         help="seed of the weights and inputs (random when omitted)")
     args = parser.parse_args(argv)

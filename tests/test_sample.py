@@ -930,6 +930,28 @@ def test_argument_types_take_the_ends_of_their_ranges_and_none_in_any_case():
     assert [unset(value) for value in ("none", "None", "NONE", "3")] == [None, None, None, 3]
 
 
+def test_a_device_flag_takes_the_devices_this_machine_has(capsys):
+    """cpu, cuda and cuda:N of a GPU that is there; any other name, or a GPU that is not, in one line
+    (python -m sit_fast.parity --device gpu was a traceback)."""
+    from sit_fast import argtypes, parity
+    from sit_fast.errors import cli_entry
+
+    assert argtypes.torch_device("cpu") == "cpu"
+    for value in ("gpu", "mps", "cuda:x"):
+        with pytest.raises(argparse.ArgumentTypeError, match=rf"^must be cpu, cuda or cuda:N, got '{value}'$"):
+            argtypes.torch_device(value)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    absent = f"cuda:{count}" if count else "cuda"
+    with pytest.raises(argparse.ArgumentTypeError, match=rf"^{absent}: this machine has "):
+        argtypes.torch_device(absent)
+    if count:
+        assert argtypes.torch_device(f"cuda:{count - 1}") == f"cuda:{count - 1}"
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(parity.main)(["--device", "gpu"])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys).startswith("error: argument --device: must be cpu, cuda or cuda:N, got 'gpu'")
+
+
 def test_default_workers_are_four_or_the_usable_cpus_if_fewer(monkeypatch):
     from sit_fast.argtypes import default_workers
 
