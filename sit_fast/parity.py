@@ -13,6 +13,7 @@ import copy
 import dataclasses
 import functools
 import math
+import os
 
 import torch
 import torch.nn.functional as F
@@ -254,8 +255,10 @@ def main(argv=None) -> int:
 
     fused, _ = fused_kernels_flag(args.fused_kernels, torch.device(args.device), auto_on_cpu=True)
     common = dict(input_size=args.image_size // 8, num_classes=args.num_classes)
-    if args.seed is not None:
-        torch.manual_seed(args.seed)  # the initial weights
+    if args.seed is None:  # drawn, and said, so that a failing comparison can be run again
+        args.seed = int.from_bytes(os.urandom(4), "little")
+        print(f"seed {args.seed} (--seed {args.seed} compares the same weights and inputs again)", flush=True)
+    torch.manual_seed(args.seed)  # the initial weights
     reference = randomize_zero_init_(SiT_models[args.model](**common), seed=args.seed)
     try:  # a backend that cannot run here: one line saying why
         candidate = SiT_models[args.model](attn_backend=args.attn_backend, fused_kernels=fused, **common)

@@ -765,6 +765,8 @@ def test_parity_cli_refuses_what_cannot_run_in_one_line(argv, message):
 
 def test_parity_cli_seed_fixes_the_figures(capsys):
     """--seed fixes the weights as well as the inputs: the same report twice; another seed, another."""
+    import re
+
     from sit_fast.parity import main
 
     reports = []
@@ -773,6 +775,14 @@ def test_parity_cli_seed_fixes_the_figures(capsys):
                      "--attn-backend", "sdpa", "--fused-kernels", "off", "--device", "cpu", "--seed", str(seed)]) == 0
         reports.append(capsys.readouterr().out)
     assert reports[0] == reports[1] != reports[2]
+    # without --seed, one is drawn and said: given, it gives the same report again
+    argv = ["--model", "SiT-T/4", "--image-size", "64", "--num-classes", "10", "--batch-size", "2",
+            "--attn-backend", "sdpa", "--fused-kernels", "off", "--device", "cpu"]
+    assert main(argv) == 0
+    said, drawn = capsys.readouterr().out.split("\n", 1)
+    seed = re.fullmatch(r"seed (\d+) \(--seed \1 compares the same weights and inputs again\)", said).group(1)
+    assert main(argv + ["--seed", seed]) == 0
+    assert capsys.readouterr().out == drawn
 
 
 def test_a_nan_gradient_anywhere_fails_the_parity_report():
