@@ -184,6 +184,19 @@ def main(argv: list[str] | None = None) -> dict:
     if args.out is None and (args.dtype is not None or args.force):
         raise UserError(f"{'--dtype' if args.dtype is not None else '--force'} applies to the file that --out writes: "
                         f"pass --out PATH")
+    from sit_fast.files import first_missing_folder, remove_empty_folders
+
+    folder = os.path.dirname(os.path.abspath(args.out)) if args.out is not None else None
+    made = first_missing_folder(folder) if folder is not None else None  # the outermost folder made for --out
+    try:
+        return export(args, asked)
+    except BaseException:  # a checkpoint that cannot be read, say: the folders made for --out are not left
+        if made is not None:
+            remove_empty_folders(folder, made)
+        raise
+
+
+def export(args: argparse.Namespace, asked: bool) -> dict:
     if args.out is not None:  # before reading a checkpoint of gigabytes
         check_out(args.ckpt, args.out, args.force)
     from sit_fast.sampling import release_or_path

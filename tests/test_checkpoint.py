@@ -493,6 +493,18 @@ def test_export_refuses_bad_outputs_in_one_line(tmp_path, capsys, out, message):
     assert (tmp_path / "old.pt").read_bytes() == b"kept" and ckpt.stat().st_size > 1000
 
 
+def test_export_that_cannot_read_its_checkpoint_leaves_no_folder_made_for_out(tmp_path, capsys):
+    from sit_fast import export
+
+    (tmp_path / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n not a checkpoint")
+    (tmp_path / "kept").mkdir()
+    for out in (tmp_path / "new" / "sub" / "w.pt", tmp_path / "kept" / "sub" / "w.pt"):
+        with pytest.raises(SystemExit) as exit_info:
+            export.main([str(tmp_path / "image.png"), "--out", str(out)])
+        assert exit_info.value.code == 2 and capsys.readouterr().err.startswith("error: cannot read ")
+    assert sorted(os.listdir(tmp_path)) == ["image.png", "kept"] and not os.listdir(tmp_path / "kept")
+
+
 def test_export_force_replaces_and_options_without_out_are_refused(tmp_path, capsys):
     from sit_fast import export
 
