@@ -203,8 +203,31 @@ def safe_torch_load(path: str) -> object:
             reason = reason.group(1).strip()
         elif "TorchScript archive" in text:
             reason = "a TorchScript archive (torch.jit.save), not a state_dict"
+        kind = file_kind(path)
+        if kind is not None:
+            raise CheckpointError(f"cannot read {path}: it is {kind}, not a checkpoint") from None
         raise CheckpointError(f"cannot read {path}: {reason or first_line(err)} "
                               f"(corrupt, truncated, or not a checkpoint written by torch.save or safetensors?)") from None
+
+
+# The first bytes of files that are given for a checkpoint by mistake (an image, an archive, a text file)
+MAGIC = ((b"\x89PNG", "a PNG image"), (b"\xff\xd8\xff", "a JPEG image"), (b"GIF8", "a GIF image"),
+         (b"\x1f\x8b", "a gzip file (unpack it first?)"), (b"BZh", "a bzip2 file (unpack it first?)"),
+         (b"\xfd7zXZ", "an xz file (unpack it first?)"), (b"\x93NUMPY", "a NumPy .npy array"),
+         (b"\x89HDF", "an HDF5 file (Keras or h5py?)"), (b"{", "a JSON or text file"), (b"<", "an HTML or XML file"))
+
+
+def file_kind(path: str) -> str | None:
+    """What a file that is no checkpoint is, by its first bytes, where they say (else None)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(9)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return None
+    if len(head) == 9 and head[8:] == b"{" and int.from_bytes(head[:8], "little") < size:  # its header's length
+        return "a safetensors file under another extension (name it .safetensors)"
+    return next((kind for magic, kind in MAGIC if head.startswith(magic)), None)
 
 
 def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:

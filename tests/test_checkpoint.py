@@ -643,7 +643,8 @@ def test_unreadable_pickles_get_the_reason_not_torchs_advice(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "jit.pt"))
-    for name, needle in [("st.pt", r"Unsupported operand"), ("jit.pt", r"a TorchScript archive")]:
+    for name, needle in [("st.pt", r"it is a safetensors file under another extension \(name it .safetensors\)"),
+                         ("jit.pt", r"a TorchScript archive")]:
         with pytest.raises(CheckpointError, match=rf"cannot read .*{name}: {needle}") as err:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # torch.load's note on TorchScript archives
@@ -780,6 +781,22 @@ def test_a_checkpoint_cut_short_is_named_as_such(tmp_path):
         read_checkpoint(cut)
     assert str(info.value) == (f"cannot read {cut}: a zip archive (torch.save's format) without the index at its "
                                f"end: truncated or damaged; copy or save it again")
+
+
+@pytest.mark.parametrize("head,kind", [(b"\x89PNG\r\n\x1a\n", "a PNG image"), (b"\xff\xd8\xff\xe0", "a JPEG image"),
+                                       (b"<!DOCTYPE html>", "an HTML or XML file"),
+                                       (b'{"model": 1}', "a JSON or text file")])
+def test_a_file_of_another_kind_is_named_as_what_it_is(tmp_path, head, kind):
+    """An image, a web page saved in place of a download, a config file given as --ckpt: named by
+    their first bytes, not torch's word for a pickle it cannot read."""
+    path = tmp_path / "weights.pt"
+    path.write_bytes(head + b"\x00" * 64)
+    with pytest.raises(CheckpointError) as info:
+        read_checkpoint(path)
+    assert str(info.value) == f"cannot read {path}: it is {kind}, not a checkpoint"
+    path.write_bytes(b"\x80\x02junk" + b"\x00" * 64)  # a damaged pickle: torch's reason, as before
+    with pytest.raises(CheckpointError, match=r"\(corrupt, truncated, or not a checkpoint written by torch.save"):
+        read_checkpoint(path)
 
 
 def test_a_long_library_message_is_cut_at_a_sentence_or_a_word():
