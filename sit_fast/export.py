@@ -32,14 +32,18 @@ EXTENSIONS = (".pt", ".pth", ".safetensors")
 
 def describe(path: str, weights: str = "ema", loaded: tuple[dict, dict] | None = None) -> dict:
     """What `path` holds: {"format", "weights", "step", "model", "config", "model_config", "transport",
-    "parameters", "dtypes", "bytes"} (model: the registry name, None for an architecture outside it;
-    transport: the training run's transport flags, None where the file records none).
+    "parameters", "dtypes", "bytes", "not_finite"} (model: the registry name, None for an architecture
+    outside it; transport: the training run's transport flags, None where the file records none;
+    not_finite: the names of the tensors holding NaN or inf).
     loaded: read_checkpoint(path, prefer=weights)'s result when the caller has it already."""
     from sit_fast.models import registry_name
 
     state_dict, info = loaded or read_checkpoint(path, prefer=weights)
     config = infer_config(state_dict)
+    floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
+    finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist() if floats else []
     return {
+        "not_finite": [k for k, ok in zip(floats, finite) if not ok],  # a diverged run's weights
         "format": info["format"], "weights": info["weights"], "step": info["step"],
         "model": registry_name(config["depth"], config["hidden_size"], config["patch_size"]),
         "config": config, "model_config": recorded_model_config(path),
@@ -139,6 +143,10 @@ def summary(path: str, found: dict) -> str:
         f"  latents    {space or 'not recorded (sample with --vae as trained)'}",
         f"  transport  {transport_words(found['transport'])}",
     ]
+    if found["not_finite"]:
+        bad = found["not_finite"]
+        lines.append(f"  warning    {len(bad)} tensor(s) hold NaN or inf, e.g. {bad[0]}, as a diverged run saves them: "
+                     f"its samples would be NaN (sample.py refuses them)")
     return "\n".join(lines)
 
 

@@ -1,6 +1,7 @@
 """Loading upstream and our own checkpoints: strict, safe, and with errors that say what to do."""
 import argparse
 import logging
+import math
 import os
 
 import pytest
@@ -619,6 +620,15 @@ def test_export_describes_what_the_file_holds_and_notes_only_a_transport_other_t
     found = export.describe(str(tmp_path / "plain.pt"))
     assert found["transport"] is None and found["bytes"] == os.path.getsize(tmp_path / "plain.pt")
     assert "plain.pt: pickle file, " + f"{found['bytes'] / 2**20:,.1f} MiB" in export.summary("plain.pt", found)
+    assert found["not_finite"] == [] and "warning" not in export.summary("plain.pt", found)
+    diverged = dict(weights, **{"y_embedder.embedding_table.weight": torch.full_like(
+        weights["y_embedder.embedding_table.weight"], math.nan)})
+    torch.save(diverged, tmp_path / "nan.pt")
+    found = export.describe(str(tmp_path / "nan.pt"))
+    assert found["not_finite"] == ["y_embedder.embedding_table.weight"]
+    assert export.summary("nan.pt", found).endswith(
+        "\n  warning    1 tensor(s) hold NaN or inf, e.g. y_embedder.embedding_table.weight, as a diverged run saves "
+        "them: its samples would be NaN (sample.py refuses them)")
     torch.save({"model": weights, "ema": weights, "step": 3,
                 "args": {"path_type": "Linear", "prediction": "velocity", "model": "SiT-T/2"}}, tmp_path / "linear.pt")
     export.main([str(tmp_path / "linear.pt"), "--out", str(tmp_path / "ema.pt")])
