@@ -211,7 +211,8 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
                     images, y = next(loader)
                 except UserError as err:  # raised in a loader worker: its message, not the worker's traceback
                     err = worker_error(err)
-                    if isinstance(err, UnreadableImage):  # the fingerprint is of the names: a removal differs
+                    written = any(name.startswith("shard-") for name in os.listdir(args.out))
+                    if isinstance(err, UnreadableImage) and written:  # the file list's fingerprint: a removal differs
                         err = UnreadableImage(f"{err} (to keep the shards written, replace it with a readable image "
                                               f"of the same name: removing it changes the folder's file list, and "
                                               f"an --out holding shards of the old list is then refused; deleted, "

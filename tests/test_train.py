@@ -3298,6 +3298,27 @@ def test_latent_cache_refuses_an_out_inside_the_data_or_a_file_before_the_data_i
     assert not (images / "cache").exists()
 
 
+def test_latent_cache_names_an_unreadable_image_and_how_to_keep_the_shards_only_where_there_are_some(tmp_path,
+                                                                                                      capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    images, vae_dir = make_image_folder(tmp_path / "images", classes=1, per_class=4), str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    for damaged, out in (("0.png", tmp_path / "first"), ("3.png", tmp_path / "later")):
+        path = os.path.join(images, "class0", damaged)
+        with open(path, "r+b") as f:
+            f.truncate(40)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_entry(latent_cache.main)(_cache_args(images, vae_dir, str(out)))
+        assert exit_info.value.code == 2
+        line = capsys.readouterr().err.strip().splitlines()[-1]
+        assert line.startswith(f"error: cannot read image {path} (") and "remove or replace it" in line, line
+        kept = "to keep the shards written, replace it with a readable image of the same name"
+        assert (kept in line) == (damaged == "3.png"), line  # the first shard is written before 3.png is read
+        make_image_folder(tmp_path / "images", classes=1, per_class=4)  # whole again
+
+
 def test_latent_cache_reads_file_names_that_are_not_utf8(tmp_path):
     """An archive unpacked from another system can hold names that are not UTF-8: the file list's
     fingerprint takes their bytes (a valid name's fingerprint is unchanged)."""
