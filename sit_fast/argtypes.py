@@ -65,7 +65,6 @@ class OneLineArgumentParser(argparse.ArgumentParser):
             raise UserError(f"unrecognized arguments: {' '.join(extras)} ({hint}see {parser.prog} --help)")
         return namespace
 
-
     def refuse_two_names_of_one_flag(self, args: list) -> None:
         """A flag given under two of its names (--global-seed 3 --seed 4) is refused: which one was meant
         is not clear, where one name given twice is the usual last-wins override. A switch and its --no-

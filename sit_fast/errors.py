@@ -62,7 +62,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 
 
 def memory_kind(error: BaseException) -> str:
-    """ "GPU memory" for a GPU's out-of-memory error, "memory" for the CPU's."""
+    """What ran out: "GPU memory" for a GPU's out-of-memory error, "memory" for the CPU's."""
     cause = out_of_memory_cause(error)
     gpu = cause is not None and (type(cause).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(cause))
     return "GPU memory" if gpu else "memory"
