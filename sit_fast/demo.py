@@ -34,7 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     from sit_fast.argtypes import (
         OneLineArgumentParser, finite_float, fraction, nonempty, positive_float, positive_int, random_seed,
     )
-
     from sit_fast.models import SiT_models
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])

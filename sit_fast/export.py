@@ -43,7 +43,6 @@ def describe(path: str, weights: str = "ema", loaded: tuple[dict, dict] | None =
     floats = {k: v for k, v in state_dict.items() if v.is_floating_point()}
     finite = torch.stack([torch.isfinite(v).all() for v in floats.values()]).tolist() if floats else []
     return {
-        "not_finite": [k for k, ok in zip(floats, finite) if not ok],  # a diverged run's weights
         "format": info["format"], "weights": info["weights"], "step": info["step"],
         "model": registry_name(config["depth"], config["hidden_size"], config["patch_size"]),
         "config": config, "model_config": recorded_model_config(path),
@@ -51,6 +50,7 @@ def describe(path: str, weights: str = "ema", loaded: tuple[dict, dict] | None =
         "parameters": sum(v.numel() for v in state_dict.values()),  # the fixed pos_embed too, as upstream counts
         "dtypes": sorted({str(v.dtype).replace("torch.", "") for v in state_dict.values()}),
         "bytes": os.path.getsize(path),
+        "not_finite": [k for k, ok in zip(floats, finite) if not ok],  # a diverged run's weights
     }
 
 
