@@ -1512,17 +1512,21 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         raise SystemExit(exit_status(err)) from None
 
 
+def images_per_batch(args: argparse.Namespace) -> int:
+    """Images per batch: --batch-size, or the whole grid of --class-labels (upstream's by default)."""
+    return args.batch_size or len(args.class_labels or UPSTREAM_CLASS_LABELS)
+
+
 def size_flags(args: argparse.Namespace) -> str:
     """The flags that set how much a sampling run allocates, with their values."""
-    batch = args.batch_size or len(args.class_labels or UPSTREAM_CLASS_LABELS)
     image = f", --image-size {args.image_size}" if args.image_size is not None else ""
-    return f"--num-sampling-steps {args.num_sampling_steps}, --batch-size {batch}{image}"
+    return f"--num-sampling-steps {args.num_sampling_steps}, --batch-size {images_per_batch(args)}{image}"
 
 
 def out_of_memory_advice(args: argparse.Namespace, device: torch.device, memory: str = "GPU memory") -> str:
     """What ran out of `memory` ("GPU memory", or the CPU's "memory"), and the flags that make it fit
     (those not in use already)."""
-    batch = args.batch_size or len(args.class_labels or UPSTREAM_CLASS_LABELS)
+    batch = images_per_batch(args)
     fixes = [f"--batch-size {max(1, batch // 2)}" if batch > 1 else None,
              "--precision bf16" if args.precision != "bf16" else None,
              "--vae-precision bf16" if args.vae != "none" and args.vae_precision != "bf16" else None]

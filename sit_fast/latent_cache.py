@@ -119,7 +119,7 @@ def check_out_folder(args: argparse.Namespace) -> None:
 
 def out_of_memory_advice(args: argparse.Namespace, error: BaseException) -> str:
     """What ran out of memory encoding, and the flags that make it fit; the shards written are kept."""
-    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', '0')}" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     message = allocation_past_device(error, device, f"--image-size {args.image_size}, --batch-size {args.batch_size}")
     if message is not None:
         return message

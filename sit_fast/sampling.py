@@ -613,23 +613,18 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
     if os.path.isdir(path):
         raise UserError(f"{path} is a folder, where the settings of the {holds} in {sample_dir} are recorded: move "
                         f"it, or pass another {flag}")
-    if os.path.isfile(path) and not present:  # nothing of ours yet: the record is replaced, if it is ours
-        try:
-            with open(path, encoding="utf-8") as f:
-                recorded = json.load(f)
-        except (OSError, ValueError):
-            recorded = None
-        if isinstance(recorded, dict) and is_foreign_record(recorded, settings, holds):
-            extra = sorted(set(recorded) - set(settings) - {"holds"})
-            raise UserError(f"{path} records the settings of something else ({', '.join(extra[:3])}"
-                            f"{', ...' if len(extra) > 3 else ''}), not of {holds}: pass another {flag}")
-    if os.path.isfile(path) and present:
+    if os.path.isfile(path):
         try:
             with open(path, encoding="utf-8") as f:
                 recorded = json.load(f)
             problem = None if isinstance(recorded, dict) else "not a dict"
         except (OSError, ValueError) as err:
             problem = str(err)
+        if not present and problem is None and is_foreign_record(recorded, settings, holds):
+            extra = sorted(set(recorded) - set(settings) - {"holds"})
+            raise UserError(f"{path} records the settings of something else ({', '.join(extra[:3])}"
+                            f"{', ...' if len(extra) > 3 else ''}), not of {holds}: pass another {flag}")
+    if os.path.isfile(path) and present:  # outputs of ours: the record must be readable, and the same
         if problem is not None:
             raise UserError(f"cannot read {path} ({problem}): it records the settings of the {holds} in "
                             f"{sample_dir}; restore it, or pass another {flag}")
