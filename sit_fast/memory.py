@@ -101,6 +101,14 @@ def training_state_bytes(model: torch.nn.Module, ema: bool = True) -> int:
     return n * (16 + (4 if ema else 0)) + n_frozen * 4 * (2 if ema else 1)
 
 
+def size_text(n_bytes: float, unit: str) -> str:
+    """n_bytes in MiB or GiB as the tables print it: whole MiB and hundredths of a GiB, but two significant
+    digits below 10 MiB or 0.1 GiB, so that a small model's figures do not read as 0."""
+    value = n_bytes / (2**20 if unit == "MiB" else 2**30)
+    small = value < (10 if unit == "MiB" else 0.1)
+    return f"{value:.2g}" if small else f"{value:.0f}" if unit == "MiB" else f"{value:.2f}"
+
+
 def batch_bound(gpu_bytes: int, fixed_bytes: int, activation_bytes: int, headroom_bytes: int) -> int:
     """The per-GPU batch that the saved activations leave room for beside fixed_bytes (training state
     or weights, and the batch-independent saved bytes): an upper estimate (temporaries inside a layer,
@@ -135,6 +143,7 @@ def main(argv=None) -> None:
                         help="the activations of sample.py's --likelihood (a frozen model differentiated with "
                              "respect to its input) instead of a training step's")
     args = parser.parse_args(argv)
+    args.models = list(dict.fromkeys(args.models))  # a model named twice is one row
     for name in args.models:
         patch = model_config(name)["patch_size"]
         if args.image_size % (8 * patch):
@@ -163,9 +172,9 @@ def main(argv=None) -> None:
             held = sampling_weight_bytes(model) if frozen else training_state_bytes(model)
             figures.append((per_image, unbatched + held))
         params = sum(p.numel() for p in model.parameters())
-        row = [name, f"{params / 1e6:.1f} M", f"{params * 4 / 2**30:.2f} GiB",
-               *([] if frozen else [f"{training_state_bytes(model) / 2**30:.2f} GiB"]),
-               *(f"{a / 2**20:.0f} MiB" for a, _ in figures)]
+        row = [name, f"{params / 1e6:.1f} M", f"{size_text(params * 4, 'GiB')} GiB",
+               *([] if frozen else [f"{size_text(training_state_bytes(model), 'GiB')} GiB"]),
+               *(f"{size_text(a, 'MiB')} MiB" for a, _ in figures)]
         print("| " + " | ".join(row) + " |")
         bounds.append((name, figures[-3:]))
     if not args.gpu_gib:
@@ -181,7 +190,7 @@ def main(argv=None) -> None:
     for name, figures in bounds:
         cells = [" / ".join(str(batch_bound(int(g * 2**30), fixed, a, int(args.headroom_gib * 2**30)))
                             for a, fixed in figures) for g in args.gpu_gib]
-        fixed = " / ".join(f"{fixed / 2**30:.2f}" for _, fixed in figures) + " GiB"
+        fixed = " / ".join(size_text(fixed, "GiB") for _, fixed in figures) + " GiB"
         print(f"| {name} | {fixed} | " + " | ".join(cells) + " |")
 
 

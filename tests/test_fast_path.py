@@ -587,6 +587,21 @@ def test_memory_table_cli(capsys):
         assert math_fp32 >= sdpa_fp32 > sdpa_bf16 > fast_bf16 > 0, acts
 
 
+def test_memory_table_small_models_read_as_figures_and_one_row_per_model(capsys):
+    """A small model's figures keep two significant digits (none reads as 0 MiB or 0.00 GiB), and a model
+    named twice is one row."""
+    from sit_fast.memory import main, size_text
+
+    assert [size_text(n, "MiB") for n in (0, 0.25 * 2**20, 4.26 * 2**20, 12.4 * 2**20)] == ["0", "0.25", "4.3", "12"]
+    assert [size_text(n, "GiB") for n in (0.0052 * 2**30, 0.083 * 2**30, 2.444 * 2**30)] == ["0.0052", "0.083", "2.44"]
+    main(["--models", "SiT-T/2", "SiT-T/2", "--image-size", "16", "--gpu-gib", "24"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split("|")[1].strip() for line in lines if line.startswith("| SiT-")] == ["SiT-T/2"] * 2  # two tables
+    row = [c.strip() for c in lines[2].strip("|").split("|")]
+    assert all(float(cell.split()[0]) > 0 for cell in row[2:]), row
+    assert all(f > 0 for f in _bounds_row(lines[-1])[0]), lines[-1]
+
+
 def _bounds_row(line: str) -> tuple[list[float], list[list[int]]]:
     """A bounds table row -> (fixed GiB per variant, [bounds per variant] per GPU size)."""
     cells = [c.strip() for c in line.strip("|").split("|")]
