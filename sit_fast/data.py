@@ -212,10 +212,12 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
             "torchvision's ImageFolder counts them, so class labels here differ from a run that used it")
     if not classes:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
-    samples, empty, hidden_files = [], [], []
+    samples, empty, hidden_files, repeated = [], [], [], []
+    others = {folder_id(os.path.join(root, name)) for name in ["", *classes]}  # the root and every class folder
     for label, name in enumerate(classes):
         count = len(samples)
-        for dirpath, _, filenames in sorted(os.walk(os.path.join(root, name), followlinks=True)):
+        own = folder_id(os.path.join(root, name))
+        for dirpath, filenames in walk_each_folder_once(os.path.join(root, name), repeated, others - {own}):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMG_EXTENSIONS):
                     if filename.startswith("."):  # macOS's ._x.jpg beside x.jpg, say: no image, a crash later
@@ -224,6 +226,13 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
                     samples.append((os.path.join(dirpath, filename), label))
         if len(samples) == count:
             empty.append(name)
+    if repeated:
+        logger.warning(
+            f"--data-path {root}: {len(repeated)} linked folder{'s' if len(repeated) > 1 else ''} "
+            f"({repeated[0]}{' and more' if len(repeated) > 1 else ''}) left out: a link back to the root or to a "
+            "class folder, or to a folder walked already in its class (a loop, or a second link to one folder), so "
+            "that no image is taken twice or under another class; torchvision's ImageFolder follows them (a loop's "
+            "images again at each level, up to the system's link limit)")
     if hidden_files:
         logger.warning(
             f"--data-path {root}: {len(hidden_files)} hidden file{'s' if len(hidden_files) > 1 else ''} with an image "
@@ -239,6 +248,32 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
             f"({', '.join(IMG_EXTENSIONS)}) but count as classes, shifting the labels after them; torchvision's "
             "ImageFolder refuses such folders: remove them unless they are meant as classes")
     return samples, classes
+
+
+def folder_id(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def walk_each_folder_once(top: str, repeated: list[str], skip: set) -> list[tuple[str, list[str]]]:
+    """(folder, file names) for each folder under top, links followed, sorted by path. A folder reached
+    again (a link to an ancestor, or a second link to one folder) is walked at its first path only (in
+    sorted order), and folders whose folder_id is in `skip` not at all; the paths left out are appended
+    to `repeated`."""
+    seen, found = set(skip), []
+    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+        dirnames.sort()  # top-down in name order: which path of a folder comes first does not depend on the disk
+        key = folder_id(dirpath)
+        if key is None or key in seen:  # None: gone meanwhile
+            repeated += [dirpath] if key else []
+            dirnames[:] = []
+            continue
+        seen.add(key)
+        found.append((dirpath, filenames))
+    return sorted(found)
 
 
 def _holds_images(folder: str) -> bool:

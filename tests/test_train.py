@@ -1640,6 +1640,28 @@ def test_image_folder_files_come_sorted_by_name_and_linked_folders_are_followed(
         "class0/0.png", "class0/1.png", "class0/2.png", "class0/linked/0.png", "class0/linked/1.png"]
 
 
+def test_linked_folders_back_to_the_root_a_class_or_a_walked_folder_are_left_out_with_a_warning(tmp_path, caplog):
+    """A link loop (class0/up -> the root) would take every image again at each level, up to the system's
+    link limit, and class1's under class0's label; a link to another class's folder, or a second link to a
+    folder walked already, would take its images twice. Each is left out, named once in one warning; a
+    linked folder reached once is still taken."""
+    from sit_fast.data import find_images
+
+    root = make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    elsewhere = make_image_folder(tmp_path / "elsewhere", classes=1, per_class=1)
+    linked = os.path.join(elsewhere, "class0")
+    for target, name in ((root, "up"), (os.path.join(root, "class1"), "other"), (linked, "a"), (linked, "b")):
+        os.symlink(target, os.path.join(root, "class0", name))
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        samples, classes = find_images(root)
+    assert [(os.path.relpath(path, root), label) for path, label in samples] == [
+        ("class0/0.png", 0), ("class0/a/0.png", 0), ("class1/0.png", 1)]
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and messages[0].startswith(
+        f"--data-path {root}: 3 linked folders ({os.path.join(root, 'class0', 'b')} and more) left out: a link back "
+        "to the root or to a class folder"), messages
+
+
 def test_class_folders_without_images_are_refused_when_all_are_empty_and_counted_otherwise(tmp_path, caplog):
     from sit_fast.data import DataError, find_images
 
