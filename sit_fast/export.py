@@ -217,11 +217,11 @@ def export(args: argparse.Namespace, asked: bool) -> dict:
     loaded = read_checkpoint(args.ckpt, prefer=args.weights)  # once, for the summary and the export
     found = describe(args.ckpt, args.weights, loaded)
     print(summary(args.ckpt, found))
-    if args.out is None:
-        return found
-    note = weights_note(found, args.weights, asked)
+    note = weights_note(found, args.weights, asked)  # also when only describing: the summary is of other weights
     if note:
         print(note)
+    if args.out is None:
+        return found
     written = export_weights(args.ckpt, args.out, args.weights, args.dtype, args.force, loaded)
     print(summary(args.out, written))
     note = transport_note(found, args.out)

@@ -521,6 +521,9 @@ def test_export_force_replaces_and_options_without_out_are_refused(tmp_path, cap
     assert "note: it holds one set of weights (model); --weights ema does not apply" in capsys.readouterr().out
     export.main([str(out), "--out", str(tmp_path / "again2.pt")])  # the default, not asked for: no note
     assert "note:" not in capsys.readouterr().out
+    export.main([str(out), "--weights", "ema"])  # described only: the same note under the summary
+    note = "note: it holds one set of weights (model); --weights ema does not apply"
+    assert capsys.readouterr().out.endswith(f"\n{note}\n")
     with pytest.raises(SystemExit):
         export.main([str(ckpt), "--dtype", "bf16"])
     assert capsys.readouterr().err.startswith("error: --dtype applies to the file that --out writes")
