@@ -268,7 +268,8 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
         text = json.dumps(index, indent=1)
         path = os.path.join(args.out, CACHE_INDEX)
         try:
-            atomic_write(path, lambda f: f.write(text.encode()))
+            if read_text(path) != text:  # a finished cache run again: nothing to write (its disk may be full)
+                atomic_write(path, lambda f: f.write(text.encode()))
         except OSError as err:
             if err.errno not in WRITE_REFUSED:
                 raise
@@ -279,6 +280,15 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
 
     index = on_main(finish, dist_info)  # every process ends with rank 0's line, or its error
     return index if dist_info.is_main else None  # main() leaves the process group
+
+
+def read_text(path: str) -> str | None:
+    """The file's text, or None where there is none to read."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 @cli_entry

@@ -3745,6 +3745,16 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     assert re.fullmatch(rf"error: cannot write {re.escape(os.path.join(out, 'index.json'))} \(No space left "
                         rf"on device\): the shards written are kept: .*\n", err), err
     assert not os.path.exists(os.path.join(out, "index.json"))
+    # Finished, then run again on a disk where nothing can be written: nothing to write, no error
+    monkeypatch.undo()
+    cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    monkeypatch.setattr(files, "open", lambda path, mode="r", *args, **kwargs: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, "No space left on device", path)) if "w" in mode else open(path, mode, *args, **kwargs),
+        raising=False)
+    monkeypatch.setattr(latent_cache, "atomic_torch_save", lambda *a, **k: pytest.fail("a shard written again"))
+    capsys.readouterr()
+    assert cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))["num_images"] == 4
+    assert capsys.readouterr().out.splitlines()[0].startswith("latent cache: 4 of 4 images already in ")
 
 
 def test_latent_cache_image_size_for_the_sd_vae_is_checked_before_loading_it(tmp_path, monkeypatch, capsys):
