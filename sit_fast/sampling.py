@@ -453,6 +453,9 @@ def model_call_times(sampler_kind: str, transport, *, sampling_method: str, num_
     raise ValueError(f"unknown sampler kind {sampler_kind!r}")
 
 
+INTERVAL_SLACK = 1e-6  # some float32 roundings near 1 (whose spacing there is 6e-8)
+
+
 class Denoiser:
     """Chooses, per model call, the plain conditional forward or the guided one.
 
@@ -479,7 +482,8 @@ class Denoiser:
 
     def _in_interval(self, t: float) -> bool:
         low, high = self.cfg_interval
-        return low <= t <= high
+        # The times are float32 (a grid's t = 0.7 is 0.69999999): an end within INTERVAL_SLACK is inside
+        return low - INTERVAL_SLACK <= t <= high + INTERVAL_SLACK
 
     def for_labels(self, y: torch.Tensor) -> "LabelledDenoiser":
         """The model_fn for one batch with labels y (the samplers call it as fn(x, t))."""

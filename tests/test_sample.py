@@ -2533,6 +2533,25 @@ def test_cfg_interval_takes_in_its_bounds_and_a_scale_of_one_guides_nothing():
     assert fn.guided_calls == 0 and fn.y_pair is None and denoiser.cfg_interval is None
 
 
+def test_cfg_interval_ends_take_in_the_grid_times_that_float32_rounds_past_them():
+    """A 10-step Euler grid's t = 0.3 and 0.7 are float32 (0.30000001, 0.69999999): --cfg-interval 0.7 1
+    guides the calls at 0.7, 0.8 and 0.9, and 0 0.3 those at 0, 0.1, 0.2 and 0.3, decided from the schedule or
+    from t alike."""
+    import types
+
+    forwards = types.SimpleNamespace(label_pair=lambda y: torch.cat([y, y]), conditional=lambda x, t, y: x,
+                                     guided=lambda x, t, y_pair: -x)
+    times = model_call_times("ODE", create_transport(), sampling_method="euler", num_steps=10)
+    assert len(times) == 10 and times[7] != 0.7 and times[3] != 0.3
+    for interval, guided in (((0.7, 1.0), 3), ((0.0, 0.3), 4)):
+        for call_times in (times, None):
+            fn = Denoiser(forwards, cfg_scale=4.0, cfg_interval=interval, call_times=call_times).for_labels(
+                torch.tensor([1]))
+            for t in times:
+                fn(torch.ones(1, 3, 2, 2), torch.full((1,), t))
+            assert fn.guided_calls == guided, (interval, call_times)
+
+
 def test_a_guided_call_passes_the_labels_and_the_null_label_an_unguided_one_the_labels():
     import types
 
