@@ -906,15 +906,31 @@ def check_image_array(images: np.ndarray, image_size: int, channels: int, path: 
 
 class ImageFiles:
     """The images of a folder and its sub-folders (an ImageFolder root too), sorted by relative path:
-    files[a:b] reads those, ADM center-cropped to image_size, as (b - a, H, W, C) uint8."""
+    files[a:b] reads those, ADM center-cropped to image_size, as (b - a, H, W, C) uint8. Left out, with a
+    warning, as train.py's --data-path leaves them out: hidden files (macOS's ._NAME beside a copied
+    image is none), the root's hidden folders (.ipynb_checkpoints/), and a linked folder reached again
+    (a link loop, or a second link to one folder)."""
 
     def __init__(self, path: str, image_size: int, channels: int):
-        from sit_fast.data import IMG_EXTENSIONS  # the files train.py's --data-path reads
+        from sit_fast.data import IMG_EXTENSIONS, walk_each_folder_once  # the files train.py's --data-path reads
 
         self.path, self.image_size, self.channels = path, image_size, channels
-        self.names = sorted(os.path.relpath(os.path.join(root, n), path)
-                            for root, _, files in os.walk(path, followlinks=True)
-                            for n in files if n.lower().endswith(IMG_EXTENSIONS))
+        names, hidden, repeated = [], [], []
+        for folder, files in walk_each_folder_once(path, repeated, set()):
+            relative = os.path.relpath(folder, path)
+            in_hidden = relative != "." and relative.split(os.sep)[0].startswith(".")
+            for n in files:
+                if n.lower().endswith(IMG_EXTENSIONS):
+                    name = os.path.normpath(os.path.join(relative, n))
+                    (hidden if in_hidden or n.startswith(".") else names).append(name)
+        self.names = sorted(names)
+        log = logging.getLogger("sit_fast.sample")
+        for left_out, what in ((sorted(hidden), "hidden file(s) or file(s) in hidden folders"),
+                               (repeated, "linked folder(s) reached again (a link loop, or a second link to one "
+                                          "folder), whose images are taken once,")):
+            if left_out:
+                log.warning(f"--data {path}: {len(left_out)} {what} left out ({left_out[0]}"
+                            f"{' and more' if len(left_out) > 1 else ''}), as train.py's --data-path leaves them")
         if not self.names:
             raise UserError(f"--data {path}: no images ({', '.join(IMG_EXTENSIONS)}) in the folder or its "
                             f"sub-folders")

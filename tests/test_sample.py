@@ -6,6 +6,7 @@ AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved 
 import argparse
 import errno
 import json
+import logging
 import math
 import os
 import shutil
@@ -2360,6 +2361,25 @@ def test_a_data_folder_holds_the_images_train_py_reads(tmp_path):
     read = files[:]
     lossless = [i for i, e in enumerate(IMG_EXTENSIONS) if e in (".png", ".ppm", ".bmp", ".tif", ".tiff")]
     np.testing.assert_array_equal(read[lossless], images[lossless])
+
+
+def test_a_data_folder_leaves_out_hidden_files_hidden_folders_and_link_loops_with_warnings(tmp_path, caplog):
+    """As train.py's --data-path: macOS's ._NAME (no image: it would stop the run), a copy under the root's
+    .ipynb_checkpoints/ (an extra item in the bpd), and a link back to the root (every image again at each
+    level) are left out, each kind named in one warning."""
+    for name in ("a.png", ".ipynb_checkpoints/a-checkpoint.png", "sub/b.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    (tmp_path / "._a.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")
+    (tmp_path / "sub" / "up").symlink_to(tmp_path)
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        files = sample.ImageFiles(str(tmp_path), 8, 3)
+    assert files.names == ["a.png", os.path.join("sub", "b.png")] and files[:].shape == (2, 8, 8, 3)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--data {tmp_path}: 2 hidden file(s) or file(s) in hidden folders left out ("
+        "._a.png and more), as train.py's --data-path leaves them",
+        f"--data {tmp_path}: 1 linked folder(s) reached again (a link loop, or a second link to one folder), whose "
+        f"images are taken once, left out ({tmp_path / 'sub' / 'up'}), as train.py's --data-path leaves them"]
 
 
 def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):
