@@ -89,7 +89,7 @@ from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
-    checkpoint_preference, default_cfg_channels,
+    checkpoint_preference, default_cfg_channels, foreign_npz,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
     npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
@@ -727,6 +727,9 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
     settings = image_settings(args, setup)
 
     def prepare():
+        if why := foreign_npz(npz_path):  # one of this job's (an earlier run's) is replaced
+            raise UserError(f"{npz_path} exists and {why}, where this job writes its samples' .npz: "
+                            f"{'pass another --out' if args.out else 'pass --out FILE.npz'}, or move it away")
         if args.out is None:  # the .npz goes beside the folder of PNGs
             make_writable_folder(os.path.dirname(os.path.abspath(npz_path)), f"--sample-dir {args.sample_dir}")
         if note := mixed_folders(sample_dir, args.run_folder):

@@ -697,6 +697,23 @@ def _write_png(image: np.ndarray, path: str) -> None:
                         f"the folder writable) and run the same command again to sample the rest") from None
 
 
+def foreign_npz(path: str) -> str | None:
+    """Why a file at `path` is not to be replaced by build_npz's archive (arr_0 alone), or None: there is
+    none, or it is one (an earlier run's)."""
+    if not os.path.lexists(path):
+        return None
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = archive.namelist()
+    except (OSError, zipfile.BadZipFile):
+        return "is no .npz archive"
+    if names == ["arr_0.npy"]:
+        return None
+    others = [os.path.splitext(name)[0] for name in names if name != "arr_0.npy"]
+    return (f"holds {', '.join(others[:4])}{' and more' if len(others) > 4 else ''} beside arr_0 (an ADM reference "
+            f"batch?)" if others else "holds no arr_0")
+
+
 def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool = True) -> tuple[int, ...]:
     """Stack PNGs 000000 ... num_samples - 1 into npz_path as arr_0, (N, H, W, 3) uint8 (ADM's format).
 

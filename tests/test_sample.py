@@ -1926,6 +1926,33 @@ def test_an_fid_folder_with_no_name_of_its_own_puts_the_npz_beside_it(files, tmp
                                       "has neither: pass --out FILE.npz")
 
 
+def test_an_fid_job_replaces_its_own_npz_only(files, tmp_path, capsys):
+    """--out (or DIR.npz beside --sample-dir) naming an ADM reference batch (arr_0 beside mu, sigma...) or a
+    file that is no archive is refused before any sampling, the file kept; an earlier run's .npz (arr_0
+    alone) is replaced."""
+    from sit_fast.sampling import foreign_npz
+
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, *FAST]
+    reference, notes = tmp_path / "ref.npz", tmp_path / "DIR.npz"
+    np.savez(reference, arr_0=np.zeros((3, 8, 8, 3), np.uint8), mu=np.zeros(4), sigma=np.eye(4))
+    notes.write_text("not an archive")
+    assert foreign_npz(str(tmp_path / "none.npz")) is None
+    for out, extra, why, fix in ((reference, ["--out", str(reference)], "holds mu, sigma beside arr_0 (an ADM "
+                                  "reference batch?)", "pass another --out"),
+                                 (notes, [], "is no .npz archive", "pass --out FILE.npz")):
+        before = out.read_bytes()
+        with pytest.raises(SystemExit):
+            run(argv + ["--sample-dir", str(tmp_path / "DIR"), *extra])
+        assert one_line_error(capsys) == (f"error: {out} exists and {why}, where this job writes its samples' .npz: "
+                                          f"{fix}, or move it away")
+        assert out.read_bytes() == before and not (tmp_path / "DIR").exists()
+    notes.unlink()
+    assert run(argv + ["--sample-dir", str(tmp_path / "DIR")]) == str(notes)
+    assert run(argv + ["--sample-dir", str(tmp_path / "DIR"), "--num-fid-samples", "3"]) == str(notes)
+    assert np.load(notes)["arr_0"].shape == (3, 8, 8, 3)
+
+
 def test_an_fid_folder_named_with_a_trailing_slash_puts_the_npz_beside_it(files, tmp_path):
     """--sample-dir DIR/ is DIR: the .npz is DIR.npz beside the folder, not a hidden .npz inside it."""
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
