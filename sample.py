@@ -871,6 +871,9 @@ def load_data(setup: Setup, path: str):
             raise UserError(f"cannot read {path} ({reason}): --data takes an .npz of arrays") from None
         if array.ndim == 0 or len(array) == 0:
             raise UserError(f"--data {path} holds no items{' (a single number)' if array.ndim == 0 else ''}")
+        if array.dtype.kind in "iub" and array.dtype != np.uint8:  # 8-bit images stored wider, say: no model inputs
+            raise UserError(f"--data {path} holds {array.dtype} values: give images as uint8 (N, H, W, C) "
+                            f"(array.astype(np.uint8) for 0..255 values) or model inputs as floats")
         if array.dtype != np.uint8:
             return check_model_inputs(setup, torch.from_numpy(np.array(array, dtype=np.float32)), path)
         images = check_image_array(array, setup.image_size, wanted, path, vae=setup.codec is not None)
@@ -881,6 +884,9 @@ def load_data(setup: Setup, path: str):
             raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
         if not isinstance(tensor, torch.Tensor):
             raise UserError(f"{path} holds a {type(tensor).__name__}, not a tensor of model inputs (N, C, h, w)")
+        if not tensor.is_floating_point():
+            raise UserError(f"--data {path} holds {str(tensor.dtype).replace('torch.', '')} values: model inputs "
+                            f"(N, C, h, w) are floats (images go in a folder or a uint8 .npz)")
         return check_model_inputs(setup, tensor.float(), path)
     else:
         raise UserError(f"--data {path}: expected a folder of images, an .npz or a .pt (.pth) file")

@@ -2220,6 +2220,8 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "zero.png").write_bytes(b"")
     torch.save({"x": torch.zeros(2, 3, 8, 8)}, tmp_path / "dict.pt")
+    np.savez(tmp_path / "int64.npz", arr_0=np.zeros((2, 8, 8, 3), np.int64))  # 8-bit images stored wider
+    torch.save(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), tmp_path / "uint8.pt")
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "notes.txt").write_text("not an image")
     cases = {
@@ -2233,6 +2235,10 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
         "nan.npz": "error: {}: 1 of 3 items hold NaN or inf (the first: item 1)",
         "images": "error: cannot read image {}/zero.png (cannot identify image file",
         "dict.pt": "error: {} holds a dict, not a tensor of model inputs (N, C, h, w)",
+        "int64.npz": "error: --data {} holds int64 values: give images as uint8 (N, H, W, C) (array.astype(np.uint8) "
+                     "for 0..255 values) or model inputs as floats",
+        "uint8.pt": "error: --data {} holds uint8 values: model inputs (N, C, h, w) are floats (images go in a folder "
+                    "or a uint8 .npz)",
         "no_images": "error: --data {}: no images (.jpg,",
     }
     for job in ("--likelihood", "--reverse"):
