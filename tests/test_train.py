@@ -329,6 +329,25 @@ def test_exact_resume_ddp(ddp_straight):
         assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
 
 
+def test_exact_resume_with_three_ranks_is_bit_for_bit(tmp_path):
+    """With 3 ranks the order of a gradient's sum over the ranks shows in its rounding: DDP's bucket layout,
+    which it changes after its first backward, is the same in the resumed run's first step as in the straight
+    run's steps after its first, and the parameters, EMA and AdamW moments end bit for bit equal."""
+    argv = BASE + ["--global-batch-size", "24", "--ckpt-every", "2"]
+    straight, split = str(tmp_path / "straight"), str(tmp_path / "split")
+    run_ddp(argv + ["--exp-dir", straight, "--max-steps", "4"], str(tmp_path / "out_straight"), world_size=3)
+    middle = os.path.join(straight, "checkpoints", "0000002.pt")
+    run_ddp(argv + ["--exp-dir", split, "--max-steps", "4", "--resume", middle], str(tmp_path / "out_b"), world_size=3)
+    with open(os.path.join(split, "log.txt")) as f:
+        assert "resumed at step 2 (epoch 0, step 2 in it): exact" in f.read()
+    a = load_ckpt(os.path.join(straight, "checkpoints", "0000004.pt"))
+    b = load_ckpt(os.path.join(split, "checkpoints", "0000004.pt"))
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][name], b[key][name]) for name in a[key]), key
+    for index, state in a["opt"]["state"].items():
+        assert all(torch.equal(value, b["opt"]["state"][index][name]) for name, value in state.items()), index
+
+
 @INTERPRETED
 def test_ddp_with_the_fast_options_keeps_ranks_identical(tmp_path):
     """2 ranks with --fused-kernels on, --compile (Inductor, with DDP's graph splitting) and
@@ -2937,8 +2956,11 @@ def test_a_vae_with_another_downsampling_takes_sizes_it_divides(tmp_path):
     resumed = train_main(["--vae", other, "--exp-dir", str(tmp_path / "run"), "--resume", "auto", "--max-steps", "2",
                           "--no-progress"])
     assert resumed["step"] == 2
+    log = (tmp_path / "run" / "log.txt").read_text()
     assert (f"trained in the latent space of {os.path.abspath(vae_dir)}; it continues in that of "
-            f"{os.path.abspath(other)}") in (tmp_path / "run" / "log.txt").read_text()
+            f"{os.path.abspath(other)}") in log
+    assert ("resumed at step 1 (epoch 0, step 1 in it): the data order and random states are the run's; the latents "
+            "are another VAE's (above), so the steps are not the original run's") in log and ": exact" not in log
 
 
 def test_vae_precision_bf16_encodes_under_autocast_and_gives_fp32_latents(tmp_path):

@@ -623,6 +623,11 @@ class Trainer:
         else:
             self.ddp = model
         self.train_model = torch.compile(self.ddp) if self.args.compile else self.ddp
+        # DDP lays its gradient buckets out anew after its first synced backward, in the order the
+        # gradients came: a straight run sums them in that layout from its step 2 on, a resumed one
+        # would at its first step sum them in the first layout, and with 3 or more ranks another order
+        # of a sum rounds otherwise (with 2, a + b is b + a). prime_buckets() lays them out first.
+        self.buckets_to_prime = ckpt is not None and self.dist_info.world_size > 2
 
     def _build_data(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None,
                     resume_path: str | None) -> None:
@@ -938,6 +943,9 @@ class Trainer:
                                 f"changes the rounding{masks}, so the steps are not bit for bit the original run's")
                 elif steered:
                     logger.info(f"{where}: the data order and random states are the run's (the flags above changed)")
+                elif self.other_latents:
+                    logger.info(f"{where}: the data order and random states are the run's; the latents are another "
+                                f"VAE's (above), so the steps are not the original run's")
                 else:
                     logger.info(f"{where}: exact")
         else:
@@ -1054,7 +1062,8 @@ class Trainer:
         """A resumed run whose VAE changed (same channels: else refused above) goes on, with a warning:
         the SD VAEs (ema, mse) share one encoder, and a local copy of a VAE is the same VAE."""
         before, now = ckpt.get("model_config", {}).get("latent_space"), self.latent_space()
-        if before and not same_encoder(before, now):
+        self.other_latents = bool(before) and not same_encoder(before, now)
+        if self.other_latents:
             logger.warning(f"the run being resumed ({resume_path}) trained in the latent space of {before}; it "
                            f"continues in that of {now}: unless the two VAEs share an encoder, start a new run "
                            f"from its weights (--ckpt) instead")
@@ -1154,6 +1163,17 @@ class Trainer:
             x = LatentCodec.sample(mean, std)
         return x, y
 
+    def prime_buckets(self, micro_batch) -> None:
+        """A resumed run's DDP: one forward and backward of the step's first micro-batch, its gradients
+        dropped and the random states restored, so that DDP lays its buckets out in the order the
+        gradients come before the step, the layout of a straight run's steps after its first."""
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            x, y = self.batch_to_latents(micro_batch)
+            with self.autocast():
+                loss = self.transport.training_losses(self.train_model, x, dict(y=y))["loss"].mean()
+            loss.backward()
+        self.opt.zero_grad(set_to_none=True)
+
     def train_step(self, batch) -> tuple[torch.Tensor, bool]:
         """Forward, backward, optimizer and EMA; returns (detached loss, whether the update was applied).
 
@@ -1161,7 +1181,11 @@ class Trainer:
         VAE, forward and backward in turn with its mean loss scaled by 1/K: the summed gradients are
         those of the whole batch's mean loss. DDP all-reduces only in the last backward (no_sync)."""
         parts = self.args.grad_accum_steps
-        micro_batches = [batch] if parts == 1 else zip(*(torch.chunk(torch.as_tensor(t), parts) for t in batch))
+        micro_batches = [batch] if parts == 1 else list(zip(*(torch.chunk(torch.as_tensor(t), parts) for t in batch)))
+        if self.buckets_to_prime:
+            self.buckets_to_prime = False
+            with self.window.paused():  # also the compilation, where --compile: done here, not in the step
+                self.prime_buckets(micro_batches[0])
         self.opt.zero_grad(set_to_none=True)
         loss = None
         for index, micro_batch in enumerate(micro_batches):
