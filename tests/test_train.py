@@ -2704,12 +2704,18 @@ def test_out_of_gpu_memory_before_the_first_step_is_one_line(tmp_path, capsys, m
     def build(self, *args):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "done"), "--max-steps", "1"]) == 0
     monkeypatch.setattr(Trainer, "_build_model", build)  # the model moved to the GPU
     assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--max-steps", "2"]) == 2
     stderr = capsys.readouterr().err
     assert "Traceback" not in stderr
     assert stderr.strip().splitlines()[-1] == (
         "error: out of GPU memory on cpu setting up SiT-T/4 before its first step: a smaller --model, or a GPU "
+        "with more free memory (USAGE.md, Memory)")
+    # A resume (no --model given: the run's, not the default): its model named, no other --model suggested
+    assert run_cli(["--exp-dir", str(tmp_path / "done"), "--resume", "auto", "--max-steps", "2"]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: out of GPU memory on cpu setting up SiT-T/4 (the run being resumed) before its first step: a GPU "
         "with more free memory (USAGE.md, Memory)")
 
 

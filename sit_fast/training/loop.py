@@ -525,7 +525,9 @@ class Trainer:
     """One training run; build with the parsed args, then call run()."""
 
     def __init__(self, args: argparse.Namespace, explicit: set[str], dist_info: DistInfo,
-                 stop: StopRequest | None = None):
+                 stop: StopRequest | None = None, setup: dict | None = None):
+        """setup: filled, as the run is built, with "args" (the flags merged with a resumed checkpoint's)
+        and "resumed" (whether it is a resume), for a caller whose construction failed."""
         self.dist_info = dist_info
         self.stop = stop if stop is not None else StopRequest()
         self.explicit = explicit
@@ -583,6 +585,8 @@ class Trainer:
                 if resume_path is not None:
                     ckpt = load_training_checkpoint(resume_path)
                     run_args = merge_resumed_args(args, explicit, ckpt["args"], resume_path)
+                if setup is not None:
+                    setup.update(args=run_args, resumed=resume_path is not None)
                 self._build_data(run_args, explicit, ckpt, resume_path)
                 return ckpt
 
@@ -1577,9 +1581,9 @@ def main(argv: list[str] | None = None) -> dict:
     start_resource_tracker()
     dist_info = init_distributed()  # a stop signal while it waits for the other processes ends this one
     stop.install()  # from here on, a stop signal ends the run after its first step instead of killing it
-    trainer = None
+    trainer, setup = None, {}
     try:
-        trainer = Trainer(args, explicit, dist_info, stop)
+        trainer = Trainer(args, explicit, dist_info, stop, setup)
         summary = trainer.run()
         if summary["stopped_by"]:  # a scheduler sees the job as terminated, not finished
             raise SystemExit(128 + getattr(signal, summary["stopped_by"]))
@@ -1597,16 +1601,19 @@ def main(argv: list[str] | None = None) -> dict:
             raise error from None
         if not is_out_of_memory(err):
             raise
-        sizes = (f"--image-size {args.image_size}, --global-batch-size {args.global_batch_size}, --sample-steps "
-                 f"{args.sample_steps}, --num-sample-images {args.num_sample_images}")
+        run = trainer.args if trainer is not None else setup.get("args", args)  # a resumed run's, once merged
+        sizes = (f"--image-size {run.image_size}, --global-batch-size {run.global_batch_size}, --sample-steps "
+                 f"{run.sample_steps}, --num-sample-images {run.num_sample_images}")
         message = allocation_past_device(err, dist_info.device, sizes)
         if message is not None and trainer is not None and trainer.last_checkpoint:
             message += f"; last checkpoint: {trainer.last_checkpoint}"
         elif message is None and trainer is None:  # building the model, EMA, optimizer or VAE, or reading a checkpoint
             memory = memory_kind(err)
             machine = "a GPU" if memory == "GPU memory" else "a machine"
-            message = (f"out of {memory} on {dist_info.device} setting up {args.model} before its first step: "
-                       f"a smaller --model, or {machine} with more free memory (USAGE.md, Memory)")
+            what, smaller = ((f"{run.model} (the run being resumed)", "") if setup.get("resumed")
+                             else (run.model, "a smaller --model, or "))
+            message = (f"out of {memory} on {dist_info.device} setting up {what} before its first step: "
+                       f"{smaller}{machine} with more free memory (USAGE.md, Memory)")
         elif message is None:
             message = trainer.out_of_memory_advice(memory_kind(err))
         log_to_file(f"error: {message}")
