@@ -2898,9 +2898,14 @@ def test_a_resumed_run_goes_on_in_its_wandb_run(tmp_path, monkeypatch):
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--wandb"])
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "3", "--resume", "auto", "--wandb"])
     train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--max-steps", "1", "--wandb"])
+    # a branch: the run's checkpoint resumed into another folder, while the run may go on in its own
+    branch = str(tmp_path / "branch")
+    train_main(["--exp-dir", branch, "--resume", os.path.join(exp, "checkpoints", "0000002.pt"), "--max-steps", "3"])
     ids = [kwargs["id"] for kwargs in calls]
     assert ids[0] == ids[1] != ids[2] and all(kwargs["resume"] == "allow" for kwargs in calls), calls
+    assert len(set(ids)) == len(ids) - 1 == 3, ids
     assert load_ckpt(os.path.join(exp, "checkpoints", "0000003.pt"))["wandb_id"] == ids[0]
+    assert load_ckpt(os.path.join(branch, "checkpoints", "0000003.pt"))["wandb_id"] == ids[3]
 
 
 def test_trackers_are_closed_when_the_run_fails(tmp_path, monkeypatch):
