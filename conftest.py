@@ -69,9 +69,14 @@ def pytest_collection_modifyitems(config, items):
     in contiguous, near-equal runs, which keep a test's cases together, so each Triton kernel's
     compilation tends to happen in one shard.
 
-    Before that, the items are put in FILE_SECONDS order: the longest files first, each file's tests in
-    their order, the other files after them as collected."""
-    items.sort(key=lambda item: -FILE_SECONDS.get(os.path.basename(getattr(item, "path", "")), 0))
+    Before that, the items are put in order: first the tests named one by one on the command line
+    (FILE::TEST, gpu_session.sh's quick ones, which a timeout must not cut), in the order given; then
+    FILE_SECONDS order: the longest files first, each file's tests in their order, the other files
+    after them as collected. In shards, the tests named are dealt out in turn and run first."""
+    named = [_named(item, config) for item in items]
+    order = {id(item): (0, position) if position is not None else (1, -FILE_SECONDS.get(
+        os.path.basename(str(getattr(item, "path", ""))), 0)) for item, position in zip(items, named)}
+    items.sort(key=lambda item: order[id(item)])
     shard = os.environ.get("SIT_FAST_TEST_SHARD")
     if not shard:
         return
@@ -81,15 +86,28 @@ def pytest_collection_modifyitems(config, items):
             raise ValueError
     except ValueError:
         raise pytest.UsageError(f"SIT_FAST_TEST_SHARD={shard!r}: expected I/N with 0 <= I < N, e.g. 0/4") from None
-    spread = [item for item in items if _marked_spread(item)]
-    rest = [item for item in items if not _marked_spread(item)]
+    first = [item for item in items if order[id(item)][0] == 0]
+    spread = [item for item in items if order[id(item)][0] == 1 and _marked_spread(item)]
+    rest = [item for item in items if order[id(item)][0] == 1 and not _marked_spread(item)]
     start, stop = index * len(rest) // count, (index + 1) * len(rest) // count
-    kept = spread[index::count] + rest[start:stop]
+    kept = first[index::count] + spread[index::count] + rest[start:stop]
     kept_ids = {id(item) for item in kept}
     dropped = [item for item in items if id(item) not in kept_ids]
     if dropped:
         config.hook.pytest_deselected(items=dropped)
     items[:] = kept
+
+
+def _named(item, config) -> int | None:
+    """The position among the command line's arguments of the FILE::TEST that names `item` (its
+    parametrised cases too), or None."""
+    test = getattr(item, "nodeid", "").partition("::")[2]
+    for position, arg in enumerate(getattr(config, "args", [])):
+        path, _, name = arg.partition("::")
+        if name and os.path.basename(path) == os.path.basename(str(getattr(item, "path", ""))) and (
+                test == name or test.startswith(name + "[")):
+            return position
+    return None
 
 
 def _marked_spread(item) -> bool:

@@ -1223,18 +1223,23 @@ def test_session_test_args_take_quoted_words(tmp_path):
     assert "test_kernel_rejects_bad_inputs[" in test_log and " deselected" in test_log, test_log[-2000:]
 
 
-def test_session_quick_tests_name_tests_that_exist():
+def test_session_quick_tests_name_tests_that_exist_and_run_first():
     """gpu_session.sh's QUICK_TESTS are node ids: one renamed or removed would stop pytest before any
-    test runs ("not found"), losing the GPU's test time. Each collects here."""
+    test runs ("not found"), losing the GPU's test time. Each collects here, and they run first, in their
+    order, before the files named after them (which conftest.py otherwise puts longest first)."""
     with open(os.path.join(REPO_ROOT, "benchmarks", "gpu_session.sh"), encoding="utf-8") as f:
         quick = re.search(r'^QUICK_TESTS="([^"]*)"', f.read(), re.M).group(1).replace("\\\n", " ").split()
     assert len(quick) >= 4 and all("::" in node for node in quick), quick
     env = {k: v for k, v in os.environ.items() if k not in ("PYTEST_ADDOPTS", "SIT_FAST_TEST_SHARD")}
-    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "", *quick], cwd=REPO_ROOT,
-                          capture_output=True, text=True, timeout=300, env=env)
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-m", "", *quick,
+                           "tests/test_upstream_parity.py"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=300,
+                          env=env)
     assert proc.returncode == 0, _tail(proc)
-    collected = {line.partition("[")[0] for line in proc.stdout.splitlines() if "::" in line}
-    assert collected == set(quick), proc.stdout[-2000:]
+    collected = [line.partition("[")[0] for line in proc.stdout.splitlines() if "::" in line]
+    named = [node for node in collected if node in quick]
+    assert set(collected) - set(named) and all(node.startswith("tests/test_upstream_parity.py::")
+                                               for node in set(collected) - set(named)), proc.stdout[-2000:]
+    assert collected[:len(named)] == named and list(dict.fromkeys(named)) == quick, proc.stdout[-2000:]
 
 
 def test_test_shards_split_the_selection_into_contiguous_parts(monkeypatch):
@@ -1246,9 +1251,9 @@ def test_test_shards_split_the_selection_into_contiguous_parts(monkeypatch):
 
     import conftest
 
-    def shard(spec, items):
+    def shard(spec, items, args=()):
         deselected = []
-        config = types.SimpleNamespace(hook=types.SimpleNamespace(
+        config = types.SimpleNamespace(args=list(args), hook=types.SimpleNamespace(
             pytest_deselected=lambda items: deselected.extend(items)))
         monkeypatch.setenv("SIT_FAST_TEST_SHARD", spec)
         items = list(items)
@@ -1268,7 +1273,20 @@ def test_test_shards_split_the_selection_into_contiguous_parts(monkeypatch):
     # the costly ones (marked spread) are dealt out in turn, first in each shard; the rest contiguous
     tests = [Item(name) for name in ("a", "b!", "c!", "d", "e", "f!", "g", "h")]
     assert [shard(f"{index}/2", tests)[0] for index in range(2)] == [["b!", "f!", "a", "d"], ["c!", "e", "g", "h"]]
+    # tests named one by one on the command line (a test's cases too) are dealt out in turn before them all
+    class Case(Item):
+        path = "tests/test_q.py"
+
+        @property
+        def nodeid(self):
+            return f"{self.path}::{self.rstrip('!')}"
+
+    tests = [Case(name) for name in ("a", "b!", "q2[x]", "c", "q1", "q2[y]")]
+    args = ["tests/test_q.py::q1", "tests/test_q.py::q2"]
+    assert [shard(f"{index}/2", tests, args)[0] for index in range(2)] == [["q1", "q2[y]", "b!", "a"],
+                                                                           ["q2[x]", "c"]]
     monkeypatch.delenv("SIT_FAST_TEST_SHARD")
+    assert shard("", tests, args)[0] == ["q1", "q2[x]", "q2[y]", "a", "b!", "c"]
     assert shard("", tests) == (tests, [])  # unset: everything
     for bad in ("3/3", "-1/2", "1", "a/b"):
         with pytest.raises(pytest.UsageError, match=f"SIT_FAST_TEST_SHARD='{bad}': expected I/N"):
