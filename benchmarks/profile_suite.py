@@ -192,8 +192,10 @@ def profile_calls(fn, device: torch.device, calls: int = 3, warmup: int = 2, top
         synchronize(device)
     rows = []
     for event in prof.key_averages():
-        if cuda:
-            if event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0:
+        if cuda:  # a user annotation (record_function, e.g. the optimizer's step) also has a span on the GPU's
+            # timeline, over the kernels inside it: counted, they would count twice (PyTorch's own total skips it)
+            if (event.device_type != torch.autograd.DeviceType.CUDA or event.self_device_time_total <= 0
+                    or getattr(event, "is_user_annotation", False)):
                 continue
             us = event.self_device_time_total
         else:

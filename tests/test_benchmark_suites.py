@@ -2506,3 +2506,17 @@ def test_profile_calls_give_each_kernels_time_per_call(monkeypatch):
         ("aten::mm", 2.0, pytest.approx(3.0)), ("aten::add", 1.0, pytest.approx(1.0))]
     assert figures["ms_per_call_by_kind"] == {"matmul": pytest.approx(3.0), "other": pytest.approx(1.0)}
     assert [t["share"] for t in figures["top"]] == [pytest.approx(0.75), pytest.approx(0.25)]
+    # On CUDA: the device's events alone, and not a user annotation's span over kernels counted already
+    from benchmarks import profile_suite
+
+    cuda = torch.autograd.DeviceType.CUDA
+    events[:] = [types.SimpleNamespace(key="nvjet_hsh_128x256", count=3, device_type=cuda,
+                                       self_device_time_total=3000.0, is_user_annotation=False),
+                 types.SimpleNamespace(key="Optimizer.step#AdamW.step", count=3, device_type=cuda,
+                                       self_device_time_total=3000.0, is_user_annotation=True),
+                 types.SimpleNamespace(key="aten::mm", count=3, device_type=torch.autograd.DeviceType.CPU,
+                                       self_device_time_total=0.0, is_user_annotation=False)]
+    monkeypatch.setattr(profile_suite, "synchronize", lambda device: None)
+    figures = profile_calls(lambda: None, torch.device("cuda"), calls=3, warmup=0)
+    assert figures["device_ms_per_call"] == pytest.approx(1.0)
+    assert [t["name"] for t in figures["top"]] == ["nvjet_hsh_128x256"]
