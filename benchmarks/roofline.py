@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{args.model} at {args.image_size}px, bf16; ceilings: copy {figure(copy_gbps)} GB/s, "
           f"matmul {figure(matmul_tflops)} TFLOP/s")
     print("| workload | variant | batch | TFLOP | memory-bound GB | matmul ms | memory ms | floor ms | images/s "
-          "at the floor | largest memory-bound ops (GB) |")
+          "at the floor (a sampling call's: per model call) | largest memory-bound ops (GB) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         ops = ", ".join(f"{k} {figure(v, 2)}" for k, v in list(r["ops"].items())[:6])
