@@ -40,21 +40,30 @@ ANSI = re.compile(r"\x1b\[[0-9;]*m")  # colour codes some libraries put in their
 
 
 CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # torch's RuntimeError on the CPU
+# A GPU library's own allocation failing where the caching allocator holds the memory (a cuBLAS handle's
+# workspace, cuDNN's): a RuntimeError naming the status, out of GPU memory all the same
+GPU_LIBRARY_OUT_OF_MEMORY = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 ASKED = re.compile(r"tried to allocate ([0-9.]+) ?(bytes|B|KiB|MiB|GiB|TiB)\b", re.IGNORECASE)
 UNIT_BYTES = {"bytes": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
 def out_of_memory_cause(error: BaseException) -> BaseException | None:
     """The out-of-memory error behind `error` (itself, or one that torch.compile wrapped in its own
-    exception): torch's on a GPU or on the CPU, or Python's MemoryError; None if there is none."""
+    exception): torch's on a GPU or on the CPU, a GPU library's failed allocation (cuBLAS, cuDNN), or
+    Python's MemoryError; None if there is none."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(error) \
-                or isinstance(error, MemoryError) or CPU_OUT_OF_MEMORY in str(error):
+        if _gpu_out_of_memory(error) or isinstance(error, MemoryError) or CPU_OUT_OF_MEMORY in str(error):
             return error
         error = error.__cause__ or error.__context__
     return None
+
+
+def _gpu_out_of_memory(error: BaseException) -> bool:
+    text = str(error)
+    return (type(error).__name__ == "OutOfMemoryError" or "CUDA out of memory" in text
+            or any(status in text for status in GPU_LIBRARY_OUT_OF_MEMORY))
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -64,8 +73,7 @@ def is_out_of_memory(error: BaseException) -> bool:
 def memory_kind(error: BaseException) -> str:
     """What ran out: "GPU memory" for a GPU's out-of-memory error, "memory" for the CPU's."""
     cause = out_of_memory_cause(error)
-    gpu = cause is not None and (type(cause).__name__ == "OutOfMemoryError" or "CUDA out of memory" in str(cause))
-    return "GPU memory" if gpu else "memory"
+    return "GPU memory" if cause is not None and _gpu_out_of_memory(cause) else "memory"
 
 
 def byte_size(count: float) -> str:

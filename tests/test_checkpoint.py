@@ -845,7 +845,8 @@ def test_out_of_memory_is_told_on_the_gpu_and_on_the_cpu_and_through_a_wrapper()
     cpu = RuntimeError("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: "
                        "you tried to allocate 400000000000 bytes. Error code 12 (Cannot allocate memory)")
     gpu = torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
-    for error, kind in ((cpu, "memory"), (gpu, "GPU memory"), (MemoryError(), "memory")):
+    cublas = RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`")
+    for error, kind in ((cpu, "memory"), (gpu, "GPU memory"), (MemoryError(), "memory"), (cublas, "GPU memory")):
         try:
             try:
                 raise error
