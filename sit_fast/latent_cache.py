@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import sys
+import zipfile
 
 import torch
 
@@ -93,10 +94,30 @@ def dataset_fingerprint(dataset: ImageFolderDataset, root: str) -> str:
     return digest.hexdigest()
 
 
-def pending_shards(out: str, shards: list[tuple[int, int, int]]) -> list[tuple[int, int, int]]:
-    """The shards (k, start, count) whose file is not yet in `out`."""
+def pending_shards(out: str, shards: list[tuple[int, int, int]],
+                   damaged: list[str] | None = None) -> list[tuple[int, int, int]]:
+    """The shards (k, start, count) whose file is not yet in `out`, or is there but not whole (cut short
+    or damaged since it was written whole: its zip directory, at the end, cannot be read); the names
+    of those are appended to `damaged`."""
     present = set(os.listdir(out))
-    return [shard for shard in shards if shard_name(shard[0]) not in present]
+    pending = []
+    for shard in shards:
+        name = shard_name(shard[0])
+        if name in present and whole_archive(os.path.join(out, name)):
+            continue
+        if name in present and damaged is not None:
+            damaged.append(name)
+        pending.append(shard)
+    return pending
+
+
+def whole_archive(path: str) -> bool:
+    """Whether torch.save's zip archive at `path` ends in a directory that can be read (its tail alone is read)."""
+    try:
+        with zipfile.ZipFile(path):
+            return True
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 def write_refused(what: str, err: OSError) -> UserError:
@@ -179,7 +200,11 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
         check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt", lock=lock)
         if leftovers := unfinished_writes(args.out, r"shard-\d{5}\.pt", "shard", "a process"):
             logger.warning(leftovers)
-        pending = pending_shards(args.out, shards)
+        damaged = []
+        pending = pending_shards(args.out, shards, damaged)
+        if damaged:
+            logger.warning(f"--out {args.out}: {len(damaged)} shard(s) cut short or damaged ({', '.join(damaged[:3])}"
+                           f"{', ...' if len(damaged) > 3 else ''}): encoded again")
         if pending and os.path.exists(index := os.path.join(args.out, CACHE_INDEX)):
             os.remove(index)  # an earlier build's (its shards deleted since): the cache is unfinished until finish()
         return pending

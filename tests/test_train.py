@@ -3123,6 +3123,15 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
     again = torch.load(shard(1), weights_only=True)
     for key in ("mean", "std", "labels"):
         torch.testing.assert_close(again[key], first[key], rtol=0, atol=0)
+    # a shard cut short after it was written whole (a copy that failed, a damaged disk) is encoded again
+    with open(shard(1), "r+b") as f:
+        f.truncate(os.path.getsize(shard(1)) // 2)
+    capsys.readouterr()
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    captured = capsys.readouterr()
+    assert "4 of 6 images already in" in captured.out
+    assert f"--out {out}: 1 shard(s) cut short or damaged ({latent_cache.shard_name(1)}): encoded again" in captured.err
+    assert torch.equal(torch.load(shard(1), weights_only=True)["mean"], first["mean"])
 
     def refused(extra):
         capsys.readouterr()
