@@ -235,7 +235,9 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
     input_size, patch_size, in_channels, hidden_size, depth, learn_sigma, and num_classes assuming
     the label table has the extra "null" row that class dropout adds (as every released SiT has).
+    A wrapper's state_dict (keys "module." / "_orig_mod.") is read as load_into_model reads it.
     """
+    state_dict = given_state_dict(state_dict, "state_dict", "infer_config", "read_checkpoint(path)[0]")
     try:
         proj = state_dict["x_embedder.proj.weight"]  # (D, C, p, p)
         final = state_dict["final_layer.linear.weight"]  # (p * p * out_channels, D)
@@ -277,6 +279,23 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
             return model
 
 
+def given_state_dict(state_dict, source: str, function: str, file_function: str) -> dict[str, torch.Tensor]:
+    """A state_dict handed to `function` in memory, checked (checked_state_dict: wrappers' prefixes
+    stripped); TypeError for a path (a file goes to `file_function`) or something else, CheckpointError
+    for a whole training checkpoint, naming its entry to pass."""
+    if isinstance(state_dict, (str, os.PathLike)):
+        raise TypeError(f"{function} takes a state_dict, got the path {os.fspath(state_dict)!r}: a file loads "
+                        f"with {file_function}")
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"{function} takes a state_dict (a dict of tensors), got a {type(state_dict).__name__}")
+    entries = [k for k in ("ema", "model") if isinstance(state_dict.get(k), dict)]
+    if entries:  # a whole training checkpoint (train.py's or upstream's), not its weights
+        raise CheckpointError(f"{source} is a training checkpoint (entries {', '.join(map(str, state_dict))}), not a "
+                              f"state_dict: pass its [{entries[0]!r}] entry, or load the file with "
+                              f"load_checkpoint / read_checkpoint, which take the EMA weights from it")
+    return checked_state_dict(state_dict, source)
+
+
 def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> dict:
     """Load strictly; when only the class count differs, redraw the label table's class rows and keep
     the checkpoint's null row (its last) as the model's (but a class-free model, class_dropout_prob=0,
@@ -287,18 +306,8 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     wrapper into the model it holds, and such a wrapper's state_dict (keys "module." / "_orig_mod.")
     loads as read_checkpoint's would. Returns {"label_table_reinitialised": bool}.
     """
-    if isinstance(state_dict, (str, os.PathLike)):
-        raise TypeError(f"load_into_model takes a state_dict, got the path {os.fspath(state_dict)!r}: a file loads "
-                        f"with load_checkpoint(model, path)")
-    if not isinstance(state_dict, dict):
-        raise TypeError(f"load_into_model takes a state_dict (a dict of tensors), got a {type(state_dict).__name__}")
-    entries = [k for k in ("ema", "model") if isinstance(state_dict.get(k), dict)]
-    if entries:  # a whole training checkpoint (train.py's or upstream's), not its weights
-        raise CheckpointError(f"{source} is a training checkpoint (entries {', '.join(map(str, state_dict))}), not a "
-                              f"state_dict: pass its [{entries[0]!r}] entry, or load the file with "
-                              f"load_checkpoint / read_checkpoint, which take the EMA weights from it")
+    state_dict = given_state_dict(state_dict, source, "load_into_model", "load_checkpoint(model, path)")
     model = unwrap_model(model)
-    state_dict = checked_state_dict(state_dict, source)
     own = model.state_dict()
     missing = sorted(own.keys() - state_dict.keys())
     unexpected = sorted(state_dict.keys() - own.keys())

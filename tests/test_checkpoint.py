@@ -46,6 +46,23 @@ def test_upstream_layout_loads_strict_and_round_trips(tmp_path, depth, hidden, p
                        learn_sigma=learn_sigma, num_classes=10)
 
 
+def test_infer_config_reads_a_wrappers_state_dict_and_names_a_training_checkpoints_entry():
+    """What load_into_model takes, infer_config reads alike: a DDP or compiled model's keys ("module.",
+    "_orig_mod."); a whole training checkpoint is named as one, with the entry to pass; a path or a list is
+    a TypeError naming what to call."""
+    sd = upstream_state_dict(2, 32, 2, True)
+    wrapped = {f"module._orig_mod.{k}": v for k, v in sd.items()}
+    assert infer_config(wrapped) == infer_config(sd)
+    with pytest.raises(CheckpointError, match=r"^state_dict is a training checkpoint \(entries model, ema\), not a "
+                                              r"state_dict: pass its \['ema'\] entry"):
+        infer_config({"model": sd, "ema": sd})
+    with pytest.raises(TypeError, match=r"^infer_config takes a state_dict, got the path 'w\.pt': a file loads with "
+                                        r"read_checkpoint\(path\)\[0\]$"):
+        infer_config("w.pt")
+    with pytest.raises(TypeError, match=r"^infer_config takes a state_dict \(a dict of tensors\), got a list$"):
+        infer_config([sd])
+
+
 def test_infer_config_counts_no_blocks_as_depth_0():
     sd = {k: v for k, v in upstream_state_dict(1, 32, 2, True).items() if not k.startswith("blocks.")}
     assert infer_config(sd)["depth"] == 0
