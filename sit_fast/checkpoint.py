@@ -332,11 +332,16 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         # fine-tune. The checkpoint's last row is taken as its null row, as infer_config does.
         keep_null = embedder is not None and getattr(embedder, "dropout_prob", 0) > 0 and rows_ckpt > 0
         null_row = table[-1] if keep_null else None
+        # One row fewer is also what a checkpoint of the model's classes trained without class dropout
+        # (no null row) has: its last row is then a class, taken here for the null label
+        class_free_hint = (f" (a checkpoint of {rows_ckpt} classes trained without class dropout has no null row: "
+                           f"its last row is a class; load it into a model with class_dropout_prob=0 to keep its "
+                           f"table whole)" if keep_null and rows_ckpt == rows_model - 1 else "")
         logger.warning(
             "%s has a label table of %d rows, the model %d (num_classes=%d): the label table is "
-            "re-initialised%s; class-conditional outputs are meaningless until it is trained",
+            "re-initialised%s%s; class-conditional outputs are meaningless until it is trained",
             source, rows_ckpt, rows_model, getattr(model, "num_classes", rows_model),
-            " but for its last row, the null label of guidance, kept" if keep_null else "",
+            " but for its last row, the null label of guidance, kept" if keep_null else "", class_free_hint,
         )
         state_dict = {**state_dict, LABEL_TABLE_KEY: own_table}
     elif missing or unexpected or mismatched:

@@ -106,7 +106,7 @@ def test_class_count_mismatch_reinitialises_label_table(tmp_path, caplog):
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and "\n" not in messages[0]
     assert "1001 rows" in messages[0] and "11" in messages[0] and "re-initialised" in messages[0]
-    assert "null label of guidance, kept" in messages[0]
+    assert "null label of guidance, kept" in messages[0] and "trained without class dropout" not in messages[0]
     table = model.y_embedder.embedding_table.weight.detach()
     classes = table[:-1]  # redrawn as at initialisation; the null row, the last, is the checkpoint's
     assert table.shape == (11, 32) and abs(classes.mean().item()) < 0.01 and 0.015 < classes.std().item() < 0.025
@@ -705,6 +705,10 @@ def test_class_free_checkpoint_needs_class_dropout_zero_to_keep_its_label_table(
     with caplog.at_level(logging.WARNING, logger="sit_fast"):
         assert load_checkpoint(SiT_models["SiT-T/2"](input_size=8, num_classes=10), tmp_path / "free.pt")[
             "label_table_reinitialised"]
+    assert (f"{tmp_path / 'free.pt'} has a label table of 10 rows, the model 11 (num_classes=10): the label table is "
+            "re-initialised but for its last row, the null label of guidance, kept (a checkpoint of 10 classes trained "
+            "without class dropout has no null row: its last row is a class; load it into a model with "
+            "class_dropout_prob=0 to keep its table whole); class-conditional") in caplog.text
     model = SiT_models["SiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=0)
     assert not load_checkpoint(model, tmp_path / "free.pt")["label_table_reinitialised"]
     assert torch.equal(model.y_embedder.embedding_table.weight, free.y_embedder.embedding_table.weight)
