@@ -366,7 +366,11 @@ def check_activation(op: str, name: str, t: torch.Tensor, ref_shape: torch.Size 
 
 
 def check_eps(op: str, eps: float) -> None:
-    """ValueError unless eps is a finite number >= 0 (a negative one makes rsqrt(var + eps) NaN)."""
+    """ValueError unless eps is a finite number >= 0 (a negative one makes rsqrt(var + eps) NaN). Skipped
+    while torch.compile traces, which may take eps as a symbol (dynamic=True, or after a second value)
+    that the check cannot read without breaking the graph: the ops check it again as they run."""
+    if torch.compiler.is_compiling():
+        return
     if not (isinstance(eps, numbers.Real) and not isinstance(eps, bool) and math.isfinite(eps) and eps >= 0):
         raise ValueError(f"{op}: eps must be a finite number >= 0, got {eps!r}")
 

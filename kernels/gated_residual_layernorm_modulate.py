@@ -429,6 +429,7 @@ def gated_residual_layernorm_modulate_op(
     h_dtype: Optional[torch.dtype],
     save_x_hat: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    _launch.check_eps(OP, eps)  # again where a compiled caller traced it as a symbol
     return gated_residual_layernorm_modulate_forward(x, gate, y, shift, scale, eps, h_dtype, save_x_hat)
 
 

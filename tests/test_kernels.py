@@ -1442,6 +1442,28 @@ def test_kernel_torch_compile_fullgraph_forward_backward(frozen):
             assert_close(f"compiled block d{name}", p.grad, p_ref.grad, Tol(1e-4, 3e-5))
 
 
+@pytest.mark.spread
+def test_kernel_eps_traced_as_a_symbol_compiles_in_one_graph_and_is_still_checked():
+    """torch.compile takes eps as a symbol once it has seen a second value (or under dynamic=True): the ops
+    still compile into one graph, give the reference's outputs at each eps, and refuse a negative eps as
+    they run."""
+    torch._dynamo.reset()
+    B, T, D = 2, 5, 72
+    x, y = torch.randn(B, T, D, device=DEVICE), torch.randn(B, T, D, device=DEVICE)
+    gate, shift, scale = (torch.randn(B, D, device=DEVICE) for _ in range(3))
+
+    def both(ops, eps):
+        return (ops.layernorm_modulate(x, shift, scale, eps=eps),
+                *ops.gated_residual_layernorm_modulate(x, gate, y, shift, scale, eps=eps))
+
+    compiled = torch.compile(lambda eps: both(kernels, eps), fullgraph=True)
+    for eps in (1e-6, 1e-2, 0.5):
+        for name, out, ref in zip(("y", "x_out", "h"), compiled(eps), both(reference, eps)):
+            assert_close(f"eps {eps} {name}", out, ref, Tol(1e-5, 1e-5))
+    with pytest.raises(ValueError, match=r"layernorm_modulate: eps must be a finite number >= 0, got -1\.0"):
+        compiled(-1.0)
+
+
 def test_kernel_inference_skips_saving_x_hat():
     """Without autograd (sampling), the forward writes no x_hat; outputs are unchanged."""
     B, T, D = 2, 5, 72
