@@ -373,6 +373,7 @@ def gelu_linear(a: torch.Tensor, bias_a: torch.Tensor, weight: torch.Tensor, bia
     """fc2(GELU_tanh(a + bias_a)), saving only a (and the vectors) for backward (see gelu_linear_op).
     bias_a, weight and bias are cast to a's dtype (what autocast would do; a is fc1's matmul under
     it); their gradients come back in their own dtype through the cast."""
+    _launch.refuse_forward_ad("gelu_linear", a=a, bias_a=bias_a, weight=weight, bias=bias)
     return gelu_linear_op(a, bias_a.to(a.dtype), weight.to(a.dtype), bias.to(a.dtype))
 
 

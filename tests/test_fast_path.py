@@ -307,6 +307,34 @@ def test_gelu_linear_computes_only_the_gradients_asked_for(trainable):
     assert counter.get_total_flops() == gemms * 2 * N * out_features * hidden
 
 
+@pytest.mark.parametrize("mode", ["func.jvp", "forward_ad"])
+def test_the_fast_mlp_refuses_forward_mode_ad(mode):
+    """A tangent into the fast path's MLP (its custom ops have no forward-mode formula) is refused, as the
+    adaLN ops refuse theirs, rather than dropped: a whole model's JVP with tangents on the MLPs' weights
+    alone came back zero."""
+    import kernels
+
+    mlp = models.Mlp(16, 64).to(DEVICE)
+    x = torch.randn(2, 3, 16, device=DEVICE, requires_grad=True)  # a gradient flows: no GELU epilogue on CUDA
+    weight, tangent = mlp.fc1.weight.detach(), torch.randn_like(mlp.fc1.weight)
+
+    def fast(w):
+        return torch.func.functional_call(mlp, {"fc1.weight": w}, (x,), {"fast": True})
+
+    with pytest.raises(NotImplementedError, match=r"^gelu_linear: forward-mode AD .* a \(2, 3, 64\) carries a "):
+        if mode == "func.jvp":
+            torch.func.jvp(fast, (weight,), (tangent,))
+        else:
+            with torch.autograd.forward_ad.dual_level():
+                fast(torch.autograd.forward_ad.make_dual(weight, tangent))
+    a, bias = torch.randn(4, 64, device=DEVICE), torch.randn(64, device=DEVICE)
+    with pytest.raises(NotImplementedError, match=r"^bias_gelu: forward-mode AD .* bias \(64,\) carries a "):
+        torch.func.jvp(lambda b: kernels.bias_gelu(a, b), (bias,), (torch.randn_like(bias),))
+    reference = torch.func.jvp(lambda w: torch.func.functional_call(mlp, {"fc1.weight": w}, (x,)), (weight,),
+                               (tangent,))[1]
+    assert reference.abs().max() > 0  # the reference MLP carries it
+
+
 @pytest.mark.parametrize("frozen", [False, True], ids=["trained", "frozen"])
 def test_fast_backward_does_the_references_matmuls(frozen):
     """Backward FLOPs (GEMMs and attention) of the fast path equal the reference's, for a training
