@@ -132,6 +132,13 @@ def _fused_on(fused_kernels: bool | str, device: torch.device, dtype: torch.dtyp
             "fused_kernels=True: on the CPU the kernels need the Triton interpreter: set TRITON_INTERPRET=1 "
             "before triton is imported, or use fused_kernels=False"
         )
+    if fused_kernels is True and not _SHAPES_ONLY and device.type != "meta":
+        if device.type not in ("cuda", "cpu"):
+            raise ValueError(f"fused_kernels=True: the kernels run on CUDA GPUs (and on the CPU through the Triton "
+                             f"interpreter), not on {device.type}: use fused_kernels=False or 'auto'")
+        if not _TRITON_IMPORTED:
+            raise ValueError(f"fused_kernels=True: the kernels need triton, which failed to import "
+                             f"({kernels._TRITON_IMPORT_ERROR}): install triton, or use fused_kernels=False")
     return bool(fused_kernels)
 
 

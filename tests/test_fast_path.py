@@ -551,6 +551,17 @@ def test_fused_kernels_resolution(monkeypatch):
     monkeypatch.setattr(models, "_TRITON_IMPORTED", False)  # "auto" without triton: the reference ops
     assert models.resolve_fused_kernels("auto", torch.device("cuda")) is False
     assert models.resolve_fused_kernels("auto", cpu) is False
+    # on, where they cannot run: said now, not at the first forward (after a checkpoint and a VAE loaded)
+    monkeypatch.setattr(models.kernels, "_TRITON_IMPORT_ERROR", ImportError("No module named 'triton'"))
+    with pytest.raises(ValueError, match=r"^fused_kernels=True: the kernels need triton, which failed to import \(No "
+                                         r"module named 'triton'\): install triton, or use fused_kernels=False$"):
+        models.resolve_fused_kernels(True, torch.device("cuda"))
+    monkeypatch.setattr(models, "_TRITON_IMPORTED", True)
+    for other in ("mps", "xpu"):
+        with pytest.raises(ValueError, match=rf"^fused_kernels=True: the kernels run on CUDA GPUs \(and on the CPU "
+                                             rf"through the Triton interpreter\), not on {other}: use"):
+            models.resolve_fused_kernels(True, torch.device(other))
+        assert models.resolve_fused_kernels("auto", torch.device(other)) is False
     for setting in ("yes", 1, 0):  # 1 == True, but the checks above ask `is True`
         with pytest.raises(ValueError, match="fused_kernels must be"):
             SiT(num_classes=10, fused_kernels=setting, **CONFIGS["hd16-nosigma"])
