@@ -228,6 +228,8 @@ def _checked_overrides(source: str, overrides: dict) -> dict[str, int]:
             raise ValueError(f"{source}: unknown key {key!r}, expected one of {', '.join(OVERRIDE_KEYS)}")
         if value is None:
             continue
+        if not isinstance(value, int) or isinstance(value, bool):  # 2.0 == 2, but a Triton launch takes ints
+            raise ValueError(f"{source}: {key} must be an integer, got {value!r}")
         if key.endswith("num_warps") and value not in (1, 2, 4, 8, 16, 32):
             raise ValueError(f"{source}: {key} must be a power of two from 1 to 32, got {value!r}")
         if key.endswith("programs_per_slot") and (not isinstance(value, int) or value < 1):

@@ -484,6 +484,9 @@ def test_kernel_prefetch_test_leaves_the_global_seed_alone():
     ({"bwd_programs_per_slot": 0}, ">= 1"), ({"fwd_prefetch": 2}, "0 or 1"),
     ({"fwd_rows_per_step": 3}, "one of 1, 2, 4, 8"), ({"bwd_rows_per_step": 0}, "one of 1, 2, 4, 8"),
     ({"bwd_one_row_loop": 2}, "0 or 1"),
+    ({"fwd_rows_per_step": 2.0}, r"fwd_rows_per_step must be an integer, got 2\.0"),
+    ({"fwd_num_warps": 4.0}, r"fwd_num_warps must be an integer, got 4\.0"),
+    ({"bwd_prefetch": True}, "bwd_prefetch must be an integer, got True"),
 ])
 def test_kernel_launch_overrides_reject_bad_values(overrides, message):
     with pytest.raises(ValueError, match=message):
