@@ -1181,14 +1181,14 @@ def goals_markdown(document: dict) -> list[str]:
     """results.md's goals section (benchmarks.goals), once a suite with goals has started."""
     if not {"kernels", "train", "sample"} & set(document.get("suites_run") or []):
         return []
-    lines = ["## goals", "", "| issue | goal | batch | figure | target | noise (two windows) | verdict |",
+    lines = ["## goals", "", "| suite | goal | batch | figure | target | noise (two windows) | verdict |",
              "|" + " --- |" * 7]
     for row in document.get("goals") or []:
         if row["kind"] == "fraction":
             figure, target = _percent(row["figure"]), _percent(row["target"])
         else:
             figure, target = _fmt(row["figure"], ".3f", suffix="x"), f"{row['target']:.2f}x"
-        cells = [str(row["issue"]), row["goal"], _fmt(row["batch"]), figure, target, _percent(row["noise"]),
+        cells = [row["suite"], row["goal"], _fmt(row["batch"]), figure, target, _percent(row["noise"]),
                  row["verdict"]]
         lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
     return lines + ["", "Noise: the two windows' relative difference (window_spread) of the records compared, "

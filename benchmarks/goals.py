@@ -26,7 +26,6 @@ KERNEL_OPS = ("gated_residual_layernorm_modulate", "layernorm_modulate", "gated_
 
 @dataclasses.dataclass(frozen=True)
 class Goal:
-    issue: int
     text: str
     suite: str
     name: str
@@ -42,24 +41,24 @@ def goals() -> list[Goal]:
     found = []
     for op in KERNEL_OPS:
         found += [
-            Goal(3, f"{op} forward >= 85% of the copy bandwidth", "kernels", f"{op}.fwd", 0.85, "fraction_of_copy_bw"),
-            Goal(3, f"{op} backward >= 70% of the copy bandwidth", "kernels", f"{op}.bwd", 0.70, "fraction_of_copy_bw"),
-            Goal(3, f"{op} forward faster than torch.compile of the reference", "kernels", f"{op}.fwd", 1.0),
-            Goal(3, f"{op} backward faster than torch.compile of the reference", "kernels", f"{op}.bwd", 1.0),
+            Goal(f"{op} forward >= 85% of the copy bandwidth", "kernels", f"{op}.fwd", 0.85, "fraction_of_copy_bw"),
+            Goal(f"{op} backward >= 70% of the copy bandwidth", "kernels", f"{op}.bwd", 0.70, "fraction_of_copy_bw"),
+            Goal(f"{op} forward faster than torch.compile of the reference", "kernels", f"{op}.fwd", 1.0),
+            Goal(f"{op} backward faster than torch.compile of the reference", "kernels", f"{op}.bwd", 1.0),
         ]
     found += [
-        Goal(5, "training step >= 55% MFU", "train", "train_step", 0.55, "mfu"),
-        Goal(5, "training >= 1.25x the compiled reference's images/s", "train", "train_step", 1.25),
-        Goal(6, "250-step SDE with guidance, latency batch: >= 1.5x the compiled reference's images/s", "sample",
+        Goal("training step >= 55% MFU", "train", "train_step", 0.55, "mfu"),
+        Goal("training >= 1.25x the compiled reference's images/s", "train", "train_step", 1.25),
+        Goal("250-step SDE with guidance, latency batch: >= 1.5x the compiled reference's images/s", "sample",
              "sde_euler_250_cfg4", 1.5, batch="latency"),
     ]
-    # The issue names the SDE; its batch-256 goals are read for the 50-step ODE too, and say so.
+    # The batch-256 goals name the SDE; they are read for the 50-step ODE too, and say so.
     for name, sampler in (("sde_euler_250_cfg4", "250-step SDE"), ("ode_euler_50_cfg4", "50-step ODE")):
         also = "" if name.startswith("sde") else " (the SDE's goal, read for the ODE too)"
         found += [
-            Goal(6, f"{sampler} with guidance, throughput batch: >= 1.2x the compiled reference's images/s{also}",
+            Goal(f"{sampler} with guidance, throughput batch: >= 1.2x the compiled reference's images/s{also}",
                  "sample", name, 1.2, batch="throughput"),
-            Goal(6, f"{sampler} with guidance, throughput batch: >= 50% MFU{also}", "sample", name, 0.5, "mfu",
+            Goal(f"{sampler} with guidance, throughput batch: >= 50% MFU{also}", "sample", name, 0.5, "mfu",
                  batch="throughput"),
         ]
     return found
@@ -97,7 +96,7 @@ def judge(goal: Goal, records: list[dict], size_name: str | None, judged: bool) 
     if goal.batch is not None and size_name in SIZES:
         batches = SIZES[size_name]().sample_batches
         batch = min(batches) if goal.batch == "latency" else max(batches)
-    row = dict(issue=goal.issue, goal=goal.text, suite=goal.suite, kind="fraction" if goal.field else "ratio",
+    row = dict(goal=goal.text, suite=goal.suite, kind="fraction" if goal.field else "ratio",
                target=goal.target, batch=batch, figure=None, noise=None, verdict=None)
     variants = ["ours"] if goal.field else ["ours", COMPILED_REFERENCE[goal.suite]]
     found = [_find(records, goal, v, batch) for v in variants]
@@ -149,5 +148,5 @@ def console_lines(rows: list[dict], suites_run: list[str]) -> list[str]:
         target = f"{r['target']:.0%}" if fraction else f"{r['target']:.2f}x"
         batch = f" (batch {r['batch']})" if r["batch"] is not None else ""
         verdict = "" if r["verdict"] == NOT_JUDGED else f": {r['verdict']}"
-        lines.append(f"[goal] issue {r['issue']}: {r['goal']}{batch}: {figure}, target {target}{verdict}")
+        lines.append(f"[goal] {r['suite']}: {r['goal']}{batch}: {figure}, target {target}{verdict}")
     return lines

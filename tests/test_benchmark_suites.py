@@ -1530,10 +1530,10 @@ def test_console_and_markdown_show_the_records_figures():
     record.update(suite="train", name="train_step", variant="ours", dtype="bf16", status="ok", mfu=0.456,
                   median_ms=12.5, p20_ms=12.0, p80_ms=13.25)
     assert "MFU 45.6%" in console_line(record) and _ms(record) == "12.5 (12-13.25)"
-    row = dict(issue=5, goal="training >= 1.25x", suite="train", kind="ratio", target=1.25, batch=None,
+    row = dict(goal="training >= 1.25x", suite="train", kind="ratio", target=1.25, batch=None,
                figure=1.3, noise=0.02, verdict="met")
     lines = goals_markdown(dict(suites_run=["train"], goals=[row]))
-    assert "| 5 | training >= 1.25x | - | 1.300x | 1.25x | 2.0% | met |" in lines, lines
+    assert "| train | training >= 1.25x | - | 1.300x | 1.25x | 2.0% | met |" in lines, lines
     fields, source = RunContext.linked_parity(types.SimpleNamespace(parity={}), VARIANTS_BY_NAME["reference"],
                                               LINKED_PARITY)
     assert source == "the reference itself" and fields["parity_ok"] is True
@@ -1555,7 +1555,7 @@ def _goal_records(ours: dict, compiled: dict, suite="train", name="train_step", 
 def test_goal_verdicts_weigh_the_figure_against_the_noise(ours_ips, spreads, verdict):
     from benchmarks.goals import Goal, judge
 
-    goal = Goal(5, "training >= 1.25x", "train", "train_step", 1.25)
+    goal = Goal("training >= 1.25x", "train", "train_step", 1.25)
     records = _goal_records(dict(images_per_s=ours_ips, window_spread=spreads[0]),
                             dict(images_per_s=1000.0, window_spread=spreads[1]))
     row = judge(goal, records, "full", judged=True)
@@ -1568,12 +1568,12 @@ def test_goals_read_the_right_records():
     the smallest batch of the size; a fraction goal reads ours alone; what did not run says why."""
     from benchmarks.goals import Goal, judge
 
-    kernel = Goal(3, "faster", "kernels", "layernorm_modulate.bwd", 1.0)
+    kernel = Goal("faster", "kernels", "layernorm_modulate.bwd", 1.0)
     records = _goal_records(dict(median_ms=2.0, window_spread=0.0), dict(median_ms=3.0, window_spread=0.0),
                             suite="kernels", name="layernorm_modulate.bwd", batch=256)
     assert judge(kernel, records, "full", True)["figure"] == pytest.approx(1.5)
 
-    latency = Goal(6, "latency", "sample", "sde_euler_250_cfg4", 1.5, batch="latency")
+    latency = Goal("latency", "sample", "sde_euler_250_cfg4", 1.5, batch="latency")
     records = (_goal_records(dict(images_per_s=10.0, window_spread=0.0), dict(images_per_s=5.0, window_spread=0.0),
                              suite="sample", name="sde_euler_250_cfg4", batch=8)
                + _goal_records(dict(images_per_s=100.0, window_spread=0.0),
@@ -1582,11 +1582,11 @@ def test_goals_read_the_right_records():
     row = judge(latency, records, "full", True)
     assert (row["batch"], row["figure"], row["verdict"]) == (8, pytest.approx(2.0), "met")
 
-    mfu = Goal(5, "mfu", "train", "train_step", 0.55, "mfu")
+    mfu = Goal("mfu", "train", "train_step", 0.55, "mfu")
     records = _goal_records(dict(mfu=0.5, window_spread=0.02), dict(mfu=None, status="oom", note="no batch fits"))
     assert judge(mfu, records, "full", True)["verdict"] == "missed"
 
-    ratio = Goal(5, "ratio", "train", "train_step", 1.25)
+    ratio = Goal("ratio", "train", "train_step", 1.25)
     row = judge(ratio, records, "full", True)
     assert row["verdict"] == "not measured: reference+bf16+sdpa+compile: oom (no batch fits)", row
     assert judge(ratio, records[:1], "full", True)["verdict"] == \
@@ -1627,7 +1627,7 @@ def test_goals_judge_only_a_full_size_inductor_gpu_run_and_survive_odd_records()
     noted = [dict(records[0], status="error", note="bad | worse"), records[1]]
     document = dict(document, records=noted)
     document["goals"] = evaluate(document)
-    table = [line for line in goals_markdown(document) if line.startswith("| 5 |")]
+    table = [line for line in goals_markdown(document) if line.startswith("| train |")]
     assert len(table) == 2 and all(line.count(" | ") == 6 for line in table), table
 
 
@@ -1638,7 +1638,7 @@ def test_goals_judge_only_a_full_size_inductor_gpu_run_and_survive_odd_records()
 def test_goal_noise_is_a_fraction_of_the_target_and_the_target_itself_is_met(ours_ips, spreads, verdict):
     from benchmarks.goals import Goal, judge
 
-    goal = Goal(5, "training >= 1.25x", "train", "train_step", 1.25)
+    goal = Goal("training >= 1.25x", "train", "train_step", 1.25)
     records = _goal_records(dict(images_per_s=ours_ips, window_spread=spreads[0]),
                             dict(images_per_s=1000.0, window_spread=spreads[1]))
     assert judge(goal, records, "full", judged=True)["verdict"] == verdict
@@ -1649,7 +1649,7 @@ def test_goals_read_the_last_record_of_a_measurement_run_twice():
     the newest one, not the first."""
     from benchmarks.goals import Goal, judge
 
-    goal = Goal(5, "ratio", "train", "train_step", 1.25)
+    goal = Goal("ratio", "train", "train_step", 1.25)
     first = _goal_records(dict(images_per_s=900.0, window_spread=0.0), dict(images_per_s=1000.0, window_spread=0.0))
     again = _goal_records(dict(images_per_s=1500.0, window_spread=0.0), dict(images_per_s=1000.0, window_spread=0.0))
     row = judge(goal, first + again[:1], "full", True)
@@ -1657,7 +1657,7 @@ def test_goals_read_the_last_record_of_a_measurement_run_twice():
 
 
 def test_each_goal_holds_the_target_its_text_states_at_the_batch_it_names():
-    """The issues' numbers: a fraction goal's target is the percentage in its text, a speed-up goal's
+    """The goals' numbers: a fraction goal's target is the percentage in its text, a speed-up goal's
     the factor in its text (1.0: faster than); sampling's latency goals read the size's smallest
     batch, its throughput goals the largest, for the SDE and the ODE alike."""
     from benchmarks.common import SIZES
