@@ -17,7 +17,8 @@ sample each time, as upstream's `latent_dist.sample()` does. Layout of DIR:
     shard-00000.pt      {"mean": (n, 2, C, h, w), "std": (n, 2, C, h, w), "labels": (n,) int64}
                         axis 1: 0 = as is, 1 = mirrored; read with torch.load(weights_only=True, mmap=True)
 
-Shards are written atomically and skipped when present, so an interrupted run resumes (with any
+Shards are written atomically and skipped when present and whole (one cut short or damaged since is
+encoded again, with a warning), so an interrupted run resumes (with any
 number of processes; a process killed mid-write leaves a hidden .shard-NNNNN.pt.tmp-PID file, which
 the next run names for you to delete); settings.json records the settings that shape the latents,
 and a folder made with other settings is refused.
