@@ -15,7 +15,9 @@ import hashlib
 import os
 import re
 import secrets
+import signal
 import socket
+import threading
 import time
 import zipfile
 from dataclasses import dataclass
@@ -78,9 +80,26 @@ def init_distributed() -> DistInfo:
         backend = "gloo"
     if not dist.is_initialized():
         kwargs = {"device_id": device} if use_cuda else {}
-        dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size, **kwargs)
+        with interrupt_ends_at_once():  # the wait for the other processes (a launcher other than torchrun's)
+            dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
+                                    **kwargs)
     host_group()  # made now, by every rank at the same point, as groups must be
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
+
+
+@contextlib.contextmanager
+def interrupt_ends_at_once():
+    """Ctrl-C's default action, the process's end, within the block (main thread only): the store's wait
+    for the other processes runs in C++, where Python's handler would run only once they came, up to its
+    timeout later, and then as a traceback. Started out ignoring SIGINT (`train.py &`), it goes on so."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def is_distributed() -> bool:

@@ -583,3 +583,27 @@ def test_fingerprints_of_a_file_of_up_to_32_blocks_read_every_byte(tmp_path):
             changed[where] ^= 1
             (tmp_path / "b.bin").write_bytes(changed)
             assert file_fingerprint(str(tmp_path / "a.bin")) != file_fingerprint(str(tmp_path / "b.bin")), (size, where)
+
+
+def test_ctrl_c_while_waiting_for_the_other_processes_ends_the_process_at_once():
+    """A launcher other than torchrun (srun, RANK and WORLD_SIZE set by hand) with a peer that never comes:
+    Ctrl-C during the wait ends the process at once, by SIGINT's default action, with no traceback (the
+    store's wait runs in C++, where Python's handler would have run only once the peer came)."""
+    import signal
+    import subprocess
+    import sys
+
+    code = ("import sys; from sit_fast.distributed import init_distributed\n"
+            "print('waiting', flush=True); init_distributed()\n")
+    env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(free_port()), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == "waiting\n"
+        time.sleep(2.0)  # into the wait
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == -signal.SIGINT and "Traceback" not in stderr, (proc.returncode, stderr[-2000:])
