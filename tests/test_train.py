@@ -18,6 +18,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -4317,6 +4318,44 @@ def test_a_stop_between_log_lines_logs_the_steps_since_the_last_and_saves_them(t
     saved = checkpoint_path(str(exp / "checkpoints"), 3)
     assert list_checkpoints(str(exp / "checkpoints")) == [saved]
     assert f"stopped by SIGTERM after step 3; checkpoint {saved}: continue with --resume" in log
+
+
+def test_a_stop_signal_sent_again_while_the_run_ends_is_noted_not_its_default_action(tmp_path, monkeypatch):
+    """SIGTERM, then SIGTERM again while the stopped run closes its trackers (SLURM signals every process
+    and torchrun passes it on): the second is noted by the run's handler, not handed to the one from before
+    the run (by default the process's end, before the line saying where to resume); the run ends with the
+    first's status and line, and the handlers are restored as it ends."""
+    import signal
+
+    from sit_fast.training import loop
+
+    step, close = loop.Trainer.train_step, loop.Trainer.close_trackers
+
+    def signalled_in_step_two(self, batch):
+        if self.step == 1:
+            self.stop._handle(signal.SIGTERM, None)
+        return step(self, batch)
+
+    def closing_signalled_again(self, failed=False):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here
+        return close(self, failed)
+
+    monkeypatch.setattr(loop.Trainer, "train_step", signalled_in_step_two)
+    monkeypatch.setattr(loop.Trainer, "close_trackers", closing_signalled_again)
+    before_the_run = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: before_the_run.append(signum))
+    try:
+        with pytest.raises(SystemExit) as exit_:
+            train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "100", "--ckpt-every", "100"])
+        assert signal.getsignal(signal.SIGTERM) is not None and not before_the_run
+        os.kill(os.getpid(), signal.SIGTERM)  # after the run: the handler from before it again
+        time.sleep(0.2)
+        assert before_the_run == [signal.SIGTERM]
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_.value.code == 128 + signal.SIGTERM
+    assert "stopped by SIGTERM after step 2; checkpoint " in (tmp_path / "run" / "log.txt").read_text()
 
 
 def test_a_hangup_stops_with_a_checkpoint_unless_the_run_ignores_it(tmp_path):

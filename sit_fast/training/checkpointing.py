@@ -142,10 +142,12 @@ class StopRequest:
         elif when - self.interrupted_at >= INTERRUPT_GRACE:
             raise KeyboardInterrupt
 
-    def restore(self) -> None:
-        """The handlers as they were; waits for a flag exchange still in flight (one a peer's end cut
-        short is dropped: the run is ending, and the error that ends it is said elsewhere)."""
-        restore_handlers(self.previous)
+    def restore(self, handlers: bool = True) -> None:
+        """The handlers as they were (handlers=False: kept for now); waits for a flag exchange still in
+        flight (one a peer's end cut short is dropped: the run is ending, and the error that ends it is
+        said elsewhere)."""
+        if handlers:
+            restore_handlers(self.previous)
         pending, self.pending = self.pending, None
         if pending is not None:
             with contextlib.suppress(RuntimeError):

@@ -1269,7 +1269,10 @@ class Trainer:
             last_log, stopped_by = self._loop(stop, bar)
             failed = False
         finally:
-            stop.restore()
+            # Stopped by a signal: its handlers stay (main() restores them as it ends), so that the signal
+            # sent again (SLURM signals every process, torchrun passes it on) is noted, not the default
+            # action's end in the middle of closing the trackers and saying where to resume.
+            stop.restore(handlers=not stopped_by)
             if bar is not None:
                 bar.close()
             self.close_trackers(failed)  # on an error too: the scalars logged up to it are written
