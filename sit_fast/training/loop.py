@@ -493,10 +493,6 @@ class LogWindow:
             self.start += time.perf_counter() - began
 
 
-def same_folder(a: str, b: str) -> bool:
-    return os.path.realpath(a) == os.path.realpath(b)
-
-
 def data_source(args: argparse.Namespace) -> str:
     """What the run reads, for the resume check: the dataset and its absolute location."""
     if args.latent_cache is not None:
@@ -873,9 +869,11 @@ class Trainer:
         self.step, self.epoch, self.step_in_epoch, self.nonfinite_skipped = 0, 0, 0, 0
         self.skipped_in_a_row = 0  # steps of the log windows in a row that were all skipped
         self.last_checkpoint = None
-        self.wandb_id = None  # a resume in the checkpoint's own run folder goes on in its wandb run; a branch into
-        if ckpt is not None and same_folder(os.path.dirname(os.path.dirname(resume_path)), self.exp_dir):  # another
-            self.wandb_id = ckpt.get("wandb_id")  # folder (which the run may outlive) starts one of its own
+        # A resume in the checkpoint's own run folder goes on in its wandb run; one into another folder (a
+        # branch, which the run may outlive) starts a wandb run of its own.
+        own_run = ckpt is not None and (os.path.realpath(os.path.dirname(os.path.dirname(resume_path)))
+                                        == os.path.realpath(self.exp_dir))
+        self.wandb_id = ckpt.get("wandb_id") if own_run else None
         if ckpt is not None:
             self.restore_position(ckpt, resume_path)
         # The run ends at --max-steps or at the end of epoch --epochs, whichever comes first.
