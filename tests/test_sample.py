@@ -612,6 +612,8 @@ def test_misuse_is_a_one_line_error(files, tmp_path, capsys, monkeypatch, argv, 
     (["ODE", "--atol", 0], None),  # relative error alone, as torchdiffeq takes it (so upstream did)
     (["ODE", "--sampling-method", "euler", "--atol", 0, "--rtol", 0], None),  # fixed steps use no tolerance
     (["SDE", "--last-step", "None", "--last-step-size", 0], None),  # no last step: its size unused
+    (["SDE", "--diffusion-form", "SBDM", "--last-step-size", 0.9995],
+     "error: --sample-eps 0.001 and --last-step-size 0.9995 leave no time to integrate over"),
 ])
 def test_zero_tolerances_and_last_step_sizes(files, tmp_path, capsys, argv, error):
     """What upstream took, taken: one tolerance 0, a last-step size 0 without a last step; what no
