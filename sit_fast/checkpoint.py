@@ -269,9 +269,12 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The module inside torch.compile / DistributedDataParallel / DataParallel wrappers, however nested."""
+    """The module inside torch.compile / DistributedDataParallel / DataParallel / AveragedModel wrappers,
+    however nested (an AveragedModel's: the averaged copy it holds)."""
+    from torch.optim.swa_utils import AveragedModel
+
     while True:
-        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel):
+        if isinstance(model, torch.nn.parallel.DistributedDataParallel | torch.nn.DataParallel | AveragedModel):
             model = model.module
         elif isinstance(getattr(model, "_orig_mod", None), torch.nn.Module):
             model = model._orig_mod
@@ -302,9 +305,10 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
     takes a table of its classes and a null row without the null row).
 
     Any other difference raises CheckpointError naming the keys and shapes and the likely fix.
-    A model wrapped by torch.compile, DistributedDataParallel or DataParallel is loaded through the
-    wrapper into the model it holds, and such a wrapper's state_dict (keys "module." / "_orig_mod.")
-    loads as read_checkpoint's would. Returns {"label_table_reinitialised": bool}.
+    A model wrapped by torch.compile, DistributedDataParallel, DataParallel or AveragedModel is loaded
+    through the wrapper into the model it holds (an AveragedModel's count of averages, n_averaged, is
+    left as it is), and such a wrapper's state_dict (keys "module." / "_orig_mod.") loads as
+    read_checkpoint's would. Returns {"label_table_reinitialised": bool}.
     """
     state_dict = given_state_dict(state_dict, source, "load_into_model", "load_checkpoint(model, path)")
     model = unwrap_model(model)

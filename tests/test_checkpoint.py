@@ -408,6 +408,17 @@ def test_an_averaged_models_state_dict_loads_as_its_model(tmp_path):
         load_into_model(target, {**source.state_dict(), "n_averaged": torch.tensor(1)})
 
 
+def test_load_into_model_loads_into_an_averaged_models_copy():
+    """An AveragedModel holds its own copy of the model: that copy takes the weights, its count stays."""
+    source, target = model_for(2, 32, 2, True), model_for(2, 32, 2, True)
+    ema = torch.optim.swa_utils.AveragedModel(target, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    ema.n_averaged.fill_(3)
+    load_into_model(torch.compile(ema), source.state_dict())
+    for name, value in source.state_dict().items():
+        assert torch.equal(ema.module.state_dict()[name], value), name
+    assert ema.n_averaged.item() == 3
+
+
 # ----------------------------------------------------------------------------- python -m sit_fast.export
 
 def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys):
