@@ -1219,3 +1219,30 @@ def test_fixed_step_ode_methods_step_as_torchdiffeqs_do(ours, theirs, t0, t1):
     reference = odeint(lambda t, s: pair_drift(s, t.expand(x.shape[0])), state, grid, method=theirs)
     for a, b in zip(mine, reference):
         torch.testing.assert_close(a, b[-1], rtol=1e-13, atol=1e-13)
+
+
+@pytest.mark.parametrize("dtype", (torch.bfloat16, torch.float16))
+def test_low_precision_data_trains_on_float32_times_and_weights(dtype):
+    """A bf16 or fp16 x1 is the model's input's dtype, not the times' nor the loss's: t takes float32's
+    values (bf16 has none between 0.9961 and 1), and a VP noise model's velocity weight, (beta / sigma)^2,
+    about 1e6 near t = 1e-3, stays finite where fp16 overflows."""
+    transport = create_transport("VP", "noise", "velocity")
+    record = {}
+    torch.manual_seed(0)
+    x1 = torch.randn(4096, 2).to(dtype)
+
+    def model(x, t):
+        record.update(x=x, t=t)
+        return torch.zeros_like(x)
+
+    torch.manual_seed(1)
+    terms = transport.training_losses(model, x1)
+    assert record["x"].dtype == dtype and record["t"].dtype == torch.float32
+    assert record["t"].unique().numel() > 4000 and record["t"].max() > 0.999
+    assert terms["loss"].dtype == torch.float32 and torch.isfinite(terms["loss"]).all()
+    torch.manual_seed(1)
+    x0 = torch.randn_like(x1).double()  # the same draw
+    alpha, d_alpha, sigma, d_sigma = ref_coefficients("VP", record["t"].double()[:, None])
+    weight = (sigma**2 * d_alpha / alpha - sigma * d_sigma) ** 2 / sigma**2
+    inner = record["t"] < 0.9  # away from t = 1, where sigma_t = sqrt(1 - alpha_t^2) cancels in float32
+    torch.testing.assert_close(terms["loss"].double()[inner], (weight * x0**2).mean(1)[inner], rtol=1e-5, atol=0)

@@ -148,10 +148,12 @@ class Transport:
             return True
 
     def sample(self, x1):
-        """Draw (t, x0, x1) for training: x0 ~ N(0, I), t ~ U[t0, t1], both on x1's device."""
+        """Draw (t, x0, x1) for training: x0 ~ N(0, I) in x1's dtype, t ~ U[t0, t1] in float32 at least
+        (bf16 holds about 1400 times in [0, 1), none between 0.9961 and 1), both on x1's device."""
         x0 = torch.randn_like(x1)
         t0, t1 = self.check_interval(self.train_eps, self.sample_eps)
-        t = torch.rand(x1.shape[0], device=x1.device, dtype=x1.dtype) * (t1 - t0) + t0
+        dtype = torch.promote_types(x1.dtype, torch.float32)
+        t = torch.rand(x1.shape[0], device=x1.device, dtype=dtype) * (t1 - t0) + t0
         return t, x0, x1
 
     def training_losses(self, model, x1, model_kwargs=None):
@@ -161,7 +163,9 @@ class Transport:
         noise:    weight_t |eps_theta - x0|^2
         score:    weight_t |sigma_t s_theta + x0|^2
         with weight_t = 1, (beta_t / sigma_t)^2 or beta_t / sigma_t^2 (WeightType NONE, VELOCITY,
-        LIKELIHOOD), each averaged over the non-batch dimensions.
+        LIKELIHOOD), each averaged over the non-batch dimensions. t, the path's coefficients, the
+        weights and the loss are in float32 at least (a bf16 or fp16 x1's dtype is the model's input's:
+        (beta_t / sigma_t)^2, about 1e6 near t = 1e-3 on VP, is past fp16's range).
         Returns {"loss": (B,), "pred": model output}.
         """
         model_kwargs = {} if model_kwargs is None else model_kwargs
@@ -172,11 +176,13 @@ class Transport:
             raise TypeError(f"x1 must be floating point (images scaled to [-1, 1], or latents), got {x1.dtype}")
         t, x0, x1 = self.sample(x1)
         t, xt, ut = self.path_sampler.plan(t, x0, x1)
-        model_output = model(xt, t, **model_kwargs)
+        model_output = model(xt.to(x1.dtype), t, **model_kwargs)
         if model_output.shape != xt.shape:
             raise ValueError(f"model output shape {tuple(model_output.shape)} != input shape {tuple(xt.shape)}")
 
         terms = {"pred": model_output}
+        dtype = torch.promote_types(model_output.dtype, ut.dtype)  # float32 at least, as t
+        model_output, x0 = model_output.to(dtype), x0.to(dtype)
         if self.model_type == ModelType.VELOCITY:
             terms["loss"] = mean_flat((model_output - ut) ** 2)
             return terms
