@@ -691,6 +691,30 @@ def test_kernel_rows_with_a_large_mean(op):
     check_against_reference(op, inputs, case)
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy's, in the interpreter
+@pytest.mark.parametrize("rows", [1, 2])
+@pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
+def test_kernel_rows_whose_variance_overflows_are_nan(op, rows):
+    """An fp32 row of 1e20s and -1e20s (a diverged residual stream) has a variance past fp32's range:
+    its output and gradients are NaN, not `shift` (rsqrt(inf) = 0), and the other rows are untouched."""
+    case = DTYPE_CASES[0].values[0]
+    inputs = make_inputs(op, 2, 3, 72, case)
+    inputs["x"][0, 1] = 1e20 * torch.randn(72, device=DEVICE).sign()
+    if "y" in inputs:
+        inputs["y"][0, 1] = 0.0
+    for tensor in inputs.values():
+        tensor.requires_grad_(True)
+    with _launch.launch_overrides(fwd_rows_per_step=rows, bwd_rows_per_step=rows):
+        h = run_ours(op, inputs)[-1]
+        h.backward(torch.randn_like(h))
+    assert h[0, 1].isnan().all() and inputs["x"].grad[0, 1].isnan().all()
+    rest = torch.ones(2, 3, dtype=torch.bool, device=DEVICE)
+    rest[0, 1] = False
+    assert h[rest].isfinite().all() and inputs["x"].grad[rest].isfinite().all()
+    kept = {name: tensor.detach()[1:] for name, tensor in inputs.items()}  # the second sample alone
+    torch.testing.assert_close(h[1:], run_ours(op, kept)[-1])
+
+
 @pytest.mark.parametrize("op", ["layernorm_modulate", "gated_residual_layernorm_modulate"])
 def test_kernel_default_eps_is_one_in_a_million(op):
     """Without eps the ops take SiT's 1e-6 (PyTorch LayerNorm's default is 1e-5): rows of variance about
