@@ -5257,15 +5257,17 @@ def test_each_rank_is_seeded_as_upstream_seeds_it(monkeypatch):
     assert seeds == [7]
 
 
-def test_the_sample_grid_is_drawn_by_the_ema_with_the_null_label_for_guidance(tmp_path, monkeypatch):
+@pytest.mark.parametrize("cfg", ["4", "0.5"])
+def test_the_sample_grid_is_drawn_by_the_ema_with_the_null_label_for_guidance(tmp_path, monkeypatch, cfg):
     """save_samples' own guided batch (not the sampler's): every model call is the EMA's, its second
-    half labelled num_classes (the null row); the grid is written."""
+    half labelled num_classes (the null row); the grid is written. A scale below 1 guides too, as in
+    sample.py."""
     from sit_fast.distributed import init_distributed
     from sit_fast.models import SiT
     from sit_fast.training.args import parse_args
     from sit_fast.training.loop import Trainer
 
-    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run"), "--cfg-scale", "4",
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run"), "--cfg-scale", cfg,
                                         "--num-sample-images", "3", "--sample-steps", "2"])
     trainer = Trainer(args, explicit, init_distributed())
     calls, forward = [], SiT.forward

@@ -111,7 +111,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--sample-every", type=or_none(positive_int), default=10_000,
                      help="steps between EMA sample grids (none: no grids)")
     run.add_argument("--cfg-scale", type=finite_float, default=4.0,
-                     help="classifier-free guidance of the sample grids; 1 or below: unguided (as upstream)")
+                     help="classifier-free guidance of the sample grids (1: unguided; below 1 guides, as in sample.py)")
     run.add_argument("--sample-method", choices=["euler", "heun"], default="heun",
                      help="fixed-step ODE solver of the sample grids")
     run.add_argument("--sample-steps", type=positive_int, default=16, help="ODE steps of the sample grids")

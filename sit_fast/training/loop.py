@@ -1099,7 +1099,7 @@ class Trainer:
         z = torch.randn(n, self.channels, self.latent_size, self.latent_size, generator=generator).to(self.device)
         y = torch.randint(0, args.num_classes, (n,), generator=generator).to(self.device)
         sample_fn = Sampler(self.transport).sample_ode(sampling_method=args.sample_method, num_steps=args.sample_steps)
-        if args.cfg_scale > 1.0:
+        if args.cfg_scale != 1.0:  # below 1 too, as sample.py (upstream's train.py left the grid unguided)
             z = torch.cat([z, z])
             y = torch.cat([y, torch.full_like(y, args.num_classes)])
             latent = self.codec is not None or self.cache_vae_spec
@@ -1426,7 +1426,7 @@ class Trainer:
         if self.phase == "samples":
             last = f"; last checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
             return (f"out of {memory} after step {self.step} on {self.device} sampling the EMA grid of --num-sample-images "
-                    f"{args.num_sample_images}: lower it{' or --cfg-scale 1' if args.cfg_scale > 1 else ''}{last}")
+                    f"{args.num_sample_images}: lower it{' or --cfg-scale 1' if args.cfg_scale != 1 else ''}{last}")
         parts = args.grad_accum_steps
         micro = self.local_batch_size // parts
         batch = f"a batch of {self.local_batch_size} per GPU" + (f" in micro-batches of {micro}" if parts > 1 else "")
