@@ -2679,6 +2679,26 @@ def test_out_of_gpu_memory_names_the_flags_that_fit(tmp_path, capsys, monkeypatc
     assert err in (exp / "log.txt").read_text()
 
 
+def test_a_steps_grid_is_drawn_before_its_checkpoint_is_written(tmp_path, monkeypatch):
+    """At a step that is both a grid's and a checkpoint's, the grid comes first: a run killed between
+    the two resumes from the checkpoint before and draws it again, where a grid after the checkpoint
+    was lost for good (the resumed run starts after its step; the last step's relaunch has nothing to do)."""
+    from sit_fast.training.loop import Trainer
+
+    seen, original = [], Trainer.save_checkpoint
+
+    def save_checkpoint(self):
+        seen.append((self.step, sorted(os.listdir(os.path.join(self.exp_dir, "samples")))))
+        return original(self)
+
+    monkeypatch.setattr(Trainer, "save_checkpoint", save_checkpoint)
+    exp = tmp_path / "exp"
+    argv = [*BASE, "--exp-dir", str(exp), "--max-steps", "4", "--ckpt-every", "2", "--sample-every", "2",
+            "--num-sample-images", "2", "--sample-steps", "1"]
+    assert run_cli(argv) == 0
+    assert seen == [(2, ["0000002.png"]), (4, ["0000002.png", "0000004.png"])]
+
+
 def test_out_of_gpu_memory_in_a_step_after_a_sample_grid_is_advised_as_trainings(tmp_path, capsys, monkeypatch):
     """The sampling phase ends with its grid: a step after it that runs out of memory gets the training
     advice (the batch and the flags that fit it), not the grid's."""

@@ -1342,13 +1342,17 @@ class Trainer:
                     grid_now = args.sample_every is not None and self.step % args.sample_every == 0
                     if checkpoint_now or grid_now:
                         with window.paused():  # throughput counts training steps only
+                            # The grid before the checkpoint: a run killed between the two resumes from
+                            # the one before and draws the grid again, where a grid after it was never
+                            # drawn. A grid that fails saves the checkpoint itself.
                             if checkpoint_now:
-                                self.check_finite()
-                                self.save_checkpoint()
+                                self.check_finite()  # a diverged run ends here, before drawing its grid
                             if grid_now:
                                 self.phase = "samples"  # the others wait on the host group, not NCCL's 10 minutes
                                 self.sample_grid_or_save()
                                 self.phase = "train"
+                            if checkpoint_now:
+                                self.save_checkpoint()
                     if last:
                         break
                     stopped_by = stop.agreed()
