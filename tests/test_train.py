@@ -2375,6 +2375,41 @@ def test_a_new_branch_sets_aside_by_step_whatever_the_paths_spelling(tmp_path, m
     assert sorted(os.listdir(later)) == ["0000002.pt", "0000003.pt", "0000004.pt"]
 
 
+@pytest.mark.parametrize("killed_after", range(6))
+def test_a_branch_set_aside_by_a_process_killed_midway_keeps_every_old_file(tmp_path, monkeypatch, killed_after):
+    """The process dies after `killed_after` of the six moves (three grids, then three checkpoints) and
+    the same resume runs again: the old branch's later grids and checkpoints are all kept aside (its
+    grids were left in samples/ for the new branch to overwrite, once its checkpoints had moved)."""
+    from sit_fast.training.loop import set_aside_later_checkpoints
+
+    class Killed(BaseException):
+        pass
+
+    ckpt_dir, samples = tmp_path / "checkpoints", tmp_path / "samples"
+    ckpt_dir.mkdir(), samples.mkdir()
+    for step in (3, 6, 9, 12):
+        (ckpt_dir / f"{step:07d}.pt").write_text(f"checkpoint {step}")
+        (samples / f"{step:07d}.png").write_text(f"grid {step}")
+    moves, replace = [], os.replace
+
+    def dying_replace(src, dst):
+        if len(moves) == killed_after:
+            raise Killed
+        moves.append(dst)
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", dying_replace)
+    with pytest.raises(Killed):
+        set_aside_later_checkpoints(str(ckpt_dir / "0000003.pt"), 3, str(ckpt_dir))
+    monkeypatch.setattr(os, "replace", replace)
+    set_aside_later_checkpoints(str(ckpt_dir / "0000003.pt"), 3, str(ckpt_dir))
+    assert sorted(os.listdir(samples)) == ["0000003.png"] + sorted(n for n in os.listdir(samples) if "superseded" in n)
+    assert [p.name for p in ckpt_dir.glob("*.pt")] == ["0000003.pt"]
+    kept = {p.name: p.read_text() for p in tmp_path.glob("*/superseded-*/*")}
+    assert kept == {**{f"{step:07d}.png": f"grid {step}" for step in (6, 9, 12)},
+                    **{f"{step:07d}.pt": f"checkpoint {step}" for step in (6, 9, 12)}}
+
+
 def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     """A second job training into a run folder while another does (the same job started twice, two
     jobs resuming one run) is refused in one line naming the first, which holds the folder's lock."""

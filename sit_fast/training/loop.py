@@ -246,18 +246,27 @@ def set_aside_later_checkpoints(resume_path: str, step: int, checkpoint_dir: str
     samples/superseded-<time>/. `step` is the resumed checkpoint's: the later ones are those of higher
     steps, whatever the resumed file's name or the path's spelling (a link in it). A checkpoint of
     another folder (--exp-dir elsewhere) moves nothing. Called once the resumed run is built, so a
-    refused resume moves nothing. Returns a line for the log ('' when nothing moved)."""
+    refused resume moves nothing. The grids move first: the later checkpoints are what says a branch
+    is still to be set aside, so a process killed in between sets the rest aside when run again.
+    Returns a line for the log ('' when nothing moved)."""
     resumed = os.path.abspath(resume_path)
     own = os.path.realpath(os.path.dirname(resumed)) == os.path.realpath(checkpoint_dir)
     later = [path for path in list_checkpoints(checkpoint_dir)  # newest first
              if own and int(os.path.splitext(os.path.basename(path))[0]) > step]
     if not later:
         return ""
+    samples = os.path.join(os.path.dirname(checkpoint_dir), "samples")
     stamp = folder = time.strftime("superseded-%Y%m%d-%H%M%S")
     k = 1
-    while os.path.exists(os.path.join(checkpoint_dir, folder)):  # two branches in one second
-        k += 1
+    while os.path.exists(os.path.join(checkpoint_dir, folder)) or os.path.exists(os.path.join(samples, folder)):
+        k += 1  # two branches in one second
         folder = f"{stamp}-{k}"
+    grids = sorted(name for name in (os.listdir(samples) if os.path.isdir(samples) else [])
+                   if re.fullmatch(r"\d+\.png", name) and int(name[:-4]) > step)
+    if grids:
+        os.makedirs(os.path.join(samples, folder))
+        for name in grids:
+            os.replace(os.path.join(samples, name), os.path.join(samples, folder, name))
     aside = os.path.join(checkpoint_dir, folder)
     os.makedirs(aside)
     for path in later:
@@ -265,13 +274,7 @@ def set_aside_later_checkpoints(resume_path: str, step: int, checkpoint_dir: str
     names = ", ".join(os.path.basename(p) for p in reversed(later))
     line = (f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved "
             f"to {aside}")
-    samples = os.path.join(os.path.dirname(checkpoint_dir), "samples")
-    grids = sorted(name for name in (os.listdir(samples) if os.path.isdir(samples) else [])
-                   if re.fullmatch(r"\d+\.png", name) and int(name[:-4]) > step)
     if grids:
-        os.makedirs(os.path.join(samples, folder), exist_ok=True)
-        for name in grids:
-            os.replace(os.path.join(samples, name), os.path.join(samples, folder, name))
         line += f", and its sample grids of later steps ({len(grids)}) to {os.path.join(samples, folder)}"
     return line
 
