@@ -64,6 +64,7 @@ def make_writable_folder(path: str, flag: str) -> None:
 
 def atomic_torch_save(obj, path: str) -> None:
     """torch.save(obj) onto `path` by atomic_write. A failed write (a full disk) raises its OSError,
+    and a stop signal's handler raising in a write (Stopped, Ctrl-C's KeyboardInterrupt) that stop,
     which torch.save's writer would turn into a RuntimeError that names only its own position."""
     import torch
 
@@ -80,7 +81,8 @@ def atomic_torch_save(obj, path: str) -> None:
 
 
 class _KeepWriteError:
-    """A file whose write keeps the OSError it raises (for atomic_torch_save)."""
+    """A file whose write keeps the exception it raises (for atomic_torch_save): an OSError, or a stop
+    signal's, which its handler raises where the main thread is."""
 
     def __init__(self, f):
         self.f, self.error = f, None
@@ -88,7 +90,7 @@ class _KeepWriteError:
     def write(self, data):
         try:
             return self.f.write(data)
-        except OSError as err:
+        except BaseException as err:
             self.error = err
             raise
 

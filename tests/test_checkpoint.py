@@ -1119,22 +1119,21 @@ def test_atomic_write_syncs_the_whole_file_before_the_rename_and_the_folder_afte
     assert (tmp_path / "out.bin").read_bytes() == b"x" * 1000
 
 
-def test_atomic_torch_save_on_a_full_disk_raises_the_oserror_naming_the_file(tmp_path, monkeypatch):
-    """torch.save's writer turns a failed write into a RuntimeError naming its own position; the
-    caller's one-line "cannot write PATH (No space left on device)" needs the OSError back."""
+def _third_write_raises(monkeypatch, error: BaseException) -> None:
+    """Files that sit_fast.files opens raise `error` from their third write (mid-file: a failed first
+    write comes out of torch.save as is)."""
     import builtins
-    import errno
 
     from sit_fast import files
 
-    class Full:
+    class Failing:
         def __init__(self, f):
             self.f, self.writes = f, 0
 
-        def write(self, data):  # the disk fills mid-file (a failed first write comes out of torch.save as is)
+        def write(self, data):
             self.writes += 1
             if self.writes > 2:
-                raise OSError(errno.ENOSPC, "No space left on device")
+                raise error
             return self.f.write(data)
 
         def __getattr__(self, name):
@@ -1146,12 +1145,40 @@ def test_atomic_torch_save_on_a_full_disk_raises_the_oserror_naming_the_file(tmp
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(files, "open", lambda path, mode="r", *a, **k: Full(builtins.open(path, mode, *a, **k)),
+    monkeypatch.setattr(files, "open", lambda path, mode="r", *a, **k: Failing(builtins.open(path, mode, *a, **k)),
                         raising=False)
+
+
+def test_atomic_torch_save_on_a_full_disk_raises_the_oserror_naming_the_file(tmp_path, monkeypatch):
+    """torch.save's writer turns a failed write into a RuntimeError naming its own position; the
+    caller's one-line "cannot write PATH (No space left on device)" needs the OSError back."""
+    import errno
+
+    from sit_fast import files
+
+    _third_write_raises(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     target = tmp_path / "0000004.pt"
     with pytest.raises(OSError) as info:
         files.atomic_torch_save({"w": torch.zeros(1000)}, str(target))
     assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(target))
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("signal_name", ["SIGTERM", "SIGINT"])
+def test_atomic_torch_save_stopped_mid_write_raises_the_stop(tmp_path, monkeypatch, signal_name):
+    """A stop signal's handler raises where the main thread is, often inside a write of torch.save's:
+    the stop (Stopped, or Ctrl-C's KeyboardInterrupt) comes out, for the job's "stopped" line and exit
+    status, not the RuntimeError torch.save's writer turns it into."""
+    import signal
+
+    from sit_fast import files
+    from sit_fast.interrupts import Stopped
+
+    stop = Stopped(signal.SIGTERM) if signal_name == "SIGTERM" else KeyboardInterrupt()
+    _third_write_raises(monkeypatch, stop)
+    with pytest.raises(KeyboardInterrupt) as info:
+        files.atomic_torch_save({"w": torch.zeros(1000)}, str(tmp_path / "0000004.pt"))
+    assert info.value is stop
     assert os.listdir(tmp_path) == []
 
 
