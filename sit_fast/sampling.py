@@ -87,9 +87,9 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
         if os.path.isfile(path):
             return path
     path = os.path.join(cache_dir(), name)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     partial = f"{path}.{os.getpid()}.partial"
     try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
         with urllib.request.urlopen(PRETRAINED_URLS[name], timeout=timeout_s) as response, open(partial, "wb") as f:
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
@@ -104,9 +104,17 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
         if not looks_like_a_checkpoint(partial):
             raise OSError("what came is not a checkpoint file (a web page in its place?)")
         os.replace(partial, path)
-    except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
+    except BaseException as err:  # a stop signal or Ctrl-C too: no partial file left in the cache
         if os.path.exists(partial):
             os.remove(partial)
+        if not isinstance(err, urllib.error.URLError | http.client.HTTPException | OSError):
+            raise
+        if isinstance(err, OSError) and err.errno in WRITE_REFUSED:  # the cache's disk full, or not writable
+            raise UserError(
+                f"cannot write the released checkpoint {name} into {os.path.dirname(path)} ({err.strerror}): make "
+                f"room there, set SIT_FAST_CACHE to a folder that can take it, or copy the file to "
+                f"{os.path.join(UPSTREAM_CACHE_DIR, name)}"
+            ) from None
         reason = getattr(err, "reason", None) or err
         raise UserError(
             f"cannot download the released checkpoint {name} ({reason}); without a network, copy it to "

@@ -957,15 +957,15 @@ def test_a_checkpoint_of_dit_training_is_warned_of(tmp_path, caplog):
 class _Response:
     """What urlopen returns, as far as the download reads it: headers, read(n), a context manager."""
 
-    def __init__(self, body: bytes, length: int | None, fail_after: int | None = None):
-        self.body, self.at, self.fail_after = body, 0, fail_after
+    def __init__(self, body: bytes, length: int | None, fail_after: int | None = None, error: BaseException = None):
+        self.body, self.at, self.fail_after, self.error = body, 0, fail_after, error
         self.headers = {"Content-Length": str(length)} if length is not None else {}
 
     def read(self, n: int) -> bytes:
         if self.fail_after is not None and self.at >= self.fail_after:
             import http.client
 
-            raise http.client.IncompleteRead(self.body[: self.at], len(self.body) - self.at)
+            raise self.error or http.client.IncompleteRead(self.body[: self.at], len(self.body) - self.at)
         end = self.at + n if self.fail_after is None else min(self.at + n, self.fail_after)
         chunk = self.body[self.at: end]
         self.at += len(chunk)
@@ -1011,6 +1011,41 @@ def test_a_release_download_is_kept_only_whole_and_a_checkpoint(tmp_path, monkey
     assert path == str(cache / "SiT-XL-2-256x256.pt") and os.listdir(cache) == ["SiT-XL-2-256x256.pt"]
     state_dict, _ = read_checkpoint(path)
     assert all(torch.equal(state_dict[k], sd[k]) for k in sd)
+
+
+def test_a_release_download_stopped_or_refused_by_the_disk_leaves_nothing_in_the_cache(tmp_path, monkeypatch):
+    """Ctrl-C or a stop signal mid-way comes out as it is, and a full disk as a line that names the cache
+    and how to make room; neither leaves its partial file (the size of the release) in the cache."""
+    import errno
+    import io
+    import signal
+    import urllib.request
+
+    from sit_fast.errors import UserError
+    from sit_fast.interrupts import Stopped
+    from sit_fast.sampling import pretrained_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("SIT_FAST_CACHE", str(cache))
+    buffer = io.BytesIO()
+    torch.save(upstream_state_dict(1, 32, 2, True), buffer)
+    good = buffer.getvalue()
+    for stop in (KeyboardInterrupt(), Stopped(signal.SIGTERM)):
+        response = _Response(good, len(good), fail_after=5000, error=stop)
+        monkeypatch.setattr(urllib.request, "urlopen", lambda *a, response=response, **k: response)
+        with pytest.raises(KeyboardInterrupt) as info:
+            pretrained_checkpoint()
+        assert info.value is stop and os.listdir(cache) == []
+    full = OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(good, len(good), 5000, full))
+    with pytest.raises(UserError) as info:
+        pretrained_checkpoint()
+    assert str(info.value) == (
+        f"cannot write the released checkpoint SiT-XL-2-256x256.pt into {cache} (No space left on device): make room "
+        f"there, set SIT_FAST_CACHE to a folder that can take it, or copy the file to "
+        f"{os.path.join('pretrained_models', 'SiT-XL-2-256x256.pt')}")
+    assert os.listdir(cache) == []
 
 
 def test_a_downloaded_release_is_taken_from_the_cache_and_may_be_in_the_old_format(tmp_path, monkeypatch):
