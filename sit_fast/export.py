@@ -20,6 +20,7 @@ import argparse
 import io
 import json
 import os
+import sys
 
 import torch
 
@@ -193,15 +194,20 @@ def main(argv: list[str] | None = None) -> dict:
         raise UserError(f"{'--dtype' if args.dtype is not None else '--force'} applies to the file that --out writes: "
                         f"pass --out PATH")
     from sit_fast.files import first_missing_folder, remove_empty_folders
+    from sit_fast.interrupts import exit_status, stop_signals_raise, what_stopped
 
     folder = os.path.dirname(os.path.abspath(args.out)) if args.out is not None else None
     made = first_missing_folder(folder) if folder is not None else None  # the outermost folder made for --out
     try:
-        return export(args, asked)
-    except BaseException:  # a checkpoint that cannot be read, say: the folders made for --out are not left
+        with stop_signals_raise():  # a stop signal raises where the export is: its partial file is removed
+            return export(args, asked)
+    except BaseException as err:  # a checkpoint that cannot be read, say: the folders made for --out are not left
         if made is not None:
             remove_empty_folders(folder, made)
-        raise
+        if not isinstance(err, KeyboardInterrupt):
+            raise
+        print(f"\n{what_stopped(err)}{'' if args.out is None else f'; {args.out} not written'}", file=sys.stderr)
+        raise SystemExit(exit_status(err)) from None
 
 
 def export(args: argparse.Namespace, asked: bool) -> dict:

@@ -599,6 +599,41 @@ def test_export_on_a_full_disk_is_one_line(tmp_path, monkeypatch, capsys):
         assert capsys.readouterr().err == f"error: cannot write {tmp_path / name}: No space left on device\n"
 
 
+def test_export_stopped_by_a_signal_mid_write_leaves_no_partial_file(tmp_path, monkeypatch, capsys):
+    """SIGTERM (a scheduler's) in the middle of the write: the "stopped" line and 128 + 15, and neither
+    the hidden partial file nor a folder made for --out left behind (the default action left both)."""
+    import signal
+
+    from sit_fast import export, files
+
+    ckpt = tmp_path / "0000100.pt"
+    torch.save(model_for(1, 32, 2, False).state_dict(), ckpt)
+    real_atomic_write = files.atomic_write
+
+    def atomic_write(path, write):
+        def signalled(f):
+            f.write(b"partial")
+            signal.raise_signal(signal.SIGTERM)
+            write(f)
+
+        real_atomic_write(path, signalled)
+
+    def default_action(signum, frame):
+        raise AssertionError("SIGTERM reached the handler in place before the export")
+
+    monkeypatch.setattr(files, "atomic_write", atomic_write)
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        out = tmp_path / "new" / "w.pt"
+        with pytest.raises(SystemExit) as exit_info:
+            export.main([str(ckpt), "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == f"\nstopped by SIGTERM; {out} not written\n"
+    assert os.listdir(tmp_path) == ["0000100.pt"]
+
+
 def test_export_refuses_to_write_over_the_release_it_reads_by_name(tmp_path, monkeypatch, capsys):
     """SiT-XL-2-256x256.pt named as upstream's release is the file in the cache: --out naming that file
     (with --force) is the checkpoint being read, as it is when given by its path."""
