@@ -6,6 +6,7 @@ import logging
 import os
 import re
 import socket
+import stat
 import tempfile
 
 from sit_fast.errors import UserError
@@ -103,7 +104,8 @@ def atomic_write(path: str, write) -> None:
 
     A crash at any point leaves either the old file or the complete new one, never a partial file
     under `path`; the temporary file is removed when the write fails, and an OS error that names no
-    file (a full disk) is given `path`.
+    file (a full disk) is given `path`. A file replaced keeps its permission bits (one made private
+    stays private); a new one has the umask's.
     """
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
@@ -112,6 +114,10 @@ def atomic_write(path: str, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        try:
+            os.chmod(tmp, stat.S_IMODE(os.stat(path).st_mode))
+        except FileNotFoundError:  # a new file
+            pass
         os.replace(tmp, path)
     except BaseException as err:
         if os.path.exists(tmp):

@@ -3,6 +3,7 @@ import argparse
 import logging
 import math
 import os
+import stat
 
 import pytest
 import torch
@@ -1167,8 +1168,6 @@ def test_a_step_that_is_not_an_integer_is_not_reported(tmp_path):
 
 def test_atomic_write_syncs_the_whole_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
     """A power cut after the rename must not leave an empty or partial file under the final name."""
-    import stat
-
     from sit_fast import files
 
     events, real_fsync, real_replace = [], os.fsync, os.replace
@@ -1187,6 +1186,24 @@ def test_atomic_write_syncs_the_whole_file_before_the_rename_and_the_folder_afte
     files.atomic_write(str(tmp_path / "out.bin"), lambda f: f.write(b"x" * 1000))
     assert events == [("fsync file", 1000), ("replace", "out.bin"), ("fsync dir",)]
     assert (tmp_path / "out.bin").read_bytes() == b"x" * 1000
+
+
+def test_atomic_write_keeps_the_permission_bits_of_the_file_it_replaces(tmp_path):
+    """A file made private (0600) stays private when rewritten (export --force, settings.json); a new
+    file takes the umask's bits, as open() gives them."""
+    from sit_fast import files
+
+    private, new = tmp_path / "private.pt", tmp_path / "new.pt"
+    private.write_bytes(b"old")
+    os.chmod(private, 0o600)
+    files.atomic_write(str(private), lambda f: f.write(b"new"))
+    assert private.read_bytes() == b"new" and stat.S_IMODE(os.stat(private).st_mode) == 0o600
+    umask = os.umask(0o027)
+    try:
+        files.atomic_write(str(new), lambda f: f.write(b"new"))
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE(os.stat(new).st_mode) == 0o640
 
 
 def _third_write_raises(monkeypatch, error: BaseException) -> None:
