@@ -768,6 +768,13 @@ class SiT(nn.Module):
             x, _ = x.chunk(2, dim=1)
         return x
 
+    def check_null_class(self, who: str) -> None:
+        """ValueError unless the label table has the null class guidance takes for its unconditional half
+        (label num_classes: a model built with class_dropout_prob=0 has none). who: what needs it."""
+        if self.y_embedder.embedding_table.num_embeddings == self.num_classes:
+            raise ValueError(f"{who} needs the null class (label {self.num_classes}) for the unconditional half, and "
+                             f"this model has none: it was built with class_dropout_prob=0")
+
     def forward_with_cfg(
         self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, cfg_scale: float, cfg_channels: int | str = 3
     ) -> torch.Tensor:
@@ -779,9 +786,7 @@ class SiT(nn.Module):
         (3 on a 1-channel pixel model).
         """
         check_cfg_channels(cfg_channels)
-        if self.y_embedder.embedding_table.num_embeddings == self.num_classes:
-            raise ValueError(f"forward_with_cfg needs the null class (label {self.num_classes}) for the unconditional "
-                             f"half, and this model has none: it was built with class_dropout_prob=0")
+        self.check_null_class("forward_with_cfg")
         if len(x) % 2:
             raise ValueError(f"forward_with_cfg takes the latents twice, [x, x] with labels [y, null]: "
                              f"the batch must be even, got {len(x)}")

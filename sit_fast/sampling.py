@@ -390,6 +390,8 @@ class ModelForwards:
         if cuda_graphs and device.type != "cuda":
             raise UserError("--cuda-graphs needs a CUDA device")
         check_cfg_channels(cfg_channels)
+        if cfg_scale != 1.0:
+            model.check_null_class(f"guidance (cfg_scale {cfg_scale:g})")
         if cast_weights and autocast_dtype is not None:
             model.cast_matmul_weights_(autocast_dtype)
         model.reuse_frozen_modulation = True  # the weights are fixed while these forwards sample

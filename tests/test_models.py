@@ -628,6 +628,18 @@ def test_forward_with_cfg_refuses_a_model_without_a_null_class():
         model.forward_with_cfg(x, t, y, 4.0)
 
 
+def test_the_samplers_guidance_refuses_a_model_without_a_null_class():
+    """The same ValueError from the sampling engine's guidance, as it is built (not an IndexError from
+    the label table at the first guided call); unguided, such a model samples."""
+    from sit_fast.sampling import Denoiser, ModelForwards
+
+    model = tiny_sit(class_dropout_prob=0.0).eval()
+    x, t, y = inputs(model, 4)
+    with pytest.raises(ValueError, match=r"^guidance \(cfg_scale 4\) needs the null class \(label 10\).*=0$"):
+        ModelForwards(model, cfg_scale=4.0)
+    assert Denoiser(ModelForwards(model)).for_labels(y)(x, t).shape == x.shape
+
+
 @pytest.mark.parametrize("bad", ["All", "3", 0, True, 2.0])
 def test_cfg_channels_are_all_or_a_positive_int(bad):
     from sit_fast.sampling import ModelForwards
