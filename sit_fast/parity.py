@@ -177,6 +177,8 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
     output's tolerance): the path sampling takes, where the fast path's MLP and adaLN GEMMs differ
     from training's. A compiled candidate compiles once more for it.
     """
+    if autocast_dtype not in (None, torch.float32, torch.bfloat16):  # TOLERANCES bound these only
+        raise ValueError(f"autocast_dtype must be None, torch.float32 or torch.bfloat16, got {autocast_dtype}")
     device = torch.device(device)
     candidate.load_state_dict(reference.state_dict())
     reference.to(device).eval()

@@ -55,6 +55,15 @@ def test_fast_fp32_matches_reference(config):
     assert report.output_rel_err <= tol["output"] and report.grad_rel_err_max <= tol["grad"], report.to_markdown()
 
 
+def test_compare_refuses_a_precision_it_has_no_bounds_for():
+    """fp16 autocast is not bf16: held to bf16's bounds (about 20 times fp16's rounding) and labelled
+    bf16, a 4% gradient error passed."""
+    reference, candidate = pair(list(CONFIGS)[0])
+    with pytest.raises(ValueError, match=r"^autocast_dtype must be None, torch.float32 or torch.bfloat16, got "
+                                         r"torch.float16$"):
+        compare(reference, candidate, batch_size=2, autocast_dtype=torch.float16, device=DEVICE)
+
+
 @pytest.mark.parametrize("config", list(CONFIGS))
 def test_fast_bf16_autocast_close_to_fp32_reference(config):
     """Within the absolute bf16 bounds, and each error within 3x the reference's own in bf16."""
