@@ -1260,14 +1260,33 @@ def test_derived_seeds_are_63_bit_for_any_integers_and_seed_each_images_noise():
     assert torch.equal(index_noise(3, [5], (3, 8, 8), 10)[0][0], torch.randn((3, 8, 8), generator=generator))
 
 
+def upstream_fid_uint8(images: torch.Tensor) -> np.ndarray:
+    """upstream sample_ddp.py's conversion of decoded samples, (N, C, H, W) -> (N, H, W, C) uint8."""
+    return torch.clamp(127.5 * images + 128.0, 0, 255).permute(0, 2, 3, 1).to("cpu", dtype=torch.uint8).numpy()
+
+
 def test_grey_images_are_repeated_to_rgb():
     grey = torch.rand(2, 1, 4, 4) * 2 - 1
     rgb = to_rgb_uint8(grey)
     assert rgb.shape == (2, 4, 4, 3) and rgb.dtype == np.uint8
     assert (rgb == rgb[..., :1]).all() and rgb.std() > 10
-    assert np.array_equal(rgb[..., 0], to_uint8(grey)[..., 0])
+    assert np.array_equal(rgb[..., 0], upstream_fid_uint8(grey)[..., 0])
     colour = torch.rand(2, 3, 4, 4) * 2 - 1
-    assert np.array_equal(to_rgb_uint8(colour), to_uint8(colour))  # RGB as it is
+    assert np.array_equal(to_rgb_uint8(colour), upstream_fid_uint8(colour))  # RGB as it is
+
+
+def test_fid_samples_are_rounded_as_upstreams_sample_ddp_byte_for_byte():
+    """Values within ulps of a half level, where 127.5 x + 128 (upstream's FID conversion) and
+    (x + 1) 127.5 + 0.5 (the grids', torchvision's) round apart in fp32 (x = -0.6745098233222961:
+    42 and 41), and out of range ones, come out as upstream's .npz has them."""
+    levels = torch.arange(256, dtype=torch.float64)
+    near = ((levels + 0.5) / 127.5 - 1).float()  # the half levels, then their neighbours a few ulps away
+    x = torch.cat([near + k * torch.finfo(torch.float32).eps * near.abs().clamp(min=1e-3) for k in range(-4, 5)])
+    x = torch.cat([x, torch.tensor([-0.6745098233222961, -1.5, 1.5, -1.0, 1.0, 0.0])]).reshape(1, 1, 1, -1)
+    ours = to_rgb_uint8(x)
+    assert np.array_equal(ours[..., 0], upstream_fid_uint8(x)[..., 0])
+    assert ours[0, 0, -6:, 0].tolist() == [42, 0, 255, 0, 255, 128]
+    assert (ours[..., 0] != to_uint8(x)[..., 0]).any()  # the grids' rounding differs there
 
 
 @pytest.mark.parametrize("n,nrow", [(1, 4), (3, 2), (3, 4), (5, 2), (8, 4), (8, 10)])
