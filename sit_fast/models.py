@@ -33,7 +33,15 @@ import torch.utils.checkpoint
 from torch.utils.flop_counter import register_flop_formula
 
 import kernels
-from kernels import _launch
+
+if getattr(kernels, "SIT_FAST_KERNELS", False) is not True:  # before its submodules are asked for
+    raise ImportError(
+        f"the `kernels` package imported ({getattr(kernels, '__file__', None) or kernels}) is not sit_fast's: "
+        f"Hugging Face's `kernels` package (pip's `kernels`) has the same import name, and one environment "
+        f"holds only one of them; uninstall it (pip uninstall kernels) and reinstall sit_fast (pip install -e .), "
+        f"or use another environment")
+
+from kernels import _launch  # noqa: E402
 from sit_fast.attention import ATTN_BACKENDS, SDPA_BACKENDS, attention_fn, resolve_backend
 from sit_fast.errors import UserError
 

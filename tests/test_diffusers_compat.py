@@ -48,3 +48,24 @@ def test_tiny_autoencoder_round_trip_with_our_kernels_importable():
     assert latents.shape == (1, 4, 8, 8)
     assert decoded.shape == image.shape
     assert torch.isfinite(decoded).all()
+
+
+def test_another_kernels_package_found_first_is_named_in_one_error(tmp_path):
+    """Hugging Face's `kernels`, found before ours on the path (an editable install's finder comes after
+    site-packages), stops sit_fast at import with the clash named, not an AttributeError in models.py."""
+    import os
+    import subprocess
+    import sys
+
+    other = tmp_path / "kernels"
+    other.mkdir()
+    (other / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
+    result = subprocess.run([sys.executable, "-c", "import sit_fast"], capture_output=True, text=True, env=env,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"ImportError: the `kernels` package imported ({other / '__init__.py'}) is not sit_fast's: "
+                    f"Hugging Face's `kernels` package (pip's `kernels`) has the same import name, and one environment "
+                    f"holds only one of them; uninstall it (pip uninstall kernels) and reinstall sit_fast (pip install "
+                    f"-e .), or use another environment"), result.stderr
