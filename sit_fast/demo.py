@@ -25,7 +25,6 @@ import torch
 from sit_fast.errors import UserError, cli_entry
 from sit_fast.files import make_folder
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a training run writes into its folder: the demo starts afresh over a folder holding these alone
 RUN_ENTRIES = {"log.txt", "experiment.json", "checkpoints", "samples", "tensorboard", ".lock"}
 
@@ -60,8 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def train(args: argparse.Namespace, exp_dir: str) -> None:
     if args.nproc is None:
         args.nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
-    train_py = os.path.join(REPO_ROOT, "train.py")
-    entry = [train_py] if os.path.isfile(train_py) else ["-m", "sit_fast.training"]
+    entry = ["-m", "sit_fast.training"]  # train.py's main, whatever train.py sits beside the package
     on_cuda = torch.cuda.is_available()
     command = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", *entry,

@@ -4068,8 +4068,8 @@ def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, c
     (command, env), = runs
     assert command[1:4] == ["-m", "torch.distributed.run", "--log-dir"]
     flags = command[command.index("--standalone"):]
-    assert flags[:2] == ["--standalone", "--nproc_per_node=2"]
-    given = dict(zip(flags[3::2], flags[4::2]))
+    assert flags[:4] == ["--standalone", "--nproc_per_node=2", "-m", "sit_fast.training"]  # not a train.py near by
+    given = dict(zip(flags[4::2], flags[5::2]))
     assert {key: given[key] for key in ("--dataset", "--image-size", "--vae", "--model", "--max-steps", "--lr",
                                         "--ema-decay", "--global-seed", "--log-every", "--ckpt-every",
                                         "--sample-every", "--cfg-scale", "--fused-kernels", "--exp-dir")} == {
