@@ -85,17 +85,25 @@ def fused_ops(compute_dtype: torch.dtype) -> dict[str, Callable]:
 
     The modulated outputs h come out in compute_dtype (under autocast, the dtype the next Linear
     runs in) while the residual stream keeps its own dtype, as in the reference. One dict per dtype,
-    so compiled code sees the same objects on every call.
+    so eager calls see the same objects on every call. A compiled caller does not read the memo: its
+    code would be guarded on the memo's contents and compiled again on its second call, once its
+    first had filled them in.
     """
+    if torch.compiler.is_compiling():
+        return _fused_ops_of(compute_dtype)
     if compute_dtype not in _FUSED_OPS:
-        _FUSED_OPS[compute_dtype] = {
-            "layernorm_modulate": functools.partial(kernels.layernorm_modulate, out_dtype=compute_dtype),
-            "gated_residual": kernels.gated_residual,
-            "gated_residual_layernorm_modulate": functools.partial(
-                kernels.gated_residual_layernorm_modulate, h_dtype=compute_dtype
-            ),
-        }
+        _FUSED_OPS[compute_dtype] = _fused_ops_of(compute_dtype)
     return _FUSED_OPS[compute_dtype]
+
+
+def _fused_ops_of(compute_dtype: torch.dtype) -> dict[str, Callable]:
+    return {
+        "layernorm_modulate": functools.partial(kernels.layernorm_modulate, out_dtype=compute_dtype),
+        "gated_residual": kernels.gated_residual,
+        "gated_residual_layernorm_modulate": functools.partial(
+            kernels.gated_residual_layernorm_modulate, h_dtype=compute_dtype
+        ),
+    }
 
 
 # Triton reads TRITON_INTERPRET once, when it is imported; so do we.

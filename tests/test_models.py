@@ -835,6 +835,21 @@ def test_an_eager_call_does_not_make_the_compiled_model_compile_again(monkeypatc
         compiled(x, t, y)
 
 
+def test_a_compiled_model_with_fused_kernels_compiles_once(monkeypatch):
+    """The fused ops' memo per dtype, filled in by the first compiled call, was read by the compiled
+    code, which was guarded on it: every compiled model traced again on its second call."""
+    from sit_fast import models
+
+    monkeypatch.setattr(models, "_FUSED_OPS", {})
+    torch._dynamo.reset()
+    model = randomize_(tiny_sit(fused_kernels=True))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    x, t, y = inputs(model)
+    compiled(x, t, y)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled(x, t, y)
+
+
 def test_model_with_compiled_blocks_pickles_and_deepcopies():
     """torch.save(model) after compile_blocks: the compiled step pickles as its arguments; an EMA
     deepcopy shares it."""
