@@ -813,6 +813,41 @@ def test_a_log_window_sums_the_loss_and_norm_of_applied_steps_only():
     assert (window.steps, window.applied_steps(), float(window.loss_sum), float(window.grad_norm_sum)) == (0, 0, 0, 0)
 
 
+def test_the_step_that_compiles_the_model_is_left_out_of_the_throughput(tmp_path, monkeypatch, capsys):
+    """--compile: the first step's minutes of compilation would make the first log line's steps/s, images/s
+    and MFU a fraction of the run's; it is left out, its time said on a line of its own. A window of that
+    step alone shows its own figure, compilation and all."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+
+    monkeypatch.setattr(torch, "compile", lambda model, **kwargs: model)  # what compiling costs is the clock's
+    clock = [100.0]
+    monkeypatch.setattr("sit_fast.training.loop.time.perf_counter", lambda: clock[0])
+    real_step = loop.Trainer._train_step
+
+    def step(self, batch, **kwargs):
+        clock[0] += 30.0 if kwargs.get("pause_priming") is False else 1.0  # the compiling step, then 1 s each
+        return real_step(self, batch, **kwargs)
+
+    monkeypatch.setattr(loop.Trainer, "_train_step", step)
+    generator = torch.Generator().manual_seed(0)
+    batch = (torch.randn(64, 1, 8, 8, generator=generator), torch.randint(0, 10, (64,), generator=generator))
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "run"), "--compile"])
+    trainer = loop.Trainer(args, explicit, init_distributed())
+    trainer.window.restart()
+    capsys.readouterr()
+    trainer.train_step(batch)
+    assert "step 1 compiled the model (--compile) and ran in 30.0 s, left out of the log's throughput" in \
+        capsys.readouterr().err
+    assert trainer.log(None)["steps_per_sec"] == pytest.approx(1 / 30)  # that step alone: its own figure
+    trainer.step = 1
+    trainer.compile_pending = True  # a window with the compiling step and two more
+    for _ in range(3):
+        trainer.train_step(batch)
+    assert trainer.log(None)["steps_per_sec"] == pytest.approx(1.0)  # 2 steps in 2 s; with it, 3 in 32 s
+
+
 def test_the_log_lines_throughput_counts_every_step_and_the_global_batch(tmp_path, monkeypatch):
     """Steps/s counts every step of the window, skipped ones too, and images/s is steps/s times the
     global batch (all ranks' images), not one rank's share of it."""

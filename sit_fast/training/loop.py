@@ -451,7 +451,8 @@ class LogWindow:
     (no host sync per step); `steps` counts every step, applied or skipped, and `applied` the applied
     ones, which is the same count on every rank (DDP gives every rank the same gradients). The wall
     time runs from `start`, less the pauses (`paused()`: checkpoints, sample grids), so that the
-    throughput counts training steps only."""
+    throughput counts training steps only; an untimed step (`paused(untimed_step=True)`: the step
+    that compiles the model) is left out of it with its time."""
 
     def __init__(self, device: torch.device):
         self.device = device
@@ -465,6 +466,7 @@ class LogWindow:
         self.grad_norm_sum.zero_()
         self.applied_on_device.zero_()
         self.applied, self.steps, self.start = 0, 0, time.perf_counter()
+        self.untimed_steps, self.untimed_s = 0, 0.0
 
     def add_step(self, loss: torch.Tensor, grad_norm: torch.Tensor, applied: bool | torch.Tensor) -> None:
         """One step taken: its loss and gradient norm count if it was applied (not skipped); applied is
@@ -484,7 +486,9 @@ class LogWindow:
         return self.applied + int(self.applied_on_device)
 
     @contextlib.contextmanager
-    def paused(self):
+    def paused(self, untimed_step: bool = False):
+        """The block's time is not the window's; with untimed_step, it is a step (added inside it)
+        that the throughput leaves out, whose device work is waited for before the clock resumes."""
         # the steps queued on the GPU are the window's: done before the pause's clock starts, not
         # drained by its first host read and subtracted from the window with the pause
         if self.device.type == "cuda":
@@ -492,8 +496,19 @@ class LogWindow:
         began = time.perf_counter()
         try:
             yield
+            if untimed_step:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                self.untimed_steps += 1
+                self.untimed_s += time.perf_counter() - began
         finally:
             self.start += time.perf_counter() - began
+
+    def steps_per_sec(self, elapsed: float) -> float:
+        """Steps per second of the window's timed steps over `elapsed`, its time less the pauses; a
+        window of untimed steps alone, as there is nothing else to show: theirs, with their time."""
+        timed = self.steps - self.untimed_steps
+        return timed / elapsed if timed else self.steps / (elapsed + self.untimed_s)
 
 
 def data_source(args: argparse.Namespace) -> str:
@@ -630,6 +645,7 @@ class Trainer:
         else:
             self.ddp = model
         self.train_model = torch.compile(self.ddp) if self.args.compile else self.ddp
+        self.compile_pending = bool(self.args.compile)  # the first step compiles: left out of the throughput
         # DDP lays its gradient buckets out anew after its first synced backward, in the order the
         # gradients came: a straight run sums them in that layout from its step 2 on, a resumed one
         # would at its first step sum them in the first layout, and with 3 or more ranks another order
@@ -1186,6 +1202,20 @@ class Trainer:
         self.opt.zero_grad(set_to_none=True)
 
     def train_step(self, batch) -> tuple[torch.Tensor, bool]:
+        """_train_step; the first of a compiled run's process, which compiles the model (minutes at
+        SiT-XL/2), is left out of the log's throughput, and its time said on a line of its own."""
+        if not getattr(self, "compile_pending", False):
+            return self._train_step(batch)
+        self.compile_pending = False
+        began = time.perf_counter()
+        with self.window.paused(untimed_step=True):
+            result = self._train_step(batch, pause_priming=False)
+        took = time.perf_counter() - began
+        logger.info(f"step {self.step + 1} compiled the model (--compile) and ran in {took:.1f} s, left out of the "
+                    f"log's throughput")
+        return result
+
+    def _train_step(self, batch, pause_priming: bool = True) -> tuple[torch.Tensor, bool]:
         """Forward, backward, optimizer and EMA; returns (detached loss, whether the update was applied).
 
         With --grad-accum-steps K the batch is cut into K equal micro-batches, each taken through the
@@ -1195,7 +1225,9 @@ class Trainer:
         micro_batches = [batch] if parts == 1 else list(zip(*(torch.chunk(torch.as_tensor(t), parts) for t in batch)))
         if self.buckets_to_prime:
             self.buckets_to_prime = False
-            with self.window.paused():  # also the compilation, where --compile: done here, not in the step
+            # also the compilation, where --compile: done here, not in the step (pause_priming False: a
+            # pause of the whole step holds this one)
+            with self.window.paused() if pause_priming else contextlib.nullcontext():
                 self.prime_buckets(micro_batches[0])
         self.opt.zero_grad(set_to_none=True)
         loss = None
@@ -1495,7 +1527,7 @@ class Trainer:
         count = applied * self.dist_info.world_size
         avg_loss = loss_total / count if count else math.nan  # every step of the window skipped: nothing to show
         grad_norm = norm_total / count if count else math.nan
-        steps_per_sec = window.steps / elapsed
+        steps_per_sec = window.steps_per_sec(elapsed)
         images_per_sec = steps_per_sec * self.args.global_batch_size
         record = {"loss": avg_loss, "grad_norm": grad_norm, "steps_per_sec": steps_per_sec,
                   "images_per_sec": images_per_sec}
