@@ -7,6 +7,7 @@ for a latent cache, whose posterior is sampled on the device by the training loo
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -348,6 +349,21 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Key):
         index, flip = key
         return self.load(index, flip), self.samples[index][1]
+
+
+def data_fingerprint(dataset: torch.utils.data.Dataset) -> str:
+    """A sha256 of what a training run reads: an image folder's (path, label) list, a latent cache's
+    index (its images' list, shards and latent space), else the dataset's kind, size and classes.
+    The processes of a run compare theirs: each reads its own copy (a node's local disk, say)."""
+    digest = hashlib.sha256()
+    if isinstance(dataset, ImageFolderDataset):
+        for path, label in dataset.samples:  # the same --data-path on every process: the same strings
+            digest.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
+    elif isinstance(dataset, LatentCacheDataset):
+        digest.update(json.dumps(dataset.index, sort_keys=True).encode())
+    else:
+        digest.update(f"{type(dataset).__name__} {len(dataset)} {dataset.num_classes}".encode())
+    return digest.hexdigest()
 
 
 class LatentCacheDataset(torch.utils.data.Dataset):

@@ -211,6 +211,29 @@ def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path, 
     assert outcomes[0] == f"rank 1 (on {socket.gethostname()}) failed: {outcomes[1]}", outcomes
 
 
+def test_a_node_whose_copy_of_the_data_differs_is_refused(tmp_path):
+    """Each node reads its own copy of --data-path: identical copies train; a copy with one image fewer
+    (which trained on other images under the same indices, or planned other steps per epoch and failed
+    at a collective) stops every rank with one line, naming what differs, before training."""
+    for node in ("node0", "node1"):
+        make_image_folder(tmp_path / node / "images", classes=2, per_class=3)
+    argv = BASE + ["--dataset", "imagefolder", "--data-path", "images", "--global-batch-size", "4",
+                   "--max-steps", "2"]
+    outcomes = {}
+    for case in ("identical copies", "an image fewer"):
+        if case == "an image fewer":
+            os.remove(tmp_path / "node1" / "images" / "class1" / "2.png")
+        flags = ["--exp-dir", str(tmp_path / case.replace(" ", "_"))]
+        mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), argv + flags), nprocs=2, join=True)
+        outcomes[case] = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert outcomes["identical copies"] == ["built", "built"]
+    zero, one = outcomes["an image fewer"]
+    assert one == ("--data-path images holds other data on this node than on rank 0's (5 samples in 2 classes here, 6 "
+                   "in 2 there, or other names, labels or order): every process must read the same data (a shared "
+                   "filesystem, or identical copies)"), one
+    assert zero == f"rank 1 (on {socket.gethostname()}) failed: {one}", zero
+
+
 def _failing_rank_worker(rank: int, port: int, root: str, failure: str) -> None:
     """A rank of a 2-process run in which one rank fails: its outcome (the run's summary step, or the
     error line, or the exception's type) into ROOT/rankN.txt."""

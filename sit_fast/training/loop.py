@@ -35,8 +35,8 @@ from sit_fast.attention import select_backend
 from sit_fast.checkpoint import (
     CheckpointError, infer_config, load_into_model, read_checkpoint, recorded_model_config,
 )
-from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_dataset, close_loader, make_loader,
-                           worker_error)
+from sit_fast.data import (EpochSampler, LatentCacheDataset, RunBatches, build_dataset, close_loader,
+                           data_fingerprint, make_loader, worker_error)
 from sit_fast.distributed import (
     DistInfo, agree, barrier, broadcast_object, check_same_file, cleanup, gather_object, init_distributed,
     is_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed, unshared_path,
@@ -609,6 +609,8 @@ class Trainer:
                 return ckpt
 
             ckpt = agree(build_data, dist_info)
+            if dist_info.world_size > 1:
+                self.check_same_data(dist_info)
             init_path = None
             if ckpt is None and args.ckpt:  # a new run's weights: a file, or a release by name (found or downloaded)
                 init_path = local_path_on_main_first(lambda: release_or_path(args.ckpt), dist_info)
@@ -632,6 +634,26 @@ class Trainer:
             moved = on_main(set_aside, dist_info)  # rank 0's error, a full disk, on every rank
             if moved:
                 logger.info(moved)
+
+    def check_same_data(self, dist_info: DistInfo) -> None:
+        """Every process reads its own copy of the data: one whose copy differs from rank 0's (a node's
+        local copy with an image missing, or another order) would train on other images under the same
+        indices, or plan other steps per epoch and fail at a collective; refused in one line."""
+        args, dataset = self.args, self.dataset
+        mine = (data_fingerprint(dataset), len(dataset), dataset.num_classes)
+        main = broadcast_object(mine)
+
+        def same() -> None:
+            if mine != main:
+                where = (f"--latent-cache {args.latent_cache}" if args.latent_cache is not None
+                         else f"--data-path {args.data_path}" if args.dataset == "imagefolder"
+                         else f"--dataset {args.dataset}")
+                raise UserError(f"{where} holds other data on this node than on rank 0's ({mine[1]:,} samples in "
+                                f"{mine[2]} classes here, {main[1]:,} in {main[2]} there, or other names, labels or "
+                                f"order): every process must read the same data (a shared filesystem, or identical "
+                                f"copies)")
+
+        agree(same, dist_info)
 
     def _distribute(self, ckpt: dict | None, resume_path: str | None) -> None:
         """DDP over the built model (its first collective, which broadcasts rank 0's weights), the EMA
