@@ -62,6 +62,7 @@ import math
 import os
 import re
 import shutil
+import socket
 import sys
 import time
 import zipfile
@@ -73,8 +74,8 @@ import torch
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, nonempty, positive_int, random_seed
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
-    DistInfo, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
-    local_path_on_main_first, on_main, peer_ended, peer_failed,
+    DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, gather_object,
+    init_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed,
 )
 from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr,
@@ -822,10 +823,32 @@ def mixed_folders(sample_dir: str, run_folder: bool) -> str | None:
 
 
 def job_data(setup: Setup):
-    """The data of --likelihood and --reverse: --dataset digits, else --data (see load_data)."""
+    """The data of --likelihood and --reverse: --dataset digits, else --data (see load_data), which
+    every process must read alike (check_same_data)."""
     if setup.args.dataset == "digits":
         return load_digits(setup)
-    return load_data(setup, setup.args.data)
+    data = agree(lambda: load_data(setup, setup.args.data), setup.dist)  # one unreadable: every process stops
+    check_same_data(setup.args.data, data[0], setup.dist)
+    return data
+
+
+def check_same_data(path: str, x, dist: DistInfo) -> None:
+    """Under torchrun each process reads --data itself: a file must be rank 0's (file_fingerprint), a
+    folder hold the images rank 0's does, by name (a node's own copy with an image fewer, or others,
+    would give batches of other images under the same item numbers)."""
+    if dist.world_size == 1:
+        return
+    if os.path.isfile(path):
+        check_same_file(path, f"--data {path}", dist)
+        return
+    names = "\n".join(x.images.names).encode("utf-8", "surrogateescape")
+    prints = gather_object((dist.rank, socket.gethostname(), hashlib.sha256(names).hexdigest(), len(x)))
+    other = [(rank, host, count) for rank, host, digest, count in prints[1:] if digest != prints[0][2]]
+    if other:
+        rank, host, count = other[0]
+        raise UserError(f"--data {path}: rank {rank} (on {host}) finds other images there than rank 0 does ({count} "
+                        f"there, {prints[0][3]} on rank 0, or other names): every process must read the same data "
+                        f"(a shared filesystem, or identical copies)")
 
 
 def load_digits(setup: Setup):

@@ -3133,6 +3133,41 @@ def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job
     assert not os.path.exists(f"{out}.parts")
 
 
+def test_likelihood_under_torchrun_refuses_a_node_whose_copy_of_the_data_differs(files, tmp_path):
+    """--data read by each process itself (a relative path: each node's own copy): a folder with an image
+    fewer, or another .npz, on rank 1 stops every process with one line, before any batch (rank 1's
+    batches were of other items under the same item numbers)."""
+    rng = np.random.default_rng(0)
+    for node in ("node0", "node1"):
+        (tmp_path / node / "images").mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8) if node == "node0" else
+                            np.asarray(Image.open(tmp_path / "node0" / "images" / f"{i}.png"))).save(
+                tmp_path / node / "images" / f"{i}.png")
+        np.savez(tmp_path / node / "x.npz", rng.integers(0, 256, (4, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "node1" / "images" / "4.png").unlink()
+    script = tmp_path / "node_local_sample.py"
+    script.write_text("import os, sys\n"
+                      f"sys.path.insert(0, {REPO!r})\n"
+                      f"os.chdir(os.path.join({str(tmp_path)!r}, 'node' + os.environ['RANK']))\n"
+                      "import sample\n"
+                      "sample.main()\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
+    for data, needle in (("images", "--data images: rank 1 (on {host}) finds other images there than rank 0 does (4 "
+                                    "there, 5 on rank 0, or other names): every process must read the same data"),
+                         ("x.npz", "--data x.npz: rank 1 (on {host}) reads another file at x.npz than rank 0 does")):
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+                   "ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", data,
+                   "--batch-size", "2", "--sampling-method", "euler", "--num-sampling-steps", "2",
+                   "--out", str(tmp_path / f"bpd_{data}.npz"), *map(str, FAST)]
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        assert result.returncode != 0
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert lines, result.stderr[-3000:]
+        assert needle.format(host=socket.gethostname()) in lines[0], result.stderr[-3000:]
+        assert not os.path.exists(tmp_path / f"bpd_{data}.npz.parts" / "settings.json"), data
+
+
 def test_reverse_stopped_after_writing_its_out_finishes_on_the_next_run(files, tmp_path, capsys, monkeypatch):
     """A stop between writing --reverse's OUT and removing OUT.parts/ leaves an OUT of this run: the same
     command joins the parts again, computing nothing, instead of refusing OUT as an earlier run's."""
