@@ -57,8 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def train(args: argparse.Namespace, exp_dir: str) -> None:
-    if args.nproc is None:
-        args.nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
     entry = ["-m", "sit_fast.training"]  # train.py's main, whatever train.py sits beside the package
     on_cuda = torch.cuda.is_available()
     command = [
@@ -174,6 +172,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.sde_steps < 2:
         raise UserError(f"--sde-steps {args.sde_steps}: give 2 or more (the SDE sampler's count includes its last, "
                         f"noise-free step)")
+    if args.nproc is None:
+        args.nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
+    if args.global_batch_size % args.nproc:
+        fitting = max(args.nproc, args.global_batch_size // args.nproc * args.nproc)
+        raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by --nproc {args.nproc} (the "
+                        f"training processes' equal shares): pass --global-batch-size {fitting}, say")
     started = time.perf_counter()
     exp_dir = os.path.join(args.out, "train")
     if not args.skip_training:

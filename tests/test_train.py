@@ -4142,7 +4142,8 @@ def test_demo_removes_only_an_earlier_training_run_and_checks_its_flags_first(tm
     """OUT/train is removed only where it holds what a training run writes: --out pointed at a dataset
     (OUT/train/<class>/...) or a link there is refused, not deleted; an unknown --model and an SDE of
     one step are refused before anything is touched or trained; a run that failed before writing its
-    log is not sent to a log.txt that is not there."""
+    log is not sent to a log.txt that is not there. A --nproc that does not divide the global batch is
+    refused before training too."""
     from sit_fast import demo
 
     runs = []
@@ -4173,6 +4174,9 @@ def test_demo_removes_only_an_earlier_training_run_and_checks_its_flags_first(tm
     assert error(["--out", str(dataset), "--model", "SiT-Q/2"]).startswith("error: argument --model: invalid choice")
     assert error(["--out", str(dataset), "--sde-steps", "1"]) == (
         "error: --sde-steps 1: give 2 or more (the SDE sampler's count includes its last, noise-free step)")
+    assert error(["--out", str(dataset), "--nproc", "3"]) == (
+        "error: --global-batch-size 256 is not divisible by --nproc 3 (the training processes' equal shares): pass "
+        "--global-batch-size 255, say")
     assert (dataset / "train" / "n01440764" / "a.JPEG").exists() and not runs
     run_dir = tmp_path / "out" / "train"
     for entry in ("checkpoints", "samples"):
