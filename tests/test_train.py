@@ -478,6 +478,34 @@ def test_a_world_size_change_keeps_the_global_batches_where_it_says_so(num_sampl
     assert not Trainer._same_global_batches(trainer, {**data, "source": "ImageFolder /other"})  # the same size
 
 
+def test_a_resume_in_another_layout_on_data_elsewhere_says_so(monkeypatch):
+    """Resumed on another world size from data at another path (a copy moved, or other data of the same
+    size), the log names the data's change with the others, and says the global batches are the run's
+    only if that is the same data (it said the data order was not the run's, and nothing of the data)."""
+    import types
+
+    from sit_fast.data import EpochSampler
+    from sit_fast.training import loop
+    from sit_fast.training.loop import Trainer
+
+    lines = []
+    args = types.SimpleNamespace(global_batch_size=64, global_seed=0, latent_cache=None, dataset="imagefolder",
+                                 data_path="/data/b", grad_accum_steps=1)
+    trainer = types.SimpleNamespace(dist_info=types.SimpleNamespace(world_size=1, rank=0), args=args,
+                                    dataset=[None] * 1797, sampler=EpochSampler(1797, 64, 0, 1, seed=0, flip=True))
+    trainer._same_global_batches = types.MethodType(Trainer._same_global_batches, trainer)
+    ckpt = {"step": 100, "epoch": 3, "step_in_epoch": 5, "args": {}, "rng": [{}, {}],
+            "data": {"world_size": 2, "global_batch_size": 64, "num_samples": 1797, "seed": 0,
+                     "source": "ImageFolder /data/a"}}
+    monkeypatch.setattr(loop.logger, "warning", lines.append)
+    monkeypatch.setattr(loop, "seed_everything", lambda seed: None)
+    Trainer.restore_position(trainer, ckpt, "0000100.pt")
+    assert lines == ["resumed at step 100 with world size 2 -> 1, data ImageFolder /data/a -> ImageFolder /data/b (the "
+                     "run's, now): each step's samples are the run's if that is the same data, moved (the same global "
+                     "batches, dealt out to the ranks otherwise); the noise and time draws are not those of the "
+                     "original run"], lines
+
+
 def test_a_resume_in_another_layout_seeds_each_rank_apart():
     """Resumed with another world size, batch or data, the saved random states do not fit the ranks:
     each is seeded anew from --global-seed, its rank and the step, so that the ranks' noise and time

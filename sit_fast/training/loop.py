@@ -1008,10 +1008,15 @@ class Trainer:
             labels = {"world_size": "world size", "global_batch_size": "--global-batch-size",
                       "num_samples": "dataset size", "seed": "--global-seed"}
             changes = [f"{labels[k]} {data.get(k, 'unrecorded')} -> {v}" for k, v in now.items() if data.get(k) != v]
+            saved_source = data.get("source")
+            moved = saved_source is not None and saved_source != data_source(args)  # or other data of the same size
+            if moved:
+                changes.append(f"data {saved_source} -> {data_source(args)}")
             changes = changes or [f"{len(rng)} saved random states for {world_size} rank(s)"]
-            if self._same_global_batches(data):
-                what = ("each step's samples are the run's (the same global batches, dealt out to the ranks "
-                        "otherwise); the noise and time draws are not those of the original run")
+            if self._same_global_batches({**data, "source": None} if moved else data):
+                what = (f"each step's samples are the run's{' if that is the same data, moved' if moved else ''} (the "
+                        f"same global batches, dealt out to the ranks otherwise); the noise and time draws are not "
+                        f"those of the original run")
             else:
                 what = "the data order and random streams are not those of the original run"
             logger.warning(f"resumed at step {self.step} with {', '.join(changes)} (the run's, now): {what}")
