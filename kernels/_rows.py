@@ -35,10 +35,10 @@ def normalize_modulate(x, mask, D, eps, one_plus_scale, shift):
     Returns (x_hat, out, rstd): x_hat = (x - mean) * rstd (zero past D), out = x_hat * (1 + scale)
     + shift, rstd = 1 / sqrt(var + eps) with the biased variance over the D features.
 
-    A row whose variance overflows fp32 (|x - mean| past about 1e19, a diverged residual stream) gets
-    rstd NaN, so x_hat, out and the gradients through it are NaN: rsqrt(inf) = 0 would turn the row
-    into `shift`, a finite output that hides the divergence (torch's fp32 layer_norm on the CPU gives
-    NaN there too).
+    A row whose variance overflows fp32 (|x - mean| past about 1e19, a diverged residual stream: the
+    sum of squares inf, and past about 1e27 delta**2 too, making it inf - inf) gets rstd NaN, so
+    x_hat, out and the gradients through it are NaN: rsqrt(inf) = 0 would turn the row into `shift`,
+    and a NaN variance clamped to 0 into values near 1e33, finite outputs that hide the divergence.
     """
     mean = tl.sum(x, axis=0) / D
     centred = tl.where(mask, x - mean, 0.0)
@@ -47,8 +47,9 @@ def normalize_modulate(x, mask, D, eps, one_plus_scale, shift):
     # of large magnitude (a sum that rounds) normalised to +-1 everywhere instead of 0, once delta**2
     # outweighed eps. Both sums read `centred`, so they reduce side by side.
     delta = tl.sum(centred, axis=0) / D
-    var = tl.maximum(tl.sum(centred * centred, axis=0) / D - delta * delta, 0.0)
-    rstd = tl.where(var < float("inf"), tl.rsqrt(var + eps), float("nan"))
+    var = tl.sum(centred * centred, axis=0) / D - delta * delta  # inf or NaN where the row overflows
+    # tl.maximum drops a NaN operand: the overflow is tested before the clamp of rounding's negatives
+    rstd = tl.where(var < float("inf"), tl.rsqrt(tl.maximum(var, 0.0) + eps), float("nan"))
     x_hat = tl.where(mask, (centred - delta) * rstd, 0.0)
     return x_hat, x_hat * one_plus_scale + shift, rstd
 
@@ -61,8 +62,8 @@ def normalize_modulate_rows(x, mask, D, eps, one_plus_scale, shift):
     mean = tl.sum(x, axis=1) / D
     centred = tl.where(mask, x - mean[:, None], 0.0)
     delta = tl.sum(centred, axis=1) / D  # as in normalize_modulate: the mean's rounding taken out
-    var = tl.maximum(tl.sum(centred * centred, axis=1) / D - delta * delta, 0.0)
-    rstd = tl.where(var < float("inf"), tl.rsqrt(var + eps), float("nan"))  # as in normalize_modulate
+    var = tl.sum(centred * centred, axis=1) / D - delta * delta
+    rstd = tl.where(var < float("inf"), tl.rsqrt(tl.maximum(var, 0.0) + eps), float("nan"))  # as in normalize_modulate
     x_hat = tl.where(mask, (centred - delta[:, None]) * rstd[:, None], 0.0)
     return x_hat, x_hat * one_plus_scale + shift, rstd
 
