@@ -198,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     folder = os.path.dirname(os.path.abspath(args.out)) if args.out is not None else None
     made = first_missing_folder(folder) if folder is not None else None  # the outermost folder made for --out
+    before = identity(args.out)  # a file --force replaces; the atomic write's rename makes another
     try:
         with stop_signals_raise():  # a stop signal raises where the export is: its partial file is removed
             return export(args, asked)
@@ -206,8 +207,19 @@ def main(argv: list[str] | None = None) -> dict:
             remove_empty_folders(folder, made)
         if not isinstance(err, KeyboardInterrupt):
             raise
-        print(f"\n{what_stopped(err)}{'' if args.out is None else f'; {args.out} not written'}", file=sys.stderr)
+        where = ("" if args.out is None else f"; {args.out} written whole, its summary not printed"
+                 if identity(args.out) not in (None, before) else f"; {args.out} not written")
+        print(f"\n{what_stopped(err)}{where}", file=sys.stderr)
         raise SystemExit(exit_status(err)) from None
+
+
+def identity(path: str | None) -> tuple[int, int, int] | None:
+    """(device, inode, modification time) of the file at `path`, None where there is none."""
+    try:
+        st = os.stat(path)
+    except (OSError, TypeError):
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns
 
 
 def export(args: argparse.Namespace, asked: bool) -> dict:

@@ -90,6 +90,11 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
     partial = f"{path}.{os.getpid()}.partial"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as err:  # under a file, or not writable
+        raise UserError(f"cannot make the folder {os.path.dirname(path)} for the released checkpoint {name} "
+                        f"({err.strerror}): set SIT_FAST_CACHE to a folder that can be made, or copy the file to "
+                        f"{os.path.join(UPSTREAM_CACHE_DIR, name)}") from None
+    try:
         with urllib.request.urlopen(PRETRAINED_URLS[name], timeout=timeout_s) as response, open(partial, "wb") as f:
             length = response.headers.get("Content-Length")
             expected = int(length) if length and length.isdigit() else None
@@ -109,7 +114,7 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
             os.remove(partial)
         if not isinstance(err, urllib.error.URLError | http.client.HTTPException | OSError):
             raise
-        if isinstance(err, OSError) and err.errno in WRITE_REFUSED:  # the cache's disk full, or not writable
+        if isinstance(err, OSError) and err.errno in WRITE_REFUSED:  # the cache's disk full, say
             raise UserError(
                 f"cannot write the released checkpoint {name} into {os.path.dirname(path)} ({err.strerror}): make "
                 f"room there, set SIT_FAST_CACHE to a folder that can take it, or copy the file to "

@@ -635,6 +635,38 @@ def test_export_stopped_by_a_signal_mid_write_leaves_no_partial_file(tmp_path, m
     assert os.listdir(tmp_path) == ["0000100.pt"]
 
 
+def test_export_stopped_after_its_write_says_the_file_is_whole(tmp_path, monkeypatch, capsys):
+    """SIGTERM while the written file is read back for its summary (--force over an older file): the
+    line says the file was written whole, not that it was not (it is, and loads)."""
+    import signal
+
+    from sit_fast import export
+
+    ckpt, out = tmp_path / "0000100.pt", tmp_path / "w.pt"
+    torch.save(model_for(1, 32, 2, False).state_dict(), ckpt)
+    out.write_bytes(b"an older export")
+    real_describe = export.describe
+
+    def describe(path, *args, **kwargs):
+        if str(path) == str(out):
+            signal.raise_signal(signal.SIGTERM)
+        return real_describe(path, *args, **kwargs)
+
+    def default_action(signum, frame):
+        raise AssertionError("SIGTERM reached the handler in place before the export")
+
+    monkeypatch.setattr(export, "describe", describe)
+    previous = signal.signal(signal.SIGTERM, default_action)
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            export.main([str(ckpt), "--out", str(out), "--force"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err == f"\nstopped by SIGTERM; {out} written whole, its summary not printed\n"
+    assert read_checkpoint(str(out))[0].keys() == torch.load(ckpt, weights_only=True).keys()
+
+
 def test_export_refuses_to_write_over_the_release_it_reads_by_name(tmp_path, monkeypatch, capsys):
     """SiT-XL-2-256x256.pt named as upstream's release is the file in the cache: --out naming that file
     (with --force) is the checkpoint being read, as it is when given by its path."""
@@ -1082,6 +1114,14 @@ def test_a_release_download_stopped_or_refused_by_the_disk_leaves_nothing_in_the
         f"there, set SIT_FAST_CACHE to a folder that can take it, or copy the file to "
         f"{os.path.join('pretrained_models', 'SiT-XL-2-256x256.pt')}")
     assert os.listdir(cache) == []
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "a_file" / "cache"))  # a folder that cannot be made
+    with pytest.raises(UserError) as info:
+        pretrained_checkpoint()
+    assert str(info.value) == (
+        f"cannot make the folder {tmp_path / 'a_file' / 'cache'} for the released checkpoint SiT-XL-2-256x256.pt (Not "
+        f"a directory): set SIT_FAST_CACHE to a folder that can be made, or copy the file to "
+        f"{os.path.join('pretrained_models', 'SiT-XL-2-256x256.pt')}")
 
 
 def test_a_downloaded_release_is_taken_from_the_cache_and_may_be_in_the_old_format(tmp_path, monkeypatch):
