@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
                         f"noise-free step)")
     if args.nproc is None:
         args.nproc = min(2, torch.cuda.device_count()) if torch.cuda.is_available() else 2
-    if args.global_batch_size % args.nproc:
+    if not args.skip_training and args.global_batch_size % args.nproc:
         fitting = max(args.nproc, args.global_batch_size // args.nproc * args.nproc)
         raise UserError(f"--global-batch-size {args.global_batch_size} is not divisible by --nproc {args.nproc} (the "
                         f"training processes' equal shares): pass --global-batch-size {fitting}, say")

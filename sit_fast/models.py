@@ -35,8 +35,12 @@ from torch.utils.flop_counter import register_flop_formula
 import kernels
 
 if getattr(kernels, "SIT_FAST_KERNELS", False) is not True:  # before its submodules are asked for
+    if getattr(kernels, "__file__", None) is None:  # a folder named kernels without __init__.py, found first
+        folders = ", ".join(dict.fromkeys(getattr(kernels, "__path__", [])))
+        raise ImportError(f"the `kernels` imported is the folder {folders} (no __init__.py), found before sit_fast's "
+                          f"`kernels` package: run from another folder, or rename that one")
     raise ImportError(
-        f"the `kernels` package imported ({getattr(kernels, '__file__', None) or kernels}) is not sit_fast's: "
+        f"the `kernels` package imported ({kernels.__file__}) is not sit_fast's: "
         f"Hugging Face's `kernels` package (pip's `kernels`) has the same import name, and one environment "
         f"holds only one of them; uninstall it (pip uninstall kernels) and reinstall sit_fast (pip install -e .), "
         f"or use another environment")

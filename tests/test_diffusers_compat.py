@@ -69,3 +69,29 @@ def test_another_kernels_package_found_first_is_named_in_one_error(tmp_path):
                     f"Hugging Face's `kernels` package (pip's `kernels`) has the same import name, and one environment "
                     f"holds only one of them; uninstall it (pip uninstall kernels) and reinstall sit_fast (pip install "
                     f"-e .), or use another environment"), result.stderr
+
+
+def test_a_kernels_folder_without_init_found_first_is_named(tmp_path):
+    """A project's own kernels/ folder without __init__.py (CUDA sources, say), imported as a namespace
+    package before sit_fast's (an editable install's finder comes after the folders on the path): the
+    error names that folder, not Hugging Face's package."""
+    import os
+    import subprocess
+    import sys
+
+    (tmp_path / "kernels").mkdir()
+    code = ("import importlib.machinery, sys\n"
+            "class Late:\n"  # as an editable install's finder: after the folders on the path
+            "    def find_spec(self, name, path=None, target=None):\n"
+            "        if path is None and name in ('sit_fast', 'kernels'):\n"
+            f"            return importlib.machinery.PathFinder.find_spec(name, [{str(REPO_ROOT)!r}])\n"
+            "sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, Late())\n"
+            "sys.path.insert(0, '.')\n"
+            "import sit_fast\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
+                            timeout=300)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"ImportError: the `kernels` imported is the folder {tmp_path / 'kernels'} (no __init__.py), found before "
+        f"sit_fast's `kernels` package: run from another folder, or rename that one"), result.stderr

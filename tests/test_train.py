@@ -4205,6 +4205,8 @@ def test_demo_removes_only_an_earlier_training_run_and_checks_its_flags_first(tm
     assert error(["--out", str(dataset), "--nproc", "3"]) == (
         "error: --global-batch-size 256 is not divisible by --nproc 3 (the training processes' equal shares): pass "
         "--global-batch-size 255, say")
+    assert error(["--out", str(dataset), "--nproc", "3", "--skip-training"]).startswith(  # no training: not used
+        "error: no checkpoint in ")
     assert (dataset / "train" / "n01440764" / "a.JPEG").exists() and not runs
     run_dir = tmp_path / "out" / "train"
     for entry in ("checkpoints", "samples"):
