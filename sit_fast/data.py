@@ -332,6 +332,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     channels = 3
 
     def __init__(self, root: str, image_size: int):
+        self.root = root
         self.samples, self.classes = find_images(root)
         self.num_classes = len(self.classes)
         self.image_size = image_size
@@ -357,8 +358,9 @@ def data_fingerprint(dataset: torch.utils.data.Dataset) -> str:
     The processes of a run compare theirs: each reads its own copy (a node's local disk, say)."""
     digest = hashlib.sha256()
     if isinstance(dataset, ImageFolderDataset):
-        for path, label in dataset.samples:  # the same --data-path on every process: the same strings
-            digest.update(f"{path}\t{label}\n".encode("utf-8", "surrogateescape"))
+        prefix = len(os.path.join(dataset.root, ""))  # every path is under ROOT/: relative ones, wherever the copy is
+        for path, label in dataset.samples:
+            digest.update(f"{path[prefix:]}\t{label}\n".encode("utf-8", "surrogateescape"))
     elif isinstance(dataset, LatentCacheDataset):
         digest.update(json.dumps(dataset.index, sort_keys=True).encode())
     else:

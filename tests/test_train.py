@@ -214,7 +214,10 @@ def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path, 
 def test_a_node_whose_copy_of_the_data_differs_is_refused(tmp_path):
     """Each node reads its own copy of --data-path: identical copies train; a copy with one image fewer
     (which trained on other images under the same indices, or planned other steps per epoch and failed
-    at a collective) stops every rank with one line, naming what differs, before training."""
+    at a collective) stops every rank with one line, naming what differs, before training. A copy at
+    another --data-path is the same data."""
+    from sit_fast.data import ImageFolderDataset, data_fingerprint
+
     for node in ("node0", "node1"):
         make_image_folder(tmp_path / node / "images", classes=2, per_class=3)
     argv = BASE + ["--dataset", "imagefolder", "--data-path", "images", "--global-batch-size", "4",
@@ -227,6 +230,9 @@ def test_a_node_whose_copy_of_the_data_differs_is_refused(tmp_path):
         mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), argv + flags), nprocs=2, join=True)
         outcomes[case] = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert outcomes["identical copies"] == ["built", "built"]
+    shutil.copytree(tmp_path / "node0" / "images", tmp_path / "elsewhere" / "images")
+    assert data_fingerprint(ImageFolderDataset(str(tmp_path / "node0" / "images"), 8)) == data_fingerprint(
+        ImageFolderDataset(os.path.join(str(tmp_path / "elsewhere"), ".", "images") + os.sep, 8))
     zero, one = outcomes["an image fewer"]
     assert one == ("--data-path images holds other data on this node than on rank 0's (5 samples in 2 classes here, 6 "
                    "in 2 there, or other names, labels or order): every process must read the same data (a shared "
