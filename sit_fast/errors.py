@@ -165,6 +165,18 @@ def report(message: str, later_s: int = 0) -> None:
         print(line, file=sys.stderr)
 
 
+def line_buffered_stdout() -> None:
+    """stdout written line by line also to a file or a pipe (nohup, a scheduler's log), as stderr is:
+    a job's first lines (what it will do, where its output goes) are in the log as they are printed,
+    not when the buffer fills or the job ends, nor lost with a job that is killed."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        try:
+            reconfigure(line_buffering=True)
+        except (ValueError, OSError):  # a closed or detached stream: nothing to do
+            pass
+
+
 def cli_entry(main: Callable) -> Callable:
     """Wrap a script's main(): a UserError is printed as one line `error: ...` on stderr (report)
     with exit status 2; anything else propagates as a bug. A console that goes away meanwhile (a
@@ -174,6 +186,7 @@ def cli_entry(main: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         from sit_fast.interrupts import console_loss_ignored, stop_signals_noted
 
+        line_buffered_stdout()
         with console_loss_ignored():
             try:
                 return main(*args, **kwargs)

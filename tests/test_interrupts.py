@@ -251,3 +251,20 @@ def test_the_resource_tracker_starts_holding_the_stop_signals_unless_workers_for
     stop = {signal.SIGTERM, signal.SIGUSR1, signal.SIGHUP, signal.SIGINT}
     assert [stop <= mask for mask in held] == ([True] if started else [])
     assert not stop & signal.pthread_sigmask(signal.SIG_BLOCK, [])  # the hold ends with the start
+
+
+def test_a_command_lines_stdout_reaches_a_file_line_by_line():
+    """stdout to a pipe or file (nohup, a scheduler's log) is written as each line is printed: a job's
+    first lines (what it will do, where its output goes) were held in a buffer until it filled or the
+    job ended, and lost with a job that was killed."""
+    code = ("import os\n"
+            "from sit_fast.errors import cli_entry\n"
+            "@cli_entry\n"
+            "def main():\n"
+            "    print('sampling 50,000 images into samples/')\n"
+            "    os._exit(137)\n"  # killed, as by the out-of-memory killer: no flush at exit
+            "main()\n")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    env["PYTHONPATH"] = REPO
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert result.returncode == 137 and result.stdout == "sampling 50,000 images into samples/\n", result
