@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--size", choices=("tiny", "full"), default=None,
                         help="tiny: a depth-2 SiT with head dim 72 on 4x4 latents, 4 tokens (dry run); full: SiT-XL/2 at "
                              "256px (latent 32x32). Default: full on cuda, tiny on cpu")
-    parser.add_argument("--out", type=nonempty, default="results/bench", help="folder for results.json and results.md")
+    parser.add_argument("--out", type=nonempty, default="results/bench",
+                        help="folder for results.json and results.md (default: results/bench)")
     parser.add_argument("--deadline-s", type=positive_float, default=None,
                         help="time for the whole run; each suite gets its share of what is left "
                              "(default: 400 s full, 480 s tiny)")
@@ -84,7 +85,14 @@ def parse_args(argv: list[str] | None):
 
 
 def main(argv: list[str] | None = None) -> int:
-    use_interpreter_on_cpu(argv)
+    use_interpreter_on_cpu(argv)  # before anything imports triton (sit_fast's package does)
+    from sit_fast.interrupts import console_loss_ignored
+
+    with console_loss_ignored():  # a console that goes away (a dead `| tee`) costs its lines, not the run
+        return run(argv)
+
+
+def run(argv: list[str] | None) -> int:
     args = parse_args(argv)
     import torch  # does not import triton
 
@@ -117,12 +125,18 @@ def main(argv: list[str] | None = None) -> int:
         variants = tuple(common.VARIANTS_BY_NAME[n] for n in args.variants.split(","))
     budgets = dict(size.budgets_s)
     explicit = {}
+    from sit_fast.argtypes import positive_float
+
     for item in args.budget_s:
         suite, _, seconds = item.partition("=")
-        if suite not in SUITES or not seconds:
-            print(f"error: --budget-s {item}: expected SUITE=SECONDS with SUITE one of {SUITES}", file=sys.stderr)
+        try:
+            explicit[suite] = positive_float(seconds)
+        except argparse.ArgumentTypeError:
+            explicit[suite] = None
+        if suite not in SUITES or explicit[suite] is None:
+            print(f"error: --budget-s {item}: expected SUITE=SECONDS with SUITE one of {SUITES} and SECONDS a "
+                  f"positive number", file=sys.stderr)
             return 2
-        explicit[suite] = float(seconds)
     suites = args.suite
     deadline = time.monotonic() + (args.deadline_s if args.deadline_s is not None else size.deadline_s)
 

@@ -2225,6 +2225,26 @@ def _boxes_on_a_fake_clock(tmp_path, monkeypatch, argv: list[str], raising: str 
     return status, boxes
 
 
+def test_a_run_whose_console_goes_away_keeps_its_records(tmp_path, monkeypatch):
+    """The suite's console piped through a `tee` that died (gpu_session.sh's): the lines are lost, the run
+    goes on and writes its records (it ended at its first line with a BrokenPipeError, nothing written)."""
+    import errno
+    import json
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    status, boxes = _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["memory"])
+    assert status == 0 and set(boxes) == {"memory"}
+    with open(tmp_path / "results.json") as f:
+        assert json.load(f)["environment"]["device"]
+
+
 def test_an_explicit_budget_is_a_suites_box_within_what_is_left_of_the_deadline(tmp_path, monkeypatch):
     """--budget-s SUITE=SECONDS replaces that suite's share, but no box outlasts the deadline; the
     others share what is left by their weights; a new process continuing the run gets the same flags."""
@@ -2240,7 +2260,7 @@ def test_an_explicit_budget_is_a_suites_box_within_what_is_left_of_the_deadline(
                      "memory": pytest.approx(100 - kernels / 2 - 15)}, boxes
     flags = continuation_flags(parse_args(argv), "cpu", "tiny")
     assert " ".join(flags).count("--budget-s") == 2 and "train=30" in flags and "memory=500" in flags, flags
-    for bad in ("bogus=5", "train="):
+    for bad in ("bogus=5", "train=", "train=abc", "train=-5", "train=nan"):
         assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["memory", "--budget-s", bad])[0] == 2
 
 
