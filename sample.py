@@ -177,7 +177,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                           "the whole batch, so their images also depend on --batch-size")
     run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=positive_int, default=None,
                      help=f"images per process per batch (default: the whole grid; {FID_BATCH_SIZE} for "
-                          f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood)")
+                          f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood and --reverse)")
     run.add_argument("--out", type=nonempty, default=None,
                      help="output: the grid PNG (sample.png), the .npz of --num-fid-samples (SAMPLE_DIR.npz), "
                           "per-item bpd of --likelihood (.npz), the noise of --reverse (noise.pt); both "

@@ -140,7 +140,8 @@ def evaluate(args: argparse.Namespace, checkpoint: str) -> dict:
         predicted = classifier.predict(pixels)
         accuracy = float((predicted == labels.cpu().numpy()).mean())
         grid = images.reshape(10, per_class, *images.shape[1:])[:, :10].reshape(-1, *images.shape[1:])
-        path = save_image_grid(grid, os.path.join(args.out, f"samples_{name.lower()}.png"), nrow=10, scale=4)
+        path = save_image_grid(grid, os.path.join(args.out, f"samples_{name.lower()}.png"), nrow=min(per_class, 10),
+                               scale=4)
         results[name] = {"accuracy": accuracy, "seconds": seconds, "grid": path}
         print(f"{name}: {100 * accuracy:.1f}% of {n} generated digits are classified as the requested digit "
               f"({seconds:.1f}s to sample; grid: {path})", flush=True)

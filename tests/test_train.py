@@ -4299,8 +4299,11 @@ def test_demo_evaluation_scores_each_sampler_on_the_classifiers_pixel_scale(tmp_
             seen.append(pixels)
             return np.repeat(np.arange(10), len(pixels) // 10)  # every digit as asked for
 
+    rows = []
+
     def save_image_grid(grid, path, nrow, scale):
         grids.append(grid)
+        rows.append(nrow)
         return path
 
     monkeypatch.setattr(demo, "digit_classifier", lambda: (Recording(), 0.97))
@@ -4318,13 +4321,16 @@ def test_demo_evaluation_scores_each_sampler_on_the_classifiers_pixel_scale(tmp_
     for name in ("ODE", "SDE"):
         assert results[name]["accuracy"] == 1.0
         assert results[name]["grid"] == os.path.join(str(tmp_path), f"samples_{name.lower()}.png")
-    assert results["cfg_scale"] == 3.5
+    assert results["cfg_scale"] == 3.5 and rows == [10, 10]  # a class a row
     labels = [digit for digit in range(10) for _ in range(12)] + [10] * 120  # 10: the null class of 10 classes
     assert guided and all(call == (3.5, "all", labels) for call in guided)
     torch.manual_seed(456)
     demo.evaluate(args, digits_checkpoint)
     np.testing.assert_array_equal(seen[2], seen[0])
     np.testing.assert_array_equal(seen[3], seen[1])
+    args.num_samples = 50  # 5 of each class: a class a row still, 5 wide
+    demo.evaluate(args, digits_checkpoint)
+    assert rows[-2:] == [5, 5] and [tuple(grid.shape) for grid in grids[-2:]] == [(50, 1, 8, 8)] * 2
 
 
 def test_demo_classifier_is_judged_on_digits_it_never_saw():
