@@ -160,15 +160,20 @@ def transport_words(transport: dict | None) -> str:
 
 
 def transport_note(found: dict, out: str) -> str | None:
-    """A line when a .pt export leaves out a training transport other than the default (Linear,
-    velocity), which its sampler then has to be told, else None."""
+    """A line when a .pt export leaves out what its sampler then has to be told: a training transport
+    other than the default (Linear, velocity), the latent space the checkpoint records (--vae: without
+    it sample.py would decode with its default VAE); else None."""
     transport = found["transport"] or {}
     other = {k: transport[k] for k, default in (("path_type", "Linear"), ("prediction", "velocity"))
              if transport.get(k) not in (None, default)}
-    if not other or os.path.splitext(out)[1].lower() == ".safetensors":
+    space = (found.get("model_config") or {}).get("latent_space")
+    if not (other or space) or os.path.splitext(out)[1].lower() == ".safetensors":
         return None
-    return (f"note: {out} is a plain state_dict and records no transport; the model was trained with "
-            f"{transport_words(other)}: pass those to sample.py (or export to .safetensors, which keeps them)")
+    flags = ([transport_words(other)] if other else []) + ([f"--vae {'none' if space == 'pixels' else space}"]
+                                                            if space else [])
+    left_out = " nor ".join(what for what, kept in (("transport", other), ("latent space", space)) if kept)
+    return (f"note: {out} is a plain state_dict and records no {left_out}; the model was trained with "
+            f"{' '.join(flags)}: pass those to sample.py (or export to .safetensors, which keeps them)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -444,6 +444,9 @@ def test_export_writes_one_set_of_weights_that_loads_everywhere(tmp_path, capsys
     printed = capsys.readouterr().out
     assert "ema weights, step 100" in printed and "ema.pt: pickle file" in printed and "a plain state_dict" in printed
     assert "not recorded (sample with --vae as trained)" in printed
+    assert printed.endswith(f"note: {tmp_path / 'ema.pt'} is a plain state_dict and records no latent space; the "
+                            f"model was trained with --vae none: pass those to sample.py (or export to .safetensors, "
+                            f"which keeps them)\n"), printed  # sample.py would decode it with its default VAE
 
     # .safetensors in bf16 from the raw weights: the model_config travels as metadata
     export.main([str(ckpt), "--out", str(tmp_path / "w.safetensors"), "--weights", "model", "--dtype", "bf16"])
