@@ -223,6 +223,28 @@ def _context(tmp_path, **size_changes):
                              variants=(common.VARIANTS_BY_NAME["reference"],))
 
 
+@pytest.mark.parametrize("mode", ["model", "blocks"])
+def test_a_compiled_variants_model_runs_compiled_code(tmp_path, mode):
+    """The compiled reference and ours are measured compiled: after ModelFactory.compile, a forward
+    compiles a graph (a variant that ran eagerly would flatter ours against its baseline)."""
+    import dataclasses
+
+    import torch
+    from torch._dynamo.utils import counters
+
+    from benchmarks import common
+    from sit_fast.models import SiT
+
+    factory = _context(tmp_path).models
+    model = SiT(input_size=4, patch_size=2, in_channels=4, hidden_size=32, depth=2, num_heads=2, num_classes=10)
+    variant = dataclasses.replace(common.VARIANTS_BY_NAME["reference+bf16+sdpa+compile"], compile=mode)
+    torch._dynamo.reset()
+    counters.clear()
+    factory.compile(model, variant)
+    model(torch.randn(2, 4, 4, 4), torch.rand(2), torch.tensor([1, 2]))
+    assert counters["stats"]["unique_graphs"] >= 1
+
+
 def test_batch_search_steps_down_on_out_of_memory(tmp_path, monkeypatch):
     """The GPU batch search, with out-of-memory raised by hand for the batches above 2."""
     import torch

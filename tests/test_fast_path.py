@@ -203,9 +203,13 @@ _ONE_PER_AXIS = _SLOW_ON_CPU  # 20-30 s each on the CPU: by default two cases
     pytest.param(True, torch.bfloat16, id="model-bf16"),
 ])
 def test_compiled_fast_path_fullgraph(whole_model, autocast_dtype):
-    """fullgraph=True raises on any graph break, so passing proves there are none. bf16: as train.py
-    and sample.py run it (compiled under autocast), held to the yardstick."""
+    """fullgraph=True raises on any graph break, so passing proves there are none (where a graph was
+    compiled at all: counted). bf16: as train.py and sample.py run it (compiled under autocast), held
+    to the yardstick."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     reference, candidate = pair("hd72-sigma")
     if whole_model:
         compiled = torch.compile(candidate, fullgraph=True)
@@ -214,6 +218,7 @@ def test_compiled_fast_path_fullgraph(whole_model, autocast_dtype):
         candidate_for_compare = candidate.compile_blocks()
     check(compare(reference, candidate_for_compare, batch_size=2, device=DEVICE, compiled=True,
                   autocast_dtype=autocast_dtype, yardstick=True))
+    assert counters["stats"]["unique_graphs"] >= 1
 
 
 class _CompiledView(torch.nn.Module):

@@ -361,17 +361,23 @@ def test_backward_makes_one_gradient_per_modulation_gemm():
 
 def test_compiled_block_step_is_compiled_once_for_every_block():
     """The last block's step takes the final layer's shift and scale, whose strides differ from a
-    block's: the compiled step sees contiguous copies, so all blocks share one graph per mode."""
+    block's: the compiled step sees contiguous copies, so all blocks share one graph per mode (one
+    graph, not none: the blocks run the compiled step)."""
+    from torch._dynamo.utils import counters
+
     torch._dynamo.reset()
+    counters.clear()
     model = randomize_(tiny_sit(depth=3)).train().compile_blocks(backend="eager")
     x, t, y = inputs(model)
     with torch._dynamo.config.patch(error_on_recompile=True):
         model(x, t, y).square().mean().backward()
+    assert counters["stats"]["unique_graphs"] == 1
     model.eval().requires_grad_(False)
     with torch.no_grad():
         model(x, t, y)  # sampling's vectors, from one GEMM: a graph of its own, compiled once
         with torch._dynamo.config.patch(error_on_recompile=True):
             model(x, t, y)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_a_blocks_adaln_gradients_are_whole_once_the_backward_has_passed_it():

@@ -161,13 +161,17 @@ def test_compiled_forwards_compile_once(files, tmp_path, monkeypatch):
     batch size, the padding's images dropped). Once, where the first batch's latents were a normal
     tensor and every later model call's an inference tensor, it had compiled twice (Dynamo's eager
     backend here, for time)."""
+    from torch._dynamo.utils import counters
+
     compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: compile(fn, **{**kwargs, "backend": "eager"}))
     torch._dynamo.reset()
+    counters.clear()
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--in-channels", 3, "--sampling-method", "euler",
             "--num-sampling-steps", 3, "--class-labels", 1, 2, 3, "--cfg-scale", 2.0, *FAST]
     with torch._dynamo.config.patch(error_on_recompile=True):
         run(argv + ["--batch-size", 2, "--compile", "--out", tmp_path / "grid.png"])
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
     assert read_png(tmp_path / "grid.png").shape == (12, 3 * 10 + 2, 3)  # 3 images of 8 x 8 in one row
     run(argv + ["--out", tmp_path / "one_batch.png"])  # a fixed-step ODE's images do not depend on their batch
     assert np.abs(read_png(tmp_path / "grid.png").astype(int) - read_png(tmp_path / "one_batch.png")).max() <= 1
@@ -187,8 +191,12 @@ def test_compiled_likelihood_and_reverse_compile_once(job, files, tmp_path, monk
     alone, real_save = [], sample.atomic_torch_save  # a batch's file holds its items' results alone
     monkeypatch.setattr(sample, "atomic_torch_save", lambda t, path: alone.append(
         t.untyped_storage().nbytes() == t.numel() * t.element_size()) or real_save(t, path))
+    from torch._dynamo.utils import counters
+
+    counters.clear()
     with torch._dynamo.config.patch(error_on_recompile=True):
         run(argv + ["--compile"])
+    assert counters["stats"]["unique_graphs"] >= 1  # compiled, not run eagerly
     assert len(alone) >= 2 and all(alone), alone
     compiled = saved()
     os.remove(out)
