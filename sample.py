@@ -752,9 +752,10 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         redone = (f" ({todo - (total - present)} of them present: a batch with a missing image is redone whole)"
                   if todo > total - present else "")
         print(f"{present} of {total} images already in {sample_dir}; sampling {todo}{redone} on "
-              f"{dist.world_size} process(es), {batches(len(pending))} of {chunk}")
+              f"{dist.world_size} process(es), {batches(len(pending))} of {chunk}" if todo else
+              f"all {total} images already in {sample_dir}: nothing to sample")
     writer = PNGWriter(sample_dir)
-    bar = progress(todo, "sampling", "img", disable=not dist.is_main)
+    bar = progress(todo, "sampling", "img", disable=not dist.is_main or not todo)
     start = time.perf_counter()
     try:
         try:

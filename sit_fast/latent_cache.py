@@ -216,10 +216,11 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     if dist_info.is_main:
         todo = sum(count for _, _, count in pending)
         print(f"latent cache: {n - todo} of {n} images already in {args.out}; encoding {todo} (x 2 flips) in "
-              f"{len(pending)} shard(s) on {dist_info.world_size} process(es)", flush=True)
+              f"{len(pending)} shard(s) on {dist_info.world_size} process(es)" if todo else
+              f"latent cache: all {n} images already in {args.out}: nothing to encode", flush=True)
     bar = progress(sum(count for _, _, count in mine),
                    "encoding (rank 0's shards)" if dist_info.world_size > 1 else "encoding", "img",
-                   disable=not dist_info.is_main or args.no_progress)
+                   disable=not dist_info.is_main or args.no_progress or not pending)
     # One loader for all of this process's shards, its batches never crossing a shard's end: the
     # workers keep reading ahead while a finished shard is written, and start once, not per shard.
     batches = [[(i, 0) for i in range(first, min(first + args.batch_size, start + count))]

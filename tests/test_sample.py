@@ -1909,6 +1909,11 @@ def test_an_fid_folder_resumes_with_its_checkpoint_named_from_another_folder(fil
     run(argv + ["--ckpt", os.path.join("..", "pixel.pt"), "--num-fid-samples", 3])
     assert f"2 of 3 images already in {tmp_path / 's'}; sampling 1" in capsys.readouterr().out
     assert len(np.load(tmp_path / "s.npz")["arr_0"]) == 3
+    os.remove(tmp_path / "s.npz")  # every image there: the .npz alone to build, no empty bar
+    run(argv + ["--ckpt", os.path.join("..", "pixel.pt"), "--num-fid-samples", 3])
+    out, err = capsys.readouterr()
+    assert f"all 3 images already in {tmp_path / 's'}: nothing to sample" in out and "sampling:" not in err, (out, err)
+    assert len(np.load(tmp_path / "s.npz")["arr_0"]) == 3
 
 
 def test_every_process_must_read_the_checkpoint_rank_0_reads(files, tmp_path, monkeypatch, capsys):

@@ -3944,7 +3944,7 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     monkeypatch.setattr(latent_cache, "atomic_torch_save", lambda *a, **k: pytest.fail("a shard written again"))
     capsys.readouterr()
     assert cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))["num_images"] == 4
-    assert capsys.readouterr().out.splitlines()[0].startswith("latent cache: 4 of 4 images already in ")
+    assert capsys.readouterr().out.splitlines()[0] == f"latent cache: all 4 images already in {out}: nothing to encode"
 
 
 def test_latent_cache_image_size_for_the_sd_vae_is_checked_before_loading_it(tmp_path, monkeypatch, capsys):
