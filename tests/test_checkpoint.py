@@ -1108,23 +1108,23 @@ def test_a_release_download_stopped_or_refused_by_the_disk_leaves_nothing_in_the
         with pytest.raises(KeyboardInterrupt) as info:
             pretrained_checkpoint()
         assert info.value is stop and os.listdir(cache) == []
+    def refused() -> str:
+        with pytest.raises(UserError) as info:
+            pretrained_checkpoint()
+        return str(info.value)
+
+    release = os.path.join("pretrained_models", "SiT-XL-2-256x256.pt")
     full = OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(urllib.request, "urlopen", lambda *a, **k: _Response(good, len(good), 5000, full))
-    with pytest.raises(UserError) as info:
-        pretrained_checkpoint()
-    assert str(info.value) == (
-        f"cannot write the released checkpoint SiT-XL-2-256x256.pt into {cache} (No space left on device): make room "
-        f"there, set SIT_FAST_CACHE to a folder that can take it, or copy the file to "
-        f"{os.path.join('pretrained_models', 'SiT-XL-2-256x256.pt')}")
+    assert refused() == (f"cannot write the released checkpoint SiT-XL-2-256x256.pt into {cache} (No space left on "
+                         f"device): make room there, set SIT_FAST_CACHE to a folder that can take it, or copy the file "
+                         f"to {release}")
     assert os.listdir(cache) == []
     (tmp_path / "a_file").write_text("")
     monkeypatch.setenv("SIT_FAST_CACHE", str(tmp_path / "a_file" / "cache"))  # a folder that cannot be made
-    with pytest.raises(UserError) as info:
-        pretrained_checkpoint()
-    assert str(info.value) == (
-        f"cannot make the folder {tmp_path / 'a_file' / 'cache'} for the released checkpoint SiT-XL-2-256x256.pt (Not "
-        f"a directory): set SIT_FAST_CACHE to a folder that can be made, or copy the file to "
-        f"{os.path.join('pretrained_models', 'SiT-XL-2-256x256.pt')}")
+    assert refused() == (f"cannot make the folder {tmp_path / 'a_file' / 'cache'} for the released checkpoint "
+                         f"SiT-XL-2-256x256.pt (Not a directory): set SIT_FAST_CACHE to a folder that can be made, or "
+                         f"copy the file to {release}")
 
 
 def test_a_downloaded_release_is_taken_from_the_cache_and_may_be_in_the_old_format(tmp_path, monkeypatch):
