@@ -5221,7 +5221,9 @@ def test_a_console_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):
     assert summary["step"] == 4 and os.path.basename(summary["last_checkpoint"]) == "0000004.pt"
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
-    assert "(step=0000002) Train Loss" in log and log.rstrip().endswith("done"), log
+    assert "(step=0000002) Train Loss" in log, log
+    assert log.rstrip().endswith(f"done: step 4, last checkpoint {summary['last_checkpoint']}; sample grids in "
+                                 f"{os.path.join(exp, 'samples')}, this log in {os.path.join(exp, 'log.txt')}"), log
 
 
 def test_the_progress_bar_on_a_terminal_goes_from_the_resumed_step_with_the_log_lines_figures(tmp_path, monkeypatch):

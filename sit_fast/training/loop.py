@@ -1341,7 +1341,8 @@ class Trainer:
             logger.warning(f"stopped by {stopped_by} after step {self.step}; checkpoint {resume}: continue with "
                            f"--resume {resume} (or --resume auto)")
         else:
-            logger.info("done")
+            logger.info(f"done: step {self.step}, last checkpoint {self.last_checkpoint}; sample grids in "
+                        f"{os.path.join(self.exp_dir, 'samples')}, this log in {os.path.join(self.exp_dir, 'log.txt')}")
         return self.summary(stopped_by, last_log)
 
     def count_skipped(self) -> None:
