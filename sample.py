@@ -779,8 +779,10 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
     except KeyboardInterrupt as err:  # PNGs are written whole (atomically) and the queued ones finished: all kept
         bar.close()
         if dist.local_rank == 0:  # once per node: a signal may reach one node's processes only
-            print(f"\n{what_stopped(err)}; the images written are kept: run the same command again to sample the "
-                  f"rest into {sample_dir}", file=sys.stderr)
+            names = set(os.listdir(sample_dir))
+            written = sum(f"{i:06d}.png" in names for i in range(total))
+            print(f"\n{what_stopped(err)}; {written} of {total} images are written, and kept: run the same command "
+                  f"again to sample the rest into {sample_dir}", file=sys.stderr)
         raise SystemExit(exit_status(err)) from None
     synchronize(setup.device)
     try:

@@ -1563,7 +1563,8 @@ def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_
         run(argv)
     assert exit_info.value.code == stop.status
     err = capsys.readouterr().err
-    assert "Traceback" not in err and f"{stop.words}; the images written are kept: run the same command again" in err
+    assert "Traceback" not in err and f"{stop.words}; 2 of 5 images are written, and kept: run the same command " \
+                                      f"again" in err, err
     assert sorted(os.listdir(sample_dir)) == [".lock", "000000.png", "000001.png", "settings.json"]
     monkeypatch.setattr(sample.Setup, "sample", real)
     run(argv)
@@ -1600,7 +1601,7 @@ def test_an_fid_job_stopped_on_another_node_says_so_there(files, tmp_path, capsy
              "--num-fid-samples", 3, "--per-proc-batch-size", 1, "--sample-dir", sample_dir, *FAST])
     assert exit_info.value.code == 130
     err = capsys.readouterr().err
-    assert f"interrupted; the images written are kept: run the same command again to sample the rest into " \
+    assert f"interrupted; 0 of 3 images are written, and kept: run the same command again to sample the rest into " \
            f"{sample_dir}" in err, err
 
 
