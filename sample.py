@@ -62,7 +62,6 @@ import math
 import os
 import re
 import shutil
-import socket
 import sys
 import time
 import zipfile
@@ -74,8 +73,8 @@ import torch
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, nonempty, positive_int, random_seed
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
-    DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, gather_object,
-    init_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed,
+    DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
+    local_path_on_main_first, on_main, peer_ended, peer_failed, unlike_rank_0,
 )
 from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr,
@@ -845,12 +844,11 @@ def check_same_data(path: str, x, dist: DistInfo) -> None:
         check_same_file(path, f"--data {path}", dist)
         return
     names = "\n".join(x.images.names).encode("utf-8", "surrogateescape")
-    prints = gather_object((dist.rank, socket.gethostname(), hashlib.sha256(names).hexdigest(), len(x)))
-    other = [(rank, host, count) for rank, host, digest, count in prints[1:] if digest != prints[0][2]]
+    other, (_, main_count) = unlike_rank_0((hashlib.sha256(names).hexdigest(), len(x)), dist)
     if other:
-        rank, host, count = other[0]
+        rank, host, (_, count) = other[0]
         raise UserError(f"--data {path}: rank {rank} (on {host}) finds other images there than rank 0 does ({count} "
-                        f"there, {prints[0][3]} on rank 0, or other names): every process must read the same data "
+                        f"there, {main_count} on rank 0, or other names): every process must read the same data "
                         f"(a shared filesystem, or identical copies)")
 
 

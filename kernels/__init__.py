@@ -44,9 +44,9 @@ function (`kernels.layernorm_modulate` is the op, not the module); reach a submo
 import torch
 
 from . import reference
+from ._launch import interpreter_requested, launch_settings
 
 SIT_FAST_KERNELS = True  # sit_fast.models checks it: Hugging Face's `kernels` package has this import name too
-from ._launch import interpreter_requested, launch_settings
 
 try:
     import triton  # noqa: F401

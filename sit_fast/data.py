@@ -360,6 +360,7 @@ def data_fingerprint(dataset: torch.utils.data.Dataset) -> str:
     if isinstance(dataset, ImageFolderDataset):
         prefix = len(os.path.join(dataset.root, ""))  # every path is under ROOT/: relative ones, wherever the copy is
         for path, label in dataset.samples:
+            # surrogateescape: a name that is not UTF-8 (an archive unpacked from another system) as its bytes
             digest.update(f"{path[prefix:]}\t{label}\n".encode("utf-8", "surrogateescape"))
     elif isinstance(dataset, LatentCacheDataset):
         digest.update(json.dumps(dataset.index, sort_keys=True).encode())

@@ -354,14 +354,23 @@ def file_fingerprint(path: str):
             return None
 
 
+def unlike_rank_0(value, info: DistInfo) -> tuple[list[tuple[int, str, object]], object]:
+    """(rank, host, value) of the processes whose `value` differs from rank 0's, and rank 0's value:
+    every process gets both (one gather, by every process together)."""
+    if info.world_size == 1:
+        return [], value
+    values = gather_object((info.rank, socket.gethostname(), value))
+    return [(rank, host, v) for rank, host, v in values[1:] if v != values[0][2]], values[0][2]
+
+
 def check_same_file(path: str, flag: str, info: DistInfo) -> None:
     """That every process reads at `path` the file rank 0 does (file_fingerprint), not another of the
     same name on its node's own disk, or none. Called by every process together, as check_shared_path."""
     if info.world_size == 1:
         return
-    prints = gather_object((info.rank, socket.gethostname(), path, file_fingerprint(path)))
-    other = [(rank, host) for rank, host, _, fingerprint in prints[1:] if fingerprint != prints[0][3]]
+    other, _ = unlike_rank_0(file_fingerprint(path), info)
     if other:
-        raise UserError(f"{flag}: {_which(other)} {'reads' if len(other) == 1 else 'read'} another file at "
-                        f"{prints[0][2]} than rank 0 does, or none (a folder on each node's own disk?): copy rank 0's "
-                        f"there on every node, or pass one on a filesystem every node shares")
+        raise UserError(f"{flag}: {_which([(rank, host) for rank, host, _ in other])} "
+                        f"{'reads' if len(other) == 1 else 'read'} another file at {path} than rank 0 does, or none "
+                        f"(a folder on each node's own disk?): copy rank 0's there on every node, or pass one on a "
+                        f"filesystem every node shares")

@@ -27,14 +27,23 @@ def center_crop_arr(pil_image: Image.Image, image_size: int) -> Image.Image:
     return Image.fromarray(arr[crop_y: crop_y + image_size, crop_x: crop_x + image_size])
 
 
-def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounding as torchvision's save_image does.
+def to_uint8(images: torch.Tensor, rounding: str = "save_image") -> np.ndarray:
+    """(N, C, H, W) in [-1, 1] -> (N, H, W, C) uint8 numpy, rounding as torchvision's save_image does
+    (the grids'), or with rounding="sample_ddp" as upstream's sample_ddp.py makes its FID samples:
+    clamp(127.5 x + 128, 0, 255) in fp32, truncated. The two are floor((x + 1) 127.5 + 0.5) in exact
+    arithmetic and differ by the fp32 roundings of their forms (about 4 values in a million, a level apart).
 
     NaN comes out black (0), not whatever the cast to uint8 makes of it; callers that must refuse NaN
     check for it first (sample.py does)."""
     if images.dim() != 4:
         raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-    x = images.detach().float().nan_to_num(nan=-1.0).clamp(-1, 1).add(1).mul(127.5).add(0.5).clamp(0, 255)
+    x = images.detach().float().nan_to_num(nan=-1.0)
+    if rounding == "sample_ddp":
+        x = (127.5 * x + 128.0).clamp(0, 255)
+    elif rounding == "save_image":
+        x = x.clamp(-1, 1).add(1).mul(127.5).add(0.5).clamp(0, 255)
+    else:
+        raise ValueError(f"rounding must be 'save_image' or 'sample_ddp', got {rounding!r}")
     return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -26,7 +26,6 @@ and a folder made with other settings is refused.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import os
@@ -37,8 +36,8 @@ import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonempty, nonnegative_int, positive_int
 from sit_fast.data import (
-    CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, UnreadableImage, close_loader, make_loader,
-    worker_error,
+    CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, UnreadableImage, close_loader, data_fingerprint,
+    make_loader, worker_error,
 )
 from sit_fast.distributed import (agree, barrier, broadcast_object, check_shared_path, cleanup, init_distributed,
                                   is_distributed, on_main, peer_ended, peer_failed)
@@ -83,16 +82,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.pt"
-
-
-def dataset_fingerprint(dataset: ImageFolderDataset, root: str) -> str:
-    """sha256 of the (path relative to root, label) list: the same images in the same order, wherever
-    the folder now lives."""
-    digest = hashlib.sha256()
-    for path, label in dataset.samples:
-        # surrogateescape: a name that is not UTF-8 (an archive unpacked from another system) as its bytes
-        digest.update(f"{os.path.relpath(path, root)}\t{label}\n".encode("utf-8", "surrogateescape"))
-    return digest.hexdigest()
 
 
 def pending_shards(out: str, shards: list[tuple[int, int, int]],
@@ -184,7 +173,7 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     settings = {
         "image_size": args.image_size, "vae": vae_spec, "vae_precision": args.vae_precision, "dtype": args.dtype,
         "shard_size": args.shard_size, "num_images": n, "num_classes": dataset.num_classes,
-        "dataset_sha256": dataset_fingerprint(dataset, args.data_path),
+        "dataset_sha256": data_fingerprint(dataset),  # the images' list, wherever the folder now lives
     }
     if dist_info.world_size > 1:  # each process indexes its own --data-path: another file list mislabels its shards
         main_sha, main_n = broadcast_object((settings["dataset_sha256"], n))

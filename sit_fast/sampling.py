@@ -803,13 +803,10 @@ def npz_array(path: str, key: str = "arr_0") -> np.ndarray:
 
 
 def to_rgb_uint8(images: torch.Tensor) -> np.ndarray:
-    """(N, 1 or 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grey repeated to RGB): the FID samples, as
-    upstream's sample_ddp.py makes them, clamp(127.5 x + 128, 0, 255) in fp32 cast (truncated) to
-    uint8. That is floor((x + 1) 127.5 + 0.5), the grids' rounding (images.to_uint8, torchvision's),
-    but for the fp32 roundings of the two forms (about 4 values in a million, a level apart), so the
-    .npz is upstream's byte for byte for the same decoded images. NaN comes out black (0)."""
-    if images.dim() != 4:
-        raise ValueError(f"expected images of shape (N, C, H, W), got {tuple(images.shape)}")
-    x = images.detach().float().nan_to_num(nan=-1.0)
-    arr = (127.5 * x + 128.0).clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()  # (N, H, W, C)
+    """(N, 1 or 3, H, W) in [-1, 1] -> (N, H, W, 3) uint8 (grey repeated to RGB): the FID samples,
+    rounded as upstream's sample_ddp.py rounds them (images.to_uint8's "sample_ddp"), so the .npz is
+    upstream's byte for byte for the same decoded images."""
+    from sit_fast.images import to_uint8
+
+    arr = to_uint8(images, rounding="sample_ddp")  # (N, H, W, C)
     return np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr

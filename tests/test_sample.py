@@ -1295,6 +1295,8 @@ def test_fid_samples_are_rounded_as_upstreams_sample_ddp_byte_for_byte():
     assert np.array_equal(ours[..., 0], upstream_fid_uint8(x)[..., 0])
     assert ours[0, 0, -6:, 0].tolist() == [42, 0, 255, 0, 255, 128]
     assert (ours[..., 0] != to_uint8(x)[..., 0]).any()  # the grids' rounding differs there
+    with pytest.raises(ValueError, match="rounding must be 'save_image' or 'sample_ddp', got 'nearest'"):
+        to_uint8(x, rounding="nearest")
 
 
 @pytest.mark.parametrize("n,nrow", [(1, 4), (3, 2), (3, 4), (5, 2), (8, 4), (8, 10)])

@@ -3534,16 +3534,15 @@ def test_latent_cache_names_an_unreadable_image_and_how_to_keep_the_shards_only_
 def test_latent_cache_reads_file_names_that_are_not_utf8(tmp_path):
     """An archive unpacked from another system can hold names that are not UTF-8: the file list's
     fingerprint takes their bytes (a valid name's fingerprint is unchanged)."""
-    from sit_fast.data import ImageFolderDataset
-    from sit_fast.latent_cache import dataset_fingerprint
+    from sit_fast.data import ImageFolderDataset, data_fingerprint
 
     images = make_image_folder(tmp_path / "images", classes=1, per_class=1)
-    before = dataset_fingerprint(ImageFolderDataset(images, 16), images)
+    before = data_fingerprint(ImageFolderDataset(images, 16))
     expected = hashlib.sha256(f"{os.path.join('class0', '0.png')}\t0\n".encode()).hexdigest()
     assert before == expected
     os.rename(os.path.join(images, "class0", "0.png"), os.path.join(images, "class0", b"\xff\xfe.png".decode(
         "utf-8", "surrogateescape")))
-    odd = dataset_fingerprint(ImageFolderDataset(images, 16), images)
+    odd = data_fingerprint(ImageFolderDataset(images, 16))
     assert odd == hashlib.sha256(os.path.join(b"class0", b"\xff\xfe.png") + b"\t0\n").hexdigest()
 
 

@@ -1231,7 +1231,7 @@ class Trainer:
     def train_step(self, batch) -> tuple[torch.Tensor, bool]:
         """_train_step; the first of a compiled run's process, which compiles the model (minutes at
         SiT-XL/2), is left out of the log's throughput, and its time said on a line of its own."""
-        if not getattr(self, "compile_pending", False):
+        if not self.compile_pending:
             return self._train_step(batch)
         self.compile_pending = False
         began = time.perf_counter()
