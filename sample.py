@@ -844,7 +844,7 @@ def check_same_data(path: str, x, dist: DistInfo) -> None:
         check_same_file(path, f"--data {path}", dist)
         return
     names = "\n".join(x.images.names).encode("utf-8", "surrogateescape")
-    other, (_, main_count) = unlike_rank_0((hashlib.sha256(names).hexdigest(), len(x)), dist)
+    other, (_, main_count), _ = unlike_rank_0((hashlib.sha256(names).hexdigest(), len(x)), dist)
     if other:
         rank, host, (_, count) = other[0]
         raise UserError(f"--data {path}: rank {rank} (on {host}) finds other images there than rank 0 does ({count} "

@@ -354,13 +354,14 @@ def file_fingerprint(path: str):
             return None
 
 
-def unlike_rank_0(value, info: DistInfo) -> tuple[list[tuple[int, str, object]], object]:
-    """(rank, host, value) of the processes whose `value` differs from rank 0's, and rank 0's value:
-    every process gets both (one gather, by every process together)."""
+def unlike_rank_0(value, info: DistInfo, shown=None) -> tuple[list[tuple[int, str, object]], object, object]:
+    """(rank, host, value) of the processes whose `value` differs from rank 0's, rank 0's value and its
+    `shown` (what a message names, not compared: its path as given, say): every process gets them all
+    (one gather, by every process together)."""
     if info.world_size == 1:
-        return [], value
-    values = gather_object((info.rank, socket.gethostname(), value))
-    return [(rank, host, v) for rank, host, v in values[1:] if v != values[0][2]], values[0][2]
+        return [], value, shown
+    values = gather_object((info.rank, socket.gethostname(), value, shown))
+    return [(rank, host, v) for rank, host, v, _ in values[1:] if v != values[0][2]], values[0][2], values[0][3]
 
 
 def check_same_file(path: str, flag: str, info: DistInfo) -> None:
@@ -368,9 +369,9 @@ def check_same_file(path: str, flag: str, info: DistInfo) -> None:
     same name on its node's own disk, or none. Called by every process together, as check_shared_path."""
     if info.world_size == 1:
         return
-    other, _ = unlike_rank_0(file_fingerprint(path), info)
+    other, _, main_path = unlike_rank_0(file_fingerprint(path), info, shown=path)
     if other:
-        raise UserError(f"{flag}: {_which([(rank, host) for rank, host, _ in other])} "
-                        f"{'reads' if len(other) == 1 else 'read'} another file at {path} than rank 0 does, or none "
-                        f"(a folder on each node's own disk?): copy rank 0's there on every node, or pass one on a "
-                        f"filesystem every node shares")
+        which, verb = _which([(rank, host) for rank, host, _ in other]), "reads" if len(other) == 1 else "read"
+        raise UserError(f"{flag}: {which} {verb} another file at {main_path} than rank 0 does, or none (a folder "
+                        f"on each node's own disk?): copy rank 0's there on every node, or pass one on a filesystem "
+                        f"every node shares")
