@@ -626,6 +626,17 @@ def test_precision_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
             assert resolve_precision(given, device) == given
 
 
+def test_help_and_errors_name_the_command_that_was_run(monkeypatch):
+    """train.py and `python -m sit_fast.training` (what a non-editable install has) take the same flags;
+    --help and the errors name the one that ran."""
+    from sit_fast.training.args import parse_args
+
+    for argv0, name in (("/x/train.py", "train.py"), ("/x/sit_fast/training/__main__.py", "python -m sit_fast.training")):
+        monkeypatch.setattr(sys, "argv", [argv0])
+        with pytest.raises(UserError, match=re.escape(f"--bogus (see {name} --help)")):
+            parse_args(["--bogus"])
+
+
 def test_precision_bf16_trains_under_autocast_with_fp32_weights(tmp_path):
     """--precision bf16: the model's forward computes in bf16 (autocast), the weights, their gradients and
     the EMA stay fp32; fp32 computes in fp32."""

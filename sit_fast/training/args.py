@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 
 from sit_fast.argtypes import (
     OneLineArgumentParser, default_workers, finite_float, fraction, nonnegative_int, or_none, positive_float,
@@ -23,10 +25,19 @@ NONE_IS_A_VALUE = ("loss_weight", "train_eps")
 NOT_INHERITED = ("resume", "exp_dir", "ckpt", "use_raw", "no_progress", "num_workers")
 
 
+def command_name() -> str:
+    """How this process was started, for --help and the errors: train.py, or the package's __main__
+    (`python -m sit_fast.training`, which a non-editable install has in place of train.py)."""
+    if os.path.basename(sys.argv[0]) == "__main__.py":
+        return "python -m sit_fast.training"
+    return "train.py"
+
+
 def build_parser() -> argparse.ArgumentParser:
+    prog = command_name()
+    alone = prog if prog.startswith("python ") else f"python {prog}"
     parser = OneLineArgumentParser(
-        prog="train.py", description="Train SiT with DDP (torchrun) or in one process (python train.py).",
-        allow_abbrev=False)
+        prog=prog, description=f"Train SiT with DDP (torchrun) or in one process ({alone}).", allow_abbrev=False)
 
     data = parser.add_argument_group("Data")
     data.add_argument("--data-path", type=nonempty, default=None,
