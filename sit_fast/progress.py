@@ -14,7 +14,7 @@ from typing import TextIO
 LOG_INTERVAL = 60.0  # seconds between the lines written to a file
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
     seconds = int(round(seconds))
     hours, rest = divmod(seconds, 3600)
     minutes, seconds = divmod(rest, 60)
@@ -40,9 +40,9 @@ class LogProgress:
         if self.total:
             text += f" ({100 * self.n / self.total:.0f}%)"
         if final:
-            return text + f" in {_duration(elapsed)}" + (f", {speed}" if rate else "")
+            return text + f" in {duration(elapsed)}" + (f", {speed}" if rate else "")
         if rate > 0:
-            text += f", {speed}, ETA {_duration(max(self.total - self.n, 0) / rate)}"
+            text += f", {speed}, ETA {duration(max(self.total - self.n, 0) / rate)}"
         return text
 
     def update(self, n: int = 1) -> None:

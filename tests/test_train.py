@@ -859,6 +859,10 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
     logged = re.findall(r"\(step=\d{7}\) Train Loss: [0-9.]+, Train Steps/Sec: [0-9.]+, Grad Norm: ([0-9.]+), ",
                         (exp / "log.txt").read_text())
     assert len(steps) == 4 and logged == [f"{(steps[0] + steps[1]) / 2:.4f}", f"{(steps[2] + steps[3]) / 2:.4f}"]
+    # the log file's progress (no bar there): the step of the total, and the time left until the last
+    progress = re.findall(r"\(step=(\d{7})\) .*, Step: (\d+)/(\d+)(, ETA: \S+)?$", (exp / "log.txt").read_text(), re.M)
+    assert [entry[:3] for entry in progress] == [("0000002", "2", "4"), ("0000004", "4", "4")], progress
+    assert re.fullmatch(r", ETA: (\d+s|\d+m\d\ds|\d+h\d\dm)", progress[0][3]) and not progress[1][3], progress
 
 
 def test_a_log_window_sums_the_loss_and_norm_of_applied_steps_only():
@@ -1330,7 +1334,7 @@ def test_skip_nonfinite_counts(tmp_path, monkeypatch):
     assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
     log = (tmp_path / "run" / "log.txt").read_text()
     assert "step 3: non-finite gradients, step skipped (1 so far)" in log, log
-    assert re.search(r"\(step=0000006\) Train Loss: [0-9.]+, .*, skipped non-finite steps: 1\n", log), log
+    assert re.search(r"\(step=0000006\) Train Loss: [0-9.]+, .*, skipped non-finite steps: 1, Step: 6/6\n", log)
     resumed = train_main(["--exp-dir", str(tmp_path / "run"), "--resume", "auto", "--max-steps", "8",
                           "--num-workers", "0", "--no-progress"])
     assert resumed["nonfinite_skipped"] == 1 and np.isfinite(resumed["loss"])
@@ -1460,8 +1464,8 @@ def test_steps_skipped_on_the_device_are_said_per_log_line_with_the_runs_total(t
     log = (exp / "log.txt").read_text()
     assert "1 step(s) up to step 2: non-finite gradients, skipped (1 so far)" in log, log
     assert "2 step(s) up to step 4: non-finite gradients, skipped (3 so far)" in log, log
-    assert re.search(r"\(step=0000002\) .*, skipped non-finite steps: 1\n", log), log
-    assert re.search(r"\(step=0000004\) .*, skipped non-finite steps: 3\n", log), log
+    assert re.search(r"\(step=0000002\) .*, skipped non-finite steps: 1, Step: 2/4, ETA: ", log), log
+    assert re.search(r"\(step=0000004\) .*, skipped non-finite steps: 3, Step: 4/4\n", log), log
 
 
 def test_a_nonfinite_loss_stops_the_run_at_the_next_log_line(tmp_path, monkeypatch):

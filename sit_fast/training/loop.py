@@ -48,6 +48,7 @@ from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, atomic
                              make_folder, make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
+from sit_fast.progress import duration
 from sit_fast.sampling import check_training_args, default_cfg_channels, release_or_path
 from sit_fast.training.args import merge_resumed_args, parse_args, train_eps_of_a_new_run
 from sit_fast.training.checkpointing import (
@@ -1574,6 +1575,9 @@ class Trainer:
                 line += f", MFU: {100 * mfu:.1f}%"
         if self.nonfinite_skipped:
             line += f", skipped non-finite steps: {self.nonfinite_skipped}"
+        line += f", Step: {self.step}/{self.max_steps}"  # a log file's progress, where no bar is drawn
+        if steps_per_sec > 0 and self.step < self.max_steps:
+            line += f", ETA: {duration((self.max_steps - self.step) / steps_per_sec)}"
         logger.info(line)
         if bar is not None:
             bar.set_postfix(loss=f"{avg_loss:.4f}", img_s=f"{images_per_sec:.0f}",
