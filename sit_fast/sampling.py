@@ -597,9 +597,13 @@ RECORDED_LATER = frozenset({"ckpt_digest"})
 
 
 def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
-    """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or ""."""
-    differ = [f"{k}: {recorded.get(k)!r} there, {v!r} now" for k, v in settings.items()
-              if recorded.get(k) != v and (k in recorded or k not in RECORDED_LATER)]
+    """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or "".
+    A setting the record lacks (written before it was kept) is "not recorded"; None, "none" (unset)."""
+    def word(value) -> str:
+        return "none" if value is None else repr(value)
+
+    differ = [f"{k}: {word(recorded[k]) if k in recorded else 'not recorded'} there, {word(v)} now"
+              for k, v in settings.items() if recorded.get(k) != v and (k in recorded or k not in RECORDED_LATER)]
     return "; ".join(differ[:most]) + (" ..." if len(differ) > most else "")
 
 

@@ -2507,14 +2507,16 @@ def test_pending_chunks_stop_at_the_sample_count(tmp_path):
 
 def test_settings_differences_name_a_setting_the_record_lacks():
     """Only the settings recorded since a later version (the checkpoint's digest) may be missing."""
-    assert settings_differences({"seed": 0}, {"seed": 0, "cfg_scale": 4.0}) == "cfg_scale: None there, 4.0 now"
+    assert settings_differences({"seed": 0}, {"seed": 0, "cfg_scale": 4.0}) == "cfg_scale: not recorded there, 4.0 now"
+    assert settings_differences({"vae": None}, {"vae": "ema"}) == "vae: none there, 'ema' now"
+    assert settings_differences({"vae": "ema"}, {"vae": None}) == "vae: 'ema' there, none now"
     assert settings_differences({"seed": 0}, {"seed": 0, "ckpt_digest": "ab"}) == ""
     assert settings_differences({"ckpt_digest": "ab"}, {"ckpt_digest": "cd"}) == "ckpt_digest: 'ab' there, 'cd' now"
 
 
 def test_settings_differences_name_the_first_three_and_mark_more():
     three = {"a": 1, "b": 2, "c": 3}
-    named = "a: None there, 1 now; b: None there, 2 now; c: None there, 3 now"
+    named = "a: not recorded there, 1 now; b: not recorded there, 2 now; c: not recorded there, 3 now"
     assert settings_differences({}, three) == named
     assert settings_differences({}, {**three, "d": 4}) == named + " ..."
 
@@ -2986,7 +2988,7 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     assert not batches and not parts.exists()
     refused(argv + ["--seed", 1], f"--out {out}", "holds the results of a run with other settings (seed: 0 there, "
                                                   "1 now)")
-    refused(argv + ["--class-labels", 1], f"--out {out}", "(class_labels: None there, [1] now)")
+    refused(argv + ["--class-labels", 1], f"--out {out}", "(class_labels: none there, [1] now)")
     torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     refused(argv, f"--out {out}", "(items: 5 there, 6 now)")
     np.savez(out, bpd=whole)
@@ -3034,7 +3036,7 @@ def test_a_likelihood_out_whose_pixels_were_dequantised_otherwise_is_refused(fil
     capsys.readouterr()
     with pytest.raises(SystemExit):
         run(argv)
-    assert "(dequantization: None there, 'per item' now)" in one_line_error(capsys)
+    assert "(dequantization: not recorded there, 'per item' now)" in one_line_error(capsys)
 
 
 def test_a_finished_likelihood_out_records_its_data_by_path_and_its_divergence(files, tmp_path, monkeypatch, capsys):
