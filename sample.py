@@ -654,7 +654,7 @@ def run_grid(setup: Setup) -> str:
     from sit_fast.images import save_image_grid
 
     save_image_grid(torch.cat(images), out, nrow=min(4, len(labels)))
-    print(f"sampled {len(labels)} images in {elapsed:.2f} s ({len(labels) / elapsed:.2f} images/s) -> {out}")
+    print(f"sampled {len(labels)} images in {elapsed:.1f} s: {len(labels) / elapsed:.2f} images/s -> {out}")
     return out
 
 

@@ -132,11 +132,14 @@ def test_guidance_mixes_every_channel_of_a_latent_space_wider_than_sds(files, tm
         assert not np.array_equal(grids[None], grids[other])
 
 
-def test_grid_pixel_space_sde_and_bf16(files, tmp_path):
+def test_grid_pixel_space_sde_and_bf16(files, tmp_path, capsys):
     out = tmp_path / "grid.png"
     argv = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--in-channels", 3, "--num-sampling-steps", 4,
             "--class-labels", 1, 2, 3, *FAST]
     run(argv + ["--out", out])
+    # the FID job's line, with the grid's path
+    assert re.search(rf"^sampled 3 images in [0-9.]+ s: [0-9.]+ images/s -> {re.escape(str(out))}$",
+                     capsys.readouterr().out, re.M)
     first = read_png(out)
     run(argv + ["--out", out])
     np.testing.assert_array_equal(first, read_png(out))  # SDE noise is seeded per batch
@@ -1397,7 +1400,8 @@ def test_fid_job_two_processes_exact_count_and_resume(files, tmp_path, capsys):
     argv = ["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 3, "--cfg-scale", 2.0,
             "--num-fid-samples", 7, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
     out = torchrun(argv, tmp_path)
-    assert "sampling 7 on 2 process(es)" in out and "images/s (" in out and " per process on average)" in out
+    assert "sampling 7 on 2 process(es)" in out and " per process on average)" in out
+    assert re.search(r"^sampled 7 images in [0-9.]+ s: [0-9.]+ images/s \(", out, re.M), out  # as a grid's line
     with np.load(f"{sample_dir}.npz") as archive:
         first = archive["arr_0"]
     assert first.shape == (7, 8, 8, 3) and first.dtype == np.uint8
