@@ -49,6 +49,10 @@ GELU_OPS = {"bias_gelu": "gelu_fwd", "bias_gelu_backward": "gelu_bwd"}
 GELU_KEYS = ("num_warps", "programs_per_slot", "block_rows", "block_h")
 GELU_CHOICES = ((2, 4, 8, 16), PROGRAMS_PER_SLOT, (8, 16, 32, 64), (64, 128, 256, 512))
 GELU_AXES = (3, 2, 0, 1, 0)  # tile columns, tile rows, warps, tiling, warps again
+# Tiles of more elements a thread are not tried: they spill registers (ptxas for sm_90: 256 a thread
+# spilled 11-24 KB and took 6-42 s to compile, past the time box's per-launch margin; 128 spilled at
+# most 0.6 KB), so cannot be the fastest.
+GELU_MOST_PER_THREAD = 128
 CUDA_REPS, CPU_REPS = 30, 2  # timed calls per launch (forward, or backward after its own forward)
 
 
@@ -66,6 +70,12 @@ ROWS_CHOICES = (1, 2, 4)  # rows per loop step tried
 def settings_of(launch: tuple, keys: tuple[str, ...] = KEYS) -> dict[str, int]:
     """A launch tuple as {parameter: value}."""
     return dict(zip(keys, launch))
+
+
+def gelu_tile_fits(launch: tuple) -> bool:
+    """Whether a bias + GELU launch's tile is at most GELU_MOST_PER_THREAD elements a thread."""
+    settings = settings_of(launch, GELU_KEYS)
+    return settings["block_rows"] * settings["block_h"] <= GELU_MOST_PER_THREAD * 32 * settings["num_warps"]
 
 
 def run(ctx) -> None:
@@ -262,6 +272,8 @@ class LaunchSearch:
                 warps = current[0] * value // current[ROWS_AXIS]
                 if warps in self.choices[0]:
                     launch = (warps,) + launch[1:]
+            if self.keys == GELU_KEYS and not gelu_tile_fits(launch):
+                continue
             self.measure(launch)
 
     def loops_at_one_row(self) -> str:

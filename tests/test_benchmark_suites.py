@@ -2096,6 +2096,26 @@ def test_tuning_search_stops_at_the_first_launch_the_time_box_cuts():
     assert gelu.best() == (4, 1, 16, 128)
 
 
+def test_tuning_gelu_search_tries_no_tile_past_its_elements_a_thread():
+    """On CUDA's choices, with the largest tiles the fastest, the GELU search never launches a tile of
+    more than GELU_MOST_PER_THREAD elements a thread (they spill registers and take up to 40 s to
+    compile), yet goes as far as the bound allows."""
+    from benchmarks import tuning_suite
+
+    def per_thread(launch):
+        warps, _, rows, cols = launch
+        return rows * cols / (32 * warps)
+
+    gelu = _stub_search((4, 8, 32, 128), tuning_suite.GELU_CHOICES, lambda launch: 1 / (1 + per_thread(launch)),
+                        keys=tuning_suite.GELU_KEYS, axes=tuning_suite.GELU_AXES)
+    gelu.start()
+    for axis in gelu.axes:
+        gelu.step(axis)
+    assert max(map(per_thread, gelu.tried)) == tuning_suite.GELU_MOST_PER_THREAD, gelu.tried
+    assert (4, 8, 32, 512) in gelu.tried and (4, 8, 64, 512) not in gelu.tried, gelu.tried
+    assert per_thread(gelu.best()) == tuning_suite.GELU_MOST_PER_THREAD
+
+
 def test_tuning_runs_every_search_breadth_first_and_tries_each_best_on_its_directions_other_ops(
         tmp_path, monkeypatch, capsys):
     """run()'s schedule, searches stood in for: an adaLN search per op and direction from the default
