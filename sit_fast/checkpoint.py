@@ -339,8 +339,9 @@ def load_into_model(model: torch.nn.Module, state_dict: dict[str, torch.Tensor],
         # One row fewer is also what a checkpoint of the model's classes trained without class dropout
         # (no null row) has: its last row is then a class, taken here for the null label
         class_free_hint = (f" (a checkpoint of {rows_ckpt} classes trained without class dropout has no null row: "
-                           f"its last row is a class; load it into a model with class_dropout_prob=0 to keep its "
-                           f"table whole)" if keep_null and rows_ckpt == rows_model - 1 else "")
+                           f"its last row is a class; to keep its table whole, load it in Python into a model built "
+                           f"with class_dropout_prob=0: train.py's models have the null row of class dropout)"
+                           if keep_null and rows_ckpt == rows_model - 1 else "")
         logger.warning(
             "%s has a label table of %d rows, the model %d (num_classes=%d): the label table is "
             "re-initialised%s%s; class-conditional outputs are meaningless until it is trained",

@@ -789,8 +789,9 @@ def test_class_free_checkpoint_needs_class_dropout_zero_to_keep_its_label_table(
             "label_table_reinitialised"]
     assert (f"{tmp_path / 'free.pt'} has a label table of 10 rows, the model 11 (num_classes=10): the label table is "
             "re-initialised but for its last row, the null label of guidance, kept (a checkpoint of 10 classes trained "
-            "without class dropout has no null row: its last row is a class; load it into a model with "
-            "class_dropout_prob=0 to keep its table whole); class-conditional") in caplog.text
+            "without class dropout has no null row: its last row is a class; to keep its table whole, load it in "
+            "Python into a model built with class_dropout_prob=0: train.py's models have the null row of class "
+            "dropout); class-conditional") in caplog.text
     model = SiT_models["SiT-T/2"](input_size=8, num_classes=10, class_dropout_prob=0)
     assert not load_checkpoint(model, tmp_path / "free.pt")["label_table_reinitialised"]
     assert torch.equal(model.y_embedder.embedding_table.weight, free.y_embedder.embedding_table.weight)

@@ -2265,6 +2265,21 @@ def test_ckpt_of_another_model_names_the_flag(tmp_path, capsys, depth, hidden, p
     assert "missing" not in err
 
 
+def test_ckpt_of_another_image_size_names_the_image_size_to_pass(tmp_path, capsys):
+    """--ckpt weights of the model at another input size (16 here, 8 px digits in pixel space): the
+    --image-size that fits them, in this run's space, not a shape list and a VAE's size."""
+    from sit_fast.models import SiT_models
+
+    path = str(tmp_path / "at16.pt")
+    torch.save(SiT_models["SiT-T/4"](input_size=16, in_channels=1, num_classes=10).state_dict(), path)
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--ckpt", path]) == 2
+    line, err = the_error_line(capsys)
+    assert line.endswith(f"--ckpt {path} was trained at model input size 16, i.e. 16px images here, not 8px: "
+                         f"pass --image-size 16"), line
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--ckpt", path, "--image-size", "16",
+                           "--max-steps", "1"]) == 0
+
+
 def test_user_errors_are_one_line(tmp_path, capsys, digits_checkpoint):
     for name, (argv, expected) in error_cases(tmp_path, digits_checkpoint).items():
         code = run_cli(argv)

@@ -851,6 +851,12 @@ class Trainer:
                            else "use the --vae it was trained with (--vae none for a pixel-space model)")
                     raise UserError(f"--ckpt {args.ckpt} takes {found['in_channels']}-channel inputs, the data here "
                                     f"has {channels} ({'images' if now == 'pixels' else 'latents of ' + now}): {fix}")
+                if found["input_size"] != latent_size:  # the image size it takes, in this run's latent space
+                    size = found["input_size"] * args.image_size // latent_size
+                    fix = (f"train on a latent cache of {size}px images" if args.latent_cache is not None
+                           else f"pass --image-size {size}")
+                    raise UserError(f"--ckpt {args.ckpt} was trained at model input size {found['input_size']}, i.e. "
+                                    f"{size}px images here, not {args.image_size}px: {fix}")
             if not learn_sigma:
                 logger.info(f"learn_sigma=False, as the weights of --ckpt {args.ckpt}")
         model = SiT_models[args.model](
