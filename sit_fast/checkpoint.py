@@ -379,8 +379,8 @@ def _mismatch_message(model, state_dict, own, missing, unexpected, mismatched, s
         name = registry_name(cfg["depth"], cfg["hidden_size"], cfg["patch_size"])
         hint = (
             f"the checkpoint looks like {name + ': ' if name else ''}depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch "
-            f"{cfg['patch_size']}, input size {cfg['input_size']} (the image size in pixel space, "
-            f"{cfg['input_size'] * 8} with an 8x VAE), learn_sigma={cfg['learn_sigma']}: {_likely_fix(model, cfg)}"
+            f"{cfg['patch_size']}, input size {cfg['input_size']} ({cfg['input_size']}px images in pixel space, "
+            f"{cfg['input_size'] * 8}px through an 8x VAE), learn_sigma={cfg['learn_sigma']}: {_likely_fix(model, cfg)}"
         )
     except CheckpointError:
         pass

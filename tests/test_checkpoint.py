@@ -202,7 +202,8 @@ def test_other_mismatches_name_keys_and_fix(tmp_path, change, expect, fix):
 
 def test_mismatch_names_the_registry_model_the_checkpoint_is(tmp_path):
     torch.save(SiT_models["SiT-T/4"](input_size=8).state_dict(), tmp_path / "t.pt")
-    with pytest.raises(CheckpointError, match=r"the checkpoint looks like SiT-T/4: depth 4, hidden 128, patch 4"):
+    with pytest.raises(CheckpointError, match=r"the checkpoint looks like SiT-T/4: depth 4, hidden 128, patch 4, "
+                                              r"input size 8 \(8px images in pixel space, 64px through an 8x VAE\)"):
         load_checkpoint(SiT_models["SiT-S/4"](input_size=8), tmp_path / "t.pt")
 
 
