@@ -83,6 +83,19 @@ def activation_bytes_per_image(model: torch.nn.Module, autocast_dtype: torch.dty
     return activation_bytes(model, autocast_dtype, device, batch_sizes, frozen)[0]
 
 
+def checkpointed_activation_bytes(full: torch.nn.Module, checkpointed: torch.nn.Module,
+                                  autocast_dtype: torch.dtype | None = None, device: str = "cpu") -> tuple[int, int]:
+    """activation_bytes of a model trained with gradient checkpointing (`checkpointed`: the same model
+    built with grad_checkpointing=True), with the one block it recomputes at a time in backward: what
+    the checkpointed model saves (the blocks' inputs), and a depth-th of what its blocks save beyond
+    that without checkpointing (`full`), which that block holds while its gradients are computed.
+    An estimate: a block's share is taken as the same for every block."""
+    per_image, unbatched = activation_bytes(full, autocast_dtype, device)
+    kept, kept_unbatched = activation_bytes(checkpointed, autocast_dtype, device)
+    depth = len(checkpointed.blocks)
+    return (kept + max(0, per_image - kept) // depth, kept_unbatched + max(0, unbatched - kept_unbatched) // depth)
+
+
 def weight_bytes(model: torch.nn.Module) -> int:
     """The parameters' bytes as the model stores them."""
     return sum(p.numel() * p.element_size() for p in model.parameters())
@@ -142,7 +155,12 @@ def main(argv=None) -> None:
     parser.add_argument("--likelihood", action="store_true",
                         help="the activations of sample.py's --likelihood (a frozen model differentiated with "
                              "respect to its input) instead of a training step's")
+    parser.add_argument("--grad-checkpointing", action="store_true",
+                        help="train.py's --grad-checkpointing: the blocks' inputs, and the one block recomputed at a "
+                             "time in backward (an estimate: a depth-th of the blocks' saved bytes)")
     args = parser.parse_args(argv)
+    if args.grad_checkpointing and args.likelihood:
+        raise UserError("--grad-checkpointing is a training option: sample.py's --likelihood does not take it")
     args.models = list(dict.fromkeys(args.models))  # a model named twice is one row
     for name in args.models:
         patch = model_config(name)["patch_size"]
@@ -155,8 +173,9 @@ def main(argv=None) -> None:
                 ("fast", torch.bfloat16, "fast bf16")]
     if not frozen:  # sample.py never picks math attention; train.py neither, but the reference has it
         variants.insert(0, ("ref", None, "ref fp32 (math attn)"))
+    ckpt = " (grad ckpt)" if args.grad_checkpointing else ""
     columns = ["model", "params", "fp32 weights", *([] if frozen else ["train state (w+g+AdamW+EMA)"]),
-               *(f"act/img {label}" for _, _, label in variants)]
+               *(f"act/img {label}{ckpt}" for _, _, label in variants)]
     print("| " + " | ".join(columns) + " |")
     print("|" + " --- |" * len(columns))
     kinds = {"ref": {}, "ref_sdpa": {"attn_backend": "sdpa"}, "fast": {"attn_backend": "sdpa", "fused_kernels": True}}
@@ -168,7 +187,13 @@ def main(argv=None) -> None:
                 model = SiT_models[name](input_size=args.image_size // 8, **kinds[key])
             if frozen and dtype is not None:  # sample.py keeps the matmul weights in bf16 (ModelForwards)
                 model.cast_matmul_weights_(dtype)
-            per_image, unbatched = activation_bytes(model, dtype, frozen=frozen)
+            if args.grad_checkpointing:
+                with torch.device("meta"):
+                    checkpointed = SiT_models[name](input_size=args.image_size // 8, grad_checkpointing=True,
+                                                    **kinds[key])
+                per_image, unbatched = checkpointed_activation_bytes(model, checkpointed, dtype)
+            else:
+                per_image, unbatched = activation_bytes(model, dtype, frozen=frozen)
             held = sampling_weight_bytes(model) if frozen else training_state_bytes(model)
             figures.append((per_image, unbatched + held))
         params = sum(p.numel() for p in model.parameters())
@@ -179,7 +204,7 @@ def main(argv=None) -> None:
         bounds.append((name, figures[-3:]))
     if not args.gpu_gib:
         return
-    job = "--likelihood" if frozen else "training"
+    job = "--likelihood" if frozen else "training" + (" (--grad-checkpointing)" if args.grad_checkpointing else "")
     fixed_label = ("the weights as sample.py holds them (matmul weights in bf16 under bf16; the adaLN weights' "
                    "concatenation)" if frozen else "train state") + " + the bytes saved for backward whatever the " \
         "batch (the weights' casts under bf16)"

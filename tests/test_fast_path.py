@@ -776,7 +776,33 @@ def test_memory_likelihood_table(capsys):
     assert all(abs(b - e) <= 0.03 * e + 1 for b, e in zip(bounds, expected)), (bounds, expected)
 
 
+def test_memory_table_with_gradient_checkpointing(capsys):
+    """--grad-checkpointing: per variant, what the checkpointed model saves (the blocks' inputs) and a
+    depth-th of what the blocks save beyond that otherwise (the block recomputed in backward): far
+    below the plain figure, above the checkpointed model's own count; the bounds from the same."""
+    from sit_fast.memory import activation_bytes, main
+
+    main(["--models", "SiT-S/2", "--gpu-gib", "24"])
+    plain = capsys.readouterr().out.strip().splitlines()
+    main(["--models", "SiT-S/2", "--gpu-gib", "24", "--grad-checkpointing"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[0].endswith("| act/img fast bf16 (grad ckpt) |") and "training (--grad-checkpointing)" in lines[4]
+
+    def acts(table):
+        return [float(cell.split()[0]) for cell in table[2].strip("|").split("|")[4:]]
+
+    with torch.device("meta"):
+        full = SiT_models["SiT-S/2"](input_size=32, attn_backend="sdpa")
+        checkpointed = SiT_models["SiT-S/2"](input_size=32, attn_backend="sdpa", grad_checkpointing=True)
+    whole, kept = activation_bytes(full)[0], activation_bytes(checkpointed)[0]
+    assert kept < 0.2 * whole
+    assert acts(lines)[1] == round((kept + (whole - kept) // 12) / 2**20), (acts(lines), kept, whole)
+    assert all(0 < c < 0.3 * p for c, p in zip(acts(lines), acts(plain))), (acts(lines), acts(plain))
+    assert all(c > p for c, p in zip(_bounds_row(lines[-1])[1][0], _bounds_row(plain[-1])[1][0]))
+
+
 @pytest.mark.parametrize("argv,message", [
+    (["--likelihood", "--grad-checkpointing"], "--grad-checkpointing is a training option"),
     (["--models", "SiT-XXL/2"], "invalid choice: 'SiT-XXL/2'"),
     (["--models", "SiT-S/8", "--image-size", "100"], "--image-size 100: SiT-S/8 needs a multiple of 64"),
     (["--models", "SiT-S/8", "--image-size", "32"], "--image-size 32: SiT-S/8 needs a multiple of 64"),
