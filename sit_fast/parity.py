@@ -106,6 +106,23 @@ class ParityReport:
     def ok(self) -> bool:
         return not self.failures()
 
+    def yardstick_summary(self) -> str | None:
+        """The errors against the reference's own in this precision, tensor by tensor (the loss left
+        out, as in yardstick_failures): the median and the largest ratio, and the reference's own output
+        and largest gradient error; None without a yardstick."""
+        if self.yardstick is None:
+            return None
+        ratios = sorted(r["rel_err"] / self.yardstick[r["tensor"]] for r in self.rows
+                        if r["tensor"] != "loss" and self.yardstick[r["tensor"]] > 0)
+        if not ratios:
+            return None
+        middle = len(ratios) // 2
+        median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
+        grads = [value for name, value in self.yardstick.items() if name.startswith("grad:")]
+        own = f"output {self.yardstick['output']:.3g}" + (f", gradients up to {max(grads):.3g}" if grads else "")
+        return (f"against the reference's own error in {self.dtype}, tensor by tensor ({len(ratios)} rows, the loss "
+                f"left out): median {median:.2f}x, at most {ratios[-1]:.2f}x; the reference's own: {own}")
+
     def to_markdown(self, max_rows: int = 12) -> str:
         tol = self.tolerances()
         lines = [
@@ -113,8 +130,10 @@ class ParityReport:
             f"(tol {tol['output']:.0e}), loss {self.loss_rel_err:.3g} (tol {tol['loss']:.0e}), "
             f"max grad {self.grad_rel_err_max:.3g} (tol {tol['grad']:.0e}), worst {self.worst['tensor']}: "
             + ("PASS" if self.ok() else "FAIL"),
-            "",
         ]
+        if self.yardstick_summary() is not None:
+            lines.append(self.yardstick_summary())
+        lines.append("")
         own = self.yardstick
         if own is None:
             lines += ["| tensor | max abs err | rel err |", "| --- | --- | --- |"]

@@ -995,6 +995,19 @@ def test_parity_markdown_lists_the_worst_gradients_first_and_says_fail():
     assert rows == ["output", "loss", "grad:b", "grad:c", "... 2 more"], rows
 
 
+def test_parity_markdown_sums_up_the_errors_against_the_reference_in_its_precision():
+    """With a yardstick, a line under the verdict: ours over the reference's own error per tensor (the
+    loss left out, as the yardstick's bounds do; a tensor the reference rounds exactly too), its median
+    and largest, and the reference's own output and largest gradient errors."""
+    yardstick = {"output": 4e-3, "loss": 1e-9, "grad:w": 1e-2, "grad:a": 2e-2, "grad:b": 0.0}
+    report = _report(dtype="bf16", yardstick=yardstick, output=2e-3, loss=1e-3, **{"grad:w": 1.5e-2, "grad:a": 2e-2})
+    lines = report.to_markdown().splitlines()
+    assert lines[1] == ("against the reference's own error in bf16, tensor by tensor (3 rows, the loss left out): "
+                        "median 1.00x, at most 1.50x; the reference's own: output 0.004, gradients up to 0.02"), lines
+    assert lines[2] == "" and lines[3].startswith("| tensor |")
+    assert _report().to_markdown().splitlines()[1] == ""  # no yardstick, no line
+
+
 def test_parity_cli_compares_in_the_precision_it_is_given_and_exits_1_on_a_failure(monkeypatch, capsys):
     """--dtype bf16 runs the candidate under bf16 autocast, with the yardstick; --compile selects the
     compiled tolerance; a report that fails is exit status 1."""
