@@ -913,11 +913,14 @@ def test_the_step_that_compiles_the_model_is_left_out_of_the_throughput(tmp_path
     assert "step 1 compiled the model (--compile) and ran in 30.0 s, left out of the log's throughput" in \
         capsys.readouterr().err
     assert trainer.log(None)["steps_per_sec"] == pytest.approx(1 / 30)  # that step alone: its own figure
+    line = capsys.readouterr().err
+    assert ", Step: 0/" in line and "ETA" not in line, line  # no time left from a compile's rate
     trainer.step = 1
     trainer.compile_pending = True  # a window with the compiling step and two more
     for _ in range(3):
         trainer.train_step(batch)
     assert trainer.log(None)["steps_per_sec"] == pytest.approx(1.0)  # 2 steps in 2 s; with it, 3 in 32 s
+    assert re.search(r", Step: 1/\d+, ETA: \S+$", capsys.readouterr().err, re.M)
 
 
 def test_the_log_lines_throughput_counts_every_step_and_the_global_batch(tmp_path, monkeypatch):

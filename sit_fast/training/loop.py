@@ -1582,7 +1582,7 @@ class Trainer:
         if self.nonfinite_skipped:
             line += f", skipped non-finite steps: {self.nonfinite_skipped}"
         line += f", Step: {self.step}/{self.max_steps}"  # a log file's progress, where no bar is drawn
-        if steps_per_sec > 0 and self.step < self.max_steps:
+        if steps_per_sec > 0 and self.step < self.max_steps and window.untimed_steps < window.steps:  # not a compile's
             line += f", ETA: {duration((self.max_steps - self.step) / steps_per_sec)}"
         logger.info(line)
         if bar is not None:
