@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
 import numbers
 import os
@@ -541,10 +542,7 @@ class SiT(nn.Module):
                              f"{hidden_size}")
         if attn_backend not in ATTN_BACKENDS:
             raise ValueError(f"unknown attention backend {attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
-        if not (isinstance(fused_kernels, bool) or fused_kernels == "auto"):  # 1 == True: not the checks' True
-            raise ValueError(f"fused_kernels must be True, False or 'auto', got {fused_kernels!r}")
-        if fused_kernels is not False:  # a malformed setting would otherwise turn the epilogue off unsaid
-            check_gelu_epilogue_setting()
+        self.fused_kernels = fused_kernels  # checked by its setter
         self.learn_sigma = learn_sigma
         self.in_channels = in_channels
         self.out_channels = in_channels * 2 if learn_sigma else in_channels
@@ -555,7 +553,6 @@ class SiT(nn.Module):
         self.depth = depth
         self.mlp_ratio = mlp_ratio
         self.input_size = input_size
-        self.fused_kernels = fused_kernels
         self.grad_checkpointing = grad_checkpointing
 
         self.x_embedder = PatchEmbed(input_size, patch_size, in_channels, hidden_size)
@@ -602,8 +599,32 @@ class SiT(nn.Module):
         return self
 
     @property
+    def fused_kernels(self) -> bool | str:
+        """False (the reference ops), True or "auto"; set at any time, checked as the constructor's."""
+        return self._fused_kernels
+
+    @fused_kernels.setter
+    def fused_kernels(self, fused_kernels: bool | str) -> None:
+        if not (isinstance(fused_kernels, bool) or fused_kernels == "auto"):  # 1 == True: not the checks' True
+            raise ValueError(f"fused_kernels must be True, False or 'auto', got {fused_kernels!r}")
+        if fused_kernels is not False:  # a malformed setting would otherwise turn the epilogue off unsaid
+            check_gelu_epilogue_setting()
+        self._fused_kernels = fused_kernels
+
+    def __setstate__(self, state: dict) -> None:
+        # a model pickled whole before fused_kernels was a property kept it as a plain attribute
+        if "fused_kernels" in state:
+            state["_fused_kernels"] = state.pop("fused_kernels")
+        super().__setstate__(state)
+
+    @property
     def attn_backend(self) -> str:
+        """Every block's attention backend; setting it is set_attn_backend(value)."""
         return self.blocks[0].attn.attn_backend if len(self.blocks) else "math"
+
+    @attn_backend.setter
+    def attn_backend(self, attn_backend: str) -> None:
+        self.set_attn_backend(attn_backend)
 
     def set_attn_backend(self, attn_backend: str, sdpa_backend: str | None = None) -> None:
         """Every block's attention from now on: attn_backend one of ATTN_BACKENDS, resolved at each
@@ -754,6 +775,10 @@ class SiT(nn.Module):
                 raise ValueError(f"{name} is on {value.device}, x on {x.device}: put them on one device")
         if y.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"y must hold integer class labels (int64), got {y.dtype}")
+        weight = self.x_embedder.proj.weight
+        if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x is {x.dtype}, the model's weights {weight.dtype}: pass x.to({weight.dtype}), or call "
+                            f"the model under torch.autocast")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor,
                 modulation_weights: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -944,7 +969,12 @@ def _make_config(size: str, patch_size: int):
         return SiT(depth=depth, hidden_size=hidden_size, patch_size=patch_size, num_heads=num_heads, **kwargs)
 
     build.__name__ = f"SiT_{size}_{patch_size}"
-    build.__doc__ = f"SiT-{size}/{patch_size}: depth {depth}, hidden {hidden_size}, {num_heads} heads."
+    build.__doc__ = (f"SiT-{size}/{patch_size}: depth {depth}, hidden {hidden_size}, {num_heads} heads; the other "
+                     f"arguments are SiT's (help(SiT)).")
+    fixed = {"depth", "hidden_size", "patch_size", "num_heads"}  # help() shows the arguments left to give
+    build.__signature__ = inspect.signature(SiT.__init__).replace(parameters=[
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in inspect.signature(SiT.__init__).parameters.items()
+        if name != "self" and name not in fixed])
     return build
 
 

@@ -596,6 +596,9 @@ def test_hidden_size_not_a_multiple_of_4_is_named():
     (lambda x, t, y: (x[:, :3], t, y), ValueError, r"x must have shape \(N, 4, 8, 8\), got \(3, 3, 8, 8\)"),
     (lambda x, t, y: (x[0], t, y), ValueError, r"x must have shape \(N, 4, 8, 8\), got \(4, 8, 8\)"),
     (lambda x, t, y: (x, t.to("meta"), y), ValueError, r"t is on meta, x on cpu"),
+    (lambda x, t, y: (x.double(), t, y), TypeError, r"x is torch.float64, the model's weights torch.float32: pass "
+                                                    r"x.to\(torch.float32\), or call the model under torch.autocast"),
+    (lambda x, t, y: (x.long(), t, y), TypeError, r"x is torch.int64, the model's weights torch.float32"),
 ])
 def test_wrong_inputs_are_clear_errors(args, error, needle):
     """A t or y of shape (N, 1) would broadcast against the (N, D) embeddings into a wrong
@@ -603,6 +606,48 @@ def test_wrong_inputs_are_clear_errors(args, error, needle):
     model = tiny_sit()
     with pytest.raises(error, match=needle):
         model(*args(*inputs(model)))
+
+
+def test_inputs_of_another_float_dtype_run_under_autocast():
+    """x's dtype is checked against the weights' outside autocast only: autocast casts it (bf16 x into
+    an fp32 model, as a bf16 data pipeline gives)."""
+    model = tiny_sit()
+    x, t, y = inputs(model)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        assert model(x.bfloat16(), t, y).shape == x.shape
+    with pytest.raises(TypeError, match=r"x is torch.bfloat16, the model's weights torch.float32"):
+        model(x.bfloat16(), t, y)
+
+
+def test_speed_options_set_after_construction_are_checked_as_the_constructors():
+    """fused_kernels and attn_backend assigned on a built model: "off" (truthy) was taken for True and ran
+    the kernels; attn_backend had no setter. Both go through the constructor's checks."""
+    model = tiny_sit()
+    for bad in ("off", "on", 1, None):
+        with pytest.raises(ValueError, match=rf"fused_kernels must be True, False or 'auto', got {bad!r}"):
+            model.fused_kernels = bad
+    assert model.fused_kernels is False
+    model.fused_kernels = "auto"
+    assert model.fused_kernels == "auto"
+    model.attn_backend = "sdpa"
+    assert {block.attn.attn_backend for block in model.blocks} == {"sdpa"}
+    with pytest.raises(ValueError, match="unknown attention backend 'fast'"):
+        model.attn_backend = "fast"
+    # a model pickled whole when fused_kernels was a plain attribute loads with it
+    state = model.__getstate__()
+    state["fused_kernels"] = state.pop("_fused_kernels")
+    old = SiT.__new__(SiT)
+    old.__setstate__(state)
+    assert old.fused_kernels == "auto" and "fused_kernels" not in vars(old)
+
+
+def test_registry_constructors_show_the_arguments_left_to_give():
+    """help(SiT_models["SiT-XL/2"]) lists SiT's arguments but those its name fixes, not (**kwargs)."""
+    import inspect
+
+    parameters = inspect.signature(SiT_models["SiT-XL/2"]).parameters
+    assert list(parameters)[:3] == ["input_size", "in_channels", "mlp_ratio"] and "depth" not in parameters
+    assert parameters["num_classes"].default == 1000 and "fused_kernels" in parameters
 
 
 def test_int32_labels_give_the_int64_labels_outputs():
