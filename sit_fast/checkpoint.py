@@ -50,7 +50,7 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
         from sit_fast.sampling import PRETRAINED_URLS, pretrained_checkpoint  # here: sampling imports this module
 
         if path in PRETRAINED_URLS:
-            path = pretrained_checkpoint(path)
+            path = pretrained_checkpoint(path, given_as="the path argument")
     check_checkpoint_file(path)
     # DiT's checkpoints have SiT's keys and shapes, so nothing in the weights tells them apart: a
     # release by its name, a training checkpoint by its args

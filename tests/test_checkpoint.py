@@ -1184,6 +1184,9 @@ def test_a_release_that_cannot_be_had_is_a_user_error_naming_why(tmp_path, monke
     with pytest.raises(UserError, match=r"^cannot download the released checkpoint SiT-XL-2-256x256\.pt "
                                         r"\(no network\); without a network, copy it to "):
         pretrained_checkpoint()
+    # from Python (read_checkpoint, load_checkpoint), the way out is a local file's path, not a flag
+    with pytest.raises(UserError, match=r"or pass a local checkpoint's path instead \(the path argument\)$"):
+        read_checkpoint("SiT-XL-2-256x256.pt")
     with pytest.raises(UserError) as info:
         pretrained_checkpoint("SiT-XL-2-512x512.pt")
     assert str(info.value) == "no released checkpoint named 'SiT-XL-2-512x512.pt' (released: SiT-XL-2-256x256.pt)"

@@ -1246,3 +1246,19 @@ def test_low_precision_data_trains_on_float32_times_and_weights(dtype):
     weight = (sigma**2 * d_alpha / alpha - sigma * d_sigma) ** 2 / sigma**2
     inner = record["t"] < 0.9  # away from t = 1, where sigma_t = sqrt(1 - alpha_t^2) cancels in float32
     torch.testing.assert_close(terms["loss"].double()[inner], (weight * x0**2).mean(1)[inner], rtol=1e-5, atol=0)
+
+
+def test_the_readmes_python_sampling_example_runs_as_written():
+    """README.md's upstream-style sampling from Python, run as written but for the model's size (SiT-T/2
+    for SiT-XL/2, random weights): guided samples of the labels' count come out."""
+    import pathlib
+
+    readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text()
+    blocks = [block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if ".sample_ode(" in block]
+    assert len(blocks) == 1, blocks
+    code = blocks[0].replace('SiT_models["SiT-XL/2"]', 'SiT_models["SiT-T/2"]')
+    assert code != blocks[0]
+    namespace = {}
+    torch.manual_seed(0)
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["latents"].shape == (4, 4, 32, 32) and torch.isfinite(namespace["latents"]).all()
