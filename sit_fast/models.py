@@ -797,6 +797,13 @@ class SiT(nn.Module):
         ops = fused_ops(vectors[0].dtype) if fused else REFERENCE_OPS
 
         step = self._compiled_step or _block_step
+        if self._compiled_step is not None and len(self.blocks) and not torch.compiler.is_compiling():
+            # An attention backend that cannot run here (flash_attn not installed, say) is said in its own
+            # words, here: raised inside the compiled step, Dynamo buries the message in its own report.
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+            attn = self.blocks[0].attn
+            resolve_backend(attn.attn_backend, x.device, dtype, attn.head_dim, attn.sdpa_backend is not None)
         h = ops["layernorm_modulate"](x, vectors[0], vectors[1])  # (N, T, D): input of block 0's attention
         for block in self.blocks:
             following = next(layers)  # the next block's, or the final layer's

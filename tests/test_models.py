@@ -1026,6 +1026,19 @@ def test_flash_attn_not_installed_is_passed_over_and_asking_for_it_says_so(monke
         attention.select_backend("flash_attn", "cuda", torch.bfloat16, 72)
 
 
+def test_a_backend_that_cannot_run_is_said_in_its_words_by_compiled_blocks_too():
+    """compile_blocks(): an attention backend that cannot run on the inputs (flash_attn on the CPU) is the
+    same ValueError as without compiling, not Dynamo's report of an exception it found while tracing."""
+    model = tiny_sit(attn_backend="flash_attn")
+    with pytest.raises(ValueError) as eager:
+        model(*inputs(model))
+    model.compile_blocks(backend="eager")
+    with pytest.raises(ValueError) as compiled:
+        model(*inputs(model))
+    assert str(compiled.value) == str(eager.value)
+    assert "attention backend 'flash_attn' cannot run here" in str(eager.value)
+
+
 def test_flash_attn_installed_is_not_taken_off_the_gpu(monkeypatch):
     attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
     assert attention.select_backend("auto", "cpu", torch.bfloat16, 64) == "sdpa"

@@ -631,7 +631,8 @@ def test_help_and_errors_name_the_command_that_was_run(monkeypatch):
     --help and the errors name the one that ran."""
     from sit_fast.training.args import parse_args
 
-    for argv0, name in (("/x/train.py", "train.py"), ("/x/sit_fast/training/__main__.py", "python -m sit_fast.training")):
+    for argv0, name in (("/x/train.py", "train.py"),
+                        ("/x/sit_fast/training/__main__.py", "python -m sit_fast.training")):
         monkeypatch.setattr(sys, "argv", [argv0])
         with pytest.raises(UserError, match=re.escape(f"--bogus (see {name} --help)")):
             parse_args(["--bogus"])
