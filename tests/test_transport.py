@@ -1262,3 +1262,11 @@ def test_the_readmes_python_sampling_example_runs_as_written():
     torch.manual_seed(0)
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["latents"].shape == (4, 4, 32, 32) and torch.isfinite(namespace["latents"]).all()
+
+
+def test_the_package_exports_the_transport_entry_points():
+    """`from sit_fast import create_transport, Sampler`, beside SiT_models and load_checkpoint."""
+    import sit_fast
+
+    assert sit_fast.create_transport is create_transport and sit_fast.Sampler is Sampler
+    assert {"create_transport", "Sampler", "SiT_models", "load_checkpoint"} <= set(sit_fast.__all__)
