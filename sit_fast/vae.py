@@ -100,7 +100,9 @@ class LatentCodec:
                 posterior = self.vae.encode(chunk.to(self.device)).latent_dist
             means.append((posterior.mean.float() - self.offset) * self.scale)
             stds.append(posterior.std.float() * self.scale)
-        return torch.cat(means), torch.cat(stds)
+        # contiguous: the VAE's output may be channels-last (a CPU convolution's), and noise drawn like a
+        # channels-last tensor (randn_like in training) falls on other elements than upstream's
+        return torch.cat(means).contiguous(), torch.cat(stds).contiguous()
 
     @staticmethod
     def sample(mean: torch.Tensor, std: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

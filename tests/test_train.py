@@ -1861,6 +1861,11 @@ def error_cases(tmp_path, checkpoint):
     return {
         "missing data path": (["--data-path", str(tmp_path / "nope")] + exp, "does not exist"),
         "empty data path": (["--data-path", str(empty)] + exp, "no class sub-folders"),
+        "run inside the images": (["--data-path", images, "--exp-dir", f"{images}/class0/../run", "--no-progress"],
+                                  f"--exp-dir {images}/class0/../run is inside --data-path {images}: put the run "
+                                  f"elsewhere"),
+        "results inside the images": (["--data-path", images, "--results-dir", images, "--no-progress"],
+                                      f"--results-dir {images} is inside --data-path {images}"),
         "no data path": (exp, "--data-path is required"),
         "image size not divisible by 8": (["--data-path", images, "--image-size", "100"] + exp, "not divisible by 8"),
         "image size not divisible by patch": (
@@ -3278,6 +3283,33 @@ def test_latent_cache_round_trip_and_training(tmp_path):
         assert f"using --vae {vae_dir}: the latent space recorded in the checkpoint" in f.read()
     saved = load_ckpt(list_checkpoints(os.path.join(exp, "checkpoints"))[0])["args"]
     assert saved["latent_cache"] is None and saved["data_path"] == images and saved["vae"] == vae_dir
+
+
+def test_training_from_a_latent_cache_is_training_from_its_images(tmp_path):
+    """The same seed trains the same from a (float32) latent cache as from the images through the VAE:
+    the same losses, weights within the cache's rounding. The VAE's encoding came out channels-last on
+    the CPU, and the training noise drawn like it (randn_like, as upstream) fell on other elements."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    latent_cache.main(["--data-path", images, "--image-size", "16", "--vae", vae_dir, "--out", out,
+                       "--num-workers", "0", "--dtype", "float32", "--no-progress"])
+    common = ["--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "3", "--ckpt-every", "3",
+              "--sample-every", "none", "--num-workers", "0", "--fused-kernels", "off", "--no-progress",
+              "--log-every", "1", "--global-seed", "7"]
+    runs = {}
+    for name, data in (("cache", ["--latent-cache", out]),
+                       ("images", ["--data-path", images, "--image-size", "16", "--vae", vae_dir])):
+        summary = train_main(common + data + ["--exp-dir", str(tmp_path / f"run_{name}")])
+        log = (tmp_path / f"run_{name}" / "log.txt").read_text()
+        runs[name] = (re.findall(r"Train Loss: ([0-9.]+)", log), load_ckpt(summary["last_checkpoint"])["model"])
+    assert runs["cache"][0] == runs["images"][0] and len(runs["cache"][0]) == 3, runs
+    for key, value in runs["cache"][1].items():
+        torch.testing.assert_close(value, runs["images"][1][key], atol=1e-5, rtol=1e-5)
 
 
 def _cache_args(images, vae_dir, out, *extra):

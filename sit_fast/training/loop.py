@@ -138,6 +138,18 @@ def recorded_experiment(run: str) -> dict | None:
     return record if isinstance(record, dict) else None
 
 
+def check_outside_the_images(args: argparse.Namespace) -> None:
+    """--exp-dir (or --results-dir) outside the image folder it trains on: inside, the run's folders
+    would be read as classes of the dataset the next time (its checkpoints folder a class of no images)."""
+    if args.dataset != "imagefolder" or args.latent_cache is not None or not args.data_path:
+        return
+    flag, where = ("--exp-dir", args.exp_dir) if args.exp_dir else ("--results-dir", args.results_dir)
+    out, data = os.path.realpath(where), os.path.realpath(args.data_path)
+    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+        raise UserError(f"{flag} {where} is inside --data-path {args.data_path}: put the run elsewhere (in the "
+                        f"dataset's folder its folders would be read as classes the next time)")
+
+
 def select_experiment(args: argparse.Namespace, explicit: set[str] = frozenset()
                       ) -> tuple[str, str | None, str, bool]:
     """(experiment dir, checkpoint to resume or None, a sentence saying what was chosen, whether the
@@ -557,6 +569,7 @@ class Trainer:
         choice = None
         if dist_info.is_main:  # the other ranks wait for the choice, or the error that ends the run
             try:
+                check_outside_the_images(args)
                 made_from = first_missing_folder(args.exp_dir or args.results_dir)
                 existed = bool(args.exp_dir) and os.path.exists(args.exp_dir)
                 exp_dir, resume_path, resume_note, numbered = select_experiment(args, explicit)
