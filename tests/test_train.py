@@ -1259,6 +1259,15 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(
     assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]
     with open(os.path.join(exp, "log.txt")) as f:
         assert "error: step 4: cannot write checkpoint" in f.read()
+    # the first checkpoint's write: nothing to continue from, so the advice is to run again
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpointing.torch, "save", full)
+    with pytest.raises(UserError) as info:
+        train_main(BASE + ["--exp-dir", str(tmp_path / "other"), "--max-steps", "4", "--ckpt-every", "4"])
+    assert str(info.value).endswith("(No space left on device); no checkpoint was written yet: run again once the "
+                                    "folder has room and can be written"), info.value
 
 
 def test_a_data_error_mid_run_saves_the_steps_taken_and_names_the_checkpoint(tmp_path, monkeypatch):
@@ -3241,6 +3250,9 @@ def test_latent_cache_round_trip_and_training(tmp_path):
                           "--dataset", "digits", "--data-path", images])  # both unused: the cache holds the data
     assert summary["step"] == 3 and np.isfinite(summary["loss"])
     assert os.path.isfile(os.path.join(exp, "samples", "0000003.png"))  # decoded with the cache's VAE
+    with pytest.raises(UserError, match=r"^--image-size 32 differs from the latent cache's 16: leave --image-size out "
+                                        r"\(the cache's is taken\) or pass 16$"):
+        train_main(["--latent-cache", out, "--image-size", "32", "--exp-dir", str(tmp_path / "exp32")])
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
     assert f"--data-path {images} is not used with --latent-cache" in log
@@ -5287,8 +5299,15 @@ def test_a_console_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
     assert "(step=0000002) Train Loss" in log, log
-    assert log.rstrip().endswith(f"done: step 4, last checkpoint {summary['last_checkpoint']}; sample grids in "
-                                 f"{os.path.join(exp, 'samples')}, this log in {os.path.join(exp, 'log.txt')}"), log
+    # no grid drawn (--sample-every 100000): no folder of them is named
+    assert log.rstrip().endswith(f"done: step 4, last checkpoint {summary['last_checkpoint']}; no sample grids, "
+                                 f"this log in {os.path.join(exp, 'log.txt')}"), log
+    exp = str(tmp_path / "grids")
+    summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--sample-every", "2",
+                                 "--num-sample-images", "2"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert f.read().rstrip().endswith(f"last checkpoint {summary['last_checkpoint']}; sample grids in "
+                                          f"{os.path.join(exp, 'samples')}, this log in {os.path.join(exp, 'log.txt')}")
 
 
 def test_the_progress_bar_on_a_terminal_goes_from_the_resumed_step_with_the_log_lines_figures(tmp_path, monkeypatch):

@@ -754,7 +754,8 @@ class Trainer:
         dataset = build_dataset(args.dataset, args.data_path, args.image_size, args.latent_cache)
         if isinstance(dataset, LatentCacheDataset):
             if "image_size" in explicit and args.image_size != dataset.image_size:
-                raise UserError(f"--image-size {args.image_size} differs from the latent cache's {dataset.image_size}")
+                raise UserError(f"--image-size {args.image_size} differs from the latent cache's {dataset.image_size}: "
+                                f"leave --image-size out (the cache's is taken) or pass {dataset.image_size}")
             if ckpt is not None and args.image_size != dataset.image_size:
                 raise UserError(f"the latent cache {args.latent_cache} holds {dataset.image_size}px images; the run being "
                                 f"resumed ({resume_path}) trained on {args.image_size}px: resume it with a cache of that "
@@ -1123,9 +1124,10 @@ class Trainer:
                     if err.errno not in WRITE_REFUSED:
                         raise
                     kept = (f"the last checkpoint, {self.last_checkpoint}, is kept: continue from it with --resume "
-                            f"auto" if self.last_checkpoint else "no checkpoint was written yet")
-                    raise UserError(f"step {self.step}: cannot write checkpoint {path} ({err.strerror}); {kept} "
-                                    f"once the folder has room and can be written") from None
+                            f"auto once the folder has room and can be written" if self.last_checkpoint else
+                            "no checkpoint was written yet: run again once the folder has room and can be written")
+                    raise UserError(f"step {self.step}: cannot write checkpoint {path} ({err.strerror}); {kept}") \
+                        from None
                 logger.info(f"saved checkpoint {path}")
                 self.last_checkpoint = path  # complete on disk: what a Ctrl-C raised here names
         on_main(write, self.dist_info)
@@ -1361,8 +1363,10 @@ class Trainer:
             logger.warning(f"stopped by {stopped_by} after step {self.step}; checkpoint {resume}: continue with "
                            f"--resume {resume} (or --resume auto)")
         else:
-            logger.info(f"done: step {self.step}, last checkpoint {self.last_checkpoint}; sample grids in "
-                        f"{os.path.join(self.exp_dir, 'samples')}, this log in {os.path.join(self.exp_dir, 'log.txt')}")
+            samples = os.path.join(self.exp_dir, "samples")
+            grids = f"sample grids in {samples}" if os.path.isdir(samples) else "no sample grids"
+            logger.info(f"done: step {self.step}, last checkpoint {self.last_checkpoint}; {grids}, this log in "
+                        f"{os.path.join(self.exp_dir, 'log.txt')}")
         return self.summary(stopped_by, last_log)
 
     def count_skipped(self) -> None:
