@@ -214,11 +214,24 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     if not classes:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
     samples, empty, hidden_files, repeated = [], [], [], []
-    others = {folder_id(os.path.join(root, name)) for name in ["", *classes]}  # the root and every class folder
+    real_root = os.path.realpath(root)
+    homes = {name for name in classes if not os.path.islink(os.path.join(root, name))}
+
+    def home(folder: str) -> str | None:
+        """The class whose folder holds `folder` on disk; "" the root itself; None outside every class."""
+        relative = os.path.relpath(os.path.realpath(folder), real_root)
+        if relative == os.curdir:
+            return ""
+        first = relative.split(os.sep, 1)[0]
+        return first if first in homes else None
+
+    seen = set()  # folders walked, in any class: a folder linked from two classes is taken in the first
     for label, name in enumerate(classes):
         count = len(samples)
-        own = folder_id(os.path.join(root, name))
-        for dirpath, filenames in walk_each_folder_once(os.path.join(root, name), repeated, others - {own}):
+        # a folder that lies in another class, or the root, is that one's (a link to it, or a class folder
+        # that is a link to it, would take its images twice, under two labels)
+        for dirpath, filenames in walk_each_folder_once(os.path.join(root, name), repeated, seen,
+                                                        keep=lambda folder, name=name: home(folder) in (None, name)):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMG_EXTENSIONS):
                     if filename.startswith("."):  # macOS's ._x.jpg beside x.jpg, say: no image, a crash later
@@ -230,10 +243,10 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     if repeated:
         logger.warning(
             f"--data-path {root}: {len(repeated)} linked folder{'s' if len(repeated) > 1 else ''} "
-            f"({repeated[0]}{' and more' if len(repeated) > 1 else ''}) left out: a link back to the root or to a "
-            "class folder, or to a folder walked already in its class (a loop, or a second link to one folder), so "
-            "that no image is taken twice or under another class; torchvision's ImageFolder follows them (a loop's "
-            "images again at each level, up to the system's link limit)")
+            f"({repeated[0]}{' and more' if len(repeated) > 1 else ''}) left out: a link back to the root or into "
+            "another class's folder, or to a folder walked already (a loop, or a second link to one folder), so that "
+            "no image is taken twice or under another class; torchvision's ImageFolder follows them (a loop's images "
+            "again at each level, up to the system's link limit)")
     if hidden_files:
         logger.warning(
             f"--data-path {root}: {len(hidden_files)} hidden file{'s' if len(hidden_files) > 1 else ''} with an image "
@@ -259,16 +272,16 @@ def folder_id(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def walk_each_folder_once(top: str, repeated: list[str], skip: set) -> list[tuple[str, list[str]]]:
+def walk_each_folder_once(top: str, repeated: list[str], seen: set, keep=None) -> list[tuple[str, list[str]]]:
     """(folder, file names) for each folder under top, links followed, sorted by path. A folder reached
     again (a link to an ancestor, or a second link to one folder) is walked at its first path only (in
-    sorted order), and folders whose folder_id is in `skip` not at all; the paths left out are appended
-    to `repeated`."""
-    seen, found = set(skip), []
+    sorted order), folders whose folder_id is in `seen` (which the walk adds to) not at all, nor those
+    for which keep(path) is false; the paths left out are appended to `repeated`."""
+    found = []
     for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
         dirnames.sort()  # top-down in name order: which path of a folder comes first does not depend on the disk
         key = folder_id(dirpath)
-        if key is None or key in seen:  # None: gone meanwhile
+        if key is None or key in seen or (keep is not None and not keep(dirpath)):  # None: gone meanwhile
             repeated += [dirpath] if key else []
             dirnames[:] = []
             continue

@@ -1799,7 +1799,32 @@ def test_linked_folders_back_to_the_root_a_class_or_a_walked_folder_are_left_out
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 1 and messages[0].startswith(
         f"--data-path {root}: 3 linked folders ({os.path.join(root, 'class0', 'b')} and more) left out: a link back "
-        "to the root or to a class folder"), messages
+        "to the root or into another class's folder"), messages
+
+
+@pytest.mark.parametrize("layout", ["class links to a class", "link into another class's sub-folder",
+                                    "class links to another class's sub-folder", "link from the first class"])
+def test_a_folder_in_one_class_is_never_taken_under_another_through_a_link(tmp_path, caplog, layout):
+    """Each image once, under the class whose folder holds it on disk, whichever way a link reaches it:
+    a class folder that is a link to another class (its images took both labels), a link inside a class
+    to a sub-folder of another (both labels too), a class folder linked to another's sub-folder (the
+    sub-folder was left out of its own class and its images took the link's label)."""
+    from sit_fast.data import find_images
+
+    root = tmp_path / "data"
+    for path in ("k1/a.png", "k1/sub/b.png", "k2/sub/c.png"):
+        os.makedirs(root / os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", (4, 4)).save(root / path)
+    links = {"class links to a class": ("k1", "k3"), "link into another class's sub-folder": ("k1/sub", "k2/link"),
+             "class links to another class's sub-folder": ("k1/sub", "k3"),
+             "link from the first class": ("k2/sub", "k1/link")}
+    target, name = links[layout]
+    os.symlink(root / target, root / name)
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        samples, classes = find_images(str(root))
+    taken = {os.path.basename(path): classes[label] for path, label in samples}
+    assert len(samples) == 3 and taken == {"a.png": "k1", "b.png": "k1", "c.png": "k2"}, (samples, classes)
+    assert f"linked folder ({root / name}) left out" in caplog.text, caplog.text
 
 
 def test_class_folders_without_images_are_refused_when_all_are_empty_and_counted_otherwise(tmp_path, caplog):
