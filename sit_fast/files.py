@@ -105,8 +105,11 @@ def atomic_write(path: str, write) -> None:
     A crash at any point leaves either the old file or the complete new one, never a partial file
     under `path`; the temporary file is removed when the write fails, and an OS error that names no
     file (a full disk) is given `path`. A file replaced keeps its permission bits (one made private
-    stays private); a new one has the umask's.
+    stays private); a new one has the umask's. A symbolic link at `path` is written through: the file
+    it names gets the new contents (in that file's folder), and the link stays.
     """
+    if os.path.islink(path):  # os.replace onto the link would put a file in its place, the target left stale
+        path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
     try:

@@ -1254,6 +1254,26 @@ def test_atomic_write_keeps_the_permission_bits_of_the_file_it_replaces(tmp_path
     assert stat.S_IMODE(os.stat(new).st_mode) == 0o640
 
 
+def test_atomic_write_onto_a_link_writes_the_file_it_names(tmp_path):
+    """--out (a grid, an export) given as a symbolic link: the file the link names gets the contents and
+    the link stays (the rename put a file in its place and left the target stale); a dangling link
+    makes its target."""
+    from sit_fast import files
+
+    (tmp_path / "elsewhere").mkdir()
+    target, link = tmp_path / "elsewhere" / "grid.png", tmp_path / "grid.png"
+    target.write_bytes(b"old")
+    os.symlink(target, link)
+    files.atomic_write(str(link), lambda f: f.write(b"new"))
+    assert os.path.islink(link) and target.read_bytes() == b"new"
+    assert os.listdir(tmp_path / "elsewhere") == ["grid.png"] and sorted(os.listdir(tmp_path)) == ["elsewhere",
+                                                                                                  "grid.png"]
+    dangling = tmp_path / "dangling.pt"
+    os.symlink(tmp_path / "elsewhere" / "made.pt", dangling)
+    files.atomic_torch_save({"a": 1}, str(dangling))
+    assert os.path.islink(dangling) and os.path.isfile(tmp_path / "elsewhere" / "made.pt")
+
+
 def _third_write_raises(monkeypatch, error: BaseException) -> None:
     """Files that sit_fast.files opens raise `error` from their third write (mid-file: a failed first
     write comes out of torch.save as is)."""
