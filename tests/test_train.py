@@ -10,6 +10,7 @@ import datetime
 import errno
 import hashlib
 import importlib
+import io
 import json
 import logging
 import os
@@ -5304,6 +5305,31 @@ def test_help_shows_each_default_once():
     assert "(default: None)" not in text and "(default: False)" not in text
     assert "(default: the dataset's class count)" in text and "--global-seed GLOBAL_SEED" in text
     assert "(default: 0)" in text  # --global-seed
+
+
+def test_a_log_file_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
+    """log.txt on a full disk: one warning on the console, not logging's traceback for each line (nor one
+    from closing the file at the end, which hid the run's own last line); the run's lines stay on the
+    console."""
+    from sit_fast.training import loop
+
+    class Full(io.RawIOBase):
+        def writable(self):
+            return True
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    real_open = loop.LogFile._open
+    monkeypatch.setattr(loop.LogFile, "_open", lambda self: (
+        real_open(self).close(), io.TextIOWrapper(io.BufferedWriter(Full(), 64), encoding="utf-8"))[1])
+    exp = str(tmp_path / "run")
+    summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--log-every", "2", "--ckpt-every", "4"])
+    err = capsys.readouterr().err
+    assert summary["step"] == 4 and "Logging error" not in err and "Traceback" not in err, err
+    assert err.count(f"warning: cannot write {os.path.join(exp, 'log.txt')} (No space left on device): the run's "
+                     f"lines go to the console alone") == 1, err
+    assert "(step=0000004) Train Loss" in err and "done: step 4" in err, err
 
 
 def test_a_console_that_went_away_does_not_stop_the_run(tmp_path, monkeypatch):

@@ -315,10 +315,37 @@ def setup_logging(is_main: bool) -> None:
     package.addHandler(logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1))
 
 
+class LogFile(logging.FileHandler):
+    """log.txt. A write that fails (a full disk) is said once on the console, not as logging's traceback
+    for every line; the run goes on, its lines on the console, and its own errors (a checkpoint that
+    cannot be written) are said as they would be."""
+
+    failed = False
+
+    def handleError(self, record):
+        err = sys.exc_info()[1]
+        if isinstance(err, OSError):
+            self.say_once(err)
+        else:
+            super().handleError(record)
+
+    def say_once(self, err: OSError) -> None:
+        if not self.failed:
+            self.failed = True
+            print(f"warning: cannot write {self.baseFilename} ({err.strerror or err}): the run's lines go to the "
+                  f"console alone", file=sys.stderr, flush=True)
+
+    def close(self):
+        try:
+            super().close()  # flushes what is buffered
+        except OSError as err:
+            self.say_once(err)
+
+
 def open_log_file(exp_dir: str) -> None:
     """Append to exp_dir/log.txt from here on, starting with the lines logged before it was known."""
     package = logging.getLogger("sit_fast")
-    file_handler = logging.FileHandler(os.path.join(exp_dir, "log.txt"))
+    file_handler = LogFile(os.path.join(exp_dir, "log.txt"))
     file_handler.setFormatter(LOG_FORMAT)
     for handler in list(package.handlers):
         if isinstance(handler, logging.handlers.MemoryHandler):
