@@ -748,6 +748,10 @@ def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool =
             with Image.open(path) as image:
                 return np.asarray(image.convert("RGB"))
         except FileNotFoundError:  # written by a process that sees another folder, or deleted meanwhile
+            record = os.path.join(sample_dir, "settings.json")
+            if not os.path.exists(record):  # the job's record gone with it
+                raise UserError(f"{path} is missing, and so is {record}: the folder was deleted or emptied while "
+                                f"the job ran; delete it and run the command again") from None
             raise UserError(f"{path} is missing, which a process of this job wrote: is the folder on a "
                             f"filesystem every process sees? The same command samples it again") from None
         except (OSError, SyntaxError) as err:  # PIL's errors for a damaged or cut-short file

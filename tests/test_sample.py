@@ -1482,8 +1482,14 @@ def test_the_npz_is_streamed_in_the_layout_adms_evaluator_reads(tmp_path, capsys
                                         r"delete it, and the same command samples it again$"):
         build_npz(str(tmp_path), 5, str(npz), progress=False)
     os.remove(png_path(str(tmp_path), 2))  # written where this process does not see it
+    (tmp_path / "settings.json").write_text("{}")
     with pytest.raises(UserError, match=rf"^{re.escape(png_path(str(tmp_path), 2))} is missing, which a process "
                                         r"of this job wrote: is the folder on a filesystem every process sees\?"):
+        build_npz(str(tmp_path), 5, str(npz), progress=False)
+    os.remove(tmp_path / "settings.json")  # the folder deleted while the job ran (its record too): a rerun is refused
+    with pytest.raises(UserError, match=rf"^{re.escape(png_path(str(tmp_path), 2))} is missing, and so is "
+                                        rf"{re.escape(str(tmp_path / 'settings.json'))}: the folder was deleted or "
+                                        r"emptied while the job ran; delete it and run the command again$"):
         build_npz(str(tmp_path), 5, str(npz), progress=False)
 
     # Memory: a few images at a time, not the N x H x W x 3 array (np.stack of all would hold it)
