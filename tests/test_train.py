@@ -5307,6 +5307,20 @@ def test_help_shows_each_default_once():
     assert "(default: 0)" in text  # --global-seed
 
 
+@pytest.mark.parametrize("name", ["log.txt", "samples"])
+def test_a_run_folders_log_or_grids_of_the_wrong_kind_are_refused_at_the_start(tmp_path, capsys, name):
+    """EXP/log.txt a folder, or EXP/samples a file: one line before the run starts (a traceback at the
+    start, or at the first grid after the first checkpoint)."""
+    exp = tmp_path / "exp"
+    (exp / "checkpoints").mkdir(parents=True)
+    os.makedirs(exp / name) if name == "log.txt" else (exp / name).write_text("")
+    assert run_cli(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--sample-every", "1"]) == 2
+    line, _ = the_error_line(capsys)
+    kind, what = ("folder", "log") if name == "log.txt" else ("file", "sample grids")
+    assert line == f"error: {exp / name} is a {kind}, where the run keeps its {what}: move it aside, or pass another " \
+                   f"--exp-dir", line
+
+
 def test_a_log_file_that_cannot_be_written_is_said_once_and_the_run_goes_on(tmp_path, monkeypatch, capsys):
     """log.txt on a full disk: one warning on the console, not logging's traceback for each line (nor one
     from closing the file at the end, which hid the run's own last line); the run's lines stay on the

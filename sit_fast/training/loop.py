@@ -603,6 +603,12 @@ class Trainer:
                 created = not existed if args.exp_dir else numbered
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
                 make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
+                for name, folder in (("log.txt", False), ("samples", True)):  # the wrong kind: a traceback later
+                    path = os.path.join(exp_dir, name)
+                    if os.path.exists(path) and os.path.isdir(path) != folder:
+                        raise UserError(f"{path} is a {'file' if folder else 'folder'}, where the run keeps its "
+                                        f"{'sample grids' if folder else 'log'}: move it aside, or pass another "
+                                        f"{flag.split()[0]}")
                 hold_run_lock(exp_dir)  # one process trains into a run folder at a time
                 if resume_path is None:  # what --resume auto tells this experiment by before a checkpoint records it
                     record = json.dumps({key: getattr(args, key) for key in EXPERIMENT_FLAGS}).encode()
