@@ -215,15 +215,21 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
     samples, empty, hidden_files, repeated = [], [], [], []
     real_root = os.path.realpath(root)
+    # where each class's folder is on disk: a real one in the root, or a link's target (a root made of links)
     homes = {name for name in classes if not os.path.islink(os.path.join(root, name))}
+    linked = {name: os.path.realpath(os.path.join(root, name)) for name in classes if name not in homes}
 
     def home(folder: str) -> str | None:
-        """The class whose folder holds `folder` on disk; "" the root itself; None outside every class."""
-        relative = os.path.relpath(os.path.realpath(folder), real_root)
+        """The class whose folder holds `folder` on disk, a real class folder before a linked one (the
+        innermost of those); "" the root itself; None outside every class."""
+        real = os.path.realpath(folder)
+        relative = os.path.relpath(real, real_root)
         if relative == os.curdir:
             return ""
-        first = relative.split(os.sep, 1)[0]
-        return first if first in homes else None
+        if (first := relative.split(os.sep, 1)[0]) in homes:
+            return first
+        owners = [name for name, top in linked.items() if real == top or real.startswith(top.rstrip(os.sep) + os.sep)]
+        return max(owners, key=lambda name: len(linked[name])) if owners else None
 
     seen = set()  # folders walked, in any class: a folder linked from two classes is taken in the first
     for label, name in enumerate(classes):

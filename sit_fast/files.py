@@ -15,6 +15,12 @@ from sit_fast.errors import UserError
 WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
+def is_inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies under it, both taken as they are on disk (links resolved)."""
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
+
+
 def make_folder(path: str, flag: str) -> None:
     """os.makedirs(path), or a UserError naming `flag` (a file in the way, no permission, ...)."""
     missing = first_missing_folder(path)

@@ -45,7 +45,7 @@ from sit_fast.errors import (
     UserError, allocation_past_device, cli_entry, is_out_of_memory, log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes,
+    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_writable_folder, unfinished_writes,
 )
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
@@ -119,8 +119,7 @@ def write_refused(what: str, err: OSError) -> UserError:
 def check_out_folder(args: argparse.Namespace) -> None:
     """--out is a folder that can be written, outside --data-path (inside, the next run would scan the
     cache as one more class folder of the dataset, and refuse the cache as made from other files)."""
-    out, data = os.path.realpath(args.out), os.path.realpath(args.data_path)
-    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+    if is_inside(args.out, args.data_path):
         raise UserError(f"--out {args.out} is inside --data-path {args.data_path}: put the cache elsewhere (in the "
                         f"dataset's folder it would be read as images of a class the next time)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -777,6 +777,9 @@ class SiT(nn.Module):
             raise TypeError(f"y must hold integer class labels (int64), got {y.dtype}")
         weight = self.x_embedder.proj.weight
         if x.dtype != weight.dtype and not (x.is_floating_point() and torch.is_autocast_enabled(x.device.type)):
+            if weight.dtype != self.pos_embed.dtype:  # cast_matmul_weights_: for autocast alone
+                raise TypeError(f"x is {x.dtype}, the model's matmul weights {weight.dtype} (cast_matmul_weights_): "
+                                f"call the model under torch.autocast to {weight.dtype}")
             raise TypeError(f"x is {x.dtype}, the model's weights {weight.dtype}: pass x.to({weight.dtype}), or call "
                             f"the model under torch.autocast")
 

@@ -112,16 +112,19 @@ class ParityReport:
         and largest gradient error; None without a yardstick."""
         if self.yardstick is None:
             return None
-        ratios = sorted(r["rel_err"] / self.yardstick[r["tensor"]] for r in self.rows
-                        if r["tensor"] != "loss" and self.yardstick[r["tensor"]] > 0)
+        ratios = [r["rel_err"] / self.yardstick[r["tensor"]] for r in self.rows
+                  if r["tensor"] != "loss" and self.yardstick[r["tensor"]] > 0]
+        nan = sum(math.isnan(ratio) for ratio in ratios)
+        ratios = sorted(ratio for ratio in ratios if not math.isnan(ratio))
         if not ratios:
-            return None
+            return None if not nan else f"against the reference's own error in {self.dtype}: every row NaN"
         middle = len(ratios) // 2
         median = ratios[middle] if len(ratios) % 2 else (ratios[middle - 1] + ratios[middle]) / 2
         grads = [value for name, value in self.yardstick.items() if name.startswith("grad:")]
         own = f"output {self.yardstick['output']:.3g}" + (f", gradients up to {max(grads):.3g}" if grads else "")
         return (f"against the reference's own error in {self.dtype}, tensor by tensor ({len(ratios)} rows, the loss "
-                f"left out): median {median:.2f}x, at most {ratios[-1]:.2f}x; the reference's own: {own}")
+                f"left out{f', and {nan} NaN' if nan else ''}): median {median:.2f}x, at most {ratios[-1]:.2f}x; the "
+                f"reference's own: {own}")
 
     def to_markdown(self, max_rows: int = 12) -> str:
         tol = self.tolerances()
@@ -131,8 +134,9 @@ class ParityReport:
             f"max grad {self.grad_rel_err_max:.3g} (tol {tol['grad']:.0e}), worst {self.worst['tensor']}: "
             + ("PASS" if self.ok() else "FAIL"),
         ]
-        if self.yardstick_summary() is not None:
-            lines.append(self.yardstick_summary())
+        summary = self.yardstick_summary()
+        if summary is not None:
+            lines.append(summary)
         lines.append("")
         own = self.yardstick
         if own is None:

@@ -1006,6 +1006,10 @@ def test_parity_markdown_sums_up_the_errors_against_the_reference_in_its_precisi
                         "median 1.00x, at most 1.50x; the reference's own: output 0.004, gradients up to 0.02"), lines
     assert lines[2] == "" and lines[3].startswith("| tensor |")
     assert _report().to_markdown().splitlines()[1] == ""  # no yardstick, no line
+    nan = _report(dtype="bf16", yardstick=yardstick, output=2e-3, **{"grad:w": float("nan"), "grad:a": 2e-2})
+    assert nan.to_markdown().splitlines()[1].startswith("against the reference's own error in bf16, tensor by tensor "
+                                                        "(2 rows, the loss left out, and 1 NaN): median 0.75x, at "
+                                                        "most 1.00x;"), nan.to_markdown()
 
 
 def test_parity_cli_compares_in_the_precision_it_is_given_and_exits_1_on_a_failure(monkeypatch, capsys):

@@ -617,6 +617,13 @@ def test_inputs_of_another_float_dtype_run_under_autocast():
         assert model(x.bfloat16(), t, y).shape == x.shape
     with pytest.raises(TypeError, match=r"x is torch.bfloat16, the model's weights torch.float32"):
         model(x.bfloat16(), t, y)
+    model.cast_matmul_weights_(torch.bfloat16)  # for autocast alone: x.to(bfloat16) would not do
+    with pytest.raises(TypeError, match=r"^x is torch.float32, the model's matmul weights torch.bfloat16 "
+                                        r"\(cast_matmul_weights_\): call the model under torch.autocast to "
+                                        r"torch.bfloat16$"):
+        model(x, t, y)
+    with torch.autocast(x.device.type, dtype=torch.bfloat16):
+        assert model(x, t, y).shape == x.shape
 
 
 def test_speed_options_set_after_construction_are_checked_as_the_constructors():

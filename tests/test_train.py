@@ -632,7 +632,7 @@ def test_help_and_errors_name_the_command_that_was_run(monkeypatch):
     --help and the errors name the one that ran."""
     from sit_fast.training.args import parse_args
 
-    for argv0, name in (("/x/train.py", "train.py"),
+    for argv0, name in (("/x/train.py", "train.py"), ("/x/pytest/__main__.py", "train.py"),  # python -m pytest
                         ("/x/sit_fast/training/__main__.py", "python -m sit_fast.training")):
         monkeypatch.setattr(sys, "argv", [argv0])
         with pytest.raises(UserError, match=re.escape(f"--bogus (see {name} --help)")):
@@ -1826,6 +1826,26 @@ def test_a_folder_in_one_class_is_never_taken_under_another_through_a_link(tmp_p
     taken = {os.path.basename(path): classes[label] for path, label in samples}
     assert len(samples) == 3 and taken == {"a.png": "k1", "b.png": "k1", "c.png": "k2"}, (samples, classes)
     assert f"linked folder ({root / name}) left out" in caplog.text, caplog.text
+
+
+def test_a_root_of_linked_class_folders_keeps_each_image_in_the_class_that_holds_it(tmp_path, caplog):
+    """A root whose class folders are links to a store (a common layout), the store's first class linking
+    into the second's sub-folder: its images stay the second's (taken under the first, the class that
+    sorted first, they left the second empty)."""
+    from sit_fast.data import find_images
+
+    store, root = tmp_path / "store", tmp_path / "data"
+    for path in ("k1/a.png", "k2/sub/c.png"):
+        os.makedirs(store / os.path.dirname(path), exist_ok=True)
+        Image.new("RGB", (4, 4)).save(store / path)
+    os.symlink(store / "k2" / "sub", store / "k1" / "link")
+    root.mkdir()
+    for name in ("k1", "k2"):
+        os.symlink(store / name, root / name)
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        samples, classes = find_images(str(root))
+    assert {os.path.basename(path): classes[label] for path, label in samples} == {"a.png": "k1", "c.png": "k2"}
+    assert len(samples) == 2 and f"linked folder ({root / 'k1' / 'link'}) left out" in caplog.text, caplog.text
 
 
 def test_class_folders_without_images_are_refused_when_all_are_empty_and_counted_otherwise(tmp_path, caplog):

@@ -28,7 +28,7 @@ NOT_INHERITED = ("resume", "exp_dir", "ckpt", "use_raw", "no_progress", "num_wor
 def command_name() -> str:
     """How this process was started, for --help and the errors: train.py, or the package's __main__
     (`python -m sit_fast.training`, which a non-editable install has in place of train.py)."""
-    if os.path.basename(sys.argv[0]) == "__main__.py":
+    if os.path.normpath(sys.argv[0]).endswith(os.path.join("sit_fast", "training", "__main__.py")):
         return "python -m sit_fast.training"
     return "train.py"
 

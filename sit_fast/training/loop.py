@@ -45,7 +45,7 @@ from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
 )
 from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, first_missing_folder,
-                             make_folder, make_writable_folder, remove_empty_folders)
+                             is_inside, make_folder, make_writable_folder, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.progress import duration
@@ -144,8 +144,7 @@ def check_outside_the_images(args: argparse.Namespace) -> None:
     if args.dataset != "imagefolder" or args.latent_cache is not None or not args.data_path:
         return
     flag, where = ("--exp-dir", args.exp_dir) if args.exp_dir else ("--results-dir", args.results_dir)
-    out, data = os.path.realpath(where), os.path.realpath(args.data_path)
-    if out == data or out.startswith(data.rstrip(os.sep) + os.sep):
+    if is_inside(where, args.data_path):
         raise UserError(f"{flag} {where} is inside --data-path {args.data_path}: put the run elsewhere (in the "
                         f"dataset's folder its folders would be read as classes the next time)")
 
