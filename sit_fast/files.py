@@ -117,7 +117,12 @@ def atomic_write(path: str, write) -> None:
     if os.path.islink(path):  # os.replace onto the link would put a file in its place, the target left stale
         path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    name, suffix = os.path.basename(path), f".tmp-{os.getpid()}"
+    # past a name's 255 bytes (which the final name fits), the name is shortened (unfinished_writes does not
+    # name a leftover of such a write)
+    while len(os.fsencode(f".{name}{suffix}")) > 255 and name:
+        name = name[:-1]
+    tmp = os.path.join(directory, f".{name}{suffix}")
     try:
         with open(tmp, "wb") as f:
             write(f)

@@ -1274,6 +1274,17 @@ def test_atomic_write_onto_a_link_writes_the_file_it_names(tmp_path):
     assert os.path.islink(dangling) and os.path.isfile(tmp_path / "elsewhere" / "made.pt")
 
 
+def test_atomic_write_of_a_name_near_the_length_limit(tmp_path):
+    """A final name of 250 bytes (a grid named so, a long checkpoint stem's .npz): the temporary name,
+    longer by its ".tmp-PID", was past the file system's 255 and failed with a traceback."""
+    from sit_fast import files
+
+    for name in ("a" * 251 + ".png", "é" * 124 + ".npz"):  # 255 bytes; UTF-8's two bytes a letter
+        files.atomic_write(str(tmp_path / name), lambda f: f.write(b"x"))
+        assert (tmp_path / name).read_bytes() == b"x"
+    assert sorted(os.listdir(tmp_path)) == sorted(["a" * 251 + ".png", "é" * 124 + ".npz"])
+
+
 def _third_write_raises(monkeypatch, error: BaseException) -> None:
     """Files that sit_fast.files opens raise `error` from their third write (mid-file: a failed first
     write comes out of torch.save as is)."""
