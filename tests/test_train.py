@@ -1260,6 +1260,21 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(
     assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]
     with open(os.path.join(exp, "log.txt")) as f:
         assert "error: step 4: cannot write checkpoint" in f.read()
+    # the checkpoints folder deleted while the run went on: said so, not a traceback of the temporary file
+    from sit_fast.training import loop
+
+    real_save = loop.atomic_torch_save
+
+    def deleted(obj, path):
+        shutil.rmtree(os.path.join(tmp_path / "gone", "checkpoints"))
+        return real_save(obj, path)
+
+    monkeypatch.setattr(loop, "atomic_torch_save", deleted)
+    with pytest.raises(UserError, match=r"^step 2: cannot write checkpoint .*0000002\.pt: the folder .*checkpoints is "
+                                        r"gone \(deleted while the run went on\?\); put it back and continue with "
+                                        r"--resume auto, or start again$"):
+        train_main(BASE + ["--exp-dir", str(tmp_path / "gone"), "--max-steps", "2", "--ckpt-every", "2"])
+    monkeypatch.setattr(loop, "atomic_torch_save", real_save)
     # the first checkpoint's write: nothing to continue from, so the advice is to run again
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")

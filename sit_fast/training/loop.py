@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import importlib
 import json
 import logging
@@ -1153,6 +1154,10 @@ class Trainer:
                 try:
                     atomic_torch_save(checkpoint, path)
                 except OSError as err:
+                    if err.errno == errno.ENOENT and not os.path.isdir(self.checkpoint_dir):
+                        raise UserError(f"step {self.step}: cannot write checkpoint {path}: the folder "
+                                        f"{self.checkpoint_dir} is gone (deleted while the run went on?); put it "
+                                        f"back and continue with --resume auto, or start again") from None
                     if err.errno not in WRITE_REFUSED:
                         raise
                     kept = (f"the last checkpoint, {self.last_checkpoint}, is kept: continue from it with --resume "
