@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sit_fast.errors import UserError, first_line
+from sit_fast.files import is_inside
 from sit_fast.images import center_crop_arr
 from sit_fast.interrupts import start_resource_tracker
 
@@ -228,7 +229,7 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
             return ""
         if (first := relative.split(os.sep, 1)[0]) in homes:
             return first
-        owners = [name for name, top in linked.items() if real == top or real.startswith(top.rstrip(os.sep) + os.sep)]
+        owners = [name for name, top in linked.items() if is_inside(real, top, resolved=True)]
         return max(owners, key=lambda name: len(linked[name])) if owners else None
 
     seen = set()  # folders walked, in any class: a folder linked from two classes is taken in the first

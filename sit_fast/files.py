@@ -15,9 +15,11 @@ from sit_fast.errors import UserError
 WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
-def is_inside(path: str, folder: str) -> bool:
-    """Whether `path` is `folder` or lies under it, both taken as they are on disk (links resolved)."""
-    path, folder = os.path.realpath(path), os.path.realpath(folder)
+def is_inside(path: str, folder: str, resolved: bool = False) -> bool:
+    """Whether `path` is `folder` or lies under it, both taken as they are on disk (links resolved;
+    resolved: both are already, as os.path.realpath gives them)."""
+    if not resolved:
+        path, folder = os.path.realpath(path), os.path.realpath(folder)
     return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 

@@ -981,10 +981,10 @@ def _make_config(size: str, patch_size: int):
     build.__name__ = f"SiT_{size}_{patch_size}"
     build.__doc__ = (f"SiT-{size}/{patch_size}: depth {depth}, hidden {hidden_size}, {num_heads} heads; the other "
                      f"arguments are SiT's (help(SiT)).")
-    fixed = {"depth", "hidden_size", "patch_size", "num_heads"}  # help() shows the arguments left to give
-    build.__signature__ = inspect.signature(SiT.__init__).replace(parameters=[
-        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in inspect.signature(SiT.__init__).parameters.items()
-        if name != "self" and name not in fixed])
+    signature = inspect.signature(SiT.__init__)  # help() shows the arguments the name leaves to give
+    build.__signature__ = signature.replace(parameters=[
+        p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for name, p in signature.parameters.items()
+        if name not in ("self", "depth", "hidden_size", "patch_size", "num_heads")])
     return build
 
 
