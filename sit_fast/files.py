@@ -28,13 +28,26 @@ def make_folder(path: str, flag: str) -> None:
     missing = first_missing_folder(path)
     existing = os.path.dirname(missing) if missing is not None else os.path.abspath(path)
     if not os.path.isdir(existing):
-        raise UserError(f"{flag}: {existing} is a file: pass a folder")
+        kind = "a file" if os.path.isfile(existing) else "not a folder"
+        raise UserError(f"{flag}: {existing} is {kind}: pass a folder")
+    if missing is not None and os.path.islink(missing):  # there, yet leading nowhere: makedirs says "File exists"
+        raise UserError(f"{flag}: {broken_link(missing)}: pass a folder, or make the link lead to one")
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
         failed = err.filename or path  # the folder that could not be made: `path` or a parent of it
         raise UserError(f"{flag}: cannot create the folder {failed} ({err.strerror or err}): pass a folder "
                         f"that can be written") from None
+
+
+def broken_link(path: str) -> str:
+    """What is wrong with the link `path`, which leads to nothing: a loop, or a target not there."""
+    try:
+        os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            return f"{path} is a link in a loop of links"
+    return f"{path} is a link to {os.readlink(path)}, which does not exist"
 
 
 def first_missing_folder(path: str) -> str | None:

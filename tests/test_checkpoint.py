@@ -1386,6 +1386,30 @@ def test_make_folder_makes_the_missing_parents_and_names_a_file_in_the_way(tmp_p
         files.make_folder(str(tmp_path / "c"), "--out")
 
 
+def test_make_folder_names_a_link_that_leads_nowhere_and_a_fifo_in_the_way(tmp_path):
+    """A results folder linked to a scratch disk not mounted, or a loop of links: said so, not "File exists"."""
+    from sit_fast import files
+    from sit_fast.errors import UserError
+
+    (tmp_path / "runs").symlink_to(tmp_path / "scratch" / "runs")
+    for path in (tmp_path / "runs", tmp_path / "runs" / "001-SiT"):
+        with pytest.raises(UserError, match=rf"^--results-dir: {tmp_path / 'runs'} is a link to "
+                                            rf"{tmp_path / 'scratch' / 'runs'}, which does not exist: pass a "
+                                            r"folder, or make the link lead to one$"):
+            files.make_folder(str(path), "--results-dir")
+    (tmp_path / "loop1").symlink_to("loop2")
+    (tmp_path / "loop2").symlink_to("loop1")
+    with pytest.raises(UserError, match=rf"^--out: {tmp_path / 'loop1'} is a link in a loop of links: pass a folder, "
+                                        r"or make the link lead to one$"):
+        files.make_folder(str(tmp_path / "loop1"), "--out")
+    os.mkfifo(tmp_path / "fifo")
+    with pytest.raises(UserError, match=rf"^--out: {tmp_path / 'fifo'} is not a folder: pass a folder$"):
+        files.make_folder(str(tmp_path / "fifo" / "run"), "--out")
+    (tmp_path / "scratch" / "runs").mkdir(parents=True)
+    files.make_folder(str(tmp_path / "runs" / "001-SiT"), "--results-dir")  # the link leads somewhere now
+    assert (tmp_path / "scratch" / "runs" / "001-SiT").is_dir()
+
+
 def test_make_folder_names_the_folder_it_could_not_make_not_the_one_asked_for(tmp_path, monkeypatch):
     """--exp-dir /sys/e: /sys/e is what cannot be made, not /sys/e/checkpoints."""
     import errno
