@@ -72,8 +72,8 @@ class LogProgress:
 class _Silent(LogProgress):
     """A disabled bar: counts, and prints write()'s messages only."""
 
-    def __init__(self):
-        self.n = 0
+    def __init__(self, total: int):
+        self.n, self.total = 0, total
 
     def update(self, n: int = 1) -> None:
         self.n += n
@@ -87,7 +87,7 @@ def progress(total: int, desc: str, unit: str = "it", disable: bool = False, fil
     """A progress display for a loop of `total` units: tqdm on a terminal, LogProgress elsewhere
     (a line every `interval` seconds, LOG_INTERVAL by default)."""
     if disable:
-        return _Silent()
+        return _Silent(total)
     file = file if file is not None else sys.stderr
     if file.isatty():
         from tqdm import tqdm

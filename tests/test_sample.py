@@ -3306,6 +3306,24 @@ def test_the_main_process_waits_for_the_other_processes_batches(tmp_path, monkey
     assert bar.n == 5 and [len(r) for r in parts.read(every=True)] == [2, 2, 1]
 
 
+def test_the_main_process_waits_without_a_bar_when_one_batch_is_left(tmp_path, monkeypatch):
+    """The rerun of a stopped torchrun job whose last batch is all that is left (no bar shown for one
+    batch) waits for it as for many."""
+    from sit_fast.distributed import DistInfo
+
+    monkeypatch.setattr(sample, "PARTS_POLL_S", 0.05)
+    two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    first = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=4, batch_size=2, dist=two)
+    first.write(0, torch.zeros(2))
+    FolderLock.release_all()  # the stopped run ended
+    parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=4, batch_size=2, dist=two)
+    assert parts.pending == [1]
+    results, interrupted = sample.over_batches("bits/dim", 4, 2, lambda k, first: parts.write(k, torch.ones(2)),
+                                               parts.pending, two, wait=parts.wait)
+    assert interrupted is None and [r.tolist() for r in results] == [[1.0, 1.0]]
+    assert [r.tolist() for r in parts.read(every=True)] == [[0.0, 0.0], [1.0, 1.0]]
+
+
 def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatch):
     """A process of another node that fails (a damaged image in its share) leaves word in OUT.parts/:
     rank 0, waiting for its batches, says so in one line (it polled for ever); a rerun clears the word."""
