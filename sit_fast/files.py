@@ -94,10 +94,12 @@ def atomic_torch_save(obj, path: str) -> None:
         stream = _KeepWriteError(f)
         try:
             torch.save(obj, stream)
-        except RuntimeError:
-            if stream.error is None:
-                raise
-            raise stream.error from None
+        except RuntimeError as err:
+            if stream.error is not None:
+                raise stream.error from None
+            if isinstance(err.__context__, KeyboardInterrupt):  # the handler ran as write() was entered, before its try
+                raise err.__context__ from None
+            raise
 
     atomic_write(path, save)
 

@@ -1348,6 +1348,29 @@ def test_atomic_torch_save_stopped_mid_write_raises_the_stop(tmp_path, monkeypat
     assert os.listdir(tmp_path) == []
 
 
+def test_atomic_torch_save_stopped_as_a_write_begins_raises_the_stop(tmp_path, monkeypatch):
+    """The handler may run as the writer's write() is entered, before it can keep what it raises:
+    the stop still comes out, not torch's "unexpected pos" RuntimeError (a traceback and exit 1)."""
+    import signal
+
+    from sit_fast import files
+    from sit_fast.interrupts import Stopped
+
+    stop, write, calls = Stopped(signal.SIGTERM), files._KeepWriteError.write, []
+
+    def stopped_on_entry(self, data):
+        calls.append(1)
+        if len(calls) == 3:
+            raise stop
+        return write(self, data)
+
+    monkeypatch.setattr(files._KeepWriteError, "write", stopped_on_entry)
+    with pytest.raises(KeyboardInterrupt) as info:
+        files.atomic_torch_save({"w": torch.zeros(1000), "v": torch.ones(10)}, str(tmp_path / "shard-00002.pt"))
+    assert info.value is stop
+    assert os.listdir(tmp_path) == []
+
+
 def test_atomic_torch_save_raises_a_runtime_error_not_from_a_write_as_it_is(tmp_path):
     from sit_fast import files
 
