@@ -755,6 +755,19 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
               f"all {total} images already in {sample_dir}: nothing to sample")
     writer = PNGWriter(sample_dir)
     bar = progress(todo, "sampling", "img", disable=not dist.is_main or not todo)
+
+    def stopped(err: KeyboardInterrupt, doing: str = "") -> SystemExit:
+        """Said once per node (a signal may reach one node's processes only): the PNGs are written whole
+        (atomically) and the queued ones finished, so all are kept; the exit to raise."""
+        bar.close()
+        if dist.local_rank == 0:
+            names = set(os.listdir(sample_dir))
+            written = sum(f"{i:06d}.png" in names for i in range(total))
+            rest = f"write {npz_path}" if written == total else f"sample the rest into {sample_dir}"
+            print(f"\n{what_stopped(err)}{doing}; {written} of {total} images are written, and kept: run the same "
+                  f"command again to {rest}", file=sys.stderr)
+        return SystemExit(exit_status(err))
+
     start = time.perf_counter()
     try:
         try:
@@ -775,17 +788,13 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
     except UserError:  # e.g. a full disk: the error on a line of its own, after the bar
         bar.close()
         raise
-    except KeyboardInterrupt as err:  # PNGs are written whole (atomically) and the queued ones finished: all kept
-        bar.close()
-        if dist.local_rank == 0:  # once per node: a signal may reach one node's processes only
-            names = set(os.listdir(sample_dir))
-            written = sum(f"{i:06d}.png" in names for i in range(total))
-            print(f"\n{what_stopped(err)}; {written} of {total} images are written, and kept: run the same command "
-                  f"again to sample the rest into {sample_dir}", file=sys.stderr)
-        raise SystemExit(exit_status(err)) from None
-    synchronize(setup.device)
+    except KeyboardInterrupt as err:
+        raise stopped(err) from None
     try:
+        synchronize(setup.device)
         barrier()
+    except KeyboardInterrupt as err:  # waiting for the other processes' shares
+        raise stopped(err) from None
     except RuntimeError as err:  # gloo's error: a process (of another node, stopped by a signal to it alone) ended
         if not peer_ended(err):
             raise
@@ -799,7 +808,10 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         if todo:
             each = f" ({todo / elapsed / dist.world_size:.2f} per process on average)" if dist.world_size > 1 else ""
             print(f"sampled {todo} images in {elapsed:.1f} s: {todo / elapsed:.2f} images/s{each}")
-        shape = build_npz(sample_dir, total, npz_path)  # the other ranks are done: no barrier to time out
+        try:
+            shape = build_npz(sample_dir, total, npz_path)  # the other ranks are done: no barrier to time out
+        except KeyboardInterrupt as err:  # the .npz is written whole or not at all
+            raise stopped(err, f" while writing {npz_path}") from None
         print(f"saved {npz_path} [arr_0: {'x'.join(map(str, shape))} uint8]")
     return npz_path
 

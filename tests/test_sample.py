@@ -1585,6 +1585,46 @@ def test_fid_job_interrupted_keeps_the_images_and_says_how_to_finish(files, tmp_
         assert archive["arr_0"].shape == (5, 8, 8, 3)
 
 
+def test_fid_job_stopped_while_it_writes_the_npz_says_the_images_are_kept(files, tmp_path, capsys, monkeypatch, stop):
+    """A stop while the .npz of 50,000 images is being written (minutes), or while the processes wait
+    for each other's shares: the same line as during sampling, naming what the rerun does."""
+    sample_dir = tmp_path / "s"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 3, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
+    real_build, real_barrier = sample.build_npz, sample.barrier
+
+    def stopped_in(real):
+        def wrapper(*args, **kwargs):
+            stop()
+            return real(*args, **kwargs)
+        return wrapper
+
+    monkeypatch.setattr(sample, "build_npz", stopped_in(real_build))
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == stop.status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith(
+        f"{stop.words} while writing {sample_dir}.npz; 3 of 3 images are written, and kept: run the same command "
+        f"again to write {sample_dir}.npz\n"), err
+    assert not os.path.exists(f"{sample_dir}.npz") and os.listdir(tmp_path) == ["s"]
+    monkeypatch.setattr(sample, "build_npz", real_build)
+    (sample_dir / "000002.png").unlink()
+    monkeypatch.setattr(sample, "barrier", stopped_in(real_barrier))
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == stop.status
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.endswith(
+        f"{stop.words}; 3 of 3 images are written, and kept: run the same command again to write "
+        f"{sample_dir}.npz\n"), err
+    monkeypatch.setattr(sample, "barrier", real_barrier)
+    run(argv)
+    assert "all 3 images already in" in capsys.readouterr().out
+    with np.load(f"{sample_dir}.npz") as archive:
+        assert archive["arr_0"].shape == (3, 8, 8, 3)
+
+
 def as_rank_1_of_2(monkeypatch, local_rank: int = 1) -> None:
     """sample.py in this process as rank 1 of a two-process job on the CPU, its collectives answered
     as rank 0 would answer them."""
