@@ -53,6 +53,11 @@ copies of its own items, their results dropped, so that the one compiled shape s
 """
 from __future__ import annotations
 
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
+
 import argparse
 import contextlib
 import hashlib

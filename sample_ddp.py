@@ -12,6 +12,11 @@ Every flag of sample.py's FID job is accepted (`python sample_ddp.py ODE --help`
 --likelihood, --reverse, --data, --dataset, --exact-divergence or --class-labels); see the docstring
 of sample.py.
 """
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
+
 from sample import SAMPLE_DDP_DEFAULTS, main
 
 if __name__ == "__main__":

@@ -22,6 +22,11 @@ Checkpoints go to EXP_DIR/checkpoints/NNNNNNN.pt (written atomically; see
 sit_fast/training/checkpointing.py for the format), the log to EXP_DIR/log.txt and EMA sample grids
 to EXP_DIR/samples/. With several nodes, EXP_DIR must be on a filesystem that all of them share.
 """
+import signal
+
+if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
+
 from sit_fast.errors import cli_entry
 from sit_fast.training.loop import main
 

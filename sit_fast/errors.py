@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import signal
 import sys
 import time
 from typing import Callable
@@ -179,13 +180,17 @@ def line_buffered_stdout() -> None:
 
 def cli_entry(main: Callable) -> Callable:
     """Wrap a script's main(): a UserError is printed as one line `error: ...` on stderr (report)
-    with exit status 2; anything else propagates as a bug. A console that goes away meanwhile (a
-    closed pipe, a hung-up terminal) costs the lines written to it, not the work."""
+    with exit status 2, a Ctrl-C or stop signal the job did not handle as "interrupted" or "stopped
+    by SIGTERM" with the shell's status (130, 143); anything else propagates as a bug. A console
+    that goes away meanwhile (a closed pipe, a hung-up terminal) costs the lines written to it, not
+    the work."""
 
     @functools.wraps(main)
     def wrapper(*args, **kwargs):
-        from sit_fast.interrupts import console_loss_ignored, stop_signals_noted
+        from sit_fast.interrupts import console_loss_ignored, exit_status, stop_signals_noted, what_stopped
 
+        if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # as a script left it while its libraries loaded
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         line_buffered_stdout()
         with console_loss_ignored():
             try:
@@ -202,5 +207,8 @@ def cli_entry(main: Callable) -> Callable:
                 else:
                     report(str(err), later_s)
                 sys.exit(2)
+            except KeyboardInterrupt as err:  # before the job began (joining the other processes), or as it ended
+                print(what_stopped(err), file=sys.stderr)
+                sys.exit(exit_status(err))
 
     return wrapper

@@ -268,3 +268,53 @@ def test_a_command_lines_stdout_reaches_a_file_line_by_line():
     env["PYTHONPATH"] = REPO
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert result.returncode == 137 and result.stdout == "sampling 50,000 images into samples/\n", result
+
+
+def test_a_stop_no_part_of_the_job_said_is_one_line_with_the_shells_status(capsys):
+    """cli_entry: a Ctrl-C or stop signal before the job's own handling begins (a torchrun process
+    waiting for the others to join) or after it ends: one line and 130 / 143, not a traceback."""
+    from sit_fast.errors import cli_entry
+
+    @cli_entry
+    def main(stop):
+        raise stop
+
+    for stop, line, status in ((KeyboardInterrupt(), "interrupted", 130),
+                               (Stopped(signal.SIGTERM), "stopped by SIGTERM", 143)):
+        try:
+            main(stop)
+        except SystemExit as exit_info:
+            code = exit_info.code
+        except KeyboardInterrupt:  # let through: it would end the test session
+            code = "KeyboardInterrupt"
+        assert code == status and capsys.readouterr() == ("", f"{line}\n")
+
+
+def test_cli_entry_gives_ctrl_c_back_its_keyboard_interrupt():
+    """A script ends at Ctrl-C as its libraries load (SIGINT's default action, below); the job, once
+    begun, takes Ctrl-C as KeyboardInterrupt again."""
+    from sit_fast.errors import cli_entry
+
+    @cli_entry
+    def main():
+        return signal.getsignal(signal.SIGINT)
+
+    saved = signal.signal(signal.SIGINT, signal.SIG_DFL)
+    try:
+        assert main() is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, saved)
+
+
+@pytest.mark.parametrize("argv", [["train.py", "--help"], ["sample.py", "ODE", "--help"],
+                                  ["sample_ddp.py", "ODE", "--help"]])
+def test_a_ctrl_c_while_a_script_loads_its_libraries_ends_it_without_a_traceback(argv):
+    """Ctrl-C in the seconds torch takes to load: the process ends as SIGINT ends it, with no traceback
+    of the import it cut short. (torch takes well over the wait below to load.)"""
+    import time
+
+    child = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    time.sleep(0.3)
+    child.send_signal(signal.SIGINT)
+    out, err = child.communicate(timeout=120)
+    assert child.returncode == -signal.SIGINT and err == b"", (child.returncode, err[-2000:])
