@@ -740,10 +740,10 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         if note := mixed_folders(sample_dir, args.run_folder):
             logging.getLogger("sit_fast.sample").warning(note)
         check_settings(sample_dir, dict(settings, ckpt_digest=checkpoint_digest(setup.info["path"])), lock=lock)
-        if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job"):
+        if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job", lock):
             logging.getLogger("sit_fast.sample").warning(leftovers)
         npz_folder, npz_name = os.path.split(os.path.abspath(npz_path))
-        if leftovers := unfinished_writes(npz_folder, re.escape(npz_name), ".npz", "a sampling job"):
+        if leftovers := unfinished_writes(npz_folder, re.escape(npz_name), ".npz", "a sampling job", lock):
             logging.getLogger("sit_fast.sample").warning(leftovers)
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))

@@ -168,11 +168,14 @@ def atomic_write(path: str, write) -> None:
         os.close(fd)
 
 
-def unfinished_writes(folder: str, name: str, what: str, by: str) -> str | None:
-    """A warning naming the temporary files of atomic_write that a writer killed mid-write left in
+def unfinished_writes(folder: str, name: str, what: str, by: str, lock: FolderLock | None = None) -> str | None:
+    """A line naming the temporary files of atomic_write that a writer killed mid-write left in
     `folder` (hidden `.<final name>.tmp-PID` files; `name`: a regex of the final names), with their
-    size, or None. They are never read, only their space is lost; they are kept, since another
-    process may be writing one now. what: "checkpoint", "shard"; by: who was killed ("a run")."""
+    size, or None. They are never read, only their space is lost. Where `lock` is held (the lock of
+    the job whose outputs they are, taken before its work begins: no other job writes them now, and
+    this one has not started) they are removed, and the line says so; otherwise they are kept, since
+    another process may be writing one now, and the line is a warning. what: "checkpoint", "shard";
+    by: who was killed ("a run")."""
     if not os.path.isdir(folder):
         return None
     pattern = re.compile(rf"\.{name}\.tmp-\d+")
@@ -183,8 +186,16 @@ def unfinished_writes(folder: str, name: str, what: str, by: str) -> str | None:
     amount = (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20
               else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} byte{'' if size == 1 else 's'}")
     listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    return (f"{folder} holds {len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; "
-            f"{amount}), left by {by} killed while writing: delete them unless another run is writing there now")
+    writes = f"{len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; {amount})"
+    if lock is not None and lock.fd is not None:
+        try:
+            for n in names:
+                os.remove(os.path.join(folder, n))
+            return f"removed {writes} from {folder}, left by {by} killed while writing"
+        except OSError:  # a read-only folder, say: named for the user to delete, as without the lock
+            pass
+    return (f"{folder} holds {writes}, left by {by} killed while writing: delete them unless another run is writing "
+            f"there now")
 
 
 class FolderLock:
@@ -226,7 +237,7 @@ class FolderLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
             busy = err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() if busy else ""
+            holder = os.pread(fd, 200, 0).decode(errors="replace").split("\n")[0].strip() if busy else ""
             os.close(fd)
             if busy:
                 raise UserError(f"another job is writing into {self.folder} now ({holder or 'it holds ' + path}): "
@@ -237,9 +248,11 @@ class FolderLock:
             return
         self.fd = fd
         FolderLock._held.add(self)
-        try:  # who holds it, for the message of a job refused: a full disk only costs that
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+        try:  # who holds it, for the message of a job refused (written before the old text is cut off, so
+            # that a reader finds a line at any moment): a full disk only costs that
+            holder = f"process {os.getpid()} on {socket.gethostname()}\n".encode()
+            os.pwrite(fd, holder, 0)
+            os.ftruncate(fd, len(holder))
         except OSError:
             pass
 

@@ -18,10 +18,12 @@ sample each time, as upstream's `latent_dist.sample()` does. Layout of DIR:
                         axis 1: 0 = as is, 1 = mirrored; read with torch.load(weights_only=True, mmap=True)
 
 Shards are written atomically and skipped when present and whole (one cut short or damaged since is
-encoded again, with a warning), so an interrupted run resumes (with any
-number of processes; a process killed mid-write leaves a hidden .shard-NNNNN.pt.tmp-PID file, which
-the next run names for you to delete); settings.json records the settings that shape the latents,
-and a folder made with other settings is refused.
+encoded again, with a warning), so an interrupted run resumes (with any number of processes; a
+process killed mid-write leaves a hidden .shard-NNNNN.pt.tmp-PID file, which the next run, holding
+the folder's lock, removes and names); settings.json records the settings that shape the latents,
+and a folder made with other settings is refused. --batch-size is not one of them (a run out of
+memory goes on with a smaller one), though the VAE's arithmetic varies with it: a shard encoded at
+another batch size may differ from an uninterrupted run's in the last bit of some values.
 """
 from __future__ import annotations
 
@@ -187,7 +189,7 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
 
     def prepare():
         check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt", lock=lock)
-        if leftovers := unfinished_writes(args.out, r"shard-\d{5}\.pt", "shard", "a process"):
+        if leftovers := unfinished_writes(args.out, r"shard-\d{5}\.pt", "shard", "a process", lock):
             logger.warning(leftovers)
         damaged = []
         pending = pending_shards(args.out, shards, damaged)

@@ -890,6 +890,34 @@ def test_unfinished_writes_name_three_and_count_the_rest(tmp_path):
     assert "holds 1 unfinished checkpoint write (.0000000.pt.tmp-42; 1 byte)" in note, note
 
 
+def test_unfinished_writes_are_removed_under_the_jobs_lock_and_kept_without_it(tmp_path, monkeypatch):
+    """A held lock (taken before the job's work begins) means nobody writes them now: removed, and said;
+    a lock not held (not taken, or a filesystem that cannot lock) keeps them, in a warning."""
+    from sit_fast import files
+
+    lock = files.FolderLock(str(tmp_path), "--out")
+    (tmp_path / ".0000004.pt.tmp-42").write_bytes(b"x" * 3)
+    (tmp_path / "0000002.pt").write_bytes(b"x")
+    note = files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock)
+    assert note == (f"{tmp_path} holds 1 unfinished checkpoint write (.0000004.pt.tmp-42; 3 bytes), left by a run killed "
+                    f"while writing: delete them unless another run is writing there now")
+    lock.acquire()
+    real_remove = files.os.remove
+
+    def refused(path):
+        raise PermissionError(13, "Permission denied", path)
+
+    monkeypatch.setattr(files.os, "remove", refused)  # a folder the job cannot delete in: named as without the lock
+    assert files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock) == note
+    monkeypatch.setattr(files.os, "remove", real_remove)
+    note = files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock)
+    assert note == (f"removed 1 unfinished checkpoint write (.0000004.pt.tmp-42; 3 bytes) from {tmp_path}, left by a "
+                    f"run killed while writing")
+    assert sorted(os.listdir(tmp_path)) == [".lock", "0000002.pt"]
+    assert files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock) is None
+    lock.release()
+
+
 def test_a_checkpoint_cut_short_is_named_as_such(tmp_path):
     """A zip archive without its end (a copy cut short) gave torch's 300-character advice, cut mid-word."""
     whole, cut = tmp_path / "whole.pt", tmp_path / "cut.pt"
@@ -1548,6 +1576,16 @@ def test_a_folder_lock_says_who_holds_it_and_a_refused_one_keeps_no_file_open(tm
         with pytest.raises(UserError, match=rf"^another job is writing into {tmp_path} now \(process {os.getpid()} "):
             FolderLock(str(tmp_path), "--out").acquire()
         assert len(os.listdir("/proc/self/fd")) == open_files
+
+    # The holder's line is written before the older text is cut off: a job refused in between names it alone.
+    (tmp_path / ".lock").write_text("process 5 on host-a\nost whose name is much longer than this one's\n")
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(UserError, match=rf"^another job is writing into {tmp_path} now \(process 5 on host-a\): "):
+            FolderLock(str(tmp_path), "--out").acquire()
+    finally:
+        os.close(fd)
 
     def busy(fd, operation):
         raise OSError(errno.EACCES, "Permission denied")

@@ -1778,12 +1778,13 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
                    f"are kept: make room (or make the folder writable) and run the same command again to sample "
                    f"the rest"), err
     assert not [n for n in os.listdir(sample_dir) if ".tmp" in n] and "000000.png" in os.listdir(sample_dir)
-    # A job killed mid-write leaves its temporary file: the next run names it, as train.py its checkpoints'.
+    # A job killed mid-write leaves its temporary file: the next run removes it, as train.py its checkpoints'.
     (sample_dir / ".000003.png.tmp-999").write_bytes(b"cut short")
     monkeypatch.setattr(PILImage.Image, "save", real_save)
     sample.main([str(a) for a in argv])
-    assert (f"warning: {sample_dir} holds 1 unfinished PNG write (.000003.png.tmp-999; 9 bytes), left by a "
+    assert (f"warning: removed 1 unfinished PNG write (.000003.png.tmp-999; 9 bytes) from {sample_dir}, left by a "
             f"sampling job killed while writing") in capsys.readouterr().err
+    assert not (sample_dir / ".000003.png.tmp-999").exists()
 
 
 def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
@@ -2048,14 +2049,16 @@ def test_an_fid_folder_named_with_a_trailing_slash_puts_the_npz_beside_it(files,
     assert (tmp_path / "s.npz").is_file() and not (tmp_path / "s" / ".npz").exists()
 
 
-def test_an_npz_write_cut_short_is_named_by_the_next_run(files, tmp_path, capsys):
-    """A job killed while writing the .npz left its temporary file (up to the .npz's size) unnamed."""
+def test_an_npz_write_cut_short_is_removed_by_the_next_run(files, tmp_path, capsys):
+    """A job killed while writing the .npz leaves its temporary file (up to the .npz's size: 10 GB for
+    50,000 images at 256px): the next run, holding the folder's lock, removes it and says so."""
     sample_dir = tmp_path / "s"
     (tmp_path / ".s.npz.tmp-4242").write_bytes(b"\0" * 2048)
     run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
          "--num-fid-samples", 2, "--sample-dir", sample_dir, *FAST])
-    assert (f"warning: {tmp_path} holds 1 unfinished .npz write (.s.npz.tmp-4242; 2 KiB), left by a sampling job "
-            f"killed while writing") in capsys.readouterr().err
+    assert (f"warning: removed 1 unfinished .npz write (.s.npz.tmp-4242; 2 KiB) from {tmp_path}, left by a sampling "
+            f"job killed while writing") in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["s", "s.npz"]
 
 
 def test_a_second_likelihood_job_on_the_same_out_is_refused(files, tmp_path, capsys):

@@ -1703,8 +1703,9 @@ def test_sixteen_bit_grayscale_images_are_scaled_to_eight_bits(tmp_path, mode):
         read_image(str(tmp_path / "f.tiff"), 6)
 
 
-def test_resume_names_unfinished_checkpoint_writes_and_keeps_them(tmp_path):
-    """A writer killed mid-write (SIGKILL) leaves its temporary file: the next run names it, with its size."""
+def test_resume_names_unfinished_checkpoint_writes_and_removes_them(tmp_path):
+    """A writer killed mid-write (SIGKILL) leaves its temporary file: the next run in the folder, holding
+    its lock, removes it and says so, with its size."""
     exp = str(tmp_path / "run")
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
     leftover = os.path.join(exp, "checkpoints", ".0000004.pt.tmp-4242")
@@ -1713,8 +1714,9 @@ def test_resume_names_unfinished_checkpoint_writes_and_keeps_them(tmp_path):
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "3", "--ckpt-every", "2", "--resume", "auto"])
     with open(os.path.join(exp, "log.txt")) as f:
         log = f.read()
-    assert "holds 1 unfinished checkpoint write (.0000004.pt.tmp-4242; 1 MiB)" in log, log
-    assert os.path.exists(leftover)
+    assert (f"removed 1 unfinished checkpoint write (.0000004.pt.tmp-4242; 1 MiB) from {os.path.dirname(leftover)}, "
+            f"left by a run killed while writing") in log, log
+    assert not os.path.exists(leftover)
 
 
 def test_a_class_folder_without_images_is_named_in_a_warning(tmp_path, caplog):
@@ -4018,9 +4020,9 @@ def test_latent_cache_names_the_temporary_files_of_a_killed_writer(tmp_path, cap
         f.write(bytes(3 * 2**20))
     capsys.readouterr()
     latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "1"))
-    assert capsys.readouterr().err == (f"warning: {out} holds 1 unfinished shard write (.shard-00001.pt.tmp-4321; "
-                                       f"3 MiB), left by a process killed while writing: delete them unless another "
-                                       f"run is writing there now\n")
+    assert capsys.readouterr().err == (f"warning: removed 1 unfinished shard write (.shard-00001.pt.tmp-4321; 3 MiB) "
+                                       f"from {out}, left by a process killed while writing\n")
+    assert not os.path.exists(os.path.join(out, ".shard-00001.pt.tmp-4321"))
 
 
 def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tmp_path, monkeypatch, capsys):

@@ -206,9 +206,10 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
     return [path for _, path in sorted(named, reverse=True)]
 
 
-def unfinished_writes(checkpoint_dir: str) -> str | None:
-    """The warning on the temporary files of checkpoint writes that never finished, or None."""
-    return files.unfinished_writes(checkpoint_dir, r"\d+\.pt", "checkpoint", "a run")
+def unfinished_writes(checkpoint_dir: str, lock: files.FolderLock | None = None) -> str | None:
+    """The line on the temporary files of checkpoint writes that never finished (removed where the
+    run's `lock` is held), or None."""
+    return files.unfinished_writes(checkpoint_dir, r"\d+\.pt", "checkpoint", "a run", lock)
 
 
 def load_training_checkpoint(path: str) -> dict:

@@ -630,7 +630,7 @@ class Trainer:
         if dist_info.is_main:
             open_log_file(self.exp_dir)  # from here on, a user error also lands in log.txt
         logger.info(resume_note + (" (--ckpt is ignored when resuming)" if resume_path and "ckpt" in explicit else ""))
-        if dist_info.is_main and (leftovers := unfinished_writes(self.checkpoint_dir)):
+        if dist_info.is_main and (leftovers := unfinished_writes(self.checkpoint_dir, _run_lock)):
             logger.warning(leftovers)
         try:
             # Rank 0 alone writes there, so a folder on its node's own disk serves a run; resuming
