@@ -345,14 +345,17 @@ def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """root/<class>/<image> as upstream's ImageFolder + ADM center crop; RGB in [-1, 1], flip per key."""
+    """root/<class>/<image> as upstream's ImageFolder + ADM center crop; RGB in [-1, 1], flip per key.
+    channels=1: gray images (stored as gray or as RGB), one channel, for a gray model in pixel space;
+    an image in colour is a DataError naming it."""
 
     in_memory = False
     flip = True
-    channels = 3
 
-    def __init__(self, root: str, image_size: int):
-        self.root = root
+    def __init__(self, root: str, image_size: int, channels: int = 3):
+        if channels not in (1, 3):
+            raise ValueError(f"channels must be 1 or 3, not {channels}")
+        self.root, self.channels = root, channels
         self.samples, self.classes = find_images(root)
         self.num_classes = len(self.classes)
         self.image_size = image_size
@@ -365,7 +368,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if flip:
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in [0, 255]
-        return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)  # (3, H, W) in [-1, 1]
+        if self.channels == 1:
+            if not (array == array[..., :1]).all():
+                raise DataError(f"image {self.samples[index][0]} is in colour; --in-channels 1 trains on gray images: "
+                                f"convert them to gray first, or leave --in-channels out")
+            array = array[..., :1]
+        return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)  # (C, H, W) in [-1, 1]
 
     def __getitem__(self, key: Key):
         index, flip = key
@@ -499,12 +507,14 @@ def _latent_cache_settings(root: str) -> bool:
 DATASETS = ("imagefolder", "digits")
 
 
-def build_dataset(name: str, data_path: str | None, image_size: int, latent_cache: str | None = None):
-    """The dataset for train.py's --dataset / --data-path / --latent-cache."""
+def build_dataset(name: str, data_path: str | None, image_size: int, latent_cache: str | None = None,
+                  channels: int = 3):
+    """The dataset for train.py's --dataset / --data-path / --latent-cache (an image folder's images
+    with `channels` 1 or 3)."""
     if latent_cache:
         return LatentCacheDataset(latent_cache)
     if name == "digits":
         return DigitsDataset(image_size)
     if name == "imagefolder":
-        return ImageFolderDataset(data_path, image_size)
+        return ImageFolderDataset(data_path, image_size, channels)
     raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

@@ -1654,6 +1654,36 @@ def test_one_loader_serves_every_epoch_in_the_samplers_order(tmp_path, monkeypat
     assert loaders[2] == order[9:11]
 
 
+def test_a_folder_of_gray_images_trains_a_gray_model_with_in_channels_1(tmp_path, capsys):
+    """--vae none --in-channels 1: the folder's images, gray as stored or as RGB with equal channels, are
+    one channel (it was read as RGB and refused as "the data, which has 3 channels"); one in colour is
+    named in one line."""
+    from sit_fast.data import ImageFolderDataset
+
+    root = tmp_path / "gray"
+    rng = np.random.default_rng(0)
+    for c in range(2):
+        (root / f"class{c}").mkdir(parents=True)
+        for i in range(2):
+            gray = rng.integers(0, 256, (12, 12), dtype=np.uint8)
+            image = Image.fromarray(gray) if i == 0 else Image.fromarray(np.stack([gray] * 3, -1))  # "L", "RGB"
+            image.save(root / f"class{c}" / f"{i}.png")
+    dataset = ImageFolderDataset(str(root), 8, channels=1)
+    x, label = dataset[(1, 0)]
+    assert x.shape == (1, 8, 8) and label == 0 and -1 <= x.min() and x.max() <= 1
+    assert torch.equal(ImageFolderDataset(str(root), 8)[(1, 0)][0], x.expand(3, 8, 8))  # RGB's three copies of it
+    argv = ["--data-path", str(root), "--vae", "none", "--in-channels", "1", "--image-size", "8", "--model", "SiT-T/4",
+            "--global-batch-size", "2", "--num-workers", "0", "--fused-kernels", "off", "--no-progress",
+            "--sample-every", "100000", "--max-steps", "2", "--exp-dir", str(tmp_path / "run")]
+    train_main(argv)
+    assert "model input 1x8x8" in capsys.readouterr().err
+    Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / "class1" / "2.png")
+    with pytest.raises(UserError) as info:
+        ImageFolderDataset(str(root), 8, channels=1)[(4, 0)]
+    assert str(info.value) == (f"image {root / 'class1' / '2.png'} is in colour; --in-channels 1 trains on gray "
+                               f"images: convert them to gray first, or leave --in-channels out")
+
+
 def test_image_folder_order_and_labels_are_torchvisions(tmp_path):
     """Nested folders: torchvision's ImageFolder sorts each class's (folder, files) by folder path, so
     b/sub-x (with '-' before '/') comes before b/sub/deep."""

@@ -59,7 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "decoding sample grids (python -m sit_fast.latent_cache has the same option)")
     data.add_argument("--in-channels", type=positive_int, default=None,
                       help="model input channels (default: the VAE's latent channels, or the image channels "
-                           "with --vae none); must agree with the data")
+                           "with --vae none); must agree with the data (with --vae none, 1 reads an image folder "
+                           "as gray)")
     data.add_argument("--num-workers", type=nonnegative_int, default=default_workers(),
                       help="data loader worker processes per rank (default: 4, or the CPUs usable if fewer)")
 

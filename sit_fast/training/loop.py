@@ -784,7 +784,8 @@ class Trainer:
                            + ("--latent-cache" if args.latent_cache is not None else f"--dataset {args.dataset}"))
         if args.latent_cache is not None and args.dataset != "imagefolder":
             logger.warning(f"--dataset {args.dataset} is not used with --latent-cache (the cache holds the data)")
-        dataset = build_dataset(args.dataset, args.data_path, args.image_size, args.latent_cache)
+        gray = args.vae == "none" and args.in_channels == 1  # a gray model in pixel space: an image folder read so
+        dataset = build_dataset(args.dataset, args.data_path, args.image_size, args.latent_cache, 1 if gray else 3)
         if isinstance(dataset, LatentCacheDataset):
             if "image_size" in explicit and args.image_size != dataset.image_size:
                 raise UserError(f"--image-size {args.image_size} differs from the latent cache's {dataset.image_size}: "
