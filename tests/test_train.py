@@ -1154,6 +1154,17 @@ def test_a_train_eps_that_changes_nothing_is_said(tmp_path):
     assert "has no effect" not in (tmp_path / "noise" / "log.txt").read_text()
 
 
+def test_a_loss_weight_that_changes_nothing_is_said(tmp_path):
+    """A velocity model's loss is unweighted whatever --loss-weight is (as upstream): given, the log
+    says so; a score model's is weighted, and nothing is said."""
+    train_main(BASE + ["--exp-dir", str(tmp_path / "velocity"), "--max-steps", "1", "--loss-weight", "likelihood"])
+    assert ("--loss-weight likelihood has no effect: a velocity model's loss is unweighted (as upstream); it weights "
+            "--prediction score or noise" in (tmp_path / "velocity" / "log.txt").read_text())
+    train_main(BASE + ["--exp-dir", str(tmp_path / "score"), "--max-steps", "1", "--loss-weight", "likelihood",
+                       "--prediction", "score", "--path-type", "GVP"])
+    assert "has no effect" not in (tmp_path / "score" / "log.txt").read_text()
+
+
 @pytest.mark.parametrize("flags,start", [
     (["--prediction", "noise", "--loss-weight", "velocity", "--train-eps", "0"], "error: --train-eps must be > 0 "
      "here: the Linear path with a noise model has a velocity loss weight that is infinite or undefined"),

@@ -957,6 +957,9 @@ class Trainer:
         if "train_eps" in self.explicit and not self.transport.eps_matters():
             logger.warning(f"--train-eps {args.train_eps:g} has no effect: a {args.path_type} velocity model trains "
                            f"on all of [0, 1] whatever it is (as upstream)")
+        if "loss_weight" in self.explicit and args.loss_weight is not None and args.prediction == "velocity":
+            logger.warning(f"--loss-weight {args.loss_weight} has no effect: a velocity model's loss is unweighted "
+                           f"(as upstream); it weights --prediction score or noise")
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(f"SiT parameters: {n_params:,} ({args.model}, {args.num_classes} classes)")
         self.step_flops = flops.train_step_flops(model)
