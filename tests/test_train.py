@@ -639,6 +639,21 @@ def test_help_and_errors_name_the_command_that_was_run(monkeypatch):
             parse_args(["--bogus"])
 
 
+def test_python_m_sit_fast_training_is_train_py(tmp_path):
+    """The package's __main__ (what the demo's torchrun starts, and a non-editable install has in place of
+    train.py) runs train.py's command line: its errors are one line naming it, and a run trains."""
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+    command = [sys.executable, "-m", "sit_fast.training"]
+    result = subprocess.run(command + ["--bogus"], capture_output=True, text=True, cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == "error: unrecognized arguments: --bogus (see python -m sit_fast.training --help)\n"
+    exp = str(tmp_path / "exp")
+    result = subprocess.run(command + BASE + ["--exp-dir", exp, "--max-steps", "1"], capture_output=True, text=True,
+                            cwd=REPO, env=env, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert list_checkpoints(os.path.join(exp, "checkpoints")) == [os.path.join(exp, "checkpoints", "0000001.pt")]
+
+
 def test_precision_bf16_trains_under_autocast_with_fp32_weights(tmp_path):
     """--precision bf16: the model's forward computes in bf16 (autocast), the weights, their gradients and
     the EMA stay fp32; fp32 computes in fp32."""
@@ -3805,6 +3820,11 @@ def test_a_latent_cache_that_is_not_there_says_so(tmp_path):
     (tmp_path / "old" / "index.json").write_text(json.dumps({"format": CACHE_FORMAT, "version": 0}))
     with pytest.raises(DataError, match=r"old/index\.json is not a version-1 sit_fast latent cache; rebuild it"):
         read_cache_index(str(tmp_path / "old"))
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "index.json").write_text('{"format": ')
+    with pytest.raises(DataError, match=r"^cannot read \S+cut/index\.json \(Expecting value: line 1 column 12 "
+                                        r"\(char 11\)\); delete it and run python -m sit_fast\.latent_cache again"):
+        read_cache_index(str(tmp_path / "cut"))
 
 
 def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
@@ -3848,6 +3868,11 @@ def test_a_missing_or_damaged_cache_shard_names_the_fix(tmp_path):
         f"latent cache shard {shard} holds latents of shape {tuple(odd.shape)} (std {tuple(odd.shape)}, labels "
         f"(2,)), the index says {(2, 2, channels, size, size)}; delete it and run python -m sit_fast.latent_cache "
         f"again with the same flags (it encodes only the missing shards)"), info.value
+    torch.save(odd, shard)  # a tensor, not the dict of a shard
+    with pytest.raises(DataError) as info:
+        LatentCacheDataset(out).shards()
+    assert str(info.value).startswith(f"latent cache shard {shard} does not hold mean, std and labels; delete it and "
+                                      f"run python -m sit_fast.latent_cache again"), info.value
     # A shard of another shard size (copied from a cache cut otherwise): its image count is named
     one = torch.zeros(1, 2, channels, size, size)
     torch.save({"mean": one, "std": one, "labels": torch.zeros(1, dtype=torch.int64)}, shard)
@@ -4954,6 +4979,34 @@ def test_a_resume_with_no_step_left_moves_no_checkpoint_aside(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt", "0000002.pt"]
 
 
+def test_resume_of_a_run_folder_continues_its_latest_valid_checkpoint_there(tmp_path):
+    """--resume EXP (or EXP/checkpoints) takes the newest checkpoint that loads, skipping a damaged one,
+    and the run goes on in EXP; a folder with no checkpoint is refused in one line, nothing written."""
+    from sit_fast.checkpoint import CheckpointError
+
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "1"])
+    ckpt_dir = os.path.join(exp, "checkpoints")
+    with open(os.path.join(ckpt_dir, "0000002.pt"), "r+b") as f:
+        f.truncate(4096)
+    logging.getLogger("sit_fast.train").handlers.clear()
+    summary = train_main(BASE + ["--resume", exp, "--max-steps", "2", "--ckpt-every", "1"])
+    assert summary["step"] == 2 and summary["exp_dir"] == exp
+    with open(os.path.join(exp, "log.txt")) as f:
+        assert f"resuming from {os.path.join(ckpt_dir, '0000001.pt')}" in f.read()
+    assert load_ckpt(os.path.join(ckpt_dir, "0000002.pt"))["step"] == 2
+    logging.getLogger("sit_fast.train").handlers.clear()
+    assert train_main(BASE + ["--resume", ckpt_dir, "--max-steps", "3"])["step"] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    logging.getLogger("sit_fast.train").handlers.clear()
+    with pytest.raises(CheckpointError, match=rf"^--resume {re.escape(str(empty))}: no valid checkpoint in "
+                                              rf"{re.escape(str(empty))} \(it holds no NNNNNNN.pt file\): pass "
+                                              r"another checkpoint or run folder"):
+        train_main(BASE + ["--resume", str(empty), "--max-steps", "1"])
+    assert os.listdir(empty) == []
+
+
 def test_nothing_to_do_names_the_limit_that_ended_the_run(tmp_path):
     """The digits' 3 steps per epoch (1797 // 512): a run ended by --epochs 1 and resumed with a larger
     --max-steps says that the checkpoint's --epochs holds it."""
@@ -4989,6 +5042,14 @@ def test_in_channels_other_than_the_datas_are_refused_in_one_line(tmp_path, caps
     assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--in-channels", "3"]) == 2
     line, _ = the_error_line(capsys)
     assert line == "error: --in-channels 3 does not match the data, which has 1 channel"
+    assert not (tmp_path / "exp").exists()
+
+
+def test_fewer_classes_than_the_datas_are_refused_in_one_line(tmp_path, capsys):
+    assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--num-classes", "9", "--max-steps", "1"]) == 2
+    line, _ = the_error_line(capsys)
+    assert line == ("error: --num-classes 9 is smaller than the dataset's 10 classes: pass --num-classes 10 or more, "
+                    "or leave it out to take the dataset's")
     assert not (tmp_path / "exp").exists()
 
 
