@@ -342,6 +342,33 @@ def test_safetensors_holding_one_tensor_named_model_is_refused(tmp_path):
         read_checkpoint(tmp_path / "m.safetensors")
 
 
+def test_a_truncated_or_foreign_safetensors_file_is_one_line_naming_it(tmp_path):
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cut.safetensors"
+    save_file({"pos_embed": torch.zeros(8)}, str(path))
+    path.write_bytes(path.read_bytes()[:-8])
+    (tmp_path / "text.safetensors").write_text("not weights")
+    for name in ("cut.safetensors", "text.safetensors"):
+        with pytest.raises(CheckpointError) as info:
+            read_checkpoint(tmp_path / name)
+        message = str(info.value)
+        assert message.startswith(f"cannot read {tmp_path / name}: ") and "\n" not in message, message
+        assert message.endswith(" (corrupt or not a safetensors file)"), message
+
+
+def test_safetensors_transport_metadata_that_is_not_json_counts_as_not_recorded(tmp_path):
+    from safetensors.torch import save_file
+
+    sd = upstream_state_dict(2, 32, 2, False)
+    for transport, recorded in (('{"path_type": "VP", "prediction": "noise"}', {"path_type": "VP",
+                                                                             "prediction": "noise"}),
+                                ('{"path_type": ', None)):
+        save_file(sd, str(tmp_path / "w.safetensors"), metadata={"format": "pt", "transport": transport})
+        state_dict, info = read_checkpoint(tmp_path / "w.safetensors")
+        assert info["args"] == recorded and state_dict.keys() == sd.keys()
+
+
 class _RunsCode:
     def __reduce__(self):
         return (print, ("this would have run",))

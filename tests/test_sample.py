@@ -468,12 +468,13 @@ def test_train_checkpoint_prefers_ema_and_use_raw_and_safetensors(files, tmp_pat
         assert all(torch.equal(v, expected[k]) for k, v in model.state_dict().items())
 
 
-def test_what_disagrees_with_the_checkpoint_is_named_with_the_value_that_fits(files):
+def test_what_disagrees_with_the_checkpoint_is_named_with_the_value_that_fits(files, tmp_path):
     """build_model's refusals: the message names the flag, the checkpoint's value, and what to pass instead."""
     from sit_fast.checkpoint import CheckpointError
     from sit_fast.errors import UserError
 
-    latent, pixel = files["latent"], files["pixel"]
+    latent, pixel, shallow = files["latent"], files["pixel"], str(tmp_path / "shallow.pt")
+    torch.save(random_sit(3, learn_sigma=False, depth=2).state_dict(), shallow)
     cases = [
         (dict(ckpt=latent, downsample=2, image_size=18), UserError,
          "--image-size 18 is not a multiple of 4 (the VAE factor 2 x patch size 2)"),
@@ -488,6 +489,8 @@ def test_what_disagrees_with_the_checkpoint_is_named_with_the_value_that_fits(fi
          f"for a pixel-space model)"),
         (dict(ckpt=pixel, downsample=1, model="SiT-Q/2"), UserError,
          f"unknown model 'SiT-Q/2'; choose one of {', '.join(SiT_models)}"),
+        (dict(ckpt=shallow, downsample=1), CheckpointError, f"{shallow}: no registry model has depth 2, hidden 128, "
+                                                            f"patch 2"),
     ]
     for kwargs, error, message in cases:
         with pytest.raises(error) as info:
@@ -2314,6 +2317,8 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
     torch.save(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), tmp_path / "uint8.pt")
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "notes.txt").write_text("not an image")
+    (tmp_path / "text.pt").write_text("garbage")
+    (tmp_path / "data.txt").write_text("0 1 2")
     cases = {
         "missing.npz": "error: --data {} does not exist",
         "text.npz": "error: cannot read {} (not an .npz archive): --data takes an .npz of arrays",
@@ -2330,6 +2335,8 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
         "uint8.pt": "error: --data {} holds uint8 values: model inputs (N, C, h, w) are floats (images go in a folder "
                     "or a uint8 .npz)",
         "no_images": "error: --data {}: no images (.jpg,",
+        "text.pt": "error: cannot read {}: ",
+        "data.txt": "error: --data {}: expected a folder of images, an .npz or a .pt (.pth) file",
     }
     for job in ("--likelihood", "--reverse"):
         for name, expected in cases.items():
@@ -2425,6 +2432,11 @@ def test_likelihood_labels_are_one_for_all_items_or_one_per_item():
     for given in ([1, 2], [1, 2, 3, 4]):
         with pytest.raises(sample.UserError, match=f"give one label for all 3 items or one per item, not {len(given)}"):
             labels(given, 3)
+    assert labels([0, NUM_CLASSES], 2) == [0, NUM_CLASSES]  # the null class may be given
+    for bad in (-1, NUM_CLASSES + 1):
+        with pytest.raises(sample.UserError, match=rf"^--class-labels {bad} is outside 0 \.\. {NUM_CLASSES} "
+                                                   rf"\({NUM_CLASSES}: null\)$"):
+            labels([1, bad], 2)
 
 
 def test_an_image_folder_is_read_a_batch_at_a_time(files, tmp_path, capsys, monkeypatch):
