@@ -1400,6 +1400,13 @@ def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys
     args = ["memory", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path), "--continue"]
     assert main(args) == 2
     assert "results.json does not exist: nothing to continue" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text('{"schema_version": ')
+    assert main(args) == 2
+    assert f"{tmp_path / 'results.json'} cannot be read (Expecting value" in capsys.readouterr().err
+    (tmp_path / "results.json").write_text(json.dumps({"schema_version": SCHEMA_VERSION - 1}))
+    assert main(args) == 2
+    assert (f"{tmp_path / 'results.json'} has schema version {SCHEMA_VERSION - 1}, this suite writes {SCHEMA_VERSION}"
+            in capsys.readouterr().err)
     (tmp_path / "results.json").write_text(json.dumps(
         {"schema_version": SCHEMA_VERSION, "environment": {"device": "cpu", "git_commit": "0123abc",
                                                            "torch_version": "2.0"}}))
@@ -1411,6 +1418,25 @@ def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys
     assert main(["train", "--device", "cpu", "--size", "tiny", "--variants", "ours", "--out", str(tmp_path),
                  "--continue"]) == 2
     assert "was measured with variants ['reference', " in capsys.readouterr().err
+
+
+def test_a_device_or_variants_it_cannot_run_are_refused_before_any_suite(tmp_path, monkeypatch, capsys):
+    import torch
+
+    from benchmarks.__main__ import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["memory", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == "error: --device cuda but torch sees no CUDA device\n"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert main(["memory", "--device", "cuda", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err == ("error: TRITON_INTERPRET=1 would run the CUDA kernels in the interpreter; "
+                                       "unset it\n")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["memory", "--device", "cpu", "--size", "tiny", "--variants", "ours,fast", "--out", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.startswith("error: unknown variants ['fast']; choose from ['reference', ")
+    assert os.listdir(tmp_path) == []
 
 
 def test_session_runs_the_suites_left_after_a_lost_cuda_context(tmp_path):

@@ -1607,6 +1607,21 @@ def test_bias_gelu_takes_strided_rows_and_no_rows():
     assert kernels.bias_gelu(empty, bias).shape == (0, 24)
 
 
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("B, T", [(0, 5), (2, 0)])
+def test_no_tokens_give_empty_outputs_and_zero_vector_gradients(op, B, T):
+    """A batch of no images, or images of no tokens: outputs of that empty shape, and the gradients of
+    the per-image vectors (shift, scale, gate) are sums over no tokens: zeros, not unwritten buffers."""
+    fp32 = DtypeCase(torch.float32, torch.float32, Tol(0, 0), Tol(0, 0))
+    inputs = {name: t.requires_grad_() for name, t in make_inputs(op, B, T, 72, fp32).items()}
+    outs = run_ours(op, inputs)
+    assert [tuple(out.shape) for out in outs] == [(B, T, 72)] * len(outs)
+    sum(out.sum() for out in outs).backward()
+    for name, tensor in inputs.items():
+        assert tensor.grad is not None and tensor.grad.shape == tensor.shape, name
+        assert torch.equal(tensor.grad, torch.zeros_like(tensor)), name
+
+
 @pytest.mark.parametrize("launch, rows", [
     # one-row tiles, 7 column blocks: 97 rows are still many tiles per program (331 took 40 s in the
     # interpreter, one tile after another; on the CPU one program per column block)
