@@ -76,14 +76,14 @@ import numpy as np
 import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, nonempty, positive_int, random_seed
-from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config
+from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
     local_path_on_main_first, on_main, peer_ended, peer_failed, unlike_rank_0,
 )
 from sit_fast.errors import (
-    PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr,
-    memory_kind,
+    ANSI, PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory,
+    log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
     WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes,
@@ -921,8 +921,13 @@ def load_data(setup: Setup, path: str):
     elif path.lower().endswith((".pt", ".pth")):  # --reverse writes either
         try:
             tensor = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch.load raises many types for bad files
-            raise UserError(f"cannot read {path}: {str(err).splitlines()[0] if str(err) else type(err).__name__}") from None
+        except Exception as err:  # torch.load raises many types for bad files; its advice (load unsafely) is not ours
+            kind = file_kind(path)
+            reason = re.search(r"WeightsUnpickler error:\s*(.+)", ANSI.sub("", str(err)))
+            why = (f"it is {kind}" if kind else f"not torch.save's or damaged: {reason.group(1).strip()}" if reason
+                   else first_line(err) or type(err).__name__)
+            raise UserError(f"cannot read {path} ({why}): --data takes a tensor of model inputs saved by torch.save, "
+                            f"an .npz or a folder of images") from None
         if not isinstance(tensor, torch.Tensor):
             raise UserError(f"{path} holds a {type(tensor).__name__}, not a tensor of model inputs (N, C, h, w)")
         if not tensor.is_floating_point():

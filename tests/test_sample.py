@@ -2318,6 +2318,7 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
     (tmp_path / "no_images").mkdir()
     (tmp_path / "no_images" / "notes.txt").write_text("not an image")
     (tmp_path / "text.pt").write_text("garbage")
+    (tmp_path / "json.pt").write_text('{"x": 1}')
     (tmp_path / "data.txt").write_text("0 1 2")
     cases = {
         "missing.npz": "error: --data {} does not exist",
@@ -2335,7 +2336,9 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
         "uint8.pt": "error: --data {} holds uint8 values: model inputs (N, C, h, w) are floats (images go in a folder "
                     "or a uint8 .npz)",
         "no_images": "error: --data {}: no images (.jpg,",
-        "text.pt": "error: cannot read {}: ",
+        "text.pt": "error: cannot read {} (not torch.save's or damaged: ",  # torch's reason, not its advice
+        "json.pt": "error: cannot read {} (it is a JSON or text file): --data takes a tensor of model inputs saved by "
+                   "torch.save, an .npz or a folder of images",
         "data.txt": "error: --data {}: expected a folder of images, an .npz or a .pt (.pth) file",
     }
     for job in ("--likelihood", "--reverse"):
