@@ -921,12 +921,8 @@ def load_data(setup: Setup, path: str):
     elif path.lower().endswith((".pt", ".pth")):  # --reverse writes either
         try:
             tensor = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as err:  # torch.load raises many types for bad files; its advice (load unsafely) is not ours
-            kind = file_kind(path)
-            reason = re.search(r"WeightsUnpickler error:\s*(.+)", ANSI.sub("", str(err)))
-            why = (f"it is {kind}" if kind else f"not torch.save's or damaged: {reason.group(1).strip()}" if reason
-                   else first_line(err) or type(err).__name__)
-            raise UserError(f"cannot read {path} ({why}): --data takes a tensor of model inputs saved by torch.save, "
+        except Exception as err:  # noqa: BLE001 -- torch.load raises many types for bad files
+            raise UserError(f"cannot read {path} ({torch_load_failure(path, err)}): --data takes a tensor of model inputs saved by torch.save, "
                             f"an .npz or a folder of images") from None
         if not isinstance(tensor, torch.Tensor):
             raise UserError(f"{path} holds a {type(tensor).__name__}, not a tensor of model inputs (N, C, h, w)")
@@ -1120,6 +1116,15 @@ def batches(count: int) -> str:
     return f"{count} batch{'' if count == 1 else 'es'}"
 
 
+def torch_load_failure(path: str, err: Exception) -> str:
+    """Why torch.load(weights_only=True) could not read `path`: what the file is, where its first bytes
+    say, or torch's reason; not torch's advice to load it unsafely."""
+    kind = file_kind(path)
+    reason = re.search(r"WeightsUnpickler error:\s*(.+)", ANSI.sub("", str(err)))
+    return (f"it is {kind}" if kind else f"not torch.save's or damaged: {reason.group(1).strip()}" if reason
+            else first_line(err) or type(err).__name__)
+
+
 def items_in(batches: list[int], total: int, batch_size: int) -> int:
     """How many of `total` items the batches (indices) of `batch_size` hold."""
     return sum(min(batch_size, total - k * batch_size) for k in batches)
@@ -1218,7 +1223,7 @@ class BatchParts:
             try:
                 results.append(torch.load(path, map_location="cpu", weights_only=True))
             except Exception as err:  # noqa: BLE001 -- torch.load raises many types for bad files
-                raise UserError(f"cannot read {path} ({first_line(err) or type(err).__name__}): delete it, and "
+                raise UserError(f"cannot read {path} ({torch_load_failure(path, err)}): delete it, and "
                                 f"the same command computes its batch again") from None
         return results
 
