@@ -478,10 +478,7 @@ def total_grad_norm(params: list[torch.nn.Parameter]) -> torch.Tensor:
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros((), device=params[0].device if params else None)
-    total = getattr(torch.nn.utils, "get_total_norm", None)  # torch >= 2.6
-    if total is not None:
-        return total(grads, foreach=True)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    return torch.nn.utils.get_total_norm(grads, foreach=True)
 
 
 class LogWindow:
