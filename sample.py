@@ -743,7 +743,9 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job", lock):
             logging.getLogger("sit_fast.sample").warning(leftovers)
         npz_folder, npz_name = os.path.split(os.path.abspath(npz_path))
-        if leftovers := unfinished_writes(npz_folder, re.escape(npz_name), ".npz", "a sampling job", lock):
+        # removed only beside the locked folder (--out elsewhere may be another job's, writing it now)
+        npz_lock = lock if args.out is None else None
+        if leftovers := unfinished_writes(npz_folder, re.escape(npz_name), ".npz", "a sampling job", npz_lock):
             logging.getLogger("sit_fast.sample").warning(leftovers)
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))
@@ -922,8 +924,8 @@ def load_data(setup: Setup, path: str):
         try:
             tensor = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 -- torch.load raises many types for bad files
-            raise UserError(f"cannot read {path} ({torch_load_failure(path, err)}): --data takes a tensor of model inputs saved by torch.save, "
-                            f"an .npz or a folder of images") from None
+            raise UserError(f"cannot read {path} ({torch_load_failure(path, err)}): --data takes a tensor of model "
+                            f"inputs saved by torch.save, an .npz or a folder of images") from None
         if not isinstance(tensor, torch.Tensor):
             raise UserError(f"{path} holds a {type(tensor).__name__}, not a tensor of model inputs (N, C, h, w)")
         if not tensor.is_floating_point():
@@ -1119,9 +1121,12 @@ def batches(count: int) -> str:
 def torch_load_failure(path: str, err: Exception) -> str:
     """Why torch.load(weights_only=True) could not read `path`: what the file is, where its first bytes
     say, or torch's reason; not torch's advice to load it unsafely."""
+    text = ANSI.sub("", str(err))
     kind = file_kind(path)
-    reason = re.search(r"WeightsUnpickler error:\s*(.+)", ANSI.sub("", str(err)))
-    return (f"it is {kind}" if kind else f"not torch.save's or damaged: {reason.group(1).strip()}" if reason
+    unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
+    reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return (f"it is {kind}" if kind else f"it holds objects other than tensors ({unsafe.group(1)})" if unsafe
+            else f"not torch.save's or damaged: {reason.group(1).strip()}" if reason
             else first_line(err) or type(err).__name__)
 
 

@@ -41,12 +41,15 @@ def make_folder(path: str, flag: str) -> None:
 
 
 def broken_link(path: str) -> str:
-    """What is wrong with the link `path`, which leads to nothing: a loop, or a target not there."""
+    """What is wrong with the link `path`, which leads to nothing: a loop, a target not there, or one
+    that cannot be reached (a folder on its way without permission)."""
     try:
         os.stat(path)
     except OSError as err:
         if err.errno == errno.ELOOP:
             return f"{path} is a link in a loop of links"
+        if err.errno not in (errno.ENOENT, errno.ENOTDIR):
+            return f"{path} is a link to {os.readlink(path)}, which cannot be reached ({err.strerror})"
     return f"{path} is a link to {os.readlink(path)}, which does not exist"
 
 
@@ -182,20 +185,24 @@ def unfinished_writes(folder: str, name: str, what: str, by: str, lock: FolderLo
     names = sorted(n for n in os.listdir(folder) if pattern.fullmatch(n))
     if not names:
         return None
-    size = sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.isfile(os.path.join(folder, n)))
-    amount = (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20
-              else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} byte{'' if size == 1 else 's'}")
-    listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-    writes = f"{len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; {amount})"
+
+    def writes(names: list[str]) -> str:
+        size = sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.isfile(os.path.join(folder, n)))
+        amount = (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20
+                  else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} byte{'' if size == 1 else 's'}")
+        listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+        return f"{len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; {amount})"
+
     if lock is not None and lock.fd is not None:
+        removed = writes(names)
         try:
             for n in names:
                 os.remove(os.path.join(folder, n))
-            return f"removed {writes} from {folder}, left by {by} killed while writing"
-        except OSError:  # a read-only folder, say: named for the user to delete, as without the lock
-            pass
-    return (f"{folder} holds {writes}, left by {by} killed while writing: delete them unless another run is writing "
-            f"there now")
+            return f"removed {removed} from {folder}, left by {by} killed while writing"
+        except OSError:  # a read-only folder, say: those left named for the user to delete, as without the lock
+            names = [n for n in names if os.path.lexists(os.path.join(folder, n))]
+    return (f"{folder} holds {writes(names)}, left by {by} killed while writing: delete them unless another run is "
+            f"writing there now")
 
 
 class FolderLock:

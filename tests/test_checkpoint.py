@@ -926,8 +926,8 @@ def test_unfinished_writes_are_removed_under_the_jobs_lock_and_kept_without_it(t
     (tmp_path / ".0000004.pt.tmp-42").write_bytes(b"x" * 3)
     (tmp_path / "0000002.pt").write_bytes(b"x")
     note = files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock)
-    assert note == (f"{tmp_path} holds 1 unfinished checkpoint write (.0000004.pt.tmp-42; 3 bytes), left by a run killed "
-                    f"while writing: delete them unless another run is writing there now")
+    assert note == (f"{tmp_path} holds 1 unfinished checkpoint write (.0000004.pt.tmp-42; 3 bytes), left by a run "
+                    f"killed while writing: delete them unless another run is writing there now")
     lock.acquire()
     real_remove = files.os.remove
 
@@ -936,6 +936,19 @@ def test_unfinished_writes_are_removed_under_the_jobs_lock_and_kept_without_it(t
 
     monkeypatch.setattr(files.os, "remove", refused)  # a folder the job cannot delete in: named as without the lock
     assert files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock) == note
+    (tmp_path / ".0000003.pt.tmp-41").write_bytes(b"x" * 5)
+    removals = []
+
+    def second_refused(path):
+        removals.append(path)
+        if len(removals) == 2:
+            refused(path)
+        real_remove(path)
+
+    monkeypatch.setattr(files.os, "remove", second_refused)  # the one left is named, not the one removed
+    assert files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock) == (
+        f"{tmp_path} holds 1 unfinished checkpoint write (.0000004.pt.tmp-42; 3 bytes), left by a run killed while "
+        f"writing: delete them unless another run is writing there now")
     monkeypatch.setattr(files.os, "remove", real_remove)
     note = files.unfinished_writes(str(tmp_path), r"\d{7}\.pt", "checkpoint", "a run", lock)
     assert note == (f"removed 1 unfinished checkpoint write (.0000004.pt.tmp-42; 3 bytes) from {tmp_path}, left by a "
@@ -1464,7 +1477,7 @@ def test_make_folder_makes_the_missing_parents_and_names_a_file_in_the_way(tmp_p
         files.make_folder(str(tmp_path / "c"), "--out")
 
 
-def test_make_folder_names_a_link_that_leads_nowhere_and_a_fifo_in_the_way(tmp_path):
+def test_make_folder_names_a_link_that_leads_nowhere_and_a_fifo_in_the_way(tmp_path, monkeypatch):
     """A results folder linked to a scratch disk not mounted, or a loop of links: said so, not "File exists"."""
     from sit_fast import files
     from sit_fast.errors import UserError
@@ -1480,6 +1493,18 @@ def test_make_folder_names_a_link_that_leads_nowhere_and_a_fifo_in_the_way(tmp_p
     with pytest.raises(UserError, match=rf"^--out: {tmp_path / 'loop1'} is a link in a loop of links: pass a folder, "
                                         r"or make the link lead to one$"):
         files.make_folder(str(tmp_path / "loop1"), "--out")
+    stat = os.stat
+
+    def no_permission(path, *args, **kwargs):
+        if str(path) == str(tmp_path / "runs"):
+            raise PermissionError(13, "Permission denied", path)
+        return stat(path, *args, **kwargs)
+
+    monkeypatch.setattr(files.os, "stat", no_permission)  # a folder on the way that this user cannot enter
+    with pytest.raises(UserError, match=rf"^--out: {tmp_path / 'runs'} is a link to {tmp_path / 'scratch' / 'runs'}, "
+                                        r"which cannot be reached \(Permission denied\): pass a folder"):
+        files.make_folder(str(tmp_path / "runs"), "--out")
+    monkeypatch.setattr(files.os, "stat", stat)
     os.mkfifo(tmp_path / "fifo")
     with pytest.raises(UserError, match=rf"^--out: {tmp_path / 'fifo'} is not a folder: pass a folder$"):
         files.make_folder(str(tmp_path / "fifo" / "run"), "--out")

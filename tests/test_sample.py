@@ -2062,6 +2062,14 @@ def test_an_npz_write_cut_short_is_removed_by_the_next_run(files, tmp_path, caps
     assert (f"warning: removed 1 unfinished .npz write (.s.npz.tmp-4242; 2 KiB) from {tmp_path}, left by a sampling "
             f"job killed while writing") in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["s", "s.npz"]
+    # --out names a file outside the locked folder, which another job (another --sample-dir) may be writing now
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / ".fid.npz.tmp-4242").write_bytes(b"\0" * 2048)
+    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+         "--num-fid-samples", 2, "--sample-dir", sample_dir, "--out", tmp_path / "out" / "fid.npz", *FAST])
+    assert (f"warning: {tmp_path / 'out'} holds 1 unfinished .npz write (.fid.npz.tmp-4242; 2 KiB), left by a "
+            f"sampling job killed while writing") in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path / "out")) == [".fid.npz.tmp-4242", "fid.npz"]
 
 
 def test_a_second_likelihood_job_on_the_same_out_is_refused(files, tmp_path, capsys):
@@ -2319,6 +2327,7 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
     (tmp_path / "no_images" / "notes.txt").write_text("not an image")
     (tmp_path / "text.pt").write_text("garbage")
     (tmp_path / "json.pt").write_text('{"x": 1}')
+    torch.save(np.zeros((2, 3, 8, 8), np.float32), tmp_path / "numpy.pt")  # torch.save's, but no tensor
     (tmp_path / "data.txt").write_text("0 1 2")
     cases = {
         "missing.npz": "error: --data {} does not exist",
@@ -2337,6 +2346,7 @@ def test_unreadable_or_empty_data_is_a_one_line_error(files, tmp_path, capsys):
                     "or a uint8 .npz)",
         "no_images": "error: --data {}: no images (.jpg,",
         "text.pt": "error: cannot read {} (not torch.save's or damaged: ",  # torch's reason, not its advice
+        "numpy.pt": "error: cannot read {} (it holds objects other than tensors (numpy.",
         "json.pt": "error: cannot read {} (it is a JSON or text file): --data takes a tensor of model inputs saved by "
                    "torch.save, an .npz or a folder of images",
         "data.txt": "error: --data {}: expected a folder of images, an .npz or a .pt (.pth) file",
