@@ -26,6 +26,7 @@ import signal
 
 if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
+    sigint_quiet_while_loading = True  # cli_entry gives Ctrl-C its KeyboardInterrupt back
 
 from sit_fast.errors import cli_entry
 from sit_fast.training.loop import main

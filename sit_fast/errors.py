@@ -8,6 +8,7 @@ import os
 import re
 import signal
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -189,8 +190,11 @@ def cli_entry(main: Callable) -> Callable:
     def wrapper(*args, **kwargs):
         from sit_fast.interrupts import console_loss_ignored, exit_status, stop_signals_noted, what_stopped
 
-        if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:  # as a script left it while its libraries loaded
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        script = sys.modules.get("__main__")
+        if getattr(script, "sigint_quiet_while_loading", False) and threading.current_thread() is threading.main_thread():
+            script.sigint_quiet_while_loading = False  # train.py's, sample.py's: SIG_DFL while their libraries loaded
+            if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
+                signal.signal(signal.SIGINT, signal.default_int_handler)
         line_buffered_stdout()
         with console_loss_ignored():
             try:

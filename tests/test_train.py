@@ -1703,6 +1703,12 @@ def test_a_folder_of_gray_images_trains_a_gray_model_with_in_channels_1(tmp_path
             "--sample-every", "100000", "--max-steps", "2", "--exp-dir", str(tmp_path / "run")]
     train_main(argv)
     assert "model input 1x8x8" in capsys.readouterr().err
+    weights = str(tmp_path / "run" / "checkpoints" / "0000002.pt")
+    without = [a for a in argv if a not in ("--in-channels", "1")][:-1] + [str(tmp_path / "run2"), "--ckpt", weights]
+    with pytest.raises(UserError) as info:  # its weights on the same folder: the flag that reads it so is named
+        train_main(without)
+    assert str(info.value) == (f"--ckpt {weights} takes 1-channel inputs, the data here has 3 (images): pass "
+                               f"--in-channels 1 (an image folder is then read as gray)")
     Image.fromarray(rng.integers(0, 256, (12, 12, 3), dtype=np.uint8)).save(root / "class1" / "2.png")
     with pytest.raises(UserError) as info:
         ImageFolderDataset(str(root), 8, channels=1)[(4, 0)]

@@ -890,7 +890,9 @@ class Trainer:
                 learn_sigma = found["learn_sigma"]
                 if found["in_channels"] != channels:  # the model's channels are the data's: a flag changes them
                     space, now = (recorded_model_config(init_path) or {}).get("latent_space"), self.latent_space()
-                    fix = (f"it was trained on {found['in_channels']}-channel images" if space == now == "pixels"
+                    gray = found["in_channels"] == 1 and now == "pixels" and args.dataset == "imagefolder"
+                    fix = ("pass --in-channels 1 (an image folder is then read as gray)" if gray and space in (None, now)
+                           else f"it was trained on {found['in_channels']}-channel images" if space == now == "pixels"
                            else "pass --vae none (it was trained in pixel space)" if space == "pixels"
                            else f"pass --vae {space} (its latent space)" if isinstance(space, str) and space
                            else "use the --vae it was trained with (--vae none for a pixel-space model)")
