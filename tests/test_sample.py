@@ -1594,34 +1594,24 @@ def test_fid_job_stopped_while_it_writes_the_npz_says_the_images_are_kept(files,
     sample_dir = tmp_path / "s"
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
             "--num-fid-samples", 3, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, *FAST]
-    real_build, real_barrier = sample.build_npz, sample.barrier
+    for name, doing in (("build_npz", f" while writing {sample_dir}.npz"), ("barrier", "")):
+        real = getattr(sample, name)
 
-    def stopped_in(real):
-        def wrapper(*args, **kwargs):
+        def stopped(*args, real=real, **kwargs):
             stop()
             return real(*args, **kwargs)
-        return wrapper
 
-    monkeypatch.setattr(sample, "build_npz", stopped_in(real_build))
-    with pytest.raises(SystemExit) as exit_info:
-        run(argv)
-    assert exit_info.value.code == stop.status
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.endswith(
-        f"{stop.words} while writing {sample_dir}.npz; 3 of 3 images are written, and kept: run the same command "
-        f"again to write {sample_dir}.npz\n"), err
-    assert not os.path.exists(f"{sample_dir}.npz") and os.listdir(tmp_path) == ["s"]
-    monkeypatch.setattr(sample, "build_npz", real_build)
-    (sample_dir / "000002.png").unlink()
-    monkeypatch.setattr(sample, "barrier", stopped_in(real_barrier))
-    with pytest.raises(SystemExit) as exit_info:
-        run(argv)
-    assert exit_info.value.code == stop.status
-    err = capsys.readouterr().err
-    assert "Traceback" not in err and err.endswith(
-        f"{stop.words}; 3 of 3 images are written, and kept: run the same command again to write "
-        f"{sample_dir}.npz\n"), err
-    monkeypatch.setattr(sample, "barrier", real_barrier)
+        monkeypatch.setattr(sample, name, stopped)
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        monkeypatch.setattr(sample, name, real)
+        assert exit_info.value.code == stop.status
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and err.endswith(
+            f"{stop.words}{doing}; 3 of 3 images are written, and kept: run the same command again to write "
+            f"{sample_dir}.npz\n"), err
+        assert not os.path.exists(f"{sample_dir}.npz") and os.listdir(tmp_path) == ["s"]
+        (sample_dir / "000002.png").unlink()  # sampled again, before the barrier
     run(argv)
     assert "all 3 images already in" in capsys.readouterr().out
     with np.load(f"{sample_dir}.npz") as archive:
