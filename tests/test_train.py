@@ -485,6 +485,23 @@ def test_a_world_size_change_keeps_the_global_batches_where_it_says_so(num_sampl
     assert not Trainer._same_global_batches(trainer, {**data, "source": "ImageFolder /other"})  # the same size
 
 
+def test_a_global_batch_not_divisible_by_the_world_size_names_the_multiples_near_it():
+    from sit_fast.distributed import DistInfo
+    from sit_fast.training.args import parse_args
+    from sit_fast.training.loop import Trainer
+
+    for batch, near in (("63", "62 or 64"), ("1", "2")):
+        args, explicit = parse_args(BASE + ["--global-batch-size", batch, "--max-steps", "1"])
+        trainer = Trainer.__new__(Trainer)  # rank 0 of 2: _build_data runs no collective
+        trainer.dist_info = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+        trainer.device = trainer.dist_info.device
+        with pytest.raises(UserError) as err:
+            trainer._build_data(args, explicit, None, None)
+        assert str(err.value) == (f"--global-batch-size {batch} is not divisible by the world size 2 (the number of "
+                                  f"processes): pass a multiple of 2, such as {near}")
+        assert not hasattr(trainer, "dataset")
+
+
 def test_a_resume_in_another_layout_on_data_elsewhere_says_so(monkeypatch):
     """Resumed on another world size from data at another path (a copy moved, or other data of the same
     size), the log names the data's change with the others, and says the global batches are the run's
@@ -614,6 +631,25 @@ def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path):
     train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--precision", "fp32"])
     with open(os.path.join(exp, "log.txt")) as f:
         assert f.read().rstrip().count("resumed at step 3 (epoch 0, step 3 in it): exact") == 1
+
+
+def test_a_checkpoint_without_the_arithmetic_entry_resumes_comparing_the_flags(tmp_path):
+    """An older checkpoint kept the flags, not what they resolved to: those are compared."""
+    exp = tmp_path / "run"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--ckpt-every", "1"])
+    for step in (1, 2):
+        path = exp / "checkpoints" / f"000000{step}.pt"
+        checkpoint = load_ckpt(path)
+        del checkpoint["arithmetic"]
+        torch.save(checkpoint, path)
+    assert train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "3", "--resume", "auto"])["step"] == 3
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--resume", str(exp / "checkpoints" / "0000001.pt"),
+                       "--attn-backend", "math"])
+    with open(exp / "log.txt") as f:
+        log = f.read()
+    assert "resumed at step 2 (epoch 0, step 2 in it): exact" in log, log
+    assert ("resumed at step 1 (epoch 0, step 1 in it): the data order and random states are the run's; attn_backend "
+            "auto -> math changes the rounding, so the steps are not bit for bit the original run's") in log, log
 
 
 def test_precision_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
@@ -3422,6 +3458,27 @@ def test_latent_cache_round_trip_and_training(tmp_path):
     assert saved["latent_cache"] is None and saved["data_path"] == images and saved["vae"] == vae_dir
 
 
+def test_a_latent_cache_whose_vae_cannot_be_loaded_skips_the_grids_with_a_warning(tmp_path):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=1)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    shutil.rmtree(vae_dir)
+    exp = tmp_path / "exp"
+    summary = train_main(["--latent-cache", out, "--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "2",
+                          "--ckpt-every", "2", "--sample-every", "1", "--num-sample-images", "2", "--exp-dir",
+                          str(exp), "--num-workers", "0", "--fused-kernels", "off", "--no-progress"])
+    assert summary["step"] == 2 and summary["last_checkpoint"] == str(exp / "checkpoints" / "0000002.pt")
+    assert not (exp / "samples").exists() or not os.listdir(exp / "samples")
+    with open(exp / "log.txt") as f:
+        warnings = [line for line in f if "sample grids are skipped: " in line]
+    assert len(warnings) == 1 and vae_dir in warnings[0], warnings  # said once, not at every grid
+
+
 def test_training_from_a_latent_cache_is_training_from_its_images(tmp_path):
     """The same seed trains the same from a (float32) latent cache as from the images through the VAE:
     the same losses, weights within the cache's rounding. The VAE's encoding came out channels-last on
@@ -4985,6 +5042,26 @@ def test_a_resume_with_no_step_left_moves_no_checkpoint_aside(tmp_path):
     assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt", "0000002.pt"]
 
 
+def test_checkpoints_that_cannot_be_set_aside_are_one_line_and_stay_where_they_were(tmp_path, capsys, monkeypatch):
+    exp = tmp_path / "run"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--ckpt-every", "1"])
+    ckpt_dir = exp / "checkpoints"
+
+    def full_disk(source, target):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", full_disk)
+    capsys.readouterr()
+    resumed = ckpt_dir / "0000001.pt"
+    assert run_cli(BASE + ["--exp-dir", str(exp), "--resume", str(resumed), "--max-steps", "3"]) == 2
+    line, _ = the_error_line(capsys)
+    assert line == (f"error: cannot move the checkpoints after {resumed} aside (No space left on device): make room "
+                    f"(or make {ckpt_dir} writable) and resume again")
+    assert [os.path.basename(p) for p in list_checkpoints(str(ckpt_dir))] == ["0000002.pt", "0000001.pt"]
+    monkeypatch.undo()
+    assert train_main(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "3"])["step"] == 3
+
+
 def test_resume_of_a_run_folder_continues_its_latest_valid_checkpoint_there(tmp_path):
     """--resume EXP (or EXP/checkpoints) takes the newest checkpoint that loads, skipping a damaged one,
     and the run goes on in EXP; a folder with no checkpoint is refused in one line, nothing written."""
@@ -5059,6 +5136,22 @@ def test_fewer_classes_than_the_datas_are_refused_in_one_line(tmp_path, capsys):
     assert not (tmp_path / "exp").exists()
 
 
+def test_a_run_resumed_on_data_with_more_classes_than_it_has_is_refused_in_one_line(tmp_path, capsys):
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2, size=8)
+    exp = tmp_path / "run"
+    argv = ["--data-path", images, "--image-size", "8", "--vae", "none", "--model", "SiT-T/4", "--global-batch-size",
+            "2", "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--exp-dir", str(exp)]
+    train_main(argv + ["--max-steps", "1", "--ckpt-every", "1"])
+    make_image_folder(tmp_path / "images", classes=3, per_class=2, size=8)
+    capsys.readouterr()
+    assert run_cli(argv + ["--max-steps", "2", "--resume", "auto"]) == 2
+    line, _ = the_error_line(capsys)
+    resumed = exp / "checkpoints" / "0000001.pt"
+    assert line == (f"error: the run being resumed ({resumed}) has 2 classes, the data 3: resume it on its own data, "
+                    f"or start a new run (--ckpt {resumed} to start from its weights)")
+    assert os.listdir(exp / "checkpoints") == ["0000001.pt"]
+
+
 def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
     """The same --exp-dir without --resume would overwrite the run's checkpoints of the same steps and
     leave its later ones for --resume auto to mix in: refused in one line, nothing touched."""
@@ -5131,6 +5224,25 @@ def test_resume_with_a_larger_batch_past_the_new_epoch_end_starts_the_next_epoch
     assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 3)
     with open(os.path.join(exp, "log.txt")) as f:  # what changed, old to new
         assert "resumed at step 27 with --global-batch-size 64 -> 96 (the run's, now): the data order" in f.read()
+
+
+def test_a_resume_at_the_end_of_an_epoch_starts_the_next_one_at_its_first_step(tmp_path):
+    """The digits' 3 steps per epoch at batch 512: a checkpoint that says step 3 of epoch 0 (the epoch
+    done) goes on as the run went on, in epoch 1 from its step 0."""
+    batch = ["--global-batch-size", "512"]
+    straight = train_main(BASE + batch + ["--exp-dir", str(tmp_path / "straight"), "--max-steps", "4"])
+    exp = tmp_path / "run"
+    train_main(BASE + batch + ["--exp-dir", str(exp), "--max-steps", "3", "--ckpt-every", "3"])
+    path = exp / "checkpoints" / "0000003.pt"
+    checkpoint = load_ckpt(path)
+    assert (checkpoint["epoch"], checkpoint["step_in_epoch"]) == (1, 0)
+    checkpoint["epoch"], checkpoint["step_in_epoch"] = 0, 3
+    torch.save(checkpoint, path)
+    resumed = train_main(BASE + batch + ["--exp-dir", str(exp), "--max-steps", "4", "--resume", "auto"])
+    a, b = load_ckpt(straight["last_checkpoint"]), load_ckpt(resumed["last_checkpoint"])
+    assert (b["epoch"], b["step_in_epoch"]) == (a["epoch"], a["step_in_epoch"]) == (1, 1)
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
 
 
 def test_epochs_end_before_max_steps_with_a_final_checkpoint(tmp_path):
@@ -5226,6 +5338,16 @@ def test_missing_tracker_package_is_one_line_and_leaves_no_folder(tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith("error: --wandb needs the wandb package") and err[-1].endswith(": pip install wandb"), err
     assert not (tmp_path / "results").exists(), "the run left the --results-dir it created"
+
+
+def test_missing_tensorboard_is_one_line_and_removes_the_new_run_folder(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # its import raises ImportError
+    exp = tmp_path / "exp"
+    assert run_cli(BASE + ["--exp-dir", str(exp), "--tensorboard", "--max-steps", "1"]) == 2
+    line, _ = the_error_line(capsys)
+    assert line.startswith("error: --tensorboard needs the tensorboard package (") and line.endswith(
+        "): pip install tensorboard"), line
+    assert not exp.exists(), "the run left the --exp-dir it created"
 
 
 def test_wandb_that_cannot_start_is_one_line(tmp_path, capsys, monkeypatch):
