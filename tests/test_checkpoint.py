@@ -1645,3 +1645,39 @@ def test_a_folder_lock_says_who_holds_it_and_a_refused_one_keeps_no_file_open(tm
     monkeypatch.setattr(fcntl, "flock", busy)
     with pytest.raises(UserError, match=r"wait for it to end, or pass another --out$"):
         FolderLock(str(tmp_path), "--out").acquire()
+
+
+def test_a_folder_lock_whose_file_cannot_be_written_is_one_line_naming_it(tmp_path):
+    from sit_fast.errors import UserError
+    from sit_fast.files import FolderLock
+
+    (tmp_path / ".lock").mkdir()  # opening it for writing fails, whoever runs the test
+    with pytest.raises(UserError) as err:
+        FolderLock(str(tmp_path), "--out").acquire()
+    assert str(err.value) == (f"--out {tmp_path}: cannot write {tmp_path / '.lock'} (Is a directory): pass a folder "
+                              f"that can be written")
+
+
+@pytest.mark.parametrize("code", ["EINVAL", "ENOLCK"])
+def test_a_folder_lock_on_a_filesystem_that_cannot_lock_warns_and_the_job_goes_on(tmp_path, monkeypatch, caplog,
+                                                                                  code):
+    import errno
+    import fcntl
+
+    from sit_fast.files import FolderLock
+
+    def cannot_lock(fd, operation):
+        raise OSError(getattr(errno, code), os.strerror(getattr(errno, code)))
+
+    monkeypatch.setattr(fcntl, "flock", cannot_lock)
+    open_files = len(os.listdir("/proc/self/fd"))
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        with FolderLock(str(tmp_path), "--out") as lock:
+            lock.acquire()
+            assert lock.fd is None and lock not in FolderLock._held
+            assert len(os.listdir("/proc/self/fd")) == open_files
+            FolderLock(str(tmp_path), "--out").acquire()  # a second job is not refused: it cannot be told
+    path = tmp_path / ".lock"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot lock {path} ({os.strerror(getattr(errno, code))}): a second job started on {tmp_path} while this "
+        f"one runs would not be noticed"] * 2

@@ -1855,6 +1855,18 @@ def test_folders_that_cannot_be_written_are_one_line_errors(files, tmp_path, cap
         assert err.startswith(needle), err
 
 
+@pytest.mark.parametrize("run_folder,said", [("--no-run-folder", "{0}"), ("--run-folder", "{0}: {0}")])
+def test_a_sample_dir_naming_a_file_is_one_line_and_leaves_the_file(files, tmp_path, capsys, run_folder, said):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("kept")
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+             "--num-fid-samples", 2, "--sample-dir", a_file, run_folder, *FAST])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == f"error: --sample-dir {said.format(a_file)} is a file: pass a folder"
+    assert a_file.read_text() == "kept" and os.listdir(tmp_path) == ["a_file"]
+
+
 def test_pngs_without_a_settings_record_are_not_taken_over(files, tmp_path, capsys):
     """Numbered PNGs with no settings.json (upstream's sample_ddp.py writes the same names): their
     settings are unknown, so they are not counted as done; an empty folder or other files are fine."""
