@@ -4322,6 +4322,64 @@ def test_latent_cache_whose_peer_ended_in_its_setup_is_one_line(tmp_path, monkey
         "the torchrun summary of its node")
 
 
+def test_latent_cache_whose_peer_ended_before_the_shards_were_written_keeps_them_in_one_line(tmp_path, monkeypatch,
+                                                                                              capsys):
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    out = tmp_path / "cache"
+
+    def gone():
+        raise torch.distributed.DistBackendError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection "
+                                                 "closed by peer [10.0.0.2]:29500")
+
+    monkeypatch.setattr(latent_cache, "barrier", gone)
+    with pytest.raises(SystemExit) as exit_info:
+        latent_cache.main(_cache_args(images, vae_dir, str(out)))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: another process of the job ended before its shards were written (Connection closed by peer "
+        "[10.0.0.2]:29500); the shards written are kept: run the same command again to encode the rest")
+    assert sorted(os.listdir(out)) == [".lock", "settings.json", latent_cache.shard_name(0)]
+
+
+def test_latent_cache_errors_that_are_not_a_refused_write_or_a_peers_end_are_raised_as_they_are(tmp_path, monkeypatch):
+    """An I/O error writing a shard, or another failure of a collective, is not said to be a full disk
+    or another process's end: it is raised itself, the shards written before it kept."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
+    out = tmp_path / "cache"
+    real_save = latent_cache.atomic_torch_save
+
+    def failing_disk(obj, path):
+        if path.endswith(latent_cache.shard_name(1)):
+            raise OSError(errno.EIO, "Input/output error", path)
+        real_save(obj, path)
+
+    monkeypatch.setattr(latent_cache, "atomic_torch_save", failing_disk)
+    with pytest.raises(OSError) as err:
+        latent_cache.main(_cache_args(images, vae_dir, str(out)))
+    assert err.value.errno == errno.EIO and not isinstance(err.value, UserError)
+    assert sorted(os.listdir(out)) == [".lock", "settings.json", latent_cache.shard_name(0)]
+    monkeypatch.undo()
+
+    def timed_out():
+        raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms "
+                           "for recv operation to complete")
+
+    monkeypatch.setattr(latent_cache, "barrier", timed_out)
+    with pytest.raises(RuntimeError, match="^\\[.*Timed out waiting 1800000ms for recv"):
+        latent_cache.main(_cache_args(images, vae_dir, str(out)))
+    assert sorted(os.listdir(out)) == [".lock", "settings.json"] + [latent_cache.shard_name(k) for k in (0, 1)]
+
+
 def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
     """Resumed under torchrun, the missing shards 0 and 2 go one to each process (round robin over all
     shards would give both to rank 0), and come out as the single-process run wrote them."""
