@@ -105,6 +105,37 @@ def test_validate_record_catches_gaps():
     assert "missing fields ['note']" in "\n".join(validate_record(record))
 
 
+def test_validate_record_names_each_problem_a_record_can_have():
+    from benchmarks.common import IDENTITY, OPTIONAL
+
+    record = dict.fromkeys(FIELDS)
+    record.update({key: 1 for key in IDENTITY | SUITE_FIELDS["train"]}, suite="train", status="ok", dtype="bf16")
+    assert validate_record(record) == []
+    assert validate_record(dict(record, speed=1.0)) == ["unknown fields ['speed']"]
+    missing = {k: v for k, v in record.items() if k not in ("note", "date")}
+    assert validate_record(missing) == ["missing fields ['note', 'date']", "date is null"]
+    # a suite no rule knows: its fields cannot be judged, and only that is added
+    assert validate_record(dict(record, suite="bogus", speed=1.0, median_ms=None)) == ["unknown fields ['speed']",
+                                                                                       "unknown suite 'bogus'"]
+    assert validate_record(dict(record, git_commit=None)) == ["git_commit is null"]
+    # a record that did not measure: its figures may be null, its note says why, and must be there
+    failed = dict(record, status="error", median_ms=None, images_per_s=None)
+    assert validate_record(failed) == ["status 'error' without a note"]
+    assert validate_record(dict(failed, note="")) == ["status 'error' without a note"]
+    assert validate_record(dict(failed, note="RuntimeError: boom")) == []
+    assert validate_record(dict(record, median_ms=None)) == ["median_ms is null in an ok train record"]
+    # the parity figures a train record copies are null where the parity suite did not run
+    unlinked = dict(record, **dict.fromkeys(LINKED_PARITY))
+    assert validate_record(unlinked, parity_ran=False) == []
+    assert sorted(validate_record(unlinked)) == sorted(f"{k} is null in an ok train record" for k in LINKED_PARITY)
+    # the fields a kernel row may leave out
+    kernel = dict.fromkeys(FIELDS)
+    kernel.update({key: 1 for key in IDENTITY | SUITE_FIELDS["kernels"]}, suite="kernels", status="ok")
+    assert validate_record(dict(kernel, **dict.fromkeys(OPTIONAL["kernels"]))) == []
+    assert validate_record(dict(kernel, model="SiT-XL/2")) == ["model should be null in a kernels record, got "
+                                                               "'SiT-XL/2'"]
+
+
 def test_device_state_reads_nvidia_smi_and_asks_older_drivers_without_the_new_field(tmp_path, monkeypatch):
     """Clocks, power, temperature and the clock-lowering reasons per GPU; a driver that does not know
     clocks_event_reasons is asked for clocks_throttle_reasons, and one that knows neither for the rest."""
