@@ -1084,6 +1084,29 @@ def test_kernel_time_box_judges_each_variant_by_its_own_last_measurement(monkeyp
     assert status["layernorm_modulate", "reference"] == "ok", rows
 
 
+def test_a_kernels_suite_that_cannot_be_imported_is_an_error_record_and_the_other_suites_run(tmp_path, monkeypatch):
+    import benchmarks
+    from benchmarks import common, parity_suite
+    from benchmarks.__main__ import main
+
+    for name in ("kernels_suite", "tuning_suite"):  # imported afresh: the kernels suite's import fails
+        monkeypatch.delattr(benchmarks, name, raising=False)
+        monkeypatch.delitem(sys.modules, f"benchmarks.{name}", raising=False)
+    monkeypatch.setitem(sys.modules, "benchmarks.kernels_suite", None)
+    monkeypatch.setattr(common, "measure_ceilings", lambda device, size: {
+        "copy_gbps": 1.0, "copy_bytes": 1, "matmul_tflops": 1.0, "matmul_shape": [1, 1, 1]})
+    ran = []
+    monkeypatch.setattr(parity_suite, "run", lambda ctx: ran.append("parity"))
+    status = main(["kernels,tuning,parity", "--device", "cpu", "--size", "tiny", "--out", str(tmp_path)])
+    records = json.loads((tmp_path / "results.json").read_text())["records"]
+    assert status == 1 and ran == ["parity"]
+    assert [(r["suite"], r["name"], r["status"]) for r in records] == [("kernels", "suite", "error"),
+                                                                       ("tuning", "suite", "error")]
+    for record in records:
+        assert "import of benchmarks.kernels_suite halted" in record["note"], record["note"]
+        assert not validate_record(record), validate_record(record)
+
+
 def _full_size_boxes(tmp_path, monkeypatch, deadline_s: float, startup_s: float, kernels_overrun_s: float) -> dict:
     """Each suite's time box in `python -m benchmarks all --size full --deadline-s deadline_s`, on a fake
     clock: start-up (environment, ceilings) takes startup_s, the kernels suite its whole box and
