@@ -5116,6 +5116,7 @@ def test_checkpoints_that_cannot_be_set_aside_are_one_line_and_stay_where_they_w
     assert line == (f"error: cannot move the checkpoints after {resumed} aside (No space left on device): make room "
                     f"(or make {ckpt_dir} writable) and resume again")
     assert [os.path.basename(p) for p in list_checkpoints(str(ckpt_dir))] == ["0000002.pt", "0000001.pt"]
+    assert not [name for name in os.listdir(ckpt_dir) if name.startswith("superseded-")]  # no empty folder left
     monkeypatch.undo()
     assert train_main(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "3"])["step"] == 3
 

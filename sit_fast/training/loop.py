@@ -276,14 +276,19 @@ def set_aside_later_checkpoints(resume_path: str, step: int, checkpoint_dir: str
         folder = f"{stamp}-{k}"
     grids = sorted(name for name in (os.listdir(samples) if os.path.isdir(samples) else [])
                    if re.fullmatch(r"\d+\.png", name) and int(name[:-4]) > step)
-    if grids:
-        os.makedirs(os.path.join(samples, folder))
-        for name in grids:
-            os.replace(os.path.join(samples, name), os.path.join(samples, folder, name))
     aside = os.path.join(checkpoint_dir, folder)
-    os.makedirs(aside)
-    for path in later:
-        os.replace(path, os.path.join(aside, os.path.basename(path)))
+    try:
+        if grids:
+            os.makedirs(os.path.join(samples, folder))
+            for name in grids:
+                os.replace(os.path.join(samples, name), os.path.join(samples, folder, name))
+        os.makedirs(aside)
+        for path in later:
+            os.replace(path, os.path.join(aside, os.path.basename(path)))
+    except OSError:  # a folder that nothing was moved into is not left behind for each retry
+        for made in (os.path.join(samples, folder), aside):
+            remove_empty_folders(made, made)
+        raise
     names = ", ".join(os.path.basename(p) for p in reversed(later))
     line = (f"a new branch from {os.path.basename(resumed)}: the later checkpoints of that run ({names}) are moved "
             f"to {aside}")
