@@ -648,7 +648,7 @@ def test_a_checkpoint_without_the_arithmetic_entry_resumes_comparing_the_flags(t
     with open(exp / "log.txt") as f:
         log = f.read()
     assert "resumed at step 2 (epoch 0, step 2 in it): exact" in log, log
-    assert ("resumed at step 1 (epoch 0, step 1 in it): the data order and random states are the run's; attn_backend "
+    assert ("resumed at step 1 (epoch 0, step 1 in it): the data order and random states are the run's; --attn-backend "
             "auto -> math changes the rounding, so the steps are not bit for bit the original run's") in log, log
 
 

@@ -1044,9 +1044,11 @@ class Trainer:
             else:
                 where = f"resumed at step {self.step} (epoch {self.epoch}, step {self.step_in_epoch} in it)"
                 saved, now = ckpt.get("arithmetic"), self.arithmetic
-                if not isinstance(saved, dict):  # written before the resolved values were kept: the flags
+                flags = not isinstance(saved, dict)
+                if flags:  # written before the resolved values were kept: the flags, named as flags
                     saved, now = ckpt["args"], {k: getattr(args, k) for k in ARITHMETIC_FLAGS}
-                changed = [f"{k} {saved[k]} -> {now[k]}" for k in now if k in saved and saved[k] != now[k]]
+                changed = [f"{'--' + k.replace('_', '-') if flags else k} {saved[k]} -> {now[k]}"
+                           for k in now if k in saved and saved[k] != now[k]]
                 if changed:
                     masks = (" and the label-dropout masks (Inductor draws its own)"
                              if saved.get("compile", now["compile"]) != now["compile"] else "")
