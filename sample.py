@@ -993,16 +993,16 @@ class ImageFiles:
         return len(self.names)
 
     def __getitem__(self, items: slice) -> np.ndarray:
-        from sit_fast.data import read_image
+        from sit_fast.data import gray_channel, read_image
 
         arrays = []
         for index in range(len(self))[items]:
             array = np.asarray(read_image(os.path.join(self.path, self.names[index]), self.image_size, "RGB"))
             if self.channels == 1:  # gray images, stored as gray or as RGB (a 1-channel model's FID PNGs)
-                if not (array == array[..., :1]).all():
+                array = gray_channel(array)
+                if array is None:
                     raise UserError(f"--data {self.path}: {self.names[index]} is in colour, the model takes gray "
                                     f"(1-channel) images: convert them to gray first")
-                array = array[..., :1]
             arrays.append(array)
         return np.stack(arrays)
 

@@ -344,6 +344,12 @@ def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
         raise unreadable_image(path, err) from None
 
 
+def gray_channel(array: np.ndarray) -> np.ndarray | None:
+    """The one channel, (H, W, 1), of an (H, W, 3) image read as RGB whose channels are equal (gray,
+    stored as gray or as RGB); None for an image in colour."""
+    return array[..., :1] if (array == array[..., :1]).all() else None
+
+
 class ImageFolderDataset(torch.utils.data.Dataset):
     """root/<class>/<image> as upstream's ImageFolder + ADM center crop; RGB in [-1, 1], flip per key.
     channels=1: gray images (stored as gray or as RGB), one channel, for a gray model in pixel space;
@@ -369,10 +375,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             image = image.transpose(Image.FLIP_LEFT_RIGHT)
         array = np.asarray(image, dtype=np.float32)  # (H, W, 3) in [0, 255]
         if self.channels == 1:
-            if not (array == array[..., :1]).all():
+            array = gray_channel(array)
+            if array is None:
                 raise DataError(f"image {self.samples[index][0]} is in colour; --in-channels 1 trains on gray images: "
                                 f"convert them to gray first, or leave --in-channels out")
-            array = array[..., :1]
         return torch.from_numpy(array).permute(2, 0, 1).div(127.5).sub(1)  # (C, H, W) in [-1, 1]
 
     def __getitem__(self, key: Key):
