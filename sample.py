@@ -53,11 +53,9 @@ copies of its own items, their results dropped, so that the one compiled shape s
 """
 from __future__ import annotations
 
-import signal
+from sit_fast.errors import quiet_ctrl_c_while_loading
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
-    sigint_quiet_while_loading = True  # cli_entry gives Ctrl-C its KeyboardInterrupt back
+quiet_ctrl_c_while_loading(__name__)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
 
 import argparse
 import contextlib

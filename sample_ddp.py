@@ -12,11 +12,9 @@ Every flag of sample.py's FID job is accepted (`python sample_ddp.py ODE --help`
 --likelihood, --reverse, --data, --dataset, --exact-divergence or --class-labels); see the docstring
 of sample.py.
 """
-import signal
+from sit_fast.errors import quiet_ctrl_c_while_loading
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
-    sigint_quiet_while_loading = True  # cli_entry gives Ctrl-C its KeyboardInterrupt back
+quiet_ctrl_c_while_loading(__name__)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
 
 from sample import SAMPLE_DDP_DEFAULTS, main
 

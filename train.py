@@ -22,11 +22,9 @@ Checkpoints go to EXP_DIR/checkpoints/NNNNNNN.pt (written atomically; see
 sit_fast/training/checkpointing.py for the format), the log to EXP_DIR/log.txt and EMA sample grids
 to EXP_DIR/samples/. With several nodes, EXP_DIR must be on a filesystem that all of them share.
 """
-import signal
+from sit_fast.errors import quiet_ctrl_c_while_loading
 
-if __name__ == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
-    sigint_quiet_while_loading = True  # cli_entry gives Ctrl-C its KeyboardInterrupt back
+quiet_ctrl_c_while_loading(__name__)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
 
 from sit_fast.errors import cli_entry
 from sit_fast.training.loop import main

@@ -1,10 +1,27 @@
-"""sit_fast: SiT (Scalable Interpolant Transformers) with upstream maths and fused fast paths."""
-from sit_fast.checkpoint import CheckpointError, infer_config, load_checkpoint, load_into_model, read_checkpoint
-from sit_fast.models import SiT, SiT_models
-from sit_fast.transport import Sampler, create_transport
+"""sit_fast: SiT (Scalable Interpolant Transformers) with upstream maths and fused fast paths.
+
+The names below load on first use, so `python -m sit_fast.<module>` and the scripts start with no
+torch import of the package's own: a Ctrl-C while torch loads ends them quietly (errors.py)."""
+import importlib
 
 __version__ = "0.1.0"
-__all__ = [
-    "SiT", "SiT_models", "CheckpointError", "read_checkpoint", "load_checkpoint", "load_into_model",
-    "infer_config", "create_transport", "Sampler",
-]
+_HOMES = {
+    "SiT": "sit_fast.models", "SiT_models": "sit_fast.models",
+    "CheckpointError": "sit_fast.checkpoint", "read_checkpoint": "sit_fast.checkpoint",
+    "load_checkpoint": "sit_fast.checkpoint", "load_into_model": "sit_fast.checkpoint",
+    "infer_config": "sit_fast.checkpoint",
+    "create_transport": "sit_fast.transport", "Sampler": "sit_fast.transport",
+}
+__all__ = list(_HOMES)
+
+
+def __getattr__(name: str):
+    if name not in _HOMES:
+        raise AttributeError(f"module 'sit_fast' has no attribute {name!r}")
+    value = getattr(importlib.import_module(_HOMES[name]), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_HOMES))

@@ -20,6 +20,10 @@ import sys
 import tempfile
 import time
 
+from sit_fast.errors import quiet_ctrl_c_while_loading
+
+quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads ends it, quietly
+
 import torch
 
 from sit_fast.errors import UserError, cli_entry

@@ -179,6 +179,16 @@ def line_buffered_stdout() -> None:
             pass
 
 
+def quiet_ctrl_c_while_loading(module_name: str) -> None:
+    """Called first by a script or `python -m` module with its __name__: run as the program, a Ctrl-C
+    in the seconds its libraries take to load ends it as SIGINT's default action does, with no
+    traceback of the import it cut short; cli_entry gives Ctrl-C its KeyboardInterrupt back. A
+    program that handles SIGINT its own way keeps its handler."""
+    if module_name == "__main__" and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        sys.modules["__main__"].sigint_quiet_while_loading = True
+
+
 def cli_entry(main: Callable) -> Callable:
     """Wrap a script's main(): a UserError is printed as one line `error: ...` on stderr (report)
     with exit status 2, a Ctrl-C or stop signal the job did not handle as "interrupted" or "stopped
@@ -192,7 +202,7 @@ def cli_entry(main: Callable) -> Callable:
 
         script = sys.modules.get("__main__")
         if getattr(script, "sigint_quiet_while_loading", False) and threading.current_thread() is threading.main_thread():
-            script.sigint_quiet_while_loading = False  # train.py's, sample.py's: SIG_DFL while their libraries loaded
+            script.sigint_quiet_while_loading = False  # quiet_ctrl_c_while_loading's SIG_DFL
             if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
                 signal.signal(signal.SIGINT, signal.default_int_handler)
         line_buffered_stdout()

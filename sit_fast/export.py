@@ -22,6 +22,10 @@ import json
 import os
 import sys
 
+from sit_fast.errors import quiet_ctrl_c_while_loading
+
+quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads ends it, quietly
+
 import torch
 
 from sit_fast.checkpoint import infer_config, read_checkpoint, recorded_model_config, training_transport

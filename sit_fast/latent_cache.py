@@ -34,6 +34,10 @@ import os
 import sys
 import zipfile
 
+from sit_fast.errors import quiet_ctrl_c_while_loading
+
+quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads ends it, quietly
+
 import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonempty, nonnegative_int, positive_int

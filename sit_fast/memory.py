@@ -14,6 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 
+from sit_fast.errors import quiet_ctrl_c_while_loading
+
+quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads ends it, quietly
+
 import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.func import functional_call

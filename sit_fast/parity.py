@@ -15,6 +15,10 @@ import functools
 import math
 import os
 
+from sit_fast.errors import quiet_ctrl_c_while_loading
+
+quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads ends it, quietly
+
 import torch
 import torch.nn.functional as F
 

@@ -319,10 +319,15 @@ def test_cli_entry_gives_ctrl_c_back_its_keyboard_interrupt(monkeypatch):
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="watches the process's libraries in /proc")
 @pytest.mark.parametrize("argv", [["train.py", "--help"], ["sample.py", "ODE", "--help"],
-                                  ["sample_ddp.py", "ODE", "--help"]])
+                                  ["sample_ddp.py", "ODE", "--help"], ["-m", "sit_fast.training", "--help"],
+                                  ["-m", "sit_fast.latent_cache", "--help"], ["-m", "sit_fast.export", "--help"],
+                                  ["-m", "sit_fast.memory", "--help"], ["-m", "sit_fast.demo", "--help"],
+                                  ["-m", "sit_fast.parity", "--help"]])
 def test_a_ctrl_c_while_a_script_loads_its_libraries_ends_it_without_a_traceback(argv):
     """Ctrl-C in the seconds torch takes to load: the process ends as SIGINT ends it, with no traceback
-    of the import it cut short (or, were the loading done, as the job says a Ctrl-C: "interrupted")."""
+    of the import it cut short (or, were the loading done, as the job says a Ctrl-C: "interrupted").
+    A `python -m sit_fast.<module>` imports the package first: it must not load torch before the module
+    can say so."""
     import time
 
     child = subprocess.Popen([sys.executable, *argv], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)

@@ -1,7 +1,9 @@
 """The SiT model: upstream maths, upstream state_dict, attention backends."""
 import logging
 import math
+import os
 import re
+import subprocess
 import sys
 
 import numpy as np
@@ -1177,3 +1179,27 @@ def test_forced_label_drops_follow_force_drop_ids():
     embedder = LabelEmbedder(10, 8, 0.1)
     out = embedder(torch.tensor([1, 2, 3, 4]), train=False, force_drop_ids=torch.tensor([1, 0, 1, 0]))
     torch.testing.assert_close(out, embedder.embedding_table(torch.tensor([10, 2, 10, 4])))
+
+
+def test_the_package_names_load_on_first_use():
+    """`import sit_fast` loads no torch (a `python -m sit_fast.<module>` can first make a Ctrl-C quiet);
+    each public name is there on first use, and an unknown one is an AttributeError."""
+    code = """
+import sys
+import sit_fast
+assert "torch" not in sys.modules, "import sit_fast loaded torch"
+from sit_fast import SiT, Sampler
+import sit_fast.models, sit_fast.transport
+assert SiT is sit_fast.models.SiT and Sampler is sit_fast.transport.Sampler
+assert all(getattr(sit_fast, name) is not None for name in sit_fast.__all__)
+assert set(sit_fast.__all__) <= set(dir(sit_fast))
+try:
+    sit_fast.not_a_name
+except AttributeError as err:
+    assert "not_a_name" in str(err)
+else:
+    raise AssertionError("no AttributeError")
+"""
+    done = subprocess.run([sys.executable, "-c", code], cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TRITON_INTERPRET": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
