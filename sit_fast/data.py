@@ -425,30 +425,7 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
     def shards(self) -> list[dict]:
         if self._shards is None:
-            shards = []
-            for shard in self.index["shards"]:
-                path = os.path.join(self.root, shard["file"])
-                try:
-                    data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-                except FileNotFoundError:
-                    raise DataError(f"latent cache shard {path} is missing; {_RERUN}") from None
-                except Exception as err:  # torch.load raises several types for a damaged file
-                    raise DataError(f"latent cache shard {path} cannot be read ({first_line(err)}); "
-                                    f"{_REENCODE}") from None
-                if not (isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor)
-                                                       for k in ("mean", "std", "labels"))):
-                    raise DataError(f"latent cache shard {path} does not hold mean, std and labels; {_REENCODE}")
-                if data["mean"].shape[0] != shard["count"]:
-                    raise DataError(f"latent cache shard {path} holds {data['mean'].shape[0]} images, the index "
-                                    f"says {shard['count']}; {_REENCODE}")
-                expected = (shard["count"], 2, self.channels, self.latent_size, self.latent_size)  # both flips
-                found = [tuple(data[k].shape) for k in ("mean", "std")]
-                if found != [expected] * 2 or tuple(data["labels"].shape) != (shard["count"],):
-                    raise DataError(f"latent cache shard {path} holds latents of shape {found[0]} (std "
-                                    f"{found[1]}, labels {tuple(data['labels'].shape)}), the index says {expected}; "
-                                    f"{_REENCODE}")
-                shards.append(data)
-            self._shards = shards
+            self._shards = [load_cache_shard(self.root, shard, self.index) for shard in self.index["shards"]]
         return self._shards
 
     def __getstate__(self) -> dict:
@@ -479,6 +456,30 @@ class LatentCacheDataset(torch.utils.data.Dataset):
     def __getitem__(self, key: Key):
         mean, std, labels = self.__getitems__([key])
         return mean[0], std[0], labels[0]
+
+
+def load_cache_shard(root: str, shard: dict, index: dict) -> dict:
+    """The memory-mapped contents of one shard of the latent cache at `root` (`shard`: its entry in the
+    cache's `index`); DataError, saying what to do, unless it holds the shapes the index gives."""
+    path = os.path.join(root, shard["file"])
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except FileNotFoundError:
+        raise DataError(f"latent cache shard {path} is missing; {_RERUN}") from None
+    except Exception as err:  # torch.load raises several types for a damaged file
+        raise DataError(f"latent cache shard {path} cannot be read ({first_line(err)}); {_REENCODE}") from None
+    if not (isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor) for k in ("mean", "std", "labels"))):
+        raise DataError(f"latent cache shard {path} does not hold mean, std and labels; {_REENCODE}")
+    if data["mean"].shape[0] != shard["count"]:
+        raise DataError(f"latent cache shard {path} holds {data['mean'].shape[0]} images, the index says "
+                        f"{shard['count']}; {_REENCODE}")
+    size = index["latent_size"]
+    expected = (shard["count"], 2, index["latent_channels"], size, size)  # both flips
+    found = [tuple(data[k].shape) for k in ("mean", "std")]
+    if found != [expected] * 2 or tuple(data["labels"].shape) != (shard["count"],):
+        raise DataError(f"latent cache shard {path} holds latents of shape {found[0]} (std {found[1]}, labels "
+                        f"{tuple(data['labels'].shape)}), the index says {expected}; {_REENCODE}")
+    return data
 
 
 def read_cache_index(root: str) -> dict:

@@ -3,6 +3,7 @@
     python -m sit_fast.latent_cache --data-path /data/imagenet/train --image-size 256 --vae ema --out /data/in256-latents
     torchrun --nproc_per_node=8 -m sit_fast.latent_cache ...        # the shards split over the GPUs
     torchrun --nproc_per_node=8 train.py --latent-cache /data/in256-latents --model SiT-XL/2
+    python -m sit_fast.latent_cache --verify --out /data/in256-latents   # after a copy: every byte as written?
 
 Each image is center-cropped (ADM) and encoded as it is and mirrored; the posterior's mean and std
 (already multiplied by the VAE scaling factor) are stored, so training draws a fresh posterior
@@ -24,6 +25,10 @@ the folder's lock, removes and names); settings.json records the settings that s
 and a folder made with other settings is refused. --batch-size is not one of them (a run out of
 memory goes on with a smaller one), though the VAE's arithmetic varies with it: a shard encoded at
 another batch size may differ from an uninterrupted run's in the last bit of some values.
+
+Training reads a shard's bytes as they are (memory-mapped, unchecked); --verify reads the whole cache
+once, each shard's records against the CRC-32 that torch.save wrote beside them, and says which shards
+a bad disk or copy has changed since.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import argparse
 import json
 import logging
 import os
+import shlex
 import sys
 import zipfile
 
@@ -43,12 +49,12 @@ import torch
 from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonempty, nonnegative_int, positive_int
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, UnreadableImage, close_loader, data_fingerprint,
-    make_loader, worker_error,
+    load_cache_shard, make_loader, read_cache_index, worker_error,
 )
 from sit_fast.distributed import (agree, barrier, broadcast_object, check_shared_path, cleanup, init_distributed,
                                   is_distributed, on_main, peer_ended, peer_failed)
 from sit_fast.errors import (
-    UserError, allocation_past_device, cli_entry, is_out_of_memory, log_warnings_on_stderr, memory_kind,
+    UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
     WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_writable_folder, unfinished_writes,
@@ -66,8 +72,13 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m sit_fast.latent_cache")
-    parser.add_argument("--data-path", type=nonempty, required=True, help="ImageFolder root: DIR/<class>/<image>")
+    parser.add_argument("--data-path", type=nonempty, help="ImageFolder root: DIR/<class>/<image> (required, "
+                        "except with --verify)")
     parser.add_argument("--out", type=nonempty, required=True, help="output directory of the cache")
+    parser.add_argument("--verify", action="store_true",
+                        help="encode nothing: read the finished cache in --out whole and check every shard (its "
+                             "bytes against their CRC-32, the shapes the index gives, finite values, labels in "
+                             "range); exit status 2, naming the damaged shards, if any fails")
     parser.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels")
     parser.add_argument("--vae", type=nonempty, default="ema",
                         help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id or a local directory")
@@ -303,6 +314,62 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     return index if dist_info.is_main else None  # main() leaves the process group
 
 
+def shard_damage(root: str, shard: dict, index: dict) -> str | None:
+    """What is wrong with one shard of a finished cache (read whole), or None."""
+    path = os.path.join(root, shard["file"])
+    try:
+        with zipfile.ZipFile(path) as archive:
+            changed = archive.testzip()  # each record read against its CRC-32
+    except FileNotFoundError:
+        return "missing"
+    except (OSError, zipfile.BadZipFile) as err:
+        return f"unreadable ({first_line(err)})"
+    if changed is not None:
+        return f"its bytes changed since it was written (record {changed} fails its CRC-32)"
+    try:
+        data = load_cache_shard(root, shard, index)
+    except UserError as err:
+        return str(err).removeprefix(f"latent cache shard {path} ").split("; ")[0]
+    mean, std, labels = data["mean"], data["std"], data["labels"]
+    if not bool(torch.isfinite(mean).all()):
+        return "non-finite means"
+    if not bool((torch.isfinite(std) & (std >= 0)).all()):
+        return "non-finite or negative stds"
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < index["num_classes"]):
+        return f"labels outside 0..{index['num_classes'] - 1}"
+    return None
+
+
+def verify_cache(args: argparse.Namespace) -> dict:
+    """--verify: every shard of the finished cache in args.out read whole and checked; UserError naming
+    the damaged ones, with the command that encodes them again."""
+    index = read_cache_index(args.out)
+    shards = index["shards"]
+    damaged = []
+    bar = progress(index["num_images"], "verifying", "img", disable=args.no_progress)
+    for shard in shards:
+        if (damage := shard_damage(args.out, shard, index)) is not None:
+            damaged.append(f"{shard['file']}: {damage}")
+        bar.update(shard["count"])
+    bar.close()
+    if damaged:
+        try:
+            with open(os.path.join(args.out, "settings.json"), encoding="utf-8") as f:
+                settings = json.load(f)
+            flags = " ".join(f"--{key.replace('_', '-')} {shlex.quote(str(settings[key]))}"
+                             for key in ("image_size", "vae", "vae_precision", "dtype", "shard_size"))
+        except (OSError, ValueError, KeyError, TypeError):
+            flags = "the flags that built it"
+        raise UserError(f"--out {args.out}: {len(damaged)} of {len(shards)} shard(s) damaged ("
+                        f"{'; '.join(damaged[:3])}{'; ...' if len(damaged) > 3 else ''}): delete them, then python "
+                        f"-m sit_fast.latent_cache --data-path {shlex.quote(str(index.get('data_path', 'DIR')))} "
+                        f"--out {shlex.quote(args.out)} "
+                        f"{flags} encodes them again")
+    print(f"latent cache {args.out}: {len(shards)} shard(s), {index['num_images']} images x 2 flips: every byte "
+          f"as written, shapes as indexed, values finite, labels in range", flush=True)
+    return index
+
+
 def read_text(path: str) -> str | None:
     """The file's text, or None where there is none to read."""
     try:
@@ -314,7 +381,12 @@ def read_text(path: str) -> str | None:
 
 @cli_entry
 def main(argv: list[str] | None = None) -> dict | None:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.verify:
+        return verify_cache(args)
+    if args.data_path is None:
+        parser.error("the following arguments are required: --data-path")
     with stop_signals_raise():
         try:
             start_resource_tracker()

@@ -3582,6 +3582,72 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
         other.release()
 
 
+def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_since(tmp_path, capsys):
+    """--verify: a shard whose bytes a disk or a copy changed (still a readable archive, which training
+    would read as it is) is named, with the command that encodes it again; so are non-finite values
+    and labels out of range; a whole cache is said to be whole."""
+    import zipfile
+
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
+    out = str(tmp_path / "cache")
+    latent_cache.main(_cache_args(images, vae_dir, out))
+    shard = lambda k: os.path.join(out, latent_cache.shard_name(k))  # noqa: E731
+    verify = ["--verify", "--out", out, "--no-progress"]
+    capsys.readouterr()
+    assert latent_cache.main(verify)["num_images"] == 6
+    assert capsys.readouterr().out == (f"latent cache {out}: 3 shard(s), 6 images x 2 flips: every byte as written, "
+                                       f"shapes as indexed, values finite, labels in range\n")
+
+    def refused():
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as stop:
+            latent_cache.main(verify)
+        assert stop.value.code == 2
+        return capsys.readouterr().err
+
+    whole = open(shard(1), "rb").read()
+    with zipfile.ZipFile(shard(1)) as archive:  # one bit of the mean's storage flipped
+        record = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+    with open(shard(1), "r+b") as f:
+        f.seek(record.header_offset + 26)
+        name_length, extra_length = (int.from_bytes(f.read(2), "little") for _ in range(2))
+        where = record.header_offset + 30 + name_length + extra_length + 5
+        f.seek(where)
+        byte = f.read(1)[0]
+        f.seek(where)
+        f.write(bytes([byte ^ 0x10]))
+    assert latent_cache.whole_archive(shard(1))  # the build's own check (the archive's directory) passes it
+    again = (f"delete them, then python -m sit_fast.latent_cache --data-path {os.path.abspath(images)} --out {out} "
+             f"--image-size 16 --vae {os.path.abspath(vae_dir)} --vae-precision fp32 --dtype float32 --shard-size 2 "
+             f"encodes them again\n")
+    assert refused() == (f"error: --out {out}: 1 of 3 shard(s) damaged (shard-00001.pt: its bytes changed since it "
+                         f"was written (record {record.filename} fails its CRC-32)): {again}")
+    with open(shard(1), "wb") as f:
+        f.write(whole)
+    data = torch.load(shard(0), weights_only=True)
+    data["mean"][1, 1, 0, 0, 0] = float("nan")
+    torch.save(data, shard(0))
+    data = torch.load(shard(2), weights_only=True)
+    data["labels"][0] = 2
+    torch.save(data, shard(2))
+    assert refused() == (f"error: --out {out}: 2 of 3 shard(s) damaged (shard-00000.pt: non-finite means; "
+                         f"shard-00002.pt: labels outside 0..1): {again}")
+    os.remove(shard(0))
+    os.remove(shard(2))
+    assert "2 of 3 shard(s) damaged (shard-00000.pt: missing; shard-00002.pt: missing)" in refused()
+    latent_cache.main(_cache_args(images, vae_dir, out))  # as the message says
+    assert latent_cache.main(verify)["num_images"] == 6
+    # --data-path stays required to build
+    with pytest.raises(SystemExit) as stop:
+        latent_cache.main(["--out", out])
+    assert stop.value.code == 2 and "required: --data-path" in capsys.readouterr().err
+
+
 def test_latent_cache_stores_the_dtype_asked_for_and_float16_by_default(tmp_path, monkeypatch):
     """--dtype is the shards' storage (float16 unless asked): the float32 encoding rounded once, both
     flips; the index records it, the VAE's own scaling factor and the data's absolute path."""
