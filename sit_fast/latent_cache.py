@@ -78,7 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--verify", action="store_true",
                         help="encode nothing: read the finished cache in --out whole and check every shard (its "
                              "bytes against their CRC-32, the shapes the index gives, finite values, labels in "
-                             "range); exit status 2, naming the damaged shards, if any fails")
+                             "range) and the image folder's file list (--data-path, else the one recorded) against "
+                             "the one encoded; exit status 2, naming what fails")
     parser.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels")
     parser.add_argument("--vae", type=nonempty, default="ema",
                         help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id or a local directory")
@@ -341,8 +342,9 @@ def shard_damage(root: str, shard: dict, index: dict) -> str | None:
 
 
 def verify_cache(args: argparse.Namespace) -> dict:
-    """--verify: every shard of the finished cache in args.out read whole and checked; UserError naming
-    the damaged ones, with the command that encodes them again."""
+    """--verify: every shard of the finished cache in args.out read whole and checked, then the image
+    folder's list against the one encoded; UserError naming the damaged shards, with the command that
+    encodes them again, or the folder changed since."""
     index = read_cache_index(args.out)
     shards = index["shards"]
     damaged = []
@@ -352,21 +354,36 @@ def verify_cache(args: argparse.Namespace) -> dict:
             damaged.append(f"{shard['file']}: {damage}")
         bar.update(shard["count"])
     bar.close()
+    settings = {}
+    try:
+        with open(os.path.join(args.out, "settings.json"), encoding="utf-8") as f:
+            settings = json.load(f)
+    except (OSError, ValueError):
+        pass
+    folder = args.data_path or index.get("data_path")
     if damaged:
         try:
-            with open(os.path.join(args.out, "settings.json"), encoding="utf-8") as f:
-                settings = json.load(f)
             flags = " ".join(f"--{key.replace('_', '-')} {shlex.quote(str(settings[key]))}"
                              for key in ("image_size", "vae", "vae_precision", "dtype", "shard_size"))
-        except (OSError, ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             flags = "the flags that built it"
         raise UserError(f"--out {args.out}: {len(damaged)} of {len(shards)} shard(s) damaged ("
                         f"{'; '.join(damaged[:3])}{'; ...' if len(damaged) > 3 else ''}): delete them, then python "
-                        f"-m sit_fast.latent_cache --data-path {shlex.quote(str(index.get('data_path', 'DIR')))} "
-                        f"--out {shlex.quote(args.out)} "
-                        f"{flags} encodes them again")
+                        f"-m sit_fast.latent_cache --data-path {shlex.quote(str(folder or 'DIR'))} "
+                        f"--out {shlex.quote(args.out)} {flags} encodes them again")
+    if "dataset_sha256" not in settings:
+        images = "; images not compared (settings.json, which records their list, cannot be read)"
+    elif folder and os.path.isdir(folder):  # the images' list (names and classes) against the one encoded
+        listed = ImageFolderDataset(folder, index["image_size"])
+        if data_fingerprint(listed) != settings.get("dataset_sha256"):
+            raise UserError(f"--out {args.out}: its shards are whole, but the images in {folder} are no longer those "
+                            f"encoded ({len(listed)} there now, {index['num_images']} in the cache, or other names "
+                            f"or classes): encode them into a new --out to train on them")
+        images = f"; the images in {folder} are still those encoded (names and classes)"
+    else:
+        images = f"; images not compared ({folder} not found: --data-path says where they are now)"
     print(f"latent cache {args.out}: {len(shards)} shard(s), {index['num_images']} images x 2 flips: every byte "
-          f"as written, shapes as indexed, values finite, labels in range", flush=True)
+          f"as written, shapes as indexed, values finite, labels in range{images}", flush=True)
     return index
 
 

@@ -3601,7 +3601,8 @@ def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_
     capsys.readouterr()
     assert latent_cache.main(verify)["num_images"] == 6
     assert capsys.readouterr().out == (f"latent cache {out}: 3 shard(s), 6 images x 2 flips: every byte as written, "
-                                       f"shapes as indexed, values finite, labels in range\n")
+                                       f"shapes as indexed, values finite, labels in range; the images in "
+                                       f"{os.path.abspath(images)} are still those encoded (names and classes)\n")
 
     def refused():
         capsys.readouterr()
@@ -3642,6 +3643,21 @@ def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_
     assert "2 of 3 shard(s) damaged (shard-00000.pt: missing; shard-00002.pt: missing)" in refused()
     latent_cache.main(_cache_args(images, vae_dir, out))  # as the message says
     assert latent_cache.main(verify)["num_images"] == 6
+    # the image folder's list, as recorded or where --data-path says it now is, against the one encoded
+    os.rename(images, str(tmp_path / "moved"))
+    assert latent_cache.main(verify)["num_images"] == 6
+    assert capsys.readouterr().out.endswith(f"; images not compared ({os.path.abspath(images)} not found: "
+                                            f"--data-path says where they are now)\n")
+    assert latent_cache.main(verify + ["--data-path", str(tmp_path / "moved")])["num_images"] == 6
+    assert "the images in" in capsys.readouterr().out
+    moved = str(tmp_path / "moved")
+    shutil.copy(os.path.join(moved, "class0", os.listdir(os.path.join(moved, "class0"))[0]),
+                os.path.join(moved, "class1", "added.png"))
+    with pytest.raises(SystemExit):
+        latent_cache.main(verify + ["--data-path", moved])
+    assert capsys.readouterr().err == (f"error: --out {out}: its shards are whole, but the images in {moved} are no "
+                                       f"longer those encoded (7 there now, 6 in the cache, or other names or "
+                                       f"classes): encode them into a new --out to train on them\n")
     # --data-path stays required to build
     with pytest.raises(SystemExit) as stop:
         latent_cache.main(["--out", out])
