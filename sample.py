@@ -25,7 +25,9 @@ FID job (--num-fid-samples N): image i gets noise and label from seed (--seed, i
 world size. The index range is cut into chunks of --per-proc-batch-size; ranks take the unfinished
 chunks in turn, write PNGs atomically, and a rerun (after a kill, or with a larger N) samples only
 the chunks with missing PNGs, giving the same images. The folder's settings.json refuses a resume
-with settings that change the images (once it holds one). Exactly N images end up in the .npz.
+with settings that change the images (once it holds one); one with another --fused-kernels,
+--attn-backend or --compile, which change their rounding only, is warned of. Exactly N images end up
+in the .npz.
 
 Guidance: --cfg-scale 1 runs no unconditional pass at all; --cfg-interval LOW HIGH guides only the
 model calls with LOW <= t <= HIGH (t = 0 noise, t = 1 data) and runs the doubled batch only there.
@@ -92,8 +94,8 @@ from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, select_backend
 from sit_fast.sampling import (
-    PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, build_model, build_npz, check_settings,
-    checkpoint_preference, default_cfg_channels, foreign_npz,
+    PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, add_arithmetic, build_model, build_npz,
+    check_settings, checkpoint_preference, default_cfg_channels, foreign_npz,
     check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
     npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
@@ -516,7 +518,7 @@ class Setup:
         if self.codec is not None and args.in_channels is not None:
             raise UserError("--in-channels is for pixel space (--vae none); with a VAE the latent channels are the VAE's")
         downsample = self.codec.downsample if self.codec is not None else 1
-        fused_kernels, _ = fused_kernels_flag(args.fused_kernels, device)
+        fused_kernels, fused_on = fused_kernels_flag(args.fused_kernels, device)
         request = ModelRequest(
             ckpt=ckpt, model=args.model, image_size=args.image_size, num_classes=args.num_classes,
             in_channels=self.codec.latent_channels if self.codec is not None else args.in_channels,
@@ -526,10 +528,14 @@ class Setup:
         self.model, self.info = build_model(request, device, loaded)
         del loaded  # the model holds the weights now
         try:  # an attention backend (or SIT_FAST_SDPA_BACKEND) that cannot run here: one line, before sampling
-            select_backend(args.attn_backend, device, self.autocast_dtype or torch.float32,
-                           self.model.blocks[0].attn.head_dim)
+            backend = select_backend(args.attn_backend, device, self.autocast_dtype or torch.float32,
+                                     self.model.blocks[0].attn.head_dim)
         except ValueError as err:
             raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
+        # What sets the rounding of the results, not what they are, as resolved here ("auto" differs by
+        # device), in the flags' words: recorded in a resumable job's folder (see arithmetic_note).
+        self.arithmetic = {"attn_backend": backend, "fused_kernels": "on" if fused_on else "off",
+                           "compile": "on" if args.compile else "off"}
         self.num_classes = self.model.num_classes
         self.input_size = self.model.input_size
         self.image_size = self.info["image_size"]
@@ -688,6 +694,41 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     return json.loads(json.dumps(settings))
 
 
+def arithmetic_note(recorded: list[dict] | None, now: dict, args: argparse.Namespace, kept: str,
+                    flag: str) -> str | None:
+    """A line when a job resumed in a folder computes with another arithmetic (Setup.arithmetic) than
+    the one its record holds for the `kept` results already there, or when those were computed with
+    several (an earlier resume's): --fused-kernels, --attn-backend and --compile change the rounding
+    only, so the folder mixes results a rounding apart (in 8-bit images, a grey level here and there).
+    None when they agree, or the record (an older one) holds none."""
+    if not recorded or (len(recorded) == 1 and recorded[0] == now):
+        return None
+
+    def named(key: str) -> str:
+        return "--" + key.replace("_", "-")
+
+    if len(recorded) > 1:  # a resume took another arithmetic already: no flags give a uniform set now
+        keys = [key for key in now if len({str(entry.get(key)) for entry in recorded}) > 1]
+        used = ", ".join(f"{named(key)} {' and '.join(dict.fromkeys(str(e.get(key)) for e in recorded))}"
+                         for key in keys)
+        return (f"{kept} were computed with other arithmetics in turn ({used}), which round differently: the "
+                f"results mix them; for a uniform set, pass another {flag}, or delete it to start over")
+    old = recorded[0]
+    changed = [key for key in now if key in old and old[key] != now[key]]
+
+    def given(key: str) -> str:
+        auto = key in ("attn_backend", "fused_kernels") and getattr(args, key, None) == "auto"
+        return f"{now[key]} (auto here)" if auto else now[key]
+
+    flags = ", ".join(f"{named(key)} {old[key]} -> {given(key)}" for key in changed)
+    flag_values = " ".join(f"{named(key)} {old[key]}" for key in changed if key != "compile")
+    fixes = [f"pass {flag_values}" if flag_values else "",
+             ("add --compile" if old["compile"] == "on" else "drop --compile") if "compile" in changed else ""]
+    return (f"{flags}: {kept} were computed with the former, which rounds differently, and those computed now "
+            f"take the latter, so the two mix; for a uniform set, {' and '.join(fix for fix in fixes if fix)} "
+            f"(Ctrl-C now leaves the folder as it was), or pass another {flag}")
+
+
 def checkpoint_digest(path: str) -> str:
     """A short digest of what a checkpoint holds, so that a folder's record tells apart two files
     written to one path (a run retrained into the same results folder): of its file_fingerprint (a
@@ -738,7 +779,8 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
             make_writable_folder(os.path.dirname(os.path.abspath(npz_path)), f"--sample-dir {args.sample_dir}")
         if note := mixed_folders(sample_dir, args.run_folder):
             logging.getLogger("sit_fast.sample").warning(note)
-        check_settings(sample_dir, dict(settings, ckpt_digest=checkpoint_digest(setup.info["path"])), lock=lock)
+        recorded = check_settings(sample_dir, dict(settings, ckpt_digest=checkpoint_digest(setup.info["path"])),
+                                  lock=lock, arithmetic=setup.arithmetic)
         if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job", lock):
             logging.getLogger("sit_fast.sample").warning(leftovers)
         npz_folder, npz_name = os.path.split(os.path.abspath(npz_path))
@@ -748,9 +790,16 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
             logging.getLogger("sit_fast.sample").warning(leftovers)
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))
-        return pending_chunks(sample_dir, total, chunk), present
+        pending = pending_chunks(sample_dir, total, chunk)
+        written = sum(re.fullmatch(r"\d{6}\.png", name) is not None for name in names)
+        note = None
+        if pending and (note := arithmetic_note(recorded, setup.arithmetic, args,
+                                                f"the {written} image{'s' if written > 1 else ''} in {sample_dir}",
+                                                "--sample-dir")):
+            logging.getLogger("sit_fast.sample").warning(note)
+        return pending, present, note is not None
 
-    pending, present = on_main(prepare, dist)
+    pending, present, other_arithmetic = on_main(prepare, dist)
     check_shared_path(sample_dir, f"--sample-dir {args.sample_dir}", dist)
     todo = sum(min(chunk, total - k * chunk) for k in pending)
     if dist.is_main:
@@ -787,6 +836,9 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
                     images = to_rgb_uint8(setup.to_images(samples[: len(kept)], k * chunk))  # (B, H, W, 3)
                 except NonFinite as error:  # a resume redraws the same noise: it would diverge again
                     raise NonFinite(f"{error} (the same settings draw the same noise again)") from None
+                if other_arithmetic:  # before this job's first image: the record says the folder mixes them
+                    add_arithmetic(sample_dir, setup.arithmetic)
+                    other_arithmetic = False
                 writer.write(images, kept)
                 bar.update(min(len(kept) * dist.world_size, todo - bar.n))
         finally:
@@ -1188,21 +1240,30 @@ class BatchParts:
     computes only the batches not there: each batch's seeds depend on its index, not on the run.
     When every batch is in, the main process joins them into OUT and removes the folder."""
 
-    def __init__(self, out: str, settings: dict, total: int, batch_size: int, dist: DistInfo):
+    def __init__(self, out: str, settings: dict, total: int, batch_size: int, dist: DistInfo,
+                 setup: Setup | None = None):
         self.folder, self.total, self.batch_size = f"{out}.parts", total, batch_size
         self.batches = math.ceil(total / batch_size)
         lock = FolderLock(self.folder, "--out")  # held by the main process until the job ends (main's release_all)
+        arithmetic = None if setup is None else setup.arithmetic
 
         def pending() -> list[int]:
-            check_settings(self.folder, settings, holds="the results of a stopped run", flag="--out",
-                           outputs=r"\d{6}\.pt", lock=lock)
+            recorded = check_settings(self.folder, settings, holds="the results of a stopped run", flag="--out",
+                                      outputs=r"\d{6}\.pt", lock=lock, arithmetic=arithmetic)
             present = set(os.listdir(self.folder))
             for name in present:  # an earlier run's word of a process that failed
                 if FAILED.fullmatch(name):
                     os.remove(os.path.join(self.folder, name))
-            return [k for k in range(self.batches) if self.name(k) not in present]
+            left = [k for k in range(self.batches) if self.name(k) not in present]
+            done, note = self.batches - len(left), None
+            if left and setup is not None and (note := arithmetic_note(
+                    recorded, arithmetic, setup.args,
+                    f"the results of the {done} batch{'es' if done > 1 else ''} in {self.folder}", "--out")):
+                logging.getLogger("sit_fast.sample").warning(note)
+            return left, note is not None
 
-        self.pending = on_main(pending, dist)
+        self.pending, self.other_arithmetic = on_main(pending, dist)
+        self.arithmetic = arithmetic
         check_shared_path(self.folder, f"--out {out}", dist)
 
     @staticmethod
@@ -1210,6 +1271,9 @@ class BatchParts:
         return f"{k:06d}.pt"
 
     def write(self, k: int, result: torch.Tensor) -> torch.Tensor:
+        if self.other_arithmetic:  # before this job's first batch: the record says the folder mixes them
+            add_arithmetic(self.folder, self.arithmetic)
+            self.other_arithmetic = False
         atomic_torch_save(result, os.path.join(self.folder, self.name(k)))
         return result
 
@@ -1363,7 +1427,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
             print(f"{bpd_summary(finished, f'{len(finished)} items')} ({detail}; all {len(finished)} from {out}, "
                   f"nothing left to compute)")
         return finished if dist.is_main else np.zeros(0)
-    parts = None if out is None else BatchParts(out, settings, len(x), args.batch_size, dist)
+    parts = None if out is None else BatchParts(out, settings, len(x), args.batch_size, dist, setup)
     announce(parts, len(x), args.batch_size, dist)
     pending = list(range(math.ceil(len(x) / args.batch_size))) if parts is None else parts.pending
     with unused_parts_removed(parts, dist):
@@ -1459,7 +1523,7 @@ def run_reverse(setup: Setup) -> str:
     x, _, space = job_data(setup)
     labels = data_labels(setup, len(x))
     on_main(lambda: check_not_written(out), dist)
-    parts = BatchParts(out, data_job_settings(setup, x), len(x), args.batch_size, dist)
+    parts = BatchParts(out, data_job_settings(setup, x), len(x), args.batch_size, dist, setup)
     announce(parts, len(x), args.batch_size, dist)
     with unused_parts_removed(parts, dist):
         check_items(x, parts.pending[dist.rank::dist.world_size], args.batch_size)

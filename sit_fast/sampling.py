@@ -595,6 +595,10 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int) -> list[i
 # Settings recorded only since a later version: a record without them is compared on the rest.
 RECORDED_LATER = frozenset({"ckpt_digest"})
 
+# The record's entries of what sets the outputs' rounding (check_settings: kept, not compared): that
+# of its first outputs, and the others a resumed job computed with since (add_arithmetic).
+ARITHMETIC, ARITHMETIC_LATER = "arithmetic", "arithmetic_later"
+
 
 def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
     """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or "".
@@ -614,18 +618,24 @@ def is_foreign_record(recorded: dict, settings: dict, holds: str) -> bool:
     "holds" was added; an older one is another kind's when most of its keys are not this kind's."""
     if isinstance(recorded.get("holds"), str):
         return recorded["holds"] != holds
-    extra = set(recorded) - set(settings) - RECORDED_LATER
+    extra = set(recorded) - set(settings) - RECORDED_LATER - {ARITHMETIC, ARITHMETIC_LATER}
     return bool(extra) and len(extra) >= len(set(recorded) & set(settings))
 
 
 def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir",
-                   outputs: str = r"\d{6}\.png", lock: FolderLock | None = None) -> None:
+                   outputs: str = r"\d{6}\.png", lock: FolderLock | None = None,
+                   arithmetic: dict | None = None) -> list[dict] | None:
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
     `holds` and `flag` name what the folder holds and the flag that picks another one, for the message;
     files matching `outputs` in a folder without settings.json (another program's, or the record lost)
     are refused too, as their settings are unknown. A folder that holds no outputs yet (a run stopped
     before its first one: out of memory at the first batch, say) takes the new settings. `lock` is
-    acquired before the record is read (a job running on the folder now is refused), and held on."""
+    acquired before the record is read (a job running on the folder now is refused), and held on.
+
+    `arithmetic`, what sets the outputs' rounding but not what they are (the attention backend, say),
+    is recorded beside the settings and not compared: a folder resumed returns those its record holds
+    (that of its first outputs, then those add_arithmetic added), for the caller to tell of a change;
+    None for a folder started now, or one recorded before the arithmetic was kept."""
     path = os.path.join(sample_dir, "settings.json")
     if os.path.exists(sample_dir) and not os.path.isdir(sample_dir):
         raise UserError(f"{flag} {sample_dir} is a file: pass a folder")
@@ -655,19 +665,47 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         if differ:
             raise UserError(f"{sample_dir} holds {holds} made with other settings ({differ}): pass another {flag}, "
                             f"or delete it to start over")
+        kept = recorded_arithmetic(recorded)
         if not RECORDED_LATER & settings.keys() <= recorded.keys():  # a record from before they were kept
-            record_settings(path, settings, holds)
-        return
+            record_settings(path, settings, holds, kept)
+        return kept
     if present:
         count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
         raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "
                         f"unknown: pass another {flag}, or delete them to start over")
-    record_settings(path, settings, holds)
+    record_settings(path, settings, holds, arithmetic)
+    return None
 
 
-def record_settings(path: str, settings: dict, holds: str) -> None:
-    """settings.json: the settings, and what the folder holds (compared with the settings: not one)."""
-    text = json.dumps({**settings, "holds": holds}, indent=1, sort_keys=True) + "\n"
+def recorded_arithmetic(recorded: dict) -> list[dict] | None:
+    """The arithmetics a settings record holds, its first outputs' first; None where it has none."""
+    first, later = recorded.get(ARITHMETIC), recorded.get(ARITHMETIC_LATER, [])
+    if not isinstance(first, dict) or not isinstance(later, list):
+        return None
+    return [first, *(entry for entry in later if isinstance(entry, dict))]
+
+
+def record_settings(path: str, settings: dict, holds: str, arithmetic: dict | list[dict] | None = None) -> None:
+    """settings.json: the settings, what the folder holds and the arithmetic(s) of its outputs (none
+    of them compared with the settings: not one of them)."""
+    arithmetic = [arithmetic] if isinstance(arithmetic, dict) else arithmetic or []
+    extra = {"holds": holds, **({ARITHMETIC: arithmetic[0]} if arithmetic else {}),
+             **({ARITHMETIC_LATER: arithmetic[1:]} if len(arithmetic) > 1 else {})}
+    text = json.dumps({**settings, **extra}, indent=1, sort_keys=True) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
+
+
+def add_arithmetic(sample_dir: str, arithmetic: dict) -> None:
+    """Record in the folder's settings.json that outputs are now computed with `arithmetic` too (a job
+    resumed with another one than the record's), so that a later resume knows the folder mixes them."""
+    path = os.path.join(sample_dir, "settings.json")
+    with open(path, encoding="utf-8") as f:
+        recorded = json.load(f)
+    kept = recorded_arithmetic(recorded)
+    if kept is None or arithmetic in kept:
+        return
+    recorded[ARITHMETIC_LATER] = [*kept[1:], arithmetic]
+    text = json.dumps(recorded, indent=1, sort_keys=True) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
 
 

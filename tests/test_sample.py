@@ -1976,6 +1976,77 @@ def test_an_fid_folder_resumes_with_its_checkpoint_named_from_another_folder(fil
     assert len(np.load(tmp_path / "s.npz")["arr_0"]) == 3
 
 
+def test_an_fid_folder_resumed_with_other_arithmetic_says_so_and_records_it(files, tmp_path, capsys):
+    """--fused-kernels, --attn-backend and --compile change the images' rounding, not what is sampled: a
+    resume with others is not refused, but said, with the flags that sampled the images there; the
+    folder's record then keeps that it mixes them. A record without the arithmetic (an older one) resumes
+    saying nothing."""
+    sample_dir = tmp_path / "s"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1,
+            "--batch-size", 1, "--sample-dir", sample_dir, "--fused-kernels", "off"]
+    run(argv + ["--attn-backend", "math", "--num-fid-samples", 2])
+    recorded = json.loads((sample_dir / "settings.json").read_text())
+    assert recorded["arithmetic"] == {"attn_backend": "math", "fused_kernels": "off", "compile": "off"}, recorded
+    capsys.readouterr()
+    run(argv + ["--attn-backend", "math", "--num-fid-samples", 3])  # the same arithmetic: nothing to say
+    assert "warning" not in capsys.readouterr().err
+    run(argv + ["--attn-backend", "sdpa", "--num-fid-samples", 4])
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: --attn-backend math -> sdpa: the 3 images in {sample_dir} were computed with "
+                          f"the former, which rounds differently"), err
+    assert "for a uniform set, pass --attn-backend math (Ctrl-C now" in err and len(err.splitlines()) == 1, err
+    recorded = json.loads((sample_dir / "settings.json").read_text())
+    assert recorded["arithmetic"]["attn_backend"] == "math", recorded
+    assert [a["attn_backend"] for a in recorded["arithmetic_later"]] == ["sdpa"], recorded
+    # the flags of the first images no longer make a uniform set: the folder mixes the two
+    run(argv + ["--attn-backend", "math", "--num-fid-samples", 5])
+    err = capsys.readouterr().err
+    assert "were computed with other arithmetics in turn (--attn-backend math and sdpa)" in err, err
+    assert "for a uniform set, pass another --sample-dir" in err, err
+    os.remove(f"{sample_dir}.npz")
+    run(argv + ["--attn-backend", "sdpa", "--num-fid-samples", 5])  # nothing to sample: nothing mixed now
+    out, err = capsys.readouterr()
+    assert "all 5 images already in" in out and "warning" not in err, (out, err)
+    # a record written before the arithmetic was kept: resumed, unchecked, and left so
+    older = {k: v for k, v in recorded.items() if not k.startswith("arithmetic")}
+    (sample_dir / "settings.json").write_text(json.dumps(older))
+    run(argv + ["--attn-backend", "sdpa", "--num-fid-samples", 6])
+    out, err = capsys.readouterr()
+    assert "5 of 6 images already in" in out and "warning" not in err, (out, err)
+    assert "arithmetic" not in json.loads((sample_dir / "settings.json").read_text())
+
+
+def test_likelihood_parts_resumed_with_other_arithmetic_say_so(tmp_path, caplog):
+    """OUT.parts/ of --likelihood and --reverse records the arithmetic of its batches as the FID folder
+    does, and a resume with another is said once, then kept in the record at the first batch written."""
+    import types
+
+    from sit_fast.distributed import DistInfo
+
+    single = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
+
+    def setup(fused):
+        return types.SimpleNamespace(args=argparse.Namespace(attn_backend="math", fused_kernels="auto"),
+                                     arithmetic={"attn_backend": "math", "fused_kernels": fused, "compile": "off"})
+
+    out = str(tmp_path / "z.pt")
+    parts = sample.BatchParts(out, {"seed": 0}, total=4, batch_size=2, dist=single, setup=setup("off"))
+    parts.write(0, torch.zeros(2))
+    FolderLock.release_all()  # the job ends
+    with caplog.at_level(logging.WARNING, logger="sit_fast.sample"):
+        again = sample.BatchParts(out, {"seed": 0}, total=4, batch_size=2, dist=single, setup=setup("on"))
+    assert again.pending == [1]
+    said = [r.getMessage() for r in caplog.records if r.name == "sit_fast.sample"]
+    assert len(said) == 1 and said[0].startswith(f"--fused-kernels off -> on (auto here): the results of the 1 batch "
+                                                 f"in {out}.parts were computed with the former"), said
+    assert "pass --fused-kernels off" in said[0] and "or pass another --out" in said[0], said
+    record = json.loads(open(f"{out}.parts/settings.json").read())
+    assert "arithmetic_later" not in record  # nothing of the new arithmetic written yet
+    again.write(1, torch.zeros(2))
+    record = json.loads(open(f"{out}.parts/settings.json").read())
+    assert [a["fused_kernels"] for a in [record["arithmetic"], *record["arithmetic_later"]]] == ["off", "on"]
+
+
 def test_every_process_must_read_the_checkpoint_rank_0_reads(files, tmp_path, monkeypatch, capsys):
     """Under torchrun a node's own file at rank 0's --ckpt path (another run's checkpoint on its local
     disk) sampled from other weights into the same folder; the processes' files are compared first
