@@ -750,12 +750,43 @@ def run_folder_name(args: argparse.Namespace, model: str) -> str:
     return name
 
 
+def longest_name(folder: str) -> int:
+    """The longest file name, in bytes, that the filesystem of `folder` (or of the nearest folder above
+    it that exists) takes: 255 on most."""
+    path = os.path.abspath(folder)
+    while not os.path.isdir(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    try:
+        return os.pathconf(path, "PC_NAME_MAX")
+    except (OSError, ValueError, AttributeError):  # not said by this filesystem, or no pathconf (Windows)
+        return 255
+
+
 def run_fid(setup: Setup) -> str:
     """N numbered PNGs in --sample-dir (resumable, any world size) and the ADM .npz of all N. Rank 0
     holds the folder's lock from before its record is read until the .npz is written."""
-    sample_dir = os.path.normpath(setup.args.sample_dir)
-    if setup.args.run_folder:
-        sample_dir = os.path.join(sample_dir, run_folder_name(setup.args, setup.info["model"]))
+    args = setup.args
+    sample_dir = os.path.normpath(args.sample_dir)
+    if args.run_folder:
+        name = run_folder_name(args, setup.info["model"])
+        longest = longest_name(sample_dir)
+        too_long = [n for n in (name, None if args.out else f"{name}.npz") if n and len(os.fsencode(n)) > longest]
+        if too_long:  # said before any work, not as --sample-dir's fault (or after all of it, for the .npz)
+            what = "" if too_long[0] == name else ".npz "
+            raise UserError(f"the run folder's {what}name made from the settings, {too_long[0][:48]}... "
+                            f"({len(os.fsencode(too_long[0]))} bytes, the checkpoint's file name in it), is longer "
+                            f"than a file name may be in {sample_dir} ({longest} bytes), whatever --sample-dir: "
+                            f"give the checkpoint a shorter file name (a link to it will do), "
+                            f"{'pass --out FILE.npz, ' if what else ''}or pass --no-run-folder and name the folder "
+                            f"with --sample-dir")
+        sample_dir = os.path.join(sample_dir, name)
+    elif args.out is None:
+        base = os.path.basename(sample_dir)
+        longest = longest_name(os.path.dirname(sample_dir) or ".")
+        if len(os.fsencode(base)) <= longest < len(os.fsencode(f"{base}.npz")):
+            raise UserError(f"--sample-dir {args.sample_dir}: the .npz beside the folder, {base[:48]}....npz, "
+                            f"would be a name longer than a file name may be there ({longest} bytes): pass a "
+                            f"shorter --sample-dir, or --out FILE.npz")
     with FolderLock(sample_dir, "--sample-dir") as lock:
         return fid_job(setup, sample_dir, lock)
 

@@ -2283,6 +2283,41 @@ def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     assert "000002.png" in os.listdir(tmp_path)
 
 
+def test_a_run_folder_name_too_long_for_the_filesystem_is_said_so_before_sampling(files, tmp_path, capsys):
+    """The run folder's name (or its .npz's) grows with the checkpoint's file name: past the longest file
+    name the filesystem takes, that is said before any work, not blamed on --sample-dir (which a
+    shorter value does not mend), nor, for the .npz, a traceback after all the sampling."""
+    sample_dir = tmp_path / "samples"
+    argv = ["ODE", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1, "--batch-size", 1,
+            "--num-fid-samples", 1, "--sample-dir", sample_dir, "--run-folder", *FAST]
+    long_name = tmp_path / f"{'c' * 250}.pt"  # SiT-T-2-<250 bytes>-cfg-1.0-1-ODE-1-euler: 280 bytes
+    npz_too_long = tmp_path / f"{'d' * 223}.pt"  # 253 bytes: the folder fits, its .npz (257) does not
+    for ckpt in (long_name, npz_too_long):
+        shutil.copy(files["pixel"], ckpt)
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv + ["--ckpt", long_name])
+    err = one_line_error(capsys)
+    assert err.startswith("error: the run folder's name made from the settings, SiT-T-2-ccc"), err
+    assert "(280 bytes, the checkpoint's file name in it)" in err and "whatever --sample-dir" in err, err
+    assert "give the checkpoint a shorter file name" in err and "--no-run-folder" in err, err
+    with pytest.raises(SystemExit):
+        run(argv + ["--ckpt", npz_too_long])
+    err = one_line_error(capsys)
+    assert err.startswith("error: the run folder's .npz name made from the settings") and "--out FILE.npz" in err
+    assert not sample_dir.exists()  # nothing sampled, no folder made
+    # --no-run-folder: the folder is --sample-dir's, whose .npz beside it is said to be too long likewise
+    folder = tmp_path / ("e" * 253)
+    no_run_folder = [a for a in argv if a != "--run-folder"] + ["--no-run-folder", "--ckpt", files["pixel"]]
+    with pytest.raises(SystemExit):
+        run([a if a != sample_dir else folder for a in no_run_folder])
+    err = one_line_error(capsys)
+    assert err.startswith(f"error: --sample-dir {folder}: the .npz beside the folder") and "--out FILE.npz" in err
+    assert not folder.exists()
+    run([a if a != sample_dir else folder for a in no_run_folder] + ["--out", tmp_path / "e.npz"])
+    assert np.load(tmp_path / "e.npz")["arr_0"].shape == (1, 8, 8, 3)
+
+
 def test_out_of_gpu_memory_names_the_flags_that_fit(files, tmp_path, capsys, monkeypatch):
     def run_grid(setup):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
