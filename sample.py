@@ -76,7 +76,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, nonempty, positive_int, random_seed
+from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, user_path, positive_int, random_seed
 from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
@@ -138,7 +138,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     model = parser.add_argument_group("Model and checkpoint")
     model.add_argument("--model", type=str, choices=list(SiT_models), default=None,
                        help="architecture (default: the checkpoint's; SiT-XL/2 for the release)")
-    model.add_argument("--ckpt", type=nonempty, default=None,
+    model.add_argument("--ckpt", type=user_path, default=None,
                        help="checkpoint: an upstream release file, a train.py checkpoint or .safetensors, or "
                             "a release by name, SiT-XL-2-256x256.pt, taken from ./pretrained_models, else "
                             "$SIT_FAST_CACHE (~/.cache/sit_fast), else downloaded there (default: that release)")
@@ -151,7 +151,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                        help="number of classes (default: the checkpoint's, the only count it samples)")
     model.add_argument("--in-channels", type=positive_int, default=None,
                        help="image channels with --vae none, e.g. 1 or 3 (default: the checkpoint's)")
-    model.add_argument("--vae", type=nonempty, default=None,
+    model.add_argument("--vae", type=user_path, default=None,
                        help="ema | mse (stabilityai/sd-vae-ft-*), a hub id, a local diffusers AutoencoderKL "
                             "directory, or none (pixel space) (default: a train.py checkpoint's latent space, "
                             f"else {defaults['vae']})")
@@ -183,7 +183,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=positive_int, default=None,
                      help=f"images per process per batch (default: the whole grid; {FID_BATCH_SIZE} for "
                           f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood and --reverse)")
-    run.add_argument("--out", type=nonempty, default=None,
+    run.add_argument("--out", type=user_path, default=None,
                      help="output: the grid PNG (sample.png), the .npz of --num-fid-samples (SAMPLE_DIR.npz), "
                           "per-item bpd of --likelihood (.npz), the noise of --reverse (noise.pt); both "
                           "keep their batches in OUT.parts/ until complete, and the same command resumes")
@@ -207,7 +207,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     fid = parser.add_argument_group("Many images for FID (sample_ddp.py's job)")
     fid.add_argument("--num-fid-samples", type=positive_int, default=defaults["num_fid_samples"],
                      help="write this many numbered PNGs and one .npz (switches to the FID job)")
-    fid.add_argument("--sample-dir", type=nonempty, default=None,
+    fid.add_argument("--sample-dir", type=user_path, default=None,
                      help="folder of the PNGs (with --run-folder, the folder that holds the run's folder; "
                           "default: samples)")
     fid.add_argument("--run-folder", action=argparse.BooleanOptionalAction, default=None,
@@ -218,7 +218,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                      help="label of image i is i mod num_classes (default: random per image)")
 
     data = parser.add_argument_group("Data (ODE --likelihood / --reverse)")
-    data.add_argument("--data", type=nonempty, default=None,
+    data.add_argument("--data", type=user_path, default=None,
                       help="a folder of images (and its sub-folders: an ImageFolder root too), an .npz (uint8 N x H x W x C images, or float latents) "
                            "or a .pt (.pth) tensor of model inputs (N, C, h, w)")
     data.add_argument("--dataset", choices=("digits",), default=None,

@@ -120,6 +120,13 @@ def nonempty(value: str) -> str:
     return value
 
 
+def user_path(value: str) -> str:
+    """A path (or a name, where a flag takes either), not empty, with a leading ~ or ~user expanded to
+    that home folder, as the shell expands it unquoted: `--sample-dir '~/samples'` (quoted, or after
+    an =) means the home folder's samples/, not a folder named ~ in the working folder."""
+    return os.path.expanduser(nonempty(value)) if value.startswith("~") else nonempty(value)
+
+
 def torch_device(value: str) -> str:
     """cpu, cuda or cuda:N, of a device this machine has."""
     import torch

@@ -35,12 +35,12 @@ RUN_ENTRIES = {"log.txt", "experiment.json", "checkpoints", "samples", "tensorbo
 
 def build_parser() -> argparse.ArgumentParser:
     from sit_fast.argtypes import (
-        OneLineArgumentParser, finite_float, fraction, nonempty, positive_float, positive_int, random_seed,
+        OneLineArgumentParser, finite_float, fraction, user_path, positive_float, positive_int, random_seed,
     )
     from sit_fast.models import SiT_models
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=nonempty, default="demo_out",
+    parser.add_argument("--out", type=user_path, default="demo_out",
                         help="output directory (its training run is started afresh)")
     parser.add_argument("--model", default="SiT-T/4", choices=list(SiT_models), metavar="MODEL",
                         help="model of the registry (8x8 images: /1, /2, /4 or /8)")

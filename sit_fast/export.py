@@ -181,12 +181,14 @@ def transport_note(found: dict, out: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sit_fast.argtypes import OneLineArgumentParser, nonempty
+    from sit_fast.argtypes import OneLineArgumentParser, user_path
 
     parser = OneLineArgumentParser(prog="python -m sit_fast.export", description=__doc__.split("\n\n")[0],
                                    allow_abbrev=False)
-    parser.add_argument("ckpt", help="a train.py checkpoint, an upstream release file or a .safetensors file")
-    parser.add_argument("--out", type=nonempty, default=None, help="write the weights here (.pt, .pth or .safetensors)")
+    parser.add_argument("ckpt", type=user_path,
+                        help="a train.py checkpoint, an upstream release file or a .safetensors file")
+    parser.add_argument("--out", type=user_path, default=None,
+                        help="write the weights here (.pt, .pth or .safetensors)")
     parser.add_argument("--weights", choices=("ema", "model"), default=None,
                         help="a train.py checkpoint's EMA or raw weights (default: ema)")
     parser.add_argument("--dtype", choices=list(DTYPES), default=None,

@@ -46,7 +46,7 @@ quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads en
 
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonempty, nonnegative_int, positive_int
+from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonnegative_int, positive_int, user_path
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, UnreadableImage, close_loader, data_fingerprint,
     load_cache_shard, make_loader, read_cache_index, worker_error,
@@ -72,16 +72,16 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m sit_fast.latent_cache")
-    parser.add_argument("--data-path", type=nonempty, help="ImageFolder root: DIR/<class>/<image> (required, "
+    parser.add_argument("--data-path", type=user_path, help="ImageFolder root: DIR/<class>/<image> (required, "
                         "except with --verify)")
-    parser.add_argument("--out", type=nonempty, required=True, help="output directory of the cache")
+    parser.add_argument("--out", type=user_path, required=True, help="output directory of the cache")
     parser.add_argument("--verify", action="store_true",
                         help="encode nothing: read the finished cache in --out whole and check every shard (its "
                              "bytes against their CRC-32, the shapes the index gives, finite values, labels in "
                              "range) and the image folder's file list (--data-path, else the one recorded) against "
                              "the one encoded; exit status 2, naming what fails")
     parser.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels")
-    parser.add_argument("--vae", type=nonempty, default="ema",
+    parser.add_argument("--vae", type=user_path, default="ema",
                         help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id or a local directory")
     parser.add_argument("--vae-precision", choices=["fp32", "bf16"], default="fp32",
                         help="autocast dtype of the VAE encoder")

@@ -911,6 +911,43 @@ def test_an_empty_path_is_refused_not_read_as_the_flag_not_given(flag, capsys):
     assert one_line_error(capsys).startswith(f"error: argument {flag}: must be a path or a name, got an empty string")
 
 
+def test_a_path_given_with_a_leading_tilde_is_in_the_home_folder(files, tmp_path, monkeypatch):
+    """`--sample-dir '~/samples'` (quoted, or `--out=~/x`: the shell leaves the ~) means the home folder's
+    samples/, as the shell would have it, not a folder named ~ in the working folder; so for every path
+    flag of sample.py, train.py, python -m sit_fast.latent_cache, sit_fast.export and sit_fast.demo."""
+    import sit_fast.demo
+    import sit_fast.export
+    import sit_fast.latent_cache
+    import sit_fast.training.args
+
+    home = tmp_path / "home"
+    home.mkdir()
+    (tmp_path / "work").mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path / "work")
+    shutil.copy(files["pixel"], home / "pixel.pt")
+    run(["ODE", "--ckpt", "~/pixel.pt", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1,
+         "--batch-size", 1, "--num-fid-samples", 1, "--sample-dir", "~/samples", *FAST])
+    assert sorted(os.listdir(home / "samples")) == [".lock", "000000.png", "settings.json"]
+    assert os.path.isfile(home / "samples.npz") and os.listdir(tmp_path / "work") == []
+    parsers = {"sample.py": (sample.build_parser(), ["ODE"], ["--ckpt", "--vae", "--out", "--sample-dir", "--data"]),
+               "train.py": (sit_fast.training.args.build_parser(), [],
+                            ["--data-path", "--latent-cache", "--vae", "--ckpt", "--results-dir", "--exp-dir",
+                             "--resume"]),
+               "latent_cache": (sit_fast.latent_cache.build_parser(), ["--data-path", "x", "--out", "x"],
+                                ["--data-path", "--out", "--vae"]),
+               "export": (sit_fast.export.build_parser(), ["x"], ["--out"]),
+               "demo": (sit_fast.demo.build_parser(), [], ["--out"])}
+    for name, (parser, required, flags) in parsers.items():
+        for flag in flags:
+            args = parser.parse_args([*required, flag, "~/a/b"])
+            assert getattr(args, flag[2:].replace("-", "_")) == str(home / "a" / "b"), (name, flag)
+    assert sit_fast.export.build_parser().parse_args(["~/c.pt"]).ckpt == str(home / "c.pt")
+    # a ~ elsewhere in a path, and names that are no paths, are as given
+    args = sample.build_parser().parse_args(["ODE", "--sample-dir", "a/~b", "--vae", "ema"])
+    assert args.sample_dir == "a/~b" and args.vae == "ema"
+
+
 def test_flag_meant_lists_the_flags_a_shortened_one_begins():
     from sit_fast.argtypes import flag_meant
 

@@ -7,7 +7,7 @@ import sys
 
 from sit_fast.argtypes import (
     OneLineArgumentParser, default_workers, finite_float, fraction, nonnegative_int, or_none, positive_float,
-    nonempty, positive_int, random_seed,
+    positive_int, random_seed, user_path,
 )
 from sit_fast.data import DATASETS
 from sit_fast.errors import UserError
@@ -40,18 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
         prog=prog, description=f"Train SiT with DDP (torchrun) or in one process ({alone}).", allow_abbrev=False)
 
     data = parser.add_argument_group("Data")
-    data.add_argument("--data-path", type=nonempty, default=None,
+    data.add_argument("--data-path", type=user_path, default=None,
                       help="ImageFolder root (DIR/<class>/<image>), for --dataset imagefolder")
     data.add_argument("--dataset", choices=DATASETS, default="imagefolder",
                       help="imagefolder: --data-path; digits: scikit-learn's bundled 8x8 digits (no download)")
-    data.add_argument("--latent-cache", type=or_none(nonempty), default=None,
+    data.add_argument("--latent-cache", type=or_none(user_path), default=None,
                       help="train from a latent cache made by python -m sit_fast.latent_cache (no VAE in the loop; "
                            "none: the images, where a resumed run had a cache)")
     data.add_argument("--image-size", type=positive_int, default=256,
                       help="image size in pixels (latent size = image size / 8 with a VAE); --dataset digits: 8 unless given")
     data.add_argument("--num-classes", type=positive_int, default=None,
                       help="class labels of the model (default: the dataset's class count)")
-    data.add_argument("--vae", type=nonempty, default="ema",
+    data.add_argument("--vae", type=user_path, default="ema",
                       help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id, a local directory, or none "
                            "for pixel-space training; --dataset digits (grayscale): none unless given")
     data.add_argument("--vae-precision", choices=["fp32", "bf16"], default="fp32",
@@ -74,7 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute each block in the backward pass to save activation memory")
     model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
-    model.add_argument("--ckpt", type=nonempty, default=None,
+    model.add_argument("--ckpt", type=user_path, default=None,
                        help="start from these weights (upstream release file, train.py checkpoint or "
                             ".safetensors; EMA weights preferred; learn_sigma as in them) at step 0; use --resume "
                             "to continue a run. The release by name, SiT-XL-2-256x256.pt, is taken from "
@@ -109,11 +109,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "--log-every windows of skipped steps)")
 
     run = parser.add_argument_group("Logging, sampling and checkpoints")
-    run.add_argument("--results-dir", type=nonempty, default="results", help="parent of the experiment directories")
-    run.add_argument("--exp-dir", type=nonempty, default=None,
+    run.add_argument("--results-dir", type=user_path, default="results", help="parent of the experiment directories")
+    run.add_argument("--exp-dir", type=user_path, default=None,
                      help="experiment directory to use as is (default: RESULTS_DIR/NNN-<model>-<transport>); "
                           "one holding checkpoints is continued with --resume, never overwritten by another run")
-    run.add_argument("--resume", type=nonempty, default=None,
+    run.add_argument("--resume", type=user_path, default=None,
                      help="PATH (a checkpoint or an experiment directory) or auto (the latest valid checkpoint "
                           "of --exp-dir, or of the newest run in --results-dir of this --model and transport whose "
                           "--dataset, --global-batch-size, --global-seed, --lr, --ema-decay and --grad-clip are "
