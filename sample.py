@@ -76,7 +76,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, user_path, positive_int, random_seed
+from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int, random_seed, user_path
 from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
