@@ -87,7 +87,8 @@ from sit_fast.errors import (
     log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_writable_folder, unfinished_writes,
+    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_room, make_writable_folder, refusal,
+    unfinished_writes,
 )
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
@@ -1668,10 +1669,13 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]
         try:
             return job(setup)
-        except OSError as err:  # the results of --likelihood or --reverse, written at the end
+        except OSError as err:  # the FID job's .npz, the batches of --likelihood or --reverse and their OUT
             if err.errno not in WRITE_REFUSED:
                 raise
-            raise UserError(f"cannot write {err.filename or args.out} ({err.strerror})") from None
+            kept = {"grid": "", "fid": "the images written are kept: "}.get(args.job, "the batches computed are kept: ")
+            again = "run it again" if args.job == "grid" else "run the same command again to finish"
+            raise UserError(f"cannot write {err.filename or args.out} ({refusal(err)}): {kept}{make_room(err)} and "
+                            f"{again}") from None
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 -- out of memory only (also wrapped by torch.compile), or a peer's end

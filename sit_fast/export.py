@@ -84,7 +84,7 @@ def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None 
                    loaded: tuple[dict, dict] | None = None) -> dict:
     """Write one set of weights of `path` to `out` (.pt: a raw state_dict; .safetensors: with the
     model_config as metadata), cast to `dtype` if given; returns describe(out). loaded: as for describe."""
-    from sit_fast.files import atomic_write
+    from sit_fast.files import atomic_write, refusal
 
     if dtype is not None and dtype not in DTYPES:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
@@ -115,7 +115,7 @@ def export_weights(path: str, out: str, weights: str = "ema", dtype: str | None 
     try:
         atomic_write(out, write)
     except OSError as err:
-        raise UserError(f"cannot write {out}: {err.strerror or err}") from None
+        raise UserError(f"cannot write {out}: {refusal(err)}") from None
     return describe(out)
 
 

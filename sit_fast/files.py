@@ -11,8 +11,25 @@ import tempfile
 
 from sit_fast.errors import UserError
 
-# A write failing so is the place's fault (full, over quota, read-only, not ours): the user's to fix.
-WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM})
+# A write failing so is the place's fault (full, over quota, read-only, not ours, past a file size limit): the
+# user's to fix.
+WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
+
+
+def refusal(err: OSError) -> str:
+    """Why the filesystem refused a write (an error of WRITE_REFUSED), for a message: its own words, and for a
+    file grown past a size limit, which limits there are ("File too large" alone says neither)."""
+    said = err.strerror or str(err)
+    if err.errno == errno.EFBIG:
+        return f"{said}: past the file size limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)"
+    return said
+
+
+def make_room(err: OSError) -> str:
+    """What lets a refused write (an error of WRITE_REFUSED) succeed, for a message."""
+    if err.errno == errno.EFBIG:
+        return "raise the file size limit (or write onto another filesystem)"
+    return "make room (or make the folder writable)"
 
 
 def is_inside(path: str, folder: str, resolved: bool = False) -> bool:

@@ -57,7 +57,8 @@ from sit_fast.errors import (
     UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_writable_folder, unfinished_writes,
+    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_room, make_writable_folder, refusal,
+    unfinished_writes,
 )
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
@@ -130,8 +131,8 @@ def whole_archive(path: str) -> bool:
 
 def write_refused(what: str, err: OSError) -> UserError:
     """The one line for a write the filesystem refused (full, read-only, ...): shards are whole or absent."""
-    return UserError(f"cannot write {what} ({err.strerror}): the shards written are kept: make room (or make the "
-                     f"folder writable) and run the same command again to encode the rest")
+    return UserError(f"cannot write {what} ({refusal(err)}): the shards written are kept: {make_room(err)} and "
+                     f"run the same command again to encode the rest")
 
 
 def check_out_folder(args: argparse.Namespace) -> None:

@@ -44,7 +44,7 @@ import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_write, make_writable_folder
+from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_write, make_room, make_writable_folder, refusal
 from sit_fast.models import SiT, SiT_models, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
 from sit_fast.transport import PATH_TYPES, PREDICTIONS
@@ -116,7 +116,7 @@ def pretrained_checkpoint(name: str = "SiT-XL-2-256x256.pt", timeout_s: float = 
             raise
         if isinstance(err, OSError) and err.errno in WRITE_REFUSED:  # the cache's disk full, say
             raise UserError(
-                f"cannot write the released checkpoint {name} into {os.path.dirname(path)} ({err.strerror}): make "
+                f"cannot write the released checkpoint {name} into {os.path.dirname(path)} ({refusal(err)}): make "
                 f"room there, set SIT_FAST_CACHE to a folder that can take it, or copy the file to "
                 f"{os.path.join(UPSTREAM_CACHE_DIR, name)}"
             ) from None
@@ -750,8 +750,8 @@ def _write_png(image: np.ndarray, path: str) -> None:
     except OSError as err:
         if err.errno not in WRITE_REFUSED:
             raise
-        raise UserError(f"cannot write {path} ({err.strerror}): the images written are kept: make room (or make "
-                        f"the folder writable) and run the same command again to sample the rest") from None
+        raise UserError(f"cannot write {path} ({refusal(err)}): the images written are kept: {make_room(err)} "
+                        f"and run the same command again to sample the rest") from None
 
 
 def foreign_npz(path: str) -> str | None:

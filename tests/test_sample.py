@@ -1818,6 +1818,56 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
     assert not (sample_dir / ".000003.png.tmp-999").exists()
 
 
+LIMIT = "File too large: past the file size limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)"
+
+
+@pytest.mark.parametrize("failing, code, said", [
+    ("g.png", errno.EFBIG, f"({LIMIT}): raise the file size limit (or write onto another filesystem) and run it again"),
+    ("000001.png", errno.EFBIG, f"({LIMIT}): the images written are kept: raise the file size limit (or write onto "
+                                f"another filesystem) and run the same command again to sample the rest"),
+    ("s.npz", errno.ENOSPC, "(No space left on device): the images written are kept: make room (or make the folder "
+                            "writable) and run the same command again to finish"),
+    ("s.npz", errno.EFBIG, f"({LIMIT}): the images written are kept: raise the file size limit (or write onto "
+                           f"another filesystem) and run the same command again to finish"),
+])
+def test_a_grid_or_fid_file_the_filesystem_refuses_is_one_line_and_the_fid_job_finishes_later(
+        failing, code, said, files, tmp_path, capsys, monkeypatch):
+    """A file grown past a size limit (`ulimit -f`, a job scheduler's, FAT32's 4 GiB) fails with EFBIG (Python
+    ignores SIGXFSZ), which was not taken for a write the filesystem refused: a traceback, where a full disk is
+    one line. The FID job's .npz on a full disk said no more than the error, not that the images are kept nor
+    what to do. Each is one line saying both; no temporary file is left, and the same command, once the file
+    can be written, finishes with the .npz of an uninterrupted run."""
+    import builtins
+
+    from sit_fast import files as file_helpers
+
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+              2, *FAST]
+    grid = failing == "g.png"
+    argv = common + (["--class-labels", 1, 2, "--out", tmp_path / "g.png"] if grid else
+                     ["--num-fid-samples", 4, "--batch-size", 2, "--sample-dir", tmp_path / "s"])
+    real_open = builtins.open
+
+    def refused_for(path, mode="r", *args, **kwargs):
+        if os.path.basename(path).startswith(f".{failing}.tmp-"):
+            raise OSError(code, os.strerror(code))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(file_helpers, "open", refused_for, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
+    assert err == f"error: cannot write {tmp_path / ('s' if failing == '000001.png' else '') / failing} {said}", err
+    assert not [n for _, _, names in os.walk(tmp_path) for n in names if ".tmp-" in n]
+    assert not (tmp_path / failing).exists()
+    monkeypatch.setattr(file_helpers, "open", real_open, raising=False)
+    run(argv)
+    if not grid:  # the same archive as an uninterrupted run's
+        run(common + ["--num-fid-samples", 4, "--batch-size", 2, "--sample-dir", tmp_path / "straight"])
+        assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "straight.npz").read_bytes()
+
+
 def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
     """sample.py's FID job writes into --sample-dir itself and sample_ddp.py's into a run folder in it,
     both samples/ by default: the second of the two says its images lie among the first's."""
@@ -3643,7 +3693,9 @@ def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, file
             run(argv)
         assert exit_info.value.code == 2
         path = out if failing == out.name else tmp_path / f"{out.name}.parts" / failing
-        assert one_line_error(capsys) == f"error: cannot write {path} (No space left on device)"
+        assert one_line_error(capsys) == (f"error: cannot write {path} (No space left on device): the batches "
+                                          f"computed are kept: make room (or make the folder writable) and run the "
+                                          f"same command again to finish")
     # the batch is kept: only OUT is left to write
     assert sorted(os.listdir(tmp_path / f"{out.name}.parts")) == [".lock", "000000.pt", "settings.json"]
 

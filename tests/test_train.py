@@ -1348,6 +1348,38 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(
                                     "folder has room and can be written"), info.value
 
 
+def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_the_run_resumes_from_the_last(tmp_path):
+    """A checkpoint grown past the process's file size limit (`ulimit -f`, a job scheduler's; a filesystem's,
+    FAT32's 4 GiB) fails with EFBIG (Python ignores SIGXFSZ), which was not taken for a write the filesystem
+    refused: the run ended in a traceback, where a full disk is one line. A real limit here (setrlimit, in the
+    process started): one line naming the limit and the checkpoint kept, no temporary file left, and the run
+    resumes from that checkpoint once the limit is gone."""
+    import resource
+
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2"])
+    kept = os.path.join(exp, "checkpoints", "0000002.pt")
+    assert os.path.getsize(kept) > 2**20
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    command = [sys.executable, os.path.join(REPO, "train.py")] + BASE + [
+        "--exp-dir", exp, "--max-steps", "4", "--ckpt-every", "2", "--resume", "auto"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, preexec_fn=limit, timeout=240,
+                            env=dict(os.environ, CUDA_VISIBLE_DEVICES=""))
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.stderr.splitlines()[-1] == (
+        f"error: step 4: cannot write checkpoint {os.path.join(exp, 'checkpoints', '0000004.pt')} (File too large: "
+        f"past the file size limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)); the last "
+        f"checkpoint, {kept}, is kept: continue from it with --resume auto once the file size limit is raised")
+    assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]  # no partial file, no temporary one
+    summary = train_main(BASE + ["--exp-dir", exp, "--max-steps", "4", "--ckpt-every", "2", "--resume", "auto"])
+    assert summary["step"] == 4
+    assert sorted(os.listdir(os.path.join(exp, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
+
+
 def test_a_data_error_mid_run_saves_the_steps_taken_and_names_the_checkpoint(tmp_path, monkeypatch):
     """An unreadable image in batch 4 (--ckpt-every far off) stopped the run with the 3 steps taken
     unsaved; they are saved first, and a resume once the data reads goes on as if nothing happened."""
@@ -4286,6 +4318,24 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     assert re.fullmatch(rf"error: cannot write {re.escape(os.path.join(out, 'index.json'))} \(No space left "
                         rf"on device\): the shards written are kept: .*\n", err), err
     assert not os.path.exists(os.path.join(out, "index.json"))
+    # A shard past the file size limit (`ulimit -f`, FAT32's 4 GiB): one line too, not a traceback
+    monkeypatch.undo()
+
+    def past_the_limit(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(path).startswith(".shard-"):
+            raise OSError(errno.EFBIG, "File too large")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", past_the_limit, raising=False)
+    shutil.rmtree(out)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot write {os.path.join(out, latent_cache.shard_name(0))} (File too large: past the file size "
+        f"limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)): the shards written are kept: "
+        f"raise the file size limit (or write onto another filesystem) and run the same command again to encode "
+        f"the rest\n")
     # Finished, then run again on a disk where nothing can be written: nothing to write, no error
     monkeypatch.undo()
     cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))

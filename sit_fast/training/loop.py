@@ -46,7 +46,7 @@ from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
 )
 from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, first_missing_folder,
-                             is_inside, make_folder, make_writable_folder, remove_empty_folders)
+                             is_inside, make_folder, make_writable_folder, refusal, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.progress import duration
@@ -337,7 +337,7 @@ class LogFile(logging.FileHandler):
     def say_once(self, err: OSError) -> None:
         if not self.failed:
             self.failed = True
-            print(f"warning: cannot write {self.baseFilename} ({err.strerror or err}): the run's lines go to the "
+            print(f"warning: cannot write {self.baseFilename} ({refusal(err)}): the run's lines go to the "
                   f"console alone", file=sys.stderr, flush=True)
 
     def close(self):
@@ -677,7 +677,7 @@ class Trainer:
                 except OSError as err:
                     if err.errno not in WRITE_REFUSED:
                         raise
-                    raise UserError(f"cannot move the checkpoints after {resume_path} aside ({err.strerror}): make "
+                    raise UserError(f"cannot move the checkpoints after {resume_path} aside ({refusal(err)}): make "
                                     f"room (or make {self.checkpoint_dir} writable) and resume again") from None
 
             moved = on_main(set_aside, dist_info)  # rank 0's error, a full disk, on every rank
@@ -1170,10 +1170,12 @@ class Trainer:
                                         f"back and continue with --resume auto, or start again") from None
                     if err.errno not in WRITE_REFUSED:
                         raise
+                    once = ("the file size limit is raised" if err.errno == errno.EFBIG
+                            else "the folder has room and can be written")
                     kept = (f"the last checkpoint, {self.last_checkpoint}, is kept: continue from it with --resume "
-                            f"auto once the folder has room and can be written" if self.last_checkpoint else
-                            "no checkpoint was written yet: run again once the folder has room and can be written")
-                    raise UserError(f"step {self.step}: cannot write checkpoint {path} ({err.strerror}); {kept}") \
+                            f"auto once {once}" if self.last_checkpoint else
+                            f"no checkpoint was written yet: run again once {once}")
+                    raise UserError(f"step {self.step}: cannot write checkpoint {path} ({refusal(err)}); {kept}") \
                         from None
                 logger.info(f"saved checkpoint {path}")
                 self.last_checkpoint = path  # complete on disk: what a Ctrl-C raised here names
@@ -1240,7 +1242,7 @@ class Trainer:
         except OSError as err:  # a grid is not worth the run: the next checkpoint will say if the disk stays full
             if err.errno not in WRITE_REFUSED:
                 raise
-            logger.warning(f"step {self.step}: the sample grid is skipped: cannot write it ({err.strerror})")
+            logger.warning(f"step {self.step}: the sample grid is skipped: cannot write it ({refusal(err)})")
             return None
         logger.info(f"saved EMA samples {path}")
         self.track_image(path)
