@@ -27,7 +27,7 @@ quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads en
 import torch
 
 from sit_fast.errors import UserError, cli_entry
-from sit_fast.files import make_folder
+from sit_fast.files import WRITE_REFUSED, atomic_write, make_folder, make_room, refusal
 
 # What a training run writes into its folder: the demo starts afresh over a folder holding these alone
 RUN_ENTRIES = {"log.txt", "experiment.json", "checkpoints", "samples", "tensorboard", ".lock"}
@@ -196,10 +196,16 @@ def main(argv: list[str] | None = None) -> dict:
     if not checkpoints:
         raise UserError(f"no checkpoint in {exp_dir}/checkpoints: run the demo without --skip-training")
     print(f"evaluating {checkpoints[0]}; classifier: SVC on three quarters of the real digits' pixels", flush=True)
-    results = evaluate(args, checkpoints[0])
-    results.update(train_seconds=trained - started, total_seconds=time.perf_counter() - started)
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(results, f, indent=1)
+    try:  # the grids and results.json (whole or not at all): a full disk is one line, the training kept
+        results = evaluate(args, checkpoints[0])
+        results.update(train_seconds=trained - started, total_seconds=time.perf_counter() - started)
+        text = json.dumps(results, indent=1)
+        atomic_write(os.path.join(args.out, "results.json"), lambda f: f.write(text.encode()))
+    except OSError as err:
+        if err.errno not in WRITE_REFUSED:
+            raise
+        raise UserError(f"cannot write {err.filename or args.out} ({refusal(err)}): the run trained is kept: "
+                        f"{make_room(err)} and run the demo again with --skip-training to evaluate it") from None
     print(f"classifier accuracy on held-out real digits: {100 * results['classifier_held_out_accuracy']:.1f}%")
     print(f"demo: ODE {100 * results['ODE']['accuracy']:.1f}%, SDE {100 * results['SDE']['accuracy']:.1f}% "
           f"correct digits; training {results['train_seconds']:.0f}s, total {results['total_seconds']:.0f}s")

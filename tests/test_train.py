@@ -4631,6 +4631,38 @@ def test_demo_trains_afresh_with_torchrun_and_its_flags(tmp_path, monkeypatch, c
     assert env["OMP_NUM_THREADS"] == "4"  # the CPUs shared by the 2 processes
 
 
+@pytest.mark.parametrize("failing", ["samples_ode.png", "results.json"])
+def test_demo_on_a_full_disk_is_one_line_and_keeps_the_run_trained(failing, tmp_path, monkeypatch, capsys):
+    """The demo's sample grids and results.json on a full disk ended it in a traceback, after its training;
+    results.json was written in place, so a write cut short left part of it. One line now, naming what to
+    do (--skip-training evaluates the run kept), no file left in part, and the run again writes them."""
+    import builtins
+
+    from sit_fast import demo, files
+
+    out = tmp_path / "demo"
+    train_main(BASE + ["--exp-dir", str(out / "train"), "--max-steps", "1"])
+    real_open = builtins.open
+
+    def full_disk_for(path, mode="r", *args, **kwargs):
+        if os.path.basename(path).startswith(f".{failing}.tmp-"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", full_disk_for, raising=False)
+    argv = ["--out", str(out), "--skip-training", "--num-samples", "10", "--min-accuracy", "0"]
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {out / failing} (No space left on device): the run trained is kept: make room (or "
+        f"make the folder writable) and run the demo again with --skip-training to evaluate it")
+    assert not (out / "results.json").exists() and not [n for n in os.listdir(out) if ".tmp-" in n]
+    monkeypatch.setattr(files, "open", real_open, raising=False)
+    demo.main(argv)
+    assert json.loads((out / "results.json").read_text())["num_samples"] == 10
+
+
 def test_demo_removes_only_an_earlier_training_run_and_checks_its_flags_first(tmp_path, monkeypatch, capsys):
     """OUT/train is removed only where it holds what a training run writes: --out pointed at a dataset
     (OUT/train/<class>/...) or a link there is refused, not deleted; an unknown --model and an SDE of
