@@ -80,7 +80,7 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config
 from sit_fast.distributed import (
     DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
-    local_path_on_main_first, on_main, peer_ended, peer_failed, unlike_rank_0,
+    local_path_on_main_first, on_main, peer_ended, peer_failed, speaks_for, stop_words, unlike_rank_0,
 )
 from sit_fast.errors import (
     ANSI, PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory,
@@ -847,11 +847,11 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         """Said once per node (a signal may reach one node's processes only): the PNGs are written whole
         (atomically) and the queued ones finished, so all are kept; the exit to raise."""
         bar.close()
-        if dist.local_rank == 0:
+        if (said := stop_words(err, dist, per_node=True)) is not None:  # its local rank 0, or one in its place
             names = set(os.listdir(sample_dir))
             written = sum(f"{i:06d}.png" in names for i in range(total))
             rest = f"write {npz_path}" if written == total else f"sample the rest into {sample_dir}"
-            print(f"\n{what_stopped(err)}{doing}; {written} of {total} images are written, and kept: run the same "
+            print(f"\n{said}{doing}; {written} of {total} images are written, and kept: run the same "
                   f"command again to {rest}", file=sys.stderr)
         return SystemExit(exit_status(err))
 
@@ -1245,8 +1245,8 @@ def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total:
     """After the finished batches are reported: one line (from the main process), exit status 130
     (Ctrl-C) or 128 + the stop signal's number."""
     if interrupted is not None:
-        if dist.is_main:
-            print(f"\n{what_stopped(interrupted)} after {done} of {total} items"
+        if (said := stop_words(interrupted, dist)) is not None:  # rank 0, or one in its place
+            print(f"\n{said} after {done} of {total} items"
                   f"{'' if done else ': nothing finished'}", file=sys.stderr)
         raise SystemExit(exit_status(interrupted))
 
@@ -1396,6 +1396,20 @@ def stopped_word(parts: BatchParts | None, interrupted: KeyboardInterrupt | None
         parts.failed(dist.rank, interrupted)
 
 
+def kept_in_place_of_main(parts: BatchParts | None, interrupted: KeyboardInterrupt | None, total: int,
+                          dist: DistInfo) -> int:
+    """A process other than the main one, stopped where the main one was killed (torchrun stops the others
+    once one has ended) and that says so in its place (speaks_for): the items whose results are kept in
+    OUT.parts/, said as the main one says them; else 0 (the main one says it)."""
+    if parts is None or interrupted is None or not speaks_for(dist):
+        return 0
+    count = sum(len(r) for r in parts.read())
+    if count:
+        print(f"the results of {count} of {total} items are kept in {parts.folder}: run the same command again "
+              f"to compute the rest")
+    return count
+
+
 def read_bpd(path: str) -> tuple[dict | None, np.ndarray]:
     with np.load(path) as archive:
         recorded = json.loads(str(archive["settings"])) if "settings" in archive else None
@@ -1490,7 +1504,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     elapsed = time.perf_counter() - start
     if not dist.is_main:
         stopped_word(parts, interrupted, dist)
-        exit_if_interrupted(interrupted, 0, len(x), dist)
+        exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, len(x), dist), len(x), dist)
         return np.zeros(0)
     results = new if parts is None else parts.read(every=interrupted is None)
     bpd = torch.cat(results).numpy() if results else np.zeros(0)
@@ -1575,7 +1589,7 @@ def run_reverse(setup: Setup) -> str:
         _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait)
     if not dist.is_main:
         stopped_word(parts, interrupted, dist)
-        exit_if_interrupted(interrupted, 0, len(x), dist)
+        exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, len(x), dist), len(x), dist)
         return out
     if interrupted is not None:
         count = sum(len(r) for r in parts.read())
@@ -1686,8 +1700,8 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
             raise  # collective that a process (failed in its setup, say) ended
         raise peer_failed(err) from None
     except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
-        if dist.is_main:
-            print(f"\n{what_stopped(err)}", file=sys.stderr)
+        if (said := stop_words(err, dist)) is not None:  # rank 0, or one in its place
+            print(f"\n{said}", file=sys.stderr)
         raise SystemExit(exit_status(err)) from None
 
 

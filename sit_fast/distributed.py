@@ -30,6 +30,11 @@ from sit_fast.errors import PeerFailed, UserError, first_line
 
 HOST_TIMEOUT = timedelta(hours=6)  # how long a host-side exchange waits for the slowest rank
 _host_group = None
+# Every process of the job, in rank order, as it joined: (node_id(), host name, local rank, process id); and
+# this process's rank. Empty without a process group; kept once it is left, until the next init_distributed.
+_joined: list[tuple[str, str, int, int]] = []
+_rank = 0
+PEER_SEEN_ENDED_S = 1.0  # how long gloo's word of a peer's end waits for a process of this node to be seen ended
 
 
 @dataclass
@@ -53,6 +58,8 @@ def _env_int(name: str) -> int | None:
 
 def init_distributed() -> DistInfo:
     """Join the torchrun process group if there is one; return who and where this process is."""
+    global _joined, _rank
+    _joined, _rank = [], 0  # an earlier group's, left (a second run in one process)
     rank, world_size, local_rank = _env_int("RANK"), _env_int("WORLD_SIZE"), _env_int("LOCAL_RANK")
     use_cuda = torch.cuda.is_available()
     if rank is None or world_size is None:
@@ -83,7 +90,9 @@ def init_distributed() -> DistInfo:
         with interrupt_ends_at_once():  # the wait for the other processes (a launcher other than torchrun's)
             dist.init_process_group(backend=backend, init_method="env://", rank=rank, world_size=world_size,
                                     **kwargs)
-    host_group()  # made now, by every rank at the same point, as groups must be
+    if host_group() is not None:  # made now, by every rank at the same point, as groups must be
+        # who runs where: a process whose node's rank 0 was killed speaks in its place (stop_words, speaks_for)
+        _joined, _rank = gather_object((node_id(), socket.gethostname(), local_rank, os.getpid())), rank
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=device, is_main=rank == 0)
 
 
@@ -116,7 +125,8 @@ def host_group():
 
 
 def cleanup() -> None:
-    """Leave the process group (no-op without one)."""
+    """Leave the process group (no-op without one). Who ran where (_joined) is kept, for the error said
+    once the group is left, until the next init_distributed."""
     global _host_group
     if is_distributed():
         dist.destroy_process_group()
@@ -152,9 +162,116 @@ def peer_ended_words(err: BaseException) -> str:
 
 def peer_failed(err: BaseException, when: str = "",
                 then: str = "its error is in the torchrun summary of its node") -> PeerFailed:
-    """The one line for gloo's word (peer_ended) that another process ended: "another process of the
-    job ended{when} (gloo's words); {then}"."""
-    return PeerFailed(f"another process of the job ended{when} ({peer_ended_words(err)}); {then}")
+    """The one line for gloo's word (peer_ended) that another process ended: "rank 3 (on a) ended{when}
+    (gloo's words); {then}", naming the processes of this node seen ended within PEER_SEEN_ENDED_S (one
+    killed is gone a moment after gloo's word of it), else "another process of the job ended ..."."""
+    deadline = time.monotonic() + (PEER_SEEN_ENDED_S if _joined else 0.0)
+    while not (ended := ended_here()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    who = _named(ended) if ended else "another process of the job"
+    return PeerFailed(f"{who} ended{when} ({peer_ended_words(err)}); {then}")
+
+
+def _process_ended(pid: int) -> bool:
+    """Whether process `pid` has ended: gone, or a zombie its parent (torchrun) has not yet waited for."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] in ("Z", "X", "x")
+    except FileNotFoundError:
+        return True
+    except (OSError, IndexError):  # no /proc (not Linux): whether the process id is still taken
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except OSError:
+            pass
+        return False
+
+
+def ended_here() -> list[int]:
+    """The ranks of the other processes of this node that have ended (killed, or ended by an error of their
+    own), in rank order; [] without a process group. Those of other nodes cannot be seen from here."""
+    if not _joined:
+        return []
+    node = _joined[_rank][0]
+    return [rank for rank, (where, _, _, pid) in enumerate(_joined)
+            if where == node and rank != _rank and _process_ended(pid)]
+
+
+def _named(ranks: list[int]) -> str:
+    """"rank 0 (on a)", "ranks 0-1 (on a)": the ranks with their host names, as joined."""
+    return _which([(rank, _joined[rank][1]) for rank in ranks])
+
+
+def speaks_for(info: DistInfo | None = None, per_node: bool = False) -> list[int] | None:
+    """Whether this process says what stopped the job on the console: [] where it is the one that does,
+    rank 0 (per_node: its node's local rank 0, for what each node says of its own processes); the ranks
+    that ended where it speaks in their place, that one having ended (killed, it says nothing) with every
+    process of lower local rank on this node, so that the lowest one still running says it, once; None
+    where another process does, or may (rank 0 on another node, where its end cannot be seen from here), or
+    did (one of those ended left word, mark_said), and where that cannot be known (not under torchrun).
+    info: this process's (without it, RANK and LOCAL_RANK say who it is where no process group was joined)."""
+    if not _joined:
+        rank = info.rank if info is not None else int(os.environ.get("RANK") or 0)
+        local_rank = info.local_rank if info is not None else int(os.environ.get("LOCAL_RANK") or rank)
+        return [] if (local_rank if per_node else rank) == 0 else None
+    node, _, local_rank, _ = _joined[_rank]
+    if (_rank == 0 if not per_node else local_rank == 0):
+        return []
+    if not per_node and _joined[0][0] != node:
+        return None
+    lower = [rank for rank, (where, _, local, _) in enumerate(_joined) if where == node and local < local_rank]
+    ended = ended_here()
+    speaker = 0 if not per_node else next((rank for rank in lower if _joined[rank][2] == 0), None)
+    if speaker not in ended or not set(lower) <= set(ended):
+        return None
+    folders = [_torchrun_folder(_joined[rank][2]) for rank in lower]
+    # one of them said it itself before it ended (the speaker, or one that spoke in its place)
+    if None in folders or any(os.path.exists(os.path.join(folder, SAID)) for folder in folders):
+        return None
+    return lower
+
+
+SAID = "said"  # the empty file a process leaves in its torchrun folder once it has said what stopped the job
+
+
+def _torchrun_folder(local_rank: int) -> str | None:
+    """The folder torchrun gave the process of `local_rank` on this node for its error file
+    (LOG_DIR/RUN/attempt_N/LOCAL_RANK/error.json): where a process that says what stopped the job leaves
+    word of it (mark_said). None without torchrun's error file, or where its folder is not named so."""
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not error_file or not _joined:
+        return None
+    own = os.path.dirname(os.path.abspath(error_file))
+    if os.path.basename(own) != str(_joined[_rank][2]):
+        return None
+    return os.path.join(os.path.dirname(own), str(local_rank))
+
+
+def mark_said() -> None:
+    """Leave word (SAID) that this process says what stopped the job: a process of its node that torchrun
+    stops once this one has ended then leaves it at that, rather than speak in its place (speaks_for)."""
+    folder = _torchrun_folder(_joined[_rank][2]) if _joined else None
+    if folder is not None:
+        with contextlib.suppress(OSError):
+            open(os.path.join(folder, SAID), "w").close()
+
+
+def stop_words(err: KeyboardInterrupt, info: DistInfo | None = None, per_node: bool = False) -> str | None:
+    """What this process says of a Ctrl-C or stop signal that stopped it (what_stopped: "stopped by
+    SIGTERM"), or None where another process says it (speaks_for). Where it speaks in place of processes
+    that ended first, it names them: torchrun stops the others once one has ended ("rank 0 (on a) ended,
+    and the others were stopped by SIGTERM")."""
+    from sit_fast.interrupts import what_stopped
+
+    ended = speaks_for(info, per_node)
+    if ended is None:
+        return None
+    mark_said()
+    if not ended:
+        return what_stopped(err)
+    return f"{_named(ended)} ended (its node's torchrun summary says how), and the others were {what_stopped(err)}"
 
 
 def on_main(fn, info: DistInfo):

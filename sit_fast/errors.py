@@ -151,6 +151,7 @@ def report(message: str, later_s: int = 0) -> None:
     Under torchrun every process also writes the line to its error file (TORCHELASTIC_ERROR_FILE),
     which torchrun prints in its failure summary in place of "To enable traceback see ...". So the
     other ranks leave stderr to rank 0; an error that only some ranks hit still shows, in that summary.
+    Where rank 0 was killed, the lowest rank still running on its node prints the line in its place.
     later_s: how much later than now to date the error there (PEER_FAILED_LATER_S for a PeerFailed).
     """
     line = f"error: {' '.join(message.split())}"
@@ -163,8 +164,19 @@ def report(message: str, later_s: int = 0) -> None:
                 json.dump({"message": {"message": line, "extraInfo": {"timestamp": stamp}}}, f)
         except OSError:
             error_file = None
-    if os.environ.get("RANK", "0") == "0" or not error_file:
+    if os.environ.get("RANK", "0") == "0" or not error_file or _speaks_for_rank_0():
         print(line, file=sys.stderr)
+        distributed = sys.modules.get("sit_fast.distributed")
+        if distributed is not None:
+            distributed.mark_said()
+
+
+def _speaks_for_rank_0() -> bool:
+    """Whether rank 0 of this job was killed (it says nothing) and this process speaks in its place: the
+    lowest of rank 0's node still running (distributed.speaks_for); False where no process group was
+    joined (nothing is known of the others)."""
+    distributed = sys.modules.get("sit_fast.distributed")
+    return distributed is not None and bool(distributed.speaks_for())
 
 
 def line_buffered_stdout() -> None:

@@ -52,7 +52,7 @@ from sit_fast.data import (
     load_cache_shard, make_loader, read_cache_index, worker_error,
 )
 from sit_fast.distributed import (agree, barrier, broadcast_object, check_shared_path, cleanup, init_distributed,
-                                  is_distributed, on_main, peer_ended, peer_failed)
+                                  is_distributed, on_main, peer_ended, peer_failed, stop_words)
 from sit_fast.errors import (
     UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr, memory_kind,
 )
@@ -61,7 +61,7 @@ from sit_fast.files import (
     unfinished_writes,
 )
 from sit_fast.interrupts import (
-    exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, what_stopped,
+    exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise,
 )
 from sit_fast.progress import progress
 from sit_fast.sampling import check_settings
@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 raise
             raise peer_failed(err) from None
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
-            if os.environ.get("RANK", "0") == "0":
-                print(f"\n{what_stopped(err)}; the shards written are kept: run the same command again to encode "
+            if (said := stop_words(err)) is not None:  # rank 0, or one in its place
+                print(f"\n{said}; the shards written are kept: run the same command again to encode "
                       f"the rest into {args.out}", file=sys.stderr)
             raise SystemExit(exit_status(err)) from None
         finally:

@@ -607,3 +607,69 @@ def test_ctrl_c_while_waiting_for_the_other_processes_ends_the_process_at_once()
     finally:
         proc.kill()
     assert proc.returncode == -signal.SIGINT and "Traceback" not in stderr, (proc.returncode, stderr[-2000:])
+
+
+def test_the_lowest_process_still_running_on_rank_0s_node_speaks_in_its_place(tmp_path, monkeypatch):
+    """torchrun stops the other processes (SIGTERM) once one has ended: where rank 0, which says what
+    stopped the job, was killed, the lowest process still running on its node says it, naming it, once;
+    not where rank 0 (or one before it in its place) said it before it ended, nor on another node."""
+    import signal
+    import subprocess
+    import sys
+
+    from sit_fast import distributed
+    from sit_fast.interrupts import Stopped
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()  # an ended process's id
+    running = os.getpid()
+    host = socket.gethostname()
+    attempt = tmp_path / "run" / "attempt_0"
+    for local_rank in range(4):
+        (attempt / str(local_rank)).mkdir(parents=True)
+    monkeypatch.setattr(distributed, "PEER_SEEN_ENDED_S", 0.0)
+
+    def joined(rank, pids, local_rank_of=lambda rank: rank, nodes=None):
+        monkeypatch.setattr(distributed, "_joined", [((nodes or {}).get(r, "node 0"), host, local_rank_of(r), pid)
+                                                     for r, pid in enumerate(pids)])
+        monkeypatch.setattr(distributed, "_rank", rank)
+        monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(attempt / str(local_rank_of(rank)) / "error.json"))
+
+    stop = Stopped(signal.SIGTERM)
+    joined(1, [gone.pid, running, running])  # rank 0 killed
+    assert distributed.speaks_for() == [0] and distributed.speaks_for(per_node=True) == [0]
+    assert distributed.stop_words(stop) == (f"rank 0 (on {host}) ended (its node's torchrun summary says how), and "
+                                            f"the others were stopped by SIGTERM")
+    assert distributed.ended_here() == [0]
+    assert str(distributed.peer_failed(RuntimeError("Connection closed by peer [127.0.0.1]:29500"), " at step 7",
+                                       "resume")) == (f"rank 0 (on {host}) ended at step 7 (Connection closed by "
+                                                      f"peer [127.0.0.1]:29500); resume")
+    joined(2, [gone.pid, running, running])  # rank 1 speaks, not 2
+    assert distributed.speaks_for() is None and distributed.stop_words(stop) is None
+    joined(2, [gone.pid, gone.pid, running])  # rank 1 ended too, having said it (its stop_words above)
+    assert (attempt / "1" / distributed.SAID).exists() and distributed.speaks_for() is None
+    (attempt / "1" / distributed.SAID).unlink()  # ... or without a word: rank 2 speaks
+    assert distributed.stop_words(stop).startswith(f"ranks 0-1 (on {host}) ended")
+    (attempt / "2" / distributed.SAID).unlink()
+    joined(1, [gone.pid, running, running])
+    (attempt / "0" / distributed.SAID).touch()  # rank 0 said what stopped it, then ended
+    assert distributed.speaks_for() is None and distributed.stop_words(stop) is None
+    (attempt / "0" / distributed.SAID).unlink()
+    joined(1, [running, running])  # rank 0 still running: it says it
+    assert distributed.speaks_for() is None and distributed.ended_here() == []
+    joined(0, [running, running])
+    assert distributed.stop_words(stop) == "stopped by SIGTERM"
+    assert (attempt / "0" / distributed.SAID).exists()  # word for the others
+    # Two nodes, rank 0 killed on node 0: its local rank 1 speaks; on node 1, local rank 0 for its node only
+    nodes = {2: "node 1", 3: "node 1"}
+    joined(3, [gone.pid, running, running, running], lambda rank: rank % 2, nodes)
+    assert distributed.speaks_for() is None and distributed.speaks_for(per_node=True) is None
+    joined(2, [gone.pid, running, running, running], lambda rank: rank % 2, nodes)
+    assert distributed.speaks_for() is None and distributed.speaks_for(per_node=True) == []
+    # Not under torchrun (no error file to leave word beside): as before, rank 0's line or none
+    joined(1, [gone.pid, running])
+    monkeypatch.delenv("TORCHELASTIC_ERROR_FILE")
+    assert distributed.speaks_for() is None
+    monkeypatch.setattr(distributed, "_joined", [])  # no process group: rank 0 speaks
+    monkeypatch.setenv("RANK", "0")
+    assert distributed.speaks_for() == [] and distributed.stop_words(KeyboardInterrupt()) == "interrupted"

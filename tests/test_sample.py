@@ -1785,6 +1785,41 @@ def test_torchrun_names_the_process_that_failed_in_its_setup_as_the_root_cause(f
     assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
 
 
+def test_fid_job_whose_rank_0_was_killed_says_so_once_from_the_process_left(files, tmp_path):
+    """Rank 0 killed (SIGKILL) while sampling: torchrun stops rank 1 (SIGTERM), which, on rank 0's node,
+    says in its place, once, that rank 0 ended and the images written are kept (it exited 143 without a
+    word: rank 0, which says so for each node, was gone)."""
+    script = tmp_path / "killed_rank_0.py"
+    script.write_text(
+        "import os, signal, sys\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import sample\n"
+        "if os.environ['RANK'] == '0':\n"
+        "    real, calls = sample.Setup.sample, []\n"
+        "    def killed(self, *args, **kwargs):\n"
+        "        calls.append(1)\n"
+        "        if len(calls) == 3:\n"
+        "            os.kill(os.getpid(), signal.SIGKILL)\n"
+        "        return real(self, *args, **kwargs)\n"
+        "    sample.Setup.sample = killed\n"
+        "sample.main()\n")
+    sample_dir = tmp_path / "s"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               "ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+               "2", "--num-fid-samples", "100000", "--per-proc-batch-size", "2", "--sample-dir", str(sample_dir), *FAST]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if "images are written, and kept" in line]
+    assert len(said) == 1, result.stderr[-3000:]
+    assert re.fullmatch(rf"rank 0 \(on {re.escape(socket.gethostname())}\) ended \(its node's torchrun summary says "
+                        rf"how\), and the others were stopped by SIGTERM; \d+ of 100000 images are written, and kept: "
+                        rf"run the same command again to sample the rest into {re.escape(str(sample_dir))}",
+                        said[0]), said
+    assert "exitcode  : 143" in result.stderr, result.stderr[-3000:]  # rank 1's, stopped by torchrun
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
+
+
 def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path, capsys, monkeypatch):
     from PIL import Image as PILImage
 
@@ -3423,6 +3458,39 @@ def test_likelihood_and_reverse_share_their_batches_among_torchrun_processes(job
     assert "2 batches of 2 on 2 processes, taken in turn" in printed, printed
     np.testing.assert_array_equal(saved(), whole)
     assert not os.path.exists(f"{out}.parts")
+
+
+def test_likelihood_whose_rank_0_was_killed_is_said_once_from_the_process_left(files, tmp_path):
+    """Rank 0 killed (SIGKILL) after its first batch: torchrun stops rank 1 (SIGTERM), which says in its
+    place how many items' results are kept in OUT.parts/, and how to go on (it exited 143 without a word)."""
+    argv, out, _ = data_job("--likelihood", 40, files, tmp_path)
+    script = tmp_path / "killed_rank_0.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import sample\n"
+        "real = sample.BatchParts.write\n"
+        "def write(self, k, result):\n"
+        "    result = real(self, k, result)\n"
+        "    if os.environ['RANK'] == '0':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    time.sleep(0.3)  # rank 1 is still at work when torchrun stops it\n"
+        "    return result\n"
+        "sample.BatchParts.write = write\n"
+        "sample.main()\n")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+               *map(str, argv)]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    assert result.returncode != 0
+    kept = sum(re.fullmatch(r"\d{6}\.pt", name) is not None for name in os.listdir(f"{out}.parts"))  # 2 items each
+    assert kept >= 2, os.listdir(f"{out}.parts")
+    assert (f"the results of {2 * kept} of 40 items are kept in {out}.parts: run the same command again to compute "
+            f"the rest\n") in result.stdout, result.stdout[-3000:]
+    said = [line for line in result.stderr.splitlines() if " of 40 items" in line]
+    assert said == [f"rank 0 (on {socket.gethostname()}) ended (its node's torchrun summary says how), and the "
+                    f"others were stopped by SIGTERM after {2 * kept} of 40 items"], result.stderr[-3000:]
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
 
 
 def test_likelihood_under_torchrun_refuses_a_node_whose_copy_of_the_data_differs(files, tmp_path):

@@ -310,9 +310,11 @@ def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
             assert "step 2: the sample grid is skipped: cannot write it (No space left on device)" in f.read()
     else:
         last = tmp_path / "exp" / "checkpoints" / "0000002.pt"
+        # rank 1, of this node, seen ended: named
         assert list(outcomes) == [0] and re.fullmatch(
-            r"another process of the job ended at step 2 \((Connection|Read error|[A-Z]).*\); its error is in the "
-            rf"torchrun summary of its node; last checkpoint: {re.escape(str(last))}", outcomes[0]), outcomes
+            rf"rank 1 \(on {re.escape(socket.gethostname())}\) ended at step 2 \((Connection|Read error|[A-Z]).*\); "
+            rf"its error is in the torchrun summary of its node; last checkpoint: {re.escape(str(last))}",
+            outcomes[0]), outcomes
 
 
 # ----------------------------------------------------------------------------- DDP and exact resume
@@ -4540,6 +4542,70 @@ def test_latent_cache_shares_missing_shards_among_torchrun_processes(tmp_path):
             torch.testing.assert_close(again[key], expected[key], rtol=1e-5, atol=1e-6)
     with open(os.path.join(out, "index.json")) as f:
         assert [s["count"] for s in json.load(f)["shards"]] == [2, 2, 2]
+
+
+def _rank_0_killed(tmp_path, name: str, body: str) -> str:
+    """A script whose rank 0 is killed (SIGKILL) where `body` says (it patches the modules, then runs)."""
+    script = tmp_path / name
+    script.write_text(f"import os, runpy, signal, sys, time\nsys.path.insert(0, {REPO!r})\n{body}")
+    return str(script)
+
+
+def test_latent_cache_whose_rank_0_was_killed_says_so_once_from_the_process_left(tmp_path):
+    """Rank 0 killed after its first shard: torchrun stops rank 1 (SIGTERM), which says in rank 0's place,
+    once, that rank 0 ended and the shards written are kept (it exited 143 without a word)."""
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=20)
+    out = str(tmp_path / "cache")
+    script = _rank_0_killed(tmp_path, "cache.py", (
+        "from sit_fast import latent_cache\n"
+        "real = latent_cache.atomic_torch_save\n"
+        "def save(*args, **kwargs):\n"
+        "    real(*args, **kwargs)\n"
+        "    if os.environ['RANK'] == '0':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    time.sleep(0.3)  # rank 1 is still at work when torchrun stops it\n"
+        "latent_cache.atomic_torch_save = save\n"
+        "latent_cache.main()\n"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+               *_cache_args(images, vae_dir, out)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=torchrun_env(tmp_path), timeout=240)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if "the shards written are kept" in line]
+    assert said == [f"rank 0 (on {socket.gethostname()}) ended (its node's torchrun summary says how), and the others "
+                    f"were stopped by SIGTERM; the shards written are kept: run the same command again to encode the "
+                    f"rest into {out}"], result.stderr[-3000:]
+    assert "exitcode  : 143" in result.stderr, result.stderr[-3000:]
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
+
+
+def test_training_whose_rank_0_was_killed_says_so_once_from_the_process_left(tmp_path):
+    """Rank 0 killed at step 2: rank 1 meets its end in a collective, and prints the line itself (it left
+    stderr to rank 0, which was gone: the line was in torchrun's summary only), naming rank 0 and the last
+    checkpoint."""
+    exp = str(tmp_path / "run")
+    script = _rank_0_killed(tmp_path, "train_killed.py", (
+        "from sit_fast.training import loop\n"
+        "real = loop.Trainer.train_step\n"
+        "def train_step(self, batch):\n"
+        "    if self.step == 2 and os.environ['RANK'] == '0':\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return real(self, batch)\n"
+        "loop.Trainer.train_step = train_step\n"
+        f"runpy.run_path({os.path.join(REPO, 'train.py')!r}, run_name='__main__')\n"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", script,
+               *BASE, "--exp-dir", exp, "--max-steps", "16", "--ckpt-every", "1"]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=torchrun_env(tmp_path), timeout=240)
+    assert result.returncode != 0
+    said = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert len(said) == 1, result.stderr[-3000:]
+    assert re.fullmatch(rf"error: rank 0 \(on {re.escape(socket.gethostname())}\) ended at step 2 \(.*\); its error is "
+                        rf"in the torchrun summary of its node; last checkpoint: "
+                        rf"{re.escape(os.path.join(exp, 'checkpoints', '0000002.pt'))}", said[0]), said
+    assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
 
 
 # ----------------------------------------------------------------------------- the real launchers
