@@ -188,6 +188,12 @@ def atomic_write(path: str, write) -> None:
         os.close(fd)
 
 
+def amount(size: int) -> str:
+    """A size on disk as the messages give it: "1.5 GiB", "12 MiB", "3 KiB", "1000 bytes"."""
+    return (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20
+            else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} byte{'' if size == 1 else 's'}")
+
+
 def unfinished_writes(folder: str, name: str, what: str, by: str, lock: FolderLock | None = None) -> str | None:
     """A line naming the temporary files of atomic_write that a writer killed mid-write left in
     `folder` (hidden `.<final name>.tmp-PID` files; `name`: a regex of the final names), with their
@@ -205,10 +211,8 @@ def unfinished_writes(folder: str, name: str, what: str, by: str, lock: FolderLo
 
     def writes(names: list[str]) -> str:
         size = sum(os.path.getsize(os.path.join(folder, n)) for n in names if os.path.isfile(os.path.join(folder, n)))
-        amount = (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20
-                  else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} byte{'' if size == 1 else 's'}")
         listed = ", ".join(names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
-        return f"{len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; {amount})"
+        return f"{len(names)} unfinished {what} write{'s' if len(names) > 1 else ''} ({listed}; {amount(size)})"
 
     if lock is not None and lock.fd is not None:
         removed = writes(names)

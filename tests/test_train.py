@@ -1382,6 +1382,82 @@ def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_the_run_resumes_f
     assert sorted(os.listdir(os.path.join(exp, "checkpoints"))) == ["0000002.pt", "0000004.pt"]
 
 
+def report_free_space(monkeypatch, tmp_path, free):
+    """shutil.disk_usage says `free` bytes are free on tmp_path's filesystem (free: a count, or an
+    OSError to raise); elsewhere, the real figures. Returns the list of the paths asked about there."""
+    real, asked = shutil.disk_usage, []
+
+    def disk_usage(path):
+        if not os.path.realpath(path).startswith(os.path.realpath(tmp_path)):
+            return real(path)
+        asked.append(str(path))
+        if isinstance(free, OSError):
+            raise free
+        return real(path)._replace(free=free)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_usage)
+    return asked
+
+
+def test_a_checkpoint_folder_without_room_for_a_checkpoint_is_warned_of_at_the_start_and_after_each(
+        tmp_path, monkeypatch):
+    """A checkpoint that the disk has no room for stops the run with the steps since the last one lost:
+    the free space is compared with a checkpoint's size (the tensors' estimate in a new run, the file
+    resumed or just written) as training starts and after each checkpoint but the last, and a warning
+    names the folder, both figures, the step of the next checkpoint and what to do. The run goes on."""
+    from sit_fast.files import amount
+    from sit_fast.training import loop
+
+    estimates = []
+    real_estimate = checkpointing.checkpoint_bytes
+
+    def estimate(*args):
+        estimates.append(real_estimate(*args))
+        return estimates[-1]
+
+    monkeypatch.setattr(loop, "checkpoint_bytes", estimate)
+    report_free_space(monkeypatch, tmp_path, 2**20)
+    summary = train_main(BASE + ["--results-dir", str(tmp_path / "results"), "--max-steps", "4", "--ckpt-every", "2"])
+    exp = summary["exp_dir"]
+    ckpts = os.path.join(exp, "checkpoints")
+    second = checkpoint_path(ckpts, 2)
+    size = os.path.getsize(second)
+    log = Path(exp, "log.txt").read_text()
+    assert log.count("will not fit") == 2, log  # at the start and after step 2; none after the last checkpoint
+    assert len(estimates) == 1 and size <= estimates[0] <= 1.1 * size + 2**21, (estimates, size)
+    start = (f"{ckpts} has 1 MiB free, less than a checkpoint of this run takes ({amount(estimates[0])}): the first, "
+             f"at step 2, will not fit, and the run would stop there with its steps lost; make room there, or pass "
+             f"another --results-dir\n")
+    after = (f"step 2: {ckpts} has 1 MiB free left, less than a checkpoint of this run takes ({amount(size)}): the "
+             f"next, at step 4, will not fit, and the run would stop there with the steps since step 2 lost; make room "
+             f"there before then, or stop the run and resume {second} into another --exp-dir\n")
+    assert start in log and after in log, log
+    assert log.index("training from step 0") < log.index(start) < log.index(f"saved checkpoint {second}")
+    # a resume: the size of the checkpoint resumed, and the next checkpoint the end of the run (--max-steps 5)
+    summary = train_main(BASE + ["--exp-dir", exp, "--resume", "auto", "--max-steps", "5", "--ckpt-every", "2"])
+    assert summary["step"] == 5 and len(estimates) == 1
+    log = Path(exp, "log.txt").read_text()
+    resumed = (f"{ckpts} has 1 MiB free, less than a checkpoint of this run takes "
+               f"({amount(os.path.getsize(checkpoint_path(ckpts, 4)))}): the next, at step 5, will not fit, and the "
+               f"run would stop there with the steps since step 4 lost; make room there, or resume into another "
+               f"--exp-dir\n")
+    assert resumed in log and log.count("will not fit") == 3, log
+
+
+def test_a_checkpoint_folder_with_room_or_whose_free_space_cannot_be_read_is_not_warned_of(tmp_path, monkeypatch):
+    """The free space is asked for as training starts and after each checkpoint but the last; with room
+    for a checkpoint nothing is said, and a filesystem that cannot say (an OSError) costs the check, not
+    the run."""
+    for name, free in (("room", 10 * 2**30), ("unknown", OSError(errno.ENOSYS, "Function not implemented"))):
+        asked = report_free_space(monkeypatch, tmp_path, free)
+        exp = tmp_path / name
+        summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--ckpt-every", "1"])
+        assert summary["step"] == 2 and os.path.basename(summary["last_checkpoint"]) == "0000002.pt"
+        assert asked == [str(exp / "checkpoints")] * 2, asked  # at the start and after step 1
+        log = (exp / "log.txt").read_text()
+        assert "saved checkpoint" in log and "will not fit" not in log, log
+
+
 def test_a_data_error_mid_run_saves_the_steps_taken_and_names_the_checkpoint(tmp_path, monkeypatch):
     """An unreadable image in batch 4 (--ckpt-every far off) stopped the run with the 3 steps taken
     unsaved; they are saved first, and a resume once the data reads goes on as if nothing happened."""

@@ -197,6 +197,26 @@ def checkpoint_path(checkpoint_dir: str, step: int) -> str:
     return os.path.join(checkpoint_dir, f"{step:07d}.pt")
 
 
+def checkpoint_bytes(model: torch.nn.Module, ema: torch.nn.Module, opt: torch.optim.Optimizer,
+                     world_size: int) -> int:
+    """About the bytes a checkpoint of this run takes on disk, a little more rather than less: the
+    tensors of the model, the EMA and the optimizer state (AdamW's, which its first step creates, counted
+    before then: two moments of each parameter's size and a step count), a margin for each tensor's
+    record in the file, the ranks' RNG states and the rest."""
+    tensors = [*model.state_dict().values(), *ema.state_dict().values()]
+    total, count = 0, 0
+    for group in opt.param_groups:
+        for param in group["params"]:
+            state = opt.state.get(param)
+            if state:
+                tensors += [value for value in state.values() if isinstance(value, torch.Tensor)]
+            else:  # AdamW's exp_avg and exp_avg_sq, and its step
+                total, count = total + 2 * param.nelement() * param.element_size() + 8, count + 3
+    total += sum(t.nelement() * t.element_size() for t in tensors)
+    count += len(tensors)
+    return total + 1024 * count + 64 * 1024 * world_size + 2**20
+
+
 def list_checkpoints(checkpoint_dir: str) -> list[str]:
     """Checkpoint files NNNNNNN.pt in `checkpoint_dir`, newest (highest step) first."""
     if not os.path.isdir(checkpoint_dir):

@@ -45,7 +45,7 @@ from sit_fast.distributed import (
 from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
 )
-from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, first_missing_folder,
+from sit_fast.files import (WRITE_REFUSED, FolderLock, amount, atomic_torch_save, atomic_write, first_missing_folder,
                              is_inside, make_folder, make_writable_folder, refusal, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
@@ -53,7 +53,7 @@ from sit_fast.progress import duration
 from sit_fast.sampling import check_training_args, default_cfg_channels, release_or_path
 from sit_fast.training.args import merge_resumed_args, parse_args, train_eps_of_a_new_run
 from sit_fast.training.checkpointing import (
-    CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_path, experiment_dirs,
+    CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_bytes, checkpoint_path, experiment_dirs,
     find_latest_valid, interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
     unfinished_writes,
 )
@@ -627,6 +627,7 @@ class Trainer:
             raise choice
         self.exp_dir, resume_path, resume_note, created, made_from = choice
         self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
+        self.resumed_from = resume_path
         created = created and dist_info.is_main
         barrier()
         if dist_info.is_main:
@@ -1183,6 +1184,37 @@ class Trainer:
         self.last_checkpoint = path
         return path
 
+    def warn_without_room(self, written: str | None = None) -> None:
+        """Rank 0 (which alone writes checkpoints), as training starts and after each checkpoint but the
+        last (`written`): a warning where the checkpoint folder has less free space than a checkpoint
+        takes (the one just written, else the one resumed, else checkpoint_bytes' estimate), naming the
+        step of the next, at which the run would stop, unable to write it, with the steps since the last
+        one lost. A warning, not a refusal: space may be made meanwhile, or taken by other jobs. A
+        folder whose free space cannot be read (an OSError) is not checked."""
+        every = self.args.ckpt_every
+        upcoming = min((self.step // every + 1) * every, self.max_steps)
+        try:
+            size = (os.path.getsize(written) if written is not None
+                    else os.path.getsize(self.resumed_from) if self.resumed_from is not None
+                    else checkpoint_bytes(self.model, self.ema, self.opt, self.dist_info.world_size))
+            free = shutil.disk_usage(self.checkpoint_dir).free
+        except OSError:
+            return
+        if free >= size:
+            return
+        start = written is None and self.resumed_from is None
+        lost = "its steps" if start else f"the steps since step {self.step}"
+        if written is not None:
+            fix = f"make room there before then, or stop the run and resume {written} into another --exp-dir"
+        elif self.resumed_from is not None:
+            fix = "make room there, or resume into another --exp-dir"
+        else:
+            fix = f"make room there, or pass another {'--exp-dir' if self.args.exp_dir else '--results-dir'}"
+        logger.warning(f"{f'step {self.step}: ' if written else ''}{self.checkpoint_dir} has {amount(free)} free"
+                       f"{' left' if written else ''}, less than a checkpoint of this run takes ({amount(size)}): "
+                       f"the {'first' if start else 'next'}, at step {upcoming}, will not fit, and the run would "
+                       f"stop there with {lost} lost; {fix}")
+
     def warn_on_another_latent_space(self, ckpt: dict, resume_path: str) -> None:
         """A resumed run whose VAE changed (same channels: else refused above) goes on, with a warning:
         the SD VAEs (ema, mse) share one encoder, and a local copy of a VAE is the same VAE."""
@@ -1389,6 +1421,8 @@ class Trainer:
                        file=sys.stderr)
         limit = f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})" if self.epochs_limit else ""
         logger.info(f"training from step {self.step} to step {self.max_steps}{limit}")
+        if is_main:
+            self.warn_without_room()
         last_log = {}
         stop = self.stop
         stop.connect()
@@ -1488,7 +1522,9 @@ class Trainer:
                                 self.sample_grid_or_save()
                                 self.phase = "train"
                             if checkpoint_now:
-                                self.save_checkpoint()
+                                written = self.save_checkpoint()
+                                if self.dist_info.is_main and not last:
+                                    self.warn_without_room(written)
                     if last:
                         break
                     stopped_by = stop.agreed()
