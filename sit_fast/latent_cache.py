@@ -304,10 +304,11 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
         try:
             if read_text(path) != text:  # a finished cache run again: nothing to write (its disk may be full)
                 atomic_write(path, lambda f: f.write(text.encode()))
-        except OSError as err:
+        except OSError as err:  # every shard is written: the index alone is left to write
             if err.errno not in WRITE_REFUSED:
                 raise
-            raise write_refused(path, err) from None
+            raise UserError(f"cannot write {path} ({refusal(err)}): all {len(shards)} shard(s) are written: "
+                            f"{make_room(err)} and run the same command again to write the index") from None
         print(f"latent cache: {n} images x 2 flips, latents {codec.latent_channels}x{latent_size}x{latent_size}, "
               f"{len(shards)} shard(s) in {args.out}", flush=True)
         return index
@@ -409,7 +410,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         try:
             start_resource_tracker()
             return build_cache(args)
-        except OSError as err:  # settings.json or index.json (a shard's own write names its file)
+        except OSError as err:  # a write not said where it failed (a shard's, settings.json's, index.json's are)
             if err.errno not in WRITE_REFUSED:
                 raise
             raise write_refused(err.filename or f"in {args.out}", err) from None

@@ -673,7 +673,13 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         count = f"{len(present)} file{'s' if len(present) > 1 else ''} like {min(present)}"
         raise UserError(f"{sample_dir} holds {holds} ({count}) but no settings.json, so what made them is "
                         f"unknown: pass another {flag}, or delete them to start over")
-    record_settings(path, settings, holds, arithmetic)
+    try:
+        record_settings(path, settings, holds, arithmetic)
+    except OSError as err:  # before the job's first output: there is none to keep (the messages of a later
+        if err.errno not in WRITE_REFUSED:  # refused write say those written are kept)
+            raise
+        raise UserError(f"cannot write {path} ({refusal(err)}): nothing was computed yet: {make_room(err)} and run "
+                        f"the same command again") from None
     return None
 
 

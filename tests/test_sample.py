@@ -1864,6 +1864,8 @@ LIMIT = "File too large: past the file size limit of the process (`ulimit -f`) o
                             "writable) and run the same command again to finish"),
     ("s.npz", errno.EFBIG, f"({LIMIT}): the images written are kept: raise the file size limit (or write onto "
                            f"another filesystem) and run the same command again to finish"),
+    ("settings.json", errno.ENOSPC, "(No space left on device): nothing was computed yet: make room (or make the "
+                                    "folder writable) and run the same command again"),
 ])
 def test_a_grid_or_fid_file_the_filesystem_refuses_is_one_line_and_the_fid_job_finishes_later(
         failing, code, said, files, tmp_path, capsys, monkeypatch):
@@ -1871,7 +1873,8 @@ def test_a_grid_or_fid_file_the_filesystem_refuses_is_one_line_and_the_fid_job_f
     ignores SIGXFSZ), which was not taken for a write the filesystem refused: a traceback, where a full disk is
     one line. The FID job's .npz on a full disk said no more than the error, not that the images are kept nor
     what to do. Each is one line saying both; no temporary file is left, and the same command, once the file
-    can be written, finishes with the .npz of an uninterrupted run."""
+    can be written, finishes with the .npz of an uninterrupted run. settings.json, written before the first
+    image, said that the images written are kept where there were none yet: it says that nothing was."""
     import builtins
 
     from sit_fast import files as file_helpers
@@ -1893,7 +1896,8 @@ def test_a_grid_or_fid_file_the_filesystem_refuses_is_one_line_and_the_fid_job_f
         run(argv)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
-    assert err == f"error: cannot write {tmp_path / ('s' if failing == '000001.png' else '') / failing} {said}", err
+    folder = "s" if failing in ("000001.png", "settings.json") else ""
+    assert err == f"error: cannot write {tmp_path / folder / failing} {said}", err
     assert not [n for _, _, names in os.walk(tmp_path) for n in names if ".tmp-" in n]
     assert not (tmp_path / failing).exists()
     monkeypatch.setattr(file_helpers, "open", real_open, raising=False)
@@ -3761,9 +3765,11 @@ def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, file
             run(argv)
         assert exit_info.value.code == 2
         path = out if failing == out.name else tmp_path / f"{out.name}.parts" / failing
-        assert one_line_error(capsys) == (f"error: cannot write {path} (No space left on device): the batches "
-                                          f"computed are kept: make room (or make the folder writable) and run the "
-                                          f"same command again to finish")
+        kept = ("nothing was computed yet" if failing == "settings.json"  # written before the first batch
+                else "the batches computed are kept")
+        done = "" if failing == "settings.json" else " to finish"
+        assert one_line_error(capsys) == (f"error: cannot write {path} (No space left on device): {kept}: make room "
+                                          f"(or make the folder writable) and run the same command again{done}")
     # the batch is kept: only OUT is left to write
     assert sorted(os.listdir(tmp_path / f"{out.name}.parts")) == [".lock", "000000.pt", "settings.json"]
 

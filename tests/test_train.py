@@ -4392,10 +4392,26 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     with pytest.raises(SystemExit) as exit_info:
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
     assert exit_info.value.code == 2
-    err = capsys.readouterr().err
-    assert re.fullmatch(rf"error: cannot write {re.escape(os.path.join(out, 'index.json'))} \(No space left "
-                        rf"on device\): the shards written are kept: .*\n", err), err
+    # every shard is written: the same command writes the index (not "encode the rest")
+    assert capsys.readouterr().err == (f"error: cannot write {os.path.join(out, 'index.json')} (No space left on "
+                                       f"device): all 2 shard(s) are written: make room (or make the folder "
+                                       f"writable) and run the same command again to write the index\n")
     assert not os.path.exists(os.path.join(out, "index.json"))
+    # settings.json, the first file, on a full disk: no shard is written yet (not "the shards written are kept")
+    monkeypatch.undo()
+
+    def full_for_the_settings(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(path).startswith(".settings.json"):
+            raise OSError(errno.ENOSPC, "No space left on device", path)
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", full_for_the_settings, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, str(tmp_path / "new")))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: cannot write {tmp_path / 'new' / 'settings.json'} (No space left on "
+                                       f"device): nothing was computed yet: make room (or make the folder writable) "
+                                       f"and run the same command again\n")
     # A shard past the file size limit (`ulimit -f`, FAT32's 4 GiB): one line too, not a traceback
     monkeypatch.undo()
 
