@@ -52,7 +52,8 @@ def test_tiny_autoencoder_round_trip_with_our_kernels_importable():
 
 def test_another_kernels_package_found_first_is_named_in_one_error(tmp_path):
     """Hugging Face's `kernels`, found before ours on the path (an editable install's finder comes after
-    site-packages), stops sit_fast at import with the clash named, not an AttributeError in models.py."""
+    site-packages), stops sit_fast's model at import with the clash named, not an AttributeError in
+    models.py (`import sit_fast` alone loads neither: its names load on first use)."""
     import os
     import subprocess
     import sys
@@ -61,7 +62,7 @@ def test_another_kernels_package_found_first_is_named_in_one_error(tmp_path):
     other.mkdir()
     (other / "__init__.py").write_text("def get_kernel(name):\n    return name\n")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), str(REPO_ROOT)])}
-    result = subprocess.run([sys.executable, "-c", "import sit_fast"], capture_output=True, text=True, env=env,
+    result = subprocess.run([sys.executable, "-c", "from sit_fast import SiT"], capture_output=True, text=True, env=env,
                             cwd=tmp_path, timeout=300)
     assert result.returncode == 1
     last = result.stderr.strip().splitlines()[-1]
@@ -87,7 +88,7 @@ def test_a_kernels_folder_without_init_found_first_is_named(tmp_path):
             f"            return importlib.machinery.PathFinder.find_spec(name, [{str(REPO_ROOT)!r}])\n"
             "sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, Late())\n"
             "sys.path.insert(0, '.')\n"
-            "import sit_fast\n")
+            "from sit_fast import SiT\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
                             timeout=300)

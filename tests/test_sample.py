@@ -3487,8 +3487,9 @@ def test_likelihood_whose_rank_0_was_killed_is_said_once_from_the_process_left(f
                *map(str, argv)]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
     assert result.returncode != 0
-    kept = sum(re.fullmatch(r"\d{6}\.pt", name) is not None for name in os.listdir(f"{out}.parts"))  # 2 items each
-    assert kept >= 2, os.listdir(f"{out}.parts")
+    # 2 items a batch: rank 0's first, and rank 1's first where it finished it before torchrun stopped it
+    kept = sum(re.fullmatch(r"\d{6}\.pt", name) is not None for name in os.listdir(f"{out}.parts"))
+    assert kept in (1, 2), os.listdir(f"{out}.parts")
     assert (f"the results of {2 * kept} of 40 items are kept in {out}.parts: run the same command again to compute "
             f"the rest\n") in result.stdout, result.stdout[-3000:]
     said = [line for line in result.stderr.splitlines() if " of 40 items" in line]
