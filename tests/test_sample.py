@@ -1424,12 +1424,18 @@ def test_model_call_times_of_a_reverse_ode_on_other_paths(path_type):
 #                          FID job: torchrun, resume                             #
 #################################################################################
 
-def torchrun(argv, tmp_path, nproc=2):
-    """sample.py under torchrun; torchrun's log folder and error files go in tmp_path, not /tmp."""
+def torchrun_run(script, argv, tmp_path, nproc=2):
+    """`script` (sample.py, or one that patches it) under torchrun, its CompletedProcess; torchrun's log
+    folder and error files go in tmp_path, not /tmp."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               os.path.join(REPO, "sample.py"), *map(str, argv)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+               str(script), *map(str, argv)]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+
+
+def torchrun(argv, tmp_path, nproc=2):
+    """sample.py under torchrun, to its end; its stdout."""
+    result = torchrun_run(os.path.join(REPO, "sample.py"), argv, tmp_path, nproc)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -1772,11 +1778,8 @@ def test_torchrun_names_the_process_that_failed_in_its_setup_as_the_root_cause(f
         "        raise UserError('--ckpt x.pt: no such file on this node')\n"
         "    sample.Setup.__init__ = setup\n"
         "sample.main()\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "ODE", "--ckpt", files["pixel"], "--vae", "none", "--num-fid-samples", "2", "--sample-dir",
-               str(tmp_path / "s"), *FAST]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = torchrun_run(script, ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--num-fid-samples", "2",
+                                   "--sample-dir", tmp_path / "s", *FAST], tmp_path)
     assert result.returncode != 0
     root_cause = result.stderr.split("Root Cause (first observed failure):")[1]
     assert "rank      : 1 (local_rank: 1)" in root_cause, result.stderr[-3000:]
@@ -1804,11 +1807,9 @@ def test_fid_job_whose_rank_0_was_killed_says_so_once_from_the_process_left(file
         "    sample.Setup.sample = killed\n"
         "sample.main()\n")
     sample_dir = tmp_path / "s"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               "ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
-               "2", "--num-fid-samples", "100000", "--per-proc-batch-size", "2", "--sample-dir", str(sample_dir), *FAST]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = torchrun_run(script, ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler",
+                                   "--num-sampling-steps", 2, "--num-fid-samples", 100000, "--per-proc-batch-size", 2,
+                                   "--sample-dir", sample_dir, *FAST], tmp_path)
     assert result.returncode != 0
     said = [line for line in result.stderr.splitlines() if "images are written, and kept" in line]
     assert len(said) == 1, result.stderr[-3000:]
@@ -3482,10 +3483,7 @@ def test_likelihood_whose_rank_0_was_killed_is_said_once_from_the_process_left(f
         "    return result\n"
         "sample.BatchParts.write = write\n"
         "sample.main()\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-               *map(str, argv)]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+    result = torchrun_run(script, argv, tmp_path)
     assert result.returncode != 0
     # 2 items a batch: rank 0's first, and rank 1's first where it finished it before torchrun stopped it
     kept = sum(re.fullmatch(r"\d{6}\.pt", name) is not None for name in os.listdir(f"{out}.parts"))
@@ -3517,15 +3515,12 @@ def test_likelihood_under_torchrun_refuses_a_node_whose_copy_of_the_data_differs
                       f"os.chdir(os.path.join({str(tmp_path)!r}, 'node' + os.environ['RANK']))\n"
                       "import sample\n"
                       "sample.main()\n")
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO, TRITON_INTERPRET="0", TMPDIR=str(tmp_path))
     for data, needle in (("images", "--data images: rank 1 (on {host}) finds other images there than rank 0 does (4 "
                                     "there, 5 on rank 0, or other names): every process must read the same data"),
                          ("x.npz", "--data x.npz: rank 1 (on {host}) reads another file at x.npz than rank 0 does")):
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
-                   "ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", data,
-                   "--batch-size", "2", "--sampling-method", "euler", "--num-sampling-steps", "2",
-                   "--out", str(tmp_path / f"bpd_{data}.npz"), *map(str, FAST)]
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=240)
+        result = torchrun_run(script, ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", data,
+                                       "--batch-size", 2, "--sampling-method", "euler", "--num-sampling-steps", 2,
+                                       "--out", tmp_path / f"bpd_{data}.npz", *FAST], tmp_path)
         assert result.returncode != 0
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert lines, result.stderr[-3000:]

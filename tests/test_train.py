@@ -3621,7 +3621,9 @@ def _cache_args(images, vae_dir, out, *extra):
             "--batch-size", "2", "--num-workers", "0", "--dtype", "float32", "--no-progress", *extra]
 
 
-def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp_path, capsys):
+def _built_cache(tmp_path) -> tuple[str, str, str]:
+    """A tiny VAE, a folder of 2 x 3 images and their cache (_cache_args': 3 shards of 2): the paths of
+    the images, the VAE and the cache."""
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
 
@@ -3630,6 +3632,13 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
     images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
     out = str(tmp_path / "cache")
     latent_cache.main(_cache_args(images, vae_dir, out))
+    return images, vae_dir, out
+
+
+def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp_path, capsys):
+    from sit_fast import latent_cache
+
+    images, vae_dir, out = _built_cache(tmp_path)
     shard = lambda k: os.path.join(out, latent_cache.shard_name(k))  # noqa: E731
     first = torch.load(shard(1), weights_only=True)
     os.remove(shard(1))  # as a run killed before writing it would leave the folder
@@ -3699,13 +3708,8 @@ def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_
     import zipfile
 
     from sit_fast import latent_cache
-    from tests.test_vae import save_tiny_vae
 
-    vae_dir = str(tmp_path / "vae")
-    save_tiny_vae(vae_dir)
-    images = make_image_folder(tmp_path / "images", classes=2, per_class=3)
-    out = str(tmp_path / "cache")
-    latent_cache.main(_cache_args(images, vae_dir, out))
+    images, vae_dir, out = _built_cache(tmp_path)
     shard = lambda k: os.path.join(out, latent_cache.shard_name(k))  # noqa: E731
     verify = ["--verify", "--out", out, "--no-progress"]
     capsys.readouterr()
@@ -4383,12 +4387,15 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     monkeypatch.undo()
     real_open = open
 
-    def full_for_the_index(path, mode="r", *args, **kwargs):
-        if "w" in mode and os.path.basename(path).startswith(".index.json"):
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-        return real_open(path, mode, *args, **kwargs)
+    def full_for(name):  # the write of `name` (atomic_write's temporary .NAME.tmp-PID) refused
+        def refused(path, mode="r", *args, **kwargs):
+            if "w" in mode and os.path.basename(path).startswith(f".{name}"):
+                raise OSError(errno.ENOSPC, "No space left on device", path)
+            return real_open(path, mode, *args, **kwargs)
 
-    monkeypatch.setattr(files, "open", full_for_the_index, raising=False)
+        return refused
+
+    monkeypatch.setattr(files, "open", full_for("index.json"), raising=False)
     with pytest.raises(SystemExit) as exit_info:
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
     assert exit_info.value.code == 2
@@ -4399,13 +4406,7 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     assert not os.path.exists(os.path.join(out, "index.json"))
     # settings.json, the first file, on a full disk: no shard is written yet (not "the shards written are kept")
     monkeypatch.undo()
-
-    def full_for_the_settings(path, mode="r", *args, **kwargs):
-        if "w" in mode and os.path.basename(path).startswith(".settings.json"):
-            raise OSError(errno.ENOSPC, "No space left on device", path)
-        return real_open(path, mode, *args, **kwargs)
-
-    monkeypatch.setattr(files, "open", full_for_the_settings, raising=False)
+    monkeypatch.setattr(files, "open", full_for("settings.json"), raising=False)
     with pytest.raises(SystemExit) as exit_info:
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, str(tmp_path / "new")))
     assert exit_info.value.code == 2
