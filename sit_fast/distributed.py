@@ -164,12 +164,20 @@ def peer_failed(err: BaseException, when: str = "",
                 then: str = "its error is in the torchrun summary of its node") -> PeerFailed:
     """The one line for gloo's word (peer_ended) that another process ended: "rank 3 (on a) ended{when}
     (gloo's words); {then}", naming the processes of this node seen ended within PEER_SEEN_ENDED_S (one
-    killed is gone a moment after gloo's word of it), else "another process of the job ended ..."."""
+    killed is gone a moment after gloo's word of it), else "another process of the job ended ...".
+    A stop signal in that wait (torchrun ending this process too) ends the wait and is noted on the
+    error (stop_noted), which cli_entry then takes as the signal it waits for: raised here, within the
+    caller's `except` of gloo's error, it would escape as a stop in place of the line."""
+    from sit_fast.interrupts import stop_signals_noted
+
     deadline = time.monotonic() + (PEER_SEEN_ENDED_S if _joined else 0.0)
-    while not (ended := ended_here()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    with stop_signals_noted() as noted:
+        while not (ended := ended_here()) and not noted and time.monotonic() < deadline:
+            time.sleep(0.05)
     who = _named(ended) if ended else "another process of the job"
-    return PeerFailed(f"{who} ended{when} ({peer_ended_words(err)}); {then}")
+    failed = PeerFailed(f"{who} ended{when} ({peer_ended_words(err)}); {then}")
+    failed.stop_noted = bool(noted)
+    return failed
 
 
 def _process_ended(pid: int) -> bool:
@@ -207,8 +215,9 @@ def _named(ranks: list[int]) -> str:
 def speaks_for(info: DistInfo | None = None, per_node: bool = False) -> list[int] | None:
     """Whether this process says what stopped the job on the console: [] where it is the one that does,
     rank 0 (per_node: its node's local rank 0, for what each node says of its own processes); the ranks
-    that ended where it speaks in their place, that one having ended (killed, it says nothing) with every
-    process of lower local rank on this node, so that the lowest one still running says it, once; None
+    that ended, that one first, where it speaks in its place, it having ended (killed, it says nothing)
+    with every process of lower local rank on this node, so that the lowest one still running says it,
+    once (a lower one may have ended its work normally: stop_words names the one spoken for); None
     where another process does, or may (rank 0 on another node, where its end cannot be seen from here), or
     did (one of those ended left word, mark_said), and where that cannot be known (not under torchrun).
     info: this process's (without it, RANK and LOCAL_RANK say who it is where no process group was joined)."""
@@ -230,7 +239,7 @@ def speaks_for(info: DistInfo | None = None, per_node: bool = False) -> list[int
     # one of them said it itself before it ended (the speaker, or one that spoke in its place)
     if None in folders or any(os.path.exists(os.path.join(folder, SAID)) for folder in folders):
         return None
-    return lower
+    return [speaker, *(rank for rank in lower if rank != speaker)]  # the one spoken for first
 
 
 SAID = "said"  # the empty file a process leaves in its torchrun folder once it has said what stopped the job
@@ -271,7 +280,9 @@ def stop_words(err: KeyboardInterrupt, info: DistInfo | None = None, per_node: b
     mark_said()
     if not ended:
         return what_stopped(err)
-    return f"{_named(ended)} ended (its node's torchrun summary says how), and the others were {what_stopped(err)}"
+    # the process spoken for alone: one of lower rank on the node may have ended its work normally (the
+    # --likelihood ranks but the main one leave as soon as their batches are done)
+    return f"{_named(ended[:1])} ended (its node's torchrun summary says how), and the others were {what_stopped(err)}"
 
 
 def on_main(fn, info: DistInfo):

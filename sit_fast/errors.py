@@ -228,7 +228,7 @@ def cli_entry(main: Callable) -> Callable:
                     with stop_signals_noted() as noted:  # torchrun ending it, or a Ctrl-C passed on: exit 2 now
                         report(str(err), later_s)
                         deadline = time.monotonic() + (PEER_LINGER_S if peer else LINGER_S)
-                        while not noted and time.monotonic() < deadline:
+                        while not noted and not getattr(err, "stop_noted", False) and time.monotonic() < deadline:
                             time.sleep(0.05)
                 else:
                     report(str(err), later_s)

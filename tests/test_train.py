@@ -3045,8 +3045,11 @@ def test_a_process_whose_error_ends_the_job_lets_the_others_say_so_first(tmp_pat
     monkeypatch.setattr(errors, "time", types.SimpleNamespace(monotonic=lambda: clock.now, sleep=sleep,
                                                               time=time.time))
     monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(tmp_path / "error.json"))
+    stopped_meanwhile = errors.PeerFailed("another process ended")
+    stopped_meanwhile.stop_noted = True  # torchrun's SIGTERM came as peer_failed waited: no wait for it now
     for error, world_size, linger in ((errors.UserError("x"), "2", errors.LINGER_S),
                                       (errors.PeerFailed("another process ended"), "2", errors.PEER_LINGER_S),
+                                      (stopped_meanwhile, "2", 0.0),
                                       (errors.UserError("x"), "1", 0.0),
                                       (errors.PeerFailed("another process ended"), "1", 0.0)):
         def main():
