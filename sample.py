@@ -709,11 +709,13 @@ def arithmetic_note(recorded: list[dict] | None, now: dict, args: argparse.Names
         return "--" + key.replace("_", "-")
 
     if len(recorded) > 1:  # a resume took another arithmetic already: no flags give a uniform set now
-        keys = [key for key in now if len({str(entry.get(key)) for entry in recorded}) > 1]
-        used = ", ".join(f"{named(key)} {' and '.join(dict.fromkeys(str(e.get(key)) for e in recorded))}"
+        every = [*recorded, now]
+        keys = [key for key in now if len({str(entry.get(key)) for entry in every}) > 1]
+        used = ", ".join(f"{named(key)} {' and '.join(dict.fromkeys(str(e.get(key)) for e in every))}"
                          for key in keys)
-        return (f"{kept} were computed with other arithmetics in turn ({used}), which round differently: the "
-                f"results mix them; for a uniform set, pass another {flag}, or delete it to start over")
+        return (f"{kept} were computed with other arithmetics in turn (with those computed now: {used}), which "
+                f"round differently: the results mix them; for a uniform set, pass another {flag}, or delete it to "
+                f"start over")
     old = recorded[0]
     changed = [key for key in now if key in old and old[key] != now[key]]
 

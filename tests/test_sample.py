@@ -2126,9 +2126,10 @@ def test_an_fid_folder_resumed_with_other_arithmetic_says_so_and_records_it(file
     assert recorded["arithmetic"]["attn_backend"] == "math", recorded
     assert [a["attn_backend"] for a in recorded["arithmetic_later"]] == ["sdpa"], recorded
     # the flags of the first images no longer make a uniform set: the folder mixes the two
-    run(argv + ["--attn-backend", "math", "--num-fid-samples", 5])
+    run(argv + ["--attn-backend", "math", "--fused-kernels", "on", "--num-fid-samples", 5])  # and another now
     err = capsys.readouterr().err
-    assert "were computed with other arithmetics in turn (--attn-backend math and sdpa)" in err, err
+    assert ("were computed with other arithmetics in turn (with those computed now: --attn-backend math and sdpa, "
+            "--fused-kernels off and on)") in err, err
     assert "for a uniform set, pass another --sample-dir" in err, err
     os.remove(f"{sample_dir}.npz")
     run(argv + ["--attn-backend", "sdpa", "--num-fid-samples", 5])  # nothing to sample: nothing mixed now
@@ -3485,9 +3486,9 @@ def test_likelihood_whose_rank_0_was_killed_is_said_once_from_the_process_left(f
         "sample.main()\n")
     result = torchrun_run(script, argv, tmp_path)
     assert result.returncode != 0
-    # 2 items a batch: rank 0's first, and rank 1's first where it finished it before torchrun stopped it
+    # 2 items a batch: rank 0's first, and those rank 1 finished before torchrun stopped it (none or more)
     kept = sum(re.fullmatch(r"\d{6}\.pt", name) is not None for name in os.listdir(f"{out}.parts"))
-    assert kept in (1, 2), os.listdir(f"{out}.parts")
+    assert kept >= 1, os.listdir(f"{out}.parts")
     assert (f"the results of {2 * kept} of 40 items are kept in {out}.parts: run the same command again to compute "
             f"the rest\n") in result.stdout, result.stdout[-3000:]
     said = [line for line in result.stderr.splitlines() if " of 40 items" in line]
