@@ -482,15 +482,16 @@ def load_cache_shard(root: str, shard: dict, index: dict) -> dict:
     return data
 
 
-def read_cache_index(root: str) -> dict:
+def read_cache_index(root: str, flag: str = "--latent-cache") -> dict:
+    """The index of the finished latent cache at `root` (given as `flag`); DataError saying what to do."""
     path = os.path.join(root, CACHE_INDEX)
     if not os.path.isfile(path):
         if _latent_cache_settings(root):  # written first, the index last
-            raise DataError(f"--latent-cache {root} is unfinished (no {CACHE_INDEX} yet, the last file written): "
+            raise DataError(f"{flag} {root} is unfinished (no {CACHE_INDEX} yet, the last file written): "
                             f"to finish it, {_RERUN}")
         what = (f"has no {CACHE_INDEX}" if os.path.isdir(root) else "is a file, not a folder" if os.path.exists(root)
                 else "does not exist")
-        raise DataError(f"--latent-cache {root} {what}; build it with python -m sit_fast.latent_cache")
+        raise DataError(f"{flag} {root} {what}; build it with python -m sit_fast.latent_cache")
     try:
         with open(path) as f:
             index = json.load(f)

@@ -347,7 +347,7 @@ def verify_cache(args: argparse.Namespace) -> dict:
     """--verify: every shard of the finished cache in args.out read whole and checked, then the image
     folder's list against the one encoded; UserError naming the damaged shards, with the command that
     encodes them again, or the folder changed since."""
-    index = read_cache_index(args.out)
+    index = read_cache_index(args.out, "--out")
     shards = index["shards"]
     damaged = []
     bar = progress(index["num_images"], "verifying", "img", disable=args.no_progress)

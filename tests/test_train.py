@@ -3775,6 +3775,11 @@ def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_
     assert capsys.readouterr().err == (f"error: --out {out}: its shards are whole, but the images in {moved} are no "
                                        f"longer those encoded (7 there now, 6 in the cache, or other names or "
                                        f"classes): encode them into a new --out to train on them\n")
+    # --out that holds no finished cache: said as --out (not train.py's --latent-cache)
+    for folder, what in ((tmp_path / "none", "does not exist"), (tmp_path, "has no index.json")):
+        with pytest.raises(SystemExit):
+            latent_cache.main(["--verify", "--out", str(folder)])
+        assert capsys.readouterr().err.startswith(f"error: --out {folder} {what}; build it with"), what
     # --data-path stays required to build
     with pytest.raises(SystemExit) as stop:
         latent_cache.main(["--out", out])
