@@ -50,7 +50,7 @@ def suite_list(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None):
-    from sit_fast.argtypes import nonempty, positive_float, random_seed
+    from sit_fast.argtypes import positive_float, random_seed, user_path
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1],
                                      allow_abbrev=False)
@@ -62,7 +62,7 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--size", choices=("tiny", "full"), default=None,
                         help="tiny: a depth-2 SiT with head dim 72 on 4x4 latents, 4 tokens (dry run); full: SiT-XL/2 at "
                              "256px (latent 32x32). Default: full on cuda, tiny on cpu")
-    parser.add_argument("--out", type=nonempty, default="results/bench",
+    parser.add_argument("--out", type=user_path, default="results/bench",
                         help="folder for results.json and results.md (default: results/bench)")
     parser.add_argument("--deadline-s", type=positive_float, default=None,
                         help="time for the whole run; each suite gets its share of what is left "

@@ -41,7 +41,7 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sit_fast.argtypes import positive_float, positive_int
+from sit_fast.argtypes import positive_float, positive_int, user_path
 
 # Ops whose time is FLOPs at the matmul ceiling (matched on the op name without overload).
 COMPUTE_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_addmm_activation")
@@ -225,7 +225,7 @@ def figure(x: float, decimals: int = 0) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
-    parser.add_argument("--results", help="a results.json whose measured ceilings to use")
+    parser.add_argument("--results", type=user_path, help="a results.json whose measured ceilings to use")
     parser.add_argument("--copy-gbps", type=positive_float, help="device-to-device copy ceiling, GB/s (read + written)")
     parser.add_argument("--matmul-tflops", type=positive_float, help="bf16 matmul ceiling, TFLOP/s")
     parser.add_argument("--model", default="SiT-XL/2")

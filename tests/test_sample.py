@@ -914,7 +914,8 @@ def test_an_empty_path_is_refused_not_read_as_the_flag_not_given(flag, capsys):
 def test_a_path_given_with_a_leading_tilde_is_in_the_home_folder(files, tmp_path, monkeypatch):
     """`--sample-dir '~/samples'` (quoted, or `--out=~/x`: the shell leaves the ~) means the home folder's
     samples/, as the shell would have it, not a folder named ~ in the working folder; so for every path
-    flag of sample.py, train.py, python -m sit_fast.latent_cache, sit_fast.export and sit_fast.demo."""
+    flag of sample.py, train.py, python -m sit_fast.latent_cache, sit_fast.export, sit_fast.demo and the
+    benchmarks."""
     import sit_fast.demo
     import sit_fast.export
     import sit_fast.latent_cache
@@ -943,6 +944,13 @@ def test_a_path_given_with_a_leading_tilde_is_in_the_home_folder(files, tmp_path
             args = parser.parse_args([*required, flag, "~/a/b"])
             assert getattr(args, flag[2:].replace("-", "_")) == str(home / "a" / "b"), (name, flag)
     assert sit_fast.export.build_parser().parse_args(["~/c.pt"]).ckpt == str(home / "c.pt")
+    from benchmarks.__main__ import parse_args as benchmark_args
+    from benchmarks.roofline import main as roofline
+
+    assert benchmark_args(["kernels", "--out", "~/a/b"]).out == str(home / "a" / "b")
+    with pytest.raises(FileNotFoundError) as missing:
+        roofline(["--results", "~/results.json"])
+    assert missing.value.filename == str(home / "results.json")
     # a ~ elsewhere in a path, and names that are no paths, are as given
     args = sample.build_parser().parse_args(["ODE", "--sample-dir", "a/~b", "--vae", "ema"])
     assert args.sample_dir == "a/~b" and args.vae == "ema"
