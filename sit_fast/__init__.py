@@ -3,6 +3,7 @@
 The names below load on first use, so `python -m sit_fast.<module>` and the scripts start with no
 torch import of the package's own: a Ctrl-C while torch loads ends them quietly (errors.py)."""
 import importlib
+import importlib.util
 
 __version__ = "0.1.0"
 _HOMES = {
@@ -16,9 +17,12 @@ __all__ = list(_HOMES)
 
 
 def __getattr__(name: str):
-    if name not in _HOMES:
+    if name in _HOMES:
+        value = getattr(importlib.import_module(_HOMES[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"sit_fast.{name}") is not None:
+        value = importlib.import_module(f"sit_fast.{name}")  # `import sit_fast; sit_fast.models.SiT`, as before
+    else:
         raise AttributeError(f"module 'sit_fast' has no attribute {name!r}")
-    value = getattr(importlib.import_module(_HOMES[name]), name)
     globals()[name] = value
     return value
 

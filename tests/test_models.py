@@ -1193,6 +1193,8 @@ import sit_fast.models, sit_fast.transport
 assert SiT is sit_fast.models.SiT and Sampler is sit_fast.transport.Sampler
 assert all(getattr(sit_fast, name) is not None for name in sit_fast.__all__)
 assert set(sit_fast.__all__) <= set(dir(sit_fast))
+assert sit_fast.transport.create_transport is sit_fast.create_transport  # a submodule, imported or not
+assert sit_fast.export.main is sys.modules["sit_fast.export"].main
 try:
     sit_fast.not_a_name
 except AttributeError as err:
