@@ -93,7 +93,7 @@ from sit_fast.files import (
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
-from sit_fast.attention import ATTN_BACKENDS, select_backend
+from sit_fast.attention import ATTN_BACKENDS, sdpa_backend_from_env, select_backend
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, add_arithmetic, build_model, build_npz,
     check_settings, checkpoint_preference, default_cfg_channels, foreign_npz,
@@ -537,6 +537,8 @@ class Setup:
         # device), in the flags' words: recorded in a resumable job's folder (see arithmetic_note).
         self.arithmetic = {"attn_backend": backend, "fused_kernels": "on" if fused_on else "off",
                            "compile": "on" if args.compile else "off"}
+        if backend == "sdpa":  # PyTorch's choice of kernel, or the one SIT_FAST_SDPA_BACKEND forces
+            self.arithmetic[SDPA_VARIABLE] = sdpa_backend_from_env() or "unset"
         self.num_classes = self.model.num_classes
         self.input_size = self.model.input_size
         self.image_size = self.info["image_size"]
@@ -695,25 +697,28 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     return json.loads(json.dumps(settings))
 
 
+SDPA_VARIABLE = "SIT_FAST_SDPA_BACKEND"  # recorded with the arithmetic where --attn-backend is sdpa
+
+
 def arithmetic_note(recorded: list[dict] | None, now: dict, args: argparse.Namespace, kept: str,
                     flag: str) -> str | None:
     """A line when a job resumed in a folder computes with another arithmetic (Setup.arithmetic) than
     the one its record holds for the `kept` results already there, or when those were computed with
-    several (an earlier resume's): --fused-kernels, --attn-backend and --compile change the rounding
-    only, so the folder mixes results a rounding apart (in 8-bit images, a grey level here and there).
+    several (an earlier resume's): --fused-kernels, --attn-backend (and SIT_FAST_SDPA_BACKEND under
+    sdpa) and --compile change the rounding only, so the folder mixes results a rounding apart (in
+    8-bit images, a grey level here and there).
     None when they agree, or the record (an older one) holds none."""
     if not recorded or (len(recorded) == 1 and recorded[0] == now):
         return None
 
     def named(key: str) -> str:
-        return "--" + key.replace("_", "-")
+        return key if key == SDPA_VARIABLE else "--" + key.replace("_", "-")
 
     if len(recorded) > 1:  # a resume took another arithmetic already: no flags give a uniform set now
         every = [*recorded, now]
-        keys = [key for key in now if len({str(entry.get(key)) for entry in every}) > 1]
-        used = ", ".join(f"{named(key)} {' and '.join(dict.fromkeys(str(e.get(key)) for e in every))}"
-                         for key in keys)
-        return (f"{kept} were computed with other arithmetics in turn (with those computed now: {used}), which "
+        values = {key: list(dict.fromkeys(str(entry[key]) for entry in every if key in entry)) for key in now}
+        used = ", ".join(f"{named(key)} {' and '.join(values[key])}" for key in now if len(values[key]) > 1)
+        return (f"{kept} came from other arithmetics in turn (with those computed now: {used}), which "
                 f"round differently: the results mix them; for a uniform set, pass another {flag}, or delete it to "
                 f"start over")
     old = recorded[0]
@@ -724,10 +729,12 @@ def arithmetic_note(recorded: list[dict] | None, now: dict, args: argparse.Names
         return f"{now[key]} (auto here)" if auto else now[key]
 
     flags = ", ".join(f"{named(key)} {old[key]} -> {given(key)}" for key in changed)
-    flag_values = " ".join(f"{named(key)} {old[key]}" for key in changed if key != "compile")
+    flag_values = " ".join(f"{named(key)} {old[key]}" for key in changed if key not in ("compile", SDPA_VARIABLE))
     fixes = [f"pass {flag_values}" if flag_values else "",
-             ("add --compile" if old["compile"] == "on" else "drop --compile") if "compile" in changed else ""]
-    return (f"{flags}: {kept} were computed with the former, which rounds differently, and those computed now "
+             ("add --compile" if old["compile"] == "on" else "drop --compile") if "compile" in changed else "",
+             "" if SDPA_VARIABLE not in changed else f"unset {SDPA_VARIABLE}" if old[SDPA_VARIABLE] == "unset"
+             else f"set {SDPA_VARIABLE}={old[SDPA_VARIABLE]}"]
+    return (f"{flags}: {kept} came from the former, which rounds differently, and those computed now "
             f"take the latter, so the two mix; for a uniform set, {' and '.join(fix for fix in fixes if fix)} "
             f"(Ctrl-C now leaves the folder as it was), or pass another {flag}")
 

@@ -2127,7 +2127,7 @@ def test_an_fid_folder_resumed_with_other_arithmetic_says_so_and_records_it(file
     assert "warning" not in capsys.readouterr().err
     run(argv + ["--attn-backend", "sdpa", "--num-fid-samples", 4])
     err = capsys.readouterr().err
-    assert err.startswith(f"warning: --attn-backend math -> sdpa: the 3 images in {sample_dir} were computed with "
+    assert err.startswith(f"warning: --attn-backend math -> sdpa: the 3 images in {sample_dir} came from "
                           f"the former, which rounds differently"), err
     assert "for a uniform set, pass --attn-backend math (Ctrl-C now" in err and len(err.splitlines()) == 1, err
     recorded = json.loads((sample_dir / "settings.json").read_text())
@@ -2136,13 +2136,25 @@ def test_an_fid_folder_resumed_with_other_arithmetic_says_so_and_records_it(file
     # the flags of the first images no longer make a uniform set: the folder mixes the two
     run(argv + ["--attn-backend", "math", "--fused-kernels", "on", "--num-fid-samples", 5])  # and another now
     err = capsys.readouterr().err
-    assert ("were computed with other arithmetics in turn (with those computed now: --attn-backend math and sdpa, "
+    assert ("came from other arithmetics in turn (with those computed now: --attn-backend math and sdpa, "
             "--fused-kernels off and on)") in err, err
     assert "for a uniform set, pass another --sample-dir" in err, err
     os.remove(f"{sample_dir}.npz")
     run(argv + ["--attn-backend", "sdpa", "--num-fid-samples", 5])  # nothing to sample: nothing mixed now
     out, err = capsys.readouterr()
     assert "all 5 images already in" in out and "warning" not in err, (out, err)
+    # under sdpa, the kernel SIT_FAST_SDPA_BACKEND forces is part of it
+    forced = tmp_path / "forced"
+    forced_argv = [*argv, "--attn-backend", "sdpa", "--sample-dir", forced]
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("SIT_FAST_SDPA_BACKEND", "math")
+        run(forced_argv + ["--num-fid-samples", 1])
+    capsys.readouterr()
+    run(forced_argv + ["--num-fid-samples", 2])
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: SIT_FAST_SDPA_BACKEND math -> unset: the 1 image in {forced} came from the "
+                          f"former"), err
+    assert "for a uniform set, set SIT_FAST_SDPA_BACKEND=math (Ctrl-C now" in err, err
     # a record written before the arithmetic was kept: resumed, unchecked, and left so
     older = {k: v for k, v in recorded.items() if not k.startswith("arithmetic")}
     (sample_dir / "settings.json").write_text(json.dumps(older))
@@ -2174,7 +2186,7 @@ def test_likelihood_parts_resumed_with_other_arithmetic_say_so(tmp_path, caplog)
     assert again.pending == [1]
     said = [r.getMessage() for r in caplog.records if r.name == "sit_fast.sample"]
     assert len(said) == 1 and said[0].startswith(f"--fused-kernels off -> on (auto here): the results of the 1 batch "
-                                                 f"in {out}.parts were computed with the former"), said
+                                                 f"in {out}.parts came from the former"), said
     assert "pass --fused-kernels off" in said[0] and "or pass another --out" in said[0], said
     record = json.loads(open(f"{out}.parts/settings.json").read())
     assert "arithmetic_later" not in record  # nothing of the new arithmetic written yet

@@ -618,7 +618,7 @@ def test_resume_with_another_global_seed_says_the_order_is_not_the_runs(tmp_path
     assert "in it): exact" not in log
 
 
-def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path):
+def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path, monkeypatch):
     """Another attention backend, precision, kernels or compilation keeps the data order and random
     states, not the rounding (nor, compiled, the label-dropout masks)."""
     exp = str(tmp_path / "run")
@@ -633,6 +633,15 @@ def test_resume_with_other_arithmetic_is_not_called_exact(tmp_path):
     train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "4", "--precision", "fp32"])
     with open(os.path.join(exp, "log.txt")) as f:
         assert f.read().rstrip().count("resumed at step 3 (epoch 0, step 3 in it): exact") == 1
+    # under sdpa, the kernel SIT_FAST_SDPA_BACKEND forces is part of it
+    monkeypatch.setenv("SIT_FAST_SDPA_BACKEND", "math")
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "5", "--attn-backend", "sdpa"])
+    monkeypatch.delenv("SIT_FAST_SDPA_BACKEND")
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "6", "--attn-backend", "sdpa"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert ("resumed at step 5 (epoch 0, step 5 in it): the data order and random states are the run's; "
+            "SIT_FAST_SDPA_BACKEND math -> unset changes the rounding") in log, log
 
 
 def test_a_checkpoint_without_the_arithmetic_entry_resumes_comparing_the_flags(tmp_path):

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sit_fast import flops
-from sit_fast.attention import select_backend
+from sit_fast.attention import sdpa_backend_from_env, select_backend
 from sit_fast.checkpoint import (
     CheckpointError, infer_config, load_into_model, read_checkpoint, recorded_model_config,
 )
@@ -872,6 +872,8 @@ class Trainer:
         # resume can tell whether its steps are bit for bit the run's.
         self.arithmetic = {"precision": self.precision, "attention": backend, "fused kernels": bool(fused_on),
                            "compile": bool(args.compile)}
+        if backend == "sdpa":  # PyTorch's choice of kernel, or the one SIT_FAST_SDPA_BACKEND forces
+            self.arithmetic["SIT_FAST_SDPA_BACKEND"] = sdpa_backend_from_env() or "unset"
         # learn_sigma (upstream trains with it; its extra outputs take no part in the loss) as the weights
         # the run starts from or continues have it
         learn_sigma, init_weights = True, None
