@@ -204,14 +204,14 @@ _RESOLVED: dict[tuple, str] = {}
 
 def resolve_backend(name: str, device: torch.device, dtype: torch.dtype, head_dim: int,
                     sdpa_chosen: bool = False) -> str:
-    """select_backend, memoised per (name, device type, dtype, head dim, sdpa_chosen); logs what
-    "auto" chose.
+    """select_backend, memoised per (name, device, dtype, head dim, sdpa_chosen); logs what "auto"
+    chose. The device with its index: two GPUs of one machine may differ in what they run.
 
     Plain Python over constants, so torch.compile traces it without a graph break. A compiled caller
     does not read the memo: its code would be guarded on the memo's contents, and compiled again once
     an eager call (a sample grid of the EMA model) had filled it in.
     """
-    key = (name, torch.device(device).type, dtype, head_dim, sdpa_chosen)
+    key = (name, torch.device(device), dtype, head_dim, sdpa_chosen)
     if torch.compiler.is_compiling():
         return select_backend(name, key[1], dtype, head_dim, sdpa_chosen)
     chosen = _RESOLVED.get(key)

@@ -1206,3 +1206,17 @@ else:
     done = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "TRITON_INTERPRET": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_resolved_backend_is_memoised_per_device_not_per_device_type(monkeypatch):
+    """Two GPUs of one machine, one too old for flash-attn: each resolves "auto" for itself."""
+    import types
+
+    attention = _a_hopper_gpu_with_flash_attn(monkeypatch)
+    monkeypatch.setattr(attention, "_RESOLVED", {})
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(
+        major=9 if device.index == 0 else 7, minor=0 if device.index == 0 else 5, name=f"GPU {device.index}"))
+    assert attention.resolve_backend("auto", torch.device("cuda", 0), torch.bfloat16, 72) == "flash_attn"
+    assert attention.resolve_backend("auto", torch.device("cuda", 1), torch.bfloat16, 72) == "sdpa"
+    with pytest.raises(ValueError, match=r"needs a GPU of compute capability 8\.0 or later, got 7\.5 \(GPU 1\)"):
+        attention.resolve_backend("flash_attn", torch.device("cuda", 1), torch.bfloat16, 72)
