@@ -77,13 +77,13 @@ import numpy as np
 import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int, random_seed, user_path
-from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config
+from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config, weights_only_refusal
 from sit_fast.distributed import (
     DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
     local_path_on_main_first, on_main, peer_ended, peer_failed, speaks_for, stop_words, unlike_rank_0,
 )
 from sit_fast.errors import (
-    ANSI, PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory,
+    PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory,
     log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
@@ -831,7 +831,7 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
             logging.getLogger("sit_fast.sample").warning(leftovers)
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))
-        pending = pending_chunks(sample_dir, total, chunk)
+        pending = pending_chunks(sample_dir, total, chunk, names)
         written = sum(re.fullmatch(r"\d{6}\.png", name) is not None for name in names)
         note = None
         if pending and (note := arithmetic_note(recorded, setup.arithmetic, args,
@@ -1213,13 +1213,9 @@ def batches(count: int) -> str:
 def torch_load_failure(path: str, err: Exception) -> str:
     """Why torch.load(weights_only=True) could not read `path`: what the file is, where its first bytes
     say, or torch's reason; not torch's advice to load it unsafely."""
-    text = ANSI.sub("", str(err))
-    kind = file_kind(path)
-    unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
-    reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-    return (f"it is {kind}" if kind else f"it holds objects other than tensors ({unsafe.group(1)})" if unsafe
-            else f"not torch.save's or damaged: {reason.group(1).strip()}" if reason
-            else first_line(err) or type(err).__name__)
+    kind, (unsafe, reason) = file_kind(path), weights_only_refusal(err)
+    return (f"it is {kind}" if kind else f"it holds objects other than tensors ({unsafe})" if unsafe
+            else f"not torch.save's or damaged: {reason}" if reason else first_line(err) or type(err).__name__)
 
 
 def items_in(batches: list[int], total: int, batch_size: int) -> int:
@@ -1412,7 +1408,11 @@ def kept_in_place_of_main(parts: BatchParts | None, interrupted: KeyboardInterru
     OUT.parts/, said as the main one says them; else 0 (the main one says it)."""
     if parts is None or interrupted is None or not speaks_for(dist):
         return 0
-    count = sum(len(r) for r in parts.read())
+    return say_kept(parts, sum(len(r) for r in parts.read()), total)
+
+
+def say_kept(parts: BatchParts, count: int, total: int) -> int:
+    """The line on the `count` items whose results a stopped job keeps in OUT.parts/ (none: no line)."""
     if count:
         print(f"the results of {count} of {total} items are kept in {parts.folder}: run the same command again "
               f"to compute the rest")
@@ -1530,9 +1530,8 @@ def run_likelihood(setup: Setup) -> np.ndarray:
             write_bpd(out, bpd, settings)
             parts.remove()
             print(f"saved per-item bpd to {out}")
-        elif len(bpd):
-            print(f"the results of {len(bpd)} of {len(x)} items are kept in {parts.folder}: run the same "
-                  f"command again to compute the rest")
+        else:
+            say_kept(parts, len(bpd), len(x))
     exit_if_interrupted(interrupted, len(bpd), len(x), dist)
     return bpd
 
@@ -1601,11 +1600,7 @@ def run_reverse(setup: Setup) -> str:
         exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, len(x), dist), len(x), dist)
         return out
     if interrupted is not None:
-        count = sum(len(r) for r in parts.read())
-        if count:
-            print(f"the results of {count} of {len(x)} items are kept in {parts.folder}: run the same command "
-                  f"again to compute the rest")
-        exit_if_interrupted(interrupted, count, len(x), dist)
+        exit_if_interrupted(interrupted, say_kept(parts, sum(len(r) for r in parts.read()), len(x)), len(x), dist)
     noise = torch.cat(parts.read(every=True))
     atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
     parts.remove()

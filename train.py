@@ -22,11 +22,10 @@ Checkpoints go to EXP_DIR/checkpoints/NNNNNNN.pt (written atomically; see
 sit_fast/training/checkpointing.py for the format), the log to EXP_DIR/log.txt and EMA sample grids
 to EXP_DIR/samples/. With several nodes, EXP_DIR must be on a filesystem that all of them share.
 """
-from sit_fast.errors import quiet_ctrl_c_while_loading
+from sit_fast.errors import cli_entry, quiet_ctrl_c_while_loading
 
 quiet_ctrl_c_while_loading(__name__)  # a Ctrl-C while the libraries load (seconds) ends it, quietly
 
-from sit_fast.errors import cli_entry
 from sit_fast.training.loop import main
 
 if __name__ == "__main__":

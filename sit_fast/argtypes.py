@@ -124,7 +124,7 @@ def user_path(value: str) -> str:
     """A path (or a name, where a flag takes either), not empty, with a leading ~ or ~user expanded to
     that home folder, as the shell expands it unquoted: `--sample-dir '~/samples'` (quoted, or after
     an =) means the home folder's samples/, not a folder named ~ in the working folder."""
-    return os.path.expanduser(nonempty(value)) if value.startswith("~") else nonempty(value)
+    return os.path.expanduser(nonempty(value))
 
 
 def torch_device(value: str) -> str:

@@ -175,6 +175,18 @@ def check_not_cut_short(path: str) -> None:
                                   f"at its end: truncated or damaged; copy or save it again")
 
 
+def weights_only_refusal(err: Exception) -> tuple[str | None, str | None]:
+    """What torch.load(weights_only=True) said in `err`: the global it refused to unpickle, and its
+    reason where the bytes are no pickle it reads (torch's words, not its advice); None for each
+    where it said no such thing."""
+    text = ANSI.sub("", str(err))
+    # torch words the refusal "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked"
+    unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
+    # torch puts the reason on a line of its own, after blank lines
+    reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+    return (unsafe.group(1) if unsafe else None), (reason.group(1).strip() if reason else None)
+
+
 def safe_torch_load(path: str) -> object:
     """torch.load(weights_only=True), memory-mapped when the file allows it, with one-line errors.
 
@@ -187,21 +199,14 @@ def safe_torch_load(path: str) -> object:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as err:  # a damaged or foreign file raises many types (KeyError, IndexError, EOFError, ...)
-        text = ANSI.sub("", str(err))
-        # torch words the refusal "Unsupported global: GLOBAL x.y" or "unsupported GLOBAL x.y whose module x is blocked"
-        unsafe = re.search(r"unsupported (?:global: )?GLOBAL (\S+)", text, flags=re.IGNORECASE)
+        unsafe, reason = weights_only_refusal(err)
         if unsafe:
             raise CheckpointError(
-                f"refused to read {path}: it pickles {unsafe.group(1)}, which is neither a tensor nor a plain "
+                f"refused to read {path}: it pickles {unsafe}, which is neither a tensor nor a plain "
                 f"container, and unpickling that could run code; if you trust the file, load it once with "
                 f"torch.load(weights_only=False) and save its state_dict"
             ) from None
-        # other weights-only failures are bytes that are no pickle: torch's reason, not its advice
-        # (torch puts the reason on a line of its own, after blank lines)
-        reason = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        if reason:
-            reason = reason.group(1).strip()
-        elif "TorchScript archive" in text:
+        if reason is None and "TorchScript archive" in str(err):
             reason = "a TorchScript archive (torch.jit.save), not a state_dict"
         kind = file_kind(path)
         if kind is not None:

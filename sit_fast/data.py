@@ -460,25 +460,31 @@ class LatentCacheDataset(torch.utils.data.Dataset):
 
 def load_cache_shard(root: str, shard: dict, index: dict) -> dict:
     """The memory-mapped contents of one shard of the latent cache at `root` (`shard`: its entry in the
-    cache's `index`); DataError, saying what to do, unless it holds the shapes the index gives."""
+    cache's `index`); DataError, saying what to do, unless it holds the shapes the index gives (the
+    error's `fault`: what is wrong with the shard, without the path and the advice)."""
     path = os.path.join(root, shard["file"])
+
+    def fault(what: str, fix: str = _REENCODE) -> DataError:
+        error = DataError(f"latent cache shard {path} {what}; {fix}")
+        error.fault = what
+        return error
+
     try:
         data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except FileNotFoundError:
-        raise DataError(f"latent cache shard {path} is missing; {_RERUN}") from None
+        raise fault("is missing", _RERUN) from None
     except Exception as err:  # torch.load raises several types for a damaged file
-        raise DataError(f"latent cache shard {path} cannot be read ({first_line(err)}); {_REENCODE}") from None
+        raise fault(f"cannot be read ({first_line(err)})") from None
     if not (isinstance(data, dict) and all(isinstance(data.get(k), torch.Tensor) for k in ("mean", "std", "labels"))):
-        raise DataError(f"latent cache shard {path} does not hold mean, std and labels; {_REENCODE}")
+        raise fault("does not hold mean, std and labels")
     if data["mean"].shape[0] != shard["count"]:
-        raise DataError(f"latent cache shard {path} holds {data['mean'].shape[0]} images, the index says "
-                        f"{shard['count']}; {_REENCODE}")
+        raise fault(f"holds {data['mean'].shape[0]} images, the index says {shard['count']}")
     size = index["latent_size"]
     expected = (shard["count"], 2, index["latent_channels"], size, size)  # both flips
     found = [tuple(data[k].shape) for k in ("mean", "std")]
     if found != [expected] * 2 or tuple(data["labels"].shape) != (shard["count"],):
-        raise DataError(f"latent cache shard {path} holds latents of shape {found[0]} (std {found[1]}, labels "
-                        f"{tuple(data['labels'].shape)}), the index says {expected}; {_REENCODE}")
+        raise fault(f"holds latents of shape {found[0]} (std {found[1]}, labels {tuple(data['labels'].shape)}), the "
+                    f"index says {expected}")
     return data
 
 
@@ -486,7 +492,7 @@ def read_cache_index(root: str, flag: str = "--latent-cache") -> dict:
     """The index of the finished latent cache at `root` (given as `flag`); DataError saying what to do."""
     path = os.path.join(root, CACHE_INDEX)
     if not os.path.isfile(path):
-        if _latent_cache_settings(root):  # written first, the index last
+        if "dataset_sha256" in (latent_cache_settings(root) or {}):  # written first, the index last
             raise DataError(f"{flag} {root} is unfinished (no {CACHE_INDEX} yet, the last file written): "
                             f"to finish it, {_RERUN}")
         what = (f"has no {CACHE_INDEX}" if os.path.isdir(root) else "is a file, not a folder" if os.path.exists(root)
@@ -502,14 +508,15 @@ def read_cache_index(root: str, flag: str = "--latent-cache") -> dict:
     return index
 
 
-def _latent_cache_settings(root: str) -> bool:
-    """Whether root holds the settings.json of a latent cache (python -m sit_fast.latent_cache's)."""
+def latent_cache_settings(root: str) -> dict | None:
+    """The settings.json in root (a latent cache's, python -m sit_fast.latent_cache's, where it holds
+    "dataset_sha256"), or None where there is none to read."""
     try:
         with open(os.path.join(root, "settings.json")) as f:
             settings = json.load(f)
     except (OSError, ValueError):
-        return False
-    return isinstance(settings, dict) and "dataset_sha256" in settings
+        return None
+    return settings if isinstance(settings, dict) else None
 
 
 DATASETS = ("imagefolder", "digits")

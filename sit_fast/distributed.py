@@ -27,6 +27,7 @@ import torch
 import torch.distributed as dist
 
 from sit_fast.errors import PeerFailed, UserError, first_line
+from sit_fast.interrupts import stop_signals_noted, what_stopped
 
 HOST_TIMEOUT = timedelta(hours=6)  # how long a host-side exchange waits for the slowest rank
 _host_group = None
@@ -168,8 +169,6 @@ def peer_failed(err: BaseException, when: str = "",
     A stop signal in that wait (torchrun ending this process too) ends the wait and is noted on the
     error (stop_noted), which cli_entry then takes as the signal it waits for: raised here, within the
     caller's `except` of gloo's error, it would escape as a stop in place of the line."""
-    from sit_fast.interrupts import stop_signals_noted
-
     deadline = time.monotonic() + (PEER_SEEN_ENDED_S if _joined else 0.0)
     with stop_signals_noted() as noted:
         while not (ended := ended_here()) and not noted and time.monotonic() < deadline:
@@ -272,8 +271,6 @@ def stop_words(err: KeyboardInterrupt, info: DistInfo | None = None, per_node: b
     SIGTERM"), or None where another process says it (speaks_for). Where it speaks in place of processes
     that ended first, it names them: torchrun stops the others once one has ended ("rank 0 (on a) ended,
     and the others were stopped by SIGTERM")."""
-    from sit_fast.interrupts import what_stopped
-
     ended = speaks_for(info, per_node)
     if ended is None:
         return None

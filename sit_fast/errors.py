@@ -164,19 +164,14 @@ def report(message: str, later_s: int = 0) -> None:
                 json.dump({"message": {"message": line, "extraInfo": {"timestamp": stamp}}}, f)
         except OSError:
             error_file = None
-    if os.environ.get("RANK", "0") == "0" or not error_file or _speaks_for_rank_0():
+    # where a process group was joined: rank 0 killed (it says nothing), the lowest process of its node
+    # still running speaks in its place (distributed.speaks_for)
+    distributed = sys.modules.get("sit_fast.distributed")
+    if (os.environ.get("RANK", "0") == "0" or not error_file
+            or (distributed is not None and bool(distributed.speaks_for()))):
         print(line, file=sys.stderr)
-        distributed = sys.modules.get("sit_fast.distributed")
         if distributed is not None:
             distributed.mark_said()
-
-
-def _speaks_for_rank_0() -> bool:
-    """Whether rank 0 of this job was killed (it says nothing) and this process speaks in its place: the
-    lowest of rank 0's node still running (distributed.speaks_for); False where no process group was
-    joined (nothing is known of the others)."""
-    distributed = sys.modules.get("sit_fast.distributed")
-    return distributed is not None and bool(distributed.speaks_for())
 
 
 def line_buffered_stdout() -> None:

@@ -48,8 +48,8 @@ import torch
 
 from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonnegative_int, positive_int, user_path
 from sit_fast.data import (
-    CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, ImageFolderDataset, UnreadableImage, close_loader, data_fingerprint,
-    load_cache_shard, make_loader, read_cache_index, worker_error,
+    CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, DataError, ImageFolderDataset, UnreadableImage, close_loader,
+    data_fingerprint, latent_cache_settings, load_cache_shard, make_loader, read_cache_index, worker_error,
 )
 from sit_fast.distributed import (agree, barrier, broadcast_object, check_shared_path, cleanup, init_distributed,
                                   is_distributed, on_main, peer_ended, peer_failed, stop_words)
@@ -331,8 +331,8 @@ def shard_damage(root: str, shard: dict, index: dict) -> str | None:
         return f"its bytes changed since it was written (record {changed} fails its CRC-32)"
     try:
         data = load_cache_shard(root, shard, index)
-    except UserError as err:
-        return str(err).removeprefix(f"latent cache shard {path} ").split("; ")[0]
+    except DataError as err:
+        return err.fault
     mean, std, labels = data["mean"], data["std"], data["labels"]
     if not bool(torch.isfinite(mean).all()):
         return "non-finite means"
@@ -356,12 +356,7 @@ def verify_cache(args: argparse.Namespace) -> dict:
             damaged.append(f"{shard['file']}: {damage}")
         bar.update(shard["count"])
     bar.close()
-    settings = {}
-    try:
-        with open(os.path.join(args.out, "settings.json"), encoding="utf-8") as f:
-            settings = json.load(f)
-    except (OSError, ValueError):
-        pass
+    settings = latent_cache_settings(args.out) or {}
     folder = args.data_path or index.get("data_path")
     if damaged:
         try:
@@ -377,7 +372,7 @@ def verify_cache(args: argparse.Namespace) -> dict:
         images = "; images not compared (settings.json, which records their list, cannot be read)"
     elif folder and os.path.isdir(folder):  # the images' list (names and classes) against the one encoded
         listed = ImageFolderDataset(folder, index["image_size"])
-        if data_fingerprint(listed) != settings.get("dataset_sha256"):
+        if data_fingerprint(listed) != settings["dataset_sha256"]:
             raise UserError(f"--out {args.out}: its shards are whole, but the images in {folder} are no longer those "
                             f"encoded ({len(listed)} there now, {index['num_images']} in the cache, or other names "
                             f"or classes): encode them into a new --out to train on them")

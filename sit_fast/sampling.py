@@ -581,9 +581,10 @@ def png_path(sample_dir: str, index: int) -> str:
     return os.path.join(sample_dir, f"{index:06d}.png")
 
 
-def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int) -> list[int]:
-    """Chunks k (images k*chunk_size ... , below num_samples) with at least one PNG missing."""
-    present = set(os.listdir(sample_dir)) if os.path.isdir(sample_dir) else set()
+def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int, names: set[str] | None = None) -> list[int]:
+    """Chunks k (images k*chunk_size ... , below num_samples) with at least one PNG missing (`names`:
+    the folder's, where the caller has listed it)."""
+    present = names if names is not None else set(os.listdir(sample_dir)) if os.path.isdir(sample_dir) else set()
     pending = []
     for k in range(math.ceil(num_samples / chunk_size)):
         stop = min((k + 1) * chunk_size, num_samples)
