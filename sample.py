@@ -90,7 +90,7 @@ from sit_fast.files import (
     WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_room, make_writable_folder, refusal,
     unfinished_writes,
 )
-from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped
+from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped, winding_down
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, sdpa_backend_from_env, select_backend
@@ -851,10 +851,15 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
               f"all {total} images already in {sample_dir}: nothing to sample")
     writer = PNGWriter(sample_dir)
     bar = progress(todo, "sampling", "img", disable=not dist.is_main or not todo)
+    # a second Ctrl-C while the queued PNGs are finished, or the line below is said
+    again = (f"interrupted again, stopping at once: the images written are kept, any being written are left "
+             f"unfinished under temporary names (which the next run removes): run the same command again to "
+             f"sample the rest into {sample_dir} and write {npz_path}")
 
     def stopped(err: KeyboardInterrupt, doing: str = "") -> SystemExit:
         """Said once per node (a signal may reach one node's processes only): the PNGs are written whole
         (atomically) and the queued ones finished, so all are kept; the exit to raise."""
+        winding_down(again)
         bar.close()
         if (said := stop_words(err, dist, per_node=True)) is not None:  # its local rank 0, or one in its place
             names = set(os.listdir(sample_dir))
@@ -882,6 +887,9 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
                     other_arithmetic = False
                 writer.write(images, kept)
                 bar.update(min(len(kept) * dist.world_size, todo - bar.n))
+        except KeyboardInterrupt:
+            winding_down(again)  # the queued PNGs are finished first
+            raise
         finally:
             writer.close()
     except UserError:  # e.g. a full disk: the error on a line of its own, after the bar
@@ -1224,12 +1232,14 @@ def items_in(batches: list[int], total: int, batch_size: int) -> int:
 
 
 def over_batches(desc: str, total: int, batch_size: int, step, pending: list[int] | None = None,
-                 dist: DistInfo | None = None, wait=None) -> tuple[list[torch.Tensor], KeyboardInterrupt | None]:
+                 dist: DistInfo | None = None, wait=None,
+                 parts: BatchParts | None = None) -> tuple[list[torch.Tensor], KeyboardInterrupt | None]:
     """step(k, first) for the batches k of `total` items in `pending` (default: all) that are this
     process's (every world_size-th from its rank), with a progress bar on the main process over the
     items of all pending batches, then wait(bar) if given (the main process waiting for the others):
     (this process's results, the Ctrl-C or stop signal that stopped it, or None). A stop keeps the
-    batches finished."""
+    batches finished (in `parts`, if given); a second Ctrl-C while they are read and reported ends the
+    job at once (winding_down)."""
     pending = list(range(math.ceil(total / batch_size))) if pending is None else pending
     rank, world, main = (0, 1, True) if dist is None else (dist.rank, dist.world_size, dist.is_main)
     todo = items_in(pending, total, batch_size)
@@ -1242,6 +1252,10 @@ def over_batches(desc: str, total: int, batch_size: int, step, pending: list[int
             if wait is not None:
                 wait(bar)
     except KeyboardInterrupt as err:
+        kept = (f"the results of the batches finished are kept in {parts.folder}: run the same command again to "
+                f"compute the rest" if parts is not None else "nothing is kept (--out FILE keeps the batches as "
+                "they are finished)")
+        winding_down(f"interrupted again, stopping at once: {kept}")
         return results, err
     return results, None
 
@@ -1509,7 +1523,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     start = time.perf_counter()
     wait = parts.wait if parts is not None and dist.is_main and dist.world_size > 1 else None
     with unused_parts_removed(parts, dist):
-        new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait)
+        new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait, parts)
     elapsed = time.perf_counter() - start
     if not dist.is_main:
         stopped_word(parts, interrupted, dist)
@@ -1594,7 +1608,7 @@ def run_reverse(setup: Setup) -> str:
 
     wait = parts.wait if dist.is_main and dist.world_size > 1 else None
     with unused_parts_removed(parts, dist):
-        _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait)
+        _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait, parts)
     if not dist.is_main:
         stopped_word(parts, interrupted, dist)
         exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, len(x), dist), len(x), dist)
@@ -1665,13 +1679,13 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
     args.prog = prog
     args = resolve_args(args)
     dist = init_distributed()
-    try:
-        with stop_signals_raise():
+    with stop_signals_raise():  # to the end: a stop signal sent again while the process group is left is dropped
+        try:
             start_resource_tracker()
             return run_job(args, dist)
-    finally:
-        FolderLock.release_all()  # the folders a job held (the FID job's, OUT.parts/): another may take them now
-        cleanup()
+        finally:
+            FolderLock.release_all()  # the folders a job held (the FID job's, OUT.parts/): another may take them now
+            cleanup()
 
 
 def run_job(args: argparse.Namespace, dist: DistInfo):
@@ -1704,6 +1718,7 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
             raise  # collective that a process (failed in its setup, say) ended
         raise peer_failed(err) from None
     except KeyboardInterrupt as err:  # before a job's own loop (which keeps its results), or in a grid
+        winding_down(f"interrupted again, stopping at once{': no grid written' if args.job == 'grid' else ''}")
         if (said := stop_words(err, dist)) is not None:  # rank 0, or one in its place
             print(f"\n{said}", file=sys.stderr)
         raise SystemExit(exit_status(err)) from None

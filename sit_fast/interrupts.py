@@ -148,25 +148,73 @@ def stop_signals_noted():
         restore_handlers(previous)
 
 
+_WINDING_DOWN: list[str] = []  # the line of winding_down, while a stopped job finishes what it keeps
+_RAISING: list[bool] = []  # one per stop_signals_raise block open in the main thread
+
+
+def winding_down(line: str) -> None:
+    """A job stopped by Ctrl-C or a stop signal (in a stop_signals_raise block) now finishes what it keeps:
+    the queued PNGs, the loader's workers, the summary. Until the block ends, the stop signals sent again
+    are dropped, and another Ctrl-C ends the process at once: `line` (what is kept, what is left
+    unfinished) on stderr, once per machine, and exit status 130, not a KeyboardInterrupt wherever the
+    teardown was (its traceback, or a line that says nothing of what is kept). Called again, the line
+    is replaced; outside such a block (a job's parts called on their own), a no-op."""
+    if _RAISING:
+        _WINDING_DOWN[:] = [line]
+
+
+def _end_at_once(line: str) -> None:
+    """A second Ctrl-C while a stopped job winds down: `line`, then exit 130 with no more teardown (a write
+    cut short stays under its temporary name, atomic_write's; a folder's lock goes with the process). The
+    data loader's workers, which ignore the stop signals, are killed first: left, they would read on for
+    seconds, until they saw their parent gone."""
+    import multiprocessing
+
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            with contextlib.suppress(Exception):
+                child.kill()
+    with contextlib.suppress(Exception):  # a console that went away, a stream closed
+        sys.stdout.flush()
+    if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine; unbuffered, safe mid-print
+        with contextlib.suppress(OSError):
+            os.write(2, f"\n{line}\n".encode())
+    os._exit(128 + signal.SIGINT)
+
+
 @contextlib.contextmanager
 def stop_signals_raise():
-    """Within the block, the first stop signal raises Stopped in the main thread; later ones are
-    dropped, so the cleanup it starts (queued PNGs finished, workers stopped) is not cut short by
-    the same signal coming again (SLURM signals every process, and torchrun passes it on as well).
-    A signal the process started out ignoring stays ignored (SIGHUP under nohup). Off the main
-    thread, a no-op."""
+    """Within the block, the first stop signal raises Stopped in the main thread, and Ctrl-C
+    KeyboardInterrupt as always; later stop signals are dropped, so the cleanup it starts (queued PNGs
+    finished, workers stopped) is not cut short by the same signal coming again (SLURM signals every
+    process, and torchrun passes it on as well). Once the job says it winds down (winding_down), a
+    Ctrl-C ends it at once, with the job's line. A signal the process started out ignoring stays
+    ignored (SIGHUP under nohup, SIGINT under `&`). Off the main thread, a no-op."""
     raised = []
 
     def handle(signum, frame):
+        if signum == signal.SIGINT:
+            if _WINDING_DOWN:
+                _end_at_once(_WINDING_DOWN[0])
+            raised.append(signum)
+            raise KeyboardInterrupt  # as Python's own handler
         if not raised:
             raised.append(signum)
             raise Stopped(signum)
 
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     previous = {}
+    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handle)
     catch_stop_signals(handle, previous)
+    _RAISING.append(True)
     try:
         yield
     finally:
+        _RAISING.pop()
+        _WINDING_DOWN.clear()
         restore_handlers(previous)
 
 

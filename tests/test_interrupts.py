@@ -101,6 +101,71 @@ def _with_interrupts(body: str) -> str:
             "spec.loader.exec_module(interrupts)\n" + body)
 
 
+def signalled_child(code: str, argv: list, at: dict, timeout: float = 300) -> tuple[int, str, float | None]:
+    """`python -c code ARGV...` run from the repository, sent the signal at[marker] at the first stderr line
+    holding each marker, in turn (killed past `timeout` seconds): (exit status, stderr, seconds from the
+    last signal sent to the exit)."""
+    import threading
+    import time
+
+    child = subprocess.Popen([sys.executable, "-c", code, *map(str, argv)], cwd=REPO, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": REPO})
+    watchdog = threading.Timer(timeout, child.kill)
+    watchdog.start()
+    lines, sent, todo = [], None, list(at.items())
+    try:
+        for line in child.stderr:
+            lines.append(line)
+            if todo and todo[0][0] in line:
+                child.send_signal(todo.pop(0)[1])
+                sent = time.monotonic()
+        child.wait()
+    finally:
+        watchdog.cancel()
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    return child.returncode, "".join(lines), None if sent is None else time.monotonic() - sent
+
+
+def test_a_ctrl_c_while_a_stopped_job_winds_down_ends_it_at_once_with_the_jobs_line():
+    """Once a stopped job winds down (queued writes finished, its line said), the stop signals sent again
+    are dropped, and another Ctrl-C ends the process at once: the job's line (what is kept) and status
+    130, not a KeyboardInterrupt wherever the teardown was. A stop signal after a Ctrl-C is the same stop."""
+    script = _with_interrupts("with interrupts.stop_signals_raise():\n"
+                              "    try:\n"
+                              "        signal.raise_signal(signal.SIGINT)\n"
+                              "    except KeyboardInterrupt:\n"
+                              "        signal.raise_signal(signal.SIGTERM)\n"
+                              "        interrupts.winding_down('interrupted again: the files written are kept')\n"
+                              "        signal.raise_signal(signal.SIGHUP)\n"
+                              "        print('winding down', flush=True)\n"
+                              "        signal.raise_signal(signal.SIGINT)\n"
+                              "        print('not reached', flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "winding down\n",
+                                                        "\ninterrupted again: the files written are kept\n"), out
+
+
+def test_winding_down_ends_with_the_block(restore_handlers):
+    """Past the stop_signals_raise block, Ctrl-C is Python's KeyboardInterrupt again, and the next block's
+    first Ctrl-C raises, whatever the last job said as it wound down, or a job's parts called on their own
+    (over_batches in a test) said outside any block."""
+    from sit_fast.interrupts import winding_down
+
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals_raise():
+            winding_down("interrupted again")
+            raise KeyboardInterrupt
+    assert signal.getsignal(signal.SIGINT) is before
+    winding_down("interrupted again, outside the block")
+    with pytest.raises(KeyboardInterrupt):
+        with stop_signals_raise():
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before
+
+
 def _stderr_of_a_child_whose_reader_is_gone(script: str) -> str:
     """The child's stderr when its stdout pipe is closed before the first line (`| head -0`); its
     exit status must be 0."""

@@ -33,6 +33,7 @@ from sit_fast.sampling import (
     pending_chunks, png_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, create_transport
+from tests.test_interrupts import signalled_child
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_CLASSES = 10
@@ -1683,6 +1684,60 @@ def as_rank_1_of_2(monkeypatch, local_rank: int = 1) -> None:
         rank=1, world_size=2, local_rank=local_rank, device=torch.device("cpu"), is_main=False))
 
 
+# Each PNG's bytes are written, then 5 s pass before its rename ("writing"); "teardown" as the PNGs queued
+# when the job was stopped are finished.
+SLOW_PNG_WRITES = """
+import runpy, sys, time
+from sit_fast import sampling
+real_write, real_close = sampling.atomic_write, sampling.PNGWriter.close
+
+def slow_write(path, write):
+    def then_wait(f):
+        write(f)
+        f.flush()
+        print("writing", file=sys.stderr, flush=True)
+        time.sleep(5)
+    real_write(path, then_wait if path.endswith(".png") else write)
+
+def close(self):
+    print("teardown", file=sys.stderr, flush=True)
+    real_close(self)
+
+sampling.atomic_write, sampling.PNGWriter.close = slow_write, close
+script, sys.argv = sys.argv[1], sys.argv[1:]
+runpy.run_path(script, run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("script", ["sample.py", "sample_ddp.py"])
+def test_a_second_ctrl_c_while_the_queued_pngs_are_finished_stops_at_once(script, files, tmp_path):
+    """Ctrl-C, then Ctrl-C again while the PNGs queued are finished (seconds each at 512 px): the job ends
+    at once, exit 130, with one line on what is kept and what is left unfinished, not after every queued
+    write with the first stop's count; a PNG cut short stays under its temporary name, which the next
+    run removes, and that run finishes the job."""
+    sample_dir = tmp_path / "s"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 6, "--per-proc-batch-size", 2, "--sample-dir", sample_dir, "--no-run-folder", *FAST]
+    status, err, after = signalled_child(SLOW_PNG_WRITES, [script, *argv],
+                                         {"writing": signal.SIGINT, "teardown": signal.SIGINT})
+    assert status == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"interrupted again, stopping at once: the images written are kept, any being "
+                                    f"written are left unfinished under temporary names (which the next run "
+                                    f"removes): run the same command again to sample the rest into {sample_dir} and "
+                                    f"write {sample_dir}.npz"), err
+    assert after < 4, f"{after:.1f} s from the second Ctrl-C to the exit"  # the queued writes take 10 s
+    names = os.listdir(sample_dir)
+    for name in names:  # under its own name, a PNG is whole
+        if re.fullmatch(r"\d{6}\.png", name):
+            read_png(sample_dir / name)
+        else:
+            assert name in (".lock", "settings.json") or re.fullmatch(r"\.\d{6}\.png\.tmp-\d+", name), names
+    run(argv)
+    assert not [name for name in os.listdir(sample_dir) if ".tmp-" in name]
+    with np.load(f"{sample_dir}.npz") as archive:
+        assert archive["arr_0"].shape == (6, 8, 8, 3)
+
+
 def test_an_fid_job_stopped_on_another_node_says_so_there(files, tmp_path, capsys, monkeypatch):
     """A stop may reach one node's processes only: the first process of each node (rank 1 of 2 here,
     local rank 0) says that the images written are kept."""
@@ -3235,6 +3290,49 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     captured = capsys.readouterr()
     assert f"{stop.words} after 0 of 5 items: nothing finished" in captured.err
     assert "kept" not in captured.out, captured.out
+
+
+# Each batch's results, once in OUT.parts/, are followed by 2 s of nothing ("batch"); "teardown" as a
+# stopped job reads the batches finished, 5 s before it does.
+SLOW_PARTS = """
+import sys, time
+import sample
+real_write, real_read = sample.BatchParts.write, sample.BatchParts.read
+
+def write(self, k, result):
+    result = real_write(self, k, result)
+    print("batch", file=sys.stderr, flush=True)
+    time.sleep(2)
+    return result
+
+def read(self, every=False):
+    if not every:
+        print("teardown", file=sys.stderr, flush=True)
+        time.sleep(5)
+    return real_read(self, every)
+
+sample.BatchParts.write, sample.BatchParts.read = write, read
+sys.argv = sys.argv[1:]
+sample.main()
+"""
+
+
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_a_second_ctrl_c_while_a_stopped_data_job_reports_ends_it_saying_what_is_kept(job, files, tmp_path):
+    """Ctrl-C, then Ctrl-C again while the batches finished are read and reported: the job ends at once,
+    exit 130, with one line saying that they are kept in OUT.parts/ (not a bare "interrupted"), and
+    the same command computes the rest."""
+    argv, out, saved = data_job(job, 5, files, tmp_path)
+    parts = tmp_path / f"{out.name}.parts"
+    status, err, after = signalled_child(SLOW_PARTS, ["sample.py", *argv],
+                                         {"batch": signal.SIGINT, "teardown": signal.SIGINT})
+    assert status == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"interrupted again, stopping at once: the results of the batches finished are "
+                                    f"kept in {parts}: run the same command again to compute the rest"), err
+    assert after < 4, f"{after:.1f} s from the second Ctrl-C to the exit"
+    assert not out.exists() and "000000.pt" in os.listdir(parts)
+    run(argv)
+    assert len(saved()) == 5 and not parts.exists()
 
 
 def test_a_likelihood_without_out_stopped_reports_the_first_items(files, tmp_path, capsys, monkeypatch):
