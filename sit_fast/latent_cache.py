@@ -61,7 +61,7 @@ from sit_fast.files import (
     unfinished_writes,
 )
 from sit_fast.interrupts import (
-    exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise,
+    exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, winding_down,
 )
 from sit_fast.progress import progress
 from sit_fast.sampling import check_settings
@@ -133,6 +133,13 @@ def write_refused(what: str, err: OSError) -> UserError:
     """The one line for a write the filesystem refused (full, read-only, ...): shards are whole or absent."""
     return UserError(f"cannot write {what} ({refusal(err)}): the shards written are kept: {make_room(err)} and "
                      f"run the same command again to encode the rest")
+
+
+def again_words(out: str) -> str:
+    """The line of a second Ctrl-C while a stopped build winds down (its workers stopped, its line said)."""
+    return (f"interrupted again, stopping at once: the shards written are kept (a shard is written whole or left "
+            f"under a temporary name, which the next run removes): run the same command again to encode the rest "
+            f"into {out}")
 
 
 def check_out_folder(args: argparse.Namespace) -> None:
@@ -270,6 +277,9 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
                 raise write_refused(path, err) from None
             if dist_info.is_main:
                 bar.write(f"rank 0: wrote {path} ({count} images)")
+    except KeyboardInterrupt:
+        winding_down(again_words(args.out))  # the loader's workers are stopped first
+        raise
     finally:
         close_loader(loader)
     bar.close()
@@ -416,6 +426,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 raise
             raise peer_failed(err) from None
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
+            winding_down(again_words(args.out))
             if (said := stop_words(err)) is not None:  # rank 0, or one in its place
                 print(f"\n{said}; the shards written are kept: run the same command again to encode "
                       f"the rest into {args.out}", file=sys.stderr)

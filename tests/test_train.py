@@ -16,6 +16,7 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -4332,6 +4333,61 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     assert str(info.value) == (f"--latent-cache {out} is unfinished (no index.json yet, the last file written): to "
                                f"finish it, run python -m sit_fast.latent_cache again with the same flags (it encodes "
                                f"only the missing shards)")
+
+
+# Each encoder call "encoding", 1 s; "teardown" as a stopped build stops its loader's workers, 5 s before it does.
+SLOW_CACHE_TEARDOWN = """
+import sys, time
+from sit_fast import latent_cache
+real_close, real_load_vae = latent_cache.close_loader, latent_cache.load_vae
+
+def close_loader(loader):
+    print("teardown", file=sys.stderr, flush=True)
+    time.sleep(5)
+    real_close(loader)
+
+def load_vae(*args, **kwargs):
+    codec = real_load_vae(*args, **kwargs)
+    encode = codec.vae.encode
+
+    def slow(x):
+        print("encoding", file=sys.stderr, flush=True)
+        time.sleep(1)
+        return encode(x)
+
+    codec.vae.encode = slow
+    return codec
+
+latent_cache.close_loader, latent_cache.load_vae = close_loader, load_vae
+sys.argv[0] = "python -m sit_fast.latent_cache"
+latent_cache.main()
+"""
+
+
+def test_a_second_ctrl_c_while_a_stopped_latent_cache_winds_down_ends_it_saying_what_is_kept(tmp_path):
+    """Ctrl-C, then Ctrl-C again while the stopped build stops its loader's workers: it ends at once,
+    exit 130, with one line on what is kept (the shards written whole) and on a shard cut short (left
+    under a temporary name, which the next run removes), as sample.py's jobs do; the same command then
+    finishes the cache."""
+    from sit_fast import latent_cache
+    from tests.test_interrupts import signalled_child
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=6)
+    out = str(tmp_path / "cache")
+    argv = _cache_args(images, vae_dir, out, "--num-workers", "1")
+    status, err, after = signalled_child(SLOW_CACHE_TEARDOWN, argv,
+                                         {"encoding": signal.SIGINT, "teardown": signal.SIGINT})
+    assert status == 130 and "Traceback" not in err, err
+    assert err.splitlines()[-1] == (f"interrupted again, stopping at once: the shards written are kept (a shard is "
+                                    f"written whole or left under a temporary name, which the next run removes): run "
+                                    f"the same command again to encode the rest into {out}"), err
+    assert after < 4, f"{after:.1f} s from the second Ctrl-C to the exit"
+    assert not [name for name in os.listdir(out) if name.startswith("shard-")], os.listdir(out)
+    index = latent_cache.main(argv)
+    assert [shard["count"] for shard in index["shards"]] == [2, 2, 2]
 
 
 def test_latent_cache_outlives_its_console(tmp_path, monkeypatch):
