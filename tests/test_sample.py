@@ -217,6 +217,33 @@ def test_a_stopped_grid_is_one_line(files, tmp_path, capsys, monkeypatch, stop):
     assert not (tmp_path / "grid.png").exists()
 
 
+def test_a_stop_signal_sent_again_while_the_job_leaves_its_process_group_is_dropped(files, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """SIGTERM, then SIGTERM again as the stopped job releases its folders and leaves the process group
+    (SLURM signals every process, torchrun passes it on): dropped, not handed to the handler from before
+    the job (by default the process's end by SIGTERM, its folder locks and process group left behind)."""
+    import time
+
+    left = []
+
+    def signalled_again():
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # the handler runs here
+        left.append(True)
+
+    monkeypatch.setattr(sample.Setup, "sample", lambda self, *args: os.kill(os.getpid(), signal.SIGTERM))
+    monkeypatch.setattr(sample, "cleanup", signalled_again)
+    before_the_job = []
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: before_the_job.append(signum))
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--out", tmp_path / "grid.png", *FAST])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert exit_info.value.code == 128 + signal.SIGTERM and left == [True] and before_the_job == []
+    assert capsys.readouterr().err.endswith("\nstopped by SIGTERM\n")
+
+
 #################################################################################
 #                      Checkpoints and one-line errors                           #
 #################################################################################
