@@ -78,11 +78,14 @@ def memory_kind(error: BaseException) -> str:
     return "GPU memory" if cause is not None and _gpu_out_of_memory(cause) else "memory"
 
 
-def byte_size(count: float) -> str:
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
-        if count >= size:
-            return f"{count / size:.1f} {unit}"
-    return f"{count:.0f} bytes"
+def amount(size: float) -> str:
+    """A number of bytes as the messages give it (sizes on disk, allocations): "2.0 TiB", "1.5 GiB", "12 MiB",
+    "3 KiB", "1000 bytes"."""
+    for unit, scale, digits in (("TiB", 2**40, 1), ("GiB", 2**30, 1), ("MiB", 2**20, 0), ("KiB", 2**10, 0)):
+        if size >= scale:
+            return f"{size / scale:.{digits}f} {unit}"
+    size = int(size)
+    return f"{size} byte{'' if size == 1 else 's'}"
 
 
 def device_bytes(device) -> int | None:
@@ -110,8 +113,8 @@ def allocation_past_device(error: BaseException, device, sizes: str) -> str | No
     count = float(asked.group(1)) * UNIT_BYTES[asked.group(2).lower()]
     if count <= total:
         return None
-    return (f"out of {memory_kind(error)} on {device}: one allocation asked for {byte_size(count)}, more than the "
-            f"{byte_size(total)} it has in all: a size given is far too large (check {sizes})")
+    return (f"out of {memory_kind(error)} on {device}: one allocation asked for {amount(count)}, more than the "
+            f"{amount(total)} it has in all: a size given is far too large (check {sizes})")
 
 
 def first_line(err: BaseException, limit: int = 300) -> str:

@@ -9,7 +9,7 @@ import socket
 import stat
 import tempfile
 
-from sit_fast.errors import UserError
+from sit_fast.errors import UserError, amount
 
 # A write failing so is the place's fault (full, over quota, read-only, not ours, past a file size limit): the
 # user's to fix.
@@ -186,12 +186,6 @@ def atomic_write(path: str, write) -> None:
         pass
     finally:
         os.close(fd)
-
-
-def amount(size: int) -> str:
-    """A size on disk as the messages give it: "1.5 GiB", "12 MiB", "3 KiB", "1000 bytes"."""
-    return (f"{size / 2**30:.1f} GiB" if size >= 2**30 else f"{size / 2**20:.0f} MiB" if size >= 2**20
-            else f"{size / 2**10:.0f} KiB" if size >= 2**10 else f"{size} byte{'' if size == 1 else 's'}")
 
 
 def unfinished_writes(folder: str, name: str, what: str, by: str, lock: FolderLock | None = None) -> str | None:

@@ -1054,6 +1054,21 @@ def test_an_allocation_larger_than_the_whole_device_is_told_as_a_size_too_large(
     assert allocation_past_device(MemoryError(), cpu, "--batch-size 8") is None  # no size said
 
 
+def test_byte_amounts_are_said_alike_in_every_message(monkeypatch):
+    """Sizes on disk and allocations were said by two functions in two styles ("3 MiB" beside "3.0 MiB",
+    "2048.0 GiB" for 2 TiB): one, sit_fast.errors.amount, says them all."""
+    from sit_fast import errors, files
+
+    assert files.amount is errors.amount
+    assert [errors.amount(n) for n in (1, 1000, 5000, 3 * 2**20, 3 * 2**30 // 2, 2**41, 2.5 * 2**20)] == [
+        "1 byte", "1000 bytes", "5 KiB", "3 MiB", "1.5 GiB", "2.0 TiB", "2 MiB"]
+    monkeypatch.setattr(errors, "device_bytes", lambda device: 3 * 2**20)
+    error = RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 5242880 bytes.")
+    assert errors.allocation_past_device(error, torch.device("cpu"), "--batch-size 8") == (
+        "out of memory on cpu: one allocation asked for 5 MiB, more than the 3 MiB it has in all: a size given is "
+        "far too large (check --batch-size 8)")
+
+
 def test_a_recorded_model_config_beside_upstream_style_args_is_read(tmp_path):
     """A checkpoint holding an argparse.Namespace (upstream's args) and a model_config: the config was
     read without the Namespace allowed, so the file's latent space was lost (export, sample.py)."""
