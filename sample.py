@@ -88,7 +88,7 @@ from sit_fast.errors import (
 )
 from sit_fast.files import (
     WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_room, make_writable_folder, refusal,
-    unfinished_writes,
+    unfinished_writes, write_failed, written_kept,
 )
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped, winding_down
 from sit_fast.models import SiT_models, fused_kernels_flag
@@ -97,8 +97,8 @@ from sit_fast.attention import ATTN_BACKENDS, sdpa_backend_from_env, select_back
 from sit_fast.sampling import (
     PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, add_arithmetic, build_model, build_npz,
     check_settings, checkpoint_preference, default_cfg_channels, foreign_npz,
-    check_training_args, derived_seed, index_noise, model_call_times, pending_chunks, pretrained_checkpoint_for,
-    npz_array, release_or_path, settings_differences, to_rgb_uint8,
+    check_training_args, derived_seed, images_in, index_noise, model_call_times, pending_chunks,
+    pretrained_checkpoint_for, npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import (PATH_TYPES, PREDICTIONS, SAMPLE_EPS_DEFAULT, Sampler, add_ode_args, add_sde_args,
                                 add_transport_args, create_transport, in_flag_words)
@@ -666,7 +666,10 @@ def run_grid(setup: Setup) -> str:
     elapsed = time.perf_counter() - start
     from sit_fast.images import save_image_grid
 
-    save_image_grid(torch.cat(images), out, nrow=min(4, len(labels)))
+    try:
+        save_image_grid(torch.cat(images), out, nrow=min(4, len(labels)))
+    except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO)
+        raise write_failed(out, err, "", "run it again") from None
     print(f"sampled {len(labels)} images in {elapsed:.1f} s: {len(labels) / elapsed:.2f} images/s -> {out}")
     return out
 
@@ -883,7 +886,12 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
                 except NonFinite as error:  # a resume redraws the same noise: it would diverge again
                     raise NonFinite(f"{error} (the same settings draw the same noise again)") from None
                 if other_arithmetic:  # before this job's first image: the record says the folder mixes them
-                    add_arithmetic(sample_dir, setup.arithmetic)
+                    try:
+                        add_arithmetic(sample_dir, setup.arithmetic)
+                    except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO)
+                        written = written_kept(images_in(sample_dir), "image")
+                        raise write_failed(err.filename or sample_dir, err, written,
+                                           "run the same command again to sample the rest") from None
                     other_arithmetic = False
                 writer.write(images, kept)
                 bar.update(min(len(kept) * dist.world_size, todo - bar.n))
@@ -919,6 +927,9 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
             shape = build_npz(sample_dir, total, npz_path)  # the other ranks are done: no barrier to time out
         except KeyboardInterrupt as err:  # the .npz is written whole or not at all
             raise stopped(err, f" while writing {npz_path}") from None
+        except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO): every image is kept
+            raise write_failed(err.filename or npz_path, err, written_kept(images_in(sample_dir), "image"),
+                               "run the same command again to finish") from None
         print(f"saved {npz_path} [arr_0: {'x'.join(map(str, shape))} uint8]")
     return npz_path
 
@@ -1322,11 +1333,26 @@ class BatchParts:
         return f"{k:06d}.pt"
 
     def write(self, k: int, result: torch.Tensor) -> torch.Tensor:
-        if self.other_arithmetic:  # before this job's first batch: the record says the folder mixes them
-            add_arithmetic(self.folder, self.arithmetic)
-            self.other_arithmetic = False
-        atomic_torch_save(result, os.path.join(self.folder, self.name(k)))
+        path = os.path.join(self.folder, self.name(k))
+        try:
+            if self.other_arithmetic:  # before this job's first batch: the record says the folder mixes them
+                add_arithmetic(self.folder, self.arithmetic)
+                self.other_arithmetic = False
+            atomic_torch_save(result, path)
+        except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO): the batches there are whole
+            raise write_failed(err.filename or path, err, self.kept(), "run the same command again to finish") \
+                from None
         return result
+
+    def kept(self) -> str:
+        """What the folder keeps, for the line of a failed write: "the 3 batches written are kept in
+        OUT.parts", or "nothing was written yet"."""
+        try:
+            count = sum(self.name(k) in set(os.listdir(self.folder)) for k in range(self.batches))
+        except OSError:
+            count = 0
+        said = written_kept(count, "batch", "batches")
+        return f"{said} in {self.folder}" if count else said
 
     def read(self, every: bool = False) -> list[torch.Tensor]:
         """The results of the batches in the folder now, in batch order (`every`: all must be there)."""
@@ -1541,7 +1567,10 @@ def run_likelihood(setup: Setup) -> np.ndarray:
         print(f"{bpd_summary(bpd, of)} ({detail}, {elapsed:.1f} s{computed})")
     if parts is not None:
         if interrupted is None:
-            write_bpd(out, bpd, settings)
+            try:
+                write_bpd(out, bpd, settings)
+            except OSError as err:  # every batch is in OUT.parts/: only OUT is left to write
+                raise write_failed(out, err, parts.kept(), "run the same command again to finish") from None
             parts.remove()
             print(f"saved per-item bpd to {out}")
         else:
@@ -1616,7 +1645,10 @@ def run_reverse(setup: Setup) -> str:
     if interrupted is not None:
         exit_if_interrupted(interrupted, say_kept(parts, sum(len(r) for r in parts.read()), len(x)), len(x), dist)
     noise = torch.cat(parts.read(every=True))
-    atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
+    try:
+        atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
+    except OSError as err:  # every batch is in OUT.parts/: only OUT is left to write
+        raise write_failed(out, err, parts.kept(), "run the same command again to finish") from None
     parts.remove()
     print(f"encoded {len(noise)} items ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
     return out

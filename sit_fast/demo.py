@@ -27,7 +27,7 @@ quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads en
 import torch
 
 from sit_fast.errors import UserError, cli_entry
-from sit_fast.files import WRITE_REFUSED, atomic_write, make_folder, make_room, refusal
+from sit_fast.files import WRITE_REFUSED, atomic_write, is_inside, make_folder, make_room, refusal
 
 # What a training run writes into its folder: the demo starts afresh over a folder holding these alone
 RUN_ENTRIES = {"log.txt", "experiment.json", "checkpoints", "samples", "tensorboard", ".lock"}
@@ -201,8 +201,9 @@ def main(argv: list[str] | None = None) -> dict:
         results.update(train_seconds=trained - started, total_seconds=time.perf_counter() - started)
         text = json.dumps(results, indent=1)
         atomic_write(os.path.join(args.out, "results.json"), lambda f: f.write(text.encode()))
-    except OSError as err:
-        if err.errno not in WRITE_REFUSED:
+    except OSError as err:  # refused (a full disk), or a write into --out failed (a failing disk's EIO)
+        if err.errno not in WRITE_REFUSED and not (err.errno is not None and err.filename is not None
+                                                   and is_inside(err.filename, args.out)):
             raise
         raise UserError(f"cannot write {err.filename or args.out} ({refusal(err)}): the run trained is kept: "
                         f"{make_room(err)} and run the demo again with --skip-training to evaluate it") from None

@@ -17,19 +17,46 @@ WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES
 
 
 def refusal(err: OSError) -> str:
-    """Why the filesystem refused a write (an error of WRITE_REFUSED), for a message: its own words, and for a
-    file grown past a size limit, which limits there are ("File too large" alone says neither)."""
-    said = err.strerror or str(err)
+    """Why a write failed, for a message: the filesystem's own words; for a file grown past a size limit,
+    which limits there are ("File too large" alone says neither); for an error that is not a refusal (not
+    of WRITE_REFUSED: a failing disk's EIO, say), its errno's name too."""
+    said = err.strerror or (os.strerror(err.errno) if err.errno is not None else str(err))
     if err.errno == errno.EFBIG:
         return f"{said}: past the file size limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)"
+    if err.errno is not None and err.errno not in WRITE_REFUSED and errno.errorcode.get(err.errno):
+        return f"{said}, {errno.errorcode[err.errno]}"
     return said
 
 
 def make_room(err: OSError) -> str:
-    """What lets a refused write (an error of WRITE_REFUSED) succeed, for a message."""
+    """What lets a failed write succeed, for a message: room or permission for a write the filesystem
+    refused (an error of WRITE_REFUSED), a disk mended (or another) for one that failed otherwise (EIO)."""
     if err.errno == errno.EFBIG:
         return "raise the file size limit (or write onto another filesystem)"
-    return "make room (or make the folder writable)"
+    if err.errno in WRITE_REFUSED:
+        return "make room (or make the folder writable)"
+    return "fix the disk (the system log says what failed), or write onto another filesystem"
+
+
+def write_failed(path: str, err: OSError, kept: str, again: str) -> UserError:
+    """The one line for an output that could not be written (any OSError of a write: refused, or a
+    failing disk's): the file, why (refusal), what is kept (`kept`: "the 3 images written are kept",
+    "nothing was written yet"; "" for nothing to say), what to do (make_room), then `again` ("run the
+    same command again"). An OSError without an errno (not the OS's word: a library's own) is raised
+    itself, as a fault of the program."""
+    if err.errno is None:
+        raise err
+    return UserError(f"cannot write {path} ({refusal(err)}): {f'{kept}: ' if kept else ''}{make_room(err)} and "
+                     f"{again}")
+
+
+def written_kept(count: int, noun: str, nouns: str | None = None) -> str:
+    """What a failed write leaves, for write_failed: "the 3 images written are kept", "the 1 image
+    written is kept" (nouns: the plural, where not noun + "s"), or, before the first, "nothing was
+    written yet"."""
+    if not count:
+        return "nothing was written yet"
+    return f"the {count} {noun if count == 1 else nouns or noun + 's'} written {'is' if count == 1 else 'are'} kept"
 
 
 def is_inside(path: str, folder: str, resolved: bool = False) -> bool:
@@ -171,10 +198,13 @@ def atomic_write(path: str, write) -> None:
             pass
         os.replace(tmp, path)
     except BaseException as err:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        if isinstance(err, OSError) and err.errno is not None and err.filename is None:
-            err.filename = path  # a failed write (a full disk) names no file: this one
+        try:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+        except OSError:  # a failing disk: the write's own error is the one to say (unfinished_writes finds it)
+            pass
+        if isinstance(err, OSError) and err.errno is not None and err.filename in (None, tmp):
+            err.filename = path  # a failed write (a full disk) names no file, or the temporary one: this one
         raise
     try:
         fd = os.open(directory, os.O_RDONLY)

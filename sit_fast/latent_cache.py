@@ -36,6 +36,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shlex
 import sys
 import zipfile
@@ -57,8 +58,8 @@ from sit_fast.errors import (
     UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_room, make_writable_folder, refusal,
-    unfinished_writes,
+    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_writable_folder, unfinished_writes,
+    write_failed, written_kept,
 )
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, winding_down,
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+SHARD = re.compile(r"shard-\d{5}\.pt")  # a shard's name (shard_name)
+
+
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}.pt"
 
@@ -129,10 +133,14 @@ def whole_archive(path: str) -> bool:
         return False
 
 
-def write_refused(what: str, err: OSError) -> UserError:
-    """The one line for a write the filesystem refused (full, read-only, ...): shards are whole or absent."""
-    return UserError(f"cannot write {what} ({refusal(err)}): the shards written are kept: {make_room(err)} and "
-                     f"run the same command again to encode the rest")
+def write_refused(what: str, err: OSError, out: str) -> UserError:
+    """The one line for a write that failed, refused (full, read-only, ...) or not (a failing disk's EIO):
+    shards are whole or absent, and those in `out` are kept (or none was written yet)."""
+    try:
+        count = sum(SHARD.fullmatch(name) is not None for name in os.listdir(out))
+    except OSError:
+        count = 0
+    return write_failed(what, err, written_kept(count, "shard"), "run the same command again to encode the rest")
 
 
 def again_words(out: str) -> str:
@@ -212,8 +220,8 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
         agree(same_files, dist_info)
 
     def prepare():
-        check_settings(args.out, settings, holds="latents", flag="--out", outputs=r"shard-\d{5}\.pt", lock=lock)
-        if leftovers := unfinished_writes(args.out, r"shard-\d{5}\.pt", "shard", "a process", lock):
+        check_settings(args.out, settings, holds="latents", flag="--out", outputs=SHARD.pattern, lock=lock)
+        if leftovers := unfinished_writes(args.out, SHARD.pattern, "shard", "a process", lock):
             logger.warning(leftovers)
         damaged = []
         pending = pending_shards(args.out, shards, damaged)
@@ -271,10 +279,8 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
             try:
                 atomic_torch_save({"mean": torch.cat(means), "std": torch.cat(stds), "labels": torch.cat(labels)},
                                   path)
-            except OSError as err:
-                if err.errno not in WRITE_REFUSED:
-                    raise
-                raise write_refused(path, err) from None
+            except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO)
+                raise write_refused(path, err, args.out) from None
             if dist_info.is_main:
                 bar.write(f"rank 0: wrote {path} ({count} images)")
     except KeyboardInterrupt:
@@ -315,10 +321,8 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
             if read_text(path) != text:  # a finished cache run again: nothing to write (its disk may be full)
                 atomic_write(path, lambda f: f.write(text.encode()))
         except OSError as err:  # every shard is written: the index alone is left to write
-            if err.errno not in WRITE_REFUSED:
-                raise
-            raise UserError(f"cannot write {path} ({refusal(err)}): all {len(shards)} shard(s) are written: "
-                            f"{make_room(err)} and run the same command again to write the index") from None
+            raise write_failed(path, err, f"all {len(shards)} shard(s) are written",
+                               "run the same command again to write the index") from None
         print(f"latent cache: {n} images x 2 flips, latents {codec.latent_channels}x{latent_size}x{latent_size}, "
               f"{len(shards)} shard(s) in {args.out}", flush=True)
         return index
@@ -418,7 +422,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         except OSError as err:  # a write not said where it failed (a shard's, settings.json's, index.json's are)
             if err.errno not in WRITE_REFUSED:
                 raise
-            raise write_refused(err.filename or f"in {args.out}", err) from None
+            raise write_refused(err.filename or f"in {args.out}", err, args.out) from None
         except (RuntimeError, MemoryError) as err:  # out of memory, or gloo's word at a collective that a
             if is_out_of_memory(err):  # process (failed in its setup, say) ended
                 raise UserError(out_of_memory_advice(args, err)) from None

@@ -44,7 +44,8 @@ import torch
 
 from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, read_checkpoint
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import WRITE_REFUSED, FolderLock, atomic_write, make_room, make_writable_folder, refusal
+from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_write, make_writable_folder, refusal,
+                            write_failed, written_kept)
 from sit_fast.models import SiT, SiT_models, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
 from sit_fast.transport import PATH_TYPES, PREDICTIONS
@@ -676,11 +677,8 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
                         f"unknown: pass another {flag}, or delete them to start over")
     try:
         record_settings(path, settings, holds, arithmetic)
-    except OSError as err:  # before the job's first output: there is none to keep (the messages of a later
-        if err.errno not in WRITE_REFUSED:  # refused write say those written are kept)
-            raise
-        raise UserError(f"cannot write {path} ({refusal(err)}): nothing was computed yet: {make_room(err)} and run "
-                        f"the same command again") from None
+    except OSError as err:  # before the job's first output: there is none to keep
+        raise write_failed(path, err, "nothing was computed yet", "run the same command again") from None
     return None
 
 
@@ -731,12 +729,12 @@ class PNGWriter:
         running = []
         for future in self.futures:
             if future.done():
-                future.result()  # re-raise a failed write now rather than at the end
+                self.result(future)  # re-raise a failed write now rather than at the end
             else:
                 running.append(future)
         self.futures = running
         while len(self.futures) > len(indices):
-            self.futures.pop(0).result()
+            self.result(self.futures.pop(0))
         for image, index in zip(images, indices):
             self.futures.append(self.pool.submit(_write_png, image, png_path(self.sample_dir, index)))
 
@@ -744,21 +742,34 @@ class PNGWriter:
         """Wait for every PNG; re-raise the first error."""
         try:
             for future in self.futures:
-                future.result()
+                self.result(future)
         finally:
             self.pool.shutdown(wait=True)
+
+    def result(self, future: Future) -> None:
+        """A PNG's write done; a write that failed, refused (a full disk) or not (a failing disk's EIO), is
+        one line, said once the writes in flight are done (each whole or absent) and the PNGs counted."""
+        try:
+            future.result()
+        except OSError as err:
+            self.pool.shutdown(wait=True)
+            raise write_failed(err.filename or self.sample_dir, err, written_kept(images_in(self.sample_dir), "image"),
+                               "run the same command again to sample the rest") from None
 
 
 def _write_png(image: np.ndarray, path: str) -> None:
     from PIL import Image
 
-    try:  # fsynced and renamed, under a name of this process's own (another job on the folder)
-        atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
-    except OSError as err:
-        if err.errno not in WRITE_REFUSED:
-            raise
-        raise UserError(f"cannot write {path} ({refusal(err)}): the images written are kept: {make_room(err)} "
-                        f"and run the same command again to sample the rest") from None
+    # fsynced and renamed, under a name of this process's own (another job on the folder); an OSError names `path`
+    atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
+
+
+def images_in(sample_dir: str) -> int:
+    """How many numbered PNGs the folder holds (0 where it cannot be listed)."""
+    try:
+        return sum(re.fullmatch(r"\d{6}\.png", name) is not None for name in os.listdir(sample_dir))
+    except OSError:
+        return 0
 
 
 def foreign_npz(path: str) -> str | None:

@@ -1931,7 +1931,7 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
         sample.main([str(a) for a in argv])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
-    assert err == (f"error: cannot write {sample_dir / '000002.png'} (No space left on device): the images written "
+    assert err == (f"error: cannot write {sample_dir / '000002.png'} (No space left on device): the 3 images written "
                    f"are kept: make room (or make the folder writable) and run the same command again to sample "
                    f"the rest"), err
     assert not [n for n in os.listdir(sample_dir) if ".tmp" in n] and "000000.png" in os.listdir(sample_dir)
@@ -1949,11 +1949,11 @@ LIMIT = "File too large: past the file size limit of the process (`ulimit -f`) o
 
 @pytest.mark.parametrize("failing, code, said", [
     ("g.png", errno.EFBIG, f"({LIMIT}): raise the file size limit (or write onto another filesystem) and run it again"),
-    ("000001.png", errno.EFBIG, f"({LIMIT}): the images written are kept: raise the file size limit (or write onto "
+    ("000001.png", errno.EFBIG, f"({LIMIT}): the 1 image written is kept: raise the file size limit (or write onto "
                                 f"another filesystem) and run the same command again to sample the rest"),
-    ("s.npz", errno.ENOSPC, "(No space left on device): the images written are kept: make room (or make the folder "
+    ("s.npz", errno.ENOSPC, "(No space left on device): the 4 images written are kept: make room (or make the folder "
                             "writable) and run the same command again to finish"),
-    ("s.npz", errno.EFBIG, f"({LIMIT}): the images written are kept: raise the file size limit (or write onto "
+    ("s.npz", errno.EFBIG, f"({LIMIT}): the 4 images written are kept: raise the file size limit (or write onto "
                            f"another filesystem) and run the same command again to finish"),
     ("settings.json", errno.ENOSPC, "(No space left on device): nothing was computed yet: make room (or make the "
                                     "folder writable) and run the same command again"),
@@ -1996,6 +1996,42 @@ def test_a_grid_or_fid_file_the_filesystem_refuses_is_one_line_and_the_fid_job_f
     if not grid:  # the same archive as an uninterrupted run's
         run(common + ["--num-fid-samples", 4, "--batch-size", 2, "--sample-dir", tmp_path / "straight"])
         assert (tmp_path / "s.npz").read_bytes() == (tmp_path / "straight.npz").read_bytes()
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_png_that_cannot_be_written_says_how_many_images_are_kept_or_that_none_was(code, files, tmp_path, capsys,
+                                                                                       monkeypatch):
+    """The FID job's first PNG refused (a full disk) said that "the images written are kept" where none was,
+    and an I/O error (a failing disk's EIO, not a refusal) was a traceback. Each is one line naming the file,
+    the OS's error, how many images are kept (or that nothing was written yet) and what to do; no temporary
+    file is left."""
+    import builtins
+
+    from sit_fast import files as file_helpers
+
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+            2, "--num-fid-samples", 4, "--batch-size", 2, *FAST]
+    real_open = builtins.open
+    said = {errno.ENOSPC: "No space left on device", errno.EIO: "Input/output error, EIO"}[code]
+    fix = {errno.ENOSPC: "make room (or make the folder writable)",
+           errno.EIO: "fix the disk (the system log says what failed), or write onto another filesystem"}[code]
+    for failing, kept in ((("000000", "000001"), "nothing was written yet"),
+                          (("000002", "000003"), "the 2 images written are kept")):  # the batch's both images
+
+        def refused(path, mode="r", *args, **kwargs):
+            if os.path.basename(path).startswith(tuple(f".{name}.png.tmp-" for name in failing)):
+                raise OSError(code, os.strerror(code))
+            return real_open(path, mode, *args, **kwargs)
+
+        monkeypatch.setattr(file_helpers, "open", refused, raising=False)
+        sample_dir = tmp_path / failing[0]
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv + ["--sample-dir", sample_dir])
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]  # below the progress bar
+        assert err == (f"error: cannot write {sample_dir / f'{failing[0]}.png'} ({said}): {kept}: {fix} and run "
+                       f"the same command again to sample the rest"), err
+        assert not [n for n in os.listdir(sample_dir) if ".tmp-" in n]
 
 
 def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
@@ -3908,7 +3944,8 @@ def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, file
         assert exit_info.value.code == 2
         path = out if failing == out.name else tmp_path / f"{out.name}.parts" / failing
         kept = ("nothing was computed yet" if failing == "settings.json"  # written before the first batch
-                else "the batches computed are kept")
+                else "nothing was written yet" if failing == "000000.pt"  # the first batch: none is kept
+                else f"the 1 batch written is kept in {out}.parts")
         done = "" if failing == "settings.json" else " to finish"
         assert one_line_error(capsys) == (f"error: cannot write {path} (No space left on device): {kept}: make room "
                                           f"(or make the folder writable) and run the same command again{done}")
@@ -3921,8 +3958,46 @@ def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, file
         return real_open(path, mode, *args, **kwargs)
 
     monkeypatch.setattr(file_helpers, "open", failing_disk, raising=False)
-    with pytest.raises(OSError, match="Input/output error"):
+    with pytest.raises(SystemExit) as exit_info:  # one line too, not a traceback
         run(argv)
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == (f"error: cannot write {out} (Input/output error, EIO): the 1 batch written is "
+                                      f"kept in {out}.parts: fix the disk (the system log says what failed), or "
+                                      f"write onto another filesystem and run the same command again to finish")
+    assert not [n for _, _, names in os.walk(tmp_path) for n in names if ".tmp-" in n]
+
+
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_a_failing_disk_writing_the_first_batch_is_one_line_saying_nothing_was_written(job, files, tmp_path, capsys,
+                                                                                        monkeypatch):
+    """An I/O error (a failing disk's EIO, not a write the filesystem refused) writing a batch of OUT.parts/
+    was a traceback; the first batch refused said that "the batches computed are kept", where none was.
+    One line naming the file, the OS's error, that nothing was written yet and what to do; no temporary
+    file left."""
+    import builtins
+
+    from sit_fast import files as file_helpers
+
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--out", out,
+            "--sampling-method", "euler", "--num-sampling-steps", 2, "--batch-size", 1, *FAST]
+    real_open = builtins.open
+
+    def failing_disk(path, mode="r", *args, **kwargs):
+        if os.path.basename(path).startswith((".000000.pt.tmp-", ".000001.pt.tmp-")):
+            raise OSError(errno.EIO, "Input/output error")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(file_helpers, "open", failing_disk, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    parts = tmp_path / f"{out.name}.parts"
+    assert one_line_error(capsys) == (f"error: cannot write {parts / '000000.pt'} (Input/output error, EIO): nothing "
+                                      f"was written yet: fix the disk (the system log says what failed), or write "
+                                      f"onto another filesystem and run the same command again to finish")
+    assert not [n for _, _, names in os.walk(tmp_path) for n in names if ".tmp-" in n]
     assert "cannot write" not in capsys.readouterr().err
 
 #################################################################################

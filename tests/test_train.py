@@ -1360,6 +1360,23 @@ def test_a_full_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(
                                     "folder has room and can be written"), info.value
 
 
+def test_a_failing_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_one(tmp_path, monkeypatch, capsys):
+    """An I/O error writing a checkpoint (a failing disk's EIO, not a write the filesystem refused) ended
+    the run in a traceback: one line naming the file, the OS's error and the checkpoint kept, and no
+    temporary file left."""
+    exp = str(tmp_path / "run")
+    fail_second_checkpoint_write(monkeypatch, OSError(errno.EIO, os.strerror(errno.EIO)))
+    assert run_cli(BASE + ["--exp-dir", exp, "--max-steps", "4", "--ckpt-every", "2"]) == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    first = os.path.join(exp, "checkpoints", "0000002.pt")
+    assert stderr.strip().splitlines()[-1] == (
+        f"error: step 4: cannot write checkpoint {os.path.join(exp, 'checkpoints', '0000004.pt')} (Input/output "
+        f"error, EIO); the last checkpoint, {first}, is kept: continue from it with --resume auto once the disk is "
+        f"fixed (the system log says what failed)")
+    assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]
+
+
 def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_the_run_resumes_from_the_last(tmp_path):
     """A checkpoint grown past the process's file size limit (`ulimit -f`, a job scheduler's; a filesystem's,
     FAT32's 4 GiB) fails with EFBIG (Python ignores SIGXFSZ), which was not taken for a write the filesystem
@@ -4423,6 +4440,43 @@ def test_latent_cache_names_the_temporary_files_of_a_killed_writer(tmp_path, cap
     assert not os.path.exists(os.path.join(out, ".shard-00001.pt.tmp-4321"))
 
 
+def test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
+    """An I/O error writing a shard (a failing disk's EIO, not a write the filesystem refused) was a
+    traceback. One line naming the shard, the OS's error, what is kept (nothing, for shard 0; the shards
+    before, for a later one) and what to do; the temporary file is removed."""
+    from sit_fast import files, latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
+    out = str(tmp_path / "cache")
+    real_open = open
+    for k, kept in ((0, "nothing was written yet"), (1, "the 1 shard written is kept")):
+
+        def failing_disk(path, mode="r", *args, **kwargs):
+            f = real_open(path, mode, *args, **kwargs)
+            if "w" in mode and os.path.basename(path).startswith(f".{latent_cache.shard_name(k)}.tmp-"):
+                f.write(b"part")  # a partial file, then the disk fails
+                f.close()
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            return f
+
+        monkeypatch.setattr(files, "open", failing_disk, raising=False)
+        with pytest.raises(SystemExit) as exit_info:
+            cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+        assert exit_info.value.code == 2
+        shard = os.path.join(out, latent_cache.shard_name(k))
+        assert capsys.readouterr().err == (
+            f"error: cannot write {shard} (Input/output error, EIO): {kept}: fix the disk (the system log says what "
+            f"failed), or write onto another filesystem and run the same command again to encode the rest\n")
+        assert not [name for name in os.listdir(out) if ".tmp-" in name]
+        assert sorted(name for name in os.listdir(out) if name.startswith("shard-")) == [
+            latent_cache.shard_name(i) for i in range(k)]
+    monkeypatch.undo()
+    assert cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))["num_images"] == 4
+
+
 def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tmp_path, monkeypatch, capsys):
     """The disk fills up in the second shard's write: torch.save's writer meets the OSError (and would
     turn it into a RuntimeError naming only its own position); the user gets the full disk, in one line."""
@@ -4452,8 +4506,8 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
     assert exit_info.value.code == 2
     shard = os.path.join(out, latent_cache.shard_name(1))
-    assert capsys.readouterr().err == (f"error: cannot write {shard} (No space left on device): the shards written "
-                                       f"are kept: make room (or make the folder writable) and run the same command "
+    assert capsys.readouterr().err == (f"error: cannot write {shard} (No space left on device): the 1 shard written "
+                                       f"is kept: make room (or make the folder writable) and run the same command "
                                        f"again to encode the rest\n")
     assert sorted(f for f in os.listdir(out) if f not in ("settings.json", ".lock")) == [latent_cache.shard_name(0)]
     # The last file, index.json, on a full disk: one line too
@@ -4501,7 +4555,7 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"error: cannot write {os.path.join(out, latent_cache.shard_name(0))} (File too large: past the file size "
-        f"limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)): the shards written are kept: "
+        f"limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)): nothing was written yet: "
         f"raise the file size limit (or write onto another filesystem) and run the same command again to encode "
         f"the rest\n")
     # Finished, then run again on a disk where nothing can be written: nothing to write, no error
@@ -4646,9 +4700,10 @@ def test_latent_cache_whose_peer_ended_before_the_shards_were_written_keeps_them
     assert sorted(os.listdir(out)) == [".lock", "settings.json", latent_cache.shard_name(0)]
 
 
-def test_latent_cache_errors_that_are_not_a_refused_write_or_a_peers_end_are_raised_as_they_are(tmp_path, monkeypatch):
-    """An I/O error writing a shard, or another failure of a collective, is not said to be a full disk
-    or another process's end: it is raised itself, the shards written before it kept."""
+def test_latent_cache_errors_of_a_collective_that_are_not_a_peers_end_are_raised_as_they_are(tmp_path, monkeypatch):
+    """A failure of a collective that is not another process's end is not said to be one: it is raised
+    itself, the shards written before it kept (an I/O error writing a shard is one line: see
+    test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file)."""
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
 
@@ -4656,19 +4711,6 @@ def test_latent_cache_errors_that_are_not_a_refused_write_or_a_peers_end_are_rai
     save_tiny_vae(vae_dir)
     images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
     out = tmp_path / "cache"
-    real_save = latent_cache.atomic_torch_save
-
-    def failing_disk(obj, path):
-        if path.endswith(latent_cache.shard_name(1)):
-            raise OSError(errno.EIO, "Input/output error", path)
-        real_save(obj, path)
-
-    monkeypatch.setattr(latent_cache, "atomic_torch_save", failing_disk)
-    with pytest.raises(OSError) as err:
-        latent_cache.main(_cache_args(images, vae_dir, str(out)))
-    assert err.value.errno == errno.EIO and not isinstance(err.value, UserError)
-    assert sorted(os.listdir(out)) == [".lock", "settings.json", latent_cache.shard_name(0)]
-    monkeypatch.undo()
 
     def timed_out():
         raise RuntimeError("[../third_party/gloo/gloo/transport/tcp/unbound_buffer.cc:81] Timed out waiting 1800000ms "

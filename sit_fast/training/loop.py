@@ -46,7 +46,7 @@ from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
 )
 from sit_fast.files import (WRITE_REFUSED, FolderLock, amount, atomic_torch_save, atomic_write, first_missing_folder,
-                             is_inside, make_folder, make_writable_folder, refusal, remove_empty_folders)
+                             is_inside, make_folder, make_room, make_writable_folder, refusal, remove_empty_folders)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.progress import duration
@@ -676,10 +676,12 @@ class Trainer:
                 try:
                     return set_aside_later_checkpoints(resume_path, self.step, self.checkpoint_dir)
                 except OSError as err:
-                    if err.errno not in WRITE_REFUSED:
+                    if err.errno is None:
                         raise
-                    raise UserError(f"cannot move the checkpoints after {resume_path} aside ({refusal(err)}): make "
-                                    f"room (or make {self.checkpoint_dir} writable) and resume again") from None
+                    fix = (f"make room (or make {self.checkpoint_dir} writable)" if err.errno in WRITE_REFUSED
+                           else make_room(err))
+                    raise UserError(f"cannot move the checkpoints after {resume_path} aside ({refusal(err)}): {fix} "
+                                    f"and resume again") from None
 
             moved = on_main(set_aside, dist_info)  # rank 0's error, a full disk, on every rank
             if moved:
@@ -1171,10 +1173,11 @@ class Trainer:
                         raise UserError(f"step {self.step}: cannot write checkpoint {path}: the folder "
                                         f"{self.checkpoint_dir} is gone (deleted while the run went on?); put it "
                                         f"back and continue with --resume auto, or start again") from None
-                    if err.errno not in WRITE_REFUSED:
+                    if err.errno is None:
                         raise
                     once = ("the file size limit is raised" if err.errno == errno.EFBIG
-                            else "the folder has room and can be written")
+                            else "the folder has room and can be written" if err.errno in WRITE_REFUSED
+                            else "the disk is fixed (the system log says what failed)")
                     kept = (f"the last checkpoint, {self.last_checkpoint}, is kept: continue from it with --resume "
                             f"auto once {once}" if self.last_checkpoint else
                             f"no checkpoint was written yet: run again once {once}")
@@ -1274,7 +1277,7 @@ class Trainer:
         try:
             path = save_image_grid(images, os.path.join(self.exp_dir, "samples", f"{self.step:07d}.png"))
         except OSError as err:  # a grid is not worth the run: the next checkpoint will say if the disk stays full
-            if err.errno not in WRITE_REFUSED:
+            if err.errno is None:  # (or failing)
                 raise
             logger.warning(f"step {self.step}: the sample grid is skipped: cannot write it ({refusal(err)})")
             return None
