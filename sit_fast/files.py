@@ -288,11 +288,11 @@ class FolderLock:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
-            busy = err.errno in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)
-            holder = os.pread(fd, 200, 0).decode(errors="replace").split("\n")[0].strip() if busy else ""
+            busy = err.errno in _BUSY
+            holder = _holder(fd, path) if busy else ""
             os.close(fd)
             if busy:
-                raise UserError(f"another job is writing into {self.folder} now ({holder or 'it holds ' + path}): "
+                raise UserError(f"another job is writing into {self.folder} now ({holder}): "
                                 f"wait for it to end, or pass another {self.flag}") from None
             logging.getLogger("sit_fast").warning(
                 f"cannot lock {path} ({err.strerror or err}): a second job started on {self.folder} while this one "
@@ -308,6 +308,30 @@ class FolderLock:
         except OSError:
             pass
 
+    @classmethod
+    def holder(cls, folder: str) -> str | None:
+        """Who holds the lock of `folder` now ("process PID on HOST", or the lock file's path where the
+        holder wrote nothing), or None: not held, or not to be told (no lock file there, not a POSIX
+        system, a file system that cannot lock). For a reader of the folder's outputs, or a job choosing
+        a folder, to tell a job at work there from one that ended. A lock held by this process under
+        another FolderLock counts as held. The lock is taken shared for an instant to see."""
+        try:
+            import fcntl
+        except ImportError:
+            return None
+        path = os.path.join(folder, cls.NAME)
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as err:
+            return _holder(fd, path) if err.errno in _BUSY else None
+        finally:
+            os.close(fd)  # closing drops the shared lock, if it was taken
+        return None
+
     def release(self) -> None:
         if self.fd is not None:
             os.close(self.fd)  # closing drops the lock
@@ -318,3 +342,15 @@ class FolderLock:
     def release_all(cls) -> None:
         for lock in list(cls._held):
             lock.release()
+
+
+_BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock's errors for a lock that another holds
+
+
+def _holder(fd: int, path: str) -> str:
+    """The line the holder of the lock file `path` (open as `fd`) wrote: who it is; its path where there is none."""
+    try:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").split("\n")[0].strip()
+    except OSError:
+        holder = ""
+    return holder or f"it holds {path}"

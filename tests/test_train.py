@@ -2869,6 +2869,34 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--resume", "auto"])["step"] == 2
 
 
+def test_resume_auto_refuses_a_run_a_job_trains_into_before_its_first_checkpoint(tmp_path, capsys):
+    """--resume auto took the newest run without a checkpoint for one that failed before its first, and
+    started a new run beside it; while another job trains into it (the same job started twice), that new
+    run would train the experiment twice, and --resume auto follow the copy: refused in one line naming
+    the job. Once the job has ended, the run without a checkpoint means a new run, as before."""
+    from sit_fast.files import FolderLock
+
+    results = tmp_path / "results"
+    run = results / "000-SiT-T-4-Linear-velocity-None"
+    os.makedirs(run / "checkpoints")
+    other = FolderLock(str(run), "--exp-dir")  # held here as another process would hold it
+    other.acquire()
+    argv = BASE + ["--results-dir", str(results), "--max-steps", "1", "--resume", "auto"]
+    capsys.readouterr()
+    try:
+        assert run_cli(argv) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --resume auto: the newest SiT-T-4-Linear-velocity-None run in {results}, "
+                              f"{run.name}, has no checkpoint yet and another job is training into it now (process "
+                              f"{os.getpid()} on "), err
+        assert err.rstrip().endswith("wait for that job to end, or start a run of its own without --resume"), err
+        assert sorted(os.listdir(results)) == [run.name]  # no second run
+    finally:
+        other.release()
+    assert train_main(argv)["step"] == 1  # the lock file left there is no lock: a new run
+    assert sorted(os.listdir(results)) == [run.name, "001-SiT-T-4-Linear-velocity-None"]
+
+
 def test_a_sample_grid_out_of_memory_saves_the_step_first(tmp_path, monkeypatch):
     """The sample grid ran out of memory after step 3, with the last checkpoint at step 0's start:
     the weights are whole, so step 3 is saved before the run ends, and the error names it."""

@@ -183,6 +183,13 @@ def select_experiment(args: argparse.Namespace, explicit: set[str] = frozenset()
                                f"{'' if found is not None else '; no checkpoint yet'})")
                 continue
             if found is None:
+                if not args.exp_dir and (holder := training_elsewhere(run)) is not None:
+                    # not a run that failed before its first checkpoint: one that has not reached it yet (the same
+                    # job started twice), which a new run beside it would duplicate, and --resume auto then follow
+                    raise UserError(f"--resume auto: the newest {experiment_suffix(args)} run in {args.results_dir}, "
+                                    f"{os.path.basename(run)}, has no checkpoint yet and another job is training "
+                                    f"into it now ({holder}): wait for that job to end, or start a run of its own "
+                                    f"without --resume")
                 last = index
                 break
             left = f"; newer runs of other experiments left alone: {'; '.join(skipped)}" if skipped else ""
@@ -385,6 +392,14 @@ def hold_run_lock(exp_dir: str) -> None:
         release_run_lock()
     _run_lock = FolderLock(exp_dir, "--exp-dir")
     _run_lock.acquire()
+
+
+def training_elsewhere(exp_dir: str) -> str | None:
+    """Who trains into the run folder exp_dir now, when another job does (its lock's holder), else None."""
+    if _run_lock is not None and _run_lock.fd is not None and os.path.realpath(_run_lock.folder) == \
+            os.path.realpath(exp_dir):
+        return None  # this process's own
+    return FolderLock.holder(exp_dir)
 
 
 def release_run_lock() -> None:
