@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import is_inside
+from sit_fast.files import FolderLock, is_inside
 from sit_fast.images import center_crop_arr
 from sit_fast.interrupts import start_resource_tracker
 
@@ -492,6 +492,9 @@ def read_cache_index(root: str, flag: str = "--latent-cache") -> dict:
     """The index of the finished latent cache at `root` (given as `flag`); DataError saying what to do."""
     path = os.path.join(root, CACHE_INDEX)
     if not os.path.isfile(path):
+        if os.path.isdir(root) and (holder := FolderLock.holder(root)) is not None:  # a build at work: not to be rerun
+            raise DataError(f"{flag} {root} is being built now ({holder}; {CACHE_INDEX}, the last file written, is "
+                            f"not there yet): wait for that build to end, then run this again")
         if "dataset_sha256" in (latent_cache_settings(root) or {}):  # written first, the index last
             raise DataError(f"{flag} {root} is unfinished (no {CACHE_INDEX} yet, the last file written): "
                             f"to finish it, {_RERUN}")

@@ -4435,6 +4435,33 @@ def test_a_second_ctrl_c_while_a_stopped_latent_cache_winds_down_ends_it_saying_
     assert [shard["count"] for shard in index["shards"]] == [2, 2, 2]
 
 
+def test_a_latent_cache_being_built_now_is_not_said_to_need_building_again(tmp_path):
+    """Trained on (or --verify'd) while a build is writing it, a cache without its index was said to be
+    unfinished, to be finished by running the build again, which the build's lock then refused: the
+    build at work is named, and the wait for its end said. Once it has ended, the advice is as before."""
+    from sit_fast.data import DataError, LatentCacheDataset, read_cache_index
+    from sit_fast.files import FolderLock
+
+    out = tmp_path / "cache"
+    os.makedirs(out)
+    (out / "settings.json").write_text(json.dumps({"dataset_sha256": "0" * 64}))  # the build's first file
+    build = FolderLock(str(out), "--out")  # held here as the building process would hold it
+    build.acquire()
+    try:
+        for flag, read in (("--latent-cache", lambda: LatentCacheDataset(str(out))),
+                           ("--out", lambda: read_cache_index(str(out), "--out"))):
+            with pytest.raises(DataError) as info:
+                read()
+            assert str(info.value) == (f"{flag} {out} is being built now (process {os.getpid()} on "
+                                       f"{socket.gethostname()}; index.json, the last file written, is not there "
+                                       f"yet): wait for that build to end, then run this again")
+    finally:
+        build.release()
+    with pytest.raises(DataError) as info:  # the lock file left by the build is no lock
+        LatentCacheDataset(str(out))
+    assert "is unfinished (no index.json yet, the last file written): to finish it, run python -m" in str(info.value)
+
+
 def test_latent_cache_outlives_its_console(tmp_path, monkeypatch):
     from sit_fast import latent_cache
     from tests.test_interrupts import Gone
