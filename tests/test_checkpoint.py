@@ -1662,6 +1662,34 @@ def test_a_folder_lock_says_who_holds_it_and_a_refused_one_keeps_no_file_open(tm
         FolderLock(str(tmp_path), "--out").acquire()
 
 
+def test_a_folder_locks_holder_is_told_while_it_holds_it_and_only_then(tmp_path):
+    """FolderLock.holder: the holder's line while the lock is held (by another open of the file: another
+    process), the file's path where it wrote none; None with no lock file, once the lock is dropped (the
+    file left is no lock), and where no lock can be taken; it leaves no file open, nor the lock taken."""
+    import fcntl
+    import socket
+
+    from sit_fast.files import FolderLock
+
+    assert FolderLock.holder(str(tmp_path)) is None and not (tmp_path / ".lock").exists()  # and none made
+    open_files = len(os.listdir("/proc/self/fd"))
+    with FolderLock(str(tmp_path), "--out") as lock:
+        lock.acquire()
+        assert FolderLock.holder(str(tmp_path)) == f"process {os.getpid()} on {socket.gethostname()}"
+        assert len(os.listdir("/proc/self/fd")) == open_files + 1  # the lock's own
+    assert FolderLock.holder(str(tmp_path)) is None
+    with FolderLock(str(tmp_path), "--out") as lock:
+        lock.acquire()  # not refused: the look took the lock for an instant only
+    (tmp_path / ".lock").write_text("")
+    fd = os.open(tmp_path / ".lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        assert FolderLock.holder(str(tmp_path)) == f"it holds {tmp_path / '.lock'}"
+    finally:
+        os.close(fd)
+    assert len(os.listdir("/proc/self/fd")) == open_files
+
+
 def test_a_folder_lock_whose_file_cannot_be_written_is_one_line_naming_it(tmp_path):
     from sit_fast.errors import UserError
     from sit_fast.files import FolderLock
