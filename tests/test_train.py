@@ -2869,6 +2869,31 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--resume", "auto"])["step"] == 2
 
 
+@pytest.mark.parametrize("resume", [[], ["--resume", "checkpoints/0000001.pt"]])
+def test_a_run_folder_in_use_is_refused_before_its_checkpoints_are_judged(tmp_path, capsys, resume):
+    """A new run, or a checkpoint resumed, into an --exp-dir a job trains into now was refused for the
+    checkpoints there, with advice (--resume auto, --resume auto --exp-dir) that the folder's lock then
+    refused: the job at work is named first, as for a resume."""
+    from sit_fast.files import FolderLock
+
+    exp = str(tmp_path / "run")
+    assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "1"])["step"] == 1
+    copy = str(tmp_path / "checkpoints" / "0000001.pt")
+    os.makedirs(os.path.dirname(copy))
+    shutil.copy(os.path.join(exp, "checkpoints", "0000001.pt"), copy)
+    other = FolderLock(exp, "--exp-dir")  # held here as another process would hold it
+    other.acquire()
+    capsys.readouterr()
+    try:
+        argv = BASE + ["--exp-dir", exp, "--max-steps", "2"] + [str(tmp_path / a) if a.endswith(".pt") else a
+                                                                 for a in resume]
+        assert run_cli(argv) == 2
+        assert capsys.readouterr().err == (f"error: another job is writing into {exp} now (process {os.getpid()} on "
+                                           f"{socket.gethostname()}): wait for it to end, or pass another --exp-dir\n")
+    finally:
+        other.release()
+
+
 def test_resume_auto_refuses_a_run_a_job_trains_into_before_its_first_checkpoint(tmp_path, capsys):
     """--resume auto took the newest run without a checkpoint for one that failed before its first, and
     started a new run beside it; while another job trains into it (the same job started twice), that new

@@ -616,6 +616,9 @@ class Trainer:
                 check_outside_the_images(args)
                 made_from = first_missing_folder(args.exp_dir or args.results_dir)
                 existed = bool(args.exp_dir) and os.path.exists(args.exp_dir)
+                if existed and (holder := training_elsewhere(args.exp_dir)) is not None:  # before what its files say
+                    raise UserError(f"another job is writing into {args.exp_dir} now ({holder}): wait for it to end, "
+                                    f"or pass another --exp-dir")
                 exp_dir, resume_path, resume_note, numbered = select_experiment(args, explicit)
                 created = not existed if args.exp_dir else numbered
                 flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
