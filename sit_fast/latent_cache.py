@@ -150,15 +150,19 @@ def again_words(out: str) -> str:
             f"into {out}")
 
 
-def check_out_folder(args: argparse.Namespace) -> None:
+def check_out_folder(args: argparse.Namespace, lock: FolderLock | None = None) -> None:
     """--out is a folder that can be written, outside --data-path (inside, the next run would scan the
-    cache as one more class folder of the dataset, and refuse the cache as made from other files)."""
+    cache as one more class folder of the dataset, and refuse the cache as made from other files);
+    `lock`, the folder's, is taken here: another job encoding into it now is refused before the
+    dataset's scan and the VAE's load (minutes, for ImageNet), not after them."""
     if is_inside(args.out, args.data_path):
         raise UserError(f"--out {args.out} is inside --data-path {args.data_path}: put the cache elsewhere (in the "
                         f"dataset's folder it would be read as images of a class the next time)")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UserError(f"--out {args.out} is a file: pass a folder")
     make_writable_folder(args.out, f"--out {args.out}")
+    if lock is not None:
+        lock.acquire()
 
 
 def out_of_memory_advice(args: argparse.Namespace, error: BaseException) -> str:
@@ -192,7 +196,7 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     if args.vae is None or args.vae == "none":  # before the dataset's scan, which may take minutes
         raise UserError("a latent cache holds VAE latents: pass --vae ema, mse, a hub id or a local diffusers "
                         "AutoencoderKL folder (to train in pixel space, --vae none in train.py, no cache is needed)")
-    on_main(lambda: check_out_folder(args), dist_info)  # before the scan and the VAE's load
+    on_main(lambda: check_out_folder(args, lock), dist_info)  # before the scan and the VAE's load
     dataset = ImageFolderDataset(args.data_path, args.image_size)
     check_image_size(args.image_size, args.vae)
     vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32

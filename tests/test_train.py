@@ -3784,6 +3784,32 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
         other.release()
 
 
+def test_a_latent_cache_build_into_a_folder_another_builds_is_refused_before_the_scan(tmp_path, monkeypatch, capsys):
+    """A second build started on an --out another is writing was refused only at the settings' check,
+    after the dataset's scan (minutes for ImageNet) and the VAE's load: it is refused before either."""
+    from sit_fast import latent_cache
+    from sit_fast.files import FolderLock
+
+    out = str(tmp_path / "cache")
+    os.makedirs(out)
+
+    def not_yet(*args, **kwargs):
+        raise AssertionError("the dataset scanned, or the VAE loaded, before the refusal")
+
+    monkeypatch.setattr(latent_cache, "ImageFolderDataset", not_yet)
+    monkeypatch.setattr(latent_cache, "load_vae", not_yet)
+    other = FolderLock(out, "--out")  # held here as the other build's process would hold it
+    other.acquire()
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit):
+            latent_cache.main(_cache_args(str(tmp_path / "images"), str(tmp_path / "vae"), out))
+        assert capsys.readouterr().err == (f"error: another job is writing into {out} now (process {os.getpid()} "
+                                           f"on {socket.gethostname()}): wait for it to end, or pass another --out\n")
+    finally:
+        other.release()
+
+
 def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_since(tmp_path, capsys):
     """--verify: a shard whose bytes a disk or a copy changed (still a readable archive, which training
     would read as it is) is named, with the command that encodes it again; so are non-finite values
