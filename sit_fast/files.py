@@ -1,6 +1,7 @@
 """Folders the command lines write into, and files written whole or not at all (atomic_write)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -343,6 +344,22 @@ class FolderLock:
         for lock in list(cls._held):
             lock.release()
 
+
+def _leave_locks_to_the_parent() -> None:
+    """In a process forked by a lock's holder (a data loader's worker): its copies of the locks' files
+    closed, so that the lock is the holder's alone. Shared, it lasted until the last such process ended
+    too, seconds after the holder was killed, and a job started then was refused in the dead holder's
+    name. (Closing a copy does not drop the lock: the holder's own file stays open.)"""
+    for lock in list(FolderLock._held):
+        if lock.fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(lock.fd)
+            lock.fd = None
+    FolderLock._held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_leave_locks_to_the_parent)
 
 _BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock's errors for a lock that another holds
 

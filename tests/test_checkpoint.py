@@ -1690,6 +1690,37 @@ def test_a_folder_locks_holder_is_told_while_it_holds_it_and_only_then(tmp_path)
     assert len(os.listdir("/proc/self/fd")) == open_files
 
 
+def test_a_folder_lock_is_not_held_on_by_the_processes_its_holder_forked(tmp_path):
+    """A data loader's workers, forked by the lock's holder, shared its lock file, and the lock with it:
+    the holder killed, the lock stayed until the last worker noticed (seconds), and a job started then
+    was refused in the dead holder's name. Forked, a process leaves the lock to its holder."""
+    from sit_fast.files import FolderLock
+
+    lock = FolderLock(str(tmp_path), "--out")
+    lock.acquire()
+    started_r, started_w = os.pipe()
+    end_r, end_w = os.pipe()
+    child = os.fork()
+    if child == 0:  # a loader's worker: it lives on after the holder has let go
+        try:
+            os.write(started_w, b"s")  # os.fork has returned here: what a fork does in the child is done
+            os.read(end_r, 1)
+        finally:
+            os._exit(0)
+    os.read(started_r, 1)
+    try:
+        lock.release()  # as the holder's end drops it
+        assert FolderLock.holder(str(tmp_path)) is None
+        with FolderLock(str(tmp_path), "--out") as again:
+            again.acquire()
+            assert again.fd is not None
+    finally:
+        os.write(end_w, b"e")  # the worker ends
+        os.waitpid(child, 0)
+        for fd in (started_r, started_w, end_r, end_w):
+            os.close(fd)
+
+
 def test_a_folder_lock_whose_file_cannot_be_written_is_one_line_naming_it(tmp_path):
     from sit_fast.errors import UserError
     from sit_fast.files import FolderLock
