@@ -67,7 +67,6 @@ import logging
 import math
 import os
 import re
-import shutil
 import sys
 import time
 import zipfile
@@ -88,7 +87,7 @@ from sit_fast.errors import (
 )
 from sit_fast.files import (
     WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_room, make_writable_folder, refusal,
-    unfinished_writes, write_failed, written_kept,
+    remove_locked_folder, unfinished_writes, write_failed, written_kept,
 )
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped, winding_down
 from sit_fast.models import SiT_models, fused_kernels_flag
@@ -1403,7 +1402,7 @@ class BatchParts:
             time.sleep(PARTS_POLL_S)
 
     def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        remove_locked_folder(self.folder)  # held by the main process, the one that removes it
 
 
 def announce(parts: BatchParts | None, total: int, batch_size: int, dist: DistInfo) -> None:
@@ -1588,7 +1587,7 @@ def remove_stale_parts(out: str) -> None:
     try:
         with FolderLock(folder, "--out") as lock:
             lock.acquire()
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_locked_folder(folder)
     except UserError:  # another job's, or a folder that cannot be written: left as it is
         pass
 

@@ -6,6 +6,7 @@ import errno
 import logging
 import os
 import re
+import shutil
 import socket
 import stat
 import tempfile
@@ -343,6 +344,29 @@ class FolderLock:
     def release_all(cls) -> None:
         for lock in list(cls._held):
             lock.release()
+
+
+def remove_locked_folder(folder: str) -> None:
+    """Remove `folder`, a job's outputs whose FolderLock this process holds, its lock file last: a job
+    started meanwhile finds the lock held, or (once the file is gone) no outputs left. (shutil.rmtree
+    goes in the folder's listing order: where the lock file went first, a job took a new lock beside
+    outputs still being removed, and was refused for them, or counted them as done.) What cannot be
+    removed is left, without an error."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return
+    for name in names:
+        if name != FolderLock.NAME:
+            path = os.path.join(folder, name)
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                with contextlib.suppress(OSError):
+                    os.remove(path)
+    for remove, path in ((os.remove, os.path.join(folder, FolderLock.NAME)), (os.rmdir, folder)):
+        with contextlib.suppress(OSError):
+            remove(path)
 
 
 def _leave_locks_to_the_parent() -> None:

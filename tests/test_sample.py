@@ -2412,6 +2412,31 @@ def test_an_npz_write_cut_short_is_removed_by_the_next_run(files, tmp_path, caps
     assert sorted(os.listdir(tmp_path / "out")) == [".fid.npz.tmp-4242", "fid.npz"]
 
 
+def test_a_finished_jobs_parts_folder_loses_its_lock_file_last(files, tmp_path, monkeypatch):
+    """OUT.parts/ was removed by shutil.rmtree, in the folder's listing order, its lock held: where the
+    lock file went before the batches, a job started then took a new lock beside them, and was refused
+    for batches without settings.json, or counted them as done before they went. The lock file goes
+    last: whoever opens it meanwhile finds it held, and once it is gone no batch is left."""
+    torch.save(torch.randn(4, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out, parts = tmp_path / "bpd.npz", tmp_path / "bpd.npz.parts"
+    left = []  # what the folder held as its lock file went
+    unlink, remove = os.unlink, os.remove
+
+    def watched(real):
+        def removing(path, *args, **kwargs):
+            real(path, *args, **kwargs)
+            if os.path.basename(path) == FolderLock.NAME:
+                left.append(sorted(os.listdir(parts)) if parts.is_dir() else None)
+        return removing
+
+    monkeypatch.setattr(os, "unlink", watched(unlink))
+    monkeypatch.setattr(os, "remove", watched(remove))
+    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--likelihood", "--data", tmp_path / "x.pt",
+         "--batch-size", 2, "--out", out, "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST])
+    assert out.is_file() and not parts.exists()
+    assert left == [[]]
+
+
 def test_a_second_likelihood_job_on_the_same_out_is_refused(files, tmp_path, capsys):
     """OUT.parts/ is locked as the FID folder is: two jobs with one --out mixed their batches."""
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
