@@ -3008,6 +3008,32 @@ def test_a_sample_grid_that_cannot_be_written_is_skipped_and_the_run_goes_on(tmp
         assert f"step {step}: the sample grid is skipped: cannot write it (No space left on device)" in log, log
 
 
+def test_a_run_that_did_not_start_holds_its_lock_while_its_folder_is_removed(tmp_path, monkeypatch):
+    """The folder of a run that never started was removed after its lock was released: a job started on
+    it then (the same --exp-dir) took the lock, and lost the folder it was about to train into. The
+    lock is held until its file goes, last."""
+    from sit_fast.files import FolderLock
+
+    exp = tmp_path / "run"
+    seen = []  # each file of the run removed, and whether the lock was held then
+    unlink, remove = os.unlink, os.remove
+
+    def watched(real):
+        def removing(path, *args, **kwargs):
+            name = os.path.basename(path)
+            if name in ("log.txt", "experiment.json", FolderLock.NAME) and (exp / name).exists():
+                seen.append((name, FolderLock.holder(str(exp)) is not None))
+            real(path, *args, **kwargs)
+        return removing
+
+    monkeypatch.setattr(os, "unlink", watched(unlink))
+    monkeypatch.setattr(os, "remove", watched(remove))
+    assert run_cli(BASE + ["--exp-dir", str(exp), "--image-size", "10"]) == 2  # fails before its first step
+    assert not exp.exists()
+    assert sorted(seen) == [(".lock", True), ("experiment.json", True), ("log.txt", True)]
+    assert seen[-1][0] == FolderLock.NAME
+
+
 def test_failed_start_keeps_existing_folders(tmp_path, capsys):
     """A run that never starts removes the folders it created (a new --results-dir, an --exp-dir and its
     new parents) and keeps those that were there before it."""

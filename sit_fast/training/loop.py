@@ -46,7 +46,8 @@ from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
 )
 from sit_fast.files import (WRITE_REFUSED, FolderLock, amount, atomic_torch_save, atomic_write, first_missing_folder,
-                             is_inside, make_folder, make_room, make_writable_folder, refusal, remove_empty_folders)
+                             is_inside, make_folder, make_room, make_writable_folder, refusal, remove_empty_folders,
+                             remove_locked_folder)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.progress import duration
@@ -411,17 +412,21 @@ def release_run_lock() -> None:
 
 def remove_unused_experiment(exp_dir: str, made_from: str | None) -> None:
     """Delete an experiment folder this run created, if it holds nothing but log.txt and no checkpoint,
-    and the parents it created with it (`made_from` down: a new --results-dir) that are left empty."""
-    release_run_lock()
+    and the parents it created with it (`made_from` down: a new --results-dir) that are left empty. Its
+    lock is held until its lock file goes, last: a job started on the folder meanwhile is refused, or
+    finds it gone (released first, the lock let such a job in while the folder was being removed)."""
     package = logging.getLogger("sit_fast")
     for handler in list(package.handlers):
         if isinstance(handler, logging.FileHandler):
             handler.close()
             package.removeHandler(handler)
     checkpoints = os.path.join(exp_dir, "checkpoints")
-    if (set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints", FolderLock.NAME, EXPERIMENT_RECORD}
-            and not os.listdir(checkpoints)):
-        shutil.rmtree(exp_dir, ignore_errors=True)
+    unused = (set(os.listdir(exp_dir)) <= {"log.txt", "checkpoints", FolderLock.NAME, EXPERIMENT_RECORD}
+              and not os.listdir(checkpoints))
+    if unused:
+        remove_locked_folder(exp_dir)
+    release_run_lock()
+    if unused:
         if made_from is not None:
             remove_empty_folders(os.path.dirname(os.path.abspath(exp_dir)), made_from)
         logger.info(f"removed {exp_dir}: the run did not start")
