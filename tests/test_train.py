@@ -5376,11 +5376,14 @@ def test_a_stop_between_log_lines_logs_the_steps_since_the_last_and_saves_them(t
     assert f"stopped by SIGTERM after step 3; checkpoint {saved}: continue with --resume" in log
 
 
-def test_a_stop_signal_sent_again_while_the_run_ends_is_noted_not_its_default_action(tmp_path, monkeypatch):
-    """SIGTERM, then SIGTERM again while the stopped run closes its trackers (SLURM signals every process
-    and torchrun passes it on): the second is noted by the run's handler, not handed to the one from before
-    the run (by default the process's end, before the line saying where to resume); the run ends with the
-    first's status and line, and the handlers are restored as it ends."""
+@pytest.mark.parametrize("again_in", ["close_trackers", "cleanup"])
+def test_a_stop_signal_sent_again_while_the_run_ends_is_noted_not_its_default_action(tmp_path, monkeypatch,
+                                                                                     again_in):
+    """SIGTERM, then SIGTERM again while the stopped run closes its trackers, or as it leaves the process
+    group at the very end (SLURM signals every process and torchrun passes it on): the second is noted by
+    the run's handler, not handed to the one from before the run (by default the process's end, before the
+    line saying where to resume, or with the run folder's lock and the process group not left); the run
+    ends with the first's status and line, and the handlers are restored as it ends."""
     import signal
 
     from sit_fast.training import loop
@@ -5392,13 +5395,25 @@ def test_a_stop_signal_sent_again_while_the_run_ends_is_noted_not_its_default_ac
             self.stop._handle(signal.SIGTERM, None)
         return step(self, batch)
 
-    def closing_signalled_again(self, failed=False):
+    def signalled_again():
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.2)  # the handler runs here
+        left.append(again_in)
+
+    def closing_signalled_again(self, failed=False):
+        signalled_again()
         return close(self, failed)
 
+    def leaving_signalled_again():
+        signalled_again()
+        cleanup()
+
+    left, cleanup = [], loop.cleanup
     monkeypatch.setattr(loop.Trainer, "train_step", signalled_in_step_two)
-    monkeypatch.setattr(loop.Trainer, "close_trackers", closing_signalled_again)
+    if again_in == "close_trackers":
+        monkeypatch.setattr(loop.Trainer, "close_trackers", closing_signalled_again)
+    else:
+        monkeypatch.setattr(loop, "cleanup", leaving_signalled_again)
     before_the_run = []
     previous = signal.signal(signal.SIGTERM, lambda signum, frame: before_the_run.append(signum))
     try:
@@ -5410,7 +5425,7 @@ def test_a_stop_signal_sent_again_while_the_run_ends_is_noted_not_its_default_ac
         assert before_the_run == [signal.SIGTERM]
     finally:
         signal.signal(signal.SIGTERM, previous)
-    assert exit_.value.code == 128 + signal.SIGTERM
+    assert exit_.value.code == 128 + signal.SIGTERM and left == [again_in]
     assert "stopped by SIGTERM after step 2; checkpoint " in (tmp_path / "run" / "log.txt").read_text()
 
 

@@ -1844,7 +1844,9 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"\n{message}", file=sys.stderr)
         raise SystemExit(130) from None
     finally:
-        stop.restore()
-        release_run_lock()
-        cleanup()
-        reset_logging()
+        try:  # the handlers are held to the very end: a stop signal sent again while the run leaves is noted
+            release_run_lock()
+            cleanup()
+            reset_logging()
+        finally:
+            stop.restore()
