@@ -46,7 +46,7 @@ from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, 
 from sit_fast.errors import UserError, first_line
 from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_write, make_writable_folder, refusal,
                             write_failed, written_kept)
-from sit_fast.models import SiT, SiT_models, check_cfg_channels, model_config, registry_name
+from sit_fast.models import SiT, SiT_models, _with_own_code, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
 from sit_fast.transport import PATH_TYPES, PREDICTIONS
 from sit_fast.transport.integrators import time_grid
@@ -383,8 +383,9 @@ class ModelForwards:
     Both return fp32. autocast_dtype (bf16) runs the model under autocast; cast_weights also stores
     the model's matmul weights in that dtype (SiT.cast_matmul_weights_: the same results, no cast
     of every weight on every call; the model is then for these forwards only); compile wraps each
-    forward in torch.compile (with compile_backend); cuda_graphs replays each from a CUDA graph
-    (CUDA only). The model's
+    forward in torch.compile (with compile_backend), its compilations counted apart from other
+    ModelForwards' against Dynamo's recompile limit (what each compiled stays in memory, as for
+    SiT.compile_blocks); cuda_graphs replays each from a CUDA graph (CUDA only). The model's
     frozen adaLN weights are concatenated once and reused (SiT.reuse_frozen_modulation, which stays
     set on the model: weights written into it later through `.data` are not seen until it is unset).
     """
@@ -419,8 +420,12 @@ class ModelForwards:
 
         if compile:
             # Compiled code would concatenate the adaLN weights again on every call: the concatenation
-            # is taken (and kept) outside it, and passed in.
-            conditional, guided = (_given_modulation_weights(model, torch.compile(fn, backend=compile_backend,
+            # is taken (and kept) outside it, and passed in. Each forward is compiled from a code object
+            # of its own (_with_own_code): the closures of every ModelForwards share their code, on which
+            # Dynamo guards the model and cfg_scale, so that the ninth of a process (another model, or
+            # another scale) found Dynamo's recompile limit reached and ran eager, unsaid.
+            conditional, guided = (_given_modulation_weights(model, torch.compile(_with_own_code(fn),
+                                                                                  backend=compile_backend,
                                                                                   dynamic=False))
                                    for fn in (conditional, guided))
         if cuda_graphs:

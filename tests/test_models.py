@@ -798,6 +798,37 @@ def test_compiled_sampling_forwards_take_the_kept_modulation_weights():
     assert inputs_read and not [name for name in inputs_read if "adaln" in name.lower()], inputs_read
 
 
+def test_compiled_sampling_forwards_of_one_process_do_not_share_a_recompile_limit():
+    """Each ModelForwards(compile=True) counts its own recompilations: guarded on the model and the
+    guidance scale, the forwards of a sweep over scales (or models) in one process were compiled from
+    one code object, and past Dynamo's limit ran eager without a word. A model dropped after its
+    forwards is freed."""
+    import gc
+    import weakref
+
+    from sit_fast.sampling import ModelForwards
+
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    model = randomize_(tiny_sit()).eval().requires_grad_(False)
+    kept = weakref.ref(model)
+    x, t, y = inputs(model)
+    y_pair = torch.cat([y, torch.full_like(y, model.num_classes)])
+    with torch._dynamo.config.patch(recompile_limit=2):  # 8: the same, with twice the forwards
+        for scale in (1.5, 2.0, 3.0, 4.0):
+            forwards = ModelForwards(model, cfg_scale=scale, compile=True, compile_backend=backend)
+            with torch.no_grad():
+                forwards.guided(x, t, y_pair)
+    assert len(graphs) == 4  # one per forwards: none ran eager past the limit
+    del model, forwards
+    gc.collect()
+    assert kept() is None
+
+
 def test_a_model_made_under_inference_mode_samples_with_its_modulation_reused():
     """Inference tensors keep no version counter, which the reused concatenation is keyed on: a model
     made under inference_mode raised at its first forward once ModelForwards had set the reuse."""
