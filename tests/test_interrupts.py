@@ -147,6 +147,37 @@ def test_a_ctrl_c_while_a_stopped_job_winds_down_ends_it_at_once_with_the_jobs_l
                                                         "\ninterrupted again: the files written are kept\n"), out
 
 
+def test_the_lines_printed_before_a_second_ctrl_c_are_not_lost():
+    """A job whose output goes to a file or a pipe (a batch system's log) buffers its lines: a second
+    Ctrl-C that ends it at once writes out those printed before it (what was computed, where it went),
+    then the line on what is kept."""
+    script = _with_interrupts("with interrupts.stop_signals_raise():\n"
+                              "    try:\n"
+                              "        signal.raise_signal(signal.SIGINT)\n"
+                              "    except KeyboardInterrupt:\n"
+                              "        interrupts.winding_down('interrupted again: the files written are kept')\n"
+                              "        print('saved 3 files')\n"  # buffered: stdout is a pipe
+                              "        signal.raise_signal(signal.SIGINT)\n")
+    env = {name: value for name, value in os.environ.items() if name != "PYTHONUNBUFFERED"}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=env)
+    assert (out.returncode, out.stdout, out.stderr) == (130, "saved 3 files\n",
+                                                        "\ninterrupted again: the files written are kept\n"), out
+
+
+def test_a_ctrl_c_ignored_at_the_start_stays_ignored_in_a_job():
+    """A job started in the background by a shell script (`sample.py ... &`) starts with SIGINT ignored,
+    so that the Ctrl-C meant for the script's foreground leaves it running: its stop handlers keep it
+    ignored, and give it back ignored."""
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        with stop_signals_raise():
+            assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGINT)  # a handler would run as kill returns
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_winding_down_ends_with_the_block(restore_handlers):
     """Past the stop_signals_raise block, Ctrl-C is Python's KeyboardInterrupt again, and the next block's
     first Ctrl-C raises, whatever the last job said as it wound down, or a job's parts called on their own
