@@ -2437,6 +2437,37 @@ def test_a_finished_jobs_parts_folder_loses_its_lock_file_last(files, tmp_path, 
     assert left == [[]]
 
 
+def test_a_parts_folder_left_beside_a_finished_out_loses_its_lock_file_last(files, tmp_path, monkeypatch):
+    """A job stopped between writing OUT and removing OUT.parts/ leaves the folder beside the finished
+    file; the next job on OUT removes it, lock held, its lock file last: a job with other settings started
+    meanwhile finds the lock held, or no batch left (not batches without settings.json beside a new lock)."""
+    torch.save(torch.randn(4, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out, parts = tmp_path / "bpd.npz", tmp_path / "bpd.npz.parts"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--likelihood", "--data", tmp_path / "x.pt",
+            "--batch-size", 2, "--out", out, "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST]
+    run(argv)
+    parts.mkdir()  # as the stopped job left it: its lock file, its settings, its batches
+    (parts / FolderLock.NAME).write_text("process 1 on host-a\n")
+    (parts / "settings.json").write_text("{}")
+    for k in range(2):
+        torch.save(torch.zeros(2), parts / f"{k:06d}.pt")
+    left = []  # what the folder held as its lock file went
+    unlink, remove = os.unlink, os.remove
+
+    def watched(real):
+        def removing(path, *args, **kwargs):
+            real(path, *args, **kwargs)
+            if os.path.basename(path) == FolderLock.NAME:
+                left.append(sorted(os.listdir(parts)) if parts.is_dir() else None)
+        return removing
+
+    monkeypatch.setattr(os, "unlink", watched(unlink))
+    monkeypatch.setattr(os, "remove", watched(remove))
+    run(argv)  # finished: nothing computed, the folder removed
+    assert out.is_file() and not parts.exists()
+    assert left == [[]]
+
+
 def test_a_second_likelihood_job_on_the_same_out_is_refused(files, tmp_path, capsys):
     """OUT.parts/ is locked as the FID folder is: two jobs with one --out mixed their batches."""
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
