@@ -1721,6 +1721,23 @@ def test_a_folder_lock_is_not_held_on_by_the_processes_its_holder_forked(tmp_pat
             os.close(fd)
 
 
+def test_an_error_of_a_write_without_the_oss_word_is_not_said_to_be_the_disks():
+    """write_failed makes the one line of a failed write from an error of the OS (an errno); an OSError
+    without one is a library's own (a fault of the program, not of the disk): raised as it is, not said to
+    be a failing disk to fix."""
+    import errno
+
+    from sit_fast.files import write_failed
+
+    said = write_failed("out.png", OSError(errno.EIO, "Input/output error"), "nothing was written yet", "run it again")
+    assert str(said) == ("cannot write out.png (Input/output error, EIO): nothing was written yet: fix the disk (the "
+                         "system log says what failed), or write onto another filesystem and run it again")
+    own = OSError("unrecognized data stream contents when reading image file")
+    with pytest.raises(OSError) as raised:
+        write_failed("out.png", own, "nothing was written yet", "run it again")
+    assert raised.value is own
+
+
 def test_a_folder_lock_whose_file_cannot_be_written_is_one_line_naming_it(tmp_path):
     from sit_fast.errors import UserError
     from sit_fast.files import FolderLock
