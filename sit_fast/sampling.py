@@ -34,6 +34,7 @@ import os
 import re
 import urllib.error
 import urllib.request
+import warnings
 import zipfile
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import nullcontext
@@ -399,6 +400,10 @@ class ModelForwards:
         check_cfg_channels(cfg_channels)
         if cfg_scale != 1.0:
             model.check_null_class(f"guidance (cfg_scale {cfg_scale:g})")
+        if model.training and model.y_embedder.dropout_prob > 0:  # upstream's sample.py calls model.eval()
+            warnings.warn(f"the model is in training mode, where its label dropout gives "
+                          f"{model.y_embedder.dropout_prob:.0%} of the labels at every call the null class "
+                          f"(unguided samples): call model.eval() before sampling", stacklevel=2)
         if cast_weights and autocast_dtype is not None:
             model.cast_matmul_weights_(autocast_dtype)
         model.reuse_frozen_modulation = True  # the weights are fixed while these forwards sample

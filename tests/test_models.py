@@ -700,6 +700,24 @@ def test_the_samplers_guidance_refuses_a_model_without_a_null_class():
     assert Denoiser(ModelForwards(model)).for_labels(y)(x, t).shape == x.shape
 
 
+def test_sampling_forwards_of_a_model_in_training_mode_warn_of_its_label_dropout():
+    """A model left in training mode drops labels at random while it samples (upstream's label dropout,
+    10% by default): said as the sampling forwards are built; not for a model in eval mode, nor one
+    without label dropout."""
+    import warnings
+
+    from sit_fast.sampling import ModelForwards
+
+    model = tiny_sit()  # in training mode, as built
+    with pytest.warns(UserWarning, match=r"^the model is in training mode, where its label dropout gives 10% of the "
+                                         r"labels at every call the null class .*: call model.eval\(\) before"):
+        ModelForwards(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ModelForwards(model.eval())
+        ModelForwards(tiny_sit(class_dropout_prob=0.0))
+
+
 @pytest.mark.parametrize("bad", ["All", "3", 0, True, 2.0])
 def test_cfg_channels_are_all_or_a_positive_int(bad):
     from sit_fast.sampling import ModelForwards
