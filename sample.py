@@ -86,7 +86,7 @@ from sit_fast.errors import (
     log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, make_room, make_writable_folder, refusal,
+    WRITE_REFUSED, FileLock, FolderLock, atomic_torch_save, atomic_write, make_room, make_writable_folder, refusal,
     remove_locked_folder, unfinished_writes, write_failed, written_kept,
 )
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped, winding_down
@@ -94,8 +94,8 @@ from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
 from sit_fast.attention import ATTN_BACKENDS, sdpa_backend_from_env, select_backend
 from sit_fast.sampling import (
-    PRECISIONS, Denoiser, ModelForwards, ModelRequest, PNGWriter, add_arithmetic, build_model, build_npz,
-    check_settings, checkpoint_preference, default_cfg_channels, foreign_npz,
+    PRECISIONS, PRETRAINED_MODEL, Denoiser, ModelForwards, ModelRequest, PNGWriter, add_arithmetic, build_model,
+    build_npz, check_settings, checkpoint_preference, default_cfg_channels, foreign_npz,
     check_training_args, derived_seed, images_in, index_noise, model_call_times, pending_chunks,
     pretrained_checkpoint_for, npz_array, release_or_path, settings_differences, to_rgb_uint8,
 )
@@ -776,11 +776,20 @@ def longest_name(folder: str) -> int:
 
 def run_fid(setup: Setup) -> str:
     """N numbered PNGs in --sample-dir (resumable, any world size) and the ADM .npz of all N. Rank 0
-    holds the folder's lock from before its record is read until the .npz is written."""
-    args = setup.args
+    holds the folder's lock from before its record is read (from before the model loads, where
+    lock_outputs took it) until the .npz is written."""
+    sample_dir = fid_folder(setup.args, setup.info["model"])
+    lock = _taken.pop(sample_dir, None) or FolderLock(sample_dir, "--sample-dir")
+    with lock:
+        return fid_job(setup, sample_dir, lock)
+
+
+def fid_folder(args: argparse.Namespace, model: str) -> str:
+    """The FID job's folder of PNGs: --sample-dir, or the run folder in it named after the settings and
+    `model`, the model's registry name."""
     sample_dir = os.path.normpath(args.sample_dir)
     if args.run_folder:
-        name = run_folder_name(args, setup.info["model"])
+        name = run_folder_name(args, model)
         longest = longest_name(sample_dir)
         too_long = [n for n in (name, None if args.out else f"{name}.npz") if n and len(os.fsencode(n)) > longest]
         if too_long:  # said before any work, not as --sample-dir's fault (or after all of it, for the .npz)
@@ -799,8 +808,39 @@ def run_fid(setup: Setup) -> str:
             raise UserError(f"--sample-dir {args.sample_dir}: the .npz beside the folder, {base[:48]}....npz, "
                             f"would be a name longer than a file name may be there ({longest} bytes): pass a "
                             f"shorter --sample-dir, or --out FILE.npz")
-    with FolderLock(sample_dir, "--sample-dir") as lock:
-        return fid_job(setup, sample_dir, lock)
+    return sample_dir
+
+
+_taken: dict[str, FolderLock] = {}  # the FID folder's lock, by path, where lock_outputs took it (run_fid's then)
+
+
+def output_file(args: argparse.Namespace) -> str | None:
+    """The file a job writes (its --out, or the default one), or None: none (--likelihood without --out),
+    or the FID job's .npz beside its folder, which the folder's lock guards."""
+    if args.job in DEFAULT_OUT:
+        return args.out or DEFAULT_OUT[args.job]
+    if args.job == "likelihood":
+        return likelihood_out(args)
+    return args.out
+
+
+def lock_outputs(args: argparse.Namespace, dist: DistInfo) -> None:
+    """Rank 0 locks what the job writes before the model and the VAE load (seconds to minutes), held to
+    the job's end (main's release_all): the file it writes (FileLock), so that a second job given the same
+    --out is refused at once instead of overwriting it at the end, and the FID job's folder where it
+    exists and its path is known without the model (--no-run-folder, --model, or the release; a folder
+    not there yet is locked as it is made, after the load)."""
+    def lock() -> None:
+        if (out := output_file(args)) is not None:
+            FileLock(out, "--out").acquire()
+        model = args.model or (PRETRAINED_MODEL if args.ckpt is None else None)
+        if args.job == "fid" and (model is not None or not args.run_folder):
+            folder = fid_folder(args, model or "")
+            if os.path.isdir(folder):
+                _taken[folder] = FolderLock(folder, "--sample-dir")
+                _taken[folder].acquire()
+
+    on_main(lock, dist)
 
 
 def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
@@ -1497,6 +1537,11 @@ def bpd_summary(bpd: np.ndarray, of: str) -> str:
     return f"bpd {bpd[0]:.4f} of {of}"
 
 
+def likelihood_out(args: argparse.Namespace) -> str | None:
+    """--likelihood's --out, with the extension .npz that np.savez gives it (None: no --out)."""
+    return None if args.out is None else args.out if args.out.lower().endswith(".npz") else f"{args.out}.npz"
+
+
 def run_likelihood(setup: Setup) -> np.ndarray:
     """Bits per dimension of --data under the model (probability-flow ODE, data -> noise).
 
@@ -1508,7 +1553,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     estimate as good). A finished --out is read, not recomputed. Returns the bpd (on the main process;
     the other processes return an empty array)."""
     args, dist = setup.args, setup.dist
-    out = None if args.out is None else args.out if args.out.lower().endswith(".npz") else f"{args.out}.npz"
+    out = likelihood_out(args)
     x, offset, space = job_data(setup)
     labels = data_labels(setup, len(x))
     dims = math.prod(setup.latent_shape)
@@ -1715,7 +1760,8 @@ def main(argv: list[str] | None = None, defaults: dict | None = None, prog: str 
             start_resource_tracker()
             return run_job(args, dist)
         finally:
-            FolderLock.release_all()  # the folders a job held (the FID job's, OUT.parts/): another may take them now
+            FolderLock.release_all()  # the folders a job held (the FID job's, OUT.parts/) and its --out: another
+            _taken.clear()  # job may take them now
             cleanup()
 
 
@@ -1728,6 +1774,7 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         raise UserError("under torchrun, --likelihood needs --out FILE.npz: the processes' results meet in "
                         "FILE.npz.parts/")
     try:
+        lock_outputs(args, dist)
         setup = Setup(args, dist)
         job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]
         try:

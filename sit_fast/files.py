@@ -281,25 +281,29 @@ class FolderLock:
             import fcntl
         except ImportError:  # not a POSIX system: no lock
             return
-        path = os.path.join(self.folder, self.NAME)
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as err:
-            raise UserError(f"{self.flag} {self.folder}: cannot write {path} ({err.strerror or err}): pass a folder "
-                            f"that can be written") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            busy = err.errno in _BUSY
-            holder = _holder(fd, path) if busy else ""
-            os.close(fd)
-            if busy:
-                raise UserError(f"another job is writing into {self.folder} now ({holder}): "
-                                f"wait for it to end, or pass another {self.flag}") from None
-            logging.getLogger("sit_fast").warning(
-                f"cannot lock {path} ({err.strerror or err}): a second job started on {self.folder} while this one "
-                f"runs would not be noticed")
-            return
+        path = self.lock_path()
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as err:
+                raise UserError(f"{self.flag} {self.target()}: cannot write {path} ({err.strerror or err}): pass a "
+                                f"folder that can be written") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                busy = err.errno in _BUSY
+                holder = _holder(fd, path) if busy else ""
+                os.close(fd)
+                if busy:
+                    raise UserError(f"another job is writing {self.written()} now ({holder}): "
+                                    f"wait for it to end, or pass another {self.flag}") from None
+                logging.getLogger("sit_fast").warning(
+                    f"cannot lock {path} ({err.strerror or err}): a second job started on {self.target()} while "
+                    f"this one runs would not be noticed")
+                return
+            if self.still_there(fd, path):
+                break
+            os.close(fd)  # removed by the job that held it as it ended, after this open: the new file is the lock
         self.fd = fd
         FolderLock._held.add(self)
         try:  # who holds it, for the message of a job refused (written before the old text is cut off, so
@@ -309,6 +313,20 @@ class FolderLock:
             os.ftruncate(fd, len(holder))
         except OSError:
             pass
+
+    def lock_path(self) -> str:
+        return os.path.join(self.folder, self.NAME)
+
+    def target(self) -> str:
+        """What the lock guards, as the flag names it."""
+        return self.folder
+
+    def written(self) -> str:
+        return f"into {self.folder}"
+
+    def still_there(self, fd: int, path: str) -> bool:
+        """Whether the file locked through `fd` is the lock file at `path` still (FileLock's removal)."""
+        return True
 
     @classmethod
     def holder(cls, folder: str) -> str | None:
@@ -344,6 +362,43 @@ class FolderLock:
     def release_all(cls) -> None:
         for lock in list(cls._held):
             lock.release()
+
+
+class FileLock(FolderLock):
+    """The lock of one file a job writes (sample.py's --out, written at the job's end), so that a second
+    job given the same file is refused instead of overwriting the first one's, whatever folders their
+    other outputs go to: flock(2) on .NAME.lock beside the file. The lock file is removed as the lock is
+    released (a job that opened it just before finds it gone once it has the lock, and takes the new one)."""
+
+    def __init__(self, path: str, flag: str):
+        folder, name = os.path.split(os.path.abspath(path))
+        super().__init__(folder, flag)
+        self.path = path
+        while len(os.fsencode(f".{name}.lock")) > 255 and name:  # past a name's 255 bytes, as atomic_write
+            name = name[:-1]
+        self.name = f".{name}.lock"
+
+    def lock_path(self) -> str:
+        return os.path.join(self.folder, self.name)
+
+    def target(self) -> str:
+        return self.path
+
+    def written(self) -> str:
+        return self.path
+
+    def still_there(self, fd: int, path: str) -> bool:
+        try:
+            now, locked = os.stat(path), os.fstat(fd)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(OSError):  # removed while held: no job takes the old file after it
+                os.remove(self.lock_path())
+        super().release()
 
 
 def remove_locked_folder(folder: str) -> None:

@@ -1738,6 +1738,47 @@ def test_an_error_of_a_write_without_the_oss_word_is_not_said_to_be_the_disks():
     assert raised.value is own
 
 
+def test_a_file_lock_goes_with_its_holder_and_a_job_that_opened_it_then_takes_the_new_one(tmp_path, monkeypatch):
+    """FileLock (sample.py's --out): .NAME.lock beside the file, refused while another holds it, and removed
+    as it is released, so that none is left beside the outputs. A job that opened the file just before
+    its removal gets the lock of a removed file once the holder lets go: it opens the new one instead, or
+    it and a job started after it would both hold "the" lock."""
+    import socket
+
+    from sit_fast.errors import UserError
+    from sit_fast import files
+    from sit_fast.files import FileLock
+
+    out = tmp_path / "fid.npz"
+    holder = FileLock(str(out), "--out")
+    holder.acquire()
+    assert (tmp_path / ".fid.npz.lock").read_text() == f"process {os.getpid()} on {socket.gethostname()}\n"
+    with pytest.raises(UserError) as err:
+        FileLock(str(out), "--out").acquire()
+    assert str(err.value) == (f"another job is writing {out} now (process {os.getpid()} on {socket.gethostname()}): "
+                              f"wait for it to end, or pass another --out")
+    real_open = os.open
+    opened = []
+
+    def holder_ends_after_this_open(path, *args):
+        fd = real_open(path, *args)
+        opened.append(path)
+        if len(opened) == 1:
+            holder.release()  # removes the file this job has just opened, then lets go of the lock
+        return fd
+
+    monkeypatch.setattr(files.os, "open", holder_ends_after_this_open)
+    second = FileLock(str(out), "--out")
+    second.acquire()
+    monkeypatch.undo()
+    assert len(opened) == 2  # the removed file's lock let go, the new file's taken
+    assert os.fstat(second.fd).st_ino == os.stat(tmp_path / ".fid.npz.lock").st_ino
+    with pytest.raises(UserError, match="another job is writing"):
+        FileLock(str(out), "--out").acquire()
+    second.release()
+    assert os.listdir(tmp_path) == []
+
+
 def test_a_folder_lock_whose_file_cannot_be_written_is_one_line_naming_it(tmp_path):
     from sit_fast.errors import UserError
     from sit_fast.files import FolderLock

@@ -2489,6 +2489,72 @@ def test_a_second_likelihood_job_on_the_same_out_is_refused(files, tmp_path, cap
     assert out.is_file() and not (tmp_path / "bpd.npz.parts").exists()
 
 
+def test_a_second_job_given_the_same_out_file_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
+    """Two jobs given one --out (FID jobs of two checkpoints or settings, each with its own --sample-dir, or
+    an FID job and a --likelihood job) both wrote it, the last one silently: the file is locked from before
+    the model loads (.NAME.lock beside it, removed with the lock), and the second job is refused at once.
+    The lock is held here as another process would hold it."""
+    from sit_fast.files import FileLock
+
+    torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
+    out = tmp_path / "out.npz"
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+              "--out", out, *FAST]
+    fid = common + ["--num-fid-samples", 2, "--sample-dir", tmp_path / "b"]
+    likelihood = common + ["--likelihood", "--data", tmp_path / "x.pt"]
+    loads = []
+    real_setup = sample.Setup
+    monkeypatch.setattr(sample, "Setup", lambda *a: loads.append(1) or real_setup(*a))
+    for argv in (fid, likelihood):
+        other = FileLock(str(out), "--out")
+        other.acquire()
+        capsys.readouterr()
+        try:
+            with pytest.raises(SystemExit) as exit_info:
+                run(argv)
+            assert exit_info.value.code == 2
+            assert one_line_error(capsys) == (f"error: another job is writing {out} now (process {os.getpid()} on "
+                                              f"{socket.gethostname()}): wait for it to end, or pass another --out")
+        finally:
+            other.release()
+    assert not loads and sorted(os.listdir(tmp_path)) == ["x.pt"]  # refused before any work
+    run(fid)
+    assert sorted(os.listdir(tmp_path)) == ["b", "out.npz", "x.pt"]  # the lock's file goes with the lock
+
+
+@pytest.mark.parametrize("run_folder", [False, True])
+def test_a_second_job_on_an_fid_folder_in_use_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch,
+                                                                                run_folder):
+    """The FID folder's lock was taken after the model and the VAE loaded (seconds to minutes): a job
+    started on a folder in use was refused only then. Its path is known before (--sample-dir, and the run
+    folder's name with --model), so it is refused before."""
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, "--sample-dir", tmp_path, *FAST]
+    if run_folder:
+        argv += ["--run-folder", "--model", "SiT-T/2"]
+    sample_dir = tmp_path / "s"
+    if run_folder:
+        sample_dir = tmp_path / "SiT-T-2-pixel-cfg-1.0-32-ODE-2-euler"
+    else:
+        argv += ["--sample-dir", sample_dir]
+    sample_dir.mkdir()
+    loads = []
+    real_setup = sample.Setup
+    monkeypatch.setattr(sample, "Setup", lambda *a: loads.append(1) or real_setup(*a))
+    other = FolderLock(str(sample_dir), "--sample-dir")
+    other.acquire()
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit):
+            run(argv)
+    finally:
+        other.release()
+    assert one_line_error(capsys).startswith(f"error: another job is writing into {sample_dir} now (process ")
+    assert not loads
+    run(argv)
+    assert loads == [1] and (tmp_path / f"{sample_dir.name}.npz").is_file()
+
+
 def test_png_writer_holds_at_most_two_batches(tmp_path, monkeypatch):
     """A sampler faster than its PNG writes queued every image of its share in memory: now write()
     waits until at most one earlier batch is queued."""
