@@ -274,7 +274,8 @@ class FolderLock:
     def __exit__(self, *exc) -> None:
         self.release()
 
-    def acquire(self) -> None:
+    def acquire(self, wait: bool = False) -> None:
+        """wait: wait for the holder to let go, not refuse (a lock held for moments only)."""
         if self.fd is not None:  # held already
             return
         try:
@@ -289,7 +290,7 @@ class FolderLock:
                 raise UserError(f"{self.flag} {self.target()}: cannot write {path} ({err.strerror or err}): pass a "
                                 f"folder that can be written") from None
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as err:
                 busy = err.errno in _BUSY
                 holder = _holder(fd, path) if busy else ""

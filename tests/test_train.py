@@ -2869,6 +2869,62 @@ def test_a_run_folder_in_use_is_refused(tmp_path, capsys):
     assert train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--resume", "auto"])["step"] == 2
 
 
+# train.py whose --results-dir listing (--resume auto's look for a run) says "listed" (MARK.listed) and then waits
+# for GO to exist before the run folder is chosen: a job slowed there, as on a busy node
+LISTED_THEN_WAIT = """
+import os, sys, time
+from sit_fast.errors import cli_entry
+from sit_fast.training import loop
+real = loop.experiment_dirs
+
+def listed(*args):
+    runs = real(*args)
+    open(sys.argv[1] + ".listed", "w").close()
+    while not os.path.exists(sys.argv[2]):
+        time.sleep(0.05)
+    return runs
+
+loop.experiment_dirs = listed
+cli_entry(loop.main)(sys.argv[3:])
+"""
+
+
+def test_two_resume_auto_jobs_started_together_do_not_both_start_a_new_run(tmp_path):
+    """Two `--resume auto` jobs started at once in a fresh --results-dir (the same job started twice) both
+    started a new run where the second listed the folder before the first had made its run folder: the
+    run folder is chosen under a lock of the results folder, for which the second waits; it then finds
+    the first's run, and is refused while the first trains there (or resumes it once it has ended)."""
+    results, go = tmp_path / "results", tmp_path / "go"
+    argv = BASE + ["--results-dir", str(results), "--max-steps", "2", "--resume", "auto"]
+    env = dict(os.environ, CUDA_VISIBLE_DEVICES="")
+
+    def start(mark, go_path):
+        return subprocess.Popen([sys.executable, "-c", LISTED_THEN_WAIT, str(tmp_path / mark), str(go_path), *argv],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, env=env)
+
+    first = start("a", go)
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "a.listed").exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (tmp_path / "a.listed").exists(), first.communicate()
+        second = start("b", tmp_path)  # not slowed
+        deadline = time.monotonic() + 20  # the time to list the folder, where nothing makes it wait
+        while not (tmp_path / "b.listed").exists() and second.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        go.touch()
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    out, err = second.communicate(timeout=300)
+    runs = sorted(name for name in os.listdir(results) if not name.startswith("."))
+    assert runs == ["000-SiT-T-4-Linear-velocity-None"], (runs, err)
+    assert os.listdir(results) == runs  # the lock's file goes with it
+    if second.returncode:  # refused while the first trained
+        assert err.startswith("error: --resume auto: the newest SiT-T-4-Linear-velocity-None run in "), err
+        assert "has no checkpoint yet and another job is training into it now (process " in err, err
+
+
 @pytest.mark.parametrize("resume", [[], ["--resume", "checkpoints/0000001.pt"]])
 def test_a_run_folder_in_use_is_refused_before_its_checkpoints_are_judged(tmp_path, capsys, resume):
     """A new run, or a checkpoint resumed, into an --exp-dir a job trains into now was refused for the

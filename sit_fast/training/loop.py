@@ -45,9 +45,9 @@ from sit_fast.distributed import (
 from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
 )
-from sit_fast.files import (WRITE_REFUSED, FolderLock, amount, atomic_torch_save, atomic_write, first_missing_folder,
-                             is_inside, make_folder, make_room, make_writable_folder, refusal, remove_empty_folders,
-                             remove_locked_folder)
+from sit_fast.files import (WRITE_REFUSED, FileLock, FolderLock, amount, atomic_torch_save, atomic_write,
+                             first_missing_folder, is_inside, make_folder, make_room, make_writable_folder, refusal,
+                             remove_empty_folders, remove_locked_folder)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
 from sit_fast.models import SiT_models, fused_kernels_flag, model_config, registry_name
 from sit_fast.progress import duration
@@ -395,6 +395,25 @@ def hold_run_lock(exp_dir: str) -> None:
     _run_lock.acquire()
 
 
+@contextlib.contextmanager
+def choosing_a_run_folder(args: argparse.Namespace):
+    """A new run or --resume auto in --results-dir: its folder chosen, or made, and locked (hold_run_lock)
+    under a lock of the results folder (RESULTS_DIR/.runs.lock, there for moments), for which a job
+    started at the same time waits. Two such jobs (the same job started twice) both started new runs
+    where one listed the folder before the other had made its run folder, or before it held its lock:
+    the second now finds the first's run, and is refused while it trains there, or resumes it."""
+    if args.exp_dir or args.resume not in (None, "auto"):
+        yield
+        return
+    make_writable_folder(args.results_dir, f"--results-dir {args.results_dir}")
+    lock = FileLock(os.path.join(args.results_dir, "runs"), "--results-dir")
+    lock.acquire(wait=True)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 def training_elsewhere(exp_dir: str) -> str | None:
     """Who trains into the run folder exp_dir now, when another job does (its lock's holder), else None."""
     if _run_lock is not None and _run_lock.fd is not None and os.path.realpath(_run_lock.folder) == \
@@ -624,17 +643,18 @@ class Trainer:
                 if existed and (holder := training_elsewhere(args.exp_dir)) is not None:  # before what its files say
                     raise UserError(f"another job is writing into {args.exp_dir} now ({holder}): wait for it to end, "
                                     f"or pass another --exp-dir")
-                exp_dir, resume_path, resume_note, numbered = select_experiment(args, explicit)
-                created = not existed if args.exp_dir else numbered
-                flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
-                make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
-                for name, folder in (("log.txt", False), ("samples", True)):  # the wrong kind: a traceback later
-                    path = os.path.join(exp_dir, name)
-                    if os.path.exists(path) and os.path.isdir(path) != folder:
-                        raise UserError(f"{path} is a {'file' if folder else 'folder'}, where the run keeps its "
-                                        f"{'sample grids' if folder else 'log'}: move it aside, or pass another "
-                                        f"{flag.split()[0]}")
-                hold_run_lock(exp_dir)  # one process trains into a run folder at a time
+                with choosing_a_run_folder(args):
+                    exp_dir, resume_path, resume_note, numbered = select_experiment(args, explicit)
+                    created = not existed if args.exp_dir else numbered
+                    flag = f"--exp-dir {args.exp_dir}" if args.exp_dir else f"--results-dir {args.results_dir}"
+                    make_writable_folder(os.path.join(exp_dir, "checkpoints"), flag)  # a read-only one: one line
+                    for name, folder in (("log.txt", False), ("samples", True)):  # the wrong kind: a traceback later
+                        path = os.path.join(exp_dir, name)
+                        if os.path.exists(path) and os.path.isdir(path) != folder:
+                            raise UserError(f"{path} is a {'file' if folder else 'folder'}, where the run keeps its "
+                                            f"{'sample grids' if folder else 'log'}: move it aside, or pass another "
+                                            f"{flag.split()[0]}")
+                    hold_run_lock(exp_dir)  # one process trains into a run folder at a time
                 if resume_path is None:  # what --resume auto tells this experiment by before a checkpoint records it
                     record = json.dumps({key: getattr(args, key) for key in EXPERIMENT_FLAGS}).encode()
                     try:
