@@ -2885,6 +2885,7 @@ def listed(*args):
     return runs
 
 loop.experiment_dirs = listed
+open(sys.argv[1] + ".started", "w").close()
 cli_entry(loop.main)(sys.argv[3:])
 """
 
@@ -2909,7 +2910,10 @@ def test_two_resume_auto_jobs_started_together_do_not_both_start_a_new_run(tmp_p
             time.sleep(0.05)
         assert (tmp_path / "a.listed").exists(), first.communicate()
         second = start("b", tmp_path)  # not slowed
-        deadline = time.monotonic() + 20  # the time to list the folder, where nothing makes it wait
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "b.started").exists() and second.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        deadline = time.monotonic() + 5  # its libraries loaded, the time to list the folder where nothing waits
         while not (tmp_path / "b.listed").exists() and second.poll() is None and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
