@@ -305,6 +305,9 @@ class FolderLock:
             if self.still_there(fd, path):
                 break
             os.close(fd)  # removed by the job that held it as it ended, after this open: the new file is the lock
+            if not os.path.isdir(self.folder):  # the folder too (a run that did not start, OUT.parts/ once used)
+                raise UserError(f"{self.flag} {self.target()}: the job that held {path} removed {self.folder} as it "
+                                f"ended, as this job started on it: run this job again")
         self.fd = fd
         FolderLock._held.add(self)
         try:  # who holds it, for the message of a job refused (written before the old text is cut off, so
@@ -326,8 +329,14 @@ class FolderLock:
         return f"into {self.folder}"
 
     def still_there(self, fd: int, path: str) -> bool:
-        """Whether the file locked through `fd` is the lock file at `path` still (FileLock's removal)."""
-        return True
+        """Whether the file locked through `fd` is the lock file at `path` still: a holder removes it,
+        holding the lock, as it ends (FileLock's release; remove_locked_folder), and a job that opened it
+        just before and took the lock then would hold a lock no later job sees."""
+        try:
+            now, locked = os.stat(path), os.fstat(fd)
+        except OSError:
+            return False
+        return (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino)
 
     @classmethod
     def holder(cls, folder: str) -> str | None:
@@ -387,13 +396,6 @@ class FileLock(FolderLock):
 
     def written(self) -> str:
         return self.path
-
-    def still_there(self, fd: int, path: str) -> bool:
-        try:
-            now, locked = os.stat(path), os.fstat(fd)
-        except OSError:
-            return False
-        return (now.st_dev, now.st_ino) == (locked.st_dev, locked.st_ino)
 
     def release(self) -> None:
         if self.fd is not None:

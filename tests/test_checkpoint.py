@@ -1779,6 +1779,44 @@ def test_a_file_lock_goes_with_its_holder_and_a_job_that_opened_it_then_takes_th
     assert os.listdir(tmp_path) == []
 
 
+def test_a_job_that_opened_a_folder_lock_as_its_holder_removed_the_folder_is_refused(tmp_path, monkeypatch):
+    """remove_locked_folder (a run that did not start, OUT.parts/ once used) removes the lock file, then the
+    folder, holding the lock: a job that opened the lock file just before gets the lock of a removed file
+    once the holder lets go. It is refused, in one line, not left holding a lock that a job started on
+    the folder made again takes as well (both writing into it)."""
+    from sit_fast import files
+    from sit_fast.errors import UserError
+    from sit_fast.files import FolderLock, remove_locked_folder
+
+    folder = tmp_path / "out.parts"
+    folder.mkdir()
+    holder = FolderLock(str(folder), "--out")
+    holder.acquire()
+    (folder / "000000.pt").write_bytes(b"x")
+    real_open = os.open
+
+    def holder_ends_after_this_open(path, *args):
+        fd = real_open(path, *args)
+        if not os.path.exists(folder / "000000.pt") or holder.fd is None:
+            return fd
+        remove_locked_folder(str(folder))  # the file this job has just opened goes, then the lock
+        holder.release()
+        return fd
+
+    monkeypatch.setattr(files.os, "open", holder_ends_after_this_open)
+    late = FolderLock(str(folder), "--out")
+    with pytest.raises(UserError) as err:
+        late.acquire()
+    monkeypatch.undo()
+    assert str(err.value) == (f"--out {folder}: the job that held {folder / '.lock'} removed {folder} as it ended, "
+                              f"as this job started on it: run this job again")
+    assert late.fd is None and late not in FolderLock._held
+    folder.mkdir()
+    with FolderLock(str(folder), "--out") as lock:
+        lock.acquire()
+        assert lock.fd is not None
+
+
 def test_a_folder_lock_whose_file_cannot_be_written_is_one_line_naming_it(tmp_path):
     from sit_fast.errors import UserError
     from sit_fast.files import FolderLock
