@@ -1387,7 +1387,8 @@ class BatchParts:
         """What the folder keeps, for the line of a failed write: "the 3 batches written are kept in
         OUT.parts", or "nothing was written yet"."""
         try:
-            count = sum(self.name(k) in set(os.listdir(self.folder)) for k in range(self.batches))
+            present = set(os.listdir(self.folder))
+            count = sum(self.name(k) in present for k in range(self.batches))
         except OSError:
             count = 0
         said = written_kept(count, "batch", "batches")

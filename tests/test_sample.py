@@ -4039,6 +4039,27 @@ def test_likelihood_takes_npz_files_whatever_the_case_of_their_extension(files, 
     assert (tmp_path / "Z.npz").is_file()
 
 
+def test_what_a_parts_folder_keeps_is_counted_from_one_listing(tmp_path, monkeypatch):
+    """BatchParts.kept, said as a write fails (a full disk, a failing one): the batches there counted from one
+    listing of the folder, not one per batch of the job (tens of thousands, on the disk that fails)."""
+    import types
+
+    folder = tmp_path / "out.pt.parts"
+    folder.mkdir()
+    for k in (0, 2):
+        (folder / sample.BatchParts.name(k)).write_bytes(b"x")
+    (folder / "settings.json").write_text("{}")
+    parts = types.SimpleNamespace(folder=str(folder), batches=1000, name=sample.BatchParts.name)
+    listings = []
+    real_listdir = os.listdir
+    monkeypatch.setattr(sample.os, "listdir", lambda path: listings.append(path) or real_listdir(path))
+    assert sample.BatchParts.kept(parts) == f"the 2 batches written are kept in {folder}"
+    assert listings == [str(folder)]
+    monkeypatch.undo()
+    folder_empty = types.SimpleNamespace(folder=str(tmp_path / "gone.parts"), batches=3, name=sample.BatchParts.name)
+    assert sample.BatchParts.kept(folder_empty) == "nothing was written yet"
+
+
 @pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
 def test_a_full_disk_writing_likelihood_or_reverse_results_is_one_line(job, files, tmp_path, capsys, monkeypatch):
     import builtins
