@@ -10,6 +10,7 @@ import shutil
 import socket
 import stat
 import tempfile
+import time
 
 from sit_fast.errors import UserError, amount
 
@@ -283,6 +284,7 @@ class FolderLock:
         except ImportError:  # not a POSIX system: no lock
             return
         path = self.lock_path()
+        looks = BUSY_LOOKS
         while True:
             try:
                 fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -295,6 +297,10 @@ class FolderLock:
                 busy = err.errno in _BUSY
                 holder = _holder(fd, path) if busy else ""
                 os.close(fd)
+                if busy and looks:  # held for an instant by a reader seeing who holds it (holder): look again
+                    looks -= 1
+                    time.sleep(BUSY_PAUSE_S)
+                    continue
                 if busy:
                     raise UserError(f"another job is writing {self.written()} now ({holder}): "
                                     f"wait for it to end, or pass another {self.flag}") from None
@@ -444,6 +450,10 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_leave_locks_to_the_parent)
 
 _BUSY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.EACCES)  # flock's errors for a lock that another holds
+# A lock found held is looked at again BUSY_LOOKS times, BUSY_PAUSE_S apart, before the job is refused:
+# FolderLock.holder takes it shared for an instant, and a job refused then would name the last holder,
+# perhaps one long ended.
+BUSY_LOOKS, BUSY_PAUSE_S = 2, 0.05
 
 
 def _holder(fd: int, path: str) -> str:

@@ -1662,6 +1662,43 @@ def test_a_folder_lock_says_who_holds_it_and_a_refused_one_keeps_no_file_open(tm
         FolderLock(str(tmp_path), "--out").acquire()
 
 
+def test_a_lock_seen_held_for_an_instant_by_a_reader_is_taken(tmp_path, monkeypatch):
+    """FolderLock.holder takes a folder's lock shared for an instant to see who holds it: a job that
+    tries the lock in that instant looks again rather than being refused in the name of the lock file's
+    last holder (perhaps a job long ended); a lock held on is still refused, naming its holder."""
+    import errno
+    import fcntl
+    import socket
+
+    from sit_fast import files
+    from sit_fast.errors import UserError
+    from sit_fast.files import FolderLock
+
+    with open(tmp_path / ".lock", "w") as f:
+        f.write("process 999999 on a-host-long-gone\n")
+    real_flock, tries = fcntl.flock, []
+
+    def seen_by_a_reader_first(fd, operation):
+        tries.append(operation)
+        if len(tries) == 1:
+            raise BlockingIOError(errno.EWOULDBLOCK, "Resource temporarily unavailable")
+        return real_flock(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", seen_by_a_reader_first)
+    lock = FolderLock(str(tmp_path), "--sample-dir")
+    lock.acquire()
+    monkeypatch.undo()
+    try:
+        assert lock.fd is not None and len(tries) == 2
+        assert FolderLock.holder(str(tmp_path)) == f"process {os.getpid()} on {socket.gethostname()}"
+        monkeypatch.setattr(files, "BUSY_PAUSE_S", 0.0)
+        with pytest.raises(UserError) as refused:  # held on: refused after its looks
+            FolderLock(str(tmp_path), "--sample-dir").acquire()
+        assert str(refused.value).startswith(f"another job is writing into {tmp_path} now (process {os.getpid()} on ")
+    finally:
+        lock.release()
+
+
 def test_a_folder_locks_holder_is_told_while_it_holds_it_and_only_then(tmp_path):
     """FolderLock.holder: the holder's line while the lock is held (by another open of the file: another
     process), the file's path where it wrote none; None with no lock file, once the lock is dropped (the
