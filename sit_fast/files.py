@@ -384,12 +384,15 @@ class FileLock(FolderLock):
     """The lock of one file a job writes (sample.py's --out, written at the job's end), so that a second
     job given the same file is refused instead of overwriting the first one's, whatever folders their
     other outputs go to: flock(2) on .NAME.lock beside the file. The lock file is removed as the lock is
-    released (a job that opened it just before finds it gone once it has the lock, and takes the new one)."""
+    released (a job that opened it just before finds it gone once it has the lock, and takes the new one).
+    guards: what the messages name as the flag's value, where that is not the file (a folder's lock of
+    its own, as train.py's RESULTS_DIR/.runs.lock for --results-dir)."""
 
-    def __init__(self, path: str, flag: str):
+    def __init__(self, path: str, flag: str, guards: str | None = None):
         folder, name = os.path.split(os.path.abspath(path))
         super().__init__(folder, flag)
         self.path = path
+        self.guards = path if guards is None else guards
         while len(os.fsencode(f".{name}.lock")) > 255 and name:  # past a name's 255 bytes, as atomic_write
             name = name[:-1]
         self.name = f".{name}.lock"
@@ -398,10 +401,10 @@ class FileLock(FolderLock):
         return os.path.join(self.folder, self.name)
 
     def target(self) -> str:
-        return self.path
+        return self.guards
 
     def written(self) -> str:
-        return self.path
+        return self.guards
 
     def release(self) -> None:
         if self.fd is not None:

@@ -2929,6 +2929,32 @@ def test_two_resume_auto_jobs_started_together_do_not_both_start_a_new_run(tmp_p
         assert "has no checkpoint yet and another job is training into it now (process " in err, err
 
 
+def test_the_results_folders_lock_is_said_as_the_results_folder(tmp_path, caplog):
+    """The lock a run folder is chosen under (RESULTS_DIR/.runs.lock) speaks of --results-dir as given,
+    not of a file RESULTS_DIR/runs no one named (here: where the file system cannot lock)."""
+    import fcntl
+    import types
+
+    from sit_fast.training import loop
+
+    results = tmp_path / "results"
+    args = types.SimpleNamespace(exp_dir=None, resume="auto", results_dir=str(results))
+    real_flock = fcntl.flock
+
+    def cannot_lock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    fcntl.flock = cannot_lock
+    try:
+        with caplog.at_level(logging.WARNING), loop.choosing_a_run_folder(args):
+            pass
+    finally:
+        fcntl.flock = real_flock
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot lock {results}/.runs.lock (No locks available): a second job started on {results} while this one "
+        f"runs would not be noticed"]
+
+
 @pytest.mark.parametrize("resume", [[], ["--resume", "checkpoints/0000001.pt"]])
 def test_a_run_folder_in_use_is_refused_before_its_checkpoints_are_judged(tmp_path, capsys, resume):
     """A new run, or a checkpoint resumed, into an --exp-dir a job trains into now was refused for the

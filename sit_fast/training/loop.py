@@ -406,7 +406,7 @@ def choosing_a_run_folder(args: argparse.Namespace):
         yield
         return
     make_writable_folder(args.results_dir, f"--results-dir {args.results_dir}")
-    lock = FileLock(os.path.join(args.results_dir, "runs"), "--results-dir")
+    lock = FileLock(os.path.join(args.results_dir, "runs"), "--results-dir", guards=args.results_dir)
     lock.acquire(wait=True)
     try:
         yield
