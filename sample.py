@@ -874,7 +874,7 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         names = set(os.listdir(sample_dir))
         present = sum(f"{i:06d}.png" in names for i in range(total))
         pending = pending_chunks(sample_dir, total, chunk, names)
-        written = sum(re.fullmatch(r"\d{6}\.png", name) is not None for name in names)
+        written = images_in(sample_dir, names)
         note = None
         if pending and (note := arithmetic_note(recorded, setup.arithmetic, args,
                                                 f"the {written} image{'s' if written > 1 else ''} in {sample_dir}",

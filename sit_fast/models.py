@@ -881,7 +881,7 @@ def _block_step(block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mo
     return x, h  # (N, T, D) residual stream, (N, T, D) next sublayer input
 
 
-def _with_own_code(fn: Callable) -> Callable:
+def with_own_code(fn: Callable) -> Callable:
     """fn with a code object of its own. Dynamo keeps compiled graphs, and counts recompilations
     against torch._dynamo.config.recompile_limit (8), per code object: compiling fn itself for every
     model would make all the models in a process share those 8 (each grad mode, autocast dtype,
@@ -902,7 +902,7 @@ class CompiledBlockStep:
         # Dynamo keeps what it compiled for the code copy after the model is gone: a process that
         # compiles many models (a sweep in a notebook) holds each one's graphs, a few MB apiece
         self.compile_kwargs = compile_kwargs
-        self.fn = torch.compile(_with_own_code(_block_step), **compile_kwargs)
+        self.fn = torch.compile(with_own_code(_block_step), **compile_kwargs)
 
     def __call__(self, block: SiTBlock, ops: dict, x: torch.Tensor, h: torch.Tensor, mods: Sequence[torch.Tensor],
                  fast: bool = False):

@@ -47,7 +47,7 @@ from sit_fast.checkpoint import CheckpointError, infer_config, load_into_model, 
 from sit_fast.errors import UserError, first_line
 from sit_fast.files import (WRITE_REFUSED, FolderLock, atomic_write, make_writable_folder, refusal,
                             write_failed, written_kept)
-from sit_fast.models import SiT, SiT_models, _with_own_code, check_cfg_channels, model_config, registry_name
+from sit_fast.models import SiT, SiT_models, with_own_code, check_cfg_channels, model_config, registry_name
 from sit_fast.progress import progress as progress_display
 from sit_fast.transport import PATH_TYPES, PREDICTIONS
 from sit_fast.transport.integrators import time_grid
@@ -426,10 +426,10 @@ class ModelForwards:
         if compile:
             # Compiled code would concatenate the adaLN weights again on every call: the concatenation
             # is taken (and kept) outside it, and passed in. Each forward is compiled from a code object
-            # of its own (_with_own_code): the closures of every ModelForwards share their code, on which
+            # of its own (with_own_code): the closures of every ModelForwards share their code, on which
             # Dynamo guards the model and cfg_scale, so that the ninth of a process (another model, or
             # another scale) found Dynamo's recompile limit reached and ran eager, unsaid.
-            conditional, guided = (_given_modulation_weights(model, torch.compile(_with_own_code(fn),
+            conditional, guided = (_given_modulation_weights(model, torch.compile(with_own_code(fn),
                                                                                   backend=compile_backend,
                                                                                   dynamic=False))
                                    for fn in (conditional, guided))
@@ -774,12 +774,14 @@ def _write_png(image: np.ndarray, path: str) -> None:
     atomic_write(path, lambda f: Image.fromarray(image).save(f, format="PNG"))
 
 
-def images_in(sample_dir: str) -> int:
-    """How many numbered PNGs the folder holds (0 where it cannot be listed)."""
+def images_in(sample_dir: str, names: Sequence[str] | None = None) -> int:
+    """How many numbered PNGs the folder holds (names: its listing, where taken; 0 where it cannot be
+    listed)."""
     try:
-        return sum(re.fullmatch(r"\d{6}\.png", name) is not None for name in os.listdir(sample_dir))
+        names = os.listdir(sample_dir) if names is None else names
     except OSError:
         return 0
+    return sum(re.fullmatch(r"\d{6}\.png", name) is not None for name in names)
 
 
 def foreign_npz(path: str) -> str | None:
