@@ -858,8 +858,9 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         if why := foreign_npz(npz_path):  # one of this job's (an earlier run's) is replaced
             raise UserError(f"{npz_path} exists and {why}, where this job writes its samples' .npz: "
                             f"{'pass another --out' if args.out else 'pass --out FILE.npz'}, or move it away")
-        if args.out is None:  # the .npz goes beside the folder of PNGs
+        if args.out is None:  # the .npz goes beside the folder of PNGs, locked as a job given it as --out locks it
             make_writable_folder(os.path.dirname(os.path.abspath(npz_path)), f"--sample-dir {args.sample_dir}")
+            FileLock(npz_path, "--sample-dir").acquire()
         if note := mixed_folders(sample_dir, args.run_folder):
             logging.getLogger("sit_fast.sample").warning(note)
         recorded = check_settings(sample_dir, dict(settings, ckpt_digest=checkpoint_digest(setup.info["path"])),

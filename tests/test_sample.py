@@ -2522,6 +2522,31 @@ def test_a_second_job_given_the_same_out_file_is_refused_before_the_model_loads(
     assert sorted(os.listdir(tmp_path)) == ["b", "out.npz", "x.pt"]  # the lock's file goes with the lock
 
 
+def test_an_fid_jobs_npz_beside_its_folder_is_refused_while_a_job_given_it_as_out_writes_it(files, tmp_path,
+                                                                                            capsys):
+    """The .npz an FID job writes beside its folder (no --out) is the file another job may be given as
+    --out: each locks it, so that the second is refused instead of the last one's overwriting it."""
+    from sit_fast.files import FileLock
+
+    npz = tmp_path / "s.npz"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--num-fid-samples", 2, "--sample-dir", tmp_path / "s", *FAST]
+    other = FileLock(str(npz), "--out")  # held here as a job given --out s.npz would hold it
+    other.acquire()
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+        assert one_line_error(capsys) == (f"error: another job is writing {npz} now (process {os.getpid()} on "
+                                          f"{socket.gethostname()}): wait for it to end, or pass another --sample-dir")
+    finally:
+        other.release()
+    assert not npz.exists()
+    run(argv)
+    assert npz.is_file() and not [name for name in os.listdir(tmp_path) if name.endswith(".lock")]
+
+
 @pytest.mark.parametrize("run_folder", [False, True])
 def test_a_second_job_on_an_fid_folder_in_use_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch,
                                                                                 run_folder):
