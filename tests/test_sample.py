@@ -2412,45 +2412,25 @@ def test_an_npz_write_cut_short_is_removed_by_the_next_run(files, tmp_path, caps
     assert sorted(os.listdir(tmp_path / "out")) == [".fid.npz.tmp-4242", "fid.npz"]
 
 
-def test_a_finished_jobs_parts_folder_loses_its_lock_file_last(files, tmp_path, monkeypatch):
+@pytest.mark.parametrize("left_beside", [False, True])
+def test_a_parts_folder_loses_its_lock_file_last(files, tmp_path, monkeypatch, left_beside):
     """OUT.parts/ was removed by shutil.rmtree, in the folder's listing order, its lock held: where the
     lock file went before the batches, a job started then took a new lock beside them, and was refused
     for batches without settings.json, or counted them as done before they went. The lock file goes
-    last: whoever opens it meanwhile finds it held, and once it is gone no batch is left."""
-    torch.save(torch.randn(4, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    out, parts = tmp_path / "bpd.npz", tmp_path / "bpd.npz.parts"
-    left = []  # what the folder held as its lock file went
-    unlink, remove = os.unlink, os.remove
-
-    def watched(real):
-        def removing(path, *args, **kwargs):
-            real(path, *args, **kwargs)
-            if os.path.basename(path) == FolderLock.NAME:
-                left.append(sorted(os.listdir(parts)) if parts.is_dir() else None)
-        return removing
-
-    monkeypatch.setattr(os, "unlink", watched(unlink))
-    monkeypatch.setattr(os, "remove", watched(remove))
-    run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--likelihood", "--data", tmp_path / "x.pt",
-         "--batch-size", 2, "--out", out, "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST])
-    assert out.is_file() and not parts.exists()
-    assert left == [[]]
-
-
-def test_a_parts_folder_left_beside_a_finished_out_loses_its_lock_file_last(files, tmp_path, monkeypatch):
-    """A job stopped between writing OUT and removing OUT.parts/ leaves the folder beside the finished
-    file; the next job on OUT removes it, lock held, its lock file last: a job with other settings started
-    meanwhile finds the lock held, or no batch left (not batches without settings.json beside a new lock)."""
+    last: whoever opens it meanwhile finds it held, and once it is gone no batch is left. So as a job
+    ends, and where a job stopped between writing OUT and removing OUT.parts/ left the folder beside the
+    finished file (left_beside), as the next job on OUT removes it."""
     torch.save(torch.randn(4, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out, parts = tmp_path / "bpd.npz", tmp_path / "bpd.npz.parts"
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--likelihood", "--data", tmp_path / "x.pt",
             "--batch-size", 2, "--out", out, "--sampling-method", "euler", "--num-sampling-steps", 2, *FAST]
-    run(argv)
-    parts.mkdir()  # as the stopped job left it: its lock file, its settings, its batches
-    (parts / FolderLock.NAME).write_text("process 1 on host-a\n")
-    (parts / "settings.json").write_text("{}")
-    for k in range(2):
-        torch.save(torch.zeros(2), parts / f"{k:06d}.pt")
+    if left_beside:
+        run(argv)
+        parts.mkdir()  # as the stopped job left it: its lock file, its settings, its batches
+        (parts / FolderLock.NAME).write_text("process 1 on host-a\n")
+        (parts / "settings.json").write_text("{}")
+        for k in range(2):
+            torch.save(torch.zeros(2), parts / f"{k:06d}.pt")
     left = []  # what the folder held as its lock file went
     unlink, remove = os.unlink, os.remove
 
@@ -2463,7 +2443,7 @@ def test_a_parts_folder_left_beside_a_finished_out_loses_its_lock_file_last(file
 
     monkeypatch.setattr(os, "unlink", watched(unlink))
     monkeypatch.setattr(os, "remove", watched(remove))
-    run(argv)  # finished: nothing computed, the folder removed
+    run(argv)  # left_beside: finished, nothing computed, the folder removed
     assert out.is_file() and not parts.exists()
     assert left == [[]]
 
