@@ -1712,9 +1712,10 @@ def as_rank_1_of_2(monkeypatch, local_rank: int = 1) -> None:
 
 
 # Each PNG's bytes are written, then 5 s pass before its rename ("writing"); "teardown" as the PNGs queued
-# when the job was stopped are finished.
+# when the job was stopped are finished. The markers are written in one call each: the PNG writer's thread
+# prints while the main thread may say its line (print's text and its newline are two writes).
 SLOW_PNG_WRITES = """
-import runpy, sys, time
+import os, runpy, sys, time
 from sit_fast import sampling
 real_write, real_close = sampling.atomic_write, sampling.PNGWriter.close
 
@@ -1722,12 +1723,12 @@ def slow_write(path, write):
     def then_wait(f):
         write(f)
         f.flush()
-        print("writing", file=sys.stderr, flush=True)
+        os.write(2, b"writing\\n")
         time.sleep(5)
     real_write(path, then_wait if path.endswith(".png") else write)
 
 def close(self):
-    print("teardown", file=sys.stderr, flush=True)
+    os.write(2, b"teardown\\n")
     real_close(self)
 
 sampling.atomic_write, sampling.PNGWriter.close = slow_write, close
