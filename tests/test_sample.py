@@ -2470,13 +2470,29 @@ def test_a_second_likelihood_job_on_the_same_out_is_refused(files, tmp_path, cap
     assert out.is_file() and not (tmp_path / "bpd.npz.parts").exists()
 
 
+def refused_while_another_writes(path, argv, flag: str, capsys) -> None:
+    """sample.py with argv ends in one line, exit 2, while another job (this process, as another would)
+    holds the FileLock of `path`: wait, or pass another `flag`."""
+    from sit_fast.files import FileLock
+
+    other = FileLock(str(path), "--out")
+    other.acquire()
+    capsys.readouterr()
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+        assert one_line_error(capsys) == (f"error: another job is writing {path} now (process {os.getpid()} on "
+                                          f"{socket.gethostname()}): wait for it to end, or pass another {flag}")
+    finally:
+        other.release()
+
+
 def test_a_second_job_given_the_same_out_file_is_refused_before_the_model_loads(files, tmp_path, capsys, monkeypatch):
     """Two jobs given one --out (FID jobs of two checkpoints or settings, each with its own --sample-dir, or
     an FID job and a --likelihood job) both wrote it, the last one silently: the file is locked from before
     the model loads (.NAME.lock beside it, removed with the lock), and the second job is refused at once.
     The lock is held here as another process would hold it."""
-    from sit_fast.files import FileLock
-
     torch.save(torch.randn(2, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out = tmp_path / "out.npz"
     common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
@@ -2487,17 +2503,7 @@ def test_a_second_job_given_the_same_out_file_is_refused_before_the_model_loads(
     real_setup = sample.Setup
     monkeypatch.setattr(sample, "Setup", lambda *a: loads.append(1) or real_setup(*a))
     for argv in (fid, likelihood):
-        other = FileLock(str(out), "--out")
-        other.acquire()
-        capsys.readouterr()
-        try:
-            with pytest.raises(SystemExit) as exit_info:
-                run(argv)
-            assert exit_info.value.code == 2
-            assert one_line_error(capsys) == (f"error: another job is writing {out} now (process {os.getpid()} on "
-                                              f"{socket.gethostname()}): wait for it to end, or pass another --out")
-        finally:
-            other.release()
+        refused_while_another_writes(out, argv, "--out", capsys)
     assert not loads and sorted(os.listdir(tmp_path)) == ["x.pt"]  # refused before any work
     run(fid)
     assert sorted(os.listdir(tmp_path)) == ["b", "out.npz", "x.pt"]  # the lock's file goes with the lock
@@ -2507,22 +2513,10 @@ def test_an_fid_jobs_npz_beside_its_folder_is_refused_while_a_job_given_it_as_ou
                                                                                             capsys):
     """The .npz an FID job writes beside its folder (no --out) is the file another job may be given as
     --out: each locks it, so that the second is refused instead of the last one's overwriting it."""
-    from sit_fast.files import FileLock
-
     npz = tmp_path / "s.npz"
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
             "--num-fid-samples", 2, "--sample-dir", tmp_path / "s", *FAST]
-    other = FileLock(str(npz), "--out")  # held here as a job given --out s.npz would hold it
-    other.acquire()
-    capsys.readouterr()
-    try:
-        with pytest.raises(SystemExit) as exit_info:
-            run(argv)
-        assert exit_info.value.code == 2
-        assert one_line_error(capsys) == (f"error: another job is writing {npz} now (process {os.getpid()} on "
-                                          f"{socket.gethostname()}): wait for it to end, or pass another --sample-dir")
-    finally:
-        other.release()
+    refused_while_another_writes(npz, argv, "--sample-dir", capsys)  # as a job given --out s.npz would hold it
     assert not npz.exists()
     run(argv)
     assert npz.is_file() and not [name for name in os.listdir(tmp_path) if name.endswith(".lock")]
