@@ -92,7 +92,7 @@ from sit_fast.files import (
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped, winding_down
 from sit_fast.models import SiT_models, fused_kernels_flag
 from sit_fast.progress import progress
-from sit_fast.attention import ATTN_BACKENDS, sdpa_backend_from_env, select_backend
+from sit_fast.attention import ATTN_BACKENDS, SDPA_VARIABLE, sdpa_arithmetic, select_backend
 from sit_fast.sampling import (
     PRECISIONS, PRETRAINED_MODEL, Denoiser, ModelForwards, ModelRequest, PNGWriter, add_arithmetic, build_model,
     build_npz, check_settings, checkpoint_preference, default_cfg_channels, foreign_npz,
@@ -535,9 +535,7 @@ class Setup:
         # What sets the rounding of the results, not what they are, as resolved here ("auto" differs by
         # device), in the flags' words: recorded in a resumable job's folder (see arithmetic_note).
         self.arithmetic = {"attn_backend": backend, "fused_kernels": "on" if fused_on else "off",
-                           "compile": "on" if args.compile else "off"}
-        if backend == "sdpa":  # PyTorch's choice of kernel, or the one SIT_FAST_SDPA_BACKEND forces
-            self.arithmetic[SDPA_VARIABLE] = sdpa_backend_from_env() or "unset"
+                           "compile": "on" if args.compile else "off", **sdpa_arithmetic(backend)}
         self.num_classes = self.model.num_classes
         self.input_size = self.model.input_size
         self.image_size = self.info["image_size"]
@@ -699,7 +697,6 @@ def image_settings(args: argparse.Namespace, setup: Setup) -> dict:
     return json.loads(json.dumps(settings))
 
 
-SDPA_VARIABLE = "SIT_FAST_SDPA_BACKEND"  # recorded with the arithmetic where --attn-backend is sdpa
 
 
 def arithmetic_note(recorded: list[dict] | None, now: dict, args: argparse.Namespace, kept: str,

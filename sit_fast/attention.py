@@ -50,9 +50,18 @@ def _sdpa_backend_enum(name: str):
     }[name]
 
 
+SDPA_VARIABLE = "SIT_FAST_SDPA_BACKEND"  # forces one of PyTorch's kernels under --attn-backend sdpa
+
+
+def sdpa_arithmetic(backend: str) -> dict:
+    """What a run records of SDPA_VARIABLE beside the resolved --attn-backend (its value, or "unset"):
+    under sdpa it picks the kernel, and so the rounding; {} for any other backend."""
+    return {SDPA_VARIABLE: sdpa_backend_from_env() or "unset"} if backend == "sdpa" else {}
+
+
 def sdpa_backend_from_env() -> str | None:
     """SIT_FAST_SDPA_BACKEND, checked: ValueError for a value that is not one of SDPA_BACKENDS."""
-    value = os.environ.get("SIT_FAST_SDPA_BACKEND") or None
+    value = os.environ.get(SDPA_VARIABLE) or None
     if value is not None and value not in SDPA_BACKENDS:
         raise ValueError(f"SIT_FAST_SDPA_BACKEND={value}: choose one of {', '.join(SDPA_BACKENDS)}, or unset it")
     return value

@@ -27,7 +27,7 @@ quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads en
 import torch
 
 from sit_fast.errors import UserError, cli_entry
-from sit_fast.files import WRITE_REFUSED, atomic_write, is_inside, make_folder, make_room, refusal
+from sit_fast.files import WRITE_REFUSED, atomic_write, is_inside, make_folder, write_failed
 
 # What a training run writes into its folder: the demo starts afresh over a folder holding these alone
 RUN_ENTRIES = {"log.txt", "experiment.json", "checkpoints", "samples", "tensorboard", ".lock"}
@@ -205,8 +205,8 @@ def main(argv: list[str] | None = None) -> dict:
         if err.errno not in WRITE_REFUSED and not (err.errno is not None and err.filename is not None
                                                    and is_inside(err.filename, args.out)):
             raise
-        raise UserError(f"cannot write {err.filename or args.out} ({refusal(err)}): the run trained is kept: "
-                        f"{make_room(err)} and run the demo again with --skip-training to evaluate it") from None
+        raise write_failed(err.filename or args.out, err, "the run trained is kept",
+                           "run the demo again with --skip-training to evaluate it") from None
     print(f"classifier accuracy on held-out real digits: {100 * results['classifier_held_out_accuracy']:.1f}%")
     print(f"demo: ODE {100 * results['ODE']['accuracy']:.1f}%, SDE {100 * results['SDE']['accuracy']:.1f}% "
           f"correct digits; training {results['train_seconds']:.0f}s, total {results['total_seconds']:.0f}s")

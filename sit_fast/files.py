@@ -19,6 +19,14 @@ from sit_fast.errors import UserError, amount
 WRITE_REFUSED = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG})
 
 
+def hidden_name(name: str, suffix: str) -> str:
+    """.NAME + suffix, a file beside NAME (a temporary file, a lock), NAME shortened where the whole would
+    pass a name's 255 bytes (which NAME itself fits)."""
+    while len(os.fsencode(f".{name}{suffix}")) > 255 and name:
+        name = name[:-1]
+    return f".{name}{suffix}"
+
+
 def refusal(err: OSError) -> str:
     """Why a write failed, for a message: the filesystem's own words; for a file grown past a size limit,
     which limits there are ("File too large" alone says neither); for an error that is not a refusal (not
@@ -26,8 +34,8 @@ def refusal(err: OSError) -> str:
     said = err.strerror or (os.strerror(err.errno) if err.errno is not None else str(err))
     if err.errno == errno.EFBIG:
         return f"{said}: past the file size limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)"
-    if err.errno is not None and err.errno not in WRITE_REFUSED and errno.errorcode.get(err.errno):
-        return f"{said}, {errno.errorcode[err.errno]}"
+    if err.errno is not None and err.errno not in WRITE_REFUSED and (code := errno.errorcode.get(err.errno)):
+        return f"{said}, {code}"
     return said
 
 
@@ -184,12 +192,8 @@ def atomic_write(path: str, write) -> None:
     if os.path.islink(path):  # os.replace onto the link would put a file in its place, the target left stale
         path = os.path.realpath(path)
     directory = os.path.dirname(os.path.abspath(path))
-    name, suffix = os.path.basename(path), f".tmp-{os.getpid()}"
-    # past a name's 255 bytes (which the final name fits), the name is shortened (unfinished_writes does not
-    # name a leftover of such a write)
-    while len(os.fsencode(f".{name}{suffix}")) > 255 and name:
-        name = name[:-1]
-    tmp = os.path.join(directory, f".{name}{suffix}")
+    # unfinished_writes does not name a leftover whose name was shortened
+    tmp = os.path.join(directory, hidden_name(os.path.basename(path), f".tmp-{os.getpid()}"))
     try:
         with open(tmp, "wb") as f:
             write(f)
@@ -393,9 +397,7 @@ class FileLock(FolderLock):
         super().__init__(folder, flag)
         self.path = path
         self.guards = path if guards is None else guards
-        while len(os.fsencode(f".{name}.lock")) > 255 and name:  # past a name's 255 bytes, as atomic_write
-            name = name[:-1]
-        self.name = f".{name}.lock"
+        self.name = hidden_name(name, ".lock")
 
     def lock_path(self) -> str:
         return os.path.join(self.folder, self.name)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from sit_fast import flops
-from sit_fast.attention import sdpa_backend_from_env, select_backend
+from sit_fast.attention import sdpa_arithmetic, select_backend
 from sit_fast.checkpoint import (
     CheckpointError, infer_config, load_into_model, read_checkpoint, recorded_model_config,
 )
@@ -43,9 +43,9 @@ from sit_fast.distributed import (
     is_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed, unshared_path,
 )
 from sit_fast.errors import (
-    PeerFailed, UserError, allocation_past_device, first_line, is_out_of_memory, memory_kind,
+    PeerFailed, UserError, allocation_past_device, amount, first_line, is_out_of_memory, memory_kind,
 )
-from sit_fast.files import (WRITE_REFUSED, FileLock, FolderLock, amount, atomic_torch_save, atomic_write,
+from sit_fast.files import (WRITE_REFUSED, FileLock, FolderLock, atomic_torch_save, atomic_write,
                              first_missing_folder, is_inside, make_folder, make_room, make_writable_folder, refusal,
                              remove_empty_folders, remove_locked_folder)
 from sit_fast.interrupts import ignore_stop_signals, start_resource_tracker, stop_signals_held
@@ -916,9 +916,7 @@ class Trainer:
         # What sets the rounding, as resolved here ("auto" differs by device): kept in checkpoints, so a
         # resume can tell whether its steps are bit for bit the run's.
         self.arithmetic = {"precision": self.precision, "attention": backend, "fused kernels": bool(fused_on),
-                           "compile": bool(args.compile)}
-        if backend == "sdpa":  # PyTorch's choice of kernel, or the one SIT_FAST_SDPA_BACKEND forces
-            self.arithmetic["SIT_FAST_SDPA_BACKEND"] = sdpa_backend_from_env() or "unset"
+                           "compile": bool(args.compile), **sdpa_arithmetic(backend)}
         # learn_sigma (upstream trains with it; its extra outputs take no part in the loss) as the weights
         # the run starts from or continues have it
         learn_sigma, init_weights = True, None
