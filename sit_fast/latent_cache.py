@@ -133,21 +133,42 @@ def whole_archive(path: str) -> bool:
         return False
 
 
+def shards_written(out: str) -> int | None:
+    """How many shards `out` holds (whole: a shard is written under a temporary name, then renamed); None
+    where the folder cannot be listed."""
+    try:
+        return sum(SHARD.fullmatch(name) is not None for name in os.listdir(out))
+    except OSError:
+        return None
+
+
+def written_shards_kept(out: str) -> str:
+    """What is kept in `out`, for write_failed: "the 3 shards written are kept", "nothing
+    was written yet", or "" where the folder cannot be listed."""
+    count = shards_written(out)
+    return "" if count is None else written_kept(count, "shard")
+
+
+def shards_kept(out: str) -> tuple[str, str]:
+    """What a stopped or failed build leaves in `out`, and what the same command then encodes: ("the 3
+    shards written are kept", "the rest"), or before the first shard ("no shard was written yet", "every image")."""
+    count = shards_written(out)
+    if count == 0:
+        return "no shard was written yet", "every image"
+    return written_kept(count, "shard") if count else "the shards written are kept", "the rest"
+
+
 def write_refused(what: str, err: OSError, out: str) -> UserError:
     """The one line for a write that failed, refused (full, read-only, ...) or not (a failing disk's EIO):
     shards are whole or absent, and those in `out` are kept (or none was written yet)."""
-    try:
-        count = sum(SHARD.fullmatch(name) is not None for name in os.listdir(out))
-    except OSError:
-        count = 0
-    return write_failed(what, err, written_kept(count, "shard"), "run the same command again to encode the rest")
+    return write_failed(what, err, written_shards_kept(out), "run the same command again to encode the rest")
 
 
 def again_words(out: str) -> str:
     """The line of a second Ctrl-C while a stopped build winds down (its workers stopped, its line said)."""
-    return (f"interrupted again, stopping at once: the shards written are kept (a shard is written whole or left "
-            f"under a temporary name, which the next run removes): run the same command again to encode the rest "
-            f"into {out}")
+    kept, rest = shards_kept(out)
+    return (f"interrupted again, stopping at once: {kept} (a shard is written whole or left under a temporary name, "
+            f"which the next run removes): run the same command again to encode {rest} into {out}")
 
 
 def check_out_folder(args: argparse.Namespace, lock: FolderLock | None = None) -> None:
@@ -166,7 +187,7 @@ def check_out_folder(args: argparse.Namespace, lock: FolderLock | None = None) -
 
 
 def out_of_memory_advice(args: argparse.Namespace, error: BaseException) -> str:
-    """What ran out of memory encoding, and the flags that make it fit; the shards written are kept."""
+    """What ran out of memory encoding, and the flags that make it fit; what is kept (shards_kept)."""
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     message = allocation_past_device(error, device, f"--image-size {args.image_size}, --batch-size {args.batch_size}")
     if message is not None:
@@ -175,7 +196,7 @@ def out_of_memory_advice(args: argparse.Namespace, error: BaseException) -> str:
              f"--image-size {args.image_size}")
     if args.batch_size == 1:
         return f"{where}: the VAE does not fit this device at that size"
-    return f"{where}: run the same command with --batch-size {args.batch_size // 2} (the shards written are kept)"
+    return f"{where}: run the same command with --batch-size {args.batch_size // 2} ({shards_kept(args.out)[0]})"
 
 
 def build_cache(args: argparse.Namespace) -> dict | None:
@@ -298,8 +319,9 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
     except RuntimeError as err:  # gloo's error: another process ended (its error is in torchrun's summary)
         if not peer_ended(err):
             raise
-        raise peer_failed(err, " before its shards were written", "the shards written are kept: run the same command "
-                          "again to encode the rest") from None
+        kept, rest = shards_kept(args.out)
+        raise peer_failed(err, " before its shards were written",
+                          f"{kept}: run the same command again to encode {rest}") from None
 
     def finish() -> dict:
         """On rank 0: every shard there (one written by a process that sees another folder, or deleted
@@ -436,8 +458,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
             winding_down(again_words(args.out))
             if (said := stop_words(err)) is not None:  # rank 0, or one in its place
-                print(f"\n{said}; the shards written are kept: run the same command again to encode "
-                      f"the rest into {args.out}", file=sys.stderr)
+                kept, rest = shards_kept(args.out)
+                print(f"\n{said}; {kept}: run the same command again to encode {rest} into {args.out}",
+                      file=sys.stderr)
             raise SystemExit(exit_status(err)) from None
         finally:
             cleanup()  # on an error too: the other processes hear of it now, not when this one has exited

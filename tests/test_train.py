@@ -4252,7 +4252,7 @@ def test_latent_cache_out_of_memory_is_one_line_naming_the_batch_size(tmp_path, 
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: out of memory on cpu encoding batches of 2 image(s) (x 2 flips) at --image-size 16: run the same "
-        "command with --batch-size 1 (the shards written are kept)")
+        "command with --batch-size 1 (the 1 shard written is kept)")
     assert sorted(name for name in os.listdir(out) if name.startswith("shard")) == ["shard-00000.pt"]
     monkeypatch.setattr(VAECodec, "encode", lambda self, x: (_ for _ in ()).throw(MemoryError()))
     with pytest.raises(SystemExit):
@@ -4504,6 +4504,45 @@ def test_latent_cache_reads_all_its_shards_through_one_loader(tmp_path, monkeypa
         stored = torch.load(os.path.join(out, shard["file"]), weights_only=True)
         assert stored["mean"].shape[0] == stored["labels"].shape[0] == shard["count"]
 
+def test_latent_cache_stopped_or_failed_before_its_first_shard_says_none_is_kept(tmp_path, monkeypatch, capsys):
+    """Out of memory, stopped or left by another process before the first shard was written: the line says
+    that no shard was written yet (the same command encodes every image), not that the shards written are kept."""
+    from sit_fast import latent_cache
+    from sit_fast.vae import LatentCodec as VAECodec
+    from tests.test_vae import save_tiny_vae
+
+    images, vae_dir = make_image_folder(tmp_path / "images", classes=1, per_class=4), str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    out = str(tmp_path / "cache")
+    monkeypatch.setattr(VAECodec, "encode", lambda self, x: (_ for _ in ()).throw(MemoryError()))
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "run the same command with --batch-size 1 (no shard was written yet)")
+    monkeypatch.setattr(VAECodec, "encode", lambda self, x: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(SystemExit) as exit_info:
+        latent_cache.main(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 130
+    assert capsys.readouterr().err.endswith(f"interrupted; no shard was written yet: run the same command again to "
+                                            f"encode every image into {out}\n")
+    monkeypatch.undo()
+
+    def gone():
+        raise torch.distributed.DistBackendError("Connection closed by peer [10.0.0.2]:29500")
+
+    monkeypatch.setattr(latent_cache, "atomic_torch_save", lambda *args, **kwargs: None)  # this process has none
+    monkeypatch.setattr(latent_cache, "barrier", gone)
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: another process of the job ended before its shards were written (Connection closed by peer "
+        "[10.0.0.2]:29500); no shard was written yet: run the same command again to encode every image")
+    assert latent_cache.again_words(out) == (
+        f"interrupted again, stopping at once: no shard was written yet (a shard is written whole or left under a "
+        f"temporary name, which the next run removes): run the same command again to encode every image into {out}")
+
+
 def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_path, monkeypatch, capsys, stop):
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
@@ -4531,7 +4570,7 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
     with pytest.raises(SystemExit) as exit_info:
         latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "2", "--batch-size", "4"))
     assert exit_info.value.code == stop.status
-    assert capsys.readouterr().err.endswith(f"{stop.words}; the shards written are kept: run the same command "
+    assert capsys.readouterr().err.endswith(f"{stop.words}; the 1 shard written is kept: run the same command "
                                             f"again to encode the rest into {out}\n")
     assert sorted(f for f in os.listdir(out) if f not in ("settings.json", ".lock")) == [latent_cache.shard_name(0)]
     from sit_fast.data import DataError, LatentCacheDataset
@@ -4589,9 +4628,9 @@ def test_a_second_ctrl_c_while_a_stopped_latent_cache_winds_down_ends_it_saying_
     status, err, after = signalled_child(SLOW_CACHE_TEARDOWN, argv,
                                          {"encoding": signal.SIGINT, "teardown": signal.SIGINT})
     assert status == 130 and "Traceback" not in err, err
-    assert err.splitlines()[-1] == (f"interrupted again, stopping at once: the shards written are kept (a shard is "
+    assert err.splitlines()[-1] == (f"interrupted again, stopping at once: no shard was written yet (a shard is "
                                     f"written whole or left under a temporary name, which the next run removes): run "
-                                    f"the same command again to encode the rest into {out}"), err
+                                    f"the same command again to encode every image into {out}"), err
     assert after < 4, f"{after:.1f} s from the second Ctrl-C to the exit"
     assert not [name for name in os.listdir(out) if name.startswith("shard-")], os.listdir(out)
     index = latent_cache.main(argv)
@@ -4914,7 +4953,7 @@ def test_latent_cache_whose_peer_ended_before_the_shards_were_written_keeps_them
     assert exit_info.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "error: another process of the job ended before its shards were written (Connection closed by peer "
-        "[10.0.0.2]:29500); the shards written are kept: run the same command again to encode the rest")
+        "[10.0.0.2]:29500); the 1 shard written is kept: run the same command again to encode the rest")
     assert sorted(os.listdir(out)) == [".lock", "settings.json", latent_cache.shard_name(0)]
 
 
@@ -5000,10 +5039,12 @@ def test_latent_cache_whose_rank_0_was_killed_says_so_once_from_the_process_left
                *_cache_args(images, vae_dir, out)]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=torchrun_env(tmp_path), timeout=240)
     assert result.returncode != 0
-    said = [line for line in result.stderr.splitlines() if "the shards written are kept" in line]
-    assert said == [f"rank 0 (on {socket.gethostname()}) ended (its node's torchrun summary says how), and the others "
-                    f"were stopped by SIGTERM; the shards written are kept: run the same command again to encode the "
-                    f"rest into {out}"], result.stderr[-3000:]
+    said = [line for line in result.stderr.splitlines() if re.search(r"written (is|are) kept", line)]
+    assert len(said) == 1 and re.fullmatch(  # rank 0's shard, and those rank 1 wrote meanwhile
+        re.escape(f"rank 0 (on {socket.gethostname()}) ended (its node's torchrun summary says how), and the others "
+                  f"were stopped by SIGTERM; the ") + r"(1 shard written is|\d+ shards written are)" + re.escape(
+                      f" kept: run the same command again to encode the rest into {out}"), said[0]), \
+        result.stderr[-3000:]
     assert "exitcode  : 143" in result.stderr, result.stderr[-3000:]
     assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
 
