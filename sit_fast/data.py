@@ -7,6 +7,7 @@ for a latent cache, whose posterior is sampled on the device by the training loo
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from sit_fast.errors import UserError, first_line
-from sit_fast.files import FolderLock, is_inside
+from sit_fast.files import FolderLock, is_inside, read_fix, refusal
 from sit_fast.images import center_crop_arr
 from sit_fast.interrupts import start_resource_tracker
 
@@ -312,7 +313,12 @@ class UnreadableImage(DataError):
 
 
 def unreadable_image(path: str, err: Exception) -> DataError:
-    return UnreadableImage(f"cannot read image {path} ({first_line(err)}): remove or replace it")
+    """The one line for an image that cannot be read: a damaged file (PIL's error), or the OS's error
+    reading it, named as files.refusal names it (a failing disk's EIO: the disk to fix first)."""
+    if not isinstance(err, OSError) or err.errno is None:
+        return UnreadableImage(f"cannot read image {path} ({first_line(err)}): remove or replace it")
+    fix = "" if err.errno in (errno.ENOENT, errno.ENOTDIR) else f"{read_fix(err)}, or "
+    return UnreadableImage(f"cannot read image {path} ({refusal(err)}): {fix}remove or replace it")
 
 
 # One-channel modes holding more than 8 bits: PIL's convert to "L" or "RGB" clips their values to 255

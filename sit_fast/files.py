@@ -61,6 +61,25 @@ def write_failed(path: str, err: OSError, kept: str, again: str) -> UserError:
                      f"{again}")
 
 
+def read_fix(err: OSError) -> str:
+    """What lets a failed read succeed, for a message: permission for one refused, the file for one gone,
+    a disk mended for one that failed otherwise (EIO)."""
+    if err.errno in (errno.EACCES, errno.EPERM):
+        return "make it readable"
+    if err.errno in (errno.ENOENT, errno.ENOTDIR):
+        return "put it back"
+    return "fix the disk (the system log says what failed)"
+
+
+def read_failed(path: str, err: OSError, kept: str, again: str) -> UserError:
+    """The one line for an input that could not be read (write_failed's for a read): the file, why
+    (refusal), what is kept (`kept`; "" for nothing to say), what to do (read_fix), then `again`. An
+    OSError without an errno (a library's own) is raised itself, as a fault of the program."""
+    if err.errno is None:
+        raise err
+    return UserError(f"cannot read {path} ({refusal(err)}): {f'{kept}: ' if kept else ''}{read_fix(err)} and {again}")
+
+
 def written_kept(count: int, noun: str, nouns: str | None = None) -> str:
     """What a failed write leaves, for write_failed: "the 3 images written are kept", "the 1 image
     written is kept" (nouns: the plural, where not noun + "s"), or, before the first, "nothing was

@@ -58,8 +58,8 @@ from sit_fast.errors import (
     UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory, log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_writable_folder, unfinished_writes,
-    write_failed, written_kept,
+    WRITE_REFUSED, FolderLock, atomic_torch_save, atomic_write, is_inside, make_writable_folder, read_failed,
+    unfinished_writes, write_failed, written_kept,
 )
 from sit_fast.interrupts import (
     exit_status, ignore_stop_signals, start_resource_tracker, stop_signals_held, stop_signals_raise, winding_down,
@@ -143,7 +143,7 @@ def shards_written(out: str) -> int | None:
 
 
 def written_shards_kept(out: str) -> str:
-    """What is kept in `out`, for write_failed: "the 3 shards written are kept", "nothing
+    """What is kept in `out`, for write_failed and read_failed: "the 3 shards written are kept", "nothing
     was written yet", or "" where the folder cannot be listed."""
     count = shards_written(out)
     return "" if count is None else written_kept(count, "shard")
@@ -445,10 +445,13 @@ def main(argv: list[str] | None = None) -> dict | None:
         try:
             start_resource_tracker()
             return build_cache(args)
-        except OSError as err:  # a write not said where it failed (a shard's, settings.json's, index.json's are)
-            if err.errno not in WRITE_REFUSED:
+        except OSError as err:  # a write not said where it failed (a shard's, settings.json's, index.json's are),
+            if err.errno in WRITE_REFUSED:  # or a read that failed (a failing disk's EIO listing --out, say)
+                raise write_refused(err.filename or f"in {args.out}", err, args.out) from None
+            if err.errno is None or err.filename is None:
                 raise
-            raise write_refused(err.filename or f"in {args.out}", err, args.out) from None
+            raise read_failed(err.filename, err, written_shards_kept(args.out),
+                              "run the same command again to encode the rest") from None
         except (RuntimeError, MemoryError) as err:  # out of memory, or gloo's word at a collective that a
             if is_out_of_memory(err):  # process (failed in its setup, say) ended
                 raise UserError(out_of_memory_advice(args, err)) from None

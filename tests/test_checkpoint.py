@@ -1775,6 +1775,28 @@ def test_an_error_of_a_write_without_the_oss_word_is_not_said_to_be_the_disks():
     assert raised.value is own
 
 
+def test_a_failed_read_is_one_line_naming_the_file_the_oss_error_and_the_fix():
+    """read_failed, write_failed's line for a read: a failing disk's EIO named with its errno and the disk
+    to fix, a refused read the permission to give, a file gone the file to put back; an OSError without an
+    errno (a library's own) raised as it is."""
+    import errno
+
+    from sit_fast.files import read_failed
+
+    for code, said in ((errno.EIO, "Input/output error, EIO): fix the disk (the system log says what failed)"),
+                       (errno.EACCES, "Permission denied): make it readable"),
+                       (errno.ENOENT, "No such file or directory, ENOENT): put it back")):
+        line = read_failed("in/x.png", OSError(code, os.strerror(code)), "", "run it again")
+        assert str(line) == f"cannot read in/x.png ({said} and run it again"
+    line = read_failed("in/x.png", OSError(errno.EIO, "Input/output error"), "nothing was written yet", "run it again")
+    assert str(line) == ("cannot read in/x.png (Input/output error, EIO): nothing was written yet: fix the disk (the "
+                         "system log says what failed) and run it again")
+    own = OSError("image file is truncated")
+    with pytest.raises(OSError) as raised:
+        read_failed("in/x.png", own, "", "run it again")
+    assert raised.value is own
+
+
 def test_a_file_lock_goes_with_its_holder_and_a_job_that_opened_it_then_takes_the_new_one(tmp_path, monkeypatch):
     """FileLock (sample.py's --out): .NAME.lock beside the file, refused while another holds it, and removed
     as it is released, so that none is left beside the outputs. A job that opened the file just before

@@ -4697,6 +4697,47 @@ def test_latent_cache_names_the_temporary_files_of_a_killed_writer(tmp_path, cap
     assert not os.path.exists(os.path.join(out, ".shard-00001.pt.tmp-4321"))
 
 
+def test_latent_cache_reading_from_a_failing_disk_is_one_line(tmp_path, monkeypatch, capsys):
+    """An I/O error reading an image or listing --out (a failing disk's EIO) was a traceback, or for an image
+    a line quoting the path twice and saying only to remove it: one line naming the file, the OS's error and
+    the disk to fix."""
+    from sit_fast import data, latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
+    out = str(tmp_path / "cache")
+    failing, real_open = os.path.join(images, "class0", "0.png"), data.Image.open
+
+    def failing_image(path, *args, **kwargs):
+        if path == failing:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data.Image, "open", failing_image)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"error: cannot read image {failing} (Input/output error, EIO): fix the disk (the system log says what "
+        f"failed), or remove or replace it")
+    monkeypatch.undo()
+    real_listdir = os.listdir
+
+    def failing_folder(path="."):
+        if os.fspath(path) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", failing_folder)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (f"error: cannot read {out} (Input/output error, EIO): fix the disk (the system "
+                                       f"log says what failed) and run the same command again to encode the rest\n")
+
+
 def test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
     """An I/O error writing a shard (a failing disk's EIO, not a write the filesystem refused) was a
     traceback. One line naming the shard, the OS's error, what is kept (nothing, for shard 0; the shards
