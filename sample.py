@@ -86,7 +86,7 @@ from sit_fast.errors import (
     log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FileLock, FolderLock, atomic_torch_save, atomic_write, make_room, make_writable_folder, refusal,
+    WRITE_REFUSED, FileLock, FolderLock, atomic_torch_save, atomic_write, make_writable_folder,
     remove_locked_folder, unfinished_writes, write_failed, written_kept,
 )
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped, winding_down
@@ -1778,13 +1778,13 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         job = {"grid": run_grid, "fid": run_fid, "likelihood": run_likelihood, "reverse": run_reverse}[args.job]
         try:
             return job(setup)
-        except OSError as err:  # the FID job's .npz, the batches of --likelihood or --reverse and their OUT
-            if err.errno not in WRITE_REFUSED:
+        except OSError as err:  # a write refused that its job does not name (settings.json's record brought up
+            if err.errno not in WRITE_REFUSED:  # to date, say): an error of another kind may be a read's
                 raise
-            kept = {"grid": "", "fid": "the images written are kept: "}.get(args.job, "the batches computed are kept: ")
+            kept = ("" if args.job == "grid" else "the batches computed are kept" if args.job != "fid"
+                    else written_kept(images_in(fid_folder(args, setup.info["model"])), "image"))
             again = "run it again" if args.job == "grid" else "run the same command again to finish"
-            raise UserError(f"cannot write {err.filename or args.out} ({refusal(err)}): {kept}{make_room(err)} and "
-                            f"{again}") from None
+            raise write_failed(err.filename or args.out or args.sample_dir, err, kept, again) from None
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 -- out of memory only (also wrapped by torch.compile), or a peer's end

@@ -2035,6 +2035,47 @@ def test_a_png_that_cannot_be_written_says_how_many_images_are_kept_or_that_none
         assert not [n for n in os.listdir(sample_dir) if ".tmp-" in n]
 
 
+def test_a_refused_write_its_job_does_not_name_says_how_many_images_are_kept(files, tmp_path, capsys, monkeypatch):
+    """A refused write that reaches run_job's own line (settings.json's record brought up to date as an FID
+    job resumes, on a full disk) said that "the images written are kept" whether there were any or not: it
+    says how many are, as the PNGs' and the .npz's lines do (files.write_failed's line)."""
+    import builtins
+
+    from sit_fast import files as file_helpers
+
+    sample_dir = tmp_path / "fid"
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+            1, "--num-fid-samples", 2, "--batch-size", 2, "--sample-dir", sample_dir, *FAST]
+    run(argv)
+    os.remove(f"{sample_dir}.npz")
+    record = json.loads((sample_dir / "settings.json").read_text())
+    del record["ckpt_digest"]  # a record from before it was kept: brought up to date on resuming
+    (sample_dir / "settings.json").write_text(json.dumps(record))
+    real_open = builtins.open
+
+    def full(path, mode="r", *args, **kwargs):
+        if "w" in mode and os.path.basename(path).startswith(".settings.json.tmp-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(file_helpers, "open", full, raising=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {sample_dir / 'settings.json'} (No space left on device): the 2 images written are "
+        f"kept: make room (or make the folder writable) and run the same command again to finish")
+    monkeypatch.undo()
+    monkeypatch.setattr(sample, "fid_job", lambda *args: (_ for _ in ()).throw(
+        OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), str(tmp_path / "new" / "settings.json"))))
+    with pytest.raises(SystemExit):
+        run(argv[:-len(FAST) - 2] + ["--sample-dir", tmp_path / "new", *FAST])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'new' / 'settings.json'} (Disk quota exceeded): nothing was written yet: "
+        f"make room (or make the folder writable) and run the same command again to finish")
+
+
 def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
     """sample.py's FID job writes into --sample-dir itself and sample_ddp.py's into a run folder in it,
     both samples/ by default: the second of the two says its images lie among the first's."""
