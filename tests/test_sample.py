@@ -1946,6 +1946,7 @@ def test_fid_job_on_a_full_disk_is_one_line_and_keeps_the_images(files, tmp_path
 
 
 LIMIT = "File too large: past the file size limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)"
+DISK = "fix the disk (the system log says what failed), or write onto another filesystem"  # a failing disk's EIO
 
 
 @pytest.mark.parametrize("failing, code, said", [
@@ -1958,6 +1959,10 @@ LIMIT = "File too large: past the file size limit of the process (`ulimit -f`) o
                            f"another filesystem) and run the same command again to finish"),
     ("settings.json", errno.ENOSPC, "(No space left on device): nothing was computed yet: make room (or make the "
                                     "folder writable) and run the same command again"),
+    ("g.png", errno.ENOSPC, "(No space left on device): make room (or make the folder writable) and run it again"),
+    ("g.png", errno.EIO, f"(Input/output error, EIO): {DISK} and run it again"),
+    ("s.npz", errno.EIO, f"(Input/output error, EIO): the 4 images written are kept: {DISK} and run the same command "
+                         f"again to finish"),
 ])
 def test_a_grid_or_fid_file_the_filesystem_refuses_is_one_line_and_the_fid_job_finishes_later(
         failing, code, said, files, tmp_path, capsys, monkeypatch):

@@ -308,7 +308,8 @@ def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     elif failure == "sample grid, disk full":
         assert outcomes == {0: "step 4", 1: "step 4"}, outcomes  # the grids are skipped, with a warning
         with open(tmp_path / "exp" / "log.txt") as f:
-            assert "step 2: the sample grid is skipped: cannot write it (No space left on device)" in f.read()
+            grid = tmp_path / "exp" / "samples" / "0000002.png"
+            assert f"step 2: the sample grid is skipped: cannot write {grid} (No space left on device)" in f.read()
     else:
         last = tmp_path / "exp" / "checkpoints" / "0000002.pt"
         # rank 1, of this node, seen ended: named
@@ -3078,20 +3079,30 @@ def test_a_grid_with_samples_that_are_not_finite_says_so(tmp_path, monkeypatch, 
         assert "step 2: 1 of the 3 EMA samples in the grid are not finite (NaN pixels drawn black" in f.read()
 
 
-def test_a_sample_grid_that_cannot_be_written_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch):
-    from sit_fast import images
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EIO])
+def test_a_sample_grid_that_cannot_be_written_is_skipped_and_the_run_goes_on(tmp_path, monkeypatch, code):
+    """A grid is disposable, the checkpoints are not: a grid the disk refuses (or fails to write: EIO) is
+    skipped with a warning naming it and the OS's error, and the run goes on to its last checkpoint."""
+    from sit_fast import files
 
-    def full_disk(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device")
+    real_open = open
 
-    monkeypatch.setattr(images, "save_image_grid", full_disk)
+    def failing(path, mode="r", *args, **kwargs):
+        if "w" in mode and ".png.tmp-" in os.path.basename(path):
+            raise OSError(code, os.strerror(code))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", failing, raising=False)
     exp = tmp_path / "run"
     summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "2", "--sample-every", "1",
                                  "--num-sample-images", "2", "--sample-steps", "2"])
     assert summary["step"] == 2 and os.path.basename(summary["last_checkpoint"]) == "0000002.pt"
     log = (exp / "log.txt").read_text()
+    said = {errno.ENOSPC: "No space left on device", errno.EIO: "Input/output error, EIO"}[code]
     for step in (1, 2):
-        assert f"step {step}: the sample grid is skipped: cannot write it (No space left on device)" in log, log
+        grid = exp / "samples" / f"{step:07d}.png"
+        assert f"step {step}: the sample grid is skipped: cannot write {grid} ({said})" in log, log
+    assert not [name for name in os.listdir(exp / "samples") if ".tmp-" in name]
 
 
 def test_a_run_that_did_not_start_holds_its_lock_while_its_folder_is_removed(tmp_path, monkeypatch):
@@ -4771,6 +4782,22 @@ def test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file
         assert not [name for name in os.listdir(out) if ".tmp-" in name]
         assert sorted(name for name in os.listdir(out) if name.startswith("shard-")) == [
             latent_cache.shard_name(i) for i in range(k)]
+
+    def failing_index(path, mode="r", *args, **kwargs):  # every shard written, then the index's write fails
+        if "w" in mode and os.path.basename(path).startswith(".index.json.tmp-"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(files, "open", failing_index, raising=False)
+    with pytest.raises(SystemExit) as exit_info:
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"error: cannot write {os.path.join(out, 'index.json')} (Input/output error, EIO): all 2 shard(s) are written: "
+        f"fix the disk (the system log says what failed), or write onto another filesystem and run the same command "
+        f"again to write the index\n")
+    assert not os.path.exists(os.path.join(out, "index.json"))
+    assert not [name for name in os.listdir(out) if ".tmp-" in name]
     monkeypatch.undo()
     assert cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))["num_images"] == 4
 

@@ -1315,12 +1315,13 @@ class Trainer:
                            f"overflowed")
         from sit_fast.images import save_image_grid
 
+        path = os.path.join(self.exp_dir, "samples", f"{self.step:07d}.png")
         try:
-            path = save_image_grid(images, os.path.join(self.exp_dir, "samples", f"{self.step:07d}.png"))
+            path = save_image_grid(images, path)
         except OSError as err:  # a grid is not worth the run: the next checkpoint will say if the disk stays full
             if err.errno is None:  # (or failing)
                 raise
-            logger.warning(f"step {self.step}: the sample grid is skipped: cannot write it ({refusal(err)})")
+            logger.warning(f"step {self.step}: the sample grid is skipped: cannot write {path} ({refusal(err)})")
             return None
         logger.info(f"saved EMA samples {path}")
         self.track_image(path)
