@@ -786,18 +786,8 @@ def fid_folder(args: argparse.Namespace, model: str) -> str:
     `model`, the model's registry name."""
     sample_dir = os.path.normpath(args.sample_dir)
     if args.run_folder:
-        name = run_folder_name(args, model)
-        longest = longest_name(sample_dir)
-        too_long = [n for n in (name, None if args.out else f"{name}.npz") if n and len(os.fsencode(n)) > longest]
-        if too_long:  # said before any work, not as --sample-dir's fault (or after all of it, for the .npz)
-            what = "" if too_long[0] == name else ".npz "
-            raise UserError(f"the run folder's {what}name made from the settings, {too_long[0][:48]}... "
-                            f"({len(os.fsencode(too_long[0]))} bytes, the checkpoint's file name in it), is longer "
-                            f"than a file name may be in {sample_dir} ({longest} bytes), whatever --sample-dir: "
-                            f"give the checkpoint a shorter file name (a link to it will do), "
-                            f"{'pass --out FILE.npz, ' if what else ''}or pass --no-run-folder and name the folder "
-                            f"with --sample-dir")
-        sample_dir = os.path.join(sample_dir, name)
+        check_run_folder_name(args, model)
+        sample_dir = os.path.join(sample_dir, run_folder_name(args, model))
     elif args.out is None:
         base = os.path.basename(sample_dir)
         longest = longest_name(os.path.dirname(sample_dir) or ".")
@@ -806,6 +796,27 @@ def fid_folder(args: argparse.Namespace, model: str) -> str:
                             f"would be a name longer than a file name may be there ({longest} bytes): pass a "
                             f"shorter --sample-dir, or --out FILE.npz")
     return sample_dir
+
+
+def check_run_folder_name(args: argparse.Namespace, model: str | None) -> None:
+    """Refuse a run folder's name (or its .npz's) longer than a file name may be in --sample-dir: said
+    before any work, not as --sample-dir's fault (or after all of it, for the .npz). `model` None (a
+    checkpoint not loaded yet, no --model): the shortest registry name stands for it, so that a name
+    too long for every model is refused before the load."""
+    sample_dir = os.path.normpath(args.sample_dir)
+    name = run_folder_name(args, model or min(SiT_models, key=len))
+    longest = longest_name(sample_dir)
+    too_long = [n for n in (name, None if args.out else f"{name}.npz") if n and len(os.fsencode(n)) > longest]
+    if not too_long:
+        return
+    what = "" if too_long[0] == name else ".npz "
+    shown = too_long[0] if model else run_folder_name(args, "<model>") + too_long[0][len(name):]
+    size = f"{'' if model else 'at least '}{len(os.fsencode(too_long[0]))} bytes"
+    raise UserError(f"the run folder's {what}name made from the settings, {shown[:48]}... ({size}, the checkpoint's "
+                    f"file name in it), is longer than a file name may be in {sample_dir} ({longest} bytes), "
+                    f"whatever --sample-dir: give the checkpoint a shorter file name (a link to it will do), "
+                    f"{'pass --out FILE.npz, ' if what else ''}or pass --no-run-folder and name the folder with "
+                    f"--sample-dir")
 
 
 _taken: dict[str, FolderLock] = {}  # the FID folder's lock, by path, where lock_outputs took it (run_fid's then)
@@ -826,7 +837,8 @@ def lock_outputs(args: argparse.Namespace, dist: DistInfo) -> None:
     the job's end (main's release_all): the file it writes (FileLock), so that a second job given the same
     --out is refused at once instead of overwriting it at the end, and the FID job's folder where it
     exists and its path is known without the model (--no-run-folder, --model, or the release; a folder
-    not there yet is locked as it is made, after the load)."""
+    not there yet is locked as it is made, after the load); a run folder's name too long for any model is
+    refused here too (check_run_folder_name)."""
     def lock() -> None:
         if (out := output_file(args)) is not None:
             FileLock(out, "--out").acquire()
@@ -836,6 +848,8 @@ def lock_outputs(args: argparse.Namespace, dist: DistInfo) -> None:
             if os.path.isdir(folder):
                 _taken[folder] = FolderLock(folder, "--sample-dir")
                 _taken[folder].acquire()
+        elif args.job == "fid":  # the run folder's name waits for the model's, but may be too long for any
+            check_run_folder_name(args, None)
 
     on_main(lock, dist)
 

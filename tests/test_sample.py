@@ -2717,10 +2717,13 @@ def test_sample_ddp_puts_each_run_in_upstreams_folder(files, tmp_path):
     assert "000002.png" in os.listdir(tmp_path)
 
 
-def test_a_run_folder_name_too_long_for_the_filesystem_is_said_so_before_sampling(files, tmp_path, capsys):
+def test_a_run_folder_name_too_long_for_the_filesystem_is_said_so_before_sampling(files, tmp_path, capsys,
+                                                                                  monkeypatch):
     """The run folder's name (or its .npz's) grows with the checkpoint's file name: past the longest file
     name the filesystem takes, that is said before any work, not blamed on --sample-dir (which a
-    shorter value does not mend), nor, for the .npz, a traceback after all the sampling."""
+    shorter value does not mend), nor, for the .npz, a traceback after all the sampling. Without --model
+    (the model's name is read from the checkpoint) it is said before the model loads too, where the name
+    is too long for every registry model's name."""
     sample_dir = tmp_path / "samples"
     argv = ["ODE", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1, "--batch-size", 1,
             "--num-fid-samples", 1, "--sample-dir", sample_dir, "--run-folder", *FAST]
@@ -2728,18 +2731,25 @@ def test_a_run_folder_name_too_long_for_the_filesystem_is_said_so_before_samplin
     npz_too_long = tmp_path / f"{'d' * 223}.pt"  # 253 bytes: the folder fits, its .npz (257) does not
     for ckpt in (long_name, npz_too_long):
         shutil.copy(files["pixel"], ckpt)
+    loads, real_setup = [], sample.Setup
+    monkeypatch.setattr(sample, "Setup", lambda *a: loads.append(1) or real_setup(*a))
     capsys.readouterr()
-    with pytest.raises(SystemExit):
-        run(argv + ["--ckpt", long_name])
-    err = one_line_error(capsys)
-    assert err.startswith("error: the run folder's name made from the settings, SiT-T-2-ccc"), err
-    assert "(280 bytes, the checkpoint's file name in it)" in err and "whatever --sample-dir" in err, err
-    assert "give the checkpoint a shorter file name" in err and "--no-run-folder" in err, err
-    with pytest.raises(SystemExit):
-        run(argv + ["--ckpt", npz_too_long])
-    err = one_line_error(capsys)
-    assert err.startswith("error: the run folder's .npz name made from the settings") and "--out FILE.npz" in err
+    for model, said in (([], "<model>-ccc"), (["--model", "SiT-T/2"], "SiT-T-2-ccc")):
+        with pytest.raises(SystemExit):
+            run(argv + model + ["--ckpt", long_name])
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: the run folder's name made from the settings, {said}"), err
+        size = "at least 280 bytes" if not model else "280 bytes"
+        assert f"({size}, the checkpoint's file name in it)" in err and "whatever --sample-dir" in err, err
+        assert "give the checkpoint a shorter file name" in err and "--no-run-folder" in err, err
+        with pytest.raises(SystemExit):
+            run(argv + model + ["--ckpt", npz_too_long])
+        err = one_line_error(capsys)
+        assert err.startswith(f"error: the run folder's .npz name made from the settings, {said[:-4]}-ddd"), err
+        assert f"({'at least ' if not model else ''}257 bytes" in err and "--out FILE.npz" in err, err
+        assert not loads  # refused before the model loads
     assert not sample_dir.exists()  # nothing sampled, no folder made
+    monkeypatch.undo()
     # --no-run-folder: the folder is --sample-dir's, whose .npz beside it is said to be too long likewise
     folder = tmp_path / ("e" * 253)
     no_run_folder = [a for a in argv if a != "--run-folder"] + ["--no-run-folder", "--ckpt", files["pixel"]]
