@@ -196,7 +196,8 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
     """Run reference (fp32, eager) and candidate on the same weights, inputs and loss.
 
     The candidate gets the reference's weights. Both run in eval mode (no label dropout) with
-    gradients on; the loss is the mean squared error against a random target. cfg_scale: compare
+    gradients on, each module's training flag and each parameter's .grad given back as they were on
+    return; the loss is the mean squared error against a random target. cfg_scale: compare
     forward_with_cfg instead of forward. compiled: only selects the compiled output tolerance.
     yardstick: with an autocast dtype, also run a copy of the reference under it and bound each of
     the candidate's errors by that copy's (see YARDSTICK_FACTOR).
@@ -208,8 +209,32 @@ def compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: 
         raise ValueError(f"autocast_dtype must be None, torch.float32 or torch.bfloat16, got {autocast_dtype}")
     device = torch.device(device)
     candidate.load_state_dict(reference.state_dict())
-    reference.to(device).eval()
-    candidate.to(device).eval()
+    reference.to(device)
+    candidate.to(device)
+    with kept_modes_and_grads(reference, candidate):
+        reference.eval()
+        candidate.eval()
+        return _compare(reference, candidate, batch_size, autocast_dtype, device, seed, cfg_scale, compiled,
+                        yardstick, no_grad)
+
+
+@contextlib.contextmanager
+def kept_modes_and_grads(*models: torch.nn.Module):
+    """Each module's training flag and each parameter's .grad (a tensor, or None) given back on exit."""
+    modes = [(module, module.training) for model in models for module in model.modules()]
+    grads = [(p, p.grad) for model in models for p in model.parameters()]
+    try:
+        yield
+    finally:
+        for module, training in modes:
+            module.training = training
+        for p, grad in grads:
+            p.grad = grad
+
+
+def _compare(reference: torch.nn.Module, candidate: torch.nn.Module, batch_size: int,
+             autocast_dtype: torch.dtype | None, device: torch.device, seed: int | None, cfg_scale: float | None,
+             compiled: bool, yardstick: bool, no_grad: bool) -> ParityReport:
     generator = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(0, 2**31, ()).item()))
     x, t, y, target = random_inputs(reference, batch_size, device, generator)
     if cfg_scale is not None:

@@ -55,6 +55,23 @@ def test_fast_fp32_matches_reference(config):
     assert report.output_rel_err <= tol["output"] and report.grad_rel_err_max <= tol["grad"], report.to_markdown()
 
 
+def test_compare_gives_back_the_models_training_flags_and_gradients():
+    """compare() left both models in eval mode and their .grad filled with its own loss's gradients: each
+    module's flag and each parameter's .grad (a tensor, or None) are as they were."""
+    reference, candidate = pair(next(iter(CONFIGS)))
+    reference.train()
+    candidate.train()
+    candidate.blocks[0].eval()  # a submodule's own flag, not the model's
+    marker = torch.full_like(reference.x_embedder.proj.weight, 7.0)
+    reference.x_embedder.proj.weight.grad = marker
+    report = compare(reference, candidate, batch_size=2, device=DEVICE)
+    assert report.rows and reference.training and candidate.training and not candidate.blocks[0].training
+    assert all(module.training for module in reference.modules())
+    assert reference.x_embedder.proj.weight.grad is marker and bool((marker == 7.0).all())
+    assert [n for n, p in reference.named_parameters() if p.grad is not None] == ["x_embedder.proj.weight"]
+    assert all(p.grad is None for p in candidate.parameters())
+
+
 def test_compare_refuses_a_precision_it_has_no_bounds_for():
     """fp16 autocast is not bf16: held to bf16's bounds (about 20 times fp16's rounding) and labelled
     bf16, a 4% gradient error passed."""
