@@ -925,32 +925,31 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
 
     start = time.perf_counter()
     try:
-        try:
-            for k in pending[dist.rank::dist.world_size]:
-                indices = range(k * chunk, (k + 1) * chunk)  # the last chunk is padded past N: same batch always
-                noise, labels = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes,
-                                            class_balanced=args.class_balanced)
-                samples = setup.sample(noise, labels, derived_seed(args.seed, k, chunk))
-                kept = [i for i in indices if i < total]
-                try:  # the padding is neither decoded nor judged: it is not written
-                    images = to_rgb_uint8(setup.to_images(samples[: len(kept)], k * chunk))  # (B, H, W, 3)
-                except NonFinite as error:  # a resume redraws the same noise: it would diverge again
-                    raise NonFinite(f"{error} (the same settings draw the same noise again)") from None
-                if other_arithmetic:  # before this job's first image: the record says the folder mixes them
-                    try:
-                        add_arithmetic(sample_dir, setup.arithmetic)
-                    except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO)
-                        written = written_kept(images_in(sample_dir), "image")
-                        raise write_failed(err.filename or sample_dir, err, written,
-                                           "run the same command again to sample the rest") from None
-                    other_arithmetic = False
-                writer.write(images, kept)
-                bar.update(min(len(kept) * dist.world_size, todo - bar.n))
-        except KeyboardInterrupt:
-            winding_down(again)  # the queued PNGs are finished first
-            raise
-        finally:
-            writer.close()
+        with writer:  # the queued PNGs finished on the way out, after a Ctrl-C's winding_down below
+            try:
+                for k in pending[dist.rank::dist.world_size]:
+                    indices = range(k * chunk, (k + 1) * chunk)  # the last chunk is padded past N: same batch always
+                    noise, labels = index_noise(args.seed, indices, setup.latent_shape, setup.num_classes,
+                                                class_balanced=args.class_balanced)
+                    samples = setup.sample(noise, labels, derived_seed(args.seed, k, chunk))
+                    kept = [i for i in indices if i < total]
+                    try:  # the padding is neither decoded nor judged: it is not written
+                        images = to_rgb_uint8(setup.to_images(samples[: len(kept)], k * chunk))  # (B, H, W, 3)
+                    except NonFinite as error:  # a resume redraws the same noise: it would diverge again
+                        raise NonFinite(f"{error} (the same settings draw the same noise again)") from None
+                    if other_arithmetic:  # before this job's first image: the record says the folder mixes them
+                        try:
+                            add_arithmetic(sample_dir, setup.arithmetic)
+                        except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO)
+                            written = written_kept(images_in(sample_dir), "image")
+                            raise write_failed(err.filename or sample_dir, err, written,
+                                               "run the same command again to sample the rest") from None
+                        other_arithmetic = False
+                    writer.write(images, kept)
+                    bar.update(min(len(kept) * dist.world_size, todo - bar.n))
+            except KeyboardInterrupt:
+                winding_down(again)  # the queued PNGs are finished first
+                raise
     except UserError:  # e.g. a full disk: the error on a line of its own, after the bar
         bar.close()
         raise

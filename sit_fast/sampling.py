@@ -756,6 +756,20 @@ class PNGWriter:
         finally:
             self.pool.shutdown(wait=True)
 
+    def __enter__(self) -> PNGWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        """close(); where the block raised, its error is the one raised: a failed write's, said by close(),
+        does not take its place (a Ctrl-C stays a stop, whose line counts the PNGs kept)."""
+        if exc_type is None:
+            self.close()
+            return
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 -- the block's own error goes on
+            pass
+
     def result(self, future: Future) -> None:
         """A PNG's write done; a write that failed, refused (a full disk) or not (a failing disk's EIO), is
         one line, said once the writes in flight are done (each whole or absent) and the PNGs counted."""

@@ -2635,6 +2635,34 @@ def test_png_writer_raises_a_failed_write_at_the_next_batch(tmp_path, monkeypatc
     writer.pool.shutdown(wait=True)
 
 
+def test_png_writer_as_a_context_finishes_its_writes_and_leaves_the_blocks_error_in_place(tmp_path, monkeypatch):
+    """`with PNGWriter(...)` closes the writer on the way out: every queued PNG written, a failed write said
+    (one line) where the block ended well; where the block raised, its error is the one raised, not the
+    failed write's in its place."""
+    from sit_fast import sampling
+    from sit_fast.errors import UserError
+
+    with sampling.PNGWriter(str(tmp_path), max_workers=1) as writer:
+        writer.write(np.zeros((3, 8, 8, 3), np.uint8), range(3))
+    assert sorted(os.listdir(tmp_path)) == ["000000.png", "000001.png", "000002.png"]
+    assert writer.pool._shutdown
+
+    def full(image, path):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
+
+    monkeypatch.setattr(sampling, "_write_png", full)
+    with pytest.raises(UserError, match=r"^cannot write \S+000003\.png \(No space left on device\): the 3 images "):
+        with sampling.PNGWriter(str(tmp_path), max_workers=1) as writer:
+            writer.write(np.zeros((1, 8, 8, 3), np.uint8), [3])
+    for stop in (KeyboardInterrupt(), sample.NonFinite("non-finite samples")):
+        with pytest.raises(type(stop)) as raised:
+            with sampling.PNGWriter(str(tmp_path), max_workers=1) as writer:
+                writer.write(np.zeros((1, 8, 8, 3), np.uint8), [4])
+                writer.futures[0].exception()  # the write has failed
+                raise stop
+        assert raised.value is stop and writer.pool._shutdown
+
+
 def test_sample_ddp_offers_no_flag_its_help_leaves_out(capsys):
     """sample_ddp.py's hidden flags (of the jobs it refuses) are not offered as a fix: not as the other
     sampler's flag, nor as the flag meant."""
