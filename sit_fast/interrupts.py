@@ -122,6 +122,15 @@ def catch_stop_signals(handler, previous: dict) -> None:
             previous[signum] = signal.signal(signum, handler)
 
 
+def catch_ctrl_c(handler, previous: dict) -> None:
+    """Install `handler` for Ctrl-C (SIGINT) as catch_stop_signals does for the stop signals: in the main
+    thread only, unless in `previous` already or ignored by the process (a shell script's `job &`); the
+    handler replaced goes into `previous`."""
+    if (signal.SIGINT not in previous and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGINT) != signal.SIG_IGN):
+        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handler)
+
+
 def restore_handlers(previous: dict) -> None:
     """Put back the handlers catch_stop_signals (or the like) replaced, and forget them."""
     for signum, handler in previous.items():
@@ -139,8 +148,7 @@ def stop_signals_noted():
         noted.append(signum)
 
     previous = {}
-    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, note)
+    catch_ctrl_c(note, previous)
     catch_stop_signals(note, previous)
     try:
         yield noted
@@ -206,8 +214,7 @@ def stop_signals_raise():
         yield
         return
     previous = {}
-    if signal.getsignal(signal.SIGINT) != signal.SIG_IGN:
-        previous[signal.SIGINT] = signal.signal(signal.SIGINT, handle)
+    catch_ctrl_c(handle, previous)
     catch_stop_signals(handle, previous)
     _RAISING.append(True)
     try:

@@ -436,3 +436,35 @@ def test_a_ctrl_c_while_a_script_loads_its_libraries_ends_it_without_a_traceback
     child.send_signal(signal.SIGINT)
     out, err = child.communicate(timeout=120)
     assert (child.returncode, err) in ((-signal.SIGINT, b""), (130, b"interrupted\n")), (child.returncode, err[-2000:])
+
+
+def test_catch_ctrl_c_leaves_an_ignored_sigint_a_caught_one_and_other_threads_alone():
+    """The one place that installs a Ctrl-C handler (stop_signals_noted, stop_signals_raise, training's stop
+    request): in the main thread only, not over one it installed already, not where the process ignores
+    SIGINT (a shell script's `job &`); the handler replaced goes into `previous`."""
+    import threading
+
+    from sit_fast.interrupts import catch_ctrl_c
+
+    def handler(signum, frame):
+        pass
+
+    original = signal.getsignal(signal.SIGINT)
+    try:
+        previous = {}
+        catch_ctrl_c(handler, previous)
+        assert signal.getsignal(signal.SIGINT) is handler and previous == {signal.SIGINT: original}
+        catch_ctrl_c(lambda signum, frame: None, previous)  # caught already: kept
+        assert signal.getsignal(signal.SIGINT) is handler and previous == {signal.SIGINT: original}
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        ignored = {}
+        catch_ctrl_c(handler, ignored)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN and ignored == {}
+        signal.signal(signal.SIGINT, original)
+        elsewhere = {}
+        thread = threading.Thread(target=catch_ctrl_c, args=(handler, elsewhere))
+        thread.start()
+        thread.join()
+        assert signal.getsignal(signal.SIGINT) is original and elsewhere == {}
+    finally:
+        signal.signal(signal.SIGINT, original)

@@ -35,7 +35,7 @@ import torch
 
 from sit_fast import files
 from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, check_not_cut_short, is_safetensors, safe_torch_load
-from sit_fast.interrupts import catch_stop_signals, restore_handlers
+from sit_fast.interrupts import catch_ctrl_c, catch_stop_signals, restore_handlers
 
 CHECKPOINT_VERSION = 1
 REQUIRED_KEYS = ("model", "ema", "opt", "args", "step", "epoch", "step_in_epoch", "rng")
@@ -118,9 +118,7 @@ class StopRequest:
     def catch_interrupt(self) -> None:
         """From here on, Ctrl-C stops after the current step with a checkpoint (main thread only). A
         process that started out ignoring SIGINT (a shell script's `train.py &`) goes on ignoring it."""
-        if (signal.SIGINT not in self.previous and threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) != signal.SIG_IGN):
-            self.previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._interrupt)
+        catch_ctrl_c(self._interrupt, self.previous)
 
     def _handle(self, signum, frame) -> None:
         self.received = self.received or signum
