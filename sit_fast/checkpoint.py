@@ -195,6 +195,9 @@ def safe_torch_load(path: str) -> object:
     mmap = zipfile.is_zipfile(path)  # torch.save's format; older files load without mmap
     if not mmap:
         check_not_cut_short(path)
+    elif is_torchscript_archive(path):  # said here: torch.load would warn that it hands the file to torch.jit.load
+        raise CheckpointError(f"cannot read {path}: it is a TorchScript archive (torch.jit.save), not a state_dict; "
+                              f"if you trust the file, load it with torch.jit.load and torch.save its state_dict()")
     try:
         with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
@@ -206,13 +209,21 @@ def safe_torch_load(path: str) -> object:
                 f"container, and unpickling that could run code; if you trust the file, load it once with "
                 f"torch.load(weights_only=False) and save its state_dict"
             ) from None
-        if reason is None and "TorchScript archive" in str(err):
-            reason = "a TorchScript archive (torch.jit.save), not a state_dict"
         kind = file_kind(path)
         if kind is not None:
             raise CheckpointError(f"cannot read {path}: it is {kind}, not a checkpoint") from None
         raise CheckpointError(f"cannot read {path}: {reason or first_line(err)} "
                               f"(corrupt, truncated, or not a checkpoint written by torch.save or safetensors?)") from None
+
+
+def is_torchscript_archive(path: str) -> bool:
+    """Whether the zip file at `path` is one torch.jit.save wrote (its records hold constants.pkl, as torch.load
+    tells them apart); False where it cannot be listed (torch.load says why)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.partition("/")[2] == "constants.pkl" for name in archive.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 # The first bytes of files that are given for a checkpoint by mistake (an image, an archive, a text file)

@@ -784,10 +784,12 @@ def test_unreadable_pickles_get_the_reason_not_torchs_advice(tmp_path):
         warnings.simplefilter("ignore")  # torch.jit's deprecation notices
         torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(tmp_path / "jit.pt"))
     for name, needle in [("st.pt", r"it is a safetensors file under another extension \(name it .safetensors\)"),
-                         ("jit.pt", r"a TorchScript archive")]:
+                         ("jit.pt", r"it is a TorchScript archive \(torch.jit.save\), not a state_dict; if you trust "
+                                    r"the file, load it with torch.jit.load and torch.save its state_dict\(\)")]:
         with pytest.raises(CheckpointError, match=rf"cannot read .*{name}: {needle}") as err:
             with warnings.catch_warnings():
-                warnings.simplefilter("ignore")  # torch.load's note on TorchScript archives
+                # refused before torch.load, which warns that it hands a TorchScript archive to torch.jit.load
+                warnings.simplefilter("error")
                 read_checkpoint(tmp_path / name)
         message = str(err.value)
         assert "\n" not in message and "weights_only" not in message and "will likely succeed" not in message
