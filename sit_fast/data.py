@@ -341,10 +341,14 @@ def to_8_bits(image: Image.Image, path: str) -> Image.Image:
 
 def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
     """The image at `path` in `mode` ("RGB" or "L"), ADM center-cropped to image_size (16-bit
-    grayscale scaled to 8 bits first); a file PIL cannot read (a truncated one too: its header read,
-    its pixels not) is a DataError naming it."""
+    grayscale scaled to 8 bits first; transparency dropped); a file PIL cannot read (a truncated one too:
+    its header read, its pixels not) is a DataError naming it."""
     try:
         with Image.open(path) as image:
+            if image.mode == "P" and "transparency" in image.info:
+                # The palette's colours, as a convert from "P" gives them; through RGBA, PIL does not warn (once per
+                # data loader worker, naming no file) that a palette's per-entry alpha has no place in RGB or L.
+                return center_crop_arr(image.convert("RGBA").convert(mode), image_size)
             return center_crop_arr(to_8_bits(image, path).convert(mode), image_size)
     except UNREADABLE_IMAGE as err:
         raise unreadable_image(path, err) from None

@@ -1939,6 +1939,30 @@ def test_sixteen_bit_grayscale_images_are_scaled_to_eight_bits(tmp_path, mode):
         read_image(str(tmp_path / "f.tiff"), 6)
 
 
+@pytest.mark.parametrize("transparency", [bytes([255, 0, 128, 255]), 2], ids=["alpha_per_entry", "one_entry"])
+def test_palette_images_with_transparency_are_read_as_their_colours_without_a_warning(tmp_path, transparency):
+    """A palette PNG with transparency reads as its palette's colours (alpha dropped), in RGB and L, and
+    without PIL's warning about per-entry alpha, which would name no file."""
+    import warnings
+
+    from sit_fast.data import read_image
+    from sit_fast.images import center_crop_arr
+
+    palette = [255, 0, 0, 0, 255, 0, 0, 0, 255, 9, 99, 199]
+    indices = np.random.default_rng(0).integers(0, 4, size=(6, 8)).astype(np.uint8)
+    image = Image.fromarray(indices, "P")
+    image.putpalette(palette)
+    path = str(tmp_path / "p.png")
+    image.save(path, transparency=transparency)
+    colours = np.array(palette, dtype=np.uint8).reshape(4, 3)[indices]
+    for mode in ("RGB", "L"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            read = np.asarray(read_image(path, 6, mode))
+        expected = center_crop_arr(Image.fromarray(colours).convert(mode), 6)
+        np.testing.assert_array_equal(read, np.asarray(expected))
+
+
 def test_resume_names_unfinished_checkpoint_writes_and_removes_them(tmp_path):
     """A writer killed mid-write (SIGKILL) leaves its temporary file: the next run in the folder, holding
     its lock, removes it and says so, with its size."""
