@@ -332,11 +332,18 @@ def agree(fn, info: DistInfo):
 
 def local_path_on_main_first(fn, info: DistInfo) -> str:
     """fn() -> a path on this machine (a release found or downloaded into a cache): rank 0 runs it
-    first, so a folder the ranks share gets one download; a rank on another node, where rank 0's path
-    does not exist (a node-local cache), then runs fn itself. Rank 0's UserError stops every rank, and
-    so does another node's (agree)."""
+    first, so a folder the ranks share gets one download; on a node where rank 0's path does not exist
+    (a node-local cache), the first process that lacks it runs fn next, and then the node's others (which
+    find the file it fetched), so that each node downloads it once. Rank 0's UserError stops every rank,
+    and so does another node's (agree)."""
     path = on_main(fn, info)
-    return agree(lambda: path if info.is_main or os.path.exists(path) else fn(), info)
+    if info.world_size == 1:
+        return path
+    node, lacks = node_id(), not info.is_main and not os.path.exists(path)
+    seen = gather_object((info.rank, node, lacks))
+    first = min((rank for rank, where, lacking in seen if lacking and where == node), default=None)
+    fetched = agree(lambda: fn() if first == info.rank else None, info)  # one process per node that lacks it
+    return agree(lambda: path if not lacks else fetched if fetched is not None else fn(), info)
 
 
 SHARED_CHECK = ".shared-check-"  # + a token: the empty file check_shared_path makes, for a moment, in the folder

@@ -705,3 +705,47 @@ def test_a_stop_signal_while_the_peer_failed_line_waits_is_noted_on_it_not_raise
     monkeypatch.setattr(distributed, "PEER_SEEN_ENDED_S", 0.1)
     without_stop = distributed.peer_failed(RuntimeError("Connection closed by peer"))
     assert not without_stop.stop_noted
+
+
+FETCH_S = 2.0  # how long a fetch takes below: a second process of the node starting one meanwhile would miss the file
+
+
+def _node_cache_worker(rank: int, port: int, root: str) -> None:
+    """local_path_on_main_first with rank 0 on node 0 and ranks 1-2 on node 1, each node's cache a relative path
+    from a folder of its own (ROOT/nodeN, as a node's own disk): each fetch that finds nothing in its node's
+    cache leaves ROOT/fetched-RANK."""
+    node, local_rank = (0, 0) if rank == 0 else (1, rank - 1)
+    os.environ.update(RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(local_rank), GROUP_RANK=str(node),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from sit_fast.distributed import cleanup, init_distributed, local_path_on_main_first
+
+    os.makedirs(os.path.join(root, f"node{node}"), exist_ok=True)
+    os.chdir(os.path.join(root, f"node{node}"))
+    cache = os.path.join("cache", "release.pt")
+
+    def fetch():
+        if not os.path.exists(cache):  # a download into this node's cache
+            open(os.path.join(root, f"fetched-{rank}"), "w").close()
+            time.sleep(FETCH_S)
+            os.makedirs(os.path.dirname(cache), exist_ok=True)
+            open(cache, "w").close()
+        return cache
+
+    info = init_distributed()
+    try:
+        path = local_path_on_main_first(fetch, info)
+    finally:
+        cleanup()
+    with open(os.path.join(root, f"rank{rank}.txt"), "w") as f:
+        f.write(path)
+
+
+def test_a_node_without_rank_0s_file_fetches_its_own_once():
+    """A node whose cache lacks rank 0's file (its own disk) fetches the file once, by its first process;
+    its other processes find it there then, rather than each downloading it at the same time."""
+    with tempfile.TemporaryDirectory() as root:
+        mp.spawn(_node_cache_worker, args=(free_port(), root), nprocs=3, join=True)
+        fetched = sorted(name for name in os.listdir(root) if name.startswith("fetched-"))
+        paths = [open(os.path.join(root, f"rank{r}.txt")).read() for r in range(3)]
+    assert fetched == ["fetched-0", "fetched-1"], fetched
+    assert paths == [os.path.join("cache", "release.pt")] * 3
