@@ -5181,6 +5181,49 @@ def test_torchrun_cli_two_processes(tmp_path):
 
 
 @pytest.mark.slow
+def test_two_torchrun_nodes_with_c10d_rendezvous_train_alike(tmp_path):
+    """README's multi-node command, two nodes simulated here: two torchrun launchers (--nnodes=2, one process
+    each) meeting at one c10d endpoint. The ranks end with the same weights, each drew from its own seed,
+    and the log lines and the checkpoint come from rank 0 alone."""
+    exp, out = str(tmp_path / "run"), tmp_path / "ranks"
+    out.mkdir()
+    script = tmp_path / "train_ranks.py"  # train.py, each rank then saving its weights and its RNG's state
+    script.write_text(
+        f"import os, runpy, sys, torch\nsys.path.insert(0, {REPO!r})\nfrom sit_fast.training import loop\n"
+        "run = loop.Trainer.run\n"
+        "def run_and_save(self):\n"
+        "    summary = run(self)\n"
+        "    state = {'model': self.model.state_dict(), 'ema': self.ema.state_dict(), 'rng': torch.get_rng_state()}\n"
+        f"    torch.save(state, os.path.join({str(out)!r}, 'rank' + os.environ['RANK'] + '.pt'))\n"
+        "    return summary\n"
+        "loop.Trainer.run = run_and_save\n"
+        f"sys.argv[0] = {os.path.join(REPO, 'train.py')!r}\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n")
+    rendezvous = ["--nnodes=2", "--nproc_per_node=1", "--rdzv_id=sit", "--rdzv_backend=c10d",
+                  f"--rdzv_endpoint=127.0.0.1:{free_port()}"]
+    command = [sys.executable, "-m", "torch.distributed.run", *rendezvous, str(script), *BASE, "--exp-dir", exp,
+               "--max-steps", "4", "--ckpt-every", "4", "--log-every", "2"]
+    nodes = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                              env=torchrun_env(tmp_path)) for _ in range(2)]
+    try:
+        said = [node.communicate(timeout=300) for node in nodes]
+    finally:
+        for node in nodes:
+            node.kill()
+    assert [node.returncode for node in nodes] == [0, 0], said
+    ranks = [torch.load(out / f"rank{rank}.pt", weights_only=True) for rank in range(2)]
+    assert_ranks_identical(ranks)
+    assert not torch.equal(ranks[0]["rng"], ranks[1]["rng"])  # seeds global_seed * world_size + rank
+    assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000004.pt"]
+    log = open(os.path.join(exp, "log.txt")).read()
+    assert "world size 2" in log and log.count("(step=0000004)") == log.count("saved checkpoint") == 1, log
+    # the node that holds rank 0 prints the log lines; the other prints nothing of its own
+    lines = [sum(line.count("(step=0000004)") for line in stderr.splitlines()) for _, stderr in said]
+    assert sorted(lines) == [0, 1], said
+    assert all(not stdout for stdout, _ in said), said
+
+
+@pytest.mark.slow
 def test_demo_learns_digits(tmp_path):
     """`make demo` as it runs: >= 80% of 500 generated digits classified as the requested class."""
     out = str(tmp_path / "demo")
