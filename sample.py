@@ -1131,7 +1131,7 @@ class ImageFiles:
 
         self.path, self.image_size, self.channels = path, image_size, channels
         names, hidden, repeated = [], [], []
-        for folder, files in walk_each_folder_once(path, repeated, set()):
+        for folder, files in walk_each_folder_once(path, repeated, set(), "--data"):
             relative = os.path.relpath(folder, path)
             in_hidden = relative != "." and relative.split(os.sep)[0].startswith(".")
             for n in files:

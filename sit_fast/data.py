@@ -206,7 +206,7 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
     try:
         folders = sorted(e.name for e in os.scandir(root) if e.is_dir())
     except OSError as err:  # not readable by this user, say
-        raise DataError(f"cannot read --data-path {root} ({err.strerror or err})") from None
+        raise DataError(f"cannot read --data-path {root} ({refusal(err)}): {read_fix(err)}") from None
     classes = [name for name in folders if not name.startswith(".")]
     hidden = [name for name in folders if name.startswith(".") and _holds_images(os.path.join(root, name))]
     if hidden:
@@ -238,7 +238,7 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         count = len(samples)
         # a folder that lies in another class, or the root, is that one's (a link to it, or a class folder
         # that is a link to it, would take its images twice, under two labels)
-        for dirpath, filenames in walk_each_folder_once(os.path.join(root, name), repeated, seen,
+        for dirpath, filenames in walk_each_folder_once(os.path.join(root, name), repeated, seen, "--data-path",
                                                         keep=lambda folder, name=name: home(folder) in (None, name)):
             for filename in sorted(filenames):
                 if filename.lower().endswith(IMG_EXTENSIONS):
@@ -280,13 +280,23 @@ def folder_id(path: str) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def walk_each_folder_once(top: str, repeated: list[str], seen: set, keep=None) -> list[tuple[str, list[str]]]:
+def walk_each_folder_once(top: str, repeated: list[str], seen: set, flag: str,
+                          keep=None) -> list[tuple[str, list[str]]]:
     """(folder, file names) for each folder under top, links followed, sorted by path. A folder reached
     again (a link to an ancestor, or a second link to one folder) is walked at its first path only (in
     sorted order), folders whose folder_id is in `seen` (which the walk adds to) not at all, nor those
-    for which keep(path) is false; the paths left out are appended to `repeated`."""
+    for which keep(path) is false; the paths left out are appended to `repeated`. A folder that cannot
+    be listed (no permission, a failing disk's EIO) is a DataError naming it and `flag` (the option that
+    gave top's root), not a folder left out unsaid (its images would drop out of the dataset)."""
+
+    def unreadable(err: OSError) -> None:
+        if err.errno in (errno.ENOENT, errno.ENOTDIR):  # gone meanwhile, as folder_id's None below
+            return
+        raise DataError(f"cannot read the folder {err.filename} ({refusal(err)}), whose images would be left out: "
+                        f"{read_fix(err)}, or move it out of {flag}")
+
     found = []
-    for dirpath, dirnames, filenames in os.walk(top, followlinks=True):
+    for dirpath, dirnames, filenames in os.walk(top, onerror=unreadable, followlinks=True):
         dirnames.sort()  # top-down in name order: which path of a folder comes first does not depend on the disk
         key = folder_id(dirpath)
         if key is None or key in seen or (keep is not None and not keep(dirpath)):  # None: gone meanwhile

@@ -3112,6 +3112,28 @@ def test_a_data_folder_leaves_out_hidden_files_hidden_folders_and_link_loops_wit
         f"images are taken once, left out ({tmp_path / 'sub' / 'up'}), as train.py's --data-path leaves them"]
 
 
+def test_a_data_sub_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path, monkeypatch):
+    """A sub-folder of --data that cannot be listed (no permission) was left out unsaid: its images were
+    missing from the bpd's items. One line naming it, as train.py's --data-path."""
+    from sit_fast.errors import UserError
+
+    for name in ("a.png", "sub/b.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == str(tmp_path / "sub"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with pytest.raises(UserError) as info:
+        sample.ImageFiles(str(tmp_path), 8, 3)
+    assert str(info.value) == (f"cannot read the folder {tmp_path / 'sub'} (Permission denied), whose images would "
+                               f"be left out: make it readable, or move it out of --data")
+
+
 def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):
     from sit_fast.errors import UserError
 

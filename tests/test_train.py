@@ -6610,7 +6610,40 @@ def test_an_unreadable_data_path_is_a_read_error_not_a_write_one(tmp_path, monke
     monkeypatch.setattr(data.os, "scandir", scandir)
     with pytest.raises(SystemExit):
         latent_cache.main(_cache_args(images, str(tmp_path / "vae"), str(tmp_path / "cache")))
-    assert capsys.readouterr().err == f"error: cannot read --data-path {images} (Permission denied)\n"
+    assert capsys.readouterr().err == f"error: cannot read --data-path {images} (Permission denied): make it readable\n"
+
+
+def test_a_data_path_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path, monkeypatch, capsys):
+    """A class folder (or one under it) that cannot be listed, refused (EACCES) or failing (EIO), was left
+    out unsaid by os.walk: its images dropped out of the dataset and of its fingerprint. One line naming
+    the folder, why, and what to do; the latent cache, which reads the same list, says the same."""
+    from sit_fast import data, latent_cache
+    from sit_fast.data import DataError, find_images
+
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    nested = os.path.join(images, "class0", "more")
+    os.makedirs(nested)
+    Image.new("RGB", (20, 20)).save(os.path.join(nested, "x.png"))
+    assert len(find_images(images)[0]) == 5
+    real_scandir = os.scandir
+    for folder, code, said in ((os.path.join(images, "class1"), errno.EACCES, "Permission denied: make it readable"),
+                               (nested, errno.EIO, "Input/output error, EIO: fix the disk (the system log says "
+                                                   "what failed)")):
+        def scandir(path=".", folder=folder, code=code):
+            if os.path.abspath(path) == folder:
+                raise OSError(code, os.strerror(code), path)
+            return real_scandir(path)
+
+        monkeypatch.setattr(data.os, "scandir", scandir)
+        line = (f"cannot read the folder {folder} ({said.split(': ')[0]}), whose images would be left out: "
+                f"{said.split(': ', 1)[1]}, or move it out of --data-path")
+        with pytest.raises(DataError) as info:
+            find_images(images)
+        assert str(info.value) == line
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            latent_cache.main(_cache_args(images, str(tmp_path / "vae"), str(tmp_path / "cache")))
+        assert capsys.readouterr().err == f"error: {line}\n"
 
 
 def test_rng_state_round_trip_keeps_the_cuda_generator(monkeypatch):
