@@ -33,6 +33,7 @@ a bad disk or copy has changed since.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -162,6 +163,15 @@ def write_refused(what: str, err: OSError, out: str) -> UserError:
     """The one line for a write that failed, refused (full, read-only, ...) or not (a failing disk's EIO):
     shards are whole or absent, and those in `out` are kept (or none was written yet)."""
     return write_failed(what, err, written_shards_kept(out), "run the same command again to encode the rest")
+
+
+def refused_read(err: OSError, out: str) -> bool:
+    """Whether a refusal (EACCES, EPERM, which a write meets too) came from a read: it names a folder (the
+    build writes files only, its folder made by make_writable_folder, which says its own failure: this is
+    a listing, --out's say), or a path outside `out` (every write of the build is in `out`: an input's)."""
+    path = err.filename
+    return err.errno in (errno.EACCES, errno.EPERM) and path is not None and (
+        os.path.isdir(path) or not is_inside(path, out))
 
 
 def again_words(out: str) -> str:
@@ -446,7 +456,8 @@ def main(argv: list[str] | None = None) -> dict | None:
             start_resource_tracker()
             return build_cache(args)
         except OSError as err:  # a write not said where it failed (a shard's, settings.json's, index.json's are),
-            if err.errno in WRITE_REFUSED:  # or a read that failed (a failing disk's EIO listing --out, say)
+            # or a read that failed (a failing disk's EIO listing --out, say; a refused one is a read too)
+            if err.errno in WRITE_REFUSED and not refused_read(err, args.out):
                 raise write_refused(err.filename or f"in {args.out}", err, args.out) from None
             if err.errno is None or err.filename is None:
                 raise

@@ -4773,6 +4773,55 @@ def test_latent_cache_reading_from_a_failing_disk_is_one_line(tmp_path, monkeypa
                                        f"log says what failed) and run the same command again to encode the rest\n")
 
 
+def test_latent_cache_reading_refused_is_said_a_read_not_a_write(tmp_path, monkeypatch, capsys):
+    """A read refused (EACCES, EPERM: errors a refused write meets too) was said "cannot write ...: make room
+    (or make the folder writable)": --out's listing, or an input's read, is said a read, with its fix."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
+    out = str(tmp_path / "cache")
+    real_listdir = os.listdir
+
+    def refused_folder(path="."):
+        if os.fspath(path) == out:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", refused_folder)
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert capsys.readouterr().err.startswith(f"error: cannot read {out} (Permission denied): make it readable and ")
+    monkeypatch.undo()
+    failing = os.path.join(images, "class0")
+
+    def refused_input(*args, **kwargs):  # a read of the inputs not said where it failed
+        raise PermissionError(errno.EPERM, os.strerror(errno.EPERM), failing)
+
+    monkeypatch.setattr(latent_cache, "ImageFolderDataset", refused_input)
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: cannot read {failing} (Operation not permitted): ") and ": make it readable and " in err
+    monkeypatch.undo()
+    real_remove = os.remove
+
+    def refused_removal(path):  # a write in --out refused: said a write, as before
+        if os.path.basename(path) == "index.json":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        return real_remove(path)
+
+    with open(os.path.join(out, "index.json"), "w") as f:  # an earlier build's index, removed before encoding
+        f.write("{}")
+    monkeypatch.setattr(os, "remove", refused_removal)
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert capsys.readouterr().err.startswith(f"error: cannot write {os.path.join(out, 'index.json')} (Permission "
+                                              f"denied): ")
+
+
 def test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
     """An I/O error writing a shard (a failing disk's EIO, not a write the filesystem refused) was a
     traceback. One line naming the shard, the OS's error, what is kept (nothing, for shard 0; the shards
