@@ -143,26 +143,27 @@ def shards_written(out: str) -> int | None:
         return None
 
 
-def written_shards_kept(out: str) -> str:
-    """What is kept in `out`, for write_failed and read_failed: "the 3 shards written are kept", "nothing
-    was written yet", or "" where the folder cannot be listed."""
+def shards_left(out: str) -> tuple[str, str]:
+    """What a failed build leaves in `out`, and what the same command then encodes: ("the 3 shards written
+    are kept", "the rest"), before the first shard ("no shard was written yet", "every image"), or where the
+    folder cannot be listed ("", "the rest")."""
     count = shards_written(out)
-    return "" if count is None else written_kept(count, "shard")
+    if count is None:
+        return "", "the rest"
+    return ("no shard was written yet", "every image") if count == 0 else (written_kept(count, "shard"), "the rest")
 
 
 def shards_kept(out: str) -> tuple[str, str]:
-    """What a stopped or failed build leaves in `out`, and what the same command then encodes: ("the 3
-    shards written are kept", "the rest"), or before the first shard ("no shard was written yet", "every image")."""
-    count = shards_written(out)
-    if count == 0:
-        return "no shard was written yet", "every image"
-    return written_kept(count, "shard") if count else "the shards written are kept", "the rest"
+    """shards_left's, said also where the folder cannot be listed ("the shards written are kept")."""
+    kept, rest = shards_left(out)
+    return kept or "the shards written are kept", rest
 
 
 def write_refused(what: str, err: OSError, out: str) -> UserError:
     """The one line for a write that failed, refused (full, read-only, ...) or not (a failing disk's EIO):
     shards are whole or absent, and those in `out` are kept (or none was written yet)."""
-    return write_failed(what, err, written_shards_kept(out), "run the same command again to encode the rest")
+    kept, rest = shards_left(out)
+    return write_failed(what, err, kept, f"run the same command again to encode {rest}")
 
 
 def refused_read(err: OSError, out: str) -> bool:
@@ -461,8 +462,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 raise write_refused(err.filename or f"in {args.out}", err, args.out) from None
             if err.errno is None or err.filename is None:
                 raise
-            raise read_failed(err.filename, err, written_shards_kept(args.out),
-                              "run the same command again to encode the rest") from None
+            kept, rest = shards_left(args.out)
+            raise read_failed(err.filename, err, kept, f"run the same command again to encode {rest}") from None
         except (RuntimeError, MemoryError) as err:  # out of memory, or gloo's word at a collective that a
             if is_out_of_memory(err):  # process (failed in its setup, say) ended
                 raise UserError(out_of_memory_advice(args, err)) from None

@@ -4803,8 +4803,8 @@ def test_latent_cache_reading_refused_is_said_a_read_not_a_write(tmp_path, monke
     monkeypatch.setattr(latent_cache, "ImageFolderDataset", refused_input)
     with pytest.raises(SystemExit):
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
-    err = capsys.readouterr().err
-    assert err.startswith(f"error: cannot read {failing} (Operation not permitted): ") and ": make it readable and " in err
+    assert capsys.readouterr().err == (f"error: cannot read {failing} (Operation not permitted): no shard was written "
+                                       f"yet: make it readable and run the same command again to encode every image\n")
     monkeypatch.undo()
     real_remove = os.remove
 
@@ -4824,8 +4824,9 @@ def test_latent_cache_reading_refused_is_said_a_read_not_a_write(tmp_path, monke
 
 def test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file(tmp_path, monkeypatch, capsys):
     """An I/O error writing a shard (a failing disk's EIO, not a write the filesystem refused) was a
-    traceback. One line naming the shard, the OS's error, what is kept (nothing, for shard 0; the shards
-    before, for a later one) and what to do; the temporary file is removed."""
+    traceback. One line naming the shard, the OS's error, what is kept (no shard, for shard 0, where the same
+    command encodes every image, not "the rest"; the shards before, for a later one) and what to do; the
+    temporary file is removed."""
     from sit_fast import files, latent_cache
     from tests.test_vae import save_tiny_vae
 
@@ -4834,7 +4835,8 @@ def test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file
     images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
     out = str(tmp_path / "cache")
     real_open = open
-    for k, kept in ((0, "nothing was written yet"), (1, "the 1 shard written is kept")):
+    for k, kept, rest in ((0, "no shard was written yet", "every image"),
+                          (1, "the 1 shard written is kept", "the rest")):
 
         def failing_disk(path, mode="r", *args, **kwargs):
             f = real_open(path, mode, *args, **kwargs)
@@ -4851,7 +4853,7 @@ def test_latent_cache_on_a_failing_disk_is_one_line_and_leaves_no_temporary_file
         shard = os.path.join(out, latent_cache.shard_name(k))
         assert capsys.readouterr().err == (
             f"error: cannot write {shard} (Input/output error, EIO): {kept}: fix the disk (the system log says what "
-            f"failed), or write onto another filesystem and run the same command again to encode the rest\n")
+            f"failed), or write onto another filesystem and run the same command again to encode {rest}\n")
         assert not [name for name in os.listdir(out) if ".tmp-" in name]
         assert sorted(name for name in os.listdir(out) if name.startswith("shard-")) == [
             latent_cache.shard_name(i) for i in range(k)]
@@ -4953,9 +4955,9 @@ def test_latent_cache_on_a_full_disk_is_one_line_and_keeps_the_shards_written(tm
     assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
         f"error: cannot write {os.path.join(out, latent_cache.shard_name(0))} (File too large: past the file size "
-        f"limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)): nothing was written yet: "
+        f"limit of the process (`ulimit -f`) or of the filesystem (FAT32's 4 GiB)): no shard was written yet: "
         f"raise the file size limit (or write onto another filesystem) and run the same command again to encode "
-        f"the rest\n")
+        f"every image\n")
     # Finished, then run again on a disk where nothing can be written: nothing to write, no error
     monkeypatch.undo()
     cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
