@@ -225,20 +225,33 @@ def figure(x: float, decimals: int = 0) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0],
                                      allow_abbrev=False)
-    parser.add_argument("--results", type=user_path, help="a results.json whose measured ceilings to use")
+    from sit_fast.models import SiT_models, model_config
+
+    parser.add_argument("--results", type=user_path,
+                        help="a results.json whose measured ceilings to use (--copy-gbps or --matmul-tflops, "
+                             "given, replaces its figure)")
     parser.add_argument("--copy-gbps", type=positive_float, help="device-to-device copy ceiling, GB/s (read + written)")
     parser.add_argument("--matmul-tflops", type=positive_float, help="bf16 matmul ceiling, TFLOP/s")
-    parser.add_argument("--model", default="SiT-XL/2")
-    parser.add_argument("--image-size", type=positive_int, default=256)
-    parser.add_argument("--train-batch", type=positive_int, default=256)
-    parser.add_argument("--sample-batch", type=positive_int, default=256, help="images per sampling call (the model sees 2x)")
+    parser.add_argument("--model", choices=list(SiT_models), default="SiT-XL/2",
+                        help="model size / patch (default: SiT-XL/2)")
+    parser.add_argument("--image-size", type=positive_int, default=256,
+                        help="image size in pixels, a multiple of 8 x the patch size (latent: image size / 8, "
+                             "as through the SD VAE) (default: 256)")
+    parser.add_argument("--train-batch", type=positive_int, default=256, help="images per training step (default: 256)")
+    parser.add_argument("--sample-batch", type=positive_int, default=256,
+                        help="images per sampling call (the model sees 2x) (default: 256)")
     args = parser.parse_args(argv)
+    patch = model_config(args.model)["patch_size"]
+    if args.image_size % (8 * patch):
+        parser.error(f"--image-size {args.image_size}: {args.model} takes a multiple of {8 * patch} "
+                     f"(the VAE's 8 x the patch size {patch})")
     copy_gbps, matmul_tflops = args.copy_gbps, args.matmul_tflops
     if args.results:
         with open(args.results) as f:
             document = json.load(f)
         ceilings, environment = document["ceilings"], document.get("environment", {})
-        copy_gbps, matmul_tflops = ceilings["copy_gbps"], ceilings["matmul_tflops"]
+        copy_gbps = copy_gbps or ceilings["copy_gbps"]
+        matmul_tflops = matmul_tflops or ceilings["matmul_tflops"]
         if environment.get("device_type") != "cuda":
             print(f"note: {args.results} was measured on {environment.get('device', 'an unnamed device')} "
                   f"({environment.get('device_type', 'no device type')}), not a GPU: its ceilings bound "

@@ -852,6 +852,52 @@ def test_roofline_of_a_cpu_run_says_so(tmp_path, capsys):
         assert ("measured on AMD EPYC (cpu), not a GPU" in err) == (device_type == "cpu"), err
 
 
+def test_roofline_ceilings_given_replace_those_of_results(tmp_path, capsys):
+    """--copy-gbps or --matmul-tflops given with --results replaces that figure of the file, not the other."""
+    from benchmarks.roofline import main
+
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps({"ceilings": {"copy_gbps": 5.0, "matmul_tflops": 0.5},
+                                "environment": {"device": "NVIDIA H100", "device_type": "cuda"}}))
+    argv = ["--model", "SiT-S/4", "--image-size", "64", "--train-batch", "4", "--sample-batch", "2",
+            "--results", str(path)]
+    for given, ceilings in (([], "copy 5 GB/s, matmul 0.5 TFLOP/s"),
+                            (["--copy-gbps", "1000"], "copy 1000 GB/s, matmul 0.5 TFLOP/s"),
+                            (["--matmul-tflops", "100"], "copy 5 GB/s, matmul 100 TFLOP/s")):
+        main(argv + given)
+        assert f"ceilings: {ceilings}\n" in capsys.readouterr().out, given
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--model", "SiT-Q/2"], "argument --model: invalid choice: 'SiT-Q/2'"),
+    (["--model", "SiT-S/4", "--image-size", "48"], "--image-size 48: SiT-S/4 takes a multiple of 32"),
+    (["--image-size", "100"], "--image-size 100: SiT-XL/2 takes a multiple of 16"),
+])
+def test_roofline_refuses_a_model_or_image_size_it_cannot_count(flags, words, capsys):
+    """An unknown --model, or an --image-size whose latent the patches do not tile, is a usage error
+    (exit status 2), not a traceback nor the roofline of a smaller image."""
+    from benchmarks.roofline import main
+
+    with pytest.raises(SystemExit) as stopped:
+        main(flags + ["--copy-gbps", "1000", "--matmul-tflops", "100"])
+    assert stopped.value.code == 2
+    assert words in capsys.readouterr().err
+
+
+def test_roofline_help_gives_every_flag_and_default(capsys):
+    """python -m benchmarks.roofline --help describes each flag, with its default where it has one."""
+    from benchmarks.roofline import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    entries = capsys.readouterr().out.split("options:")[1].split("\n  -")  # one per flag
+    helps = {entry.split()[0]: " ".join(entry.split()[2:]) for entry in entries[1:]}
+    assert all(helps.values()), helps
+    for flag, default in (("-model", "SiT-XL/2"), ("-image-size", "256"), ("-train-batch", "256"),
+                          ("-sample-batch", "256")):
+        assert helps[flag].endswith(f"(default: {default})"), (flag, helps[flag])
+
+
 def test_roofline_prints_small_figures_to_three_significant_figures(capsys):
     """On a slow device (a CPU's ceilings) every figure in the table keeps three significant figures:
     a 0.66 TFLOP/s ceiling is not printed as 1, nor 0.4 images/s at the floor as 0."""
