@@ -82,7 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="encode nothing: read the finished cache in --out whole and check every shard (its "
                              "bytes against their CRC-32, the shapes the index gives, finite values, labels in "
                              "range) and the image folder's file list (--data-path, else the one recorded) against "
-                             "the one encoded; exit status 2, naming what fails")
+                             "the one encoded; exit status 2, naming what fails. --image-size, --vae, "
+                             "--vae-precision, --dtype and --shard-size, given, must be those it was built with")
     parser.add_argument("--image-size", type=positive_int, default=256, help="center-crop size in pixels")
     parser.add_argument("--vae", type=user_path, default="ema",
                         help="VAE: ema, mse (stabilityai/sd-vae-ft-*), a hub id or a local directory")
@@ -394,11 +395,23 @@ def shard_damage(root: str, shard: dict, index: dict) -> str | None:
     return None
 
 
-def verify_cache(args: argparse.Namespace) -> dict:
+# The flags that shape the latents, recorded in settings.json: --verify takes them only as the cache's own.
+ENCODING_FLAGS = ("image_size", "vae", "vae_precision", "dtype", "shard_size")
+
+
+def verify_cache(args: argparse.Namespace, given: frozenset = frozenset()) -> dict:
     """--verify: every shard of the finished cache in args.out read whole and checked, then the image
     folder's list against the one encoded; UserError naming the damaged shards, with the command that
-    encodes them again, or the folder changed since."""
+    encodes them again, or the folder changed since. given: the flags on the command line; an
+    ENCODING_FLAGS one other than the cache's is refused first (the cache is checked as it was built)."""
     index = read_cache_index(args.out, "--out")
+    recorded = latent_cache_settings(args.out) or {}
+    for key in ENCODING_FLAGS:
+        value = recorded_vae_spec(args.vae) if key == "vae" else getattr(args, key)
+        if key in given and key in recorded and value != recorded[key]:
+            flag = f"--{key.replace('_', '-')}"
+            raise UserError(f"{flag} {getattr(args, key)}: the cache in --out {args.out} was encoded with {flag} "
+                            f"{recorded[key]}; --verify checks it as it was built: drop {flag}")
     shards = index["shards"]
     damaged = []
     bar = progress(index["num_images"], "verifying", "img", disable=args.no_progress)
@@ -407,7 +420,7 @@ def verify_cache(args: argparse.Namespace) -> dict:
             damaged.append(f"{shard['file']}: {damage}")
         bar.update(shard["count"])
     bar.close()
-    settings = latent_cache_settings(args.out) or {}
+    settings = recorded
     folder = args.data_path or index.get("data_path")
     if damaged:
         try:
@@ -449,7 +462,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verify:
-        return verify_cache(args)
+        shadow = build_parser()
+        for action in shadow._actions:
+            action.default = argparse.SUPPRESS
+        return verify_cache(args, frozenset(vars(shadow.parse_args(argv))))
     if args.data_path is None:
         parser.error("the following arguments are required: --data-path")
     with stop_signals_raise():

@@ -3957,6 +3957,27 @@ def test_a_latent_cache_build_into_a_folder_another_builds_is_refused_before_the
         other.release()
 
 
+def test_latent_cache_verify_refuses_encoding_flags_other_than_the_caches(tmp_path, capsys):
+    """--verify with the build's own flags checks the cache; an encoding flag given with another value
+    (the cache is not the one meant) is refused in one line naming both, not left unread."""
+    from sit_fast import latent_cache
+
+    images, vae_dir, out = _built_cache(tmp_path)
+    capsys.readouterr()
+    assert latent_cache.main(_cache_args(images, vae_dir, out, "--verify"))["num_images"] == 6
+    for flag, value, built in (("--image-size", "32", "16"), ("--dtype", "float16", "float32"),
+                               ("--shard-size", "4096", "2"), ("--vae-precision", "bf16", "fp32")):
+        with pytest.raises(SystemExit) as stopped:
+            latent_cache.main(["--verify", "--out", out, "--no-progress", flag, value])
+        assert stopped.value.code == 2
+        assert capsys.readouterr().err.strip() == (f"error: {flag} {value}: the cache in --out {out} was encoded "
+                                                   f"with {flag} {built}; --verify checks it as it was built: drop "
+                                                   f"{flag}")
+    with pytest.raises(SystemExit):
+        latent_cache.main(["--verify", "--out", out, "--no-progress", "--vae", "mse"])
+    assert capsys.readouterr().err.strip().startswith("error: --vae mse: the cache in --out")
+
+
 def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_since(tmp_path, capsys):
     """--verify: a shard whose bytes a disk or a copy changed (still a readable archive, which training
     would read as it is) is named, with the command that encodes it again; so are non-finite values
