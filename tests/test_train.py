@@ -1218,6 +1218,17 @@ def test_a_train_eps_that_changes_nothing_is_said(tmp_path):
     assert "has no effect" not in (tmp_path / "noise" / "log.txt").read_text()
 
 
+def test_grid_flags_with_no_grids_are_said_to_change_nothing(tmp_path):
+    """--sample-every none makes no sample grids: the grids' flags given with it are named in the log as
+    having no effect; with grids, nothing is said."""
+    grid = ["--cfg-scale", "2", "--sample-steps", "4", "--max-steps", "1"]
+    train_main(BASE + ["--exp-dir", str(tmp_path / "none"), "--sample-every", "none", *grid])
+    assert ("--cfg-scale, --sample-steps have no effect with --sample-every none: there are no sample grids"
+            in (tmp_path / "none" / "log.txt").read_text())
+    train_main(BASE + ["--exp-dir", str(tmp_path / "grids"), *grid])
+    assert "no effect with --sample-every none" not in (tmp_path / "grids" / "log.txt").read_text()
+
+
 def test_a_loss_weight_that_changes_nothing_is_said(tmp_path):
     """A velocity model's loss is unweighted whatever --loss-weight is (as upstream): given, the log
     says so; a score model's is weighted, and nothing is said."""

@@ -72,6 +72,9 @@ class NonFiniteLossError(UserError):
 # run whose every step is non-finite has diverged, and would only spend its GPUs to the end
 SKIPPED_IN_A_ROW_LIMIT = 100
 
+# The flags that only the EMA sample grids read: given with --sample-every none, they change nothing.
+GRID_FLAGS = ("cfg_scale", "sample_method", "sample_steps", "num_sample_images", "sample_eps")
+
 
 #################################################################################
 #                                  Setup helpers                                #
@@ -1010,6 +1013,10 @@ class Trainer:
         if "loss_weight" in self.explicit and args.loss_weight is not None and args.prediction == "velocity":
             logger.warning(f"--loss-weight {args.loss_weight} has no effect: a velocity model's loss is unweighted "
                            f"(as upstream); it weights --prediction score or noise")
+        grid_flags = [f"--{key.replace('_', '-')}" for key in GRID_FLAGS if key in self.explicit]
+        if args.sample_every is None and grid_flags:
+            logger.warning(f"{', '.join(grid_flags)} {'has' if len(grid_flags) == 1 else 'have'} no effect with "
+                           f"--sample-every none: there are no sample grids")
         n_params = sum(p.numel() for p in model.parameters())
         logger.info(f"SiT parameters: {n_params:,} ({args.model}, {args.num_classes} classes)")
         self.step_flops = flops.train_step_flops(model)
