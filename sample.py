@@ -290,11 +290,16 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
                         f"--reverse only")
     if args.exact_divergence and not likelihood:
         raise UserError("--exact-divergence applies to --likelihood only")
+    scale_given = args.cfg_scale is not None
     if args.cfg_scale is None:
         args.cfg_scale = 4.0 if args.job == "grid" else 1.0
+    for flag, value in (("--cfg-interval", args.cfg_interval), ("--cfg-channels", args.cfg_channels)):
+        if value is not None and args.cfg_scale == 1.0:  # no unconditional pass: nothing to guide
+            job = "--num-fid-samples" if args.job == "fid" else f"--{args.job}"
+            default = "" if scale_given else f" (the default of {job})"
+            fix = "drop it" if args.job in ("likelihood", "reverse") else "drop it, or pass a --cfg-scale other than 1"
+            raise UserError(f"{flag} has no effect with --cfg-scale 1{default}: {fix}")
     if args.cfg_interval is not None:
-        if args.cfg_scale == 1.0:
-            raise UserError("--cfg-interval has no effect with --cfg-scale 1")
         low, high = args.cfg_interval
         if not (0 <= low <= 1 and 0 <= high <= 1):
             raise UserError(f"--cfg-interval {low} {high}: LOW and HIGH are times in [0, 1] (t=0 noise, t=1 data)")

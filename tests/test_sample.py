@@ -615,6 +615,7 @@ def test_nan_ema_weights_point_to_the_raw_ones_and_nan_raw_weights_do_not(tmp_pa
     (["--in-channels", 1], "--in-channels 3"),
     (["--class-labels", 10], "outside 0 .. 9"),
     (["--cfg-interval", 0.2, 0.5, "--cfg-scale", 1], "no effect"),
+    (["--cfg-channels", "all", "--cfg-scale", 1], "error: --cfg-channels has no effect with --cfg-scale 1"),
     (["--cfg-interval", 2, 3], "in [0, 1]"),
     (["--cfg-interval", -0.5, 0.5], "in [0, 1]"),
     (["--cfg-interval", 0.6, 0.4], "LOW must not exceed HIGH"),
@@ -4567,6 +4568,29 @@ def test_guidance_and_cfg_interval_flags_of_the_data_jobs_and_equal_bounds():
         assert sample.resolve_args(parse(["ODE", job, "--data", "x.pt", "--cfg-scale", "1"])).cfg_scale == 1.0
     args = sample.resolve_args(parse(["ODE", "--cfg-scale", "4", "--cfg-interval", "0.5", "0.5"]))
     assert args.cfg_interval == [0.5, 0.5]
+
+
+def test_cfg_channels_and_cfg_interval_without_guidance_are_refused():
+    """--cfg-channels, as --cfg-interval, decides nothing at --cfg-scale 1 (typed, or the FID and data jobs'
+    default): refused in one line; left unset, the FID job runs unguided."""
+    from sit_fast.errors import UserError
+
+    parse = sample.build_parser().parse_args
+    for flag, values in (("--cfg-channels", ["all"]), ("--cfg-interval", ["0.2", "0.5"])):
+        with pytest.raises(UserError, match=rf"^{flag} has no effect with --cfg-scale 1: drop it, or pass a "
+                                            r"--cfg-scale other than 1$"):
+            sample.resolve_args(parse(["ODE", flag, *values, "--cfg-scale", "1"]))
+        with pytest.raises(UserError, match=rf"^{flag} has no effect with --cfg-scale 1 \(the default of "
+                                            r"--num-fid-samples\): drop it, or pass"):
+            sample.resolve_args(parse(["ODE", flag, *values, "--num-fid-samples", "8"]))
+        with pytest.raises(UserError, match=rf"^{flag} has no effect with --cfg-scale 1 \(the default of "
+                                            r"--likelihood\): drop it$"):
+            sample.resolve_args(parse(["ODE", flag, *values, "--likelihood", "--data", "x.pt"]))
+    args = sample.resolve_args(parse(["ODE", "--num-fid-samples", "8"]))
+    assert (args.cfg_scale, args.cfg_channels, args.cfg_interval) == (1.0, None, None)
+    args = sample.resolve_args(parse(["ODE", "--num-fid-samples", "8", "--cfg-scale", "1.5", "--cfg-channels", "3"]))
+    assert (args.cfg_scale, args.cfg_channels) == (1.5, 3)
+    assert sample.resolve_args(parse(["ODE", "--cfg-channels", "all"])).cfg_channels == "all"  # a grid: 4.0
 
 
 @pytest.mark.parametrize("argv,needle", [
