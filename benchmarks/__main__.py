@@ -137,6 +137,9 @@ def run(argv: list[str] | None) -> int:
                   f"positive number", file=sys.stderr)
             return 2
     suites = args.suite
+    if not args.continue_run and (problem := budget_not_run(args.budget_s, suites, [])):
+        print(problem, file=sys.stderr)
+        return 2
     deadline = time.monotonic() + (args.deadline_s if args.deadline_s is not None else size.deadline_s)
 
     start = time.monotonic()
@@ -153,6 +156,10 @@ def run(argv: list[str] | None) -> int:
         problem = results.continue_from_disk(suites)
         if problem:
             print(f"error: --continue: {problem}", file=sys.stderr)
+            return 2
+        # the first run's flags again (gpu_session.sh's): a box of a suite it ran is no mistake
+        if problem := budget_not_run(args.budget_s, suites, results.suites_run):
+            print(problem, file=sys.stderr)
             return 2
         common.log(f"continuing {os.path.join(args.out, 'results.json')}: {len(results.records)} records of "
                    f"{', '.join(results.suites_run) or 'no suite'}; its ceilings reused")
@@ -217,6 +224,17 @@ def run(argv: list[str] | None) -> int:
                f"{os.path.join(args.out, 'results.json')}, {os.path.join(args.out, 'results.md')}")
     failed = statuses.get("parity_failed", 0) + statuses.get("error", 0)
     return 1 if failed else 0
+
+
+def budget_not_run(items: list[str], suites: list[str], run_before: list[str]) -> str | None:
+    """The usage error of a --budget-s SUITE=SECONDS whose suite this run does not run (nor, continued,
+    the run before it), else None."""
+    for item in items:
+        suite = item.partition("=")[0]
+        if suite not in suites and suite not in run_before:
+            return (f"error: --budget-s {item}: the {suite} suite is not run here (only {', '.join(suites)}): "
+                    f"drop it, or add {suite} to the suites")
+    return None
 
 
 def continuation_flags(args, device_type: str, size_name: str) -> list[str]:

@@ -2432,6 +2432,24 @@ def test_an_explicit_budget_is_a_suites_box_within_what_is_left_of_the_deadline(
         assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["memory", "--budget-s", bad])[0] == 2
 
 
+def test_a_budget_of_a_suite_not_run_is_a_usage_error_unless_a_continued_run_ran_it(tmp_path, monkeypatch, capsys):
+    """--budget-s train=5 with the memory suite alone boxes nothing: refused, naming the suites run. A
+    --continue run repeats the first run's flags (gpu_session.sh): a box of a suite that run ran is taken."""
+    status, boxes = _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["memory,profile", "--budget-s", "train=5"])
+    assert (status, boxes) == (2, {})
+    assert capsys.readouterr().err == ("error: --budget-s train=5: the train suite is not run here (only memory, "
+                                       "profile): drop it, or add train to the suites\n")
+    assert not (tmp_path / "results.json").exists()
+    argv = ["--budget-s", "kernels=5", "--budget-s", "memory=3"]
+    assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["kernels", *argv]) == (2, {})
+    assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["kernels", "--budget-s", "kernels=5"]) == (0, {"kernels": 5})
+    assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["memory", *argv, "--continue"]) == (0, {"memory": 3})
+    capsys.readouterr()
+    assert _boxes_on_a_fake_clock(tmp_path, monkeypatch, ["profile", "--budget-s", "train=5", "--continue"]) == (2, {})
+    assert capsys.readouterr().err.startswith("error: --budget-s train=5: the train suite is not run here (only "
+                                              "profile)")
+
+
 @pytest.mark.parametrize("suite", ["kernels", "parity", "train", "sample", "memory", "profile", "tuning"])
 def test_a_suite_that_fails_is_an_error_record_the_next_suite_runs_and_the_exit_status_is_1(tmp_path, monkeypatch,
                                                                                              suite):
