@@ -760,16 +760,30 @@ def _rows(device: str, size: str, time_left: Callable[[], float] | None = None,
         del args, grads_out, expected
 
 
-if __name__ == "__main__":
+def main(argv: list[str] | None = None) -> int:
+    """python -m benchmarks.kernels_suite: one JSON record per line on stdout, with the device and size
+    defaults of `python -m benchmarks`."""
     import argparse
     import json
 
-    parser = argparse.ArgumentParser(description="Fused adaLN kernel benchmarks (one JSON record per line).",
-                                     allow_abbrev=False)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu")
-    parser.add_argument("--size", default="tiny", choices=sorted(SIZES), help="problem size")
-    cli = parser.parse_args()
-    if cli.device == "cpu":
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.kernels_suite", allow_abbrev=False,
+                                     description="Fused adaLN kernel benchmarks (one JSON record per line).")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                        help="default: cuda when available, else cpu (fused kernels through the Triton interpreter)")
+    parser.add_argument("--size", choices=sorted(SIZES), default=None,
+                        help=f"tiny: B={SIZES['tiny'].B}, T={SIZES['tiny'].T}, D={SIZES['tiny'].D}, fp32 (dry run); "
+                             f"full: B={SIZES['full'].B}, T={SIZES['full'].T}, D={SIZES['full'].D}, bf16 "
+                             f"(SiT-XL/2 at 256 px). Default: full on cuda, tiny on cpu")
+    cli = parser.parse_args(argv)
+    device = cli.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda but torch sees no CUDA device")
+    if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton) are imported in run()
-    for record in run(cli.device, cli.size):
+    for record in run(device, cli.size or ("full" if device == "cuda" else "tiny")):
         print(json.dumps(record))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

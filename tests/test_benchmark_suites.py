@@ -430,6 +430,35 @@ def test_kernel_suite_times_the_mlp_input_layer(tmp_path, monkeypatch, epilogue)
         assert record["extra"]["tflops"] == row["tflops"]
 
 
+def test_the_kernel_suite_alone_defaults_as_python_m_benchmarks(monkeypatch, capsys):
+    """python -m benchmarks.kernels_suite: cuda and the full size when CUDA is there, else cpu and tiny
+    (the full size on cuda unless --size, not tiny); --device takes cpu or cuda; the help gives the defaults."""
+    import torch
+
+    from benchmarks import kernels_suite
+
+    calls = []
+    monkeypatch.setattr(kernels_suite, "run", lambda device, size: calls.append((device, size)) or [{"op": 1}])
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as main() sets it for the cpu, undone after the test
+    for cuda, argv, expected in ((True, [], ("cuda", "full")), (True, ["--size", "tiny"], ("cuda", "tiny")),
+                                 (False, [], ("cpu", "tiny")), (False, ["--size", "full"], ("cpu", "full")),
+                                 (True, ["--device", "cpu"], ("cpu", "tiny"))):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
+        assert kernels_suite.main(argv) == 0
+        assert calls.pop() == expected and capsys.readouterr().out == '{"op": 1}\n'
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv, error in ((["--device", "gpu"], "argument --device: invalid choice: 'gpu' (choose from"),
+                        (["--device", "cuda"], "error: --device cuda but torch sees no CUDA device")):
+        with pytest.raises(SystemExit) as info:
+            kernels_suite.main(argv)
+        assert info.value.code == 2 and error in capsys.readouterr().err and not calls
+    with pytest.raises(SystemExit):
+        kernels_suite.main(["--help"])
+    usage = " ".join(capsys.readouterr().out.split())
+    assert "--device {cpu,cuda}" in usage and "default: cuda when available, else cpu" in usage, usage
+    assert "Default: full on cuda, tiny on cpu" in usage, usage
+
+
 @pytest.mark.parametrize("broken", [False, True])
 def test_kernel_suite_times_attention_against_each_sdpa_kernel(tmp_path, monkeypatch, capsys, broken):
     """Attention rows, forward and backward: the fast path's call, each SDPA kernel forced (those that
