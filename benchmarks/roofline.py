@@ -250,11 +250,13 @@ def main(argv: list[str] | None = None) -> None:
         with open(args.results) as f:
             document = json.load(f)
         ceilings, environment = document["ceilings"], document.get("environment", {})
+        taken = [name for name, given in (("copy", copy_gbps), ("matmul", matmul_tflops)) if not given]
         copy_gbps = copy_gbps or ceilings["copy_gbps"]
         matmul_tflops = matmul_tflops or ceilings["matmul_tflops"]
-        if environment.get("device_type") != "cuda":
+        if taken and environment.get("device_type") != "cuda":  # both given: none of its figures is used
+            its = "its ceilings bound" if len(taken) == 2 else f"its {taken[0]} ceiling bounds"
             print(f"note: {args.results} was measured on {environment.get('device', 'an unnamed device')} "
-                  f"({environment.get('device_type', 'no device type')}), not a GPU: its ceilings bound "
+                  f"({environment.get('device_type', 'no device type')}), not a GPU: {its} "
                   f"nothing a GPU run does", file=sys.stderr)
     if not copy_gbps or not matmul_tflops:
         parser.error("give the two ceilings: --results RESULTS_JSON, or --copy-gbps and --matmul-tflops")

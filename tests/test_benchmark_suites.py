@@ -868,7 +868,8 @@ def test_roofline_counts_the_fast_path(capsys):
 
 
 def test_roofline_of_a_cpu_run_says_so(tmp_path, capsys):
-    """--results of a CPU dry run applies a CPU's ceilings to SiT-XL/2: a note says it was no GPU."""
+    """--results of a CPU dry run applies a CPU's ceilings to SiT-XL/2: a note says it was no GPU, unless
+    --copy-gbps and --matmul-tflops, both given, replace both of its figures."""
     from benchmarks.roofline import main
 
     argv = ["--model", "SiT-S/4", "--image-size", "64", "--train-batch", "4", "--sample-batch", "2"]
@@ -878,7 +879,14 @@ def test_roofline_of_a_cpu_run_says_so(tmp_path, capsys):
                                     "environment": {"device": device, "device_type": device_type}}))
         main(argv + ["--results", str(path)])
         err = capsys.readouterr().err
-        assert ("measured on AMD EPYC (cpu), not a GPU" in err) == (device_type == "cpu"), err
+        assert ("measured on AMD EPYC (cpu), not a GPU: its ceilings bound" in err) == (device_type == "cpu"), err
+    # both ceilings typed: no figure of the file is used, and no note; one typed: the other's note
+    for given, note in ((["--copy-gbps", "1000", "--matmul-tflops", "100"], ""),
+                        (["--copy-gbps", "1000"], "its matmul ceiling bounds nothing a GPU run does"),
+                        (["--matmul-tflops", "100"], "its copy ceiling bounds nothing a GPU run does")):
+        main(argv + ["--results", str(tmp_path / "cpu.json"), *given])
+        err = capsys.readouterr().err
+        assert (note in err and "not a GPU" in err) if note else "not a GPU" not in err, (given, err)
 
 
 def test_roofline_ceilings_given_replace_those_of_results(tmp_path, capsys):
