@@ -6915,3 +6915,89 @@ def test_every_sample_grid_is_the_emas_in_eval_mode_from_the_same_noise_and_labe
         trainer.save_samples()
         assert len(grids) == 2 and grids[0].shape == (3, 1, 8, 8) and torch.equal(grids[0], grids[1]), cfg
         assert calls and all(model is trainer.ema and not training for model, training in calls), cfg
+
+
+def test_a_data_path_folder_gone_meanwhile_is_left_out_not_said_unreadable(tmp_path, monkeypatch):
+    """A folder removed while the walk lists its parent (ENOENT as it is listed) holds no images to leave out:
+    the walk goes on without it, as it does for one whose folder_id is gone."""
+    from sit_fast import data
+    from sit_fast.data import find_images
+
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    gone = os.path.join(images, "class0", "gone")
+    os.makedirs(gone)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == gone:
+            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(data.os, "scandir", scandir)
+    assert len(find_images(images)[0]) == 4
+
+
+def test_an_image_gone_or_unreadable_is_named_with_the_fix_that_fits():
+    """unreadable_image: an image the OS refuses says to make it readable, one gone says only to remove or
+    replace it (putting back a file that is gone is its replacing), a damaged one (PIL's error) likewise."""
+    from sit_fast.data import unreadable_image
+
+    for err, said in ((PermissionError(errno.EACCES, "Permission denied"), "(Permission denied): make it readable, or "
+                                                                           "remove or replace it"),
+                      (FileNotFoundError(errno.ENOENT, "No such file or directory"),
+                       "(No such file or directory, ENOENT): remove or replace it"),
+                      (OSError("image file is truncated"), "(image file is truncated): remove or replace it")):
+        assert str(unreadable_image("in/x.png", err)) == f"cannot read image in/x.png {said}"
+
+
+def test_latent_cache_whose_out_cannot_be_listed_still_says_what_is_kept_on_a_stop(tmp_path, monkeypatch):
+    """A stop, a second Ctrl-C or an out-of-memory line while --out cannot be listed (no count of its shards)
+    says that the shards written are kept, not an empty phrase; a failed write's line says nothing of them."""
+    from sit_fast import latent_cache
+
+    out = str(tmp_path / "cache")
+    os.makedirs(out)
+    real_listdir = os.listdir
+
+    def failing(path="."):
+        if os.fspath(path) == out:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_listdir(path)
+
+    monkeypatch.setattr(os, "listdir", failing)
+    assert latent_cache.shards_kept(out) == ("the shards written are kept", "the rest")
+    assert latent_cache.again_words(out).startswith("interrupted again, stopping at once: the shards written are kept ")
+    line = latent_cache.write_refused("x", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), out)
+    assert str(line) == ("cannot write x (No space left on device): make room (or make the folder writable) and run "
+                         "the same command again to encode the rest")
+
+
+def test_latent_cache_tells_a_refused_read_from_a_refused_write(tmp_path):
+    """refused_read: EACCES or EPERM on a folder (a listing) or on a path outside --out (every write of the
+    build is in --out: an input's) is a read; on a file in --out, or with no path, a write; another errno
+    is no refusal."""
+    from sit_fast.latent_cache import refused_read
+
+    out, images = tmp_path / "cache", tmp_path / "images"
+    for folder in (out, images):
+        folder.mkdir()
+    (images / "x.png").write_bytes(b"")
+
+    def refused(code, path):
+        return refused_read(OSError(code, os.strerror(code), None if path is None else str(path)), str(out))
+
+    assert refused(errno.EACCES, images / "x.png") and refused(errno.EPERM, images) and refused(errno.EACCES, out)
+    assert not refused(errno.EACCES, out / "index.json") and not refused(errno.EPERM, None)
+    assert not refused(errno.ENOSPC, images / "x.png")
+
+
+def test_latent_cache_os_error_naming_no_file_is_not_said_a_read_of_none(tmp_path, monkeypatch, capsys):
+    """An OS error of no file (no path to name) that is no refused write is raised as it is, not said
+    "cannot read None"."""
+    from sit_fast import latent_cache
+
+    own = OSError(errno.EIO, os.strerror(errno.EIO))
+    monkeypatch.setattr(latent_cache, "build_cache", lambda args: (_ for _ in ()).throw(own))
+    with pytest.raises(OSError) as raised:
+        latent_cache.main(_cache_args(str(tmp_path / "images"), str(tmp_path / "vae"), str(tmp_path / "cache")))
+    assert raised.value is own
