@@ -87,7 +87,7 @@ from sit_fast.errors import (
     log_warnings_on_stderr, memory_kind,
 )
 from sit_fast.files import (
-    WRITE_REFUSED, FileLock, FolderLock, atomic_torch_save, atomic_write, make_writable_folder,
+    WRITE_REFUSED, FileLock, FolderLock, atomic_torch_save, atomic_write, make_writable_folder, read_fix, refusal,
     remove_locked_folder, unfinished_writes, write_failed, written_kept,
 )
 from sit_fast.interrupts import exit_status, start_resource_tracker, stop_signals_raise, what_stopped, winding_down
@@ -1136,6 +1136,11 @@ class ImageFiles:
 
         self.path, self.image_size, self.channels = path, image_size, channels
         names, hidden, repeated = [], [], []
+        try:  # --data itself, said as train.py's --data-path is (a sub-folder's line says to move it out of --data)
+            with os.scandir(path):
+                pass
+        except OSError as err:
+            raise UserError(f"cannot read --data {path} ({refusal(err)}): {read_fix(err)}") from None
         for folder, files in walk_each_folder_once(path, repeated, set(), "--data"):
             relative = os.path.relpath(folder, path)
             in_hidden = relative != "." and relative.split(os.sep)[0].startswith(".")

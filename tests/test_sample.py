@@ -4735,3 +4735,52 @@ def test_a_1000_class_grid_defaults_to_upstreams_labels(tmp_path):
     run(common + ["--out", tmp_path / "default.png"])
     run(common + ["--class-labels", 207, 360, 387, 974, 88, 979, 417, 279, "--out", tmp_path / "upstream.png"])
     np.testing.assert_array_equal(read_png(tmp_path / "default.png"), read_png(tmp_path / "upstream.png"))
+
+
+def test_a_run_folder_name_that_fits_the_checkpoints_model_is_sampled_into(files, tmp_path):
+    """Without --model the run folder's name is checked before the load with the shortest registry model's
+    name standing for the checkpoint's: a name that fits SiT-T/2 (as short as any) but would not fit
+    SiT-XL/2's is not refused, and the job samples into it."""
+    sample_dir, out = tmp_path / "samples", tmp_path / "s.npz"
+    settings = argparse.Namespace(ckpt="x.pt", cfg_scale=1.0, batch_size=1, mode="ODE", num_sampling_steps=1,
+                                  sampling_method="euler")
+    fixed = len(sample.run_folder_name(settings, "SiT-T/2")) - len("x")
+    ckpt = tmp_path / f"{'c' * (sample.longest_name(str(tmp_path)) - fixed)}.pt"
+    shutil.copy(files["pixel"], ckpt)
+    run(["ODE", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1, "--batch-size", 1,
+         "--num-fid-samples", 1, "--sample-dir", sample_dir, "--run-folder", "--out", out, "--ckpt", ckpt, *FAST])
+    [folder] = os.listdir(sample_dir)
+    assert folder.startswith("SiT-T-2-ccc") and len(os.fsencode(folder)) == sample.longest_name(str(tmp_path))
+    assert out.exists()
+
+
+def test_a_data_folder_that_cannot_be_listed_itself_is_said_so_with_its_fix(tmp_path, monkeypatch):
+    """--data itself that cannot be listed (refused, or a failing disk's EIO) is said as train.py's --data-path
+    is, with its fix: not as a sub-folder is, to be moved out of --data."""
+    from sit_fast.errors import UserError
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
+    real_scandir = os.scandir
+    for code, said in ((errno.EACCES, "Permission denied): make it readable"),
+                       (errno.EIO, "Input/output error, EIO): fix the disk (the system log says what failed)")):
+        def scandir(path=".", code=code):
+            if os.path.abspath(path) == str(tmp_path):
+                raise OSError(code, os.strerror(code), path)
+            return real_scandir(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        with pytest.raises(UserError) as info:
+            sample.ImageFiles(str(tmp_path), 8, 3)
+        assert str(info.value) == f"cannot read --data {tmp_path} ({said}"
+
+
+def test_a_refused_write_of_no_named_file_names_the_sample_dir(files, tmp_path, capsys, monkeypatch):
+    """A refused write whose OS error names no file, in the FID job: the line names --sample-dir, not None."""
+    monkeypatch.setattr(sample, "fid_job", lambda *args: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))))
+    with pytest.raises(SystemExit):
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1,
+             "--num-fid-samples", 2, "--batch-size", 2, "--sample-dir", tmp_path / "new", *FAST])
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write {tmp_path / 'new'} (No space left on device): nothing was written yet: make room (or "
+        f"make the folder writable) and run the same command again to finish")
