@@ -1356,6 +1356,19 @@ def data_job_settings(setup: Setup, x) -> dict:
 FAILED = re.compile(r"failed-rank-(\d+)\.txt")  # BatchParts.failed's word
 
 
+def batches_kept(folder: str, batches: int | None = None) -> str:
+    """What OUT.parts keeps, for the line of a failed write: "the 3 batches written are kept in
+    OUT.parts", or "nothing was written yet" (batches: only those of the job's first `batches` count)."""
+    try:
+        present = os.listdir(folder)
+    except OSError:
+        present = []
+    count = sum(1 for name in present
+                if re.fullmatch(r"\d{6}\.pt", name) and (batches is None or int(name[:6]) < batches))
+    said = written_kept(count, "batch", "batches")
+    return f"{said} in {folder}" if count else said
+
+
 class BatchParts:
     """The per-batch results of --likelihood or --reverse, kept as they come in OUT.parts/: one file
     per batch, each written whole (atomically), beside settings.json, the settings that made them.
@@ -1406,15 +1419,7 @@ class BatchParts:
         return result
 
     def kept(self) -> str:
-        """What the folder keeps, for the line of a failed write: "the 3 batches written are kept in
-        OUT.parts", or "nothing was written yet"."""
-        try:
-            present = set(os.listdir(self.folder))
-            count = sum(self.name(k) in present for k in range(self.batches))
-        except OSError:
-            count = 0
-        said = written_kept(count, "batch", "batches")
-        return f"{said} in {self.folder}" if count else said
+        return batches_kept(self.folder, self.batches)
 
     def read(self, every: bool = False) -> list[torch.Tensor]:
         """The results of the batches in the folder now, in batch order (`every`: all must be there)."""
@@ -1814,7 +1819,8 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         except OSError as err:  # a write refused that its job does not name (settings.json's record brought up
             if err.errno not in WRITE_REFUSED:  # to date, say): an error of another kind may be a read's
                 raise
-            kept = ("" if args.job == "grid" else "the batches computed are kept" if args.job != "fid"
+            kept = ("" if args.job == "grid" or (args.job != "fid" and args.out is None)
+                    else batches_kept(f"{args.out}.parts") if args.job != "fid"
                     else written_kept(images_in(fid_folder(args, setup.info["model"])), "image"))
             again = "run it again" if args.job == "grid" else "run the same command again to finish"
             raise write_failed(err.filename or args.out or args.sample_dir, err, kept, again) from None

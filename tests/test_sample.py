@@ -2083,6 +2083,31 @@ def test_a_refused_write_its_job_does_not_name_says_how_many_images_are_kept(fil
         f"make room (or make the folder writable) and run the same command again to finish")
 
 
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_a_refused_write_a_batch_job_does_not_name_says_how_many_batches_are_kept(files, tmp_path, capsys,
+                                                                                 monkeypatch, job):
+    """--likelihood / --reverse: a refused write reaching run_job's own line said that "the batches computed
+    are kept" whether there were any or not: it counts those in OUT.parts, as a batch's own write does."""
+    torch.save(torch.rand(4, 3, 8, 8) * 2 - 1, tmp_path / "x.pt")
+    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
+            "--sampling-method", "euler", "--num-sampling-steps", 1, "--out", out, *FAST]
+    settings = f"{out}.parts/settings.json"
+    refused = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), settings)
+    monkeypatch.setattr(sample, "run_likelihood" if job == "--likelihood" else "run_reverse",
+                        lambda setup: (_ for _ in ()).throw(refused))
+    for batches, kept in ((0, "nothing was written yet"), (1, f"the 1 batch written is kept in {out}.parts")):
+        if batches:
+            torch.save(torch.zeros(2), f"{out}.parts/000000.pt")
+        with pytest.raises(SystemExit) as exit_info:
+            run(argv)
+        assert exit_info.value.code == 2
+        assert one_line_error(capsys) == (f"error: cannot write {settings} (No space left on device): {kept}: make "
+                                          f"room (or make the folder writable) and run the same command again to "
+                                          f"finish")
+        os.makedirs(f"{out}.parts", exist_ok=True)
+
+
 def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
     """sample.py's FID job writes into --sample-dir itself and sample_ddp.py's into a run folder in it,
     both samples/ by default: the second of the two says its images lie among the first's."""
