@@ -385,10 +385,12 @@ class ModelForwards:
     the model's matmul weights in that dtype (SiT.cast_matmul_weights_: the same results, no cast
     of every weight on every call; the model is then for these forwards only); compile wraps each
     forward in torch.compile (with compile_backend), its compilations counted apart from other
-    ModelForwards' against Dynamo's recompile limit (what each compiled stays in memory, as for
-    SiT.compile_blocks); cuda_graphs replays each from a CUDA graph (CUDA only). The model's
-    frozen adaLN weights are concatenated once and reused (SiT.reuse_frozen_modulation, which stays
-    set on the model: weights written into it later through `.data` are not seen until it is unset).
+    ModelForwards' against Dynamo's recompile limit (what was compiled is freed with the forwards,
+    as SiT.compile_blocks' with the model, but for what torch keeps of every compilation: its guards
+    and generated source, under 1 MB for a small model); cuda_graphs replays each from a CUDA graph
+    (CUDA only). The model's frozen adaLN weights are concatenated once and reused
+    (SiT.reuse_frozen_modulation, which stays set on the model: weights written into it later
+    through `.data` are not seen until it is unset).
     """
 
     def __init__(self, model: SiT, *, cfg_scale: float = 1.0, cfg_channels: int | str = 3,

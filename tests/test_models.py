@@ -1,4 +1,5 @@
 """The SiT model: upstream maths, upstream state_dict, attention backends."""
+import inspect
 import logging
 import math
 import os
@@ -906,7 +907,7 @@ def test_compiled_block_steps_of_many_models_do_not_share_a_recompile_limit():
     """Each compile_blocks model counts its own recompilations: five models, each compiled for a
     training step and a no-grad call (two entries each), exceed Dynamo's limit of 8 per code object
     if they share one, which fullgraph=True turns into a hard failure. A model dropped after its
-    compilation is freed, weights and all: what Dynamo keeps for it is the compiled code alone."""
+    compilation is freed, weights and all."""
     import gc
     import weakref
 
@@ -925,6 +926,64 @@ def test_compiled_block_steps_of_many_models_do_not_share_a_recompile_limit():
     del model
     gc.collect()
     assert [weight() is None for weight in weights] == [True] * 5
+
+
+def _recording_backend(graphs: list):
+    """A Dynamo backend that runs each graph as it is and keeps a weak reference to it in `graphs`."""
+    import weakref
+
+    def backend(gm, example_inputs):
+        graphs.append(weakref.ref(gm))
+        return gm.forward
+
+    return backend
+
+
+def test_what_was_compiled_for_dropped_sampling_forwards_is_freed():
+    """The graphs Dynamo compiled for a ModelForwards(compile=True), and the globals it put into
+    sit_fast.sampling to call them, are freed with it: Dynamo's map from the code it compiled to the
+    code it compiled it from, which that code's cache entries hold, is a cycle the garbage collector
+    does not see, and kept them for good (a sweep over models or scales in one process, each one's)."""
+    import gc
+
+    import sit_fast.sampling as sampling
+    from sit_fast.sampling import ModelForwards
+
+    graphs, names = [], set(vars(sampling))  # Dynamo's names for the modules it imports stay: one per module
+    model = randomize_(tiny_sit()).eval().requires_grad_(False)
+    x, t, y = inputs(model)
+    forwards = ModelForwards(model, cfg_scale=2.0, compile=True, compile_backend=_recording_backend(graphs))
+    with torch.no_grad():
+        forwards.conditional(x, t, y)
+        forwards.guided(x, t, forwards.label_pair(y))
+    assert len(graphs) == 2 and set(vars(sampling)) > names
+    del model, forwards
+    gc.collect()
+    assert [graph() is None for graph in graphs] == [True, True]
+    assert not [name for name in set(vars(sampling)) - names if not inspect.ismodule(vars(sampling)[name])]
+
+
+def test_what_was_compiled_for_a_dropped_model_s_blocks_is_freed():
+    """compile_blocks' graphs (a training step's and a no-grad call's), and the globals Dynamo put into
+    sit_fast.models to call them, are freed with the model (and its EMA copy, which shares them)."""
+    import copy
+    import gc
+
+    graphs, names = [], set(vars(models))
+    model = randomize_(tiny_sit()).compile_blocks(backend=_recording_backend(graphs))
+    ema = copy.deepcopy(model).requires_grad_(False)
+    x, t, y = inputs(model)
+    model(x, t, y).square().mean().backward()
+    with torch.no_grad():
+        ema(x, t, y)
+    assert len(graphs) == 2 and set(vars(models)) > names
+    del model
+    gc.collect()
+    assert [graph() is None for graph in graphs] == [False, False]  # the EMA copy's still
+    del ema
+    gc.collect()
+    assert [graph() is None for graph in graphs] == [True, True]
+    assert not [name for name in set(vars(models)) - names if not inspect.ismodule(vars(models)[name])]
 
 
 def test_an_eager_call_does_not_make_the_compiled_model_compile_again(monkeypatch):
