@@ -1358,13 +1358,16 @@ FAILED = re.compile(r"failed-rank-(\d+)\.txt")  # BatchParts.failed's word
 
 def batches_kept(folder: str, batches: int | None = None) -> str:
     """What OUT.parts keeps, for the line of a failed write: "the 3 batches written are kept in
-    OUT.parts", or "nothing was written yet" (batches: only those of the job's first `batches` count)."""
+    OUT.parts", "nothing was written yet", or, where the folder cannot be listed, nothing (batches: only
+    those of the job's first `batches` count)."""
     try:
         present = os.listdir(folder)
-    except OSError:
+    except FileNotFoundError:
         present = []
+    except OSError:
+        return ""
     count = sum(1 for name in present
-                if re.fullmatch(r"\d{6}\.pt", name) and (batches is None or int(name[:6]) < batches))
+                if re.fullmatch(r"\d{6,}\.pt", name) and (batches is None or int(name[:-3]) < batches))
     said = written_kept(count, "batch", "batches")
     return f"{said} in {folder}" if count else said
 
@@ -1819,11 +1822,12 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         except OSError as err:  # a write refused that its job does not name (settings.json's record brought up
             if err.errno not in WRITE_REFUSED:  # to date, say): an error of another kind may be a read's
                 raise
-            kept = ("" if args.job == "grid" or (args.job != "fid" and args.out is None)
-                    else batches_kept(f"{args.out}.parts") if args.job != "fid"
+            out = output_file(args)
+            kept = ("" if args.job == "grid" or (args.job != "fid" and out is None)
+                    else batches_kept(f"{out}.parts") if args.job != "fid"
                     else written_kept(images_in(fid_folder(args, setup.info["model"])), "image"))
             again = "run it again" if args.job == "grid" else "run the same command again to finish"
-            raise write_failed(err.filename or args.out or args.sample_dir, err, kept, again) from None
+            raise write_failed(err.filename or out or args.sample_dir, err, kept, again) from None
     except UserError:
         raise
     except Exception as err:  # noqa: BLE001 -- out of memory only (also wrapped by torch.compile), or a peer's end

@@ -28,7 +28,7 @@ def hidden_name(name: str, suffix: str) -> str:
 
 
 def refusal(err: OSError) -> str:
-    """Why a write failed, for a message: the filesystem's own words; for a file grown past a size limit,
+    """Why a write (or a read) failed, for a message: the filesystem's own words; for a file grown past a size limit,
     which limits there are ("File too large" alone says neither); for an error that is not a refusal (not
     of WRITE_REFUSED: a failing disk's EIO, say), its errno's name too."""
     said = err.strerror or (os.strerror(err.errno) if err.errno is not None else str(err))

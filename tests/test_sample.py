@@ -2087,11 +2087,14 @@ def test_a_refused_write_its_job_does_not_name_says_how_many_images_are_kept(fil
 def test_a_refused_write_a_batch_job_does_not_name_says_how_many_batches_are_kept(files, tmp_path, capsys,
                                                                                  monkeypatch, job):
     """--likelihood / --reverse: a refused write reaching run_job's own line said that "the batches computed
-    are kept" whether there were any or not: it counts those in OUT.parts, as a batch's own write does."""
+    are kept" whether there were any or not: it counts those in OUT.parts, as a batch's own write does (OUT:
+    --likelihood's --out with the .npz np.savez adds, --reverse's default noise.pt)."""
     torch.save(torch.rand(4, 3, 8, 8) * 2 - 1, tmp_path / "x.pt")
-    out = tmp_path / ("bpd.npz" if job == "--likelihood" else "z.pt")
+    monkeypatch.chdir(tmp_path)
+    out = "bpd.npz" if job == "--likelihood" else "noise.pt"
     argv = ["ODE", job, "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt", "--batch-size", 2,
-            "--sampling-method", "euler", "--num-sampling-steps", 1, "--out", out, *FAST]
+            "--sampling-method", "euler", "--num-sampling-steps", 1, *(["--out", "bpd"] if job == "--likelihood"
+                                                                     else []), *FAST]
     settings = f"{out}.parts/settings.json"
     refused = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), settings)
     monkeypatch.setattr(sample, "run_likelihood" if job == "--likelihood" else "run_reverse",
@@ -2106,6 +2109,22 @@ def test_a_refused_write_a_batch_job_does_not_name_says_how_many_batches_are_kep
                                           f"room (or make the folder writable) and run the same command again to "
                                           f"finish")
         os.makedirs(f"{out}.parts", exist_ok=True)
+
+
+def test_batches_kept_counts_every_batch_file_and_says_nothing_of_a_folder_it_cannot_list(tmp_path, monkeypatch):
+    """A million batches and more have 7-digit names (BatchParts.name), counted too; a folder that cannot be
+    listed is not said to hold none."""
+    parts = tmp_path / "out.npz.parts"
+    parts.mkdir()
+    for name in ("000000.pt", "1000000.pt", "settings.json", ".lock"):
+        (parts / name).write_bytes(b"")
+    assert sample.batches_kept(str(parts)) == f"the 2 batches written are kept in {parts}"
+    assert sample.batches_kept(str(parts), 1) == f"the 1 batch written is kept in {parts}"
+    assert sample.batches_kept(str(tmp_path / "none.parts")) == "nothing was written yet"
+    real = os.listdir
+    monkeypatch.setattr(sample.os, "listdir", lambda path: (_ for _ in ()).throw(
+        OSError(errno.EIO, os.strerror(errno.EIO), path)) if str(path) == str(parts) else real(path))
+    assert sample.batches_kept(str(parts)) == ""
 
 
 def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
