@@ -1132,25 +1132,32 @@ class ImageFiles:
     (a link loop, or a second link to one folder)."""
 
     def __init__(self, path: str, image_size: int, channels: int):
-        from sit_fast.data import IMG_EXTENSIONS, walk_each_folder_once  # the files train.py's --data-path reads
+        from sit_fast.data import IMG_EXTENSIONS, _holds_images, walk_each_folder_once  # as train.py's --data-path
 
         self.path, self.image_size, self.channels = path, image_size, channels
-        names, hidden, repeated = [], [], []
+
+        def shown(folder: str) -> bool:  # not in one of the root's hidden folders, whose files are left out
+            relative = os.path.relpath(folder, path)
+            return relative == os.curdir or not relative.split(os.sep)[0].startswith(".")
+
+        names, hidden, skipped = [], [], []
         try:  # --data itself, said as train.py's --data-path is (a sub-folder's line says to move it out of --data)
             with os.scandir(path):
                 pass
         except OSError as err:
             raise UserError(f"cannot read --data {path} ({refusal(err)}): {read_fix(err)}") from None
-        for folder, files in walk_each_folder_once(path, repeated, set(), "--data"):
+        for folder, files in walk_each_folder_once(path, skipped, set(), "--data", keep=shown):
             relative = os.path.relpath(folder, path)
-            in_hidden = relative != "." and relative.split(os.sep)[0].startswith(".")
             for n in files:
                 if n.lower().endswith(IMG_EXTENSIONS):
                     name = os.path.normpath(os.path.join(relative, n))
-                    (hidden if in_hidden or n.startswith(".") else names).append(name)
+                    (hidden if n.startswith(".") else names).append(name)
+        repeated = [folder for folder in skipped if shown(folder)]
+        # a hidden folder that cannot be read (another user's .Trash-1000) is no error: its images are left out
+        hidden += [os.path.relpath(folder, path) for folder in skipped if not shown(folder) and _holds_images(folder)]
         self.names = sorted(names)
         log = logging.getLogger("sit_fast.sample")
-        for left_out, what in ((sorted(hidden), "hidden file(s) or file(s) in hidden folders"),
+        for left_out, what in ((sorted(hidden), "hidden file(s) or hidden folder(s) holding images"),
                                (repeated, "linked folder(s) reached again (a link loop, or a second link to one "
                                           "folder), whose images are taken once,")):
             if left_out:

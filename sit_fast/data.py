@@ -285,12 +285,16 @@ def walk_each_folder_once(top: str, repeated: list[str], seen: set, flag: str,
     """(folder, file names) for each folder under top, links followed, sorted by path. A folder reached
     again (a link to an ancestor, or a second link to one folder) is walked at its first path only (in
     sorted order), folders whose folder_id is in `seen` (which the walk adds to) not at all, nor those
-    for which keep(path) is false; the paths left out are appended to `repeated`. A folder that cannot
-    be listed (no permission, a failing disk's EIO) is a DataError naming it and `flag` (the option that
-    gave top's root), not a folder left out unsaid (its images would drop out of the dataset)."""
+    for which keep(path) is false (os.walk lists it before: one that cannot be listed is no error); the
+    paths left out are appended to `repeated`. Any other folder that cannot be listed (no permission, a
+    failing disk's EIO) is a DataError naming it and `flag` (the option that gave top's root), not a
+    folder left out unsaid (its images would drop out of the dataset)."""
 
     def unreadable(err: OSError) -> None:
         if err.errno in (errno.ENOENT, errno.ENOTDIR):  # gone meanwhile, as folder_id's None below
+            return
+        if keep is not None and not keep(err.filename):  # left out unlisted, as below had it been listed
+            repeated.append(err.filename)
             return
         raise DataError(f"cannot read the folder {err.filename} ({refusal(err)}), whose images would be left out: "
                         f"{read_fix(err)}, or move it out of {flag}")

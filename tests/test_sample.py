@@ -3151,7 +3151,7 @@ def test_a_data_folder_leaves_out_hidden_files_hidden_folders_and_link_loops_wit
         files = sample.ImageFiles(str(tmp_path), 8, 3)
     assert files.names == ["a.png", os.path.join("sub", "b.png")] and files[:].shape == (2, 8, 8, 3)
     assert [r.getMessage() for r in caplog.records] == [
-        f"--data {tmp_path}: 2 hidden file(s) or file(s) in hidden folders left out ("
+        f"--data {tmp_path}: 2 hidden file(s) or hidden folder(s) holding images left out ("
         "._a.png and more), as train.py's --data-path leaves them",
         f"--data {tmp_path}: 1 linked folder(s) reached again (a link loop, or a second link to one folder), whose "
         f"images are taken once, left out ({tmp_path / 'sub' / 'up'}), as train.py's --data-path leaves them"]
@@ -3177,6 +3177,28 @@ def test_a_data_sub_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path,
         sample.ImageFiles(str(tmp_path), 8, 3)
     assert str(info.value) == (f"cannot read the folder {tmp_path / 'sub'} (Permission denied), whose images would "
                                f"be left out: make it readable, or move it out of --data")
+
+
+def test_a_hidden_data_folder_that_cannot_be_listed_is_left_out_as_its_images_are(tmp_path, monkeypatch, caplog):
+    """A hidden folder of --data's root (another user's .Trash-1000) is not listed, its images being left out
+    anyway: one that cannot be read is no error; the warning names it where it can be seen to hold images."""
+    for name in ("a.png", ".Trash-1000/x.png", ".seen/y.png"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / name)
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == str(tmp_path / ".Trash-1000"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        files = sample.ImageFiles(str(tmp_path), 8, 3)
+    assert files.names == ["a.png"]
+    assert [r.getMessage() for r in caplog.records] == [
+        f"--data {tmp_path}: 1 hidden file(s) or hidden folder(s) holding images left out (.seen), "
+        "as train.py's --data-path leaves them"]
 
 
 def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):

@@ -2053,6 +2053,28 @@ def test_dot_files_and_dot_folders_of_images_are_left_out_with_warnings(tmp_path
     assert f"1 hidden file with an image extension ({os.path.join(root, 'class0', '.thumb.png')}) left" in messages[1]
 
 
+def test_a_hidden_data_path_folder_that_cannot_be_listed_is_no_error(tmp_path, monkeypatch, caplog):
+    """The root's hidden folders are no classes, never walked for images: one that cannot be read (another
+    user's .Trash-1000) is neither an error nor named (whether it holds images cannot be seen)."""
+    from sit_fast.data import find_images
+
+    root = make_image_folder(tmp_path / "data", classes=1, per_class=1)
+    os.makedirs(os.path.join(root, ".Trash-1000"))
+    Image.new("RGB", (4, 4)).save(os.path.join(root, ".Trash-1000", "x.png"))
+    real_scandir = os.scandir
+
+    def scandir(path="."):
+        if os.path.abspath(path) == os.path.join(root, ".Trash-1000"):
+            raise PermissionError(errno.EACCES, "Permission denied", path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING, logger="sit_fast"):
+        samples, classes = find_images(root)
+    assert [os.path.relpath(path, root) for path, _ in samples] == ["class0/0.png"] and classes == ["class0"]
+    assert caplog.records == []
+
+
 def test_image_folder_files_come_sorted_by_name_and_linked_folders_are_followed(tmp_path, monkeypatch):
     """Whatever order the file system lists them in, each folder's files are taken by name; a symbolic
     link to a folder inside a class folder is followed (as torchvision's ImageFolder does)."""
