@@ -889,11 +889,18 @@ def with_own_code(fn: Callable) -> Callable:
     model would make all the models in a process share those 8 (each grad mode, autocast dtype,
     attention backend or batch-shape change takes one), and past them a fullgraph compile fails.
     What Dynamo compiled for the copy is dropped once the copy is collected (forget_compiled)."""
+    if _PENDING_CODE:
+        _forget_pending()
     copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__,
                               fn.__closure__)
     copy.__qualname__, copy.__doc__ = fn.__qualname__, fn.__doc__  # no __wrapped__: nothing leads back to fn
     weakref.finalize(copy, forget_compiled, copy.__code__).atexit = False
     return copy
+
+
+# Codes of collected with_own_code copies whose reset found Dynamo's compile lock held by another thread:
+# reset by the next forget_compiled that takes the lock, or the next with_own_code call.
+_PENDING_CODE: list[types.CodeType] = []
 
 
 def forget_compiled(code: types.CodeType) -> None:
@@ -902,17 +909,36 @@ def forget_compiled(code: types.CodeType) -> None:
     hold in turn, a cycle through the code's extra data that the garbage collector cannot see. So every
     compiled copy's graphs, and the globals Dynamo put into the module to call them, stayed as long as
     the process (1.1 MB of Python objects for SiT-T/4's sampling forward with the eager backend, 1.5 MB
-    with Inductor; what torch keeps of every compilation anyway, its guards among them, stays)."""
+    with Inductor; what torch keeps of every compilation anyway, its guards among them, stays).
+    The garbage collector may call this in any thread (a PNG writer's, a pin-memory one's) while another
+    compiles: the compile lock is not waited for (that thread might hold a lock the compiler needs), the
+    code is kept in _PENDING_CODE for a later call instead."""
     if "torch._dynamo" not in sys.modules:  # nothing was compiled
         return
+    _PENDING_CODE.append(code)
+    _forget_pending()
+
+
+def _forget_pending() -> None:
+    """Reset the codes of _PENDING_CODE, if Dynamo's compile lock is free now (else they stay)."""
     reset_code = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
     reset_code = getattr(reset_code, "reset_code", None)
-    if reset_code is None:
+    convert_frame = sys.modules.get("torch._dynamo.convert_frame")
+    lock = getattr(convert_frame, "compile_lock", None)
+    if reset_code is None or lock is None:  # a torch without them: nothing to reset, or no safe way to
+        _PENDING_CODE.clear()
         return
-    from torch._dynamo import convert_frame
-
-    with convert_frame.compile_lock:  # as torch._dynamo.reset_code_caches clears every code's
-        reset_code(code)
+    if not lock.acquire(blocking=False):  # reset under it, as torch._dynamo.reset_code_caches does; busy: later
+        return
+    try:
+        while _PENDING_CODE:
+            try:
+                code = _PENDING_CODE.pop()
+            except IndexError:  # another thread took the last one meanwhile
+                break
+            reset_code(code)
+    finally:
+        lock.release()
 
 
 class CompiledBlockStep:

@@ -986,6 +986,57 @@ def test_what_was_compiled_for_a_dropped_model_s_blocks_is_freed():
     assert not [name for name in set(vars(models)) - names if not inspect.ismodule(vars(models)[name])]
 
 
+def test_a_dropped_compiled_copy_does_not_wait_for_a_compile_lock_another_thread_holds():
+    """The garbage collector may drop a with_own_code copy in any thread while another compiles: waiting
+    there for Dynamo's compile lock blocked that thread (a deadlock where it held a lock the compiler
+    needs). The code waits in _PENDING_CODE, and the next with_own_code call frees what was compiled."""
+    import gc
+    import threading
+
+    from torch._dynamo import convert_frame
+
+    import sit_fast.sampling as sampling
+    from sit_fast.sampling import ModelForwards
+
+    graphs, names = [], set(vars(sampling))
+    model = randomize_(tiny_sit()).eval().requires_grad_(False)
+    x, t, y = inputs(model)
+    forwards = ModelForwards(model, cfg_scale=2.0, compile=True, compile_backend=_recording_backend(graphs))
+    with torch.no_grad():
+        forwards.conditional(x, t, y)
+    assert len(graphs) == 1 and not getattr(models, "_PENDING_CODE", [])
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with convert_frame.compile_lock:
+            held.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold, daemon=True)
+    holder.start()
+    try:
+        assert held.wait(30)
+        dropped = [model, forwards]  # dropped in the collector's thread: a del here may free them at once
+        del model, forwards
+
+        def drop():
+            dropped.clear()
+            gc.collect()
+
+        collector = threading.Thread(target=drop, daemon=True)
+        collector.start()
+        collector.join(10)
+        assert not collector.is_alive()  # not blocked on the lock
+        assert models._PENDING_CODE and graphs[0]() is not None
+    finally:
+        release.set()
+        holder.join(30)
+    models.with_own_code(lambda: None)
+    gc.collect()
+    assert not models._PENDING_CODE and graphs[0]() is None
+    assert not [name for name in set(vars(sampling)) - names if not inspect.ismodule(vars(sampling)[name])]
+
+
 def test_an_eager_call_does_not_make_the_compiled_model_compile_again(monkeypatch):
     """The attention backend's memo, filled in by an eager call (train.py's sample grid of the EMA model
     between compiled training steps), was read by the compiled code, which was guarded on it."""
