@@ -34,6 +34,7 @@ from sit_fast.sampling import (
     pending_chunks, png_path, settings_differences, to_rgb_uint8,
 )
 from sit_fast.transport import Sampler, create_transport
+from tests.oserrors import fail_listing
 from tests.test_interrupts import signalled_child
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -3165,14 +3166,7 @@ def test_a_data_sub_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path,
     for name in ("a.png", "sub/b.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (8, 8)).save(tmp_path / name)
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.abspath(path) == str(tmp_path / "sub"):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    fail_listing(monkeypatch, tmp_path / "sub", errno.EACCES)
     with pytest.raises(UserError) as info:
         sample.ImageFiles(str(tmp_path), 8, 3)
     assert str(info.value) == (f"cannot read the folder {tmp_path / 'sub'} (Permission denied), whose images would "
@@ -3185,14 +3179,7 @@ def test_a_hidden_data_folder_that_cannot_be_listed_is_left_out_as_its_images_ar
     for name in ("a.png", ".Trash-1000/x.png", ".seen/y.png"):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         Image.new("RGB", (8, 8)).save(tmp_path / name)
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.abspath(path) == str(tmp_path / ".Trash-1000"):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    fail_listing(monkeypatch, tmp_path / ".Trash-1000", errno.EACCES)
     with caplog.at_level(logging.WARNING, logger="sit_fast"):
         files = sample.ImageFiles(str(tmp_path), 8, 3)
     assert files.names == ["a.png"]
@@ -4866,15 +4853,9 @@ def test_a_data_folder_that_cannot_be_listed_itself_is_said_so_with_its_fix(tmp_
     from sit_fast.errors import UserError
 
     Image.new("RGB", (8, 8)).save(tmp_path / "a.png")
-    real_scandir = os.scandir
     for code, said in ((errno.EACCES, "Permission denied): make it readable"),
                        (errno.EIO, "Input/output error, EIO): fix the disk (the system log says what failed)")):
-        def scandir(path=".", code=code):
-            if os.path.abspath(path) == str(tmp_path):
-                raise OSError(code, os.strerror(code), path)
-            return real_scandir(path)
-
-        monkeypatch.setattr(os, "scandir", scandir)
+        fail_listing(monkeypatch, tmp_path, code)
         with pytest.raises(UserError) as info:
             sample.ImageFiles(str(tmp_path), 8, 3)
         assert str(info.value) == f"cannot read --data {tmp_path} ({said}"

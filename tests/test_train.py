@@ -34,6 +34,7 @@ from sit_fast.errors import UserError, cli_entry
 from sit_fast.training import checkpointing
 from sit_fast.training.checkpointing import checkpoint_path, list_checkpoints
 from sit_fast.training.loop import main as train_main
+from tests.oserrors import fail_listing
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The costlier variants of a parametrized case, run with -m slow (make test-all): the default run keeps
@@ -2061,14 +2062,7 @@ def test_a_hidden_data_path_folder_that_cannot_be_listed_is_no_error(tmp_path, m
     root = make_image_folder(tmp_path / "data", classes=1, per_class=1)
     os.makedirs(os.path.join(root, ".Trash-1000"))
     Image.new("RGB", (4, 4)).save(os.path.join(root, ".Trash-1000", "x.png"))
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.abspath(path) == os.path.join(root, ".Trash-1000"):
-            raise PermissionError(errno.EACCES, "Permission denied", path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(os, "scandir", scandir)
+    fail_listing(monkeypatch, os.path.join(root, ".Trash-1000"), errno.EACCES)
     with caplog.at_level(logging.WARNING, logger="sit_fast"):
         samples, classes = find_images(root)
     assert [os.path.relpath(path, root) for path, _ in samples] == ["class0/0.png"] and classes == ["class0"]
@@ -4812,14 +4806,7 @@ def test_latent_cache_reading_from_a_failing_disk_is_one_line(tmp_path, monkeypa
         f"error: cannot read image {failing} (Input/output error, EIO): fix the disk (the system log says what "
         f"failed), or remove or replace it")
     monkeypatch.undo()
-    real_listdir = os.listdir
-
-    def failing_folder(path="."):
-        if os.fspath(path) == out:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return real_listdir(path)
-
-    monkeypatch.setattr(os, "listdir", failing_folder)
+    fail_listing(monkeypatch, out, errno.EIO, "listdir")
     with pytest.raises(SystemExit) as exit_info:
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
     assert exit_info.value.code == 2
@@ -4837,14 +4824,7 @@ def test_latent_cache_reading_refused_is_said_a_read_not_a_write(tmp_path, monke
     save_tiny_vae(vae_dir)
     images = make_image_folder(tmp_path / "images", classes=1, per_class=4)
     out = str(tmp_path / "cache")
-    real_listdir = os.listdir
-
-    def refused_folder(path="."):
-        if os.fspath(path) == out:
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
-        return real_listdir(path)
-
-    monkeypatch.setattr(os, "listdir", refused_folder)
+    fail_listing(monkeypatch, out, errno.EACCES, "listdir")
     with pytest.raises(SystemExit):
         cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
     assert capsys.readouterr().err.startswith(f"error: cannot read {out} (Permission denied): make it readable and ")
@@ -6702,17 +6682,10 @@ def test_the_progress_bar_on_a_terminal_goes_from_the_resumed_step_with_the_log_
 def test_an_unreadable_data_path_is_a_read_error_not_a_write_one(tmp_path, monkeypatch, capsys):
     """The latent cache turns a refused write into "cannot write ..."; a --data-path this user may not
     read (EACCES, as a write refused) is said to be unreadable."""
-    from sit_fast import data, latent_cache
+    from sit_fast import latent_cache
 
     images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.abspath(path) == os.path.abspath(images):  # as for a folder of another user's, mode 700
-            raise PermissionError(13, "Permission denied", path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(data.os, "scandir", scandir)
+    fail_listing(monkeypatch, images, errno.EACCES)
     with pytest.raises(SystemExit):
         latent_cache.main(_cache_args(images, str(tmp_path / "vae"), str(tmp_path / "cache")))
     assert capsys.readouterr().err == f"error: cannot read --data-path {images} (Permission denied): make it readable\n"
@@ -6722,7 +6695,7 @@ def test_a_data_path_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path
     """A class folder (or one under it) that cannot be listed, refused (EACCES) or failing (EIO), was left
     out unsaid by os.walk: its images dropped out of the dataset and of its fingerprint. One line naming
     the folder, why, and what to do; the latent cache, which reads the same list, says the same."""
-    from sit_fast import data, latent_cache
+    from sit_fast import latent_cache
     from sit_fast.data import DataError, find_images
 
     images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
@@ -6730,16 +6703,10 @@ def test_a_data_path_folder_that_cannot_be_listed_is_named_not_left_out(tmp_path
     os.makedirs(nested)
     Image.new("RGB", (20, 20)).save(os.path.join(nested, "x.png"))
     assert len(find_images(images)[0]) == 5
-    real_scandir = os.scandir
     for folder, code, said in ((os.path.join(images, "class1"), errno.EACCES, "Permission denied: make it readable"),
                                (nested, errno.EIO, "Input/output error, EIO: fix the disk (the system log says "
                                                    "what failed)")):
-        def scandir(path=".", folder=folder, code=code):
-            if os.path.abspath(path) == folder:
-                raise OSError(code, os.strerror(code), path)
-            return real_scandir(path)
-
-        monkeypatch.setattr(data.os, "scandir", scandir)
+        fail_listing(monkeypatch, folder, code)
         line = (f"cannot read the folder {folder} ({said.split(': ')[0]}), whose images would be left out: "
                 f"{said.split(': ', 1)[1]}, or move it out of --data-path")
         with pytest.raises(DataError) as info:
@@ -6942,20 +6909,12 @@ def test_every_sample_grid_is_the_emas_in_eval_mode_from_the_same_noise_and_labe
 def test_a_data_path_folder_gone_meanwhile_is_left_out_not_said_unreadable(tmp_path, monkeypatch):
     """A folder removed while the walk lists its parent (ENOENT as it is listed) holds no images to leave out:
     the walk goes on without it, as it does for one whose folder_id is gone."""
-    from sit_fast import data
     from sit_fast.data import find_images
 
     images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
     gone = os.path.join(images, "class0", "gone")
     os.makedirs(gone)
-    real_scandir = os.scandir
-
-    def scandir(path="."):
-        if os.path.abspath(path) == gone:
-            raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), path)
-        return real_scandir(path)
-
-    monkeypatch.setattr(data.os, "scandir", scandir)
+    fail_listing(monkeypatch, gone, errno.ENOENT)
     assert len(find_images(images)[0]) == 4
 
 
@@ -6979,14 +6938,7 @@ def test_latent_cache_whose_out_cannot_be_listed_still_says_what_is_kept_on_a_st
 
     out = str(tmp_path / "cache")
     os.makedirs(out)
-    real_listdir = os.listdir
-
-    def failing(path="."):
-        if os.fspath(path) == out:
-            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
-        return real_listdir(path)
-
-    monkeypatch.setattr(os, "listdir", failing)
+    fail_listing(monkeypatch, out, errno.EIO, "listdir")
     assert latent_cache.shards_kept(out) == ("the shards written are kept", "the rest")
     assert latent_cache.again_words(out).startswith("interrupted again, stopping at once: the shards written are kept ")
     line = latent_cache.write_refused("x", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), out)
