@@ -113,11 +113,6 @@ FID_BATCH_SIZE = 32
 LIKELIHOOD_BATCH_SIZE = 16
 
 PARTS_POLL_S = 2.0  # how often the main process of --likelihood/--reverse looks for the others' batches
-# How long after another process is first seen ended the main process of --likelihood/--reverse still looks for
-# its batches before saying it ended without them: on a network filesystem (NFS) the last file a process of
-# another node renamed into OUT.parts/ just before it exited can be missing from this node's listing for a
-# while (attribute caching, up to about 60 s).
-ENDED_GRACE_S = 90.0
 DEFAULT_OUT = {"grid": "sample.png", "reverse": "noise.pt"}  # --out of the jobs that always write a file
 
 # Defaults of sample.py; sample_ddp.py overrides them with upstream sample_ddp.py's.
@@ -1469,14 +1464,10 @@ class BatchParts:
         """Until every pending batch is in the folder (the main process, after its own, waits so for the
         others' instead of at a barrier, whose timeout a slow batch elsewhere could outlast), the bar
         counting; a UserError if another process left word that it failed, or ended with batches of its
-        own still missing ENDED_GRACE_S after it was first seen ended (killed, on a node whose torchrun
-        then does not stop this one)."""
-        ended, seen_ended = watch_ended(range(1, self.world_size)), {}
+        own missing (killed, on a node whose torchrun then does not stop this one)."""
+        ended = watch_ended(range(1, self.world_size))
         while True:
             gone = ended()  # before the folder is listed: what they wrote before they ended is in the list
-            now = time.monotonic()
-            for rank in gone:
-                seen_ended.setdefault(rank, now)
             present = set(os.listdir(self.folder))
             failures = sorted(name for name in present if FAILED.fullmatch(name))
             if failures:
@@ -1489,10 +1480,8 @@ class BatchParts:
             bar.update(max(0, bar.total - items_in(missing, self.total, self.batch_size) - bar.n))
             if not missing:
                 return
-            # the process of rank r takes the pending batches r, r + world_size, ...; one ended is given
-            # ENDED_GRACE_S for its last batches to be listed (a network filesystem's listing can lag)
-            if lost := [rank for rank in gone if now - seen_ended[rank] >= ENDED_GRACE_S
-                        and set(self.pending[rank::self.world_size]) & set(missing)]:
+            # the process of rank r takes the pending batches r, r + world_size, ...
+            if lost := [rank for rank in gone if set(self.pending[rank::self.world_size]) & set(missing)]:
                 its = "its" if len(lost) == 1 else "their"
                 raise PeerFailed(f"{named(lost)} ended before {its} batches were done ({its} node's torchrun summary "
                                  f"says how); the batches finished are kept in {self.folder}: run the same command "

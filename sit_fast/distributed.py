@@ -289,21 +289,16 @@ ENDED_TAG = 0x5173  # the tag of watch_ended's receives, which no process sends 
 def watch_ended(ranks) -> Callable[[], list[int]]:
     """A watch on the other processes `ranks`, on any node: a function that gives those of them that have ended
     so far (finished, failed or killed), in rank order. Each is watched by a receive from it, on a thread of its
-    own, that no process sends to: gloo ends it with its word of the peer's end (peer_ended). A receive that
-    times out (HOST_TIMEOUT, the peer alive) is posted again, so a peer that ends later is still heard of.
-    Without a process group, none ever ends."""
+    own, that no process sends to: gloo ends it with its word of the peer's end (peer_ended). Without a process
+    group, none ever ends."""
     ended, group = set(), host_group()
 
     def watch(rank: int) -> None:
-        while True:
-            try:
-                dist.irecv(torch.zeros(1), src=rank, group=group, tag=ENDED_TAG).wait()
-            except RuntimeError as err:  # gloo's word of the peer's end, or the wait's timeout (HOST_TIMEOUT)
-                if peer_ended(err):
-                    ended.add(rank)
-                elif re.search(r"timed out", str(err), re.IGNORECASE) and is_distributed():
-                    continue  # the peer alive past HOST_TIMEOUT: watch it on
-            return
+        try:
+            dist.irecv(torch.zeros(1), src=rank, group=group, tag=ENDED_TAG).wait()
+        except RuntimeError as err:  # gloo's word of the peer's end, or the wait's timeout (HOST_TIMEOUT)
+            if peer_ended(err):
+                ended.add(rank)
 
     if is_distributed():
         for rank in ranks:

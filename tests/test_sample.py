@@ -4191,8 +4191,7 @@ def _killed_on_another_node_worker(rank: int, port: int, root: str) -> None:
             raise TimeoutError("rank 0 polled on for rank 1's batch")
         real_time.sleep(seconds)
 
-    sample.PARTS_POLL_S, sample.ENDED_GRACE_S = 0.05, 0.5
-    sample.time = types.SimpleNamespace(sleep=sleep, monotonic=real_time.monotonic)
+    sample.PARTS_POLL_S, sample.time = 0.05, types.SimpleNamespace(sleep=sleep)
     try:
         parts.wait(types.SimpleNamespace(total=4, n=0, update=lambda count: None))
         outcome = "waited to the end"
@@ -4220,45 +4219,6 @@ def test_the_main_process_hears_that_a_process_of_another_node_was_killed(tmp_pa
         f"PeerFailed: rank 1 (on {socket.gethostname()}) ended before its batches were done (its node's torchrun "
         f"summary says how); the batches finished are kept in {tmp_path}/bpd.npz.parts: run the same command again "
         f"to compute the rest")
-
-
-def test_the_main_process_gives_a_process_seen_ended_a_grace_for_its_last_batch(tmp_path, monkeypatch):
-    """On a network filesystem another node's last batch, renamed into OUT.parts/ just before its process
-    exited, can be listed late: rank 0 says that process ended without its batches only if they are still
-    missing ENDED_GRACE_S after it was first seen ended."""
-    import threading
-    import time
-    import types
-
-    from sit_fast.distributed import DistInfo
-    from sit_fast.errors import PeerFailed
-
-    monkeypatch.setattr(sample, "PARTS_POLL_S", 0.05)
-    from sit_fast import distributed
-
-    monkeypatch.setattr(sample, "watch_ended", lambda ranks: lambda: [1])  # rank 1 seen ended from the start
-    monkeypatch.setattr(distributed, "_joined", [("n0", "a", 0, 1), ("n1", "b", 0, 2)])  # as init_distributed
-    two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
-    bar = types.SimpleNamespace(total=4, n=0, update=lambda count: None)
-    parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=4, batch_size=2, dist=two)
-    assert parts.pending == [0, 1]
-    parts.write(0, torch.zeros(2))
-    monkeypatch.setattr(sample, "ENDED_GRACE_S", 5.0)
-    late = threading.Timer(0.3, parts.write, args=(1, torch.ones(2)))  # rank 1's batch, listed late
-    late.start()
-    parts.wait(bar)
-    late.join()
-    assert [r.tolist() for r in parts.read(every=True)] == [[0.0, 0.0], [1.0, 1.0]]
-
-    FolderLock.release_all()
-    parts = sample.BatchParts(str(tmp_path / "y.pt"), {"seed": 0}, total=4, batch_size=2, dist=two)
-    parts.write(0, torch.zeros(2))  # rank 1's batch never comes
-    monkeypatch.setattr(sample, "ENDED_GRACE_S", 0.3)
-    start = time.monotonic()
-    with pytest.raises(PeerFailed) as error:
-        parts.wait(bar)
-    assert time.monotonic() - start >= 0.3
-    assert str(error.value).startswith("rank 1 (on b) ended before its batches were done (its node's torchrun")
 
 
 def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
