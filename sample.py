@@ -79,8 +79,7 @@ from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, posi
 from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config, weights_only_refusal
 from sit_fast.distributed import (
     DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
-    local_path_on_main_first, named, on_main, peer_ended, peer_failed, speaks_for, stop_words, unlike_rank_0,
-    watch_ended,
+    local_path_on_main_first, on_main, peer_ended, peer_failed, speaks_for, stop_words, unlike_rank_0,
 )
 from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory,
@@ -1409,7 +1408,7 @@ class BatchParts:
             return left, note is not None
 
         self.pending, self.other_arithmetic = on_main(pending, dist)
-        self.arithmetic, self.world_size = arithmetic, dist.world_size
+        self.arithmetic = arithmetic
         check_shared_path(self.folder, f"--out {out}", dist)
 
     @staticmethod
@@ -1463,11 +1462,8 @@ class BatchParts:
     def wait(self, bar) -> None:
         """Until every pending batch is in the folder (the main process, after its own, waits so for the
         others' instead of at a barrier, whose timeout a slow batch elsewhere could outlast), the bar
-        counting; a UserError if another process left word that it failed, or ended with batches of its
-        own missing (killed, on a node whose torchrun then does not stop this one)."""
-        ended = watch_ended(range(1, self.world_size))
+        counting; a UserError if another process left word that it failed."""
         while True:
-            gone = ended()  # before the folder is listed: what they wrote before they ended is in the list
             present = set(os.listdir(self.folder))
             failures = sorted(name for name in present if FAILED.fullmatch(name))
             if failures:
@@ -1480,12 +1476,6 @@ class BatchParts:
             bar.update(max(0, bar.total - items_in(missing, self.total, self.batch_size) - bar.n))
             if not missing:
                 return
-            # the process of rank r takes the pending batches r, r + world_size, ...
-            if lost := [rank for rank in gone if set(self.pending[rank::self.world_size]) & set(missing)]:
-                its = "its" if len(lost) == 1 else "their"
-                raise PeerFailed(f"{named(lost)} ended before {its} batches were done ({its} node's torchrun summary "
-                                 f"says how); the batches finished are kept in {self.folder}: run the same command "
-                                 f"again to compute the rest")
             time.sleep(PARTS_POLL_S)
 
     def remove(self) -> None:

@@ -20,7 +20,6 @@ import socket
 import threading
 import time
 import zipfile
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -174,7 +173,7 @@ def peer_failed(err: BaseException, when: str = "",
     with stop_signals_noted() as noted:
         while not (ended := ended_here()) and not noted and time.monotonic() < deadline:
             time.sleep(0.05)
-    who = named(ended) if ended else "another process of the job"
+    who = _named(ended) if ended else "another process of the job"
     failed = PeerFailed(f"{who} ended{when} ({peer_ended_words(err)}); {then}")
     failed.stop_noted = bool(noted)
     return failed
@@ -207,7 +206,7 @@ def ended_here() -> list[int]:
             if where == node and rank != _rank and _process_ended(pid)]
 
 
-def named(ranks: list[int]) -> str:
+def _named(ranks: list[int]) -> str:
     """"rank 0 (on a)", "ranks 0-1 (on a)": the ranks with their host names, as joined."""
     return _which([(rank, _joined[rank][1]) for rank in ranks])
 
@@ -280,30 +279,7 @@ def stop_words(err: KeyboardInterrupt, info: DistInfo | None = None, per_node: b
         return what_stopped(err)
     # the process spoken for alone: one of lower rank on the node may have ended its work normally (the
     # --likelihood ranks but the main one leave as soon as their batches are done)
-    return f"{named(ended[:1])} ended (its node's torchrun summary says how), and the others were {what_stopped(err)}"
-
-
-ENDED_TAG = 0x5173  # the tag of watch_ended's receives, which no process sends with
-
-
-def watch_ended(ranks) -> Callable[[], list[int]]:
-    """A watch on the other processes `ranks`, on any node: a function that gives those of them that have ended
-    so far (finished, failed or killed), in rank order. Each is watched by a receive from it, on a thread of its
-    own, that no process sends to: gloo ends it with its word of the peer's end (peer_ended). Without a process
-    group, none ever ends."""
-    ended, group = set(), host_group()
-
-    def watch(rank: int) -> None:
-        try:
-            dist.irecv(torch.zeros(1), src=rank, group=group, tag=ENDED_TAG).wait()
-        except RuntimeError as err:  # gloo's word of the peer's end, or the wait's timeout (HOST_TIMEOUT)
-            if peer_ended(err):
-                ended.add(rank)
-
-    if is_distributed():
-        for rank in ranks:
-            threading.Thread(target=watch, args=(rank,), daemon=True).start()
-    return lambda: sorted(ended)
+    return f"{_named(ended[:1])} ended (its node's torchrun summary says how), and the others were {what_stopped(err)}"
 
 
 def on_main(fn, info: DistInfo):

@@ -15,7 +15,6 @@ import signal
 import socket
 import subprocess
 import sys
-import types
 import urllib.error
 from pathlib import Path
 
@@ -4169,56 +4168,6 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
     sample.stopped_word(again, Stopped(signal.SIGTERM), dist[0])  # the main process: no word, it waits for none
     sample.stopped_word(again, None, dist[3])  # not stopped: no word
     assert sorted(os.listdir(again.folder)) == [".lock", "failed-rank-3.txt", "settings.json"]
-
-
-def _killed_on_another_node_worker(rank: int, port: int, root: str) -> None:
-    """--likelihood's batches shared by rank 0 (node 0) and rank 1 (node 1), which is killed before its batch:
-    rank 0's outcome into ROOT/rank0.txt (its wait's polls bounded: a hung wait is said as such)."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK="0", GROUP_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
-    from sit_fast.distributed import cleanup, init_distributed
-
-    info = init_distributed()
-    parts = sample.BatchParts(os.path.join(root, "bpd.npz"), {"seed": 0}, total=4, batch_size=2, dist=info)
-    if rank == 1:  # on a node of its own: its torchrun does not stop rank 0
-        os.kill(os.getpid(), signal.SIGKILL)
-    parts.write(0, torch.zeros(2))
-    real_time, polls = sample.time, []
-
-    def sleep(seconds):
-        polls.append(seconds)
-        if len(polls) > 200:
-            raise TimeoutError("rank 0 polled on for rank 1's batch")
-        real_time.sleep(seconds)
-
-    sample.PARTS_POLL_S, sample.time = 0.05, types.SimpleNamespace(sleep=sleep)
-    try:
-        parts.wait(types.SimpleNamespace(total=4, n=0, update=lambda count: None))
-        outcome = "waited to the end"
-    except Exception as err:  # noqa: BLE001 -- the outcome, for the test
-        outcome = f"{type(err).__name__}: {err}"
-    finally:
-        cleanup()
-    with open(os.path.join(root, "rank0.txt"), "w") as f:
-        f.write(outcome)
-
-
-def test_the_main_process_hears_that_a_process_of_another_node_was_killed(tmp_path):
-    """A process of another node killed (SIGKILL: no word left, and its node's torchrun does not stop rank 0):
-    rank 0, waiting for its batches, says so in one line rather than poll for ever."""
-    import torch.multiprocessing as mp
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    context = mp.start_processes(_killed_on_another_node_worker, args=(port, str(tmp_path)), nprocs=2, join=False)
-    for process in context.processes:
-        process.join(120)
-    assert [process.exitcode for process in context.processes] == [0, -signal.SIGKILL]
-    assert (tmp_path / "rank0.txt").read_text() == (
-        f"PeerFailed: rank 1 (on {socket.gethostname()}) ended before its batches were done (its node's torchrun "
-        f"summary says how); the batches finished are kept in {tmp_path}/bpd.npz.parts: run the same command again "
-        f"to compute the rest")
 
 
 def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
