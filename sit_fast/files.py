@@ -55,10 +55,15 @@ def write_failed(path: str, err: OSError, kept: str, again: str) -> UserError:
     "nothing was written yet"; "" for nothing to say), what to do (make_room), then `again` ("run the
     same command again"). An OSError without an errno (not the OS's word: a library's own) is raised
     itself, as a fault of the program."""
+    return _failed("write", path, err, kept, make_room, again)
+
+
+def _failed(verb: str, path: str, err: OSError, kept: str, fix, again: str) -> UserError:
+    """write_failed's and read_failed's line: "cannot VERB PATH (why): KEPT: FIX and AGAIN" (fix: the
+    function that says it for err); err itself raised where it has no errno."""
     if err.errno is None:
         raise err
-    return UserError(f"cannot write {path} ({refusal(err)}): {f'{kept}: ' if kept else ''}{make_room(err)} and "
-                     f"{again}")
+    return UserError(f"cannot {verb} {path} ({refusal(err)}): {f'{kept}: ' if kept else ''}{fix(err)} and {again}")
 
 
 def read_fix(err: OSError) -> str:
@@ -75,9 +80,7 @@ def read_failed(path: str, err: OSError, kept: str, again: str) -> UserError:
     """The one line for an input that could not be read (write_failed's for a read): the file, why
     (refusal), what is kept (`kept`; "" for nothing to say), what to do (read_fix), then `again`. An
     OSError without an errno (a library's own) is raised itself, as a fault of the program."""
-    if err.errno is None:
-        raise err
-    return UserError(f"cannot read {path} ({refusal(err)}): {f'{kept}: ' if kept else ''}{read_fix(err)} and {again}")
+    return _failed("read", path, err, kept, read_fix, again)
 
 
 def written_kept(count: int, noun: str, nouns: str | None = None) -> str:
