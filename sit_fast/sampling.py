@@ -386,8 +386,8 @@ class ModelForwards:
     of every weight on every call; the model is then for these forwards only); compile wraps each
     forward in torch.compile (with compile_backend), its compilations counted apart from other
     ModelForwards' against Dynamo's recompile limit (what was compiled is freed with the forwards,
-    as SiT.compile_blocks' with the model, but for what torch keeps of every compilation: its guards
-    and generated source, under 1 MB for a small model); cuda_graphs replays each from a CUDA graph
+    as SiT.compile_blocks' with the model, but for what torch keeps of every compilation: its guards,
+    generated source and code caches, some MB each); cuda_graphs replays each from a CUDA graph
     (CUDA only). The model's frozen adaLN weights are concatenated once and reused
     (SiT.reuse_frozen_modulation, which stays set on the model: weights written into it later
     through `.data` are not seen until it is unset).
