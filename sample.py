@@ -295,7 +295,9 @@ def resolve_args(args: argparse.Namespace) -> argparse.Namespace:
     for flag, value in (("--cfg-interval", args.cfg_interval), ("--cfg-channels", args.cfg_channels)):
         if value is not None and args.cfg_scale == 1.0:  # no unconditional pass: nothing to guide
             job = "--num-fid-samples" if args.job == "fid" else f"--{args.job}"
-            default = "" if scale_given else f" (the default of {job})"
+            owner = ("sample_ddp.py's default" if getattr(args, "prog", None) == "sample_ddp.py"  # its only job
+                     else f"the default of {job}")
+            default = "" if scale_given else f" ({owner})"
             fix = "drop it" if args.job in ("likelihood", "reverse") else "drop it, or pass a --cfg-scale other than 1"
             raise UserError(f"{flag} has no effect with --cfg-scale 1{default}: {fix}")
     if args.cfg_interval is not None:

@@ -4595,6 +4595,16 @@ def test_cfg_channels_and_cfg_interval_without_guidance_are_refused():
     assert sample.resolve_args(parse(["ODE", "--cfg-channels", "all"])).cfg_channels == "all"  # a grid: 4.0
 
 
+@pytest.mark.parametrize("given", [[], ["--num-fid-samples", "8"]])
+@pytest.mark.parametrize("flag,values", [("--cfg-channels", ["all"]), ("--cfg-interval", ["0.2", "0.5"])])
+def test_sample_ddp_names_its_own_default_cfg_scale(flag, values, given, capsys):
+    """sample_ddp.py's --cfg-scale 1 is its own default (its --num-fid-samples need not be typed)."""
+    with pytest.raises(SystemExit):
+        sample.main(["ODE", flag, *values, *given], defaults=sample.SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")
+    assert one_line_error(capsys) == (f"error: {flag} has no effect with --cfg-scale 1 (sample_ddp.py's default): "
+                                      f"drop it, or pass a --cfg-scale other than 1")
+
+
 @pytest.mark.parametrize("argv,needle", [
     (["--likelihood", "--reverse", "--data", "x.pt"], "--likelihood and --reverse are two jobs: pass one"),
     (["--likelihood", "--data", "x.pt", "--num-fid-samples", "4"],
