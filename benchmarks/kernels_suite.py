@@ -780,6 +780,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--device cuda but torch sees no CUDA device")
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton) are imported in run()
+    else:
+        from kernels import interpreter_requested  # the variable is the user's: triton may import
+
+        if interpreter_requested():  # the interpreter's times would be recorded as the CUDA kernels'
+            parser.error(f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} would run the CUDA kernels in the "
+                         f"interpreter; unset it")
     for record in run(device, cli.size or ("full" if device == "cuda" else "tiny")):
         print(json.dumps(record))
     return 0

@@ -439,10 +439,10 @@ def test_the_kernel_suite_alone_defaults_as_python_m_benchmarks(monkeypatch, cap
 
     calls = []
     monkeypatch.setattr(kernels_suite, "run", lambda device, size: calls.append((device, size)) or [{"op": 1}])
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # as main() sets it for the cpu, undone after the test
     for cuda, argv, expected in ((True, [], ("cuda", "full")), (True, ["--size", "tiny"], ("cuda", "tiny")),
                                  (False, [], ("cpu", "tiny")), (False, ["--size", "full"], ("cpu", "full")),
                                  (True, ["--device", "cpu"], ("cpu", "tiny"))):
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # main() sets it for the cpu; undone after the test
         monkeypatch.setattr(torch.cuda, "is_available", lambda cuda=cuda: cuda)
         assert kernels_suite.main(argv) == 0
         assert calls.pop() == expected and capsys.readouterr().out == '{"op": 1}\n'
@@ -457,6 +457,30 @@ def test_the_kernel_suite_alone_defaults_as_python_m_benchmarks(monkeypatch, cap
     usage = " ".join(capsys.readouterr().out.split())
     assert "--device {cpu,cuda}" in usage and "default: cuda when available, else cpu" in usage, usage
     assert "Default: full on cuda, tiny on cpu" in usage, usage
+
+
+@pytest.mark.parametrize("value", ["1", "true"])
+def test_the_kernel_suite_alone_refuses_the_interpreter_on_cuda(value, monkeypatch, capsys):
+    """As `python -m benchmarks`: TRITON_INTERPRET on a CUDA device would record the interpreter's times
+    as the kernels'; refused before any run."""
+    import torch
+
+    from benchmarks import kernels_suite
+    from kernels._launch import triton_version
+
+    if value == "true" and triton_version() < (3, 4):
+        pytest.skip("this Triton reads TRITON_INTERPRET=1 only")
+    calls = []
+    monkeypatch.setattr(kernels_suite, "run", lambda device, size: calls.append((device, size)) or [{"op": 1}])
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setenv("TRITON_INTERPRET", value)
+    for argv in ([], ["--device", "cuda"]):
+        with pytest.raises(SystemExit) as info:
+            kernels_suite.main(argv)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and not calls, err
+        assert f"error: TRITON_INTERPRET={value} would run the CUDA kernels in the interpreter; unset it" in err, err
+    assert kernels_suite.main(["--device", "cpu"]) == 0 and calls == [("cpu", "tiny")]
 
 
 @pytest.mark.parametrize("broken", [False, True])
