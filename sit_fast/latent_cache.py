@@ -176,6 +176,14 @@ def refused_read(err: OSError, out: str) -> bool:
         os.path.isdir(path) or not is_inside(path, out))
 
 
+def failed_write(err: OSError, out: str) -> bool:
+    """Whether an OSError, of any errno, came from a write: it names a file in `out` (every write of the build is
+    of a file there; its reads there are listings of `out`, which is a folder, or gone: not a file in it)."""
+    path = err.filename
+    return (path is not None and not os.path.isdir(path) and is_inside(path, out)
+            and os.path.realpath(path) != os.path.realpath(out))
+
+
 def again_words(out: str) -> str:
     """The line of a second Ctrl-C while a stopped build winds down (its workers stopped, its line said)."""
     kept, rest = shards_kept(out)
@@ -478,6 +486,8 @@ def main(argv: list[str] | None = None) -> dict | None:
                 raise write_refused(err.filename or f"in {args.out}", err, args.out) from None
             if err.errno is None or err.filename is None:
                 raise
+            if failed_write(err, args.out):  # not refused: a failing disk's EIO, say, or a file gone meanwhile
+                raise write_refused(err.filename, err, args.out) from None
             kept, rest = shards_left(args.out)
             raise read_failed(err.filename, err, kept, f"run the same command again to encode {rest}") from None
         except (RuntimeError, MemoryError) as err:  # out of memory, or gloo's word at a collective that a

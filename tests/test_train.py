@@ -6965,6 +6965,43 @@ def test_latent_cache_tells_a_refused_read_from_a_refused_write(tmp_path):
     assert not refused(errno.ENOSPC, images / "x.png")
 
 
+def test_latent_cache_write_failing_otherwise_than_refused_is_said_a_write(tmp_path, monkeypatch, capsys):
+    """An error of a write in --out that is no refusal (a failing disk's EIO removing an earlier build's
+    index.json, a file gone meanwhile) was said "cannot read ...": a write, with its fix; --out's own
+    listing, even with --out gone, stays a read."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    images = make_image_folder(tmp_path / "images", classes=1, per_class=2)
+    out = str(tmp_path / "cache")
+    index = os.path.join(out, "index.json")
+    os.makedirs(out)
+    with open(index, "w") as f:  # an earlier build's index, removed before encoding
+        f.write("{}")
+    real_remove = os.remove
+
+    def failing_removal(path):
+        if path == index:
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        return real_remove(path)
+
+    monkeypatch.setattr(os, "remove", failing_removal)
+    with pytest.raises(SystemExit):
+        cli_entry(latent_cache.main)(_cache_args(images, vae_dir, out))
+    assert capsys.readouterr().err == (f"error: cannot write {index} (Input/output error, EIO): no shard was written "
+                                       f"yet: fix the disk (the system log says what failed), or write onto another "
+                                       f"filesystem and run the same command again to encode every image\n")
+
+    def failed(code, path):
+        return latent_cache.failed_write(OSError(code, os.strerror(code), str(path)), out)
+
+    assert failed(errno.ENOENT, index) and failed(errno.EIO, os.path.join(out, ".shard-00000.pt.tmp-1"))
+    assert not failed(errno.EIO, out) and not failed(errno.EIO, images) and not failed(errno.ENOENT, images + "/x")
+    assert not latent_cache.failed_write(OSError(errno.ENOENT, "gone", str(tmp_path / "gone")), str(tmp_path / "gone"))
+
+
 def test_latent_cache_os_error_naming_no_file_is_not_said_a_read_of_none(tmp_path, monkeypatch, capsys):
     """An OS error of no file (no path to name) that is no refused write is raised as it is, not said
     "cannot read None"."""
