@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+from typing import Callable
 
 STOP_SIGNALS = ("SIGTERM", "SIGUSR1", "SIGHUP")
 WORKER_IGNORED = (*STOP_SIGNALS, "SIGINT")  # a terminal's Ctrl-C reaches the data loader workers too
@@ -156,22 +157,23 @@ def stop_signals_noted():
         restore_handlers(previous)
 
 
-_WINDING_DOWN: list[str] = []  # the line of winding_down, while a stopped job finishes what it keeps
+_WINDING_DOWN: list = []  # the line of winding_down (or its function), while a stopped job finishes what it keeps
 _RAISING: list[bool] = []  # one per stop_signals_raise block open in the main thread
 
 
-def winding_down(line: str) -> None:
+def winding_down(line: str | Callable[[], str]) -> None:
     """A job stopped by Ctrl-C or a stop signal (in a stop_signals_raise block) now finishes what it keeps:
     the queued PNGs, the loader's workers, the summary. Until the block ends, the stop signals sent again
     are dropped, and another Ctrl-C ends the process at once: `line` (what is kept, what is left
     unfinished) on stderr, once per machine, and exit status 130, not a KeyboardInterrupt wherever the
     teardown was (its traceback, or a line that says nothing of what is kept). Called again, the line
-    is replaced; outside such a block (a job's parts called on their own), a no-op."""
+    is replaced; outside such a block (a job's parts called on their own), a no-op. A function for `line` is
+    called at the second Ctrl-C (what is kept counted then: another node's processes may write on meanwhile)."""
     if _RAISING:
         _WINDING_DOWN[:] = [line]
 
 
-def _end_at_once(line: str) -> None:
+def _end_at_once(line: str | Callable[[], str]) -> None:
     """A second Ctrl-C while a stopped job winds down: `line`, then exit 130 with no more teardown (a write
     cut short stays under its temporary name, atomic_write's; a folder's lock goes with the process). The
     data loader's workers, which ignore the stop signals, are killed first: left, they would read on for
@@ -185,6 +187,11 @@ def _end_at_once(line: str) -> None:
     with contextlib.suppress(Exception):  # a console that went away, a stream closed
         sys.stdout.flush()
     if os.environ.get("LOCAL_RANK", "0") == "0":  # once per machine; unbuffered, safe mid-print
+        if callable(line):
+            try:
+                line = line()
+            except Exception:  # what is kept could not be told: the exit is not put off for it
+                line = "interrupted again, stopping at once"
         with contextlib.suppress(OSError):
             os.write(2, f"\n{line}\n".encode())
     os._exit(128 + signal.SIGINT)

@@ -329,7 +329,7 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
             if dist_info.is_main:
                 bar.write(f"rank 0: wrote {path} ({count} images)")
     except KeyboardInterrupt:
-        winding_down(again_words(args.out))  # the loader's workers are stopped first
+        winding_down(lambda: again_words(args.out))  # the loader's workers are stopped first
         raise
     finally:
         close_loader(loader)
@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> dict | None:
                 raise
             raise peer_failed(err) from None
         except KeyboardInterrupt as err:  # shards are written whole (atomically), so nothing is half done
-            winding_down(again_words(args.out))
+            winding_down(lambda: again_words(args.out))
             if (said := stop_words(err)) is not None:  # rank 0, or one in its place
                 kept, rest = shards_kept(args.out)
                 print(f"\n{said}; {kept}: run the same command again to encode {rest} into {args.out}",

@@ -4665,6 +4665,49 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
                                f"only the missing shards)")
 
 
+def test_a_second_ctrl_c_counts_the_shards_kept_when_it_comes(tmp_path, monkeypatch, capfd):
+    """The second Ctrl-C's line counts the shards there at that Ctrl-C, one another node's process finished
+    while this one wound down among them, not those there at the first."""
+    from sit_fast import latent_cache
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    load_vae, images, out = latent_cache.load_vae, make_image_folder(tmp_path / "images", classes=1, per_class=4), \
+        str(tmp_path / "cache")
+
+    def interrupting_load_vae(*args, **kwargs):  # Ctrl-C in the second shard's encoder call
+        codec = load_vae(*args, **kwargs)
+        encode, calls = codec.vae.encode, []
+
+        def encode_once(x):
+            calls.append(len(x))
+            if len(calls) > 1:
+                raise KeyboardInterrupt
+            return encode(x)
+
+        codec.vae.encode = encode_once
+        return codec
+
+    class Ended(BaseException):
+        pass
+
+    def teardown(loader):  # a shard finished elsewhere meanwhile, then Ctrl-C again
+        shutil.copy(os.path.join(out, latent_cache.shard_name(0)), os.path.join(out, latent_cache.shard_name(1)))
+        os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(latent_cache, "load_vae", interrupting_load_vae)
+    monkeypatch.setattr(latent_cache, "close_loader", teardown)
+    monkeypatch.setattr(os, "_exit", lambda status: (_ for _ in ()).throw(Ended(status)))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    with pytest.raises(Ended) as ended:
+        latent_cache.main(_cache_args(images, vae_dir, out, "--shard-size", "2", "--batch-size", "4"))
+    assert ended.value.args == (130,)
+    assert capfd.readouterr().err.splitlines()[-1] == (
+        f"interrupted again, stopping at once: the 2 shards written are kept (a shard is written whole or left under "
+        f"a temporary name, which the next run removes): run the same command again to encode the rest into {out}")
+
+
 # Each encoder call "encoding", 1 s; "teardown" as a stopped build stops its loader's workers, 12 s before it does.
 SLOW_CACHE_TEARDOWN = """
 import sys, time
