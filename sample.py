@@ -46,7 +46,10 @@ data). bpd = -log p(x) / (D ln 2), D the number of dimensions of the model's spa
   - float data (.pt / float .npz): taken as model inputs as they are (continuous bpd).
 Noise is never decoded: the ODE runs from the given data. With --out (--reverse always has one),
 each batch's results are written to OUT.parts/ as it finishes, with the settings in settings.json;
-under torchrun the processes take the batches in turn. The same command, with any number of
+under torchrun the processes take the batches in turn, and the main one, which then waits for the
+others' batches, ends with one line (the batches finished kept) where another left word that it
+failed, or gave no heartbeat for 5 minutes (one killed on another node, of which nothing else
+tells it). The same command, with any number of
 processes, computes only the batches not there (batch k's seeds come from (--seed, k)), joins them
 into OUT and removes the folder. A finished likelihood --out is read, not recomputed; --reverse
 does not overwrite an OUT that exists (the noise records no settings). Under --compile or
@@ -78,8 +81,9 @@ import torch
 from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int, random_seed, user_path
 from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config, weights_only_refusal
 from sit_fast.distributed import (
-    DistInfo, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, init_distributed,
-    local_path_on_main_first, on_main, peer_ended, peer_failed, speaks_for, stop_words, unlike_rank_0,
+    DistInfo, Liveness, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, heartbeat,
+    init_distributed, local_path_on_main_first, on_main, peer_ended, peer_failed, speaks_for, stop_words,
+    unlike_rank_0,
 )
 from sit_fast.errors import (
     PeerFailed, UserError, allocation_past_device, cli_entry, first_line, is_out_of_memory,
@@ -1411,6 +1415,7 @@ class BatchParts:
 
         self.pending, self.other_arithmetic = on_main(pending, dist)
         self.arithmetic = arithmetic
+        self.liveness = Liveness(dist)  # the other processes' heartbeats, for the main process's wait
         check_shared_path(self.folder, f"--out {out}", dist)
 
     @staticmethod
@@ -1464,7 +1469,8 @@ class BatchParts:
     def wait(self, bar) -> None:
         """Until every pending batch is in the folder (the main process, after its own, waits so for the
         others' instead of at a barrier, whose timeout a slow batch elsewhere could outlast), the bar
-        counting; a UserError if another process left word that it failed."""
+        counting; a UserError if another process left word that it failed, or ended without one (its
+        heartbeat stopped: Liveness)."""
         while True:
             present = set(os.listdir(self.folder))
             failures = sorted(name for name in present if FAILED.fullmatch(name))
@@ -1478,6 +1484,9 @@ class BatchParts:
             bar.update(max(0, bar.total - items_in(missing, self.total, self.batch_size) - bar.n))
             if not missing:
                 return
+            if (ended := self.liveness.ended()) is not None:
+                raise PeerFailed(f"{ended}; the batches finished are kept in {self.folder}: run the same command "
+                                 f"again to compute the rest")
             time.sleep(PARTS_POLL_S)
 
     def remove(self) -> None:
@@ -1631,8 +1640,10 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
     start = time.perf_counter()
     wait = parts.wait if parts is not None and dist.is_main and dist.world_size > 1 else None
-    with unused_parts_removed(parts, dist):
+    with unused_parts_removed(parts, dist), heartbeat(dist) as done:  # for the main process, waiting
         new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait, parts)
+        if interrupted is None:
+            done()
     elapsed = time.perf_counter() - start
     if not dist.is_main:
         stopped_word(parts, interrupted, dist)
@@ -1719,8 +1730,10 @@ def run_reverse(setup: Setup) -> str:
         return parts.write(index, noise)
 
     wait = parts.wait if dist.is_main and dist.world_size > 1 else None
-    with unused_parts_removed(parts, dist):
+    with unused_parts_removed(parts, dist), heartbeat(dist) as done:  # for the main process, waiting
         _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait, parts)
+        if interrupted is None:
+            done()
     if not dist.is_main:
         stopped_word(parts, interrupted, dist)
         exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, len(x), dist), len(x), dist)

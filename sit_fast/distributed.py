@@ -36,6 +36,9 @@ _host_group = None
 _joined: list[tuple[str, str, int, int]] = []
 _rank = 0
 PEER_SEEN_ENDED_S = 1.0  # how long gloo's word of a peer's end waits for a process of this node to be seen ended
+HEARTBEAT_S = 5.0  # how often a process at work that the main process waits for says so (heartbeat)
+PEER_SILENT_S = 300.0  # how long the main process waits for a heartbeat that has stopped before it takes its end
+_HEARTBEAT, _DONE = "sit_fast/heartbeat/", "sit_fast/done/"  # + a rank: the keys of heartbeat in the group's store
 
 
 @dataclass
@@ -280,6 +283,82 @@ def stop_words(err: KeyboardInterrupt, info: DistInfo | None = None, per_node: b
     # the process spoken for alone: one of lower rank on the node may have ended its work normally (the
     # --likelihood ranks but the main one leave as soon as their batches are done)
     return f"{_named(ended[:1])} ended (its node's torchrun summary says how), and the others were {what_stopped(err)}"
+
+
+def _store():
+    """The default process group's store (torchrun's, at its rendezvous endpoint, or MASTER_ADDR's); None
+    without a group."""
+    return dist.distributed_c10d._get_default_store() if is_distributed() else None
+
+
+@contextlib.contextmanager
+def heartbeat(info: DistInfo):
+    """Within the block, a process other than the main one says it is alive: a daemon thread adds 1 to its
+    rank's count in the process group's store every HEARTBEAT_S, stopped and joined at the block's end. The
+    block gets done(), which leaves a mark that the process finished its share: the main process, waiting for
+    the others' results without a collective (a folder it polls), then takes its silence as no end
+    (Liveness). A process killed on another node (SIGKILL, its node gone) leaves no other word there.
+    A no-op on the main process and without a process group."""
+    store = _store() if info.world_size > 1 and not info.is_main else None
+    if store is None:
+        yield lambda: None
+        return
+    stop = threading.Event()
+
+    def beat():
+        try:
+            while True:
+                store.add(f"{_HEARTBEAT}{info.rank}", 1)
+                if stop.wait(HEARTBEAT_S):
+                    return
+        except RuntimeError:  # the store's host gone: a main process left hears of it from its store (Liveness)
+            return
+
+    thread = threading.Thread(target=beat, name="heartbeat", daemon=True)
+    thread.start()
+
+    def done():
+        with contextlib.suppress(RuntimeError):
+            store.add(f"{_DONE}{info.rank}", 1)
+
+    try:
+        yield done
+    finally:
+        stop.set()
+        thread.join()
+
+
+class Liveness:
+    """What the main process knows of the others' heartbeats, read at each look (ended) of a wait that
+    runs no collective: a process whose count has not moved for PEER_SILENT_S, and that left no mark that it
+    finished (heartbeat's done), is taken as ended; a store that cannot be reached (its host gone) ends the
+    wait too. Without a process group, or on another process, nothing is read and none ends."""
+
+    def __init__(self, info: DistInfo):
+        self.store = _store() if info.world_size > 1 and info.is_main else None
+        self.left = list(range(1, info.world_size)) if self.store is not None else []
+        self.seen: dict[int, tuple[int, float]] = {}  # rank -> (its count, when that count was first read)
+
+    def ended(self) -> str | None:
+        """None while every other process works on or has finished; else what ended, as a PeerFailed
+        begins: "rank 1 (on b) ended without a word (no heartbeat for 300 s: killed, or its node lost?)"."""
+        now, silent = time.monotonic(), []
+        try:
+            for rank in list(self.left):
+                count = self.store.add(f"{_HEARTBEAT}{rank}", 0)  # 0 added: read, made 0 where none is there
+                if self.seen.get(rank, (None,))[0] != count:
+                    self.seen[rank] = (count, now)
+                elif self.store.add(f"{_DONE}{rank}", 0):
+                    self.left.remove(rank)
+                elif now - self.seen[rank][1] >= PEER_SILENT_S:
+                    silent.append(rank)
+        except RuntimeError as err:  # its host (torchrun's on the rendezvous endpoint's node) gone
+            return f"the job's store (torchrun's, on the rendezvous endpoint's node) cannot be reached " \
+                   f"({peer_ended_words(err)})"
+        if not silent:
+            return None
+        who = _named(silent) if _joined else f"rank{'s' if len(silent) > 1 else ''} {', '.join(map(str, silent))}"
+        return f"{who} ended without a word (no heartbeat for {PEER_SILENT_S:g} s: killed, or its node lost?)"
 
 
 def on_main(fn, info: DistInfo):

@@ -778,3 +778,53 @@ def test_each_node_without_rank_0s_file_has_its_own_first_process_fetch_it(monke
         info = DistInfo(rank=rank, world_size=4, local_rank=rank - 2, device=torch.device("cpu"), is_main=False)
         assert distributed.local_path_on_main_first(fetch, info) == cache
         assert fetches == fetched_in, (rank, fetches)
+
+
+def test_the_main_process_takes_a_heartbeat_stopped_without_a_done_mark_as_an_end(monkeypatch):
+    """Liveness, read by rank 0 while it polls for the others' results: a rank whose count in the store has
+    not moved for PEER_SILENT_S is named as ended, unless it left its done mark (heartbeat's done); a count
+    that moves again is alive again; a store that cannot be reached (its host gone) is an end too. The
+    heartbeat's thread is joined at its block's end."""
+    import threading
+
+    import torch.distributed as dist
+
+    from sit_fast import distributed
+    from sit_fast.distributed import DistInfo
+
+    store = dist.HashStore()
+    monkeypatch.setattr(distributed, "_store", lambda: store)
+    monkeypatch.setattr(distributed, "PEER_SILENT_S", 0.2)
+    monkeypatch.setattr(distributed, "HEARTBEAT_S", 0.01)
+    info = {r: DistInfo(rank=r, world_size=3, local_rank=r, device=torch.device("cpu"), is_main=r == 0)
+            for r in range(3)}
+    alive = distributed.Liveness(info[0])
+    with distributed.heartbeat(info[1]) as done:  # rank 1 beats, then finishes its share
+        while store.add("sit_fast/heartbeat/1", 0) < 3:
+            time.sleep(0.01)
+        done()
+    assert "heartbeat" not in [thread.name for thread in threading.enumerate()]
+    with distributed.heartbeat(info[0]) as done:  # the main process: no heartbeat
+        done()
+    assert store.add("sit_fast/heartbeat/0", 0) == 0 and store.add("sit_fast/done/0", 0) == 0
+    assert alive.ended() is None  # the first look
+    time.sleep(0.3)
+    said = "rank 2 ended without a word (no heartbeat for 0.2 s: killed, or its node lost?)"
+    assert alive.ended() == said  # rank 1, silent too, left its done mark
+    store.add("sit_fast/heartbeat/2", 1)
+    assert alive.ended() is None
+    time.sleep(0.3)
+    assert alive.ended() == said
+
+    class Gone:
+        def add(self, key, amount):
+            raise RuntimeError("[../third_party/gloo/tcp/pair.cc:534] Connection reset by peer. This is typical...")
+
+    monkeypatch.setattr(distributed, "_store", lambda: Gone())
+    assert distributed.Liveness(info[0]).ended() == ("the job's store (torchrun's, on the rendezvous endpoint's "
+                                                     "node) cannot be reached (Connection reset by peer)")
+    with distributed.heartbeat(info[1]) as done:  # a rank whose store is gone: its thread ends, quietly
+        done()
+    assert distributed.Liveness(info[0]).left == [1, 2]
+    assert distributed.Liveness(DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
+                                         is_main=True)).ended() is None

@@ -4,6 +4,7 @@ Everything runs a tiny SiT-T/2 on 8 x 8 model inputs: in pixel space (3 channels
 AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved by the fixtures.
 """
 import argparse
+import contextlib
 import errno
 import json
 import logging
@@ -3958,6 +3959,70 @@ def test_likelihood_whose_rank_0_was_killed_is_said_once_from_the_process_left(f
     assert said == [f"rank 0 (on {socket.gethostname()}) ended (its node's torchrun summary says how), and the "
                     f"others were stopped by SIGTERM after {2 * kept} of 40 items"], result.stderr[-3000:]
     assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
+
+
+@pytest.mark.slow
+def test_likelihood_whose_process_on_another_node_was_killed_ends_when_its_heartbeat_stops(files, tmp_path):
+    """Two torchrun launchers (--nnodes=2, one process each; the first holds the store): rank 1 killed
+    (SIGKILL) after its first batch leaves no word on rank 0's node, whose torchrun goes on. Rank 0, waiting
+    for rank 1's batches, takes its stopped heartbeat as its end (after PEER_SILENT_S, short here) and says so
+    in one line, the batches finished kept. Not killed, rank 1, slower than PEER_SILENT_S, is waited for."""
+    from tests.test_train import free_port
+
+    argv, out, saved = data_job("--likelihood", 8, files, tmp_path)
+    script = tmp_path / "two_nodes.py"
+    script.write_text(
+        "import os, signal, sys, time\n"
+        f"sys.path.insert(0, {REPO!r})\n"
+        "import sample\n"
+        "from sit_fast import distributed\n"
+        "distributed.HEARTBEAT_S, distributed.PEER_SILENT_S = 0.2, 5.0\n"
+        "real = sample.BatchParts.write\n"
+        "def write(self, k, result):\n"
+        "    if os.environ['RANK'] == '1' and k == 3:\n"
+        "        time.sleep(7)  # rank 1's last batch outlasts PEER_SILENT_S, its heartbeat going on\n"
+        "    result = real(self, k, result)\n"
+        "    if os.environ['RANK'] == '1' and os.environ.get('KILL_RANK_1'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return result\n"
+        "sample.BatchParts.write = write\n"
+        "sample.main()\n")
+
+    def two_nodes(**env):
+        endpoint = f"--rdzv_endpoint=127.0.0.1:{free_port()}"
+        nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                                   "--rdzv_id=sit", "--rdzv_backend=c10d", endpoint, f"--rdzv_conf=is_host={host}",
+                                   str(script), *map(str, argv)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=REPO,
+                                                      TRITON_INTERPRET="0", TMPDIR=str(tmp_path), **env))
+                 for host in (1, 0)]
+        try:
+            return [(node.communicate(timeout=240), node.returncode) for node in nodes]
+        finally:
+            for node in nodes:  # torchrun stops its process (in a session of its own) on SIGTERM, not on SIGKILL
+                node.terminate()
+            for node in nodes:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    node.wait(timeout=60)
+                node.kill()
+
+    ((stdout, stderr), rc), ((other_out, other_err), other_rc) = two_nodes()
+    assert (rc, other_rc) == (0, 0), stderr[-3000:] + other_err[-3000:]
+    assert stdout.endswith(f"saved per-item bpd to {out}\n") and not stderr and not other_out and not other_err, \
+        (stdout, stderr, other_out, other_err)
+    assert len(saved()) == 8
+    out.unlink()
+    ((stdout, stderr), rc), ((_, other_err), other_rc) = two_nodes(KILL_RANK_1="1")
+    assert rc != 0 and other_rc != 0 and "exitcode  : -9" in other_err, other_err[-3000:]
+    kept = sorted(name for name in os.listdir(f"{out}.parts") if name.endswith(".pt"))
+    assert kept == ["000000.pt", "000001.pt", "000002.pt"], kept
+    lines = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert lines == [f"error: rank 1 (on {socket.gethostname()}) ended without a word (no heartbeat for 5 s: killed, "
+                     f"or its node lost?); the batches finished are kept in {out}.parts: run the same command again "
+                     f"to compute the rest"], stderr[-3000:]
+    # rank 0 ended with its line (exit status 2), no abort; the one traceback is torchrun's own
+    assert "exitcode  : 2 " in stderr and stderr.count("Traceback (most recent call last)") == 1, stderr[-3000:]
+    assert stdout == "4 batches of 2 on 2 processes, taken in turn\n", stdout
 
 
 def test_likelihood_under_torchrun_refuses_a_node_whose_copy_of_the_data_differs(files, tmp_path):
