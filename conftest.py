@@ -51,13 +51,13 @@ def _fresh_seed():
 
 
 # Roughly the seconds each file's tests take in `make test` on 2 cores (`--durations=0`, summed,
-# 2026-12-06; only their order is used). `make test` deals whole files out to its processes in
+# 2026-12-07; only their order is used). `make test` deals whole files out to its processes in
 # collection order (--dist loadfile --no-loadscope-reorder), each process holding two at a time: the
 # longest go first, so that none starts last and runs alone at the end (test_train.py, collected late
 # among them, could: the suite once took 18 minutes where the files' times shared out to 16).
-FILE_SECONDS = {"test_train.py": 405, "test_benchmark_suites.py": 150, "test_fast_path.py": 120,
-                "test_sample.py": 95, "test_kernels.py": 85, "test_benchmarks_dry_run.py": 70,
-                "test_transport.py": 35, "test_distributed.py": 25, "test_upstream_parity.py": 15}
+FILE_SECONDS = {"test_train.py": 620, "test_benchmark_suites.py": 315, "test_sample.py": 220,
+                "test_fast_path.py": 170, "test_kernels.py": 125, "test_benchmarks_dry_run.py": 120,
+                "test_transport.py": 65, "test_distributed.py": 55, "test_models.py": 35, "test_upstream_parity.py": 25}
 
 
 @pytest.hookimpl(trylast=True)  # after the -m/-k deselection, so the shards split what is left

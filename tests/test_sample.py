@@ -1882,6 +1882,7 @@ def test_torchrun_names_the_process_that_failed_in_its_setup_as_the_root_cause(f
     assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
 
 
+@pytest.mark.slow  # --likelihood's case runs by default (test_likelihood_whose_rank_0_was_killed_...)
 def test_fid_job_whose_rank_0_was_killed_says_so_once_from_the_process_left(files, tmp_path):
     """Rank 0 killed (SIGKILL) while sampling: torchrun stops rank 1 (SIGTERM), which, on rank 0's node,
     says in its place, once, that rank 0 ended and the images written are kept (it exited 143 without a
@@ -4025,6 +4026,7 @@ def test_likelihood_whose_process_on_another_node_was_killed_ends_when_its_heart
     assert stdout == "4 batches of 2 on 2 processes, taken in turn\n", stdout
 
 
+@pytest.mark.slow  # the same check in training: test_train.py's test_a_node_whose_copy_of_the_data_differs_is_refused
 def test_likelihood_under_torchrun_refuses_a_node_whose_copy_of_the_data_differs(files, tmp_path):
     """--data read by each process itself (a relative path: each node's own copy): a folder with an image
     fewer, or another .npz, on rank 1 stops every process with one line, before any batch (rank 1's

@@ -76,10 +76,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str) -> None:
+def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir: str,
+                compile_backend: str | None = None) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
+    if compile_backend is not None:  # --compile's torch.compile with another backend than Inductor
+        import functools
+
+        torch.compile = functools.partial(torch.compile, backend=compile_backend)
     from sit_fast.distributed import cleanup, init_distributed
     from sit_fast.training.args import parse_args
     from sit_fast.training.loop import Trainer
@@ -96,10 +101,11 @@ def _ddp_worker(rank: int, world_size: int, port: int, argv: list[str], out_dir:
         cleanup()
 
 
-def run_ddp(argv: list[str], out_dir: str, world_size: int = 2) -> list[dict]:
+def run_ddp(argv: list[str], out_dir: str, world_size: int = 2, compile_backend: str | None = None) -> list[dict]:
     """Train with `world_size` gloo processes; returns each rank's final model and EMA state_dicts."""
     os.makedirs(out_dir, exist_ok=True)
-    mp.spawn(_ddp_worker, args=(world_size, free_port(), argv, out_dir), nprocs=world_size, join=True)
+    mp.spawn(_ddp_worker, args=(world_size, free_port(), argv, out_dir, compile_backend), nprocs=world_size,
+             join=True)
     return [torch.load(os.path.join(out_dir, f"rank{r}.pt"), weights_only=True) for r in range(world_size)]
 
 
@@ -149,6 +155,7 @@ def _node_local_worker(rank: int, port: int, root: str, argv: list[str]) -> None
         f.write(outcome)
 
 
+@pytest.mark.slow  # four runs; test_distributed.py's node-local folder and file checks run by default
 def test_folders_on_each_nodes_own_disk(tmp_path, digits_checkpoint):
     """An experiment folder each node has on its own disk serves a run (rank 0 alone writes there), with
     a warning that resuming needs the checkpoint on every node; a --resume file that differs between
@@ -365,6 +372,7 @@ def test_exact_resume_ddp(ddp_straight):
         assert torch.equal(a["rng"][rank]["torch"], b["rng"][rank]["torch"])
 
 
+@pytest.mark.slow  # two ranks' exact resume is test_exact_resume_ddp
 def test_exact_resume_with_three_ranks_is_bit_for_bit(tmp_path):
     """With 3 ranks the order of a gradient's sum over the ranks shows in its rounding: DDP's bucket layout,
     which it changes after its first backward, is the same in the resumed run's first step as in the straight
@@ -385,14 +393,17 @@ def test_exact_resume_with_three_ranks_is_bit_for_bit(tmp_path):
 
 
 @INTERPRETED
-def test_ddp_with_the_fast_options_keeps_ranks_identical(tmp_path):
-    """2 ranks with --fused-kernels on, --compile (Inductor, with DDP's graph splitting) and
-    --grad-accum-steps 2 (no_sync in the first micro-batch): the run goes through, the ranks agree."""
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_ddp_with_the_fast_options_keeps_ranks_identical(tmp_path, backend):
+    """2 ranks with --fused-kernels on, --compile (with DDP's graph splitting) and --grad-accum-steps 2
+    (no_sync in the first micro-batch): the run goes through, the ranks agree. aot_eager captures and splits
+    the graphs as Inductor would (the kernels' fake and autograd registrations included); Inductor's code
+    generation, in each of the two processes, takes more than a minute here (the slow case)."""
     exp = str(tmp_path / "fast")
     argv = [a for a in BASE if a not in ("--fused-kernels", "off")] + [
         "--fused-kernels", "on", "--compile", "--grad-accum-steps", "2", "--global-batch-size", "8",
         "--max-steps", "3", "--log-every", "1", "--exp-dir", exp]
-    ranks = run_ddp(argv, str(tmp_path / "out"))
+    ranks = run_ddp(argv, str(tmp_path / "out"), compile_backend=backend)
     assert ranks[0]["step"] == ranks[1]["step"] == 3
     assert_ranks_identical(ranks)
     losses = logged_losses(exp)
@@ -1390,6 +1401,7 @@ def test_a_failing_disk_while_writing_a_checkpoint_is_one_line_naming_the_kept_o
     assert os.listdir(os.path.join(exp, "checkpoints")) == ["0000002.pt"]
 
 
+@pytest.mark.slow  # a full disk's checkpoint is test_a_rank_that_fails_ends_every_rank_with_one_line
 def test_a_checkpoint_past_the_file_size_limit_is_one_line_and_the_run_resumes_from_the_last(tmp_path):
     """A checkpoint grown past the process's file size limit (`ulimit -f`, a job scheduler's; a filesystem's,
     FAT32's 4 GiB) fails with EFBIG (Python ignores SIGXFSZ), which was not taken for a write the filesystem
@@ -5236,6 +5248,7 @@ def _rank_0_killed(tmp_path, name: str, body: str) -> str:
     return str(script)
 
 
+@pytest.mark.slow  # training's case runs by default (test_training_whose_rank_0_was_killed_...)
 def test_latent_cache_whose_rank_0_was_killed_says_so_once_from_the_process_left(tmp_path):
     """Rank 0 killed after its first shard: torchrun stops rank 1 (SIGTERM), which says in rank 0's place,
     once, that rank 0 ended and the shards written are kept (it exited 143 without a word)."""
@@ -5945,6 +5958,7 @@ def test_sigterm_to_every_process_spares_the_data_loader_workers(tmp_path):
     assert len(list_checkpoints(os.path.join(exp, "checkpoints"))) == 1
 
 
+@pytest.mark.slow  # Python 3.14's start method; a hangup: test_a_hangup_stops_with_a_checkpoint_unless_...
 def test_sighup_to_every_process_under_forkserver_stops_cleanly(tmp_path):
     """Python 3.14 starts loader workers by forkserver on Linux, and with it multiprocessing's resource
     tracker, another process of the job. A SIGHUP to all of them (a closed terminal) stops the run at
