@@ -7069,3 +7069,26 @@ def test_latent_cache_os_error_naming_no_file_is_not_said_a_read_of_none(tmp_pat
     with pytest.raises(OSError) as raised:
         latent_cache.main(_cache_args(str(tmp_path / "images"), str(tmp_path / "vae"), str(tmp_path / "cache")))
     assert raised.value is own
+
+
+def test_a_failed_run_keeps_the_stop_signals_caught_until_main_ends(tmp_path, monkeypatch):
+    """A run whose step fails (under torchrun, a peer's end, which torchrun follows at once with a SIGTERM to
+    every process) keeps the stop signals caught while main() says why: SIGTERM's default action ended the
+    process that outlived the peer before its line. Ctrl-C's handler is put back as the step loop ends, the
+    stop signals' as main() ends."""
+    from sit_fast.training import loop
+
+    def failing_step(self, batch):
+        raise RuntimeError("a step that fails")
+
+    seen = []
+    real = loop.is_out_of_memory
+    monkeypatch.setattr(loop.Trainer, "train_step", failing_step)
+    monkeypatch.setattr(loop, "is_out_of_memory", lambda err: seen.append(
+        (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))) or real(err))
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    with pytest.raises(RuntimeError, match="a step that fails"):
+        train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "2"])
+    assert len(seen) == 1 and seen[0][0] not in (signal.SIG_DFL, before[0]), seen  # caught: noted, not the end
+    assert seen[0][1] == before[1], seen
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before

@@ -140,12 +140,14 @@ class StopRequest:
         elif when - self.interrupted_at >= INTERRUPT_GRACE:
             raise KeyboardInterrupt
 
-    def restore(self, handlers: bool = True) -> None:
-        """The handlers as they were (handlers=False: kept for now); waits for a flag exchange still in
-        flight (one a peer's end cut short is dropped: the run is ending, and the error that ends it is
-        said elsewhere)."""
+    def restore(self, handlers: bool = True, ctrl_c: bool = False) -> None:
+        """The handlers as they were (handlers=False: kept for now; ctrl_c: Ctrl-C's alone put back); waits
+        for a flag exchange still in flight (one a peer's end cut short is dropped: the run is ending, and
+        the error that ends it is said elsewhere)."""
         if handlers:
             restore_handlers(self.previous)
+        elif ctrl_c and signal.SIGINT in self.previous:
+            signal.signal(signal.SIGINT, self.previous.pop(signal.SIGINT))
         pending, self.pending = self.pending, None
         if pending is not None:
             with contextlib.suppress(RuntimeError):

@@ -1480,6 +1480,7 @@ class Trainer:
         last_log = {}
         stop = self.stop
         stop.connect()
+        held = bool(stop.previous)  # main() caught the stop signals before the run: it puts them back as it ends
         stop.install()
         stop.catch_interrupt()  # a first Ctrl-C from here on stops after the step with a checkpoint
         stopped_by = None
@@ -1490,8 +1491,11 @@ class Trainer:
         finally:
             # Stopped by a signal: its handlers stay (main() restores them as it ends), so that the signal
             # sent again (SLURM signals every process, torchrun passes it on) is noted, not the default
-            # action's end in the middle of closing the trackers and saying where to resume.
-            stop.restore(handlers=not stopped_by)
+            # action's end in the middle of closing the trackers and saying where to resume. Failed, under
+            # main(): the stop signals' stay too (torchrun's SIGTERM, sent as a peer ends, would end the
+            # process that outlived it before it says why), Ctrl-C's is put back.
+            kept = failed and held and not stopped_by
+            stop.restore(handlers=not (stopped_by or kept), ctrl_c=kept)
             if bar is not None:
                 bar.close()
             self.close_trackers(failed)  # on an error too: the scalars logged up to it are written
