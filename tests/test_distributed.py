@@ -821,10 +821,13 @@ def test_the_main_process_takes_a_heartbeat_stopped_without_a_done_mark_as_an_en
             raise RuntimeError("[../third_party/gloo/tcp/pair.cc:534] Connection reset by peer. This is typical...")
 
     monkeypatch.setattr(distributed, "_store", lambda: Gone())
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)  # a thread's error, said on stderr
     assert distributed.Liveness(info[0]).ended() == ("the job's store (torchrun's, on the rendezvous endpoint's "
                                                      "node) cannot be reached (Connection reset by peer)")
     with distributed.heartbeat(info[1]) as done:  # a rank whose store is gone: its thread ends, quietly
         done()
+    assert not raised, raised
     assert distributed.Liveness(info[0]).left == [1, 2]
     assert distributed.Liveness(DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"),
                                          is_main=True)).ended() is None

@@ -4237,6 +4237,99 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
     assert sorted(os.listdir(again.folder)) == [".lock", "failed-rank-3.txt", "settings.json"]
 
 
+def test_the_main_process_ends_its_wait_when_another_process_heartbeat_stops(tmp_path, monkeypatch):
+    """A process killed on another node leaves no word in OUT.parts/: rank 0, waiting for its batches, ends
+    when its heartbeat has stopped (Liveness), the batches finished kept; one that beats on is waited for."""
+    import threading
+    import types
+
+    import torch.distributed as torch_dist
+
+    from sit_fast import distributed
+    from sit_fast.distributed import DistInfo
+    from sit_fast.errors import PeerFailed
+
+    store = torch_dist.HashStore()
+    monkeypatch.setattr(distributed, "_store", lambda: store)
+    monkeypatch.setattr(distributed, "PEER_SILENT_S", 1.0)  # many polls and beats: a loaded machine's pauses
+    monkeypatch.setattr(distributed, "_joined", [])  # no hosts known: ranks named by number
+    monkeypatch.setattr(sample, "PARTS_POLL_S", 0.02)
+    sample_time = sample.time
+
+    class Clock:  # the time module, but for a wait that polls on and on: a failure, not a hung test
+        polls = 0
+
+        def __getattr__(self, name):
+            return getattr(sample_time, name)
+
+        def sleep(self, seconds):
+            Clock.polls += 1
+            assert Clock.polls < 500, "rank 0 polled on without taking rank 1's silence as its end"
+            sample_time.sleep(seconds)
+
+    monkeypatch.setattr(sample, "time", Clock())
+    two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
+    parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=4, batch_size=2, dist=two)
+    parts.write(0, torch.zeros(2))
+    bar = types.SimpleNamespace(total=4, n=0, update=lambda count: None)
+    beating = threading.Event()
+
+    def beat():  # rank 1 alive past PEER_SILENT_S, then its batch
+        for _ in range(100):
+            store.add("sit_fast/heartbeat/1", 1)
+            beating.wait(0.02)
+        parts.write(1, torch.zeros(2))
+
+    late = threading.Thread(target=beat)
+    late.start()
+    parts.wait(bar)
+    late.join()
+    assert [len(r) for r in parts.read(every=True)] == [2, 2]
+    FolderLock.release_all()  # that run ended
+    os.remove(os.path.join(parts.folder, "000001.pt"))
+    parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=4, batch_size=2, dist=two)
+    assert parts.pending == [1]
+    with pytest.raises(PeerFailed) as error:  # rank 1's count no longer moves: no batch will come
+        parts.wait(bar)
+    assert str(error.value) == (f"rank 1 ended without a word (no heartbeat for 1 s: killed, or its node lost?); "
+                                f"the batches finished are kept in {parts.folder}: run the same command again to "
+                                f"compute the rest")
+
+
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_likelihood_and_reverse_leave_their_done_mark_only_when_their_batches_are_computed(job, files, tmp_path,
+                                                                                          monkeypatch):
+    """A process's heartbeat block gets its done mark (heartbeat's done) once its share is computed, so that
+    the main process, waiting for other batches, takes its silence as no end (Liveness); not when Ctrl-C
+    stopped it (the word it leaves says so)."""
+    marks = []
+
+    @contextlib.contextmanager
+    def heartbeat(dist):
+        marks.append("beats")
+        yield lambda: marks.append("done")
+        marks.append("stopped")
+
+    monkeypatch.setattr(sample, "heartbeat", heartbeat)
+    argv, out, saved = data_job(job, 3, files, tmp_path)
+    run(argv)
+    assert marks == ["beats", "done", "stopped"] and len(saved()) == 3
+    out.unlink()
+    marks.clear()
+    real, batches = sample.derived_seed, []
+
+    def derived_seed(*args):  # called once per batch, as it starts: Ctrl-C in the second
+        batches.append(args)
+        if len(batches) == 2:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 130 and marks == ["beats", "stopped"]
+
+
 def test_torchrun_refuses_a_grid_and_a_likelihood_without_out(files, tmp_path, capsys, monkeypatch):
     from sit_fast.distributed import DistInfo
 
