@@ -197,6 +197,33 @@ def test_winding_down_ends_with_the_block(restore_handlers):
     assert signal.getsignal(signal.SIGINT) is before
 
 
+def test_a_winding_down_function_is_called_at_the_second_ctrl_c(restore_handlers, monkeypatch, capfd):
+    """winding_down given a function: its line is made at the second Ctrl-C (what is kept counted then), and
+    one that fails (--out unreadable by then) ends the process at once all the same, with a line of its own."""
+    from sit_fast.interrupts import winding_down
+
+    class Ended(BaseException):
+        pass
+
+    def unreadable():
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "_exit", lambda status: (_ for _ in ()).throw(Ended(status)))
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    kept = ["no file"]
+    for line, said in ((lambda: f"interrupted again: {kept[0]} kept", "interrupted again: 2 files kept"),
+                       (unreadable, "interrupted again, stopping at once")):
+        with pytest.raises(Ended) as ended:
+            with stop_signals_raise():
+                try:
+                    signal.raise_signal(signal.SIGINT)
+                except KeyboardInterrupt:
+                    winding_down(line)
+                    kept[0] = "2 files"
+                    signal.raise_signal(signal.SIGINT)
+        assert ended.value.args == (130,) and capfd.readouterr().err == f"\n{said}\n"
+
+
 def _stderr_of_a_child_whose_reader_is_gone(script: str) -> str:
     """The child's stderr when its stdout pipe is closed before the first line (`| head -0`); its
     exit status must be 0."""

@@ -4677,9 +4677,11 @@ def test_latent_cache_interrupted_keeps_whole_shards_and_says_how_to_finish(tmp_
                                f"only the missing shards)")
 
 
-def test_a_second_ctrl_c_counts_the_shards_kept_when_it_comes(tmp_path, monkeypatch, capfd):
+@pytest.mark.parametrize("during", ["teardown", "summary"])
+def test_a_second_ctrl_c_counts_the_shards_kept_when_it_comes(during, tmp_path, monkeypatch, capfd):
     """The second Ctrl-C's line counts the shards there at that Ctrl-C, one another node's process finished
-    while this one wound down among them, not those there at the first."""
+    while this one wound down among them, not those there at the first: in the loader's teardown, or as
+    main() says what stopped the build (stop_words, which may wait for word of the other processes)."""
     from sit_fast import latent_cache
     from tests.test_vae import save_tiny_vae
 
@@ -4704,12 +4706,12 @@ def test_a_second_ctrl_c_counts_the_shards_kept_when_it_comes(tmp_path, monkeypa
     class Ended(BaseException):
         pass
 
-    def teardown(loader):  # a shard finished elsewhere meanwhile, then Ctrl-C again
+    def again(*args):  # a shard finished elsewhere meanwhile, then Ctrl-C again
         shutil.copy(os.path.join(out, latent_cache.shard_name(0)), os.path.join(out, latent_cache.shard_name(1)))
         os.kill(os.getpid(), signal.SIGINT)
 
     monkeypatch.setattr(latent_cache, "load_vae", interrupting_load_vae)
-    monkeypatch.setattr(latent_cache, "close_loader", teardown)
+    monkeypatch.setattr(latent_cache, "close_loader" if during == "teardown" else "stop_words", again)
     monkeypatch.setattr(os, "_exit", lambda status: (_ for _ in ()).throw(Ended(status)))
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     with pytest.raises(Ended) as ended:
@@ -7092,3 +7094,4 @@ def test_a_failed_run_keeps_the_stop_signals_caught_until_main_ends(tmp_path, mo
     assert len(seen) == 1 and seen[0][0] not in (signal.SIG_DFL, before[0]), seen  # caught: noted, not the end
     assert seen[0][1] == before[1], seen
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
