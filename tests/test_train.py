@@ -7095,3 +7095,34 @@ def test_a_failed_run_keeps_the_stop_signals_caught_until_main_ends(tmp_path, mo
     assert seen[0][1] == before[1], seen
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
 
+
+def test_a_run_puts_the_stop_signals_back_as_it_ends_unless_main_holds_them(tmp_path, monkeypatch):
+    """Trainer.run called on its own (no main() to put them back later): failed, its handlers are put back as it
+    ends. Under main(), a run that ends well puts them back too (the stop signals' default action, not a
+    handler that notes a signal no step will read); only a failure keeps them caught until main() ends."""
+    from sit_fast.distributed import init_distributed
+    from sit_fast.training import loop
+    from sit_fast.training.args import parse_args
+
+    before = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    real_step = loop.Trainer.train_step
+
+    def failing_step(self, batch):
+        raise RuntimeError("a step that fails")
+
+    monkeypatch.setattr(loop.Trainer, "train_step", failing_step)
+    args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / "alone"), "--max-steps", "2"])
+    trainer = loop.Trainer(args, explicit, init_distributed())
+    try:
+        with pytest.raises(RuntimeError, match="a step that fails"):
+            trainer.run()
+    finally:
+        loop.release_run_lock()
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+    monkeypatch.setattr(loop.Trainer, "train_step", real_step)
+    seen = []
+    real_close = loop.Trainer.close_trackers
+    monkeypatch.setattr(loop.Trainer, "close_trackers", lambda self, failed: seen.append(
+        (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))) or real_close(self, failed))
+    assert train_main(BASE + ["--exp-dir", str(tmp_path / "run"), "--max-steps", "1"])["step"] == 1
+    assert seen == [before] and (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
