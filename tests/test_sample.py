@@ -4187,6 +4187,25 @@ def test_the_main_process_waits_without_a_bar_when_one_batch_is_left(tmp_path, m
     assert [r.tolist() for r in parts.read(every=True)] == [[0.0, 0.0], [1.0, 1.0]]
 
 
+def polls_bounded(monkeypatch, limit: int, what: str) -> None:
+    """sample.py's time module, but for its sleeps, which are counted: past `limit` (a wait that polls on and
+    on), an AssertionError saying `what` fails the test, which would otherwise hang."""
+    real = sample.time
+
+    class Clock:
+        polls = 0
+
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        def sleep(self, seconds):
+            Clock.polls += 1
+            assert Clock.polls < limit, what
+            real.sleep(seconds)
+
+    monkeypatch.setattr(sample, "time", Clock())
+
+
 def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatch):
     """A process of another node that fails (a damaged image in its share) leaves word in OUT.parts/:
     rank 0, waiting for its batches, says so in one line (it polled for ever); a rerun clears the word."""
@@ -4196,20 +4215,7 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
     from sit_fast.errors import UserError
 
     monkeypatch.setattr(sample, "PARTS_POLL_S", 0.05)
-
-    class Clock:  # the time module, but for a wait that polls on and on: a failure, not a hung test
-        polls = 0
-
-        def __getattr__(self, name):
-            return getattr(sample_time, name)
-
-        def sleep(self, seconds):
-            Clock.polls += 1
-            assert Clock.polls < 100, "rank 0 polled on without hearing of rank 3's end"
-            sample_time.sleep(seconds)
-
-    sample_time = sample.time
-    monkeypatch.setattr(sample, "time", Clock())
+    polls_bounded(monkeypatch, 100, "rank 0 polled on without hearing of rank 3's end")
     dist = {r: DistInfo(rank=r, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=r == 0) for r in (0, 3)}
     parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=5, batch_size=2, dist=dist[0])
     with pytest.raises(UserError):
@@ -4254,20 +4260,7 @@ def test_the_main_process_ends_its_wait_when_another_process_heartbeat_stops(tmp
     monkeypatch.setattr(distributed, "PEER_SILENT_S", 1.0)  # many polls and beats: a loaded machine's pauses
     monkeypatch.setattr(distributed, "_joined", [])  # no hosts known: ranks named by number
     monkeypatch.setattr(sample, "PARTS_POLL_S", 0.02)
-    sample_time = sample.time
-
-    class Clock:  # the time module, but for a wait that polls on and on: a failure, not a hung test
-        polls = 0
-
-        def __getattr__(self, name):
-            return getattr(sample_time, name)
-
-        def sleep(self, seconds):
-            Clock.polls += 1
-            assert Clock.polls < 500, "rank 0 polled on without taking rank 1's silence as its end"
-            sample_time.sleep(seconds)
-
-    monkeypatch.setattr(sample, "time", Clock())
+    polls_bounded(monkeypatch, 500, "rank 0 polled on without taking rank 1's silence as its end")
     two = DistInfo(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"), is_main=True)
     parts = sample.BatchParts(str(tmp_path / "z.pt"), {"seed": 0}, total=4, batch_size=2, dist=two)
     parts.write(0, torch.zeros(2))
