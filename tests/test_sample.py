@@ -3602,15 +3602,7 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     whole = saved()
     assert len(whole) == 5 and not parts.exists()
     out.unlink()
-    real, batches = sample.derived_seed, []
-
-    def derived_seed(*args):  # called once per batch, as it starts
-        batches.append(args)
-        if len(batches) == 3:
-            stop()
-        return real(*args)
-
-    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    batches = stop_at_batch(monkeypatch, 3, stop)
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
@@ -3687,15 +3679,7 @@ def test_a_likelihood_without_out_stopped_reports_the_first_items(files, tmp_pat
     items, keeps nothing and exits 130."""
     argv, _, _ = data_job("--likelihood", 5, files, tmp_path)
     argv = argv[:argv.index("--out")] + argv[argv.index("--out") + 2:]
-    real, batches = sample.derived_seed, []
-
-    def derived_seed(*args):  # called once per batch, as it starts
-        batches.append(args)
-        if len(batches) == 3:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    stop_at_batch(monkeypatch, 3, ctrl_c)
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
     assert exit_info.value.code == 130
@@ -3705,19 +3689,31 @@ def test_a_likelihood_without_out_stopped_reports_the_first_items(files, tmp_pat
     assert sorted(os.listdir(tmp_path)) == ["x.pt"]
 
 
-def crash_in_the_third_batch(monkeypatch) -> list:
-    """A crash (no handler keeps anything then) as the third batch starts. Returns the list of
-    derived_seed's calls, one per batch as it starts: the crash comes with its third entry."""
+def stop_at_batch(monkeypatch, number: int, stop) -> list:
+    """stop() (a Ctrl-C, a stop signal, a crash) as batch `number` (from 1) starts. Returns the list of
+    derived_seed's calls, one per batch as it starts: stop() comes with entry `number`."""
     real, batches = sample.derived_seed, []
 
     def derived_seed(*args):
         batches.append(args)
-        if len(batches) == 3:
-            raise RuntimeError("the machine went away")
+        if len(batches) == number:
+            stop()
         return real(*args)
 
     monkeypatch.setattr(sample, "derived_seed", derived_seed)
     return batches
+
+
+def ctrl_c():
+    raise KeyboardInterrupt
+
+
+def crash_in_the_third_batch(monkeypatch) -> list:
+    """A crash (no handler keeps anything then) as the third batch starts: stop_at_batch's list."""
+    def crash():
+        raise RuntimeError("the machine went away")
+
+    return stop_at_batch(monkeypatch, 3, crash)
 
 
 def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monkeypatch):
@@ -4309,15 +4305,7 @@ def test_likelihood_and_reverse_leave_their_done_mark_only_when_their_batches_ar
     assert marks == ["beats", "done", "stopped"] and len(saved()) == 3
     out.unlink()
     marks.clear()
-    real, batches = sample.derived_seed, []
-
-    def derived_seed(*args):  # called once per batch, as it starts: Ctrl-C in the second
-        batches.append(args)
-        if len(batches) == 2:
-            raise KeyboardInterrupt
-        return real(*args)
-
-    monkeypatch.setattr(sample, "derived_seed", derived_seed)
+    stop_at_batch(monkeypatch, 2, ctrl_c)  # Ctrl-C in the second batch
     with pytest.raises(SystemExit) as exit_info:
         run(argv)
     assert exit_info.value.code == 130 and marks == ["beats", "stopped"]
