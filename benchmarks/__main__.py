@@ -100,11 +100,10 @@ def run(argv: list[str] | None) -> int:
     if device_type == "cuda" and not torch.cuda.is_available():
         print("error: --device cuda but torch sees no CUDA device", file=sys.stderr)
         return 2
-    from kernels import interpreter_requested  # the variable is set by now: triton may import
+    from benchmarks.common import interpreter_on_cuda  # the variable is set by now: triton may import
 
-    if device_type == "cuda" and interpreter_requested():
-        print(f"error: TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} would run the CUDA kernels in the "
-              f"interpreter; unset it", file=sys.stderr)
+    if (refusal := interpreter_on_cuda(device_type)) is not None:
+        print(f"error: {refusal}", file=sys.stderr)
         return 2
 
     from benchmarks import common, goals, memory_suite, parity_suite, profile_suite, sample_suite, train_suite

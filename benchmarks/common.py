@@ -123,6 +123,18 @@ ALWAYS_NULLABLE = {"note", "triton_version", "cuda_version"}
 OPTIONAL = {"kernels": {"batch_size", "iterations", "timer"}, "tuning": {"batch_size", "iterations", "timer"}}
 
 
+def interpreter_on_cuda(device_type: str) -> str | None:
+    """The refusal of a CUDA run whose TRITON_INTERPRET asks for Triton's interpreter (its times would be
+    recorded as the CUDA kernels'), or None. Imports kernels (and so triton): call it once the variable is set."""
+    if device_type != "cuda":
+        return None
+    from kernels import interpreter_requested
+
+    if not interpreter_requested():
+        return None
+    return f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} would run the CUDA kernels in the interpreter; unset it"
+
+
 def validate_record(record: dict, parity_ran: bool = True) -> list[str]:
     """Problems with a record under the rules above (empty when it is well formed)."""
     problems = []

@@ -781,11 +781,10 @@ def main(argv: list[str] | None = None) -> int:
     if device == "cpu":
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels (and triton) are imported in run()
     else:
-        from kernels import interpreter_requested  # the variable is the user's: triton may import
+        from benchmarks.common import interpreter_on_cuda  # the variable is the user's: triton may import
 
-        if interpreter_requested():  # the interpreter's times would be recorded as the CUDA kernels'
-            parser.error(f"TRITON_INTERPRET={os.environ['TRITON_INTERPRET']} would run the CUDA kernels in the "
-                         f"interpreter; unset it")
+        if (refusal := interpreter_on_cuda(device)) is not None:
+            parser.error(refusal)
     for record in run(device, cli.size or ("full" if device == "cuda" else "tiny")):
         print(json.dumps(record))
     return 0

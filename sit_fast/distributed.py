@@ -293,12 +293,12 @@ def _store():
 
 @contextlib.contextmanager
 def heartbeat(info: DistInfo):
-    """Within the block, a process other than the main one says it is alive: a daemon thread adds 1 to its
-    rank's count in the process group's store every HEARTBEAT_S, stopped and joined at the block's end. The
-    block gets done(), which leaves a mark that the process finished its share: the main process, waiting for
-    the others' results without a collective (a folder it polls), then takes its silence as no end
-    (Liveness). A process killed on another node (SIGKILL, its node gone) leaves no other word there.
-    A no-op on the main process and without a process group."""
+    """Within the block, a process other than the main one says it is alive: a daemon thread adds 1 to its rank's count
+    in the process group's store every HEARTBEAT_S, stopped and joined at the block's end (for at most HEARTBEAT_S).
+    The block gets done(), which leaves a mark that the process finished its share: the main process, waiting for the
+    others' results without a collective (a folder it polls), then takes its silence as no end (Liveness). A process
+    killed on another node (SIGKILL, its node gone) leaves no other word there. A no-op on the main process and
+    without a process group."""
     store = _store() if info.world_size > 1 and not info.is_main else None
     if store is None:
         yield lambda: None
@@ -325,7 +325,7 @@ def heartbeat(info: DistInfo):
         yield done
     finally:
         stop.set()
-        thread.join()
+        thread.join(HEARTBEAT_S)  # a daemon: one held in the store's add (its host unreachable) is not waited for
 
 
 class Liveness:
