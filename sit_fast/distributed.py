@@ -1,7 +1,8 @@
 """Process-group setup for torchrun (several processes) and plain `python` (one process).
 
 Under torchrun the environment holds RANK, WORLD_SIZE and LOCAL_RANK; the group uses nccl on CUDA and
-gloo on the CPU, and each process takes GPU `LOCAL_RANK`. Without those variables nothing is
+gloo on the CPU, and each process takes GPU `LOCAL_RANK` modulo the GPUs it sees (GPU 0 where a
+launcher gives each process one of its own). Without those variables nothing is
 initialised and every helper here is a no-op, so the same code runs in both settings.
 
 The host-side exchanges (barrier, broadcast_object, on_main) run on a gloo group of their own with a
@@ -48,9 +49,10 @@ class DistInfo:
     world_size: int
     """Number of processes in the job (1 without torchrun)."""
     local_rank: int
-    """Rank on this node; the CUDA device index on a GPU machine."""
+    """Rank on this node (the global rank where LOCAL_RANK is not set)."""
     device: torch.device
-    """Where this process computes: cuda:<local_rank> when CUDA is available, else cpu."""
+    """Where this process computes: cuda:<local_rank modulo the GPUs this process sees> when CUDA is
+    available, else cpu."""
     is_main: bool
     """rank == 0: the process that logs and writes files."""
 
