@@ -11,7 +11,8 @@ A checkpoint is a dict that torch.load(weights_only=True) reads back:
                       order, and what the run read
     rng               one dict per rank: {"torch", "cuda", "numpy", "python"} (see capture_rng_state)
     nonfinite_skipped steps skipped by --skip-nonfinite so far
-    arithmetic        {"precision", "attention", "fused kernels", "compile"} as resolved on the run's device
+    arithmetic        {"precision", "attention", "fused kernels", "compile"} as resolved on the run's device,
+                      and under sdpa attention SIT_FAST_SDPA_BACKEND's value ("unset" where it is not set)
     wandb_id          the run's wandb run id (None without --wandb), which a resume continues
     model_config      {"model", "input_size", "in_channels", "num_classes", "learn_sigma", "latent_space"}:
                       what a sampler needs to rebuild the model (latent_space: a VAE spec or "pixels")
