@@ -157,8 +157,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                        help="image channels with --vae none, e.g. 1 or 3 (default: the checkpoint's)")
     model.add_argument("--vae", type=user_path, default=None,
                        help="ema | mse (stabilityai/sd-vae-ft-*), a hub id, a local diffusers AutoencoderKL "
-                            "directory, or none (pixel space) (default: a train.py checkpoint's latent space, "
-                            f"else {defaults['vae']})")
+                            "directory, or none (pixel space) (default: the latent space the checkpoint records, as "
+                            f"train.py's and their .safetensors exports do, else {defaults['vae']})")
     # resolve_args: args.vae and args.run_folder when not given
     parser.set_defaults(vae_fallback=defaults["vae"], run_folder_fallback=defaults["run_folder"])
 
