@@ -453,8 +453,8 @@ def model_call_times(sampler_kind: str, transport, *, sampling_method: str, num_
     ODE euler: t_i for i < n; ODE heun: t_i, t_{i+1} per step (grid of n + 1 points);
     SDE Euler: t_i per stochastic step, SDE Heun: t_i, t_{i+1}, over a grid of n points; then one
     call at the grid's end for the last step (none when last_step is None). The grids are built by
-    the transport's own time_grid on the CPU. None for methods that choose their own times
-    (torchdiffeq's adaptive and multi-stage methods).
+    the transport's own time_grid on the CPU. None for every other ODE method (torchdiffeq's adaptive
+    ones choose their own times; the others are not counted here).
     """
     like = torch.empty(0)
     if sampler_kind == "ODE":

@@ -113,7 +113,7 @@ class StopRequest:
     def install(self) -> None:
         """Catch the stop signals (main thread only; elsewhere they keep their handlers), except those
         ignored (nohup ignores SIGHUP: the run goes on when the terminal closes). A signal caught
-        before training starts stops the run after its first step."""
+        before training starts stops the run after its first step (under DDP, the step the ranks agree on)."""
         catch_stop_signals(self._handle, self.previous)
 
     def catch_interrupt(self) -> None:
