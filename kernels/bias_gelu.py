@@ -110,7 +110,7 @@ def _check(a: torch.Tensor, bias: torch.Tensor, dg: torch.Tensor | None = None) 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as (rows, H) with unit column stride (a view where the layout allows it)."""
-    t = t.reshape(-1, t.shape[-1]) if t.dim() != 2 else t
+    t = t.reshape(math.prod(t.shape[:-1]), t.shape[-1]) if t.dim() != 2 else t  # -1 is ambiguous when H = 0
     return t if t.stride(-1) == 1 else t.contiguous()
 
 

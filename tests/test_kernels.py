@@ -1607,6 +1607,17 @@ def test_bias_gelu_takes_strided_rows_and_no_rows():
     assert kernels.bias_gelu(empty, bias).shape == (0, 24)
 
 
+@pytest.mark.parametrize("lead", [(), (3,), (2, 3), (0, 3)])
+def test_bias_gelu_takes_no_columns(lead):
+    """H = 0 gives empty outputs of a's shape and an empty dbias, whatever the leading shape (the rows
+    of an empty last dimension cannot be inferred by reshape(-1, 0)), as the reference and the fakes do."""
+    a, bias = torch.randn(*lead, 0, device=DEVICE), torch.randn(0, device=DEVICE)
+    assert kernels.bias_gelu(a, bias).shape == a.shape
+    for store_g, sum_dbias in ((True, True), (False, False)):
+        da, g, dbias = kernels.bias_gelu_backward(a, bias, a, store_g, sum_dbias)
+        assert da.shape == a.shape and g.shape == (a.shape if store_g else (0,)) and dbias.shape == (0,)
+
+
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("B, T", [(0, 5), (2, 0)])
 def test_no_tokens_give_empty_outputs_and_zero_vector_gradients(op, B, T):
