@@ -26,6 +26,7 @@ from sit_fast.transport import (
     add_sde_args,
     add_transport_args,
     create_transport,
+    in_flag_words,
     mean_flat,
 )
 
@@ -1270,3 +1271,37 @@ def test_the_package_exports_the_transport_entry_points():
 
     assert sit_fast.create_transport is create_transport and sit_fast.Sampler is Sampler
     assert {"create_transport", "Sampler", "SiT_models", "load_checkpoint"} <= set(sit_fast.__all__)
+
+
+def test_a_sampling_end_a_float32_grid_holds_as_1_is_refused_where_t_1_is_singular():
+    """1 - m is 1 in float32 for a margin m under 3e-8: such a sample_eps or last_step_size put the grid's end
+    at t = 1 and gave NaN samples where t = 1 is singular; refused as a margin of 0 is, in the flags' words.
+    6e-8 (float32's spacing below 1) stays off t = 1 and runs."""
+    def model(x, t):
+        return torch.tanh(x) * (0.5 + t[:, None])
+
+    x = torch.randn(3, 4)
+    for eps in (1e-9, 2e-8):
+        with pytest.raises(ValueError, match=rf"^sample_eps {eps:g} must be at least 6e-08 here .* the VP path has "
+                                             rf"sigma_t = 0 at t = 1, where the velocity from a noise model"):
+            Sampler(create_transport("VP", "noise", sample_eps=eps)).sample_ode(sampling_method="heun", num_steps=4)
+    for path_type in ("Linear", "GVP", "VP"):
+        with pytest.raises(ValueError, match=r"^last_step_size 1e-08 must be at least 6e-08 here") as err:
+            Sampler(create_transport(path_type)).sample_sde(diffusion_form="constant", last_step_size=1e-8)
+        assert in_flag_words(err.value).startswith("--last-step-size 1e-08 must be at least 6e-08 here")
+    with pytest.raises(ValueError, match=r"^sample_eps 1e-08 must be at least 6e-08 here"):
+        Sampler(create_transport("Linear", "score", sample_eps=1e-8)).sample_sde(diffusion_form="linear",
+                                                                                 last_step=None)
+    runs = [Sampler(create_transport("VP", "noise", sample_eps=6e-8)).sample_ode(sampling_method="heun", num_steps=4),
+            Sampler(create_transport("VP", "noise", sample_eps=6e-8)).sample_sde(sampling_method="Heun", last_step=None,
+                                                                                num_steps=4),
+            Sampler(create_transport("Linear")).sample_sde(diffusion_form="constant", last_step_size=6e-8, num_steps=4),
+            Sampler(create_transport("VP")).sample_sde(diffusion_form="SBDM", last_step_size=6e-8, num_steps=4),
+            # where t = 1 is finite a tiny margin is taken as it was: an ODE of a score model, the sigma diffusion
+            Sampler(create_transport("Linear", "score", sample_eps=1e-9)).sample_ode(sampling_method="heun",
+                                                                                    num_steps=4),
+            Sampler(create_transport("GVP")).sample_sde(sampling_method="Heun", diffusion_form="sigma",
+                                                        last_step_size=1e-9, num_steps=4)]
+    for sample in runs:
+        torch.manual_seed(0)
+        assert sample(x, model)[-1].isfinite().all()

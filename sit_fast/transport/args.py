@@ -20,11 +20,11 @@ SAMPLE_EPS_DEFAULT = 1e-3  # upstream's
 
 
 def in_flag_words(err: ValueError) -> str:
-    """A transport error's message with the eps it starts with (Transport.check_interval's train_eps or
-    sample_eps), and an SDE's last_step_size after it, named as the flags that set them: --train-eps,
-    --sample-eps, --last-step-size."""
+    """A transport error's message with the eps or last_step_size it starts with (Transport.check_interval's
+    train_eps, sample_eps or an SDE's last_step_size), and an SDE's last_step_size after an eps, named as the
+    flags that set them: --train-eps, --sample-eps, --last-step-size."""
     message = str(err)
-    for which in ("sample_eps", "train_eps"):
+    for which in ("sample_eps", "train_eps", "last_step_size"):
         if message.startswith(which):
             message = f"--{which.replace('_', '-')}{message[len(which):]}"
             return message.replace(" and last_step_size ", " and --last-step-size ", 1)

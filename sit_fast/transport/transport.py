@@ -89,20 +89,28 @@ class Transport:
         reverse swaps the direction: (1 - t0, 1 - t1).
         Raises ValueError where eps = 0 would put a singular end inside the interval (sampling a Linear
         or GVP score or noise model, or a VP noise model, a loss weight, SBDM's diffusion at t = 0, an
-        SDE's diffusion term at t = 1 but for the sigma form's), and where the interval would be empty
-        or reversed (an SDE's last step longer than what is left after eps).
+        SDE's diffusion term at t = 1 but for the sigma form's), where a sampling end 1 - eps or
+        1 - last_step_size that a float32 grid holds as 1 (a margin under 3e-8) is singular as t = 1 is,
+        and where the interval would be empty or reversed (an SDE's last step longer than what is left
+        after eps).
         """
         t0, t1 = 0.0, 1.0
         eps = sample_eps if eval else train_eps
         t1_inside = 1 - eps if (not sde or last_step_size == 0) else 1 - last_step_size
         which = "sample_eps" if eval else "train_eps"
+        # A sampling grid is float32 (for any state but a float64 one), where 1 - m is 1 for a margin m < 3e-8
+        at_one = float(torch.tensor(t1_inside, dtype=torch.float32)) == 1
+        margin, margin_name = (last_step_size, "last_step_size") if sde and last_step_size else (eps, which)
+        at_one_refused = (f"{which} must be > 0 here" if margin == 0 else
+                          f"{margin_name} {margin:g} must be at least 6e-08 here (a float32 time grid holds "
+                          f"1 - {margin:g} as 1)")
         if self.path_type == PathType.VP:
             t1 = t1_inside
-            if eval and t1 == 1 and (self.model_type == ModelType.NOISE or (sde and diffusion_form != "sigma")):
+            if eval and at_one and (self.model_type == ModelType.NOISE or (sde and diffusion_form != "sigma")):
                 what = ("the velocity from a noise model is singular" if self.model_type == ModelType.NOISE else
                         f"the SDE's drift with the {diffusion_form} diffusion is singular (with the sigma "
                         f"diffusion it is not)")
-                raise ValueError(f"sample_eps must be > 0 here: the VP path has sigma_t = 0 at t = 1, where "
+                raise ValueError(f"{at_one_refused}: the VP path has sigma_t = 0 at t = 1, where "
                                  f"{what}; upstream's default for VP is 1e-3")
             if not eval and t1 == 1 and self.model_type != ModelType.VELOCITY and self.loss_type != WeightType.NONE:
                 raise ValueError(f"train_eps must be > 0 here: the VP path has sigma_t = 0 at t = 1, where the "
@@ -130,6 +138,9 @@ class Transport:
                                    f"sigma diffusion is finite there)")
                 if why:
                     raise ValueError(f"{which} must be > 0 here: " + "; ".join(why))
+            if sde and at_one and margin > 0 and diffusion_form not in ("sigma", "SBDM"):
+                raise ValueError(f"{at_one_refused}: the {diffusion_form} diffusion's term, w_t times the score, is "
+                                 f"singular at t = 1 (the sigma diffusion is finite there)")
         if not t0 < t1:  # e.g. an SDE's last step from before its first time
             last = f" and last_step_size {last_step_size}" if sde and last_step_size else ""
             raise ValueError(f"{which} {eps}{last} leave no time to integrate over: the interval would be "
