@@ -2831,6 +2831,19 @@ def test_resuming_a_file_outside_a_run_folder_goes_on_in_a_new_one(tmp_path):
                 f"in {summary['exp_dir']}") in f.read()
 
 
+def test_a_file_outside_a_run_folder_with_no_step_left_leaves_no_new_folder(tmp_path, capsys):
+    """A copied checkpoint resumed at its end: nothing to train, said so, and the numbered folder made for
+    it removed (as for a run that fails before it starts), not left with a log.txt and no checkpoint."""
+    first = train_main(BASE + ["--exp-dir", str(tmp_path / "first"), "--max-steps", "1"])
+    shutil.copy(first["last_checkpoint"], tmp_path / "copy.pt")
+    results = tmp_path / "results"
+    summary = train_main(BASE + ["--results-dir", str(results), "--resume", str(tmp_path / "copy.pt")])
+    assert summary["step"] == 1
+    assert not results.exists()
+    out = capsys.readouterr()
+    assert "nothing to do: step 1 is at or past the end of the run" in out.out + out.err
+
+
 def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_to_load(tmp_path):
     """A read error of the moment (or damage) on every checkpoint of the run --resume auto would continue:
     one line, nothing written, the files where they were; not a new run from step 0 (which, in the same

@@ -675,6 +675,7 @@ class Trainer:
         self.checkpoint_dir = os.path.join(self.exp_dir, "checkpoints")
         self.resumed_from = resume_path
         created = created and dist_info.is_main
+        self.created_folder = made_from if created else False  # False: not this run's; None: its parents were there
         barrier()
         if dist_info.is_main:
             open_log_file(self.exp_dir)  # from here on, a user error also lands in log.txt
@@ -1464,6 +1465,8 @@ class Trainer:
                 bound = f"{flag} {value}{f' ({given})' if given else ''}"
             logger.info(f"nothing to do: step {self.step} is at or past the end of the run, {bound}: pass a larger "
                         f"{flag} to train further")
+            if self.created_folder is not False:  # a new folder for a checkpoint at its end: none is left behind
+                remove_unused_experiment(self.exp_dir, self.created_folder)
             return self.summary(None, {})
         on_main(self.open_trackers, self.dist_info)  # rank 0's trackers; a failure to open them ends every rank
         self.model.train()
