@@ -428,8 +428,8 @@ def test_ddp_gradient_accumulation_keeps_ranks_identical(tmp_path):
     train_main(["--exp-dir", one, "--resume", checkpoint, "--max-steps", "9", "--num-workers", "0", "--no-progress"])
     with open(os.path.join(one, "log.txt")) as f:
         log = f.read()
-    assert ("--grad-accum-steps 8: the run's micro-batch of 8 per rank (the run's 4 per step, a batch of 64 on 2 "
-            "rank(s); now 64 on 1)") in log
+    assert ("--grad-accum-steps 8: the run's micro-batch of 8 per rank (the run had 4 micro-batch(es) per step, a "
+            "global batch of 64 on 2 rank(s); now 64 on 1)") in log
     assert "gradient accumulation: 8 micro-batches of 8 per rank per step (global batch 64)" in log
     # 1797 digits in steps of 64 on 2 ranks or 1: the same 28 global batches an epoch
     assert ("with world size 2 -> 1 (the run's, now): each step's samples are the run's (the same global "

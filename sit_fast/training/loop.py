@@ -1064,8 +1064,9 @@ class Trainer:
                     f"micro-batches of {now} per rank, the largest that divides the batch of {self.local_batch_size} "
                     f"and is no larger than the run's {micro}")
             world = self.dist_info.world_size
-            logger.info(f"--grad-accum-steps {parts}: {kept} (the run's {saved_parts} per step, a batch of "
-                        f"{saved_batch} on {saved_world} rank(s); now {self.local_batch_size * world} on {world})")
+            logger.info(f"--grad-accum-steps {parts}: {kept} (the run had {saved_parts} micro-batch(es) per step, a "
+                        f"global batch of {saved_batch} on {saved_world} rank(s); now {self.local_batch_size * world} "
+                        f"on {world})")
             args.grad_accum_steps = parts
 
     def restore_position(self, ckpt: dict, path: str) -> None:
