@@ -6215,6 +6215,26 @@ def test_a_run_resumed_on_data_with_more_classes_than_it_has_is_refused_in_one_l
     assert os.listdir(exp / "checkpoints") == ["0000001.pt"]
 
 
+@pytest.mark.parametrize("given,data,message", [
+    (["--num-classes", "2"], ["--data-path", "more"], "has 2 classes, the data 3: resume it on its own data"),
+    (["--in-channels", "3"], ["--dataset", "digits"], "has 3 input channels, the data 1: resume it on data of its")])
+def test_a_resume_given_the_runs_own_model_flag_on_other_data_names_the_run_not_the_flag(tmp_path, capsys, given, data,
+                                                                                          message):
+    """--num-classes or --in-channels given with the run's own value, on data that does not fit: the run is
+    what does not fit (the advice for a new run, to pass another value, would be refused as a change)."""
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2, size=8)
+    make_image_folder(tmp_path / "more", classes=3, per_class=2, size=8)
+    exp = tmp_path / "run"
+    argv = ["--data-path", images, "--image-size", "8", "--vae", "none", "--model", "SiT-T/4", "--global-batch-size",
+            "2", "--num-workers", "0", "--fused-kernels", "off", "--no-progress", "--exp-dir", str(exp)]
+    train_main(argv + ["--max-steps", "1", "--ckpt-every", "1"])
+    capsys.readouterr()
+    data = [str(tmp_path / value) if value == "more" else value for value in data]
+    assert run_cli(argv + data + given + ["--max-steps", "2", "--resume", "auto"]) == 2
+    line, _ = the_error_line(capsys)
+    assert line.startswith(f"error: the run being resumed ({exp / 'checkpoints' / '0000001.pt'}) {message}"), line
+
+
 def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
     """The same --exp-dir without --resume would overwrite the run's checkpoints of the same steps and
     leave its later ones for --resume auto to mix in: refused in one line, nothing touched."""

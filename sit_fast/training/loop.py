@@ -873,7 +873,7 @@ class Trainer:
             check_image_size(args.image_size, args.vae, self.codec)
             latent_size, channels = args.image_size // self.codec.downsample, self.codec.latent_channels
         if args.in_channels is not None and args.in_channels != channels:
-            if ckpt is not None and "in_channels" not in explicit:
+            if ckpt is not None and ckpt["args"].get("in_channels") is not None:  # the run's, given now or not
                 raise UserError(f"the run being resumed ({resume_path}) has {args.in_channels} input channels, the data "
                                 f"{channels}: resume it on data of its latent space (--vae, --latent-cache), or start a "
                                 f"new run")
@@ -883,7 +883,7 @@ class Trainer:
         if args.num_classes is None:
             args.num_classes = dataset.num_classes
         elif args.num_classes < dataset.num_classes:
-            if ckpt is not None and "num_classes" not in explicit:
+            if ckpt is not None and ckpt["args"].get("num_classes") is not None:  # the run's, given now or not
                 raise UserError(f"the run being resumed ({resume_path}) has {args.num_classes} classes, the data "
                                 f"{dataset.num_classes}: resume it on its own data, or start a new run (--ckpt "
                                 f"{resume_path} to start from its weights)")
