@@ -6235,6 +6235,29 @@ def test_a_resume_given_the_runs_own_model_flag_on_other_data_names_the_run_not_
     assert line.startswith(f"error: the run being resumed ({exp / 'checkpoints' / '0000001.pt'}) {message}"), line
 
 
+def test_a_pixel_space_run_resumed_with_a_vae_is_refused_before_the_vae_loads(tmp_path, capsys, monkeypatch):
+    """A pixel-space model cannot take a VAE's latents: said at once, not after loading the VAE (a download,
+    or a failure to reach the hub that says nothing of the run)."""
+    from sit_fast import vae
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    exp = tmp_path / "run"
+    argv = ["--data-path", make_image_folder(tmp_path / "images", classes=2, per_class=2, size=8), "--image-size", "8",
+            "--model", "SiT-T/4", "--global-batch-size", "2", "--num-workers", "0", "--fused-kernels", "off",
+            "--no-progress", "--exp-dir", str(exp), "--sample-every", "none"]
+    train_main(argv + ["--vae", "none", "--max-steps", "1"])
+    loaded = []
+    monkeypatch.setattr(vae, "load_vae", lambda *a, **k: loaded.append(a))
+    capsys.readouterr()
+    assert run_cli(argv + ["--vae", vae_dir, "--max-steps", "2", "--resume", "auto"]) == 2
+    line, _ = the_error_line(capsys)
+    assert line == (f"error: --vae {vae_dir}: the run being resumed ({exp / 'checkpoints' / '0000001.pt'}) trains in "
+                    f"pixel space, which a resumed run keeps: leave --vae out (or pass --vae none)")
+    assert loaded == []
+
+
 def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
     """The same --exp-dir without --resume would overwrite the run's checkpoints of the same steps and
     leave its later ones for --resume auto to mix in: refused in one line, nothing touched."""

@@ -863,6 +863,9 @@ class Trainer:
         elif args.vae == "none":
             latent_size, channels = args.image_size, dataset.channels
         else:
+            if ckpt is not None and ckpt.get("model_config", {}).get("latent_space") == "pixels":  # before loading it
+                raise UserError(f"--vae {args.vae}: the run being resumed ({resume_path}) trains in pixel space, which "
+                                f"a resumed run keeps: leave --vae out (or pass --vae none)")
             if dataset.channels != 3:
                 raise UserError(f"--dataset {args.dataset} has {dataset.channels}-channel images; the VAE needs RGB: "
                                 f"use --vae none")
