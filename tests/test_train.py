@@ -6258,6 +6258,24 @@ def test_a_pixel_space_run_resumed_with_a_vae_is_refused_before_the_vae_loads(tm
     assert loaded == []
 
 
+def test_a_tracker_package_missing_for_a_resumed_runs_own_flag_says_it_is_the_runs(monkeypatch):
+    """--tensorboard / --wandb taken from the run being resumed (not given now), whose package is not
+    installed here: the error says the flag is the run's and how to go on without it."""
+    import argparse
+
+    from sit_fast.training.loop import check_trackers
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    args = argparse.Namespace(tensorboard=False, wandb=True)
+    with pytest.raises(UserError, match=r"^the run being resumed \(x\.pt\) logs with --wandb, which needs the wandb "
+                                        r"package \(.*\): pip install wandb, or pass --no-wandb to go on without it$"):
+        check_trackers(args, "x.pt", set())
+    with pytest.raises(UserError, match=r"^--wandb needs the wandb package \(.*\): pip install wandb$"):
+        check_trackers(args, "x.pt", {"wandb"})
+    with pytest.raises(UserError, match=r"^--wandb needs the wandb package"):
+        check_trackers(args)
+
+
 def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
     """The same --exp-dir without --resume would overwrite the run's checkpoints of the same steps and
     leave its later ones for --resume auto to mix in: refused in one line, nothing touched."""

@@ -470,13 +470,18 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def check_trackers(args: argparse.Namespace) -> None:
-    """--tensorboard / --wandb need their package: say so before anything is set up."""
+def check_trackers(args: argparse.Namespace, resumed_from: str | None = None, explicit: set[str] = frozenset()) -> None:
+    """--tensorboard / --wandb need their package: say so before anything is set up (one the run being
+    resumed, resumed_from, had and this command does not give: that it is the run's, and how to go without)."""
     for flag, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
         if getattr(args, flag):
             try:
                 importlib.import_module(module)
             except ImportError as err:
+                if resumed_from is not None and flag not in explicit:
+                    raise UserError(f"the run being resumed ({resumed_from}) logs with --{flag}, which needs the "
+                                    f"{package} package ({err}): pip install {package}, or pass --no-{flag} to go on "
+                                    f"without it") from None
                 raise UserError(f"--{flag} needs the {package} package ({err}): pip install {package}") from None
 
 
@@ -794,7 +799,7 @@ class Trainer:
             raise UserError(f"--grad-accum-steps {args.grad_accum_steps} does not divide the per-rank batch "
                             f"{self.local_batch_size} (--global-batch-size {args.global_batch_size} over "
                             f"{world_size} rank(s)): pick a divisor of {self.local_batch_size}")
-        check_trackers(args)
+        check_trackers(args, resume_path, explicit)
         try:  # checked on every device: a mistyped value fails here, not at the first log line on a GPU
             self.peak_tflops = flops.peak_tflops_from_env()
         except ValueError as err:
