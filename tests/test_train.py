@@ -752,6 +752,18 @@ def test_resume_with_other_update_flags_says_so(tmp_path):
     assert load_ckpt(os.path.join(exp, "checkpoints", "0000003.pt"))["args"]["lr"] == 5e-4
 
 
+def test_a_resume_with_another_vae_precision_and_no_vae_encoding_the_batches_is_exact(tmp_path):
+    """--vae-precision changes the updates only where a VAE encodes the batches: in pixel space (or from a
+    latent cache, where it decodes the grids alone) the resume is still exact, not said to steer the updates."""
+    exp = str(tmp_path / "run")
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "1", "--ckpt-every", "1"])
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "2", "--vae-precision", "bf16"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "resumed at step 1 (epoch 0, step 1 in it): exact" in log and "--vae-precision" not in log, log
+    assert load_ckpt(os.path.join(exp, "checkpoints", "0000002.pt"))["args"]["vae_precision"] == "bf16"
+
+
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
     """K micro-batches: the same loss and gradients as the whole batch at once (to fp32 round-off).
     The transport's random draws are replaced by a per-sample function, so both see the same loss."""

@@ -1084,7 +1084,8 @@ class Trainer:
         self.last_checkpoint = path
         data = ckpt.get("data", {})
         steered = [f"--{k.replace('_', '-')} {ckpt['args'][k]} -> {getattr(args, k)}" for k in UPDATE_FLAGS
-                   if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)]
+                   if k in ckpt["args"] and ckpt["args"][k] != getattr(args, k)
+                   and (k != "vae_precision" or self.codec is not None)]  # no VAE encoding the batches: grids alone
         if steered:
             logger.info(f"resumed with {', '.join(steered)} (given now; the run had the former): the updates from "
                         f"step {self.step} on may not be those the run would have made")
