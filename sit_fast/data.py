@@ -213,6 +213,9 @@ def find_images(root: str) -> tuple[list[tuple[str, int]], list[str]]:
         logger.warning(
             f"--data-path {root}: hidden folders ({', '.join(hidden)}) hold images but are not taken as classes; "
             "torchvision's ImageFolder counts them, so class labels here differ from a run that used it")
+    if not classes and os.path.isfile(os.path.join(root, CACHE_INDEX)):
+        raise DataError(f"--data-path {root} is a latent cache (python -m sit_fast.latent_cache's), not an image "
+                        f"folder: train.py reads it with --latent-cache {root}")
     if not classes:
         raise DataError(f"--data-path {root} has no class sub-folders (expected root/<class>/<image>, as ImageFolder)")
     samples, empty, hidden_files, repeated = [], [], [], []

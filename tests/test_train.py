@@ -2030,6 +2030,23 @@ def test_a_class_folder_without_images_is_named_in_a_warning(tmp_path, caplog):
         "refuses such folders: remove them unless they are meant as classes"]
 
 
+def test_a_latent_cache_given_as_the_data_path_is_named_as_one(tmp_path):
+    """--data-path pointed at a latent cache (its shards and index.json, no class folders): the flag it
+    belongs to, not ImageFolder's layout."""
+    from sit_fast.data import CACHE_INDEX, DataError, find_images
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "shard-00000.pt").write_bytes(b"")
+    (cache / CACHE_INDEX).write_text("{}")
+    with pytest.raises(DataError, match=f"^--data-path {re.escape(str(cache))} is a latent cache .*: train.py reads "
+                                        f"it with --latent-cache {re.escape(str(cache))}$"):
+        find_images(str(cache))
+    os.remove(cache / CACHE_INDEX)
+    with pytest.raises(DataError, match="has no class sub-folders"):
+        find_images(str(cache))
+
+
 def test_hidden_files_with_an_image_extension_are_left_out_with_a_warning(tmp_path, caplog):
     """macOS's ._NAME files of metadata beside copied images end in .jpg but are no images: taken (as
     torchvision's ImageFolder takes them), reading one would stop the run or the cache mid-way."""
