@@ -130,6 +130,31 @@ def assert_states_close(a: dict, b: dict, what: str) -> None:
         torch.testing.assert_close(a[key], b[key], rtol=1e-5, atol=1e-6, msg=lambda m: f"{what}[{key}]: {m}")
 
 
+# How long the runs that one rank's failure ends may take, all their processes together, before a test takes them
+# as deadlocked (ranks waiting for each other in two different collectives, for the host group's 6 hours). Their
+# processes each import torch and the package, then train: on a loaded 2-core machine, nearly 2 minutes before
+# rank 0 wrote its outcome, past which a bound of 120 s failed a run that was ending well.
+DEADLOCK_S = 600
+
+
+def join_ranks(context) -> list:
+    """The exit codes of an mp.spawn(join=False) run's processes, joined one by one (spawn's own join would end
+    the others (SIGTERM) as soon as one exits) within DEADLOCK_S in all; one still running then fails the test,
+    and is killed."""
+    deadline = time.monotonic() + DEADLOCK_S
+    try:
+        for process in context.processes:
+            process.join(timeout=max(0.0, deadline - time.monotonic()))
+        running = [rank for rank, process in enumerate(context.processes) if process.is_alive()]
+        assert not running, f"ranks {running} still running after {DEADLOCK_S} s: deadlocked?"
+        return [process.exitcode for process in context.processes]
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+                process.join()
+
+
 def _node_local_worker(rank: int, port: int, root: str, argv: list[str]) -> None:
     """A rank of a run whose relative paths lead each rank to a folder of its own: ROOT/node<rank>,
     as on two nodes' own disks."""
@@ -208,14 +233,7 @@ def test_setup_failing_on_one_node_only_ends_every_rank_with_one_line(tmp_path, 
     argv = BASE + data[:3] + ["images"] + data[4:] + init_flags + ["--exp-dir", str(tmp_path / "shared"),
                                                                    "--max-steps", "2"]
     context = mp.spawn(_node_local_worker, args=(free_port(), str(tmp_path), argv), nprocs=2, join=False)
-    try:
-        for process in context.processes:  # a deadlock fails here, not after the host group's 6 hours
-            process.join(timeout=120)
-        assert [p.exitcode for p in context.processes] == [0, 0]
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    assert join_ranks(context) == [0, 0]  # a deadlock fails here, not after the host group's 6 hours
     outcomes = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
     assert outcomes[1].startswith("--data-path images"), outcomes
     assert outcomes[0] == f"rank 1 (on {socket.gethostname()}) failed: {outcomes[1]}", outcomes
@@ -300,11 +318,8 @@ def test_a_rank_that_fails_ends_every_rank_with_one_line(tmp_path, failure):
     """Rank 0 alone writes checkpoints and grids: its full disk reached the others as gloo's 'Connection
     closed by peer' traceback (or, for a grid, a crash); a peer that ended did the same to rank 0. A
     grid that fails otherwise ends the run, every rank, after a checkpoint of the step."""
-    # joined one by one: spawn's own join would end rank 0 (SIGTERM) as soon as rank 1 exits
     context = mp.spawn(_failing_rank_worker, args=(free_port(), str(tmp_path), failure), nprocs=2, join=False)
-    for process in context.processes:
-        process.join(timeout=120)
-    assert [p.exitcode for p in context.processes] == [0, 3 if failure == "a peer ends" else 0]
+    assert join_ranks(context) == [0, 3 if failure == "a peer ends" else 0]
     outcomes = {r: (tmp_path / f"rank{r}.txt").read_text() for r in range(2) if (tmp_path / f"rank{r}.txt").exists()}
     if failure == "checkpoint, disk full":
         assert outcomes[0] == outcomes[1] and outcomes[0].startswith(
