@@ -594,15 +594,22 @@ def test_ctrl_c_while_waiting_for_the_other_processes_ends_the_process_at_once()
     import subprocess
     import sys
 
-    code = ("import sys; from sit_fast.distributed import init_distributed\n"
-            "print('waiting', flush=True); init_distributed()\n")
+    # 'waiting' once the block is entered (not before: a signal then, on a loaded machine still in imports, would
+    # be Python's KeyboardInterrupt, a traceback this test is not about)
+    code = ("import contextlib; from sit_fast import distributed\n"
+            "entered = distributed.interrupt_ends_at_once\n"
+            "@contextlib.contextmanager\n"
+            "def noted():\n"
+            "    with entered():\n"
+            "        print('waiting', flush=True); yield\n"
+            "distributed.interrupt_ends_at_once = noted; distributed.init_distributed()\n")
     env = dict(os.environ, RANK="0", WORLD_SIZE="2", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                MASTER_PORT=str(free_port()), PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert proc.stdout.readline() == "waiting\n"
-        time.sleep(2.0)  # into the wait
+        time.sleep(0.5)  # into the store's wait
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=20)
     finally:
@@ -689,7 +696,7 @@ def test_a_stop_signal_while_the_peer_failed_line_waits_is_noted_on_it_not_raise
     host = socket.gethostname()
     monkeypatch.setattr(distributed, "_joined", [("node 0", host, 0, os.getpid()), ("node 1", host, 0, os.getpid())])
     monkeypatch.setattr(distributed, "_rank", 1)  # rank 0 on another node: its end is not seen from here
-    monkeypatch.setattr(distributed, "PEER_SEEN_ENDED_S", 5.0)
+    monkeypatch.setattr(distributed, "PEER_SEEN_ENDED_S", 30.0)
     timer = threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM))
     with stop_signals_raise():
         start = time.monotonic()
@@ -699,7 +706,7 @@ def test_a_stop_signal_while_the_peer_failed_line_waits_is_noted_on_it_not_raise
         finally:
             timer.cancel()
         took = time.monotonic() - start
-    assert failed.stop_noted and 0.1 < took < 4, took
+    assert failed.stop_noted and 0.1 < took < 25, took  # cut short by the signal, not the 30 s wait's end
     assert str(failed) == ("another process of the job ended (Connection closed by peer [127.0.0.1]:29500); its "
                            "error is in the torchrun summary of its node")
     monkeypatch.setattr(distributed, "PEER_SEEN_ENDED_S", 0.1)

@@ -4779,7 +4779,7 @@ def test_a_second_ctrl_c_counts_the_shards_kept_when_it_comes(during, tmp_path, 
         f"a temporary name, which the next run removes): run the same command again to encode the rest into {out}")
 
 
-# Each encoder call "encoding", 1 s; "teardown" as a stopped build stops its loader's workers, 12 s before it does.
+# Each encoder call "encoding", 1 s; "teardown" as a stopped build stops its loader's workers, 30 s before it does.
 SLOW_CACHE_TEARDOWN = """
 import sys, time
 from sit_fast import latent_cache
@@ -4787,7 +4787,7 @@ real_close, real_load_vae = latent_cache.close_loader, latent_cache.load_vae
 
 def close_loader(loader):
     print("teardown", file=sys.stderr, flush=True)
-    time.sleep(12)
+    time.sleep(30)
     real_close(loader)
 
 def load_vae(*args, **kwargs):
@@ -4828,7 +4828,7 @@ def test_a_second_ctrl_c_while_a_stopped_latent_cache_winds_down_ends_it_saying_
     assert err.splitlines()[-1] == (f"interrupted again, stopping at once: no shard was written yet (a shard is "
                                     f"written whole or left under a temporary name, which the next run removes): run "
                                     f"the same command again to encode every image into {out}"), err
-    assert after < 8, f"{after:.1f} s from the second Ctrl-C to the exit"
+    assert after < 20, f"{after:.1f} s from the second Ctrl-C to the exit"  # the teardown takes 30 s
     assert not [name for name in os.listdir(out) if name.startswith("shard-")], os.listdir(out)
     index = latent_cache.main(argv)
     assert [shard["count"] for shard in index["shards"]] == [2, 2, 2]
