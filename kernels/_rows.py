@@ -35,11 +35,11 @@ def normalize_modulate(x, mask, D, eps, one_plus_scale, shift):
     Returns (x_hat, out, rstd): x_hat = (x - mean) * rstd (zero past D), out = x_hat * (1 + scale)
     + shift, rstd = 1 / sqrt(var + eps) with the biased variance over the D features.
 
-    A row whose variance overflows fp32 (|x - mean| past about 1.8e19 / sqrt(D), 5e17 at D = 1152, a
-    diverged residual stream: the sum of squares inf, and past about 1e27 delta**2 too, making it
-    inf - inf) gets rstd NaN, so
-    x_hat, out and the gradients through it are NaN: rsqrt(inf) = 0 would turn the row into `shift`,
-    and a NaN variance clamped to 0 into values near 1e33, finite outputs that hide the divergence.
+    A row whose variance overflows fp32 (a root mean square of x - mean past about 1.8e19 / sqrt(D),
+    5e17 at D = 1152, or one value past 1.8e19: a diverged residual stream, the sum of squares inf,
+    and past about 1e27 delta**2 too, making it inf - inf) gets rstd NaN, so x_hat, out and the
+    gradients through it are NaN: rsqrt(inf) = 0 would turn the row into `shift`, and a NaN variance
+    clamped to 0 into values near 1e33, finite outputs that hide the divergence.
     """
     mean = tl.sum(x, axis=0) / D
     centred = tl.where(mask, x - mean, 0.0)

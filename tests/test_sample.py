@@ -661,7 +661,7 @@ def test_misuse_is_a_one_line_error(files, tmp_path, capsys, monkeypatch, argv, 
      "error: --sample-eps 0.001 and --last-step-size 0.9995 leave no time to integrate over"),
     # 1 - 1e-8 is 1 in float32: the last step's drift would be taken at t = 1, where it is singular (NaN images)
     (["SDE", "--diffusion-form", "constant", "--last-step-size", 1e-8],
-     "error: --last-step-size 1e-08 must be at least 6e-08 here (a float32 time grid holds 1 - 1e-08 as 1)"),
+     "error: --last-step-size 1e-08 must be at least 3e-08 here (a float32 time grid holds 1 - 1e-08 as 1)"),
 ])
 def test_zero_tolerances_and_last_step_sizes(files, tmp_path, capsys, argv, error):
     """What upstream took, taken: one tolerance 0, a last-step size 0 without a last step; what no

@@ -263,8 +263,12 @@ def test_eps_defaults_and_overrides():
 
 def test_zero_eps_at_a_singular_end_is_refused():
     """Each refusal names what is singular: the diffusion, the velocity's score, the model, the loss weight."""
-    with pytest.raises(ValueError, match="sample_eps must be > 0 here: the SBDM diffusion is infinite at t = 0"):
+    with pytest.raises(ValueError, match="sample_eps must be > 0 here: the SBDM diffusion is infinite at t = 0") as err:
         Sampler(create_transport("GVP", sample_eps=0.0)).sample_sde(diffusion_form="SBDM")
+    with pytest.raises(ValueError, match="the SBDM diffusion is infinite at t = 0") as at_both_ends:
+        Sampler(create_transport("Linear", sample_eps=0.0)).sample_sde(diffusion_form="SBDM", last_step=None)
+    for refusal in (err, at_both_ends):  # its term is finite at t = 1: t = 0 is what is singular
+        assert "t = 1" not in str(refusal.value), refusal.value
     with pytest.raises(ValueError, match="> 0 here: the linear diffusion's term, w_t times the score an SDE takes from "
                                          "a velocity model, is singular at t = 1"):
         Sampler(create_transport("Linear", sample_eps=0.0)).sample_sde(diffusion_form="linear", last_step=None)
@@ -1282,14 +1286,21 @@ def test_a_sampling_end_a_float32_grid_holds_as_1_is_refused_where_t_1_is_singul
 
     x = torch.randn(3, 4)
     for eps in (1e-9, 2e-8):
-        with pytest.raises(ValueError, match=rf"^sample_eps {eps:g} must be at least 6e-08 here .* the VP path has "
+        with pytest.raises(ValueError, match=rf"^sample_eps {eps:g} must be at least 3e-08 here .* the VP path has "
                                              rf"sigma_t = 0 at t = 1, where the velocity from a noise model"):
             Sampler(create_transport("VP", "noise", sample_eps=eps)).sample_ode(sampling_method="heun", num_steps=4)
     for path_type in ("Linear", "GVP", "VP"):
-        with pytest.raises(ValueError, match=r"^last_step_size 1e-08 must be at least 6e-08 here") as err:
+        with pytest.raises(ValueError, match=r"^last_step_size 1e-08 must be at least 3e-08 here") as err:
             Sampler(create_transport(path_type)).sample_sde(diffusion_form="constant", last_step_size=1e-8)
-        assert in_flag_words(err.value).startswith("--last-step-size 1e-08 must be at least 6e-08 here")
-    with pytest.raises(ValueError, match=r"^sample_eps 1e-08 must be at least 6e-08 here"):
+        assert in_flag_words(err.value).startswith("--last-step-size 1e-08 must be at least 3e-08 here")
+        # the default named is the flag's own: a last step's for a last_step_size, sample_eps's for VP's eps
+        assert str(err.value).endswith("upstream's default is 0.04" if path_type == "VP" else
+                                       "the sigma and SBDM diffusions are finite there)"), err.value
+    with pytest.raises(ValueError, match=r"default for VP is 1e-3$"):
+        Sampler(create_transport("VP", sample_eps=1e-8)).sample_sde(diffusion_form="linear", last_step=None)
+    for margin in (3e-8, 5e-8):  # held as 1 - 2**-24 in float32, not 1: the message's least value runs
+        Sampler(create_transport("VP", "noise", sample_eps=margin)).sample_ode(sampling_method="heun", num_steps=4)
+    with pytest.raises(ValueError, match=r"^sample_eps 1e-08 must be at least 3e-08 here"):
         Sampler(create_transport("Linear", "score", sample_eps=1e-8)).sample_sde(diffusion_form="linear",
                                                                                  last_step=None)
     runs = [Sampler(create_transport("VP", "noise", sample_eps=6e-8)).sample_ode(sampling_method="heun", num_steps=4),

@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Collection
 from copy import deepcopy
 
 import numpy as np
@@ -470,7 +471,7 @@ class TqdmHandler(logging.Handler):
             self.handleError(record)
 
 
-def check_trackers(args: argparse.Namespace, resumed_from: str | None = None, explicit: set[str] = frozenset()) -> None:
+def check_trackers(args: argparse.Namespace, resumed_from: str | None = None, explicit: Collection[str] = ()) -> None:
     """--tensorboard / --wandb need their package: say so before anything is set up (one the run being
     resumed, resumed_from, had and this command does not give: that it is the run's, and how to go without)."""
     for flag, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):

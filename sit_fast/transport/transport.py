@@ -90,8 +90,8 @@ class Transport:
         Raises ValueError where eps = 0 would put a singular end inside the interval (sampling a Linear
         or GVP score or noise model, or a VP noise model, a loss weight, SBDM's diffusion at t = 0, an
         SDE's diffusion term at t = 1 but for the sigma form's), where a sampling end 1 - eps or
-        1 - last_step_size that a float32 grid holds as 1 (a margin under 3e-8) is singular as t = 1 is,
-        and where the interval would be empty or reversed (an SDE's last step longer than what is left
+        1 - last_step_size that a float32 grid holds as 1 (a margin under 3e-8) is singular as t = 1 is
+        (for a float64 state's grid as well: the state's dtype is not known here), and where the interval would be empty or reversed (an SDE's last step longer than what is left
         after eps).
         """
         t0, t1 = 0.0, 1.0
@@ -102,7 +102,7 @@ class Transport:
         at_one = float(torch.tensor(t1_inside, dtype=torch.float32)) == 1
         margin, margin_name = (last_step_size, "last_step_size") if sde and last_step_size else (eps, which)
         at_one_refused = (f"{which} must be > 0 here" if margin == 0 else
-                          f"{margin_name} {margin:g} must be at least 6e-08 here (a float32 time grid holds "
+                          f"{margin_name} {margin:g} must be at least 3e-08 here (a float32 time grid holds "
                           f"1 - {margin:g} as 1)")
         if self.path_type == PathType.VP:
             t1 = t1_inside
@@ -110,8 +110,9 @@ class Transport:
                 what = ("the velocity from a noise model is singular" if self.model_type == ModelType.NOISE else
                         f"the SDE's drift with the {diffusion_form} diffusion is singular (with the sigma "
                         f"diffusion it is not)")
-                raise ValueError(f"{at_one_refused}: the VP path has sigma_t = 0 at t = 1, where "
-                                 f"{what}; upstream's default for VP is 1e-3")
+                default = ("upstream's default for VP is 1e-3" if margin_name == "sample_eps" else
+                           "upstream's default is 0.04")
+                raise ValueError(f"{at_one_refused}: the VP path has sigma_t = 0 at t = 1, where {what}; {default}")
             if not eval and t1 == 1 and self.model_type != ModelType.VELOCITY and self.loss_type != WeightType.NONE:
                 raise ValueError(f"train_eps must be > 0 here: the VP path has sigma_t = 0 at t = 1, where the "
                                  f"{self.loss_type.name.lower()} loss weight is infinite")
@@ -129,18 +130,16 @@ class Transport:
                     elif self.loss_type != WeightType.NONE:  # unweighted, the loss is finite at both ends
                         why.append(f"{what} has a {self.loss_type.name.lower()} loss weight that is infinite or "
                                    f"undefined at t = 0 and t = 1")
-                else:
-                    if needs_t0:
-                        why.append("the SBDM diffusion is infinite at t = 0 (another diffusion form is not)")
-                    if t1 == 1 and diffusion_form != "sigma":  # the sigma form's w_t / sigma_t is finite
-                        why.append(f"the {diffusion_form} diffusion's term, w_t times the score an SDE takes from "
-                                   f"a velocity model, is singular at t = 1 (a last step stops short of it; the "
-                                   f"sigma diffusion is finite there)")
+                elif needs_t0:
+                    why.append("the SBDM diffusion is infinite at t = 0 (another diffusion form is not)")
                 if why:
                     raise ValueError(f"{which} must be > 0 here: " + "; ".join(why))
-            if sde and at_one and margin > 0 and diffusion_form not in ("sigma", "SBDM"):
-                raise ValueError(f"{at_one_refused}: the {diffusion_form} diffusion's term, w_t times the score, is "
-                                 f"singular at t = 1 (the sigma diffusion is finite there)")
+            if sde and at_one and diffusion_form not in ("sigma", "SBDM"):  # their w_t / sigma_t is finite at t = 1
+                score = ("the score an SDE takes from a velocity model" if self.model_type == ModelType.VELOCITY else
+                         "the model's score")
+                raise ValueError(f"{at_one_refused}: the {diffusion_form} diffusion's term, w_t times {score}, is "
+                                 f"singular at t = 1 (a last step stops short of it; the sigma and SBDM diffusions "
+                                 f"are finite there)")
         if not t0 < t1:  # e.g. an SDE's last step from before its first time
             last = f" and last_step_size {last_step_size}" if sde and last_step_size else ""
             raise ValueError(f"{which} {eps}{last} leave no time to integrate over: the interval would be "
