@@ -1308,11 +1308,13 @@ def test_a_sampling_end_a_float32_grid_holds_as_1_is_refused_where_t_1_is_singul
                                                                                 num_steps=4),
             Sampler(create_transport("Linear")).sample_sde(diffusion_form="constant", last_step_size=6e-8, num_steps=4),
             Sampler(create_transport("VP")).sample_sde(diffusion_form="SBDM", last_step_size=6e-8, num_steps=4),
-            # where t = 1 is finite a tiny margin is taken as it was: an ODE of a score model, the sigma diffusion
+            # where t = 1 is finite a tiny margin is taken as it was: an ODE of a score model, the sigma diffusion,
+            # SBDM's off the VP path
             Sampler(create_transport("Linear", "score", sample_eps=1e-9)).sample_ode(sampling_method="heun",
                                                                                     num_steps=4),
             Sampler(create_transport("GVP")).sample_sde(sampling_method="Heun", diffusion_form="sigma",
-                                                        last_step_size=1e-9, num_steps=4)]
+                                                        last_step_size=1e-9, num_steps=4),
+            Sampler(create_transport("Linear")).sample_sde(diffusion_form="SBDM", last_step_size=1e-9, num_steps=4)]
     for sample in runs:
         torch.manual_seed(0)
         assert sample(x, model)[-1].isfinite().all()
