@@ -1605,6 +1605,10 @@ def test_bias_gelu_takes_strided_rows_and_no_rows():
     da, g, dbias = kernels.bias_gelu_backward(empty, bias, empty)
     assert da.shape == g.shape == (0, 24) and torch.equal(dbias, torch.zeros_like(bias))
     assert kernels.bias_gelu(empty, bias).shape == (0, 24)
+    empty = torch.randn(0, 3, 24, device=DEVICE)  # no rows in a leading shape of its own
+    da, g, dbias = kernels.bias_gelu_backward(empty, bias, empty)
+    assert da.shape == g.shape == (0, 3, 24) and torch.equal(dbias, torch.zeros_like(bias))
+    assert kernels.bias_gelu(empty, bias).shape == (0, 3, 24)
 
 
 @pytest.mark.parametrize("lead", [(), (3,), (2, 3), (0, 3)])
