@@ -2047,7 +2047,7 @@ def test_a_class_folder_without_images_is_named_in_a_warning(tmp_path, caplog):
 
 def test_a_latent_cache_given_as_the_data_path_is_named_as_one(tmp_path):
     """--data-path pointed at a latent cache (its shards and index.json, no class folders): the flag it
-    belongs to, not ImageFolder's layout."""
+    belongs to, not ImageFolder's layout. An index.json beside class folders is the image folder's own."""
     from sit_fast.data import CACHE_INDEX, DataError, find_images
 
     cache = tmp_path / "cache"
@@ -2060,6 +2060,10 @@ def test_a_latent_cache_given_as_the_data_path_is_named_as_one(tmp_path):
     os.remove(cache / CACHE_INDEX)
     with pytest.raises(DataError, match="has no class sub-folders"):
         find_images(str(cache))
+    make_image_folder(tmp_path / "data", classes=2, per_class=1)
+    (tmp_path / "data" / CACHE_INDEX).write_text("{}")  # an image folder's own index file beside its classes
+    samples, classes = find_images(str(tmp_path / "data"))
+    assert classes == ["class0", "class1"] and [label for _, label in samples] == [0, 1]
 
 
 def test_hidden_files_with_an_image_extension_are_left_out_with_a_warning(tmp_path, caplog):
