@@ -6324,6 +6324,38 @@ def test_a_tracker_package_missing_for_a_resumed_runs_own_flag_says_it_is_the_ru
         check_trackers(args)
 
 
+def test_a_run_with_wandb_resumed_where_wandb_is_missing_says_the_flag_is_the_runs(tmp_path, capsys, monkeypatch):
+    """train.py --resume of a run that logged with --wandb, where wandb is not installed: one line that names
+    the flag as the run's and --no-wandb, nothing written; given now, the flag is named as the command's."""
+    import types
+
+    class Run:
+        def define_metric(self, name, step_metric=None):
+            pass
+
+        def log(self, data):
+            pass
+
+        def finish(self, exit_code=0):
+            pass
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=lambda **kwargs: Run(), Image=None))
+    exp = tmp_path / "exp"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--ckpt-every", "1", "--wandb"])
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb raises ImportError
+    capsys.readouterr()
+    assert run_cli(["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2"]) == 2
+    line, _ = the_error_line(capsys)
+    resumed = exp / "checkpoints" / "0000001.pt"
+    assert line.startswith(f"error: the run being resumed ({resumed}) logs with --wandb, which needs the wandb "
+                           f"package ("), line
+    assert line.endswith(": pip install wandb, or pass --no-wandb to go on without it"), line
+    assert run_cli(["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2", "--wandb"]) == 2
+    line, _ = the_error_line(capsys)
+    assert line.startswith("error: --wandb needs the wandb package (") and line.endswith(": pip install wandb"), line
+    assert os.listdir(exp / "checkpoints") == ["0000001.pt"]
+
+
 def test_a_new_run_refuses_an_exp_dir_holding_checkpoints(tmp_path, capsys):
     """The same --exp-dir without --resume would overwrite the run's checkpoints of the same steps and
     leave its later ones for --resume auto to mix in: refused in one line, nothing touched."""
