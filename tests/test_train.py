@@ -2881,7 +2881,8 @@ def test_resuming_a_file_outside_a_run_folder_goes_on_in_a_new_one(tmp_path):
 
 def test_a_file_outside_a_run_folder_with_no_step_left_leaves_no_new_folder(tmp_path, capsys):
     """A copied checkpoint resumed at its end: nothing to train, said so, and the numbered folder made for
-    it removed (as for a run that fails before it starts), not left with a log.txt and no checkpoint."""
+    it removed (as for a run that fails before it starts), not left with a log.txt and no checkpoint; a
+    folder that was there before the run is kept."""
     first = train_main(BASE + ["--exp-dir", str(tmp_path / "first"), "--max-steps", "1"])
     shutil.copy(first["last_checkpoint"], tmp_path / "copy.pt")
     results = tmp_path / "results"
@@ -2890,6 +2891,13 @@ def test_a_file_outside_a_run_folder_with_no_step_left_leaves_no_new_folder(tmp_
     assert not results.exists()
     out = capsys.readouterr()
     assert "nothing to do: step 1 is at or past the end of the run" in out.out + out.err
+    results.mkdir()  # a --results-dir that was there: the numbered folder goes, the results dir stays
+    train_main(BASE + ["--results-dir", str(results), "--resume", str(tmp_path / "copy.pt")])
+    assert os.listdir(results) == []
+    mine = tmp_path / "mine"  # an --exp-dir that was there is not this run's to remove
+    mine.mkdir()
+    train_main(BASE + ["--exp-dir", str(mine), "--resume", str(tmp_path / "copy.pt")])
+    assert mine.is_dir() and "log.txt" in os.listdir(mine)
 
 
 def test_resume_auto_refuses_a_run_whose_checkpoints_all_fail_to_load(tmp_path):
