@@ -777,6 +777,15 @@ def test_a_resume_with_another_vae_precision_and_no_vae_encoding_the_batches_is_
         log = f.read()
     assert "resumed at step 1 (epoch 0, step 1 in it): exact" in log and "--vae-precision" not in log, log
     assert load_ckpt(os.path.join(exp, "checkpoints", "0000002.pt"))["args"]["vae_precision"] == "bf16"
+    _, _, cache = _built_cache(tmp_path)
+    exp = str(tmp_path / "cached")
+    train_main(["--latent-cache", cache, "--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "1",
+                "--sample-every", "none", "--exp-dir", exp, "--num-workers", "0", "--fused-kernels", "off",
+                "--no-progress"])
+    train_main(["--exp-dir", exp, "--resume", "auto", "--max-steps", "2", "--vae-precision", "bf16"])
+    with open(os.path.join(exp, "log.txt")) as f:
+        log = f.read()
+    assert "resumed at step 1 (epoch 0, step 1 in it): exact" in log and "--vae-precision" not in log, log
 
 
 def test_gradient_accumulation_gives_the_whole_batch_gradient(tmp_path):
