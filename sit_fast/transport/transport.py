@@ -89,10 +89,11 @@ class Transport:
         reverse swaps the direction: (1 - t0, 1 - t1).
         Raises ValueError where eps = 0 would put a singular end inside the interval (sampling a Linear
         or GVP score or noise model, or a VP noise model, a loss weight, SBDM's diffusion at t = 0, an
-        SDE's diffusion term at t = 1 but for the sigma form's), where a sampling end 1 - eps or
-        1 - last_step_size that a float32 grid holds as 1 (a margin under 3e-8) is singular as t = 1 is
-        (for a float64 state's grid as well: the state's dtype is not known here), and where the interval would be empty or reversed (an SDE's last step longer than what is left
-        after eps).
+        SDE's diffusion term at t = 1 but for the sigma and SBDM forms' off the VP path), where a
+        sampling end 1 - eps or 1 - last_step_size that a float32 grid holds as 1 (a margin under 3e-8)
+        is singular as t = 1 is (for a float64 state's grid as well: the state's dtype is not known
+        here), and where the interval would be empty or reversed (an SDE's last step longer than what
+        is left after eps).
         """
         t0, t1 = 0.0, 1.0
         eps = sample_eps if eval else train_eps
