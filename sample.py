@@ -1359,10 +1359,30 @@ def data_job_settings(setup: Setup, x) -> dict:
     args = setup.args
     settings = {**image_settings(args, setup), "data": None if args.data is None else os.path.abspath(args.data),
                 "dataset": args.dataset, "exact_divergence": args.exact_divergence,
-                "class_labels": args.class_labels, "items": len(x)}
+                "class_labels": args.class_labels, "items": len(x),
+                "ckpt_digest": checkpoint_digest(setup.info["path"]), "data_digest": data_digest(args.data, x)}
     if isinstance(x, DequantizedImages):  # noise drawn per item: a run that drew it otherwise differs
         settings["dequantization"] = "per item"
     return settings
+
+
+def data_digest(path: str | None, x) -> str | None:
+    """A short digest of what --data holds, so that a record tells apart two data sets written to one
+    path (an .npz or a folder's images made again): a file's file_fingerprint (see checkpoint_digest), a
+    folder's images' names and sizes; None for --dataset."""
+    if path is None:
+        return None
+    images = getattr(x, "images", None)
+    if not isinstance(images, ImageFiles):
+        return checkpoint_digest(path)
+
+    def size(name: str) -> int | None:
+        try:
+            return os.path.getsize(os.path.join(images.path, name))
+        except OSError:  # gone since the folder was listed: reading it fails later, in the run's words
+            return None
+
+    return hashlib.sha256(repr([(name, size(name)) for name in images.names]).encode()).hexdigest()[:16]
 
 
 FAILED = re.compile(r"failed-rank-(\d+)\.txt")  # BatchParts.failed's word

@@ -607,7 +607,7 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int, names: se
 
 
 # Settings recorded only since a later version: a record without them is compared on the rest.
-RECORDED_LATER = frozenset({"ckpt_digest"})
+RECORDED_LATER = frozenset({"ckpt_digest", "data_digest"})
 
 # The record's entries of what sets the outputs' rounding (check_settings: kept, not compared): that
 # of its first outputs, and the others a resumed job computed with since (add_arithmetic).

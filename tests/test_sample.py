@@ -3769,7 +3769,7 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
                                                   "1 now)")
     refused(argv + ["--class-labels", 1], f"--out {out}", "(class_labels: none there, [1] now)")
     torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
-    refused(argv, f"--out {out}", "(items: 5 there, 6 now)")
+    refused(argv, f"--out {out}", "(items: 5 there, 6 now; data_digest: ")
     np.savez(out, bpd=whole)
     refused(argv, f"--out {out}", "records no settings of a finished likelihood run")
     out.write_bytes(b"not an npz")  # without np.load's advice to load it unsafely
@@ -3868,6 +3868,52 @@ def test_a_resume_ignores_the_flags_its_solver_ignores(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(fixed + ["--num-sampling-steps", 4])
     assert "(num_sampling_steps: 3 there, 4 now)" in one_line_error(capsys)
+
+
+def test_a_data_job_tells_apart_checkpoints_and_data_written_to_one_path(files, tmp_path, capsys, monkeypatch):
+    """--likelihood's finished --out and --reverse's OUT.parts/ record what the checkpoint and --data hold, not
+    their paths alone: either made again at its path (a retrained run's checkpoint, a regenerated .npz, a
+    folder's images redrawn) is refused, where the old bpd were returned or two models' batches mixed."""
+    ckpt = tmp_path / "0000100.pt"
+    shutil.copy(files["pixel"], ckpt)
+    argv, out, _ = data_job("--likelihood", 4, files, tmp_path)
+    argv[argv.index("--ckpt") + 1] = ckpt
+    run(argv)
+    torch.save(torch.randn(4, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")  # other data: same path, same count
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert f"--out {out} holds the results of a run with other settings (data_digest: " in one_line_error(capsys)
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(folder / f"{i}.png")
+    argv, out, _ = data_job("--reverse", 4, files, tmp_path)
+    argv[argv.index("--ckpt") + 1] = ckpt
+    argv[argv.index("--data") + 1] = folder
+    parts = tmp_path / "z.pt.parts"
+    write = sample.BatchParts.write
+
+    def stop_after_the_first(parts_now, k, result):  # Ctrl-C as the second batch's noise is written
+        if k:
+            raise KeyboardInterrupt
+        return write(parts_now, k, result)
+
+    with monkeypatch.context() as patched, pytest.raises(SystemExit):
+        patched.setattr(sample.BatchParts, "write", stop_after_the_first)
+        run(argv)
+    assert sorted(os.listdir(parts)) == [".lock", "000000.pt", "settings.json"]
+    torch.save(random_sit(3, learn_sigma=False, seed=1).state_dict(), ckpt)  # retrained into the same file
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert "holds the results of a stopped run made with other settings (ckpt_digest: " in one_line_error(capsys)
+    shutil.copy(files["pixel"], ckpt)
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (8, 8, 3), np.uint8)).save(folder / "3.png")
+    with pytest.raises(SystemExit):
+        run(argv)
+    assert "(data_digest: " in one_line_error(capsys)
 
 
 def test_reverse_resumes_from_its_parts_after_a_crash(files, tmp_path, capsys, monkeypatch):
