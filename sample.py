@@ -128,7 +128,8 @@ NOT_FID_FLAGS = {"likelihood", "reverse", "data", "dataset", "exact_divergence",
 # Flags that do not change the images an FID folder holds (speed paths, where things go, how many).
 NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
                       "fused_kernels", "tf32", "data", "dataset", "likelihood", "exact_divergence", "class_labels",
-                      "vae_explicit", "transport_explicit", "prog"}
+                      "vae_explicit", "transport_explicit", "prog",
+                      "use_raw"}  # the weights it picks are recorded as "weights" (a file of one set has no others)
 
 # The transport flags taken from a checkpoint that records its training flags, when not given; else these.
 TRANSPORT_DEFAULTS = {"path_type": "Linear", "prediction": "velocity"}
@@ -685,10 +686,12 @@ def run_grid(setup: Setup) -> str:
 def settings_ignored(args: argparse.Namespace) -> set[str]:
     """The flags this sampler ignores: the step count of an adaptive ODE solver (its end state does
     not depend on it), the tolerances of a fixed-step one (but implicit_adams / fixed_adams), the
-    size of an SDE's last step when it takes none, and the guidance's channels and interval without
-    guidance."""
+    size of an SDE's last step when it takes none, the guidance's channels and interval without
+    guidance, and --vae-precision without a VAE."""
     # Without guidance (--cfg-scale 1, the FID default) no channel is guided, in no interval.
     unguided = {"cfg_channels", "cfg_interval"} if getattr(args, "cfg_scale", None) == 1 else set()
+    if getattr(args, "vae", None) == "none":  # pixel space: no VAE decodes or encodes at that precision
+        unguided |= {"vae_precision"}
     if args.mode != "ODE":
         return unguided | ({"last_step_size"} if args.last_step is None else set())
     ignored = unguided | ({"num_sampling_steps"} if adaptive_ode_method(args.sampling_method) else set())

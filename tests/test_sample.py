@@ -2327,6 +2327,25 @@ def test_an_fid_folder_resumes_with_its_checkpoint_named_from_another_folder(fil
     assert len(np.load(tmp_path / "s.npz")["arr_0"]) == 3
 
 
+def test_an_fid_folder_resumes_under_flags_that_pick_nothing_else(files, tmp_path, capsys):
+    """--use-raw on a file of one set of weights picks the same weights (recorded as such), and
+    --vae-precision in pixel space decodes nothing: a resume with either is not refused; a
+    --vae-precision that decodes the images is."""
+    argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
+            "--batch-size", 2, "--sample-dir", tmp_path / "s", *FAST]
+    run(argv + ["--num-fid-samples", 2])
+    capsys.readouterr()
+    run(argv + ["--num-fid-samples", 3, "--use-raw", "--vae-precision", "bf16"])
+    assert f"2 of 3 images already in {tmp_path / 's'}; sampling 1" in capsys.readouterr().out
+    latent = ["ODE", "--ckpt", files["latent"], "--vae", files["vae"], "--sampling-method", "euler",
+              "--num-sampling-steps", 2, "--batch-size", 2, "--sample-dir", tmp_path / "v", *FAST]
+    run(latent + ["--num-fid-samples", 2])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        run(latent + ["--num-fid-samples", 3, "--vae-precision", "bf16"])
+    assert "(vae_precision: 'fp32' there, 'bf16' now)" in one_line_error(capsys)
+
+
 def test_an_fid_folder_resumed_with_other_arithmetic_says_so_and_records_it(files, tmp_path, capsys):
     """--fused-kernels, --attn-backend and --compile change the images' rounding, not what is sampled: a
     resume with others is not refused, but said, with the flags that sampled the images there; the
