@@ -129,7 +129,8 @@ NOT_FID_FLAGS = {"likelihood", "reverse", "data", "dataset", "exact_divergence",
 NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
                       "fused_kernels", "tf32", "data", "dataset", "likelihood", "exact_divergence", "class_labels",
                       "vae_explicit", "transport_explicit", "prog",
-                      "use_raw"}  # the weights it picks are recorded as "weights" (a file of one set has no others)
+                      "use_raw",  # the weights it picks are recorded as "weights" (a file of one set has no others)
+                      "loss_weight", "train_eps"}  # training's alone: sampling and likelihoods take sample_eps
 
 # The transport flags taken from a checkpoint that records its training flags, when not given; else these.
 TRANSPORT_DEFAULTS = {"path_type": "Linear", "prediction": "velocity"}

@@ -2328,14 +2328,15 @@ def test_an_fid_folder_resumes_with_its_checkpoint_named_from_another_folder(fil
 
 
 def test_an_fid_folder_resumes_under_flags_that_pick_nothing_else(files, tmp_path, capsys):
-    """--use-raw on a file of one set of weights picks the same weights (recorded as such), and
-    --vae-precision in pixel space decodes nothing: a resume with either is not refused; a
-    --vae-precision that decodes the images is."""
+    """--use-raw on a file of one set of weights picks the same weights (recorded as such),
+    --vae-precision in pixel space decodes nothing, and --loss-weight and --train-eps are training's
+    alone: a resume with any is not refused; a --vae-precision that decodes the images is."""
     argv = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2,
             "--batch-size", 2, "--sample-dir", tmp_path / "s", *FAST]
     run(argv + ["--num-fid-samples", 2])
     capsys.readouterr()
-    run(argv + ["--num-fid-samples", 3, "--use-raw", "--vae-precision", "bf16"])
+    run(argv + ["--num-fid-samples", 3, "--use-raw", "--vae-precision", "bf16", "--loss-weight", "likelihood",
+                "--train-eps", 0.01])
     assert f"2 of 3 images already in {tmp_path / 's'}; sampling 1" in capsys.readouterr().out
     latent = ["ODE", "--ckpt", files["latent"], "--vae", files["vae"], "--sampling-method", "euler",
               "--num-sampling-steps", 2, "--batch-size", 2, "--sample-dir", tmp_path / "v", *FAST]
