@@ -1372,21 +1372,15 @@ def data_job_settings(setup: Setup, x) -> dict:
 
 def data_digest(path: str | None, x) -> str | None:
     """A short digest of what --data holds, so that a record tells apart two data sets written to one
-    path (an .npz or a folder's images made again): a file's file_fingerprint (see checkpoint_digest), a
-    folder's images' names and sizes; None for --dataset."""
+    path: a file's file_fingerprint (see checkpoint_digest: an .npz made again), a folder's image names
+    (another set of images; not their bytes, so that an image that stopped the run, truncated, can be
+    mended and the run resumed); None for --dataset."""
     if path is None:
         return None
     images = getattr(x, "images", None)
     if not isinstance(images, ImageFiles):
         return checkpoint_digest(path)
-
-    def size(name: str) -> int | None:
-        try:
-            return os.path.getsize(os.path.join(images.path, name))
-        except OSError:  # gone since the folder was listed: reading it fails later, in the run's words
-            return None
-
-    return hashlib.sha256(repr([(name, size(name)) for name in images.names]).encode()).hexdigest()[:16]
+    return hashlib.sha256(repr(list(images.names)).encode()).hexdigest()[:16]
 
 
 FAILED = re.compile(r"failed-rank-(\d+)\.txt")  # BatchParts.failed's word
