@@ -1029,6 +1029,11 @@ def job_data(setup: Setup):
     return data
 
 
+def names_digest(images: ImageFiles) -> str:
+    """The sha256 of a folder's image names, in order (names any bytes a filesystem allows)."""
+    return hashlib.sha256("\n".join(images.names).encode("utf-8", "surrogateescape")).hexdigest()
+
+
 def check_same_data(path: str, x, dist: DistInfo) -> None:
     """Under torchrun each process reads --data itself: a file must be rank 0's (file_fingerprint), a
     folder hold the images rank 0's does, by name (a node's own copy with an image fewer, or others,
@@ -1038,8 +1043,7 @@ def check_same_data(path: str, x, dist: DistInfo) -> None:
     if os.path.isfile(path):
         check_same_file(path, f"--data {path}", dist)
         return
-    names = "\n".join(x.images.names).encode("utf-8", "surrogateescape")
-    other, (_, main_count), _ = unlike_rank_0((hashlib.sha256(names).hexdigest(), len(x)), dist)
+    other, (_, main_count), _ = unlike_rank_0((names_digest(x.images), len(x)), dist)
     if other:
         rank, host, (_, count) = other[0]
         raise UserError(f"--data {path}: rank {rank} (on {host}) finds other images there than rank 0 does ({count} "
@@ -1380,7 +1384,7 @@ def data_digest(path: str | None, x) -> str | None:
     images = getattr(x, "images", None)
     if not isinstance(images, ImageFiles):
         return checkpoint_digest(path)
-    return hashlib.sha256(repr(list(images.names)).encode()).hexdigest()[:16]
+    return names_digest(images)[:16]
 
 
 FAILED = re.compile(r"failed-rank-(\d+)\.txt")  # BatchParts.failed's word
