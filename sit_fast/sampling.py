@@ -609,6 +609,11 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int, names: se
 # Settings recorded only since a later version: a record without them is compared on the rest.
 RECORDED_LATER = frozenset({"ckpt_digest", "data_digest"})
 
+# A setting recorded beside a digest of the file it names: where the record and the settings hold the
+# same digest, the same checkpoint under another path (moved, copied, or reached through a link) is
+# not a difference. A data folder's digest is of its image names alone, so --data keeps its path.
+NAMED_BY_DIGEST = {"ckpt": "ckpt_digest"}
+
 # The record's entries of what sets the outputs' rounding (check_settings: kept, not compared): that
 # of its first outputs, and the others a resumed job computed with since (add_arithmetic).
 ARITHMETIC, ARITHMETIC_LATER = "arithmetic", "arithmetic_later"
@@ -616,12 +621,18 @@ ARITHMETIC, ARITHMETIC_LATER = "arithmetic", "arithmetic_later"
 
 def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
     """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or "".
-    A setting the record lacks (written before it was kept) is "not recorded"; None, "none" (unset)."""
+    A setting the record lacks (written before it was kept) is "not recorded"; None, "none" (unset);
+    one of NAMED_BY_DIGEST is compared by its digest where both hold it."""
     def word(value) -> str:
         return "none" if value is None else repr(value)
 
+    def same_file(k: str) -> bool:
+        digest = NAMED_BY_DIGEST.get(k)
+        return digest is not None and recorded.get(digest) is not None and recorded.get(digest) == settings.get(digest)
+
     differ = [f"{k}: {word(recorded[k]) if k in recorded else 'not recorded'} there, {word(v)} now"
-              for k, v in settings.items() if recorded.get(k) != v and (k in recorded or k not in RECORDED_LATER)]
+              for k, v in settings.items()
+              if recorded.get(k) != v and (k in recorded or k not in RECORDED_LATER) and not same_file(k)]
     return "; ".join(differ[:most]) + (" ..." if len(differ) > most else "")
 
 

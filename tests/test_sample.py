@@ -2328,6 +2328,29 @@ def test_an_fid_folder_resumes_with_its_checkpoint_named_from_another_folder(fil
     assert len(np.load(tmp_path / "s.npz")["arr_0"]) == 3
 
 
+def test_an_fid_folder_resumes_with_its_checkpoint_moved_or_linked(files, tmp_path, capsys):
+    """The record's digest tells the checkpoint: the same file moved elsewhere, or reached through a
+    link, resumes the job; another file at the first path is still refused."""
+    first, moved = tmp_path / "a" / "0000100.pt", tmp_path / "b" / "0000100.pt"
+    first.parent.mkdir()
+    moved.parent.mkdir()
+    shutil.copy(files["pixel"], first)
+    argv = ["ODE", "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 2, "--batch-size", 2,
+            "--sample-dir", tmp_path / "s", *FAST]
+    run(argv + ["--ckpt", first, "--num-fid-samples", 2])
+    os.replace(first, moved)
+    capsys.readouterr()
+    run(argv + ["--ckpt", moved, "--num-fid-samples", 4])
+    assert f"2 of 4 images already in {tmp_path / 's'}; sampling 2" in capsys.readouterr().out
+    os.symlink(moved, tmp_path / "link.pt")
+    run(argv + ["--ckpt", tmp_path / "link.pt", "--num-fid-samples", 6])
+    assert f"4 of 6 images already in {tmp_path / 's'}; sampling 2" in capsys.readouterr().out
+    torch.save(random_sit(3, learn_sigma=False, seed=1).state_dict(), first)  # another model at the first path
+    with pytest.raises(SystemExit):
+        run(argv + ["--ckpt", first, "--num-fid-samples", 8])
+    assert "holds samples made with other settings (ckpt_digest: " in one_line_error(capsys)
+
+
 def test_an_fid_folder_resumes_under_flags_that_pick_nothing_else(files, tmp_path, capsys):
     """--use-raw on a file of one set of weights picks the same weights (recorded as such),
     --vae-precision in pixel space decodes nothing, and --loss-weight and --train-eps are training's
@@ -3273,6 +3296,12 @@ def test_settings_differences_name_a_setting_the_record_lacks():
     assert settings_differences({"vae": "ema"}, {"vae": None}) == "vae: 'ema' there, none now"
     assert settings_differences({"seed": 0}, {"seed": 0, "ckpt_digest": "ab"}) == ""
     assert settings_differences({"ckpt_digest": "ab"}, {"ckpt_digest": "cd"}) == "ckpt_digest: 'ab' there, 'cd' now"
+    # a checkpoint by its digest where both hold one: the same file elsewhere is the same, another is not
+    assert settings_differences({"ckpt": "/a.pt", "ckpt_digest": "ab"}, {"ckpt": "/b.pt", "ckpt_digest": "ab"}) == ""
+    assert settings_differences({"ckpt": "/a.pt", "ckpt_digest": "ab"}, {"ckpt": "/b.pt", "ckpt_digest": "cd"}) == (
+        "ckpt: '/a.pt' there, '/b.pt' now; ckpt_digest: 'ab' there, 'cd' now")
+    assert settings_differences({"ckpt": "/a.pt"}, {"ckpt": "/b.pt", "ckpt_digest": "ab"}) == (
+        "ckpt: '/a.pt' there, '/b.pt' now")  # a record without the digest: by the path
 
 
 def test_settings_differences_name_the_first_three_and_mark_more():
