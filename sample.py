@@ -48,13 +48,13 @@ Noise is never decoded: the ODE runs from the given data. With --out (--reverse 
 each batch's results are written to OUT.parts/ as it finishes, with the settings in settings.json;
 under torchrun the processes take the batches in turn, and the main one, which then waits for the
 others' batches, ends with one line (the batches finished kept) where another left word that it
-failed, or gave no heartbeat for 5 minutes (one killed on another node, of which nothing else
-tells it). The same command, with any number of
-processes, computes only the batches not there (batch k's seeds come from (--seed, k)), joins them
-into OUT and removes the folder. A finished likelihood --out is read, not recomputed; --reverse
-does not overwrite an OUT that exists (the noise records no settings). Under --compile or
---cuda-graphs, a job of more than one batch fills its short last batch to the batch size with
-copies of its own items, their results dropped, so that the one compiled shape serves every batch.
+failed, or gave no heartbeat for 5 minutes (one killed on another node, of which nothing else tells
+it). The same command, with any number of processes, computes only the batches not there (batch k's
+seeds come from --seed, k and the batch size), joins them into OUT and removes the folder. A
+finished likelihood --out is read, not recomputed; --reverse does not overwrite an OUT that exists
+(the noise records no settings). Under --compile or --cuda-graphs, a job of more than one batch
+fills its short last batch to the batch size with copies of its own items, their results dropped, so
+that the one compiled shape serves every batch.
 """
 from __future__ import annotations
 
