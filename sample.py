@@ -78,7 +78,9 @@ from fractions import Fraction
 import numpy as np
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, finite_float, integer, positive_int, random_seed, user_path
+from sit_fast.argtypes import (
+    OneLineArgumentParser, doc_paragraph, finite_float, integer, positive_int, random_seed, user_path,
+)
 from sit_fast.checkpoint import file_kind, infer_config, read_checkpoint, recorded_model_config, weights_only_refusal
 from sit_fast.distributed import (
     DistInfo, Liveness, agree, barrier, check_same_file, check_shared_path, cleanup, file_fingerprint, heartbeat,
@@ -240,7 +242,7 @@ FID_ONLY_DESCRIPTION = "Many images for FID (upstream sample_ddp.py's job): numb
 def build_parser(defaults: dict | None = None, prog: str | None = None) -> argparse.ArgumentParser:
     defaults = {**SAMPLE_DEFAULTS, **(defaults or {})}
     fid_only = defaults["num_fid_samples"] is not None  # sample_ddp.py
-    description = FID_ONLY_DESCRIPTION if fid_only else __doc__.split("\n\n")[0]
+    description = FID_ONLY_DESCRIPTION if fid_only else doc_paragraph(__doc__)
     parser = OneLineArgumentParser(prog=prog, description=description, allow_abbrev=False)
     modes = parser.add_subparsers(dest="mode", metavar="{ODE,SDE}", required=True,
                                   help="ODE: probability-flow ODE; SDE: reverse SDE")

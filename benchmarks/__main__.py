@@ -50,9 +50,9 @@ def suite_list(text: str) -> list[str]:
 
 
 def parse_args(argv: list[str] | None):
-    from sit_fast.argtypes import positive_float, random_seed, user_path
+    from sit_fast.argtypes import doc_paragraph, positive_float, random_seed, user_path
 
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[1],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=doc_paragraph(__doc__, 1),
                                      allow_abbrev=False)
     parser.add_argument("suite", type=suite_list, metavar="SUITE",
                         help="which suites to run: all (" + ", ".join(SUITES) + "), one of them, or several "

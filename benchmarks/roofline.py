@@ -41,7 +41,7 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
-from sit_fast.argtypes import positive_float, positive_int, user_path
+from sit_fast.argtypes import doc_paragraph, positive_float, positive_int, user_path
 
 # Ops whose time is FLOPs at the matmul ceiling (matched on the op name without overload).
 COMPUTE_OPS = ("mm", "addmm", "bmm", "baddbmm", "convolution", "convolution_backward", "_addmm_activation")
@@ -223,7 +223,7 @@ def figure(x: float, decimals: int = 0) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=__doc__.split("\n\n")[0],
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.roofline", description=doc_paragraph(__doc__),
                                      allow_abbrev=False)
     from sit_fast.models import SiT_models, model_config
 

@@ -98,6 +98,12 @@ def flag_meant(given: str, flags: list[str], most: int = 3) -> list[str]:
     return difflib.get_close_matches(given, flags, n=1, cutoff=0.75)
 
 
+def doc_paragraph(doc: str | None, index: int = 0) -> str | None:
+    """Paragraph `index` of a module's docstring, for its --help's description; None under python -OO,
+    which drops docstrings (the help then has none)."""
+    return doc.split("\n\n")[index] if doc else None
+
+
 def default_workers(most: int = 4) -> int:
     """Data-loader workers by default: `most` (upstream's 4), or the CPUs this process may use if
     fewer (more would only contend, and PyTorch warns)."""

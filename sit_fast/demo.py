@@ -35,11 +35,12 @@ RUN_ENTRIES = {"log.txt", "experiment.json", "checkpoints", "samples", "tensorbo
 
 def build_parser() -> argparse.ArgumentParser:
     from sit_fast.argtypes import (
-        OneLineArgumentParser, finite_float, fraction, user_path, positive_float, positive_int, random_seed,
+        OneLineArgumentParser, doc_paragraph, finite_float, fraction, user_path, positive_float, positive_int,
+        random_seed,
     )
     from sit_fast.models import SiT_models
 
-    parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=__doc__.split("\n\n")[0])
+    parser = OneLineArgumentParser(prog="python -m sit_fast.demo", description=doc_paragraph(__doc__))
     parser.add_argument("--out", type=user_path, default="demo_out",
                         help="output directory (its training run is started afresh)")
     parser.add_argument("--model", default="SiT-T/4", choices=list(SiT_models), metavar="MODEL",

@@ -181,9 +181,9 @@ def transport_note(found: dict, out: str) -> str | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from sit_fast.argtypes import OneLineArgumentParser, user_path
+    from sit_fast.argtypes import OneLineArgumentParser, doc_paragraph, user_path
 
-    parser = OneLineArgumentParser(prog="python -m sit_fast.export", description=__doc__.split("\n\n")[0],
+    parser = OneLineArgumentParser(prog="python -m sit_fast.export", description=doc_paragraph(__doc__),
                                    allow_abbrev=False)
     parser.add_argument("ckpt", type=user_path,
                         help="a train.py checkpoint, an upstream release file or a .safetensors file")

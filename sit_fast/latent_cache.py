@@ -48,7 +48,9 @@ quiet_ctrl_c_while_loading(__name__)  # python -m: a Ctrl-C while torch loads en
 
 import torch
 
-from sit_fast.argtypes import OneLineArgumentParser, default_workers, nonnegative_int, positive_int, user_path
+from sit_fast.argtypes import (
+    OneLineArgumentParser, default_workers, doc_paragraph, nonnegative_int, positive_int, user_path,
+)
 from sit_fast.data import (
     CACHE_FORMAT, CACHE_INDEX, CACHE_VERSION, DataError, ImageFolderDataset, UnreadableImage, close_loader,
     data_fingerprint, latent_cache_settings, load_cache_shard, make_loader, read_cache_index, worker_error,
@@ -74,7 +76,7 @@ STORAGE_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(description=__doc__.split("\n\n")[0], prog="python -m sit_fast.latent_cache")
+    parser = OneLineArgumentParser(description=doc_paragraph(__doc__), prog="python -m sit_fast.latent_cache")
     parser.add_argument("--data-path", type=user_path, help="ImageFolder root: DIR/<class>/<image> (required, "
                         "except with --verify)")
     parser.add_argument("--out", type=user_path, required=True, help="output directory of the cache")

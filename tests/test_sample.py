@@ -1002,6 +1002,23 @@ def test_flag_meant_lists_the_flags_a_shortened_one_begins():
     assert flag_meant("--bogus", flags) == []
 
 
+@pytest.mark.parametrize("module,argv", [("sample", ["ODE", "--help"]), ("sit_fast.export", ["--help"]),
+                                         ("sit_fast.latent_cache", ["--help"]), ("sit_fast.demo", ["--help"]),
+                                         ("benchmarks.roofline", ["--help"]), ("benchmarks.__main__", ["--help"])])
+def test_help_works_without_docstrings(module, argv, monkeypatch, capsys):
+    """python -OO drops docstrings (a module's __doc__ is None): the command lines whose description is a
+    paragraph of theirs still parse, with no description."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    monkeypatch.setattr(mod, "__doc__", None)
+    entry = {"benchmarks.roofline": "main", "benchmarks.__main__": "parse_args"}.get(module)
+    parse = getattr(mod, entry) if entry else mod.build_parser().parse_args
+    with pytest.raises(SystemExit) as ended:
+        parse(argv)
+    assert ended.value.code == 0 and "--help" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("kind,value", [("positive_float", "inf"), ("finite_float", "inf"), ("finite_float", "-inf"),
                                         ("nonnegative_float", "inf"), ("fraction", "-0.1"), ("fraction", "1.01"),
                                         ("positive_int", "0"), ("nonnegative_int", "-1"), ("end_margin", "-0.1"),
