@@ -321,8 +321,9 @@ def _holds_images(folder: str) -> bool:
 
 
 # Damaged, not an image, or past PIL's pixel limit: PIL raises SyntaxError for a chunk it cannot parse
-# once past the header ("broken PNG file"), DecompressionBombError (no OSError) past the pixel limit.
-UNREADABLE_IMAGE = (OSError, SyntaxError, Image.DecompressionBombError)
+# once past the header ("broken PNG file"), DecompressionBombError (no OSError) past the pixel limit, and
+# ValueError for a PPM header that is no number or a PNG's metadata (text, ICC profile) past its size limit.
+UNREADABLE_IMAGE = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
 class UnreadableImage(DataError):
@@ -367,6 +368,8 @@ def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
                 # data loader worker, naming no file) that a palette's per-entry alpha has no place in RGB or L.
                 return center_crop_arr(image.convert("RGBA").convert(mode), image_size)
             return center_crop_arr(to_8_bits(image, path).convert(mode), image_size)
+    except DataError:  # to_8_bits's, a ValueError too: its message names the image
+        raise
     except UNREADABLE_IMAGE as err:
         raise unreadable_image(path, err) from None
 

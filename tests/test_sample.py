@@ -3263,6 +3263,15 @@ def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):
         sample.ImageFiles(str(tmp_path), 8, 3).check([0])
 
 
+def test_an_image_whose_header_pil_refuses_with_a_value_error_is_named(tmp_path):
+    """A PPM whose header holds no number: PIL's ValueError, no OSError, named in one line."""
+    from sit_fast.errors import UserError
+
+    (tmp_path / "0.ppm").write_bytes(b"P6\n2x 4\n255\n" + bytes(24))
+    with pytest.raises(UserError, match=r"^cannot read image \S+0.ppm \(invalid literal .*\): remove or replace it$"):
+        sample.ImageFiles(str(tmp_path), 8, 3).check([0])
+
+
 def test_npz_data_is_memory_mapped_where_it_is_stored_uncompressed(tmp_path):
     """np.savez's archives (and the FID job's) are mapped, not read: a process reads only the rows it
     indexes; np.savez_compressed's are read whole. Both give the array."""

@@ -2270,6 +2270,26 @@ def test_an_image_past_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
         dataset.load(0, 0)
 
 
+def test_an_image_pil_refuses_with_a_value_error_is_a_data_error(tmp_path):
+    """PIL raises ValueError, no OSError, for a PNG whose metadata (an XMP packet, say) inflates past its
+    1 MiB limit and for a PPM whose header holds no number: named in one line, as a damaged image is."""
+    from PIL import PngImagePlugin
+
+    from sit_fast.data import DataError, ImageFolderDataset
+
+    os.makedirs(tmp_path / "a")
+    info = PngImagePlugin.PngInfo()
+    info.add_text("XML:com.adobe.xmp", "x" * (PngImagePlugin.MAX_TEXT_CHUNK + 1), zip=True)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a" / "0.png", pnginfo=info)
+    (tmp_path / "a" / "1.ppm").write_bytes(b"P6\n2x 4\n255\n" + bytes(24))
+    dataset = ImageFolderDataset(str(tmp_path), 4)
+    with pytest.raises(DataError, match=r"^cannot read image \S+0.png \(Decompressed data too large for "
+                                        r"PngImagePlugin.MAX_TEXT_CHUNK\): remove or replace it$"):
+        dataset.load(0, 0)
+    with pytest.raises(DataError, match=r"^cannot read image \S+1.ppm \(invalid literal .*\): remove or replace it$"):
+        dataset.load(1, 0)
+
+
 @pytest.fixture(scope="module")
 def digits_checkpoint(tmp_path_factory):
     exp = str(tmp_path_factory.mktemp("ckpt") / "run")
