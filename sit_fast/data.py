@@ -344,13 +344,21 @@ def unreadable_image(path: str, err: Exception) -> DataError:
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
+def tiff_bits(image: Image.Image) -> int | None:
+    """The bits per sample a TIFF's header gives (its BitsPerSample tag); None for other files."""
+    bits = getattr(image, "tag_v2", {}).get(258)
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    return bits if isinstance(bits, int) else None
+
+
 def to_8_bits(image: Image.Image, path: str) -> Image.Image:
     """A 16-bit (or 32-bit integer) one-channel image as 8-bit "L", 0..65535 to 0..255 (values past
-    65535 count as 65535); other modes as they are. A floating-point image ("F": no fixed range) is a
-    DataError naming it."""
+    65535 count as 65535; a 12-bit TIFF, which PIL reads as "I;16" holding 0..4095, 0..4095 to 0..255);
+    other modes as they are. A floating-point image ("F": no fixed range) is a DataError naming it."""
     if image.mode in HIGH_DEPTH_MODES:
+        top = 4095 if image.mode == "I;16" and tiff_bits(image) == 12 else 65535
         values = np.asarray(image, dtype=np.float64)
-        return Image.fromarray(np.clip(np.rint(values / 257.0), 0, 255).astype(np.uint8), "L")
+        return Image.fromarray(np.clip(np.rint(values / (top / 255)), 0, 255).astype(np.uint8), "L")
     if image.mode == "F":
         raise DataError(f"image {path} holds floating-point pixels (PIL mode F), which have no fixed range: "
                         "convert it to an 8- or 16-bit image")

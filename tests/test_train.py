@@ -1999,6 +1999,27 @@ def test_sixteen_bit_grayscale_images_are_scaled_to_eight_bits(tmp_path, mode):
         read_image(str(tmp_path / "f.tiff"), 6)
 
 
+def test_twelve_bit_grayscale_tiffs_are_scaled_from_their_own_range(tmp_path):
+    """PIL reads a 12-bit grayscale TIFF as "I;16" holding 0..4095: 4095 is white, not 16 (nearly black)."""
+    import struct
+
+    from sit_fast.data import read_image
+
+    values = np.array([[0, 4095, 2048, 100, 1, 4000]] * 6, dtype=np.uint16)
+    bits = "".join(f"{v:012b}" for v in values.ravel())  # 6 samples a row: whole bytes, no row padding
+    data = int(bits, 2).to_bytes(len(bits) // 8, "big")
+    tags = [(256, 6), (257, 6), (258, 12), (259, 1), (262, 1), (273, 0), (277, 1), (278, 6), (279, len(data))]
+    start = 8 + 2 + 12 * len(tags) + 4  # the pixels, after the header and the one directory
+    header = b"II*\0" + struct.pack("<IH", 8, len(tags)) + b"".join(
+        struct.pack("<HHII", tag, 4, 1, start if tag == 273 else value) for tag, value in tags)
+    (tmp_path / "g.tif").write_bytes(header + struct.pack("<I", 0) + data)
+    with Image.open(tmp_path / "g.tif") as opened:
+        assert opened.mode == "I;16" and np.asarray(opened).max() == 4095
+    expected = np.rint(values * (255 / 4095))
+    np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "g.tif"), 6, "L")), expected)
+    assert np.asarray(read_image(str(tmp_path / "g.tif"), 6, "L"))[0].tolist() == [0, 255, 128, 6, 0, 249]
+
+
 @pytest.mark.parametrize("transparency", [bytes([255, 0, 128, 255]), 2], ids=["alpha_per_entry", "one_entry"])
 def test_palette_images_with_transparency_are_read_as_their_colours_without_a_warning(tmp_path, transparency):
     """A palette PNG with transparency reads as its palette's colours (alpha dropped), in RGB and L, and
