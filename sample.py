@@ -1202,17 +1202,11 @@ class ImageFiles:
     def check(self, indices: list[int]) -> None:
         """Open the images `indices` (their headers only), so that a file that is no image stops a run
         before its work, not in the middle."""
-        from PIL import Image
-
-        from sit_fast.data import UNREADABLE_IMAGE, unreadable_image
+        from sit_fast.data import open_image
 
         with progress(len(indices), "checking images", "img", disable=len(indices) < 1000) as bar:
             for index in indices:
-                path = os.path.join(self.path, self.names[index])
-                try:
-                    Image.open(path).close()
-                except UNREADABLE_IMAGE as err:
-                    raise unreadable_image(path, err) from None
+                open_image(os.path.join(self.path, self.names[index])).close()
                 bar.update()
 
 

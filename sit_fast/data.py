@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import stat
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -339,6 +340,19 @@ def unreadable_image(path: str, err: Exception) -> DataError:
     return UnreadableImage(f"cannot read image {path} ({refusal(err)}): {fix}remove or replace it")
 
 
+def open_image(path: str) -> Image.Image:
+    """Image.open(path) (its header read); an UnreadableImage naming it where PIL cannot open it, or where
+    it is no regular file (a named pipe with an image's name: its read would wait for a writer, for ever)."""
+    try:
+        image = Image.open(path) if stat.S_ISREG(os.stat(path).st_mode) else None
+    except UNREADABLE_IMAGE as err:
+        raise unreadable_image(path, err) from None
+    if image is None:
+        raise UnreadableImage(f"cannot read image {path} (not a regular file: a named pipe or a device): "
+                              f"remove or replace it")
+    return image
+
+
 # One-channel modes holding more than 8 bits: PIL's convert to "L" or "RGB" clips their values to 255
 # (a 16-bit grayscale PNG comes out white); read_image scales them to 8 bits instead.
 HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
@@ -370,13 +384,13 @@ def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:
     grayscale scaled to 8 bits first; transparency dropped); a file PIL cannot read (a truncated one too:
     its header read, its pixels not) is a DataError naming it."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
             if image.mode == "P" and "transparency" in image.info:
                 # The palette's colours, as a convert from "P" gives them; through RGBA, PIL does not warn (once per
                 # data loader worker, naming no file) that a palette's per-entry alpha has no place in RGB or L.
                 return center_crop_arr(image.convert("RGBA").convert(mode), image_size)
             return center_crop_arr(to_8_bits(image, path).convert(mode), image_size)
-    except DataError:  # to_8_bits's, a ValueError too: its message names the image
+    except DataError:  # open_image's and to_8_bits's (ValueErrors too): their messages name the image
         raise
     except UNREADABLE_IMAGE as err:
         raise unreadable_image(path, err) from None

@@ -3272,6 +3272,33 @@ def test_an_image_whose_header_pil_refuses_with_a_value_error_is_named(tmp_path)
         sample.ImageFiles(str(tmp_path), 8, 3).check([0])
 
 
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
+def test_a_named_pipe_with_an_image_name_is_named_by_the_check_not_opened(tmp_path):
+    """Opening a named pipe waits for a writer: the check refuses it, naming it, without opening it."""
+    import threading
+
+    from sit_fast.errors import UserError
+
+    os.mkfifo(tmp_path / "0.png")
+    outcome = []
+
+    def check():
+        try:
+            sample.ImageFiles(str(tmp_path), 8, 3).check([0])
+        except UserError as err:
+            outcome.append(str(err))
+
+    checker = threading.Thread(target=check, daemon=True)
+    checker.start()
+    checker.join(10)
+    if checker.is_alive():  # waiting in open: a writer's open and close let it go on
+        with contextlib.suppress(OSError):  # ENXIO where no reader has it open
+            os.close(os.open(tmp_path / "0.png", os.O_WRONLY | os.O_NONBLOCK))
+        checker.join(60)
+    assert outcome == [f"cannot read image {tmp_path / '0.png'} (not a regular file: a named pipe or a device): "
+                       f"remove or replace it"]
+
+
 def test_npz_data_is_memory_mapped_where_it_is_stored_uncompressed(tmp_path):
     """np.savez's archives (and the FID job's) are mapped, not read: a process reads only the rows it
     indexes; np.savez_compressed's are read whole. Both give the array."""
