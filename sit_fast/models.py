@@ -581,7 +581,8 @@ class SiT(nn.Module):
         once per mode (grad or no grad, autocast dtype, attention backend, ...), which composes with
         DDP, autocast and gradient checkpointing. The model's compiled step is its own (an EMA
         deepcopy shares it): its recompilations do not count against other models' in the process.
-        For the whole model use torch.compile(model, fullgraph=True) instead. Returns self."""
+        For the whole model use model.compile(fullgraph=True) instead (in place: forward_with_cfg's pass
+        runs compiled too, which torch.compile(model)'s wrapper does not). Returns self."""
         compile_kwargs.setdefault("fullgraph", True)
         self._compiled_step = CompiledBlockStep(compile_kwargs)
         return self
@@ -840,7 +841,8 @@ class SiT(nn.Module):
         x holds the same latents twice: [x, x] with labels [y, null]. Upstream guides only the first
         3 channels (cfg_channels=3, kept so published numbers reproduce); cfg_channels="all" guides
         every channel, the standard formulation, as does a count at or above the model's channels
-        (3 on a 1-channel pixel model).
+        (3 on a 1-channel pixel model). The pass goes through the module's call, as a plain call of the
+        model does: a model compiled in place (model.compile()) runs it compiled, and its hooks run.
         """
         check_cfg_channels(cfg_channels)
         self.check_null_class("forward_with_cfg")
@@ -849,7 +851,7 @@ class SiT(nn.Module):
                              f"the batch must be even, got {len(x)}")
         half = x[: len(x) // 2]
         combined = torch.cat([half, half], dim=0)
-        model_out = self.forward(combined, t, y)
+        model_out = self(combined, t, y)  # not self.forward: that would skip model.compile()'s code
         n_guided = model_out.shape[1] if cfg_channels == "all" else cfg_channels
         eps, rest = model_out[:, :n_guided], model_out[:, n_guided:]
         cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)

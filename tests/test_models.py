@@ -297,6 +297,27 @@ def test_forward_with_cfg_takes_the_first_half_of_the_batch_for_both_passes():
     torch.testing.assert_close(drifted, same, rtol=0, atol=0)
 
 
+def test_forward_with_cfg_runs_a_model_compiled_in_place_compiled():
+    """model.compile() compiles the module's call: forward_with_cfg's pass goes through it (a call of
+    self.forward ran the whole guided forward eagerly, no graph compiled), with the eager result."""
+    from torch._dynamo.utils import counters
+
+    model = randomize_(tiny_sit()).eval()
+    x, t, y = inputs(model, 2)
+    x, t, y = torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, model.num_classes)])
+    with torch.no_grad():
+        eager = model.forward_with_cfg(x, t, y, 4.0)
+        torch._dynamo.reset()
+        counters.clear()
+        model.compile(backend="eager", fullgraph=True)
+        try:
+            compiled = model.forward_with_cfg(x, t, y, 4.0)
+            assert counters["stats"]["unique_graphs"] == 1
+        finally:
+            torch._dynamo.reset()
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+
 def test_grad_checkpointing_gives_same_gradients(monkeypatch):
     """The same gradients, with each block's step run again in the backward (what checkpointing is), in
     training only."""
