@@ -368,8 +368,15 @@ class CUDAGraphForward:
 
 
 def _given_modulation_weights(model: SiT, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """fn(*inputs, model's adaLN weights' concatenation), the concatenation made or reused eagerly."""
+    """fn(*inputs, model's adaLN weights' concatenation), the concatenation made or reused eagerly.
+
+    Each input is handed over as an inference tensor under inference mode and as a normal one outside
+    it (a copy where it is the other kind): compiled code is guarded on the kind, and a sampler run
+    under inference mode from latents made outside it calls the model first with a normal tensor,
+    then with inference tensors only, which compiled the forward twice."""
     def call(*inputs: torch.Tensor) -> torch.Tensor:
+        inference = torch.is_inference_mode_enabled()
+        inputs = tuple(x if x.is_inference() == inference else x.clone() for x in inputs)
         return fn(*inputs, model._modulation_weights())
 
     return call

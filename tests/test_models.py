@@ -838,6 +838,39 @@ def test_compiled_sampling_forwards_take_the_kept_modulation_weights():
     assert inputs_read and not [name for name in inputs_read if "adaln" in name.lower()], inputs_read
 
 
+@pytest.mark.parametrize("inference", [True, False], ids=["inference_mode", "no_grad"])
+def test_compiled_sampling_forwards_compile_once_for_inputs_of_either_kind(inference):
+    """A sampler under inference mode whose latents were made outside it calls the forward first with a
+    normal tensor, then with inference tensors (under no_grad, the other way round, latents made under
+    inference mode): ModelForwards(compile=True) hands the compiled code one kind, so it compiles once
+    (it compiled twice, guarded on the kind), with the eager results."""
+    from torch._dynamo.utils import counters
+
+    from sit_fast.sampling import ModelForwards
+
+    model = randomize_(tiny_sit()).eval().requires_grad_(False)
+    x, t, y = inputs(model)
+    y_pair = torch.cat([y, torch.full_like(y, model.num_classes)])
+    mode = torch.inference_mode if inference else torch.no_grad
+    with torch.inference_mode(not inference):
+        first = x.clone()  # the other kind of tensor than those made in `mode`
+    with mode():
+        expected = [model(x, t, y), ModelForwards(model, cfg_scale=2.0).guided(x, t, y_pair)]
+        torch._dynamo.reset()
+        counters.clear()
+        forwards = ModelForwards(model, cfg_scale=2.0, compile=True, compile_backend="eager")
+        try:
+            with torch._dynamo.config.patch(error_on_recompile=True):
+                outs = [forwards.conditional(first, t, y), forwards.guided(first, t, y_pair)]
+                later = x.clone()  # made in `mode`, as a sampler's later states are
+                outs += [forwards.conditional(later, t.clone(), y.clone()), forwards.guided(later, t, y_pair.clone())]
+            assert counters["stats"]["unique_graphs"] == 2  # one per forward
+        finally:
+            torch._dynamo.reset()
+    for out, want in zip(outs, expected * 2):
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+
+
 def test_compiled_sampling_forwards_of_one_process_do_not_share_a_recompile_limit():
     """Each ModelForwards(compile=True) counts its own recompilations: guarded on the model and the
     guidance scale, the forwards of a sweep over scales (or models) in one process were compiled from
