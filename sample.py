@@ -107,7 +107,7 @@ from sit_fast.sampling import (
 )
 from sit_fast.transport import (PATH_TYPES, PREDICTIONS, SAMPLE_EPS_DEFAULT, Sampler, add_ode_args, add_sde_args,
                                 add_transport_args, create_transport, in_flag_words)
-from sit_fast.transport.integrators import adaptive_ode_method, ode_method_uses_tolerances
+from sit_fast.transport.integrators import StepSizeUnderflow, adaptive_ode_method, ode_method_uses_tolerances
 from sit_fast.vae import VAE_ALIASES, recorded_vae_spec, same_encoder
 
 
@@ -1864,6 +1864,8 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         if is_out_of_memory(err):  # in a job, or in its setup (the model moved to the GPU, CUDA graphs captured)
             raise UserError(allocation_past_device(err, dist.device, size_flags(args))
                             or out_of_memory_advice(args, dist.device, memory_kind(err))) from None
+        if isinstance(err, StepSizeUnderflow):  # tolerances the state's precision cannot meet: the flags' to change
+            raise UserError(step_size_underflow_words(err)) from None
         if dist.world_size == 1 or not isinstance(err, RuntimeError) or not peer_ended(err):  # gloo's word at a
             raise  # collective that a process (failed in its setup, say) ended
         raise peer_failed(err) from None
@@ -1872,6 +1874,14 @@ def run_job(args: argparse.Namespace, dist: DistInfo):
         if (said := stop_words(err, dist)) is not None:  # rank 0, or one in its place
             print(f"\n{said}", file=sys.stderr)
         raise SystemExit(exit_status(err)) from None
+
+
+def step_size_underflow_words(err: StepSizeUnderflow) -> str:
+    """The adaptive solver's message with its method and tolerances named as the flags that set them."""
+    message = str(err).replace(f"{err.method}: ", f"--sampling-method {err.method}: ", 1)
+    tolerances = f"atol {err.atol:g} / rtol {err.rtol:g}"
+    message = message.replace(tolerances, tolerances.replace("atol", "--atol").replace("rtol", "--rtol"), 1)
+    return message.replace("a fixed-step method (euler, heun)", "a fixed-step --sampling-method (euler, heun)")
 
 
 def images_per_batch(args: argparse.Namespace) -> int:

@@ -676,6 +676,22 @@ def test_zero_tolerances_and_last_step_sizes(files, tmp_path, capsys, argv, erro
     assert one_line_error(capsys).startswith(error)
 
 
+@pytest.mark.parametrize("job", [[], ["--likelihood", "--data", "inputs.pt"]])
+def test_tolerances_an_adaptive_solver_cannot_meet_are_a_one_line_error(job, files, tmp_path, capsys, monkeypatch):
+    """An adaptive step size that falls to 0 (tolerances below what a float32 state can meet) names the
+    flags to change, in one line, not a traceback."""
+    monkeypatch.chdir(tmp_path)
+    torch.save(torch.zeros(2, 3, 8, 8), tmp_path / "inputs.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "dopri5", "--atol", 1e-30,
+             "--rtol", 1e-30, *FAST, *job])
+    assert exit_info.value.code == 2
+    err = one_line_error(capsys)
+    assert err.startswith("error: --sampling-method dopri5: the adaptive step size fell to 0 (underflow in dt"), err
+    assert "never met --atol 1e-30 / --rtol 1e-30 on this torch.float32 state" in err, err
+    assert err.endswith("or take a fixed-step --sampling-method (euler, heun)"), err
+
+
 def test_sde_step_count_error_names_the_flag(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["SDE", "--ckpt", files["pixel"], "--vae", "none", "--num-sampling-steps", 1,

@@ -96,6 +96,15 @@ def time_grid(t0: float, t1: float, num_points: int, like) -> torch.Tensor:
     return torch.linspace(t0, t1, num_points, device=x.device, dtype=dtype)
 
 
+class StepSizeUnderflow(RuntimeError):
+    """An adaptive ODE solver's step size fell to 0: its error estimate never met atol / rtol (tolerances
+    tighter than the state's precision, or a drift that is not finite). Its message names them."""
+
+    def __init__(self, message: str, method: str, atol: float, rtol: float):
+        super().__init__(message)
+        self.method, self.atol, self.rtol = method, atol, rtol
+
+
 def ode_euler(drift, x, t_grid, trajectory=False):
     """Explicit Euler: len(t_grid) - 1 steps, one drift call per step."""
     batch = _first(x).shape[0]
@@ -162,10 +171,10 @@ def ode_torchdiffeq(drift, x, t_grid, *, method, atol, rtol, trajectory=False):
         if "underflow in dt" not in str(err):
             raise
         coarse = "" if inner is x else f" (a {dtype} model's drift is coarse: a float32 one under autocast is finer)"
-        raise RuntimeError(f"{method}: the adaptive step size fell to 0 ({err}): the error estimate never met "
-                           f"atol {atol:g} / rtol {rtol:g} on this {dtype} state; check the model's outputs are "
-                           f"finite{coarse}, loosen the tolerances, or take a fixed-step method (euler, "
-                           f"heun)") from None
+        raise StepSizeUnderflow(f"{method}: the adaptive step size fell to 0 ({err}): the error estimate never "
+                                f"met atol {atol:g} / rtol {rtol:g} on this {dtype} state; check the model's outputs "
+                                f"are finite{coarse}, loosen the tolerances, or take a fixed-step method (euler, "
+                                f"heun)", method, atol, rtol) from None
     if isinstance(solution, tuple):
         indices = range(times.shape[0]) if trajectory else [-1]
         return [_like(tuple(part[i] for part in solution), x) for i in indices]
