@@ -147,7 +147,12 @@ def run(argv: list[str] | None) -> int:
         common.log(f"{key}: {environment[key]}")
     common.log(f"TRITON_INTERPRET={environment['triton_interpret']}, size {size.name}: {size.model_name}")
     command = ["python", "-m", "benchmarks", *(argv if argv is not None else sys.argv[1:])]
-    results = common.Results(args.out, environment, command=command)
+    try:  # a file there (--out results.json), or a folder that cannot be made: said before anything is measured
+        results = common.Results(args.out, environment, command=command)
+    except OSError as error:
+        print(f"error: --out {args.out}: cannot make the folder ({error.strerror or error}): pass a folder for "
+              f"results.json and results.md", file=sys.stderr)
+        return 2
     suites_left = os.path.join(args.out, SUITES_LEFT)
     results.setup = {"size": size.name, "variants": [v.name for v in variants],
                      "compile_backend": args.compile_backend or ("inductor" if device_type == "cuda" else "eager")}

@@ -1555,6 +1555,18 @@ def test_a_lost_cuda_context_stops_the_run_and_a_new_process_continues_it(tmp_pa
     assert not (tmp_path / "suites_left").exists()
 
 
+def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys):
+    """--out naming a file (results.json, say) or a path under one: one line and status 2, not a traceback."""
+    from benchmarks.__main__ import main
+
+    (tmp_path / "results.json").write_text("{}")
+    for out in (tmp_path / "results.json", tmp_path / "results.json" / "bench"):
+        assert main(["memory", "--device", "cpu", "--size", "tiny", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: --out {out}: cannot make the folder (") and err.count("\n") == 1, err
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
 def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys):
     from benchmarks.__main__ import main
 
