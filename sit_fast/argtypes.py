@@ -111,11 +111,20 @@ def default_workers(most: int = 4) -> int:
     return max(1, min(most, usable))
 
 
-def integer(value: str) -> int:
+def _int(value: str) -> int:
     try:
         return int(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
+
+
+def integer(value: str) -> int:
+    """An integer torch can hold (int64): a larger count or size was a traceback from deep inside torch
+    ("Overflow when unpacking long long"), after the model and the data had loaded."""
+    number = _int(value)
+    if not -2**63 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer between -2**63 and 2**63 - 1, got {value}")
+    return number
 
 
 def nonempty(value: str) -> str:
@@ -154,7 +163,7 @@ def torch_device(value: str) -> str:
 def random_seed(value: str) -> int:
     """A seed: an integer of at most 63 bits and a sign, so that no two seeds give one generator state
     (torch takes seeds modulo 2**64: 2**64 would be seed 0)."""
-    number = integer(value)
+    number = _int(value)
     if not -2**63 < number < 2**63:
         raise argparse.ArgumentTypeError(f"must be an integer between -(2**63 - 1) and 2**63 - 1, got {value}")
     return number

@@ -1039,7 +1039,9 @@ def test_help_works_without_docstrings(module, argv, monkeypatch, capsys):
                                         ("nonnegative_float", "inf"), ("fraction", "-0.1"), ("fraction", "1.01"),
                                         ("positive_int", "0"), ("nonnegative_int", "-1"), ("end_margin", "-0.1"),
                                         ("fraction_below_one", "-0.1"), ("random_seed", str(2**63)),
-                                        ("random_seed", str(-2**63))])
+                                        ("random_seed", str(-2**63)), ("integer", str(2**63)),
+                                        ("integer", str(-2**63 - 1)), ("positive_int", str(2**63)),
+                                        ("nonnegative_int", str(2**70))])
 def test_argument_types_refuse_infinity_and_values_past_their_ends(kind, value):
     from sit_fast import argtypes
 
@@ -1053,8 +1055,10 @@ def test_argument_types_take_the_ends_of_their_ranges_and_none_in_any_case():
     ends = [(argtypes.fraction, "0"), (argtypes.fraction, "1"), (argtypes.fraction_below_one, "0"),
             (argtypes.end_margin, "0"), (argtypes.nonnegative_float, "0"), (argtypes.nonnegative_int, "0"),
             (argtypes.positive_int, "1"), (argtypes.finite_float, "-1e300"), (argtypes.random_seed, str(2**63 - 1)),
-            (argtypes.random_seed, str(1 - 2**63))]
-    assert [convert(value) for convert, value in ends] == [0, 1, 0, 0, 0, 0, 1, -1e300, 2**63 - 1, 1 - 2**63]
+            (argtypes.random_seed, str(1 - 2**63)), (argtypes.integer, str(-2**63)),
+            (argtypes.positive_int, str(2**63 - 1))]
+    assert [convert(value) for convert, value in ends] == [0, 1, 0, 0, 0, 0, 1, -1e300, 2**63 - 1, 1 - 2**63, -2**63,
+                                                           2**63 - 1]
     unset = argtypes.or_none(argtypes.positive_int)
     assert [unset(value) for value in ("none", "None", "NONE", "3")] == [None, None, None, 3]
 
