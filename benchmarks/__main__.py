@@ -215,6 +215,7 @@ def run(argv: list[str] | None) -> int:
         results.write()
         common.log(f"{interrupts.what_stopped(err)} in the {suite} suite: its {len(results.records)} records are "
                    f"in {os.path.join(args.out, 'results.json')}")
+        err.stop_noted = True  # said: the program ends with the signal's status, without a traceback
         raise
 
     document = {"environment": environment, "setup": results.setup, "records": results.records}
@@ -301,4 +302,11 @@ def kernel_record(ctx, row: dict) -> dict:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt as stop:  # Ctrl-C or a stop signal: one line (the records kept), status 130 or 143
+        from sit_fast.interrupts import exit_status, what_stopped
+
+        if not getattr(stop, "stop_noted", False):
+            print(what_stopped(stop), file=sys.stderr)
+        sys.exit(exit_status(stop))

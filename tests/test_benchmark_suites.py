@@ -1567,6 +1567,28 @@ def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys)
     assert (tmp_path / "results.json").read_text() == "{}"
 
 
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
+def test_a_stopped_run_ends_with_its_line_and_the_signals_status_not_a_traceback(tmp_path, stop):
+    """python -m benchmarks stopped in a suite (the session's timeout, Ctrl-C): the line naming the records
+    kept, then the shell's status for the signal (143, 130), without a traceback."""
+    import signal
+
+    code = ("import os, runpy, signal, sys\n"
+            "os.environ.setdefault('TRITON_INTERPRET', '1')\n"
+            "from benchmarks import memory_suite\n"
+            f"memory_suite.run = lambda ctx: signal.raise_signal(signal.{stop})\n"
+            "sys.argv = ['benchmarks', *sys.argv[1:]]\n"
+            "runpy.run_module('benchmarks', run_name='__main__')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, "memory", "--device", "cpu", "--size", "tiny", "--out",
+                           str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root})
+    said = "stopped by SIGTERM" if stop == "SIGTERM" else "interrupted"
+    assert done.returncode == 128 + getattr(signal, stop), (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert f"{said} in the memory suite: its 0 records are in {tmp_path / 'results.json'}" in done.stdout, done.stdout
+
+
 def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys):
     from benchmarks.__main__ import main
 
