@@ -1557,10 +1557,12 @@ def kept_in_place_of_main(parts: BatchParts | None, interrupted: KeyboardInterru
 
 
 def say_kept(parts: BatchParts, count: int, total: int) -> int:
-    """The line on the `count` items whose results a stopped job keeps in OUT.parts/ (none: no line)."""
+    """The line on the `count` items whose results a stopped job keeps in OUT.parts/ (none: no line); all
+    of them there (a stop after the last batch), the rerun only writes OUT."""
     if count:
+        then = f"write {parts.folder.removesuffix('.parts')}" if count >= total else "compute the rest"
         print(f"the results of {count} of {total} items are kept in {parts.folder}: run the same command again "
-              f"to compute the rest")
+              f"to {then}")
     return count
 
 

@@ -3757,6 +3757,33 @@ def test_interrupted_likelihood_and_reverse_keep_the_finished_batches(job, files
     assert "kept" not in captured.out, captured.out
 
 
+@pytest.mark.parametrize("job", ["--likelihood", "--reverse"])
+def test_a_job_stopped_after_its_last_batch_says_the_rerun_writes_out(job, files, tmp_path, capsys, monkeypatch):
+    """A stop that comes once the last batch's results are in OUT.parts/ (under torchrun, while the main
+    process waits for the others'): every item is kept, and the rerun only joins them into OUT, which
+    the line says (not "to compute the rest", of which there is none)."""
+    argv, out, saved = data_job(job, 5, files, tmp_path)
+    real = sample.BatchParts.write
+
+    def write(self, k, result):
+        written = real(self, k, result)
+        if k == self.batches - 1:
+            raise KeyboardInterrupt
+        return written
+
+    monkeypatch.setattr(sample.BatchParts, "write", write)
+    with pytest.raises(SystemExit) as exit_info:
+        run(argv)
+    assert exit_info.value.code == 130 and not out.exists()
+    captured = capsys.readouterr()
+    assert (f"the results of 5 of 5 items are kept in {out}.parts: run the same command again to write {out}\n"
+            in captured.out), captured.out
+    monkeypatch.setattr(sample.BatchParts, "write", real)
+    run(argv)
+    assert "5 of 5 items already in" in capsys.readouterr().out and len(saved()) == 5
+    assert not os.path.exists(f"{out}.parts")
+
+
 # Each batch's results, once in OUT.parts/, are followed by 2 s of nothing ("batch"); "teardown" as a
 # stopped job reads the batches finished, 30 s before it does.
 SLOW_PARTS = """
