@@ -410,6 +410,9 @@ def _likely_fix(model, cfg: dict) -> str:
               if getattr(model, k, cfg[k]) != cfg[k]]
     if not differ or set(differ) & {"depth", "hidden_size", "patch_size", "input_size"}:
         return "wrong model or image size (--model, --image-size)?"
+    labels = getattr(model, "y_embedder", None)  # a label table of other rows too: else a re-initialised one next
+    if getattr(labels, "dropout_prob", 0) > 0 and labels.embedding_table.weight.shape[0] != cfg["num_classes"] + 1:
+        differ.append("num_classes")
     return "build the model with " + ", ".join(f"{k}={cfg[k]}" for k in differ)
 
 

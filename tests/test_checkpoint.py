@@ -200,6 +200,19 @@ def test_other_mismatches_name_keys_and_fix(tmp_path, change, expect, fix):
         assert "--model" not in message and "--image-size" not in message, message
 
 
+def test_a_mismatch_of_channels_and_classes_names_both_constructor_arguments(tmp_path):
+    """A pixel-space digits checkpoint (1 channel, 10 classes) and a model of the defaults (4 channels, 1000
+    classes): the fix names num_classes too, which would otherwise load with a re-initialised label table."""
+    torch.save(SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=10).state_dict(), tmp_path / "t.pt")
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(SiT_models["SiT-T/4"](input_size=8), tmp_path / "t.pt")
+    assert str(err.value).endswith("build the model with in_channels=1, num_classes=10)"), str(err.value)
+    with pytest.raises(CheckpointError) as err:  # the same classes: the channels alone
+        load_checkpoint(SiT_models["SiT-T/4"](input_size=8, num_classes=10), tmp_path / "t.pt")
+    assert str(err.value).endswith("build the model with in_channels=1)"), str(err.value)
+    load_checkpoint(SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=10), tmp_path / "t.pt")
+
+
 def test_mismatch_names_the_registry_model_the_checkpoint_is(tmp_path):
     torch.save(SiT_models["SiT-T/4"](input_size=8).state_dict(), tmp_path / "t.pt")
     with pytest.raises(CheckpointError, match=r"the checkpoint looks like SiT-T/4: depth 4, hidden 128, patch 4, "
