@@ -2758,6 +2758,25 @@ def test_ckpt_of_another_latent_space_names_the_flag(tmp_path, capsys, space, fi
     assert "build the model with" not in line
 
 
+@pytest.mark.parametrize("space", ["/vaes/gray-vae", "pixels"])
+def test_ckpt_of_another_latent_space_of_the_same_channels_is_warned_of(tmp_path, space):
+    """--ckpt weights trained on another VAE's latents of the data's channel count load (a fine-tune may
+    mean it), with a warning naming the flag that keeps its latent space, as a resume warns of it; none
+    for the same latent space."""
+    from sit_fast.models import SiT_models
+
+    weights = SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=10).state_dict()
+    path = str(tmp_path / "gray.pt")
+    torch.save({"model": weights, "ema": weights, "model_config": {"latent_space": space}}, path)
+    exp = tmp_path / "exp"
+    assert train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--ckpt", path])["step"] == 1
+    log = (exp / "log.txt").read_text()
+    warned = (f"--ckpt {path} was trained in the latent space of /vaes/gray-vae; this run trains in that of pixels: "
+              f"unless the two VAEs share an encoder, its weights start from another latent space (pass --vae "
+              f"/vaes/gray-vae to keep its own)")
+    assert (warned in log) == (space != "pixels") and (space != "pixels") == ("latent space of" in log), log
+
+
 @pytest.mark.parametrize("depth,hidden,patch,fix", [(4, 128, 2, "pass --model SiT-T/2"),
                                                     (3, 64, 4, "no registry model has its shapes")])
 def test_ckpt_of_another_model_names_the_flag(tmp_path, capsys, depth, hidden, patch, fix):

@@ -978,6 +978,12 @@ class Trainer:
             info.update(load_into_model(model, init_weights, source=args.ckpt))
             init_weights = None
             logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
+            space, now = (recorded_model_config(init_path) or {}).get("latent_space"), self.latent_space()
+            if isinstance(space, str) and space and not same_encoder(space, now):  # same channels: else refused above
+                flag = "--vae none" if space == "pixels" else f"--vae {space}"
+                logger.warning(f"--ckpt {args.ckpt} was trained in the latent space of {space}; this run trains in "
+                               f"that of {now}: unless the two VAEs share an encoder, its weights start from another "
+                               f"latent space (pass {flag} to keep its own)")
             if info["step"] is not None and info["optimizer"]:  # upstream's --ckpt meant "resume"; here a new run
                 logger.warning(f"--ckpt {args.ckpt} is a training checkpoint (step {info['step']}): this is a new "
                                f"run from its {info['weights']} weights at step 0, with a fresh optimizer; to "
