@@ -252,6 +252,9 @@ def infer_config(state_dict: dict[str, torch.Tensor]) -> dict:
     input_size, patch_size, in_channels, hidden_size, depth, learn_sigma, and num_classes assuming
     the label table has the extra "null" row that class dropout adds (as every released SiT has).
     A wrapper's state_dict (keys "module." / "_orig_mod.") is read as load_into_model reads it.
+    The head count is not among them (the weights fit any count that divides hidden_size): build the
+    model from its SiT_models entry (sit_fast.models.registry_name(depth, hidden_size, patch_size)
+    names it), not as SiT(**infer_config(...)), which takes SiT's default of 16 heads.
     """
     state_dict = given_state_dict(state_dict, "state_dict", "infer_config", "read_checkpoint(path)[0]")
     try:
