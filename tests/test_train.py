@@ -2005,7 +2005,7 @@ def test_twelve_bit_grayscale_tiffs_are_scaled_from_their_own_range(tmp_path):
 
     from sit_fast.data import read_image
 
-    values = np.array([[0, 4095, 2048, 100, 1, 4000]] * 6, dtype=np.uint16)
+    values = np.array([[0, 4095, 2048, 265, 1, 4000]] * 6, dtype=np.uint16)  # 265: 17 (16 from 0..4096)
     bits = "".join(f"{v:012b}" for v in values.ravel())  # 6 samples a row: whole bytes, no row padding
     data = int(bits, 2).to_bytes(len(bits) // 8, "big")
     tags = [(256, 6), (257, 6), (258, 12), (259, 1), (262, 1), (273, 0), (277, 1), (278, 6), (279, len(data))]
@@ -2017,7 +2017,7 @@ def test_twelve_bit_grayscale_tiffs_are_scaled_from_their_own_range(tmp_path):
         assert opened.mode == "I;16" and np.asarray(opened).max() == 4095
     expected = np.rint(values * (255 / 4095))
     np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "g.tif"), 6, "L")), expected)
-    assert np.asarray(read_image(str(tmp_path / "g.tif"), 6, "L"))[0].tolist() == [0, 255, 128, 6, 0, 249]
+    assert np.asarray(read_image(str(tmp_path / "g.tif"), 6, "L"))[0].tolist() == [0, 255, 128, 17, 0, 249]
 
 
 @pytest.mark.parametrize("transparency", [bytes([255, 0, 128, 255]), 2], ids=["alpha_per_entry", "one_entry"])
