@@ -1035,6 +1035,25 @@ def test_help_works_without_docstrings(module, argv, monkeypatch, capsys):
     assert ended.value.code == 0 and "--help" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("module,paragraph", [("sample", 0), ("sit_fast.export", 0), ("sit_fast.latent_cache", 0),
+                                              ("sit_fast.demo", 0), ("benchmarks.roofline", 0),
+                                              ("benchmarks.__main__", 1)])
+def test_help_describes_the_command_with_a_paragraph_of_its_docstring(module, paragraph, capsys):
+    """With docstrings, --help's description is the docstring's first paragraph (python -m benchmarks's
+    second: its first is the usage)."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    entry = {"benchmarks.roofline": "main", "benchmarks.__main__": "parse_args"}.get(module)
+    parse = getattr(mod, entry) if entry else mod.build_parser().parse_args
+    with pytest.raises(SystemExit) as ended:
+        parse(["--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    described = mod.__doc__.split("\n\n")
+    assert ended.value.code == 0 and " ".join(described[paragraph].split()) in out
+    assert not [other for i, other in enumerate(described) if i != paragraph and " ".join(other.split()) in out]
+
+
 @pytest.mark.parametrize("kind,value", [("positive_float", "inf"), ("finite_float", "inf"), ("finite_float", "-inf"),
                                         ("nonnegative_float", "inf"), ("fraction", "-0.1"), ("fraction", "1.01"),
                                         ("positive_int", "0"), ("nonnegative_int", "-1"), ("end_margin", "-0.1"),
@@ -3319,6 +3338,26 @@ def test_a_named_pipe_with_an_image_name_is_named_by_the_check_not_opened(tmp_pa
                        f"remove or replace it"]
 
 
+def test_the_check_reads_a_linked_image_and_names_one_removed_after_the_listing(tmp_path):
+    """A file that is a link to an image is that image, checked and read; an image removed after the
+    listing is named in one line, as one PIL refuses is."""
+    from sit_fast.errors import UserError
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
+    (tmp_path / "store").mkdir()
+    (tmp_path / "data").mkdir()
+    Image.fromarray(images[0]).save(tmp_path / "store" / "a.png")
+    os.symlink(tmp_path / "store" / "a.png", tmp_path / "data" / "0.png")
+    Image.fromarray(images[1]).save(tmp_path / "data" / "1.png")
+    files = sample.ImageFiles(str(tmp_path / "data"), 8, 3)
+    files.check([0, 1])
+    np.testing.assert_array_equal(files[:], images)
+    os.remove(tmp_path / "data" / "1.png")
+    with pytest.raises(UserError, match=r"^cannot read image \S+1.png \(No such file or directory, ENOENT\): "
+                                        r"remove or replace it$"):
+        files.check([1])
+
+
 def test_npz_data_is_memory_mapped_where_it_is_stored_uncompressed(tmp_path):
     """np.savez's archives (and the FID job's) are mapped, not read: a process reads only the rows it
     indexes; np.savez_compressed's are read whole. Both give the array."""
@@ -3375,6 +3414,10 @@ def test_settings_differences_name_a_setting_the_record_lacks():
         "ckpt: '/a.pt' there, '/b.pt' now; ckpt_digest: 'ab' there, 'cd' now")
     assert settings_differences({"ckpt": "/a.pt"}, {"ckpt": "/b.pt", "ckpt_digest": "ab"}) == (
         "ckpt: '/a.pt' there, '/b.pt' now")  # a record without the digest: by the path
+    assert settings_differences({"ckpt": "/a.pt"}, {"ckpt": "/b.pt"}) == "ckpt: '/a.pt' there, '/b.pt' now"
+    # a data folder's digest is of its image names alone: another folder of those names is other data
+    assert settings_differences({"data": "/a", "data_digest": "ab"}, {"data": "/b", "data_digest": "ab"}) == (
+        "data: '/a' there, '/b' now")
 
 
 def test_settings_differences_name_the_first_three_and_mark_more():
