@@ -115,7 +115,7 @@ def run(argv: list[str] | None) -> int:
     device = torch.device(device_type)
     size = common.SIZES[args.size or ("full" if device_type == "cuda" else "tiny")]()
     variants = common.VARIANTS
-    if args.variants:
+    if args.variants is not None:  # "" or "ours," names no variant: refused, not read as all four
         unknown = [n for n in args.variants.split(",") if n not in common.VARIANTS_BY_NAME]
         if unknown:
             print(f"error: unknown variants {unknown}; choose from {list(common.VARIANTS_BY_NAME)}", file=sys.stderr)

@@ -1631,6 +1631,9 @@ def test_a_device_or_variants_it_cannot_run_are_refused_before_any_suite(tmp_pat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["memory", "--device", "cpu", "--size", "tiny", "--variants", "ours,fast", "--out", str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith("error: unknown variants ['fast']; choose from ['reference', ")
+    for empty in ("", "ours,"):  # no variant named: refused, not all four measured
+        assert main(["memory", "--device", "cpu", "--size", "tiny", "--variants", empty, "--out", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.startswith("error: unknown variants ['']; choose from ['reference', ")
     assert os.listdir(tmp_path) == []
 
 
