@@ -617,8 +617,10 @@ def pending_chunks(sample_dir: str, num_samples: int, chunk_size: int, names: se
 RECORDED_LATER = frozenset({"ckpt_digest", "data_digest"})
 
 # A setting recorded beside a digest of the file it names: where the record and the settings hold the
-# same digest, the same checkpoint under another path (moved, copied, or reached through a link) is
-# not a difference. A data folder's digest is of its image names alone, so --data keeps its path.
+# same digest and the file named now is a zip archive (torch.save's format, whose digest is of every
+# entry's CRC-32), the same checkpoint under another path (moved, copied, or reached through a link) is
+# not a difference. Any other file's digest samples blocks of it, and a data folder's is of its image
+# names alone, so those keep their path.
 NAMED_BY_DIGEST = {"ckpt": "ckpt_digest"}
 
 # The record's entries of what sets the outputs' rounding (check_settings: kept, not compared): that
@@ -629,13 +631,14 @@ ARITHMETIC, ARITHMETIC_LATER = "arithmetic", "arithmetic_later"
 def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
     """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or "".
     A setting the record lacks (written before it was kept) is "not recorded"; None, "none" (unset);
-    one of NAMED_BY_DIGEST is compared by its digest where both hold it."""
+    one of NAMED_BY_DIGEST is compared by its digest where both hold it and it names a zip archive."""
     def word(value) -> str:
         return "none" if value is None else repr(value)
 
     def same_file(k: str) -> bool:
         digest = NAMED_BY_DIGEST.get(k)
-        return digest is not None and recorded.get(digest) is not None and recorded.get(digest) == settings.get(digest)
+        return (digest is not None and recorded.get(digest) is not None and recorded.get(digest) == settings.get(digest)
+                and isinstance(settings.get(k), str) and zipfile.is_zipfile(settings[k]))
 
     differ = [f"{k}: {word(recorded[k]) if k in recorded else 'not recorded'} there, {word(v)} now"
               for k, v in settings.items()

@@ -3401,15 +3401,22 @@ def test_pending_chunks_stop_at_the_sample_count(tmp_path):
     assert pending_chunks(str(tmp_path / "none"), 7, 2) == [0, 1, 2, 3]
 
 
-def test_settings_differences_name_a_setting_the_record_lacks():
+def test_settings_differences_name_a_setting_the_record_lacks(tmp_path):
     """Only the settings recorded since a later version (the checkpoint's digest) may be missing."""
     assert settings_differences({"seed": 0}, {"seed": 0, "cfg_scale": 4.0}) == "cfg_scale: not recorded there, 4.0 now"
     assert settings_differences({"vae": None}, {"vae": "ema"}) == "vae: none there, 'ema' now"
     assert settings_differences({"vae": "ema"}, {"vae": None}) == "vae: 'ema' there, none now"
     assert settings_differences({"seed": 0}, {"seed": 0, "ckpt_digest": "ab"}) == ""
     assert settings_differences({"ckpt_digest": "ab"}, {"ckpt_digest": "cd"}) == "ckpt_digest: 'ab' there, 'cd' now"
-    # a checkpoint by its digest where both hold one: the same file elsewhere is the same, another is not
-    assert settings_differences({"ckpt": "/a.pt", "ckpt_digest": "ab"}, {"ckpt": "/b.pt", "ckpt_digest": "ab"}) == ""
+    # a checkpoint by its digest where both hold one and it is a zip archive (torch.save's): the same
+    # file elsewhere is the same, another is not; a file of another format (its digest sampled) by its path
+    archive, other = str(tmp_path / "b.pt"), str(tmp_path / "b.safetensors")
+    torch.save({"w": torch.zeros(1)}, archive)
+    with open(other, "wb") as f:
+        f.write(b"\0" * 64)
+    assert settings_differences({"ckpt": "/a.pt", "ckpt_digest": "ab"}, {"ckpt": archive, "ckpt_digest": "ab"}) == ""
+    assert settings_differences({"ckpt": "/a.pt", "ckpt_digest": "ab"}, {"ckpt": other, "ckpt_digest": "ab"}) == (
+        f"ckpt: '/a.pt' there, {other!r} now")
     assert settings_differences({"ckpt": "/a.pt", "ckpt_digest": "ab"}, {"ckpt": "/b.pt", "ckpt_digest": "cd"}) == (
         "ckpt: '/a.pt' there, '/b.pt' now; ckpt_digest: 'ab' there, 'cd' now")
     assert settings_differences({"ckpt": "/a.pt"}, {"ckpt": "/b.pt", "ckpt_digest": "ab"}) == (
