@@ -4074,6 +4074,29 @@ def _built_cache(tmp_path) -> tuple[str, str, str]:
     return images, vae_dir, out
 
 
+def test_ckpt_of_another_latent_space_names_the_cache_to_train_on_under_a_latent_cache(tmp_path, capsys):
+    """Under --latent-cache the cache's VAE sets the latent space (--vae decodes the grids alone): --ckpt
+    weights of another latent space are told of with the cache to build, not a --vae to pass."""
+    from sit_fast.models import SiT_models
+
+    _, vae_dir, cache = _built_cache(tmp_path)
+    args = ["--latent-cache", cache, "--model", "SiT-T/4", "--global-batch-size", "2", "--max-steps", "1",
+            "--sample-every", "none", "--num-workers", "0", "--fused-kernels", "off", "--no-progress"]
+    weights = SiT_models["SiT-T/4"](input_size=8, in_channels=4, num_classes=2).state_dict()
+    path = str(tmp_path / "other.pt")
+    torch.save({"model": weights, "ema": weights, "model_config": {"latent_space": "/vaes/other"}}, path)
+    exp = tmp_path / "exp"
+    assert train_main(args + ["--exp-dir", str(exp), "--ckpt", path])["step"] == 1
+    assert ("its weights start from another latent space (train on a latent cache built with --vae /vaes/other to "
+            "keep its own)") in (exp / "log.txt").read_text()
+    weights = SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=2).state_dict()
+    torch.save({"model": weights, "ema": weights, "model_config": {"latent_space": "pixels"}}, path)
+    assert run_cli(args + ["--exp-dir", str(tmp_path / "exp2"), "--ckpt", path]) == 2
+    line, _ = the_error_line(capsys)
+    assert line.endswith("train on the images with --vae none, not on a latent cache (it was trained in pixel space)"), (
+        line)
+
+
 def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp_path, capsys):
     from sit_fast import latent_cache
 

@@ -601,6 +601,15 @@ class LogWindow:
         return timed / elapsed if timed else self.steps / (elapsed + self.untimed_s)
 
 
+def keep_latent_space(space: str, latent_cache: bool) -> str:
+    """How a run trains in the latent space `space` (a VAE spec, or "pixels") of --ckpt's weights: the
+    --vae to pass, or with --latent-cache (whose VAE sets the latent space: --vae decodes the grids
+    alone) the cache to train on."""
+    if space == "pixels":
+        return "train on the images with --vae none, not on a latent cache" if latent_cache else "pass --vae none"
+    return f"train on a latent cache built with --vae {space}" if latent_cache else f"pass --vae {space}"
+
+
 def data_source(args: argparse.Namespace) -> str:
     """What the run reads, for the resume check: the dataset and its absolute location."""
     if args.latent_cache is not None:
@@ -955,10 +964,13 @@ class Trainer:
                 if found["in_channels"] != channels:  # the model's channels are the data's: a flag changes them
                     space, now = (recorded_model_config(init_path) or {}).get("latent_space"), self.latent_space()
                     gray = found["in_channels"] == 1 and now == "pixels" and args.dataset == "imagefolder"
+                    cached = args.latent_cache is not None
+                    why = " (it was trained in pixel space)" if space == "pixels" else " (its latent space)"
                     fix = ("pass --in-channels 1 (an image folder is then read as gray)" if gray and space in (None, now)
                            else f"it was trained on {found['in_channels']}-channel images" if space == now == "pixels"
-                           else "pass --vae none (it was trained in pixel space)" if space == "pixels"
-                           else f"pass --vae {space} (its latent space)" if isinstance(space, str) and space
+                           else keep_latent_space(space, cached) + why if isinstance(space, str) and space
+                           else "use a latent cache built with the VAE it was trained with (or its images with --vae "
+                                "none for a pixel-space model)" if cached
                            else "use the --vae it was trained with (--vae none for a pixel-space model)")
                     raise UserError(f"--ckpt {args.ckpt} takes {found['in_channels']}-channel inputs, the data here "
                                     f"has {channels} ({'images' if now == 'pixels' else 'latents of ' + now}): {fix}")
@@ -980,10 +992,10 @@ class Trainer:
             logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
             space, now = (recorded_model_config(init_path) or {}).get("latent_space"), self.latent_space()
             if isinstance(space, str) and space and not same_encoder(space, now):  # same channels: else refused above
-                flag = "--vae none" if space == "pixels" else f"--vae {space}"
+                keep = keep_latent_space(space, args.latent_cache is not None)
                 logger.warning(f"--ckpt {args.ckpt} was trained in the latent space of {space}; this run trains in "
                                f"that of {now}: unless the two VAEs share an encoder, its weights start from another "
-                               f"latent space (pass {flag} to keep its own)")
+                               f"latent space ({keep} to keep its own)")
             if info["step"] is not None and info["optimizer"]:  # upstream's --ckpt meant "resume"; here a new run
                 logger.warning(f"--ckpt {args.ckpt} is a training checkpoint (step {info['step']}): this is a new "
                                f"run from its {info['weights']} weights at step 0, with a fresh optimizer; to "
