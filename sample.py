@@ -1478,6 +1478,8 @@ class BatchParts:
         was stopped (a stop signal sent to its node alone)."""
         if isinstance(err, KeyboardInterrupt):
             line = f"was {what_stopped(err)}"
+        elif isinstance(err, StepSizeUnderflow):  # in the flags' words, as the main process says its own
+            line = "failed: " + step_size_underflow_words(err)
         else:
             line = "failed: " + (str(err) if isinstance(err, UserError) else f"{type(err).__name__}: {first_line(err)}")
         with contextlib.suppress(OSError):

@@ -4487,6 +4487,25 @@ def test_the_main_process_hears_that_another_process_failed(tmp_path, monkeypatc
     sample.stopped_word(again, None, dist[3])  # not stopped: no word
     assert sorted(os.listdir(again.folder)) == [".lock", "failed-rank-3.txt", "settings.json"]
 
+    # An adaptive solver's step size fallen to 0 there: said in the flags' words, as rank 0 says its own.
+    from sit_fast.transport.integrators import StepSizeUnderflow
+
+    os.remove(os.path.join(again.folder, "failed-rank-3.txt"))
+    underflow = StepSizeUnderflow("dopri5: the adaptive step size fell to 0 (underflow in dt 0.0): the error estimate "
+                                  "never met atol 1e-30 / rtol 1e-30", "dopri5", 1e-30, 1e-30)
+    with pytest.raises(StepSizeUnderflow):
+        with sample.unused_parts_removed(again, dist[3]):
+            raise underflow
+    with pytest.raises(UserError) as error:
+        again.wait(bar)
+    assert str(error.value).startswith("rank 3 failed: --sampling-method dopri5: the adaptive step size fell to 0 "
+                                       "(underflow in dt 0.0): the error estimate never met --atol 1e-30 / --rtol "
+                                       "1e-30; the batches finished are kept in "), str(error.value)
+    import pickle
+
+    copy = pickle.loads(pickle.dumps(underflow))  # pickled with its arguments
+    assert (str(copy), copy.method, copy.atol, copy.rtol) == (str(underflow), "dopri5", 1e-30, 1e-30)
+
 
 def test_the_main_process_ends_its_wait_when_another_process_heartbeat_stops(tmp_path, monkeypatch):
     """A process killed on another node leaves no word in OUT.parts/: rank 0, waiting for its batches, ends

@@ -104,6 +104,9 @@ class StepSizeUnderflow(RuntimeError):
         super().__init__(message)
         self.method, self.atol, self.rtol = method, atol, rtol
 
+    def __reduce__(self):  # pickled (sent between processes) with the arguments __init__ takes
+        return type(self), (self.args[0], self.method, self.atol, self.rtol)
+
 
 def ode_euler(drift, x, t_grid, trajectory=False):
     """Explicit Euler: len(t_grid) - 1 steps, one drift call per step."""
