@@ -118,12 +118,13 @@ def _int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
 
 
-def integer(value: str) -> int:
+def integer(value: str, least: int = -2**63, words: str = "an integer between -2**63 and 2**63 - 1") -> int:
     """An integer torch can hold (int64): a larger count or size was a traceback from deep inside torch
-    ("Overflow when unpacking long long"), after the model and the data had loaded."""
+    ("Overflow when unpacking long long"), after the model and the data had loaded. `least` and `words`:
+    a narrower range's lower end, and how the message names the range."""
     number = _int(value)
-    if not -2**63 <= number < 2**63:
-        raise argparse.ArgumentTypeError(f"must be an integer between -2**63 and 2**63 - 1, got {value}")
+    if not least <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
     return number
 
 
@@ -177,17 +178,11 @@ def real(value: str) -> float:
 
 
 def positive_int(value: str) -> int:
-    number = integer(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {value}")
-    return number
+    return integer(value, 1, "a positive integer" if _int(value) < 1 else "at most 2**63 - 1")
 
 
 def nonnegative_int(value: str) -> int:
-    number = integer(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
-    return number
+    return integer(value, 0, "0 or more" if _int(value) < 0 else "at most 2**63 - 1")
 
 
 def positive_float(value: str) -> float:

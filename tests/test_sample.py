@@ -1064,8 +1064,11 @@ def test_help_describes_the_command_with_a_paragraph_of_its_docstring(module, pa
 def test_argument_types_refuse_infinity_and_values_past_their_ends(kind, value):
     from sit_fast import argtypes
 
-    with pytest.raises(argparse.ArgumentTypeError, match=f", got {value}$"):
+    with pytest.raises(argparse.ArgumentTypeError, match=f", got {value}$") as error:
         getattr(argtypes, kind)(value)
+    if kind in ("positive_int", "nonnegative_int"):  # the end passed, not int64's whole range
+        below = {"positive_int": "a positive integer", "nonnegative_int": "0 or more"}[kind]
+        assert str(error.value) == f"must be {below if int(value) < 2**63 else 'at most 2**63 - 1'}, got {value}"
 
 
 def test_argument_types_take_the_ends_of_their_ranges_and_none_in_any_case():
