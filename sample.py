@@ -1617,11 +1617,11 @@ def run_likelihood(setup: Setup) -> np.ndarray:
 
     With --out, the per-batch results are kept in OUT.parts/ as they come (BatchParts), the batches
     are shared by the processes under torchrun, and the same command resumes with the batches left:
-    the Hutchinson probes depend on (--seed, batch index), so the results are those of an
-    uninterrupted run with the same flags (--compile or --cuda-graphs, not among the settings
-    compared, fill a short last batch (fill_to): on CUDA its items then draw other probes, another
-    estimate as good). A finished --out is read, not recomputed. Returns the bpd (on the main process;
-    the other processes return an empty array)."""
+    the Hutchinson probes depend on (--seed, the batch index and the batch size), so the results are
+    those of an uninterrupted run with the same flags (--compile or --cuda-graphs, not among the
+    settings compared, fill a short last batch (fill_to): on CUDA its items then draw other probes,
+    another estimate as good). A finished --out is read, not recomputed. Returns the bpd (on the
+    main process; the other processes return an empty array)."""
     args, dist = setup.args, setup.dist
     out = likelihood_out(args)
     x, offset, space = job_data(setup)

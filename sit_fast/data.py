@@ -348,7 +348,7 @@ def open_image(path: str) -> Image.Image:
     except UNREADABLE_IMAGE as err:
         raise unreadable_image(path, err) from None
     if image is None:
-        raise UnreadableImage(f"cannot read image {path} (not a regular file: a named pipe or a device): "
+        raise UnreadableImage(f"cannot read image {path} (not a regular file: a named pipe, a socket or a device): "
                               f"remove or replace it")
     return image
 

@@ -2338,7 +2338,7 @@ def test_a_named_pipe_with_an_image_name_is_a_data_error_not_a_read_that_waits_f
         with contextlib.suppress(OSError):  # ENXIO where no reader has it open
             os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
         reader.join(60)
-    assert outcome == [f"cannot read image {pipe} (not a regular file: a named pipe or a device): remove or replace "
+    assert outcome == [f"cannot read image {pipe} (not a regular file: a named pipe, a socket or a device): remove or replace "
                        f"it"]
     assert dataset.load(0, 0).shape == (3, 16, 16)
 
