@@ -1564,6 +1564,7 @@ def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys)
         assert main(["memory", "--device", "cpu", "--size", "tiny", "--out", str(out)]) == 2
         err = capsys.readouterr().err
         assert err.startswith(f"error: --out {out}: cannot make the folder (") and err.count("\n") == 1, err
+        assert "Errno" not in err and str(out) not in err.partition(": cannot")[2], err  # the reason, said once
     assert (tmp_path / "results.json").read_text() == "{}"
 
 
@@ -1587,6 +1588,23 @@ def test_a_stopped_run_ends_with_its_line_and_the_signals_status_not_a_traceback
     assert done.returncode == 128 + getattr(signal, stop), (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
     assert f"{said} in the memory suite: its 0 records are in {tmp_path / 'results.json'}" in done.stdout, done.stdout
+    assert said not in done.stderr, done.stderr[-2000:]  # said once, on stdout
+
+
+def test_a_run_interrupted_before_its_suites_says_so_once_with_status_130(tmp_path):
+    """Ctrl-C before any suite starts (measuring the ceilings): one line on stderr and status 130, no traceback."""
+    code = ("import os, runpy, signal, sys\n"
+            "os.environ.setdefault('TRITON_INTERPRET', '1')\n"
+            "from benchmarks import common\n"
+            "common.measure_ceilings = lambda device, size: signal.raise_signal(signal.SIGINT)\n"
+            "sys.argv = ['benchmarks', *sys.argv[1:]]\n"
+            "runpy.run_module('benchmarks', run_name='__main__')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, "memory", "--device", "cpu", "--size", "tiny", "--out",
+                           str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert done.returncode == 130 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-2000:])
+    assert done.stderr.splitlines().count("interrupted") == 1 and "interrupted" not in done.stdout, done.stderr
 
 
 def test_continue_refuses_results_it_cannot_add_to(tmp_path, monkeypatch, capsys):
