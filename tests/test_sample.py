@@ -684,11 +684,11 @@ def test_tolerances_an_adaptive_solver_cannot_meet_are_a_one_line_error(job, fil
     torch.save(torch.zeros(2, 3, 8, 8), tmp_path / "inputs.pt")
     with pytest.raises(SystemExit) as exit_info:
         run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "dopri5", "--atol", 1e-30,
-             "--rtol", 1e-30, *FAST, *job])
+             "--rtol", 2e-30, *FAST, *job])
     assert exit_info.value.code == 2
     err = one_line_error(capsys)
     assert err.startswith("error: --sampling-method dopri5: the adaptive step size fell to 0 (underflow in dt"), err
-    assert "never met --atol 1e-30 / --rtol 1e-30 on this torch.float32 state" in err, err
+    assert "never met --atol 1e-30 / --rtol 2e-30 on this torch.float32 state" in err, err
     assert err.endswith("or take a fixed-step --sampling-method (euler, heun)"), err
 
 
@@ -1069,6 +1069,16 @@ def test_argument_types_refuse_infinity_and_values_past_their_ends(kind, value):
     if kind in ("positive_int", "nonnegative_int"):  # the end passed, not int64's whole range
         below = {"positive_int": "a positive integer", "nonnegative_int": "0 or more"}[kind]
         assert str(error.value) == f"must be {below if int(value) < 2**63 else 'at most 2**63 - 1'}, got {value}"
+
+
+def test_the_int64_refusals_name_their_own_range():
+    """A seed's range leaves out -2**63 (torch's seed modulo 2**64): its refusal of 2**63 says so, not int64's."""
+    from sit_fast import argtypes
+
+    for convert, low in ((argtypes.random_seed, "-(2**63 - 1)"), (argtypes.integer, "-2**63")):
+        with pytest.raises(argparse.ArgumentTypeError) as refused:
+            convert(str(2**63))
+        assert str(refused.value) == f"must be an integer between {low} and 2**63 - 1, got {2**63}", refused.value
 
 
 def test_argument_types_take_the_ends_of_their_ranges_and_none_in_any_case():
