@@ -211,6 +211,10 @@ def test_a_mismatch_of_channels_and_classes_names_both_constructor_arguments(tmp
         load_checkpoint(SiT_models["SiT-T/4"](input_size=8, num_classes=10), tmp_path / "t.pt")
     assert str(err.value).endswith("build the model with in_channels=1)"), str(err.value)
     load_checkpoint(SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=10), tmp_path / "t.pt")
+    # a model without the null row (class_dropout_prob=0) of the same 10 classes: its table is not another one
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(SiT_models["SiT-T/4"](input_size=8, num_classes=10, class_dropout_prob=0), tmp_path / "t.pt")
+    assert str(err.value).endswith("build the model with in_channels=1)"), str(err.value)
 
 
 def test_mismatch_names_the_registry_model_the_checkpoint_is(tmp_path):
