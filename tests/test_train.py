@@ -2777,6 +2777,45 @@ def test_ckpt_of_another_latent_space_of_the_same_channels_is_warned_of(tmp_path
     assert (warned in log) == (space != "pixels") and (space != "pixels") == ("latent space of" in log), log
 
 
+@pytest.mark.parametrize("space", ["stabilityai/sd-vae-ft-mse", ["not", "a", "spec"], ""])
+def test_ckpt_of_the_same_encoder_or_an_unreadable_space_is_not_warned_of(tmp_path, monkeypatch, space):
+    """--ckpt weights of SD's mse VAE in a run on ema's latents (one encoder), or of a latent_space that is
+    no spec: no latent-space warning."""
+    from sit_fast.models import SiT_models
+    from sit_fast.training.loop import Trainer
+
+    monkeypatch.setattr(Trainer, "latent_space", lambda self: "stabilityai/sd-vae-ft-ema")
+    weights = SiT_models["SiT-T/4"](input_size=8, in_channels=1, num_classes=10).state_dict()
+    path = str(tmp_path / "sd.pt")
+    torch.save({"model": weights, "ema": weights, "model_config": {"latent_space": space}}, path)
+    exp = tmp_path / "exp"
+    assert train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--ckpt", path])["step"] == 1
+    log = (exp / "log.txt").read_text()
+    assert "initialised from" in log and "latent space of" not in log, log
+
+
+def test_ckpt_of_pixel_space_into_a_vaes_latents_of_its_channels_names_vae_none(tmp_path):
+    """Pixel-space --ckpt weights of 4 channels, trained on with a VAE of 4 latent channels: the warning's
+    flag that keeps its space is --vae none (not --vae pixels)."""
+    from sit_fast.models import SiT_models
+    from tests.test_vae import save_tiny_vae
+
+    vae_dir = str(tmp_path / "vae")
+    save_tiny_vae(vae_dir)
+    weights = SiT_models["SiT-T/2"](input_size=6, in_channels=4).state_dict()
+    path = str(tmp_path / "pixels.pt")
+    torch.save({"model": weights, "ema": weights, "model_config": {"latent_space": "pixels"}}, path)
+    images = make_image_folder(tmp_path / "images", classes=2, per_class=2)
+    exp = tmp_path / "exp"
+    train_main(["--data-path", images, "--vae", vae_dir, "--image-size", "12", "--model", "SiT-T/2", "--ckpt", path,
+                "--global-batch-size", "2", "--num-workers", "0", "--fused-kernels", "off", "--no-progress",
+                "--sample-every", "none", "--exp-dir", str(exp), "--max-steps", "1"])
+    log = (exp / "log.txt").read_text()
+    assert (f"--ckpt {path} was trained in the latent space of pixels; this run trains in that of "
+            f"{os.path.abspath(vae_dir)}: unless the two VAEs share an encoder, its weights start from another latent "
+            f"space (pass --vae none to keep its own)") in log, log
+
+
 @pytest.mark.parametrize("depth,hidden,patch,fix", [(4, 128, 2, "pass --model SiT-T/2"),
                                                     (3, 64, 4, "no registry model has its shapes")])
 def test_ckpt_of_another_model_names_the_flag(tmp_path, capsys, depth, hidden, patch, fix):
