@@ -3347,8 +3347,8 @@ def test_a_named_pipe_with_an_image_name_is_named_by_the_check_not_opened(tmp_pa
         with contextlib.suppress(OSError):  # ENXIO where no reader has it open
             os.close(os.open(tmp_path / "0.png", os.O_WRONLY | os.O_NONBLOCK))
         checker.join(60)
-    assert outcome == [f"cannot read image {tmp_path / '0.png'} (not a regular file: a named pipe, a socket or a device): "
-                       f"remove or replace it"]
+    assert outcome == [f"cannot read image {tmp_path / '0.png'} (not a regular file: a named pipe, a socket or a "
+                       f"device): remove or replace it"]
 
 
 def test_the_check_reads_a_linked_image_and_names_one_removed_after_the_listing(tmp_path):

@@ -2338,8 +2338,8 @@ def test_a_named_pipe_with_an_image_name_is_a_data_error_not_a_read_that_waits_f
         with contextlib.suppress(OSError):  # ENXIO where no reader has it open
             os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
         reader.join(60)
-    assert outcome == [f"cannot read image {pipe} (not a regular file: a named pipe, a socket or a device): remove or replace "
-                       f"it"]
+    assert outcome == [f"cannot read image {pipe} (not a regular file: a named pipe, a socket or a device): remove or "
+                       f"replace it"]
     assert dataset.load(0, 0).shape == (3, 16, 16)
 
 
@@ -4132,8 +4132,8 @@ def test_ckpt_of_another_latent_space_names_the_cache_to_train_on_under_a_latent
     torch.save({"model": weights, "ema": weights, "model_config": {"latent_space": "pixels"}}, path)
     assert run_cli(args + ["--exp-dir", str(tmp_path / "exp2"), "--ckpt", path]) == 2
     line, _ = the_error_line(capsys)
-    assert line.endswith("train on the images with --vae none, not on a latent cache (it was trained in pixel space)"), (
-        line)
+    assert line.endswith("train on the images with --vae none, not on a latent cache (it was trained in pixel "
+                         "space)"), line
 
 
 def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp_path, capsys):
