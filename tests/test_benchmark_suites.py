@@ -1568,22 +1568,28 @@ def test_an_out_folder_that_cannot_be_made_is_a_one_line_error(tmp_path, capsys)
     assert (tmp_path / "results.json").read_text() == "{}"
 
 
+def run_benchmarks_with(patch: str, out) -> subprocess.CompletedProcess:
+    """`python -m benchmarks memory --device cpu --size tiny --out OUT` in a process of its own, after the
+    line `patch` (run with signal imported: a stub that raises a stop signal, say)."""
+    code = ("import os, runpy, signal, sys\n"
+            "os.environ.setdefault('TRITON_INTERPRET', '1')\n"
+            f"{patch}\n"
+            "sys.argv = ['benchmarks', *sys.argv[1:]]\n"
+            "runpy.run_module('benchmarks', run_name='__main__')\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run([sys.executable, "-c", code, "memory", "--device", "cpu", "--size", "tiny", "--out",
+                           str(out)], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root})
+
+
 @pytest.mark.parametrize("stop", ["SIGTERM", "SIGINT"])
 def test_a_stopped_run_ends_with_its_line_and_the_signals_status_not_a_traceback(tmp_path, stop):
     """python -m benchmarks stopped in a suite (the session's timeout, Ctrl-C): the line naming the records
     kept, then the shell's status for the signal (143, 130), without a traceback."""
     import signal
 
-    code = ("import os, runpy, signal, sys\n"
-            "os.environ.setdefault('TRITON_INTERPRET', '1')\n"
-            "from benchmarks import memory_suite\n"
-            f"memory_suite.run = lambda ctx: signal.raise_signal(signal.{stop})\n"
-            "sys.argv = ['benchmarks', *sys.argv[1:]]\n"
-            "runpy.run_module('benchmarks', run_name='__main__')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code, "memory", "--device", "cpu", "--size", "tiny", "--out",
-                           str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": root})
+    done = run_benchmarks_with(f"from benchmarks import memory_suite; "
+                               f"memory_suite.run = lambda ctx: signal.raise_signal(signal.{stop})", tmp_path)
     said = "stopped by SIGTERM" if stop == "SIGTERM" else "interrupted"
     assert done.returncode == 128 + getattr(signal, stop), (done.returncode, done.stderr[-2000:])
     assert "Traceback" not in done.stderr, done.stderr[-2000:]
@@ -1593,16 +1599,9 @@ def test_a_stopped_run_ends_with_its_line_and_the_signals_status_not_a_traceback
 
 def test_a_run_interrupted_before_its_suites_says_so_once_with_status_130(tmp_path):
     """Ctrl-C before any suite starts (measuring the ceilings): one line on stderr and status 130, no traceback."""
-    code = ("import os, runpy, signal, sys\n"
-            "os.environ.setdefault('TRITON_INTERPRET', '1')\n"
-            "from benchmarks import common\n"
-            "common.measure_ceilings = lambda device, size: signal.raise_signal(signal.SIGINT)\n"
-            "sys.argv = ['benchmarks', *sys.argv[1:]]\n"
-            "runpy.run_module('benchmarks', run_name='__main__')\n")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code, "memory", "--device", "cpu", "--size", "tiny", "--out",
-                           str(tmp_path)], cwd=root, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "PYTHONPATH": root})
+    done = run_benchmarks_with("from benchmarks import common; "
+                               "common.measure_ceilings = lambda device, size: signal.raise_signal(signal.SIGINT)",
+                               tmp_path)
     assert done.returncode == 130 and "Traceback" not in done.stderr, (done.returncode, done.stderr[-2000:])
     assert done.stderr.splitlines().count("interrupted") == 1 and "interrupted" not in done.stdout, done.stderr
 
