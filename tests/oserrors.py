@@ -1,5 +1,7 @@
-"""Folders that cannot be listed, for the tests of what a run says of them."""
+"""Folders that cannot be listed and files whose open waits, for the tests of what a run says of them."""
+import contextlib
 import os
+import threading
 
 
 def fail_listing(monkeypatch, folder, code: int, call: str = "scandir") -> None:
@@ -17,3 +19,25 @@ def fail_listing(monkeypatch, folder, code: int, call: str = "scandir") -> None:
 
     failing.unpatched = real
     monkeypatch.setattr(os, call, failing)
+
+
+def errors_of_a_read_of_a_pipe(read, pipe, error_type) -> list[str]:
+    """The messages of the `error_type` errors read() raises, run in a thread of its own: a read that opens
+    the named pipe `pipe` waits for a writer, so after 10 s one is opened and closed to let it go on (the
+    list then holds what it raised after, or nothing), rather than the test waiting for ever."""
+    outcome = []
+
+    def run():
+        try:
+            read()
+        except error_type as err:
+            outcome.append(str(err))
+
+    reader = threading.Thread(target=run, daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # waiting in open: a writer's open and close let it go on
+        with contextlib.suppress(OSError):  # ENXIO where no reader has it open
+            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
+        reader.join(60)
+    return outcome

@@ -3330,26 +3330,12 @@ def test_an_image_whose_header_pil_refuses_with_a_value_error_is_named(tmp_path)
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
 def test_a_named_pipe_with_an_image_name_is_named_by_the_check_not_opened(tmp_path):
     """Opening a named pipe waits for a writer: the check refuses it, naming it, without opening it."""
-    import threading
-
     from sit_fast.errors import UserError
+    from tests.oserrors import errors_of_a_read_of_a_pipe
 
     os.mkfifo(tmp_path / "0.png")
-    outcome = []
-
-    def check():
-        try:
-            sample.ImageFiles(str(tmp_path), 8, 3).check([0])
-        except UserError as err:
-            outcome.append(str(err))
-
-    checker = threading.Thread(target=check, daemon=True)
-    checker.start()
-    checker.join(10)
-    if checker.is_alive():  # waiting in open: a writer's open and close let it go on
-        with contextlib.suppress(OSError):  # ENXIO where no reader has it open
-            os.close(os.open(tmp_path / "0.png", os.O_WRONLY | os.O_NONBLOCK))
-        checker.join(60)
+    outcome = errors_of_a_read_of_a_pipe(lambda: sample.ImageFiles(str(tmp_path), 8, 3).check([0]),
+                                         tmp_path / "0.png", UserError)
     assert outcome == [f"cannot read image {tmp_path / '0.png'} (not a regular file: a named pipe, a socket or a "
                        f"device): remove or replace it"]
 

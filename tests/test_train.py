@@ -2314,30 +2314,15 @@ def test_an_image_pil_refuses_with_a_value_error_is_a_data_error(tmp_path):
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="named pipes")
 def test_a_named_pipe_with_an_image_name_is_a_data_error_not_a_read_that_waits_for_ever(tmp_path):
     """Opening a named pipe for reading waits for a writer: a pipe named 1.png is refused, naming it, before."""
-    import threading
-
     from sit_fast.data import DataError, ImageFolderDataset
+    from tests.oserrors import errors_of_a_read_of_a_pipe
 
     make_image_folder(tmp_path / "images", classes=1, per_class=1)
     pipe = str(tmp_path / "images" / "class0" / "1.png")
     os.mkfifo(pipe)
     dataset = ImageFolderDataset(str(tmp_path / "images"), 16)
     assert [os.path.basename(path) for path, _ in dataset.samples] == ["0.png", "1.png"]
-    outcome = []
-
-    def load():
-        try:
-            dataset.load(1, 0)
-        except DataError as err:
-            outcome.append(str(err))
-
-    reader = threading.Thread(target=load, daemon=True)
-    reader.start()
-    reader.join(10)
-    if reader.is_alive():  # waiting in open: a writer's open and close let it go on
-        with contextlib.suppress(OSError):  # ENXIO where no reader has it open
-            os.close(os.open(pipe, os.O_WRONLY | os.O_NONBLOCK))
-        reader.join(60)
+    outcome = errors_of_a_read_of_a_pipe(lambda: dataset.load(1, 0), pipe, DataError)
     assert outcome == [f"cannot read image {pipe} (not a regular file: a named pipe, a socket or a device): remove or "
                        f"replace it"]
     assert dataset.load(0, 0).shape == (3, 16, 16)
