@@ -118,13 +118,17 @@ def _int(value: str) -> int:
         raise argparse.ArgumentTypeError(f"must be an integer, got {value!r}") from None
 
 
-def integer(value: str, least: int = -2**63, words: str = "an integer between -2**63 and 2**63 - 1") -> int:
+def integer(value: str, least: int | None = None, below: str = "") -> int:
     """An integer torch can hold (int64): a larger count or size was a traceback from deep inside torch
-    ("Overflow when unpacking long long"), after the model and the data had loaded. `least` and `words`:
-    a narrower range's lower end, and how the message names the range."""
+    ("Overflow when unpacking long long"), after the model and the data had loaded. `least`: a narrower
+    range's lower end, and `below` how the message names that range to a value under it."""
     number = _int(value)
-    if not least <= number < 2**63:
-        raise argparse.ArgumentTypeError(f"must be {words}, got {value}")
+    if least is None and not -2**63 <= number < 2**63:
+        raise argparse.ArgumentTypeError(f"must be an integer between -2**63 and 2**63 - 1, got {value}")
+    if least is not None and number < least:
+        raise argparse.ArgumentTypeError(f"must be {below}, got {value}")
+    if number >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be at most 2**63 - 1, got {value}")
     return number
 
 
@@ -178,11 +182,11 @@ def real(value: str) -> float:
 
 
 def positive_int(value: str) -> int:
-    return integer(value, 1, "a positive integer" if _int(value) < 1 else "at most 2**63 - 1")
+    return integer(value, 1, "a positive integer")
 
 
 def nonnegative_int(value: str) -> int:
-    return integer(value, 0, "0 or more" if _int(value) < 0 else "at most 2**63 - 1")
+    return integer(value, 0, "0 or more")
 
 
 def positive_float(value: str) -> float:

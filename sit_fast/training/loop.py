@@ -946,6 +946,7 @@ class Trainer:
             learn_sigma = bool(ckpt.get("model_config", {}).get("learn_sigma", True))
         elif init_path is not None:
             init_weights, info = read_checkpoint(init_path, prefer="model" if args.use_raw else "ema")
+            init_space = (recorded_model_config(init_path) or {}).get("latent_space")  # what it was trained in
             check_training_args(info, {k: getattr(args, k) for k in ("path_type", "prediction")},
                                 source=f"--ckpt {args.ckpt}", advice="pass the same to go on training its "
                                 "model; with these its output is trained to another quantity")
@@ -962,7 +963,7 @@ class Trainer:
                                     f"patch {arch[2]}), not a {args.model}: {fix}")
                 learn_sigma = found["learn_sigma"]
                 if found["in_channels"] != channels:  # the model's channels are the data's: a flag changes them
-                    space, now = (recorded_model_config(init_path) or {}).get("latent_space"), self.latent_space()
+                    space, now = init_space, self.latent_space()
                     gray = found["in_channels"] == 1 and now == "pixels" and args.dataset == "imagefolder"
                     cached = args.latent_cache is not None
                     why = " (it was trained in pixel space)" if space == "pixels" else " (its latent space)"
@@ -990,7 +991,7 @@ class Trainer:
             info.update(load_into_model(model, init_weights, source=args.ckpt))
             init_weights = None
             logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
-            space, now = (recorded_model_config(init_path) or {}).get("latent_space"), self.latent_space()
+            space, now = init_space, self.latent_space()
             if isinstance(space, str) and space and not same_encoder(space, now):  # same channels: else refused above
                 keep = keep_latent_space(space, args.latent_cache is not None)
                 logger.warning(f"--ckpt {args.ckpt} was trained in the latent space of {space}; this run trains in "
