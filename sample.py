@@ -1201,12 +1201,14 @@ class ImageFiles:
 
     def check(self, indices: list[int]) -> None:
         """Open the images `indices` (their headers only), so that a file that is no image stops a run
-        before its work, not in the middle."""
-        from sit_fast.data import open_image
+        before its work, not in the middle (a floating-point image, which no run reads, as well)."""
+        from sit_fast.data import open_image, refuse_float_pixels
 
         with progress(len(indices), "checking images", "img", disable=len(indices) < 1000) as bar:
             for index in indices:
-                open_image(os.path.join(self.path, self.names[index])).close()
+                path = os.path.join(self.path, self.names[index])
+                with open_image(path) as image:
+                    refuse_float_pixels(image, path)
                 bar.update()
 
 

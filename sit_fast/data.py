@@ -373,10 +373,16 @@ def to_8_bits(image: Image.Image, path: str) -> Image.Image:
         top = 4095 if image.mode == "I;16" and tiff_bits(image) == 12 else 65535
         values = np.asarray(image, dtype=np.float64)
         return Image.fromarray(np.clip(np.rint(values / (top / 255)), 0, 255).astype(np.uint8), "L")
+    refuse_float_pixels(image, path)
+    return image
+
+
+def refuse_float_pixels(image: Image.Image, path: str) -> None:
+    """A DataError naming `path` where its pixels are floating-point (PIL mode F, no fixed range): its
+    header says so, before its pixels are read."""
     if image.mode == "F":
         raise DataError(f"image {path} holds floating-point pixels (PIL mode F), which have no fixed range: "
                         "convert it to an 8- or 16-bit image")
-    return image
 
 
 def read_image(path: str, image_size: int, mode: str = "RGB") -> Image.Image:

@@ -3318,6 +3318,19 @@ def test_an_image_past_pils_pixel_limit_is_named(tmp_path, monkeypatch):
         sample.ImageFiles(str(tmp_path), 8, 3).check([0])
 
 
+def test_a_floating_point_image_is_named_by_the_check_before_any_is_read(tmp_path, monkeypatch):
+    """Its pixels have no fixed range: the header check refuses it as reading it would, and reads no pixels."""
+    from sit_fast.data import DataError
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "0.png")
+    Image.fromarray(np.zeros((8, 8), np.float32), "F").save(tmp_path / "1.tiff")
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("pixels read"))
+    files = sample.ImageFiles(str(tmp_path), 8, 3)
+    files.check([0])
+    with pytest.raises(DataError, match=r"^image \S+1\.tiff holds floating-point pixels \(PIL mode F\)"):
+        files.check([0, 1])
+
+
 def test_an_image_whose_header_pil_refuses_with_a_value_error_is_named(tmp_path):
     """A PPM whose header holds no number: PIL's ValueError, no OSError, named in one line."""
     from sit_fast.errors import UserError
