@@ -27,7 +27,11 @@ def _slow_rank_worker(rank: int, port: int, out_dir: str) -> None:
 
     from sit_fast.distributed import barrier, cleanup, init_distributed, on_main
 
-    dist.init_process_group("gloo", rank=rank, world_size=2, timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))
+    # The store waits for both processes as long as their start takes (a busy machine: seconds), then holds
+    # the default group's timeout, as the env:// rendezvous leaves it.
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=120))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2, timeout=timedelta(seconds=DEFAULT_TIMEOUT_S))
+    store.set_timeout(timedelta(seconds=DEFAULT_TIMEOUT_S))
     info = init_distributed()  # joins the group made above, and makes the host group
     try:
         start = time.perf_counter()
