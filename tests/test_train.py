@@ -692,6 +692,29 @@ def test_a_checkpoint_without_the_arithmetic_entry_resumes_comparing_the_flags(t
             "auto -> math changes the rounding, so the steps are not bit for bit the original run's") in log, log
 
 
+def test_a_recorded_backend_that_cannot_run_here_is_named_as_the_checkpoints(tmp_path, monkeypatch):
+    """A run trained with --attn-backend flash_attn (or --fused-kernels on) on a GPU, resumed where it cannot
+    run, without the flag: the error says the value came from the checkpoint, not the command line."""
+    from sit_fast.errors import UserError
+
+    exp = tmp_path / "run"
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "1", "--ckpt-every", "1"])
+    path = exp / "checkpoints" / "0000001.pt"
+    checkpoint = load_ckpt(path)
+    checkpoint["args"]["attn_backend"] = "flash_attn"
+    torch.save(checkpoint, path)
+    with pytest.raises(UserError, match=r"^--attn-backend flash_attn \(the checkpoint's\): attention backend "
+                                        r"'flash_attn' cannot run here: .*; usable: "):
+        train_main(["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2"])
+    with pytest.raises(UserError, match=r"^--attn-backend flash_attn: attention backend"):  # given now
+        train_main(["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2", "--attn-backend", "flash_attn"])
+    checkpoint["args"].update(attn_backend="auto", fused_kernels="on")
+    torch.save(checkpoint, path)
+    monkeypatch.setattr("sit_fast.models._TRITON_INTERPRET", False)  # as a CPU without the interpreter
+    with pytest.raises(UserError, match=r"^--fused-kernels on \(the checkpoint's\): "):
+        train_main(["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "2"])
+
+
 def test_precision_auto_is_bf16_on_cuda_and_fp32_on_the_cpu():
     """--precision auto resolves by device (the value checkpoints keep in "arithmetic"); a given one is kept."""
     from sit_fast.training.loop import resolve_precision

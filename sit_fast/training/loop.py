@@ -925,12 +925,20 @@ class Trainer:
         position. No collective, as _build_data."""
         channels, latent_size = self.channels, self.latent_size
         config = model_config(args.model)
+
+        def origin(name: str) -> str:  # a resume takes the flags not given from its checkpoint
+            return " (the checkpoint's)" if resume_path is not None and name not in self.explicit else ""
+
         try:  # options that cannot run here are the user's to change: one line each
             backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
                            config["hidden_size"] // config["num_heads"])
         except ValueError as err:
-            raise UserError(f"--attn-backend {args.attn_backend}: {err}") from None
-        fused, fused_on = fused_kernels_flag(args.fused_kernels, self.device)
+            raise UserError(f"--attn-backend {args.attn_backend}{origin('attn_backend')}: {err}") from None
+        try:
+            fused, fused_on = fused_kernels_flag(args.fused_kernels, self.device)
+        except UserError as err:
+            flag = f"--fused-kernels {args.fused_kernels}"
+            raise UserError(str(err).replace(flag, flag + origin("fused_kernels"), 1)) from None
         note = (" (through the Triton interpreter on the CPU: very slow, for tests)"
                 if fused_on and self.device.type != "cuda" else "")
         logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
