@@ -806,13 +806,15 @@ def test_the_main_process_takes_a_heartbeat_stopped_without_a_done_mark_as_an_en
     store = dist.HashStore()
     monkeypatch.setattr(distributed, "_store", lambda: store)
     monkeypatch.setattr(distributed, "PEER_SILENT_S", 0.2)
-    monkeypatch.setattr(distributed, "HEARTBEAT_S", 0.01)
+    # The block's end joins the heartbeat's thread for at most HEARTBEAT_S: long enough for the thread, woken,
+    # to end on a loaded machine (10 ms was not, now and then)
+    monkeypatch.setattr(distributed, "HEARTBEAT_S", 0.5)
     info = {r: DistInfo(rank=r, world_size=3, local_rank=r, device=torch.device("cpu"), is_main=r == 0)
             for r in range(3)}
     alive = distributed.Liveness(info[0])
     with distributed.heartbeat(info[1]) as done:  # rank 1 beats, then finishes its share
         while store.add("sit_fast/heartbeat/1", 0) < 3:
-            time.sleep(0.01)
+            time.sleep(0.05)
         done()
     assert "heartbeat" not in [thread.name for thread in threading.enumerate()]
     with distributed.heartbeat(info[0]) as done:  # the main process: no heartbeat
