@@ -285,7 +285,10 @@ def test_a_stop_signal_another_thread_takes_is_acted_on_once_the_hold_ends(resto
 
     from sit_fast.interrupts import stop_signals_held
 
-    other = threading.Thread(target=time.sleep, args=(1.0,))  # started before the hold: it blocks nothing
+    # started before the hold: it blocks nothing; it waits until let go, so that it is there to take the signal
+    # however long the main thread takes to send it (one that slept 1 s could be gone by then)
+    let_go = threading.Event()
+    other = threading.Thread(target=let_go.wait, args=(120,))
     other.start()
     inside = []
     try:
@@ -298,6 +301,7 @@ def test_a_stop_signal_another_thread_takes_is_acted_on_once_the_hold_ends(resto
                         pass
                     inside.append("whole")
     finally:
+        let_go.set()
         other.join()
     assert inside == ["whole"] and info.value.name == "SIGUSR1"
 
