@@ -4962,7 +4962,8 @@ def test_a_second_ctrl_c_counts_the_shards_kept_when_it_comes(during, tmp_path, 
         f"a temporary name, which the next run removes): run the same command again to encode the rest into {out}")
 
 
-# Each encoder call "encoding", 1 s; "teardown" as a stopped build stops its loader's workers, 30 s before it does.
+# Each encoder call "encoding", then 30 s, which the first Ctrl-C cuts short (however late it comes, no shard is
+# written before it); "teardown" as a stopped build stops its loader's workers, 30 s before it does.
 SLOW_CACHE_TEARDOWN = """
 import sys, time
 from sit_fast import latent_cache
@@ -4979,7 +4980,7 @@ def load_vae(*args, **kwargs):
 
     def slow(x):
         print("encoding", file=sys.stderr, flush=True)
-        time.sleep(1)
+        time.sleep(30)
         return encode(x)
 
     codec.vae.encode = slow
