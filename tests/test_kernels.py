@@ -1065,9 +1065,9 @@ def test_the_interpreter_patches_the_language_once_per_launch_with_the_same_resu
         return [o.detach() for o in outputs] + list(torch.autograd.grad(outputs, inputs, grads))
 
     launches = []  # per launch, the modules patched in it
-    core_patch = interpreter._patch_lang_core
-    monkeypatch.setattr(interpreter, "_patch_lang_core", lambda lang, scope: launches[-1].append(lang.__name__) or
-                        core_patch(lang, scope))
+    core_patch = interpreter._patch_lang_core  # (lang, scope) from Triton 3.6, (lang) before
+    monkeypatch.setattr(interpreter, "_patch_lang_core", lambda lang, *scope: launches[-1].append(lang.__name__) or
+                        core_patch(lang, *scope))
     launch = interpreter.GridExecutor.__call__
     monkeypatch.setattr(interpreter.GridExecutor, "__call__", lambda self, *a, **k: launches.append([]) or
                         launch(self, *a, **k))
