@@ -39,7 +39,8 @@ import kernels
 
 if getattr(kernels, "SIT_FAST_KERNELS", False) is not True:  # before its submodules are asked for
     if getattr(kernels, "__file__", None) is None:  # a folder named kernels without __init__.py, found first
-        folders = ", ".join(dict.fromkeys(getattr(kernels, "__path__", [])))
+        # Python 3.10 lists a folder once per path entry that finds it ('.' and '' give ./kernels and /cwd/kernels)
+        folders = ", ".join(dict.fromkeys(os.path.abspath(folder) for folder in getattr(kernels, "__path__", [])))
         raise ImportError(f"the `kernels` imported is the folder {folders} (no __init__.py), found before sit_fast's "
                           f"`kernels` package: run from another folder, or rename that one")
     raise ImportError(
