@@ -81,13 +81,15 @@ def test_a_kernels_folder_without_init_found_first_is_named(tmp_path):
     import sys
 
     (tmp_path / "kernels").mkdir()
-    code = ("import importlib.machinery, sys\n"
+    code = ("import importlib.machinery, os, sys\n"
             "class Late:\n"  # as an editable install's finder: after the folders on the path
             "    def find_spec(self, name, path=None, target=None):\n"
             "        if path is None and name in ('sit_fast', 'kernels'):\n"
             f"            return importlib.machinery.PathFinder.find_spec(name, [{str(REPO_ROOT)!r}])\n"
             "sys.meta_path.insert(sys.meta_path.index(importlib.machinery.PathFinder) + 1, Late())\n"
-            "sys.path.insert(0, '.')\n"
+            # only Late finds the clone, also where an older pip's editable install put it on the path, where
+            # its `kernels` package would win over the folder (a package on the path beats a namespace)
+            f"sys.path[:] = ['.'] + [p for p in sys.path if os.path.realpath(p) != {str(REPO_ROOT)!r}]\n"
             "from sit_fast import SiT\n")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=tmp_path,
