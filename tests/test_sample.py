@@ -1988,7 +1988,8 @@ def test_fid_job_whose_rank_0_was_killed_says_so_once_from_the_process_left(file
                         rf"how\), and the others were stopped by SIGTERM; \d+ of 100000 images are written, and kept: "
                         rf"run the same command again to sample the rest into {re.escape(str(sample_dir))}",
                         said[0]), said
-    assert "exitcode  : 143" in result.stderr, result.stderr[-3000:]  # rank 1's, stopped by torchrun
+    # rank 1's, stopped by torchrun; torch 2.8's summary names the first failure alone (<NO_OTHER_FAILURES>)
+    assert "exitcode  : 143" in result.stderr or "<NO_OTHER_FAILURES>" in result.stderr, result.stderr[-3000:]
     assert result.stderr.count("Traceback (most recent call last)") == 1, result.stderr[-3000:]  # torchrun's own
 
 
@@ -4258,7 +4259,10 @@ def test_likelihood_whose_process_on_another_node_was_killed_ends_when_its_heart
                                                       TRITON_INTERPRET="0", TMPDIR=str(tmp_path), **env))
                  for host in (1, 0)]
         try:
-            return [(node.communicate(timeout=240), node.returncode) for node in nodes]
+            results = [(node.communicate(timeout=240), node.returncode) for node in nodes]
+            # torch 2.8's Gloo prints its connections to stdout itself ("[Gloo] Rank 1 is connected to 1 peer ranks.")
+            return [(("".join(line for line in out.splitlines(keepends=True) if not line.startswith("[Gloo] Rank ")),
+                      err), rc) for (out, err), rc in results]
         finally:
             for node in nodes:  # torchrun stops its process (in a session of its own) on SIGTERM, not on SIGKILL
                 node.terminate()
