@@ -177,17 +177,19 @@ def resolve_fused_kernels(fused_kernels: bool | str, device: torch.device) -> bo
     return fused
 
 
-def fused_kernels_flag(flag: str, device: torch.device, auto_on_cpu: bool = False) -> tuple[bool | str, bool]:
+def fused_kernels_flag(flag: str, device: torch.device, auto_on_cpu: bool = False,
+                       origin: str = "") -> tuple[bool | str, bool]:
     """The scripts' --fused-kernels {auto,on,off}: (the model's fused_kernels setting, whether the
     kernels run). "auto" is off on the CPU, where the kernels run only through the Triton interpreter
-    (a test tool), unless auto_on_cpu. A setting that cannot run here is a UserError in the flag's words."""
+    (a test tool), unless auto_on_cpu. A setting that cannot run here is a UserError in the flag's words,
+    `origin` after the flag (where the value came from, when not the command line)."""
     auto = "auto" if device.type == "cuda" or auto_on_cpu else False
     setting = {"auto": auto, "on": True, "off": False}[flag]
     try:
         return setting, resolve_fused_kernels(setting, device)
     except ValueError as err:
         message = str(err).replace("fused_kernels=True: ", "").replace("fused_kernels=False", "--fused-kernels off")
-        raise UserError(f"--fused-kernels {flag}: {message}") from None
+        raise UserError(f"--fused-kernels {flag}{origin}: {message}") from None
 
 
 #################################################################################

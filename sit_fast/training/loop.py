@@ -934,11 +934,7 @@ class Trainer:
                            config["hidden_size"] // config["num_heads"])
         except ValueError as err:
             raise UserError(f"--attn-backend {args.attn_backend}{origin('attn_backend')}: {err}") from None
-        try:
-            fused, fused_on = fused_kernels_flag(args.fused_kernels, self.device)
-        except UserError as err:
-            flag = f"--fused-kernels {args.fused_kernels}"
-            raise UserError(str(err).replace(flag, flag + origin("fused_kernels"), 1)) from None
+        fused, fused_on = fused_kernels_flag(args.fused_kernels, self.device, origin=origin("fused_kernels"))
         note = (" (through the Triton interpreter on the CPU: very slow, for tests)"
                 if fused_on and self.device.type != "cuda" else "")
         logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
