@@ -36,7 +36,7 @@ import urllib.error
 import urllib.request
 import warnings
 import zipfile
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import nullcontext
 from typing import Callable, Sequence
 
@@ -777,7 +777,7 @@ class PNGWriter:
             for future in self.futures:
                 self.result(future)
         finally:
-            self.pool.shutdown(wait=True)
+            self.shutdown()
 
     def __enter__(self) -> PNGWriter:
         return self
@@ -797,11 +797,28 @@ class PNGWriter:
         """A PNG's write done; a write that failed, refused (a full disk) or not (a failing disk's EIO), is
         one line, said once the writes in flight are done (each whole or absent) and the PNGs counted."""
         try:
+            _wait_awake([future])
             future.result()
         except OSError as err:
-            self.pool.shutdown(wait=True)
+            self.shutdown()
             raise write_failed(err.filename or self.sample_dir, err, written_kept(images_in(self.sample_dir), "image"),
                                "run the same command again to sample the rest") from None
+
+
+    def shutdown(self) -> None:
+        """The writes in flight finished, then the threads ended."""
+        _wait_awake(self.futures)
+        self.pool.shutdown(wait=True)
+
+
+def _wait_awake(futures: Sequence[Future]) -> None:
+    """Until every future is done, in waits of 0.2 s: a signal the kernel gave another thread than the main
+    one (Ctrl-C's, where one of our writers or a library's thread took it) has its handler run by the main
+    thread between two waits, not once the write in flight ends (one long wait sees none: a second Ctrl-C
+    that stops at once would wait for it)."""
+    pending = set(futures)
+    while pending:
+        pending = wait(pending, timeout=0.2).not_done
 
 
 def _write_png(image: np.ndarray, path: str) -> None:

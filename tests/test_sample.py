@@ -2833,6 +2833,61 @@ def test_png_writer_as_a_context_finishes_its_writes_and_leaves_the_blocks_error
         assert raised.value is stop and writer.pool._shutdown
 
 
+@pytest.mark.parametrize("waiting_in", ["close", "write", "a failed write"])
+def test_png_writer_runs_a_signal_given_to_its_thread_while_a_write_is_in_flight(waiting_in, tmp_path, monkeypatch):
+    """The kernel may give Ctrl-C to any thread that does not block it: given to a PNG writer's thread while
+    the main thread waited for a write, its handler (a second Ctrl-C's ends the job at once) ran only once that
+    write ended. Now the main thread runs it within a fraction of a second, while the write is still held."""
+    import threading
+    import time
+
+    from sit_fast import sampling
+
+    started, release, writers = threading.Event(), threading.Event(), []
+
+    class Handled(Exception):
+        pass
+
+    def handler(signum, frame):
+        raise Handled(release.is_set())
+
+    def held(image, path):
+        if path.endswith("000000.png") and waiting_in == "a failed write":
+            raise OSError(errno.EIO, os.strerror(errno.EIO), path)
+        writers.append(threading.get_ident())
+        started.set()
+        release.wait(60)
+
+    def signal_the_writer():
+        assert started.wait(60)
+        time.sleep(0.3)  # the main thread waits by then
+        signal.pthread_kill(writers[0], signal.SIGUSR1)
+        time.sleep(10)
+        release.set()
+
+    monkeypatch.setattr(sampling, "_write_png", held)
+    previous = signal.signal(signal.SIGUSR1, handler)
+    writer = sampling.PNGWriter(str(tmp_path), max_workers=2)
+    try:
+        # two writes held; or where a write fails, the first fails at once, and close() waits for the second
+        writer.write(np.zeros((2, 8, 8, 3), np.uint8), [0, 1])
+        kill = threading.Thread(target=signal_the_writer)
+        kill.start()
+        begun = time.monotonic()
+        with pytest.raises(Handled) as raised:
+            if waiting_in == "write":  # waits until at most one earlier batch (one image) is queued
+                writer.write(np.zeros((1, 8, 8, 3), np.uint8), [2])
+            else:
+                writer.close()
+        took = time.monotonic() - begun
+        assert raised.value.args == (False,), f"the handler ran {took:.1f} s in, once the write had ended"
+    finally:
+        release.set()
+        kill.join()
+        signal.signal(signal.SIGUSR1, previous)
+        writer.pool.shutdown(wait=True)
+
+
 def test_sample_ddp_offers_no_flag_its_help_leaves_out(capsys):
     """sample_ddp.py's hidden flags (of the jobs it refuses) are not offered as a fix: not as the other
     sampler's flag, nor as the flag meant."""
