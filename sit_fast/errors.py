@@ -47,16 +47,21 @@ CPU_OUT_OF_MEMORY = "DefaultCPUAllocator: can't allocate memory"  # torch's Runt
 GPU_LIBRARY_OUT_OF_MEMORY = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED")
 ASKED = re.compile(r"tried to allocate ([0-9.]+) ?(bytes|B|KiB|MiB|GiB|TiB)\b", re.IGNORECASE)
 UNIT_BYTES = {"bytes": 1, "b": 1, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+# torch's RuntimeError for a tensor of 2**63 bytes or more (a size flag near 2**63): no allocation is tried,
+# yet it is one past every device's memory
+SIZE_OVERFLOWED = "Storage size calculation overflowed"
 
 
 def out_of_memory_cause(error: BaseException) -> BaseException | None:
     """The out-of-memory error behind `error` (itself, or one that torch.compile wrapped in its own
     exception): torch's on a GPU or on the CPU, a GPU library's failed allocation (cuBLAS, cuDNN), or
-    Python's MemoryError; None if there is none."""
+    Python's MemoryError, or a tensor too large for its size in bytes to be counted (SIZE_OVERFLOWED); None
+    if there is none."""
     seen = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if _gpu_out_of_memory(error) or isinstance(error, MemoryError) or CPU_OUT_OF_MEMORY in str(error):
+        if (_gpu_out_of_memory(error) or isinstance(error, MemoryError) or CPU_OUT_OF_MEMORY in str(error)
+                or SIZE_OVERFLOWED in str(error)):
             return error
         error = error.__cause__ or error.__context__
     return None
@@ -106,8 +111,12 @@ def allocation_past_device(error: BaseException, device, sizes: str) -> str | No
     size flag far too large, not a batch a little too big): a message that says so and names the
     size flags to check (`sizes`, with their values); None otherwise."""
     cause = out_of_memory_cause(error)
-    asked = ASKED.search(str(cause)) if cause is not None else None
     total = device_bytes(device)
+    if cause is not None and SIZE_OVERFLOWED in str(cause):
+        has = f"the {amount(total)} it has in all" if total is not None else "any device has"
+        return (f"out of memory on {device}: one allocation asked for 2**63 bytes or more, more than {has}: a size "
+                f"given is far too large (check {sizes})")
+    asked = ASKED.search(str(cause)) if cause is not None else None
     if asked is None or total is None:
         return None
     count = float(asked.group(1)) * UNIT_BYTES[asked.group(2).lower()]

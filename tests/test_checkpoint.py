@@ -1071,6 +1071,10 @@ def test_an_allocation_larger_than_the_whole_device_is_told_as_a_size_too_large(
     assert allocation_past_device(gpu, cpu, "--batch-size 8").startswith(
         "out of GPU memory on cpu: one allocation asked for 16777216.0 TiB, more than the ")
     assert allocation_past_device(MemoryError(), cpu, "--batch-size 8") is None  # no size said
+    with pytest.raises(RuntimeError) as overflowed:  # 2**63 bytes or more: torch counts no size, allocates nothing
+        torch.empty(2**62, 2)
+    assert allocation_past_device(overflowed.value, cpu, "--batch-size 2").startswith(
+        "out of memory on cpu: one allocation asked for 2**63 bytes or more, more than the ")
 
 
 def test_byte_amounts_are_said_alike_in_every_message(monkeypatch):

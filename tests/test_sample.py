@@ -3044,6 +3044,22 @@ def test_a_step_count_past_all_memory_is_told_as_a_size_far_too_large(mode, file
     assert not (tmp_path / "g.png").exists()
 
 
+def test_a_batch_size_near_2_to_the_63_is_told_as_a_size_far_too_large(files, tmp_path, capsys):
+    """A batch whose noise is 2**63 bytes or more: torch's RuntimeError ("Storage size calculation overflowed")
+    was a traceback, where a smaller size past all memory is a line naming the flags."""
+    from sit_fast.errors import amount, device_bytes
+
+    size = str(2**63 - 1)
+    with pytest.raises(SystemExit) as exit_info:
+        run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sample-dir", tmp_path / "s", "--no-run-folder",
+             "--num-fid-samples", 4, "--per-proc-batch-size", size, "--num-sampling-steps", 2, *FAST])
+    assert exit_info.value.code == 2
+    assert one_line_error(capsys) == (
+        f"error: out of memory on cpu: one allocation asked for 2**63 bytes or more, more than the "
+        f"{amount(device_bytes(torch.device('cpu')))} it has in all: a size given is far too large (check --num-sampling-steps 2, "
+        f"--batch-size {size})")
+
+
 #################################################################################
 #                                 Likelihood                                     #
 #################################################################################
