@@ -2043,6 +2043,30 @@ def test_twelve_bit_grayscale_tiffs_are_scaled_from_their_own_range(tmp_path):
     assert np.asarray(read_image(str(tmp_path / "g.tif"), 6, "L"))[0].tolist() == [0, 255, 128, 17, 0, 249]
 
 
+def test_gray_tiffs_with_premultiplied_alpha_are_read_as_rgbas_are(tmp_path):
+    """A gray TIFF with associated (premultiplied) alpha, which PIL opens as mode "La" and converts to neither
+    "L" nor "RGB", was refused as unreadable: now its gray values are divided by their alpha, as PIL's "RGBa"
+    (the colour TIFF's like) to "RGB" divides, and the alpha dropped."""
+    import struct
+
+    from sit_fast.data import read_image
+
+    gray = np.array([[[g, a] for g in (0, 60, 100)] * 2 for a in (255, 128)] * 3, dtype=np.uint8)
+    Image.fromarray(gray, "LA").save(tmp_path / "la.tiff")
+    data = bytearray((tmp_path / "la.tiff").read_bytes())
+    entry = data.find(struct.pack("<HHI", 338, 3, 1))  # ExtraSamples: 2 (unassociated alpha) to 1 (associated)
+    assert entry > 0 and data[entry + 8] == 2
+    data[entry + 8] = 1
+    (tmp_path / "la.tiff").write_bytes(data)
+    with Image.open(tmp_path / "la.tiff") as opened:
+        assert opened.mode == "La"
+    color = np.stack([gray[..., 0]] * 3 + [gray[..., 1]], axis=-1)
+    expected = np.asarray(Image.fromarray(color, "RGBa").convert("RGB"))
+    assert expected[1, 1, 0] == 119  # 60 at alpha 128: 60 * 255 / 128
+    np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "la.tiff"), 6)), expected)
+    np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "la.tiff"), 6, "L")), expected[..., 0])
+
+
 @pytest.mark.parametrize("transparency", [bytes([255, 0, 128, 255]), 2], ids=["alpha_per_entry", "one_entry"])
 def test_palette_images_with_transparency_are_read_as_their_colours_without_a_warning(tmp_path, transparency):
     """A palette PNG with transparency reads as its palette's colours (alpha dropped), in RGB and L, and
