@@ -369,10 +369,11 @@ def to_8_bits(image: Image.Image, path: str) -> Image.Image:
     """A 16-bit (or 32-bit integer) one-channel image as 8-bit "L", 0..65535 to 0..255 (values past
     65535 count as 65535; a 12-bit TIFF, which PIL reads as "I;16" holding 0..4095, 0..4095 to 0..255);
     gray with premultiplied alpha ("La", a TIFF's associated alpha, which PIL converts to nothing else) as
-    "LA", its gray values divided by their alpha, as PIL's "RGBa" to "RGB" does; other modes as they are.
-    A floating-point image ("F": no fixed range) is a DataError naming it."""
-    if image.mode == "La":
-        return image.convert("LA")
+    "LA", its gray values divided by their alpha, as PIL's "RGBa" to "RGB" does; CIELAB ("LAB", a TIFF's,
+    which PIL converts to "RGB" alone) as "RGB"; other modes as they are. A floating-point image ("F": no
+    fixed range) is a DataError naming it."""
+    if image.mode in ("La", "LAB"):
+        return image.convert({"La": "LA", "LAB": "RGB"}[image.mode])
     if image.mode in HIGH_DEPTH_MODES:
         top = 4095 if image.mode == "I;16" and tiff_bits(image) == 12 else 65535
         values = np.asarray(image, dtype=np.float64)

@@ -2067,6 +2067,19 @@ def test_gray_tiffs_with_premultiplied_alpha_are_read_as_rgbas_are(tmp_path):
     np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "la.tiff"), 6, "L")), expected[..., 0])
 
 
+def test_cielab_tiffs_are_read_in_gray_as_in_colour(tmp_path):
+    """A CIELAB TIFF (PIL mode "LAB") read in "L", for a gray model, was refused as unreadable: PIL converts
+    "LAB" to "RGB" alone. Now it is read through "RGB", in both."""
+    from sit_fast.data import read_image
+
+    lab = np.random.default_rng(0).integers(0, 256, (6, 6, 3), dtype=np.uint8)
+    Image.fromarray(lab, "LAB").save(tmp_path / "lab.tiff")
+    rgb = Image.fromarray(lab, "LAB").convert("RGB")
+    np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "lab.tiff"), 6)), np.asarray(rgb))
+    np.testing.assert_array_equal(np.asarray(read_image(str(tmp_path / "lab.tiff"), 6, "L")),
+                                  np.asarray(rgb.convert("L")))
+
+
 @pytest.mark.parametrize("transparency", [bytes([255, 0, 128, 255]), 2], ids=["alpha_per_entry", "one_entry"])
 def test_palette_images_with_transparency_are_read_as_their_colours_without_a_warning(tmp_path, transparency):
     """A palette PNG with transparency reads as its palette's colours (alpha dropped), in RGB and L, and
