@@ -767,7 +767,8 @@ class PNGWriter:
                 running.append(future)
         self.futures = running
         while len(self.futures) > len(indices):
-            self.result(self.futures.pop(0))
+            self.result(self.futures[0])  # a Ctrl-C meanwhile leaves it listed: close() waits for it
+            self.futures.pop(0)
         for image, index in zip(images, indices):
             self.futures.append(self.pool.submit(_write_png, image, png_path(self.sample_dir, index)))
 
