@@ -805,7 +805,6 @@ class PNGWriter:
             raise write_failed(err.filename or self.sample_dir, err, written_kept(images_in(self.sample_dir), "image"),
                                "run the same command again to sample the rest") from None
 
-
     def shutdown(self) -> None:
         """The writes in flight finished, then the threads ended."""
         _wait_awake(self.futures)
