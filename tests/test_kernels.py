@@ -1298,8 +1298,9 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
         if D % 16 == 0:  # Triton knows alignment from sizes divisible by 16 only (SiT's are)
             assert " narrow [] vectors ['" in line, line
         # the default launches, and 2 rows a step; at 4 the LayerNorm backwards (32 warps, so at most 64
-        # registers a thread) spill: the tuning's to weigh
-        if D in (72, 1152) and " rows 4 " not in line:
+        # registers a thread) spill: the tuning's to weigh. Triton 3.5 (torch 2.9) spills 8 bytes in the
+        # fused backward at 2 rows, which 3.4 and 3.6 on (the GPU image's, ours) do not: not checked there
+        if D in (72, 1152) and " rows 4 " not in line and _launch.triton_version() != (3, 5):
             assert line.endswith(" spill 0"), line
 
 
