@@ -27,7 +27,7 @@ import numpy as np
 import pytest
 import torch
 import torch.multiprocessing as mp
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from sit_fast import interrupts
 from sit_fast.errors import UserError, cli_entry
@@ -2059,8 +2059,11 @@ def test_gray_tiffs_with_premultiplied_alpha_are_read_as_rgbas_are(tmp_path):
     assert entry > 0 and data[entry + 8] == 2
     data[entry + 8] = 1
     (tmp_path / "la.tiff").write_bytes(data)
-    with Image.open(tmp_path / "la.tiff") as opened:
-        assert opened.mode == "La"
+    try:
+        with Image.open(tmp_path / "la.tiff") as opened:
+            assert opened.mode == "La"
+    except UnidentifiedImageError:  # Pillow 12 opens no such file (13 does): read_image says it cannot read it
+        pytest.skip("this Pillow does not open a gray TIFF with associated alpha")
     color = np.stack([gray[..., 0]] * 3 + [gray[..., 1]], axis=-1)
     expected = np.asarray(Image.fromarray(color, "RGBa").convert("RGB"))
     assert expected[1, 1, 0] == 119  # 60 at alpha 128: 60 * 255 / 128
