@@ -1299,9 +1299,12 @@ def test_kernel_lowers_to_cuda_sm90_without_a_gpu():
             assert " narrow [] vectors ['" in line, line
         # the default launches, and 2 rows a step; at 4 the LayerNorm backwards (32 warps, so at most 64
         # registers a thread) spill: the tuning's to weigh. Triton 3.5 (torch 2.9) spills 8 bytes in the
-        # fused backward at 2 rows, which 3.4 and 3.6 on (the GPU image's, ours) do not: not checked there
-        if D in (72, 1152) and " rows 4 " not in line and _launch.triton_version() != (3, 5):
-            assert line.endswith(" spill 0"), line
+        # fused backward at 2 rows, which 3.4 and 3.6 on (the GPU image's, ours) do not: at most that there
+        if D in (72, 1152) and " rows 4 " not in line:
+            spilled = int(line.rsplit(" spill ", 1)[1])
+            allowed = 8 if (_launch.triton_version() == (3, 5) and " rows 2 " in line
+                            and line.startswith("lowered _gated_residual_layernorm_modulate_bwd_kernel ")) else 0
+            assert spilled <= allowed, line
 
 
 _LOWER_BIAS_GELU_FOR_SM90 = _SM90_PRELUDE + """
