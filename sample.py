@@ -648,6 +648,30 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def rate(count: int, elapsed: float, first: tuple[int, float | None], args: argparse.Namespace,
+         processes: int = 1) -> str:
+    """`R images/s` of `count` images in `elapsed` s (on `processes` processes: also the average per
+    process). Under --compile or --cuda-graphs the first batch compiles the model or captures its
+    graphs, which can take minutes: given `first` (the images of every process's first batch, and the
+    seconds this process's took), the rate is the later batches', the first's time said beside it, as
+    train.py leaves its compiling step out of its throughput; a job of no later batch says that its
+    rate counts that time."""
+    first_count, first_s = first
+    done = [(args.compile, "compiled the model (--compile)", "compiling the model (--compile)"),
+            (args.cuda_graphs, "captured its CUDA graphs (--cuda-graphs)", "capturing its CUDA graphs (--cuda-graphs)")]
+    what = " and ".join(word for flag, word, _ in done if flag)
+    doing = " and ".join(word for flag, _, word in done if flag)
+    later = bool(what) and first_s is not None and first_count < count and first_s < elapsed
+    if later:
+        count, elapsed = count - first_count, elapsed - first_s
+    words = f"{count / elapsed:.2f} images/s"
+    if processes > 1:
+        words += f" ({count / elapsed / processes:.2f} per process on average)"
+    if later:
+        return f"{words} after the first batch, which {what} in {first_s:.1f} s"
+    return f"{words}, counting the first batch's time {doing}" if what and first_s is not None else words
+
+
 #################################################################################
 #                                      Jobs                                      #
 #################################################################################
@@ -666,6 +690,7 @@ def run_grid(setup: Setup) -> str:
     batch_size = min(args.batch_size or len(labels), len(labels))
     start = time.perf_counter()
     images = []
+    first_batch = (min(batch_size, len(labels)), None)
     for first in range(0, len(labels), batch_size):
         # Every batch of batch_size, the last padded past the labels (its padding's images dropped), so
         # that a compiled forward or a CUDA graph serves them all: a short one would compile again.
@@ -675,6 +700,7 @@ def run_grid(setup: Setup) -> str:
         batch_labels = torch.tensor([labels[i % len(labels)] for i in indices], dtype=torch.long)
         samples = setup.sample(noise, batch_labels, derived_seed(args.seed, first, batch_size))
         images.append(setup.to_images(samples[:kept], first).cpu())
+        first_batch = (first_batch[0], first_batch[1] or time.perf_counter() - start)
     elapsed = time.perf_counter() - start
     from sit_fast.images import save_image_grid
 
@@ -682,7 +708,8 @@ def run_grid(setup: Setup) -> str:
         save_image_grid(torch.cat(images), out, nrow=min(4, len(labels)))
     except OSError as err:  # refused (a full disk), or failed (a failing disk's EIO)
         raise write_failed(out, err, "", "run it again") from None
-    print(f"sampled {len(labels)} images in {elapsed:.1f} s: {len(labels) / elapsed:.2f} images/s -> {out}")
+    print(f"sampled {len(labels)} images in {elapsed:.1f} s: {rate(len(labels), elapsed, first_batch, args)} "
+          f"-> {out}")
     return out
 
 
@@ -940,6 +967,8 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
                   f"command again to {rest}", file=sys.stderr)
         return SystemExit(exit_status(err))
 
+    # the first batch of each process (compiling side by side under --compile): its images, and its time here
+    first_batch = (sum(min(chunk, total - k * chunk) for k in pending[: dist.world_size]), None)
     start = time.perf_counter()
     try:
         with writer:  # the queued PNGs finished on the way out, after a Ctrl-C's winding_down below
@@ -962,6 +991,7 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
                             raise write_failed(err.filename or sample_dir, err, written,
                                                "run the same command again to sample the rest") from None
                         other_arithmetic = False
+                    first_batch = (first_batch[0], first_batch[1] or time.perf_counter() - start)
                     writer.write(images, kept)
                     bar.update(min(len(kept) * dist.world_size, todo - bar.n))
             except KeyboardInterrupt:
@@ -988,8 +1018,8 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
     bar.close()
     if dist.is_main:
         if todo:
-            each = f" ({todo / elapsed / dist.world_size:.2f} per process on average)" if dist.world_size > 1 else ""
-            print(f"sampled {todo} images in {elapsed:.1f} s: {todo / elapsed:.2f} images/s{each}")
+            print(f"sampled {todo} images in {elapsed:.1f} s: "
+                  f"{rate(todo, elapsed, first_batch, args, dist.world_size)}")
         try:
             shape = build_npz(sample_dir, total, npz_path)  # the other ranks are done: no barrier to time out
         except KeyboardInterrupt as err:  # the .npz is written whole or not at all

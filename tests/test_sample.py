@@ -153,6 +153,42 @@ def test_grid_pixel_space_sde_and_bf16(files, tmp_path, capsys):
     assert 0 < difference < 8  # bf16 arithmetic: close, not the same
 
 
+@pytest.mark.parametrize("job", ["grid", "fid"])
+def test_the_batch_that_compiles_is_left_out_of_the_rate(files, tmp_path, monkeypatch, capsys, job):
+    """--compile: the first batch's compilation, minutes long, made a short job's images/s a fraction of
+    its rate; the rate is the later batches', that batch's time said beside it (as train.py leaves its
+    compiling step out), and a job of one batch says that its rate counts it. Without --compile, every
+    batch counts."""
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)  # what compiling costs is the clock's
+    clock = [100.0]
+    monkeypatch.setattr(sample.time, "perf_counter", lambda: clock[0])
+    real = sample.Setup.sample
+
+    def timed(self, *args):
+        clock[0] += 30.0 if clock[0] == start else 1.0  # the first batch compiles, then 1 s each
+        return real(self, *args)
+
+    monkeypatch.setattr(sample.Setup, "sample", timed)
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps",
+              2, *FAST]
+    lines = {}
+    for images, flags in ((6, ["--compile"]), (2, ["--compile"]), (6, [])):
+        if job == "grid":
+            argv = common + ["--class-labels", *range(images), "--batch-size", 2, "--out", tmp_path / f"{images}.png"]
+        else:
+            argv = common + ["--num-fid-samples", images, "--per-proc-batch-size", 2, "--sample-dir",
+                             tmp_path / f"{images}{flags}"]
+        start = clock[0] = clock[0] + 1000.0
+        run(argv + flags)
+        lines[images, bool(flags)] = re.search(r"^sampled .*images/s.*$", capsys.readouterr().out, re.M).group(0)
+    suffix = f" -> {tmp_path}/{{}}.png" if job == "grid" else ""
+    assert lines[6, True] == ("sampled 6 images in 32.0 s: 2.00 images/s after the first batch, which compiled the "
+                              "model (--compile) in 30.0 s" + suffix.format(6))  # 4 images in 2 s
+    assert lines[2, True] == ("sampled 2 images in 30.0 s: 0.07 images/s, counting the first batch's time compiling "
+                              "the model (--compile)" + suffix.format(2))
+    assert lines[6, False] == "sampled 6 images in 32.0 s: 0.19 images/s" + suffix.format(6)
+
+
 def test_a_grid_batch_size_past_its_label_count_is_its_label_count(files, tmp_path):
     """--batch-size above the number of grid labels samples one batch of those labels: the same images,
     an SDE's per-batch noise included, as --batch-size equal to the count."""
