@@ -189,6 +189,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
                           "per-step noise comes from (seed, batch) and an adaptive ODE's steps are chosen for "
                           "the whole batch, so their images also depend on --batch-size")
     run.add_argument("--batch-size", "--per-proc-batch-size", dest="batch_size", type=positive_int, default=None,
+                     action=StoreNamed,
                      help=f"images per process per batch (default: the whole grid; {FID_BATCH_SIZE} for "
                           f"--num-fid-samples, {LIKELIHOOD_BATCH_SIZE} for --likelihood and --reverse)")
     run.add_argument("--out", type=user_path, default=None,
@@ -237,6 +238,21 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
 
 FID_ONLY_DESCRIPTION = "Many images for FID (upstream sample_ddp.py's job): numbered PNGs and one .npz in ADM's format."
+
+
+class StoreNamed(argparse.Action):
+    """Stores the value, and in `DEST_flag` the name it was given under (of a flag with an alias, as
+    --batch-size's --per-proc-batch-size, upstream sample_ddp.py's), for the messages to name."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_flag", option_string)
+
+
+def batch_flag(args: argparse.Namespace) -> str:
+    """The batch size's flag as given, else the script's name for it (sample_ddp.py's: upstream's)."""
+    given = getattr(args, "batch_size_flag", None)
+    return given or ("--per-proc-batch-size" if getattr(args, "prog", None) == "sample_ddp.py" else "--batch-size")
 
 
 def build_parser(defaults: dict | None = None, prog: str | None = None) -> argparse.ArgumentParser:
@@ -1928,14 +1944,14 @@ def images_per_batch(args: argparse.Namespace) -> int:
 def size_flags(args: argparse.Namespace) -> str:
     """The flags that set how much a sampling run allocates, with their values."""
     image = f", --image-size {args.image_size}" if args.image_size is not None else ""
-    return f"--num-sampling-steps {args.num_sampling_steps}, --batch-size {images_per_batch(args)}{image}"
+    return f"--num-sampling-steps {args.num_sampling_steps}, {batch_flag(args)} {images_per_batch(args)}{image}"
 
 
 def out_of_memory_advice(args: argparse.Namespace, device: torch.device, memory: str = "GPU memory") -> str:
     """What ran out of `memory` ("GPU memory", or the CPU's "memory"), and the flags that make it fit
     (those not in use already)."""
     batch = images_per_batch(args)
-    fixes = [f"--batch-size {max(1, batch // 2)}" if batch > 1 else None,
+    fixes = [f"{batch_flag(args)} {max(1, batch // 2)}" if batch > 1 else None,
              "--precision bf16" if args.precision != "bf16" else None,
              "--vae-precision bf16" if args.vae != "none" and args.vae_precision != "bf16" else None]
     fixes = [f for f in fixes if f]

@@ -5028,6 +5028,25 @@ def test_out_of_memory_advice_names_only_the_flags_that_change_something(given, 
     assert sample.out_of_memory_advice(args, torch.device("cuda:0")) == f"out of GPU memory on cuda:0 sampling {advice}"
 
 
+@pytest.mark.parametrize("prog, given, named", [
+    (None, ["--per-proc-batch-size", 64], "--per-proc-batch-size"), (None, ["--batch-size", 64], "--batch-size"),
+    (None, [], "--batch-size"), ("sample_ddp.py", [], "--per-proc-batch-size"),
+    ("sample_ddp.py", ["--batch-size=64"], "--batch-size")])
+def test_out_of_memory_advice_names_the_batch_size_as_given(prog, given, named):
+    """Upstream sample_ddp.py's --per-proc-batch-size, given (or sample_ddp.py's batch, not given), is
+    what the advice names, not its alias --batch-size."""
+    parser = sample.build_parser(sample.SAMPLE_DDP_DEFAULTS if prog else None, prog)
+    args = parser.parse_args(["ODE", "--ckpt", "x.pt", "--num-fid-samples", "100", *map(str, given)])
+    args.prog = prog
+    args = sample.resolve_args(args)
+    args.precision, args.vae_precision = "bf16", "bf16"
+    assert sample.out_of_memory_advice(args, torch.device("cuda:0")).endswith(
+        f"sampling batches of {args.batch_size}: try {named} {args.batch_size // 2} (the images written so far "
+        f"stay; another batch size samples into {'a new folder' if prog else 'another --sample-dir'}, since it "
+        "steers the adaptive solver's steps)")
+    assert sample.size_flags(args) == f"--num-sampling-steps {args.num_sampling_steps}, {named} {args.batch_size}"
+
+
 def test_a_class_label_outside_the_models_classes_names_its_count(files, tmp_path, capsys):
     with pytest.raises(SystemExit):
         run(["ODE", "--ckpt", files["pixel"], "--vae", "none", "--class-labels", 1, NUM_CLASSES, "--out",
