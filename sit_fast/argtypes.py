@@ -175,8 +175,10 @@ def random_seed(value: str) -> int:
 
 
 def real(value: str) -> float:
+    """The number; -0 is 0 (as a value it is, and as a name: --cfg-scale -0 named its FID folder cfg--0.0,
+    another folder than --cfg-scale 0's)."""
     try:
-        return float(value)
+        return float(value) + 0.0  # -0.0 + 0.0 == +0.0
     except ValueError:
         raise argparse.ArgumentTypeError(f"must be a number, got {value!r}") from None
 

@@ -1135,6 +1135,22 @@ def test_argument_types_take_the_ends_of_their_ranges_and_none_in_any_case():
     assert [unset(value) for value in ("none", "None", "NONE", "3")] == [None, None, None, 3]
 
 
+def test_minus_zero_is_zero_in_every_number_flag():
+    """--cfg-scale -0 named its FID folder cfg--0.0, another than --cfg-scale 0's: -0 reads as 0."""
+    from sit_fast import argtypes
+
+    for convert in (argtypes.finite_float, argtypes.nonnegative_float, argtypes.end_margin, argtypes.fraction,
+                    argtypes.fraction_below_one):
+        assert math.copysign(1.0, convert("-0")) == 1.0 and math.copysign(1.0, convert("-0.0e5")) == 1.0, convert
+    parser = sample.build_parser(sample.SAMPLE_DDP_DEFAULTS, "sample_ddp.py")
+    names = []
+    for scale, size in (("-0", "-0"), ("0", "0")):
+        args = parser.parse_args(["SDE", "--cfg-scale", scale, "--last-step", "None", "--last-step-size", size])
+        args.prog = "sample_ddp.py"
+        names.append(sample.run_folder_name(sample.resolve_args(args), "SiT-XL/2"))
+    assert names[0] == names[1] == "SiT-XL-2-pretrained-cfg-0.0-32-SDE-250-Euler-sigma-None-0.0", names
+
+
 def test_a_device_flag_takes_the_devices_this_machine_has(capsys):
     """cpu, cuda and cuda:N of a GPU that is there; any other name, or a GPU that is not, in one line
     (python -m sit_fast.parity --device gpu was a traceback)."""
