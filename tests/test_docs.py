@@ -1,8 +1,10 @@
-"""The documents name only flags that exist: every `--flag` in README.md, USAGE.md and the scripts'
-docstrings is an option of one of this project's command lines, or of torchrun's (a flag renamed or
-removed in the code, and left in the text, fails here)."""
+"""The documents and messages name only flags that exist: every `--flag` in README.md, USAGE.md and
+the strings of the code (its messages, help and docstrings) is an option of one of this project's
+command lines, or of torchrun's (a flag renamed or removed in the code, and left in a text that tells
+a user what to pass, fails here)."""
 import argparse
 import ast
+import glob
 import os
 import re
 
@@ -19,6 +21,15 @@ NOT_OURS = {
     "--nodes": "SLURM's srun",
     "--ntasks-per-node": "SLURM's srun",
     "--signal": "SLURM's #SBATCH",
+}
+# In the code's strings: other programs' flags, and examples.
+NOT_OURS_IN_CODE = {
+    "--benchmark-only": "pytest-benchmark's",
+    "--cfg": "sit_fast/argtypes.py: a shortened flag, in flag_meant's docstring",
+    "--flag": "sit_fast/training/loop.py: a placeholder, in a docstring",
+    "--force-reinstall": "pip's, to mend flash-attn",
+    "--format": "nvidia-smi's", "--query-gpu": "nvidia-smi's",
+    "--porcelain": "git's", "--short": "git's", "--untracked-files": "git's",
 }
 # torchrun's flags of releases newer than some this project runs on (README says which take them).
 NEWER_TORCHRUN = {"--signals-to-handle", "--shutdown-timeout"}
@@ -95,10 +106,36 @@ def test_the_documents_name_only_flags_that_exist(known_flags):
     assert not unknown, f"flags the documents name that no command line has: {unknown}"
 
 
+def _code_strings():
+    """(file:line, string) of every string constant (an f-string's literal parts included) of the code."""
+    files = ["train.py", "sample.py", "sample_ddp.py", "setup.py"] + [
+        os.path.relpath(path, REPO_ROOT) for folder in ("sit_fast", "kernels", "benchmarks")
+        for path in glob.glob(os.path.join(REPO_ROOT, folder, "**", "*.py"), recursive=True)]
+    for name in sorted(files):
+        with open(os.path.join(REPO_ROOT, name), encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                yield f"{name}:{node.lineno}", node.value
+
+
+def test_the_codes_messages_name_only_flags_that_exist(known_flags):
+    allowed = known_flags | set(NOT_OURS) | NEWER_TORCHRUN | set(NOT_OURS_IN_CODE)
+    unknown = {}
+    for where, text in _code_strings():
+        for flag in FLAG.findall(text):
+            if flag not in allowed:
+                unknown.setdefault(flag, where)
+    assert not unknown, f"flags the code's strings name that no command line has: {unknown}"
+
+
 def test_the_list_of_other_words_holds_only_words_in_use(known_flags):
     """An entry of NOT_OURS (or NEWER_TORCHRUN) that the documents dropped, or that became a flag of ours,
     goes."""
     used = {flag for _, text in _texts() for flag in FLAG.findall(text)}
+    in_code = {flag for _, text in _code_strings() for flag in FLAG.findall(text)}
+    assert set(NOT_OURS_IN_CODE) <= in_code and not set(NOT_OURS_IN_CODE) & known_flags, (
+        set(NOT_OURS_IN_CODE) - in_code, set(NOT_OURS_IN_CODE) & known_flags)
     assert set(NOT_OURS) | NEWER_TORCHRUN <= used and not set(NOT_OURS) & known_flags, (set(NOT_OURS) - used,
                                                                         set(NOT_OURS) & known_flags)
     # the check sees a parser's flags: a few of each command line's
