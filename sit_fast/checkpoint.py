@@ -142,7 +142,7 @@ def check_path_argument(function: str, path) -> None:
 
 
 def check_checkpoint_file(path: str) -> None:
-    """CheckpointError unless `path` is a file, saying what to pass instead of a folder."""
+    """CheckpointError unless `path` is a regular file, saying what to pass instead of a folder."""
     if os.path.isfile(path):
         try:  # unreadable (another user's copy, mode 000; a bad sector): one line, and --resume auto skips it
             with open(path, "rb") as f:
@@ -163,6 +163,9 @@ def check_checkpoint_file(path: str) -> None:
                                   f"--latent-cache {path})")
         hint = f" (the newest here: {max(found, key=os.path.getmtime)})" if found else ""
         raise CheckpointError(f"{path} is a folder: pass a checkpoint file{hint}")
+    if os.path.exists(path):  # /dev/null, a named pipe (whose read waits for a writer), a socket
+        raise CheckpointError(f"{path} is not a regular file (a device, a named pipe or a socket): pass a "
+                              f"checkpoint file")
     raise CheckpointError(f"checkpoint not found: {path}")
 
 

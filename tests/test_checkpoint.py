@@ -244,6 +244,19 @@ def test_foreign_files_are_one_line_errors(tmp_path, content):
     assert "\n" not in str(err.value)
 
 
+def test_a_device_or_a_named_pipe_is_named_as_no_regular_file(tmp_path):
+    """/dev/null was "checkpoint not found", and a named pipe the same (it is there, and its read would
+    wait for a writer): both are said to be no regular file; a path that is not there is not found."""
+    os.mkfifo(tmp_path / "pipe.pt")
+    for path in (os.devnull, tmp_path / "pipe.pt"):
+        with pytest.raises(CheckpointError) as err:
+            read_checkpoint(path)
+        assert str(err.value) == (f"{path} is not a regular file (a device, a named pipe or a socket): pass a "
+                                  f"checkpoint file")
+    with pytest.raises(CheckpointError, match=r"^checkpoint not found: .*gone\.pt$"):
+        read_checkpoint(tmp_path / "gone.pt")
+
+
 def test_a_folder_is_named_as_one_with_its_newest_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     for step in (1000, 2000):
