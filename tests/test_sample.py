@@ -3119,7 +3119,7 @@ def test_a_batch_size_near_2_to_the_63_is_told_as_a_size_far_too_large(files, tm
     assert one_line_error(capsys) == (
         f"error: out of memory on cpu: one allocation asked for 2**63 bytes or more, more than the "
         f"{amount(device_bytes(torch.device('cpu')))} it has in all: a size given is far too large (check "
-        f"--num-sampling-steps 2, --batch-size {size})")
+        f"--num-sampling-steps 2, --per-proc-batch-size {size})")  # the flag as given
 
 
 #################################################################################
