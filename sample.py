@@ -131,6 +131,7 @@ NOT_FID_FLAGS = {"likelihood", "reverse", "data", "dataset", "exact_divergence",
 NOT_IMAGE_SETTINGS = {"sample_dir", "run_folder", "out", "compile", "cuda_graphs", "num_fid_samples", "attn_backend",
                       "fused_kernels", "tf32", "data", "dataset", "likelihood", "exact_divergence", "class_labels",
                       "vae_explicit", "transport_explicit", "prog",
+                      "batch_size_flag", "seed_flag",  # the names those were given under (StoreNamed)
                       "use_raw",  # the weights it picks are recorded as "weights" (a file of one set has no others)
                       "loss_weight", "train_eps"}  # training's alone: sampling and likelihoods take sample_eps
 
@@ -184,7 +185,7 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
     run.add_argument("--num-sampling-steps", type=integer, default=250,
                      help="steps of a fixed-step solver (the SDE's count includes the last step; an ODE takes N "
                           "steps, where upstream's N grid points were N - 1)")
-    run.add_argument("--seed", "--global-seed", dest="seed", type=random_seed, default=0,
+    run.add_argument("--seed", "--global-seed", dest="seed", type=random_seed, default=0, action=StoreNamed,
                      help="global seed; image i's starting noise and label come from (seed, i); an SDE's "
                           "per-step noise comes from (seed, batch) and an adaptive ODE's steps are chosen for "
                           "the whole batch, so their images also depend on --batch-size")
@@ -249,10 +250,30 @@ class StoreNamed(argparse.Action):
         setattr(namespace, f"{self.dest}_flag", option_string)
 
 
+# The names upstream's sample_ddp.py gives the flags with an alias: sample_ddp.py's messages use them.
+UPSTREAM_DDP_FLAGS = {"batch_size": "--per-proc-batch-size", "seed": "--global-seed"}
+
+
+def given_flag(args: argparse.Namespace, dest: str) -> str:
+    """The flag of `dest` as given (StoreNamed), else the script's name for it (sample_ddp.py's:
+    upstream's)."""
+    if given := getattr(args, f"{dest}_flag", None):
+        return given
+    if getattr(args, "prog", None) == "sample_ddp.py" and dest in UPSTREAM_DDP_FLAGS:
+        return UPSTREAM_DDP_FLAGS[dest]
+    return "--" + dest.replace("_", "-")
+
+
 def batch_flag(args: argparse.Namespace) -> str:
-    """The batch size's flag as given, else the script's name for it (sample_ddp.py's: upstream's)."""
-    given = getattr(args, "batch_size_flag", None)
-    return given or ("--per-proc-batch-size" if getattr(args, "prog", None) == "sample_ddp.py" else "--batch-size")
+    return given_flag(args, "batch_size")
+
+
+def setting_flags(args: argparse.Namespace) -> dict[str, str]:
+    """The flag of each setting a resumed job compares that a flag sets (as given: given_flag), for
+    its message to name what to pass; the others (`ckpt_digest`, say) keep their keys."""
+    dests = {action.dest for mode in build_parser()._subparsers._group_actions[0].choices.values()
+             for action in mode._actions if "--" + action.dest.replace("_", "-") in action.option_strings}
+    return {dest: given_flag(args, dest) for dest in dests}
 
 
 def build_parser(defaults: dict | None = None, prog: str | None = None) -> argparse.ArgumentParser:
@@ -935,7 +956,7 @@ def fid_job(setup: Setup, sample_dir: str, lock: FolderLock) -> str:
         if note := mixed_folders(sample_dir, args.run_folder):
             logging.getLogger("sit_fast.sample").warning(note)
         recorded = check_settings(sample_dir, dict(settings, ckpt_digest=checkpoint_digest(setup.info["path"])),
-                                  lock=lock, arithmetic=setup.arithmetic)
+                                  lock=lock, arithmetic=setup.arithmetic, flags=setting_flags(args))
         if leftovers := unfinished_writes(sample_dir, r"\d{6}\.png", "PNG", "a sampling job", lock):
             logging.getLogger("sit_fast.sample").warning(leftovers)
         npz_folder, npz_name = os.path.split(os.path.abspath(npz_path))
@@ -1466,7 +1487,8 @@ class BatchParts:
 
         def pending() -> list[int]:
             recorded = check_settings(self.folder, settings, holds="the results of a stopped run", flag="--out",
-                                      outputs=r"\d{6}\.pt", lock=lock, arithmetic=arithmetic)
+                                      outputs=r"\d{6}\.pt", lock=lock, arithmetic=arithmetic,
+                                      flags=None if setup is None else setting_flags(setup.args))
             present = set(os.listdir(self.folder))
             for name in present:  # an earlier run's word of a process that failed
                 if FAILED.fullmatch(name):
@@ -1627,9 +1649,10 @@ def write_bpd(path: str, bpd: np.ndarray, settings: dict) -> None:
     atomic_write(path, lambda f: np.savez(f, bpd=bpd, settings=np.array(text)))
 
 
-def finished_bpd(out: str, settings: dict) -> np.ndarray | None:
+def finished_bpd(out: str, settings: dict, flags: dict[str, str] | None = None) -> np.ndarray | None:
     """The per-item bpd in --out when it holds a finished run of these settings; None when it does not
-    exist. Any other file there is refused (it is not overwritten)."""
+    exist. Any other file there is refused (it is not overwritten), naming the settings that differ by
+    their `flags` (setting_flags)."""
     if not os.path.exists(out):
         return None
     try:
@@ -1642,7 +1665,7 @@ def finished_bpd(out: str, settings: dict) -> np.ndarray | None:
     if not isinstance(recorded, dict) or recorded.get("items") != len(bpd):
         raise UserError(f"--out {out} exists and records no settings of a finished likelihood run: pass another "
                         f"--out, or delete it")
-    differ = settings_differences(recorded, settings)
+    differ = settings_differences(recorded, settings, flags=flags)
     if differ:
         raise UserError(f"--out {out} holds the results of a run with other settings ({differ}): pass another "
                         f"--out, or delete it to start over")
@@ -1677,7 +1700,7 @@ def run_likelihood(setup: Setup) -> np.ndarray:
     dims = math.prod(setup.latent_shape)
     settings = None if out is None else data_job_settings(setup, x)
     detail = f"{space}{dequantization_note(offset)}; D = {dims}; {args.sampling_method}"
-    finished = None if out is None else on_main(lambda: finished_bpd(out, settings), dist)
+    finished = None if out is None else on_main(lambda: finished_bpd(out, settings, setting_flags(args)), dist)
     if finished is not None:
         if dist.is_main:
             remove_stale_parts(out)

@@ -267,7 +267,8 @@ def encode(args: argparse.Namespace, lock: FolderLock) -> dict | None:
         agree(same_files, dist_info)
 
     def prepare():
-        check_settings(args.out, settings, holds="latents", flag="--out", outputs=SHARD.pattern, lock=lock)
+        check_settings(args.out, settings, holds="latents", flag="--out", outputs=SHARD.pattern, lock=lock,
+                       flags={key: "--" + key.replace("_", "-") for key in settings if key in vars(args)})
         if leftovers := unfinished_writes(args.out, SHARD.pattern, "shard", "a process", lock):
             logger.warning(leftovers)
         damaged = []

@@ -628,8 +628,9 @@ NAMED_BY_DIGEST = {"ckpt": "ckpt_digest"}
 ARITHMETIC, ARITHMETIC_LATER = "arithmetic", "arithmetic_later"
 
 
-def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
-    """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or "".
+def settings_differences(recorded: dict, settings: dict, most: int = 3, flags: dict[str, str] | None = None) -> str:
+    """The first `most` settings whose recorded value differs, "key: old there, new now; ...", or "";
+    a key in `flags` is named by its flag there (--seed for seed), what the user changes to match.
     A setting the record lacks (written before it was kept) is "not recorded"; None, "none" (unset);
     one of NAMED_BY_DIGEST is compared by its digest where both hold it and it names a zip archive."""
     def word(value) -> str:
@@ -640,7 +641,8 @@ def settings_differences(recorded: dict, settings: dict, most: int = 3) -> str:
         return (digest is not None and recorded.get(digest) is not None and recorded.get(digest) == settings.get(digest)
                 and isinstance(settings.get(k), str) and zipfile.is_zipfile(settings[k]))
 
-    differ = [f"{k}: {word(recorded[k]) if k in recorded else 'not recorded'} there, {word(v)} now"
+    flags = flags or {}
+    differ = [f"{flags.get(k, k)}: {word(recorded[k]) if k in recorded else 'not recorded'} there, {word(v)} now"
               for k, v in settings.items()
               if recorded.get(k) != v and (k in recorded or k not in RECORDED_LATER) and not same_file(k)]
     return "; ".join(differ[:most]) + (" ..." if len(differ) > most else "")
@@ -659,9 +661,10 @@ def is_foreign_record(recorded: dict, settings: dict, holds: str) -> bool:
 
 def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag: str = "--sample-dir",
                    outputs: str = r"\d{6}\.png", lock: FolderLock | None = None,
-                   arithmetic: dict | None = None) -> list[dict] | None:
+                   arithmetic: dict | None = None, flags: dict[str, str] | None = None) -> list[dict] | None:
     """Refuse to resume a folder written with other output-changing settings; record them otherwise.
-    `holds` and `flag` name what the folder holds and the flag that picks another one, for the message;
+    `holds` and `flag` name what the folder holds and the flag that picks another one, for the message,
+    which names a setting by its flag in `flags` where it has one (settings_differences);
     files matching `outputs` in a folder without settings.json (another program's, or the record lost)
     are refused too, as their settings are unknown. A folder that holds no outputs yet (a run stopped
     before its first one: out of memory at the first batch, say) takes the new settings. `lock` is
@@ -696,7 +699,7 @@ def check_settings(sample_dir: str, settings: dict, holds: str = "samples", flag
         if problem is not None:
             raise UserError(f"cannot read {path} ({problem}): it records the settings of the {holds} in "
                             f"{sample_dir}; restore it, or pass another {flag}")
-        differ = settings_differences(recorded, settings)
+        differ = settings_differences(recorded, settings, flags=flags)
         if differ:
             raise UserError(f"{sample_dir} holds {holds} made with other settings ({differ}): pass another {flag}, "
                             f"or delete it to start over")

@@ -6,6 +6,7 @@ AutoencoderKL (2 block levels: downsample 2, so 16 x 16 images) built and saved 
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import logging
 import math
@@ -2276,6 +2277,38 @@ def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
             assert f"warning: {sample_dir} holds the images of another FID job (its settings.json)" in err, err
 
 
+def test_a_folder_refused_for_other_settings_names_them_by_their_flags_as_given(files, tmp_path, capsys):
+    """The settings that differ are named by the flags that set them, under the names given (upstream
+    sample_ddp.py's --global-seed and --per-proc-batch-size, which sample_ddp.py also names by default);
+    what no flag sets keeps its key. A flag given under its alias is the same setting."""
+    common = ["ODE", "--ckpt", files["pixel"], "--vae", "none", "--sampling-method", "euler", "--num-sampling-steps", 1,
+              "--num-fid-samples", 2, "--sample-dir", tmp_path / "s", "--no-run-folder", *FAST]
+    run(common + ["--batch-size", 2, "--seed", 1])
+    os.remove(png_path(str(tmp_path / "s"), 1))
+    capsys.readouterr()
+    run(common + ["--per-proc-batch-size", 2, "--global-seed", 1])
+    assert f"1 of 2 images already in {tmp_path / 's'}; sampling 2 (1 of them present" in capsys.readouterr().out
+
+    def refused(argv, main=run):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+        return one_line_error(capsys)
+
+    os.remove(png_path(str(tmp_path / "s"), 1))
+    err = refused(common + ["--per-proc-batch-size", 1, "--global-seed", 2])
+    assert "(--global-seed: 1 there, 2 now; --per-proc-batch-size: 2 there, 1 now)" in err, err
+    err = refused(common + ["--batch-size", 1, "--seed", 2])
+    assert "(--seed: 1 there, 2 now; --batch-size: 2 there, 1 now)" in err, err
+    ddp = functools.partial(sample.main, defaults=sample.SAMPLE_DDP_DEFAULTS, prog="sample_ddp.py")
+    err = refused([str(arg) for arg in common], main=ddp)  # the defaults: seed 0, batch size 32
+    assert "(--global-seed: 1 there, 0 now; --per-proc-batch-size: 2 there, 32 now)" in err, err
+    torch.save(random_sit(3, learn_sigma=False).state_dict(), tmp_path / "other.pt")
+    err = refused([tmp_path / "other.pt" if arg == files["pixel"] else arg for arg in common]
+                  + ["--batch-size", 2, "--seed", 1])
+    assert "(--ckpt: " in err and "; ckpt_digest: " in err, err
+
+
 def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys):
     """--out in a folder that does not exist yet: made up front for every job (it failed after all the
     sampling for the .npz, the likelihood and --reverse); a file in the way is a one-line error."""
@@ -2493,7 +2526,7 @@ def test_an_fid_folder_resumes_under_flags_that_pick_nothing_else(files, tmp_pat
     capsys.readouterr()
     with pytest.raises(SystemExit):
         run(latent + ["--num-fid-samples", 3, "--vae-precision", "bf16"])
-    assert "(vae_precision: 'fp32' there, 'bf16' now)" in one_line_error(capsys)
+    assert "(--vae-precision: 'fp32' there, 'bf16' now)" in one_line_error(capsys)
 
 
 def test_an_fid_folder_resumed_with_other_arithmetic_says_so_and_records_it(files, tmp_path, capsys):
@@ -3585,6 +3618,13 @@ def test_settings_differences_name_the_first_three_and_mark_more():
     assert settings_differences({}, {**three, "d": 4}) == named + " ..."
 
 
+def test_settings_differences_name_a_setting_by_its_flag_where_one_sets_it():
+    flags = {"seed": "--seed", "batch_size": "--per-proc-batch-size"}
+    assert settings_differences({"seed": 0, "batch_size": 2, "ckpt_digest": "ab"},
+                                {"seed": 1, "batch_size": 4, "ckpt_digest": "cd"}, flags=flags) == (
+        "--seed: 0 there, 1 now; --per-proc-batch-size: 2 there, 4 now; ckpt_digest: 'ab' there, 'cd' now")
+
+
 def test_a_folder_whose_run_stopped_before_its_first_output_takes_the_new_settings(tmp_path):
     """settings.json beside no outputs yet (out of memory at the first batch, say) is no reason to refuse a
     run with other settings: they are recorded instead."""
@@ -4074,7 +4114,8 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     """--likelihood --out keeps each batch's bpd in OUT.parts/ as it finishes, with the settings that made
     them. After a crash the same command computes only the batches left, and the bpd are an
     uninterrupted run's; a finished file is read, not recomputed. Other settings, other data or a file
-    that records no settings are refused in one line."""
+    that records no settings are refused in one line, naming the settings by their flags; the batch
+    size given under its alias, upstream sample_ddp.py's --per-proc-batch-size, is the same setting."""
     torch.save(torch.randn(5, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     out, parts = tmp_path / "bpd.npz", tmp_path / "bpd.npz.parts"
     argv = ["ODE", "--likelihood", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
@@ -4097,11 +4138,12 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
         assert err.startswith(f"error: {start} ") and needle in err, err
 
     capsys.readouterr()
-    refused(argv + ["--seed", 1], parts, "holds the results of a stopped run made with other settings (seed: 0 there, "
-                                         "1 now)")
+    refused(argv + ["--seed", 1], parts, "holds the results of a stopped run made with other settings (--seed: 0 "
+                                         "there, 1 now)")
+    alias = ["--per-proc-batch-size" if arg == "--batch-size" else arg for arg in argv]
     batches.clear()
     batches.append(None)  # no crash this time: the third call is a fourth
-    np.testing.assert_array_equal(run(argv), whole)
+    np.testing.assert_array_equal(run(alias), whole)
     assert batches[1:] == [(0, 2, 2)], batches  # only the last batch (index 2, seed 0, batch size 2)
     captured = capsys.readouterr().out
     assert f"4 of 5 items already in {parts}; computing the other 1" in captured, captured
@@ -4112,13 +4154,15 @@ def test_likelihood_resumes_its_out_after_a_crash(files, tmp_path, capsys, monke
     batches.clear()
     np.testing.assert_array_equal(run(argv), whole)  # finished: nothing computed
     assert not batches and "nothing left to compute" in capsys.readouterr().out
+    np.testing.assert_array_equal(run(alias), whole)
+    assert not batches and "nothing left to compute" in capsys.readouterr().out
     parts.mkdir()  # a stop between writing OUT and removing OUT.parts/: the folder goes at the next run
     (parts / "000000.pt").write_bytes(b"")
     np.testing.assert_array_equal(run(argv), whole)
     assert not batches and not parts.exists()
-    refused(argv + ["--seed", 1], f"--out {out}", "holds the results of a run with other settings (seed: 0 there, "
+    refused(argv + ["--seed", 1], f"--out {out}", "holds the results of a run with other settings (--seed: 0 there, "
                                                   "1 now)")
-    refused(argv + ["--class-labels", 1], f"--out {out}", "(class_labels: none there, [1] now)")
+    refused(argv + ["--class-labels", 1], f"--out {out}", "(--class-labels: none there, [1] now)")
     torch.save(torch.randn(6, 3, 8, 8).clamp(-1, 1), tmp_path / "x.pt")
     refused(argv, f"--out {out}", "(items: 5 there, 6 now; data_digest: ")
     np.savez(out, bpd=whole)
@@ -4184,7 +4228,7 @@ def test_a_finished_likelihood_out_records_its_data_by_path_and_its_divergence(f
     with pytest.raises(SystemExit):
         run(argv + ["--exact-divergence"])
     assert one_line_error(capsys) == (f"error: --out {out} holds the results of a run with other settings "
-                                      f"(exact_divergence: False there, True now): pass another --out, or delete "
+                                      f"(--exact-divergence: False there, True now): pass another --out, or delete "
                                       f"it to start over")
     np.testing.assert_array_equal(saved(), whole)
 
@@ -4218,7 +4262,7 @@ def test_a_resume_ignores_the_flags_its_solver_ignores(files, tmp_path, capsys):
     assert "nothing left to compute" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         run(fixed + ["--num-sampling-steps", 4])
-    assert "(num_sampling_steps: 3 there, 4 now)" in one_line_error(capsys)
+    assert "(--num-sampling-steps: 3 there, 4 now)" in one_line_error(capsys)
 
 
 def test_a_data_job_tells_apart_checkpoints_and_data_written_to_one_path(files, tmp_path, capsys, monkeypatch):

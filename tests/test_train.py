@@ -4226,7 +4226,7 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
         latent_cache.atomic_torch_save = real_save
     latent_cache.main(_cache_args(images, vae_dir, out))
 
-    for extra, named in ((["--dtype", "float16"], "dtype"), (["--image-size", "8"], "image_size")):
+    for extra, named in ((["--dtype", "float16"], "--dtype"), (["--image-size", "8"], "--image-size")):
         assert re.fullmatch(rf"error: \S+ holds latents made with other settings \({named}: .*pass another --out, "
                             r"or delete it to start over\n", refused(extra))
     Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(os.path.join(images, "class1", "9.png"))  # the data changed
@@ -4433,7 +4433,7 @@ def test_latent_cache_vae_precision_bf16_encodes_under_autocast(tmp_path, monkey
 
 
 @pytest.mark.parametrize("extra,named", [
-    (["--shard-size", "3"], "shard_size"), (["--vae-precision", "bf16"], "vae_precision"), (["--vae"], "vae"),
+    (["--shard-size", "3"], "--shard-size"), (["--vae-precision", "bf16"], "--vae-precision"), (["--vae"], "--vae"),
 ])
 def test_latent_cache_refuses_to_resume_with_another_shard_size_or_vae(tmp_path, capsys, extra, named):
     """The shards present were cut and encoded with the settings recorded: another shard size would index
