@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import stat
+import warnings
 from typing import Iterable, Iterator
 
 import numpy as np
@@ -344,13 +345,35 @@ def open_image(path: str) -> Image.Image:
     """Image.open(path) (its header read); an UnreadableImage naming it where PIL cannot open it, or where
     it is no regular file (a named pipe with an image's name: its read would wait for a writer, for ever)."""
     try:
-        image = Image.open(path) if stat.S_ISREG(os.stat(path).st_mode) else None
+        image = open_naming_size_warning(path) if stat.S_ISREG(os.stat(path).st_mode) else None
     except UNREADABLE_IMAGE as err:
         raise unreadable_image(path, err) from None
     if image is None:
         raise UnreadableImage(f"cannot read image {path} (not a regular file: a named pipe, a socket or a device): "
                               f"remove or replace it")
     return image
+
+
+_SIZE_WARNED: set[str] = set()  # the images open_naming_size_warning has warned of, in this process
+
+
+def open_naming_size_warning(path: str) -> Image.Image:
+    """Image.open(path); PIL's DecompressionBombWarning, for an image past its pixel limit but within
+    twice that (read all the same), said instead with the file's name, which PIL's words leave out,
+    once per image in a process (not at every epoch)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            return Image.open(path)
+        except Image.DecompressionBombWarning as warning:
+            said = str(warning).rstrip(".")
+    if path not in _SIZE_WARNED:
+        _SIZE_WARNED.add(path)
+        warnings.warn(f"image {path}: {said}; read all the same (PIL refuses an image past twice the limit, "
+                      f"PIL.Image.MAX_IMAGE_PIXELS)", Image.DecompressionBombWarning, stacklevel=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        return Image.open(path)
 
 
 # One-channel modes holding more than 8 bits: PIL's convert to "L" or "RGB" clips their values to 255

@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -2353,6 +2354,24 @@ def test_an_image_past_pils_pixel_limit_is_a_data_error(tmp_path, monkeypatch):
     with pytest.raises(DataError, match=r"cannot read image \S+0.png \(Image size \(480 pixels\) exceeds .*\): "
                                         r"remove or replace it"):
         dataset.load(0, 0)
+
+
+def test_an_image_within_twice_pils_pixel_limit_is_read_and_named_in_the_warning(tmp_path, monkeypatch):
+    """PIL reads it, warning with a DecompressionBombWarning that names no file: said instead naming it,
+    once (not at every epoch)."""
+    from sit_fast.data import ImageFolderDataset
+
+    dataset = ImageFolderDataset(make_image_folder(tmp_path / "images", classes=1, per_class=1), 16)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 300)  # the 20x24 image is past the limit, within twice it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        image = dataset.load(0, 0)
+        dataset.load(0, 1)
+    assert image.shape == (3, 16, 16)
+    said = [str(w.message) for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
+    assert len(said) == 1 and re.fullmatch(r"image \S+0\.png: Image size \(480 pixels\) exceeds limit of 300 pixels, "
+                                           r"could be decompression bomb DOS attack; read all the same \(PIL "
+                                           r"refuses .*\)", said[0]), said
 
 
 def test_an_image_pil_refuses_with_a_value_error_is_a_data_error(tmp_path):
