@@ -14,6 +14,7 @@ import logging
 import math
 import os
 import stat
+import threading
 import warnings
 from typing import Iterable, Iterator
 
@@ -355,13 +356,15 @@ def open_image(path: str) -> Image.Image:
 
 
 _SIZE_WARNED: set[str] = set()  # the images open_naming_size_warning has warned of, in this process
+# warnings.catch_warnings sets the process's filters: two threads in it at once could leave its filter on
+_FILTERS_LOCK = threading.Lock()
 
 
 def open_naming_size_warning(path: str) -> Image.Image:
     """Image.open(path); PIL's DecompressionBombWarning, for an image past its pixel limit but within
     twice that (read all the same), said instead with the file's name, which PIL's words leave out,
     once per image in a process (not at every epoch)."""
-    with warnings.catch_warnings():
+    with _FILTERS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             return Image.open(path)
@@ -371,7 +374,7 @@ def open_naming_size_warning(path: str) -> Image.Image:
         _SIZE_WARNED.add(path)
         warnings.warn(f"image {path}: {said}; read all the same (PIL refuses an image past twice the limit, "
                       f"PIL.Image.MAX_IMAGE_PIXELS)", Image.DecompressionBombWarning, stacklevel=3)
-    with warnings.catch_warnings():
+    with _FILTERS_LOCK, warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         return Image.open(path)
 
