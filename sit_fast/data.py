@@ -14,7 +14,6 @@ import logging
 import math
 import os
 import stat
-import threading
 import warnings
 from typing import Iterable, Iterator
 
@@ -346,37 +345,31 @@ def open_image(path: str) -> Image.Image:
     """Image.open(path) (its header read); an UnreadableImage naming it where PIL cannot open it, or where
     it is no regular file (a named pipe with an image's name: its read would wait for a writer, for ever)."""
     try:
-        image = open_naming_size_warning(path) if stat.S_ISREG(os.stat(path).st_mode) else None
+        image = Image.open(path) if stat.S_ISREG(os.stat(path).st_mode) else None
     except UNREADABLE_IMAGE as err:
         raise unreadable_image(path, err) from None
     if image is None:
         raise UnreadableImage(f"cannot read image {path} (not a regular file: a named pipe, a socket or a device): "
                               f"remove or replace it")
+    warn_past_pixel_limit(image, path)
     return image
 
 
-_SIZE_WARNED: set[str] = set()  # the images open_naming_size_warning has warned of, in this process
-# warnings.catch_warnings sets the process's filters: two threads in it at once could leave its filter on
-_FILTERS_LOCK = threading.Lock()
+_SIZE_WARNED: set[str] = set()  # the images warn_past_pixel_limit has named, in this process
 
 
-def open_naming_size_warning(path: str) -> Image.Image:
-    """Image.open(path); PIL's DecompressionBombWarning, for an image past its pixel limit but within
-    twice that (read all the same), said instead with the file's name, which PIL's words leave out,
-    once per image in a process (not at every epoch)."""
-    with _FILTERS_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        try:
-            return Image.open(path)
-        except Image.DecompressionBombWarning as warning:
-            said = str(warning).rstrip(".")
-    if path not in _SIZE_WARNED:
-        _SIZE_WARNED.add(path)
-        warnings.warn(f"image {path}: {said}; read all the same (PIL refuses an image past twice the limit, "
-                      f"PIL.Image.MAX_IMAGE_PIXELS)", Image.DecompressionBombWarning, stacklevel=3)
-    with _FILTERS_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        return Image.open(path)
+def warn_past_pixel_limit(image: Image.Image, path: str) -> None:
+    """PIL's DecompressionBombWarning, for an image past its pixel limit but within twice it (read all
+    the same), names no file: said again naming it, once per image in a process (not at every epoch).
+    PIL's own is left as it is: catching it would set the process's warning filters at every image,
+    which resets every module's record of the warnings already shown once."""
+    limit, pixels = Image.MAX_IMAGE_PIXELS, image.width * image.height
+    if limit is None or pixels <= limit or path in _SIZE_WARNED:
+        return
+    _SIZE_WARNED.add(path)
+    warnings.warn(f"image {path} has {pixels} pixels, past PIL's limit of {limit} (PIL.Image.MAX_IMAGE_PIXELS, "
+                  f"whose DecompressionBombWarning names no file): read all the same; PIL refuses an image past "
+                  f"twice the limit", Image.DecompressionBombWarning, stacklevel=3)
 
 
 # One-channel modes holding more than 8 bits: PIL's convert to "L" or "RGB" clips their values to 255
