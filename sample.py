@@ -229,7 +229,8 @@ def add_sampling_args(parser: argparse.ArgumentParser, defaults: dict) -> None:
 
     data = parser.add_argument_group("Data (ODE --likelihood / --reverse)")
     data.add_argument("--data", type=user_path, default=None,
-                      help="a folder of images (and its sub-folders: an ImageFolder root too), an .npz (uint8 N x H x W x C images, or float latents) "
+                      help="a folder of images (and its sub-folders: an ImageFolder root too), an .npz "
+                           "(uint8 N x H x W x C images, or float latents) "
                            "or a .pt (.pth) tensor of model inputs (N, C, h, w)")
     data.add_argument("--dataset", choices=("digits",), default=None,
                       help="in place of --data: scikit-learn's bundled 8x8 digits (all 1,797; 17 gray levels, "
@@ -568,7 +569,8 @@ class Setup:
         vae_dtype = torch.bfloat16 if args.vae_precision == "bf16" else torch.float32
         self.codec = load_vae(args.vae, device, dtype=vae_dtype, purpose="sample")
         if self.codec is not None and args.in_channels is not None:
-            raise UserError("--in-channels is for pixel space (--vae none); with a VAE the latent channels are the VAE's")
+            raise UserError("--in-channels is for pixel space (--vae none); "
+                            "with a VAE the latent channels are the VAE's")
         downsample = self.codec.downsample if self.codec is not None else 1
         fused_kernels, fused_on = fused_kernels_flag(args.fused_kernels, device)
         request = ModelRequest(

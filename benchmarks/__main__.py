@@ -60,8 +60,8 @@ def parse_args(argv: list[str] | None):
     parser.add_argument("--device", choices=("cpu", "cuda"), default=None,
                         help="default: cuda when available, else cpu (fused kernels through the Triton interpreter)")
     parser.add_argument("--size", choices=("tiny", "full"), default=None,
-                        help="tiny: a depth-2 SiT with head dim 72 on 4x4 latents, 4 tokens (dry run); full: SiT-XL/2 at "
-                             "256px (latent 32x32). Default: full on cuda, tiny on cpu")
+                        help="tiny: a depth-2 SiT with head dim 72 on 4x4 latents, 4 tokens (dry run); "
+                             "full: SiT-XL/2 at 256px (latent 32x32). Default: full on cuda, tiny on cpu")
     parser.add_argument("--out", type=user_path, default="results/bench",
                         help="folder for results.json and results.md (default: results/bench)")
     parser.add_argument("--deadline-s", type=positive_float, default=None,

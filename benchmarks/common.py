@@ -1042,7 +1042,8 @@ NOTES = {
     "train": "One step: forward, backward, AdamW (no EMA; no data loading or VAE: inputs on the device). "
              "MFU: model FLOPs (3 x forward, forward = 2 x multiply-adds) over the data sheet's dense "
              "peak of the row's dtype. Each variant at the largest batch that fits (the batch column). "
-             "act/img: the eager maths' activations (fake tensors), for compiled variants too. Parity: from the parity suite of this run.",
+             "act/img: the eager maths' activations (fake tensors), for compiled variants too. "
+             "Parity: from the parity suite of this run.",
     "profile": "torch.profiler over a few calls after warm-up: device ms/call sums the kernels' own times "
                "(on the CPU, the operators' own CPU time); device busy (CUDA only) = device / wall time, where "
                "the wall time is taken without the profiler: under 100%, the device waited. Kinds by kernel name "

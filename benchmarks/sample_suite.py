@@ -18,8 +18,9 @@ pool, which a replay never allocates from again.
 Extrapolation, to fit the time box: each timed run is the real sampler with k model calls,
 `steps_timed`, or `latency_steps_timed` at a batch of 16 or fewer (ODE euler num_steps=k: k calls;
 SDE Euler num_steps=k: k - 1 stochastic steps and the last step), and median_ms / p20_ms / p80_ms
-scale that run by (model calls of the full sampler) / k, as counted by sit_fast.sampling.model_call_times. Every call costs the same, so this is the full
-sampler's time up to its fixed per-run overhead (building the time grid and the label pair).
+scale that run by (model calls of the full sampler) / k, as counted by sit_fast.sampling.model_call_times.
+Every call costs the same, so this is the full sampler's time up to its fixed per-run overhead (building
+the time grid and the label pair).
 After the first (compiling or capturing) run, `sample_iters` runs are timed twice, back to back
 (common.time_twice): the figures are over both windows, window_spread says how far apart they were.
 """

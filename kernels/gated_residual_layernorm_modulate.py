@@ -509,7 +509,8 @@ def _backward(ctx, grad_x_out, grad_h, _grad_x_hat, _grad_rstd):
 
 
 gated_residual_layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
-gated_residual_layernorm_modulate_backward_op.register_autograd(_launch.refuse_double_backward("sit_fast::gated_residual_layernorm_modulate_backward"))
+gated_residual_layernorm_modulate_backward_op.register_autograd(
+    _launch.refuse_double_backward("sit_fast::gated_residual_layernorm_modulate_backward"))
 
 
 def gated_residual_layernorm_modulate(

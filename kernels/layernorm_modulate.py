@@ -348,7 +348,8 @@ def _backward(ctx, grad_y, _grad_x_hat, _grad_rstd):
 
 
 layernorm_modulate_op.register_autograd(_backward, setup_context=_setup_context)
-layernorm_modulate_backward_op.register_autograd(_launch.refuse_double_backward("sit_fast::layernorm_modulate_backward"))
+layernorm_modulate_backward_op.register_autograd(
+    _launch.refuse_double_backward("sit_fast::layernorm_modulate_backward"))
 
 
 def layernorm_modulate(

@@ -66,7 +66,8 @@ def read_checkpoint(path: str | os.PathLike, prefer: str = "ema") -> tuple[dict[
                 metadata = f.metadata() or {}
                 obj = {key: f.get_tensor(key) for key in f.keys()}
         except Exception as err:  # safetensors raises its own error types
-            raise CheckpointError(f"cannot read {path}: {first_line(err)} (corrupt or not a safetensors file)") from None
+            raise CheckpointError(f"cannot read {path}: {first_line(err)} "
+                                  "(corrupt or not a safetensors file)") from None
         # python -m sit_fast.export records which weights of which step the file holds, and the
         # transport flags of the training run, which stand in for its args
         step = metadata.get("step", "")
@@ -216,7 +217,8 @@ def safe_torch_load(path: str) -> object:
         if kind is not None:
             raise CheckpointError(f"cannot read {path}: it is {kind}, not a checkpoint") from None
         raise CheckpointError(f"cannot read {path}: {reason or first_line(err)} "
-                              f"(corrupt, truncated, or not a checkpoint written by torch.save or safetensors?)") from None
+                              f"(corrupt, truncated, or not a checkpoint written by torch.save "
+                              f"or safetensors?)") from None
 
 
 def is_torchscript_archive(path: str) -> bool:
@@ -400,7 +402,8 @@ def _mismatch_message(model, state_dict, own, missing, unexpected, mismatched, s
         cfg = infer_config(state_dict)
         name = registry_name(cfg["depth"], cfg["hidden_size"], cfg["patch_size"])
         hint = (
-            f"the checkpoint looks like {name + ': ' if name else ''}depth {cfg['depth']}, hidden {cfg['hidden_size']}, patch "
+            f"the checkpoint looks like {name + ': ' if name else ''}depth {cfg['depth']}, "
+            f"hidden {cfg['hidden_size']}, patch "
             f"{cfg['patch_size']}, input size {cfg['input_size']} ({cfg['input_size']}px images in pixel space, "
             f"{cfg['input_size'] * 8}px through an 8x VAE), learn_sigma={cfg['learn_sigma']}: {_likely_fix(model, cfg)}"
         )

@@ -48,11 +48,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=positive_int, default=600, help="training steps")
     parser.add_argument("--global-batch-size", type=positive_int, default=256, help="batch size summed over processes")
     parser.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
-    parser.add_argument("--ema-decay", type=fraction, default=0.995, help="EMA decay per step (short run: short memory)")
+    parser.add_argument("--ema-decay", type=fraction, default=0.995,
+                        help="EMA decay per step (short run: short memory)")
     parser.add_argument("--nproc", type=positive_int, default=None,
                         help="training processes (default: 2 on the CPU, min(2, GPUs) with CUDA)")
-    parser.add_argument("--num-samples", type=positive_int, default=500, help="generated digits per sampler (a multiple of 10)")
-    parser.add_argument("--cfg-scale", type=finite_float, default=2.0, help="classifier-free guidance scale when sampling")
+    parser.add_argument("--num-samples", type=positive_int, default=500,
+                        help="generated digits per sampler (a multiple of 10)")
+    parser.add_argument("--cfg-scale", type=finite_float, default=2.0,
+                        help="classifier-free guidance scale when sampling")
     parser.add_argument("--ode-steps", type=positive_int, default=16, help="Heun steps of the ODE sampler")
     parser.add_argument("--sde-steps", type=positive_int, default=50, help="Euler-Maruyama steps of the SDE sampler")
     parser.add_argument("--min-accuracy", type=fraction, default=0.8, help="fail below this share of correct digits")
@@ -135,7 +138,8 @@ def evaluate(args: argparse.Namespace, checkpoint: str) -> dict:
     for name, sample_fn in samplers.items():
         generator = torch.Generator().manual_seed(args.seed + (0 if name == "ODE" else 1))
         torch.manual_seed(args.seed + 2)  # the SDE's own noise
-        z = torch.randn(n, saved["in_channels"], saved["image_size"], saved["image_size"], generator=generator).to(device)
+        z = torch.randn(n, saved["in_channels"], saved["image_size"], saved["image_size"],
+                        generator=generator).to(device)
         started = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             samples = sample_fn(torch.cat([z, z]), model_fn, y=torch.cat([labels, null]))[-1][:n].float()

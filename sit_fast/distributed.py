@@ -520,7 +520,8 @@ def unshared_path(folder: str, flag: str, info: DistInfo, wait_s: float = 30.0) 
         try:
             open(os.path.join(folder, name), "x").close()
         except OSError as err:
-            name, error = None, f"{flag}: cannot write in {folder} ({err.strerror or err}): make room, or make it writable"
+            name, error = None, (f"{flag}: cannot write in {folder} ({err.strerror or err}): "
+                                 "make room, or make it writable")
     try:
         # the folder as rank 0 names it, and rank 0's node
         name_seen, shown, main_node, error = broadcast_object((name, folder, node_id(), error))

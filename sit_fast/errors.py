@@ -220,7 +220,8 @@ def cli_entry(main: Callable) -> Callable:
         from sit_fast.interrupts import console_loss_ignored, exit_status, stop_signals_noted, what_stopped
 
         script = sys.modules.get("__main__")
-        if getattr(script, "sigint_quiet_while_loading", False) and threading.current_thread() is threading.main_thread():
+        if (getattr(script, "sigint_quiet_while_loading", False)
+                and threading.current_thread() is threading.main_thread()):
             script.sigint_quiet_while_loading = False  # quiet_ctrl_c_while_loading's SIG_DFL
             if signal.getsignal(signal.SIGINT) == signal.SIG_DFL:
                 signal.signal(signal.SIGINT, signal.default_int_handler)

@@ -1,6 +1,7 @@
-"""Encode an image dataset once with the VAE, so that training runs with no VAE in the loop.
+r"""Encode an image dataset once with the VAE, so that training runs with no VAE in the loop.
 
-    python -m sit_fast.latent_cache --data-path /data/imagenet/train --image-size 256 --vae ema --out /data/in256-latents
+    python -m sit_fast.latent_cache --data-path /data/imagenet/train --image-size 256 --vae ema \
+        --out /data/in256-latents
     torchrun --nproc_per_node=8 -m sit_fast.latent_cache ...        # the shards split over the GPUs
     torchrun --nproc_per_node=8 train.py --latent-cache /data/in256-latents --model SiT-XL/2
     python -m sit_fast.latent_cache --verify --out /data/in256-latents   # after a copy: every byte as written?

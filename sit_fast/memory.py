@@ -4,10 +4,10 @@ Counted, not estimated from a formula: every tensor autograd saves during a forw
 `torch.autograd.graph.saved_tensors_hooks`; each distinct storage is counted once at its full size.
 The per-image figure is marginal in the batch size, (S(b2) - S(b1)) / (b2 - b1), so whatever does not
 grow with the batch (the bf16 casts of the weights under autocast) drops out of it; what is left at
-batch 0, S(b1) - b1 x that, is reported beside it, since it is held as long as the activations are. Parameters themselves are not counted. The forward
-runs on fake tensors (shapes, dtypes and storages, no data: nothing is allocated, so these are counts,
-not measurements of a GPU's memory), so even SiT-XL/2 takes about a second on a CPU; fused kernels
-take part through their registered fakes.
+batch 0, S(b1) - b1 x that, is reported beside it, since it is held as long as the activations are.
+Parameters themselves are not counted. The forward runs on fake tensors (shapes, dtypes and storages,
+no data: nothing is allocated, so these are counts, not measurements of a GPU's memory), so even
+SiT-XL/2 takes about a second on a CPU; fused kernels take part through their registered fakes.
 """
 from __future__ import annotations
 

@@ -767,7 +767,8 @@ class SiT(nn.Module):
         and y (N,) integer labels, all three on one device (forward's contract)."""
         for name, value in (("x", x), ("t", t), ("y", y)):
             if not isinstance(value, torch.Tensor):
-                null = f" (the null class, for unconditional outputs, is label {self.num_classes})" if name == "y" else ""
+                null = (f" (the null class, for unconditional outputs, is label {self.num_classes})"
+                        if name == "y" else "")
                 raise TypeError(f"{name} must be a tensor, got {type(value).__name__}{null}")
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"x must have shape (N, {self.in_channels}, {self.input_size}, {self.input_size}), "

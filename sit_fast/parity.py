@@ -146,7 +146,8 @@ class ParityReport:
         if own is None:
             lines += ["| tensor | max abs err | rel err |", "| --- | --- | --- |"]
         else:
-            lines += [f"| tensor | max abs err | rel err | reference's own in {self.dtype} |", "| --- | --- | --- | --- |"]
+            lines += [f"| tensor | max abs err | rel err | reference's own in {self.dtype} |",
+                      "| --- | --- | --- | --- |"]
         ordered = self.rows[:2] + sorted(self.rows[2:], key=lambda r: -r["rel_err"])
         for r in ordered[:max_rows]:
             extra = "" if own is None else f" {own[r['tensor']]:.3g} |"
@@ -295,7 +296,8 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="candidate precision")
     parser.add_argument("--attn-backend", default="auto", choices=list(ATTN_BACKENDS),
                         help="candidate attention backend")
-    parser.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto", help="candidate fused kernels")
+    parser.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto",
+                        help="candidate fused kernels")
     parser.add_argument("--compile", action="store_true", help="compile the candidate's blocks")
     parser.add_argument("--device", type=torch_device, default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device")

@@ -265,7 +265,8 @@ def build_model(request: ModelRequest, device: torch.device,
     if not_finite:  # a diverged run's weights: samples of NaN (black images), or an adaptive solver's assertion
         raise CheckpointError(f"{path} holds weights that are not finite (NaN or inf) in {len(not_finite)} tensor(s), "
                               f"e.g. {not_finite[0]}, as a diverged run saves them: its samples would be NaN; use an "
-                              f"earlier checkpoint{' (or --use-raw for its raw weights)' if info['weights'] == 'ema' else ''}")
+                              f"earlier checkpoint"
+                              f"{' (or --use-raw for its raw weights)' if info['weights'] == 'ema' else ''}")
     info.update(loaded)
     info.update(path=path, model=name, image_size=input_size * request.downsample, num_classes=num_classes,
                 learn_sigma=config["learn_sigma"])

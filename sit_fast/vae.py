@@ -25,7 +25,8 @@ VAE_ALIASES = {"ema": "stabilityai/sd-vae-ft-ema", "mse": "stabilityai/sd-vae-ft
 DEFAULT_SCALING_FACTOR = 0.18215
 logger = logging.getLogger("sit_fast")
 
-_LOCAL = "pass a local directory with the VAE (--vae /path/to/vae, a diffusers AutoencoderKL saved with save_pretrained)"
+_LOCAL = ("pass a local directory with the VAE (--vae /path/to/vae, a diffusers AutoencoderKL saved with "
+          "save_pretrained)")
 WAYS_OUT = {
     "train": f"{_LOCAL}, train from a latent cache (--latent-cache DIR, made by python -m sit_fast.latent_cache), "
              f"or train in pixel space (--vae none)",
@@ -62,7 +63,8 @@ class LatentCodec:
         batch_size: the largest batch passed through the VAE at once.
     """
 
-    def __init__(self, vae: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32, batch_size: int = 64):
+    def __init__(self, vae: torch.nn.Module, device: torch.device, dtype: torch.dtype = torch.float32,
+                 batch_size: int = 64):
         config = vae.config
         self.vae = vae
         self.device = torch.device(device)

@@ -261,7 +261,8 @@ def test_a_folder_is_named_as_one_with_its_newest_checkpoint(tmp_path):
     (tmp_path / "run" / "checkpoints").mkdir(parents=True)
     for step in (1000, 2000):
         torch.save(upstream_state_dict(1, 32, 2, True), tmp_path / "run" / "checkpoints" / f"{step:07d}.pt")
-    with pytest.raises(CheckpointError, match=r"run is a folder: pass a checkpoint file \(the newest here: .*0002000\.pt\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"run is a folder: pass a checkpoint file \(the newest here: .*0002000\.pt\)"):
         read_checkpoint(tmp_path / "run")
     # newest by time written, whatever the names; safetensors files count too
     (tmp_path / "export").mkdir()

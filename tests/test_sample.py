@@ -627,8 +627,8 @@ def test_a_checkpoint_with_nan_weights_is_refused_in_one_line(tmp_path, capsys):
              *FAST])
     assert exit_info.value.code == 2
     err = one_line_error(capsys)
-    assert err.startswith(f"error: {tmp_path / 'nan.pt'} holds weights that are not finite (NaN or inf) in 1 tensor(s), "
-                          "e.g. final_layer.linear.bias"), err
+    assert err.startswith(f"error: {tmp_path / 'nan.pt'} holds weights that are not finite (NaN or inf) "
+                          "in 1 tensor(s), e.g. final_layer.linear.bias"), err
     assert not (tmp_path / "g.png").exists()
 
 
@@ -970,7 +970,8 @@ def test_mistyped_flag_is_refused(mode, flag, meant, capsys):
     err = one_line_error(capsys)  # not argparse's usage block
     # the help that lists the flags is the mode's (sample.py --help lists ODE and SDE alone)
     hint = f"did you mean {meant}? " if meant else ""
-    assert err.startswith(f"error: unrecognized arguments: {flag} 2 ({hint}see ") and err.endswith(f" {mode} --help)"), err
+    assert (err.startswith(f"error: unrecognized arguments: {flag} 2 ({hint}see ")
+            and err.endswith(f" {mode} --help)")), err
     assert meant or "did you mean" not in err
 
 
@@ -1360,7 +1361,8 @@ def test_a_release_path_is_found_again_on_a_rank_whose_node_lacks_rank_0s(monkey
 
 def test_sample_ddp_defaults():
     args = sample.resolve_args(sample.build_parser(sample.SAMPLE_DDP_DEFAULTS).parse_args(["SDE"]))
-    assert (args.job, args.num_fid_samples, args.vae, args.cfg_scale, args.run_folder) == ("fid", 50_000, "ema", 1.0, True)
+    assert (args.job, args.num_fid_samples, args.vae, args.cfg_scale, args.run_folder) == (
+        "fid", 50_000, "ema", 1.0, True)
     args = sample.resolve_args(sample.build_parser().parse_args(["ODE", "--global-seed", "3", "--no-tf32"]))
     assert (args.job, args.vae, args.cfg_scale, args.seed, args.precision, args.run_folder) == (
         "grid", "mse", 4.0, 3, "fp32", False)
@@ -2326,7 +2328,8 @@ def test_out_folders_are_made_before_the_work_or_refused(files, tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         run(common + ["--likelihood", "--data", tmp_path / "x.pt", "--out", tmp_path / "a_file" / "bpd.npz"])
     assert exit_info.value.code == 2
-    assert one_line_error(capsys) == f"error: --out {tmp_path / 'a_file' / 'bpd.npz'}: {tmp_path / 'a_file'} is a file: pass a folder"
+    assert one_line_error(capsys) == (f"error: --out {tmp_path / 'a_file' / 'bpd.npz'}: {tmp_path / 'a_file'} "
+                                      "is a file: pass a folder")
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc, where no file can be made")
@@ -2358,7 +2361,8 @@ def test_folders_that_cannot_be_written_are_one_line_errors(files, tmp_path, cap
     monkeypatch.chdir("/proc")
     for argv, needle in [([], "error: --out sample.png: cannot write into the folder /proc ("),
                          (["--reverse", "--data", tmp_path / "x.pt"], "error: --out noise.pt: cannot write into"),
-                         (["--num-fid-samples", 2], "error: --sample-dir samples: cannot write into the folder /proc (")]:
+                         (["--num-fid-samples", 2],
+                          "error: --sample-dir samples: cannot write into the folder /proc (")]:
         with pytest.raises(SystemExit):
             run(common + argv)
         err = one_line_error(capsys)
@@ -4345,7 +4349,8 @@ def test_reverse_resumes_from_its_parts_after_a_crash(files, tmp_path, capsys, m
     # A batch missing when the results are joined (a process that stopped without a word) is named
     shutil.rmtree(parts)
     write = sample.BatchParts.write
-    monkeypatch.setattr(sample.BatchParts, "write", lambda self, k, result: result if k == 1 else write(self, k, result))
+    monkeypatch.setattr(sample.BatchParts, "write",
+                        lambda self, k, result: result if k == 1 else write(self, k, result))
     batches.extend([None, None])  # no crash
     with pytest.raises(SystemExit):
         run(argv)

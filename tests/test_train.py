@@ -953,7 +953,8 @@ def test_the_log_line_has_the_mean_gradient_norm_before_clipping(tmp_path, monke
         args, explicit = parse_args(BASE + ["--exp-dir", str(tmp_path / clip), "--grad-clip", clip])
         trainer = Trainer(args, explicit, init_distributed())
         trainer.train_step(batch)
-        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model_params if p.grad is not None]))
+        after = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in trainer.model_params
+                                                      if p.grad is not None]))
         norms[clip] = (float(trainer.window.grad_norm_sum), trainer.window.applied, float(after))
     (unclipped, count, after), (before_clip, _, after_clip) = norms["none"], norms["1e-3"]
     assert count == 1 and unclipped > 0.01
@@ -1252,7 +1253,8 @@ def test_switches_and_optional_values_can_be_unset_on_resume(tmp_path):
     """What a run set is inherited by its resume unless given again: --no-X turns a switch off and
     `none` unsets --grad-clip and --max-steps."""
     exp = str(tmp_path / "run")
-    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--skip-nonfinite", "--grad-clip", "1"])
+    train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "2", "--skip-nonfinite",
+                       "--grad-clip", "1"])
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "3", "--resume", "auto"])
     inherited = load_ckpt(os.path.join(exp, "checkpoints", "0000003.pt"))["args"]
     assert (inherited["skip_nonfinite"], inherited["grad_clip"]) == (True, 1.0)
@@ -2897,7 +2899,8 @@ def test_ckpt_of_another_model_names_the_flag(tmp_path, capsys, depth, hidden, p
     torch.save(weights, path)
     assert run_cli(BASE + ["--exp-dir", str(tmp_path / "exp"), "--ckpt", path]) == 2
     line, err = the_error_line(capsys)
-    assert f"--ckpt {path} is a " in line and f"(depth {depth}, hidden {hidden}, patch {patch}), not a SiT-T/4: {fix}" in line
+    assert (f"--ckpt {path} is a " in line
+            and f"(depth {depth}, hidden {hidden}, patch {patch}), not a SiT-T/4: {fix}" in line)
     assert "missing" not in err
 
 
@@ -3505,7 +3508,8 @@ def test_user_error_from_the_real_cli(tmp_path):
 def test_user_error_under_torchrun_is_printed_once_and_named_in_the_summary(tmp_path):
     """Each process writes the line to torchrun's error file; only rank 0 prints it on stderr."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(REPO, "train.py"), "--data-path", str(tmp_path / "nope"), "--exp-dir", str(tmp_path / "exp")]
+               os.path.join(REPO, "train.py"), "--data-path", str(tmp_path / "nope"),
+               "--exp-dir", str(tmp_path / "exp")]
     result = subprocess.run(command, capture_output=True, text=True, cwd=REPO, env=torchrun_env(tmp_path), timeout=240)
     assert result.returncode != 0
     lines = (result.stdout + result.stderr).splitlines()
@@ -4255,7 +4259,8 @@ def test_latent_cache_resumes_only_missing_shards_and_refuses_other_settings(tmp
     assert re.fullmatch(r"error: cannot read \S+settings.json \(.*\): it records the settings of the latents in "
                         r"\S+; restore it, or pass another --out\n", refused([]))
     (tmp_path / "a_file").write_text("")
-    assert refused(["--out", str(tmp_path / "a_file")]) == f"error: --out {tmp_path / 'a_file'} is a file: pass a folder\n"
+    assert (refused(["--out", str(tmp_path / "a_file")])
+            == f"error: --out {tmp_path / 'a_file'} is a file: pass a folder\n")
     os.remove(os.path.join(out, "settings.json"))  # the record lost: the shards' settings are unknown
     assert refused([]) == (f"error: {out} holds latents (3 files like shard-00000.pt) but no settings.json, so what "
                            "made them is unknown: pass another --out, or delete them to start over\n")
@@ -5370,7 +5375,8 @@ def test_latent_cache_image_size_for_the_sd_vae_is_checked_before_loading_it(tmp
     with pytest.raises(SystemExit):
         cli_entry(latent_cache.main)(["--data-path", images, "--vae", "ema", "--image-size", "20",
                                       "--out", str(tmp_path / "cache")])
-    assert capsys.readouterr().err == "error: --image-size 20 is not divisible by 8 (the VAE's downsampling); use e.g. 16\n"
+    assert capsys.readouterr().err == ("error: --image-size 20 is not divisible by 8 (the VAE's downsampling); "
+                                       "use e.g. 16\n")
 
 
 def test_latent_cache_warnings_are_one_line_each(tmp_path, capsys):
@@ -6313,7 +6319,8 @@ def test_a_damaged_image_is_a_one_line_error_and_the_run_exits(tmp_path, num_wor
     assert result.returncode == 2, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
-    assert lines[0].startswith("error: cannot read image ") and "3.png" in lines[0] and "remove or replace it" in lines[0]
+    assert (lines[0].startswith("error: cannot read image ") and "3.png" in lines[0]
+            and "remove or replace it" in lines[0])
 
 
 @pytest.mark.parametrize("signum, whole_group", [pytest.param("SIGTERM", False, marks=SLOW), ("SIGINT", True)],
@@ -6334,7 +6341,8 @@ def test_stop_signal_to_torchrun_stops_every_rank_after_the_same_step(tmp_path, 
     checkpoint = load_ckpt(stop_ckpt)
     assert len(checkpoint["rng"]) == 2
     with open(os.path.join(exp, "log.txt")) as f:
-        assert f"stopped by {signum} after step {checkpoint['step']}; checkpoint {stop_ckpt}" in f.read(), output[-3000:]
+        assert (f"stopped by {signum} after step {checkpoint['step']}; checkpoint {stop_ckpt}"
+                in f.read()), output[-3000:]
     assert "interrupted at step" not in output, output[-3000:]
 
 
@@ -6387,7 +6395,8 @@ def test_a_resume_with_no_step_left_moves_no_checkpoint_aside(tmp_path):
     exp = str(tmp_path / "run")
     train_main(BASE + ["--exp-dir", exp, "--max-steps", "2", "--ckpt-every", "1"])
     ckpt_dir = os.path.join(exp, "checkpoints")
-    summary = train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000001.pt"), "--max-steps", "1"])
+    summary = train_main(BASE + ["--exp-dir", exp, "--resume", os.path.join(ckpt_dir, "0000001.pt"),
+                                 "--max-steps", "1"])
     assert summary["step"] == 1
     assert sorted(os.listdir(ckpt_dir)) == ["0000001.pt", "0000002.pt"]
 

@@ -160,12 +160,14 @@ def test_weights_that_do_not_fill_an_autoencoderkl_are_refused(tmp_path):
 
 
 def test_image_size_must_be_divisible_by_the_vaes_downsampling(tiny_vae_dir):
-    with pytest.raises(UserError, match=r"^--image-size 20 is not divisible by 8 \(the VAE's downsampling\); use e\.g\. 16$"):
+    with pytest.raises(UserError,
+                       match=r"^--image-size 20 is not divisible by 8 \(the VAE's downsampling\); use e\.g\. 16$"):
         check_image_size(20, "ema")  # the SD VAEs: known before loading
     check_image_size(20, tiny_vae_dir)  # another VAE: known once loaded
     codec = load_vae(tiny_vae_dir, "cpu")
     check_image_size(20, tiny_vae_dir, codec)
-    with pytest.raises(UserError, match=r"^--image-size 13 is not divisible by 2 \(the VAE's downsampling\); use e\.g\. 12$"):
+    with pytest.raises(UserError,
+                       match=r"^--image-size 13 is not divisible by 2 \(the VAE's downsampling\); use e\.g\. 12$"):
         check_image_size(13, tiny_vae_dir, codec)
     with pytest.raises(UserError, match=r"^--image-size 4 is not divisible by 8 .*; use e\.g\. 8$"):
         check_image_size(4, "mse")  # below the factor: the factor itself is suggested

@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="train from a latent cache made by python -m sit_fast.latent_cache (no VAE in the loop; "
                            "none: the images, where a resumed run had a cache)")
     data.add_argument("--image-size", type=positive_int, default=256,
-                      help="image size in pixels (latent size = image size / 8 with a VAE); --dataset digits: 8 unless given")
+                      help="image size in pixels (latent size = image size / 8 with a VAE); "
+                           "--dataset digits: 8 unless given")
     data.add_argument("--num-classes", type=positive_int, default=None,
                       help="class labels of the model (default: the dataset's class count)")
     data.add_argument("--vae", type=user_path, default="ema",
@@ -69,11 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--attn-backend", choices=["auto", "math", "sdpa", "flash_attn"], default="auto",
                        help="attention implementation (auto: the fastest that runs here)")
     model.add_argument("--fused-kernels", choices=["auto", "on", "off"], default="auto",
-                       help="fused Triton adaLN kernels (auto: on for CUDA, off on the CPU, where `on` runs them through "
-                            "the Triton interpreter, with TRITON_INTERPRET=1 set: very slow, for tests)")
+                       help="fused Triton adaLN kernels (auto: on for CUDA, off on the CPU, where `on` runs them "
+                            "through the Triton interpreter, with TRITON_INTERPRET=1 set: very slow, for tests)")
     model.add_argument("--grad-checkpointing", action=argparse.BooleanOptionalAction, default=False,
                        help="recompute each block in the backward pass to save activation memory")
-    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False, help="torch.compile the model")
+    model.add_argument("--compile", action=argparse.BooleanOptionalAction, default=False,
+                       help="torch.compile the model")
     model.add_argument("--ckpt", type=user_path, default=None,
                        help="start from these weights (upstream release file, train.py checkpoint or "
                             ".safetensors; EMA weights preferred; learn_sigma as in them) at step 0; use --resume "
@@ -130,8 +132,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--num-sample-images", type=positive_int, default=16, help="images in a sample grid")
     run.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=False,
                      help="log to Weights & Biases (entity and project from $ENTITY / $PROJECT, as upstream)")
-    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False, help="write TensorBoard scalars to EXP_DIR/tensorboard")
-    run.add_argument("--no-progress", action="store_true", help="no tqdm progress bar (there is none when stderr is not a terminal: the log lines show progress)")
+    run.add_argument("--tensorboard", action=argparse.BooleanOptionalAction, default=False,
+                     help="write TensorBoard scalars to EXP_DIR/tensorboard")
+    run.add_argument("--no-progress", action="store_true",
+                     help="no tqdm progress bar (there is none when stderr is not a terminal: "
+                          "the log lines show progress)")
 
     add_transport_args(parser, train_eps_default=None, train_eps_help=(
         "1e-5, as upstream's train.py; velocity models on Linear and GVP train on all of [0, 1] (0)"))

@@ -35,7 +35,8 @@ import numpy as np
 import torch
 
 from sit_fast import files
-from sit_fast.checkpoint import CheckpointError, check_checkpoint_file, check_not_cut_short, is_safetensors, safe_torch_load
+from sit_fast.checkpoint import (CheckpointError, check_checkpoint_file, check_not_cut_short, is_safetensors,
+                                 safe_torch_load)
 from sit_fast.interrupts import catch_ctrl_c, catch_stop_signals, restore_handlers
 
 CHECKPOINT_VERSION = 1
@@ -265,7 +266,8 @@ def _is_count(value) -> bool:
 _ENTRY_CHECKS = {
     "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
     "ema": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
-    "opt": lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict) and isinstance(v.get("param_groups"), list),
+    "opt": lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
+    and isinstance(v.get("param_groups"), list),
     "args": lambda v: isinstance(v, dict) and _is_count(v.get("global_batch_size", 1))
     and _is_count(v.get("grad_accum_steps", 1)) and v.get("grad_accum_steps", 1) >= 1
     and isinstance(v.get("lr", 1.0), (int, float)),

@@ -474,7 +474,8 @@ class TqdmHandler(logging.Handler):
 def check_trackers(args: argparse.Namespace, resumed_from: str | None = None, explicit: Collection[str] = ()) -> None:
     """--tensorboard / --wandb need their package: say so before anything is set up (one the run being
     resumed, resumed_from, had and this command does not give: that it is the run's, and how to go without)."""
-    for flag, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+    for flag, module, package in (("tensorboard", "torch.utils.tensorboard", "tensorboard"),
+                                  ("wandb", "wandb", "wandb")):
         if getattr(args, flag):
             try:
                 importlib.import_module(module)
@@ -858,9 +859,9 @@ class Trainer:
                 raise UserError(f"--image-size {args.image_size} differs from the latent cache's {dataset.image_size}: "
                                 f"leave --image-size out (the cache's is taken) or pass {dataset.image_size}")
             if ckpt is not None and args.image_size != dataset.image_size:
-                raise UserError(f"the latent cache {args.latent_cache} holds {dataset.image_size}px images; the run being "
-                                f"resumed ({resume_path}) trained on {args.image_size}px: resume it with a cache of that "
-                                f"size, or start a new run")
+                raise UserError(f"the latent cache {args.latent_cache} holds {dataset.image_size}px images; "
+                                f"the run being resumed ({resume_path}) trained on {args.image_size}px: "
+                                f"resume it with a cache of that size, or start a new run")
             args.image_size = dataset.image_size
             latent_size, channels = dataset.latent_size, dataset.channels
             self.cache_vae_spec = dataset.index["vae"]
@@ -892,9 +893,9 @@ class Trainer:
             latent_size, channels = args.image_size // self.codec.downsample, self.codec.latent_channels
         if args.in_channels is not None and args.in_channels != channels:
             if ckpt is not None and ckpt["args"].get("in_channels") is not None:  # the run's, given now or not
-                raise UserError(f"the run being resumed ({resume_path}) has {args.in_channels} input channels, the data "
-                                f"{channels}: resume it on data of its latent space (--vae, --latent-cache), or start a "
-                                f"new run")
+                raise UserError(f"the run being resumed ({resume_path}) has {args.in_channels} input channels, "
+                                f"the data {channels}: resume it on data of its latent space (--vae, --latent-cache), "
+                                f"or start a new run")
             raise UserError(f"--in-channels {args.in_channels} does not match the data, which has {channels} "
                             f"channel{'s' if channels > 1 else ''}")
         args.in_channels = channels
@@ -917,7 +918,8 @@ class Trainer:
         self.sampler = EpochSampler(len(dataset), self.local_batch_size, rank, world_size, args.global_seed,
                                     flip=dataset.flip)
         logger.info(f"dataset: {len(dataset):,} samples, {dataset.num_classes} classes, "
-                    f"{self.sampler.steps_per_epoch} steps per epoch; model input {channels}x{latent_size}x{latent_size}")
+                    f"{self.sampler.steps_per_epoch} steps per epoch; "
+                    f"model input {channels}x{latent_size}x{latent_size}")
 
     def _build_model(self, args: argparse.Namespace, ckpt: dict | None, resume_path: str | None,
                      init_path: str | None) -> None:
@@ -971,7 +973,8 @@ class Trainer:
                     gray = found["in_channels"] == 1 and now == "pixels" and args.dataset == "imagefolder"
                     cached = args.latent_cache is not None
                     why = " (it was trained in pixel space)" if space == "pixels" else " (its latent space)"
-                    fix = ("pass --in-channels 1 (an image folder is then read as gray)" if gray and space in (None, now)
+                    fix = ("pass --in-channels 1 (an image folder is then read as gray)"
+                           if gray and space in (None, now)
                            else f"it was trained on {found['in_channels']}-channel images" if space == now == "pixels"
                            else keep_latent_space(space, cached) + why if isinstance(space, str) and space
                            else "use a latent cache built with the VAE it was trained with (or its images with --vae "
@@ -1205,7 +1208,8 @@ class Trainer:
             else:
                 cause = "an update from non-finite gradients, or one that overflowed"
                 advice = "a lower --lr, --grad-clip, or --skip-nonfinite (which skips steps with non-finite gradients)"
-            where = (f"last good checkpoint: {self.last_checkpoint}; resume from it with {advice}" if self.last_checkpoint
+            where = (f"last good checkpoint: {self.last_checkpoint}; resume from it with {advice}"
+                     if self.last_checkpoint
                      else f"no checkpoint written yet; start again with {advice}")
             raise NonFiniteLossError(f"the weights became non-finite by step {self.step} ({cause}) and are not saved; "
                                      f"{where}")
@@ -1510,7 +1514,8 @@ class Trainer:
 
             bar = tqdm(total=self.max_steps, initial=self.step, unit="step", dynamic_ncols=True, mininterval=1.0,
                        file=sys.stderr)
-        limit = f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})" if self.epochs_limit else ""
+        limit = (f" (the end of epoch {args.epochs}, --epochs, before --max-steps {args.max_steps})"
+                 if self.epochs_limit else "")
         logger.info(f"training from step {self.step} to step {self.max_steps}{limit}")
         if is_main:
             self.warn_without_room()
@@ -1559,7 +1564,8 @@ class Trainer:
 
     def summary(self, stopped_by: str | None, last_log: dict) -> dict:
         self.count_skipped()
-        return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir, "last_checkpoint": self.last_checkpoint,
+        return {"step": self.step, "epoch": self.epoch, "exp_dir": self.exp_dir,
+                "last_checkpoint": self.last_checkpoint,
                 "nonfinite_skipped": self.nonfinite_skipped, "stopped_by": stopped_by, **last_log}
 
     def _loop(self, stop: StopRequest, bar) -> tuple[dict, str | None]:
@@ -1696,7 +1702,8 @@ class Trainer:
         where = f"at step {self.step + 1} on {self.device}"
         if self.phase == "samples":
             last = f"; last checkpoint: {self.last_checkpoint}" if self.last_checkpoint else ""
-            return (f"out of {memory} after step {self.step} on {self.device} sampling the EMA grid of --num-sample-images "
+            return (f"out of {memory} after step {self.step} on {self.device} "
+                    f"sampling the EMA grid of --num-sample-images "
                     f"{args.num_sample_images}: lower it{' or --cfg-scale 1' if args.cfg_scale != 1 else ''}{last}")
         parts = args.grad_accum_steps
         micro = self.local_batch_size // parts
@@ -1725,9 +1732,11 @@ class Trainer:
         bad_step = int(bad)
         if bad_step < 2**62:
             advice = "a lower --lr, --grad-clip, or --skip-nonfinite"
-            where = (f"last good checkpoint: {self.last_checkpoint}; resume from it with {advice}" if self.last_checkpoint
+            where = (f"last good checkpoint: {self.last_checkpoint}; resume from it with {advice}"
+                     if self.last_checkpoint
                      else f"no checkpoint written yet; start again with {advice}")
-            raise NonFiniteLossError(f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); {where}")
+            raise NonFiniteLossError(f"the loss became non-finite at step {bad_step} (noticed at step {self.step}); "
+                                     f"{where}")
 
     def check_skipped_in_a_row(self, applied: int) -> None:
         """Stop once the log windows of SKIPPED_IN_A_ROW_LIMIT steps in a row had all their steps skipped
@@ -1797,7 +1806,8 @@ class Trainer:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
-                raise UserError(f"--tensorboard needs the tensorboard package ({err}): pip install tensorboard") from None
+                raise UserError(f"--tensorboard needs the tensorboard package ({err}): "
+                                f"pip install tensorboard") from None
             self.tb_writer = SummaryWriter(os.path.join(self.exp_dir, "tensorboard"))
         if args.wandb:
             try:
@@ -1873,7 +1883,8 @@ def main(argv: list[str] | None = None) -> dict:
         log_to_file(f"error: {' '.join(str(err).split())}")
         raise
     except Exception as err:  # noqa: BLE001 -- out of memory only, also wrapped by torch.compile; or a peer's end
-        if is_distributed() and peer_ended(err):  # the rank that ended says why (torchrun's summary names it): here, one line
+        # the rank that ended says why (torchrun's summary names it): here, one line
+        if is_distributed() and peer_ended(err):
             where = "before training started" if trainer is None else f"at step {trainer.step}"
             last = trainer.last_checkpoint if trainer is not None else None
             error = peer_failed(err, f" {where}", f"its error is in the torchrun summary of its node; last checkpoint: "

@@ -74,7 +74,8 @@ def add_sde_args(parser: argparse.ArgumentParser):
     group.add_argument("--diffusion-form", type=str, default="sigma", choices=list(DIFFUSION_FORMS),
                        help="form of the diffusion coefficient w_t of the SDE (default: sigma, as upstream's CLI; "
                             "Sampler.sample_sde's is SBDM, as upstream's)")
-    group.add_argument("--diffusion-norm", type=nonnegative_float, default=1.0, help="magnitude of the diffusion coefficient")
+    group.add_argument("--diffusion-norm", type=nonnegative_float, default=1.0,
+                       help="magnitude of the diffusion coefficient")
     group.add_argument("--last-step", type=none_or_str, default="Mean", choices=[None, "Mean", "Tweedie", "Euler"],
                        help="form of the last, noise-free step taken to t=1 (None: no last step)")
     group.add_argument("--last-step-size", type=fraction_below_one, default=0.04,
