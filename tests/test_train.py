@@ -3,7 +3,8 @@
 Everything trains SiT-T/4 on scikit-learn's bundled 8x8 digits in pixel space (no download), fp32 on
 the CPU, on a machine with a GPU too; DDP cases run 2 gloo processes with torch.multiprocessing. The
 tests marked `any_device` train where train.py would: on CUDA where there is a GPU (bf16, the Triton
-kernels compiled, fused AdamW), so that its CUDA paths are run when one is at hand.
+kernels compiled, fused AdamW), so that its CUDA paths are run when one is at hand; they train on a
+folder of random images they write, as the GPU machine's Python may have no scikit-learn.
 """
 import contextlib
 import datetime
@@ -1156,8 +1157,22 @@ def _weights(path) -> torch.Tensor:
     return torch.cat([v.double().flatten() for v in load_ckpt(path)["model"].values()])
 
 
+def on_images(argv: list[str], root) -> list[str]:
+    """argv with a folder of 64 random RGB images (4 classes), written at root, in place of the digits:
+    the any_device tests run on the GPU machine too, whose Python may have no scikit-learn."""
+    at = argv.index("--dataset")
+    return argv[:at] + ["--data-path", make_image_folder(root, classes=4, per_class=16, size=8)] + argv[at + 2:]
+
+
+@pytest.fixture
+def no_sklearn(monkeypatch):
+    """scikit-learn made unimportable, as on a machine without it."""
+    for name in [name for name in sys.modules if name == "sklearn" or name.startswith("sklearn.")] + ["sklearn"]:
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 @pytest.mark.any_device
-def test_a_bf16_run_resumes_as_its_straight_run_on_the_gpu_too(tmp_path):
+def test_a_bf16_run_resumes_as_its_straight_run_on_the_gpu_too(tmp_path, no_sklearn):
     """bf16 autocast, with the fused kernels (--fused-kernels auto: on a GPU, compiled Triton; off on the
     CPU, where the interpreter would take minutes), SDPA, and on a GPU fused AdamW and the CUDA
     generator kept in checkpoints: 3 steps + resume + 3 train as 6 straight do. A GPU's atomics may
@@ -1165,7 +1180,7 @@ def test_a_bf16_run_resumes_as_its_straight_run_on_the_gpu_too(tmp_path):
     second straight run is (4x, plus 2% of how far 3 steps move the weights; a resume that lost the
     noise generator's state lands about as far away as those 3 steps move them)."""
     on_cuda = torch.cuda.is_available()
-    argv = [a for a in BASE if a not in ("--fused-kernels", "off")] + [
+    argv = [a for a in on_images(BASE, tmp_path / "images") if a not in ("--fused-kernels", "off")] + [
         "--fused-kernels", "auto", "--precision", "bf16", "--global-batch-size", "16", "--ckpt-every", "3",
         "--log-every", "1"]
     for name in ("straight", "again"):
@@ -1190,7 +1205,7 @@ def test_a_bf16_run_resumes_as_its_straight_run_on_the_gpu_too(tmp_path):
 
 
 @pytest.mark.any_device
-def test_skip_nonfinite_skips_on_the_device_where_the_run_trains(tmp_path, monkeypatch):
+def test_skip_nonfinite_skips_on_the_device_where_the_run_trains(tmp_path, monkeypatch, no_sklearn):
     """--skip-nonfinite with fused AdamW (CUDA's own on a GPU; on the CPU, its CPU version): a batch
     of NaNs at step 3 is skipped on the device, counted at the next log line and in the checkpoint,
     and the weights stay finite."""
@@ -1200,8 +1215,9 @@ def test_skip_nonfinite_skips_on_the_device_where_the_run_trains(tmp_path, monke
         monkeypatch.setattr(loop, "fused_adamw", lambda device: True)
     poison_batch(monkeypatch, call=3)
     exp = tmp_path / "run"
-    summary = train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "6", "--ckpt-every", "6", "--log-every", "2",
-                                 "--skip-nonfinite"])
+    summary = train_main(on_images(BASE, tmp_path / "images") + ["--exp-dir", str(exp), "--max-steps", "6",
+                                                                  "--ckpt-every", "6", "--log-every", "2",
+                                                                  "--skip-nonfinite"])
     assert summary["nonfinite_skipped"] == 1 and np.isfinite(summary["loss"])
     log = (exp / "log.txt").read_text()
     assert "1 step(s) up to step 4: non-finite gradients, skipped (1 so far)" in log, log
@@ -2947,11 +2963,11 @@ def test_bad_peak_variable_is_one_line(tmp_path, capsys, monkeypatch):
 
 
 @pytest.mark.any_device
-def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch):
+def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch, no_sklearn):
     """A malformed SIT_FAST_KERNEL_LAUNCH stops a run that uses the fused kernels before it starts."""
     monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "fwd_num_warps=3")
-    argv = [a for a in BASE if a not in ("--fused-kernels", "off")] + ["--fused-kernels", "on", "--exp-dir",
-                                                                       str(tmp_path / "exp")]
+    argv = [a for a in on_images(BASE, tmp_path / "images") if a not in ("--fused-kernels", "off")] + [
+        "--fused-kernels", "on", "--exp-dir", str(tmp_path / "exp")]
     assert run_cli(argv) == 2
     line, err = the_error_line(capsys)
     assert line.startswith("error: --fused-kernels on: SIT_FAST_KERNEL_LAUNCH") and "power of two" in err, err
