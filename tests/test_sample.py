@@ -2279,6 +2279,16 @@ def test_an_fid_job_among_another_jobs_images_is_named(files, tmp_path, capsys):
             assert f"warning: {sample_dir} holds the images of another FID job (its settings.json)" in err, err
 
 
+def test_the_names_flags_were_given_under_are_no_image_settings():
+    """Every flag with an alias records the name it was given under (StoreNamed: DEST_flag); that
+    name is left out of the settings a folder records, or a resume under the alias would be refused."""
+    modes = sample.build_parser()._subparsers._group_actions[0].choices.values()
+    named = {f"{action.dest}_flag" for mode in modes for action in mode._actions
+             if isinstance(action, sample.StoreNamed)}
+    assert {"batch_size_flag", "seed_flag"} <= named
+    assert named <= sample.NOT_IMAGE_SETTINGS, named - sample.NOT_IMAGE_SETTINGS
+
+
 def test_a_folder_refused_for_other_settings_names_them_by_their_flags_as_given(files, tmp_path, capsys):
     """The settings that differ are named by the flags that set them, under the names given (upstream
     sample_ddp.py's --global-seed and --per-proc-batch-size, which sample_ddp.py also names by default);
