@@ -654,10 +654,12 @@ def _rows(device: str, size: str, time_left: Callable[[], float] | None = None,
     for op in ATTENTION_OPS:
         by_op[op], unsupported[op] = attention_variants(dev, cfg.dtype)
     # Direction by direction, so that a time box cuts fwd_bwd (no goal) before any op's fwd or bwd;
-    # attention and the MLP ops (no goal either, but they decide defaults) before fwd_bwd.
+    # the MLP ops (no goal either, but their rows decide whether the GELU epilogue stays on by default)
+    # and attention (whether another SDPA kernel is worth making the default) before fwd_bwd, the MLP
+    # first: its rows are the cheaper, and at the GPU session's deadline the box may not hold both.
     schedule = [(direction, op) for direction in DIRECTIONS if direction != "fwd_bwd" for op in OPS]
-    schedule += [(direction, op) for op in ATTENTION_OPS for direction in ATTENTION_DIRECTIONS]
     schedule += [("fwd", op) for op in MLP_OPS if "fwd" in DIRECTIONS]
+    schedule += [(direction, op) for op in ATTENTION_OPS for direction in ATTENTION_DIRECTIONS]
     schedule += [("fwd_bwd", op) for op in OPS if "fwd_bwd" in DIRECTIONS]
     for direction, op in schedule:
         variants = by_op[op]
@@ -717,10 +719,11 @@ def _rows(device: str, size: str, time_left: Callable[[], float] | None = None,
                 median, p20, p80 = quantiles_ms(windows[0] + windows[1])
                 repeat = window_fields(statistics.median(windows[0]), statistics.median(windows[1]))
             except Exception as error:  # noqa: BLE001 -- one variant's failure must not lose the others
-                # a forced kernel refusing: PyTorch's word for it, or the kernel's own (cuDNN's frontend)
+                # a forced kernel refusing: PyTorch's word for it, or the kernel's own (cuDNN's frontend);
+                # not the device failing (an illegal access: the context is lost, an error for the device check)
                 if op in ATTENTION_OPS and ("No available kernel" in str(error) or (
                         variant.startswith("sdpa:") and isinstance(error, RuntimeError)
-                        and not isinstance(error, torch.cuda.OutOfMemoryError))):
+                        and not isinstance(error, (torch.cuda.OutOfMemoryError, torch.AcceleratorError)))):
                     failure = {"status": "skipped", "note": f"{variant} refuses these inputs here: "
                                                             f"{str(error).strip().splitlines()[0]}"}
                 else:

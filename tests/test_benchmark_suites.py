@@ -538,9 +538,13 @@ def test_kernel_suite_times_attention_against_each_sdpa_kernel(tmp_path, monkeyp
         assert "fastest forward + backward: sdpa:flash (SIT_FAST_SDPA_BACKEND=flash)" in lines[0], lines
 
 
-def test_a_forced_sdpa_kernel_refusing_in_its_own_words_is_a_skipped_row(monkeypatch):
+@pytest.mark.parametrize("lost", [False, True])
+def test_a_forced_sdpa_kernel_refusing_in_its_own_words_is_a_skipped_row(monkeypatch, lost):
     """cuDNN's frontend refuses some inputs with its own RuntimeError, not PyTorch's "No available
-    kernel": a skipped row quoting it, not an error that fails the run; ours failing stays an error."""
+    kernel": a skipped row quoting it, not an error that fails the run; ours failing stays an error,
+    and so does the device failing under a forced kernel (torch.AcceleratorError: an illegal access)."""
+    import torch
+
     from benchmarks import kernels_suite
     from sit_fast import attention
 
@@ -551,6 +555,8 @@ def test_a_forced_sdpa_kernel_refusing_in_its_own_words_is_a_skipped_row(monkeyp
             return real(kernel)
 
         def refusing(q, k, v):
+            if lost:
+                raise torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
             raise RuntimeError("cuDNN Frontend error: [cudnn_frontend] Error: No execution plans support the graph.")
         return refusing
 
@@ -559,6 +565,9 @@ def test_a_forced_sdpa_kernel_refusing_in_its_own_words_is_a_skipped_row(monkeyp
     monkeypatch.setattr(kernels_suite, "MLP_OPS", ())
     monkeypatch.setattr(kernels_suite, "ATTENTION_DIRECTIONS", ("fwd",))
     rows = {r["variant"]: r for r in kernels_suite.run("cpu", "tiny") if r["name"] == "attention.fwd"}
+    if lost:
+        assert rows["sdpa:flash"]["status"] == "error" and "illegal memory access" in rows["sdpa:flash"]["note"], rows
+        return
     assert rows["sdpa:flash"]["status"] == "skipped" and rows["sdpa:flash"]["note"] == (
         "sdpa:flash refuses these inputs here: cuDNN Frontend error: [cudnn_frontend] Error: No execution plans "
         "support the graph."), rows["sdpa:flash"]
@@ -1167,6 +1176,19 @@ def test_kernel_rows_keep_to_the_time_box(monkeypatch):
     assert all(r["median_ms"] > 0 for r in rows[:2])
 
 
+def test_a_spent_kernel_box_skips_the_rows_in_the_order_of_their_worth():
+    """The rows in the order a time box cuts from the end: the adaLN ops' forward and backward (the
+    goals), the MLP's forward (a default hangs on it), attention (a possible default), fwd_bwd."""
+    from benchmarks import kernels_suite
+
+    rows = list(kernels_suite.run("cpu", "tiny", time_left=lambda: 0.0))
+    assert all(r["status"] == "skipped" for r in rows), rows
+    names = list(dict.fromkeys(r["name"] for r in rows))
+    ops, mlp = kernels_suite.OPS, kernels_suite.MLP_OPS
+    assert names == ([f"{op}.fwd" for op in ops] + [f"{op}.bwd" for op in ops] + [f"{op}.fwd" for op in mlp]
+                     + ["attention.fwd", "attention.bwd"] + [f"{op}.fwd_bwd" for op in ops]), names
+
+
 def test_kernel_time_box_judges_each_variant_by_its_own_last_measurement(monkeypatch):
     """With 0.3 s left, our kernels (slowed to 0.1 s a call here: 0.7 s a measurement) are skipped
     after their first measurement, while the eager reference (milliseconds) goes on being measured."""
@@ -1256,7 +1278,8 @@ def test_full_size_boxes_hold_the_goal_measurements(tmp_path, monkeypatch, deadl
     kernels suite that overruns its box by 5 s, each suite's box holds what its first measurements
     are estimated to need: parity of ours compiled (the figure the train and sample records quote),
     the training steps of ours and of the compiled reference, ours and the compiled reference sampled
-    at the first batch (a compilation each), and an eager form's activation memory."""
+    at the first batch (a compilation each), and an eager form's activation memory; and the kernels
+    suite's holds the adaLN ops' rows and the MLP's (about 2 s a row on the H200: 53.7 s for 27)."""
     import re
 
     from benchmarks import common
@@ -1276,6 +1299,7 @@ def test_full_size_boxes_hold_the_goal_measurements(tmp_path, monkeypatch, deadl
                                + common.expected_cost_s(full, compiled_reference)), boxes
     assert boxes["memory"] >= common.expected_cost_s(full, eager), boxes
     assert boxes["profile"] >= common.expected_cost_s(full, ours), boxes  # at least ours' training step
+    assert boxes["kernels"] >= 2.0 * (6 * 3 + 3 * 3), boxes  # (3 ops x 2 directions + 3 MLP ops) x 3 variants
 
 
 def test_a_deadline_passed_before_a_suite_starts_gives_it_no_time_not_negative_time(tmp_path, monkeypatch):
