@@ -1167,7 +1167,7 @@ def on_images(argv: list[str], root) -> list[str]:
 @pytest.fixture
 def no_sklearn(monkeypatch):
     """scikit-learn made unimportable, as on a machine without it."""
-    for name in [name for name in sys.modules if name == "sklearn" or name.startswith("sklearn.")] + ["sklearn"]:
+    for name in {"sklearn", *(name for name in sys.modules if name.startswith("sklearn."))}:
         monkeypatch.setitem(sys.modules, name, None)
 
 
