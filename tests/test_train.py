@@ -2974,6 +2974,24 @@ def test_bad_kernel_launch_variable_is_one_line(tmp_path, capsys, monkeypatch, n
     assert not (tmp_path / "exp").exists(), "a run that never started left its folder behind"
 
 
+@pytest.mark.parametrize("setting,said", [
+    (["--fused-kernels", "on"], "error: --fused-kernels on: SIT_FAST_KERNEL_LAUNCH"),
+    (["--attn-backend", "flash_attn"], "error: --attn-backend flash_attn: "),
+])
+def test_a_setting_that_cannot_run_is_said_before_the_data_is_read(tmp_path, capsys, monkeypatch, setting, said):
+    """Refused before the data: an image folder's scan can take minutes (here the folder is missing, an
+    error of its own, said only once the settings can run)."""
+    monkeypatch.setenv("SIT_FAST_KERNEL_LAUNCH", "fwd_num_warps=3")
+    argv = [a for a in on_images(BASE, tmp_path / "images") if a not in ("--fused-kernels", "off")]
+    argv[argv.index("--data-path") + 1] = str(tmp_path / "missing")
+    assert run_cli(argv + setting + ["--exp-dir", str(tmp_path / "exp")]) == 2
+    line, err = the_error_line(capsys)
+    assert line.startswith(said), err
+    assert run_cli(argv + ["--fused-kernels", "off", "--exp-dir", str(tmp_path / "exp")]) == 2
+    line, err = the_error_line(capsys)
+    assert "--data-path" in line and str(tmp_path / "missing") in line, err
+
+
 @pytest.mark.parametrize("flag,sub", [("--results-dir", ""), ("--exp-dir", ""), ("--exp-dir", "run")])
 def test_a_file_where_the_run_folder_goes_is_a_one_line_error(tmp_path, capsys, flag, sub):
     blocker = tmp_path / "a_file"

@@ -789,6 +789,23 @@ class Trainer:
         # of a sum rounds otherwise (with 2, a + b is b + a). prime_buckets() lays them out first.
         self.buckets_to_prime = ckpt is not None and self.dist_info.world_size > 2
 
+    def check_speed_flags(self, args: argparse.Namespace,
+                          resume_path: str | None) -> tuple[str, tuple[bool | str, bool]]:
+        """The attention backend and (the model's fused_kernels setting, whether the kernels run) for
+        --attn-backend and --fused-kernels on this device; a setting that cannot run here (or a malformed
+        SIT_FAST_KERNEL_LAUNCH) is a one-line UserError."""
+        config = model_config(args.model)
+
+        def origin(name: str) -> str:  # a resume takes the flags not given from its checkpoint
+            return " (the checkpoint's)" if resume_path is not None and name not in self.explicit else ""
+
+        try:
+            backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
+                                     config["hidden_size"] // config["num_heads"])
+        except ValueError as err:
+            raise UserError(f"--attn-backend {args.attn_backend}{origin('attn_backend')}: {err}") from None
+        return backend, fused_kernels_flag(args.fused_kernels, self.device, origin=origin("fused_kernels"))
+
     def _build_data(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None,
                     resume_path: str | None) -> None:
         """Batch, precision, seed, data and latent space; user errors surface here (then in
@@ -820,6 +837,7 @@ class Trainer:
             raise UserError("--precision bf16 needs a GPU with bf16 support; use --precision tf32 or fp32")
         configure_matmul(self.precision)
         self.autocast_dtype = torch.bfloat16 if self.precision == "bf16" else None
+        self.speed_settings = self.check_speed_flags(args, resume_path)  # before the data: a scan can take minutes
         seed = args.global_seed * world_size + rank
         seed_everything(seed)
         logger.info(f"world size {world_size}, device {self.device}, precision {self.precision}, "
@@ -927,16 +945,7 @@ class Trainer:
         position. No collective, as _build_data."""
         channels, latent_size = self.channels, self.latent_size
         config = model_config(args.model)
-
-        def origin(name: str) -> str:  # a resume takes the flags not given from its checkpoint
-            return " (the checkpoint's)" if resume_path is not None and name not in self.explicit else ""
-
-        try:  # options that cannot run here are the user's to change: one line each
-            backend = select_backend(args.attn_backend, self.device, self.autocast_dtype or torch.float32,
-                           config["hidden_size"] // config["num_heads"])
-        except ValueError as err:
-            raise UserError(f"--attn-backend {args.attn_backend}{origin('attn_backend')}: {err}") from None
-        fused, fused_on = fused_kernels_flag(args.fused_kernels, self.device, origin=origin("fused_kernels"))
+        backend, (fused, fused_on) = self.speed_settings
         note = (" (through the Triton interpreter on the CPU: very slow, for tests)"
                 if fused_on and self.device.type != "cuda" else "")
         logger.info(f"attention: {backend}; fused adaLN kernels: {'on' if fused_on else 'off'}{note}; "
