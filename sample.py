@@ -1419,6 +1419,25 @@ def over_batches(desc: str, total: int, batch_size: int, step, pending: list[int
     return results, None
 
 
+def data_job_batches(job: str, setup: Setup, total: int, step, pending: list[int],
+                     parts: BatchParts | None) -> tuple[list[torch.Tensor], KeyboardInterrupt | None, float]:
+    """over_batches for --likelihood and --reverse (job) over `total` items: (this process's results,
+    the stop that stopped it or None, the seconds taken). A process other than the main one says its
+    stop and exits there if stopped."""
+    args, dist = setup.args, setup.dist
+    start = time.perf_counter()
+    wait = parts.wait if parts is not None and dist.is_main and dist.world_size > 1 else None
+    with unused_parts_removed(parts, dist), heartbeat(dist) as done:  # for the main process, waiting
+        results, interrupted = over_batches(job, total, args.batch_size, step, pending, dist, wait, parts)
+        if interrupted is None:
+            done()
+    elapsed = time.perf_counter() - start
+    if not dist.is_main:
+        stopped_word(parts, interrupted, dist)
+        exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, total, dist), total, dist)
+    return results, interrupted, elapsed
+
+
 def exit_if_interrupted(interrupted: KeyboardInterrupt | None, done: int, total: int, dist: DistInfo) -> None:
     """After the finished batches are reported: one line (from the main process), exit status 130
     (Ctrl-C) or 128 + the stop signal's number."""
@@ -1733,16 +1752,8 @@ def run_likelihood(setup: Setup) -> np.ndarray:
                                f"{setup.divergence_advice()} (the same settings diverge again)", noun="item")
         return bpd if parts is None else parts.write(index, bpd)
 
-    start = time.perf_counter()
-    wait = parts.wait if parts is not None and dist.is_main and dist.world_size > 1 else None
-    with unused_parts_removed(parts, dist), heartbeat(dist) as done:  # for the main process, waiting
-        new, interrupted = over_batches("likelihood", len(x), args.batch_size, step, pending, dist, wait, parts)
-        if interrupted is None:
-            done()
-    elapsed = time.perf_counter() - start
+    new, interrupted, elapsed = data_job_batches("likelihood", setup, len(x), step, pending, parts)
     if not dist.is_main:
-        stopped_word(parts, interrupted, dist)
-        exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, len(x), dist), len(x), dist)
         return np.zeros(0)
     results = new if parts is None else parts.read(every=interrupted is None)
     bpd = torch.cat(results).numpy() if results else np.zeros(0)
@@ -1824,14 +1835,8 @@ def run_reverse(setup: Setup) -> str:
                            f"{setup.divergence_advice()} (the same settings diverge again)", noun="item")
         return parts.write(index, noise)
 
-    wait = parts.wait if dist.is_main and dist.world_size > 1 else None
-    with unused_parts_removed(parts, dist), heartbeat(dist) as done:  # for the main process, waiting
-        _, interrupted = over_batches("reverse", len(x), args.batch_size, step, parts.pending, dist, wait, parts)
-        if interrupted is None:
-            done()
+    _, interrupted, elapsed = data_job_batches("reverse", setup, len(x), step, parts.pending, parts)
     if not dist.is_main:
-        stopped_word(parts, interrupted, dist)
-        exit_if_interrupted(interrupted, kept_in_place_of_main(parts, interrupted, len(x), dist), len(x), dist)
         return out
     if interrupted is not None:
         exit_if_interrupted(interrupted, say_kept(parts, sum(len(r) for r in parts.read()), len(x)), len(x), dist)
@@ -1840,8 +1845,11 @@ def run_reverse(setup: Setup) -> str:
         atomic_torch_save(noise, out)  # a full disk is the OSError (torch.save's own writer hides it)
     except OSError as err:  # every batch is in OUT.parts/: only OUT is left to write
         raise write_failed(out, err, parts.kept(), "run the same command again to finish") from None
+    resumed = len(parts.pending) < parts.batches
+    computed = f" for the {items_in(parts.pending, len(x), args.batch_size)} computed now" if resumed else ""
     parts.remove()
-    print(f"encoded {len(noise)} items ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out}")
+    print(f"encoded {len(noise)} items ({space}) to noise of mean {noise.mean():.3f}, std {noise.std():.3f} -> {out} "
+          f"({elapsed:.1f} s{computed})")
     return out
 
 

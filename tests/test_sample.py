@@ -3936,7 +3936,9 @@ def test_reverse_carries_data_to_noise(files, tmp_path, capsys):
     argv = ["ODE", "--reverse", "--ckpt", files["pixel"], "--vae", "none", "--data", tmp_path / "x.pt",
             "--sampling-method", "euler", "--num-sampling-steps", 3, "--out", tmp_path / "z.pt", *FAST]
     out = Path(run(argv))
-    assert "encoded 2 items (the given model inputs (continuous)) to noise" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert "encoded 2 items (the given model inputs (continuous)) to noise" in said, said
+    assert re.search(rf"-> {re.escape(str(out))} \(\d+\.\d s\)$", said.strip()), said  # whole: no "computed now"
     z = torch.load(out, weights_only=True)
     assert z.shape == (2, 3, 8, 8) and torch.isfinite(z).all()
     before = out.stat().st_mtime_ns
@@ -4344,7 +4346,9 @@ def test_reverse_resumes_from_its_parts_after_a_crash(files, tmp_path, capsys, m
     batches.append(None)  # no crash this time
     torch.testing.assert_close(torch.load(run(argv), weights_only=True), whole, rtol=0, atol=0)
     assert batches[1:] == [(0, 4)], batches  # only the last batch, the one starting at item 4
-    assert f"4 of 5 items already in {parts}; computing the other 1" in capsys.readouterr().out
+    said = capsys.readouterr().out
+    assert f"4 of 5 items already in {parts}; computing the other 1" in said, said
+    assert re.search(r"encoded 5 items .* s for the 1 computed now\)$", said.strip()), said
     assert not parts.exists()
     out.unlink()
     batches.clear()
