@@ -266,8 +266,8 @@ def _is_count(value) -> bool:
 _ENTRY_CHECKS = {
     "model": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
     "ema": lambda v: isinstance(v, dict) and all(isinstance(t, torch.Tensor) for t in v.values()),
-    "opt": lambda v: isinstance(v, dict) and isinstance(v.get("state"), dict)
-    and isinstance(v.get("param_groups"), list),
+    "opt": lambda v: (isinstance(v, dict) and isinstance(v.get("state"), dict)
+                      and isinstance(v.get("param_groups"), list)),
     "args": lambda v: isinstance(v, dict) and _is_count(v.get("global_batch_size", 1))
     and _is_count(v.get("grad_accum_steps", 1)) and v.get("grad_accum_steps", 1) >= 1
     and isinstance(v.get("lr", 1.0), (int, float)),

@@ -808,8 +808,8 @@ class Trainer:
 
     def _build_data(self, args: argparse.Namespace, explicit: set[str], ckpt: dict | None,
                     resume_path: str | None) -> None:
-        """Batch, precision, seed, data and latent space; user errors surface here (then in
-        _build_model). No collective: every rank runs it by itself (agree)."""
+        """Batch, precision, the speed flags (check_speed_flags), seed, data and latent space; user
+        errors surface here (then in _build_model). No collective: every rank runs it by itself (agree)."""
         dist_info = self.dist_info
         world_size, rank = dist_info.world_size, dist_info.rank
         self.args = args
