@@ -1265,6 +1265,58 @@ def test_single_process_resume_flags_win_and_identity_kept(tmp_path):
     assert ckpt["args"]["dataset"] == "digits" and ckpt["args"]["global_batch_size"] == 64
 
 
+def test_ckpt_keep_deletes_the_older_checkpoints_but_the_milestones(tmp_path, monkeypatch):
+    """--ckpt-keep N deletes a run's older checkpoints past the newest N once a newer one is written,
+    keeping the multiples of --ckpt-keep-every; a resume inherits both; one that cannot be deleted is a
+    warning, and the run goes on; without --ckpt-keep, every checkpoint is kept."""
+    exp = tmp_path / "run"
+    names = lambda: sorted(os.listdir(exp / "checkpoints"))  # noqa: E731
+    train_main(BASE + ["--exp-dir", str(exp), "--max-steps", "6", "--ckpt-every", "1", "--ckpt-keep", "2",
+                       "--ckpt-keep-every", "4"])
+    assert names() == ["0000004.pt", "0000005.pt", "0000006.pt"]
+    log = (exp / "log.txt").read_text()
+    assert f"deleted checkpoint {exp / 'checkpoints' / '0000003.pt'} (--ckpt-keep 2)" in log, log
+    assert load_ckpt(str(exp / "checkpoints" / "0000006.pt"))["args"]["ckpt_keep"] == 2
+
+    removing = os.remove
+
+    def refuse(path):
+        if os.path.basename(path) == "0000005.pt":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), path)
+        removing(path)
+
+    monkeypatch.setattr(os, "remove", refuse)
+    summary = train_main(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "8"])
+    assert summary["step"] == 8
+    assert names() == ["0000004.pt", "0000005.pt", "0000007.pt", "0000008.pt"]
+    log = (exp / "log.txt").read_text()
+    assert (f"--ckpt-keep 2: cannot delete {exp / 'checkpoints' / '0000005.pt'} (Permission denied); "
+            f"it is kept") in log, log
+    monkeypatch.setattr(os, "remove", removing)
+
+    train_main(BASE + ["--exp-dir", str(exp), "--resume", "auto", "--max-steps", "10", "--ckpt-keep", "none",
+                       "--ckpt-keep-every", "2"])
+    assert names() == ["0000004.pt", "0000005.pt", "0000007.pt", "0000008.pt", "0000009.pt", "0000010.pt"]
+    assert "--ckpt-keep-every 2 has no effect without --ckpt-keep: every checkpoint is kept" in (
+        exp / "log.txt").read_text()
+
+
+def test_ckpt_keep_leaves_later_steps_and_other_files_alone(tmp_path):
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    for name in ["0000002.pt", "0000004.pt", "0000006.pt", "0000008.pt", "0000009.pt", "notes.pt", "0000003.pt.bak"]:
+        (folder / name).write_bytes(b"")
+    paths = lambda *steps: [str(folder / f"{s:07d}.pt") for s in steps]  # noqa: E731
+    assert checkpointing.superseded_checkpoints(str(folder), 6, 1) == paths(4, 2)
+    assert checkpointing.superseded_checkpoints(str(folder), 6, 2, keep_every=4) == paths(2)
+    assert checkpointing.superseded_checkpoints(str(folder), 9, 3) == paths(4, 2)
+    assert checkpointing.superseded_checkpoints(str(folder), 9, 5) == []
+    assert checkpointing.superseded_checkpoints(str(tmp_path / "none"), 9, 1) == []
+    from sit_fast.training.args import parse_args
+    with pytest.raises(UserError, match=r"^argument --ckpt-keep: must be a positive integer or none, got 0 "):
+        parse_args(BASE + ["--ckpt-keep", "0"])
+
+
 def test_switches_and_optional_values_can_be_unset_on_resume(tmp_path):
     """What a run set is inherited by its resume unless given again: --no-X turns a switch off and
     `none` unsets --grad-clip and --max-steps."""

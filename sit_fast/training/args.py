@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
                           "those given; a new run if there is none)")
     run.add_argument("--log-every", type=positive_int, default=100, help="steps between log lines")
     run.add_argument("--ckpt-every", type=positive_int, default=50_000, help="steps between checkpoints")
+    run.add_argument("--ckpt-keep", type=or_none(positive_int), default=None,
+                     help="keep the newest N checkpoints of the run: each older one is deleted once a newer "
+                          "checkpoint is written whole (none: keep them all, as upstream)")
+    run.add_argument("--ckpt-keep-every", type=or_none(positive_int), default=None,
+                     help="with --ckpt-keep, keep the checkpoints at the multiples of this step too (milestones, "
+                          "e.g. for FID; none: only the newest)")
     run.add_argument("--sample-every", type=or_none(positive_int), default=10_000,
                      help="steps between EMA sample grids (none: no grids)")
     run.add_argument("--cfg-scale", type=finite_float, default=4.0,

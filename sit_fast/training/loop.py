@@ -57,7 +57,7 @@ from sit_fast.training.args import merge_resumed_args, parse_args, train_eps_of_
 from sit_fast.training.checkpointing import (
     CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_bytes, checkpoint_path, experiment_dirs,
     find_latest_valid, interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
-    unfinished_writes,
+    superseded_checkpoints, unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport, in_flag_words
 from sit_fast.vae import LatentCodec, recorded_vae_spec, same_encoder
@@ -1058,6 +1058,9 @@ class Trainer:
         if "loss_weight" in self.explicit and args.loss_weight is not None and args.prediction == "velocity":
             logger.warning(f"--loss-weight {args.loss_weight} has no effect: a velocity model's loss is unweighted "
                            f"(as upstream); it weights --prediction score or noise")
+        if args.ckpt_keep is None and args.ckpt_keep_every is not None and "ckpt_keep_every" in self.explicit:
+            logger.warning(f"--ckpt-keep-every {args.ckpt_keep_every} has no effect without --ckpt-keep: "
+                           f"every checkpoint is kept")
         grid_flags = [f"--{key.replace('_', '-')}" for key in GRID_FLAGS if key in self.explicit]
         if args.sample_every is None and grid_flags:
             logger.warning(f"{', '.join(grid_flags)} {'has' if len(grid_flags) == 1 else 'have'} no effect with "
@@ -1281,9 +1284,33 @@ class Trainer:
                         from None
                 logger.info(f"saved checkpoint {path}")
                 self.last_checkpoint = path  # complete on disk: what a Ctrl-C raised here names
+                self.delete_older_checkpoints()
         on_main(write, self.dist_info)
         self.last_checkpoint = path
         return path
+
+    def delete_older_checkpoints(self) -> None:
+        """--ckpt-keep N, on rank 0 once the checkpoint of this step is written whole: the run's older
+        checkpoints past the newest N are deleted, but for the multiples of --ckpt-keep-every. One that
+        cannot be deleted (or a folder that cannot be listed) is a warning: the run goes on."""
+        keep = self.args.ckpt_keep
+        if keep is None:
+            return
+        flag = f"--ckpt-keep {keep}"
+        try:
+            older = superseded_checkpoints(self.checkpoint_dir, self.step, keep, self.args.ckpt_keep_every)
+        except OSError as err:
+            logger.warning(f"{flag}: cannot list {self.checkpoint_dir} ({refusal(err)}); no checkpoint deleted")
+            return
+        for path in older:
+            try:
+                os.remove(path)
+            except FileNotFoundError:  # deleted meanwhile
+                continue
+            except OSError as err:
+                logger.warning(f"{flag}: cannot delete {path} ({refusal(err)}); it is kept")
+                continue
+            logger.info(f"deleted checkpoint {path} ({flag})")
 
     def warn_without_room(self, written: str | None = None) -> None:
         """Rank 0 (which alone writes checkpoints), as training starts and after each checkpoint but the
