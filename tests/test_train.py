@@ -1307,11 +1307,11 @@ def test_ckpt_keep_leaves_later_steps_and_other_files_alone(tmp_path):
     for name in ["0000002.pt", "0000004.pt", "0000006.pt", "0000008.pt", "0000009.pt", "notes.pt", "0000003.pt.bak"]:
         (folder / name).write_bytes(b"")
     paths = lambda *steps: [str(folder / f"{s:07d}.pt") for s in steps]  # noqa: E731
-    assert checkpointing.superseded_checkpoints(str(folder), 6, 1) == paths(4, 2)
-    assert checkpointing.superseded_checkpoints(str(folder), 6, 2, keep_every=4) == paths(2)
-    assert checkpointing.superseded_checkpoints(str(folder), 9, 3) == paths(4, 2)
-    assert checkpointing.superseded_checkpoints(str(folder), 9, 5) == []
-    assert checkpointing.superseded_checkpoints(str(tmp_path / "none"), 9, 1) == []
+    assert checkpointing.checkpoints_past_keep(str(folder), 6, 1) == paths(4, 2)
+    assert checkpointing.checkpoints_past_keep(str(folder), 6, 2, keep_every=4) == paths(2)
+    assert checkpointing.checkpoints_past_keep(str(folder), 9, 3) == paths(4, 2)
+    assert checkpointing.checkpoints_past_keep(str(folder), 9, 5) == []
+    assert checkpointing.checkpoints_past_keep(str(tmp_path / "none"), 9, 1) == []
     from sit_fast.training.args import parse_args
     with pytest.raises(UserError, match=r"^argument --ckpt-keep: must be a positive integer or none, got 0 "):
         parse_args(BASE + ["--ckpt-keep", "0"])

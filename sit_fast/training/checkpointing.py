@@ -228,7 +228,7 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
     return [path for _, path in sorted(named, reverse=True)]
 
 
-def superseded_checkpoints(checkpoint_dir: str, step: int, keep: int, keep_every: int | None = None) -> list[str]:
+def checkpoints_past_keep(checkpoint_dir: str, step: int, keep: int, keep_every: int | None = None) -> list[str]:
     """--ckpt-keep: once the checkpoint of `step` is written whole, the checkpoints of `checkpoint_dir`
     to delete: those at `step` or below past the newest `keep` of them, but for the milestones, at the
     multiples of `keep_every`. Those of higher steps (which a branch from an older checkpoint has set

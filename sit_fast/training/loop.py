@@ -55,9 +55,9 @@ from sit_fast.progress import duration
 from sit_fast.sampling import check_training_args, default_cfg_channels, release_or_path
 from sit_fast.training.args import merge_resumed_args, parse_args, train_eps_of_a_new_run
 from sit_fast.training.checkpointing import (
-    CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_bytes, checkpoint_path, experiment_dirs,
-    find_latest_valid, interrupt_after, list_checkpoints, load_training_checkpoint, restore_rng_state,
-    superseded_checkpoints, unfinished_writes,
+    CHECKPOINT_VERSION, StopRequest, capture_rng_state, checkpoint_bytes, checkpoint_path, checkpoints_past_keep,
+    experiment_dirs, find_latest_valid, interrupt_after, list_checkpoints, load_training_checkpoint,
+    restore_rng_state, unfinished_writes,
 )
 from sit_fast.transport import Sampler, create_transport, in_flag_words
 from sit_fast.vae import LatentCodec, recorded_vae_spec, same_encoder
@@ -1298,7 +1298,7 @@ class Trainer:
             return
         flag = f"--ckpt-keep {keep}"
         try:
-            older = superseded_checkpoints(self.checkpoint_dir, self.step, keep, self.args.ckpt_keep_every)
+            older = checkpoints_past_keep(self.checkpoint_dir, self.step, keep, self.args.ckpt_keep_every)
         except OSError as err:
             logger.warning(f"{flag}: cannot list {self.checkpoint_dir} ({refusal(err)}); no checkpoint deleted")
             return
