@@ -1300,6 +1300,13 @@ def test_ckpt_keep_deletes_the_older_checkpoints_but_the_milestones(tmp_path, mo
     assert "--ckpt-keep-every 2 has no effect without --ckpt-keep: every checkpoint is kept" in (
         exp / "log.txt").read_text()
 
+    assert "is not a multiple" not in log
+    other = tmp_path / "other"
+    train_main(BASE + ["--exp-dir", str(other), "--max-steps", "1", "--ckpt-every", "3", "--ckpt-keep", "1",
+                       "--ckpt-keep-every", "2"])
+    assert ("--ckpt-keep-every 2 is not a multiple of --ckpt-every 3: the milestones kept are the checkpoints at "
+            "the multiples of both, step 6, 12, ...") in (other / "log.txt").read_text()
+
 
 def test_ckpt_keep_leaves_later_steps_and_other_files_alone(tmp_path):
     folder = tmp_path / "checkpoints"
@@ -1312,6 +1319,8 @@ def test_ckpt_keep_leaves_later_steps_and_other_files_alone(tmp_path):
     assert checkpointing.checkpoints_past_keep(str(folder), 9, 3) == paths(4, 2)
     assert checkpointing.checkpoints_past_keep(str(folder), 9, 5) == []
     assert checkpointing.checkpoints_past_keep(str(tmp_path / "none"), 9, 1) == []
+    (folder / "9.pt").write_bytes(b"")  # a copy of step 9 under another name: neither is deleted at step 9
+    assert checkpointing.checkpoints_past_keep(str(folder), 9, 1) == paths(8, 6, 4, 2)
     from sit_fast.training.args import parse_args
     with pytest.raises(UserError, match=r"^argument --ckpt-keep: must be a positive integer or none, got 0 "):
         parse_args(BASE + ["--ckpt-keep", "0"])

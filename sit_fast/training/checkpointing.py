@@ -230,12 +230,13 @@ def list_checkpoints(checkpoint_dir: str) -> list[str]:
 
 def checkpoints_past_keep(checkpoint_dir: str, step: int, keep: int, keep_every: int | None = None) -> list[str]:
     """--ckpt-keep: once the checkpoint of `step` is written whole, the checkpoints of `checkpoint_dir`
-    to delete: those at `step` or below past the newest `keep` of them, but for the milestones, at the
-    multiples of `keep_every`. Those of higher steps (which a branch from an older checkpoint has set
-    aside before it writes) are left alone."""
+    to delete: those below `step` past the newest `keep` of those at `step` or below, but for the
+    milestones, at the multiples of `keep_every`. Those of higher steps (which a branch from an older
+    checkpoint has set aside before it writes) are left alone, and so is any file of `step` itself (the
+    one just written, and a copy such as 12.pt beside 0000012.pt)."""
     steps = [(int(_NAME.match(os.path.basename(path)).group(1)), path) for path in list_checkpoints(checkpoint_dir)]
     upto = [(at, path) for at, path in steps if at <= step]
-    return [path for at, path in upto[keep:] if keep_every is None or at % keep_every]
+    return [path for at, path in upto[keep:] if at < step and (keep_every is None or at % keep_every)]
 
 
 def unfinished_writes(checkpoint_dir: str, lock: files.FolderLock | None = None) -> str | None:
