@@ -422,6 +422,9 @@ def check_out_path(job: str, path: str) -> None:
         raise UserError(f"--out {path}: --num-fid-samples writes ADM's .npz; give the file the extension .npz")
     elif job == "reverse" and extension not in (".pt", ".pth"):
         raise UserError(f"--out {path}: --reverse saves the noise with torch.save; give the file the extension .pt")
+    elif job == "likelihood" and extension not in ("", ".npz"):  # no extension: np.savez's .npz is added
+        raise UserError(f"--out {path}: --likelihood saves the bits per dimension with np.savez; give the file the "
+                        f"extension .npz")
     if os.path.isdir(path):
         raise UserError(f"--out {path} is a folder: name the file to write")
     make_writable_folder(os.path.dirname(os.path.abspath(path)), f"--out {path}")

@@ -673,9 +673,11 @@ def test_nan_ema_weights_point_to_the_raw_ones_and_nan_raw_weights_do_not(tmp_pa
     (["--reverse", "--data", "images", "--out", "noise.png"], "--out noise.png: --reverse saves the noise"),
     (["--cuda-graphs"], "CUDA"),
     (["--likelihood"], "--data"),
+    (["--likelihood", "--data", "x.pt", "--out", "bpd.txt"], "--out bpd.txt: --likelihood saves the bits per "
+                                                             "dimension with np.savez; give the file the extension"),
     (["--likelihood", "--dataset", "digits", "--data", "x.pt"], "two sources of data: pass one"),
     (["--dataset", "digits"], "--dataset is read by ODE --likelihood or --reverse only"),
-    (["--likelihood", "--dataset", "digits"], "this model takes inputs (3, 8, 8)"),
+    (["--likelihood", "--dataset", "digits", "--out", "bpd.npz"], "this model takes inputs (3, 8, 8)"),
 ])
 def test_misuse_is_a_one_line_error(files, tmp_path, capsys, monkeypatch, argv, needle):
     if "--cuda-graphs" in argv and torch.cuda.is_available():
