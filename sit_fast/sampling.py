@@ -855,8 +855,10 @@ def foreign_npz(path: str) -> str | None:
     if names == ["arr_0.npy"]:
         return None
     others = [os.path.splitext(name)[0] for name in names if name != "arr_0.npy"]
-    return (f"holds {', '.join(others[:4])}{' and more' if len(others) > 4 else ''} beside arr_0 (an ADM reference "
-            f"batch?)" if others else "holds no arr_0")
+    if not others:
+        return "holds no arr_0"
+    held = f"holds {', '.join(others[:4])}{' and more' if len(others) > 4 else ''}"
+    return f"{held} beside arr_0 (an ADM reference batch?)" if "arr_0.npy" in names else f"{held}, not arr_0"
 
 
 def build_npz(sample_dir: str, num_samples: int, npz_path: str, progress: bool = True) -> tuple[int, ...]:

@@ -2685,6 +2685,10 @@ def test_an_fid_job_replaces_its_own_npz_only(files, tmp_path, capsys):
     np.savez(reference, arr_0=np.zeros((3, 8, 8, 3), np.uint8), mu=np.zeros(4), sigma=np.eye(4))
     notes.write_text("not an archive")
     assert foreign_npz(str(tmp_path / "none.npz")) is None
+    np.savez(tmp_path / "bpd.npz", bpd=np.zeros(3))  # no arr_0 at all: not said to be beside one
+    assert foreign_npz(str(tmp_path / "bpd.npz")) == "holds bpd, not arr_0"
+    np.savez(tmp_path / "empty.npz")
+    assert foreign_npz(str(tmp_path / "empty.npz")) == "holds no arr_0"
     for out, extra, why, fix in ((reference, ["--out", str(reference)], "holds mu, sigma beside arr_0 (an ADM "
                                   "reference batch?)", "pass another --out"),
                                  (notes, [], "is no .npz archive", "pass --out FILE.npz")):
