@@ -2817,6 +2817,11 @@ def test_ckpt_of_a_training_run_says_it_is_not_a_resume(tmp_path, digits_checkpo
     log = (exp / "log.txt").read_text()
     assert f"--ckpt {digits_checkpoint} is a training checkpoint (step 1): this is a new run" in log
     assert f"pass --resume {digits_checkpoint}" in log
+    assert f"initialised from {digits_checkpoint} (its EMA weights)" in log
+    train_main(BASE + ["--exp-dir", str(tmp_path / "raw"), "--max-steps", "1", "--ckpt", digits_checkpoint,
+                       "--use-raw"])
+    assert f"initialised from {digits_checkpoint} (its raw weights, not the EMA's)" in (
+        tmp_path / "raw" / "log.txt").read_text()
     # upstream train.py's checkpoint: model, ema, opt and args (an argparse.Namespace), no step
     import argparse
 
@@ -2875,7 +2880,7 @@ def test_ckpt_names_the_release_as_upstream(tmp_path, monkeypatch):
     torch.save(weights, tmp_path / "pretrained_models" / "SiT-XL-2-256x256.pt")
     exp = tmp_path / "exp"
     summary = train_main(BASE + ["--exp-dir", str(exp), "--ckpt", "SiT-XL-2-256x256.pt", "--max-steps", "1"])
-    assert "initialised from SiT-XL-2-256x256.pt (raw weights)" in (exp / "log.txt").read_text()
+    assert "initialised from SiT-XL-2-256x256.pt (a plain state_dict)" in (exp / "log.txt").read_text()
     trained = load_ckpt(summary["last_checkpoint"])["model"]  # one AdamW step (lr 1e-3) from those weights
     torch.testing.assert_close(trained["blocks.0.attn.qkv.weight"], weights["blocks.0.attn.qkv.weight"],
                                rtol=0, atol=1.1e-3)

@@ -1006,7 +1006,9 @@ class Trainer:
         if init_weights is not None:
             info.update(load_into_model(model, init_weights, source=args.ckpt))
             init_weights = None
-            logger.info(f"initialised from {args.ckpt} ({info['weights']} weights)")
+            held = {"ema": "its EMA weights", "model": "its raw weights, not the EMA's"}.get(
+                info["weights"], "a plain state_dict")  # "raw": a file of one set of weights, which it does not name
+            logger.info(f"initialised from {args.ckpt} ({held})")
             space, now = init_space, self.latent_space()
             if isinstance(space, str) and space and not same_encoder(space, now):  # same channels: else refused above
                 keep = keep_latent_space(space, args.latent_cache is not None)
