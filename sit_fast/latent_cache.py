@@ -474,6 +474,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.verify:
+        log_warnings_on_stderr(True)  # the folder scan's, as the build says them
         shadow = build_parser()
         for action in shadow._actions:
             action.default = argparse.SUPPRESS

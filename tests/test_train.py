@@ -4438,6 +4438,11 @@ def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_
     assert capsys.readouterr().out == (f"latent cache {out}: 3 shard(s), 6 images x 2 flips: every byte as written, "
                                        f"shapes as indexed, values finite, labels in range; the images in "
                                        f"{os.path.abspath(images)} are still those encoded (names and classes)\n")
+    hidden = os.path.join(images, sorted(os.listdir(images))[0], "._x.png")  # macOS's metadata beside an image
+    open(hidden, "wb").close()
+    assert latent_cache.main(verify)["num_images"] == 6
+    assert capsys.readouterr().err.startswith(f"warning: --data-path {os.path.abspath(images)}: 1 hidden file ")
+    os.remove(hidden)
 
     def refused():
         capsys.readouterr()
