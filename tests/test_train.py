@@ -4440,6 +4440,7 @@ def test_latent_cache_verify_reads_every_shard_whole_and_names_the_ones_changed_
                                        f"{os.path.abspath(images)} are still those encoded (names and classes)\n")
     hidden = os.path.join(images, sorted(os.listdir(images))[0], "._x.png")  # macOS's metadata beside an image
     open(hidden, "wb").close()
+    logging.getLogger("sit_fast").handlers.clear()  # as in a process of its own: the build above set them
     assert latent_cache.main(verify)["num_images"] == 6
     assert capsys.readouterr().err.startswith(f"warning: --data-path {os.path.abspath(images)}: 1 hidden file ")
     os.remove(hidden)
