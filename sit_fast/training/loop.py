@@ -1064,10 +1064,10 @@ class Trainer:
             logger.warning(f"--ckpt-keep-every {args.ckpt_keep_every} has no effect without --ckpt-keep: "
                            f"every checkpoint is kept")
         elif args.ckpt_keep is not None and args.ckpt_keep_every is not None and args.ckpt_keep_every % args.ckpt_every:
+            both = math.lcm(args.ckpt_keep_every, args.ckpt_every)
             logger.warning(f"--ckpt-keep-every {args.ckpt_keep_every} is not a multiple of --ckpt-every "
                            f"{args.ckpt_every}: the milestones kept are the checkpoints at the multiples of both, "
-                           f"step {math.lcm(args.ckpt_keep_every, args.ckpt_every)}, "
-                           f"{2 * math.lcm(args.ckpt_keep_every, args.ckpt_every)}, ...")
+                           f"step {both}, {2 * both}, ...")
         grid_flags = [f"--{key.replace('_', '-')}" for key in GRID_FLAGS if key in self.explicit]
         if args.sample_every is None and grid_flags:
             logger.warning(f"{', '.join(grid_flags)} {'has' if len(grid_flags) == 1 else 'have'} no effect with "
